@@ -1,0 +1,219 @@
+"""Command-line and environment configuration for ``sipwatch proxy``.
+
+Every flag ``--some-flag`` can also be set as ``SIPWATCH_SOME_FLAG`` (container convention);
+a flag on the command line wins over the environment. Tracing also honours the standard
+``OTEL_*`` variables. A bad value ends the program with one message naming it, exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import socket
+from dataclasses import dataclass
+
+from .masking import MODES as MASK_MODES
+
+Addr = tuple[str, int]
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the flag/variable and the value."""
+
+
+def parse_hostport(text: str, what: str, default_port: int | None = None) -> Addr:
+    t = text.strip()
+    if t.startswith("["):
+        host, _, rest = t[1:].partition("]")
+        port_s = rest[1:] if rest.startswith(":") else ""
+    elif t.count(":") == 1:
+        host, port_s = t.split(":")
+    elif t.count(":") > 1:  # bare IPv6 without port
+        host, port_s = t, ""
+    else:
+        host, port_s = t, ""
+    if not host:
+        raise ConfigError(f"{what}: {text!r} has no host (expected HOST:PORT)")
+    if not port_s:
+        if default_port is None:
+            raise ConfigError(f"{what}: {text!r} has no port (expected HOST:PORT)")
+        return host, default_port
+    if not port_s.isdigit() or not 0 < int(port_s) < 65536:
+        raise ConfigError(f"{what}: port {port_s!r} in {text!r} is not 1-65535")
+    return host, int(port_s)
+
+
+def resolve_ip(host: str, what: str) -> str:
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    try:
+        return socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)[0][4][0]
+    except (OSError, IndexError) as exc:
+        raise ConfigError(f"{what}: cannot resolve host {host!r} ({exc})") from None
+
+
+def default_advertise(listen: Addr) -> Addr:
+    """Our address for Via/Record-Route: the listen address, or this host's IP for a wildcard."""
+    host, port = listen
+    if host not in ("0.0.0.0", "::", ""):
+        return host, port
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))  # TEST-NET-1: no packet is sent, only a route lookup
+            return s.getsockname()[0], port
+    except OSError:
+        return socket.gethostbyname(socket.gethostname()), port
+
+
+@dataclass
+class ProxySettings:
+    listen: Addr
+    upstream: Addr
+    advertise: Addr
+    gateway_metrics: Addr | None
+    signaling_metrics: Addr | None
+    trace_header: str
+    record_route: bool
+    mask_numbers: str
+    timer_b: float
+    max_transactions: int
+    max_calls: int
+    max_call_duration: float
+    service_name: str
+    log_level: str
+    tracing: bool
+    otlp_endpoint: str | None
+    otlp_protocol: str | None
+    sample_ratio: float | None
+    spans_file: str | None
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _env_bool(name: str, value: str) -> bool:
+    v = value.strip().lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    raise ConfigError(f"{name}: {value!r} is not a boolean (use true/false)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sipwatch proxy", description="Inline SIP UDP proxy between sip-gateway and sip-signaling: trace stamping, per-hop RTT metrics, OTLP spans.")
+    a = p.add_argument
+    a("--listen", help="address the gateway side sends to (default 0.0.0.0:5060)")
+    a("--upstream", help="sip-signaling address requests are forwarded to (required)")
+    a("--advertise", help="address written into Via/Record-Route (default: listen address, or this host's IP when listening on 0.0.0.0)")
+    a("--gateway-metrics", help="gateway-side metrics endpoint (default 0.0.0.0:13012; 'off' disables)")
+    a("--signaling-metrics", help="signaling-side metrics endpoint (default 0.0.0.0:13022; 'off' disables)")
+    a("--trace-header", help="header carrying the W3C trace context (default traceparent)")
+    a("--no-record-route", action="store_true", default=None, help="do not Record-Route (in-dialog requests may then bypass the sidecar)")
+    a("--mask-numbers", help=f"phone-number masking in logs and spans: {', '.join(MASK_MODES)} (default partial)")
+    a("--timer-b", type=str, help="seconds before an unanswered transaction counts as timed out (default 32)")
+    a("--max-transactions", type=str, help="cap on in-flight transactions (default 200000)")
+    a("--max-calls", type=str, help="cap on tracked calls (default 100000)")
+    a("--max-call-duration", type=str, help="seconds after which an answered call without BYE is closed (default 14400)")
+    a("--service-name", help="service.name in logs and spans (default OTEL_SERVICE_NAME or sipwatch)")
+    a("--log-level", help="debug, info, warning, error (default info)")
+    a("--no-tracing", action="store_true", default=None, help="do not export spans (trace ids are still stamped)")
+    a("--otlp-endpoint", help="OTLP endpoint (default OTEL_EXPORTER_OTLP_ENDPOINT, else none: spans are only kept for the text waterfall)")
+    a("--otlp-protocol", help="grpc or http/protobuf (default OTEL_EXPORTER_OTLP_PROTOCOL or grpc)")
+    a("--sample-ratio", help="fraction of calls traced, 0..1 (default from OTEL_TRACES_SAMPLER(_ARG), else 1)")
+    a("--spans-file", help="also write spans as OTLP-JSON lines to this file")
+    return p
+
+
+def _pick(args, env, name: str):
+    v = getattr(args, name.replace("-", "_"))
+    if v is not None:
+        return v, "--" + name
+    ename = "SIPWATCH_" + name.upper().replace("-", "_")
+    if ename in env:
+        return env[ename], ename
+    return None, "--" + name
+
+
+def _number(value, what, kind=float, minimum=0):
+    try:
+        n = kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what}: {value!r} is not a {'number' if kind is float else 'whole number'}") from None
+    if n < minimum or (kind is float and n != n):
+        raise ConfigError(f"{what}: {value!r} must be at least {minimum}")
+    return n
+
+
+def settings_from(argv: list[str] | None = None, env=None) -> ProxySettings:
+    env = os.environ if env is None else env
+    args = build_parser().parse_args(argv)
+
+    def get(name, default=None):
+        v, where = _pick(args, env, name)
+        return (default, where) if v is None else (v, where)
+
+    listen_s, w = get("listen", "0.0.0.0:5060")
+    listen = parse_hostport(listen_s, w)
+    up_s, w = get("upstream")
+    if not up_s:
+        raise ConfigError("--upstream (or SIPWATCH_UPSTREAM) is required: the sip-signaling HOST:PORT")
+    up_host, up_port = parse_hostport(up_s, w, default_port=5060)
+    upstream = (resolve_ip(up_host, w), up_port)
+    adv_s, w = get("advertise")
+    advertise = parse_hostport(adv_s, w, default_port=listen[1]) if adv_s else default_advertise(listen)
+
+    def endpoint(name, default):
+        v, w = get(name, default)
+        if str(v).lower() in ("off", "none", "0", ""):
+            return None
+        return parse_hostport(v, w)
+
+    gw = endpoint("gateway-metrics", "0.0.0.0:13012")
+    sig = endpoint("signaling-metrics", "0.0.0.0:13022")
+    if gw and sig and gw == sig:
+        raise ConfigError(f"--gateway-metrics and --signaling-metrics are both {gw[0]}:{gw[1]}")
+
+    def flag(name):
+        v, w = _pick(args, env, name)
+        if v is None:
+            return False
+        return v if isinstance(v, bool) else _env_bool(w, v)
+
+    header, w = get("trace-header", "traceparent")
+    if not header or not all(c.isalnum() or c in "-_" for c in header):
+        raise ConfigError(f"{w}: {header!r} is not a valid SIP header name")
+    mask, w = get("mask-numbers", "partial")
+    if mask not in MASK_MODES:
+        raise ConfigError(f"{w}: {mask!r} is not one of {', '.join(MASK_MODES)}")
+    level, w = get("log-level", "info")
+    if level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"{w}: {level!r} is not one of debug, info, warning, error")
+    timer_b = _number(*get("timer-b", 32.0), minimum=0.1)
+    max_tx = _number(*get("max-transactions", 200_000), kind=int, minimum=1)
+    max_calls = _number(*get("max-calls", 100_000), kind=int, minimum=1)
+    max_dur = _number(*get("max-call-duration", 14400.0), minimum=1)
+    service, _ = get("service-name", env.get("OTEL_SERVICE_NAME") or "sipwatch")
+    ratio_s, w = get("sample-ratio")
+    ratio = None
+    if ratio_s is not None:
+        ratio = _number(ratio_s, w)
+        if ratio > 1:
+            raise ConfigError(f"{w}: {ratio_s!r} must be between 0 and 1")
+    proto, w = get("otlp-protocol")
+    if proto is not None and proto not in ("grpc", "http/protobuf"):
+        raise ConfigError(f"{w}: {proto!r} is not grpc or http/protobuf")
+    ep, _ = get("otlp-endpoint")
+    spans_file, _ = get("spans-file")
+    return ProxySettings(
+        listen=listen, upstream=upstream, advertise=advertise, gateway_metrics=gw,
+        signaling_metrics=sig, trace_header=header, record_route=not flag("no-record-route"),
+        mask_numbers=mask, timer_b=timer_b, max_transactions=max_tx, max_calls=max_calls,
+        max_call_duration=max_dur, service_name=service, log_level=level,
+        tracing=not flag("no-tracing"), otlp_endpoint=ep, otlp_protocol=proto,
+        sample_ratio=ratio, spans_file=spans_file,
+    )

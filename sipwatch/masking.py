@@ -1,0 +1,41 @@
+"""Masking of phone numbers in SIP URIs and header values before they reach logs or spans.
+
+Modes: ``none`` (as is), ``partial`` (default: every digit of a number-like user part but the
+last 4 becomes ``*``, so support staff can still tell calls apart), ``full`` (the whole user
+part becomes ``***``). Only runs off the hot path, on finished-call records.
+"""
+from __future__ import annotations
+
+import re
+
+MODES = ("none", "partial", "full")
+
+# the user part of a sip:/sips:/tel: URI: from the scheme to '@' (sip) or to ';'/'>' (tel)
+_USER = re.compile(r"(?i)\b(sips?:|tel:)([^@;>\s,]+)(?=@|;|>|\s|,|$)")
+_DIGITS = re.compile(r"\d")
+# a number in a display name: 6+ digits, optional +, separators
+_DISPLAY_NUMBER = re.compile(r"\+?\d[\d\-. ()]{4,}\d")
+
+
+def _mask_digits(s: str) -> str:
+    digits = [m.start() for m in _DIGITS.finditer(s)]
+    if len(digits) <= 4:
+        return _DIGITS.sub("*", s) if len(digits) >= 3 else s
+    keep = set(digits[-4:])
+    return "".join("*" if (c.isdigit() and i not in keep) else c for i, c in enumerate(s))
+
+
+def mask_uri(value: bytes | str | None, mode: str = "partial") -> str:
+    """Mask the user part of every SIP/tel URI (and numbers in display names) in ``value``."""
+    if value is None:
+        return ""
+    text = value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else value
+    if mode == "none":
+        return text
+    if mode == "full":
+        text = _USER.sub(lambda m: m.group(1) + "***", text)
+        return _DISPLAY_NUMBER.sub("***", text)
+    if mode != "partial":
+        raise ValueError(f"unknown masking mode {mode!r} (expected one of {', '.join(MODES)})")
+    text = _USER.sub(lambda m: m.group(1) + _mask_digits(m.group(2)), text)
+    return _DISPLAY_NUMBER.sub(lambda m: _mask_digits(m.group(0)), text)

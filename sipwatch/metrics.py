@@ -1,0 +1,171 @@
+"""Prometheus exposition for the two reserved ports, served on the proxy's own event loop.
+
+* gateway side (default :13012): call counts and outcomes, requests/responses, retransmissions,
+  parse errors, evictions, active calls, call setup and duration histograms.
+* signaling side (default :13022): ``signaler_rtt_milliseconds`` by method (with OpenMetrics
+  exemplars carrying trace ids), transaction timeouts, upstream send errors, span export.
+
+The hot path only bumps plain ints in :class:`~sipwatch.stats.Stats`; the collectors below turn
+them into metric families at scrape time. The RTT ring is folded here too. Because the HTTP
+server runs on the same asyncio loop as the proxy, the fold never races the hot path and no lock
+is needed.
+"""
+from __future__ import annotations
+
+import asyncio
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import (
+    CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily,
+)
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.samples import Exemplar
+
+from .stats import DIRECTIONS, METHODS, OUTCOMES, RTT_BUCKETS_MS, Stats
+
+_METHOD_NAMES = [m.decode() for m in METHODS]
+CALL_SETUP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60)
+CALL_DURATION_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400)
+
+
+def _fmt_le(b: float) -> str:
+    return str(int(b)) if float(b).is_integer() else repr(float(b))
+
+
+class GatewayCollector:
+    """Counters of the gateway-facing view: what passed through and how calls ended."""
+
+    def __init__(self, stats: Stats):
+        self.stats = stats
+
+    def collect(self):
+        s = self.stats
+        calls = CounterMetricFamily("sip_calls_processed", "INVITE dialogs counted once at their final response or timeout, by outcome.", labels=["outcome"])
+        for i, name in enumerate(OUTCOMES):
+            calls.add_metric([name], s.calls[i])
+        yield calls
+        req = CounterMetricFamily("sip_requests", "SIP requests received, retransmissions included.", labels=["method", "direction"])
+        for mi, m in enumerate(_METHOD_NAMES):
+            for di, d in enumerate(DIRECTIONS):
+                v = s.requests[mi * 2 + di]
+                if v:
+                    req.add_metric([m, d], v)
+        yield req
+        resp = CounterMetricFamily("sip_responses", "SIP responses received, by status class.", labels=["status_class", "direction"])
+        for ci in range(6):
+            for di, d in enumerate(DIRECTIONS):
+                resp.add_metric([f"{ci + 1}xx", d], s.responses[ci * 2 + di])
+        yield resp
+        rt = CounterMetricFamily("sip_retransmissions", "Retransmitted requests/responses forwarded (not timed twice).", labels=["kind"])
+        rt.add_metric(["request"], s.request_retransmissions)
+        rt.add_metric(["response"], s.response_retransmissions)
+        yield rt
+        yield CounterMetricFamily("sip_parse_errors", "Datagrams that were not valid SIP; counted and dropped.", value=s.parse_errors)
+        yield CounterMetricFamily("sip_keepalives", "CRLF keep-alive datagrams (RFC 5626) ignored.", value=s.keepalives)
+        ev = CounterMetricFamily("sip_state_evictions", "In-flight state dropped because its table was full.", labels=["table"])
+        ev.add_metric(["transactions"], s.evicted_transactions)
+        ev.add_metric(["calls"], s.evicted_calls)
+        yield ev
+        yield CounterMetricFamily("sip_loops_detected", "Requests answered 482 Loop Detected.", value=s.loops)
+        yield CounterMetricFamily("sip_too_many_hops", "Requests answered 483 Too Many Hops.", value=s.too_many_hops)
+        yield CounterMetricFamily("sip_traceparent_invalid", "Incoming trace headers that were malformed and replaced.", value=s.traceparent_invalid)
+        yield CounterMetricFamily("sip_traceparent_joined", "Calls that joined an incoming trace context.", value=s.traceparent_joined)
+        yield CounterMetricFamily("sip_stray_responses", "Responses whose top Via was not this proxy's; dropped (RFC 3261 16.7).", value=s.stray_responses)
+        yield CounterMetricFamily("sip_unroutable_requests", "Requests with no usable next hop.", value=s.unroutable)
+        yield CounterMetricFamily("sipwatch_records_dropped", "Finished call/transaction records lost because exporters lagged.", value=s.records_dropped)
+        yield GaugeMetricFamily("sip_active_calls", "Answered calls not yet ended by BYE.", value=s.active_calls)
+
+
+class SignalingCollector:
+    """The signaling hop's view: RTT per method, timeouts, send errors, span export."""
+
+    def __init__(self, stats: Stats, clock):
+        self.stats = stats
+        self.clock = clock
+
+    def collect(self):
+        s = self.stats
+        ring = s.ring
+        ring.fold(self.clock())
+        bounds = [_fmt_le(b) for b in RTT_BUCKETS_MS] + ["+Inf"]
+        h = HistogramMetricFamily("signaler_rtt_milliseconds", "Request forwarded upstream (first copy) to first response back, including 100 Trying.", labels=["method"])
+        for mi, m in enumerate(_METHOD_NAMES):
+            counts = ring.counts[mi]
+            total = int(counts.sum())
+            if not total:
+                continue
+            cum = 0
+            buckets = []
+            for bi, le in enumerate(bounds):
+                cum += int(counts[bi])
+                ex = ring.exemplars.get((mi, bi))
+                if ex is not None:
+                    buckets.append((le, cum, Exemplar({"trace_id": "%032x" % ex[0]}, ex[1], ex[2] or None)))
+                else:
+                    buckets.append((le, cum))
+            h.add_metric([m], buckets, float(ring.sums[mi]))
+        yield h
+        to = CounterMetricFamily("sip_transaction_timeouts", "Transactions with no final response within Timer B/F.", labels=["method"])
+        for mi, m in enumerate(_METHOD_NAMES):
+            if s.timeouts[mi] or mi == 0:
+                to.add_metric([m], s.timeouts[mi])
+        yield to
+        yield CounterMetricFamily("sip_upstream_send_errors", "Datagrams the OS refused to send (e.g. ICMP port unreachable).", value=s.send_errors)
+        yield CounterMetricFamily("sipwatch_spans_exported", "Spans accepted by the OTLP backend.", value=s.spans_exported)
+        yield CounterMetricFamily("sipwatch_spans_dropped", "Spans dropped: export queue full or backend failing.", value=s.spans_dropped)
+
+
+class Metrics:
+    """Both registries plus the call histograms fed from finished-call records."""
+
+    def __init__(self, stats: Stats, clock):
+        self.gateway = CollectorRegistry()
+        self.signaling = CollectorRegistry()
+        self.gateway.register(GatewayCollector(stats))
+        self.signaling.register(SignalingCollector(stats, clock))
+        for reg in (self.gateway, self.signaling):
+            ProcessCollector(registry=reg)
+            PlatformCollector(registry=reg)
+        self.call_setup = Histogram("sip_call_setup_seconds", "Initial INVITE forwarded to first 18x or final response (RFC 6076 SRD).", buckets=CALL_SETUP_BUCKETS, registry=self.gateway)
+        self.call_duration = Histogram("sip_call_duration_seconds", "Answered calls: 2xx to the final response to BYE.", buckets=CALL_DURATION_BUCKETS, registry=self.gateway)
+
+    def observe_call(self, call) -> None:
+        if not call.is_call:
+            return
+        if call.t_setup is not None:
+            self.call_setup.observe(call.t_setup - call.t_start)
+        if call.t_answer is not None and call.t_end is not None:
+            self.call_duration.observe(max(0.0, call.t_end - call.t_answer))
+
+
+async def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> asyncio.AbstractServer:
+    """A minimal HTTP/1.1 server for /metrics (and /healthz) on the running loop."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+            request_line, *header_lines = head.decode("latin-1").split("\r\n")
+            parts = request_line.split()
+            path = parts[1] if len(parts) > 1 else "/"
+            accept = ""
+            for h in header_lines:
+                name, _, value = h.partition(":")
+                if name.strip().lower() == "accept":
+                    accept = value.strip()
+            if path.split("?")[0] in ("/metrics", "/"):
+                encoder, ctype = choose_encoder(accept)
+                body, status = encoder(registry), "200 OK"
+            elif path == "/healthz":
+                body, ctype, status = b"ok\n", "text/plain", "200 OK"
+            else:
+                body, ctype, status = b"not found\n", "text/plain", "404 Not Found"
+            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+            await writer.drain()
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(handle, host, port, reuse_address=True)

@@ -1,0 +1,299 @@
+"""SIP message parsing on bytes (RFC 3261 §7, §20), built for a per-datagram hot path.
+
+A message is split once into its start line, a list of raw header lines and the body. Header
+lines the proxy does not touch are written back byte for byte; only the lines it edits (Via,
+Max-Forwards, Route, Record-Route, the trace header) are rebuilt. Names are matched
+case-insensitively and compact forms (``i:``, ``v:`` ...) are mapped to their long names.
+Folded header lines are kept as one entry; bare-LF line ends are accepted.
+"""
+from __future__ import annotations
+
+__all__ = [
+    "SipParseError", "SipMessage", "Via", "parse", "parse_via", "split_values",
+    "parse_params", "uri_hostport", "header_tag", "COMPACT_FORMS",
+]
+
+
+class SipParseError(ValueError):
+    """The datagram is not a SIP message we can forward; the text says why."""
+
+
+COMPACT_FORMS = {
+    b"i": b"call-id", b"v": b"via", b"f": b"from", b"t": b"to", b"m": b"contact",
+    b"l": b"content-length", b"c": b"content-type", b"k": b"supported", b"s": b"subject",
+    b"e": b"content-encoding", b"o": b"event", b"r": b"refer-to", b"u": b"allow-events",
+    b"x": b"session-expires", b"y": b"identity", b"b": b"referred-by",
+    b"a": b"accept-contact", b"j": b"reject-contact", b"d": b"request-disposition",
+}
+
+_SIP20 = b"SIP/2.0"
+_MAX_MESSAGE = 65535
+
+
+class SipMessage:
+    """One parsed SIP message. ``lines``/``names`` are parallel lists (raw line, lowercase name)."""
+
+    __slots__ = ("start", "method", "uri", "status", "lines", "names", "body")
+
+    def __init__(self, start, method, uri, status, lines, names, body):
+        self.start: bytes = start
+        self.method: bytes | None = method  # None for responses
+        self.uri: bytes | None = uri
+        self.status: int = status  # 0 for requests
+        self.lines: list[bytes] = lines
+        self.names: list[bytes] = names
+        self.body: bytes = body
+
+    @property
+    def is_request(self) -> bool:
+        return self.method is not None
+
+    # -- header access -------------------------------------------------------------------
+    def index(self, name: bytes) -> int:
+        """Index of the first header line called ``name`` (lowercase long form), or -1."""
+        try:
+            return self.names.index(name)
+        except ValueError:
+            return -1
+
+    def value_at(self, i: int) -> bytes:
+        line = self.lines[i]
+        v = line[line.index(b":") + 1:]
+        if b"\n" in v:  # folded: continuation lines join with a single space
+            v = b" ".join(part.strip() for part in v.replace(b"\r\n", b"\n").split(b"\n"))
+        return v.strip()
+
+    def get(self, name: bytes) -> bytes | None:
+        """Value of the first header line called ``name`` (lowercase long form)."""
+        try:
+            i = self.names.index(name)
+        except ValueError:
+            return None
+        return self.value_at(i)
+
+    def get_all(self, name: bytes) -> list[bytes]:
+        """All comma-separated values of every ``name`` header, in order."""
+        out: list[bytes] = []
+        for i, n in enumerate(self.names):
+            if n == name:
+                out.extend(split_values(self.value_at(i)))
+        return out
+
+    def call_id(self) -> bytes:
+        v = self.get(b"call-id")
+        if not v:
+            raise SipParseError("missing Call-ID")
+        return v
+
+    def cseq(self) -> tuple[int, bytes]:
+        v = self.get(b"cseq")
+        if v is None:
+            raise SipParseError("missing CSeq")
+        parts = v.split()
+        if len(parts) != 2 or not parts[0].isdigit():
+            raise SipParseError(f"bad CSeq {v[:40]!r}")
+        return int(parts[0]), parts[1].upper()
+
+    def top_via(self) -> "Via":
+        i = self.index(b"via")
+        if i < 0:
+            raise SipParseError("missing Via")
+        return parse_via(split_values(self.value_at(i))[0])
+
+    # -- serialisation -------------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        return b"".join((self.start, b"\r\n", b"\r\n".join(self.lines), b"\r\n\r\n", self.body))
+
+
+def parse(data: bytes) -> SipMessage:
+    """Parse one SIP datagram. Raises :class:`SipParseError` with a reason for anything else."""
+    if len(data) > _MAX_MESSAGE:
+        raise SipParseError("datagram larger than 65535 bytes")
+    end = data.find(b"\r\n\r\n")
+    if end >= 0:
+        head, body = data[:end], data[end + 4:]
+    else:
+        end = data.find(b"\n\n")
+        if end >= 0:
+            head, body = data[:end], data[end + 2:]
+        else:
+            head, body = data.rstrip(b"\r\n"), b""
+    if b"\r" in head:
+        head = head.replace(b"\r\n", b"\n")
+    raw = head.split(b"\n")
+    start = raw[0]
+    if start.startswith(_SIP20):
+        parts = start.split(None, 2)
+        if len(parts) < 2 or len(parts[1]) != 3 or not parts[1].isdigit():
+            raise SipParseError(f"bad status line {start[:60]!r}")
+        status = int(parts[1])
+        if status < 100:
+            raise SipParseError(f"bad status code {status}")
+        method = uri = None
+    else:
+        parts = start.split()
+        if len(parts) != 3 or parts[2] != _SIP20:
+            raise SipParseError(f"not a SIP request line {start[:60]!r}")
+        method, uri, status = parts[0], parts[1], 0
+        if not method.isalpha():
+            raise SipParseError(f"bad method {method[:20]!r}")
+    lines: list[bytes] = []
+    names: list[bytes] = []
+    for line in raw[1:]:
+        if not line:
+            continue
+        c0 = line[0]
+        if c0 == 32 or c0 == 9:  # folded continuation (space / tab)
+            if not lines:
+                raise SipParseError("continuation line before any header")
+            lines[-1] = lines[-1] + b"\r\n" + line
+            continue
+        colon = line.find(b":")
+        if colon <= 0:
+            raise SipParseError(f"header line without name {line[:40]!r}")
+        name = line[:colon].strip().lower()
+        if len(name) == 1:
+            name = COMPACT_FORMS.get(name, name)
+        lines.append(line)
+        names.append(name)
+    msg = SipMessage(start, method, uri, status, lines, names, body)
+    cl = msg.get(b"content-length")
+    if cl is not None:
+        if not cl.isdigit():
+            raise SipParseError(f"bad Content-Length {cl[:20]!r}")
+        n = int(cl)
+        if n > len(body):
+            raise SipParseError(f"Content-Length {n} exceeds the {len(body)} body bytes received")
+    return msg
+
+
+def split_values(value: bytes) -> list[bytes]:
+    """Split a comma-separated header value, ignoring commas in quotes and <...>."""
+    if b"," not in value:
+        return [value]
+    out, depth, quoted, start = [], 0, False, 0
+    for i, ch in enumerate(value):
+        if ch == 34:  # "
+            quoted = not quoted
+        elif quoted:
+            continue
+        elif ch == 60:  # <
+            depth += 1
+        elif ch == 62:  # >
+            depth -= 1
+        elif ch == 44 and depth <= 0:  # ,
+            out.append(value[start:i].strip())
+            start = i + 1
+    out.append(value[start:].strip())
+    return [v for v in out if v]
+
+
+def parse_params(s: bytes) -> dict[bytes, bytes | None]:
+    """``;a=1;b;c=2`` → {b'a': b'1', b'b': None, b'c': b'2'} (names lowercased)."""
+    out: dict[bytes, bytes | None] = {}
+    for p in s.split(b";"):
+        p = p.strip()
+        if not p:
+            continue
+        k, eq, v = p.partition(b"=")
+        out[k.strip().lower()] = v.strip() if eq else None
+    return out
+
+
+class Via:
+    """One Via value: transport, sent-by host/port and parameters."""
+
+    __slots__ = ("transport", "host", "port", "params", "raw")
+
+    def __init__(self, transport: bytes, host: bytes, port: int | None, params: dict, raw: bytes):
+        self.transport = transport
+        self.host = host
+        self.port = port
+        self.params = params
+        self.raw = raw
+
+    @property
+    def branch(self) -> bytes | None:
+        return self.params.get(b"branch")
+
+    def reply_address(self) -> tuple[str, int]:
+        """Where a response to this Via goes over UDP: received/rport first (RFC 3261 §18.2.2, RFC 3581)."""
+        host = self.params.get(b"received") or self.params.get(b"maddr") or self.host
+        rport = self.params.get(b"rport")
+        if rport and rport.isdigit():
+            port = int(rport)
+        else:
+            port = self.port or 5060
+        return host.decode("ascii", "replace").strip("[]"), port
+
+
+def parse_via(value: bytes) -> Via:
+    proto, _, rest = value.partition(b" ")
+    rest = rest.strip()
+    if not proto.upper().startswith(b"SIP/2.0/") or not rest:
+        # tolerate "SIP / 2.0 / UDP" spacing
+        compact = value.replace(b" ", b"").replace(b"\t", b"")
+        if not compact.upper().startswith(b"SIP/2.0/"):
+            raise SipParseError(f"bad Via {value[:60]!r}")
+        slash = compact.rfind(b"/")
+        j = slash + 1
+        while j < len(compact) and compact[j:j + 1].isalpha():
+            j += 1
+        proto, rest = compact[:j], compact[j:]
+    transport = proto[8:].upper()
+    semi = rest.find(b";")
+    sent_by = (rest if semi < 0 else rest[:semi]).strip()
+    params = parse_params(rest[semi:]) if semi >= 0 else {}
+    host, port = split_hostport(sent_by)
+    if not host:
+        raise SipParseError(f"Via without sent-by {value[:60]!r}")
+    return Via(transport, host, port, params, value)
+
+
+def split_hostport(hp: bytes) -> tuple[bytes, int | None]:
+    if hp.startswith(b"["):
+        end = hp.find(b"]")
+        host = hp[: end + 1]
+        rest = hp[end + 1:]
+        port = rest[1:] if rest.startswith(b":") else b""
+    else:
+        host, _, port = hp.partition(b":")
+    if port:
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise SipParseError(f"bad port in {hp[:60]!r}")
+        return host, int(port)
+    return host, None
+
+
+def uri_hostport(uri: bytes) -> tuple[bytes, int | None, dict]:
+    """Host, port and parameters of a sip:/sips: URI, with or without <>/display name."""
+    lt = uri.find(b"<")
+    if lt >= 0:
+        gt = uri.find(b">", lt)
+        uri = uri[lt + 1: gt if gt > 0 else None]
+    scheme, colon, rest = uri.partition(b":")
+    if not colon or scheme.lower() not in (b"sip", b"sips"):
+        raise SipParseError(f"unsupported URI {uri[:60]!r}")
+    rest = rest.split(b"?", 1)[0]
+    at = rest.rfind(b"@")
+    if at >= 0:
+        rest = rest[at + 1:]
+    semi = rest.find(b";")
+    hp = rest if semi < 0 else rest[:semi]
+    params = parse_params(rest[semi:]) if semi >= 0 else {}
+    host, port = split_hostport(hp)
+    return host, port, params
+
+
+def header_tag(value: bytes | None) -> bytes | None:
+    """The ``tag`` parameter of a From/To value (parameters after the closing ``>``)."""
+    if not value:
+        return None
+    gt = value.rfind(b">")
+    tail = value[gt + 1:] if gt >= 0 else value
+    i = tail.lower().find(b";tag=")
+    if i < 0:
+        return None
+    tag = tail[i + 5:]
+    semi = tag.find(b";")
+    return (tag if semi < 0 else tag[:semi]).strip() or None

@@ -1,0 +1,123 @@
+"""Hot-path measurement sink: plain integer counters and a numpy RTT ring buffer.
+
+The proxy writes here once per datagram with list-index increments and two array stores; no
+labels are resolved, no locks are taken, no histogram is touched. The Prometheus collectors in
+:mod:`sipwatch.metrics` read these at scrape time and fold the ring into cumulative buckets
+(:meth:`RttRing.fold`), on the same event loop, so writer and reader never run at once.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+METHODS = (
+    b"INVITE", b"ACK", b"BYE", b"CANCEL", b"REGISTER", b"OPTIONS", b"PRACK", b"UPDATE",
+    b"INFO", b"SUBSCRIBE", b"NOTIFY", b"REFER", b"MESSAGE", b"PUBLISH", b"OTHER",
+)
+METHOD_INDEX = {m: i for i, m in enumerate(METHODS)}
+OTHER = METHOD_INDEX[b"OTHER"]
+INVITE, ACK, BYE, CANCEL = (METHOD_INDEX[m] for m in (b"INVITE", b"ACK", b"BYE", b"CANCEL"))
+
+DIRECTIONS = ("from_gateway", "from_signaling")
+FROM_GATEWAY, FROM_SIGNALING = 0, 1
+
+OUTCOMES = ("answered", "redirected", "rejected_4xx", "rejected_5xx", "rejected_6xx", "cancelled",
+            "timeout")
+ANSWERED, REDIRECTED, REJ4, REJ5, REJ6, CANCELLED, TIMEOUT = range(7)
+
+
+def outcome_of(status: int, cancelled: bool) -> int:
+    """Bounded outcome label index of an initial INVITE's final response."""
+    if status < 300:
+        return ANSWERED
+    if cancelled and status == 487:
+        return CANCELLED
+    if status < 400:
+        return REDIRECTED
+    return (REJ4, REJ5, REJ6)[min(status // 100, 6) - 4]
+
+# signaler_rtt_milliseconds buckets: dense where SIP answers (1-300 ms), then out to Timer B.
+RTT_BUCKETS_MS = (1, 2, 5, 10, 20, 50, 100, 150, 200, 300, 500, 1000, 2000, 5000, 10000, 32000)
+
+
+def method_index(method: bytes) -> int:
+    return METHOD_INDEX.get(method, OTHER)
+
+
+class RttRing:
+    """Fixed-size ring of (method, rtt_ms, trace_id) samples, folded into bucket counts.
+
+    ``add`` is the only hot-path call. ``fold`` runs at scrape time, or from ``add`` itself
+    when the ring is full, so no sample is ever overwritten before it was counted.
+    """
+
+    def __init__(self, size: int = 1 << 16, buckets=RTT_BUCKETS_MS):
+        self.size = size
+        self.rtt = np.zeros(size, dtype=np.float64)
+        self.method = np.zeros(size, dtype=np.int64)
+        self.trace = [0] * size  # trace ids (int) for exemplars
+        self.n = 0  # samples written since the last fold
+        self.bounds = np.asarray(buckets, dtype=np.float64)
+        nm = len(METHODS)
+        # counts[m, i] = samples of method m in bucket i (last index = +Inf), not cumulative
+        self.counts = np.zeros((nm, len(buckets) + 1), dtype=np.int64)
+        self.sums = np.zeros(nm, dtype=np.float64)
+        # newest sample per (method, bucket) for exemplars: (trace_id, value_ms, when)
+        self.exemplars: dict[tuple[int, int], tuple[int, float, float]] = {}
+        self.folded_at = 0.0
+
+    def add(self, midx: int, rtt_ms: float, trace_id: int) -> None:
+        n = self.n
+        self.rtt[n] = rtt_ms
+        self.method[n] = midx
+        self.trace[n] = trace_id
+        n += 1
+        self.n = n
+        if n == self.size:
+            self.fold()
+
+    def fold(self, now: float = 0.0) -> None:
+        n = self.n
+        if not n:
+            return
+        rtt = self.rtt[:n]
+        meth = self.method[:n]
+        idx = np.searchsorted(self.bounds, rtt, side="left")
+        np.add.at(self.counts, (meth, idx), 1)
+        self.sums += np.bincount(meth, weights=rtt, minlength=len(METHODS))
+        # exemplar: last sample of each (method, bucket) in this batch
+        keys = meth * 64 + idx
+        _, last = np.unique(keys[::-1], return_index=True)
+        for j in (n - 1 - last).tolist():
+            self.exemplars[(int(meth[j]), int(idx[j]))] = (self.trace[j], float(rtt[j]), now)
+        self.n = 0
+        self.folded_at = now
+
+
+class Stats:
+    """Every counter the hot path touches, as flat lists indexed by small integers."""
+
+    def __init__(self, ring_size: int = 1 << 16):
+        nm = len(METHODS)
+        self.requests = [0] * (nm * 2)  # [method * 2 + direction]
+        self.responses = [0] * (6 * 2)  # [(status // 100 - 1) * 2 + direction]
+        self.request_retransmissions = 0
+        self.response_retransmissions = 0
+        self.parse_errors = 0
+        self.keepalives = 0
+        self.evicted_transactions = 0
+        self.evicted_calls = 0
+        self.loops = 0
+        self.too_many_hops = 0
+        self.traceparent_invalid = 0
+        self.traceparent_joined = 0
+        self.stray_responses = 0  # responses whose top Via is not ours
+        self.unroutable = 0  # requests we could not find a next hop for
+        self.send_errors = 0
+        self.timeouts = [0] * nm
+        self.calls = [0] * len(OUTCOMES)
+        self.active_calls = 0
+        self.records_dropped = 0  # finished records the exporters did not drain in time
+        self.spans_exported = 0  # written by the span exporter thread (single writer)
+        self.spans_dropped = 0
+        self.ring = RttRing(ring_size)
+        # call histograms (seconds) are fed from finished-call records off the hot path
