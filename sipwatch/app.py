@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 
 from .config import ProxySettings
 from .core import CoreConfig, ProxyCore
 from .logs import JsonLog
 from .metrics import Metrics, serve_metrics
 from .stats import Stats
-from .transport import ProxyProtocol, epoch_clock
+from .transport import UdpEdge, epoch_clock
 
 TICK = 0.2
 
@@ -60,16 +59,13 @@ class ProxyApp:
         self.metrics = Metrics(self.stats, self.clock)
         self._stop = asyncio.Event()
         self._servers: list = []
-        self.transport = None
-        self.protocol: ProxyProtocol | None = None
+        self.edge = UdpEdge(self.core, self.clock)
         self._send_errors_logged = 0
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         host, port = self.settings.listen
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.transport, self.protocol = await loop.create_datagram_endpoint(
-            lambda: ProxyProtocol(self.core, self.clock), local_addr=(host, port), family=family)
+        await self.edge.open(self.settings.listen)
         for reg, addr in ((self.metrics.gateway, self.settings.gateway_metrics),
                           (self.metrics.signaling, self.settings.signaling_metrics)):
             if addr is not None:
@@ -80,7 +76,8 @@ class ProxyApp:
                       advertise=f"{s.advertise[0]}:{s.advertise[1]}",
                       gateway_metrics=_fmt(s.gateway_metrics), signaling_metrics=_fmt(s.signaling_metrics),
                       record_route=s.record_route, trace_header=s.trace_header,
-                      tracing=self.spans is not None, event_loop=type(loop).__module__.split(".")[0])
+                      tracing=self.spans is not None, event_loop=type(loop).__module__.split(".")[0],
+                      upstream_socket="connected" if self.edge.upstream_tx else "shared")
 
     def tick(self) -> None:
         """Housekeeping: timers, finished records → histograms, logs, spans."""
@@ -98,7 +95,7 @@ class ProxyApp:
         if errors != self._send_errors_logged:
             self.log.warning("datagrams could not be sent", "send_errors",
                              total=errors, new=errors - self._send_errors_logged,
-                             last_error=self.protocol.last_error if self.protocol else None)
+                             last_error=self.edge.last_error)
             self._send_errors_logged = errors
 
     async def run(self) -> None:
@@ -118,8 +115,7 @@ class ProxyApp:
         await self.stop()
 
     async def stop(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
+        self.edge.close()
         for srv in self._servers:
             srv.close()
             await srv.wait_closed()

@@ -1,4 +1,4 @@
-"""The UDP edge: an asyncio DatagramProtocol that feeds the sans-IO core and sends its output.
+"""The UDP edge: asyncio datagram protocols that feed the sans-IO core and send its output.
 
 Thin on purpose: one ``receive_datagram`` call and a ``sendto`` per output. Send failures
 (an ICMP port unreachable from a dead upstream arrives as ``error_received``) are counted, never
@@ -24,48 +24,53 @@ def epoch_clock():
     return lambda: mono() + offset
 
 
-class ProxyProtocol(asyncio.DatagramProtocol):
+class UdpEdge:
+    """Feeds datagrams from both sockets to the core and routes its output.
+
+    Two UDP sockets share the listen address (SO_REUSEPORT): one unconnected, for the gateway
+    side, and one *connected* to the upstream. The kernel hands the upstream's datagrams to the
+    connected socket, and only a connected socket reports ICMP port-unreachable (a dead
+    sip-signaling) back as an error, which is counted. Without SO_REUSEPORT one socket does both.
+    """
+
     def __init__(self, core: ProxyCore, clock):
         self.core = core
         self.stats = core.stats
         self.clock = clock
-        self.transport: asyncio.DatagramTransport | None = None
+        self.upstream = core.upstream
+        self.listen_tx: asyncio.DatagramTransport | None = None
+        self.upstream_tx: asyncio.DatagramTransport | None = None
         self._literal: dict[str, bool] = {}
         self._resolved: dict[str, tuple[str, float]] = {}
         self._pending = 0
         self.last_error: str | None = None
 
-    def connection_made(self, transport):
-        self.transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-            except OSError:
-                pass
-
-    def datagram_received(self, data: bytes, addr) -> None:
+    def handle(self, data: bytes, addr) -> None:
         out = self.core.receive_datagram(data, (addr[0], addr[1]), self.clock())
-        sendto = self.transport.sendto
-        for payload, (host, port) in out:
-            literal = self._literal.get(host)
-            if literal is None:
-                literal = self._is_literal(host)
-            if literal:
-                try:
-                    sendto(payload, (host, port))
-                except OSError as exc:
-                    self._send_failed(exc)
-            else:
-                self._send_by_name(payload, host, port)
+        for payload, dest in out:
+            try:
+                if dest == self.upstream and self.upstream_tx is not None:
+                    self.upstream_tx.sendto(payload)
+                    continue
+                host = dest[0]
+                literal = self._literal.get(host)
+                if literal is None:
+                    literal = self._is_literal(host)
+                if literal:
+                    self.listen_tx.sendto(payload, dest)
+                else:
+                    self._send_by_name(payload, host, dest[1])
+            except OSError as exc:
+                self.send_failed(exc)
 
-    def error_received(self, exc: Exception) -> None:
-        self._send_failed(exc)
-
-    def _send_failed(self, exc: Exception) -> None:
+    def send_failed(self, exc: Exception) -> None:
         self.stats.send_errors += 1
         self.last_error = f"{type(exc).__name__}: {exc}"
+
+    def close(self) -> None:
+        for t in (self.listen_tx, self.upstream_tx):
+            if t is not None:
+                t.close()
 
     def _is_literal(self, host: str) -> bool:
         try:
@@ -81,13 +86,10 @@ class ProxyProtocol(asyncio.DatagramProtocol):
     def _send_by_name(self, payload: bytes, host: str, port: int) -> None:
         hit = self._resolved.get(host)
         if hit is not None and hit[1] > self.clock():
-            try:
-                self.transport.sendto(payload, (hit[0], port))
-            except OSError as exc:
-                self._send_failed(exc)
+            self.listen_tx.sendto(payload, (hit[0], port))
             return
         if self._pending >= MAX_PENDING_RESOLVES:
-            self._send_failed(OSError(f"too many pending name lookups, dropped datagram to {host}"))
+            self.send_failed(OSError(f"too many pending name lookups, dropped datagram to {host}"))
             return
         self._pending += 1
         asyncio.get_running_loop().create_task(self._resolve_and_send(payload, host, port))
@@ -97,9 +99,53 @@ class ProxyProtocol(asyncio.DatagramProtocol):
             infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_DGRAM)
             ip = infos[0][4][0]
             self._resolved[host] = (ip, self.clock() + RESOLVE_TTL)
-            if self.transport is not None and not self.transport.is_closing():
-                self.transport.sendto(payload, (ip, port))
+            if self.listen_tx is not None and not self.listen_tx.is_closing():
+                self.listen_tx.sendto(payload, (ip, port))
         except (OSError, IndexError) as exc:
-            self._send_failed(exc)
+            self.send_failed(exc)
         finally:
             self._pending -= 1
+
+    async def open(self, listen: tuple[str, int]) -> None:
+        loop = asyncio.get_running_loop()
+        host, port = listen
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        reuse = hasattr(socket, "SO_REUSEPORT")
+        lsock = _udp_socket(family, reuse)
+        lsock.bind((host, port))
+        self.listen_tx, _ = await loop.create_datagram_endpoint(lambda: _Protocol(self), sock=lsock)
+        if reuse:
+            usock = _udp_socket(family, True)
+            try:
+                usock.bind(lsock.getsockname()[:2])
+                usock.connect(self.upstream)
+            except OSError:
+                usock.close()
+                return
+            self.upstream_tx, _ = await loop.create_datagram_endpoint(lambda: _Protocol(self), sock=usock)
+
+
+def _udp_socket(family: int, reuse_port: bool) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)  # absorb bursts
+        except OSError:
+            pass
+    sock.setblocking(False)
+    return sock
+
+
+class _Protocol(asyncio.DatagramProtocol):
+    __slots__ = ("edge",)
+
+    def __init__(self, edge: UdpEdge):
+        self.edge = edge
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        self.edge.handle(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        self.edge.send_failed(exc)

@@ -1,0 +1,22 @@
+"""Shared test configuration.
+
+With SIPWATCH_REQUIRE_TOOLS=1 (``.ci/run`` sets it) a skipped test counts as a failure: a
+green CI run then always means SIPp, tshark, promtool and friends really ran.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+REQUIRE_TOOLS = os.environ.get("SIPWATCH_REQUIRE_TOOLS") == "1"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if REQUIRE_TOOLS and rep.skipped and not hasattr(rep, "wasxfail"):
+        rep.outcome = "failed"
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else rep.longrepr
+        rep.longrepr = f"skipped, but SIPWATCH_REQUIRE_TOOLS=1 forbids skips: {reason}"

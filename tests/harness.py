@@ -1,0 +1,192 @@
+"""Test helpers: free loopback ports, a sidecar subprocess, SIPp peers, metric scraping."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import orjson
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parents[1]
+SCENARIOS = ROOT / "sipwatch" / "scenarios"
+HAVE_SIPP = shutil.which("sipp") is not None
+
+
+def free_port() -> int:
+    """A port free for both UDP and TCP on 127.0.0.1 right now."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            u.bind(("127.0.0.1", 0))
+            port = u.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
+                try:
+                    t.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no free port")
+
+
+def scrape(port: int, accept: str | None = None) -> dict:
+    """Metrics at 127.0.0.1:port as {(sample_name, frozenset(labels)): value}."""
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/metrics")
+    if accept:
+        req.add_header("Accept", accept)
+    with urllib.request.urlopen(req, timeout=5) as r:
+        text = r.read().decode()
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def metric(samples: dict, name: str, **labels) -> float:
+    """Sum of every sample called ``name`` whose labels include ``labels``."""
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
+
+
+class Sidecar:
+    """``python -m sipwatch proxy`` on loopback, stopped with SIGTERM."""
+
+    def __init__(self, workdir: Path, upstream_port: int, *extra: str, env: dict | None = None):
+        self.port = free_port()
+        self.gw_metrics = free_port()
+        self.sig_metrics = free_port()
+        self.upstream_port = upstream_port
+        self.workdir = workdir
+        self.stdout_path = workdir / f"sidecar-{self.port}.log"
+        self.args = [sys.executable, "-m", "sipwatch", "proxy",
+                     "--listen", f"127.0.0.1:{self.port}",
+                     "--upstream", f"127.0.0.1:{upstream_port}",
+                     "--gateway-metrics", f"127.0.0.1:{self.gw_metrics}",
+                     "--signaling-metrics", f"127.0.0.1:{self.sig_metrics}", *extra]
+        self.env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "Sidecar":
+        self._out = open(self.stdout_path, "wb")
+        self.proc = subprocess.Popen(self.args, stdout=self._out, stderr=subprocess.STDOUT,
+                                     env=self.env, cwd=self.workdir)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"sidecar exited: {self.stdout_path.read_text()}")
+            try:
+                scrape(self.gw_metrics)
+                return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("sidecar did not come up")
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> int | None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if hasattr(self, "_out"):
+            self._out.close()
+        return self.proc.returncode if self.proc else None
+
+    def gateway(self) -> dict:
+        return scrape(self.gw_metrics)
+
+    def signaling(self) -> dict:
+        return scrape(self.sig_metrics)
+
+    def logs(self) -> list[dict]:
+        out = []
+        for line in self.stdout_path.read_bytes().splitlines():
+            if line.startswith(b"{"):
+                out.append(orjson.loads(line))
+        return out
+
+    def wait_for(self, predicate, timeout: float = 10.0, side: str = "gateway"):
+        """Poll a side's metrics until ``predicate(samples)`` is true; return the samples."""
+        deadline = time.monotonic() + timeout
+        while True:
+            s = self.gateway() if side == "gateway" else self.signaling()
+            if predicate(s) or time.monotonic() > deadline:
+                return s
+            time.sleep(0.1)
+
+
+class Sipp:
+    """One SIPp process on loopback, files kept in its own directory."""
+
+    def __init__(self, workdir: Path, scenario: str, port: int, remote: int | None = None,
+                 calls: int = 1, rate: float | None = None, *extra: str):
+        self.dir = workdir / f"sipp-{scenario}-{port}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        sf = SCENARIOS / f"{scenario}.xml"
+        self.args = ["sipp", "-sf", str(sf), "-i", "127.0.0.1", "-p", str(port),
+                     "-m", str(calls), "-nostdin", "-trace_err", "-trace_stat", "-fd", "1"]
+        if rate is not None:
+            self.args += ["-r", str(rate)]
+        self.args += list(extra)
+        if remote is not None:
+            self.args.append(f"127.0.0.1:{remote}")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Sipp":
+        self._out = open(self.dir / "stdout.txt", "wb")
+        self.proc = subprocess.Popen(self.args, cwd=self.dir, stdout=self._out,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        return self
+
+    def wait(self, timeout: float = 60) -> int:
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            rc = -9
+        self._out.close()
+        return rc
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stat(self) -> dict:
+        """Last line of SIPp's -trace_stat CSV as {column: value}."""
+        files = sorted(self.dir.glob("*_.csv"))
+        if not files:
+            return {}
+        lines = [ln for ln in files[-1].read_text().splitlines() if ln.strip()]
+        head = lines[0].rstrip(";").split(";")
+        last = lines[-1].rstrip(";").split(";")
+        return dict(zip(head, last))
+
+    def errors(self) -> str:
+        return "".join(p.read_text(errors="replace") for p in self.dir.glob("*_errors.log"))
+
+
+def run_call_pair(workdir: Path, uac: str, uas: str, target_port: int, uas_port: int,
+                  calls: int, rate: float = 20, uac_extra=(), uas_extra=(), timeout=90):
+    """Start the callee, run the caller to completion; return (uac_rc, uas_rc, uac, uas)."""
+    callee = Sipp(workdir, uas, uas_port, None, calls, None, *uas_extra).start()
+    time.sleep(0.3)
+    caller = Sipp(workdir, uac, free_port(), target_port, calls, rate, *uac_extra).start()
+    try:
+        uac_rc = caller.wait(timeout)
+        uas_rc = callee.wait(15)
+    finally:
+        caller.kill()
+        callee.kill()
+    return uac_rc, uas_rc, caller, callee
