@@ -1,0 +1,308 @@
+"""The sans-IO proxy core driven directly: bytes in, bytes out, time passed in.
+
+No sockets and no clock: every figure asserted here (RTTs, timeouts, outcomes) follows from the
+timestamps the test passes, so these tests are exact.
+"""
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from sipwatch.core import CoreConfig, ProxyCore
+from sipwatch.sipmsg import parse, parse_via, split_values
+from sipwatch.stats import (
+    ANSWERED, CANCELLED, INVITE, METHOD_INDEX, OUTCOMES, REJ4, TIMEOUT, FROM_GATEWAY,
+    FROM_SIGNALING,
+)
+from sipwatch.tracecontext import parse_traceparent
+
+SIDECAR = ("10.0.0.2", 5060)
+GATEWAY = ("10.0.0.1", 5070)
+SIGNALING = ("10.0.0.3", 5080)
+T0 = 1_700_000_000.0
+
+SDP = (b"v=0\r\no=- 1 1 IN IP4 10.0.0.1\r\ns=-\r\nc=IN IP4 10.0.0.1\r\nt=0 0\r\n"
+       b"m=audio 40000 RTP/AVP 0 8\r\na=rtpmap:0 PCMU/8000\r\n")
+
+
+def invite(branch=b"z9hG4bK-gw-1", call_id=b"call-1@gw", extra=b"", max_forwards=b"70",
+           body=SDP, cseq=1, to_tag=b"", method=b"INVITE"):
+    head = [
+        method + b" sip:+15551234567@10.0.0.3:5080 SIP/2.0",
+        b"Via: SIP/2.0/UDP 10.0.0.1:5070;branch=" + branch,
+        b"From: \"Alice\" <sip:+15557654321@10.0.0.1>;tag=from-1",
+        b"To: <sip:+15551234567@10.0.0.3>" + (b";tag=" + to_tag if to_tag else b""),
+        b"Call-ID: " + call_id,
+        b"CSeq: %d %s" % (cseq, method),
+        b"Contact: <sip:alice@10.0.0.1:5070>",
+    ]
+    if max_forwards is not None:
+        head.append(b"Max-Forwards: " + max_forwards)
+    if extra:
+        head.append(extra)
+    head += [b"Content-Type: application/sdp", b"Content-Length: %d" % len(body)]
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+def response_to(forwarded: bytes, status: int, reason=b"OK", to_tag=b"uas-1") -> bytes:
+    """What a UAS answers to a request it received: Vias, From, To(+tag), Call-ID, CSeq copied."""
+    msg = parse(forwarded)
+    out = [b"SIP/2.0 %d %s" % (status, reason)]
+    for name, line in zip(msg.names, msg.lines):
+        if name in (b"via", b"from", b"call-id", b"cseq", b"record-route"):
+            out.append(line)
+        elif name == b"to":
+            out.append(line + (b";tag=" + to_tag if status > 100 and b"tag=" not in line else b""))
+    out.append(b"Content-Length: 0")
+    return b"\r\n".join(out) + b"\r\n\r\n"
+
+
+@pytest.fixture
+def core():
+    return ProxyCore(CoreConfig(advertise=SIDECAR, upstream=SIGNALING, timer_b=32.0))
+
+
+def forward_one(core, data, src=GATEWAY, now=T0):
+    out = core.receive_datagram(data, src, now)
+    assert len(out) == 1, out
+    return out[0]
+
+
+def test_invite_is_forwarded_upstream_with_proxy_edits(core):
+    data, dest = forward_one(core, invite())
+    assert dest == SIGNALING
+    msg = parse(data)
+    vias = [v for line in msg.get_all(b"via") for v in split_values(line)]
+    top = parse_via(vias[0])
+    assert (top.host, top.port) == (b"10.0.0.2", 5060)
+    assert top.branch.startswith(b"z9hG4bK") and b"rport" in top.params
+    assert vias[1].startswith(b"SIP/2.0/UDP 10.0.0.1:5070;branch=z9hG4bK-gw-1")
+    assert msg.get(b"max-forwards") == b"69"
+    assert msg.get(b"record-route") == b"<sip:10.0.0.2:5060;lr>"
+    tp = parse_traceparent(msg.get(b"traceparent"))
+    assert tp is not None and tp[2] == 1
+    assert msg.body == SDP and msg.get(b"content-length") == b"%d" % len(SDP)
+    assert data.endswith(b"\r\n\r\n" + SDP)
+
+
+def test_retransmission_keeps_branch_and_is_timed_once(core):
+    first, _ = forward_one(core, invite(), now=T0)
+    again, _ = forward_one(core, invite(), now=T0 + 0.5)
+    b1 = parse(first).top_via().branch
+    assert b1 == parse(again).top_via().branch
+    assert core.stats.request_retransmissions == 1
+    # the answer arrives 0.8 s after the first copy: RTT is 800 ms, not 300 ms
+    out = core.receive_datagram(response_to(first, 100, b"Trying"), SIGNALING, T0 + 0.8)
+    assert out and out[0][1] == GATEWAY
+    ring = core.stats.ring
+    assert ring.n == 1 and ring.method[0] == INVITE
+    assert ring.rtt[0] == pytest.approx(800.0)
+    # a second 100 (retransmitted response) is forwarded but not timed again
+    core.receive_datagram(response_to(first, 100, b"Trying"), SIGNALING, T0 + 1.0)
+    assert ring.n == 1 and core.stats.response_retransmissions == 1
+
+
+def test_other_branch_gives_other_outgoing_branch(core):
+    a, _ = forward_one(core, invite(branch=b"z9hG4bK-a"))
+    b, _ = forward_one(core, invite(branch=b"z9hG4bK-b", call_id=b"other"))
+    assert parse(a).top_via().branch != parse(b).top_via().branch
+
+
+def test_response_pops_own_via_and_honours_received_rport(core):
+    req = invite(extra=b"")
+    # the caller is behind NAT: it wrote a private address and ;rport in its Via
+    req = req.replace(b"Via: SIP/2.0/UDP 10.0.0.1:5070;branch=z9hG4bK-gw-1",
+                      b"Via: SIP/2.0/UDP 192.168.1.5:5999;rport;branch=z9hG4bK-gw-1")
+    fwd, _ = forward_one(core, req, src=("203.0.113.7", 40000))
+    second = split_values(parse(fwd).get_all(b"via")[0])
+    caller_via = parse_via(second[1] if len(second) > 1 else parse(fwd).get_all(b"via")[1])
+    assert caller_via.params[b"received"] == b"203.0.113.7"
+    assert caller_via.params[b"rport"] == b"40000"
+    resp = response_to(fwd, 180, b"Ringing")
+    out = core.receive_datagram(resp, SIGNALING, T0 + 0.01)
+    data, dest = out[0]
+    assert dest == ("203.0.113.7", 40000)
+    vias = parse(data).get_all(b"via")
+    assert len(vias) == 1 and b"192.168.1.5" in vias[0]
+
+
+def test_call_answered_then_bye_gives_outcome_setup_and_duration(core):
+    inv, _ = forward_one(core, invite(), now=T0)
+    for status, t in ((100, 0.002), (180, 0.100), (200, 0.250)):
+        core.receive_datagram(response_to(inv, status, b"X"), SIGNALING, T0 + t)
+    assert core.stats.calls[ANSWERED] == 1 and core.stats.active_calls == 1
+    ack = invite(method=b"ACK", to_tag=b"uas-1", body=b"", branch=b"z9hG4bK-ack")
+    ack = ack.replace(b"INVITE sip", b"ACK sip")
+    core.receive_datagram(ack, GATEWAY, T0 + 0.26)
+    bye = invite(method=b"BYE", to_tag=b"uas-1", body=b"", branch=b"z9hG4bK-bye", cseq=2)
+    byef, _ = forward_one(core, bye, now=T0 + 10.0)
+    core.receive_datagram(response_to(byef, 200), SIGNALING, T0 + 10.004)
+    records = core.drain_finished()
+    calls = [obj for kind, obj in records if kind == "call"]
+    assert len(calls) == 1
+    call = calls[0]
+    assert call.t_setup - call.t_start == pytest.approx(0.100)
+    assert call.t_answer - call.t_start == pytest.approx(0.250)
+    assert call.t_end - call.t_answer == pytest.approx(9.754)
+    assert core.stats.active_calls == 0
+    methods = sorted(tx.method for kind, tx in records if kind == "tx")
+    assert methods == [b"ACK", b"BYE", b"INVITE"]
+    # every forwarded request carried the same trace id, each its own span id
+    assert len({tx.trace_id for kind, tx in records if kind == "tx"}) == 1
+    assert len({tx.span_id for kind, tx in records if kind == "tx"}) == 3
+
+
+@pytest.mark.parametrize("status,outcome", [(486, REJ4), (603, OUTCOMES.index("rejected_6xx")),
+                                            (302, OUTCOMES.index("redirected"))])
+def test_failed_call_outcomes(core, status, outcome):
+    inv, _ = forward_one(core, invite())
+    core.receive_datagram(response_to(inv, status, b"No"), SIGNALING, T0 + 0.05)
+    assert core.stats.calls[outcome] == 1 and sum(core.stats.calls) == 1
+
+
+def test_cancel_then_487_counts_cancelled(core):
+    inv, _ = forward_one(core, invite())
+    core.receive_datagram(response_to(inv, 180, b"Ringing"), SIGNALING, T0 + 0.1)
+    cancel = invite(method=b"CANCEL", body=b"").replace(b"INVITE sip", b"CANCEL sip")
+    canf, _ = forward_one(core, cancel, now=T0 + 1)
+    # CANCEL must carry the same branch as the INVITE it cancels (RFC 3261 §9.1)
+    assert parse(canf).top_via().branch == parse(inv).top_via().branch
+    core.receive_datagram(response_to(canf, 200), SIGNALING, T0 + 1.01)
+    core.receive_datagram(response_to(inv, 487, b"Request Terminated"), SIGNALING, T0 + 1.02)
+    assert core.stats.calls[CANCELLED] == 1 and sum(core.stats.calls) == 1
+
+
+def test_unanswered_invite_times_out_at_timer_b(core):
+    forward_one(core, invite())
+    core.handle_timers(T0 + 31.9)
+    assert core.stats.timeouts[INVITE] == 0
+    core.handle_timers(T0 + 32.1)
+    assert core.stats.timeouts[INVITE] == 1 and core.stats.calls[TIMEOUT] == 1
+    assert not core.tracker.transactions
+
+
+def test_max_forwards_zero_is_answered_483_locally(core):
+    out = core.receive_datagram(invite(max_forwards=b"0"), GATEWAY, T0)
+    assert len(out) == 1
+    data, dest = out[0]
+    assert data.startswith(b"SIP/2.0 483 ") and dest == GATEWAY
+    assert core.stats.too_many_hops == 1
+
+
+def test_missing_max_forwards_is_inserted(core):
+    data, _ = forward_one(core, invite(max_forwards=None))
+    assert parse(data).get(b"max-forwards") == b"70"
+
+
+def test_loop_is_detected_482(core):
+    fwd, _ = forward_one(core, invite())
+    # the same request comes back to us unchanged (a misrouted upstream)
+    out = core.receive_datagram(fwd, ("10.0.0.9", 5060), T0 + 0.01)
+    assert out[0][0].startswith(b"SIP/2.0 482 ")
+    assert core.stats.loops == 1
+
+
+def test_incoming_traceparent_is_joined_and_invalid_one_replaced(core):
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    good = invite(extra=f"traceparent: 00-{trace}-00f067aa0ba902b7-01".encode())
+    fwd, _ = forward_one(core, good)
+    tid, span, flags = parse_traceparent(parse(fwd).get(b"traceparent"))
+    assert "%032x" % tid == trace and span != 0x00f067aa0ba902b7 and flags == 1
+    assert core.stats.traceparent_joined == 1
+    bad = invite(call_id=b"c2", extra=b"traceparent: 00-XYZ-nothex-01")
+    fwd2, _ = forward_one(core, bad)
+    assert parse_traceparent(parse(fwd2).get(b"traceparent")) is not None
+    assert len(parse(fwd2).get_all(b"traceparent")) == 1
+    assert core.stats.traceparent_invalid == 1
+
+
+def test_unsampled_incoming_context_stays_unsampled(core):
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    fwd, _ = forward_one(core, invite(extra=f"X-Traceparent: 00-{trace}-00f067aa0ba902b7-00".encode()))
+    assert parse_traceparent(parse(fwd).get(b"traceparent"))[2] == 0
+
+
+def test_custom_trace_header_name():
+    core = ProxyCore(CoreConfig(advertise=SIDECAR, upstream=SIGNALING, trace_header="X-Trace"))
+    data, _ = forward_one(core, invite())
+    assert parse(data).get(b"x-trace") is not None and parse(data).get(b"traceparent") is None
+
+
+def test_no_record_route_switch():
+    core = ProxyCore(CoreConfig(advertise=SIDECAR, upstream=SIGNALING, record_route=False))
+    data, _ = forward_one(core, invite())
+    assert parse(data).get(b"record-route") is None
+
+
+def test_in_dialog_request_from_signaling_follows_route_then_ruri(core):
+    bye = (b"BYE sip:alice@10.0.0.1:5070 SIP/2.0\r\n"
+           b"Via: SIP/2.0/UDP 10.0.0.3:5080;branch=z9hG4bK-sig-bye\r\n"
+           b"Route: <sip:10.0.0.2:5060;lr>\r\n"
+           b"From: <sip:+15551234567@10.0.0.3>;tag=uas-1\r\n"
+           b"To: <sip:+15557654321@10.0.0.1>;tag=from-1\r\n"
+           b"Call-ID: call-9\r\nCSeq: 5 BYE\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n")
+    data, dest = forward_one(core, bye, src=SIGNALING)
+    assert dest == ("10.0.0.1", 5070)
+    assert parse(data).get(b"route") is None
+    assert core.stats.requests[METHOD_INDEX[b"BYE"] * 2 + FROM_SIGNALING] == 1
+
+
+def test_compact_headers_and_bare_lf(core):
+    req = (b"OPTIONS sip:sig@10.0.0.3 SIP/2.0\n"
+           b"v: SIP/2.0/UDP 10.0.0.1:5070;branch=z9hG4bK-c1\n"
+           b"f: <sip:gw@10.0.0.1>;tag=a\nt: <sip:sig@10.0.0.3>\ni: compact-1\n"
+           b"CSeq: 1 OPTIONS\nl: 0\n\n")
+    data, dest = forward_one(core, req)
+    assert dest == SIGNALING
+    assert parse(data).top_via().host == b"10.0.0.2"
+    assert core.stats.requests[METHOD_INDEX[b"OPTIONS"] * 2 + FROM_GATEWAY] == 1
+
+
+def test_stray_response_is_dropped_and_counted(core):
+    resp = (b"SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 10.0.0.1:5070;branch=z9hG4bK-x\r\n"
+            b"From: <sip:a@b>;tag=1\r\nTo: <sip:c@d>;tag=2\r\nCall-ID: s\r\nCSeq: 1 INVITE\r\n"
+            b"Content-Length: 0\r\n\r\n")
+    assert core.receive_datagram(resp, SIGNALING, T0) == []
+    assert core.stats.stray_responses == 1
+
+
+def test_flood_of_unanswered_invites_keeps_state_bounded():
+    core = ProxyCore(CoreConfig(advertise=SIDECAR, upstream=SIGNALING, max_transactions=500,
+                                max_calls=300))
+    for i in range(5000):
+        core.receive_datagram(invite(branch=b"z9hG4bK-%d" % i, call_id=b"flood-%d" % i),
+                              GATEWAY, T0 + i * 0.001)
+    assert len(core.tracker.transactions) <= 500
+    assert len(core.tracker.calls) <= 300
+    assert core.stats.evicted_transactions >= 4500
+    assert core.stats.evicted_calls >= 4700
+
+
+def test_garbage_is_counted_crlf_keepalive_is_not_an_error(core):
+    assert core.receive_datagram(b"\r\n\r\n", GATEWAY, T0) == []
+    assert core.stats.keepalives == 1 and core.stats.parse_errors == 0
+    assert core.receive_datagram(b"\x00\xff garbage", GATEWAY, T0) == []
+    bad_len = invite().replace(b"Content-Length: %d" % len(SDP), b"Content-Length: 9999")
+    assert core.receive_datagram(bad_len, GATEWAY, T0) == []
+    assert core.stats.parse_errors == 2
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=2000))
+def test_any_bytes_never_raise(data):
+    core = ProxyCore(CoreConfig(advertise=SIDECAR, upstream=SIGNALING))
+    out = core.receive_datagram(data, GATEWAY, T0)
+    assert isinstance(out, list)
+    assert core.stats.parse_errors + core.stats.keepalives + sum(core.stats.requests) + \
+        sum(core.stats.responses) >= 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 600), st.binary(min_size=1, max_size=8), st.binary(max_size=1500))
+def test_mutated_invites_never_raise_and_bodies_pass_untouched(pos, junk, body):
+    core = ProxyCore(CoreConfig(advertise=SIDECAR, upstream=SIGNALING))
+    good = invite(body=body)
+    out = core.receive_datagram(good, GATEWAY, T0)
+    assert len(out) == 1 and out[0][0].endswith(b"\r\n\r\n" + body)
+    mutated = good[:pos] + junk + good[pos + len(junk):]
+    assert isinstance(core.receive_datagram(mutated, GATEWAY, T0 + 1), list)
