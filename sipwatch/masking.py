@@ -33,9 +33,12 @@ def mask_uri(value: bytes | str | None, mode: str = "partial") -> str:
     if mode == "none":
         return text
     if mode == "full":
-        text = _USER.sub(lambda m: m.group(1) + "***", text)
-        return _DISPLAY_NUMBER.sub("***", text)
-    if mode != "partial":
+        user, number = (lambda m: m.group(1) + "***"), (lambda m: "***")
+    elif mode == "partial":
+        user, number = (lambda m: m.group(1) + _mask_digits(m.group(2))), (lambda m: _mask_digits(m.group(0)))
+    else:
         raise ValueError(f"unknown masking mode {mode!r} (expected one of {', '.join(MODES)})")
-    text = _USER.sub(lambda m: m.group(1) + _mask_digits(m.group(2)), text)
-    return _DISPLAY_NUMBER.sub(lambda m: _mask_digits(m.group(0)), text)
+    # a display name is whatever precedes '<'; host parts and parameters are left alone
+    lt = text.find("<")
+    display, rest = (text[:lt], text[lt:]) if lt > 0 else ("", text)
+    return _DISPLAY_NUMBER.sub(number, display) + _USER.sub(user, rest)

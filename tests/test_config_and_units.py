@@ -139,3 +139,9 @@ def test_json_log_record_shape():
     assert {"timestamp", "log_level", "service_name", "call_sid", "trace_id", "message",
             "event"} <= rec.keys()
     assert rec["service_name"] == "svc" and rec["log_level"] == "info" and rec["extra"] == 3
+
+
+def test_masking_leaves_hosts_and_tags_alone():
+    v = '"Caller" <sip:+493012345001@127.0.0.1:49630>;tag=5509SIPpTag001234567'
+    assert mask_uri(v, "partial") == '"Caller" <sip:+********5001@127.0.0.1:49630>;tag=5509SIPpTag001234567'
+    assert mask_uri("sip:service@10.1.2.3:5060", "full") == "sip:***@10.1.2.3:5060"

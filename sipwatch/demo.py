@@ -1,0 +1,214 @@
+"""``make demo``: real SIP calls through a real sidecar on loopback, then what it measured.
+
+A SIPp caller (the sip-gateway stand-in) places calls through ``sipwatch proxy`` to a SIPp
+callee (the sip-signaling stand-in) that answers INVITEs after a set delay. While calls run a
+progress line shows what the sidecar's metrics endpoints say; at the end the demo prints the
+call counts, RTT percentiles per method, raw Prometheus lines, one JSON call summary and the
+text waterfall of the slowest call. Everything runs on 127.0.0.1 and stops when the demo ends.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import orjson
+from prometheus_client.parser import text_string_to_metric_families
+
+SCENARIOS = Path(__file__).resolve().parent / "scenarios"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+        u.bind(("127.0.0.1", 0))
+        return u.getsockname()[1]
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=3) as r:
+        return r.read().decode()
+
+
+def _families(text: str) -> dict:
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
+    """Prometheus' histogram_quantile over cumulative (le, count) pairs: linear within a bucket."""
+    if not buckets or buckets[-1][1] == 0:
+        return None
+    total = buckets[-1][1]
+    rank = q * total
+    prev_le, prev_c = 0.0, 0.0
+    for le, c in buckets:
+        if c >= rank:
+            if le == float("inf"):
+                return prev_le
+            return prev_le + (le - prev_le) * ((rank - prev_c) / (c - prev_c) if c > prev_c else 0)
+        prev_le, prev_c = le, c
+    return prev_le
+
+
+def rtt_by_method(text: str) -> dict[str, dict]:
+    fam = _families(text).get("signaler_rtt_milliseconds")
+    out: dict[str, dict] = {}
+    if fam is None:
+        return out
+    for s in fam.samples:
+        m = s.labels.get("method")
+        d = out.setdefault(m, {"buckets": [], "count": 0, "sum": 0.0})
+        if s.name.endswith("_bucket"):
+            d["buckets"].append((float(s.labels["le"]), s.value))
+        elif s.name.endswith("_count"):
+            d["count"] = s.value
+        elif s.name.endswith("_sum"):
+            d["sum"] = s.value
+    for d in out.values():
+        d["buckets"].sort()
+    return out
+
+
+def calls_by_outcome(text: str) -> dict[str, float]:
+    fam = _families(text).get("sip_calls_processed")
+    if fam is None:
+        return {}
+    return {s.labels["outcome"]: s.value for s in fam.samples if s.name.endswith("_total")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="sipwatch demo", description=__doc__.split("\n")[0])
+    p.add_argument("--seconds", type=float, default=20.0, help="how long to place calls (default 20)")
+    p.add_argument("--rate", type=float, default=10.0, help="new calls per second (default 10)")
+    p.add_argument("--answer-delay-ms", type=int, default=40, help="callee's delay before answering an INVITE")
+    p.add_argument("--hold-ms", type=int, default=2000, help="how long each call stays up before BYE")
+    args = p.parse_args(argv)
+    if shutil.which("sipp") is None:
+        sys.stderr.write("sipwatch demo: SIPp is not installed (Debian/Ubuntu: apt-get install sip-tester)\n")
+        return 2
+
+    work = Path(tempfile.mkdtemp(prefix="sipwatch-demo-"))
+    sidecar_port, uas_port, uac_port = _free_port(), _free_port(), _free_port()
+    gw_metrics, sig_metrics = _free_port(), _free_port()
+    spans_file = work / "spans.jsonl"
+    calls = max(1, int(args.seconds * args.rate))
+    procs: list[subprocess.Popen] = []
+
+    def start(cmd, name, **kw):
+        out = open(work / f"{name}.log", "wb")
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                cwd=work, **kw)
+        procs.append(proc)
+        return proc
+
+    print(f"sipwatch demo: {calls} calls at {args.rate:g}/s through the sidecar on 127.0.0.1:{sidecar_port}")
+    print(f"  metrics: http://127.0.0.1:{gw_metrics}/metrics (gateway side), "
+          f"http://127.0.0.1:{sig_metrics}/metrics (signaling side); files in {work}")
+    try:
+        env = dict(os.environ)
+        sidecar = start([sys.executable, "-m", "sipwatch", "proxy",
+                         "--listen", f"127.0.0.1:{sidecar_port}",
+                         "--upstream", f"127.0.0.1:{uas_port}",
+                         "--gateway-metrics", f"127.0.0.1:{gw_metrics}",
+                         "--signaling-metrics", f"127.0.0.1:{sig_metrics}",
+                         "--spans-file", str(spans_file)], "sidecar", env=env)
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                _scrape(gw_metrics)
+                break
+            except OSError:
+                if sidecar.poll() is not None or time.monotonic() > deadline:
+                    sys.stderr.write((work / "sidecar.log").read_text(errors="replace"))
+                    sys.stderr.write("sipwatch demo: the sidecar did not start\n")
+                    return 1
+                time.sleep(0.1)
+        sipp = ["sipp", "-i", "127.0.0.1", "-nostdin", "-m", str(calls), "-trace_err"]
+        start(sipp + ["-sf", str(SCENARIOS / "uas_call.xml"), "-p", str(uas_port),
+                      "-d", str(args.answer_delay_ms)], "callee")
+        time.sleep(0.3)
+        caller = start(sipp + ["-sf", str(SCENARIOS / "uac_call.xml"), "-p", str(uac_port),
+                               "-r", f"{args.rate:g}", "-d", str(args.hold_ms),
+                               f"127.0.0.1:{sidecar_port}"], "caller")
+        limit = time.monotonic() + args.seconds + args.hold_ms / 1000 + 30
+        tty = sys.stdout.isatty()
+        tick = 0
+        while caller.poll() is None and time.monotonic() < limit:
+            time.sleep(1)
+            tick += 1
+            if not tty and tick % 5:
+                continue  # a log file gets one progress line every 5 s, a terminal one that updates
+            try:
+                gw, sig = _scrape(gw_metrics), _scrape(sig_metrics)
+            except OSError:
+                continue
+            done = sum(calls_by_outcome(gw).values())
+            inv = rtt_by_method(sig).get("INVITE")
+            p50 = quantile(0.5, inv["buckets"]) if inv else None
+            active = _families(gw).get("sip_active_calls")
+            up = int(active.samples[0].value) if active else 0
+            print(f"{chr(13) if tty else ''}  calls counted {int(done):5d}/{calls}  active {up:4d}  "
+                  f"INVITE RTT p50 {'-' if p50 is None else f'{p50:6.1f} ms'}",
+                  end="" if tty else "\n", flush=True)
+        if tty:
+            print()
+        if caller.poll() is None:
+            caller.kill()
+        time.sleep(0.5)  # last BYE/200 and one housekeeping tick
+        gw, sig = _scrape(gw_metrics), _scrape(sig_metrics)
+        sidecar.send_signal(signal.SIGTERM)
+        sidecar.wait(15)
+        report(gw, sig, work, spans_file, calls, caller.returncode)
+        return 0 if caller.returncode == 0 else 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def report(gw: str, sig: str, work: Path, spans_file: Path, calls: int, caller_rc) -> None:
+    outcomes = calls_by_outcome(gw)
+    print(f"\ncalls placed by SIPp: {calls} (SIPp exit code {caller_rc}); "
+          f"counted by sipwatch: {int(sum(outcomes.values()))} "
+          f"({', '.join(f'{k} {int(v)}' for k, v in outcomes.items() if v)})")
+    print("\nsignaling RTT (request forwarded -> first response back), from signaler_rtt_milliseconds:")
+    print(f"  {'method':8} {'count':>7} {'mean ms':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}")
+    for method, d in sorted(rtt_by_method(sig).items()):
+        qs = [quantile(q, d["buckets"]) for q in (0.5, 0.95, 0.99)]
+        mean = d["sum"] / d["count"] if d["count"] else 0.0
+        print(f"  {method:8} {int(d['count']):7d} {mean:9.2f} " + " ".join(f"{q:8.2f}" for q in qs))
+    print("  (percentiles are interpolated within histogram buckets, as PromQL's histogram_quantile does)")
+    print("\nas Prometheus scrapes it (excerpt):")
+    for line in gw.splitlines():
+        if line.startswith("sip_calls_processed_total") and not line.endswith(" 0.0"):
+            print("  " + line)
+    for line in sig.splitlines():
+        if line.startswith('signaler_rtt_milliseconds_count') or \
+                line.startswith('signaler_rtt_milliseconds_bucket{le="50.0",method="INVITE"}'):
+            print("  " + line)
+    summaries = [orjson.loads(ln) for ln in (work / "sidecar.log").read_bytes().splitlines()
+                 if ln.startswith(b"{") and b'"call_summary"' in ln]
+    if summaries:
+        print("\none JSON call summary from the sidecar's log (numbers masked):")
+        print("  " + orjson.dumps(summaries[-1]).decode())
+    try:
+        from .waterfall import render_slowest
+    except ImportError:
+        return
+    if spans_file.exists() and spans_file.stat().st_size:
+        print("\nwaterfall of the slowest call (from the exported spans):")
+        print(render_slowest(str(spans_file)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
