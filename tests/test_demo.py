@@ -19,5 +19,6 @@ def test_demo_counts_every_call_it_placed():
     assert "calls placed by SIPp: 10 (SIPp exit code 0); counted by sipwatch: 10 (answered 10)" in r.stdout
     inv = re.search(r"^\s+INVITE\s+(\d+)\s+([\d.]+)", r.stdout, re.M)
     assert inv and int(inv.group(1)) == 10
-    assert 120 <= float(inv.group(2)) < 300  # the callee's 120 ms answer delay dominates the mean
+    # the callee waits 120 ms before answering: the RTT cannot be shorter (nor off by a unit)
+    assert 120 <= float(inv.group(2)) < 2000
     assert '"event":"call_summary"' in r.stdout
