@@ -1,0 +1,542 @@
+"""Loopback load and latency helpers for the benchmark: the proxies under test (sidecar, bare
+relay, optional Kamailio), a ping-pong latency probe, SIPp load runs and /proc accounting.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from harness import SCENARIOS, Sidecar, free_port
+
+HERE = Path(__file__).resolve().parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+KAMAILIO = shutil.which("kamailio")
+
+
+# -- /proc accounting -------------------------------------------------------------------------
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return raw[raw.rindex(")") + 2:].split()  # fields from 3 (state) on
+
+
+def tree_pids(pid: int) -> list[int]:
+    """``pid`` and all its descendants."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            f = _stat_fields(int(d))
+            if f:
+                children.setdefault(int(f[1]), []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, ()))
+    return out
+
+
+def cpu_seconds(pids) -> float:
+    """utime + stime of the given processes (all their threads), in seconds."""
+    total = 0
+    for p in pids:
+        f = _stat_fields(p)
+        if f:
+            total += int(f[11]) + int(f[12])  # utime, stime (fields 14, 15)
+    return total / CLK_TCK
+
+
+def rss_peak_mb(pids) -> float:
+    total = 0
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+
+def udp_rcvbuf_errors() -> int:
+    """System-wide Udp RcvbufErrors from /proc/net/snmp."""
+    lines = [ln.split() for ln in Path("/proc/net/snmp").read_text().splitlines() if ln.startswith("Udp:")]
+    return int(dict(zip(lines[0][1:], lines[1][1:]))["RcvbufErrors"])
+
+
+def udp_port_drops(ports) -> int:
+    """Sum of the ``drops`` column of every UDP socket bound to one of ``ports``."""
+    want = {p for p in ports if p}
+    total = 0
+    for path in ("/proc/net/udp", "/proc/net/udp6"):
+        try:
+            lines = Path(path).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for ln in lines:
+            f = ln.split()
+            if int(f[1].rsplit(":", 1)[1], 16) in want:
+                total += int(f[-1])
+    return total
+
+
+# -- processes --------------------------------------------------------------------------------
+class _Proc:
+    """A helper subprocess that prints ``ready`` when it is listening."""
+
+    name = "proc"
+
+    def __init__(self, args: list[str], log: Path):
+        self.args = args
+        self.log = log
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self):
+        self._out = open(self.log, "wb")
+        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=self._out,
+                                     stdin=subprocess.DEVNULL)
+        line = self.proc.stdout.readline()
+        if b"ready" not in line:
+            self.stop()
+            raise RuntimeError(f"{self.name} did not start: {self.log.read_text(errors='replace')[-2000:]}")
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> str:
+        rest = b""
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    rest, _ = self.proc.communicate(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+            self.proc.stdout.close()
+        if hasattr(self, "_out"):
+            self._out.close()
+        return (rest or b"").decode(errors="replace")
+
+
+class Responder(_Proc):
+    name = "responder"
+
+    def __init__(self, workdir: Path, port: int | None = None):
+        self.port = port or free_port()
+        super().__init__([sys.executable, str(HERE / "bench_peers.py"), "responder",
+                          "--listen", f"127.0.0.1:{self.port}"], workdir / f"responder-{self.port}.log")
+
+
+class Direct:
+    """No proxy: clients talk to the upstream itself."""
+
+    name = "direct"
+    pid = None
+
+    def __init__(self, workdir: Path, upstream_port: int):
+        self.port = upstream_port
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+class Relay(_Proc):
+    name = "uvloop relay"
+
+    def __init__(self, workdir: Path, upstream_port: int, use_asyncio: bool = False):
+        self.port = free_port()
+        if use_asyncio:
+            self.name = "asyncio relay"
+        super().__init__([sys.executable, str(HERE / "bench_peers.py"), "relay",
+                          "--listen", f"127.0.0.1:{self.port}", "--upstream", f"127.0.0.1:{upstream_port}"]
+                         + (["--asyncio"] if use_asyncio else []), workdir / f"relay-{self.port}.log")
+
+
+class SidecarTarget:
+    """The real sidecar (``python -m sipwatch proxy``) via the test harness."""
+
+    def __init__(self, workdir: Path, upstream_port: int, *extra: str, name: str = "sipwatch"):
+        self.name = name
+        self.sidecar = Sidecar(workdir, upstream_port, *extra)
+        self.port = self.sidecar.port
+
+    @property
+    def pid(self) -> int:
+        return self.sidecar.proc.pid
+
+    def __enter__(self):
+        self.sidecar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.sidecar.stop()
+
+
+KAMAILIO_CFG = """#!KAMAILIO
+debug=-1
+log_stderror=yes
+children=1
+auto_aliases=no
+listen=udp:127.0.0.1:{port}
+mpath="{mpath}"
+loadmodule "pv.so"
+loadmodule "sl.so"
+loadmodule "maxfwd.so"
+loadmodule "rr.so"
+loadmodule "siputils.so"
+
+request_route {{
+    if (!mf_process_maxfwd_header("10")) {{
+        sl_send_reply("483", "Too Many Hops");
+        exit;
+    }}
+    if (has_totag()) {{
+        loose_route();
+    }} else if (method == "INVITE") {{
+        record_route();
+    }}
+    forward("127.0.0.1", {upstream});
+    exit;
+}}
+"""
+
+
+def kamailio_modules() -> str | None:
+    for d in ("/usr/lib/x86_64-linux-gnu/kamailio/modules", "/usr/lib/aarch64-linux-gnu/kamailio/modules",
+              "/usr/lib/kamailio/modules", "/usr/local/lib64/kamailio/modules"):
+        if os.path.exists(os.path.join(d, "rr.so")):
+            return d
+    return None
+
+
+class Kamailio:
+    """Kamailio as a stateless record-routing proxy, one UDP worker, f_malloc (``-x fm``)."""
+
+    name = "kamailio"
+
+    def __init__(self, workdir: Path, upstream_port: int):
+        self.port = free_port()
+        self.dir = workdir / f"kamailio-{self.port}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.cfg = self.dir / "kamailio.cfg"
+        self.cfg.write_text(KAMAILIO_CFG.format(port=self.port, upstream=upstream_port,
+                                                mpath=kamailio_modules()))
+        self.args = [KAMAILIO, "-f", str(self.cfg), "-DD", "-E", "-x", "fm", "-m", "64", "-M", "8",
+                     "-Y", str(self.dir), "-P", str(self.dir / "pid"), "-w", str(self.dir)]
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def __enter__(self):
+        self._out = open(self.dir / "log.txt", "wb")
+        self.proc = subprocess.Popen(self.args, stdout=self._out, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"kamailio exited: {(self.dir / 'log.txt').read_text(errors='replace')[-2000:]}")
+            if _probe(self.port):
+                return self
+            time.sleep(0.1)
+        self.__exit__()
+        raise RuntimeError("kamailio did not answer")
+
+    def __exit__(self, *exc):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if hasattr(self, "_out"):
+            self._out.close()
+
+
+def _probe(port: int) -> bool:
+    """True once something on ``port`` answers a Max-Forwards: 0 OPTIONS (483 from a proxy)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        s.settimeout(0.2)
+        msg = options(s.getsockname()[1], port, 0, b"ready").replace(b"Max-Forwards: 70", b"Max-Forwards: 0")
+        s.sendto(msg, ("127.0.0.1", port))
+        try:
+            s.recvfrom(65535)
+            return True
+        except OSError:
+            return False
+
+
+def kamailio_version() -> str | None:
+    if not KAMAILIO:
+        return None
+    try:
+        out = subprocess.run([KAMAILIO, "-v"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.splitlines()[0].replace("version:", "").strip() if out else None
+
+
+# -- latency probe ----------------------------------------------------------------------------
+def options(cport: int, dport: int, i: int, nonce: bytes) -> bytes:
+    return (
+        b"OPTIONS sip:probe@127.0.0.1:%d SIP/2.0\r\n"
+        b"Via: SIP/2.0/UDP 127.0.0.1:%d;branch=z9hG4bK-%s-%d;rport\r\n"
+        b"Max-Forwards: 70\r\n"
+        b"From: <sip:bench@127.0.0.1:%d>;tag=b%d\r\n"
+        b"To: <sip:probe@127.0.0.1:%d>\r\n"
+        b"Call-ID: probe-%d-%s@127.0.0.1\r\n"
+        b"CSeq: 1 OPTIONS\r\n"
+        b"Contact: <sip:bench@127.0.0.1:%d>\r\n"
+        b"Accept: application/sdp\r\n"
+        b"Content-Length: 0\r\n\r\n"
+    ) % (dport, cport, nonce, i, cport, i, dport, i, nonce, cport)
+
+
+class PingPong:
+    """One request outstanding at a time: send an OPTIONS, wait for its 200, repeat."""
+
+    def __init__(self, timeout: float = 1.0):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(timeout)
+        self.cport = self.sock.getsockname()[1]
+        self.nonce = b"%x" % (os.getpid() ^ int(time.time() * 1000))
+        self.seq = 0
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def run(self, port: int, n: int) -> tuple[list[float], int]:
+        """Round trips in µs for ``n`` requests to 127.0.0.1:port, and how many got no answer."""
+        s, dest, clock = self.sock, ("127.0.0.1", port), time.perf_counter_ns
+        rtts: list[float] = []
+        lost = 0
+        for _ in range(n):
+            self.seq += 1
+            msg = options(self.cport, port, self.seq, self.nonce)
+            want = b"probe-%d-%s@" % (self.seq, self.nonce)
+            t0 = clock()
+            s.sendto(msg, dest)
+            while True:
+                try:
+                    data = s.recv(65535)
+                except OSError:
+                    lost += 1
+                    break
+                if want in data:
+                    rtts.append((clock() - t0) / 1000.0)
+                    break  # a late answer to an earlier request is skipped
+        return rtts, lost
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    v = sorted(values)
+    k = min(len(v) - 1, max(0, int(round(q / 100.0 * (len(v) - 1)))))
+    return v[k]
+
+
+def latency_probe(targets, n: int, warmup: int = 200, rounds: int = 5) -> dict:
+    """Interleaved ping-pong through each target (already running), ``n`` round trips each."""
+    pp = PingPong()
+    try:
+        samples = {t.name: [] for t in targets}
+        lost = {t.name: 0 for t in targets}
+        for t in targets:
+            pp.run(t.port, warmup)
+        per_round = max(1, n // rounds)
+        for _ in range(rounds):
+            for t in targets:
+                r, l = pp.run(t.port, per_round)
+                samples[t.name].extend(r)
+                lost[t.name] += l
+    finally:
+        pp.close()
+    out = {}
+    for t in targets:
+        s = samples[t.name]
+        out[t.name] = {"sent": per_round * rounds, "answered": len(s), "lost": lost[t.name],
+                       "p50_us": percentile(s, 50), "p90_us": percentile(s, 90),
+                       "p99_us": percentile(s, 99), "mean_us": sum(s) / len(s) if s else float("nan")}
+    return out
+
+
+# -- SIPp load --------------------------------------------------------------------------------
+# The callee for load runs: the call flow of the test suite's uas_call without its traceparent
+# checks, so the same callee serves direct calls, the relay, Kamailio and the sidecar.
+BENCH_UAS = """<?xml version="1.0" encoding="ISO-8859-1" ?>
+<scenario name="bench callee">
+  <recv request="INVITE" rrs="true"/>
+  <send>
+    <![CDATA[
+      SIP/2.0 100 Trying
+      [last_Via:]
+      [last_From:]
+      [last_To:]
+      [last_Call-ID:]
+      [last_CSeq:]
+      Content-Length: 0
+
+    ]]>
+  </send>
+  <send>
+    <![CDATA[
+      SIP/2.0 180 Ringing
+      [last_Via:]
+      [last_Record-Route:]
+      [last_From:]
+      [last_To:];tag=[pid]SIPpTag01[call_number]
+      [last_Call-ID:]
+      [last_CSeq:]
+      Contact: <sip:[local_ip]:[local_port];transport=[transport]>
+      Content-Length: 0
+
+    ]]>
+  </send>
+  <send retrans="500">
+    <![CDATA[
+      SIP/2.0 200 OK
+      [last_Via:]
+      [last_Record-Route:]
+      [last_From:]
+      [last_To:];tag=[pid]SIPpTag01[call_number]
+      [last_Call-ID:]
+      [last_CSeq:]
+      Contact: <sip:[local_ip]:[local_port];transport=[transport]>
+      Content-Type: application/sdp
+      Content-Length: [len]
+
+      v=0
+      o=user1 53655765 2353687637 IN IP[local_ip_type] [local_ip]
+      s=-
+      c=IN IP[media_ip_type] [media_ip]
+      t=0 0
+      m=audio [media_port] RTP/AVP 0
+      a=rtpmap:0 PCMU/8000
+    ]]>
+  </send>
+  <recv request="ACK" crlf="true"/>
+  <recv request="BYE"/>
+  <send>
+    <![CDATA[
+      SIP/2.0 200 OK
+      [last_Via:]
+      [last_From:]
+      [last_To:]
+      [last_Call-ID:]
+      [last_CSeq:]
+      Content-Length: 0
+
+    ]]>
+  </send>
+</scenario>
+"""
+MSGS_PER_CALL = 7
+
+
+def _sipp(workdir: Path, tag: str, args: list[str]) -> tuple[subprocess.Popen, Path]:
+    d = workdir / f"sipp-{tag}"
+    d.mkdir(parents=True, exist_ok=True)
+    out = open(d / "stdout.txt", "wb")
+    p = subprocess.Popen(["sipp", *args, "-nostdin", "-trace_err", "-trace_stat", "-fd", "1"],
+                         cwd=d, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    out.close()
+    return p, d
+
+
+def _stat(d: Path) -> dict:
+    files = sorted(d.glob("*_.csv"))
+    if not files:
+        return {}
+    lines = [ln for ln in files[-1].read_text().splitlines() if ln.strip()]
+    head = lines[0].rstrip(";").split(";")
+    last = lines[-1].rstrip(";").split(";")
+    return dict(zip(head, last))
+
+
+def _int(stat: dict, key: str) -> int:
+    try:
+        return int(stat.get(key, 0))
+    except ValueError:
+        return 0
+
+
+def _stop(p: subprocess.Popen, grace: float) -> None:
+    try:
+        p.wait(grace)
+    except subprocess.TimeoutExpired:
+        p.send_signal(signal.SIGUSR1)  # SIPp: stop gracefully, dump statistics
+        try:
+            p.wait(3)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def sipp_load(workdir: Path, target, uas_port: int, rate: int, duration: float) -> dict:
+    """Calls at ``rate``/s for ``duration`` s, caller → target → callee; the target's CPU."""
+    tag = f"{target.name.replace(' ', '_')}-{rate}-{int(time.time() * 1000) % 100000}"
+    scen = workdir / "bench_uas.xml"
+    if not scen.exists():
+        scen.write_text(BENCH_UAS)
+    calls = max(1, int(rate * duration))
+    uas, uas_dir = _sipp(workdir, f"uas-{tag}", ["-sf", str(scen), "-i", "127.0.0.1",
+                                                 "-p", str(uas_port), "-m", str(calls)])
+    time.sleep(0.3)
+    uac_port = free_port()
+    pids = tree_pids(target.pid) if target.pid else []
+    rcvbuf0 = udp_rcvbuf_errors()
+    drops0 = udp_port_drops([target.port, uas_port, uac_port])
+    cpu0 = cpu_seconds(pids)
+    t0 = time.monotonic()
+    uac, uac_dir = _sipp(workdir, f"uac-{tag}", [
+        "-sf", str(SCENARIOS / "uac_call.xml"), "-i", "127.0.0.1", "-p", str(uac_port),
+        "-m", str(calls), "-r", str(rate), "-recv_timeout", "10000",
+        "-timeout", f"{int(duration + 30)}s", f"127.0.0.1:{target.port}"])
+    try:
+        uac.wait(duration + 45)
+    except subprocess.TimeoutExpired:
+        _stop(uac, 0)
+    wall = time.monotonic() - t0
+    cpu1 = cpu_seconds(pids)
+    rss = rss_peak_mb(pids)
+    drops1 = udp_port_drops([target.port, uas_port, uac_port])
+    rcvbuf1 = udp_rcvbuf_errors()
+    _stop(uas, 5)
+    uac_stat, uas_stat = _stat(uac_dir), _stat(uas_dir)
+    ok = _int(uac_stat, "SuccessfulCall(C)")
+    failed = _int(uac_stat, "FailedCall(C)")
+    retrans = _int(uac_stat, "Retransmissions(C)") + _int(uas_stat, "Retransmissions(C)")
+    msgs = MSGS_PER_CALL * ok + retrans
+    cpu = cpu1 - cpu0
+    return {
+        "target": target.name, "rate": rate, "duration_s": duration, "calls": calls,
+        "ok": ok, "failed": failed, "retransmissions": retrans,
+        "uac_rc": uac.returncode, "wall_s": wall,
+        "cpu_s": cpu if pids else None,
+        "cpu_pct": 100.0 * cpu / wall if pids and wall > 0 else None,
+        "cpu_us_per_msg": 1e6 * cpu / msgs if pids and msgs else None,
+        "rss_peak_mb": rss if pids else None,
+        "port_drops": drops1 - drops0, "rcvbuf_errors": rcvbuf1 - rcvbuf0,
+    }
