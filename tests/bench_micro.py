@@ -8,10 +8,13 @@ fresh core, is reported.
 """
 from __future__ import annotations
 
+import os
 import time
 
 from sipwatch.core import CoreConfig, ProxyCore
-from sipwatch.stats import RttRing
+from sipwatch.logs import JsonLog
+from sipwatch.metrics import Metrics
+from sipwatch.stats import RttRing, Stats
 
 SIDECAR = ("127.0.0.1", 5070)
 UPSTREAM = ("127.0.0.1", 5080)
@@ -98,18 +101,21 @@ def _time_stage(core: ProxyCore, msgs: list[bytes], addr, now: float):
     return dt, outs
 
 
-def _one_round(n: int, base: int) -> tuple[dict[str, float], dict[str, int]]:
+def _one_round(n: int, base: int, inputs: dict | None = None) -> tuple[dict[str, float], dict[str, int], list]:
     core = ProxyCore(CoreConfig(advertise=SIDECAR, upstream=UPSTREAM))
     ids = range(base, base + n)
     times: dict[str, float] = {}
     forwarded: dict[str, int] = {}
+    records: list = []
     now = 1_000_000.0
 
     def stage(name, msgs, addr, now):
+        if inputs is not None:
+            inputs[name] = (msgs, addr, now)
         dt, outs = _time_stage(core, msgs, addr, now)
         times[name] = dt / n * 1e6
         forwarded[name] = sum(len(o) for o in outs)
-        core.drain_finished(10 * n)
+        records.extend(core.drain_finished(10 * n))
         return [o[0][0] if o else b"" for o in outs]
 
     fwd_inv = stage("INVITE", [invite(i) for i in ids], GATEWAY, now)
@@ -119,7 +125,45 @@ def _one_round(n: int, base: int) -> tuple[dict[str, float], dict[str, int]]:
     stage("ACK", [in_dialog(b"ACK", 1, i) for i in ids], GATEWAY, now + 0.03)
     fwd_bye = stage("BYE", [in_dialog(b"BYE", 2, i) for i in ids], GATEWAY, now + 1.0)
     stage("200 OK (BYE)", [response(f, b"200 OK", i) for f, i in zip(fwd_bye, ids)], UPSTREAM, now + 1.01)
-    return times, forwarded
+    return times, forwarded, records
+
+
+def _observer_us(inputs: dict) -> dict | None:
+    """Observer mode (captured packets, nothing forwarded): µs per ``feed`` for the same
+    messages, when ``sipwatch.observer`` exists. None when it does not."""
+    try:
+        from sipwatch.observer import Observer
+    except ImportError:
+        return None
+    try:
+        obs = Observer()
+        out = {}
+        for name, (msgs, src, now) in inputs.items():
+            feed = obs.feed
+            t0 = time.perf_counter()
+            for m in msgs:
+                feed(m, src, SIDECAR, now)
+            out[name] = (time.perf_counter() - t0) / len(msgs) * 1e6
+        return {"stages_us": out, "per_message_us": sum(out.values()) / len(out)}
+    except Exception as exc:  # a module still being written: report, do not fail the bench
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def _housekeeping_us(records: list) -> tuple[float, int]:
+    """Per finished call: what the sidecar's periodic tick does with the drained records
+    (call histograms + one JSON call summary, written to /dev/null). µs per call, calls."""
+    metrics = Metrics(Stats(), time.time)
+    with open(os.devnull, "wb") as sink:
+        log = JsonLog(stream=sink)
+        calls = 0
+        t0 = time.perf_counter()
+        for kind, obj in records:
+            if kind == "call" and obj.is_call:
+                metrics.observe_call(obj)
+                log.call_summary(obj)
+                calls += 1
+        dt = time.perf_counter() - t0
+    return (dt / calls * 1e6 if calls else float("nan")), calls
 
 
 # -- baselines on the same INVITE bytes ----------------------------------------------------
@@ -161,11 +205,20 @@ def run_micro(n: int = 5000, repeats: int = 5) -> dict:
     """µs per message for every stage of a call, plus baselines; best of ``repeats`` rounds."""
     best: dict[str, float] = {}
     forwarded: dict[str, int] = {}
+    housekeeping = float("inf")
+    observer = None
     for r in range(repeats):
-        times, fwd = _one_round(n, r * n + 1)
+        inputs: dict = {}
+        times, fwd, records = _one_round(n, r * n + 1, inputs)
+        ob = _observer_us(inputs)
+        if ob is not None and (observer is None or "error" in observer
+                               or ob.get("per_message_us", 1e9) < observer["per_message_us"]):
+            observer = ob
         for k, v in times.items():
             best[k] = min(v, best.get(k, v))
         forwarded = fwd
+        hk, summaries = _housekeeping_us(records)
+        housekeeping = min(housekeeping, hk)
     msgs = [invite(i) for i in range(1, n + 1)]
     split_us = min(_loop_us(lambda m: m.split(b"\r\n"), msgs) for _ in range(repeats))
     find_us = min(_loop_us(_find_fields, msgs) for _ in range(repeats))
@@ -179,6 +232,9 @@ def run_micro(n: int = 5000, repeats: int = 5) -> dict:
         "forwarded": {s: forwarded[s] for s in STAGES},
         "per_call_us": per_call,
         "per_message_us": per_call / len(STAGES),
+        "housekeeping_per_call_us": housekeeping,
+        "call_summaries": summaries,
+        "observer": observer,
         "baseline_split_us": split_us,
         "baseline_find_us": find_us,
         "ring_add_us": ring_us,

@@ -20,6 +20,7 @@ def test_micro_benchmark_runs_a_whole_call():
     assert all(v > 0 and math.isfinite(v) for v in r["stages_us"].values())
     assert r["per_call_us"] == pytest.approx(sum(r["stages_us"].values()))
     assert r["baseline_split_us"] > 0 and r["baseline_find_us"] > 0 and r["ring_add_us"] > 0
+    assert r["call_summaries"] == 40 and r["housekeeping_per_call_us"] > 0
     assert 600 <= r["invite_bytes"] <= 750
 
 
