@@ -190,3 +190,24 @@ def test_junk_datagrams_are_counted_and_calls_still_pass(tmp_path):
         uac_rc, uas_rc, uac, uas = run_call_pair(tmp_path, "uac_call", "uas_call", sc.port, uas_port, 3, rate=10)
         assert (uac_rc, uas_rc) == (0, 0)
         assert sc.proc.poll() is None
+
+
+def test_without_uvloop_falls_back_with_a_warning_and_stops_cleanly_on_sigterm(tmp_path):
+    """uvloop hidden from the interpreter: the proxy warns, runs on asyncio, still forwards calls,
+    and SIGTERM ends it with exit code 0 after a final 'stopped' record."""
+    import sys
+    uas_port = free_port()
+    sc = Sidecar(tmp_path, uas_port)
+    code = "import sys; sys.modules['uvloop'] = None; from sipwatch.cli import main; sys.exit(main(sys.argv[1:]))"
+    sc.args = [sys.executable, "-c", code, *sc.args[3:]]
+    with sc:
+        uac_rc, uas_rc, uac, uas = run_call_pair(tmp_path, "uac_call", "uas_call", sc.port, uas_port, 5, rate=10)
+        assert (uac_rc, uas_rc) == (0, 0), uac.errors() + uas.errors()
+        sc.wait_for(_settled(5))
+        rc = sc.stop()
+    assert rc == 0
+    events = [r.get("event") for r in sc.logs()]
+    assert "uvloop_missing" in events and events[-1] == "stopped"
+    started = next(r for r in sc.logs() if r.get("event") == "started")
+    assert started["event_loop"] == "asyncio"
+    assert events.count("call_summary") == 5
