@@ -194,9 +194,9 @@ def _throughput_table(runs: list[dict], title: str, baseline: str) -> None:
                      _f(r["rss_peak_mb"], ".0f"), str(r["port_drops"]), str(r["rcvbuf_errors"])])
     table(title, ["rate", "target", "ok calls", "failed", "retrans", "CPU %", "CPU µs/msg",
                   f"CPU x {baseline}", "RSS MB", "drops", "RcvbufErr Δ"], rows,
-          "  CPU = utime+stime of the proxy's process tree over the caller's run; µs/msg = that CPU over\n"
-          "  (7 x successful calls + retransmissions); drops = per-socket drops on the proxy/caller/callee\n"
-          "  ports; RcvbufErr Δ is system-wide (other load on the machine counts too).")
+          "  CPU = utime+stime of the proxy's process tree from the caller's start to 1 s after it ended,\n"
+          "  over the caller's run time; µs/msg = that CPU / (7 x successful calls + retransmissions);\n"
+          "  drops = per-socket drops on the proxy/caller/callee "ports; RcvbufErr Δ is system-wide (other load on the machine counts too).")
 
 
 def section_tracing(workdir: Path, rate: int, duration: float) -> list[dict] | None:
@@ -205,21 +205,37 @@ def section_tracing(workdir: Path, rate: int, duration: float) -> list[dict] | N
         return None
     runs = []
     spans = workdir / "spans.jsonl"
-    for name, extra in (("sipwatch --no-tracing", ("--no-tracing",)),
-                        ("sipwatch spans 100%", ("--spans-file", str(spans), "--sample-ratio", "1"))):
-        uas_port = free_port()
-        with _make_for(workdir, name, uas_port, *extra) as target:
-            r = bench_net.sipp_load(workdir, target, uas_port, rate, duration)
-        runs.append(r)
-        _progress(f"  {name} @ {rate}/s: ok {r['ok']} cpu {_f(r['cpu_pct'])}%")
+    with bench_net.OtlpHttpReceiver() as otlp:
+        for name, extra in (
+                ("sipwatch --no-tracing", ("--no-tracing",)),
+                ("sipwatch OTLP/HTTP 100%", ("--otlp-endpoint", otlp.url, "--otlp-protocol", "http/protobuf",
+                                             "--sample-ratio", "1")),
+                ("sipwatch spans file 100%", ("--spans-file", str(spans), "--sample-ratio", "1"))):
+            uas_port = free_port()
+            try:
+                with _make_for(workdir, name, uas_port, *extra) as target:
+                    r = bench_net.sipp_load(workdir, target, uas_port, rate, duration)
+            except RuntimeError as exc:
+                _progress(f"  {name} @ {rate}/s: not measured ({exc})")
+                continue
+            runs.append(r)
+            if "OTLP" in name:
+                r["otlp_requests"], r["otlp_spans"] = otlp.requests, otlp.spans
+            _progress(f"  {name} @ {rate}/s: ok {r['ok']} cpu {_f(r['cpu_pct'])}%")
     lines = 0
     if spans.exists():
         with open(spans, "rb") as fh:
             lines = sum(1 for _ in fh)
-    runs[1]["spans_file_lines"] = lines
-    _throughput_table(runs, f"tracing cost: 100 % sampled spans (--spans-file) vs --no-tracing, "
-                      f"{rate}/s, {duration:g}-s runs", "sipwatch --no-tracing")
-    print(f"  spans file: {lines} lines written")
+    for r in runs:
+        if "spans file" in r["target"]:
+            r["spans_file_lines"] = lines
+    _throughput_table(runs, f"tracing cost: 100 % sampled spans vs --no-tracing, {rate}/s, "
+                      f"{duration:g}-s runs", "sipwatch --no-tracing")
+    for r in runs:
+        if "otlp_spans" in r:
+            print(f"  OTLP receiver: {r['otlp_spans']} spans in {r['otlp_requests']} requests "
+                  f"({r['otlp_spans'] / max(1, r['ok']):.1f} per successful call)")
+    print(f"  spans file: {lines} OTLP-JSON lines written")
     return runs
 
 

@@ -296,6 +296,59 @@ def kamailio_version() -> str | None:
     return out.splitlines()[0].replace("version:", "").strip() if out else None
 
 
+# -- OTLP receiver ----------------------------------------------------------------------------
+class OtlpHttpReceiver:
+    """A local OTLP/HTTP traces endpoint (``POST /v1/traces``) that counts what it is sent.
+
+    Runs in a thread of the benchmark process, so its CPU is not charged to the sidecar."""
+
+    def __init__(self):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest, ExportTraceServiceResponse,
+        )
+        recv = self
+        self.requests = 0
+        self.spans = 0
+        self.bytes = 0
+        ok_body = ExportTraceServiceResponse().SerializeToString()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                req = ExportTraceServiceRequest()
+                req.ParseFromString(body)
+                recv.requests += 1
+                recv.bytes += len(body)
+                recv.spans += sum(len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(ok_body)))
+                self.end_headers()
+                self.wfile.write(ok_body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self):
+        import threading
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
 # -- latency probe ----------------------------------------------------------------------------
 def options(cport: int, dport: int, i: int, nonce: bytes) -> bytes:
     return (
@@ -494,8 +547,12 @@ def _stop(p: subprocess.Popen, grace: float) -> None:
             p.wait()
 
 
-def sipp_load(workdir: Path, target, uas_port: int, rate: int, duration: float) -> dict:
-    """Calls at ``rate``/s for ``duration`` s, caller → target → callee; the target's CPU."""
+def sipp_load(workdir: Path, target, uas_port: int, rate: int, duration: float,
+              settle: float = 1.0) -> dict:
+    """Calls at ``rate``/s for ``duration`` s, caller → target → callee; the target's CPU.
+
+    CPU is counted from the caller's start until ``settle`` seconds after it ended, and divided
+    by the caller's run time: all the work the run caused, per second of load."""
     tag = f"{target.name.replace(' ', '_')}-{rate}-{int(time.time() * 1000) % 100000}"
     scen = workdir / "bench_uas.xml"
     if not scen.exists():
@@ -519,6 +576,7 @@ def sipp_load(workdir: Path, target, uas_port: int, rate: int, duration: float) 
     except subprocess.TimeoutExpired:
         _stop(uac, 0)
     wall = time.monotonic() - t0
+    time.sleep(settle)  # work the run caused but done later (span export, housekeeping tick)
     cpu1 = cpu_seconds(pids)
     rss = rss_peak_mb(pids)
     drops1 = udp_port_drops([target.port, uas_port, uac_port])

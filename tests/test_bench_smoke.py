@@ -49,7 +49,7 @@ def test_latency_probe_direct_relay_and_sidecar(tmp_path):
 def test_sipp_load_through_relay_counts_cpu(tmp_path):
     uas_port = free_port()
     with bench_net.Relay(tmp_path, uas_port) as relay:
-        r = bench_net.sipp_load(tmp_path, relay, uas_port, rate=20, duration=1)
+        r = bench_net.sipp_load(tmp_path, relay, uas_port, rate=20, duration=1, settle=0.1)
     assert (r["ok"], r["failed"], r["calls"]) == (20, 0, 20)
     assert r["cpu_s"] is not None and r["cpu_s"] >= 0 and r["rss_peak_mb"] > 0
     assert r["port_drops"] >= 0
