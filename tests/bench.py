@@ -196,7 +196,8 @@ def _throughput_table(runs: list[dict], title: str, baseline: str) -> None:
                   f"CPU x {baseline}", "RSS MB", "drops", "RcvbufErr Δ"], rows,
           "  CPU = utime+stime of the proxy's process tree from the caller's start to 1 s after it ended,\n"
           "  over the caller's run time; µs/msg = that CPU / (7 x successful calls + retransmissions);\n"
-          "  drops = per-socket drops on the proxy/caller/callee "ports; RcvbufErr Δ is system-wide (other load on the machine counts too).")
+          "  drops = per-socket drops on the proxy/caller/callee ports; RcvbufErr Δ is system-wide\n"
+          "  (other load on the machine counts too).")
 
 
 def section_tracing(workdir: Path, rate: int, duration: float) -> list[dict] | None:
