@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "analyze": "capture.analyze:main",
     "replay": "capture.replay:main",
     "capture": "capture.live:main",
+    "waterfall": "sipwatch.waterfall:main",
 }
 
 
