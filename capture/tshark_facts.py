@@ -170,6 +170,12 @@ def _ms(delta: Decimal) -> float:
     return float(round(delta * 1000, 3))
 
 
+def sip_stat(path: str, display_filter: str | None = None) -> tuple[int, dict, dict]:
+    """``-z sip,stat`` of the frames matching a display filter: (messages, methods, status codes)."""
+    z = "sip,stat" + (f",{display_filter}" if display_filter else "")
+    return _sip_stat(_run(["tshark", "-n", "-q", "-r", path, "-z", z]))
+
+
 def facts(path: str) -> dict:
     packets, encap = _capinfos(path)
     stat = _run(["tshark", "-n", "-q", "-r", path, "-z", "sip,stat", "-z", "rtp,streams"])

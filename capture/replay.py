@@ -1,0 +1,379 @@
+"""Replay a recorded SIP conversation through a running sidecar, playing both of its ends.
+
+``sipwatch replay FILE --to HOST:PORT [--bind HOST:PORT] [--speed X] [--gateway IP[:PORT]]``
+
+The capture's gateway side (``--gateway``, else the sender of the first SIP request) is played
+from one UDP socket towards the sidecar at ``--to``; its peer, the signaling side, is played from
+a second socket at ``--bind``, which must be the sidecar's upstream. Each recorded message is
+sent when the message its sender last received in the same call (in the recording) has really
+arrived, plus the recorded gap divided by ``--speed``; a message with nothing before it runs on
+the capture's own clock. So a response leaves the signaling socket the recorded delay after its
+request came through the sidecar, and the sidecar's RTTs reproduce the capture's (divided by the
+speed), give or take loopback and scheduling time.
+
+Rewrites (the rest of each message is sent as recorded): a request's Via becomes one Via naming
+the socket that sends it (over UDP); a response carries the Via and Record-Route lines of the
+request as it really arrived (so it routes back through the sidecar); in-dialog requests get
+the route set learned from Record-Route in this replay instead of the recorded Route lines; a
+signaling-side request addressed to the recorded gateway is addressed to the gateway socket.
+
+Limits: SIP only (RTP is not replayed); TCP captures are replayed over UDP; only the hop between
+the gateway and its peer is played (other hops in the capture are ignored); a sidecar that
+drops or invents messages makes the replay wait, then report what never arrived. Exit status 1
+if any recorded message never arrived at its receiving end, 2 on usage errors.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import selectors
+import socket
+import sys
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+
+from sipwatch.sipmsg import SipMessage, SipParseError, header_tag, parse, split_values, uri_hostport
+
+from .pcapfile import read_packets
+
+Addr = tuple[str, int]
+GW, SIG = 0, 1
+SIDES = ("gateway", "signaling")
+DIALOG_CREATING = {b"INVITE", b"SUBSCRIBE", b"REFER", b"NOTIFY"}
+SPIN = 0.002  # seconds before a due send during which the loop polls instead of sleeping
+
+
+@dataclass
+class Rec:
+    """One recorded SIP message between the gateway and its peer."""
+
+    i: int
+    ts: float
+    sender: int
+    raw: bytes
+    msg: SipMessage
+    key: tuple  # (call_id, cseq number, cseq method, method or status)
+    anchor: int | None = None  # last message the sender received in this call before this one
+    sent_at: float | None = None
+    arrived_at: float | None = None
+
+
+@dataclass
+class Conversation:
+    recs: list[Rec]
+    gateway: Addr
+    peer: set = field(default_factory=set)
+
+
+def _key(msg: SipMessage) -> tuple:
+    n, m = msg.cseq()
+    return (msg.call_id(), n, m, msg.method if msg.method is not None else msg.status)
+
+
+def _parse_addr(s: str, default_port: int | None = None) -> Addr:
+    host, sep, port = s.rpartition(":")
+    if not sep or not port.isdigit():
+        if default_port is None:
+            raise ValueError(f"need HOST:PORT, got {s!r}")
+        return s.strip("[]"), default_port
+    return host.strip("[]"), int(port)
+
+
+def load(path: str, gateway: str | None = None) -> Conversation:
+    """The SIP messages to or from the gateway, in capture order, with their anchors."""
+    msgs = []
+    for p in read_packets(path):
+        if not p.payload[:16].strip():
+            continue
+        try:
+            msg = parse(p.payload, check_length=False)
+            key = _key(msg)
+        except (SipParseError, ValueError, IndexError):
+            continue  # RTP, RTCP, keep-alives, garbage: not replayed
+        msgs.append((p, msg, key))
+    if not msgs:
+        raise ValueError("no SIP messages in the capture")
+    gw: Addr | None = None
+    if gateway:
+        host, _, port = gateway.rpartition(":") if gateway.count(":") == 1 or "]:" in gateway else ("", "", "")
+        if host and port.isdigit():
+            gw = (host.strip("[]"), int(port))
+        else:
+            ip = gateway.strip("[]")
+            gw = next((p.src for p, m, _ in msgs if m.method is not None and p.src[0] == ip), None)
+            if gw is None:
+                raise ValueError(f"no SIP request from {ip} in the capture")
+    else:
+        gw = next(p.src for p, m, _ in msgs if m.method is not None)
+    conv = Conversation([], gw)
+    last_received: dict[tuple[int, bytes], int] = {}
+    for p, msg, key in msgs:
+        if p.src == gw:
+            sender = GW
+            conv.peer.add(p.dst)
+        elif p.dst == gw:
+            sender = SIG
+            conv.peer.add(p.src)
+        else:
+            continue
+        rec = Rec(len(conv.recs), p.ts, sender, p.payload, msg, key)
+        rec.anchor = last_received.get((sender, key[0]))
+        last_received[(1 - sender, key[0])] = rec.i
+        conv.recs.append(rec)
+    return conv
+
+
+class Replayer:
+    def __init__(self, conv: Conversation, to: Addr, bind: Addr, speed: float = 1.0,
+                 gateway_bind: Addr | None = None, grace: float = 3.0):
+        self.conv = conv
+        self.to = to
+        self.speed = speed
+        self.grace = grace
+        self.socks = []
+        for addr in (gateway_bind or (bind[0], 0), bind):
+            s = socket.socket(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET, socket.SOCK_DGRAM)
+            s.bind(addr)
+            s.setblocking(False)
+            self.socks.append(s)
+        self.addr = [s.getsockname()[:2] for s in self.socks]
+        self.reply_to: list[Addr] = [to, to]  # where each side's messages go (learned on arrival)
+        # expected arrivals per receiving side and key, in recorded order
+        self.expect = [defaultdict(deque), defaultdict(deque)]
+        for r in conv.recs:
+            self.expect[1 - r.sender][r.key].append(r.i)
+        self.requests_seen: list[dict] = [{}, {}]  # (call_id, cseq, method) -> real request
+        self.routes: list[dict] = [{}, {}]  # call_id -> route set for in-dialog requests
+        self.unexpected = [0, 0]
+        self.send_errors = 0
+
+    def close(self) -> None:
+        for s in self.socks:
+            s.close()
+
+    # -- rewriting ----------------------------------------------------------------------
+    def build(self, rec: Rec) -> bytes:
+        msg = parse(rec.raw, check_length=False)
+        side = rec.sender
+        lines, names = msg.lines, msg.names
+        cid, cseq_n, cseq_m, _ = rec.key
+        if msg.method is not None:
+            via_i = names.index(b"via") if b"via" in names else 0
+            host, port = self.addr[side]
+            top = split_values(msg.value_at(via_i))[0] if b"via" in names else b""
+            params = top[top.find(b";"):] if b";" in top else b""
+            params = b";".join(p for p in params.split(b";")
+                               if not p.lower().startswith((b"received", b"rport")))
+            new_via = b"Via: SIP/2.0/UDP %s:%d%s;rport" % (host.encode(), port, params)
+            keep = [(ln, n) for ln, n in zip(lines, names) if n not in (b"via", b"route")]
+            lines[:] = [new_via] + [ln for ln, _ in keep]
+            names[:] = [b"via"] + [n for _, n in keep]
+            in_dialog = header_tag(msg.get(b"to")) is not None
+            route = self.routes[side].get(cid)
+            if in_dialog and route:
+                lines.insert(1, b"Route: " + b", ".join(route))
+                names.insert(1, b"route")
+            if side == SIG:
+                msg.uri = self._readdress(msg.uri)
+                msg.start = b"%s %s SIP/2.0" % (msg.method, msg.uri)
+        else:
+            req = self.requests_seen[side].get((cid, cseq_n, cseq_m))
+            if req is not None:
+                vias = [ln for ln, n in zip(req.lines, req.names) if n == b"via"]
+                rrs = [ln for ln, n in zip(req.lines, req.names) if n == b"record-route"] \
+                    if cseq_m in DIALOG_CREATING else []
+                keep = [(ln, n) for ln, n in zip(lines, names) if n not in (b"via", b"record-route")]
+                lines[:] = vias + rrs + [ln for ln, _ in keep]
+                names[:] = [b"via"] * len(vias) + [b"record-route"] * len(rrs) + [n for _, n in keep]
+        return msg.to_bytes()
+
+    def _readdress(self, uri: bytes) -> bytes:
+        """A signaling-side request to the recorded gateway goes to the gateway socket."""
+        try:
+            host, port, _ = uri_hostport(uri)
+        except SipParseError:
+            return uri
+        gw_host, gw_port = self.conv.gateway
+        if host.strip(b"[]").decode() == gw_host and (port or 5060) == gw_port:
+            old = b"%s:%d" % (host, port) if port else host
+            h, p = self.addr[GW]
+            return uri.replace(old, b"%s:%d" % (h.encode(), p), 1)
+        return uri
+
+    # -- receiving ----------------------------------------------------------------------
+    def on_datagram(self, side: int, data: bytes, src: Addr, now: float) -> None:
+        try:
+            msg = parse(data, check_length=False)
+            key = _key(msg)
+        except (SipParseError, ValueError, IndexError):
+            self.unexpected[side] += 1
+            return
+        self.reply_to[side] = src
+        cid, cseq_n, cseq_m, _ = key
+        if msg.method is not None:
+            self.requests_seen[side][(cid, cseq_n, cseq_m)] = msg
+            if side == SIG and msg.method in DIALOG_CREATING and header_tag(msg.get(b"to")) is None:
+                rr = msg.get_all(b"record-route")
+                if rr:
+                    self.routes[SIG][cid] = rr
+        elif side == GW and 100 < msg.status < 300 and cseq_m in DIALOG_CREATING:
+            rr = msg.get_all(b"record-route")
+            if rr:
+                self.routes[GW][cid] = list(reversed(rr))
+        q = self.expect[side].get(key)
+        if not q:
+            self.unexpected[side] += 1
+            return
+        self.conv.recs[q.popleft()].arrived_at = now
+
+    # -- main loop ----------------------------------------------------------------------
+    def run(self) -> None:
+        recs = self.conv.recs
+        t0 = recs[0].ts
+        pending = [r for r in recs]
+        sel = selectors.DefaultSelector()
+        for side, s in enumerate(self.socks):
+            sel.register(s, selectors.EVENT_READ, side)
+        start = time.monotonic()
+        deadline = start + (recs[-1].ts - t0) / self.speed + self.grace
+        while True:
+            now = time.monotonic()
+            next_due = None
+            still = []
+            for r in pending:
+                if r.anchor is None:
+                    due = start + (r.ts - t0) / self.speed
+                else:
+                    a = recs[r.anchor]
+                    if a.arrived_at is None:
+                        still.append(r)
+                        continue
+                    due = a.arrived_at + (r.ts - a.ts) / self.speed
+                if due <= now:
+                    self._send(r, now)
+                else:
+                    still.append(r)
+                    next_due = due if next_due is None else min(next_due, due)
+            pending = still
+            waiting = any(r.arrived_at is None for r in recs)
+            if not pending and not waiting:
+                break
+            if now > deadline:
+                break
+            timeout = (deadline - now) if next_due is None else next_due - now - SPIN
+            # sleep until shortly before the next send, then poll: select() oversleeps by up to
+            # a millisecond or two, which would show up in every replayed RTT
+            for k, _ in sel.select(min(max(timeout, 0.0), 0.05)):
+                side = k.data
+                while True:
+                    try:
+                        data, src = k.fileobj.recvfrom(65535)
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except OSError:
+                        self.send_errors += 1
+                        break
+                    self.on_datagram(side, data, src[:2], time.monotonic())
+            # sends that became due late still leave as soon as possible; the delay is reported
+        sel.close()
+
+    def _send(self, r: Rec, now: float) -> None:
+        data = self.build(r)
+        try:
+            self.socks[r.sender].sendto(data, self.reply_to[r.sender])
+        except OSError:
+            self.send_errors += 1
+        r.sent_at = now
+
+    # -- report -------------------------------------------------------------------------
+    def summary(self) -> dict:
+        recs = self.conv.recs
+        missing = [r for r in recs if r.arrived_at is None]
+        unsent = [r for r in recs if r.sent_at is None]
+        txs = []
+        first_req: dict = {}
+        answered: set[int] = set()
+        for r in recs:
+            cid, n, m, what = r.key
+            if r.msg.method is not None:
+                if m != b"ACK":
+                    first_req.setdefault((cid, n, m, r.sender), r)
+                continue
+            req = first_req.get((cid, n, m, 1 - r.sender))
+            if req is None or req.i in answered:
+                continue
+            answered.add(req.i)
+            rec_rtt = (r.ts - req.ts) * 1000.0
+            got = None
+            if req.sent_at is not None and r.arrived_at is not None:
+                got = (r.arrived_at - req.sent_at) * 1000.0
+            txs.append({"call_id": cid.decode(errors="replace"), "method": m.decode(), "cseq": n,
+                        "from": SIDES[req.sender], "recorded_rtt_ms": round(rec_rtt, 3),
+                        "replayed_rtt_ms": None if got is None else round(got, 3)})
+        return {
+            "messages": len(recs),
+            "sent": {SIDES[s]: sum(1 for r in recs if r.sender == s and r.sent_at is not None) for s in (GW, SIG)},
+            "received": {SIDES[s]: sum(1 for r in recs if r.sender != s and r.arrived_at is not None) for s in (GW, SIG)},
+            "unexpected": {SIDES[s]: self.unexpected[s] for s in (GW, SIG)},
+            "missing": [_describe(r) for r in missing],
+            "unsent": [_describe(r) for r in unsent],
+            "send_errors": self.send_errors,
+            "speed": self.speed,
+            "transactions": txs,
+        }
+
+
+def _describe(r: Rec) -> str:
+    cid, n, m, what = r.key
+    what = what.decode() if isinstance(what, bytes) else str(what)
+    return f"{SIDES[r.sender]}->{SIDES[1 - r.sender]} {what} ({n} {m.decode()}) {cid.decode(errors='replace')}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="sipwatch replay", description=__doc__.split("\n\n")[0])
+    ap.add_argument("file")
+    ap.add_argument("--to", required=True, help="the sidecar's listen address HOST:PORT")
+    ap.add_argument("--bind", default="127.0.0.1:5070",
+                    help="signaling-side socket HOST:PORT; make it the sidecar's upstream (default %(default)s)")
+    ap.add_argument("--gateway-bind", default=None, help="gateway-side socket HOST:PORT (default: any port)")
+    ap.add_argument("--gateway", default=None,
+                    help="recorded gateway IP[:PORT] (default: sender of the first SIP request)")
+    ap.add_argument("--speed", type=float, default=1.0, help="time scale: 2 plays twice as fast")
+    ap.add_argument("--grace", type=float, default=3.0, help="seconds to wait for stragglers")
+    ap.add_argument("--json", action="store_true", help="print the summary as JSON")
+    try:
+        args = ap.parse_args(argv)
+        if args.speed <= 0:
+            raise ValueError("--speed must be positive")
+        conv = load(args.file, args.gateway)
+        to = _parse_addr(args.to)
+        bind = _parse_addr(args.bind)
+        gwb = _parse_addr(args.gateway_bind) if args.gateway_bind else None
+    except (ValueError, OSError) as exc:
+        sys.stderr.write(f"sipwatch replay: error: {exc}\n")
+        return 2
+    rp = Replayer(conv, to, bind, args.speed, gwb, args.grace)
+    try:
+        rp.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        rp.close()
+    s = rp.summary()
+    if args.json:
+        sys.stdout.write(json.dumps(s, indent=1) + "\n")
+    else:
+        gw = "%s:%d" % conv.gateway
+        sys.stdout.write(f"replayed {s['messages']} SIP messages of {args.file} (gateway {gw}) at x{args.speed}\n"
+                         f"  sent: {s['sent']}  received: {s['received']}  unexpected: {s['unexpected']}\n")
+        for t in s["transactions"]:
+            sys.stdout.write(f"  {t['method']:8} {t['cseq']:>3} from {t['from']:9} recorded {t['recorded_rtt_ms']:9.3f} ms"
+                             f"  replayed {t['replayed_rtt_ms'] if t['replayed_rtt_ms'] is not None else '-':>9} ms\n")
+        for m in s["missing"]:
+            sys.stdout.write(f"  NEVER ARRIVED: {m}\n")
+    return 1 if s["missing"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
