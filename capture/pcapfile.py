@@ -352,7 +352,8 @@ def read_packets(path, counters: dict | None = None) -> Iterator[Packet]:
 def _pcap(mm, dec: Decoder, c: dict) -> Iterator[Packet]:
     magic = mm[:4]
     end = "<" if magic in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1") else ">"
-    scale = 1e-9 if magic in (b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d") else 1e-6
+    # integer ticks / exact power of ten: the same instant gives the same float in every format
+    div = 10**9 if magic in (b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d") else 10**6
     if len(mm) < 24:
         c["truncated"] = c.get("truncated", 0) + 1
         return
@@ -367,7 +368,7 @@ def _pcap(mm, dec: Decoder, c: dict) -> Iterator[Packet]:
             c["truncated"] = c.get("truncated", 0) + 1
             return
         c["frames"] += 1
-        yield from frame(linktype, mm[off:off + incl], sec + frac * scale)
+        yield from frame(linktype, mm[off:off + incl], (sec * div + frac) / div)
         off += incl
     if off != n:
         c["truncated"] = c.get("truncated", 0) + 1
@@ -377,7 +378,7 @@ def _pcapng(mm, dec: Decoder, c: dict) -> Iterator[Packet]:
     n = len(mm)
     off = 0
     end = "<"
-    ifaces: list[tuple[int, float, int]] = []  # (linktype, seconds per tick, offset s)
+    ifaces: list[tuple[int, int, int]] = []  # (linktype, ticks per second, offset s)
     last_ts = 0.0
     frame = dec.frame
     while off + 12 <= n:
@@ -393,14 +394,14 @@ def _pcapng(mm, dec: Decoder, c: dict) -> Iterator[Packet]:
         body = off + 8
         if btype == 1:  # interface description
             lt = struct.unpack_from(end + "H", mm, body)[0]
-            tick, tsoff = 1e-6, 0
+            per_s, tsoff = 10**6, 0
             for code, val in _options(mm, body + 8, off + blen - 4, end):
                 if code == 9 and val:
                     r = val[0]
-                    tick = 2.0 ** -(r & 0x7F) if r & 0x80 else 10.0 ** -r
+                    per_s = 2 ** (r & 0x7F) if r & 0x80 else 10**r
                 elif code == 14 and len(val) == 8:
                     tsoff = struct.unpack(end + "q", val)[0]
-            ifaces.append((lt, tick, tsoff))
+            ifaces.append((lt, per_s, tsoff))
         elif btype in (6, 2):  # enhanced packet / obsolete packet block
             if btype == 6:
                 iid, hi, lo, cap = struct.unpack_from(end + "IIII", mm, body)
@@ -411,8 +412,8 @@ def _pcapng(mm, dec: Decoder, c: dict) -> Iterator[Packet]:
                 k = "truncated" if iid < len(ifaces) else "unknown_interface"
                 c[k] = c.get(k, 0) + 1
             else:
-                lt, tick, tsoff = ifaces[iid]
-                last_ts = ((hi << 32) | lo) * tick + tsoff
+                lt, per_s, tsoff = ifaces[iid]
+                last_ts = ((hi << 32) | lo) / per_s + tsoff
                 c["frames"] += 1
                 yield from frame(lt, mm[data_off:data_off + cap], last_ts)
         elif btype == 3:  # simple packet block: interface 0, no timestamp

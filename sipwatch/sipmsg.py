@@ -105,8 +105,12 @@ class SipMessage:
         return b"".join((self.start, b"\r\n", b"\r\n".join(self.lines), b"\r\n\r\n", self.body))
 
 
-def parse(data: bytes) -> SipMessage:
-    """Parse one SIP datagram. Raises :class:`SipParseError` with a reason for anything else."""
+def parse(data: bytes, check_length: bool = True) -> SipMessage:
+    """Parse one SIP datagram. Raises :class:`SipParseError` with a reason for anything else.
+
+    ``check_length=False`` accepts a bad or too large Content-Length (a passive observer still
+    wants to count a message the proxy would refuse to forward).
+    """
     if len(data) > _MAX_MESSAGE:
         raise SipParseError("datagram larger than 65535 bytes")
     end = data.find(b"\r\n\r\n")
@@ -157,7 +161,7 @@ def parse(data: bytes) -> SipMessage:
         lines.append(line)
         names.append(name)
     msg = SipMessage(start, method, uri, status, lines, names, body)
-    cl = msg.get(b"content-length")
+    cl = msg.get(b"content-length") if check_length else None
     if cl is not None:
         if not cl.isdigit():
             raise SipParseError(f"bad Content-Length {cl[:20]!r}")

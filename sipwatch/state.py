@@ -252,6 +252,11 @@ class Tracker:
             return
         self.finished.append((kind, obj))
 
+    def finish_open_calls(self, now: float) -> None:
+        """End every call still open (answered, no BYE seen): a capture ended, time stopped."""
+        for call in list(self.calls.values()):
+            self._finish_call(call, now)
+
     # -- timers ------------------------------------------------------------------------
     def expire(self, now: float) -> None:
         """Time out unanswered transactions (Timer B/F) and drop lingering state."""

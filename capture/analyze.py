@@ -1,0 +1,237 @@
+"""``sipwatch analyze FILE``: calls, per-hop transactions, RTTs and RTP quality from a capture.
+
+The capture drives :class:`sipwatch.observer.Observer` (the proxy's own parser and Tracker) and
+:class:`sipwatch.rtp.RtpAnalyzer`, so the figures are computed by the same code as the live
+metrics. Totals are laid out like tshark's ``-z sip,stat`` and ``-z rtp,streams`` so they can
+be checked against it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+from sipwatch.logs import call_summary_fields
+from sipwatch.masking import MODES
+from sipwatch.observer import Observer
+from sipwatch.rtp import RtpAnalyzer
+from sipwatch.stats import OUTCOMES, TIMEOUT
+
+SIP_PORTS = (5060, 5061)
+
+
+def looks_like_sip(payload: bytes) -> bool:
+    """A SIP start line: ``SIP/2.0 NNN`` or ``METHOD uri SIP/2.0`` (the heuristic tshark uses)."""
+    if payload[:8] == b"SIP/2.0 ":
+        return True
+    nl = payload.find(b"\n", 0, 2048)
+    return nl > 0 and payload[:nl].rstrip(b"\r").endswith(b" SIP/2.0")
+
+
+def _source(path: str, engine: str, counters: dict):
+    if engine == "pyshark":
+        from .pyshark_source import read_packets as rp
+    else:
+        from .pcapfile import read_packets as rp
+    return rp(path, counters)
+
+
+def analyse(path: str, engine: str = "fast", mask: str = "partial", progress=None) -> dict:
+    """Analyse one capture; returns the JSON-ready report (see ``--json``)."""
+    rtp = RtpAnalyzer()
+    obs = Observer(on_sdp=rtp.add_sdp)
+    counters: dict = {}
+    calls, txs = [], []
+    n = 0
+    t_start = last_report = time.monotonic()
+
+    def drain():
+        for kind, obj in obs.drain_finished():
+            if kind == "call":
+                if obj.is_call:
+                    calls.append(obj)
+            elif obj.key is not None:  # ACK has no response, so no transaction
+                txs.append(obj)
+
+    for pkt in _source(path, engine, counters):
+        n += 1
+        payload = pkt.payload
+        if pkt.transport == "tcp" or looks_like_sip(payload) or pkt.dst[1] in SIP_PORTS \
+                or pkt.src[1] in SIP_PORTS:
+            obs.feed(payload, pkt.src, pkt.dst, pkt.ts)
+        else:
+            rtp.feed(payload, pkt.src, pkt.dst, pkt.ts)
+        if not n & 0x3FFF:
+            drain()
+            now = time.monotonic()
+            if progress is not None and now - last_report >= 1.0:
+                last_report = now
+                progress(f"analyze: {n} packets, {obs.sip_messages} SIP messages, "
+                         f"{n / (now - t_start):.0f} packets/s")
+    obs.finish()
+    drain()
+    return _report(path, engine, mask, obs, rtp, counters, calls, txs, n,
+                   time.monotonic() - t_start)
+
+
+def _hp(addr) -> str:
+    ip, port = addr
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def _report(path, engine, mask, obs: Observer, rtp: RtpAnalyzer, counters, calls, txs, n,
+            elapsed) -> dict:
+    stats = obs.stats
+    txs.sort(key=lambda t: t.t_sent)
+    listing, rtts = [], []
+    for tx in txs:
+        src, dst = tx.peer
+        rtt = None if tx.t_first is None else round((tx.t_first - tx.t_sent) * 1000.0, 3)
+        if rtt is not None:
+            rtts.append(rtt)
+        listing.append({
+            "call_id": tx.call.call_id.decode("utf-8", "replace"),
+            "method": tx.method.decode("ascii", "replace"), "cseq": tx.cseq,
+            "src": _hp(src), "dst": _hp(dst), "time": tx.t_sent, "rtt_ms": rtt,
+            "final_status": tx.status or None, "retransmissions": tx.retrans,
+            "state": obs.tx_state(tx),
+        })
+    streams = rtp.summaries()
+    by_call: dict = {}
+    for s in streams:
+        by_call.setdefault(s["call_id"], []).append(s)
+    call_out = []
+    for call in sorted(calls, key=lambda c: c.t_start):
+        rec = call_summary_fields(call, mask)
+        initial = next((t for t in call.transactions if t.initial_invite), None)
+        if call.outcome == TIMEOUT and initial is not None and \
+                obs.tx_state(initial) == "unanswered_at_eof":
+            rec["outcome"] = "unanswered_at_eof"
+        rec["rtp_streams"] = by_call.get(rec["call_sid"], [])
+        call_out.append(rec)
+    states = [t["state"] for t in listing]
+    return {
+        "file": os.path.basename(path),
+        "engine": engine,
+        "packets": counters.get("frames", n),
+        "decoded_packets": n,
+        "seconds": round(elapsed, 3),
+        "capture_counters": counters,
+        "sip_messages": obs.sip_messages,
+        "methods": dict(sorted(obs.methods.items())),
+        "status_codes": dict(sorted(obs.statuses.items())),
+        "invite_calls": len(obs.invite_call_ids),
+        "calls_by_outcome": {name: stats.calls[i] for i, name in enumerate(OUTCOMES)}
+        | {"unanswered_at_eof": obs.eof_calls},
+        "txn": {
+            "transactions": len(listing),
+            "answered": len(rtts),
+            "unanswered": len(listing) - len(rtts),
+            "timeouts": states.count("timeout"),
+            "unanswered_at_eof": states.count("unanswered_at_eof"),
+            "retransmitted_requests": stats.request_retransmissions,
+            "retransmitted_responses": stats.response_retransmissions,
+            "rtt_first_resp_ms_min": min(rtts) if rtts else None,
+            "rtt_first_resp_ms_median": round(statistics.median(rtts), 3) if rtts else None,
+            "rtt_first_resp_ms_max": max(rtts) if rtts else None,
+        },
+        "errors": {
+            "sip_parse_errors": stats.parse_errors,
+            "bad_content_length": obs.bad_content_length,
+            "unmatched_responses": obs.unmatched_responses,
+            "keepalives": stats.keepalives,
+            "evicted_transactions": stats.evicted_transactions,
+            "not_rtp_udp": rtp.not_rtp,
+        },
+        "rtcp_packets": rtp.rtcp_packets,
+        "calls": call_out,
+        "transactions": listing,
+        "rtp_streams": streams,
+    }
+
+
+def _f(v, fmt="{:.3f}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def render(rep: dict) -> str:
+    """Readable per-call table plus totals."""
+    out = [f"{rep['file']}: {rep['packets']} packets, {rep['sip_messages']} SIP messages, "
+           f"{len(rep['calls'])} calls, {len(rep['rtp_streams'])} RTP streams"]
+    for c in rep["calls"]:
+        out.append("")
+        out.append(f"Call {c['call_sid']}")
+        out.append(f"  from {c['from']}  to {c['to']}")
+        out.append(f"  outcome {c['outcome']} ({c['final_status'] or '-'})  setup "
+                   f"{_f(c['setup_ms'])} ms  answer {_f(c['answer_ms'])} ms  duration "
+                   f"{_f(c['duration_s'])} s  retransmissions {c['retransmissions']}")
+        for t in c["transactions"]:
+            out.append(f"    {t['method']:<9} {t['cseq']:>5}  status {t['status'] or '-':<4} "
+                       f"rtt {_f(t['rtt_ms']):>9} ms  retrans {t['retransmissions']}"
+                       + ("  TIMEOUT" if t["timed_out"] else ""))
+        for s in c["rtp_streams"]:
+            out.append(_stream_line(s, "    RTP "))
+    other = [s for s in rep["rtp_streams"] if s["call_id"] is None]
+    if other:
+        out.append("")
+        out.append("RTP streams without signalling in the capture")
+        out.extend(_stream_line(s, "    RTP ") for s in other)
+    t = rep["txn"]
+    out.append("")
+    out.append("Totals")
+    out.append("  SIP requests: " + (", ".join(f"{k} {v}" for k, v in rep["methods"].items())
+                                      or "none"))
+    out.append("  SIP responses: " + (", ".join(f"{k} {v}" for k, v in
+                                                rep["status_codes"].items()) or "none"))
+    out.append(f"  INVITE calls {rep['invite_calls']}; transactions {t['transactions']}, "
+               f"answered {t['answered']}, timeouts {t['timeouts']}, unanswered at end of "
+               f"capture {t['unanswered_at_eof']}, retransmitted requests "
+               f"{t['retransmitted_requests']}, responses {t['retransmitted_responses']}")
+    out.append(f"  RTT ms min/median/max {_f(t['rtt_first_resp_ms_min'])} / "
+               f"{_f(t['rtt_first_resp_ms_median'])} / {_f(t['rtt_first_resp_ms_max'])}")
+    e = rep["errors"]
+    out.append(f"  SIP parse errors {e['sip_parse_errors']}, bad Content-Length "
+               f"{e['bad_content_length']}, unmatched responses {e['unmatched_responses']}, "
+               f"RTCP packets {rep['rtcp_packets']}")
+    return "\n".join(out) + "\n"
+
+
+def _stream_line(s: dict, prefix: str) -> str:
+    return (f"{prefix}{s['ssrc']} {s['src']} -> {s['dst']} {s['payload']}  pkts {s['pkts']} "
+            f"lost {s['lost']} ({s['lost_pct']}%)  max delta {s['max_delta_ms']} ms  jitter "
+            f"mean/max {s['mean_jitter_ms']}/{s['max_jitter_ms']} ms  MOS {_f(s['mos'], '{}')}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="sipwatch analyze", description=__doc__.split("\n")[0])
+    ap.add_argument("file")
+    ap.add_argument("--json", action="store_true", help="machine-readable report on stdout")
+    ap.add_argument("--engine", choices=("fast", "pyshark"), default="fast",
+                    help="fast: built-in pcap/pcapng reader (default); pyshark: tshark dissectors")
+    ap.add_argument("--mask-numbers", choices=MODES, default="partial")
+    args = ap.parse_args(argv)
+    if not os.path.isfile(args.file) or not os.access(args.file, os.R_OK):
+        sys.stderr.write(f"sipwatch analyze: cannot read {args.file!r}\n")
+        return 2
+
+    def progress(line: str) -> None:
+        sys.stderr.write(line + "\n")
+
+    from .pcapfile import PcapError
+    try:
+        rep = analyse(args.file, args.engine, args.mask_numbers, progress)
+    except (PcapError, OSError) as exc:
+        sys.stderr.write(f"sipwatch analyze: {args.file}: {exc}\n")
+        return 2
+    if args.json:
+        sys.stdout.write(json.dumps(rep, indent=1, default=str) + "\n")
+    else:
+        sys.stdout.write(render(rep))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

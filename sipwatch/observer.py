@@ -1,0 +1,167 @@
+"""Observer mode of the core: the proxy's parser, Tracker and Stats fed by captured packets.
+
+``Observer.feed(payload, src, dst, ts)`` takes one SIP message as seen on the wire and forwards
+nothing. Because a capture may show several hops of the same request (UAC → proxy → UAS), a
+transaction is keyed per hop: Call-ID, CSeq number and method, top Via branch, and the
+(source IP, destination IP) pair; a response matches with the IPs swapped. RTT is the first
+copy of the request to the first response of any status, as the proxy measures it.
+
+Time is the capture's: timers run on packet timestamps, and :meth:`finish` flushes at
+``last_ts + timer_b``. Transactions still waiting when the capture ended are reported as
+``unanswered_at_eof``, not as timeouts: the capture, not the peer, stopped.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from hashlib import blake2b
+
+from .sipmsg import SipParseError, header_tag, parse
+from .state import Tracker
+from .stats import ACK, INVITE, TIMEOUT, Stats, method_index
+
+Addr = tuple[str, int]
+_CRLF_ONLY = frozenset(b"\r\n \t")
+_START_LINE = re.compile(rb"(?:([A-Za-z]+) [^ \r\n]+ SIP/2\.0\r?\n|SIP/2\.0 ([1-6]\d\d)[ \r\n])")
+
+
+class Observer:
+    def __init__(self, timer_b: float = 32.0, stats: Stats | None = None, on_sdp=None,
+                 max_transactions: int = 200_000, max_calls: int = 100_000):
+        self.stats = stats or Stats()
+        self.tracker = Tracker(self.stats, timer_b, max_transactions, max_calls,
+                               finished_max=1 << 30)
+        self.timer_b = timer_b
+        self.on_sdp = on_sdp  # callable(call_id, body, src, dst, ts) for SDP offers/answers
+        self.sip_messages = 0
+        self.methods: Counter = Counter()  # request method → messages (like tshark sip,stat)
+        self.statuses: Counter = Counter()  # status code → messages
+        self.bad_content_length = 0  # counted and still analysed, as tshark does
+        self.unmatched_responses = 0
+        self.invite_call_ids: set[bytes] = set()
+        self.eof_txs: set[int] = set()  # id() of transactions cut short by the end of capture
+        self.eof_calls = 0
+        self.last_ts: float | None = None
+        self._span = 0
+
+    # -- input ---------------------------------------------------------------------------
+    def feed(self, payload: bytes, src: Addr, dst: Addr, ts: float) -> bool:
+        """Account one captured SIP message. Returns False (and counts why) if it is not one."""
+        if self.last_ts is None or ts > self.last_ts:
+            self.last_ts = ts
+        self.tracker.expire(ts)
+        try:
+            msg = parse(payload, check_length=False)
+        except (SipParseError, ValueError, IndexError):
+            if _CRLF_ONLY.issuperset(payload):
+                self.stats.keepalives += 1
+                return False
+            self.stats.parse_errors += 1
+            m = _START_LINE.match(payload)
+            if m is None:
+                return False
+            # a SIP start line over headers we cannot parse: still a SIP message on the wire
+            self.sip_messages += 1
+            if m.group(1):
+                self.methods[m.group(1).decode("ascii")] += 1
+            else:
+                self.statuses[m.group(2).decode("ascii")] += 1
+            return True
+        self.sip_messages += 1
+        if msg.method is not None:
+            self.methods[msg.method.decode("ascii", "replace")] += 1
+        else:
+            self.statuses[str(msg.status)] += 1
+        try:
+            self._account(msg, src, dst, ts)
+        except (SipParseError, ValueError, IndexError, UnicodeError):
+            self.stats.parse_errors += 1  # a SIP start line, but headers we cannot key on
+        return True
+
+    def _account(self, msg, src: Addr, dst: Addr, ts: float) -> None:
+        cl = msg.get(b"content-length")
+        if cl is not None and (not cl.isdigit() or int(cl) > len(msg.body)):
+            self.bad_content_length += 1
+        call_id = msg.call_id()
+        cseq_n, cseq_m = msg.cseq()
+        branch = msg.top_via().branch or b""
+        tracker, stats = self.tracker, self.stats
+        if msg.method is None:
+            stats.responses[min(msg.status // 100, 6) - 1] += 1
+            key = (call_id, cseq_n, cseq_m, branch, dst[0], src[0])
+            if tracker.response(key, msg.status, ts) is None:
+                self.unmatched_responses += 1
+            self._sdp(call_id, msg, src, dst, ts)
+            return
+        method = msg.method
+        midx = method_index(method)
+        stats.requests[midx * 2] += 1
+        initial = midx == INVITE and header_tag(msg.get(b"to")) is None
+        if midx == INVITE:
+            self.invite_call_ids.add(call_id)
+        call = tracker.find_call(call_id)
+        if call is None:
+            trace_id = int.from_bytes(blake2b(call_id, digest_size=16).digest(), "big") or 1
+            call = tracker.new_call(call_id, trace_id, self._span_id(), None, True, ts, initial,
+                                    msg.get(b"from") or b"", msg.get(b"to") or b"", msg.uri)
+        self._sdp(call_id, msg, src, dst, ts)
+        if midx == ACK:
+            tracker.ack(midx, method, cseq_n, call, ts, self._span_id(), 0, (src, dst))
+            return
+        key = (call_id, cseq_n, cseq_m, branch, src[0], dst[0])
+        tx = tracker.transactions.get(key)
+        if tx is not None:
+            tracker.retransmission(tx)
+        else:
+            parent = call.span_id if call.is_call else call.parent_span_id
+            tracker.request(key, midx, method, cseq_n, call, ts, self._span_id(), parent, 0,
+                            (src, dst), initial)  # peer: both ends, for per-hop listings
+
+    def _sdp(self, call_id: bytes, msg, src: Addr, dst: Addr, ts: float) -> None:
+        if self.on_sdp is None or not msg.body:
+            return
+        i = msg.body.find(b"v=0")
+        if i >= 0:
+            self.on_sdp(call_id, msg.body[i:], src, dst, ts)
+
+    def _span_id(self) -> int:
+        self._span += 1
+        return self._span
+
+    # -- output --------------------------------------------------------------------------
+    def finish(self) -> None:
+        """End of capture: time out what is due, report the rest as cut off, close open calls."""
+        if self.last_ts is None:
+            return
+        last, tracker, stats = self.last_ts, self.tracker, self.stats
+        tracker.expire(last)
+        waiting = [tx for tx in tracker.transactions.values() if tx.t_final is None]
+        tracker.expire(last + self.timer_b)
+        for tx in waiting:
+            if tx.timed_out:
+                self.eof_txs.add(id(tx))
+                stats.timeouts[tx.midx] -= 1
+                call = tx.call
+                if tx.initial_invite and call.outcome == TIMEOUT and call.t_final == tx.t_final:
+                    stats.calls[TIMEOUT] -= 1
+                    self.eof_calls += 1
+        tracker.finish_open_calls(last)
+
+    def tx_state(self, tx) -> str:
+        """answered | timeout | unanswered_at_eof | pending (before finish)."""
+        if tx.t_first is not None:
+            return "answered"
+        if id(tx) in self.eof_txs:
+            return "unanswered_at_eof"
+        return "timeout" if tx.timed_out else "pending"
+
+    def drain_finished(self, limit: int = 1 << 30) -> list:
+        """Finished ("call", Call) / ("tx", Transaction) records, like ProxyCore.drain_finished."""
+        q = self.tracker.finished
+        out = []
+        while q and len(out) < limit:
+            out.append(q.popleft())
+        return out
+
+
+__all__ = ["Observer"]
