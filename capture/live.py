@@ -85,6 +85,7 @@ class LiveCapture:
         self.counters: dict = {"frames": 0}
         self.decoder = Decoder(self.counters)
         self.proc: asyncio.subprocess.Process | None = None
+        self.header = b""
         self.packets = 0
 
     async def start(self) -> None:
@@ -94,14 +95,20 @@ class LiveCapture:
         self.proc = await asyncio.create_subprocess_exec(
             *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         line = (await self.proc.stderr.readline()).decode(errors="replace").strip()
-        if "Capturing on" not in line:
+        try:
+            # dumpcap writes the file header once the device is open and the filter set
+            self.header = await self.proc.stdout.readexactly(24)
+        except asyncio.IncompleteReadError:
+            self.header = b""
+        if "Capturing on" not in line or self.header[:4] not in PCAP_MAGIC:
             rest = (await self.proc.stderr.read()).decode(errors="replace")
+            await self.proc.wait()
             raise RuntimeError(f"dumpcap did not start: {line} {rest}".strip())
 
     async def read(self) -> None:
         """Decode pcap records from dumpcap's stdout until it ends."""
         out = self.proc.stdout
-        head = await out.readexactly(24)
+        head = self.header
         end, div = PCAP_MAGIC[head[:4]]
         linktype = struct.unpack_from(end + "I", head, 20)[0] & 0x0FFFFFFF
         rec = struct.Struct(end + "IIII").unpack
