@@ -240,17 +240,21 @@ class RtpStream:
     def summary(self) -> dict:
         expected = max(self.expected, 1)
         loss_pct = max(self.lost, 0) * 100.0 / expected
+        # MOS from RFC 3550 loss: a duplicate must not hide a lost packet
+        rfc_expected = max(self.cycles + self.max_seq - self.base_seq + 1, 1)
+        rfc_loss_pct = max(self.lost_rfc3550, 0) * 100.0 / rfc_expected
         main_pt = max(self.pts, key=self.pts.get) if self.pts else -1
         codec = (self.ptmap.get(main_pt) or STATIC_PT.get(main_pt) or ("",))[0]
         return {
             "src": _hp(self.src), "dst": _hp(self.dst), "ssrc": "0x%08X" % self.ssrc,
             "payload": self.payload_name(), "call_id": self.call_id,
             "pkts": self.packets, "expected": self.expected, "lost": self.lost,
+            "lost_rfc3550": self.lost_rfc3550,
             "lost_pct": round(loss_pct, 2), "duplicates": self.dups, "out_of_order": self.ooo,
             "max_delta_ms": round(self.max_delta, 3),
             "mean_jitter_ms": round(self.mean_jitter, 3),
             "max_jitter_ms": round(self.max_jitter, 3),
-            "mos": mos_from_loss(loss_pct, codec),
+            "mos": mos_from_loss(rfc_loss_pct, codec),
             "rtcp_fraction_lost": self.rtcp_fraction_lost,
             "rtcp_cumulative_lost": self.rtcp_cum_lost,
             "rtcp_jitter_ms": self.rtcp_jitter_ms,
