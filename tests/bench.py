@@ -26,6 +26,7 @@ import importlib.util
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -154,9 +155,9 @@ def _ratio_add(r, base):
     return r["p50_us"] - base["p50_us"]
 
 
-def section_throughput(workdir: Path, rates: list[int], duration: float) -> list[dict]:
+def section_throughput(workdir: Path, rates: list[int], duration: float, repeat: int = 1) -> list[dict]:
     runs = []
-    for rate in rates:
+    for rate, _ in [(r, i) for i in range(repeat) for r in rates]:
         for name in target_names():
             uas_port = free_port()
             target = _make_for(workdir, name, uas_port)
@@ -168,9 +169,33 @@ def section_throughput(workdir: Path, rates: list[int], duration: float) -> list
                 continue
             runs.append(r)
             _progress(f"  {name} @ {rate}/s: ok {r['ok']} failed {r['failed']} cpu {_f(r['cpu_pct'])}%")
-    _throughput_table(runs, f"throughput/CPU: SIPp uac_call → proxy → callee, {duration:g}-s runs "
-                      "(7 messages per call)", "uvloop relay")
+    runs = aggregate(runs)
+    _throughput_table(runs, f"throughput/CPU: SIPp uac_call → proxy → callee, {duration:g}-s runs"
+                      f"{f' x {repeat}' if repeat > 1 else ''} (7 messages per call)", "uvloop relay")
     return runs
+
+
+def aggregate(runs: list[dict]) -> list[dict]:
+    """One row per (rate, target): sums of counts, medians of CPU figures, the single runs kept."""
+    groups: dict = {}
+    for r in runs:
+        groups.setdefault((r["rate"], r["target"]), []).append(r)
+    out = []
+    for (rate, target), rs in sorted(groups.items(), key=lambda kv: kv[0][0]):
+        if len(rs) == 1:
+            out.append(rs[0])
+            continue
+        row = {"target": target, "rate": rate, "duration_s": rs[0]["duration_s"], "repeats": len(rs)}
+        for k in ("calls", "ok", "failed", "retransmissions", "proxy_drops", "sipp_drops", "rcvbuf_errors"):
+            row[k] = sum(r[k] for r in rs)
+        for k in ("cpu_s", "cpu_pct", "cpu_us_per_msg", "rss_peak_mb"):
+            vals = [r[k] for r in rs if r[k] is not None]
+            row[k] = statistics.median(vals) if vals else None
+        row["runs"] = rs
+        out.append(row)
+    order = {n: i for i, n in enumerate(target_names())}
+    out.sort(key=lambda r: (r["rate"], order.get(r["target"], 99)))
+    return out
 
 
 def _make_for(workdir: Path, name: str, uas_port: int, *extra: str):
@@ -191,13 +216,14 @@ def _throughput_table(runs: list[dict], title: str, baseline: str) -> None:
         rows.append([f"{r['rate']}/s", r["target"], f"{r['ok']}/{r['calls']}", str(r["failed"]),
                      str(r["retransmissions"]), _f(r["cpu_pct"]), _f(r["cpu_us_per_msg"]),
                      _f(r[f"cpu_vs_{baseline.replace(' ', '_')}"], ".2f"),
-                     _f(r["rss_peak_mb"], ".0f"), str(r["port_drops"]), str(r["rcvbuf_errors"])])
+                     _f(r["rss_peak_mb"], ".0f"), str(r["proxy_drops"]), str(r["sipp_drops"]),
+                     str(r["rcvbuf_errors"])])
     table(title, ["rate", "target", "ok calls", "failed", "retrans", "CPU %", "CPU µs/msg",
-                  f"CPU x {baseline}", "RSS MB", "drops", "RcvbufErr Δ"], rows,
+                  f"CPU x {baseline}", "RSS MB", "proxy drops", "SIPp drops", "RcvbufErr Δ"], rows,
           "  CPU = utime+stime of the proxy's process tree from the caller's start to 1 s after it ended,\n"
-          "  over the caller's run time; µs/msg = that CPU / (7 x successful calls + retransmissions);\n"
-          "  drops = per-socket drops on the proxy/caller/callee ports; RcvbufErr Δ is system-wide\n"
-          "  (other load on the machine counts too).")
+          "  over the nominal run length (medians when --repeat > 1); µs/msg = that CPU / (7 x successful\n"
+          "  calls + retransmissions). drops: the sockets' own drop counters (proxy; SIPp caller+callee);\n"
+          "  RcvbufErr Δ is system-wide (other load on the machine counts too).")
 
 
 def section_tracing(workdir: Path, rate: int, duration: float) -> list[dict] | None:
@@ -269,6 +295,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="smoke mode: short runs (5 s), fewer samples")
     p.add_argument("--rates", default="300,1000", help="SIPp call rates per second (default 300,1000)")
     p.add_argument("--duration", type=float, help="seconds per SIPp run (default 20, --quick 5)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="SIPp runs per rate and target, interleaved; medians are reported (default 1)")
     p.add_argument("--tracing-rate", type=int, help="call rate of the tracing comparison (default: first rate)")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)}")
     a = p.parse_args(argv)
@@ -292,7 +320,7 @@ def main(argv=None) -> int:
           f"{info['kamailio'] or 'Kamailio not installed (apt-get install kamailio to add it as a baseline)'}"
           f"{' [quick]' if a.quick else ''}")
     result: dict = {"machine": info, "args": {"quick": a.quick, "rates": a.rates, "duration": a.duration,
-                                              "only": a.only}}
+                                              "repeat": a.repeat, "only": a.only}}
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="sipwatch-bench-") as tmp:
         workdir = Path(tmp)
@@ -305,7 +333,7 @@ def main(argv=None) -> int:
             print(f"\n== {', '.join(need_sipp)}: skipped (SIPp not installed: apt-get install sip-tester)")
         else:
             if "throughput" in a.only:
-                result["throughput"] = section_throughput(workdir, a.rates, a.duration)
+                result["throughput"] = section_throughput(workdir, a.rates, a.duration, a.repeat)
             if "tracing" in a.only:
                 result["tracing"] = section_tracing(workdir, a.tracing_rate, a.duration)
     result["machine"]["loadavg_after"] = list(os.getloadavg())

@@ -194,6 +194,7 @@ debug=-1
 log_stderror=yes
 children=1
 auto_aliases=no
+maxbuffer=4194304
 listen=udp:127.0.0.1:{port}
 mpath="{mpath}"
 loadmodule "pv.so"
@@ -552,7 +553,8 @@ def sipp_load(workdir: Path, target, uas_port: int, rate: int, duration: float,
     """Calls at ``rate``/s for ``duration`` s, caller → target → callee; the target's CPU.
 
     CPU is counted from the caller's start until ``settle`` seconds after it ended, and divided
-    by the caller's run time: all the work the run caused, per second of load."""
+    by the nominal ``duration``: all the work the run caused, per second of offered load (a run
+    that stretches while SIPp waits for timeouts does not dilute it)."""
     tag = f"{target.name.replace(' ', '_')}-{rate}-{int(time.time() * 1000) % 100000}"
     scen = workdir / "bench_uas.xml"
     if not scen.exists():
@@ -564,7 +566,8 @@ def sipp_load(workdir: Path, target, uas_port: int, rate: int, duration: float,
     uac_port = free_port()
     pids = tree_pids(target.pid) if target.pid else []
     rcvbuf0 = udp_rcvbuf_errors()
-    drops0 = udp_port_drops([target.port, uas_port, uac_port])
+    proxy_port = target.port if target.pid else None
+    drops0 = udp_port_drops([proxy_port]), udp_port_drops([uas_port, uac_port])
     cpu0 = cpu_seconds(pids)
     t0 = time.monotonic()
     uac, uac_dir = _sipp(workdir, f"uac-{tag}", [
@@ -579,7 +582,7 @@ def sipp_load(workdir: Path, target, uas_port: int, rate: int, duration: float,
     time.sleep(settle)  # work the run caused but done later (span export, housekeeping tick)
     cpu1 = cpu_seconds(pids)
     rss = rss_peak_mb(pids)
-    drops1 = udp_port_drops([target.port, uas_port, uac_port])
+    drops1 = udp_port_drops([proxy_port]), udp_port_drops([uas_port, uac_port])
     rcvbuf1 = udp_rcvbuf_errors()
     _stop(uas, 5)
     uac_stat, uas_stat = _stat(uac_dir), _stat(uas_dir)
@@ -593,8 +596,9 @@ def sipp_load(workdir: Path, target, uas_port: int, rate: int, duration: float,
         "ok": ok, "failed": failed, "retransmissions": retrans,
         "uac_rc": uac.returncode, "wall_s": wall,
         "cpu_s": cpu if pids else None,
-        "cpu_pct": 100.0 * cpu / wall if pids and wall > 0 else None,
+        "cpu_pct": 100.0 * cpu / duration if pids else None,
         "cpu_us_per_msg": 1e6 * cpu / msgs if pids and msgs else None,
         "rss_peak_mb": rss if pids else None,
-        "port_drops": drops1 - drops0, "rcvbuf_errors": rcvbuf1 - rcvbuf0,
+        "proxy_drops": drops1[0] - drops0[0], "sipp_drops": drops1[1] - drops0[1],
+        "rcvbuf_errors": rcvbuf1 - rcvbuf0,
     }

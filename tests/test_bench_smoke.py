@@ -52,7 +52,7 @@ def test_sipp_load_through_relay_counts_cpu(tmp_path):
         r = bench_net.sipp_load(tmp_path, relay, uas_port, rate=20, duration=1, settle=0.1)
     assert (r["ok"], r["failed"], r["calls"]) == (20, 0, 20)
     assert r["cpu_s"] is not None and r["cpu_s"] >= 0 and r["rss_peak_mb"] > 0
-    assert r["port_drops"] >= 0
+    assert r["proxy_drops"] >= 0 and r["sipp_drops"] >= 0
 
 
 def test_cli_arguments():
@@ -61,3 +61,17 @@ def test_cli_arguments():
     assert bench.parse_args([]).duration == 20.0
     with pytest.raises(SystemExit):
         bench.parse_args(["--only", "nonsense"])
+
+
+def test_repeated_runs_are_aggregated():
+    def run(target, rate, cpu, ok):
+        return {"target": target, "rate": rate, "duration_s": 1.0, "calls": 10, "ok": ok, "failed": 10 - ok,
+                "retransmissions": 1, "proxy_drops": 0, "sipp_drops": 0, "rcvbuf_errors": 0,
+                "cpu_s": cpu, "cpu_pct": cpu * 100, "cpu_us_per_msg": cpu, "rss_peak_mb": 20.0}
+    rows = bench.aggregate([run("sipwatch", 100, 1.0, 10), run("uvloop relay", 100, 0.2, 10),
+                            run("sipwatch", 100, 3.0, 9), run("sipwatch", 100, 2.0, 10),
+                            run("uvloop relay", 100, 0.4, 10)])
+    assert [r["target"] for r in rows] == ["uvloop relay", "sipwatch"]
+    sw = rows[1]
+    assert (sw["repeats"], sw["calls"], sw["ok"], sw["failed"], sw["retransmissions"]) == (3, 30, 29, 1, 3)
+    assert sw["cpu_pct"] == 200.0 and len(sw["runs"]) == 3
