@@ -42,6 +42,7 @@ IPV6_EXT = (0, 43, 60, 135, 139, 140)  # hop-by-hop, routing, dest opts, mobilit
 MAX_FRAG_SETS = 1024
 MAX_TCP_BUFFER = 1 << 20
 MAX_TCP_FLOWS = 10_000
+NON_SIP_AFTER = 16_384  # bytes without a SIP start line before a connection is ignored
 
 _u16 = struct.Struct("!H").unpack_from
 _u32 = struct.Struct("!I").unpack_from
@@ -49,6 +50,7 @@ _ip4 = struct.Struct("!BBHHHBBH4s4s").unpack_from
 _ports = struct.Struct("!HHH").unpack_from  # src, dst, UDP length
 _tcp = struct.Struct("!HHIIBB").unpack_from
 _SIP_START = re.compile(rb"(?:[A-Za-z]+ \S+ SIP/2\.0\r?\n|SIP/2\.0 \d{3}[ \r\n])")
+_SIP_RESYNC = re.compile(rb"\n(" + _SIP_START.pattern + rb")")
 _CLEN = re.compile(rb"(?im)^(?:content-length|l)[ \t]*:[ \t]*(\d+)")
 
 
@@ -62,13 +64,14 @@ class _FragSet:
 
 
 class _TcpFlow:
-    __slots__ = ("next_seq", "buf", "ooo", "sip")
+    __slots__ = ("next_seq", "buf", "ooo", "sip", "skipped")
 
     def __init__(self):
         self.next_seq = None
         self.buf = b""
         self.ooo: dict[int, bytes] = {}
-        self.sip = None  # None: undecided, True/False after the first bytes
+        self.sip = None  # None: undecided; True once a SIP start line was seen
+        self.skipped = 0
 
 
 class Decoder:
@@ -288,14 +291,25 @@ class Decoder:
         out = []
         buf = flow.buf.lstrip(b"\r\n")  # CRLF keep-alives between messages
         while buf:
-            if flow.sip is None:
-                if len(buf) < 12 and b"\n" not in buf:
-                    break
-                flow.sip = _SIP_START.match(buf) is not None
-                if not flow.sip:
-                    self._count("tcp_non_sip_flows")
+            if buf.find(b"\n", 0, 4096) < 0:  # no whole first line yet
+                if len(buf) >= 4096:
+                    self._count("tcp_skipped_bytes", len(buf))
+                    buf = b""
+                break
+            if _SIP_START.match(buf) is None:
+                # joined mid-message, or lost our place: skip to the next line that starts one
+                m = _SIP_RESYNC.search(buf)
+                if m is None:
+                    self._count("tcp_skipped_bytes", len(buf))
+                    flow.skipped += len(buf)
+                    if flow.sip is None and flow.skipped > NON_SIP_AFTER:
+                        self._count("tcp_non_sip_flows")
+                        flow.sip = False  # stop buffering a connection that never spoke SIP
                     buf = b""
                     break
+                self._count("tcp_skipped_bytes", m.start(1))
+                buf = buf[m.start(1):]
+            flow.sip = True
             end = buf.find(b"\r\n\r\n")
             sep = 4
             if end < 0:
@@ -317,9 +331,6 @@ class Decoder:
             out.append(Packet(ts, src, dst, "tcp", buf[:total]))
             self._count("tcp_sip_messages")
             buf = buf[total:].lstrip(b"\r\n")
-            if buf and not _SIP_START.match(buf) and (len(buf) >= 12 or b"\n" in buf):
-                self._count("tcp_resync_lost")
-                buf = b""
         flow.buf = buf
         return out
 

@@ -248,11 +248,17 @@ def test_sip_over_tcp_is_framed_by_content_length(tmp_path):
     frame(1000.0, a, b, 40000, 5060, c_isn + 1 + cut2, inv[cut2:], ack=c_ack)
     frame(1000.0012, b, a, 5060, 40000, s_isn + 1, trying + ok[:50], ack=s_ack)  # one and a bit
     frame(1000.05, b, a, 5060, 40000, s_isn + 1 + len(trying) + 50, ok[50:], ack=s_ack)
+    # a second connection joined mid-stream: the tail of an unseen message, then an OPTIONS
+    opt = pb.sip_invite("o1@x", "z9hG4bKo1", a, b, transport="TCP").replace(
+        b"INVITE", b"OPTIONS")
+    frame(1000.2, a, b, 40002, 5060, 777, b"a=sendrecv\r\na=ptime:20\r\n", ack=5)
+    frame(1000.3, a, b, 40002, 5060, 777 + 24, opt, ack=5)
     path = tmp_path / "tcp.pcap"
     path.write_bytes(pb.pcap(1, seg))
     rep = analyse(str(path))
     assert_sip_counts_match_tshark(path, rep)
-    assert rep["methods"] == {"INVITE": 1} and rep["status_codes"] == {"100": 1, "200": 1}
+    assert rep["methods"] == {"INVITE": 1, "OPTIONS": 1}
+    assert rep["status_codes"] == {"100": 1, "200": 1}
     assert rep["txn"]["retransmitted_requests"] == 0
     assert rep["txn"]["rtt_first_resp_ms_min"] == pytest.approx(1.2, abs=0.01)
     assert rep["calls"][0]["outcome"] == "answered"
