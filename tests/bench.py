@@ -26,6 +26,7 @@ import importlib.util
 import math
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -312,8 +313,15 @@ def parse_args(argv=None):
     return a
 
 
+def _interrupted(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupted)  # unwind, so every process started is stopped
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, _interrupted)
     info = machine()
     print(f"sipwatch bench: {info['cpus']} CPUs, load {' '.join(f'{x:.2f}' for x in info['loadavg'])}, "
           f"Python {info['python']}, uvloop {info['uvloop']}, {info['sipp'] or 'no SIPp'}, "

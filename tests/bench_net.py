@@ -562,29 +562,36 @@ def sipp_load(workdir: Path, target, uas_port: int, rate: int, duration: float,
     calls = max(1, int(rate * duration))
     uas, uas_dir = _sipp(workdir, f"uas-{tag}", ["-sf", str(scen), "-i", "127.0.0.1",
                                                  "-p", str(uas_port), "-m", str(calls)])
-    time.sleep(0.3)
-    uac_port = free_port()
-    pids = tree_pids(target.pid) if target.pid else []
-    rcvbuf0 = udp_rcvbuf_errors()
-    proxy_port = target.port if target.pid else None
-    drops0 = udp_port_drops([proxy_port]), udp_port_drops([uas_port, uac_port])
-    cpu0 = cpu_seconds(pids)
-    t0 = time.monotonic()
-    uac, uac_dir = _sipp(workdir, f"uac-{tag}", [
-        "-sf", str(SCENARIOS / "uac_call.xml"), "-i", "127.0.0.1", "-p", str(uac_port),
-        "-m", str(calls), "-r", str(rate), "-recv_timeout", "10000",
-        "-timeout", f"{int(duration + 30)}s", f"127.0.0.1:{target.port}"])
+    uac = None
     try:
-        uac.wait(duration + 45)
-    except subprocess.TimeoutExpired:
-        _stop(uac, 0)
-    wall = time.monotonic() - t0
-    time.sleep(settle)  # work the run caused but done later (span export, housekeeping tick)
-    cpu1 = cpu_seconds(pids)
-    rss = rss_peak_mb(pids)
-    drops1 = udp_port_drops([proxy_port]), udp_port_drops([uas_port, uac_port])
-    rcvbuf1 = udp_rcvbuf_errors()
-    _stop(uas, 5)
+        time.sleep(0.3)
+        uac_port = free_port()
+        pids = tree_pids(target.pid) if target.pid else []
+        proxy_port = target.port if target.pid else None
+        rcvbuf0 = udp_rcvbuf_errors()
+        drops0 = udp_port_drops([proxy_port]), udp_port_drops([uas_port, uac_port])
+        cpu0 = cpu_seconds(pids)
+        t0 = time.monotonic()
+        uac, uac_dir = _sipp(workdir, f"uac-{tag}", [
+            "-sf", str(SCENARIOS / "uac_call.xml"), "-i", "127.0.0.1", "-p", str(uac_port),
+            "-m", str(calls), "-r", str(rate), "-recv_timeout", "10000",
+            "-timeout", f"{int(duration + 30)}s", f"127.0.0.1:{target.port}"])
+        try:
+            uac.wait(duration + 45)
+        except subprocess.TimeoutExpired:
+            _stop(uac, 0)
+        wall = time.monotonic() - t0
+        time.sleep(settle)  # work the run caused but done later (span export, housekeeping tick)
+        cpu1 = cpu_seconds(pids)
+        rss = rss_peak_mb(pids)
+        drops1 = udp_port_drops([proxy_port]), udp_port_drops([uas_port, uac_port])
+        rcvbuf1 = udp_rcvbuf_errors()
+        _stop(uas, 5)
+    finally:  # interrupted: leave no SIPp behind
+        for p in (uac, uas):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
     uac_stat, uas_stat = _stat(uac_dir), _stat(uas_dir)
     ok = _int(uac_stat, "SuccessfulCall(C)")
     failed = _int(uac_stat, "FailedCall(C)")
