@@ -226,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     except (PcapError, OSError) as exc:
         sys.stderr.write(f"sipwatch analyze: {args.file}: {exc}\n")
         return 2
+    except RuntimeError as exc:  # the pyshark worker failed (tshark missing, unreadable file)
+        sys.stderr.write(f"sipwatch analyze: {args.engine} engine: {exc}\n")
+        return 1
     if args.json:
         sys.stdout.write(json.dumps(rep, indent=1, default=str) + "\n")
     else:

@@ -39,7 +39,7 @@ class Observer:
         self.bad_content_length = 0  # counted and still analysed, as tshark does
         self.unmatched_responses = 0
         self.invite_call_ids: set[bytes] = set()
-        self.eof_txs: set[int] = set()  # id() of transactions cut short by the end of capture
+        self.eof_txs: set = set()  # transactions cut short by the end of the capture
         self.eof_calls = 0
         self.last_ts: float | None = None
         self._span = 0
@@ -139,7 +139,7 @@ class Observer:
         tracker.expire(last + self.timer_b)
         for tx in waiting:
             if tx.timed_out:
-                self.eof_txs.add(id(tx))
+                self.eof_txs.add(tx)
                 stats.timeouts[tx.midx] -= 1
                 call = tx.call
                 if tx.initial_invite and call.outcome == TIMEOUT and call.t_final == tx.t_final:
@@ -151,7 +151,7 @@ class Observer:
         """answered | timeout | unanswered_at_eof | pending (before finish)."""
         if tx.t_first is not None:
             return "answered"
-        if id(tx) in self.eof_txs:
+        if tx in self.eof_txs:
             return "unanswered_at_eof"
         return "timeout" if tx.timed_out else "pending"
 
