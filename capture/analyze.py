@@ -106,6 +106,8 @@ def _report(path, engine, mask, obs: Observer, rtp: RtpAnalyzer, counters, calls
     call_out = []
     for call in sorted(calls, key=lambda c: c.t_start):
         rec = call_summary_fields(call, mask)
+        for tx, row in zip(call.transactions, rec["transactions"]):
+            row["src"], row["dst"] = _hp(tx.peer[0]), _hp(tx.peer[1])  # the hop it was seen on
         initial = next((t for t in call.transactions if t.initial_invite), None)
         if call.outcome == TIMEOUT and initial is not None and \
                 obs.tx_state(initial) == "unanswered_at_eof":
@@ -169,9 +171,9 @@ def render(rep: dict) -> str:
                    f"{_f(c['setup_ms'])} ms  answer {_f(c['answer_ms'])} ms  duration "
                    f"{_f(c['duration_s'])} s  retransmissions {c['retransmissions']}")
         for t in c["transactions"]:
-            out.append(f"    {t['method']:<9} {t['cseq']:>5}  status {t['status'] or '-':<4} "
-                       f"rtt {_f(t['rtt_ms']):>9} ms  retrans {t['retransmissions']}"
-                       + ("  TIMEOUT" if t["timed_out"] else ""))
+            out.append(f"    {t['method']:<9} {t['cseq']:>5}  {t['src']} -> {t['dst']}  status "
+                       f"{t['status'] or '-':<4} rtt {_f(t['rtt_ms']):>9} ms  retrans "
+                       f"{t['retransmissions']}" + ("  TIMEOUT" if t["timed_out"] else ""))
         for s in c["rtp_streams"]:
             out.append(_stream_line(s, "    RTP "))
     other = [s for s in rep["rtp_streams"] if s["call_id"] is None]
