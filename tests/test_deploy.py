@@ -10,8 +10,9 @@
 * Grafana: dashboards regenerate identically, type-check against @grafana/schema (npm +
   TypeScript), every PromQL expression passes promtool; datasources and log pipeline match the
   sidecar's real JSON logs.
-* Kubernetes: kubernetes-validate (strict) for core objects; PodMonitor against the
-  prometheus-operator CRD schema (@kubernetes-models/prometheus-operator) and its TypeScript types.
+* Kubernetes: kubernetes-validate (strict) for core objects; PodMonitor and PrometheusRule against
+  the prometheus-operator CRD schemas (@kubernetes-models/prometheus-operator) and their TypeScript
+  types; the PrometheusRule carries exactly deploy/prometheus's rules.
 """
 from __future__ import annotations
 
@@ -558,6 +559,9 @@ def test_dashboards_content():
                 for t in p["targets"]:
                     assert t["datasource"]["uid"] == p["datasource"]["uid"]
     assert set(titles) == {"sipwatch-overview", "sipwatch-signaling", "sipwatch-calls"}
+    # dashboards named in alert runbooks exist under that title
+    named = {m for r in alerts_by_name().values() for m in re.findall(r'"([^"]+)" dashboard', r["annotations"]["description"])}
+    assert named and named <= {d["title"] for d in titles.values()}, named
     sig = titles["sipwatch-signaling"]["panels"]
     heat = [p for p in sig if p["type"] == "heatmap"]
     assert heat and "signaler_rtt_milliseconds_bucket" in heat[0]["targets"][0]["expr"]
@@ -585,6 +589,7 @@ PANEL_TS = {"timeseries": ("TimeSeriesPanelCfg", True), "stat": ("StatPanelCfg",
 TS_HEAD = """import type { Dashboard, Panel, RowPanel, DataQuery } from "@grafana/schema";
 import type { LokiDataQuery } from "@grafana/schema/dist/esm/raw/composable/loki/dataquery/x/LokiDataQuery_types.gen";
 import type { IPodMonitor } from "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/PodMonitor";
+import type { IPrometheusRule } from "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/PrometheusRule";
 %s
 // JSON cannot spell a TypeScript enum member, only its value: map enums to their value types.
 type Json<T> = T extends string ? `${T}` : T extends number | boolean | null | undefined ? T
@@ -639,16 +644,16 @@ def node_pkg(tmp_path_factory):
 
 
 @needs_node
-def test_dashboards_and_pod_monitor_type_check_against_the_schemas(node_pkg):
+def test_dashboards_and_monitoring_resources_type_check_against_the_schemas(node_pkg):
     check = node_pkg / "check"
     for f in check.glob("*.ts"):
         f.unlink()
     for f in DASH_DIR.glob("*.json"):
         (check / (f.stem.replace("-", "_") + ".ts")).write_text(dashboard_ts(json.loads(f.read_text())))
-    monitors = [d for d in k8s_docs().values() if d["kind"] == "PodMonitor"]
-    assert monitors
-    (check / "monitors.ts").write_text(TS_HEAD % "" + "".join(
-        f"export const monitor_{i}: Json<IPodMonitor> = {json.dumps(m)};\n" for i, m in enumerate(monitors)))
+    crs = [d for d in k8s_docs().values() if d["apiVersion"] == "monitoring.coreos.com/v1"]
+    assert {d["kind"] for d in crs} == {"PodMonitor", "PrometheusRule"}
+    (check / "monitoring.ts").write_text(TS_HEAD % "" + "".join(
+        f"export const cr_{i}: Json<I{d['kind']}> = {json.dumps(d)};\n" for i, d in enumerate(crs)))
     # a deliberately wrong dashboard proves the check bites: the only errors must be its own
     bad = json.loads((DASH_DIR / "sipwatch-calls.json").read_text())
     next(p for p in bad["panels"] if p["type"] == "timeseries")["options"]["legend"]["displayMode"] = "tabel"
@@ -749,7 +754,7 @@ def test_kubernetes_core_objects_validate_strictly():
 
 
 @needs_node
-def test_pod_monitor_validates_against_the_crd_schema(node_pkg, tmp_path):
+def test_monitoring_resources_validate_against_the_crd_schemas(node_pkg, tmp_path):
     files = []
     for i, doc in enumerate(d for d in k8s_docs().values() if d["apiVersion"].startswith("monitoring.coreos.com")):
         f = tmp_path / f"cr{i}.json"
@@ -759,12 +764,21 @@ def test_pod_monitor_validates_against_the_crd_schema(node_pkg, tmp_path):
     r = run(["node", node_pkg / "validate-crs.mjs", *files], cwd=node_pkg)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("VALID ") == len(files)
-    bad = json.loads(files[0].read_text())
+    bad = next(d for d in map(lambda f: json.loads(f.read_text()), files) if d["kind"] == "PodMonitor")
     bad["spec"]["podMetricsEndpoints"][0]["port"] = 13012  # must be a port name (string)
     f = tmp_path / "bad.json"
     f.write_text(json.dumps(bad))
     r = run(["node", node_pkg / "validate-crs.mjs", f], cwd=node_pkg)
     assert r.returncode == 1 and "INVALID" in r.stdout
+
+
+def test_prometheus_rule_resource_is_generated_from_the_rule_files():
+    sys.path.insert(0, str(K8S))
+    import prometheusrule
+    assert (K8S / "prometheusrule.yaml").read_text() == prometheusrule.render(), \
+        "k8s/prometheusrule.yaml is stale: run python deploy/k8s/prometheusrule.py"
+    rec, alerts = rule_docs()
+    assert load(K8S / "prometheusrule.yaml")["spec"]["groups"] == rec["groups"] + alerts["groups"]
 
 
 def test_kubernetes_sidecar_wiring():
@@ -840,8 +854,8 @@ COVERAGE = {
     "schemas/compose-spec.json": "test_compose_matches_the_compose_spec_schema",
     "schemas/node/package.json": "node_pkg fixture, test_node_lockfile_matches_package_json",
     "schemas/node/package-lock.json": "node_pkg fixture",
-    "schemas/node/tsconfig.json": "test_dashboards_and_pod_monitor_type_check_against_the_schemas",
-    "schemas/node/validate-crs.mjs": "test_pod_monitor_validates_against_the_crd_schema",
+    "schemas/node/tsconfig.json": "test_dashboards_and_monitoring_resources_type_check_against_the_schemas",
+    "schemas/node/validate-crs.mjs": "test_monitoring_resources_validate_against_the_crd_schemas",
     "schemas/node/.gitignore": "keeps node_modules out of the repository",
     "schemas/README.md": "names the sources and licences of the vendored schemas",
     "prometheus/prometheus.yml": "test_promtool_checks_config_and_rules, test_scrape_config_*",
@@ -856,6 +870,7 @@ COVERAGE = {
     "loki/loki.yml": "test_promtail_keeps_labels_low_cardinality",
     "promtail/promtail.yml": "test_promtail_*, test_log_pipeline_*",
     "k8s/*.yaml": "kubernetes-validate, CRD schema, test_kubernetes_sidecar_wiring",
+    "k8s/prometheusrule.py": "test_prometheus_rule_resource_is_generated_from_the_rule_files",
 }
 
 
