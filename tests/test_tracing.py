@@ -14,6 +14,7 @@ from opentelemetry.sdk.trace.sampling import Decision, TraceIdRatioBased
 
 from harness import HAVE_SIPP, Sidecar, free_port, metric, run_call_pair
 from otlp_receiver import OtlpReceiver
+from sipwatch.tracing import resolve_endpoint, sampler_from_env
 from sipwatch.waterfall import load_spans, render_slowest
 
 pytestmark = [pytest.mark.sipp, pytest.mark.skipif(not HAVE_SIPP, reason="needs SIPp (Debian sip-tester)")]
@@ -109,8 +110,10 @@ def test_one_trace_per_call_matches_sip_logs_and_rtt(tmp_path):
     assert metric(sig, "signaler_rtt_milliseconds_sum", method="BYE") == pytest.approx(bye_ms, abs=1e-3 * n)
 
     # the OTLP-JSON lines file holds the same spans, and the waterfall shows the slowest call
-    assert {(s.trace_id, s.span_id, s.parent_span_id) for s in load_spans(str(spans_file))} == \
-        {(s.trace_id, s.span_id, s.parent_span_id) for s in spans}
+    def fields(s):
+        return (s.trace_id, s.span_id, s.parent_span_id, s.name, s.kind, s.start_ns, s.end_ns,
+                tuple(sorted(s.attributes.items())), tuple((e[0], e[1], tuple(e[2].items())) for e in s.events))
+    assert sorted(map(fields, load_spans(str(spans_file)))) == sorted(map(fields, spans))
     slowest = max((s for s in spans if s.name == "SIP call"), key=lambda s: s.duration_ms)
     text = render_slowest(str(spans_file))
     assert text.splitlines()[0].startswith(f"trace {slowest.trace_id} ")
@@ -246,3 +249,28 @@ def test_http_protobuf_from_otel_env_and_non_dialog_traces(tmp_path):
     assert len({s.trace_id for s in options}) == 3
     assert all(s.kind == CLIENT and s.parent_span_id == "" and s.attributes["sip.response.status_code"] == 200
                for s in options)
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, (1.0, True)),
+    ({"OTEL_TRACES_SAMPLER": "always_off"}, (0.0, False)),
+    ({"OTEL_TRACES_SAMPLER": "parentbased_always_off"}, (0.0, True)),
+    ({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.25"}, (0.25, False)),
+    ({"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "7"}, (1.0, True)),
+    ({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "x"}, (1.0, False)),
+])
+def test_sampler_from_env(env, expected):
+    assert sampler_from_env(env) == expected
+
+
+@pytest.mark.parametrize("flag, proto, env, expected", [
+    ("127.0.0.1:4317", "grpc", {}, "http://127.0.0.1:4317"),
+    ("collector", "grpc", {}, "http://collector:4317"),
+    ("https://c.example:443", "grpc", {}, "https://c.example:443"),
+    ("127.0.0.1:4318", "http/protobuf", {}, "http://127.0.0.1:4318/v1/traces"),
+    (None, "http/protobuf", {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318/otlp/"}, "http://c:4318/otlp/v1/traces"),
+    (None, "http/protobuf", {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:9/x"}, "http://c:9/x"),
+    (None, "grpc", {}, None),
+])
+def test_resolve_endpoint(flag, proto, env, expected):
+    assert resolve_endpoint(flag, proto, env) == expected
