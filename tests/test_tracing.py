@@ -12,7 +12,7 @@ import time
 import pytest
 from opentelemetry.sdk.trace.sampling import Decision, TraceIdRatioBased
 
-from harness import HAVE_SIPP, Sidecar, free_port, metric, run_call_pair
+from harness import HAVE_SIPP, Sidecar, Sipp, free_port, metric, run_call_pair
 from otlp_receiver import OtlpReceiver
 from sipwatch.tracing import resolve_endpoint, sampler_from_env
 from sipwatch.waterfall import load_spans, render_slowest
@@ -185,6 +185,7 @@ def test_backend_down_calls_pass_and_drops_are_counted(tmp_path, backend):
                               timeout=20, side="signaling")
             gw = sc.gateway()
             assert sc.proc.poll() is None
+        assert sc.proc.returncode == 0  # stopped on SIGTERM without hanging on the exporter
     assert metric(sig, "sipwatch_spans_dropped_total") == 4 * n
     assert metric(sig, "sipwatch_spans_exported_total") == 0
     assert metric(gw, "sip_calls_processed_total", outcome="answered") == n
@@ -249,6 +250,42 @@ def test_http_protobuf_from_otel_env_and_non_dialog_traces(tmp_path):
     assert len({s.trace_id for s in options}) == 3
     assert all(s.kind == CLIENT and s.parent_span_id == "" and s.attributes["sip.response.status_code"] == 200
                for s in options)
+
+
+def test_cancelled_and_timed_out_calls(tmp_path):
+    """CANCEL: INVITE ends 487 with its 180 as an event, CANCEL and ACK are spans of the same
+    call, nothing is an error. Dead upstream: the INVITE span times out and both spans are ERROR."""
+    n = 3
+    uas_port = free_port()
+    with OtlpReceiver() as rx:
+        with Sidecar(tmp_path, uas_port, "--otlp-endpoint", f"127.0.0.1:{rx.grpc_port}") as sc:
+            uac_rc, uas_rc, uac, uas = run_call_pair(tmp_path, "uac_cancel", "uas_cancel", sc.port,
+                                                     uas_port, n, rate=10)
+            assert (uac_rc, uas_rc) == (0, 0), uac.errors() + uas.errors()
+            cancelled = by_trace(rx.wait_for(4 * n))
+        dead = free_port()  # nothing listens: INVITEs time out after Timer B
+        with Sidecar(tmp_path, dead, "--timer-b", "1", "--otlp-endpoint", f"127.0.0.1:{rx.grpc_port}") as sc2:
+            # -nr: no INVITE retransmissions, which after Timer B would open a new transaction
+            Sipp(tmp_path, "uac_call", free_port(), sc2.port, 2, 10, "-nr", "-recv_timeout", "2500").start().wait(30)
+            sc2.wait_for(lambda s: metric(s, "sip_calls_processed_total", outcome="timeout") >= 2)
+        spans = rx.snapshot()
+    assert len(cancelled) == n
+    for trace in cancelled.values():
+        assert sorted(s.name for s in trace) == ["ACK", "CANCEL", "INVITE", "SIP call"]
+        call, invite = one(trace, name="SIP call"), one(trace, name="INVITE")
+        assert call.attributes["sip.call.outcome"] == "cancelled" and call.status_code != ERROR
+        assert invite.attributes["sip.response.status_code"] == 487 and invite.status_code != ERROR
+        assert [e[2]["sip.response.status_code"] for e in invite.events] == [100, 180]
+        assert one(trace, name="CANCEL").attributes["sip.response.status_code"] == 200
+        assert all(s.parent_span_id == call.span_id for s in trace if s is not call)
+    timed_out = by_trace(s for s in spans if s.trace_id not in cancelled)
+    assert len(timed_out) == 2
+    for trace in timed_out.values():
+        assert sorted(s.name for s in trace) == ["INVITE", "SIP call"]
+        call, invite = one(trace, name="SIP call"), one(trace, name="INVITE")
+        assert call.attributes["sip.call.outcome"] == "timeout" and call.status_code == ERROR
+        assert invite.status_code == ERROR and invite.attributes["error.type"] == "timeout"
+        assert invite.events == [] and "sip.response.status_code" not in invite.attributes
 
 
 @pytest.mark.parametrize("env, expected", [
