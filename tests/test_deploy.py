@@ -191,7 +191,9 @@ def test_healthcheck_command_reports_a_live_and_a_dead_sidecar(tmp_path):
     env = {**os.environ, "SIPWATCH_GATEWAY_METRICS": f"0.0.0.0:{sc.gw_metrics}"}
     with sc:
         alive = run(cmd, env=env, timeout=30)
+        started = next(r for r in sc.logs() if r.get("event") == "started")
     dead = run(cmd, env=env, timeout=30)
+    assert started["event_loop"] == "uvloop"
     assert alive.returncode == 0, alive.stderr
     assert dead.returncode != 0
 
