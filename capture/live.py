@@ -26,12 +26,9 @@ import struct
 import sys
 import time
 
-import orjson
-
 from sipwatch.metrics import Metrics, serve_metrics
 from sipwatch.observer import Observer
-from sipwatch.sipmsg import SipParseError, parse
-from sipwatch.stats import FROM_GATEWAY, FROM_SIGNALING, METHODS, Stats, method_index
+from sipwatch.logs import JsonLog
 
 from .pcapfile import Decoder
 
@@ -41,37 +38,9 @@ PCAP_MAGIC = {b"\xd4\xc3\xb2\xa1": ("<", 10**6), b"\x4d\x3c\xb2\xa1": ("<", 10**
 TICK = 0.2  # seconds between housekeeping runs (expiry, call histograms)
 
 
-class DirectionalStats:
-    """The observer's Stats as the exporter sees them, with requests and responses split by
-    direction the way the proxy splits them (the observer itself has no notion of sides)."""
-
-    def __init__(self, inner: Stats):
-        self._inner = inner
-        self.requests = [0] * (len(METHODS) * 2)
-        self.responses = [0] * 12
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
-    def count(self, payload: bytes, direction: int) -> None:
-        try:
-            msg = parse(payload, check_length=False)
-        except (SipParseError, ValueError, IndexError):
-            return
-        if msg.method is not None:
-            self.requests[method_index(msg.method) * 2 + direction] += 1
-        else:
-            self.responses[(min(msg.status // 100, 6) - 1) * 2 + direction] += 1
-
-
 def _addr(s: str) -> Addr:
     host, _, port = s.rpartition(":")
     return (host.strip("[]") or "0.0.0.0", int(port))
-
-
-def _log(event: str, **kw) -> None:
-    sys.stdout.buffer.write(orjson.dumps({"ts": time.time(), "event": event, **kw}) + b"\n")
-    sys.stdout.flush()
 
 
 class LiveCapture:
@@ -79,9 +48,8 @@ class LiveCapture:
         self.interface = interface
         self.bpf = bpf
         self.signaling = signaling
-        self.observer = Observer(timer_b=timer_b)
-        self.stats = DirectionalStats(self.observer.stats)
-        self.metrics = Metrics(self.stats, time.time)
+        self.observer = Observer(timer_b=timer_b, signaling=signaling)
+        self.metrics = Metrics(self.observer.stats, time.time)
         self.counters: dict = {"frames": 0}
         self.decoder = Decoder(self.counters)
         self.proc: asyncio.subprocess.Process | None = None
@@ -112,7 +80,7 @@ class LiveCapture:
         end, div = PCAP_MAGIC[head[:4]]
         linktype = struct.unpack_from(end + "I", head, 20)[0] & 0x0FFFFFFF
         rec = struct.Struct(end + "IIII").unpack
-        feed, frame, sig = self.observer.feed, self.decoder.frame, self.signaling
+        feed, frame = self.observer.feed, self.decoder.frame
         while True:
             try:
                 sec, frac, incl, _ = rec(await out.readexactly(16))
@@ -122,8 +90,7 @@ class LiveCapture:
             self.counters["frames"] += 1
             for p in frame(linktype, data, (sec * div + frac) / div):
                 self.packets += 1
-                if feed(p.payload, p.src, p.dst, p.ts):
-                    self.stats.count(p.payload, FROM_SIGNALING if p.src == sig else FROM_GATEWAY)
+                feed(p.payload, p.src, p.dst, p.ts)
 
     def housekeeping(self) -> None:
         # capture time is wall time here, so the clock can expire what the packets no longer do
@@ -159,7 +126,8 @@ async def _run(args) -> int:
     except (RuntimeError, OSError) as exc:
         sys.stderr.write(f"sipwatch capture: {exc}\n")
         return 1
-    _log("capturing", interface=args.interface, bpf=args.bpf)
+    log = JsonLog("sipwatch-capture")
+    log.info("capture started", "capturing", interface=args.interface, bpf=args.bpf)
     reader = asyncio.create_task(lc.read())
     stopper = asyncio.create_task(stop.wait())
     rc = 0
@@ -182,7 +150,8 @@ async def _run(args) -> int:
     lc.housekeeping()
     for srv in servers:
         srv.close()
-    _log("stopped", frames=lc.counters["frames"], packets=lc.packets, sip=lc.observer.sip_messages)
+    log.info("capture stopped", "stopped", frames=lc.counters["frames"], packets=lc.packets,
+             sip=lc.observer.sip_messages)
     return rc
 
 

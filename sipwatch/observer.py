@@ -18,7 +18,7 @@ from hashlib import blake2b
 
 from .sipmsg import SipParseError, header_tag, parse
 from .state import Tracker
-from .stats import ACK, INVITE, TIMEOUT, Stats, method_index
+from .stats import ACK, FROM_GATEWAY, FROM_SIGNALING, INVITE, TIMEOUT, Stats, method_index
 
 Addr = tuple[str, int]
 _CRLF_ONLY = frozenset(b"\r\n \t")
@@ -27,8 +27,11 @@ _START_LINE = re.compile(rb"(?:([A-Za-z]+) [^ \r\n]+ SIP/2\.0\r?\n|SIP/2\.0 ([1-
 
 class Observer:
     def __init__(self, timer_b: float = 32.0, stats: Stats | None = None, on_sdp=None,
-                 max_transactions: int = 200_000, max_calls: int = 100_000):
+                 max_transactions: int = 200_000, max_calls: int = 100_000,
+                 signaling: Addr | None = None):
         self.stats = stats or Stats()
+        # direction labels follow the proxy's rule: sent by sip-signaling, else from the gateway
+        self.signaling = signaling
         self.tracker = Tracker(self.stats, timer_b, max_transactions, max_calls,
                                finished_max=1 << 30)
         self.timer_b = timer_b
@@ -86,8 +89,9 @@ class Observer:
         cseq_n, cseq_m = msg.cseq()
         branch = msg.top_via().branch or b""
         tracker, stats = self.tracker, self.stats
+        direction = FROM_SIGNALING if src == self.signaling else FROM_GATEWAY
         if msg.method is None:
-            stats.responses[min(msg.status // 100, 6) - 1] += 1
+            stats.responses[(min(msg.status // 100, 6) - 1) * 2 + direction] += 1
             key = (call_id, cseq_n, cseq_m, branch, dst[0], src[0])
             if tracker.response(key, msg.status, ts) is None:
                 self.unmatched_responses += 1
@@ -95,7 +99,7 @@ class Observer:
             return
         method = msg.method
         midx = method_index(method)
-        stats.requests[midx * 2] += 1
+        stats.requests[midx * 2 + direction] += 1
         initial = midx == INVITE and header_tag(msg.get(b"to")) is None
         if midx == INVITE:
             self.invite_call_ids.add(call_id)
@@ -106,7 +110,7 @@ class Observer:
                                     msg.get(b"from") or b"", msg.get(b"to") or b"", msg.uri)
         self._sdp(call_id, msg, src, dst, ts)
         if midx == ACK:
-            tracker.ack(midx, method, cseq_n, call, ts, self._span_id(), 0, (src, dst))
+            tracker.ack(midx, method, cseq_n, call, ts, self._span_id(), direction, (src, dst))
             return
         key = (call_id, cseq_n, cseq_m, branch, src[0], dst[0])
         tx = tracker.transactions.get(key)
@@ -114,7 +118,7 @@ class Observer:
             tracker.retransmission(tx)
         else:
             parent = call.span_id if call.is_call else call.parent_span_id
-            tracker.request(key, midx, method, cseq_n, call, ts, self._span_id(), parent, 0,
+            tracker.request(key, midx, method, cseq_n, call, ts, self._span_id(), parent, direction,
                             (src, dst), initial)  # peer: both ends, for per-hop listings
 
     def _sdp(self, call_id: bytes, msg, src: Addr, dst: Addr, ts: float) -> None:

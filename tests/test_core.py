@@ -306,3 +306,19 @@ def test_mutated_invites_never_raise_and_bodies_pass_untouched(pos, junk, body):
     assert len(out) == 1 and out[0][0].endswith(b"\r\n\r\n" + body)
     mutated = good[:pos] + junk + good[pos + len(junk):]
     assert isinstance(core.receive_datagram(mutated, GATEWAY, T0 + 1), list)
+
+
+def test_observer_labels_directions_and_status_classes_like_the_proxy():
+    """Passive observation of one hop counts into the same Stats slots the proxy uses."""
+    from sipwatch.observer import Observer
+    obs = Observer(signaling=SIGNALING)
+    req = invite()
+    obs.feed(req, GATEWAY, SIGNALING, T0)
+    obs.feed(response_to(req, 486, b"Busy Here"), SIGNALING, GATEWAY, T0 + 0.02)
+    proxy = ProxyCore(CoreConfig(advertise=SIDECAR, upstream=SIGNALING))
+    fwd, _ = forward_one(proxy, req)
+    proxy.receive_datagram(response_to(fwd, 486, b"Busy Here"), SIGNALING, T0 + 0.02)
+    assert obs.stats.requests == proxy.stats.requests
+    assert obs.stats.responses == proxy.stats.responses
+    assert obs.stats.calls == proxy.stats.calls and obs.stats.calls[REJ4] == 1
+    assert obs.stats.ring.rtt[0] == pytest.approx(proxy.stats.ring.rtt[0]) == pytest.approx(20.0)
