@@ -2,11 +2,13 @@
 tshark reads from the capture (the hop between the gateway and its peer).
 
 Counts must be exact. RTT sums are compared per method with a band per transaction of
-[-0.2 ms, +4 ms] around tshark's recorded RTT divided by the replay speed: the replay sends each
+[-0.2 ms, +25 ms] around tshark's recorded RTT divided by the replay speed: the replay sends each
 response the scaled recorded delay after the request really arrived, so the sidecar cannot see it
-sooner (the -0.2 ms covers rounding to 3 decimals and the two processes' clocks); later by the
-replay's receive/parse/rewrite/send in Python, the scheduler wake-up and noise on a small
-machine, measured at 0.3-1 ms on loopback, hence 4 ms.
+sooner (the -0.2 ms covers rounding to 3 decimals and the two processes' clocks). It sees it later
+by the replay's receive/parse/rewrite/send in Python and the scheduler wake-up: 0.3-1 ms on an
+idle machine, 10+ ms seen on a loaded one. The upper bound only catches gross errors (timing from
+the wrong copy or transaction is off by the recorded gaps); per-transaction precision is checked
+against tshark without timers in the analysis tests.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ pytestmark = [pytest.mark.tshark, pytest.mark.skipif(not have_tshark(), reason="
 PCAPS = ROOT / "pcaps"
 FIXTURES = sorted(p.stem for p in PCAPS.glob("*.pcap"))
 OUTCOME = {"cancel_487": "cancelled", "reject_486": "rejected_4xx", "reject_503": "rejected_5xx"}
-RTT_LOW_MS, RTT_HIGH_MS = -0.2, 4.0
+RTT_LOW_MS, RTT_HIGH_MS = -0.2, 25.0
 MAX_REPLAY_S = 2.0  # faster than real time for the fixtures whose calls are held longer
 
 
