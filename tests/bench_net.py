@@ -182,7 +182,11 @@ class SidecarTarget:
         return self.sidecar.proc.pid
 
     def __enter__(self):
-        self.sidecar.__enter__()
+        try:
+            self.sidecar.__enter__()
+        except BaseException:
+            self.sidecar.stop()  # started but never came up: do not leave it running
+            raise
         return self
 
     def __exit__(self, *exc):
