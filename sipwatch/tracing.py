@@ -323,7 +323,7 @@ class SpanPipeline:
 
     @classmethod
     def for_proxy(cls, settings, stats, env=None):
-        """The proxy's pipeline, a no-export stand-in (sampler only), or None."""
+        """The proxy's pipeline, or a no-export stand-in (sampler only) with no endpoint/file."""
         env = os.environ if env is None else env
         ratio, parent_based = sampler_from_env(env)
         if settings.sample_ratio is not None:
