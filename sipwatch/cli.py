@@ -10,6 +10,7 @@ commands:
   analyze   analyse a pcap/pcapng file: calls, transactions, RTTs, RTP quality
   replay    replay a recorded SIP conversation through a running sidecar
   capture   capture live from an interface and export like the proxy
+  waterfall text waterfall/ladder of a call from a --spans-file
 """
 
 # subcommand -> "module:function", imported on demand so the proxy never loads pyshark

@@ -206,8 +206,9 @@ def report(gw: str, sig: str, work: Path, spans_file: Path, calls: int, caller_r
     except ImportError:
         return
     if spans_file.exists() and spans_file.stat().st_size:
-        print("\nwaterfall of the slowest call (from the exported spans):")
-        print(render_slowest(str(spans_file)))
+        print("\nwaterfall and ladder of the slowest call (from the exported spans):")
+        print(render_slowest(str(spans_file), ladder=True))
+        print(f"\n(any call: sipwatch waterfall {spans_file} --trace TRACE_ID --ladder)")
 
 
 if __name__ == "__main__":
