@@ -322,3 +322,24 @@ def test_observer_labels_directions_and_status_classes_like_the_proxy():
     assert obs.stats.responses == proxy.stats.responses
     assert obs.stats.calls == proxy.stats.calls and obs.stats.calls[REJ4] == 1
     assert obs.stats.ring.rtt[0] == pytest.approx(proxy.stats.ring.rtt[0]) == pytest.approx(20.0)
+
+
+def test_comma_separated_vias_and_folded_headers(core):
+    """A response whose Vias share one line (ours first) and a folded header: ours is removed,
+    the rest of the line stays, the folded value is read whole."""
+    fwd, _ = forward_one(core, invite())
+    msg = parse(fwd)
+    vias = msg.get_all(b"via")
+    assert len(vias) == 2
+    resp = (b"SIP/2.0 180 Ringing\r\n"
+            b"Via: " + vias[0] + b" ,\r\n " + vias[1] + b"\r\n"
+            b"From: \"Alice\" <sip:+15557654321@10.0.0.1>;tag=from-1\r\n"
+            b"To: <sip:+15551234567@10.0.0.3>;tag=uas-1\r\n"
+            b"Call-ID: call-1@gw\r\nCSeq: 1\r\n\tINVITE\r\nContent-Length: 0\r\n\r\n")
+    out = core.receive_datagram(resp, SIGNALING, T0 + 0.03)
+    assert len(out) == 1
+    data, dest = out[0]
+    assert dest == GATEWAY
+    left = parse(data).get_all(b"via")
+    assert len(left) == 1 and left[0].startswith(b"SIP/2.0/UDP 10.0.0.1:5070;branch=z9hG4bK-gw-1")
+    assert core.stats.ring.n == 1 and core.stats.ring.rtt[0] == pytest.approx(30.0)
