@@ -16,6 +16,21 @@ would call its upstream) is ``from_signaling``, anything else ``from_gateway``. 
 signaling hop (e.g. ``--bpf "udp port 5060"`` with sip-signaling on 5060) to see what the proxy
 would measure there; the observer keys transactions per hop, so several hops in one capture are
 counted separately (and every message is then counted once per hop).
+
+RTP: UDP payloads with RTP's version bits go to :class:`sipwatch.rtp.RtpAnalyzer` (anything it
+rejects still goes to the observer, which counts it as before); the SDP the observer sees ties
+streams to calls. A stream is finished, and only then counted, when its call has ended and
+``--rtp-grace`` seconds have passed, after ``--rtp-idle-timeout`` seconds without a packet, when
+the table is full (``--rtp-max-streams``: the oldest stream is finished early and counted in
+``rtp_stream_evictions_total``), or when the capture stops. The gateway-side registry then
+carries, labelled only by ``codec`` (one of :data:`sipwatch.rtp.CODEC_LABELS`):
+``rtp_streams_total``, ``rtp_packets_total``, ``rtp_packets_lost_total`` (lost as Wireshark's
+``rtp,streams`` counts it: expected from the first to the last sequence number minus received,
+never below 0), ``rtp_jitter_milliseconds`` (one observation per stream: its **maximum** RFC 3550
+interarrival jitter, streams without a known clock rate left out) and ``rtp_mos`` (one
+observation per stream: E-model MOS from its loss, codecs without G.113 figures left out); plus
+``rtp_streams_active`` and ``rtp_stream_evictions_total``. Each finished call is logged as one
+``call_summary`` JSON line whose ``rtp`` list holds its streams.
 """
 from __future__ import annotations
 
@@ -25,10 +40,15 @@ import signal
 import struct
 import sys
 import time
+from bisect import bisect_left
+from collections import deque
 
-from sipwatch.metrics import Metrics, serve_metrics
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from sipwatch.metrics import Metrics, _fmt_le, serve_metrics
 from sipwatch.observer import Observer
 from sipwatch.logs import JsonLog
+from sipwatch.rtp import CODEC_LABELS, RtpAnalyzer, RtpStream, codec_label
 
 from .pcapfile import Decoder
 
@@ -38,18 +58,176 @@ PCAP_MAGIC = {b"\xd4\xc3\xb2\xa1": ("<", 10**6), b"\x4d\x3c\xb2\xa1": ("<", 10**
 TICK = 0.2  # seconds between housekeeping runs (expiry, call histograms)
 
 
+JITTER_BUCKETS_MS = (0.5, 1, 2, 3, 5, 10, 20, 30, 50, 100, 200)
+MOS_BUCKETS = (1, 2, 2.5, 3, 3.5, 4, 4.2, 4.4, 5)
+SWEEP = 1.0  # seconds between idle-stream sweeps
+
+
+class _Hist:
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, v: float) -> None:
+        self.counts[bisect_left(self.bounds, v)] += 1  # le: a value on a bound belongs to it
+        self.sum += v
+
+    def buckets(self) -> list:
+        out, cum = [], 0
+        for b, n in zip(list(self.bounds) + ["+Inf"], self.counts):
+            cum += n
+            out.append((b if b == "+Inf" else _fmt_le(b), cum))
+        return out
+
+
+class RtpMonitor:
+    """RTP streams of a live capture: finishing, per-codec totals and the per-call stream lists.
+
+    ``analyzer.feed`` is the per-packet path; everything else runs from :meth:`tick` (the
+    capture's housekeeping) or when a stream is evicted. Also a Prometheus collector.
+    """
+
+    def __init__(self, idle_timeout: float = 10.0, grace: float = 2.0, max_streams: int = 4000):
+        self.analyzer = RtpAnalyzer(max_streams=max_streams, on_evict=self._evicted)
+        self.idle_timeout = idle_timeout
+        self.grace = grace
+        self.max_pending = max(1000, 4 * max_streams)
+        self.streams = dict.fromkeys(CODEC_LABELS, 0)
+        self.packets = dict.fromkeys(CODEC_LABELS, 0)
+        self.lost = dict.fromkeys(CODEC_LABELS, 0)
+        self.jitter = {c: _Hist(JITTER_BUCKETS_MS) for c in CODEC_LABELS}
+        self.mos = {c: _Hist(MOS_BUCKETS) for c in CODEC_LABELS}
+        self.by_call: dict[str, list[dict]] = {}  # finished streams of calls not yet summarised
+        self.call_endpoints: dict[bytes, set] = {}  # SDP endpoints per call, dropped at its end
+        self.pending: deque = deque()  # (deadline, call): ended calls waiting out the grace
+        self.next_sweep = 0.0
+
+    # -- input ----------------------------------------------------------------------------
+    def add_sdp(self, call_id: bytes, body: bytes, src=None, dst=None, ts=None) -> None:
+        eps = self.analyzer.add_sdp(call_id, body)
+        if call_id not in self.call_endpoints and len(self.call_endpoints) >= self.max_pending:
+            self._forget(next(iter(self.call_endpoints)))
+        self.call_endpoints.setdefault(call_id, set()).update(eps)
+
+    def call_ended(self, call, now: float) -> None:
+        """A finished call record (any kind): its streams end ``grace`` seconds from now."""
+        self.pending.append((now + self.grace, call))
+
+    # -- finishing ------------------------------------------------------------------------
+    def tick(self, now: float) -> list[tuple]:
+        """Finish due streams; returns ``[(call, rtp list)]`` for calls whose grace is over."""
+        due = []
+        pending = self.pending
+        while pending and pending[0][0] <= now:
+            due.append(pending.popleft()[1])
+        if due or now >= self.next_sweep:
+            self.next_sweep = now + SWEEP
+            ending = {c.call_id.decode("utf-8", "replace") for c in due}
+            idle_before = now - self.idle_timeout
+            streams = self.analyzer.streams
+            for key in [k for k, st in streams.items()
+                        if st.last_ts <= idle_before or st.call_id in ending]:
+                st = streams.pop(key)
+                self._finish(st, "call_end" if st.call_id in ending else "idle")
+        out = []
+        for call in due:
+            out.append((call, self.by_call.pop(call.call_id.decode("utf-8", "replace"), [])))
+            self._forget(call.call_id)
+        return out
+
+    def stop(self) -> list[tuple]:
+        """End of capture: every stream finished, every ended call's list handed out."""
+        streams = self.analyzer.streams
+        while streams:
+            self._finish(streams.pop(next(iter(streams))), "stop")
+        due = [c for _, c in self.pending]
+        self.pending.clear()
+        out = [(c, self.by_call.pop(c.call_id.decode("utf-8", "replace"), [])) for c in due]
+        for c in due:
+            self._forget(c.call_id)
+        return out
+
+    def _forget(self, call_id: bytes) -> None:
+        endpoints = self.analyzer.endpoints
+        for ep in self.call_endpoints.pop(call_id, ()):
+            tie = endpoints.get(ep)
+            if tie is not None and tie[0] == call_id:
+                del endpoints[ep]
+
+    def _evicted(self, st: RtpStream) -> None:
+        self._finish(st, "evicted")
+
+    def _finish(self, st: RtpStream, reason: str) -> None:
+        s = st.summary()
+        name = st.codec()
+        codec = codec_label(name)
+        self.streams[codec] += 1
+        self.packets[codec] += st.packets
+        self.lost[codec] += max(st.lost, 0)
+        if st.clock:
+            self.jitter[codec].observe(st.max_jitter)
+        if s["mos"] is not None:
+            self.mos[codec].observe(s["mos"])
+        if st.call_id is None:
+            return
+        if st.call_id not in self.by_call and len(self.by_call) >= self.max_pending:
+            self.by_call.pop(next(iter(self.by_call)))
+        self.by_call.setdefault(st.call_id, []).append({
+            "ssrc": s["ssrc"], "codec": name or None, "packets": st.packets, "lost": s["lost"],
+            "lost_pct": s["lost_pct"], "jitter_mean_ms": s["mean_jitter_ms"],
+            "jitter_max_ms": s["max_jitter_ms"], "mos": s["mos"],
+            "ended": reason,
+        })
+
+    # -- metrics --------------------------------------------------------------------------
+    def collect(self):
+        seen = [c for c in CODEC_LABELS if self.streams[c]]
+        fams = (("rtp_streams", "Finished RTP streams (one direction of one SSRC).", self.streams),
+                ("rtp_packets", "RTP packets received in finished streams.", self.packets),
+                ("rtp_packets_lost", "RTP packets lost in finished streams: expected (first to last "
+                                     "sequence number) minus received, as Wireshark counts it.", self.lost))
+        for name, doc, d in fams:
+            f = CounterMetricFamily(name, doc, labels=["codec"])
+            for c in seen:
+                f.add_metric([c], d[c])
+            yield f
+        for name, doc, hists in (
+                ("rtp_jitter_milliseconds", "Per finished stream: its maximum RFC 3550 interarrival "
+                                            "jitter, ms.", self.jitter),
+                ("rtp_mos", "Per finished stream: E-model MOS (ITU-T G.107, no delay term) from its "
+                            "packet loss.", self.mos)):
+            f = HistogramMetricFamily(name, doc, labels=["codec"])
+            for c in seen:
+                h = hists[c]
+                if sum(h.counts):
+                    f.add_metric([c], h.buckets(), h.sum)
+            yield f
+        yield GaugeMetricFamily("rtp_streams_active", "RTP streams being measured.",
+                                value=len(self.analyzer.streams))
+        yield CounterMetricFamily("rtp_stream_evictions", "RTP streams finished early because the "
+                                  "stream table was full (--rtp-max-streams).",
+                                  value=self.analyzer.evicted)
+
+
 def _addr(s: str) -> Addr:
     host, _, port = s.rpartition(":")
     return (host.strip("[]") or "0.0.0.0", int(port))
 
 
 class LiveCapture:
-    def __init__(self, interface: str, bpf: str, signaling: Addr | None, timer_b: float = 32.0):
+    def __init__(self, interface: str, bpf: str, signaling: Addr | None, timer_b: float = 32.0,
+                 rtp: RtpMonitor | None = None, log: JsonLog | None = None):
         self.interface = interface
         self.bpf = bpf
         self.signaling = signaling
-        self.observer = Observer(timer_b=timer_b, signaling=signaling)
+        self.rtp = rtp or RtpMonitor()
+        self.log = log or JsonLog("sipwatch-capture")
+        self.observer = Observer(timer_b=timer_b, signaling=signaling, on_sdp=self.rtp.add_sdp)
         self.metrics = Metrics(self.observer.stats, time.time)
+        self.metrics.gateway.register(self.rtp)
         self.counters: dict = {"frames": 0}
         self.decoder = Decoder(self.counters)
         self.proc: asyncio.subprocess.Process | None = None
@@ -81,6 +259,7 @@ class LiveCapture:
         linktype = struct.unpack_from(end + "I", head, 20)[0] & 0x0FFFFFFF
         rec = struct.Struct(end + "IIII").unpack
         feed, frame = self.observer.feed, self.decoder.frame
+        rtp = self.rtp.analyzer.feed
         while True:
             try:
                 sec, frac, incl, _ = rec(await out.readexactly(16))
@@ -90,14 +269,30 @@ class LiveCapture:
             self.counters["frames"] += 1
             for p in frame(linktype, data, (sec * div + frac) / div):
                 self.packets += 1
-                feed(p.payload, p.src, p.dst, p.ts)
+                pl = p.payload
+                # RTP/RTCP start with version 2 (0b10......); no SIP start line or keep-alive does
+                if pl and pl[0] >> 6 == 2 and p.transport == "udp" and rtp(pl, p.src, p.dst, p.ts):
+                    continue
+                feed(pl, p.src, p.dst, p.ts)
 
-    def housekeeping(self) -> None:
+    def housekeeping(self, now: float | None = None) -> None:
         # capture time is wall time here, so the clock can expire what the packets no longer do
-        self.observer.tracker.expire(time.time())
+        now = time.time() if now is None else now
+        self.observer.tracker.expire(now)
         for kind, obj in self.observer.drain_finished(10_000):
             if kind == "call":
                 self.metrics.observe_call(obj)
+                self.rtp.call_ended(obj, now)
+        self._summaries(self.rtp.tick(now))
+
+    def finish(self) -> None:
+        """Capture stopped: finish every RTP stream and log the calls still in their grace."""
+        self._summaries(self.rtp.stop())
+
+    def _summaries(self, ended: list) -> None:
+        for call, streams in ended:
+            if call.is_call:
+                self.log.call_summary(call, streams)
 
     async def stop(self) -> None:
         if self.proc and self.proc.returncode is None:
@@ -110,8 +305,9 @@ class LiveCapture:
 
 
 async def _run(args) -> int:
+    rtp = RtpMonitor(args.rtp_idle_timeout, args.rtp_grace, args.rtp_max_streams)
     lc = LiveCapture(args.interface, args.bpf, _addr(args.signaling) if args.signaling else None,
-                     args.timer_b)
+                     args.timer_b, rtp)
     servers = []
     for reg, spec in ((lc.metrics.gateway, args.gateway_metrics), (lc.metrics.signaling, args.signaling_metrics)):
         if spec != "off":
@@ -126,7 +322,7 @@ async def _run(args) -> int:
     except (RuntimeError, OSError) as exc:
         sys.stderr.write(f"sipwatch capture: {exc}\n")
         return 1
-    log = JsonLog("sipwatch-capture")
+    log = lc.log
     log.info("capture started", "capturing", interface=args.interface, bpf=args.bpf)
     reader = asyncio.create_task(lc.read())
     stopper = asyncio.create_task(stop.wait())
@@ -148,10 +344,12 @@ async def _run(args) -> int:
         except asyncio.TimeoutError:
             reader.cancel()
     lc.housekeeping()
+    lc.finish()
     for srv in servers:
         srv.close()
     log.info("capture stopped", "stopped", frames=lc.counters["frames"], packets=lc.packets,
-             sip=lc.observer.sip_messages)
+             sip=lc.observer.sip_messages, rtp_streams=sum(rtp.streams.values()),
+             rtp_evicted=rtp.analyzer.evicted)
     return rc
 
 
@@ -164,6 +362,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gateway-metrics", default="0.0.0.0:13012", help="HOST:PORT or 'off'")
     ap.add_argument("--signaling-metrics", default="0.0.0.0:13022", help="HOST:PORT or 'off'")
     ap.add_argument("--timer-b", type=float, default=32.0)
+    ap.add_argument("--rtp-idle-timeout", type=float, default=10.0,
+                    help="finish an RTP stream after this many seconds without a packet (%(default)s)")
+    ap.add_argument("--rtp-grace", type=float, default=2.0,
+                    help="seconds after its call ended before a stream is finished (%(default)s)")
+    ap.add_argument("--rtp-max-streams", type=int, default=4000,
+                    help="RTP streams measured at once; the oldest is finished early beyond (%(default)s)")
     args = ap.parse_args(argv)
     try:
         return asyncio.run(_run(args))

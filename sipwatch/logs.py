@@ -59,16 +59,19 @@ class JsonLog:
     def error(self, message: str, event: str, **fields) -> None:
         self.emit("error", message, event, **fields)
 
-    def call_summary(self, call) -> None:
-        """The one record per finished call: setup, outcome, duration, retransmissions, RTTs."""
-        self.emit("info", "call finished", "call_summary", **call_summary_fields(call, self.mask_mode))
+    def call_summary(self, call, rtp: list[dict] | None = None) -> None:
+        """The one record per finished call: setup, outcome, duration, retransmissions, RTTs
+        (and, where media was seen, one entry per RTP stream)."""
+        self.emit("info", "call finished", "call_summary",
+                  **call_summary_fields(call, self.mask_mode, rtp))
 
 
 def _ms(a, b):
     return None if a is None or b is None else round((b - a) * 1000.0, 3)
 
 
-def call_summary_fields(call, mask_mode: str = "partial") -> dict:
+def call_summary_fields(call, mask_mode: str = "partial", rtp: list[dict] | None = None) -> dict:
+    """``rtp``, if given, is added as is: per stream ssrc, codec, packets, lost, jitter, MOS."""
     txs = []
     for tx in call.transactions:
         txs.append({
@@ -80,7 +83,7 @@ def call_summary_fields(call, mask_mode: str = "partial") -> dict:
             "retransmissions": tx.retrans,
             "timed_out": tx.timed_out,
         })
-    return {
+    out = {
         "call_sid": call.call_id.decode("utf-8", "replace"),
         "trace_id": "%032x" % call.trace_id,
         "when": call.t_end,
@@ -96,6 +99,9 @@ def call_summary_fields(call, mask_mode: str = "partial") -> dict:
         "request_uri": mask_uri(call.ruri, mask_mode),
         "transactions": txs,
     }
+    if rtp is not None:
+        out["rtp"] = rtp
+    return out
 
 
 __all__ = ["JsonLog", "call_summary_fields", "METHODS"]

@@ -14,6 +14,11 @@ Bpl per codec from ITU-T G.113 Appendix I (G.711 without PLC: 0/4.3; G.729: 10/1
 MOS = 1 + 0.035R + 7e-6·R(R − 60)(100 − R).
 
 Streams are tied to calls through the SDP offer/answer the observer saw (``c=`` and ``m=``).
+
+For metrics, :func:`codec_label` folds the codec name into a fixed set (``CODEC_LABELS``) so a
+label never takes a value from the wire. Live capture bounds the stream table with
+``RtpAnalyzer(max_streams=..., on_evict=...)``; each stream keeps only a short window of recent
+sequence numbers for duplicate detection.
 """
 from __future__ import annotations
 
@@ -33,6 +38,13 @@ PT_CN = (13, 19)
 # E-model impairment per codec family: (Ie, Bpl), ITU-T G.113 Appendix I
 CODEC_IMPAIRMENT = {"pcmu": (0.0, 4.3), "pcma": (0.0, 4.3), "g711u": (0.0, 4.3),
                     "g711a": (0.0, 4.3), "g729": (10.0, 19.0)}
+# metric label values for codecs: a fixed set, anything else is "other"
+CODEC_LABELS = ("PCMU", "PCMA", "G722", "G729", "GSM", "iLBC", "opus", "AMR", "AMR-WB",
+                "telephone-event", "other")
+_CODEC_ALIASES = {"pcmu": "PCMU", "g711u": "PCMU", "pcma": "PCMA", "g711a": "PCMA",
+                  "g722": "G722", "g729": "G729", "g729a": "G729", "gsm": "GSM", "ilbc": "iLBC",
+                  "opus": "opus", "amr": "AMR", "amr-wb": "AMR-WB",
+                  "telephone-event": "telephone-event"}
 
 _hdr = struct.Struct("!BBHII").unpack_from
 
@@ -50,6 +62,11 @@ def mos_from_loss(loss_pct: float, codec: str) -> float | None:
     if r >= 100:
         return 4.5
     return round(1 + 0.035 * r + 7e-6 * r * (r - 60) * (100 - r), 2)
+
+
+def codec_label(name: str) -> str:
+    """A codec name from SDP or the static payload table as one of ``CODEC_LABELS``."""
+    return _CODEC_ALIASES.get(name.strip().lower(), "other")
 
 
 # -- SDP ----------------------------------------------------------------------------------
@@ -200,8 +217,9 @@ class RtpStream:
         if behind:
             self.ooo += 1
         self.seen.add(ext)
-        if len(self.seen) > 4096:
-            self.seen = {e for e in self.seen if e > ext - 2048}
+        if len(self.seen) > 256:
+            # only numbers up to 100 behind the highest can be duplicates: keep a short window
+            self.seen = {e for e in self.seen if e > ext - 128}
 
     def _wireshark_seq(self, seq: int, in_time: bool) -> None:
         """Wrap-around cycles the way Wireshark counts them for its Lost column."""
@@ -237,14 +255,18 @@ class RtpStream:
             names.append(n[0] if n else str(pt))
         return ", ".join(names)
 
+    def codec(self) -> str:
+        """Encoding name of the payload type carried most (SDP rtpmap first), or ""."""
+        main_pt = max(self.pts, key=self.pts.get) if self.pts else -1
+        return (self.ptmap.get(main_pt) or STATIC_PT.get(main_pt) or ("",))[0]
+
     def summary(self) -> dict:
         expected = max(self.expected, 1)
         loss_pct = max(self.lost, 0) * 100.0 / expected
         # MOS from RFC 3550 loss: a duplicate must not hide a lost packet
         rfc_expected = max(self.cycles + self.max_seq - self.base_seq + 1, 1)
         rfc_loss_pct = max(self.lost_rfc3550, 0) * 100.0 / rfc_expected
-        main_pt = max(self.pts, key=self.pts.get) if self.pts else -1
-        codec = (self.ptmap.get(main_pt) or STATIC_PT.get(main_pt) or ("",))[0]
+        codec = self.codec()
         return {
             "src": _hp(self.src), "dst": _hp(self.dst), "ssrc": "0x%08X" % self.ssrc,
             "payload": self.payload_name(), "call_id": self.call_id,
@@ -269,16 +291,24 @@ def _hp(addr) -> str:
 class RtpAnalyzer:
     """Classifies UDP payloads as RTP/RTCP and keeps one :class:`RtpStream` per (src, dst, SSRC)."""
 
-    def __init__(self):
+    def __init__(self, max_streams: int = 0, on_evict=None):
         self.streams: dict[tuple, RtpStream] = {}
+        self.max_streams = max_streams  # 0: unbounded (offline analysis)
+        self.on_evict = on_evict  # callable(RtpStream) for a stream dropped to make room
+        self.evicted = 0
         self.endpoints: dict[tuple[str, int], tuple[bytes, dict]] = {}  # SDP (ip, port) → call
         self.rtcp_packets = 0
         self.not_rtp = 0
         self.t0: float | None = None
 
-    def add_sdp(self, call_id: bytes, body: bytes, src=None, dst=None, ts=None) -> None:
+    def add_sdp(self, call_id: bytes, body: bytes, src=None, dst=None, ts=None) -> list:
+        """Remember the media endpoints of an SDP body; returns them as [(ip, port)]."""
+        added = []
         for ip, port, ptmap in parse_sdp(body):
+            self.endpoints.pop((ip, port), None)  # re-insert: newest last
             self.endpoints[(ip, port)] = (call_id, ptmap)
+            added.append((ip, port))
+        return added
 
     def feed(self, payload: bytes, src, dst, ts: float) -> bool:
         """Account one UDP payload; False if it is neither RTP nor RTCP."""
@@ -300,12 +330,24 @@ class RtpAnalyzer:
         key = (src, dst, ssrc)
         st = self.streams.get(key)
         if st is None:
+            if self.max_streams and len(self.streams) >= self.max_streams:
+                self._evict()
             tie = self.endpoints.get(dst) or self.endpoints.get(src)
             st = self.streams[key] = RtpStream(src, dst, ssrc, tie[1] if tie else {})
+            st.first_ts = ts
             if tie:
                 st.call_id = tie[0].decode("utf-8", "replace")
+        st.last_ts = ts
         st.add((ts - self.t0) * 1000.0, seq, rtp_ts, b1 & 0x7F, bool(b1 & 0x80))
         return True
+
+    def _evict(self) -> None:
+        """Drop the oldest stream (first created) to make room for a new one."""
+        key = next(iter(self.streams))
+        st = self.streams.pop(key)
+        self.evicted += 1
+        if self.on_evict is not None:
+            self.on_evict(st)
 
     def _rtcp(self, data: bytes) -> bool:
         """Read SR/RR report blocks of a compound RTCP packet (fraction lost is x/256)."""
@@ -338,4 +380,5 @@ class RtpAnalyzer:
         return [st.summary() for st in self.streams.values()]
 
 
-__all__ = ["RtpAnalyzer", "RtpStream", "parse_sdp", "mos_from_loss", "STATIC_PT"]
+__all__ = ["RtpAnalyzer", "RtpStream", "parse_sdp", "mos_from_loss", "codec_label", "CODEC_LABELS",
+           "STATIC_PT"]

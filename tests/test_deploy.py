@@ -408,6 +408,9 @@ def test_scrape_config_labels_both_endpoints_of_one_sidecar_alike():
 PROMQL_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless",
                    "offset", "Inf", "NaN", "inf", "nan"}
 EXTERNAL_METRICS = {"up", "node_cpu_seconds_total"}  # Prometheus itself, node-exporter
+# exported by `sipwatch capture` (RTP), not by the proxy: checked against a real LiveCapture below
+CAPTURE_METRICS = {"rtp_packets_total", "rtp_packets_lost_total", "rtp_jitter_milliseconds_bucket",
+                   "rtp_mos_bucket"}
 
 
 def promql_metric_names(expr: str) -> set[str]:
@@ -469,7 +472,8 @@ def test_every_dashboard_promql_expression_passes_promtool(tmp_path):
 
 @needs_sipp
 def test_every_metric_used_by_rules_and_dashboards_exists_on_a_real_sidecar(lab):
-    known = exported_names(lab) | set(recordings()) | EXTERNAL_METRICS
+    assert not CAPTURE_METRICS & exported_names(lab), "the proxy exports it: drop it from CAPTURE_METRICS"
+    known = exported_names(lab) | set(recordings()) | EXTERNAL_METRICS | CAPTURE_METRICS
     used = {}
     for label, expr in grafana_exprs():
         for n in promql_metric_names(substitute_grafana_vars(expr)):
@@ -482,6 +486,26 @@ def test_every_metric_used_by_rules_and_dashboards_exists_on_a_real_sidecar(lab)
     # the contract's signaling metrics really are there
     assert {"signaler_rtt_milliseconds_bucket", "sip_transaction_timeouts_total", "sipwatch_spans_dropped_total",
             "sip_calls_processed_total", "sip_call_setup_seconds_bucket", "process_cpu_seconds_total"} <= known
+
+
+def test_capture_metrics_are_exported_by_sipwatch_capture_and_used():
+    """CAPTURE_METRICS is no loophole: each name is on a real capture's gateway registry once it
+    has finished a stream, and each is used by a dashboard."""
+    import io
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+    from capture.live import LiveCapture
+    from sipwatch.logs import JsonLog
+    import pcapbuild as pb
+    lc = LiveCapture("lo", "", None, log=JsonLog(stream=io.BytesIO()))
+    for i in range(20):
+        lc.rtp.analyzer.feed(pb.rtp(i, i * 160, 1, 0), ("192.0.2.1", 4000), ("192.0.2.2", 5000), 1.0 + i * 0.02)
+    lc.finish()
+    names = {s.name for fam in text_string_to_metric_families(generate_latest(lc.metrics.gateway).decode())
+             for s in fam.samples}
+    assert CAPTURE_METRICS <= names, CAPTURE_METRICS - names
+    used = {n for _, e in grafana_exprs() for n in promql_metric_names(substitute_grafana_vars(e))}
+    assert CAPTURE_METRICS <= used, CAPTURE_METRICS - used
 
 
 # --------------------------------------------------------------------------------------------
@@ -573,7 +597,8 @@ def test_dashboards_content():
                                         for t in pct["targets"]}
     assert any(t.get("exemplar") for t in pct["targets"]) and all("method" in t["expr"] for t in pct["targets"])
     calls = json.dumps(titles["sipwatch-calls"])
-    for needle in ("sip_asr", "sip_ner", "sip_call_setup_seconds", "sip_call_duration_seconds", "by (outcome)"):
+    for needle in ("sip_asr", "sip_ner", "sip_call_setup_seconds", "sip_call_duration_seconds", "by (outcome)",
+                   "rtp_packets_lost_total", "rtp_jitter_milliseconds_bucket", "rtp_mos_bucket"):
         assert needle in calls
     # exemplars and log lines link to Jaeger
     prom_ds = uids["prometheus"]["jsonData"]["exemplarTraceIdDestinations"][0]

@@ -337,12 +337,37 @@ def calls() -> dict:
     p.append(L.place(timeseries("Active calls", [prom(f"sum by (instance) (sip_active_calls{{{SEL}}})",
                                                       "{{instance}}")], "none",
                                 "Answered calls not yet ended by BYE, per sidecar."), 8, 8))
+    p.append(L.row("RTP quality"))
+    lost = f"sum by (codec) (rate(rtp_packets_lost_total{{{SEL}}}[5m]))"
+    got = f"sum by (codec) (rate(rtp_packets_total{{{SEL}}}[5m]))"
+    p.append(L.place(timeseries("RTP packet loss ratio by codec", [prom(f"{lost} / ({got} + {lost})", "{{codec}}")],
+                                "percentunit", "Lost / expected RTP packets per codec over 5 minutes, from "
+                                "`sipwatch capture` (streams are counted when they end: call end plus a grace, "
+                                "idle timeout or eviction). Loss as Wireshark's rtp,streams counts it.",
+                                minimum=0), 8, 8))
+    jit = []
+    for ref, q in (("A", "0.50"), ("B", "0.95")):
+        jit.append(prom(f"histogram_quantile({q}, sum by (le) (rate(rtp_jitter_milliseconds_bucket{{{SEL}}}[5m])))",
+                        f"p{q[2:]}", ref))
+    p.append(L.place(timeseries("RTP jitter (per-stream maximum)", jit, "ms",
+                                "p50/p95 over finished streams of each stream's maximum RFC 3550 interarrival "
+                                "jitter (sipwatch capture).", minimum=0), 8, 8))
+    mos = []
+    for ref, q in (("A", "0.50"), ("B", "0.05")):
+        mos.append(prom(f"histogram_quantile({q}, sum by (le) (rate(rtp_mos_bucket{{{SEL}}}[5m])))",
+                        f"p{q[2:]}", ref))
+    p.append(L.place(timeseries("RTP MOS (median and worst 5%)", mos, "none",
+                                "E-model MOS per finished stream (ITU-T G.107 without the delay term, from packet "
+                                "loss; G.711 and G.729 only): median and 5th percentile (sipwatch capture). "
+                                "Clean G.711 scores 4.41.",
+                                steps=thresholds((None, "red"), (3.6, "transparent")), minimum=1, maximum=5), 8, 8))
     p.append(L.row("Call logs"))
     p.append(L.place(logs("Call summaries", '{service="sipwatch", node=~"$node"} | json | event="call_summary"',
                           "One JSON record per finished call (Loki). trace_id links to the call's trace in Jaeger."),
                      24, 8))
     return dashboard("sipwatch-calls", "sipwatch call KPIs",
-                     "Calls by outcome, ASR, NER, session request delay and call duration (RFC 6076).", p,
+                     "Calls by outcome, ASR, NER, session request delay and call duration (RFC 6076); RTP "
+                     "quality from sipwatch capture.", p,
                      ["calls", "kpi"])
 
 
