@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness import SCENARIOS, Sidecar, free_port
+from harness import SCENARIOS, Sidecar, free_port, stop_process
 
 HERE = Path(__file__).resolve().parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -266,13 +266,7 @@ class Kamailio:
         raise RuntimeError("kamailio did not answer")
 
     def __exit__(self, *exc):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         if hasattr(self, "_out"):
             self._out.close()
 

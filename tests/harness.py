@@ -54,6 +54,20 @@ def metric(samples: dict, name: str, **labels) -> float:
     return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
 
 
+def stop_process(proc: subprocess.Popen | None, sig: int = signal.SIGTERM, timeout: float = 10) -> int | None:
+    """Ask a child to stop with ``sig``, kill it if it has not exited after ``timeout``; reap it."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
 class Sidecar:
     """``python -m sipwatch proxy`` on loopback, stopped with SIGTERM."""
 
@@ -91,16 +105,10 @@ class Sidecar:
         self.stop()
 
     def stop(self) -> int | None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        rc = stop_process(self.proc)
         if hasattr(self, "_out"):
             self._out.close()
-        return self.proc.returncode if self.proc else None
+        return rc
 
     def gateway(self) -> dict:
         return scrape(self.gw_metrics)

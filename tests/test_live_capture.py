@@ -19,7 +19,7 @@ import time
 import orjson
 import pytest
 
-from harness import HAVE_SIPP, ROOT, Sidecar, free_port, metric, run_call_pair, scrape
+from harness import HAVE_SIPP, ROOT, Sidecar, free_port, metric, run_call_pair, scrape, stop_process
 
 pytestmark = [pytest.mark.sipp, pytest.mark.skipif(not HAVE_SIPP, reason="needs SIPp"),
               pytest.mark.skipif(shutil.which("dumpcap") is None, reason="needs dumpcap")]
@@ -47,15 +47,9 @@ class Capture:
         return self
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        rc = stop_process(self.proc, signal.SIGINT)
         self._out.close()
-        return self.proc.returncode
+        return rc
 
     def __exit__(self, *exc):
         self.stop()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 import socket
-import time
 
 import pytest
 from opentelemetry.sdk.trace.sampling import Decision, TraceIdRatioBased
