@@ -20,6 +20,7 @@ demo: system-deps venv
 	$(BIN)/python -m sipwatch.demo $(DEMO_ARGS)
 
 test: system-deps venv
+	$(BIN)/python -m ruff check sipwatch capture tests deploy
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: system-deps venv
