@@ -40,7 +40,7 @@ import orjson  # noqa: E402
 
 import bench_micro  # noqa: E402
 import bench_net  # noqa: E402
-from harness import HAVE_SIPP, free_port  # noqa: E402
+from harness import HAVE_SIPP, free_port, metric  # noqa: E402
 
 SECTIONS = ("micro", "latency", "throughput", "tracing")
 
@@ -233,21 +233,30 @@ def section_tracing(workdir: Path, rate: int, duration: float) -> list[dict] | N
         return None
     runs = []
     spans = workdir / "spans.jsonl"
-    with bench_net.OtlpHttpReceiver() as otlp:
+    closed = free_port()  # nothing listens: connection refused at once
+    with bench_net.OtlpHttpReceiver() as otlp, _blackhole() as silent:
+        down = ("sipwatch OTLP backend down", ("--otlp-endpoint", f"http://127.0.0.1:{closed}",
+                                                "--sample-ratio", "1"))
+        hung = ("sipwatch OTLP backend hung", ("--otlp-endpoint", f"http://127.0.0.1:{silent}",
+                                                "--sample-ratio", "1"))
         for name, extra in (
                 ("sipwatch --no-tracing", ("--no-tracing",)),
                 ("sipwatch OTLP/HTTP 100%", ("--otlp-endpoint", otlp.url, "--otlp-protocol", "http/protobuf",
                                              "--sample-ratio", "1")),
-                ("sipwatch spans file 100%", ("--spans-file", str(spans), "--sample-ratio", "1"))):
+                ("sipwatch spans file 100%", ("--spans-file", str(spans), "--sample-ratio", "1")),
+                down, hung):
             uas_port = free_port()
             try:
                 with _make_for(workdir, name, uas_port, *extra) as target:
                     r = bench_net.sipp_load(workdir, target, uas_port, rate, duration)
+                    sig = target.sidecar.signaling()
+                    r["spans_exported"] = metric(sig, "sipwatch_spans_exported_total")
+                    r["spans_dropped"] = metric(sig, "sipwatch_spans_dropped_total")
             except RuntimeError as exc:
                 _progress(f"  {name} @ {rate}/s: not measured ({exc})")
                 continue
             runs.append(r)
-            if "OTLP" in name:
+            if "OTLP/HTTP" in name:
                 r["otlp_requests"], r["otlp_spans"] = otlp.requests, otlp.spans
             _progress(f"  {name} @ {rate}/s: ok {r['ok']} cpu {_f(r['cpu_pct'])}%")
     lines = 0
@@ -264,7 +273,45 @@ def section_tracing(workdir: Path, rate: int, duration: float) -> list[dict] | N
             print(f"  OTLP receiver: {r['otlp_spans']} spans in {r['otlp_requests']} requests "
                   f"({r['otlp_spans'] / max(1, r['ok']):.1f} per successful call)")
     print(f"  spans file: {lines} OTLP-JSON lines written")
+    for r in runs:
+        print(f"  {r['target']}: spans exported {r['spans_exported']:.0f}, dropped {r['spans_dropped']:.0f}")
+    # forwarding latency must not notice a dead or hung backend
+    with bench_net.Responder(workdir) as resp, _blackhole() as silent:
+        targets = []
+        try:
+            for name, extra in (("sipwatch --no-tracing", ("--no-tracing",)),
+                                ("sipwatch OTLP backend down", down[1]),
+                                ("sipwatch OTLP backend hung", ("--otlp-endpoint", f"http://127.0.0.1:{silent}",
+                                                                "--sample-ratio", "1"))):
+                t = _make_for(workdir, name, resp.port, *extra)
+                t.__enter__()
+                targets.append(t)
+            lat = bench_net.latency_probe(targets, 3000, warmup=300)
+        finally:
+            for t in reversed(targets):
+                t.__exit__(None, None, None)
+    base = lat["sipwatch --no-tracing"]
+    table("forwarding latency with the span backend down or hung (OPTIONS ping-pong, 3000 round trips)",
+          ["path", "answered", "p50 µs", "p99 µs", "p50 x no-tracing", "p99 x no-tracing"],
+          [[n, f"{r['answered']}/{r['sent']}", _f(r["p50_us"]), _f(r["p99_us"]),
+            _f(_ratio(r["p50_us"], base["p50_us"]), ".2f"), _f(_ratio(r["p99_us"], base["p99_us"]), ".2f")]
+           for n, r in lat.items()])
+    runs.append({"target": "latency with backend down/hung", "latency": lat})
     return runs
+
+
+class _blackhole:
+    """A TCP port that accepts connections into its backlog and never answers: a hung collector."""
+
+    def __enter__(self) -> int:
+        import socket
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(1024)
+        return self.sock.getsockname()[1]
+
+    def __exit__(self, *exc):
+        self.sock.close()
 
 
 def _progress(msg: str) -> None:
