@@ -4,6 +4,11 @@ The capture drives :class:`sipwatch.observer.Observer` (the proxy's own parser a
 :class:`sipwatch.rtp.RtpAnalyzer`, so the figures are computed by the same code as the live
 metrics. Totals are laid out like tshark's ``-z sip,stat`` and ``-z rtp,streams`` so they can
 be checked against it.
+
+With ``--spans-file`` / ``--otlp-endpoint`` (or the OTEL_* variables, as for the proxy) the
+finished calls and transactions are exported as the proxy's spans (:mod:`sipwatch.tracing`,
+resource role ``analyze``), timed by the capture's packet timestamps, with the call's RTP figures
+as ``rtp.*`` call-span attributes; everything is exported once the file has been read.
 """
 from __future__ import annotations
 
@@ -19,8 +24,10 @@ from sipwatch.masking import MODES
 from sipwatch.observer import Observer
 from sipwatch.rtp import RtpAnalyzer
 from sipwatch.stats import OUTCOMES, TIMEOUT
+from sipwatch.tracing import add_otlp_arguments, rtp_figures
 
 SIP_PORTS = (5060, 5061)
+ANALYZE_EXPORT_TIMEOUT = 300.0  # seconds to export a file's spans before dropping the rest
 
 
 def looks_like_sip(payload: bytes) -> bool:
@@ -39,17 +46,24 @@ def _source(path: str, engine: str, counters: dict):
     return rp(path, counters)
 
 
-def analyse(path: str, engine: str = "fast", mask: str = "partial", progress=None) -> dict:
-    """Analyse one capture; returns the JSON-ready report (see ``--json``)."""
+def analyse(path: str, engine: str = "fast", mask: str = "partial", progress=None,
+            spans=None) -> dict:
+    """Analyse one capture; returns the JSON-ready report (see ``--json``). ``spans``: a
+    :class:`sipwatch.tracing.SpanPipeline` that gets every finished record at the end."""
     rtp = RtpAnalyzer()
     obs = Observer(on_sdp=rtp.add_sdp)
+    if spans is not None:
+        obs.sample_ratio = spans.sample_ratio
     counters: dict = {}
-    calls, txs = [], []
+    calls, txs, records = [], [], []
     n = 0
     t_start = last_report = time.monotonic()
 
     def drain():
-        for kind, obj in obs.drain_finished():
+        for rec in obs.drain_finished():
+            kind, obj = rec
+            if spans is not None:
+                records.append(rec)
             if kind == "call":
                 if obj.is_call:
                     calls.append(obj)
@@ -73,8 +87,19 @@ def analyse(path: str, engine: str = "fast", mask: str = "partial", progress=Non
                          f"{n / (now - t_start):.0f} packets/s")
     obs.finish()
     drain()
-    return _report(path, engine, mask, obs, rtp, counters, calls, txs, n,
-                   time.monotonic() - t_start)
+    rep = _report(path, engine, mask, obs, rtp, counters, calls, txs, n,
+                  time.monotonic() - t_start)
+    if spans is not None:
+        by_call: dict = {}
+        for s in rep["rtp_streams"]:
+            by_call.setdefault(s["call_id"], []).append(s)
+        for call in calls:
+            got = by_call.get(call.call_id.decode("utf-8", "replace"))
+            if got or call.t_answer is not None:
+                call.rtp = rtp_figures((s["pkts"], s["lost"], s["max_jitter_ms"], s["mos"])
+                                       for s in got or ())
+        spans.submit(records)
+    return rep
 
 
 def _hp(addr) -> str:
@@ -214,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engine", choices=("fast", "pyshark"), default="fast",
                     help="fast: built-in pcap/pcapng reader (default); pyshark: tshark dissectors")
     ap.add_argument("--mask-numbers", choices=MODES, default="partial")
+    add_otlp_arguments(ap)
     args = ap.parse_args(argv)
     if not os.path.isfile(args.file) or not os.access(args.file, os.R_OK):
         sys.stderr.write(f"sipwatch analyze: cannot read {args.file!r}\n")
@@ -222,15 +248,28 @@ def main(argv: list[str] | None = None) -> int:
     def progress(line: str) -> None:
         sys.stderr.write(line + "\n")
 
+    from sipwatch.stats import Stats
+    from sipwatch.tracing import SpanPipeline
+
     from .pcapfile import PcapError
+    stats = Stats()
+    # every record is held until the end anyway: no queue limit, and time to export them all
+    spans = SpanPipeline.for_capture("analyze", stats, args.otlp_endpoint, args.otlp_protocol,
+                                     args.spans_file, args.mask_numbers, queue_max=1 << 62)
     try:
-        rep = analyse(args.file, args.engine, args.mask_numbers, progress)
+        rep = analyse(args.file, args.engine, args.mask_numbers, progress, spans)
     except (PcapError, OSError) as exc:
         sys.stderr.write(f"sipwatch analyze: {args.file}: {exc}\n")
         return 2
     except RuntimeError as exc:  # the pyshark worker failed (tshark missing, unreadable file)
         sys.stderr.write(f"sipwatch analyze: {args.engine} engine: {exc}\n")
         return 1
+    finally:
+        if spans is not None:
+            spans.shutdown(ANALYZE_EXPORT_TIMEOUT)
+    if spans is not None:
+        sys.stderr.write(f"analyze: spans exported {stats.spans_exported}, dropped "
+                         f"{stats.spans_dropped}\n")
     if args.json:
         sys.stdout.write(json.dumps(rep, indent=1, default=str) + "\n")
     else:

@@ -31,6 +31,12 @@ interarrival jitter, streams without a known clock rate left out) and ``rtp_mos`
 observation per stream: E-model MOS from its loss, codecs without G.113 figures left out); plus
 ``rtp_streams_active`` and ``rtp_stream_evictions_total``. Each finished call is logged as one
 ``call_summary`` JSON line whose ``rtp`` list holds its streams.
+
+Spans: ``--otlp-endpoint``, ``--otlp-protocol``, ``--spans-file`` and the OTEL_* variables work
+as for the proxy (resource role ``capture``). Transaction spans are exported as their
+transactions finish; a call's span waits, like its call summary, until its RTP streams are
+finished (``--rtp-grace``) and then carries their ``rtp.*`` figures (see :mod:`sipwatch.tracing`).
+A captured ``traceparent`` puts the call into the sender's trace (see :mod:`sipwatch.observer`).
 """
 from __future__ import annotations
 
@@ -49,6 +55,8 @@ from sipwatch.metrics import Metrics, _fmt_le, serve_metrics
 from sipwatch.observer import Observer
 from sipwatch.logs import JsonLog
 from sipwatch.rtp import CODEC_LABELS, RtpAnalyzer, RtpStream, codec_label
+from sipwatch.stats import Stats
+from sipwatch.tracing import SpanPipeline, add_otlp_arguments, rtp_figures
 
 from .pcapfile import Decoder
 
@@ -219,13 +227,18 @@ def _addr(s: str) -> Addr:
 
 class LiveCapture:
     def __init__(self, interface: str, bpf: str, signaling: Addr | None, timer_b: float = 32.0,
-                 rtp: RtpMonitor | None = None, log: JsonLog | None = None):
+                 rtp: RtpMonitor | None = None, log: JsonLog | None = None, spans=None,
+                 stats: Stats | None = None):
         self.interface = interface
         self.bpf = bpf
         self.signaling = signaling
         self.rtp = rtp or RtpMonitor()
         self.log = log or JsonLog("sipwatch-capture")
-        self.observer = Observer(timer_b=timer_b, signaling=signaling, on_sdp=self.rtp.add_sdp)
+        self.spans = spans  # a SpanPipeline, or None
+        self.observer = Observer(timer_b=timer_b, stats=stats, signaling=signaling,
+                                 on_sdp=self.rtp.add_sdp)
+        if spans is not None:
+            self.observer.sample_ratio = spans.sample_ratio
         self.metrics = Metrics(self.observer.stats, time.time)
         self.metrics.gateway.register(self.rtp)
         self.counters: dict = {"frames": 0}
@@ -279,10 +292,16 @@ class LiveCapture:
         # capture time is wall time here, so the clock can expire what the packets no longer do
         now = time.time() if now is None else now
         self.observer.tracker.expire(now)
-        for kind, obj in self.observer.drain_finished(10_000):
+        txs = []
+        for rec in self.observer.drain_finished(10_000):
+            kind, obj = rec
             if kind == "call":
                 self.metrics.observe_call(obj)
                 self.rtp.call_ended(obj, now)
+            else:
+                txs.append(rec)
+        if self.spans is not None and txs:
+            self.spans.submit(txs)
         self._summaries(self.rtp.tick(now))
 
     def finish(self) -> None:
@@ -290,9 +309,16 @@ class LiveCapture:
         self._summaries(self.rtp.stop())
 
     def _summaries(self, ended: list) -> None:
+        calls = []
         for call, streams in ended:
             if call.is_call:
                 self.log.call_summary(call, streams)
+                if streams or call.t_answer is not None:
+                    call.rtp = rtp_figures((r["packets"], r["lost"], r["jitter_max_ms"], r["mos"])
+                                           for r in streams)
+                calls.append(("call", call))
+        if self.spans is not None and calls:
+            self.spans.submit(calls)
 
     async def stop(self) -> None:
         if self.proc and self.proc.returncode is None:
@@ -306,8 +332,11 @@ class LiveCapture:
 
 async def _run(args) -> int:
     rtp = RtpMonitor(args.rtp_idle_timeout, args.rtp_grace, args.rtp_max_streams)
+    stats = Stats()
+    spans = SpanPipeline.for_capture("capture", stats, args.otlp_endpoint, args.otlp_protocol,
+                                     args.spans_file)
     lc = LiveCapture(args.interface, args.bpf, _addr(args.signaling) if args.signaling else None,
-                     args.timer_b, rtp)
+                     args.timer_b, rtp, spans=spans, stats=stats)
     servers = []
     for reg, spec in ((lc.metrics.gateway, args.gateway_metrics), (lc.metrics.signaling, args.signaling_metrics)):
         if spec != "off":
@@ -345,11 +374,14 @@ async def _run(args) -> int:
             reader.cancel()
     lc.housekeeping()
     lc.finish()
+    if spans is not None:
+        spans.shutdown()
     for srv in servers:
         srv.close()
     log.info("capture stopped", "stopped", frames=lc.counters["frames"], packets=lc.packets,
              sip=lc.observer.sip_messages, rtp_streams=sum(rtp.streams.values()),
-             rtp_evicted=rtp.analyzer.evicted)
+             rtp_evicted=rtp.analyzer.evicted, spans_exported=stats.spans_exported,
+             spans_dropped=stats.spans_dropped)
     return rc
 
 
@@ -368,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="seconds after its call ended before a stream is finished (%(default)s)")
     ap.add_argument("--rtp-max-streams", type=int, default=4000,
                     help="RTP streams measured at once; the oldest is finished early beyond (%(default)s)")
+    add_otlp_arguments(ap)
     args = ap.parse_args(argv)
     try:
         return asyncio.run(_run(args))

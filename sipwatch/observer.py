@@ -6,22 +6,33 @@ transaction is keyed per hop: Call-ID, CSeq number and method, top Via branch, a
 (source IP, destination IP) pair; a response matches with the IPs swapped. RTT is the first
 copy of the request to the first response of any status, as the proxy measures it.
 
+Trace context: a call's trace id is the one in the ``traceparent`` (or ``X-Traceparent``) of its
+requests, so a capture of sidecar traffic lands in the sidecar's trace; the first valid one seen
+wins. If the request that opened the call carried it, the call span's parent is the span it
+names (the hop that sent it), as the proxy joins a trace; a traceparent first seen on a later
+hop (an untraced caller in front of a sidecar) only supplies the trace id and sampled flag.
+Without any, the trace id is derived from the Call-ID (the same in every capture of the call).
+Span ids are random 64-bit, like the proxy's.
+
 Time is the capture's: timers run on packet timestamps, and :meth:`finish` flushes at
 ``last_ts + timer_b``. Transactions still waiting when the capture ended are reported as
 ``unanswered_at_eof``, not as timeouts: the capture, not the peer, stopped.
 """
 from __future__ import annotations
 
+import random
 import re
 from collections import Counter
 from hashlib import blake2b
 
 from .sipmsg import SipParseError, header_tag, parse
 from .state import Tracker
+from .tracecontext import parse_traceparent, sampled_by_ratio
 from .stats import ACK, FROM_GATEWAY, FROM_SIGNALING, INVITE, TIMEOUT, Stats, method_index
 
 Addr = tuple[str, int]
 _CRLF_ONLY = frozenset(b"\r\n \t")
+TRACE_HEADERS = (b"traceparent", b"x-traceparent")
 _START_LINE = re.compile(rb"(?:([A-Za-z]+) [^ \r\n]+ SIP/2\.0\r?\n|SIP/2\.0 ([1-6]\d\d)[ \r\n])")
 
 
@@ -45,7 +56,8 @@ class Observer:
         self.eof_txs: set = set()  # transactions cut short by the end of the capture
         self.eof_calls = 0
         self.last_ts: float | None = None
-        self._span = 0
+        self.sample_ratio = 1.0  # for calls without a traceparent (the capture's span pipeline's)
+        self._randbits = random.Random().getrandbits
 
     # -- input ---------------------------------------------------------------------------
     def feed(self, payload: bytes, src: Addr, dst: Addr, ts: float) -> bool:
@@ -104,10 +116,25 @@ class Observer:
         if midx == INVITE:
             self.invite_call_ids.add(call_id)
         call = tracker.find_call(call_id)
+        incoming = None
+        for name in TRACE_HEADERS:
+            value = msg.get(name)
+            if value is not None:
+                incoming = parse_traceparent(value)
+                break
         if call is None:
-            trace_id = int.from_bytes(blake2b(call_id, digest_size=16).digest(), "big") or 1
-            call = tracker.new_call(call_id, trace_id, self._span_id(), None, True, ts, initial,
-                                    msg.get(b"from") or b"", msg.get(b"to") or b"", msg.uri)
+            if incoming is not None:
+                trace_id, parent, flags = incoming
+                sampled = bool(flags & 1)
+            else:
+                trace_id, parent = derived_trace_id(call_id), None
+                sampled = sampled_by_ratio(trace_id, self.sample_ratio)
+            call = tracker.new_call(call_id, trace_id, self._span_id(), parent, sampled, ts,
+                                    initial, msg.get(b"from") or b"", msg.get(b"to") or b"",
+                                    msg.uri)
+        elif incoming is not None and call.trace_id != incoming[0] \
+                and call.trace_id == derived_trace_id(call_id):
+            self._join(call, incoming)
         self._sdp(call_id, msg, src, dst, ts)
         if midx == ACK:
             tracker.ack(midx, method, cseq_n, call, ts, self._span_id(), direction, (src, dst))
@@ -121,6 +148,14 @@ class Observer:
             tracker.request(key, midx, method, cseq_n, call, ts, self._span_id(), parent, direction,
                             (src, dst), initial)  # peer: both ends, for per-hop listings
 
+    @staticmethod
+    def _join(call, incoming) -> None:
+        """A traceparent seen after the call began: move the call and its spans into that trace."""
+        trace_id, sampled = incoming[0], bool(incoming[2] & 1)
+        call.trace_id, call.sampled = trace_id, sampled
+        for tx in call.transactions:
+            tx.trace_id, tx.sampled = trace_id, sampled
+
     def _sdp(self, call_id: bytes, msg, src: Addr, dst: Addr, ts: float) -> None:
         if self.on_sdp is None or not msg.body:
             return
@@ -129,8 +164,7 @@ class Observer:
             self.on_sdp(call_id, msg.body[i:], src, dst, ts)
 
     def _span_id(self) -> int:
-        self._span += 1
-        return self._span
+        return self._randbits(64) or 1
 
     # -- output --------------------------------------------------------------------------
     def finish(self) -> None:
@@ -168,4 +202,9 @@ class Observer:
         return out
 
 
-__all__ = ["Observer"]
+def derived_trace_id(call_id: bytes) -> int:
+    """The trace id of a call seen without trace context: a hash of its Call-ID."""
+    return int.from_bytes(blake2b(call_id, digest_size=16).digest(), "big") or 1
+
+
+__all__ = ["Observer", "derived_trace_id"]

@@ -59,7 +59,7 @@ class Call:
     __slots__ = (
         "call_id", "trace_id", "span_id", "parent_span_id", "sampled", "t_start", "t_setup",
         "t_answer", "t_final", "t_end", "status", "outcome", "cancelled", "finished",
-        "transactions", "retrans", "from_uri", "to_uri", "ruri", "deadline", "is_call",
+        "transactions", "retrans", "from_uri", "to_uri", "ruri", "deadline", "is_call", "rtp",
     )
 
     def __init__(self, call_id, trace_id, span_id, parent_span_id, sampled, now, deadline,
@@ -85,6 +85,7 @@ class Call:
         self.ruri = ruri
         self.deadline = deadline
         self.is_call = is_call  # False: a non-dialog request's own small trace
+        self.rtp = None  # passive capture: the call's RTP figures for its span, once known
 
 
 class Tracker:

@@ -10,6 +10,20 @@ Trace model (one trace per Call-ID, ids chosen by the core and already stamped i
   events (``sip.response`` with ``sip.response.status_code``); 5xx/6xx/timeout set status ERROR.
 * a request outside a dialog (REGISTER, OPTIONS, ...) is a trace of its own CLIENT span(s).
 
+Passive capture (``sipwatch capture`` / ``sipwatch analyze``, resource ``sipwatch.role``
+``capture`` / ``analyze``) builds the same spans from the observer's records, one CLIENT span per
+transaction *per hop seen*, with ``client.address``/``client.port`` (the sender) next to
+``server.*`` (the receiver). Its trace id is the one in the call's ``traceparent`` when a request
+carries one (so the capture's spans join the sidecar's trace), else derived from the Call-ID.
+Span times are packet timestamps. When the call's RTP was measured, the call span also carries:
+
+* ``rtp.streams``: RTP streams (one SSRC, one direction) tied to the call by its SDP
+* ``rtp.packets``: packets received in them; ``rtp.lost``: lost as Wireshark counts it
+  (expected from the first to the last sequence number minus received, per stream never < 0)
+* ``rtp.jitter_max_ms``: the largest RFC 3550 interarrival jitter of any stream (streams with a
+  known clock rate)
+* ``rtp.mos_min``: the lowest E-model MOS of any stream (codecs with G.113 figures)
+
 Why not the SDK's Tracer: a Tracer span costs ~35 µs and takes locks; a ``ReadableSpan``
 built from the finished record costs ~1.5 µs and carries the ids the core already chose.
 
@@ -149,6 +163,15 @@ def make_exporter(endpoint: str, protocol: str):
                             timeout=EXPORT_TIMEOUT)
 
 
+def add_otlp_arguments(ap) -> None:
+    """The proxy's span export flags, for the capture-side commands' argument parsers."""
+    ap.add_argument("--otlp-endpoint", help="OTLP endpoint (default OTEL_EXPORTER_OTLP_ENDPOINT; "
+                                             "none: no export)")
+    ap.add_argument("--otlp-protocol", choices=tuple(DEFAULT_PORTS),
+                    help="grpc or http/protobuf (default OTEL_EXPORTER_OTLP_PROTOCOL or grpc)")
+    ap.add_argument("--spans-file", help="also write spans as OTLP-JSON lines to this file")
+
+
 # -- spans from records --------------------------------------------------------------------
 class SpanBuilder:
     """Turns finished ``Transaction``/``Call`` records into ``ReadableSpan`` objects."""
@@ -175,7 +198,11 @@ class SpanBuilder:
     def tx_span(self, tx) -> ReadableSpan:
         call = tx.call
         frm, to, call_id = self._party(call)
-        host, port = tx.peer
+        peer = tx.peer
+        client = None
+        if isinstance(peer[0], tuple):  # observer: (sender, receiver) of the hop it saw
+            client, peer = peer
+        host, port = peer
         attrs = {
             "sip.request.method": tx.method.decode("ascii", "replace"),
             "sip.call_id": call_id,
@@ -186,6 +213,8 @@ class SpanBuilder:
             "server.port": port,
             "network.peer.address": host,
         }
+        if client is not None:
+            attrs["client.address"], attrs["client.port"] = client
         if not call.is_call:  # no call span above to carry the parties
             attrs["sip.from"] = frm
             attrs["sip.to"] = to
@@ -236,6 +265,8 @@ class SpanBuilder:
             attrs["sip.call.duration_s"] = round(call.t_end - call.t_answer, 6)
         if call.retrans:
             attrs["sip.retransmissions"] = call.retrans
+        if call.rtp:
+            attrs.update(call.rtp)
         status = _OK
         if call.outcome in ERROR_OUTCOMES:
             status = Status(StatusCode.ERROR, attrs["sip.call.outcome"])
@@ -249,6 +280,21 @@ class SpanBuilder:
             start_time=int(call.t_start * 1e9), end_time=int(call.t_end * 1e9),
             instrumentation_scope=_SCOPE,
         )
+
+
+def rtp_figures(streams) -> dict:
+    """The ``rtp.*`` call-span attributes from ``(packets, lost, jitter_max_ms, mos)`` per stream
+    (jitter or MOS None when unknown); set on ``Call.rtp`` before the call record is submitted."""
+    streams = list(streams)
+    out = {"rtp.streams": len(streams), "rtp.packets": sum(s[0] for s in streams),
+           "rtp.lost": sum(max(s[1], 0) for s in streams)}
+    jitter = [s[2] for s in streams if s[2] is not None]
+    mos = [s[3] for s in streams if s[3] is not None]
+    if jitter:
+        out["rtp.jitter_max_ms"] = float(max(jitter))
+    if mos:
+        out["rtp.mos_min"] = float(min(mos))
+    return out
 
 
 def _any_value(v) -> dict:
@@ -324,17 +370,35 @@ class SpanPipeline:
     @classmethod
     def for_proxy(cls, settings, stats, env=None):
         """The proxy's pipeline, or a no-export stand-in (sampler only) with no endpoint/file."""
+        return cls.configured("proxy", stats, settings.otlp_endpoint, settings.otlp_protocol,
+                              settings.spans_file, settings.service_name, settings.mask_numbers,
+                              settings.sample_ratio, env)
+
+    @classmethod
+    def for_capture(cls, role, stats, endpoint=None, protocol=None, spans_file=None,
+                    mask_mode="partial", env=None, **kw):
+        """``sipwatch capture``/``analyze`` (``role``): flags and OTEL_* as for the proxy; None
+        when there is nowhere to send spans. ``kw`` goes to the constructor (queue size)."""
+        env = os.environ if env is None else env
+        service = env.get("OTEL_SERVICE_NAME") or "sipwatch"
+        p = cls.configured(role, stats, endpoint, protocol, spans_file, service, mask_mode,
+                           None, env, **kw)
+        return None if isinstance(p, NoExport) else p
+
+    @classmethod
+    def configured(cls, role, stats, endpoint, protocol, spans_file, service_name, mask_mode,
+                   sample_ratio=None, env=None, **kw):
         env = os.environ if env is None else env
         ratio, parent_based = sampler_from_env(env)
-        if settings.sample_ratio is not None:
-            ratio, parent_based = settings.sample_ratio, True
-        protocol = resolve_protocol(settings.otlp_protocol, env)
-        endpoint = resolve_endpoint(settings.otlp_endpoint, protocol, env)
-        if endpoint is None and not settings.spans_file:
+        if sample_ratio is not None:
+            ratio, parent_based = sample_ratio, True
+        protocol = resolve_protocol(protocol, env)
+        endpoint = resolve_endpoint(endpoint, protocol, env)
+        if endpoint is None and not spans_file:
             return NoExport(ratio)
-        builder = SpanBuilder(make_resource(settings.service_name, "proxy", env), settings.mask_numbers)
+        builder = SpanBuilder(make_resource(service_name, role, env), mask_mode)
         exporter = make_exporter(endpoint, protocol) if endpoint else None
-        return cls(stats, builder, exporter, settings.spans_file, ratio, parent_based)
+        return cls(stats, builder, exporter, spans_file, ratio, parent_based, **kw)
 
     # event loop side ------------------------------------------------------------------
     def submit(self, records) -> None:
