@@ -206,7 +206,7 @@ def report(gw: str, sig: str, work: Path, spans_file: Path, calls: int, caller_r
     except ImportError:
         return
     if spans_file.exists() and spans_file.stat().st_size:
-        print("\nwaterfall and ladder of the slowest call (from the exported spans):")
+        print("\nwaterfall and ladder of the call that waited longest on sip-signaling (from the exported spans):")
         print(render_slowest(str(spans_file), ladder=True))
         print(f"\n(any call: sipwatch waterfall {spans_file} --trace TRACE_ID --ladder)")
 

@@ -15,6 +15,7 @@ import orjson
 
 WIDTH = 48
 KINDS = {1: "internal", 2: "server", 3: "client", 4: "producer", 5: "consumer"}
+CLIENT = 3  # OTLP SpanKind of the transaction spans
 
 
 @dataclass
@@ -93,12 +94,13 @@ def _roots(spans: list[SpanRow]) -> list[SpanRow]:
 
 
 def slowest_trace(spans) -> list[SpanRow] | None:
-    """The trace whose root span lasts longest (the call span, when there is one)."""
+    """The trace that waited longest on the next hop: the largest sum of transaction (CLIENT)
+    span durations. How long a call was held says nothing about where it was slow; time spent
+    waiting for answers does. Traces without transaction spans count by their root span."""
     best, best_d = None, -1
     for trace in by_trace(spans).values():
-        roots = _roots(trace)
-        calls = [r for r in roots if r.kind == 2] or roots
-        d = max(r.end_ns - r.start_ns for r in calls)
+        waited = [s.end_ns - s.start_ns for s in trace if s.kind == CLIENT]
+        d = sum(waited) if waited else max(r.end_ns - r.start_ns for r in _roots(trace))
         if d > best_d:
             best, best_d = trace, d
     return best
