@@ -105,6 +105,64 @@ class SipMessage:
         return b"".join((self.start, b"\r\n", b"\r\n".join(self.lines), b"\r\n\r\n", self.body))
 
 
+def _canonical_name(raw: bytes) -> bytes:
+    """Lowercase long form of a header name as written (``raw`` without the colon)."""
+    name = raw.strip().lower()
+    if len(name) == 1:
+        name = COMPACT_FORMS.get(name, name)
+    return name
+
+
+# Header names as they are commonly written, *including the colon*, mapped to their canonical
+# form. The colon in the key makes a line without one (``key == b""``), a folded continuation
+# (key starts with SP/HT) or an empty line miss the table, so every such line still takes the
+# general path in :func:`_header_lines`. Spellings seen at run time are added there, up to
+# _NAME_CACHE_MAX entries, so a flood of odd names cannot grow it without bound.
+_COMMON_NAMES = (
+    b"Via", b"Max-Forwards", b"From", b"To", b"Call-ID", b"Call-Id", b"CSeq", b"Contact",
+    b"Content-Type", b"Content-Length", b"Route", b"Record-Route", b"User-Agent", b"Server",
+    b"Allow", b"Supported", b"Require", b"Accept", b"Expires", b"Session-Expires", b"Min-SE",
+    b"Authorization", b"Proxy-Authorization", b"WWW-Authenticate", b"Proxy-Authenticate",
+    b"P-Asserted-Identity", b"Event", b"Subscription-State", b"Allow-Events", b"Date",
+    b"Reason", b"RSeq", b"RAck", b"Refer-To", b"Referred-By", b"Privacy", b"Subject",
+    b"Content-Disposition", b"Accept-Language", b"Accept-Encoding", b"traceparent",
+    b"Traceparent", b"X-Traceparent", b"X-traceparent",
+)
+_NAME_CACHE: dict[bytes, bytes] = {}
+for _n in _COMMON_NAMES + tuple(COMPACT_FORMS):
+    for _spelling in (_n, _n.lower()):
+        _NAME_CACHE[_spelling + b":"] = _canonical_name(_spelling)
+_NAME_CACHE_MAX = 1024
+
+
+def _header_lines(raw: list[bytes]) -> tuple[list[bytes], list[bytes]]:
+    """General path over the header lines: folding, empty lines, unusual names, errors."""
+    lines: list[bytes] = []
+    names: list[bytes] = []
+    cache = _NAME_CACHE
+    for line in raw:
+        if not line:
+            continue
+        c0 = line[0]
+        if c0 == 32 or c0 == 9:  # folded continuation (space / tab)
+            if not lines:
+                raise SipParseError("continuation line before any header")
+            lines[-1] = lines[-1] + b"\r\n" + line
+            continue
+        colon = line.find(b":")
+        if colon <= 0:
+            raise SipParseError(f"header line without name {line[:40]!r}")
+        key = line[:colon + 1]
+        name = cache.get(key)
+        if name is None:
+            name = _canonical_name(line[:colon])
+            if len(cache) < _NAME_CACHE_MAX:
+                cache[key] = name
+        lines.append(line)
+        names.append(name)
+    return lines, names
+
+
 def parse(data: bytes, check_length: bool = True) -> SipMessage:
     """Parse one SIP datagram. Raises :class:`SipParseError` with a reason for anything else.
 
@@ -122,9 +180,11 @@ def parse(data: bytes, check_length: bool = True) -> SipMessage:
             head, body = data[:end], data[end + 2:]
         else:
             head, body = data.rstrip(b"\r\n"), b""
-    if b"\r" in head:
-        head = head.replace(b"\r\n", b"\n")
-    raw = head.split(b"\n")
+    # Lines end in CRLF or bare LF. Splitting on CRLF is right when every LF has its CR, which
+    # the counts tell without the copy a replace() of CRLF by LF would make.
+    raw = head.split(b"\r\n")
+    if len(raw) != head.count(b"\n") + 1:
+        raw = head.replace(b"\r\n", b"\n").split(b"\n")
     start = raw[0]
     if start.startswith(_SIP20):
         parts = start.split(None, 2)
@@ -141,28 +201,15 @@ def parse(data: bytes, check_length: bool = True) -> SipMessage:
         method, uri, status = parts[0], parts[1], 0
         if not method.isalpha():
             raise SipParseError(f"bad method {method[:20]!r}")
-    lines: list[bytes] = []
-    names: list[bytes] = []
-    for line in raw[1:]:
-        if not line:
-            continue
-        c0 = line[0]
-        if c0 == 32 or c0 == 9:  # folded continuation (space / tab)
-            if not lines:
-                raise SipParseError("continuation line before any header")
-            lines[-1] = lines[-1] + b"\r\n" + line
-            continue
-        colon = line.find(b":")
-        if colon <= 0:
-            raise SipParseError(f"header line without name {line[:40]!r}")
-        name = line[:colon].strip().lower()
-        if len(name) == 1:
-            name = COMPACT_FORMS.get(name, name)
-        lines.append(line)
-        names.append(name)
-    msg = SipMessage(start, method, uri, status, lines, names, body)
-    cl = msg.get(b"content-length") if check_length else None
-    if cl is not None:
+    del raw[0]
+    # fast path: every line is "Name: value" with a name spelled as in the table
+    get = _NAME_CACHE.get
+    names = [get(line[:line.find(b":") + 1]) for line in raw]
+    if None in names:
+        raw, names = _header_lines(raw)
+    msg = SipMessage(start, method, uri, status, raw, names, body)
+    if check_length and b"content-length" in names:
+        cl = msg.value_at(names.index(b"content-length"))
         if not cl.isdigit():
             raise SipParseError(f"bad Content-Length {cl[:20]!r}")
         n = int(cl)
