@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from binascii import hexlify
 from hashlib import blake2b
 
 from .sipmsg import (
@@ -20,7 +21,7 @@ from .sipmsg import (
 )
 from .state import Call, Tracker
 from .stats import ACK, FROM_GATEWAY, FROM_SIGNALING, INVITE, Stats, method_index
-from .tracecontext import format_traceparent, parse_traceparent, sampled_by_ratio
+from .tracecontext import parse_traceparent, sampled_by_ratio
 
 Addr = tuple[str, int]
 BRANCH_PREFIX = b"z9hG4bKsw"
@@ -62,7 +63,18 @@ class ProxyCore:
         self.adv_hostport = b"%s:%d" % (h, port)
         self.via_prefix = b"Via: SIP/2.0/UDP " + self.adv_hostport + b";branch="
         self.record_route_line = b"Record-Route: <sip:" + self.adv_hostport + b";lr>"
+        # our Via value up to the branch's fixed prefix, for _own_branch; only when the general
+        # parser would read our sent-by back as us
+        self.own_via_head = b"SIP/2.0/UDP " + self.adv_hostport + b";branch=" + BRANCH_PREFIX
+        try:
+            own = parse_via(self.own_via_head + b"0;rport")
+            if not self._is_me(own.host, own.port) or b";" in self.adv_hostport:
+                self.own_via_head = None
+        except SipParseError:
+            self.own_via_head = None
         self.trace_name = config.trace_header.encode()
+        # the trace header line: name, then format_traceparent's layout (version 00)
+        self.trace_line_fmt = self.trace_name.replace(b"%", b"%%") + b": 00-%032x-%016x-%s"
         lname = self.trace_name.lower()
         self.trace_lookup = tuple(dict.fromkeys((lname, b"traceparent", b"x-traceparent")))
         self.trace_lname = lname
@@ -104,23 +116,26 @@ class ProxyCore:
         midx = method_index(method)
         stats.requests[midx * 2 + direction] += 1
         lines, names = msg.lines, msg.names
+        get = msg.get
 
-        via_i = msg.index(b"via")
-        if via_i < 0:
-            raise SipParseError("request without Via")
+        try:
+            via_i = names.index(b"via")
+        except ValueError:
+            raise SipParseError("request without Via") from None
         via_vals = split_values(msg.value_at(via_i))
         top = parse_via(via_vals[0])
+        top_params = top.params
         call_id = msg.call_id()
         cseq_n, cseq_m = msg.cseq()
         if cseq_m != method.upper():
             raise SipParseError("CSeq method differs from request method")
-        from_val = msg.get(b"from")
-        to_val = msg.get(b"to")
+        from_val = get(b"from")
+        to_val = get(b"to")
         if from_val is None or to_val is None:
             raise SipParseError("request without From/To")
         is_ack = midx == ACK
 
-        mf_i = msg.index(b"max-forwards")
+        mf_i = names.index(b"max-forwards") if b"max-forwards" in names else -1
         if mf_i >= 0:
             mf = msg.value_at(mf_i)
             if not mf.isdigit():
@@ -132,18 +147,21 @@ class ProxyCore:
             lines[mf_i] = b"Max-Forwards: %d" % (hops - 1)
 
         from_tag = header_tag(from_val) or b""
-        loop_part = blake2b(b"|".join((msg.uri, from_tag, call_id, b"%d" % cseq_n)),
-                            digest_size=6).hexdigest().encode()
+        cseq_s = b"%d" % cseq_n
+        # hexlify(digest) is the same text as hexdigest().encode(), without the str round trip
+        loop_part = hexlify(blake2b(b"|".join((msg.uri, from_tag, call_id, cseq_s)),
+                                    digest_size=6).digest())
         if self.adv_hostport in data and self._looped(msg, loop_part):
             stats.loops += 1
             return [] if is_ack else [self._local_response(msg, top, src, 482, b"Loop Detected")]
-        uniq = top.branch if top.branch and top.branch.startswith(b"z9hG4bK") else \
-            b"|".join((top.raw, call_id, b"%d" % cseq_n, from_tag))
+        top_branch = top_params.get(b"branch")
+        uniq = top_branch if top_branch and top_branch.startswith(b"z9hG4bK") else \
+            b"|".join((top.raw, call_id, cseq_s, from_tag))
         branch = BRANCH_PREFIX + loop_part + b"." + \
-            blake2b(uniq + self.adv_hostport, digest_size=6).hexdigest().encode()
+            hexlify(blake2b(uniq + self.adv_hostport, digest_size=6).digest())
 
         # Route: drop our own entries (we were record-routed), then pick the next hop
-        next_route = self._pop_own_routes(msg)
+        next_route = self._pop_own_routes(msg) if b"route" in names else None
         if from_sig:
             target = next_route if next_route is not None else msg.uri
             try:
@@ -160,7 +178,8 @@ class ProxyCore:
             dest = self.upstream
 
         # trace context: one trace per Call-ID, joined from an incoming traceparent
-        call = self.tracker.find_call(call_id)
+        tracker = self.tracker
+        call = tracker.calls.get(call_id)
         incoming = None
         for name in self.trace_lookup:
             if name in names:
@@ -173,46 +192,55 @@ class ProxyCore:
             call = self._new_call(msg, call_id, incoming, now, midx == INVITE and not has_to_tag,
                                   from_val, to_val)
 
-        key = (branch, cseq_m)
-        tracker = self.tracker
         if is_ack:
-            tx = tracker.ack(midx, method, cseq_n, call, now, self._span_id(), direction, dest)
+            tx = tracker.ack(midx, method, cseq_n, call, now, self._randbits(64) or 1, direction,
+                             dest)
         else:
+            key = (branch, cseq_m)
             tx = tracker.transactions.get(key)
             if tx is not None:
                 tracker.retransmission(tx)
             else:
                 parent = call.span_id if call.is_call else call.parent_span_id
-                tx = tracker.request(key, midx, method, cseq_n, call, now, self._span_id(),
-                                     parent, direction, dest, midx == INVITE and not has_to_tag)
+                tx = tracker.request(key, midx, method, cseq_n, call, now,
+                                     self._randbits(64) or 1, parent, direction, dest,
+                                     midx == INVITE and not has_to_tag)
 
         # edits: top Via received/rport, our Via, Record-Route, trace header, Max-Forwards
         src_ip, src_port = src
-        rport = top.params.get(b"rport", 0)
-        if rport is None or (top.host.strip(b"[]").decode("ascii", "replace") != src_ip
-                             and b"received" not in top.params):
+        rport = top_params.get(b"rport", 0)
+        if rport is None or (b"received" not in top_params
+                             and top.host.strip(b"[]").decode("ascii", "replace") != src_ip):
             v = via_vals[0]
             if rport is None:
                 v = _set_rport(v, src_port)
-            if b"received" not in top.params:
+            if b"received" not in top_params:
                 v += b";received=" + src_ip.encode()
             via_vals[0] = v
             lines[via_i] = b"Via: " + b", ".join(via_vals)
-        trace_line = self.trace_name + b": " + format_traceparent(tx.trace_id, tx.span_id, tx.sampled)
+        # the same bytes as trace_name + b": " + format_traceparent(...), in one formatting step
+        trace_line = self.trace_line_fmt % (tx.trace_id, tx.span_id, b"01" if tx.sampled else b"00")
         if self.trace_lname in names:
             lines[names.index(self.trace_lname)] = trace_line
         else:
             lines.append(trace_line)
             names.append(self.trace_lname)
-        inserts = []  # same index: later entries end up above earlier ones
-        if self.config.record_route and method in DIALOG_CREATING and not has_to_tag:
-            rr_i = msg.index(b"record-route")
-            inserts.append((rr_i if rr_i >= 0 else via_i, self.record_route_line))
+        # new lines above the top Via, top to bottom: our Via, Max-Forwards if missing,
+        # Record-Route if there is none yet (else it goes above the first Record-Route)
+        above_via = [self.via_prefix + branch + b";rport"]
         if mf_i < 0:
-            inserts.append((via_i, b"Max-Forwards: 70"))
-        inserts.append((via_i, self.via_prefix + branch + b";rport"))
-        for i, line in sorted(inserts, key=lambda x: -x[0]):
-            lines.insert(i, line)
+            above_via.append(b"Max-Forwards: 70")
+        rr_i = -1
+        if self.config.record_route and method in DIALOG_CREATING and not has_to_tag:
+            if b"record-route" in names:
+                rr_i = names.index(b"record-route")
+            else:
+                above_via.append(self.record_route_line)
+        if rr_i > via_i:
+            lines.insert(rr_i, self.record_route_line)
+        lines[via_i:via_i] = above_via
+        if 0 <= rr_i < via_i:
+            lines.insert(rr_i, self.record_route_line)
         return [(msg.to_bytes(), dest)]
 
     def _new_call(self, msg, call_id, incoming, now, is_call, from_val, to_val) -> Call:
@@ -223,7 +251,8 @@ class ProxyCore:
         else:
             trace_id = self._randbits(128) or 1
             parent = None
-            sampled = sampled_by_ratio(trace_id, self.config.sample_ratio)
+            ratio = self.config.sample_ratio
+            sampled = ratio >= 1.0 or sampled_by_ratio(trace_id, ratio)  # (the ratio test inlined)
         return self.tracker.new_call(call_id, trace_id, self._span_id(), parent, sampled, now,
                                      is_call, from_val, to_val, msg.uri)
 
@@ -233,6 +262,14 @@ class ProxyCore:
     def _looped(self, msg: SipMessage, loop_part: bytes) -> bool:
         """RFC 3261 §16.3 step 4: one of our Vias with the same loop hash ⇒ loop (else a spiral)."""
         mine = self.adv_hostport
+        # cheap pre-check on the raw lines: a value (folded or not) can only contain our
+        # host:port if its line does, since folding only adds spaces between parts
+        lines = msg.lines
+        for i, name in enumerate(msg.names):
+            if name == b"via" and mine in lines[i]:
+                break
+        else:
+            return False
         want = BRANCH_PREFIX + loop_part + b"."
         for v in msg.get_all(b"via"):
             if mine in v:
@@ -298,21 +335,25 @@ class ProxyCore:
         status = msg.status
         direction = FROM_SIGNALING if src == self.upstream else FROM_GATEWAY
         stats.responses[(min(status // 100, 6) - 1) * 2 + direction] += 1
-        via_i = msg.index(b"via")
-        if via_i < 0:
-            raise SipParseError("response without Via")
+        names = msg.names
+        try:
+            via_i = names.index(b"via")
+        except ValueError:
+            raise SipParseError("response without Via") from None
         vals = split_values(msg.value_at(via_i))
-        top = parse_via(vals[0])
-        branch = top.branch
-        if not (branch and branch.startswith(BRANCH_PREFIX) and self._is_me(top.host, top.port)):
-            stats.stray_responses += 1  # RFC 3261 §16.7 step 3: not ours, drop
-            return []
+        branch = self._own_branch(vals[0])
+        if branch is None:
+            top = parse_via(vals[0])
+            branch = top.branch
+            if not (branch and branch.startswith(BRANCH_PREFIX) and self._is_me(top.host, top.port)):
+                stats.stray_responses += 1  # RFC 3261 §16.7 step 3: not ours, drop
+                return []
         if len(vals) > 1:
             msg.lines[via_i] = b"Via: " + b", ".join(vals[1:])
             next_via = parse_via(vals[1])
         else:
             del msg.lines[via_i]
-            del msg.names[via_i]
+            del names[via_i]
             i = msg.index(b"via")
             if i < 0:
                 stats.stray_responses += 1
@@ -321,6 +362,18 @@ class ProxyCore:
         _, cseq_m = msg.cseq()
         self.tracker.response((branch, cseq_m), status, now)
         return [(msg.to_bytes(), next_via.reply_address())]
+
+    def _own_branch(self, via_value: bytes) -> bytes | None:
+        """The branch of a Via value exactly as this proxy wrote it (``our sent-by;branch=…;rport``),
+        else None. Saves a full :func:`parse_via` of our own Via on every response; anything
+        else (added parameters, other spelling) takes the general path. The branch must be
+        letters, digits and dots, so no parameter, space or separator can hide in it."""
+        head = self.own_via_head
+        if head is not None and via_value.startswith(head) and via_value.endswith(b";rport"):
+            branch = via_value[len(head) - len(BRANCH_PREFIX):-6]
+            if branch[len(BRANCH_PREFIX):].replace(b".", b"").isalnum():
+                return branch
+        return None
 
 
 def _set_rport(via_value: bytes, port: int) -> bytes:

@@ -66,10 +66,13 @@ class SipMessage:
     def get(self, name: bytes) -> bytes | None:
         """Value of the first header line called ``name`` (lowercase long form)."""
         try:
-            i = self.names.index(name)
+            line = self.lines[self.names.index(name)]
         except ValueError:
             return None
-        return self.value_at(i)
+        v = line[line.index(b":") + 1:]  # value_at, inlined: get() is on every hot path
+        if b"\n" in v:
+            v = b" ".join(part.strip() for part in v.replace(b"\r\n", b"\n").split(b"\n"))
+        return v.strip()
 
     def get_all(self, name: bytes) -> list[bytes]:
         """All comma-separated values of every ``name`` header, in order."""
@@ -208,8 +211,12 @@ def parse(data: bytes, check_length: bool = True) -> SipMessage:
     if None in names:
         raw, names = _header_lines(raw)
     msg = SipMessage(start, method, uri, status, raw, names, body)
-    if check_length and b"content-length" in names:
-        cl = msg.value_at(names.index(b"content-length"))
+    if check_length:
+        try:
+            i = names.index(b"content-length")
+        except ValueError:
+            return msg
+        cl = msg.value_at(i)
         if not cl.isdigit():
             raise SipParseError(f"bad Content-Length {cl[:20]!r}")
         n = int(cl)
@@ -243,11 +250,14 @@ def parse_params(s: bytes) -> dict[bytes, bytes | None]:
     """``;a=1;b;c=2`` → {b'a': b'1', b'b': None, b'c': b'2'} (names lowercased)."""
     out: dict[bytes, bytes | None] = {}
     for p in s.split(b";"):
-        p = p.strip()
-        if not p:
-            continue
+        # stripping the name and value separately is the same as stripping ``p`` first
         k, eq, v = p.partition(b"=")
-        out[k.strip().lower()] = v.strip() if eq else None
+        if eq:
+            out[k.strip().lower()] = v.strip()
+        else:
+            k = k.strip()
+            if k:
+                out[k.lower()] = None
     return out
 
 
@@ -281,7 +291,7 @@ class Via:
 def parse_via(value: bytes) -> Via:
     proto, _, rest = value.partition(b" ")
     rest = rest.strip()
-    if not proto.upper().startswith(b"SIP/2.0/") or not rest:
+    if not rest or not (proto.startswith(b"SIP/2.0/") or proto.upper().startswith(b"SIP/2.0/")):
         # tolerate "SIP / 2.0 / UDP" spacing
         compact = value.replace(b" ", b"").replace(b"\t", b"")
         if not compact.upper().startswith(b"SIP/2.0/"):
@@ -291,10 +301,14 @@ def parse_via(value: bytes) -> Via:
         while j < len(compact) and compact[j:j + 1].isalpha():
             j += 1
         proto, rest = compact[:j], compact[j:]
-    transport = proto[8:].upper()
+    transport = proto[8:]
+    if transport != b"UDP":
+        transport = transport.upper()
     semi = rest.find(b";")
-    sent_by = (rest if semi < 0 else rest[:semi]).strip()
-    params = parse_params(rest[semi:]) if semi >= 0 else {}
+    if semi < 0:
+        sent_by, params = rest.strip(), {}
+    else:
+        sent_by, params = rest[:semi].strip(), parse_params(rest[semi:])
     host, port = split_hostport(sent_by)
     if not host:
         raise SipParseError(f"Via without sent-by {value[:60]!r}")
@@ -310,9 +324,10 @@ def split_hostport(hp: bytes) -> tuple[bytes, int | None]:
     else:
         host, _, port = hp.partition(b":")
     if port:
-        if not port.isdigit() or not 0 < int(port) < 65536:
+        n = int(port) if port.isdigit() else 0
+        if not 0 < n < 65536:
             raise SipParseError(f"bad port in {hp[:60]!r}")
-        return host, int(port)
+        return host, n
     return host, None
 
 
