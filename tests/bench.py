@@ -1,5 +1,5 @@
 """sipwatch benchmark: ``python -m tests.bench [--quick] [--rates 300,1000] [--duration S]
-[--only micro,latency,throughput,tracing]`` (``make bench``).
+[--only micro,latency,throughput,tracing,flood]`` (``make bench``).
 
 Every figure is set against a baseline measured in the same run on the same machine, because
 absolute numbers on a shared 2-core box mean little:
@@ -14,7 +14,10 @@ absolute numbers on a shared 2-core box mean little:
               retransmissions, the proxy's CPU (utime+stime of its process tree), CPU µs per
               forwarded message, UDP drops; sidecar CPU as a multiple of the bare relay's.
   tracing     the sidecar with 100 % sampled spans written out vs ``--no-tracing``, same rate
-              (only when sipwatch has a tracing module).
+              (only when sipwatch has a tracing module), with the OTLP backend down or hung:
+              CPU, spans dropped, and forwarding latency vs ``--no-tracing``.
+  flood       unanswered INVITEs, each a new call: the sidecar's RSS over the flood levels off at
+              its state caps (baseline: its own RSS at the start).
 
 Loopback only. Every process it starts is stopped before it exits. The last line printed is
 the whole result as one JSON object.
@@ -42,7 +45,7 @@ import bench_micro  # noqa: E402
 import bench_net  # noqa: E402
 from harness import HAVE_SIPP, free_port, metric  # noqa: E402
 
-SECTIONS = ("micro", "latency", "throughput", "tracing")
+SECTIONS = ("micro", "latency", "throughput", "tracing", "flood")
 
 
 # -- formatting ---------------------------------------------------------------------------------
@@ -314,6 +317,69 @@ class _blackhole:
         self.sock.close()
 
 
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+FLOOD_RATE = 8000  # INVITEs per second
+
+
+def section_flood(workdir: Path, quick: bool) -> dict:
+    """Unanswered INVITEs, each a new call, as fast as one sender can: the sidecar's memory must
+    level off at its state caps (oldest entries evicted and counted) instead of growing."""
+    import socket
+    total = 40_000 if quick else 240_000
+    cap = 20_000
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # sip-signaling that never answers
+    sink.bind(("127.0.0.1", 0))
+    template = (b"INVITE sip:+15551234567@127.0.0.1 SIP/2.0\r\n"
+                b"Via: SIP/2.0/UDP 127.0.0.1:%d;branch=z9hG4bK-flood-%d;rport\r\n"
+                b"Max-Forwards: 70\r\nFrom: <sip:+15557654321@127.0.0.1>;tag=f%d\r\n"
+                b"To: <sip:+15551234567@127.0.0.1>\r\nCall-ID: flood-%d@127.0.0.1\r\n"
+                b"CSeq: 1 INVITE\r\nContact: <sip:flood@127.0.0.1:%d>\r\n"
+                b"Content-Type: application/sdp\r\nContent-Length: %d\r\n\r\n")
+    sdp = (b"v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+           b"m=audio 40000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n")
+    points = []
+    try:
+        with _make_for(workdir, "sipwatch", sink.getsockname()[1], "--no-tracing",
+                       "--max-transactions", str(cap), "--max-calls", str(cap)) as target:
+            src = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            src.bind(("127.0.0.1", 0))
+            sport = src.getsockname()[1]
+            dest = ("127.0.0.1", target.port)
+            t0 = time.monotonic()
+            step = total // 10
+            points.append((0, _rss_mb(target.pid)))
+            for i in range(total):
+                src.sendto(template % (sport, i, i, i, sport, len(sdp)) + sdp, dest)
+                if i % 100 == 99:  # paced below what the sidecar can take: a flood, not a drop test
+                    ahead = t0 + (i + 1) / FLOOD_RATE - time.monotonic()
+                    if ahead > 0:
+                        time.sleep(ahead)
+                if (i + 1) % step == 0:
+                    points.append((i + 1, _rss_mb(target.pid)))
+            elapsed = time.monotonic() - t0
+            time.sleep(1.0)
+            gw = target.sidecar.gateway()
+            src.close()
+    finally:
+        sink.close()
+    received = metric(gw, "sip_requests_total", method="INVITE")
+    ev_tx = metric(gw, "sip_state_evictions_total", table="transactions")
+    ev_calls = metric(gw, "sip_state_evictions_total", table="calls")
+    table(f"flood: {total} unanswered INVITEs (each a new call) at ~{total / elapsed:.0f}/s, "
+          f"state caps {cap} transactions / {cap} calls",
+          ["INVITEs sent", "sidecar RSS MB"], [[str(n), _f(m)] for n, m in points],
+          f"  received {received:.0f}, evicted transactions {ev_tx:.0f}, evicted calls {ev_calls:.0f};\n"
+          f"  RSS after the first half vs the end: {points[len(points) // 2][1]:.1f} -> {points[-1][1]:.1f} MB")
+    return {"sent": total, "rate": total / elapsed, "rss_mb": points, "received": received,
+            "evicted_transactions": ev_tx, "evicted_calls": ev_calls}
+
+
 def _progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -391,6 +457,8 @@ def main(argv=None) -> int:
                 result["throughput"] = section_throughput(workdir, a.rates, a.duration, a.repeat)
             if "tracing" in a.only:
                 result["tracing"] = section_tracing(workdir, a.tracing_rate, a.duration)
+        if "flood" in a.only:
+            result["flood"] = section_flood(workdir, a.quick)
     result["machine"]["loadavg_after"] = list(os.getloadavg())
     result["elapsed_s"] = time.monotonic() - t0
     print(f"\nload average after: {' '.join(f'{x:.2f}' for x in result['machine']['loadavg_after'])}; "
