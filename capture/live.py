@@ -54,6 +54,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from sipwatch.metrics import Metrics, _fmt_le, serve_metrics
 from sipwatch.observer import Observer
 from sipwatch.logs import JsonLog
+from sipwatch.masking import MODES as MASK_MODES
 from sipwatch.rtp import CODEC_LABELS, RtpAnalyzer, RtpStream, codec_label
 from sipwatch.stats import Stats
 from sipwatch.tracing import SpanPipeline, add_otlp_arguments, rtp_figures
@@ -334,9 +335,10 @@ async def _run(args) -> int:
     rtp = RtpMonitor(args.rtp_idle_timeout, args.rtp_grace, args.rtp_max_streams)
     stats = Stats()
     spans = SpanPipeline.for_capture("capture", stats, args.otlp_endpoint, args.otlp_protocol,
-                                     args.spans_file)
+                                     args.spans_file, args.mask_numbers)
     lc = LiveCapture(args.interface, args.bpf, _addr(args.signaling) if args.signaling else None,
-                     args.timer_b, rtp, spans=spans, stats=stats)
+                     args.timer_b, rtp, spans=spans, stats=stats,
+                     log=JsonLog("sipwatch-capture", mask_mode=args.mask_numbers))
     servers = []
     for reg, spec in ((lc.metrics.gateway, args.gateway_metrics), (lc.metrics.signaling, args.signaling_metrics)):
         if spec != "off":
@@ -394,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gateway-metrics", default="0.0.0.0:13012", help="HOST:PORT or 'off'")
     ap.add_argument("--signaling-metrics", default="0.0.0.0:13022", help="HOST:PORT or 'off'")
     ap.add_argument("--timer-b", type=float, default=32.0)
+    ap.add_argument("--mask-numbers", choices=MASK_MODES, default="partial",
+                    help="phone numbers in logs and spans: none, partial, full (default partial)")
     ap.add_argument("--rtp-idle-timeout", type=float, default=10.0,
                     help="finish an RTP stream after this many seconds without a packet (%(default)s)")
     ap.add_argument("--rtp-grace", type=float, default=2.0,
