@@ -264,9 +264,11 @@ class ProxyCore:
         mine = self.adv_hostport
         # cheap pre-check on the raw lines: a value (folded or not) can only contain our
         # host:port if its line does, since folding only adds spaces between parts
-        lines = msg.lines
-        for i, name in enumerate(msg.names):
-            if name == b"via" and mine in lines[i]:
+        lines, names = msg.lines, msg.names
+        i = -1
+        for _ in range(names.count(b"via")):
+            i = names.index(b"via", i + 1)
+            if mine in lines[i]:
                 break
         else:
             return False

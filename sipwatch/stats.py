@@ -7,6 +7,8 @@ labels are resolved, no locks are taken, no histogram is touched. The Prometheus
 """
 from __future__ import annotations
 
+from array import array
+
 import numpy as np
 
 METHODS = (
@@ -52,8 +54,10 @@ class RttRing:
 
     def __init__(self, size: int = 1 << 16, buckets=RTT_BUCKETS_MS):
         self.size = size
-        self.rtt = np.zeros(size, dtype=np.float64)
-        self.method = np.zeros(size, dtype=np.int64)
+        # array.array, not numpy: a store into it costs a third of a numpy scalar store;
+        # fold() looks at the same memory through numpy without copying
+        self.rtt = array("d", bytes(8 * size))
+        self.method = array("q", bytes(8 * size))
         self.trace = [0] * size  # trace ids (int) for exemplars
         self.n = 0  # samples written since the last fold
         self.bounds = np.asarray(buckets, dtype=np.float64)
@@ -79,8 +83,8 @@ class RttRing:
         n = self.n
         if not n:
             return
-        rtt = self.rtt[:n]
-        meth = self.method[:n]
+        rtt = np.frombuffer(self.rtt, dtype=np.float64, count=n)
+        meth = np.frombuffer(self.method, dtype=np.int64, count=n)
         idx = np.searchsorted(self.bounds, rtt, side="left")
         np.add.at(self.counts, (meth, idx), 1)
         self.sums += np.bincount(meth, weights=rtt, minlength=len(METHODS))
