@@ -35,6 +35,7 @@ class UdpEdge:
 
     def __init__(self, core: ProxyCore, clock):
         self.core = core
+        self._receive = core.receive_datagram  # bound once: called for every datagram
         self.stats = core.stats
         self.clock = clock
         self.upstream = core.upstream
@@ -46,12 +47,16 @@ class UdpEdge:
         self.last_error: str | None = None
 
     def handle(self, data: bytes, addr) -> None:
-        out = self.core.receive_datagram(data, (addr[0], addr[1]), self.clock())
+        # IPv4 source addresses already are (host, port); IPv6 ones carry flowinfo/scope too
+        src = addr if type(addr) is tuple and len(addr) == 2 else (addr[0], addr[1])
+        out = self._receive(data, src, self.clock())
         for payload, dest in out:
             try:
-                if dest == self.upstream and self.upstream_tx is not None:
-                    self.upstream_tx.sendto(payload)
-                    continue
+                if dest == self.upstream:
+                    utx = self.upstream_tx
+                    if utx is not None:
+                        utx.sendto(payload)
+                        continue
                 host = dest[0]
                 literal = self._literal.get(host)
                 if literal is None:
