@@ -10,19 +10,28 @@ import re
 
 MODES = ("none", "partial", "full")
 
-# the user part of a sip:/sips:/tel: URI: from the scheme to '@' (sip) or to ';'/'>' (tel)
-_USER = re.compile(r"(?i)\b(sips?:|tel:)([^@;>\s,]+)(?=@|;|>|\s|,|$)")
-_DIGITS = re.compile(r"\d")
+# the user part of a sip:/sips:/tel: URI: from the scheme up to '@' (sip) or ';'/'>' (tel)
+_USER = re.compile(r"(?i)\b(sips?:|tel:)([^@;>\s,]+)")
 # a number in a display name: 6+ digits, optional +, separators
 _DISPLAY_NUMBER = re.compile(r"\+?\d[\d\-. ()]{4,}\d")
+_NO_DIGITS = str.maketrans("", "", "0123456789")
+_STARS = str.maketrans("0123456789", "**********")
 
 
 def _mask_digits(s: str) -> str:
-    digits = [m.start() for m in _DIGITS.finditer(s)]
-    if len(digits) <= 4:
-        return _DIGITS.sub("*", s) if len(digits) >= 3 else s
-    keep = set(digits[-4:])
-    return "".join("*" if (c.isdigit() and i not in keep) else c for i, c in enumerate(s))
+    """All digits but the last four become '*'; 3-4 digits are all masked, fewer left alone."""
+    n = len(s) - len(s.translate(_NO_DIGITS))
+    if n < 3:
+        return s
+    if n <= 4:
+        return s.translate(_STARS)
+    seen = 0
+    for i, c in enumerate(s):  # cut after the digit that leaves four
+        if "0" <= c <= "9":
+            seen += 1
+            if seen == n - 4:
+                return s[:i + 1].translate(_STARS) + s[i + 1:]
+    return s
 
 
 def mask_uri(value: bytes | str | None, mode: str = "partial") -> str:

@@ -145,3 +145,19 @@ def test_masking_leaves_hosts_and_tags_alone():
     v = '"Caller" <sip:+493012345001@127.0.0.1:49630>;tag=5509SIPpTag001234567'
     assert mask_uri(v, "partial") == '"Caller" <sip:+********5001@127.0.0.1:49630>;tag=5509SIPpTag001234567'
     assert mask_uri("sip:service@10.1.2.3:5060", "full") == "sip:***@10.1.2.3:5060"
+
+
+@given(st.text(alphabet="0123456789+-. ()abc@;", max_size=40))
+def test_partial_masking_keeps_exactly_the_last_four_digits(s):
+    from sipwatch.masking import _mask_digits
+    out = _mask_digits(s)
+    assert len(out) == len(s)
+    assert all(a == b for a, b in zip(s, out) if not a.isdigit())
+    digits = [c for c in s if c.isdigit()]
+    kept = [c for c in out if c.isdigit()]
+    if len(digits) < 3:
+        assert out == s
+    elif len(digits) <= 4:
+        assert kept == []
+    else:
+        assert kept == digits[-4:] and out.count("*") - s.count("*") == len(digits) - 4
