@@ -38,7 +38,8 @@ def outcome_of(status: int, cancelled: bool) -> int:
     return (REJ4, REJ5, REJ6)[min(status // 100, 6) - 4]
 
 # signaler_rtt_milliseconds buckets: dense where SIP answers (1-300 ms), then out to Timer B.
-RTT_BUCKETS_MS = (1, 2, 5, 10, 20, 50, 100, 150, 200, 300, 500, 1000, 2000, 5000, 10000, 32000)
+RTT_BUCKETS_MS = (1, 2, 5, 10, 20, 30, 40, 50, 75, 100, 150, 200, 250, 300, 500, 1000, 2000, 5000, 10000,
+                  32000)
 
 
 def method_index(method: bytes) -> int:

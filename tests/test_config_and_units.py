@@ -82,10 +82,10 @@ def test_ring_exemplar_is_the_newest_sample_of_its_bucket():
     for i, v in enumerate([3.0, 4.0, 250.0, 4.5]):
         ring.add(inv, v, 100 + i)
     ring.fold(5.0)
-    b5 = RTT_BUCKETS_MS.index(5)
-    b300 = RTT_BUCKETS_MS.index(300)
-    assert ring.exemplars[(inv, b5)][:2] == (103, 4.5)
-    assert ring.exemplars[(inv, b300)][:2] == (102, 250.0)
+    def bucket(v):  # index of the first bound >= v ("le")
+        return next(i for i, b in enumerate(RTT_BUCKETS_MS) if v <= b)
+    assert ring.exemplars[(inv, bucket(4.5))][:2] == (103, 4.5)
+    assert ring.exemplars[(inv, bucket(250.0))][:2] == (102, 250.0)
     assert int(np.sum(ring.counts)) == 4
 
 
