@@ -7,7 +7,6 @@ labels are resolved, no locks are taken, no histogram is touched. The Prometheus
 """
 from __future__ import annotations
 
-from array import array
 
 import numpy as np
 
@@ -55,10 +54,12 @@ class RttRing:
 
     def __init__(self, size: int = 1 << 16, buckets=RTT_BUCKETS_MS):
         self.size = size
-        # array.array, not numpy: a store into it costs a third of a numpy scalar store;
-        # fold() looks at the same memory through numpy without copying
-        self.rtt = array("d", bytes(8 * size))
-        self.method = array("q", bytes(8 * size))
+        # numpy arrays, written through memoryviews: a memoryview item store costs about half
+        # of a numpy scalar store; fold() works on the arrays themselves, no copy
+        self.rtt = np.zeros(size, dtype=np.float64)
+        self.method = np.zeros(size, dtype=np.int64)
+        self._rtt_w = memoryview(self.rtt)
+        self._method_w = memoryview(self.method)
         self.trace = [0] * size  # trace ids (int) for exemplars
         self.n = 0  # samples written since the last fold
         self.bounds = np.asarray(buckets, dtype=np.float64)
@@ -72,8 +73,8 @@ class RttRing:
 
     def add(self, midx: int, rtt_ms: float, trace_id: int) -> None:
         n = self.n
-        self.rtt[n] = rtt_ms
-        self.method[n] = midx
+        self._rtt_w[n] = rtt_ms
+        self._method_w[n] = midx
         self.trace[n] = trace_id
         n += 1
         self.n = n
@@ -84,8 +85,8 @@ class RttRing:
         n = self.n
         if not n:
             return
-        rtt = np.frombuffer(self.rtt, dtype=np.float64, count=n)
-        meth = np.frombuffer(self.method, dtype=np.int64, count=n)
+        rtt = self.rtt[:n]
+        meth = self.method[:n]
         idx = np.searchsorted(self.bounds, rtt, side="left")
         np.add.at(self.counts, (meth, idx), 1)
         self.sums += np.bincount(meth, weights=rtt, minlength=len(METHODS))
