@@ -75,7 +75,7 @@ def analyse(path: str, engine: str = "fast", mask: str = "partial", progress=Non
         payload = pkt.payload
         if pkt.transport == "tcp" or looks_like_sip(payload) or pkt.dst[1] in SIP_PORTS \
                 or pkt.src[1] in SIP_PORTS:
-            obs.feed(payload, pkt.src, pkt.dst, pkt.ts)
+            obs.feed(payload, pkt.src, pkt.dst, pkt.ts, pkt.transport)
         else:
             rtp.feed(payload, pkt.src, pkt.dst, pkt.ts)
         if not n & 0x3FFF:
@@ -113,7 +113,7 @@ def _report(path, engine, mask, obs: Observer, rtp: RtpAnalyzer, counters, calls
     txs.sort(key=lambda t: t.t_sent)
     listing, rtts = [], []
     for tx in txs:
-        src, dst = tx.peer
+        src, dst = tx.peer[0], tx.peer[1]
         rtt = None if tx.t_first is None else round((tx.t_first - tx.t_sent) * 1000.0, 3)
         if rtt is not None:
             rtts.append(rtt)

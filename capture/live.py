@@ -287,7 +287,7 @@ class LiveCapture:
                 # RTP/RTCP start with version 2 (0b10......); no SIP start line or keep-alive does
                 if pl and pl[0] >> 6 == 2 and p.transport == "udp" and rtp(pl, p.src, p.dst, p.ts):
                     continue
-                feed(pl, p.src, p.dst, p.ts)
+                feed(pl, p.src, p.dst, p.ts, p.transport)
 
     def housekeeping(self, now: float | None = None) -> None:
         # capture time is wall time here, so the clock can expire what the packets no longer do

@@ -60,7 +60,7 @@ class Observer:
         self._randbits = random.Random().getrandbits
 
     # -- input ---------------------------------------------------------------------------
-    def feed(self, payload: bytes, src: Addr, dst: Addr, ts: float) -> bool:
+    def feed(self, payload: bytes, src: Addr, dst: Addr, ts: float, transport: str = "udp") -> bool:
         """Account one captured SIP message. Returns False (and counts why) if it is not one."""
         if self.last_ts is None or ts > self.last_ts:
             self.last_ts = ts
@@ -88,12 +88,12 @@ class Observer:
         else:
             self.statuses[str(msg.status)] += 1
         try:
-            self._account(msg, src, dst, ts)
+            self._account(msg, src, dst, ts, transport)
         except (SipParseError, ValueError, IndexError, UnicodeError):
             self.stats.parse_errors += 1  # a SIP start line, but headers we cannot key on
         return True
 
-    def _account(self, msg, src: Addr, dst: Addr, ts: float) -> None:
+    def _account(self, msg, src: Addr, dst: Addr, ts: float, transport: str = "udp") -> None:
         cl = msg.get(b"content-length")
         if cl is not None and (not cl.isdigit() or int(cl) > len(msg.body)):
             self.bad_content_length += 1
@@ -136,8 +136,10 @@ class Observer:
                 and call.trace_id == derived_trace_id(call_id):
             self._join(call, incoming)
         self._sdp(call_id, msg, src, dst, ts)
+        # peer: both ends of the hop (and the transport when it is not UDP), for listings and spans
+        hop = (src, dst) if transport == "udp" else (src, dst, transport)
         if midx == ACK:
-            tracker.ack(midx, method, cseq_n, call, ts, self._span_id(), direction, (src, dst))
+            tracker.ack(midx, method, cseq_n, call, ts, self._span_id(), direction, hop)
             return
         key = (call_id, cseq_n, cseq_m, branch, src[0], dst[0])
         tx = tracker.transactions.get(key)
@@ -146,7 +148,7 @@ class Observer:
         else:
             parent = call.span_id if call.is_call else call.parent_span_id
             tracker.request(key, midx, method, cseq_n, call, ts, self._span_id(), parent, direction,
-                            (src, dst), initial)  # peer: both ends, for per-hop listings
+                            hop, initial)
 
     @staticmethod
     def _join(call, incoming) -> None:

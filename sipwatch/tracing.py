@@ -200,15 +200,18 @@ class SpanBuilder:
         frm, to, call_id = self._party(call)
         peer = tx.peer
         client = None
-        if isinstance(peer[0], tuple):  # observer: (sender, receiver) of the hop it saw
-            client, peer = peer
+        transport = "udp"
+        if isinstance(peer[0], tuple):  # observer: (sender, receiver[, transport]) of the hop it saw
+            client, peer = peer[0], peer[1]
+            if len(tx.peer) > 2:
+                transport = tx.peer[2]
         host, port = peer
         attrs = {
             "sip.request.method": tx.method.decode("ascii", "replace"),
             "sip.call_id": call_id,
             "sip.cseq": tx.cseq,
             "sip.direction": DIRECTIONS[tx.direction],
-            "network.transport": "udp",
+            "network.transport": transport,
             "server.address": host,
             "server.port": port,
             "network.peer.address": host,
@@ -253,7 +256,7 @@ class SpanBuilder:
             "sip.to": to,
             "sip.request.uri": mask_uri(call.ruri, self.mask_mode),
             "sip.call.outcome": OUTCOMES[call.outcome] if call.outcome >= 0 else "unknown",
-            "network.transport": "udp",
+            "network.transport": _call_transport(call),
             "network.protocol.name": "sip",
         }
         if call.status:
@@ -502,3 +505,9 @@ class NoExport:
 
     def shutdown(self, timeout: float = 0.0) -> None:
         pass
+
+
+def _call_transport(call) -> str:
+    """The proxy speaks UDP; a captured call says what its first hop was seen on."""
+    peer = call.transactions[0].peer if call.transactions else None
+    return peer[2] if peer and isinstance(peer[0], tuple) and len(peer) > 2 else "udp"

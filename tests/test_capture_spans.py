@@ -278,3 +278,13 @@ def test_live_capture_call_spans_carry_rtp_quality_after_the_grace(tmp_path):
         assert a["rtp.jitter_max_ms"] == pytest.approx(max(st["max_jitter_ms"] for st in streams),
                                                        rel=0.05, abs=0.01)
         assert a["rtp.mos_min"] == min(r["mos"] for r in summaries[cid]["rtp"]) < 4.41
+
+
+@pytest.mark.parametrize("name", ["tcp_call", "basic_call_rtp"])
+def test_captured_spans_name_the_transport_tshark_saw(tmp_path, name):
+    pcap = ROOT / "pcaps" / f"{name}.pcap"
+    facts = json.loads((ROOT / "pcaps" / f"{name}.facts.json").read_text())
+    assert len(facts["sip_transport"]) == 1
+    want = facts["sip_transport"][0].lower()
+    spans, _ = analyze_spans(pcap, tmp_path)
+    assert spans and {s.attributes["network.transport"] for s in spans} == {want}
