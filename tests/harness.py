@@ -198,3 +198,22 @@ def run_call_pair(workdir: Path, uac: str, uas: str, target_port: int, uas_port:
         caller.kill()
         callee.kill()
     return uac_rc, uas_rc, caller, callee
+
+
+def run_rtp_call_pair(workdir: Path, uas_port: int, uac_port: int, rtp_a: int, rtp_b: int,
+                      calls: int, hold_ms: int, sender: list[str]):
+    """SIPp calls with G.711 RTP from ``sender`` (capture/rtpsend.py and its options) between the
+    SDP ports ``rtp_a`` (caller) and ``rtp_b`` (callee); returns (uac_rc, uas_rc, caller, callee)."""
+    callee = Sipp(workdir, "uas_answer", uas_port, None, calls, None, "-mp", str(free_port()),
+                  "-d", "10", "-set", "rtp_port", str(rtp_b)).start()
+    time.sleep(0.3)
+    caller = Sipp(workdir, "uac_call_rtp", uac_port, uas_port, calls, 10, "-mp", str(free_port()),
+                  "-d", str(hold_ms), "-l", "1", "-set", "rtp_port", str(rtp_a),
+                  "-set", "rtp_cmd", " ".join(sender)).start()
+    try:
+        uac_rc, uas_rc = caller.wait(60), callee.wait(15)
+    finally:
+        caller.kill()
+        callee.kill()
+    return uac_rc, uas_rc, caller, callee
+

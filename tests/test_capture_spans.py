@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import HAVE_SIPP, ROOT, Sidecar, free_port, metric, run_call_pair, scrape
+from harness import HAVE_SIPP, ROOT, Sidecar, free_port, metric, run_call_pair, run_rtp_call_pair, scrape
 from otlp_receiver import OtlpReceiver
 from sipwatch.waterfall import by_trace, load_spans, render_slowest
 
@@ -226,7 +226,6 @@ def test_live_capture_call_spans_carry_rtp_quality_after_the_grace(tmp_path):
     --spans-file`` while dumpcap records the same traffic for tshark."""
     from capture.record_fixtures import Dumpcap
     from capture.tshark_facts import facts
-    from harness import Sipp
     from test_live_capture import Capture
 
     uas, uac, rtp_a, rtp_b = (free_port() for _ in range(4))
@@ -237,17 +236,8 @@ def test_live_capture_call_spans_carry_rtp_quality_after_the_grace(tmp_path):
     cap = Capture(tmp_path, bpf, f"127.0.0.1:{uas}")
     cap.args += ["--rtp-grace", "0.5", "--spans-file", str(spans_file)]
     with Dumpcap(pcap, bpf), cap:
-        callee = Sipp(tmp_path, "uas_answer", uas, None, CALLS, None, "-mp", str(free_port()),
-                      "-d", "10", "-set", "rtp_port", str(rtp_b)).start()
-        time.sleep(0.3)
-        caller = Sipp(tmp_path, "uac_call_rtp", uac, uas, CALLS, 10, "-mp", str(free_port()),
-                      "-d", "1500", "-l", "1", "-set", "rtp_port", str(rtp_a),
-                      "-set", "rtp_cmd", " ".join(sender)).start()
-        try:
-            uac_rc, uas_rc = caller.wait(60), callee.wait(15)
-        finally:
-            caller.kill()
-            callee.kill()
+        uac_rc, uas_rc, caller, callee = run_rtp_call_pair(tmp_path, uas, uac, rtp_a, rtp_b, CALLS,
+                                                           1500, sender)
         assert (uac_rc, uas_rc) == (0, 0), caller.errors() + callee.errors()
         # the capture runs on: each call span is written once its grace is over, not at stop
         deadline = time.monotonic() + 15

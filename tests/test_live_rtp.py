@@ -20,7 +20,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 import pcapbuild as pb
-from harness import HAVE_SIPP, ROOT, Sipp, free_port, metric, scrape
+from harness import HAVE_SIPP, ROOT, free_port, metric, run_rtp_call_pair, scrape
 from capture.live import LiveCapture, RtpMonitor
 from capture.record_fixtures import Dumpcap
 from capture.tshark_facts import facts
@@ -146,17 +146,8 @@ def test_live_rtp_metrics_and_call_summaries_match_tshark(tmp_path):
     cap = Capture(tmp_path, bpf, f"127.0.0.1:{uas}")
     cap.args += ["--rtp-grace", "1"]
     with Dumpcap(pcap, bpf), cap:
-        callee = Sipp(tmp_path, "uas_answer", uas, None, CALLS, None, "-mp", str(free_port()),
-                      "-d", "10", "-set", "rtp_port", str(rtp_b)).start()
-        time.sleep(0.3)
-        caller = Sipp(tmp_path, "uac_call_rtp", uac, uas, CALLS, 10, "-mp", str(free_port()),
-                      "-d", "2500", "-l", "1", "-set", "rtp_port", str(rtp_a),
-                      "-set", "rtp_cmd", " ".join(sender)).start()
-        try:
-            uac_rc, uas_rc = caller.wait(60), callee.wait(15)
-        finally:
-            caller.kill()
-            callee.kill()
+        uac_rc, uas_rc, caller, callee = run_rtp_call_pair(tmp_path, uas, uac, rtp_a, rtp_b, CALLS,
+                                                           2500, sender)
         assert (uac_rc, uas_rc) == (0, 0), caller.errors() + callee.errors()
         deadline = time.monotonic() + 20
         while True:
