@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness import SCENARIOS, Sidecar, free_port, stop_process
+from harness import SCENARIOS, Sidecar, free_port, sipp_stat, stop_process
 
 HERE = Path(__file__).resolve().parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -517,16 +517,6 @@ def _sipp(workdir: Path, tag: str, args: list[str]) -> tuple[subprocess.Popen, P
     return p, d
 
 
-def _stat(d: Path) -> dict:
-    files = sorted(d.glob("*_.csv"))
-    if not files:
-        return {}
-    lines = [ln for ln in files[-1].read_text().splitlines() if ln.strip()]
-    head = lines[0].rstrip(";").split(";")
-    last = lines[-1].rstrip(";").split(";")
-    return dict(zip(head, last))
-
-
 def _int(stat: dict, key: str) -> int:
     try:
         return int(stat.get(key, 0))
@@ -590,7 +580,7 @@ def sipp_load(workdir: Path, target, uas_port: int, rate: int, duration: float,
             if p is not None and p.poll() is None:
                 p.kill()
                 p.wait()
-    uac_stat, uas_stat = _stat(uac_dir), _stat(uas_dir)
+    uac_stat, uas_stat = sipp_stat(uac_dir), sipp_stat(uas_dir)
     ok = _int(uac_stat, "SuccessfulCall(C)")
     failed = _int(uac_stat, "FailedCall(C)")
     retrans = _int(uac_stat, "Retransmissions(C)") + _int(uas_stat, "Retransmissions(C)")

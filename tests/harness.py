@@ -133,6 +133,17 @@ class Sidecar:
             time.sleep(0.1)
 
 
+def sipp_stat(directory: Path) -> dict:
+    """Last line of SIPp's -trace_stat CSV in ``directory`` as {column: value}."""
+    files = sorted(directory.glob("*_.csv"))
+    if not files:
+        return {}
+    lines = [ln for ln in files[-1].read_text().splitlines() if ln.strip()]
+    head = lines[0].rstrip(";").split(";")
+    last = lines[-1].rstrip(";").split(";")
+    return dict(zip(head, last))
+
+
 class Sipp:
     """One SIPp process on loopback, files kept in its own directory."""
 
@@ -172,14 +183,7 @@ class Sipp:
             self.proc.wait()
 
     def stat(self) -> dict:
-        """Last line of SIPp's -trace_stat CSV as {column: value}."""
-        files = sorted(self.dir.glob("*_.csv"))
-        if not files:
-            return {}
-        lines = [ln for ln in files[-1].read_text().splitlines() if ln.strip()]
-        head = lines[0].rstrip(";").split(";")
-        last = lines[-1].rstrip(";").split(";")
-        return dict(zip(head, last))
+        return sipp_stat(self.dir)
 
     def errors(self) -> str:
         return "".join(p.read_text(errors="replace") for p in self.dir.glob("*_errors.log"))
