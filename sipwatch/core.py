@@ -40,6 +40,13 @@ class CoreConfig:
     trace_header: str = "traceparent"
     sample_ratio: float = 1.0
     timer_b: float = 32.0
+    timer_c: float = 180.0  # INVITE after a provisional (RFC 3261 16.6 step 11), reset by each 1xx
+    # key for the MACs in our Via branch and Record-Route (stateless checks that survive a
+    # restart when the key is kept); empty: a random key per process
+    secret: bytes = b""
+    # requests from signaling may go only to gateway-side sources seen, to these networks
+    # (ipaddress.ip_network objects), or along a Record-Route this proxy signed
+    allow_next_hop: tuple = ()
     max_transactions: int = 200_000
     max_calls: int = 100_000
     max_call_duration: float = 4 * 3600.0

@@ -25,6 +25,29 @@ OUTCOMES = ("answered", "redirected", "rejected_4xx", "rejected_5xx", "rejected_
             "timeout")
 ANSWERED, REDIRECTED, REJ4, REJ5, REJ6, CANCELLED, TIMEOUT = range(7)
 
+# Why a datagram was not forwarded: a fixed set, so ``sip_dropped_total{reason}`` stays bounded.
+DROP_REASONS = (
+    "not_sip",             # no SIP start line (and not a CRLF keep-alive)
+    "malformed_header",    # header line without a name and colon, bad name bytes, bad folding
+    "control_bytes",       # NUL or another control byte, or invalid UTF-8, in the header section
+    "bad_content_length",  # non-numeric, conflicting, or more than the bytes that arrived
+    "missing_header",      # no Via, Call-ID, CSeq, From or To; CSeq method differs
+    "bad_via",             # a Via value we cannot read
+    "too_many_headers",    # more Via values, Route values or header lines than the caps
+    "out_of_range",        # CSeq >= 2**31, Max-Forwards > 255, port outside 1-65535, status
+    "too_large",           # the forwarded message would not fit a UDP datagram (513 sent)
+    "stray_response",      # a response to no request this proxy forwarded (bad or foreign branch)
+    "next_hop_denied",     # a request from signaling toward a next hop not allowed (403 sent)
+    "unroutable",          # no usable next hop (416 sent)
+    "internal_error",      # the core raised; counted in sipwatch_internal_errors_total too
+)
+(DROP_NOT_SIP, DROP_MALFORMED_HEADER, DROP_CONTROL_BYTES, DROP_BAD_CONTENT_LENGTH, DROP_MISSING_HEADER,
+ DROP_BAD_VIA, DROP_TOO_MANY_HEADERS, DROP_OUT_OF_RANGE, DROP_TOO_LARGE, DROP_STRAY_RESPONSE,
+ DROP_NEXT_HOP_DENIED, DROP_UNROUTABLE, DROP_INTERNAL_ERROR) = range(len(DROP_REASONS))
+
+# Components that catch and count their own failures (``sipwatch_internal_errors_total``).
+COMPONENTS = ("datagram", "send", "tick", "log", "metrics", "spans")
+
 
 def outcome_of(status: int, cancelled: bool) -> int:
     """Bounded outcome label index of an initial INVITE's final response."""
@@ -125,5 +148,10 @@ class Stats:
         self.records_dropped = 0  # finished records the exporters did not drain in time
         self.spans_exported = 0  # written by the span exporter thread (single writer)
         self.spans_dropped = 0
+        self.dropped = [0] * len(DROP_REASONS)  # [DROP_*]: datagrams not forwarded, by reason
+        self.internal_errors = dict.fromkeys(COMPONENTS, 0)
+        self.body_truncated = 0  # UDP bytes past Content-Length discarded (RFC 3261 18.3)
+        self.forks = 0  # a 2xx with another To-tag for an INVITE already answered (forking)
+        self.drain_rejected = 0  # new dialogs answered 503 while draining
         self.ring = RttRing(ring_size)
         # call histograms (seconds) are fed from finished-call records off the hot path
