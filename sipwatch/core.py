@@ -3,24 +3,44 @@
 ``ProxyCore.receive_datagram(data, addr, now)`` takes one UDP payload, where it came from and
 the current time, and returns the datagrams to send as ``[(bytes, (host, port))]``. It never
 reads a clock, never touches a socket and never raises: a message it cannot handle is counted
-and dropped (or answered, for 482/483). The asyncio transport and pcap replay both drive it.
+by reason and dropped (or answered, for 400/403/416/482/483/503/513). The asyncio transport and
+pcap replay both drive it.
 
 Direction: a datagram whose source is the configured upstream (sip-signaling) is "from
 signaling"; anything else is "from gateway". Requests from the gateway side always go to the
-upstream; requests from the signaling side follow Route, then the Request-URI.
+upstream; requests from the signaling side follow Route, then the Request-URI, but only to a
+next hop the policy allows (see :meth:`ProxyCore._allowed`).
+
+Nothing a peer writes decides where the proxy sends, beyond what RFC 3261 lets it:
+* ``received``/``rport`` in the sender's Via are always rewritten from the real source
+  (§18.2.1, RFC 3581), so a response can only go back to the address the request came from;
+* our branch carries a keyed MAC over the reply address and the next hop, so a response is
+  relayed only if this proxy (or one with the same ``secret``, before a restart) forwarded the
+  request it answers, and only from the address the request went to;
+* our Record-Route carries a keyed MAC of the gateway-side party of the dialog, so in-dialog
+  requests from signaling reach it after a restart, and a forged Route cannot open a new path;
+* names are never resolved: next hops are IP literals or nothing.
 """
 from __future__ import annotations
 
+import hmac
+import ipaddress
+import os
 import random
-from dataclasses import dataclass
 from binascii import hexlify
+from dataclasses import dataclass
 from hashlib import blake2b
 
 from .sipmsg import (
     SipMessage, SipParseError, Via, header_tag, parse, parse_via, split_values, uri_hostport,
 )
 from .state import Call, Tracker
-from .stats import ACK, FROM_GATEWAY, FROM_SIGNALING, INVITE, Stats, method_index
+from .stats import (
+    ACK, CANCEL, DROP_BAD_CONTENT_LENGTH, DROP_INTERNAL_ERROR, DROP_MISSING_HEADER,
+    DROP_NEXT_HOP_DENIED, DROP_OUT_OF_RANGE, DROP_STRAY_RESPONSE, DROP_TOO_LARGE,
+    DROP_TOO_MANY_HEADERS, DROP_UNROUTABLE, FROM_GATEWAY, FROM_SIGNALING, INVITE, Stats,
+    method_index,
+)
 from .tracecontext import parse_traceparent, sampled_by_ratio
 
 Addr = tuple[str, int]
@@ -28,6 +48,15 @@ BRANCH_PREFIX = b"z9hG4bKsw"
 # requests that can create a dialog, so they get our Record-Route (RFC 3261 §16.6 step 4)
 DIALOG_CREATING = frozenset((b"INVITE", b"SUBSCRIBE", b"REFER", b"NOTIFY"))
 _CRLF_ONLY = frozenset(b"\r\n \t")
+MAX_VIAS = 70  # more Vias than a default Max-Forwards allows hops: not a real path
+MAX_ROUTES = 70
+MAX_UDP_PAYLOAD = 65507  # IPv4: 65535 - 20 (IP) - 8 (UDP)
+RETRY_AFTER = 5  # seconds, in 503s sent while draining
+GATEWAY_SEEN_MAX = 4096  # gateway-side source addresses remembered for the next-hop policy
+GATEWAY_SEEN_TTL = 3600.0
+# what a malformed request is answered with, when it can be answered at all (RFC 3261 §16.3,
+# §18.3: a request whose body is shorter than its Content-Length SHOULD get 400)
+_ANSWER_400 = frozenset((DROP_BAD_CONTENT_LENGTH, DROP_OUT_OF_RANGE, DROP_TOO_MANY_HEADERS))
 
 
 @dataclass(frozen=True)
@@ -52,15 +81,43 @@ class CoreConfig:
     max_call_duration: float = 4 * 3600.0
 
 
+class Dropped(Exception):
+    """Raised inside the core to drop a message with a reason (and maybe a local response)."""
+
+    def __init__(self, reason: int, reply: tuple[bytes, Addr] | None = None):
+        self.reason = reason
+        self.reply = reply
+
+
+def ip_literal(host: bytes) -> str | None:
+    """The canonical text of an IPv4/IPv6 literal (brackets removed), or None for anything
+    else: names are never resolved."""
+    h = host.strip(b"[]")
+    if not h or len(h) > 45 or not h.isascii():
+        return None
+    try:
+        return str(ipaddress.ip_address(h.decode("ascii")))
+    except ValueError:
+        return None
+
+
 class ProxyCore:
     def __init__(self, config: CoreConfig, stats: Stats | None = None,
                  randbits=random.getrandbits):
         self.config = config
         self.stats = stats or Stats()
         self.tracker = Tracker(self.stats, config.timer_b, config.max_transactions,
-                               config.max_calls, config.max_call_duration)
+                               config.max_calls, config.max_call_duration,
+                               **_timer_c_kw(config.timer_c))
         self._randbits = randbits
-        self.upstream = config.upstream
+        up_ip = ip_literal(config.upstream[0].encode())
+        # compared with socket addresses, which are canonical text
+        self.upstream = (up_ip or config.upstream[0], config.upstream[1])
+        self.key = blake2b(config.secret or os.urandom(32), digest_size=32).digest()
+        self.draining = False  # set on SIGTERM: new dialogs get 503 + Retry-After
+        self.last_internal_error: str | None = None
+        self.gateway_seen: dict[str, float] = {}  # source IP -> last seen, insertion-ordered
+        self._allowed_cache: dict[str, bool] = {}
         host, port = config.advertise
         h = host.encode()
         if b":" in h:  # IPv6 literal in URIs and Via
@@ -69,7 +126,7 @@ class ProxyCore:
         self.adv_port = port
         self.adv_hostport = b"%s:%d" % (h, port)
         self.via_prefix = b"Via: SIP/2.0/UDP " + self.adv_hostport + b";branch="
-        self.record_route_line = b"Record-Route: <sip:" + self.adv_hostport + b";lr>"
+        self.record_route_head = b"Record-Route: <sip:" + self.adv_hostport + b";lr;sw="
         # our Via value up to the branch's fixed prefix, for _own_branch; only when the general
         # parser would read our sent-by back as us
         self.own_via_head = b"SIP/2.0/UDP " + self.adv_hostport + b";branch=" + BRANCH_PREFIX
@@ -88,23 +145,36 @@ class ProxyCore:
 
     # -- entry points ------------------------------------------------------------------
     def receive_datagram(self, data: bytes, addr: Addr, now: float) -> list[tuple[bytes, Addr]]:
+        stats = self.stats
         try:
             msg = parse(data)
+            if msg.truncated:
+                stats.body_truncated += 1
             if msg.method is not None:
                 return self._request(msg, data, addr, now)
             return self._response(msg, addr, now)
-        except SipParseError:
+        except Dropped as d:
+            stats.dropped[d.reason] += 1
+            return [] if d.reply is None else [d.reply]
+        except SipParseError as exc:
             if _CRLF_ONLY.issuperset(data):
-                self.stats.keepalives += 1  # RFC 5626 CRLF keep-alive
-            else:
-                self.stats.parse_errors += 1
+                stats.keepalives += 1  # RFC 5626 CRLF keep-alive
+                return []
+            stats.parse_errors += 1
+            stats.dropped[exc.reason] += 1
+            if exc.reason in _ANSWER_400:
+                return self._bad_request(data, addr)
             return []
-        except (ValueError, IndexError, UnicodeError):
-            self.stats.parse_errors += 1
+        except Exception as exc:  # a bug must cost one datagram, never the process
+            stats.dropped[DROP_INTERNAL_ERROR] += 1
+            stats.internal_errors["datagram"] += 1
+            self.last_internal_error = f"{type(exc).__name__}: {exc}"[:300]
             return []
 
     def handle_timers(self, now: float) -> None:
         self.tracker.expire(now)
+        if self.gateway_seen:
+            self._forget_gateways(now)
 
     def drain_finished(self, limit: int = 10_000) -> list:
         """Finished ("call", Call) / ("tx", Transaction) records for logs and spans."""
@@ -113,6 +183,19 @@ class ProxyCore:
         while q and len(out) < limit:
             out.append(q.popleft())
         return out
+
+    # -- MACs --------------------------------------------------------------------------
+    def _mac(self, *parts: bytes) -> bytes:
+        return hexlify(blake2b(b"|".join(parts), digest_size=6, key=self.key).digest())
+
+    def _branch_mac(self, via: Via, call_id: bytes, cseq_s: bytes, from_tag: bytes,
+                    reply: Addr, hop_ip: str) -> bytes:
+        """Binds our branch to the transaction (the sender's branch, or its sent-by for
+        pre-RFC 3261 senders), the address responses go back to, and the next hop."""
+        b = via.params.get(b"branch")
+        uniq = b if b and b.startswith(b"z9hG4bK") else b"%s:%d" % (via.host, via.port or 5060)
+        return self._mac(b"b", uniq, call_id, cseq_s, from_tag, reply[0].encode(),
+                         b"%d" % reply[1], hop_ip.encode())
 
     # -- requests ----------------------------------------------------------------------
     def _request(self, msg: SipMessage, data: bytes, src: Addr, now: float):
@@ -124,65 +207,84 @@ class ProxyCore:
         stats.requests[midx * 2 + direction] += 1
         lines, names = msg.lines, msg.names
         get = msg.get
+        is_ack = midx == ACK
 
-        try:
-            via_i = names.index(b"via")
-        except ValueError:
-            raise SipParseError("request without Via") from None
+        if b"via" not in names:
+            raise Dropped(DROP_MISSING_HEADER)
+        via_i = names.index(b"via")
         via_vals = split_values(msg.value_at(via_i))
+        if names.count(b"via") + len(via_vals) - 1 > MAX_VIAS:
+            self._count_vias(msg, via_i)
         top = parse_via(via_vals[0])
         top_params = top.params
         call_id = msg.call_id()
         cseq_n, cseq_m = msg.cseq()
         if cseq_m != method.upper():
-            raise SipParseError("CSeq method differs from request method")
+            raise Dropped(DROP_MISSING_HEADER)
         from_val = get(b"from")
         to_val = get(b"to")
         if from_val is None or to_val is None:
-            raise SipParseError("request without From/To")
-        is_ack = midx == ACK
+            raise Dropped(DROP_MISSING_HEADER)
+        src_ip, src_port = src
+        # where responses to this request go: the real source (RFC 3261 §18.2.2, RFC 3581)
+        reply = (src_ip, src_port) if b"rport" in top_params else (src_ip, top.port or 5060)
 
         mf_i = names.index(b"max-forwards") if b"max-forwards" in names else -1
         if mf_i >= 0:
             mf = msg.value_at(mf_i)
-            if not mf.isdigit():
-                raise SipParseError(f"bad Max-Forwards {mf[:10]!r}")
+            if not mf.isdigit() or len(mf) > 3 or int(mf) > 255:
+                raise Dropped(DROP_OUT_OF_RANGE, self._reply(msg, top, reply, data, 400, b"Bad Max-Forwards"))
             hops = int(mf)
             if hops <= 0:
                 stats.too_many_hops += 1
-                return [] if is_ack else [self._local_response(msg, top, src, 483, b"Too Many Hops")]
+                return [] if is_ack else self._local(msg, top, reply, data, 483, b"Too Many Hops")
             lines[mf_i] = b"Max-Forwards: %d" % (hops - 1)
 
         from_tag = header_tag(from_val) or b""
+        has_to_tag = header_tag(to_val) is not None
         cseq_s = b"%d" % cseq_n
-        # hexlify(digest) is the same text as hexdigest().encode(), without the str round trip
         loop_part = hexlify(blake2b(b"|".join((msg.uri, from_tag, call_id, cseq_s)),
                                     digest_size=6).digest())
         if self.adv_hostport in data and self._looped(msg, loop_part):
             stats.loops += 1
-            return [] if is_ack else [self._local_response(msg, top, src, 482, b"Loop Detected")]
-        top_branch = top_params.get(b"branch")
-        uniq = top_branch if top_branch and top_branch.startswith(b"z9hG4bK") else \
-            b"|".join((top.raw, call_id, cseq_s, from_tag))
-        branch = BRANCH_PREFIX + loop_part + b"." + \
-            hexlify(blake2b(uniq + self.adv_hostport, digest_size=6).digest())
+            return [] if is_ack else self._local(msg, top, reply, data, 482, b"Loop Detected")
+
+        if self.draining and not has_to_tag and midx != ACK and midx != CANCEL:
+            stats.drain_rejected += 1
+            return self._local(msg, top, reply, data, 503, b"Service Unavailable",
+                               b"Retry-After: %d" % RETRY_AFTER)
 
         # Route: drop our own entries (we were record-routed), then pick the next hop
-        next_route = self._pop_own_routes(msg) if b"route" in names else None
+        own_sig = None
+        next_route = None
+        if b"route" in names:
+            next_route, own_sig = self._pop_own_routes(msg)
         if from_sig:
             target = next_route if next_route is not None else msg.uri
             try:
                 host, port, params = uri_hostport(target)
             except SipParseError:
                 stats.unroutable += 1
-                return [] if is_ack else [self._local_response(msg, top, src, 416, b"Unsupported URI Scheme")]
+                if is_ack:
+                    raise Dropped(DROP_UNROUTABLE) from None
+                raise Dropped(DROP_UNROUTABLE, self._reply(msg, top, reply, data, 416,
+                                                           b"Unsupported URI Scheme")) from None
             maddr = params.get(b"maddr")
-            dest = ((maddr or host).decode("ascii", "replace").strip("[]"), port or 5060)
+            ip = ip_literal(maddr or host)
+            dest = (ip, port or 5060)
             if dest == self.config.advertise:
                 stats.loops += 1
-                return [] if is_ack else [self._local_response(msg, top, src, 482, b"Loop Detected")]
+                return [] if is_ack else self._local(msg, top, reply, data, 482, b"Loop Detected")
+            if ip is None or not self._allowed(ip, own_sig, now):
+                if is_ack:
+                    raise Dropped(DROP_NEXT_HOP_DENIED)
+                raise Dropped(DROP_NEXT_HOP_DENIED, self._reply(msg, top, reply, data, 403,
+                                                                b"Next Hop Not Allowed"))
+            party = ip
         else:
             dest = self.upstream
+            party = src_ip
+            self._saw_gateway(src_ip, now)
 
         # trace context: one trace per Call-ID, joined from an incoming traceparent
         tracker = self.tracker
@@ -194,11 +296,12 @@ class ProxyCore:
                 if incoming is None:
                     stats.traceparent_invalid += 1
                 break
-        has_to_tag = header_tag(to_val) is not None
         if call is None:
             call = self._new_call(msg, call_id, incoming, now, midx == INVITE and not has_to_tag,
                                   from_val, to_val)
 
+        branch = BRANCH_PREFIX + loop_part + b"." + self._branch_mac(
+            top, call_id, cseq_s, from_tag, reply, dest[0])
         if is_ack:
             tx = tracker.ack(midx, method, cseq_n, call, now, self._randbits(64) or 1, direction,
                              dest)
@@ -213,19 +316,10 @@ class ProxyCore:
                                      self._randbits(64) or 1, parent, direction, dest,
                                      midx == INVITE and not has_to_tag)
 
-        # edits: top Via received/rport, our Via, Record-Route, trace header, Max-Forwards
-        src_ip, src_port = src
-        rport = top_params.get(b"rport", 0)
-        if rport is None or (b"received" not in top_params
-                             and top.host.strip(b"[]").decode("ascii", "replace") != src_ip):
-            v = via_vals[0]
-            if rport is None:
-                v = _set_rport(v, src_port)
-            if b"received" not in top_params:
-                v += b";received=" + src_ip.encode()
-            via_vals[0] = v
-            lines[via_i] = b"Via: " + b", ".join(via_vals)
-        # the same bytes as trace_name + b": " + format_traceparent(...), in one formatting step
+        # edits: the sender's Via gets the real source, then our Via, Record-Route, trace
+        # header, Max-Forwards
+        via_vals[0] = _stamp_source(via_vals[0], top, src_ip, src_port)
+        lines[via_i] = b"Via: " + b", ".join(via_vals)
         trace_line = self.trace_line_fmt % (tx.trace_id, tx.span_id, b"01" if tx.sampled else b"00")
         if self.trace_lname in names:
             lines[names.index(self.trace_lname)] = trace_line
@@ -238,17 +332,33 @@ class ProxyCore:
         if mf_i < 0:
             above_via.append(b"Max-Forwards: 70")
         rr_i = -1
+        rr_line = None
         if self.config.record_route and method in DIALOG_CREATING and not has_to_tag:
+            rr_line = self.record_route_head + self._mac(b"r", party.encode()) + b">"
             if b"record-route" in names:
                 rr_i = names.index(b"record-route")
             else:
-                above_via.append(self.record_route_line)
+                above_via.append(rr_line)
         if rr_i > via_i:
-            lines.insert(rr_i, self.record_route_line)
+            lines.insert(rr_i, rr_line)
         lines[via_i:via_i] = above_via
         if 0 <= rr_i < via_i:
-            lines.insert(rr_i, self.record_route_line)
-        return [(msg.to_bytes(), dest)]
+            lines.insert(rr_i, rr_line)
+        out = msg.to_bytes()
+        if len(out) > MAX_UDP_PAYLOAD:
+            if is_ack:
+                raise Dropped(DROP_TOO_LARGE)
+            raise Dropped(DROP_TOO_LARGE, self._reply(msg, top, reply, data, 513, b"Message Too Large"))
+        return [(out, dest)]
+
+    def _count_vias(self, msg: SipMessage, via_i: int) -> None:
+        """Raise if the Via values, across every Via line, are more than MAX_VIAS."""
+        n = 0
+        for i, name in enumerate(msg.names):
+            if name == b"via":
+                n += len(split_values(msg.value_at(i)))
+                if n > MAX_VIAS:
+                    raise Dropped(DROP_TOO_MANY_HEADERS)
 
     def _new_call(self, msg, call_id, incoming, now, is_call, from_val, to_val) -> Call:
         if incoming is not None:
@@ -269,60 +379,114 @@ class ProxyCore:
     def _looped(self, msg: SipMessage, loop_part: bytes) -> bool:
         """RFC 3261 §16.3 step 4: one of our Vias with the same loop hash ⇒ loop (else a spiral)."""
         mine = self.adv_hostport
-        # cheap pre-check on the raw lines: a value (folded or not) can only contain our
-        # host:port if its line does, since folding only adds spaces between parts
-        lines, names = msg.lines, msg.names
-        i = -1
-        for _ in range(names.count(b"via")):
-            i = names.index(b"via", i + 1)
-            if mine in lines[i]:
-                break
-        else:
-            return False
         want = BRANCH_PREFIX + loop_part + b"."
-        for v in msg.get_all(b"via"):
-            if mine in v:
-                via = parse_via(v)
-                if self._is_me(via.host, via.port) and (via.branch or b"").startswith(want):
-                    return True
+        lines, names = msg.lines, msg.names
+        for i, name in enumerate(names):
+            if name != b"via" or mine not in lines[i] or want not in lines[i]:
+                continue
+            for v in split_values(msg.value_at(i)):
+                if mine in v:
+                    via = parse_via(v)
+                    if self._is_me(via.host, via.port) and (via.branch or b"").startswith(want):
+                        return True
         return False
 
     def _is_me(self, host: bytes, port: int | None) -> bool:
         return host == self.adv_host and (port or 5060) == self.adv_port
 
-    def _pop_own_routes(self, msg: SipMessage) -> bytes | None:
-        """Remove Route values naming us from the top; return the next Route value, if any."""
+    def _pop_own_routes(self, msg: SipMessage) -> tuple[bytes | None, bytes | None]:
+        """Remove Route values naming us from the top; return the next Route value, if any,
+        and the ``sw`` signature of the last of ours removed. Linear: every Route line is split
+        once and rewritten at most once."""
         names, lines = msg.names, msg.lines
-        while True:
-            i = msg.index(b"route")
-            if i < 0:
-                return None
+        sig = None
+        seen = 0
+        i = 0
+        while i < len(names):
+            if names[i] != b"route":
+                i += 1
+                continue
             values = split_values(msg.value_at(i))
-            first = values[0]
-            try:
-                host, port, _ = uri_hostport(first)
-            except SipParseError:
-                return first
-            if not self._is_me(host, port):
-                return first
-            if len(values) > 1:
-                lines[i] = b"Route: " + b", ".join(values[1:])
-            else:
+            seen += len(values)
+            if seen > MAX_ROUTES:
+                raise Dropped(DROP_TOO_MANY_HEADERS)
+            k = 0
+            for v in values:
+                try:
+                    host, port, params = uri_hostport(v)
+                except SipParseError:
+                    break
+                if not self._is_me(host, port):
+                    break
+                sig = params.get(b"sw") or sig
+                k += 1
+            if k == len(values):  # the whole line was ours
                 del lines[i]
                 del names[i]
+                continue
+            if k:
+                lines[i] = b"Route: " + b", ".join(values[k:])
+            return values[k], sig
+        return None, sig
 
-    def _local_response(self, msg: SipMessage, top: Via, src: Addr, status: int,
-                        reason: bytes) -> tuple[bytes, Addr]:
-        """A response generated here (482/483/416), sent back per the top Via."""
+    # -- next-hop policy ---------------------------------------------------------------
+    def _saw_gateway(self, ip: str, now: float) -> None:
+        seen = self.gateway_seen
+        if ip in seen:
+            del seen[ip]  # re-insert: the dict stays ordered by last activity
+        elif len(seen) >= GATEWAY_SEEN_MAX:
+            del seen[next(iter(seen))]
+        seen[ip] = now
+
+    def _forget_gateways(self, now: float) -> None:
+        seen = self.gateway_seen
+        limit = now - GATEWAY_SEEN_TTL
+        while seen:
+            ip = next(iter(seen))
+            if seen[ip] > limit:
+                return
+            del seen[ip]
+
+    def _allowed(self, ip: str, route_sig: bytes | None, now: float) -> bool:
+        """A request from signaling may go to a gateway-side source seen lately, to a network
+        the operator allowed, or to the party our signed Record-Route names."""
+        t = self.gateway_seen.get(ip)
+        if t is not None and t > now - GATEWAY_SEEN_TTL:
+            return True
+        if route_sig is not None and hmac.compare_digest(route_sig, self._mac(b"r", ip.encode())):
+            return True
+        nets = self.config.allow_next_hop
+        if not nets:
+            return False
+        cache = self._allowed_cache
+        ok = cache.get(ip)
+        if ok is None:
+            addr = ipaddress.ip_address(ip)
+            ok = any(addr in net for net in nets)
+            if len(cache) >= 10_000:
+                cache.clear()
+            cache[ip] = ok
+        return ok
+
+    # -- local responses ---------------------------------------------------------------
+    def _local(self, msg: SipMessage, top: Via, reply: Addr, data: bytes, status: int,
+               reason: bytes, extra: bytes | None = None) -> list[tuple[bytes, Addr]]:
+        r = self._reply(msg, top, reply, data, status, reason, extra)
+        return [] if r is None else [r]
+
+    def _reply(self, msg: SipMessage, top: Via, reply: Addr, data: bytes, status: int,
+               reason: bytes, extra: bytes | None = None) -> tuple[bytes, Addr] | None:
+        """A response generated here, sent to the request's real source. Never larger than the
+        request: a spoofed source gains nothing by asking for one (no amplification)."""
+        if msg.method == b"ACK":
+            return None
         out = [b"SIP/2.0 %d %s" % (status, reason)]
         first_via = True
         for i, n in enumerate(msg.names):
             if n == b"via":
                 if first_via:
                     vals = split_values(msg.value_at(i))
-                    vals[0] += b";received=" + src[0].encode()
-                    if top.params.get(b"rport", 0) is None:
-                        vals[0] = _set_rport(vals[0], src[1])
+                    vals[0] = _stamp_source(vals[0], top, reply[0], reply[1])
                     out.append(b"Via: " + b", ".join(vals))
                     first_via = False
                 else:
@@ -334,21 +498,42 @@ class ProxyCore:
                 if header_tag(msg.value_at(i)) is None:
                     line += b";tag=sw" + (b"%08x" % self._randbits(32))
                 out.append(line)
+        if extra:
+            out.append(extra)
         out.append(b"Content-Length: 0")
-        dest = (src[0], src[1]) if top.params.get(b"rport", 0) is None else (src[0], top.port or 5060)
-        return b"\r\n".join(out) + b"\r\n\r\n", dest
+        resp = b"\r\n".join(out) + b"\r\n\r\n"
+        if len(resp) > len(data):
+            return None
+        return resp, reply
+
+    def _bad_request(self, data: bytes, src: Addr) -> list[tuple[bytes, Addr]]:
+        """400 for a request that parses loosely but failed a strict check (RFC 3261 §18.3:
+        body shorter than Content-Length; numbers out of range), when it can be answered."""
+        try:
+            msg = parse(data, check_length=False)
+            if msg.method is None or msg.method == b"ACK" or b"via" not in msg.names:
+                return []
+            if any(msg.get(h) is None for h in (b"from", b"to", b"call-id", b"cseq")):
+                return []
+            vals = split_values(msg.value_at(msg.index(b"via")))
+            top = parse_via(vals[0])
+            reply = (src[0], src[1]) if b"rport" in top.params else (src[0], top.port or 5060)
+            return self._local(msg, top, reply, data, 400, b"Bad Request")
+        except (SipParseError, ValueError, IndexError):
+            return []
 
     # -- responses ---------------------------------------------------------------------
     def _response(self, msg: SipMessage, src: Addr, now: float):
         stats = self.stats
         status = msg.status
+        if status > 699:
+            raise Dropped(DROP_OUT_OF_RANGE)
         direction = FROM_SIGNALING if src == self.upstream else FROM_GATEWAY
         stats.responses[(min(status // 100, 6) - 1) * 2 + direction] += 1
         names = msg.names
-        try:
-            via_i = names.index(b"via")
-        except ValueError:
-            raise SipParseError("response without Via") from None
+        if b"via" not in names:
+            raise Dropped(DROP_MISSING_HEADER)
+        via_i = names.index(b"via")
         vals = split_values(msg.value_at(via_i))
         branch = self._own_branch(vals[0])
         if branch is None:
@@ -356,21 +541,36 @@ class ProxyCore:
             branch = top.branch
             if not (branch and branch.startswith(BRANCH_PREFIX) and self._is_me(top.host, top.port)):
                 stats.stray_responses += 1  # RFC 3261 §16.7 step 3: not ours, drop
-                return []
+                raise Dropped(DROP_STRAY_RESPONSE)
         if len(vals) > 1:
-            msg.lines[via_i] = b"Via: " + b", ".join(vals[1:])
-            next_via = parse_via(vals[1])
+            next_raw = vals[1]
+            rest = vals[1:]
+        else:
+            i = names.index(b"via", via_i + 1) if b"via" in names[via_i + 1:] else -1
+            if i < 0:
+                stats.stray_responses += 1
+                raise Dropped(DROP_STRAY_RESPONSE)
+            next_raw = split_values(msg.value_at(i))[0]
+            rest = None
+        next_via = parse_via(next_raw)
+        call_id = msg.call_id()
+        cseq_n, cseq_m = msg.cseq()
+        reply = _reply_address(next_via)
+        from_tag = header_tag(msg.get(b"from")) or b""
+        dot = branch.rfind(b".")
+        mac = self._branch_mac(next_via, call_id, b"%d" % cseq_n, from_tag, reply or ("", 0), src[0])
+        if reply is None or dot < 0 or not hmac.compare_digest(branch[dot + 1:], mac):
+            stats.stray_responses += 1  # not a request we forwarded, or not from where it went
+            raise Dropped(DROP_STRAY_RESPONSE)
+        if rest is not None:
+            msg.lines[via_i] = b"Via: " + b", ".join(rest)
         else:
             del msg.lines[via_i]
             del names[via_i]
-            i = msg.index(b"via")
-            if i < 0:
-                stats.stray_responses += 1
-                return []
-            next_via = parse_via(split_values(msg.value_at(i))[0])
-        _, cseq_m = msg.cseq()
+        if direction == FROM_GATEWAY:
+            self._saw_gateway(src[0], now)
         self.tracker.response((branch, cseq_m), status, now)
-        return [(msg.to_bytes(), next_via.reply_address())]
+        return [(msg.to_bytes(), reply)]
 
     def _own_branch(self, via_value: bytes) -> bytes | None:
         """The branch of a Via value exactly as this proxy wrote it (``our sent-by;branch=…;rport``),
@@ -385,6 +585,53 @@ class ProxyCore:
         return None
 
 
+def _timer_c_kw(timer_c: float) -> dict:
+    """Tracker takes ``timer_c`` once it runs Timer C; older trackers ignore it."""
+    import inspect
+    return {"timer_c": timer_c} if "timer_c" in inspect.signature(Tracker.__init__).parameters else {}
+
+
+def _reply_address(via: Via) -> Addr | None:
+    """Where a response to this Via goes (RFC 3261 §18.2.2, RFC 3581): ``received`` (which we
+    wrote from the real source) and ``rport``; None unless that is an IP literal and a port."""
+    p = via.params
+    host = p.get(b"received") or via.host
+    ip = ip_literal(host)
+    if ip is None:
+        return None
+    rport = p.get(b"rport")
+    if rport:
+        if not rport.isdigit() or len(rport) > 5 or not 0 < int(rport) < 65536:
+            return None
+        return ip, int(rport)
+    return ip, via.port or 5060
+
+
+def _stamp_source(via_value: bytes, via: Via, src_ip: str, src_port: int) -> bytes:
+    """The sender's Via with ``received``/``rport`` taken from the real source, whatever it
+    wrote (RFC 3261 §18.2.1, RFC 3581 §4): a forged value cannot redirect responses."""
+    params = via.params
+    forged = b"received" in params or params.get(b"rport", None) is not None
+    host_ip = ip_literal(via.host)
+    need_received = host_ip != src_ip
+    if not forged:
+        if b"rport" in params:
+            via_value = _set_rport(via_value, src_port)
+        if need_received:
+            via_value += b";received=" + src_ip.encode()
+        return via_value
+    # rebuild the parameters without the sender's received/rport
+    semi = via_value.find(b";")
+    kept = [p for p in via_value[semi + 1:].split(b";")
+            if p.partition(b"=")[0].strip().lower() not in (b"received", b"rport")]
+    out = b";".join([via_value[:semi]] + kept)
+    if b"rport" in params:
+        out += b";rport=%d" % src_port
+    if need_received:
+        out += b";received=" + src_ip.encode()
+    return out
+
+
 def _set_rport(via_value: bytes, port: int) -> bytes:
     """Fill an empty ``;rport`` parameter with the source port (RFC 3581 §4)."""
     low = via_value.lower()
@@ -397,3 +644,6 @@ def _set_rport(via_value: bytes, port: int) -> bytes:
         if j == len(low) or low[j] in b"; \t,":
             return via_value[:j] + b"=%d" % port + via_value[j:]
         i = j
+
+
+__all__ = ["CoreConfig", "ProxyCore", "BRANCH_PREFIX", "ip_literal"]

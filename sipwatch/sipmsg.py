@@ -8,6 +8,13 @@ Folded header lines are kept as one entry; bare-LF line ends are accepted.
 """
 from __future__ import annotations
 
+import re
+
+from .stats import (
+    DROP_BAD_CONTENT_LENGTH, DROP_BAD_VIA, DROP_CONTROL_BYTES, DROP_MALFORMED_HEADER, DROP_MISSING_HEADER,
+    DROP_NOT_SIP, DROP_OUT_OF_RANGE, DROP_TOO_LARGE, DROP_TOO_MANY_HEADERS,
+)
+
 __all__ = [
     "SipParseError", "SipMessage", "Via", "parse", "parse_via", "split_values",
     "parse_params", "uri_hostport", "header_tag", "COMPACT_FORMS",
@@ -15,7 +22,12 @@ __all__ = [
 
 
 class SipParseError(ValueError):
-    """The datagram is not a SIP message we can forward; the text says why."""
+    """The datagram is not a SIP message we can forward; the text says why and ``reason`` says
+    which of :data:`sipwatch.stats.DROP_REASONS` it counts as."""
+
+    def __init__(self, text: str, reason: int = DROP_MALFORMED_HEADER):
+        super().__init__(text)
+        self.reason = reason
 
 
 COMPACT_FORMS = {
@@ -27,13 +39,14 @@ COMPACT_FORMS = {
 }
 
 _SIP20 = b"SIP/2.0"
+CSEQ_LIMIT = 1 << 31
 _MAX_MESSAGE = 65535
 
 
 class SipMessage:
     """One parsed SIP message. ``lines``/``names`` are parallel lists (raw line, lowercase name)."""
 
-    __slots__ = ("start", "method", "uri", "status", "lines", "names", "body")
+    __slots__ = ("start", "method", "uri", "status", "lines", "names", "body", "truncated")
 
     def __init__(self, start, method, uri, status, lines, names, body):
         self.start: bytes = start
@@ -43,6 +56,7 @@ class SipMessage:
         self.lines: list[bytes] = lines
         self.names: list[bytes] = names
         self.body: bytes = body
+        self.truncated = False  # bytes past Content-Length were discarded (UDP, RFC 3261 18.3)
 
     @property
     def is_request(self) -> bool:
@@ -85,22 +99,24 @@ class SipMessage:
     def call_id(self) -> bytes:
         v = self.get(b"call-id")
         if not v:
-            raise SipParseError("missing Call-ID")
+            raise SipParseError("missing Call-ID", DROP_MISSING_HEADER)
         return v
 
     def cseq(self) -> tuple[int, bytes]:
         v = self.get(b"cseq")
         if v is None:
-            raise SipParseError("missing CSeq")
+            raise SipParseError("missing CSeq", DROP_MISSING_HEADER)
         parts = v.split()
-        if len(parts) != 2 or not parts[0].isdigit():
-            raise SipParseError(f"bad CSeq {v[:40]!r}")
+        if len(parts) != 2 or not parts[0].isdigit() or not parts[1].isalpha():
+            raise SipParseError(f"bad CSeq {v[:40]!r}", DROP_MISSING_HEADER)
+        if len(parts[0]) > 10 or int(parts[0]) >= CSEQ_LIMIT:  # RFC 3261 §8.1.1.5: < 2**31
+            raise SipParseError(f"CSeq out of range {v[:40]!r}", DROP_OUT_OF_RANGE)
         return int(parts[0]), parts[1].upper()
 
     def top_via(self) -> "Via":
         i = self.index(b"via")
         if i < 0:
-            raise SipParseError("missing Via")
+            raise SipParseError("missing Via", DROP_MISSING_HEADER)
         return parse_via(split_values(self.value_at(i))[0])
 
     # -- serialisation -------------------------------------------------------------------
@@ -138,14 +154,23 @@ for _n in _COMMON_NAMES + tuple(COMPACT_FORMS):
 _NAME_CACHE_MAX = 1024
 
 
+# A header name is an RFC 3261 token; the caller has already cut it at the colon.
+_TOKEN = re.compile(rb"[A-Za-z0-9!%'*+\-.^_`|~]+")
+# Bytes never allowed in a header section: NUL and the other controls but HT, and a CR not
+# followed by LF. Searched in one C pass over the whole section.
+_BAD_BYTES = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)")
+MAX_HEADER_LINES = 1000  # a 64 KB datagram of tiny headers stays bounded in list sizes
+MAX_CONTENT_LENGTH_DIGITS = 7
+
+
 def _header_lines(raw: list[bytes]) -> tuple[list[bytes], list[bytes]]:
-    """General path over the header lines: folding, empty lines, unusual names, errors."""
+    """General path over the header lines: folding, unusual names, errors."""
     lines: list[bytes] = []
     names: list[bytes] = []
     cache = _NAME_CACHE
     for line in raw:
         if not line:
-            continue
+            raise SipParseError("empty line inside the header section")
         c0 = line[0]
         if c0 == 32 or c0 == 9:  # folded continuation (space / tab)
             if not lines:
@@ -158,7 +183,10 @@ def _header_lines(raw: list[bytes]) -> tuple[list[bytes], list[bytes]]:
         key = line[:colon + 1]
         name = cache.get(key)
         if name is None:
-            name = _canonical_name(line[:colon])
+            raw_name = line[:colon].rstrip(b" \t")
+            if not _TOKEN.fullmatch(raw_name):
+                raise SipParseError(f"bad header name {raw_name[:40]!r}")
+            name = _canonical_name(raw_name)
             if len(cache) < _NAME_CACHE_MAX:
                 cache[key] = name
         lines.append(line)
@@ -166,44 +194,65 @@ def _header_lines(raw: list[bytes]) -> tuple[list[bytes], list[bytes]]:
     return lines, names
 
 
+def _split_head_body(data: bytes) -> tuple[bytes, bytes]:
+    """Cut at the first empty line, whatever line ends surround it (CRLF or bare LF): the body
+    is never searched for header lines."""
+    i = data.find(b"\n\r\n")
+    j = data.find(b"\n\n")
+    if i < 0 and j < 0:
+        return data.rstrip(b"\r\n"), b""
+    if j < 0 or 0 <= i < j:
+        head, body = data[:i], data[i + 3:]
+    else:
+        head, body = data[:j], data[j + 2:]
+    if head.endswith(b"\r"):
+        head = head[:-1]
+    return head, body
+
+
 def parse(data: bytes, check_length: bool = True) -> SipMessage:
     """Parse one SIP datagram. Raises :class:`SipParseError` with a reason for anything else.
 
-    ``check_length=False`` accepts a bad or too large Content-Length (a passive observer still
-    wants to count a message the proxy would refuse to forward).
+    Strict by default, because the proxy forwards what this accepts: no control bytes or
+    invalid UTF-8 in the header section, every header line a token name and a colon, one
+    Content-Length no larger than the body (a longer body is cut to it, RFC 3261 §18.3, and
+    ``truncated`` set). ``check_length=False`` is the passive observer's mode: it still wants to
+    count a message the proxy would refuse, so only the structure is required.
     """
     if len(data) > _MAX_MESSAGE:
-        raise SipParseError("datagram larger than 65535 bytes")
-    end = data.find(b"\r\n\r\n")
-    if end >= 0:
-        head, body = data[:end], data[end + 4:]
-    else:
-        end = data.find(b"\n\n")
-        if end >= 0:
-            head, body = data[:end], data[end + 2:]
-        else:
-            head, body = data.rstrip(b"\r\n"), b""
+        raise SipParseError("datagram larger than 65535 bytes", DROP_TOO_LARGE)
+    head, body = _split_head_body(data)
+    if check_length:
+        if _BAD_BYTES.search(head) is not None:
+            raise SipParseError("control byte in the header section", DROP_CONTROL_BYTES)
+        if not head.isascii():
+            try:
+                head.decode("utf-8")
+            except UnicodeDecodeError:
+                raise SipParseError("header section is not UTF-8", DROP_CONTROL_BYTES) from None
     # Lines end in CRLF or bare LF. Splitting on CRLF is right when every LF has its CR, which
     # the counts tell without the copy a replace() of CRLF by LF would make.
     raw = head.split(b"\r\n")
     if len(raw) != head.count(b"\n") + 1:
         raw = head.replace(b"\r\n", b"\n").split(b"\n")
+    if len(raw) > MAX_HEADER_LINES:
+        raise SipParseError("too many header lines", DROP_TOO_MANY_HEADERS)
     start = raw[0]
     if start.startswith(_SIP20):
         parts = start.split(None, 2)
         if len(parts) < 2 or len(parts[1]) != 3 or not parts[1].isdigit():
-            raise SipParseError(f"bad status line {start[:60]!r}")
+            raise SipParseError(f"bad status line {start[:60]!r}", DROP_NOT_SIP)
         status = int(parts[1])
         if status < 100:
-            raise SipParseError(f"bad status code {status}")
+            raise SipParseError(f"bad status code {status}", DROP_OUT_OF_RANGE)
         method = uri = None
     else:
         parts = start.split()
         if len(parts) != 3 or parts[2] != _SIP20:
-            raise SipParseError(f"not a SIP request line {start[:60]!r}")
+            raise SipParseError(f"not a SIP request line {start[:60]!r}", DROP_NOT_SIP)
         method, uri, status = parts[0], parts[1], 0
-        if not method.isalpha():
-            raise SipParseError(f"bad method {method[:20]!r}")
+        if not (method.isalpha() and method.isascii()):
+            raise SipParseError(f"bad method {method[:20]!r}", DROP_NOT_SIP)
     del raw[0]
     # fast path: every line is "Name: value" with a name spelled as in the table
     get = _NAME_CACHE.get
@@ -211,39 +260,54 @@ def parse(data: bytes, check_length: bool = True) -> SipMessage:
     if None in names:
         raw, names = _header_lines(raw)
     msg = SipMessage(start, method, uri, status, raw, names, body)
-    if check_length:
-        try:
-            i = names.index(b"content-length")
-        except ValueError:
-            return msg
+    if check_length and b"content-length" in names:
+        i = names.index(b"content-length")
+        if b"content-length" in names[i + 1:]:
+            raise SipParseError("more than one Content-Length", DROP_BAD_CONTENT_LENGTH)
         cl = msg.value_at(i)
-        if not cl.isdigit():
-            raise SipParseError(f"bad Content-Length {cl[:20]!r}")
+        if not cl.isdigit() or len(cl) > MAX_CONTENT_LENGTH_DIGITS:
+            raise SipParseError(f"bad Content-Length {cl[:20]!r}", DROP_BAD_CONTENT_LENGTH)
         n = int(cl)
         if n > len(body):
-            raise SipParseError(f"Content-Length {n} exceeds the {len(body)} body bytes received")
+            raise SipParseError(f"Content-Length {n} exceeds the {len(body)} body bytes received",
+                                DROP_BAD_CONTENT_LENGTH)
+        if n < len(body):
+            msg.body = body[:n]
+            msg.truncated = True
     return msg
 
 
+# One comma-separated element: runs of quoted strings, <...> and other bytes but a comma.
+# Possessive: each branch starts with a different byte, so matching is linear in the value.
+_ELEMENT = re.compile(rb'(?:"(?:[^"\\]|\\.)*+"|<[^>]*+>|[^,"<])++')
+
+
 def split_values(value: bytes) -> list[bytes]:
-    """Split a comma-separated header value, ignoring commas in quotes and <...>."""
+    """Split a comma-separated header value, ignoring commas in quotes and <...>.
+
+    Linear in the value (one regex pass in C). An unclosed quote or ``<`` raises, so nothing
+    can hide a comma from the splitter."""
     if b"," not in value:
         return [value]
-    out, depth, quoted, start = [], 0, False, 0
-    for i, ch in enumerate(value):
-        if ch == 34:  # "
-            quoted = not quoted
-        elif quoted:
-            continue
-        elif ch == 60:  # <
-            depth += 1
-        elif ch == 62:  # >
-            depth -= 1
-        elif ch == 44 and depth <= 0:  # ,
-            out.append(value[start:i].strip())
-            start = i + 1
-    out.append(value[start:].strip())
-    return [v for v in out if v]
+    out = []
+    pos = 0
+    n = len(value)
+    match = _ELEMENT.match
+    while pos < n:
+        m = match(value, pos)
+        if m is None:
+            if value[pos] == 44:  # an empty element
+                pos += 1
+                continue
+            raise SipParseError(f"unbalanced quote or <> in {value[:40]!r}")
+        end = m.end()
+        if end < n and value[end] != 44:  # stopped at a quote or < that never closes
+            raise SipParseError(f"unbalanced quote or <> in {value[:40]!r}")
+        v = m.group().strip()
+        if v:
+            out.append(v)
+        pos = end + 1  # past the comma (or the end)
+    return out
 
 
 def parse_params(s: bytes) -> dict[bytes, bytes | None]:
@@ -295,7 +359,7 @@ def parse_via(value: bytes) -> Via:
         # tolerate "SIP / 2.0 / UDP" spacing
         compact = value.replace(b" ", b"").replace(b"\t", b"")
         if not compact.upper().startswith(b"SIP/2.0/"):
-            raise SipParseError(f"bad Via {value[:60]!r}")
+            raise SipParseError(f"bad Via {value[:60]!r}", DROP_BAD_VIA)
         slash = compact.rfind(b"/")
         j = slash + 1
         while j < len(compact) and compact[j:j + 1].isalpha():
@@ -311,7 +375,7 @@ def parse_via(value: bytes) -> Via:
         sent_by, params = rest[:semi].strip(), parse_params(rest[semi:])
     host, port = split_hostport(sent_by)
     if not host:
-        raise SipParseError(f"Via without sent-by {value[:60]!r}")
+        raise SipParseError(f"Via without sent-by {value[:60]!r}", DROP_BAD_VIA)
     return Via(transport, host, port, params, value)
 
 
@@ -324,9 +388,9 @@ def split_hostport(hp: bytes) -> tuple[bytes, int | None]:
     else:
         host, _, port = hp.partition(b":")
     if port:
-        n = int(port) if port.isdigit() else 0
+        n = int(port) if port.isdigit() and len(port) <= 5 else 0
         if not 0 < n < 65536:
-            raise SipParseError(f"bad port in {hp[:60]!r}")
+            raise SipParseError(f"bad port in {hp[:60]!r}", DROP_OUT_OF_RANGE)
         return host, n
     return host, None
 

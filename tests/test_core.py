@@ -78,7 +78,8 @@ def test_invite_is_forwarded_upstream_with_proxy_edits(core):
     assert top.branch.startswith(b"z9hG4bK") and b"rport" in top.params
     assert vias[1].startswith(b"SIP/2.0/UDP 10.0.0.1:5070;branch=z9hG4bK-gw-1")
     assert msg.get(b"max-forwards") == b"69"
-    assert msg.get(b"record-route") == b"<sip:10.0.0.2:5060;lr>"
+    rr = msg.get(b"record-route")  # ours, signed with the gateway-side party (sw=)
+    assert rr.startswith(b"<sip:10.0.0.2:5060;lr;sw=") and rr.endswith(b">")
     tp = parse_traceparent(msg.get(b"traceparent"))
     assert tp is not None and tp[2] == 1
     assert msg.body == SDP and msg.get(b"content-length") == b"%d" % len(SDP)
@@ -241,6 +242,7 @@ def test_in_dialog_request_from_signaling_follows_route_then_ruri(core):
            b"From: <sip:+15551234567@10.0.0.3>;tag=uas-1\r\n"
            b"To: <sip:+15557654321@10.0.0.1>;tag=from-1\r\n"
            b"Call-ID: call-9\r\nCSeq: 5 BYE\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n")
+    forward_one(core, invite())  # the gateway has talked to us: an allowed next hop
     data, dest = forward_one(core, bye, src=SIGNALING)
     assert dest == ("10.0.0.1", 5070)
     assert parse(data).get(b"route") is None
@@ -283,7 +285,9 @@ def test_garbage_is_counted_crlf_keepalive_is_not_an_error(core):
     assert core.stats.keepalives == 1 and core.stats.parse_errors == 0
     assert core.receive_datagram(b"\x00\xff garbage", GATEWAY, T0) == []
     bad_len = invite().replace(b"Content-Length: %d" % len(SDP), b"Content-Length: 9999")
-    assert core.receive_datagram(bad_len, GATEWAY, T0) == []
+    # RFC 3261 §18.3: a request whose body is shorter than its Content-Length gets a 400
+    out = core.receive_datagram(bad_len, GATEWAY, T0)
+    assert len(out) == 1 and out[0][0].startswith(b"SIP/2.0 400 ") and out[0][1] == GATEWAY
     assert core.stats.parse_errors == 2
 
 
