@@ -1,0 +1,175 @@
+"""One fuzz input → a short run of the sans-IO core, the observer and the parser, with the
+properties of issue 8 checked on everything the core emits.
+
+Input format: records separated by ``SEP``; the first byte of a record picks what happens and
+how far the clock moves, the rest is the datagram (or, for the "answer" ops, the status line and
+extra lines of a response built from the last forwarded request, so responses that match a real
+transaction of the core are reachable without guessing its branch MAC).
+
+    op & 7: 0-2  datagram from one of three gateway-side sources (IPv4, other IPv4, IPv6)
+            3    datagram from the upstream (sip-signaling)
+            4    the upstream answers the last request the core sent to it
+            5    the gateway-side peer answers the last request the core sent to it
+            6    datagram from a gateway source after a long pause (timers fire first)
+            7    datagram from the upstream, then a housekeeping tick
+    op >> 4 quarter seconds pass before the datagram
+
+Properties (an AssertionError names the one that broke; anything else raised is a finding too):
+- nothing raises out of ``receive_datagram``, ``handle_timers``, ``Observer.feed``/``finish``, the
+  call-summary log record or the span export encoding of what the run finished;
+- ``sipmsg.parse`` raises nothing but ``SipParseError``;
+- every output datagram is at most 65507 bytes, re-parses with ``sipmsg.parse``, and passes the
+  independent checks of :mod:`sipcheck` (CRLF only, token header names, no control bytes in the
+  header section, Content-Length equal to its body);
+- a forwarded message's body is byte-identical to the input's body as declared by
+  Content-Length (RFC 3261 §18.3), and an input whose body is undecidable is not forwarded;
+- every destination is an IP literal with a port 1-65535, and is the upstream, the datagram's
+  own source, or a source that sent a request earlier in the run (no reflection to third parties);
+- a response the core makes itself goes back to the datagram's source and is not larger than
+  the request (no amplification toward a spoofable source).
+"""
+from __future__ import annotations
+
+import random
+
+import orjson
+
+from sipwatch.core import CoreConfig, ProxyCore
+from sipwatch.logs import call_summary_fields
+from sipwatch.observer import Observer
+from sipwatch.sipmsg import SipParseError, parse
+
+try:  # the span encoding is checked when the tracing extras are importable
+    from opentelemetry.sdk.resources import Resource
+    from sipwatch.tracing import SpanBuilder, otlp_json_line
+    _RESOURCE = Resource.create({"service.name": "sipwatch-fuzz"})
+except ImportError:  # pragma: no cover
+    SpanBuilder = None
+
+try:
+    from . import sipcheck
+except ImportError:  # run as a script: tests/fuzz is on sys.path
+    import sipcheck
+
+SEP = b"\x00\xfe\xfd\x00"
+MAX_RECORDS = 64
+ADVERTISE = ("127.0.0.1", 5060)
+UPSTREAM = ("127.0.0.1", 5090)
+GATEWAYS = (("127.0.0.1", 5070), ("10.0.0.7", 5080), ("::1", 5072))
+_ANSWER_HEADERS = frozenset((b"via", b"v", b"from", b"f", b"to", b"t", b"call-id", b"i", b"cseq",
+                             b"record-route"))
+
+
+def answer(request: bytes, spec: bytes) -> bytes:
+    """A response to ``request`` as its next hop would write it: ``spec``'s first line as the
+    status line (``SIP/2.0 200 OK`` if it is not one), the request's Via/From/To/Call-ID/CSeq/
+    Record-Route lines, then the rest of ``spec`` (more headers, the empty line, a body)."""
+    head, _ = sipcheck.split_message(request)
+    keep = [ln for ln in head.split(b"\r\n")[1:]
+            if ln.partition(b":")[0].strip().lower() in _ANSWER_HEADERS]
+    status, nl, rest = spec.partition(b"\n")
+    if not status.startswith(b"SIP/2.0"):
+        status, rest = b"SIP/2.0 200 OK", spec
+    return b"\r\n".join([status.rstrip(b"\r"), *keep]) + b"\r\n" + rest
+
+
+class Run:
+    def __init__(self):
+        self.core = ProxyCore(CoreConfig(advertise=ADVERTISE, upstream=UPSTREAM),
+                              randbits=random.Random(1).getrandbits)
+        self.observer = Observer()
+        self.now = 1000.0
+        self.requesters = {UPSTREAM}
+        self.last_to_upstream: bytes | None = None
+        self.last_to_gateway: tuple[bytes, tuple] | None = None
+        self.builder = SpanBuilder(_RESOURCE, "partial") if SpanBuilder is not None else None
+
+    def datagram(self, payload: bytes, src) -> None:
+        try:
+            parse(payload)
+        except SipParseError:
+            pass
+        if sipcheck.is_request(payload):
+            self.requesters.add(src)
+        outs = self.core.receive_datagram(payload, src, self.now)
+        assert isinstance(outs, list), f"receive_datagram returned {type(outs)}"
+        self.observer.feed(payload, src, ADVERTISE, self.now)
+        for item in outs:
+            out, dest = item
+            self.check(payload, src, out, dest)
+            self.observer.feed(out, ADVERTISE, dest, self.now)
+            if sipcheck.is_request(out):
+                if dest == UPSTREAM:
+                    self.last_to_upstream = out
+                else:
+                    self.last_to_gateway = (out, dest)
+
+    def check(self, payload: bytes, src, out, dest) -> None:
+        assert isinstance(out, bytes), f"output is {type(out)}"
+        problem = sipcheck.destination_problem(dest)
+        assert problem is None, problem
+        assert dest in self.requesters or dest == src, \
+            f"sent to {dest} which sent no request (source {src}, upstream {UPSTREAM})"
+        problems = sipcheck.output_problems(out)
+        assert not problems, f"output to {dest}: {problems}"
+        parse(out)  # must not raise
+        _, out_body = sipcheck.split_message(out)
+        if sipcheck.is_response(out) and not sipcheck.is_response(payload):
+            # made here (400/403/482/483/416/503/513...): back to the sender, no amplification
+            assert dest == src, f"local response to {dest}, request came from {src}"
+            assert len(out) <= len(payload), f"local response of {len(out)} bytes to a {len(payload)}-byte request"
+            return
+        assert sipcheck.is_response(out) == sipcheck.is_response(payload), "request/response kind changed"
+        declared = sipcheck.declared_body(payload)
+        assert declared.problem is None, f"forwarded although {declared.problem}"
+        assert out_body == declared.body, \
+            f"body changed: {len(declared.body)} bytes declared, {len(out_body)} forwarded"
+
+    def housekeeping(self, now: float) -> None:
+        self.core.handle_timers(now)
+        self.records(self.core.drain_finished())
+
+    def records(self, records) -> None:
+        spans = []
+        for kind, obj in records:
+            if kind == "call" and getattr(obj, "is_call", False):
+                orjson.dumps(call_summary_fields(obj, "partial"))
+            if self.builder is not None:
+                spans.append(self.builder.build(kind, obj))
+        if spans:
+            otlp_json_line(spans, _RESOURCE)
+
+    def finish(self) -> None:
+        for dt in (40.0, 400.0, 5 * 3600.0):
+            self.housekeeping(self.now + dt)
+        self.observer.finish()
+        self.records(self.observer.drain_finished())
+
+
+def run_one(data: bytes) -> None:
+    run = Run()
+    for rec in data.split(SEP)[:MAX_RECORDS]:
+        if not rec:
+            continue
+        op, payload = rec[0], rec[1:]
+        run.now += (op >> 4) * 0.25
+        kind = op & 7
+        if kind <= 2:
+            run.datagram(payload, GATEWAYS[kind])
+        elif kind == 3:
+            run.datagram(payload, UPSTREAM)
+        elif kind == 4:
+            if run.last_to_upstream is not None:
+                run.datagram(answer(run.last_to_upstream, payload), UPSTREAM)
+        elif kind == 5:
+            if run.last_to_gateway is not None:
+                req, peer = run.last_to_gateway
+                run.datagram(answer(req, payload), peer)
+        elif kind == 6:
+            run.now += 40.0
+            run.housekeeping(run.now)
+            run.datagram(payload, GATEWAYS[0])
+        else:
+            run.datagram(payload, UPSTREAM)
+            run.housekeeping(run.now)
+    run.finish()
