@@ -2,19 +2,16 @@
 
 Thin on purpose: one ``receive_datagram`` call and a ``sendto`` per output. Send failures
 (an ICMP port unreachable from a dead upstream arrives as ``error_received``) are counted, never
-raised. Next hops given as host names are resolved off the hot path and cached.
+raised. Next hops are IP literals: the core resolves no names.
 """
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import socket
 import time
 
 from .core import ProxyCore
 
-RESOLVE_TTL = 60.0
-MAX_PENDING_RESOLVES = 1000
 
 
 def epoch_clock():
@@ -31,6 +28,9 @@ class UdpEdge:
     side, and one *connected* to the upstream. The kernel hands the upstream's datagrams to the
     connected socket, and only a connected socket reports ICMP port-unreachable (a dead
     sip-signaling) back as an error, which is counted. Without SO_REUSEPORT one socket does both.
+
+    The core only ever returns IP literals (it resolves no names), so sending is one ``sendto``.
+    Nothing raises out of :meth:`handle`: whatever the core or the socket throws is counted.
     """
 
     def __init__(self, core: ProxyCore, clock):
@@ -41,9 +41,6 @@ class UdpEdge:
         self.upstream = core.upstream
         self.listen_tx: asyncio.DatagramTransport | None = None
         self.upstream_tx: asyncio.DatagramTransport | None = None
-        self._literal: dict[str, bool] = {}
-        self._resolved: dict[str, tuple[str, float]] = {}
-        self._pending = 0
         self.last_error: str | None = None
 
     def handle(self, data: bytes, addr) -> None:
@@ -57,59 +54,21 @@ class UdpEdge:
                     if utx is not None:
                         utx.sendto(payload)
                         continue
-                host = dest[0]
-                literal = self._literal.get(host)
-                if literal is None:
-                    literal = self._is_literal(host)
-                if literal:
-                    self.listen_tx.sendto(payload, dest)
-                else:
-                    self._send_by_name(payload, host, dest[1])
+                self.listen_tx.sendto(payload, dest)
             except OSError as exc:
                 self.send_failed(exc)
+            except Exception as exc:  # e.g. an address family the socket cannot reach
+                self.stats.internal_errors["send"] += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"[:300]
 
     def send_failed(self, exc: Exception) -> None:
         self.stats.send_errors += 1
-        self.last_error = f"{type(exc).__name__}: {exc}"
+        self.last_error = f"{type(exc).__name__}: {exc}"[:300]
 
     def close(self) -> None:
         for t in (self.listen_tx, self.upstream_tx):
             if t is not None:
                 t.close()
-
-    def _is_literal(self, host: str) -> bool:
-        try:
-            ipaddress.ip_address(host)
-            ok = True
-        except ValueError:
-            ok = False
-        if len(self._literal) > 10_000:
-            self._literal.clear()
-        self._literal[host] = ok
-        return ok
-
-    def _send_by_name(self, payload: bytes, host: str, port: int) -> None:
-        hit = self._resolved.get(host)
-        if hit is not None and hit[1] > self.clock():
-            self.listen_tx.sendto(payload, (hit[0], port))
-            return
-        if self._pending >= MAX_PENDING_RESOLVES:
-            self.send_failed(OSError(f"too many pending name lookups, dropped datagram to {host}"))
-            return
-        self._pending += 1
-        asyncio.get_running_loop().create_task(self._resolve_and_send(payload, host, port))
-
-    async def _resolve_and_send(self, payload: bytes, host: str, port: int) -> None:
-        try:
-            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-            ip = infos[0][4][0]
-            self._resolved[host] = (ip, self.clock() + RESOLVE_TTL)
-            if self.listen_tx is not None and not self.listen_tx.is_closing():
-                self.listen_tx.sendto(payload, (ip, port))
-        except (OSError, IndexError) as exc:
-            self.send_failed(exc)
-        finally:
-            self._pending -= 1
 
     async def open(self, listen: tuple[str, int]) -> None:
         loop = asyncio.get_running_loop()

@@ -1,0 +1,278 @@
+"""Issue 8, in the core: what a hostile or broken peer sends must not crash, reflect, amplify or
+be forwarded half-understood. Each test is one defect the first build had, driven through the
+sans-IO core with the time passed in; what the core returns is checked against RFC 3261 rules,
+not against the core's own helpers.
+"""
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from sipwatch.core import CoreConfig, ProxyCore
+from sipwatch.sipmsg import parse
+from sipwatch.stats import DROP_REASONS
+
+from test_core import GATEWAY, SDP, SIDECAR, SIGNALING, T0, invite, response_to
+
+VICTIM = ("10.9.9.9", 7777)
+
+
+def make(**kw) -> ProxyCore:
+    return ProxyCore(CoreConfig(advertise=SIDECAR, upstream=SIGNALING, **kw))
+
+
+def dropped(core: ProxyCore, reason: str) -> int:
+    return core.stats.dropped[DROP_REASONS.index(reason)]
+
+
+def forwarded(out) -> list:
+    """Output datagrams that are not local responses (what went on towards a next hop)."""
+    return [(d, a) for d, a in out if not d.startswith(b"SIP/2.0 ")]
+
+
+def headers_of(data: bytes) -> bytes:
+    return data.split(b"\r\n\r\n", 1)[0]
+
+
+# -- 1. bounded numbers ------------------------------------------------------------------
+@pytest.mark.parametrize("cseq", [b"18446744073709551616", b"2147483648", b"99999999999999999999999"])
+def test_cseq_out_of_range_is_not_forwarded_and_answered_400(cseq):
+    core = make()
+    req = invite().replace(b"CSeq: 1 INVITE", b"CSeq: " + cseq + b" INVITE")
+    out = core.receive_datagram(req, GATEWAY, T0)
+    assert not forwarded(out)
+    assert len(out) == 1 and out[0][0].startswith(b"SIP/2.0 400 ") and out[0][1] == GATEWAY
+    assert dropped(core, "out_of_range") == 1
+    assert not core.tracker.calls  # nothing of it is kept to be logged later
+
+
+def test_largest_valid_cseq_passes():
+    core = make()
+    out = core.receive_datagram(invite(cseq=(1 << 31) - 1), GATEWAY, T0)
+    assert len(forwarded(out)) == 1
+
+
+@pytest.mark.parametrize("mf", [b"256", b"99999999999999999999", b"-1", b"7a"])
+def test_max_forwards_out_of_range_is_refused(mf):
+    core = make()
+    out = core.receive_datagram(invite(max_forwards=mf), GATEWAY, T0)
+    assert not forwarded(out)
+
+
+@pytest.mark.parametrize("port", [b"0", b"65536", b"106638", b"99999999999999999999"])
+def test_via_port_out_of_range_is_refused(port):
+    core = make()
+    req = invite().replace(b"10.0.0.1:5070;branch", b"10.0.0.1:" + port + b";branch")
+    assert not forwarded(core.receive_datagram(req, GATEWAY, T0))
+    assert dropped(core, "out_of_range") == 1
+
+
+# -- 2. nothing half-understood is forwarded ----------------------------------------------
+@pytest.mark.parametrize("bad, reason", [
+    (b"NoColonHere", "malformed_header"),
+    (b"Bad Name: x", "malformed_header"),
+    (b"X-Nul: a\x00b", "control_bytes"),
+    (b"X-Esc: a\x1bb", "control_bytes"),
+    (b"X-Cr: a\rb", "control_bytes"),
+    (b"X-Latin1: caf\xe9", "control_bytes"),
+    (b"Content-Length: 5", "bad_content_length"),
+])
+def test_malformed_header_sections_are_dropped_by_reason(bad, reason):
+    core = make()
+    req = invite(extra=bad)
+    out = core.receive_datagram(req, GATEWAY, T0)
+    assert not forwarded(out), out
+    assert dropped(core, reason) == 1
+
+
+def test_utf8_in_a_header_value_is_fine():
+    core = make()
+    out = core.receive_datagram(invite(extra="X-Name: Zoë".encode()), GATEWAY, T0)
+    assert len(forwarded(out)) == 1
+
+
+def test_body_past_content_length_is_discarded_per_rfc3261_18_3():
+    core = make()
+    req = invite() + b"TRAILING-JUNK\r\n"
+    out = forwarded(core.receive_datagram(req, GATEWAY, T0))
+    assert len(out) == 1
+    data = out[0][0]
+    assert data.endswith(b"\r\n\r\n" + SDP)
+    assert core.stats.body_truncated == 1
+
+
+def test_header_section_ends_at_first_empty_line_whatever_the_line_ends():
+    """Bare-LF headers, and a body holding CRLFCRLF and header-looking lines: the body must pass
+    byte for byte and nothing from it may become a header."""
+    body = b"v=0\r\n\r\nVia: SIP/2.0/UDP 6.6.6.6;branch=z9hG4bKevil\r\nRoute: <sip:6.6.6.6>\r\n"
+    head, _, _ = invite(body=body).partition(b"\r\n\r\n")
+    req = head.replace(b"\r\n", b"\n") + b"\n\n" + body
+    core = make()
+    out = forwarded(core.receive_datagram(req, GATEWAY, T0))
+    assert len(out) == 1
+    data = out[0][0]
+    assert data.endswith(b"\r\n\r\n" + body)
+    fwd_head = headers_of(data)
+    assert b"6.6.6.6" not in fwd_head and b"z9hG4bKevil" not in fwd_head
+
+
+def test_too_many_vias_is_dropped():
+    core = make()
+    vias = b"\r\n".join(b"Via: SIP/2.0/UDP 10.0.0.%d:5060;branch=z9hG4bK%d" % (i % 250, i) for i in range(100))
+    assert not forwarded(core.receive_datagram(invite(extra=vias), GATEWAY, T0))
+    assert dropped(core, "too_many_headers") == 1
+
+
+def test_huge_route_set_naming_us_is_bounded():
+    core = make()
+    route = b"Route: " + b", ".join([b"<sip:10.0.0.2:5060;lr>"] * 2500)
+    req = invite(extra=route)
+    assert len(req) > 50_000
+    assert not forwarded(core.receive_datagram(req, GATEWAY, T0))
+    assert dropped(core, "too_many_headers") == 1
+
+
+def test_output_too_large_for_udp_gets_513():
+    core = make()
+    body = b"x" * (65507 - len(invite(body=b"")) - 40)
+    req = invite(body=body)
+    assert len(req) <= 65507
+    out = core.receive_datagram(req, GATEWAY, T0)
+    assert not forwarded(out)
+    assert len(out) == 1 and out[0][0].startswith(b"SIP/2.0 513 ")
+    assert dropped(core, "too_large") == 1
+
+
+# -- 3. no reflection, no amplification ---------------------------------------------------
+def test_forged_received_and_rport_do_not_redirect_responses():
+    core = make()
+    req = invite().replace(b"branch=z9hG4bK-gw-1", b"branch=z9hG4bK-gw-1;received=%s;rport=%d"
+                           % (VICTIM[0].encode(), VICTIM[1]))
+    (fwd, dest), = forwarded(core.receive_datagram(req, GATEWAY, T0))
+    assert b"received=10.9.9.9" not in fwd and b"rport=7777" not in fwd
+    for status in (100, 180, 200):
+        out = core.receive_datagram(response_to(fwd, status), SIGNALING, T0 + 0.01)
+        assert [a for _, a in out] == [GATEWAY]
+
+
+def test_received_with_ipv6_or_garbage_cannot_raise_or_redirect():
+    core = make()
+    for forged in (b";received=::1", b";rport=9223372036854775808", b";received=\xc3\xa9.example",
+                   b";rport=106638", b";received=[::1];rport=1"):
+        req = invite(call_id=b"c-%d" % len(forged)).replace(b"branch=z9hG4bK-gw-1",
+                                                          b"branch=z9hG4bK-gw-1" + forged)
+        out = core.receive_datagram(req, GATEWAY, T0)
+        for fwd, _ in forwarded(out):
+            resp = core.receive_datagram(response_to(fwd, 200), SIGNALING, T0 + 0.01)
+            assert all(a == GATEWAY for _, a in resp)
+    assert core.stats.internal_errors["datagram"] == 0
+
+
+def test_forged_response_with_our_via_prefix_is_not_relayed():
+    core = make()
+    (fwd, _), = forwarded(core.receive_datagram(invite(), GATEWAY, T0))
+    our_via = parse(fwd).get_all(b"via")[0]
+    head = our_via[:our_via.rindex(b".") + 1]  # our sent-by, branch prefix and loop hash
+    forged = (b"SIP/2.0 200 OK\r\nVia: " + head + b"000000000000;rport\r\n"
+              b"Via: SIP/2.0/UDP 10.9.9.9:7777;branch=z9hG4bK-x\r\n"
+              b"From: <sip:a@b>;tag=1\r\nTo: <sip:c@d>;tag=2\r\nCall-ID: call-1@gw\r\n"
+              b"CSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n")
+    for src in (("10.7.7.7", 5060), SIGNALING):
+        assert core.receive_datagram(forged, src, T0 + 0.01) == []
+    assert dropped(core, "stray_response") == 2
+
+
+def test_genuine_response_from_another_source_is_not_relayed():
+    """The answer must come from where the request went (a spoofer elsewhere cannot inject it)."""
+    core = make()
+    (fwd, _), = forwarded(core.receive_datagram(invite(), GATEWAY, T0))
+    assert core.receive_datagram(response_to(fwd, 200), ("10.7.7.7", 5080), T0 + 0.01) == []
+    assert core.receive_datagram(response_to(fwd, 200), SIGNALING, T0 + 0.02) != []
+
+
+def test_request_spoofed_from_upstream_cannot_reach_arbitrary_hosts():
+    core = make()
+    req = (b"OPTIONS sip:x@10.9.9.9:7777 SIP/2.0\r\n"
+           b"Via: SIP/2.0/UDP 10.0.0.3:5080;branch=z9hG4bK-spoof\r\n"
+           b"From: <sip:s@10.0.0.3>;tag=1\r\nTo: <sip:x@10.9.9.9>\r\nCall-ID: spoof\r\n"
+           b"CSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n")
+    out = core.receive_datagram(req, SIGNALING, T0)
+    assert not forwarded(out)
+    assert [(d[:12], a) for d, a in out] == [(b"SIP/2.0 403 ", SIGNALING)]
+    assert dropped(core, "next_hop_denied") == 1
+    # a host name is never resolved, whatever the policy
+    named = req.replace(b"x@10.9.9.9:7777", b"x@victim.example")
+    assert not forwarded(make(allow_next_hop=(ipaddress.ip_network("0.0.0.0/0"),))
+                         .receive_datagram(named, SIGNALING, T0))
+
+
+def test_allow_next_hop_networks():
+    core = make(allow_next_hop=(ipaddress.ip_network("10.9.0.0/16"),))
+    req = (b"OPTIONS sip:x@10.9.9.9:7777 SIP/2.0\r\n"
+           b"Via: SIP/2.0/UDP 10.0.0.3:5080;branch=z9hG4bK-ok\r\n"
+           b"From: <sip:s@10.0.0.3>;tag=1\r\nTo: <sip:x@10.9.9.9>\r\nCall-ID: ok\r\n"
+           b"CSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n")
+    assert [a for _, a in forwarded(core.receive_datagram(req, SIGNALING, T0))] == [("10.9.9.9", 7777)]
+    other = req.replace(b"10.9.9.9:7777", b"10.8.9.9:7777")
+    assert not forwarded(core.receive_datagram(other, SIGNALING, T0))
+
+
+def test_local_responses_never_exceed_the_request():
+    core = make()
+    # a tiny request with Max-Forwards 0 and a long To/From would be answered bigger than itself
+    req = (b"OPTIONS sip:a@b SIP/2.0\r\nVia: SIP/2.0/UDP 1.2.3.4;branch=z9hG4bKa\r\n"
+           b"f: <sip:a@b>;tag=1\r\nt: <sip:b@b>\r\ni: x\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 0\r\n\r\n")
+    for d, _ in core.receive_datagram(req, GATEWAY, T0):
+        assert len(d) <= len(req)
+
+
+# -- 6. drain and restart -----------------------------------------------------------------
+def test_draining_answers_new_dialogs_503_and_passes_in_dialog_requests():
+    core = make()
+    (fwd, _), = forwarded(core.receive_datagram(invite(), GATEWAY, T0))
+    core.receive_datagram(response_to(fwd, 200), SIGNALING, T0 + 0.01)
+    core.draining = True
+    out = core.receive_datagram(invite(call_id=b"new-call"), GATEWAY, T0 + 1)
+    assert len(out) == 1 and out[0][0].startswith(b"SIP/2.0 503 ") and out[0][1] == GATEWAY
+    assert b"\r\nRetry-After: " in out[0][0]
+    assert core.stats.drain_rejected == 1
+    bye = invite(method=b"BYE", cseq=2, to_tag=b"uas-1", body=b"")
+    assert [a for _, a in forwarded(core.receive_datagram(bye, GATEWAY, T0 + 2))] == [SIGNALING]
+
+
+def _bye_from_signaling(route: bytes) -> bytes:
+    return (b"BYE sip:alice@10.0.0.1:5070 SIP/2.0\r\n"
+            b"Via: SIP/2.0/UDP 10.0.0.3:5080;branch=z9hG4bK-sig-bye\r\n"
+            b"Route: " + route + b"\r\n"
+            b"From: <sip:+15551234567@10.0.0.3>;tag=uas-1\r\n"
+            b"To: <sip:+15557654321@10.0.0.1>;tag=from-1\r\n"
+            b"Call-ID: call-1@gw\r\nCSeq: 5 BYE\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n")
+
+
+def test_restarted_sidecar_with_the_same_secret_forwards_in_dialog_requests():
+    before = make(secret=b"s3cret")
+    (fwd, _), = forwarded(before.receive_datagram(invite(), GATEWAY, T0))
+    rr = parse(fwd).get(b"record-route")
+    after = make(secret=b"s3cret")  # a new process: nothing seen, nothing remembered
+    out = forwarded(after.receive_datagram(_bye_from_signaling(rr), SIGNALING, T0 + 60))
+    assert [a for _, a in out] == [("10.0.0.1", 5070)]
+    # the answer to the INVITE forwarded before the restart is still relayed
+    assert [a for _, a in after.receive_datagram(response_to(fwd, 200), SIGNALING, T0 + 61)] == [GATEWAY]
+    # with another key, or a forged signature, the same request is refused
+    other = make(secret=b"other")
+    assert not forwarded(other.receive_datagram(_bye_from_signaling(rr), SIGNALING, T0 + 60))
+    forged = rr[:rr.index(b"sw=") + 3] + b"0123456789ab>"
+    assert not forwarded(after.receive_datagram(_bye_from_signaling(forged), SIGNALING, T0 + 60))
+
+
+# -- 4. nothing raises ---------------------------------------------------------------------
+def test_internal_error_is_counted_not_raised(monkeypatch):
+    core = make()
+
+    def boom(*a, **k):
+        raise RuntimeError("bug")
+    monkeypatch.setattr(core.tracker, "request", boom)
+    assert core.receive_datagram(invite(), GATEWAY, T0) == []
+    assert core.stats.internal_errors["datagram"] == 1 and dropped(core, "internal_error") == 1
+    assert "RuntimeError" in core.last_internal_error
