@@ -1,21 +1,38 @@
-"""Wires the proxy together: UDP socket, metrics endpoints, periodic housekeeping, shutdown.
+"""Wires the proxy together: UDP socket, metrics endpoints, periodic housekeeping, drain, shutdown.
 
 The housekeeping tick (every 200 ms, off the per-datagram path) expires transactions, drains
 finished calls and transactions into the call histograms, the JSON log and the span pipeline.
+Each of those steps catches its own failures: they are counted in
+``sipwatch_internal_errors_total{component}``, logged at most once per component every 10 s,
+and the proxy carries on. Nothing a peer sends may stop the process.
+
+Signals:
+
+* SIGTERM (or SIGINT): drain. New dialogs are answered ``503`` with ``Retry-After`` (the core
+  does that while ``core.draining`` is set), in-dialog requests and responses keep flowing until
+  no call is active and no INVITE is pending, or ``--drain-timeout`` passed. Then calls still
+  open are written with ``ended_by: "shutdown"``, spans are flushed and the process exits.
+  A second SIGTERM/SIGINT stops at once.
+* SIGHUP: nothing to reload; the spans file is re-opened (log rotation). The process stays up.
 """
 from __future__ import annotations
 
 import asyncio
+import inspect
 import signal
+import threading
 
 from .config import ProxySettings
 from .core import CoreConfig, ProxyCore
-from .logs import JsonLog
+from .logs import ErrorReporter, JsonLog
+from .masking import CallIdMasker
 from .metrics import Metrics, serve_metrics
-from .stats import Stats
+from .stats import INVITE, Stats
 from .transport import UdpEdge, epoch_clock
 
 TICK = 0.2
+DRAIN_LINGER = 1.0  # once idle while draining, wait this long for late ACKs and retransmissions
+SPAN_FLUSH = 5.0  # seconds given to the span pipeline at shutdown (1 s after a second signal)
 
 
 def new_event_loop(log: JsonLog) -> asyncio.AbstractEventLoop:
@@ -28,7 +45,7 @@ def new_event_loop(log: JsonLog) -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def make_span_pipeline(settings: ProxySettings, stats: Stats, log: JsonLog):
+def make_span_pipeline(settings: ProxySettings, stats: Stats, log: JsonLog, call_id_mask=None):
     """The OTLP span pipeline, or None when tracing is off or unavailable."""
     if not settings.tracing:
         return None
@@ -36,40 +53,63 @@ def make_span_pipeline(settings: ProxySettings, stats: Stats, log: JsonLog):
         from .tracing import SpanPipeline
     except ImportError:
         return None
-    return SpanPipeline.for_proxy(settings, stats)
+    kw = {}
+    if "call_id_mask" in inspect.signature(SpanPipeline.for_proxy).parameters:
+        kw["call_id_mask"] = call_id_mask
+    return SpanPipeline.for_proxy(settings, stats, **kw)
 
 
 class ProxyApp:
     def __init__(self, settings: ProxySettings, log: JsonLog | None = None):
         self.settings = settings
-        self.log = log or JsonLog(settings.service_name, mask_mode=settings.mask_numbers,
-                                  level=settings.log_level)
         self.clock = epoch_clock()
         self.stats = Stats()
+        secret = getattr(settings, "secret", b"")
+        self.call_id_mask = CallIdMasker(getattr(settings, "mask_call_id", "digits"), secret)
+        self.log = log or JsonLog(settings.service_name, mask_mode=settings.mask_numbers,
+                                  level=settings.log_level)
+        self.log.call_id_mask = self.call_id_mask
+        self.errors = ErrorReporter(self.log, self.stats.internal_errors)
+        self.log.on_error = self.errors.report
         ratio = settings.sample_ratio if settings.sample_ratio is not None else 1.0
-        self.spans = make_span_pipeline(settings, self.stats, self.log)
+        self.spans = make_span_pipeline(settings, self.stats, self.log, self.call_id_mask)
         if self.spans is not None and settings.sample_ratio is None:
             ratio = getattr(self.spans, "sample_ratio", ratio)
         self.core = ProxyCore(CoreConfig(
             advertise=settings.advertise, upstream=settings.upstream,
             record_route=settings.record_route, trace_header=settings.trace_header,
             sample_ratio=ratio, timer_b=settings.timer_b,
+            timer_c=getattr(settings, "timer_c", 180.0), secret=secret,
+            allow_next_hop=tuple(getattr(settings, "allow_next_hop", ())),
             max_transactions=settings.max_transactions, max_calls=settings.max_calls,
             max_call_duration=settings.max_call_duration), self.stats)
-        self.metrics = Metrics(self.stats, self.clock)
+        self.metrics = Metrics(self.stats, self.clock, on_error=self.errors.report)
         self._stop = asyncio.Event()
         self._servers: list = []
         self.edge = UdpEdge(self.core, self.clock)
         self._send_errors_logged = 0
+        # drain state
+        self.draining = False
+        self._drain_started = 0.0
+        self._drain_deadline = 0.0
+        self._idle_since: float | None = None
+        self._stop_reason = "signal"
+        self._hard_stop = False
+        self._hard = asyncio.Event()  # a second signal: stop waiting for anything
+        # span pipeline failures seen so far (its thread counts, the tick publishes)
+        self._span_failures_seen = 0
+        self._spans_file_failing = False
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        loop.set_exception_handler(self._loop_exception)
         host, port = self.settings.listen
         await self.edge.open(self.settings.listen)
         for reg, addr in ((self.metrics.gateway, self.settings.gateway_metrics),
                           (self.metrics.signaling, self.settings.signaling_metrics)):
             if addr is not None:
-                self._servers.append(await serve_metrics(reg, addr[0], addr[1]))
+                self._servers.append(await serve_metrics(reg, addr[0], addr[1],
+                                                         on_error=self.errors.report))
         s = self.settings
         self.log.info("sipwatch proxy started", "started",
                       listen=f"{host}:{port}", upstream=f"{s.upstream[0]}:{s.upstream[1]}",
@@ -77,54 +117,260 @@ class ProxyApp:
                       gateway_metrics=_fmt(s.gateway_metrics), signaling_metrics=_fmt(s.signaling_metrics),
                       record_route=s.record_route, trace_header=s.trace_header,
                       tracing=self.spans is not None, event_loop=type(loop).__module__.split(".")[0],
-                      upstream_socket="connected" if self.edge.upstream_tx else "shared")
+                      upstream_socket="connected" if self.edge.upstream_tx else "shared",
+                      drain_timeout=getattr(s, "drain_timeout", 25.0),
+                      timer_c=getattr(s, "timer_c", 180.0),
+                      allow_next_hop=[str(n) for n in getattr(s, "allow_next_hop", ())],
+                      mask_call_id=self.call_id_mask.mode,
+                      secret="set" if getattr(s, "secret", b"") else "random")
+        if not getattr(s, "secret", b""):
+            self.log.warning(
+                "no --secret/SIPWATCH_SECRET: using a random key for this process; after a restart, "
+                "in-dialog requests of calls set up before it only pass toward gateways seen again "
+                "or allowed by --allow-next-hop, and Call-ID hashes change", "secret_missing")
 
+    # -- housekeeping ----------------------------------------------------------------------
     def tick(self) -> None:
-        """Housekeeping: timers, finished records → histograms, logs, spans."""
+        """Housekeeping: timers, finished records → histograms, logs, spans. Never raises."""
+        report = self.errors.report
         core = self.core
-        core.handle_timers(self.clock())
-        records = core.drain_finished()
+        try:
+            core.handle_timers(self.clock())
+        except Exception as exc:  # noqa: BLE001
+            report("tick", exc)
+        try:
+            records = core.drain_finished()
+        except Exception as exc:  # noqa: BLE001
+            report("tick", exc)
+            records = []
         if records:
-            for kind, obj in records:
-                if kind == "call" and obj.is_call:
+            for rec in records:
+                try:
+                    kind, obj = rec
+                    is_call = kind == "call" and obj.is_call
+                except Exception as exc:  # noqa: BLE001
+                    report("tick", exc)
+                    continue
+                if not is_call:
+                    continue
+                try:
                     self.metrics.observe_call(obj)
+                except Exception as exc:  # noqa: BLE001
+                    report("metrics", exc)
+                try:
                     self.log.call_summary(obj)
+                except Exception as exc:  # noqa: BLE001
+                    report("log", exc)
             if self.spans is not None:
-                self.spans.submit(records)
-        errors = self.stats.send_errors
-        if errors != self._send_errors_logged:
-            self.log.warning("datagrams could not be sent", "send_errors",
-                             total=errors, new=errors - self._send_errors_logged,
-                             last_error=self.edge.last_error)
-            self._send_errors_logged = errors
+                try:
+                    self.spans.submit(records)
+                except Exception as exc:  # noqa: BLE001
+                    report("spans", exc)
+        try:
+            self._span_health()
+            errors = self.stats.send_errors
+            if errors != self._send_errors_logged:
+                self.log.warning("datagrams could not be sent", "send_errors",
+                                 total=errors, new=errors - self._send_errors_logged,
+                                 last_error=self.edge.last_error)
+                self._send_errors_logged = errors
+        except Exception as exc:  # noqa: BLE001
+            report("tick", exc)
+
+    def _span_health(self) -> None:
+        """Publish the span thread's failures and log a failing spans file once (and its recovery)."""
+        sp = self.spans
+        if sp is None:
+            return
+        failures = getattr(sp, "failures", 0)
+        if failures != self._span_failures_seen:
+            self.stats.internal_errors["spans"] += failures - self._span_failures_seen
+            self._span_failures_seen = failures
+        failing = getattr(sp, "file_failing", False)
+        if failing and not self._spans_file_failing:
+            self.log.error("spans file cannot be written: spans are dropped until it can",
+                           "spans_file_failed", path=self.settings.spans_file,
+                           error=getattr(sp, "file_error", None),
+                           failed_writes=getattr(sp, "file_failures", 0))
+        elif self._spans_file_failing and not failing:
+            self.log.info("spans file writable again", "spans_file_recovered",
+                          path=self.settings.spans_file,
+                          failed_writes=getattr(sp, "file_failures", 0))
+        self._spans_file_failing = failing
+
+    def _loop_exception(self, loop, context) -> None:
+        """Anything that escaped a callback (a datagram handler, a connection task): count it,
+        log it rate-limited, no traceback on stderr."""
+        exc = context.get("exception") or RuntimeError(str(context.get("message", "unknown")))
+        component = "datagram" if ("protocol" in context or "transport" in context) else "tick"
+        self.errors.report(component, exc)
+
+    # -- signals and drain -----------------------------------------------------------------
+    def _on_stop_signal(self, signame: str) -> None:
+        try:
+            if self.draining or self._stop.is_set():
+                self._hard_stop = True
+                self._hard.set()
+                self._stop_reason = f"second {signame}"
+                self.log.warning(f"{signame} while draining: stopping now", "drain_aborted",
+                                 active_calls=self.stats.active_calls)
+                self._stop.set()
+                return
+            self.start_drain(signame)
+        except Exception as exc:  # noqa: BLE001
+            self.errors.report("tick", exc)
+            self._stop.set()
+
+    def start_drain(self, reason: str = "SIGTERM") -> None:
+        now = self.clock()
+        timeout = float(getattr(self.settings, "drain_timeout", 25.0))
+        self.draining = True
+        self.core.draining = True
+        self._drain_started = now
+        self._drain_deadline = now + timeout
+        self._idle_since = None
+        self.log.info("draining: new dialogs get 503, calls in progress keep going", "drain_started",
+                      signal=reason, timeout_s=timeout, active_calls=self.stats.active_calls,
+                      pending_invites=self._pending_invites())
+        if timeout <= 0:
+            self._stop_reason = "drain_timeout"
+            self._stop.set()
+
+    def _pending_invites(self) -> int:
+        try:
+            return sum(1 for tx in self.core.tracker.transactions.values()
+                       if tx.t_final is None and tx.midx == INVITE)
+        except Exception as exc:  # noqa: BLE001
+            self.errors.report("tick", exc)
+            return 0
+
+    def _drain_check(self) -> None:
+        now = self.clock()
+        if now >= self._drain_deadline:
+            self._stop_reason = "drain_timeout"
+            self._stop.set()
+            return
+        if self.stats.active_calls <= 0 and self._pending_invites() == 0:
+            if self._idle_since is None:
+                self._idle_since = now
+            elif now - self._idle_since >= DRAIN_LINGER:
+                self._stop_reason = "drained"
+                self._stop.set()
+        else:
+            self._idle_since = None
+
+    def _on_hup(self) -> None:
+        try:
+            reopened = False
+            if self.spans is not None and hasattr(self.spans, "reopen"):
+                reopened = self.spans.reopen()
+            self.log.info("SIGHUP: nothing to reload" + ("; spans file re-opened" if reopened else ""),
+                          "sighup", spans_file_reopened=reopened)
+        except Exception as exc:  # noqa: BLE001
+            self.errors.report("tick", exc)
 
     async def run(self) -> None:
         await self.start()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
-                loop.add_signal_handler(sig, self._stop.set)
+                loop.add_signal_handler(sig, self._on_stop_signal, sig.name)
             except (NotImplementedError, RuntimeError):
                 pass
+        try:
+            loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+        except (NotImplementedError, RuntimeError, AttributeError):
+            pass
         while not self._stop.is_set():
             try:
                 await asyncio.wait_for(self._stop.wait(), TICK)
             except asyncio.TimeoutError:
                 pass
             self.tick()
+            if self.draining and not self._stop.is_set():
+                try:
+                    self._drain_check()
+                except Exception as exc:  # noqa: BLE001
+                    self.errors.report("tick", exc)
+                    self._stop.set()
         await self.stop()
 
     async def stop(self) -> None:
         self.edge.close()
+        now = self.clock()
+        self.tick()
+        open_calls = 0
+        try:
+            tracker = self.core.tracker
+            open_calls = sum(1 for c in list(tracker.calls.values())
+                             if not c.finished and c.is_call)
+            if "ended_by" in inspect.signature(tracker.finish_open_calls).parameters:
+                tracker.finish_open_calls(now, ended_by="shutdown")
+            else:  # an older tracker: mark them, then finish them
+                for c in list(tracker.calls.values()):
+                    if not c.finished:
+                        try:
+                            c.ended_by = "shutdown"
+                        except AttributeError:
+                            pass
+                tracker.finish_open_calls(now)
+        except Exception as exc:  # noqa: BLE001
+            self.errors.report("tick", exc)
+        self.tick()  # summaries of the calls just ended
+        if self.draining or self._hard_stop:
+            self.log.info("drain finished", "drain_finished", reason=self._stop_reason,
+                          duration_s=round(now - self._drain_started, 3),
+                          open_calls=open_calls, active_calls=self.stats.active_calls,
+                          rejected=self.stats.drain_rejected)
         for srv in self._servers:
             srv.close()
-            await srv.wait_closed()
-        self.tick()
+            try:
+                await asyncio.wait_for(srv.wait_closed(), 1.0)
+            except (asyncio.TimeoutError, Exception):  # noqa: BLE001
+                pass
         if self.spans is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self.spans.shutdown, 5.0)
+            flush = 1.0 if self._hard_stop else SPAN_FLUSH
+            try:
+                err = await self._flush_spans(flush)
+                if err is not None:
+                    raise err
+            except Exception as exc:  # noqa: BLE001
+                self.errors.report("spans", exc)
+            self._span_health()
         s = self.stats
         self.log.info("sipwatch proxy stopped", "stopped", calls=sum(s.calls),
-                      parse_errors=s.parse_errors, send_errors=s.send_errors)
+                      parse_errors=s.parse_errors, send_errors=s.send_errors,
+                      internal_errors=dict(s.internal_errors))
+
+
+    async def _flush_spans(self, flush: float):
+        """Run the span pipeline's shutdown in a daemon thread; a second signal stops the wait
+        (the process then exits without waiting for the thread)."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def finished(result):
+            if not done.done():
+                done.set_result(result)
+
+        def work():
+            try:
+                self.spans.shutdown(flush)
+                result = None
+            except Exception as exc:  # noqa: BLE001
+                result = exc
+            try:
+                loop.call_soon_threadsafe(finished, result)
+            except RuntimeError:
+                pass  # the loop is gone
+
+        threading.Thread(target=work, name="sipwatch-span-flush", daemon=True).start()
+        hard = asyncio.ensure_future(self._hard.wait())
+        try:
+            await asyncio.wait({done, hard}, timeout=flush + 3.0, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hard.cancel()
+        return done.result() if done.done() else None
 
 
 def _fmt(addr):

@@ -10,9 +10,9 @@ import argparse
 import ipaddress
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from .masking import MODES as MASK_MODES
+from .masking import CALL_ID_MODES, MODES as MASK_MODES, default_call_id_mode
 
 Addr = tuple[str, int]
 
@@ -89,6 +89,13 @@ class ProxySettings:
     otlp_protocol: str | None
     sample_ratio: float | None
     spans_file: str | None
+    # requests from signaling may also go to these networks (ipaddress.ip_network objects)
+    allow_next_hop: tuple = ()
+    # key for the MACs in Via branch / Record-Route and the Call-ID hash; b"": random per process
+    secret: bytes = field(default=b"", repr=False)
+    drain_timeout: float = 25.0
+    timer_c: float = 180.0
+    mask_call_id: str = "digits"
 
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -126,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--otlp-protocol", help="grpc or http/protobuf (default OTEL_EXPORTER_OTLP_PROTOCOL or grpc)")
     a("--sample-ratio", help="fraction of calls traced, 0..1 (default from OTEL_TRACES_SAMPLER(_ARG), else 1)")
     a("--spans-file", help="also write spans as OTLP-JSON lines to this file")
+    a("--mask-call-id", help=f"Call-IDs in logs and spans: {', '.join(CALL_ID_MODES)} (default digits, none with --mask-numbers none): digits masks runs of 6+ digits and appends a keyed hash so Call-IDs stay joinable; hash shows only the keyed hash")
+    a("--allow-next-hop", help="CIDR[,CIDR...]: networks requests from signaling may be sent to, besides the gateway-side sources seen")
+    a("--secret", help="key for the MACs in Via branches and Record-Route and for Call-ID hashes; keep it across restarts so calls set up before one still pass (prefer SIPWATCH_SECRET or --secret-file: a flag is visible in the process list)")
+    a("--secret-file", help="read the key from this file (surrounding whitespace stripped)")
+    a("--drain-timeout", help="on SIGTERM, seconds to keep forwarding in-dialog requests until calls end (default 25); a second SIGTERM stops at once")
+    a("--timer-c", help="seconds an INVITE may ring after a provisional response before it counts as timed out (RFC 3261 Timer C, default 180)")
     return p
 
 
@@ -209,11 +222,73 @@ def settings_from(argv: list[str] | None = None, env=None) -> ProxySettings:
         raise ConfigError(f"{w}: {proto!r} is not grpc or http/protobuf")
     ep, _ = get("otlp-endpoint")
     spans_file, _ = get("spans-file")
+    cid_mode, w = get("mask-call-id", default_call_id_mode(mask))
+    if cid_mode not in CALL_ID_MODES:
+        raise ConfigError(f"{w}: {cid_mode!r} is not one of {', '.join(CALL_ID_MODES)}")
+    allow = parse_networks(*get("allow-next-hop", ""))
+    secret = read_secret(get("secret"), get("secret-file"))
+    drain = _number(*get("drain-timeout", 25.0), minimum=0)
+    if drain > 86400:
+        raise ConfigError(f"--drain-timeout: {drain!r} is more than a day")
+    timer_c = _number(*get("timer-c", 180.0), minimum=1)
+    if timer_c > 86400:
+        raise ConfigError(f"--timer-c: {timer_c!r} is more than a day")
     return ProxySettings(
         listen=listen, upstream=upstream, advertise=advertise, gateway_metrics=gw,
         signaling_metrics=sig, trace_header=header, record_route=not flag("no-record-route"),
         mask_numbers=mask, timer_b=timer_b, max_transactions=max_tx, max_calls=max_calls,
         max_call_duration=max_dur, service_name=service, log_level=level,
         tracing=not flag("no-tracing"), otlp_endpoint=ep, otlp_protocol=proto,
-        sample_ratio=ratio, spans_file=spans_file,
+        sample_ratio=ratio, spans_file=spans_file, allow_next_hop=allow, secret=secret,
+        drain_timeout=drain, timer_c=timer_c, mask_call_id=cid_mode,
     )
+
+
+MAX_NETWORKS = 1024
+
+
+def parse_networks(text, what: str) -> tuple:
+    """``CIDR[,CIDR...]`` (host bits allowed: 10.1.2.3/8 means 10.0.0.0/8) as ip_network objects."""
+    out = []
+    for part in str(text or "").replace(" ", ",").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            net = ipaddress.ip_network(part, strict=False)
+        except ValueError:
+            raise ConfigError(f"{what}: {part!r} is not an IP network (expected CIDR such as 10.0.0.0/8)") from None
+        if net not in out:
+            out.append(net)
+    if len(out) > MAX_NETWORKS:
+        raise ConfigError(f"{what}: {len(out)} networks, at most {MAX_NETWORKS}")
+    return tuple(out)
+
+
+MAX_SECRET = 4096
+
+
+def read_secret(inline, from_file) -> bytes:
+    """The key from ``--secret``/SIPWATCH_SECRET or ``--secret-file`` (not both), stripped."""
+    (value, w_value), (path, w_path) = inline, from_file
+    if value and path:
+        raise ConfigError(f"{w_value} and {w_path} are both set: give the key one way")
+    if path:
+        try:
+            with open(path, "rb") as f:
+                data = f.read(MAX_SECRET + 1)
+        except OSError as exc:
+            raise ConfigError(f"{w_path}: cannot read {path!r} ({exc.strerror or exc})") from None
+        if len(data) > MAX_SECRET:
+            raise ConfigError(f"{w_path}: {path!r} is longer than {MAX_SECRET} bytes")
+        data = data.strip()
+        if not data:
+            raise ConfigError(f"{w_path}: {path!r} is empty")
+        return data
+    if value:
+        data = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else bytes(value)
+        data = data.strip()
+        if len(data) > MAX_SECRET:
+            raise ConfigError(f"{w_value}: longer than {MAX_SECRET} bytes")
+        return data
+    return b""

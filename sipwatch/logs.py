@@ -1,8 +1,14 @@
 """JSON lines on stdout (orjson): one object per event, one call summary per finished call.
 
 Fields every record has: ``timestamp`` (RFC 3339 UTC), ``log_level``, ``service_name``,
-``call_sid`` (the SIP Call-ID, or null), ``trace_id`` (32 hex, or null), ``message``, ``event``.
-Nothing here runs per datagram: call summaries are written from drained finished-call records.
+``call_sid`` (the SIP Call-ID, masked as ``--mask-call-id`` says, or null), ``trace_id``
+(32 hex, or null), ``message``, ``event``. Nothing here runs per datagram: call summaries are
+written from drained finished-call records.
+
+Writing a line never raises: a value orjson refuses (an integer past 64 bits, a non-string key,
+a lone surrogate, an unknown type) is written as a string instead, and a record that still
+cannot be encoded becomes a short ``log_error`` line. Such failures are counted (component
+``log`` of ``sipwatch_internal_errors_total``) through ``on_error``.
 """
 from __future__ import annotations
 
@@ -16,11 +22,68 @@ from .masking import mask_uri
 from .stats import METHODS, OUTCOMES
 
 LEVELS = ("debug", "info", "warning", "error")
+_MAX_DEPTH = 32  # deeper structures are cut (a record is built by us, but from peer input)
+_MAX_ITEMS = 10_000
+
+
+def _default(obj):
+    """orjson's fallback for types it does not know: bytes decoded, everything else str()."""
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return bytes(obj).decode("utf-8", "replace")
+    return str(obj)
+
+
+def _sanitize(obj, depth: int = 0):
+    """A copy orjson can always encode: big ints and odd keys as strings, bounded depth and size."""
+    if obj is None or isinstance(obj, (bool, float)):
+        return obj
+    if isinstance(obj, int):
+        return obj if -(1 << 63) <= obj < (1 << 64) else str(obj)
+    if isinstance(obj, str):
+        return obj.encode("utf-8", "replace").decode("utf-8")
+    if depth >= _MAX_DEPTH:
+        return "<too deep>"
+    if isinstance(obj, dict):
+        out = {}
+        for i, (k, v) in enumerate(obj.items()):
+            if i >= _MAX_ITEMS:
+                out["<truncated>"] = len(obj) - i
+                break
+            out[_sanitize(k, depth + 1) if isinstance(k, str) else str(k)] = _sanitize(v, depth + 1)
+        return out
+    if isinstance(obj, (list, tuple)):
+        items = [_sanitize(v, depth + 1) for v in obj[:_MAX_ITEMS]]
+        if len(obj) > _MAX_ITEMS:
+            items.append(f"<{len(obj) - _MAX_ITEMS} more>")
+        return items
+    try:
+        return _sanitize(_default(obj), depth + 1)
+    except Exception:
+        return f"<{type(obj).__name__}>"
+
+
+def dumps(rec: dict) -> tuple[bytes, Exception | None]:
+    """(JSON bytes, the error that forced a fallback or None). Never raises."""
+    try:
+        return orjson.dumps(rec, default=_default), None
+    except Exception as exc:  # noqa: BLE001 - any value from a peer may end up here
+        first = exc
+    try:
+        return orjson.dumps(_sanitize(rec)), first
+    except Exception:  # noqa: BLE001
+        pass
+    minimal = {k: rec.get(k) for k in ("timestamp", "log_level", "service_name", "event")
+               if isinstance(rec.get(k), str)}
+    minimal["log_error"] = f"record could not be encoded: {type(first).__name__}"
+    try:
+        return orjson.dumps(minimal), first
+    except Exception:  # noqa: BLE001
+        return b'{"event":"log_error"}', first
 
 
 class JsonLog:
     def __init__(self, service_name: str = "sipwatch", stream=None, mask_mode: str = "partial",
-                 level: str = "info", clock=time.time):
+                 level: str = "info", clock=time.time, call_id_mask=None, on_error=None):
         if level not in LEVELS:
             raise ValueError(f"unknown log level {level!r} (expected one of {', '.join(LEVELS)})")
         self.service_name = service_name
@@ -28,14 +91,22 @@ class JsonLog:
         self.mask_mode = mask_mode
         self.min_level = LEVELS.index(level)
         self.clock = clock
+        # bytes Call-ID -> str as logged (masking.CallIdMasker); None: as is
+        self.call_id_mask = call_id_mask
+        # on_error(component, exc): count (and report) a record that could not be encoded
+        self.on_error = on_error
 
     def emit(self, level: str, message: str, event: str, call_sid=None, trace_id=None,
              when: float | None = None, **fields) -> None:
         if LEVELS.index(level) < self.min_level:
             return
-        ts = datetime.fromtimestamp(self.clock() if when is None else when, timezone.utc)
+        try:
+            ts = datetime.fromtimestamp(self.clock() if when is None else when, timezone.utc)
+            stamp = ts.isoformat(timespec="microseconds").replace("+00:00", "Z")
+        except (OverflowError, OSError, ValueError, TypeError):
+            stamp = datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
         rec = {
-            "timestamp": ts.isoformat(timespec="microseconds").replace("+00:00", "Z"),
+            "timestamp": stamp,
             "log_level": level,
             "service_name": self.service_name,
             "call_sid": call_sid,
@@ -44,10 +115,16 @@ class JsonLog:
             "event": event,
         }
         rec.update(fields)
+        line, err = dumps(rec)
+        if err is not None and self.on_error is not None:
+            try:
+                self.on_error("log", err)
+            except Exception:  # noqa: BLE001
+                pass
         try:
-            self.stream.write(orjson.dumps(rec) + b"\n")
+            self.stream.write(line + b"\n")
             self.stream.flush()
-        except (BrokenPipeError, ValueError):
+        except (OSError, ValueError):
             pass  # stdout gone (pipe closed at shutdown): never take the proxy down for a log line
 
     def info(self, message: str, event: str, **fields) -> None:
@@ -63,15 +140,55 @@ class JsonLog:
         """The one record per finished call: setup, outcome, duration, retransmissions, RTTs
         (and, where media was seen, one entry per RTP stream)."""
         self.emit("info", "call finished", "call_summary",
-                  **call_summary_fields(call, self.mask_mode, rtp))
+                  **call_summary_fields(call, self.mask_mode, rtp, self.call_id_mask))
+
+
+class ErrorReporter:
+    """Counts internal failures per component and logs them, at most one line per component
+    every ``interval`` seconds (with the number of failures not logged in between).
+
+    ``report`` never raises: it is called from ``except`` blocks of the tick, the metrics
+    collectors and the span pipeline's hand-off.
+    """
+
+    def __init__(self, log: JsonLog, counters: dict, interval: float = 10.0, clock=time.monotonic):
+        self.log = log
+        self.counters = counters  # Stats.internal_errors
+        self.interval = interval
+        self.clock = clock
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def report(self, component: str, exc: BaseException, count: bool = True, **fields) -> None:
+        try:
+            if count:
+                self.counters[component] = self.counters.get(component, 0) + 1
+            now = self.clock()
+            last = self._last.get(component)
+            if last is not None and now - last < self.interval:
+                self._suppressed[component] = self._suppressed.get(component, 0) + 1
+                return
+            self._last[component] = now
+            suppressed = self._suppressed.pop(component, 0)
+            # the text of an exception can quote peer input: mask numbers, bound the length
+            text = mask_uri(str(exc)[:300], "partial")
+            self.log.error(f"internal error in {component}, carrying on", "internal_error",
+                           component=component, error_type=type(exc).__name__, error=text,
+                           suppressed=suppressed, total=self.counters.get(component, 0), **fields)
+        except Exception:  # noqa: BLE001 - the reporter of last resort must not fail
+            pass
 
 
 def _ms(a, b):
     return None if a is None or b is None else round((b - a) * 1000.0, 3)
 
 
-def call_summary_fields(call, mask_mode: str = "partial", rtp: list[dict] | None = None) -> dict:
-    """``rtp``, if given, is added as is: per stream ssrc, codec, packets, lost, jitter, MOS."""
+def call_summary_fields(call, mask_mode: str = "partial", rtp: list[dict] | None = None,
+                        call_id_mask=None) -> dict:
+    """``rtp``, if given, is added as is: per stream ssrc, codec, packets, lost, jitter, MOS.
+
+    ``ended_by`` says what ended a call other than its own signalling (``shutdown``: the
+    sidecar stopped while the call was open), null otherwise."""
     txs = []
     for tx in call.transactions:
         txs.append({
@@ -84,7 +201,8 @@ def call_summary_fields(call, mask_mode: str = "partial", rtp: list[dict] | None
             "timed_out": tx.timed_out,
         })
     out = {
-        "call_sid": call.call_id.decode("utf-8", "replace"),
+        "call_sid": call_id_mask(call.call_id) if call_id_mask is not None
+        else call.call_id.decode("utf-8", "replace"),
         "trace_id": "%032x" % call.trace_id,
         "when": call.t_end,
         "outcome": OUTCOMES[call.outcome] if call.outcome >= 0 else None,
@@ -97,6 +215,7 @@ def call_summary_fields(call, mask_mode: str = "partial", rtp: list[dict] | None
         "from": mask_uri(call.from_uri, mask_mode),
         "to": mask_uri(call.to_uri, mask_mode),
         "request_uri": mask_uri(call.ruri, mask_mode),
+        "ended_by": getattr(call, "ended_by", None),
         "transactions": txs,
     }
     if rtp is not None:
@@ -104,4 +223,4 @@ def call_summary_fields(call, mask_mode: str = "partial", rtp: list[dict] | None
     return out
 
 
-__all__ = ["JsonLog", "call_summary_fields", "METHODS"]
+__all__ = ["JsonLog", "ErrorReporter", "call_summary_fields", "dumps", "METHODS"]

@@ -23,24 +23,56 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.samples import Exemplar
 
-from .stats import DIRECTIONS, METHODS, OUTCOMES, RTT_BUCKETS_MS, Stats
+from .stats import COMPONENTS, DIRECTIONS, DROP_REASONS, METHODS, OUTCOMES, RTT_BUCKETS_MS, Stats
 
 _METHOD_NAMES = [m.decode() for m in METHODS]
 CALL_SETUP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60)
 CALL_DURATION_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400)
+MAX_CONNECTIONS = 64  # per metrics endpoint; more are refused (oldest idle one closed first)
+IDLE_TIMEOUT = 2.0  # seconds a connection may take to send its request
+WRITE_TIMEOUT = 5.0  # seconds a scraper may take to read the response
 
 
 def _fmt_le(b: float) -> str:
     return str(int(b)) if float(b).is_integer() else repr(float(b))
 
 
-class GatewayCollector:
-    """Counters of the gateway-facing view: what passed through and how calls ended."""
+class _Guarded:
+    """A collector whose failure is counted (component ``metrics``), not a failed scrape."""
 
-    def __init__(self, stats: Stats):
-        self.stats = stats
+    on_error = None
 
     def collect(self):
+        try:
+            yield from self._collect()
+        except Exception as exc:  # noqa: BLE001
+            if self.on_error is not None:
+                self.on_error("metrics", exc)
+
+
+class InternalErrorsCollector(_Guarded):
+    """``sipwatch_internal_errors_total{component}``: failures caught and survived, fixed labels."""
+
+    def __init__(self, stats: Stats, on_error=None):
+        self.stats = stats
+        self.on_error = on_error
+
+    def _collect(self):
+        fam = CounterMetricFamily("sipwatch_internal_errors", "Internal failures caught and survived (the process carried on), by component.", labels=["component"])
+        errs = self.stats.internal_errors
+        for c in COMPONENTS:
+            fam.add_metric([c], errs.get(c, 0))
+        yield fam
+
+
+class GatewayCollector(_Guarded):
+    """Counters of the gateway-facing view: what passed through and how calls ended."""
+
+    def __init__(self, stats: Stats, on_error=None):
+        self.stats = stats
+        self.on_error = on_error
+
+    def _collect(self):
         s = self.stats
         calls = CounterMetricFamily("sip_calls_processed", "INVITE dialogs counted once at their final response or timeout, by outcome.", labels=["outcome"])
         for i, name in enumerate(OUTCOMES):
@@ -76,16 +108,25 @@ class GatewayCollector:
         yield CounterMetricFamily("sip_unroutable_requests", "Requests with no usable next hop.", value=s.unroutable)
         yield CounterMetricFamily("sipwatch_records_dropped", "Finished call/transaction records lost because exporters lagged.", value=s.records_dropped)
         yield GaugeMetricFamily("sip_active_calls", "Answered calls not yet ended by BYE.", value=s.active_calls)
+        dropped = CounterMetricFamily("sip_dropped", "Datagrams not forwarded, by reason (a fixed set).", labels=["reason"])
+        counts = getattr(s, "dropped", None) or [0] * len(DROP_REASONS)
+        for i, reason in enumerate(DROP_REASONS):
+            dropped.add_metric([reason], counts[i] if i < len(counts) else 0)
+        yield dropped
+        yield CounterMetricFamily("sip_forks", "2xx answers to an INVITE already answered with another To-tag (forking), forwarded.", value=getattr(s, "forks", 0))
+        yield CounterMetricFamily("sip_drain_rejected", "New dialogs answered 503 (Retry-After) while the sidecar was draining.", value=getattr(s, "drain_rejected", 0))
+        yield CounterMetricFamily("sip_body_truncated", "Datagrams whose bytes past Content-Length were discarded (RFC 3261 18.3).", value=getattr(s, "body_truncated", 0))
 
 
-class SignalingCollector:
+class SignalingCollector(_Guarded):
     """The signaling hop's view: RTT per method, timeouts, send errors, span export."""
 
-    def __init__(self, stats: Stats, clock):
+    def __init__(self, stats: Stats, clock, on_error=None):
         self.stats = stats
         self.clock = clock
+        self.on_error = on_error
 
-    def collect(self):
+    def _collect(self):
         s = self.stats
         ring = s.ring
         ring.fold(self.clock())
@@ -120,11 +161,13 @@ class SignalingCollector:
 class Metrics:
     """Both registries plus the call histograms fed from finished-call records."""
 
-    def __init__(self, stats: Stats, clock):
+    def __init__(self, stats: Stats, clock, on_error=None):
         self.gateway = CollectorRegistry()
         self.signaling = CollectorRegistry()
-        self.gateway.register(GatewayCollector(stats))
-        self.signaling.register(SignalingCollector(stats, clock))
+        self.gateway.register(GatewayCollector(stats, on_error))
+        self.signaling.register(SignalingCollector(stats, clock, on_error))
+        for reg in (self.gateway, self.signaling):
+            reg.register(InternalErrorsCollector(stats, on_error))
         for reg in (self.gateway, self.signaling):
             ProcessCollector(registry=reg)
             PlatformCollector(registry=reg)
@@ -140,12 +183,33 @@ class Metrics:
             self.call_duration.observe(max(0.0, call.t_end - call.t_answer))
 
 
-async def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> asyncio.AbstractServer:
-    """A minimal HTTP/1.1 server for /metrics (and /healthz) on the running loop."""
+async def serve_metrics(registry: CollectorRegistry, host: str, port: int, on_error=None,
+                        max_connections: int = MAX_CONNECTIONS,
+                        idle_timeout: float = IDLE_TIMEOUT) -> asyncio.AbstractServer:
+    """A minimal HTTP/1.1 server for /metrics (and /healthz) on the running loop.
+
+    It holds at most ``max_connections`` connections: when full, the oldest connection that has
+    not sent its request yet is closed to make room (so idle or slow clients cannot lock out a
+    scrape), or, when every one is being answered, the new one is closed at once. A connection
+    that sends no complete request head within ``idle_timeout`` seconds is closed.
+    """
+    waiting: dict = {}  # transports that have not sent their request yet, oldest first
+    busy: set = set()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        transport = writer.transport
+        if len(waiting) + len(busy) >= max_connections:
+            if not waiting:
+                transport.abort()
+                return
+            oldest = next(iter(waiting))
+            del waiting[oldest]
+            oldest.abort()
+        waiting[transport] = None
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), idle_timeout)
+            waiting.pop(transport, None)
+            busy.add(transport)
             request_line, *header_lines = head.decode("latin-1").split("\r\n")
             parts = request_line.split()
             path = parts[1] if len(parts) > 1 else "/"
@@ -155,17 +219,31 @@ async def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> as
                 if name.strip().lower() == "accept":
                     accept = value.strip()
             if path.split("?")[0] in ("/metrics", "/"):
-                encoder, ctype = choose_encoder(accept)
-                body, status = encoder(registry), "200 OK"
+                try:
+                    encoder, ctype = choose_encoder(accept)
+                    body, status = encoder(registry), "200 OK"
+                except Exception as exc:  # noqa: BLE001
+                    if on_error is not None:
+                        on_error("metrics", exc)
+                    body, ctype, status = b"metrics failed\n", "text/plain", "500 Internal Server Error"
             elif path == "/healthz":
                 body, ctype, status = b"ok\n", "text/plain", "200 OK"
             else:
                 body, ctype, status = b"not found\n", "text/plain", "404 Not Found"
             writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
-            await writer.drain()
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
+            await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError,
+                asyncio.CancelledError):
             pass
+        except Exception as exc:  # noqa: BLE001
+            if on_error is not None:
+                on_error("metrics", exc)
         finally:
-            writer.close()
+            waiting.pop(transport, None)
+            busy.discard(transport)
+            try:
+                writer.close()
+            except Exception:  # noqa: BLE001
+                pass
 
     return await asyncio.start_server(handle, host, port, reuse_address=True)

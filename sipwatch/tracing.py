@@ -176,9 +176,10 @@ def add_otlp_arguments(ap) -> None:
 class SpanBuilder:
     """Turns finished ``Transaction``/``Call`` records into ``ReadableSpan`` objects."""
 
-    def __init__(self, resource: Resource, mask_mode: str = "partial"):
+    def __init__(self, resource: Resource, mask_mode: str = "partial", call_id_mask=None):
         self.resource = resource
         self.mask_mode = mask_mode
+        self.call_id_mask = call_id_mask  # bytes Call-ID -> str (masking.CallIdMasker); None: as is
         self._parties: dict[int, tuple[str, str, str]] = {}  # id(call) → masked from/to/call-id
 
     def _party(self, call) -> tuple[str, str, str]:
@@ -187,8 +188,10 @@ class SpanBuilder:
         if got is None or got[3] is not call:
             if len(self._parties) > 4096:
                 self._parties.clear()
+            cid = self.call_id_mask
             got = (mask_uri(call.from_uri, self.mask_mode), mask_uri(call.to_uri, self.mask_mode),
-                   call.call_id.decode("utf-8", "replace"), call)
+                   cid(call.call_id) if cid is not None else call.call_id.decode("utf-8", "replace"),
+                   call)
             self._parties[key] = got
         return got[:3]
 
@@ -354,7 +357,16 @@ class SpanPipeline:
         self.exporter = exporter
         self.sample_ratio = sample_ratio
         self._own_decision = not parent_based  # decide from the trace id, ignore the caller's flag
-        self._file = open(spans_file, "ab") if spans_file else None
+        # unbuffered: a failed write (full disk) fails now, and leaves no backlog in a buffer
+        self.spans_file = spans_file
+        self._file = open(spans_file, "ab", buffering=0) if spans_file else None
+        self._reopen = False
+        self._torn = False  # the last line was cut short by a failed write
+        # written by the export thread only; the proxy's tick reads them (logs, internal errors)
+        self.failures = 0  # span building or file writes that failed
+        self.file_failures = 0
+        self.file_failing = False
+        self.file_error: str | None = None
         self._q: deque = deque()
         self._queue_max = queue_max
         self._batch = batch
@@ -371,11 +383,12 @@ class SpanPipeline:
         self._thread.start()
 
     @classmethod
-    def for_proxy(cls, settings, stats, env=None):
-        """The proxy's pipeline, or a no-export stand-in (sampler only) with no endpoint/file."""
+    def for_proxy(cls, settings, stats, env=None, call_id_mask=None):
+        """The proxy's pipeline, or a no-export stand-in (sampler only) with no endpoint/file.
+        ``call_id_mask`` turns a Call-ID into what ``sip.call_id`` shows (as the logs do)."""
         return cls.configured("proxy", stats, settings.otlp_endpoint, settings.otlp_protocol,
                               settings.spans_file, settings.service_name, settings.mask_numbers,
-                              settings.sample_ratio, env)
+                              settings.sample_ratio, env, call_id_mask=call_id_mask)
 
     @classmethod
     def for_capture(cls, role, stats, endpoint=None, protocol=None, spans_file=None,
@@ -390,7 +403,7 @@ class SpanPipeline:
 
     @classmethod
     def configured(cls, role, stats, endpoint, protocol, spans_file, service_name, mask_mode,
-                   sample_ratio=None, env=None, **kw):
+                   sample_ratio=None, env=None, call_id_mask=None, **kw):
         env = os.environ if env is None else env
         ratio, parent_based = sampler_from_env(env)
         if sample_ratio is not None:
@@ -399,7 +412,7 @@ class SpanPipeline:
         endpoint = resolve_endpoint(endpoint, protocol, env)
         if endpoint is None and not spans_file:
             return NoExport(ratio)
-        builder = SpanBuilder(make_resource(service_name, role, env), mask_mode)
+        builder = SpanBuilder(make_resource(service_name, role, env), mask_mode, call_id_mask)
         exporter = make_exporter(endpoint, protocol) if endpoint else None
         return cls(stats, builder, exporter, spans_file, ratio, parent_based, **kw)
 
@@ -425,6 +438,14 @@ class SpanPipeline:
             self._queue_dropped += dropped
         if q:
             self._wake.set()
+
+    def reopen(self) -> bool:
+        """Re-open the spans file (SIGHUP, after log rotation) before the next write."""
+        if self.spans_file is None:
+            return False
+        self._reopen = True
+        self._wake.set()
+        return True
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Export what is queued within ``timeout`` seconds, drop the rest, close the sinks."""
@@ -454,23 +475,28 @@ class SpanPipeline:
             self._publish()
             if self._stopping:
                 if self._file is not None:
-                    self._file.close()
+                    try:
+                        self._file.close()
+                    except OSError:
+                        pass
                 return
 
     def _export(self, batch) -> None:
         build = self.builder.build
-        try:
-            spans = [build(kind, obj) for kind, obj in batch]
-        except Exception:  # a malformed record must not kill the thread
-            self._export_dropped += len(batch)
+        spans = []
+        for kind, obj in batch:
+            try:
+                spans.append(build(kind, obj))
+            except Exception:  # noqa: BLE001 - a malformed record must not kill the thread
+                self._export_dropped += 1
+                self.failures += 1
+        if not spans:
             return
         ok = True
-        if self._file is not None:
-            try:
-                self._file.write(otlp_json_line(spans, self.builder.resource))
-                self._file.flush()
-            except (OSError, ValueError):
-                ok = False
+        if self._reopen or (self._file is None and self.spans_file is not None):
+            self._reopen_file()
+        if self.spans_file is not None:
+            ok = self._write_file(spans)
         if self.exporter is not None:
             now = time.monotonic()
             if now < self._retry_at:
@@ -489,6 +515,57 @@ class SpanPipeline:
             self.stats.spans_exported += len(spans)
         else:
             self._export_dropped += len(spans)
+
+    def _reopen_file(self) -> None:
+        self._reopen = False
+        try:
+            f = open(self.spans_file, "ab", buffering=0)
+        except OSError as exc:
+            self._file_failed(exc)
+            return
+        old, self._file, self._torn = self._file, f, False
+        if old is not None:
+            try:
+                old.close()
+            except OSError:
+                pass
+
+    def _write_file(self, spans) -> bool:
+        """One OTLP-JSON line; a failure (ENOSPC, EIO, closed file) is counted, never raised."""
+        if self._file is None:
+            return False
+        try:
+            line = otlp_json_line(spans, self.builder.resource)
+        except Exception as exc:  # noqa: BLE001 - e.g. an attribute orjson refuses
+            self.failures += 1
+            self.file_error = f"{type(exc).__name__}: {exc}"[:300]
+            return False
+        if self._torn:
+            line = b"\n" + line  # end the line a failed write cut short
+        view = memoryview(line)
+        try:
+            for _ in range(64):  # partial writes on a regular file are rare; bounded anyway
+                n = self._file.write(view)
+                if n is None or n <= 0:
+                    raise OSError("spans file accepts no data")
+                view = view[n:]
+                if not view:
+                    break
+            else:
+                raise OSError("spans file write made no progress")
+        except (OSError, ValueError) as exc:
+            self._torn = len(view) != len(line)
+            self._file_failed(exc)
+            return False
+        self._torn = False
+        self.file_failing = False
+        return True
+
+    def _file_failed(self, exc: Exception) -> None:
+        self.failures += 1
+        self.file_failures += 1
+        self.file_error = f"{type(exc).__name__}: {exc}"[:300]
+        self.file_failing = True
 
     def _publish(self) -> None:
         self.stats.spans_dropped = self._export_dropped + self._queue_dropped
