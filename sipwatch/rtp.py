@@ -35,6 +35,7 @@ STATIC_PT = {
     34: ("H263", 90000),
 }
 PT_CN = (13, 19)
+MAX_DROPOUT, MAX_MISORDER = 3000, 100  # RFC 3550 A.1
 # E-model impairment per codec family: (Ie, Bpl), ITU-T G.113 Appendix I
 CODEC_IMPAIRMENT = {"pcmu": (0.0, 4.3), "pcma": (0.0, 4.3), "g711u": (0.0, 4.3),
                     "g711a": (0.0, 4.3), "g729": (10.0, 19.0)}
@@ -125,7 +126,8 @@ class RtpStream:
         "base_seq", "max_seq", "cycles", "dups", "ooo", "seen", "start_seq", "stop_seq",
         "w_cycles", "under", "seq_num", "ext_ts", "last_nominal", "time", "jitter",
         "max_jitter", "mean_jitter", "delta", "max_delta", "prev_pt", "wrong_seq",
-        "rtcp_fraction_lost", "rtcp_cum_lost", "rtcp_jitter_ms", "clock",
+        "rtcp_fraction_lost", "rtcp_cum_lost", "rtcp_jitter_ms", "clock", "media", "heuristic",
+        "received", "bad_seq", "restarts", "exp_before", "lost_before",
     )
 
     def __init__(self, src, dst, ssrc, ptmap):
@@ -136,6 +138,12 @@ class RtpStream:
         self.packets = 0
         self.first_ts = self.last_ts = 0.0
         self.base_seq = self.max_seq = self.cycles = 0  # RFC 3550 A.1
+        self.received = 0  # distinct valid packets since the last (re)start, RFC 3550 A.1
+        self.bad_seq = -1  # A.1: a very large jump is believed only when the next one follows it
+        self.restarts = 0
+        self.exp_before = self.lost_before = 0  # expected/lost of the runs before a restart
+        self.media = 0  # packets carrying a payload (header-only ones are keep-alives)
+        self.heuristic = False  # found by the consistency heuristic, not tied by SDP
         self.dups = self.ooo = 0
         self.seen = set()  # recent extended sequence numbers (duplicate detection)
         self.start_seq = self.stop_seq = self.seq_num = 0  # Wireshark's sequence bookkeeping
@@ -157,9 +165,12 @@ class RtpStream:
             return 0  # event timestamps stand still for the whole event (RFC 4733 §2.2.1)
         return clock
 
-    def add(self, now_ms: float, seq: int, rtp_ts: int, pt: int, marker: bool) -> None:
+    def add(self, now_ms: float, seq: int, rtp_ts: int, pt: int, marker: bool,
+            media: bool = True) -> None:
         self.pts[pt] = self.pts.get(pt, 0) + 1
         self.packets += 1
+        if media:
+            self.media += 1
         if self.packets == 1:
             self.base_seq = self.max_seq = seq
             self.start_seq = self.stop_seq = self.seq_num = seq
@@ -167,6 +178,7 @@ class RtpStream:
             self.time = now_ms
             self.prev_pt = pt
             self.seen.add(seq)
+            self.received = 1
             return
         self._rfc3550_seq(seq)
         # RTP timestamp relative to the first packet, modulo 2^32; "in time" if less than half
@@ -201,21 +213,45 @@ class RtpStream:
         self.stop_seq = seq
 
     def _rfc3550_seq(self, seq: int) -> None:
-        """Extended highest sequence number, duplicates and reordering (RFC 3550 A.1)."""
+        """Extended highest sequence number, duplicates, reordering and restarts (RFC 3550 A.1).
+
+        Forward steps below MAX_DROPOUT (3000) are in order (a gap is loss; passing 65535 is a
+        wrap); up to MAX_MISORDER (100) behind the highest is a late packet or a duplicate; any
+        other jump is believed only when the next packet follows it (the sender restarted its
+        sequence): the run so far is closed (its loss kept) and counting starts again.
+        """
         udelta = (seq - self.max_seq) & 0xFFFF
-        behind = udelta > 0xFFFF - 100  # up to 100 behind the highest: late or duplicate
-        if behind:
-            ext = self.cycles + self.max_seq - (0x10000 - udelta)
-        else:  # in order, possibly after a gap (or a jump we take as a restart)
+        if udelta < MAX_DROPOUT:
             if seq < self.max_seq:
                 self.cycles += 0x10000
             self.max_seq = seq
             ext = self.cycles + seq
+            behind = False
+        elif udelta <= 0x10000 - MAX_MISORDER:
+            if seq != self.bad_seq:
+                self.bad_seq = (seq + 1) & 0xFFFF
+                return  # not believed (yet): A.1 does not count it
+            # two sequential packets after a jump: a restart; close the run, keep its loss
+            expected = self.cycles + self.max_seq - self.base_seq + 1
+            self.exp_before += expected
+            self.lost_before += max(expected - self.received, 0)
+            self.restarts += 1
+            self.base_seq = (seq - 1) & 0xFFFF
+            self.cycles = 0x10000 if seq == 0 else 0
+            self.max_seq = seq
+            self.received = 1  # the jump packet that announced the restart
+            self.seen = {self.base_seq}
+            ext = self.cycles + seq
+            behind = False
+        else:
+            ext = self.cycles + self.max_seq - (0x10000 - udelta)
+            behind = True
         if ext in self.seen:
             self.dups += 1
             return
         if behind:
             self.ooo += 1
+        self.received += 1
         self.seen.add(ext)
         if len(self.seen) > 256:
             # only numbers up to 100 behind the highest can be duplicates: keep a short window
@@ -241,12 +277,20 @@ class RtpStream:
 
     @property
     def lost(self) -> int:
-        return self.expected - self.packets
+        """Wireshark's Lost (expected − packets), but never below 0: duplicates or a late last
+        packet make Wireshark's figure negative, which no packet count can be."""
+        return max(self.expected - self.packets, 0)
+
+    @property
+    def expected_rfc3550(self) -> int:
+        """RFC 3550 A.3: extended highest − base + 1, summed over the runs between restarts."""
+        return self.exp_before + self.cycles + self.max_seq - self.base_seq + 1
 
     @property
     def lost_rfc3550(self) -> int:
-        """RFC 3550 A.3: extended highest − base + 1 − received (duplicates excluded)."""
-        return self.cycles + self.max_seq - self.base_seq + 1 - (self.packets - self.dups)
+        """RFC 3550 A.3 cumulative loss, duplicates not counted as received, never below 0."""
+        cur = self.cycles + self.max_seq - self.base_seq + 1 - self.received
+        return self.lost_before + max(cur, 0)
 
     def payload_name(self) -> str:
         names = []
@@ -262,14 +306,15 @@ class RtpStream:
 
     def summary(self) -> dict:
         expected = max(self.expected, 1)
-        loss_pct = max(self.lost, 0) * 100.0 / expected
+        loss_pct = min(self.lost * 100.0 / expected, 100.0)
         # MOS from RFC 3550 loss: a duplicate must not hide a lost packet
-        rfc_expected = max(self.cycles + self.max_seq - self.base_seq + 1, 1)
-        rfc_loss_pct = max(self.lost_rfc3550, 0) * 100.0 / rfc_expected
+        rfc_expected = max(self.expected_rfc3550, 1)
+        rfc_loss_pct = min(self.lost_rfc3550 * 100.0 / rfc_expected, 100.0)
         codec = self.codec()
         return {
             "src": _hp(self.src), "dst": _hp(self.dst), "ssrc": "0x%08X" % self.ssrc,
             "payload": self.payload_name(), "call_id": self.call_id,
+            "detected_by": "heuristic" if self.heuristic else "sdp",
             "pkts": self.packets, "expected": self.expected, "lost": self.lost,
             "lost_rfc3550": self.lost_rfc3550,
             "lost_pct": round(loss_pct, 2), "duplicates": self.dups, "out_of_order": self.ooo,
@@ -289,7 +334,35 @@ def _hp(addr) -> str:
 
 
 class RtpAnalyzer:
-    """Classifies UDP payloads as RTP/RTCP and keeps one :class:`RtpStream` per (src, dst, SSRC)."""
+    """Classifies UDP payloads as RTP, RTCP, media keep-alives or none of these, and keeps one
+    :class:`RtpStream` per (src, dst, SSRC).
+
+    A packet becomes part of a stream in one of two ways, nothing else makes a stream:
+
+    * **SDP**: its source or destination is a media address (``c=``/``m=``) of an offer or
+      answer the observer saw; then, as in Wireshark's SDP-set-up conversations, every packet
+      with a valid RTP version 2 header there is RTP of that call.
+    * **Heuristic**: otherwise a (src, dst, SSRC) flow is held as a candidate until
+      ``CONFIRM_RUN`` (4) consecutive packets of it have version 2, a payload type that is
+      static (RFC 3551) or dynamic and declared by some SDP in the capture, sequence numbers
+      each one more than the last and RTP timestamps that do not go back; then all its held
+      packets and the rest of the flow are a stream. A flow that never does that (DNS, NetBIOS
+      and the like whose first byte happens to read as version 2) is counted in ``not_rtp``.
+      Well-known ports (below 1024) never start a heuristic stream. Like Wireshark's RTP
+      conversations, a pair of addresses that carried a stream keeps being RTP: a new SSRC
+      between them is a stream at once (even after the live monitor forgot the call's SDP).
+
+    Keep-alives are counted apart (``keepalives``) and never make a stream: UDP payloads too
+    short for an RTP header (empty, a byte, CRLF) and STUN messages to or from a media address,
+    and RTP packets without payload (RFC 6263 §4.6); a flow of nothing but those is not a
+    stream. RTCP is accepted only as a valid compound packet (RFC 3550 A.2: every part
+    version 2 with an RTCP packet type, lengths adding up to the datagram).
+    """
+
+    CONFIRM_RUN = 4
+    MAX_HELD = 32  # packets held per candidate flow; the oldest beyond are not RTP
+    MAX_CANDIDATES = 2048  # candidate flows held at once; the oldest beyond are dropped
+    MAX_MEDIA_ADDRS = 65536  # remembered addresses of confirmed streams (keep-alive ports)
 
     def __init__(self, max_streams: int = 0, on_evict=None):
         self.streams: dict[tuple, RtpStream] = {}
@@ -297,9 +370,26 @@ class RtpAnalyzer:
         self.on_evict = on_evict  # callable(RtpStream) for a stream dropped to make room
         self.evicted = 0
         self.endpoints: dict[tuple[str, int], tuple[bytes, dict]] = {}  # SDP (ip, port) → call
+        self.dynamic_pts: set[int] = set()  # dynamic payload types some SDP declared
+        self.candidates: dict[tuple, list] = {}  # (src, dst, ssrc) → held packet headers
+        self.media_addrs: dict[tuple, None] = {}  # ends of confirmed streams, oldest first
+        self.media_pairs: dict[tuple, None] = {}  # (a, b) pairs that carried a confirmed stream
+        self.by_ssrc: dict[int, list] = {}  # SSRC → stream keys, for RTCP report blocks
         self.rtcp_packets = 0
-        self.not_rtp = 0
+        self.keepalives = 0
+        self._not_rtp = 0
         self.t0: float | None = None
+
+    @property
+    def not_rtp(self) -> int:
+        """UDP payloads that are not RTP, RTCP or keep-alives (held candidates included: until
+        they are confirmed they are not RTP)."""
+        return self._not_rtp + sum(len(c) for c in self.candidates.values())
+
+    @property
+    def unconfirmed(self) -> int:
+        """Packets held in flows not (yet) confirmed as RTP."""
+        return sum(len(c) for c in self.candidates.values())
 
     def add_sdp(self, call_id: bytes, body: bytes, src=None, dst=None, ts=None) -> list:
         """Remember the media endpoints of an SDP body; returns them as [(ip, port)]."""
@@ -307,39 +397,137 @@ class RtpAnalyzer:
         for ip, port, ptmap in parse_sdp(body):
             self.endpoints.pop((ip, port), None)  # re-insert: newest last
             self.endpoints[(ip, port)] = (call_id, ptmap)
+            if len(self.dynamic_pts) < 32:
+                self.dynamic_pts.update(pt for pt in ptmap if 96 <= pt <= 127)
             added.append((ip, port))
         return added
 
+    def _media_addr(self, src, dst) -> bool:
+        ma, ep = self.media_addrs, self.endpoints
+        return src in ep or dst in ep or src in ma or dst in ma
+
     def feed(self, payload: bytes, src, dst, ts: float) -> bool:
-        """Account one UDP payload; False if it is neither RTP nor RTCP."""
-        if len(payload) < 8 or payload[0] >> 6 != 2:
-            self.not_rtp += 1
-            return False
-        pt = payload[1]
-        if 200 <= pt <= 207 or 72 <= (pt & 0x7F) <= 76:
-            return self._rtcp(payload)
-        if len(payload) < 12:
-            self.not_rtp += 1
+        """Account one UDP payload; False if it is neither RTP, RTCP nor a media keep-alive."""
+        n = len(payload)
+        if n < 12 or payload[0] >> 6 != 2:
+            if n >= 8 and payload[0] >> 6 == 2 and 200 <= payload[1] <= 207 and self._rtcp(payload):
+                return True
+            if (n < 12 or _is_stun(payload)) and self._media_addr(src, dst):
+                self.keepalives += 1
+                return True
+            self._not_rtp += 1
             return False
         b0, b1, seq, rtp_ts, ssrc = _hdr(payload, 0)
-        if 12 + (b0 & 15) * 4 > len(payload):
-            self.not_rtp += 1
+        if 200 <= b1 <= 207:
+            if self._rtcp(payload):
+                return True
+            self._not_rtp += 1
             return False
-        if self.t0 is None:
-            self.t0 = ts
+        pt = b1 & 0x7F
+        size = _payload_size(payload, b0)
+        if size < 0 or 72 <= pt <= 76:  # bad header; 72-76 would collide with RTCP (RFC 5761)
+            self._not_rtp += 1
+            return False
         key = (src, dst, ssrc)
         st = self.streams.get(key)
         if st is None:
-            if self.max_streams and len(self.streams) >= self.max_streams:
-                self._evict()
             tie = self.endpoints.get(dst) or self.endpoints.get(src)
-            st = self.streams[key] = RtpStream(src, dst, ssrc, tie[1] if tie else {})
-            st.first_ts = ts
-            if tie:
+            if tie is not None:
+                st = self._new_stream(key, tie[1], ts)
                 st.call_id = tie[0].decode("utf-8", "replace")
+            elif ((src, dst) if src <= dst else (dst, src)) in self.media_pairs:
+                held = self.candidates.get(key)  # a new SSRC between known RTP ends
+                if held is not None:  # held before its pair was known: all of it is RTP
+                    held.append((ts, seq, rtp_ts, pt, b1, size))
+                    self._confirm(key, held)
+                    return True
+                st = self._new_stream(key, {}, ts)
+                st.heuristic = True
+            else:
+                return self._candidate(key, ts, seq, rtp_ts, pt, b1, size)
+        if self.t0 is None:
+            self.t0 = ts
+        if not size:
+            self.keepalives += 1
         st.last_ts = ts
-        st.add((ts - self.t0) * 1000.0, seq, rtp_ts, b1 & 0x7F, bool(b1 & 0x80))
+        st.add((ts - self.t0) * 1000.0, seq, rtp_ts, pt, bool(b1 & 0x80), size > 0)
         return True
+
+    # -- heuristic streams --------------------------------------------------------------
+    def _candidate(self, key, ts, seq, rtp_ts, pt, b1, size) -> bool:
+        src, dst, _ = key
+        if src[1] < 1024 or dst[1] < 1024:
+            self._not_rtp += 1
+            return False
+        held = self.candidates.get(key)
+        if held is None:
+            if len(self.candidates) >= self.MAX_CANDIDATES:
+                self._not_rtp += len(self.candidates.pop(next(iter(self.candidates))))
+            held = self.candidates[key] = []
+        elif len(held) >= self.MAX_HELD:
+            del held[0]
+            self._not_rtp += 1
+        held.append((ts, seq, rtp_ts, pt, b1, size))
+        # consecutive consistent packets at the end of what is held
+        run = 0
+        for k in range(len(held) - 1, -1, -1):
+            p = held[k]
+            if not self._valid_pt(p[3]):
+                break
+            run += 1
+            if run >= self.CONFIRM_RUN:
+                self._confirm(key, held)
+                return True
+            if k == 0:
+                break
+            q = held[k - 1]
+            if (p[1] - q[1]) & 0xFFFF != 1 or (p[2] - q[2]) & 0xFFFFFFFF >= 0x80000000:
+                break
+        return True
+
+    def _valid_pt(self, pt: int) -> bool:
+        return pt in STATIC_PT or pt in self.dynamic_pts
+
+    def _confirm(self, key, held) -> None:
+        del self.candidates[key]
+        st = self._new_stream(key, {}, held[0][0])
+        st.heuristic = True
+        if self.t0 is None:
+            self.t0 = held[0][0]
+        t0 = self.t0
+        for ts, seq, rtp_ts, pt, b1, size in held:
+            if not size:
+                self.keepalives += 1
+            st.last_ts = ts
+            st.add((ts - t0) * 1000.0, seq, rtp_ts, pt, bool(b1 & 0x80), size > 0)
+
+    def _new_stream(self, key, ptmap, ts) -> RtpStream:
+        if self.max_streams and len(self.streams) >= self.max_streams:
+            self._evict()
+        src, dst, ssrc = key
+        st = self.streams[key] = RtpStream(src, dst, ssrc, ptmap)
+        st.first_ts = ts
+        ma = self.media_addrs
+        for addr in (src, dst):
+            if addr not in ma:
+                if len(ma) >= self.MAX_MEDIA_ADDRS:
+                    del ma[next(iter(ma))]
+                ma[addr] = None
+        mp = self.media_pairs
+        pair = (src, dst) if src <= dst else (dst, src)
+        if pair not in mp:
+            if len(mp) >= self.MAX_MEDIA_ADDRS:
+                del mp[next(iter(mp))]
+            mp[pair] = None
+        keys = self.by_ssrc.setdefault(ssrc, [])
+        if len(keys) >= 8:  # streams the live monitor finished are gone from self.streams
+            keys[:] = [k for k in keys if k in self.streams]
+        keys.append(key)
+        if len(self.by_ssrc) > 2 * max(len(self.streams), 1024):
+            self.by_ssrc = {}
+            for k in self.streams:
+                self.by_ssrc.setdefault(k[2], []).append(k)
+        return st
 
     def _evict(self) -> None:
         """Drop the oldest stream (first created) to make room for a new one."""
@@ -349,18 +537,29 @@ class RtpAnalyzer:
         if self.on_evict is not None:
             self.on_evict(st)
 
+    # -- RTCP -----------------------------------------------------------------------------
     def _rtcp(self, data: bytes) -> bool:
-        """Read SR/RR report blocks of a compound RTCP packet (fraction lost is x/256)."""
-        self.rtcp_packets += 1
-        off = 0
-        while off + 8 <= len(data):
+        """A valid compound RTCP packet: read its SR/RR report blocks (fraction lost is x/256).
+        False (nothing counted) unless every part is version 2 with an RTCP packet type
+        (192-223), only the last one padded, and the lengths add up to the datagram."""
+        n = len(data)
+        off, parts = 0, []
+        while off < n:
+            if off + 4 > n:
+                return False
             b0, pt, length = struct.unpack_from("!BBH", data, off)
             end = off + (length + 1) * 4
-            if b0 >> 6 != 2 or end > len(data):
-                break
-            rc = b0 & 31
-            blocks = off + (28 if pt == 200 else 8) if pt in (200, 201) else end
-            for i in range(rc if pt in (200, 201) else 0):
+            if b0 >> 6 != 2 or not 192 <= pt <= 223 or end > n or (b0 & 0x20 and end != n):
+                return False
+            parts.append((off, end, b0, pt))
+            off = end
+        self.rtcp_packets += 1
+        streams = self.streams
+        for off, end, b0, pt in parts:
+            if pt not in (200, 201):
+                continue
+            blocks = off + (28 if pt == 200 else 8)
+            for i in range(b0 & 31):
                 p = blocks + i * 24
                 if p + 24 > end:
                     break
@@ -368,16 +567,41 @@ class RtpAnalyzer:
                 cum = word & 0xFFFFFF
                 if cum & 0x800000:
                     cum -= 0x1000000
-                for st in self.streams.values():
-                    if st.ssrc == src_ssrc:
+                for k in self.by_ssrc.get(src_ssrc, ()):
+                    st = streams.get(k)
+                    if st is not None:
                         st.rtcp_fraction_lost = round((word >> 24) / 256.0, 4)
                         st.rtcp_cum_lost = cum
                         st.rtcp_jitter_ms = round(jit * 1000.0 / (st.clock or 8000), 3)
-            off = end
         return True
 
     def summaries(self) -> list[dict]:
-        return [st.summary() for st in self.streams.values()]
+        """Every stream that carried media (flows of keep-alives only are not streams)."""
+        return [st.summary() for st in self.streams.values() if st.media]
+
+
+def _payload_size(data: bytes, b0: int) -> int:
+    """Payload bytes after the header (CSRCs, extension) and before the padding; -1 if the
+    header does not fit the datagram."""
+    n = len(data)
+    off = 12 + (b0 & 15) * 4
+    if b0 & 0x10:
+        if off + 4 > n:
+            return -1
+        off += 4 + 4 * struct.unpack_from("!H", data, off + 2)[0]
+    if off > n:
+        return -1
+    pad = 0
+    if b0 & 0x20:
+        pad = data[-1]
+        if pad == 0 or off + pad > n:
+            return -1
+    return n - off - pad
+
+
+def _is_stun(data: bytes) -> bool:
+    """A STUN message (RFC 5389: type's top bits 00, magic cookie), as ICE keep-alives are."""
+    return len(data) >= 20 and data[0] < 2 and data[4:8] == b"\x21\x12\xa4\x42"
 
 
 __all__ = ["RtpAnalyzer", "RtpStream", "parse_sdp", "mos_from_loss", "codec_label", "CODEC_LABELS",

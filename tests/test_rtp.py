@@ -132,7 +132,8 @@ def test_sdp_media_and_dynamic_clock():
 def test_rtcp_receiver_report_fraction_is_over_256():
     rtp = RtpAnalyzer()
     src, dst = ("192.0.2.1", 4000), ("192.0.2.2", 5000)
-    rtp.feed(pb.rtp(1, 160, 0xAABBCCDD, 0), src, dst, 1.0)
+    for i in range(RtpAnalyzer.CONFIRM_RUN):  # a heuristic stream needs a consistent run
+        rtp.feed(pb.rtp(1 + i, 160 * (1 + i), 0xAABBCCDD, 0), src, dst, 1.0 + 0.02 * i)
     block = struct.pack("!IIIIII", 0xAABBCCDD, (64 << 24) | 5, 100, 80, 0, 0)
     rr = struct.pack("!BBHI", 0x81, 201, 7, 0x01020304) + block
     assert rtp.feed(rr, dst, (src[0], src[1] + 1), 1.5)
