@@ -174,6 +174,7 @@ def _report(path, engine, mask, obs: Observer, rtp: RtpAnalyzer, counters, calls
             "not_rtp_udp": rtp.not_rtp,
         },
         "rtcp_packets": rtp.rtcp_packets,
+        "rtp_keepalives": rtp.keepalives,
         "calls": call_out,
         "transactions": listing,
         "rtp_streams": streams,
@@ -222,7 +223,7 @@ def render(rep: dict) -> str:
     e = rep["errors"]
     out.append(f"  SIP parse errors {e['sip_parse_errors']}, bad Content-Length "
                f"{e['bad_content_length']}, unmatched responses {e['unmatched_responses']}, "
-               f"RTCP packets {rep['rtcp_packets']}")
+               f"RTCP packets {rep['rtcp_packets']}, RTP keep-alives {rep['rtp_keepalives']}")
     return "\n".join(out) + "\n"
 
 

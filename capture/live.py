@@ -170,6 +170,8 @@ class RtpMonitor:
         self._finish(st, "evicted")
 
     def _finish(self, st: RtpStream, reason: str) -> None:
+        if not st.media:  # keep-alives only: not a stream
+            return
         s = st.summary()
         name = st.codec()
         codec = codec_label(name)
