@@ -5,26 +5,55 @@ so both compute figures with the same code. Nothing here reads a clock or touche
 
 * A transaction is keyed by whatever identifies one hop's request (the proxy uses its own
   outgoing branch and the CSeq method). RTT = first copy forwarded → first response back.
-* A call is an INVITE dialog, keyed by Call-ID. It is counted once, when the initial INVITE gets
-  its final response or times out, and finishes at the final response to BYE (answered calls),
-  at the final response (failed calls) or at timeout.
-* Both tables are capped; the oldest entries are evicted (and counted) first. Expiry walks a
-  deque ordered by deadline, so it costs O(expired) per sweep, not O(table).
+* Timers as RFC 3261 states them for a proxy's client transactions (§16.6 step 11, §16.8,
+  §17.1): every request runs Timer B/F (``timer_b``, 64*T1) from its first copy. An INVITE that
+  got a provisional response (any 1xx) leaves Timer B and runs Timer C (``timer_c``, > 3 min),
+  restarted by each further provisional (a UAS re-sends 180 every minute to keep it alive,
+  §13.3.1.1). A non-INVITE keeps Timer F whatever 1xx it gets. A transaction with no final
+  response when its timer fires is a timeout.
+* A call is an INVITE dialog, keyed by Call-ID (:meth:`Tracker.lookup_call` says which entry a
+  request belongs to: a REGISTER/OPTIONS entry, or an INVITE dialog that ended, does not swallow
+  a new INVITE with the same Call-ID). It is counted once, when the initial INVITE gets its final
+  response or times out, and finishes at the final response to BYE (answered calls), at the
+  final response (failed calls), at timeout, or after ``max_call_duration``; ``Call.ended_by``
+  says which.
+* State that ended leaves: a transaction lingers ``timer_b`` after its final response (late
+  retransmissions still match, like Timer J/K/D), a call ``timer_b`` after it finished (late ACK,
+  BYE retransmissions), then both are dropped. Deadlines live in FIFO deques, one per kind of
+  timer; each kind has a constant delay, so each deque stays sorted by deadline and expiry costs
+  O(expired). A rescheduled entry leaves a stale copy behind, recognised by its deadline and
+  skipped; stale copies are compacted away when they outnumber the live entries, so every
+  deque stays within a constant factor of its table. (Capture timestamps that go backwards
+  make an entry expire at most that much late; the proxy's clock is monotonic.)
+* Both tables are capped. When one is full, the entry that makes room is one that already ended
+  (the oldest to end first); only when none has ended, the least recently active live entry is
+  evicted (counted, and a live call's record is still emitted with ``ended_by="evicted"``).
+
+Memory (tracemalloc, CPython 3.11, :func:`memory_per_call`, ``python -m sipwatch.state``): about
+2.2 KB per answered call (INVITE/100/200/ACK, Call-ID and URIs of 30-50 bytes), of which about
+0.2 KB is the INVITE's table entry that leaves with its linger; the rest (the Call, its
+transaction records, table and deque entries) leaves ``timer_b`` after the call ends.
 """
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 
-from .stats import ANSWERED, BYE, CANCEL, TIMEOUT, Stats, outcome_of
+from .stats import ANSWERED, BYE, CANCEL, CANCELLED, INVITE, TIMEOUT, Stats, outcome_of
 
 MAX_TX_PER_CALL = 64
+MAX_FORK_TAGS = 16  # To-tags of 2xx answers remembered per INVITE (more are each counted a fork)
+COMPACT_SLACK = 1024  # stale deque entries tolerated beyond the table size before compacting
+
+# Call.ended_by values
+ENDED_BY = ("bye", "final", "timeout", "cancel", "max_duration", "evicted", "replaced", "eof",
+            "shutdown")
 
 
 class Transaction:
     __slots__ = (
         "key", "midx", "method", "cseq", "call", "t_sent", "t_first", "t_final", "status",
         "events", "retrans", "span_id", "trace_id", "parent_span_id", "sampled", "deadline",
-        "direction", "peer", "initial_invite", "timed_out",
+        "direction", "peer", "initial_invite", "timed_out", "tags",
     )
 
     def __init__(self, key, midx, method, cseq, call, now, span_id, trace_id, parent_span_id,
@@ -49,6 +78,7 @@ class Transaction:
         self.peer = peer
         self.initial_invite = initial_invite
         self.timed_out = False
+        self.tags = None  # To-tags of the 2xx answers to an INVITE (forks), once answered
 
     @property
     def rtt_ms(self) -> float | None:
@@ -60,6 +90,7 @@ class Call:
         "call_id", "trace_id", "span_id", "parent_span_id", "sampled", "t_start", "t_setup",
         "t_answer", "t_final", "t_end", "status", "outcome", "cancelled", "finished",
         "transactions", "retrans", "from_uri", "to_uri", "ruri", "deadline", "is_call", "rtp",
+        "ended_by", "invite_cseq",
     )
 
     def __init__(self, call_id, trace_id, span_id, parent_span_id, sampled, now, deadline,
@@ -86,6 +117,8 @@ class Call:
         self.deadline = deadline
         self.is_call = is_call  # False: a non-dialog request's own small trace
         self.rtp = None  # passive capture: the call's RTP figures for its span, once known
+        self.ended_by: str | None = None  # one of ENDED_BY once finished
+        self.invite_cseq = None  # CSeq number of the (latest) initial INVITE
 
 
 class Tracker:
@@ -97,16 +130,23 @@ class Tracker:
 
     def __init__(self, stats: Stats, timer_b: float = 32.0, max_transactions: int = 200_000,
                  max_calls: int = 100_000, max_call_duration: float = 4 * 3600.0,
-                 finished_max: int = 100_000):
+                 finished_max: int = 100_000, *, timer_c: float = 180.0):
         self.stats = stats
         self.timer_b = timer_b
+        self.timer_c = timer_c
         self.max_transactions = max_transactions
         self.max_calls = max_calls
         self.max_call_duration = max_call_duration
         self.transactions: dict = {}
-        self.calls: dict[bytes, Call] = {}
-        self._tx_order: deque = deque()  # (deadline, key, tx)
-        self._call_order: deque = deque()  # (deadline, call_id, call)
+        # insertion order = least recently active first (moved to the end on activity)
+        self.calls: OrderedDict[bytes, Call] = OrderedDict()
+        # (deadline, obj) FIFOs, one per timer kind, each with a constant delay
+        self._tx_b: deque = deque()  # pending, Timer B/F: t_sent + timer_b
+        self._tx_c: deque = deque()  # pending INVITE after a 1xx, Timer C: last 1xx + timer_c
+        self._tx_linger: deque = deque()  # completed: t_final + timer_b
+        self._call_short: deque = deque()  # non-call entries, auth challenges: + timer_b
+        self._call_long: deque = deque()  # INVITE dialogs: start/answer + max_call_duration
+        self._call_linger: deque = deque()  # finished calls: t_end + timer_b
         self.finished: deque = deque()
         self.finished_max = finished_max
 
@@ -114,29 +154,77 @@ class Tracker:
     def find_call(self, call_id: bytes) -> Call | None:
         return self.calls.get(call_id)
 
-    def new_call(self, call_id, trace_id, span_id, parent_span_id, sampled, now, is_call,
-                 from_uri=b"", to_uri=b"", ruri=b"") -> Call:
-        deadline = now + (self.max_call_duration if is_call else self.timer_b)
-        call = Call(call_id, trace_id, span_id, parent_span_id, sampled, now, deadline, is_call,
-                    from_uri, to_uri, ruri)
-        calls = self.calls
-        if len(calls) >= self.max_calls:
-            self._evict_call()
-        calls[call_id] = call
-        self._call_order.append((deadline, call_id, call))
+    def lookup_call(self, call_id: bytes, initial_invite: bool, cseq: int | None = None) -> Call | None:
+        """The call entry a request with this Call-ID belongs to, or None: then the caller
+        creates one with :meth:`new_call` (which replaces the old entry cleanly).
+
+        An initial INVITE (no To-tag) does not join an entry of a non-dialog request
+        (REGISTER/OPTIONS with the same Call-ID) nor an INVITE dialog that has ended; with
+        ``cseq`` given, the same initial INVITE seen again (a retransmission, or the next hop
+        of it in a capture) still finds its call, and a new initial INVITE with another CSeq
+        does not join a call that was already answered or rejected. A non-dialog request
+        (``cseq`` given) does not join an ended non-dialog entry holding no request with its
+        CSeq number (a re-REGISTER with the same Call-ID gets its own entry).
+        """
+        call = self.calls.get(call_id)
+        if call is None:
+            return None
+        if initial_invite:
+            if not call.is_call:
+                return None
+            if cseq is not None and call.invite_cseq == cseq:
+                return call
+            if call.finished or (cseq is not None and call.outcome >= 0):
+                return None
+            return call
+        if cseq is not None and call.finished and not call.is_call:
+            for tx in call.transactions:
+                if tx.cseq == cseq:
+                    return call
+            return None
         return call
 
-    def _evict_call(self) -> None:
-        order, calls = self._call_order, self.calls
-        while order:
-            _, cid, call = order.popleft()
-            if calls.get(cid) is call:
-                del calls[cid]
-                if not call.finished:
-                    self.stats.evicted_calls += 1
-                    if call.is_call and call.outcome == ANSWERED:
-                        self.stats.active_calls -= 1
+    def new_call(self, call_id, trace_id, span_id, parent_span_id, sampled, now, is_call,
+                 from_uri=b"", to_uri=b"", ruri=b"") -> Call:
+        calls = self.calls
+        old = calls.pop(call_id, None)
+        if old is not None and not old.finished:
+            # its record is emitted once, here; outcome counters are left as they are
+            self._finish_call(old, now, "replaced")
+        if len(calls) >= self.max_calls:
+            self._evict_call(now)
+        if is_call:
+            deadline = now + self.max_call_duration
+            call = Call(call_id, trace_id, span_id, parent_span_id, sampled, now, deadline,
+                        is_call, from_uri, to_uri, ruri)
+            self._call_long.append((deadline, call))
+        else:
+            deadline = now + self.timer_b
+            call = Call(call_id, trace_id, span_id, parent_span_id, sampled, now, deadline,
+                        is_call, from_uri, to_uri, ruri)
+            self._call_short.append((deadline, call))
+        calls[call_id] = call
+        return call
+
+    def _evict_call(self, now: float) -> None:
+        """Make room: a finished call whose linger is not over (oldest first), else the least
+        recently active live call."""
+        calls, q = self.calls, self._call_linger
+        while q:
+            d, call = q.popleft()
+            if call.deadline == d and calls.get(call.call_id) is call:
+                del calls[call.call_id]
                 return
+        if not calls:
+            return
+        _, call = calls.popitem(last=False)
+        self.stats.evicted_calls += 1
+        self._finish_call(call, now, "evicted")
+
+    def _touch(self, call: Call) -> None:
+        calls = self.calls
+        if calls.get(call.call_id) is call:
+            calls.move_to_end(call.call_id)
 
     # -- transactions ------------------------------------------------------------------
     def request(self, key, midx, method, cseq, call: Call, now, span_id, parent_span_id,
@@ -145,14 +233,22 @@ class Tracker:
         deadline = now + self.timer_b
         tx = Transaction(key, midx, method, cseq, call, now, span_id, call.trace_id,
                          parent_span_id, call.sampled, deadline, direction, peer, initial_invite)
-        if len(self.transactions) >= self.max_transactions:
+        txs = self.transactions
+        if len(txs) >= self.max_transactions and key not in txs:
             self._evict_tx()
-        self.transactions[key] = tx
-        self._tx_order.append((deadline, key, tx))
+        txs[key] = tx
+        self._tx_b.append((deadline, tx))
         if len(call.transactions) < MAX_TX_PER_CALL:
             call.transactions.append(tx)
         if midx == CANCEL:
             call.cancelled = True
+        elif initial_invite:
+            call.invite_cseq = cseq
+        if not call.is_call and not call.finished and call.deadline != deadline:
+            # a non-dialog entry lives as long as its newest request's Timer F
+            call.deadline = deadline
+            self._call_short.append((deadline, call))
+        self._touch(call)
         return tx
 
     def retransmission(self, tx: Transaction) -> None:
@@ -168,21 +264,40 @@ class Tracker:
         tx.t_final = now
         if len(call.transactions) < MAX_TX_PER_CALL:
             call.transactions.append(tx)
+        self._touch(call)
         self._emit("tx", tx)
         return tx
 
     def _evict_tx(self) -> None:
-        order, txs = self._tx_order, self.transactions
-        while order:
-            _, key, tx = order.popleft()
-            if txs.get(key) is tx:
-                del txs[key]
-                if tx.t_final is None:
-                    self.stats.evicted_transactions += 1
+        """Make room: a completed transaction still lingering (oldest first), else the pending
+        one least recently active (oldest request under Timer B, or oldest 1xx under Timer C)."""
+        txs = self.transactions
+        q = self._tx_linger
+        while q:
+            d, tx = q.popleft()
+            if tx.deadline == d and txs.get(tx.key) is tx:
+                del txs[tx.key]
                 return
+        qb, qc = self._tx_b, self._tx_c
+        while qb and not _pending(qb[0], txs):
+            qb.popleft()
+        while qc and not _pending(qc[0], txs):
+            qc.popleft()
+        if qb and (not qc or qb[0][0] - self.timer_b <= qc[0][0] - self.timer_c):
+            _, tx = qb.popleft()
+        elif qc:
+            _, tx = qc.popleft()
+        else:
+            return
+        del txs[tx.key]
+        self.stats.evicted_transactions += 1
 
-    def response(self, key, status: int, now: float) -> Transaction | None:
-        """Record a response. Returns its transaction (None if unknown)."""
+    def response(self, key, status: int, now: float, to_tag: bytes | None = None) -> Transaction | None:
+        """Record a response. Returns its transaction (None if unknown).
+
+        ``to_tag``: the response's To-tag (needed for 2xx to INVITE only): a 2xx with another
+        To-tag than the first 2xx is a fork (``stats.forks``), not a retransmission.
+        """
         tx = self.transactions.get(key)
         if tx is None:
             return None
@@ -190,21 +305,49 @@ class Tracker:
         if tx.t_first is None:
             tx.t_first = now
             stats.ring.add(tx.midx, (now - tx.t_sent) * 1000.0, tx.trace_id)
-        elif tx.t_final is not None or any(s == status for s, _ in tx.events):
+        elif tx.t_final is not None:
+            tags = tx.tags
+            if to_tag is not None and tags is not None and 200 <= status < 300 \
+                    and to_tag not in tags:
+                stats.forks += 1  # another branch answered too (RFC 3261 §16.7 step 5)
+                if len(tags) < MAX_FORK_TAGS:
+                    tags.append(to_tag)
+                return tx
             tx.retrans += 1
             tx.call.retrans += 1
             stats.response_retransmissions += 1
+            return tx
+        elif any(s == status for s, _ in tx.events):
+            tx.retrans += 1
+            tx.call.retrans += 1
+            stats.response_retransmissions += 1
+            if tx.midx == INVITE:
+                self._timer_c(tx, now)  # a repeated 180 still keeps the INVITE alive
             return tx
         tx.events.append((status, now))
         call = tx.call
         if status >= 200:
             tx.t_final = now
             tx.status = status
+            if status < 300 and to_tag is not None and tx.midx == INVITE:
+                tx.tags = [to_tag]
+            d = now + self.timer_b
+            tx.deadline = d
+            self._tx_linger.append((d, tx))
             self._emit("tx", tx)
             self._call_progress(call, tx, status, now)
-        elif tx.initial_invite and status > 100 and call.t_setup is None:
-            call.t_setup = now
+        else:
+            if tx.midx == INVITE:
+                self._timer_c(tx, now)
+            if tx.initial_invite and status > 100 and call.t_setup is None:
+                call.t_setup = now
+        self._touch(call)
         return tx
+
+    def _timer_c(self, tx: Transaction, now: float) -> None:
+        d = now + self.timer_c
+        tx.deadline = d
+        self._tx_c.append((d, tx))
 
     def _call_progress(self, call: Call, tx: Transaction, status: int, now: float) -> None:
         if tx.initial_invite:
@@ -215,36 +358,44 @@ class Tracker:
                 # Call-ID; the call is decided by the retry, or rejected if none comes
                 call.status = status
                 call.t_final = now
-                self._reschedule_call(call, now + self.timer_b)
+                if not call.finished and self.calls.get(call.call_id) is call:
+                    d = now + self.timer_b
+                    call.deadline = d
+                    self._call_short.append((d, call))
             elif call.outcome < 0:
                 call.t_final = now
                 call.status = status
                 call.outcome = outcome_of(status, call.cancelled)
                 if call.outcome == ANSWERED:
                     call.t_answer = now
-                    self.stats.active_calls += 1
-                    self._reschedule_call(call, now + self.max_call_duration)
+                    if not call.finished:
+                        self.stats.active_calls += 1
+                        if self.calls.get(call.call_id) is call:
+                            d = now + self.max_call_duration
+                            call.deadline = d
+                            self._call_long.append((d, call))
                 self.stats.calls[call.outcome] += 1
                 if call.outcome != ANSWERED:
-                    self._finish_call(call, now)
+                    self._finish_call(call, now,
+                                      "cancel" if call.outcome == CANCELLED else "final")
         elif not call.is_call:
-            self._finish_call(call, now)
+            self._finish_call(call, now, "final")
         elif tx.midx == BYE:
-            self._finish_call(call, now)
+            self._finish_call(call, now, "bye")
 
-    def _reschedule_call(self, call: Call, deadline: float) -> None:
-        call.deadline = deadline
-        self._call_order.append((deadline, call.call_id, call))
-
-    def _finish_call(self, call: Call, now: float) -> None:
+    def _finish_call(self, call: Call, now: float, ended_by: str) -> None:
         if call.finished:
             return
         call.finished = True
         call.t_end = now
+        call.ended_by = ended_by
         if call.is_call and call.outcome == ANSWERED:
             self.stats.active_calls -= 1
-        # keep the entry until late ACKs/retransmissions have passed, then expire() drops it
-        self._reschedule_call(call, now + self.timer_b)
+        if self.calls.get(call.call_id) is call:
+            # keep the entry until late ACKs/retransmissions have passed, then expire() drops it
+            d = now + self.timer_b
+            call.deadline = d
+            self._call_linger.append((d, call))
         self._emit("call", call)
 
     def _emit(self, kind: str, obj) -> None:
@@ -253,21 +404,27 @@ class Tracker:
             return
         self.finished.append((kind, obj))
 
-    def finish_open_calls(self, now: float) -> None:
+    def finish_open_calls(self, now: float, ended_by: str = "shutdown") -> None:
         """End every call still open (answered, no BYE seen): a capture ended, time stopped."""
         for call in list(self.calls.values()):
-            self._finish_call(call, now)
+            self._finish_call(call, now, ended_by)
+
+    def pending_transactions(self) -> list[Transaction]:
+        """Transactions still waiting for a final response."""
+        return [tx for tx in self.transactions.values() if tx.t_final is None]
 
     # -- timers ------------------------------------------------------------------------
     def expire(self, now: float) -> None:
-        """Time out unanswered transactions (Timer B/F) and drop lingering state."""
-        order, txs, stats = self._tx_order, self.transactions, self.stats
-        while order and order[0][0] <= now:
-            _, key, tx = order.popleft()
-            if txs.get(key) is not tx:
-                continue
-            del txs[key]
-            if tx.t_final is None:
+        """Time out unanswered transactions (Timer B/F/C) and drop state whose linger ended."""
+        txs, stats = self.transactions, self.stats
+        for q in (self._tx_b, self._tx_c):
+            while q and q[0][0] <= now:
+                d, tx = q.popleft()
+                if tx.deadline != d or txs.get(tx.key) is not tx:
+                    continue  # answered, rescheduled, evicted or replaced since
+                del txs[tx.key]
+                if tx.t_final is not None:
+                    continue
                 tx.timed_out = True
                 tx.t_final = now
                 stats.timeouts[tx.midx] += 1
@@ -277,18 +434,91 @@ class Tracker:
                     call.outcome = TIMEOUT
                     call.t_final = now
                     stats.calls[TIMEOUT] += 1
-                    self._finish_call(call, now)
-                elif not call.is_call or tx.midx == BYE:
-                    self._finish_call(call, now)
-        order, calls = self._call_order, self.calls
-        while order and order[0][0] <= now:
-            deadline, cid, call = order.popleft()
-            if calls.get(cid) is not call or call.deadline != deadline:
-                continue
-            del calls[cid]
-            if not call.finished:
+                    self._finish_call(call, now, "timeout")
+                elif not call.is_call:
+                    self._finish_call(call, now, "timeout")
+                elif tx.midx == BYE:
+                    self._finish_call(call, now, "bye")
+        q = self._tx_linger
+        while q and q[0][0] <= now:
+            d, tx = q.popleft()
+            if tx.deadline == d and txs.get(tx.key) is tx:
+                del txs[tx.key]
+        calls = self.calls
+        for q in (self._call_short, self._call_long, self._call_linger):
+            while q and q[0][0] <= now:
+                d, call = q.popleft()
+                cid = call.call_id
+                if call.deadline != d or calls.get(cid) is not call:
+                    continue
+                del calls[cid]
+                if call.finished:
+                    continue
                 if call.is_call and call.outcome < 0 and call.status:
                     call.outcome = outcome_of(call.status, call.cancelled)  # unanswered challenge
                     stats.calls[call.outcome] += 1
-                self._finish_call(call, now)  # also: answered call that never saw BYE
-                calls.pop(cid, None)
+                    self._finish_call(call, now, "final")
+                elif call.is_call:
+                    self._finish_call(call, now, "max_duration")  # e.g. answered, never a BYE
+                else:
+                    self._finish_call(call, now, "timeout")
+        self._compact()
+
+    def _compact(self) -> None:
+        """Drop stale deque entries once they outnumber the live ones (amortised O(1))."""
+        txs = self.transactions
+        if len(self._tx_b) + len(self._tx_c) + len(self._tx_linger) > 2 * len(txs) + COMPACT_SLACK:
+            for name in ("_tx_b", "_tx_c", "_tx_linger"):
+                setattr(self, name, deque(e for e in getattr(self, name)
+                                          if e[1].deadline == e[0] and txs.get(e[1].key) is e[1]))
+        calls = self.calls
+        if len(self._call_short) + len(self._call_long) + len(self._call_linger) > \
+                2 * len(calls) + COMPACT_SLACK:
+            for name in ("_call_short", "_call_long", "_call_linger"):
+                setattr(self, name, deque(e for e in getattr(self, name)
+                                          if e[1].deadline == e[0]
+                                          and calls.get(e[1].call_id) is e[1]))
+
+    def queued(self) -> int:
+        """Deadline entries held (live and stale), for tests and memory accounting."""
+        return sum(len(q) for q in (self._tx_b, self._tx_c, self._tx_linger, self._call_short,
+                                    self._call_long, self._call_linger))
+
+
+def _pending(entry, txs) -> bool:
+    d, tx = entry
+    return tx.deadline == d and tx.t_final is None and txs.get(tx.key) is tx
+
+
+def memory_per_call(n: int = 5000) -> dict:
+    """Bytes held per answered call (tracemalloc): ``n`` calls INVITE/200/ACK held open, then
+    the same once their transactions' linger is over."""
+    import tracemalloc
+
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    tr = Tracker(Stats(ring_size=16), finished_max=0)
+    t = 1000.0
+    for i in range(n):
+        cid = b"%08d-a3f1c2d4e5b6@10.20.30.40" % i
+        call = tr.new_call(cid, i + 1, i + 2, None, True, t, True,
+                           b'"Alice" <sip:+4930123456%02d@10.0.0.1>;tag=%08d' % (i % 100, i),
+                           b"<sip:+4940987654%02d@10.0.0.2>" % (i % 100),
+                           b"sip:+4940987654%02d@10.0.0.2:5060" % (i % 100))
+        key = (b"z9hG4bKsw0123456789ab.%012d" % i, b"INVITE")
+        tr.request(key, INVITE, b"INVITE", 1, call, t, i + 3, call.span_id, 0,
+                   ("10.0.0.2", 5060), True)
+        tr.response(key, 100, t + 0.01)
+        tr.response(key, 200, t + 0.05, b"%08x" % i)
+        tr.ack(1, b"ACK", 1, call, t + 0.06, i + 4, 0, ("10.0.0.2", 5060))
+    with_tx = (tracemalloc.get_traced_memory()[0] - base) / n
+    tr.expire(t + tr.timer_b + 1.0)
+    calls_only = (tracemalloc.get_traced_memory()[0] - base) / n
+    assert len(tr.calls) == n and not tr.transactions
+    tracemalloc.stop()
+    return {"calls": n, "bytes_per_call_with_transactions": round(with_tx),
+            "bytes_per_call": round(calls_only)}
+
+
+if __name__ == "__main__":
+    print(memory_per_call())
