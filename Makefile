@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test bench venv system-deps clean
+.PHONY: demo test bench venv system-deps clean fuzz fuzz-smoke
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,29 @@ demo: system-deps venv
 
 test: system-deps venv
 	$(BIN)/python -m ruff check sipwatch capture tests deploy
+	$(MAKE) --no-print-directory fuzz-smoke
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# atheris over the core (tests/fuzz): a fixed seed and a fixed number of inputs, a few seconds;
+# a finding is written to tests/fuzz/artifacts/ and fails the target
+FUZZ_RUNS ?= 500
+fuzz-smoke: venv
+	@if ! $(BIN)/python -c "import atheris" 2>/dev/null; then \
+	  echo "fuzz-smoke: atheris is not installed on this platform"; \
+	  test -z "$$SIPWATCH_REQUIRE_TOOLS"; exit $$?; fi; \
+	mkdir -p tests/fuzz/artifacts; d=$$(mktemp -d); mkdir $$d/corpus; \
+	$(BIN)/python tests/fuzz/fuzz_core.py -seed=1 -runs=$(FUZZ_RUNS) -print_final_stats=1 \
+	  -artifact_prefix=tests/fuzz/artifacts/ $$d/corpus tests/fuzz/seeds >$$d/log 2>&1; rc=$$?; \
+	if [ $$rc -eq 0 ]; then grep '^stat::' $$d/log | tr '\n' ' '; echo; else tail -40 $$d/log; fi; \
+	rm -rf $$d; exit $$rc
+
+# longer coverage-guided run with a kept corpus (tests/fuzz/corpus, git-ignored);
+# FUZZ_ARGS='-fork=2 -ignore_crashes=1' keeps going after findings
+FUZZ_TIME ?= 600
+fuzz: venv
+	mkdir -p tests/fuzz/corpus tests/fuzz/artifacts
+	$(BIN)/python tests/fuzz/fuzz_core.py -max_total_time=$(FUZZ_TIME) -print_final_stats=1 \
+	  -artifact_prefix=tests/fuzz/artifacts/ $(FUZZ_ARGS) tests/fuzz/corpus tests/fuzz/seeds
 
 bench: system-deps venv
 	$(BIN)/python -m tests.bench $(BENCH_ARGS)

@@ -45,18 +45,18 @@ def from_pcap(path: Path) -> bytes | None:
 
 def invite(extra: bytes = b"", body: bytes = b"v=0\r\n", cl: bytes | None = None, via: bytes | None = None,
            method: bytes = b"INVITE", cseq: bytes = b"1") -> bytes:
-    via = via or b"Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-seed-1;rport"
+    via = via or b"Via: SIP/2.0/UDP 127.0.0.3:5070;branch=z9hG4bK-seed-1;rport"
     cl = b"%d" % len(body) if cl is None else cl
     return (b"%s sip:+4930123456@127.0.0.1:5060 SIP/2.0\r\n%s\r\n"
-            b"From: <sip:+4930999@127.0.0.1>;tag=a1\r\nTo: <sip:+4930123456@127.0.0.1>\r\n"
+            b"From: <sip:+4930999@127.0.0.3>;tag=a1\r\nTo: <sip:+4930123456@127.0.0.3>\r\n"
             b"Call-ID: seed-%s@127.0.0.1\r\nCSeq: %s %s\r\nMax-Forwards: 70\r\n"
-            b"Contact: <sip:a@127.0.0.1:5070>\r\n%sContent-Length: %s\r\n\r\n%s"
+            b"Contact: <sip:a@127.0.0.3:5070>\r\n%sContent-Length: %s\r\n\r\n%s"
             % (method, via, method, cseq, method, extra, cl, body))
 
 
 def hand_written() -> dict[str, bytes]:
     route = b"<sip:" + ADV + b";lr>"
-    victim_via = b"Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-v;received=127.0.0.9;rport=9999"
+    victim_via = b"Via: SIP/2.0/UDP 127.0.0.3:5070;branch=z9hG4bK-v;received=127.0.0.9;rport=9999"
     seeds = {
         "route_flood_one_header": rec(0, invite(b"Route: " + b", ".join([route] * 300) + b"\r\n")),
         "route_flood_many_headers": rec(0, invite(b"".join(b"Route: " + route + b"\r\n" for _ in range(200)))),
@@ -71,7 +71,10 @@ def hand_written() -> dict[str, bytes]:
         "cl_conflict": rec(0, invite(b"Content-Length: 2\r\n")),
         "cl_short": rec(0, invite(cl=b"2")),
         "cl_long": rec(0, invite(cl=b"999")),
-        "bare_lf_crlfcrlf_body": rec(0, invite(body=b"v=0\r\n\r\nINJECTED: 1\r\n").replace(b"\r\n", b"\n", 9)),
+        # bare-LF headers, no Content-Length, a CRLFCRLF inside the body: the body starts at the
+        # first empty line (the LF LF), so "X-Injected" is body, not a header
+        "bare_lf_crlfcrlf_body": rec(0, invite(body=b"X-Injected: 1\r\n\r\nv=0\r\n").replace(
+            b"Content-Length: 22\r\n", b"").replace(b"\r\n", b"\n", 8)),
         "nul_in_header": rec(0, invite(b"X-Nul: a\x00b\r\n")),
         "no_colon_line": rec(0, invite(b"NoColonHere\r\n")),
         "forged_received": SEP.join([rec(0, invite(via=victim_via)),
@@ -94,6 +97,13 @@ def hand_written() -> dict[str, bytes]:
         "options_then_answer": SEP.join([rec(0, invite(method=b"OPTIONS", body=b"")),
                                          rec(0x24, b"SIP/2.0 200 OK\r\nContent-Length: 0\r\n\r\n")]),
         "keepalive": rec(0, b"\r\n\r\n"),
+        # found by the fuzzer: a response from upstream with a header name that is not a token
+        "response_bad_header_name": SEP.join([
+            rec(0, invite(method=b"OPTIONS", body=b"")),
+            rec(4, b"SIP/2.0 200 OK\r\nF|om: <sip:x@127.0.0.3>\r\nContent-Length: 0\r\n\r\n")]),
+        "response_nul_in_value": SEP.join([
+            rec(0, invite(method=b"OPTIONS", body=b"")),
+            rec(4, b"SIP/2.0 200 OK\r\nServer: a\x00b\r\nContent-Length: 0\r\n\r\n")]),
     }
     return seeds
 

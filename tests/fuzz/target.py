@@ -23,10 +23,12 @@ Properties (an AssertionError names the one that broke; anything else raised is 
   header section, Content-Length equal to its body);
 - a forwarded message's body is byte-identical to the input's body as declared by
   Content-Length (RFC 3261 §18.3), and an input whose body is undecidable is not forwarded;
-- every destination is an IP literal with a port 1-65535, and is the upstream, the datagram's
-  own source, or a source that sent a request earlier in the run (no reflection to third parties);
-- a response the core makes itself goes back to the datagram's source and is not larger than
-  the request (no amplification toward a spoofable source).
+- every destination is an IP literal with a port 1-65535, on the IP of the upstream, of the
+  datagram's source or of a source that sent a request earlier in the run (no reflection to third
+  parties; the port may be the one the sender's Via names, RFC 3261 §18.2.2); every source in a
+  run has its own IP, so no destination passes by sharing one;
+- a response the core makes itself goes back to the IP of the datagram's source and is not
+  larger than the request (no amplification toward a spoofable source).
 """
 from __future__ import annotations
 
@@ -54,8 +56,8 @@ except ImportError:  # run as a script: tests/fuzz is on sys.path
 SEP = b"\x00\xfe\xfd\x00"
 MAX_RECORDS = 64
 ADVERTISE = ("127.0.0.1", 5060)
-UPSTREAM = ("127.0.0.1", 5090)
-GATEWAYS = (("127.0.0.1", 5070), ("10.0.0.7", 5080), ("::1", 5072))
+UPSTREAM = ("127.0.0.2", 5090)
+GATEWAYS = (("127.0.0.3", 5070), ("10.0.0.7", 5080), ("::1", 5072))
 _ANSWER_HEADERS = frozenset((b"via", b"v", b"from", b"f", b"to", b"t", b"call-id", b"i", b"cseq",
                              b"record-route"))
 
@@ -79,7 +81,7 @@ class Run:
                               randbits=random.Random(1).getrandbits)
         self.observer = Observer()
         self.now = 1000.0
-        self.requesters = {UPSTREAM}
+        self.requesters = {UPSTREAM[0]}  # IPs that sent a request in this run
         self.last_to_upstream: bytes | None = None
         self.last_to_gateway: tuple[bytes, tuple] | None = None
         self.builder = SpanBuilder(_RESOURCE, "partial") if SpanBuilder is not None else None
@@ -90,7 +92,7 @@ class Run:
         except SipParseError:
             pass
         if sipcheck.is_request(payload):
-            self.requesters.add(src)
+            self.requesters.add(src[0])
         outs = self.core.receive_datagram(payload, src, self.now)
         assert isinstance(outs, list), f"receive_datagram returned {type(outs)}"
         self.observer.feed(payload, src, ADVERTISE, self.now)
@@ -108,15 +110,15 @@ class Run:
         assert isinstance(out, bytes), f"output is {type(out)}"
         problem = sipcheck.destination_problem(dest)
         assert problem is None, problem
-        assert dest in self.requesters or dest == src, \
-            f"sent to {dest} which sent no request (source {src}, upstream {UPSTREAM})"
+        assert dest[0] in self.requesters or dest[0] == src[0], \
+            f"sent to {dest}, an IP that sent no request (source {src}, upstream {UPSTREAM})"
         problems = sipcheck.output_problems(out)
         assert not problems, f"output to {dest}: {problems}"
         parse(out)  # must not raise
         _, out_body = sipcheck.split_message(out)
         if sipcheck.is_response(out) and not sipcheck.is_response(payload):
             # made here (400/403/482/483/416/503/513...): back to the sender, no amplification
-            assert dest == src, f"local response to {dest}, request came from {src}"
+            assert dest[0] == src[0], f"local response to {dest}, request came from {src}"
             assert len(out) <= len(payload), f"local response of {len(out)} bytes to a {len(payload)}-byte request"
             return
         assert sipcheck.is_response(out) == sipcheck.is_response(payload), "request/response kind changed"
