@@ -243,8 +243,8 @@ class CallIdMasker:
         if self.mode == "hash":
             return "h-" + self.digest(raw, 16)
         masked = _LONG_DIGITS.sub(lambda m: _mask_digits(m.group(0)), text)
-        if masked == text:
-            return text
+        if masked == text and (text.isascii() or text.encode("utf-8", "replace") == raw):
+            return text  # nothing masked, nothing lost in decoding: the Call-ID as is
         return masked + "~" + self.digest(raw)
 
 
