@@ -23,7 +23,7 @@ from sipwatch.logs import call_summary_fields
 from sipwatch.masking import MODES
 from sipwatch.observer import Observer
 from sipwatch.rtp import RtpAnalyzer
-from sipwatch.stats import OUTCOMES, TIMEOUT
+from sipwatch.stats import OUTCOMES
 from sipwatch.tracing import add_otlp_arguments, rtp_figures
 
 SIP_PORTS = (5060, 5061)
@@ -133,12 +133,16 @@ def _report(path, engine, mask, obs: Observer, rtp: RtpAnalyzer, counters, calls
         rec = call_summary_fields(call, mask)
         for tx, row in zip(call.transactions, rec["transactions"]):
             row["src"], row["dst"] = _hp(tx.peer[0]), _hp(tx.peer[1])  # the hop it was seen on
-        initial = next((t for t in call.transactions if t.initial_invite), None)
-        if call.outcome == TIMEOUT and initial is not None and \
-                obs.tx_state(initial) == "unanswered_at_eof":
-            rec["outcome"] = "unanswered_at_eof"
+        if call.outcome < 0 and call.ended_by == "eof":
+            rec["outcome"] = "unanswered_at_eof"  # still waiting (ringing) when the capture ended
+        rec.setdefault("ended_by", call.ended_by)
         rec["rtp_streams"] = by_call.get(rec["call_sid"], [])
         call_out.append(rec)
+    # the totals by outcome are counted from this list, so list, text view and totals agree
+    by_outcome = dict.fromkeys(OUTCOMES + ("unanswered_at_eof",), 0)
+    for rec in call_out:
+        key = rec["outcome"] or "unknown"
+        by_outcome[key] = by_outcome.get(key, 0) + 1
     states = [t["state"] for t in listing]
     return {
         "file": os.path.basename(path),
@@ -151,8 +155,7 @@ def _report(path, engine, mask, obs: Observer, rtp: RtpAnalyzer, counters, calls
         "methods": dict(sorted(obs.methods.items())),
         "status_codes": dict(sorted(obs.statuses.items())),
         "invite_calls": len(obs.invite_call_ids),
-        "calls_by_outcome": {name: stats.calls[i] for i, name in enumerate(OUTCOMES)}
-        | {"unanswered_at_eof": obs.eof_calls},
+        "calls_by_outcome": by_outcome,
         "txn": {
             "transactions": len(listing),
             "answered": len(rtts),
@@ -214,6 +217,8 @@ def render(rep: dict) -> str:
                                       or "none"))
     out.append("  SIP responses: " + (", ".join(f"{k} {v}" for k, v in
                                                 rep["status_codes"].items()) or "none"))
+    out.append(f"  Calls {len(rep['calls'])}: " + ", ".join(
+        f"{k.replace('_', ' ')} {v}" for k, v in rep["calls_by_outcome"].items() if v))
     out.append(f"  INVITE calls {rep['invite_calls']}; transactions {t['transactions']}, "
                f"answered {t['answered']}, timeouts {t['timeouts']}, unanswered at end of "
                f"capture {t['unanswered_at_eof']}, retransmitted requests "

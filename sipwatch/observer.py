@@ -14,9 +14,14 @@ hop (an untraced caller in front of a sidecar) only supplies the trace id and sa
 Without any, the trace id is derived from the Call-ID (the same in every capture of the call).
 Span ids are random 64-bit, like the proxy's.
 
-Time is the capture's: timers run on packet timestamps, and :meth:`finish` flushes at
-``last_ts + timer_b``. Transactions still waiting when the capture ended are reported as
-``unanswered_at_eof``, not as timeouts: the capture, not the peer, stopped.
+Time is the capture's: timers run on packet timestamps (Timer B/F, and Timer C for an INVITE
+that got a provisional, as in the proxy: a call ringing 40 s and then answered is answered).
+Transactions still waiting when the capture ended, a ringing INVITE under Timer C included, are
+reported as ``unanswered_at_eof``, not as timeouts: the capture, not the peer, stopped.
+
+Calls: a Call-ID first used by REGISTER/OPTIONS and then by an INVITE gives that INVITE's call,
+and a second INVITE dialog on a Call-ID whose first dialog ended is a call of its own
+(:meth:`sipwatch.state.Tracker.lookup_call`).
 """
 from __future__ import annotations
 
@@ -28,31 +33,38 @@ from hashlib import blake2b
 from .sipmsg import SipParseError, header_tag, parse
 from .state import Tracker
 from .tracecontext import parse_traceparent, sampled_by_ratio
-from .stats import ACK, FROM_GATEWAY, FROM_SIGNALING, INVITE, TIMEOUT, Stats, method_index
+from .stats import ACK, FROM_GATEWAY, FROM_SIGNALING, INVITE, Stats, method_index
 
 Addr = tuple[str, int]
 _CRLF_ONLY = frozenset(b"\r\n \t")
 TRACE_HEADERS = (b"traceparent", b"x-traceparent")
+MAX_DISTINCT = 1 << 20  # distinct INVITE Call-IDs remembered for the invite_calls figure
+MAX_METHOD_NAMES = 256  # distinct request method names counted apart; the rest under OTHER_METHODS
+OTHER_METHODS = "(other methods)"
 _START_LINE = re.compile(rb"(?:([A-Za-z]+) [^ \r\n]+ SIP/2\.0\r?\n|SIP/2\.0 ([1-6]\d\d)[ \r\n])")
 
 
 class Observer:
     def __init__(self, timer_b: float = 32.0, stats: Stats | None = None, on_sdp=None,
                  max_transactions: int = 200_000, max_calls: int = 100_000,
-                 signaling: Addr | None = None):
+                 signaling: Addr | None = None, timer_c: float = 180.0):
         self.stats = stats or Stats()
         # direction labels follow the proxy's rule: sent by sip-signaling, else from the gateway
         self.signaling = signaling
         self.tracker = Tracker(self.stats, timer_b, max_transactions, max_calls,
-                               finished_max=1 << 30)
+                               finished_max=1 << 30, timer_c=timer_c)
         self.timer_b = timer_b
+        self.timer_c = timer_c
         self.on_sdp = on_sdp  # callable(call_id, body, src, dst, ts) for SDP offers/answers
         self.sip_messages = 0
         self.methods: Counter = Counter()  # request method → messages (like tshark sip,stat)
         self.statuses: Counter = Counter()  # status code → messages
         self.bad_content_length = 0  # counted and still analysed, as tshark does
         self.unmatched_responses = 0
+        # distinct Call-IDs of INVITEs (tshark's count); a live capture that runs for weeks
+        # stops adding at MAX_DISTINCT and says so in invite_call_ids_capped
         self.invite_call_ids: set[bytes] = set()
+        self.invite_call_ids_capped = False
         self.eof_txs: set = set()  # transactions cut short by the end of the capture
         self.eof_calls = 0
         self.last_ts: float | None = None
@@ -78,13 +90,13 @@ class Observer:
             # a SIP start line over headers we cannot parse: still a SIP message on the wire
             self.sip_messages += 1
             if m.group(1):
-                self.methods[m.group(1).decode("ascii")] += 1
+                self._method(m.group(1).decode("ascii"))
             else:
                 self.statuses[m.group(2).decode("ascii")] += 1
             return True
         self.sip_messages += 1
         if msg.method is not None:
-            self.methods[msg.method.decode("ascii", "replace")] += 1
+            self._method(msg.method.decode("ascii", "replace"))
         else:
             self.statuses[str(msg.status)] += 1
         try:
@@ -92,6 +104,13 @@ class Observer:
         except (SipParseError, ValueError, IndexError, UnicodeError):
             self.stats.parse_errors += 1  # a SIP start line, but headers we cannot key on
         return True
+
+    def _method(self, name: str) -> None:
+        methods = self.methods
+        if name in methods or len(methods) < MAX_METHOD_NAMES:
+            methods[name] += 1
+        else:
+            methods[OTHER_METHODS] += 1  # a flood of invented method names stays bounded
 
     def _account(self, msg, src: Addr, dst: Addr, ts: float, transport: str = "udp") -> None:
         cl = msg.get(b"content-length")
@@ -105,7 +124,11 @@ class Observer:
         if msg.method is None:
             stats.responses[(min(msg.status // 100, 6) - 1) * 2 + direction] += 1
             key = (call_id, cseq_n, cseq_m, branch, dst[0], src[0])
-            if tracker.response(key, msg.status, ts) is None:
+            status = msg.status
+            # a 2xx to INVITE with another To-tag than the first one is a fork
+            to_tag = header_tag(msg.get(b"to")) if 200 <= status < 300 and cseq_m == b"INVITE" \
+                else None
+            if tracker.response(key, status, ts, to_tag) is None:
                 self.unmatched_responses += 1
             self._sdp(call_id, msg, src, dst, ts)
             return
@@ -114,8 +137,12 @@ class Observer:
         stats.requests[midx * 2 + direction] += 1
         initial = midx == INVITE and header_tag(msg.get(b"to")) is None
         if midx == INVITE:
-            self.invite_call_ids.add(call_id)
-        call = tracker.find_call(call_id)
+            ids = self.invite_call_ids
+            if len(ids) < MAX_DISTINCT:
+                ids.add(call_id)
+            elif call_id not in ids:
+                self.invite_call_ids_capped = True
+        call = tracker.lookup_call(call_id, initial, cseq_n)
         incoming = None
         for name in TRACE_HEADERS:
             value = msg.get(name)
@@ -170,22 +197,28 @@ class Observer:
 
     # -- output --------------------------------------------------------------------------
     def finish(self) -> None:
-        """End of capture: time out what is due, report the rest as cut off, close open calls."""
+        """End of capture: time out what was due, report what still waits as cut off (not as a
+        timeout: the capture, not the peer, stopped), close open calls (``ended_by="eof"``)."""
         if self.last_ts is None:
             return
-        last, tracker, stats = self.last_ts, self.tracker, self.stats
+        last, tracker = self.last_ts, self.tracker
         tracker.expire(last)
-        waiting = [tx for tx in tracker.transactions.values() if tx.t_final is None]
+        for tx in tracker.pending_transactions():
+            # still under Timer B/F or, ringing, under Timer C when the capture stopped
+            self.eof_txs.add(tx)
+            tx.t_final = last
+            tracker._emit("tx", tx)
+            call = tx.call
+            if call.is_call and tx.initial_invite and call.outcome < 0 and not call.finished:
+                self.eof_calls += 1
+                call.t_final = last
+                tracker._finish_call(call, last, "eof")
+            elif not call.is_call:
+                tracker._finish_call(call, last, "eof")
+        # the auth challenges a retry would have answered within Timer B are decided as the
+        # proxy would decide them; then what is left (answered, no BYE seen) ends here
         tracker.expire(last + self.timer_b)
-        for tx in waiting:
-            if tx.timed_out:
-                self.eof_txs.add(tx)
-                stats.timeouts[tx.midx] -= 1
-                call = tx.call
-                if tx.initial_invite and call.outcome == TIMEOUT and call.t_final == tx.t_final:
-                    stats.calls[TIMEOUT] -= 1
-                    self.eof_calls += 1
-        tracker.finish_open_calls(last)
+        tracker.finish_open_calls(last, "eof")
 
     def tx_state(self, tx) -> str:
         """answered | timeout | unanswered_at_eof | pending (before finish)."""
