@@ -34,10 +34,31 @@ class Packet(NamedTuple):
 
 # link-layer types (tcpdump.org/linktypes.html)
 LT_NULL, LT_ETHERNET, LT_RAW, LT_LOOP, LT_SLL, LT_SLL2 = 0, 1, 101, 108, 113, 276
+LT_PPP, LT_PPP_HDLC, LT_PPP_ETHER, LT_C_HDLC = 9, 50, 51, 104
 LT_RAW_ALIASES = (12, 14, 101)
 LT_IPV4, LT_IPV6 = 228, 229
 ETH_IPV4, ETH_IPV6 = 0x0800, 0x86DD
 VLAN_TAGS = (0x8100, 0x88A8, 0x9100, 0x9200)
+ETH_PPPOE_SESSION, ETH_MPLS, ETH_MPLS_MC, ETH_TEB = 0x8864, 0x8847, 0x8848, 0x6558
+ETH_ERSPAN2, ETH_ERSPAN3, ETH_PBB, ETH_PPP = 0x88BE, 0x22EB, 0x88E7, 0x880B
+# Ethernet types that never carry IP: counted as non_ip (by type), no warning
+ETH_NOT_IP = {0x0806: "arp", 0x8035: "rarp", 0x88CC: "lldp", 0x8863: "pppoe_discovery",
+              0x888E: "eapol", 0x8809: "slow_protocols", 0x8808: "pause", 0x9000: "loopback",
+              0x88F7: "ptp", 0x8899: "realtek", 0x88E1: "homeplug", 0x893A: "ieee1905",
+              0x8902: "cfm", 0x22F0: "avb", 0x88B5: "local_exp", 0x88B6: "local_exp"}
+_ETH_CARRIERS = frozenset((ETH_IPV4, ETH_IPV6, *VLAN_TAGS, ETH_PPPOE_SESSION, ETH_MPLS, ETH_MPLS_MC))
+PPP_IPV4, PPP_IPV6 = 0x0021, 0x0057
+# PPP control protocols (LCP, PAP, CHAP, IPCP, IPv6CP, CCP, ...): no IP inside
+PPP_CONTROL_MIN = 0x8000
+# IP protocols that carry no SIP: counted as other_ip_proto, no warning
+IP_NOT_SIP = {1: "icmp", 2: "igmp", 58: "icmpv6", 59: "no_next_header", 88: "eigrp", 89: "ospf",
+              103: "pim", 112: "vrrp"}
+UDP_VXLAN, UDP_VXLAN_GPE, UDP_GENEVE, UDP_GTPU, UDP_L2TP, UDP_GRE, UDP_MPLS = \
+    4789, 4790, 6081, 2152, 1701, 4754, 6635
+UDP_TUNNELS = frozenset((UDP_VXLAN, UDP_VXLAN_GPE, UDP_GENEVE, UDP_GTPU, UDP_L2TP, UDP_GRE, UDP_MPLS))
+# tunnels on UDP this reader does not open: reported (the datagram still goes on as UDP)
+UDP_TUNNELS_UNDECODED = {37008: "tzsp", 5247: "capwap_data", 5555: "airopeek", 9060: "hep"}
+MAX_TUNNEL_DEPTH = 8  # nested encapsulations; a forged packet nesting deeper is counted, not followed
 IPV6_EXT = (0, 43, 60, 135, 139, 140)  # hop-by-hop, routing, dest opts, mobility, HIP, shim6
 MAX_FRAG_SETS = 1024
 MAX_TCP_BUFFER = 1 << 20
@@ -85,6 +106,40 @@ class Decoder:
     def _count(self, name: str, n: int = 1) -> None:
         self.c[name] = self.c.get(name, 0) + n
 
+    def _undecoded(self, what: str) -> None:
+        """A frame (or the inside of a tunnel) in an encapsulation this reader does not decode:
+        counted in total and by type, so the report can say so loudly."""
+        c = self.c
+        c["undecoded"] = c.get("undecoded", 0) + 1
+        by = c.get("undecoded_types")
+        if by is None:
+            by = c["undecoded_types"] = {}
+        by[what] = by.get(what, 0) + 1
+
+    def _non_ip(self, what: str) -> None:
+        """A frame of a protocol that never carries SIP (ARP, LLDP, PPP control, ...)."""
+        c = self.c
+        c["non_ip"] = c.get("non_ip", 0) + 1
+        by = c.get("non_ip_types")
+        if by is None:
+            by = c["non_ip_types"] = {}
+        by[what] = by.get(what, 0) + 1
+
+    def _seen(self, kind: str) -> None:
+        c = self.c
+        by = c.get("encapsulations")
+        if by is None:
+            by = c["encapsulations"] = {}
+        by[kind] = by.get(kind, 0) + 1
+
+    def _tunnel(self, kind: str, depth: int) -> bool:
+        """Entering one more encapsulation: counted by kind; False past the nesting bound."""
+        if depth >= MAX_TUNNEL_DEPTH:
+            self._undecoded("tunnel_depth")
+            return False
+        self._seen(kind)
+        return True
+
     # -- link layer ---------------------------------------------------------------------
     def frame(self, linktype: int, data: bytes, ts: float) -> list[Packet]:
         try:
@@ -96,50 +151,147 @@ class Decoder:
     def _frame(self, lt: int, data: bytes, ts: float) -> list[Packet]:
         if lt == LT_ETHERNET:
             etype = _u16(data, 12)[0]
-            off = 14
-            while etype in VLAN_TAGS:
-                etype = _u16(data, off + 2)[0]
-                off += 4
-        elif lt == LT_SLL:
-            etype, off = _u16(data, 14)[0], 16
-        elif lt == LT_SLL2:
-            etype, off = _u16(data, 0)[0], 20
-        elif lt in LT_RAW_ALIASES or lt == LT_IPV4 or lt == LT_IPV6:
+            if etype == ETH_IPV4:  # the common case first
+                return self._ipv4(data, 14, ts, 0)
+            return self._ether(data, 14, etype, ts, 0)
+        if lt == LT_SLL:
+            return self._ether(data, 16, _u16(data, 14)[0], ts, 0)
+        if lt == LT_SLL2:
+            return self._ether(data, 20, _u16(data, 0)[0], ts, 0)
+        if lt in LT_RAW_ALIASES or lt == LT_IPV4 or lt == LT_IPV6:
             return self.ip(data, 0, ts)
-        elif lt == LT_NULL or lt == LT_LOOP:
+        if lt == LT_NULL or lt == LT_LOOP:
             fam = struct.unpack_from("<I" if lt == LT_NULL else "!I", data, 0)[0]
             if fam > 0xFFFF:  # written on a machine of the other byte order
                 fam = struct.unpack_from(">I", data, 0)[0]
             if fam == 2:
-                etype = ETH_IPV4
-            elif fam in (10, 23, 24, 28, 30):
-                etype = ETH_IPV6
-            else:
-                self._count("non_ip")
-                return []
-            off = 4
-        else:
-            self._count("unknown_linktype")
+                return self._ipv4(data, 4, ts, 0)
+            if fam in (10, 23, 24, 28, 30):
+                return self._ipv6(data, 4, ts, 0)
+            self._undecoded(f"loopback_family:{fam}")
             return []
-        if etype == ETH_IPV4 or etype == ETH_IPV6:
-            return self.ip(data, off, ts)
-        self._count("non_ip")
+        if lt == LT_PPP or lt == LT_PPP_HDLC:
+            off = 2 if data[0] == 0xFF and data[1] == 0x03 else 0  # HDLC address/control
+            return self._ppp(data, off, ts, 0)
+        if lt == LT_PPP_ETHER:
+            return self._pppoe(data, 0, ts, 0)
+        if lt == LT_C_HDLC:
+            return self._ether(data, 4, _u16(data, 2)[0], ts, 0)
+        self._count("unknown_linktype")
+        self._undecoded(f"linktype:{lt}")
         return []
+
+    def _ethernet(self, data: bytes, off: int, ts: float, depth: int) -> list[Packet]:
+        """An Ethernet frame starting at ``off`` (inside a tunnel)."""
+        return self._ether(data, off + 14, _u16(data, off + 12)[0], ts, depth)
+
+    def _ether(self, data: bytes, off: int, etype: int, ts: float, depth: int) -> list[Packet]:
+        """What follows an Ethernet type field at ``off``: IP, tags, PPPoE, MPLS, bridged frames."""
+        while True:
+            if etype == ETH_IPV4:
+                return self._ipv4(data, off, ts, depth)
+            if etype == ETH_IPV6:
+                return self._ipv6(data, off, ts, depth)
+            if etype in VLAN_TAGS:
+                etype = _u16(data, off + 2)[0]
+                off += 4
+                continue
+            if etype <= 1500:  # an 802.3 length: LLC follows; SNAP with OUI 0 carries a type
+                if data[off:off + 6] == b"\xaa\xaa\x03\x00\x00\x00":
+                    etype = _u16(data, off + 6)[0]
+                    off += 8
+                    continue
+                self._non_ip("llc")
+                return []
+            if etype == ETH_PPPOE_SESSION:
+                return self._pppoe(data, off, ts, depth)
+            if etype == ETH_MPLS or etype == ETH_MPLS_MC:
+                return self._mpls(data, off, ts, depth)
+            if etype == ETH_TEB:  # transparent Ethernet bridging (GRE, Geneve): a whole frame
+                etype = _u16(data, off + 12)[0]
+                off += 14
+                continue
+            if etype == ETH_PBB:  # 802.1ah: I-TAG, then the customer's addresses and type
+                etype = _u16(data, off + 16)[0]
+                off += 18
+                continue
+            if etype == ETH_PPP:
+                return self._ppp(data, off, ts, depth)
+            name = ETH_NOT_IP.get(etype)
+            if name is not None:
+                self._non_ip(name)
+            else:
+                self._undecoded(f"ethertype:0x{etype:04x}")
+            return []
+
+    def _pppoe(self, data: bytes, off: int, ts: float, depth: int) -> list[Packet]:
+        """PPPoE session stage (RFC 2516): ver/type 0x11, code 0, session id, length, PPP."""
+        if data[off] != 0x11 or data[off + 1] != 0:
+            self._undecoded("pppoe_header")
+            return []
+        length = _u16(data, off + 4)[0]
+        if off + 6 + length > len(data):
+            self._count("truncated")
+            return []
+        self._seen("pppoe")
+        return self._ppp(data[:off + 6 + length], off + 6, ts, depth)
+
+    def _ppp(self, data: bytes, off: int, ts: float, depth: int) -> list[Packet]:
+        proto = data[off]
+        if proto & 1:  # protocol field compression (RFC 1661 §6.5): one byte
+            off += 1
+        else:
+            proto = _u16(data, off)[0]
+            off += 2
+        if proto == PPP_IPV4:
+            return self._ipv4(data, off, ts, depth)
+        if proto == PPP_IPV6:
+            return self._ipv6(data, off, ts, depth)
+        if proto == 0x0281 or proto == 0x0283:
+            return self._mpls(data, off, ts, depth)
+        if proto >= PPP_CONTROL_MIN:
+            self._non_ip("ppp_control")
+        else:  # compressed or encrypted datagrams (CCP/ECP), Van Jacobson, other network layers
+            self._undecoded(f"ppp:0x{proto:04x}")
+        return []
+
+    def _mpls(self, data: bytes, off: int, ts: float, depth: int) -> list[Packet]:
+        """An MPLS label stack (RFC 3032), then IP by its version nibble, or an Ethernet
+        pseudowire (RFC 4448, with or without the control word)."""
+        while not data[off + 2] & 1:  # bottom of stack bit
+            off += 4
+        off += 4
+        if not self._tunnel("mpls", depth):
+            return []
+        nib = data[off] >> 4
+        if nib == 4:
+            return self._ipv4(data, off, ts, depth + 1)
+        if nib == 6:
+            return self._ipv6(data, off, ts, depth + 1)
+        if nib == 1:  # associated channel (OAM)
+            self._non_ip("mpls_ach")
+            return []
+        # an Ethernet pseudowire: the control word (first nibble 0) is optional, so prefer the
+        # reading whose Ethernet type is one that carries IP (Wireshark guesses by MAC vendor)
+        if nib == 0 and (_u16(data, off + 16)[0] in _ETH_CARRIERS
+                         or _u16(data, off + 12)[0] not in _ETH_CARRIERS):
+            off += 4
+        return self._ethernet(data, off, ts, depth + 1)
 
     # -- IP ------------------------------------------------------------------------------
-    def ip(self, data: bytes, off: int, ts: float) -> list[Packet]:
+    def ip(self, data: bytes, off: int, ts: float, depth: int = 0) -> list[Packet]:
         version = data[off] >> 4
         if version == 4:
-            return self._ipv4(data, off, ts)
+            return self._ipv4(data, off, ts, depth)
         if version == 6:
-            return self._ipv6(data, off, ts)
-        self._count("non_ip")
+            return self._ipv6(data, off, ts, depth)
+        self._undecoded(f"ip_version:{version}")
         return []
 
-    def _ipv4(self, data: bytes, off: int, ts: float) -> list[Packet]:
+    def _ipv4(self, data: bytes, off: int, ts: float, depth: int = 0) -> list[Packet]:
         vihl, _, total, ident, frag, _, proto, _, s, d = _ip4(data, off)
         hl = (vihl & 15) * 4
-        if hl < 20 or total < hl:
+        if hl < 20 or total < hl or vihl >> 4 != 4:
             self._count("bad_ip")
             return []
         end = off + total
@@ -152,9 +304,12 @@ class Decoder:
             payload = self._reassemble((4, s, d, ident, proto), foff, bool(mf), payload)
             if payload is None:
                 return []
-        return self._transport(proto, AF_INET, s, d, payload, ts)
+        return self._transport(proto, AF_INET, s, d, payload, ts, depth)
 
-    def _ipv6(self, data: bytes, off: int, ts: float) -> list[Packet]:
+    def _ipv6(self, data: bytes, off: int, ts: float, depth: int = 0) -> list[Packet]:
+        if data[off] >> 4 != 6:
+            self._count("bad_ip")
+            return []
         plen = _u16(data, off + 4)[0]
         nxt = data[off + 6]
         s, d = data[off + 8:off + 24], data[off + 24:off + 40]
@@ -184,7 +339,7 @@ class Decoder:
             payload = self._reassemble((6, s, d, ident), foff, mf, payload)
             if payload is None:
                 return []
-        return self._transport(nxt, AF_INET6, s, d, payload, ts)
+        return self._transport(nxt, AF_INET6, s, d, payload, ts, depth)
 
     def _reassemble(self, key, foff: int, mf: bool, part: bytes) -> bytes | None:
         """Collect fragments; return the whole payload once every byte up to the last is here."""
@@ -216,7 +371,7 @@ class Decoder:
 
     # -- transport -----------------------------------------------------------------------
     def _transport(self, proto: int, fam: int, s: bytes, d: bytes, seg: bytes,
-                   ts: float) -> list[Packet]:
+                   ts: float, depth: int = 0) -> list[Packet]:
         if proto == 17:
             if len(seg) < 8:
                 self._count("truncated")
@@ -224,17 +379,160 @@ class Decoder:
             sp, dp, ulen = _ports(seg, 0)
             if ulen < 8 or ulen > len(seg):
                 ulen = len(seg)  # checksum offload / jumbo: trust the IP length
+            if dp in UDP_TUNNELS and ulen >= 12:
+                got = self._udp_tunnel(dp, seg[:ulen], ts, depth)
+                if got is not None:
+                    return got
+            elif dp in UDP_TUNNELS_UNDECODED:
+                self._undecoded(UDP_TUNNELS_UNDECODED[dp])
             self._count("udp")
             return [Packet(ts, (inet_ntop(fam, s), sp), (inet_ntop(fam, d), dp), "udp",
                            bytes(seg[8:ulen]))]
         if proto == 6:
             return self._tcp(fam, s, d, seg, ts)
-        if proto == 4:  # IPv4 in IP
-            return self._ipv4(seg, 0, ts)
-        if proto == 41:  # IPv6 in IP
-            return self._ipv6(seg, 0, ts)
-        self._count("other_ip_proto")
+        if proto == 4 or proto == 41 or proto == 47 or proto == 137 or proto == 97:
+            return self._ip_tunnel(proto, seg, ts, depth)
+        if proto in IP_NOT_SIP:
+            self._count("other_ip_proto")
+        else:  # SCTP, ESP, L2TPv3, ...: may carry SIP this reader cannot see
+            self._undecoded(f"ip_proto:{proto}")
         return []
+
+    def _ip_tunnel(self, proto: int, seg: bytes, ts: float, depth: int) -> list[Packet]:
+        kind = {4: "ipip", 41: "ipv6_in_ip", 47: "gre", 137: "mpls_in_ip", 97: "etherip"}[proto]
+        if not self._tunnel(kind, depth):
+            return []
+        depth += 1
+        if proto == 4:  # IPv4 in IP
+            return self._ipv4(seg, 0, ts, depth)
+        if proto == 41:  # IPv6 in IP
+            return self._ipv6(seg, 0, ts, depth)
+        if proto == 137:
+            return self._mpls(seg, 0, ts, depth)
+        if proto == 97:  # EtherIP (RFC 3378): 4-bit version 3, 12 reserved bits
+            return self._ethernet(seg, 2, ts, depth)
+        return self._gre(seg, ts, depth)
+
+    def _gre(self, seg: bytes, ts: float, depth: int) -> list[Packet]:
+        """GRE (RFC 2784/2890, PPTP's enhanced GRE), with ERSPAN type I, II and III inside."""
+        flags, proto = _u16(seg, 0)[0], _u16(seg, 2)[0]
+        ver = flags & 7
+        if ver > 1 or flags & 0x4000:  # unknown version, or RFC 1701 source routing
+            self._undecoded(f"gre_flags:0x{flags:04x}")
+            return []
+        off = 4
+        if flags & 0x8000:  # checksum + reserved
+            off += 4
+        if flags & 0x2000:  # key (PPTP: payload length + call id)
+            off += 4
+        if flags & 0x1000:  # sequence number
+            off += 4
+        if ver == 1 and flags & 0x0080:  # PPTP acknowledgment number
+            off += 4
+        if proto == ETH_ERSPAN2:
+            if not flags & 0x1000:  # type I: no ERSPAN header, no sequence number
+                return self._ethernet(seg, off, ts, depth) if self._tunnel("erspan1", depth) else []
+            if seg[off] >> 4 != 1:
+                self._undecoded(f"erspan2_version:{seg[off] >> 4}")
+                return []
+            return self._ethernet(seg, off + 8, ts, depth) if self._tunnel("erspan2", depth) else []
+        if proto == ETH_ERSPAN3:
+            if seg[off] >> 4 != 2:
+                self._undecoded(f"erspan3_version:{seg[off] >> 4}")
+                return []
+            w = _u32(seg, off + 8)[0]
+            ft = (w >> 10) & 0x1F
+            off += 20 if w & 1 else 12  # O flag: an 8-byte platform-specific subheader follows
+            if ft != 0:
+                self._undecoded(f"erspan3_frame_type:{ft}")
+                return []
+            return self._ethernet(seg, off, ts, depth) if self._tunnel("erspan3", depth) else []
+        if proto == 0x883E:  # WCCP redirect: an optional 4-byte header before the IP packet
+            return self.ip(seg, off if seg[off] >> 4 == 4 else off + 4, ts, depth)
+        return self._ether(seg, off, proto, ts, depth)
+
+    def _udp_tunnel(self, dp: int, seg: bytes, ts: float, depth: int) -> list[Packet] | None:
+        """VXLAN (RFC 7348), VXLAN-GPE, Geneve (RFC 8926), GTP-U, L2TPv2 (RFC 2661), GRE-in-UDP
+        (RFC 8086) and MPLS-in-UDP (RFC 7510) by their IANA ports; None when the header does not
+        fit (then the datagram is passed on as plain UDP)."""
+        flags = seg[8]
+        if dp == UDP_GTPU:
+            return self._gtpu(seg, flags, ts, depth)
+        if dp == UDP_L2TP:
+            return self._l2tp(seg, ts, depth)
+        if dp == UDP_GRE:
+            return self._gre(seg[8:], ts, depth + 1) if self._tunnel("gre_in_udp", depth) else []
+        if dp == UDP_MPLS:
+            return self._mpls(seg, 8, ts, depth)
+        if len(seg) < 16:
+            return None
+        if dp == UDP_VXLAN:
+            if not flags & 0x08:  # the I flag (a valid VNI) is set in every VXLAN header
+                return None
+            return self._ethernet(seg, 16, ts, depth) if self._tunnel("vxlan", depth) else []
+        if dp == UDP_GENEVE:
+            if flags >> 6 != 0:  # version 0
+                return None
+            off = 16 + (flags & 0x3F) * 4
+            if not self._tunnel("geneve", depth):
+                return []
+            return self._ether(seg, off, _u16(seg, 10)[0], ts, depth + 1)
+        if flags & 0x0C != 0x0C:  # VXLAN-GPE: I and P (next protocol present)
+            return None
+        nxt = seg[11]
+        if not self._tunnel("vxlan_gpe", depth):
+            return []
+        if nxt == 1:
+            return self._ipv4(seg, 16, ts, depth + 1)
+        if nxt == 2:
+            return self._ipv6(seg, 16, ts, depth + 1)
+        if nxt == 3:
+            return self._ethernet(seg, 16, ts, depth + 1)
+        if nxt == 5:
+            return self._mpls(seg, 16, ts, depth + 1)
+        self._undecoded(f"vxlan_gpe_next:{nxt}")
+        return []
+
+    def _gtpu(self, seg: bytes, flags: int, ts: float, depth: int) -> list[Packet] | None:
+        """GTP-U v1 (3GPP TS 29.281): a G-PDU carries the subscriber's IP packet (VoLTE SIP)."""
+        if flags >> 5 != 1 or not flags & 0x10:  # version 1, protocol type GTP
+            return None
+        if seg[9] != 0xFF:  # echo, error indication, end marker: signalling of the tunnel
+            self._non_ip("gtpu_signalling")
+            return []
+        off = 16
+        if flags & 0x07:  # sequence number, N-PDU number, next extension header type
+            nxt = seg[off - 1 + 4]
+            off += 4
+            while nxt:  # extension headers: length in 4-octet units, last octet = next type
+                n = seg[off] * 4
+                if n == 0:
+                    self._count("truncated")
+                    return []
+                nxt = seg[off + n - 1]
+                off += n
+        if not self._tunnel("gtpu", depth):
+            return []
+        return self.ip(seg, off, ts, depth + 1)
+
+    def _l2tp(self, seg: bytes, ts: float, depth: int) -> list[Packet] | None:
+        """L2TPv2 data messages (RFC 2661 §3.1): PPP sessions as a LAC/LNS tap sees them."""
+        flags = _u16(seg, 8)[0]
+        if flags & 0x0F != 2:  # version 2 (L2TPv3 over UDP has version 3 and is not opened)
+            return None
+        if flags & 0x8000:  # control message
+            self._non_ip("l2tp_control")
+            return []
+        off = 10 + (2 if flags & 0x4000 else 0) + 4  # optional length, tunnel and session ids
+        if flags & 0x0800:  # Ns, Nr
+            off += 4
+        if flags & 0x0200:  # offset size, then that many padding octets
+            off += 2 + _u16(seg, off)[0]
+        if not self._tunnel("l2tp", depth):
+            return []
+        if seg[off] == 0xFF and seg[off + 1] == 0x03:  # HDLC address and control
+            off += 2
+        return self._ppp(seg, off, ts, depth + 1)
 
     def _tcp(self, fam, s, d, seg, ts) -> list[Packet]:
         sp, dp, seq, _, doff, flags = _tcp(seg, 0)

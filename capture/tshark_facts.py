@@ -81,7 +81,7 @@ def _rtp_streams(text: str) -> list[dict]:
             continue
         g = m.groups()
         out.append({
-            "src": f"{g[0]}:{g[1]}", "dst": f"{g[2]}:{g[3]}", "ssrc": g[4], "payload": g[5],
+            "src": _hp(g[0], g[1]), "dst": _hp(g[2], g[3]), "ssrc": g[4], "payload": g[5],
             "pkts": int(g[6]), "lost": int(g[7]), "lost_pct": float(g[8]),
             "max_delta_ms": float(g[9]), "mean_jitter_ms": float(g[10]),
             "max_jitter_ms": float(g[11]), "problem": g[12] == "X",
@@ -115,11 +115,16 @@ def sip_transactions(rows: list[list[str]]) -> tuple[list[dict], dict, set, set]
             continue
         if "," in seq:
             raise TsharkError(f"frame {r[0]}: several SIP messages in one frame are not supported")
-        src_ip, dst_ip = ip_s or ip6_s, ip_d or ip6_d
-        if "," in src_ip:  # tunnelled: the innermost header is last
-            src_ip, dst_ip = src_ip.split(",")[-1], dst_ip.split(",")[-1]
-        sport, dport = (us, ud) if us else (ts, td)
-        transports.add("UDP" if us else "TCP" if ts else "OTHER")
+        layers = protos.split(":")
+        # tunnelled: the innermost IP header is the last one, of whichever version it is
+        inner6 = ip6_s and (not ip_s or _last(layers, "ipv6") > _last(layers, "ip"))
+        src_ip, dst_ip = (ip6_s, ip6_d) if inner6 else (ip_s, ip_d)
+        src_ip, dst_ip = src_ip.split(",")[-1], dst_ip.split(",")[-1]
+        # the innermost transport header too (a VXLAN/Geneve outer UDP header comes first)
+        inner_tcp = ts and (not us or _last(layers, "tcp") > _last(layers, "udp"))
+        sport, dport = (ts, td) if inner_tcp else (us, ud)
+        sport, dport = sport.split(",")[-1], dport.split(",")[-1]
+        transports.add("TCP" if inner_tcp else "UDP" if us else "OTHER")
         top = branch.split(",")[0]
         when = Decimal(t)
         if method:
@@ -160,6 +165,10 @@ def sip_transactions(rows: list[list[str]]) -> tuple[list[dict], dict, set, set]
         "rtt_first_resp_ms_max": max(rtts) if rtts else None,
     }
     return listing, summary, invite_cids, transports
+
+
+def _last(layers: list[str], name: str) -> int:
+    return max((i for i, x in enumerate(layers) if x == name), default=-1)
 
 
 def _hp(ip: str, port: str) -> str:
