@@ -1,0 +1,340 @@
+"""Issue 8 items 4 and 7 at the process edges: the sidecar never dies of input, of a signal it
+should survive, of a full disk or of idle metrics clients, and it says so in its counters.
+
+Real sidecar processes and SIPp peers on loopback; the ground truth is what the peers saw (SIPp's
+call counters, bytes on a socket), the kernel's view of the process (/proc), and errno.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import io
+import os
+import resource
+import signal
+import socket
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from harness import HAVE_SIPP, Sidecar, free_port, metric, run_call_pair
+from sipwatch.config import settings_from
+from sipwatch.stats import COMPONENTS, DROP_REASONS
+
+needs_sipp = pytest.mark.skipif(not HAVE_SIPP, reason="needs SIPp (Debian sip-tester)")
+
+
+# -- the housekeeping tick survives any record -------------------------------------------------
+class _Tx:
+    method = b"INVITE"
+    status = 486
+    t_sent, t_first, t_final = 10.0, 10.01, 10.02
+    retrans = 0
+    timed_out = False
+
+    def __init__(self, cseq=1):
+        self.cseq = cseq
+
+
+class _Boom:
+    """A value whose every use raises (stands for any bug a record can trigger downstream)."""
+
+    def __str__(self):
+        raise RuntimeError("boom")
+
+    def decode(self, *a):
+        raise RuntimeError("boom")
+
+
+class _Call:
+    is_call = True
+    trace_id = 0xABC
+    span_id = 1
+    parent_span_id = 0
+    sampled = True
+    t_start, t_setup, t_answer, t_end = 10.0, 10.01, None, 10.02
+    status = 486
+    outcome = 3
+    retrans = 0
+    rtp = None
+
+    def __init__(self, call_id: bytes, cseq=1, from_uri=b"<sip:a@gw>"):
+        self.call_id = call_id
+        self.transactions = [_Tx(cseq)]
+        self.from_uri = from_uri
+        self.to_uri = b"<sip:b@sig>"
+        self.ruri = b"sip:b@sig"
+
+
+def _app(tmp_path, *extra):
+    from sipwatch.app import ProxyApp
+    from sipwatch.logs import JsonLog
+    settings = settings_from(["--upstream", "127.0.0.1:9", "--listen", "127.0.0.1:9",
+                              "--gateway-metrics", "off", "--signaling-metrics", "off", *extra], env={})
+    buf = io.BytesIO()
+    return ProxyApp(settings, JsonLog("sipwatch", stream=buf)), buf
+
+
+def test_tick_survives_records_that_make_logging_raise_and_counts_them(tmp_path):
+    app, buf = _app(tmp_path, "--no-tracing")
+    finished = app.core.tracker.finished
+    finished.append(("call", _Call(b"huge-cseq@gw", cseq=18446744073709551616)))  # orjson refuses it
+    finished.append(("call", _Call(b"boom@gw", from_uri=_Boom())))  # masking raises
+    finished.append(("not a record",))  # a record of the wrong shape
+    finished.append(("call", _Call(b"fine@gw")))
+    app.tick()  # must not raise
+    app.tick()
+    lines = [orjson.loads(x) for x in buf.getvalue().splitlines()]
+    summaries = {r["call_sid"]: r for r in lines if r.get("event") == "call_summary"}
+    # the call after the bad ones is logged; the 2**64 CSeq is written as a string
+    assert "fine@gw" in summaries
+    assert summaries["huge-cseq@gw"]["transactions"][0]["cseq"] == "18446744073709551616"
+    errs = app.stats.internal_errors
+    assert errs["log"] == 2 and errs["tick"] == 1
+    logged = [r for r in lines if r.get("event") == "internal_error"]
+    assert {r["component"] for r in logged} == {"log", "tick"}
+    # exposed with a fixed label set on both registries
+    for reg in (app.metrics.gateway, app.metrics.signaling):
+        fams = {f.name: f for f in text_string_to_metric_families(generate_latest(reg).decode())}
+        samples = {s.labels["component"]: s.value for s in fams["sipwatch_internal_errors"].samples
+                   if s.name.endswith("_total")}
+        assert set(samples) == set(COMPONENTS)
+        assert samples["log"] == 2 and samples["tick"] == 1
+
+
+def test_tick_survives_a_timer_failure_and_a_failing_collector(tmp_path, monkeypatch):
+    app, buf = _app(tmp_path, "--no-tracing")
+
+    def broken(now):
+        raise KeyError("tracker bug")
+    monkeypatch.setattr(app.core, "handle_timers", broken)
+    app.tick()
+    app.tick()
+    assert app.stats.internal_errors["tick"] == 2
+    # a collector that raises costs its own families, not the scrape
+    monkeypatch.setattr(app.stats, "calls", None)
+    text = generate_latest(app.metrics.gateway).decode()
+    assert "sipwatch_internal_errors_total" in text and 'component="metrics"' in text
+    assert app.stats.internal_errors["metrics"] >= 1
+
+
+@needs_sipp
+def test_a_call_with_cseq_past_64_bits_does_not_stop_the_sidecar(tmp_path):
+    """The datagram that used to kill the process when its call summary was written."""
+    uas = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    uas.bind(("127.0.0.1", 0))
+    uas.settimeout(0.3)
+    uas_port = uas.getsockname()[1]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as uac, Sidecar(tmp_path, uas_port) as sc:
+        uac.bind(("127.0.0.1", 0))
+        p = uac.getsockname()[1]
+        invite = (f"INVITE sip:svc@127.0.0.1:{sc.port} SIP/2.0\r\n"
+                  f"Via: SIP/2.0/UDP 127.0.0.1:{p};branch=z9hG4bK-big-1\r\n"
+                  f"From: <sip:a@127.0.0.1:{p}>;tag=a1\r\nTo: <sip:svc@127.0.0.1>\r\n"
+                  f"Call-ID: big-cseq@test\r\nCSeq: 18446744073709551616 INVITE\r\n"
+                  f"Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n").encode()
+        uac.sendto(invite, ("127.0.0.1", sc.port))
+        try:  # if the sidecar forwards it, answer it 486 so that the call ends at once
+            req, src = uas.recvfrom(65535)
+            head = req.split(b"\r\n\r\n")[0].split(b"\r\n")
+            keep = [h for h in head[1:] if h.split(b":")[0].lower() in (b"via", b"from", b"to", b"call-id", b"cseq")]
+            uas.sendto(b"SIP/2.0 486 Busy Here\r\n" + b"\r\n".join(keep) + b"\r\nContent-Length: 0\r\n\r\n", src)
+        except (TimeoutError, socket.timeout):
+            pass  # refused by the core (CSeq out of range): fine too
+        time.sleep(1.0)  # several housekeeping ticks
+        assert sc.proc.poll() is None, sc.stdout_path.read_text()
+        uas.close()  # SIPp's callee takes its port: the same sidecar still carries calls
+        uac_rc, uas_rc, caller, _ = run_call_pair(tmp_path, "uac_call", "uas_call", sc.port, uas_port, 3)
+        assert (uac_rc, uas_rc) == (0, 0), caller.errors()
+        assert sc.proc.poll() is None
+    assert "Traceback" not in sc.stdout_path.read_text()
+
+
+# -- signals -----------------------------------------------------------------------------------
+@needs_sipp
+def test_sighup_does_not_stop_forwarding_and_reopens_the_spans_file(tmp_path):
+    uas_port = free_port()
+    spans = tmp_path / "spans.jsonl"
+    with Sidecar(tmp_path, uas_port, "--spans-file", str(spans)) as sc:
+        (tmp_path / "a").mkdir()
+        rc = run_call_pair(tmp_path / "a", "uac_call", "uas_call", sc.port, uas_port, 3)[:2]
+        assert rc == (0, 0)
+        sc.wait_for(lambda s: metric(s, "sip_calls_processed_total") >= 3)
+        _wait_for(lambda: spans.exists() and spans.stat().st_size > 0)
+        rotated = tmp_path / "spans.jsonl.1"
+        spans.rename(rotated)  # logrotate moves the file, then sends SIGHUP
+        sc.proc.send_signal(signal.SIGHUP)
+        _wait_for(lambda: any(r.get("event") == "sighup" for r in sc.logs()))
+        assert sc.proc.poll() is None
+        (tmp_path / "b").mkdir()
+        rc = run_call_pair(tmp_path / "b", "uac_call", "uas_call", sc.port, uas_port, 3)[:2]
+        assert rc == (0, 0)
+        _wait_for(lambda: spans.exists() and spans.stat().st_size > 0)
+    assert spans.exists() and spans.stat().st_size > 0  # new spans went to a new file
+    for line in spans.read_bytes().splitlines():
+        orjson.loads(line)
+
+
+def _wait_for(pred, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        time.sleep(0.1)
+
+
+# -- a spans file on a full disk --------------------------------------------------------------
+@needs_sipp
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_spans_file_on_a_full_disk_is_logged_once_and_counted(tmp_path):
+    # what the kernel says about /dev/full, so the test checks the sidecar against errno
+    with open("/dev/full", "wb", buffering=0) as f, pytest.raises(OSError) as err:
+        f.write(b"x")
+    assert err.value.errno == errno.ENOSPC
+    uas_port = free_port()
+    with Sidecar(tmp_path, uas_port, "--spans-file", "/dev/full") as sc:
+        for i in range(2):  # two batches at least, in two housekeeping ticks
+            (tmp_path / str(i)).mkdir()
+            uac_rc, uas_rc, uac, _ = run_call_pair(tmp_path / str(i), "uac_call", "uas_call", sc.port, uas_port, 3)
+            assert (uac_rc, uas_rc) == (0, 0), uac.errors()
+            time.sleep(0.5)
+        sig = sc.wait_for(lambda s: metric(s, "sipwatch_internal_errors_total", component="spans") >= 2,
+                          side="signaling")
+        assert sc.proc.poll() is None
+        logs = sc.logs()
+    failed = [r for r in logs if r.get("event") == "spans_file_failed"]
+    assert len(failed) == 1, failed
+    assert failed[0]["path"] == "/dev/full" and os.strerror(errno.ENOSPC) in failed[0]["error"]
+    assert metric(sig, "sipwatch_internal_errors_total", component="spans") >= 2
+    assert metric(sig, "sipwatch_spans_dropped_total") > 0
+    assert metric(sig, "sipwatch_spans_exported_total") == 0
+
+
+# -- metrics endpoints under idle connections ---------------------------------------------------
+def _sockets_of(pid: int) -> int:
+    n = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if os.readlink(fd).startswith("socket:"):
+                n += 1
+        except OSError:
+            pass
+    return n
+
+
+async def _open_idle(port: int, n: int) -> list:
+    """``n`` TCP connections that never send anything (bounded: connect timeout each)."""
+    async def one():
+        try:
+            return await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 10)
+        except (OSError, asyncio.TimeoutError):
+            return None
+    out = []
+    for i in range(0, n, 200):  # in waves, so the accept queue is not the bottleneck being tested
+        out += await asyncio.gather(*(one() for _ in range(min(200, n - i))))
+    return [c for c in out if c is not None]
+
+
+@needs_sipp
+def test_3000_idle_metrics_connections_neither_pile_up_nor_block_a_scrape(tmp_path):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 8000:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8192), hard))
+    uas_port = free_port()
+    with Sidecar(tmp_path, uas_port, "--no-tracing") as sc:
+        base = _sockets_of(sc.proc.pid)
+        seen = []
+        loop = asyncio.new_event_loop()
+        try:
+            conns = loop.run_until_complete(_open_idle(sc.gw_metrics, 3000))
+            seen.append(_sockets_of(sc.proc.pid))
+            # a scrape gets through while those are open, and calls pass meanwhile
+            gw = sc.gateway()
+            uac_rc, uas_rc, uac, _ = run_call_pair(tmp_path, "uac_call", "uas_call", sc.port, uas_port, 20, rate=20)
+            seen.append(_sockets_of(sc.proc.pid))
+            # one idle connection of ours is closed by the server (EOF), bounded wait
+            reader = conns[-1][0]
+            eof = loop.run_until_complete(asyncio.wait_for(reader.read(1), 20))
+        finally:
+            for c in conns:
+                c[1].transport.abort()
+            loop.close()
+        assert len(conns) >= 2900  # the clients did get their connections
+        assert metric(gw, "sip_requests_total") >= 0 and ("sip_dropped_total", frozenset({("reason", "not_sip")})) in gw
+        assert (uac_rc, uas_rc) == (0, 0), uac.errors()
+        assert int(uac.stat()["FailedCall(C)"]) == 0
+        assert eof == b""
+        # the sidecar never held more than its cap of metrics connections (64 per endpoint)
+        assert max(seen) <= base + 64 + 4, (base, seen)
+
+
+# -- what the metrics endpoints show ------------------------------------------------------------
+def test_new_counters_are_always_exposed_with_fixed_labels(tmp_path):
+    uas_port = free_port()
+    with Sidecar(tmp_path, uas_port, "--no-tracing") as sc:
+        # garbage is counted as a drop by reason, not raised
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(b"\x00\xff not sip at all", ("127.0.0.1", sc.port))
+        gw = sc.wait_for(lambda x: metric(x, "sip_dropped_total") >= 1)
+        sig = sc.signaling()
+    reasons = {dict(ls)["reason"] for (n, ls) in gw if n == "sip_dropped_total"}
+    assert reasons == set(DROP_REASONS)
+    for name in ("sip_forks_total", "sip_drain_rejected_total", "sip_body_truncated_total"):
+        assert (name, frozenset()) in gw, name
+    for side in (gw, sig):
+        comps = {dict(ls)["component"] for (n, ls) in side if n == "sipwatch_internal_errors_total"}
+        assert comps == set(COMPONENTS)
+
+
+# -- configuration -----------------------------------------------------------------------------
+def test_new_flags_reach_the_core(tmp_path):
+    key = tmp_path / "key"
+    key.write_bytes(b"  s3cret-from-file\n")
+    app, _ = _app(tmp_path, "--no-tracing", "--allow-next-hop", "10.1.2.3/8,2001:db8::1/32",
+                  "--secret-file", str(key), "--timer-c", "200", "--drain-timeout", "7")
+    cfg = app.core.config
+    assert [str(n) for n in cfg.allow_next_hop] == ["10.0.0.0/8", "2001:db8::/32"]
+    assert cfg.secret == b"s3cret-from-file" and cfg.timer_c == 200.0
+    assert app.settings.drain_timeout == 7.0
+    s = settings_from(["--upstream", "127.0.0.1:9"], env={"SIPWATCH_SECRET": "k1", "SIPWATCH_ALLOW_NEXT_HOP": "192.0.2.0/24"})
+    assert s.secret == b"k1" and [str(n) for n in s.allow_next_hop] == ["192.0.2.0/24"]
+    assert "k1" not in repr(s)  # the key never shows up in a repr of the settings
+    assert s.drain_timeout == 25.0 and s.timer_c == 180.0 and s.mask_call_id == "digits"
+    assert settings_from(["--upstream", "127.0.0.1:9", "--mask-numbers", "none"], env={}).mask_call_id == "none"
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--allow-next-hop", "10.0.0.0/33"], "--allow-next-hop"),
+    (["--allow-next-hop", "gateway.example.com"], "--allow-next-hop"),
+    (["--secret-file", "/nonexistent/key"], "--secret-file"),
+    (["--secret", "a", "--secret-file", "/etc/hostname"], "--secret"),
+    (["--drain-timeout", "-1"], "--drain-timeout"),
+    (["--drain-timeout", "soon"], "--drain-timeout"),
+    (["--timer-c", "0"], "--timer-c"),
+    (["--mask-call-id", "sometimes"], "--mask-call-id"),
+])
+def test_bad_new_flags_exit_2_naming_the_flag(args, flag):
+    import subprocess
+    import sys
+    from harness import ROOT
+    r = subprocess.run([sys.executable, "-m", "sipwatch", "proxy", "--upstream", "127.0.0.1:9", *args],
+                       capture_output=True, text=True, timeout=30, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 2
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"sipwatch proxy: error: {flag}"), line
+
+
+def test_no_secret_is_warned_about_at_start(tmp_path):
+    uas_port = free_port()
+    with Sidecar(tmp_path, uas_port, "--no-tracing") as sc:
+        logs = sc.logs()
+    warn = [r for r in logs if r.get("event") == "secret_missing"]
+    assert len(warn) == 1 and warn[0]["log_level"] == "warning"
+    with Sidecar(tmp_path, uas_port, "--no-tracing", env={"SIPWATCH_SECRET": "abc"}) as sc:
+        logs = sc.logs()
+    assert not [r for r in logs if r.get("event") == "secret_missing"]
+    assert not any("abc" in str(r.get("secret")) for r in logs)
