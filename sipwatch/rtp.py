@@ -348,9 +348,10 @@ class RtpAnalyzer:
       each one more than the last and RTP timestamps that do not go back; then all its held
       packets and the rest of the flow are a stream. A flow that never does that (DNS, NetBIOS
       and the like whose first byte happens to read as version 2) is counted in ``not_rtp``.
-      Well-known ports (below 1024) never start a heuristic stream. Like Wireshark's RTP
-      conversations, a pair of addresses that carried a stream keeps being RTP: a new SSRC
-      between them is a stream at once (even after the live monitor forgot the call's SDP).
+      Well-known ports (below 1024) never start a heuristic stream. Like Wireshark's
+      SDP-set-up conversations, which outlive the call, a pair of addresses that carried an
+      SDP-tied stream keeps being RTP: a new SSRC between them is a stream at once (even
+      after the live monitor forgot the call's SDP).
 
     Keep-alives are counted apart (``keepalives``) and never make a stream: UDP payloads too
     short for an RTP header (empty, a byte, CRLF) and STUN messages to or from a media address,
@@ -373,7 +374,7 @@ class RtpAnalyzer:
         self.dynamic_pts: set[int] = set()  # dynamic payload types some SDP declared
         self.candidates: dict[tuple, list] = {}  # (src, dst, ssrc) → held packet headers
         self.media_addrs: dict[tuple, None] = {}  # ends of confirmed streams, oldest first
-        self.media_pairs: dict[tuple, None] = {}  # (a, b) pairs that carried a confirmed stream
+        self.media_pairs: dict[tuple, None] = {}  # (a, b) pairs that carried an SDP-tied stream
         self.by_ssrc: dict[int, list] = {}  # SSRC → stream keys, for RTCP report blocks
         self.rtcp_packets = 0
         self.keepalives = 0
@@ -433,7 +434,7 @@ class RtpAnalyzer:
         if st is None:
             tie = self.endpoints.get(dst) or self.endpoints.get(src)
             if tie is not None:
-                st = self._new_stream(key, tie[1], ts)
+                st = self._new_stream(key, tie[1], ts, sdp=True)
                 st.call_id = tie[0].decode("utf-8", "replace")
             elif ((src, dst) if src <= dst else (dst, src)) in self.media_pairs:
                 held = self.candidates.get(key)  # a new SSRC between known RTP ends
@@ -501,7 +502,7 @@ class RtpAnalyzer:
             st.last_ts = ts
             st.add((ts - t0) * 1000.0, seq, rtp_ts, pt, bool(b1 & 0x80), size > 0)
 
-    def _new_stream(self, key, ptmap, ts) -> RtpStream:
+    def _new_stream(self, key, ptmap, ts, sdp: bool = False) -> RtpStream:
         if self.max_streams and len(self.streams) >= self.max_streams:
             self._evict()
         src, dst, ssrc = key
@@ -515,7 +516,7 @@ class RtpAnalyzer:
                 ma[addr] = None
         mp = self.media_pairs
         pair = (src, dst) if src <= dst else (dst, src)
-        if pair not in mp:
+        if sdp and pair not in mp:
             if len(mp) >= self.MAX_MEDIA_ADDRS:
                 del mp[next(iter(mp))]
             mp[pair] = None

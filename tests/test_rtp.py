@@ -2,6 +2,7 @@
 against ``tshark -z rtp,streams``; E-model MOS, SDP and RTCP decoding checked by hand values."""
 from __future__ import annotations
 
+import json
 import random
 import re
 import shutil
@@ -11,7 +12,9 @@ import subprocess
 import pytest
 
 import pcapbuild as pb
+import rtp_detection_fixture as rdf
 from capture.analyze import analyse
+from harness import ROOT
 from sipwatch.rtp import RtpAnalyzer, RtpStream, mos_from_loss, parse_sdp
 
 HAVE_TSHARK = shutil.which("tshark") is not None
@@ -142,3 +145,166 @@ def test_rtcp_receiver_report_fraction_is_over_256():
     assert s["rtcp_jitter_ms"] == pytest.approx(10.0)  # 80 units at 8000 Hz
     assert rtp.rtcp_packets == 1
     assert not rtp.feed(b"\x00" * 20, src, dst, 2.0)  # version 0: not RTP
+
+
+# -- which UDP is RTP: as strict as tshark --------------------------------------------------------
+DETECTION = ROOT / "pcaps" / "rtp_detection" / "dns_netbios_rtp.pcap"
+JUNK_PROTOCOLS = ("dns", "mdns", "llmnr", "nbns", "smb")  # tshark's top protocol of the junk frames
+
+
+@pytest.mark.skipif(not HAVE_TSHARK, reason="tshark not installed")
+def test_detection_fixture_facts_are_tsharks_reading_now():
+    stored = json.loads(DETECTION.with_suffix(".facts.json").read_text())
+    assert rdf.tshark_facts(DETECTION) == stored
+    # what the fixture is for: junk that reads as RTP version 2 / RTCP, and tshark sees none of
+    # it as RTP (its stream list is the media of the recorded calls plus one keep-alive flow)
+    by_top = stored["udp_frames_by_top_protocol"]
+    assert sum(by_top.get(p, 0) for p in JUNK_PROTOCOLS) == 172 and "rtcp" not in by_top
+    assert len(stored["rtp_heur_streams"]) == 9 and len(stored["rtp_sdp_streams"]) == 7
+
+
+@pytest.mark.skipif(not HAVE_TSHARK, reason="tshark not installed")
+def test_dns_netbios_next_to_rtp_gives_tsharks_streams_and_nothing_else():
+    facts = rdf.tshark_facts(DETECTION)  # ground truth read now, not the stored copy
+    frames = rdf.tshark_frames(DETECTION)
+    junk = [f for f in frames if f["top"] in JUNK_PROTOCOLS]
+    # the junk really does look like RTP/RTCP to a first-byte test (what made 20 "streams")
+    assert sum(1 for f in junk if f["rtp_ssrc"] is None) == len(junk)
+    rep = analyse(str(DETECTION))
+    key = lambda s: (s["ssrc"].upper().replace("X", "x"), s["src"], s["dst"])  # noqa: E731
+    media = {key(s): s for s in facts["rtp_heur_streams"] if s["carries_media"]}
+    sdp = {key(s) for s in facts["rtp_sdp_streams"] if s["carries_media"]}
+    mine = {key(s): s for s in rep["rtp_streams"]}
+    assert set(mine) == set(media)
+    for k, w in media.items():
+        s = mine[k]
+        assert (s["payload"], s["pkts"], s["lost"]) == (w["payload"], w["pkts"], max(w["lost"], 0)), k
+        for f in ("max_delta_ms", "mean_jitter_ms", "max_jitter_ms"):
+            assert s[f] == pytest.approx(w[f], rel=0.05, abs=0.01), (k, f)
+        # tied to its call exactly when tshark ties it by SDP; the others found by the heuristic
+        assert (s["detected_by"] == "sdp") == (k in sdp) == (s["call_id"] is not None), k
+    assert sum(1 for s in mine.values() if s["detected_by"] == "heuristic") == 2
+    # every junk datagram is counted as not RTP, none as RTCP
+    assert rep["errors"]["not_rtp_udp"] == len(junk)
+    assert rep["rtcp_packets"] == facts["udp_frames_by_top_protocol"].get("rtcp", 0) == 0
+    # keep-alives: datagrams too short for RTP, STUN, and RTP without payload (tshark's
+    # keep-alive-only "stream" among them), all on media addresses
+    assert rep["rtp_keepalives"] == facts["udp_payloads_under_12_bytes"] + \
+        facts["udp_frames_by_top_protocol"]["stun"] + facts["rtp_frames_without_payload"] == 9
+    for call in rep["calls"]:
+        assert len(call["rtp_streams"]) == 2
+
+
+@pytest.mark.skipif(not HAVE_TSHARK, reason="tshark not installed")
+def test_duplicates_never_make_loss_negative(tmp_path):
+    """tshark counts Lost = expected − packets, negative when duplicates outnumber losses; the
+    packets lost cannot be fewer than none, and RFC 3550 A.3 (duplicates not counted as
+    received) still sees the one real loss."""
+    frames = _stream_frames(0x0BADCAFE, 0, 100, 120, 1000.0, ("10.0.0.1", 40000),
+                            ("10.0.0.2", 50000), drop={60}, dup={10, 20, 30, 40, 50})
+    path = tmp_path / "dups.pcap"
+    path.write_bytes(pb.pcap(1, frames))
+    (w,) = tshark_streams(path).values()
+    assert w["lost"] == -4 and w["pkts"] == 124
+    (s,) = analyse(str(path))["rtp_streams"]
+    assert (s["pkts"], s["lost"], s["lost_rfc3550"], s["duplicates"]) == (124, 0, 1, 5)
+    assert s["lost_pct"] == 0.0
+
+
+def _feed_run(rtp, src, dst, ssrc, n, *, pt=0, seq0=1000, ts_step=160, t0=1.0, skip=()):
+    got = []
+    for i in range(n):
+        if i in skip:
+            continue
+        got.append(rtp.feed(pb.rtp(seq0 + i, (seq0 + i) * ts_step, ssrc, pt), src, dst, t0 + i * 0.02))
+    return got
+
+
+def test_heuristic_needs_a_consistent_run():
+    A, B = ("192.0.2.1", 20000), ("192.0.2.2", 30000)
+    rtp = RtpAnalyzer()
+    _feed_run(rtp, A, B, 1, 3)  # three good packets: not yet a stream
+    assert rtp.summaries() == [] and rtp.not_rtp == 3
+    _feed_run(rtp, A, B, 1, 1, seq0=1003, t0=1.06)
+    (s,) = rtp.summaries()  # the fourth confirms it; the three held ones are in it
+    assert (s["pkts"], s["lost"], s["detected_by"], rtp.not_rtp) == (4, 0, "heuristic", 0)
+    # payload type 50 is unassigned, 111 dynamic but declared by no SDP, 72-76 is RTCP's range
+    for ssrc, pt in ((2, 50), (3, 111), (4, 73)):
+        _feed_run(rtp, A, B, ssrc, 20, pt=pt)
+    # sequence not +1 (DNS flags stand still), timestamps going back
+    for i in range(20):
+        rtp.feed(pb.rtp(0x0100, i * 160, 5, 0), A, B, 2.0 + i * 0.02)
+        rtp.feed(pb.rtp(i, (20 - i) * 160, 6, 0), A, B, 2.0 + i * 0.02)
+    # a well-known port never starts a heuristic stream
+    _feed_run(rtp, ("192.0.2.1", 53), B, 7, 20)
+    assert [s["ssrc"] for s in rtp.summaries()] == ["0x00000001"]
+    # once some SDP declares 111, a consistent run of it is a stream
+    rtp.add_sdp(b"c", b"v=0\r\nc=IN IP4 198.51.100.1\r\nm=audio 9000 RTP/AVP 111\r\n"
+                      b"a=rtpmap:111 opus/48000/2\r\n")
+    _feed_run(rtp, A, B, 8, 6, pt=111)
+    assert {s["ssrc"] for s in rtp.summaries()} == {"0x00000001", "0x00000008"}
+
+
+def test_heuristic_stream_with_early_loss_keeps_every_packet():
+    A, B = ("192.0.2.1", 20000), ("192.0.2.2", 30000)
+    rtp = RtpAnalyzer()
+    _feed_run(rtp, A, B, 9, 40, skip={1, 3, 5})  # no run of 4 until packet 6..9
+    (s,) = rtp.summaries()
+    assert (s["pkts"], s["lost"], s["lost_rfc3550"]) == (37, 3, 3)
+
+
+def test_random_junk_starting_like_rtp_makes_no_stream_and_stays_bounded():
+    rnd = random.Random(5)
+    rtp = RtpAnalyzer()
+    A, B = ("192.0.2.1", 20000), ("192.0.2.2", 30000)
+    n = 20_000
+    for i in range(n):
+        data = bytes([0x80 | rnd.randrange(0x40)]) + rnd.randbytes(rnd.randrange(0, 200))
+        rtp.feed(data, A, B, 1.0 + i * 0.001)
+    assert rtp.summaries() == [] and not rtp.streams
+    assert rtp.not_rtp == n and rtp.rtcp_packets == 0
+    assert len(rtp.candidates) <= RtpAnalyzer.MAX_CANDIDATES
+    assert all(len(h) <= RtpAnalyzer.MAX_HELD for h in rtp.candidates.values())
+
+
+def test_keepalives_are_not_streams():
+    sdp = b"v=0\r\nc=IN IP4 192.0.2.1\r\nm=audio 4000 RTP/AVP 0\r\n"
+    A, B = ("192.0.2.1", 4000), ("192.0.2.2", 5000)
+    rtp = RtpAnalyzer()
+    rtp.add_sdp(b"call", sdp)
+    stun = struct.pack("!HHI", 0x0001, 0, 0x2112A442) + bytes(12)
+    for data in (b"", b"\x00", b"\r\n\r\n", stun, pb.rtp(1, 0, 77, 0, payload=b"")):
+        assert rtp.feed(data, B, A, 1.0)
+    assert rtp.keepalives == 5 and rtp.summaries() == [] and rtp.not_rtp == 0
+    # the same bytes between addresses no SDP or stream names are just not RTP
+    assert not rtp.feed(b"\x00", ("192.0.2.7", 4000), ("192.0.2.8", 5000), 1.0)
+    assert rtp.not_rtp == 1
+
+
+def test_rtcp_must_be_a_valid_compound_packet():
+    rtp = RtpAnalyzer()
+    A, B = ("192.0.2.1", 4001), ("192.0.2.2", 5001)
+    rr = struct.pack("!BBHI", 0x80, 201, 1, 1)
+    sdes = struct.pack("!BBHI", 0x81, 202, 2, 1) + b"\x01\x02ab"
+    assert rtp.feed(rr + sdes, A, B, 1.0) and rtp.rtcp_packets == 1
+    for bad in (rr + b"\x00" * 4,  # lengths do not add up to the datagram
+                struct.pack("!BBHI", 0x80, 201, 3, 1),  # length beyond the datagram
+                rr + struct.pack("!BBHI", 0x40, 202, 1, 1),  # second part not version 2
+                struct.pack("!BBH", 0x80, 201, 0) + b"\x00" * 8):  # dns-like tail
+        assert not rtp.feed(bad, A, B, 1.0)
+    assert rtp.rtcp_packets == 1
+
+
+def test_sequence_restart_and_wild_jump_are_not_loss():
+    st = RtpStream(("a", 1), ("b", 2), 1, {})
+    seqs = list(range(100, 150)) + [40000] + list(range(150, 160))  # one wild packet
+    seqs += list(range(30000, 30050))  # the sender restarted its sequence
+    for i, seq in enumerate(seqs):
+        st.add(i * 20.0, seq, i * 160, 0, False)
+    assert st.restarts == 1 and st.lost_rfc3550 == 0
+    assert st.lost >= 0 and st.summary()["lost_pct"] <= 100.0
+    # a late last packet pulls Wireshark's expected below the packets received: still not < 0
+    st2 = RtpStream(("a", 1), ("b", 2), 2, {})
+    for i, seq in enumerate((1, 2, 4, 5, 3)):
+        st2.add(i * 20.0, seq, seq * 160, 0, False)
+    assert st2.lost == 0 and st2.lost_rfc3550 == 0 and st2.ooo == 1
