@@ -37,12 +37,13 @@ fuzz-smoke: venv
 	if [ $$rc -eq 0 ]; then grep '^stat::' $$d/log | tr '\n' ' '; echo; else tail -40 $$d/log; fi; \
 	rm -rf $$d; exit $$rc
 
-# longer coverage-guided run with a kept corpus (tests/fuzz/corpus, git-ignored);
-# FUZZ_ARGS='-fork=2 -ignore_crashes=1' keeps going after findings
+# longer coverage-guided run with a kept corpus (tests/fuzz/corpus, git-ignored); it keeps going
+# after a finding, saves one input per distinct finding in tests/fuzz/artifacts/ and lists them
 FUZZ_TIME ?= 600
 fuzz: venv
 	mkdir -p tests/fuzz/corpus tests/fuzz/artifacts
-	$(BIN)/python tests/fuzz/fuzz_core.py -max_total_time=$(FUZZ_TIME) -print_final_stats=1 \
+	FUZZ_KEEP_GOING=tests/fuzz/artifacts $(BIN)/python tests/fuzz/fuzz_core.py \
+	  -max_total_time=$(FUZZ_TIME) -print_final_stats=1 -print_pcs=0 -reload=0 \
 	  -artifact_prefix=tests/fuzz/artifacts/ $(FUZZ_ARGS) tests/fuzz/corpus tests/fuzz/seeds
 
 bench: system-deps venv

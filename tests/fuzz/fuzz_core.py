@@ -1,16 +1,25 @@
 """atheris (libFuzzer) entry point over the sans-IO core, the observer and the parser.
 
-    python tests/fuzz/fuzz_core.py -seed=1 -runs=3000 CORPUS_DIR tests/fuzz/seeds   # what make test runs
-    make fuzz                                                                     # 10 minutes, corpus kept
+    python tests/fuzz/fuzz_core.py -seed=1 -runs=500 CORPUS_DIR tests/fuzz/seeds   # make test (fuzz-smoke)
+    make fuzz                                                                   # 10 minutes, corpus kept
 
 The properties are in target.py; a crash or a broken property writes the input to
 ``-artifact_prefix`` and exits non-zero. Copy such an input into tests/fuzz/regressions/ so that
 pytest replays it from then on (tests/fuzz/test_fuzz_regressions.py).
+
+``FUZZ_KEEP_GOING=DIR`` (what ``make fuzz`` sets) records each distinct finding once, as
+DIR/<signature>.bin, and carries on (libFuzzer's -fork mode does not work with atheris); a
+summary of inputs run and findings by signature is printed at exit.
 """
 from __future__ import annotations
 
+import atexit
+import hashlib
 import os
+import re
 import sys
+import time
+import traceback
 
 import atheris
 
@@ -20,12 +29,50 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 with atheris.instrument_imports(include=["sipwatch", "sipcheck", "target"]):
     import target
 
+KEEP_GOING = os.environ.get("FUZZ_KEEP_GOING")
+_findings: dict[str, int] = {}
+_runs = [0, time.monotonic()]
+
+
+def signature(exc: BaseException) -> str:
+    """Type, innermost frame and the message without its variable parts."""
+    tb = traceback.extract_tb(exc.__traceback__)
+    where = f"{os.path.basename(tb[-1].filename)}:{tb[-1].lineno}" if tb else "?"
+    msg = str(exc).split("\n")[0]
+    msg = re.sub(r"b'(?:[^'\\]|\\.)*'|b\"(?:[^\"\\]|\\.)*\"|\('[^)]*\)|\d+", "", msg)
+    return f"{type(exc).__name__}@{where} {msg[:100]}".strip()
+
 
 def test_one_input(data: bytes) -> None:
-    target.run_one(data)
+    _runs[0] += 1
+    if not KEEP_GOING:
+        target.run_one(data)
+        return
+    try:
+        target.run_one(data)
+    except Exception as exc:  # noqa: BLE001 - every finding is recorded, then the next input
+        sig = signature(exc)
+        n = _findings.get(sig, 0)
+        _findings[sig] = n + 1
+        if n == 0:
+            name = re.sub(r"[^A-Za-z0-9_.@-]+", "_", sig)[:100]
+            digest = hashlib.sha1(data).hexdigest()[:10]
+            with open(os.path.join(KEEP_GOING, f"{name}-{digest}.bin"), "wb") as f:
+                f.write(data)
+            print(f"\nFINDING {sig}", file=sys.stderr, flush=True)
+
+
+def _summary() -> None:
+    if KEEP_GOING:
+        secs = time.monotonic() - _runs[1]
+        print(f"\nfuzz summary: {_runs[0]} inputs in {secs:.0f} s ({_runs[0] / max(secs, 1e-9):.0f}/s), "
+              f"{len(_findings)} distinct findings", file=sys.stderr)
+        for sig, n in sorted(_findings.items(), key=lambda kv: -kv[1]):
+            print(f"  {n:7d}  {sig}", file=sys.stderr)
 
 
 def main() -> None:
+    atexit.register(_summary)
     atheris.Setup(sys.argv, test_one_input)
     atheris.Fuzz()
 
