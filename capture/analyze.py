@@ -217,8 +217,9 @@ def render(rep: dict) -> str:
                                       or "none"))
     out.append("  SIP responses: " + (", ".join(f"{k} {v}" for k, v in
                                                 rep["status_codes"].items()) or "none"))
-    out.append(f"  Calls {len(rep['calls'])}: " + ", ".join(
-        f"{k.replace('_', ' ')} {v}" for k, v in rep["calls_by_outcome"].items() if v))
+    out.append(f"  Calls {len(rep['calls'])}" + "".join(
+        f"{', ' if i else ': '}{k.replace('_', ' ')} {v}"
+        for i, (k, v) in enumerate((k, v) for k, v in rep["calls_by_outcome"].items() if v)))
     out.append(f"  INVITE calls {rep['invite_calls']}; transactions {t['transactions']}, "
                f"answered {t['answered']}, timeouts {t['timeouts']}, unanswered at end of "
                f"capture {t['unanswered_at_eof']}, retransmitted requests "
