@@ -26,6 +26,8 @@ from sipwatch.rtp import RtpAnalyzer
 from sipwatch.stats import OUTCOMES
 from sipwatch.tracing import add_otlp_arguments, rtp_figures
 
+from .pcapfile import KEEPALIVE_MAX, is_sip_keepalive
+
 SIP_PORTS = (5060, 5061)
 ANALYZE_EXPORT_TIMEOUT = 300.0  # seconds to export a file's spans before dropping the rest
 
@@ -75,7 +77,10 @@ def analyse(path: str, engine: str = "fast", mask: str = "partial", progress=Non
         payload = pkt.payload
         if pkt.transport == "tcp" or looks_like_sip(payload) or pkt.dst[1] in SIP_PORTS \
                 or pkt.src[1] in SIP_PORTS:
-            obs.feed(payload, pkt.src, pkt.dst, pkt.ts, pkt.transport)
+            if len(payload) <= KEEPALIVE_MAX and is_sip_keepalive(payload):
+                obs.stats.keepalives += 1  # "hello", "jaK", CRLF, STUN: not a parse error
+            else:
+                obs.feed(payload, pkt.src, pkt.dst, pkt.ts, pkt.transport)
         else:
             rtp.feed(payload, pkt.src, pkt.dst, pkt.ts)
         if not n & 0x3FFF:
@@ -147,8 +152,9 @@ def _report(path, engine, mask, obs: Observer, rtp: RtpAnalyzer, counters, calls
     return {
         "file": os.path.basename(path),
         "engine": engine,
-        "packets": counters.get("frames", n),
-        "decoded_packets": n,
+        "packets": counters.get("frames", n),  # frames read from the file, in both engines
+        "decoded_packets": n,  # UDP datagrams and TCP-framed SIP messages decoded from them
+        "warnings": capture_warnings(counters, n, obs.sip_messages),
         "seconds": round(elapsed, 3),
         "capture_counters": counters,
         "sip_messages": obs.sip_messages,
@@ -172,7 +178,7 @@ def _report(path, engine, mask, obs: Observer, rtp: RtpAnalyzer, counters, calls
             "sip_parse_errors": stats.parse_errors,
             "bad_content_length": obs.bad_content_length,
             "unmatched_responses": obs.unmatched_responses,
-            "keepalives": stats.keepalives,
+            "keepalives": stats.keepalives + counters.get("tcp_keepalives", 0),
             "evicted_transactions": stats.evicted_transactions,
             "not_rtp_udp": rtp.not_rtp,
         },
@@ -184,6 +190,34 @@ def _report(path, engine, mask, obs: Observer, rtp: RtpAnalyzer, counters, calls
     }
 
 
+def capture_warnings(counters: dict, decoded: int, sip_messages: int) -> list[str]:
+    """What the reader could not see, said loudly: frames of an encapsulation or link type it
+    does not decode, SIP messages over the size cap, and a capture with frames but nothing
+    decoded from them (never an empty clean result)."""
+    out = []
+    frames = counters.get("frames", 0)
+    undecoded = counters.get("undecoded", 0)
+    if undecoded:
+        kinds = sorted(counters.get("undecoded_types", {}).items(), key=lambda kv: -kv[1])
+        what = ", ".join(f"{k} ({v})" for k, v in kinds[:8]) + (", ..." if len(kinds) > 8 else "")
+        out.append(f"warning: {undecoded} of {frames} frames not decoded (encapsulation or link type "
+                   f"the fast reader does not open: {what}); SIP inside them is not counted; "
+                   f"try --engine pyshark")
+    if counters.get("undecodable"):
+        out.append(f"warning: {counters['undecodable']} frames tshark matched could not be converted")
+    over = counters.get("sip_oversized", 0)
+    if over:
+        out.append(f"warning: {over} SIP messages over TCP larger than --max-sip-message were skipped")
+    if frames and not decoded and not undecoded:
+        kinds = sorted(counters.get("non_ip_types", {}).items(), key=lambda kv: -kv[1])
+        what = ", ".join(f"{k} ({v})" for k, v in kinds[:8]) or "nothing decodable"
+        out.append(f"warning: {frames} frames but no UDP or SIP/TCP decoded from them: {what}")
+    elif frames and not sip_messages and counters.get("tcp_non_sip_flows"):
+        out.append(f"warning: no SIP found; {counters['tcp_non_sip_flows']} TCP connections did not "
+                   f"speak SIP (TLS?)")
+    return out
+
+
 def _f(v, fmt="{:.3f}") -> str:
     return "-" if v is None else fmt.format(v)
 
@@ -192,6 +226,7 @@ def render(rep: dict) -> str:
     """Readable per-call table plus totals."""
     out = [f"{rep['file']}: {rep['packets']} packets, {rep['sip_messages']} SIP messages, "
            f"{len(rep['calls'])} calls, {len(rep['rtp_streams'])} RTP streams"]
+    out.extend(rep.get("warnings", ()))
     for c in rep["calls"]:
         out.append("")
         out.append(f"Call {c['call_sid']}")

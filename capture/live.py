@@ -59,7 +59,7 @@ from sipwatch.rtp import CODEC_LABELS, RtpAnalyzer, RtpStream, codec_label
 from sipwatch.stats import Stats
 from sipwatch.tracing import SpanPipeline, add_otlp_arguments, rtp_figures
 
-from .pcapfile import Decoder
+from .pcapfile import KEEPALIVE_MAX, Decoder, is_sip_keepalive
 
 Addr = tuple[str, int]
 PCAP_MAGIC = {b"\xd4\xc3\xb2\xa1": ("<", 10**6), b"\x4d\x3c\xb2\xa1": ("<", 10**9),
@@ -249,6 +249,8 @@ class LiveCapture:
         self.proc: asyncio.subprocess.Process | None = None
         self.header = b""
         self.packets = 0
+        self.undecoded_logged = 0
+        self.undecoded_kinds_logged: set = set()
 
     async def start(self) -> None:
         args = ["dumpcap", "-q", "-P", "-i", self.interface, "-w", "-"]
@@ -276,6 +278,7 @@ class LiveCapture:
         rec = struct.Struct(end + "IIII").unpack
         feed, frame = self.observer.feed, self.decoder.frame
         rtp = self.rtp.analyzer.feed
+        stats = self.observer.stats
         while True:
             try:
                 sec, frac, incl, _ = rec(await out.readexactly(16))
@@ -288,6 +291,9 @@ class LiveCapture:
                 pl = p.payload
                 # RTP/RTCP start with version 2 (0b10......); no SIP start line or keep-alive does
                 if pl and pl[0] >> 6 == 2 and p.transport == "udp" and rtp(pl, p.src, p.dst, p.ts):
+                    continue
+                if len(pl) <= KEEPALIVE_MAX and p.transport == "udp" and is_sip_keepalive(pl):
+                    stats.keepalives += 1  # "hello", "jaK", CRLF, STUN: not a parse error
                     continue
                 feed(pl, p.src, p.dst, p.ts, p.transport)
 
@@ -306,6 +312,14 @@ class LiveCapture:
         if self.spans is not None and txs:
             self.spans.submit(txs)
         self._summaries(self.rtp.tick(now))
+        undecoded = self.counters.get("undecoded", 0)
+        if undecoded > self.undecoded_logged:  # loudly, but once per new kind of frame
+            kinds = self.counters.get("undecoded_types", {})
+            if set(kinds) - self.undecoded_kinds_logged:
+                self.undecoded_kinds_logged.update(kinds)
+                self.log.warning("frames not decoded: SIP inside them is not counted",
+                                 "capture_undecoded", frames=undecoded, types=dict(kinds))
+            self.undecoded_logged = undecoded
 
     def finish(self) -> None:
         """Capture stopped: finish every RTP stream and log the calls still in their grace."""

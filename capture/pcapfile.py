@@ -17,7 +17,7 @@ import struct
 from socket import AF_INET, AF_INET6, inet_ntop
 from typing import Iterator, NamedTuple
 
-__all__ = ["Packet", "read_packets", "PcapError", "Decoder"]
+__all__ = ["Packet", "read_packets", "PcapError", "Decoder", "is_sip_keepalive", "KEEPALIVE_MAX"]
 
 
 class PcapError(Exception):
@@ -30,6 +30,26 @@ class Packet(NamedTuple):
     dst: tuple[str, int]
     transport: str  # "udp" | "tcp"
     payload: bytes
+
+
+KEEPALIVE_MAX = 32  # bytes: anything longer on a SIP port is a message (or junk), never a keep-alive
+_KA_FILL = frozenset(b"\r\n\t \x00")
+_KA_TOKEN = re.compile(rb"[\x21-\x7e]{1,16}[\r\n\x00 ]{0,4}\Z")
+_STUN_COOKIE = b"\x21\x12\xa4\x42"
+
+
+def is_sip_keepalive(p: bytes) -> bool:
+    """A NAT keep-alive sent to or from a SIP port, not a SIP message and not an error: an empty
+    datagram, CRLF / CRLFCRLF or NUL fill (RFC 5626 §3.5.1), one short word such as ``hello`` or
+    ``jaK`` (what some phones send), or a STUN binding request/indication (RFC 5626 §4.4.2)."""
+    n = len(p)
+    if n > KEEPALIVE_MAX:
+        return False
+    if _KA_FILL.issuperset(p):
+        return True
+    if n == 20 and p[4:8] == _STUN_COOKIE and p[0] == 0 and p[1] in (1, 0x11) and p[2:4] == b"\0\0":
+        return True
+    return n <= 20 and _KA_TOKEN.match(p) is not None and not p.startswith(b"SIP/")
 
 
 # link-layer types (tcpdump.org/linktypes.html)
@@ -58,6 +78,7 @@ UDP_VXLAN, UDP_VXLAN_GPE, UDP_GENEVE, UDP_GTPU, UDP_L2TP, UDP_GRE, UDP_MPLS = \
 UDP_TUNNELS = frozenset((UDP_VXLAN, UDP_VXLAN_GPE, UDP_GENEVE, UDP_GTPU, UDP_L2TP, UDP_GRE, UDP_MPLS))
 # tunnels on UDP this reader does not open: reported (the datagram still goes on as UDP)
 UDP_TUNNELS_UNDECODED = {37008: "tzsp", 5247: "capwap_data", 5555: "airopeek", 9060: "hep"}
+MAX_UNDECODED_TYPES = 64
 MAX_TUNNEL_DEPTH = 8  # nested encapsulations; a forged packet nesting deeper is counted, not followed
 IPV6_EXT = (0, 43, 60, 135, 139, 140)  # hop-by-hop, routing, dest opts, mobility, HIP, shim6
 MAX_FRAG_SETS = 1024
@@ -114,6 +135,8 @@ class Decoder:
         by = c.get("undecoded_types")
         if by is None:
             by = c["undecoded_types"] = {}
+        if what not in by and len(by) >= MAX_UNDECODED_TYPES:  # forged variety stays bounded
+            what = "other"
         by[what] = by.get(what, 0) + 1
 
     def _non_ip(self, what: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import queue as queue_mod
+import subprocess
 from typing import Iterator
 
 from .pcapfile import Packet
@@ -76,6 +77,16 @@ def _worker(path: str, out, decode_as: dict | None) -> None:
         out.put((_END, 0, 0, f"{type(exc).__name__}: {exc}"))
 
 
+def _frame_count(path) -> int | None:
+    """Every frame in the file (the display filter hides the rest from pyshark), by capinfos."""
+    try:
+        out = subprocess.run(["capinfos", "-M", "-c", "-T", "-r", str(path)], capture_output=True,
+                             text=True, timeout=120).stdout
+        return int(out.strip().split("\t")[-1])
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        return None
+
+
 def read_packets(path, counters: dict | None = None,
                  decode_as: dict | None = None) -> Iterator[Packet]:
     """Same contract as :func:`capture.pcapfile.read_packets`, decoded by tshark via pyshark."""
@@ -95,6 +106,9 @@ def read_packets(path, counters: dict | None = None,
             if isinstance(item, tuple) and item and item[0] == _END:
                 _, frames, skipped, err = item
                 c["frames_matched"] = frames
+                total = _frame_count(path)
+                if total is not None:  # ``packets`` means frames read in both engines
+                    c["frames"] = total
                 if skipped:
                     c["undecodable"] = skipped
                 if err:
