@@ -120,7 +120,7 @@ class ProxyCore:
         self.stats = stats or Stats()
         self.tracker = Tracker(self.stats, config.timer_b, config.max_transactions,
                                config.max_calls, config.max_call_duration,
-                               **_timer_c_kw(config.timer_c))
+                               timer_c=config.timer_c)
         self._randbits = randbits
         up_ip = ip_literal(config.upstream[0].encode())
         # compared with socket addresses, which are canonical text
@@ -300,7 +300,8 @@ class ProxyCore:
 
         # trace context: one trace per Call-ID, joined from an incoming traceparent
         tracker = self.tracker
-        call = tracker.calls.get(call_id)
+        initial_invite = midx == INVITE and not has_to_tag
+        call = tracker.lookup_call(call_id, initial_invite, cseq_n)
         incoming = None
         for name in self.trace_lookup:
             if name in names:
@@ -309,8 +310,7 @@ class ProxyCore:
                     stats.traceparent_invalid += 1
                 break
         if call is None:
-            call = self._new_call(msg, call_id, incoming, now, midx == INVITE and not has_to_tag,
-                                  from_val, to_val)
+            call = self._new_call(msg, call_id, incoming, now, initial_invite, from_val, to_val)
 
         branch = BRANCH_PREFIX + loop_part + b"." + self._branch_mac(
             top, call_id, cseq_s, from_tag, reply, dest[0])
@@ -326,7 +326,7 @@ class ProxyCore:
                 parent = call.span_id if call.is_call else call.parent_span_id
                 tx = tracker.request(key, midx, method, cseq_n, call, now,
                                      self._randbits(64) or 1, parent, direction, dest,
-                                     midx == INVITE and not has_to_tag)
+                                     initial_invite)
 
         # edits: the sender's Via gets the real source, then our Via, Record-Route, trace
         # header, Max-Forwards
@@ -569,6 +569,7 @@ class ProxyCore:
         cseq_n, cseq_m = msg.cseq()
         reply = _reply_address(next_via)
         from_tag = header_tag(msg.get(b"from")) or b""
+        to_tag = header_tag(msg.get(b"to"))
         dot = branch.rfind(b".")
         mac = self._branch_mac(next_via, call_id, b"%d" % cseq_n, from_tag, reply or ("", 0), src[0])
         if reply is None or dot < 0 or not hmac.compare_digest(branch[dot + 1:], mac):
@@ -581,7 +582,7 @@ class ProxyCore:
             del names[via_i]
         if direction == FROM_GATEWAY:
             self._saw_gateway(src[0], now)
-        self.tracker.response((branch, cseq_m), status, now)
+        self.tracker.response((branch, cseq_m), status, now, to_tag)
         return [(msg.to_bytes(), reply)]
 
     def _own_branch(self, via_value: bytes) -> bytes | None:
@@ -595,12 +596,6 @@ class ProxyCore:
             if branch[len(BRANCH_PREFIX):].replace(b".", b"").isalnum():
                 return branch
         return None
-
-
-def _timer_c_kw(timer_c: float) -> dict:
-    """Tracker takes ``timer_c`` once it runs Timer C; older trackers ignore it."""
-    import inspect
-    return {"timer_c": timer_c} if "timer_c" in inspect.signature(Tracker.__init__).parameters else {}
 
 
 def _reply_address(via: Via) -> Addr | None:

@@ -276,3 +276,26 @@ def test_internal_error_is_counted_not_raised(monkeypatch):
     assert core.receive_datagram(invite(), GATEWAY, T0) == []
     assert core.stats.internal_errors["datagram"] == 1 and dropped(core, "internal_error") == 1
     assert "RuntimeError" in core.last_internal_error
+
+
+# -- 7. forks, and Call-IDs reused -----------------------------------------------------------
+def test_forked_2xx_is_relayed_and_counted_as_a_fork_not_a_retransmission():
+    core = make()
+    (fwd, _), = forwarded(core.receive_datagram(invite(), GATEWAY, T0))
+    for tag in (b"uas-1", b"uas-2"):
+        out = core.receive_datagram(response_to(fwd, 200, to_tag=tag), SIGNALING, T0 + 0.05)
+        assert [a for _, a in out] == [GATEWAY]  # RFC 3261 §16.7 step 10: every 2xx goes back
+    assert core.stats.forks == 1 and core.stats.response_retransmissions == 0
+    core.receive_datagram(response_to(fwd, 200, to_tag=b"uas-2"), SIGNALING, T0 + 0.5)
+    assert core.stats.forks == 1 and core.stats.response_retransmissions == 1
+
+
+def test_call_id_first_used_by_register_still_gives_the_call():
+    core = make()
+    reg = invite(method=b"REGISTER", body=b"").replace(b"INVITE sip:", b"REGISTER sip:")
+    (fwd, _), = forwarded(core.receive_datagram(reg, GATEWAY, T0))
+    core.receive_datagram(response_to(fwd, 200), SIGNALING, T0 + 0.01)
+    (fwd, _), = forwarded(core.receive_datagram(invite(cseq=2, branch=b"z9hG4bK-gw-2"), GATEWAY, T0 + 1))
+    core.receive_datagram(response_to(fwd, 200), SIGNALING, T0 + 1.05)
+    from sipwatch.stats import ANSWERED
+    assert core.stats.calls[ANSWERED] == 1 and core.stats.active_calls == 1
