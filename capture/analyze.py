@@ -26,7 +26,7 @@ from sipwatch.rtp import RtpAnalyzer
 from sipwatch.stats import OUTCOMES
 from sipwatch.tracing import add_otlp_arguments, rtp_figures
 
-from .pcapfile import KEEPALIVE_MAX, is_sip_keepalive
+from .pcapfile import KEEPALIVE_MAX, MAX_SIP_MESSAGE, is_sip_keepalive
 
 SIP_PORTS = (5060, 5061)
 ANALYZE_EXPORT_TIMEOUT = 300.0  # seconds to export a file's spans before dropping the rest
@@ -40,16 +40,16 @@ def looks_like_sip(payload: bytes) -> bool:
     return nl > 0 and payload[:nl].rstrip(b"\r").endswith(b" SIP/2.0")
 
 
-def _source(path: str, engine: str, counters: dict):
+def _source(path: str, engine: str, counters: dict, max_sip_message: int = MAX_SIP_MESSAGE):
     if engine == "pyshark":
         from .pyshark_source import read_packets as rp
-    else:
-        from .pcapfile import read_packets as rp
-    return rp(path, counters)
+        return rp(path, counters)
+    from .pcapfile import read_packets as rp
+    return rp(path, counters, max_sip_message)
 
 
 def analyse(path: str, engine: str = "fast", mask: str = "partial", progress=None,
-            spans=None) -> dict:
+            spans=None, max_sip_message: int = MAX_SIP_MESSAGE) -> dict:
     """Analyse one capture; returns the JSON-ready report (see ``--json``). ``spans``: a
     :class:`sipwatch.tracing.SpanPipeline` that gets every finished record at the end."""
     rtp = RtpAnalyzer()
@@ -72,7 +72,7 @@ def analyse(path: str, engine: str = "fast", mask: str = "partial", progress=Non
             elif obj.key is not None:  # ACK has no response, so no transaction
                 txs.append(obj)
 
-    for pkt in _source(path, engine, counters):
+    for pkt in _source(path, engine, counters, max_sip_message):
         n += 1
         payload = pkt.payload
         if pkt.transport == "tcp" or looks_like_sip(payload) or pkt.dst[1] in SIP_PORTS \
@@ -190,6 +190,19 @@ def _report(path, engine, mask, obs: Observer, rtp: RtpAnalyzer, counters, calls
     }
 
 
+def _size(text: str) -> int:
+    """``--max-sip-message``: bytes, or with a k/M suffix (1024-based), 1 KiB to 64 MiB."""
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    mult = {"k": 1 << 10, "m": 1 << 20}.get(t[-1:], 1)
+    try:
+        n = int(t[:-1] if mult > 1 else t) * mult
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+    if not (1 << 10) <= n <= (64 << 20):
+        raise argparse.ArgumentTypeError(f"{text!r} is not between 1 KiB and 64 MiB")
+    return n
+
+
 def capture_warnings(counters: dict, decoded: int, sip_messages: int) -> list[str]:
     """What the reader could not see, said loudly: frames of an encapsulation or link type it
     does not decode, SIP messages over the size cap, and a capture with frames but nothing
@@ -281,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engine", choices=("fast", "pyshark"), default="fast",
                     help="fast: built-in pcap/pcapng reader (default); pyshark: tshark dissectors")
     ap.add_argument("--mask-numbers", choices=MODES, default="partial")
+    ap.add_argument("--max-sip-message", type=_size, default=MAX_SIP_MESSAGE, metavar="BYTES",
+                    help="largest SIP message framed over TCP (default 1 MiB); larger ones are "
+                         "skipped and counted (sip_oversized)")
     add_otlp_arguments(ap)
     args = ap.parse_args(argv)
     if not os.path.isfile(args.file) or not os.access(args.file, os.R_OK):
@@ -299,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     spans = SpanPipeline.for_capture("analyze", stats, args.otlp_endpoint, args.otlp_protocol,
                                      args.spans_file, args.mask_numbers, queue_max=1 << 62)
     try:
-        rep = analyse(args.file, args.engine, args.mask_numbers, progress, spans)
+        rep = analyse(args.file, args.engine, args.mask_numbers, progress, spans,
+                      args.max_sip_message)
     except (PcapError, OSError) as exc:
         sys.stderr.write(f"sipwatch analyze: {args.file}: {exc}\n")
         return 2

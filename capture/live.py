@@ -59,7 +59,8 @@ from sipwatch.rtp import CODEC_LABELS, RtpAnalyzer, RtpStream, codec_label
 from sipwatch.stats import Stats
 from sipwatch.tracing import SpanPipeline, add_otlp_arguments, rtp_figures
 
-from .pcapfile import KEEPALIVE_MAX, Decoder, is_sip_keepalive
+from .analyze import _size
+from .pcapfile import KEEPALIVE_MAX, MAX_SIP_MESSAGE, Decoder, is_sip_keepalive
 
 Addr = tuple[str, int]
 PCAP_MAGIC = {b"\xd4\xc3\xb2\xa1": ("<", 10**6), b"\x4d\x3c\xb2\xa1": ("<", 10**9),
@@ -355,6 +356,7 @@ async def _run(args) -> int:
     lc = LiveCapture(args.interface, args.bpf, _addr(args.signaling) if args.signaling else None,
                      args.timer_b, rtp, spans=spans, stats=stats,
                      log=JsonLog("sipwatch-capture", mask_mode=args.mask_numbers))
+    lc.decoder.max_sip_message = args.max_sip_message
     servers = []
     for reg, spec in ((lc.metrics.gateway, args.gateway_metrics), (lc.metrics.signaling, args.signaling_metrics)):
         if spec != "off":
@@ -420,6 +422,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="seconds after its call ended before a stream is finished (%(default)s)")
     ap.add_argument("--rtp-max-streams", type=int, default=4000,
                     help="RTP streams measured at once; the oldest is finished early beyond (%(default)s)")
+    ap.add_argument("--max-sip-message", type=_size, default=MAX_SIP_MESSAGE, metavar="BYTES",
+                    help="largest SIP message framed over TCP (default 1 MiB); larger ones are skipped "
+                         "and counted")
     add_otlp_arguments(ap)
     args = ap.parse_args(argv)
     try:

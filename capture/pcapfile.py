@@ -82,7 +82,8 @@ MAX_UNDECODED_TYPES = 64
 MAX_TUNNEL_DEPTH = 8  # nested encapsulations; a forged packet nesting deeper is counted, not followed
 IPV6_EXT = (0, 43, 60, 135, 139, 140)  # hop-by-hop, routing, dest opts, mobility, HIP, shim6
 MAX_FRAG_SETS = 1024
-MAX_TCP_BUFFER = 1 << 20
+MAX_SIP_MESSAGE = 1 << 20  # bytes: the largest SIP message framed over TCP (--max-sip-message)
+MAX_SIP_HEADERS = 1 << 16  # bytes of a message's start line and headers
 MAX_TCP_FLOWS = 10_000
 NON_SIP_AFTER = 16_384  # bytes without a SIP start line before a connection is ignored
 
@@ -106,23 +107,31 @@ class _FragSet:
 
 
 class _TcpFlow:
-    __slots__ = ("next_seq", "buf", "ooo", "sip", "skipped")
+    __slots__ = ("next_seq", "buf", "ooo", "sip", "skipped", "pending", "plen", "need", "scan", "skip")
 
     def __init__(self):
         self.next_seq = None
-        self.buf = b""
+        self.buf = b""  # bytes not yet framed into a message
         self.ooo: dict[int, bytes] = {}
         self.sip = None  # None: undecided; True once a SIP start line was seen
         self.skipped = 0
+        # linear cost for large messages: segments wait in ``pending`` until ``need`` bytes are
+        # there (the rest of a body whose length is known), then are joined once
+        self.pending: list = []
+        self.plen = 0
+        self.need = 0
+        self.scan = 0  # where the search for the end of the headers goes on, from buf's start
+        self.skip = 0  # bytes still to discard of a message over the size cap
 
 
 class Decoder:
     """Link layer → IP → UDP/TCP decoder with fragment and TCP state, one per capture."""
 
-    def __init__(self, counters: dict):
+    def __init__(self, counters: dict, max_sip_message: int = MAX_SIP_MESSAGE):
         self.c = counters
         self.frags: dict[tuple, _FragSet] = {}
         self.flows: dict[tuple, _TcpFlow] = {}
+        self.max_sip_message = max_sip_message
 
     def _count(self, name: str, n: int = 1) -> None:
         self.c[name] = self.c.get(name, 0) + n
@@ -577,6 +586,7 @@ class Decoder:
         if flags & 0x02:  # SYN: data starts at ISN + 1
             flow.next_seq = (seq + 1) & 0xFFFFFFFF
             flow.buf, flow.ooo = b"", {}
+            flow.pending, flow.plen, flow.need, flow.scan, flow.skip = [], 0, 0, 0, 0
             return []
         if flags & 0x05 and not data:  # FIN/RST without data
             self.flows.pop(key, None)
@@ -597,67 +607,104 @@ class Decoder:
             if len(flow.ooo) < 256:
                 flow.ooo[seq] = bytes(data)
             return []
-        flow.buf += data
+        self._take(flow, data)
         flow.next_seq = (flow.next_seq + len(data)) & 0xFFFFFFFF
         while flow.ooo:
             nxt = flow.ooo.pop(flow.next_seq, None)
             if nxt is None:
                 break
-            flow.buf += nxt
+            self._take(flow, nxt)
             flow.next_seq = (flow.next_seq + len(nxt)) & 0xFFFFFFFF
+        if flow.plen < flow.need:  # the body is still arriving: nothing to frame yet
+            return []
+        if flow.pending:
+            flow.buf = flow.buf + b"".join(flow.pending) if flow.buf else b"".join(flow.pending)
+            flow.pending, flow.plen = [], 0
         return self._frame_sip(flow, src, dst, ts)
 
+    @staticmethod
+    def _take(flow: _TcpFlow, data) -> None:
+        if flow.skip:  # the rest of a message over the size cap: dropped as it arrives
+            k = min(flow.skip, len(data))
+            flow.skip -= k
+            data = data[k:]
+            if not data:
+                return
+        flow.pending.append(data)
+        flow.plen += len(data)
+
     def _frame_sip(self, flow: _TcpFlow, src, dst, ts) -> list[Packet]:
-        """Cut complete SIP messages off a TCP byte stream by Content-Length (RFC 3261 §18.3)."""
+        """Cut complete SIP messages off a TCP byte stream by Content-Length (RFC 3261 §18.3),
+        any size up to ``max_sip_message``; a larger one is counted (``sip_oversized``) and its
+        bytes skipped, so the messages after it are still framed. Cost is linear in the bytes."""
         out = []
-        buf = flow.buf.lstrip(b"\r\n")  # CRLF keep-alives between messages
-        while buf:
-            if buf.find(b"\n", 0, 4096) < 0:  # no whole first line yet
-                if len(buf) >= 4096:
-                    self._count("tcp_skipped_bytes", len(buf))
-                    buf = b""
+        buf, pos, n = flow.buf, 0, len(flow.buf)
+        cap = self.max_sip_message
+        flow.need = 0
+        while pos < n:
+            start = pos
+            while pos < n and buf[pos] in (10, 13):  # CRLF keep-alives between messages
+                pos += 1
+            if pos - start >= 2:
+                self._count("tcp_keepalives")
+            if pos >= n:
                 break
-            if _SIP_START.match(buf) is None:
+            if buf.find(b"\n", pos, pos + 4096) < 0:  # no whole first line yet
+                if n - pos >= 4096:
+                    self._count("tcp_skipped_bytes", n - pos)
+                    pos = n
+                break
+            if _SIP_START.match(buf, pos) is None:
                 # joined mid-message, or lost our place: skip to the next line that starts one
-                m = _SIP_RESYNC.search(buf)
+                m = _SIP_RESYNC.search(buf, pos)
                 if m is None:
-                    self._count("tcp_skipped_bytes", len(buf))
-                    flow.skipped += len(buf)
+                    self._count("tcp_skipped_bytes", n - pos)
+                    flow.skipped += n - pos
                     if flow.sip is None and flow.skipped > NON_SIP_AFTER:
                         self._count("tcp_non_sip_flows")
                         flow.sip = False  # stop buffering a connection that never spoke SIP
-                    buf = b""
+                    pos = n
                     break
-                self._count("tcp_skipped_bytes", m.start(1))
-                buf = buf[m.start(1):]
+                self._count("tcp_skipped_bytes", m.start(1) - pos)
+                pos = m.start(1)
+                flow.scan = 0
             flow.sip = True
-            end = buf.find(b"\r\n\r\n")
-            sep = 4
-            if end < 0:
-                end, sep = buf.find(b"\n\n"), 2
-            if end < 0:
-                if len(buf) > MAX_TCP_BUFFER:
-                    self._count("tcp_oversized")
-                    buf = b""
+            look = pos + flow.scan
+            e1, e2 = buf.find(b"\r\n\r\n", look), buf.find(b"\n\n", look)
+            if e1 < 0 and e2 < 0:
+                if n - pos > MAX_SIP_HEADERS:  # no end of headers: lost; resynchronise
+                    self._count("sip_oversized")
+                    self._count("tcp_skipped_bytes", n - pos)
+                    pos, flow.scan = n, 0
+                else:
+                    flow.scan = max(0, n - pos - 3)
                 break
-            m = _CLEN.search(buf, 0, end)
-            blen = int(m.group(1)) if m else 0
-            total = end + sep + blen
-            if total > MAX_TCP_BUFFER:
-                self._count("tcp_oversized")
-                buf = b""
+            end, sep = (e1, 4) if e2 < 0 or 0 <= e1 < e2 else (e2, 2)
+            flow.scan = 0
+            m = _CLEN.search(buf, pos, end)
+            blen = (int(m.group(1)) if len(m.group(1)) <= 12 else cap + 1) if m else 0
+            total = end + sep + blen - pos
+            if total > cap:
+                self._count("sip_oversized")
+                if n - pos >= total:
+                    pos += total
+                    continue
+                flow.skip = total - (n - pos)
+                pos = n
                 break
-            if len(buf) < total:
+            if n - pos < total:
+                flow.need = total - (n - pos)
                 break
-            out.append(Packet(ts, src, dst, "tcp", buf[:total]))
+            out.append(Packet(ts, src, dst, "tcp", buf[pos:pos + total]))
             self._count("tcp_sip_messages")
-            buf = buf[total:].lstrip(b"\r\n")
-        flow.buf = buf
+            pos += total
+        flow.buf = buf[pos:] if pos else buf
         return out
 
 
 # -- file formats ------------------------------------------------------------------------
-def read_packets(path, counters: dict | None = None) -> Iterator[Packet]:
+def read_packets(path, counters: dict | None = None,
+                 max_sip_message: int = MAX_SIP_MESSAGE) -> Iterator[Packet]:
     """Yield every UDP datagram and TCP-framed SIP message of a pcap or pcapng file.
 
     Raises :class:`PcapError` (or OSError) only when the file cannot be read as a capture at all;
@@ -671,7 +718,7 @@ def read_packets(path, counters: dict | None = None) -> Iterator[Packet]:
             raise PcapError("file too short to be a capture")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             magic = mm[:4]
-            dec = Decoder(c)
+            dec = Decoder(c, max_sip_message)
             if magic == b"\x0a\x0d\x0d\x0a":
                 yield from _pcapng(mm, dec, c)
             elif magic in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1",

@@ -16,7 +16,10 @@ from __future__ import annotations
 import json
 import re
 import struct
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 from capture.tshark_facts import facts
@@ -186,15 +189,190 @@ def build(outdir: Path, names: list[str]) -> list[str]:
     return written
 
 
+# -- recorded on loopback: SIP over TCP beyond 64 KiB, keep-alives on 5060 ----------------------
+BIG_BASE = 36300  # port block of the TCP fixture (record_fixtures uses 35100-36299)
+BIG_BODY_LINES = 720  # 720 lines of 100 bytes: a 72,000-byte body
+
+
+def _message(cseq: int, body: bytes, local: tuple, remote: tuple, call_id: str) -> bytes:
+    head = (f"MESSAGE sip:service@{remote[0]}:{remote[1]};transport=tcp SIP/2.0\r\n"
+            f"Via: SIP/2.0/TCP {local[0]}:{local[1]};branch=z9hG4bK-big-{cseq}\r\n"
+            f"From: <sip:gateway@{local[0]}:{local[1]}>;tag=big{cseq}\r\n"
+            f"To: <sip:service@{remote[0]}:{remote[1]}>\r\n"
+            f"Call-ID: {call_id}\r\nCSeq: {cseq} MESSAGE\r\nMax-Forwards: 70\r\n"
+            f"Content-Type: text/plain\r\nContent-Length: {len(body)}\r\n\r\n")
+    return head.encode() + body
+
+
+def _ok(req: bytes) -> bytes:
+    head = req.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+    keep = [ln for ln in head[1:] if ln.split(b":", 1)[0].lower() in (b"via", b"from", b"call-id", b"cseq")]
+    to = next(ln for ln in head if ln.lower().startswith(b"to:"))
+    return b"\r\n".join([b"SIP/2.0 200 OK", *keep, to + b";tag=uas1", b"Content-Length: 0", b"", b""])
+
+
+def _read_message(sock, buf: bytearray) -> bytes:
+    """One SIP message off a TCP stream (Content-Length framing; CRLF keep-alives skipped)."""
+    while True:
+        while buf[:2] == b"\r\n":
+            del buf[:2]
+        end = buf.find(b"\r\n\r\n")
+        if end >= 0:
+            m = re.search(rb"(?im)^content-length:\s*(\d+)", bytes(buf[:end]))
+            total = end + 4 + (int(m.group(1)) if m else 0)
+            if len(buf) >= total:
+                msg = bytes(buf[:total])
+                del buf[:total]
+                return msg
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("peer closed")
+        buf += chunk
+
+
+def record_big_tcp(outdir: Path) -> str:
+    """SIP over one TCP connection with an MSS of 1460 (as on Ethernet): MESSAGE (small), CRLFCRLF
+    ping and CRLF pong (RFC 5626), MESSAGE with a 72,000-byte body, MESSAGE (small), each
+    answered 200. SIPp 3.6 cannot carry this (its message buffer is 64 KiB: the body is cut at
+    65,540 bytes), so both ends are plain sockets here; dumpcap records, tshark gives the facts."""
+    import socket
+    import threading
+
+    from capture.record_fixtures import Dumpcap
+
+    name = "tcp_big_message"
+    pcap = outdir / f"{name}.pcap"
+    host = "127.0.0.1"
+    uas, uac = (host, BIG_BASE + 60), (host, BIG_BASE + 61)
+    body = b"".join(b"line %04d " % i + b"x" * 88 + b"\r\n" for i in range(BIG_BODY_LINES))
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(uas)
+    srv.listen(1)
+    errors = []
+
+    def serve():
+        try:
+            conn, _ = srv.accept()
+            conn.settimeout(10)
+            buf = bytearray()
+            for _ in range(3):
+                req = _read_message(conn, buf)
+                time.sleep(0.02)  # the callee takes 20 ms to answer
+                conn.sendall(_ok(req))
+                if b"CSeq: 1 " in req:
+                    conn.sendall(b"\r\n")  # pong to the ping that follows
+            conn.close()
+        except (OSError, ConnectionError, StopIteration) as exc:
+            errors.append(exc)
+
+    with Dumpcap(pcap, f"tcp portrange {BIG_BASE}-{BIG_BASE + 99}"):
+        t = threading.Thread(target=serve, daemon=True)
+        t.start()
+        cli = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        cli.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 1460)
+        cli.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        cli.bind(uac)
+        cli.connect(uas)
+        cli.settimeout(10)
+        buf = bytearray()
+        call_id = f"big-{int(time.time())}@{host}"
+        for cseq, b in ((1, b"small one\r\n"), (2, body), (3, b"small three\r\n")):
+            cli.sendall(_message(cseq, b, uac, uas, call_id))
+            if cseq == 1:
+                cli.sendall(b"\r\n\r\n")  # RFC 5626 keep-alive ping
+            _read_message(cli, buf)
+            time.sleep(0.05)
+        cli.close()
+        t.join(10)
+        srv.close()
+    if errors:
+        raise RuntimeError(f"{name}: {errors[0]}")
+    pcap.chmod(0o644)
+    fx = facts(str(pcap))
+    fx["fixture"] = {"about": "3 MESSAGE/200 over one SIP/TCP connection (MSS 1460); the second carries "
+                              f"a {len(body)}-byte body (> 64 KiB); an RFC 5626 CRLFCRLF ping and CRLF pong",
+                     "calls": 0, "transport": "TCP", "gateway": f"{uac[0]}:{uac[1]}",
+                     "signaling": f"{uas[0]}:{uas[1]}", "big_body_bytes": len(body),
+                     "crlf_keepalives": 2, "made_with": "dumpcap on lo, plain sockets"}
+    (outdir / f"{name}.facts.json").write_text(json.dumps(fx, indent=1) + "\n")
+    return name
+
+
+KA_SERVER, KA_CLIENT, KA_PHONE, KA_OTHER = ("127.0.0.2", 5060), ("127.0.0.3", 5061), ("127.0.0.3", 5062), \
+    ("127.0.0.4", 5060)
+KEEPALIVES = (  # (from, to, payload): what phones and servers send on 5060 between messages
+    (KA_PHONE, KA_SERVER, b"hello"),
+    (KA_PHONE, KA_SERVER, b"jaK\r\n"),
+    (KA_PHONE, KA_SERVER, b"\r\n\r\n"),
+    (KA_OTHER, KA_PHONE, b"\r\n"),
+    (KA_PHONE, KA_SERVER, b"\x00\x01\x00\x00\x21\x12\xa4\x42" + b"sipwatch-ka1"),  # STUN binding
+    (KA_PHONE, KA_SERVER, b"\x00\x00\x00\x00"),
+    (KA_OTHER, KA_PHONE, b"hello"),
+    (KA_PHONE, KA_SERVER, b"jaK\r\n"),
+)
+
+
+def record_keepalives(outdir: Path) -> str:
+    """SIPp sends 5 OPTIONS to a SIPp responder on 127.0.0.2:5060 while a phone socket
+    (127.0.0.3:5062) and a server socket (127.0.0.4:5060) exchange the keep-alives phones send:
+    ``hello``, ``jaK\\r\\n`` (5 bytes), CRLFCRLF / CRLF (RFC 5626), NUL fill, a STUN binding."""
+    import socket
+
+    from capture.record_fixtures import SCENARIOS, Dumpcap
+
+    name = "sip_keepalives"
+    pcap = outdir / f"{name}.pcap"
+    hosts = " or ".join(f"host {h}" for h in ("127.0.0.2", "127.0.0.3", "127.0.0.4"))
+    socks = {}
+    for addr in (KA_PHONE, KA_OTHER):
+        socks[addr] = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        socks[addr].bind(addr)
+    with tempfile.TemporaryDirectory(prefix="rec-keepalive-") as tmp, Dumpcap(pcap, f"udp and ({hosts})"):
+        common = ["-nostdin", "-timeout", "30s", "-m", "5", "-trace_err"]
+        uas = subprocess.Popen(["sipp", "-sf", str(SCENARIOS / "uas_options.xml"), "-i", KA_SERVER[0], "-p",
+                                str(KA_SERVER[1]), *common], cwd=tmp, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.STDOUT)
+        time.sleep(0.4)
+        uac = subprocess.Popen(["sipp", "-sf", str(SCENARIOS / "uac_options.xml"), "-i", KA_CLIENT[0], "-p",
+                                str(KA_CLIENT[1]), "-r", "4", *common, f"{KA_SERVER[0]}:{KA_SERVER[1]}"],
+                               cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        for src, dst, payload in KEEPALIVES:
+            time.sleep(0.15)
+            socks[src].sendto(payload, dst)
+        rcs = (uac.wait(30), uas.wait(30))
+    for s in socks.values():
+        s.close()
+    if rcs != (0, 0):
+        raise RuntimeError(f"{name}: SIPp exit codes {rcs}")
+    pcap.chmod(0o644)
+    fx = facts(str(pcap))
+    fx["fixture"] = {"about": "5 OPTIONS/200 (SIPp) on 127.0.0.2:5060 with keep-alives between: hello, jaK "
+                              "CRLF, CRLFCRLF, CRLF, STUN binding request, NUL fill, in both directions",
+                     "calls": 0, "gateway": f"{KA_CLIENT[0]}:{KA_CLIENT[1]}",
+                     "signaling": f"{KA_SERVER[0]}:{KA_SERVER[1]}", "keepalives": len(KEEPALIVES),
+                     "made_with": "dumpcap on lo, SIPp, plain sockets"}
+    (outdir / f"{name}.facts.json").write_text(json.dumps(fx, indent=1) + "\n")
+    return name
+
+
+RECORDED = {"tcp_big_message": record_big_tcp, "sip_keepalives": record_keepalives}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
-        sys.stderr.write("usage: python -m capture.tap_fixtures OUTDIR [NAME ...]\n")
+        sys.stderr.write("usage: python -m capture.tap_fixtures OUTDIR [NAME ...]\n"
+                         f"recorded on lo (root, SIPp, dumpcap): {', '.join(RECORDED)}\n")
         return 2
     out = Path(argv[0])
     out.mkdir(parents=True, exist_ok=True)
-    for name in build(out, argv[1:]):
+    names = argv[1:]
+    for name in build(out, names) if (not names or set(names) - set(RECORDED)) else []:
         sys.stdout.write(f"{name}\n")
+    for name, rec in RECORDED.items():
+        if not names or name in names:
+            sys.stdout.write(f"{rec(out)}\n")
     return 0
 
 
