@@ -93,6 +93,7 @@ class ProxyApp:
         self._drain_started = 0.0
         self._drain_deadline = 0.0
         self._idle_since: float | None = None
+        self._last_record = float("-inf")  # when the tick last drained finished records
         self._stop_reason = "signal"
         self._hard_stop = False
         self._hard = asyncio.Event()  # a second signal: stop waiting for anything
@@ -144,6 +145,7 @@ class ProxyApp:
             report("tick", exc)
             records = []
         if records:
+            self._last_record = self.clock()
             for rec in records:
                 try:
                     kind, obj = rec
@@ -253,7 +255,8 @@ class ProxyApp:
         if self.stats.active_calls <= 0 and self._pending_invites() == 0:
             if self._idle_since is None:
                 self._idle_since = now
-            elif now - self._idle_since >= DRAIN_LINGER:
+            # linger for late ACKs and retransmissions only if something ended lately
+            if now - self._last_record >= DRAIN_LINGER:
                 self._stop_reason = "drained"
                 self._stop.set()
         else:

@@ -65,7 +65,7 @@ def _held_calls(tmp_path, sc: Sidecar, uas_port: int, hold_ms: int):
 
 def test_sigterm_drains_held_calls_and_rejects_new_ones_with_503(tmp_path):
     uas_port = free_port()
-    sc = Sidecar(tmp_path, uas_port, "--drain-timeout", "30")
+    sc = Sidecar(tmp_path, uas_port, env={"SIPWATCH_DRAIN_TIMEOUT": "30"})
     with sc:
         caller, callee = _held_calls(tmp_path, sc, uas_port, hold_ms=4000)
         try:
@@ -102,7 +102,7 @@ def test_sigterm_drains_held_calls_and_rejects_new_ones_with_503(tmp_path):
 
 def test_drain_timeout_writes_open_calls_as_ended_by_shutdown(tmp_path):
     uas_port = free_port()
-    sc = Sidecar(tmp_path, uas_port, "--drain-timeout", "1")
+    sc = Sidecar(tmp_path, uas_port, env={"SIPWATCH_DRAIN_TIMEOUT": "1"})
     with sc:
         caller, callee = _held_calls(tmp_path, sc, uas_port, hold_ms=60000)
         try:
@@ -122,7 +122,7 @@ def test_drain_timeout_writes_open_calls_as_ended_by_shutdown(tmp_path):
 
 def test_second_sigterm_stops_at_once(tmp_path):
     uas_port = free_port()
-    sc = Sidecar(tmp_path, uas_port, "--drain-timeout", "600")
+    sc = Sidecar(tmp_path, uas_port, env={"SIPWATCH_DRAIN_TIMEOUT": "600"})
     with sc:
         caller, callee = _held_calls(tmp_path, sc, uas_port, hold_ms=60000)
         try:
