@@ -8,7 +8,11 @@ after one (§16.6 step 11, §16.7 step 2, §17.1.1.2); state that ended is dropp
 """
 from __future__ import annotations
 
+import json
 import random
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -496,3 +500,66 @@ def test_bye_timeout_ends_the_call_as_bye():
     d.req(call, b"BYE", T0 + 10, cseq=2)
     tr.expire(T0 + 42.0)
     assert call.ended_by == "bye" and tr.stats.timeouts[BYE] == 1 and tr.stats.active_calls == 0
+
+
+# -- recorded fixtures (real SIPp through the sidecar), against tshark -------------------------
+PCAPS = Path(__file__).resolve().parents[1] / "pcaps"
+needs_tshark = pytest.mark.skipif(shutil.which("tshark") is None, reason="needs tshark")
+
+
+def tshark_sip_rows(path: Path) -> list[dict]:
+    """Per SIP frame: time, hop, request method or status, CSeq method, Call-ID (tshark's)."""
+    fields = ("frame.time_epoch", "ip.src", "udp.srcport", "ip.dst", "udp.dstport", "sip.Method",
+              "sip.Status-Code", "sip.CSeq.method", "sip.Call-ID")
+    cmd = ["tshark", "-n", "-r", str(path), "-Y", "sip", "-T", "fields", "-E", "separator=\t"]
+    for f in fields:
+        cmd += ["-e", f]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    rows = []
+    for line in out.splitlines():
+        t, sip_, sp, dip, dp, method, status, cseq_m, cid = line.split("\t")
+        rows.append({"t": float(t), "src": f"{sip_}:{sp}", "dst": f"{dip}:{dp}", "method": method,
+                     "status": int(status) if status else None, "cseq_method": cseq_m, "call_id": cid})
+    return rows
+
+
+@needs_tshark
+def test_long_ring_fixture_is_answered_when_tshark_sees_the_200():
+    path = PCAPS / "long_ring.pcap"
+    facts = json.loads((PCAPS / "long_ring.facts.json").read_text())
+    rows = tshark_sip_rows(path)
+    invites = [r for r in rows if r["method"] == "INVITE"]
+    oks = [r for r in rows if r["status"] == 200 and r["cseq_method"] == "INVITE"]
+    first_1xx = min(r["t"] for r in rows if r["status"] and r["status"] < 200)
+    answer_s = min(r["t"] for r in oks) - min(r["t"] for r in invites)
+    assert answer_s > 32.0 and first_1xx - invites[0]["t"] < 1.0  # the recording is what it says
+    rep = analyse(str(path))
+    assert [c["outcome"] for c in rep["calls"]] == ["answered"] * facts["fixture"]["calls"]
+    assert rep["calls"][0]["answer_ms"] == pytest.approx(answer_s * 1000.0, abs=0.01)
+    assert rep["calls_by_outcome"]["answered"] == 1 and rep["calls_by_outcome"]["timeout"] == 0
+    assert rep["txn"]["timeouts"] == 0 and rep["errors"]["unmatched_responses"] == 0
+    assert rep["txn"]["retransmitted_responses"] == 0
+    # every INVITE hop ended with tshark's 200 OK for it
+    finals = {(t["src"], t["dst"]): t["status"] for c in rep["calls"] for t in c["transactions"]
+              if t["method"] == "INVITE"}
+    assert finals == {(r["src"], r["dst"]): 200 for r in invites}
+
+
+@needs_tshark
+def test_register_then_call_fixture_gives_each_call_once():
+    path = PCAPS / "register_then_call.pcap"
+    facts = json.loads((PCAPS / "register_then_call.facts.json").read_text())
+    rows = tshark_sip_rows(path)
+    reg_ids = {r["call_id"] for r in rows if r["method"] == "REGISTER"}
+    inv_ids = {r["call_id"] for r in rows if r["method"] == "INVITE"}
+    assert inv_ids and inv_ids == reg_ids  # each Call-ID registered, then called
+    assert len(inv_ids) == facts["invite_calls"] == facts["fixture"]["calls"]
+    answered = {r["call_id"] for r in rows if r["status"] == 200 and r["cseq_method"] == "INVITE"}
+    rep = analyse(str(path))
+    assert sorted(c["call_sid"] for c in rep["calls"]) == sorted(inv_ids)
+    assert {c["call_sid"] for c in rep["calls"] if c["outcome"] == "answered"} == answered
+    assert sum(rep["calls_by_outcome"].values()) == len(rep["calls"]) == len(inv_ids)
+    text = render(rep)
+    assert f", {len(inv_ids)} calls," in text.splitlines()[0]
+    assert f"Calls {len(inv_ids)}: answered {len(answered)}" in text
+    assert sum(text.count(f"\nCall {cid}\n") for cid in inv_ids) == len(inv_ids)

@@ -1,0 +1,70 @@
+"""Record the call-state fixtures (issue "measurement truth": long ring, Call-ID reuse).
+
+``python -m capture.record_call_fixtures OUTDIR [NAME ...]`` records them exactly like
+:mod:`capture.record_fixtures` (real SIPp caller and callee on loopback, dumpcap capturing, facts
+from tshark only) through a real sipwatch sidecar, in port blocks after that module's fixtures:
+
+* ``long_ring``: the callee sends 100 and 180 at once and answers 40 s later, past Timer B
+  (32 s): a call that must come out answered, not as a timeout with its 200 unmatched.
+* ``register_then_call``: each Call-ID first registers (REGISTER/401, REGISTER/200), then places
+  an INVITE on the same Call-ID: each must come out as one answered call.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from capture.record_fixtures import FIXTURES as BASE_FIXTURES, Fixture, ports, record
+
+RING_MS = 40_000
+
+FIXTURES = [
+    Fixture("long_ring", f"1 call through the sidecar: the callee sends 100 and 180 at once and answers "
+            f"200 OK {RING_MS // 1000} s later (past Timer B, 32 s), ACK, BYE",
+            "uac_call", "uas_long_ring", 1, rate=1,
+            uac_args=("-d", "300", "-timeout", "90s"),
+            uas_args=("-d", str(RING_MS), "-timeout", "90s"), sidecar=True,
+            extra={"ring_ms": RING_MS}),
+    Fixture("register_then_call", "2 Call-IDs through the sidecar, each used first by REGISTER/401, "
+            "REGISTER/200, then by an INVITE (CSeq 3) answered 200, ACK, BYE",
+            "uac_register_call", "uas_register_call", 2, rate=5, uac_args=("-d", "300"),
+            sidecar=True),
+]
+FIRST_INDEX = len(BASE_FIXTURES)  # port blocks after record_fixtures' own
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        names = ", ".join(f.name for f in FIXTURES)
+        sys.stdout.write(f"usage: python -m capture.record_call_fixtures OUTDIR [NAME ...]\n"
+                         f"fixtures: {names}\n")
+        return 0 if argv else 2
+    for tool in ("sipp", "dumpcap", "tshark", "capinfos"):
+        if shutil.which(tool) is None:
+            sys.stderr.write(f"record_call_fixtures: {tool} not found\n")
+            return 2
+    outdir = Path(argv[0])
+    outdir.mkdir(parents=True, exist_ok=True)
+    wanted = set(argv[1:])
+    for i, fx in enumerate(FIXTURES):
+        if wanted and fx.name not in wanted:
+            continue
+        index = FIRST_INDEX + i
+        media = ports(index)["uas_media"]
+        fx.uas_args = (*fx.uas_args, "-set", "rtp_port", str(media))
+        f = record(fx, index, outdir)
+        if fx.extra:  # what the callee was told to do, beside tshark's facts
+            f["fixture"].update(fx.extra)
+            (outdir / f"{fx.name}.facts.json").write_text(json.dumps(f, indent=1) + "\n")
+        t = f["txn"]
+        sys.stdout.write(f"{fx.name}: {f['packets']} packets, {f['sip_messages']} SIP, "
+                         f"{t['transactions']} transactions, rtt median "
+                         f"{t['rtt_first_resp_ms_median']} ms\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
