@@ -163,6 +163,7 @@ class ProxyApp:
                     self.log.call_summary(obj)
                 except Exception as exc:  # noqa: BLE001
                     report("log", exc)
+                    self._minimal_summary(obj, exc)
             if self.spans is not None:
                 try:
                     self.spans.submit(records)
@@ -178,6 +179,18 @@ class ProxyApp:
                 self._send_errors_logged = errors
         except Exception as exc:  # noqa: BLE001
             report("tick", exc)
+
+    def _minimal_summary(self, call, exc: Exception) -> None:
+        """The call still gets its one summary line (counts from logs stay right), with what
+        could be read of it."""
+        try:
+            trace = getattr(call, "trace_id", None)
+            self.log.emit("info", "call finished", "call_summary",
+                          call_sid=self.call_id_mask(call.call_id) if isinstance(call.call_id, bytes) else None,
+                          trace_id="%032x" % trace if isinstance(trace, int) and 0 <= trace < 1 << 128 else None,
+                          summary_error=type(exc).__name__)
+        except Exception:  # noqa: BLE001
+            pass
 
     def _span_health(self) -> None:
         """Publish the span thread's failures and log a failing spans file once (and its recovery)."""
@@ -203,9 +216,14 @@ class ProxyApp:
     def _loop_exception(self, loop, context) -> None:
         """Anything that escaped a callback (a datagram handler, a connection task): count it,
         log it rate-limited, no traceback on stderr."""
-        exc = context.get("exception") or RuntimeError(str(context.get("message", "unknown")))
-        component = "datagram" if ("protocol" in context or "transport" in context) else "tick"
-        self.errors.report(component, exc)
+        try:
+            exc = context.get("exception") or RuntimeError(str(context.get("message", "unknown")))
+            component = "datagram" if ("protocol" in context or "transport" in context
+                                       or _raised_in(exc, ("datagram_received", "error_received"))) \
+                else "tick"
+            self.errors.report(component, exc)
+        except Exception:  # noqa: BLE001
+            pass
 
     # -- signals and drain -----------------------------------------------------------------
     def _on_stop_signal(self, signame: str) -> None:
@@ -374,6 +392,18 @@ class ProxyApp:
         finally:
             hard.cancel()
         return done.result() if done.done() else None
+
+
+def _raised_in(exc: BaseException, names: tuple) -> bool:
+    """Whether a frame of ``exc``'s traceback is one of the functions ``names`` (bounded walk)."""
+    tb = exc.__traceback__
+    for _ in range(64):
+        if tb is None:
+            return False
+        if tb.tb_frame.f_code.co_name in names:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _fmt(addr):

@@ -93,6 +93,9 @@ def test_tick_survives_records_that_make_logging_raise_and_counts_them(tmp_path)
     # the call after the bad ones is logged; the 2**64 CSeq is written as a string
     assert "fine@gw" in summaries
     assert summaries["huge-cseq@gw"]["transactions"][0]["cseq"] == "18446744073709551616"
+    # the call whose summary could not be built still has its one summary line
+    assert summaries["boom@gw"]["summary_error"] == "RuntimeError"
+    assert len([r for r in lines if r.get("event") == "call_summary"]) == 3
     errs = app.stats.internal_errors
     assert errs["log"] == 2 and errs["tick"] == 1
     logged = [r for r in lines if r.get("event") == "internal_error"]
@@ -120,6 +123,41 @@ def test_tick_survives_a_timer_failure_and_a_failing_collector(tmp_path, monkeyp
     text = generate_latest(app.metrics.gateway).decode()
     assert "sipwatch_internal_errors_total" in text and 'component="metrics"' in text
     assert app.stats.internal_errors["metrics"] >= 1
+
+
+def test_an_exception_escaping_a_datagram_handler_is_counted_and_the_socket_keeps_working(tmp_path):
+    import uvloop
+    app, buf = _app(tmp_path, "--no-tracing")
+    got = []
+
+    class Proto(asyncio.DatagramProtocol):
+        def datagram_received(self, data, addr):
+            got.append(data)
+            if data == b"boom":
+                raise RuntimeError("handler bug")
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(app._loop_exception)
+        tr, _ = await loop.create_datagram_endpoint(Proto, local_addr=("127.0.0.1", 0))
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for d in (b"boom", b"after"):
+                s.sendto(d, tr.get_extra_info("sockname"))
+                for _ in range(100):  # bounded wait for delivery
+                    if d in got:
+                        break
+                    await asyncio.sleep(0.01)
+        tr.close()
+
+    loop = uvloop.new_event_loop()
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert got == [b"boom", b"after"]
+    assert app.stats.internal_errors["datagram"] == 1
+    logged = [orjson.loads(x) for x in buf.getvalue().splitlines()]
+    assert [r["component"] for r in logged if r.get("event") == "internal_error"] == ["datagram"]
 
 
 @needs_sipp
