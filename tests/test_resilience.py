@@ -160,6 +160,58 @@ def test_an_exception_escaping_a_datagram_handler_is_counted_and_the_socket_keep
     assert [r["component"] for r in logged if r.get("event") == "internal_error"] == ["datagram"]
 
 
+def _rejected_call(sidecar_port: int, uas: socket.socket, call_id: str, cseq: str = "1") -> bool:
+    """One INVITE from a plain socket through the sidecar, answered 486 by ``uas`` if it arrives
+    there; True if it did."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as uac:
+        uac.bind(("127.0.0.1", 0))
+        p = uac.getsockname()[1]
+        invite = (f"INVITE sip:+4930111222333@127.0.0.1:{sidecar_port} SIP/2.0\r\n"
+                  f"Via: SIP/2.0/UDP 127.0.0.1:{p};branch=z9hG4bK-raw-{abs(hash(call_id))}\r\n"
+                  f"From: <sip:+4930444555666@127.0.0.1:{p}>;tag=a1\r\nTo: <sip:svc@127.0.0.1>\r\n"
+                  f"Call-ID: {call_id}\r\nCSeq: {cseq} INVITE\r\n"
+                  f"Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n").encode()
+        uac.sendto(invite, ("127.0.0.1", sidecar_port))
+        try:
+            req, src = uas.recvfrom(65535)
+        except (TimeoutError, socket.timeout):
+            return False
+        head = req.split(b"\r\n\r\n")[0].split(b"\r\n")
+        keep = [h for h in head[1:] if h.split(b":")[0].lower() in (b"via", b"from", b"to", b"call-id", b"cseq")]
+        uas.sendto(b"SIP/2.0 486 Busy Here\r\n" + b"\r\n".join(keep) + b"\r\nContent-Length: 0\r\n\r\n", src)
+        return True
+
+
+def test_call_id_hash_joins_logs_and_spans_and_is_stable_across_restarts(tmp_path):
+    call_id = "4930444555666-1700000000@gw.example.com"
+    uas = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    uas.bind(("127.0.0.1", 0))
+    uas.settimeout(2.0)
+    uas_port = uas.getsockname()[1]
+    seen = {}
+    try:
+        for run, secret in (("a", "key-1"), ("b", "key-1"), ("c", "key-2")):
+            (tmp_path / run).mkdir()
+            spans = tmp_path / run / "spans.jsonl"
+            with Sidecar(tmp_path / run, uas_port, "--mask-call-id", "hash", "--spans-file", str(spans),
+                         env={"SIPWATCH_SECRET": secret}) as sc:
+                assert _rejected_call(sc.port, uas, call_id)
+                _wait_for(lambda: any(r.get("event") == "call_summary" for r in sc.logs()))
+                _wait_for(lambda: spans.exists() and b"SIP call" in spans.read_bytes())
+            summary = next(r for r in sc.logs() if r.get("event") == "call_summary")
+            span_ids = {a["value"]["stringValue"]
+                        for line in spans.read_bytes().splitlines()
+                        for rs in orjson.loads(line)["resourceSpans"] for ss in rs["scopeSpans"]
+                        for sp in ss["spans"] for a in sp["attributes"] if a["key"] == "sip.call_id"}
+            assert span_ids == {summary["call_sid"]}  # logs and spans join on it
+            raw = sc.stdout_path.read_bytes() + spans.read_bytes()
+            assert call_id.encode() not in raw and b"4930444555666" not in raw  # nowhere in clear
+            seen[run] = summary["call_sid"]
+    finally:
+        uas.close()
+    assert seen["a"] == seen["b"] != seen["c"]  # same secret after a restart: same; keyed
+
+
 @needs_sipp
 def test_a_call_with_cseq_past_64_bits_does_not_stop_the_sidecar(tmp_path):
     """The datagram that used to kill the process when its call summary was written."""
