@@ -11,6 +11,7 @@ commands:
   replay    replay a recorded SIP conversation through a running sidecar
   capture   capture live from an interface and export like the proxy
   waterfall text waterfall/ladder of a call from a --spans-file
+  mask-call-id  show Call-IDs as the sidecar logs them (to search its logs for a known Call-ID)
 """
 
 # subcommand -> "module:function", imported on demand so the proxy never loads pyshark
@@ -37,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.write(f"sipwatch proxy: error: {exc}\n")
             return 2
         return run_proxy(settings)
+    if cmd == "mask-call-id":
+        return mask_call_id_main(rest)
     target = SUBCOMMANDS.get(cmd)
     if target is None:
         sys.stderr.write(f"sipwatch: unknown command {cmd!r}\n{USAGE}")
@@ -49,6 +52,36 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"sipwatch {cmd}: not available ({exc})\n")
         return 2
     return fn(rest)
+
+
+def mask_call_id_main(argv: list[str]) -> int:
+    """``sipwatch mask-call-id [--mode M] [--secret-file F] CALL-ID...``: one line per Call-ID,
+    as the sidecar with the same secret (``SIPWATCH_SECRET`` or the file) writes it."""
+    import argparse
+    import os
+
+    from .config import ConfigError, read_secret
+    from .masking import CALL_ID_MODES, CallIdMasker
+    ap = argparse.ArgumentParser(prog="sipwatch mask-call-id",
+                                 description="Print Call-IDs as logs and spans show them (--mask-call-id).")
+    ap.add_argument("--mode", choices=CALL_ID_MODES, default=os.environ.get("SIPWATCH_MASK_CALL_ID", "digits"))
+    ap.add_argument("--secret-file", help="the key file the sidecar reads (default: SIPWATCH_SECRET)")
+    ap.add_argument("call_ids", nargs="+", metavar="CALL-ID")
+    args = ap.parse_args(argv)
+    try:
+        secret = read_secret((os.environ.get("SIPWATCH_SECRET"), "SIPWATCH_SECRET"),
+                             (args.secret_file or os.environ.get("SIPWATCH_SECRET_FILE"), "--secret-file"))
+    except ConfigError as exc:
+        sys.stderr.write(f"sipwatch mask-call-id: error: {exc}\n")
+        return 2
+    if not secret and args.mode != "none":
+        sys.stderr.write("sipwatch mask-call-id: error: no SIPWATCH_SECRET or --secret-file: a sidecar "
+                         "without a secret uses a random key nobody else can reproduce\n")
+        return 2
+    mask = CallIdMasker(args.mode, secret)
+    for cid in args.call_ids:
+        sys.stdout.write(f"{mask(os.fsencode(cid))}\n")
+    return 0
 
 
 if __name__ == "__main__":

@@ -210,6 +210,14 @@ def test_call_id_hash_joins_logs_and_spans_and_is_stable_across_restarts(tmp_pat
     finally:
         uas.close()
     assert seen["a"] == seen["b"] != seen["c"]  # same secret after a restart: same; keyed
+    # an operator holding the secret finds a known Call-ID in the logs
+    import subprocess
+    import sys
+    from harness import ROOT
+    r = subprocess.run([sys.executable, "-m", "sipwatch", "mask-call-id", "--mode", "hash", call_id],
+                       capture_output=True, text=True, timeout=30,
+                       env={**os.environ, "PYTHONPATH": str(ROOT), "SIPWATCH_SECRET": "key-1"})
+    assert r.returncode == 0 and r.stdout.strip() == seen["a"]
 
 
 @needs_sipp
