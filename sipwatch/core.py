@@ -38,7 +38,7 @@ from .state import Call, Tracker
 from .stats import (
     ACK, CANCEL, DROP_BAD_CONTENT_LENGTH, DROP_INTERNAL_ERROR, DROP_MISSING_HEADER,
     DROP_NEXT_HOP_DENIED, DROP_OUT_OF_RANGE, DROP_STRAY_RESPONSE, DROP_TOO_LARGE,
-    DROP_TOO_MANY_HEADERS, DROP_UNROUTABLE, FROM_GATEWAY, FROM_SIGNALING, INVITE, Stats,
+    DROP_TOO_MANY_HEADERS, DROP_UNROUTABLE, FROM_GATEWAY, FROM_SIGNALING, INVITE, OPTIONS, Stats,
     method_index,
 )
 from .tracecontext import parse_traceparent, sampled_by_ratio
@@ -127,6 +127,7 @@ class ProxyCore:
         self.upstream = (up_ip or config.upstream[0], config.upstream[1])
         self.key = blake2b(config.secret or os.urandom(32), digest_size=32).digest()
         self.draining = False  # set on SIGTERM: new dialogs get 503 + Retry-After
+        self.overloaded = False  # set by the edge while its receive queues are too long
         self.last_internal_error: str | None = None
         self.gateway_seen: dict[str, float] = {}  # source IP -> last seen, insertion-ordered
         self._allowed_cache: dict[str, bool] = {}
@@ -209,6 +210,11 @@ class ProxyCore:
         return self._mac(b"b", uniq, call_id, cseq_s, from_tag, reply[0].encode(),
                          b"%d" % reply[1], hop_ip.encode())
 
+    def _local_tag(self, call_id: bytes, from_tag: bytes) -> bytes:
+        """The To-tag of a response this proxy makes itself: a MAC, so the ACK that answers
+        it is recognised (and absorbed) without keeping state."""
+        return b"sw" + self._mac(b"t", call_id, from_tag)
+
     # -- requests ----------------------------------------------------------------------
     def _request(self, msg: SipMessage, data: bytes, src: Addr, now: float):
         stats = self.stats
@@ -240,6 +246,22 @@ class ProxyCore:
         src_ip, src_port = src
         # where responses to this request go: the real source (RFC 3261 §18.2.2, RFC 3581)
         reply = (src_ip, src_port) if b"rport" in top_params else (src_ip, top.port or 5060)
+        from_tag = header_tag(from_val) or b""
+        to_tag = header_tag(to_val)
+        has_to_tag = to_tag is not None
+        if has_to_tag:
+            if is_ack and to_tag.startswith(b"sw") and \
+                    hmac.compare_digest(to_tag, self._local_tag(call_id, from_tag)):
+                return []  # the ACK of a non-2xx this proxy answered itself ends here (§17.2.1)
+        elif (self.draining or (self.overloaded and midx != OPTIONS)) and midx != ACK and midx != CANCEL:
+            # shed new dialogs early, before any costly work: 503 makes the gateway retry
+            # elsewhere (RFC 3261 §21.5.4) instead of retransmitting into a full queue
+            if self.draining:
+                stats.drain_rejected += 1
+            else:
+                stats.overload_rejected += 1
+            return self._local(msg, top, reply, data, 503, b"Service Unavailable",
+                               b"Retry-After: %d" % RETRY_AFTER)
 
         mf_i = names.index(b"max-forwards") if b"max-forwards" in names else -1
         if mf_i >= 0:
@@ -252,19 +274,12 @@ class ProxyCore:
                 return [] if is_ack else self._local(msg, top, reply, data, 483, b"Too Many Hops")
             lines[mf_i] = b"Max-Forwards: %d" % (hops - 1)
 
-        from_tag = header_tag(from_val) or b""
-        has_to_tag = header_tag(to_val) is not None
         cseq_s = b"%d" % cseq_n
         loop_part = hexlify(blake2b(b"|".join((msg.uri, from_tag, call_id, cseq_s)),
                                     digest_size=6).digest())
         if self.adv_hostport in data and self._looped(msg, loop_part):
             stats.loops += 1
             return [] if is_ack else self._local(msg, top, reply, data, 482, b"Loop Detected")
-
-        if self.draining and not has_to_tag and midx != ACK and midx != CANCEL:
-            stats.drain_rejected += 1
-            return self._local(msg, top, reply, data, 503, b"Service Unavailable",
-                               b"Retry-After: %d" % RETRY_AFTER)
 
         # Route: drop our own entries (we were record-routed), then pick the next hop
         own_sig = None
@@ -508,7 +523,8 @@ class ProxyCore:
             elif n == b"to":
                 line = msg.lines[i]
                 if header_tag(msg.value_at(i)) is None:
-                    line += b";tag=sw" + (b"%08x" % self._randbits(32))
+                    line += b";tag=" + self._local_tag(msg.get(b"call-id") or b"",
+                                                       header_tag(msg.get(b"from")) or b"")
                 out.append(line)
         if extra:
             out.append(extra)

@@ -16,7 +16,7 @@ METHODS = (
 )
 METHOD_INDEX = {m: i for i, m in enumerate(METHODS)}
 OTHER = METHOD_INDEX[b"OTHER"]
-INVITE, ACK, BYE, CANCEL = (METHOD_INDEX[m] for m in (b"INVITE", b"ACK", b"BYE", b"CANCEL"))
+INVITE, ACK, BYE, CANCEL, OPTIONS = (METHOD_INDEX[m] for m in (b"INVITE", b"ACK", b"BYE", b"CANCEL", b"OPTIONS"))
 
 DIRECTIONS = ("from_gateway", "from_signaling")
 FROM_GATEWAY, FROM_SIGNALING = 0, 1
@@ -153,5 +153,6 @@ class Stats:
         self.body_truncated = 0  # UDP bytes past Content-Length discarded (RFC 3261 18.3)
         self.forks = 0  # a 2xx with another To-tag for an INVITE already answered (forking)
         self.drain_rejected = 0  # new dialogs answered 503 while draining
+        self.overload_rejected = 0  # new dialogs answered 503 while the receive queues were long
         self.ring = RttRing(ring_size)
         # call histograms (seconds) are fed from finished-call records off the hot path

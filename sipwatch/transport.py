@@ -11,6 +11,9 @@ import socket
 import time
 
 from .core import ProxyCore
+from .overload import HIGH_WATER, OverloadGuard, queued_bytes
+
+OVERLOAD_SAMPLE = 0.01  # seconds between receive-queue samples (about 2 µs each)
 
 
 
@@ -42,6 +45,9 @@ class UdpEdge:
         self.listen_tx: asyncio.DatagramTransport | None = None
         self.upstream_tx: asyncio.DatagramTransport | None = None
         self.last_error: str | None = None
+        self._socks: list[socket.socket] = []
+        self.guard: OverloadGuard | None = None
+        self._watch: asyncio.TimerHandle | None = None
 
     def handle(self, data: bytes, addr) -> None:
         # IPv4 source addresses already are (host, port); IPv6 ones carry flowinfo/scope too
@@ -66,9 +72,36 @@ class UdpEdge:
         self.last_error = f"{type(exc).__name__}: {exc}"[:300]
 
     def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
         for t in (self.listen_tx, self.upstream_tx):
             if t is not None:
                 t.close()
+
+    # -- overload ------------------------------------------------------------------------
+    def watch_overload(self, guard: OverloadGuard | None = None) -> None:
+        """Sample the receive queues every OVERLOAD_SAMPLE s and tell the core when to shed.
+        Thresholds follow the buffer the kernel really granted (net.core.rmem_max caps it)."""
+        if guard is None:
+            rcvbuf = min(s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) for s in self._socks)
+            high = min(HIGH_WATER, rcvbuf * 3 // 8)
+            guard = OverloadGuard(high, high // 2)
+        self.guard = guard
+        self._sample()
+
+    def _sample(self) -> None:
+        try:
+            queued = 0
+            for s in self._socks:
+                n = queued_bytes(s)
+                if n < 0:
+                    return  # no SO_MEMINFO here: never shed (and stop sampling)
+                queued += n
+            self.core.overloaded = self.guard.update(queued)
+        except Exception as exc:  # never let the watchdog take the loop down
+            self.stats.internal_errors["tick"] += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+        self._watch = asyncio.get_running_loop().call_later(OVERLOAD_SAMPLE, self._sample)
 
     async def open(self, listen: tuple[str, int]) -> None:
         loop = asyncio.get_running_loop()
@@ -77,6 +110,7 @@ class UdpEdge:
         reuse = hasattr(socket, "SO_REUSEPORT")
         lsock = _udp_socket(family, reuse)
         lsock.bind((host, port))
+        self._socks.append(lsock)
         self.listen_tx, _ = await loop.create_datagram_endpoint(lambda: _Protocol(self), sock=lsock)
         if reuse:
             usock = _udp_socket(family, True)
@@ -85,8 +119,10 @@ class UdpEdge:
                 usock.connect(self.upstream)
             except OSError:
                 usock.close()
-                return
-            self.upstream_tx, _ = await loop.create_datagram_endpoint(lambda: _Protocol(self), sock=usock)
+            else:
+                self._socks.append(usock)
+                self.upstream_tx, _ = await loop.create_datagram_endpoint(lambda: _Protocol(self), sock=usock)
+        self.watch_overload()
 
 
 def _udp_socket(family: int, reuse_port: bool) -> socket.socket:
