@@ -1,26 +1,36 @@
-"""sipwatch benchmark: ``python -m tests.bench [--quick] [--rates 300,1000] [--duration S]
-[--only micro,latency,throughput,tracing,flood]`` (``make bench``).
+"""sipwatch benchmark (``make bench``): ``python -m tests.bench [--quick] [--rates 300,1000,...]
+[--duration S] [--targets kamailio,relay,notrace,all] [--only SECTION,...]``.
 
-Every figure is set against a baseline measured in the same run on the same machine, because
-absolute numbers on a shared 2-core box mean little:
+Every figure is set against baselines measured in the same run on the same machine, because
+absolute numbers on a shared 2-core box mean little. The baselines are Kamailio (stateless
+``forward()`` with Record-Route, one UDP worker, ``-x fm``; when installed) and a bare uvloop UDP
+relay (no SIP work). The sidecar runs twice: ``--no-tracing``, and with every feature on
+(Record-Route, trace stamping, RTT histograms, call tracking, call summary logs, spans at 100 %
+sampling exported over OTLP/HTTP to a collector in a process of its own *and* to a spans file).
+Sections (default: all but throughput, tracing and flood):
 
-  micro       µs per ``ProxyCore.receive_datagram`` for each message of a call, in process,
-              vs ``data.split(b"\\r\\n")`` and a bytes.find of Call-ID/CSeq/branch on the same
-              INVITE; the RTT ring write vs a plain list store.
-  latency     ping-pong OPTIONS (one request outstanding) to a tiny responder: direct, through a
-              bare uvloop UDP relay, through the sidecar (and Kamailio when installed); p50/p99
-              round trip and the µs each proxy adds.
-  throughput  SIPp caller → proxy → SIPp callee at fixed call rates: calls, failures,
-              retransmissions, the proxy's CPU (utime+stime of its process tree), CPU µs per
-              forwarded message, UDP drops; sidecar CPU as a multiple of the bare relay's.
-  tracing     the sidecar with 100 % sampled spans written out vs ``--no-tracing``, same rate
-              (only when sipwatch has a tracing module), with the OTLP backend down or hung:
-              CPU, spans dropped, and forwarding latency vs ``--no-tracing``.
-  flood       unanswered INVITEs, each a new call: the sidecar's RSS over the flood levels off at
-              its state caps (baseline: its own RSS at the start).
+  micro           µs per ``ProxyCore.receive_datagram`` for each message of a call, in process.
+  latency         ping-pong OPTIONS (one request outstanding), idle: direct, through each target.
+  ladder          rate ladder per target: SIPp caller → target → SIPp callee on loopback, 7
+                  messages per call, fixed-rate steps; a step passes when < 0.1 % of its calls
+                  fail to complete; a target's ladder stops at its first failing step. Per step:
+                  CPU of the target's process tree per forwarded message and as a multiple of
+                  Kamailio's at the same step, failed calls, 503s, retransmissions, UDP drops.
+  overload        each target offered 1.5x and 2x its highest passing rate: goodput (completed
+                  calls per second) as a fraction of that rate and the 503s the caller received
+                  (a 503 with Retry-After ends a call cleanly; it is not a completed call).
+  loaded_latency  the ping-pong probe while 1000 calls/s run through each target: round trip
+                  through the target minus the round trip to the same upstream directly, at the
+                  same moment (interleaved).
+  profile         py-spy (``record --pid P -d 10 -f raw``) of the all-features sidecar at 1000
+                  calls/s: top self-time functions and top inclusive sipwatch functions.
+  throughput      (older) fixed-rate runs of the sidecar vs the relay and Kamailio.
+  tracing         (older) spans to OTLP/file vs --no-tracing, and with the OTLP backend down/hung.
+  flood           unanswered INVITEs, each a new call: RSS levels off at the state caps.
 
-Loopback only. Every process it starts is stopped before it exits. The last line printed is
-the whole result as one JSON object.
+Then the issue-10 table (CPU at the first two steps, highest passing step, the first failing step)
+and the issue-10 floors, measured vs required. Loopback only. Every process it starts is stopped
+before it exits. The last line printed is the whole result as one JSON object.
 """
 from __future__ import annotations
 
@@ -35,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -45,7 +56,14 @@ import bench_micro  # noqa: E402
 import bench_net  # noqa: E402
 from harness import HAVE_SIPP, free_port, metric  # noqa: E402
 
-SECTIONS = ("micro", "latency", "throughput", "tracing", "flood")
+SECTIONS = ("micro", "latency", "ladder", "overload", "loaded_latency", "profile", "throughput", "tracing",
+            "flood")
+DEFAULT_SECTIONS = ("micro", "latency", "ladder", "overload", "loaded_latency", "profile")
+DEFAULT_RATES = "300,1000,2000,3000,4000,5000,6500"
+# The four targets of issue 10, in display order: key → display name.
+TARGETS = {"kamailio": "kamailio", "relay": "uvloop relay", "notrace": "sipwatch --no-tracing",
+           "all": "sipwatch all features"}
+MAX_FAILED = 0.001  # a step passes when fewer than 0.1 % of its calls did not complete
 
 
 # -- formatting ---------------------------------------------------------------------------------
@@ -380,6 +398,382 @@ def section_flood(workdir: Path, quick: bool) -> dict:
             "evicted_transactions": ev_tx, "evicted_calls": ev_calls}
 
 
+# -- issue 10: targets, rate ladder, overload, latency under load, profile ---------------------
+def available_targets(wanted: list[str]) -> list[str]:
+    """Keys of TARGETS to run, Kamailio dropped (with a note) when it is not installed."""
+    out = []
+    for key in wanted:
+        if key == "kamailio" and not (bench_net.KAMAILIO and bench_net.kamailio_modules()):
+            _progress("  kamailio: not installed (apt-get install kamailio to add it as the baseline)")
+            continue
+        out.append(key)
+    return out
+
+
+class Features:
+    """The all-features sidecar's span sinks: one OTLP collector process for the whole run, a new
+    spans file per target start."""
+
+    def __init__(self, workdir: Path, collector):
+        self.workdir, self.collector, self.n = workdir, collector, 0
+
+    def args(self) -> tuple[list[str], Path]:
+        self.n += 1
+        spans = self.workdir / f"spans-{self.n}.jsonl"
+        return (["--otlp-endpoint", self.collector.url, "--otlp-protocol", "http/protobuf",
+                 "--sample-ratio", "1", "--spans-file", str(spans)], spans)
+
+
+def make_target(workdir: Path, key: str, upstream_port: int, features: Features | None = None,
+                per_source: bool = False):
+    name = TARGETS[key]
+    if key == "kamailio":
+        return bench_net.Kamailio(workdir, upstream_port, name=name)
+    if key == "relay":
+        return bench_net.Relay(workdir, upstream_port, per_source=per_source, name=name)
+    if key == "notrace":
+        return bench_net.SidecarTarget(workdir, upstream_port, "--no-tracing", name=name)
+    extra, spans = features.args()
+    t = bench_net.SidecarTarget(workdir, upstream_port, *extra, name=name)
+    t.spans_file = spans
+    return t
+
+
+def _count_lines(path: Path) -> int:
+    if not path.exists():
+        return 0
+    with open(path, "rb") as fh:
+        return sum(1 for _ in fh)
+
+
+def _sidecar_figures(target, r: dict, features: Features | None, otlp0: dict | None) -> None:
+    """Add the sidecar's own counts to a run: 503s it sent, spans exported/dropped; for the
+    all-features target what the collector decoded and the spans file holds."""
+    if not isinstance(target, bench_net.SidecarTarget):
+        return
+    try:
+        gw, sig = target.sidecar.gateway(), target.sidecar.signaling()
+        r["overload_rejected"] = metric(gw, "sip_overload_rejected_total")
+        r["spans_exported"] = metric(sig, "sipwatch_spans_exported_total")
+        r["spans_dropped"] = metric(sig, "sipwatch_spans_dropped_total")
+    except OSError as exc:
+        r["metrics_error"] = str(exc)
+    if features is not None and otlp0 is not None:
+        time.sleep(0.5)  # the last export batch
+        o1 = features.collector.stats()
+        r["otlp_spans"] = o1["spans"] - otlp0["spans"]
+        r["otlp_requests"] = o1["requests"] - otlp0["requests"]
+        r["spans_file_lines"] = _count_lines(target.spans_file)
+
+
+def load_step(workdir: Path, key: str, rate: int, duration: float, features: Features | None) -> dict | None:
+    """One fixed-rate SIPp run through a freshly started target; None when it would not start."""
+    uas_port = free_port()
+    try:
+        target = make_target(workdir, key, uas_port, features)
+        with target:
+            otlp0 = features.collector.stats() if key == "all" else None
+            r = bench_net.SippLoad(workdir, target, uas_port, rate, duration).start().finish()
+            _sidecar_figures(target, r, features if key == "all" else None, otlp0)
+    except RuntimeError as exc:
+        _progress(f"  {TARGETS[key]} @ {rate}/s: not measured ({exc})")
+        return None
+    r["key"] = key
+    r["passed"] = bench_net.passed(r, MAX_FAILED)
+    _progress(f"  {r['target']} @ {rate}/s: completed {r['completed']}/{r['calls']} 503 {r['refused_503']} "
+              f"cpu {_f(r['cpu_pct'])}% {_f(r['cpu_us_per_msg'])} µs/msg {'pass' if r['passed'] else 'FAIL'}")
+    return r
+
+
+def ladder(run_step, keys: list[str], rates: list[int]) -> dict:
+    """Climb ``rates`` for every target, interleaved step by step (all targets at a step before the
+    next step), each target stopping at its first failing step. ``run_step(key, rate)`` returns a
+    run dict with ``passed`` (or None: not measured, which also ends that target's ladder)."""
+    steps: dict[str, list[dict]] = {k: [] for k in keys}
+    climbing = list(keys)
+    for rate in rates:
+        for key in list(climbing):
+            r = run_step(key, rate)
+            if r is None:
+                climbing.remove(key)
+                continue
+            steps[key].append(r)
+            if not r["passed"]:
+                climbing.remove(key)
+        if not climbing:
+            break
+    out = {}
+    for key, runs in steps.items():
+        passing = [r for r in runs if r["passed"]]
+        failing = next((r for r in runs if not r["passed"]), None)
+        best = passing[-1] if passing else None
+        out[key] = {"target": TARGETS.get(key, key), "steps": runs,
+                    "max_passing_rate": best["rate"] if best else None,
+                    "max_passing_cpu_pct": best["cpu_pct"] if best else None,
+                    "top_step_passed": bool(runs) and runs[-1]["passed"] and runs[-1]["rate"] == rates[-1],
+                    "first_failing_rate": failing["rate"] if failing else None,
+                    "first_failing_pct": (100.0 * (failing["calls"] - failing["completed"]) / failing["calls"]
+                                          if failing else None)}
+    # CPU per message as a multiple of Kamailio's at the same step
+    kam = {r["rate"]: r for r in out.get("kamailio", {}).get("steps", [])}
+    for key, t in out.items():
+        for r in t["steps"]:
+            k = kam.get(r["rate"])
+            r["cpu_per_msg_vs_kamailio"] = _ratio(r["cpu_us_per_msg"], k and k["cpu_us_per_msg"])
+            r["cpu_vs_kamailio"] = _ratio(r["cpu_pct"], k and k["cpu_pct"])
+    return out
+
+
+def _step(res: dict, key: str, rate: int) -> dict | None:
+    return next((r for r in res.get(key, {}).get("steps", []) if r["rate"] == rate), None)
+
+
+def section_ladder(workdir: Path, keys: list[str], rates: list[int], duration: float,
+                   features: Features | None) -> dict:
+    res = ladder(lambda key, rate: load_step(workdir, key, rate, duration, features), keys, rates)
+    rows = []
+    for rate in rates:
+        for key in keys:
+            r = _step(res, key, rate)
+            if r is None:
+                continue
+            rows.append([f"{rate}/s", r["target"], f"{r['completed']}/{r['calls']}", str(r["failed"]),
+                         str(r["refused_503"]), str(r["retransmissions"]), _f(r["cpu_pct"]),
+                         _f(r["cpu_us_per_msg"]), _f(r["cpu_per_msg_vs_kamailio"], ".2f"),
+                         str(r["proxy_drops"]), str(r["sipp_drops"]), str(r["rcvbuf_errors"]),
+                         "pass" if r["passed"] else "FAIL"])
+    table(f"rate ladder: SIPp caller → target → SIPp callee, {duration:g}-s steps, 7 messages per call, "
+          f"pass = < {100 * MAX_FAILED:g}% of calls not completed; a target stops at its first failing step",
+          ["rate", "target", "completed", "failed", "503", "retrans", "CPU %", "CPU µs/msg",
+           "µs/msg x kamailio", "proxy drops", "SIPp drops", "RcvbufErr Δ", ""], rows,
+          "  CPU = utime+stime of the target's process tree from the caller's start to 1 s after it ended,\n"
+          "  over the step length; µs/msg = that CPU / (7 x completed + 2 x refused calls + retransmissions).\n"
+          "  failed = calls neither completed nor refused with 503; drops: the sockets' own drop counters\n"
+          "  (target; SIPp caller+callee); RcvbufErr Δ is system-wide.")
+    if "all" in res:
+        for r in res["all"]["steps"]:
+            if "otlp_spans" in r:
+                print(f"  all features @ {r['rate']}/s: collector decoded {r['otlp_spans']} spans in "
+                      f"{r['otlp_requests']} requests, spans file {r['spans_file_lines']} lines, sidecar "
+                      f"exported {_f(r.get('spans_exported'), '.0f')} dropped {_f(r.get('spans_dropped'), '.0f')} "
+                      f"({r['otlp_spans'] / max(1, r['completed']):.1f} collector spans per completed call)")
+    return res
+
+
+def overload_rates(best: int | None, factors=(1.5, 2.0)) -> list[tuple[float, int]]:
+    return [] if not best else [(f, int(round(best * f))) for f in factors]
+
+
+def section_overload(workdir: Path, keys: list[str], ladder_res: dict, duration: float,
+                     features: Features | None) -> dict:
+    out: dict = {}
+    for factor in (1.5, 2.0):
+        for key in keys:
+            best = ladder_res.get(key, {}).get("max_passing_rate")
+            if not best:
+                _progress(f"  {TARGETS[key]}: no passing step, no overload run")
+                continue
+            rate = int(round(best * factor))
+            r = load_step(workdir, key, rate, duration, features)
+            if r is None:
+                continue
+            r["factor"], r["base_rate"] = factor, best
+            r["goodput_fraction"] = r["goodput_cps"] / best
+            out.setdefault(key, []).append(r)
+    rows = []
+    for key in keys:
+        for r in out.get(key, []):
+            rows.append([r["target"], f"{r['factor']:g}x {r['base_rate']} = {r['rate']}/s",
+                         _f(r["offered_cps"], ".0f"), f"{r['completed']}/{r['calls']}", str(r["refused_503"]),
+                         _f(r.get("overload_rejected"), ".0f", ""), str(r["failed"]), str(r["retransmissions"]),
+                         _f(r["goodput_cps"], ".0f"), _f(100 * r["goodput_fraction"], ".1f"),
+                         _f(r["cpu_pct"]), str(r["proxy_drops"])])
+    table(f"overload: offered 1.5x and 2x each target's highest passing rate, {duration:g}-s runs",
+          ["target", "offered", "achieved/s", "completed", "503 recv", "503 counted", "failed", "retrans",
+           "goodput/s", "% of best", "CPU %", "proxy drops"], rows,
+          "  achieved/s = calls SIPp placed / the time it took to place them (SIPp's own ceiling here is\n"
+          "  near 8000/s); goodput = completed calls / max(step length, that time); '503 counted' = the\n"
+          "  sidecar's sip_overload_rejected_total. A 503 without Retry-After counts as a failed call.")
+    return out
+
+
+def section_loaded_latency(workdir: Path, keys: list[str], rate: int, duration: float, n: int,
+                           features: Features | None) -> dict:
+    """Ping-pong through each target while ``rate`` calls/s run through it, against the same upstream
+    (a splitter in front of the SIPp callee that answers the probe itself) reached directly."""
+    out = {}
+    for key in keys:
+        uas_port = free_port()
+        try:
+            with bench_net.Splitter(workdir, uas_port) as split:
+                target = make_target(workdir, key, split.port, features, per_source=True)
+                with target:
+                    load = bench_net.SippLoad(workdir, target, uas_port, rate, duration).start()
+                    try:
+                        time.sleep(min(2.0, duration / 5))
+                        direct = bench_net.Direct(workdir, split.port)
+                        lat = bench_net.latency_probe([direct, target], n, warmup=100, rounds=10,
+                                                      deadline=load.t0 + duration - 0.5)
+                    finally:
+                        r = load.finish()
+        except RuntimeError as exc:
+            _progress(f"  {TARGETS[key]}: not measured ({exc})")
+            continue
+        d, t = lat["direct"], lat[target.name]
+        out[key] = {"target": target.name, "rate": rate, "load": r, "load_passed": bench_net.passed(r, MAX_FAILED),
+                    "direct": d, "through": t,
+                    "added_p50_us": t["p50_us"] - d["p50_us"], "added_p99_us": t["p99_us"] - d["p99_us"]}
+        _progress(f"  {target.name}: +p50 {out[key]['added_p50_us']:.1f} µs, +p99 {out[key]['added_p99_us']:.1f} µs "
+                  f"(load completed {r['completed']}/{r['calls']})")
+    kam = out.get("kamailio")
+    rows = []
+    for key, x in out.items():
+        x["added_p50_vs_kamailio_us"] = x["added_p50_us"] - kam["added_p50_us"] if kam else None
+        rows.append([x["target"], f"{x['load']['completed']}/{x['load']['calls']}",
+                     f"{x['through']['answered']}/{x['through']['sent']}",
+                     _f(x["direct"]["p50_us"]), _f(x["through"]["p50_us"]), _f(x["direct"]["p99_us"]),
+                     _f(x["through"]["p99_us"]), f"{x['added_p50_us']:+.1f}", f"{x['added_p99_us']:+.1f}",
+                     _f(x["added_p50_vs_kamailio_us"], "+.1f", "")])
+    table(f"added round trip at {rate} calls/s: OPTIONS ping-pong through the loaded target vs to the same "
+          "upstream directly, interleaved",
+          ["target", "load completed", "probes", "direct p50", "via p50", "direct p99", "via p99",
+           "+p50 µs", "+p99 µs", "+p50 vs kamailio"], rows,
+          "  the upstream is a splitter in front of the SIPp callee that answers the probe's OPTIONS itself;\n"
+          "  the relay runs with one upstream socket per source here (the probe and SIPp share it).")
+    return out
+
+
+def section_profile(workdir: Path, rate: int, seconds: int, features: Features) -> dict:
+    if not bench_net.PY_SPY:
+        print("\n== profile: skipped (py-spy not installed: .venv/bin/pip install py-spy)")
+        return {"skipped": "py-spy not installed"}
+    uas_port = free_port()
+    duration = seconds + 3
+    with make_target(workdir, "all", uas_port, features) as target:
+        load = bench_net.SippLoad(workdir, target, uas_port, rate, duration).start()
+        try:
+            time.sleep(1.0)
+            spy = bench_net.PySpy(workdir, target.pid, seconds).start()
+            raw, log = spy.finish()
+        finally:
+            r = load.finish()
+    if not raw:
+        why = next((ln for ln in log.splitlines() if "rror" in ln or "ermission" in ln), log.strip()[-300:])
+        print(f"\n== profile: skipped (py-spy produced nothing: {why})")
+        return {"skipped": why, "load": r}
+    prof = bench_net.profile_summary(raw, 10)
+    title = (f"profile: py-spy record -d {seconds} -f raw of the all-features sidecar at {rate} calls/s "
+             f"({prof['samples']} samples, load completed {r['completed']}/{r['calls']}, CPU {_f(r['cpu_pct'])}%)")
+    table(title + " - top self time", ["function", "samples", "% of samples"],
+          [[x["function"], str(x["samples"]), _f(x["pct"])] for x in prof["self"]])
+    table("profile - top inclusive sipwatch functions", ["function", "samples", "% of samples"],
+          [[x["function"], str(x["samples"]), _f(x["pct"])] for x in prof["inclusive"]],
+          "  py-spy sees Python frames only: self time of the function that runs the event loop (run_proxy)\n"
+          "  is uvloop's C code under it - waiting in epoll and the socket syscalls - plus its own lines.")
+    prof["load"] = r
+    prof["rate"] = rate
+    return prof
+
+
+# -- issue 10 summary -----------------------------------------------------------------------------
+def issue_table(ladder_res: dict, keys: list[str], rates: list[int]) -> list[list[str]]:
+    """Rows of issue 10's table: CPU at the first two steps, highest passing step, first failing step."""
+    c1, c2 = (rates + [None, None])[:2]
+    rows = []
+    labels = {"kamailio": "Kamailio, 1 worker, `-x fm`", "relay": "bare uvloop relay (no SIP work)",
+              "notrace": "sipwatch `--no-tracing`", "all": "sipwatch, all features (OTLP + spans file)"}
+    for key in keys:
+        t = ladder_res.get(key)
+        if t is None:
+            continue
+
+        def cpu_at(rate):
+            r = _step(ladder_res, key, rate) if rate else None
+            if r is None:
+                return "-"
+            return f"{_f(r['cpu_pct'])}%" if r["passed"] else f"fails ({_f(r['cpu_pct'])}%)"
+        best = t["max_passing_rate"]
+        best_cell = "none" if best is None else (
+            f"{'>= ' if t['top_step_passed'] else ''}{best} ({_f(t['max_passing_cpu_pct'])}% CPU)")
+        fail_cell = ("-" if t["first_failing_rate"] is None else
+                     f"{t['first_failing_rate']}/s: {t['first_failing_pct']:.1f}% of calls failed")
+        rows.append([labels[key], cpu_at(c1), cpu_at(c2), best_cell, fail_cell])
+    return rows
+
+
+def floors(result: dict) -> list[dict]:
+    """Issue 10's floors for the all-features sidecar, measured vs required (None = not measured)."""
+    lad = result.get("ladder") or {}
+    out = []
+
+    def add(name, value, ok, shown):
+        out.append({"floor": name, "value": value, "ok": ok, "shown": shown})
+    for rate in (1000, 4000):
+        r = _step(lad, "all", rate)
+        v = r and r["cpu_per_msg_vs_kamailio"]
+        add(f"CPU/msg at {rate}/s <= 2x Kamailio's", v, None if v is None else v <= 2.0,
+            "not measured" if v is None else f"{v:.2f}x{'' if r['passed'] else ' (step failed)'}")
+    best = lad.get("all", {}).get("max_passing_rate")
+    add("highest passing step >= 4000/s", best, None if "all" not in lad else (best or 0) >= 4000,
+        "not measured" if "all" not in lad else f"{best or 'none'}"
+        + (f" (Kamailio {lad['kamailio']['max_passing_rate']})" if "kamailio" in lad else ""))
+    ll = result.get("loaded_latency") or {}
+    a, k = ll.get("all"), ll.get("kamailio")
+    v = a and k and a["added_p50_us"] - k["added_p50_us"]
+    add("added p50 at 1000/s within 50 µs of Kamailio's", v, None if v is None else v <= 50,
+        "not measured" if v is None else f"{a['added_p50_us']:+.1f} vs {k['added_p50_us']:+.1f} µs ({v:+.1f})")
+    v = a and a["added_p99_us"]
+    add("added p99 at 1000/s <= 1 ms", v, None if v is None else v <= 1000,
+        "not measured" if v is None else f"{v:+.1f} µs")
+    tc = result.get("tracing_cost") or {}
+    v = tc.get("ratio")
+    add("tracing at 100% <= 1.25x --no-tracing CPU", v, None if v is None else v <= 1.25,
+        "not measured" if v is None else f"{v:.2f}x at {tc['rate']}/s")
+    ov = (result.get("overload") or {}).get("all", [])
+    for factor in (1.5, 2.0):
+        r = next((x for x in ov if x["factor"] == factor), None)
+        v = r and r["goodput_fraction"]
+        add(f"goodput at {factor:g}x the highest passing rate >= 90%", v, None if v is None else v >= 0.9,
+            "not measured" if v is None else f"{100 * v:.1f}% ({r['refused_503']} 503s)")
+    v = sum(x["refused_503"] for x in ov) if ov else None
+    add("503 + Retry-After beyond capacity (caller received)", v, None if v is None else v > 0,
+        "not measured" if v is None else f"{v} 503s, sidecar counted "
+        f"{_f(sum(x.get('overload_rejected') or 0 for x in ov), '.0f')}")
+    return out
+
+
+def tracing_cost(ladder_res: dict) -> dict:
+    """all-features CPU / --no-tracing CPU at each step both ran; the headline at 1000/s when both
+    were measured there, else at the highest common step."""
+    a = {r["rate"]: r for r in ladder_res.get("all", {}).get("steps", [])}
+    n = {r["rate"]: r for r in ladder_res.get("notrace", {}).get("steps", [])}
+    per = {rate: _ratio(a[rate]["cpu_pct"], n[rate]["cpu_pct"]) for rate in sorted(set(a) & set(n))}
+    per = {k: v for k, v in per.items() if v is not None}
+    if not per:
+        return {}
+    rate = 1000 if 1000 in per else max(per)
+    return {"rate": rate, "ratio": per[rate], "per_step": per}
+
+
+def print_summary(result: dict, keys: list[str], rates: list[int]) -> None:
+    lad = result.get("ladder")
+    if lad:
+        c1, c2 = (rates + ["-", "-"])[:2]
+        table(f"issue 10: {result['args']['duration']:g}-s steps, pass = < {100 * MAX_FAILED:g}% failed calls "
+              f"(rates {', '.join(map(str, rates))})",
+              ["", f"{c1} calls/s CPU", f"{c2} calls/s", "max calls/s that passes", "at the first failing step"],
+              issue_table(lad, keys, rates))
+        tc = result.get("tracing_cost")
+        if tc:
+            print("  tracing cost (all features CPU / --no-tracing CPU): "
+                  + ", ".join(f"{r}/s {v:.2f}x" for r, v in tc["per_step"].items()))
+    fl = result.get("floors")
+    if fl:
+        table("issue 10 floors (sipwatch with all features)", ["floor", "measured", ""],
+              [[x["floor"], x["shown"], "-" if x["ok"] is None else ("ok" if x["ok"] else "NOT MET")]
+               for x in fl])
+
+
 def _progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -406,23 +800,50 @@ def machine() -> dict:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="smoke mode: short runs (5 s), fewer samples")
-    p.add_argument("--rates", default="300,1000", help="SIPp call rates per second (default 300,1000)")
-    p.add_argument("--duration", type=float, help="seconds per SIPp run (default 20, --quick 5)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke mode: 3-s steps at 100,300 calls/s, fewer samples, 3-s profile")
+    p.add_argument("--rates", help=f"ladder steps in calls/s (default {DEFAULT_RATES}; --quick 100,300)")
+    p.add_argument("--duration", type=float, help="seconds per SIPp run (default 10, --quick 3)")
+    p.add_argument("--targets", default=",".join(TARGETS),
+                   help=f"comma list of {', '.join(TARGETS)} (default: all; kamailio only when installed)")
+    p.add_argument("--latency-rate", type=int, help="call rate of loaded_latency (default 1000, --quick 100)")
+    p.add_argument("--profile-rate", type=int, help="call rate of the profile (default 1000, --quick 100)")
+    p.add_argument("--profile-seconds", type=int, help="py-spy -d (default 10, --quick 2)")
     p.add_argument("--repeat", type=int, default=1,
-                   help="SIPp runs per rate and target, interleaved; medians are reported (default 1)")
-    p.add_argument("--tracing-rate", type=int, help="call rate of the tracing comparison (default: first rate)")
-    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)}")
+                   help="throughput section: SIPp runs per rate and target, medians reported (default 1)")
+    p.add_argument("--tracing-rate", type=int, help="tracing section's call rate (default: first rate)")
+    p.add_argument("--only", default=",".join(DEFAULT_SECTIONS),
+                   help=f"comma list of {', '.join(SECTIONS)} (default {','.join(DEFAULT_SECTIONS)})")
     a = p.parse_args(argv)
-    a.rates = [int(x) for x in a.rates.split(",") if x.strip()]
+    if a.rates is None:
+        a.rates = "100,300" if a.quick else DEFAULT_RATES
+    try:
+        a.rates = [int(x) for x in a.rates.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--rates: not a list of integers: {a.rates!r}")
+    if not a.rates or any(r <= 0 for r in a.rates):
+        p.error("--rates: give one or more positive call rates")
     a.only = [x.strip() for x in a.only.split(",") if x.strip()]
     bad = [x for x in a.only if x not in SECTIONS]
     if bad:
         p.error(f"--only: unknown section(s) {', '.join(bad)}")
+    a.targets = [x.strip() for x in a.targets.split(",") if x.strip()]
+    bad = [x for x in a.targets if x not in TARGETS]
+    if bad or not a.targets:
+        p.error(f"--targets: unknown target(s) {', '.join(bad)}; choose from {', '.join(TARGETS)}")
+    a.targets = [k for k in TARGETS if k in a.targets]
     if a.duration is None:
-        a.duration = 5.0 if a.quick else 20.0
+        a.duration = 3.0 if a.quick else 10.0
+    if not 1 <= a.duration <= 600:
+        p.error("--duration: 1..600 seconds")
+    if a.latency_rate is None:
+        a.latency_rate = 100 if a.quick else 1000
+    if a.profile_rate is None:
+        a.profile_rate = 100 if a.quick else 1000
+    if a.profile_seconds is None:
+        a.profile_seconds = 2 if a.quick else 10
     if a.tracing_rate is None:
-        a.tracing_rate = a.rates[0] if a.rates else 300
+        a.tracing_rate = a.rates[0]
     return a
 
 
@@ -443,22 +864,52 @@ def main(argv=None) -> int:
     result: dict = {"machine": info, "args": {"quick": a.quick, "rates": a.rates, "duration": a.duration,
                                               "repeat": a.repeat, "only": a.only}}
     t0 = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="sipwatch-bench-") as tmp:
+    keys = available_targets(a.targets)
+    result["args"]["targets"] = keys
+    sipp_sections = [x for x in ("ladder", "overload", "loaded_latency", "profile", "throughput", "tracing")
+                     if x in a.only]
+    with tempfile.TemporaryDirectory(prefix="sipwatch-bench-") as tmp, ExitStack() as stack:
         workdir = Path(tmp)
+        features = None
+        if any(x in a.only for x in ("ladder", "overload", "loaded_latency", "profile")) and (
+                "all" in keys or "profile" in a.only):
+            collector = stack.enter_context(bench_net.OtlpCollector(workdir))
+            features = Features(workdir, collector)
         if "micro" in a.only:
             result["micro"] = section_micro(a.quick)
         if "latency" in a.only:
             result["latency"] = section_latency(workdir, a.quick)
-        need_sipp = [s for s in ("throughput", "tracing") if s in a.only]
-        if need_sipp and not HAVE_SIPP:
-            print(f"\n== {', '.join(need_sipp)}: skipped (SIPp not installed: apt-get install sip-tester)")
-        else:
+        if sipp_sections and not HAVE_SIPP:
+            print(f"\n== {', '.join(sipp_sections)}: skipped (SIPp not installed: apt-get install sip-tester)")
+        elif sipp_sections:
+            if "ladder" in a.only:
+                _progress("ladder ...")
+                result["ladder"] = section_ladder(workdir, keys, a.rates, a.duration, features)
+                result["tracing_cost"] = tracing_cost(result["ladder"])
+            if "overload" in a.only:
+                if result.get("ladder"):
+                    _progress("overload ...")
+                    result["overload"] = section_overload(workdir, keys, result["ladder"], a.duration, features)
+                else:
+                    print("\n== overload: skipped (needs the ladder's highest passing rates: --only ladder,overload)")
+            if "loaded_latency" in a.only:
+                _progress("latency under load ...")
+                result["loaded_latency"] = section_loaded_latency(
+                    workdir, keys, a.latency_rate, a.duration, 300 if a.quick else 5000, features)
+            if "profile" in a.only:
+                _progress("profile ...")
+                result["profile"] = section_profile(workdir, a.profile_rate, a.profile_seconds, features)
             if "throughput" in a.only:
                 result["throughput"] = section_throughput(workdir, a.rates, a.duration, a.repeat)
             if "tracing" in a.only:
                 result["tracing"] = section_tracing(workdir, a.tracing_rate, a.duration)
         if "flood" in a.only:
             result["flood"] = section_flood(workdir, a.quick)
+        if features is not None:
+            result["otlp_collector"] = features.collector.stats()
+    if any(x in result for x in ("ladder", "overload", "loaded_latency")):
+        result["floors"] = floors(result)
+    print_summary(result, keys, a.rates)
     result["machine"]["loadavg_after"] = list(os.getloadavg())
     result["elapsed_s"] = time.monotonic() - t0
     print(f"\nload average after: {' '.join(f'{x:.2f}' for x in result['machine']['loadavg_after'])}; "

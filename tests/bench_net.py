@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness import SCENARIOS, Sidecar, free_port, sipp_stat, stop_process
+from harness import Sidecar, free_port, sipp_stat, stop_process
 
 HERE = Path(__file__).resolve().parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -141,6 +141,38 @@ class Responder(_Proc):
                           "--listen", f"127.0.0.1:{self.port}"], workdir / f"responder-{self.port}.log")
 
 
+class Splitter(_Proc):
+    """The upstream of a proxy under load while the latency probe runs: answers the probe's
+    OPTIONS itself, passes everything else on to the SIPp callee at ``upstream_port``."""
+
+    name = "splitter"
+
+    def __init__(self, workdir: Path, upstream_port: int, port: int | None = None):
+        self.port = port or free_port()
+        super().__init__([sys.executable, str(HERE / "bench_peers.py"), "split",
+                          "--listen", f"127.0.0.1:{self.port}", "--upstream", f"127.0.0.1:{upstream_port}"],
+                         workdir / f"splitter-{self.port}.log")
+
+
+class OtlpCollector(_Proc):
+    """A local OTLP/HTTP trace collector in a process of its own (its CPU is charged to no proxy);
+    ``stats()`` returns what it has decoded so far: requests, spans, bytes, bad_requests."""
+
+    name = "otlp collector"
+
+    def __init__(self, workdir: Path, port: int | None = None):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__([sys.executable, str(HERE / "bench_peers.py"), "otlp",
+                          "--listen", f"127.0.0.1:{self.port}"], workdir / f"otlp-{self.port}.log")
+
+    def stats(self) -> dict:
+        import json
+        import urllib.request
+        with urllib.request.urlopen(f"{self.url}/stats", timeout=5) as r:
+            return json.loads(r.read())
+
+
 class Direct:
     """No proxy: clients talk to the upstream itself."""
 
@@ -160,13 +192,17 @@ class Direct:
 class Relay(_Proc):
     name = "uvloop relay"
 
-    def __init__(self, workdir: Path, upstream_port: int, use_asyncio: bool = False):
+    def __init__(self, workdir: Path, upstream_port: int, use_asyncio: bool = False,
+                 per_source: bool = False, name: str | None = None):
         self.port = free_port()
         if use_asyncio:
             self.name = "asyncio relay"
+        if name:
+            self.name = name
         super().__init__([sys.executable, str(HERE / "bench_peers.py"), "relay",
                           "--listen", f"127.0.0.1:{self.port}", "--upstream", f"127.0.0.1:{upstream_port}"]
-                         + (["--asyncio"] if use_asyncio else []), workdir / f"relay-{self.port}.log")
+                         + (["--asyncio"] if use_asyncio else []) + (["--per-source"] if per_source else []),
+                         workdir / f"relay-{self.port}.log")
 
 
 class SidecarTarget:
@@ -236,7 +272,9 @@ class Kamailio:
 
     name = "kamailio"
 
-    def __init__(self, workdir: Path, upstream_port: int):
+    def __init__(self, workdir: Path, upstream_port: int, name: str | None = None):
+        if name:
+            self.name = name
         self.port = free_port()
         self.dir = workdir / f"kamailio-{self.port}"
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -378,12 +416,15 @@ class PingPong:
     def close(self) -> None:
         self.sock.close()
 
-    def run(self, port: int, n: int) -> tuple[list[float], int]:
-        """Round trips in µs for ``n`` requests to 127.0.0.1:port, and how many got no answer."""
+    def run(self, port: int, n: int, deadline: float | None = None) -> tuple[list[float], int]:
+        """Round trips in µs for ``n`` requests to 127.0.0.1:port (fewer when ``deadline``, a
+        time.monotonic() value, passes first), and how many got no answer."""
         s, dest, clock = self.sock, ("127.0.0.1", port), time.perf_counter_ns
         rtts: list[float] = []
         lost = 0
-        for _ in range(n):
+        for i in range(n):
+            if deadline is not None and i % 50 == 0 and time.monotonic() > deadline:
+                break
             self.seq += 1
             msg = options(self.cport, port, self.seq, self.nonce)
             want = b"probe-%d-%s@" % (self.seq, self.nonce)
@@ -409,26 +450,33 @@ def percentile(values: list[float], q: float) -> float:
     return v[k]
 
 
-def latency_probe(targets, n: int, warmup: int = 200, rounds: int = 5) -> dict:
-    """Interleaved ping-pong through each target (already running), ``n`` round trips each."""
+def latency_probe(targets, n: int, warmup: int = 200, rounds: int = 5,
+                  deadline: float | None = None) -> dict:
+    """Interleaved ping-pong through each target (already running), ``n`` round trips each, or
+    fewer when ``deadline`` (a time.monotonic() value) passes first: every target then still got
+    the same number of rounds, so none is measured in a quieter moment than the others."""
     pp = PingPong()
     try:
         samples = {t.name: [] for t in targets}
         lost = {t.name: 0 for t in targets}
+        sent = {t.name: 0 for t in targets}
         for t in targets:
-            pp.run(t.port, warmup)
+            pp.run(t.port, warmup, deadline)
         per_round = max(1, n // rounds)
-        for _ in range(rounds):
+        for k in range(rounds):
+            if deadline is not None and k and time.monotonic() > deadline:
+                break
             for t in targets:
                 r, l = pp.run(t.port, per_round)
                 samples[t.name].extend(r)
                 lost[t.name] += l
+                sent[t.name] += len(r) + l
     finally:
         pp.close()
     out = {}
     for t in targets:
         s = samples[t.name]
-        out[t.name] = {"sent": per_round * rounds, "answered": len(s), "lost": lost[t.name],
+        out[t.name] = {"sent": sent[t.name], "answered": len(s), "lost": lost[t.name],
                        "p50_us": percentile(s, 50), "p90_us": percentile(s, 90),
                        "p99_us": percentile(s, 99), "mean_us": sum(s) / len(s) if s else float("nan")}
     return out
@@ -506,6 +554,94 @@ BENCH_UAS = """<?xml version="1.0" encoding="ISO-8859-1" ?>
 """
 MSGS_PER_CALL = 7
 
+# The caller for load runs: uac_call's flow (INVITE with SDP, 100/180, 200, ACK, BYE, 200) where a
+# 503 to the INVITE is an expected answer that ends the call (ACK with the INVITE's branch, RFC 3261
+# 17.1.1.3): a proxy shedding load refuses cleanly, it does not crash the call. The 503 must carry
+# Retry-After, else SIPp counts the call as failed (FailedRegexpHdrNotFound). Per-message counts
+# (-trace_counts) tell completed calls (the BYE's 200 received) from refused ones (503 received).
+BENCH_UAC = """<?xml version="1.0" encoding="ISO-8859-1" ?>
+<scenario name="bench caller">
+  <send retrans="500">
+    <![CDATA[
+      INVITE sip:[service]@[remote_ip]:[remote_port] SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=z9hG4bK-[pid]-[call_number]-inv
+      From: "Caller" <sip:+493012345[call_number]@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
+      To: <sip:[service]@[remote_ip]:[remote_port]>
+      Call-ID: [call_id]
+      CSeq: 1 INVITE
+      Contact: <sip:sipp@[local_ip]:[local_port]>
+      Max-Forwards: 70
+      Subject: sipwatch
+      Content-Type: application/sdp
+      Content-Length: [len]
+
+      v=0
+      o=user1 53655765 2353687637 IN IP[local_ip_type] [local_ip]
+      s=-
+      c=IN IP[media_ip_type] [media_ip]
+      t=0 0
+      m=audio [media_port] RTP/AVP 0 8
+      a=rtpmap:0 PCMU/8000
+      a=rtpmap:8 PCMA/8000
+    ]]>
+  </send>
+  <recv response="100" optional="true"/>
+  <recv response="180" optional="true"/>
+  <recv response="183" optional="true"/>
+  <recv response="503" optional="true" next="refused">
+    <action>
+      <ereg regexp=".*" search_in="hdr" header="Retry-After:" check_it="true" assign_to="retry_after"/>
+    </action>
+  </recv>
+  <recv response="200" rrs="true"/>
+  <send>
+    <![CDATA[
+      ACK [next_url] SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+      [routes]
+      From: "Caller" <sip:+493012345[call_number]@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
+      To: <sip:[service]@[remote_ip]:[remote_port]>[peer_tag_param]
+      Call-ID: [call_id]
+      CSeq: 1 ACK
+      Max-Forwards: 70
+      Content-Length: 0
+
+    ]]>
+  </send>
+  <send retrans="500">
+    <![CDATA[
+      BYE [next_url] SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+      [routes]
+      From: "Caller" <sip:+493012345[call_number]@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
+      To: <sip:[service]@[remote_ip]:[remote_port]>[peer_tag_param]
+      Call-ID: [call_id]
+      CSeq: 2 BYE
+      Max-Forwards: 70
+      Content-Length: 0
+
+    ]]>
+  </send>
+  <recv response="200" crlf="true" next="done"/>
+  <label id="refused"/>
+  <send>
+    <![CDATA[
+      ACK sip:[service]@[remote_ip]:[remote_port] SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=z9hG4bK-[pid]-[call_number]-inv
+      From: "Caller" <sip:+493012345[call_number]@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
+      To: <sip:[service]@[remote_ip]:[remote_port]>[peer_tag_param]
+      Call-ID: [call_id]
+      CSeq: 1 ACK
+      Max-Forwards: 70
+      Content-Length: 0
+
+    ]]>
+  </send>
+  <label id="done"/>
+  <Reference variables="retry_after"/>
+</scenario>
+"""
+
 
 def _sipp(workdir: Path, tag: str, args: list[str]) -> tuple[subprocess.Popen, Path]:
     d = workdir / f"sipp-{tag}"
@@ -536,64 +672,248 @@ def _stop(p: subprocess.Popen, grace: float) -> None:
             p.wait()
 
 
-def sipp_load(workdir: Path, target, uas_port: int, rate: int, duration: float,
-              settle: float = 1.0) -> dict:
-    """Calls at ``rate``/s for ``duration`` s, caller → target → callee; the target's CPU.
-
-    CPU is counted from the caller's start until ``settle`` seconds after it ended, and divided
-    by the nominal ``duration``: all the work the run caused, per second of offered load (a run
-    that stretches while SIPp waits for timeouts does not dilute it)."""
-    tag = f"{target.name.replace(' ', '_')}-{rate}-{int(time.time() * 1000) % 100000}"
-    scen = workdir / "bench_uas.xml"
-    if not scen.exists():
-        scen.write_text(BENCH_UAS)
-    calls = max(1, int(rate * duration))
-    uas, uas_dir = _sipp(workdir, f"uas-{tag}", ["-sf", str(scen), "-i", "127.0.0.1",
-                                                 "-p", str(uas_port), "-m", str(calls)])
-    uac = None
-    try:
-        time.sleep(0.3)
-        uac_port = free_port()
-        pids = tree_pids(target.pid) if target.pid else []
-        proxy_port = target.port if target.pid else None
-        rcvbuf0 = udp_rcvbuf_errors()
-        drops0 = udp_port_drops([proxy_port]), udp_port_drops([uas_port, uac_port])
-        cpu0 = cpu_seconds(pids)
-        t0 = time.monotonic()
-        uac, uac_dir = _sipp(workdir, f"uac-{tag}", [
-            "-sf", str(SCENARIOS / "uac_call.xml"), "-i", "127.0.0.1", "-p", str(uac_port),
-            "-m", str(calls), "-r", str(rate), "-recv_timeout", "10000",
-            "-timeout", f"{int(duration + 30)}s", f"127.0.0.1:{target.port}"])
+def sipp_counts(directory: Path) -> dict:
+    """Last line of SIPp's -trace_counts CSV in ``directory`` as {column: int}."""
+    files = sorted(directory.glob("*_counts.csv"))
+    if not files:
+        return {}
+    lines = [ln for ln in files[-1].read_text().splitlines() if ln.strip()]
+    head = lines[0].rstrip(";").split(";")
+    last = lines[-1].rstrip(";").split(";")
+    out = {}
+    for k, v in zip(head, last):
         try:
-            uac.wait(duration + 45)
-        except subprocess.TimeoutExpired:
-            _stop(uac, 0)
-        wall = time.monotonic() - t0
-        time.sleep(settle)  # work the run caused but done later (span export, housekeeping tick)
-        cpu1 = cpu_seconds(pids)
-        rss = rss_peak_mb(pids)
-        drops1 = udp_port_drops([proxy_port]), udp_port_drops([uas_port, uac_port])
-        rcvbuf1 = udp_rcvbuf_errors()
-        _stop(uas, 5)
-    finally:  # interrupted: leave no SIPp behind
-        for p in (uac, uas):
+            out[k] = int(v)
+        except ValueError:
+            pass
+    return out
+
+
+def placement_seconds(directory: Path, calls: int) -> float | None:
+    """Seconds SIPp took to place ``calls`` calls, from its -trace_stat rows (one a second):
+    interpolated between the last row below ``calls`` placed and the first at or above it."""
+    files = sorted(directory.glob("*_.csv"))
+    if not files:
+        return None
+    lines = [ln for ln in files[-1].read_text().splitlines() if ln.strip()]
+    if len(lines) < 2:
+        return None
+    head = lines[0].rstrip(";").split(";")
+    try:
+        i_start, i_now, i_out = (head.index(k) for k in ("StartTime", "CurrentTime", "OutgoingCall(C)"))
+    except ValueError:
+        return None
+    prev = (0.0, 0)
+    for ln in lines[1:]:
+        f = ln.rstrip(";").split(";")
+        try:
+            t = float(f[i_now].split("\t")[-1]) - float(f[i_start].split("\t")[-1])
+            n = int(f[i_out])
+        except (ValueError, IndexError):
+            continue
+        if n >= calls:
+            (t0, n0) = prev
+            return t0 + (t - t0) * (calls - n0) / max(1, n - n0)
+        prev = (t, n)
+    return None
+
+
+def call_outcomes(counts: dict) -> tuple[int, int]:
+    """(completed, refused) from BENCH_UAC's message counts: the BYE's 200 (the last ``_200_Recv``
+    column) and the ``503`` received."""
+    ok200 = [k for k in counts if k.endswith("_200_Recv")]
+    completed = counts[max(ok200, key=lambda k: int(k.split("_", 1)[0]))] if ok200 else 0
+    refused = sum(v for k, v in counts.items() if k.endswith("_503_Recv"))
+    return completed, refused
+
+
+class SippLoad:
+    """Calls at ``rate``/s for ``duration`` s, SIPp caller → target → SIPp callee; the target's CPU.
+
+    ``start()`` starts both SIPp ends, ``finish()`` waits for the caller and returns the figures.
+    ``upstream_port`` is where the target forwards to (the callee, or a Splitter in front of it).
+    CPU is counted from the caller's start until ``settle`` seconds after it ended, and divided by
+    the nominal ``duration``: all the work the run caused, per second of offered load (a run that
+    stretches while SIPp waits for timeouts does not dilute it)."""
+
+    def __init__(self, workdir: Path, target, uas_port: int, rate: int, duration: float,
+                 settle: float = 1.0, extra_pids=()):
+        self.workdir, self.target, self.uas_port = workdir, target, uas_port
+        self.rate, self.duration, self.settle = rate, duration, settle
+        self.extra_pids = list(extra_pids)
+        self.tag = f"{target.name.replace(' ', '_')}-{rate}-{int(time.time() * 1000) % 100000}"
+        self.calls = max(1, int(rate * duration))
+        self.uas = self.uac = None
+
+    def start(self) -> "SippLoad":
+        scen = self.workdir / "bench_uas.xml"
+        if not scen.exists():
+            scen.write_text(BENCH_UAS)
+        uac_scen = self.workdir / "bench_uac.xml"
+        if not uac_scen.exists():
+            uac_scen.write_text(BENCH_UAC)
+        self.uas, self.uas_dir = _sipp(self.workdir, f"uas-{self.tag}", [
+            "-sf", str(scen), "-i", "127.0.0.1", "-p", str(self.uas_port), "-m", str(self.calls)])
+        try:
+            time.sleep(0.3)
+            uac_port = free_port()
+            target = self.target
+            self.pids = tree_pids(target.pid) if target.pid else []
+            self.proxy_port = target.port if target.pid else None
+            self.ports = (self.uas_port, uac_port)
+            self.rcvbuf0 = udp_rcvbuf_errors()
+            self.drops0 = udp_port_drops([self.proxy_port]), udp_port_drops(self.ports)
+            self.cpu0 = cpu_seconds(self.pids)
+            self.t0 = time.monotonic()
+            self.uac, self.uac_dir = _sipp(self.workdir, f"uac-{self.tag}", [
+                "-sf", str(uac_scen), "-i", "127.0.0.1", "-p", str(uac_port),
+                "-m", str(self.calls), "-r", str(self.rate), "-recv_timeout", "10000", "-trace_counts",
+                "-timeout", f"{int(self.duration + 30)}s", f"127.0.0.1:{target.port}"])
+        except BaseException:
+            self.kill()
+            raise
+        return self
+
+    def kill(self) -> None:
+        for p in (self.uac, self.uas):
             if p is not None and p.poll() is None:
                 p.kill()
                 p.wait()
-    uac_stat, uas_stat = sipp_stat(uac_dir), sipp_stat(uas_dir)
-    ok = _int(uac_stat, "SuccessfulCall(C)")
-    failed = _int(uac_stat, "FailedCall(C)")
-    retrans = _int(uac_stat, "Retransmissions(C)") + _int(uas_stat, "Retransmissions(C)")
-    msgs = MSGS_PER_CALL * ok + retrans
-    cpu = cpu1 - cpu0
-    return {
-        "target": target.name, "rate": rate, "duration_s": duration, "calls": calls,
-        "ok": ok, "failed": failed, "retransmissions": retrans,
-        "uac_rc": uac.returncode, "wall_s": wall,
-        "cpu_s": cpu if pids else None,
-        "cpu_pct": 100.0 * cpu / duration if pids else None,
-        "cpu_us_per_msg": 1e6 * cpu / msgs if pids and msgs else None,
-        "rss_peak_mb": rss if pids else None,
-        "proxy_drops": drops1[0] - drops0[0], "sipp_drops": drops1[1] - drops0[1],
-        "rcvbuf_errors": rcvbuf1 - rcvbuf0,
-    }
+
+    def finish(self) -> dict:
+        try:
+            try:
+                self.uac.wait(self.duration + 45)
+            except subprocess.TimeoutExpired:
+                _stop(self.uac, 0)
+            wall = time.monotonic() - self.t0
+            time.sleep(self.settle)  # work the run caused but done later (span export, housekeeping)
+            cpu1 = cpu_seconds(self.pids)
+            rss = rss_peak_mb(self.pids)
+            drops1 = udp_port_drops([self.proxy_port]), udp_port_drops(self.ports)
+            rcvbuf1 = udp_rcvbuf_errors()
+            _stop(self.uas, 2)
+        finally:  # interrupted: leave no SIPp behind
+            self.kill()
+        uac_stat, uas_stat = sipp_stat(self.uac_dir), sipp_stat(self.uas_dir)
+        completed, refused = call_outcomes(sipp_counts(self.uac_dir))
+        created = _int(uac_stat, "OutgoingCall(C)")
+        retrans = _int(uac_stat, "Retransmissions(C)") + _int(uas_stat, "Retransmissions(C)")
+        msgs = MSGS_PER_CALL * completed + 2 * refused + retrans
+        cpu = cpu1 - self.cpu0
+        # goodput: completed calls per second of the time the calls were offered in (the step
+        # length, or longer when SIPp could not place them that fast)
+        placed_in = placement_seconds(self.uac_dir, created) if created else None
+        offer_s = max(self.duration, placed_in or 0.0)
+        pids, duration = self.pids, self.duration
+        return {
+            "target": self.target.name, "rate": self.rate, "duration_s": duration, "calls": self.calls,
+            "created": created, "completed": completed, "refused_503": refused,
+            "failed": max(0, self.calls - completed - refused),
+            "ok": _int(uac_stat, "SuccessfulCall(C)"), "sipp_failed": _int(uac_stat, "FailedCall(C)"),
+            "retransmissions": retrans, "uac_rc": self.uac.returncode, "wall_s": wall,
+            "placed_s": placed_in,
+            "offered_cps": created / placed_in if created and placed_in else None,
+            "goodput_cps": completed / offer_s,
+            "cpu_s": cpu if pids else None,
+            "cpu_pct": 100.0 * cpu / duration if pids else None,
+            "cpu_us_per_msg": 1e6 * cpu / msgs if pids and msgs else None,
+            "rss_peak_mb": rss if pids else None,
+            "proxy_drops": drops1[0] - self.drops0[0], "sipp_drops": drops1[1] - self.drops0[1],
+            "rcvbuf_errors": rcvbuf1 - self.rcvbuf0,
+        }
+
+
+def sipp_load(workdir: Path, target, uas_port: int, rate: int, duration: float,
+              settle: float = 1.0) -> dict:
+    """One load run (see SippLoad): start, wait, figures."""
+    return SippLoad(workdir, target, uas_port, rate, duration, settle).start().finish()
+
+
+def passed(run: dict, max_failed: float = 0.001) -> bool:
+    """A load step passes when fewer than ``max_failed`` of its calls did not complete (a 503 is
+    not a completed call)."""
+    return run["calls"] > 0 and (run["calls"] - run["completed"]) / run["calls"] < max_failed
+
+
+# -- profile ----------------------------------------------------------------------------------
+PY_SPY = shutil.which("py-spy", path=os.pathsep.join([str(Path(sys.executable).parent),
+                                                      os.environ.get("PATH", "")]))
+
+
+class PySpy:
+    """``py-spy record --pid P -d S -f raw --subprocesses`` in the background (blocking mode:
+    --nonblocking reads torn stacks from a busy process)."""
+
+    def __init__(self, workdir: Path, pid: int, seconds: int):
+        self.out = workdir / f"py-spy-{pid}.txt"
+        self.log = workdir / f"py-spy-{pid}.log"
+        self.args = [PY_SPY, "record", "--pid", str(pid), "-d", str(seconds), "-f", "raw",
+                     "--subprocesses", "-o", str(self.out)]
+        self.seconds = seconds
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "PySpy":
+        self._log = open(self.log, "wb")
+        self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
+        return self
+
+    def finish(self) -> tuple[str | None, str]:
+        """(raw collapsed stacks or None, py-spy's own output)."""
+        try:
+            self.proc.wait(self.seconds + 30)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGINT)  # py-spy writes what it has on SIGINT
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        finally:
+            self._log.close()
+        log = self.log.read_text(errors="replace")
+        raw = self.out.read_text(errors="replace") if self.out.exists() else None
+        return raw, log
+
+
+def parse_collapsed(raw: str) -> tuple[int, list[list[str]], list[int]]:
+    """py-spy's raw (collapsed) output: ``frame;frame;...;leaf COUNT`` per line → (total samples,
+    stacks as frame lists root first, counts). Lines that do not end in a count are skipped."""
+    stacks, counts = [], []
+    for line in raw.splitlines():
+        stack, _, n = line.rstrip().rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        stacks.append(stack.split(";"))
+        counts.append(int(n))
+    return sum(counts), stacks, counts
+
+
+def _function(frame: str) -> str:
+    """``name (path/to/file.py:123)`` → ``name (file.py)``: samples of one function, any line."""
+    name, sep, where = frame.partition(" (")
+    if not sep:
+        return frame
+    path = where.rstrip(")").rsplit(":", 1)[0]
+    parts = path.replace("\\", "/").split("/")
+    short = "/".join(parts[-2:]) if len(parts) > 1 else parts[-1]
+    return f"{name} ({short})"
+
+
+def profile_summary(raw: str, top: int = 10, own: str = "sipwatch/") -> dict:
+    """Top ``top`` functions by self samples (the leaf frame) and the top functions of ``own``
+    (frames whose file path contains it) by inclusive samples (counted once per stack)."""
+    total, stacks, counts = parse_collapsed(raw)
+    self_n: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    for frames, n in zip(stacks, counts):
+        frames = [f for f in frames if not f.startswith(("process ", "thread ("))] or frames
+        leaf = _function(frames[-1])
+        self_n[leaf] = self_n.get(leaf, 0) + n
+        for fn in {_function(f) for f in frames if own in f}:
+            incl[fn] = incl.get(fn, 0) + n
+    def rank(d):
+        return [{"function": k, "samples": v, "pct": 100.0 * v / total if total else 0.0}
+                for k, v in sorted(d.items(), key=lambda kv: (-kv[1], kv[0]))[:top]]
+    return {"samples": total, "self": rank(self_n), "inclusive": rank(incl)}
