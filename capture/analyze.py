@@ -13,11 +13,12 @@ as ``rtp.*`` call-span attributes; everything is exported once the file has been
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
+
+import orjson
 
 from sipwatch.logs import call_summary_fields
 from sipwatch.masking import MODES
@@ -330,7 +331,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"analyze: spans exported {stats.spans_exported}, dropped "
                          f"{stats.spans_dropped}\n")
     if args.json:
-        sys.stdout.write(json.dumps(rep, indent=1, default=str) + "\n")
+        # orjson: a quarter of the run time went into json.dumps on an all-SIP capture
+        sys.stdout.buffer.write(orjson.dumps(rep, default=str, option=orjson.OPT_INDENT_2
+                                             | orjson.OPT_NON_STR_KEYS | orjson.OPT_APPEND_NEWLINE))
+        sys.stdout.flush()
     else:
         sys.stdout.write(render(rep))
     return 0
