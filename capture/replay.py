@@ -11,6 +11,13 @@ the capture's own clock. So a response leaves the signaling socket the recorded 
 request came through the sidecar, and the sidecar's RTTs reproduce the capture's (divided by the
 speed), give or take loopback and scheduling time.
 
+The replayer measures its own timing errors instead of assuming punctual timers: each message's
+send lateness (actual send − scheduled time), and per transaction the two intervals its sockets
+see (``inner_ms``: first request copy received → response sent, on the answering socket;
+``outer_ms``: first request copy sent → response received, on the asking socket). Any RTT a
+proxy between the sockets measures lies between the two, however loaded the machine is; see
+:meth:`Replayer.summary`.
+
 Rewrites (the rest of each message is sent as recorded): a request's Via becomes one Via naming
 the socket that sends it (over UDP); a response carries the Via and Record-Route lines of the
 request as it really arrived (so it routes back through the sidecar); in-dialog requests get
@@ -55,8 +62,14 @@ class Rec:
     msg: SipMessage
     key: tuple  # (call_id, cseq number, cseq method, method or status)
     anchor: int | None = None  # last message the sender received in this call before this one
-    sent_at: float | None = None
-    arrived_at: float | None = None
+    due_at: float | None = None  # when it was scheduled to leave (monotonic clock)
+    sent_at: float | None = None  # read just before its sendto
+    arrived_at: float | None = None  # read just after the recvfrom that got it
+
+    @property
+    def late(self) -> float | None:
+        """Send lateness in seconds: actual send time − scheduled time."""
+        return None if self.sent_at is None else self.sent_at - self.due_at
 
 
 @dataclass
@@ -251,7 +264,7 @@ class Replayer:
                         continue
                     due = a.arrived_at + (r.ts - a.ts) / self.speed
                 if due <= now:
-                    self._send(r, now)
+                    self._send(r, due)
                 else:
                     still.append(r)
                     next_due = due if next_due is None else min(next_due, due)
@@ -278,16 +291,35 @@ class Replayer:
             # sends that became due late still leave as soon as possible; the delay is reported
         sel.close()
 
-    def _send(self, r: Rec, now: float) -> None:
+    def _send(self, r: Rec, due: float) -> None:
         data = self.build(r)
+        r.due_at = due
+        r.sent_at = time.monotonic()  # before the sendto: the peer cannot have it earlier
         try:
             self.socks[r.sender].sendto(data, self.reply_to[r.sender])
         except OSError:
             self.send_errors += 1
-        r.sent_at = now
 
     # -- report -------------------------------------------------------------------------
     def summary(self) -> dict:
+        """What was replayed, with the replayer's own timing errors measured.
+
+        Per message, ``late_ms``: actual send time − scheduled time (the replayer's timers are
+        not punctual on a loaded machine). Per transaction (first copy of a request, first
+        response to it), two intervals measured on the replayer's own sockets bracket any RTT a
+        proxy between the two sockets can measure, by causality alone:
+
+        * ``inner_ms`` = response sent by the answering socket − first request copy received
+          there (the proxy forwarded the request before it arrived and got the response after
+          it left), so an RTT below it is impossible;
+        * ``outer_ms`` = response received by the asking socket − first request copy sent from
+          it (``replayed_rtt_ms``), so an RTT above it is impossible;
+
+        ``late_ms`` = ``inner_ms`` − recorded RTT ÷ speed: how much later than the recording the
+        replayer answered (the response's send lateness, plus the drift of the request copy it
+        answered when that was a retransmission). ``transit_ms`` = ``outer_ms`` − ``inner_ms``:
+        the two trips through the proxy.
+        """
         recs = self.conv.recs
         missing = [r for r in recs if r.arrived_at is None]
         unsent = [r for r in recs if r.sent_at is None]
@@ -305,12 +337,18 @@ class Replayer:
                 continue
             answered.add(req.i)
             rec_rtt = (r.ts - req.ts) * 1000.0
-            got = None
+            outer = inner = None
             if req.sent_at is not None and r.arrived_at is not None:
-                got = (r.arrived_at - req.sent_at) * 1000.0
+                outer = (r.arrived_at - req.sent_at) * 1000.0
+            if req.arrived_at is not None and r.sent_at is not None:
+                inner = (r.sent_at - req.arrived_at) * 1000.0
             txs.append({"call_id": cid.decode(errors="replace"), "method": m.decode(), "cseq": n,
                         "from": SIDES[req.sender], "recorded_rtt_ms": round(rec_rtt, 3),
-                        "replayed_rtt_ms": None if got is None else round(got, 3)})
+                        "replayed_rtt_ms": _ms(outer), "inner_ms": _ms(inner), "outer_ms": _ms(outer),
+                        "late_ms": None if inner is None else round(inner - rec_rtt / self.speed, 3),
+                        "transit_ms": None if inner is None or outer is None else round(outer - inner, 3),
+                        "response_send_late_ms": _ms(None if r.late is None else r.late * 1000.0)})
+        lates = sorted(r.late * 1000.0 for r in recs if r.sent_at is not None)
         return {
             "messages": len(recs),
             "sent": {SIDES[s]: sum(1 for r in recs if r.sender == s and r.sent_at is not None) for s in (GW, SIG)},
@@ -320,8 +358,15 @@ class Replayer:
             "unsent": [_describe(r) for r in unsent],
             "send_errors": self.send_errors,
             "speed": self.speed,
+            "send_lateness_ms": {"max": _ms(lates[-1] if lates else None),
+                                 "median": _ms(lates[len(lates) // 2] if lates else None),
+                                 "per_message": [_ms(None if r.late is None else r.late * 1000.0) for r in recs]},
             "transactions": txs,
         }
+
+
+def _ms(v: float | None) -> float | None:
+    return None if v is None else round(v, 3)
 
 
 def _describe(r: Rec) -> str:
@@ -369,7 +414,10 @@ def main(argv: list[str] | None = None) -> int:
                          f"  sent: {s['sent']}  received: {s['received']}  unexpected: {s['unexpected']}\n")
         for t in s["transactions"]:
             sys.stdout.write(f"  {t['method']:8} {t['cseq']:>3} from {t['from']:9} recorded {t['recorded_rtt_ms']:9.3f} ms"
-                             f"  replayed {t['replayed_rtt_ms'] if t['replayed_rtt_ms'] is not None else '-':>9} ms\n")
+                             f"  replayed {t['replayed_rtt_ms'] if t['replayed_rtt_ms'] is not None else '-':>9} ms"
+                             f"  (answered {t['late_ms'] if t['late_ms'] is not None else '-'} ms late)\n")
+        lat = s["send_lateness_ms"]
+        sys.stdout.write(f"  send lateness ms: median {lat['median']}, max {lat['max']}\n")
         for m in s["missing"]:
             sys.stdout.write(f"  NEVER ARRIVED: {m}\n")
     return 1 if s["missing"] else 0
