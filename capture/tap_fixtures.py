@@ -3,10 +3,11 @@
 ``python -m capture.tap_fixtures OUTDIR [NAME ...]`` reads the first call of
 ``pcaps/basic_call_rtp.pcap`` (real SIPp signalling plus the first RTP packets of each direction),
 wraps every IP packet of it with scapy (PyPI ``scapy``; only this generator needs it) in one
-encapsulation per fixture, keeps each packet's timestamp, and writes ``OUTDIR/<name>.pcap`` with
-``OUTDIR/<name>.facts.json`` whose figures come only from tshark (:mod:`capture.tshark_facts`).
-A few fixtures are also written as pcapng (``editcap -F pcapng``), one of them with a second
-interface of another link type (``mergecap``), so both file formats are covered.
+encapsulation per ``tap_*`` fixture, keeps each packet's timestamp, and writes
+``OUTDIR/<name>.pcap`` with ``OUTDIR/<name>.facts.json`` whose figures come only from tshark
+(:mod:`capture.tshark_facts`). Two more are recorded on loopback with dumpcap (root, SIPp):
+``tcp_big_message`` (a SIP/TCP message over 64 KiB) and ``sip_keepalives`` (keep-alives on 5060).
+The tests make pcapng copies (``editcap``/``mergecap``), so both file formats are covered.
 
 The inner packets stay as recorded (127.0.0.1, the fixture's ports); outer addresses are from
 the documentation ranges (192.0.2.0/24, 198.51.100.0/24, 2001:db8::/32).
