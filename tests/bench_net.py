@@ -737,18 +737,17 @@ class SippLoad:
     stretches while SIPp waits for timeouts does not dilute it)."""
 
     def __init__(self, workdir: Path, target, uas_port: int, rate: int, duration: float,
-                 settle: float = 1.0, extra_pids=()):
+                 settle: float = 1.0, uas_scenario: str = BENCH_UAS):
         self.workdir, self.target, self.uas_port = workdir, target, uas_port
+        self.uas_scenario = uas_scenario
         self.rate, self.duration, self.settle = rate, duration, settle
-        self.extra_pids = list(extra_pids)
         self.tag = f"{target.name.replace(' ', '_')}-{rate}-{int(time.time() * 1000) % 100000}"
         self.calls = max(1, int(rate * duration))
         self.uas = self.uac = None
 
     def start(self) -> "SippLoad":
-        scen = self.workdir / "bench_uas.xml"
-        if not scen.exists():
-            scen.write_text(BENCH_UAS)
+        scen = self.workdir / f"bench_uas-{self.tag}.xml"
+        scen.write_text(self.uas_scenario)
         uac_scen = self.workdir / "bench_uac.xml"
         if not uac_scen.exists():
             uac_scen.write_text(BENCH_UAC)

@@ -1,7 +1,10 @@
 """The benchmark's code paths, run tiny: structure and sanity only, never timing thresholds."""
 from __future__ import annotations
 
+import io
+import json
 import math
+from contextlib import redirect_stdout
 
 import pytest
 
@@ -50,17 +53,181 @@ def test_sipp_load_through_relay_counts_cpu(tmp_path):
     uas_port = free_port()
     with bench_net.Relay(tmp_path, uas_port) as relay:
         r = bench_net.sipp_load(tmp_path, relay, uas_port, rate=20, duration=1, settle=0.1)
-    assert (r["ok"], r["failed"], r["calls"]) == (20, 0, 20)
+    assert (r["ok"], r["completed"], r["refused_503"], r["failed"], r["calls"]) == (20, 20, 0, 0, 20)
     assert r["cpu_s"] is not None and r["cpu_s"] >= 0 and r["rss_peak_mb"] > 0
     assert r["proxy_drops"] >= 0 and r["sipp_drops"] >= 0
+    assert bench_net.passed(r)
+
+
+def _callee_503(retry_after: bool) -> str:
+    """A SIPp callee that refuses every INVITE with 503 (with or without Retry-After), absorbs the ACK."""
+    return f"""<?xml version="1.0" encoding="ISO-8859-1" ?>
+<scenario name="refuses with 503">
+  <recv request="INVITE"/>
+  <send>
+    <![CDATA[
+      SIP/2.0 503 Service Unavailable
+      [last_Via:]
+      [last_From:]
+      [last_To:];tag=[pid]SIPpTag01[call_number]
+      [last_Call-ID:]
+      [last_CSeq:]
+      {"Retry-After: 1" if retry_after else "Server: bench-test"}
+      Content-Length: 0
+
+    ]]>
+  </send>
+  <recv request="ACK"/>
+</scenario>
+"""
+
+
+@pytest.mark.sipp
+@pytest.mark.skipif(not HAVE_SIPP, reason="needs SIPp (Debian sip-tester)")
+@pytest.mark.parametrize("retry_after", [True, False])
+def test_bench_caller_treats_503_as_a_refused_call(tmp_path, retry_after):
+    """SIPp's own counts: a 503 ends the call cleanly (not completed, not failed); without
+    Retry-After SIPp itself fails the call."""
+    uas_port = free_port()
+    direct = bench_net.Direct(tmp_path, uas_port)
+    r = bench_net.SippLoad(tmp_path, direct, uas_port, 20, 1, settle=0.1,
+                           uas_scenario=_callee_503(retry_after)).start().finish()
+    assert (r["calls"], r["completed"], r["refused_503"], r["failed"]) == (20, 0, 20, 0)
+    assert r["goodput_cps"] == 0 and not bench_net.passed(r)
+    assert r["sipp_failed"] == (0 if retry_after else 20)
+    assert r["ok"] == (20 if retry_after else 0)
+
+
+@pytest.mark.sipp
+@pytest.mark.skipif(not (HAVE_SIPP and bench_net.KAMAILIO and bench_net.kamailio_modules()),
+                    reason="needs SIPp and Kamailio")
+def test_kamailio_baseline_forwards_calls(tmp_path):
+    uas_port = free_port()
+    with bench_net.Kamailio(tmp_path, uas_port) as kam:
+        assert "-x" in kam.args and kam.args[kam.args.index("-x") + 1] == "fm"
+        r = bench_net.sipp_load(tmp_path, kam, uas_port, rate=20, duration=1, settle=0.1)
+    assert (r["completed"], r["failed"]) == (20, 0) and r["cpu_s"] is not None
 
 
 def test_cli_arguments():
     a = bench.parse_args(["--quick", "--rates", "100,200", "--only", "micro,latency"])
-    assert (a.quick, a.rates, a.duration, a.only, a.tracing_rate) == (True, [100, 200], 5.0, ["micro", "latency"], 100)
-    assert bench.parse_args([]).duration == 20.0
-    with pytest.raises(SystemExit):
-        bench.parse_args(["--only", "nonsense"])
+    assert (a.quick, a.rates, a.duration, a.only, a.tracing_rate) == (True, [100, 200], 3.0, ["micro", "latency"], 100)
+    d = bench.parse_args([])
+    assert d.duration == 10.0 and d.rates == [300, 1000, 2000, 3000, 4000, 5000, 6500]
+    assert d.only == list(bench.DEFAULT_SECTIONS) and d.targets == ["kamailio", "relay", "notrace", "all"]
+    assert (d.latency_rate, d.profile_rate, d.profile_seconds) == (1000, 1000, 10)
+    assert bench.parse_args(["--targets", "all,relay"]).targets == ["relay", "all"]
+    for bad in (["--only", "nonsense"], ["--targets", "nginx"], ["--rates", "x"], ["--rates", "0"],
+                ["--duration", "0"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(bad)
+
+
+def _run(key, rate, ok_until, calls=100):
+    return {"key": key, "target": key, "rate": rate, "calls": calls, "completed": calls if rate <= ok_until else 50,
+            "passed": rate <= ok_until, "cpu_pct": rate / 100, "cpu_us_per_msg": 10.0 * ok_until / 1000}
+
+
+def test_ladder_stops_each_target_at_its_first_failing_step():
+    limits = {"kamailio": 6500, "relay": 5000, "notrace": 2000, "all": 0}
+    calls = []
+
+    def step(key, rate):
+        calls.append((key, rate))
+        return _run(key, rate, limits[key])
+    rates = [300, 1000, 2000, 3000, 5000, 6500]
+    res = bench.ladder(step, list(limits), rates)
+    assert [r for k, r in calls if k == "all"] == [300]
+    assert [r for k, r in calls if k == "notrace"] == [300, 1000, 2000, 3000]
+    assert [r for k, r in calls if k == "kamailio"] == rates
+    # interleaved: every target still climbing runs a step before any runs the next one
+    assert calls[:4] == [("kamailio", 300), ("relay", 300), ("notrace", 300), ("all", 300)]
+    assert (res["kamailio"]["max_passing_rate"], res["kamailio"]["top_step_passed"]) == (6500, True)
+    assert (res["relay"]["max_passing_rate"], res["relay"]["first_failing_rate"]) == (5000, 6500)
+    assert res["notrace"]["first_failing_pct"] == 50.0
+    assert res["all"]["max_passing_rate"] is None and res["all"]["first_failing_rate"] == 300
+    assert res["notrace"]["steps"][0]["cpu_per_msg_vs_kamailio"] == pytest.approx(2000 / 6500)
+    rows = bench.issue_table(res, list(limits), rates)
+    assert rows[0][3] == ">= 6500 (65.0% CPU)" and rows[0][4] == "-"
+    assert rows[2][1:] == ["3.0%", "10.0%", "2000 (20.0% CPU)", "3000/s: 50.0% of calls failed"]
+    assert rows[3][1:] == ["fails (3.0%)", "-", "none", "300/s: 50.0% of calls failed"]
+    # a target that cannot start ends its ladder without a step
+    res = bench.ladder(lambda k, r: None if k == "relay" else _run(k, r, 1000), ["relay", "all"], [300, 1000, 2000])
+    assert res["relay"]["steps"] == [] and res["all"]["max_passing_rate"] == 1000
+
+
+def test_passed_counts_503_and_lost_calls_as_not_completed():
+    base = {"calls": 10000, "completed": 9991}
+    assert bench_net.passed(base)
+    assert not bench_net.passed({**base, "completed": 9990})
+    assert not bench_net.passed({"calls": 0, "completed": 0})
+
+
+def test_profile_summary_self_and_inclusive():
+    raw = "\n".join([
+        'process 7:"python -m sipwatch proxy";<module> (sipwatch/__main__.py:5);run (sipwatch/app.py:10);'
+        'handle (sipwatch/transport.py:20);parse (sipwatch/sipmsg.py:30) 6',
+        'process 7:"python -m sipwatch proxy";<module> (sipwatch/__main__.py:5);run (sipwatch/app.py:10);'
+        'handle (sipwatch/transport.py:21);parse (sipwatch/sipmsg.py:31) 2',
+        'process 7:"python -m sipwatch proxy";<module> (sipwatch/__main__.py:5);run (sipwatch/app.py:10);'
+        'handle (sipwatch/transport.py:22);sendto (asyncio/selector_events.py:9) 3',
+        'process 7:"python -m sipwatch proxy";<module> (sipwatch/__main__.py:5);run (sipwatch/app.py:11) 9',
+        "garbage line without a count", ""])
+    prof = bench_net.profile_summary(raw, top=3)
+    assert prof["samples"] == 20
+    assert [(x["function"], x["samples"]) for x in prof["self"]] == [
+        ("run (sipwatch/app.py)", 9), ("parse (sipwatch/sipmsg.py)", 8), ("sendto (asyncio/selector_events.py)", 3)]
+    assert prof["self"][0]["pct"] == 45.0
+    incl = {x["function"]: x["samples"] for x in prof["inclusive"]}
+    assert incl == {"<module> (sipwatch/__main__.py)": 20, "run (sipwatch/app.py)": 20,
+                    "handle (sipwatch/transport.py)": 11}
+
+
+def test_placement_time_from_sipp_stat_rows(tmp_path):
+    head = "StartTime;CurrentTime;OutgoingCall(C);"
+    rows = [f"d\t0\t100.0;d\t0\t{100.0 + t};{n};" for t, n in ((0, 0), (1, 400), (2, 800), (3, 1000))]
+    (tmp_path / "x_1_.csv").write_text("\n".join([head] + rows) + "\n")
+    assert bench_net.placement_seconds(tmp_path, 1000) == pytest.approx(3.0)
+    assert bench_net.placement_seconds(tmp_path, 600) == pytest.approx(1.5)
+    assert bench_net.placement_seconds(tmp_path, 2000) is None
+
+
+@pytest.mark.sipp
+@pytest.mark.skipif(not HAVE_SIPP, reason="needs SIPp (Debian sip-tester)")
+def test_quick_bench_prints_issue_10_tables_and_json():
+    """``--quick`` end to end with the relay and the all-features sidecar: shape of the output only."""
+    out = io.StringIO()
+    with redirect_stdout(out):
+        rc = bench.main(["--quick", "--only", "ladder,overload,loaded_latency,profile", "--targets", "relay,all",
+                         "--rates", "20", "--duration", "1", "--latency-rate", "20", "--profile-rate", "20",
+                         "--profile-seconds", "1"])
+    text = out.getvalue()
+    assert rc == 0
+    lines = text.strip().splitlines()
+    result = json.loads(lines[-1])
+    for title in ("== rate ladder", "== overload", "== added round trip at 20 calls/s", "== issue 10:",
+                  "== issue 10 floors"):
+        assert title in text, title
+    head = next(ln for ln in lines if "max calls/s that passes" in ln)
+    assert "20 calls/s CPU" in head and "at the first failing step" in head
+    assert any(ln.startswith("bare uvloop relay") for ln in lines)
+    assert any(ln.startswith("sipwatch, all features") for ln in lines)
+    assert set(result["ladder"]) == {"relay", "all"}
+    for key in ("relay", "all"):
+        step = result["ladder"][key]["steps"][0]
+        assert {"completed", "failed", "refused_503", "retransmissions", "cpu_us_per_msg", "proxy_drops",
+                "passed"} <= set(step)
+    # the all-features sidecar really exported: the collector process decoded spans, the file has lines
+    all_step = result["ladder"]["all"]["steps"][0]
+    assert all_step["otlp_spans"] > 0 and all_step["spans_file_lines"] > 0
+    assert result["otlp_collector"]["spans"] > 0 and result["otlp_collector"]["bad_requests"] == 0
+    if result["ladder"]["all"]["max_passing_rate"]:
+        assert [r["factor"] for r in result["overload"]["all"]] == [1.5, 2.0]
+    assert set(result["loaded_latency"]) == {"relay", "all"}
+    assert all(v["through"]["answered"] > 0 for v in result["loaded_latency"].values())
+    assert "samples" in result["profile"] or "skipped" in result["profile"]
+    assert {f["floor"] for f in result["floors"]} >= {"highest passing step >= 4000/s",
+                                                      "tracing at 100% <= 1.25x --no-tracing CPU"}
 
 
 def test_repeated_runs_are_aggregated():
