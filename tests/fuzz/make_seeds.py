@@ -62,6 +62,10 @@ def hand_written() -> dict[str, bytes]:
         "route_flood_many_headers": rec(0, invite(b"".join(b"Route: " + route + b"\r\n" for _ in range(200)))),
         "via_flood": rec(0, invite(via=b"Via: " + b", ".join(
             b"SIP/2.0/UDP 10.0.0.%d:5060;branch=z9hG4bK%d" % (i % 250, i) for i in range(300)))),
+        # found by the live fuzz test: the Via limit counted only the top Via line's values
+        "via_flood_second_line": rec(0, invite(via=b"Via: SIP/2.0/UDP 127.0.0.3:5070;branch=z9hG4bK-s;rport\r\nVia: " +
+                                         b", ".join(b"SIP/2.0/UDP 10.0.%d.%d:5060;branch=z9hG4bK%d"
+                                                    % (i // 250, i % 250, i) for i in range(1000)), method=b"INFO")),
         "comma_flood": rec(0, invite(b"Contact: " + b"," * 3000 + b"\r\n")),
         "folded_flood": rec(0, invite(b"Subject: x" + b"\r\n y" * 1000 + b"\r\n")),
         "nested_angles": rec(0, invite(b"Route: " + b"<" * 2000 + b"sip:a" + b">" * 2000 + b"\r\n")),

@@ -52,6 +52,13 @@ def header_fields(head: bytes) -> list[tuple[bytes, bytes]]:
     return [(n, v) for n, v in out]
 
 
+def via_count(data: bytes) -> int:
+    """Via values in the header section: every Via line's values (commas outside quotes and
+    <> separate them; a Via value has neither, so commas are counted)."""
+    head, _ = split_message(data)
+    return sum(v.count(b",") + 1 for n, v in header_fields(head) if n in (b"via", b"v"))
+
+
 def first_line(data: bytes) -> bytes:
     return data.split(b"\n", 1)[0].rstrip(b"\r")
 

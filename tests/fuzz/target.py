@@ -28,7 +28,9 @@ Properties (an AssertionError names the one that broke; anything else raised is 
   parties; the port may be the one the sender's Via names, RFC 3261 §18.2.2); every source in a
   run has its own IP, so no destination passes by sharing one;
 - a response the core makes itself goes back to the IP of the datagram's source and is not
-  larger than the request (no amplification toward a spoofable source).
+  larger than the request (no amplification toward a spoofable source);
+- a forwarded request carries at most ``core.MAX_VIAS`` + 1 Via values (more Vias than any
+  real path has are dropped, issue 8 item 2; the one added is the core's own).
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ import random
 
 import orjson
 
+from sipwatch import core as core_module
 from sipwatch.core import CoreConfig, ProxyCore
 from sipwatch.logs import call_summary_fields
 from sipwatch.observer import Observer
@@ -54,6 +57,7 @@ except ImportError:  # run as a script: tests/fuzz is on sys.path
     import sipcheck
 
 SEP = b"\x00\xfe\xfd\x00"
+MAX_VIAS = getattr(core_module, "MAX_VIAS", 70)
 MAX_RECORDS = 64
 ADVERTISE = ("127.0.0.1", 5060)
 UPSTREAM = ("127.0.0.2", 5090)
@@ -124,6 +128,9 @@ class Run:
         assert sipcheck.is_response(out) == sipcheck.is_response(payload), "request/response kind changed"
         declared = sipcheck.declared_body(payload)
         assert declared.problem is None, f"forwarded although {declared.problem}"
+        if sipcheck.is_request(out):
+            vias = sipcheck.via_count(out)
+            assert vias <= MAX_VIAS + 1, f"forwarded a request with {vias} Via values"
         assert out_body == declared.body, \
             f"body changed: {len(declared.body)} bytes declared, {len(out_body)} forwarded"
 
