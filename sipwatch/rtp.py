@@ -425,7 +425,8 @@ class RtpAnalyzer:
             self._not_rtp += 1
             return False
         pt = b1 & 0x7F
-        size = _payload_size(payload, b0)
+        # payload bytes: plain 12-byte header (the usual case) or the full computation
+        size = n - 12 if b0 == 0x80 else _payload_size(payload, b0)
         if size < 0 or 72 <= pt <= 76:  # bad header; 72-76 would collide with RTCP (RFC 5761)
             self._not_rtp += 1
             return False
