@@ -67,7 +67,7 @@ def test_sigterm_drains_held_calls_and_rejects_new_ones_with_503(tmp_path):
     uas_port = free_port()
     sc = Sidecar(tmp_path, uas_port, env={"SIPWATCH_DRAIN_TIMEOUT": "30"})
     with sc:
-        caller, callee = _held_calls(tmp_path, sc, uas_port, hold_ms=4000)
+        caller, callee = _held_calls(tmp_path, sc, uas_port, hold_ms=6000)
         try:
             sc.proc.send_signal(signal.SIGTERM)
             time.sleep(0.3)
