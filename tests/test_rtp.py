@@ -10,6 +10,7 @@ import struct
 import subprocess
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import pcapbuild as pb
 import rtp_detection_fixture as rdf
@@ -308,3 +309,34 @@ def test_sequence_restart_and_wild_jump_are_not_loss():
     for i, seq in enumerate((1, 2, 4, 5, 3)):
         st2.add(i * 20.0, seq, seq * 160, 0, False)
     assert st2.lost == 0 and st2.lost_rfc3550 == 0 and st2.ooo == 1
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(0, 0xFFFF), st.integers(0, 0xFFFFFFFF), st.sampled_from((0, 8, 13, 101)),
+                          st.booleans()), max_size=300))
+def test_loss_is_never_negative_whatever_the_sequence(pkts):
+    s = RtpStream(("a", 1), ("b", 2), 1, {101: ("telephone-event", 8000)})
+    for i, (seq, ts, pt, marker) in enumerate(pkts):
+        s.add(i * 20.0, seq, ts, pt, marker)
+    if pkts:
+        out = s.summary()
+        assert out["lost"] >= 0 and out["lost_rfc3550"] >= 0 and 0.0 <= out["lost_pct"] <= 100.0
+        assert s.received <= len(pkts)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.binary(max_size=80), st.integers(0, 3)), max_size=80))
+def test_any_datagram_is_classified_without_raising(datagrams):
+    evicted = []
+    rtp = RtpAnalyzer(max_streams=2, on_evict=evicted.append)
+    rtp.add_sdp(b"c", b"v=0\r\nc=IN IP4 192.0.2.1\r\nm=audio 4000 RTP/AVP 0 96\r\n")
+    ends = [("192.0.2.1", 4000), ("192.0.2.2", 5000), ("192.0.2.3", 6000), ("192.0.2.4", 53)]
+    for i, (data, k) in enumerate(datagrams):
+        if data:
+            data = bytes([0x80 | data[0] & 0x3F]) + data[1:] if i % 2 else data
+        rtp.feed(data, ends[k], ends[(k + 1) % 4], 1.0 + i * 0.02)
+    # each datagram is exactly one of: not RTP (held candidates too), keep-alive, RTCP, media
+    media = sum(s.media for s in list(rtp.streams.values()) + evicted)
+    assert rtp.not_rtp + rtp.keepalives + rtp.rtcp_packets + media == len(datagrams)
+    for out in rtp.summaries():
+        assert out["lost"] >= 0 and out["lost_rfc3550"] >= 0
