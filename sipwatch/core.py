@@ -230,7 +230,7 @@ class ProxyCore:
         if b"via" not in names:
             raise Dropped(DROP_MISSING_HEADER)
         via_i = names.index(b"via")
-        via_vals = split_values(msg.value_at(via_i))
+        via_vals = split_values(msg.value_at(via_i), MAX_VIAS)
         if names.count(b"via") + len(via_vals) - 1 > MAX_VIAS:
             self._count_vias(msg, via_i)
         top = parse_via(via_vals[0])
@@ -383,7 +383,7 @@ class ProxyCore:
         n = 0
         for i, name in enumerate(msg.names):
             if name == b"via":
-                n += len(split_values(msg.value_at(i)))
+                n += len(split_values(msg.value_at(i), MAX_VIAS))
                 if n > MAX_VIAS:
                     raise Dropped(DROP_TOO_MANY_HEADERS)
 
@@ -411,7 +411,7 @@ class ProxyCore:
         for i, name in enumerate(names):
             if name != b"via" or mine not in lines[i] or want not in lines[i]:
                 continue
-            for v in split_values(msg.value_at(i)):
+            for v in split_values(msg.value_at(i), MAX_VIAS):
                 if mine in v:
                     via = parse_via(v)
                     if self._is_me(via.host, via.port) and (via.branch or b"").startswith(want):
@@ -433,7 +433,7 @@ class ProxyCore:
             if names[i] != b"route":
                 i += 1
                 continue
-            values = split_values(msg.value_at(i))
+            values = split_values(msg.value_at(i), MAX_ROUTES)
             seen += len(values)
             if seen > MAX_ROUTES:
                 raise Dropped(DROP_TOO_MANY_HEADERS)
@@ -562,7 +562,7 @@ class ProxyCore:
         if b"via" not in names:
             raise Dropped(DROP_MISSING_HEADER)
         via_i = names.index(b"via")
-        vals = split_values(msg.value_at(via_i))
+        vals = split_values(msg.value_at(via_i), MAX_VIAS)
         branch = self._own_branch(vals[0])
         if branch is None:
             top = parse_via(vals[0])

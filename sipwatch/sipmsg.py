@@ -156,9 +156,9 @@ _NAME_CACHE_MAX = 1024
 
 # A header name is an RFC 3261 token; the caller has already cut it at the colon.
 _TOKEN = re.compile(rb"[A-Za-z0-9!%'*+\-.^_`|~]+")
-# Bytes never allowed in a header section: NUL and the other controls but HT, and a CR not
-# followed by LF. Searched in one C pass over the whole section.
-_BAD_BYTES = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)")
+_FOLD = re.compile(rb"[ \t]*\r?\n[ \t]+")
+# Control bytes (HT excepted): in a header section only the CR and LF of line ends may appear.
+_CONTROLS = bytes(range(0, 9)) + bytes(range(10, 32)) + b"\x7f"
 MAX_HEADER_LINES = 1000  # a 64 KB datagram of tiny headers stays bounded in list sizes
 MAX_CONTENT_LENGTH_DIGITS = 7
 
@@ -222,18 +222,28 @@ def parse(data: bytes, check_length: bool = True) -> SipMessage:
     if len(data) > _MAX_MESSAGE:
         raise SipParseError("datagram larger than 65535 bytes", DROP_TOO_LARGE)
     head, body = _split_head_body(data)
+    # Lines end in CRLF or bare LF. Splitting on CRLF is right when every LF has its CR, which
+    # the counts tell without the copy a replace() of CRLF by LF would make.
+    n_lf = head.count(b"\n")
+    raw = head.split(b"\r\n")
+    crlf_only = len(raw) == n_lf + 1
     if check_length:
-        if _BAD_BYTES.search(head) is not None:
+        # The only control bytes allowed are the line ends (HT is not one here): deleting every
+        # control byte (one C pass) must remove exactly the LFs and the CRs paired with them.
+        n_ctl = len(head) - len(head.translate(None, _CONTROLS))
+        if n_ctl != (2 * n_lf if crlf_only else n_lf + head.count(b"\r\n")):
             raise SipParseError("control byte in the header section", DROP_CONTROL_BYTES)
         if not head.isascii():
             try:
                 head.decode("utf-8")
             except UnicodeDecodeError:
                 raise SipParseError("header section is not UTF-8", DROP_CONTROL_BYTES) from None
-    # Lines end in CRLF or bare LF. Splitting on CRLF is right when every LF has its CR, which
-    # the counts tell without the copy a replace() of CRLF by LF would make.
-    raw = head.split(b"\r\n")
-    if len(raw) != head.count(b"\n") + 1:
+    if not crlf_only:
+        raw = head.replace(b"\r\n", b"\n").split(b"\n")
+    if len(raw) > 1 and (b"\n " in head or b"\n\t" in head):
+        # folded lines (RFC 3261 §7.3.1): unfolded in one C pass, each fold becoming the single
+        # SP it stands for, so no Python loop runs per continuation line
+        head = _FOLD.sub(b" ", head)
         raw = head.replace(b"\r\n", b"\n").split(b"\n")
     if len(raw) > MAX_HEADER_LINES:
         raise SipParseError("too many header lines", DROP_TOO_MANY_HEADERS)
@@ -277,35 +287,39 @@ def parse(data: bytes, check_length: bool = True) -> SipMessage:
     return msg
 
 
-# One comma-separated element: runs of quoted strings, <...> and other bytes but a comma.
-# Possessive: each branch starts with a different byte, so matching is linear in the value.
-_ELEMENT = re.compile(rb'(?:"(?:[^"\\]|\\.)*+"|<[^>]*+>|[^,"<])++')
+# One comma-separated element, after any run of separators (commas, whitespace): runs of quoted
+# strings, <...> and other bytes but a comma. Possessive, and each branch starts with a different
+# byte, so matching is linear in the value and a comma flood costs one C call.
+_ELEMENT = re.compile(rb'[\s,]*+((?:"(?:[^"\\]|\\.)*+"|<[^>]*+>|[^,"<])++)')
+_SEPARATORS = re.compile(rb"[\s,]*+")
 
 
-def split_values(value: bytes) -> list[bytes]:
+def split_values(value: bytes, limit: int = 0) -> list[bytes]:
     """Split a comma-separated header value, ignoring commas in quotes and <...>.
 
-    Linear in the value (one regex pass in C). An unclosed quote or ``<`` raises, so nothing
-    can hide a comma from the splitter."""
+    Linear in the value (the scanning is a regex in C). An unclosed quote or ``<`` raises, so
+    nothing can hide a comma from the splitter. With ``limit``, raises
+    :class:`SipParseError` (too many headers) as soon as there are more values than that."""
     if b"," not in value:
         return [value]
-    out = []
+    out: list[bytes] = []
     pos = 0
     n = len(value)
     match = _ELEMENT.match
     while pos < n:
         m = match(value, pos)
         if m is None:
-            if value[pos] == 44:  # an empty element
-                pos += 1
-                continue
+            if _SEPARATORS.match(value, pos).end() == n:  # only separators left
+                break
             raise SipParseError(f"unbalanced quote or <> in {value[:40]!r}")
         end = m.end()
         if end < n and value[end] != 44:  # stopped at a quote or < that never closes
             raise SipParseError(f"unbalanced quote or <> in {value[:40]!r}")
-        v = m.group().strip()
+        v = m.group(1).strip()
         if v:
             out.append(v)
+            if limit and len(out) > limit:
+                raise SipParseError("too many values in one header", DROP_TOO_MANY_HEADERS)
         pos = end + 1  # past the comma (or the end)
     return out
 
