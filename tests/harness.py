@@ -63,6 +63,13 @@ def stop_process(proc: subprocess.Popen | None, sig: int = signal.SIGTERM, timeo
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
+            if sig in (signal.SIGTERM, signal.SIGINT):
+                proc.send_signal(sig)  # a second signal cuts a sidecar's drain short
+                try:
+                    proc.wait(5)
+                    return proc.returncode
+                except subprocess.TimeoutExpired:
+                    pass
             proc.kill()
             proc.wait()
     return proc.returncode
