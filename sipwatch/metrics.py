@@ -108,6 +108,7 @@ class GatewayCollector(_Guarded):
         yield CounterMetricFamily("sip_unroutable_requests", "Requests with no usable next hop.", value=s.unroutable)
         yield CounterMetricFamily("sipwatch_records_dropped", "Finished call/transaction records lost because exporters lagged.", value=s.records_dropped)
         yield GaugeMetricFamily("sip_active_calls", "Answered calls not yet ended by BYE.", value=s.active_calls)
+        yield GaugeMetricFamily("sipwatch_overloaded", "1 while new dialogs are shed (receive queues above the high-water mark).", value=int(s.overloaded))
         dropped = CounterMetricFamily("sip_dropped", "Datagrams not forwarded, by reason (a fixed set).", labels=["reason"])
         counts = getattr(s, "dropped", None) or [0] * len(DROP_REASONS)
         for i, reason in enumerate(DROP_REASONS):
@@ -116,6 +117,7 @@ class GatewayCollector(_Guarded):
         yield CounterMetricFamily("sip_forks", "2xx answers to an INVITE already answered with another To-tag (forking), forwarded.", value=getattr(s, "forks", 0))
         yield CounterMetricFamily("sip_drain_rejected", "New dialogs answered 503 (Retry-After) while the sidecar was draining.", value=getattr(s, "drain_rejected", 0))
         yield CounterMetricFamily("sip_body_truncated", "Datagrams whose bytes past Content-Length were discarded (RFC 3261 18.3).", value=getattr(s, "body_truncated", 0))
+        yield CounterMetricFamily("sip_overload_rejected", "New dialogs answered 503 (Retry-After) because the receive queues were too long.", value=s.overload_rejected)
 
 
 class SignalingCollector(_Guarded):

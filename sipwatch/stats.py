@@ -154,5 +154,6 @@ class Stats:
         self.forks = 0  # a 2xx with another To-tag for an INVITE already answered (forking)
         self.drain_rejected = 0  # new dialogs answered 503 while draining
         self.overload_rejected = 0  # new dialogs answered 503 while the receive queues were long
+        self.overloaded = False  # mirrors ProxyCore.overloaded for the metrics
         self.ring = RttRing(ring_size)
         # call histograms (seconds) are fed from finished-call records off the hot path

@@ -97,7 +97,7 @@ class UdpEdge:
                 if n < 0:
                     return  # no SO_MEMINFO here: never shed (and stop sampling)
                 queued += n
-            self.core.overloaded = self.guard.update(queued)
+            self.core.overloaded = self.stats.overloaded = self.guard.update(queued)
         except Exception as exc:  # never let the watchdog take the loop down
             self.stats.internal_errors["tick"] += 1
             self.last_error = f"{type(exc).__name__}: {exc}"[:300]
