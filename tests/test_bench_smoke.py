@@ -242,3 +242,38 @@ def test_repeated_runs_are_aggregated():
     sw = rows[1]
     assert (sw["repeats"], sw["calls"], sw["ok"], sw["failed"], sw["retransmissions"]) == (3, 30, 29, 1, 3)
     assert sw["cpu_pct"] == 200.0 and len(sw["runs"]) == 3
+
+
+def test_floors_judge_the_all_features_sidecar_against_kamailio():
+    def steps(key, per_msg, cpu, top):
+        return {"steps": [{"rate": r, "passed": r <= top, "cpu_us_per_msg": per_msg, "cpu_pct": cpu * r / 1000,
+                           "calls": 10, "completed": 10 if r <= top else 5, "key": key, "target": key}
+                          for r in (1000, 4000) if r <= max(top, 1000) * 4]}
+    lad = bench.ladder(lambda k, r: next(s for s in {"kamailio": steps("kamailio", 15.0, 14.0, 4000),
+                                                     "notrace": steps("notrace", 40.0, 40.0, 1000),
+                                                     "all": steps("all", 45.0, 48.0, 1000)}[k]["steps"]
+                                         if s["rate"] == r), ["kamailio", "notrace", "all"], [1000, 4000])
+    result = {"ladder": lad, "tracing_cost": bench.tracing_cost(lad),
+              "loaded_latency": {"kamailio": {"rate": 1000, "added_p50_us": 40.0, "added_p99_us": 200.0},
+                                 "all": {"rate": 1000, "added_p50_us": 85.0, "added_p99_us": 900.0}},
+              "overload": {"all": [{"factor": 1.5, "goodput_fraction": 0.95, "refused_503": 300},
+                                   {"factor": 2.0, "goodput_fraction": 0.5, "refused_503": 900,
+                                    "overload_rejected": 900.0}]}}
+    got = {f["floor"]: f["ok"] for f in bench.floors(result)}
+    assert got == {
+        "CPU/msg at 1000/s <= 2x Kamailio's": False,  # 45 / 15 = 3x
+        "CPU/msg at 4000/s <= 2x Kamailio's": False,  # measured on a failing step: still 3x
+        "highest passing step >= 4000/s": False,
+        "added p50 at 1000/s within 50 µs of Kamailio's": True,  # +45 µs
+        "added p99 at 1000/s <= 1 ms": True,
+        "tracing at 100% <= 1.25x --no-tracing CPU": True,  # 48 / 40 = 1.2x
+        "goodput at 1.5x the highest passing rate >= 90%": True,
+        "goodput at 2x the highest passing rate >= 90%": False,
+        "503 + Retry-After beyond capacity (caller received)": True,
+    }
+    assert result["tracing_cost"] == {"rate": 1000, "ratio": pytest.approx(1.2),
+                                      "per_step": {1000: pytest.approx(1.2), 4000: pytest.approx(1.2)}}
+    # a ladder that ended below 4000 with its top step passing cannot tell
+    short = bench.ladder(lambda k, r: {"rate": r, "passed": True, "cpu_us_per_msg": 1.0, "cpu_pct": 1.0,
+                                       "calls": 1, "completed": 1}, ["all"], [300])
+    assert {f["floor"]: f["ok"] for f in bench.floors({"ladder": short})}["highest passing step >= 4000/s"] is None
