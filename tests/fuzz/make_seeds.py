@@ -66,6 +66,14 @@ def hand_written() -> dict[str, bytes]:
         "via_flood_second_line": rec(0, invite(via=b"Via: SIP/2.0/UDP 127.0.0.3:5070;branch=z9hG4bK-s;rport\r\nVia: " +
                                          b", ".join(b"SIP/2.0/UDP 10.0.%d.%d:5060;branch=z9hG4bK%d"
                                                     % (i // 250, i % 250, i) for i in range(1000)), method=b"INFO")),
+        # found by the fuzzer: a status line "SIP/2.0.0 100 Trying" is relayed as it came
+        "response_bad_version": SEP.join([
+            rec(0, invite(method=b"OPTIONS", body=b"")),
+            rec(4, b"SIP/2.0.0 200 OK\r\nContent-Length: 0\r\n\r\n")]),
+        # a folded Content-Length is one value, 0 (RFC 3261 §7.3.1)
+        "response_folded_content_length": SEP.join([
+            rec(0, invite(method=b"OPTIONS", body=b"")),
+            rec(4, b"SIP/2.0 200 OK\r\nContent-Length:\r\n 0\r\n\r\n")]),
         "comma_flood": rec(0, invite(b"Contact: " + b"," * 3000 + b"\r\n")),
         "folded_flood": rec(0, invite(b"Subject: x" + b"\r\n y" * 1000 + b"\r\n")),
         "nested_angles": rec(0, invite(b"Route: " + b"<" * 2000 + b"sip:a" + b">" * 2000 + b"\r\n")),

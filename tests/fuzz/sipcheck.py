@@ -45,7 +45,7 @@ def header_fields(head: bytes) -> list[tuple[bytes, bytes]]:
     out: list[list[bytes]] = []
     for line in lines:
         if line[:1] in (b" ", b"\t") and out:
-            out[-1][1] += b" " + line.strip()
+            out[-1][1] = (out[-1][1] + b" " + line.strip()).strip()
             continue
         name, colon, value = line.partition(b":")
         out.append([name.strip().lower() if colon else b"", value.strip()])
