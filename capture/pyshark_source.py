@@ -7,6 +7,10 @@ runs in a separate worker process that sends packets back in batches.
 
 Only frames matching ``sip || rtp || rtcp`` are read (RTP heuristics on, so streams without
 SDP are found too); ``decode_as`` adds SIP on nonstandard ports, e.g. ``{"udp.port==5080": "sip"}``.
+tshark's EK output is used because it keeps every copy of a repeated layer (the outer and inner
+IP/UDP of a tunnel), so addresses and ports are the innermost hop's; SIP over SCTP is read too.
+``packets`` (the ``frames`` counter) is every frame in the file, counted by capinfos, as in the
+fast engine; SIP messages are counted apart.
 """
 from __future__ import annotations
 
@@ -22,40 +26,54 @@ BATCH = 256
 _END = "__end__"
 
 
-def _raw(field) -> bytes:
-    """Bytes of a JSON-mode raw field (hex string, or [hex, offset, length, ...])."""
-    v = field.value if hasattr(field, "value") else field
-    if isinstance(v, list):
-        v = v[0]
-    return bytes.fromhex(v)
+def _fields(layer) -> dict:
+    """A layer's fields in EK mode. A layer repeated in a frame (the outer and inner IP/UDP of a
+    tunnel) comes as a list of dicts, outermost first: the innermost is the last. (JSON mode
+    keeps only the outermost of repeated layers, which reads every tunnel as its outer hop.)"""
+    fd = layer._fields_dict
+    return fd[-1] if isinstance(fd, list) else fd
+
+
+def _hex(v) -> bytes:
+    return bytes.fromhex(v[-1] if isinstance(v, list) else v or "")
 
 
 def _convert(pkt) -> list[tuple]:
     names = [layer.layer_name for layer in pkt.layers]
     ts = float(pkt.sniff_timestamp)
-    ips = [layer for layer in pkt.layers if layer.layer_name in ("ip", "ipv6")]
-    if not ips:
+    nets = [n for n in names if n in ("ip", "ipv6")]
+    if not nets:
         return []
-    ip = ips[-1]  # tunnels: the innermost header is the last
-    src_ip, dst_ip = str(ip.src), str(ip.dst)
-    if "udp" in names:
-        udp = pkt.udp
-        payload = _raw(udp.payload_raw)
-        return [(ts, (src_ip, int(udp.srcport)), (dst_ip, int(udp.dstport)), "udp",
-                 payload)]
-    if "tcp" in names and "sip_raw" in names:
-        tcp = pkt.tcp
-        raw = pkt.sip_raw.value
-        chunks = raw if isinstance(raw, list) and raw and isinstance(raw[0], list) else [raw]
-        return [(ts, (src_ip, int(tcp.srcport)), (dst_ip, int(tcp.dstport)), "tcp", _raw(c))
-                for c in chunks]
+    net = nets[-1]  # tunnels: the innermost header is the last
+    ipf = _fields(pkt.get_multiple_layers(net)[-1])
+    src_ip, dst_ip = ipf[f"{net}_{net}_src"], ipf[f"{net}_{net}_dst"]
+    transports = [n for n in names if n in ("udp", "tcp", "sctp")]
+    if not transports:
+        return []
+    if transports[-1] == "sctp":  # SIP over SCTP (RFC 4168), which the fast reader does not open
+        if "sip_raw" not in names:
+            return []
+        t = _fields(pkt.get_multiple_layers("sctp")[-1])
+        raw = pkt.get_multiple_layers("sip_raw")[-1]._fields_dict
+        return [(ts, (src_ip, int(t["sctp_sctp_srcport"])), (dst_ip, int(t["sctp_sctp_dstport"])), "sctp",
+                 bytes.fromhex(c)) for c in (raw if isinstance(raw, list) else [raw])]
+    if transports[-1] == "udp":
+        u = _fields(pkt.get_multiple_layers("udp")[-1])
+        return [(ts, (src_ip, int(u["udp_udp_srcport"])), (dst_ip, int(u["udp_udp_dstport"])), "udp",
+                 _hex(u.get("udp_udp_payload_raw")))]
+    if "sip_raw" in names:
+        t = _fields(pkt.get_multiple_layers("tcp")[-1])
+        raw = pkt.get_multiple_layers("sip_raw")[-1]._fields_dict
+        chunks = raw if isinstance(raw, list) else [raw]  # several SIP messages in one segment
+        return [(ts, (src_ip, int(t["tcp_tcp_srcport"])), (dst_ip, int(t["tcp_tcp_dstport"])), "tcp",
+                 bytes.fromhex(c)) for c in chunks]
     return []
 
 
 def _worker(path: str, out, decode_as: dict | None) -> None:
     try:
         import pyshark
-        cap = pyshark.FileCapture(path, use_json=True, include_raw=True,
+        cap = pyshark.FileCapture(path, use_ek=True, include_raw=True,
                                   display_filter=DISPLAY_FILTER, decode_as=decode_as,
                                   override_prefs={"rtp.heuristic_rtp": "TRUE"})
         batch, frames, skipped = [], 0, 0

@@ -25,6 +25,7 @@ FIELDS = (
     "frame.number", "frame.time_epoch", "frame.protocols", "ip.src", "ip.dst", "ipv6.src",
     "ipv6.dst", "udp.srcport", "udp.dstport", "tcp.srcport", "tcp.dstport", "sip.Method",
     "sip.Status-Code", "sip.Call-ID", "sip.CSeq.seq", "sip.CSeq.method", "sip.Via.branch",
+    "sctp.srcport", "sctp.dstport",
 )
 
 
@@ -110,7 +111,7 @@ def sip_transactions(rows: list[list[str]]) -> tuple[list[dict], dict, set, set]
     transports: set[str] = set()
     for r in rows:
         (_, t, protos, ip_s, ip_d, ip6_s, ip6_d, us, ud, ts, td, method, status, cid, seq,
-         cmeth, branch) = r
+         cmeth, branch, ss, sd) = r
         if not cid:
             continue
         if "," in seq:
@@ -122,9 +123,9 @@ def sip_transactions(rows: list[list[str]]) -> tuple[list[dict], dict, set, set]
         src_ip, dst_ip = src_ip.split(",")[-1], dst_ip.split(",")[-1]
         # the innermost transport header too (a VXLAN/Geneve outer UDP header comes first)
         inner_tcp = ts and (not us or _last(layers, "tcp") > _last(layers, "udp"))
-        sport, dport = (ts, td) if inner_tcp else (us, ud)
+        sport, dport = (ts, td) if inner_tcp else (us, ud) if us else (ss, sd)
         sport, dport = sport.split(",")[-1], dport.split(",")[-1]
-        transports.add("TCP" if inner_tcp else "UDP" if us else "OTHER")
+        transports.add("TCP" if inner_tcp else "UDP" if us else "SCTP" if ss else "OTHER")
         top = branch.split(",")[0]
         when = Decimal(t)
         if method:

@@ -308,3 +308,17 @@ def test_decoder_never_raises_on_forged_encapsulations(prefix, tail):
     assert sum(nested.values()) <= MAX_TUNNEL_DEPTH
     assert c.get("encapsulations", {}).get("pppoe", 0) <= MAX_TUNNEL_DEPTH + 1
     assert len(c.get("undecoded_types", {})) <= 64
+
+
+@needs_tshark
+@pytest.mark.parametrize("name", ["tap_vxlan", "tap_erspan3", "tap_gtpu", "tap_ipv6_in_ipv4", UNDECODED])
+def test_pyshark_engine_reads_the_innermost_headers(name):
+    """The cross-check engine (tshark's dissectors) reads each tunnel's inner hop, and SIP over
+    SCTP, which the warning of the fast reader points to."""
+    pytest.importorskip("pyshark")
+    f = stored(name)
+    rep = analyse(str(TAP / f"{name}.pcap"), engine="pyshark")
+    check_against_facts(rep, f)
+    assert rep["packets"] == int(f["packets"])
+    if name == UNDECODED:
+        assert f["sip_transport"] == ["SCTP"] and rep["sip_messages"] == f["sip_messages"] > 0
