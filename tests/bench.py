@@ -212,7 +212,7 @@ def section_throughput(workdir: Path, rates: list[int], duration: float, repeat:
             runs.append(r)
             _progress(f"  {name} @ {rate}/s: ok {r['ok']} failed {r['failed']} cpu {_f(r['cpu_pct'])}%")
     runs = aggregate(runs)
-    _throughput_table(runs, f"throughput/CPU: SIPp uac_call → proxy → callee, {duration:g}-s runs"
+    _throughput_table(runs, f"throughput/CPU: SIPp caller → proxy → callee, {duration:g}-s runs"
                       f"{f' x {repeat}' if repeat > 1 else ''} (7 messages per call)", "uvloop relay")
     return runs
 
@@ -829,7 +829,17 @@ def machine() -> dict:
             sipp = next((ln.strip() for ln in out.splitlines() if "SIPp" in ln), None)
         except (OSError, subprocess.TimeoutExpired):
             pass
-    return {"cpus": os.cpu_count(), "loadavg": list(os.getloadavg()),
+    git = {}
+    root = Path(__file__).resolve().parents[1]
+    try:
+        git["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                                       text=True, timeout=10).stdout.strip() or None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "sipwatch"], cwd=root, capture_output=True,
+                               text=True, timeout=10).stdout.split("\n")
+        git["sipwatch_uncommitted"] = sorted(ln[3:] for ln in dirty if ln.strip())
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return {"cpus": os.cpu_count(), "loadavg": list(os.getloadavg()), "git": git,
             "python": platform.python_version(), "uvloop": version("uvloop"), "sipp": sipp,
             "kamailio": bench_net.kamailio_version()}
 
@@ -845,8 +855,8 @@ def parse_args(argv=None):
     p.add_argument("--latency-rate", type=int, help="call rate of loaded_latency (default 1000, --quick 100)")
     p.add_argument("--profile-rate", type=int, help="call rate of the profile (default 1000, --quick 100)")
     p.add_argument("--profile-seconds", type=int, help="py-spy -d (default 10, --quick 2)")
-    p.add_argument("--budget", type=float, default=1200,
-                   help="seconds: no new SIPp run starts after this much of the run (default 1200)")
+    p.add_argument("--budget", type=float, default=1080,
+                   help="seconds: no new SIPp run starts after this much of the run (default 1080)")
     p.add_argument("--repeat", type=int, default=1,
                    help="throughput section: SIPp runs per rate and target, medians reported (default 1)")
     p.add_argument("--tracing-rate", type=int, help="tracing section's call rate (default: first rate)")
@@ -899,6 +909,10 @@ def main(argv=None) -> int:
           f"Python {info['python']}, uvloop {info['uvloop']}, {info['sipp'] or 'no SIPp'}, "
           f"{info['kamailio'] or 'Kamailio not installed (apt-get install kamailio to add it as a baseline)'}"
           f"{' [quick]' if a.quick else ''}")
+    g = info.get("git") or {}
+    if g.get("commit"):
+        print(f"sipwatch at {g['commit']}" + (f" + uncommitted changes in {', '.join(g['sipwatch_uncommitted'])}"
+                                              if g.get("sipwatch_uncommitted") else ""))
     result: dict = {"machine": info, "args": {"quick": a.quick, "rates": a.rates, "duration": a.duration,
                                               "repeat": a.repeat, "only": a.only}}
     t0 = time.monotonic()

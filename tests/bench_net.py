@@ -741,7 +741,8 @@ class SippLoad:
         self.workdir, self.target, self.uas_port = workdir, target, uas_port
         self.uas_scenario = uas_scenario
         self.rate, self.duration, self.settle = rate, duration, settle
-        self.tag = f"{target.name.replace(' ', '_')}-{rate}-{int(time.time() * 1000) % 100000}"
+        safe = "".join(c if c.isalnum() or c in "-." else "_" for c in target.name)
+        self.tag = f"{safe}-{rate}-{int(time.time() * 1000) % 100000}"
         self.calls = max(1, int(rate * duration))
         self.uas = self.uac = None
 
