@@ -1,0 +1,340 @@
+"""OTLP spans encoded straight from the finished records, protobuf and OTLP/JSON in one pass.
+
+Our spans have a fixed shape (see :mod:`sipwatch.tracing`): one ``SIP call`` SERVER span per
+call, one CLIENT span per transaction, a known set of attribute keys, ``sip.response`` events,
+an UNSET or ERROR status. So instead of building SDK ``ReadableSpan`` objects and running the
+SDK's generic encoder (~76 µs per span), :class:`SpanEncoder` writes each span's bytes directly:
+
+* protobuf (``opentelemetry.proto.trace.v1.Span`` as a field of ``ScopeSpans``): ids as bytes,
+  times as fixed64, fields in field-number order, exactly as the SDK's encoder lays them out;
+* the OTLP/JSON object (hex ids, int64 as strings, enums as integers), strings escaped by orjson.
+
+Each attribute is encoded once into its protobuf ``KeyValue`` field and its JSON object; string
+and integer attributes that repeat (method, direction, host, port, CSeq, status code, a call's
+Call-ID) are kept in a small bounded cache, so a typical transaction span costs a few tuple
+look-ups and two joins. Resource and scope are encoded once. :func:`request` and :func:`json_line`
+wrap a batch of spans into one ``ExportTraceServiceRequest`` (protobuf) / one JSON line.
+
+The SDK-based :class:`sipwatch.tracing.SpanBuilder` stays the reference: the tests decode these
+bytes with ``opentelemetry-proto`` and compare every field with what the SDK encodes for the
+builder's spans.
+"""
+from __future__ import annotations
+
+import struct
+
+import orjson
+
+from .masking import mask_uri
+from .stats import DIRECTIONS, OUTCOMES, REJ5, REJ6, TIMEOUT
+
+ERROR_OUTCOMES = frozenset((REJ5, REJ6, TIMEOUT))
+SCOPE_NAME = "sipwatch"
+CACHE_MAX = 8192  # cached (key, value) encodings; cleared when full (a cache, not a leak)
+PARTY_MAX = 4096  # calls whose masked parties are remembered (a call's spans come together)
+KIND_SERVER, KIND_CLIENT = 2, 3  # OTLP Span.SpanKind
+STATUS_ERROR = 2
+FLAG_HAS_IS_REMOTE, FLAG_IS_REMOTE = 0x100, 0x200  # SpanFlags
+_U64 = (1 << 64) - 1
+
+# varints of 0..16383 (lengths of spans, attributes, small integers) looked up, not computed
+_V = [bytes((n,)) for n in range(128)] + [bytes(((n & 0x7F) | 0x80, n >> 7)) for n in range(128, 16384)]
+_TIMES = struct.Struct("<BQBQ")  # tag 7 fixed64 start, tag 8 fixed64 end
+_DOUBLE = struct.Struct("<d")
+_FIXED64 = struct.Struct("<Q")
+_FLAGS = {False: b"\x85\x01" + struct.pack("<I", FLAG_HAS_IS_REMOTE),  # tag 16, fixed32
+          True: b"\x85\x01" + struct.pack("<I", FLAG_HAS_IS_REMOTE | FLAG_IS_REMOTE)}
+_KIND = {KIND_SERVER: b"\x30\x02", KIND_CLIENT: b"\x30\x03"}  # tag 6, varint
+_STATUS_UNSET = (b"\x7a\x00", b"{}")  # the SDK always writes a Status, empty when UNSET
+
+
+def varint(n: int) -> bytes:
+    """Unsigned protobuf varint (callers pass n >= 0)."""
+    if n < 16384:
+        return _V[n]
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def field(tag: bytes, body: bytes) -> bytes:
+    """A length-delimited field: tag, varint length, body."""
+    return tag + varint(len(body)) + body
+
+
+def any_value_pb(v) -> bytes:
+    """An ``AnyValue`` message body, with the SDK's type order (bool before int)."""
+    if isinstance(v, bool):
+        return b"\x10\x01" if v else b"\x10\x00"
+    if isinstance(v, str):
+        return field(b"\x0a", v.encode("utf-8"))
+    if isinstance(v, int):
+        if not -(1 << 63) <= v < (1 << 63):
+            raise ValueError(f"integer attribute out of int64 range: {v}")
+        return b"\x18" + varint(v & _U64)
+    if isinstance(v, float):
+        return b"\x21" + _DOUBLE.pack(v)
+    if isinstance(v, (list, tuple)):
+        return field(b"\x2a", b"".join(field(b"\x0a", any_value_pb(x)) for x in v))
+    raise TypeError(f"attribute value of type {type(v).__name__} cannot be encoded")
+
+
+def any_value_json(v) -> bytes:
+    """The JSON ``AnyValue`` object's members (as the OTLP/JSON file has always written them)."""
+    if isinstance(v, bool):
+        return b'"boolValue":true' if v else b'"boolValue":false'
+    if isinstance(v, int):
+        return b'"intValue":"%d"' % v
+    if isinstance(v, float):
+        return b'"doubleValue":' + orjson.dumps(v)
+    return b'"stringValue":' + orjson.dumps(str(v))
+
+
+def key_values_pb(tag: bytes, attrs) -> bytes:
+    """Repeated ``KeyValue`` fields (generic: resource attributes, tests)."""
+    return b"".join(field(tag, field(b"\x0a", k.encode("utf-8")) + field(b"\x12", any_value_pb(v)))
+                    for k, v in attrs.items())
+
+
+def key_values_json(attrs) -> bytes:
+    return b"[" + b",".join(b'{"key":%b,"value":{%b}}' % (orjson.dumps(k), any_value_json(v))
+                            for k, v in attrs.items()) + b"]"
+
+
+class SpanEncoder:
+    """Encodes finished ``Call``/``Transaction`` records: ``tx(t)``/``call(c)`` → ``(pb, json)``
+    where ``pb`` is the span as a ``ScopeSpans.spans`` field and ``json`` its OTLP/JSON object."""
+
+    def __init__(self, resource_attributes, scope_version: str, mask_mode: str = "partial",
+                 call_id_mask=None, resource_schema_url: str = ""):
+        self.mask_mode = mask_mode
+        self.call_id_mask = call_id_mask  # bytes Call-ID -> str (masking.CallIdMasker); None: as is
+        self._keys: dict[str, tuple[bytes, bytes]] = {}
+        self._str: dict = {}
+        self._int: dict = {}
+        self._names: dict = {}
+        self._status: dict = {}
+        self._events: dict = {}
+        self._parties: dict = {}
+        # the request's fixed parts
+        resource = field(b"\x0a", key_values_pb(b"\x0a", resource_attributes))
+        scope = field(b"\x0a", field(b"\x0a", SCOPE_NAME.encode()) + field(b"\x12", scope_version.encode()))
+        self._resource_field = resource  # ResourceSpans.resource
+        self._scope_field = scope  # ScopeSpans.scope
+        self._schema_field = field(b"\x1a", resource_schema_url.encode()) if resource_schema_url else b""
+        self._json_head = (b'{"resourceSpans":[{"resource":{"attributes":%b},"scopeSpans":[{"scope":'
+                           b'{"name":%b,"version":%b},"spans":[' % (
+                               key_values_json(resource_attributes), orjson.dumps(SCOPE_NAME),
+                               orjson.dumps(scope_version)))
+        self._json_tail = b"]}]}]}\n"
+
+    # -- batches ---------------------------------------------------------------------------
+    def request(self, spans_pb) -> bytes:
+        """One ``ExportTraceServiceRequest`` holding the encoded spans (one resource, one scope)."""
+        spans = b"".join(spans_pb)
+        scope_spans_len = len(self._scope_field) + len(spans)
+        scope_spans_head = b"\x12" + varint(scope_spans_len)
+        rs_len = (len(self._resource_field) + len(scope_spans_head) + scope_spans_len
+                  + len(self._schema_field))
+        return b"".join((b"\x0a", varint(rs_len), self._resource_field, scope_spans_head,
+                         self._scope_field, spans, self._schema_field))
+
+    def json_line(self, spans_json) -> bytes:
+        """The same batch as one OTLP/JSON line."""
+        return self._json_head + b",".join(spans_json) + self._json_tail
+
+    # -- pieces ----------------------------------------------------------------------------
+    def _key(self, key: str) -> tuple[bytes, bytes]:
+        got = self._keys.get(key)
+        if got is None:
+            if len(self._keys) >= 1024:
+                self._keys.clear()
+            got = self._keys[key] = (field(b"\x0a", key.encode("utf-8")),
+                                     b'{"key":%b,"value":{' % orjson.dumps(key))
+        return got
+
+    def _encode_attr(self, key: str, v) -> tuple[bytes, bytes]:
+        kpb, kjs = self._key(key)
+        kv = kpb + field(b"\x12", any_value_pb(v))
+        return b"\x4a" + varint(len(kv)) + kv, kjs + any_value_json(v) + b"}}"
+
+    def attr(self, key: str, v) -> tuple[bytes, bytes]:
+        """(Span.attributes field, JSON KeyValue) for one attribute; str/int values cached."""
+        t = type(v)
+        if t is str:
+            cache = self._str
+        elif t is int:
+            cache = self._int
+        else:
+            return self._encode_attr(key, v)
+        ck = (key, v)
+        got = cache.get(ck)
+        if got is None:
+            got = self._encode_attr(key, v)
+            if len(cache) >= CACHE_MAX:
+                cache.clear()
+            cache[ck] = got
+        return got
+
+    def _name(self, name: str) -> tuple[bytes, bytes]:
+        got = self._names.get(name)
+        if got is None:
+            if len(self._names) >= 1024:
+                self._names.clear()
+            got = self._names[name] = (field(b"\x2a", name.encode("utf-8")), orjson.dumps(name))
+        return got
+
+    def _error(self, message: str) -> tuple[bytes, bytes]:
+        got = self._status.get(message)
+        if got is None:
+            if len(self._status) >= 1024:
+                self._status.clear()
+            body = field(b"\x12", message.encode("utf-8")) + b"\x18" + _V[STATUS_ERROR]
+            got = self._status[message] = (field(b"\x7a", body), b'{"code":%d,"message":%b}' % (
+                STATUS_ERROR, orjson.dumps(message)))
+        return got
+
+    def _event(self, status: int, t: float) -> tuple[bytes, bytes]:
+        """A ``sip.response`` event for a provisional response."""
+        tail = self._events.get(status)
+        if tail is None:
+            if len(self._events) >= 1024:
+                self._events.clear()
+            kv = field(b"\x0a", b"sip.response.status_code") + field(b"\x12", any_value_pb(status))
+            tail = self._events[status] = (
+                field(b"\x12", b"sip.response") + field(b"\x1a", kv),
+                b'","name":"sip.response","attributes":[{"key":"sip.response.status_code",'
+                b'"value":{%b}}]}' % any_value_json(status))
+        ns = int(t * 1e9)
+        body = b"\x09" + _FIXED64.pack(ns) + tail[0]
+        return b"\x5a" + varint(len(body)) + body, b'{"timeUnixNano":"%d%b' % (ns, tail[1])
+
+    def _party(self, call):
+        """The call's masked Call-ID, From and To attributes, encoded once per call."""
+        key = id(call)
+        got = self._parties.get(key)
+        if got is None or got[3] is not call:
+            if len(self._parties) >= PARTY_MAX:
+                self._parties.clear()
+            cid = self.call_id_mask
+            call_id = cid(call.call_id) if cid is not None else call.call_id.decode("utf-8", "replace")
+            enc = self._encode_attr
+            got = (enc("sip.call_id", call_id), enc("sip.from", mask_uri(call.from_uri, self.mask_mode)),
+                   enc("sip.to", mask_uri(call.to_uri, self.mask_mode)), call)
+            self._parties[key] = got
+        return got
+
+    # -- spans -----------------------------------------------------------------------------
+    def tx(self, tx) -> tuple[bytes, bytes]:
+        """A transaction's CLIENT span (attributes in :meth:`SpanBuilder.tx_span`'s order)."""
+        call = tx.call
+        party = self._party(call)
+        a = self.attr
+        peer = tx.peer
+        client = None
+        transport = "udp"
+        if isinstance(peer[0], tuple):  # observer: (sender, receiver[, transport]) of the hop it saw
+            client, peer = peer[0], peer[1]
+            if len(tx.peer) > 2:
+                transport = tx.peer[2]
+        host, port = peer
+        method = tx.method.decode("ascii", "replace")
+        attrs = [a("sip.request.method", method), party[0], a("sip.cseq", tx.cseq),
+                 a("sip.direction", DIRECTIONS[tx.direction]), a("network.transport", transport),
+                 a("server.address", host), a("server.port", port), a("network.peer.address", host)]
+        if client is not None:
+            chost, cport = client
+            attrs.append(a("client.address", chost))
+            attrs.append(a("client.port", cport))
+        if not call.is_call:  # no call span above to carry the parties
+            attrs.append(party[1])
+            attrs.append(party[2])
+        status = tx.status
+        if status:
+            attrs.append(a("sip.response.status_code", status))
+        if tx.t_first is not None:
+            attrs.append(self._encode_attr("sip.rtt_ms", round((tx.t_first - tx.t_sent) * 1000.0, 3)))
+        if tx.retrans:
+            attrs.append(a("sip.retransmissions", tx.retrans))
+        st = _STATUS_UNSET
+        if tx.timed_out:
+            attrs.append(a("error.type", "timeout"))
+            st = self._error("no final response (timeout)")
+        elif status >= 500:
+            attrs.append(a("error.type", str(status)))
+            st = self._error(f"SIP {status}")
+        events = [self._event(s, t) for s, t in tx.events if s < 200] if tx.events else ()
+        parent = tx.parent_span_id
+        remote = bool(parent) and (parent != call.span_id or not call.is_call)
+        return self._span(tx.trace_id, tx.span_id, parent, remote, self._name(method), KIND_CLIENT,
+                          int(tx.t_sent * 1e9), int(tx.t_final * 1e9), attrs, events, st)
+
+    def call(self, call) -> tuple[bytes, bytes]:
+        """A call's SERVER span (attributes in :meth:`SpanBuilder.call_span`'s order)."""
+        party = self._party(call)
+        a = self.attr
+        enc = self._encode_attr
+        outcome = OUTCOMES[call.outcome] if call.outcome >= 0 else "unknown"
+        attrs = {"sip.request.method": a("sip.request.method", "INVITE"), "sip.call_id": party[0],
+                 "sip.from": party[1], "sip.to": party[2],
+                 "sip.request.uri": enc("sip.request.uri", mask_uri(call.ruri, self.mask_mode)),
+                 "sip.call.outcome": a("sip.call.outcome", outcome),
+                 "network.transport": a("network.transport", call_transport(call)),
+                 "network.protocol.name": a("network.protocol.name", "sip")}
+        if call.status:
+            attrs["sip.response.status_code"] = a("sip.response.status_code", call.status)
+        if call.t_setup is not None:
+            attrs["sip.call.setup_ms"] = enc("sip.call.setup_ms", round((call.t_setup - call.t_start) * 1000.0, 3))
+        if call.t_answer is not None:
+            attrs["sip.call.answer_ms"] = enc("sip.call.answer_ms", round((call.t_answer - call.t_start) * 1000.0, 3))
+            attrs["sip.call.duration_s"] = enc("sip.call.duration_s", round(call.t_end - call.t_answer, 6))
+        if call.retrans:
+            attrs["sip.retransmissions"] = a("sip.retransmissions", call.retrans)
+        rtp = call.rtp
+        if rtp:
+            for k, v in rtp.items():
+                attrs[k] = enc(k, v)
+                if k == "sip.call.outcome":  # as dict.update would: the status message follows it
+                    outcome = v
+        st = _STATUS_UNSET
+        if call.outcome in ERROR_OUTCOMES:
+            st = self._error(outcome)
+            attrs["error.type"] = a("error.type", "timeout" if call.outcome == TIMEOUT else str(call.status))
+        parent = call.parent_span_id
+        return self._span(call.trace_id, call.span_id, parent, bool(parent), self._name("SIP call"),
+                          KIND_SERVER, int(call.t_start * 1e9), int(call.t_end * 1e9),
+                          list(attrs.values()), (), st)
+
+    @staticmethod
+    def _span(trace_id, span_id, parent, remote, name, kind, start, end, attrs, events, status):
+        parts = [b"\x0a\x10", trace_id.to_bytes(16, "big"), b"\x12\x08", span_id.to_bytes(8, "big")]
+        if parent:
+            parts.append(b"\x22\x08")
+            parts.append(parent.to_bytes(8, "big"))
+        parts.append(name[0])
+        parts.append(_KIND[kind])
+        parts.append(_TIMES.pack(0x39, start, 0x41, end))
+        parts += [x[0] for x in attrs]
+        if events:
+            parts += [e[0] for e in events]
+        parts.append(status[0])
+        parts.append(_FLAGS[remote])
+        body = b"".join(parts)
+        js = b'{"traceId":"%032x","spanId":"%016x","flags":%d,"name":%b,"kind":%d,"startTimeUnixNano":"%d",' \
+             b'"endTimeUnixNano":"%d","attributes":[%b],"status":%b' % (
+                 trace_id, span_id, FLAG_HAS_IS_REMOTE | (FLAG_IS_REMOTE if remote else 0), name[1], kind,
+                 start, end, b",".join([x[1] for x in attrs]), status[1])
+        if parent:
+            js += b',"parentSpanId":"%016x"' % parent
+        if events:
+            js += b',"events":[' + b",".join([e[1] for e in events]) + b"]"
+        return b"\x12" + varint(len(body)) + body, js + b"}"
+
+
+def call_transport(call) -> str:
+    """The proxy speaks UDP; a captured call says what its first hop was seen on."""
+    peer = call.transactions[0].peer if call.transactions else None
+    return peer[2] if peer and isinstance(peer[0], tuple) and len(peer) > 2 else "udp"
