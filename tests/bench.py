@@ -466,6 +466,18 @@ def _count_lines(path: Path) -> int:
         return sum(1 for _ in fh)
 
 
+def _count_spans(path: Path) -> int:
+    """Spans in an OTLP-JSON lines file: occurrences of the ``"spanId":`` key (``parentSpanId`` is
+    another key)."""
+    if not path.exists():
+        return 0
+    n = 0
+    with open(path, "rb") as fh:
+        for line in fh:
+            n += line.count(b'"spanId":')
+    return n
+
+
 def _sidecar_figures(target, r: dict, features: Features | None, otlp0: dict | None) -> None:
     """Add the sidecar's own counts to a run: 503s it sent, spans exported/dropped; for the
     all-features target what the collector decoded and the spans file holds."""
@@ -484,6 +496,8 @@ def _sidecar_figures(target, r: dict, features: Features | None, otlp0: dict | N
         r["otlp_spans"] = o1["spans"] - otlp0["spans"]
         r["otlp_requests"] = o1["requests"] - otlp0["requests"]
         r["spans_file_lines"] = _count_lines(target.spans_file)
+        r["spans_file_spans"] = _count_spans(target.spans_file)
+        target.spans_file.unlink(missing_ok=True)  # up to hundreds of MB per step
 
 
 def load_step(workdir: Path, key: str, rate: int, duration: float, features: Features | None) -> dict | None:
@@ -578,7 +592,8 @@ def section_ladder(workdir: Path, keys: list[str], rates: list[int], duration: f
         for r in res["all"]["steps"]:
             if "otlp_spans" in r:
                 print(f"  all features @ {r['rate']}/s: collector decoded {r['otlp_spans']} spans in "
-                      f"{r['otlp_requests']} requests, spans file {r['spans_file_lines']} lines, sidecar "
+                      f"{r['otlp_requests']} requests, spans file {r['spans_file_spans']} spans in "
+                      f"{r['spans_file_lines']} lines, sidecar "
                       f"exported {_f(r.get('spans_exported'), '.0f')} dropped {_f(r.get('spans_dropped'), '.0f')} "
                       f"({r['otlp_spans'] / max(1, r['completed']):.1f} collector spans per completed call)")
     return res

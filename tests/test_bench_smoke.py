@@ -219,7 +219,7 @@ def test_quick_bench_prints_issue_10_tables_and_json():
                 "passed"} <= set(step)
     # the all-features sidecar really exported: the collector process decoded spans, the file has lines
     all_step = result["ladder"]["all"]["steps"][0]
-    assert all_step["otlp_spans"] > 0 and all_step["spans_file_lines"] > 0
+    assert all_step["otlp_spans"] > 0 and all_step["spans_file_lines"] > 0 and all_step["spans_file_spans"] > 0
     assert result["otlp_collector"]["spans"] > 0 and result["otlp_collector"]["bad_requests"] == 0
     if result["ladder"]["all"]["max_passing_rate"]:
         assert [r["factor"] for r in result["overload"]["all"]] == [1.5, 2.0]
