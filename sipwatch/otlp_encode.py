@@ -45,6 +45,7 @@ _FIXED64 = struct.Struct("<Q")
 _FLAGS = {False: b"\x85\x01" + struct.pack("<I", FLAG_HAS_IS_REMOTE),  # tag 16, fixed32
           True: b"\x85\x01" + struct.pack("<I", FLAG_HAS_IS_REMOTE | FLAG_IS_REMOTE)}
 _KIND = {KIND_SERVER: b"\x30\x02", KIND_CLIENT: b"\x30\x03"}  # tag 6, varint
+_FLAG_VALUES = {False: FLAG_HAS_IS_REMOTE, True: FLAG_HAS_IS_REMOTE | FLAG_IS_REMOTE}
 _STATUS_UNSET = (b"\x7a\x00", b"{}")  # the SDK always writes a Status, empty when UNSET
 
 
@@ -119,6 +120,7 @@ class SpanEncoder:
         self._status: dict = {}
         self._events: dict = {}
         self._parties: dict = {}
+        self._hops: dict = {}
         # the request's fixed parts
         resource = field(b"\x0a", key_values_pb(b"\x0a", resource_attributes))
         scope = field(b"\x0a", field(b"\x0a", SCOPE_NAME.encode()) + field(b"\x12", scope_version.encode()))
@@ -158,6 +160,9 @@ class SpanEncoder:
 
     def _encode_attr(self, key: str, v) -> tuple[bytes, bytes]:
         kpb, kjs = self._key(key)
+        if type(v) is float:  # the per-span figures (RTT, setup time): never cached
+            kv = kpb + b"\x12\x09\x21" + _DOUBLE.pack(v)
+            return b"\x4a" + _V[len(kv)] + kv, b'%b"doubleValue":%b}}' % (kjs, orjson.dumps(v))
         kv = kpb + field(b"\x12", any_value_pb(v))
         return b"\x4a" + varint(len(kv)) + kv, kjs + any_value_json(v) + b"}}"
 
@@ -212,6 +217,17 @@ class SpanEncoder:
         body = b"\x09" + _FIXED64.pack(ns) + tail[0]
         return b"\x5a" + varint(len(body)) + body, b'{"timeUnixNano":"%d%b' % (ns, tail[1])
 
+    def _masked(self, key: str, raw) -> tuple[bytes, bytes]:
+        """A masked URI attribute; the same header value (a To, a Request-URI) masks the same."""
+        ck = (key, raw)
+        got = self._str.get(ck)
+        if got is None:
+            got = self._encode_attr(key, mask_uri(raw, self.mask_mode))
+            if len(self._str) >= CACHE_MAX:
+                self._str.clear()
+            self._str[ck] = got
+        return got
+
     def _party(self, call):
         """The call's masked Call-ID, From and To attributes, encoded once per call."""
         key = id(call)
@@ -221,10 +237,27 @@ class SpanEncoder:
                 self._parties.clear()
             cid = self.call_id_mask
             call_id = cid(call.call_id) if cid is not None else call.call_id.decode("utf-8", "replace")
-            enc = self._encode_attr
-            got = (enc("sip.call_id", call_id), enc("sip.from", mask_uri(call.from_uri, self.mask_mode)),
-                   enc("sip.to", mask_uri(call.to_uri, self.mask_mode)), call)
+            got = (self._encode_attr("sip.call_id", call_id), self._masked("sip.from", call.from_uri),
+                   self._masked("sip.to", call.to_uri), call)
             self._parties[key] = got
+        return got
+
+    def _hop(self, method: bytes, cseq, direction, transport, host, port):
+        """The transaction attributes a hop shares with many others, pre-joined: method (before
+        the Call-ID), then CSeq, direction, transport, server address and port, peer address."""
+        ck = (method, cseq, direction, transport, host, port)
+        got = self._hops.get(ck)
+        if got is None:
+            a = self.attr
+            name = method.decode("ascii", "replace")
+            m = a("sip.request.method", name)
+            rest = (a("sip.cseq", cseq), a("sip.direction", DIRECTIONS[direction]),
+                    a("network.transport", transport), a("server.address", host), a("server.port", port),
+                    a("network.peer.address", host))
+            got = (m[0], m[1], b"".join([x[0] for x in rest]), b",".join([x[1] for x in rest]), self._name(name))
+            if len(self._hops) >= CACHE_MAX:
+                self._hops.clear()
+            self._hops[ck] = got
         return got
 
     # -- spans -----------------------------------------------------------------------------
@@ -232,7 +265,6 @@ class SpanEncoder:
         """A transaction's CLIENT span (attributes in :meth:`SpanBuilder.tx_span`'s order)."""
         call = tx.call
         party = self._party(call)
-        a = self.attr
         peer = tx.peer
         client = None
         transport = "udp"
@@ -241,36 +273,49 @@ class SpanEncoder:
             if len(tx.peer) > 2:
                 transport = tx.peer[2]
         host, port = peer
-        method = tx.method.decode("ascii", "replace")
-        attrs = [a("sip.request.method", method), party[0], a("sip.cseq", tx.cseq),
-                 a("sip.direction", DIRECTIONS[tx.direction]), a("network.transport", transport),
-                 a("server.address", host), a("server.port", port), a("network.peer.address", host)]
+        hop = self._hop(tx.method, tx.cseq, tx.direction, transport, host, port)
+        cid = party[0]
+        pb = [hop[0], cid[0], hop[2]]
+        js = [hop[1], cid[1], hop[3]]
+        a = self.attr
         if client is not None:
             chost, cport = client
-            attrs.append(a("client.address", chost))
-            attrs.append(a("client.port", cport))
+            x = a("client.address", chost)
+            y = a("client.port", cport)
+            pb += (x[0], y[0])
+            js += (x[1], y[1])
         if not call.is_call:  # no call span above to carry the parties
-            attrs.append(party[1])
-            attrs.append(party[2])
+            pb += (party[1][0], party[2][0])
+            js += (party[1][1], party[2][1])
         status = tx.status
         if status:
-            attrs.append(a("sip.response.status_code", status))
+            x = a("sip.response.status_code", status)
+            pb.append(x[0])
+            js.append(x[1])
         if tx.t_first is not None:
-            attrs.append(self._encode_attr("sip.rtt_ms", round((tx.t_first - tx.t_sent) * 1000.0, 3)))
+            x = self._encode_attr("sip.rtt_ms", round((tx.t_first - tx.t_sent) * 1000.0, 3))
+            pb.append(x[0])
+            js.append(x[1])
         if tx.retrans:
-            attrs.append(a("sip.retransmissions", tx.retrans))
+            x = a("sip.retransmissions", tx.retrans)
+            pb.append(x[0])
+            js.append(x[1])
         st = _STATUS_UNSET
         if tx.timed_out:
-            attrs.append(a("error.type", "timeout"))
+            x = a("error.type", "timeout")
+            pb.append(x[0])
+            js.append(x[1])
             st = self._error("no final response (timeout)")
         elif status >= 500:
-            attrs.append(a("error.type", str(status)))
+            x = a("error.type", str(status))
+            pb.append(x[0])
+            js.append(x[1])
             st = self._error(f"SIP {status}")
-        events = [self._event(s, t) for s, t in tx.events if s < 200] if tx.events else ()
+        events = [self._event(s, t) for s, t in tx.events if s < 200] if tx.events else None
         parent = tx.parent_span_id
         remote = bool(parent) and (parent != call.span_id or not call.is_call)
-        return self._span(tx.trace_id, tx.span_id, parent, remote, self._name(method), KIND_CLIENT,
-                          int(tx.t_sent * 1e9), int(tx.t_final * 1e9), attrs, events, st)
+        return self._span(tx.trace_id, tx.span_id, parent, remote, hop[4], KIND_CLIENT,
+                          int(tx.t_sent * 1e9), int(tx.t_final * 1e9), b"".join(pb), b",".join(js), events, st)
 
     def call(self, call) -> tuple[bytes, bytes]:
         """A call's SERVER span (attributes in :meth:`SpanBuilder.call_span`'s order)."""
@@ -280,7 +325,7 @@ class SpanEncoder:
         outcome = OUTCOMES[call.outcome] if call.outcome >= 0 else "unknown"
         attrs = {"sip.request.method": a("sip.request.method", "INVITE"), "sip.call_id": party[0],
                  "sip.from": party[1], "sip.to": party[2],
-                 "sip.request.uri": enc("sip.request.uri", mask_uri(call.ruri, self.mask_mode)),
+                 "sip.request.uri": self._masked("sip.request.uri", call.ruri),
                  "sip.call.outcome": a("sip.call.outcome", outcome),
                  "network.transport": a("network.transport", call_transport(call)),
                  "network.protocol.name": a("network.protocol.name", "sip")}
@@ -304,34 +349,23 @@ class SpanEncoder:
             st = self._error(outcome)
             attrs["error.type"] = a("error.type", "timeout" if call.outcome == TIMEOUT else str(call.status))
         parent = call.parent_span_id
+        vals = attrs.values()
         return self._span(call.trace_id, call.span_id, parent, bool(parent), self._name("SIP call"),
                           KIND_SERVER, int(call.t_start * 1e9), int(call.t_end * 1e9),
-                          list(attrs.values()), (), st)
+                          b"".join([x[0] for x in vals]), b",".join([x[1] for x in vals]), None, st)
 
     @staticmethod
-    def _span(trace_id, span_id, parent, remote, name, kind, start, end, attrs, events, status):
-        parts = [b"\x0a\x10", trace_id.to_bytes(16, "big"), b"\x12\x08", span_id.to_bytes(8, "big")]
-        if parent:
-            parts.append(b"\x22\x08")
-            parts.append(parent.to_bytes(8, "big"))
-        parts.append(name[0])
-        parts.append(_KIND[kind])
-        parts.append(_TIMES.pack(0x39, start, 0x41, end))
-        parts += [x[0] for x in attrs]
-        if events:
-            parts += [e[0] for e in events]
-        parts.append(status[0])
-        parts.append(_FLAGS[remote])
-        body = b"".join(parts)
+    def _span(trace_id, span_id, parent, remote, name, kind, start, end, attrs_pb, attrs_js, events, status):
+        body = b"".join((b"\x0a\x10", trace_id.to_bytes(16, "big"), b"\x12\x08", span_id.to_bytes(8, "big"),
+                         b"\x22\x08" + parent.to_bytes(8, "big") if parent else b"", name[0], _KIND[kind],
+                         _TIMES.pack(0x39, start, 0x41, end), attrs_pb,
+                         b"".join([e[0] for e in events]) if events else b"", status[0], _FLAGS[remote]))
         js = b'{"traceId":"%032x","spanId":"%016x","flags":%d,"name":%b,"kind":%d,"startTimeUnixNano":"%d",' \
-             b'"endTimeUnixNano":"%d","attributes":[%b],"status":%b' % (
-                 trace_id, span_id, FLAG_HAS_IS_REMOTE | (FLAG_IS_REMOTE if remote else 0), name[1], kind,
-                 start, end, b",".join([x[1] for x in attrs]), status[1])
-        if parent:
-            js += b',"parentSpanId":"%016x"' % parent
-        if events:
-            js += b',"events":[' + b",".join([e[1] for e in events]) + b"]"
-        return b"\x12" + varint(len(body)) + body, js + b"}"
+             b'"endTimeUnixNano":"%d","attributes":[%b],"status":%b%b%b}' % (
+                 trace_id, span_id, _FLAG_VALUES[remote], name[1], kind, start, end, attrs_js, status[1],
+                 b',"parentSpanId":"%016x"' % parent if parent else b"",
+                 b',"events":[' + b",".join([e[1] for e in events]) + b"]" if events else b"")
+        return b"\x12" + varint(len(body)) + body, js
 
 
 def call_transport(call) -> str:
