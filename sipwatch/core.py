@@ -231,7 +231,7 @@ class ProxyCore:
             raise Dropped(DROP_MISSING_HEADER)
         via_i = names.index(b"via")
         via_vals = split_values(msg.value_at(via_i), MAX_VIAS)
-        if names.count(b"via") + len(via_vals) - 1 > MAX_VIAS:
+        if names.count(b"via") > 1:
             self._count_vias(msg, via_i)
         top = parse_via(via_vals[0])
         top_params = top.params

@@ -154,8 +154,8 @@ for _n in _COMMON_NAMES + tuple(COMPACT_FORMS):
 _NAME_CACHE_MAX = 1024
 
 
-# A header name is an RFC 3261 token; the caller has already cut it at the colon.
-_TOKEN = re.compile(rb"[A-Za-z0-9!%'*+\-.^_`|~]+")
+# A header name is an RFC 3261 §25.1 token (no "^" or "|", unlike HTTP); the caller cut it at the colon.
+_TOKEN = re.compile(rb"[A-Za-z0-9!%'*+\-._`~]+")
 _FOLD = re.compile(rb"[ \t]*\r?\n[ \t]+")
 # Control bytes (HT excepted): in a header section only the CR and LF of line ends may appear.
 _CONTROLS = bytes(range(0, 9)) + bytes(range(10, 32)) + b"\x7f"
@@ -250,7 +250,7 @@ def parse(data: bytes, check_length: bool = True) -> SipMessage:
     start = raw[0]
     if start.startswith(_SIP20):
         parts = start.split(None, 2)
-        if len(parts) < 2 or len(parts[1]) != 3 or not parts[1].isdigit():
+        if len(parts) < 2 or parts[0] != _SIP20 or len(parts[1]) != 3 or not parts[1].isdigit():
             raise SipParseError(f"bad status line {start[:60]!r}", DROP_NOT_SIP)
         status = int(parts[1])
         if status < 100:
