@@ -553,6 +553,7 @@ BENCH_UAS = """<?xml version="1.0" encoding="ISO-8859-1" ?>
 </scenario>
 """
 MSGS_PER_CALL = 7
+SIPP_BUF = 4 << 20
 
 # The caller for load runs: uac_call's flow (INVITE with SDP, 100/180, 200, ACK, BYE, 200) where a
 # 503 to the INVITE is an expected answer that ends the call (ACK with the INVITE's branch, RFC 3261
@@ -647,7 +648,10 @@ def _sipp(workdir: Path, tag: str, args: list[str]) -> tuple[subprocess.Popen, P
     d = workdir / f"sipp-{tag}"
     d.mkdir(parents=True, exist_ok=True)
     out = open(d / "stdout.txt", "wb")
-    p = subprocess.Popen(["sipp", *args, "-nostdin", "-trace_err", "-trace_stat", "-fd", "1"],
+    # 4 MiB socket buffers (SIPp's default is 64 KiB): on a busy 2-core box SIPp's own sockets
+    # overflow in scheduling gaps long before the proxy under test does
+    p = subprocess.Popen(["sipp", *args, "-nostdin", "-trace_err", "-trace_stat", "-fd", "1",
+                          "-buff_size", str(SIPP_BUF)],
                          cwd=d, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     out.close()
     return p, d

@@ -115,7 +115,8 @@ def test_cli_arguments():
     d = bench.parse_args([])
     assert d.duration == 10.0 and d.rates == [300, 1000, 2000, 3000, 4000, 5000, 6500]
     assert d.only == list(bench.DEFAULT_SECTIONS) and d.targets == ["kamailio", "relay", "notrace", "all"]
-    assert (d.latency_rate, d.profile_rate, d.profile_seconds) == (1000, 1000, 10)
+    assert (d.latency_rate, d.profile_rate, d.profile_seconds, d.retries) == (1000, 1000, 10, 1)
+    assert a.retries == 0 and bench.parse_args(["--quick", "--retries", "2"]).retries == 2
     assert bench.parse_args(["--targets", "all,relay"]).targets == ["relay", "all"]
     for bad in (["--only", "nonsense"], ["--targets", "nginx"], ["--rates", "x"], ["--rates", "0"],
                 ["--duration", "0"]):
@@ -151,6 +152,18 @@ def test_ladder_stops_each_target_at_its_first_failing_step():
     assert rows[0][3] == ">= 6500 (65.0% CPU)" and rows[0][4] == "-"
     assert rows[2][1:] == ["3.0%", "10.0%", "2000 (20.0% CPU)", "3000/s: 50.0% of calls failed"]
     assert rows[3][1:] == ["fails (3.0%)", "-", "none", "300/s: 50.0% of calls failed"]
+    # a failing step is run again: a pass on the second try counts, the failed try is kept
+    flaky = {("relay", 1000): 1}
+
+    def step2(key, rate):
+        if flaky.get((key, rate)):
+            flaky[(key, rate)] -= 1
+            return _run(key, rate, 0)
+        return _run(key, rate, 2000)
+    res = bench.ladder(step2, ["relay"], [300, 1000, 2000, 3000], retries=1)
+    assert res["relay"]["max_passing_rate"] == 2000 and res["relay"]["first_failing_rate"] == 3000
+    assert len(res["relay"]["steps"][1]["failed_tries"]) == 1 and len(res["relay"]["steps"][3]["failed_tries"]) == 1
+    assert not res["relay"]["steps"][3]["passed"]
     # a target that cannot start ends its ladder without a step
     res = bench.ladder(lambda k, r: None if k == "relay" else _run(k, r, 1000), ["relay", "all"], [300, 1000, 2000])
     assert res["relay"]["steps"] == [] and res["all"]["max_passing_rate"] == 1000
