@@ -34,25 +34,29 @@ exports over OTLP with short timeouts. A full queue or a failing backend drops s
 """
 from __future__ import annotations
 
-import logging
+import gzip
+import http.client
 import os
 import socket
+import ssl
 import sys
 import threading
 import time
 import uuid
+import zlib
 from collections import deque
 from urllib.parse import urlparse
 
 import orjson
 from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan
-from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from . import __version__
 from .masking import mask_uri
+from .otlp_encode import SpanEncoder
+from .otlp_encode import call_transport as _call_transport
 from .stats import DIRECTIONS, OUTCOMES, REJ5, REJ6, TIMEOUT
 from .tracecontext import sampled_by_ratio
 
@@ -152,15 +156,133 @@ class _HashOnce(Resource):
         return self._hash
 
 
-def make_exporter(endpoint: str, protocol: str):
-    """A real OTLP span exporter; its own retry warnings are silenced, failures are counted."""
-    logging.getLogger("opentelemetry.exporter.otlp").setLevel(logging.ERROR)
+def _env(env, name: str) -> str | None:
+    """``OTEL_EXPORTER_OTLP_TRACES_<name>``, else ``OTEL_EXPORTER_OTLP_<name>`` (as the SDK reads them)."""
+    v = env.get("OTEL_EXPORTER_OTLP_TRACES_" + name) or env.get("OTEL_EXPORTER_OTLP_" + name)
+    return v.strip() if v and v.strip() else None
+
+
+def _read(path: str | None) -> bytes | None:
+    if not path:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
+class HttpExporter:
+    """OTLP/HTTP protobuf: the encoded request POSTed on one keep-alive connection."""
+
+    def __init__(self, endpoint: str, headers=None, timeout: float = EXPORT_TIMEOUT,
+                 compression: str | None = None, certificate: str | None = None,
+                 client_certificate: str | None = None, client_key: str | None = None):
+        u = urlparse(endpoint)
+        self.https = u.scheme == "https"
+        self.host = u.hostname or "localhost"
+        self.port = u.port or (443 if self.https else 80)
+        self.path = (u.path or "/") + (f"?{u.query}" if u.query else "")
+        self.timeout = timeout
+        self.compression = compression if compression in ("gzip", "deflate") else None
+        self.headers = {"Content-Type": "application/x-protobuf", "User-Agent": f"sipwatch/{__version__}"}
+        if self.compression:
+            self.headers["Content-Encoding"] = self.compression
+        self.headers.update(headers or {})
+        self._tls = None
+        if self.https:
+            self._tls = ssl.create_default_context(cafile=certificate)
+            if client_certificate:
+                self._tls.load_cert_chain(client_certificate, client_key)
+        self._conn = None
+
+    def _connect(self):
+        if self.https:
+            return http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout, context=self._tls)
+        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+
+    def export(self, data: bytes) -> bool:
+        if self.compression == "gzip":
+            data = gzip.compress(data, 1)
+        elif self.compression == "deflate":
+            data = zlib.compress(data, 1)
+        for _ in range(2):
+            reused = self._conn is not None
+            conn = self._conn or self._connect()
+            self._conn = conn
+            try:
+                conn.request("POST", self.path, data, self.headers)
+                resp = conn.getresponse()
+                resp.read()
+                if resp.will_close:
+                    self._close()
+                return 200 <= resp.status < 300
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                self._close()
+                if not reused:  # a fresh connection failed: the backend, not a stale keep-alive
+                    return False
+            except (OSError, http.client.HTTPException, ValueError):
+                self._close()
+                return False
+        return False
+
+    def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+    def shutdown(self) -> None:
+        self._close()
+
+
+EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+
+
+class GrpcExporter:
+    """OTLP/gRPC: the encoded request sent as is (identity serializer) to TraceService/Export."""
+
+    def __init__(self, endpoint: str, headers=None, timeout: float = EXPORT_TIMEOUT,
+                 compression: str | None = None, certificate: str | None = None,
+                 client_certificate: str | None = None, client_key: str | None = None):
+        import grpc
+        self._grpc = grpc
+        u = urlparse(endpoint)
+        target = u.netloc
+        comp = {"gzip": grpc.Compression.Gzip, "deflate": grpc.Compression.Deflate}.get(compression or "")
+        if u.scheme == "https":
+            creds = grpc.ssl_channel_credentials(_read(certificate), _read(client_key), _read(client_certificate))
+            self._channel = grpc.secure_channel(target, creds, compression=comp)
+        else:
+            self._channel = grpc.insecure_channel(target, compression=comp)
+        # no serializer: the bytes go out as they are, the response bytes are not parsed
+        self._export = self._channel.unary_unary(EXPORT_METHOD)
+        self.timeout = timeout
+        self.metadata = tuple((k.lower(), v) for k, v in (headers or {}).items()) or None
+
+    def export(self, data: bytes) -> bool:
+        try:
+            self._export(data, timeout=self.timeout, metadata=self.metadata)
+        except self._grpc.RpcError:
+            return False
+        return True
+
+    def shutdown(self) -> None:
+        self._channel.close()
+
+
+def make_exporter(endpoint: str, protocol: str, env=None):
+    """An OTLP exporter of encoded requests; OTEL_EXPORTER_OTLP_[TRACES_]HEADERS, _CERTIFICATE,
+    _CLIENT_CERTIFICATE, _CLIENT_KEY and _COMPRESSION as the SDK's exporters read them."""
+    env = os.environ if env is None else env
+    from opentelemetry.util.re import parse_env_headers
+    raw = _env(env, "HEADERS")
+    kw = dict(headers=parse_env_headers(raw, liberal=True) if raw else None, timeout=EXPORT_TIMEOUT,
+              compression=(_env(env, "COMPRESSION") or "").lower() or None,
+              certificate=_env(env, "CERTIFICATE"), client_certificate=_env(env, "CLIENT_CERTIFICATE"),
+              client_key=_env(env, "CLIENT_KEY"))
     if protocol == "http/protobuf":
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-        return OTLPSpanExporter(endpoint=endpoint, timeout=EXPORT_TIMEOUT)
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-    return OTLPSpanExporter(endpoint=endpoint, insecure=urlparse(endpoint).scheme != "https",
-                            timeout=EXPORT_TIMEOUT)
+        return HttpExporter(endpoint, **kw)
+    return GrpcExporter(endpoint, **kw)
 
 
 def add_otlp_arguments(ap) -> None:
@@ -349,12 +471,12 @@ def otlp_json_line(spans, resource: Resource) -> bytes:
 class SpanPipeline:
     """Bounded hand-off from the event loop to one export thread."""
 
-    def __init__(self, stats, builder: SpanBuilder, exporter=None, spans_file: str | None = None,
+    def __init__(self, stats, encoder: SpanEncoder, exporter=None, spans_file: str | None = None,
                  sample_ratio: float = 1.0, parent_based: bool = True,
                  queue_max: int = QUEUE_MAX, batch: int = BATCH):
         self.stats = stats
-        self.builder = builder
-        self.exporter = exporter
+        self.encoder = encoder
+        self.exporter = exporter  # HttpExporter / GrpcExporter: export(bytes) -> bool
         self.sample_ratio = sample_ratio
         self._own_decision = not parent_based  # decide from the trace id, ignore the caller's flag
         # unbuffered: a failed write (full disk) fails now, and leaves no backlog in a buffer
@@ -412,9 +534,10 @@ class SpanPipeline:
         endpoint = resolve_endpoint(endpoint, protocol, env)
         if endpoint is None and not spans_file:
             return NoExport(ratio)
-        builder = SpanBuilder(make_resource(service_name, role, env), mask_mode, call_id_mask)
-        exporter = make_exporter(endpoint, protocol) if endpoint else None
-        return cls(stats, builder, exporter, spans_file, ratio, parent_based, **kw)
+        resource = make_resource(service_name, role, env)
+        encoder = SpanEncoder(resource.attributes, __version__, mask_mode, call_id_mask, resource.schema_url)
+        exporter = make_exporter(endpoint, protocol, env) if endpoint else None
+        return cls(stats, encoder, exporter, spans_file, ratio, parent_based, **kw)
 
     # event loop side ------------------------------------------------------------------
     def submit(self, records) -> None:
@@ -482,29 +605,38 @@ class SpanPipeline:
                 return
 
     def _export(self, batch) -> None:
-        build = self.builder.build
-        spans = []
+        exporter = self.exporter
+        now = time.monotonic()
+        to_backend = exporter is not None and now >= self._retry_at
+        if not to_backend and self.spans_file is None:
+            self._export_dropped += len(batch)  # backend failed recently: shed, do not even encode
+            return
+        enc = self.encoder
+        tx, call = enc.tx, enc.call
+        pbs, lines = [], []
         for kind, obj in batch:
             try:
-                spans.append(build(kind, obj))
+                pb, js = call(obj) if kind == "call" else tx(obj)
             except Exception:  # noqa: BLE001 - a malformed record must not kill the thread
                 self._export_dropped += 1
                 self.failures += 1
-        if not spans:
+                continue
+            pbs.append(pb)
+            lines.append(js)
+        if not pbs:
             return
         ok = True
         if self._reopen or (self._file is None and self.spans_file is not None):
             self._reopen_file()
         if self.spans_file is not None:
-            ok = self._write_file(spans)
-        if self.exporter is not None:
-            now = time.monotonic()
-            if now < self._retry_at:
+            ok = self._write_file(enc.json_line(lines))
+        if exporter is not None:
+            if not to_backend:
                 ok = False  # backend failed recently: shed load instead of queueing behind it
             else:
                 try:
-                    ok = self.exporter.export(spans) == SpanExportResult.SUCCESS
-                except Exception:
+                    ok = exporter.export(enc.request(pbs))
+                except Exception:  # noqa: BLE001
                     ok = False
                 if ok:
                     self._backoff = 0.0
@@ -512,9 +644,9 @@ class SpanPipeline:
                     self._backoff = min(MAX_BACKOFF, max(0.5, self._backoff * 2))
                     self._retry_at = time.monotonic() + self._backoff
         if ok:
-            self.stats.spans_exported += len(spans)
+            self.stats.spans_exported += len(pbs)
         else:
-            self._export_dropped += len(spans)
+            self._export_dropped += len(pbs)
 
     def _reopen_file(self) -> None:
         self._reopen = False
@@ -530,15 +662,9 @@ class SpanPipeline:
             except OSError:
                 pass
 
-    def _write_file(self, spans) -> bool:
+    def _write_file(self, line: bytes) -> bool:
         """One OTLP-JSON line; a failure (ENOSPC, EIO, closed file) is counted, never raised."""
         if self._file is None:
-            return False
-        try:
-            line = otlp_json_line(spans, self.builder.resource)
-        except Exception as exc:  # noqa: BLE001 - e.g. an attribute orjson refuses
-            self.failures += 1
-            self.file_error = f"{type(exc).__name__}: {exc}"[:300]
             return False
         if self._torn:
             line = b"\n" + line  # end the line a failed write cut short
@@ -583,8 +709,3 @@ class NoExport:
     def shutdown(self, timeout: float = 0.0) -> None:
         pass
 
-
-def _call_transport(call) -> str:
-    """The proxy speaks UDP; a captured call says what its first hop was seen on."""
-    peer = call.transactions[0].peer if call.transactions else None
-    return peer[2] if peer and isinstance(peer[0], tuple) and len(peer) > 2 else "udp"
