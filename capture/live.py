@@ -229,6 +229,35 @@ def _addr(s: str) -> Addr:
     return (host.strip("[]") or "0.0.0.0", int(port))
 
 
+class DecoderMetrics:
+    """What the capture reader saw, as Prometheus counters: frames read, frames opened through
+    each encapsulation, frames it could not open (by link type, Ethernet type, IP protocol or
+    tunnel: bounded, see :data:`capture.pcapfile.MAX_UNDECODED_TYPES`) and SIP/TCP messages over
+    ``--max-sip-message``, so a tap delivering something unreadable is visible, not silent."""
+
+    def __init__(self, counters: dict):
+        self.c = counters
+
+    def collect(self):
+        c = self.c
+        yield CounterMetricFamily("sipwatch_capture_frames", "Frames read from the capture.",
+                                  value=c.get("frames", 0))
+        enc = CounterMetricFamily("sipwatch_capture_encapsulated_frames",
+                                  "Frames opened through an encapsulation (tunnel, PPPoE, MPLS, ...).",
+                                  labels=["encapsulation"])
+        for kind, n in sorted(c.get("encapsulations", {}).items()):
+            enc.add_metric([kind], n)
+        yield enc
+        und = CounterMetricFamily("sipwatch_capture_undecoded_frames",
+                                  "Frames the reader could not open; SIP inside them is not counted.",
+                                  labels=["type"])
+        for kind, n in sorted(c.get("undecoded_types", {}).items()):
+            und.add_metric([kind], n)
+        yield und
+        yield CounterMetricFamily("sipwatch_capture_sip_oversized", "SIP messages over TCP larger "
+                                  "than --max-sip-message, skipped.", value=c.get("sip_oversized", 0))
+
+
 class LiveCapture:
     def __init__(self, interface: str, bpf: str, signaling: Addr | None, timer_b: float = 32.0,
                  rtp: RtpMonitor | None = None, log: JsonLog | None = None, spans=None,
@@ -247,6 +276,7 @@ class LiveCapture:
         self.metrics.gateway.register(self.rtp)
         self.counters: dict = {"frames": 0}
         self.decoder = Decoder(self.counters)
+        self.metrics.gateway.register(DecoderMetrics(self.counters))
         self.proc: asyncio.subprocess.Process | None = None
         self.header = b""
         self.packets = 0

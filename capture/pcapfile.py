@@ -76,8 +76,8 @@ IP_NOT_SIP = {1: "icmp", 2: "igmp", 58: "icmpv6", 59: "no_next_header", 88: "eig
 UDP_VXLAN, UDP_VXLAN_GPE, UDP_GENEVE, UDP_GTPU, UDP_L2TP, UDP_GRE, UDP_MPLS = \
     4789, 4790, 6081, 2152, 1701, 4754, 6635
 UDP_TUNNELS = frozenset((UDP_VXLAN, UDP_VXLAN_GPE, UDP_GENEVE, UDP_GTPU, UDP_L2TP, UDP_GRE, UDP_MPLS))
-# tunnels on UDP this reader does not open: reported (the datagram still goes on as UDP)
-UDP_TUNNELS_UNDECODED = {37008: "tzsp", 5247: "capwap_data", 5555: "airopeek", 9060: "hep"}
+# tunnels and capture protocols on UDP this reader does not open: counted as undecoded
+UDP_TUNNELS_UNDECODED = {37008: "tzsp", 5247: "capwap_data", 9060: "hep"}
 MAX_UNDECODED_TYPES = 64
 MAX_TUNNEL_DEPTH = 8  # nested encapsulations; a forged packet nesting deeper is counted, not followed
 IPV6_EXT = (0, 43, 60, 135, 139, 140)  # hop-by-hop, routing, dest opts, mobility, HIP, shim6
@@ -415,8 +415,9 @@ class Decoder:
                 got = self._udp_tunnel(dp, seg[:ulen], ts, depth)
                 if got is not None:
                     return got
-            elif dp in UDP_TUNNELS_UNDECODED:
+            elif dp in UDP_TUNNELS_UNDECODED:  # not SIP, not RTP: the frame is not opened
                 self._undecoded(UDP_TUNNELS_UNDECODED[dp])
+                return []
             self._count("udp")
             return [Packet(ts, (inet_ntop(fam, s), sp), (inet_ntop(fam, d), dp), "udp",
                            bytes(seg[8:ulen]))]

@@ -10,8 +10,12 @@ facts, checked against tshark again here, or tshark run on a capture built in th
 from __future__ import annotations
 
 import json
+import shutil
+import signal
+import socket
 import struct
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +24,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import pcapbuild as pb
 from capture.analyze import analyse, main as analyze_main, render
 from capture.pcapfile import Decoder, MAX_TUNNEL_DEPTH, is_sip_keepalive, read_packets
-from capture.tshark_facts import facts, have_tshark
+from capture.tshark_facts import facts, have_tshark, sip_stat
+from harness import metric, scrape, stop_process
 from test_analyze import check_against_facts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -322,3 +327,60 @@ def test_pyshark_engine_reads_the_innermost_headers(name):
     assert rep["packets"] == int(f["packets"])
     if name == UNDECODED:
         assert f["sip_transport"] == ["SCTP"] and rep["sip_messages"] == f["sip_messages"] > 0
+
+
+@needs_tshark
+@pytest.mark.skipif(shutil.which("dumpcap") is None, reason="needs dumpcap")
+def test_live_capture_opens_vxlan_and_counts_what_it_cannot(tmp_path):
+    """``sipwatch capture`` on lo while VXLAN datagrams (the tap_vxlan fixture's, re-sent through
+    the kernel to port 4789), TZSP datagrams (a tunnel the reader does not open) and a ``hello``
+    keep-alive to 5060 pass; a second dumpcap records the same traffic for tshark."""
+    from test_live_capture import Capture
+
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sender.bind(("127.0.0.1", 0))
+    sport = sender.getsockname()[1]
+    bpf = f"udp src port {sport}"
+    _, recs = pb.read_pcap((TAP / "tap_vxlan.pcap").read_bytes())
+    vxlan = [frame[14 + 20 + 8:] for _, _, frame in recs]  # VXLAN header + the mirrored frame
+    sip_frames = [v[8:] for v in vxlan if b"SIP/2.0" in v[:200]]
+    tzsp = [b"\x01\x00\x00\x01\x01" + f for f in sip_frames[:3]]  # v1, received, Ethernet, END tag
+    truth = tmp_path / "truth.pcap"
+    dumpcap = subprocess.Popen(["dumpcap", "-q", "-P", "-i", "lo", "-f", bpf, "-w", str(truth)],
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        assert "Capturing on" in dumpcap.stderr.readline()
+        with Capture(tmp_path, bpf, "127.0.0.1:35160") as cap:
+            for v in vxlan:
+                sender.sendto(v, ("127.0.0.1", 4789))
+                time.sleep(0.005)
+            for t in tzsp:
+                sender.sendto(t, ("127.0.0.1", 37008))
+            sender.sendto(b"hello", ("127.0.0.1", 5060))
+            want_frames = len(vxlan) + len(tzsp) + 1
+            deadline = time.monotonic() + 30  # generous: only a stuck capture takes this long
+            while metric(scrape(cap.gw), "sipwatch_capture_frames_total") < want_frames \
+                    and time.monotonic() < deadline:
+                time.sleep(0.1)
+            m = scrape(cap.gw)
+            assert cap.stop() == 0
+    finally:
+        time.sleep(0.3)
+        stop_process(dumpcap, signal.SIGINT)
+        sender.close()
+    # tshark's reading of the same traffic
+    _, in_vxlan_methods, in_vxlan_codes = sip_stat(str(truth), "vxlan")
+    _, in_tzsp_methods, _ = sip_stat(str(truth), "tzsp")
+    rows = _tshark_fields(truth, "frame.protocols")
+    assert len(rows) == want_frames and sum(in_tzsp_methods.values()) > 0
+    assert metric(m, "sipwatch_capture_frames_total") == len(rows)
+    assert metric(m, "sipwatch_capture_encapsulated_frames_total", encapsulation="vxlan") == \
+        sum(":vxlan:" in r[0] + ":" for r in rows) == len(vxlan)
+    assert metric(m, "sipwatch_capture_undecoded_frames_total", type="tzsp") == \
+        sum(":tzsp:" in r[0] + ":" for r in rows) == len(tzsp)
+    for meth, n in in_vxlan_methods.items():
+        assert metric(m, "sip_requests_total", method=meth) == n, meth
+    assert metric(m, "sip_responses_total") == sum(in_vxlan_codes.values())
+    assert metric(m, "sip_keepalives_total") == 1 and metric(m, "sip_parse_errors_total") == 0
+    warned = [e for e in cap.events() if e.get("event") == "capture_undecoded"]
+    assert warned and warned[0]["types"] == {"tzsp": len(tzsp)}
