@@ -223,10 +223,12 @@ def test_keepalives_on_5060_are_keepalives_not_parse_errors():
 
 def test_keepalive_shapes():
     for ka in (b"", b"\r\n", b"\r\n\r\n", b"hello", b"jaK", b"jaK\r\n", b"\x00\x00\x00\x00", b"ping\r\n",
-               b"\x00\x01\x00\x00\x21\x12\xa4\x42" + b"t" * 12):
+               b"\x00\x01\x00\x00\x21\x12\xa4\x42" + b"t" * 12,
+               b"\x01\x01\x00\x0c\x21\x12\xa4\x42" + b"t" * 12 + b"\x00\x20\x00\x08" + b"m" * 8):
         assert is_sip_keepalive(ka), ka
     for not_ka in (b"INVITE sip:a@b SIP/2.0\r\n\r\n", b"SIP/2.0", b"\x00\x01\x02garbage", b"a" * 17,
-                   b"\x80" * 12, b"hello world", b"\x00\x01\x00\x04\x21\x12\xa4\x42" + b"t" * 12):
+                   b"\x80" * 12, b"hello world", b"\x00\x01\x00\x04\x21\x12\xa4\x42" + b"t" * 12,
+                   b"\x80\x01\x00\x00\x21\x12\xa4\x42" + b"t" * 12, b"\r\n" * 33):
         assert not is_sip_keepalive(not_ka), not_ka
 
 
