@@ -21,8 +21,8 @@ so both compute figures with the same code. Nothing here reads a clock or touche
   retransmissions still match, like Timer J/K/D), a call ``timer_b`` after it finished (late ACK,
   BYE retransmissions), then both are dropped. Deadlines live in FIFO deques, one per kind of
   timer; each kind has a constant delay, so each deque stays sorted by deadline and expiry costs
-  O(expired). A rescheduled entry leaves a stale copy behind, recognised by its deadline and
-  skipped; stale copies are compacted away when they outnumber the live entries, so every
+  O(expired). A rescheduled entry leaves a stale copy behind (the object points at its newest
+  entry only), which is skipped; stale copies are compacted away when they outnumber the live entries, so every
   deque stays within a constant factor of its table. (Capture timestamps that go backwards
   make an entry expire at most that much late; the proxy's clock is monotonic.)
 * Both tables are capped. When one is full, the entry that makes room is one that already ended
@@ -53,7 +53,7 @@ class Transaction:
     __slots__ = (
         "key", "midx", "method", "cseq", "call", "t_sent", "t_first", "t_final", "status",
         "events", "retrans", "span_id", "trace_id", "parent_span_id", "sampled", "deadline",
-        "direction", "peer", "initial_invite", "timed_out", "tags",
+        "direction", "peer", "initial_invite", "timed_out", "tags", "qentry",
     )
 
     def __init__(self, key, midx, method, cseq, call, now, span_id, trace_id, parent_span_id,
@@ -79,6 +79,7 @@ class Transaction:
         self.initial_invite = initial_invite
         self.timed_out = False
         self.tags = None  # To-tags of the 2xx answers to an INVITE (forks), once answered
+        self.qentry = None  # its current (deadline, self) entry in a timer deque
 
     @property
     def rtt_ms(self) -> float | None:
@@ -90,7 +91,7 @@ class Call:
         "call_id", "trace_id", "span_id", "parent_span_id", "sampled", "t_start", "t_setup",
         "t_answer", "t_final", "t_end", "status", "outcome", "cancelled", "finished",
         "transactions", "retrans", "from_uri", "to_uri", "ruri", "deadline", "is_call", "rtp",
-        "ended_by", "invite_cseq",
+        "ended_by", "invite_cseq", "qentry",
     )
 
     def __init__(self, call_id, trace_id, span_id, parent_span_id, sampled, now, deadline,
@@ -119,6 +120,7 @@ class Call:
         self.rtp = None  # passive capture: the call's RTP figures for its span, once known
         self.ended_by: str | None = None  # one of ENDED_BY once finished
         self.invite_cseq = None  # CSeq number of the (latest) initial INVITE
+        self.qentry = None  # its current (deadline, self) entry in a timer deque
 
 
 class Tracker:
@@ -197,12 +199,12 @@ class Tracker:
             deadline = now + self.max_call_duration
             call = Call(call_id, trace_id, span_id, parent_span_id, sampled, now, deadline,
                         is_call, from_uri, to_uri, ruri)
-            self._call_long.append((deadline, call))
+            _push(self._call_long, call, deadline)
         else:
             deadline = now + self.timer_b
             call = Call(call_id, trace_id, span_id, parent_span_id, sampled, now, deadline,
                         is_call, from_uri, to_uri, ruri)
-            self._call_short.append((deadline, call))
+            _push(self._call_short, call, deadline)
         calls[call_id] = call
         return call
 
@@ -211,8 +213,9 @@ class Tracker:
         recently active live call."""
         calls, q = self.calls, self._call_linger
         while q:
-            d, call = q.popleft()
-            if call.deadline == d and calls.get(call.call_id) is call:
+            e = q.popleft()
+            call = e[1]
+            if call.qentry is e and calls.get(call.call_id) is call:
                 del calls[call.call_id]
                 return
         if not calls:
@@ -220,11 +223,6 @@ class Tracker:
         _, call = calls.popitem(last=False)
         self.stats.evicted_calls += 1
         self._finish_call(call, now, "evicted")
-
-    def _touch(self, call: Call) -> None:
-        calls = self.calls
-        if calls.get(call.call_id) is call:
-            calls.move_to_end(call.call_id)
 
     # -- transactions ------------------------------------------------------------------
     def request(self, key, midx, method, cseq, call: Call, now, span_id, parent_span_id,
@@ -237,7 +235,8 @@ class Tracker:
         if len(txs) >= self.max_transactions and key not in txs:
             self._evict_tx()
         txs[key] = tx
-        self._tx_b.append((deadline, tx))
+        tx.qentry = e = (deadline, tx)
+        self._tx_b.append(e)
         if len(call.transactions) < MAX_TX_PER_CALL:
             call.transactions.append(tx)
         if midx == CANCEL:
@@ -246,9 +245,10 @@ class Tracker:
             call.invite_cseq = cseq
         if not call.is_call and not call.finished and call.deadline != deadline:
             # a non-dialog entry lives as long as its newest request's Timer F
-            call.deadline = deadline
-            self._call_short.append((deadline, call))
-        self._touch(call)
+            _push(self._call_short, call, deadline)
+        calls, cid = self.calls, call.call_id
+        if calls.get(cid) is call:
+            calls.move_to_end(cid)  # activity: requests (responses follow their request)
         return tx
 
     def retransmission(self, tx: Transaction) -> None:
@@ -264,7 +264,9 @@ class Tracker:
         tx.t_final = now
         if len(call.transactions) < MAX_TX_PER_CALL:
             call.transactions.append(tx)
-        self._touch(call)
+        calls, cid = self.calls, call.call_id
+        if calls.get(cid) is call:
+            calls.move_to_end(cid)
         self._emit("tx", tx)
         return tx
 
@@ -274,8 +276,9 @@ class Tracker:
         txs = self.transactions
         q = self._tx_linger
         while q:
-            d, tx = q.popleft()
-            if tx.deadline == d and txs.get(tx.key) is tx:
+            e = q.popleft()
+            tx = e[1]
+            if tx.qentry is e and txs.get(tx.key) is tx:
                 del txs[tx.key]
                 return
         qb, qc = self._tx_b, self._tx_c
@@ -333,7 +336,8 @@ class Tracker:
                 tx.tags = [to_tag]
             d = now + self.timer_b
             tx.deadline = d
-            self._tx_linger.append((d, tx))
+            tx.qentry = e = (d, tx)
+            self._tx_linger.append(e)
             self._emit("tx", tx)
             self._call_progress(call, tx, status, now)
         else:
@@ -341,13 +345,13 @@ class Tracker:
                 self._timer_c(tx, now)
             if tx.initial_invite and status > 100 and call.t_setup is None:
                 call.t_setup = now
-        self._touch(call)
         return tx
 
     def _timer_c(self, tx: Transaction, now: float) -> None:
         d = now + self.timer_c
         tx.deadline = d
-        self._tx_c.append((d, tx))
+        tx.qentry = e = (d, tx)
+        self._tx_c.append(e)
 
     def _call_progress(self, call: Call, tx: Transaction, status: int, now: float) -> None:
         if tx.initial_invite:
@@ -359,9 +363,7 @@ class Tracker:
                 call.status = status
                 call.t_final = now
                 if not call.finished and self.calls.get(call.call_id) is call:
-                    d = now + self.timer_b
-                    call.deadline = d
-                    self._call_short.append((d, call))
+                    _push(self._call_short, call, now + self.timer_b)
             elif call.outcome < 0:
                 call.t_final = now
                 call.status = status
@@ -371,9 +373,7 @@ class Tracker:
                     if not call.finished:
                         self.stats.active_calls += 1
                         if self.calls.get(call.call_id) is call:
-                            d = now + self.max_call_duration
-                            call.deadline = d
-                            self._call_long.append((d, call))
+                            _push(self._call_long, call, now + self.max_call_duration)
                 self.stats.calls[call.outcome] += 1
                 if call.outcome != ANSWERED:
                     self._finish_call(call, now,
@@ -393,9 +393,7 @@ class Tracker:
             self.stats.active_calls -= 1
         if self.calls.get(call.call_id) is call:
             # keep the entry until late ACKs/retransmissions have passed, then expire() drops it
-            d = now + self.timer_b
-            call.deadline = d
-            self._call_linger.append((d, call))
+            _push(self._call_linger, call, now + self.timer_b)
         self._emit("call", call)
 
     def _emit(self, kind: str, obj) -> None:
@@ -419,8 +417,9 @@ class Tracker:
         txs, stats = self.transactions, self.stats
         for q in (self._tx_b, self._tx_c):
             while q and q[0][0] <= now:
-                d, tx = q.popleft()
-                if tx.deadline != d or txs.get(tx.key) is not tx:
+                e = q.popleft()
+                tx = e[1]
+                if tx.qentry is not e or txs.get(tx.key) is not tx:
                     continue  # answered, rescheduled, evicted or replaced since
                 del txs[tx.key]
                 if tx.t_final is not None:
@@ -441,15 +440,17 @@ class Tracker:
                     self._finish_call(call, now, "bye")
         q = self._tx_linger
         while q and q[0][0] <= now:
-            d, tx = q.popleft()
-            if tx.deadline == d and txs.get(tx.key) is tx:
+            e = q.popleft()
+            tx = e[1]
+            if tx.qentry is e and txs.get(tx.key) is tx:
                 del txs[tx.key]
         calls = self.calls
         for q in (self._call_short, self._call_long, self._call_linger):
             while q and q[0][0] <= now:
-                d, call = q.popleft()
+                e = q.popleft()
+                call = e[1]
                 cid = call.call_id
-                if call.deadline != d or calls.get(cid) is not call:
+                if call.qentry is not e or calls.get(cid) is not call:
                     continue
                 del calls[cid]
                 if call.finished:
@@ -470,13 +471,13 @@ class Tracker:
         if len(self._tx_b) + len(self._tx_c) + len(self._tx_linger) > 2 * len(txs) + COMPACT_SLACK:
             for name in ("_tx_b", "_tx_c", "_tx_linger"):
                 setattr(self, name, deque(e for e in getattr(self, name)
-                                          if e[1].deadline == e[0] and txs.get(e[1].key) is e[1]))
+                                          if e[1].qentry is e and txs.get(e[1].key) is e[1]))
         calls = self.calls
         if len(self._call_short) + len(self._call_long) + len(self._call_linger) > \
                 2 * len(calls) + COMPACT_SLACK:
             for name in ("_call_short", "_call_long", "_call_linger"):
                 setattr(self, name, deque(e for e in getattr(self, name)
-                                          if e[1].deadline == e[0]
+                                          if e[1].qentry is e
                                           and calls.get(e[1].call_id) is e[1]))
 
     def queued(self) -> int:
@@ -485,9 +486,17 @@ class Tracker:
                                     self._call_long, self._call_linger))
 
 
-def _pending(entry, txs) -> bool:
-    d, tx = entry
-    return tx.deadline == d and tx.t_final is None and txs.get(tx.key) is tx
+def _push(q: deque, obj, deadline: float) -> None:
+    """Schedule ``obj`` (a Transaction or Call) at ``deadline``; its earlier entry goes stale."""
+    e = (deadline, obj)
+    obj.deadline = deadline
+    obj.qentry = e
+    q.append(e)
+
+
+def _pending(e, txs) -> bool:
+    tx = e[1]
+    return tx.qentry is e and tx.t_final is None and txs.get(tx.key) is tx
 
 
 def memory_per_call(n: int = 5000) -> dict:
