@@ -151,6 +151,7 @@ class Tracker:
         self._call_linger: deque = deque()  # finished calls: t_end + timer_b
         self.finished: deque = deque()
         self.finished_max = finished_max
+        self.compactions = 0  # times the deadline deques were rebuilt (amortised O(1) each)
 
     # -- calls -------------------------------------------------------------------------
     def find_call(self, call_id: bytes) -> Call | None:
@@ -469,12 +470,14 @@ class Tracker:
         """Drop stale deque entries once they outnumber the live ones (amortised O(1))."""
         txs = self.transactions
         if len(self._tx_b) + len(self._tx_c) + len(self._tx_linger) > 2 * len(txs) + COMPACT_SLACK:
+            self.compactions += 1
             for name in ("_tx_b", "_tx_c", "_tx_linger"):
                 setattr(self, name, deque(e for e in getattr(self, name)
                                           if e[1].qentry is e and txs.get(e[1].key) is e[1]))
         calls = self.calls
         if len(self._call_short) + len(self._call_long) + len(self._call_linger) > \
                 2 * len(calls) + COMPACT_SLACK:
+            self.compactions += 1
             for name in ("_call_short", "_call_long", "_call_linger"):
                 setattr(self, name, deque(e for e in getattr(self, name)
                                           if e[1].qentry is e

@@ -19,7 +19,7 @@ import pytest
 import pcapbuild as pb
 from capture.analyze import analyse, render
 from sipwatch.observer import Observer
-from sipwatch.state import ENDED_BY, Tracker, memory_per_call
+from sipwatch.state import COMPACT_SLACK, ENDED_BY, Tracker, memory_per_call
 from sipwatch.stats import (
     ACK, ANSWERED, BYE, CANCELLED, INVITE, METHOD_INDEX, REJ4, TIMEOUT, Stats,
 )
@@ -305,6 +305,24 @@ def test_state_stays_bounded_under_random_traffic():
     decided = sum(tr.stats.calls)
     assert decided == sum(1 for c in emitted if c.is_call and c.outcome >= 0) + \
         sum(1 for c in calls if c.outcome >= 0 and not c.finished)
+
+
+def test_identical_timestamps_do_not_keep_the_deadline_queues_busy():
+    """A capture whose packets share one timestamp: deadlines of live and stale entries
+    coincide. Stale ones must still be told apart, and each rebuild of the queues must be paid
+    for by new entries in proportion to the live ones (a few rebuilds, not one per tick)."""
+    tr = tracker(timer_b=32.0)
+    d = Driver(tr)
+    n = 10_000
+    pushes = 0
+    for i in range(n):
+        call, key = d.invite_call(b"same-ts-%d" % i, T0, answer_at=T0)
+        d.bye(call, T0)
+        pushes += 9  # call + INVITE(B, C, linger) + answered + BYE(B, linger) + call linger
+        if not i % 10:
+            tr.expire(T0)
+    assert tr.compactions <= 20 and pushes // COMPACT_SLACK > 80
+    assert tr.queued() <= 2 * (len(tr.calls) + len(tr.transactions)) + 2 * COMPACT_SLACK
 
 
 def test_memory_per_active_call_is_what_the_docstring_says():
