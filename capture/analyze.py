@@ -224,6 +224,7 @@ def capture_warnings(counters: dict, decoded: int, sip_messages: int) -> list[st
         out.append(f"warning: {over} SIP messages over TCP larger than --max-sip-message were skipped")
     if frames and not decoded and not undecoded:
         kinds = sorted(counters.get("non_ip_types", {}).items(), key=lambda kv: -kv[1])
+        kinds += [(k, counters[k]) for k in ("truncated", "bad_ip", "other_ip_proto") if counters.get(k)]
         what = ", ".join(f"{k} ({v})" for k, v in kinds[:8]) or "nothing decodable"
         out.append(f"warning: {frames} frames but no UDP or SIP/TCP decoded from them: {what}")
     elif frames and not sip_messages and counters.get("tcp_non_sip_flows"):
