@@ -32,6 +32,13 @@ observation per stream: E-model MOS from its loss, codecs without G.113 figures 
 ``rtp_streams_active`` and ``rtp_stream_evictions_total``. Each finished call is logged as one
 ``call_summary`` JSON line whose ``rtp`` list holds its streams.
 
+What the reader saw is exported too (:class:`DecoderMetrics`): ``sipwatch_capture_frames_total``,
+``sipwatch_capture_encapsulated_frames_total{encapsulation}`` (VXLAN, GRE/ERSPAN, PPPoE, MPLS, ...),
+``sipwatch_capture_undecoded_frames_total{type}`` (frames it cannot open, also logged once per new
+type as ``capture_undecoded``) and ``sipwatch_capture_sip_oversized_total`` (SIP/TCP messages over
+``--max-sip-message``). Keep-alives on the SIP ports (``hello``, ``jaK``, CRLF, STUN) count in
+``sip_keepalives_total``, not as parse errors.
+
 Spans: ``--otlp-endpoint``, ``--otlp-protocol``, ``--spans-file`` and the OTEL_* variables work
 as for the proxy (resource role ``capture``). Transaction spans are exported as their
 transactions finish; a call's span waits, like its call summary, until its RTP streams are
