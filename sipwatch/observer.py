@@ -203,18 +203,11 @@ class Observer:
             return
         last, tracker = self.last_ts, self.tracker
         tracker.expire(last)
-        for tx in tracker.pending_transactions():
-            # still under Timer B/F or, ringing, under Timer C when the capture stopped
-            self.eof_txs.add(tx)
-            tx.t_final = last
-            tracker._emit("tx", tx)
-            call = tx.call
-            if call.is_call and tx.initial_invite and call.outcome < 0 and not call.finished:
-                self.eof_calls += 1
-                call.t_final = last
-                tracker._finish_call(call, last, "eof")
-            elif not call.is_call:
-                tracker._finish_call(call, last, "eof")
+        # still under Timer B/F or, ringing, under Timer C when the capture stopped
+        cut = tracker.cut_pending(last, "eof")
+        self.eof_txs.update(cut)
+        self.eof_calls += len({id(tx.call) for tx in cut
+                               if tx.initial_invite and tx.call.is_call and tx.call.outcome < 0})
         # the auth challenges a retry would have answered within Timer B are decided as the
         # proxy would decide them; then what is left (answered, no BYE seen) ends here
         tracker.expire(last + self.timer_b)

@@ -412,6 +412,22 @@ class Tracker:
         """Transactions still waiting for a final response."""
         return [tx for tx in self.transactions.values() if tx.t_final is None]
 
+    def cut_pending(self, now: float, ended_by: str = "eof") -> list[Transaction]:
+        """Time stopped (end of a capture): every transaction still waiting is closed at
+        ``now`` without a timeout (emitted, ``timed_out`` False), and a call whose initial INVITE
+        was still waiting, or a non-dialog entry, is finished with ``ended_by`` and no outcome.
+        Returns the transactions cut."""
+        cut = self.pending_transactions()
+        for tx in cut:
+            tx.t_final = now
+            self._emit("tx", tx)
+            call = tx.call
+            if not call.is_call or (tx.initial_invite and call.outcome < 0):
+                if call.is_call and not call.finished:
+                    call.t_final = now
+                self._finish_call(call, now, ended_by)
+        return cut
+
     # -- timers ------------------------------------------------------------------------
     def expire(self, now: float) -> None:
         """Time out unanswered transactions (Timer B/F/C) and drop state whose linger ended."""
