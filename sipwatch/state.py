@@ -9,7 +9,10 @@ so both compute figures with the same code. Nothing here reads a clock or touche
   §17.1): every request runs Timer B/F (``timer_b``, 64*T1) from its first copy. An INVITE that
   got a provisional response (any 1xx) leaves Timer B and runs Timer C (``timer_c``, > 3 min),
   restarted by each further provisional (a UAS re-sends 180 every minute to keep it alive,
-  §13.3.1.1). A non-INVITE keeps Timer F whatever 1xx it gets. A transaction with no final
+  §13.3.1.1). Timer C runs from the first 1xx rather than from the forwarding (§16.6 starts it
+  there, and only 101-199 restart it), so an INVITE answered by 100 alone times out one RTT
+  later than the RFC's proxy would; in exchange every Timer C deadline is "now + timer_c" and
+  its deque stays sorted. A non-INVITE keeps Timer F whatever 1xx it gets. A transaction with no final
   response when its timer fires is a timeout.
 * A call is an INVITE dialog, keyed by Call-ID (:meth:`Tracker.lookup_call` says which entry a
   request belongs to: a REGISTER/OPTIONS entry, or an INVITE dialog that ended, does not swallow
