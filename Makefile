@@ -21,8 +21,8 @@ demo: system-deps venv
 
 test: system-deps venv
 	$(BIN)/python -m ruff check sipwatch capture tests deploy
-	$(MAKE) --no-print-directory fuzz-smoke
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	@rc=0; $(BIN)/python -m pytest -q $(PYTEST_ARGS) || rc=$$?; \
+	$(MAKE) --no-print-directory fuzz-smoke || rc=$$?; exit $$rc
 
 # atheris over the core (tests/fuzz): a fixed seed and a fixed number of inputs, a few seconds;
 # a finding is written to tests/fuzz/artifacts/ and fails the target
@@ -41,10 +41,11 @@ fuzz-smoke: venv
 # after a finding, saves one input per distinct finding in tests/fuzz/artifacts/ and lists them
 FUZZ_TIME ?= 600
 fuzz: venv
-	mkdir -p tests/fuzz/corpus tests/fuzz/artifacts
+	mkdir -p tests/fuzz/corpus tests/fuzz/artifacts; rm -f tests/fuzz/artifacts/summary.txt
 	FUZZ_KEEP_GOING=tests/fuzz/artifacts $(BIN)/python tests/fuzz/fuzz_core.py \
 	  -max_total_time=$(FUZZ_TIME) -print_final_stats=1 -print_pcs=0 -reload=0 \
-	  -artifact_prefix=tests/fuzz/artifacts/ $(FUZZ_ARGS) tests/fuzz/corpus tests/fuzz/seeds
+	  -artifact_prefix=tests/fuzz/artifacts/ $(FUZZ_ARGS) tests/fuzz/corpus tests/fuzz/seeds; \
+	rc=$$?; cat tests/fuzz/artifacts/summary.txt 2>/dev/null; exit $$rc
 
 bench: system-deps venv
 	$(BIN)/python -m tests.bench $(BENCH_ARGS)

@@ -8,8 +8,8 @@ The properties are in target.py; a crash or a broken property writes the input t
 pytest replays it from then on (tests/fuzz/test_fuzz_regressions.py).
 
 ``FUZZ_KEEP_GOING=DIR`` (what ``make fuzz`` sets) records each distinct finding once, as
-DIR/<signature>.bin, and carries on (libFuzzer's -fork mode does not work with atheris); a
-summary of inputs run and findings by signature is printed at exit.
+DIR/<signature>.bin, and carries on (libFuzzer's -fork mode does not work with atheris); the
+inputs run and the findings by signature are kept in DIR/summary.txt.
 """
 from __future__ import annotations
 
@@ -54,6 +54,7 @@ def test_one_input(data: bytes) -> None:
         sig = signature(exc)
         n = _findings.get(sig, 0)
         _findings[sig] = n + 1
+        _write_summary()
         if n == 0:
             name = re.sub(r"[^A-Za-z0-9_.@-]+", "_", sig)[:100]
             digest = hashlib.sha1(data).hexdigest()[:10]
@@ -62,13 +63,24 @@ def test_one_input(data: bytes) -> None:
             print(f"\nFINDING {sig}", file=sys.stderr, flush=True)
 
 
+def _summary_text() -> str:
+    secs = time.monotonic() - _runs[1]
+    lines = [f"fuzz summary: {_runs[0]} inputs in {secs:.0f} s ({_runs[0] / max(secs, 1e-9):.0f}/s), "
+             f"{len(_findings)} distinct findings"]
+    lines += [f"  {n:7d}  {sig}" for sig, n in sorted(_findings.items(), key=lambda kv: -kv[1])]
+    return "\n".join(lines) + "\n"
+
+
+def _write_summary() -> None:
+    """libFuzzer ends the process without running atexit handlers, so the tally is kept on disk
+    (DIR/summary.txt) as it changes, and printed at exit when the exit is a normal one."""
+    with open(os.path.join(KEEP_GOING, "summary.txt"), "w") as f:
+        f.write(_summary_text())
+
+
 def _summary() -> None:
     if KEEP_GOING:
-        secs = time.monotonic() - _runs[1]
-        print(f"\nfuzz summary: {_runs[0]} inputs in {secs:.0f} s ({_runs[0] / max(secs, 1e-9):.0f}/s), "
-              f"{len(_findings)} distinct findings", file=sys.stderr)
-        for sig, n in sorted(_findings.items(), key=lambda kv: -kv[1]):
-            print(f"  {n:7d}  {sig}", file=sys.stderr)
+        print("\n" + _summary_text(), file=sys.stderr)
 
 
 def main() -> None:
