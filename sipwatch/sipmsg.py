@@ -219,7 +219,7 @@ def parse(data: bytes, check_length: bool = True) -> SipMessage:
     ``truncated`` set). ``check_length=False`` is the passive observer's mode: it still wants to
     count a message the proxy would refuse, so only the structure is required.
     """
-    if len(data) > _MAX_MESSAGE:
+    if check_length and len(data) > _MAX_MESSAGE:  # the observer gets TCP messages capped by its reader
         raise SipParseError("datagram larger than 65535 bytes", DROP_TOO_LARGE)
     head, body = _split_head_body(data)
     # Lines end in CRLF or bare LF. Splitting on CRLF is right when every LF has its CR, which

@@ -259,12 +259,7 @@ def test_sip_tcp_message_over_64k_is_reassembled():
     assert rep["txn"]["answered"] == 2 and rep["errors"]["unmatched_responses"] == 1
     assert any("larger than --max-sip-message" in w for w in rep["warnings"])
     assert rep["errors"]["keepalives"] == f["fixture"]["crlf_keepalives"]
-    # the whole analysis: the message parser must accept what the reader framed
-    from sipwatch.sipmsg import SipParseError, parse
-    try:
-        parse(max(msgs, key=lambda p: len(p.payload)).payload, check_length=False)
-    except SipParseError as exc:
-        pytest.xfail(f"sipwatch.sipmsg.parse still refuses a captured TCP message over 64 KiB: {exc}")
+    # the whole analysis: the message parser accepts what the reader framed
     rep = analyse(str(path))
     check_against_facts(rep, f)
     assert rep["errors"]["sip_parse_errors"] == 0 and rep["warnings"] == []
