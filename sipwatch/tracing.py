@@ -24,13 +24,23 @@ Span times are packet timestamps. When the call's RTP was measured, the call spa
   known clock rate)
 * ``rtp.mos_min``: the lowest E-model MOS of any stream (codecs with G.113 figures)
 
-Why not the SDK's Tracer: a Tracer span costs ~35 µs and takes locks; a ``ReadableSpan``
-built from the finished record costs ~1.5 µs and carries the ids the core already chose.
+Cost (issue 10: spans at 100 % for little more than ``--no-tracing``): no SDK Tracer (~35 µs a
+span, locks) and, on the export path, no ``ReadableSpan`` and no SDK encoder either (together
+~100 µs a span for protobuf and the JSON line). :class:`sipwatch.otlp_encode.SpanEncoder` writes
+each span's OTLP protobuf and OTLP/JSON bytes straight from the finished record, with the
+resource, scope and repeating attributes pre-encoded (a few µs a span for both). The bytes go
+out as they are: OTLP/HTTP as one POST on a keep-alive ``http.client`` connection, OTLP/gRPC
+through grpcio with no serializer on ``TraceService/Export``. :class:`SpanBuilder` (the SDK's
+``ReadableSpan``) stays as the reference the encoder is tested against.
 
 ``submit`` runs on the event loop every housekeeping tick: it only filters sampled records into
-a bounded deque. A daemon thread builds the spans, writes the optional OTLP-JSON lines file and
-exports over OTLP with short timeouts. A full queue or a failing backend drops spans (counted in
-``Stats.spans_dropped``); forwarding never waits for tracing.
+a bounded deque. A daemon thread encodes them in batches, writes the optional OTLP-JSON lines
+file and exports over OTLP with short timeouts. A thread rather than a worker process: at a few
+µs a span the thread holds the GIL for a few per cent of a second at 1000 calls/s, in slices of
+at most the switch interval (0.5 ms); a process would add pickling/marshalling on the loop and
+in the worker, which is more CPU in total for the same spans. A full queue or a failing backend
+drops spans (counted in ``Stats.spans_dropped``); while the backend is in back-off and there is
+no spans file, batches are dropped without being encoded. Forwarding never waits for tracing.
 """
 from __future__ import annotations
 
@@ -476,6 +486,7 @@ class SpanPipeline:
                  queue_max: int = QUEUE_MAX, batch: int = BATCH):
         self.stats = stats
         self.encoder = encoder
+        self.resource = None  # the Resource the encoder carries (set by ``configured``)
         self.exporter = exporter  # HttpExporter / GrpcExporter: export(bytes) -> bool
         self.sample_ratio = sample_ratio
         self._own_decision = not parent_based  # decide from the trace id, ignore the caller's flag
@@ -537,7 +548,9 @@ class SpanPipeline:
         resource = make_resource(service_name, role, env)
         encoder = SpanEncoder(resource.attributes, __version__, mask_mode, call_id_mask, resource.schema_url)
         exporter = make_exporter(endpoint, protocol, env) if endpoint else None
-        return cls(stats, encoder, exporter, spans_file, ratio, parent_based, **kw)
+        pipeline = cls(stats, encoder, exporter, spans_file, ratio, parent_based, **kw)
+        pipeline.resource = resource
+        return pipeline
 
     # event loop side ------------------------------------------------------------------
     def submit(self, records) -> None:

@@ -237,3 +237,230 @@ def test_big_batch_lengths():
     spans, ref = reference(recs, builder)
     pb, _ = encoded(recs, enc)
     assert len(pb) > 16384 and ExportTraceServiceRequest.FromString(pb) == ref
+
+
+# -- the pipeline and its exporters against real receivers ---------------------------------------
+import gzip as _gzip  # noqa: E402
+import subprocess  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from concurrent import futures  # noqa: E402
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
+
+import grpc  # noqa: E402
+
+from otlp_receiver import OtlpReceiver, decode  # noqa: E402
+from sipwatch.tracing import SpanPipeline  # noqa: E402
+
+
+def expected_spans(records, resource, mask="partial"):
+    """What a receiver must decode: the SDK's encoding of the reference builder's spans."""
+    _, ref = reference(records, SpanBuilder(resource, mask))
+    return decode(ref)
+
+
+def key(s):
+    return (s.trace_id, s.span_id)
+
+
+def pipeline(stats, endpoint, protocol, env, tmp_path=None, **kw):
+    p = SpanPipeline.configured("proxy", stats, endpoint, protocol,
+                                str(tmp_path / "spans.jsonl") if tmp_path else None, "sw-unit", "partial",
+                                None, env, **kw)
+    assert isinstance(p, SpanPipeline)
+    return p
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_pipeline_exports_every_field_to_the_real_receiver(tmp_path, protocol):
+    recs = [r for r in proxy_records() if r[0] == "tx" or r[1].is_call]
+    stats = Stats(ring_size=16)
+    with OtlpReceiver() as rx:
+        port = rx.grpc_port if protocol == "grpc" else rx.http_port
+        p = pipeline(stats, f"127.0.0.1:{port}", protocol, {}, tmp_path, batch=7)
+        for i in range(0, len(recs), 5):  # several ticks, several batches
+            p.submit(recs[i:i + 5])
+        p.shutdown(10)
+        got = rx.snapshot()
+    kind = "grpc" if protocol == "grpc" else "http"
+    assert rx.requests[kind] >= 2 and rx.requests["grpc" if kind == "http" else "http"] == 0
+    want = expected_spans(recs, p.resource)
+    assert sorted(got, key=key) == sorted(want, key=key)
+    assert stats.spans_exported == len(want) and stats.spans_dropped == 0
+    # the file holds the same spans (its own encoding: OTLP/JSON)
+    from sipwatch.waterfall import load_spans
+    filed = load_spans(str(tmp_path / "spans.jsonl"))
+    assert sorted((s.trace_id, s.span_id, s.parent_span_id, s.name, s.start_ns, s.end_ns) for s in filed) == \
+        sorted((s.trace_id, s.span_id, s.parent_span_id, s.name, s.start_ns, s.end_ns) for s in want)
+
+
+class _Capture:
+    """An OTLP/HTTP endpoint (plain or TLS) that records each request's headers and decoded body."""
+
+    def __init__(self, tls=None, status=200):
+        self.requests = []
+        cap = self
+
+        class H(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as a collector answers
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = _gzip.decompress(body)
+                cap.requests.append((dict(self.headers), ExportTraceServiceRequest.FromString(body),
+                                     self.client_address))
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *a):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _cert(tmp_path):
+    key, crt = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", str(key), "-out", str(crt), "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    return key, crt
+
+
+def test_http_headers_compression_keepalive(tmp_path):
+    recs = [r for r in proxy_records() if r[0] == "tx" or r[1].is_call]
+    cap = _Capture()
+    try:
+        env = {"OTEL_EXPORTER_OTLP_HEADERS": "x-api-key=s%20ecret,tenant=t1",
+               "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION": "gzip"}
+        stats = Stats(ring_size=16)
+        p = pipeline(stats, f"http://127.0.0.1:{cap.port}", "http/protobuf", env, batch=4)
+        for i in range(0, len(recs), 4):
+            p.submit(recs[i:i + 4])
+            deadline = time.monotonic() + 10
+            while p._q and time.monotonic() < deadline:  # one batch per request
+                time.sleep(0.01)
+        p.shutdown(10)
+    finally:
+        cap.close()
+    assert len(cap.requests) >= 3
+    for headers, _, _ in cap.requests:
+        assert headers["x-api-key"] == "s ecret" and headers["tenant"] == "t1"
+        assert headers["Content-Type"] == "application/x-protobuf" and headers["Content-Encoding"] == "gzip"
+    assert len({addr for _, _, addr in cap.requests}) == 1  # one keep-alive connection
+    got = [s for _, req, _ in cap.requests for s in decode(req)]
+    assert sorted(got, key=key) == sorted(expected_spans(recs, p.resource), key=key)
+    assert stats.spans_exported == len(got)
+
+
+def test_https_endpoint_uses_tls_with_the_configured_ca(tmp_path):
+    import ssl
+    key_file, crt = _cert(tmp_path)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(crt, key_file)
+    cap = _Capture(tls=ctx)
+    recs = [r for r in proxy_records() if r[0] == "tx" or r[1].is_call]
+    try:
+        # without the CA the server's certificate is refused: nothing arrives, all dropped
+        s1 = Stats(ring_size=16)
+        p = pipeline(s1, f"https://127.0.0.1:{cap.port}", "http/protobuf", {})
+        p.submit(recs)
+        p.shutdown(5)
+        assert cap.requests == [] and s1.spans_dropped == len(recs) and s1.spans_exported == 0
+        s2 = Stats(ring_size=16)
+        p = pipeline(s2, f"https://127.0.0.1:{cap.port}", "http/protobuf",
+                     {"OTEL_EXPORTER_OTLP_CERTIFICATE": str(crt)})
+        p.submit(recs)
+        p.shutdown(5)
+    finally:
+        cap.close()
+    assert s2.spans_exported == len(recs) and len(cap.requests) == 1
+
+
+def test_grpc_headers_and_tls(tmp_path):
+    key_file, crt = _cert(tmp_path)
+    seen = []
+
+    def export(request: bytes, context):
+        seen.append((dict(context.invocation_metadata()), ExportTraceServiceRequest.FromString(request)))
+        return b""
+
+    handler = grpc.method_handlers_generic_handler(
+        "opentelemetry.proto.collector.trace.v1.TraceService",
+        {"Export": grpc.unary_unary_rpc_method_handler(export)})
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), handlers=[handler])
+    creds = grpc.ssl_server_credentials([(key_file.read_bytes(), crt.read_bytes())])
+    port = server.add_secure_port("127.0.0.1:0", creds)
+    server.start()
+    recs = [r for r in proxy_records() if r[0] == "tx" or r[1].is_call]
+    try:
+        stats = Stats(ring_size=16)
+        env = {"OTEL_EXPORTER_OTLP_TRACES_HEADERS": "Authorization=Bearer%20t0k",
+               "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE": str(crt)}
+        p = pipeline(stats, f"https://127.0.0.1:{port}", "grpc", env)
+        p.submit(recs)
+        p.shutdown(10)
+    finally:
+        server.stop(0)
+    assert len(seen) == 1 and seen[0][0]["authorization"] == "Bearer t0k"
+    assert sorted(decode(seen[0][1]), key=key) == sorted(expected_spans(recs, p.resource), key=key)
+    assert stats.spans_exported == len(recs)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_backend_refusing_drops_and_backs_off(protocol):
+    """HTTP 503 / connection refused: every span counted dropped, none exported, the thread lives."""
+    recs = [r for r in proxy_records() if r[0] == "tx" or r[1].is_call]
+    cap = _Capture(status=503)
+    try:
+        stats = Stats(ring_size=16)
+        port = cap.port if protocol == "http/protobuf" else free_port_tcp()
+        p = pipeline(stats, f"127.0.0.1:{port}", protocol, {}, batch=5)
+        p.submit(recs)
+        deadline = time.monotonic() + 20
+        while stats.spans_dropped < len(recs) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        p.submit(recs)  # during the back-off: dropped without being sent
+        p.shutdown(2)
+    finally:
+        cap.close()
+    assert stats.spans_exported == 0 and stats.spans_dropped == 2 * len(recs)
+    if protocol == "http/protobuf":
+        assert 1 <= len(cap.requests) < 2 * len(recs) / 5  # backed off: not one request per batch
+
+
+def free_port_tcp() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_queue_bound_and_bad_records_counted(tmp_path):
+    recs = [r for r in proxy_records() if r[0] == "tx" or r[1].is_call]
+    stats = Stats(ring_size=16)
+    with OtlpReceiver() as rx:
+        p = pipeline(stats, f"127.0.0.1:{rx.grpc_port}", "grpc", {}, queue_max=10)
+        p._wake.set = lambda: None  # the thread sleeps (0.5 s) while the loop queues
+        p.submit(recs)
+        assert stats.spans_dropped == 0 and p._queue_dropped == len(recs) - 10
+
+        class Broken:
+            is_call = True
+            sampled = True
+            trace_id = 1
+        p._queue_max = 1000
+        p.submit([("call", Broken()), ("tx", Broken())])
+        p.shutdown(10)
+        got = rx.snapshot()
+    assert len(got) == 10 and stats.spans_exported == 10
+    assert stats.spans_dropped == len(recs) - 10 + 2 and p.failures == 2
