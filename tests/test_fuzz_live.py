@@ -15,6 +15,7 @@ unit fuzz target (tests/fuzz/target.py) covers datagrams claiming to come from t
 """
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -94,6 +95,12 @@ def _rss_kb(pid: int) -> int:
     return 0
 
 
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
 def _tshark_payloads(cap, port: int) -> tuple[list[bytes], list[bytes]]:
     """(datagrams sent to ``port``, datagrams sent from it), as tshark reads the capture."""
     out = subprocess.run(["tshark", "-r", str(cap), "-n", "-Y", f"udp.port == {port}", "-T", "fields",
@@ -148,6 +155,7 @@ def test_calls_survive_a_mutation_flood(tmp_path):
                                  sender=sender_sock.getsockname()),
                             ("127.0.0.1", sc.port), sender_sock, stop)
             rss = [(time.monotonic(), _rss_kb(sc.proc.pid))]
+            cpu0 = _cpu_seconds(sc.proc.pid)
             sender.start()
             while caller.proc.poll() is None and callee.proc.poll() is None \
                     and time.monotonic() - rss[0][0] < CALLS / CALL_RATE + 20:
@@ -162,6 +170,8 @@ def test_calls_survive_a_mutation_flood(tmp_path):
             callee.wait(5)
             rss.append((time.monotonic(), _rss_kb(sc.proc.pid)))
             alive = sc.proc.poll() is None
+            cpu = _cpu_seconds(sc.proc.pid) - cpu0 if alive else float("nan")
+            secs = rss[-1][0] - rss[0][0]
         finally:
             stop.set()
             stop_process(dumpcap, signal.SIGINT)
@@ -179,7 +189,7 @@ def test_calls_survive_a_mutation_flood(tmp_path):
     print(f"mutations sent {sender.sent} (refused by the OS {sender.refused}), answers back {sender.answers}, "
           f"kinds {sorted(sender.mutator.kinds.items())}")
     print(f"capture: {len(to_sc)} datagrams to the sidecar, {len(from_sc)} from it; "
-          f"RSS kB {rss[0][1]} -> {rss[len(rss) // 2][1]} -> {rss[-1][1]}")
+          f"RSS kB {rss[0][1]} -> {rss[len(rss) // 2][1]} -> {rss[-1][1]}; sidecar CPU {cpu:.1f} s in {secs:.1f} s")
     print(f"SIPp caller rc {uac_rc} {dict((k, uac.get(k)) for k in ('SuccessfulCall(C)', 'FailedCall(C)'))}, "
           f"callee {'running' if uas_rc is None else f'exited {uas_rc}'} {dict((k, uas.get(k)) for k in ('SuccessfulCall(C)', 'FailedCall(C)', 'AutoAnswered(C)'))}")
 

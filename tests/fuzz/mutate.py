@@ -70,6 +70,14 @@ class Mutator:
                 break
         return lines, body
 
+    def _size(self, usual: tuple, huge: tuple) -> int:
+        """A flood size: one in ten is huge (20-64 KB datagrams, a few per second at 300/s), so
+        the big shapes are exercised without the run becoming a bandwidth test."""
+        if self.r.random() < 0.1:
+            self._count("huge_flood")
+            return self.r.choice(huge)
+        return self.r.choice(usual)
+
     def _count(self, kind: str) -> None:
         self.kinds[kind] = self.kinds.get(kind, 0) + 1
 
@@ -129,11 +137,11 @@ class Mutator:
             rest = [ln for ln in rest if not ln.lower().startswith(b"content-length")]
             return (b"\n".join([first, *rest]) + b"\n\n" + b"X-Injected: 1\r\n\r\nv=0\r\n" + body)
         elif kind == "via_flood":
-            n = r.choice((5, 60, 80, 300, 1000))
+            n = self._size((5, 60, 80), (300, 1000))
             rest.insert(1, b"Via: " + b", ".join(b"SIP/2.0/UDP 10.9.%d.%d:5060;branch=z9hG4bK%d"
                                                   % (k // 250, k % 250, k) for k in range(n)))
         elif kind == "route_flood":
-            n = r.choice((3, 50, 100, 1000, 2400))
+            n = self._size((3, 50, 100), (1000, 2400))
             entry = b"<sip:" + self.sidecar + b";lr>"
             if r.random() < 0.5:
                 rest.append(b"Route: " + b", ".join([entry] * n))
@@ -151,13 +159,13 @@ class Mutator:
             rest += [b"Route: <sip:" + self.sidecar + b";lr>, <sip:" + v + b";lr>",
                      b"Contact: <sip:victim@" + v + b">", b"Record-Route: <sip:" + v + b";lr>"]
         elif kind == "fold_flood":
-            rest.append(b"Subject: x" + b"\r\n y" * r.choice((10, 500, 3000)))
+            rest.append(b"Subject: x" + b"\r\n y" * self._size((10, 500), (3000,)))
         elif kind == "tiny_headers":
-            rest.extend([b"a:b"] * r.choice((10, 500, 5000)))
+            rest.extend([b"a:b"] * self._size((10, 500), (5000,)))
         elif kind == "comma_flood":
-            rest.append(b"Contact: <sip:x@127.0.0.1>" + b"," * r.choice((10, 1000, 30000)))
+            rest.append(b"Contact: <sip:x@127.0.0.1>" + b"," * self._size((10, 1000), (30000,)))
         elif kind == "nesting":
-            n = r.choice((10, 1000, 10000))
+            n = self._size((10, 1000), (10000,))
             rest.append(b"Route: " + b"<" * n + b"sip:" + self.sidecar + b";lr" + b">" * n)
         elif kind == "non_utf8":
             rest.append(b"Subject: \xff\xfe\xc3\x28 caf\xe9")
