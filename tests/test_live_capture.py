@@ -2,11 +2,12 @@
 sidecar's signaling hop (sidecar <-> callee), must count what the proxy counts and measure the
 same RTTs.
 
-RTT band per transaction: proxy - capture in [-0.5 ms, +3 ms]. The proxy's clock starts when it
-reads the gateway's request and stops when it reads the response; the capture's runs from the
-forwarded request to the response on the wire (kernel timestamps), so the proxy's is longer by
-its own parse/forward and wake-up time (tens to hundreds of microseconds, more on a busy 2-core
-box); -0.5 ms allows for the two clocks (the proxy's is monotonic-based, the capture's wall time).
+RTT band per transaction, from cause and effect rather than from how busy the machine is. The
+proxy's clock starts after the gateway's request reached it and before the forwarded copy left;
+it stops after the response reached it and before the relayed copy left. So its RTT lies between
+the RTT on the wire of the hop behind it (what the capture measures) and the RTT on the wire of
+the hop in front of it (gateway <-> sidecar, read by tshark from a parallel dumpcap). 0.5 ms per
+transaction allows for the two clocks (the proxy's is monotonic-based, the wire's wall time).
 """
 from __future__ import annotations
 
@@ -19,13 +20,16 @@ import time
 import orjson
 import pytest
 
+from capture.record_fixtures import Dumpcap
+from capture.tshark_facts import facts
 from harness import HAVE_SIPP, ROOT, Sidecar, free_port, metric, run_call_pair, scrape, stop_process
 
 pytestmark = [pytest.mark.sipp, pytest.mark.skipif(not HAVE_SIPP, reason="needs SIPp"),
-              pytest.mark.skipif(shutil.which("dumpcap") is None, reason="needs dumpcap")]
+              pytest.mark.skipif(shutil.which("dumpcap") is None or shutil.which("tshark") is None,
+                                 reason="needs dumpcap and tshark")]
 
 N = 12
-LOW_MS, HIGH_MS = -0.5, 3.0
+CLOCKS_MS = 0.5
 
 
 class Capture:
@@ -66,8 +70,10 @@ def _wait(pred, timeout=10.0):
 
 def test_capture_and_proxy_agree_on_the_signaling_hop(tmp_path):
     uas_port = free_port()
+    front = tmp_path / "gateway_hop.pcap"
     with Sidecar(tmp_path, uas_port) as sc, \
-            Capture(tmp_path, f"udp port {uas_port}", f"127.0.0.1:{uas_port}") as cap:
+            Capture(tmp_path, f"udp port {uas_port}", f"127.0.0.1:{uas_port}") as cap, \
+            Dumpcap(front, f"udp port {sc.port} and not udp port {uas_port}"):
         uac_rc, uas_rc, uac, uas = run_call_pair(tmp_path, "uac_call", "uas_call", sc.port, uas_port, N,
                                                  rate=20, uas_extra=("-d", "15"))
         assert (uac_rc, uas_rc) == (0, 0), uac.errors() + uas.errors()
@@ -76,6 +82,7 @@ def test_capture_and_proxy_agree_on_the_signaling_hop(tmp_path):
         p_gw, p_sig = sc.gateway(), sc.signaling()
         c_gw, c_sig = scrape(cap.gw), scrape(cap.sig)
         assert cap.stop() == 0
+    front_txs = facts(str(front))["transactions_list"]  # tshark: the gateway <-> sidecar hop
     # what the proxy saw is what the capture saw on the hop behind it
     for m in ("INVITE", "ACK", "BYE"):
         n = metric(p_gw, "sip_requests_total", method=m, direction="from_gateway")
@@ -95,7 +102,10 @@ def test_capture_and_proxy_agree_on_the_signaling_hop(tmp_path):
         assert metric(c_sig, "signaler_rtt_milliseconds_count", method=m) == n
         proxy = metric(p_sig, "signaler_rtt_milliseconds_sum", method=m)
         capture = metric(c_sig, "signaler_rtt_milliseconds_sum", method=m)
-        assert capture + LOW_MS * n <= proxy <= capture + HIGH_MS * n, (m, proxy, capture)
+        in_front = [t["rtt_ms"] for t in front_txs if t["method"] == m]
+        assert len(in_front) == n and None not in in_front, m
+        assert capture - CLOCKS_MS * n <= proxy <= sum(in_front) + CLOCKS_MS * n, \
+            (m, capture, proxy, sum(in_front))
     # the callee waited 15 ms before answering each INVITE: both clocks must see it
     assert metric(c_sig, "signaler_rtt_milliseconds_sum", method="INVITE") >= 15 * N
     assert metric(c_sig, "signaler_rtt_milliseconds_bucket", method="INVITE", le="10.0") == 0
