@@ -268,7 +268,7 @@ class DecoderMetrics:
 class LiveCapture:
     def __init__(self, interface: str, bpf: str, signaling: Addr | None, timer_b: float = 32.0,
                  rtp: RtpMonitor | None = None, log: JsonLog | None = None, spans=None,
-                 stats: Stats | None = None):
+                 stats: Stats | None = None, timer_c: float = 180.0):
         self.interface = interface
         self.bpf = bpf
         self.signaling = signaling
@@ -276,7 +276,7 @@ class LiveCapture:
         self.log = log or JsonLog("sipwatch-capture")
         self.spans = spans  # a SpanPipeline, or None
         self.observer = Observer(timer_b=timer_b, stats=stats, signaling=signaling,
-                                 on_sdp=self.rtp.add_sdp)
+                                 on_sdp=self.rtp.add_sdp, timer_c=timer_c)
         if spans is not None:
             self.observer.sample_ratio = spans.sample_ratio
         self.metrics = Metrics(self.observer.stats, time.time)
@@ -391,7 +391,7 @@ async def _run(args) -> int:
     spans = SpanPipeline.for_capture("capture", stats, args.otlp_endpoint, args.otlp_protocol,
                                      args.spans_file, args.mask_numbers)
     lc = LiveCapture(args.interface, args.bpf, _addr(args.signaling) if args.signaling else None,
-                     args.timer_b, rtp, spans=spans, stats=stats,
+                     args.timer_b, rtp, spans=spans, stats=stats, timer_c=args.timer_c,
                      log=JsonLog("sipwatch-capture", mask_mode=args.mask_numbers))
     lc.decoder.max_sip_message = args.max_sip_message
     servers = []
@@ -450,7 +450,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="sip-signaling HOST:PORT: its messages are labelled from_signaling")
     ap.add_argument("--gateway-metrics", default="0.0.0.0:13012", help="HOST:PORT or 'off'")
     ap.add_argument("--signaling-metrics", default="0.0.0.0:13022", help="HOST:PORT or 'off'")
-    ap.add_argument("--timer-b", type=float, default=32.0)
+    ap.add_argument("--timer-b", type=float, default=32.0,
+                    help="seconds a request may go without any response (RFC 3261 Timer B/F)")
+    ap.add_argument("--timer-c", type=float, default=180.0,
+                    help="seconds an INVITE may ring after a provisional (RFC 3261 Timer C)")
     ap.add_argument("--mask-numbers", choices=MASK_MODES, default="partial",
                     help="phone numbers in logs and spans: none, partial, full (default partial)")
     ap.add_argument("--rtp-idle-timeout", type=float, default=10.0,
