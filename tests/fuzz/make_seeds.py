@@ -74,6 +74,9 @@ def hand_written() -> dict[str, bytes]:
         "response_folded_content_length": SEP.join([
             rec(0, invite(method=b"OPTIONS", body=b"")),
             rec(4, b"SIP/2.0 200 OK\r\nContent-Length:\r\n 0\r\n\r\n")]),
+        # found by make fuzz: a request line ending in a TAB is forwarded with it (RFC 3261 §25.1:
+        # Method SP Request-URI SP SIP-Version CRLF, nothing else)
+        "request_line_trailing_tab": rec(0, invite(method=b"OPTIONS", body=b"").replace(b" SIP/2.0\r\n", b" SIP/2.0\t\r\n", 1)),
         "comma_flood": rec(0, invite(b"Contact: " + b"," * 3000 + b"\r\n")),
         "folded_flood": rec(0, invite(b"Subject: x" + b"\r\n y" * 1000 + b"\r\n")),
         "nested_angles": rec(0, invite(b"Route: " + b"<" * 2000 + b"sip:a" + b">" * 2000 + b"\r\n")),
