@@ -139,6 +139,7 @@ def test_calls_survive_a_mutation_flood(tmp_path):
     sender_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
     cap = tmp_path / "fuzz.pcapng"
     stop = threading.Event()
+    caller = callee = None
     with Sidecar(tmp_path, uas_port) as sc:
         dumpcap = subprocess.Popen(["dumpcap", "-q", "-i", "lo", "-f", f"udp port {sc.port}", "-w", str(cap)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -174,6 +175,9 @@ def test_calls_survive_a_mutation_flood(tmp_path):
             secs = rss[-1][0] - rss[0][0]
         finally:
             stop.set()
+            for peer in (caller, callee):
+                if peer is not None:
+                    peer.kill()
             stop_process(dumpcap, signal.SIGINT)
     sidecar_log = sc.stdout_path.read_text(errors="replace")
     uac, uas = caller.stat(), callee.stat()
