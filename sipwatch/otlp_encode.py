@@ -203,19 +203,19 @@ class SpanEncoder:
         return got
 
     def _event(self, status: int, t: float) -> tuple[bytes, bytes]:
-        """A ``sip.response`` event for a provisional response."""
-        tail = self._events.get(status)
-        if tail is None:
+        """A ``sip.response`` event for a provisional response: only its time is new."""
+        got = self._events.get(status)
+        if got is None:
             if len(self._events) >= 1024:
                 self._events.clear()
             kv = field(b"\x0a", b"sip.response.status_code") + field(b"\x12", any_value_pb(status))
-            tail = self._events[status] = (
-                field(b"\x12", b"sip.response") + field(b"\x1a", kv),
+            tail = field(b"\x12", b"sip.response") + field(b"\x1a", kv)
+            got = self._events[status] = (
+                b"\x5a" + varint(9 + len(tail)) + b"\x09", tail,
                 b'","name":"sip.response","attributes":[{"key":"sip.response.status_code",'
                 b'"value":{%b}}]}' % any_value_json(status))
         ns = int(t * 1e9)
-        body = b"\x09" + _FIXED64.pack(ns) + tail[0]
-        return b"\x5a" + varint(len(body)) + body, b'{"timeUnixNano":"%d%b' % (ns, tail[1])
+        return got[0] + _FIXED64.pack(ns) + got[1], b'{"timeUnixNano":"%d%b' % (ns, got[2])
 
     def _masked(self, key: str, raw) -> tuple[bytes, bytes]:
         """A masked URI attribute; the same header value (a To, a Request-URI) masks the same."""
