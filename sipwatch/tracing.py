@@ -79,9 +79,9 @@ BATCH = 512
 # arriving then waits until the interpreter switches threads, by default after 5 ms. 0.5 ms
 # bounds that added forwarding delay at the price of more frequent (cheap) switches.
 SWITCH_INTERVAL = 0.0005
-# ... and the thread gives the GIL away on its own every few spans (a sleep, not a busy switch),
+# ... and the thread gives the GIL away on its own every 8 spans (a sleep, not a busy switch),
 # so a datagram waits at most for that many spans' encoding (~0.1 ms), not a whole interval.
-YIELD_EVERY = 16
+YIELD_EVERY = 8
 YIELD_SLEEP = 0.00005
 ERROR_OUTCOMES = frozenset((REJ5, REJ6, TIMEOUT))
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
@@ -177,10 +177,16 @@ def _env(env, name: str) -> str | None:
 
 
 def _read(path: str | None) -> bytes | None:
+    """A PEM file named by OTEL_*; unreadable: said once on stderr, then None (system defaults),
+    as the SDK's exporters do, instead of stopping the proxy."""
     if not path:
         return None
-    with open(path, "rb") as f:
-        return f.read()
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        sys.stderr.write(f"sipwatch: OTLP TLS file {path!r} unreadable ({exc}); using the defaults\n")
+        return None
 
 
 class HttpExporter:
@@ -202,9 +208,17 @@ class HttpExporter:
         self.headers.update(headers or {})
         self._tls = None
         if self.https:
-            self._tls = ssl.create_default_context(cafile=certificate)
+            ca = _read(certificate)
+            try:
+                self._tls = ssl.create_default_context(cadata=ca.decode("ascii", "replace") if ca else None)
+            except (ssl.SSLError, ValueError) as exc:
+                sys.stderr.write(f"sipwatch: OTLP CA certificate unusable ({exc}); using the system's\n")
+                self._tls = ssl.create_default_context()
             if client_certificate:
-                self._tls.load_cert_chain(client_certificate, client_key)
+                try:
+                    self._tls.load_cert_chain(client_certificate, client_key)
+                except (OSError, ssl.SSLError) as exc:
+                    sys.stderr.write(f"sipwatch: OTLP client certificate unusable ({exc}); sending none\n")
         self._conn = None
 
     def _connect(self):

@@ -53,6 +53,23 @@ def per_span(fn, recs) -> float:
     return best / len(recs) * 1e6
 
 
+def gil_slices(recs, enc) -> None:
+    """The span thread's longest stretch without giving the GIL away: the CPU time of encoding
+    YIELD_EVERY spans (it sleeps between such chunks), percentiles over all chunks."""
+    from sipwatch.tracing import YIELD_EVERY
+    spans = [(k, o) for k, o in recs]
+    chunks = []
+    for i in range(0, len(spans) - YIELD_EVERY, YIELD_EVERY):
+        t0 = time.thread_time()
+        for k, o in spans[i:i + YIELD_EVERY]:
+            enc.call(o) if k == "call" else enc.tx(o)
+        chunks.append(time.thread_time() - t0)
+    chunks.sort()
+    q = lambda f: chunks[min(len(chunks) - 1, int(f * len(chunks)))] * 1e6  # noqa: E731
+    print(f"  GIL slice of the span thread ({YIELD_EVERY} spans' encoding): p50 {q(0.5):.0f} µs, "
+          f"p99 {q(0.99):.0f} µs, max {chunks[-1] * 1e6:.0f} µs (thread CPU time)")
+
+
 def main(n: int = 2000) -> None:
     recs = records(n)
     res = make_resource("sipwatch", "proxy", {})
@@ -76,6 +93,7 @@ def main(n: int = 2000) -> None:
         enc.json_line([j for _, j in out])
 
     print(f"{len(recs)} spans ({n} calls), batches of {BATCH}, CPU µs per span (best of 3):")
+    gil_slices(recs, enc)
     for name, fn in (("SpanBuilder only (ReadableSpan)", build_only),
                      ("SDK path: build + SDK protobuf", sdk_pb),
                      ("SDK path: build + SDK protobuf + OTLP/JSON", sdk_both),
