@@ -17,6 +17,8 @@ import struct
 from socket import AF_INET, AF_INET6, inet_ntop
 from typing import Iterator, NamedTuple
 
+from sipwatch.sipmsg import KEEPALIVE_MAX, is_sip_keepalive  # re-exported: the SIP side owns them
+
 __all__ = ["Packet", "read_packets", "PcapError", "Decoder", "is_sip_keepalive", "KEEPALIVE_MAX"]
 
 
@@ -30,28 +32,6 @@ class Packet(NamedTuple):
     dst: tuple[str, int]
     transport: str  # "udp" | "tcp"
     payload: bytes
-
-
-KEEPALIVE_MAX = 64  # bytes: anything longer on a SIP port is a message (or junk), never a keep-alive
-_KA_FILL = frozenset(b"\r\n\t \x00")
-_KA_TOKEN = re.compile(rb"[\x21-\x7e]{1,16}[\r\n\x00 ]{0,4}\Z")
-_STUN_COOKIE = b"\x21\x12\xa4\x42"
-
-
-def is_sip_keepalive(p: bytes) -> bool:
-    """A NAT keep-alive sent to or from a SIP port, not a SIP message and not an error: an empty
-    datagram, CRLF / CRLFCRLF or NUL fill (RFC 5626 §3.5.1), one short word such as ``hello`` or
-    ``jaK`` (what some phones send), or a STUN message (RFC 5626 §4.4.2: binding request, its
-    response with the mapped address; RFC 5389 header with the magic cookie, length matching)."""
-    n = len(p)
-    if n > KEEPALIVE_MAX:
-        return False
-    if _KA_FILL.issuperset(p):
-        return True
-    if n >= 20 and p[4:8] == _STUN_COOKIE and not p[0] & 0xC0 and (p[2] << 8 | p[3]) == n - 20 \
-            and not n & 3:
-        return True
-    return n <= 20 and _KA_TOKEN.match(p) is not None and not p.startswith(b"SIP/")
 
 
 # link-layer types (tcpdump.org/linktypes.html)

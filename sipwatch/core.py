@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from hashlib import blake2b
 
 from .sipmsg import (
-    SipMessage, SipParseError, Via, header_tag, parse, parse_via, split_values, uri_hostport,
+    KEEPALIVE_MAX, SipMessage, SipParseError, Via, header_tag, is_sip_keepalive, parse, parse_via,
+    split_values, uri_hostport,
 )
 from .state import Call, Tracker
 from .stats import (
@@ -47,7 +48,6 @@ Addr = tuple[str, int]
 BRANCH_PREFIX = b"z9hG4bKsw"
 # requests that can create a dialog, so they get our Record-Route (RFC 3261 §16.6 step 4)
 DIALOG_CREATING = frozenset((b"INVITE", b"SUBSCRIBE", b"REFER", b"NOTIFY"))
-_CRLF_ONLY = frozenset(b"\r\n \t")
 MAX_VIAS = 70  # more Vias than a default Max-Forwards allows hops: not a real path
 MAX_ROUTES = 70
 MAX_UDP_PAYLOAD = 65507  # IPv4: 65535 - 20 (IP) - 8 (UDP)
@@ -170,8 +170,8 @@ class ProxyCore:
             stats.dropped[d.reason] += 1
             return [] if d.reply is None else [d.reply]
         except SipParseError as exc:
-            if _CRLF_ONLY.issuperset(data):
-                stats.keepalives += 1  # RFC 5626 CRLF keep-alive
+            if len(data) <= KEEPALIVE_MAX and is_sip_keepalive(data):
+                stats.keepalives += 1  # RFC 5626 CRLF/STUN keep-alives, phones' "hello", "jaK"
                 return []
             stats.parse_errors += 1
             stats.dropped[exc.reason] += 1

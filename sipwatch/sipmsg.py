@@ -21,6 +21,28 @@ __all__ = [
 ]
 
 
+KEEPALIVE_MAX = 64  # bytes: anything longer on a SIP port is a message (or junk), never a keep-alive
+_KA_FILL = frozenset(b"\r\n\t \x00")
+_KA_TOKEN = re.compile(rb"[\x21-\x7e]{1,16}[\r\n\x00 ]{0,4}\Z")
+_STUN_COOKIE = b"\x21\x12\xa4\x42"
+
+
+def is_sip_keepalive(p: bytes) -> bool:
+    """A NAT keep-alive sent to or from a SIP port, not a SIP message and not an error: an empty
+    datagram, CRLF / CRLFCRLF or NUL fill (RFC 5626 §3.5.1), one short word such as ``hello`` or
+    ``jaK`` (what some phones send), or a STUN message (RFC 5626 §4.4.2: binding request, its
+    response with the mapped address; RFC 5389 header with the magic cookie, length matching)."""
+    n = len(p)
+    if n > KEEPALIVE_MAX:
+        return False
+    if _KA_FILL.issuperset(p):
+        return True
+    if n >= 20 and p[4:8] == _STUN_COOKIE and not p[0] & 0xC0 and (p[2] << 8 | p[3]) == n - 20 \
+            and not n & 3:
+        return True
+    return n <= 20 and _KA_TOKEN.match(p) is not None and not p.startswith(b"SIP/")
+
+
 class SipParseError(ValueError):
     """The datagram is not a SIP message we can forward; the text says why and ``reason`` says
     which of :data:`sipwatch.stats.DROP_REASONS` it counts as."""

@@ -299,3 +299,14 @@ def test_call_id_first_used_by_register_still_gives_the_call():
     core.receive_datagram(response_to(fwd, 200), SIGNALING, T0 + 1.05)
     from sipwatch.stats import ANSWERED
     assert core.stats.calls[ANSWERED] == 1 and core.stats.active_calls == 1
+
+
+def test_phone_keepalives_are_keepalives_not_parse_errors():
+    """Phones send 'hello', 'jaK', CRLF, NUL fill or STUN to the SIP port to keep NAT open."""
+    core = make()
+    stun = b"\x00\x01\x00\x00\x21\x12\xa4\x42" + b"\x01" * 12
+    for ka in (b"hello", b"jaK", b"jaK\r\n", b"\r\n", b"\r\n\r\n", b"\x00\x00\x00\x00", stun):
+        assert core.receive_datagram(ka, GATEWAY, T0) == []
+    assert core.stats.keepalives == 7 and core.stats.parse_errors == 0
+    assert core.receive_datagram(b"hello there, this is not SIP", GATEWAY, T0) == []
+    assert core.stats.parse_errors == 1 and dropped(core, "not_sip") == 1
