@@ -22,20 +22,13 @@ demo: system-deps venv
 test: system-deps venv
 	$(BIN)/python -m ruff check sipwatch capture tests deploy
 	@rc=0; $(BIN)/python -m pytest -q $(PYTEST_ARGS) || rc=$$?; \
-	$(MAKE) --no-print-directory fuzz-smoke || rc=$$?; exit $$rc
+	sh tests/fuzz/smoke.sh $(BIN)/python $(FUZZ_RUNS) || rc=$$?; exit $$rc
 
 # atheris over the core (tests/fuzz): a fixed seed and a fixed number of inputs, a few seconds;
 # a finding is written to tests/fuzz/artifacts/ and fails the target
 FUZZ_RUNS ?= 500
 fuzz-smoke: venv
-	@if ! $(BIN)/python -c "import atheris" 2>/dev/null; then \
-	  echo "fuzz-smoke: atheris is not installed on this platform"; \
-	  test -z "$$SIPWATCH_REQUIRE_TOOLS"; exit $$?; fi; \
-	mkdir -p tests/fuzz/artifacts; d=$$(mktemp -d); mkdir $$d/corpus; \
-	$(BIN)/python tests/fuzz/fuzz_core.py -seed=1 -runs=$(FUZZ_RUNS) -print_final_stats=1 \
-	  -artifact_prefix=tests/fuzz/artifacts/ $$d/corpus tests/fuzz/seeds >$$d/log 2>&1; rc=$$?; \
-	if [ $$rc -eq 0 ]; then grep '^stat::' $$d/log | tr '\n' ' '; echo; else tail -40 $$d/log; fi; \
-	rm -rf $$d; exit $$rc
+	sh tests/fuzz/smoke.sh $(BIN)/python $(FUZZ_RUNS)
 
 # longer coverage-guided run with a kept corpus (tests/fuzz/corpus, git-ignored); it keeps going
 # after a finding, saves one input per distinct finding in tests/fuzz/artifacts/ and lists them
