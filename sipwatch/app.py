@@ -30,7 +30,10 @@ from .metrics import Metrics, serve_metrics
 from .stats import INVITE, Stats
 from .transport import UdpEdge, epoch_clock
 
-TICK = 0.2
+# Housekeeping runs often so each run is short: at 1000 calls/s a 200-ms tick wrote 200 call
+# summaries at once and stalled forwarding for 13-18 ms; every 20 ms it is about 1 ms of work.
+TICK = 0.02
+DRAIN_CHECK_EVERY = 10  # ticks: the drain check walks the transaction table
 DRAIN_LINGER = 1.0  # once idle while draining, wait this long for late ACKs and retransmissions
 SPAN_FLUSH = 5.0  # seconds given to the span pipeline at shutdown (1 s after a second signal)
 
@@ -135,6 +138,7 @@ class ProxyApp:
         """Housekeeping: timers, finished records → histograms, logs, spans. Never raises."""
         report = self.errors.report
         core = self.core
+        self.log.deferred = True  # this tick's lines go out in one write, below
         try:
             core.handle_timers(self.clock())
         except Exception as exc:  # noqa: BLE001
@@ -169,6 +173,11 @@ class ProxyApp:
                     self.spans.submit(records)
                 except Exception as exc:  # noqa: BLE001
                     report("spans", exc)
+        self.log.deferred = False
+        try:
+            self.log.flush()  # the tick's lines in one write
+        except Exception as exc:  # noqa: BLE001
+            report("log", exc)
         try:
             self._span_health()
             errors = self.stats.send_errors
@@ -302,13 +311,15 @@ class ProxyApp:
             loop.add_signal_handler(signal.SIGHUP, self._on_hup)
         except (NotImplementedError, RuntimeError, AttributeError):
             pass
+        ticks = 0
         while not self._stop.is_set():
             try:
                 await asyncio.wait_for(self._stop.wait(), TICK)
             except asyncio.TimeoutError:
                 pass
             self.tick()
-            if self.draining and not self._stop.is_set():
+            ticks += 1
+            if self.draining and not self._stop.is_set() and ticks % DRAIN_CHECK_EVERY == 0:
                 try:
                     self._drain_check()
                 except Exception as exc:  # noqa: BLE001

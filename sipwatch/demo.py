@@ -83,6 +83,12 @@ def calls_by_outcome(text: str) -> dict[str, float]:
     return {s.labels["outcome"]: s.value for s in fam.samples if s.name.endswith("_total")}
 
 
+def calls_ended(text: str) -> float:
+    """Answered calls whose BYE was answered (their summaries are written in the same tick)."""
+    fam = _families(text).get("sip_call_duration_seconds")
+    return sum(s.value for s in fam.samples if s.name.endswith("_count")) if fam else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="sipwatch demo", description=__doc__.split("\n")[0])
     p.add_argument("--seconds", type=float, default=20.0, help="how long to place calls (default 20)")
@@ -163,7 +169,12 @@ def main(argv: list[str] | None = None) -> int:
             print()
         if caller.poll() is None:
             caller.kill()
-        time.sleep(0.5)  # last BYE/200 and one housekeeping tick
+        # the last BYE/200 and the housekeeping tick that ends those calls (histogram and call
+        # summary in the same tick): wait for it rather than for a fixed time, so a busy machine
+        # does not make the report come out short
+        settle = time.monotonic() + 10
+        while time.monotonic() < settle and calls_ended(_scrape(gw_metrics)) < calls:
+            time.sleep(0.1)
         gw, sig = _scrape(gw_metrics), _scrape(sig_metrics)
         sidecar.send_signal(signal.SIGTERM)
         sidecar.wait(15)

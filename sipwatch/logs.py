@@ -95,6 +95,10 @@ class JsonLog:
         self.call_id_mask = call_id_mask
         # on_error(component, exc): count (and report) a record that could not be encoded
         self.on_error = on_error
+        # deferred: lines wait in memory until flush() writes them in one system call (the
+        # proxy flushes at the end of every housekeeping tick); else each line is written at once
+        self.deferred = False
+        self._pending: list[bytes] = []
 
     def emit(self, level: str, message: str, event: str, call_sid=None, trace_id=None,
              when: float | None = None, **fields) -> None:
@@ -121,11 +125,29 @@ class JsonLog:
                 self.on_error("log", err)
             except Exception:  # noqa: BLE001
                 pass
+        if self.deferred:
+            self._pending.append(line)
+            if len(self._pending) >= 1000:
+                self.flush()
+            return
         try:
             self.stream.write(line + b"\n")
             self.stream.flush()
         except (OSError, ValueError):
             pass  # stdout gone (pipe closed at shutdown): never take the proxy down for a log line
+
+    def flush(self) -> None:
+        """Write the deferred lines, if any, in one write."""
+        pending = self._pending
+        if not pending:
+            return
+        self._pending = []
+        pending.append(b"")
+        try:
+            self.stream.write(b"\n".join(pending))
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass
 
     def info(self, message: str, event: str, **fields) -> None:
         self.emit("info", message, event, **fields)

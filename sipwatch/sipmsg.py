@@ -270,8 +270,9 @@ def parse(data: bytes, check_length: bool = True) -> SipMessage:
     if len(raw) > MAX_HEADER_LINES:
         raise SipParseError("too many header lines", DROP_TOO_MANY_HEADERS)
     start = raw[0]
+    # RFC 3261 §7.1/§7.2: single spaces between the parts, nothing else around them
     if start.startswith(_SIP20):
-        parts = start.split(None, 2)
+        parts = start.split(b" ", 2)
         if len(parts) < 2 or parts[0] != _SIP20 or len(parts[1]) != 3 or not parts[1].isdigit():
             raise SipParseError(f"bad status line {start[:60]!r}", DROP_NOT_SIP)
         status = int(parts[1])
@@ -279,8 +280,8 @@ def parse(data: bytes, check_length: bool = True) -> SipMessage:
             raise SipParseError(f"bad status code {status}", DROP_OUT_OF_RANGE)
         method = uri = None
     else:
-        parts = start.split()
-        if len(parts) != 3 or parts[2] != _SIP20:
+        parts = start.split(b" ")
+        if len(parts) != 3 or parts[2] != _SIP20 or not parts[1] or b"\t" in parts[1]:
             raise SipParseError(f"not a SIP request line {start[:60]!r}", DROP_NOT_SIP)
         method, uri, status = parts[0], parts[1], 0
         if not (method.isalpha() and method.isascii()):
