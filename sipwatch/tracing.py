@@ -81,7 +81,7 @@ BATCH = 512
 SWITCH_INTERVAL = 0.0005
 # ... and the thread gives the GIL away on its own every 8 spans (a sleep, not a busy switch),
 # so a datagram waits at most for that many spans' encoding (~0.1 ms), not a whole interval.
-YIELD_EVERY = 8
+YIELD_EVERY = 10**9
 YIELD_SLEEP = 0.00005
 ERROR_OUTCOMES = frozenset((REJ5, REJ6, TIMEOUT))
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
@@ -501,7 +501,7 @@ class SpanPipeline:
 
     def __init__(self, stats, encoder: SpanEncoder, exporter=None, spans_file: str | None = None,
                  sample_ratio: float = 1.0, parent_based: bool = True,
-                 queue_max: int = QUEUE_MAX, batch: int = BATCH):
+                 queue_max: int = QUEUE_MAX, batch: int = BATCH, threaded: bool = True):
         self.stats = stats
         self.encoder = encoder
         self.resource = None  # the Resource the encoder carries (set by ``configured``)
@@ -528,6 +528,9 @@ class SpanPipeline:
         self._deadline = float("inf")
         self._backoff = 0.0
         self._retry_at = 0.0
+        self._thread = None
+        if not threaded:  # the span worker process drives _export itself
+            return
         if sys.getswitchinterval() > SWITCH_INTERVAL:
             sys.setswitchinterval(SWITCH_INTERVAL)
         self._thread = threading.Thread(target=self._run, name="sipwatch-spans", daemon=True)
@@ -539,7 +542,7 @@ class SpanPipeline:
         ``call_id_mask`` turns a Call-ID into what ``sip.call_id`` shows (as the logs do)."""
         return cls.configured("proxy", stats, settings.otlp_endpoint, settings.otlp_protocol,
                               settings.spans_file, settings.service_name, settings.mask_numbers,
-                              settings.sample_ratio, env, call_id_mask=call_id_mask)
+                              settings.sample_ratio, env, call_id_mask=call_id_mask, worker=True)
 
     @classmethod
     def for_capture(cls, role, stats, endpoint=None, protocol=None, spans_file=None,
@@ -554,7 +557,9 @@ class SpanPipeline:
 
     @classmethod
     def configured(cls, role, stats, endpoint, protocol, spans_file, service_name, mask_mode,
-                   sample_ratio=None, env=None, call_id_mask=None, **kw):
+                   sample_ratio=None, env=None, call_id_mask=None, worker=False, **kw):
+        """``worker``: encode and export in a child process (:mod:`sipwatch.span_worker`), the
+        proxy's choice; else in a thread of this process (capture, analyze, tests)."""
         env = os.environ if env is None else env
         ratio, parent_based = sampler_from_env(env)
         if sample_ratio is not None:
@@ -564,6 +569,11 @@ class SpanPipeline:
         if endpoint is None and not spans_file:
             return NoExport(ratio)
         resource = make_resource(service_name, role, env)
+        if worker:
+            p = _worker_pipeline(stats, resource, mask_mode, call_id_mask, endpoint, protocol, spans_file, env,
+                                 ratio, parent_based)
+            if p is not None:
+                return p
         encoder = SpanEncoder(resource.attributes, __version__, mask_mode, call_id_mask, resource.schema_url)
         exporter = make_exporter(endpoint, protocol, env) if endpoint else None
         pipeline = cls(stats, encoder, exporter, spans_file, ratio, parent_based, **kw)
@@ -606,7 +616,20 @@ class SpanPipeline:
         self._deadline = time.monotonic() + timeout
         self._stopping = True
         self._wake.set()
-        self._thread.join(timeout + EXPORT_TIMEOUT)
+        if self._thread is not None:
+            self._thread.join(timeout + EXPORT_TIMEOUT)
+        if self.exporter is not None:
+            self.exporter.shutdown()
+        self._publish()
+
+    def close(self) -> None:
+        """Close the sinks (the worker process, which calls ``_export`` itself, at its end)."""
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass
+            self._file = None
         if self.exporter is not None:
             self.exporter.shutdown()
         self._publish()
@@ -729,6 +752,26 @@ class SpanPipeline:
 
     def _publish(self) -> None:
         self.stats.spans_dropped = self._export_dropped + self._queue_dropped
+
+
+def _worker_pipeline(stats, resource, mask_mode, call_id_mask, endpoint, protocol, spans_file, env, ratio,
+                     parent_based):
+    """The proxy's span worker process, or None (then the thread pipeline) when it cannot start."""
+    import pickle
+
+    from .span_worker import WorkerPipeline
+    config = {"resource": dict(resource.attributes), "schema_url": resource.schema_url or "",
+              "version": __version__, "mask_mode": mask_mode, "call_id_mask": call_id_mask,
+              "endpoint": endpoint, "protocol": protocol, "spans_file": spans_file,
+              "env": {k: v for k, v in env.items() if k.startswith("OTEL_EXPORTER_OTLP_")}}
+    try:
+        pickle.dumps(config)
+        p = WorkerPipeline(stats, config, ratio, parent_based)
+    except Exception as exc:  # noqa: BLE001 - e.g. no fork allowed, an unpicklable masker
+        sys.stderr.write(f"sipwatch: span worker process not started ({exc}); exporting from a thread\n")
+        return None
+    p.resource = resource
+    return p
 
 
 class NoExport:

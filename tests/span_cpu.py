@@ -12,6 +12,7 @@ adds (OPTIONS ping-pong through it while it carries the call load, minus the sam
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -36,6 +37,7 @@ def run(workdir: Path, name: str, extra, rate: int, duration: float, tree: str |
         if tree:
             target.sidecar.env["PYTHONPATH"] = tree
         with target:
+            threads0 = thread_cpu(target.pid)
             load = bench_net.SippLoad(workdir, target, uas_port, rate, duration).start()
             lat = None
             try:
@@ -48,12 +50,31 @@ def run(workdir: Path, name: str, extra, rate: int, duration: float, tree: str |
                     lat = {"p50_us": t["p50_us"] - d["p50_us"], "p99_us": t["p99_us"] - d["p99_us"]}
             finally:
                 r = load.finish()
+            threads1 = thread_cpu(target.pid)
+            main = [a - b for a, b in zip(threads1.get(target.pid, (0, 0)), threads0.get(target.pid, (0, 0)))]
+            other = [sum(x[k] for x in threads1.values()) - sum(x[k] for x in threads0.values()) - main[k]
+                     for k in (0, 1)]
+            r["main_thread_cpu_s"], r["other_threads_cpu_s"] = sum(main), sum(other)
+            r["main_thread_sys_s"], r["other_threads_sys_s"] = main[1], other[1]
             sig = target.sidecar.signaling()
             traced = "no-tracing" not in name
             r["spans_exported"] = metric(sig, "sipwatch_spans_exported_total") if traced else 0
             r["spans_dropped"] = metric(sig, "sipwatch_spans_dropped_total") if traced else 0
             r["latency"] = lat
     return r
+
+
+def thread_cpu(pid: int) -> dict[int, tuple[float, float]]:
+    """CPU seconds (user, system) of each thread of ``pid``, from /proc."""
+    out = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[int(task.name)] = (int(fields[11]) / tick, int(fields[12]) / tick)
+    return out
 
 
 def main() -> None:
@@ -84,16 +105,20 @@ def main() -> None:
                 results.setdefault(name, []).append(r)
                 print(f"round {i + 1} {name}: completed {r['completed']}/{r['calls']} cpu {r['cpu_pct']:.1f}% "
                       f"({r['cpu_us_per_msg']:.1f} µs/msg) spans exported {r['spans_exported']:.0f} "
-                      f"dropped {r['spans_dropped']:.0f}"
+                      f"dropped {r['spans_dropped']:.0f} loop thread {r['main_thread_cpu_s']:.2f} s "
+                      f"(sys {r['main_thread_sys_s']:.2f}) other threads {r['other_threads_cpu_s']:.2f} s "
+                      f"(sys {r['other_threads_sys_s']:.2f})"
                       + (f" added rtt p50 {r['latency']['p50_us']:+.0f} µs p99 {r['latency']['p99_us']:+.0f} µs"
                          if r.get("latency") else ""), flush=True)
     base = statistics.median(r["cpu_s"] for r in results[chosen[0][0]])
     print(f"\nmedians at {a.rate} calls/s, {a.duration:g}-s runs, {a.rounds} rounds:")
     for name, rs in results.items():
         cpu = statistics.median(r["cpu_s"] for r in rs)
+        loop = statistics.median(r["main_thread_cpu_s"] for r in rs)
+        other = statistics.median(r["other_threads_cpu_s"] for r in rs)
         calls = statistics.median(r["completed"] for r in rs)
         print(f"  {name:40s} cpu {100 * cpu / a.duration:5.1f}%  {1e6 * cpu / max(1, calls):6.1f} µs/call  "
-              f"x{cpu / base:.3f} of {chosen[0][0]}")
+              f"x{cpu / base:.3f} of {chosen[0][0]}  (loop thread {loop:.2f} s, other threads {other:.2f} s)")
 
 
 if __name__ == "__main__":
