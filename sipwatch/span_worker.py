@@ -14,7 +14,8 @@ interval). So the proxy hands the sampled records to a child process instead:
   same :class:`sipwatch.tracing.SpanPipeline` export step synchronously (encoder, spans file,
   OTLP exporter, back-off), and reports its counters back as small frames on its stdout.
   It ignores SIGINT/SIGTERM/SIGHUP (the proxy drives it: re-open, stop) and exits at EOF, so it
-  never outlives the proxy.
+  never outlives the proxy. It runs at nice 10: when the node's CPUs are busy, the scheduler
+  gives them to the proxy's loop first (span export is background work that can lag).
 
 Counters keep their meaning: ``sipwatch_spans_exported_total`` / ``_dropped_total`` are the
 worker's plus what the proxy dropped before the pipe; span failures and the spans file's state
@@ -38,6 +39,7 @@ F_CONFIG, F_RECORDS, F_REOPEN, F_STOP = 0, 1, 2, 3
 PENDING_MAX = 16 << 20  # bytes of frames waiting for the pipe; beyond, frames are dropped
 STATUS_EVERY = 0.1  # seconds between the worker's status frames while busy
 MAX_FRAME = 256 << 20
+WORKER_NICE = 10
 
 
 # -- records as plain tuples (loop side) -----------------------------------------------------
@@ -144,6 +146,7 @@ class WorkerPipeline:
         self._status: dict = {}
         self._inbuf = bytearray()
         self._dead = False
+        self._closed = False  # shut down: the worker's exit is expected
         self._extra_failures = 0
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         code = f"import sys; sys.path.insert(0, {root!r}); from sipwatch.span_worker import main; main()"
@@ -182,6 +185,9 @@ class WorkerPipeline:
         self._poll()
 
     def _send(self, kind: int, payload: bytes, n: int) -> None:
+        if self._closed:
+            self._dropped += n
+            return
         frame = _LEN.pack(len(payload) + 1) + bytes((kind,)) + payload
         if self._dead or self._pending_bytes + len(frame) > self._pending_max:
             self._dropped += n
@@ -219,6 +225,8 @@ class WorkerPipeline:
 
     def _poll(self) -> None:
         """Flush what waits for the pipe and read the worker's latest counters (never blocks)."""
+        if self._closed:
+            return
         if self._pending:
             self._flush()
         while True:
@@ -281,6 +289,8 @@ class WorkerPipeline:
     def shutdown(self, timeout: float = 5.0) -> None:
         """Hand over what is queued, let the worker export it within ``timeout`` seconds, wait."""
         from .tracing import EXPORT_TIMEOUT
+        if self._closed:
+            return
         deadline = time.monotonic() + timeout
         self._send(F_STOP, marshal.dumps(float(timeout)), 0)
         while self._pending and not self._dead and time.monotonic() < deadline:
@@ -290,6 +300,7 @@ class WorkerPipeline:
         for item in self._pending:
             self._dropped += item[2]
         self._pending.clear()
+        self._closed = True
         try:
             self.proc.stdin.close()  # EOF: the worker finishes and exits
         except OSError:
@@ -330,6 +341,10 @@ class _Counters:
 def main() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
+    try:  # background work: on a busy node the proxy's loop gets the CPU first
+        os.nice(WORKER_NICE)
+    except OSError:
+        pass
     from .otlp_encode import SpanEncoder
     from .tracing import BATCH, SpanPipeline, make_exporter
     out = sys.stdout.buffer

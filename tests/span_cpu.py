@@ -94,6 +94,7 @@ def main() -> None:
             "http": ("spans 100% OTLP/HTTP collector + file",
                      ("--otlp-endpoint", col.url, "--otlp-protocol", "http/protobuf",
                       "--spans-file", str(workdir / "spans-http.jsonl"), "--sample-ratio", "1")),
+            "file": ("spans 100% file only", ("--spans-file", str(workdir / "spans-only.jsonl"), "--sample-ratio", "1")),
             "grpc": ("spans 100% OTLP/gRPC + file",
                      ("--otlp-endpoint", f"127.0.0.1:{rx.grpc_port}", "--otlp-protocol", "grpc",
                       "--spans-file", str(workdir / "spans-grpc.jsonl"), "--sample-ratio", "1")),

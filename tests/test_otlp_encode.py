@@ -464,3 +464,108 @@ def test_queue_bound_and_bad_records_counted(tmp_path):
         got = rx.snapshot()
     assert len(got) == 10 and stats.spans_exported == 10
     assert stats.spans_dropped == len(recs) - 10 + 2 and p.failures == 2
+
+
+# -- the proxy's worker process -------------------------------------------------------------------
+def worker_pipeline(stats, endpoint, protocol, tmp_path, env=None, cid=None):
+    p = SpanPipeline.configured("proxy", stats, endpoint, protocol, str(tmp_path / "spans.jsonl"), "sw-unit",
+                                "partial", None, env or {}, call_id_mask=cid, worker=True)
+    from sipwatch.span_worker import WorkerPipeline
+    assert isinstance(p, WorkerPipeline) and p.proc.poll() is None
+    return p
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_worker_process_exports_what_the_reference_encodes(tmp_path, protocol):
+    """Records cross the pipe as tuples and come out as the same spans, masks included."""
+    recs = proxy_records()
+    stats = Stats(ring_size=16)
+    cid = CallIdMasker("digits", b"k")
+    with OtlpReceiver() as rx:
+        port = rx.grpc_port if protocol == "grpc" else rx.http_port
+        p = worker_pipeline(stats, f"127.0.0.1:{port}", protocol, tmp_path, cid=cid)
+        for i in range(0, len(recs), 3):  # ticks: a call's records may straddle frames
+            p.submit(recs[i:i + 3])
+        p.shutdown(10)
+        got = rx.snapshot()
+    assert p.proc.returncode == 0
+    spans = [r for r in recs if r[0] == "tx" or r[1].is_call]
+    _, ref = reference(spans, SpanBuilder(p.resource, "partial", cid))
+    assert sorted(got, key=key) == sorted(decode(ref), key=key)
+    assert stats.spans_exported == len(spans) and stats.spans_dropped == 0 and p.failures == 0
+    lines = (tmp_path / "spans.jsonl").read_bytes().splitlines()
+    filed = [s for ln in lines for s in orjson.loads(ln)["resourceSpans"][0]["scopeSpans"][0]["spans"]]
+    assert len(filed) == len(spans)
+
+
+def test_worker_reopen_file_failures_and_unsampled(tmp_path):
+    """SIGHUP's re-open moves new spans to the new file; unsampled records never cross; a
+    spans file that cannot be written is reported as the thread pipeline reports it."""
+    recs = proxy_records()
+    calls = [o for k, o in recs if k == "call" and o.is_call]
+    calls[0].sampled = False  # its transactions keep their own flag: only the call span is skipped
+    stats = Stats(ring_size=16)
+    p = worker_pipeline(stats, None, None, tmp_path)
+    p.submit(recs)
+    deadline = time.monotonic() + 20
+    n = sum(1 for k, o in recs if k == "tx" or o.is_call) - 1
+    while stats.spans_exported < n and time.monotonic() < deadline:
+        time.sleep(0.05)
+        p.failures  # noqa: B018 - polls the worker's counters, as the proxy's tick does
+    assert stats.spans_exported == n
+    (tmp_path / "spans.jsonl").rename(tmp_path / "spans.jsonl.1")
+    assert p.reopen()
+    p.submit(recs[:2])
+    p.shutdown(10)
+    assert (tmp_path / "spans.jsonl").exists() and len((tmp_path / "spans.jsonl").read_bytes().splitlines()) == 1
+    assert stats.spans_exported == n + 2 and stats.spans_dropped == 0
+    # /dev/full: every write fails, counted and reported
+    s2 = Stats(ring_size=16)
+    p = SpanPipeline.configured("proxy", s2, None, None, "/dev/full", "sw", "partial", None, {}, worker=True)
+    p.submit(recs)
+    deadline = time.monotonic() + 20
+    while not p.file_failing and time.monotonic() < deadline:
+        time.sleep(0.05)
+        p.failures  # noqa: B018
+    assert p.file_failing and p.failures >= 1 and p.file_failures >= 1 and "OSError" in p.file_error
+    p.shutdown(5)
+    assert s2.spans_exported == 0 and s2.spans_dropped == n  # the unsampled call span never crossed
+
+
+def test_worker_death_is_counted_not_fatal(tmp_path):
+    recs = proxy_records()
+    stats = Stats(ring_size=16)
+    p = worker_pipeline(stats, None, None, tmp_path)
+    p.proc.kill()
+    p.proc.wait()
+    for _ in range(3):
+        p.submit(recs)  # EPIPE inside: counted, never raised
+    assert p.failures == 1
+    n = sum(1 for k, o in recs if k == "tx" or o.is_call)
+    assert stats.spans_dropped >= 2 * n and stats.spans_exported == 0
+    p.shutdown(1)
+
+
+def test_worker_pipe_full_drops_are_counted(tmp_path):
+    """A worker that does not read (stopped): the loop never blocks, frames beyond the bound are
+    dropped and counted; the worker, let go again, exports the rest."""
+    import signal
+    recs = proxy_records()
+    n = sum(1 for k, o in recs if k == "tx" or o.is_call)
+    stats = Stats(ring_size=16)
+    p = worker_pipeline(stats, None, None, tmp_path)
+    p._pending_max = 64 * 1024
+    os_kill = __import__("os").kill
+    os_kill(p.proc.pid, signal.SIGSTOP)
+    try:
+        sent = 0
+        t0 = time.monotonic()
+        while p._dropped == 0 and sent < 5000:
+            p.submit(recs)
+            sent += 1
+        assert p._dropped > 0 and time.monotonic() - t0 < 60
+    finally:
+        os_kill(p.proc.pid, signal.SIGCONT)
+    p.shutdown(30)
+    assert stats.spans_exported + stats.spans_dropped == sent * n
+    assert stats.spans_exported > 0
