@@ -31,6 +31,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 
@@ -148,6 +149,7 @@ class WorkerPipeline:
         self._dead = False
         self._closed = False  # shut down: the worker's exit is expected
         self._extra_failures = 0
+        self._lock = threading.RLock()  # SIGHUP's re-open on the loop vs shutdown in the flush thread
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         code = f"import sys; sys.path.insert(0, {root!r}); from sipwatch.span_worker import main; main()"
         self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -185,6 +187,10 @@ class WorkerPipeline:
         self._poll()
 
     def _send(self, kind: int, payload: bytes, n: int) -> None:
+        with self._lock:
+            self._send_locked(kind, payload, n)
+
+    def _send_locked(self, kind: int, payload: bytes, n: int) -> None:
         if self._closed:
             self._dropped += n
             return
@@ -225,6 +231,10 @@ class WorkerPipeline:
 
     def _poll(self) -> None:
         """Flush what waits for the pipe and read the worker's latest counters (never blocks)."""
+        with self._lock:
+            self._poll_locked()
+
+    def _poll_locked(self) -> None:
         if self._closed:
             return
         if self._pending:
@@ -289,18 +299,19 @@ class WorkerPipeline:
     def shutdown(self, timeout: float = 5.0) -> None:
         """Hand over what is queued, let the worker export it within ``timeout`` seconds, wait."""
         from .tracing import EXPORT_TIMEOUT
-        if self._closed:
-            return
         deadline = time.monotonic() + timeout
-        self._send(F_STOP, marshal.dumps(float(timeout)), 0)
-        while self._pending and not self._dead and time.monotonic() < deadline:
-            self._flush()
-            if self._pending:
-                select.select([], [self._w], [], max(0.0, min(0.2, deadline - time.monotonic())))
-        for item in self._pending:
-            self._dropped += item[2]
-        self._pending.clear()
-        self._closed = True
+        with self._lock:
+            if self._closed:
+                return
+            self._send_locked(F_STOP, marshal.dumps(float(timeout)), 0)
+            while self._pending and not self._dead and time.monotonic() < deadline:
+                self._flush()
+                if self._pending:
+                    select.select([], [self._w], [], max(0.0, min(0.2, deadline - time.monotonic())))
+            for item in self._pending:
+                self._dropped += item[2]
+            self._pending.clear()
+            self._closed = True
         try:
             self.proc.stdin.close()  # EOF: the worker finishes and exits
         except OSError:
@@ -385,6 +396,8 @@ def main() -> None:
             data = os.read(inp, 1 << 20)
             if not data:
                 eof = True
+                if deadline == float("inf"):  # the proxy went away without a stop: do not linger
+                    deadline = 0.0
             buf += data
         pos = 0
         while len(buf) - pos >= 5:
