@@ -23,6 +23,7 @@ import signal
 import threading
 
 from .config import ProxySettings
+from .gcpolicy import GcPolicy
 from .core import CoreConfig, ProxyCore
 from .logs import ErrorReporter, JsonLog
 from .masking import CallIdMasker
@@ -90,6 +91,7 @@ class ProxyApp:
         self._stop = asyncio.Event()
         self._servers: list = []
         self.edge = UdpEdge(self.core, self.clock)
+        self.gc = GcPolicy(on_deep=self._gc_deep)
         self._send_errors_logged = 0
         # drain state
         self.draining = False
@@ -127,6 +129,7 @@ class ProxyApp:
                       allow_next_hop=[str(n) for n in getattr(s, "allow_next_hop", ())],
                       mask_call_id=self.call_id_mask.mode,
                       secret="set" if getattr(s, "secret", b"") else "random")
+        self.gc.start()
         if not getattr(s, "secret", b""):
             self.log.warning(
                 "no --secret/SIPWATCH_SECRET: using a random key for this process; after a restart, "
@@ -168,11 +171,19 @@ class ProxyApp:
                 except Exception as exc:  # noqa: BLE001
                     report("log", exc)
                     self._minimal_summary(obj, exc)
+                try:
+                    obj.let_go()  # the summary was the last reader of its transaction list
+                except Exception as exc:  # noqa: BLE001
+                    report("tick", exc)
             if self.spans is not None:
                 try:
                     self.spans.submit(records)
                 except Exception as exc:  # noqa: BLE001
                     report("spans", exc)
+        try:
+            self.gc.tick()
+        except Exception as exc:  # noqa: BLE001
+            report("tick", exc)
         self.log.deferred = False
         try:
             self.log.flush()  # the tick's lines in one write
@@ -200,6 +211,11 @@ class ProxyApp:
                           summary_error=type(exc).__name__)
         except Exception:  # noqa: BLE001
             pass
+
+    def _gc_deep(self, seconds: float, collected: int, rss_before: int, rss_after: int) -> None:
+        self.log.info("deep garbage collection (resident size grew)", "gc_deep",
+                      duration_ms=round(seconds * 1000, 1), collected=collected,
+                      rss_before_mb=round(rss_before / 2**20, 1), rss_after_mb=round(rss_after / 2**20, 1))
 
     def _span_health(self) -> None:
         """Publish the span thread's failures and log a failing spans file once (and its recovery)."""

@@ -121,6 +121,7 @@ class ProxyCore:
         self.tracker = Tracker(self.stats, config.timer_b, config.max_transactions,
                                config.max_calls, config.max_call_duration,
                                timer_c=config.timer_c)
+        self.tracker.release = True  # no reference cycles: see sipwatch.gcpolicy
         self._randbits = randbits
         up_ip = ip_literal(config.upstream[0].encode())
         # compared with socket addresses, which are canonical text

@@ -37,23 +37,28 @@ def queued_bytes(sock: socket.socket) -> int:
 
 
 class OverloadGuard:
-    """Hysteresis over queue samples: overloaded above ``high``, back to normal below ``low``."""
+    """Hysteresis over queue samples: overloaded once the queue stayed above ``high`` for
+    ``window`` samples in a row (a standing queue, as CoDel reads it, not a burst that drains on
+    its own), back to normal as soon as one sample is below ``low``."""
 
-    def __init__(self, high: int = HIGH_WATER, low: int = LOW_WATER):
-        if not 0 <= low < high:
-            raise ValueError("need 0 <= low < high")
+    def __init__(self, high: int = HIGH_WATER, low: int = LOW_WATER, window: int = 1):
+        if not 0 <= low < high or window < 1:
+            raise ValueError("need 0 <= low < high and window >= 1")
         self.high = high
         self.low = low
+        self.window = window
         self.overloaded = False
         self.episodes = 0  # times it went into overload
+        self._above = 0  # consecutive samples above high
 
     def update(self, queued: int) -> bool:
         if queued < 0:
             return self.overloaded  # no measurement: keep the last decision
+        self._above = self._above + 1 if queued > self.high else 0
         if self.overloaded:
             if queued < self.low:
                 self.overloaded = False
-        elif queued > self.high:
+        elif self._above >= self.window:
             self.overloaded = True
             self.episodes += 1
         return self.overloaded

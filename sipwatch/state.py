@@ -40,6 +40,12 @@ transaction records, table and deque entries) leaves ``timer_b`` after the call 
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from itertools import count
+
+# Timer entries are (deadline, obj, token) and obj.qentry holds the token of its current one: an
+# int, not the tuple, so no entry and object point at each other (no reference cycle: a call's
+# state is freed by reference counting, never waits for the cyclic garbage collector).
+_TOKENS = count(1)
 
 from .stats import ANSWERED, BYE, CANCEL, CANCELLED, INVITE, TIMEOUT, Stats, outcome_of
 
@@ -82,7 +88,7 @@ class Transaction:
         self.initial_invite = initial_invite
         self.timed_out = False
         self.tags = None  # To-tags of the 2xx answers to an INVITE (forks), once answered
-        self.qentry = None  # its current (deadline, self) entry in a timer deque
+        self.qentry = 0  # the token of its current (deadline, self, token) timer entry
 
     @property
     def rtt_ms(self) -> float | None:
@@ -94,7 +100,7 @@ class Call:
         "call_id", "trace_id", "span_id", "parent_span_id", "sampled", "t_start", "t_setup",
         "t_answer", "t_final", "t_end", "status", "outcome", "cancelled", "finished",
         "transactions", "retrans", "from_uri", "to_uri", "ruri", "deadline", "is_call", "rtp",
-        "ended_by", "invite_cseq", "qentry",
+        "ended_by", "invite_cseq", "qentry", "holders",
     )
 
     def __init__(self, call_id, trace_id, span_id, parent_span_id, sampled, now, deadline,
@@ -123,7 +129,19 @@ class Call:
         self.rtp = None  # passive capture: the call's RTP figures for its span, once known
         self.ended_by: str | None = None  # one of ENDED_BY once finished
         self.invite_cseq = None  # CSeq number of the (latest) initial INVITE
-        self.qentry = None  # its current (deadline, self) entry in a timer deque
+        self.qentry = 0  # the token of its current (deadline, self, token) timer entry
+        # Who still needs ``transactions`` (each transaction points back at its call, a cycle):
+        # with ``Tracker.release`` on, the tracker's table and, for INVITE dialogs, the consumer
+        # of the call record (the call summary). The last to let go empties the list, so a call
+        # is freed by reference counting. 0: kept (capture analysis reads them at the end).
+        self.holders = 0
+
+    def let_go(self) -> None:
+        """One holder is done with the call's transactions (see ``holders``)."""
+        h = self.holders - 1
+        self.holders = h
+        if h == 0:
+            self.transactions = []
 
 
 class Tracker:
@@ -154,6 +172,9 @@ class Tracker:
         self._call_linger: deque = deque()  # finished calls: t_end + timer_b
         self.finished: deque = deque()
         self.finished_max = finished_max
+        # the proxy: a call's transactions are let go once it left the table and its record was
+        # consumed (Call.holders), so nothing here needs the cyclic garbage collector
+        self.release = False
         self.compactions = 0  # times the deadline deques were rebuilt (amortised O(1) each)
 
     # -- calls -------------------------------------------------------------------------
@@ -194,9 +215,11 @@ class Tracker:
                  from_uri=b"", to_uri=b"", ruri=b"") -> Call:
         calls = self.calls
         old = calls.pop(call_id, None)
-        if old is not None and not old.finished:
-            # its record is emitted once, here; outcome counters are left as they are
-            self._finish_call(old, now, "replaced")
+        if old is not None:
+            if not old.finished:
+                # its record is emitted once, here; outcome counters are left as they are
+                self._finish_call(old, now, "replaced")
+            self._left(old)
         if len(calls) >= self.max_calls:
             self._evict_call(now)
         if is_call:
@@ -209,6 +232,8 @@ class Tracker:
             call = Call(call_id, trace_id, span_id, parent_span_id, sampled, now, deadline,
                         is_call, from_uri, to_uri, ruri)
             _push(self._call_short, call, deadline)
+        if self.release:
+            call.holders = 2 if is_call else 1
         calls[call_id] = call
         return call
 
@@ -219,14 +244,16 @@ class Tracker:
         while q:
             e = q.popleft()
             call = e[1]
-            if call.qentry is e and calls.get(call.call_id) is call:
+            if call.qentry == e[2] and calls.get(call.call_id) is call:
                 del calls[call.call_id]
+                self._left(call)
                 return
         if not calls:
             return
         _, call = calls.popitem(last=False)
         self.stats.evicted_calls += 1
         self._finish_call(call, now, "evicted")
+        self._left(call)
 
     # -- transactions ------------------------------------------------------------------
     def request(self, key, midx, method, cseq, call: Call, now, span_id, parent_span_id,
@@ -239,7 +266,8 @@ class Tracker:
         if len(txs) >= self.max_transactions and key not in txs:
             self._evict_tx()
         txs[key] = tx
-        tx.qentry = e = (deadline, tx)
+        e = (deadline, tx, next(_TOKENS))
+        tx.qentry = e[2]
         self._tx_b.append(e)
         if len(call.transactions) < MAX_TX_PER_CALL:
             call.transactions.append(tx)
@@ -282,7 +310,7 @@ class Tracker:
         while q:
             e = q.popleft()
             tx = e[1]
-            if tx.qentry is e and txs.get(tx.key) is tx:
+            if tx.qentry == e[2] and txs.get(tx.key) is tx:
                 del txs[tx.key]
                 return
         qb, qc = self._tx_b, self._tx_c
@@ -291,9 +319,9 @@ class Tracker:
         while qc and not _pending(qc[0], txs):
             qc.popleft()
         if qb and (not qc or qb[0][0] - self.timer_b <= qc[0][0] - self.timer_c):
-            _, tx = qb.popleft()
+            tx = qb.popleft()[1]
         elif qc:
-            _, tx = qc.popleft()
+            tx = qc.popleft()[1]
         else:
             return
         del txs[tx.key]
@@ -340,7 +368,8 @@ class Tracker:
                 tx.tags = [to_tag]
             d = now + self.timer_b
             tx.deadline = d
-            tx.qentry = e = (d, tx)
+            e = (d, tx, next(_TOKENS))
+            tx.qentry = e[2]
             self._tx_linger.append(e)
             self._emit("tx", tx)
             self._call_progress(call, tx, status, now)
@@ -354,7 +383,8 @@ class Tracker:
     def _timer_c(self, tx: Transaction, now: float) -> None:
         d = now + self.timer_c
         tx.deadline = d
-        tx.qentry = e = (d, tx)
+        e = (d, tx, next(_TOKENS))
+        tx.qentry = e[2]
         self._tx_c.append(e)
 
     def _call_progress(self, call: Call, tx: Transaction, status: int, now: float) -> None:
@@ -403,8 +433,15 @@ class Tracker:
     def _emit(self, kind: str, obj) -> None:
         if len(self.finished) >= self.finished_max:
             self.stats.records_dropped += 1
+            if kind == "call" and obj.is_call:
+                obj.let_go()  # nobody will consume this record
             return
         self.finished.append((kind, obj))
+
+    def _left(self, call: Call) -> None:
+        """``call`` is no longer in the table."""
+        if self.release:
+            call.let_go()
 
     def finish_open_calls(self, now: float, ended_by: str = "shutdown") -> None:
         """End every call still open (answered, no BYE seen): a capture ended, time stopped."""
@@ -439,7 +476,7 @@ class Tracker:
             while q and q[0][0] <= now:
                 e = q.popleft()
                 tx = e[1]
-                if tx.qentry is not e or txs.get(tx.key) is not tx:
+                if tx.qentry != e[2] or txs.get(tx.key) is not tx:
                     continue  # answered, rescheduled, evicted or replaced since
                 del txs[tx.key]
                 if tx.t_final is not None:
@@ -462,7 +499,7 @@ class Tracker:
         while q and q[0][0] <= now:
             e = q.popleft()
             tx = e[1]
-            if tx.qentry is e and txs.get(tx.key) is tx:
+            if tx.qentry == e[2] and txs.get(tx.key) is tx:
                 del txs[tx.key]
         calls = self.calls
         for q in (self._call_short, self._call_long, self._call_linger):
@@ -470,9 +507,10 @@ class Tracker:
                 e = q.popleft()
                 call = e[1]
                 cid = call.call_id
-                if call.qentry is not e or calls.get(cid) is not call:
+                if call.qentry != e[2] or calls.get(cid) is not call:
                     continue
                 del calls[cid]
+                self._left(call)
                 if call.finished:
                     continue
                 if call.is_call and call.outcome < 0 and call.status:
@@ -492,14 +530,14 @@ class Tracker:
             self.compactions += 1
             for name in ("_tx_b", "_tx_c", "_tx_linger"):
                 setattr(self, name, deque(e for e in getattr(self, name)
-                                          if e[1].qentry is e and txs.get(e[1].key) is e[1]))
+                                          if e[1].qentry == e[2] and txs.get(e[1].key) is e[1]))
         calls = self.calls
         if len(self._call_short) + len(self._call_long) + len(self._call_linger) > \
                 2 * len(calls) + COMPACT_SLACK:
             self.compactions += 1
             for name in ("_call_short", "_call_long", "_call_linger"):
                 setattr(self, name, deque(e for e in getattr(self, name)
-                                          if e[1].qentry is e
+                                          if e[1].qentry == e[2]
                                           and calls.get(e[1].call_id) is e[1]))
 
     def queued(self) -> int:
@@ -510,15 +548,15 @@ class Tracker:
 
 def _push(q: deque, obj, deadline: float) -> None:
     """Schedule ``obj`` (a Transaction or Call) at ``deadline``; its earlier entry goes stale."""
-    e = (deadline, obj)
+    e = (deadline, obj, next(_TOKENS))
     obj.deadline = deadline
-    obj.qentry = e
+    obj.qentry = e[2]
     q.append(e)
 
 
 def _pending(e, txs) -> bool:
     tx = e[1]
-    return tx.qentry is e and tx.t_final is None and txs.get(tx.key) is tx
+    return tx.qentry == e[2] and tx.t_final is None and txs.get(tx.key) is tx
 
 
 def memory_per_call(n: int = 5000) -> dict:

@@ -14,6 +14,7 @@ from .core import ProxyCore
 from .overload import HIGH_WATER, OverloadGuard, queued_bytes
 
 OVERLOAD_SAMPLE = 0.01  # seconds between receive-queue samples (about 2 µs each)
+OVERLOAD_WINDOW = 5  # samples in a row above the high-water mark before shedding (>= 50 ms)
 
 
 
@@ -85,7 +86,7 @@ class UdpEdge:
         if guard is None:
             rcvbuf = min(s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) for s in self._socks)
             high = min(HIGH_WATER, rcvbuf * 3 // 8)
-            guard = OverloadGuard(high, high // 2)
+            guard = OverloadGuard(high, high // 2, OVERLOAD_WINDOW)
         self.guard = guard
         self._sample()
 

@@ -27,6 +27,12 @@ def test_guard_hysteresis():
         OverloadGuard(high=10, low=10)
 
 
+def test_guard_sheds_on_a_standing_queue_not_a_burst():
+    g = OverloadGuard(high=1000, low=100, window=3)
+    assert [g.update(q) for q in (5000, 5000, 50, 5000, 5000, 900, 5000)] == [False] * 7
+    assert [g.update(q) for q in (5000, 5000, 5000, 800, 99)] == [False, True, True, True, False]
+
+
 def test_overloaded_core_sheds_new_dialogs_only():
     core = make()
     (fwd, _), = forwarded(core.receive_datagram(invite(), GATEWAY, T0))

@@ -1,0 +1,81 @@
+"""When the cyclic garbage collector runs: never for long, never on its own schedule.
+
+CPython's full collection walks every tracked object. A proxy carrying 2000 calls/s keeps about
+a million of them alive (calls, transactions, their timer entries), and a full collection then
+stopped the event loop for 100-375 ms (measured: gc callbacks in the sidecar, SIPp at 2000
+calls/s): long enough for the receive queue to overflow, UACs to retransmit and the overload
+guard to shed calls the proxy could have carried.
+
+The call state is free of reference cycles (``state.Tracker.release``, timer entries hold
+tokens), so it is freed by reference counting and never needs the cyclic collector. That makes
+freezing safe: every second, :meth:`GcPolicy.tick` runs one collection over what was allocated
+since the last second (a few milliseconds) and then ``gc.freeze()`` moves the survivors out of
+the collector's sight. Objects frozen while alive and later left in a cycle (rare: library
+internals) are not collected until a deep collection; one runs when the resident size grew by
+``DEEP_GROWTH`` since the last one, at most every ``DEEP_EVERY`` seconds, and its duration is
+reported so an operator sees it.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import time
+
+EVERY = 1.0  # seconds between collect-and-freeze
+DEEP_GROWTH = 64 << 20  # bytes of RSS growth that trigger a deep (unfreeze, full) collection
+DEEP_EVERY = 60.0
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process (Linux), or 0 where it cannot be read."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class GcPolicy:
+    def __init__(self, clock=time.monotonic, on_deep=None):
+        self.clock = clock
+        self.on_deep = on_deep  # callable(seconds, collected, rss_before, rss_after)
+        self._next = 0.0
+        self._deep_at = 0.0
+        self._baseline = 0
+        self.collections = 0
+        self.deep_collections = 0
+
+    def start(self) -> None:
+        """After start-up: everything imported and built so far is frozen for good."""
+        gc.collect()
+        gc.freeze()
+        now = self.clock()
+        self._next = now + EVERY
+        self._deep_at = now
+        self._baseline = rss_bytes()
+
+    def tick(self) -> None:
+        now = self.clock()
+        if now < self._next:
+            return
+        self._next = now + EVERY
+        rss = rss_bytes()
+        if rss and rss - self._baseline > DEEP_GROWTH and now - self._deep_at >= DEEP_EVERY:
+            t0 = time.perf_counter()
+            gc.unfreeze()
+            found = gc.collect()
+            gc.freeze()
+            self.deep_collections += 1
+            self._deep_at = now
+            after = rss_bytes()
+            self._baseline = after
+            if self.on_deep is not None:
+                self.on_deep(time.perf_counter() - t0, found, rss, after)
+            return
+        gc.collect()
+        gc.freeze()
+        self.collections += 1
+
+    def stop(self) -> None:
+        gc.unfreeze()

@@ -1,0 +1,93 @@
+"""The proxy's call state is freed by reference counting alone, so the cyclic collector can be
+kept away from it (sipwatch.gcpolicy): a full collection over a million live objects stopped the
+loop for 100-375 ms at 2000 calls/s."""
+from __future__ import annotations
+
+import gc
+
+from sipwatch.gcpolicy import GcPolicy
+from sipwatch.state import Call, Transaction
+
+from test_core import GATEWAY, SIGNALING, T0, invite, response_to
+from test_hardening import forwarded, make
+
+
+def _calls(core, n: int, t: float) -> None:
+    for i in range(n):
+        cid, br = b"gc-%d" % i, b"z9hG4bK-gc-%d" % i
+        (fwd, _), = forwarded(core.receive_datagram(invite(call_id=cid, branch=br), GATEWAY, t))
+        core.receive_datagram(response_to(fwd, 180, b"Ringing"), SIGNALING, t + 0.01)
+        core.receive_datagram(response_to(fwd, 200), SIGNALING, t + 0.02)
+        core.receive_datagram(invite(method=b"ACK", call_id=cid, branch=br + b"a", to_tag=b"uas-1",
+                                     body=b""), GATEWAY, t + 0.03)
+        (bye, _), = forwarded(core.receive_datagram(
+            invite(method=b"BYE", cseq=2, call_id=cid, branch=br + b"b", to_tag=b"uas-1", body=b""),
+            GATEWAY, t + 1))
+        core.receive_datagram(response_to(bye, 200), SIGNALING, t + 1.01)
+
+
+def _alive() -> int:
+    return sum(1 for o in gc.get_objects() if type(o) in (Call, Transaction))
+
+
+def _consume(core) -> None:
+    """What the proxy's housekeeping does with finished records: write the summary, let go."""
+    for kind, obj in core.drain_finished():
+        if kind == "call" and obj.is_call:
+            obj.let_go()
+
+
+def test_ended_calls_are_freed_by_reference_counting():
+    gc.collect()
+    before = _alive()
+    gc.disable()
+    try:
+        core = make()
+        _calls(core, 300, T0)
+        _consume(core)
+        assert len(core.tracker.calls) == 300  # lingering (late ACK/BYE retransmissions)
+        core.handle_timers(T0 + 2 + core.config.timer_b)  # linger over
+        _consume(core)
+        assert not core.tracker.calls and not core.tracker.transactions
+        del core  # with it, the stale timer entries that still point at some of them
+        assert _alive() - before == 0  # nothing holds them in a cycle
+    finally:
+        gc.enable()
+
+
+def test_without_letting_go_the_cycle_would_stay():
+    """The check above can fail: skip the consumer's let_go and the calls stay, held in cycles."""
+    gc.collect()
+    before = _alive()
+    gc.disable()
+    try:
+        core = make()
+        _calls(core, 50, T0)
+        core.drain_finished()  # records dropped without let_go
+        core.handle_timers(T0 + 2 + core.config.timer_b)
+        core.drain_finished()
+        del core
+        assert _alive() - before >= 50
+    finally:
+        gc.enable()
+        gc.collect()
+
+
+def test_policy_freezes_what_survives_and_collects_only_what_is_new():
+    clock = [100.0]
+    policy = GcPolicy(clock=lambda: clock[0])
+    try:
+        policy.start()
+        frozen = gc.get_freeze_count()
+        assert frozen > 0
+        keep = [[i] for i in range(1000)]  # new long-lived objects
+        clock[0] += 0.5
+        policy.tick()  # not a second yet
+        assert policy.collections == 0
+        clock[0] += 0.6
+        policy.tick()
+        assert policy.collections == 1 and gc.get_freeze_count() >= frozen + 1000
+        assert keep[999] == [999]
+    finally:
+        policy.stop()
+        assert gc.get_freeze_count() == 0
