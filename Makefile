@@ -21,8 +21,8 @@ demo: system-deps venv
 
 test: system-deps venv
 	$(BIN)/python -m ruff check sipwatch capture tests deploy
-	@rc=0; $(BIN)/python -m pytest -q $(PYTEST_ARGS) || rc=$$?; \
-	sh tests/fuzz/smoke.sh $(BIN)/python $(FUZZ_RUNS) || rc=$$?; exit $$rc
+	@rc=0; sh tests/fuzz/smoke.sh $(BIN)/python $(FUZZ_RUNS) || rc=$$?; \
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS) || rc=$$?; exit $$rc
 
 # atheris over the core (tests/fuzz): a fixed seed and a fixed number of inputs, a few seconds;
 # a finding is written to tests/fuzz/artifacts/ and fails the target
@@ -40,7 +40,9 @@ fuzz: venv
 	  -artifact_prefix=tests/fuzz/artifacts/ $(FUZZ_ARGS) tests/fuzz/corpus tests/fuzz/seeds; \
 	rc=$$?; cat tests/fuzz/artifacts/summary.txt 2>/dev/null; exit $$rc
 
+# Kamailio is the baseline every figure is measured against
 bench: system-deps venv
+	.ci/install-system-deps kamailio
 	$(BIN)/python -m tests.bench $(BENCH_ARGS)
 
 clean:
