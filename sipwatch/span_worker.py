@@ -41,6 +41,7 @@ PENDING_MAX = 16 << 20  # bytes of frames waiting for the pipe; beyond, frames a
 STATUS_EVERY = 0.1  # seconds between the worker's status frames while busy
 MAX_FRAME = 256 << 20
 WORKER_NICE = 10
+EXPORT_LINGER = 0.2  # seconds records may wait in the worker to fill a batch (the tick is shorter)
 
 
 # -- records as plain tuples (loop side) -----------------------------------------------------
@@ -386,10 +387,23 @@ def main() -> None:
                 pass
             last_status, last_sent = st, now
 
+    held: list = []  # records waiting to fill a batch (one OTLP request, one file line, per batch)
+    held_since = 0.0
+
+    def export(batch) -> None:
+        if time.monotonic() > deadline:
+            pipeline._export_dropped += len(batch)
+        else:
+            pipeline._export(batch)
+        status()
+
     eof = False
     while not eof:
+        wait = STATUS_EVERY
+        if held:
+            wait = max(0.0, min(wait, held_since + EXPORT_LINGER - time.monotonic()))
         try:
-            ready, _, _ = select.select([inp], [], [], STATUS_EVERY)
+            ready, _, _ = select.select([inp], [], [], wait)
         except InterruptedError:
             ready = []
         if ready:
@@ -427,18 +441,23 @@ def main() -> None:
                     except Exception:  # noqa: BLE001 - a malformed tuple: counted, not fatal
                         pipeline._export_dropped += 1
                         pipeline.failures += 1
-                for i in range(0, len(records), BATCH):
-                    if time.monotonic() > deadline:
-                        pipeline._export_dropped += len(records) - i
-                        break
-                    pipeline._export(records[i:i + BATCH])
-                    status()
+                if records and not held:
+                    held_since = time.monotonic()
+                held += records
+                while len(held) >= BATCH:  # full batches go now
+                    export(held[:BATCH])
+                    del held[:BATCH]
             elif kind == F_REOPEN:
                 pipeline._reopen_file()
             elif kind == F_STOP:
                 deadline = time.monotonic() + marshal.loads(payload)
         del buf[:pos]
+        if held and (eof or deadline != float("inf") or time.monotonic() - held_since >= EXPORT_LINGER):
+            export(held)
+            held = []
         status()
+    if held and pipeline is not None:
+        export(held)
     if pipeline is not None:
         pipeline.close()
     status(force=True)
