@@ -278,7 +278,8 @@ class ProxyCore:
         cseq_s = b"%d" % cseq_n
         loop_part = hexlify(blake2b(b"|".join((msg.uri, from_tag, call_id, cseq_s)),
                                     digest_size=6).digest())
-        if self.adv_hostport in data and self._looped(msg, loop_part):
+        if self.adv_hostport in data and BRANCH_PREFIX + loop_part in data and \
+                self._looped(msg, loop_part):  # (two C-level finds rule out almost every request)
             stats.loops += 1
             return [] if is_ack else self._local(msg, top, reply, data, 482, b"Loop Detected")
 
