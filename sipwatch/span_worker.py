@@ -14,8 +14,10 @@ interval). So the proxy hands the sampled records to a child process instead:
   same :class:`sipwatch.tracing.SpanPipeline` export step synchronously (encoder, spans file,
   OTLP exporter, back-off), and reports its counters back as small frames on its stdout.
   It ignores SIGINT/SIGTERM/SIGHUP (the proxy drives it: re-open, stop) and exits at EOF, so it
-  never outlives the proxy. It runs at nice 10: when the node's CPUs are busy, the scheduler
-  gives them to the proxy's loop first (span export is background work that can lag).
+  never outlives the proxy. It runs as SCHED_IDLE (else nice 10): span export is background work
+  that may lag (its queue is bounded and counted), forwarding is not. Measured at 1000 calls/s on
+  2 cores: with nice 10 the loop's added round trip p99 was ~3.7-5.4 ms (no tracing ~1.6-2.5 ms),
+  with SCHED_IDLE ~1.9-2.6 ms, within the run-to-run spread of no tracing.
 
 Counters keep their meaning: ``sipwatch_spans_exported_total`` / ``_dropped_total`` are the
 worker's plus what the proxy dropped before the pipe; span failures and the spans file's state
@@ -353,10 +355,13 @@ class _Counters:
 def main() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
-    try:  # background work: on a busy node the proxy's loop gets the CPU first
-        os.nice(WORKER_NICE)
-    except OSError:
-        pass
+    try:  # background work: the proxy's loop (and everything else) gets the CPU first
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (OSError, AttributeError):
+        try:
+            os.nice(WORKER_NICE)
+        except OSError:
+            pass
     from .otlp_encode import SpanEncoder
     from .tracing import BATCH, SpanPipeline, make_exporter
     out = sys.stdout.buffer
