@@ -673,10 +673,7 @@ class SpanPipeline:
         enc = self.encoder
         tx, call = enc.tx, enc.call
         pbs, lines = [], []
-        sleep = time.sleep
-        for i, (kind, obj) in enumerate(batch):
-            if not i % YIELD_EVERY and i:
-                sleep(YIELD_SLEEP)
+        for kind, obj in batch:
             try:
                 pb, js = call(obj) if kind == "call" else tx(obj)
             except Exception:  # noqa: BLE001 - a malformed record must not kill the thread
