@@ -439,6 +439,10 @@ def main() -> None:
                 continue
             elif kind == F_RECORDS:
                 tuples = marshal.loads(payload)
+                if pipeline.spans_file is None and pipeline.exporter is not None \
+                        and time.monotonic() < pipeline._retry_at:
+                    pipeline._export_dropped += len(tuples)  # backend in back-off, no file: shed now
+                    continue
                 records = []
                 for t in tuples:
                     try:
