@@ -26,10 +26,19 @@ from prometheus_client.parser import text_string_to_metric_families
 SCENARIOS = Path(__file__).resolve().parent / "scenarios"
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-        u.bind(("127.0.0.1", 0))
-        return u.getsockname()[1]
+def free_port() -> int:
+    """A port free for both UDP and TCP on 127.0.0.1 right now (SIP is UDP, metrics are TCP)."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            u.bind(("127.0.0.1", 0))
+            port = u.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
+                try:
+                    t.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no free port")
 
 
 def _scrape(port: int) -> str:
@@ -101,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     work = Path(tempfile.mkdtemp(prefix="sipwatch-demo-"))
-    sidecar_port, uas_port, uac_port = _free_port(), _free_port(), _free_port()
-    gw_metrics, sig_metrics = _free_port(), _free_port()
+    sidecar_port, uas_port, uac_port = free_port(), free_port(), free_port()
+    gw_metrics, sig_metrics = free_port(), free_port()
     spans_file = work / "spans.jsonl"
     calls = max(1, int(args.seconds * args.rate))
     procs: list[subprocess.Popen] = []
