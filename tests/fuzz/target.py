@@ -46,6 +46,7 @@ from sipwatch.sipmsg import SipParseError, parse
 
 try:  # the span encoding is checked when the tracing extras are importable
     from opentelemetry.sdk.resources import Resource
+    from sipwatch.otlp_encode import SpanEncoder
     from sipwatch.tracing import SpanBuilder, otlp_json_line
     _RESOURCE = Resource.create({"service.name": "sipwatch-fuzz"})
 except ImportError:  # pragma: no cover
@@ -89,6 +90,9 @@ class Run:
         self.last_to_upstream: bytes | None = None
         self.last_to_gateway: tuple[bytes, tuple] | None = None
         self.builder = SpanBuilder(_RESOURCE, "partial") if SpanBuilder is not None else None
+        # the proxy's own encoder (span worker), on the same records
+        self.encoder = SpanEncoder(dict(_RESOURCE.attributes), "0", "partial") \
+            if SpanBuilder is not None else None
 
     def datagram(self, payload: bytes, src) -> None:
         try:
@@ -145,6 +149,10 @@ class Run:
                 orjson.dumps(call_summary_fields(obj, "partial"))
             if self.builder is not None:
                 spans.append(self.builder.build(kind, obj))
+                if kind == "tx":
+                    self.encoder.tx(obj)
+                elif obj.is_call:
+                    self.encoder.call(obj)
         if spans:
             otlp_json_line(spans, _RESOURCE)
 
