@@ -1,6 +1,6 @@
 """What a tap or a mirror port delivers, read by the fast reader and judged by tshark.
 
-Fixtures in ``pcaps/tap/`` (made by ``python -m capture.tap_fixtures``): the first call of a
+Fixtures in ``pcaps/tap/`` (made by ``python -m tests.tap_fixtures``): the first call of a
 recorded SIPp capture wrapped in PPPoE, QinQ+PPPoE, MPLS, an Ethernet pseudowire, GRE, ERSPAN
 I/II/III, VXLAN, Geneve, GTP-U, L2TPv2, IP-in-IP, IPv4-in-IPv6 and IPv6-in-IPv4; SIP over SCTP
 (which the fast reader does not open, so it must say so); a SIP/TCP message over 64 KiB and

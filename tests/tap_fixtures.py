@@ -1,6 +1,6 @@
 """Tap and mirror-port fixtures: recorded SIPp traffic wrapped in the encapsulations a tap delivers.
 
-``python -m capture.tap_fixtures OUTDIR [NAME ...]`` reads the first call of
+``python -m tests.tap_fixtures OUTDIR [NAME ...]`` reads the first call of
 ``pcaps/basic_call_rtp.pcap`` (real SIPp signalling plus the first RTP packets of each direction),
 wraps every IP packet of it with scapy (PyPI ``scapy``; only this generator needs it) in one
 encapsulation per ``tap_*`` fixture, keeps each packet's timestamp, and writes
@@ -363,7 +363,7 @@ RECORDED = {"tcp_big_message": record_big_tcp, "sip_keepalives": record_keepaliv
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
-        sys.stderr.write("usage: python -m capture.tap_fixtures OUTDIR [NAME ...]\n"
+        sys.stderr.write("usage: python -m tests.tap_fixtures OUTDIR [NAME ...]\n"
                          f"recorded on lo (root, SIPp, dumpcap): {', '.join(RECORDED)}\n")
         return 2
     out = Path(argv[0])
