@@ -11,12 +11,9 @@ from tshark only) through a real sipwatch sidecar, in port blocks after that mod
 """
 from __future__ import annotations
 
-import json
-import shutil
 import sys
-from pathlib import Path
 
-from capture.record_fixtures import FIXTURES as BASE_FIXTURES, Fixture, ports, record
+from capture.record_fixtures import FIXTURES as BASE_FIXTURES, Fixture, main as record_main, ports
 
 RING_MS = 40_000
 
@@ -33,37 +30,12 @@ FIXTURES = [
             sidecar=True),
 ]
 FIRST_INDEX = len(BASE_FIXTURES)  # port blocks after record_fixtures' own
+for _i, _fx in enumerate(FIXTURES):  # the callee's SDP names its block's media port
+    _fx.uas_args = (*_fx.uas_args, "-set", "rtp_port", str(ports(FIRST_INDEX + _i)["uas_media"]))
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        names = ", ".join(f.name for f in FIXTURES)
-        sys.stdout.write(f"usage: python -m capture.record_call_fixtures OUTDIR [NAME ...]\n"
-                         f"fixtures: {names}\n")
-        return 0 if argv else 2
-    for tool in ("sipp", "dumpcap", "tshark", "capinfos"):
-        if shutil.which(tool) is None:
-            sys.stderr.write(f"record_call_fixtures: {tool} not found\n")
-            return 2
-    outdir = Path(argv[0])
-    outdir.mkdir(parents=True, exist_ok=True)
-    wanted = set(argv[1:])
-    for i, fx in enumerate(FIXTURES):
-        if wanted and fx.name not in wanted:
-            continue
-        index = FIRST_INDEX + i
-        media = ports(index)["uas_media"]
-        fx.uas_args = (*fx.uas_args, "-set", "rtp_port", str(media))
-        f = record(fx, index, outdir)
-        if fx.extra:  # what the callee was told to do, beside tshark's facts
-            f["fixture"].update(fx.extra)
-            (outdir / f"{fx.name}.facts.json").write_text(json.dumps(f, indent=1) + "\n")
-        t = f["txn"]
-        sys.stdout.write(f"{fx.name}: {f['packets']} packets, {f['sip_messages']} SIP, "
-                         f"{t['transactions']} transactions, rtt median "
-                         f"{t['rtt_first_resp_ms_median']} ms\n")
-    return 0
+    return record_main(argv, FIXTURES, FIRST_INDEX, "record_call_fixtures")
 
 
 if __name__ == "__main__":

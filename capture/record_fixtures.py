@@ -178,6 +178,7 @@ def record(fx: Fixture, index: int, outdir: Path) -> dict:
         "signaling": f"{HOST}:{p['uas']}",
         **({"sidecar": f"{HOST}:{p['sidecar']}"} if fx.sidecar else {}),
         **({"rtp": _rtp_expectation(fx, p)} if fx.rtp else {}),
+        **fx.extra,
     }
     (outdir / f"{fx.name}.facts.json").write_text(json.dumps(f, indent=1) + "\n")
     return f
@@ -223,23 +224,26 @@ def _start_sidecar(work: Path, p: dict) -> subprocess.Popen:
     raise RuntimeError("sidecar did not start")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, fixtures=FIXTURES, first_index: int = 0,
+         prog: str = "record_fixtures") -> int:
+    """``python -m capture.PROG OUTDIR [NAME ...]``: record ``fixtures``, the i-th in port block
+    ``first_index + i`` (another module's fixtures take the blocks after these)."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        names = ", ".join(f.name for f in FIXTURES)
-        sys.stdout.write(f"usage: python -m capture.record_fixtures OUTDIR [NAME ...]\nfixtures: {names}\n")
+        names = ", ".join(f.name for f in fixtures)
+        sys.stdout.write(f"usage: python -m capture.{prog} OUTDIR [NAME ...]\nfixtures: {names}\n")
         return 0 if argv else 2
     for tool in ("sipp", "dumpcap", "tshark", "capinfos"):
         if shutil.which(tool) is None:
-            sys.stderr.write(f"record_fixtures: {tool} not found\n")
+            sys.stderr.write(f"{prog}: {tool} not found\n")
             return 2
     outdir = Path(argv[0])
     outdir.mkdir(parents=True, exist_ok=True)
     wanted = set(argv[1:])
-    for i, fx in enumerate(FIXTURES):
+    for i, fx in enumerate(fixtures):
         if wanted and fx.name not in wanted:
             continue
-        f = record(fx, i, outdir)
+        f = record(fx, first_index + i, outdir)
         t = f["txn"]
         sys.stdout.write(f"{fx.name}: {f['packets']} packets, {f['sip_messages']} SIP, "
                          f"{t['transactions']} transactions, rtt median {t['rtt_first_resp_ms_median']} ms, "
