@@ -50,5 +50,5 @@ def test_call_ringing_40s_is_answered_in_the_sidecars_metrics_takes_45s(tmp_path
     s = summaries[0]
     assert s["outcome"] == "answered" and s["final_status"] == 200
     # answered about RING_MS after the INVITE (SIPp's pause; the loaded machine only adds)
-    assert RING_MS <= s["answer_ms"] < RING_MS + 10_000
+    assert RING_MS - 5 <= s["answer_ms"] < RING_MS + 10_000  # SIPp times its pause on a coarse ms clock
     assert s["setup_ms"] < RING_MS  # the 180 came first
