@@ -265,14 +265,7 @@ class SpanEncoder:
         """A transaction's CLIENT span (attributes in :meth:`SpanBuilder.tx_span`'s order)."""
         call = tx.call
         party = self._party(call)
-        peer = tx.peer
-        client = None
-        transport = "udp"
-        if isinstance(peer[0], tuple):  # observer: (sender, receiver[, transport]) of the hop it saw
-            client, peer = peer[0], peer[1]
-            if len(tx.peer) > 2:
-                transport = tx.peer[2]
-        host, port = peer
+        client, (host, port), transport = hop_ends(tx)
         hop = self._hop(tx.method, tx.cseq, tx.direction, transport, host, port)
         cid = party[0]
         pb = [hop[0], cid[0], hop[2]]
@@ -366,6 +359,15 @@ class SpanEncoder:
                  b',"parentSpanId":"%016x"' % parent if parent else b"",
                  b',"events":[' + b",".join([e[1] for e in events]) + b"]" if events else b"")
         return b"\x12" + varint(len(body)) + body, js
+
+
+def hop_ends(tx) -> tuple:
+    """``(client, (host, port), transport)`` of a transaction's hop: the proxy records the next
+    hop only (client None, UDP); the observer records (sender, receiver[, transport])."""
+    peer = tx.peer
+    if isinstance(peer[0], tuple):
+        return peer[0], peer[1], peer[2] if len(peer) > 2 else "udp"
+    return None, peer, "udp"
 
 
 def call_transport(call) -> str:

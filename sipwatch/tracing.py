@@ -70,7 +70,7 @@ from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, Trace
 
 from . import __version__
 from .masking import mask_uri
-from .otlp_encode import SpanEncoder
+from .otlp_encode import SpanEncoder, hop_ends
 from .otlp_encode import call_transport as _call_transport
 from .stats import DIRECTIONS, OUTCOMES, REJ5, REJ6, TIMEOUT
 from .tracecontext import sampled_by_ratio
@@ -356,14 +356,7 @@ class SpanBuilder:
     def tx_span(self, tx) -> ReadableSpan:
         call = tx.call
         frm, to, call_id = self._party(call)
-        peer = tx.peer
-        client = None
-        transport = "udp"
-        if isinstance(peer[0], tuple):  # observer: (sender, receiver[, transport]) of the hop it saw
-            client, peer = peer[0], peer[1]
-            if len(tx.peer) > 2:
-                transport = tx.peer[2]
-        host, port = peer
+        client, (host, port), transport = hop_ends(tx)
         attrs = {
             "sip.request.method": tx.method.decode("ascii", "replace"),
             "sip.call_id": call_id,
