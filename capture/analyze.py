@@ -25,7 +25,8 @@ from sipwatch.masking import MODES
 from sipwatch.observer import Observer
 from sipwatch.rtp import RtpAnalyzer
 from sipwatch.stats import OUTCOMES
-from sipwatch.tracing import add_otlp_arguments, rtp_figures
+from sipwatch.otlp_encode import rtp_figures
+from sipwatch.otlp_options import add_otlp_arguments
 
 from .pcapfile import KEEPALIVE_MAX, MAX_SIP_MESSAGE, is_sip_keepalive
 

@@ -361,6 +361,21 @@ class SpanEncoder:
         return b"\x12" + varint(len(body)) + body, js
 
 
+def rtp_figures(streams) -> dict:
+    """The ``rtp.*`` call-span attributes from ``(packets, lost, jitter_max_ms, mos)`` per stream
+    (jitter or MOS None when unknown); set on ``Call.rtp`` before the call record is submitted."""
+    streams = list(streams)
+    out = {"rtp.streams": len(streams), "rtp.packets": sum(s[0] for s in streams),
+           "rtp.lost": sum(max(s[1], 0) for s in streams)}
+    jitter = [s[2] for s in streams if s[2] is not None]
+    mos = [s[3] for s in streams if s[3] is not None]
+    if jitter:
+        out["rtp.jitter_max_ms"] = float(max(jitter))
+    if mos:
+        out["rtp.mos_min"] = float(min(mos))
+    return out
+
+
 def hop_ends(tx) -> tuple:
     """``(client, (host, port), transport)`` of a transaction's hop: the proxy records the next
     hop only (client None, UDP); the observer records (sender, receiver[, transport])."""

@@ -70,12 +70,12 @@ from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, Trace
 
 from . import __version__
 from .masking import mask_uri
-from .otlp_encode import SpanEncoder, hop_ends
+from .otlp_encode import SpanEncoder, hop_ends, rtp_figures  # noqa: F401  (rtp_figures re-exported)
+from .otlp_options import DEFAULT_PORTS, add_otlp_arguments  # noqa: F401  (re-exported)
 from .otlp_encode import call_transport as _call_transport
 from .stats import DIRECTIONS, OUTCOMES, REJ5, REJ6, TIMEOUT
 from .tracecontext import sampled_by_ratio
 
-DEFAULT_PORTS = {"grpc": 4317, "http/protobuf": 4318}
 EXPORT_TIMEOUT = 2.0  # seconds per export request: a slow backend costs spans, not memory
 MAX_BACKOFF = 5.0  # after a failed export, drop batches for up to this long before retrying
 QUEUE_MAX = 50_000  # finished records waiting for the export thread
@@ -318,15 +318,6 @@ def make_exporter(endpoint: str, protocol: str, env=None):
     return GrpcExporter(endpoint, **kw)
 
 
-def add_otlp_arguments(ap) -> None:
-    """The proxy's span export flags, for the capture-side commands' argument parsers."""
-    ap.add_argument("--otlp-endpoint", help="OTLP endpoint (default OTEL_EXPORTER_OTLP_ENDPOINT; "
-                                             "none: no export)")
-    ap.add_argument("--otlp-protocol", choices=tuple(DEFAULT_PORTS),
-                    help="grpc or http/protobuf (default OTEL_EXPORTER_OTLP_PROTOCOL or grpc)")
-    ap.add_argument("--spans-file", help="also write spans as OTLP-JSON lines to this file")
-
-
 # -- spans from records --------------------------------------------------------------------
 class SpanBuilder:
     """Turns finished ``Transaction``/``Call`` records into ``ReadableSpan`` objects."""
@@ -434,21 +425,6 @@ class SpanBuilder:
             start_time=int(call.t_start * 1e9), end_time=int(call.t_end * 1e9),
             instrumentation_scope=_SCOPE,
         )
-
-
-def rtp_figures(streams) -> dict:
-    """The ``rtp.*`` call-span attributes from ``(packets, lost, jitter_max_ms, mos)`` per stream
-    (jitter or MOS None when unknown); set on ``Call.rtp`` before the call record is submitted."""
-    streams = list(streams)
-    out = {"rtp.streams": len(streams), "rtp.packets": sum(s[0] for s in streams),
-           "rtp.lost": sum(max(s[1], 0) for s in streams)}
-    jitter = [s[2] for s in streams if s[2] is not None]
-    mos = [s[3] for s in streams if s[3] is not None]
-    if jitter:
-        out["rtp.jitter_max_ms"] = float(max(jitter))
-    if mos:
-        out["rtp.mos_min"] = float(min(mos))
-    return out
 
 
 def _any_value(v) -> dict:
