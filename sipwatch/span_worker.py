@@ -243,12 +243,9 @@ class WorkerPipeline:
         if self._pending:
             self._flush()
         while True:
-            try:
-                data = os.read(self._r, 65536)
-            except BlockingIOError:
+            data = self._read_status()
+            if data is None:
                 break
-            except OSError:
-                data = b""
             if not data:
                 if not self._dead and self.proc.poll() is not None:
                     self._worker_died()
@@ -256,6 +253,15 @@ class WorkerPipeline:
             self._inbuf += data
         self._parse_status()
         self._publish()
+
+    def _read_status(self) -> bytes | None:
+        """What the status pipe holds: bytes, b"" at EOF (or a broken pipe), None if empty."""
+        try:
+            return os.read(self._r, 65536)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return b""
 
     def _parse_status(self) -> None:
         buf = self._inbuf
@@ -323,12 +329,9 @@ class WorkerPipeline:
         while time.monotonic() < end:
             r, _, _ = select.select([self._r], [], [], max(0.0, min(0.2, end - time.monotonic())))
             if r:
-                try:
-                    data = os.read(self._r, 65536)
-                except BlockingIOError:
+                data = self._read_status()
+                if data is None:
                     continue
-                except OSError:
-                    data = b""
                 if not data:
                     break
                 self._inbuf += data
