@@ -33,6 +33,9 @@ _SCHEME = re.compile(r"(?i)\b(sips?:|tel:)")
 _DISPLAY_NUMBER = re.compile(r"\+?\d(?:[\-. ()/]*\d)*")
 _NO_DIGITS = str.maketrans("", "", "0123456789")
 _STARS = str.maketrans("0123456789", "**********")
+# on a reversed text: up to and including its fourth digit, then the non-digits before the digit
+# that precedes it (the digits are ASCII 0-9 here, as in _NO_DIGITS; ``\d`` would take others)
+_LAST_FOUR = re.compile(r"(?:[^0-9]*[0-9]){4}[^0-9]*")
 # parameters whose values are hosts, ports or protocol tokens, never numbers of a person
 _KEEP_PARAMS = frozenset((
     "tag", "branch", "maddr", "received", "rport", "ttl", "transport", "lr", "user", "method",
@@ -51,13 +54,10 @@ def _mask_digits(s: str) -> str:
         return s
     if n <= 4:
         return s.translate(_STARS)
-    seen = 0
-    for i, c in enumerate(s):  # cut after the digit that leaves four
-        if "0" <= c <= "9":
-            seen += 1
-            if seen == n - 4:
-                return s[:i + 1].translate(_STARS) + s[i + 1:]
-    return s
+    # the cut: just before the non-digits that precede the fourth digit from the end, which is
+    # just after the digit that leaves four (one C-level match over the reversed text)
+    cut = len(s) - _LAST_FOUR.match(s[::-1]).end()
+    return s[:cut].translate(_STARS) + s[cut:]
 
 
 def _mask_value(s: str, mode: str) -> str:
@@ -69,7 +69,7 @@ def _mask_value(s: str, mode: str) -> str:
 
 def _mask_params(s: str, mode: str) -> str:
     """``;name=value;...`` (and ``?h=v&...`` URI headers): each value masked on its own."""
-    if not any("0" <= c <= "9" for c in s):
+    if len(s.translate(_NO_DIGITS)) == len(s):  # no digit, nothing to mask
         return s
     out = []
     for part in re.split(r"([;?&])", s):
@@ -130,6 +130,9 @@ def _looks_like_host(h: str) -> bool:
 
 
 def _mask_display(display: str, mode: str) -> str:
+    if _digit_count(display) < 5:  # no number of five digits or more can be in it
+        return display
+
     def number(m):
         s = m.group(0)
         if _digit_count(s) < 5:

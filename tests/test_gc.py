@@ -77,7 +77,9 @@ def test_policy_freezes_what_survives_and_collects_only_what_is_new():
     clock = [100.0]
     policy = GcPolicy(clock=lambda: clock[0])
     try:
+        was_enabled = gc.isenabled()
         policy.start()
+        assert not gc.isenabled()  # collections run from tick() only, never on their own
         frozen = gc.get_freeze_count()
         assert frozen > 0
         keep = [[i] for i in range(1000)]  # new long-lived objects
@@ -91,3 +93,4 @@ def test_policy_freezes_what_survives_and_collects_only_what_is_new():
     finally:
         policy.stop()
         assert gc.get_freeze_count() == 0
+        assert gc.isenabled() == was_enabled

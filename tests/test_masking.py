@@ -221,3 +221,16 @@ def test_error_reporter_counts_every_failure_and_logs_one_line_per_interval():
     assert [r["suppressed"] for r in lines] == [0, 4]
     assert all(r["event"] == "internal_error" and r["component"] == "tick" for r in lines)
     assert "4930123456" not in lines[0]["error"]  # peer input quoted in an error is masked too
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="0123456789+-. ()/;=abc\u0663", max_size=30))
+def test_partial_masking_of_a_number_keeps_exactly_its_last_four_digits(number):
+    """The rule, stated digit by digit: of n >= 5 ASCII digits the first n-4 become '*' and every
+    other character stays where it was; 3-4 digits are all masked; fewer stay as they are."""
+    from sipwatch.masking import _mask_digits
+    digits = [i for i, c in enumerate(number) if c in "0123456789"]
+    n = len(digits)
+    masked = set(digits if 3 <= n <= 4 else digits[:n - 4] if n >= 5 else [])
+    want = "".join("*" if i in masked else c for i, c in enumerate(number))
+    assert _mask_digits(number) == want
