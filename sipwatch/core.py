@@ -142,6 +142,8 @@ class ProxyCore:
         self.adv_hostport = b"%s:%d" % (h, port)
         self.via_prefix = b"Via: SIP/2.0/UDP " + self.adv_hostport + b";branch="
         self.record_route_head = b"Record-Route: <sip:" + self.adv_hostport + b";lr;sw="
+        self.route_head = self.record_route_head[len(b"Record-Route: "):]
+        self.route_plain = b"<sip:" + self.adv_hostport + b";lr>"
         # our Via value up to the branch's fixed prefix, for _own_branch; only when the general
         # parser would read our sent-by back as us
         self.own_via_head = b"SIP/2.0/UDP " + self.adv_hostport + b";branch=" + BRANCH_PREFIX
@@ -352,6 +354,8 @@ class ProxyCore:
         # header, Max-Forwards
         via_vals[0] = _stamp_source(via_vals[0], top, src_ip, src_port)
         lines[via_i] = b"Via: " + b", ".join(via_vals)
+        tx.reply = reply
+        tx.via_below = via_vals[0]
         trace_line = self.trace_line_fmt % (tx.trace_id, tx.span_id, b"01" if tx.sampled else b"00")
         if self.trace_lname in names:
             lines[names.index(self.trace_lname)] = trace_line
@@ -433,7 +437,21 @@ class ProxyCore:
         names, lines = msg.names, msg.lines
         sig = None
         seen = 0
-        i = 0
+        i = names.index(b"route")
+        # the usual case: the first Route line is exactly one of our Record-Route values
+        # (``<sip:ADV;lr;sw=MAC>``), as the UA copied it: removed without parsing it
+        v = msg.value_at(i)
+        head = self.route_head
+        if v.startswith(head) and len(v) == len(head) + 13 and v.endswith(b">") and \
+                v[len(head):-1].isalnum():
+            sig = v[len(head):-1]
+            del lines[i]
+            del names[i]
+            seen = 1
+        elif v == self.route_plain:  # ``<sip:ADV;lr>``: ours, written by hand or by a peer
+            del lines[i]
+            del names[i]
+            seen = 1
         while i < len(names):
             if names[i] != b"route":
                 i += 1
@@ -585,17 +603,25 @@ class ProxyCore:
                 raise Dropped(DROP_STRAY_RESPONSE)
             next_raw = split_values(msg.value_at(i))[0]
             rest = None
-        next_via = parse_via(next_raw)
         call_id = msg.call_id()
         cseq_n, cseq_m = msg.cseq()
-        reply = _reply_address(next_via)
-        from_tag = header_tag(msg.get(b"from")) or b""
+        key = (branch, cseq_m)
+        tx = self.tracker.transactions.get(key)
+        if tx is not None and tx.via_below == next_raw and tx.peer[0] == src[0] \
+                and tx.cseq == cseq_n and tx.call.call_id == call_id:
+            # the answer to a request this proxy forwarded and still holds, from where it went,
+            # carrying the sender's Via exactly as written: what the MAC proves, already known
+            reply = tx.reply
+        else:  # stateless check (after a restart, or anything unusual)
+            next_via = parse_via(next_raw)
+            reply = _reply_address(next_via)
+            from_tag = header_tag(msg.get(b"from")) or b""
+            dot = branch.rfind(b".")
+            mac = self._branch_mac(next_via, call_id, b"%d" % cseq_n, from_tag, reply or ("", 0), src[0])
+            if reply is None or dot < 0 or not hmac.compare_digest(branch[dot + 1:], mac):
+                stats.stray_responses += 1  # not a request we forwarded, or not from where it went
+                raise Dropped(DROP_STRAY_RESPONSE)
         to_tag = header_tag(msg.get(b"to"))
-        dot = branch.rfind(b".")
-        mac = self._branch_mac(next_via, call_id, b"%d" % cseq_n, from_tag, reply or ("", 0), src[0])
-        if reply is None or dot < 0 or not hmac.compare_digest(branch[dot + 1:], mac):
-            stats.stray_responses += 1  # not a request we forwarded, or not from where it went
-            raise Dropped(DROP_STRAY_RESPONSE)
         if rest is not None:
             msg.lines[via_i] = b"Via: " + b", ".join(rest)
         else:
@@ -603,7 +629,7 @@ class ProxyCore:
             del names[via_i]
         if direction == FROM_GATEWAY:
             self._saw_gateway(src[0], now)
-        self.tracker.response((branch, cseq_m), status, now, to_tag)
+        self.tracker.response(key, status, now, to_tag)
         return [(msg.to_bytes(), reply)]
 
     def _own_branch(self, via_value: bytes) -> bytes | None:

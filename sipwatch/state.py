@@ -62,7 +62,7 @@ class Transaction:
     __slots__ = (
         "key", "midx", "method", "cseq", "call", "t_sent", "t_first", "t_final", "status",
         "events", "retrans", "span_id", "trace_id", "parent_span_id", "sampled", "deadline",
-        "direction", "peer", "initial_invite", "timed_out", "tags", "qentry",
+        "direction", "peer", "initial_invite", "timed_out", "tags", "qentry", "reply", "via_below",
     )
 
     def __init__(self, key, midx, method, cseq, call, now, span_id, trace_id, parent_span_id,
@@ -89,6 +89,10 @@ class Transaction:
         self.timed_out = False
         self.tags = None  # To-tags of the 2xx answers to an INVITE (forks), once answered
         self.qentry = 0  # the token of its current (deadline, self, token) timer entry
+        # set by the proxy: where responses go, and the Via value it wrote below its own (a
+        # response that carries that very value back needs no MAC check: see ProxyCore._response)
+        self.reply = None
+        self.via_below = None
 
     @property
     def rtt_ms(self) -> float | None:

@@ -191,6 +191,30 @@ def test_genuine_response_from_another_source_is_not_relayed():
     assert core.receive_datagram(response_to(fwd, 200), SIGNALING, T0 + 0.02) != []
 
 
+def test_answer_to_a_held_transaction_is_relayed_only_as_the_mac_would_allow():
+    """While the proxy holds the transaction it skips the MAC for an answer that carries the
+    sender's Via back exactly as written; anything else must still meet the MAC."""
+    core = make()
+    (fwd, _), = forwarded(core.receive_datagram(invite(), GATEWAY, T0))
+    good = response_to(fwd, 180, b"Ringing")
+    stamped = parse(fwd).get_all(b"via")[1]
+    redirected = good.replace(stamped, b"SIP/2.0/UDP %s:%d;branch=z9hG4bK-x;rport=%d;received=%s"
+                              % (VICTIM[0].encode(), VICTIM[1], VICTIM[1], VICTIM[0].encode()))
+    other_call = good.replace(b"Call-ID: call-1@gw", b"Call-ID: call-2@gw")
+    other_cseq = good.replace(b"CSeq: 1 INVITE", b"CSeq: 2 INVITE")
+    assert other_call != good and other_cseq != good and redirected != good
+    for forged in (redirected, other_call, other_cseq):
+        assert core.receive_datagram(forged, SIGNALING, T0 + 0.01) == []
+    assert core.receive_datagram(good, ("10.7.7.7", SIGNALING[1]), T0 + 0.01) == []
+    assert dropped(core, "stray_response") == 4
+    assert [a for _, a in core.receive_datagram(good, SIGNALING, T0 + 0.02)] == [GATEWAY]
+    # after a restart (no state), the same answer is relayed on the strength of the MAC alone
+    again = make()
+    again.key, again._mac_base = core.key, core._mac_base
+    assert [a for _, a in again.receive_datagram(good, SIGNALING, T0 + 0.03)] == [GATEWAY]
+    assert again.receive_datagram(redirected, SIGNALING, T0 + 0.03) == []
+
+
 def test_request_spoofed_from_upstream_cannot_reach_arbitrary_hosts():
     core = make()
     req = (b"OPTIONS sip:x@10.9.9.9:7777 SIP/2.0\r\n"
