@@ -97,9 +97,8 @@ def ip_literal(host: bytes) -> str | None:
     """The canonical text of an IPv4/IPv6 literal (brackets removed), or None for anything
     else: names are never resolved. Memoised (a node talks to few hosts; ``ipaddress`` costs
     about 3 µs a call), in a table that is cleared when full so no input can grow it."""
-    hit = _LITERALS.get(host, 0)
-    if hit != 0:
-        return hit
+    if host in _LITERALS:
+        return _LITERALS[host]
     h = host.strip(b"[]")
     ip = None
     if h and len(h) <= 45 and h.isascii():
@@ -146,7 +145,7 @@ class ProxyCore:
         self.route_plain = b"<sip:" + self.adv_hostport + b";lr>"
         # our Via value up to the branch's fixed prefix, for _own_branch; only when the general
         # parser would read our sent-by back as us
-        self.own_via_head = b"SIP/2.0/UDP " + self.adv_hostport + b";branch=" + BRANCH_PREFIX
+        self.own_via_head: bytes | None = b"SIP/2.0/UDP " + self.adv_hostport + b";branch=" + BRANCH_PREFIX
         try:
             own = parse_via(self.own_via_head + b"0;rport")
             if not self._is_me(own.host, own.port) or b";" in self.adv_hostport:
@@ -196,7 +195,7 @@ class ProxyCore:
     def drain_finished(self, limit: int = 10_000) -> list:
         """Finished ("call", Call) / ("tx", Transaction) records for logs and spans."""
         q = self.tracker.finished
-        out = []
+        out: list = []
         while q and len(out) < limit:
             out.append(q.popleft())
         return out
@@ -224,7 +223,8 @@ class ProxyCore:
     # -- requests ----------------------------------------------------------------------
     def _request(self, msg: SipMessage, data: bytes, src: Addr, now: float):
         stats = self.stats
-        method = msg.method
+        method = msg.method or b""  # (a request: never empty)
+        uri = msg.uri or b""
         from_sig = src == self.upstream
         direction = FROM_SIGNALING if from_sig else FROM_GATEWAY
         midx = method_index(method)
@@ -255,7 +255,7 @@ class ProxyCore:
         from_tag = header_tag(from_val) or b""
         to_tag = header_tag(to_val)
         has_to_tag = to_tag is not None
-        if has_to_tag:
+        if to_tag is not None:
             if is_ack and to_tag.startswith(b"sw") and \
                     hmac.compare_digest(to_tag, self._local_tag(call_id, from_tag)):
                 return []  # the ACK of a non-2xx this proxy answered itself ends here (§17.2.1)
@@ -281,7 +281,7 @@ class ProxyCore:
             lines[mf_i] = b"Max-Forwards: %d" % (hops - 1)
 
         cseq_s = b"%d" % cseq_n
-        loop_part = hexlify(blake2b(b"|".join((msg.uri, from_tag, call_id, cseq_s)),
+        loop_part = hexlify(blake2b(b"|".join((uri, from_tag, call_id, cseq_s)),
                                     digest_size=6).digest())
         if self.adv_hostport in data and BRANCH_PREFIX + loop_part in data and \
                 self._looped(msg, loop_part):  # (two C-level finds rule out almost every request)
@@ -294,7 +294,7 @@ class ProxyCore:
         if b"route" in names:
             next_route, own_sig = self._pop_own_routes(msg)
         if from_sig:
-            target = next_route if next_route is not None else msg.uri
+            target = next_route if next_route is not None else uri
             try:
                 host, port, params = uri_hostport(target)
             except SipParseError:
@@ -305,8 +305,7 @@ class ProxyCore:
                                                            b"Unsupported URI Scheme")) from None
             maddr = params.get(b"maddr")
             ip = ip_literal(maddr or host)
-            dest = (ip, port or 5060)
-            if dest == self.config.advertise:
+            if ip is not None and (ip, port or 5060) == self.config.advertise:
                 stats.loops += 1
                 return [] if is_ack else self._local(msg, top, reply, data, 482, b"Loop Detected")
             if ip is None or not self._allowed(ip, own_sig, now):
@@ -314,6 +313,7 @@ class ProxyCore:
                     raise Dropped(DROP_NEXT_HOP_DENIED)
                 raise Dropped(DROP_NEXT_HOP_DENIED, self._reply(msg, top, reply, data, 403,
                                                                 b"Next Hop Not Allowed"))
+            dest: Addr = (ip, port or 5060)
             party = ip
         else:
             dest = self.upstream
@@ -341,8 +341,9 @@ class ProxyCore:
                              dest)
         else:
             key = (branch, cseq_m)
-            tx = tracker.transactions.get(key)
-            if tx is not None:
+            held = tracker.transactions.get(key)
+            if held is not None:
+                tx = held
                 tracker.retransmission(tx)
             else:
                 parent = call.span_id if call.is_call else call.parent_span_id
@@ -368,7 +369,7 @@ class ProxyCore:
         if mf_i < 0:
             above_via.append(b"Max-Forwards: 70")
         rr_i = -1
-        rr_line = None
+        rr_line = b""
         if self.config.record_route and method in DIALOG_CREATING and not has_to_tag:
             rr_line = self.record_route_head + self._mac(b"r", party.encode()) + b">"
             if b"record-route" in names:

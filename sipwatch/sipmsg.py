@@ -289,9 +289,11 @@ def parse(data: bytes, check_length: bool = True) -> SipMessage:
     del raw[0]
     # fast path: every line is "Name: value" with a name spelled as in the table
     get = _NAME_CACHE.get
-    names = [get(line[:line.find(b":") + 1]) for line in raw]
-    if None in names:
+    found = [get(line[:line.find(b":") + 1]) for line in raw]
+    if None in found:
         raw, names = _header_lines(raw)
+    else:
+        names = found  # type: ignore[assignment]  # (no None in it)
     msg = SipMessage(start, method, uri, status, raw, names, body)
     if check_length and b"content-length" in names:
         i = names.index(b"content-length")
@@ -332,7 +334,8 @@ def split_values(value: bytes, limit: int = 0) -> list[bytes]:
     while pos < n:
         m = match(value, pos)
         if m is None:
-            if _SEPARATORS.match(value, pos).end() == n:  # only separators left
+            rest = _SEPARATORS.match(value, pos)  # (always matches: the pattern may be empty)
+            if rest is not None and rest.end() == n:  # only separators left
                 break
             raise SipParseError(f"unbalanced quote or <> in {value[:40]!r}")
         end = m.end()

@@ -148,6 +148,11 @@ class Call:
             self.transactions = []
 
 
+# timer entries: (deadline, object, token); an entry whose token is not the object's qentry is stale
+TxEntry = tuple[float, Transaction, int]
+CallEntry = tuple[float, Call, int]
+
+
 class Tracker:
     """In-flight transactions and calls, fed by request/response events with timestamps.
 
@@ -164,16 +169,16 @@ class Tracker:
         self.max_transactions = max_transactions
         self.max_calls = max_calls
         self.max_call_duration = max_call_duration
-        self.transactions: dict = {}
+        self.transactions: dict[tuple[bytes, bytes], Transaction] = {}
         # insertion order = least recently active first (moved to the end on activity)
         self.calls: OrderedDict[bytes, Call] = OrderedDict()
         # (deadline, obj) FIFOs, one per timer kind, each with a constant delay
-        self._tx_b: deque = deque()  # pending, Timer B/F: t_sent + timer_b
-        self._tx_c: deque = deque()  # pending INVITE after a 1xx, Timer C: last 1xx + timer_c
-        self._tx_linger: deque = deque()  # completed: t_final + timer_b
-        self._call_short: deque = deque()  # non-call entries, auth challenges: + timer_b
-        self._call_long: deque = deque()  # INVITE dialogs: start/answer + max_call_duration
-        self._call_linger: deque = deque()  # finished calls: t_end + timer_b
+        self._tx_b: deque[TxEntry] = deque()  # pending, Timer B/F: t_sent + timer_b
+        self._tx_c: deque[TxEntry] = deque()  # pending INVITE after a 1xx, Timer C: last 1xx + timer_c
+        self._tx_linger: deque[TxEntry] = deque()  # completed: t_final + timer_b
+        self._call_short: deque[CallEntry] = deque()  # non-call entries, auth challenges: + timer_b
+        self._call_long: deque[CallEntry] = deque()  # INVITE dialogs: start/answer + max_call_duration
+        self._call_linger: deque[CallEntry] = deque()  # finished calls: t_end + timer_b
         self.finished: deque = deque()
         self.finished_max = finished_max
         # the proxy: a call's transactions are let go once it left the table and its record was
@@ -506,12 +511,12 @@ class Tracker:
             if tx.qentry == e[2] and txs.get(tx.key) is tx:
                 del txs[tx.key]
         calls = self.calls
-        for q in (self._call_short, self._call_long, self._call_linger):
-            while q and q[0][0] <= now:
-                e = q.popleft()
-                call = e[1]
+        for cq in (self._call_short, self._call_long, self._call_linger):
+            while cq and cq[0][0] <= now:
+                ce = cq.popleft()
+                call = ce[1]
                 cid = call.call_id
-                if call.qentry != e[2] or calls.get(cid) is not call:
+                if call.qentry != ce[2] or calls.get(cid) is not call:
                     continue
                 del calls[cid]
                 self._left(call)

@@ -7,6 +7,7 @@ labels are resolved, no locks are taken, no histogram is touched. The Prometheus
 """
 from __future__ import annotations
 
+from typing import Any
 
 import numpy as np
 
@@ -81,8 +82,8 @@ class RttRing:
         # of a numpy scalar store; fold() works on the arrays themselves, no copy
         self.rtt = np.zeros(size, dtype=np.float64)
         self.method = np.zeros(size, dtype=np.int64)
-        self._rtt_w = memoryview(self.rtt)
-        self._method_w = memoryview(self.method)
+        self._rtt_w: Any = memoryview(self.rtt)  # type: ignore[arg-type]  # (numpy's stubs)
+        self._method_w: Any = memoryview(self.method)  # type: ignore[arg-type]
         self.trace = [0] * size  # trace ids (int) for exemplars
         self.n = 0  # samples written since the last fold
         self.bounds = np.asarray(buckets, dtype=np.float64)

@@ -12,6 +12,17 @@ import pytest
 REQUIRE_TOOLS = os.environ.get("SIPWATCH_REQUIRE_TOOLS") == "1"
 
 
+def pytest_sessionstart(session):
+    """Under tests/test_compiled.py the core modules must really be the compiled ones."""
+    if os.environ.get("SIPWATCH_EXPECT_COMPILED") == "1":
+        from compiled import config, is_compiled
+        import importlib
+        for path in config()["modules"]:
+            name = path.removesuffix(".py").replace("/", ".")
+            mod = importlib.import_module(name)
+            assert is_compiled(mod), f"{name} imported from {mod.__file__}, not the compiled build"
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield

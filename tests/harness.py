@@ -20,6 +20,12 @@ SCENARIOS = ROOT / "sipwatch" / "scenarios"
 HAVE_SIPP = shutil.which("sipp") is not None
 
 
+def sipwatch_path() -> str:
+    """PYTHONPATH for a sipwatch subprocess: the compiled build first when SIPWATCH_TREE names one
+    (tests/compiled.py), then this checkout."""
+    return os.pathsep.join(p for p in (os.environ.get("SIPWATCH_TREE"), str(ROOT)) if p)
+
+
 def scrape(port: int, accept: str | None = None) -> dict:
     """Metrics at 127.0.0.1:port as {(sample_name, frozenset(labels)): value}."""
     req = urllib.request.Request(f"http://127.0.0.1:{port}/metrics")
@@ -76,7 +82,7 @@ class Sidecar:
                      "--upstream", f"127.0.0.1:{upstream_port}",
                      "--gateway-metrics", f"127.0.0.1:{self.gw_metrics}",
                      "--signaling-metrics", f"127.0.0.1:{self.sig_metrics}", *extra]
-        self.env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+        self.env = {**os.environ, "PYTHONPATH": sipwatch_path(), **(env or {})}
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> "Sidecar":

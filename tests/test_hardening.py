@@ -291,6 +291,7 @@ def test_restarted_sidecar_with_the_same_secret_forwards_in_dialog_requests():
 
 
 # -- 4. nothing raises ---------------------------------------------------------------------
+@pytest.mark.pure_python
 def test_internal_error_is_counted_not_raised(monkeypatch):
     core = make()
 

@@ -1,0 +1,72 @@
+"""The compiled build of sipwatch for the tests and the bench.
+
+``build()`` copies ``sipwatch/`` into a directory under ``build/mypyc/`` and compiles there the
+modules pyproject.toml lists under ``[tool.sipwatch.mypyc]``, with the same flags setup.py uses for
+the image. Put that directory first on ``PYTHONPATH`` to run the compiled build (the test harness
+passes ``SIPWATCH_TREE`` on to the sidecars it starts). A build is reused while the sources, the
+module list and the interpreter are unchanged.
+
+``python -m tests.compiled`` builds it and prints the directory.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def config() -> dict:
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)["tool"]["sipwatch"]["mypyc"]
+
+
+def _digest(cfg: dict) -> str:
+    h = hashlib.sha256(repr((cfg, sys.version, sys.executable)).encode())
+    for path in sorted((ROOT / "sipwatch").rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".so":
+            h.update(str(path.relative_to(ROOT)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def build(base: Path | None = None) -> Path:
+    """The directory holding the compiled ``sipwatch`` package (built now if it is not there)."""
+    cfg = config()
+    tree = (base or ROOT / "build" / "mypyc") / _digest(cfg)
+    if (tree / ".built").exists():
+        return tree
+    if tree.exists():
+        shutil.rmtree(tree)
+    shutil.copytree(ROOT / "sipwatch", tree / "sipwatch",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    r = subprocess.run([sys.executable, "-m", "mypyc", *cfg["flags"], *cfg["modules"]], cwd=tree,
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"mypyc failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
+    missing = [m for m in cfg["modules"] if not _extension_of(tree / m)]
+    if missing:
+        raise RuntimeError(f"mypyc built no extension for {missing}:\n{r.stdout[-2000:]}")
+    (tree / ".built").write_text("ok\n")
+    return tree
+
+
+def _extension_of(source: Path) -> Path | None:
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        ext = source.with_suffix(suffix)
+        if ext.exists():
+            return ext
+    return None
+
+
+def is_compiled(module) -> bool:
+    return any(str(module.__file__).endswith(s) for s in importlib.machinery.EXTENSION_SUFFIXES)
+
+
+if __name__ == "__main__":
+    print(build())
