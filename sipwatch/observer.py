@@ -70,6 +70,7 @@ class Observer:
         self.last_ts: float | None = None
         self.sample_ratio = 1.0  # for calls without a traceparent (the capture's span pipeline's)
         self._randbits = random.Random().getrandbits
+        self._method_names: dict[bytes, str] = {}  # method as sent → its name, decoded once
 
     # -- input ---------------------------------------------------------------------------
     def feed(self, payload: bytes, src: Addr, dst: Addr, ts: float, transport: str = "udp") -> bool:
@@ -95,8 +96,14 @@ class Observer:
                 self.statuses[m.group(2).decode("ascii")] += 1
             return True
         self.sip_messages += 1
-        if msg.method is not None:
-            self._method(msg.method.decode("ascii", "replace"))
+        method = msg.method
+        if method is not None:
+            name = self._method_names.get(method)
+            if name is None:
+                name = method.decode("ascii", "replace")
+                if len(self._method_names) < MAX_METHOD_NAMES:
+                    self._method_names[method] = name
+            self._method(name)
         else:
             self.statuses[str(msg.status)] += 1
         try:
@@ -113,9 +120,11 @@ class Observer:
             methods[OTHER_METHODS] += 1  # a flood of invented method names stays bounded
 
     def _account(self, msg, src: Addr, dst: Addr, ts: float, transport: str = "udp") -> None:
-        cl = msg.get(b"content-length")
-        if cl is not None and (not cl.isdigit() or int(cl) > len(msg.body)):
-            self.bad_content_length += 1
+        names = msg.names  # a name test first: SipMessage.get raises and catches when absent
+        if b"content-length" in names:
+            cl = msg.get(b"content-length")
+            if not cl.isdigit() or int(cl) > len(msg.body):
+                self.bad_content_length += 1
         call_id = msg.call_id()
         cseq_n, cseq_m = msg.cseq()
         branch = msg.top_via().branch or b""
@@ -127,7 +136,7 @@ class Observer:
             status = msg.status
             # a 2xx to INVITE with another To-tag than the first one is a fork
             to_tag = header_tag(msg.get(b"to")) if 200 <= status < 300 and cseq_m == b"INVITE" \
-                else None
+                and b"to" in names else None
             if tracker.response(key, status, ts, to_tag) is None:
                 self.unmatched_responses += 1
             self._sdp(call_id, msg, src, dst, ts)
@@ -135,7 +144,7 @@ class Observer:
         method = msg.method
         midx = method_index(method)
         stats.requests[midx * 2 + direction] += 1
-        initial = midx == INVITE and header_tag(msg.get(b"to")) is None
+        initial = midx == INVITE and (b"to" not in names or header_tag(msg.get(b"to")) is None)
         if midx == INVITE:
             ids = self.invite_call_ids
             if len(ids) < MAX_DISTINCT:
@@ -145,9 +154,8 @@ class Observer:
         call = tracker.lookup_call(call_id, initial, cseq_n)
         incoming = None
         for name in TRACE_HEADERS:
-            value = msg.get(name)
-            if value is not None:
-                incoming = parse_traceparent(value)
+            if name in names:
+                incoming = parse_traceparent(msg.get(name))
                 break
         if call is None:
             if incoming is not None:
@@ -186,11 +194,12 @@ class Observer:
             tx.trace_id, tx.sampled = trace_id, sampled
 
     def _sdp(self, call_id: bytes, msg, src: Addr, dst: Addr, ts: float) -> None:
-        if self.on_sdp is None or not msg.body:
+        body = msg.body
+        if not body or self.on_sdp is None:
             return
-        i = msg.body.find(b"v=0")
+        i = body.find(b"v=0")
         if i >= 0:
-            self.on_sdp(call_id, msg.body[i:], src, dst, ts)
+            self.on_sdp(call_id, body[i:] if i else body, src, dst, ts)
 
     def _span_id(self) -> int:
         return self._randbits(64) or 1
