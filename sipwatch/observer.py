@@ -41,6 +41,7 @@ TRACE_HEADERS = (b"traceparent", b"x-traceparent")
 MAX_DISTINCT = 1 << 20  # distinct INVITE Call-IDs remembered for the invite_calls figure
 MAX_METHOD_NAMES = 256  # distinct request method names counted apart; the rest under OTHER_METHODS
 OTHER_METHODS = "(other methods)"
+MEMO_MAX = 4096  # header lines remembered with what they parse to (Via branches, CSeq values)
 _START_LINE = re.compile(rb"(?:([A-Za-z]+) [^ \r\n]+ SIP/2\.0\r?\n|SIP/2\.0 ([1-6]\d\d)[ \r\n])")
 
 
@@ -71,6 +72,8 @@ class Observer:
         self.sample_ratio = 1.0  # for calls without a traceparent (the capture's span pipeline's)
         self._randbits = random.Random().getrandbits
         self._method_names: dict[bytes, str] = {}  # method as sent → its name, decoded once
+        self._via_branches: dict[bytes, bytes] = {}  # top Via line → its branch
+        self._cseqs: dict[bytes, tuple[int, bytes]] = {}  # CSeq line → (number, method)
 
     # -- input ---------------------------------------------------------------------------
     def feed(self, payload: bytes, src: Addr, dst: Addr, ts: float, transport: str = "udp") -> bool:
@@ -126,8 +129,8 @@ class Observer:
             if not cl.isdigit() or int(cl) > len(msg.body):
                 self.bad_content_length += 1
         call_id = msg.call_id()
-        cseq_n, cseq_m = msg.cseq()
-        branch = msg.top_via().branch or b""
+        cseq_n, cseq_m = self._cseq(msg, names)
+        branch = self._branch(msg, names)
         tracker, stats = self.tracker, self.stats
         direction = FROM_SIGNALING if src == self.signaling else FROM_GATEWAY
         if msg.method is None:
@@ -184,6 +187,36 @@ class Observer:
             parent = call.span_id if call.is_call else call.parent_span_id
             tracker.request(key, midx, method, cseq_n, call, ts, self._span_id(), parent, direction,
                             hop, initial)
+
+    def _branch(self, msg, names) -> bytes:
+        """The top Via's branch (b"" without one). A response repeats its request's Via line
+        byte for byte, so a line seen before is not parsed again (same result: the parse is a
+        function of that line alone)."""
+        if b"via" not in names:
+            return msg.top_via().branch or b""  # raises: no Via
+        line = msg.lines[names.index(b"via")]
+        memo = self._via_branches
+        branch = memo.get(line)
+        if branch is None:
+            branch = msg.top_via().branch or b""
+            if len(memo) >= MEMO_MAX:
+                memo.clear()
+            memo[line] = branch
+        return branch
+
+    def _cseq(self, msg, names) -> tuple[int, bytes]:
+        """(number, method) of the CSeq line; the few distinct lines of a capture are parsed once."""
+        if b"cseq" not in names:
+            return msg.cseq()  # raises: no CSeq
+        line = msg.lines[names.index(b"cseq")]
+        memo = self._cseqs
+        got = memo.get(line)
+        if got is None:
+            got = msg.cseq()
+            if len(memo) >= MEMO_MAX:
+                memo.clear()
+            memo[line] = got
+        return got
 
     @staticmethod
     def _join(call, incoming) -> None:

@@ -1,0 +1,63 @@
+"""``sipwatch analyze``'s fast paths against tshark on captures of load, not of one call.
+
+The fast paths (Ethernet/IPv4/UDP frames read straight from the mapped file, SDP parsed only
+when a UDP payload that may be RTP follows it, a Via or CSeq line parsed once per distinct line)
+must give the figures tshark gives: on the all-SIP capture the benchmark times, and on one that
+mixes it with calls carrying RTP and calls over SIP/TCP, written as pcapng.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+import bench_analyze
+import pcapbuild as pb
+from capture.analyze import analyse
+from capture.tshark_facts import facts
+from test_analyze import ROOT, check_against_facts
+
+needs_tshark = pytest.mark.skipif(shutil.which("tshark") is None or shutil.which("editcap") is None,
+                                  reason="tshark/editcap not installed")
+
+
+@needs_tshark
+def test_all_sip_load_capture_matches_tshark(tmp_path):
+    path = tmp_path / "all_sip.pcap"
+    frames = bench_analyze.build_capture(path, calls=700)
+    want = facts(str(path))
+    assert int(want["packets"]) == frames and want["sip_messages"] == frames  # every frame is SIP
+    rep = analyse(str(path))
+    assert rep["packets"] == frames
+    assert rep["capture_counters"]["udp"] == frames
+    check_against_facts(rep, want)
+    assert rep["txn"]["retransmitted_requests"] > 0  # the INVITE retransmissions are in it
+    assert rep["rtp_streams"] == [] and rep["errors"]["not_rtp_udp"] == 0
+
+
+@needs_tshark
+def test_sip_load_mixed_with_rtp_as_pcapng_matches_tshark(tmp_path):
+    """SDP offers/answers of the RTP calls arrive between hundreds of SIP-only calls: the RTP
+    streams are still tied to their calls, as tshark ties them."""
+    load = tmp_path / "load.pcap"
+    bench_analyze.build_capture(load, calls=200)
+    _, recs = pb.read_pcap(load.read_bytes())
+    for name in ("basic_call_rtp", "tcp_call"):  # 3 calls with RTP, 3 over SIP/TCP
+        lt, more = pb.read_pcap((ROOT / "pcaps" / f"{name}.pcap").read_bytes())
+        assert lt == bench_analyze.LT_ETHERNET
+        recs.extend(more)
+    recs.sort(key=lambda r: (r[0], r[1]))
+    flat = tmp_path / "mixed.pcap"
+    flat.write_bytes(pb.write_raw(bench_analyze.LT_ETHERNET, recs))
+    path = tmp_path / "mixed.pcapng"
+    subprocess.run(["editcap", "-F", "pcapng", str(flat), str(path)], check=True, capture_output=True,
+                   timeout=60)
+    assert path.read_bytes()[:4] == b"\x0a\x0d\x0d\x0a"
+    want = facts(str(path))
+    rep = analyse(str(path))
+    assert rep["packets"] == int(want["packets"]) == len(recs)
+    check_against_facts(rep, want)
+    assert len(want["rtp_sdp_streams"]) >= 6  # the calls' streams, tied by SDP in both tools
+    tied = {s["ssrc"] for s in rep["rtp_streams"] if s["call_id"] is not None}
+    assert {s["ssrc"] for s in want["rtp_sdp_streams"]} <= tied
