@@ -5,8 +5,10 @@ from the recorded SIPp fixtures in ``pcaps/`` (the SIP frames of each recorded c
 Call-ID made unique per copy, copies started at a steady rate so a few hundred calls overlap,
 as on a loaded link), so it is real SIPp traffic at a size worth timing, rebuilt on demand
 instead of kept in the repository. Both tools run as whole processes (imports and start-up
-included, as a user runs them); CPU is user+sys of the child from ``os.wait4``, and the median
-of the runs is reported, because a shared 2-core machine gives noisy single figures.
+included, as a user runs them: one untimed run first, so Python's bytecode cache is written as
+an installed package has it, and both tools' files are in the page cache); CPU is user+sys of
+the child from ``os.wait4``, runs alternate between the tools, and the median is reported,
+because a shared 2-core machine gives noisy single figures.
 """
 from __future__ import annotations
 
@@ -102,17 +104,20 @@ def run(capture: Path | None = None, calls: int = DEFAULT_CALLS, runs: int = 5,
             build_capture(capture, calls)
         frames = _frames(capture)
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
         tools = {"sipwatch analyze": [python, "-m", "sipwatch.cli", "analyze", str(capture)]}
         if shutil.which("tshark"):
-            tools["tshark -q -z sip,stat"] = ["tshark", "-q", "-z", "sip,stat", "-n", "-r", str(capture)]
+            tools["tshark -q -z sip,stat"] = ["tshark", "-q", "-z", "sip,stat", "-r", str(capture)]
         samples: dict[str, list[dict]] = {k: [] for k in tools}
+        for name, argv in tools.items():  # warm-up: bytecode cache, page cache
+            cpu_run(argv, env)
         for _ in range(runs):  # interleaved, so a burst of load elsewhere hits both
             for name, argv in tools.items():
                 r = cpu_run(argv, env)
                 if r["rc"] != 0:
                     raise RuntimeError(f"{name} exited {r['rc']}")
                 samples[name].append(r)
-    res: dict = {"file_frames": frames, "runs": runs, "tools": {}}
+    res: dict = {"file_frames": frames, "runs": runs, "machine": machine(), "tools": {}}
     for name, rs in samples.items():
         cpu = [r["cpu_s"] for r in rs]
         wall = [r["wall_s"] for r in rs]
@@ -127,14 +132,32 @@ def run(capture: Path | None = None, calls: int = DEFAULT_CALLS, runs: int = 5,
     return res
 
 
+def machine() -> dict:
+    model = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
+    except OSError:
+        pass
+    tshark = None
+    if shutil.which("tshark"):
+        out = subprocess.run(["tshark", "--version"], capture_output=True, text=True, timeout=30).stdout
+        tshark = out.splitlines()[0] if out else None
+    return {"cpus": os.cpu_count(), "cpu_model": model, "loadavg": list(os.getloadavg()),
+            "python": sys.version.split()[0], "tshark": tshark}
+
+
 def _frames(path: Path) -> int:
     _, recs = pb.read_pcap(path.read_bytes())
     return len(recs)
 
 
 def print_table(res: dict) -> None:
+    m = res["machine"]
     print(f"\n== analyze vs tshark: all-SIP capture of {res['file_frames']:,} frames, "
           f"whole processes, median of {res['runs']} (best)")
+    print(f"  {m['cpus']} CPUs ({m['cpu_model']}), load {' '.join(f'{x:.2f}' for x in m['loadavg'])}, "
+          f"Python {m['python']}, {m['tshark'] or 'no tshark'}")
     print(f"  {'':<24}{'CPU s':>15}{'wall s':>15}{'frames/CPU s':>14}")
     for name, t in res["tools"].items():
         print(f"  {name:<24}{t['cpu_s_median']:>8.3f} ({t['cpu_s_best']:.3f})"
