@@ -102,21 +102,20 @@ def run(capture: Path | None = None, calls: int = DEFAULT_CALLS, runs: int = 5,
         if capture is None:
             capture = Path(tmp) / "all_sip.pcap"
             build_capture(capture, calls)
-        frames = _frames(capture)
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         tools = {"sipwatch analyze": [python, "-m", "sipwatch.cli", "analyze", str(capture)]}
         if shutil.which("tshark"):
             tools["tshark -q -z sip,stat"] = ["tshark", "-q", "-z", "sip,stat", "-r", str(capture)]
         samples: dict[str, list[dict]] = {k: [] for k in tools}
-        for name, argv in tools.items():  # warm-up: bytecode cache, page cache
-            cpu_run(argv, env)
-        for _ in range(runs):  # interleaved, so a burst of load elsewhere hits both
-            for name, argv in tools.items():
+        for k in range(runs + 1):  # the first round warms up (bytecode cache, page cache)
+            for name, argv in tools.items():  # interleaved, so a burst of load elsewhere hits both
                 r = cpu_run(argv, env)
                 if r["rc"] != 0:
                     raise RuntimeError(f"{name} exited {r['rc']}")
-                samples[name].append(r)
+                if k:
+                    samples[name].append(r)
+        frames = _frames(capture)
     res: dict = {"file_frames": frames, "runs": runs, "machine": machine(), "tools": {}}
     for name, rs in samples.items():
         cpu = [r["cpu_s"] for r in rs]
@@ -148,8 +147,12 @@ def machine() -> dict:
 
 
 def _frames(path: Path) -> int:
-    _, recs = pb.read_pcap(path.read_bytes())
-    return len(recs)
+    from capture.pcapfile import read_packets
+
+    counters: dict = {}
+    for _ in read_packets(str(path), counters):
+        pass
+    return counters["frames"]
 
 
 def print_table(res: dict) -> None:
