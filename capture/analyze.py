@@ -387,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         # every record is held until the end anyway: no queue limit, and time to export them all
         spans = SpanPipeline.for_capture("analyze", stats, args.otlp_endpoint, args.otlp_protocol,
                                          args.spans_file, args.mask_numbers, queue_max=1 << 62)
+    # what the imports built lives as long as this process: kept out of every collection
+    gc.freeze()
     try:
         rep = analyse(args.file, args.engine, args.mask_numbers, progress, spans,
                       args.max_sip_message)
