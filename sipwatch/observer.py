@@ -42,6 +42,7 @@ MAX_DISTINCT = 1 << 20  # distinct INVITE Call-IDs remembered for the invite_cal
 MAX_METHOD_NAMES = 256  # distinct request method names counted apart; the rest under OTHER_METHODS
 OTHER_METHODS = "(other methods)"
 MEMO_MAX = 4096  # header lines remembered with what they parse to (Via branches, CSeq values)
+MEMO_LINE_MAX = 512  # bytes: longer lines (and method names over 32 bytes) are parsed every time
 _START_LINE = re.compile(rb"(?:([A-Za-z]+) [^ \r\n]+ SIP/2\.0\r?\n|SIP/2\.0 ([1-6]\d\d)[ \r\n])")
 
 
@@ -104,7 +105,7 @@ class Observer:
             name = self._method_names.get(method)
             if name is None:
                 name = method.decode("ascii", "replace")
-                if len(self._method_names) < MAX_METHOD_NAMES:
+                if len(self._method_names) < MAX_METHOD_NAMES and len(method) <= 32:
                     self._method_names[method] = name
             self._method(name)
         else:
@@ -199,9 +200,10 @@ class Observer:
         branch = memo.get(line)
         if branch is None:
             branch = msg.top_via().branch or b""
-            if len(memo) >= MEMO_MAX:
-                memo.clear()
-            memo[line] = branch
+            if len(line) <= MEMO_LINE_MAX:
+                if len(memo) >= MEMO_MAX:
+                    memo.clear()
+                memo[line] = branch
         return branch
 
     def _cseq(self, msg, names) -> tuple[int, bytes]:
@@ -213,9 +215,10 @@ class Observer:
         got = memo.get(line)
         if got is None:
             got = msg.cseq()
-            if len(memo) >= MEMO_MAX:
-                memo.clear()
-            memo[line] = got
+            if len(line) <= MEMO_LINE_MAX:
+                if len(memo) >= MEMO_MAX:
+                    memo.clear()
+                memo[line] = got
         return got
 
     @staticmethod

@@ -16,6 +16,8 @@ import bench_analyze
 import pcapbuild as pb
 from capture.analyze import analyse
 from capture.tshark_facts import facts
+from sipwatch import observer
+from sipwatch.observer import Observer
 from test_analyze import ROOT, check_against_facts
 
 needs_tshark = pytest.mark.skipif(shutil.which("tshark") is None or shutil.which("editcap") is None,
@@ -61,3 +63,19 @@ def test_sip_load_mixed_with_rtp_as_pcapng_matches_tshark(tmp_path):
     assert len(want["rtp_sdp_streams"]) >= 6  # the calls' streams, tied by SDP in both tools
     tied = {s["ssrc"] for s in rep["rtp_streams"] if s["call_id"] is not None}
     assert {s["ssrc"] for s in want["rtp_sdp_streams"]} <= tied
+
+
+def test_observer_line_memos_stay_bounded_and_keep_transactions_apart():
+    """Hostile input: unique Via lines (some over the memo's line cap) and CSeq numbers. Each
+    request is still its own transaction, and what the observer remembers stays bounded."""
+    obs = Observer()
+    n = observer.MEMO_MAX + 1000
+    for i in range(n):
+        pad = "x" * (600 if i % 2 else 0)  # every other Via line is too long to be remembered
+        inv = pb.sip_invite(f"memo-{i // 2}", f"z9hG4bK{pad}{i}", cseq=i + 1)
+        assert obs.feed(inv, ("10.0.0.1", 5060), ("10.0.0.2", 5060), 1000.0 + i * 0.001)
+    assert len(obs.tracker.transactions) == n
+    assert obs.stats.request_retransmissions == 0 and obs.stats.parse_errors == 0
+    assert len(obs._via_branches) <= observer.MEMO_MAX
+    assert all(len(line) <= observer.MEMO_LINE_MAX for line in obs._via_branches)
+    assert len(obs._cseqs) <= observer.MEMO_MAX
