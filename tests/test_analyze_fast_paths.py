@@ -8,13 +8,17 @@ mixes it with calls carrying RTP and calls over SIP/TCP, written as pcapng.
 from __future__ import annotations
 
 import shutil
+import struct
 import subprocess
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import bench_analyze
 import pcapbuild as pb
 from capture.analyze import analyse
+from capture.pcapfile import Decoder
 from capture.tshark_facts import facts
 from sipwatch import observer
 from sipwatch.observer import Observer
@@ -79,3 +83,36 @@ def test_observer_line_memos_stay_bounded_and_keep_transactions_apart():
     assert len(obs._via_branches) <= observer.MEMO_MAX
     assert all(len(line) <= observer.MEMO_LINE_MAX for line in obs._via_branches)
     assert len(obs._cseqs) <= observer.MEMO_MAX
+
+
+@settings(max_examples=500, deadline=None)
+@given(ihl=st.sampled_from([5, 5, 5, 5, 6, 4]), frag=st.sampled_from([0, 0, 0x4000, 0x2000, 0x0001]),
+       proto=st.sampled_from([17, 17, 17, 6, 4]),
+       dport=st.sampled_from([5060, 35160, 5061, 5060, 35160, 4789, 6081, 2152, 1701, 9060, 37008,
+                              4754, 6635]),
+       ulen_delta=st.one_of(st.none(), st.integers(-10, 6)), payload=st.binary(max_size=40),
+       cut=st.sampled_from([0, 0, 0, 0, 1, 5, 30]), trailer=st.sampled_from([b"", b"\0\0\0\0"]))
+def test_reader_fast_path_gives_what_the_full_decoder_gives(ihl, frag, proto, dport, ulen_delta,
+                                                            payload, cut, trailer):
+    """Every Ethernet frame the fast path takes gives the same packet and counters as the full
+    decoder (which the encapsulation tests check against tshark); every other frame is left to it."""
+    seg = pb.udp(40000, dport, payload)
+    if ulen_delta is None:
+        seg = seg[:4] + b"\0\0" + seg[6:]  # UDP length 0 (checksum offload, jumbo)
+    elif ulen_delta:
+        seg = seg[:4] + struct.pack("!H", max(0, len(seg) + ulen_delta)) + seg[6:]
+    ip = pb.ipv4("10.1.2.3", "10.4.5.6", proto, b"\x01\x01\x01\x00" * (ihl - 5) + seg)
+    ip = bytes([0x40 | ihl]) + ip[1:6] + struct.pack("!H", frag) + ip[8:]
+    frame = pb.eth(ip + trailer)
+    frame = frame[:len(frame) - cut] if cut else frame
+    fast_c: dict = {}
+    full_c: dict = {}
+    # as in a file: other records before and after the frame, never read as part of it
+    buf = b"\xee" * 7 + frame + b"\xff" * 64
+    got = Decoder(fast_c).ether_udp4(buf, 7, len(frame), 1.5)
+    want = Decoder(full_c).frame(1, frame, 1.5)
+    if got is not None:
+        assert [got] == want and type(want[0]) is type(got)
+        assert fast_c == full_c
+    else:
+        assert fast_c == {}  # nothing counted: the full decoder does it
