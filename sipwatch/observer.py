@@ -181,7 +181,8 @@ class Observer:
             tracker.ack(midx, method, cseq_n, call, ts, self._span_id(), direction, hop)
             return
         key = (call_id, cseq_n, cseq_m, branch, src[0], dst[0])
-        tx = tracker.transactions.get(key)
+        transactions: dict = tracker.transactions  # keyed per hop here (a typed build checks keys)
+        tx = transactions.get(key)
         if tx is not None:
             tracker.retransmission(tx)
         else:
@@ -269,7 +270,7 @@ class Observer:
     def drain_finished(self, limit: int = 1 << 30) -> list:
         """Finished ("call", Call) / ("tx", Transaction) records, like ProxyCore.drain_finished."""
         q = self.tracker.finished
-        out = []
+        out: list = []
         while q and len(out) < limit:
             out.append(q.popleft())
         return out
