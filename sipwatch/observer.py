@@ -41,6 +41,8 @@ TRACE_HEADERS = (b"traceparent", b"x-traceparent")
 MAX_DISTINCT = 1 << 20  # distinct INVITE Call-IDs remembered for the invite_calls figure
 MAX_METHOD_NAMES = 256  # distinct request method names counted apart; the rest under OTHER_METHODS
 OTHER_METHODS = "(other methods)"
+MEMO_MAX = 4096  # header lines remembered with what they parse to (Via branches, CSeq values)
+MEMO_LINE_MAX = 512  # bytes: longer lines (and method names over 32 bytes) are parsed every time
 _START_LINE = re.compile(rb"(?:([A-Za-z]+) [^ \r\n]+ SIP/2\.0\r?\n|SIP/2\.0 ([1-6]\d\d)[ \r\n])")
 
 
@@ -70,6 +72,9 @@ class Observer:
         self.last_ts: float | None = None
         self.sample_ratio = 1.0  # for calls without a traceparent (the capture's span pipeline's)
         self._randbits = random.Random().getrandbits
+        self._method_names: dict[bytes, str] = {}  # method as sent → its name, decoded once
+        self._via_branches: dict[bytes, bytes] = {}  # top Via line → its branch
+        self._cseqs: dict[bytes, tuple[int, bytes]] = {}  # CSeq line → (number, method)
 
     # -- input ---------------------------------------------------------------------------
     def feed(self, payload: bytes, src: Addr, dst: Addr, ts: float, transport: str = "udp") -> bool:
@@ -95,8 +100,14 @@ class Observer:
                 self.statuses[m.group(2).decode("ascii")] += 1
             return True
         self.sip_messages += 1
-        if msg.method is not None:
-            self._method(msg.method.decode("ascii", "replace"))
+        method = msg.method
+        if method is not None:
+            name = self._method_names.get(method)
+            if name is None:
+                name = method.decode("ascii", "replace")
+                if len(self._method_names) < MAX_METHOD_NAMES and len(method) <= 32:
+                    self._method_names[method] = name
+            self._method(name)
         else:
             self.statuses[str(msg.status)] += 1
         try:
@@ -113,12 +124,14 @@ class Observer:
             methods[OTHER_METHODS] += 1  # a flood of invented method names stays bounded
 
     def _account(self, msg, src: Addr, dst: Addr, ts: float, transport: str = "udp") -> None:
-        cl = msg.get(b"content-length")
-        if cl is not None and (not cl.isdigit() or int(cl) > len(msg.body)):
-            self.bad_content_length += 1
+        names = msg.names  # a name test first: SipMessage.get raises and catches when absent
+        if b"content-length" in names:
+            cl = msg.get(b"content-length")
+            if not cl.isdigit() or int(cl) > len(msg.body):
+                self.bad_content_length += 1
         call_id = msg.call_id()
-        cseq_n, cseq_m = msg.cseq()
-        branch = msg.top_via().branch or b""
+        cseq_n, cseq_m = self._cseq(msg, names)
+        branch = self._branch(msg, names)
         tracker, stats = self.tracker, self.stats
         direction = FROM_SIGNALING if src == self.signaling else FROM_GATEWAY
         if msg.method is None:
@@ -127,7 +140,7 @@ class Observer:
             status = msg.status
             # a 2xx to INVITE with another To-tag than the first one is a fork
             to_tag = header_tag(msg.get(b"to")) if 200 <= status < 300 and cseq_m == b"INVITE" \
-                else None
+                and b"to" in names else None
             if tracker.response(key, status, ts, to_tag) is None:
                 self.unmatched_responses += 1
             self._sdp(call_id, msg, src, dst, ts)
@@ -135,7 +148,7 @@ class Observer:
         method = msg.method
         midx = method_index(method)
         stats.requests[midx * 2 + direction] += 1
-        initial = midx == INVITE and header_tag(msg.get(b"to")) is None
+        initial = midx == INVITE and (b"to" not in names or header_tag(msg.get(b"to")) is None)
         if midx == INVITE:
             ids = self.invite_call_ids
             if len(ids) < MAX_DISTINCT:
@@ -145,9 +158,8 @@ class Observer:
         call = tracker.lookup_call(call_id, initial, cseq_n)
         incoming = None
         for name in TRACE_HEADERS:
-            value = msg.get(name)
-            if value is not None:
-                incoming = parse_traceparent(value)
+            if name in names:
+                incoming = parse_traceparent(msg.get(name))
                 break
         if call is None:
             if incoming is not None:
@@ -169,13 +181,46 @@ class Observer:
             tracker.ack(midx, method, cseq_n, call, ts, self._span_id(), direction, hop)
             return
         key = (call_id, cseq_n, cseq_m, branch, src[0], dst[0])
-        tx = tracker.transactions.get(key)
+        transactions: dict = tracker.transactions  # keyed per hop here (a typed build checks keys)
+        tx = transactions.get(key)
         if tx is not None:
             tracker.retransmission(tx)
         else:
             parent = call.span_id if call.is_call else call.parent_span_id
             tracker.request(key, midx, method, cseq_n, call, ts, self._span_id(), parent, direction,
                             hop, initial)
+
+    def _branch(self, msg, names) -> bytes:
+        """The top Via's branch (b"" without one). A response repeats its request's Via line
+        byte for byte, so a line seen before is not parsed again (same result: the parse is a
+        function of that line alone)."""
+        if b"via" not in names:
+            return msg.top_via().branch or b""  # raises: no Via
+        line = msg.lines[names.index(b"via")]
+        memo = self._via_branches
+        branch = memo.get(line)
+        if branch is None:
+            branch = msg.top_via().branch or b""
+            if len(line) <= MEMO_LINE_MAX:
+                if len(memo) >= MEMO_MAX:
+                    memo.clear()
+                memo[line] = branch
+        return branch
+
+    def _cseq(self, msg, names) -> tuple[int, bytes]:
+        """(number, method) of the CSeq line; the few distinct lines of a capture are parsed once."""
+        if b"cseq" not in names:
+            return msg.cseq()  # raises: no CSeq
+        line = msg.lines[names.index(b"cseq")]
+        memo = self._cseqs
+        got = memo.get(line)
+        if got is None:
+            got = msg.cseq()
+            if len(line) <= MEMO_LINE_MAX:
+                if len(memo) >= MEMO_MAX:
+                    memo.clear()
+                memo[line] = got
+        return got
 
     @staticmethod
     def _join(call, incoming) -> None:
@@ -186,11 +231,12 @@ class Observer:
             tx.trace_id, tx.sampled = trace_id, sampled
 
     def _sdp(self, call_id: bytes, msg, src: Addr, dst: Addr, ts: float) -> None:
-        if self.on_sdp is None or not msg.body:
+        body = msg.body
+        if not body or self.on_sdp is None:
             return
-        i = msg.body.find(b"v=0")
+        i = body.find(b"v=0")
         if i >= 0:
-            self.on_sdp(call_id, msg.body[i:], src, dst, ts)
+            self.on_sdp(call_id, body[i:] if i else body, src, dst, ts)
 
     def _span_id(self) -> int:
         return self._randbits(64) or 1
@@ -224,7 +270,7 @@ class Observer:
     def drain_finished(self, limit: int = 1 << 30) -> list:
         """Finished ("call", Call) / ("tx", Transaction) records, like ProxyCore.drain_finished."""
         q = self.tracker.finished
-        out = []
+        out: list = []
         while q and len(out) < limit:
             out.append(q.popleft())
         return out
