@@ -27,6 +27,9 @@ Sections (default: all but throughput, tracing and flood):
   throughput      (older) fixed-rate runs of the sidecar vs the relay and Kamailio.
   tracing         (older) spans to OTLP/file vs --no-tracing, and with the OTLP backend down/hung.
   flood           unanswered INVITEs, each a new call: RSS levels off at the state caps.
+  analyze         ``sipwatch analyze`` vs ``tshark -q -z sip,stat`` on one all-SIP capture (about
+                  28,000 frames of recorded SIPp calls), whole processes: CPU user+sys and wall,
+                  median of 5 (``--quick``: 1) after a warm-up run (tests/bench_analyze.py).
 
 Then the issue-10 table (CPU at the first two steps, highest passing step, the first failing step)
 and the issue-10 floors, measured vs required. Loopback only. Every process it starts is stopped
@@ -52,17 +55,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import orjson  # noqa: E402
 
+import bench_analyze  # noqa: E402
 import bench_micro  # noqa: E402
 import bench_net  # noqa: E402
 from harness import HAVE_SIPP, free_port, metric  # noqa: E402
 
 SECTIONS = ("micro", "latency", "ladder", "overload", "loaded_latency", "profile", "throughput", "tracing",
-            "flood")
-DEFAULT_SECTIONS = ("micro", "latency", "ladder", "overload", "loaded_latency", "profile")
+            "flood", "analyze")
+DEFAULT_SECTIONS = ("micro", "latency", "ladder", "overload", "loaded_latency", "profile", "analyze")
 DEFAULT_RATES = "300,1000,2000,3000,4000,5000,6500"
 # The four targets of issue 10, in display order: key → display name.
 TARGETS = {"kamailio": "kamailio", "relay": "uvloop relay", "notrace": "sipwatch --no-tracing",
            "all": "sipwatch all features"}
+ROOT = Path(__file__).resolve().parents[1]
 MAX_FAILED = 0.001  # a step passes when fewer than 0.1 % of its calls did not complete
 
 
@@ -112,38 +117,56 @@ def table(title: str, head: list[str], rows: list[list[str]], note: str | None =
 
 
 # -- sections -----------------------------------------------------------------------------------
+def _micro_compiled(tree: str, n: int, repeats: int) -> dict | None:
+    """run_micro in a child process that imports the compiled build from ``tree``."""
+    code = ("import sys, json; sys.path.insert(0, %r); import bench_micro; "
+            "print(json.dumps(bench_micro.run_micro(%d, %d)))" % (str(Path(__file__).parent), n, repeats))
+    r = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join((tree, str(ROOT)))}, timeout=600)
+    if r.returncode != 0:
+        _progress(f"  compiled micro-benchmark failed: {r.stderr[-500:]}")
+        return None
+    return orjson.loads(r.stdout.strip().splitlines()[-1])
+
+
 def section_micro(quick: bool) -> dict:
     n, repeats = (1000, 2) if quick else (5000, 5)
     r = bench_micro.run_micro(n, repeats)
+    tree = os.environ.get("SIPWATCH_TREE")
+    c = _micro_compiled(tree, n, repeats) if tree else None
+    if c is not None:
+        r["compiled"] = c
     split, find = r["baseline_split_us"], r["baseline_find_us"]
-    rows = [[name, _f(us, ".2f"), _f(us / split), _f(us / find), str(r["forwarded"][name])]
+
+    def row(name, us, fmt, extra="", cus=None):
+        return [name, _f(us, fmt), _f(cus, fmt, "-"), _f(us / split), _f(us / find), extra]
+    rows = [row(name, us, ".2f", str(r["forwarded"][name]), c and c["stages_us"][name])
             for name, us in r["stages_us"].items()]
-    rows.append(["per message (call average)", _f(r["per_message_us"], ".2f"),
-                 _f(r["per_message_us"] / split), _f(r["per_message_us"] / find), ""])
-    rows.append(["whole call (7 messages)", _f(r["per_call_us"], ".1f"),
-                 _f(r["per_call_us"] / split), _f(r["per_call_us"] / find), ""])
+    rows.append(row("per message (call average)", r["per_message_us"], ".2f", "", c and c["per_message_us"]))
+    rows.append(row("whole call (7 messages)", r["per_call_us"], ".1f", "", c and c["per_call_us"]))
     hk = r["housekeeping_per_call_us"]
-    rows.append(["per-call tick: histograms + JSON summary", _f(hk, ".1f"), _f(hk / split), _f(hk / find),
-                 str(r["call_summaries"])])
+    rows.append(row("per-call tick: histograms + JSON summary", hk, ".1f", str(r["call_summaries"]),
+                    c and c["housekeeping_per_call_us"]))
     ob = r.get("observer")
     if ob and "error" not in ob:
-        per = ob["per_message_us"]
-        rows.append(["observer feed, per message (call average)", _f(per, ".2f"), _f(per / split),
-                     _f(per / find), ""])
-    rows.append(["baseline: INVITE.split(CRLF)", _f(split, ".2f"), "1.0", _f(split / find), ""])
-    rows.append(["baseline: bytes.find Call-ID/CSeq/branch", _f(find, ".2f"), _f(find / split), "1.0", ""])
-    rows.append(["RttRing.add (numpy stores)", _f(r["ring_add_us"], ".3f"),
+        cob = c and c.get("observer")
+        rows.append(row("observer feed, per message (call average)", ob["per_message_us"], ".2f", "",
+                        cob["per_message_us"] if cob and "error" not in cob else None))
+    rows.append(["baseline: INVITE.split(CRLF)", _f(split, ".2f"), "", "1.0", _f(split / find), ""])
+    rows.append(["baseline: bytes.find Call-ID/CSeq/branch", _f(find, ".2f"), "", _f(find / split), "1.0", ""])
+    rows.append(["RttRing.add (numpy stores)", _f(r["ring_add_us"], ".3f"), "",
                  _f(r["ring_add_us"] / split, ".2f"), _f(r["ring_add_us"] / find, ".2f"), ""])
-    rows.append(["baseline: list store", _f(r["baseline_list_store_us"], ".3f"),
+    rows.append(["baseline: list store", _f(r["baseline_list_store_us"], ".3f"), "",
                  _f(r["baseline_list_store_us"] / split, ".2f"), "", ""])
     if ob and "error" in ob:
         _progress(f"  observer: not measured ({ob['error']})")
+    best = c or r
     table(f"core micro-benchmark: receive_datagram, {r['invite_bytes']}-byte INVITE with SDP, "
-          f"best of {repeats} x {n} calls",
-          ["message", "µs", "x split", "x find", "forwarded"], rows,
-          f"  core alone: one core sustains ~{1e6 / r['per_call_us']:.0f} calls/s "
-          f"({1e6 / r['per_message_us']:.0f} messages/s) before any socket I/O; with the per-call tick "
-          f"~{1e6 / (r['per_call_us'] + hk):.0f} calls/s")
+          f"best of {repeats} x {n} calls; pure Python and the mypyc build",
+          ["message", "µs", "µs mypyc", "x split", "x find", "forwarded"], rows,
+          f"  core alone ({'mypyc' if c else 'pure Python'}): one core sustains ~{1e6 / best['per_call_us']:.0f} "
+          f"calls/s ({1e6 / best['per_message_us']:.0f} messages/s) before any socket I/O; with the per-call "
+          f"tick ~{1e6 / (best['per_call_us'] + best['housekeeping_per_call_us']):.0f} calls/s")
     return r
 
 
@@ -895,6 +918,9 @@ def parse_args(argv=None):
     p.add_argument("--repeat", type=int, default=1,
                    help="throughput section: SIPp runs per rate and target, medians reported (default 1)")
     p.add_argument("--tracing-rate", type=int, help="tracing section's call rate (default: first rate)")
+    p.add_argument("--build", choices=("mypyc", "pure"), default="mypyc",
+                   help="the sidecar the SIPp sections run: the mypyc build (what the image ships; "
+                        "default, pure Python when it cannot be built) or pure Python")
     p.add_argument("--only", default=",".join(DEFAULT_SECTIONS),
                    help=f"comma list of {', '.join(SECTIONS)} (default {','.join(DEFAULT_SECTIONS)})")
     a = p.parse_args(argv)
@@ -932,6 +958,24 @@ def parse_args(argv=None):
     return a
 
 
+def sidecar_build(wanted: str) -> str:
+    """Compile the per-datagram modules (tests/compiled.py) and have every sidecar started from
+    here run that build (SIPWATCH_TREE, read by the harness). Returns the build in use."""
+    os.environ.pop("SIPWATCH_TREE", None)
+    if wanted == "mypyc":
+        try:
+            import compiled
+            tree = compiled.build()
+        except Exception as exc:  # noqa: BLE001 - no compiler or mypy here: measure pure Python
+            print(f"sidecar build: pure Python (the mypyc build failed: {str(exc)[:300]})")
+            return "pure"
+        os.environ["SIPWATCH_TREE"] = str(tree)
+        print(f"sidecar build: mypyc ({', '.join(compiled.config()['modules'])} compiled)")
+        return "mypyc"
+    print("sidecar build: pure Python (--build pure)")
+    return "pure"
+
+
 def _interrupted(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -952,6 +996,7 @@ def main(argv=None) -> int:
                                               if g.get("sipwatch_uncommitted") else ""))
     result: dict = {"machine": info, "args": {"quick": a.quick, "rates": a.rates, "duration": a.duration,
                                               "repeat": a.repeat, "only": a.only}}
+    result["build"] = sidecar_build(a.build)
     t0 = time.monotonic()
     global BUDGET
     BUDGET = Budget(a.budget)
@@ -968,6 +1013,9 @@ def main(argv=None) -> int:
             features = Features(workdir, collector)
         if "micro" in a.only:
             result["micro"] = section_micro(a.quick)
+        if "analyze" in a.only:
+            _progress("analyze vs tshark ...")
+            result["analyze"] = bench_analyze.run(runs=1 if a.quick else 5)
         if "latency" in a.only:
             result["latency"] = section_latency(workdir, a.quick)
         if sipp_sections and not HAVE_SIPP:
