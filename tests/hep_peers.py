@@ -23,6 +23,7 @@ log_stderror=yes
 children=1
 auto_aliases=no
 listen=udp:127.0.0.1:{port}
+listen=tcp:127.0.0.1:{port}
 mpath="{mpath}"
 loadmodule "pv.so"
 loadmodule "sl.so"
@@ -30,7 +31,7 @@ loadmodule "maxfwd.so"
 loadmodule "rr.so"
 loadmodule "siputils.so"
 loadmodule "siptrace.so"
-modparam("siptrace", "duplicate_uri", "sip:127.0.0.1:{hep_port}")
+modparam("siptrace", "duplicate_uri", "sip:127.0.0.1:{hep_port};transport={hep_transport}")
 modparam("siptrace", "hep_mode_on", 1)
 modparam("siptrace", "hep_version", 3)
 modparam("siptrace", "hep_capture_id", {capture_id})
@@ -74,6 +75,8 @@ log_stderror=yes
 children=1
 auto_aliases=no
 listen=udp:127.0.0.1:{port}
+listen=tcp:127.0.0.1:{port}
+tcp_accept_hep3=yes
 mpath="{mpath}"
 loadmodule "pv.so"
 loadmodule "db_text.so"
@@ -108,11 +111,12 @@ class KamailioSiptrace(Kamailio):
 
     name = "kamailio-siptrace"
 
-    def __init__(self, workdir: Path, upstream_port: int, hep_port: int, capture_id: int = 2002):
+    def __init__(self, workdir: Path, upstream_port: int, hep_port: int, capture_id: int = 2002,
+                 hep_transport: str = "udp"):
         super().__init__(workdir, upstream_port)
         self.cfg.write_text(SIPTRACE_CFG.format(port=self.port, upstream=upstream_port,
                                                 mpath=kamailio_modules(), hep_port=hep_port,
-                                                capture_id=capture_id))
+                                                capture_id=capture_id, hep_transport=hep_transport))
 
 
 class KamailioSipcapture(Kamailio):
