@@ -26,7 +26,7 @@ from itertools import islice
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from .hep import PROTO_TCP, PROTO_UDP, TYPE_LOG, TYPE_SIP, HepError, encode_hep3, ip_bytes
+from .hep import PROTO_TCP, PROTO_UDP, TYPE_LOG, TYPE_SIP, Hep3Encoder, HepError, ip_bytes
 
 Addr = tuple[str, int]
 QUEUE_MAX = 65536  # messages waiting for the next flush (about 9 s of 1000 calls/s)
@@ -101,6 +101,7 @@ class HepSender:
         self.capture_id = capture_id
         self.auth_key = auth_key
         self.node_name = node_name
+        self.encoder = Hep3Encoder(capture_id, auth_key, node_name)
         self.local = local  # our address, for messages tapped with src or dst None
         self.queue: deque = deque()
         self.queue_max = queue_max
@@ -148,21 +149,19 @@ class HepSender:
             return 0
         packets = []
         local = self.local
-        kw_id, kw_key, kw_node = self.capture_id, self.auth_key, self.node_name
+        encode, popleft, append = self.encoder.encode, q.popleft, packets.append
         for _ in range(min(len(q), FLUSH_MAX)):
-            item = q.popleft()
+            item = popleft()
             payload, src, dst, ts, transport = item[:5]
             try:
-                if transport == "log":
-                    packets.append(encode_hep3(
-                        payload, local, local, ts, payload_type=TYPE_LOG, capture_id=kw_id,
-                        auth_key=kw_key, correlation_id=item[5], node_name=kw_node))
+                if transport == "udp":
+                    append(encode(payload, src or local, dst or local, ts, PROTO_UDP, TYPE_SIP,
+                                  call_id_of(payload)))
+                elif transport == "log":
+                    append(encode(payload, local, local, ts, PROTO_UDP, TYPE_LOG, item[5]))
                 else:
-                    packets.append(encode_hep3(
-                        payload, src or local, dst or local, ts,
-                        proto=PROTO_TCP if transport == "tcp" else PROTO_UDP,
-                        payload_type=TYPE_SIP, capture_id=kw_id, auth_key=kw_key,
-                        correlation_id=call_id_of(payload), node_name=kw_node))
+                    append(encode(payload, src or local, dst or local, ts, PROTO_TCP, TYPE_SIP,
+                                  call_id_of(payload)))
             except (HepError, ValueError, TypeError, IndexError):
                 self.dropped["too_large"] += 1
         if self.transport == "udp":

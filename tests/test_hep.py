@@ -162,3 +162,15 @@ def test_endpoint_flags():
     for bad in ("127.0.0.1:9060", "udp:homer:9060", "sctp:127.0.0.1:9060", "udp:127.0.0.1:0"):
         with pytest.raises(EndpointError):
             parse_endpoint(bad)
+
+
+def test_cached_encoder_writes_the_same_bytes():
+    from sipwatch.hep import Hep3Encoder
+    enc = Hep3Encoder(2001, b"pw", b"node")
+    for src, dst, ts in ((("127.0.0.1", 5060), ("127.0.0.2", 5070), 1700000000.999999),
+                         (("::1", 5060), ("2001:db8::9:a", 5070), 12.0000004),
+                         (("127.0.0.1", 5060), ("::1", 1), 1.5)):
+        for _ in range(2):  # first computed, then from the cache
+            assert enc.encode(SIP, src, dst, ts, 17, 1, b"abc") == encode_hep3(
+                SIP, src, dst, ts, capture_id=2001, auth_key=b"pw", correlation_id=b"abc",
+                node_name=b"node")

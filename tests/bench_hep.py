@@ -1,0 +1,88 @@
+"""What sending HEP costs the proxy: CPU per forwarded message at a fixed call rate, sidecar
+``--no-tracing`` with and without ``--hep-endpoint`` (SIPp caller -> sidecar -> SIPp callee).
+
+    python -m tests.bench_hep [--rate 1000] [--duration 10] [--rounds 2]
+
+The collector is a UDP socket this process binds and never reads: the kernel takes every packet
+(and drops it once the buffer is full), so what is measured is the sidecar's side alone: the
+hot-path tap, the encoding and the ``send`` calls in the housekeeping tick. Runs alternate
+(without, with, without, with, ...) so load from other processes falls on both alike; the last
+line printed is the figures as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import bench_net  # noqa: E402
+from harness import free_port, metric, scrape  # noqa: E402
+
+
+def measure(workdir: Path, rate: int = 1000, duration: float = 10.0, rounds: int = 2) -> dict:
+    """Median CPU µs per message and CPU % without and with HEP, and the HEP sent/dropped counts."""
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind(("127.0.0.1", 0))
+    hep_port = sink.getsockname()[1]
+    runs: dict[str, list[dict]] = {"without": [], "with": []}
+    hep_counts = []
+    try:
+        for i in range(rounds):
+            for mode in ("without", "with"):
+                uas_port = free_port()
+                extra = ["--no-tracing"]
+                if mode == "with":
+                    extra += ["--hep-endpoint", f"udp:127.0.0.1:{hep_port}", "--hep-capture-id", "1"]
+                target = bench_net.SidecarTarget(workdir, uas_port, *extra, name=f"sipwatch-hep-{mode}")
+                with target:
+                    r = bench_net.sipp_load(workdir, target, uas_port, rate, duration)
+                    if mode == "with":
+                        gw = scrape(target.sidecar.gw_metrics)
+                        hep_counts.append({"sent": metric(gw, "sipwatch_hep_sent_total"),
+                                           "dropped": metric(gw, "sipwatch_hep_dropped_total")})
+                runs[mode].append(r)
+                print(f"  {mode:7s} HEP, round {i + 1}: {r['cpu_pct']:.1f}% CPU, "
+                      f"{r['cpu_us_per_msg']:.1f} µs/msg, {r['completed']}/{r['calls']} calls",
+                      file=sys.stderr, flush=True)
+    finally:
+        sink.close()
+
+    def med(mode, key):
+        vals = sorted(r[key] for r in runs[mode] if r[key] is not None)
+        return vals[len(vals) // 2] if vals else None
+
+    out = {"rate": rate, "duration_s": duration, "rounds": rounds,
+           "cpu_pct_without": med("without", "cpu_pct"), "cpu_pct_with": med("with", "cpu_pct"),
+           "us_per_msg_without": med("without", "cpu_us_per_msg"),
+           "us_per_msg_with": med("with", "cpu_us_per_msg"),
+           "calls_failed": sum(r["failed"] for rs in runs.values() for r in rs),
+           "hep": hep_counts}
+    if out["us_per_msg_with"] is not None and out["us_per_msg_without"] is not None:
+        out["hep_us_per_msg"] = round(out["us_per_msg_with"] - out["us_per_msg_without"], 2)
+        out["cpu_ratio"] = round(out["cpu_pct_with"] / out["cpu_pct_without"], 3)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rate", type=int, default=1000)
+    ap.add_argument("--duration", type=float, default=10.0)
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="sipwatch-bench-hep-") as d:
+        out = measure(Path(d), args.rate, args.duration, args.rounds)
+    print(f"HEP sender at {out['rate']} calls/s: {out.get('us_per_msg_without')} -> "
+          f"{out.get('us_per_msg_with')} µs CPU per forwarded message "
+          f"(+{out.get('hep_us_per_msg')} µs, x{out.get('cpu_ratio')} CPU); HEP {out['hep']}")
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
