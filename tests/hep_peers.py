@@ -77,6 +77,7 @@ auto_aliases=no
 listen=udp:127.0.0.1:{port}
 listen=tcp:127.0.0.1:{port}
 tcp_accept_hep3=yes
+tcp_accept_no_cl=yes
 mpath="{mpath}"
 loadmodule "pv.so"
 loadmodule "db_text.so"
@@ -85,6 +86,7 @@ modparam("db_text", "db_mode", 1)
 modparam("sipcapture", "db_url", "text://{db}")
 modparam("sipcapture", "capture_on", 1)
 modparam("sipcapture", "hep_capture_on", 1)
+modparam("sipcapture", "nonsip_hook", 1)
 modparam("sipcapture", "capture_node", "homer01")
 modparam("sipcapture", "table_name", "sip_capture")
 
@@ -95,6 +97,10 @@ request_route {{
 onreply_route {{
     sip_capture();
     drop;
+}}
+# HEP over TCP reaches sipcapture through the non-SIP hook: let it decode and store as for UDP
+event_route[sipcapture:request] {{
+    $var(hep) = 1;
 }}
 """
 

@@ -132,8 +132,8 @@ def test_hep_js_reads_every_chunk(sngrep_run, tmp_path_factory):
 
 
 @needs_kamailio
-def test_kamailio_sipcapture_stores_what_the_sidecar_sends(tmp_path):
-    transport = "udp"  # Kamailio 5.6's HEP-over-TCP reader (tcp_accept_hep3) refused our frames
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_kamailio_sipcapture_stores_what_the_sidecar_sends(tmp_path, transport):
     uas_port = free_port()
     wire = tmp_path / "wire.pcap"
     with KamailioSipcapture(tmp_path) as kam:
