@@ -75,9 +75,7 @@ log_stderror=yes
 children=1
 auto_aliases=no
 listen=udp:127.0.0.1:{port}
-listen=tcp:127.0.0.1:{port}
-tcp_accept_hep3=yes
-tcp_accept_no_cl=yes
+{tcp_core}
 mpath="{mpath}"
 loadmodule "pv.so"
 loadmodule "db_text.so"
@@ -86,7 +84,7 @@ modparam("db_text", "db_mode", 1)
 modparam("sipcapture", "db_url", "text://{db}")
 modparam("sipcapture", "capture_on", 1)
 modparam("sipcapture", "hep_capture_on", 1)
-modparam("sipcapture", "nonsip_hook", 1)
+{tcp_hook}
 modparam("sipcapture", "capture_node", "homer01")
 modparam("sipcapture", "table_name", "sip_capture")
 
@@ -98,11 +96,17 @@ onreply_route {{
     sip_capture();
     drop;
 }}
-# HEP over TCP reaches sipcapture through the non-SIP hook: let it decode and store as for UDP
-event_route[sipcapture:request] {{
-    $var(hep) = 1;
-}}
+{tcp_route}
 """
+
+# HEP over TCP (Kamailio 5.6): the core must frame HEP3 (and not ask for Content-Length), and the
+# frames reach sipcapture through its non-SIP hook, whose event route lets them through to be
+# decoded and stored as over UDP. The hook would take UDP HEP away from sipcapture's own path.
+SIPCAPTURE_TCP = {
+    "tcp_core": "listen=tcp:127.0.0.1:{port}\ntcp_accept_hep3=yes\ntcp_accept_no_cl=yes",
+    "tcp_hook": 'modparam("sipcapture", "nonsip_hook", 1)',
+    "tcp_route": "event_route[sipcapture:request] {{\n    $var(hep) = 1;\n}}",
+}
 
 
 def have_kamailio_hep() -> bool:
@@ -130,14 +134,15 @@ class KamailioSipcapture(Kamailio):
 
     name = "kamailio-sipcapture"
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, tcp: bool = False):
         super().__init__(workdir, 9)
         self.db = self.dir / "db"
         self.db.mkdir(exist_ok=True)
         (self.db / "sip_capture").write_text(SIP_CAPTURE_COLUMNS + "\n")
         (self.db / "version").write_text("table_name(str) table_version(int)\nsip_capture:5\n")
+        extra = {k: (v.format(port=self.port) if tcp else "") for k, v in SIPCAPTURE_TCP.items()}
         self.cfg.write_text(SIPCAPTURE_CFG.format(port=self.port, mpath=kamailio_modules(),
-                                                  db=self.db))
+                                                  db=self.db, **extra))
 
     def __enter__(self):
         # sipcapture answers nothing: wait until the log says the listener is up

@@ -136,7 +136,7 @@ def test_hep_js_reads_every_chunk(sngrep_run, tmp_path_factory):
 def test_kamailio_sipcapture_stores_what_the_sidecar_sends(tmp_path, transport):
     uas_port = free_port()
     wire = tmp_path / "wire.pcap"
-    with KamailioSipcapture(tmp_path) as kam:
+    with KamailioSipcapture(tmp_path, tcp=transport == "tcp") as kam:
         with Sidecar(tmp_path, uas_port, "--no-tracing", "--hep-endpoint", f"{transport}:127.0.0.1:{kam.port}",
                      "--hep-capture-id", str(CAPTURE_ID), "--hep-auth-key", "secret",
                      "--hep-node-name", "sw1") as sc:
