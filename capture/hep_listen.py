@@ -9,7 +9,9 @@ read) HEP is how the messages leave the box. Each SIP packet (payload type 1) go
 Every packet is hostile: :func:`sipwatch.hep.parse_hep` checks every length and never raises;
 what it refuses is counted in ``sipwatch_hep_rejected_total{reason}``, as are packets whose auth
 key does not match ``--hep-auth-key`` (compared in constant time) and payload types other than
-SIP (``unsupported_type``; RTCP reports, type 5, and logs, type 100, are counted there too).
+SIP and RTCP JSON (``unsupported_type``; logs, type 100, are counted there). RTCP JSON reports
+(type 5) go to ``on_rtcp(correlation id, payload)``, which ties them to their call
+(:mod:`capture.hep_rtcp`).
 Over TCP, packets are framed by the HEPv3 length field; a stream that is not HEPv3, or whose
 packet would exceed 65535 bytes, is closed and counted. At most :data:`MAX_TCP_CONNECTIONS`
 connections are served at once (more are refused and counted), each with a read buffer of one
@@ -23,7 +25,8 @@ import socket
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from sipwatch.hep import MAX_HEP, REASONS, TYPE_SIP, HepPacket, hep3_frame_length, parse_hep
+from sipwatch.hep import (MAX_HEP, REASONS, TYPE_RTCP_JSON, TYPE_SIP, HepPacket, hep3_frame_length,
+                          parse_hep)
 
 MAX_TCP_CONNECTIONS = 256
 TCP_IDLE = 300.0  # seconds; senders keep a HEP connection open and idle between calls
@@ -33,11 +36,13 @@ REJECT_REASONS = REASONS + ("auth", "unsupported_type", "tcp_framing", "tcp_conn
 class HepReceiver:
     """Decodes HEP and hands SIP to ``feed(payload, src, dst, ts, transport)``. A collector too."""
 
-    def __init__(self, feed, auth_key: bytes = b"", on_packet=None):
+    def __init__(self, feed, auth_key: bytes = b"", on_packet=None, on_rtcp=None):
         self.feed = feed
+        self.on_rtcp = on_rtcp  # callable(correlation_id, json payload) for HEP type 5
         self.auth_key = auth_key
         self.on_packet = on_packet  # optional callable(HepPacket) for every accepted packet
-        self.received = 0  # packets accepted
+        self.received = 0  # SIP packets accepted
+        self.rtcp_received = 0  # RTCP JSON packets accepted
         self.rejected = dict.fromkeys(REJECT_REASONS, 0)
         self.by_type: dict[int, int] = {}
         self.connections = 0
@@ -55,6 +60,13 @@ class HepReceiver:
             self.rejected["auth"] += 1
             return
         if r.payload_type != TYPE_SIP:
+            if r.payload_type == TYPE_RTCP_JSON and self.on_rtcp is not None:
+                self.rtcp_received += 1
+                try:
+                    self.on_rtcp(r.correlation_id, r.payload)
+                except Exception:  # noqa: BLE001  (a bug guard: the store counts bad JSON itself)
+                    self.rejected["bad_payload"] += 1
+                return
             self.rejected["unsupported_type"] += 1
             return
         self.received += 1
@@ -115,8 +127,12 @@ class HepReceiver:
 
     # -- metrics -----------------------------------------------------------------------------
     def collect(self):
-        yield CounterMetricFamily("sipwatch_hep_received", "HEP packets accepted (--hep-listen) "
-                                  "and fed to the observer.", value=self.received)
+        f = CounterMetricFamily("sipwatch_hep_received", "HEP packets accepted (--hep-listen): SIP "
+                                "fed to the observer, RTCP JSON reports tied to their call.",
+                                labels=["payload_type"])
+        f.add_metric(["sip"], self.received)
+        f.add_metric(["rtcp_json"], self.rtcp_received)
+        yield f
         f = CounterMetricFamily("sipwatch_hep_rejected", "HEP packets (or TCP streams) refused, by "
                                 "reason.", labels=["reason"])
         for r in REJECT_REASONS:

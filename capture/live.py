@@ -70,6 +70,7 @@ from sipwatch.tracing import SpanPipeline, add_otlp_arguments, rtp_figures
 
 from .analyze import _size
 from .hep_listen import HepReceiver
+from .hep_rtcp import RtcpReports
 from .pcapfile import KEEPALIVE_MAX, MAX_SIP_MESSAGE, Decoder, is_sip_keepalive
 
 Addr = tuple[str, int]
@@ -295,6 +296,7 @@ class LiveCapture:
         self.feed = self.observer.feed  # every SIP message captured goes here
         self.hep: HepSender | None = None  # HEP copies of what is captured (--hep-endpoint)
         self.hep_log = False
+        self.rtcp = RtcpReports()  # RTCP reports received as HEP type 5, per call
 
     def feed_and_send(self, payload: bytes, src, dst, ts: float, transport: str = "udp") -> bool:
         """Observer, plus a HEP copy (set as ``feed`` when there is a --hep-endpoint)."""
@@ -379,6 +381,8 @@ class LiveCapture:
     def _summaries(self, ended: list) -> None:
         calls = []
         for call, streams in ended:
+            if self.rtcp.by_call:
+                streams = streams + self.rtcp.take(call.call_id)
             if call.is_call:
                 self.log.call_summary(call, streams)
                 if self.hep is not None and self.hep_log:
@@ -426,7 +430,7 @@ async def _run(args) -> int:
         lc.metrics.gateway.register(lc.hep)
     receiver = None
     if listens:
-        receiver = HepReceiver(lc.feed, hep["hep_auth_key"])
+        receiver = HepReceiver(lc.feed, hep["hep_auth_key"], on_rtcp=lc.rtcp.add)
         lc.metrics.gateway.register(receiver)
         try:
             for proto, addr in listens:

@@ -5,12 +5,14 @@ Properties (an AssertionError names the one that broke; anything raised is a fin
 - a decoded HEPv3 packet re-encodes to a packet that decodes to the same fields (what the sender
   writes, the receiver reads back);
 - the receiver (auth key set or not) counts every packet exactly once, accepted or rejected by
-  reason, and nothing raises out of it or out of the observer it feeds;
+  reason, and nothing raises out of it, out of the observer it feeds or out of the RTCP-report
+  store (whose entries never show negative loss);
 - the TCP framing header gives no length outside 6..65535.
 """
 from __future__ import annotations
 
 from capture.hep_listen import HepReceiver
+from capture.hep_rtcp import RtcpReports
 from sipwatch.hep import REASONS, HepPacket, encode_hep3, hep3_frame_length, parse_hep
 from sipwatch.observer import Observer
 
@@ -40,10 +42,15 @@ def run_one_hep(data: bytes) -> None:
             assert getattr(again, f) == getattr(r, f), f"{f}: {getattr(again, f)!r} != {getattr(r, f)!r}"
     for key in (b"", b"k"):
         obs = Observer()
-        rx = HepReceiver(obs.feed, key)
+        rtcp = RtcpReports(max_calls=4)
+        rx = HepReceiver(obs.feed, key, on_rtcp=rtcp.add)
         rx.packet(data)
         rx.packet(data[: len(data) // 2])
-        assert rx.received + sum(rx.rejected.values()) == 2, "a packet not counted exactly once"
+        assert rx.received + rx.rtcp_received + sum(rx.rejected.values()) == 2, \
+            "a packet not counted exactly once"
+        for call_id in list(rtcp.by_call):
+            for entry in rtcp.take(call_id):
+                assert entry["lost"] >= 0 and 0 <= entry["lost_pct"] <= 100
         obs.finish()
     n = hep3_frame_length(data[:6])
     assert n is None or 6 <= n <= 65535

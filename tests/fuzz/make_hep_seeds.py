@@ -43,6 +43,9 @@ def main(out: str) -> None:
         "compressed": v3(payload_chunk=chunk(16, zlib.compress(SIP))),
         "vendor_chunk": v3(extra=(chunk(7, b"xyz", vendor=0x0b),)),
         "log_type_100": v3(payload_chunk=chunk(15, b'{"event":"call_summary"}'), ptype=100),
+        "rtcp_json": v3(extra=(chunk(17, b"seed-1@10.0.0.1"),), ptype=5, payload_chunk=chunk(
+            15, b'{"type":200,"ssrc":1,"report_count":1,"sender_information":{"packets":5},'
+                b'"report_blocks":[{"source_ssrc":2,"fraction_lost":3,"ia_jitter":4,"packets_lost":5}]}')),
         "v2": struct.pack(">BBBBHH", 2, 28, 2, 17, 5060, 5080) + socket.inet_aton("10.0.0.1")
         + socket.inet_aton("10.0.0.2") + struct.pack("<IIHH", 1700000000, 5, 7, 0) + SIP,
         "v1": struct.pack(">BBBBHH", 1, 16, 2, 17, 5060, 5080) + socket.inet_aton("10.0.0.1")
