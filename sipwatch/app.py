@@ -133,7 +133,9 @@ class ProxyApp:
                       timer_c=getattr(s, "timer_c", 180.0),
                       allow_next_hop=[str(n) for n in getattr(s, "allow_next_hop", ())],
                       mask_call_id=self.call_id_mask.mode,
-                      secret="set" if getattr(s, "secret", b"") else "random")
+                      secret="set" if getattr(s, "secret", b"") else "random",
+                      hep_endpoint=None if self.hep is None
+                      else f"{self.hep.transport}:{self.hep.collector[0]}:{self.hep.collector[1]}")
         self.gc.start()
         if not getattr(s, "secret", b""):
             self.log.warning(

@@ -38,6 +38,7 @@ modparam("siptrace", "hep_capture_id", {capture_id})
 modparam("siptrace", "trace_to_database", 0)
 modparam("siptrace", "trace_on", 1)
 modparam("siptrace", "trace_mode", 1)
+{auth}
 
 request_route {{
     if (!mf_process_maxfwd_header("10")) {{
@@ -122,11 +123,13 @@ class KamailioSiptrace(Kamailio):
     name = "kamailio-siptrace"
 
     def __init__(self, workdir: Path, upstream_port: int, hep_port: int, capture_id: int = 2002,
-                 hep_transport: str = "udp"):
+                 hep_transport: str = "udp", auth_key: str = ""):
         super().__init__(workdir, upstream_port)
         self.cfg.write_text(SIPTRACE_CFG.format(port=self.port, upstream=upstream_port,
                                                 mpath=kamailio_modules(), hep_port=hep_port,
-                                                capture_id=capture_id, hep_transport=hep_transport))
+                                                capture_id=capture_id, hep_transport=hep_transport,
+                                                auth=f'modparam("siptrace", "auth_key", "{auth_key}")'
+                                                if auth_key else ""))
 
 
 class KamailioSipcapture(Kamailio):

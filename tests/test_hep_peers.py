@@ -160,8 +160,9 @@ def test_kamailio_sipcapture_stores_what_the_sidecar_sends(tmp_path, transport):
 
 
 @needs_kamailio
-@pytest.mark.parametrize("transport", ["udp", "tcp"])
-def test_kamailio_siptrace_into_capture_matches_the_wire(tmp_path, transport):
+@pytest.mark.parametrize("transport, sender_key, listener_key", [
+    ("udp", "s3cret", "s3cret"), ("tcp", "", ""), ("udp", "s3cret", "wrong")])
+def test_kamailio_siptrace_into_capture_matches_the_wire(tmp_path, transport, sender_key, listener_key):
     hep_port, uas_port = free_port(), free_port()
     gw_m, sig_m = free_port(), free_port()
     wire = tmp_path / "wire.pcap"
@@ -169,6 +170,8 @@ def test_kamailio_siptrace_into_capture_matches_the_wire(tmp_path, transport):
     args = [sys.executable, "-m", "sipwatch", "capture", "--hep-listen", f"{transport}:127.0.0.1:{hep_port}",
             "--signaling", f"127.0.0.1:{uas_port}", "--gateway-metrics", f"127.0.0.1:{gw_m}",
             "--signaling-metrics", f"127.0.0.1:{sig_m}", "--rtp-grace", "0"]
+    if listener_key:
+        args += ["--hep-auth-key", listener_key]
     with open(log, "wb") as out:
         cap = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
         try:
@@ -176,13 +179,14 @@ def test_kamailio_siptrace_into_capture_matches_the_wire(tmp_path, transport):
             while b'"capturing"' not in log.read_bytes():
                 assert cap.poll() is None and time.monotonic() < deadline, log.read_text()
                 time.sleep(0.05)
-            with KamailioSiptrace(tmp_path, uas_port, hep_port, hep_transport=transport) as kam:
+            with KamailioSiptrace(tmp_path, uas_port, hep_port, hep_transport=transport,
+                                  auth_key=sender_key) as kam:
                 with Dumpcap(wire, f"udp port {kam.port}"):
                     # a plain callee: uas_call insists on the sidecar's traceparent
                     uac_rc, uas_rc, _, _ = run_call_pair(
                         tmp_path, "uac_call", "uas_answer", kam.port, uas_port, N, rate=20,
                         uas_extra=("-set", "rtp_port", str(free_port())))
-                    deadline = time.monotonic() + 15
+                    deadline = time.monotonic() + (15 if sender_key == listener_key else 2)
                     while time.monotonic() < deadline:
                         if metric(scrape(gw_m), "sip_calls_processed_total") >= N:
                             break
@@ -192,6 +196,12 @@ def test_kamailio_siptrace_into_capture_matches_the_wire(tmp_path, transport):
         finally:
             stop_process(cap, signal.SIGINT)
     assert uac_rc == 0 and uas_rc == 0
+    if sender_key != listener_key:  # every packet refused and counted, nothing fed
+        assert metric(gw, "sip_calls_processed_total") == 0
+        assert metric(gw, "sipwatch_hep_received_total") == 0
+        wire_msgs = len(udp_rows(wire, "sip"))
+        assert metric(gw, "sipwatch_hep_rejected_total", reason="auth") >= wire_msgs > 0
+        return
     assert metric(gw, "sip_calls_processed_total", outcome="answered") == N
     assert metric(gw, "sip_calls_processed_total") == N
     assert metric(gw, "sipwatch_hep_rejected_total") == 0
@@ -240,3 +250,53 @@ def test_dead_collector_drops_and_counts(tmp_path):
     assert dropped > 0
     # every message the sidecar received or sent was either handed to the kernel or counted
     assert sent + dropped == N * 14
+
+
+@needs_kamailio
+def test_capture_forwards_what_it_captures_to_sipcapture(tmp_path):
+    """``sipwatch capture --interface lo --hep-endpoint``: the messages it captured reach Kamailio
+    sipcapture with their wire addresses, ports and capture timestamps."""
+    uas_port = free_port()
+    wire = tmp_path / "wire.pcap"
+    log = tmp_path / "capture.log"
+    with KamailioSipcapture(tmp_path) as kam:
+        gw_m = free_port()
+        args = [sys.executable, "-m", "sipwatch", "capture", "--interface", "lo",
+                "--bpf", f"udp port {uas_port}", "--gateway-metrics", f"127.0.0.1:{gw_m}",
+                "--signaling-metrics", "off", "--hep-endpoint", f"udp:127.0.0.1:{kam.port}",
+                "--hep-capture-id", str(CAPTURE_ID)]
+        with open(log, "wb") as out:
+            cap = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+            try:
+                deadline = time.monotonic() + 15
+                while b'"capturing"' not in log.read_bytes():
+                    assert cap.poll() is None and time.monotonic() < deadline, log.read_text()
+                    time.sleep(0.05)
+                with Dumpcap(wire, f"udp port {uas_port}"):
+                    uac_rc, uas_rc, _, _ = run_call_pair(
+                        tmp_path, "uac_call", "uas_answer", uas_port, uas_port, 3, rate=20,
+                        uas_extra=("-set", "rtp_port", str(free_port())))
+                    deadline = time.monotonic() + 15
+                    while metric(scrape(gw_m), "sipwatch_hep_sent_total") < 3 * 7 \
+                            and time.monotonic() < deadline:
+                        time.sleep(0.2)
+            finally:
+                stop_process(cap, signal.SIGINT)
+        time.sleep(1.0)
+    rows = kam.rows()
+    assert uac_rc == 0 and uas_rc == 0
+    wire_rows = udp_rows(wire, "sip")
+    assert len(wire_rows) == len(rows) == 3 * 7
+    by_msg = {r["msg"]: r for r in rows}
+    assert len(by_msg) == len(rows)
+    for w in wire_rows:
+        r = by_msg[w["payload"].decode()]
+        assert (r["source_ip"], int(r["source_port"]), r["destination_ip"], int(r["destination_port"])) \
+            == (*w["src"], *w["dst"])
+        assert r["correlation_id"] == r["callid"] == w["call_id"]
+        assert r["node"] == f"homer01:{CAPTURE_ID}"
+        # the capture's own timestamp of the packet: its dumpcap and the test's each stamp the
+        # packet as it reaches them (microseconds apart); db_text keeps only the low 32 bits of
+        # the microsecond timestamp (it has no 64-bit integers)
+        delta = (int(r["micro_ts"]) - int(w["time"] * 1_000_000)) % 2**32
+        assert delta <= CLOCK_MS * 1000 or delta >= 2**32 - CLOCK_MS * 1000, (r["micro_ts"], w["time"])
