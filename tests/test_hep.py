@@ -174,3 +174,26 @@ def test_cached_encoder_writes_the_same_bytes():
             assert enc.encode(SIP, src, dst, ts, 17, 1, b"abc") == encode_hep3(
                 SIP, src, dst, ts, capture_id=2001, auth_key=b"pw", correlation_id=b"abc",
                 node_name=b"node")
+
+
+@pytest.mark.parametrize("argv,env,needle", [
+    (["--hep-endpoint", "udp:homer.example:9060"], {}, "'homer.example'"),
+    (["--hep-endpoint", "9060"], {}, "'9060'"),
+    (["--hep-capture-id", "-1"], {}, "'-1'"),
+    ([], {"SIPWATCH_HEP_ENDPOINT": "tcp:127.0.0.1:70000"}, "SIPWATCH_HEP_ENDPOINT"),
+])
+def test_bad_hep_flags_name_the_value(argv, env, needle):
+    from sipwatch.config import ConfigError, settings_from
+    with pytest.raises(ConfigError) as err:
+        settings_from(["--upstream", "127.0.0.1:5080", *argv], env)
+    assert needle in str(err.value)
+
+
+def test_hep_flags_and_environment():
+    from sipwatch.config import settings_from
+    s = settings_from(["--upstream", "127.0.0.1:5080", "--hep-endpoint", "tcp:[::1]:9061",
+                       "--hep-capture-id", "4294967295", "--hep-log"],
+                      {"SIPWATCH_HEP_AUTH_KEY": "pw", "SIPWATCH_HEP_NODE_NAME": "edge-1"})
+    assert (s.hep_endpoint, s.hep_capture_id, s.hep_auth_key, s.hep_node_name, s.hep_log) == \
+        (("tcp", ("::1", 9061)), 4294967295, b"pw", b"edge-1", True)
+    assert settings_from(["--upstream", "127.0.0.1:5080"], {}).hep_endpoint is None

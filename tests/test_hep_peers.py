@@ -300,3 +300,14 @@ def test_capture_forwards_what_it_captures_to_sipcapture(tmp_path):
         # the microsecond timestamp (it has no 64-bit integers)
         delta = (int(r["micro_ts"]) - int(w["time"] * 1_000_000)) % 2**32
         assert delta <= CLOCK_MS * 1000 or delta >= 2**32 - CLOCK_MS * 1000, (r["micro_ts"], w["time"])
+
+
+@needs_sngrep
+def test_demo_with_hep_shows_where_the_ladder_is():
+    r = subprocess.run([sys.executable, "-m", "sipwatch.demo", "--hep", "--seconds", "2", "--rate", "5",
+                        "--hold-ms", "300"], capture_output=True, text=True, cwd=ROOT, timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    # 10 calls of 7 messages, each received and sent by the sidecar, plus 10 call summaries
+    assert "HEP: 150 packets sent to sngrep, 0 dropped" in r.stdout, r.stdout
+    pcap = r.stdout.split("sngrep -I ")[1].split()[0]
+    assert len(udp_rows(pcap, "sip")) == 140
