@@ -44,6 +44,12 @@ as for the proxy (resource role ``capture``). Transaction spans are exported as 
 transactions finish; a call's span waits, like its call summary, until its RTP streams are
 finished (``--rtp-grace``) and then carries their ``rtp.*`` figures (see :mod:`sipwatch.tracing`).
 A captured ``traceparent`` puts the call into the sender's trace (see :mod:`sipwatch.observer`).
+
+HEP: ``--hep-listen udp:IP:PORT`` (or ``tcp:``, repeatable) takes SIP from Kamailio siptrace,
+OpenSIPS, Asterisk or a capture agent instead of (or besides) ``--interface``, into the same
+observer (:mod:`capture.hep_listen`); RTCP JSON reports join their call's ``rtp`` list
+(:mod:`capture.hep_rtcp`). ``--hep-endpoint`` sends every SIP message captured (from either
+source) on to a HEP collector (:mod:`sipwatch.hep_sender`), ``--hep-log`` each call summary too.
 """
 from __future__ import annotations
 

@@ -1,11 +1,12 @@
 """What sending HEP costs the proxy: CPU per forwarded message at a fixed call rate, sidecar
 ``--no-tracing`` with and without ``--hep-endpoint`` (SIPp caller -> sidecar -> SIPp callee).
 
-    python -m tests.bench_hep [--rate 1000] [--duration 10] [--rounds 2]
+    python -m tests.bench_hep [--rate 1000] [--duration 10] [--rounds 2] [--transport udp|tcp]
 
-The collector is a UDP socket this process binds and never reads: the kernel takes every packet
-(and drops it once the buffer is full), so what is measured is the sidecar's side alone: the
-hot-path tap, the encoding and the ``send`` calls in the housekeeping tick. Runs alternate
+The collector is a socket of this process: over UDP one it binds and never reads (the kernel
+takes every packet and drops it once the buffer is full), over TCP a thread that reads and
+discards. What is measured is the sidecar's side alone: the hot-path tap, the encoding and the
+``send`` calls in the housekeeping tick (one per packet over UDP, one per batch over TCP). Runs alternate
 (without, with, without, with, ...) so load from other processes falls on both alike; the last
 line printed is the figures as JSON.
 """
@@ -16,6 +17,7 @@ import json
 import socket
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -25,10 +27,37 @@ import bench_net  # noqa: E402
 from harness import free_port, metric, scrape  # noqa: E402
 
 
-def measure(workdir: Path, rate: int = 1000, duration: float = 10.0, rounds: int = 2) -> dict:
+def _tcp_sink() -> socket.socket:
+    """A listening socket whose connections are read and discarded by a daemon thread."""
+    lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(8)
+
+    def drain(conn):
+        with conn:
+            while conn.recv(1 << 20):
+                pass
+
+    def accept():
+        while True:
+            try:
+                conn, _ = lst.accept()
+            except OSError:
+                return
+            threading.Thread(target=drain, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return lst
+
+
+def measure(workdir: Path, rate: int = 1000, duration: float = 10.0, rounds: int = 2,
+            transport: str = "udp") -> dict:
     """Median CPU µs per message and CPU % without and with HEP, and the HEP sent/dropped counts."""
-    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sink.bind(("127.0.0.1", 0))
+    if transport == "tcp":
+        sink = _tcp_sink()
+    else:
+        sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sink.bind(("127.0.0.1", 0))
     hep_port = sink.getsockname()[1]
     runs: dict[str, list[dict]] = {"without": [], "with": []}
     hep_counts = []
@@ -38,7 +67,7 @@ def measure(workdir: Path, rate: int = 1000, duration: float = 10.0, rounds: int
                 uas_port = free_port()
                 extra = ["--no-tracing"]
                 if mode == "with":
-                    extra += ["--hep-endpoint", f"udp:127.0.0.1:{hep_port}", "--hep-capture-id", "1"]
+                    extra += ["--hep-endpoint", f"{transport}:127.0.0.1:{hep_port}", "--hep-capture-id", "1"]
                 target = bench_net.SidecarTarget(workdir, uas_port, *extra, name=f"sipwatch-hep-{mode}")
                 with target:
                     r = bench_net.sipp_load(workdir, target, uas_port, rate, duration)
@@ -55,9 +84,12 @@ def measure(workdir: Path, rate: int = 1000, duration: float = 10.0, rounds: int
 
     def med(mode, key):
         vals = sorted(r[key] for r in runs[mode] if r[key] is not None)
-        return vals[len(vals) // 2] if vals else None
+        if not vals:
+            return None
+        mid = len(vals) // 2
+        return round(vals[mid] if len(vals) % 2 else (vals[mid - 1] + vals[mid]) / 2, 2)
 
-    out = {"rate": rate, "duration_s": duration, "rounds": rounds,
+    out = {"rate": rate, "duration_s": duration, "rounds": rounds, "transport": transport,
            "cpu_pct_without": med("without", "cpu_pct"), "cpu_pct_with": med("with", "cpu_pct"),
            "us_per_msg_without": med("without", "cpu_us_per_msg"),
            "us_per_msg_with": med("with", "cpu_us_per_msg"),
@@ -74,10 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=int, default=1000)
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--transport", choices=("udp", "tcp"), default="udp")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="sipwatch-bench-hep-") as d:
-        out = measure(Path(d), args.rate, args.duration, args.rounds)
-    print(f"HEP sender at {out['rate']} calls/s: {out.get('us_per_msg_without')} -> "
+        out = measure(Path(d), args.rate, args.duration, args.rounds, args.transport)
+    print(f"HEP sender ({out['transport']}) at {out['rate']} calls/s: {out.get('us_per_msg_without')} -> "
           f"{out.get('us_per_msg_with')} µs CPU per forwarded message "
           f"(+{out.get('hep_us_per_msg')} µs, x{out.get('cpu_ratio')} CPU); HEP {out['hep']}")
     print(json.dumps(out))
