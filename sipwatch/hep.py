@@ -80,7 +80,8 @@ class HepPacket:
 
     @property
     def transport(self) -> str:
-        return "tcp" if self.proto == PROTO_TCP else "udp"
+        """As the observer names it: tcp (TLS senders say TCP too), sctp, else udp."""
+        return "tcp" if self.proto == PROTO_TCP else "sctp" if self.proto == 132 else "udp"
 
     def __repr__(self) -> str:
         return (f"HepPacket(v{self.version} {self.src}->{self.dst} proto={self.proto} "

@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import select
 import socket
+import time
 from collections import deque
 from itertools import islice
 
@@ -96,7 +97,6 @@ class HepSender:
     def __init__(self, endpoint: tuple[str, Addr], capture_id: int = 0, auth_key: bytes = b"",
                  node_name: bytes = b"", local: Addr = ("127.0.0.1", 5060),
                  queue_max: int = QUEUE_MAX, clock=None):
-        import time
         self.transport, self.collector = endpoint
         self.capture_id = capture_id
         self.auth_key = auth_key
@@ -107,6 +107,7 @@ class HepSender:
         self.queue_max = queue_max
         self.clock = clock or time.monotonic
         self.sent = 0
+        self.cpu_seconds = 0.0  # CPU time of this thread spent in flush (encoding and sending)
         self.dropped = dict.fromkeys(DROP_REASONS, 0)
         self.last_error: str | None = None
         self.sock: socket.socket | None = None
@@ -138,9 +139,16 @@ class HepSender:
 
     def flush(self) -> int:
         """Encode and send what is queued; returns packets sent. Never blocks, never raises."""
-        q = self.queue
-        if not q and not self.pending:
+        if not self.queue and not self.pending:
             return 0
+        t0 = time.thread_time()
+        try:
+            return self._flush()
+        finally:
+            self.cpu_seconds += time.thread_time() - t0
+
+    def _flush(self) -> int:
+        q = self.queue
         now = self.clock()
         if not self._ready(now):
             n = len(q)
@@ -305,6 +313,9 @@ class HepSender:
         for r in DROP_REASONS:
             f.add_metric([r], self.dropped[r])
         yield f
+        yield CounterMetricFamily("sipwatch_hep_cpu_seconds", "CPU time the housekeeping tick spent "
+                                  "encoding and sending HEP (the per-message queueing not included).",
+                                  value=self.cpu_seconds)
         yield GaugeMetricFamily("sipwatch_hep_queued", "Messages waiting for the next HEP flush.",
                                 value=len(self.queue) + len(self.pending))
 
