@@ -406,9 +406,11 @@ class ProxyApp:
                 self.errors.report("spans", exc)
             self._span_health()
         s = self.stats
+        hep = {} if self.hep is None else {"hep_sent": self.hep.sent,
+                                           "hep_dropped": sum(self.hep.dropped.values())}
         self.log.info("sipwatch proxy stopped", "stopped", calls=sum(s.calls),
                       parse_errors=s.parse_errors, send_errors=s.send_errors,
-                      internal_errors=dict(s.internal_errors))
+                      internal_errors=dict(s.internal_errors), **hep)
 
 
     async def _flush_spans(self, flush: float):

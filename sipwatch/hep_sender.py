@@ -296,6 +296,10 @@ class HepSender:
         return done
 
     def close(self) -> None:
+        """Stop sending; what is still queued or unwritten is counted as dropped."""
+        self.dropped["collector_down"] += len(self.queue) + len(self.pending)
+        self.queue.clear()
+        self.pending.clear()
         if self.sock is not None:
             try:
                 self.sock.close()
