@@ -33,7 +33,7 @@ loadmodule "siputils.so"
 loadmodule "siptrace.so"
 modparam("siptrace", "duplicate_uri", "sip:127.0.0.1:{hep_port};transport={hep_transport}")
 modparam("siptrace", "hep_mode_on", 1)
-modparam("siptrace", "hep_version", 3)
+modparam("siptrace", "hep_version", {hep_version})
 modparam("siptrace", "hep_capture_id", {capture_id})
 modparam("siptrace", "trace_to_database", 0)
 modparam("siptrace", "trace_on", 1)
@@ -123,11 +123,12 @@ class KamailioSiptrace(Kamailio):
     name = "kamailio-siptrace"
 
     def __init__(self, workdir: Path, upstream_port: int, hep_port: int, capture_id: int = 2002,
-                 hep_transport: str = "udp", auth_key: str = ""):
+                 hep_transport: str = "udp", auth_key: str = "", hep_version: int = 3):
         super().__init__(workdir, upstream_port)
         self.cfg.write_text(SIPTRACE_CFG.format(port=self.port, upstream=upstream_port,
                                                 mpath=kamailio_modules(), hep_port=hep_port,
                                                 capture_id=capture_id, hep_transport=hep_transport,
+                                                hep_version=hep_version,
                                                 auth=f'modparam("siptrace", "auth_key", "{auth_key}")'
                                                 if auth_key else ""))
 

@@ -9,8 +9,12 @@
   Call-ID tshark reads;
 - sidecar -> Kamailio ``sipcapture`` (db_text): the stored rows carry the capture id, the
   correlation id and the payload of every message;
-- Kamailio ``siptrace`` (HEPv3, trace_mode 1) in front of SIPp -> ``sipwatch capture --hep-listen``:
-  calls, outcomes and per-hop RTTs equal what tshark reads from the same calls on the wire;
+- Kamailio ``siptrace`` (trace_mode 1; HEPv3 over UDP with an auth key and over TCP, HEPv2 over
+  UDP) in front of SIPp -> ``sipwatch capture --hep-listen``: the calls, outcomes and
+  transactions tshark reads from the same calls on the wire, with RTTs inside their causal
+  bounds; with a wrong auth key every packet is refused and counted;
+- ``sipwatch capture --interface lo --hep-endpoint`` -> sipcapture: what it captured, with the
+  wire's addresses and its capture timestamps;
 - a dead collector: calls are unaffected and every message is either sent or counted as dropped.
 """
 from __future__ import annotations
@@ -160,9 +164,10 @@ def test_kamailio_sipcapture_stores_what_the_sidecar_sends(tmp_path, transport):
 
 
 @needs_kamailio
-@pytest.mark.parametrize("transport, sender_key, listener_key", [
-    ("udp", "s3cret", "s3cret"), ("tcp", "", ""), ("udp", "s3cret", "wrong")])
-def test_kamailio_siptrace_into_capture_matches_the_wire(tmp_path, transport, sender_key, listener_key):
+@pytest.mark.parametrize("transport, sender_key, listener_key, version", [
+    ("udp", "s3cret", "s3cret", 3), ("tcp", "", "", 3), ("udp", "s3cret", "wrong", 3), ("udp", "", "", 2)])
+def test_kamailio_siptrace_into_capture_matches_the_wire(tmp_path, transport, sender_key, listener_key,
+                                                         version):
     hep_port, uas_port = free_port(), free_port()
     gw_m, sig_m = free_port(), free_port()
     wire = tmp_path / "wire.pcap"
@@ -180,7 +185,7 @@ def test_kamailio_siptrace_into_capture_matches_the_wire(tmp_path, transport, se
                 assert cap.poll() is None and time.monotonic() < deadline, log.read_text()
                 time.sleep(0.05)
             with KamailioSiptrace(tmp_path, uas_port, hep_port, hep_transport=transport,
-                                  auth_key=sender_key) as kam:
+                                  auth_key=sender_key, hep_version=version) as kam:
                 with Dumpcap(wire, f"udp port {kam.port}"):
                     # a plain callee: uas_call insists on the sidecar's traceparent
                     uac_rc, uas_rc, _, _ = run_call_pair(
