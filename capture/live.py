@@ -44,6 +44,12 @@ as for the proxy (resource role ``capture``). Transaction spans are exported as 
 transactions finish; a call's span waits, like its call summary, until its RTP streams are
 finished (``--rtp-grace``) and then carries their ``rtp.*`` figures (see :mod:`sipwatch.tracing`).
 A captured ``traceparent`` puts the call into the sender's trace (see :mod:`sipwatch.observer`).
+
+HEP: ``--hep-listen udp:IP:PORT`` (or ``tcp:``, repeatable) takes SIP from Kamailio siptrace,
+OpenSIPS, Asterisk or a capture agent instead of (or besides) ``--interface``, into the same
+observer (:mod:`capture.hep_listen`); RTCP JSON reports join their call's ``rtp`` list
+(:mod:`capture.hep_rtcp`). ``--hep-endpoint`` sends every SIP message captured (from either
+source) on to a HEP collector (:mod:`sipwatch.hep_sender`), ``--hep-log`` each call summary too.
 """
 from __future__ import annotations
 
@@ -58,6 +64,8 @@ from collections import deque
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from sipwatch.hep_sender import (EndpointError, HepSender, add_hep_arguments, hep_options,
+                                 parse_endpoint, summary_record)
 from sipwatch.metrics import Metrics, _fmt_le, serve_metrics
 from sipwatch.observer import Observer
 from sipwatch.logs import JsonLog
@@ -67,6 +75,8 @@ from sipwatch.stats import Stats
 from sipwatch.tracing import SpanPipeline, add_otlp_arguments, rtp_figures
 
 from .analyze import _size
+from .hep_listen import HepReceiver
+from .hep_rtcp import RtcpReports
 from .pcapfile import KEEPALIVE_MAX, MAX_SIP_MESSAGE, Decoder, is_sip_keepalive
 
 Addr = tuple[str, int]
@@ -289,6 +299,15 @@ class LiveCapture:
         self.packets = 0
         self.undecoded_logged = 0
         self.undecoded_kinds_logged: set = set()
+        self.feed = self.observer.feed  # every SIP message captured goes here
+        self.hep: HepSender | None = None  # HEP copies of what is captured (--hep-endpoint)
+        self.hep_log = False
+        self.rtcp = RtcpReports()  # RTCP reports received as HEP type 5, per call
+
+    def feed_and_send(self, payload: bytes, src, dst, ts: float, transport: str = "udp") -> bool:
+        """Observer, plus a HEP copy (set as ``feed`` when there is a --hep-endpoint)."""
+        self.hep.tap(payload, src, dst, ts, transport)
+        return self.observer.feed(payload, src, dst, ts, transport)
 
     async def start(self) -> None:
         args = ["dumpcap", "-q", "-P", "-i", self.interface, "-w", "-"]
@@ -314,7 +333,7 @@ class LiveCapture:
         end, div = PCAP_MAGIC[head[:4]]
         linktype = struct.unpack_from(end + "I", head, 20)[0] & 0x0FFFFFFF
         rec = struct.Struct(end + "IIII").unpack
-        feed, frame = self.observer.feed, self.decoder.frame
+        feed, frame = self.feed, self.decoder.frame
         rtp = self.rtp.analyzer.feed
         stats = self.observer.stats
         while True:
@@ -358,6 +377,8 @@ class LiveCapture:
                 self.log.warning("frames not decoded: SIP inside them is not counted",
                                  "capture_undecoded", frames=undecoded, types=dict(kinds))
             self.undecoded_logged = undecoded
+        if self.hep is not None:
+            self.hep.flush()
 
     def finish(self) -> None:
         """Capture stopped: finish every RTP stream and log the calls still in their grace."""
@@ -366,8 +387,13 @@ class LiveCapture:
     def _summaries(self, ended: list) -> None:
         calls = []
         for call, streams in ended:
+            if self.rtcp.by_call:
+                streams = streams + self.rtcp.take(call.call_id)
             if call.is_call:
                 self.log.call_summary(call, streams)
+                if self.hep is not None and self.hep_log:
+                    self.hep.call_summary(call.call_id, summary_record(call, self.log.mask_mode),
+                                          time.time())
                 if streams or call.t_answer is not None:
                     call.rtp = rtp_figures((r["packets"], r["lost"], r["jitter_max_ms"], r["mos"])
                                            for r in streams)
@@ -394,6 +420,30 @@ async def _run(args) -> int:
                      args.timer_b, rtp, spans=spans, stats=stats, timer_c=args.timer_c,
                      log=JsonLog("sipwatch-capture", mask_mode=args.mask_numbers))
     lc.decoder.max_sip_message = args.max_sip_message
+    try:
+        hep = hep_options(lambda name, default=None: (getattr(args, name.replace("-", "_")) or default,
+                                                      "--" + name),
+                          lambda name: getattr(args, name.replace("-", "_")))
+        listens = [parse_endpoint(x, "--hep-listen") for x in args.hep_listen]
+    except EndpointError as exc:
+        sys.stderr.write(f"sipwatch capture: error: {exc}\n")
+        return 2
+    if hep["hep_endpoint"] is not None:
+        lc.hep = HepSender(hep["hep_endpoint"], hep["hep_capture_id"], hep["hep_auth_key"],
+                           hep["hep_node_name"])
+        lc.hep_log = hep["hep_log"]
+        lc.feed = lc.feed_and_send
+        lc.metrics.gateway.register(lc.hep)
+    receiver = None
+    if listens:
+        receiver = HepReceiver(lc.feed, hep["hep_auth_key"], on_rtcp=lc.rtcp.add)
+        lc.metrics.gateway.register(receiver)
+        try:
+            for proto, addr in listens:
+                await receiver.listen(proto, addr)
+        except OSError as exc:
+            sys.stderr.write(f"sipwatch capture: --hep-listen: {exc}\n")
+            return 1
     servers = []
     for reg, spec in ((lc.metrics.gateway, args.gateway_metrics), (lc.metrics.signaling, args.signaling_metrics)):
         if spec != "off":
@@ -403,14 +453,17 @@ async def _run(args) -> int:
     loop = asyncio.get_running_loop()
     for s in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(s, stop.set)
-    try:
-        await lc.start()
-    except (RuntimeError, OSError) as exc:
-        sys.stderr.write(f"sipwatch capture: {exc}\n")
-        return 1
+    if args.interface:
+        try:
+            await lc.start()
+        except (RuntimeError, OSError) as exc:
+            sys.stderr.write(f"sipwatch capture: {exc}\n")
+            return 1
     log = lc.log
-    log.info("capture started", "capturing", interface=args.interface, bpf=args.bpf)
-    reader = asyncio.create_task(lc.read())
+    log.info("capture started", "capturing", interface=args.interface, bpf=args.bpf,
+             hep_listen=args.hep_listen, hep_endpoint=args.hep_endpoint)
+    # HEP only: nothing to read from dumpcap, the receiver runs until the stop signal
+    reader = asyncio.create_task(lc.read() if args.interface else asyncio.Event().wait())
     stopper = asyncio.create_task(stop.wait())
     rc = 0
     while True:
@@ -424,13 +477,20 @@ async def _run(args) -> int:
             sys.stderr.write(f"sipwatch capture: capture ended: {err}\n")
             break
     await lc.stop()
-    if not reader.done():
+    if not args.interface:
+        reader.cancel()
+    elif not reader.done():
         try:
             await asyncio.wait_for(reader, 2)  # what dumpcap flushed before exiting
         except asyncio.TimeoutError:
             reader.cancel()
+    if receiver is not None:
+        receiver.close()
     lc.housekeeping()
     lc.finish()
+    if lc.hep is not None:
+        lc.hep.flush()
+        lc.hep.close()
     if spans is not None:
         spans.shutdown()
     for srv in servers:
@@ -444,7 +504,11 @@ async def _run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="sipwatch capture", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--interface", "-i", required=True)
+    ap.add_argument("--interface", "-i", default=None,
+                    help="interface to capture on (dumpcap); may be left out with --hep-listen")
+    ap.add_argument("--hep-listen", action="append", default=[], metavar="udp:IP:PORT|tcp:IP:PORT",
+                    help="receive HEPv2/v3 here (Kamailio siptrace, OpenSIPS, Asterisk, agents); "
+                         "repeatable; --hep-auth-key, when set, must match")
     ap.add_argument("--bpf", default="udp", help="capture filter (default %(default)r)")
     ap.add_argument("--signaling", default=None,
                     help="sip-signaling HOST:PORT: its messages are labelled from_signaling")
@@ -466,7 +530,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="largest SIP message framed over TCP (default 1 MiB); larger ones are skipped "
                          "and counted")
     add_otlp_arguments(ap)
+    add_hep_arguments(ap)
     args = ap.parse_args(argv)
+    if not args.interface and not args.hep_listen:
+        ap.error("give --interface or --hep-listen (or both)")
     try:
         return asyncio.run(_run(args))
     except KeyboardInterrupt:

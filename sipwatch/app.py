@@ -24,6 +24,7 @@ import threading
 
 from .config import ProxySettings
 from .gcpolicy import GcPolicy
+from .hep_sender import sender_for_proxy, summary_record
 from .core import CoreConfig, ProxyCore
 from .logs import ErrorReporter, JsonLog
 from .masking import CallIdMasker
@@ -91,6 +92,10 @@ class ProxyApp:
         self._stop = asyncio.Event()
         self._servers: list = []
         self.edge = UdpEdge(self.core, self.clock)
+        self.hep = sender_for_proxy(settings)  # HEP copies of every message, or None
+        if self.hep is not None:
+            self.edge.wiretap = self.hep.tap
+            self.metrics.gateway.register(self.hep)
         self.gc = GcPolicy(on_deep=self._gc_deep)
         self._send_errors_logged = 0
         # drain state
@@ -128,7 +133,9 @@ class ProxyApp:
                       timer_c=getattr(s, "timer_c", 180.0),
                       allow_next_hop=[str(n) for n in getattr(s, "allow_next_hop", ())],
                       mask_call_id=self.call_id_mask.mode,
-                      secret="set" if getattr(s, "secret", b"") else "random")
+                      secret="set" if getattr(s, "secret", b"") else "random",
+                      hep_endpoint=None if self.hep is None
+                      else f"{self.hep.transport}:{self.hep.collector[0]}:{self.hep.collector[1]}")
         self.gc.start()
         if not getattr(s, "secret", b""):
             self.log.warning(
@@ -171,6 +178,12 @@ class ProxyApp:
                 except Exception as exc:  # noqa: BLE001
                     report("log", exc)
                     self._minimal_summary(obj, exc)
+                if self.hep is not None and self.settings.hep_log:
+                    try:
+                        self.hep.call_summary(obj.call_id, summary_record(
+                            obj, self.settings.mask_numbers, self.call_id_mask), self.clock())
+                    except Exception as exc:  # noqa: BLE001
+                        report("log", exc)
                 try:
                     obj.let_go()  # the summary was the last reader of its transaction list
                 except Exception as exc:  # noqa: BLE001
@@ -184,6 +197,11 @@ class ProxyApp:
             self.gc.tick()
         except Exception as exc:  # noqa: BLE001
             report("tick", exc)
+        if self.hep is not None:
+            try:
+                self.hep.flush()
+            except Exception as exc:  # noqa: BLE001
+                report("send", exc)
         self.log.deferred = False
         try:
             self.log.flush()  # the tick's lines in one write
@@ -365,6 +383,8 @@ class ProxyApp:
         except Exception as exc:  # noqa: BLE001
             self.errors.report("tick", exc)
         self.tick()  # summaries of the calls just ended
+        if self.hep is not None:
+            self.hep.close()
         if self.draining or self._hard_stop:
             self.log.info("drain finished", "drain_finished", reason=self._stop_reason,
                           duration_s=round(now - self._drain_started, 3),
@@ -386,9 +406,11 @@ class ProxyApp:
                 self.errors.report("spans", exc)
             self._span_health()
         s = self.stats
+        hep = {} if self.hep is None else {"hep_sent": self.hep.sent,
+                                           "hep_dropped": sum(self.hep.dropped.values())}
         self.log.info("sipwatch proxy stopped", "stopped", calls=sum(s.calls),
                       parse_errors=s.parse_errors, send_errors=s.send_errors,
-                      internal_errors=dict(s.internal_errors))
+                      internal_errors=dict(s.internal_errors), **hep)
 
 
     async def _flush_spans(self, flush: float):

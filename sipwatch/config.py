@@ -12,6 +12,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 
+from .hep_sender import EndpointError, add_hep_arguments, hep_options
 from .masking import CALL_ID_MODES, MODES as MASK_MODES, default_call_id_mode
 
 Addr = tuple[str, int]
@@ -96,6 +97,12 @@ class ProxySettings:
     drain_timeout: float = 25.0
     timer_c: float = 180.0
     mask_call_id: str = "digits"
+    # HEP output (sipwatch.hep_sender): ("udp"|"tcp", (ip, port)) or None
+    hep_endpoint: tuple | None = None
+    hep_capture_id: int = 0
+    hep_auth_key: bytes = field(default=b"", repr=False)
+    hep_node_name: bytes = b""
+    hep_log: bool = False
 
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -139,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--secret-file", help="read the key from this file (surrounding whitespace stripped)")
     a("--drain-timeout", help="on SIGTERM, seconds to keep forwarding in-dialog requests until calls end (default 25); a second SIGTERM stops at once")
     a("--timer-c", help="seconds an INVITE may ring after a provisional response before it counts as timed out (RFC 3261 Timer C, default 180)")
+    add_hep_arguments(p)
     return p
 
 
@@ -233,6 +241,10 @@ def settings_from(argv: list[str] | None = None, env=None) -> ProxySettings:
     timer_c = _number(*get("timer-c", 180.0), minimum=1)
     if timer_c > 86400:
         raise ConfigError(f"--timer-c: {timer_c!r} is more than a day")
+    try:
+        hep = hep_options(get, flag)
+    except EndpointError as exc:
+        raise ConfigError(str(exc)) from None
     return ProxySettings(
         listen=listen, upstream=upstream, advertise=advertise, gateway_metrics=gw,
         signaling_metrics=sig, trace_header=header, record_route=not flag("no-record-route"),
@@ -240,7 +252,7 @@ def settings_from(argv: list[str] | None = None, env=None) -> ProxySettings:
         max_call_duration=max_dur, service_name=service, log_level=level,
         tracing=not flag("no-tracing"), otlp_endpoint=ep, otlp_protocol=proto,
         sample_ratio=ratio, spans_file=spans_file, allow_next_hop=allow, secret=secret,
-        drain_timeout=drain, timer_c=timer_c, mask_call_id=cid_mode,
+        drain_timeout=drain, timer_c=timer_c, mask_call_id=cid_mode, **hep,
     )
 
 

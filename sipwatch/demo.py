@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=10.0, help="new calls per second (default 10)")
     p.add_argument("--answer-delay-ms", type=int, default=40, help="callee's delay before answering an INVITE")
     p.add_argument("--hold-ms", type=int, default=2000, help="how long each call stays up before BYE")
+    p.add_argument("--hep", action="store_true",
+                   help="also send every message as HEP to sngrep (Homer's format), to see the ladder there")
     args = p.parse_args(argv)
     if shutil.which("sipp") is None:
         sys.stderr.write("sipwatch demo: SIPp is not installed (Debian/Ubuntu: apt-get install sip-tester)\n")
@@ -123,11 +125,23 @@ def main(argv: list[str] | None = None) -> int:
         procs.append(proc)
         return proc
 
+    hep_args, hep_pcap = [], work / "hep.pcap"
+    if args.hep:
+        if shutil.which("sngrep") is None:
+            sys.stderr.write("sipwatch demo: --hep needs sngrep (Debian/Ubuntu: apt-get install sngrep)\n")
+            return 2
+        hep_port = free_port()
+        hep_args = ["--hep-endpoint", f"udp:127.0.0.1:{hep_port}", "--hep-capture-id", "2001", "--hep-log"]
     print(f"sipwatch demo: {calls} calls at {args.rate:g}/s through the sidecar on 127.0.0.1:{sidecar_port}")
     print(f"  metrics: http://127.0.0.1:{gw_metrics}/metrics (gateway side), "
           f"http://127.0.0.1:{sig_metrics}/metrics (signaling side); files in {work}")
     try:
         env = dict(os.environ)
+        if args.hep:
+            # sngrep as the HEP collector (as Homer's heplify-server would be), writing a pcap
+            sngrep = start(["sngrep", "-N", "-q", "-F", "-L", f"udp:127.0.0.1:{hep_port}", "-O", str(hep_pcap)],
+                  "sngrep")
+            print(f"  HEP: every message the sidecar receives and sends goes to sngrep on udp:127.0.0.1:{hep_port}")
         sidecar = start([sys.executable, "-m", "sipwatch", "proxy",
                          "--listen", f"127.0.0.1:{sidecar_port}",
                          "--upstream", f"127.0.0.1:{uas_port}",
@@ -135,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                          "--signaling-metrics", f"127.0.0.1:{sig_metrics}",
                          "--spans-file", str(spans_file),
                          # the demo's calls are over when it stops it: no need to wait 25 s
-                         "--drain-timeout", "3"], "sidecar", env=env)
+                         "--drain-timeout", "3", *hep_args], "sidecar", env=env)
         deadline = time.monotonic() + 15
         while True:
             try:
@@ -188,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         sidecar.send_signal(signal.SIGTERM)
         sidecar.wait(15)
         report(gw, sig, work, spans_file, calls, caller.returncode)
+        if args.hep:
+            hep_report(sngrep, gw, hep_pcap)
         return 0 if caller.returncode == 0 else 1
     except KeyboardInterrupt:
         return 130
@@ -196,6 +212,24 @@ def main(argv: list[str] | None = None) -> int:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def hep_report(sngrep: subprocess.Popen, gw: str, pcap: Path) -> None:
+    """Stop sngrep (it writes its pcap on SIGINT) and say where the ladder is."""
+    sngrep.send_signal(signal.SIGINT)
+    try:
+        sngrep.wait(10)
+    except subprocess.TimeoutExpired:
+        sngrep.kill()
+    sent = sum(s.value for f in text_string_to_metric_families(gw) if f.name == "sipwatch_hep_sent"
+               for s in f.samples if s.name.endswith("_total"))
+    dropped = sum(s.value for f in text_string_to_metric_families(gw) if f.name == "sipwatch_hep_dropped"
+                  for s in f.samples if s.name.endswith("_total"))
+    print(f"\nHEP: {int(sent)} packets sent to sngrep, {int(dropped)} dropped "
+          f"(sipwatch_hep_sent_total, sipwatch_hep_dropped_total)")
+    print(f"  the ladder of every call, as sngrep received it:  sngrep -I {pcap}")
+    print("  (select a call and press Enter; live, point --hep-endpoint at a running "
+          "`sngrep -L udp:0.0.0.0:9060`, or at Homer's heplify-server)")
 
 
 def report(gw: str, sig: str, work: Path, spans_file: Path, calls: int, caller_rc) -> None:

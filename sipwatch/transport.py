@@ -49,11 +49,20 @@ class UdpEdge:
         self._socks: list[socket.socket] = []
         self.guard: OverloadGuard | None = None
         self._watch: asyncio.TimerHandle | None = None
+        # wiretap(payload, src, dst, ts), if set, sees every datagram received and every one
+        # sent (None for this proxy's own address); it must only queue (the HEP sender)
+        self.wiretap = None
 
     def handle(self, data: bytes, addr) -> None:
         # IPv4 source addresses already are (host, port); IPv6 ones carry flowinfo/scope too
         src = addr if type(addr) is tuple and len(addr) == 2 else (addr[0], addr[1])
-        out = self._receive(data, src, self.clock())
+        now = self.clock()
+        out = self._receive(data, src, now)
+        tap = self.wiretap
+        if tap is not None:
+            tap(data, src, None, now)
+            for payload, dest in out:
+                tap(payload, None, dest, now)
         for payload, dest in out:
             try:
                 if dest == self.upstream:

@@ -13,5 +13,12 @@ d=$(mktemp -d); mkdir "$d/corpus"
   -artifact_prefix=tests/fuzz/artifacts/ "$d/corpus" tests/fuzz/seeds >"$d/log" 2>&1
 rc=$?
 if [ $rc -eq 0 ]; then grep '^stat::' "$d/log" | tr '\n' ' '; echo; else tail -40 "$d/log"; fi
+if [ $rc -eq 0 ]; then  # the HEP decoder and receiver (tests/fuzz/hep_target.py)
+  mkdir "$d/hep"
+  "$py" tests/fuzz/fuzz_hep.py -seed=1 -runs="$runs" -print_final_stats=1 \
+    -artifact_prefix=tests/fuzz/artifacts/ "$d/hep" tests/fuzz/hep_seeds >"$d/log" 2>&1
+  rc=$?
+  if [ $rc -eq 0 ]; then echo "hep: $(grep '^stat::' "$d/log" | tr '\n' ' ')"; else tail -40 "$d/log"; fi
+fi
 rm -rf "$d"
 exit $rc

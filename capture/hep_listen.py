@@ -1,0 +1,156 @@
+"""``sipwatch capture --hep-listen udp:IP:PORT`` (or ``tcp:``): HEP from Kamailio ``siptrace``,
+OpenSIPS ``proto_hep``, Asterisk ``res_hep``, FreeSWITCH or a capture agent, fed into the same
+observer as a mirror port, so metrics, call summaries, RTTs and spans come out the same.
+
+Why: behind a SIP server that already traces (and for SIP over TLS, which no mirror port can
+read) HEP is how the messages leave the box. Each SIP packet (payload type 1) goes to
+``Observer.feed`` with the addresses, ports, transport and timestamp its sender recorded.
+
+Every packet is hostile: :func:`sipwatch.hep.parse_hep` checks every length and never raises;
+what it refuses is counted in ``sipwatch_hep_rejected_total{reason}``, as are packets whose auth
+key does not match ``--hep-auth-key`` (compared in constant time) and payload types other than
+SIP and RTCP JSON (``unsupported_type``; logs, type 100, are counted there). RTCP JSON reports
+(type 5) go to ``on_rtcp(correlation id, payload)``, which ties them to their call
+(:mod:`capture.hep_rtcp`).
+Over TCP, packets are framed by the HEPv3 length field; a stream that is not HEPv3, or whose
+packet would exceed 65535 bytes, is closed and counted. At most :data:`MAX_TCP_CONNECTIONS`
+connections are served at once (more are refused and counted), each with a read buffer of one
+packet, and a connection that sends nothing for :data:`TCP_IDLE` seconds is closed.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import socket
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from sipwatch.hep import (MAX_HEP, REASONS, TYPE_RTCP_JSON, TYPE_SIP, HepPacket, hep3_frame_length,
+                          parse_hep)
+
+MAX_TCP_CONNECTIONS = 256
+TCP_IDLE = 300.0  # seconds; senders keep a HEP connection open and idle between calls
+REJECT_REASONS = REASONS + ("auth", "unsupported_type", "tcp_framing", "tcp_connections")
+
+
+class HepReceiver:
+    """Decodes HEP and hands SIP to ``feed(payload, src, dst, ts, transport)``. A collector too."""
+
+    def __init__(self, feed, auth_key: bytes = b"", on_packet=None, on_rtcp=None):
+        self.feed = feed
+        self.on_rtcp = on_rtcp  # callable(correlation_id, json payload) for HEP type 5
+        self.auth_key = auth_key
+        self.on_packet = on_packet  # optional callable(HepPacket) for every accepted packet
+        self.received = 0  # SIP packets accepted
+        self.rtcp_received = 0  # RTCP JSON packets accepted
+        self.rejected = dict.fromkeys(REJECT_REASONS, 0)
+        self.by_type: dict[int, int] = {}
+        self.connections = 0
+        self.servers: list = []
+        self.transports: list = []
+
+    # -- one packet --------------------------------------------------------------------------
+    def packet(self, data: bytes) -> None:
+        """One HEP packet from the network. Never raises."""
+        r = parse_hep(data)
+        if type(r) is not HepPacket:
+            self.rejected[r if r in self.rejected else "bad_chunk"] += 1
+            return
+        if self.auth_key and (r.auth_key is None or not hmac.compare_digest(r.auth_key, self.auth_key)):
+            self.rejected["auth"] += 1
+            return
+        if r.payload_type != TYPE_SIP:
+            if r.payload_type == TYPE_RTCP_JSON and self.on_rtcp is not None:
+                self.rtcp_received += 1
+                try:
+                    self.on_rtcp(r.correlation_id, r.payload)
+                except Exception:  # noqa: BLE001  (a bug guard: the store counts bad JSON itself)
+                    self.rejected["bad_payload"] += 1
+                return
+            self.rejected["unsupported_type"] += 1
+            return
+        self.received += 1
+        try:
+            if self.on_packet is not None:
+                self.on_packet(r)
+            self.feed(r.payload, r.src, r.dst, r.ts, r.transport)
+        except Exception:  # noqa: BLE001  (the observer counts what it cannot read; this is a bug guard)
+            self.rejected["bad_chunk"] += 1
+
+    # -- sockets -----------------------------------------------------------------------------
+    async def listen(self, transport: str, addr: tuple[str, int]) -> None:
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
+        if transport == "udp":
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            except OSError:
+                pass
+            sock.bind(addr)
+            sock.setblocking(False)
+            tx, _ = await loop.create_datagram_endpoint(lambda: _HepDatagrams(self), sock=sock)
+            self.transports.append(tx)
+        else:
+            self.servers.append(await asyncio.start_server(self._stream, addr[0], addr[1],
+                                                           family=family, reuse_address=True))
+
+    async def _stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.connections >= MAX_TCP_CONNECTIONS:
+            self.rejected["tcp_connections"] += 1
+            writer.close()
+            return
+        self.connections += 1
+        try:
+            while True:
+                head = await asyncio.wait_for(reader.readexactly(6), TCP_IDLE)
+                n = hep3_frame_length(head)
+                if n is None or n > MAX_HEP:
+                    self.rejected["tcp_framing"] += 1
+                    return
+                rest = await asyncio.wait_for(reader.readexactly(n - 6), TCP_IDLE)
+                self.packet(head + rest)
+        except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError, OSError):
+            return
+        finally:
+            self.connections -= 1
+            try:
+                writer.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+    def close(self) -> None:
+        for t in self.transports:
+            t.close()
+        for s in self.servers:
+            s.close()
+
+    # -- metrics -----------------------------------------------------------------------------
+    def collect(self):
+        f = CounterMetricFamily("sipwatch_hep_received", "HEP packets accepted (--hep-listen): SIP "
+                                "fed to the observer, RTCP JSON reports tied to their call.",
+                                labels=["payload_type"])
+        f.add_metric(["sip"], self.received)
+        f.add_metric(["rtcp_json"], self.rtcp_received)
+        yield f
+        f = CounterMetricFamily("sipwatch_hep_rejected", "HEP packets (or TCP streams) refused, by "
+                                "reason.", labels=["reason"])
+        for r in REJECT_REASONS:
+            f.add_metric([r], self.rejected[r])
+        yield f
+        yield GaugeMetricFamily("sipwatch_hep_connections", "HEP TCP connections open.",
+                                value=self.connections)
+
+
+class _HepDatagrams(asyncio.DatagramProtocol):
+    def __init__(self, receiver: HepReceiver):
+        self.receiver = receiver
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        self.receiver.packet(data)
+
+    def error_received(self, exc: Exception) -> None:
+        pass
+
+
+__all__ = ["HepReceiver", "REJECT_REASONS", "MAX_TCP_CONNECTIONS"]
