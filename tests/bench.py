@@ -27,6 +27,8 @@ Sections (default: all but throughput, tracing and flood):
   throughput      (older) fixed-rate runs of the sidecar vs the relay and Kamailio.
   tracing         (older) spans to OTLP/file vs --no-tracing, and with the OTLP backend down/hung.
   flood           unanswered INVITEs, each a new call: RSS levels off at the state caps.
+  hep             CPU per forwarded message with and without ``--hep-endpoint`` (HEP v3 copies of every
+                  message to a local collector) at 1000 calls/s (tests/bench_hep.py).
   analyze         ``sipwatch analyze`` vs ``tshark -q -z sip,stat`` on one all-SIP capture (about
                   28,000 frames of recorded SIPp calls), whole processes: CPU user+sys and wall,
                   median of 5 (``--quick``: 1) after a warm-up run (tests/bench_analyze.py).
@@ -61,8 +63,8 @@ import bench_net  # noqa: E402
 from harness import HAVE_SIPP, free_port, metric  # noqa: E402
 
 SECTIONS = ("micro", "latency", "ladder", "overload", "loaded_latency", "profile", "throughput", "tracing",
-            "flood", "analyze")
-DEFAULT_SECTIONS = ("micro", "latency", "ladder", "overload", "loaded_latency", "profile", "analyze")
+            "flood", "analyze", "hep")
+DEFAULT_SECTIONS = ("micro", "latency", "ladder", "overload", "loaded_latency", "profile", "analyze", "hep")
 DEFAULT_RATES = "300,1000,2000,3000,4000,5000,6500"
 # The four targets of issue 10, in display order: key → display name.
 TARGETS = {"kamailio": "kamailio", "relay": "uvloop relay", "notrace": "sipwatch --no-tracing",
@@ -1002,8 +1004,8 @@ def main(argv=None) -> int:
     BUDGET = Budget(a.budget)
     keys = available_targets(a.targets)
     result["args"]["targets"] = keys
-    sipp_sections = [x for x in ("ladder", "overload", "loaded_latency", "profile", "throughput", "tracing")
-                     if x in a.only]
+    sipp_sections = [x for x in ("ladder", "overload", "loaded_latency", "profile", "throughput", "tracing",
+                                 "hep") if x in a.only]
     with tempfile.TemporaryDirectory(prefix="sipwatch-bench-") as tmp, ExitStack() as stack:
         workdir = Path(tmp)
         features = None
@@ -1038,6 +1040,11 @@ def main(argv=None) -> int:
             if "profile" in a.only:
                 _progress("profile ...")
                 result["profile"] = section_profile(workdir, a.profile_rate, a.profile_seconds, features)
+            if "hep" in a.only:
+                _progress("HEP sender cost ...")
+                import bench_hep
+                result["hep"] = bench_hep.measure(workdir, rate=1000, duration=a.duration,
+                                                  rounds=1 if a.quick else 2)
             if "throughput" in a.only:
                 result["throughput"] = section_throughput(workdir, a.rates, a.duration, a.repeat)
             if "tracing" in a.only:
