@@ -56,7 +56,8 @@ def _mask_digits(s: str) -> str:
         return s.translate(_STARS)
     # the cut: just before the non-digits that precede the fourth digit from the end, which is
     # just after the digit that leaves four (one C-level match over the reversed text)
-    cut = len(s) - _LAST_FOUR.match(s[::-1]).end()
+    m = _LAST_FOUR.match(s[::-1])  # (always matches here: there are more than four digits)
+    cut = len(s) - (m.end() if m is not None else 0)
     return s[:cut].translate(_STARS) + s[cut:]
 
 
