@@ -18,13 +18,19 @@ see (``inner_ms``: first request copy received → response sent, on the answeri
 proxy between the sockets measures lies between the two, however loaded the machine is; see
 :meth:`Replayer.summary`.
 
+SIP over TCP in the capture is replayed over TCP (``--transport auto``, the default): the gateway
+side connects to the sidecar, and the signaling side listens on ``--bind`` for TCP as well as UDP,
+answering on whichever the sidecar used (so the sidecar's ``--upstream`` may be ``udp:`` or
+``tcp:``). Messages read off a connection are framed as the sidecar frames them
+(:mod:`sipwatch.framing`).
+
 Rewrites (the rest of each message is sent as recorded): a request's Via becomes one Via naming
-the socket that sends it (over UDP); a response carries the Via and Record-Route lines of the
+the socket that sends it (with its transport); a response carries the Via and Record-Route lines of the
 request as it really arrived (so it routes back through the sidecar); in-dialog requests get
 the route set learned from Record-Route in this replay instead of the recorded Route lines; a
 signaling-side request addressed to the recorded gateway is addressed to the gateway socket.
 
-Limits: SIP only (RTP is not replayed); TCP captures are replayed over UDP; only the hop between
+Limits: SIP only (RTP is not replayed); only the hop between
 the gateway and its peer is played (other hops in the capture are ignored); a sidecar that
 drops or invents messages makes the replay wait, then report what never arrived. Exit status 1
 if any recorded message never arrived at its receiving end, 2 on usage errors.
@@ -40,6 +46,7 @@ import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
+from sipwatch.framing import StreamFramer
 from sipwatch.sipmsg import SipMessage, SipParseError, header_tag, parse, split_values, uri_hostport
 
 from .pcapfile import read_packets
@@ -77,6 +84,7 @@ class Conversation:
     recs: list[Rec]
     gateway: Addr
     peer: set = field(default_factory=set)
+    transport: str = "udp"  # what the gateway's first request was captured on
 
 
 def _key(msg: SipMessage) -> tuple:
@@ -120,6 +128,7 @@ def load(path: str, gateway: str | None = None) -> Conversation:
     else:
         gw = next(p.src for p, m, _ in msgs if m.method is not None)
     conv = Conversation([], gw)
+    conv.transport = next((p.transport for p, m, _ in msgs if p.src == gw and m.method is not None), "udp")
     last_received: dict[tuple[int, bytes], int] = {}
     for p, msg, key in msgs:
         if p.src == gw:
@@ -139,17 +148,39 @@ def load(path: str, gateway: str | None = None) -> Conversation:
 
 class Replayer:
     def __init__(self, conv: Conversation, to: Addr, bind: Addr, speed: float = 1.0,
-                 gateway_bind: Addr | None = None, grace: float = 3.0):
+                 gateway_bind: Addr | None = None, grace: float = 3.0, transport: str = "udp"):
         self.conv = conv
         self.to = to
         self.speed = speed
         self.grace = grace
+        self.tcp = transport == "tcp"
         self.socks = []
         for addr in (gateway_bind or (bind[0], 0), bind):
             s = socket.socket(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET, socket.SOCK_DGRAM)
             s.bind(addr)
             s.setblocking(False)
             self.socks.append(s)
+        # over TCP: the gateway side's connection to the sidecar, and the signaling side's
+        # listener (beside its UDP socket); conn[side] is where that side's messages go (None: UDP)
+        self.conn: list[socket.socket | None] = [None, None]
+        self.listener: socket.socket | None = None
+        self.streams: dict[socket.socket, tuple[int, StreamFramer, Addr]] = {}
+        if self.tcp:
+            fam = socket.AF_INET6 if ":" in to[0] else socket.AF_INET
+            gw = socket.socket(fam, socket.SOCK_STREAM)
+            gw.bind(gateway_bind or (bind[0], 0))
+            gw.connect(to)
+            gw.setblocking(False)
+            self.socks[GW].close()
+            self.socks[GW] = gw
+            self.conn[GW] = gw
+            self.streams[gw] = (GW, StreamFramer(), to)
+            lst = socket.socket(socket.AF_INET6 if ":" in bind[0] else socket.AF_INET, socket.SOCK_STREAM)
+            lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            lst.bind(bind)
+            lst.listen(16)
+            lst.setblocking(False)
+            self.listener = lst
         self.addr = [s.getsockname()[:2] for s in self.socks]
         self.reply_to: list[Addr] = [to, to]  # where each side's messages go (learned on arrival)
         # expected arrivals per receiving side and key, in recorded order
@@ -162,7 +193,7 @@ class Replayer:
         self.send_errors = 0
 
     def close(self) -> None:
-        for s in self.socks:
+        for s in {*self.socks, *self.streams, *([self.listener] if self.listener else [])}:
             s.close()
 
     # -- rewriting ----------------------------------------------------------------------
@@ -178,7 +209,8 @@ class Replayer:
             params = top[top.find(b";"):] if b";" in top else b""
             params = b";".join(p for p in params.split(b";")
                                if not p.lower().startswith((b"received", b"rport")))
-            new_via = b"Via: SIP/2.0/UDP %s:%d%s;rport" % (host.encode(), port, params)
+            proto = b"TCP" if self.conn[side] is not None else b"UDP"
+            new_via = b"Via: SIP/2.0/%s %s:%d%s;rport" % (proto, host.encode(), port, params)
             keep = [(ln, n) for ln, n in zip(lines, names) if n not in (b"via", b"route")]
             lines[:] = [new_via] + [ln for ln, _ in keep]
             names[:] = [b"via"] + [n for _, n in keep]
@@ -248,6 +280,8 @@ class Replayer:
         sel = selectors.DefaultSelector()
         for side, s in enumerate(self.socks):
             sel.register(s, selectors.EVENT_READ, side)
+        if self.listener is not None:
+            sel.register(self.listener, selectors.EVENT_READ, "accept")
         start = time.monotonic()
         deadline = start + (recs[-1].ts - t0) / self.speed + self.grace
         while True:
@@ -279,6 +313,9 @@ class Replayer:
             # a millisecond or two, which would show up in every replayed RTT
             for k, _ in sel.select(min(max(timeout, 0.0), 0.05)):
                 side = k.data
+                if side == "accept" or k.fileobj in self.streams:
+                    self._stream_ready(sel, k.fileobj)
+                    continue
                 while True:
                     try:
                         data, src = k.fileobj.recvfrom(65535)
@@ -291,12 +328,52 @@ class Replayer:
             # sends that became due late still leave as soon as possible; the delay is reported
         sel.close()
 
+    def _stream_ready(self, sel, sock) -> None:
+        """Accept the sidecar's connection to the signaling side, or read one that has data."""
+        if sock is self.listener:
+            try:
+                conn, peer = sock.accept()
+            except OSError:
+                return
+            conn.setblocking(False)
+            self.streams[conn] = (SIG, StreamFramer(), peer[:2])
+            sel.register(conn, selectors.EVENT_READ, SIG)
+            return
+        side, framer, peer = self.streams[sock]
+        try:
+            data = sock.recv(1 << 16)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:  # closed by the sidecar
+            sel.unregister(sock)
+            del self.streams[sock]
+            if self.conn[side] is sock:
+                self.conn[side] = None
+            sock.close()
+            return
+        now = time.monotonic()
+        for m in framer.feed(data):
+            self.conn[side] = sock  # answers go back on the connection (RFC 3261 18.2.2)
+            self.on_datagram(side, m, peer, now)
+        if framer.error is not None:
+            self.unexpected[side] += 1
+
     def _send(self, r: Rec, due: float) -> None:
         data = self.build(r)
         r.due_at = due
         r.sent_at = time.monotonic()  # before the sendto: the peer cannot have it earlier
         try:
-            self.socks[r.sender].sendto(data, self.reply_to[r.sender])
+            conn = self.conn[r.sender]
+            if conn is not None:
+                conn.setblocking(True)
+                try:
+                    conn.sendall(data)
+                finally:
+                    conn.setblocking(False)
+            else:
+                self.socks[r.sender].sendto(data, self.reply_to[r.sender])
         except OSError:
             self.send_errors += 1
 
@@ -357,6 +434,7 @@ class Replayer:
             "missing": [_describe(r) for r in missing],
             "unsent": [_describe(r) for r in unsent],
             "send_errors": self.send_errors,
+            "transport": "tcp" if self.tcp else "udp",
             "speed": self.speed,
             "send_lateness_ms": {"max": _ms(lates[-1] if lates else None),
                                  "median": _ms(lates[len(lates) // 2] if lates else None),
@@ -386,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="recorded gateway IP[:PORT] (default: sender of the first SIP request)")
     ap.add_argument("--speed", type=float, default=1.0, help="time scale: 2 plays twice as fast")
     ap.add_argument("--grace", type=float, default=3.0, help="seconds to wait for stragglers")
+    ap.add_argument("--transport", choices=("auto", "udp", "tcp"), default="auto",
+                    help="replay over UDP or TCP (default: what the gateway's requests were captured on)")
     ap.add_argument("--json", action="store_true", help="print the summary as JSON")
     try:
         args = ap.parse_args(argv)
@@ -398,7 +478,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:
         sys.stderr.write(f"sipwatch replay: error: {exc}\n")
         return 2
-    rp = Replayer(conv, to, bind, args.speed, gwb, args.grace)
+    transport = conv.transport if args.transport == "auto" else args.transport
+    try:
+        rp = Replayer(conv, to, bind, args.speed, gwb, args.grace, transport)
+    except OSError as exc:
+        sys.stderr.write(f"sipwatch replay: error: cannot open the {transport} sockets: {exc}\n")
+        return 2
     try:
         rp.run()
     except KeyboardInterrupt:
@@ -410,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(json.dumps(s, indent=1) + "\n")
     else:
         gw = "%s:%d" % conv.gateway
-        sys.stdout.write(f"replayed {s['messages']} SIP messages of {args.file} (gateway {gw}) at x{args.speed}\n"
+        sys.stdout.write(f"replayed {s['messages']} SIP messages of {args.file} (gateway {gw}, {transport}) at x{args.speed}\n"
                          f"  sent: {s['sent']}  received: {s['received']}  unexpected: {s['unexpected']}\n")
         for t in s["transactions"]:
             sys.stdout.write(f"  {t['method']:8} {t['cseq']:>3} from {t['from']:9} recorded {t['recorded_rtt_ms']:9.3f} ms"

@@ -30,6 +30,7 @@ from .logs import ErrorReporter, JsonLog
 from .masking import CallIdMasker
 from .metrics import Metrics, serve_metrics
 from .stats import INVITE, Stats
+from .tcp import TcpEdge
 from .transport import UdpEdge, epoch_clock
 
 # Housekeeping runs often so each run is short: at 1000 calls/s a 200-ms tick wrote 200 call
@@ -87,14 +88,24 @@ class ProxyApp:
             timer_c=getattr(settings, "timer_c", 180.0), secret=secret,
             allow_next_hop=tuple(getattr(settings, "allow_next_hop", ())),
             max_transactions=settings.max_transactions, max_calls=settings.max_calls,
-            max_call_duration=settings.max_call_duration), self.stats)
+            max_call_duration=settings.max_call_duration,
+            upstream_transport=getattr(settings, "upstream_transport", "udp")), self.stats)
         self.metrics = Metrics(self.stats, self.clock, on_error=self.errors.report)
         self._stop = asyncio.Event()
         self._servers: list = []
         self.edge = UdpEdge(self.core, self.clock)
+        self.tcp: TcpEdge | None = None
+        if getattr(settings, "tcp", False):
+            self.tcp = TcpEdge(self.core, self.clock, self.edge.send,
+                               max_connections=settings.tcp_max_connections,
+                               idle_timeout=settings.tcp_idle_timeout)
+            self.edge.tcp = self.tcp
+            self.metrics.gateway.register(self.tcp.tcp_stats)
         self.hep = sender_for_proxy(settings)  # HEP copies of every message, or None
         if self.hep is not None:
             self.edge.wiretap = self.hep.tap
+            if self.tcp is not None:
+                self.tcp.wiretap = self.hep.tap
             self.metrics.gateway.register(self.hep)
         self.gc = GcPolicy(on_deep=self._gc_deep)
         self._send_errors_logged = 0
@@ -116,6 +127,8 @@ class ProxyApp:
         loop.set_exception_handler(self._loop_exception)
         host, port = self.settings.listen
         await self.edge.open(self.settings.listen)
+        if self.tcp is not None:
+            await self.tcp.open(self.settings.listen)
         for reg, addr in ((self.metrics.gateway, self.settings.gateway_metrics),
                           (self.metrics.signaling, self.settings.signaling_metrics)):
             if addr is not None:
@@ -124,6 +137,8 @@ class ProxyApp:
         s = self.settings
         self.log.info("sipwatch proxy started", "started",
                       listen=f"{host}:{port}", upstream=f"{s.upstream[0]}:{s.upstream[1]}",
+                      transports="udp,tcp" if self.tcp is not None else "udp",
+                      upstream_transport=getattr(s, "upstream_transport", "udp"),
                       advertise=f"{s.advertise[0]}:{s.advertise[1]}",
                       gateway_metrics=_fmt(s.gateway_metrics), signaling_metrics=_fmt(s.signaling_metrics),
                       record_route=s.record_route, trace_header=s.trace_header,
@@ -363,6 +378,8 @@ class ProxyApp:
 
     async def stop(self) -> None:
         self.edge.close()
+        if self.tcp is not None:
+            self.tcp.close()
         now = self.clock()
         self.tick()
         open_calls = 0

@@ -103,6 +103,12 @@ class ProxySettings:
     hep_auth_key: bytes = field(default=b"", repr=False)
     hep_node_name: bytes = b""
     hep_log: bool = False
+    # SIP over TCP (sipwatch.tcp): how sip-signaling is reached ("udp", "tcp", or "udp+tcp":
+    # UDP, and TCP for requests over 1300 bytes), and the listen address's TCP side
+    upstream_transport: str = "udp"
+    tcp: bool = True
+    tcp_max_connections: int = 4096
+    tcp_idle_timeout: float = 300.0
 
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -122,7 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sipwatch proxy", description="Inline SIP UDP proxy between sip-gateway and sip-signaling: trace stamping, per-hop RTT metrics, OTLP spans.")
     a = p.add_argument
     a("--listen", help="address the gateway side sends to (default 0.0.0.0:5060)")
-    a("--upstream", help="sip-signaling address requests are forwarded to (required)")
+    a("--upstream", help="sip-signaling [udp:|tcp:]HOST[:PORT] requests are forwarded to (required; udp when no transport is given)")
+    a("--upstream-tcp", action="store_true", default=None, help="sip-signaling also listens on TCP at the --upstream address: requests over 1300 bytes go over TCP (RFC 3261 18.1.1) instead of as fragmented UDP")
+    a("--no-tcp", action="store_true", default=None, help="listen on UDP only (by default the listen address takes UDP and TCP)")
+    a("--tcp-max-connections", help="cap on SIP over TCP connections, both ways (default 4096; the least recently active one is closed to make room)")
+    a("--tcp-idle-timeout", help="seconds a TCP connection may go without a message before it is closed (default 300)")
     a("--advertise", help="address written into Via/Record-Route (default: listen address, or this host's IP when listening on 0.0.0.0)")
     a("--gateway-metrics", help="gateway-side metrics endpoint (default 0.0.0.0:13012; 'off' disables)")
     a("--signaling-metrics", help="signaling-side metrics endpoint (default 0.0.0.0:13022; 'off' disables)")
@@ -183,6 +193,7 @@ def settings_from(argv: list[str] | None = None, env=None) -> ProxySettings:
     up_s, w = get("upstream")
     if not up_s:
         raise ConfigError("--upstream (or SIPWATCH_UPSTREAM) is required: the sip-signaling HOST:PORT")
+    up_transport, up_s = split_transport(up_s, w)
     up_host, up_port = parse_hostport(up_s, w, default_port=5060)
     upstream = (resolve_ip(up_host, w), up_port)
     adv_s, w = get("advertise")
@@ -241,6 +252,14 @@ def settings_from(argv: list[str] | None = None, env=None) -> ProxySettings:
     timer_c = _number(*get("timer-c", 180.0), minimum=1)
     if timer_c > 86400:
         raise ConfigError(f"--timer-c: {timer_c!r} is more than a day")
+    tcp_on = not flag("no-tcp")
+    if flag("upstream-tcp"):
+        if up_transport == "udp":
+            up_transport = "udp+tcp"
+    if up_transport != "udp" and not tcp_on:
+        raise ConfigError(f"--no-tcp: the upstream is reached over TCP ({up_transport})")
+    tcp_max = _number(*get("tcp-max-connections", 4096), kind=int, minimum=1)
+    tcp_idle = _number(*get("tcp-idle-timeout", 300.0), minimum=1)
     try:
         hep = hep_options(get, flag)
     except EndpointError as exc:
@@ -252,8 +271,21 @@ def settings_from(argv: list[str] | None = None, env=None) -> ProxySettings:
         max_call_duration=max_dur, service_name=service, log_level=level,
         tracing=not flag("no-tracing"), otlp_endpoint=ep, otlp_protocol=proto,
         sample_ratio=ratio, spans_file=spans_file, allow_next_hop=allow, secret=secret,
-        drain_timeout=drain, timer_c=timer_c, mask_call_id=cid_mode, **hep,
+        drain_timeout=drain, timer_c=timer_c, mask_call_id=cid_mode, upstream_transport=up_transport,
+        tcp=tcp_on, tcp_max_connections=tcp_max, tcp_idle_timeout=tcp_idle, **hep,
     )
+
+
+def split_transport(text: str, what: str) -> tuple[str, str]:
+    """``udp:HOST:PORT`` / ``tcp:HOST:PORT`` (Kamailio's form) → (transport, ``HOST:PORT``);
+    without a prefix, UDP."""
+    t = text.strip()
+    proto, sep, rest = t.partition(":")
+    if sep and proto.lower() in ("udp", "tcp"):
+        return proto.lower(), rest
+    if sep and proto.lower() in ("tls", "sctp", "ws", "wss"):
+        raise ConfigError(f"{what}: transport {proto!r} in {text!r} is not supported (udp or tcp)")
+    return "udp", t
 
 
 MAX_NETWORKS = 1024

@@ -4,7 +4,9 @@
 the current time, and returns the datagrams to send as ``[(bytes, (host, port))]``. It never
 reads a clock, never touches a socket and never raises: a message it cannot handle is counted
 by reason and dropped (or answered, for 400/403/416/482/483/503/513). The asyncio transport and
-pcap replay both drive it.
+pcap replay both drive it. A TCP edge frames each connection's bytes into whole messages
+(:mod:`sipwatch.framing`) and hands each to :meth:`ProxyCore.receive_stream`; after either call
+``out_tcp`` says whether the output must leave over TCP (see :meth:`ProxyCore.receive_stream`).
 
 Direction: a datagram whose source is the configured upstream (sip-signaling) is "from
 signaling"; anything else is "from gateway". Requests from the gateway side always go to the
@@ -51,6 +53,9 @@ DIALOG_CREATING = frozenset((b"INVITE", b"SUBSCRIBE", b"REFER", b"NOTIFY"))
 MAX_VIAS = 70  # more Vias than a default Max-Forwards allows hops: not a real path
 MAX_ROUTES = 70
 MAX_UDP_PAYLOAD = 65507  # IPv4: 65535 - 20 (IP) - 8 (UDP)
+# RFC 3261 §18.1.1: a request larger than this (path MTU unknown) goes over TCP when it can
+UDP_MTU_LIMIT = 1300
+UPSTREAM_UDP, UPSTREAM_TCP, UPSTREAM_UDP_OR_TCP = "udp", "tcp", "udp+tcp"
 RETRY_AFTER = 5  # seconds, in 503s sent while draining
 GATEWAY_SEEN_MAX = 4096  # gateway-side source addresses remembered for the next-hop policy
 GATEWAY_SEEN_TTL = 3600.0
@@ -79,6 +84,9 @@ class CoreConfig:
     max_transactions: int = 200_000
     max_calls: int = 100_000
     max_call_duration: float = 4 * 3600.0
+    # how sip-signaling is reached: "udp", "tcp", or "udp+tcp" (UDP, but requests over
+    # UDP_MTU_LIMIT bytes go over TCP, RFC 3261 §18.1.1)
+    upstream_transport: str = UPSTREAM_UDP
 
 
 class Dropped(Exception):
@@ -158,6 +166,17 @@ class ProxyCore:
         lname = self.trace_name.lower()
         self.trace_lookup = tuple(dict.fromkeys((lname, b"traceparent", b"x-traceparent")))
         self.trace_lname = lname
+        # -- TCP (sipwatch.framing feeds receive_stream; the edge reads out_tcp) ------------
+        self.in_tcp = False  # the message being handled arrived over TCP
+        self.out_tcp = False  # the output just returned leaves over TCP; the edge resets it
+        # the sender's Via sent-by on the connection a TCP request came on (RFC 5923 alias)
+        self.tcp_alias: Addr | None = None
+        self.upstream_tcp = config.upstream_transport == UPSTREAM_TCP
+        self.upstream_tcp_large = config.upstream_transport == UPSTREAM_UDP_OR_TCP
+        self.via_prefix_tcp = b"Via: SIP/2.0/TCP " + self.adv_hostport + b";branch="
+        # Record-Route values: UDP (as before) and TCP (RFC 3261 §18.1.2: transport=tcp makes
+        # the peer reach us over TCP; RFC 5658: both, when the two sides differ)
+        self.rr_value_tcp = b"<sip:" + self.adv_hostport + b";transport=tcp;lr;sw="
 
     # -- entry points ------------------------------------------------------------------
     def receive_datagram(self, data: bytes, addr: Addr, now: float) -> list[tuple[bytes, Addr]]:
@@ -186,6 +205,20 @@ class ProxyCore:
             stats.internal_errors["datagram"] += 1
             self.last_internal_error = f"{type(exc).__name__}: {exc}"[:300]
             return []
+
+    def receive_stream(self, data: bytes, addr: Addr, now: float) -> list[tuple[bytes, Addr]]:
+        """One whole message framed off a TCP connection from ``addr`` (the connection's peer).
+
+        As :meth:`receive_datagram`, plus what a stream changes: responses and local answers go
+        back to ``addr`` (the connection, RFC 3261 §18.2.2; the sender's Via gets ``rport`` so a
+        restarted proxy finds it too), and ``tcp_alias`` names the sender's Via sent-by when it
+        is on the connection's IP, so later requests toward it can reuse the connection."""
+        self.in_tcp = True
+        self.tcp_alias = None
+        try:
+            return self.receive_datagram(data, addr, now)
+        finally:
+            self.in_tcp = False
 
     def handle_timers(self, now: float) -> None:
         self.tracker.expire(now)
@@ -229,6 +262,9 @@ class ProxyCore:
         direction = FROM_SIGNALING if from_sig else FROM_GATEWAY
         midx = method_index(method)
         stats.requests[midx * 2 + direction] += 1
+        tcp_in = self.in_tcp
+        if tcp_in:
+            stats.requests_tcp[midx * 2 + direction] += 1
         lines, names = msg.lines, msg.names
         get = msg.get
         is_ack = midx == ACK
@@ -250,6 +286,11 @@ class ProxyCore:
         if from_val is None or to_val is None:
             raise Dropped(DROP_MISSING_HEADER)
         src_ip, src_port = src
+        if tcp_in:  # over TCP, responses take the connection: its address is the reply address
+            if b"rport" not in top_params:
+                top_params[b"rport"] = None  # (so the Via gets rport= from the connection)
+            if top.port and ip_literal(top.host) == src_ip:
+                self.tcp_alias = (src_ip, top.port)
         # where responses to this request go: the real source (RFC 3261 §18.2.2, RFC 3581)
         reply = (src_ip, src_port) if b"rport" in top_params else (src_ip, top.port or 5060)
         from_tag = header_tag(from_val) or b""
@@ -291,8 +332,9 @@ class ProxyCore:
         # Route: drop our own entries (we were record-routed), then pick the next hop
         own_sig = None
         next_route = None
+        route_tcp = False  # the last of our Route entries removed said transport=tcp
         if b"route" in names:
-            next_route, own_sig = self._pop_own_routes(msg)
+            next_route, own_sig, route_tcp = self._pop_own_routes(msg)
         if from_sig:
             target = next_route if next_route is not None else uri
             try:
@@ -315,10 +357,15 @@ class ProxyCore:
                                                                 b"Next Hop Not Allowed"))
             dest: Addr = (ip, port or 5060)
             party = ip
+            # toward the gateway side: what the target URI says, else what our Record-Route
+            # facing that side said (RFC 5658)
+            uri_transport = params.get(b"transport")
+            out_tcp = route_tcp if not uri_transport else uri_transport.lower() == b"tcp"
         else:
             dest = self.upstream
             party = src_ip
             self._saw_gateway(src_ip, now)
+            out_tcp = self.upstream_tcp
 
         # trace context: one trace per Call-ID, joined from an incoming traceparent
         tracker = self.tracker
@@ -365,13 +412,19 @@ class ProxyCore:
             names.append(self.trace_lname)
         # new lines above the top Via, top to bottom: our Via, Max-Forwards if missing,
         # Record-Route if there is none yet (else it goes above the first Record-Route)
-        above_via = [self.via_prefix + branch + b";rport"]
+        via_line = (self.via_prefix_tcp if out_tcp else self.via_prefix) + branch + b";rport"
+        above_via = [via_line]
         if mf_i < 0:
             above_via.append(b"Max-Forwards: 70")
         rr_i = -1
         rr_line = b""
+        rr_mac = b""
         if self.config.record_route and method in DIALOG_CREATING and not has_to_tag:
-            rr_line = self.record_route_head + self._mac(b"r", party.encode()) + b">"
+            rr_mac = self._mac(b"r", party.encode())
+            if out_tcp or tcp_in:
+                rr_line = self._record_route(rr_mac, out_tcp, tcp_in)
+            else:
+                rr_line = self.record_route_head + rr_mac + b">"
             if b"record-route" in names:
                 rr_i = names.index(b"record-route")
             else:
@@ -382,7 +435,17 @@ class ProxyCore:
         if 0 <= rr_i < via_i:
             lines.insert(rr_i, rr_line)
         out = msg.to_bytes()
-        if len(out) > MAX_UDP_PAYLOAD:
+        if not out_tcp and self.upstream_tcp_large and not from_sig and len(out) > UDP_MTU_LIMIT:
+            # RFC 3261 §18.1.1: too large for UDP without fragments; the upstream takes TCP too
+            out_tcp = True
+            lines[lines.index(via_line)] = self.via_prefix_tcp + branch + b";rport"
+            if rr_line:
+                lines[lines.index(rr_line)] = self._record_route(rr_mac, True, tcp_in)
+            out = msg.to_bytes()
+        if out_tcp:
+            self.out_tcp = True
+            tx.peer = (dest[0], dest[1], "tcp")  # network.transport of its span
+        elif len(out) > MAX_UDP_PAYLOAD:
             if is_ack:
                 raise Dropped(DROP_TOO_LARGE)
             raise Dropped(DROP_TOO_LARGE, self._reply(msg, top, reply, data, 513, b"Message Too Large"))
@@ -396,6 +459,17 @@ class ProxyCore:
                 n += len(split_values(msg.value_at(i), MAX_VIAS))
                 if n > MAX_VIAS:
                     raise Dropped(DROP_TOO_MANY_HEADERS)
+
+    def _record_route(self, mac: bytes, out_tcp: bool, in_tcp: bool) -> bytes:
+        """Our Record-Route line when TCP is on either side: one value for the transport of
+        both sides, or two when they differ (RFC 5658), the one facing the next hop on top."""
+        udp = self.route_head + mac + b">"
+        tcp = self.rr_value_tcp + mac + b">"
+        if out_tcp == in_tcp:
+            return b"Record-Route: " + (tcp if out_tcp else udp)
+        if out_tcp:
+            return b"Record-Route: " + tcp + b", " + udp
+        return b"Record-Route: " + udp + b", " + tcp
 
     def _new_call(self, msg, call_id, incoming, now, is_call, from_val, to_val) -> Call:
         if incoming is not None:
@@ -431,12 +505,13 @@ class ProxyCore:
     def _is_me(self, host: bytes, port: int | None) -> bool:
         return host == self.adv_host and (port or 5060) == self.adv_port
 
-    def _pop_own_routes(self, msg: SipMessage) -> tuple[bytes | None, bytes | None]:
+    def _pop_own_routes(self, msg: SipMessage) -> tuple[bytes | None, bytes | None, bool]:
         """Remove Route values naming us from the top; return the next Route value, if any,
-        and the ``sw`` signature of the last of ours removed. Linear: every Route line is split
-        once and rewritten at most once."""
+        the ``sw`` signature of the last of ours removed and whether that one said
+        ``transport=tcp``. Linear: every Route line is split once and rewritten at most once."""
         names, lines = msg.names, msg.lines
         sig = None
+        tcp = False
         seen = 0
         i = names.index(b"route")
         # the usual case: the first Route line is exactly one of our Record-Route values
@@ -470,6 +545,8 @@ class ProxyCore:
                 if not self._is_me(host, port):
                     break
                 sig = params.get(b"sw") or sig
+                transport = params.get(b"transport")
+                tcp = transport is not None and transport.lower() == b"tcp"
                 k += 1
             if k == len(values):  # the whole line was ours
                 del lines[i]
@@ -477,8 +554,8 @@ class ProxyCore:
                 continue
             if k:
                 lines[i] = b"Route: " + b", ".join(values[k:])
-            return values[k], sig
-        return None, sig
+            return values[k], sig, tcp
+        return None, sig, tcp
 
     # -- next-hop policy ---------------------------------------------------------------
     def _saw_gateway(self, ip: str, now: float) -> None:
@@ -556,6 +633,8 @@ class ProxyCore:
         resp = b"\r\n".join(out) + b"\r\n\r\n"
         if len(resp) > len(data):
             return None
+        if self.in_tcp:
+            self.out_tcp = True  # back over the connection the request came on
         return resp, reply
 
     def _bad_request(self, data: bytes, src: Addr) -> list[tuple[bytes, Addr]]:
@@ -569,7 +648,7 @@ class ProxyCore:
                 return []
             vals = split_values(msg.value_at(msg.index(b"via")))
             top = parse_via(vals[0])
-            reply = (src[0], src[1]) if b"rport" in top.params else (src[0], top.port or 5060)
+            reply = (src[0], src[1]) if b"rport" in top.params or self.in_tcp else (src[0], top.port or 5060)
             return self._local(msg, top, reply, data, 400, b"Bad Request")
         except (SipParseError, ValueError, IndexError):
             return []
@@ -631,6 +710,8 @@ class ProxyCore:
         if direction == FROM_GATEWAY:
             self._saw_gateway(src[0], now)
         self.tracker.response(key, status, now, to_tag)
+        if not next_raw.startswith(b"SIP/2.0/UDP") and parse_via(next_raw).transport == b"TCP":
+            self.out_tcp = True  # the request came over TCP: so goes its response (§18.2.2)
         return [(msg.to_bytes(), reply)]
 
     def _own_branch(self, via_value: bytes) -> bytes | None:
@@ -639,7 +720,9 @@ class ProxyCore:
         else (added parameters, other spelling) takes the general path. The branch must be
         letters, digits and dots, so no parameter, space or separator can hide in it."""
         head = self.own_via_head
-        if head is not None and via_value.startswith(head) and via_value.endswith(b";rport"):
+        if head is not None and via_value.endswith(b";rport") and (
+                via_value.startswith(head) or  # (ours over TCP: the same length, TCP for UDP)
+                via_value.startswith(b"SIP/2.0/TCP") and via_value.startswith(head[11:], 11)):
             branch = via_value[len(head) - len(BRANCH_PREFIX):-6]
             if branch[len(BRANCH_PREFIX):].replace(b".", b"").isalnum():
                 return branch

@@ -201,6 +201,12 @@ class ErrorReporter:
             pass
 
 
+def _transport(tx) -> str:
+    """``network.transport`` of a transaction's hop: "tcp" is recorded in its peer, UDP else."""
+    peer = getattr(tx, "peer", None)
+    return peer[2] if isinstance(peer, tuple) and len(peer) > 2 else "udp"
+
+
 def _ms(a, b):
     return None if a is None or b is None else round((b - a) * 1000.0, 3)
 
@@ -221,6 +227,7 @@ def call_summary_fields(call, mask_mode: str = "partial", rtp: list[dict] | None
             "final_ms": _ms(tx.t_sent, tx.t_final) if tx.t_first is not None else None,
             "retransmissions": tx.retrans,
             "timed_out": tx.timed_out,
+            "transport": _transport(tx),
         })
     out = {
         "call_sid": call_id_mask(call.call_id) if call_id_mask is not None

@@ -78,12 +78,16 @@ class GatewayCollector(_Guarded):
         for i, name in enumerate(OUTCOMES):
             calls.add_metric([name], s.calls[i])
         yield calls
-        req = CounterMetricFamily("sip_requests", "SIP requests received, retransmissions included.", labels=["method", "direction"])
+        req = CounterMetricFamily("sip_requests", "SIP requests received, retransmissions included.", labels=["method", "direction", "transport"])
+        tcp = getattr(s, "requests_tcp", None) or [0] * len(s.requests)
         for mi, m in enumerate(_METHOD_NAMES):
             for di, d in enumerate(DIRECTIONS):
-                v = s.requests[mi * 2 + di]
-                if v:
-                    req.add_metric([m, d], v)
+                i = mi * 2 + di
+                v = s.requests[i]
+                if v - tcp[i]:
+                    req.add_metric([m, d, "udp"], v - tcp[i])
+                if tcp[i]:
+                    req.add_metric([m, d, "tcp"], tcp[i])
         yield req
         resp = CounterMetricFamily("sip_responses", "SIP responses received, by status class.", labels=["status_class", "direction"])
         for ci in range(6):

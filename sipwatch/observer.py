@@ -148,6 +148,8 @@ class Observer:
         method = msg.method
         midx = method_index(method)
         stats.requests[midx * 2 + direction] += 1
+        if transport == "tcp":
+            stats.requests_tcp[midx * 2 + direction] += 1
         initial = midx == INVITE and (b"to" not in names or header_tag(msg.get(b"to")) is None)
         if midx == INVITE:
             ids = self.invite_call_ids

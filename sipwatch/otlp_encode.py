@@ -378,14 +378,17 @@ def rtp_figures(streams) -> dict:
 
 def hop_ends(tx) -> tuple:
     """``(client, (host, port), transport)`` of a transaction's hop: the proxy records the next
-    hop only (client None, UDP); the observer records (sender, receiver[, transport])."""
+    hop only (client None; ``(ip, port)`` for UDP, ``(ip, port, "tcp")``); the observer records
+    (sender, receiver[, transport])."""
     peer = tx.peer
     if isinstance(peer[0], tuple):
         return peer[0], peer[1], peer[2] if len(peer) > 2 else "udp"
+    if len(peer) > 2:
+        return None, (peer[0], peer[1]), peer[2]
     return None, peer, "udp"
 
 
 def call_transport(call) -> str:
-    """The proxy speaks UDP; a captured call says what its first hop was seen on."""
+    """What the call's first hop was seen on (the proxy records "tcp" in the peer; UDP else)."""
     peer = call.transactions[0].peer if call.transactions else None
-    return peer[2] if peer and isinstance(peer[0], tuple) and len(peer) > 2 else "udp"
+    return peer[2] if peer and len(peer) > 2 else "udp"

@@ -129,6 +129,7 @@ class Stats:
     def __init__(self, ring_size: int = 1 << 16):
         nm = len(METHODS)
         self.requests = [0] * (nm * 2)  # [method * 2 + direction]
+        self.requests_tcp = [0] * (nm * 2)  # the part of ``requests`` that came over TCP
         self.responses = [0] * (6 * 2)  # [(status // 100 - 1) * 2 + direction]
         self.request_retransmissions = 0
         self.response_retransmissions = 0

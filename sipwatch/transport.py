@@ -52,12 +52,17 @@ class UdpEdge:
         # wiretap(payload, src, dst, ts), if set, sees every datagram received and every one
         # sent (None for this proxy's own address); it must only queue (the HEP sender)
         self.wiretap = None
+        # the TCP edge (sipwatch.tcp), for outputs the core sends over TCP (core.out_tcp)
+        self.tcp = None
 
     def handle(self, data: bytes, addr) -> None:
         # IPv4 source addresses already are (host, port); IPv6 ones carry flowinfo/scope too
         src = addr if type(addr) is tuple and len(addr) == 2 else (addr[0], addr[1])
         now = self.clock()
         out = self._receive(data, src, now)
+        if self.core.out_tcp:
+            self._to_tcp(data, src, now, out)
+            return
         tap = self.wiretap
         if tap is not None:
             tap(data, src, None, now)
@@ -76,6 +81,35 @@ class UdpEdge:
             except Exception as exc:  # e.g. an address family the socket cannot reach
                 self.stats.internal_errors["send"] += 1
                 self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+
+    def _to_tcp(self, data: bytes, src, now: float, out) -> None:
+        """The core's output for this datagram leaves over TCP (a large request toward the
+        upstream, a request toward a gateway that uses TCP)."""
+        self.core.out_tcp = False
+        tap = self.wiretap
+        if tap is not None:
+            tap(data, src, None, now)
+            for payload, dest in out:
+                tap(payload, None, dest, now, "tcp")
+        tcp = self.tcp
+        for payload, dest in out:
+            if tcp is not None:
+                tcp.send(payload, dest)
+            else:
+                self.stats.send_errors += 1
+
+    def send(self, payload: bytes, dest) -> None:
+        """One datagram to ``dest`` (for the TCP edge's outputs that go over UDP). Never raises."""
+        try:
+            if dest == self.upstream and self.upstream_tx is not None:
+                self.upstream_tx.sendto(payload)
+            else:
+                self.listen_tx.sendto(payload, dest)
+        except OSError as exc:
+            self.send_failed(exc)
+        except Exception as exc:  # noqa: BLE001
+            self.stats.internal_errors["send"] += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"[:300]
 
     def send_failed(self, exc: Exception) -> None:
         self.stats.send_errors += 1

@@ -20,5 +20,12 @@ if [ $rc -eq 0 ]; then  # the HEP decoder and receiver (tests/fuzz/hep_target.py
   rc=$?
   if [ $rc -eq 0 ]; then echo "hep: $(grep '^stat::' "$d/log" | tr '\n' ' ')"; else tail -40 "$d/log"; fi
 fi
+if [ $rc -eq 0 ]; then  # the SIP-over-TCP framer (tests/fuzz/framing_target.py)
+  mkdir "$d/framing"
+  "$py" tests/fuzz/fuzz_framing.py -seed=1 -runs="$runs" -print_final_stats=1 \
+    -artifact_prefix=tests/fuzz/artifacts/ "$d/framing" tests/fuzz/framing_seeds >"$d/log" 2>&1
+  rc=$?
+  if [ $rc -eq 0 ]; then echo "framing: $(grep '^stat::' "$d/log" | tr '\n' ' ')"; else tail -40 "$d/log"; fi
+fi
 rm -rf "$d"
 exit $rc

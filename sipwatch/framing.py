@@ -1,0 +1,152 @@
+"""Sans-IO framing of SIP over a byte stream (RFC 3261 §18.3, RFC 5626 §3.5.1 keep-alives).
+
+:class:`StreamFramer` takes the bytes of one TCP connection as they arrive and gives back whole
+messages, each exactly its header section and ``Content-Length`` bytes of body, ready for the same
+core that handles UDP datagrams. It never touches a socket and never reads a clock, so it is fuzzed
+and tested on its own (tests/fuzz/framing_target.py).
+
+Every limit holds whatever the peer sends:
+* the header section must end within ``max_header`` bytes, and must start with a SIP start line;
+* ``Content-Length`` is required (a stream cannot be framed without it), given once, and the whole
+  message may be at most ``max_message`` bytes;
+* so the buffer never holds more than ``max_message`` bytes plus one read;
+* cost is linear in the bytes fed: the search for the end of the header section resumes where the
+  last one stopped (a byte-at-a-time sender costs one short search per byte).
+
+A stream that breaks a rule cannot be framed any more (where the next message starts is unknown):
+:meth:`StreamFramer.feed` still returns the messages complete before the fault, then sets
+``error`` (a :class:`FramingError` with the reason to count) and takes nothing more; the edge
+closes the connection. Between messages, ``CRLFCRLF`` is a keep-alive ping, answered with ``CRLF``
+(``pings`` counts the ones to answer); a lone ``CRLF`` (a pong, or padding) is skipped.
+"""
+from __future__ import annotations
+
+import re
+
+from .stats import DROP_BAD_CONTENT_LENGTH, DROP_NOT_SIP, DROP_TOO_LARGE
+
+MAX_MESSAGE = 65535  # bytes: the same cap as a UDP datagram, so one core serves both
+MAX_HEADER = 16384  # bytes of start line and header fields
+MAX_START_LINE = 4200  # bytes before the first line end (a request URI of up to 4096)
+
+_START = re.compile(rb"(?:[A-Za-z]{1,32} [^ \r\n]{1,4096} SIP/2\.0|SIP/2\.0 [0-9]{3})[ \r\n]")
+# Content-Length lines of a header section (compact form ``l``); the value is checked apart
+_CLEN = re.compile(rb"(?im)^(?:content-length|l)[ \t]*:[ \t]*([^\r\n]*)")
+
+
+class FramingError(ValueError):
+    """The stream cannot be framed any further; ``reason`` is a ``stats.DROP_*`` index."""
+
+    def __init__(self, text: str, reason: int):
+        super().__init__(text)
+        self.reason = reason
+
+
+class StreamFramer:
+    """Bytes of one connection in, whole SIP messages out."""
+
+    __slots__ = ("buf", "scan", "started", "need", "pings", "keepalives", "max_message", "max_header",
+                 "error")
+
+    def __init__(self, max_message: int = MAX_MESSAGE, max_header: int = MAX_HEADER):
+        self.buf = bytearray()
+        self.scan = 0  # where the search for the end of the header section resumes
+        self.started = False  # the current message's start line was read and checked
+        self.need = 0  # total length of the message being received, once its header is read
+        self.pings = 0  # CRLFCRLF keep-alives seen and not yet answered (the edge answers, resets)
+        self.keepalives = 0  # every keep-alive seen
+        self.max_message = max_message
+        self.max_header = min(max_header, max_message)
+        self.error: FramingError | None = None  # set once the stream cannot be framed any more
+
+    @property
+    def partial(self) -> bool:
+        """Whether part of a message is waiting for more bytes (a slow sender's state)."""
+        return bool(self.buf)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Append ``data``; return every message now complete, in order. After a fault (see
+        ``error``) nothing more is taken."""
+        out: list[bytes] = []
+        if self.error is not None:
+            return out
+        buf = self.buf
+        buf += data
+        try:
+            self._frame(buf, out)
+        except FramingError as exc:
+            self.error = exc
+            buf.clear()
+        return out
+
+    def _frame(self, buf: bytearray, out: list[bytes]) -> None:
+        while buf:
+            if self.need:
+                if len(buf) < self.need:
+                    break
+                out.append(bytes(buf[:self.need]))
+                del buf[:self.need]
+                self.need = 0
+                continue
+            c = buf[0]
+            if c == 13 or c == 10:  # between messages: keep-alives
+                if buf.startswith(b"\r\n\r\n"):
+                    del buf[:4]
+                    self.pings += 1
+                    self.keepalives += 1
+                elif len(buf) < 4 and b"\r\n\r\n".startswith(bytes(buf)):
+                    break  # maybe the start of a ping: wait for the rest
+                else:
+                    n = 2 if buf.startswith(b"\r\n") else 1  # a pong, or a stray line end
+                    del buf[:n]
+                    self.keepalives += n == 2
+                continue
+            self._frame_header(buf)
+            if not self.need:
+                break  # the header section is not complete yet
+
+    def _frame_header(self, buf: bytearray) -> None:
+        """Read the header section once it is complete and set ``need`` to the message's size."""
+        start = max(0, self.scan - 3)
+        if not self.started:  # the start line is checked once, as soon as it is complete
+            nl = buf.find(b"\n", start)
+            limit = min(MAX_START_LINE, self.max_header)
+            if nl < 0 and len(buf) > limit or nl > limit:
+                if limit == self.max_header:
+                    raise FramingError(f"start line longer than {limit} bytes", DROP_TOO_LARGE)
+                raise FramingError("no SIP start line", DROP_NOT_SIP)
+            if nl < 0:
+                self.scan = len(buf)
+                return
+            if _START.match(buf, 0, nl + 1) is None:
+                raise FramingError("not a SIP start line", DROP_NOT_SIP)
+            self.started = True
+            start = max(0, nl - 1)
+        # the first empty line, whatever line ends surround it, as sipmsg.parse cuts it
+        e1 = buf.find(b"\n\r\n", start)
+        e2 = buf.find(b"\n\n", start)
+        if e1 < 0 and e2 < 0:
+            if len(buf) > self.max_header:
+                raise FramingError(f"no end of the header section in {len(buf)} bytes", DROP_TOO_LARGE)
+            self.scan = len(buf)
+            return
+        end, sep = (e1, 3) if e2 < 0 or 0 <= e1 < e2 else (e2, 2)
+        self.scan = 0
+        self.started = False
+        if end + sep > self.max_header:  # (the same test, however the bytes were cut)
+            raise FramingError(f"header section of {end + sep} bytes", DROP_TOO_LARGE)
+        found = _CLEN.findall(buf, 0, end)
+        if not found:
+            raise FramingError("no Content-Length (required on streams)", DROP_BAD_CONTENT_LENGTH)
+        if len(found) > 1:
+            raise FramingError("more than one Content-Length", DROP_BAD_CONTENT_LENGTH)
+        value = found[0].strip()
+        if not value.isdigit() or len(value) > 9:
+            raise FramingError(f"bad Content-Length {value[:20]!r}", DROP_BAD_CONTENT_LENGTH)
+        total = end + sep + int(value)
+        if total > self.max_message:
+            raise FramingError(f"message of {total} bytes", DROP_TOO_LARGE)
+        self.need = total
+
+
+__all__ = ["FramingError", "StreamFramer", "MAX_MESSAGE", "MAX_HEADER"]

@@ -1,0 +1,434 @@
+"""The TCP edge: SIP over TCP on the listen address, and connections toward whoever needs them.
+
+Thin like the UDP edge: each connection's bytes go through a :class:`~sipwatch.framing.StreamFramer`
+and every whole message to :meth:`ProxyCore.receive_stream`; the core says where each output goes
+and whether over TCP (``core.out_tcp``). The edge maps a destination to a connection:
+
+* a response goes back on the connection its request came on (RFC 3261 §18.2.2): the core's
+  reply address for a TCP request is the connection's peer address, which indexes the table;
+* a request toward an address the table knows reuses that connection: the peer address, or the
+  Via sent-by a peer wrote on its own connection (RFC 5923-style alias; only for the IP the
+  connection comes from, at most ``MAX_ALIASES`` per connection);
+* otherwise a connection is opened. Toward the upstream it is bound, when the system allows, to
+  the listen address, so sip-signaling sees the sidecar's own address and sends its requests on
+  that connection too (servers reuse connections by address); it is opened again when lost.
+  Messages wait (bounded) while a connection is being opened.
+
+Hygiene, for peers that are hostile or merely broken: at most ``max_connections`` connections
+(the least recently active one is closed to make room), a connection idle for ``idle_timeout``
+seconds is closed, a message must be complete within ``MESSAGE_TIMEOUT`` seconds of its first
+byte (a byte-at-a-time sender holds one slot at most that long, and costs the others nothing:
+the loop never waits on a connection), a peer that does not read what it is sent is cut off past
+``MAX_WRITE_BUFFER`` bytes, TCP keep-alive finds half-open peers, and framing errors close the
+connection. Every closing is counted by reason (``sipwatch_tcp_connections_closed_total``), every
+message not forwarded in ``sip_dropped_total``; nothing raises out of a protocol callback.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from .core import ProxyCore
+from .framing import StreamFramer
+
+Addr = tuple[str, int]
+MAX_CONNECTIONS = 4096
+IDLE_TIMEOUT = 300.0  # seconds without a message (RFC 5626 keep-alives count)
+MESSAGE_TIMEOUT = 10.0  # seconds from a message's first byte to its last
+CONNECT_TIMEOUT = 5.0
+MAX_WRITE_BUFFER = 4 << 20  # bytes waiting for a peer that does not read
+MAX_PENDING = 4 << 20  # bytes waiting for a connection being opened
+MAX_ALIASES = 4
+SWEEP_EVERY = 1.0
+RECONNECT_BACKOFF = 0.5  # seconds a destination whose connection failed is not tried again
+CLOSE_REASONS = ("peer_closed", "idle", "slow", "limit", "framing", "write_buffer", "error",
+                 "connect_failed", "shutdown")
+DIRECTIONS = ("inbound", "outbound")
+
+
+class TcpStats:
+    """Counters of the TCP edge (the per-message counters stay in :class:`~sipwatch.stats.Stats`)."""
+
+    def __init__(self) -> None:
+        self.open = [0, 0]  # [inbound, outbound] connections now
+        self.opened = [0, 0]
+        self.closed = dict.fromkeys(CLOSE_REASONS, 0)
+        self.messages_in = 0
+        self.messages_out = 0
+        self.send_dropped = 0  # messages with no connection to go on (gone, or could not be opened)
+
+    def collect(self):
+        g = GaugeMetricFamily("sipwatch_tcp_connections", "SIP over TCP connections open now.", labels=["direction"])
+        o = CounterMetricFamily("sipwatch_tcp_connections_opened", "SIP over TCP connections accepted (inbound) or opened (outbound).", labels=["direction"])
+        for i, d in enumerate(DIRECTIONS):
+            g.add_metric([d], self.open[i])
+            o.add_metric([d], self.opened[i])
+        yield g
+        yield o
+        c = CounterMetricFamily("sipwatch_tcp_connections_closed", "SIP over TCP connections closed, by reason (a fixed set).", labels=["reason"])
+        for r in CLOSE_REASONS:
+            c.add_metric([r], self.closed[r])
+        yield c
+        yield CounterMetricFamily("sipwatch_tcp_messages_received", "Whole SIP messages framed off TCP connections.", value=self.messages_in)
+        yield CounterMetricFamily("sipwatch_tcp_messages_sent", "SIP messages written to TCP connections.", value=self.messages_out)
+        yield CounterMetricFamily("sipwatch_tcp_send_dropped", "SIP messages for a TCP destination with no usable connection (closed, or could not be opened).", value=self.send_dropped)
+
+
+class TcpEdge:
+    def __init__(self, core: ProxyCore, clock, udp_send, max_connections: int = MAX_CONNECTIONS,
+                 idle_timeout: float = IDLE_TIMEOUT, message_timeout: float = MESSAGE_TIMEOUT):
+        self.core = core
+        self.stats = core.stats
+        self.tcp_stats = TcpStats()
+        self.clock = clock
+        self.udp_send = udp_send  # (payload, dest) -> None: outputs the core sends over UDP
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self.message_timeout = message_timeout
+        self.upstream = core.upstream
+        self.by_addr: dict[Addr, _Conn] = {}  # peer addresses and aliases -> connection
+        self.conns: dict[_Conn, None] = {}  # every connection, least recently active first
+        self.failed_until: dict[Addr, float] = {}
+        self.local: Addr | None = None  # the listen address (outbound connections bind to it)
+        self.server: asyncio.AbstractServer | None = None
+        self.wiretap = None  # as UdpEdge.wiretap
+        self.last_error: str | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._closing = False
+
+    # -- setup ---------------------------------------------------------------------------
+    async def open(self, listen: Addr) -> None:
+        loop = asyncio.get_running_loop()
+        host, port = listen
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if hasattr(socket, "SO_REUSEPORT"):  # outbound connections may bind the same port
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+        sock.setblocking(False)
+        self.local = sock.getsockname()[:2]
+        _raise_fd_limit(self.max_connections + 256)
+        self.server = await loop.create_server(lambda: _Conn(self, None), sock=sock)
+        self._sweeper = loop.call_later(SWEEP_EVERY, self._sweep)
+
+    def close(self) -> None:
+        self._closing = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self.server is not None:
+            self.server.close()
+        for conn in list(self.conns):
+            conn.shut("shutdown")
+
+    # -- messages in ---------------------------------------------------------------------
+    def handle(self, conn: "_Conn", data: bytes) -> None:
+        """One whole message off ``conn``. Never raises."""
+        core = self.core
+        try:
+            now = self.clock()
+            src = conn.peer
+            self.tcp_stats.messages_in += 1
+            out = core.receive_stream(data, src, now)
+            alias = core.tcp_alias
+            if alias is not None and alias != src and len(conn.aliases) < MAX_ALIASES \
+                    and alias not in conn.aliases and self.by_addr.get(alias) is None:
+                conn.aliases.append(alias)
+                self.by_addr[alias] = conn
+            tcp = core.out_tcp
+            core.out_tcp = False
+            tap = self.wiretap
+            if tap is not None:
+                tap(data, src, None, now, "tcp")
+                for payload, dest in out:
+                    tap(payload, None, dest, now, "tcp" if tcp else "udp")
+            for payload, dest in out:
+                if tcp:
+                    self.send(payload, dest, conn if dest == src else None)
+                else:
+                    self.udp_send(payload, dest)
+        except Exception as exc:  # noqa: BLE001 - a bug costs one message, never the loop
+            core.out_tcp = False
+            self.stats.internal_errors["datagram"] += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+
+    # -- messages out --------------------------------------------------------------------
+    def send(self, payload: bytes, dest: Addr, via: "_Conn | None" = None) -> None:
+        """Write ``payload`` to the connection for ``dest`` (``via`` first: the connection the
+        request came on), opening one when there is none. Never raises."""
+        conn = via if via is not None and via.transport is not None else self.by_addr.get(dest)
+        if conn is None:
+            if self._closing:
+                self.tcp_stats.send_dropped += 1
+                return
+            until = self.failed_until.get(dest)
+            if until is not None and until > self.clock():
+                self.tcp_stats.send_dropped += 1
+                return
+            conn = self._connect(dest)
+        conn.write(payload)
+
+    def _connect(self, dest: Addr) -> "_Conn":
+        conn = _Conn(self, dest)
+        self.by_addr[dest] = conn
+        self._admit(conn)
+        conn.task = asyncio.ensure_future(self._open_outbound(conn, dest))
+        return conn
+
+    async def _open_outbound(self, conn: "_Conn", dest: Addr) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            sock = None
+            if dest == self.upstream and self.local is not None:
+                sock = await _connect_from(loop, self.local, dest)
+            if sock is None:
+                sock = await _connect_from(loop, None, dest)
+            await loop.create_connection(lambda: conn, sock=sock)
+        except (OSError, asyncio.TimeoutError) as exc:
+            self.last_error = f"connect {dest[0]}:{dest[1]}: {exc}"[:300]
+            self.failed_until[dest] = self.clock() + RECONNECT_BACKOFF
+            if len(self.failed_until) > 4096:
+                self.failed_until.clear()
+            conn.shut("connect_failed")
+        except Exception as exc:  # noqa: BLE001
+            self.stats.internal_errors["send"] += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+            conn.shut("error")
+
+    # -- the table -----------------------------------------------------------------------
+    def _admit(self, conn: "_Conn") -> None:
+        """Count a new connection in, closing the least recently active one when full."""
+        conns = self.conns
+        while len(conns) >= self.max_connections:
+            oldest = next(iter(conns))
+            oldest.shut("limit")
+            conns.pop(oldest, None)  # (shut removed it; this guards a second call)
+        conns[conn] = None
+        self.tcp_stats.open[0 if conn.inbound else 1] += 1
+
+    def _forget(self, conn: "_Conn") -> None:
+        if self.conns.pop(conn, 0) is None:
+            self.tcp_stats.open[0 if conn.inbound else 1] -= 1
+        for a in (conn.peer, *conn.aliases):
+            if self.by_addr.get(a) is conn:
+                del self.by_addr[a]
+
+    def _sweep(self) -> None:
+        """Close idle connections and senders of unfinished messages (every SWEEP_EVERY s)."""
+        try:
+            now = self.clock()
+            idle_before = now - self.idle_timeout
+            slow_before = now - self.message_timeout
+            for conn in list(self.conns):
+                if conn.transport is None:
+                    continue  # still connecting (CONNECT_TIMEOUT bounds it)
+                if conn.partial_since is not None and conn.partial_since < slow_before:
+                    conn.shut("slow")
+                elif conn.last_active < idle_before:
+                    conn.shut("idle")
+        except Exception as exc:  # noqa: BLE001
+            self.stats.internal_errors["tick"] += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+        if not self._closing:
+            self._sweeper = asyncio.get_running_loop().call_later(SWEEP_EVERY, self._sweep)
+
+
+class _Conn(asyncio.Protocol):
+    """One TCP connection, accepted (``peer`` None until connected) or opened toward ``peer``."""
+
+    def __init__(self, edge: TcpEdge, peer: Addr | None):
+        self.edge = edge
+        self.inbound = peer is None
+        self.peer: Addr = peer or ("", 0)
+        self.transport: asyncio.Transport | None = None
+        self.framer = StreamFramer()
+        self.aliases: list[Addr] = []
+        self.last_active = edge.clock()
+        self.partial_since: float | None = None
+        self.pending: list[bytes] = []  # written before the connection was up
+        self.pending_bytes = 0
+        self.closed = False
+        self.task: asyncio.Future | None = None
+
+    # -- asyncio callbacks (none raises) --------------------------------------------------
+    def connection_made(self, transport) -> None:
+        try:
+            self.transport = transport
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                _keepalive(sock)
+            edge = self.edge
+            if self.inbound:
+                if edge._closing:
+                    self.closed = True
+                    transport.abort()
+                    return
+                name = transport.get_extra_info("peername")
+                self.peer = (name[0], name[1])
+                edge._admit(self)
+                old = edge.by_addr.get(self.peer)
+                if old is None or old.closed or old.transport is None:
+                    edge.by_addr[self.peer] = self
+            edge.tcp_stats.opened[0 if self.inbound else 1] += 1
+            if self.closed:  # shut while connecting
+                transport.abort()
+                return
+            if self.pending:
+                transport.write(b"".join(self.pending))
+                edge.tcp_stats.messages_out += len(self.pending)
+                self.pending, self.pending_bytes = [], 0
+        except Exception as exc:  # noqa: BLE001
+            self._failed(exc)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            edge = self.edge
+            now = edge.clock()
+            self.last_active = now
+            conns = edge.conns
+            if conns.pop(self, 0) is None:
+                conns[self] = None  # most recently active last
+            framer = self.framer
+            messages = framer.feed(data)
+            if framer.pings:  # RFC 5626 §3.5.1: CRLFCRLF ping, CRLF pong
+                edge.stats.keepalives += framer.pings
+                if self.transport is not None:
+                    self.transport.write(b"\r\n" * framer.pings)
+                framer.pings = 0
+            for m in messages:
+                edge.handle(self, m)
+                if self.closed:
+                    return
+            if framer.error is not None:  # the rest of the stream cannot be framed
+                stats = edge.stats
+                stats.parse_errors += 1
+                stats.dropped[framer.error.reason] += 1
+                self.shut("framing")
+                return
+            if framer.partial:
+                if self.partial_since is None or messages:
+                    self.partial_since = now
+            else:
+                self.partial_since = None
+        except Exception as exc:  # noqa: BLE001
+            self._failed(exc)
+
+    def eof_received(self) -> bool:
+        return False  # half-closed by the peer: close our side too
+
+    def connection_lost(self, exc) -> None:
+        try:
+            if not self.closed:
+                self.closed = True
+                self.edge.tcp_stats.closed["peer_closed" if exc is None else "error"] += 1
+            self.transport = None
+            self.edge._forget(self)
+        except Exception as exc2:  # noqa: BLE001
+            self._failed(exc2)
+
+    # -- writing and closing ---------------------------------------------------------------
+    def write(self, payload: bytes) -> None:
+        edge = self.edge
+        t = self.transport
+        if self.closed or t is not None and t.is_closing():
+            edge.tcp_stats.send_dropped += 1
+            return
+        if t is None:  # still connecting
+            if self.pending_bytes + len(payload) > MAX_PENDING:
+                edge.tcp_stats.send_dropped += 1
+                return
+            self.pending.append(payload)
+            self.pending_bytes += len(payload)
+            return
+        try:
+            t.write(payload)
+            edge.tcp_stats.messages_out += 1
+            self.last_active = edge.clock()
+            if t.get_write_buffer_size() > MAX_WRITE_BUFFER:
+                self.shut("write_buffer")
+        except Exception as exc:  # noqa: BLE001
+            edge.tcp_stats.send_dropped += 1
+            self._failed(exc)
+
+    def shut(self, reason: str) -> None:
+        """Close now (what is unsent is dropped) and count why. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        edge = self.edge
+        edge.tcp_stats.closed[reason] += 1
+        if self.pending:
+            edge.tcp_stats.send_dropped += len(self.pending)
+            self.pending, self.pending_bytes = [], 0
+        edge._forget(self)
+        if self.transport is not None:
+            self.transport.abort()
+        elif self.task is not None and not self.task.done() and reason != "connect_failed":
+            self.task.cancel()
+
+    def _failed(self, exc: Exception) -> None:
+        try:
+            self.edge.stats.internal_errors["datagram"] += 1
+            self.edge.last_error = f"{type(exc).__name__}: {exc}"[:300]
+            self.shut("error")
+        except Exception:  # noqa: BLE001
+            pass
+
+
+async def _connect_from(loop, local: Addr | None, dest: Addr) -> socket.socket | None:
+    """A connected non-blocking socket toward ``dest``; bound to ``local`` when given (None when
+    that address cannot be used, e.g. the same connection's old one is still in TIME_WAIT)."""
+    family = socket.AF_INET6 if ":" in dest[0] else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        if local is not None:
+            if (":" in local[0]) != (family == socket.AF_INET6):
+                sock.close()
+                return None
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if hasattr(socket, "SO_REUSEPORT"):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(local)
+        await asyncio.wait_for(loop.sock_connect(sock, dest), CONNECT_TIMEOUT)
+        return sock
+    except OSError as exc:
+        sock.close()
+        if local is not None and exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EINVAL):
+            return None
+        raise
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _keepalive(sock: socket.socket) -> None:
+    """TCP keep-alive: a peer that vanished (half-open) is found within about two minutes."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for name, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 6)):
+            opt = getattr(socket, name, None)
+            if opt is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, opt, value)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass
+
+
+def _raise_fd_limit(want: int) -> None:
+    """Room for ``want`` descriptors when the hard limit allows (one per connection)."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < want:
+            new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
+__all__ = ["TcpEdge", "TcpStats", "CLOSE_REASONS"]

@@ -1,0 +1,73 @@
+"""The SIP-over-TCP framer (sans-IO): messages out of a byte stream however it is cut, every
+limit holding against a hostile stream."""
+from __future__ import annotations
+
+from hypothesis import given, settings, strategies as st
+
+from sipwatch.framing import MAX_MESSAGE, StreamFramer
+from sipwatch.sipmsg import parse
+from sipwatch.stats import DROP_BAD_CONTENT_LENGTH, DROP_NOT_SIP, DROP_TOO_LARGE
+
+from test_core import invite
+
+OK = (b"SIP/2.0 200 OK\r\nVia: SIP/2.0/TCP 10.0.0.1:5070;branch=z9hG4bK1\r\nFrom: <sip:a@x>;tag=1\r\n"
+      b"To: <sip:b@y>;tag=2\r\nCall-ID: c1\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n")
+
+
+def test_messages_keepalives_and_pong():
+    f = StreamFramer()
+    stream = b"\r\n\r\n" + invite() + OK + b"\r\n" + invite(body=b"") + b"\r\n\r\n"
+    out = f.feed(stream)
+    assert out == [invite(), OK, invite(body=b"")]
+    assert f.pings == 2 and f.keepalives == 3 and not f.partial and f.error is None
+    assert parse(out[0]).body == parse(invite()).body
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 97), min_size=1, max_size=80))
+def test_any_cut_gives_the_same_messages(sizes):
+    stream = (invite() + OK) * 3
+    f = StreamFramer()
+    out, pos, i = [], 0, 0
+    while pos < len(stream):
+        n = sizes[i % len(sizes)]
+        out += f.feed(stream[pos:pos + n])
+        pos, i = pos + n, i + 1
+    assert out == [invite(), OK] * 3 and f.error is None and not f.partial
+
+
+def test_byte_at_a_time_costs_linear_work():
+    """A slowloris sender: each byte is one short search from where the last one stopped."""
+    f = StreamFramer()
+    msg = invite(extra=b"X-Pad: " + b"p" * 8000)
+    out = []
+    for b in msg:
+        out += f.feed(bytes([b]))
+    assert out == [msg]
+
+
+def test_faults_close_the_stream_after_the_good_messages():
+    cases = [
+        (OK.replace(b"Content-Length: 0\r\n", b""), DROP_BAD_CONTENT_LENGTH),  # required on streams
+        (OK.replace(b"Content-Length: 0", b"Content-Length: 0\r\nl: 0"), DROP_BAD_CONTENT_LENGTH),
+        (OK.replace(b"Content-Length: 0", b"Content-Length: x"), DROP_BAD_CONTENT_LENGTH),
+        (OK.replace(b"Content-Length: 0", b"Content-Length: %d" % (MAX_MESSAGE + 1)), DROP_TOO_LARGE),
+        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", DROP_NOT_SIP),
+        (b"OPTIONS sip:x SIP/2.0\r\n" + b"X-A: b\r\n" * 5000, DROP_TOO_LARGE),  # endless headers
+        (b"\x16\x03\x01" + b"\x00" * 5000, DROP_NOT_SIP),  # a TLS hello on the SIP port
+    ]
+    for bad, reason in cases:
+        f = StreamFramer()
+        assert f.feed(OK + bad + OK) == [OK]
+        assert f.error is not None and f.error.reason == reason, bad[:40]
+        assert f.feed(OK) == [] and len(f.buf) == 0  # nothing more is taken
+
+
+def test_buffer_stays_bounded():
+    f = StreamFramer()
+    head = b"INVITE sip:x SIP/2.0\r\nContent-Length: 60000\r\n\r\n"
+    out = f.feed(head)
+    for _ in range(60):
+        out += f.feed(b"y" * 1000)
+        assert len(f.buf) <= MAX_MESSAGE
+    assert out == [head + b"y" * 60000] and f.error is None and not f.partial

@@ -1,0 +1,183 @@
+"""The core across transports, driven directly (no sockets): what RFC 3261 §18, RFC 5658 and
+RFC 5923 ask of a proxy that takes SIP over UDP and TCP, checked on the bytes it emits."""
+from __future__ import annotations
+
+from sipwatch.core import UDP_MTU_LIMIT, CoreConfig, ProxyCore
+from sipwatch.sipmsg import parse, parse_via, split_values, uri_hostport
+from sipwatch.stats import DROP_TOO_LARGE
+
+from test_core import GATEWAY, SIDECAR, SIGNALING, T0, invite, response_to
+
+GW_TCP = ("10.0.0.1", 40123)  # a gateway's TCP connection: an ephemeral source port
+
+
+def make(upstream_transport="udp", record_route=True):
+    return ProxyCore(CoreConfig(advertise=SIDECAR, upstream=SIGNALING, timer_b=32.0,
+                                upstream_transport=upstream_transport, record_route=record_route,
+                                secret=b"k"))
+
+
+def tcp_invite(**kw):
+    return invite(**kw).replace(b"SIP/2.0/UDP 10.0.0.1:5070", b"SIP/2.0/TCP 10.0.0.1:5070")
+
+
+def one(out):
+    assert len(out) == 1, out
+    return out[0]
+
+
+def vias(data):
+    msg = parse(data)
+    return [parse_via(v) for line in msg.get_all(b"via") for v in split_values(line)]
+
+
+def record_routes(data):
+    return parse(data).get_all(b"record-route")
+
+
+def callee_routes(data):
+    """The route set a UAS builds from the Record-Route of the request it received (§12.1.1)."""
+    return record_routes(data)
+
+
+def caller_routes(data):
+    """The route set the UAC builds from the 2xx's Record-Route: reversed (§12.1.2)."""
+    return list(reversed(record_routes(data)))
+
+
+def in_dialog(method, routes, ruri, via, call_id=b"call-1@gw", cseq=2, from_tag=b"from-1",
+              to_tag=b"uas-1", swap=False):
+    frm = b"<sip:+15557654321@10.0.0.1>;tag=" + from_tag
+    to = b"<sip:+15551234567@10.0.0.3>;tag=" + to_tag
+    if swap:
+        frm, to = to, frm
+    head = [method + b" " + ruri + b" SIP/2.0", b"Via: " + via, b"Max-Forwards: 70",
+            b"From: " + frm, b"To: " + to, b"Call-ID: " + call_id, b"CSeq: %d %s" % (cseq, method)]
+    if routes:
+        head.append(b"Route: " + b", ".join(routes))
+    head.append(b"Content-Length: 0")
+    return b"\r\n".join(head) + b"\r\n\r\n"
+
+
+def test_udp_path_unchanged_and_says_udp():
+    core = make()
+    data, dest = one(core.receive_datagram(invite(), GATEWAY, T0))
+    assert dest == SIGNALING and not core.out_tcp
+    assert vias(data)[0].transport == b"UDP"
+    assert record_routes(data) == [b"<sip:10.0.0.2:5060;lr;sw=%s>" % record_routes(data)[0][-13:-1]]
+
+
+def test_tcp_to_tcp_via_token_single_record_route_and_reply_on_the_connection():
+    core = make("tcp")
+    data, dest = one(core.receive_stream(tcp_invite(), GW_TCP, T0))
+    assert dest == SIGNALING and core.out_tcp
+    core.out_tcp = False
+    top, sender = vias(data)[:2]
+    assert top.transport == b"TCP" and (top.host, top.port) == (b"10.0.0.2", 5060)
+    # §18.2.2: responses take the connection; rport/received name it for a stateless proxy
+    assert sender.params[b"rport"] == b"40123"
+    rr = record_routes(data)
+    assert len(rr) == 1
+    host, port, params = uri_hostport(rr[0])
+    assert (host, port, params[b"transport"]) == (b"10.0.0.2", 5060, b"tcp") and b"lr" in params
+    # RFC 5923 alias: the sender's sent-by on its connection's IP
+    assert core.tcp_alias == ("10.0.0.1", 5070)
+    resp, to = one(core.receive_stream(response_to(data, 200), SIGNALING, T0 + 0.05))
+    assert to == GW_TCP and core.out_tcp  # back on the gateway's connection
+    assert len(vias(resp)) == 1
+
+
+def test_udp_to_tcp_double_record_route_and_in_dialog_both_ways():
+    core = make("tcp")
+    data, dest = one(core.receive_datagram(invite(), GATEWAY, T0))
+    assert dest == SIGNALING and core.out_tcp
+    core.out_tcp = False
+    assert vias(data)[0].transport == b"TCP"
+    rr = record_routes(data)
+    assert len(rr) == 2  # RFC 5658: one for each side, the next hop's on top
+    top_rr, bottom_rr = (uri_hostport(v) for v in rr)
+    assert top_rr[2].get(b"transport") == b"tcp" and b"transport" not in bottom_rr[2]
+    assert top_rr[:2] == bottom_rr[:2] == (b"10.0.0.2", 5060)
+    ok, to = one(core.receive_stream(response_to(data, 200), SIGNALING, T0 + 0.05))
+    assert to == GATEWAY and not core.out_tcp  # the gateway spoke UDP
+    # the callee hangs up: its route set is the Record-Route as received
+    bye = in_dialog(b"BYE", callee_routes(data), b"<sip:alice@10.0.0.1:5070>",
+                    b"SIP/2.0/TCP 10.0.0.3:5080;branch=z9hG4bK-uas-bye", swap=True)
+    fwd, to = one(core.receive_stream(bye, SIGNALING, T0 + 1))
+    assert to == GATEWAY and not core.out_tcp, "toward the UDP gateway: UDP"
+    assert parse(fwd).get(b"route") is None  # both of our entries removed
+    assert vias(fwd)[0].transport == b"UDP"
+    # the caller's in-dialog request (ACK) follows its reversed route set back to signaling
+    ack = in_dialog(b"ACK", caller_routes(ok), b"<sip:bob@10.0.0.3:5080;transport=tcp>",
+                    b"SIP/2.0/UDP 10.0.0.1:5070;branch=z9hG4bK-ack")
+    fwd, to = one(core.receive_datagram(ack, GATEWAY, T0 + 0.1))
+    assert to == SIGNALING and core.out_tcp and vias(fwd)[0].transport == b"TCP"
+
+
+def test_tcp_to_udp_in_dialog_request_from_signaling_goes_back_over_tcp():
+    """The gateway's Contact names no transport: the sidecar's own Record-Route entry facing
+    the gateway (transport=tcp, RFC 5658) says how to reach it, also for a restarted sidecar."""
+    core = make("udp")
+    data, dest = one(core.receive_stream(tcp_invite(), GW_TCP, T0))
+    assert dest == SIGNALING and not core.out_tcp
+    assert vias(data)[0].transport == b"UDP"
+    rr = record_routes(data)
+    assert len(rr) == 2
+    assert b"transport" not in uri_hostport(rr[0])[2]  # facing signaling: UDP
+    assert uri_hostport(rr[1])[2][b"transport"] == b"tcp"  # facing the gateway
+    core.out_tcp = False
+    for c in (core, make("udp")):  # this sidecar, and one restarted with the same secret
+        bye = in_dialog(b"BYE", callee_routes(data), b"<sip:alice@10.0.0.1:5070>",
+                        b"SIP/2.0/UDP 10.0.0.3:5080;branch=z9hG4bK-uas-bye;rport", swap=True)
+        fwd, to = one(c.receive_datagram(bye, SIGNALING, T0 + 1))
+        assert to == ("10.0.0.1", 5070) and c.out_tcp
+        assert vias(fwd)[0].transport == b"TCP"
+        assert parse(fwd).get(b"route") is None
+
+
+def test_signed_route_still_required_over_tcp():
+    core = make("udp")
+    data, _ = one(core.receive_stream(tcp_invite(), GW_TCP, T0))
+    forged = [r.replace(b"sw=", b"sw=0") for r in callee_routes(data)]
+    bye = in_dialog(b"BYE", forged, b"<sip:alice@192.0.2.9:5070>",
+                    b"SIP/2.0/UDP 10.0.0.3:5080;branch=z9hG4bK-x;rport", swap=True)
+    out = make("udp").receive_datagram(bye, SIGNALING, T0 + 1)
+    assert [parse(d).status for d, _ in out] == [403]
+
+
+def test_large_request_from_udp_gateway_switches_to_tcp_only_when_upstream_takes_tcp():
+    big = invite(extra=b"Identity: " + b"x" * 3000)
+    assert len(big) > UDP_MTU_LIMIT
+    core = make("udp+tcp")
+    data, dest = one(core.receive_datagram(big, GATEWAY, T0))
+    assert dest == SIGNALING and core.out_tcp
+    assert vias(data)[0].transport == b"TCP"
+    assert len(record_routes(data)) == 2  # UDP on the gateway side, TCP toward signaling
+    assert parse(data).body == parse(big).body
+    small, _ = one(make("udp+tcp").receive_datagram(invite(), GATEWAY, T0))
+    assert vias(small)[0].transport == b"UDP"
+    plain = make("udp")
+    data, _ = one(plain.receive_datagram(big, GATEWAY, T0))
+    assert not plain.out_tcp and vias(data)[0].transport == b"UDP"  # as before: UDP up to 64 KB
+    pad = 65400 - len(invite(extra=b"Identity: "))
+    huge = invite(extra=b"Identity: " + b"x" * pad)
+    assert len(huge) == 65400  # fits a datagram, but not once the proxy's edits are added
+    out = plain.receive_datagram(huge, GATEWAY, T0)
+    assert [parse(d).status for d, _ in out] == [513] and plain.stats.dropped[DROP_TOO_LARGE] == 1
+    data, _ = one(make("udp+tcp").receive_datagram(huge, GATEWAY, T0))
+    assert len(data) > 65507 and parse(data, check_length=False).body == parse(huge).body
+
+
+def test_local_answers_go_back_over_the_connection():
+    core = make("udp")
+    core.draining = True
+    out = core.receive_stream(tcp_invite(), GW_TCP, T0)
+    assert [parse(d).status for d, _ in out] == [503]
+    assert out[0][1] == GW_TCP and core.out_tcp
+
+
+def test_tcp_requests_counted_by_transport():
+    core = make("udp")
+    core.receive_stream(tcp_invite(), GW_TCP, T0)
+    core.receive_datagram(invite(branch=b"z9hG4bK-2", call_id=b"c2"), GATEWAY, T0)
+    assert sum(core.stats.requests) == 2 and sum(core.stats.requests_tcp) == 1
