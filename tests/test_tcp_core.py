@@ -181,3 +181,32 @@ def test_tcp_requests_counted_by_transport():
     core.receive_stream(tcp_invite(), GW_TCP, T0)
     core.receive_datagram(invite(branch=b"z9hG4bK-2", call_id=b"c2"), GATEWAY, T0)
     assert sum(core.stats.requests) == 2 and sum(core.stats.requests_tcp) == 1
+
+
+def test_upstream_flag_takes_kamailio_style_transport():
+    import pytest
+
+    from sipwatch.config import ConfigError, settings_from
+    env: dict = {}
+    s = settings_from(["--upstream", "tcp:127.0.0.1:5080"], env)
+    assert (s.upstream, s.upstream_transport, s.tcp) == (("127.0.0.1", 5080), "tcp", True)
+    s = settings_from(["--upstream", "udp:[::1]:5080"], env)
+    assert (s.upstream, s.upstream_transport) == (("::1", 5080), "udp")
+    assert settings_from(["--upstream", "127.0.0.1", "--upstream-tcp"], env).upstream_transport == "udp+tcp"
+    assert settings_from(["--upstream", "127.0.0.1"], {"SIPWATCH_NO_TCP": "true"}).tcp is False
+    for argv, words in ((["--upstream", "tls:127.0.0.1:5061"], "not supported"),
+                        (["--upstream", "tcp:127.0.0.1:5080", "--no-tcp"], "--no-tcp"),
+                        (["--upstream", "127.0.0.1", "--tcp-max-connections", "0"], "--tcp-max-connections")):
+        with pytest.raises(ConfigError, match=words):
+            settings_from(argv, env)
+
+
+def test_own_via_shortcut_over_tcp_agrees_with_parse_via():
+    from sipwatch.core import BRANCH_PREFIX
+    core = make()
+    branch = BRANCH_PREFIX + b"0123456789ab.ba9876543210"
+    ours = b"SIP/2.0/TCP 10.0.0.2:5060;branch=" + branch + b";rport"
+    assert core._own_branch(ours) == branch == parse_via(ours).branch
+    for other in (ours.replace(b"TCP", b"TLS"), ours.replace(b"5060", b"5061"), ours + b";alias",
+                  ours.replace(b"TCP 10.0.0.2", b"TCP 10.0.0.20")):
+        assert core._own_branch(other) is None  # general path decides
