@@ -710,7 +710,8 @@ class ProxyCore:
         if direction == FROM_GATEWAY:
             self._saw_gateway(src[0], now)
         self.tracker.response(key, status, now, to_tag)
-        if not next_raw.startswith(b"SIP/2.0/UDP") and parse_via(next_raw).transport == b"TCP":
+        if not next_raw.startswith(b"SIP/2.0/UDP") and (
+                next_raw.startswith(b"SIP/2.0/TCP") or parse_via(next_raw).transport == b"TCP"):
             self.out_tcp = True  # the request came over TCP: so goes its response (§18.2.2)
         return [(msg.to_bytes(), reply)]
 

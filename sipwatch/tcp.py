@@ -98,6 +98,7 @@ class TcpEdge:
         self.last_error: str | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._closing = False
+        self.now = clock()  # when the message being handled arrived (stamps writes as activity)
 
     # -- setup ---------------------------------------------------------------------------
     async def open(self, listen: Addr) -> None:
@@ -130,15 +131,13 @@ class TcpEdge:
         """One whole message off ``conn``. Never raises."""
         core = self.core
         try:
-            now = self.clock()
+            now = self.now = self.clock()
             src = conn.peer
             self.tcp_stats.messages_in += 1
             out = core.receive_stream(data, src, now)
             alias = core.tcp_alias
-            if alias is not None and alias != src and len(conn.aliases) < MAX_ALIASES \
-                    and alias not in conn.aliases and self.by_addr.get(alias) is None:
-                conn.aliases.append(alias)
-                self.by_addr[alias] = conn
+            if alias is not None and alias != src:
+                self._alias(conn, alias)
             tcp = core.out_tcp
             core.out_tcp = False
             tap = self.wiretap
@@ -155,6 +154,19 @@ class TcpEdge:
             core.out_tcp = False
             self.stats.internal_errors["datagram"] += 1
             self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+
+    def _alias(self, conn: "_Conn", alias: Addr) -> None:
+        """Requests toward ``alias`` (the sent-by a peer wrote, on its connection's IP) take
+        ``conn``, the newest connection that claimed it; never the upstream's address, nor an
+        address that is another connection's own peer."""
+        old = self.by_addr.get(alias)
+        if old is conn or alias == self.upstream or (old is not None and old.peer == alias):
+            return
+        if alias not in conn.aliases:
+            if len(conn.aliases) >= MAX_ALIASES:
+                return
+            conn.aliases.append(alias)
+        self.by_addr[alias] = conn
 
     # -- messages out --------------------------------------------------------------------
     def send(self, payload: bytes, dest: Addr, via: "_Conn | None" = None) -> None:
@@ -347,7 +359,7 @@ class _Conn(asyncio.Protocol):
         try:
             t.write(payload)
             edge.tcp_stats.messages_out += 1
-            self.last_active = edge.clock()
+            self.last_active = edge.now
             if t.get_write_buffer_size() > MAX_WRITE_BUFFER:
                 self.shut("write_buffer")
         except Exception as exc:  # noqa: BLE001

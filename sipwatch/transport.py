@@ -92,6 +92,8 @@ class UdpEdge:
             for payload, dest in out:
                 tap(payload, None, dest, now, "tcp")
         tcp = self.tcp
+        if tcp is not None:
+            tcp.now = now
         for payload, dest in out:
             if tcp is not None:
                 tcp.send(payload, dest)
