@@ -29,9 +29,10 @@ MAX_MESSAGE = 65535  # bytes: the same cap as a UDP datagram, so one core serves
 MAX_HEADER = 16384  # bytes of start line and header fields
 MAX_START_LINE = 4200  # bytes before the first line end (a request URI of up to 4096)
 
-_START = re.compile(rb"(?:[A-Za-z]{1,32} [^ \r\n]{1,4096} SIP/2\.0|SIP/2\.0 [0-9]{3})[ \r\n]")
+# a whole start line (matched up to its first LF): request line, or status line with any reason
+_START = re.compile(rb"(?:[A-Za-z]{1,32} [\x21-\x7e\x80-\xff]{1,4096} SIP/2\.0|SIP/2\.0 [0-9]{3}(?: [^\r\n]*)?)\r?\n")
 # Content-Length lines of a header section (compact form ``l``); the value is checked apart
-_CLEN = re.compile(rb"(?im)^(?:content-length|l)[ \t]*:[ \t]*([^\r\n]*)")
+_CLEN = re.compile(rb"(?im)^(?:content-length|l)[ \t]*:[ \t]*([^\n]*)")
 
 
 class FramingError(ValueError):
@@ -140,7 +141,10 @@ class StreamFramer:
             raise FramingError("no Content-Length (required on streams)", DROP_BAD_CONTENT_LENGTH)
         if len(found) > 1:
             raise FramingError("more than one Content-Length", DROP_BAD_CONTENT_LENGTH)
-        value = found[0].strip()
+        value = found[0]
+        if value.endswith(b"\r"):
+            value = value[:-1]
+        value = value.rstrip(b" \t")  # the whole line: a stray CR or byte in it is refused
         if not value.isdigit() or len(value) > 9:
             raise FramingError(f"bad Content-Length {value[:20]!r}", DROP_BAD_CONTENT_LENGTH)
         total = end + sep + int(value)
