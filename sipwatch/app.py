@@ -83,6 +83,7 @@ class ProxyApp:
         self.core = ProxyCore(CoreConfig(
             advertise=settings.advertise, upstream=settings.upstream,
             record_route=settings.record_route, trace_header=settings.trace_header,
+            correlation_headers=getattr(settings, "correlation_headers", "X-CID,Session-ID"),
             sample_ratio=ratio, timer_b=settings.timer_b,
             timer_c=getattr(settings, "timer_c", 180.0), secret=secret,
             allow_next_hop=tuple(getattr(settings, "allow_next_hop", ())),
@@ -127,6 +128,7 @@ class ProxyApp:
                       advertise=f"{s.advertise[0]}:{s.advertise[1]}",
                       gateway_metrics=_fmt(s.gateway_metrics), signaling_metrics=_fmt(s.signaling_metrics),
                       record_route=s.record_route, trace_header=s.trace_header,
+                      correlation_headers=getattr(s, "correlation_headers", None),
                       tracing=self.spans is not None, event_loop=type(loop).__module__.split(".")[0],
                       upstream_socket="connected" if self.edge.upstream_tx else "shared",
                       drain_timeout=getattr(s, "drain_timeout", 25.0),

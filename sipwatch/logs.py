@@ -240,8 +240,28 @@ def call_summary_fields(call, mask_mode: str = "partial", rtp: list[dict] | None
         "ended_by": getattr(call, "ended_by", None),
         "transactions": txs,
     }
+    group = getattr(call, "group", None)
+    if group is not None:
+        out.update(leg_fields(call, group, call_id_mask))
     if rtp is not None:
         out["rtp"] = rtp
+    return out
+
+
+def leg_fields(call, group, call_id_mask=None) -> dict:
+    """A B2BUA leg's place in its call: ``correlation_id`` (the first leg's Call-ID, masked as
+    Call-IDs are, the same in every leg's summary), ``legs`` (every leg's Call-ID, first leg
+    first, as known when this summary was written), ``leg`` (this one's place, 1-based); a leg
+    that joined also says by which header and how long the B2BUA took to place it
+    (``b2bua_leg_setup_ms``: the named leg's INVITE to this leg's INVITE)."""
+    def show(cid: bytes):
+        return call_id_mask(cid) if call_id_mask is not None else cid.decode("utf-8", "replace")
+
+    ids = list(group.call_ids)
+    out = {"correlation_id": show(ids[0]), "legs": [show(c) for c in ids], "leg": call.leg}
+    if call.joined_by:
+        out["correlated_by"] = call.joined_by
+        out["b2bua_leg_setup_ms"] = _ms(call.gap_start, call.t_start)
     return out
 
 

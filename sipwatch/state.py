@@ -28,6 +28,10 @@ so both compute figures with the same code. Nothing here reads a clock or touche
   entry only), which is skipped; stale copies are compacted away when they outnumber the live entries, so every
   deque stays within a constant factor of its table. (Capture timestamps that go backwards
   make an entry expire at most that much late; the proxy's clock is monotonic.)
+* B2BUA legs: a new dialog whose correlation header (sipwatch.correlation) names an open call
+  it may join (:meth:`Tracker.may_join`) becomes a further leg of it (:meth:`Tracker.join_leg`):
+  the legs share a :class:`LegGroup` of Call-IDs. Session-ID / icid keys live in
+  ``Tracker.corr_index`` (capped at ``max_calls``) and leave with their call.
 * Both tables are capped. When one is full, the entry that makes room is one that already ended
   (the oldest to end first); only when none has ended, the least recently active live entry is
   evicted (counted, and a live call's record is still emitted with ``ended_by="evicted"``).
@@ -47,9 +51,14 @@ from itertools import count
 # state is freed by reference counting, never waits for the cyclic garbage collector).
 _TOKENS = count(1)
 
-from .stats import ANSWERED, BYE, CANCEL, CANCELLED, INVITE, TIMEOUT, Stats, outcome_of
+from .correlation import HEADER_NAMES as CORRELATION_HEADERS, KINDS as CORRELATION_KINDS, MALFORMED, XCID, key_of
+from .stats import (
+    ANSWERED, BYE, CANCEL, CANCELLED, CORR_JOINED, CORR_MALFORMED, CORR_REFUSED, CORR_UNMATCHED, INVITE, TIMEOUT,
+    Stats, outcome_of,
+)
 
 MAX_TX_PER_CALL = 64
+MAX_LEGS = 16  # legs joined into one group; more start traces of their own (counted refused)
 MAX_FORK_TAGS = 16  # To-tags of 2xx answers remembered per INVITE (more are each counted a fork)
 COMPACT_SLACK = 1024  # stale deque entries tolerated beyond the table size before compacting
 
@@ -104,7 +113,8 @@ class Call:
         "call_id", "trace_id", "span_id", "parent_span_id", "sampled", "t_start", "t_setup",
         "t_answer", "t_final", "t_end", "status", "outcome", "cancelled", "finished",
         "transactions", "retrans", "from_uri", "to_uri", "ruri", "deadline", "is_call", "rtp",
-        "ended_by", "invite_cseq", "qentry", "holders",
+        "ended_by", "invite_cseq", "qentry", "holders", "group", "leg", "joined_by", "gap_span_id",
+        "gap_start", "gap_parent", "corr_keys",
     )
 
     def __init__(self, call_id, trace_id, span_id, parent_span_id, sampled, now, deadline,
@@ -139,6 +149,16 @@ class Call:
         # of the call record (the call summary). The last to let go empties the list, so a call
         # is freed by reference counting. 0: kept (capture analysis reads them at the end).
         self.holders = 0
+        # B2BUA legs (see LegGroup): the group this call is a leg of (None: a call on its own), its
+        # 1-based place in it, the header that joined it, and for a joined leg the span of the
+        # B2BUA's own latency (the named leg's INVITE at ``gap_start`` until this leg's INVITE)
+        self.group: LegGroup | None = None
+        self.leg = 0
+        self.joined_by: str | None = None
+        self.gap_span_id = 0
+        self.gap_start = 0.0
+        self.gap_parent = 0  # the named leg's call span: parent of this leg's call and B2BUA spans
+        self.corr_keys: list[bytes] | None = None  # correlation index keys that name this call
 
     def let_go(self) -> None:
         """One holder is done with the call's transactions (see ``holders``)."""
@@ -146,6 +166,17 @@ class Call:
         self.holders = h
         if h == 0:
             self.transactions = []
+
+
+class LegGroup:
+    """The legs of one call through a B2BUA: the first leg's Call-ID and every leg's, in the order
+    they joined (at most ``MAX_LEGS``). Shared by the legs' Call objects; holds only bytes, so it
+    adds no reference cycle."""
+
+    __slots__ = ("call_ids",)
+
+    def __init__(self, first: bytes):
+        self.call_ids: list[bytes] = [first]
 
 
 # timer entries: (deadline, object, token); an entry whose token is not the object's qentry is stale
@@ -185,6 +216,10 @@ class Tracker:
         # consumed (Call.holders), so nothing here needs the cyclic garbage collector
         self.release = False
         self.compactions = 0  # times the deadline deques were rebuilt (amortised O(1) each)
+        # B2BUA correlation: Session-ID pair / icid keys -> the call whose initial INVITE carried
+        # them first; at most one key per kind per call, at most max_calls keys, each removed when
+        # its call leaves the table (X-CID needs no index: it names a Call-ID of ``calls``)
+        self.corr_index: dict[bytes, Call] = {}
 
     # -- calls -------------------------------------------------------------------------
     def find_call(self, call_id: bytes) -> Call | None:
@@ -263,6 +298,94 @@ class Tracker:
         self.stats.evicted_calls += 1
         self._finish_call(call, now, "evicted")
         self._left(call)
+
+    # -- B2BUA legs ----------------------------------------------------------------------
+    def correlate(self, kinds: tuple[int, ...], msg, names: list[bytes], call_id: bytes, src: tuple[str, int],
+                  keys: list[bytes]) -> tuple[Call | None, str]:
+        """The call a new dialog's correlation headers (``kinds``, sipwatch.correlation) name and
+        may join, and by which header (the first configured one that names one wins); ``keys``
+        gets the Session-ID / icid keys to index for the new call (:meth:`index_call`). Each
+        header present is counted by result in ``stats.correlation``. Only ``in names`` tests
+        for a message without them."""
+        counts = self.stats.correlation
+        named: Call | None = None
+        by = ""
+        for kind in kinds:
+            hname = CORRELATION_HEADERS[kind]
+            if hname not in names:
+                continue
+            key = key_of(kind, msg.value_at(names.index(hname)))
+            if key == MALFORMED:
+                counts[kind * 4 + CORR_MALFORMED] += 1
+                continue
+            if kind != XCID:
+                keys.append(key)
+            if named is not None:
+                continue
+            found = self.correlated_call(key, kind == XCID)
+            if found is None or (kind == XCID and key == call_id):
+                counts[kind * 4 + CORR_UNMATCHED] += 1
+            elif not self.may_join(found, src):
+                counts[kind * 4 + CORR_REFUSED] += 1
+            else:
+                counts[kind * 4 + CORR_JOINED] += 1
+                named, by = found, CORRELATION_KINDS[kind]
+        return named, by
+
+    def correlated_call(self, key: bytes, by_call_id: bool) -> Call | None:
+        """The call a correlation key names: a Call-ID (X-CID) in the call table, else an index key."""
+        if by_call_id:
+            return self.calls.get(key)
+        return self.corr_index.get(key)
+
+    def may_join(self, named: Call, src: tuple[str, int]) -> bool:
+        """Whether a new leg sent from ``src`` may join ``named``: an INVITE dialog still open,
+        whose group has room, whose initial INVITE was sent *to* that party (a B2BUA places leg B
+        from where it received leg A; anyone else naming the call starts a trace of its own).
+        The proxy knows the address it sent to and compares address and port; a capture compares
+        the host (a B2BUA over TCP sends from another port than it listens on)."""
+        if not named.is_call or named.finished:
+            return False
+        group = named.group
+        if group is not None and len(group.call_ids) >= MAX_LEGS:
+            return False
+        for tx in named.transactions:
+            if tx.initial_invite:
+                peer = tx.peer
+                # the proxy records the next hop (ip, port); a capture (sender, receiver[, transport])
+                if isinstance(peer[0], tuple):
+                    if peer[1][0] == src[0]:
+                        return True
+                elif peer[0] == src[0] and peer[1] == src[1]:
+                    return True
+        return False
+
+    def join_leg(self, call: Call, named: Call, by: str, gap_span_id: int) -> None:
+        """``call`` (a new dialog) is a further leg of ``named``'s call."""
+        group = named.group
+        if group is None:
+            group = LegGroup(named.call_id)
+            named.group = group
+            named.leg = 1
+        group.call_ids.append(call.call_id)
+        call.group = group
+        call.leg = len(group.call_ids)
+        call.joined_by = by
+        call.gap_span_id = gap_span_id
+        call.gap_start = named.t_start
+        call.gap_parent = named.span_id
+
+    def index_call(self, call: Call, key: bytes) -> None:
+        """Remember that ``call``'s initial INVITE carried ``key`` (the first call to carry a key
+        keeps it; a full index takes no more)."""
+        index = self.corr_index
+        if key in index or len(index) >= self.max_calls:
+            return
+        index[key] = call
+        if call.corr_keys is None:
+            call.corr_keys = [key]
+        else:
+            call.corr_keys.append(key)
 
     # -- transactions ------------------------------------------------------------------
     def request(self, key, midx, method, cseq, call: Call, now, span_id, parent_span_id,
@@ -449,6 +572,13 @@ class Tracker:
 
     def _left(self, call: Call) -> None:
         """``call`` is no longer in the table."""
+        keys = call.corr_keys
+        if keys is not None:
+            index = self.corr_index
+            for k in keys:
+                if index.get(k) is call:
+                    del index[k]
+            call.corr_keys = None
         if self.release:
             call.let_go()
 

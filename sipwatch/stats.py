@@ -46,6 +46,12 @@ DROP_REASONS = (
  DROP_BAD_VIA, DROP_TOO_MANY_HEADERS, DROP_OUT_OF_RANGE, DROP_TOO_LARGE, DROP_STRAY_RESPONSE,
  DROP_NEXT_HOP_DENIED, DROP_UNROUTABLE, DROP_INTERNAL_ERROR) = range(len(DROP_REASONS))
 
+# What became of a correlation header on an initial INVITE (``sip_correlation_total{header,result}``,
+# header = sipwatch.correlation.KINDS): joined the call it names, named no call seen, named a call
+# it may not join (ended, another party's, group full), or had no usable value.
+CORRELATION_RESULTS = ("joined", "unmatched", "refused", "malformed")
+CORR_JOINED, CORR_UNMATCHED, CORR_REFUSED, CORR_MALFORMED = range(4)
+
 # Components that catch and count their own failures (``sipwatch_internal_errors_total``).
 COMPONENTS = ("datagram", "send", "tick", "log", "metrics", "spans")
 
@@ -156,5 +162,6 @@ class Stats:
         self.drain_rejected = 0  # new dialogs answered 503 while draining
         self.overload_rejected = 0  # new dialogs answered 503 while the receive queues were long
         self.overloaded = False  # mirrors ProxyCore.overloaded for the metrics
+        self.correlation = [0] * (3 * len(CORRELATION_RESULTS))  # [kind * 4 + CORR_*]
         self.ring = RttRing(ring_size)
         # call histograms (seconds) are fed from finished-call records off the hot path

@@ -18,7 +18,8 @@ import pytest
 
 from compiled import ROOT, build
 
-CORE_TESTS = ["tests/test_core.py", "tests/test_hardening.py", "tests/test_state.py", "tests/test_hotpath.py"]
+CORE_TESTS = ["tests/test_core.py", "tests/test_hardening.py", "tests/test_state.py", "tests/test_hotpath.py",
+              "tests/test_correlation.py"]
 SIPP_TESTS = ["tests/test_proxy_sipp.py"]
 
 
