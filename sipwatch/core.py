@@ -35,7 +35,7 @@ from .sipmsg import (
     KEEPALIVE_MAX, SipMessage, SipParseError, Via, header_tag, is_sip_keepalive, parse, parse_via,
     split_values, uri_hostport,
 )
-from .correlation import DEFAULT as DEFAULT_CORRELATION, parse_kinds
+from .correlation import DEFAULT as DEFAULT_CORRELATION, HEADER_NAMES as CORRELATION_HEADERS, parse_kinds
 from .state import Call, Tracker
 from .stats import (
     ACK, CANCEL, DROP_BAD_CONTENT_LENGTH, DROP_INTERNAL_ERROR, DROP_MISSING_HEADER,
@@ -172,6 +172,8 @@ class ProxyCore:
             [n.lower() for n in stamped if n.lower() != TRACE_ID_HEADER] + [b"traceparent", b"x-traceparent"]))
         self.trace_lname = lname
         self.corr_kinds: tuple[int, ...] = parse_kinds(config.correlation_headers)
+        # what a new dialog may carry beyond traceparent: one set test rules all of it out
+        self.new_dialog_names = frozenset([CORRELATION_HEADERS[k] for k in self.corr_kinds] + [TRACE_ID_HEADER])
 
     # -- entry points ------------------------------------------------------------------
     def receive_datagram(self, data: bytes, addr: Addr, now: float) -> list[tuple[bytes, Addr]]:
@@ -438,15 +440,17 @@ class ProxyCore:
         names: list[bytes] = msg.names
         named: Call | None = None
         by = ""
-        keys: list[bytes] = []
-        if is_call and self.corr_kinds:
-            named, by = self.tracker.correlate(self.corr_kinds, msg, names, call_id, src, keys)
-        if incoming is None and TRACE_ID_HEADER in names:  # jambonz: a trace id, no parent span
-            tid = parse_trace_id(msg.value_at(names.index(TRACE_ID_HEADER)))
-            if tid is None:
-                self.stats.traceparent_invalid += 1
-            else:
-                incoming = (tid, 0, -1)
+        keys: list[bytes] | None = None
+        if not self.new_dialog_names.isdisjoint(names):
+            if is_call and self.corr_kinds:
+                keys = []
+                named, by = self.tracker.correlate(self.corr_kinds, msg, names, call_id, src, keys)
+            if incoming is None and TRACE_ID_HEADER in names:  # jambonz: a trace id, no parent span
+                tid = parse_trace_id(msg.value_at(names.index(TRACE_ID_HEADER)))
+                if tid is None:
+                    self.stats.traceparent_invalid += 1
+                else:
+                    incoming = (tid, 0, -1)
         ratio = self.config.sample_ratio
         if incoming is not None:
             trace_id, parent, flags = incoming
@@ -466,8 +470,9 @@ class ProxyCore:
         if named is not None:
             # the B2BUA's own latency gets a span only inside the named leg's trace
             tracker.join_leg(call, named, by, self._span_id() if trace_id == named.trace_id else 0)
-        for k in keys:
-            tracker.index_call(call, k)
+        if keys:
+            for k in keys:
+                tracker.index_call(call, k)
         return call
 
     def _span_id(self) -> int:

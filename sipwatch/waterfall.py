@@ -178,7 +178,7 @@ def render_ladder(trace: list[SpanRow]) -> str:
     msgs = []
     for s in trace:
         if s.kind == 1 and several:  # the B2BUA's own time between two legs' INVITEs
-            msgs.append((s.end_ns, f"{'':8}   B2BUA placed leg {s.attributes.get('sip.leg', '?')} "
+            msgs.append((s.end_ns - 1, f"{'':8}   B2BUA placed leg {s.attributes.get('sip.leg', '?')} "
                                    f"{_ms(s.end_ns - s.start_ns)} ms after leg "
                                    f"{leg_of.get(s.parent_span_id, '?')}'s INVITE"))
         if s.kind != 3:
