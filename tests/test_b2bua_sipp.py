@@ -14,6 +14,7 @@ lies in [B in - A out, B out - A in], however loaded the machine.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -42,7 +43,7 @@ TIMESTAMP_SLACK_S = 5e-6
 SPANS_PER_CALL = 9  # per leg: call, INVITE, ACK, BYE; plus the B2BUA leg setup span
 
 
-def b2bua_calls(tmp_path, n: int, uac_scenario: str, uac_extra=(), sidecar_extra=()):
+def b2bua_calls(tmp_path, n: int, uac_scenario: str, uac_extra=(), sidecar_extra=(), far_extra=()):
     far_port, b2bua_port = free_port(), free_port()
     pcap = tmp_path / "b2bua.pcap"
     spans_file = tmp_path / "spans.jsonl"
@@ -50,7 +51,7 @@ def b2bua_calls(tmp_path, n: int, uac_scenario: str, uac_extra=(), sidecar_extra
         with Sidecar(tmp_path, b2bua_port, "--otlp-endpoint", f"127.0.0.1:{rx.grpc_port}",
                      "--spans-file", str(spans_file), *sidecar_extra) as sc:
             with Dumpcap(pcap, f"udp port {sc.port}"):
-                far = Sipp(tmp_path, "uas_call_traced", far_port, None, n, None, "-trace_logs").start()
+                far = Sipp(tmp_path, "uas_call_traced", far_port, None, n, None, "-trace_logs", *far_extra).start()
                 b2bua = Sipp(tmp_path, "uas_b2bua", b2bua_port, None, n, None, "-trace_logs",
                              "-set", "far_port", str(far_port), "-d", str(B2BUA_DELAY_MS)).start()
                 time.sleep(0.3)
@@ -200,11 +201,17 @@ def test_x_cid_joins_leg_b_into_leg_a_trace(tmp_path):
 
 
 def test_session_id_pair_joins_legs(tmp_path):
+    """Also: --trace-header with two names stamps both (as the callee received them)."""
     n = 3
     prefix = secrets.token_hex(16)[:31]
     sc, sig, spans, spans_file, pcap, b2bua, far, ports = b2bua_calls(
         tmp_path, n, "uac_call_session_id", uac_extra=("-set", "sid_prefix", prefix),
-        sidecar_extra=("--mask-call-id", "none"))
+        sidecar_extra=("--mask-call-id", "none", "--trace-header", "traceparent,X-Traceparent"),
+        far_extra=("-trace_msg",))
+    received = "".join(f.read_text() for f in far.dir.glob("*_messages.log"))
+    stamped = re.findall(r"^traceparent: (\S+)", received, re.M)
+    assert len(stamped) == 3 * n  # INVITE, ACK, BYE of every leg B
+    assert re.findall(r"^X-Traceparent: (\S+)", received, re.M) == stamped
     wire = check_legs(n, "session-id", sc, sig, spans, pcap, b2bua, far, ports, lambda cid: cid)
     assert metric(sig, "sip_correlation_total", header="x-cid") == 0  # leg B carried no X-CID
     # leg A's Session-ID named no call before it: one unmatched per call, leg B's joined
