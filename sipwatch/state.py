@@ -239,7 +239,7 @@ class Tracker:
         self.max_transactions = max_transactions
         self.max_calls = max_calls
         self.max_call_duration = max_call_duration
-        self.transactions: dict[tuple[bytes, bytes], Transaction] = {}
+        self.transactions: dict[tuple, Transaction] = {}  # (branch, method); the observer keys per hop
         # insertion order = least recently active first (moved to the end on activity)
         self.calls: OrderedDict[bytes, Call] = OrderedDict()
         # (deadline, obj) FIFOs, one per timer kind, each with a constant delay
