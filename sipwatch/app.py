@@ -186,6 +186,7 @@ class ProxyApp:
             self.log.flush()  # the tick's lines in one write
         except Exception as exc:  # noqa: BLE001
             report("log", exc)
+        self.stats.log_lines_dropped = self.log.dropped_lines
         try:
             self._span_health()
             errors = self.stats.send_errors
@@ -505,7 +506,9 @@ def _fmt(addr):
 
 
 def run_proxy(settings: ProxySettings) -> int:
-    log = JsonLog(settings.service_name, mask_mode=settings.mask_numbers, level=settings.log_level)
+    # log lines go out from a writer thread: a stalled reader of stdout costs lines, not calls
+    log = JsonLog(settings.service_name, mask_mode=settings.mask_numbers, level=settings.log_level,
+                  background=True)
     loop = new_event_loop(log)
     try:
         app = ProxyApp(settings, log)
@@ -515,4 +518,5 @@ def run_proxy(settings: ProxySettings) -> int:
         return 1
     finally:
         loop.close()
+        log.close()
     return 0

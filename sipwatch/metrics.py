@@ -107,6 +107,7 @@ class GatewayCollector(_Guarded):
         yield CounterMetricFamily("sip_stray_responses", "Responses whose top Via was not this proxy's; dropped (RFC 3261 16.7).", value=s.stray_responses)
         yield CounterMetricFamily("sip_unroutable_requests", "Requests with no usable next hop.", value=s.unroutable)
         yield CounterMetricFamily("sipwatch_records_dropped", "Finished call/transaction records lost because exporters lagged.", value=s.records_dropped)
+        yield CounterMetricFamily("sipwatch_log_lines_dropped", "Log lines dropped because the reader of stdout fell behind (forwarding never waits for it).", value=getattr(s, "log_lines_dropped", 0))
         yield GaugeMetricFamily("sip_active_calls", "Answered calls not yet ended by BYE.", value=s.active_calls)
         yield GaugeMetricFamily("sipwatch_overloaded", "1 while new dialogs are shed (receive queues above the high-water mark).", value=int(s.overloaded))
         dropped = CounterMetricFamily("sip_dropped", "Datagrams not forwarded, by reason (a fixed set).", labels=["reason"])
