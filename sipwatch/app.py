@@ -125,7 +125,8 @@ class ProxyApp:
                           (self.metrics.signaling, self.settings.signaling_metrics)):
             if addr is not None:
                 self._servers.append(await serve_metrics(reg, addr[0], addr[1],
-                                                         on_error=self.errors.report))
+                                                         on_error=self.errors.report,
+                                                         ready=lambda: not self.draining))
         s = self.settings
         self.log.info("sipwatch proxy started", "started",
                       listen=f"{host}:{port}", upstream=f"{s.upstream[0]}:{s.upstream[1]}",

@@ -188,8 +188,10 @@ class Metrics:
 
 async def serve_metrics(registry: CollectorRegistry, host: str, port: int, on_error=None,
                         max_connections: int = MAX_CONNECTIONS,
-                        idle_timeout: float = IDLE_TIMEOUT) -> asyncio.AbstractServer:
-    """A minimal HTTP/1.1 server for /metrics (and /healthz) on the running loop.
+                        idle_timeout: float = IDLE_TIMEOUT, ready=None) -> asyncio.AbstractServer:
+    """A minimal HTTP/1.1 server for /metrics, /healthz (alive: the loop answers) and /readyz on
+    the running loop. ``ready()`` false (the proxy is draining) makes /readyz answer 503, so a
+    readiness probe takes the pod out of rotation while liveness stays green.
 
     It holds at most ``max_connections`` connections: when full, the oldest connection that has
     not sent its request yet is closed to make room (so idle or slow clients cannot lock out a
@@ -231,6 +233,11 @@ async def serve_metrics(registry: CollectorRegistry, host: str, port: int, on_er
                     body, ctype, status = b"metrics failed\n", "text/plain", "500 Internal Server Error"
             elif path == "/healthz":
                 body, ctype, status = b"ok\n", "text/plain", "200 OK"
+            elif path == "/readyz":
+                if ready is None or ready():
+                    body, ctype, status = b"ready\n", "text/plain", "200 OK"
+                else:
+                    body, ctype, status = b"draining\n", "text/plain", "503 Service Unavailable"
             else:
                 body, ctype, status = b"not found\n", "text/plain", "404 Not Found"
             writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
