@@ -6,14 +6,13 @@ forwarding stopped along with the logs."""
 from __future__ import annotations
 
 import os
-import subprocess
 import threading
 import time
 
 import orjson
 import pytest
 
-from harness import HAVE_SIPP, Sidecar, free_port, metric, run_call_pair, scrape
+from harness import HAVE_SIPP, Sidecar, free_port, metric, run_call_pair
 from sipwatch.logs import BackgroundWriter
 
 
@@ -57,38 +56,12 @@ def test_writer_queues_while_the_pipe_is_full_drops_past_its_bound_and_loses_not
     os.close(r)
 
 
-class _SidecarPipedStdout(Sidecar):
-    """The sidecar with its stdout on a pipe the test does not read until the end."""
-
-    def __enter__(self):
-        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     env=self.env, cwd=self.workdir)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError("sidecar exited")
-            try:
-                scrape(self.gw_metrics)
-                return self
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("sidecar did not come up")
-
-    def stop(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-        out = b""
-        if self.proc is not None:
-            out, _ = self.proc.communicate(timeout=30)
-        return out
-
-
 @pytest.mark.sipp
 @pytest.mark.skipif(not HAVE_SIPP, reason="needs SIPp (Debian sip-tester)")
 def test_calls_pass_while_nobody_reads_the_sidecars_stdout(tmp_path):
     n = 200  # ~200 KB of call summaries against a 64 KB pipe
     uas_port = free_port()
-    sc = _SidecarPipedStdout(tmp_path, uas_port)
+    sc = Sidecar(tmp_path, uas_port, pipe_stdout=True)
     with sc:
         uac_rc, uas_rc, uac, uas = run_call_pair(tmp_path, "uac_call", "uas_call", sc.port, uas_port, n,
                                                  rate=100)
@@ -97,6 +70,5 @@ def test_calls_pass_while_nobody_reads_the_sidecars_stdout(tmp_path):
         gw = sc.wait_for(lambda s: metric(s, "sip_calls_processed_total") >= n)
         assert metric(gw, "sip_calls_processed_total", outcome="answered") == n
         assert metric(gw, "sipwatch_log_lines_dropped_total") == 0  # 8 MB of room: all queued
-        out = sc.stop()
-    summaries = [orjson.loads(x) for x in out.splitlines() if b'"call_summary"' in x]
+    summaries = [orjson.loads(x) for x in sc.stdout_bytes.splitlines() if b'"call_summary"' in x]
     assert len(summaries) == n  # every line the pipe could not take at the time came out later
