@@ -113,6 +113,7 @@ class GatewayCollector(_Guarded):
         yield CounterMetricFamily("sip_stray_responses", "Responses whose top Via was not this proxy's; dropped (RFC 3261 16.7).", value=s.stray_responses)
         yield CounterMetricFamily("sip_unroutable_requests", "Requests with no usable next hop.", value=s.unroutable)
         yield CounterMetricFamily("sipwatch_records_dropped", "Finished call/transaction records lost because exporters lagged.", value=s.records_dropped)
+        yield CounterMetricFamily("sipwatch_log_lines_dropped", "Log lines dropped because the reader of stdout fell behind (forwarding never waits for it).", value=getattr(s, "log_lines_dropped", 0))
         yield GaugeMetricFamily("sip_active_calls", "Answered calls not yet ended by BYE.", value=s.active_calls)
         yield GaugeMetricFamily("sipwatch_overloaded", "1 while new dialogs are shed (receive queues above the high-water mark).", value=int(s.overloaded))
         dropped = CounterMetricFamily("sip_dropped", "Datagrams not forwarded, by reason (a fixed set).", labels=["reason"])
@@ -203,8 +204,10 @@ class Metrics:
 
 async def serve_metrics(registry: CollectorRegistry, host: str, port: int, on_error=None,
                         max_connections: int = MAX_CONNECTIONS,
-                        idle_timeout: float = IDLE_TIMEOUT) -> asyncio.AbstractServer:
-    """A minimal HTTP/1.1 server for /metrics (and /healthz) on the running loop.
+                        idle_timeout: float = IDLE_TIMEOUT, ready=None) -> asyncio.AbstractServer:
+    """A minimal HTTP/1.1 server for /metrics, /healthz (alive: the loop answers) and /readyz on
+    the running loop. ``ready()`` false (the proxy is draining) makes /readyz answer 503, so a
+    readiness probe takes the pod out of rotation while liveness stays green.
 
     It holds at most ``max_connections`` connections: when full, the oldest connection that has
     not sent its request yet is closed to make room (so idle or slow clients cannot lock out a
@@ -246,6 +249,11 @@ async def serve_metrics(registry: CollectorRegistry, host: str, port: int, on_er
                     body, ctype, status = b"metrics failed\n", "text/plain", "500 Internal Server Error"
             elif path == "/healthz":
                 body, ctype, status = b"ok\n", "text/plain", "200 OK"
+            elif path == "/readyz":
+                if ready is None or ready():
+                    body, ctype, status = b"ready\n", "text/plain", "200 OK"
+                else:
+                    body, ctype, status = b"draining\n", "text/plain", "503 Service Unavailable"
             else:
                 body, ctype, status = b"not found\n", "text/plain", "404 Not Found"
             writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)

@@ -202,7 +202,7 @@ class Observer:
             tracker.ack(midx, method, cseq_n, call, ts, self._span_id(), direction, hop)
             return
         key = (call_id, cseq_n, cseq_m, branch, src[0], dst[0])
-        transactions: dict = tracker.transactions  # keyed per hop here (a typed build checks keys)
+        transactions = tracker.transactions  # keyed per hop here
         tx = transactions.get(key)
         if tx is not None:
             tracker.retransmission(tx)

@@ -153,6 +153,7 @@ class Stats:
         self.calls = [0] * len(OUTCOMES)
         self.active_calls = 0
         self.records_dropped = 0  # finished records the exporters did not drain in time
+        self.log_lines_dropped = 0  # log lines the stdout writer dropped (its reader stalled)
         self.spans_exported = 0  # written by the span exporter thread (single writer)
         self.spans_dropped = 0
         self.dropped = [0] * len(DROP_REASONS)  # [DROP_*]: datagrams not forwarded, by reason
