@@ -18,6 +18,7 @@ import os
 import sys
 import time
 
+from sipwatch.correlation import DEFAULT as DEFAULT_CORRELATION, add_correlation_argument
 from sipwatch.logs import call_summary_fields
 from sipwatch.masking import MODES
 from sipwatch.observer import Observer
@@ -78,7 +79,7 @@ def _source(path: str, engine: str, counters: dict, max_sip_message: int = MAX_S
 
 
 def analyse(path: str, engine: str = "fast", mask: str = "partial", progress=None,
-            spans=None, max_sip_message: int = MAX_SIP_MESSAGE) -> dict:
+            spans=None, max_sip_message: int = MAX_SIP_MESSAGE, correlation: str = DEFAULT_CORRELATION) -> dict:
     """Analyse one capture; returns the JSON-ready report (see ``--json``). ``spans``: a
     :class:`sipwatch.tracing.SpanPipeline` that gets every finished record at the end."""
     # What the analysis builds (calls, transactions) is kept to the end, so the collector's
@@ -87,15 +88,15 @@ def analyse(path: str, engine: str = "fast", mask: str = "partial", progress=Non
     threshold = gc.get_threshold()
     gc.set_threshold(max(threshold[0], YOUNG_GC_THRESHOLD), *threshold[1:])
     try:
-        return _analyse(path, engine, mask, progress, spans, max_sip_message)
+        return _analyse(path, engine, mask, progress, spans, max_sip_message, correlation)
     finally:
         gc.set_threshold(*threshold)
 
 
-def _analyse(path, engine, mask, progress, spans, max_sip_message) -> dict:
+def _analyse(path, engine, mask, progress, spans, max_sip_message, correlation=DEFAULT_CORRELATION) -> dict:
     rtp = RtpAnalyzer()
     sdp = SdpBacklog(rtp.add_sdp)
-    obs = Observer(on_sdp=sdp.add)
+    obs = Observer(on_sdp=sdp.add, correlation=correlation)
     if spans is not None:
         obs.sample_ratio = spans.sample_ratio
     counters: dict = {}
@@ -314,6 +315,10 @@ def render(rep: dict) -> str:
             out.append(f"    {t['method']:<9} {t['cseq']:>5}  {t['src']} -> {t['dst']}  status "
                        f"{t['status'] or '-':<4} rtt {_f(t['rtt_ms']):>9} ms  retrans "
                        f"{t['retransmissions']}" + ("  TIMEOUT" if t["timed_out"] else ""))
+        if c.get("legs"):
+            out.append(f"  leg {c['leg']} of {len(c['legs'])} of call {c['correlation_id']}"
+                       + (f" (joined by {c['correlated_by']}, B2BUA leg setup {_f(c['b2bua_leg_setup_ms'])} ms)"
+                          if c.get("correlated_by") else ""))
         for s in c["rtp_streams"]:
             out.append(_stream_line(s, "    RTP "))
     other = [s for s in rep["rtp_streams"] if s["call_id"] is None]
@@ -367,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-sip-message", type=_size, default=MAX_SIP_MESSAGE, metavar="BYTES",
                     help="largest SIP message framed over TCP (default 1 MiB); larger ones are "
                          "skipped and counted (sip_oversized)")
+    add_correlation_argument(ap)
     add_otlp_arguments(ap)
     args = ap.parse_args(argv)
     if not os.path.isfile(args.file) or not os.access(args.file, os.R_OK):
@@ -391,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     gc.freeze()
     try:
         rep = analyse(args.file, args.engine, args.mask_numbers, progress, spans,
-                      args.max_sip_message)
+                      args.max_sip_message, args.correlation_headers)
     except (PcapError, OSError) as exc:
         sys.stderr.write(f"sipwatch analyze: {args.file}: {exc}\n")
         return 2

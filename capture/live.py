@@ -66,6 +66,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from sipwatch.hep_sender import (EndpointError, HepSender, add_hep_arguments, hep_options,
                                  parse_endpoint, summary_record)
+from sipwatch.correlation import add_correlation_argument
 from sipwatch.metrics import Metrics, _fmt_le, serve_metrics
 from sipwatch.observer import Observer
 from sipwatch.logs import JsonLog
@@ -278,7 +279,7 @@ class DecoderMetrics:
 class LiveCapture:
     def __init__(self, interface: str, bpf: str, signaling: Addr | None, timer_b: float = 32.0,
                  rtp: RtpMonitor | None = None, log: JsonLog | None = None, spans=None,
-                 stats: Stats | None = None, timer_c: float = 180.0):
+                 stats: Stats | None = None, timer_c: float = 180.0, correlation: str = "X-CID,Session-ID"):
         self.interface = interface
         self.bpf = bpf
         self.signaling = signaling
@@ -286,7 +287,7 @@ class LiveCapture:
         self.log = log or JsonLog("sipwatch-capture")
         self.spans = spans  # a SpanPipeline, or None
         self.observer = Observer(timer_b=timer_b, stats=stats, signaling=signaling,
-                                 on_sdp=self.rtp.add_sdp, timer_c=timer_c)
+                                 on_sdp=self.rtp.add_sdp, timer_c=timer_c, correlation=correlation)
         if spans is not None:
             self.observer.sample_ratio = spans.sample_ratio
         self.metrics = Metrics(self.observer.stats, time.time)
@@ -418,6 +419,7 @@ async def _run(args) -> int:
                                      args.spans_file, args.mask_numbers)
     lc = LiveCapture(args.interface, args.bpf, _addr(args.signaling) if args.signaling else None,
                      args.timer_b, rtp, spans=spans, stats=stats, timer_c=args.timer_c,
+                     correlation=args.correlation_headers,
                      log=JsonLog("sipwatch-capture", mask_mode=args.mask_numbers))
     lc.decoder.max_sip_message = args.max_sip_message
     try:
@@ -529,6 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-sip-message", type=_size, default=MAX_SIP_MESSAGE, metavar="BYTES",
                     help="largest SIP message framed over TCP (default 1 MiB); larger ones are skipped "
                          "and counted")
+    add_correlation_argument(ap)
     add_otlp_arguments(ap)
     add_hep_arguments(ap)
     args = ap.parse_args(argv)

@@ -21,6 +21,7 @@ import asyncio
 import inspect
 import signal
 import threading
+from collections import deque
 
 from .config import ProxySettings
 from .gcpolicy import GcPolicy
@@ -36,6 +37,8 @@ from .transport import UdpEdge, epoch_clock
 # Housekeeping runs often so each run is short: at 1000 calls/s a 200-ms tick wrote 200 call
 # summaries at once and stalled forwarding for 13-18 ms; every 20 ms it is about 1 ms of work.
 TICK = 0.02
+CALLS_PER_SLICE = 8  # call summaries (about 40 µs each) handled before the loop polls its sockets
+RECORDS_PER_SLICE = 64
 DRAIN_CHECK_EVERY = 10  # ticks: the drain check walks the transaction table
 DRAIN_LINGER = 1.0  # once idle while draining, wait this long for late ACKs and retransmissions
 SPAN_FLUSH = 5.0  # seconds given to the span pipeline at shutdown (1 s after a second signal)
@@ -84,6 +87,7 @@ class ProxyApp:
         self.core = ProxyCore(CoreConfig(
             advertise=settings.advertise, upstream=settings.upstream,
             record_route=settings.record_route, trace_header=settings.trace_header,
+            correlation_headers=getattr(settings, "correlation_headers", "X-CID,Session-ID"),
             sample_ratio=ratio, timer_b=settings.timer_b,
             timer_c=getattr(settings, "timer_c", 180.0), secret=secret,
             allow_next_hop=tuple(getattr(settings, "allow_next_hop", ())),
@@ -115,6 +119,8 @@ class ProxyApp:
         self._drain_deadline = 0.0
         self._idle_since: float | None = None
         self._last_record = float("-inf")  # when the tick last drained finished records
+        self._backlog: deque = deque()  # finished records not handled yet (see tick)
+        self._slice_pending = False
         self._stop_reason = "signal"
         self._hard_stop = False
         self._hard = asyncio.Event()  # a second signal: stop waiting for anything
@@ -133,7 +139,8 @@ class ProxyApp:
                           (self.metrics.signaling, self.settings.signaling_metrics)):
             if addr is not None:
                 self._servers.append(await serve_metrics(reg, addr[0], addr[1],
-                                                         on_error=self.errors.report))
+                                                         on_error=self.errors.report,
+                                                         ready=lambda: not self.draining))
         s = self.settings
         self.log.info("sipwatch proxy started", "started",
                       listen=f"{host}:{port}", upstream=f"{s.upstream[0]}:{s.upstream[1]}",
@@ -142,6 +149,7 @@ class ProxyApp:
                       advertise=f"{s.advertise[0]}:{s.advertise[1]}",
                       gateway_metrics=_fmt(s.gateway_metrics), signaling_metrics=_fmt(s.signaling_metrics),
                       record_route=s.record_route, trace_header=s.trace_header,
+                      correlation_headers=getattr(s, "correlation_headers", None),
                       tracing=self.spans is not None, event_loop=type(loop).__module__.split(".")[0],
                       upstream_socket="connected" if self.edge.upstream_tx else "shared",
                       drain_timeout=getattr(s, "drain_timeout", 25.0),
@@ -159,8 +167,13 @@ class ProxyApp:
                 "or allowed by --allow-next-hop, and Call-ID hashes change", "secret_missing")
 
     # -- housekeeping ----------------------------------------------------------------------
-    def tick(self) -> None:
-        """Housekeeping: timers, finished records → histograms, logs, spans. Never raises."""
+    def tick(self, everything: bool = False) -> None:
+        """Housekeeping: timers, finished records → histograms, logs, spans. Never raises.
+
+        The records are handled in slices of at most CALLS_PER_SLICE calls: what is left goes on
+        in a callback of its own, so the loop reads its sockets in between (a whole tick's records
+        at 1000 calls/s held datagrams for 1.4 ms, a measured cause of the added round trip's
+        p99). ``everything``: all of them now (shutdown)."""
         report = self.errors.report
         core = self.core
         self.log.deferred = True  # this tick's lines go out in one write, below
@@ -175,39 +188,8 @@ class ProxyApp:
             records = []
         if records:
             self._last_record = self.clock()
-            for rec in records:
-                try:
-                    kind, obj = rec
-                    is_call = kind == "call" and obj.is_call
-                except Exception as exc:  # noqa: BLE001
-                    report("tick", exc)
-                    continue
-                if not is_call:
-                    continue
-                try:
-                    self.metrics.observe_call(obj)
-                except Exception as exc:  # noqa: BLE001
-                    report("metrics", exc)
-                try:
-                    self.log.call_summary(obj)
-                except Exception as exc:  # noqa: BLE001
-                    report("log", exc)
-                    self._minimal_summary(obj, exc)
-                if self.hep is not None and self.settings.hep_log:
-                    try:
-                        self.hep.call_summary(obj.call_id, summary_record(
-                            obj, self.settings.mask_numbers, self.call_id_mask), self.clock())
-                    except Exception as exc:  # noqa: BLE001
-                        report("log", exc)
-                try:
-                    obj.let_go()  # the summary was the last reader of its transaction list
-                except Exception as exc:  # noqa: BLE001
-                    report("tick", exc)
-            if self.spans is not None:
-                try:
-                    self.spans.submit(records)
-                except Exception as exc:  # noqa: BLE001
-                    report("spans", exc)
+            self._backlog.extend(records)
+        self._records_slice(everything)
         try:
             self.gc.tick()
         except Exception as exc:  # noqa: BLE001
@@ -222,6 +204,7 @@ class ProxyApp:
             self.log.flush()  # the tick's lines in one write
         except Exception as exc:  # noqa: BLE001
             report("log", exc)
+        self.stats.log_lines_dropped = self.log.dropped_lines
         try:
             self._span_health()
             errors = self.stats.send_errors
@@ -232,6 +215,72 @@ class ProxyApp:
                 self._send_errors_logged = errors
         except Exception as exc:  # noqa: BLE001
             report("tick", exc)
+
+    def _records_slice(self, everything: bool = False) -> None:
+        """Finished records from the backlog: histograms, the call summary (and its HEP LOG
+        copy), then the hand-off to the span pipeline; at most CALLS_PER_SLICE calls unless
+        ``everything``, the rest in a later callback of the loop."""
+        report = self.errors.report
+        backlog = self._backlog
+        if not backlog:
+            return
+        chunk = []
+        calls = 0
+        while backlog and (everything or (calls < CALLS_PER_SLICE and len(chunk) < RECORDS_PER_SLICE)):
+            rec = backlog.popleft()
+            chunk.append(rec)
+            try:
+                kind, obj = rec
+                is_call = kind == "call" and obj.is_call
+            except Exception as exc:  # noqa: BLE001
+                report("tick", exc)
+                continue
+            if not is_call:
+                continue
+            calls += 1
+            try:
+                self.metrics.observe_call(obj)
+            except Exception as exc:  # noqa: BLE001
+                report("metrics", exc)
+            try:
+                self.log.call_summary(obj)
+            except Exception as exc:  # noqa: BLE001
+                report("log", exc)
+                self._minimal_summary(obj, exc)
+            if self.hep is not None and self.settings.hep_log:
+                try:
+                    self.hep.call_summary(obj.call_id, summary_record(
+                        obj, self.settings.mask_numbers, self.call_id_mask), self.clock())
+                except Exception as exc:  # noqa: BLE001
+                    report("log", exc)
+            try:
+                obj.let_go()  # the summary was the last reader of its transaction list
+            except Exception as exc:  # noqa: BLE001
+                report("tick", exc)
+        if self.spans is not None:
+            try:
+                self.spans.submit(chunk)
+            except Exception as exc:  # noqa: BLE001
+                report("spans", exc)
+        if backlog and not self._slice_pending:
+            try:
+                asyncio.get_running_loop().call_soon(self._next_slice)
+                self._slice_pending = True
+            except RuntimeError:  # no running loop (shutdown): finish here
+                self._records_slice(everything=True)
+
+    def _next_slice(self) -> None:
+        self._slice_pending = False
+        self.log.deferred = True
+        try:
+            self._records_slice()
+        except Exception as exc:  # noqa: BLE001 - a callback of the loop must not raise
+            self.errors.report("tick", exc)
+        self.log.deferred = False
+        try:
+            self.log.flush()
+        except Exception as exc:  # noqa: BLE001
+            self.errors.report("log", exc)
 
     def _minimal_summary(self, call, exc: Exception) -> None:
         """The call still gets its one summary line (counts from logs stay right), with what
@@ -381,7 +430,7 @@ class ProxyApp:
         if self.tcp is not None:
             self.tcp.close()
         now = self.clock()
-        self.tick()
+        self.tick(everything=True)
         open_calls = 0
         try:
             tracker = self.core.tracker
@@ -399,7 +448,7 @@ class ProxyApp:
                 tracker.finish_open_calls(now)
         except Exception as exc:  # noqa: BLE001
             self.errors.report("tick", exc)
-        self.tick()  # summaries of the calls just ended
+        self.tick(everything=True)  # summaries of the calls just ended
         if self.hep is not None:
             self.hep.close()
         if self.draining or self._hard_stop:
@@ -477,7 +526,9 @@ def _fmt(addr):
 
 
 def run_proxy(settings: ProxySettings) -> int:
-    log = JsonLog(settings.service_name, mask_mode=settings.mask_numbers, level=settings.log_level)
+    # log lines go out from a writer thread: a stalled reader of stdout costs lines, not calls
+    log = JsonLog(settings.service_name, mask_mode=settings.mask_numbers, level=settings.log_level,
+                  background=True)
     loop = new_event_loop(log)
     try:
         app = ProxyApp(settings, log)
@@ -487,4 +538,5 @@ def run_proxy(settings: ProxySettings) -> int:
         return 1
     finally:
         loop.close()
+        log.close()
     return 0

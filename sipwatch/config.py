@@ -12,6 +12,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 
+from .correlation import DEFAULT as DEFAULT_CORRELATION, parse_kinds
 from .hep_sender import EndpointError, add_hep_arguments, hep_options
 from .masking import CALL_ID_MODES, MODES as MASK_MODES, default_call_id_mode
 
@@ -109,6 +110,8 @@ class ProxySettings:
     tcp: bool = True
     tcp_max_connections: int = 4096
     tcp_idle_timeout: float = 300.0
+    # B2BUA leg correlation headers (sipwatch.correlation), comma-separated
+    correlation_headers: str = DEFAULT_CORRELATION
 
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -136,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--advertise", help="address written into Via/Record-Route (default: listen address, or this host's IP when listening on 0.0.0.0)")
     a("--gateway-metrics", help="gateway-side metrics endpoint (default 0.0.0.0:13012; 'off' disables)")
     a("--signaling-metrics", help="signaling-side metrics endpoint (default 0.0.0.0:13022; 'off' disables)")
-    a("--trace-header", help="header carrying the W3C trace context (default traceparent)")
+    a("--trace-header", help="header(s) the W3C trace context is stamped into, comma-separated (default traceparent; e.g. traceparent,X-Traceparent; X-Trace-ID gets the bare trace id). Incoming traceparent, X-Traceparent and X-Trace-ID are read whatever is set")
+    a("--correlation-headers", help=f"headers that tie a B2BUA's new leg to a call seen before, comma-separated: X-CID, Session-ID, P-Charging-Vector, or none (default {DEFAULT_CORRELATION})")
     a("--no-record-route", action="store_true", default=None, help="do not Record-Route (in-dialog requests may then bypass the sidecar)")
     a("--mask-numbers", help=f"phone-number masking in logs and spans: {', '.join(MASK_MODES)} (default partial)")
     a("--timer-b", type=str, help="seconds before an unanswered transaction counts as timed out (default 32)")
@@ -217,8 +221,18 @@ def settings_from(argv: list[str] | None = None, env=None) -> ProxySettings:
         return v if isinstance(v, bool) else _env_bool(w, v)
 
     header, w = get("trace-header", "traceparent")
-    if not header or not all(c.isalnum() or c in "-_" for c in header):
-        raise ConfigError(f"{w}: {header!r} is not a valid SIP header name")
+    names = [n.strip() for n in str(header).split(",") if n.strip()]
+    if not names or len(names) > 8:
+        raise ConfigError(f"{w}: {header!r}: give 1 to 8 header names")
+    for n in names:
+        if not all(c.isascii() and (c.isalnum() or c in "-_") for c in n):
+            raise ConfigError(f"{w}: {n!r} is not a valid SIP header name")
+    header = ",".join(names)
+    corr, w = get("correlation-headers", DEFAULT_CORRELATION)
+    try:
+        parse_kinds(str(corr))
+    except ValueError as exc:
+        raise ConfigError(f"{w}: {exc}") from None
     mask, w = get("mask-numbers", "partial")
     if mask not in MASK_MODES:
         raise ConfigError(f"{w}: {mask!r} is not one of {', '.join(MASK_MODES)}")
@@ -271,8 +285,9 @@ def settings_from(argv: list[str] | None = None, env=None) -> ProxySettings:
         max_call_duration=max_dur, service_name=service, log_level=level,
         tracing=not flag("no-tracing"), otlp_endpoint=ep, otlp_protocol=proto,
         sample_ratio=ratio, spans_file=spans_file, allow_next_hop=allow, secret=secret,
-        drain_timeout=drain, timer_c=timer_c, mask_call_id=cid_mode, upstream_transport=up_transport,
-        tcp=tcp_on, tcp_max_connections=tcp_max, tcp_idle_timeout=tcp_idle, **hep,
+        drain_timeout=drain, timer_c=timer_c, mask_call_id=cid_mode, correlation_headers=str(corr),
+        upstream_transport=up_transport, tcp=tcp_on, tcp_max_connections=tcp_max,
+        tcp_idle_timeout=tcp_idle, **hep,
     )
 
 

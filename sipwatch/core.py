@@ -37,6 +37,7 @@ from .sipmsg import (
     KEEPALIVE_MAX, SipMessage, SipParseError, Via, header_tag, is_sip_keepalive, parse, parse_via,
     split_values, uri_hostport,
 )
+from .correlation import DEFAULT as DEFAULT_CORRELATION, HEADER_NAMES as CORRELATION_HEADERS, parse_kinds
 from .state import Call, Tracker
 from .stats import (
     ACK, CANCEL, DROP_BAD_CONTENT_LENGTH, DROP_INTERNAL_ERROR, DROP_MISSING_HEADER,
@@ -44,7 +45,7 @@ from .stats import (
     DROP_TOO_MANY_HEADERS, DROP_UNROUTABLE, FROM_GATEWAY, FROM_SIGNALING, INVITE, OPTIONS, Stats,
     method_index,
 )
-from .tracecontext import parse_traceparent, sampled_by_ratio
+from .tracecontext import TRACE_ID_HEADER, parse_trace_id, parse_traceparent, sampled_by_ratio
 
 Addr = tuple[str, int]
 BRANCH_PREFIX = b"z9hG4bKsw"
@@ -71,7 +72,10 @@ class CoreConfig:
     advertise: Addr  # our address as written into Via and Record-Route
     upstream: Addr  # sip-signaling (resolved IP, port)
     record_route: bool = True
+    # header(s) the trace context is stamped into, comma-separated; X-Trace-ID gets the bare trace id
     trace_header: str = "traceparent"
+    # B2BUA leg correlation (sipwatch.correlation): X-CID, Session-ID, P-Charging-Vector
+    correlation_headers: str = DEFAULT_CORRELATION
     sample_ratio: float = 1.0
     timer_b: float = 32.0
     timer_c: float = 180.0  # INVITE after a provisional (RFC 3261 16.6 step 11), reset by each 1xx
@@ -160,11 +164,20 @@ class ProxyCore:
                 self.own_via_head = None
         except SipParseError:
             self.own_via_head = None
-        self.trace_name = config.trace_header.encode()
-        # the trace header line: name, then format_traceparent's layout (version 00)
-        self.trace_line_fmt = self.trace_name.replace(b"%", b"%%") + b": 00-%032x-%016x-%s"
+        stamped = [n.strip().encode() for n in config.trace_header.split(",") if n.strip()] or [b"traceparent"]
+        self.trace_name = stamped[0]
         lname = self.trace_name.lower()
-        self.trace_lookup = tuple(dict.fromkeys((lname, b"traceparent", b"x-traceparent")))
+        # the trace header line: name, then format_traceparent's layout (version 00); X-Trace-ID
+        # (jambonz) carries the trace id alone
+        self.trace_id_only = lname == TRACE_ID_HEADER
+        self.trace_line_fmt = self.trace_name.replace(b"%", b"%%") + (
+            b": %032x" if self.trace_id_only else b": 00-%032x-%016x-%s")
+        # further headers stamped with the same context: (lowercase name, name, trace id only)
+        self.more_trace_headers: list[tuple[bytes, bytes, bool]] = [
+            (n.lower(), n, n.lower() == TRACE_ID_HEADER) for n in dict.fromkeys(stamped[1:])
+            if n.lower() != lname]
+        self.trace_lookup = tuple(dict.fromkeys(
+            [n.lower() for n in stamped if n.lower() != TRACE_ID_HEADER] + [b"traceparent", b"x-traceparent"]))
         self.trace_lname = lname
         # -- TCP (sipwatch.framing feeds receive_stream; the edge reads out_tcp) ------------
         self.in_tcp = False  # the message being handled arrived over TCP
@@ -177,6 +190,9 @@ class ProxyCore:
         # Record-Route values: UDP (as before) and TCP (RFC 3261 §18.1.2: transport=tcp makes
         # the peer reach us over TCP; RFC 5658: both, when the two sides differ)
         self.rr_value_tcp = b"<sip:" + self.adv_hostport + b";transport=tcp;lr;sw="
+        self.corr_kinds: tuple[int, ...] = parse_kinds(config.correlation_headers)
+        # what a new dialog may carry beyond traceparent: one set test rules all of it out
+        self.new_dialog_names = frozenset([CORRELATION_HEADERS[k] for k in self.corr_kinds] + [TRACE_ID_HEADER])
 
     # -- entry points ------------------------------------------------------------------
     def receive_datagram(self, data: bytes, addr: Addr, now: float) -> list[tuple[bytes, Addr]]:
@@ -379,7 +395,7 @@ class ProxyCore:
                     stats.traceparent_invalid += 1
                 break
         if call is None:
-            call = self._new_call(msg, call_id, incoming, now, initial_invite, from_val, to_val)
+            call = self._new_call(msg, call_id, incoming, now, initial_invite, from_val, to_val, src)
 
         branch = BRANCH_PREFIX + loop_part + b"." + self._branch_mac(
             top, call_id, cseq_s, from_tag, reply, dest[0])
@@ -404,12 +420,17 @@ class ProxyCore:
         lines[via_i] = b"Via: " + b", ".join(via_vals)
         tx.reply = reply
         tx.via_below = via_vals[0]
-        trace_line = self.trace_line_fmt % (tx.trace_id, tx.span_id, b"01" if tx.sampled else b"00")
+        if self.trace_id_only:
+            trace_line = self.trace_line_fmt % tx.trace_id
+        else:
+            trace_line = self.trace_line_fmt % (tx.trace_id, tx.span_id, b"01" if tx.sampled else b"00")
         if self.trace_lname in names:
             lines[names.index(self.trace_lname)] = trace_line
         else:
             lines.append(trace_line)
             names.append(self.trace_lname)
+        if self.more_trace_headers:
+            self._stamp_more(lines, names, tx.trace_id, tx.span_id, tx.sampled)
         # new lines above the top Via, top to bottom: our Via, Max-Forwards if missing,
         # Record-Route if there is none yet (else it goes above the first Record-Route)
         via_line = (self.via_prefix_tcp if out_tcp else self.via_prefix) + branch + b";rport"
@@ -471,18 +492,62 @@ class ProxyCore:
             return b"Record-Route: " + tcp + b", " + udp
         return b"Record-Route: " + udp + b", " + tcp
 
-    def _new_call(self, msg, call_id, incoming, now, is_call, from_val, to_val) -> Call:
+    def _stamp_more(self, lines: list[bytes], names: list[bytes], trace_id: int, span_id: int,
+                    sampled: bool) -> None:
+        """The trace context in the further ``--trace-header`` names (e.g. X-Traceparent too)."""
+        for lname, name, id_only in self.more_trace_headers:
+            if id_only:
+                line = b"%s: %032x" % (name, trace_id)
+            else:
+                line = b"%s: 00-%032x-%016x-%s" % (name, trace_id, span_id, b"01" if sampled else b"00")
+            if lname in names:
+                lines[names.index(lname)] = line
+            else:
+                lines.append(line)
+                names.append(lname)
+
+    def _new_call(self, msg, call_id, incoming, now, is_call, from_val, to_val,
+                  src: tuple[str, int] = ("", 0)) -> Call:
+        """A new call entry and its trace: joined from an incoming trace header, else from the call
+        a correlation header names (a B2BUA's further leg: same trace, its call span a child of the
+        named leg's), else a new trace."""
+        names: list[bytes] = msg.names
+        named: Call | None = None
+        by = ""
+        keys: list[bytes] | None = None
+        if not self.new_dialog_names.isdisjoint(names):
+            if is_call and self.corr_kinds:
+                keys = []
+                named, by = self.tracker.correlate(self.corr_kinds, msg, names, call_id, src, keys)
+            if incoming is None and TRACE_ID_HEADER in names:  # jambonz: a trace id, no parent span
+                tid = parse_trace_id(msg.value_at(names.index(TRACE_ID_HEADER)))
+                if tid is None:
+                    self.stats.traceparent_invalid += 1
+                else:
+                    incoming = (tid, 0, -1)
+        ratio = self.config.sample_ratio
         if incoming is not None:
             trace_id, parent, flags = incoming
-            sampled = bool(flags & 1)
+            sampled = bool(flags & 1) if flags >= 0 else ratio >= 1.0 or sampled_by_ratio(trace_id, ratio)
+            if not parent:
+                parent = None
             self.stats.traceparent_joined += 1
+        elif named is not None:
+            trace_id, parent, sampled = named.trace_id, named.span_id, named.sampled
         else:
             trace_id = self._randbits(128) or 1
             parent = None
-            ratio = self.config.sample_ratio
             sampled = ratio >= 1.0 or sampled_by_ratio(trace_id, ratio)  # (the ratio test inlined)
-        return self.tracker.new_call(call_id, trace_id, self._span_id(), parent, sampled, now,
-                                     is_call, from_val, to_val, msg.uri)
+        tracker = self.tracker
+        call = tracker.new_call(call_id, trace_id, self._span_id(), parent, sampled, now,
+                                is_call, from_val, to_val, msg.uri)
+        if named is not None:
+            # the B2BUA's own latency gets a span only inside the named leg's trace
+            tracker.join_leg(call, named, by, self._span_id() if trace_id == named.trace_id else 0)
+        if keys:
+            for k in keys:
+                tracker.index_call(call, k)
+        return call
 
     def _span_id(self) -> int:
         return self._randbits(64) or 1

@@ -4,7 +4,10 @@ A SIPp caller (the sip-gateway stand-in) places calls through ``sipwatch proxy``
 callee (the sip-signaling stand-in) that answers INVITEs after a set delay. While calls run a
 progress line shows what the sidecar's metrics endpoints say; at the end the demo prints the
 call counts, RTT percentiles per method, raw Prometheus lines, one JSON call summary and the
-text waterfall of the slowest call. Everything runs on 127.0.0.1 and stops when the demo ends.
+text waterfall of the slowest call. Then one call goes through a B2BUA (a SIPp stand-in for
+sip-signaling that places the outbound leg back through a sidecar, with ``X-CID``): its waterfall
+shows both legs in one trace and the B2BUA's own time between them. Everything runs on 127.0.0.1
+and stops when the demo ends.
 """
 from __future__ import annotations
 
@@ -104,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=10.0, help="new calls per second (default 10)")
     p.add_argument("--answer-delay-ms", type=int, default=40, help="callee's delay before answering an INVITE")
     p.add_argument("--hold-ms", type=int, default=2000, help="how long each call stays up before BYE")
+    p.add_argument("--b2bua-calls", type=int, default=1,
+                   help="calls placed afterwards through a B2BUA, to show both legs in one trace (0: none)")
     p.add_argument("--hep", action="store_true",
                    help="also send every message as HEP to sngrep (Homer's format), to see the ladder there")
     args = p.parse_args(argv)
@@ -204,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         report(gw, sig, work, spans_file, calls, caller.returncode)
         if args.hep:
             hep_report(sngrep, gw, hep_pcap)
-        return 0 if caller.returncode == 0 else 1
+        b2bua_ok = args.b2bua_calls <= 0 or b2bua_demo(work, args.b2bua_calls, start)
+        return 0 if caller.returncode == 0 and b2bua_ok else 1
     except KeyboardInterrupt:
         return 130
     finally:
@@ -212,6 +218,64 @@ def main(argv: list[str] | None = None) -> int:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def b2bua_demo(work: Path, calls: int, start) -> bool:
+    """Calls through a B2BUA: caller -> sidecar -> B2BUA (the sidecar's upstream) -> back through
+    the sidecar -> callee, leg B carrying X-CID = leg A's Call-ID. Prints the waterfall and ladder
+    of the last one: both legs in one trace. Returns whether every call completed."""
+    sidecar_port, b2bua_port, far_port, uac_port = free_port(), free_port(), free_port(), free_port()
+    gw_metrics, sig_metrics = free_port(), free_port()
+    spans_file = work / "b2bua-spans.jsonl"
+    print(f"\n{calls} call(s) through a B2BUA: caller -> sidecar -> B2BUA (sip-signaling stand-in) -> "
+          "sidecar -> callee, leg B with X-CID = leg A's Call-ID")
+    sidecar = start([sys.executable, "-m", "sipwatch", "proxy", "--listen", f"127.0.0.1:{sidecar_port}",
+                     "--upstream", f"127.0.0.1:{b2bua_port}", "--gateway-metrics", f"127.0.0.1:{gw_metrics}",
+                     "--signaling-metrics", f"127.0.0.1:{sig_metrics}", "--spans-file", str(spans_file),
+                     "--drain-timeout", "3"], "b2bua-sidecar")
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            _scrape(gw_metrics)
+            break
+        except OSError:
+            if sidecar.poll() is not None or time.monotonic() > deadline:
+                sys.stderr.write("sipwatch demo: the B2BUA sidecar did not start\n")
+                return False
+            time.sleep(0.1)
+    sipp = ["sipp", "-i", "127.0.0.1", "-nostdin", "-m", str(calls), "-trace_err"]
+    callee = start(sipp + ["-sf", str(SCENARIOS / "uas_call.xml"), "-p", str(far_port), "-d", "30"], "b2bua-callee")
+    b2bua = start(sipp + ["-sf", str(SCENARIOS / "uas_b2bua.xml"), "-p", str(b2bua_port), "-d", "60",
+                          "-set", "far_port", str(far_port), "-trace_logs"], "b2bua")
+    time.sleep(0.3)
+    caller = start(sipp + ["-sf", str(SCENARIOS / "uac_call.xml"), "-p", str(uac_port), "-r", "2", "-d", "500",
+                           f"127.0.0.1:{sidecar_port}"], "b2bua-caller")
+    ok = True
+    for proc in (caller, b2bua, callee):
+        try:
+            ok = proc.wait(60) == 0 and ok
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            ok = False
+    settle = time.monotonic() + 10
+    while time.monotonic() < settle and calls_ended(_scrape(gw_metrics)) < 2 * calls:
+        time.sleep(0.1)
+    sig = _scrape(sig_metrics)
+    sidecar.send_signal(signal.SIGTERM)
+    sidecar.wait(15)
+    for line in sig.splitlines():
+        if line.startswith("sip_b2bua_leg_setup_seconds_count") or \
+                line.startswith('sip_correlation_total{header="x-cid",result="joined"}'):
+            print("  " + line)
+    try:
+        from .waterfall import render_slowest
+    except ImportError:
+        return ok
+    if spans_file.exists() and spans_file.stat().st_size:
+        print("\nwaterfall and ladder of a call through the B2BUA: leg 2 nests under leg 1, the B2BUA's "
+              "own time before placing it is the 'B2BUA leg setup' span:")
+        print(render_slowest(str(spans_file), ladder=True))
+    return ok
 
 
 def hep_report(sngrep: subprocess.Popen, gw: str, pcap: Path) -> None:

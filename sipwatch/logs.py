@@ -9,11 +9,16 @@ Writing a line never raises: a value orjson refuses (an integer past 64 bits, a 
 a lone surrogate, an unknown type) is written as a string instead, and a record that still
 cannot be encoded becomes a short ``log_error`` line. Such failures are counted (component
 ``log`` of ``sipwatch_internal_errors_total``) through ``on_error``.
+
+The proxy writes through :class:`BackgroundWriter`: a reader of stdout that stops reading (a
+full pipe) then costs log lines, counted, never the event loop's time.
 """
 from __future__ import annotations
 
 import sys
+import threading
 import time
+from collections import deque
 from datetime import datetime, timezone
 
 import orjson
@@ -81,9 +86,63 @@ def dumps(rec: dict) -> tuple[bytes, Exception | None]:
         return b'{"event":"log_error"}', first
 
 
+class BackgroundWriter:
+    """Writes batches of lines to a stream from a thread of its own.
+
+    ``write`` only queues (the event loop never waits on a pipe whose reader stalled: a blocking
+    write there had stopped forwarding along with the logs); the thread writes, with the GIL
+    released while the kernel blocks. Past ``max_pending`` bytes waiting, batches are dropped
+    and their lines counted in ``dropped_lines``. ``close`` writes what is left, within a bound."""
+
+    def __init__(self, stream, max_pending: int = 8 << 20):
+        self.stream = stream
+        self.max_pending = max_pending
+        self.dropped_lines = 0
+        self._queue: deque = deque()
+        self._pending = 0
+        self._cond = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="sipwatch-log-writer", daemon=True)
+        self._thread.start()
+
+    def write(self, data: bytes, lines: int) -> None:
+        with self._cond:
+            if self._closing or self._pending + len(data) > self.max_pending:
+                self.dropped_lines += lines
+                return
+            self._queue.append(data)
+            self._pending += len(data)
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                batch = b"".join(self._queue)
+                self._queue.clear()
+            try:
+                self.stream.write(batch)
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass  # stdout gone: the lines are lost, the proxy carries on
+            with self._cond:
+                self._pending -= len(batch)
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Stop taking lines, write the queued ones (a stalled reader gets ``timeout`` s)."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+
 class JsonLog:
     def __init__(self, service_name: str = "sipwatch", stream=None, mask_mode: str = "partial",
-                 level: str = "info", clock=time.time, call_id_mask=None, on_error=None):
+                 level: str = "info", clock=time.time, call_id_mask=None, on_error=None,
+                 background: bool = False):
         if level not in LEVELS:
             raise ValueError(f"unknown log level {level!r} (expected one of {', '.join(LEVELS)})")
         self.service_name = service_name
@@ -99,6 +158,8 @@ class JsonLog:
         # proxy flushes at the end of every housekeeping tick); else each line is written at once
         self.deferred = False
         self._pending: list[bytes] = []
+        # background: lines go to the stream from a writer thread (the proxy: see BackgroundWriter)
+        self.writer = BackgroundWriter(self.stream) if background else None
 
     def emit(self, level: str, message: str, event: str, call_sid=None, trace_id=None,
              when: float | None = None, **fields) -> None:
@@ -130,11 +191,7 @@ class JsonLog:
             if len(self._pending) >= 1000:
                 self.flush()
             return
-        try:
-            self.stream.write(line + b"\n")
-            self.stream.flush()
-        except (OSError, ValueError):
-            pass  # stdout gone (pipe closed at shutdown): never take the proxy down for a log line
+        self._write(line + b"\n", 1)
 
     def flush(self) -> None:
         """Write the deferred lines, if any, in one write."""
@@ -142,12 +199,29 @@ class JsonLog:
         if not pending:
             return
         self._pending = []
+        n = len(pending)
         pending.append(b"")
+        self._write(b"\n".join(pending), n)
+
+    def _write(self, data: bytes, lines: int) -> None:
+        if self.writer is not None:
+            self.writer.write(data, lines)
+            return
         try:
-            self.stream.write(b"\n".join(pending))
+            self.stream.write(data)
             self.stream.flush()
         except (OSError, ValueError):
-            pass
+            pass  # stdout gone (pipe closed at shutdown): never take the proxy down for a log line
+
+    @property
+    def dropped_lines(self) -> int:
+        return 0 if self.writer is None else self.writer.dropped_lines
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Write what is pending; with a background writer, wait for it (at most ``timeout`` s)."""
+        self.flush()
+        if self.writer is not None:
+            self.writer.close(timeout)
 
     def info(self, message: str, event: str, **fields) -> None:
         self.emit("info", message, event, **fields)
@@ -247,9 +321,29 @@ def call_summary_fields(call, mask_mode: str = "partial", rtp: list[dict] | None
         "ended_by": getattr(call, "ended_by", None),
         "transactions": txs,
     }
+    group = getattr(call, "group", None)
+    if group is not None:
+        out.update(leg_fields(call, group, call_id_mask))
     if rtp is not None:
         out["rtp"] = rtp
     return out
 
 
-__all__ = ["JsonLog", "ErrorReporter", "call_summary_fields", "dumps", "METHODS"]
+def leg_fields(call, group, call_id_mask=None) -> dict:
+    """A B2BUA leg's place in its call: ``correlation_id`` (the first leg's Call-ID, masked as
+    Call-IDs are, the same in every leg's summary), ``legs`` (every leg's Call-ID, first leg
+    first, as known when this summary was written), ``leg`` (this one's place, 1-based); a leg
+    that joined also says by which header and how long the B2BUA took to place it
+    (``b2bua_leg_setup_ms``: the named leg's INVITE to this leg's INVITE)."""
+    def show(cid: bytes):
+        return call_id_mask(cid) if call_id_mask is not None else cid.decode("utf-8", "replace")
+
+    ids = list(group.call_ids)
+    out = {"correlation_id": show(ids[0]), "legs": [show(c) for c in ids], "leg": call.leg}
+    if call.joined_by:
+        out["correlated_by"] = call.joined_by
+        out["b2bua_leg_setup_ms"] = _ms(call.gap_start, call.t_start)
+    return out
+
+
+__all__ = ["JsonLog", "BackgroundWriter", "ErrorReporter", "call_summary_fields", "dumps", "METHODS"]

@@ -23,11 +23,17 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.samples import Exemplar
 
-from .stats import COMPONENTS, DIRECTIONS, DROP_REASONS, METHODS, OUTCOMES, RTT_BUCKETS_MS, Stats
+from .correlation import KINDS as CORRELATION_KINDS
+from .stats import (
+    COMPONENTS, CORRELATION_RESULTS, DIRECTIONS, DROP_REASONS, METHODS, OUTCOMES, RTT_BUCKETS_MS, Stats,
+)
 
 _METHOD_NAMES = [m.decode() for m in METHODS]
 CALL_SETUP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60)
 CALL_DURATION_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400)
+# a B2BUA placing its outbound leg: tens of milliseconds when healthy, seconds when it waits on a
+# database or a routing service
+LEG_SETUP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 MAX_CONNECTIONS = 64  # per metrics endpoint; more are refused (oldest idle one closed first)
 IDLE_TIMEOUT = 2.0  # seconds a connection may take to send its request
 WRITE_TIMEOUT = 5.0  # seconds a scraper may take to read the response
@@ -111,6 +117,7 @@ class GatewayCollector(_Guarded):
         yield CounterMetricFamily("sip_stray_responses", "Responses whose top Via was not this proxy's; dropped (RFC 3261 16.7).", value=s.stray_responses)
         yield CounterMetricFamily("sip_unroutable_requests", "Requests with no usable next hop.", value=s.unroutable)
         yield CounterMetricFamily("sipwatch_records_dropped", "Finished call/transaction records lost because exporters lagged.", value=s.records_dropped)
+        yield CounterMetricFamily("sipwatch_log_lines_dropped", "Log lines dropped because the reader of stdout fell behind (forwarding never waits for it).", value=getattr(s, "log_lines_dropped", 0))
         yield GaugeMetricFamily("sip_active_calls", "Answered calls not yet ended by BYE.", value=s.active_calls)
         yield GaugeMetricFamily("sipwatch_overloaded", "1 while new dialogs are shed (receive queues above the high-water mark).", value=int(s.overloaded))
         dropped = CounterMetricFamily("sip_dropped", "Datagrams not forwarded, by reason (a fixed set).", labels=["reason"])
@@ -159,6 +166,13 @@ class SignalingCollector(_Guarded):
             if s.timeouts[mi] or mi == 0:
                 to.add_metric([m], s.timeouts[mi])
         yield to
+        corr = CounterMetricFamily("sip_correlation", "Correlation headers on initial INVITEs, by header and what became of them (joined the call they name, named none, refused, malformed).", labels=["header", "result"])
+        counts = getattr(s, "correlation", None) or []
+        for ki, kind in enumerate(CORRELATION_KINDS):
+            for ri, result in enumerate(CORRELATION_RESULTS):
+                i = ki * len(CORRELATION_RESULTS) + ri
+                corr.add_metric([kind, result], counts[i] if i < len(counts) else 0)
+        yield corr
         yield CounterMetricFamily("sip_upstream_send_errors", "Datagrams the OS refused to send (e.g. ICMP port unreachable).", value=s.send_errors)
         yield CounterMetricFamily("sipwatch_spans_exported", "Spans accepted by the OTLP backend.", value=s.spans_exported)
         yield CounterMetricFamily("sipwatch_spans_dropped", "Spans dropped: export queue full or backend failing.", value=s.spans_dropped)
@@ -178,6 +192,7 @@ class Metrics:
             ProcessCollector(registry=reg)
             PlatformCollector(registry=reg)
         self.call_setup = Histogram("sip_call_setup_seconds", "Initial INVITE forwarded to first 18x or final response (RFC 6076 SRD).", buckets=CALL_SETUP_BUCKETS, registry=self.gateway)
+        self.leg_setup = Histogram("sip_b2bua_leg_setup_seconds", "B2BUA legs joined by a correlation header: the named leg's initial INVITE to this leg's initial INVITE (the B2BUA's own latency).", buckets=LEG_SETUP_BUCKETS, registry=self.signaling)
         self.call_duration = Histogram("sip_call_duration_seconds", "Answered calls: 2xx to the final response to BYE.", buckets=CALL_DURATION_BUCKETS, registry=self.gateway)
 
     def observe_call(self, call) -> None:
@@ -187,12 +202,16 @@ class Metrics:
             self.call_setup.observe(call.t_setup - call.t_start)
         if call.t_answer is not None and call.t_end is not None:
             self.call_duration.observe(max(0.0, call.t_end - call.t_answer))
+        if getattr(call, "joined_by", None):
+            self.leg_setup.observe(max(0.0, call.t_start - call.gap_start))
 
 
 async def serve_metrics(registry: CollectorRegistry, host: str, port: int, on_error=None,
                         max_connections: int = MAX_CONNECTIONS,
-                        idle_timeout: float = IDLE_TIMEOUT) -> asyncio.AbstractServer:
-    """A minimal HTTP/1.1 server for /metrics (and /healthz) on the running loop.
+                        idle_timeout: float = IDLE_TIMEOUT, ready=None) -> asyncio.AbstractServer:
+    """A minimal HTTP/1.1 server for /metrics, /healthz (alive: the loop answers) and /readyz on
+    the running loop. ``ready()`` false (the proxy is draining) makes /readyz answer 503, so a
+    readiness probe takes the pod out of rotation while liveness stays green.
 
     It holds at most ``max_connections`` connections: when full, the oldest connection that has
     not sent its request yet is closed to make room (so idle or slow clients cannot lock out a
@@ -234,6 +253,11 @@ async def serve_metrics(registry: CollectorRegistry, host: str, port: int, on_er
                     body, ctype, status = b"metrics failed\n", "text/plain", "500 Internal Server Error"
             elif path == "/healthz":
                 body, ctype, status = b"ok\n", "text/plain", "200 OK"
+            elif path == "/readyz":
+                if ready is None or ready():
+                    body, ctype, status = b"ready\n", "text/plain", "200 OK"
+                else:
+                    body, ctype, status = b"draining\n", "text/plain", "503 Service Unavailable"
             else:
                 body, ctype, status = b"not found\n", "text/plain", "404 Not Found"
             writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)

@@ -11,8 +11,12 @@ requests, so a capture of sidecar traffic lands in the sidecar's trace; the firs
 wins. If the request that opened the call carried it, the call span's parent is the span it
 names (the hop that sent it), as the proxy joins a trace; a traceparent first seen on a later
 hop (an untraced caller in front of a sidecar) only supplies the trace id and sampled flag.
-Without any, the trace id is derived from the Call-ID (the same in every capture of the call).
-Span ids are random 64-bit, like the proxy's.
+A jambonz ``X-Trace-ID`` (a trace id alone) gives the trace id and no parent. Without any, a
+new dialog whose correlation header (``X-CID``, RFC 7989 ``Session-ID``, ``P-Charging-Vector``
+icid: :mod:`sipwatch.correlation`) names a call seen before, and was sent by a host that call's
+INVITE went to, is a further leg of that call (a B2BUA's outbound leg): same trace, its call span
+a child of the named leg's, as the proxy does; else the trace id is derived from the Call-ID (the
+same in every capture of the call). Span ids are random 64-bit, like the proxy's.
 
 Time is the capture's: timers run on packet timestamps (Timer B/F, and Timer C for an INVITE
 that got a provisional, as in the proxy: a call ringing 40 s and then answered is answered).
@@ -30,9 +34,10 @@ import re
 from collections import Counter
 from hashlib import blake2b
 
+from .correlation import DEFAULT as DEFAULT_CORRELATION, parse_kinds
 from .sipmsg import SipParseError, header_tag, parse
 from .state import Tracker
-from .tracecontext import parse_traceparent, sampled_by_ratio
+from .tracecontext import TRACE_ID_HEADER, parse_trace_id, parse_traceparent, sampled_by_ratio
 from .stats import ACK, FROM_GATEWAY, FROM_SIGNALING, INVITE, Stats, method_index
 
 Addr = tuple[str, int]
@@ -49,7 +54,8 @@ _START_LINE = re.compile(rb"(?:([A-Za-z]+) [^ \r\n]+ SIP/2\.0\r?\n|SIP/2\.0 ([1-
 class Observer:
     def __init__(self, timer_b: float = 32.0, stats: Stats | None = None, on_sdp=None,
                  max_transactions: int = 200_000, max_calls: int = 100_000,
-                 signaling: Addr | None = None, timer_c: float = 180.0):
+                 signaling: Addr | None = None, timer_c: float = 180.0,
+                 correlation: str = DEFAULT_CORRELATION):
         self.stats = stats or Stats()
         # direction labels follow the proxy's rule: sent by sip-signaling, else from the gateway
         self.signaling = signaling
@@ -57,6 +63,7 @@ class Observer:
                                finished_max=1 << 30, timer_c=timer_c)
         self.timer_b = timer_b
         self.timer_c = timer_c
+        self.corr_kinds = parse_kinds(correlation)
         self.on_sdp = on_sdp  # callable(call_id, body, src, dst, ts) for SDP offers/answers
         self.sip_messages = 0
         self.methods: Counter = Counter()  # request method → messages (like tshark sip,stat)
@@ -164,15 +171,29 @@ class Observer:
                 incoming = parse_traceparent(msg.get(name))
                 break
         if call is None:
+            named, by, keys = None, "", []
+            if initial and self.corr_kinds:
+                named, by = tracker.correlate(self.corr_kinds, msg, names, call_id, src, keys)
+            if incoming is None and TRACE_ID_HEADER in names:
+                tid = parse_trace_id(msg.get(TRACE_ID_HEADER))
+                if tid is not None:
+                    incoming = (tid, 0, -1)
             if incoming is not None:
                 trace_id, parent, flags = incoming
-                sampled = bool(flags & 1)
+                parent = parent or None
+                sampled = bool(flags & 1) if flags >= 0 else sampled_by_ratio(trace_id, self.sample_ratio)
+            elif named is not None:
+                trace_id, parent, sampled = named.trace_id, named.span_id, named.sampled
             else:
                 trace_id, parent = derived_trace_id(call_id), None
                 sampled = sampled_by_ratio(trace_id, self.sample_ratio)
             call = tracker.new_call(call_id, trace_id, self._span_id(), parent, sampled, ts,
                                     initial, msg.get(b"from") or b"", msg.get(b"to") or b"",
                                     msg.uri)
+            if named is not None:
+                tracker.join_leg(call, named, by, self._span_id() if trace_id == named.trace_id else 0)
+            for k in keys:
+                tracker.index_call(call, k)
         elif incoming is not None and call.trace_id != incoming[0] \
                 and call.trace_id == derived_trace_id(call_id):
             self._join(call, incoming)
@@ -183,7 +204,7 @@ class Observer:
             tracker.ack(midx, method, cseq_n, call, ts, self._span_id(), direction, hop)
             return
         key = (call_id, cseq_n, cseq_m, branch, src[0], dst[0])
-        transactions: dict = tracker.transactions  # keyed per hop here (a typed build checks keys)
+        transactions = tracker.transactions  # keyed per hop here
         tx = transactions.get(key)
         if tx is not None:
             tracker.retransmission(tx)
@@ -231,6 +252,8 @@ class Observer:
         call.trace_id, call.sampled = trace_id, sampled
         for tx in call.transactions:
             tx.trace_id, tx.sampled = trace_id, sampled
+        if call.gap_span_id:
+            call.gap_span_id = 0  # no longer in the named leg's trace: no B2BUA span across traces
 
     def _sdp(self, call_id: bytes, msg, src: Addr, dst: Addr, ts: float) -> None:
         body = msg.body

@@ -32,7 +32,8 @@ ERROR_OUTCOMES = frozenset((REJ5, REJ6, TIMEOUT))
 SCOPE_NAME = "sipwatch"
 CACHE_MAX = 8192  # cached (key, value) encodings; cleared when full (a cache, not a leak)
 PARTY_MAX = 4096  # calls whose masked parties are remembered (a call's spans come together)
-KIND_SERVER, KIND_CLIENT = 2, 3  # OTLP Span.SpanKind
+KIND_INTERNAL, KIND_SERVER, KIND_CLIENT = 1, 2, 3  # OTLP Span.SpanKind
+LEG_SETUP_SPAN = "B2BUA leg setup"  # the B2BUA's own latency: named leg's INVITE -> this leg's INVITE
 STATUS_ERROR = 2
 FLAG_HAS_IS_REMOTE, FLAG_IS_REMOTE = 0x100, 0x200  # SpanFlags
 _U64 = (1 << 64) - 1
@@ -44,7 +45,7 @@ _DOUBLE = struct.Struct("<d")
 _FIXED64 = struct.Struct("<Q")
 _FLAGS = {False: b"\x85\x01" + struct.pack("<I", FLAG_HAS_IS_REMOTE),  # tag 16, fixed32
           True: b"\x85\x01" + struct.pack("<I", FLAG_HAS_IS_REMOTE | FLAG_IS_REMOTE)}
-_KIND = {KIND_SERVER: b"\x30\x02", KIND_CLIENT: b"\x30\x03"}  # tag 6, varint
+_KIND = {KIND_INTERNAL: b"\x30\x01", KIND_SERVER: b"\x30\x02", KIND_CLIENT: b"\x30\x03"}  # tag 6, varint
 _FLAG_VALUES = {False: FLAG_HAS_IS_REMOTE, True: FLAG_HAS_IS_REMOTE | FLAG_IS_REMOTE}
 _STATUS_UNSET = (b"\x7a\x00", b"{}")  # the SDK always writes a Status, empty when UNSET
 
@@ -331,6 +332,10 @@ class SpanEncoder:
             attrs["sip.call.duration_s"] = enc("sip.call.duration_s", round(call.t_end - call.t_answer, 6))
         if call.retrans:
             attrs["sip.retransmissions"] = a("sip.retransmissions", call.retrans)
+        group = getattr(call, "group", None)
+        if group is not None:
+            for k, v in leg_attributes(call, group, self.call_id_mask).items():
+                attrs[k] = a(k, v)
         rtp = call.rtp
         if rtp:
             for k, v in rtp.items():
@@ -343,9 +348,23 @@ class SpanEncoder:
             attrs["error.type"] = a("error.type", "timeout" if call.outcome == TIMEOUT else str(call.status))
         parent = call.parent_span_id
         vals = attrs.values()
-        return self._span(call.trace_id, call.span_id, parent, bool(parent), self._name("SIP call"),
+        # a joined leg's parent is the named leg's call span, in this process: not remote
+        remote = bool(parent) and parent != getattr(call, "gap_parent", 0)
+        return self._span(call.trace_id, call.span_id, parent, remote, self._name("SIP call"),
                           KIND_SERVER, int(call.t_start * 1e9), int(call.t_end * 1e9),
                           b"".join([x[0] for x in vals]), b",".join([x[1] for x in vals]), None, st)
+
+    def leg_setup(self, call) -> tuple[bytes, bytes] | None:
+        """The B2BUA's own latency as an INTERNAL span beside the joined leg's call span (same
+        parent: the named leg's call span): the named leg's INVITE until this leg's INVITE."""
+        if not getattr(call, "gap_span_id", 0):
+            return None
+        a = self.attr
+        vals = [self._party(call)[0]] + [a(k, v) for k, v in
+                                         leg_attributes(call, call.group, self.call_id_mask).items()]
+        return self._span(call.trace_id, call.gap_span_id, call.gap_parent, False, self._name(LEG_SETUP_SPAN),
+                          KIND_INTERNAL, int(call.gap_start * 1e9), int(call.t_start * 1e9),
+                          b"".join([x[0] for x in vals]), b",".join([x[1] for x in vals]), None, _STATUS_UNSET)
 
     @staticmethod
     def _span(trace_id, span_id, parent, remote, name, kind, start, end, attrs_pb, attrs_js, events, status):
@@ -373,6 +392,19 @@ def rtp_figures(streams) -> dict:
         out["rtp.jitter_max_ms"] = float(max(jitter))
     if mos:
         out["rtp.mos_min"] = float(min(mos))
+    return out
+
+
+def leg_attributes(call, group, call_id_mask=None) -> dict:
+    """A B2BUA leg's span attributes: ``sip.correlation_id`` (the first leg's Call-ID, masked as
+    ``sip.call_id`` is), ``sip.leg`` (1-based), ``sip.legs`` (legs known when the record was made)
+    and, for a leg that joined, ``sip.correlated_by`` (x-cid, session-id, icid)."""
+    first = group.call_ids[0]
+    out = {"sip.correlation_id": call_id_mask(first) if call_id_mask is not None
+           else first.decode("utf-8", "replace"),
+           "sip.leg": call.leg, "sip.legs": len(group.call_ids)}
+    if call.joined_by:
+        out["sip.correlated_by"] = call.joined_by
     return out
 
 

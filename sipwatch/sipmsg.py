@@ -278,6 +278,10 @@ def parse(data: bytes, check_length: bool = True) -> SipMessage:
         status = int(parts[1])
         if status < 100:
             raise SipParseError(f"bad status code {status}", DROP_OUT_OF_RANGE)
+        if len(parts) == 2:
+            # "SIP/2.0 500": the reason phrase may be empty, but the SP before it is required
+            # (RFC 3261 §7.2); a peer that left it out gets its response through, repaired
+            start += b" "
         method = uri = None
     else:
         parts = start.split(b" ")

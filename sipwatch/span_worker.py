@@ -56,9 +56,12 @@ def tx_tuple(tx) -> tuple:
 
 def call_tuple(call) -> tuple:
     txs = call.transactions
+    group = call.group
+    legs = (list(group.call_ids), call.leg, call.joined_by, call.gap_span_id, call.gap_start, call.gap_parent) \
+        if group is not None else None
     return (1, call.trace_id, call.span_id, call.parent_span_id, call.call_id, call.from_uri, call.to_uri,
             call.ruri, call.outcome, call.status, call.t_start, call.t_setup, call.t_answer, call.t_end,
-            call.retrans, call.rtp, txs[0].peer if txs else None, call.is_call)
+            call.retrans, call.rtp, txs[0].peer if txs else None, call.is_call, legs)
 
 
 # -- records rebuilt (worker side) -------------------------------------------------------------
@@ -69,10 +72,20 @@ class _Peer:
         self.peer = peer
 
 
+class LegsRec:
+    """A B2BUA leg group as the encoder reads it (``sipwatch.state.LegGroup``'s Call-IDs)."""
+
+    __slots__ = ("call_ids",)
+
+    def __init__(self, call_ids):
+        self.call_ids = call_ids
+
+
 class CallRec:
     __slots__ = ("trace_id", "span_id", "parent_span_id", "call_id", "from_uri", "to_uri", "ruri", "outcome",
                  "status", "t_start", "t_setup", "t_answer", "t_end", "retrans", "rtp", "transactions",
-                 "is_call", "sampled", "__weakref__")
+                 "is_call", "sampled", "group", "leg", "joined_by", "gap_span_id", "gap_start", "gap_parent",
+                 "__weakref__")
 
     def __init__(self, trace_id, span_id, is_call, call_id, from_uri, to_uri):
         self.trace_id, self.span_id, self.is_call = trace_id, span_id, is_call
@@ -84,6 +97,8 @@ class CallRec:
         self.rtp = None
         self.transactions = ()
         self.sampled = True
+        self.group = None
+        self.leg, self.joined_by, self.gap_span_id, self.gap_start, self.gap_parent = 0, None, 0, 0.0, 0
 
 
 class TxRec:
@@ -120,12 +135,15 @@ class Rebuilder:
             x.sampled = True
             return ("tx", x)
         (_, trace_id, span_id, parent, call_id, from_uri, to_uri, ruri, outcome, status, t_start, t_setup,
-         t_answer, t_end, retrans, rtp, first_peer, is_call) = t
+         t_answer, t_end, retrans, rtp, first_peer, is_call, legs) = t
         c = self._call(trace_id, span_id, is_call, call_id, from_uri, to_uri)
         self._calls.pop((trace_id, span_id), None)  # the call record comes last
         c.parent_span_id, c.ruri, c.outcome, c.status = parent, ruri, outcome, status
         c.t_start, c.t_setup, c.t_answer, c.t_end, c.retrans, c.rtp = t_start, t_setup, t_answer, t_end, retrans, rtp
         c.transactions = [_Peer(first_peer)] if first_peer is not None else ()
+        if legs is not None:
+            call_ids, c.leg, c.joined_by, c.gap_span_id, c.gap_start, c.gap_parent = legs
+            c.group = LegsRec(call_ids)
         return ("call", c)
 
 

@@ -28,6 +28,10 @@ so both compute figures with the same code. Nothing here reads a clock or touche
   entry only), which is skipped; stale copies are compacted away when they outnumber the live entries, so every
   deque stays within a constant factor of its table. (Capture timestamps that go backwards
   make an entry expire at most that much late; the proxy's clock is monotonic.)
+* B2BUA legs: a new dialog whose correlation header (sipwatch.correlation) names an open call
+  it may join (:meth:`Tracker.may_join`) becomes a further leg of it (:meth:`Tracker.join_leg`):
+  the legs share a :class:`LegGroup` of Call-IDs. Session-ID / icid keys live in
+  ``Tracker.corr_index`` (capped at ``max_calls``) and leave with their call.
 * Both tables are capped. When one is full, the entry that makes room is one that already ended
   (the oldest to end first); only when none has ended, the least recently active live entry is
   evicted (counted, and a live call's record is still emitted with ``ended_by="evicted"``).
@@ -41,17 +45,24 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from itertools import count
+from typing import Generic, TypeVar
 
 # Timer entries are (deadline, obj, token) and obj.qentry holds the token of its current one: an
 # int, not the tuple, so no entry and object point at each other (no reference cycle: a call's
 # state is freed by reference counting, never waits for the cyclic garbage collector).
 _TOKENS = count(1)
 
-from .stats import ANSWERED, BYE, CANCEL, CANCELLED, INVITE, TIMEOUT, Stats, outcome_of
+from .correlation import HEADER_NAMES as CORRELATION_HEADERS, KINDS as CORRELATION_KINDS, MALFORMED, XCID, key_of
+from .stats import (
+    ANSWERED, BYE, CANCEL, CANCELLED, CORR_JOINED, CORR_MALFORMED, CORR_REFUSED, CORR_UNMATCHED, INVITE, TIMEOUT,
+    Stats, outcome_of,
+)
 
 MAX_TX_PER_CALL = 64
+MAX_LEGS = 16  # legs joined into one group; more start traces of their own (counted refused)
 MAX_FORK_TAGS = 16  # To-tags of 2xx answers remembered per INVITE (more are each counted a fork)
-COMPACT_SLACK = 1024  # stale deque entries tolerated beyond the table size before compacting
+COMPACT_SLACK = 1024  # stale deque entries tolerated beyond the table size before sweeping
+SWEEP_STEP = 512  # entries of one timer queue looked at per expire() while a sweep is on (~0.1 ms)
 
 # Call.ended_by values
 ENDED_BY = ("bye", "final", "timeout", "cancel", "max_duration", "evicted", "replaced", "eof",
@@ -104,7 +115,8 @@ class Call:
         "call_id", "trace_id", "span_id", "parent_span_id", "sampled", "t_start", "t_setup",
         "t_answer", "t_final", "t_end", "status", "outcome", "cancelled", "finished",
         "transactions", "retrans", "from_uri", "to_uri", "ruri", "deadline", "is_call", "rtp",
-        "ended_by", "invite_cseq", "qentry", "holders",
+        "ended_by", "invite_cseq", "qentry", "holders", "group", "leg", "joined_by", "gap_span_id",
+        "gap_start", "gap_parent", "corr_keys",
     )
 
     def __init__(self, call_id, trace_id, span_id, parent_span_id, sampled, now, deadline,
@@ -139,6 +151,16 @@ class Call:
         # of the call record (the call summary). The last to let go empties the list, so a call
         # is freed by reference counting. 0: kept (capture analysis reads them at the end).
         self.holders = 0
+        # B2BUA legs (see LegGroup): the group this call is a leg of (None: a call on its own), its
+        # 1-based place in it, the header that joined it, and for a joined leg the span of the
+        # B2BUA's own latency (the named leg's INVITE at ``gap_start`` until this leg's INVITE)
+        self.group: LegGroup | None = None
+        self.leg = 0
+        self.joined_by: str | None = None
+        self.gap_span_id = 0
+        self.gap_start = 0.0
+        self.gap_parent = 0  # the named leg's call span: parent of this leg's call and B2BUA spans
+        self.corr_keys: list[bytes] | None = None  # correlation index keys that name this call
 
     def let_go(self) -> None:
         """One holder is done with the call's transactions (see ``holders``)."""
@@ -147,6 +169,84 @@ class Call:
         if h == 0:
             self.transactions = []
 
+
+class LegGroup:
+    """The legs of one call through a B2BUA: the first leg's Call-ID and every leg's, in the order
+    they joined (at most ``MAX_LEGS``). Shared by the legs' Call objects; holds only bytes, so it
+    adds no reference cycle."""
+
+    __slots__ = ("call_ids",)
+
+    def __init__(self, first: bytes):
+        self.call_ids: list[bytes] = [first]
+
+
+_T = TypeVar("_T")
+
+
+class DeadlineQueue(Generic[_T]):
+    """Timer entries ``(deadline, obj, token)`` of one timer kind, oldest first.
+
+    Each kind has one constant delay, so appending keeps the queue in deadline order and the
+    head is always the next to expire. An entry goes stale when its object is rescheduled (a new
+    token) or leaves the table; stale entries are skipped when they reach the head, and swept
+    out in bounded steps in between (:meth:`sweep`): a pass moves entries from the front of
+    ``_rest`` to the back of ``_done``, dropping stale ones, so order is kept (everything in
+    ``_done`` is older than everything in ``_rest``) and no step costs more than its budget. A
+    rebuild of the whole queue at once had held the loop 1-14 ms at 1000 calls/s."""
+
+    __slots__ = ("_done", "_rest", "_left", "_added")
+
+    def __init__(self) -> None:
+        self._done: deque[tuple[float, _T, int]] = deque()  # swept in the current pass
+        self._rest: deque[tuple[float, _T, int]] = deque()  # not swept yet, then newer entries
+        self._left = 0  # entries at the front of _rest the current pass has still to look at
+        self._added = 0  # entries appended since the last sweep step
+
+    def __len__(self) -> int:
+        return len(self._done) + len(self._rest)
+
+    def __bool__(self) -> bool:
+        return bool(self._done) or bool(self._rest)
+
+    def append(self, e: tuple[float, _T, int]) -> None:
+        self._rest.append(e)
+        self._added += 1
+
+    def head(self) -> tuple[float, _T, int]:
+        return self._done[0] if self._done else self._rest[0]
+
+    def popleft(self) -> tuple[float, _T, int]:
+        if self._done:
+            return self._done.popleft()
+        if self._left:
+            self._left -= 1
+        return self._rest.popleft()
+
+    def sweeping(self) -> bool:
+        return self._left > 0 or bool(self._done)
+
+    def start_sweep(self) -> None:
+        if not self.sweeping():
+            self._left = len(self._rest)
+            self._added = 0
+
+    def sweep(self, live, budget: int) -> None:
+        """Look at up to ``budget`` entries of the current pass, or twice what was appended
+        since the last step if that is more (so a pass always outruns the growth); ``live(entry)``
+        keeps one."""
+        rest, done = self._rest, self._done
+        n = min(max(budget, 2 * self._added), self._left)
+        self._added = 0
+        for _ in range(n):
+            e = rest.popleft()
+            if live(e):
+                done.append(e)
+        self._left -= n
+        if not self._left:  # pass over: what was appended meanwhile goes behind the swept part
+            done.extend(rest)
+            self._rest, self._done = done, rest
+            rest.clear()
 
 # timer entries: (deadline, object, token); an entry whose token is not the object's qentry is stale
 TxEntry = tuple[float, Transaction, int]
@@ -169,22 +269,26 @@ class Tracker:
         self.max_transactions = max_transactions
         self.max_calls = max_calls
         self.max_call_duration = max_call_duration
-        self.transactions: dict[tuple[bytes, bytes], Transaction] = {}
+        self.transactions: dict[tuple, Transaction] = {}  # (branch, method); the observer keys per hop
         # insertion order = least recently active first (moved to the end on activity)
         self.calls: OrderedDict[bytes, Call] = OrderedDict()
         # (deadline, obj) FIFOs, one per timer kind, each with a constant delay
-        self._tx_b: deque[TxEntry] = deque()  # pending, Timer B/F: t_sent + timer_b
-        self._tx_c: deque[TxEntry] = deque()  # pending INVITE after a 1xx, Timer C: last 1xx + timer_c
-        self._tx_linger: deque[TxEntry] = deque()  # completed: t_final + timer_b
-        self._call_short: deque[CallEntry] = deque()  # non-call entries, auth challenges: + timer_b
-        self._call_long: deque[CallEntry] = deque()  # INVITE dialogs: start/answer + max_call_duration
-        self._call_linger: deque[CallEntry] = deque()  # finished calls: t_end + timer_b
+        self._tx_b: DeadlineQueue[Transaction] = DeadlineQueue()  # pending, Timer B/F: t_sent + timer_b
+        self._tx_c: DeadlineQueue[Transaction] = DeadlineQueue()  # pending INVITE after a 1xx, Timer C: last 1xx + timer_c
+        self._tx_linger: DeadlineQueue[Transaction] = DeadlineQueue()  # completed: t_final + timer_b
+        self._call_short: DeadlineQueue[Call] = DeadlineQueue()  # non-call entries, auth challenges: + timer_b
+        self._call_long: DeadlineQueue[Call] = DeadlineQueue()  # INVITE dialogs: start/answer + max_call_duration
+        self._call_linger: DeadlineQueue[Call] = DeadlineQueue()  # finished calls: t_end + timer_b
         self.finished: deque = deque()
         self.finished_max = finished_max
         # the proxy: a call's transactions are let go once it left the table and its record was
         # consumed (Call.holders), so nothing here needs the cyclic garbage collector
         self.release = False
         self.compactions = 0  # times the deadline deques were rebuilt (amortised O(1) each)
+        # B2BUA correlation: Session-ID pair / icid keys -> the call whose initial INVITE carried
+        # them first; at most one key per kind per call, at most max_calls keys, each removed when
+        # its call leaves the table (X-CID needs no index: it names a Call-ID of ``calls``)
+        self.corr_index: dict[bytes, Call] = {}
 
     # -- calls -------------------------------------------------------------------------
     def find_call(self, call_id: bytes) -> Call | None:
@@ -264,6 +368,94 @@ class Tracker:
         self._finish_call(call, now, "evicted")
         self._left(call)
 
+    # -- B2BUA legs ----------------------------------------------------------------------
+    def correlate(self, kinds: tuple[int, ...], msg, names: list[bytes], call_id: bytes, src: tuple[str, int],
+                  keys: list[bytes]) -> tuple[Call | None, str]:
+        """The call a new dialog's correlation headers (``kinds``, sipwatch.correlation) name and
+        may join, and by which header (the first configured one that names one wins); ``keys``
+        gets the Session-ID / icid keys to index for the new call (:meth:`index_call`). Each
+        header present is counted by result in ``stats.correlation``. Only ``in names`` tests
+        for a message without them."""
+        counts = self.stats.correlation
+        named: Call | None = None
+        by = ""
+        for kind in kinds:
+            hname = CORRELATION_HEADERS[kind]
+            if hname not in names:
+                continue
+            key = key_of(kind, msg.value_at(names.index(hname)))
+            if key == MALFORMED:
+                counts[kind * 4 + CORR_MALFORMED] += 1
+                continue
+            if kind != XCID:
+                keys.append(key)
+            if named is not None:
+                continue
+            found = self.correlated_call(key, kind == XCID)
+            if found is None or (kind == XCID and key == call_id):
+                counts[kind * 4 + CORR_UNMATCHED] += 1
+            elif not self.may_join(found, src):
+                counts[kind * 4 + CORR_REFUSED] += 1
+            else:
+                counts[kind * 4 + CORR_JOINED] += 1
+                named, by = found, CORRELATION_KINDS[kind]
+        return named, by
+
+    def correlated_call(self, key: bytes, by_call_id: bool) -> Call | None:
+        """The call a correlation key names: a Call-ID (X-CID) in the call table, else an index key."""
+        if by_call_id:
+            return self.calls.get(key)
+        return self.corr_index.get(key)
+
+    def may_join(self, named: Call, src: tuple[str, int]) -> bool:
+        """Whether a new leg sent from ``src`` may join ``named``: an INVITE dialog still open,
+        whose group has room, whose initial INVITE was sent *to* that party (a B2BUA places leg B
+        from where it received leg A; anyone else naming the call starts a trace of its own).
+        The proxy knows the address it sent to and compares address and port; a capture compares
+        the host (a B2BUA over TCP sends from another port than it listens on)."""
+        if not named.is_call or named.finished:
+            return False
+        group = named.group
+        if group is not None and len(group.call_ids) >= MAX_LEGS:
+            return False
+        for tx in named.transactions:
+            if tx.initial_invite:
+                peer = tx.peer
+                # the proxy records the next hop (ip, port); a capture (sender, receiver[, transport])
+                if isinstance(peer[0], tuple):
+                    if peer[1][0] == src[0]:
+                        return True
+                elif peer[0] == src[0] and peer[1] == src[1]:
+                    return True
+        return False
+
+    def join_leg(self, call: Call, named: Call, by: str, gap_span_id: int) -> None:
+        """``call`` (a new dialog) is a further leg of ``named``'s call."""
+        group = named.group
+        if group is None:
+            group = LegGroup(named.call_id)
+            named.group = group
+            named.leg = 1
+        group.call_ids.append(call.call_id)
+        call.group = group
+        call.leg = len(group.call_ids)
+        call.joined_by = by
+        call.gap_span_id = gap_span_id
+        call.gap_start = named.t_start
+        call.gap_parent = named.span_id
+
+    def index_call(self, call: Call, key: bytes) -> None:
+        """Remember that ``call``'s initial INVITE carried ``key`` (the first call to carry a key
+        keeps it; a full index takes no more)."""
+        index = self.corr_index
+        if key in index or len(index) >= self.max_calls:
+            return
+        index[key] = call
+        if call.corr_keys is None:
+            call.corr_keys = [key]
+        else:
+            call.corr_keys.append(key)
+
     # -- transactions ------------------------------------------------------------------
     def request(self, key, midx, method, cseq, call: Call, now, span_id, parent_span_id,
                 direction, peer, initial_invite) -> Transaction:
@@ -323,11 +515,11 @@ class Tracker:
                 del txs[tx.key]
                 return
         qb, qc = self._tx_b, self._tx_c
-        while qb and not _pending(qb[0], txs):
+        while qb and not _pending(qb.head(), txs):
             qb.popleft()
-        while qc and not _pending(qc[0], txs):
+        while qc and not _pending(qc.head(), txs):
             qc.popleft()
-        if qb and (not qc or qb[0][0] - self.timer_b <= qc[0][0] - self.timer_c):
+        if qb and (not qc or qb.head()[0] - self.timer_b <= qc.head()[0] - self.timer_c):
             tx = qb.popleft()[1]
         elif qc:
             tx = qc.popleft()[1]
@@ -449,6 +641,13 @@ class Tracker:
 
     def _left(self, call: Call) -> None:
         """``call`` is no longer in the table."""
+        keys = call.corr_keys
+        if keys is not None:
+            index = self.corr_index
+            for k in keys:
+                if index.get(k) is call:
+                    del index[k]
+            call.corr_keys = None
         if self.release:
             call.let_go()
 
@@ -482,7 +681,7 @@ class Tracker:
         """Time out unanswered transactions (Timer B/F/C) and drop state whose linger ended."""
         txs, stats = self.transactions, self.stats
         for q in (self._tx_b, self._tx_c):
-            while q and q[0][0] <= now:
+            while q and q.head()[0] <= now:
                 e = q.popleft()
                 tx = e[1]
                 if tx.qentry != e[2] or txs.get(tx.key) is not tx:
@@ -505,14 +704,14 @@ class Tracker:
                 elif tx.midx == BYE:
                     self._finish_call(call, now, "bye")
         q = self._tx_linger
-        while q and q[0][0] <= now:
+        while q and q.head()[0] <= now:
             e = q.popleft()
             tx = e[1]
             if tx.qentry == e[2] and txs.get(tx.key) is tx:
                 del txs[tx.key]
         calls = self.calls
         for cq in (self._call_short, self._call_long, self._call_linger):
-            while cq and cq[0][0] <= now:
+            while cq and cq.head()[0] <= now:
                 ce = cq.popleft()
                 call = ce[1]
                 cid = call.call_id
@@ -530,24 +729,33 @@ class Tracker:
                     self._finish_call(call, now, "max_duration")  # e.g. answered, never a BYE
                 else:
                     self._finish_call(call, now, "timeout")
-        self._compact()
+        self._sweep()
 
-    def _compact(self) -> None:
-        """Drop stale deque entries once they outnumber the live ones (amortised O(1))."""
+    def _sweep(self) -> None:
+        """Drop stale timer entries in bounded steps: a pass over a group of queues starts once
+        they hold more than twice the live entries (plus COMPACT_SLACK), and each call looks at
+        no more than SWEEP_STEP entries of each queue (amortised O(1) per entry pushed, and no
+        rebuild of a whole queue in one go)."""
         txs = self.transactions
-        if len(self._tx_b) + len(self._tx_c) + len(self._tx_linger) > 2 * len(txs) + COMPACT_SLACK:
+        tq = (self._tx_b, self._tx_c, self._tx_linger)
+        if not (tq[0].sweeping() or tq[1].sweeping() or tq[2].sweeping()) and \
+                len(tq[0]) + len(tq[1]) + len(tq[2]) > 2 * len(txs) + COMPACT_SLACK:
             self.compactions += 1
-            for name in ("_tx_b", "_tx_c", "_tx_linger"):
-                setattr(self, name, deque(e for e in getattr(self, name)
-                                          if e[1].qentry == e[2] and txs.get(e[1].key) is e[1]))
+            for q in tq:
+                q.start_sweep()
+        for q in tq:
+            if q.sweeping():
+                q.sweep(lambda e: e[1].qentry == e[2] and txs.get(e[1].key) is e[1], SWEEP_STEP)
         calls = self.calls
-        if len(self._call_short) + len(self._call_long) + len(self._call_linger) > \
-                2 * len(calls) + COMPACT_SLACK:
+        cq = (self._call_short, self._call_long, self._call_linger)
+        if not (cq[0].sweeping() or cq[1].sweeping() or cq[2].sweeping()) and \
+                len(cq[0]) + len(cq[1]) + len(cq[2]) > 2 * len(calls) + COMPACT_SLACK:
             self.compactions += 1
-            for name in ("_call_short", "_call_long", "_call_linger"):
-                setattr(self, name, deque(e for e in getattr(self, name)
-                                          if e[1].qentry == e[2]
-                                          and calls.get(e[1].call_id) is e[1]))
+            for c in cq:
+                c.start_sweep()
+        for c in cq:
+            if c.sweeping():
+                c.sweep(lambda e: e[1].qentry == e[2] and calls.get(e[1].call_id) is e[1], SWEEP_STEP)
 
     def queued(self) -> int:
         """Deadline entries held (live and stale), for tests and memory accounting."""
@@ -555,7 +763,7 @@ class Tracker:
                                     self._call_long, self._call_linger))
 
 
-def _push(q: deque, obj, deadline: float) -> None:
+def _push(q: DeadlineQueue, obj, deadline: float) -> None:
     """Schedule ``obj`` (a Transaction or Call) at ``deadline``; its earlier entry goes stale."""
     e = (deadline, obj, next(_TOKENS))
     obj.deadline = deadline

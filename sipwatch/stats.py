@@ -46,6 +46,12 @@ DROP_REASONS = (
  DROP_BAD_VIA, DROP_TOO_MANY_HEADERS, DROP_OUT_OF_RANGE, DROP_TOO_LARGE, DROP_STRAY_RESPONSE,
  DROP_NEXT_HOP_DENIED, DROP_UNROUTABLE, DROP_INTERNAL_ERROR) = range(len(DROP_REASONS))
 
+# What became of a correlation header on an initial INVITE (``sip_correlation_total{header,result}``,
+# header = sipwatch.correlation.KINDS): joined the call it names, named no call seen, named a call
+# it may not join (ended, another party's, group full), or had no usable value.
+CORRELATION_RESULTS = ("joined", "unmatched", "refused", "malformed")
+CORR_JOINED, CORR_UNMATCHED, CORR_REFUSED, CORR_MALFORMED = range(4)
+
 # Components that catch and count their own failures (``sipwatch_internal_errors_total``).
 COMPONENTS = ("datagram", "send", "tick", "log", "metrics", "spans")
 
@@ -148,6 +154,7 @@ class Stats:
         self.calls = [0] * len(OUTCOMES)
         self.active_calls = 0
         self.records_dropped = 0  # finished records the exporters did not drain in time
+        self.log_lines_dropped = 0  # log lines the stdout writer dropped (its reader stalled)
         self.spans_exported = 0  # written by the span exporter thread (single writer)
         self.spans_dropped = 0
         self.dropped = [0] * len(DROP_REASONS)  # [DROP_*]: datagrams not forwarded, by reason
@@ -157,5 +164,6 @@ class Stats:
         self.drain_rejected = 0  # new dialogs answered 503 while draining
         self.overload_rejected = 0  # new dialogs answered 503 while the receive queues were long
         self.overloaded = False  # mirrors ProxyCore.overloaded for the metrics
+        self.correlation = [0] * (3 * len(CORRELATION_RESULTS))  # [kind * 4 + CORR_*]
         self.ring = RttRing(ring_size)
         # call histograms (seconds) are fed from finished-call records off the hot path

@@ -2,7 +2,8 @@
 
 There is no IETF standard for trace context in SIP; sipwatch uses the W3C header as-is (the
 same value format HTTP uses), under a configurable header name, and also reads
-``X-Traceparent`` which some SIP stacks (e.g. Jitsi) already emit.
+``X-Traceparent`` which some SIP stacks (e.g. Jitsi) already emit, and jambonz's ``X-Trace-ID``
+(a bare 32-hex trace id, no span id and no sampled flag: :func:`parse_trace_id`).
 """
 from __future__ import annotations
 
@@ -29,6 +30,18 @@ def parse_traceparent(value: bytes) -> tuple[int, int, int] | None:
     if trace_id == 0 or span_id == 0:
         return None
     return trace_id, span_id, int(v[53:55], 16)
+
+
+TRACE_ID_HEADER = b"x-trace-id"
+
+
+def parse_trace_id(value: bytes) -> int | None:
+    """The trace id of an ``X-Trace-ID`` value (32 hex digits, either case, not all zero), else None.
+    It names a trace but no span in it: a call joining it has no parent span."""
+    v = value.strip().lower()
+    if len(v) != 32 or not _HEX.issuperset(v):
+        return None
+    return int(v, 16) or None
 
 
 def format_traceparent(trace_id: int, span_id: int, sampled: bool) -> bytes:

@@ -70,7 +70,7 @@ from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, Trace
 
 from . import __version__
 from .masking import mask_uri
-from .otlp_encode import SpanEncoder, hop_ends, rtp_figures  # noqa: F401  (rtp_figures re-exported)
+from .otlp_encode import LEG_SETUP_SPAN, SpanEncoder, hop_ends, leg_attributes, rtp_figures  # noqa: F401
 from .otlp_options import DEFAULT_PORTS, add_otlp_arguments  # noqa: F401  (re-exported)
 from .otlp_encode import call_transport as _call_transport
 from .stats import DIRECTIONS, OUTCOMES, REJ5, REJ6, TIMEOUT
@@ -410,6 +410,9 @@ class SpanBuilder:
             attrs["sip.call.duration_s"] = round(call.t_end - call.t_answer, 6)
         if call.retrans:
             attrs["sip.retransmissions"] = call.retrans
+        group = getattr(call, "group", None)
+        if group is not None:
+            attrs.update(leg_attributes(call, group, self.call_id_mask))
         if call.rtp:
             attrs.update(call.rtp)
         status = _OK
@@ -420,11 +423,26 @@ class SpanBuilder:
         return ReadableSpan(
             name="SIP call",
             context=SpanContext(call.trace_id, call.span_id, False, _SAMPLED),
-            parent=None if not parent else SpanContext(call.trace_id, parent, True, _SAMPLED),
+            parent=None if not parent else SpanContext(call.trace_id, parent,
+                                                       parent != getattr(call, "gap_parent", 0), _SAMPLED),
             resource=self.resource, attributes=attrs, kind=SpanKind.SERVER, status=status,
             start_time=int(call.t_start * 1e9), end_time=int(call.t_end * 1e9),
             instrumentation_scope=_SCOPE,
         )
+
+
+    def leg_setup_span(self, call) -> ReadableSpan | None:
+        """The B2BUA leg-setup INTERNAL span of a joined leg (see SpanEncoder.leg_setup)."""
+        if not getattr(call, "gap_span_id", 0):
+            return None
+        attrs = {"sip.call_id": self._party(call)[2]}
+        attrs.update(leg_attributes(call, call.group, self.call_id_mask))
+        return ReadableSpan(
+            name=LEG_SETUP_SPAN, context=SpanContext(call.trace_id, call.gap_span_id, False, _SAMPLED),
+            parent=SpanContext(call.trace_id, call.gap_parent, False, _SAMPLED),
+            resource=self.resource, attributes=attrs, kind=SpanKind.INTERNAL, status=_OK,
+            start_time=int(call.gap_start * 1e9), end_time=int(call.t_start * 1e9),
+            instrumentation_scope=_SCOPE)
 
 
 def _any_value(v) -> dict:
@@ -651,6 +669,16 @@ class SpanPipeline:
                 continue
             pbs.append(pb)
             lines.append(js)
+            if kind == "call" and getattr(obj, "gap_span_id", 0):
+                try:
+                    got = enc.leg_setup(obj)
+                except Exception:  # noqa: BLE001
+                    self._export_dropped += 1
+                    self.failures += 1
+                    got = None
+                if got is not None:
+                    pbs.append(got[0])
+                    lines.append(got[1])
         if not pbs:
             return
         ok = True

@@ -2,6 +2,10 @@
 
 For looking at a trace where no Jaeger/Tempo is at hand: one row per span, nested by parent,
 bars scaled to the call's duration, provisional responses marked on their transaction's bar.
+A call through a B2BUA shows its legs in one trace: each further leg's ``SIP call`` span (labelled
+``leg N``) nests under the leg it was placed for, next to the ``B2BUA leg setup`` span (the time
+the B2BUA took from that leg's INVITE to placing this one); the ladder prefixes each message with
+its leg.
 
     sipwatch waterfall SPANS.jsonl [--trace TRACE_ID] [--ladder]
 """
@@ -118,8 +122,10 @@ def render_waterfall(trace: list[SpanRow], width: int = WIDTH) -> str:
     total = max(t1 - t0, 1)
     call = next((s for s in roots if s.kind == 2), roots[0])
     a = call.attributes
+    legs = sum(1 for s in trace if s.kind == 2 and "sip.leg" in s.attributes)
     head = [f"trace {call.trace_id}  call-id {a.get('sip.call_id', '?')}  "
-            f"{a.get('sip.call.outcome', call.name)}"
+            + (f"legs {legs}  " if legs > 1 else "")
+            + f"{a.get('sip.call.outcome', call.name)}"
             + (f" ({call.status_code})" if call.status_code else "")
             + (f"  setup {a['sip.call.setup_ms']:.1f} ms" if "sip.call.setup_ms" in a else "")
             + f"  total {_ms(total)} ms"]
@@ -143,6 +149,8 @@ def render_waterfall(trace: list[SpanRow], width: int = WIDTH) -> str:
         if s.error:
             bar[hi] = "X"
         label = "  " * depth + s.name
+        if s.kind == 2 and legs > 1 and "sip.leg" in s.attributes:
+            label += f" leg {s.attributes['sip.leg']}"
         if s.status_code and s.kind != 2:
             label += f" {s.status_code}"
         if len({x.service for x in trace}) > 1:
@@ -164,18 +172,26 @@ def render_waterfall(trace: list[SpanRow], width: int = WIDTH) -> str:
 def render_ladder(trace: list[SpanRow]) -> str:
     """Messages in time order as seen by the proxy: requests out, responses back."""
     t0 = min(s.start_ns for s in trace)
+    # a trace with several B2BUA legs: each message says its leg (its call span's sip.leg)
+    leg_of = {s.span_id: s.attributes["sip.leg"] for s in trace if s.kind == 2 and "sip.leg" in s.attributes}
+    several = len(leg_of) > 1
     msgs = []
     for s in trace:
+        if s.kind == 1 and several:  # the B2BUA's own time between two legs' INVITEs
+            msgs.append((s.end_ns - 1, f"{'':8}   B2BUA placed leg {s.attributes.get('sip.leg', '?')} "
+                                   f"{_ms(s.end_ns - s.start_ns)} ms after leg "
+                                   f"{leg_of.get(s.parent_span_id, '?')}'s INVITE"))
         if s.kind != 3:
             continue
+        tag = f"[leg {leg_of.get(s.parent_span_id, '?')}] " if several else ""
         peer = f"{s.attributes.get('server.address', '?')}:{s.attributes.get('server.port', '?')}"
-        msgs.append((s.start_ns, f"{s.name:<8} ------------------------>  {peer}"))
+        msgs.append((s.start_ns, f"{tag}{s.name:<8} ------------------------>  {peer}"))
         for _, t, attrs in s.events:
-            msgs.append((t, f"{'':8} <------------------------  {attrs.get('sip.response.status_code', '?')}"))
+            msgs.append((t, f"{tag}{'':8} <------------------------  {attrs.get('sip.response.status_code', '?')}"))
         if s.status_code:
-            msgs.append((s.end_ns, f"{'':8} <------------------------  {s.status_code} ({s.name})"))
+            msgs.append((s.end_ns, f"{tag}{'':8} <------------------------  {s.status_code} ({s.name})"))
         elif s.error:
-            msgs.append((s.end_ns, f"{'':8}           x timeout        ({s.name})"))
+            msgs.append((s.end_ns, f"{tag}{'':8}           x timeout        ({s.name})"))
     msgs.sort(key=lambda m: m[0])
     return "\n".join(f"{_ms(t - t0):>9} ms  {text}" for t, text in msgs)
 

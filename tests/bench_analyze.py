@@ -102,9 +102,12 @@ def run(capture: Path | None = None, calls: int = DEFAULT_CALLS, runs: int = 5,
         if capture is None:
             capture = Path(tmp) / "all_sip.pcap"
             build_capture(capture, calls)
-        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        # the compiled build first when the bench built one (SIPWATCH_TREE), as the sidecars run it;
+        # -P: the working directory does not go before it on sys.path
+        path = [p for p in (os.environ.get("SIPWATCH_TREE"), str(ROOT), os.environ.get("PYTHONPATH")) if p]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
         env.pop("PYTHONDONTWRITEBYTECODE", None)
-        tools = {"sipwatch analyze": [python, "-m", "sipwatch.cli", "analyze", str(capture)]}
+        tools = {"sipwatch analyze": [python, "-P", "-m", "sipwatch.cli", "analyze", str(capture)]}
         if shutil.which("tshark"):
             tools["tshark -q -z sip,stat"] = ["tshark", "-q", "-z", "sip,stat", "-r", str(capture)]
         samples: dict[str, list[dict]] = {k: [] for k in tools}
@@ -116,7 +119,8 @@ def run(capture: Path | None = None, calls: int = DEFAULT_CALLS, runs: int = 5,
                 if k:
                     samples[name].append(r)
         frames = _frames(capture)
-    res: dict = {"file_frames": frames, "runs": runs, "machine": machine(), "tools": {}}
+    res: dict = {"file_frames": frames, "runs": runs, "machine": machine(), "tools": {},
+                 "build": "mypyc" if os.environ.get("SIPWATCH_TREE") else "pure"}
     for name, rs in samples.items():
         cpu = [r["cpu_s"] for r in rs]
         wall = [r["wall_s"] for r in rs]
@@ -158,7 +162,7 @@ def _frames(path: Path) -> int:
 def print_table(res: dict) -> None:
     m = res["machine"]
     print(f"\n== analyze vs tshark: all-SIP capture of {res['file_frames']:,} frames, "
-          f"whole processes, median of {res['runs']} (best)")
+          f"whole processes, median of {res['runs']} (best); sipwatch's {res.get('build', 'pure')} build")
     print(f"  {m['cpus']} CPUs ({m['cpu_model']}), load {' '.join(f'{x:.2f}' for x in m['loadavg'])}, "
           f"Python {m['python']}, {m['tshark'] or 'no tshark'}")
     print(f"  {'':<24}{'CPU s':>15}{'wall s':>15}{'frames/CPU s':>14}")

@@ -70,7 +70,8 @@ def stop_process(proc: subprocess.Popen | None, sig: int = signal.SIGTERM, timeo
 class Sidecar:
     """``python -m sipwatch proxy`` on loopback, stopped with SIGTERM."""
 
-    def __init__(self, workdir: Path, upstream_port: int, *extra: str, env: dict | None = None):
+    def __init__(self, workdir: Path, upstream_port: int, *extra: str, env: dict | None = None,
+                 pipe_stdout: bool = False):
         self.port = free_port()
         self.gw_metrics = free_port()
         self.sig_metrics = free_port()
@@ -84,11 +85,19 @@ class Sidecar:
                      "--signaling-metrics", f"127.0.0.1:{self.sig_metrics}", *extra]
         self.env = {**os.environ, "PYTHONPATH": sipwatch_path(), **(env or {})}
         self.proc: subprocess.Popen | None = None
+        # pipe_stdout: stdout on a pipe nobody reads until stop() (a stalled log reader);
+        # what came through is then in stdout_bytes
+        self.pipe_stdout = pipe_stdout
+        self.stdout_bytes = b""
 
     def __enter__(self) -> "Sidecar":
-        self._out = open(self.stdout_path, "wb")
-        self.proc = subprocess.Popen(self.args, stdout=self._out, stderr=subprocess.STDOUT,
-                                     env=self.env, cwd=self.workdir)
+        if self.pipe_stdout:
+            self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                         env=self.env, cwd=self.workdir)
+        else:
+            self._out = open(self.stdout_path, "wb")
+            self.proc = subprocess.Popen(self.args, stdout=self._out, stderr=subprocess.STDOUT,
+                                         env=self.env, cwd=self.workdir)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -104,6 +113,13 @@ class Sidecar:
         self.stop()
 
     def stop(self) -> int | None:
+        if self.pipe_stdout and self.proc is not None and self.proc.stdout is not None:
+            if self.proc.poll() is None:
+                self.proc.terminate()
+            try:
+                self.stdout_bytes += self.proc.communicate(timeout=30)[0] or b""
+            except subprocess.TimeoutExpired:
+                pass
         rc = stop_process(self.proc)
         if hasattr(self, "_out"):
             self._out.close()

@@ -19,8 +19,8 @@ import pytest
 from compiled import ROOT, build
 
 CORE_TESTS = ["tests/test_core.py", "tests/test_hardening.py", "tests/test_state.py", "tests/test_hotpath.py",
-              "tests/test_tcp_core.py"]
-SIPP_TESTS = ["tests/test_proxy_sipp.py"]
+              "tests/test_correlation.py", "tests/test_tcp_core.py"]
+SIPP_TESTS = ["tests/test_proxy_sipp.py", "tests/test_b2bua_sipp.py"]
 
 
 @pytest.fixture(scope="module")

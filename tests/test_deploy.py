@@ -829,8 +829,10 @@ def test_kubernetes_sidecar_wiring():
     assert s.upstream[0] == "127.0.0.1"
     upstream_port = s.upstream[1]
     assert upstream_port in [p["containerPort"] for p in containers["sip-signaling"]["ports"]]
-    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+    for probe in ("livenessProbe", "startupProbe"):
         assert side[probe]["httpGet"]["port"] in ports and side[probe]["httpGet"]["path"] in ("/healthz", "/metrics")
+    assert side["readinessProbe"]["httpGet"]["port"] in ports
+    assert side["readinessProbe"]["httpGet"]["path"] == "/readyz"  # 503 while draining, liveness stays
     assert side["resources"]["requests"] and side["resources"]["limits"]
     sc = side["securityContext"]
     assert sc["runAsNonRoot"] and sc["readOnlyRootFilesystem"] and sc["allowPrivilegeEscalation"] is False

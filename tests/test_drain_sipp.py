@@ -9,6 +9,8 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -63,6 +65,14 @@ def _held_calls(tmp_path, sc: Sidecar, uas_port: int, hold_ms: int):
     return caller, callee
 
 
+def _http_status(port: int, path: str) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
 def test_sigterm_drains_held_calls_and_rejects_new_ones_with_503(tmp_path):
     uas_port = free_port()
     sc = Sidecar(tmp_path, uas_port, env={"SIPWATCH_DRAIN_TIMEOUT": "30"})
@@ -75,6 +85,9 @@ def test_sigterm_drains_held_calls_and_rejects_new_ones_with_503(tmp_path):
             # a new call during the drain is turned away so that the gateway fails over
             answer = _new_invite_answer(sc.port, "new-during-drain@test")
             rejected = sc.gateway()
+            # readiness says draining (out of rotation), liveness stays green (no restart)
+            ready = _http_status(sc.sig_metrics, "/readyz")
+            alive = _http_status(sc.sig_metrics, "/healthz")
             uac_rc, uas_rc = caller.wait(60), callee.wait(20)
         finally:
             caller.kill()
@@ -98,6 +111,7 @@ def test_sigterm_drains_held_calls_and_rejects_new_ones_with_503(tmp_path):
     assert answer.startswith(b"SIP/2.0 503 "), answer[:80]
     assert b"\r\nRetry-After: " in answer
     assert metric(rejected, "sip_drain_rejected_total") >= 1
+    assert (ready, alive) == (503, 200)
 
 
 def test_drain_timeout_writes_open_calls_as_ended_by_shutdown(tmp_path):

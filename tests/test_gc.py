@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import gc
 
-from sipwatch.gcpolicy import GcPolicy
+from sipwatch.gcpolicy import EVERY, GcPolicy
 from sipwatch.state import Call, Transaction
 
 from test_core import GATEWAY, SIGNALING, T0, invite, response_to
@@ -83,10 +83,10 @@ def test_policy_freezes_what_survives_and_collects_only_what_is_new():
         frozen = gc.get_freeze_count()
         assert frozen > 0
         keep = [[i] for i in range(1000)]  # new long-lived objects
-        clock[0] += 0.5
-        policy.tick()  # not a second yet
+        clock[0] += 0.5 * EVERY
+        policy.tick()  # not EVERY seconds yet
         assert policy.collections == 0
-        clock[0] += 0.6
+        clock[0] += 0.6 * EVERY
         policy.tick()
         assert policy.collections == 1 and gc.get_freeze_count() >= frozen + 1000
         assert keep[999] == [999]

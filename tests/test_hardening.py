@@ -215,6 +215,17 @@ def test_answer_to_a_held_transaction_is_relayed_only_as_the_mac_would_allow():
     assert again.receive_datagram(redirected, SIGNALING, T0 + 0.03) == []
 
 
+def test_status_line_without_reason_phrase_is_relayed_repaired():
+    """``SIP/2.0 180`` (no SP, no reason phrase) from a sloppy UAS still reaches the caller, with the
+    SP RFC 3261 §7.2 requires before the (empty) reason phrase."""
+    core = make()
+    (fwd, _), = forwarded(core.receive_datagram(invite(), GATEWAY, T0))
+    resp = response_to(fwd, 180, b"Ringing").replace(b"SIP/2.0 180 Ringing\r\n", b"SIP/2.0 180\r\n")
+    assert resp.startswith(b"SIP/2.0 180\r\n")
+    (out, dest), = core.receive_datagram(resp, SIGNALING, T0 + 0.01)
+    assert dest == GATEWAY and out.startswith(b"SIP/2.0 180 \r\n")
+
+
 def test_request_spoofed_from_upstream_cannot_reach_arbitrary_hosts():
     core = make()
     req = (b"OPTIONS sip:x@10.9.9.9:7777 SIP/2.0\r\n"

@@ -439,3 +439,36 @@ def test_no_secret_is_warned_about_at_start(tmp_path):
         logs = sc.logs()
     assert not [r for r in logs if r.get("event") == "secret_missing"]
     assert not any("abc" in str(r.get("secret")) for r in logs)
+
+
+def test_tick_hands_finished_calls_over_in_slices_and_shutdown_takes_them_all(tmp_path):
+    """A tick writes at most CALLS_PER_SLICE call summaries before the loop reads its sockets
+    again; the rest follow in later callbacks of the loop. At shutdown everything goes at once."""
+    import asyncio
+
+    from sipwatch.app import CALLS_PER_SLICE
+
+    def summaries(buf):
+        return [r for r in (orjson.loads(x) for x in buf.getvalue().splitlines())
+                if r.get("event") == "call_summary"]
+
+    async def run(app, buf, n):
+        for i in range(n):
+            app.core.tracker.finished.append(("call", _Call(b"slice-%d@gw" % i)))
+        app.tick()
+        first = len(summaries(buf))
+        for _ in range(n):
+            await asyncio.sleep(0)
+        return first, len(summaries(buf))
+
+    app, buf = _app(tmp_path, "--no-tracing")
+    n = 3 * CALLS_PER_SLICE + 1
+    first, last = asyncio.run(run(app, buf, n))
+    assert first == CALLS_PER_SLICE and last == n
+    assert [r["call_sid"] for r in summaries(buf)] == ["slice-%d@gw" % i for i in range(n)]
+
+    app, buf = _app(tmp_path, "--no-tracing")
+    for i in range(n):
+        app.core.tracker.finished.append(("call", _Call(b"stop-%d@gw" % i)))
+    app.tick(everything=True)
+    assert len(summaries(buf)) == n

@@ -19,7 +19,7 @@ import pytest
 import pcapbuild as pb
 from capture.analyze import analyse, render
 from sipwatch.observer import Observer
-from sipwatch.state import COMPACT_SLACK, ENDED_BY, Tracker, memory_per_call
+from sipwatch.state import COMPACT_SLACK, ENDED_BY, SWEEP_STEP, Tracker, memory_per_call
 from sipwatch.stats import (
     ACK, ANSWERED, BYE, CANCELLED, INVITE, METHOD_INDEX, REJ4, TIMEOUT, Stats,
 )
@@ -184,6 +184,9 @@ def test_ended_calls_leave_after_linger_while_a_long_answered_call_stays():
     tr.expire(last_end + 32.0 + 0.01)
     assert list(tr.calls) == [b"long"] and tr.calls[b"long"] is long_call
     assert not tr.transactions
+    # stale timer entries go in bounded steps: a few more housekeeping calls clear them
+    for _ in range(tr.queued() // SWEEP_STEP + 3):
+        tr.expire(last_end + 32.0 + 0.01)
     assert tr.queued() <= 2 * (len(tr.calls) + len(tr.transactions)) + 1024
     ended = drained(tr)
     assert len(ended) == n and {c.ended_by for c in ended} == {"bye"}
@@ -581,3 +584,26 @@ def test_register_then_call_fixture_gives_each_call_once():
     assert f", {len(inv_ids)} calls," in text.splitlines()[0]
     assert f"Calls {len(inv_ids)}: answered {len(answered)}" in text
     assert sum(text.count(f"\nCall {cid}\n") for cid in inv_ids) == len(inv_ids)
+
+
+def test_stale_timer_entries_are_swept_in_bounded_steps():
+    """20,000 answered calls that ended leave their 4-hour max-duration entries stale. No single
+    housekeeping call may sweep more than SWEEP_STEP entries of a queue (a rebuild of a whole
+    queue held the proxy's loop for up to 20 ms), and a few calls later they are gone."""
+    tr = tracker(timer_b=32.0)
+    d = Driver(tr)
+    n = 20_000
+    for i in range(n):
+        t = T0 + i * 0.001
+        call, _ = d.invite_call(b"s-%d" % i, t, answer_at=t)
+        d.bye(call, t)
+    now = T0 + n * 0.001 + 32.0 + 1.0  # every linger over; the max-duration entries are not due
+    tr.expire(now)
+    assert not tr.calls and not tr.transactions
+    steps = []
+    for _ in range(tr.queued() // SWEEP_STEP + 10):
+        before = tr.queued()
+        tr.expire(now)
+        steps.append(before - tr.queued())
+    assert max(steps) <= 6 * SWEEP_STEP
+    assert tr.queued() <= COMPACT_SLACK
