@@ -29,6 +29,8 @@ Sections (default: all but throughput, tracing and flood):
   flood           unanswered INVITEs, each a new call: RSS levels off at the state caps.
   hep             CPU per forwarded message with and without ``--hep-endpoint`` (HEP v3 copies of every
                   message to a local collector) at 1000 calls/s (tests/bench_hep.py).
+  tcp             SIP over TCP (SIPp -t t1 both ends): CPU per message at 1000 calls/s and the highest
+                  passing step of the sidecar and of Kamailio over TCP (tests/bench_tcp.py).
   analyze         ``sipwatch analyze`` vs ``tshark -q -z sip,stat`` on one all-SIP capture (about
                   28,000 frames of recorded SIPp calls), whole processes: CPU user+sys and wall,
                   median of 5 (``--quick``: 1) after a warm-up run (tests/bench_analyze.py).
@@ -63,8 +65,9 @@ import bench_net  # noqa: E402
 from harness import HAVE_SIPP, free_port, metric  # noqa: E402
 
 SECTIONS = ("micro", "latency", "ladder", "overload", "loaded_latency", "profile", "throughput", "tracing",
-            "flood", "analyze", "hep")
-DEFAULT_SECTIONS = ("micro", "latency", "ladder", "overload", "loaded_latency", "profile", "analyze", "hep")
+            "flood", "analyze", "hep", "tcp")
+DEFAULT_SECTIONS = ("micro", "latency", "ladder", "overload", "loaded_latency", "profile", "analyze", "hep",
+                    "tcp")
 DEFAULT_RATES = "300,1000,2000,3000,4000,5000,6500"
 # The four targets of issue 10, in display order: key → display name.
 TARGETS = {"kamailio": "kamailio", "relay": "uvloop relay", "notrace": "sipwatch --no-tracing",
@@ -1005,7 +1008,7 @@ def main(argv=None) -> int:
     keys = available_targets(a.targets)
     result["args"]["targets"] = keys
     sipp_sections = [x for x in ("ladder", "overload", "loaded_latency", "profile", "throughput", "tracing",
-                                 "hep") if x in a.only]
+                                 "hep", "tcp") if x in a.only]
     with tempfile.TemporaryDirectory(prefix="sipwatch-bench-") as tmp, ExitStack() as stack:
         workdir = Path(tmp)
         features = None
@@ -1045,6 +1048,17 @@ def main(argv=None) -> int:
                 import bench_hep
                 result["hep"] = bench_hep.measure(workdir, rate=1000, duration=a.duration,
                                                   rounds=1 if a.quick else 2)
+            if "tcp" in a.only:
+                _progress("SIP over TCP vs Kamailio over TCP ...")
+                import bench_tcp
+                result["tcp"] = bench_tcp.measure(workdir, rate=1000, duration=a.duration,
+                                                  rates=(300, 1000, 2000) if a.quick else (300, 1000, 2000, 3000, 4000),
+                                                  log=_progress)
+                t = result["tcp"]["targets"]
+                table("SIP over TCP (SIPp -t t1 both ends), 1000 calls/s",
+                      ["target", "µs/msg", "CPU %", "highest passing calls/s"],
+                      [[k, _f(v["us_per_msg"]), _f(v["cpu_pct"]), str(v["highest_passing_cps"])] for k, v in t.items()],
+                      f"  sidecar over UDP for reference: {_f(result['tcp']['sipwatch_udp_us_per_msg'])} µs/msg")
             if "throughput" in a.only:
                 result["throughput"] = section_throughput(workdir, a.rates, a.duration, a.repeat)
             if "tracing" in a.only:
