@@ -211,12 +211,7 @@ class HepSender:
 
     def _failed(self, exc: Exception, now: float) -> None:
         self.last_error = f"{type(exc).__name__}: {exc}"[:300]
-        if self.sock is not None:
-            try:
-                self.sock.close()
-            except OSError:
-                pass
-        self.sock = None
+        self._close_socket()
         self.connected = False
         lost = len(self.pending)
         if lost:
@@ -300,6 +295,9 @@ class HepSender:
         self.dropped["collector_down"] += len(self.queue) + len(self.pending)
         self.queue.clear()
         self.pending.clear()
+        self._close_socket()
+
+    def _close_socket(self) -> None:
         if self.sock is not None:
             try:
                 self.sock.close()

@@ -229,21 +229,15 @@ class SidecarTarget:
         self.sidecar.stop()
 
 
-KAMAILIO_CFG = """#!KAMAILIO
-debug=-1
-log_stderror=yes
-children=1
-auto_aliases=no
-maxbuffer=4194304
-listen=udp:127.0.0.1:{port}
-mpath="{mpath}"
-loadmodule "pv.so"
+# what every Kamailio the tests and the bench start loads, and the request route they share: a
+# stateless proxy that record-routes INVITEs; ``forward`` is the route's forwarding line(s)
+KAMAILIO_MODULES = """loadmodule "pv.so"
 loadmodule "sl.so"
 loadmodule "maxfwd.so"
 loadmodule "rr.so"
 loadmodule "siputils.so"
-
-request_route {{
+"""
+_KAMAILIO_ROUTE = """request_route {{
     if (!mf_process_maxfwd_header("10")) {{
         sl_send_reply("483", "Too Many Hops");
         exit;
@@ -253,10 +247,26 @@ request_route {{
     }} else if (method == "INVITE") {{
         record_route();
     }}
-    forward("127.0.0.1", {upstream});
+%s
     exit;
 }}
 """
+
+
+def kamailio_route(forward: str) -> str:
+    """The shared request route (still a ``str.format`` template: braces doubled)."""
+    return _KAMAILIO_ROUTE % forward
+
+
+KAMAILIO_CFG = """#!KAMAILIO
+debug=-1
+log_stderror=yes
+children=1
+auto_aliases=no
+maxbuffer=4194304
+listen=udp:127.0.0.1:{port}
+mpath="{mpath}"
+""" + KAMAILIO_MODULES + "\n" + kamailio_route('    forward("127.0.0.1", {upstream});')
 
 
 def kamailio_modules() -> str | None:

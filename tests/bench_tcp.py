@@ -33,27 +33,8 @@ tcp_connection_lifetime=3605
 listen=udp:127.0.0.1:{port}
 listen=tcp:127.0.0.1:{port}
 mpath="{mpath}"
-loadmodule "pv.so"
-loadmodule "sl.so"
-loadmodule "maxfwd.so"
-loadmodule "rr.so"
-loadmodule "siputils.so"
-
-request_route {{
-    if (!mf_process_maxfwd_header("10")) {{
-        sl_send_reply("483", "Too Many Hops");
-        exit;
-    }}
-    if (has_totag()) {{
-        loose_route();
-    }} else if (method == "INVITE") {{
-        record_route();
-    }}
-    $du = "sip:127.0.0.1:{upstream};transport=tcp";
-    forward();
-    exit;
-}}
-"""
+""" + bench_net.KAMAILIO_MODULES + "\n" + bench_net.kamailio_route(
+    '    $du = "sip:127.0.0.1:{upstream};transport=tcp";\n    forward();')
 
 
 class KamailioTcp(bench_net.Kamailio):

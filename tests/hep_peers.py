@@ -10,7 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from bench_net import KAMAILIO, Kamailio, kamailio_modules
+from bench_net import KAMAILIO, KAMAILIO_MODULES, Kamailio, kamailio_modules, kamailio_route
 from harness import free_port, stop_process
 
 SNGREP = shutil.which("sngrep")
@@ -25,12 +25,7 @@ auto_aliases=no
 listen=udp:127.0.0.1:{port}
 listen=tcp:127.0.0.1:{port}
 mpath="{mpath}"
-loadmodule "pv.so"
-loadmodule "sl.so"
-loadmodule "maxfwd.so"
-loadmodule "rr.so"
-loadmodule "siputils.so"
-loadmodule "siptrace.so"
+""" + KAMAILIO_MODULES + """loadmodule "siptrace.so"
 modparam("siptrace", "duplicate_uri", "sip:127.0.0.1:{hep_port};transport={hep_transport}")
 modparam("siptrace", "hep_mode_on", 1)
 modparam("siptrace", "hep_version", {hep_version})
@@ -40,20 +35,7 @@ modparam("siptrace", "trace_on", 1)
 modparam("siptrace", "trace_mode", 1)
 {auth}
 
-request_route {{
-    if (!mf_process_maxfwd_header("10")) {{
-        sl_send_reply("483", "Too Many Hops");
-        exit;
-    }}
-    if (has_totag()) {{
-        loose_route();
-    }} else if (method == "INVITE") {{
-        record_route();
-    }}
-    forward("127.0.0.1", {upstream});
-    exit;
-}}
-"""
+""" + kamailio_route('    forward("127.0.0.1", {upstream});')
 
 # every column sipcapture may write (Kamailio 5.x); db_text matches values to columns by name
 SIP_CAPTURE_COLUMNS = (
