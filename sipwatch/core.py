@@ -340,7 +340,7 @@ class ProxyCore:
         cseq_s = b"%d" % cseq_n
         loop_part = hexlify(blake2b(b"|".join((uri, from_tag, call_id, cseq_s)),
                                     digest_size=6).digest())
-        if self.adv_hostport in data and BRANCH_PREFIX + loop_part in data and \
+        if data.find(self.adv_hostport) >= 0 and data.find(BRANCH_PREFIX + loop_part) >= 0 and \
                 self._looped(msg, loop_part):  # (two C-level finds rule out almost every request)
             stats.loops += 1
             return [] if is_ack else self._local(msg, top, reply, data, 482, b"Loop Detected")
@@ -558,10 +558,10 @@ class ProxyCore:
         want = BRANCH_PREFIX + loop_part + b"."
         lines, names = msg.lines, msg.names
         for i, name in enumerate(names):
-            if name != b"via" or mine not in lines[i] or want not in lines[i]:
+            if name != b"via" or lines[i].find(mine) < 0 or lines[i].find(want) < 0:
                 continue
             for v in split_values(msg.value_at(i), MAX_VIAS):
-                if mine in v:
+                if v.find(mine) >= 0:
                     via = parse_via(v)
                     if self._is_me(via.host, via.port) and (via.branch or b"").startswith(want):
                         return True

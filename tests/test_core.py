@@ -260,6 +260,48 @@ def test_compact_headers_and_bare_lf(core):
     assert core.stats.requests[METHOD_INDEX[b"OPTIONS"] * 2 + FROM_GATEWAY] == 1
 
 
+def _first_empty_line_cut(data: bytes) -> tuple[list[bytes], bytes]:
+    """RFC 3261 §7 read the slow, obvious way: walk the LFs; the first one followed by CRLF or LF
+    ends the header section. Returns (header lines after the start line, unfolded, line ends
+    stripped, body)."""
+    p = data.find(b"\n")
+    while p >= 0:
+        if data[p + 1:p + 3] == b"\r\n":
+            head, body = data[:p], data[p + 3:]
+            break
+        if data[p + 1:p + 2] == b"\n":
+            head, body = data[:p], data[p + 2:]
+            break
+        p = data.find(b"\n", p + 1)
+    else:
+        head, body = data.rstrip(b"\r\n"), b""
+    lines: list[bytes] = []
+    for line in head.split(b"\n")[1:]:
+        line = line.removesuffix(b"\r")
+        if line[:1] in (b" ", b"\t"):
+            lines[-1] = lines[-1].rstrip(b" \t") + b" " + line.lstrip(b" \t")
+        else:
+            lines.append(line)
+    return lines, body
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([b"X-A: 1", b"Via: v", b" folded", b"\tfolded", b"CSeq: 1 A"]),
+                          st.sampled_from([b"\r\n", b"\n"])), max_size=8),
+       st.sampled_from([b"\r\n", b"\n"]),
+       st.lists(st.sampled_from([b"\r\n", b"\n", b"\r", b"b", b" "]), max_size=12).map(b"".join))
+def test_header_section_ends_at_the_first_empty_line(lines, blank, tail):
+    """However CRLF and bare LF mix (and whatever the body holds: CRLF CRLF, LF LF), the parser
+    cuts where the first empty line is, and folds continuation lines into one value."""
+    data = b"OPTIONS sip:a@b SIP/2.0\r\n" + b"".join(t + e for t, e in lines) + blank + tail
+    if lines and lines[0][0][:1] in (b" ", b"\t"):
+        return  # a continuation line before any header: refused, covered elsewhere
+    want_lines, want_body = _first_empty_line_cut(data)
+    msg = parse(data, check_length=False)
+    assert msg.body == want_body
+    assert msg.lines == want_lines
+
+
 def test_stray_response_is_dropped_and_counted(core):
     resp = (b"SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 10.0.0.1:5070;branch=z9hG4bK-x\r\n"
             b"From: <sip:a@b>;tag=1\r\nTo: <sip:c@d>;tag=2\r\nCall-ID: s\r\nCSeq: 1 INVITE\r\n"
