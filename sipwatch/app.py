@@ -526,7 +526,7 @@ def _fmt(addr):
 
 
 def run_proxy(settings: ProxySettings) -> int:
-    # log lines go out from a writer thread: a stalled reader of stdout costs lines, not calls
+    # log lines never block the loop: a stalled reader of stdout costs lines (counted), not calls
     log = JsonLog(settings.service_name, mask_mode=settings.mask_numbers, level=settings.log_level,
                   background=True)
     loop = new_event_loop(log)

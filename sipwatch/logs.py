@@ -10,11 +10,16 @@ a lone surrogate, an unknown type) is written as a string instead, and a record 
 cannot be encoded becomes a short ``log_error`` line. Such failures are counted (component
 ``log`` of ``sipwatch_internal_errors_total``) through ``on_error``.
 
-The proxy writes through :class:`BackgroundWriter`: a reader of stdout that stops reading (a
-full pipe) then costs log lines, counted, never the event loop's time.
+The proxy writes through :func:`stdout_writer`: a reader of stdout that stops reading (a full
+pipe) then costs log lines, counted, never the event loop's time.
 """
 from __future__ import annotations
 
+import asyncio
+import os
+import select
+import socket
+import stat
 import sys
 import threading
 import time
@@ -139,6 +144,158 @@ class BackgroundWriter:
         self._thread.join(timeout)
 
 
+class NonBlockingWriter:
+    """Writes lines to a pipe or socket without ever blocking the event loop, and without a thread.
+
+    ``write`` writes at once what the pipe takes (one non-blocking system call) and queues the
+    rest; the loop then writes the queue when the pipe has room (``add_writer``). Past
+    ``max_pending`` bytes queued, writes are dropped and their lines counted in
+    ``dropped_lines``. Measured against the writer thread it replaces (:class:`BackgroundWriter`),
+    each hand-off to the thread cost a wake-up and a GIL hand-over that forwarding waited for.
+
+    ``fd`` must be a private non-blocking file description (see :func:`stdout_writer`), or
+    ``sock`` a socket sent to with ``MSG_DONTWAIT``, so no other process sharing stdout (or
+    stderr, when it is the same pipe) sees its flags change. ``close`` writes what is left,
+    within a bound."""
+
+    def __init__(self, fd: int | None = None, sock: socket.socket | None = None,
+                 max_pending: int = 8 << 20):
+        self._fd = fd
+        self._sock = sock
+        self._poll_fd = sock.fileno() if sock is not None else fd
+        self.max_pending = max_pending
+        self.dropped_lines = 0
+        self._queue: deque[bytes] = deque()
+        self._pending = 0
+        self._loop: asyncio.AbstractEventLoop | None = None  # armed: add_writer registered
+        self._broken = False
+
+    def _send(self, data) -> int:
+        """Bytes taken now; 0 when the pipe is full. A broken pipe swallows everything."""
+        if self._broken:
+            return len(data)
+        try:
+            if self._sock is not None:
+                return self._sock.send(data, socket.MSG_DONTWAIT)
+            return os.write(self._fd, data)  # type: ignore[arg-type]
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except (OSError, ValueError):
+            self._broken = True  # stdout gone: the lines are lost, the proxy carries on
+            return len(data)
+
+    def write(self, data: bytes, lines: int) -> None:
+        if self._pending + len(data) > self.max_pending:
+            self.dropped_lines += lines
+            return
+        if not self._queue:
+            n = self._send(data)
+            if n >= len(data):
+                return
+            data = data[n:]
+        self._queue.append(data)
+        self._pending += len(data)
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._loop is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop (start-up, shutdown): the next write or close() goes on
+        try:
+            loop.add_writer(self._poll_fd, self._drain)
+            self._loop = loop
+        except (OSError, ValueError, RuntimeError, NotImplementedError):
+            pass
+
+    def _disarm(self) -> None:
+        loop, self._loop = self._loop, None
+        if loop is not None:
+            try:
+                loop.remove_writer(self._poll_fd)
+            except Exception:  # noqa: BLE001 - a closed loop: nothing left to remove
+                pass
+
+    def _drain(self) -> bool:
+        """Write from the queue until it is empty or the pipe is full; True when empty."""
+        queue = self._queue
+        try:
+            while queue:
+                data = queue[0]
+                n = self._send(data)
+                if n <= 0:
+                    return False
+                self._pending -= n
+                if n < len(data):
+                    queue[0] = data[n:]
+                    return False
+                queue.popleft()
+            self._disarm()
+            return True
+        except Exception:  # noqa: BLE001 - a callback of the loop must not raise
+            self._broken = True
+            queue.clear()
+            self._pending = 0
+            self._disarm()
+            return True
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Write what is queued, waiting for room at most ``timeout`` s in all."""
+        self._disarm()
+        deadline = time.monotonic() + timeout
+        while not self._drain():
+            left = deadline - time.monotonic()
+            if left <= 0 or self._poll_fd is None:
+                break
+            try:
+                select.select([], [self._poll_fd], [], left)
+            except (OSError, ValueError):
+                break
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+def stdout_writer(stream, max_pending: int = 8 << 20):
+    """The writer for the proxy's log lines on ``stream`` (stdout), by what it is connected to.
+
+    * a pipe (a container runtime, a log shipper): a second, private file description of the
+      same pipe, opened non-blocking (``/proc/self/fd``), for :class:`NonBlockingWriter`;
+    * a socket (e.g. systemd's journal stream): a duplicate sent to with ``MSG_DONTWAIT``;
+    * a regular file, a terminal, ``/dev/null``: None, written directly (they do not stall on a
+      reader);
+    * a pipe that cannot be reopened: :class:`BackgroundWriter` (a thread)."""
+    try:
+        fd = stream.fileno()
+        mode = os.fstat(fd).st_mode
+    except (AttributeError, OSError, ValueError):
+        return None
+    if stat.S_ISSOCK(mode):
+        try:
+            return NonBlockingWriter(sock=socket.socket(fileno=os.dup(fd)), max_pending=max_pending)
+        except OSError:
+            return BackgroundWriter(stream, max_pending)
+    if not stat.S_ISFIFO(mode):
+        return None
+    try:
+        own = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return BackgroundWriter(stream, max_pending)
+    try:
+        stream.flush()  # what the stream buffered goes first
+    except (OSError, ValueError):
+        pass
+    return NonBlockingWriter(fd=own, max_pending=max_pending)
+
+
 class JsonLog:
     def __init__(self, service_name: str = "sipwatch", stream=None, mask_mode: str = "partial",
                  level: str = "info", clock=time.time, call_id_mask=None, on_error=None,
@@ -158,8 +315,9 @@ class JsonLog:
         # proxy flushes at the end of every housekeeping tick); else each line is written at once
         self.deferred = False
         self._pending: list[bytes] = []
-        # background: lines go to the stream from a writer thread (the proxy: see BackgroundWriter)
-        self.writer = BackgroundWriter(self.stream) if background else None
+        # background: lines go to the stream without blocking the caller (the proxy: see
+        # stdout_writer); None when the stream cannot stall (a file) or background is off
+        self.writer = stdout_writer(self.stream) if background else None
 
     def emit(self, level: str, message: str, event: str, call_sid=None, trace_id=None,
              when: float | None = None, **fields) -> None:
@@ -346,4 +504,4 @@ def leg_fields(call, group, call_id_mask=None) -> dict:
     return out
 
 
-__all__ = ["JsonLog", "BackgroundWriter", "ErrorReporter", "call_summary_fields", "dumps", "METHODS"]
+__all__ = ["JsonLog", "BackgroundWriter", "NonBlockingWriter", "stdout_writer", "ErrorReporter", "call_summary_fields", "dumps", "METHODS"]

@@ -1,11 +1,14 @@
 """A reader of the sidecar's stdout that stops reading costs log lines, never calls.
 
-The proxy's log lines go out from a writer thread (sipwatch.logs.BackgroundWriter). Before, the
-event loop wrote them itself, and a full stdout pipe (a stalled log collector) blocked the loop:
-forwarding stopped along with the logs."""
+Once the event loop wrote the lines itself with blocking writes, and a full stdout pipe (a stalled
+log collector) blocked the loop: forwarding stopped along with the logs. The proxy now writes a
+pipe or socket through sipwatch.logs.NonBlockingWriter (on the loop, never blocking), and falls
+back to a writer thread (BackgroundWriter) where stdout cannot be reopened."""
 from __future__ import annotations
 
+import asyncio
 import os
+import socket
 import threading
 import time
 
@@ -13,7 +16,9 @@ import orjson
 import pytest
 
 from harness import HAVE_SIPP, Sidecar, free_port, metric, run_call_pair
-from sipwatch.logs import BackgroundWriter
+import uvloop
+
+from sipwatch.logs import BackgroundWriter, NonBlockingWriter, stdout_writer
 
 
 def _read_available(fd: int, want_lines: int, timeout: float) -> bytes:
@@ -54,6 +59,69 @@ def test_writer_queues_while_the_pipe_is_full_drops_past_its_bound_and_loses_not
     writer.close(5)
     stream.close()
     os.close(r)
+
+
+def _lines(n: int) -> list[bytes]:
+    return [b"%06d" % i + b"x" * 993 + b"\n" for i in range(n)]
+
+
+def _deliver_after_stall(writer, reader_fd: int, lines: list[bytes]) -> tuple[int, bytes]:
+    """On a uvloop loop: write every line while nobody reads (as fast as the loop can), then read
+    while the loop runs the writer's callbacks. Returns (lines dropped, bytes that came out)."""
+    async def main():
+        loop = asyncio.get_running_loop()
+        for line in lines:
+            writer.write(line, 1)  # a blocking write would hang here at 64 KB
+        dropped = writer.dropped_lines
+        want = sum(len(x) for x in lines[:len(lines) - dropped])
+        got = bytearray()
+        os.set_blocking(reader_fd, False)
+        deadline = loop.time() + 60
+        while len(got) < want and loop.time() < deadline:
+            try:
+                chunk = os.read(reader_fd, 1 << 16)
+            except BlockingIOError:
+                chunk = b""
+            got += chunk
+            await asyncio.sleep(0 if chunk else 0.005)  # the writer's add_writer callback runs
+        return dropped, bytes(got)
+    return uvloop.run(main())
+
+
+def test_loop_writer_never_blocks_drops_past_its_bound_and_delivers_the_rest_in_order():
+    r, w = os.pipe()
+    stream = os.fdopen(w, "wb", buffering=0)
+    writer = stdout_writer(stream, max_pending=256 << 10)
+    assert isinstance(writer, NonBlockingWriter)
+    assert os.get_blocking(w), "stdout's own file description (shared with stderr) changed flags"
+    lines = _lines(2000)  # 2 MB against a 64 KB pipe and a 256 KB queue
+    dropped, got = _deliver_after_stall(writer, r, lines)
+    assert 0 < dropped < len(lines)
+    # what was taken came out whole and in order: the lines before the queue filled
+    assert got == b"".join(lines[:len(lines) - dropped])
+    writer.close(1)
+    stream.close()
+    os.close(r)
+
+
+def test_loop_writer_on_a_socket_stdout_as_systemd_gives_it():
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    stream = os.fdopen(os.dup(a.fileno()), "wb", buffering=0)
+    writer = stdout_writer(stream, max_pending=256 << 10)
+    assert isinstance(writer, NonBlockingWriter)
+    assert a.getblocking()
+    lines = _lines(2000)
+    dropped, got = _deliver_after_stall(writer, b.fileno(), lines)
+    assert 0 < dropped < len(lines) and got == b"".join(lines[:len(lines) - dropped])
+    writer.close(1)
+    stream.close()
+    a.close()
+    b.close()
+
+
+def test_a_regular_file_is_written_directly(tmp_path):
+    with open(tmp_path / "out.log", "wb") as fh:
+        assert stdout_writer(fh) is None
 
 
 @pytest.mark.sipp
