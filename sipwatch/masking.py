@@ -316,13 +316,25 @@ class CallIdMasker:
             raise ValueError(f"unknown Call-ID masking mode {mode!r} (expected one of {', '.join(CALL_ID_MODES)})")
         self.mode = mode
         self._key = derive_key(secret, b"sipwatch-callid")
-        # HMAC (RFC 2104) with the key already absorbed in its inner and outer hash: each Call-ID
-        # then costs copies of these two states, not a new key setup
+        self._absorb_key()
+
+    def _absorb_key(self) -> None:
+        """HMAC (RFC 2104) with the key already absorbed in its inner and outer hash: each
+        Call-ID then costs copies of these two states, not a new key setup."""
         size = hashlib.blake2b().block_size
         key = self._key if len(self._key) <= size else hashlib.blake2b(self._key).digest()
         block = key.ljust(size, b"\0")
         self._inner = hashlib.blake2b(bytes(b ^ 0x36 for b in block))
         self._outer = hashlib.blake2b(bytes(b ^ 0x5C for b in block))
+
+    def __getstate__(self) -> dict:
+        # the span worker process gets the masker pickled; hash states do not pickle, the key does
+        return {"mode": self.mode, "_key": self._key}
+
+    def __setstate__(self, state: dict) -> None:
+        self.mode = state["mode"]
+        self._key = state["_key"]
+        self._absorb_key()
 
     def digest(self, call_id: bytes, size: int = 8) -> str:
         """HMAC-BLAKE2b of ``call_id`` under this masker's key, ``size`` bytes of it in hex."""

@@ -384,3 +384,11 @@ def test_call_summary_line_fields_in_order():
     quiet = io.BytesIO()
     JsonLog("svc", stream=quiet, level="warning").call_summary(_Call())
     assert quiet.getvalue() == b""
+
+
+def test_call_id_masker_survives_pickling_for_the_span_worker_process():
+    import pickle
+    m = CallIdMasker("digits", b"k")
+    copy = pickle.loads(pickle.dumps(m))
+    assert copy.mode == "digits"
+    assert copy(b"4930123456@gw") == m(b"4930123456@gw") != CallIdMasker("digits", b"j")(b"4930123456@gw")
