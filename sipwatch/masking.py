@@ -317,6 +317,7 @@ class CallIdMasker:
         self.mode = mode
         self._key = derive_key(secret, b"sipwatch-callid")
         self._absorb_key()
+        self._memo: dict[bytes, str] = {}  # raw Call-ID -> as shown, bounded as _MEMOS are
 
     def _absorb_key(self) -> None:
         """HMAC (RFC 2104) with the key already absorbed in its inner and outer hash: each
@@ -329,12 +330,14 @@ class CallIdMasker:
 
     def __getstate__(self) -> dict:
         # the span worker process gets the masker pickled; hash states do not pickle, the key does
+        # (and what was remembered stays behind)
         return {"mode": self.mode, "_key": self._key}
 
     def __setstate__(self, state: dict) -> None:
         self.mode = state["mode"]
         self._key = state["_key"]
         self._absorb_key()
+        self._memo = {}
 
     def digest(self, call_id: bytes, size: int = 8) -> str:
         """HMAC-BLAKE2b of ``call_id`` under this masker's key, ``size`` bytes of it in hex."""
@@ -345,13 +348,22 @@ class CallIdMasker:
         return outer.hexdigest()[:size * 2]
 
     def __call__(self, call_id: bytes | str | None) -> str | None:
+        if type(call_id) is bytes:
+            # a Call-ID shows up more than once (a B2BUA leg's summary lists every leg's): remembered
+            got = self._memo.get(call_id)
+            if got is None:
+                got = self._mask(call_id)
+                if len(call_id) <= _MEMO_MAX_KEY:
+                    if len(self._memo) >= _MEMO_SIZE:
+                        self._memo.clear()
+                    self._memo[call_id] = got
+            return got
         if call_id is None:
             return None
-        if type(call_id) is bytes:
-            raw = call_id
-        else:
-            raw = call_id if isinstance(call_id, (bytes, bytearray)) else str(call_id).encode("utf-8", "replace")
-            raw = bytes(raw)
+        raw = call_id if isinstance(call_id, (bytes, bytearray)) else str(call_id).encode("utf-8", "replace")
+        return self._mask(bytes(raw))
+
+    def _mask(self, raw: bytes) -> str:
         text = raw.decode("utf-8", "replace")
         mode = self.mode
         if mode == "digits":

@@ -347,6 +347,12 @@ def test_call_id_hash_is_hmac_blake2b_of_the_raw_call_id():
         assert digits(raw) == raw.decode()
     assert digits("4930123456@gw") == "******3456@gw~" + mac(b"4930123456@gw")[:16]
     assert digits(None) is None and hashed(None) is None
+    for i in range(10_000):  # every Call-ID new: what is remembered stays bounded
+        raw = b"%d-1@h" % (4930100000 + i)
+        assert digits(raw) == "******%04d-1@h~%s" % ((4930100000 + i) % 10_000, mac(raw)[:16])
+    assert len(digits._memo) <= 4096
+    long_id = b"4930123456" * 1000
+    assert digits(long_id) == digits(long_id) == "*" * 9996 + "3456~" + mac(long_id)[:16]
 
 
 def test_timestamps_of_log_lines():
