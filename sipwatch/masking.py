@@ -184,13 +184,16 @@ def mask_uri(value: bytes | str | None, mode: str = "partial") -> str:
 
 
 def _mask_remembered(value: bytes, mode: str, memo: dict[bytes, str]) -> str:
-    """``value`` masked, through ``memo``. A value that ends in ``;tag=`` (a From or a To with
-    its dialog's tag) is remembered without its tag, when the tag provably takes no part in the
-    masking: it sits in the header parameters after the one name-addr (a display name without
-    ':', then ``<...>``, no ',' after the '>') and holds no ``;?&,``. The parameters after the '>'
-    are then masked one by one and a ``tag`` is kept as it is, so the value masks to its masked
-    head plus the tag. Each ASCII byte decodes to itself (an invalid UTF-8 sequence never takes
-    one in), so the search on the bytes finds what the search on the text would."""
+    """``value`` masked, through ``memo`` (which does not hold it yet).
+
+    The plain From/To shape is masked from one regex match. Otherwise a value that ends in
+    ``;tag=`` (a From or a To with its dialog's tag) is remembered without its tag when the tag
+    provably takes no part in the masking: it sits in the header parameters after the one
+    name-addr (a display name without ':', then ``<...>``, no ',' after the '>') and holds none of
+    ``;?&,``. The general path then masks the parameters after the '>' one by one and keeps a
+    ``tag`` as it is, so the value masks to its masked head plus the tag. Each ASCII byte decodes
+    to itself (an invalid UTF-8 sequence never takes one in), so searches on the bytes find what
+    searches on the decoded text would, and the parts decode as the whole does."""
     if len(memo) >= _MEMO_SIZE:
         memo.clear()
     m = _PLAIN_NAME_ADDR.fullmatch(value)
