@@ -16,6 +16,7 @@ pipe) then costs log lines, counted, never the event loop's time.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import select
 import socket
@@ -323,13 +324,12 @@ class JsonLog:
              when: float | None = None, **fields) -> None:
         if LEVELS.index(level) < self.min_level:
             return
-        try:
-            ts = datetime.fromtimestamp(self.clock() if when is None else when, timezone.utc)
-            stamp = ts.isoformat(timespec="microseconds").replace("+00:00", "Z")
-        except (OverflowError, OSError, ValueError, TypeError):
-            stamp = datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+        self._emit_record(level, message, event, call_sid, trace_id, when, fields)
+
+    def _emit_record(self, level: str, message: str, event: str, call_sid, trace_id, when, fields: dict) -> None:
+        """``emit`` past its level check, with the extra fields as a dict (no keyword packing)."""
         rec = {
-            "timestamp": stamp,
+            "timestamp": _stamp(self.clock, when),
             "log_level": level,
             "service_name": self.service_name,
             "call_sid": call_sid,
@@ -393,8 +393,45 @@ class JsonLog:
     def call_summary(self, call, rtp: list[dict] | None = None) -> None:
         """The one record per finished call: setup, outcome, duration, retransmissions, RTTs
         (and, where media was seen, one entry per RTP stream)."""
-        self.emit("info", "call finished", "call_summary",
-                  **call_summary_fields(call, self.mask_mode, rtp, self.call_id_mask))
+        fields = call_summary_fields(call, self.mask_mode, rtp, self.call_id_mask)
+        if self.min_level > _INFO:
+            return
+        # what emit(**fields) does: call_sid, trace_id and when are its own arguments, the rest follows
+        call_sid = fields.pop("call_sid")
+        trace_id = fields.pop("trace_id")
+        when = fields.pop("when")
+        self._emit_record("info", "call finished", "call_summary", call_sid, trace_id, when, fields)
+
+
+_INFO = LEVELS.index("info")
+_UTC = timezone.utc
+# the text of the last second stamped: (floor of its timestamp, its seconds field, "YYYY-MM-DDTHH:MM:SS.")
+_last_second: tuple = (None, -1, "")
+
+
+def _stamp(clock, when) -> str:
+    """RFC 3339 UTC with microseconds (``2026-12-01T19:46:51.123456Z``) of ``when`` (None: of
+    ``clock()``), or of now when that is no timestamp.
+
+    The date and time of day are formatted once per second. datetime does the rounding to the
+    microsecond, which can carry into the next second: a timestamp's second is its floor or the
+    one after, and the two differ in their seconds field, so floor and field name it."""
+    global _last_second
+    try:
+        t = clock() if when is None else when
+        ts = datetime.fromtimestamp(t, _UTC)
+    except (OverflowError, OSError, ValueError, TypeError):
+        return datetime.now(_UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    kind = type(t)
+    if kind is float or kind is int:
+        floor = math.floor(t)
+        last = _last_second
+        if last[0] == floor and last[1] == ts.second:
+            return "%s%06dZ" % (last[2], ts.microsecond)
+        text = ts.isoformat(timespec="microseconds")
+        _last_second = (floor, ts.second, text[:20])
+        return text.replace("+00:00", "Z")
+    return ts.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 class ErrorReporter:
@@ -433,14 +470,12 @@ class ErrorReporter:
             pass
 
 
-def _transport(tx) -> str:
-    """``network.transport`` of a transaction's hop: "tcp" is recorded in its peer, UDP else."""
-    peer = getattr(tx, "peer", None)
-    return peer[2] if isinstance(peer, tuple) and len(peer) > 2 else "udp"
-
-
 def _ms(a, b):
     return None if a is None or b is None else round((b - a) * 1000.0, 3)
+
+
+# method names as logged, for the methods counted by name (others are decoded each time)
+_METHOD_TEXT = {m: m.decode("ascii") for m in METHODS}
 
 
 def call_summary_fields(call, mask_mode: str = "partial", rtp: list[dict] | None = None,
@@ -451,27 +486,36 @@ def call_summary_fields(call, mask_mode: str = "partial", rtp: list[dict] | None
     sidecar stopped while the call was open), null otherwise."""
     txs = []
     for tx in call.transactions:
+        method = tx.method
+        name = _METHOD_TEXT.get(method) if type(method) is bytes else None
+        sent = tx.t_sent
+        first = tx.t_first
+        peer = getattr(tx, "peer", None)
         txs.append({
-            "method": tx.method.decode("ascii", "replace"),
+            "method": name if name is not None else method.decode("ascii", "replace"),
             "cseq": tx.cseq,
             "status": tx.status or None,
-            "rtt_ms": _ms(tx.t_sent, tx.t_first),
-            "final_ms": _ms(tx.t_sent, tx.t_final) if tx.t_first is not None else None,
+            "rtt_ms": None if sent is None or first is None else round((first - sent) * 1000.0, 3),
+            "final_ms": _ms(sent, tx.t_final) if first is not None else None,
             "retransmissions": tx.retrans,
             "timed_out": tx.timed_out,
-            "transport": _transport(tx),
+            # network.transport of the hop: "tcp" is recorded in its peer, UDP else
+            "transport": peer[2] if isinstance(peer, tuple) and len(peer) > 2 else "udp",
         })
+    start = call.t_start
+    answer = call.t_answer
+    end = call.t_end
+    outcome = call.outcome
     out = {
         "call_sid": call_id_mask(call.call_id) if call_id_mask is not None
         else call.call_id.decode("utf-8", "replace"),
         "trace_id": "%032x" % call.trace_id,
-        "when": call.t_end,
-        "outcome": OUTCOMES[call.outcome] if call.outcome >= 0 else None,
+        "when": end,
+        "outcome": OUTCOMES[outcome] if outcome >= 0 else None,
         "final_status": call.status or None,
-        "setup_ms": _ms(call.t_start, call.t_setup),
-        "answer_ms": _ms(call.t_start, call.t_answer),
-        "duration_s": None if call.t_answer is None or call.t_end is None
-        else round(call.t_end - call.t_answer, 3),
+        "setup_ms": _ms(start, call.t_setup),
+        "answer_ms": None if start is None or answer is None else round((answer - start) * 1000.0, 3),
+        "duration_s": None if answer is None or end is None else round(end - answer, 3),
         "retransmissions": call.retrans,
         "from": mask_uri(call.from_uri, mask_mode),
         "to": mask_uri(call.to_uri, mask_mode),

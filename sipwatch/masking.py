@@ -20,7 +20,6 @@ records, and costs time linear in the input (no regex backtracking on adversaria
 from __future__ import annotations
 
 import hashlib
-import hmac
 import os
 import re
 
@@ -32,6 +31,13 @@ _SCHEME = re.compile(r"(?i)\b(sips?:|tel:)")
 # a number in a display name: optional +, digits, visual separators between digits
 _DISPLAY_NUMBER = re.compile(r"\+?\d(?:[\-. ()/]*\d)*")
 _NO_DIGITS = str.maketrans("", "", "0123456789")
+# separators of URI/header parameters and URI headers, kept in the split
+_PARAM_SEPARATORS = re.compile(r"([;?&])")
+# bytes that end a ``;tag=`` value's safe shape (another parameter, a URI header, another value)
+_NOT_IN_TAG = re.compile(rb"[;?&,]")
+# the usual From/To: a display name without digits or ':', ``<sip:user@host[:port]>``, at most a
+# tag after it (no quantifier overlaps the next one: one pass, no backtracking)
+_PLAIN_NAME_ADDR = re.compile(rb"([^:<0-9]*)<((?i:sips?):)([^;@>]*)@([^;?@>]*)>(;tag=[^;?&,]*)?")
 _STARS = str.maketrans("0123456789", "**********")
 # on a reversed text: up to and including its fourth digit, then the non-digits before the digit
 # that precedes it (the digits are ASCII 0-9 here, as in _NO_DIGITS; ``\d`` would take others)
@@ -49,6 +55,16 @@ def _digit_count(s: str) -> int:
 
 def _mask_digits(s: str) -> str:
     """All digits but the last four become '*'; 3-4 digits are all masked, fewer left alone."""
+    if s.isascii():
+        # the common number, ASCII digits with an optional '+': no scan for the cut needed
+        body = s[1:] if s.startswith("+") else s
+        if body.isdigit():
+            n = len(body)
+            if n < 3:
+                return s
+            if n <= 4:
+                return s[:len(s) - n] + "*" * n
+            return s[:len(s) - n] + "*" * (n - 4) + body[n - 4:]
     n = _digit_count(s)
     if n < 3:
         return s
@@ -70,10 +86,10 @@ def _mask_value(s: str, mode: str) -> str:
 
 def _mask_params(s: str, mode: str) -> str:
     """``;name=value;...`` (and ``?h=v&...`` URI headers): each value masked on its own."""
-    if len(s.translate(_NO_DIGITS)) == len(s):  # no digit, nothing to mask
+    if not s or len(s.translate(_NO_DIGITS)) == len(s):  # no digit, nothing to mask
         return s
     out = []
-    for part in re.split(r"([;?&])", s):
+    for part in _PARAM_SEPARATORS.split(s):
         name, eq, value = part.partition("=")
         if eq and value and name.strip().lower() not in _KEEP_PARAMS:
             part = name + eq + _mask_value(value, mode)
@@ -142,8 +158,21 @@ def _mask_display(display: str, mode: str) -> str:
     return _DISPLAY_NUMBER.sub(number, display)
 
 
+# masked values of recent header values, per mode: the To and Request-URI of a service repeat from
+# call to call, and so does a caller's From up to its tag. Bounded: emptied when full; values
+# longer than _MEMO_MAX_KEY bytes are never kept.
+_MEMO_SIZE = 4096
+_MEMO_MAX_KEY = 256
+_MEMOS: dict[str, dict[bytes, str]] = {"partial": {}, "full": {}}
+
+
 def mask_uri(value: bytes | str | None, mode: str = "partial") -> str:
     """Mask numbers in every SIP/tel URI of a header value (display name, user part, parameters)."""
+    if type(value) is bytes and len(value) <= _MEMO_MAX_KEY:
+        memo = _MEMOS.get(mode)
+        if memo is not None:
+            out = memo.get(value)
+            return out if out is not None else _mask_remembered(value, mode, memo)
     if value is None:
         return ""
     text = value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else str(value)
@@ -151,9 +180,72 @@ def mask_uri(value: bytes | str | None, mode: str = "partial") -> str:
         return text
     if mode not in MODES:
         raise ValueError(f"unknown masking mode {mode!r} (expected one of {', '.join(MODES)})")
+    return _mask_text(text, mode)
+
+
+def _mask_remembered(value: bytes, mode: str, memo: dict[bytes, str]) -> str:
+    """``value`` masked, through ``memo`` (which does not hold it yet).
+
+    The plain From/To shape is masked from one regex match. Otherwise a value that ends in
+    ``;tag=`` (a From or a To with its dialog's tag) is remembered without its tag when the tag
+    provably takes no part in the masking: it sits in the header parameters after the one
+    name-addr (a display name without ':', then ``<...>``, no ',' after the '>') and holds none of
+    ``;?&,``. The general path then masks the parameters after the '>' one by one and keeps a
+    ``tag`` as it is, so the value masks to its masked head plus the tag. Each ASCII byte decodes
+    to itself (an invalid UTF-8 sequence never takes one in), so searches on the bytes find what
+    searches on the decoded text would, and the parts decode as the whole does."""
+    if len(memo) >= _MEMO_SIZE:
+        memo.clear()
+    m = _PLAIN_NAME_ADDR.fullmatch(value)
+    if m is not None:
+        # what the general path makes of this shape: the display name has no digit, the user
+        # part no ';' (no user parameters), the host part no parameters, the tag is kept
+        display, scheme, user, hostport, tag = m.groups()
+        out = (display.decode("utf-8", "replace") + "<" + scheme.decode("ascii")
+               + (_mask_digits(user.decode("utf-8", "replace")) if mode == "partial" else "***")
+               + "@" + hostport.decode("utf-8", "replace") + ">")
+        if tag is None:
+            memo[value] = out
+            return out
+        return out + tag.decode("utf-8", "replace")  # not kept: the tag is new with every call
+    cut = value.rfind(b";tag=")
+    if cut > 0 and _NOT_IN_TAG.search(value, cut + 5) is None:
+        lt = value.find(b"<", 0, cut)
+        gt = value.find(b">", lt + 1, cut) if lt >= 0 else -1
+        if gt >= 0 and value.find(b":", 0, lt) < 0 and value.find(b",", gt + 1, cut) < 0:
+            head = value[:cut]
+            masked = memo.get(head)
+            if masked is None:
+                masked = memo[head] = _mask_text(head.decode("utf-8", "replace"), mode)
+            return masked + value[cut:].decode("utf-8", "replace")
+    out = memo[value] = _mask_text(value.decode("utf-8", "replace"), mode)
+    return out
+
+
+def _mask_bracketed(inner: str, mode: str) -> str:
+    """``<`` and what a name-addr's brackets hold: a URI, or parameters of something else."""
+    sm = _SCHEME.match(inner)
+    if sm:
+        return "<" + sm.group(1) + _mask_one_uri(sm.group(1), inner[sm.end():], mode)
+    return "<" + _mask_params(inner, mode)
+
+
+def _mask_text(text: str, mode: str) -> str:
+    """``mask_uri`` of a decoded value, ``mode`` being ``partial`` or ``full``."""
+    n = len(text)
+    lt = text.find("<")
+    if lt >= 0:
+        if text.find(":", 0, lt) < 0:  # no URI before the '<': the loop below starts with this name-addr
+            gt = text.find(">", lt + 1)
+            if gt >= 0 and text.find(",", gt + 1) < 0:  # ... and ends with it: its one pass, inline
+                return (_mask_display(text[:lt], mode) + _mask_bracketed(text[lt + 1:gt], mode) + ">"
+                        + _mask_params(text[gt + 1:], mode))
+    elif text.find(",") < 0:
+        sm = _SCHEME.match(text)
+        if sm:  # one addr-spec from the first character on: the loop's one pass, inline
+            return sm.group(1) + _mask_one_uri(sm.group(1), text[sm.end():], mode)
     out = []
     pos = 0
-    n = len(text)
     lt, m, m_done = -2, None, False
     while pos < n:
         # each search runs again only once the pos passed its hit: linear in the text
@@ -167,12 +259,7 @@ def mask_uri(value: bytes | str | None, mode: str = "partial") -> str:
             out.append(_mask_display(text[pos:lt], mode))
             gt = text.find(">", lt + 1)
             end = n if gt < 0 else gt
-            inner = text[lt + 1:end]
-            sm = _SCHEME.match(inner)
-            if sm:
-                out.append("<" + sm.group(1) + _mask_one_uri(sm.group(1), inner[sm.end():], mode))
-            else:
-                out.append("<" + _mask_params(inner, mode))
+            out.append(_mask_bracketed(text[lt + 1:end], mode))
             if gt < 0:
                 break
             out.append(">")
@@ -232,24 +319,83 @@ class CallIdMasker:
             raise ValueError(f"unknown Call-ID masking mode {mode!r} (expected one of {', '.join(CALL_ID_MODES)})")
         self.mode = mode
         self._key = derive_key(secret, b"sipwatch-callid")
+        self._absorb_key()
+        self._memo: dict[bytes, str] = {}  # raw Call-ID -> as shown, bounded as _MEMOS are
+
+    def _absorb_key(self) -> None:
+        """HMAC (RFC 2104) with the key already absorbed in its inner and outer hash: each
+        Call-ID then costs copies of these two states, not a new key setup."""
+        size = hashlib.blake2b().block_size
+        key = self._key if len(self._key) <= size else hashlib.blake2b(self._key).digest()
+        block = key.ljust(size, b"\0")
+        self._inner = hashlib.blake2b(bytes(b ^ 0x36 for b in block))
+        self._outer = hashlib.blake2b(bytes(b ^ 0x5C for b in block))
+
+    def __getstate__(self) -> dict:
+        # the span worker process gets the masker pickled; hash states do not pickle, the key does
+        # (and what was remembered stays behind)
+        return {"mode": self.mode, "_key": self._key}
+
+    def __setstate__(self, state: dict) -> None:
+        self.mode = state["mode"]
+        self._key = state["_key"]
+        self._absorb_key()
+        self._memo = {}
 
     def digest(self, call_id: bytes, size: int = 8) -> str:
-        return hmac.new(self._key, call_id, hashlib.blake2b).hexdigest()[:size * 2]
+        """HMAC-BLAKE2b of ``call_id`` under this masker's key, ``size`` bytes of it in hex."""
+        inner = self._inner.copy()
+        inner.update(call_id)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.hexdigest()[:size * 2]
 
     def __call__(self, call_id: bytes | str | None) -> str | None:
+        if type(call_id) is bytes:
+            # a Call-ID shows up more than once (a B2BUA leg's summary lists every leg's): remembered
+            got = self._memo.get(call_id)
+            if got is None:
+                got = self._mask(call_id)
+                if len(call_id) <= _MEMO_MAX_KEY:
+                    if len(self._memo) >= _MEMO_SIZE:
+                        self._memo.clear()
+                    self._memo[call_id] = got
+            return got
         if call_id is None:
             return None
         raw = call_id if isinstance(call_id, (bytes, bytearray)) else str(call_id).encode("utf-8", "replace")
-        raw = bytes(raw)
+        return self._mask(bytes(raw))
+
+    def _mask(self, raw: bytes) -> str:
         text = raw.decode("utf-8", "replace")
-        if self.mode == "none":
+        mode = self.mode
+        if mode == "digits":
+            m = _LONG_DIGITS.search(text)
+            if m is None:
+                masked = text
+            else:  # what _LONG_DIGITS.sub would do, without a Python callback per run
+                parts = []
+                pos = 0
+                while m is not None:
+                    parts.append(text[pos:m.start()])
+                    parts.append(_mask_digit_run(m.group(0)))
+                    pos = m.end()
+                    m = _LONG_DIGITS.search(text, pos)
+                parts.append(text[pos:])
+                masked = "".join(parts)
+            if masked == text and (text.isascii() or text.encode("utf-8", "replace") == raw):
+                return text  # nothing masked, nothing lost in decoding: the Call-ID as is
+            return masked + "~" + self.digest(raw)
+        if mode == "none":
             return text
-        if self.mode == "hash":
-            return "h-" + self.digest(raw, 16)
-        masked = _LONG_DIGITS.sub(lambda m: _mask_digits(m.group(0)), text)
-        if masked == text and (text.isascii() or text.encode("utf-8", "replace") == raw):
-            return text  # nothing masked, nothing lost in decoding: the Call-ID as is
-        return masked + "~" + self.digest(raw)
+        return "h-" + self.digest(raw, 16)
+
+
+def _mask_digit_run(run: str) -> str:
+    """A run of 6+ digits (``\\d``: any script's) masked as a number (ASCII digits but the last 4)."""
+    if run.isascii():
+        return "*" * (len(run) - 4) + run[-4:]
+    return _mask_digits(run)
 
 
 def default_call_id_mode(mask_numbers: str) -> str:

@@ -234,3 +234,167 @@ def test_partial_masking_of_a_number_keeps_exactly_its_last_four_digits(number):
     masked = set(digits if 3 <= n <= 4 else digits[:n - 4] if n >= 5 else [])
     want = "".join("*" if i in masked else c for i, c in enumerate(number))
     assert _mask_digits(number) == want
+
+
+# -- the shortcuts of the call summary: each one against values worked out by hand --------------
+def test_plain_from_and_to_shapes_masked_as_the_rules_say():
+    cases = {
+        # SIPp's From: 15 digits, the last four kept; the display name has no number, the tag stays
+        b'"Caller" <sip:+493012345000000@127.0.0.1:5062>;tag=1000000SIPpTag001':
+            '"Caller" <sip:+***********0000@127.0.0.1:5062>;tag=1000000SIPpTag001',
+        b"<sip:+4930999888@127.0.0.1:5070>": "<sip:+******9888@127.0.0.1:5070>",
+        b"<SIPS:4930123456@gw.example.com>": "<SIPS:******3456@gw.example.com>",
+        # digits in hosts and IPv6 literals are hosts, not numbers
+        b"<sip:4930123456@123456789>;tag=98765": "<sip:******3456@123456789>;tag=98765",
+        b"<sip:+4930123456@[2001:db8::1]:5060>;tag=1": "<sip:+******3456@[2001:db8::1]:5060>;tag=1",
+        b"<sip:alice@10.20.30.40:5060>": "<sip:alice@10.20.30.40:5060>",
+        # short user parts: 3-4 digits all masked, fewer kept
+        b"<sip:12@gw>": "<sip:12@gw>",
+        b"<sip:+123@gw>": "<sip:+***@gw>",
+        b"<sip:1234@gw>;tag=x": "<sip:****@gw>;tag=x",
+        b"<sip:12345@gw>": "<sip:*2345@gw>",
+        b"<sip:@gw>": "<sip:@gw>",
+        # not UTF-8: replaced, the rest masked as usual
+        b'"M\xfcller" <sip:+4930123456@gw>;tag=\xff1': '"M\ufffdller" <sip:+******3456@gw>;tag=\ufffd1',
+    }
+    for value, want in cases.items():
+        for _ in range(2):  # the second time from what the first remembered
+            assert mask_uri(value) == want, value
+        assert mask_uri(value.decode("utf-8", "replace")) == want, value  # the same text as str
+    assert mask_uri(b'"Caller" <sip:+493012345000000@127.0.0.1:5062>;tag=1', "full") == \
+        '"Caller" <sip:***@127.0.0.1:5062>;tag=1'
+    assert mask_uri(b"<sip:+4930999888@127.0.0.1:5070>", "none") == "<sip:+4930999888@127.0.0.1:5070>"
+
+
+def test_values_with_a_tag_that_takes_part_in_the_masking():
+    cases = {
+        # a number in the display name (most gateways put the caller's number there)
+        b'"+49 30 1234567" <sip:+49301234567@gw>;tag=77': '"+** ** ***4567" <sip:+*******4567@gw>;tag=77',
+        # a parameter after the tag, and one before it
+        b"<sip:+4930123456@gw>;tag=12;cpc=4930123456": "<sip:+******3456@gw>;tag=12;cpc=******3456",
+        b"<sip:+4930123456@gw>;cpc=4930123456;tag=abc": "<sip:+******3456@gw>;cpc=******3456;tag=abc",
+        # a second value after a comma in the tag
+        b"<sip:1@a>;tag=1234567,<sip:4930123456@b>": "<sip:1@a>;tag=1234567,<sip:******3456@b>",
+        # no name-addr: a URI parameter, or plain text where a number is a number
+        b"sip:+4930123456@gw;tag=123456789": "sip:+******3456@gw;tag=123456789",
+        b"junk;tag=1234567": "junk;tag=***4567",
+        b"<sip:4930123456@gw;tag=1234567": "<sip:******3456@gw;tag=1234567",
+        # a URI in the display name, tel: URIs, user parameters
+        b'"sip:x" <sip:4930123456@gw>;tag=55555': '"sip:x" <sip:******3456@gw>;tag=55555',
+        b"<tel:+1-212-555-0100>;tag=x": "<tel:+*-***-***-0100>;tag=x",
+        b"<sip:+4930123456;isub=987654@gw;user=phone>;tag=1": "<sip:+******3456;isub=**7654@gw;user=phone>;tag=1",
+        # an invalid UTF-8 sequence cut short by the ';' of the tag: one replacement character
+        b"<sip:4930123456@gw>\xe2\x82;tag=1": "<sip:******3456@gw>\ufffd;tag=1",
+        b"<sip:4930123456@gw>;tag=": "<sip:******3456@gw>;tag=",
+        b"<sip:4930123456@gw>;tag=;tag=99999": "<sip:******3456@gw>;tag=;tag=99999",
+    }
+    for value, want in cases.items():
+        for _ in range(2):
+            assert mask_uri(value) == want, value
+        assert mask_uri(value.decode("utf-8", "replace")) == want, value
+    # a URI that starts in the display name runs to the end: the tag is in its user part
+    assert mask_uri(b'"sip:x" <a>;tag=1@b', "full") == '"sip:***;tag=1@b'
+    assert mask_uri(b'"Sip:x" <a>;tag=1@b', "full") == '"Sip:***;tag=1@b'
+
+
+def test_a_remembered_value_is_remembered_per_mode():
+    value = b"<sip:+4930123456@gw>;cpc=4930123456;tag=a"
+    assert mask_uri(value, "partial") == "<sip:+******3456@gw>;cpc=******3456;tag=a"
+    assert mask_uri(value, "full") == "<sip:***@gw>;cpc=**********;tag=a"
+    assert mask_uri(value, "partial") == "<sip:+******3456@gw>;cpc=******3456;tag=a"
+
+
+def test_hostile_values_do_not_raise_and_memory_stays_bounded():
+    from sipwatch import masking
+    huge = b"<sip:4930123456@gw>;tag=" + b"7" * 100_000
+    assert mask_uri(huge) == "<sip:******3456@gw>;tag=" + "7" * 100_000
+    assert mask_uri(b"<" * 50_000) == "<" * 50_000
+    assert mask_uri(b"<sip:1@a>" + b";" * 50_000 + b"tag=1") == "<sip:1@a>" + ";" * 50_000 + "tag=1"
+    assert mask_uri(b";tag=" * 10_000) == ";tag=" * 10_000
+    for i in range(10_000):  # every caller new: what is remembered stays bounded
+        assert mask_uri(b"<sip:%d@gw>;tag=%d" % (4930100000 + i, i)) == \
+            "<sip:******%04d@gw>;tag=%d" % ((4930100000 + i) % 10_000, i)
+        mask_uri(b'"%d" <sip:%d@gw>;tag=x' % (i, i))
+    assert all(len(memo) <= 4097 for memo in masking._MEMOS.values())
+
+
+def test_call_id_hash_is_hmac_blake2b_of_the_raw_call_id():
+    """RFC 2104 HMAC over BLAKE2b, keyed as the docstring says (BLAKE2b of the secret,
+    personalised): the stdlib's hmac is the reference."""
+    import hashlib
+    import hmac
+    key = hashlib.blake2b(b"k", digest_size=32, person=b"sipwatch-callid").digest()
+
+    def mac(raw):
+        return hmac.new(key, raw, hashlib.blake2b).hexdigest()
+
+    digits, hashed = CallIdMasker("digits", b"k"), CallIdMasker("hash", b"k")
+    cases = {
+        b"4930123456@gw": "******3456@gw",
+        b"1234567-x-7654321@h": "***4567-x-***4321@h",
+        b"123456": "**3456",
+        "12345\u0663@h".encode(): "*2345\u0663@h",  # a run of 6 digits, 5 of them ASCII
+        b"99999999999999999999999999999999999999": "*" * 34 + "9999",
+        b"\xff4930123456": "\ufffd******3456",
+        b"a\xff": "a\ufffd",  # nothing masked, but not as received: marked and hashed
+    }
+    for raw, shown in cases.items():
+        assert digits(raw) == shown + "~" + mac(raw)[:16], raw
+        assert digits(bytearray(raw)) == digits(raw)
+        assert hashed(raw) == "h-" + mac(raw)[:32]
+    # left as they are: no run of 6 digits, or one of other scripts only
+    for raw in (b"1-12345@127.0.0.1", b"a84bd38f-5c10-fa9c@x", ("\u0663" * 8).encode(), b""):
+        assert digits(raw) == raw.decode()
+    assert digits("4930123456@gw") == "******3456@gw~" + mac(b"4930123456@gw")[:16]
+    assert digits(None) is None and hashed(None) is None
+    for i in range(10_000):  # every Call-ID new: what is remembered stays bounded
+        raw = b"%d-1@h" % (4930100000 + i)
+        assert digits(raw) == "******%04d-1@h~%s" % ((4930100000 + i) % 10_000, mac(raw)[:16])
+    assert len(digits._memo) <= 4096
+    long_id = b"4930123456" * 1000
+    assert digits(long_id) == digits(long_id) == "*" * 9996 + "3456~" + mac(long_id)[:16]
+
+
+def test_timestamps_of_log_lines():
+    buf = io.BytesIO()
+    log = JsonLog("svc", stream=buf)
+    whens = [1764618411.123456, 1764618411.9999996, 1764618411.5, 1764618412.0000004, 1764618411, -0.5, "x"]
+    for when in whens:
+        log.info("m", "e", when=when)
+    stamps = [orjson.loads(x)["timestamp"] for x in buf.getvalue().splitlines()]
+    assert stamps[:6] == [
+        "2025-12-01T19:46:51.123456Z",
+        "2025-12-01T19:46:52.000000Z",  # rounded up into the next second
+        "2025-12-01T19:46:51.500000Z",
+        "2025-12-01T19:46:52.000000Z",
+        "2025-12-01T19:46:51.000000Z",
+        "1969-12-31T23:59:59.500000Z",
+    ]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", stamps[6])  # not a time: now
+
+
+def test_call_summary_line_fields_in_order():
+    buf = io.BytesIO()
+    JsonLog("svc", stream=buf, clock=lambda: 0.0).call_summary(_Call(call_id=b"c1@gw"))
+    rec = orjson.loads(buf.getvalue())
+    assert list(rec) == [
+        "timestamp", "log_level", "service_name", "call_sid", "trace_id", "message", "event", "outcome",
+        "final_status", "setup_ms", "answer_ms", "duration_s", "retransmissions", "from", "to", "request_uri",
+        "ended_by", "transactions"]
+    assert rec["timestamp"] == "1970-01-01T00:00:03.000000Z"  # the call's end, not the clock
+    assert rec["trace_id"] == "0" * 28 + "1234" and rec["call_sid"] == "c1@gw"
+    assert (rec["setup_ms"], rec["answer_ms"], rec["duration_s"]) == (10.0, 20.0, 1.98)
+    assert rec["from"] == '"A" <sip:+******3456@gw>' and rec["to"] == "<sip:svc@sig>"
+    assert rec["transactions"] == [{"method": "INVITE", "cseq": 1, "status": 200, "rtt_ms": 10.0, "final_ms": 20.0,
+                                    "retransmissions": 0, "timed_out": False, "transport": "udp"}]
+    quiet = io.BytesIO()
+    JsonLog("svc", stream=quiet, level="warning").call_summary(_Call())
+    assert quiet.getvalue() == b""
+
+
+def test_call_id_masker_survives_pickling_for_the_span_worker_process():
+    import pickle
+    m = CallIdMasker("digits", b"k")
+    copy = pickle.loads(pickle.dumps(m))
+    assert copy.mode == "digits"
+    assert copy(b"4930123456@gw") == m(b"4930123456@gw") != CallIdMasker("digits", b"j")(b"4930123456@gw")
