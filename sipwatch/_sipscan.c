@@ -11,58 +11,57 @@
  * so the mode is not an argument.
  *
  * Hostile input: every index stays below len(data), the cost is linear in the head (two passes
- * and one dict lookup per line), and every failure but an out-of-memory one is a None.
+ * and one dict lookup per line), and every failure but an out-of-memory one is a None. The
+ * first pass tests eight bytes at a time where it can: one byte at a time, it was a third of
+ * this function's instructions.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdint.h>
 #include <string.h>
 
-/* Byte classes in the head: 0 ordinary printable ASCII (and HT), 1 CR, 2 refused (LF without
- * its CR, other control bytes, DEL, non-ASCII: the general path decides about those), 3 colon. */
-static unsigned char byte_class[256];
-
-static void init_byte_class(void)
+/* An ordinary head byte: printable ASCII or HT. */
+static inline int plain_byte(unsigned char c)
 {
-    for (int c = 0; c < 256; c++)
-        byte_class[c] = (c < 0x20 || c >= 0x7f) ? 2 : 0;
-    byte_class['\t'] = 0;
-    byte_class['\r'] = 1;
-    byte_class[':'] = 3;
+    return (c >= 0x20 && c < 0x7f) || c == '\t';
+}
+
+/* Eight head bytes at once: nonzero when all are printable ASCII (0x20-0x7e). The tests are the
+ * exact "some byte is less than n" / "some byte is zero" word tricks; a word with HT, CR or
+ * anything else fails and is looked at byte by byte. */
+static inline int plain_word(uint64_t x)
+{
+    const uint64_t ones = 0x0101010101010101ULL, highs = 0x8080808080808080ULL;
+    const uint64_t del = x ^ (ones * 0x7f);
+    const uint64_t below_space = (x - ones * 0x20) & ~x & highs;
+    const uint64_t is_del = (del - ones) & ~del & highs;
+    return ((x & highs) | below_space | is_del) == 0;
 }
 
 /* Validate the head and find where it ends. Returns the index of the first CRLF CRLF and the
  * number of lines in it (start line included), or -1 when the message is not the plain shape
- * or has more than max_lines lines. */
+ * or has more than max_lines lines. Colons are looked for by the caller, line by line. */
 static Py_ssize_t scan_head(const unsigned char *s, Py_ssize_t n, Py_ssize_t max_lines,
                             Py_ssize_t *n_lines)
 {
-    Py_ssize_t p = 0, lines = 1, line_start = 0;
-    int colon_seen = 0;
+    Py_ssize_t p = 0, lines = 1;
     while (p < n) {
-        switch (byte_class[s[p]]) {
-        case 0:
-            p++;
-            continue;
-        case 3:
-            if (!colon_seen) {
-                /* a header line must have a name before its colon */
-                if (p == line_start && lines > 1)
-                    return -1;
-                colon_seen = 1;
+        if (n - p >= 8) {
+            uint64_t x;
+            memcpy(&x, s + p, 8);
+            if (plain_word(x)) {
+                p += 8;
+                continue;
             }
+        }
+        if (plain_byte(s[p])) {
             p++;
             continue;
-        case 2:
-            return -1;
-        default: /* CR */
-            break;
         }
-        /* a CR must end a line: CR LF */
-        if (p + 1 >= n || s[p + 1] != '\n')
+        /* anything else must be the CR of a CR LF line end */
+        if (s[p] != '\r' || n - p < 2 || s[p + 1] != '\n')
             return -1;
-        if (lines > 1 && !colon_seen)
-            return -1; /* a header line without a colon */
-        if (p + 3 < n && s[p + 2] == '\r' && s[p + 3] == '\n') {
+        if (n - p >= 4 && s[p + 2] == '\r' && s[p + 3] == '\n') {
             *n_lines = lines;
             return p;
         }
@@ -73,8 +72,6 @@ static Py_ssize_t scan_head(const unsigned char *s, Py_ssize_t n, Py_ssize_t max
             return -1;
         if (++lines > max_lines)
             return -1;
-        line_start = p;
-        colon_seen = 0;
     }
     return -1;
 }
@@ -107,8 +104,7 @@ sipscan_split(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         Py_RETURN_NONE;
 
     /* From here the head s[0:head_end] is known to be lines of printable ASCII/HT separated
-     * by CR LF, every CR being the first byte of a CR LF, and each header line has a colon
-     * past its first byte. */
+     * by CR LF, every CR being the first byte of a CR LF. */
     PyObject *start = NULL, *lines = NULL, *names = NULL, *body = NULL, *result = NULL;
     const Py_ssize_t n_headers = n_lines - 1;
     lines = PyList_New(n_headers);
@@ -187,6 +183,5 @@ static struct PyModuleDef sipscan_module = {
 
 PyMODINIT_FUNC PyInit__sipscan(void)
 {
-    init_byte_class();
     return PyModule_Create(&sipscan_module);
 }
