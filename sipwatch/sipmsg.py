@@ -9,10 +9,17 @@ Folded header lines are kept as one entry; bare-LF line ends are accepted.
 Substring tests on bytes are written ``data.find(x) >= 0``, not ``x in data``: on CPython 3.11
 ``in`` first tries ``x`` as an integer and builds (then discards) a TypeError message, which
 made it the single largest cost in the parser's profile.
+
+The common message (CRLF line ends, a printable ASCII head, no folds, header names spelled as in
+the name table) is cut by one call into the C scan ``_sipscan.split`` when that extension was
+built; anything else, and every error, goes through the Python path below. ``SIPWATCH_NO_C=1``
+in the environment leaves the extension unused (the tests run the parser both ways).
 """
 from __future__ import annotations
 
+import os
 import re
+from typing import Callable, Optional
 
 from .stats import (
     DROP_BAD_CONTENT_LENGTH, DROP_BAD_VIA, DROP_CONTROL_BYTES, DROP_MALFORMED_HEADER, DROP_MISSING_HEADER,
@@ -179,6 +186,15 @@ for _n in _COMMON_NAMES + tuple(COMPACT_FORMS):
         _NAME_CACHE[_spelling + b":"] = _canonical_name(_spelling)
 _NAME_CACHE_MAX = 1024
 
+_Split = Callable[[bytes, dict[bytes, bytes], int], Optional[tuple[bytes, list[bytes], list[bytes], bytes]]]
+_c_split: _Split | None = None
+if os.environ.get("SIPWATCH_NO_C") != "1":
+    try:
+        from ._sipscan import split as _loaded_split
+        _c_split = _loaded_split
+    except ImportError:  # built without a C compiler: the Python path does it all
+        pass
+
 
 # A header name is an RFC 3261 §25.1 token (no "^" or "|", unlike HTTP); the caller cut it at the colon.
 _TOKEN = re.compile(rb"[A-Za-z0-9!%'*+\-._`~]+")
@@ -237,17 +253,10 @@ def _split_head_body(data: bytes) -> tuple[bytes, bytes]:
     return head, body
 
 
-def parse(data: bytes, check_length: bool = True) -> SipMessage:
-    """Parse one SIP datagram. Raises :class:`SipParseError` with a reason for anything else.
-
-    Strict by default, because the proxy forwards what this accepts: no control bytes or
-    invalid UTF-8 in the header section, every header line a token name and a colon, one
-    Content-Length no larger than the body (a longer body is cut to it, RFC 3261 §18.3, and
-    ``truncated`` set). ``check_length=False`` is the passive observer's mode: it still wants to
-    count a message the proxy would refuse, so only the structure is required.
-    """
-    if check_length and len(data) > _MAX_MESSAGE:  # the observer gets TCP messages capped by its reader
-        raise SipParseError("datagram larger than 65535 bytes", DROP_TOO_LARGE)
+def _split_general(data: bytes, check_length: bool) -> tuple[bytes, list[bytes], list[bytes] | None, bytes]:
+    """Start line, header lines, their names (None unless every name is spelled as in the table:
+    then :func:`_header_lines` decides, after the start line is checked) and body of any message;
+    raises for the errors of the header section before its names (see :func:`parse`)."""
     # Lines end in CRLF or bare LF. Splitting on CRLF is right when every LF has its CR, which
     # the counts tell without the copy a replace() of CRLF by LF would make. The common message
     # is cut at its first CRLF CRLF: when every LF before it has its CR, no earlier empty line
@@ -285,6 +294,32 @@ def parse(data: bytes, check_length: bool = True) -> SipMessage:
     if len(raw) > MAX_HEADER_LINES:
         raise SipParseError("too many header lines", DROP_TOO_MANY_HEADERS)
     start = raw[0]
+    del raw[0]
+    # fast path: every line is "Name: value" with a name spelled as in the table
+    get = _NAME_CACHE.get
+    found = [get(line[:line.find(b":") + 1]) for line in raw]
+    if None in found:
+        return start, raw, None, body
+    return start, raw, found, body  # type: ignore[return-value]  # (no None in it)
+
+
+def parse(data: bytes, check_length: bool = True) -> SipMessage:
+    """Parse one SIP datagram. Raises :class:`SipParseError` with a reason for anything else.
+
+    Strict by default, because the proxy forwards what this accepts: no control bytes or
+    invalid UTF-8 in the header section, every header line a token name and a colon, one
+    Content-Length no larger than the body (a longer body is cut to it, RFC 3261 §18.3, and
+    ``truncated`` set). ``check_length=False`` is the passive observer's mode: it still wants to
+    count a message the proxy would refuse, so only the structure is required.
+    """
+    if check_length and len(data) > _MAX_MESSAGE:  # the observer gets TCP messages capped by its reader
+        raise SipParseError("datagram larger than 65535 bytes", DROP_TOO_LARGE)
+    names: list[bytes] | None
+    split = _c_split(data, _NAME_CACHE, MAX_HEADER_LINES) if _c_split is not None else None
+    if split is not None:  # the common message, already cut and its names looked up
+        start, raw, names, body = split
+    else:
+        start, raw, names, body = _split_general(data, check_length)
     # RFC 3261 §7.1/§7.2: single spaces between the parts, nothing else around them
     if start.startswith(_SIP20):
         parts = start.split(b" ", 2)
@@ -305,14 +340,8 @@ def parse(data: bytes, check_length: bool = True) -> SipMessage:
         method, uri, status = parts[0], parts[1], 0
         if not (method.isalpha() and method.isascii()):
             raise SipParseError(f"bad method {method[:20]!r}", DROP_NOT_SIP)
-    del raw[0]
-    # fast path: every line is "Name: value" with a name spelled as in the table
-    get = _NAME_CACHE.get
-    found = [get(line[:line.find(b":") + 1]) for line in raw]
-    if None in found:
+    if names is None:
         raw, names = _header_lines(raw)
-    else:
-        names = found  # type: ignore[assignment]  # (no None in it)
     msg = SipMessage(start, method, uri, status, raw, names, body)
     if check_length and b"content-length" in names:
         i = names.index(b"content-length")

@@ -2,7 +2,7 @@
 
 ``build()`` copies ``sipwatch/`` into a directory under ``build/mypyc/`` and compiles there the
 modules pyproject.toml lists under ``[tool.sipwatch.mypyc]``, with the same flags setup.py uses for
-the image. Put that directory first on ``PYTHONPATH`` to run the compiled build (the test harness
+the image, next to the C header scan ``sipwatch/_sipscan.c`` that every install builds. Put that directory first on ``PYTHONPATH`` to run the compiled build (the test harness
 passes ``SIPWATCH_TREE`` on to the sidecars it starts). A build is reused while the sources, the
 module list and the interpreter are unchanged.
 
@@ -15,6 +15,7 @@ import importlib.machinery
 import shutil
 import subprocess
 import sys
+import tempfile
 import tomllib
 from pathlib import Path
 
@@ -49,11 +50,34 @@ def build(base: Path | None = None) -> Path:
                        capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"mypyc failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
+    build_sipscan(tree)
     missing = [m for m in cfg["modules"] if not _extension_of(tree / m)]
     if missing:
         raise RuntimeError(f"mypyc built no extension for {missing}:\n{r.stdout[-2000:]}")
     (tree / ".built").write_text("ok\n")
     return tree
+
+
+_SIPSCAN_BUILD = """
+import sys
+from setuptools import Extension, setup
+setup(name="sipwatch-sipscan", script_args=["-q", "build_ext", "--build-lib", sys.argv[1], "--build-temp", sys.argv[2]],
+      ext_modules=[Extension("sipwatch._sipscan", [sys.argv[3]])])
+"""
+
+
+def build_sipscan(dest: Path) -> Path:
+    """Compile ``sipwatch/_sipscan.c`` into ``dest/sipwatch/`` as setup.py does in an install
+    (``CFLAGS`` from the environment apply, e.g. a sanitizer build). Runs outside the checkout so
+    that setuptools does not read pyproject.toml. ``python -m tests.compiled --sipscan`` builds it
+    into the checkout itself, for a run of the pure-Python tests with the accelerator."""
+    with tempfile.TemporaryDirectory() as tmp:
+        r = subprocess.run([sys.executable, "-c", _SIPSCAN_BUILD, str(dest.resolve()), tmp,
+                            str(ROOT / "sipwatch" / "_sipscan.c")], cwd=tmp, capture_output=True, text=True)
+    ext = _extension_of(dest / "sipwatch" / "_sipscan.py")
+    if r.returncode != 0 or ext is None:
+        raise RuntimeError(f"building _sipscan failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
+    return ext
 
 
 def _extension_of(source: Path) -> Path | None:
@@ -69,4 +93,4 @@ def is_compiled(module) -> bool:
 
 
 if __name__ == "__main__":
-    print(build())
+    print(build_sipscan(ROOT) if sys.argv[1:] == ["--sipscan"] else build())

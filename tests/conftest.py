@@ -13,7 +13,8 @@ REQUIRE_TOOLS = os.environ.get("SIPWATCH_REQUIRE_TOOLS") == "1"
 
 
 def pytest_sessionstart(session):
-    """Under tests/test_compiled.py the core modules must really be the compiled ones."""
+    """Under tests/test_compiled.py the core modules must really be the compiled ones, with the C
+    header scan in use; with SIPWATCH_NO_C=1 the parser must really run without it."""
     if os.environ.get("SIPWATCH_EXPECT_COMPILED") == "1":
         from compiled import config, is_compiled
         import importlib
@@ -21,6 +22,13 @@ def pytest_sessionstart(session):
             name = path.removesuffix(".py").replace("/", ".")
             mod = importlib.import_module(name)
             assert is_compiled(mod), f"{name} imported from {mod.__file__}, not the compiled build"
+        if os.environ.get("SIPWATCH_NO_C") != "1":
+            from sipwatch import _sipscan, sipmsg
+            assert sipmsg._c_split is _sipscan.split, "the compiled build runs without its C header scan"
+            assert os.path.dirname(_sipscan.__file__) == os.path.dirname(sipmsg.__file__), _sipscan.__file__
+    if os.environ.get("SIPWATCH_NO_C") == "1":
+        from sipwatch import sipmsg
+        assert sipmsg._c_split is None, "SIPWATCH_NO_C=1, yet the parser uses the C header scan"
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -4,7 +4,8 @@ mypyc compiles the per-datagram modules from the same typed source and enforces 
 at run time: a wrong annotation that pure Python never notices becomes a TypeError there, which
 the core would count as an internal error and drop the datagram. So the in-process tests of the
 core run again against the compiled tree (tests/compiled.py), and SIPp calls go through a compiled
-sidecar. Tests that patch the core at run time (``pure_python``) or trace its bytecode (the
+sidecar. The C header scan (sipwatch/_sipscan.c) is built into the tree too and must be the one in
+use there (the conftest guard checks it). Tests that patch the core at run time (``pure_python``) or trace its bytecode (the
 adversarial-cost counts) only apply to pure Python and are left out here.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ import pytest
 from compiled import ROOT, build
 
 CORE_TESTS = ["tests/test_core.py", "tests/test_hardening.py", "tests/test_state.py", "tests/test_hotpath.py",
-              "tests/test_correlation.py", "tests/test_tcp_core.py"]
+              "tests/test_correlation.py", "tests/test_tcp_core.py", "tests/test_sipscan.py"]
 SIPP_TESTS = ["tests/test_proxy_sipp.py", "tests/test_b2bua_sipp.py"]
 # the lossy-caller run (40 s of SIPp retransmission timers) exercises no core path the others miss
 SIPP_DESELECT = ["--deselect", "tests/test_proxy_sipp.py::test_lossy_caller_retransmissions_are_forwarded_and_counted"]

@@ -17,7 +17,8 @@ transaction of the core are reachable without guessing its branch MAC).
 Properties (an AssertionError names the one that broke; anything else raised is a finding too):
 - nothing raises out of ``receive_datagram``, ``handle_timers``, ``Observer.feed``/``finish``, the
   call-summary log record or the span export encoding of what the run finished;
-- ``sipmsg.parse`` raises nothing but ``SipParseError``;
+- ``sipmsg.parse`` raises nothing but ``SipParseError``, and gives the same message (or the same
+  error reason) with the C header scan (sipwatch/_sipscan.c) as without it, in both modes;
 - every output datagram is at most 65507 bytes, re-parses with ``sipmsg.parse``, and passes the
   independent checks of :mod:`sipcheck` (CRLF only, token header names, no control bytes in the
   header section, Content-Length equal to its body);
@@ -34,11 +35,12 @@ Properties (an AssertionError names the one that broke; anything else raised is 
 """
 from __future__ import annotations
 
+import os
 import random
 
 import orjson
 
-from sipwatch import core as core_module
+from sipwatch import core as core_module, sipmsg
 from sipwatch.core import CoreConfig, ProxyCore
 from sipwatch.logs import call_summary_fields
 from sipwatch.observer import Observer
@@ -80,6 +82,19 @@ def answer(request: bytes, spec: bytes) -> bytes:
     return b"\r\n".join([status.rstrip(b"\r"), *keep]) + b"\r\n" + rest
 
 
+# The C header scan is what the proxy runs: an install without it would fuzz the Python path only.
+assert sipmsg._c_split is not None or os.environ.get("SIPWATCH_NO_C") == "1", \
+    "sipwatch._sipscan is not built (pip install -e ., or python -m tests.compiled --sipscan)"
+
+
+def parse_outcome(payload: bytes, check_length: bool) -> tuple:
+    try:
+        m = parse(payload, check_length)
+    except SipParseError as e:
+        return ("SipParseError", e.reason)
+    return (m.start, m.method, m.uri, m.status, m.lines, m.names, m.body, m.truncated)
+
+
 class Run:
     def __init__(self):
         self.core = ProxyCore(CoreConfig(advertise=ADVERTISE, upstream=UPSTREAM),
@@ -95,10 +110,15 @@ class Run:
             if SpanBuilder is not None else None
 
     def datagram(self, payload: bytes, src) -> None:
-        try:
-            parse(payload)
-        except SipParseError:
-            pass
+        for check_length in (True, False):
+            with_c = parse_outcome(payload, check_length)
+            c_split, sipmsg._c_split = sipmsg._c_split, None
+            try:
+                without_c = parse_outcome(payload, check_length)
+            finally:
+                sipmsg._c_split = c_split
+            assert with_c == without_c, f"C header scan changed parse (check_length={check_length}): " \
+                                        f"{with_c!r:.300} != {without_c!r:.300}"
         if sipcheck.is_request(payload):
             self.requesters.add(src[0])
         outs = self.core.receive_datagram(payload, src, self.now)
