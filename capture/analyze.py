@@ -15,15 +15,16 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+from operator import attrgetter
 import sys
 import time
 
 from sipwatch.correlation import DEFAULT as DEFAULT_CORRELATION, add_correlation_argument
 from sipwatch.logs import call_summary_fields
-from sipwatch.masking import MODES
+from sipwatch.masking import MODES, mask_uri
 from sipwatch.observer import Observer
 from sipwatch.rtp import RtpAnalyzer
-from sipwatch.stats import OUTCOMES
+from sipwatch.stats import OUTCOMES, Stats
 from sipwatch.otlp_options import add_otlp_arguments
 
 from .pcapfile import KEEPALIVE_MAX, MAX_SIP_MESSAGE, is_sip_keepalive
@@ -64,10 +65,14 @@ class SdpBacklog:
 
 def looks_like_sip(payload: bytes) -> bool:
     """A SIP start line: ``SIP/2.0 NNN`` or ``METHOD uri SIP/2.0`` (the heuristic tshark uses)."""
-    if payload[:8] == b"SIP/2.0 ":
+    if payload.startswith(b"SIP/2.0 "):
         return True
-    nl = payload.find(b"\n", 0, 2048)
-    return nl > 0 and payload[:nl].rstrip(b"\r").endswith(b" SIP/2.0")
+    end = payload.find(b"\n", 0, 2048)
+    if end <= 0:
+        return False
+    while end and payload[end - 1] == 13:  # the line without its CRs, as rstrip(b"\r") gives it
+        end -= 1
+    return payload.endswith(b" SIP/2.0", 0, end)
 
 
 def _source(path: str, engine: str, counters: dict, max_sip_message: int = MAX_SIP_MESSAGE):
@@ -96,7 +101,8 @@ def analyse(path: str, engine: str = "fast", mask: str = "partial", progress=Non
 def _analyse(path, engine, mask, progress, spans, max_sip_message, correlation=DEFAULT_CORRELATION) -> dict:
     rtp = RtpAnalyzer()
     sdp = SdpBacklog(rtp.add_sdp)
-    obs = Observer(on_sdp=sdp.add, correlation=correlation)
+    # no metrics are scraped here: the RTTs come from the transactions, so no RTT ring (nor numpy)
+    obs = Observer(stats=Stats(ring_size=0), on_sdp=sdp.add, correlation=correlation)
     if spans is not None:
         obs.sample_ratio = spans.sample_ratio
     counters: dict = {}
@@ -161,9 +167,11 @@ def _hp(addr) -> str:
 def _report(path, engine, mask, obs: Observer, rtp: RtpAnalyzer, counters, calls, txs, n,
             elapsed) -> dict:
     stats = obs.stats
-    txs.sort(key=lambda t: t.t_sent)
+    txs.sort(key=attrgetter("t_sent"))
     listing, rtts = [], []
-    hp: dict = {}  # address → "ip:port": a capture has few addresses and many transactions
+    # a capture has few addresses, methods and URIs and many transactions: each text is made once
+    hp: dict = {}  # address → "ip:port"
+    decoded: dict = {}  # Call-ID or method bytes → str
 
     def text(addr) -> str:
         t = hp.get(addr)
@@ -174,23 +182,43 @@ def _report(path, engine, mask, obs: Observer, rtp: RtpAnalyzer, counters, calls
     tx_state = obs.tx_state
     for tx in txs:
         peer = tx.peer
-        rtt = None if tx.t_first is None else round((tx.t_first - tx.t_sent) * 1000.0, 3)
+        t_first = tx.t_first
+        rtt = None if t_first is None else round((t_first - tx.t_sent) * 1000.0, 3)
         if rtt is not None:
             rtts.append(rtt)
+        cid = tx.call.call_id
+        cid_text = decoded.get(cid)
+        if cid_text is None:
+            cid_text = decoded[cid] = cid.decode("utf-8", "replace")
+        method = tx.method
+        m_text = decoded.get(method)
+        if m_text is None:
+            m_text = decoded[method] = method.decode("ascii", "replace")
         listing.append({
-            "call_id": tx.call.call_id.decode("utf-8", "replace"),
-            "method": tx.method.decode("ascii", "replace"), "cseq": tx.cseq,
+            "call_id": cid_text, "method": m_text, "cseq": tx.cseq,
             "src": text(peer[0]), "dst": text(peer[1]), "time": tx.t_sent, "rtt_ms": rtt,
             "final_status": tx.status or None, "retransmissions": tx.retrans,
             "state": tx_state(tx),
         })
+    del decoded
     streams = rtp.summaries()
     by_call: dict = {}
     for s in streams:
         by_call.setdefault(s["call_id"], []).append(s)
     call_out = []
-    for call in sorted(calls, key=lambda c: c.t_start):
-        rec = call_summary_fields(call, mask)
+    masked: dict = {}  # URI → masked text (To and Request-URI repeat from call to call)
+
+    def masked_uri(value) -> str:
+        t = masked.get(value)
+        if t is None:
+            t = masked[value] = mask_uri(value, mask)
+        return t
+
+    for call in sorted(calls, key=attrgetter("t_start")):
+        # the URIs unmasked, then masked through the memo above (the same text mask_uri gives)
+        rec = call_summary_fields(call, "none")
+        rec["from"], rec["to"], rec["request_uri"] = \
+            masked_uri(call.from_uri), masked_uri(call.to_uri), masked_uri(call.ruri)
         for tx, row in zip(call.transactions, rec["transactions"]):
             row["src"], row["dst"] = text(tx.peer[0]), text(tx.peer[1])  # the hop it was seen on
         if call.outcome < 0 and call.ended_by == "eof":
@@ -382,10 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     def progress(line: str) -> None:
         sys.stderr.write(line + "\n")
 
-    from sipwatch.stats import Stats
-
     from .pcapfile import PcapError
-    stats = Stats()
+    stats = Stats(ring_size=0)  # the span pipeline's counters
     spans = None
     if exports_spans(args, os.environ):  # the exporters (OpenTelemetry SDK) only when needed
         from sipwatch.tracing import SpanPipeline

@@ -35,10 +35,10 @@ from collections import Counter
 from hashlib import blake2b
 
 from .correlation import DEFAULT as DEFAULT_CORRELATION, parse_kinds
-from .sipmsg import SipParseError, header_tag, parse
-from .state import Tracker
+from .sipmsg import SipMessage, SipParseError, header_tag, parse
+from .state import Call, Tracker
 from .tracecontext import TRACE_ID_HEADER, parse_trace_id, parse_traceparent, sampled_by_ratio
-from .stats import ACK, FROM_GATEWAY, FROM_SIGNALING, INVITE, Stats, method_index
+from .stats import ACK, FROM_GATEWAY, FROM_SIGNALING, INVITE, METHOD_INDEX, OTHER, Stats
 
 Addr = tuple[str, int]
 _CRLF_ONLY = frozenset(b"\r\n \t")
@@ -48,6 +48,7 @@ MAX_METHOD_NAMES = 256  # distinct request method names counted apart; the rest 
 OTHER_METHODS = "(other methods)"
 MEMO_MAX = 4096  # header lines remembered with what they parse to (Via branches, CSeq values)
 MEMO_LINE_MAX = 512  # bytes: longer lines (and method names over 32 bytes) are parsed every time
+MAX_STATUS_TEXT = 1024  # status codes whose text is kept (a flood of odd codes stays bounded)
 _START_LINE = re.compile(rb"(?:([A-Za-z]+) [^ \r\n]+ SIP/2\.0\r?\n|SIP/2\.0 ([1-6]\d\d)[ \r\n])")
 
 
@@ -80,13 +81,15 @@ class Observer:
         self.sample_ratio = 1.0  # for calls without a traceparent (the capture's span pipeline's)
         self._randbits = random.Random().getrandbits
         self._method_names: dict[bytes, str] = {}  # method as sent → its name, decoded once
+        self._status_text: dict[int, str] = {}  # status code → its text, made once
         self._via_branches: dict[bytes, bytes] = {}  # top Via line → its branch
         self._cseqs: dict[bytes, tuple[int, bytes]] = {}  # CSeq line → (number, method)
 
     # -- input ---------------------------------------------------------------------------
     def feed(self, payload: bytes, src: Addr, dst: Addr, ts: float, transport: str = "udp") -> bool:
         """Account one captured SIP message. Returns False (and counts why) if it is not one."""
-        if self.last_ts is None or ts > self.last_ts:
+        last = self.last_ts
+        if last is None or ts > last:
             self.last_ts = ts
         self.tracker.expire(ts)
         try:
@@ -116,7 +119,13 @@ class Observer:
                     self._method_names[method] = name
             self._method(name)
         else:
-            self.statuses[str(msg.status)] += 1
+            status = msg.status
+            text = self._status_text.get(status)
+            if text is None:
+                text = str(status)
+                if len(self._status_text) < MAX_STATUS_TEXT:
+                    self._status_text[status] = text
+            self.statuses[text] += 1
         try:
             self._account(msg, src, dst, ts, transport)
         except (SipParseError, ValueError, IndexError, UnicodeError):
@@ -130,34 +139,38 @@ class Observer:
         else:
             methods[OTHER_METHODS] += 1  # a flood of invented method names stays bounded
 
-    def _account(self, msg, src: Addr, dst: Addr, ts: float, transport: str = "udp") -> None:
+    def _account(self, msg: SipMessage, src: Addr, dst: Addr, ts: float, transport: str = "udp") -> None:
         names = msg.names  # a name test first: SipMessage.get raises and catches when absent
         if b"content-length" in names:
-            cl = msg.get(b"content-length")
+            cl = _value(msg, names.index(b"content-length"))
             if not cl.isdigit() or int(cl) > len(msg.body):
                 self.bad_content_length += 1
-        call_id = msg.call_id()
+        call_id = _value(msg, names.index(b"call-id")) if b"call-id" in names else b""
+        if not call_id:
+            call_id = msg.call_id()  # raises: no Call-ID
         cseq_n, cseq_m = self._cseq(msg, names)
         branch = self._branch(msg, names)
         tracker, stats = self.tracker, self.stats
         direction = FROM_SIGNALING if src == self.signaling else FROM_GATEWAY
-        if msg.method is None:
-            stats.responses[(min(msg.status // 100, 6) - 1) * 2 + direction] += 1
-            key = (call_id, cseq_n, cseq_m, branch, dst[0], src[0])
+        method = msg.method
+        if method is None:
             status = msg.status
+            stats.responses[(min(status // 100, 6) - 1) * 2 + direction] += 1
+            key = (call_id, cseq_n, cseq_m, branch, dst[0], src[0])
             # a 2xx to INVITE with another To-tag than the first one is a fork
-            to_tag = header_tag(msg.get(b"to")) if 200 <= status < 300 and cseq_m == b"INVITE" \
-                and b"to" in names else None
+            to_tag = header_tag(_value(msg, names.index(b"to"))) if 200 <= status < 300 \
+                and cseq_m == b"INVITE" and b"to" in names else None
             if tracker.response(key, status, ts, to_tag) is None:
                 self.unmatched_responses += 1
-            self._sdp(call_id, msg, src, dst, ts)
+            if msg.body:
+                self._sdp(call_id, msg, src, dst, ts)
             return
-        method = msg.method
-        midx = method_index(method)
+        midx = METHOD_INDEX.get(method, OTHER)
         stats.requests[midx * 2 + direction] += 1
         if transport == "tcp":
             stats.requests_tcp[midx * 2 + direction] += 1
-        initial = midx == INVITE and (b"to" not in names or header_tag(msg.get(b"to")) is None)
+        initial = midx == INVITE and (b"to" not in names
+                                      or header_tag(_value(msg, names.index(b"to"))) is None)
         if midx == INVITE:
             ids = self.invite_call_ids
             if len(ids) < MAX_DISTINCT:
@@ -168,28 +181,32 @@ class Observer:
         incoming = None
         for name in TRACE_HEADERS:
             if name in names:
-                incoming = parse_traceparent(msg.get(name))
+                incoming = parse_traceparent(_value(msg, names.index(name)))
                 break
         if call is None:
-            named, by, keys = None, "", []
+            named: Call | None = None
+            by = ""
+            keys: list[bytes] = []
             if initial and self.corr_kinds:
                 named, by = tracker.correlate(self.corr_kinds, msg, names, call_id, src, keys)
             if incoming is None and TRACE_ID_HEADER in names:
-                tid = parse_trace_id(msg.get(TRACE_ID_HEADER))
+                tid = parse_trace_id(_value(msg, names.index(TRACE_ID_HEADER)))
                 if tid is not None:
                     incoming = (tid, 0, -1)
+            parent: int | None = None
             if incoming is not None:
-                trace_id, parent, flags = incoming
-                parent = parent or None
+                trace_id, in_parent, flags = incoming
+                parent = in_parent or None
                 sampled = bool(flags & 1) if flags >= 0 else sampled_by_ratio(trace_id, self.sample_ratio)
             elif named is not None:
                 trace_id, parent, sampled = named.trace_id, named.span_id, named.sampled
             else:
-                trace_id, parent = derived_trace_id(call_id), None
+                trace_id = derived_trace_id(call_id)
                 sampled = sampled_by_ratio(trace_id, self.sample_ratio)
+            from_uri = _value(msg, names.index(b"from")) if b"from" in names else b""
+            to_uri = _value(msg, names.index(b"to")) if b"to" in names else b""
             call = tracker.new_call(call_id, trace_id, self._span_id(), parent, sampled, ts,
-                                    initial, msg.get(b"from") or b"", msg.get(b"to") or b"",
-                                    msg.uri)
+                                    initial, from_uri, to_uri, msg.uri)
             if named is not None:
                 tracker.join_leg(call, named, by, self._span_id() if trace_id == named.trace_id else 0)
             for k in keys:
@@ -197,7 +214,8 @@ class Observer:
         elif incoming is not None and call.trace_id != incoming[0] \
                 and call.trace_id == derived_trace_id(call_id):
             self._join(call, incoming)
-        self._sdp(call_id, msg, src, dst, ts)
+        if msg.body:
+            self._sdp(call_id, msg, src, dst, ts)
         # peer: both ends of the hop (and the transport when it is not UDP), for listings and spans
         hop = (src, dst) if transport == "udp" else (src, dst, transport)
         if midx == ACK:
@@ -299,6 +317,17 @@ class Observer:
         while q and len(out) < limit:
             out.append(q.popleft())
         return out
+
+
+def _value(msg: SipMessage, i: int) -> bytes:
+    """``msg.value_at(i)``, the same bytes, with ``find`` for its test of a folded line: on
+    CPython 3.11 ``x in some_bytes`` first tries ``x`` as an integer, and raising and clearing
+    that TypeError costs more than the rest of the lookup."""
+    line = msg.lines[i]
+    v = line[line.index(b":") + 1:]
+    if v.find(b"\n") >= 0:
+        return msg.value_at(i)
+    return v.strip()
 
 
 def derived_trace_id(call_id: bytes) -> int:
