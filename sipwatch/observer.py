@@ -49,6 +49,13 @@ OTHER_METHODS = "(other methods)"
 MEMO_MAX = 4096  # header lines remembered with what they parse to (Via branches, CSeq values)
 MEMO_LINE_MAX = 512  # bytes: longer lines (and method names over 32 bytes) are parsed every time
 MAX_STATUS_TEXT = 1024  # status codes whose text is kept (a flood of odd codes stays bounded)
+# the headers _account reads, by their place in its table of first positions
+_WANTED_HEADERS = (b"via", b"call-id", b"cseq", b"content-length", b"to", b"from", *TRACE_HEADERS,
+                   TRACE_ID_HEADER)
+_VIA, _CALL_ID, _CSEQ, _CONTENT_LENGTH, _TO, _FROM, _TRACEPARENT, _X_TRACEPARENT, _X_TRACE_ID = \
+    range(len(_WANTED_HEADERS))
+_WANTED = {name: i for i, name in enumerate(_WANTED_HEADERS)}
+_WANTED_N = len(_WANTED_HEADERS)
 _START_LINE = re.compile(rb"(?:([A-Za-z]+) [^ \r\n]+ SIP/2\.0\r?\n|SIP/2\.0 ([1-6]\d\d)[ \r\n])")
 
 
@@ -84,6 +91,7 @@ class Observer:
         self._status_text: dict[int, str] = {}  # status code → its text, made once
         self._via_branches: dict[bytes, bytes] = {}  # top Via line → its branch
         self._cseqs: dict[bytes, tuple[int, bytes]] = {}  # CSeq line → (number, method)
+        self._values: dict[bytes, bytes] = {}  # header line → its value (Call-ID, From, To, ...)
 
     # -- input ---------------------------------------------------------------------------
     def feed(self, payload: bytes, src: Addr, dst: Addr, ts: float, transport: str = "udp") -> bool:
@@ -140,26 +148,37 @@ class Observer:
             methods[OTHER_METHODS] += 1  # a flood of invented method names stays bounded
 
     def _account(self, msg: SipMessage, src: Addr, dst: Addr, ts: float, transport: str = "udp") -> None:
-        names = msg.names  # a name test first: SipMessage.get raises and catches when absent
-        if b"content-length" in names:
-            cl = _value(msg, names.index(b"content-length"))
+        names = msg.names
+        # where the headers read below first appear: one pass over the names instead of an
+        # ``in`` and an ``index`` scan for each
+        at = [-1] * _WANTED_N
+        wanted = _WANTED
+        i = 0
+        for name in names:
+            k = wanted.get(name)
+            if k is not None and at[k] < 0:
+                at[k] = i
+            i += 1
+        if at[_CONTENT_LENGTH] >= 0:
+            cl = self._value(msg, at[_CONTENT_LENGTH])
             if not cl.isdigit() or int(cl) > len(msg.body):
                 self.bad_content_length += 1
-        call_id = _value(msg, names.index(b"call-id")) if b"call-id" in names else b""
+        call_id = self._value(msg, at[_CALL_ID]) if at[_CALL_ID] >= 0 else b""
         if not call_id:
             call_id = msg.call_id()  # raises: no Call-ID
-        cseq_n, cseq_m = self._cseq(msg, names)
-        branch = self._branch(msg, names)
+        cseq_n, cseq_m = self._cseq(msg, at[_CSEQ])
+        branch = self._branch(msg, at[_VIA])
         tracker, stats = self.tracker, self.stats
         direction = FROM_SIGNALING if src == self.signaling else FROM_GATEWAY
         method = msg.method
+        to_at = at[_TO]
         if method is None:
             status = msg.status
             stats.responses[(min(status // 100, 6) - 1) * 2 + direction] += 1
             key = (call_id, cseq_n, cseq_m, branch, dst[0], src[0])
             # a 2xx to INVITE with another To-tag than the first one is a fork
-            to_tag = header_tag(_value(msg, names.index(b"to"))) if 200 <= status < 300 \
-                and cseq_m == b"INVITE" and b"to" in names else None
+            to_tag = header_tag(self._value(msg, to_at)) if 200 <= status < 300 \
+                and cseq_m == b"INVITE" and to_at >= 0 else None
             if tracker.response(key, status, ts, to_tag) is None:
                 self.unmatched_responses += 1
             if msg.body:
@@ -169,8 +188,7 @@ class Observer:
         stats.requests[midx * 2 + direction] += 1
         if transport == "tcp":
             stats.requests_tcp[midx * 2 + direction] += 1
-        initial = midx == INVITE and (b"to" not in names
-                                      or header_tag(_value(msg, names.index(b"to"))) is None)
+        initial = midx == INVITE and (to_at < 0 or header_tag(self._value(msg, to_at)) is None)
         if midx == INVITE:
             ids = self.invite_call_ids
             if len(ids) < MAX_DISTINCT:
@@ -179,18 +197,17 @@ class Observer:
                 self.invite_call_ids_capped = True
         call = tracker.lookup_call(call_id, initial, cseq_n)
         incoming = None
-        for name in TRACE_HEADERS:
-            if name in names:
-                incoming = parse_traceparent(_value(msg, names.index(name)))
-                break
+        tp_at = at[_TRACEPARENT] if at[_TRACEPARENT] >= 0 else at[_X_TRACEPARENT]
+        if tp_at >= 0:  # traceparent, else X-Traceparent (TRACE_HEADERS' order)
+            incoming = parse_traceparent(self._value(msg, tp_at))
         if call is None:
             named: Call | None = None
             by = ""
             keys: list[bytes] = []
             if initial and self.corr_kinds:
                 named, by = tracker.correlate(self.corr_kinds, msg, names, call_id, src, keys)
-            if incoming is None and TRACE_ID_HEADER in names:
-                tid = parse_trace_id(_value(msg, names.index(TRACE_ID_HEADER)))
+            if incoming is None and at[_X_TRACE_ID] >= 0:
+                tid = parse_trace_id(self._value(msg, at[_X_TRACE_ID]))
                 if tid is not None:
                     incoming = (tid, 0, -1)
             parent: int | None = None
@@ -203,14 +220,14 @@ class Observer:
             else:
                 trace_id = derived_trace_id(call_id)
                 sampled = sampled_by_ratio(trace_id, self.sample_ratio)
-            from_uri = _value(msg, names.index(b"from")) if b"from" in names else b""
-            to_uri = _value(msg, names.index(b"to")) if b"to" in names else b""
+            from_uri = self._value(msg, at[_FROM]) if at[_FROM] >= 0 else b""
+            to_uri = self._value(msg, to_at) if to_at >= 0 else b""
             call = tracker.new_call(call_id, trace_id, self._span_id(), parent, sampled, ts,
                                     initial, from_uri, to_uri, msg.uri)
             if named is not None:
                 tracker.join_leg(call, named, by, self._span_id() if trace_id == named.trace_id else 0)
-            for k in keys:
-                tracker.index_call(call, k)
+            for corr_key in keys:
+                tracker.index_call(call, corr_key)
         elif incoming is not None and call.trace_id != incoming[0] \
                 and call.trace_id == derived_trace_id(call_id):
             self._join(call, incoming)
@@ -227,17 +244,31 @@ class Observer:
         if tx is not None:
             tracker.retransmission(tx)
         else:
-            parent = call.span_id if call.is_call else call.parent_span_id
-            tracker.request(key, midx, method, cseq_n, call, ts, self._span_id(), parent, direction,
+            parent_span = call.span_id if call.is_call else call.parent_span_id
+            tracker.request(key, midx, method, cseq_n, call, ts, self._span_id(), parent_span, direction,
                             hop, initial)
 
-    def _branch(self, msg, names) -> bytes:
-        """The top Via's branch (b"" without one). A response repeats its request's Via line
-        byte for byte, so a line seen before is not parsed again (same result: the parse is a
-        function of that line alone)."""
-        if b"via" not in names:
+    def _value(self, msg: SipMessage, i: int) -> bytes:
+        """``msg.value_at(i)``: a function of that header line alone, so the lines a capture
+        repeats (a call's Call-ID, From and To, Content-Length) are read once."""
+        line = msg.lines[i]
+        memo = self._values
+        v = memo.get(line)
+        if v is None:
+            v = _value_at(msg, i)
+            if len(line) <= MEMO_LINE_MAX:
+                if len(memo) >= MEMO_MAX:
+                    memo.clear()
+                memo[line] = v
+        return v
+
+    def _branch(self, msg: SipMessage, i: int) -> bytes:
+        """The top Via's branch (b"" without one) from the first Via line, at ``i`` (-1: none).
+        A response repeats its request's Via line byte for byte, so a line seen before is not
+        parsed again (same result: the parse is a function of that line alone)."""
+        if i < 0:
             return msg.top_via().branch or b""  # raises: no Via
-        line = msg.lines[names.index(b"via")]
+        line = msg.lines[i]
         memo = self._via_branches
         branch = memo.get(line)
         if branch is None:
@@ -248,11 +279,12 @@ class Observer:
                 memo[line] = branch
         return branch
 
-    def _cseq(self, msg, names) -> tuple[int, bytes]:
-        """(number, method) of the CSeq line; the few distinct lines of a capture are parsed once."""
-        if b"cseq" not in names:
+    def _cseq(self, msg: SipMessage, i: int) -> tuple[int, bytes]:
+        """(number, method) of the first CSeq line, at ``i`` (-1: none); the few distinct lines
+        of a capture are parsed once."""
+        if i < 0:
             return msg.cseq()  # raises: no CSeq
-        line = msg.lines[names.index(b"cseq")]
+        line = msg.lines[i]
         memo = self._cseqs
         got = memo.get(line)
         if got is None:
@@ -273,7 +305,7 @@ class Observer:
         if call.gap_span_id:
             call.gap_span_id = 0  # no longer in the named leg's trace: no B2BUA span across traces
 
-    def _sdp(self, call_id: bytes, msg, src: Addr, dst: Addr, ts: float) -> None:
+    def _sdp(self, call_id: bytes, msg: SipMessage, src: Addr, dst: Addr, ts: float) -> None:
         body = msg.body
         if not body or self.on_sdp is None:
             return
@@ -319,7 +351,7 @@ class Observer:
         return out
 
 
-def _value(msg: SipMessage, i: int) -> bytes:
+def _value_at(msg: SipMessage, i: int) -> bytes:
     """``msg.value_at(i)``, the same bytes, with ``find`` for its test of a folded line: on
     CPython 3.11 ``x in some_bytes`` first tries ``x`` as an integer, and raising and clearing
     that TypeError costs more than the rest of the lookup."""
