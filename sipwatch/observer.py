@@ -33,6 +33,7 @@ import random
 import re
 from collections import Counter
 from hashlib import blake2b
+from typing import Final
 
 from .correlation import DEFAULT as DEFAULT_CORRELATION, parse_kinds
 from .sipmsg import SipMessage, SipParseError, header_tag, parse
@@ -40,22 +41,37 @@ from .state import Call, Tracker
 from .tracecontext import TRACE_ID_HEADER, parse_trace_id, parse_traceparent, sampled_by_ratio
 from .stats import ACK, FROM_GATEWAY, FROM_SIGNALING, INVITE, METHOD_INDEX, OTHER, Stats
 
+# Final: the compiled build reads these as C constants, not from the module's dict
 Addr = tuple[str, int]
 _CRLF_ONLY = frozenset(b"\r\n \t")
-TRACE_HEADERS = (b"traceparent", b"x-traceparent")
-MAX_DISTINCT = 1 << 20  # distinct INVITE Call-IDs remembered for the invite_calls figure
-MAX_METHOD_NAMES = 256  # distinct request method names counted apart; the rest under OTHER_METHODS
-OTHER_METHODS = "(other methods)"
-MEMO_MAX = 4096  # header lines remembered with what they parse to (Via branches, CSeq values)
-MEMO_LINE_MAX = 512  # bytes: longer lines (and method names over 32 bytes) are parsed every time
-MAX_STATUS_TEXT = 1024  # status codes whose text is kept (a flood of odd codes stays bounded)
+TRACE_HEADERS: Final = (b"traceparent", b"x-traceparent")
+MAX_DISTINCT: Final = 1 << 20  # distinct INVITE Call-IDs remembered for the invite_calls figure
+MAX_METHOD_NAMES: Final = 256  # distinct request method names counted apart; the rest under OTHER_METHODS
+OTHER_METHODS: Final = "(other methods)"
+MEMO_MAX: Final = 4096  # header lines remembered with what they parse to (Via branches, CSeq values)
+MEMO_LINE_MAX: Final = 512  # bytes: longer lines (and method names over 32 bytes) are parsed every time
+MAX_STATUS_TEXT: Final = 1024  # status codes whose text is kept (a flood of odd codes stays bounded)
+_INVITE: Final[int] = INVITE
+_ACK: Final[int] = ACK
+_OTHER: Final[int] = OTHER
+_FROM_GATEWAY: Final[int] = FROM_GATEWAY
+_FROM_SIGNALING: Final[int] = FROM_SIGNALING
+_METHOD_INDEX: Final[dict[bytes, int]] = METHOD_INDEX
 # the headers _account reads, by their place in its table of first positions
-_WANTED_HEADERS = (b"via", b"call-id", b"cseq", b"content-length", b"to", b"from", *TRACE_HEADERS,
-                   TRACE_ID_HEADER)
-_VIA, _CALL_ID, _CSEQ, _CONTENT_LENGTH, _TO, _FROM, _TRACEPARENT, _X_TRACEPARENT, _X_TRACE_ID = \
-    range(len(_WANTED_HEADERS))
-_WANTED = {name: i for i, name in enumerate(_WANTED_HEADERS)}
-_WANTED_N = len(_WANTED_HEADERS)
+_VIA: Final = 0
+_CALL_ID: Final = 1
+_CSEQ: Final = 2
+_CONTENT_LENGTH: Final = 3
+_TO: Final = 4
+_FROM: Final = 5
+_TRACEPARENT: Final = 6
+_X_TRACEPARENT: Final = 7
+_X_TRACE_ID: Final = 8
+_WANTED_N: Final = 9
+_WANTED_HEADERS: Final = (b"via", b"call-id", b"cseq", b"content-length", b"to", b"from", *TRACE_HEADERS,
+                          TRACE_ID_HEADER)
+_WANTED: Final[dict[bytes, int]] = {name: i for i, name in enumerate(_WANTED_HEADERS)}
+assert len(_WANTED) == _WANTED_N
 _START_LINE = re.compile(rb"(?:([A-Za-z]+) [^ \r\n]+ SIP/2\.0\r?\n|SIP/2\.0 ([1-6]\d\d)[ \r\n])")
 
 
@@ -92,6 +108,7 @@ class Observer:
         self._via_branches: dict[bytes, bytes] = {}  # top Via line → its branch
         self._cseqs: dict[bytes, tuple[int, bytes]] = {}  # CSeq line → (number, method)
         self._values: dict[bytes, bytes] = {}  # header line → its value (Call-ID, From, To, ...)
+        self._tags: dict[bytes, bytes] = {}  # To value → its tag (b"": none)
 
     # -- input ---------------------------------------------------------------------------
     def feed(self, payload: bytes, src: Addr, dst: Addr, ts: float, transport: str = "udp") -> bool:
@@ -169,7 +186,7 @@ class Observer:
         cseq_n, cseq_m = self._cseq(msg, at[_CSEQ])
         branch = self._branch(msg, at[_VIA])
         tracker, stats = self.tracker, self.stats
-        direction = FROM_SIGNALING if src == self.signaling else FROM_GATEWAY
+        direction = _FROM_SIGNALING if src == self.signaling else _FROM_GATEWAY
         method = msg.method
         to_at = at[_TO]
         if method is None:
@@ -177,19 +194,19 @@ class Observer:
             stats.responses[(min(status // 100, 6) - 1) * 2 + direction] += 1
             key = (call_id, cseq_n, cseq_m, branch, dst[0], src[0])
             # a 2xx to INVITE with another To-tag than the first one is a fork
-            to_tag = header_tag(self._value(msg, to_at)) if 200 <= status < 300 \
+            to_tag = self._tag(self._value(msg, to_at)) if 200 <= status < 300 \
                 and cseq_m == b"INVITE" and to_at >= 0 else None
             if tracker.response(key, status, ts, to_tag) is None:
                 self.unmatched_responses += 1
             if msg.body:
                 self._sdp(call_id, msg, src, dst, ts)
             return
-        midx = METHOD_INDEX.get(method, OTHER)
+        midx = _METHOD_INDEX.get(method, _OTHER)
         stats.requests[midx * 2 + direction] += 1
         if transport == "tcp":
             stats.requests_tcp[midx * 2 + direction] += 1
-        initial = midx == INVITE and (to_at < 0 or header_tag(self._value(msg, to_at)) is None)
-        if midx == INVITE:
+        initial = midx == _INVITE and (to_at < 0 or self._tag(self._value(msg, to_at)) is None)
+        if midx == _INVITE:
             ids = self.invite_call_ids
             if len(ids) < MAX_DISTINCT:
                 ids.add(call_id)
@@ -235,7 +252,7 @@ class Observer:
             self._sdp(call_id, msg, src, dst, ts)
         # peer: both ends of the hop (and the transport when it is not UDP), for listings and spans
         hop = (src, dst) if transport == "udp" else (src, dst, transport)
-        if midx == ACK:
+        if midx == _ACK:
             tracker.ack(midx, method, cseq_n, call, ts, self._span_id(), direction, hop)
             return
         key = (call_id, cseq_n, cseq_m, branch, src[0], dst[0])
@@ -261,6 +278,18 @@ class Observer:
                     memo.clear()
                 memo[line] = v
         return v
+
+    def _tag(self, value: bytes) -> bytes | None:
+        """``header_tag`` of a To value, remembered per value (a dialog repeats its To)."""
+        memo = self._tags
+        tag = memo.get(value)
+        if tag is None:
+            tag = header_tag(value) or b""  # (b"": no tag; header_tag never gives b"")
+            if len(value) <= MEMO_LINE_MAX:
+                if len(memo) >= MEMO_MAX:
+                    memo.clear()
+                memo[value] = tag
+        return tag or None
 
     def _branch(self, msg: SipMessage, i: int) -> bytes:
         """The top Via's branch (b"" without one) from the first Via line, at ``i`` (-1: none).

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from itertools import count
-from typing import Generic, TypeVar
+from typing import Final, Generic, TypeVar, cast
 
 # Timer entries are (deadline, obj, token) and obj.qentry holds the token of its current one: an
 # int, not the tuple, so no entry and object point at each other (no reference cycle: a call's
@@ -62,8 +62,8 @@ MAX_TX_PER_CALL = 64
 MAX_LEGS = 16  # legs joined into one group; more start traces of their own (counted refused)
 MAX_FORK_TAGS = 16  # To-tags of 2xx answers remembered per INVITE (more are each counted a fork)
 _NEVER = float("inf")  # the deadline of an empty timer queue
-COMPACT_SLACK = 1024  # stale deque entries tolerated beyond the table size before sweeping
-SWEEP_STEP = 512  # entries of one timer queue looked at per expire() while a sweep is on (~0.1 ms)
+COMPACT_SLACK: Final = 1024  # stale deque entries tolerated beyond the table size before sweeping
+SWEEP_STEP: Final = 512  # entries of one timer queue looked at per expire() while a sweep is on (~0.1 ms)
 
 # Call.ended_by values
 ENDED_BY = ("bye", "final", "timeout", "cancel", "max_duration", "evicted", "replaced", "eof",
@@ -248,16 +248,17 @@ class DeadlineQueue(Generic[_T]):
             self._left = len(self._rest)
             self._added = 0
 
-    def sweep(self, live, budget: int) -> None:
+    def sweep(self, table: dict, budget: int) -> None:
         """Look at up to ``budget`` entries of the current pass, or twice what was appended
-        since the last step if that is more (so a pass always outruns the growth); ``live(entry)``
-        keeps one."""
+        since the last step if that is more (so a pass always outruns the growth). An entry is
+        kept while it is its object's current one and the object is still in ``table`` (the
+        tracker's transactions by key, or its calls by Call-ID)."""
         rest, done = self._rest, self._done
         n = min(max(budget, 2 * self._added), self._left)
         self._added = 0
         for _ in range(n):
             e = rest.popleft()
-            if live(e):
+            if _live(e, table):
                 done.append(e)
         self._left -= n
         if not self._left:  # pass over: what was appended meanwhile goes behind the swept part
@@ -265,6 +266,15 @@ class DeadlineQueue(Generic[_T]):
             self._rest, self._done = done, rest
             rest.clear()
         self._new_head()
+
+def _live(e: tuple[float, object, int], table: dict) -> bool:
+    """A timer entry still in force: the newest of its object, which is still in ``table``."""
+    obj = e[1]
+    if isinstance(obj, Transaction):
+        return obj.qentry == e[2] and table.get(obj.key) is obj
+    call = cast(Call, obj)
+    return call.qentry == e[2] and table.get(call.call_id) is call
+
 
 # timer entries: (deadline, object, token); an entry whose token is not the object's qentry is stale
 TxEntry = tuple[float, Transaction, int]
@@ -771,10 +781,10 @@ class Tracker:
             q1.start_sweep()
             q2.start_sweep()
             on = True
-        if on:  # (no pass on: no queue sweeps, and no closure is made)
+        if on:
             for q in (q0, q1, q2):
                 if q.sweeping():
-                    q.sweep(lambda e: e[1].qentry == e[2] and txs.get(e[1].key) is e[1], SWEEP_STEP)
+                    q.sweep(txs, SWEEP_STEP)
         calls = self.calls
         c0, c1, c2 = self._call_short, self._call_long, self._call_linger
         on = c0.sweeping() or c1.sweeping() or c2.sweeping()
@@ -787,7 +797,7 @@ class Tracker:
         if on:
             for c in (c0, c1, c2):
                 if c.sweeping():
-                    c.sweep(lambda e: e[1].qentry == e[2] and calls.get(e[1].call_id) is e[1], SWEEP_STEP)
+                    c.sweep(calls, SWEEP_STEP)
 
     def queued(self) -> int:
         """Deadline entries held (live and stale), for tests and memory accounting."""
