@@ -161,6 +161,14 @@ def _analyse(path, engine, mask, progress, spans, max_sip_message, correlation=D
                 call.rtp = rtp_figures((s["pkts"], s["lost"], s["max_jitter_ms"], s["mos"])
                                        for s in got or ())
         spans.submit(records)
+    else:
+        # each transaction points at its call and each call lists its transactions: with the
+        # lists emptied (the report is built), all of it is freed by reference counting when
+        # this returns instead of waiting for a collection that walks every object of the run
+        for call in calls:
+            call.transactions = []
+        for tx in txs:
+            tx.call.transactions = []
     return rep
 
 

@@ -757,9 +757,11 @@ def _pcap(mm, dec: Decoder, c: dict) -> Iterator[Packet]:
         return
     linktype = struct.unpack_from(end + "I", mm, 20)[0] & 0x0FFFFFFF
     rec = struct.Struct(end + "IIII").unpack_from
+    if linktype == LT_ETHERNET:
+        yield from _pcap_ethernet(mm, dec, c, rec, div)
+        return
     off, n = 24, len(mm)
     frame = dec.frame
-    fast = dec.ether_udp4 if linktype == LT_ETHERNET else None
     while off + 16 <= n:
         sec, frac, incl, _ = rec(mm, off)
         off += 16
@@ -768,14 +770,61 @@ def _pcap(mm, dec: Decoder, c: dict) -> Iterator[Packet]:
             return
         c["frames"] += 1
         ts = (sec * div + frac) / div
-        pkt = fast(mm, off, incl, ts) if fast is not None else None
-        if pkt is not None:
-            yield pkt
-        else:
-            yield from frame(linktype, mm[off:off + incl], ts)
+        yield from frame(linktype, mm[off:off + incl], ts)
         off += incl
     if off != n:
         c["truncated"] = c.get("truncated", 0) + 1
+
+
+def _pcap_ethernet(mm, dec: Decoder, c: dict, rec, div: int) -> Iterator[Packet]:
+    """The records of an Ethernet pcap, with :meth:`Decoder.ether_udp4` written out in the loop
+    (one Python call less per frame, the two counters it bumps kept in locals until the end):
+    the same packets, and the same counters in the same key order."""
+    off, n = 24, len(mm)
+    frame = dec.frame
+    text = dec._ip4_text
+    ip4, ports, new_packet, not_plain = _ip4, _ports, _new_packet, _UDP_NOT_PLAIN
+    frames = udp = 0
+    try:
+        while off + 16 <= n:
+            sec, frac, incl, _ = rec(mm, off)
+            off += 16
+            if off + incl > n:
+                c["truncated"] = c.get("truncated", 0) + 1
+                return
+            frames += 1
+            ts = (sec * div + frac) / div
+            if incl >= 42 and mm[off + 12] == 8 and mm[off + 13] == 0:
+                vihl, _, total, _, frag, _, proto, _, s, d = ip4(mm, off + 14)
+                if vihl == 0x45 and proto == 17 and not frag & 0x3FFF and 28 <= total <= incl - 14:
+                    sp, dp, ulen = ports(mm, off + 34)
+                    if dp not in not_plain:
+                        if ulen < 8 or ulen > total - 20:
+                            ulen = total - 20  # checksum offload / jumbo: trust the IP length
+                        if not udp and "udp" not in c:
+                            c["udp"] = 0  # (where ether_udp4 would have made the key)
+                        udp += 1
+                        src = text.get(s)
+                        if src is None:
+                            if len(text) >= MAX_ADDR_CACHE:
+                                text.clear()
+                            src = text[s] = inet_ntop(AF_INET, s)
+                        dst = text.get(d)
+                        if dst is None:
+                            if len(text) >= MAX_ADDR_CACHE:
+                                text.clear()
+                            dst = text[d] = inet_ntop(AF_INET, d)
+                        yield new_packet(Packet, (ts, (src, sp), (dst, dp), "udp", mm[off + 42:off + 34 + ulen]))
+                        off += incl
+                        continue
+            yield from frame(LT_ETHERNET, mm[off:off + incl], ts)
+            off += incl
+        if off != n:
+            c["truncated"] = c.get("truncated", 0) + 1
+    finally:
+        c["frames"] += frames
+        if udp:
+            c["udp"] += udp
 
 
 def _pcapng(mm, dec: Decoder, c: dict) -> Iterator[Packet]:
