@@ -192,9 +192,10 @@ def _report(path, engine, mask, obs: Observer, rtp: RtpAnalyzer, counters, calls
             t = hp[addr] = _hp(addr)
         return t
 
-    tx_state = obs.tx_state
+    tx_state, hp_get = obs.tx_state, hp.get
     for tx in txs:
         peer = tx.peer
+        src, dst = peer[0], peer[1]
         t_first = tx.t_first
         rtt = None if t_first is None else round((t_first - tx.t_sent) * 1000.0, 3)
         if rtt is not None:
@@ -209,7 +210,7 @@ def _report(path, engine, mask, obs: Observer, rtp: RtpAnalyzer, counters, calls
             m_text = decoded[method] = method.decode("ascii", "replace")
         listing.append({
             "call_id": cid_text, "method": m_text, "cseq": tx.cseq,
-            "src": text(peer[0]), "dst": text(peer[1]), "time": tx.t_sent, "rtt_ms": rtt,
+            "src": hp_get(src) or text(src), "dst": hp_get(dst) or text(dst), "time": tx.t_sent, "rtt_ms": rtt,
             "final_status": tx.status or None, "retransmissions": tx.retrans,
             "state": tx_state(tx),
         })
@@ -233,7 +234,8 @@ def _report(path, engine, mask, obs: Observer, rtp: RtpAnalyzer, counters, calls
         rec["from"], rec["to"], rec["request_uri"] = \
             masked_uri(call.from_uri), masked_uri(call.to_uri), masked_uri(call.ruri)
         for tx, row in zip(call.transactions, rec["transactions"]):
-            row["src"], row["dst"] = text(tx.peer[0]), text(tx.peer[1])  # the hop it was seen on
+            peer = tx.peer  # the hop it was seen on
+            row["src"], row["dst"] = hp_get(peer[0]) or text(peer[0]), hp_get(peer[1]) or text(peer[1])
         if call.outcome < 0 and call.ended_by == "eof":
             rec["outcome"] = "unanswered_at_eof"  # still waiting (ringing) when the capture ended
         rec.setdefault("ended_by", call.ended_by)

@@ -14,7 +14,7 @@ import mmap
 import os
 import re
 import struct
-from socket import AF_INET, AF_INET6, inet_ntop
+from _socket import AF_INET, AF_INET6, inet_ntop  # (the C module: socket.py builds its enums on import)
 from typing import Iterator, NamedTuple
 
 from sipwatch.sipmsg import KEEPALIVE_MAX, is_sip_keepalive  # re-exported: the SIP side owns them
