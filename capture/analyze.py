@@ -65,7 +65,7 @@ class SdpBacklog:
 
 def looks_like_sip(payload: bytes) -> bool:
     """A SIP start line: ``SIP/2.0 NNN`` or ``METHOD uri SIP/2.0`` (the heuristic tshark uses)."""
-    if payload.startswith(b"SIP/2.0 "):
+    if payload[:8] == b"SIP/2.0 ":
         return True
     end = payload.find(b"\n", 0, 2048)
     if end <= 0:
@@ -84,9 +84,12 @@ def _source(path: str, engine: str, counters: dict, max_sip_message: int = MAX_S
 
 
 def analyse(path: str, engine: str = "fast", mask: str = "partial", progress=None,
-            spans=None, max_sip_message: int = MAX_SIP_MESSAGE, correlation: str = DEFAULT_CORRELATION) -> dict:
+            spans=None, max_sip_message: int = MAX_SIP_MESSAGE, correlation: str = DEFAULT_CORRELATION,
+            transactions: bool = True) -> dict:
     """Analyse one capture; returns the JSON-ready report (see ``--json``). ``spans``: a
-    :class:`sipwatch.tracing.SpanPipeline` that gets every finished record at the end."""
+    :class:`sipwatch.tracing.SpanPipeline` that gets every finished record at the end.
+    ``transactions=False``: the report's ``transactions`` list is left empty (its totals are
+    still counted), for the text view, which does not show it."""
     # What the analysis builds (calls, transactions) is kept to the end and reading makes no
     # reference cycles, so the automatic collector would only scan live objects over and over
     # (about 5% of a run): it is off while the capture is read and reported (as the proxy turns it
@@ -95,13 +98,14 @@ def analyse(path: str, engine: str = "fast", mask: str = "partial", progress=Non
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return _analyse(path, engine, mask, progress, spans, max_sip_message, correlation)
+        return _analyse(path, engine, mask, progress, spans, max_sip_message, correlation, transactions)
     finally:
         if enabled:
             gc.enable()
 
 
-def _analyse(path, engine, mask, progress, spans, max_sip_message, correlation=DEFAULT_CORRELATION) -> dict:
+def _analyse(path, engine, mask, progress, spans, max_sip_message, correlation=DEFAULT_CORRELATION,
+             transactions=True) -> dict:
     rtp = RtpAnalyzer()
     sdp = SdpBacklog(rtp.add_sdp)
     # no metrics are scraped here: the RTTs come from the transactions, so no RTT ring (nor numpy)
@@ -149,7 +153,7 @@ def _analyse(path, engine, mask, progress, spans, max_sip_message, correlation=D
     obs.finish()
     drain()
     rep = _report(path, engine, mask, obs, rtp, counters, calls, txs, n,
-                  time.monotonic() - t_start)
+                  time.monotonic() - t_start, transactions)
     if spans is not None:
         from sipwatch.otlp_encode import rtp_figures
         by_call: dict = {}
@@ -178,10 +182,9 @@ def _hp(addr) -> str:
 
 
 def _report(path, engine, mask, obs: Observer, rtp: RtpAnalyzer, counters, calls, txs, n,
-            elapsed) -> dict:
+            elapsed, transactions=True) -> dict:
     stats = obs.stats
-    txs.sort(key=attrgetter("t_sent"))
-    listing, rtts = [], []
+    listing, rtts, states = [], [], []
     # a capture has few addresses, methods and URIs and many transactions: each text is made once
     hp: dict = {}  # address → "ip:port"
     decoded: dict = {}  # Call-ID or method bytes → str
@@ -193,6 +196,15 @@ def _report(path, engine, mask, obs: Observer, rtp: RtpAnalyzer, counters, calls
         return t
 
     tx_state, hp_get = obs.tx_state, hp.get
+    if not transactions:  # the totals only
+        for tx in txs:
+            t_first = tx.t_first
+            if t_first is not None:
+                rtts.append(round((t_first - tx.t_sent) * 1000.0, 3))
+            states.append(tx_state(tx))
+        txs = ()
+    else:
+        txs.sort(key=attrgetter("t_sent"))
     for tx in txs:
         peer = tx.peer
         src, dst = peer[0], peer[1]
@@ -246,7 +258,8 @@ def _report(path, engine, mask, obs: Observer, rtp: RtpAnalyzer, counters, calls
     for rec in call_out:
         key = rec["outcome"] or "unknown"
         by_outcome[key] = by_outcome.get(key, 0) + 1
-    states = [t["state"] for t in listing]
+    if transactions:
+        states = [t["state"] for t in listing]
     return {
         "file": os.path.basename(path),
         "engine": engine,
@@ -261,9 +274,9 @@ def _report(path, engine, mask, obs: Observer, rtp: RtpAnalyzer, counters, calls
         "invite_calls": len(obs.invite_call_ids),
         "calls_by_outcome": by_outcome,
         "txn": {
-            "transactions": len(listing),
+            "transactions": len(states),
             "answered": len(rtts),
-            "unanswered": len(listing) - len(rtts),
+            "unanswered": len(states) - len(rtts),
             "timeouts": states.count("timeout"),
             "unanswered_at_eof": states.count("unanswered_at_eof"),
             "retransmitted_requests": stats.request_retransmissions,
@@ -347,17 +360,19 @@ def render(rep: dict) -> str:
     out = [f"{rep['file']}: {rep['packets']} packets, {rep['sip_messages']} SIP messages, "
            f"{len(rep['calls'])} calls, {len(rep['rtp_streams'])} RTP streams"]
     out.extend(rep.get("warnings", ()))
+    # (one string per call and per transaction line, "-" for no figure: a few thousand calls)
     for c in rep["calls"]:
-        out.append("")
-        out.append(f"Call {c['call_sid']}")
-        out.append(f"  from {c['from']}  to {c['to']}")
-        out.append(f"  outcome {c['outcome']} ({c['final_status'] or '-'})  setup "
-                   f"{_f(c['setup_ms'])} ms  answer {_f(c['answer_ms'])} ms  duration "
-                   f"{_f(c['duration_s'])} s  retransmissions {c['retransmissions']}")
+        setup, answer, duration = c["setup_ms"], c["answer_ms"], c["duration_s"]
+        out.append(f"\nCall {c['call_sid']}\n  from {c['from']}  to {c['to']}\n"
+                   f"  outcome {c['outcome']} ({c['final_status'] or '-'})  setup "
+                   f"{'-' if setup is None else f'{setup:.3f}'} ms  answer "
+                   f"{'-' if answer is None else f'{answer:.3f}'} ms  duration "
+                   f"{'-' if duration is None else f'{duration:.3f}'} s  retransmissions {c['retransmissions']}")
         for t in c["transactions"]:
+            rtt = t["rtt_ms"]
             out.append(f"    {t['method']:<9} {t['cseq']:>5}  {t['src']} -> {t['dst']}  status "
-                       f"{t['status'] or '-':<4} rtt {_f(t['rtt_ms']):>9} ms  retrans "
-                       f"{t['retransmissions']}" + ("  TIMEOUT" if t["timed_out"] else ""))
+                       f"{t['status'] or '-':<4} rtt {'-' if rtt is None else f'{rtt:.3f}':>9} ms  retrans "
+                       f"{t['retransmissions']}{'  TIMEOUT' if t['timed_out'] else ''}")
         if c.get("legs"):
             out.append(f"  leg {c['leg']} of {len(c['legs'])} of call {c['correlation_id']}"
                        + (f" (joined by {c['correlated_by']}, B2BUA leg setup {_f(c['b2bua_leg_setup_ms'])} ms)"
@@ -438,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     gc.freeze()
     try:
         rep = analyse(args.file, args.engine, args.mask_numbers, progress, spans,
-                      args.max_sip_message, args.correlation_headers)
+                      args.max_sip_message, args.correlation_headers, transactions=args.json)
     except (PcapError, OSError) as exc:
         sys.stderr.write(f"sipwatch analyze: {args.file}: {exc}\n")
         return 2
