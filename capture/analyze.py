@@ -72,7 +72,7 @@ def looks_like_sip(payload: bytes) -> bool:
         return False
     while end and payload[end - 1] == 13:  # the line without its CRs, as rstrip(b"\r") gives it
         end -= 1
-    return payload.endswith(b" SIP/2.0", 0, end)
+    return end >= 8 and payload[end - 8:end] == b" SIP/2.0"  # (endswith(.., 0, end), cheaper)
 
 
 def _source(path: str, engine: str, counters: dict, max_sip_message: int = MAX_SIP_MESSAGE):

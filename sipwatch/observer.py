@@ -236,7 +236,8 @@ class Observer:
                 trace_id, parent, sampled = named.trace_id, named.span_id, named.sampled
             else:
                 trace_id = derived_trace_id(call_id)
-                sampled = sampled_by_ratio(trace_id, self.sample_ratio)
+                ratio = self.sample_ratio  # (1.0, every call sampled, asks sampled_by_ratio nothing)
+                sampled = ratio >= 1.0 or sampled_by_ratio(trace_id, ratio)
             from_uri = self._value(msg, at[_FROM]) if at[_FROM] >= 0 else b""
             to_uri = self._value(msg, to_at) if to_at >= 0 else b""
             call = tracker.new_call(call_id, trace_id, self._span_id(), parent, sampled, ts,
