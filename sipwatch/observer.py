@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import random
 import re
-from collections import Counter
 from hashlib import blake2b
 from typing import Final
 
@@ -90,8 +89,8 @@ class Observer:
         self.corr_kinds = parse_kinds(correlation)
         self.on_sdp = on_sdp  # callable(call_id, body, src, dst, ts) for SDP offers/answers
         self.sip_messages = 0
-        self.methods: Counter = Counter()  # request method → messages (like tshark sip,stat)
-        self.statuses: Counter = Counter()  # status code → messages
+        self.methods: dict[str, int] = {}  # request method → messages (like tshark sip,stat)
+        self.statuses: dict[str, int] = {}  # status code → messages
         self.bad_content_length = 0  # counted and still analysed, as tshark does
         self.unmatched_responses = 0
         # distinct Call-IDs of INVITEs (tshark's count); a live capture that runs for weeks
@@ -132,7 +131,8 @@ class Observer:
             if m.group(1):
                 self._method(m.group(1).decode("ascii"))
             else:
-                self.statuses[m.group(2).decode("ascii")] += 1
+                code = m.group(2).decode("ascii")
+                self.statuses[code] = self.statuses.get(code, 0) + 1
             return True
         self.sip_messages += 1
         method = msg.method
@@ -150,7 +150,8 @@ class Observer:
                 text = str(status)
                 if len(self._status_text) < MAX_STATUS_TEXT:
                     self._status_text[status] = text
-            self.statuses[text] += 1
+            statuses = self.statuses
+            statuses[text] = statuses.get(text, 0) + 1
         try:
             self._account(msg, src, dst, ts, transport)
         except (SipParseError, ValueError, IndexError, UnicodeError):
@@ -160,9 +161,9 @@ class Observer:
     def _method(self, name: str) -> None:
         methods = self.methods
         if name in methods or len(methods) < MAX_METHOD_NAMES:
-            methods[name] += 1
+            methods[name] = methods.get(name, 0) + 1
         else:
-            methods[OTHER_METHODS] += 1  # a flood of invented method names stays bounded
+            methods[OTHER_METHODS] = methods.get(OTHER_METHODS, 0) + 1  # a flood of invented names stays bounded
 
     def _account(self, msg: SipMessage, src: Addr, dst: Addr, ts: float, transport: str = "udp") -> None:
         names = msg.names
