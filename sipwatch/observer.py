@@ -393,9 +393,14 @@ def _value_at(msg: SipMessage, i: int) -> bytes:
     return v.strip()
 
 
+_CALL_ID_HASH: Final = blake2b(digest_size=16)  # (never updated: copied, cheaper than a new one)
+
+
 def derived_trace_id(call_id: bytes) -> int:
     """The trace id of a call seen without trace context: a hash of its Call-ID."""
-    return int.from_bytes(blake2b(call_id, digest_size=16).digest(), "big") or 1
+    h = _CALL_ID_HASH.copy()
+    h.update(call_id)
+    return int.from_bytes(h.digest(), "big") or 1
 
 
 __all__ = ["Observer", "derived_trace_id"]

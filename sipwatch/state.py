@@ -210,10 +210,6 @@ class DeadlineQueue(Generic[_T]):
     def __len__(self) -> int:
         return len(self._done) + len(self._rest)
 
-    def size(self) -> int:
-        """``len()`` as a direct call (the tracker asks on every expire)."""
-        return len(self._done) + len(self._rest)
-
     def __bool__(self) -> bool:
         return bool(self._done) or bool(self._rest)
 
@@ -242,6 +238,12 @@ class DeadlineQueue(Generic[_T]):
 
     def sweeping(self) -> bool:
         return self._left > 0 or bool(self._done)
+
+    def idle_size(self) -> int:
+        """``len()`` when no sweep pass is on, else -1 (the tracker's one call per queue)."""
+        if self._left > 0 or self._done:
+            return -1
+        return len(self._rest)
 
     def start_sweep(self) -> None:
         if not self.sweeping():
@@ -774,8 +776,9 @@ class Tracker:
         rebuild of a whole queue in one go)."""
         txs = self.transactions
         q0, q1, q2 = self._tx_b, self._tx_c, self._tx_linger
-        on = q0.sweeping() or q1.sweeping() or q2.sweeping()
-        if not on and q0.size() + q1.size() + q2.size() > 2 * len(txs) + COMPACT_SLACK:
+        s0, s1, s2 = q0.idle_size(), q1.idle_size(), q2.idle_size()
+        on = s0 < 0 or s1 < 0 or s2 < 0
+        if not on and s0 + s1 + s2 > 2 * len(txs) + COMPACT_SLACK:
             self.compactions += 1
             q0.start_sweep()
             q1.start_sweep()
@@ -787,8 +790,9 @@ class Tracker:
                     q.sweep(txs, SWEEP_STEP)
         calls = self.calls
         c0, c1, c2 = self._call_short, self._call_long, self._call_linger
-        on = c0.sweeping() or c1.sweeping() or c2.sweeping()
-        if not on and c0.size() + c1.size() + c2.size() > 2 * len(calls) + COMPACT_SLACK:
+        s0, s1, s2 = c0.idle_size(), c1.idle_size(), c2.idle_size()
+        on = s0 < 0 or s1 < 0 or s2 < 0
+        if not on and s0 + s1 + s2 > 2 * len(calls) + COMPACT_SLACK:
             self.compactions += 1
             c0.start_sweep()
             c1.start_sweep()
