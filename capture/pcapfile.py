@@ -749,18 +749,23 @@ def read_packets(path, counters: dict | None = None,
 
 
 def _pcap(mm, dec: Decoder, c: dict) -> Iterator[Packet]:
+    """The packets of a classic pcap file: a function returning the records' generator, so
+    ``read_packets`` delegates to it directly (one generator level less per packet)."""
     magic = mm[:4]
     end = "<" if magic in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1") else ">"
     # integer ticks / exact power of ten: the same instant gives the same float in every format
     div = 10**9 if magic in (b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d") else 10**6
     if len(mm) < 24:
         c["truncated"] = c.get("truncated", 0) + 1
-        return
+        return iter(())
     linktype = struct.unpack_from(end + "I", mm, 20)[0] & 0x0FFFFFFF
     rec = struct.Struct(end + "IIII").unpack_from
     if linktype == LT_ETHERNET:
-        yield from _pcap_ethernet(mm, dec, c, rec, div)
-        return
+        return _pcap_ethernet(mm, dec, c, rec, div)
+    return _pcap_records(mm, dec, c, linktype, rec, div)
+
+
+def _pcap_records(mm, dec: Decoder, c: dict, linktype: int, rec, div: int) -> Iterator[Packet]:
     off, n = 24, len(mm)
     frame = dec.frame
     while off + 16 <= n:
