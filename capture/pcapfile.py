@@ -73,7 +73,7 @@ _u16 = struct.Struct("!H").unpack_from
 _u32 = struct.Struct("!I").unpack_from
 _ip4 = struct.Struct("!BBHHHBBH4s4s").unpack_from
 _ports = struct.Struct("!HHH").unpack_from  # src, dst, UDP length
-_ip4_udp = struct.Struct("!BBHHHBBH4s4sHHH").unpack_from  # _ip4, then _ports right after it
+_eth_ip4_udp = struct.Struct("!HBBHHHBBH4s4sHHH").unpack_from  # Ethernet type, _ip4, then _ports
 _tcp = struct.Struct("!HHIIBB").unpack_from
 _SIP_START = re.compile(rb"(?:[A-Za-z]+ \S+ SIP/2\.0\r?\n|SIP/2\.0 \d{3}[ \r\n])")
 _SIP_RESYNC = re.compile(rb"\n(" + _SIP_START.pattern + rb")")
@@ -789,7 +789,7 @@ def _pcap_ethernet(mm, dec: Decoder, c: dict, rec, div: int) -> Iterator[Packet]
     off, n = 24, len(mm)
     frame = dec.frame
     text = dec._ip4_text
-    ip4_udp, new_packet, not_plain = _ip4_udp, _new_packet, _UDP_NOT_PLAIN
+    eth_ip4_udp, new_packet, not_plain = _eth_ip4_udp, _new_packet, _UDP_NOT_PLAIN
     frames = udp = 0
     try:
         while off + 16 <= n:
@@ -800,10 +800,11 @@ def _pcap_ethernet(mm, dec: Decoder, c: dict, rec, div: int) -> Iterator[Packet]
                 return
             frames += 1
             ts = (sec * div + frac) / div
-            if incl >= 42 and mm[off + 12] == 8 and mm[off + 13] == 0:
-                # the IPv4 header and the UDP ports and length in one unpack (the frame holds them)
-                vihl, _, total, _, frag, _, proto, _, s, d, sp, dp, ulen = ip4_udp(mm, off + 14)
-                if vihl == 0x45 and proto == 17 and not frag & 0x3FFF and 28 <= total <= incl - 14:
+            if incl >= 42:
+                # the Ethernet type, the IPv4 header and the UDP ports and length in one unpack
+                etype, vihl, _, total, _, frag, _, proto, _, s, d, sp, dp, ulen = eth_ip4_udp(mm, off + 12)
+                if etype == ETH_IPV4 and vihl == 0x45 and proto == 17 and not frag & 0x3FFF \
+                        and 28 <= total <= incl - 14:
                     if dp not in not_plain:
                         if ulen < 8 or ulen > total - 20:
                             ulen = total - 20  # checksum offload / jumbo: trust the IP length
