@@ -15,22 +15,23 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+from operator import attrgetter
 import sys
 import time
 
 from sipwatch.correlation import DEFAULT as DEFAULT_CORRELATION, add_correlation_argument
 from sipwatch.logs import call_summary_fields
-from sipwatch.masking import MODES
+from sipwatch.masking import MODES, mask_uri
 from sipwatch.observer import Observer
 from sipwatch.rtp import RtpAnalyzer
-from sipwatch.stats import OUTCOMES
+from sipwatch.stats import OUTCOMES, Stats
 from sipwatch.otlp_options import add_otlp_arguments
 
 from .pcapfile import KEEPALIVE_MAX, MAX_SIP_MESSAGE, is_sip_keepalive
 
 SIP_PORTS = (5060, 5061)
 ANALYZE_EXPORT_TIMEOUT = 300.0  # seconds to export a file's spans before dropping the rest
-YOUNG_GC_THRESHOLD = 50_000  # allocations between collections of the young generation
+GC_EVERY = 1 << 16  # packets between collections of the young generation while reading
 SDP_BACKLOG_BYTES = 16 << 20  # SDP bodies held unparsed until a UDP payload may be RTP
 
 
@@ -66,8 +67,12 @@ def looks_like_sip(payload: bytes) -> bool:
     """A SIP start line: ``SIP/2.0 NNN`` or ``METHOD uri SIP/2.0`` (the heuristic tshark uses)."""
     if payload[:8] == b"SIP/2.0 ":
         return True
-    nl = payload.find(b"\n", 0, 2048)
-    return nl > 0 and payload[:nl].rstrip(b"\r").endswith(b" SIP/2.0")
+    end = payload.find(b"\n", 0, 2048)
+    if end <= 0:
+        return False
+    while end and payload[end - 1] == 13:  # the line without its CRs, as rstrip(b"\r") gives it
+        end -= 1
+    return end >= 8 and payload[end - 8:end] == b" SIP/2.0"  # (endswith(.., 0, end), cheaper)
 
 
 def _source(path: str, engine: str, counters: dict, max_sip_message: int = MAX_SIP_MESSAGE):
@@ -79,24 +84,32 @@ def _source(path: str, engine: str, counters: dict, max_sip_message: int = MAX_S
 
 
 def analyse(path: str, engine: str = "fast", mask: str = "partial", progress=None,
-            spans=None, max_sip_message: int = MAX_SIP_MESSAGE, correlation: str = DEFAULT_CORRELATION) -> dict:
+            spans=None, max_sip_message: int = MAX_SIP_MESSAGE, correlation: str = DEFAULT_CORRELATION,
+            transactions: bool = True) -> dict:
     """Analyse one capture; returns the JSON-ready report (see ``--json``). ``spans``: a
-    :class:`sipwatch.tracing.SpanPipeline` that gets every finished record at the end."""
-    # What the analysis builds (calls, transactions) is kept to the end, so the collector's
-    # young generation, scanned every 700 allocations by default, finds next to nothing: it
-    # cost about 7% of a run. Cycles are still collected, less often.
-    threshold = gc.get_threshold()
-    gc.set_threshold(max(threshold[0], YOUNG_GC_THRESHOLD), *threshold[1:])
+    :class:`sipwatch.tracing.SpanPipeline` that gets every finished record at the end.
+    ``transactions=False``: the report's ``transactions`` list is left empty (its totals are
+    still counted), for the text view, which does not show it."""
+    # What the analysis builds (calls, transactions) is kept to the end and reading makes no
+    # reference cycles, so the automatic collector would only scan live objects over and over
+    # (about 5% of a run): it is off while the capture is read and reported (as the proxy turns it
+    # off between its own collections), and the young generation is collected every GC_EVERY
+    # packets, so whatever cycles a packet does leave behind stay bounded.
+    enabled = gc.isenabled()
+    gc.disable()
     try:
-        return _analyse(path, engine, mask, progress, spans, max_sip_message, correlation)
+        return _analyse(path, engine, mask, progress, spans, max_sip_message, correlation, transactions)
     finally:
-        gc.set_threshold(*threshold)
+        if enabled:
+            gc.enable()
 
 
-def _analyse(path, engine, mask, progress, spans, max_sip_message, correlation=DEFAULT_CORRELATION) -> dict:
+def _analyse(path, engine, mask, progress, spans, max_sip_message, correlation=DEFAULT_CORRELATION,
+             transactions=True) -> dict:
     rtp = RtpAnalyzer()
     sdp = SdpBacklog(rtp.add_sdp)
-    obs = Observer(on_sdp=sdp.add, correlation=correlation)
+    # no metrics are scraped here: the RTTs come from the transactions, so no RTT ring (nor numpy)
+    obs = Observer(stats=Stats(ring_size=0), on_sdp=sdp.add, correlation=correlation)
     if spans is not None:
         obs.sample_ratio = spans.sample_ratio
     counters: dict = {}
@@ -130,6 +143,8 @@ def _analyse(path, engine, mask, progress, spans, max_sip_message, correlation=D
             rtp.feed(payload, src, dst, ts)
         if not n & 0x3FFF:
             drain()
+            if not n & (GC_EVERY - 1):
+                gc.collect(0)
             now = time.monotonic()
             if progress is not None and now - last_report >= 1.0:
                 last_report = now
@@ -138,7 +153,7 @@ def _analyse(path, engine, mask, progress, spans, max_sip_message, correlation=D
     obs.finish()
     drain()
     rep = _report(path, engine, mask, obs, rtp, counters, calls, txs, n,
-                  time.monotonic() - t_start)
+                  time.monotonic() - t_start, transactions)
     if spans is not None:
         from sipwatch.otlp_encode import rtp_figures
         by_call: dict = {}
@@ -150,6 +165,14 @@ def _analyse(path, engine, mask, progress, spans, max_sip_message, correlation=D
                 call.rtp = rtp_figures((s["pkts"], s["lost"], s["max_jitter_ms"], s["mos"])
                                        for s in got or ())
         spans.submit(records)
+    else:
+        # each transaction points at its call and each call lists its transactions: with the
+        # lists emptied (the report is built), all of it is freed by reference counting when
+        # this returns instead of waiting for a collection that walks every object of the run
+        for call in calls:
+            call.transactions = []
+        for tx in txs:
+            tx.call.transactions = []
     return rep
 
 
@@ -159,11 +182,12 @@ def _hp(addr) -> str:
 
 
 def _report(path, engine, mask, obs: Observer, rtp: RtpAnalyzer, counters, calls, txs, n,
-            elapsed) -> dict:
+            elapsed, transactions=True) -> dict:
     stats = obs.stats
-    txs.sort(key=lambda t: t.t_sent)
-    listing, rtts = [], []
-    hp: dict = {}  # address → "ip:port": a capture has few addresses and many transactions
+    listing, rtts, states = [], [], []
+    # a capture has few addresses, methods and URIs and many transactions: each text is made once
+    hp: dict = {}  # address → "ip:port"
+    decoded: dict = {}  # Call-ID or method bytes → str
 
     def text(addr) -> str:
         t = hp.get(addr)
@@ -171,28 +195,59 @@ def _report(path, engine, mask, obs: Observer, rtp: RtpAnalyzer, counters, calls
             t = hp[addr] = _hp(addr)
         return t
 
-    tx_state = obs.tx_state
+    tx_state, hp_get = obs.tx_state, hp.get
+    if not transactions:  # the totals only
+        for tx in txs:
+            t_first = tx.t_first
+            if t_first is not None:
+                rtts.append(round((t_first - tx.t_sent) * 1000.0, 3))
+            states.append(tx_state(tx))
+        txs = ()
+    else:
+        txs.sort(key=attrgetter("t_sent"))
     for tx in txs:
         peer = tx.peer
-        rtt = None if tx.t_first is None else round((tx.t_first - tx.t_sent) * 1000.0, 3)
+        src, dst = peer[0], peer[1]
+        t_first = tx.t_first
+        rtt = None if t_first is None else round((t_first - tx.t_sent) * 1000.0, 3)
         if rtt is not None:
             rtts.append(rtt)
+        cid = tx.call.call_id
+        cid_text = decoded.get(cid)
+        if cid_text is None:
+            cid_text = decoded[cid] = cid.decode("utf-8", "replace")
+        method = tx.method
+        m_text = decoded.get(method)
+        if m_text is None:
+            m_text = decoded[method] = method.decode("ascii", "replace")
         listing.append({
-            "call_id": tx.call.call_id.decode("utf-8", "replace"),
-            "method": tx.method.decode("ascii", "replace"), "cseq": tx.cseq,
-            "src": text(peer[0]), "dst": text(peer[1]), "time": tx.t_sent, "rtt_ms": rtt,
+            "call_id": cid_text, "method": m_text, "cseq": tx.cseq,
+            "src": hp_get(src) or text(src), "dst": hp_get(dst) or text(dst), "time": tx.t_sent, "rtt_ms": rtt,
             "final_status": tx.status or None, "retransmissions": tx.retrans,
             "state": tx_state(tx),
         })
+    del decoded
     streams = rtp.summaries()
     by_call: dict = {}
     for s in streams:
         by_call.setdefault(s["call_id"], []).append(s)
     call_out = []
-    for call in sorted(calls, key=lambda c: c.t_start):
-        rec = call_summary_fields(call, mask)
+    masked: dict = {}  # URI → masked text (To and Request-URI repeat from call to call)
+
+    def masked_uri(value) -> str:
+        t = masked.get(value)
+        if t is None:
+            t = masked[value] = mask_uri(value, mask)
+        return t
+
+    for call in sorted(calls, key=attrgetter("t_start")):
+        # the URIs unmasked, then masked through the memo above (the same text mask_uri gives)
+        rec = call_summary_fields(call, "none")
+        rec["from"], rec["to"], rec["request_uri"] = \
+            masked_uri(call.from_uri), masked_uri(call.to_uri), masked_uri(call.ruri)
         for tx, row in zip(call.transactions, rec["transactions"]):
-            row["src"], row["dst"] = text(tx.peer[0]), text(tx.peer[1])  # the hop it was seen on
+            peer = tx.peer  # the hop it was seen on
+            row["src"], row["dst"] = hp_get(peer[0]) or text(peer[0]), hp_get(peer[1]) or text(peer[1])
         if call.outcome < 0 and call.ended_by == "eof":
             rec["outcome"] = "unanswered_at_eof"  # still waiting (ringing) when the capture ended
         rec.setdefault("ended_by", call.ended_by)
@@ -203,7 +258,8 @@ def _report(path, engine, mask, obs: Observer, rtp: RtpAnalyzer, counters, calls
     for rec in call_out:
         key = rec["outcome"] or "unknown"
         by_outcome[key] = by_outcome.get(key, 0) + 1
-    states = [t["state"] for t in listing]
+    if transactions:
+        states = [t["state"] for t in listing]
     return {
         "file": os.path.basename(path),
         "engine": engine,
@@ -218,9 +274,9 @@ def _report(path, engine, mask, obs: Observer, rtp: RtpAnalyzer, counters, calls
         "invite_calls": len(obs.invite_call_ids),
         "calls_by_outcome": by_outcome,
         "txn": {
-            "transactions": len(listing),
+            "transactions": len(states),
             "answered": len(rtts),
-            "unanswered": len(listing) - len(rtts),
+            "unanswered": len(states) - len(rtts),
             "timeouts": states.count("timeout"),
             "unanswered_at_eof": states.count("unanswered_at_eof"),
             "retransmitted_requests": stats.request_retransmissions,
@@ -304,17 +360,19 @@ def render(rep: dict) -> str:
     out = [f"{rep['file']}: {rep['packets']} packets, {rep['sip_messages']} SIP messages, "
            f"{len(rep['calls'])} calls, {len(rep['rtp_streams'])} RTP streams"]
     out.extend(rep.get("warnings", ()))
+    # (one string per call and per transaction line, "-" for no figure: a few thousand calls)
     for c in rep["calls"]:
-        out.append("")
-        out.append(f"Call {c['call_sid']}")
-        out.append(f"  from {c['from']}  to {c['to']}")
-        out.append(f"  outcome {c['outcome']} ({c['final_status'] or '-'})  setup "
-                   f"{_f(c['setup_ms'])} ms  answer {_f(c['answer_ms'])} ms  duration "
-                   f"{_f(c['duration_s'])} s  retransmissions {c['retransmissions']}")
+        setup, answer, duration = c["setup_ms"], c["answer_ms"], c["duration_s"]
+        out.append(f"\nCall {c['call_sid']}\n  from {c['from']}  to {c['to']}\n"
+                   f"  outcome {c['outcome']} ({c['final_status'] or '-'})  setup "
+                   f"{'-' if setup is None else f'{setup:.3f}'} ms  answer "
+                   f"{'-' if answer is None else f'{answer:.3f}'} ms  duration "
+                   f"{'-' if duration is None else f'{duration:.3f}'} s  retransmissions {c['retransmissions']}")
         for t in c["transactions"]:
+            rtt = t["rtt_ms"]
             out.append(f"    {t['method']:<9} {t['cseq']:>5}  {t['src']} -> {t['dst']}  status "
-                       f"{t['status'] or '-':<4} rtt {_f(t['rtt_ms']):>9} ms  retrans "
-                       f"{t['retransmissions']}" + ("  TIMEOUT" if t["timed_out"] else ""))
+                       f"{t['status'] or '-':<4} rtt {'-' if rtt is None else f'{rtt:.3f}':>9} ms  retrans "
+                       f"{t['retransmissions']}{'  TIMEOUT' if t['timed_out'] else ''}")
         if c.get("legs"):
             out.append(f"  leg {c['leg']} of {len(c['legs'])} of call {c['correlation_id']}"
                        + (f" (joined by {c['correlated_by']}, B2BUA leg setup {_f(c['b2bua_leg_setup_ms'])} ms)"
@@ -382,10 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     def progress(line: str) -> None:
         sys.stderr.write(line + "\n")
 
-    from sipwatch.stats import Stats
-
     from .pcapfile import PcapError
-    stats = Stats()
+    stats = Stats(ring_size=0)  # the span pipeline's counters
     spans = None
     if exports_spans(args, os.environ):  # the exporters (OpenTelemetry SDK) only when needed
         from sipwatch.tracing import SpanPipeline
@@ -397,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     gc.freeze()
     try:
         rep = analyse(args.file, args.engine, args.mask_numbers, progress, spans,
-                      args.max_sip_message, args.correlation_headers)
+                      args.max_sip_message, args.correlation_headers, transactions=args.json)
     except (PcapError, OSError) as exc:
         sys.stderr.write(f"sipwatch analyze: {args.file}: {exc}\n")
         return 2

@@ -14,7 +14,7 @@ import mmap
 import os
 import re
 import struct
-from socket import AF_INET, AF_INET6, inet_ntop
+from _socket import AF_INET, AF_INET6, inet_ntop  # (the C module: socket.py builds its enums on import)
 from typing import Iterator, NamedTuple
 
 from sipwatch.sipmsg import KEEPALIVE_MAX, is_sip_keepalive  # re-exported: the SIP side owns them
@@ -73,6 +73,7 @@ _u16 = struct.Struct("!H").unpack_from
 _u32 = struct.Struct("!I").unpack_from
 _ip4 = struct.Struct("!BBHHHBBH4s4s").unpack_from
 _ports = struct.Struct("!HHH").unpack_from  # src, dst, UDP length
+_eth_ip4_udp = struct.Struct("!HBBHHHBBH4s4sHHH").unpack_from  # Ethernet type, _ip4, then _ports
 _tcp = struct.Struct("!HHIIBB").unpack_from
 _SIP_START = re.compile(rb"(?:[A-Za-z]+ \S+ SIP/2\.0\r?\n|SIP/2\.0 \d{3}[ \r\n])")
 _SIP_RESYNC = re.compile(rb"\n(" + _SIP_START.pattern + rb")")
@@ -748,18 +749,25 @@ def read_packets(path, counters: dict | None = None,
 
 
 def _pcap(mm, dec: Decoder, c: dict) -> Iterator[Packet]:
+    """The packets of a classic pcap file: a function returning the records' generator, so
+    ``read_packets`` delegates to it directly (one generator level less per packet)."""
     magic = mm[:4]
     end = "<" if magic in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1") else ">"
     # integer ticks / exact power of ten: the same instant gives the same float in every format
     div = 10**9 if magic in (b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d") else 10**6
     if len(mm) < 24:
         c["truncated"] = c.get("truncated", 0) + 1
-        return
+        return iter(())
     linktype = struct.unpack_from(end + "I", mm, 20)[0] & 0x0FFFFFFF
     rec = struct.Struct(end + "IIII").unpack_from
+    if linktype == LT_ETHERNET:
+        return _pcap_ethernet(mm, dec, c, rec, div)
+    return _pcap_records(mm, dec, c, linktype, rec, div)
+
+
+def _pcap_records(mm, dec: Decoder, c: dict, linktype: int, rec, div: int) -> Iterator[Packet]:
     off, n = 24, len(mm)
     frame = dec.frame
-    fast = dec.ether_udp4 if linktype == LT_ETHERNET else None
     while off + 16 <= n:
         sec, frac, incl, _ = rec(mm, off)
         off += 16
@@ -768,14 +776,62 @@ def _pcap(mm, dec: Decoder, c: dict) -> Iterator[Packet]:
             return
         c["frames"] += 1
         ts = (sec * div + frac) / div
-        pkt = fast(mm, off, incl, ts) if fast is not None else None
-        if pkt is not None:
-            yield pkt
-        else:
-            yield from frame(linktype, mm[off:off + incl], ts)
+        yield from frame(linktype, mm[off:off + incl], ts)
         off += incl
     if off != n:
         c["truncated"] = c.get("truncated", 0) + 1
+
+
+def _pcap_ethernet(mm, dec: Decoder, c: dict, rec, div: int) -> Iterator[Packet]:
+    """The records of an Ethernet pcap, with :meth:`Decoder.ether_udp4` written out in the loop
+    (one Python call less per frame, the two counters it bumps kept in locals until the end):
+    the same packets, and the same counters in the same key order."""
+    off, n = 24, len(mm)
+    frame = dec.frame
+    text = dec._ip4_text
+    eth_ip4_udp, new_packet, not_plain = _eth_ip4_udp, _new_packet, _UDP_NOT_PLAIN
+    frames = udp = 0
+    try:
+        while off + 16 <= n:
+            sec, frac, incl, _ = rec(mm, off)
+            off += 16
+            if off + incl > n:
+                c["truncated"] = c.get("truncated", 0) + 1
+                return
+            frames += 1
+            ts = (sec * div + frac) / div
+            if incl >= 42:
+                # the Ethernet type, the IPv4 header and the UDP ports and length in one unpack
+                etype, vihl, _, total, _, frag, _, proto, _, s, d, sp, dp, ulen = eth_ip4_udp(mm, off + 12)
+                if etype == ETH_IPV4 and vihl == 0x45 and proto == 17 and not frag & 0x3FFF \
+                        and 28 <= total <= incl - 14:
+                    if dp not in not_plain:
+                        if ulen < 8 or ulen > total - 20:
+                            ulen = total - 20  # checksum offload / jumbo: trust the IP length
+                        if not udp and "udp" not in c:
+                            c["udp"] = 0  # (where ether_udp4 would have made the key)
+                        udp += 1
+                        src = text.get(s)
+                        if src is None:
+                            if len(text) >= MAX_ADDR_CACHE:
+                                text.clear()
+                            src = text[s] = inet_ntop(AF_INET, s)
+                        dst = text.get(d)
+                        if dst is None:
+                            if len(text) >= MAX_ADDR_CACHE:
+                                text.clear()
+                            dst = text[d] = inet_ntop(AF_INET, d)
+                        yield new_packet(Packet, (ts, (src, sp), (dst, dp), "udp", mm[off + 42:off + 34 + ulen]))
+                        off += incl
+                        continue
+            yield from frame(LT_ETHERNET, mm[off:off + incl], ts)
+            off += incl
+        if off != n:
+            c["truncated"] = c.get("truncated", 0) + 1
+    finally:
+        c["frames"] += frames
+        if udp:
+            c["udp"] += udp
 
 
 def _pcapng(mm, dec: Decoder, c: dict) -> Iterator[Packet]:

@@ -31,23 +31,46 @@ from __future__ import annotations
 
 import random
 import re
-from collections import Counter
 from hashlib import blake2b
+from typing import Final
 
 from .correlation import DEFAULT as DEFAULT_CORRELATION, parse_kinds
-from .sipmsg import SipParseError, header_tag, parse
-from .state import Tracker
+from .sipmsg import SipMessage, SipParseError, header_tag, parse
+from .state import Call, Tracker
 from .tracecontext import TRACE_ID_HEADER, parse_trace_id, parse_traceparent, sampled_by_ratio
-from .stats import ACK, FROM_GATEWAY, FROM_SIGNALING, INVITE, Stats, method_index
+from .stats import ACK, FROM_GATEWAY, FROM_SIGNALING, INVITE, METHOD_INDEX, OTHER, Stats
 
+# Final: the compiled build reads these as C constants, not from the module's dict
 Addr = tuple[str, int]
 _CRLF_ONLY = frozenset(b"\r\n \t")
-TRACE_HEADERS = (b"traceparent", b"x-traceparent")
-MAX_DISTINCT = 1 << 20  # distinct INVITE Call-IDs remembered for the invite_calls figure
-MAX_METHOD_NAMES = 256  # distinct request method names counted apart; the rest under OTHER_METHODS
-OTHER_METHODS = "(other methods)"
-MEMO_MAX = 4096  # header lines remembered with what they parse to (Via branches, CSeq values)
-MEMO_LINE_MAX = 512  # bytes: longer lines (and method names over 32 bytes) are parsed every time
+TRACE_HEADERS: Final = (b"traceparent", b"x-traceparent")
+MAX_DISTINCT: Final = 1 << 20  # distinct INVITE Call-IDs remembered for the invite_calls figure
+MAX_METHOD_NAMES: Final = 256  # distinct request method names counted apart; the rest under OTHER_METHODS
+OTHER_METHODS: Final = "(other methods)"
+MEMO_MAX: Final = 4096  # header lines remembered with what they parse to (Via branches, CSeq values)
+MEMO_LINE_MAX: Final = 512  # bytes: longer lines (and method names over 32 bytes) are parsed every time
+MAX_STATUS_TEXT: Final = 1024  # status codes whose text is kept (a flood of odd codes stays bounded)
+_INVITE: Final[int] = INVITE
+_ACK: Final[int] = ACK
+_OTHER: Final[int] = OTHER
+_FROM_GATEWAY: Final[int] = FROM_GATEWAY
+_FROM_SIGNALING: Final[int] = FROM_SIGNALING
+_METHOD_INDEX: Final[dict[bytes, int]] = METHOD_INDEX
+# the headers _account reads, by their place in its table of first positions
+_VIA: Final = 0
+_CALL_ID: Final = 1
+_CSEQ: Final = 2
+_CONTENT_LENGTH: Final = 3
+_TO: Final = 4
+_FROM: Final = 5
+_TRACEPARENT: Final = 6
+_X_TRACEPARENT: Final = 7
+_X_TRACE_ID: Final = 8
+_WANTED_N: Final = 9
+_WANTED_HEADERS: Final = (b"via", b"call-id", b"cseq", b"content-length", b"to", b"from", *TRACE_HEADERS,
+                          TRACE_ID_HEADER)
+_WANTED: Final[dict[bytes, int]] = {name: i for i, name in enumerate(_WANTED_HEADERS)}
+assert len(_WANTED) == _WANTED_N
 _START_LINE = re.compile(rb"(?:([A-Za-z]+) [^ \r\n]+ SIP/2\.0\r?\n|SIP/2\.0 ([1-6]\d\d)[ \r\n])")
 
 
@@ -66,8 +89,8 @@ class Observer:
         self.corr_kinds = parse_kinds(correlation)
         self.on_sdp = on_sdp  # callable(call_id, body, src, dst, ts) for SDP offers/answers
         self.sip_messages = 0
-        self.methods: Counter = Counter()  # request method → messages (like tshark sip,stat)
-        self.statuses: Counter = Counter()  # status code → messages
+        self.methods: dict[str, int] = {}  # request method → messages (like tshark sip,stat)
+        self.statuses: dict[str, int] = {}  # status code → messages
         self.bad_content_length = 0  # counted and still analysed, as tshark does
         self.unmatched_responses = 0
         # distinct Call-IDs of INVITEs (tshark's count); a live capture that runs for weeks
@@ -80,13 +103,17 @@ class Observer:
         self.sample_ratio = 1.0  # for calls without a traceparent (the capture's span pipeline's)
         self._randbits = random.Random().getrandbits
         self._method_names: dict[bytes, str] = {}  # method as sent → its name, decoded once
+        self._status_text: dict[int, str] = {}  # status code → its text, made once
         self._via_branches: dict[bytes, bytes] = {}  # top Via line → its branch
         self._cseqs: dict[bytes, tuple[int, bytes]] = {}  # CSeq line → (number, method)
+        self._values: dict[bytes, bytes] = {}  # header line → its value (Call-ID, From, To, ...)
+        self._tags: dict[bytes, bytes] = {}  # To value → its tag (b"": none)
 
     # -- input ---------------------------------------------------------------------------
     def feed(self, payload: bytes, src: Addr, dst: Addr, ts: float, transport: str = "udp") -> bool:
         """Account one captured SIP message. Returns False (and counts why) if it is not one."""
-        if self.last_ts is None or ts > self.last_ts:
+        last = self.last_ts
+        if last is None or ts > last:
             self.last_ts = ts
         self.tracker.expire(ts)
         try:
@@ -104,7 +131,8 @@ class Observer:
             if m.group(1):
                 self._method(m.group(1).decode("ascii"))
             else:
-                self.statuses[m.group(2).decode("ascii")] += 1
+                code = m.group(2).decode("ascii")
+                self.statuses[code] = self.statuses.get(code, 0) + 1
             return True
         self.sip_messages += 1
         method = msg.method
@@ -116,7 +144,14 @@ class Observer:
                     self._method_names[method] = name
             self._method(name)
         else:
-            self.statuses[str(msg.status)] += 1
+            status = msg.status
+            text = self._status_text.get(status)
+            if text is None:
+                text = str(status)
+                if len(self._status_text) < MAX_STATUS_TEXT:
+                    self._status_text[status] = text
+            statuses = self.statuses
+            statuses[text] = statuses.get(text, 0) + 1
         try:
             self._account(msg, src, dst, ts, transport)
         except (SipParseError, ValueError, IndexError, UnicodeError):
@@ -126,39 +161,53 @@ class Observer:
     def _method(self, name: str) -> None:
         methods = self.methods
         if name in methods or len(methods) < MAX_METHOD_NAMES:
-            methods[name] += 1
+            methods[name] = methods.get(name, 0) + 1
         else:
-            methods[OTHER_METHODS] += 1  # a flood of invented method names stays bounded
+            methods[OTHER_METHODS] = methods.get(OTHER_METHODS, 0) + 1  # a flood of invented names stays bounded
 
-    def _account(self, msg, src: Addr, dst: Addr, ts: float, transport: str = "udp") -> None:
-        names = msg.names  # a name test first: SipMessage.get raises and catches when absent
-        if b"content-length" in names:
-            cl = msg.get(b"content-length")
+    def _account(self, msg: SipMessage, src: Addr, dst: Addr, ts: float, transport: str = "udp") -> None:
+        names = msg.names
+        # where the headers read below first appear: one pass over the names instead of an
+        # ``in`` and an ``index`` scan for each
+        at = [-1] * _WANTED_N
+        wanted = _WANTED
+        i = 0
+        for name in names:
+            k = wanted.get(name)
+            if k is not None and at[k] < 0:
+                at[k] = i
+            i += 1
+        if at[_CONTENT_LENGTH] >= 0:
+            cl = self._value(msg, at[_CONTENT_LENGTH])
             if not cl.isdigit() or int(cl) > len(msg.body):
                 self.bad_content_length += 1
-        call_id = msg.call_id()
-        cseq_n, cseq_m = self._cseq(msg, names)
-        branch = self._branch(msg, names)
+        call_id = self._value(msg, at[_CALL_ID]) if at[_CALL_ID] >= 0 else b""
+        if not call_id:
+            call_id = msg.call_id()  # raises: no Call-ID
+        cseq_n, cseq_m = self._cseq(msg, at[_CSEQ])
+        branch = self._branch(msg, at[_VIA])
         tracker, stats = self.tracker, self.stats
-        direction = FROM_SIGNALING if src == self.signaling else FROM_GATEWAY
-        if msg.method is None:
-            stats.responses[(min(msg.status // 100, 6) - 1) * 2 + direction] += 1
-            key = (call_id, cseq_n, cseq_m, branch, dst[0], src[0])
+        direction = _FROM_SIGNALING if src == self.signaling else _FROM_GATEWAY
+        method = msg.method
+        to_at = at[_TO]
+        if method is None:
             status = msg.status
+            stats.responses[(min(status // 100, 6) - 1) * 2 + direction] += 1
+            key = (call_id, cseq_n, cseq_m, branch, dst[0], src[0])
             # a 2xx to INVITE with another To-tag than the first one is a fork
-            to_tag = header_tag(msg.get(b"to")) if 200 <= status < 300 and cseq_m == b"INVITE" \
-                and b"to" in names else None
+            to_tag = self._tag(self._value(msg, to_at)) if 200 <= status < 300 \
+                and cseq_m == b"INVITE" and to_at >= 0 else None
             if tracker.response(key, status, ts, to_tag) is None:
                 self.unmatched_responses += 1
-            self._sdp(call_id, msg, src, dst, ts)
+            if msg.body:
+                self._sdp(call_id, msg, src, dst, ts)
             return
-        method = msg.method
-        midx = method_index(method)
+        midx = _METHOD_INDEX.get(method, _OTHER)
         stats.requests[midx * 2 + direction] += 1
         if transport == "tcp":
             stats.requests_tcp[midx * 2 + direction] += 1
-        initial = midx == INVITE and (b"to" not in names or header_tag(msg.get(b"to")) is None)
-        if midx == INVITE:
+        initial = midx == _INVITE and (to_at < 0 or self._tag(self._value(msg, to_at)) is None)
+        if midx == _INVITE:
             ids = self.invite_call_ids
             if len(ids) < MAX_DISTINCT:
                 ids.add(call_id)
@@ -166,41 +215,46 @@ class Observer:
                 self.invite_call_ids_capped = True
         call = tracker.lookup_call(call_id, initial, cseq_n)
         incoming = None
-        for name in TRACE_HEADERS:
-            if name in names:
-                incoming = parse_traceparent(msg.get(name))
-                break
+        tp_at = at[_TRACEPARENT] if at[_TRACEPARENT] >= 0 else at[_X_TRACEPARENT]
+        if tp_at >= 0:  # traceparent, else X-Traceparent (TRACE_HEADERS' order)
+            incoming = parse_traceparent(self._value(msg, tp_at))
         if call is None:
-            named, by, keys = None, "", []
+            named: Call | None = None
+            by = ""
+            keys: list[bytes] = []
             if initial and self.corr_kinds:
                 named, by = tracker.correlate(self.corr_kinds, msg, names, call_id, src, keys)
-            if incoming is None and TRACE_ID_HEADER in names:
-                tid = parse_trace_id(msg.get(TRACE_ID_HEADER))
+            if incoming is None and at[_X_TRACE_ID] >= 0:
+                tid = parse_trace_id(self._value(msg, at[_X_TRACE_ID]))
                 if tid is not None:
                     incoming = (tid, 0, -1)
+            parent: int | None = None
             if incoming is not None:
-                trace_id, parent, flags = incoming
-                parent = parent or None
+                trace_id, in_parent, flags = incoming
+                parent = in_parent or None
                 sampled = bool(flags & 1) if flags >= 0 else sampled_by_ratio(trace_id, self.sample_ratio)
             elif named is not None:
                 trace_id, parent, sampled = named.trace_id, named.span_id, named.sampled
             else:
-                trace_id, parent = derived_trace_id(call_id), None
-                sampled = sampled_by_ratio(trace_id, self.sample_ratio)
+                trace_id = derived_trace_id(call_id)
+                ratio = self.sample_ratio  # (1.0, every call sampled, asks sampled_by_ratio nothing)
+                sampled = ratio >= 1.0 or sampled_by_ratio(trace_id, ratio)
+            from_uri = self._value(msg, at[_FROM]) if at[_FROM] >= 0 else b""
+            to_uri = self._value(msg, to_at) if to_at >= 0 else b""
             call = tracker.new_call(call_id, trace_id, self._span_id(), parent, sampled, ts,
-                                    initial, msg.get(b"from") or b"", msg.get(b"to") or b"",
-                                    msg.uri)
+                                    initial, from_uri, to_uri, msg.uri)
             if named is not None:
                 tracker.join_leg(call, named, by, self._span_id() if trace_id == named.trace_id else 0)
-            for k in keys:
-                tracker.index_call(call, k)
+            for corr_key in keys:
+                tracker.index_call(call, corr_key)
         elif incoming is not None and call.trace_id != incoming[0] \
                 and call.trace_id == derived_trace_id(call_id):
             self._join(call, incoming)
-        self._sdp(call_id, msg, src, dst, ts)
+        if msg.body:
+            self._sdp(call_id, msg, src, dst, ts)
         # peer: both ends of the hop (and the transport when it is not UDP), for listings and spans
         hop = (src, dst) if transport == "udp" else (src, dst, transport)
-        if midx == ACK:
+        if midx == _ACK:
             tracker.ack(midx, method, cseq_n, call, ts, self._span_id(), direction, hop)
             return
         key = (call_id, cseq_n, cseq_m, branch, src[0], dst[0])
@@ -209,17 +263,43 @@ class Observer:
         if tx is not None:
             tracker.retransmission(tx)
         else:
-            parent = call.span_id if call.is_call else call.parent_span_id
-            tracker.request(key, midx, method, cseq_n, call, ts, self._span_id(), parent, direction,
+            parent_span = call.span_id if call.is_call else call.parent_span_id
+            tracker.request(key, midx, method, cseq_n, call, ts, self._span_id(), parent_span, direction,
                             hop, initial)
 
-    def _branch(self, msg, names) -> bytes:
-        """The top Via's branch (b"" without one). A response repeats its request's Via line
-        byte for byte, so a line seen before is not parsed again (same result: the parse is a
-        function of that line alone)."""
-        if b"via" not in names:
+    def _value(self, msg: SipMessage, i: int) -> bytes:
+        """``msg.value_at(i)``: a function of that header line alone, so the lines a capture
+        repeats (a call's Call-ID, From and To, Content-Length) are read once."""
+        line = msg.lines[i]
+        memo = self._values
+        v = memo.get(line)
+        if v is None:
+            v = _value_at(msg, i)
+            if len(line) <= MEMO_LINE_MAX:
+                if len(memo) >= MEMO_MAX:
+                    memo.clear()
+                memo[line] = v
+        return v
+
+    def _tag(self, value: bytes) -> bytes | None:
+        """``header_tag`` of a To value, remembered per value (a dialog repeats its To)."""
+        memo = self._tags
+        tag = memo.get(value)
+        if tag is None:
+            tag = header_tag(value) or b""  # (b"": no tag; header_tag never gives b"")
+            if len(value) <= MEMO_LINE_MAX:
+                if len(memo) >= MEMO_MAX:
+                    memo.clear()
+                memo[value] = tag
+        return tag or None
+
+    def _branch(self, msg: SipMessage, i: int) -> bytes:
+        """The top Via's branch (b"" without one) from the first Via line, at ``i`` (-1: none).
+        A response repeats its request's Via line byte for byte, so a line seen before is not
+        parsed again (same result: the parse is a function of that line alone)."""
+        if i < 0:
             return msg.top_via().branch or b""  # raises: no Via
-        line = msg.lines[names.index(b"via")]
+        line = msg.lines[i]
         memo = self._via_branches
         branch = memo.get(line)
         if branch is None:
@@ -230,11 +310,12 @@ class Observer:
                 memo[line] = branch
         return branch
 
-    def _cseq(self, msg, names) -> tuple[int, bytes]:
-        """(number, method) of the CSeq line; the few distinct lines of a capture are parsed once."""
-        if b"cseq" not in names:
+    def _cseq(self, msg: SipMessage, i: int) -> tuple[int, bytes]:
+        """(number, method) of the first CSeq line, at ``i`` (-1: none); the few distinct lines
+        of a capture are parsed once."""
+        if i < 0:
             return msg.cseq()  # raises: no CSeq
-        line = msg.lines[names.index(b"cseq")]
+        line = msg.lines[i]
         memo = self._cseqs
         got = memo.get(line)
         if got is None:
@@ -255,7 +336,7 @@ class Observer:
         if call.gap_span_id:
             call.gap_span_id = 0  # no longer in the named leg's trace: no B2BUA span across traces
 
-    def _sdp(self, call_id: bytes, msg, src: Addr, dst: Addr, ts: float) -> None:
+    def _sdp(self, call_id: bytes, msg: SipMessage, src: Addr, dst: Addr, ts: float) -> None:
         body = msg.body
         if not body or self.on_sdp is None:
             return
@@ -301,9 +382,25 @@ class Observer:
         return out
 
 
+def _value_at(msg: SipMessage, i: int) -> bytes:
+    """``msg.value_at(i)``, the same bytes, with ``find`` for its test of a folded line: on
+    CPython 3.11 ``x in some_bytes`` first tries ``x`` as an integer, and raising and clearing
+    that TypeError costs more than the rest of the lookup."""
+    line = msg.lines[i]
+    v = line[line.index(b":") + 1:]
+    if v.find(b"\n") >= 0:
+        return msg.value_at(i)
+    return v.strip()
+
+
+_CALL_ID_HASH: Final = blake2b(digest_size=16)  # (never updated: copied, cheaper than a new one)
+
+
 def derived_trace_id(call_id: bytes) -> int:
     """The trace id of a call seen without trace context: a hash of its Call-ID."""
-    return int.from_bytes(blake2b(call_id, digest_size=16).digest(), "big") or 1
+    h = _CALL_ID_HASH.copy()
+    h.update(call_id)
+    return int.from_bytes(h.digest(), "big") or 1
 
 
 __all__ = ["Observer", "derived_trace_id"]

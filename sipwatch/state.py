@@ -45,7 +45,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from itertools import count
-from typing import Generic, TypeVar
+from typing import Final, Generic, TypeVar, cast
 
 # Timer entries are (deadline, obj, token) and obj.qentry holds the token of its current one: an
 # int, not the tuple, so no entry and object point at each other (no reference cycle: a call's
@@ -61,8 +61,9 @@ from .stats import (
 MAX_TX_PER_CALL = 64
 MAX_LEGS = 16  # legs joined into one group; more start traces of their own (counted refused)
 MAX_FORK_TAGS = 16  # To-tags of 2xx answers remembered per INVITE (more are each counted a fork)
-COMPACT_SLACK = 1024  # stale deque entries tolerated beyond the table size before sweeping
-SWEEP_STEP = 512  # entries of one timer queue looked at per expire() while a sweep is on (~0.1 ms)
+_NEVER = float("inf")  # the deadline of an empty timer queue
+COMPACT_SLACK: Final = 1024  # stale deque entries tolerated beyond the table size before sweeping
+SWEEP_STEP: Final = 512  # entries of one timer queue looked at per expire() while a sweep is on (~0.1 ms)
 
 # Call.ended_by values
 ENDED_BY = ("bye", "final", "timeout", "cancel", "max_duration", "evicted", "replaced", "eof",
@@ -195,13 +196,16 @@ class DeadlineQueue(Generic[_T]):
     ``_done`` is older than everything in ``_rest``) and no step costs more than its budget. A
     rebuild of the whole queue at once had held the loop 1-14 ms at 1000 calls/s."""
 
-    __slots__ = ("_done", "_rest", "_left", "_added")
+    __slots__ = ("_done", "_rest", "_left", "_added", "first")
 
     def __init__(self) -> None:
         self._done: deque[tuple[float, _T, int]] = deque()  # swept in the current pass
         self._rest: deque[tuple[float, _T, int]] = deque()  # not swept yet, then newer entries
         self._left = 0  # entries at the front of _rest the current pass has still to look at
         self._added = 0  # entries appended since the last sweep step
+        # the head's deadline (inf when empty), kept with every change of the head: a tracker
+        # sees that nothing is due from one float compare per queue
+        self.first = _NEVER
 
     def __len__(self) -> int:
         return len(self._done) + len(self._rest)
@@ -209,7 +213,13 @@ class DeadlineQueue(Generic[_T]):
     def __bool__(self) -> bool:
         return bool(self._done) or bool(self._rest)
 
+    def _new_head(self) -> None:
+        done, rest = self._done, self._rest
+        self.first = done[0][0] if done else rest[0][0] if rest else _NEVER
+
     def append(self, e: tuple[float, _T, int]) -> None:
+        if not self._rest and not self._done:
+            self.first = e[0]
         self._rest.append(e)
         self._added += 1
 
@@ -218,35 +228,55 @@ class DeadlineQueue(Generic[_T]):
 
     def popleft(self) -> tuple[float, _T, int]:
         if self._done:
-            return self._done.popleft()
-        if self._left:
-            self._left -= 1
-        return self._rest.popleft()
+            e = self._done.popleft()
+        else:
+            if self._left:
+                self._left -= 1
+            e = self._rest.popleft()
+        self._new_head()
+        return e
 
     def sweeping(self) -> bool:
         return self._left > 0 or bool(self._done)
+
+    def idle_size(self) -> int:
+        """``len()`` when no sweep pass is on, else -1 (the tracker's one call per queue)."""
+        if self._left > 0 or self._done:
+            return -1
+        return len(self._rest)
 
     def start_sweep(self) -> None:
         if not self.sweeping():
             self._left = len(self._rest)
             self._added = 0
 
-    def sweep(self, live, budget: int) -> None:
+    def sweep(self, table: dict, budget: int) -> None:
         """Look at up to ``budget`` entries of the current pass, or twice what was appended
-        since the last step if that is more (so a pass always outruns the growth); ``live(entry)``
-        keeps one."""
+        since the last step if that is more (so a pass always outruns the growth). An entry is
+        kept while it is its object's current one and the object is still in ``table`` (the
+        tracker's transactions by key, or its calls by Call-ID)."""
         rest, done = self._rest, self._done
         n = min(max(budget, 2 * self._added), self._left)
         self._added = 0
         for _ in range(n):
             e = rest.popleft()
-            if live(e):
+            if _live(e, table):
                 done.append(e)
         self._left -= n
         if not self._left:  # pass over: what was appended meanwhile goes behind the swept part
             done.extend(rest)
             self._rest, self._done = done, rest
             rest.clear()
+        self._new_head()
+
+def _live(e: tuple[float, object, int], table: dict) -> bool:
+    """A timer entry still in force: the newest of its object, which is still in ``table``."""
+    obj = e[1]
+    if isinstance(obj, Transaction):
+        return obj.qentry == e[2] and table.get(obj.key) is obj
+    call = cast(Call, obj)
+    return call.qentry == e[2] and table.get(call.call_id) is call
+
 
 # timer entries: (deadline, object, token); an entry whose token is not the object's qentry is stale
 TxEntry = tuple[float, Transaction, int]
@@ -678,7 +708,15 @@ class Tracker:
 
     # -- timers ------------------------------------------------------------------------
     def expire(self, now: float) -> None:
-        """Time out unanswered transactions (Timer B/F/C) and drop state whose linger ended."""
+        """Time out unanswered transactions (Timer B/F/C) and drop state whose linger ended.
+
+        Called for every message: when no queue's head is due (the common case) only the
+        bounded sweep of stale entries runs."""
+        if now < self._tx_b.first and now < self._tx_c.first and now < self._tx_linger.first \
+                and now < self._call_short.first and now < self._call_long.first \
+                and now < self._call_linger.first:
+            self._sweep()
+            return
         txs, stats = self.transactions, self.stats
         for q in (self._tx_b, self._tx_c):
             while q and q.head()[0] <= now:
@@ -737,25 +775,33 @@ class Tracker:
         no more than SWEEP_STEP entries of each queue (amortised O(1) per entry pushed, and no
         rebuild of a whole queue in one go)."""
         txs = self.transactions
-        tq = (self._tx_b, self._tx_c, self._tx_linger)
-        if not (tq[0].sweeping() or tq[1].sweeping() or tq[2].sweeping()) and \
-                len(tq[0]) + len(tq[1]) + len(tq[2]) > 2 * len(txs) + COMPACT_SLACK:
+        q0, q1, q2 = self._tx_b, self._tx_c, self._tx_linger
+        s0, s1, s2 = q0.idle_size(), q1.idle_size(), q2.idle_size()
+        on = s0 < 0 or s1 < 0 or s2 < 0
+        if not on and s0 + s1 + s2 > 2 * len(txs) + COMPACT_SLACK:
             self.compactions += 1
-            for q in tq:
-                q.start_sweep()
-        for q in tq:
-            if q.sweeping():
-                q.sweep(lambda e: e[1].qentry == e[2] and txs.get(e[1].key) is e[1], SWEEP_STEP)
+            q0.start_sweep()
+            q1.start_sweep()
+            q2.start_sweep()
+            on = True
+        if on:
+            for q in (q0, q1, q2):
+                if q.sweeping():
+                    q.sweep(txs, SWEEP_STEP)
         calls = self.calls
-        cq = (self._call_short, self._call_long, self._call_linger)
-        if not (cq[0].sweeping() or cq[1].sweeping() or cq[2].sweeping()) and \
-                len(cq[0]) + len(cq[1]) + len(cq[2]) > 2 * len(calls) + COMPACT_SLACK:
+        c0, c1, c2 = self._call_short, self._call_long, self._call_linger
+        s0, s1, s2 = c0.idle_size(), c1.idle_size(), c2.idle_size()
+        on = s0 < 0 or s1 < 0 or s2 < 0
+        if not on and s0 + s1 + s2 > 2 * len(calls) + COMPACT_SLACK:
             self.compactions += 1
-            for c in cq:
-                c.start_sweep()
-        for c in cq:
-            if c.sweeping():
-                c.sweep(lambda e: e[1].qentry == e[2] and calls.get(e[1].call_id) is e[1], SWEEP_STEP)
+            c0.start_sweep()
+            c1.start_sweep()
+            c2.start_sweep()
+            on = True
+        if on:
+            for c in (c0, c1, c2):
+                if c.sweeping():
+                    c.sweep(calls, SWEEP_STEP)
 
     def queued(self) -> int:
         """Deadline entries held (live and stale), for tests and memory accounting."""

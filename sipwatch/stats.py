@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 METHODS = (
     b"INVITE", b"ACK", b"BYE", b"CANCEL", b"REGISTER", b"OPTIONS", b"PRACK", b"UPDATE",
     b"INFO", b"SUBSCRIBE", b"NOTIFY", b"REFER", b"MESSAGE", b"PUBLISH", b"OTHER",
@@ -83,6 +81,8 @@ class RttRing:
     """
 
     def __init__(self, size: int = 1 << 16, buckets=RTT_BUCKETS_MS):
+        import numpy as np  # here, not at the top: a capture analysis that keeps no ring never loads it
+
         self.size = size
         # numpy arrays, written through memoryviews: a memoryview item store costs about half
         # of a numpy scalar store; fold() works on the arrays themselves, no copy
@@ -115,6 +115,8 @@ class RttRing:
         n = self.n
         if not n:
             return
+        import numpy as np
+
         rtt = self.rtt[:n]
         meth = self.method[:n]
         idx = np.searchsorted(self.bounds, rtt, side="left")
@@ -129,8 +131,25 @@ class RttRing:
         self.folded_at = now
 
 
+class NoRing(RttRing):
+    """The ring of a :class:`Stats` nobody scrapes (``sipwatch analyze``, which reports RTTs from
+    its transactions): samples are not kept, and numpy is never loaded for it."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.n = 0
+
+    def add(self, midx: int, rtt_ms: float, trace_id: int) -> None:
+        pass
+
+    def fold(self, now: float = 0.0) -> None:
+        pass
+
+
 class Stats:
-    """Every counter the hot path touches, as flat lists indexed by small integers."""
+    """Every counter the hot path touches, as flat lists indexed by small integers.
+
+    ``ring_size=0``: no RTT ring (:class:`NoRing`), for a consumer that exports no metrics."""
 
     def __init__(self, ring_size: int = 1 << 16):
         nm = len(METHODS)
@@ -165,5 +184,5 @@ class Stats:
         self.overload_rejected = 0  # new dialogs answered 503 while the receive queues were long
         self.overloaded = False  # mirrors ProxyCore.overloaded for the metrics
         self.correlation = [0] * (3 * len(CORRELATION_RESULTS))  # [kind * 4 + CORR_*]
-        self.ring = RttRing(ring_size)
+        self.ring = RttRing(ring_size) if ring_size else NoRing()
         # call histograms (seconds) are fed from finished-call records off the hot path
