@@ -20,7 +20,7 @@ import sys
 import time
 
 from sipwatch.correlation import DEFAULT as DEFAULT_CORRELATION, add_correlation_argument
-from sipwatch.logs import call_summary_fields
+from sipwatch.summary import call_summary_fields
 from sipwatch.masking import MODES, mask_uri
 from sipwatch.observer import Observer
 from sipwatch.rtp import RtpAnalyzer
