@@ -233,8 +233,7 @@ def test_any_bytes_parse_the_same_with_and_without_the_accelerator(data):
 NO_C_TESTS = ["tests/test_core.py", "tests/test_hardening.py", "tests/test_hotpath.py", "tests/test_fixtures.py"]
 
 
-@pytest.mark.skipif(os.environ.get("SIPWATCH_EXPECT_COMPILED") == "1" or os.environ.get("SIPWATCH_NO_C") == "1",
-                    reason="runs once, from the pure-Python run with the accelerator")
+@pytest.mark.pure_python  # once, from the pure-Python run (the compiled run leaves pure_python out)
 def test_parser_tests_pass_without_the_accelerator():
     env = {**os.environ, "SIPWATCH_NO_C": "1"}
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *NO_C_TESTS], cwd=ROOT,
