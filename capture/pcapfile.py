@@ -112,6 +112,15 @@ _UDP_NOT_PLAIN = UDP_TUNNELS | frozenset(UDP_TUNNELS_UNDECODED)
 MAX_ADDR_CACHE = 4096
 
 
+def _ip4_text(text: dict, raw: bytes) -> str:
+    """An IPv4 address's text, remembered in ``text`` (emptied when full): a capture has few
+    addresses and many packets, so the hit (``text.get``) stays inline at the callers."""
+    if len(text) >= MAX_ADDR_CACHE:
+        text.clear()
+    t = text[raw] = inet_ntop(AF_INET, raw)
+    return t
+
+
 class Decoder:
     """Link layer → IP → UDP/TCP decoder with fragment and TCP state, one per capture."""
 
@@ -140,16 +149,8 @@ class Decoder:
         c = self.c
         c["udp"] = c.get("udp", 0) + 1
         text = self._ip4_text
-        src = text.get(s)
-        if src is None:
-            if len(text) >= MAX_ADDR_CACHE:
-                text.clear()
-            src = text[s] = inet_ntop(AF_INET, s)
-        dst = text.get(d)
-        if dst is None:
-            if len(text) >= MAX_ADDR_CACHE:
-                text.clear()
-            dst = text[d] = inet_ntop(AF_INET, d)
+        src = text.get(s) or _ip4_text(text, s)
+        dst = text.get(d) or _ip4_text(text, d)
         return _new_packet(Packet, (ts, (src, sp), (dst, dp), "udp", buf[off + 42:off + 34 + ulen]))
 
     def _count(self, name: str, n: int = 1) -> None:
@@ -811,16 +812,8 @@ def _pcap_ethernet(mm, dec: Decoder, c: dict, rec, div: int) -> Iterator[Packet]
                         if not udp and "udp" not in c:
                             c["udp"] = 0  # (where ether_udp4 would have made the key)
                         udp += 1
-                        src = text.get(s)
-                        if src is None:
-                            if len(text) >= MAX_ADDR_CACHE:
-                                text.clear()
-                            src = text[s] = inet_ntop(AF_INET, s)
-                        dst = text.get(d)
-                        if dst is None:
-                            if len(text) >= MAX_ADDR_CACHE:
-                                text.clear()
-                            dst = text[d] = inet_ntop(AF_INET, d)
+                        src = text.get(s) or _ip4_text(text, s)
+                        dst = text.get(d) or _ip4_text(text, d)
                         yield new_packet(Packet, (ts, (src, sp), (dst, dp), "udp", mm[off + 42:off + 34 + ulen]))
                         off += incl
                         continue

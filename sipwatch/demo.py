@@ -44,6 +44,19 @@ def free_port() -> int:
     raise RuntimeError("no free port")
 
 
+def _came_up(proc, metrics_port: int, timeout: float = 15.0) -> bool:
+    """True once the sidecar answers on its metrics port; False if it exits or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            _scrape(metrics_port)
+            return True
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+
+
 def _scrape(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=3) as r:
         return r.read().decode()
@@ -155,17 +168,10 @@ def main(argv: list[str] | None = None) -> int:
                          "--spans-file", str(spans_file),
                          # the demo's calls are over when it stops it: no need to wait 25 s
                          "--drain-timeout", "3", *hep_args], "sidecar", env=env)
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                _scrape(gw_metrics)
-                break
-            except OSError:
-                if sidecar.poll() is not None or time.monotonic() > deadline:
-                    sys.stderr.write((work / "sidecar.log").read_text(errors="replace"))
-                    sys.stderr.write("sipwatch demo: the sidecar did not start\n")
-                    return 1
-                time.sleep(0.1)
+        if not _came_up(sidecar, gw_metrics):
+            sys.stderr.write((work / "sidecar.log").read_text(errors="replace"))
+            sys.stderr.write("sipwatch demo: the sidecar did not start\n")
+            return 1
         sipp = ["sipp", "-i", "127.0.0.1", "-nostdin", "-m", str(calls), "-trace_err"]
         start(sipp + ["-sf", str(SCENARIOS / "uas_call.xml"), "-p", str(uas_port),
                       "-d", str(args.answer_delay_ms)], "callee")
@@ -233,16 +239,9 @@ def b2bua_demo(work: Path, calls: int, start) -> bool:
                      "--upstream", f"127.0.0.1:{b2bua_port}", "--gateway-metrics", f"127.0.0.1:{gw_metrics}",
                      "--signaling-metrics", f"127.0.0.1:{sig_metrics}", "--spans-file", str(spans_file),
                      "--drain-timeout", "3"], "b2bua-sidecar")
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            _scrape(gw_metrics)
-            break
-        except OSError:
-            if sidecar.poll() is not None or time.monotonic() > deadline:
-                sys.stderr.write("sipwatch demo: the B2BUA sidecar did not start\n")
-                return False
-            time.sleep(0.1)
+    if not _came_up(sidecar, gw_metrics):
+        sys.stderr.write("sipwatch demo: the B2BUA sidecar did not start\n")
+        return False
     sipp = ["sipp", "-i", "127.0.0.1", "-nostdin", "-m", str(calls), "-trace_err"]
     callee = start(sipp + ["-sf", str(SCENARIOS / "uas_call.xml"), "-p", str(far_port), "-d", "30"], "b2bua-callee")
     b2bua = start(sipp + ["-sf", str(SCENARIOS / "uas_b2bua.xml"), "-p", str(b2bua_port), "-d", "60",

@@ -774,11 +774,14 @@ class Tracker:
         they hold more than twice the live entries (plus COMPACT_SLACK), and each call looks at
         no more than SWEEP_STEP entries of each queue (amortised O(1) per entry pushed, and no
         rebuild of a whole queue in one go)."""
-        txs = self.transactions
-        q0, q1, q2 = self._tx_b, self._tx_c, self._tx_linger
+        self._sweep_group(self._tx_b, self._tx_c, self._tx_linger, self.transactions)
+        self._sweep_group(self._call_short, self._call_long, self._call_linger, self.calls)
+
+    def _sweep_group(self, q0: DeadlineQueue, q1: DeadlineQueue, q2: DeadlineQueue, table: dict) -> None:
+        """One group's step of :meth:`_sweep`; ``table`` holds what its live entries point at."""
         s0, s1, s2 = q0.idle_size(), q1.idle_size(), q2.idle_size()
         on = s0 < 0 or s1 < 0 or s2 < 0
-        if not on and s0 + s1 + s2 > 2 * len(txs) + COMPACT_SLACK:
+        if not on and s0 + s1 + s2 > 2 * len(table) + COMPACT_SLACK:
             self.compactions += 1
             q0.start_sweep()
             q1.start_sweep()
@@ -787,21 +790,7 @@ class Tracker:
         if on:
             for q in (q0, q1, q2):
                 if q.sweeping():
-                    q.sweep(txs, SWEEP_STEP)
-        calls = self.calls
-        c0, c1, c2 = self._call_short, self._call_long, self._call_linger
-        s0, s1, s2 = c0.idle_size(), c1.idle_size(), c2.idle_size()
-        on = s0 < 0 or s1 < 0 or s2 < 0
-        if not on and s0 + s1 + s2 > 2 * len(calls) + COMPACT_SLACK:
-            self.compactions += 1
-            c0.start_sweep()
-            c1.start_sweep()
-            c2.start_sweep()
-            on = True
-        if on:
-            for c in (c0, c1, c2):
-                if c.sweeping():
-                    c.sweep(calls, SWEEP_STEP)
+                    q.sweep(table, SWEEP_STEP)
 
     def queued(self) -> int:
         """Deadline entries held (live and stale), for tests and memory accounting."""

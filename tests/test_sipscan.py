@@ -201,33 +201,31 @@ def name_table():
     sipmsg._NAME_CACHE.update(saved)
 
 
+def _assert_same_both_ways(data: bytes) -> None:
+    """``parse`` in both modes gives the same outcome with the accelerator as without it."""
+    c_split = sipmsg._c_split
+    for check_length in (True, False):
+        try:
+            sipmsg._c_split = None
+            want = outcome(data, check_length)
+        finally:
+            sipmsg._c_split = c_split
+        assert outcome(data, check_length) == want
+
+
 @settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                                                     HealthCheck.function_scoped_fixture])
 @given(messages)
 def test_parse_is_the_same_with_and_without_the_accelerator(name_table, data):
     assert (split(data, name_table, MAX_HEADER_LINES) is not None) == plain_shape(data)
-    c_split = sipmsg._c_split
-    assert c_split is not None
-    for check_length in (True, False):
-        try:
-            sipmsg._c_split = None
-            want = outcome(data, check_length)
-        finally:
-            sipmsg._c_split = c_split
-        assert outcome(data, check_length) == want
+    assert sipmsg._c_split is not None
+    _assert_same_both_ways(data)
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=300))
 def test_any_bytes_parse_the_same_with_and_without_the_accelerator(data):
-    c_split = sipmsg._c_split
-    for check_length in (True, False):
-        try:
-            sipmsg._c_split = None
-            want = outcome(data, check_length)
-        finally:
-            sipmsg._c_split = c_split
-        assert outcome(data, check_length) == want
+    _assert_same_both_ways(data)
 
 
 NO_C_TESTS = ["tests/test_core.py", "tests/test_hardening.py", "tests/test_hotpath.py", "tests/test_fixtures.py"]
