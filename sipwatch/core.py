@@ -288,7 +288,10 @@ class ProxyCore:
         if b"via" not in names:
             raise Dropped(DROP_MISSING_HEADER)
         via_i = names.index(b"via")
-        via_vals = split_values(msg.value_at(via_i), MAX_VIAS)
+        via_value = msg.value_at(via_i)
+        if via_value.count(b",") >= MAX_VIAS:  # (see _count_vias: commas are what is counted)
+            raise Dropped(DROP_TOO_MANY_HEADERS)
+        via_vals = split_values(via_value, MAX_VIAS)
         if names.count(b"via") > 1:
             self._count_vias(msg, via_i)
         top = parse_via(via_vals[0])
@@ -473,11 +476,15 @@ class ProxyCore:
         return [(out, dest)]
 
     def _count_vias(self, msg: SipMessage, via_i: int) -> None:
-        """Raise if the Via values, across every Via line, are more than MAX_VIAS."""
+        """Raise if the Via values, across every Via line, are more than MAX_VIAS.
+
+        Values are counted by their commas, as a next hop that splits Via values counts them: a
+        quoted string (which a Via value has no place for outside a rare parameter) cannot hide
+        values from the limit."""
         n = 0
         for i, name in enumerate(msg.names):
             if name == b"via":
-                n += len(split_values(msg.value_at(i), MAX_VIAS))
+                n += msg.value_at(i).count(b",") + 1
                 if n > MAX_VIAS:
                     raise Dropped(DROP_TOO_MANY_HEADERS)
 

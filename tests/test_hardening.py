@@ -124,6 +124,23 @@ def test_too_many_vias_is_dropped():
     assert dropped(core, "too_many_headers") == 1
 
 
+@pytest.mark.parametrize("where", ["top line", "second line"])
+def test_via_values_hidden_behind_quotes_count_toward_the_limit(where):
+    """A next hop splits Via values at commas (a Via value holds no quoted string outside a rare
+    parameter): `,"a,"a...` is a hundred values to it, so the limit counts them too (a fuzz find)."""
+    core = make()
+    hidden = b',"a' * 100
+    req = invite()
+    top = req.index(b"Via: ")
+    end = req.index(b"\r\n", top)
+    if where == "top line":
+        req = req[:end] + hidden + req[end:]
+    else:
+        req = req[:end] + b"\r\nVia: SIP/2.0/UDP 10.0.0.9:5060;branch=z9hG4bK-x" + hidden + req[end:]
+    assert not forwarded(core.receive_datagram(req, GATEWAY, T0))
+    assert dropped(core, "too_many_headers") == 1
+
+
 def test_huge_route_set_naming_us_is_bounded():
     core = make()
     route = b"Route: " + b", ".join([b"<sip:10.0.0.2:5060;lr>"] * 2500)
