@@ -282,10 +282,13 @@ class ProxyCore:
         if tcp_in:
             stats.requests_tcp[midx * 2 + direction] += 1
         lines, names = msg.lines, msg.names
+        # the header names present, as received: one hash lookup per question instead of a scan
+        # of the list for each absent name (only lookups below; edits keep names in step)
+        present = set(names)
         get = msg.get
         is_ack = midx == ACK
 
-        if b"via" not in names:
+        if b"via" not in present:
             raise Dropped(DROP_MISSING_HEADER)
         via_i = names.index(b"via")
         via_value = msg.value_at(via_i)
@@ -329,7 +332,7 @@ class ProxyCore:
             return self._local(msg, top, reply, data, 503, b"Service Unavailable",
                                b"Retry-After: %d" % RETRY_AFTER)
 
-        mf_i = names.index(b"max-forwards") if b"max-forwards" in names else -1
+        mf_i = names.index(b"max-forwards") if b"max-forwards" in present else -1
         if mf_i >= 0:
             mf = msg.value_at(mf_i)
             if not mf.isdigit() or len(mf) > 3 or int(mf) > 255:
@@ -352,7 +355,7 @@ class ProxyCore:
         own_sig = None
         next_route = None
         route_tcp = False  # the last of our Route entries removed said transport=tcp
-        if b"route" in names:
+        if b"route" in present:
             next_route, own_sig, route_tcp = self._pop_own_routes(msg)
         if from_sig:
             target = next_route if next_route is not None else uri
@@ -392,13 +395,13 @@ class ProxyCore:
         call = tracker.lookup_call(call_id, initial_invite, cseq_n)
         incoming = None
         for name in self.trace_lookup:
-            if name in names:
+            if name in present:
                 incoming = parse_traceparent(msg.value_at(names.index(name)))
                 if incoming is None:
                     stats.traceparent_invalid += 1
                 break
         if call is None:
-            call = self._new_call(msg, call_id, incoming, now, initial_invite, from_val, to_val, src)
+            call = self._new_call(msg, call_id, incoming, now, initial_invite, from_val, to_val, src, present)
 
         branch = BRANCH_PREFIX + loop_part + b"." + self._branch_mac(
             top, call_id, cseq_s, from_tag, reply, dest[0])
@@ -427,7 +430,7 @@ class ProxyCore:
             trace_line = self.trace_line_fmt % tx.trace_id
         else:
             trace_line = self.trace_line_fmt % (tx.trace_id, tx.span_id, b"01" if tx.sampled else b"00")
-        if self.trace_lname in names:
+        if self.trace_lname in present:
             lines[names.index(self.trace_lname)] = trace_line
         else:
             lines.append(trace_line)
@@ -449,7 +452,7 @@ class ProxyCore:
                 rr_line = self._record_route(rr_mac, out_tcp, tcp_in)
             else:
                 rr_line = self.record_route_head + rr_mac + b">"
-            if b"record-route" in names:
+            if b"record-route" in present:
                 rr_i = names.index(b"record-route")
             else:
                 above_via.append(rr_line)
@@ -514,7 +517,7 @@ class ProxyCore:
                 names.append(lname)
 
     def _new_call(self, msg, call_id, incoming, now, is_call, from_val, to_val,
-                  src: tuple[str, int] = ("", 0)) -> Call:
+                  src: tuple[str, int] = ("", 0), present: set[bytes] | None = None) -> Call:
         """A new call entry and its trace: joined from an incoming trace header, else from the call
         a correlation header names (a B2BUA's further leg: same trace, its call span a child of the
         named leg's), else a new trace."""
@@ -522,7 +525,7 @@ class ProxyCore:
         named: Call | None = None
         by = ""
         keys: list[bytes] | None = None
-        if not self.new_dialog_names.isdisjoint(names):
+        if not self.new_dialog_names.isdisjoint(names if present is None else present):
             if is_call and self.corr_kinds:
                 keys = []
                 named, by = self.tracker.correlate(self.corr_kinds, msg, names, call_id, src, keys)
