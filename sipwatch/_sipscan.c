@@ -166,12 +166,532 @@ not_plain:
     Py_RETURN_NONE;
 }
 
+/* ---- header values -------------------------------------------------------------------------
+ * The functions below do, in one C call each, what sipmsg's header accessors did with several
+ * bytes-method calls (each of which costs more under mypyc than the work it does). Each gives
+ * exactly the Python function's result; where the Python function raises SipParseError, the C
+ * function returns None and the caller runs the Python function, which raises. */
+
+/* bytes.strip()'s whitespace: SP, HT, LF, VT, FF, CR (Py_ISSPACE). */
+static inline int ascii_space(unsigned char c)
+{
+    return c == ' ' || (c >= '\t' && c <= '\r');
+}
+
+static inline unsigned char ascii_lower(unsigned char c)
+{
+    return (c >= 'A' && c <= 'Z') ? (unsigned char)(c + 32) : c;
+}
+
+static inline unsigned char ascii_upper(unsigned char c)
+{
+    return (c >= 'a' && c <= 'z') ? (unsigned char)(c - 32) : c;
+}
+
+/* Narrow [*a, *b) of s to its stripped part. */
+static inline void strip_range(const unsigned char *s, Py_ssize_t *a, Py_ssize_t *b)
+{
+    while (*a < *b && ascii_space(s[*a]))
+        (*a)++;
+    while (*b > *a && ascii_space(s[*b - 1]))
+        (*b)--;
+}
+
+static PyObject *bytes_of(const unsigned char *s, Py_ssize_t a, Py_ssize_t b)
+{
+    return PyBytes_FromStringAndSize((const char *)(s + a), b - a);
+}
+
+static PyObject *lower_bytes_of(const unsigned char *s, Py_ssize_t a, Py_ssize_t b)
+{
+    PyObject *out = PyBytes_FromStringAndSize(NULL, b - a);
+    if (out == NULL)
+        return NULL;
+    unsigned char *d = (unsigned char *)PyBytes_AS_STRING(out);
+    for (Py_ssize_t i = a; i < b; i++)
+        *d++ = ascii_lower(s[i]);
+    return out;
+}
+
+static int need_bytes(PyObject *o, const char *what)
+{
+    if (PyBytes_Check(o))
+        return 0;
+    PyErr_Format(PyExc_TypeError, "%s must be bytes, not %.100s", what, Py_TYPE(o)->tp_name);
+    return -1;
+}
+
+/* names.index(name, start) or -1; -2 with an exception set. The names the parser stores are
+ * bytes, compared by identity, then length and bytes; anything else as list.index would. */
+static Py_ssize_t find_name(PyObject *names, PyObject *name, Py_ssize_t start)
+{
+    const int plain = PyBytes_CheckExact(name);
+    const char *nb = plain ? PyBytes_AS_STRING(name) : NULL;
+    const Py_ssize_t nl = plain ? PyBytes_GET_SIZE(name) : 0;
+    if (start < 0)
+        start = 0;
+    for (Py_ssize_t i = start; i < PyList_GET_SIZE(names); i++) {
+        PyObject *item = PyList_GET_ITEM(names, i);
+        if (item == name)
+            return i;
+        if (plain && PyBytes_CheckExact(item)) {
+            if (PyBytes_GET_SIZE(item) == nl && memcmp(PyBytes_AS_STRING(item), nb, (size_t)nl) == 0)
+                return i;
+            continue;
+        }
+        Py_INCREF(item);
+        int r = PyObject_RichCompareBool(item, name, Py_EQ);
+        Py_DECREF(item);
+        if (r < 0)
+            return -2;
+        if (r)
+            return i;
+    }
+    return -1;
+}
+
+/* SipMessage.value_at of one line: the value after the first colon, stripped; folded lines
+ * (with LF) joined as the Python code joins them: each LF-separated piece stripped, pieces
+ * joined with one SP, the whole stripped. No colon: ValueError, as bytes.index raises. */
+static PyObject *line_value(PyObject *line)
+{
+    if (need_bytes(line, "header line") < 0)
+        return NULL;
+    const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(line);
+    const Py_ssize_t n = PyBytes_GET_SIZE(line);
+    const unsigned char *colon = memchr(s, ':', (size_t)n);
+    if (colon == NULL) {
+        PyErr_SetString(PyExc_ValueError, "subsection not found");
+        return NULL;
+    }
+    Py_ssize_t a = colon - s + 1, b = n;
+    if (memchr(s + a, '\n', (size_t)(b - a)) == NULL) {
+        strip_range(s, &a, &b);
+        return bytes_of(s, a, b);
+    }
+    unsigned char *buf = PyMem_Malloc((size_t)(b - a) + 1);
+    if (buf == NULL)
+        return PyErr_NoMemory();
+    Py_ssize_t len = 0, p = a;
+    for (;;) {
+        const unsigned char *lf = memchr(s + p, '\n', (size_t)(b - p));
+        Py_ssize_t pa = p, pb = lf ? lf - s : b;
+        const Py_ssize_t next = pb + 1;
+        strip_range(s, &pa, &pb);
+        memcpy(buf + len, s + pa, (size_t)(pb - pa));
+        len += pb - pa;
+        if (lf == NULL)
+            break;
+        buf[len++] = ' ';
+        p = next;
+    }
+    Py_ssize_t ra = 0, rb = len;
+    strip_range(buf, &ra, &rb);
+    PyObject *out = bytes_of(buf, ra, rb);
+    PyMem_Free(buf);
+    return out;
+}
+
+static int list_arg(PyObject *o, const char *what)
+{
+    if (PyList_Check(o))
+        return 0;
+    PyErr_Format(PyExc_TypeError, "%s must be a list", what);
+    return -1;
+}
+
+/* index(names, name, start) -> int: names.index(name, start), or -1 */
+static PyObject *
+sipscan_index(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "index(names, name, start) takes 3 arguments");
+        return NULL;
+    }
+    if (list_arg(args[0], "names") < 0)
+        return NULL;
+    Py_ssize_t start = PyLong_AsSsize_t(args[2]);
+    if (start == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t i = find_name(args[0], args[1], start);
+    if (i == -2)
+        return NULL;
+    return PyLong_FromSsize_t(i);
+}
+
+/* value(line) -> bytes: SipMessage.value_at of that line */
+static PyObject *
+sipscan_value(PyObject *module, PyObject *line)
+{
+    (void)module;
+    return line_value(line);
+}
+
+/* get(lines, names, name) -> bytes or None: SipMessage.get */
+static PyObject *
+sipscan_get(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "get(lines, names, name) takes 3 arguments");
+        return NULL;
+    }
+    if (list_arg(args[0], "lines") < 0 || list_arg(args[1], "names") < 0)
+        return NULL;
+    Py_ssize_t i = find_name(args[1], args[2], 0);
+    if (i == -2)
+        return NULL;
+    if (i < 0)
+        Py_RETURN_NONE;
+    if (i >= PyList_GET_SIZE(args[0])) {
+        PyErr_SetString(PyExc_IndexError, "list index out of range");
+        return NULL;
+    }
+    PyObject *line = PyList_GET_ITEM(args[0], i);
+    Py_INCREF(line);
+    PyObject *out = line_value(line);
+    Py_DECREF(line);
+    return out;
+}
+
+/* split_values(value, limit) -> list, or None where the Python split raises (an unclosed
+ * quote or <, more than limit values when limit is not 0). The same cut as sipmsg's _ELEMENT
+ * pattern: after a run of separators (ASCII whitespace, commas), an element is a run of quoted
+ * strings (backslash escapes any byte but LF), <...> and bytes other than , " <; it must end
+ * at a comma or at the end; it is kept stripped, when not empty. */
+static PyObject *
+sipscan_split_values(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "split_values(value, limit) takes 2 arguments");
+        return NULL;
+    }
+    PyObject *value = args[0];
+    if (need_bytes(value, "value") < 0)
+        return NULL;
+    Py_ssize_t limit = PyLong_AsSsize_t(args[1]);
+    if (limit == -1 && PyErr_Occurred())
+        return NULL;
+    const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(value);
+    const Py_ssize_t n = PyBytes_GET_SIZE(value);
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    if (memchr(s, ',', (size_t)n) == NULL) {
+        if (PyList_Append(out, value) < 0)
+            goto fail;
+        return out;
+    }
+    Py_ssize_t pos = 0;
+    while (pos < n) {
+        Py_ssize_t p = pos;
+        while (p < n && (ascii_space(s[p]) || s[p] == ','))
+            p++;
+        const Py_ssize_t first = p;
+        while (p < n) {
+            const unsigned char c = s[p];
+            if (c == ',')
+                break;
+            if (c == '"') {
+                Py_ssize_t q = p + 1;
+                while (q < n && s[q] != '"') {
+                    if (s[q] == '\\') {
+                        if (q + 1 >= n || s[q + 1] == '\n')
+                            break;
+                        q += 2;
+                    }
+                    else
+                        q++;
+                }
+                if (q >= n || s[q] != '"')
+                    break; /* no closing quote: the element stops here */
+                p = q + 1;
+            }
+            else if (c == '<') {
+                const unsigned char *gt = memchr(s + p + 1, '>', (size_t)(n - p - 1));
+                if (gt == NULL)
+                    break;
+                p = gt - s + 1;
+            }
+            else
+                p++;
+        }
+        if (p == first) {
+            if (p == n)
+                break; /* only separators left */
+            goto raises;
+        }
+        if (p < n && s[p] != ',')
+            goto raises;
+        Py_ssize_t a = first, b = p;
+        strip_range(s, &a, &b);
+        if (a < b) {
+            PyObject *v = bytes_of(s, a, b);
+            if (v == NULL)
+                goto fail;
+            int r = PyList_Append(out, v);
+            Py_DECREF(v);
+            if (r < 0)
+                goto fail;
+            if (limit != 0 && PyList_GET_SIZE(out) > limit)
+                goto raises;
+        }
+        pos = p + 1;
+    }
+    return out;
+raises:
+    Py_DECREF(out);
+    Py_RETURN_NONE;
+fail:
+    Py_DECREF(out);
+    return NULL;
+}
+
+/* Parameters ";a=1;b;c=2" of s[a:b] into a new dict, as sipmsg.parse_params. */
+static PyObject *params_of(const unsigned char *s, Py_ssize_t a, Py_ssize_t b)
+{
+    PyObject *out = PyDict_New();
+    if (out == NULL)
+        return NULL;
+    Py_ssize_t p = a;
+    for (;;) {
+        const unsigned char *semi = memchr(s + p, ';', (size_t)(b - p));
+        const Py_ssize_t end = semi ? semi - s : b;
+        const unsigned char *eq = memchr(s + p, '=', (size_t)(end - p));
+        PyObject *key = NULL, *val = NULL;
+        if (eq != NULL) {
+            Py_ssize_t ka = p, kb = eq - s, va = kb + 1, vb = end;
+            strip_range(s, &ka, &kb);
+            strip_range(s, &va, &vb);
+            key = lower_bytes_of(s, ka, kb);
+            val = key ? bytes_of(s, va, vb) : NULL;
+        }
+        else {
+            Py_ssize_t ka = p, kb = end;
+            strip_range(s, &ka, &kb);
+            if (ka < kb) {
+                key = lower_bytes_of(s, ka, kb);
+                val = Py_None;
+                Py_INCREF(val);
+            }
+        }
+        if (eq != NULL || key != NULL || val != NULL) {
+            if (key == NULL || val == NULL || PyDict_SetItem(out, key, val) < 0) {
+                Py_XDECREF(key);
+                Py_XDECREF(val);
+                Py_DECREF(out);
+                return NULL;
+            }
+            Py_DECREF(key);
+            Py_DECREF(val);
+        }
+        if (semi == NULL)
+            break;
+        p = end + 1;
+    }
+    return out;
+}
+
+/* parse_params(s) -> dict: sipmsg.parse_params */
+static PyObject *
+sipscan_parse_params(PyObject *module, PyObject *arg)
+{
+    (void)module;
+    if (need_bytes(arg, "s") < 0)
+        return NULL;
+    return params_of((const unsigned char *)PyBytes_AS_STRING(arg), 0, PyBytes_GET_SIZE(arg));
+}
+
+/* header_tag(value) -> bytes or None: sipmsg.header_tag */
+static PyObject *
+sipscan_header_tag(PyObject *module, PyObject *value)
+{
+    (void)module;
+    if (value == Py_None)
+        Py_RETURN_NONE;
+    if (need_bytes(value, "value") < 0)
+        return NULL;
+    const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(value);
+    const Py_ssize_t n = PyBytes_GET_SIZE(value);
+    Py_ssize_t t = n;
+    while (t > 0 && s[t - 1] != '>')
+        t--;
+    /* t: the start of the tail (0 when there is no '>') */
+    for (Py_ssize_t i = t; i + 5 <= n; i++) {
+        if (s[i] == ';' && ascii_lower(s[i + 1]) == 't' && ascii_lower(s[i + 2]) == 'a' &&
+            ascii_lower(s[i + 3]) == 'g' && s[i + 4] == '=') {
+            Py_ssize_t a = i + 5, b = n;
+            const unsigned char *semi = memchr(s + a, ';', (size_t)(b - a));
+            if (semi != NULL)
+                b = semi - s;
+            strip_range(s, &a, &b);
+            if (a == b)
+                Py_RETURN_NONE;
+            return bytes_of(s, a, b);
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+/* cseq(value) -> (int, bytes) or None: SipMessage.cseq of that value, None where it raises */
+static PyObject *
+sipscan_cseq(PyObject *module, PyObject *value)
+{
+    (void)module;
+    if (need_bytes(value, "value") < 0)
+        return NULL;
+    const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(value);
+    const Py_ssize_t n = PyBytes_GET_SIZE(value);
+    Py_ssize_t p = 0;
+    while (p < n && ascii_space(s[p]))
+        p++;
+    const Py_ssize_t da = p;
+    long long number = 0;
+    while (p < n && s[p] >= '0' && s[p] <= '9') {
+        if (p - da >= 10)
+            Py_RETURN_NONE; /* more than 10 digits: out of range */
+        number = number * 10 + (s[p] - '0');
+        p++;
+    }
+    if (p == da || p >= n || !ascii_space(s[p]) || number >= (1LL << 31))
+        Py_RETURN_NONE;
+    while (p < n && ascii_space(s[p]))
+        p++;
+    const Py_ssize_t ma = p;
+    while (p < n && ((s[p] >= 'A' && s[p] <= 'Z') || (s[p] >= 'a' && s[p] <= 'z')))
+        p++;
+    const Py_ssize_t mb = p;
+    while (p < n && ascii_space(s[p]))
+        p++;
+    if (mb == ma || p != n)
+        Py_RETURN_NONE;
+    PyObject *method = PyBytes_FromStringAndSize(NULL, mb - ma);
+    if (method == NULL)
+        return NULL;
+    unsigned char *d = (unsigned char *)PyBytes_AS_STRING(method);
+    for (Py_ssize_t i = ma; i < mb; i++)
+        *d++ = ascii_upper(s[i]);
+    PyObject *num = PyLong_FromLongLong(number);
+    if (num == NULL) {
+        Py_DECREF(method);
+        return NULL;
+    }
+    PyObject *out = PyTuple_Pack(2, num, method);
+    Py_DECREF(num);
+    Py_DECREF(method);
+    return out;
+}
+
+/* via(value) -> (transport, host, port or None, params) or None: the parts sipmsg.parse_via
+ * builds its Via from, for a value spelled "SIP/2.0/<transport> <sent-by>[;params]"; None for
+ * any other spelling and wherever parse_via raises. */
+static PyObject *
+sipscan_via(PyObject *module, PyObject *value)
+{
+    (void)module;
+    if (need_bytes(value, "value") < 0)
+        return NULL;
+    const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(value);
+    const Py_ssize_t n = PyBytes_GET_SIZE(value);
+    const unsigned char *sp = memchr(s, ' ', (size_t)n);
+    if (sp == NULL)
+        Py_RETURN_NONE;
+    const Py_ssize_t proto_end = sp - s;
+    if (proto_end < 8 || memcmp(s, "SIP/2.0/", 8) != 0)
+        Py_RETURN_NONE;
+    Py_ssize_t ra = proto_end + 1, rb = n;
+    strip_range(s, &ra, &rb);
+    if (ra == rb)
+        Py_RETURN_NONE;
+    const unsigned char *semi = memchr(s + ra, ';', (size_t)(rb - ra));
+    Py_ssize_t ha = ra, hb = semi ? semi - s : rb;
+    strip_range(s, &ha, &hb);
+    /* split_hostport: "[v6]:port" or "host:port"; no port is None */
+    Py_ssize_t host_end, pa, pb = hb;
+    if (ha < hb && s[ha] == '[') {
+        const unsigned char *close = memchr(s + ha, ']', (size_t)(hb - ha));
+        if (close == NULL)
+            Py_RETURN_NONE;
+        host_end = close - s + 1;
+        pa = (host_end < hb && s[host_end] == ':') ? host_end + 1 : hb;
+    }
+    else {
+        const unsigned char *colon = memchr(s + ha, ':', (size_t)(hb - ha));
+        host_end = colon ? colon - s : hb;
+        pa = colon ? host_end + 1 : hb;
+    }
+    if (host_end == ha)
+        Py_RETURN_NONE; /* no host: parse_via raises */
+    long port = 0;
+    if (pa < pb) {
+        if (pb - pa > 5)
+            Py_RETURN_NONE;
+        for (Py_ssize_t i = pa; i < pb; i++) {
+            if (s[i] < '0' || s[i] > '9')
+                Py_RETURN_NONE;
+            port = port * 10 + (s[i] - '0');
+        }
+        if (port <= 0 || port >= 65536)
+            Py_RETURN_NONE;
+    }
+    PyObject *transport = NULL, *host = NULL, *port_obj = NULL, *params = NULL, *out = NULL;
+    if (proto_end - 8 == 3 && memcmp(s + 8, "UDP", 3) == 0)
+        transport = bytes_of(s, 8, proto_end);
+    else {
+        transport = PyBytes_FromStringAndSize(NULL, proto_end - 8);
+        if (transport != NULL) {
+            unsigned char *d = (unsigned char *)PyBytes_AS_STRING(transport);
+            for (Py_ssize_t i = 8; i < proto_end; i++)
+                *d++ = ascii_upper(s[i]);
+        }
+    }
+    if (transport == NULL)
+        goto done;
+    host = bytes_of(s, ha, host_end);
+    if (host == NULL)
+        goto done;
+    if (pa < pb)
+        port_obj = PyLong_FromLong(port);
+    else {
+        port_obj = Py_None;
+        Py_INCREF(port_obj);
+    }
+    if (port_obj == NULL)
+        goto done;
+    params = semi ? params_of(s, semi - s, rb) : PyDict_New();
+    if (params == NULL)
+        goto done;
+    out = PyTuple_Pack(4, transport, host, port_obj, params);
+done:
+    Py_XDECREF(transport);
+    Py_XDECREF(host);
+    Py_XDECREF(port_obj);
+    Py_XDECREF(params);
+    return out;
+}
+
 static PyMethodDef sipscan_methods[] = {
     {"split", (PyCFunction)(void (*)(void))sipscan_split, METH_FASTCALL,
      "split(data, names, max_lines) -> (start, lines, names, body) or None\n\n"
      "The start line, header lines and body of a plain SIP message (CRLF line ends, printable\n"
      "ASCII head, no folds, at most max_lines lines, every 'Name:' a key of names, whose values\n"
      "are returned as the names); None for any other message."},
+    {"index", (PyCFunction)(void (*)(void))sipscan_index, METH_FASTCALL,
+     "index(names, name, start) -> names.index(name, start), or -1 when it is not there"},
+    {"value", (PyCFunction)sipscan_value, METH_O,
+     "value(line) -> SipMessage.value_at of that header line"},
+    {"get", (PyCFunction)(void (*)(void))sipscan_get, METH_FASTCALL,
+     "get(lines, names, name) -> SipMessage.get: the first such header's value, or None"},
+    {"split_values", (PyCFunction)(void (*)(void))sipscan_split_values, METH_FASTCALL,
+     "split_values(value, limit) -> sipmsg.split_values, or None where that raises"},
+    {"parse_params", (PyCFunction)sipscan_parse_params, METH_O, "parse_params(s) -> sipmsg.parse_params"},
+    {"header_tag", (PyCFunction)sipscan_header_tag, METH_O, "header_tag(value) -> sipmsg.header_tag"},
+    {"cseq", (PyCFunction)sipscan_cseq, METH_O,
+     "cseq(value) -> (number, METHOD) as SipMessage.cseq, or None where that raises"},
+    {"via", (PyCFunction)sipscan_via, METH_O,
+     "via(value) -> (transport, host, port, params) of a plain Via value, or None"},
     {NULL, NULL, 0, NULL},
 };
 

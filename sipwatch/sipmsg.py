@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Callable, Optional
+from types import ModuleType
+from typing import Callable, Final, Optional
 
 from .stats import (
     DROP_BAD_CONTENT_LENGTH, DROP_BAD_VIA, DROP_CONTROL_BYTES, DROP_MALFORMED_HEADER, DROP_MISSING_HEADER,
@@ -76,6 +77,33 @@ CSEQ_LIMIT = 1 << 31
 _MAX_MESSAGE = 65535
 
 
+def _load_accelerator() -> Optional[ModuleType]:
+    if os.environ.get("SIPWATCH_NO_C") == "1":
+        return None
+    try:
+        from . import _sipscan as loaded
+    except ImportError:  # built without a C compiler: the Python path does it all
+        return None
+    return loaded
+
+
+# The C versions of the header accessors below (one C call each instead of several bytes-method
+# calls); each answers exactly as the Python function it stands for, or None where that raises.
+# Final, so that compiled code reads them as C statics rather than module attributes.
+_sipscan = _load_accelerator()
+_c_index: Final[Callable[[list[bytes], bytes, int], int] | None] = _sipscan.index if _sipscan else None
+_c_value: Final[Callable[[bytes], bytes] | None] = _sipscan.value if _sipscan else None
+_c_get: Final[Callable[[list[bytes], list[bytes], bytes], bytes | None] | None] = _sipscan.get if _sipscan else None
+_c_split_values: Final[Callable[[bytes, int], list[bytes] | None] | None] = \
+    _sipscan.split_values if _sipscan else None
+_c_parse_params: Final[Callable[[bytes], dict[bytes, bytes | None]] | None] = \
+    _sipscan.parse_params if _sipscan else None
+_c_header_tag: Final[Callable[[bytes | None], bytes | None] | None] = _sipscan.header_tag if _sipscan else None
+_c_cseq: Final[Callable[[bytes], tuple[int, bytes] | None] | None] = _sipscan.cseq if _sipscan else None
+_Parts = tuple[bytes, bytes, Optional[int], dict[bytes, Optional[bytes]]]
+_c_via: Final[Callable[[bytes], _Parts | None] | None] = _sipscan.via if _sipscan else None
+
+
 class SipMessage:
     """One parsed SIP message. ``lines``/``names`` are parallel lists (raw line, lowercase name)."""
 
@@ -98,12 +126,16 @@ class SipMessage:
     # -- header access -------------------------------------------------------------------
     def index(self, name: bytes) -> int:
         """Index of the first header line called ``name`` (lowercase long form), or -1."""
+        if _c_index is not None:
+            return _c_index(self.names, name, 0)
         try:
             return self.names.index(name)
         except ValueError:
             return -1
 
     def value_at(self, i: int) -> bytes:
+        if _c_value is not None:
+            return _c_value(self.lines[i])
         line = self.lines[i]
         v = line[line.index(b":") + 1:]
         if v.find(b"\n") >= 0:  # folded: continuation lines join with a single space
@@ -112,6 +144,8 @@ class SipMessage:
 
     def get(self, name: bytes) -> bytes | None:
         """Value of the first header line called ``name`` (lowercase long form)."""
+        if _c_get is not None:
+            return _c_get(self.lines, self.names, name)
         try:
             line = self.lines[self.names.index(name)]
         except ValueError:
@@ -139,6 +173,10 @@ class SipMessage:
         v = self.get(b"cseq")
         if v is None:
             raise SipParseError("missing CSeq", DROP_MISSING_HEADER)
+        if _c_cseq is not None:
+            got = _c_cseq(v)
+            if got is not None:
+                return got
         parts = v.split()
         if len(parts) != 2 or not parts[0].isdigit() or not parts[1].isalpha():
             raise SipParseError(f"bad CSeq {v[:40]!r}", DROP_MISSING_HEADER)
@@ -188,12 +226,8 @@ _NAME_CACHE_MAX = 1024
 
 _Split = Callable[[bytes, dict[bytes, bytes], int], Optional[tuple[bytes, list[bytes], list[bytes], bytes]]]
 _c_split: _Split | None = None
-if os.environ.get("SIPWATCH_NO_C") != "1":
-    try:
-        from ._sipscan import split as _loaded_split
-        _c_split = _loaded_split
-    except ImportError:  # built without a C compiler: the Python path does it all
-        pass
+if _sipscan is not None:
+    _c_split = _sipscan.split
 
 
 # A header name is an RFC 3261 §25.1 token (no "^" or "|", unlike HTTP); the caller cut it at the colon.
@@ -303,6 +337,16 @@ def _split_general(data: bytes, check_length: bool) -> tuple[bytes, list[bytes],
     return start, raw, found, body  # type: ignore[return-value]  # (no None in it)
 
 
+def _name_index(names: list[bytes], name: bytes, start: int) -> int:
+    """``names.index(name, start)``, or -1."""
+    if _c_index is not None:
+        return _c_index(names, name, start)
+    try:
+        return names.index(name, start)
+    except ValueError:
+        return -1
+
+
 def parse(data: bytes, check_length: bool = True) -> SipMessage:
     """Parse one SIP datagram. Raises :class:`SipParseError` with a reason for anything else.
 
@@ -343,9 +387,9 @@ def parse(data: bytes, check_length: bool = True) -> SipMessage:
     if names is None:
         raw, names = _header_lines(raw)
     msg = SipMessage(start, method, uri, status, raw, names, body)
-    if check_length and b"content-length" in names:
-        i = names.index(b"content-length")
-        if b"content-length" in names[i + 1:]:
+    i = _name_index(names, b"content-length", 0) if check_length else -1
+    if i >= 0:
+        if _name_index(names, b"content-length", i + 1) >= 0:
             raise SipParseError("more than one Content-Length", DROP_BAD_CONTENT_LENGTH)
         cl = msg.value_at(i)
         if not cl.isdigit() or len(cl) > MAX_CONTENT_LENGTH_DIGITS:
@@ -370,9 +414,19 @@ _SEPARATORS = re.compile(rb"[\s,]*+")
 def split_values(value: bytes, limit: int = 0) -> list[bytes]:
     """Split a comma-separated header value, ignoring commas in quotes and <...>.
 
-    Linear in the value (the scanning is a regex in C). An unclosed quote or ``<`` raises, so
-    nothing can hide a comma from the splitter. With ``limit``, raises
-    :class:`SipParseError` (too many headers) as soon as there are more values than that."""
+    Linear in the value. An unclosed quote or ``<`` raises, so nothing can hide a comma from the
+    splitter. With ``limit``, raises :class:`SipParseError` (too many headers) as soon as there
+    are more values than that."""
+    if _c_split_values is not None:
+        out = _c_split_values(value, limit)
+        if out is not None:
+            return out
+    return _split_values_py(value, limit)
+
+
+def _split_values_py(value: bytes, limit: int = 0) -> list[bytes]:
+    """:func:`split_values` in Python (the scanning is a regex in C): the reference for the C
+    split, and the path that raises."""
     if value.find(b",") < 0:
         return [value]
     out: list[bytes] = []
@@ -400,6 +454,12 @@ def split_values(value: bytes, limit: int = 0) -> list[bytes]:
 
 def parse_params(s: bytes) -> dict[bytes, bytes | None]:
     """``;a=1;b;c=2`` → {b'a': b'1', b'b': None, b'c': b'2'} (names lowercased)."""
+    if _c_parse_params is not None:
+        return _c_parse_params(s)
+    return _parse_params_py(s)
+
+
+def _parse_params_py(s: bytes) -> dict[bytes, bytes | None]:
     out: dict[bytes, bytes | None] = {}
     for p in s.split(b";"):
         # stripping the name and value separately is the same as stripping ``p`` first
@@ -441,6 +501,15 @@ class Via:
 
 
 def parse_via(value: bytes) -> Via:
+    """One Via value (``SIP/2.0/UDP host:port;params``, spacing around the slashes tolerated)."""
+    if _c_via is not None:
+        parts = _c_via(value)
+        if parts is not None:
+            return Via(parts[0], parts[1], parts[2], parts[3], value)
+    return _parse_via_py(value)
+
+
+def _parse_via_py(value: bytes) -> Via:
     proto, _, rest = value.partition(b" ")
     rest = rest.strip()
     if not rest or not (proto.startswith(b"SIP/2.0/") or proto.upper().startswith(b"SIP/2.0/")):
@@ -505,6 +574,12 @@ def uri_hostport(uri: bytes) -> tuple[bytes, int | None, dict]:
 
 def header_tag(value: bytes | None) -> bytes | None:
     """The ``tag`` parameter of a From/To value (parameters after the closing ``>``)."""
+    if _c_header_tag is not None:
+        return _c_header_tag(value)
+    return _header_tag_py(value)
+
+
+def _header_tag_py(value: bytes | None) -> bytes | None:
     if not value:
         return None
     gt = value.rfind(b">")
