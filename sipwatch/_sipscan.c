@@ -228,8 +228,11 @@ static Py_ssize_t find_name(PyObject *names, PyObject *name, Py_ssize_t start)
     const int plain = PyBytes_CheckExact(name);
     const char *nb = plain ? PyBytes_AS_STRING(name) : NULL;
     const Py_ssize_t nl = plain ? PyBytes_GET_SIZE(name) : 0;
-    if (start < 0)
-        start = 0;
+    if (start < 0) { /* from the end, as list.index counts it */
+        start += PyList_GET_SIZE(names);
+        if (start < 0)
+            start = 0;
+    }
     for (Py_ssize_t i = start; i < PyList_GET_SIZE(names); i++) {
         PyObject *item = PyList_GET_ITEM(names, i);
         if (item == name)

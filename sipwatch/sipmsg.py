@@ -136,11 +136,7 @@ class SipMessage:
     def value_at(self, i: int) -> bytes:
         if _c_value is not None:
             return _c_value(self.lines[i])
-        line = self.lines[i]
-        v = line[line.index(b":") + 1:]
-        if v.find(b"\n") >= 0:  # folded: continuation lines join with a single space
-            v = b" ".join(part.strip() for part in v.replace(b"\r\n", b"\n").split(b"\n"))
-        return v.strip()
+        return _line_value_py(self.lines[i])
 
     def get(self, name: bytes) -> bytes | None:
         """Value of the first header line called ``name`` (lowercase long form)."""
@@ -150,10 +146,7 @@ class SipMessage:
             line = self.lines[self.names.index(name)]
         except ValueError:
             return None
-        v = line[line.index(b":") + 1:]  # value_at, inlined: get() is on every hot path
-        if v.find(b"\n") >= 0:
-            v = b" ".join(part.strip() for part in v.replace(b"\r\n", b"\n").split(b"\n"))
-        return v.strip()
+        return _line_value_py(line)
 
     def get_all(self, name: bytes) -> list[bytes]:
         """All comma-separated values of every ``name`` header, in order."""
@@ -177,12 +170,7 @@ class SipMessage:
             got = _c_cseq(v)
             if got is not None:
                 return got
-        parts = v.split()
-        if len(parts) != 2 or not parts[0].isdigit() or not parts[1].isalpha():
-            raise SipParseError(f"bad CSeq {v[:40]!r}", DROP_MISSING_HEADER)
-        if len(parts[0]) > 10 or int(parts[0]) >= CSEQ_LIMIT:  # RFC 3261 §8.1.1.5: < 2**31
-            raise SipParseError(f"CSeq out of range {v[:40]!r}", DROP_OUT_OF_RANGE)
-        return int(parts[0]), parts[1].upper()
+        return _cseq_py(v)
 
     def top_via(self) -> "Via":
         i = self.index(b"via")
@@ -193,6 +181,25 @@ class SipMessage:
     # -- serialisation -------------------------------------------------------------------
     def to_bytes(self) -> bytes:
         return b"".join((self.start, b"\r\n", b"\r\n".join(self.lines), b"\r\n\r\n", self.body))
+
+
+def _line_value_py(line: bytes) -> bytes:
+    """The value of a header line, stripped, folded lines joined with one SP (the reference
+    for the C ``value``)."""
+    v = line[line.index(b":") + 1:]
+    if v.find(b"\n") >= 0:  # folded: continuation lines join with a single space
+        v = b" ".join(part.strip() for part in v.replace(b"\r\n", b"\n").split(b"\n"))
+    return v.strip()
+
+
+def _cseq_py(v: bytes) -> tuple[int, bytes]:
+    """Number and method of a CSeq value (the reference for the C ``cseq``, and what raises)."""
+    parts = v.split()
+    if len(parts) != 2 or not parts[0].isdigit() or not parts[1].isalpha():
+        raise SipParseError(f"bad CSeq {v[:40]!r}", DROP_MISSING_HEADER)
+    if len(parts[0]) > 10 or int(parts[0]) >= CSEQ_LIMIT:  # RFC 3261 §8.1.1.5: < 2**31
+        raise SipParseError(f"CSeq out of range {v[:40]!r}", DROP_OUT_OF_RANGE)
+    return int(parts[0]), parts[1].upper()
 
 
 def _canonical_name(raw: bytes) -> bytes:
