@@ -76,94 +76,262 @@ static Py_ssize_t scan_head(const unsigned char *s, Py_ssize_t n, Py_ssize_t max
     return -1;
 }
 
-/* split(data, names, max_lines) -> (start, lines, names, body) or None */
-static PyObject *
-sipscan_split(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
-{
-    (void)module;
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "split(data, names, max_lines) takes 3 arguments");
-        return NULL;
-    }
-    PyObject *data = args[0], *table = args[1];
-    if (!PyDict_Check(table)) {
-        PyErr_SetString(PyExc_TypeError, "split: names must be a dict");
-        return NULL;
-    }
-    Py_ssize_t max_lines = PyLong_AsSsize_t(args[2]);
-    if (max_lines == -1 && PyErr_Occurred())
-        return NULL;
-    if (!PyBytes_CheckExact(data) || max_lines < 1)
-        Py_RETURN_NONE;
+static inline void strip_range(const unsigned char *s, Py_ssize_t *a, Py_ssize_t *b);
+static PyObject *bytes_of(const unsigned char *s, Py_ssize_t a, Py_ssize_t b);
 
+/* The cut of a plain message: 1 with start, lines, names and body set (new references), 0 when
+ * the message is not the plain shape, -1 with an exception set (out of memory). */
+static int split_plain(PyObject *data, PyObject *table, Py_ssize_t max_lines, PyObject **start_out,
+                       PyObject **lines_out, PyObject **names_out, PyObject **body_out)
+{
+    if (!PyBytes_CheckExact(data) || max_lines < 1)
+        return 0;
     const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(data);
     const Py_ssize_t n = PyBytes_GET_SIZE(data);
     Py_ssize_t n_lines = 0;
     const Py_ssize_t head_end = scan_head(s, n, max_lines, &n_lines);
     if (head_end < 0)
-        Py_RETURN_NONE;
+        return 0;
 
     /* From here the head s[0:head_end] is known to be lines of printable ASCII/HT separated
      * by CR LF, every CR being the first byte of a CR LF. */
-    PyObject *start = NULL, *lines = NULL, *names = NULL, *body = NULL, *result = NULL;
+    PyObject *start = NULL, *lines = NULL, *names = NULL, *body = NULL;
+    int result = -1;
     const Py_ssize_t n_headers = n_lines - 1;
     lines = PyList_New(n_headers);
     names = PyList_New(n_headers);
     if (lines == NULL || names == NULL)
-        goto fail;
+        goto done;
 
     const unsigned char *cr = memchr(s, '\r', (size_t)head_end);
     Py_ssize_t end = cr ? cr - s : head_end;
     start = PyBytes_FromStringAndSize((const char *)s, end);
     if (start == NULL)
-        goto fail;
+        goto done;
     Py_ssize_t pos = end + 2;
     for (Py_ssize_t k = 0; k < n_headers; k++) {
-        if (pos > head_end) /* cannot happen after scan_head; kept as a bound */
-            goto not_plain;
+        if (pos > head_end) { /* cannot happen after scan_head; kept as a bound */
+            result = 0;
+            goto done;
+        }
         cr = memchr(s + pos, '\r', (size_t)(head_end - pos));
         end = cr ? cr - s : head_end;
         const unsigned char *colon = memchr(s + pos, ':', (size_t)(end - pos));
-        if (colon == NULL || colon == s + pos)
-            goto not_plain;
+        if (colon == NULL || colon == s + pos) {
+            result = 0;
+            goto done;
+        }
         PyObject *key = PyBytes_FromStringAndSize((const char *)(s + pos), colon - (s + pos) + 1);
         if (key == NULL)
-            goto fail;
+            goto done;
         PyObject *name = PyDict_GetItemWithError(table, key); /* borrowed */
         Py_DECREF(key);
         if (name == NULL) {
             if (PyErr_Occurred()) {
-                if (!PyErr_ExceptionMatches(PyExc_MemoryError))
-                    PyErr_Clear();
-                else
-                    goto fail;
+                if (PyErr_ExceptionMatches(PyExc_MemoryError))
+                    goto done;
+                PyErr_Clear();
             }
-            goto not_plain;
+            result = 0;
+            goto done;
         }
         Py_INCREF(name);
         PyList_SET_ITEM(names, k, name);
         PyObject *line = PyBytes_FromStringAndSize((const char *)(s + pos), end - pos);
         if (line == NULL)
-            goto fail;
+            goto done;
         PyList_SET_ITEM(lines, k, line);
         pos = end + 2;
     }
     body = PyBytes_FromStringAndSize((const char *)(s + head_end + 4), n - head_end - 4);
     if (body == NULL)
-        goto fail;
-    result = PyTuple_Pack(4, start, lines, names, body);
-    /* PyTuple_Pack takes its own references; on failure result is NULL with MemoryError set */
-fail:
+        goto done;
+    *start_out = start;
+    *lines_out = lines;
+    *names_out = names;
+    *body_out = body;
+    return 1;
+done:
     Py_XDECREF(start);
     Py_XDECREF(lines);
     Py_XDECREF(names);
-    Py_XDECREF(body);
     return result;
-not_plain:
-    Py_XDECREF(start);
-    Py_XDECREF(lines);
-    Py_XDECREF(names);
-    Py_RETURN_NONE;
+}
+
+static int split_args(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, const char *usage,
+                      Py_ssize_t *max_lines)
+{
+    if (nargs != want) {
+        PyErr_SetString(PyExc_TypeError, usage);
+        return -1;
+    }
+    if (!PyDict_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "names must be a dict");
+        return -1;
+    }
+    *max_lines = PyLong_AsSsize_t(args[2]);
+    if (*max_lines == -1 && PyErr_Occurred())
+        return -1;
+    return 0;
+}
+
+/* split(data, names, max_lines) -> (start, lines, names, body) or None */
+static PyObject *
+sipscan_split(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    Py_ssize_t max_lines;
+    if (split_args(args, nargs, 3, "split(data, names, max_lines) takes 3 arguments", &max_lines) < 0)
+        return NULL;
+    PyObject *start, *lines, *names, *body;
+    const int r = split_plain(args[0], args[1], max_lines, &start, &lines, &names, &body);
+    if (r <= 0) {
+        if (r < 0)
+            return NULL;
+        Py_RETURN_NONE;
+    }
+    PyObject *result = PyTuple_Pack(4, start, lines, names, body);
+    Py_DECREF(start);
+    Py_DECREF(lines);
+    Py_DECREF(names);
+    Py_DECREF(body);
+    return result;
+}
+
+static inline int all_digits(const unsigned char *s, Py_ssize_t a, Py_ssize_t b)
+{
+    if (a >= b)
+        return 0;
+    for (Py_ssize_t i = a; i < b; i++)
+        if (s[i] < '0' || s[i] > '9')
+            return 0;
+    return 1;
+}
+
+/* parse(data, names, max_lines, max_cl_digits, check_length)
+ *   -> (start, method, uri, status, lines, names, body, truncated) or None
+ * sipmsg.parse of a plain message (see split) whose start line and Content-Length that
+ * function accepts: the same parts, with the start line of a status line without reason phrase
+ * given its SP and the body cut to Content-Length (check_length only). None for every other
+ * message, the ones sipmsg.parse refuses among them: the caller parses those itself. */
+static PyObject *
+sipscan_parse(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    Py_ssize_t max_lines;
+    if (split_args(args, nargs, 5, "parse(data, names, max_lines, max_cl_digits, check_length) takes 5 arguments",
+                   &max_lines) < 0)
+        return NULL;
+    const Py_ssize_t max_digits = PyLong_AsSsize_t(args[3]);
+    if (max_digits == -1 && PyErr_Occurred())
+        return NULL;
+    const int check_length = PyObject_IsTrue(args[4]);
+    if (check_length < 0)
+        return NULL;
+    PyObject *start, *lines, *names, *body;
+    const int r = split_plain(args[0], args[1], max_lines, &start, &lines, &names, &body);
+    if (r <= 0) {
+        if (r < 0)
+            return NULL;
+        Py_RETURN_NONE;
+    }
+    PyObject *method = NULL, *uri = NULL, *status = NULL, *result = NULL, *truncated = Py_False;
+    int plain = 0;
+    /* the start line (RFC 3261 §7.1/§7.2), as sipmsg.parse checks it */
+    const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(start);
+    const Py_ssize_t n = PyBytes_GET_SIZE(start);
+    if (n >= 7 && memcmp(s, "SIP/2.0", 7) == 0) {
+        if (n < 11 || s[7] != ' ' || !all_digits(s, 8, 11) || (n > 11 && s[11] != ' ') || s[8] == '0')
+            goto out; /* also "SIP/2.0 099": a status below 100 */
+        status = PyLong_FromLong((s[8] - '0') * 100 + (s[9] - '0') * 10 + (s[10] - '0'));
+        if (status == NULL)
+            goto out;
+        if (n == 11) { /* "SIP/2.0 500": the SP before the (empty) reason phrase is added */
+            PyObject *repaired = PyBytes_FromStringAndSize(NULL, 12);
+            if (repaired == NULL)
+                goto out;
+            memcpy(PyBytes_AS_STRING(repaired), s, 11);
+            PyBytes_AS_STRING(repaired)[11] = ' ';
+            Py_SETREF(start, repaired);
+        }
+        method = Py_None;
+        Py_INCREF(method);
+        uri = Py_None;
+        Py_INCREF(uri);
+    }
+    else {
+        const unsigned char *sp1 = memchr(s, ' ', (size_t)n);
+        if (sp1 == NULL)
+            goto out;
+        const Py_ssize_t m_end = sp1 - s, u_start = m_end + 1;
+        const unsigned char *sp2 = memchr(s + u_start, ' ', (size_t)(n - u_start));
+        if (sp2 == NULL)
+            goto out;
+        const Py_ssize_t u_end = sp2 - s;
+        if (n - u_end - 1 != 7 || memcmp(s + u_end + 1, "SIP/2.0", 7) != 0)
+            goto out; /* (a third SP would be in these 7 bytes) */
+        if (u_end == u_start || memchr(s + u_start, '\t', (size_t)(u_end - u_start)) != NULL || m_end == 0)
+            goto out;
+        for (Py_ssize_t i = 0; i < m_end; i++)
+            if (!((s[i] >= 'A' && s[i] <= 'Z') || (s[i] >= 'a' && s[i] <= 'z')))
+                goto out;
+        method = bytes_of(s, 0, m_end);
+        uri = method ? bytes_of(s, u_start, u_end) : NULL;
+        status = uri ? PyLong_FromLong(0) : NULL;
+        if (status == NULL)
+            goto out;
+    }
+    if (check_length) {
+        /* one Content-Length, all digits, no longer than max_digits, no more than the body */
+        Py_ssize_t at = -1;
+        for (Py_ssize_t k = 0; k < PyList_GET_SIZE(names); k++) {
+            PyObject *name = PyList_GET_ITEM(names, k);
+            if (!PyBytes_Check(name))
+                goto out; /* (the caller's table holds bytes; anything else is its business) */
+            if (PyBytes_GET_SIZE(name) == 14 && memcmp(PyBytes_AS_STRING(name), "content-length", 14) == 0) {
+                if (at >= 0)
+                    goto out;
+                at = k;
+            }
+        }
+        if (at >= 0) {
+            PyObject *line = PyList_GET_ITEM(lines, at);
+            const unsigned char *ls = (const unsigned char *)PyBytes_AS_STRING(line);
+            const unsigned char *colon = memchr(ls, ':', (size_t)PyBytes_GET_SIZE(line));
+            if (colon == NULL)
+                goto out;
+            Py_ssize_t a = colon - ls + 1, b = PyBytes_GET_SIZE(line);
+            strip_range(ls, &a, &b);
+            if (!all_digits(ls, a, b) || b - a > max_digits || b - a > 18)
+                goto out;
+            long long cl = 0;
+            for (Py_ssize_t i = a; i < b; i++)
+                cl = cl * 10 + (ls[i] - '0');
+            const Py_ssize_t body_len = PyBytes_GET_SIZE(body);
+            if (cl > (long long)body_len)
+                goto out;
+            if (cl < (long long)body_len) {
+                PyObject *cut = PyBytes_FromStringAndSize(PyBytes_AS_STRING(body), (Py_ssize_t)cl);
+                if (cut == NULL)
+                    goto out;
+                Py_SETREF(body, cut);
+                truncated = Py_True;
+            }
+        }
+    }
+    plain = 1;
+    result = PyTuple_Pack(8, start, method, uri, status, lines, names, body, truncated);
+out:
+    Py_DECREF(start);
+    Py_DECREF(lines);
+    Py_DECREF(names);
+    Py_DECREF(body);
+    Py_XDECREF(method);
+    Py_XDECREF(uri);
+    Py_XDECREF(status);
+    if (!plain && !PyErr_Occurred())
+        Py_RETURN_NONE;
+    return result;
 }
 
 /* ---- header values -------------------------------------------------------------------------
@@ -681,6 +849,10 @@ static PyMethodDef sipscan_methods[] = {
      "The start line, header lines and body of a plain SIP message (CRLF line ends, printable\n"
      "ASCII head, no folds, at most max_lines lines, every 'Name:' a key of names, whose values\n"
      "are returned as the names); None for any other message."},
+    {"parse", (PyCFunction)(void (*)(void))sipscan_parse, METH_FASTCALL,
+     "parse(data, names, max_lines, max_cl_digits, check_length)\n"
+     "-> (start, method, uri, status, lines, names, body, truncated) of a plain message sipmsg.parse\n"
+     "accepts, else None"},
     {"index", (PyCFunction)(void (*)(void))sipscan_index, METH_FASTCALL,
      "index(names, name, start) -> names.index(name, start), or -1 when it is not there"},
     {"value", (PyCFunction)sipscan_value, METH_O,

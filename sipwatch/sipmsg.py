@@ -232,7 +232,12 @@ for _n in _COMMON_NAMES + tuple(COMPACT_FORMS):
 _NAME_CACHE_MAX = 1024
 
 _Split = Callable[[bytes, dict[bytes, bytes], int], Optional[tuple[bytes, list[bytes], list[bytes], bytes]]]
+_Parse = Callable[[bytes, dict[bytes, bytes], int, int, bool], Optional[
+    tuple[bytes, Optional[bytes], Optional[bytes], int, list[bytes], list[bytes], bytes, bool]]]
+# _c_split is the switch of the C scan of a plain message (the tests set it to None to compare):
+# parse asks _c_parse, which also checks the start line and Content-Length, only while it is set.
 _c_split: _Split | None = None
+_c_parse: Final[_Parse | None] = _sipscan.parse if _sipscan else None
 if _sipscan is not None:
     _c_split = _sipscan.split
 
@@ -365,6 +370,12 @@ def parse(data: bytes, check_length: bool = True) -> SipMessage:
     """
     if check_length and len(data) > _MAX_MESSAGE:  # the observer gets TCP messages capped by its reader
         raise SipParseError("datagram larger than 65535 bytes", DROP_TOO_LARGE)
+    if _c_split is not None and _c_parse is not None:  # the common message, parsed in one C call
+        parsed = _c_parse(data, _NAME_CACHE, MAX_HEADER_LINES, MAX_CONTENT_LENGTH_DIGITS, check_length)
+        if parsed is not None:
+            msg = SipMessage(parsed[0], parsed[1], parsed[2], parsed[3], parsed[4], parsed[5], parsed[6])
+            msg.truncated = parsed[7]
+            return msg
     names: list[bytes] | None
     split = _c_split(data, _NAME_CACHE, MAX_HEADER_LINES) if _c_split is not None else None
     if split is not None:  # the common message, already cut and its names looked up

@@ -207,7 +207,7 @@ def test_get_raises_as_the_python_get_does():
 
 def test_accessors_on_a_parsed_message():
     """RFC 3261 §24.2 F1, read through the message accessors (which use C here)."""
-    from tests.test_sipscan import RFC_F1
+    from test_sipscan import RFC_F1
     m = parse(RFC_F1)
     assert m.cseq() == (1, b"INVITE")
     assert m.call_id() == b"3848276298220188511@atlanta.example.com"
@@ -216,3 +216,39 @@ def test_accessors_on_a_parsed_message():
     assert (via.transport, via.host, via.port, via.branch) == (b"TCP", b"client.atlanta.example.com", 5060,
                                                                b"z9hG4bK74bf9")
     assert m.get(b"max-forwards") == b"70" and m.get(b"route") is None
+
+
+# -- parse of a plain message: start line and Content-Length checked in C too --------------------
+
+START_PIECES = [b"SIP/2.0", b" ", b"  ", b"\t", b"200", b"099", b"100", b"699", b"999", b"20", b"2000", b"OK",
+                b"INVITE", b"invite", b"INV1TE", b"sip:a@b", b"sip:a\tb", b"SIP/2.0x", b"SIP/2.00", b"sip/2.0",
+                b"", b"x"]
+CL_VALUE = st.sampled_from([b"0", b"3", b"10", b"1234567", b"12345678", b"0000003", b"", b" ", b"3 ", b"-1", b"x",
+                            b"99999999999999999999999"])
+
+
+@st.composite
+def plain_messages(draw):
+    start = b"".join(draw(st.lists(st.sampled_from(START_PIECES), min_size=1, max_size=6)))
+    lines = [b"Via: SIP/2.0/UDP h;branch=z9hG4bK1", b"CSeq: 1 INVITE"]
+    for _ in range(draw(st.integers(0, 2))):
+        at = draw(st.integers(0, len(lines)))
+        lines.insert(at, draw(st.sampled_from([b"Content-Length:", b"l:", b"content-length: "])) + draw(CL_VALUE))
+    return b"\r\n".join([start, *lines]) + b"\r\n\r\n" + draw(st.binary(max_size=12))
+
+
+@SETTINGS
+@given(plain_messages())
+def test_parse_of_plain_messages_is_the_same_with_and_without_c(data):
+    from test_sipscan import _assert_same_both_ways
+    _assert_same_both_ways(data)
+
+
+@pytest.mark.parametrize("start", [b"SIP/2.0 500", b"SIP/2.0 500 ", b"SIP/2.0 180 Ringing", b"OPTIONS sip:a SIP/2.0"])
+def test_plain_start_lines_take_the_c_parse(start):
+    data = start + b"\r\nCSeq: 1 OPTIONS\r\nContent-Length: 2\r\n\r\nabc"
+    got = _sipscan.parse(data, sipmsg._NAME_CACHE, sipmsg.MAX_HEADER_LINES, sipmsg.MAX_CONTENT_LENGTH_DIGITS, True)
+    assert got is not None
+    assert got[0] == (b"SIP/2.0 500 " if start == b"SIP/2.0 500" else start)  # RFC 3261 §7.2: SP required
+    assert got[6:] == (b"ab", True)  # cut to Content-Length (RFC 3261 §18.3)
+    assert _sipscan.parse(data, sipmsg._NAME_CACHE, sipmsg.MAX_HEADER_LINES, 7, False)[6:] == (b"abc", False)
