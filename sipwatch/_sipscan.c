@@ -79,6 +79,69 @@ static Py_ssize_t scan_head(const unsigned char *s, Py_ssize_t n, Py_ssize_t max
 static inline void strip_range(const unsigned char *s, Py_ssize_t *a, Py_ssize_t *b);
 static PyObject *bytes_of(const unsigned char *s, Py_ssize_t a, Py_ssize_t b);
 
+/* The canonical name of the spelling s[0:len] ("Name:", colon included) in the caller's table:
+ * a borrowed reference, or NULL (with an exception set only when that is not a miss).
+ *
+ * Looking the spelling up in the dict needs a bytes key made, hashed and freed for every header
+ * line: about half of a plain message's scan. Up to CPython 3.11 a dict's version tag changes
+ * with every change of any dict, so a small cache of the answers, emptied whenever the table is
+ * another object or its version moved, gives the dict's answer without asking it. */
+#if PY_VERSION_HEX < 0x030C0000
+#define NAME_SLOTS 128
+#define NAME_SLOT_BYTES 32
+static struct name_slot {
+    Py_ssize_t len; /* 0: empty */
+    char key[NAME_SLOT_BYTES];
+    PyObject *name; /* strong */
+} name_slots[NAME_SLOTS];
+static PyObject *name_table; /* strong */
+static uint64_t name_table_version;
+
+static void name_cache_reset(PyObject *table)
+{
+    for (int i = 0; i < NAME_SLOTS; i++) {
+        name_slots[i].len = 0;
+        Py_CLEAR(name_slots[i].name);
+    }
+    Py_INCREF(table);
+    Py_XSETREF(name_table, table);
+    name_table_version = ((PyDictObject *)table)->ma_version_tag;
+}
+#endif
+
+static PyObject *canonical_name(PyObject *table, const unsigned char *s, Py_ssize_t len)
+{
+#if PY_VERSION_HEX < 0x030C0000
+    struct name_slot *slot = NULL;
+    if (len <= NAME_SLOT_BYTES) {
+        if (table != name_table || ((PyDictObject *)table)->ma_version_tag != name_table_version)
+            name_cache_reset(table);
+        uint32_t h = 2166136261u; /* FNV-1a */
+        for (Py_ssize_t i = 0; i < len; i++)
+            h = (h ^ s[i]) * 16777619u;
+        slot = &name_slots[(h ^ (h >> 16)) & (NAME_SLOTS - 1)];
+        if (slot->len == len && memcmp(slot->key, s, (size_t)len) == 0)
+            return slot->name;
+    }
+#endif
+    PyObject *key = PyBytes_FromStringAndSize((const char *)s, len);
+    if (key == NULL)
+        return NULL;
+    PyObject *name = PyDict_GetItemWithError(table, key); /* borrowed */
+    Py_DECREF(key);
+#if PY_VERSION_HEX < 0x030C0000
+    /* (a key's __eq__ could have changed the table meanwhile: keep only an answer of this version) */
+    if (name != NULL && slot != NULL && table == name_table &&
+        ((PyDictObject *)table)->ma_version_tag == name_table_version) {
+        Py_INCREF(name);
+        Py_XSETREF(slot->name, name);
+        memcpy(slot->key, s, (size_t)len);
+        slot->len = len;
+    }
+#endif
+    return name;
+}
+
 /* The cut of a plain message: 1 with start, lines, names and body set (new references), 0 when
  * the message is not the plain shape, -1 with an exception set (out of memory). */
 static int split_plain(PyObject *data, PyObject *table, Py_ssize_t max_lines, PyObject **start_out,
@@ -121,11 +184,7 @@ static int split_plain(PyObject *data, PyObject *table, Py_ssize_t max_lines, Py
             result = 0;
             goto done;
         }
-        PyObject *key = PyBytes_FromStringAndSize((const char *)(s + pos), colon - (s + pos) + 1);
-        if (key == NULL)
-            goto done;
-        PyObject *name = PyDict_GetItemWithError(table, key); /* borrowed */
-        Py_DECREF(key);
+        PyObject *name = canonical_name(table, s + pos, colon - (s + pos) + 1); /* borrowed */
         if (name == NULL) {
             if (PyErr_Occurred()) {
                 if (PyErr_ExceptionMatches(PyExc_MemoryError))

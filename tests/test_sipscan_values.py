@@ -252,3 +252,26 @@ def test_plain_start_lines_take_the_c_parse(start):
     assert got[0] == (b"SIP/2.0 500 " if start == b"SIP/2.0 500" else start)  # RFC 3261 §7.2: SP required
     assert got[6:] == (b"ab", True)  # cut to Content-Length (RFC 3261 §18.3)
     assert _sipscan.parse(data, sipmsg._NAME_CACHE, sipmsg.MAX_HEADER_LINES, 7, False)[6:] == (b"abc", False)
+
+
+def test_the_scan_answers_as_the_name_table_does_after_every_change():
+    """The scan keeps the table's answers for the spellings it met; any change of the table (or
+    another table) must show at once."""
+    data = b"OPTIONS sip:a SIP/2.0\r\nVia: x\r\nTo: y\r\nX-New: 1\r\n\r\n"
+    table = {b"Via:": b"via", b"To:": b"to"}
+    assert _sipscan.split(data, table, 100) is None  # X-New: is not in the table
+    table[b"X-New:"] = b"x-new"
+    assert _sipscan.split(data, table, 100)[2] == [b"via", b"to", b"x-new"]
+    table[b"Via:"] = b"changed"
+    assert _sipscan.split(data, table, 100)[2] == [b"changed", b"to", b"x-new"]
+    other = {b"Via:": b"v", b"To:": b"t", b"X-New:": b"n"}
+    assert _sipscan.split(data, other, 100)[2] == [b"v", b"t", b"n"]
+    assert _sipscan.split(data, table, 100)[2] == [b"changed", b"to", b"x-new"]
+    del table[b"To:"]
+    assert _sipscan.split(data, table, 100) is None
+    table.clear()
+    table.update(other)
+    assert _sipscan.split(data, table, 100)[2] == [b"v", b"t", b"n"]
+    long_name = b"X-" + b"a" * 60 + b":"  # longer than what the cache keeps: looked up each time
+    table[long_name] = b"long"
+    assert _sipscan.split(data.replace(b"X-New:", long_name), table, 100)[2] == [b"v", b"t", b"long"]
