@@ -202,12 +202,22 @@ def _cseq_py(v: bytes) -> tuple[int, bytes]:
     return int(parts[0]), parts[1].upper()
 
 
+# The lowercase long names the proxy asks for, as literals: compiled, a module's bytes literals
+# are the same objects as the other compiled modules' equal literals, so ``b"via" in msg.names``
+# there finds its match by identity, without comparing bytes.
+_KNOWN_NAMES = (
+    b"via", b"max-forwards", b"from", b"to", b"call-id", b"cseq", b"contact", b"content-type",
+    b"content-length", b"route", b"record-route", b"traceparent", b"x-traceparent",
+)
+_INTERNED: dict[bytes, bytes] = {n: n for n in _KNOWN_NAMES + tuple(COMPACT_FORMS.values())}
+
+
 def _canonical_name(raw: bytes) -> bytes:
     """Lowercase long form of a header name as written (``raw`` without the colon)."""
     name = raw.strip().lower()
     if len(name) == 1:
         name = COMPACT_FORMS.get(name, name)
-    return name
+    return _INTERNED.get(name, name)
 
 
 # Header names as they are commonly written, *including the colon*, mapped to their canonical
