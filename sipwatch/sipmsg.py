@@ -72,9 +72,9 @@ COMPACT_FORMS = {
     b"a": b"accept-contact", b"j": b"reject-contact", b"d": b"request-disposition",
 }
 
-_SIP20 = b"SIP/2.0"
-CSEQ_LIMIT = 1 << 31
-_MAX_MESSAGE = 65535
+_SIP20: Final = b"SIP/2.0"
+CSEQ_LIMIT: Final = 1 << 31
+_MAX_MESSAGE: Final = 65535
 
 
 def _load_accelerator() -> Optional[ModuleType]:
@@ -100,6 +100,8 @@ _c_parse_params: Final[Callable[[bytes], dict[bytes, bytes | None]] | None] = \
     _sipscan.parse_params if _sipscan else None
 _c_header_tag: Final[Callable[[bytes | None], bytes | None] | None] = _sipscan.header_tag if _sipscan else None
 _c_cseq: Final[Callable[[bytes], tuple[int, bytes] | None] | None] = _sipscan.cseq if _sipscan else None
+_c_serialize: Final[Callable[[bytes, list[bytes], bytes], bytes | None] | None] = \
+    _sipscan.serialize if _sipscan else None
 _Parts = tuple[bytes, bytes, Optional[int], dict[bytes, Optional[bytes]]]
 _c_via: Final[Callable[[bytes], _Parts | None] | None] = _sipscan.via if _sipscan else None
 
@@ -180,6 +182,10 @@ class SipMessage:
 
     # -- serialisation -------------------------------------------------------------------
     def to_bytes(self) -> bytes:
+        if _c_serialize is not None:
+            out = _c_serialize(self.start, self.lines, self.body)
+            if out is not None:
+                return out
         return b"".join((self.start, b"\r\n", b"\r\n".join(self.lines), b"\r\n\r\n", self.body))
 
 
@@ -235,11 +241,11 @@ _COMMON_NAMES = (
     b"Content-Disposition", b"Accept-Language", b"Accept-Encoding", b"traceparent",
     b"Traceparent", b"X-Traceparent", b"X-traceparent",
 )
-_NAME_CACHE: dict[bytes, bytes] = {}
+_NAME_CACHE: Final[dict[bytes, bytes]] = {}
 for _n in _COMMON_NAMES + tuple(COMPACT_FORMS):
     for _spelling in (_n, _n.lower()):
         _NAME_CACHE[_spelling + b":"] = _canonical_name(_spelling)
-_NAME_CACHE_MAX = 1024
+_NAME_CACHE_MAX: Final = 1024
 
 _Split = Callable[[bytes, dict[bytes, bytes], int], Optional[tuple[bytes, list[bytes], list[bytes], bytes]]]
 _Parse = Callable[[bytes, dict[bytes, bytes], int, int, bool], Optional[
@@ -258,8 +264,8 @@ _FOLD = re.compile(rb"[ \t]*\r?\n[ \t]+")
 _FOLD_START = re.compile(rb"\n[ \t]")  # one pass; bytes.find of "\n " is slow (SP is everywhere)
 # Control bytes (HT excepted): in a header section only the CR and LF of line ends may appear.
 _CONTROLS = bytes(range(0, 9)) + bytes(range(10, 32)) + b"\x7f"
-MAX_HEADER_LINES = 1000  # a 64 KB datagram of tiny headers stays bounded in list sizes
-MAX_CONTENT_LENGTH_DIGITS = 7
+MAX_HEADER_LINES: Final = 1000  # a 64 KB datagram of tiny headers stays bounded in list sizes
+MAX_CONTENT_LENGTH_DIGITS: Final = 7
 
 
 def _header_lines(raw: list[bytes]) -> tuple[list[bytes], list[bytes]]:

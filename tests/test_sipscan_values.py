@@ -275,3 +275,17 @@ def test_the_scan_answers_as_the_name_table_does_after_every_change():
     long_name = b"X-" + b"a" * 60 + b":"  # longer than what the cache keeps: looked up each time
     table[long_name] = b"long"
     assert _sipscan.split(data.replace(b"X-New:", long_name), table, 100)[2] == [b"v", b"t", b"long"]
+
+
+@SETTINGS
+@given(VALUE, st.lists(VALUE, max_size=6), VALUE)
+def test_serialize(start, lines, body):
+    assert _sipscan.serialize(start, lines, body) == b"".join((start, b"\r\n", b"\r\n".join(lines), b"\r\n\r\n",
+                                                                 body))
+
+
+def test_serialize_leaves_other_types_to_the_join():
+    assert _sipscan.serialize(b"s", [b"a", bytearray(b"b")], b"") is None
+    assert _sipscan.serialize(b"s", (b"a",), b"") is None
+    m = SipMessage(b"OPTIONS sip:a SIP/2.0", b"OPTIONS", b"sip:a", 0, [b"To: a", bytearray(b"X: b")], [b"to", b"x"], b"")
+    assert m.to_bytes() == b"OPTIONS sip:a SIP/2.0\r\nTo: a\r\nX: b\r\n\r\n"
