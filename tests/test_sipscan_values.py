@@ -188,6 +188,7 @@ def test_index_and_get(names, name, start):
     i = names.index(name) if name in names else -1
     assert _sipscan.get(lines, names, name) == (None if i < 0 else b"v%d" % i)
     assert msg.index(name) == i
+    assert msg.index(name, start) == want
 
 
 def test_index_compares_other_objects_as_list_index_does():
