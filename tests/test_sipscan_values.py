@@ -290,3 +290,49 @@ def test_serialize_leaves_other_types_to_the_join():
     assert _sipscan.serialize(b"s", (b"a",), b"") is None
     m = SipMessage(b"OPTIONS sip:a SIP/2.0", b"OPTIONS", b"sip:a", 0, [b"To: a", bytearray(b"X: b")], [b"to", b"x"], b"")
     assert m.to_bytes() == b"OPTIONS sip:a SIP/2.0\r\nTo: a\r\nX: b\r\n\r\n"
+
+
+def _calls(data: bytes, table: dict[bytes, bytes]) -> None:
+    """Every C function on one input, on the paths that answer, say None and raise."""
+    lines, names = [b"Via: " + data, b"To: x;tag=1", b"CSeq: 1 INVITE"], [b"via", b"to", b"cseq"]
+    _sipscan.parse(b"INVITE sip:a SIP/2.0\r\nVia: " + data + b"\r\nContent-Length: 0\r\n\r\n", table, 100, 7, True)
+    _sipscan.split(b"SIP/2.0 200 OK\r\nVia: " + data + b"\r\n\r\n", table, 100)
+    _sipscan.split_values(data, 2)
+    _sipscan.parse_params(data)
+    _sipscan.header_tag(data)
+    _sipscan.cseq(data)
+    _sipscan.via(data)
+    _sipscan.get(lines, names, b"to")
+    _sipscan.index(names, b"cseq", 0)
+    _sipscan.serialize(data, lines, data)
+    try:
+        _sipscan.value(data)
+    except ValueError:
+        pass
+
+
+LEAK_INPUTS = [b"SIP/2.0/UDP h:5060;branch=z9hG4bK1;rport, SIP/2.0/UDP b", b'"a, b" <sip:x>;tag=y, <z', b"1 INVITE",
+               b"X: a\r\n b", b"", b"\xff,\x00,", b";a=1;b;C=3;=4", b"SIP/2.0/UDP h:99999"]
+
+
+def test_no_reference_or_memory_is_kept():
+    """Refcounts of the inputs and of the table's names are back where they were after many
+    calls, and memory does not grow with the number of calls."""
+    import gc
+    import sys
+    import tracemalloc
+    table = {b"Via:": b"via", b"Content-Length:": b"content-length"}
+    for data in LEAK_INPUTS:
+        _calls(data, table)
+    before = [sys.getrefcount(x) for x in [*LEAK_INPUTS, *table.values()]]
+    gc.collect()
+    tracemalloc.start()
+    start = tracemalloc.get_traced_memory()[0]
+    for _ in range(2000):
+        for data in LEAK_INPUTS:
+            _calls(data, table)
+    gc.collect()
+    grown = tracemalloc.get_traced_memory()[0] - start
+    tracemalloc.stop()
+    assert [sys.getrefcount(x) for x in [*LEAK_INPUTS, *table.values()]] == before
+    assert grown < 16_000, grown  # (one object kept per call would be over 16000 objects)
