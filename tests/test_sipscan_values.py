@@ -336,3 +336,18 @@ def test_no_reference_or_memory_is_kept():
     tracemalloc.stop()
     assert [sys.getrefcount(x) for x in [*LEAK_INPUTS, *table.values()]] == before
     assert grown < 16_000, grown  # (one object kept per call would be over 16000 objects)
+
+
+def test_every_odd_byte_at_every_position_of_a_head_is_seen():
+    """The scan tests eight bytes at once and skips to the first odd one: an odd byte anywhere in
+    the head (here at every position of the RFC 3261 §24.2 F1 head, one at a time) turns the plain
+    shape down, and an HT inside a value does not."""
+    from test_sipscan import RFC_F1
+    head_end = RFC_F1.index(b"\r\n\r\n")
+    table = sipmsg._NAME_CACHE
+    for odd in (b"\x00", b"\x08", b"\x1f", b"\x7f", b"\x80", b"\xff", b"\r", b"\n"):
+        for at in range(head_end):
+            data = RFC_F1[:at] + odd + RFC_F1[at:]
+            assert _sipscan.split(data, table, 100) is None, (odd, at)
+    for at in range(RFC_F1.index(b"CSeq: 1") + 5, RFC_F1.index(b"Contact:") - 2):
+        assert _sipscan.split(RFC_F1[:at] + b"\t" + RFC_F1[at:], table, 100) is not None, at
