@@ -12,8 +12,8 @@
  *
  * Hostile input: every index stays below len(data), the cost is linear in the head (two passes
  * and one dict lookup per line), and every failure but an out-of-memory one is a None. The
- * first pass tests eight bytes at a time where it can: one byte at a time, it was a third of
- * this function's instructions.
+ * first pass tests eight bytes at a time where it can (one byte at a time, it was a third of
+ * this function's instructions) and goes straight to the first byte that is not plain.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -26,17 +26,25 @@ static inline int plain_byte(unsigned char c)
     return (c >= 0x20 && c < 0x7f) || c == '\t';
 }
 
-/* Eight head bytes at once: nonzero when all are printable ASCII (0x20-0x7e). The tests are the
- * exact "some byte is less than n" / "some byte is zero" word tricks; a word with HT, CR or
- * anything else fails and is looked at byte by byte. */
-static inline int plain_word(uint64_t x)
+/* Eight head bytes at once: zero when all are printable ASCII (0x20-0x7e), else a mask with the
+ * high bit of (at least) the first other byte set. The tests are the "some byte is less than n" /
+ * "some byte is zero" word tricks: a borrow can mark a byte above a marked one, never below, so
+ * the lowest mark is exact. */
+static inline uint64_t odd_bytes(uint64_t x)
 {
     const uint64_t ones = 0x0101010101010101ULL, highs = 0x8080808080808080ULL;
     const uint64_t del = x ^ (ones * 0x7f);
     const uint64_t below_space = (x - ones * 0x20) & ~x & highs;
     const uint64_t is_del = (del - ones) & ~del & highs;
-    return ((x & highs) | below_space | is_del) == 0;
+    return (x & highs) | below_space | is_del;
 }
+
+#if defined(__GNUC__) && defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+/* the first byte in memory is the lowest of the word: skip straight to the first marked one */
+#define PLAIN_PREFIX(mask) ((Py_ssize_t)(__builtin_ctzll(mask) >> 3))
+#else
+#define PLAIN_PREFIX(mask) ((Py_ssize_t)0)
+#endif
 
 /* Validate the head and find where it ends. Returns the index of the first CRLF CRLF and the
  * number of lines in it (start line included), or -1 when the message is not the plain shape
@@ -49,10 +57,12 @@ static Py_ssize_t scan_head(const unsigned char *s, Py_ssize_t n, Py_ssize_t max
         if (n - p >= 8) {
             uint64_t x;
             memcpy(&x, s + p, 8);
-            if (plain_word(x)) {
+            const uint64_t odd = odd_bytes(x);
+            if (odd == 0) {
                 p += 8;
                 continue;
             }
+            p += PLAIN_PREFIX(odd); /* (less than 8: the marked byte is in this word) */
         }
         if (plain_byte(s[p])) {
             p++;
@@ -76,102 +86,905 @@ static Py_ssize_t scan_head(const unsigned char *s, Py_ssize_t n, Py_ssize_t max
     return -1;
 }
 
-/* split(data, names, max_lines) -> (start, lines, names, body) or None */
-static PyObject *
-sipscan_split(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
-{
-    (void)module;
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "split(data, names, max_lines) takes 3 arguments");
-        return NULL;
-    }
-    PyObject *data = args[0], *table = args[1];
-    if (!PyDict_Check(table)) {
-        PyErr_SetString(PyExc_TypeError, "split: names must be a dict");
-        return NULL;
-    }
-    Py_ssize_t max_lines = PyLong_AsSsize_t(args[2]);
-    if (max_lines == -1 && PyErr_Occurred())
-        return NULL;
-    if (!PyBytes_CheckExact(data) || max_lines < 1)
-        Py_RETURN_NONE;
+static inline void strip_range(const unsigned char *s, Py_ssize_t *a, Py_ssize_t *b);
+static PyObject *bytes_of(const unsigned char *s, Py_ssize_t a, Py_ssize_t b);
 
+/* The canonical name of the spelling s[0:len] ("Name:", colon included) in the caller's table:
+ * a borrowed reference, or NULL (with an exception set only when that is not a miss).
+ *
+ * Looking the spelling up in the dict needs a bytes key made, hashed and freed for every header
+ * line: about half of a plain message's scan. Up to CPython 3.11 a dict's version tag changes
+ * with every change of any dict, so a small cache of the answers, emptied whenever the table is
+ * another object or its version moved, gives the dict's answer without asking it. */
+#if PY_VERSION_HEX < 0x030C0000
+#define NAME_SLOTS 128
+#define NAME_SLOT_BYTES 32
+static struct name_slot {
+    Py_ssize_t len; /* 0: empty */
+    char key[NAME_SLOT_BYTES];
+    PyObject *name; /* strong */
+} name_slots[NAME_SLOTS];
+static PyObject *name_table; /* strong */
+static uint64_t name_table_version;
+
+static void name_cache_reset(PyObject *table)
+{
+    for (int i = 0; i < NAME_SLOTS; i++) {
+        name_slots[i].len = 0;
+        Py_CLEAR(name_slots[i].name);
+    }
+    Py_INCREF(table);
+    Py_XSETREF(name_table, table);
+    name_table_version = ((PyDictObject *)table)->ma_version_tag;
+}
+#endif
+
+static PyObject *canonical_name(PyObject *table, const unsigned char *s, Py_ssize_t len)
+{
+#if PY_VERSION_HEX < 0x030C0000
+    struct name_slot *slot = NULL;
+    if (len <= NAME_SLOT_BYTES) {
+        if (table != name_table || ((PyDictObject *)table)->ma_version_tag != name_table_version)
+            name_cache_reset(table);
+        uint32_t h = 2166136261u; /* FNV-1a */
+        for (Py_ssize_t i = 0; i < len; i++)
+            h = (h ^ s[i]) * 16777619u;
+        slot = &name_slots[(h ^ (h >> 16)) & (NAME_SLOTS - 1)];
+        if (slot->len == len && memcmp(slot->key, s, (size_t)len) == 0)
+            return slot->name;
+    }
+#endif
+    PyObject *key = PyBytes_FromStringAndSize((const char *)s, len);
+    if (key == NULL)
+        return NULL;
+    PyObject *name = PyDict_GetItemWithError(table, key); /* borrowed */
+    Py_DECREF(key);
+#if PY_VERSION_HEX < 0x030C0000
+    /* (a key's __eq__ could have changed the table meanwhile: keep only an answer of this version) */
+    if (name != NULL && slot != NULL && table == name_table &&
+        ((PyDictObject *)table)->ma_version_tag == name_table_version) {
+        Py_INCREF(name);
+        Py_XSETREF(slot->name, name);
+        memcpy(slot->key, s, (size_t)len);
+        slot->len = len;
+    }
+#endif
+    return name;
+}
+
+/* The cut of a plain message: 1 with start, lines, names and body set (new references), 0 when
+ * the message is not the plain shape, -1 with an exception set (out of memory). */
+static int split_plain(PyObject *data, PyObject *table, Py_ssize_t max_lines, PyObject **start_out,
+                       PyObject **lines_out, PyObject **names_out, PyObject **body_out)
+{
+    if (!PyBytes_CheckExact(data) || max_lines < 1)
+        return 0;
     const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(data);
     const Py_ssize_t n = PyBytes_GET_SIZE(data);
     Py_ssize_t n_lines = 0;
     const Py_ssize_t head_end = scan_head(s, n, max_lines, &n_lines);
     if (head_end < 0)
-        Py_RETURN_NONE;
+        return 0;
 
     /* From here the head s[0:head_end] is known to be lines of printable ASCII/HT separated
      * by CR LF, every CR being the first byte of a CR LF. */
-    PyObject *start = NULL, *lines = NULL, *names = NULL, *body = NULL, *result = NULL;
+    PyObject *start = NULL, *lines = NULL, *names = NULL, *body = NULL;
+    int result = -1;
     const Py_ssize_t n_headers = n_lines - 1;
     lines = PyList_New(n_headers);
     names = PyList_New(n_headers);
     if (lines == NULL || names == NULL)
-        goto fail;
+        goto done;
 
     const unsigned char *cr = memchr(s, '\r', (size_t)head_end);
     Py_ssize_t end = cr ? cr - s : head_end;
     start = PyBytes_FromStringAndSize((const char *)s, end);
     if (start == NULL)
-        goto fail;
+        goto done;
     Py_ssize_t pos = end + 2;
     for (Py_ssize_t k = 0; k < n_headers; k++) {
-        if (pos > head_end) /* cannot happen after scan_head; kept as a bound */
-            goto not_plain;
+        if (pos > head_end) { /* cannot happen after scan_head; kept as a bound */
+            result = 0;
+            goto done;
+        }
         cr = memchr(s + pos, '\r', (size_t)(head_end - pos));
         end = cr ? cr - s : head_end;
         const unsigned char *colon = memchr(s + pos, ':', (size_t)(end - pos));
-        if (colon == NULL || colon == s + pos)
-            goto not_plain;
-        PyObject *key = PyBytes_FromStringAndSize((const char *)(s + pos), colon - (s + pos) + 1);
-        if (key == NULL)
-            goto fail;
-        PyObject *name = PyDict_GetItemWithError(table, key); /* borrowed */
-        Py_DECREF(key);
+        if (colon == NULL || colon == s + pos) {
+            result = 0;
+            goto done;
+        }
+        PyObject *name = canonical_name(table, s + pos, colon - (s + pos) + 1); /* borrowed */
         if (name == NULL) {
             if (PyErr_Occurred()) {
-                if (!PyErr_ExceptionMatches(PyExc_MemoryError))
-                    PyErr_Clear();
-                else
-                    goto fail;
+                if (PyErr_ExceptionMatches(PyExc_MemoryError))
+                    goto done;
+                PyErr_Clear();
             }
-            goto not_plain;
+            result = 0;
+            goto done;
         }
         Py_INCREF(name);
         PyList_SET_ITEM(names, k, name);
         PyObject *line = PyBytes_FromStringAndSize((const char *)(s + pos), end - pos);
         if (line == NULL)
-            goto fail;
+            goto done;
         PyList_SET_ITEM(lines, k, line);
         pos = end + 2;
     }
     body = PyBytes_FromStringAndSize((const char *)(s + head_end + 4), n - head_end - 4);
     if (body == NULL)
-        goto fail;
-    result = PyTuple_Pack(4, start, lines, names, body);
-    /* PyTuple_Pack takes its own references; on failure result is NULL with MemoryError set */
-fail:
+        goto done;
+    *start_out = start;
+    *lines_out = lines;
+    *names_out = names;
+    *body_out = body;
+    return 1;
+done:
     Py_XDECREF(start);
     Py_XDECREF(lines);
     Py_XDECREF(names);
-    Py_XDECREF(body);
     return result;
-not_plain:
-    Py_XDECREF(start);
-    Py_XDECREF(lines);
-    Py_XDECREF(names);
+}
+
+static int split_args(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, const char *usage,
+                      Py_ssize_t *max_lines)
+{
+    if (nargs != want) {
+        PyErr_SetString(PyExc_TypeError, usage);
+        return -1;
+    }
+    if (!PyDict_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "names must be a dict");
+        return -1;
+    }
+    *max_lines = PyLong_AsSsize_t(args[2]);
+    if (*max_lines == -1 && PyErr_Occurred())
+        return -1;
+    return 0;
+}
+
+/* split(data, names, max_lines) -> (start, lines, names, body) or None */
+static PyObject *
+sipscan_split(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    Py_ssize_t max_lines;
+    if (split_args(args, nargs, 3, "split(data, names, max_lines) takes 3 arguments", &max_lines) < 0)
+        return NULL;
+    PyObject *start, *lines, *names, *body;
+    const int r = split_plain(args[0], args[1], max_lines, &start, &lines, &names, &body);
+    if (r <= 0) {
+        if (r < 0)
+            return NULL;
+        Py_RETURN_NONE;
+    }
+    PyObject *result = PyTuple_Pack(4, start, lines, names, body);
+    Py_DECREF(start);
+    Py_DECREF(lines);
+    Py_DECREF(names);
+    Py_DECREF(body);
+    return result;
+}
+
+static inline int all_digits(const unsigned char *s, Py_ssize_t a, Py_ssize_t b)
+{
+    if (a >= b)
+        return 0;
+    for (Py_ssize_t i = a; i < b; i++)
+        if (s[i] < '0' || s[i] > '9')
+            return 0;
+    return 1;
+}
+
+/* parse(data, names, max_lines, max_cl_digits, check_length)
+ *   -> (start, method, uri, status, lines, names, body, truncated) or None
+ * sipmsg.parse of a plain message (see split) whose start line and Content-Length that
+ * function accepts: the same parts, with the start line of a status line without reason phrase
+ * given its SP and the body cut to Content-Length (check_length only). None for every other
+ * message, the ones sipmsg.parse refuses among them: the caller parses those itself. */
+static PyObject *
+sipscan_parse(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    Py_ssize_t max_lines;
+    if (split_args(args, nargs, 5, "parse(data, names, max_lines, max_cl_digits, check_length) takes 5 arguments",
+                   &max_lines) < 0)
+        return NULL;
+    const Py_ssize_t max_digits = PyLong_AsSsize_t(args[3]);
+    if (max_digits == -1 && PyErr_Occurred())
+        return NULL;
+    const int check_length = PyObject_IsTrue(args[4]);
+    if (check_length < 0)
+        return NULL;
+    PyObject *start, *lines, *names, *body;
+    const int r = split_plain(args[0], args[1], max_lines, &start, &lines, &names, &body);
+    if (r <= 0) {
+        if (r < 0)
+            return NULL;
+        Py_RETURN_NONE;
+    }
+    PyObject *method = NULL, *uri = NULL, *status = NULL, *result = NULL, *truncated = Py_False;
+    int plain = 0;
+    /* the start line (RFC 3261 §7.1/§7.2), as sipmsg.parse checks it */
+    const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(start);
+    const Py_ssize_t n = PyBytes_GET_SIZE(start);
+    if (n >= 7 && memcmp(s, "SIP/2.0", 7) == 0) {
+        if (n < 11 || s[7] != ' ' || !all_digits(s, 8, 11) || (n > 11 && s[11] != ' ') || s[8] == '0')
+            goto out; /* also "SIP/2.0 099": a status below 100 */
+        status = PyLong_FromLong((s[8] - '0') * 100 + (s[9] - '0') * 10 + (s[10] - '0'));
+        if (status == NULL)
+            goto out;
+        if (n == 11) { /* "SIP/2.0 500": the SP before the (empty) reason phrase is added */
+            PyObject *repaired = PyBytes_FromStringAndSize(NULL, 12);
+            if (repaired == NULL)
+                goto out;
+            memcpy(PyBytes_AS_STRING(repaired), s, 11);
+            PyBytes_AS_STRING(repaired)[11] = ' ';
+            Py_SETREF(start, repaired);
+        }
+        method = Py_None;
+        Py_INCREF(method);
+        uri = Py_None;
+        Py_INCREF(uri);
+    }
+    else {
+        const unsigned char *sp1 = memchr(s, ' ', (size_t)n);
+        if (sp1 == NULL)
+            goto out;
+        const Py_ssize_t m_end = sp1 - s, u_start = m_end + 1;
+        const unsigned char *sp2 = memchr(s + u_start, ' ', (size_t)(n - u_start));
+        if (sp2 == NULL)
+            goto out;
+        const Py_ssize_t u_end = sp2 - s;
+        if (n - u_end - 1 != 7 || memcmp(s + u_end + 1, "SIP/2.0", 7) != 0)
+            goto out; /* (a third SP would be in these 7 bytes) */
+        if (u_end == u_start || memchr(s + u_start, '\t', (size_t)(u_end - u_start)) != NULL || m_end == 0)
+            goto out;
+        for (Py_ssize_t i = 0; i < m_end; i++)
+            if (!((s[i] >= 'A' && s[i] <= 'Z') || (s[i] >= 'a' && s[i] <= 'z')))
+                goto out;
+        method = bytes_of(s, 0, m_end);
+        uri = method ? bytes_of(s, u_start, u_end) : NULL;
+        status = uri ? PyLong_FromLong(0) : NULL;
+        if (status == NULL)
+            goto out;
+    }
+    if (check_length) {
+        /* one Content-Length, all digits, no longer than max_digits, no more than the body */
+        Py_ssize_t at = -1;
+        for (Py_ssize_t k = 0; k < PyList_GET_SIZE(names); k++) {
+            PyObject *name = PyList_GET_ITEM(names, k);
+            if (!PyBytes_Check(name))
+                goto out; /* (the caller's table holds bytes; anything else is its business) */
+            if (PyBytes_GET_SIZE(name) == 14 && memcmp(PyBytes_AS_STRING(name), "content-length", 14) == 0) {
+                if (at >= 0)
+                    goto out;
+                at = k;
+            }
+        }
+        if (at >= 0) {
+            PyObject *line = PyList_GET_ITEM(lines, at);
+            const unsigned char *ls = (const unsigned char *)PyBytes_AS_STRING(line);
+            const unsigned char *colon = memchr(ls, ':', (size_t)PyBytes_GET_SIZE(line));
+            if (colon == NULL)
+                goto out;
+            Py_ssize_t a = colon - ls + 1, b = PyBytes_GET_SIZE(line);
+            strip_range(ls, &a, &b);
+            if (!all_digits(ls, a, b) || b - a > max_digits || b - a > 18)
+                goto out;
+            long long cl = 0;
+            for (Py_ssize_t i = a; i < b; i++)
+                cl = cl * 10 + (ls[i] - '0');
+            const Py_ssize_t body_len = PyBytes_GET_SIZE(body);
+            if (cl > (long long)body_len)
+                goto out;
+            if (cl < (long long)body_len) {
+                PyObject *cut = PyBytes_FromStringAndSize(PyBytes_AS_STRING(body), (Py_ssize_t)cl);
+                if (cut == NULL)
+                    goto out;
+                Py_SETREF(body, cut);
+                truncated = Py_True;
+            }
+        }
+    }
+    plain = 1;
+    result = PyTuple_Pack(8, start, method, uri, status, lines, names, body, truncated);
+out:
+    Py_DECREF(start);
+    Py_DECREF(lines);
+    Py_DECREF(names);
+    Py_DECREF(body);
+    Py_XDECREF(method);
+    Py_XDECREF(uri);
+    Py_XDECREF(status);
+    if (!plain && !PyErr_Occurred())
+        Py_RETURN_NONE;
+    return result;
+}
+
+/* ---- header values -------------------------------------------------------------------------
+ * The functions below do, in one C call each, what sipmsg's header accessors did with several
+ * bytes-method calls (each of which costs more under mypyc than the work it does). Each gives
+ * exactly the Python function's result; where the Python function raises SipParseError, the C
+ * function returns None and the caller runs the Python function, which raises. */
+
+/* bytes.strip()'s whitespace: SP, HT, LF, VT, FF, CR (Py_ISSPACE). */
+static inline int ascii_space(unsigned char c)
+{
+    return c == ' ' || (c >= '\t' && c <= '\r');
+}
+
+static inline unsigned char ascii_lower(unsigned char c)
+{
+    return (c >= 'A' && c <= 'Z') ? (unsigned char)(c + 32) : c;
+}
+
+static inline unsigned char ascii_upper(unsigned char c)
+{
+    return (c >= 'a' && c <= 'z') ? (unsigned char)(c - 32) : c;
+}
+
+/* Narrow [*a, *b) of s to its stripped part. */
+static inline void strip_range(const unsigned char *s, Py_ssize_t *a, Py_ssize_t *b)
+{
+    while (*a < *b && ascii_space(s[*a]))
+        (*a)++;
+    while (*b > *a && ascii_space(s[*b - 1]))
+        (*b)--;
+}
+
+static PyObject *bytes_of(const unsigned char *s, Py_ssize_t a, Py_ssize_t b)
+{
+    return PyBytes_FromStringAndSize((const char *)(s + a), b - a);
+}
+
+static PyObject *lower_bytes_of(const unsigned char *s, Py_ssize_t a, Py_ssize_t b)
+{
+    PyObject *out = PyBytes_FromStringAndSize(NULL, b - a);
+    if (out == NULL)
+        return NULL;
+    unsigned char *d = (unsigned char *)PyBytes_AS_STRING(out);
+    for (Py_ssize_t i = a; i < b; i++)
+        *d++ = ascii_lower(s[i]);
+    return out;
+}
+
+static int need_bytes(PyObject *o, const char *what)
+{
+    if (PyBytes_Check(o))
+        return 0;
+    PyErr_Format(PyExc_TypeError, "%s must be bytes, not %.100s", what, Py_TYPE(o)->tp_name);
+    return -1;
+}
+
+/* names.index(name, start) or -1; -2 with an exception set. The names the parser stores are
+ * bytes, compared by identity, then length and bytes; anything else as list.index would. */
+static Py_ssize_t find_name(PyObject *names, PyObject *name, Py_ssize_t start)
+{
+    const int plain = PyBytes_CheckExact(name);
+    const char *nb = plain ? PyBytes_AS_STRING(name) : NULL;
+    const Py_ssize_t nl = plain ? PyBytes_GET_SIZE(name) : 0;
+    if (start < 0) { /* from the end, as list.index counts it */
+        start += PyList_GET_SIZE(names);
+        if (start < 0)
+            start = 0;
+    }
+    for (Py_ssize_t i = start; i < PyList_GET_SIZE(names); i++) {
+        PyObject *item = PyList_GET_ITEM(names, i);
+        if (item == name)
+            return i;
+        if (plain && PyBytes_CheckExact(item)) {
+            if (PyBytes_GET_SIZE(item) == nl && memcmp(PyBytes_AS_STRING(item), nb, (size_t)nl) == 0)
+                return i;
+            continue;
+        }
+        Py_INCREF(item);
+        int r = PyObject_RichCompareBool(item, name, Py_EQ);
+        Py_DECREF(item);
+        if (r < 0)
+            return -2;
+        if (r)
+            return i;
+    }
+    return -1;
+}
+
+/* SipMessage.value_at of one line: the value after the first colon, stripped; folded lines
+ * (with LF) joined as the Python code joins them: each LF-separated piece stripped, pieces
+ * joined with one SP, the whole stripped. No colon: ValueError, as bytes.index raises. */
+static PyObject *line_value(PyObject *line)
+{
+    if (need_bytes(line, "header line") < 0)
+        return NULL;
+    const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(line);
+    const Py_ssize_t n = PyBytes_GET_SIZE(line);
+    const unsigned char *colon = memchr(s, ':', (size_t)n);
+    if (colon == NULL) {
+        PyErr_SetString(PyExc_ValueError, "subsection not found");
+        return NULL;
+    }
+    Py_ssize_t a = colon - s + 1, b = n;
+    if (memchr(s + a, '\n', (size_t)(b - a)) == NULL) {
+        strip_range(s, &a, &b);
+        return bytes_of(s, a, b);
+    }
+    unsigned char *buf = PyMem_Malloc((size_t)(b - a) + 1);
+    if (buf == NULL)
+        return PyErr_NoMemory();
+    Py_ssize_t len = 0, p = a;
+    for (;;) {
+        const unsigned char *lf = memchr(s + p, '\n', (size_t)(b - p));
+        Py_ssize_t pa = p, pb = lf ? lf - s : b;
+        const Py_ssize_t next = pb + 1;
+        strip_range(s, &pa, &pb);
+        memcpy(buf + len, s + pa, (size_t)(pb - pa));
+        len += pb - pa;
+        if (lf == NULL)
+            break;
+        buf[len++] = ' ';
+        p = next;
+    }
+    Py_ssize_t ra = 0, rb = len;
+    strip_range(buf, &ra, &rb);
+    PyObject *out = bytes_of(buf, ra, rb);
+    PyMem_Free(buf);
+    return out;
+}
+
+static int list_arg(PyObject *o, const char *what)
+{
+    if (PyList_Check(o))
+        return 0;
+    PyErr_Format(PyExc_TypeError, "%s must be a list", what);
+    return -1;
+}
+
+/* index(names, name, start) -> int: names.index(name, start), or -1 */
+static PyObject *
+sipscan_index(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "index(names, name, start) takes 3 arguments");
+        return NULL;
+    }
+    if (list_arg(args[0], "names") < 0)
+        return NULL;
+    Py_ssize_t start = PyLong_AsSsize_t(args[2]);
+    if (start == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t i = find_name(args[0], args[1], start);
+    if (i == -2)
+        return NULL;
+    return PyLong_FromSsize_t(i);
+}
+
+/* value(line) -> bytes: SipMessage.value_at of that line */
+static PyObject *
+sipscan_value(PyObject *module, PyObject *line)
+{
+    (void)module;
+    return line_value(line);
+}
+
+/* get(lines, names, name) -> bytes or None: SipMessage.get */
+static PyObject *
+sipscan_get(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "get(lines, names, name) takes 3 arguments");
+        return NULL;
+    }
+    if (list_arg(args[0], "lines") < 0 || list_arg(args[1], "names") < 0)
+        return NULL;
+    Py_ssize_t i = find_name(args[1], args[2], 0);
+    if (i == -2)
+        return NULL;
+    if (i < 0)
+        Py_RETURN_NONE;
+    if (i >= PyList_GET_SIZE(args[0])) {
+        PyErr_SetString(PyExc_IndexError, "list index out of range");
+        return NULL;
+    }
+    PyObject *line = PyList_GET_ITEM(args[0], i);
+    Py_INCREF(line);
+    PyObject *out = line_value(line);
+    Py_DECREF(line);
+    return out;
+}
+
+/* split_values(value, limit) -> list, or None where the Python split raises (an unclosed
+ * quote or <, more than limit values when limit is not 0). The same cut as sipmsg's _ELEMENT
+ * pattern: after a run of separators (ASCII whitespace, commas), an element is a run of quoted
+ * strings (backslash escapes any byte but LF), <...> and bytes other than , " <; it must end
+ * at a comma or at the end; it is kept stripped, when not empty. */
+static PyObject *
+sipscan_split_values(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "split_values(value, limit) takes 2 arguments");
+        return NULL;
+    }
+    PyObject *value = args[0];
+    if (need_bytes(value, "value") < 0)
+        return NULL;
+    Py_ssize_t limit = PyLong_AsSsize_t(args[1]);
+    if (limit == -1 && PyErr_Occurred())
+        return NULL;
+    const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(value);
+    const Py_ssize_t n = PyBytes_GET_SIZE(value);
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    if (memchr(s, ',', (size_t)n) == NULL) {
+        if (PyList_Append(out, value) < 0)
+            goto fail;
+        return out;
+    }
+    Py_ssize_t pos = 0;
+    while (pos < n) {
+        Py_ssize_t p = pos;
+        while (p < n && (ascii_space(s[p]) || s[p] == ','))
+            p++;
+        const Py_ssize_t first = p;
+        while (p < n) {
+            const unsigned char c = s[p];
+            if (c == ',')
+                break;
+            if (c == '"') {
+                Py_ssize_t q = p + 1;
+                while (q < n && s[q] != '"') {
+                    if (s[q] == '\\') {
+                        if (q + 1 >= n || s[q + 1] == '\n')
+                            break;
+                        q += 2;
+                    }
+                    else
+                        q++;
+                }
+                if (q >= n || s[q] != '"')
+                    break; /* no closing quote: the element stops here */
+                p = q + 1;
+            }
+            else if (c == '<') {
+                const unsigned char *gt = memchr(s + p + 1, '>', (size_t)(n - p - 1));
+                if (gt == NULL)
+                    break;
+                p = gt - s + 1;
+            }
+            else
+                p++;
+        }
+        if (p == first) {
+            if (p == n)
+                break; /* only separators left */
+            goto raises;
+        }
+        if (p < n && s[p] != ',')
+            goto raises;
+        Py_ssize_t a = first, b = p;
+        strip_range(s, &a, &b);
+        if (a < b) {
+            PyObject *v = bytes_of(s, a, b);
+            if (v == NULL)
+                goto fail;
+            int r = PyList_Append(out, v);
+            Py_DECREF(v);
+            if (r < 0)
+                goto fail;
+            if (limit != 0 && PyList_GET_SIZE(out) > limit)
+                goto raises;
+        }
+        pos = p + 1;
+    }
+    return out;
+raises:
+    Py_DECREF(out);
+    Py_RETURN_NONE;
+fail:
+    Py_DECREF(out);
+    return NULL;
+}
+
+/* Parameters ";a=1;b;c=2" of s[a:b] into a new dict, as sipmsg.parse_params. */
+static PyObject *params_of(const unsigned char *s, Py_ssize_t a, Py_ssize_t b)
+{
+    PyObject *out = PyDict_New();
+    if (out == NULL)
+        return NULL;
+    Py_ssize_t p = a;
+    for (;;) {
+        const unsigned char *semi = memchr(s + p, ';', (size_t)(b - p));
+        const Py_ssize_t end = semi ? semi - s : b;
+        const unsigned char *eq = memchr(s + p, '=', (size_t)(end - p));
+        PyObject *key = NULL, *val = NULL;
+        if (eq != NULL) {
+            Py_ssize_t ka = p, kb = eq - s, va = kb + 1, vb = end;
+            strip_range(s, &ka, &kb);
+            strip_range(s, &va, &vb);
+            key = lower_bytes_of(s, ka, kb);
+            val = key ? bytes_of(s, va, vb) : NULL;
+        }
+        else {
+            Py_ssize_t ka = p, kb = end;
+            strip_range(s, &ka, &kb);
+            if (ka < kb) {
+                key = lower_bytes_of(s, ka, kb);
+                val = Py_None;
+                Py_INCREF(val);
+            }
+        }
+        if (eq != NULL || key != NULL || val != NULL) {
+            if (key == NULL || val == NULL || PyDict_SetItem(out, key, val) < 0) {
+                Py_XDECREF(key);
+                Py_XDECREF(val);
+                Py_DECREF(out);
+                return NULL;
+            }
+            Py_DECREF(key);
+            Py_DECREF(val);
+        }
+        if (semi == NULL)
+            break;
+        p = end + 1;
+    }
+    return out;
+}
+
+/* parse_params(s) -> dict: sipmsg.parse_params */
+static PyObject *
+sipscan_parse_params(PyObject *module, PyObject *arg)
+{
+    (void)module;
+    if (need_bytes(arg, "s") < 0)
+        return NULL;
+    return params_of((const unsigned char *)PyBytes_AS_STRING(arg), 0, PyBytes_GET_SIZE(arg));
+}
+
+/* header_tag(value) -> bytes or None: sipmsg.header_tag */
+static PyObject *
+sipscan_header_tag(PyObject *module, PyObject *value)
+{
+    (void)module;
+    if (value == Py_None)
+        Py_RETURN_NONE;
+    if (need_bytes(value, "value") < 0)
+        return NULL;
+    const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(value);
+    const Py_ssize_t n = PyBytes_GET_SIZE(value);
+    Py_ssize_t t = n;
+    while (t > 0 && s[t - 1] != '>')
+        t--;
+    /* t: the start of the tail (0 when there is no '>') */
+    for (Py_ssize_t i = t; i + 5 <= n; i++) {
+        if (s[i] == ';' && ascii_lower(s[i + 1]) == 't' && ascii_lower(s[i + 2]) == 'a' &&
+            ascii_lower(s[i + 3]) == 'g' && s[i + 4] == '=') {
+            Py_ssize_t a = i + 5, b = n;
+            const unsigned char *semi = memchr(s + a, ';', (size_t)(b - a));
+            if (semi != NULL)
+                b = semi - s;
+            strip_range(s, &a, &b);
+            if (a == b)
+                Py_RETURN_NONE;
+            return bytes_of(s, a, b);
+        }
+    }
     Py_RETURN_NONE;
 }
 
+/* cseq(value) -> (int, bytes) or None: SipMessage.cseq of that value, None where it raises */
+static PyObject *
+sipscan_cseq(PyObject *module, PyObject *value)
+{
+    (void)module;
+    if (need_bytes(value, "value") < 0)
+        return NULL;
+    const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(value);
+    const Py_ssize_t n = PyBytes_GET_SIZE(value);
+    Py_ssize_t p = 0;
+    while (p < n && ascii_space(s[p]))
+        p++;
+    const Py_ssize_t da = p;
+    long long number = 0;
+    while (p < n && s[p] >= '0' && s[p] <= '9') {
+        if (p - da >= 10)
+            Py_RETURN_NONE; /* more than 10 digits: out of range */
+        number = number * 10 + (s[p] - '0');
+        p++;
+    }
+    if (p == da || p >= n || !ascii_space(s[p]) || number >= (1LL << 31))
+        Py_RETURN_NONE;
+    while (p < n && ascii_space(s[p]))
+        p++;
+    const Py_ssize_t ma = p;
+    while (p < n && ((s[p] >= 'A' && s[p] <= 'Z') || (s[p] >= 'a' && s[p] <= 'z')))
+        p++;
+    const Py_ssize_t mb = p;
+    while (p < n && ascii_space(s[p]))
+        p++;
+    if (mb == ma || p != n)
+        Py_RETURN_NONE;
+    PyObject *method = PyBytes_FromStringAndSize(NULL, mb - ma);
+    if (method == NULL)
+        return NULL;
+    unsigned char *d = (unsigned char *)PyBytes_AS_STRING(method);
+    for (Py_ssize_t i = ma; i < mb; i++)
+        *d++ = ascii_upper(s[i]);
+    PyObject *num = PyLong_FromLongLong(number);
+    if (num == NULL) {
+        Py_DECREF(method);
+        return NULL;
+    }
+    PyObject *out = PyTuple_Pack(2, num, method);
+    Py_DECREF(num);
+    Py_DECREF(method);
+    return out;
+}
+
+/* via(value) -> (transport, host, port or None, params) or None: the parts sipmsg.parse_via
+ * builds its Via from, for a value spelled "SIP/2.0/<transport> <sent-by>[;params]"; None for
+ * any other spelling and wherever parse_via raises. */
+static PyObject *
+sipscan_via(PyObject *module, PyObject *value)
+{
+    (void)module;
+    if (need_bytes(value, "value") < 0)
+        return NULL;
+    const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(value);
+    const Py_ssize_t n = PyBytes_GET_SIZE(value);
+    const unsigned char *sp = memchr(s, ' ', (size_t)n);
+    if (sp == NULL)
+        Py_RETURN_NONE;
+    const Py_ssize_t proto_end = sp - s;
+    if (proto_end < 8 || memcmp(s, "SIP/2.0/", 8) != 0)
+        Py_RETURN_NONE;
+    Py_ssize_t ra = proto_end + 1, rb = n;
+    strip_range(s, &ra, &rb);
+    if (ra == rb)
+        Py_RETURN_NONE;
+    const unsigned char *semi = memchr(s + ra, ';', (size_t)(rb - ra));
+    Py_ssize_t ha = ra, hb = semi ? semi - s : rb;
+    strip_range(s, &ha, &hb);
+    /* split_hostport: "[v6]:port" or "host:port"; no port is None */
+    Py_ssize_t host_end, pa, pb = hb;
+    if (ha < hb && s[ha] == '[') {
+        const unsigned char *close = memchr(s + ha, ']', (size_t)(hb - ha));
+        if (close == NULL)
+            Py_RETURN_NONE;
+        host_end = close - s + 1;
+        pa = (host_end < hb && s[host_end] == ':') ? host_end + 1 : hb;
+    }
+    else {
+        const unsigned char *colon = memchr(s + ha, ':', (size_t)(hb - ha));
+        host_end = colon ? colon - s : hb;
+        pa = colon ? host_end + 1 : hb;
+    }
+    if (host_end == ha)
+        Py_RETURN_NONE; /* no host: parse_via raises */
+    long port = 0;
+    if (pa < pb) {
+        if (pb - pa > 5)
+            Py_RETURN_NONE;
+        for (Py_ssize_t i = pa; i < pb; i++) {
+            if (s[i] < '0' || s[i] > '9')
+                Py_RETURN_NONE;
+            port = port * 10 + (s[i] - '0');
+        }
+        if (port <= 0 || port >= 65536)
+            Py_RETURN_NONE;
+    }
+    PyObject *transport = NULL, *host = NULL, *port_obj = NULL, *params = NULL, *out = NULL;
+    if (proto_end - 8 == 3 && memcmp(s + 8, "UDP", 3) == 0)
+        transport = bytes_of(s, 8, proto_end);
+    else {
+        transport = PyBytes_FromStringAndSize(NULL, proto_end - 8);
+        if (transport != NULL) {
+            unsigned char *d = (unsigned char *)PyBytes_AS_STRING(transport);
+            for (Py_ssize_t i = 8; i < proto_end; i++)
+                *d++ = ascii_upper(s[i]);
+        }
+    }
+    if (transport == NULL)
+        goto done;
+    host = bytes_of(s, ha, host_end);
+    if (host == NULL)
+        goto done;
+    if (pa < pb)
+        port_obj = PyLong_FromLong(port);
+    else {
+        port_obj = Py_None;
+        Py_INCREF(port_obj);
+    }
+    if (port_obj == NULL)
+        goto done;
+    params = semi ? params_of(s, semi - s, rb) : PyDict_New();
+    if (params == NULL)
+        goto done;
+    out = PyTuple_Pack(4, transport, host, port_obj, params);
+done:
+    Py_XDECREF(transport);
+    Py_XDECREF(host);
+    Py_XDECREF(port_obj);
+    Py_XDECREF(params);
+    return out;
+}
+
+/* serialize(start, lines, body) -> start CRLF lines joined by CRLF, CRLF CRLF, body (SipMessage.to_bytes
+ * in one allocation); None when a part is not bytes (the caller's join decides what that means). */
+static PyObject *
+sipscan_serialize(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "serialize(start, lines, body) takes 3 arguments");
+        return NULL;
+    }
+    PyObject *start = args[0], *lines = args[1], *body = args[2];
+    if (!PyBytes_CheckExact(start) || !PyList_Check(lines) || !PyBytes_CheckExact(body))
+        Py_RETURN_NONE;
+    const Py_ssize_t k = PyList_GET_SIZE(lines);
+    Py_ssize_t total = PyBytes_GET_SIZE(start) + PyBytes_GET_SIZE(body) + 6;
+    for (Py_ssize_t i = 0; i < k; i++) {
+        PyObject *line = PyList_GET_ITEM(lines, i);
+        if (!PyBytes_CheckExact(line))
+            Py_RETURN_NONE;
+        const Py_ssize_t add = PyBytes_GET_SIZE(line) + (i > 0 ? 2 : 0);
+        if (total > PY_SSIZE_T_MAX - add)
+            return PyErr_NoMemory();
+        total += add;
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, total);
+    if (out == NULL)
+        return NULL;
+    char *d = PyBytes_AS_STRING(out);
+    memcpy(d, PyBytes_AS_STRING(start), (size_t)PyBytes_GET_SIZE(start));
+    d += PyBytes_GET_SIZE(start);
+    *d++ = '\r';
+    *d++ = '\n';
+    for (Py_ssize_t i = 0; i < k; i++) { /* (no code runs meanwhile: the list cannot change) */
+        PyObject *line = PyList_GET_ITEM(lines, i);
+        if (i > 0) {
+            *d++ = '\r';
+            *d++ = '\n';
+        }
+        memcpy(d, PyBytes_AS_STRING(line), (size_t)PyBytes_GET_SIZE(line));
+        d += PyBytes_GET_SIZE(line);
+    }
+    memcpy(d, "\r\n\r\n", 4);
+    d += 4;
+    memcpy(d, PyBytes_AS_STRING(body), (size_t)PyBytes_GET_SIZE(body));
+    return out;
+}
+
 static PyMethodDef sipscan_methods[] = {
+    {"serialize", (PyCFunction)(void (*)(void))sipscan_serialize, METH_FASTCALL,
+     "serialize(start, lines, body) -> SipMessage.to_bytes of those parts, or None when one is not bytes"},
     {"split", (PyCFunction)(void (*)(void))sipscan_split, METH_FASTCALL,
      "split(data, names, max_lines) -> (start, lines, names, body) or None\n\n"
      "The start line, header lines and body of a plain SIP message (CRLF line ends, printable\n"
      "ASCII head, no folds, at most max_lines lines, every 'Name:' a key of names, whose values\n"
      "are returned as the names); None for any other message."},
+    {"parse", (PyCFunction)(void (*)(void))sipscan_parse, METH_FASTCALL,
+     "parse(data, names, max_lines, max_cl_digits, check_length)\n"
+     "-> (start, method, uri, status, lines, names, body, truncated) of a plain message sipmsg.parse\n"
+     "accepts, else None"},
+    {"index", (PyCFunction)(void (*)(void))sipscan_index, METH_FASTCALL,
+     "index(names, name, start) -> names.index(name, start), or -1 when it is not there"},
+    {"value", (PyCFunction)sipscan_value, METH_O,
+     "value(line) -> SipMessage.value_at of that header line"},
+    {"get", (PyCFunction)(void (*)(void))sipscan_get, METH_FASTCALL,
+     "get(lines, names, name) -> SipMessage.get: the first such header's value, or None"},
+    {"split_values", (PyCFunction)(void (*)(void))sipscan_split_values, METH_FASTCALL,
+     "split_values(value, limit) -> sipmsg.split_values, or None where that raises"},
+    {"parse_params", (PyCFunction)sipscan_parse_params, METH_O, "parse_params(s) -> sipmsg.parse_params"},
+    {"header_tag", (PyCFunction)sipscan_header_tag, METH_O, "header_tag(value) -> sipmsg.header_tag"},
+    {"cseq", (PyCFunction)sipscan_cseq, METH_O,
+     "cseq(value) -> (number, METHOD) as SipMessage.cseq, or None where that raises"},
+    {"via", (PyCFunction)sipscan_via, METH_O,
+     "via(value) -> (transport, host, port, params) of a plain Via value, or None"},
     {NULL, NULL, 0, NULL},
 };
 

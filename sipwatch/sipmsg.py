@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Callable, Optional
+from types import ModuleType
+from typing import Callable, Final, Optional
 
 from .stats import (
     DROP_BAD_CONTENT_LENGTH, DROP_BAD_VIA, DROP_CONTROL_BYTES, DROP_MALFORMED_HEADER, DROP_MISSING_HEADER,
@@ -71,9 +72,38 @@ COMPACT_FORMS = {
     b"a": b"accept-contact", b"j": b"reject-contact", b"d": b"request-disposition",
 }
 
-_SIP20 = b"SIP/2.0"
-CSEQ_LIMIT = 1 << 31
-_MAX_MESSAGE = 65535
+_SIP20: Final = b"SIP/2.0"
+CSEQ_LIMIT: Final = 1 << 31
+_MAX_MESSAGE: Final = 65535
+
+
+def _load_accelerator() -> Optional[ModuleType]:
+    if os.environ.get("SIPWATCH_NO_C") == "1":
+        return None
+    try:
+        from . import _sipscan as loaded
+    except ImportError:  # built without a C compiler: the Python path does it all
+        return None
+    return loaded
+
+
+# The C versions of the header accessors below (one C call each instead of several bytes-method
+# calls); each answers exactly as the Python function it stands for, or None where that raises.
+# Final, so that compiled code reads them as C statics rather than module attributes.
+_sipscan = _load_accelerator()
+_c_index: Final[Callable[[list[bytes], bytes, int], int] | None] = _sipscan.index if _sipscan else None
+_c_value: Final[Callable[[bytes], bytes] | None] = _sipscan.value if _sipscan else None
+_c_get: Final[Callable[[list[bytes], list[bytes], bytes], bytes | None] | None] = _sipscan.get if _sipscan else None
+_c_split_values: Final[Callable[[bytes, int], list[bytes] | None] | None] = \
+    _sipscan.split_values if _sipscan else None
+_c_parse_params: Final[Callable[[bytes], dict[bytes, bytes | None]] | None] = \
+    _sipscan.parse_params if _sipscan else None
+_c_header_tag: Final[Callable[[bytes | None], bytes | None] | None] = _sipscan.header_tag if _sipscan else None
+_c_cseq: Final[Callable[[bytes], tuple[int, bytes] | None] | None] = _sipscan.cseq if _sipscan else None
+_c_serialize: Final[Callable[[bytes, list[bytes], bytes], bytes | None] | None] = \
+    _sipscan.serialize if _sipscan else None
+_Parts = tuple[bytes, bytes, Optional[int], dict[bytes, Optional[bytes]]]
+_c_via: Final[Callable[[bytes], _Parts | None] | None] = _sipscan.via if _sipscan else None
 
 
 class SipMessage:
@@ -96,30 +126,25 @@ class SipMessage:
         return self.method is not None
 
     # -- header access -------------------------------------------------------------------
-    def index(self, name: bytes) -> int:
-        """Index of the first header line called ``name`` (lowercase long form), or -1."""
-        try:
-            return self.names.index(name)
-        except ValueError:
-            return -1
+    def index(self, name: bytes, start: int = 0) -> int:
+        """Index of the first header line called ``name`` (lowercase long form) from ``start`` on,
+        or -1: one C call, cheaper than ``name in names`` and ``names.index(name)``."""
+        return _name_index(self.names, name, start)
 
     def value_at(self, i: int) -> bytes:
-        line = self.lines[i]
-        v = line[line.index(b":") + 1:]
-        if v.find(b"\n") >= 0:  # folded: continuation lines join with a single space
-            v = b" ".join(part.strip() for part in v.replace(b"\r\n", b"\n").split(b"\n"))
-        return v.strip()
+        if _c_value is not None:
+            return _c_value(self.lines[i])
+        return _line_value_py(self.lines[i])
 
     def get(self, name: bytes) -> bytes | None:
         """Value of the first header line called ``name`` (lowercase long form)."""
+        if _c_get is not None:
+            return _c_get(self.lines, self.names, name)
         try:
             line = self.lines[self.names.index(name)]
         except ValueError:
             return None
-        v = line[line.index(b":") + 1:]  # value_at, inlined: get() is on every hot path
-        if v.find(b"\n") >= 0:
-            v = b" ".join(part.strip() for part in v.replace(b"\r\n", b"\n").split(b"\n"))
-        return v.strip()
+        return _line_value_py(line)
 
     def get_all(self, name: bytes) -> list[bytes]:
         """All comma-separated values of every ``name`` header, in order."""
@@ -139,12 +164,11 @@ class SipMessage:
         v = self.get(b"cseq")
         if v is None:
             raise SipParseError("missing CSeq", DROP_MISSING_HEADER)
-        parts = v.split()
-        if len(parts) != 2 or not parts[0].isdigit() or not parts[1].isalpha():
-            raise SipParseError(f"bad CSeq {v[:40]!r}", DROP_MISSING_HEADER)
-        if len(parts[0]) > 10 or int(parts[0]) >= CSEQ_LIMIT:  # RFC 3261 §8.1.1.5: < 2**31
-            raise SipParseError(f"CSeq out of range {v[:40]!r}", DROP_OUT_OF_RANGE)
-        return int(parts[0]), parts[1].upper()
+        if _c_cseq is not None:
+            got = _c_cseq(v)
+            if got is not None:
+                return got
+        return _cseq_py(v)
 
     def top_via(self) -> "Via":
         i = self.index(b"via")
@@ -154,7 +178,40 @@ class SipMessage:
 
     # -- serialisation -------------------------------------------------------------------
     def to_bytes(self) -> bytes:
+        if _c_serialize is not None:
+            out = _c_serialize(self.start, self.lines, self.body)
+            if out is not None:
+                return out
         return b"".join((self.start, b"\r\n", b"\r\n".join(self.lines), b"\r\n\r\n", self.body))
+
+
+def _line_value_py(line: bytes) -> bytes:
+    """The value of a header line, stripped, folded lines joined with one SP (the reference
+    for the C ``value``)."""
+    v = line[line.index(b":") + 1:]
+    if v.find(b"\n") >= 0:  # folded: continuation lines join with a single space
+        v = b" ".join(part.strip() for part in v.replace(b"\r\n", b"\n").split(b"\n"))
+    return v.strip()
+
+
+def _cseq_py(v: bytes) -> tuple[int, bytes]:
+    """Number and method of a CSeq value (the reference for the C ``cseq``, and what raises)."""
+    parts = v.split()
+    if len(parts) != 2 or not parts[0].isdigit() or not parts[1].isalpha():
+        raise SipParseError(f"bad CSeq {v[:40]!r}", DROP_MISSING_HEADER)
+    if len(parts[0]) > 10 or int(parts[0]) >= CSEQ_LIMIT:  # RFC 3261 §8.1.1.5: < 2**31
+        raise SipParseError(f"CSeq out of range {v[:40]!r}", DROP_OUT_OF_RANGE)
+    return int(parts[0]), parts[1].upper()
+
+
+# The lowercase long names the proxy asks for, as literals: compiled, a module's bytes literals
+# are the same objects as the other compiled modules' equal literals, so ``b"via" in msg.names``
+# there finds its match by identity, without comparing bytes.
+_KNOWN_NAMES = (
+    b"via", b"max-forwards", b"from", b"to", b"call-id", b"cseq", b"contact", b"content-type",
+    b"content-length", b"route", b"record-route", b"traceparent", b"x-traceparent",
+)
+_INTERNED: dict[bytes, bytes] = {n: n for n in _KNOWN_NAMES + tuple(COMPACT_FORMS.values())}
 
 
 def _canonical_name(raw: bytes) -> bytes:
@@ -162,7 +219,7 @@ def _canonical_name(raw: bytes) -> bytes:
     name = raw.strip().lower()
     if len(name) == 1:
         name = COMPACT_FORMS.get(name, name)
-    return name
+    return _INTERNED.get(name, name)
 
 
 # Header names as they are commonly written, *including the colon*, mapped to their canonical
@@ -180,20 +237,21 @@ _COMMON_NAMES = (
     b"Content-Disposition", b"Accept-Language", b"Accept-Encoding", b"traceparent",
     b"Traceparent", b"X-Traceparent", b"X-traceparent",
 )
-_NAME_CACHE: dict[bytes, bytes] = {}
+_NAME_CACHE: dict[bytes, bytes] = {}  # (not Final, unlike the limits below: the tests swap it and its bound)
 for _n in _COMMON_NAMES + tuple(COMPACT_FORMS):
     for _spelling in (_n, _n.lower()):
         _NAME_CACHE[_spelling + b":"] = _canonical_name(_spelling)
 _NAME_CACHE_MAX = 1024
 
 _Split = Callable[[bytes, dict[bytes, bytes], int], Optional[tuple[bytes, list[bytes], list[bytes], bytes]]]
+_Parse = Callable[[bytes, dict[bytes, bytes], int, int, bool], Optional[
+    tuple[bytes, Optional[bytes], Optional[bytes], int, list[bytes], list[bytes], bytes, bool]]]
+# _c_split is the switch of the C scan of a plain message (the tests set it to None to compare):
+# parse asks _c_parse, which also checks the start line and Content-Length, only while it is set.
 _c_split: _Split | None = None
-if os.environ.get("SIPWATCH_NO_C") != "1":
-    try:
-        from ._sipscan import split as _loaded_split
-        _c_split = _loaded_split
-    except ImportError:  # built without a C compiler: the Python path does it all
-        pass
+_c_parse: Final[_Parse | None] = _sipscan.parse if _sipscan else None
+if _sipscan is not None:
+    _c_split = _sipscan.split
 
 
 # A header name is an RFC 3261 §25.1 token (no "^" or "|", unlike HTTP); the caller cut it at the colon.
@@ -202,8 +260,8 @@ _FOLD = re.compile(rb"[ \t]*\r?\n[ \t]+")
 _FOLD_START = re.compile(rb"\n[ \t]")  # one pass; bytes.find of "\n " is slow (SP is everywhere)
 # Control bytes (HT excepted): in a header section only the CR and LF of line ends may appear.
 _CONTROLS = bytes(range(0, 9)) + bytes(range(10, 32)) + b"\x7f"
-MAX_HEADER_LINES = 1000  # a 64 KB datagram of tiny headers stays bounded in list sizes
-MAX_CONTENT_LENGTH_DIGITS = 7
+MAX_HEADER_LINES: Final = 1000  # a 64 KB datagram of tiny headers stays bounded in list sizes
+MAX_CONTENT_LENGTH_DIGITS: Final = 7
 
 
 def _header_lines(raw: list[bytes]) -> tuple[list[bytes], list[bytes]]:
@@ -303,6 +361,16 @@ def _split_general(data: bytes, check_length: bool) -> tuple[bytes, list[bytes],
     return start, raw, found, body  # type: ignore[return-value]  # (no None in it)
 
 
+def _name_index(names: list[bytes], name: bytes, start: int) -> int:
+    """``names.index(name, start)``, or -1."""
+    if _c_index is not None:
+        return _c_index(names, name, start)
+    try:
+        return names.index(name, start)
+    except ValueError:
+        return -1
+
+
 def parse(data: bytes, check_length: bool = True) -> SipMessage:
     """Parse one SIP datagram. Raises :class:`SipParseError` with a reason for anything else.
 
@@ -314,6 +382,12 @@ def parse(data: bytes, check_length: bool = True) -> SipMessage:
     """
     if check_length and len(data) > _MAX_MESSAGE:  # the observer gets TCP messages capped by its reader
         raise SipParseError("datagram larger than 65535 bytes", DROP_TOO_LARGE)
+    if _c_split is not None and _c_parse is not None:  # the common message, parsed in one C call
+        parsed = _c_parse(data, _NAME_CACHE, MAX_HEADER_LINES, MAX_CONTENT_LENGTH_DIGITS, check_length)
+        if parsed is not None:
+            msg = SipMessage(parsed[0], parsed[1], parsed[2], parsed[3], parsed[4], parsed[5], parsed[6])
+            msg.truncated = parsed[7]
+            return msg
     names: list[bytes] | None
     split = _c_split(data, _NAME_CACHE, MAX_HEADER_LINES) if _c_split is not None else None
     if split is not None:  # the common message, already cut and its names looked up
@@ -343,9 +417,9 @@ def parse(data: bytes, check_length: bool = True) -> SipMessage:
     if names is None:
         raw, names = _header_lines(raw)
     msg = SipMessage(start, method, uri, status, raw, names, body)
-    if check_length and b"content-length" in names:
-        i = names.index(b"content-length")
-        if b"content-length" in names[i + 1:]:
+    i = _name_index(names, b"content-length", 0) if check_length else -1
+    if i >= 0:
+        if _name_index(names, b"content-length", i + 1) >= 0:
             raise SipParseError("more than one Content-Length", DROP_BAD_CONTENT_LENGTH)
         cl = msg.value_at(i)
         if not cl.isdigit() or len(cl) > MAX_CONTENT_LENGTH_DIGITS:
@@ -370,9 +444,19 @@ _SEPARATORS = re.compile(rb"[\s,]*+")
 def split_values(value: bytes, limit: int = 0) -> list[bytes]:
     """Split a comma-separated header value, ignoring commas in quotes and <...>.
 
-    Linear in the value (the scanning is a regex in C). An unclosed quote or ``<`` raises, so
-    nothing can hide a comma from the splitter. With ``limit``, raises
-    :class:`SipParseError` (too many headers) as soon as there are more values than that."""
+    Linear in the value. An unclosed quote or ``<`` raises, so nothing can hide a comma from the
+    splitter. With ``limit``, raises :class:`SipParseError` (too many headers) as soon as there
+    are more values than that."""
+    if _c_split_values is not None:
+        out = _c_split_values(value, limit)
+        if out is not None:
+            return out
+    return _split_values_py(value, limit)
+
+
+def _split_values_py(value: bytes, limit: int = 0) -> list[bytes]:
+    """:func:`split_values` in Python (the scanning is a regex in C): the reference for the C
+    split, and the path that raises."""
     if value.find(b",") < 0:
         return [value]
     out: list[bytes] = []
@@ -400,6 +484,12 @@ def split_values(value: bytes, limit: int = 0) -> list[bytes]:
 
 def parse_params(s: bytes) -> dict[bytes, bytes | None]:
     """``;a=1;b;c=2`` → {b'a': b'1', b'b': None, b'c': b'2'} (names lowercased)."""
+    if _c_parse_params is not None:
+        return _c_parse_params(s)
+    return _parse_params_py(s)
+
+
+def _parse_params_py(s: bytes) -> dict[bytes, bytes | None]:
     out: dict[bytes, bytes | None] = {}
     for p in s.split(b";"):
         # stripping the name and value separately is the same as stripping ``p`` first
@@ -441,6 +531,15 @@ class Via:
 
 
 def parse_via(value: bytes) -> Via:
+    """One Via value (``SIP/2.0/UDP host:port;params``, spacing around the slashes tolerated)."""
+    if _c_via is not None:
+        parts = _c_via(value)
+        if parts is not None:
+            return Via(parts[0], parts[1], parts[2], parts[3], value)
+    return _parse_via_py(value)
+
+
+def _parse_via_py(value: bytes) -> Via:
     proto, _, rest = value.partition(b" ")
     rest = rest.strip()
     if not rest or not (proto.startswith(b"SIP/2.0/") or proto.upper().startswith(b"SIP/2.0/")):
@@ -505,6 +604,12 @@ def uri_hostport(uri: bytes) -> tuple[bytes, int | None, dict]:
 
 def header_tag(value: bytes | None) -> bytes | None:
     """The ``tag`` parameter of a From/To value (parameters after the closing ``>``)."""
+    if _c_header_tag is not None:
+        return _c_header_tag(value)
+    return _header_tag_py(value)
+
+
+def _header_tag_py(value: bytes | None) -> bytes | None:
     if not value:
         return None
     gt = value.rfind(b">")
