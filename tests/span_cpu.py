@@ -7,7 +7,8 @@ adds (OPTIONS ping-pong through it while it carries the call load, minus the sam
     python tests/span_cpu.py --rate 1000 --duration 10 --rounds 3 [--tree DIR] [--latency]
 
 ``--tree``: run the sidecar from another source tree (e.g. an older commit unpacked with
-``git archive``) to compare before and after.
+``git archive``). ``--base-tree DIR``: also run every traced configuration from DIR (``... @base``),
+alternating with the others, to compare before and after in one sitting.
 """
 from __future__ import annotations
 
@@ -83,6 +84,7 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=10)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tree")
+    ap.add_argument("--base-tree")
     ap.add_argument("--latency", action="store_true")
     ap.add_argument("--only", default="notrace,http,grpc")
     a = ap.parse_args()
@@ -99,10 +101,13 @@ def main() -> None:
                      ("--otlp-endpoint", f"127.0.0.1:{rx.grpc_port}", "--otlp-protocol", "grpc",
                       "--spans-file", str(workdir / "spans-grpc.jsonl"), "--sample-ratio", "1")),
         }
-        chosen = [configs[k] for k in a.only.split(",")]
+        chosen = [configs[k] + (a.tree,) for k in a.only.split(",")]
+        if a.base_tree:
+            chosen += [(name + " @base", extra, a.base_tree) for name, extra, _ in chosen
+                       if "no-tracing" not in name]
         for i in range(a.rounds):
-            for name, extra in chosen:
-                r = run(workdir, name, extra, a.rate, a.duration, a.tree, a.latency)
+            for name, extra, tree in chosen:
+                r = run(workdir, name, extra, a.rate, a.duration, tree, a.latency)
                 results.setdefault(name, []).append(r)
                 print(f"round {i + 1} {name}: completed {r['completed']}/{r['calls']} cpu {r['cpu_pct']:.1f}% "
                       f"({r['cpu_us_per_msg']:.1f} µs/msg) spans exported {r['spans_exported']:.0f} "
