@@ -123,9 +123,14 @@ class SpanEncoder:
         self._parties: dict = {}
         self._hops: dict = {}
         self._finals: dict = {}
-        rtt_key = field(b"\x0a", b"sip.rtt_ms")
-        self._rtt_pb = b"\x4a" + _V[len(rtt_key) + 11] + rtt_key + b"\x12\x09\x21"  # + the double
-        self._rtt_js = b'{"key":"sip.rtt_ms","value":{"doubleValue":'
+        self._doubles: dict = {}
+        self._rtt = self._double("sip.rtt_ms")
+        self._setup_ms = self._double("sip.call.setup_ms")
+        self._answer_ms = self._double("sip.call.answer_ms")
+        self._duration_s = self._double("sip.call.duration_s")
+        self._invite = self.attr("sip.request.method", "INVITE")
+        self._sip = self.attr("network.protocol.name", "sip")
+        self._call_span_head = self._name_kind("SIP call", KIND_SERVER)
         # the request's fixed parts
         resource = field(b"\x0a", key_values_pb(b"\x0a", resource_attributes))
         scope = field(b"\x0a", field(b"\x0a", SCOPE_NAME.encode()) + field(b"\x12", scope_version.encode()))
@@ -207,8 +212,9 @@ class SpanEncoder:
                 STATUS_ERROR, orjson.dumps(message)))
         return got
 
-    def _event(self, status: int, t: float) -> tuple[bytes, bytes]:
-        """A ``sip.response`` event for a provisional response: only its time is new."""
+    def _event_parts(self, status: int) -> tuple[bytes, bytes, bytes]:
+        """A ``sip.response`` event for a provisional response, all but its time: the protobuf
+        before and after the fixed64 time, the JSON after the time's digits."""
         got = self._events.get(status)
         if got is None:
             if len(self._events) >= 1024:
@@ -219,8 +225,19 @@ class SpanEncoder:
                 b"\x5a" + varint(9 + len(tail)) + b"\x09", tail,
                 b'","name":"sip.response","attributes":[{"key":"sip.response.status_code",'
                 b'"value":{%b}}]}' % any_value_json(status))
-        ns = int(t * 1e9)
-        return got[0] + _FIXED64.pack(ns) + got[1], b'{"timeUnixNano":"%d%b' % (ns, got[2])
+        return got
+
+    def _double(self, key: str) -> tuple[bytes, bytes]:
+        """A double attribute's encoding up to its value (protobuf: the 8 bytes follow; JSON: the
+        number and ``}}`` follow)."""
+        got = self._doubles.get(key)
+        if got is None:
+            kpb, kjs = self._key(key)
+            if len(self._doubles) >= 1024:
+                self._doubles.clear()
+            got = self._doubles[key] = (b"\x4a" + varint(len(kpb) + 11) + kpb + b"\x12\x09\x21",
+                                        kjs + b'"doubleValue":')
+        return got
 
     def _masked(self, key: str, raw) -> tuple[bytes, bytes]:
         """A masked URI attribute; the same header value (a To, a Request-URI) masks the same."""
@@ -263,7 +280,8 @@ class SpanEncoder:
                     a("network.peer.address", host)]
             if client is not None:
                 rest += (a("client.address", client[0]), a("client.port", client[1]))
-            got = (m[0], m[1], b"".join([x[0] for x in rest]), b",".join([x[1] for x in rest]), self._name(name))
+            nk = self._name_kind(name, KIND_CLIENT)
+            got = (m[0], m[1], b"".join([x[0] for x in rest]), b",".join([x[1] for x in rest]), nk[0], nk[1])
             if len(self._hops) >= CACHE_MAX:
                 self._hops.clear()
             self._hops[ck] = got
@@ -304,25 +322,31 @@ class SpanEncoder:
         return self.leg_setup_flat(call_tuple(call))
 
     def tx_flat(self, t) -> tuple[bytes, bytes]:
-        """:meth:`tx` from the record's :func:`tx_tuple` (what the span worker receives)."""
+        """:meth:`tx` from the record's :func:`tx_tuple` (what the span worker receives). The
+        transaction span is the common one: assembled here in one list per encoding."""
         (_, trace_id, span_id, parent, method, cseq, direction, peer, status, t_sent, t_first, t_final,
          retrans, timed_out, events, call_span, is_call, call_id, from_uri, to_uri) = t
         party = self._parties.get((call_id, from_uri, to_uri)) or self._party(call_id, from_uri, to_uri)
         hop = self._hops.get((method, cseq, direction, peer)) or self._hop(method, cseq, direction, peer)
+        code, err, st = self._finals.get((status, timed_out)) or self._final(status, timed_out)
+        start = int(t_sent * 1e9)
+        end = int(t_final * 1e9)
         cid = party[0]
-        pb = [hop[0], cid[0], hop[2]]
+        pb = [b"\x0a\x10", trace_id.to_bytes(16, "big"), b"\x12\x08", span_id.to_bytes(8, "big"),
+              b"\x22\x08" + parent.to_bytes(8, "big") if parent else b"", hop[4], _TIMES.pack(0x39, start, 0x41, end),
+              hop[0], cid[0], hop[2]]
         js = [hop[1], cid[1], hop[3]]
         if not is_call:  # no call span above to carry the parties
             pb += (party[1][0], party[2][0])
             js += (party[1][1], party[2][1])
-        code, err, st = self._finals.get((status, timed_out)) or self._final(status, timed_out)
         if status:
             pb.append(code[0])
             js.append(code[1])
         if t_first is not None:
             v = round((t_first - t_sent) * 1000.0, 3)
-            pb.append(self._rtt_pb + _DOUBLE.pack(v))
-            js.append(b'%b%b}}' % (self._rtt_js, orjson.dumps(v)))
+            rtt = self._rtt
+            pb += (rtt[0], _DOUBLE.pack(v))
+            js.append(b"%b%b}}" % (rtt[1], orjson.dumps(v)))
         if retrans:
             x = self.attr("sip.retransmissions", retrans)
             pb.append(x[0])
@@ -330,35 +354,45 @@ class SpanEncoder:
         if err[0]:
             pb.append(err[0])
             js.append(err[1])
-        ev = None
+        ev_js = b""
         if events:
-            ev = [self._event(s, et) for s, et in events if s < 200]
+            parts = self._events
+            ev = []
+            for s, et in events:
+                if s < 200:
+                    e = parts.get(s) or self._event_parts(s)
+                    ns = int(et * 1e9)
+                    pb += (e[0], _FIXED64.pack(ns), e[1])
+                    ev.append(b'{"timeUnixNano":"%d%b' % (ns, e[2]))
+            if ev:
+                ev_js = b',"events":[' + b",".join(ev) + b"]"
         remote = bool(parent) and (parent != call_span or not is_call)
-        return self._span(trace_id, span_id, parent, remote, hop[4], KIND_CLIENT,
-                          int(t_sent * 1e9), int(t_final * 1e9), b"".join(pb), b",".join(js), ev, st)
+        pb += (st[0], _FLAGS[remote])
+        body = b"".join(pb)
+        return b"\x12" + varint(len(body)) + body, (
+            b'{"traceId":"%032x","spanId":"%016x","flags":%d%b%d","endTimeUnixNano":"%d","attributes":[%b],'
+            b'"status":%b%b%b}' % (trace_id, span_id, _FLAG_VALUES[remote], hop[5], start, end, b",".join(js),
+                                   st[1], b',"parentSpanId":"%016x"' % parent if parent else b"", ev_js))
 
     def call_flat(self, t) -> tuple[bytes, bytes]:
         """:meth:`call` from the record's :func:`call_tuple`."""
         (_, trace_id, span_id, parent, call_id, from_uri, to_uri, ruri, outcome_i, status, t_start, t_setup,
          t_answer, t_end, retrans, rtp, first_peer, is_call, legs) = t
-        party = self._party(call_id, from_uri, to_uri)
+        party = self._parties.get((call_id, from_uri, to_uri)) or self._party(call_id, from_uri, to_uri)
         a = self.attr
-        enc = self._encode_attr
         outcome = OUTCOMES[outcome_i] if outcome_i >= 0 else "unknown"
         transport = first_peer[2] if first_peer and len(first_peer) > 2 else "udp"
-        attrs = {"sip.request.method": a("sip.request.method", "INVITE"), "sip.call_id": party[0],
-                 "sip.from": party[1], "sip.to": party[2],
-                 "sip.request.uri": self._masked("sip.request.uri", ruri),
+        attrs = {"sip.request.method": self._invite, "sip.call_id": party[0], "sip.from": party[1],
+                 "sip.to": party[2], "sip.request.uri": self._masked("sip.request.uri", ruri),
                  "sip.call.outcome": a("sip.call.outcome", outcome),
-                 "network.transport": a("network.transport", transport),
-                 "network.protocol.name": a("network.protocol.name", "sip")}
+                 "network.transport": a("network.transport", transport), "network.protocol.name": self._sip}
         if status:
             attrs["sip.response.status_code"] = a("sip.response.status_code", status)
         if t_setup is not None:
-            attrs["sip.call.setup_ms"] = enc("sip.call.setup_ms", round((t_setup - t_start) * 1000.0, 3))
+            attrs["sip.call.setup_ms"] = _double_attr(self._setup_ms, round((t_setup - t_start) * 1000.0, 3))
         if t_answer is not None:
-            attrs["sip.call.answer_ms"] = enc("sip.call.answer_ms", round((t_answer - t_start) * 1000.0, 3))
-            attrs["sip.call.duration_s"] = enc("sip.call.duration_s", round(t_end - t_answer, 6))
+            attrs["sip.call.answer_ms"] = _double_attr(self._answer_ms, round((t_answer - t_start) * 1000.0, 3))
+            attrs["sip.call.duration_s"] = _double_attr(self._duration_s, round(t_end - t_answer, 6))
         if retrans:
             attrs["sip.retransmissions"] = a("sip.retransmissions", retrans)
         gap_parent = 0
@@ -367,6 +401,7 @@ class SpanEncoder:
             for k, v in legs_attributes(legs[0], legs[1], legs[2], self.call_id_mask).items():
                 attrs[k] = a(k, v)
         if rtp:
+            enc = self._encode_attr
             for k, v in rtp.items():
                 attrs[k] = enc(k, v)
                 if k == "sip.call.outcome":  # as dict.update would: the status message follows it
@@ -378,9 +413,8 @@ class SpanEncoder:
         vals = attrs.values()
         # a joined leg's parent is the named leg's call span, in this process: not remote
         remote = bool(parent) and parent != gap_parent
-        return self._span(trace_id, span_id, parent, remote, self._name("SIP call"),
-                          KIND_SERVER, int(t_start * 1e9), int(t_end * 1e9),
-                          b"".join([x[0] for x in vals]), b",".join([x[1] for x in vals]), None, st)
+        return self._span(trace_id, span_id, parent, remote, self._call_span_head, int(t_start * 1e9),
+                          int(t_end * 1e9), b"".join([x[0] for x in vals]), b",".join([x[1] for x in vals]), st)
 
     def leg_setup_flat(self, t) -> tuple[bytes, bytes] | None:
         """:meth:`leg_setup` from the record's :func:`call_tuple` (None: not a joined leg)."""
@@ -392,22 +426,31 @@ class SpanEncoder:
         vals = [self._party(t[4], t[5], t[6])[0]] + [a(k, v) for k, v in
                                                      legs_attributes(call_ids, leg, joined_by,
                                                                      self.call_id_mask).items()]
-        return self._span(t[1], gap_span_id, gap_parent, False, self._name(LEG_SETUP_SPAN),
-                          KIND_INTERNAL, int(gap_start * 1e9), int(t[10] * 1e9),
-                          b"".join([x[0] for x in vals]), b",".join([x[1] for x in vals]), None, _STATUS_UNSET)
+        return self._span(t[1], gap_span_id, gap_parent, False, self._name_kind(LEG_SETUP_SPAN, KIND_INTERNAL),
+                          int(gap_start * 1e9), int(t[10] * 1e9), b"".join([x[0] for x in vals]),
+                          b",".join([x[1] for x in vals]), _STATUS_UNSET)
+
+    def _name_kind(self, name: str, kind: int) -> tuple[bytes, bytes]:
+        """A span's name and kind: the protobuf fields, and the JSON from the name up to the start
+        time's digits."""
+        nm = self._name(name)
+        return nm[0] + _KIND[kind], b',"name":%b,"kind":%d,"startTimeUnixNano":"' % (nm[1], kind)
 
     @staticmethod
-    def _span(trace_id, span_id, parent, remote, name, kind, start, end, attrs_pb, attrs_js, events, status):
+    def _span(trace_id, span_id, parent, remote, name_kind, start, end, attrs_pb, attrs_js, status):
+        """A span without events (call and leg-setup spans) from its encoded parts."""
         body = b"".join((b"\x0a\x10", trace_id.to_bytes(16, "big"), b"\x12\x08", span_id.to_bytes(8, "big"),
-                         b"\x22\x08" + parent.to_bytes(8, "big") if parent else b"", name[0], _KIND[kind],
-                         _TIMES.pack(0x39, start, 0x41, end), attrs_pb,
-                         b"".join([e[0] for e in events]) if events else b"", status[0], _FLAGS[remote]))
-        js = b'{"traceId":"%032x","spanId":"%016x","flags":%d,"name":%b,"kind":%d,"startTimeUnixNano":"%d",' \
-             b'"endTimeUnixNano":"%d","attributes":[%b],"status":%b%b%b}' % (
-                 trace_id, span_id, _FLAG_VALUES[remote], name[1], kind, start, end, attrs_js, status[1],
-                 b',"parentSpanId":"%016x"' % parent if parent else b"",
-                 b',"events":[' + b",".join([e[1] for e in events]) + b"]" if events else b"")
-        return b"\x12" + varint(len(body)) + body, js
+                         b"\x22\x08" + parent.to_bytes(8, "big") if parent else b"", name_kind[0],
+                         _TIMES.pack(0x39, start, 0x41, end), attrs_pb, status[0], _FLAGS[remote]))
+        return b"\x12" + varint(len(body)) + body, (
+            b'{"traceId":"%032x","spanId":"%016x","flags":%d%b%d","endTimeUnixNano":"%d","attributes":[%b],'
+            b'"status":%b%b}' % (trace_id, span_id, _FLAG_VALUES[remote], name_kind[1], start, end, attrs_js,
+                                 status[1], b',"parentSpanId":"%016x"' % parent if parent else b""))
+
+
+def _double_attr(prefix: tuple[bytes, bytes], v: float) -> tuple[bytes, bytes]:
+    """A double attribute from its :meth:`SpanEncoder._double` prefix and its value."""
+    return prefix[0] + _DOUBLE.pack(v), b"%b%b}}" % (prefix[1], orjson.dumps(v))
 
 
 # -- records as plain tuples: what the proxy hands its span worker, and what the encoder reads ----
