@@ -202,6 +202,10 @@ class WorkerPipeline:
                 if not (by_ratio(obj.trace_id, ratio) if own else obj.sampled):
                     continue
                 held.append(tx_tuple(obj))
+        if self._dead:  # seen gone: nothing more is held for it
+            self._dropped += len(held)
+            held.clear()
+            return
         if held and not n0:
             self._held_since = time.monotonic()
         if len(held) >= FRAME_RECORDS or (held and time.monotonic() - self._held_since >= HOLD):
@@ -511,7 +515,15 @@ def main() -> None:
             if len(buf) - pos - 4 < n:
                 break
             kind = buf[pos + 4]
-            payload = bytes(buf[pos + 5:pos + 4 + n])
+            with memoryview(buf) as view:
+                payload = view[pos + 5:pos + 4 + n]
+                if kind != F_RECORDS:
+                    payload = bytes(payload)
+                else:
+                    try:
+                        payload = marshal.loads(payload)
+                    except (ValueError, EOFError, TypeError):
+                        payload = None
             pos += 4 + n
             if kind == F_CONFIG:
                 cfg = pickle.loads(payload)
@@ -523,10 +535,9 @@ def main() -> None:
             elif pipeline is None:
                 continue
             elif kind == F_RECORDS:
-                try:
-                    tuples = marshal.loads(payload)
-                except (ValueError, EOFError, TypeError):
-                    pipeline.failures += 1
+                tuples = payload
+                if not isinstance(tuples, list):
+                    pipeline.failures += 1  # not a frame of records: counted, the next one may be
                     continue
                 if not pipeline._backend_or_file():
                     pipeline._export_dropped += len(tuples)  # backend in back-off, no file: shed now
