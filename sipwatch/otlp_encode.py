@@ -122,6 +122,15 @@ class SpanEncoder:
         self._events: dict = {}
         self._parties: dict = {}
         self._hops: dict = {}
+        self._finals: dict = {}
+        self._doubles: dict = {}
+        self._rtt = self._double("sip.rtt_ms")
+        self._setup_ms = self._double("sip.call.setup_ms")
+        self._answer_ms = self._double("sip.call.answer_ms")
+        self._duration_s = self._double("sip.call.duration_s")
+        self._invite = self.attr("sip.request.method", "INVITE")
+        self._sip = self.attr("network.protocol.name", "sip")
+        self._call_span_head = self._name_kind("SIP call", KIND_SERVER)
         # the request's fixed parts
         resource = field(b"\x0a", key_values_pb(b"\x0a", resource_attributes))
         scope = field(b"\x0a", field(b"\x0a", SCOPE_NAME.encode()) + field(b"\x12", scope_version.encode()))
@@ -203,8 +212,9 @@ class SpanEncoder:
                 STATUS_ERROR, orjson.dumps(message)))
         return got
 
-    def _event(self, status: int, t: float) -> tuple[bytes, bytes]:
-        """A ``sip.response`` event for a provisional response: only its time is new."""
+    def _event_parts(self, status: int) -> tuple[bytes, bytes, bytes]:
+        """A ``sip.response`` event for a provisional response, all but its time: the protobuf
+        before and after the fixed64 time, the JSON after the time's digits."""
         got = self._events.get(status)
         if got is None:
             if len(self._events) >= 1024:
@@ -215,8 +225,19 @@ class SpanEncoder:
                 b"\x5a" + varint(9 + len(tail)) + b"\x09", tail,
                 b'","name":"sip.response","attributes":[{"key":"sip.response.status_code",'
                 b'"value":{%b}}]}' % any_value_json(status))
-        ns = int(t * 1e9)
-        return got[0] + _FIXED64.pack(ns) + got[1], b'{"timeUnixNano":"%d%b' % (ns, got[2])
+        return got
+
+    def _double(self, key: str) -> tuple[bytes, bytes]:
+        """A double attribute's encoding up to its value (protobuf: the 8 bytes follow; JSON: the
+        number and ``}}`` follow)."""
+        got = self._doubles.get(key)
+        if got is None:
+            kpb, kjs = self._key(key)
+            if len(self._doubles) >= 1024:
+                self._doubles.clear()
+            got = self._doubles[key] = (b"\x4a" + varint(len(kpb) + 11) + kpb + b"\x12\x09\x21",
+                                        kjs + b'"doubleValue":')
+        return got
 
     def _masked(self, key: str, raw) -> tuple[bytes, bytes]:
         """A masked URI attribute; the same header value (a To, a Request-URI) masks the same."""
@@ -229,156 +250,228 @@ class SpanEncoder:
             self._str[ck] = got
         return got
 
-    def _party(self, call):
-        """The call's masked Call-ID, From and To attributes, encoded once per call."""
-        key = id(call)
-        got = self._parties.get(key)
-        if got is None or got[3] is not call:
+    def _party(self, call_id: bytes, from_uri: bytes, to_uri: bytes):
+        """A call's masked Call-ID, From and To attributes, encoded once per call (a pure function
+        of the three header values, so they are the cache key)."""
+        ck = (call_id, from_uri, to_uri)
+        got = self._parties.get(ck)
+        if got is None:
             if len(self._parties) >= PARTY_MAX:
                 self._parties.clear()
             cid = self.call_id_mask
-            call_id = cid(call.call_id) if cid is not None else call.call_id.decode("utf-8", "replace")
-            got = (self._encode_attr("sip.call_id", call_id), self._masked("sip.from", call.from_uri),
-                   self._masked("sip.to", call.to_uri), call)
-            self._parties[key] = got
+            shown = cid(call_id) if cid is not None else call_id.decode("utf-8", "replace")
+            got = self._parties[ck] = (self._encode_attr("sip.call_id", shown),
+                                       self._masked("sip.from", from_uri), self._masked("sip.to", to_uri))
         return got
 
-    def _hop(self, method: bytes, cseq, direction, transport, host, port):
+    def _hop(self, method: bytes, cseq, direction, peer):
         """The transaction attributes a hop shares with many others, pre-joined: method (before
-        the Call-ID), then CSeq, direction, transport, server address and port, peer address."""
-        ck = (method, cseq, direction, transport, host, port)
+        the Call-ID), then CSeq, direction, transport, server address and port, peer address and
+        (observed hops) the client's address and port; and the span's name."""
+        ck = (method, cseq, direction, peer)
         got = self._hops.get(ck)
         if got is None:
             a = self.attr
+            client, (host, port), transport = peer_ends(peer)
             name = method.decode("ascii", "replace")
             m = a("sip.request.method", name)
-            rest = (a("sip.cseq", cseq), a("sip.direction", DIRECTIONS[direction]),
+            rest = [a("sip.cseq", cseq), a("sip.direction", DIRECTIONS[direction]),
                     a("network.transport", transport), a("server.address", host), a("server.port", port),
-                    a("network.peer.address", host))
-            got = (m[0], m[1], b"".join([x[0] for x in rest]), b",".join([x[1] for x in rest]), self._name(name))
+                    a("network.peer.address", host)]
+            if client is not None:
+                rest += (a("client.address", client[0]), a("client.port", client[1]))
+            nk = self._name_kind(name, KIND_CLIENT)
+            got = (m[0], m[1], b"".join([x[0] for x in rest]), b",".join([x[1] for x in rest]), nk[0], nk[1])
             if len(self._hops) >= CACHE_MAX:
                 self._hops.clear()
             self._hops[ck] = got
         return got
 
+    def _final(self, status: int, timed_out: bool):
+        """What a transaction's final outcome adds: the status code attribute, the error.type
+        attribute and the span status (pb, json pairs; b"" when absent)."""
+        ck = (status, timed_out)
+        got = self._finals.get(ck)
+        if got is None:
+            a = self.attr
+            code = a("sip.response.status_code", status) if status else (b"", b"")
+            err, st = (b"", b""), _STATUS_UNSET
+            if timed_out:
+                err, st = a("error.type", "timeout"), self._error("no final response (timeout)")
+            elif status >= 500:
+                err, st = a("error.type", str(status)), self._error(f"SIP {status}")
+            if len(self._finals) >= 1024:
+                self._finals.clear()
+            got = self._finals[ck] = (code, err, st)
+        return got
+
     # -- spans -----------------------------------------------------------------------------
     def tx(self, tx) -> tuple[bytes, bytes]:
         """A transaction's CLIENT span (attributes in :meth:`SpanBuilder.tx_span`'s order)."""
-        call = tx.call
-        party = self._party(call)
-        client, (host, port), transport = hop_ends(tx)
-        hop = self._hop(tx.method, tx.cseq, tx.direction, transport, host, port)
-        cid = party[0]
-        pb = [hop[0], cid[0], hop[2]]
-        js = [hop[1], cid[1], hop[3]]
-        a = self.attr
-        if client is not None:
-            chost, cport = client
-            x = a("client.address", chost)
-            y = a("client.port", cport)
-            pb += (x[0], y[0])
-            js += (x[1], y[1])
-        if not call.is_call:  # no call span above to carry the parties
-            pb += (party[1][0], party[2][0])
-            js += (party[1][1], party[2][1])
-        status = tx.status
-        if status:
-            x = a("sip.response.status_code", status)
-            pb.append(x[0])
-            js.append(x[1])
-        if tx.t_first is not None:
-            x = self._encode_attr("sip.rtt_ms", round((tx.t_first - tx.t_sent) * 1000.0, 3))
-            pb.append(x[0])
-            js.append(x[1])
-        if tx.retrans:
-            x = a("sip.retransmissions", tx.retrans)
-            pb.append(x[0])
-            js.append(x[1])
-        st = _STATUS_UNSET
-        if tx.timed_out:
-            x = a("error.type", "timeout")
-            pb.append(x[0])
-            js.append(x[1])
-            st = self._error("no final response (timeout)")
-        elif status >= 500:
-            x = a("error.type", str(status))
-            pb.append(x[0])
-            js.append(x[1])
-            st = self._error(f"SIP {status}")
-        events = [self._event(s, t) for s, t in tx.events if s < 200] if tx.events else None
-        parent = tx.parent_span_id
-        remote = bool(parent) and (parent != call.span_id or not call.is_call)
-        return self._span(tx.trace_id, tx.span_id, parent, remote, hop[4], KIND_CLIENT,
-                          int(tx.t_sent * 1e9), int(tx.t_final * 1e9), b"".join(pb), b",".join(js), events, st)
+        return self.tx_flat(tx_tuple(tx))
 
     def call(self, call) -> tuple[bytes, bytes]:
         """A call's SERVER span (attributes in :meth:`SpanBuilder.call_span`'s order)."""
-        party = self._party(call)
-        a = self.attr
-        enc = self._encode_attr
-        outcome = OUTCOMES[call.outcome] if call.outcome >= 0 else "unknown"
-        attrs = {"sip.request.method": a("sip.request.method", "INVITE"), "sip.call_id": party[0],
-                 "sip.from": party[1], "sip.to": party[2],
-                 "sip.request.uri": self._masked("sip.request.uri", call.ruri),
-                 "sip.call.outcome": a("sip.call.outcome", outcome),
-                 "network.transport": a("network.transport", call_transport(call)),
-                 "network.protocol.name": a("network.protocol.name", "sip")}
-        if call.status:
-            attrs["sip.response.status_code"] = a("sip.response.status_code", call.status)
-        if call.t_setup is not None:
-            attrs["sip.call.setup_ms"] = enc("sip.call.setup_ms", round((call.t_setup - call.t_start) * 1000.0, 3))
-        if call.t_answer is not None:
-            attrs["sip.call.answer_ms"] = enc("sip.call.answer_ms", round((call.t_answer - call.t_start) * 1000.0, 3))
-            attrs["sip.call.duration_s"] = enc("sip.call.duration_s", round(call.t_end - call.t_answer, 6))
-        if call.retrans:
-            attrs["sip.retransmissions"] = a("sip.retransmissions", call.retrans)
-        group = getattr(call, "group", None)
-        if group is not None:
-            for k, v in leg_attributes(call, group, self.call_id_mask).items():
-                attrs[k] = a(k, v)
-        rtp = call.rtp
-        if rtp:
-            for k, v in rtp.items():
-                attrs[k] = enc(k, v)
-                if k == "sip.call.outcome":  # as dict.update would: the status message follows it
-                    outcome = v
-        st = _STATUS_UNSET
-        if call.outcome in ERROR_OUTCOMES:
-            st = self._error(outcome)
-            attrs["error.type"] = a("error.type", "timeout" if call.outcome == TIMEOUT else str(call.status))
-        parent = call.parent_span_id
-        vals = attrs.values()
-        # a joined leg's parent is the named leg's call span, in this process: not remote
-        remote = bool(parent) and parent != getattr(call, "gap_parent", 0)
-        return self._span(call.trace_id, call.span_id, parent, remote, self._name("SIP call"),
-                          KIND_SERVER, int(call.t_start * 1e9), int(call.t_end * 1e9),
-                          b"".join([x[0] for x in vals]), b",".join([x[1] for x in vals]), None, st)
+        return self.call_flat(call_tuple(call))
 
     def leg_setup(self, call) -> tuple[bytes, bytes] | None:
         """The B2BUA's own latency as an INTERNAL span beside the joined leg's call span (same
         parent: the named leg's call span): the named leg's INVITE until this leg's INVITE."""
         if not getattr(call, "gap_span_id", 0):
             return None
+        return self.leg_setup_flat(call_tuple(call))
+
+    def tx_flat(self, t) -> tuple[bytes, bytes]:
+        """:meth:`tx` from the record's :func:`tx_tuple` (what the span worker receives). The
+        transaction span is the common one: assembled here in one list per encoding."""
+        (_, trace_id, span_id, parent, method, cseq, direction, peer, status, t_sent, t_first, t_final,
+         retrans, timed_out, events, call_span, is_call, call_id, from_uri, to_uri) = t
+        party = self._parties.get((call_id, from_uri, to_uri)) or self._party(call_id, from_uri, to_uri)
+        hop = self._hops.get((method, cseq, direction, peer)) or self._hop(method, cseq, direction, peer)
+        code, err, st = self._finals.get((status, timed_out)) or self._final(status, timed_out)
+        start = int(t_sent * 1e9)
+        end = int(t_final * 1e9)
+        cid = party[0]
+        pb = [b"\x0a\x10", trace_id.to_bytes(16, "big"), b"\x12\x08", span_id.to_bytes(8, "big"),
+              b"\x22\x08" + parent.to_bytes(8, "big") if parent else b"", hop[4], _TIMES.pack(0x39, start, 0x41, end),
+              hop[0], cid[0], hop[2]]
+        js = [hop[1], cid[1], hop[3]]
+        if not is_call:  # no call span above to carry the parties
+            pb += (party[1][0], party[2][0])
+            js += (party[1][1], party[2][1])
+        if status:
+            pb.append(code[0])
+            js.append(code[1])
+        if t_first is not None:
+            v = round((t_first - t_sent) * 1000.0, 3)
+            rtt = self._rtt
+            pb += (rtt[0], _DOUBLE.pack(v))
+            js.append(b"%b%b}}" % (rtt[1], orjson.dumps(v)))
+        if retrans:
+            x = self.attr("sip.retransmissions", retrans)
+            pb.append(x[0])
+            js.append(x[1])
+        if err[0]:
+            pb.append(err[0])
+            js.append(err[1])
+        ev_js = b""
+        if events:
+            parts = self._events
+            ev = []
+            for s, et in events:
+                if s < 200:
+                    e = parts.get(s) or self._event_parts(s)
+                    ns = int(et * 1e9)
+                    pb += (e[0], _FIXED64.pack(ns), e[1])
+                    ev.append(b'{"timeUnixNano":"%d%b' % (ns, e[2]))
+            if ev:
+                ev_js = b',"events":[' + b",".join(ev) + b"]"
+        remote = bool(parent) and (parent != call_span or not is_call)
+        pb += (st[0], _FLAGS[remote])
+        body = b"".join(pb)
+        return b"\x12" + varint(len(body)) + body, (
+            b'{"traceId":"%032x","spanId":"%016x","flags":%d%b%d","endTimeUnixNano":"%d","attributes":[%b],'
+            b'"status":%b%b%b}' % (trace_id, span_id, _FLAG_VALUES[remote], hop[5], start, end, b",".join(js),
+                                   st[1], b',"parentSpanId":"%016x"' % parent if parent else b"", ev_js))
+
+    def call_flat(self, t) -> tuple[bytes, bytes]:
+        """:meth:`call` from the record's :func:`call_tuple`."""
+        (_, trace_id, span_id, parent, call_id, from_uri, to_uri, ruri, outcome_i, status, t_start, t_setup,
+         t_answer, t_end, retrans, rtp, first_peer, is_call, legs) = t
+        party = self._parties.get((call_id, from_uri, to_uri)) or self._party(call_id, from_uri, to_uri)
         a = self.attr
-        vals = [self._party(call)[0]] + [a(k, v) for k, v in
-                                         leg_attributes(call, call.group, self.call_id_mask).items()]
-        return self._span(call.trace_id, call.gap_span_id, call.gap_parent, False, self._name(LEG_SETUP_SPAN),
-                          KIND_INTERNAL, int(call.gap_start * 1e9), int(call.t_start * 1e9),
-                          b"".join([x[0] for x in vals]), b",".join([x[1] for x in vals]), None, _STATUS_UNSET)
+        outcome = OUTCOMES[outcome_i] if outcome_i >= 0 else "unknown"
+        transport = first_peer[2] if first_peer and len(first_peer) > 2 else "udp"
+        attrs = {"sip.request.method": self._invite, "sip.call_id": party[0], "sip.from": party[1],
+                 "sip.to": party[2], "sip.request.uri": self._masked("sip.request.uri", ruri),
+                 "sip.call.outcome": a("sip.call.outcome", outcome),
+                 "network.transport": a("network.transport", transport), "network.protocol.name": self._sip}
+        if status:
+            attrs["sip.response.status_code"] = a("sip.response.status_code", status)
+        if t_setup is not None:
+            attrs["sip.call.setup_ms"] = _double_attr(self._setup_ms, round((t_setup - t_start) * 1000.0, 3))
+        if t_answer is not None:
+            attrs["sip.call.answer_ms"] = _double_attr(self._answer_ms, round((t_answer - t_start) * 1000.0, 3))
+            attrs["sip.call.duration_s"] = _double_attr(self._duration_s, round(t_end - t_answer, 6))
+        if retrans:
+            attrs["sip.retransmissions"] = a("sip.retransmissions", retrans)
+        gap_parent = 0
+        if legs is not None:
+            gap_parent = legs[5]
+            for k, v in legs_attributes(legs[0], legs[1], legs[2], self.call_id_mask).items():
+                attrs[k] = a(k, v)
+        if rtp:
+            enc = self._encode_attr
+            for k, v in rtp.items():
+                attrs[k] = enc(k, v)
+                if k == "sip.call.outcome":  # as dict.update would: the status message follows it
+                    outcome = v
+        st = _STATUS_UNSET
+        if outcome_i in ERROR_OUTCOMES:
+            st = self._error(outcome)
+            attrs["error.type"] = a("error.type", "timeout" if outcome_i == TIMEOUT else str(status))
+        vals = attrs.values()
+        # a joined leg's parent is the named leg's call span, in this process: not remote
+        remote = bool(parent) and parent != gap_parent
+        return self._span(trace_id, span_id, parent, remote, self._call_span_head, int(t_start * 1e9),
+                          int(t_end * 1e9), b"".join([x[0] for x in vals]), b",".join([x[1] for x in vals]), st)
+
+    def leg_setup_flat(self, t) -> tuple[bytes, bytes] | None:
+        """:meth:`leg_setup` from the record's :func:`call_tuple` (None: not a joined leg)."""
+        legs = t[18]
+        if legs is None or not legs[3]:
+            return None
+        call_ids, leg, joined_by, gap_span_id, gap_start, gap_parent = legs
+        a = self.attr
+        vals = [self._party(t[4], t[5], t[6])[0]] + [a(k, v) for k, v in
+                                                     legs_attributes(call_ids, leg, joined_by,
+                                                                     self.call_id_mask).items()]
+        return self._span(t[1], gap_span_id, gap_parent, False, self._name_kind(LEG_SETUP_SPAN, KIND_INTERNAL),
+                          int(gap_start * 1e9), int(t[10] * 1e9), b"".join([x[0] for x in vals]),
+                          b",".join([x[1] for x in vals]), _STATUS_UNSET)
+
+    def _name_kind(self, name: str, kind: int) -> tuple[bytes, bytes]:
+        """A span's name and kind: the protobuf fields, and the JSON from the name up to the start
+        time's digits."""
+        nm = self._name(name)
+        return nm[0] + _KIND[kind], b',"name":%b,"kind":%d,"startTimeUnixNano":"' % (nm[1], kind)
 
     @staticmethod
-    def _span(trace_id, span_id, parent, remote, name, kind, start, end, attrs_pb, attrs_js, events, status):
+    def _span(trace_id, span_id, parent, remote, name_kind, start, end, attrs_pb, attrs_js, status):
+        """A span without events (call and leg-setup spans) from its encoded parts."""
         body = b"".join((b"\x0a\x10", trace_id.to_bytes(16, "big"), b"\x12\x08", span_id.to_bytes(8, "big"),
-                         b"\x22\x08" + parent.to_bytes(8, "big") if parent else b"", name[0], _KIND[kind],
-                         _TIMES.pack(0x39, start, 0x41, end), attrs_pb,
-                         b"".join([e[0] for e in events]) if events else b"", status[0], _FLAGS[remote]))
-        js = b'{"traceId":"%032x","spanId":"%016x","flags":%d,"name":%b,"kind":%d,"startTimeUnixNano":"%d",' \
-             b'"endTimeUnixNano":"%d","attributes":[%b],"status":%b%b%b}' % (
-                 trace_id, span_id, _FLAG_VALUES[remote], name[1], kind, start, end, attrs_js, status[1],
-                 b',"parentSpanId":"%016x"' % parent if parent else b"",
-                 b',"events":[' + b",".join([e[1] for e in events]) + b"]" if events else b"")
-        return b"\x12" + varint(len(body)) + body, js
+                         b"\x22\x08" + parent.to_bytes(8, "big") if parent else b"", name_kind[0],
+                         _TIMES.pack(0x39, start, 0x41, end), attrs_pb, status[0], _FLAGS[remote]))
+        return b"\x12" + varint(len(body)) + body, (
+            b'{"traceId":"%032x","spanId":"%016x","flags":%d%b%d","endTimeUnixNano":"%d","attributes":[%b],'
+            b'"status":%b%b}' % (trace_id, span_id, _FLAG_VALUES[remote], name_kind[1], start, end, attrs_js,
+                                 status[1], b',"parentSpanId":"%016x"' % parent if parent else b""))
 
+
+def _double_attr(prefix: tuple[bytes, bytes], v: float) -> tuple[bytes, bytes]:
+    """A double attribute from its :meth:`SpanEncoder._double` prefix and its value."""
+    return prefix[0] + _DOUBLE.pack(v), b"%b%b}}" % (prefix[1], orjson.dumps(v))
+
+
+# -- records as plain tuples: what the proxy hands its span worker, and what the encoder reads ----
+def tx_tuple(tx) -> tuple:
+    """A finished ``Transaction`` with the fields of its call that its span shows."""
+    call = tx.call
+    return (0, tx.trace_id, tx.span_id, tx.parent_span_id, tx.method, tx.cseq, tx.direction, tx.peer,
+            tx.status, tx.t_sent, tx.t_first, tx.t_final, tx.retrans, tx.timed_out, tx.events,
+            call.span_id, call.is_call, call.call_id, call.from_uri, call.to_uri)
+
+
+def call_tuple(call) -> tuple:
+    """A finished ``Call``: its own fields, its first hop's peer (the transport) and its B2BUA leg
+    group (Call-IDs, leg, joined by, leg-setup span id, start and parent) or None."""
+    txs = call.transactions
+    group = getattr(call, "group", None)
+    legs = (list(group.call_ids), call.leg, call.joined_by, call.gap_span_id, call.gap_start, call.gap_parent) \
+        if group is not None else None
+    return (1, call.trace_id, call.span_id, call.parent_span_id, call.call_id, call.from_uri, call.to_uri,
+            call.ruri, call.outcome, call.status, call.t_start, call.t_setup, call.t_answer, call.t_end,
+            call.retrans, call.rtp, txs[0].peer if txs else None, call.is_call, legs)
 
 def rtp_figures(streams) -> dict:
     """The ``rtp.*`` call-span attributes from ``(packets, lost, jitter_max_ms, mos)`` per stream
@@ -399,12 +492,17 @@ def leg_attributes(call, group, call_id_mask=None) -> dict:
     """A B2BUA leg's span attributes: ``sip.correlation_id`` (the first leg's Call-ID, masked as
     ``sip.call_id`` is), ``sip.leg`` (1-based), ``sip.legs`` (legs known when the record was made)
     and, for a leg that joined, ``sip.correlated_by`` (x-cid, session-id, icid)."""
-    first = group.call_ids[0]
+    return legs_attributes(group.call_ids, call.leg, call.joined_by, call_id_mask)
+
+
+def legs_attributes(call_ids, leg: int, joined_by, call_id_mask=None) -> dict:
+    """:func:`leg_attributes` from the group's Call-IDs, the leg's place and what joined it."""
+    first = call_ids[0]
     out = {"sip.correlation_id": call_id_mask(first) if call_id_mask is not None
            else first.decode("utf-8", "replace"),
-           "sip.leg": call.leg, "sip.legs": len(group.call_ids)}
-    if call.joined_by:
-        out["sip.correlated_by"] = call.joined_by
+           "sip.leg": leg, "sip.legs": len(call_ids)}
+    if joined_by:
+        out["sip.correlated_by"] = joined_by
     return out
 
 
@@ -412,7 +510,11 @@ def hop_ends(tx) -> tuple:
     """``(client, (host, port), transport)`` of a transaction's hop: the proxy records the next
     hop only (client None; ``(ip, port)`` for UDP, ``(ip, port, "tcp")``); the observer records
     (sender, receiver[, transport])."""
-    peer = tx.peer
+    return peer_ends(tx.peer)
+
+
+def peer_ends(peer) -> tuple:
+    """:func:`hop_ends` of a transaction's recorded peer."""
     if isinstance(peer[0], tuple):
         return peer[0], peer[1], peer[2] if len(peer) > 2 else "udp"
     if len(peer) > 2:

@@ -651,10 +651,8 @@ class SpanPipeline:
                 return
 
     def _export(self, batch) -> None:
-        exporter = self.exporter
-        now = time.monotonic()
-        to_backend = exporter is not None and now >= self._retry_at
-        if not to_backend and self.spans_file is None:
+        """Encode ``("tx"|"call", record)`` items and deliver them (the export thread's step)."""
+        if not self._backend_or_file():
             self._export_dropped += len(batch)  # backend failed recently: shed, do not even encode
             return
         enc = self.encoder
@@ -679,15 +677,26 @@ class SpanPipeline:
                 if got is not None:
                     pbs.append(got[0])
                     lines.append(got[1])
+        self._deliver(pbs, lines)
+
+    def _backend_or_file(self) -> bool:
+        """False while the backend is in back-off and there is no spans file: nothing to encode for."""
+        return self.spans_file is not None or (self.exporter is not None and time.monotonic() >= self._retry_at)
+
+    def _deliver(self, pbs: list, lines: list) -> None:
+        """Encoded spans (``ScopeSpans.spans`` fields, OTLP/JSON objects) to the spans file as one
+        line and to the backend as one request; counted as exported or dropped."""
         if not pbs:
             return
+        exporter = self.exporter
+        enc = self.encoder
         ok = True
         if self._reopen or (self._file is None and self.spans_file is not None):
             self._reopen_file()
         if self.spans_file is not None:
             ok = self._write_file(enc.json_line(lines))
         if exporter is not None:
-            if not to_backend:
+            if time.monotonic() < self._retry_at:
                 ok = False  # backend failed recently: shed load instead of queueing behind it
             else:
                 try:

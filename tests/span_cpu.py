@@ -7,7 +7,8 @@ adds (OPTIONS ping-pong through it while it carries the call load, minus the sam
     python tests/span_cpu.py --rate 1000 --duration 10 --rounds 3 [--tree DIR] [--latency]
 
 ``--tree``: run the sidecar from another source tree (e.g. an older commit unpacked with
-``git archive``) to compare before and after.
+``git archive``). ``--base-tree DIR``: also run every traced configuration from DIR (``... @base``),
+alternating with the others, to compare before and after in one sitting.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ def run(workdir: Path, name: str, extra, rate: int, duration: float, tree: str |
             target.sidecar.env["PYTHONPATH"] = tree
         with target:
             threads0 = thread_cpu(target.pid)
+            kids0 = children_cpu(target.pid)
             load = bench_net.SippLoad(workdir, target, uas_port, rate, duration).start()
             lat = None
             try:
@@ -56,12 +58,18 @@ def run(workdir: Path, name: str, extra, rate: int, duration: float, tree: str |
                      for k in (0, 1)]
             r["main_thread_cpu_s"], r["other_threads_cpu_s"] = sum(main), sum(other)
             r["main_thread_sys_s"], r["other_threads_sys_s"] = main[1], other[1]
+            r["children_cpu_s"] = children_cpu(target.pid) - kids0  # the span worker process
             sig = target.sidecar.signaling()
             traced = "no-tracing" not in name
             r["spans_exported"] = metric(sig, "sipwatch_spans_exported_total") if traced else 0
             r["spans_dropped"] = metric(sig, "sipwatch_spans_dropped_total") if traced else 0
             r["latency"] = lat
     return r
+
+
+def children_cpu(pid: int) -> float:
+    """CPU seconds of the processes under ``pid`` (the span worker)."""
+    return bench_net.cpu_seconds([p for p in bench_net.tree_pids(pid) if p != pid])
 
 
 def thread_cpu(pid: int) -> dict[int, tuple[float, float]]:
@@ -83,6 +91,7 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=10)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tree")
+    ap.add_argument("--base-tree")
     ap.add_argument("--latency", action="store_true")
     ap.add_argument("--only", default="notrace,http,grpc")
     a = ap.parse_args()
@@ -99,16 +108,19 @@ def main() -> None:
                      ("--otlp-endpoint", f"127.0.0.1:{rx.grpc_port}", "--otlp-protocol", "grpc",
                       "--spans-file", str(workdir / "spans-grpc.jsonl"), "--sample-ratio", "1")),
         }
-        chosen = [configs[k] for k in a.only.split(",")]
+        chosen = [configs[k] + (a.tree,) for k in a.only.split(",")]
+        if a.base_tree:
+            chosen += [(name + " @base", extra, a.base_tree) for name, extra, _ in chosen
+                       if "no-tracing" not in name]
         for i in range(a.rounds):
-            for name, extra in chosen:
-                r = run(workdir, name, extra, a.rate, a.duration, a.tree, a.latency)
+            for name, extra, tree in chosen:
+                r = run(workdir, name, extra, a.rate, a.duration, tree, a.latency)
                 results.setdefault(name, []).append(r)
                 print(f"round {i + 1} {name}: completed {r['completed']}/{r['calls']} cpu {r['cpu_pct']:.1f}% "
                       f"({r['cpu_us_per_msg']:.1f} µs/msg) spans exported {r['spans_exported']:.0f} "
                       f"dropped {r['spans_dropped']:.0f} loop thread {r['main_thread_cpu_s']:.2f} s "
                       f"(sys {r['main_thread_sys_s']:.2f}) other threads {r['other_threads_cpu_s']:.2f} s "
-                      f"(sys {r['other_threads_sys_s']:.2f})"
+                      f"(sys {r['other_threads_sys_s']:.2f}) child processes {r['children_cpu_s']:.2f} s"
                       + (f" added rtt p50 {r['latency']['p50_us']:+.0f} µs p99 {r['latency']['p99_us']:+.0f} µs"
                          if r.get("latency") else ""), flush=True)
     base = statistics.median(r["cpu_s"] for r in results[chosen[0][0]])
@@ -117,9 +129,11 @@ def main() -> None:
         cpu = statistics.median(r["cpu_s"] for r in rs)
         loop = statistics.median(r["main_thread_cpu_s"] for r in rs)
         other = statistics.median(r["other_threads_cpu_s"] for r in rs)
+        kids = statistics.median(r["children_cpu_s"] for r in rs)
         calls = statistics.median(r["completed"] for r in rs)
         print(f"  {name:40s} cpu {100 * cpu / a.duration:5.1f}%  {1e6 * cpu / max(1, calls):6.1f} µs/call  "
-              f"x{cpu / base:.3f} of {chosen[0][0]}  (loop thread {loop:.2f} s, other threads {other:.2f} s)")
+              f"x{cpu / base:.3f} of {chosen[0][0]}  (loop thread {loop:.2f} s, other threads {other:.2f} s, "
+              f"child processes {kids:.2f} s)")
 
 
 if __name__ == "__main__":
