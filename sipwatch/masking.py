@@ -290,6 +290,7 @@ def _mask_text(text: str, mode: str) -> str:
 
 # -- Call-IDs -------------------------------------------------------------------------------
 _LONG_DIGITS = re.compile(r"\d{6,}")
+_LONG_ASCII_DIGITS = re.compile(rb"[0-9]{6,}")
 
 
 def derive_key(secret: bytes | None, purpose: bytes) -> bytes:
@@ -352,6 +353,10 @@ class CallIdMasker:
 
     def __call__(self, call_id: bytes | str | None) -> str | None:
         if type(call_id) is bytes:
+            if self.mode == "digits" and call_id.isascii() and _LONG_ASCII_DIGITS.search(call_id) is None:
+                # the usual Call-ID: nothing to mask (an ASCII text has no other digits than
+                # 0-9), shown as it is, cheaper than remembering it
+                return call_id.decode("ascii")
             # a Call-ID shows up more than once (a B2BUA leg's summary lists every leg's): remembered
             got = self._memo.get(call_id)
             if got is None:
