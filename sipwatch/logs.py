@@ -74,6 +74,9 @@ def _sanitize(obj, depth: int = 0):
         return f"<{type(obj).__name__}>"
 
 
+_orjson_dumps = orjson.dumps
+
+
 def dumps(rec: dict) -> tuple[bytes, Exception | None]:
     """(JSON bytes, the error that forced a fallback or None). Never raises."""
     try:
@@ -344,12 +347,15 @@ class JsonLog:
     def _write_record(self, rec: dict) -> None:
         """One record as a line: held while ``deferred``, else written at once, after the lines
         still held (their order is kept)."""
-        line, err = dumps(rec)
-        if err is not None and self.on_error is not None:
-            try:
-                self.on_error("log", err)
-            except Exception:  # noqa: BLE001
-                pass
+        try:
+            line = _orjson_dumps(rec, default=_default)
+        except Exception:  # noqa: BLE001 - the fallbacks, and the error counted
+            line, err = dumps(rec)
+            if err is not None and self.on_error is not None:
+                try:
+                    self.on_error("log", err)
+                except Exception:  # noqa: BLE001
+                    pass
         pending = self._pending
         pending.append(line)
         if self.deferred:

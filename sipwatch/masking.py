@@ -197,6 +197,15 @@ def _mask_remembered(value: bytes, mode: str, memo: dict[bytes, str]) -> str:
     if len(memo) >= _MEMO_SIZE:
         memo.clear()
     m = _PLAIN_NAME_ADDR.fullmatch(value)
+    if m is not None and value.isascii():
+        # the shape below, all ASCII: every part decodes to itself, so the value is its text
+        # with the user part masked (one decode, two slices)
+        text = value.decode("ascii")
+        start, end = m.span(3)
+        out = text[:start] + (_mask_digits(text[start:end]) if mode == "partial" else "***") + text[end:]
+        if m.start(5) < 0:
+            memo[value] = out
+        return out
     if m is not None:
         # what the general path makes of this shape: the display name has no digit, the user
         # part no ';' (no user parameters), the host part no parameters, the tag is kept

@@ -62,7 +62,7 @@ def add_summary_fields(out: dict, call, mask_mode: str = "partial", rtp: list[di
                        call_id_mask=None) -> dict:
     """The summary's fields from ``outcome`` on, added to ``out`` (in their order) and returned:
     the log line builds its record in place, with no second dict to copy them from."""
-    txs = []
+    txs: list[dict] = []
     append = txs.append
     method_text = _METHOD_TEXT
     for tx in call.transactions:
