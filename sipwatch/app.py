@@ -121,6 +121,8 @@ class ProxyApp:
         self._last_record = float("-inf")  # when the tick last drained finished records
         self._backlog: deque = deque()  # finished records not handled yet (see tick)
         self._slice_pending = False
+        self._ticks = 0
+        self._tick_handle: asyncio.TimerHandle | None = None
         self._stop_reason = "signal"
         self._hard_stop = False
         self._hard = asyncio.Event()  # a second signal: stop waiting for anything
@@ -418,21 +420,33 @@ class ProxyApp:
             loop.add_signal_handler(signal.SIGHUP, self._on_hup)
         except (NotImplementedError, RuntimeError, AttributeError):
             pass
-        ticks = 0
-        while not self._stop.is_set():
-            try:
-                await asyncio.wait_for(self._stop.wait(), TICK)
-            except asyncio.TimeoutError:
-                pass
+        # the tick is a timer callback that schedules its successor: no task, future and
+        # timeout built and torn down every 20 ms (what a wait_for loop cost)
+        self._tick_handle = loop.call_later(TICK, self._periodic_tick)
+        try:
+            await self._stop.wait()
+        finally:
+            if self._tick_handle is not None:
+                self._tick_handle.cancel()
+        await self.stop()
+
+    def _periodic_tick(self) -> None:
+        """Every TICK seconds until the stop: housekeeping, and while draining, every
+        DRAIN_CHECK_EVERY ticks, the drain check."""
+        try:
+            if self._stop.is_set():
+                return
             self.tick()
-            ticks += 1
-            if self.draining and not self._stop.is_set() and ticks % DRAIN_CHECK_EVERY == 0:
+            self._ticks += 1
+            if self.draining and not self._stop.is_set() and self._ticks % DRAIN_CHECK_EVERY == 0:
                 try:
                     self._drain_check()
                 except Exception as exc:  # noqa: BLE001
                     self.errors.report("tick", exc)
                     self._stop.set()
-        await self.stop()
+        finally:
+            if not self._stop.is_set():
+                self._tick_handle = asyncio.get_running_loop().call_later(TICK, self._periodic_tick)
 
     async def stop(self) -> None:
         self.edge.close()
