@@ -121,6 +121,8 @@ class ProxyApp:
         self._last_record = float("-inf")  # when the tick last drained finished records
         self._backlog: deque = deque()  # finished records not handled yet (see tick)
         self._slice_pending = False
+        self._ticks = 0
+        self._tick_handle: asyncio.TimerHandle | None = None
         self._stop_reason = "signal"
         self._hard_stop = False
         self._hard = asyncio.Event()  # a second signal: stop waiting for anything
@@ -217,17 +219,20 @@ class ProxyApp:
             report("tick", exc)
 
     def _records_slice(self, everything: bool = False) -> None:
-        """Finished records from the backlog: histograms, the call summary (and its HEP LOG
-        copy), then the hand-off to the span pipeline; at most CALLS_PER_SLICE calls unless
-        ``everything``, the rest in a later callback of the loop."""
+        """Finished records from the backlog: the call summary (and its HEP LOG copy), the
+        histograms (once for the slice's calls), then the hand-off to the span pipeline; at most
+        CALLS_PER_SLICE calls unless ``everything``, the rest in a later callback of the loop."""
         report = self.errors.report
         backlog = self._backlog
         if not backlog:
             return
-        chunk = []
-        calls = 0
-        while backlog and (everything or (calls < CALLS_PER_SLICE and len(chunk) < RECORDS_PER_SLICE)):
-            rec = backlog.popleft()
+        chunk: list = []
+        calls: list = []
+        popleft = backlog.popleft
+        call_summary = self.log.call_summary
+        hep = self.hep if self.hep is not None and self.settings.hep_log else None
+        while backlog and (everything or (len(calls) < CALLS_PER_SLICE and len(chunk) < RECORDS_PER_SLICE)):
+            rec = popleft()
             chunk.append(rec)
             try:
                 kind, obj = rec
@@ -237,26 +242,28 @@ class ProxyApp:
                 continue
             if not is_call:
                 continue
-            calls += 1
+            calls.append(obj)
             try:
-                self.metrics.observe_call(obj)
-            except Exception as exc:  # noqa: BLE001
-                report("metrics", exc)
-            try:
-                self.log.call_summary(obj)
+                call_summary(obj)
             except Exception as exc:  # noqa: BLE001
                 report("log", exc)
                 self._minimal_summary(obj, exc)
-            if self.hep is not None and self.settings.hep_log:
+            if hep is not None:
                 try:
-                    self.hep.call_summary(obj.call_id, summary_record(
+                    hep.call_summary(obj.call_id, summary_record(
                         obj, self.settings.mask_numbers, self.call_id_mask), self.clock())
                 except Exception as exc:  # noqa: BLE001
                     report("log", exc)
+        if calls:
             try:
-                obj.let_go()  # the summary was the last reader of its transaction list
+                self.metrics.observe_calls(calls, report)
             except Exception as exc:  # noqa: BLE001
-                report("tick", exc)
+                report("metrics", exc)
+            for obj in calls:
+                try:
+                    obj.let_go()  # the summary was the last reader of its transaction list
+                except Exception as exc:  # noqa: BLE001
+                    report("tick", exc)
         if self.spans is not None:
             try:
                 self.spans.submit(chunk)
@@ -270,6 +277,9 @@ class ProxyApp:
                 self._records_slice(everything=True)
 
     def _next_slice(self) -> None:
+        """A later slice of the backlog. The lines of the slices are held until the last one
+        of them writes them all in one write (an undeferred line in between takes them along,
+        in order)."""
         self._slice_pending = False
         self.log.deferred = True
         try:
@@ -277,10 +287,11 @@ class ProxyApp:
         except Exception as exc:  # noqa: BLE001 - a callback of the loop must not raise
             self.errors.report("tick", exc)
         self.log.deferred = False
-        try:
-            self.log.flush()
-        except Exception as exc:  # noqa: BLE001
-            self.errors.report("log", exc)
+        if not self._slice_pending:
+            try:
+                self.log.flush()
+            except Exception as exc:  # noqa: BLE001
+                self.errors.report("log", exc)
 
     def _minimal_summary(self, call, exc: Exception) -> None:
         """The call still gets its one summary line (counts from logs stay right), with what
@@ -409,21 +420,33 @@ class ProxyApp:
             loop.add_signal_handler(signal.SIGHUP, self._on_hup)
         except (NotImplementedError, RuntimeError, AttributeError):
             pass
-        ticks = 0
-        while not self._stop.is_set():
-            try:
-                await asyncio.wait_for(self._stop.wait(), TICK)
-            except asyncio.TimeoutError:
-                pass
+        # the tick is a timer callback that schedules its successor: no task, future and
+        # timeout built and torn down every 20 ms (what a wait_for loop cost)
+        self._tick_handle = loop.call_later(TICK, self._periodic_tick)
+        try:
+            await self._stop.wait()
+        finally:
+            if self._tick_handle is not None:
+                self._tick_handle.cancel()
+        await self.stop()
+
+    def _periodic_tick(self) -> None:
+        """Every TICK seconds until the stop: housekeeping, and while draining, every
+        DRAIN_CHECK_EVERY ticks, the drain check."""
+        try:
+            if self._stop.is_set():
+                return
             self.tick()
-            ticks += 1
-            if self.draining and not self._stop.is_set() and ticks % DRAIN_CHECK_EVERY == 0:
+            self._ticks += 1
+            if self.draining and not self._stop.is_set() and self._ticks % DRAIN_CHECK_EVERY == 0:
                 try:
                     self._drain_check()
                 except Exception as exc:  # noqa: BLE001
                     self.errors.report("tick", exc)
                     self._stop.set()
-        await self.stop()
+        finally:
+            if not self._stop.is_set():
+                self._tick_handle = asyncio.get_running_loop().call_later(TICK, self._periodic_tick)
 
     async def stop(self) -> None:
         self.edge.close()

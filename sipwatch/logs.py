@@ -31,7 +31,7 @@ import orjson
 
 from .masking import mask_uri
 from .stats import METHODS
-from .summary import call_summary_fields, leg_fields  # noqa: F401 (re-exported)
+from .summary import add_summary_fields, call_sid_of, call_summary_fields, leg_fields  # noqa: F401 (re-exported)
 
 LEVELS = ("debug", "info", "warning", "error")
 _MAX_DEPTH = 32  # deeper structures are cut (a record is built by us, but from peer input)
@@ -72,6 +72,9 @@ def _sanitize(obj, depth: int = 0):
         return _sanitize(_default(obj), depth + 1)
     except Exception:
         return f"<{type(obj).__name__}>"
+
+
+_orjson_dumps = orjson.dumps
 
 
 def dumps(rec: dict) -> tuple[bytes, Exception | None]:
@@ -339,18 +342,27 @@ class JsonLog:
             "event": event,
         }
         rec.update(fields)
-        line, err = dumps(rec)
-        if err is not None and self.on_error is not None:
-            try:
-                self.on_error("log", err)
-            except Exception:  # noqa: BLE001
-                pass
+        self._write_record(rec)
+
+    def _write_record(self, rec: dict) -> None:
+        """One record as a line: held while ``deferred``, else written at once, after the lines
+        still held (their order is kept)."""
+        try:
+            line = _orjson_dumps(rec, default=_default)
+        except Exception:  # noqa: BLE001 - the fallbacks, and the error counted
+            line, err = dumps(rec)
+            if err is not None and self.on_error is not None:
+                try:
+                    self.on_error("log", err)
+                except Exception:  # noqa: BLE001
+                    pass
+        pending = self._pending
+        pending.append(line)
         if self.deferred:
-            self._pending.append(line)
-            if len(self._pending) >= 1000:
+            if len(pending) >= 1000:
                 self.flush()
             return
-        self._write(line + b"\n", 1)
+        self.flush()
 
     def flush(self) -> None:
         """Write the deferred lines, if any, in one write."""
@@ -393,45 +405,56 @@ class JsonLog:
 
     def call_summary(self, call, rtp: list[dict] | None = None) -> None:
         """The one record per finished call: setup, outcome, duration, retransmissions, RTTs
-        (and, where media was seen, one entry per RTP stream)."""
-        fields = call_summary_fields(call, self.mask_mode, rtp, self.call_id_mask)
+        (and, where media was seen, one entry per RTP stream).
+
+        The record is built in its final order in one dict (what ``emit`` would make of
+        :func:`call_summary_fields`: its own fields first, then the summary's); the timestamp,
+        the call's end, is filled in last."""
+        mask = self.call_id_mask
+        rec = {"timestamp": "", "log_level": "info", "service_name": self.service_name,
+               "call_sid": call_sid_of(call, mask), "trace_id": "%032x" % call.trace_id,
+               "message": "call finished", "event": "call_summary"}
+        add_summary_fields(rec, call, self.mask_mode, rtp, mask)
         if self.min_level > _INFO:
             return
-        # what emit(**fields) does: call_sid, trace_id and when are its own arguments, the rest follows
-        call_sid = fields.pop("call_sid")
-        trace_id = fields.pop("trace_id")
-        when = fields.pop("when")
-        self._emit_record("info", "call finished", "call_summary", call_sid, trace_id, when, fields)
+        rec["timestamp"] = _stamp(self.clock, call.t_end)
+        self._write_record(rec)
 
 
 _INFO = LEVELS.index("info")
 _UTC = timezone.utc
-# the text of the last second stamped: (floor of its timestamp, its seconds field, "YYYY-MM-DDTHH:MM:SS.")
-_last_second: tuple = (None, -1, "")
+# the second stamped last: (its integer timestamp, its text "YYYY-MM-DDTHH:MM:SS.")
+_last_second: tuple = (None, "")
+_STAMP_MAX = 253402300799  # 9999-12-31T23:59:59: later seconds are not RFC 3339 years
 
 
 def _stamp(clock, when) -> str:
     """RFC 3339 UTC with microseconds (``2026-12-01T19:46:51.123456Z``) of ``when`` (None: of
     ``clock()``), or of now when that is no timestamp.
 
-    The date and time of day are formatted once per second. datetime does the rounding to the
-    microsecond, which can carry into the next second: a timestamp's second is its floor or the
-    one after, and the two differ in their seconds field, so floor and field name it."""
+    The date and time of day are formatted once per second, the microseconds without datetime:
+    ``datetime.fromtimestamp`` takes the fraction of the second (exact for a timestamp >= 0),
+    scales it to microseconds and rounds half to even, carrying a full million into the next
+    second; Python's ``round`` of a float rounds the same way, so the text is the one datetime
+    gives."""
     global _last_second
     try:
         t = clock() if when is None else when
+        kind = type(t)
+        if (kind is float or kind is int) and 0 <= t < _STAMP_MAX:
+            second = math.floor(t)
+            micro = round((t - second) * 1e6)
+            if micro >= 1_000_000:
+                second += 1
+                micro -= 1_000_000
+            last = _last_second
+            if last[0] != second:
+                last = _last_second = (second, datetime.fromtimestamp(second, _UTC).isoformat(
+                    timespec="microseconds")[:20])
+            return "%s%06dZ" % (last[1], micro)
         ts = datetime.fromtimestamp(t, _UTC)
     except (OverflowError, OSError, ValueError, TypeError):
         return datetime.now(_UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
-    kind = type(t)
-    if kind is float or kind is int:
-        floor = math.floor(t)
-        last = _last_second
-        if last[0] == floor and last[1] == ts.second:
-            return "%s%06dZ" % (last[2], ts.microsecond)
-        text = ts.isoformat(timespec="microseconds")
-        _last_second = (floor, ts.second, text[:20])
-        return text.replace("+00:00", "Z")
     return ts.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 

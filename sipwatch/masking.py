@@ -197,6 +197,15 @@ def _mask_remembered(value: bytes, mode: str, memo: dict[bytes, str]) -> str:
     if len(memo) >= _MEMO_SIZE:
         memo.clear()
     m = _PLAIN_NAME_ADDR.fullmatch(value)
+    if m is not None and value.isascii():
+        # the shape below, all ASCII: every part decodes to itself, so the value is its text
+        # with the user part masked (one decode, two slices)
+        text = value.decode("ascii")
+        start, end = m.span(3)
+        out = text[:start] + (_mask_digits(text[start:end]) if mode == "partial" else "***") + text[end:]
+        if m.start(5) < 0:
+            memo[value] = out
+        return out
     if m is not None:
         # what the general path makes of this shape: the display name has no digit, the user
         # part no ';' (no user parameters), the host part no parameters, the tag is kept
@@ -290,6 +299,8 @@ def _mask_text(text: str, mode: str) -> str:
 
 # -- Call-IDs -------------------------------------------------------------------------------
 _LONG_DIGITS = re.compile(r"\d{6,}")
+# ASCII digits all become b"0" (nothing else does): a run of six or more is a find of b"000000"
+_DIGITS_AS_ZERO = bytes.maketrans(b"0123456789", b"0000000000")
 
 
 def derive_key(secret: bytes | None, purpose: bytes) -> bytes:
@@ -352,6 +363,11 @@ class CallIdMasker:
 
     def __call__(self, call_id: bytes | str | None) -> str | None:
         if type(call_id) is bytes:
+            if self.mode == "digits" and call_id.isascii() \
+                    and call_id.translate(_DIGITS_AS_ZERO).find(b"000000") < 0:
+                # the usual Call-ID: nothing to mask (an ASCII text has no other digits than
+                # 0-9), shown as it is, cheaper than remembering it
+                return call_id.decode("ascii")
             # a Call-ID shows up more than once (a B2BUA leg's summary lists every leg's): remembered
             got = self._memo.get(call_id)
             if got is None:

@@ -13,6 +13,7 @@ is needed.
 from __future__ import annotations
 
 import asyncio
+from bisect import bisect_left
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import (
@@ -204,6 +205,56 @@ class Metrics:
             self.call_duration.observe(max(0.0, call.t_end - call.t_answer))
         if getattr(call, "joined_by", None):
             self.leg_setup.observe(max(0.0, call.t_start - call.gap_start))
+
+    def observe_calls(self, calls, on_error=None) -> None:
+        """``observe_call`` of each call, the histograms updated once for all of them (see
+        :func:`observe_all`). A call whose figures cannot be read is reported to
+        ``on_error("metrics", exc)`` and leaves out what it had not given yet, as
+        ``observe_call`` would have."""
+        setup: list[float] = []
+        duration: list[float] = []
+        legs: list[float] = []
+        for call in calls:
+            try:
+                if not call.is_call:
+                    continue
+                if call.t_setup is not None:
+                    setup.append(call.t_setup - call.t_start)
+                if call.t_answer is not None and call.t_end is not None:
+                    duration.append(max(0.0, call.t_end - call.t_answer))
+                if getattr(call, "joined_by", None):
+                    legs.append(max(0.0, call.t_start - call.gap_start))
+            except Exception as exc:  # noqa: BLE001
+                if on_error is None:
+                    raise
+                on_error("metrics", exc)
+        observe_all(self.call_setup, setup)
+        observe_all(self.call_duration, duration)
+        observe_all(self.leg_setup, legs)
+
+
+def observe_all(hist: Histogram, values: list) -> None:
+    """``hist.observe(v)`` for every v, in order, at one lock round per touched bucket instead
+    of two per value (prometheus-client's ``observe`` adds to the sum, then to the first bucket
+    whose bound the value does not exceed). The sum is added to value by value, in order, so it
+    is the same float; bucket counts are whole numbers, exact in any order."""
+    if not values:
+        return
+    if len(values) == 1:
+        hist.observe(values[0])
+        return
+    bounds = hist._upper_bounds
+    total = hist._sum.get()
+    counts: dict[int, int] = {}
+    for v in values:
+        total += v
+        if v <= bounds[-1]:  # (a NaN is in no bucket: it is not <= any bound)
+            i = bisect_left(bounds, v)
+            counts[i] = counts.get(i, 0) + 1
+    hist._sum.set(total)
+    buckets = hist._buckets
+    for i, n in counts.items():
+        buckets[i].inc(n)
 
 
 async def serve_metrics(registry: CollectorRegistry, host: str, port: int, on_error=None,

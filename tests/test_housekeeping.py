@@ -1,0 +1,146 @@
+"""The housekeeping's shortcuts give what the slow ways give: ``round3`` what ``round(x, 3)``
+gives, the log timestamp what ``datetime`` formats, the batched histogram update what
+prometheus-client's own ``observe`` exposes, and a tick's backlog leaves in few writes, in order."""
+from __future__ import annotations
+
+import io
+import math
+import random
+import struct
+from datetime import datetime, timezone
+
+import orjson
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+from sipwatch.logs import JsonLog, _stamp
+from sipwatch.masking import CallIdMasker
+from sipwatch.metrics import CALL_SETUP_BUCKETS, observe_all
+from sipwatch.summary import round3
+
+from test_resilience import _Call, _app
+
+
+def _same_float(a, b) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return type(a) is type(b) and a == b and math.copysign(1, a) == math.copysign(1, b)
+
+
+def test_round3_is_round_to_three_places():
+    rnd = random.Random(3)
+    values = [rnd.uniform(-1e3, 1e5) for _ in range(200_000)]
+    for _ in range(50_000):  # ties and their neighbours, where the shortcut must step aside
+        k = rnd.randrange(-10**9, 10**9)
+        half = (k + 0.5) / 1000
+        values += [half, math.nextafter(half, -math.inf), math.nextafter(half, math.inf), k / 1000]
+    values += [struct.unpack("d", struct.pack("Q", rnd.getrandbits(64)))[0] for _ in range(50_000)]
+    values += [0.0, -0.0, -0.0004, 0.0004, 2.675, 1e9, -1e9, 1e300, math.inf, -math.inf, math.nan, 7, -3]
+    wrong = [x for x in values if not _same_float(round3(x), round(x, 3))]
+    assert not wrong[:5]
+
+
+def _datetime_stamp(t) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def test_log_timestamp_is_what_datetime_formats():
+    rnd = random.Random(4)
+    values = [rnd.uniform(0, 4e9) for _ in range(50_000)]
+    values += [k + 0.9999995 for k in range(0, 200_000, 7)]  # the microsecond rounds into the next second
+    values += [k + 0.0000005 for k in range(0, 200_000, 7)]
+    values += [1_700_000_000 + k / 1e6 + 5e-7 for k in range(5000)]  # half a microsecond: ties to even
+    values += [0, 0.0, 1, 1_764_619_611, 253402300799.25]
+    rnd.shuffle(values)  # seconds out of order: the per-second text must follow
+    wrong = [t for t in values if _stamp(None, t) != _datetime_stamp(t)]
+    assert not wrong[:5]
+
+
+def test_log_timestamp_of_no_timestamp_is_now():
+    before = datetime.now(timezone.utc)
+    for bad in (math.nan, math.inf, -math.inf, 1e300, 2**80):
+        stamped = datetime.fromisoformat(_stamp(None, bad).replace("Z", "+00:00"))
+        assert before <= stamped <= datetime.now(timezone.utc)
+
+
+def _exposition(hist_registry) -> bytes:
+    return b"\n".join(line for line in generate_latest(hist_registry).split(b"\n") if b"_created" not in line)
+
+
+def _observed(batches) -> tuple[bytes, bytes]:
+    one, many = CollectorRegistry(), CollectorRegistry()
+    h_one = Histogram("x_seconds", "x", buckets=CALL_SETUP_BUCKETS, registry=one)
+    h_many = Histogram("x_seconds", "x", buckets=CALL_SETUP_BUCKETS, registry=many)
+    for batch in batches:
+        for v in batch:
+            h_one.observe(v)
+        observe_all(h_many, batch)
+    return _exposition(one), _exposition(many)
+
+
+def test_batched_observations_expose_what_observe_exposes():
+    rnd = random.Random(5)
+    batches = [[rnd.expovariate(1.0) for _ in range(rnd.randrange(0, 30))] for _ in range(200)]
+    batches += [[0.0, -1.0, 60.0, 60.000001, 0.05, 1e-9, 0.1], [2.0], []]
+    one, many = _observed(batches)
+    assert many == one
+    assert b"x_seconds_count" in one and b"x_seconds_sum" in one
+    # infinities and NaN land where observe puts them (NaN in no bucket, both in the sum)
+    one, many = _observed([[1.0, math.inf, 3.0], [math.nan, 0.2, -math.inf]])
+    assert many == one
+
+
+def test_plain_call_ids_are_shown_as_they_are_and_digit_runs_masked():
+    m = CallIdMasker("digits", b"k")
+    assert m(b"a84b4c76e66710@pc33.example.com") == "a84b4c76e66710@pc33.example.com"
+    assert m(b"12345-abc@10.0.0.1") == "12345-abc@10.0.0.1"
+    masked = m(b"call-4930123456@gw")
+    assert masked.startswith("call-******3456@gw~") and len(masked) == len("call-******3456@gw~") + 16
+    assert m(b"call-4930123456@gw") == masked
+    assert m(b"\xff123456") .startswith("\ufffd**3456~")
+
+
+class _CountingStream(io.BytesIO):
+    def __init__(self):
+        super().__init__()
+        self.writes = 0
+
+    def write(self, data):
+        self.writes += 1
+        return super().write(data)
+
+
+def test_held_lines_go_out_before_a_line_written_at_once():
+    stream = _CountingStream()
+    log = JsonLog("svc", stream=stream, clock=lambda: 1_700_000_000.0)
+    log.deferred = True
+    log.info("first", "a")
+    log.info("second", "b")
+    log.deferred = False
+    assert stream.writes == 0
+    log.info("third", "c")  # takes the held lines along, in order, in one write
+    assert stream.writes == 1
+    assert [orjson.loads(x)["event"] for x in stream.getvalue().splitlines()] == ["a", "b", "c"]
+
+
+def test_a_ticks_backlog_is_written_in_two_writes_in_order(tmp_path):
+    """The tick writes its own slice; the later slices hold their lines until the last one."""
+    import asyncio
+
+    from sipwatch.app import CALLS_PER_SLICE
+
+    app, _ = _app(tmp_path, "--no-tracing")
+    stream = app.log.stream = _CountingStream()
+    n = 4 * CALLS_PER_SLICE + 3
+
+    async def run():
+        for i in range(n):
+            app.core.tracker.finished.append(("call", _Call(b"w-%d@gw" % i)))
+        app.tick()
+        assert stream.writes == 1
+        for _ in range(n):
+            await asyncio.sleep(0)
+
+    asyncio.run(run())
+    assert stream.writes == 2
+    sids = [r["call_sid"] for r in map(orjson.loads, stream.getvalue().splitlines()) if r["event"] == "call_summary"]
+    assert sids == ["w-%d@gw" % i for i in range(n)]
