@@ -63,6 +63,12 @@ GATEWAY_SEEN_TTL = 3600.0
 # what a malformed request is answered with, when it can be answered at all (RFC 3261 §16.3,
 # §18.3: a request whose body is shorter than its Content-Length SHOULD get 400)
 _ANSWER_400 = frozenset((DROP_BAD_CONTENT_LENGTH, DROP_OUT_OF_RANGE, DROP_TOO_MANY_HEADERS))
+# bytes formatting costs about as much as a hash per call: the texts the request path writes
+# for every message are looked up instead (Max-Forwards 0-254, small CSeq numbers), and address
+# texts (IPs, ports: few distinct ones per node) are remembered in bounded memos
+_MAX_FORWARDS_LINES = tuple(b"Max-Forwards: %d" % i for i in range(255))
+_SMALL_DECIMALS = tuple(b"%d" % i for i in range(4096))
+_TEXT_MEMO_MAX = 4096
 
 
 @dataclass(frozen=True)
@@ -143,6 +149,8 @@ class ProxyCore:
         self.overloaded = False  # set by the edge while its receive queues are too long
         self.last_internal_error: str | None = None
         self.gateway_seen: dict[str, float] = {}  # source IP -> last seen, insertion-ordered
+        self._ascii_memo: dict[str, bytes] = {}
+        self._port_memo: dict[int, bytes] = {}
         self._allowed_cache: dict[str, bool] = {}
         host, port = config.advertise
         h = host.encode()
@@ -172,6 +180,7 @@ class ProxyCore:
         self.trace_id_only = lname == TRACE_ID_HEADER
         self.trace_line_fmt = self.trace_name.replace(b"%", b"%%") + (
             b": %032x" if self.trace_id_only else b": 00-%032x-%016x-%s")
+        self.trace_line_head = self.trace_name + b": 00-"
         # further headers stamped with the same context: (lowercase name, name, trace id only)
         self.more_trace_headers: list[tuple[bytes, bytes, bool]] = [
             (n.lower(), n, n.lower() == TRACE_ID_HEADER) for n in dict.fromkeys(stamped[1:])
@@ -261,8 +270,28 @@ class ProxyCore:
         pre-RFC 3261 senders), the address responses go back to, and the next hop."""
         b = via.params.get(b"branch")
         uniq = b if b and b.startswith(b"z9hG4bK") else b"%s:%d" % (via.host, via.port or 5060)
-        return self._mac(b"b", uniq, call_id, cseq_s, from_tag, reply[0].encode(),
-                         b"%d" % reply[1], hop_ip.encode())
+        return self._mac(b"b", uniq, call_id, cseq_s, from_tag, self._ascii(reply[0]),
+                         self._port_text(reply[1]), self._ascii(hop_ip))
+
+    def _ascii(self, text: str) -> bytes:
+        """``text.encode()`` for an address, remembered (bounded: cleared when full)."""
+        memo = self._ascii_memo
+        b = memo.get(text)
+        if b is None:
+            if len(memo) >= _TEXT_MEMO_MAX:
+                memo.clear()
+            b = memo[text] = text.encode()
+        return b
+
+    def _port_text(self, port: int) -> bytes:
+        """``b"%d" % port``, remembered (bounded: cleared when full)."""
+        memo = self._port_memo
+        b = memo.get(port)
+        if b is None:
+            if len(memo) >= _TEXT_MEMO_MAX:
+                memo.clear()
+            b = memo[port] = b"%d" % port
+        return b
 
     def _local_tag(self, call_id: bytes, from_tag: bytes) -> bytes:
         """The To-tag of a response this proxy makes itself: a MAC, so the ACK that answers
@@ -335,15 +364,15 @@ class ProxyCore:
         mf_i = names.index(b"max-forwards") if b"max-forwards" in present else -1
         if mf_i >= 0:
             mf = msg.value_at(mf_i)
-            if not mf.isdigit() or len(mf) > 3 or int(mf) > 255:
+            hops = int(mf) if mf.isdigit() and len(mf) <= 3 else 256
+            if hops > 255:
                 raise Dropped(DROP_OUT_OF_RANGE, self._reply(msg, top, reply, data, 400, b"Bad Max-Forwards"))
-            hops = int(mf)
             if hops <= 0:
                 stats.too_many_hops += 1
                 return [] if is_ack else self._local(msg, top, reply, data, 483, b"Too Many Hops")
-            lines[mf_i] = b"Max-Forwards: %d" % (hops - 1)
+            lines[mf_i] = _MAX_FORWARDS_LINES[hops - 1]
 
-        cseq_s = b"%d" % cseq_n
+        cseq_s = _SMALL_DECIMALS[cseq_n] if cseq_n < 4096 else b"%d" % cseq_n
         loop_part = hexlify(blake2b(b"|".join((uri, from_tag, call_id, cseq_s)),
                                     digest_size=6).digest())
         if data.find(self.adv_hostport) >= 0 and data.find(BRANCH_PREFIX + loop_part) >= 0 and \
@@ -429,7 +458,12 @@ class ProxyCore:
         if self.trace_id_only:
             trace_line = self.trace_line_fmt % tx.trace_id
         else:
-            trace_line = self.trace_line_fmt % (tx.trace_id, tx.span_id, b"01" if tx.sampled else b"00")
+            # the trace id's 32 hex digits are written once per call, not once per request
+            trace_id = tx.trace_id
+            memo = call.trace_hex
+            if memo is None or memo[0] != trace_id:
+                memo = call.trace_hex = (trace_id, self.trace_line_head + b"%032x" % trace_id)
+            trace_line = memo[1] + (b"-%016x-01" if tx.sampled else b"-%016x-00") % tx.span_id
         if self.trace_lname in present:
             lines[names.index(self.trace_lname)] = trace_line
         else:

@@ -117,7 +117,7 @@ class Call:
         "t_answer", "t_final", "t_end", "status", "outcome", "cancelled", "finished",
         "transactions", "retrans", "from_uri", "to_uri", "ruri", "deadline", "is_call", "rtp",
         "ended_by", "invite_cseq", "qentry", "holders", "group", "leg", "joined_by", "gap_span_id",
-        "gap_start", "gap_parent", "corr_keys",
+        "gap_start", "gap_parent", "corr_keys", "trace_hex",
     )
 
     def __init__(self, call_id, trace_id, span_id, parent_span_id, sampled, now, deadline,
@@ -162,6 +162,8 @@ class Call:
         self.gap_start = 0.0
         self.gap_parent = 0  # the named leg's call span: parent of this leg's call and B2BUA spans
         self.corr_keys: list[bytes] | None = None  # correlation index keys that name this call
+        # (trace id, the trace header line up to the span id) for the core's stamping
+        self.trace_hex: tuple[int, bytes] | None = None
 
     def let_go(self) -> None:
         """One holder is done with the call's transactions (see ``holders``)."""
