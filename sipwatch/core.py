@@ -311,20 +311,18 @@ class ProxyCore:
         if tcp_in:
             stats.requests_tcp[midx * 2 + direction] += 1
         lines, names = msg.lines, msg.names
-        # the header names present, as received: one hash lookup per question instead of a scan
-        # of the list for each absent name (only lookups below; edits keep names in step)
-        present = set(names)
         get = msg.get
         is_ack = midx == ACK
 
-        if b"via" not in present:
+        # (msg.index: one C call per header name asked for, present or not)
+        via_i = msg.index(b"via")
+        if via_i < 0:
             raise Dropped(DROP_MISSING_HEADER)
-        via_i = names.index(b"via")
         via_value = msg.value_at(via_i)
         if via_value.count(b",") >= MAX_VIAS:  # (see _count_vias: commas are what is counted)
             raise Dropped(DROP_TOO_MANY_HEADERS)
         via_vals = split_values(via_value, MAX_VIAS)
-        if names.count(b"via") > 1:
+        if msg.index(b"via", via_i + 1) >= 0:
             self._count_vias(msg, via_i)
         top = parse_via(via_vals[0])
         top_params = top.params
@@ -361,7 +359,7 @@ class ProxyCore:
             return self._local(msg, top, reply, data, 503, b"Service Unavailable",
                                b"Retry-After: %d" % RETRY_AFTER)
 
-        mf_i = names.index(b"max-forwards") if b"max-forwards" in present else -1
+        mf_i = msg.index(b"max-forwards")
         if mf_i >= 0:
             mf = msg.value_at(mf_i)
             hops = int(mf) if mf.isdigit() and len(mf) <= 3 else 256
@@ -384,7 +382,7 @@ class ProxyCore:
         own_sig = None
         next_route = None
         route_tcp = False  # the last of our Route entries removed said transport=tcp
-        if b"route" in present:
+        if msg.index(b"route") >= 0:
             next_route, own_sig, route_tcp = self._pop_own_routes(msg)
         if from_sig:
             target = next_route if next_route is not None else uri
@@ -424,13 +422,14 @@ class ProxyCore:
         call = tracker.lookup_call(call_id, initial_invite, cseq_n)
         incoming = None
         for name in self.trace_lookup:
-            if name in present:
-                incoming = parse_traceparent(msg.value_at(names.index(name)))
+            trace_i = msg.index(name)
+            if trace_i >= 0:
+                incoming = parse_traceparent(msg.value_at(trace_i))
                 if incoming is None:
                     stats.traceparent_invalid += 1
                 break
         if call is None:
-            call = self._new_call(msg, call_id, incoming, now, initial_invite, from_val, to_val, src, present)
+            call = self._new_call(msg, call_id, incoming, now, initial_invite, from_val, to_val, src)
 
         branch = BRANCH_PREFIX + loop_part + b"." + self._branch_mac(
             top, call_id, cseq_s, from_tag, reply, dest[0])
@@ -464,8 +463,9 @@ class ProxyCore:
             if memo is None or memo[0] != trace_id:
                 memo = call.trace_hex = (trace_id, self.trace_line_head + b"%032x" % trace_id)
             trace_line = memo[1] + (b"-%016x-01" if tx.sampled else b"-%016x-00") % tx.span_id
-        if self.trace_lname in present:
-            lines[names.index(self.trace_lname)] = trace_line
+        trace_i = msg.index(self.trace_lname)
+        if trace_i >= 0:
+            lines[trace_i] = trace_line
         else:
             lines.append(trace_line)
             names.append(self.trace_lname)
@@ -486,9 +486,8 @@ class ProxyCore:
                 rr_line = self._record_route(rr_mac, out_tcp, tcp_in)
             else:
                 rr_line = self.record_route_head + rr_mac + b">"
-            if b"record-route" in present:
-                rr_i = names.index(b"record-route")
-            else:
+            rr_i = msg.index(b"record-route")
+            if rr_i < 0:
                 above_via.append(rr_line)
         if rr_i > via_i:
             lines.insert(rr_i, rr_line)
@@ -551,7 +550,7 @@ class ProxyCore:
                 names.append(lname)
 
     def _new_call(self, msg, call_id, incoming, now, is_call, from_val, to_val,
-                  src: tuple[str, int] = ("", 0), present: set[bytes] | None = None) -> Call:
+                  src: tuple[str, int] = ("", 0)) -> Call:
         """A new call entry and its trace: joined from an incoming trace header, else from the call
         a correlation header names (a B2BUA's further leg: same trace, its call span a child of the
         named leg's), else a new trace."""
@@ -559,7 +558,7 @@ class ProxyCore:
         named: Call | None = None
         by = ""
         keys: list[bytes] | None = None
-        if not self.new_dialog_names.isdisjoint(names if present is None else present):
+        if not self.new_dialog_names.isdisjoint(names):
             if is_call and self.corr_kinds:
                 keys = []
                 named, by = self.tracker.correlate(self.corr_kinds, msg, names, call_id, src, keys)
@@ -771,9 +770,9 @@ class ProxyCore:
         direction = FROM_SIGNALING if src == self.upstream else FROM_GATEWAY
         stats.responses[(min(status // 100, 6) - 1) * 2 + direction] += 1
         names = msg.names
-        if b"via" not in names:
+        via_i = msg.index(b"via")
+        if via_i < 0:
             raise Dropped(DROP_MISSING_HEADER)
-        via_i = names.index(b"via")
         vals = split_values(msg.value_at(via_i), MAX_VIAS)
         branch = self._own_branch(vals[0])
         if branch is None:
@@ -786,7 +785,7 @@ class ProxyCore:
             next_raw = vals[1]
             rest = vals[1:]
         else:
-            i = names.index(b"via", via_i + 1) if b"via" in names[via_i + 1:] else -1
+            i = msg.index(b"via", via_i + 1)
             if i < 0:
                 stats.stray_responses += 1
                 raise Dropped(DROP_STRAY_RESPONSE)
