@@ -317,7 +317,8 @@ class JsonLog:
         # on_error(component, exc): count (and report) a record that could not be encoded
         self.on_error = on_error
         # deferred: lines wait in memory until flush() writes them in one system call (the
-        # proxy flushes at the end of every housekeeping tick); else each line is written at once
+        # proxy flushes at the end of every housekeeping tick and after the last slice of its
+        # backlog); else each line is written at once, with the lines still held before it
         self.deferred = False
         self._pending: list[bytes] = []
         # background: lines go to the stream without blocking the caller (the proxy: see
