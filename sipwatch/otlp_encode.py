@@ -22,6 +22,7 @@ builder's spans.
 from __future__ import annotations
 
 import struct
+from binascii import hexlify
 
 import orjson
 
@@ -47,6 +48,7 @@ _FLAGS = {False: b"\x85\x01" + struct.pack("<I", FLAG_HAS_IS_REMOTE),  # tag 16,
           True: b"\x85\x01" + struct.pack("<I", FLAG_HAS_IS_REMOTE | FLAG_IS_REMOTE)}
 _KIND = {KIND_INTERNAL: b"\x30\x01", KIND_SERVER: b"\x30\x02", KIND_CLIENT: b"\x30\x03"}  # tag 6, varint
 _FLAG_VALUES = {False: FLAG_HAS_IS_REMOTE, True: FLAG_HAS_IS_REMOTE | FLAG_IS_REMOTE}
+_FLAGS_JSON = {k: b"%d" % v for k, v in _FLAG_VALUES.items()}
 _STATUS_UNSET = (b"\x7a\x00", b"{}")  # the SDK always writes a Status, empty when UNSET
 
 
@@ -260,8 +262,10 @@ class SpanEncoder:
                 self._parties.clear()
             cid = self.call_id_mask
             shown = cid(call_id) if cid is not None else call_id.decode("utf-8", "replace")
+            # a From carries its dialog's tag, new with every call: encoded, not cached
             got = self._parties[ck] = (self._encode_attr("sip.call_id", shown),
-                                       self._masked("sip.from", from_uri), self._masked("sip.to", to_uri))
+                                       self._encode_attr("sip.from", mask_uri(from_uri, self.mask_mode)),
+                                       self._masked("sip.to", to_uri))
         return got
 
     def _hop(self, method: bytes, cseq, direction, peer):
@@ -332,9 +336,11 @@ class SpanEncoder:
         start = int(t_sent * 1e9)
         end = int(t_final * 1e9)
         cid = party[0]
-        pb = [b"\x0a\x10", trace_id.to_bytes(16, "big"), b"\x12\x08", span_id.to_bytes(8, "big"),
-              b"\x22\x08" + parent.to_bytes(8, "big") if parent else b"", hop[4], _TIMES.pack(0x39, start, 0x41, end),
-              hop[0], cid[0], hop[2]]
+        tb = trace_id.to_bytes(16, "big")
+        sb = span_id.to_bytes(8, "big")
+        pab = parent.to_bytes(8, "big") if parent else None
+        pb = [b"\x0a\x10", tb, b"\x12\x08", sb, b"\x22\x08" + pab if pab else b"", hop[4],
+              _TIMES.pack(0x39, start, 0x41, end), hop[0], cid[0], hop[2]]
         js = [hop[1], cid[1], hop[3]]
         if not is_call:  # no call span above to carry the parties
             pb += (party[1][0], party[2][0])
@@ -370,9 +376,10 @@ class SpanEncoder:
         pb += (st[0], _FLAGS[remote])
         body = b"".join(pb)
         return b"\x12" + varint(len(body)) + body, (
-            b'{"traceId":"%032x","spanId":"%016x","flags":%d%b%d","endTimeUnixNano":"%d","attributes":[%b],'
-            b'"status":%b%b%b}' % (trace_id, span_id, _FLAG_VALUES[remote], hop[5], start, end, b",".join(js),
-                                   st[1], b',"parentSpanId":"%016x"' % parent if parent else b"", ev_js))
+            b'{"traceId":"%b","spanId":"%b","flags":%b%b%d","endTimeUnixNano":"%d","attributes":[%b],'
+            b'"status":%b%b%b}' % (hexlify(tb), hexlify(sb), _FLAGS_JSON[remote], hop[5], start, end,
+                                   b",".join(js), st[1], b',"parentSpanId":"%b"' % hexlify(pab) if pab else b"",
+                                   ev_js))
 
     def call_flat(self, t) -> tuple[bytes, bytes]:
         """:meth:`call` from the record's :func:`call_tuple`."""
