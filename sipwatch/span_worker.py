@@ -215,7 +215,7 @@ class WorkerPipeline:
                 if not (by_ratio(obj.trace_id, ratio) if own else obj.sampled):
                     continue
                 held.append(tx_tuple(obj))
-        if self._dead:  # seen gone: nothing more is held for it
+        if self._dead or self._closed:  # gone or shut down: nothing more is held for it
             self._dropped += len(held)
             held.clear()
             return
