@@ -22,6 +22,7 @@ builder's spans.
 from __future__ import annotations
 
 import struct
+from binascii import hexlify
 
 import orjson
 
@@ -47,6 +48,7 @@ _FLAGS = {False: b"\x85\x01" + struct.pack("<I", FLAG_HAS_IS_REMOTE),  # tag 16,
           True: b"\x85\x01" + struct.pack("<I", FLAG_HAS_IS_REMOTE | FLAG_IS_REMOTE)}
 _KIND = {KIND_INTERNAL: b"\x30\x01", KIND_SERVER: b"\x30\x02", KIND_CLIENT: b"\x30\x03"}  # tag 6, varint
 _FLAG_VALUES = {False: FLAG_HAS_IS_REMOTE, True: FLAG_HAS_IS_REMOTE | FLAG_IS_REMOTE}
+_FLAGS_JSON = {k: b"%d" % v for k, v in _FLAG_VALUES.items()}
 _STATUS_UNSET = (b"\x7a\x00", b"{}")  # the SDK always writes a Status, empty when UNSET
 
 
@@ -124,6 +126,7 @@ class SpanEncoder:
         self._hops: dict = {}
         self._finals: dict = {}
         self._doubles: dict = {}
+        self._call_parts: dict = {}
         self._rtt = self._double("sip.rtt_ms")
         self._setup_ms = self._double("sip.call.setup_ms")
         self._answer_ms = self._double("sip.call.answer_ms")
@@ -250,18 +253,21 @@ class SpanEncoder:
             self._str[ck] = got
         return got
 
-    def _party(self, call_id: bytes, from_uri: bytes, to_uri: bytes):
+    def _party(self, trace_id: int, call_id: bytes, from_uri: bytes, to_uri: bytes):
         """A call's masked Call-ID, From and To attributes, encoded once per call (a pure function
-        of the three header values, so they are the cache key)."""
-        ck = (call_id, from_uri, to_uri)
+        of the three header values), and its trace id as bytes and as hex (the key is all four)."""
+        ck = (trace_id, call_id, from_uri, to_uri)
         got = self._parties.get(ck)
         if got is None:
             if len(self._parties) >= PARTY_MAX:
                 self._parties.clear()
             cid = self.call_id_mask
             shown = cid(call_id) if cid is not None else call_id.decode("utf-8", "replace")
+            tb = trace_id.to_bytes(16, "big")
+            # a From carries its dialog's tag, new with every call: encoded, not cached
             got = self._parties[ck] = (self._encode_attr("sip.call_id", shown),
-                                       self._masked("sip.from", from_uri), self._masked("sip.to", to_uri))
+                                       self._encode_attr("sip.from", mask_uri(from_uri, self.mask_mode)),
+                                       self._masked("sip.to", to_uri), tb, hexlify(tb))
         return got
 
     def _hop(self, method: bytes, cseq, direction, peer):
@@ -326,15 +332,18 @@ class SpanEncoder:
         transaction span is the common one: assembled here in one list per encoding."""
         (_, trace_id, span_id, parent, method, cseq, direction, peer, status, t_sent, t_first, t_final,
          retrans, timed_out, events, call_span, is_call, call_id, from_uri, to_uri) = t
-        party = self._parties.get((call_id, from_uri, to_uri)) or self._party(call_id, from_uri, to_uri)
+        party = (self._parties.get((trace_id, call_id, from_uri, to_uri))
+                 or self._party(trace_id, call_id, from_uri, to_uri))
         hop = self._hops.get((method, cseq, direction, peer)) or self._hop(method, cseq, direction, peer)
         code, err, st = self._finals.get((status, timed_out)) or self._final(status, timed_out)
         start = int(t_sent * 1e9)
         end = int(t_final * 1e9)
         cid = party[0]
-        pb = [b"\x0a\x10", trace_id.to_bytes(16, "big"), b"\x12\x08", span_id.to_bytes(8, "big"),
-              b"\x22\x08" + parent.to_bytes(8, "big") if parent else b"", hop[4], _TIMES.pack(0x39, start, 0x41, end),
-              hop[0], cid[0], hop[2]]
+        tb = party[3]
+        sb = span_id.to_bytes(8, "big")
+        pab = parent.to_bytes(8, "big") if parent else None
+        pb = [b"\x0a\x10", tb, b"\x12\x08", sb, b"\x22\x08" + pab if pab else b"", hop[4],
+              _TIMES.pack(0x39, start, 0x41, end), hop[0], cid[0], hop[2]]
         js = [hop[1], cid[1], hop[3]]
         if not is_call:  # no call span above to carry the parties
             pb += (party[1][0], party[2][0])
@@ -370,18 +379,79 @@ class SpanEncoder:
         pb += (st[0], _FLAGS[remote])
         body = b"".join(pb)
         return b"\x12" + varint(len(body)) + body, (
-            b'{"traceId":"%032x","spanId":"%016x","flags":%d%b%d","endTimeUnixNano":"%d","attributes":[%b],'
-            b'"status":%b%b%b}' % (trace_id, span_id, _FLAG_VALUES[remote], hop[5], start, end, b",".join(js),
-                                   st[1], b',"parentSpanId":"%016x"' % parent if parent else b"", ev_js))
+            b'{"traceId":"%b","spanId":"%b","flags":%b%b%d","endTimeUnixNano":"%d","attributes":[%b],'
+            b'"status":%b%b%b}' % (party[4], hexlify(sb), _FLAGS_JSON[remote], hop[5], start, end,
+                                   b",".join(js), st[1], b',"parentSpanId":"%b"' % hexlify(pab) if pab else b"",
+                                   ev_js))
 
     def call_flat(self, t) -> tuple[bytes, bytes]:
-        """:meth:`call` from the record's :func:`call_tuple`."""
+        """:meth:`call` from the record's :func:`call_tuple`. A call with neither RTP figures nor
+        B2BUA legs (the proxy's common one) is assembled from pre-joined parts; the others go
+        through :meth:`_call_attributes` (RTP keys may replace fixed ones in place)."""
         (_, trace_id, span_id, parent, call_id, from_uri, to_uri, ruri, outcome_i, status, t_start, t_setup,
          t_answer, t_end, retrans, rtp, first_peer, is_call, legs) = t
-        party = self._parties.get((call_id, from_uri, to_uri)) or self._party(call_id, from_uri, to_uri)
+        party = (self._parties.get((trace_id, call_id, from_uri, to_uri))
+                 or self._party(trace_id, call_id, from_uri, to_uri))
+        transport = first_peer[2] if first_peer and len(first_peer) > 2 else "udp"
+        gap_parent = 0
+        if rtp or legs is not None:
+            attrs_pb, attrs_js, st = self._call_attributes(t, party, transport)
+            if legs is not None:
+                gap_parent = legs[5]
+        else:
+            ck = (outcome_i, status, transport)
+            head = self._call_parts.get(ck) or self._call_part(outcome_i, status, transport)
+            ru = self._masked("sip.request.uri", ruri)
+            cid, frm, to = party[0], party[1], party[2]
+            pb = [self._invite[0], cid[0], frm[0], to[0], ru[0], head[0]]
+            js = [self._invite[1], cid[1], frm[1], to[1], ru[1], head[1]]
+            if t_setup is not None:
+                x = _double_attr(self._setup_ms, round((t_setup - t_start) * 1000.0, 3))
+                pb.append(x[0])
+                js.append(x[1])
+            if t_answer is not None:
+                x = _double_attr(self._answer_ms, round((t_answer - t_start) * 1000.0, 3))
+                y = _double_attr(self._duration_s, round(t_end - t_answer, 6))
+                pb += (x[0], y[0])
+                js += (x[1], y[1])
+            if retrans:
+                x = self.attr("sip.retransmissions", retrans)
+                pb.append(x[0])
+                js.append(x[1])
+            if head[2]:
+                pb.append(head[2])
+                js.append(head[3])
+            attrs_pb, attrs_js, st = b"".join(pb), b",".join(js), head[4]
+        # a joined leg's parent is the named leg's call span, in this process: not remote
+        remote = bool(parent) and parent != gap_parent
+        return self._span(trace_id, span_id, parent, remote, self._call_span_head, int(t_start * 1e9),
+                          int(t_end * 1e9), attrs_pb, attrs_js, st)
+
+    def _call_part(self, outcome_i: int, status: int, transport: str):
+        """The call attributes one outcome, final status and transport fix, pre-joined: outcome,
+        transport, protocol name and status code (in their place), error.type (last), and the
+        span status."""
         a = self.attr
         outcome = OUTCOMES[outcome_i] if outcome_i >= 0 else "unknown"
-        transport = first_peer[2] if first_peer and len(first_peer) > 2 else "udp"
+        parts = [a("sip.call.outcome", outcome), a("network.transport", transport), self._sip]
+        if status:
+            parts.append(a("sip.response.status_code", status))
+        err, st = (b"", b""), _STATUS_UNSET
+        if outcome_i in ERROR_OUTCOMES:
+            err = a("error.type", "timeout" if outcome_i == TIMEOUT else str(status))
+            st = self._error(outcome)
+        if len(self._call_parts) >= 1024:
+            self._call_parts.clear()
+        got = self._call_parts[(outcome_i, status, transport)] = (
+            b"".join([x[0] for x in parts]), b",".join([x[1] for x in parts]), err[0], err[1], st)
+        return got
+
+    def _call_attributes(self, t, party, transport: str):
+        """A call span's attributes (pb, json) and status, RTP figures and leg attributes included."""
+        (_, trace_id, span_id, parent, call_id, from_uri, to_uri, ruri, outcome_i, status, t_start, t_setup,
+         t_answer, t_end, retrans, rtp, first_peer, is_call, legs) = t
+        a = self.attr
+        outcome = OUTCOMES[outcome_i] if outcome_i >= 0 else "unknown"
         attrs = {"sip.request.method": self._invite, "sip.call_id": party[0], "sip.from": party[1],
                  "sip.to": party[2], "sip.request.uri": self._masked("sip.request.uri", ruri),
                  "sip.call.outcome": a("sip.call.outcome", outcome),
@@ -395,9 +465,7 @@ class SpanEncoder:
             attrs["sip.call.duration_s"] = _double_attr(self._duration_s, round(t_end - t_answer, 6))
         if retrans:
             attrs["sip.retransmissions"] = a("sip.retransmissions", retrans)
-        gap_parent = 0
         if legs is not None:
-            gap_parent = legs[5]
             for k, v in legs_attributes(legs[0], legs[1], legs[2], self.call_id_mask).items():
                 attrs[k] = a(k, v)
         if rtp:
@@ -411,10 +479,7 @@ class SpanEncoder:
             st = self._error(outcome)
             attrs["error.type"] = a("error.type", "timeout" if outcome_i == TIMEOUT else str(status))
         vals = attrs.values()
-        # a joined leg's parent is the named leg's call span, in this process: not remote
-        remote = bool(parent) and parent != gap_parent
-        return self._span(trace_id, span_id, parent, remote, self._call_span_head, int(t_start * 1e9),
-                          int(t_end * 1e9), b"".join([x[0] for x in vals]), b",".join([x[1] for x in vals]), st)
+        return b"".join([x[0] for x in vals]), b",".join([x[1] for x in vals]), st
 
     def leg_setup_flat(self, t) -> tuple[bytes, bytes] | None:
         """:meth:`leg_setup` from the record's :func:`call_tuple` (None: not a joined leg)."""
@@ -423,7 +488,7 @@ class SpanEncoder:
             return None
         call_ids, leg, joined_by, gap_span_id, gap_start, gap_parent = legs
         a = self.attr
-        vals = [self._party(t[4], t[5], t[6])[0]] + [a(k, v) for k, v in
+        vals = [self._party(t[1], t[4], t[5], t[6])[0]] + [a(k, v) for k, v in
                                                      legs_attributes(call_ids, leg, joined_by,
                                                                      self.call_id_mask).items()]
         return self._span(t[1], gap_span_id, gap_parent, False, self._name_kind(LEG_SETUP_SPAN, KIND_INTERNAL),

@@ -35,13 +35,14 @@ through grpcio with no serializer on ``TraceService/Export``. :class:`SpanBuilde
 
 The proxy (:meth:`SpanPipeline.for_proxy`) encodes and exports in a worker *process*
 (:mod:`sipwatch.span_worker`): its loop turns the sampled records into plain tuples, one
-``marshal`` frame per housekeeping tick on a non-blocking pipe, and nothing else. An export
-thread in the proxy was measured first: at ~25 µs of thread CPU a span it cost the loop's added
-round trip p99 ~1.9 → ~9.5 ms at 1000 calls/s (every datagram callback waits to win the GIL
-back), and yielding the GIL every few spans cost ~11 µs a span in switches. Capture and analyze
-(no forwarding to delay) keep the thread: :class:`SpanPipeline` filters sampled records into a
-bounded deque, a daemon thread encodes them in batches, writes the optional OTLP-JSON lines file
-and exports with short timeouts. The worker runs the same ``_export`` step synchronously.
+``marshal`` frame per 0.2 s on a non-blocking pipe, and nothing else; the worker encodes the
+tuples themselves. An export thread in the proxy was measured first: at ~25 µs of thread CPU a
+span it cost the loop's added round trip p99 ~1.9 → ~9.5 ms at 1000 calls/s (every datagram
+callback waits to win the GIL back), and yielding the GIL every few spans cost ~11 µs a span in
+switches. Capture and analyze (no forwarding to delay) keep the thread: :class:`SpanPipeline`
+filters sampled records into a bounded deque, a daemon thread encodes them in batches, writes the
+optional OTLP-JSON lines file and exports with short timeouts. The worker delivers through the
+same ``_deliver`` step synchronously.
 
 A full queue or pipe, or a failing backend, drops spans (counted in ``Stats.spans_dropped``);
 while the backend is in back-off and there is no spans file, batches are dropped without being

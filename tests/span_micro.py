@@ -104,11 +104,20 @@ def main(n: int = 2000) -> None:
         enc.request([p for p, _ in out])
         enc.json_line([j for _, j in out])
 
+    from sipwatch.span_worker import call_tuple, tx_tuple
+    flat = {id(o): call_tuple(o) if k == "call" else tx_tuple(o) for k, o in recs}
+
+    def direct_flat(batch):  # what the span worker does with the tuples it receives
+        out = [enc.call_flat(flat[id(o)]) if k == "call" else enc.tx_flat(flat[id(o)]) for k, o in batch]
+        enc.request([p for p, _ in out])
+        enc.json_line([j for _, j in out])
+
     print(f"{len(recs)} spans ({n} calls), batches of {BATCH}, CPU µs per span (best of 3):")
     for name, fn in (("SpanBuilder only (ReadableSpan)", build_only),
                      ("SDK path: build + SDK protobuf", sdk_pb),
                      ("SDK path: build + SDK protobuf + OTLP/JSON", sdk_both),
-                     ("direct: protobuf + OTLP/JSON", direct_both)):
+                     ("direct: protobuf + OTLP/JSON", direct_both),
+                     ("direct, from the worker's tuples", direct_flat)):
         print(f"  {name:45s} {per_span(fn, recs):7.2f}")
     from sipwatch.masking import CallIdMasker
     print(f"  {'direct, cold caches (fresh encoder per pass)':45s} {cold(recs, res):7.2f}")

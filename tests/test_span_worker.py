@@ -54,7 +54,7 @@ def test_malformed_frames_are_counted_and_the_worker_goes_on(tmp_path):
 
 def test_records_held_when_the_worker_dies_are_dropped_and_counted(tmp_path):
     """Records the loop holds for the next frame are counted as dropped once the worker is seen
-    gone (its status pipe at EOF), as are those submitted after."""
+    gone (its status pipe at EOF), as are those submitted after, and after the shutdown."""
     recs = proxy_records()
     n = len(spans_of(recs))
     stats = Stats(ring_size=16)
@@ -68,3 +68,5 @@ def test_records_held_when_the_worker_dies_are_dropped_and_counted(tmp_path):
     p.failures  # noqa: B018 - polls, as the proxy's tick does
     assert stats.spans_dropped == 2 * n and stats.spans_exported == 0
     p.shutdown(1)
+    p.submit(recs)  # after the end: counted, never held
+    assert p._dropped == 3 * n and not p._held
