@@ -254,6 +254,11 @@ class ProxyApp:
                         obj, self.settings.mask_numbers, self.call_id_mask), self.clock())
                 except Exception as exc:  # noqa: BLE001
                     report("log", exc)
+        if self.spans is not None:  # (takes what it needs now: before the transactions go)
+            try:
+                self.spans.submit(chunk)
+            except Exception as exc:  # noqa: BLE001
+                report("spans", exc)
         if calls:
             try:
                 self.metrics.observe_calls(calls, report)
@@ -261,14 +266,9 @@ class ProxyApp:
                 report("metrics", exc)
             for obj in calls:
                 try:
-                    obj.let_go()  # the summary was the last reader of its transaction list
+                    obj.let_go()  # the summary and the span record were the last readers
                 except Exception as exc:  # noqa: BLE001
                     report("tick", exc)
-        if self.spans is not None:
-            try:
-                self.spans.submit(chunk)
-            except Exception as exc:  # noqa: BLE001
-                report("spans", exc)
         if backlog and not self._slice_pending:
             try:
                 asyncio.get_running_loop().call_soon(self._next_slice)

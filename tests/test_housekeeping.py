@@ -144,3 +144,28 @@ def test_a_ticks_backlog_is_written_in_two_writes_in_order(tmp_path):
     assert stream.writes == 2
     sids = [r["call_sid"] for r in map(orjson.loads, stream.getvalue().splitlines()) if r["event"] == "call_summary"]
     assert sids == ["w-%d@gw" % i for i in range(n)]
+
+
+def test_a_call_span_keeps_its_transport_after_the_summary_lets_the_transactions_go(tmp_path):
+    """The span record is taken before the call summary lets the call's transactions go (the last
+    holder empties the list): a TCP call that left the table before its slice ran, e.g. evicted
+    under pressure, still shows the transport of its first hop, not the default "udp"."""
+    spans = tmp_path / "spans.jsonl"
+    app, _ = _app(tmp_path, "--spans-file", str(spans))
+    try:
+        call = _Call(b"tcp-call@gw")
+        call.transactions[0].peer = ("127.0.0.1", 5060, "tcp")
+        app.core.tracker.finished.append(("call", call))
+        app.tick()
+        assert call.transactions == []  # the summary let them go
+    finally:
+        app.spans.shutdown(10.0)
+    found = []
+    for line in spans.read_text().splitlines():
+        for rs in orjson.loads(line)["resourceSpans"]:
+            for ss in rs["scopeSpans"]:
+                for span in ss["spans"]:
+                    attrs = {a["key"]: a["value"] for a in span["attributes"]}
+                    if "network.transport" in attrs:
+                        found.append(attrs["network.transport"]["stringValue"])
+    assert found == ["tcp"]
