@@ -32,7 +32,7 @@ from .masking import CallIdMasker
 from .metrics import Metrics, serve_metrics
 from .stats import INVITE, Stats
 from .tcp import TcpEdge
-from .transport import UdpEdge, epoch_clock
+from .transport import OVERLOAD_SAMPLE, UdpEdge, epoch_clock
 
 # Housekeeping runs often so each run is short: at 1000 calls/s a 200-ms tick wrote 200 call
 # summaries at once and stalled forwarding for 13-18 ms; every 20 ms it is about 1 ms of work.
@@ -98,6 +98,7 @@ class ProxyApp:
         self._stop = asyncio.Event()
         self._servers: list = []
         self.edge = UdpEdge(self.core, self.clock)
+        self.edge.overload_window = max(1, round(settings.overload_after / OVERLOAD_SAMPLE))
         self.tcp: TcpEdge | None = None
         if getattr(settings, "tcp", False):
             self.tcp = TcpEdge(self.core, self.clock, self.edge.send,

@@ -112,6 +112,8 @@ class ProxySettings:
     tcp_idle_timeout: float = 300.0
     # B2BUA leg correlation headers (sipwatch.correlation), comma-separated
     correlation_headers: str = DEFAULT_CORRELATION
+    # seconds the receive queue must stay above its high-water mark before new dialogs get 503
+    overload_after: float = 0.05
 
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -136,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--no-tcp", action="store_true", default=None, help="listen on UDP only (by default the listen address takes UDP and TCP)")
     a("--tcp-max-connections", help="cap on SIP over TCP connections, both ways (default 4096; the least recently active one is closed to make room)")
     a("--tcp-idle-timeout", help="seconds a TCP connection may go without a message before it is closed (default 300)")
+    a("--overload-after", help="seconds the receive queue must stay above its high-water mark before new "
+                               "dialogs are answered 503 (default 0.05; the queue is sampled every 0.01 s)")
     a("--advertise", help="address written into Via/Record-Route (default: listen address, or this host's IP when listening on 0.0.0.0)")
     a("--gateway-metrics", help="gateway-side metrics endpoint (default 0.0.0.0:13012; 'off' disables)")
     a("--signaling-metrics", help="signaling-side metrics endpoint (default 0.0.0.0:13022; 'off' disables)")
@@ -274,6 +278,7 @@ def settings_from(argv: list[str] | None = None, env=None) -> ProxySettings:
         raise ConfigError(f"--no-tcp: the upstream is reached over TCP ({up_transport})")
     tcp_max = _number(*get("tcp-max-connections", 4096), kind=int, minimum=1)
     tcp_idle = _number(*get("tcp-idle-timeout", 300.0), minimum=1)
+    overload_after = _number(*get("overload-after", 0.05), minimum=0.01)
     try:
         hep = hep_options(get, flag)
     except EndpointError as exc:
@@ -287,7 +292,7 @@ def settings_from(argv: list[str] | None = None, env=None) -> ProxySettings:
         sample_ratio=ratio, spans_file=spans_file, allow_next_hop=allow, secret=secret,
         drain_timeout=drain, timer_c=timer_c, mask_call_id=cid_mode, correlation_headers=str(corr),
         upstream_transport=up_transport, tcp=tcp_on, tcp_max_connections=tcp_max,
-        tcp_idle_timeout=tcp_idle, **hep,
+        tcp_idle_timeout=tcp_idle, overload_after=overload_after, **hep,
     )
 
 

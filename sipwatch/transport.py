@@ -48,6 +48,7 @@ class UdpEdge:
         self.last_error: str | None = None
         self._socks: list[socket.socket] = []
         self.guard: OverloadGuard | None = None
+        self.overload_window = OVERLOAD_WINDOW  # samples above the mark before shedding (--overload-after)
         self._watch: asyncio.TimerHandle | None = None
         # wiretap(payload, src, dst, ts), if set, sees every datagram received and every one
         # sent (None for this proxy's own address); it must only queue (the HEP sender)
@@ -131,7 +132,7 @@ class UdpEdge:
         if guard is None:
             rcvbuf = min(s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) for s in self._socks)
             high = min(HIGH_WATER, rcvbuf * 3 // 8)
-            guard = OverloadGuard(high, high // 2, OVERLOAD_WINDOW)
+            guard = OverloadGuard(high, high // 2, self.overload_window)
         self.guard = guard
         self._sample()
 

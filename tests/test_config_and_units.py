@@ -161,3 +161,13 @@ def test_partial_masking_keeps_exactly_the_last_four_digits(s):
         assert kept == []
     else:
         assert kept == digits[-4:] and out.count("*") - s.count("*") == len(digits) - 4
+
+
+def test_overload_after_is_read_as_seconds_and_bounded():
+    from sipwatch.config import ConfigError, settings_from
+    base = ["--upstream", "127.0.0.1:5080"]
+    assert settings_from(base, env={}).overload_after == 0.05
+    assert settings_from(base + ["--overload-after", "0.2"], env={}).overload_after == 0.2
+    for bad in ("0", "-1", "soon", "nan"):
+        with pytest.raises(ConfigError):
+            settings_from(base + ["--overload-after", bad], env={})
