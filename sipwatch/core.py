@@ -149,8 +149,7 @@ class ProxyCore:
         self.overloaded = False  # set by the edge while its receive queues are too long
         self.last_internal_error: str | None = None
         self.gateway_seen: dict[str, float] = {}  # source IP -> last seen, insertion-ordered
-        self._ascii_memo: dict[str, bytes] = {}
-        self._port_memo: dict[int, bytes] = {}
+        self._text_memo: dict[str | int, bytes] = {}
         self._allowed_cache: dict[str, bool] = {}
         host, port = config.advertise
         h = host.encode()
@@ -270,27 +269,18 @@ class ProxyCore:
         pre-RFC 3261 senders), the address responses go back to, and the next hop."""
         b = via.params.get(b"branch")
         uniq = b if b and b.startswith(b"z9hG4bK") else b"%s:%d" % (via.host, via.port or 5060)
-        return self._mac(b"b", uniq, call_id, cseq_s, from_tag, self._ascii(reply[0]),
-                         self._port_text(reply[1]), self._ascii(hop_ip))
+        return self._mac(b"b", uniq, call_id, cseq_s, from_tag, self._text(reply[0]),
+                         self._text(reply[1]), self._text(hop_ip))
 
-    def _ascii(self, text: str) -> bytes:
-        """``text.encode()`` for an address, remembered (bounded: cleared when full)."""
-        memo = self._ascii_memo
-        b = memo.get(text)
+    def _text(self, value: str | int) -> bytes:
+        """An address's IP (``str``) or port (``int``) as bytes, remembered (bounded: cleared
+        when full; the two kinds of key cannot collide)."""
+        memo = self._text_memo
+        b = memo.get(value)
         if b is None:
             if len(memo) >= _TEXT_MEMO_MAX:
                 memo.clear()
-            b = memo[text] = text.encode()
-        return b
-
-    def _port_text(self, port: int) -> bytes:
-        """``b"%d" % port``, remembered (bounded: cleared when full)."""
-        memo = self._port_memo
-        b = memo.get(port)
-        if b is None:
-            if len(memo) >= _TEXT_MEMO_MAX:
-                memo.clear()
-            b = memo[port] = b"%d" % port
+            b = memo[value] = value.encode() if isinstance(value, str) else b"%d" % value
         return b
 
     def _local_tag(self, call_id: bytes, from_tag: bytes) -> bytes:
