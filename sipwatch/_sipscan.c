@@ -227,13 +227,21 @@ done:
     return result;
 }
 
-static int split_args(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, const char *usage,
-                      Py_ssize_t *max_lines)
+/* 0 when a FASTCALL function got ``want`` arguments, else -1 with a TypeError saying ``usage`` */
+static int arg_count(Py_ssize_t nargs, Py_ssize_t want, const char *usage)
 {
     if (nargs != want) {
         PyErr_SetString(PyExc_TypeError, usage);
         return -1;
     }
+    return 0;
+}
+
+static int split_args(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, const char *usage,
+                      Py_ssize_t *max_lines)
+{
+    if (arg_count(nargs, want, usage) < 0)
+        return -1;
     if (!PyDict_Check(args[1])) {
         PyErr_SetString(PyExc_TypeError, "names must be a dict");
         return -1;
@@ -545,10 +553,8 @@ static PyObject *
 sipscan_index(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "index(names, name, start) takes 3 arguments");
+    if (arg_count(nargs, 3, "index(names, name, start) takes 3 arguments") < 0)
         return NULL;
-    }
     if (list_arg(args[0], "names") < 0)
         return NULL;
     Py_ssize_t start = PyLong_AsSsize_t(args[2]);
@@ -573,10 +579,8 @@ static PyObject *
 sipscan_get(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "get(lines, names, name) takes 3 arguments");
+    if (arg_count(nargs, 3, "get(lines, names, name) takes 3 arguments") < 0)
         return NULL;
-    }
     if (list_arg(args[0], "lines") < 0 || list_arg(args[1], "names") < 0)
         return NULL;
     Py_ssize_t i = find_name(args[1], args[2], 0);
@@ -604,10 +608,8 @@ static PyObject *
 sipscan_split_values(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "split_values(value, limit) takes 2 arguments");
+    if (arg_count(nargs, 2, "split_values(value, limit) takes 2 arguments") < 0)
         return NULL;
-    }
     PyObject *value = args[0];
     if (need_bytes(value, "value") < 0)
         return NULL;
@@ -918,10 +920,8 @@ static PyObject *
 sipscan_serialize(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "serialize(start, lines, body) takes 3 arguments");
+    if (arg_count(nargs, 3, "serialize(start, lines, body) takes 3 arguments") < 0)
         return NULL;
-    }
     PyObject *start = args[0], *lines = args[1], *body = args[2];
     if (!PyBytes_CheckExact(start) || !PyList_Check(lines) || !PyBytes_CheckExact(body))
         Py_RETURN_NONE;

@@ -349,20 +349,16 @@ class SpanEncoder:
             pb += (party[1][0], party[2][0])
             js += (party[1][1], party[2][1])
         if status:
-            pb.append(code[0])
-            js.append(code[1])
+            _add(pb, js, code)
         if t_first is not None:
             v = round((t_first - t_sent) * 1000.0, 3)
             rtt = self._rtt
             pb += (rtt[0], _DOUBLE.pack(v))
             js.append(b"%b%b}}" % (rtt[1], orjson.dumps(v)))
         if retrans:
-            x = self.attr("sip.retransmissions", retrans)
-            pb.append(x[0])
-            js.append(x[1])
+            _add(pb, js, self.attr("sip.retransmissions", retrans))
         if err[0]:
-            pb.append(err[0])
-            js.append(err[1])
+            _add(pb, js, err)
         ev_js = b""
         if events:
             parts = self._events
@@ -406,18 +402,14 @@ class SpanEncoder:
             pb = [self._invite[0], cid[0], frm[0], to[0], ru[0], head[0]]
             js = [self._invite[1], cid[1], frm[1], to[1], ru[1], head[1]]
             if t_setup is not None:
-                x = _double_attr(self._setup_ms, round((t_setup - t_start) * 1000.0, 3))
-                pb.append(x[0])
-                js.append(x[1])
+                _add(pb, js, _double_attr(self._setup_ms, round((t_setup - t_start) * 1000.0, 3)))
             if t_answer is not None:
                 x = _double_attr(self._answer_ms, round((t_answer - t_start) * 1000.0, 3))
                 y = _double_attr(self._duration_s, round(t_end - t_answer, 6))
                 pb += (x[0], y[0])
                 js += (x[1], y[1])
             if retrans:
-                x = self.attr("sip.retransmissions", retrans)
-                pb.append(x[0])
-                js.append(x[1])
+                _add(pb, js, self.attr("sip.retransmissions", retrans))
             if head[2]:
                 pb.append(head[2])
                 js.append(head[3])
@@ -537,6 +529,12 @@ def call_tuple(call) -> tuple:
     return (1, call.trace_id, call.span_id, call.parent_span_id, call.call_id, call.from_uri, call.to_uri,
             call.ruri, call.outcome, call.status, call.t_start, call.t_setup, call.t_answer, call.t_end,
             call.retrans, call.rtp, txs[0].peer if txs else None, call.is_call, legs)
+
+def _add(pb: list, js: list, part: tuple[bytes, bytes]) -> None:
+    """One attribute's (protobuf field, JSON KeyValue) onto a span's two part lists."""
+    pb.append(part[0])
+    js.append(part[1])
+
 
 def rtp_figures(streams) -> dict:
     """The ``rtp.*`` call-span attributes from ``(packets, lost, jitter_max_ms, mos)`` per stream
