@@ -21,6 +21,7 @@ builder's spans.
 """
 from __future__ import annotations
 
+import os
 import struct
 from binascii import hexlify
 
@@ -50,6 +51,21 @@ _KIND = {KIND_INTERNAL: b"\x30\x01", KIND_SERVER: b"\x30\x02", KIND_CLIENT: b"\x
 _FLAG_VALUES = {False: FLAG_HAS_IS_REMOTE, True: FLAG_HAS_IS_REMOTE | FLAG_IS_REMOTE}
 _FLAGS_JSON = {k: b"%d" % v for k, v in _FLAG_VALUES.items()}
 _STATUS_UNSET = (b"\x7a\x00", b"{}")  # the SDK always writes a Status, empty when UNSET
+
+
+def _load_accelerator():
+    """The C assembly of the common spans (sipwatch/_otlpenc.c), or None: not built, or
+    ``SIPWATCH_NO_C=1`` (then every span takes the Python methods below, the reference)."""
+    if os.environ.get("SIPWATCH_NO_C") == "1":
+        return None
+    try:
+        from . import _otlpenc
+    except ImportError:
+        return None
+    return _otlpenc
+
+
+_otlpenc = _load_accelerator()
 
 
 def varint(n: int) -> bytes:
@@ -113,7 +129,7 @@ class SpanEncoder:
     where ``pb`` is the span as a ``ScopeSpans.spans`` field and ``json`` its OTLP/JSON object."""
 
     def __init__(self, resource_attributes, scope_version: str, mask_mode: str = "partial",
-                 call_id_mask=None, resource_schema_url: str = ""):
+                 call_id_mask=None, resource_schema_url: str = "", accelerate: bool = True):
         self.mask_mode = mask_mode
         self.call_id_mask = call_id_mask  # bytes Call-ID -> str (masking.CallIdMasker); None: as is
         self._keys: dict[str, tuple[bytes, bytes]] = {}
@@ -145,6 +161,12 @@ class SpanEncoder:
                                key_values_json(resource_attributes), orjson.dumps(SCOPE_NAME),
                                orjson.dumps(scope_version)))
         self._json_tail = b"]}]}]}\n"
+        # tx_flat, call_flat and encode in C over these same caches when the module is built
+        # (it takes the Python methods for any shape it does not handle itself)
+        self.accelerated = accelerate and _otlpenc is not None
+        if self.accelerated:
+            c = _otlpenc.Encoder(self)
+            self.tx_flat, self.call_flat, self.encode = c.tx, c.call, c.frame
 
     # -- batches ---------------------------------------------------------------------------
     def request(self, spans_pb) -> bytes:
@@ -327,7 +349,39 @@ class SpanEncoder:
             return None
         return self.leg_setup_flat(call_tuple(call))
 
-    def tx_flat(self, t) -> tuple[bytes, bytes]:
+    def encode_py(self, tuples, pbs: list, lines: list) -> int:
+        """A frame's record tuples encoded onto ``pbs``/``lines`` (a joined B2BUA leg's call
+        span is followed by its leg-setup span); returns how many could not be encoded (each a
+        malformed tuple: skipped, not fatal). :meth:`encode` is this, in C when built."""
+        failed = 0
+        tx, call, leg_setup = self.tx_flat_py, self.call_flat_py, self.leg_setup_flat
+        for t in tuples:
+            try:
+                if t[0] == 0:
+                    pb, js = tx(t)
+                else:
+                    pb, js = call(t)
+                    legs = t[18]
+                    if legs is not None and legs[3]:
+                        pbs.append(pb)
+                        lines.append(js)
+                        pb, js = leg_setup(t)
+            except Exception:  # noqa: BLE001 - a malformed tuple: counted, not fatal
+                failed += 1
+                continue
+            pbs.append(pb)
+            lines.append(js)
+        return failed
+
+    encode = encode_py
+
+    @staticmethod
+    def round_json(x: float, ndigits: int) -> tuple[float, bytes]:
+        """``round(x, ndigits)`` and its JSON (the C assembly's way for figures it leaves to Python)."""
+        v = round(x, ndigits)
+        return v, orjson.dumps(v)
+
+    def tx_flat_py(self, t) -> tuple[bytes, bytes]:
         """:meth:`tx` from the record's :func:`tx_tuple` (what the span worker receives). The
         transaction span is the common one: assembled here in one list per encoding."""
         (_, trace_id, span_id, parent, method, cseq, direction, peer, status, t_sent, t_first, t_final,
@@ -380,7 +434,9 @@ class SpanEncoder:
                                    b",".join(js), st[1], b',"parentSpanId":"%b"' % hexlify(pab) if pab else b"",
                                    ev_js))
 
-    def call_flat(self, t) -> tuple[bytes, bytes]:
+    tx_flat = tx_flat_py
+
+    def call_flat_py(self, t) -> tuple[bytes, bytes]:
         """:meth:`call` from the record's :func:`call_tuple`. A call with neither RTP figures nor
         B2BUA legs (the proxy's common one) is assembled from pre-joined parts; the others go
         through :meth:`_call_attributes` (RTP keys may replace fixed ones in place)."""
@@ -418,6 +474,8 @@ class SpanEncoder:
         remote = bool(parent) and parent != gap_parent
         return self._span(trace_id, span_id, parent, remote, self._call_span_head, int(t_start * 1e9),
                           int(t_end * 1e9), attrs_pb, attrs_js, st)
+
+    call_flat = call_flat_py
 
     def _call_part(self, outcome_i: int, status: int, transport: str):
         """The call attributes one outcome, final status and transport fix, pre-joined: outcome,

@@ -416,27 +416,13 @@ class _Counters:
 
 
 def encode_frame(pipeline, tuples, pbs: list, lines: list) -> None:
-    """A frame's record tuples encoded straight into ``pbs``/``lines`` (no record objects); a
-    tuple that cannot be encoded is counted (failure, dropped), never fatal."""
-    enc = pipeline.encoder
-    tx, call, leg_setup = enc.tx_flat, enc.call_flat, enc.leg_setup_flat
-    for t in tuples:
-        try:
-            if t[0] == 0:
-                pb, js = tx(t)
-            else:
-                pb, js = call(t)
-                legs = t[18]
-                if legs is not None and legs[3]:
-                    pbs.append(pb)
-                    lines.append(js)
-                    pb, js = leg_setup(t)
-        except Exception:  # noqa: BLE001 - a malformed tuple: counted, not fatal
-            pipeline._export_dropped += 1
-            pipeline.failures += 1
-            continue
-        pbs.append(pb)
-        lines.append(js)
+    """A frame's record tuples encoded straight into ``pbs``/``lines`` (no record objects:
+    :meth:`sipwatch.otlp_encode.SpanEncoder.encode`, in C when built); a tuple that cannot be
+    encoded is counted (failure, dropped), never fatal."""
+    failed = pipeline.encoder.encode(tuples, pbs, lines)
+    if failed:
+        pipeline._export_dropped += failed
+        pipeline.failures += failed
 
 
 def quiet_collector() -> None:
