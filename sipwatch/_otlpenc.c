@@ -239,13 +239,15 @@ static int put_double(Buf *b, double v)
 enum {
     R_PARTIES, R_PARTY, R_HOPS, R_HOP, R_FINALS, R_FINAL, R_EVENTS, R_EVENT_PARTS, R_CALL_PARTS,
     R_CALL_PART, R_STR, R_MASKED, R_ATTR, R_RTT, R_SETUP_MS, R_ANSWER_MS, R_DURATION_S, R_INVITE,
-    R_CALL_HEAD, R_TX_PY, R_CALL_PY, R_ENCODE_PY, R_ROUND_JSON, R_COUNT
+    R_CALL_HEAD, R_TX_PY, R_CALL_PY, R_ENCODE_PY, R_ROUND_JSON, R_MASK_URI, R_MASK_MODE, R_CALL_ID_MASK,
+    R_CALL_ID_KEY, R_FROM_KEY, R_PARTY_MAX, R_COUNT
 };
 
 static const char *const ref_names[R_COUNT] = {
     "_parties", "_party", "_hops", "_hop", "_finals", "_final", "_events", "_event_parts", "_call_parts",
     "_call_part", "_str", "_masked", "attr", "_rtt", "_setup_ms", "_answer_ms", "_duration_s", "_invite",
-    "_call_span_head", "tx_flat_py", "call_flat_py", "encode_py", "round_json",
+    "_call_span_head", "tx_flat_py", "call_flat_py", "encode_py", "round_json", "_mask_uri", "mask_mode",
+    "call_id_mask", "_call_id_key", "_from_key", "_party_max",
 };
 
 typedef struct {
@@ -253,6 +255,8 @@ typedef struct {
     PyObject *ref[R_COUNT];
     PyObject *ruri_key; /* "sip.request.uri": the key _masked caches the Request-URI under */
     PyObject *retrans_key; /* "sip.retransmissions" */
+    PyObject *to_key; /* "sip.to": the key _masked caches the To under */
+    Py_ssize_t party_max;
     Buf pb, js;
     int busy; /* the buffers are in use (a callback that came back here takes the Python path) */
 } Encoder;
@@ -270,6 +274,7 @@ static int encoder_clear(Encoder *self)
         Py_CLEAR(self->ref[i]);
     Py_CLEAR(self->ruri_key);
     Py_CLEAR(self->retrans_key);
+    Py_CLEAR(self->to_key);
     return 0;
 }
 
@@ -300,7 +305,8 @@ static int encoder_init(Encoder *self, PyObject *args, PyObject *kwds)
             return -1;
         }
     }
-    const int pairs[] = {R_RTT, R_SETUP_MS, R_ANSWER_MS, R_DURATION_S, R_INVITE, R_CALL_HEAD};
+    const int pairs[] = {R_RTT, R_SETUP_MS, R_ANSWER_MS, R_DURATION_S, R_INVITE, R_CALL_HEAD, R_CALL_ID_KEY,
+                         R_FROM_KEY};
     for (size_t i = 0; i < sizeof(pairs) / sizeof(pairs[0]); i++) {
         PyObject *o = self->ref[pairs[i]];
         if (!PyTuple_CheckExact(o) || PyTuple_GET_SIZE(o) != 2 || !PyBytes_Check(PyTuple_GET_ITEM(o, 0))
@@ -311,7 +317,11 @@ static int encoder_init(Encoder *self, PyObject *args, PyObject *kwds)
     }
     self->ruri_key = PyUnicode_InternFromString("sip.request.uri");
     self->retrans_key = PyUnicode_InternFromString("sip.retransmissions");
-    if (self->ruri_key == NULL || self->retrans_key == NULL)
+    self->to_key = PyUnicode_InternFromString("sip.to");
+    if (self->ruri_key == NULL || self->retrans_key == NULL || self->to_key == NULL)
+        return -1;
+    self->party_max = PyLong_AsSsize_t(self->ref[R_PARTY_MAX]);
+    if (self->party_max == -1 && PyErr_Occurred())
         return -1;
     return 0;
 }
@@ -452,6 +462,207 @@ static int put_double_attr(Buf *pb, Buf *js, PyObject *prefix, const Figure *f, 
     return PUTS(js, "}}");
 }
 
+/* -- a call's parties: SpanEncoder._party ----------------------------------------------------- */
+
+/* orjson.dumps of a str, from its UTF-8: quotes, backslash and control characters escaped
+ * (\b \t \n \f \r by name, the others as \u00xx), everything else as it is */
+static int put_json_string(Buf *b, const char *s, Py_ssize_t n)
+{
+    static const char digits[] = "0123456789abcdef";
+    Py_ssize_t extra = 2;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (c < 0x20)
+            extra += 5;
+        else if (c == '"' || c == '\\')
+            extra += 1;
+    }
+    if (n > PY_SSIZE_T_MAX - extra) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    if (b->cap - b->len < n + extra && buf_grow(b, n + extra) < 0)
+        return -1;
+    char *o = b->p + b->len;
+    *o++ = '"';
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (c >= 0x20 && c != '"' && c != '\\') {
+            *o++ = (char)c;
+            continue;
+        }
+        *o++ = '\\';
+        switch (c) {
+        case '"': *o++ = '"'; break;
+        case '\\': *o++ = '\\'; break;
+        case '\b': *o++ = 'b'; break;
+        case '\t': *o++ = 't'; break;
+        case '\n': *o++ = 'n'; break;
+        case '\f': *o++ = 'f'; break;
+        case '\r': *o++ = 'r'; break;
+        default:
+            *o++ = 'u';
+            *o++ = '0';
+            *o++ = '0';
+            *o++ = digits[c >> 4];
+            *o++ = digits[c & 15];
+        }
+    }
+    *o++ = '"';
+    b->len = o - b->p;
+    return 0;
+}
+
+static int put_varint(Buf *b, uint64_t n)
+{
+    char tmp[10];
+    int k = varint_len(n);
+    varint_write(tmp, n);
+    return put(b, tmp, k);
+}
+
+/* SpanEncoder._encode_attr(key, s) of a str: (Span.attributes field, JSON KeyValue) */
+static PyObject *str_attr(PyObject *key, PyObject *s)
+{
+    Py_ssize_t n;
+    const char *u = PyUnicode_AsUTF8AndSize(s, &n);
+    if (u == NULL)
+        return NULL; /* (a lone surrogate: UnicodeEncodeError, as str.encode raises) */
+    PyObject *kpb = PyTuple_GET_ITEM(key, 0), *kjs = PyTuple_GET_ITEM(key, 1);
+    uint64_t value_len = 1 + (uint64_t)varint_len((uint64_t)n) + (uint64_t)n; /* AnyValue body */
+    uint64_t kv_len = (uint64_t)PyBytes_GET_SIZE(kpb) + 1 + (uint64_t)varint_len(value_len) + value_len;
+    Buf pb = {0}, js = {0};
+    PyObject *out = NULL;
+    if (PUTS(&pb, "\x4a") < 0 || put_varint(&pb, kv_len) < 0 || put_bytes(&pb, kpb) < 0 || PUTS(&pb, "\x12") < 0
+        || put_varint(&pb, value_len) < 0 || PUTS(&pb, "\x0a") < 0 || put_varint(&pb, (uint64_t)n) < 0
+        || put(&pb, u, n) < 0)
+        goto done;
+    if (put_bytes(&js, kjs) < 0 || PUTS(&js, "\"stringValue\":") < 0 || put_json_string(&js, u, n) < 0
+        || PUTS(&js, "}}") < 0)
+        goto done;
+    out = Py_BuildValue("(y#y#)", pb.p, pb.len, js.p, js.len);
+done:
+    PyMem_Free(pb.p);
+    PyMem_Free(js.p);
+    return out;
+}
+
+/* trace_id.to_bytes(16, "big"): 0, or -1 when it is not an int of 128 bits (no error set) */
+static int trace_bytes(PyObject *v, unsigned char *out)
+{
+    if (!PyLong_Check(v))
+        return -1;
+#if PY_VERSION_HEX >= 0x030D0000
+    Py_ssize_t need = PyLong_AsNativeBytes(v, out, 16, Py_ASNATIVEBYTES_BIG_ENDIAN
+                                           | Py_ASNATIVEBYTES_UNSIGNED_BUFFER | Py_ASNATIVEBYTES_REJECT_NEGATIVE);
+    if (need < 0 || need > 16) {
+        PyErr_Clear();
+        return -1;
+    }
+#else
+    if (_PyLong_AsByteArray((PyLongObject *)v, out, 16, 0, 0) < 0) {
+        PyErr_Clear();
+        return -1;
+    }
+#endif
+    return 0;
+}
+
+/* the party of a call (masked Call-ID, From and To attributes, trace id as bytes and hex),
+ * built as SpanEncoder._party does and kept in its cache; Python builds what is not plain */
+static PyObject *party_miss(Encoder *self, PyObject *const *args)
+{
+    PyObject *trace_id = args[0], *call_id = args[1], *from_uri = args[2], *to_uri = args[3];
+    PyObject *mask = self->ref[R_CALL_ID_MASK], *parties = self->ref[R_PARTIES];
+    unsigned char tb[16];
+    if ((mask == Py_None && !PyBytes_CheckExact(call_id)) || trace_bytes(trace_id, tb) < 0)
+        return PyObject_Vectorcall(self->ref[R_PARTY], args, 4, NULL);
+    PyObject *key = PyTuple_Pack(4, trace_id, call_id, from_uri, to_uri);
+    if (key == NULL)
+        return NULL;
+    if (PyDict_GET_SIZE(parties) >= self->party_max)
+        PyDict_Clear(parties);
+    PyObject *shown = NULL, *masked_from = NULL, *to = NULL, *cid = NULL, *frm = NULL, *got = NULL;
+    if (mask == Py_None)
+        shown = PyUnicode_DecodeUTF8(PyBytes_AS_STRING(call_id), PyBytes_GET_SIZE(call_id), "replace");
+    else
+        shown = PyObject_Vectorcall(mask, &call_id, 1, NULL);
+    if (shown == NULL)
+        goto done;
+    PyObject *margs[2] = {from_uri, self->ref[R_MASK_MODE]};
+    masked_from = PyObject_Vectorcall(self->ref[R_MASK_URI], margs, 2, NULL);
+    if (masked_from == NULL)
+        goto done;
+    if (!PyUnicode_CheckExact(shown) || !PyUnicode_CheckExact(masked_from)) {
+        got = PyObject_Vectorcall(self->ref[R_PARTY], args, 4, NULL);
+        goto done;
+    }
+    PyObject *tkey = PyTuple_Pack(2, self->to_key, to_uri);
+    if (tkey == NULL)
+        goto done;
+    to = PyDict_GetItemWithError(self->ref[R_STR], tkey);
+    Py_DECREF(tkey);
+    if (to != NULL && PyObject_IsTrue(to) == 1) {
+        Py_INCREF(to);
+    } else {
+        if (PyErr_Occurred())
+            goto done;
+        PyObject *targs[2] = {self->to_key, to_uri};
+        to = PyObject_Vectorcall(self->ref[R_MASKED], targs, 2, NULL);
+        if (to == NULL)
+            goto done;
+    }
+    cid = str_attr(self->ref[R_CALL_ID_KEY], shown);
+    if (cid == NULL)
+        goto done;
+    frm = str_attr(self->ref[R_FROM_KEY], masked_from);
+    if (frm == NULL)
+        goto done;
+    char hex[32];
+    static const char digits[] = "0123456789abcdef";
+    for (int i = 0; i < 16; i++) {
+        hex[2 * i] = digits[tb[i] >> 4];
+        hex[2 * i + 1] = digits[tb[i] & 15];
+    }
+    got = Py_BuildValue("(OOOy#y#)", cid, frm, to, (const char *)tb, (Py_ssize_t)16, hex, (Py_ssize_t)32);
+    if (got != NULL && PyDict_SetItem(parties, key, got) < 0)
+        Py_CLEAR(got);
+    goto done;
+done:
+    Py_DECREF(key);
+    Py_XDECREF(shown);
+    Py_XDECREF(masked_from);
+    Py_XDECREF(to);
+    Py_XDECREF(cid);
+    Py_XDECREF(frm);
+    return got;
+}
+
+/* self._parties.get(key) or the party built now (a new reference, a tuple of 5) */
+static PyObject *party_of(Encoder *self, PyObject *const *args)
+{
+    PyObject *key = PyTuple_Pack(4, args[0], args[1], args[2], args[3]);
+    if (key == NULL)
+        return NULL;
+    PyObject *got = PyDict_GetItemWithError(self->ref[R_PARTIES], key);
+    Py_DECREF(key);
+    if (got != NULL && PyObject_IsTrue(got) == 1) {
+        Py_INCREF(got);
+    } else {
+        if (PyErr_Occurred())
+            return NULL;
+        got = party_miss(self, args);
+        if (got == NULL)
+            return NULL;
+    }
+    if (!PyTuple_CheckExact(got) || PyTuple_GET_SIZE(got) != 5) {
+        Py_DECREF(got);
+        PyErr_SetString(PyExc_SystemError, "_party returned an unexpected shape");
+        return NULL;
+    }
+    return got;
+}
+
 /* tx_flat: a transaction's CLIENT span */
 static PyObject *tx_fast(Encoder *self, PyObject *t)
 {
@@ -507,7 +718,7 @@ static PyObject *tx_fast(Encoder *self, PyObject *t)
     PyObject *party = NULL, *hop = NULL, *fin = NULL, *retr = NULL, *result = NULL;
     Figure rtt = {0};
     PyObject *pargs[4] = {f[1], f[17], f[18], f[19]};
-    party = cached(self, R_PARTIES, R_PARTY, pargs, 4, 5);
+    party = party_of(self, pargs);
     if (party == NULL)
         goto done;
     PyObject *hargs[4] = {method, cseq, direction, peer};
@@ -661,7 +872,7 @@ static PyObject *call_fast(Encoder *self, PyObject *t)
     PyObject *party = NULL, *head = NULL, *ru = NULL, *retr = NULL, *udp = NULL, *result = NULL;
     Figure setup = {0}, answer = {0}, duration = {0};
     PyObject *pargs[4] = {trace_id, f[4], f[5], f[6]};
-    party = cached(self, R_PARTIES, R_PARTY, pargs, 4, 5);
+    party = party_of(self, pargs);
     if (party == NULL)
         goto done;
     if (transport == NULL) {

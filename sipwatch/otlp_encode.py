@@ -165,6 +165,7 @@ class SpanEncoder:
         # (it takes the Python methods for any shape it does not handle itself)
         self.accelerated = accelerate and _otlpenc is not None
         if self.accelerated:
+            self._call_id_key, self._from_key = self._key("sip.call_id"), self._key("sip.from")
             c = _otlpenc.Encoder(self)
             self.tx_flat, self.call_flat, self.encode = c.tx, c.call, c.frame
 
@@ -348,6 +349,9 @@ class SpanEncoder:
         if not getattr(call, "gap_span_id", 0):
             return None
         return self.leg_setup_flat(call_tuple(call))
+
+    _party_max = PARTY_MAX
+    _mask_uri = staticmethod(mask_uri)
 
     def encode_py(self, tuples, pbs: list, lines: list) -> int:
         """A frame's record tuples encoded onto ``pbs``/``lines`` (a joined B2BUA leg's call
