@@ -73,12 +73,25 @@ static inline int put_bytes(Buf *b, PyObject *o)
 
 static int put_u64_dec(Buf *b, uint64_t v)
 {
+    /* two digits a step (times are 19 digits: a third of this module's own work, one at a time) */
+    static const char pairs[] =
+        "00010203040506070809101112131415161718192021222324252627282930313233343536373839"
+        "40414243444546474849505152535455565758596061626364656667686970717273747576777879"
+        "8081828384858687888990919293949596979899";
     char tmp[24];
     int i = 24;
-    do {
-        tmp[--i] = (char)('0' + v % 10);
-        v /= 10;
-    } while (v);
+    while (v >= 100) {
+        unsigned k = (unsigned)(v % 100) * 2;
+        v /= 100;
+        tmp[--i] = pairs[k + 1];
+        tmp[--i] = pairs[k];
+    }
+    if (v >= 10) {
+        tmp[--i] = pairs[v * 2 + 1];
+        tmp[--i] = pairs[v * 2];
+    } else {
+        tmp[--i] = (char)('0' + v);
+    }
     return put(b, tmp + i, 24 - i);
 }
 
