@@ -170,6 +170,16 @@ static int id64(PyObject *o, uint64_t *out)
     return 1;
 }
 
+/* a parent span id: as id64, and None (no parent, as 0: both are false to ``if parent``) */
+static int parent64(PyObject *o, uint64_t *out)
+{
+    if (o == Py_None) {
+        *out = 0;
+        return 1;
+    }
+    return id64(o, out);
+}
+
 /* round(x, nd) and orjson.dumps of the result, for the figures the spans carry. Python's round
  * converts through the correctly rounded decimal string of nd places (dtoa mode 3), as
  * PyOS_double_to_string(x, 'f', nd) does; such a decimal with at most 15 significant digits is
@@ -687,7 +697,7 @@ static PyObject *tx_fast(Encoder *self, PyObject *t)
     uint64_t span, parent, call_span = 0, start, end;
     int call_span_ok = 0;
     /* the shapes handled here (anything else: the Python reference) */
-    if (!id64(f[2], &span) || !id64(f[3], &parent) || !nanos(f[9], &start) || !nanos(f[11], &end))
+    if (!id64(f[2], &span) || !parent64(f[3], &parent) || !nanos(f[9], &start) || !nanos(f[11], &end))
         return python_path(self, R_TX_PY, t);
     if (t_first != Py_None && !PyFloat_CheckExact(t_first))
         return python_path(self, R_TX_PY, t);
@@ -867,7 +877,7 @@ static PyObject *call_fast(Encoder *self, PyObject *t)
     PyObject *t_answer = f[12], *retrans = f[14], *first_peer = f[16];
     uint64_t span, parent, start, end;
     if (f[15] != Py_None || f[18] != Py_None || !PyLong_Check(trace_id) || !id64(f[2], &span)
-        || !id64(f[3], &parent) || !nanos(f[10], &start) || !nanos(f[13], &end)
+        || !parent64(f[3], &parent) || !nanos(f[10], &start) || !nanos(f[13], &end)
         || (t_setup != Py_None && !PyFloat_CheckExact(t_setup)) || (t_answer != Py_None && !PyFloat_CheckExact(t_answer)))
         return python_path(self, R_CALL_PY, t);
     PyObject *transport = NULL;

@@ -163,9 +163,9 @@ class SpanEncoder:
         self._json_tail = b"]}]}]}\n"
         # tx_flat, call_flat and encode in C over these same caches when the module is built
         # (it takes the Python methods for any shape it does not handle itself)
+        self._call_id_key, self._from_key = self._key("sip.call_id"), self._key("sip.from")
         self.accelerated = accelerate and _otlpenc is not None
         if self.accelerated:
-            self._call_id_key, self._from_key = self._key("sip.call_id"), self._key("sip.from")
             c = _otlpenc.Encoder(self)
             self.tx_flat, self.call_flat, self.encode = c.tx, c.call, c.frame
 

@@ -73,7 +73,7 @@ def tx_tuples(draw):
     t_first = draw(maybe_odd(st.one_of(st.none(), DELTA.map(lambda d: start + d))))
     events = draw(maybe_odd(st.one_of(st.none(), st.lists(EVENT, max_size=4), st.lists(EVENT, max_size=3).map(tuple))))
     span = draw(maybe_odd(ID64))
-    return (0, draw(maybe_odd(ID128)), span, draw(maybe_odd(st.one_of(ID64, st.just(0)))),
+    return (0, draw(maybe_odd(ID128)), span, draw(maybe_odd(st.one_of(ID64, st.sampled_from([0, None])))),
             draw(maybe_odd(st.one_of(st.sampled_from([b"INVITE", b"BYE", b"ACK", b"OPTIONS"]), TEXT))),
             draw(maybe_odd(st.integers(0, 2**31))), draw(maybe_odd(st.sampled_from([0, 1]))), draw(maybe_odd(PEER)),
             draw(maybe_odd(STATUS)), t_sent, t_first, draw(maybe_odd(DELTA.map(lambda d: start + d))),
@@ -89,7 +89,7 @@ def call_tuples(draw):
     rel = DELTA.map(lambda d: start + d)
     t_answer = draw(maybe_odd(st.one_of(st.none(), rel)))
     rtp = draw(rarely(st.sampled_from([{}, {"rtp.streams": 1, "rtp.mos_min": 4.3}]), st.none()))
-    return (1, draw(maybe_odd(ID128)), draw(maybe_odd(ID64)), draw(maybe_odd(st.one_of(ID64, st.just(0)))),
+    return (1, draw(maybe_odd(ID128)), draw(maybe_odd(ID64)), draw(maybe_odd(st.one_of(ID64, st.sampled_from([0, None])))),
             draw(maybe_odd(TEXT)), draw(maybe_odd(TEXT)), draw(maybe_odd(TEXT)), draw(maybe_odd(TEXT)),
             draw(maybe_odd(st.integers(-1, 6))), draw(maybe_odd(STATUS)), t_start,
             draw(maybe_odd(st.one_of(st.none(), rel))), t_answer, draw(maybe_odd(rel)), draw(maybe_odd(st.integers(0, 3))),
@@ -242,3 +242,25 @@ def test_the_encoder_and_its_c_part_are_collected():
     del c
     gc.collect()
     assert ref() is None
+
+
+def test_the_proxy_records_take_the_c_path():
+    """The tuples the proxy sends (its Tracker's records, a call's parent None or 0) are
+    assembled in C, not handed back to the Python methods (which fail here if called)."""
+    from test_otlp_encode import proxy_records
+
+    from sipwatch import _otlpenc
+    from sipwatch.otlp_encode import call_tuple, tx_tuple
+
+    enc = SpanEncoder(RESOURCE, __version__, "partial", CallIdMasker("digits", b"k"), accelerate=False)
+
+    def refuse(*args):
+        raise AssertionError(f"Python path taken for {args[0]!r}")
+    enc.tx_flat_py = enc.call_flat_py = enc.encode_py = refuse
+    c = _otlpenc.Encoder(enc)
+    tuples = [call_tuple(o) if k == "call" else tx_tuple(o) for k, o in proxy_records()
+              if k == "tx" or o.is_call]
+    tuples += [t[:3] + (None,) + t[4:] for t in tuples if t[0] == 1]
+    pbs, lines = [], []
+    assert c.frame(tuples, pbs, lines) == 0 and len(pbs) == len(tuples)
+    assert len({t[0] for t in tuples}) == 2
