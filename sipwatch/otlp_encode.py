@@ -18,6 +18,14 @@ wrap a batch of spans into one ``ExportTraceServiceRequest`` (protobuf) / one JS
 The SDK-based :class:`sipwatch.tracing.SpanBuilder` stays the reference: the tests decode these
 bytes with ``opentelemetry-proto`` and compare every field with what the SDK encodes for the
 builder's spans.
+
+The span worker's tuples (:meth:`SpanEncoder.encode`, ``tx_flat``, ``call_flat``) are assembled
+in C by ``sipwatch/_otlpenc.c`` when it is built (not with ``SIPWATCH_NO_C=1``): over the same
+caches, a call's parties built there too (the masking stays :mod:`sipwatch.masking`'s), every
+other shape handed back to the Python methods here (``*_py``), which stay the reference the C
+is tested against byte for byte. Callgrind, per span of answered calls: ~0.5k instructions once
+a call's parts are cached (Python: ~45k); ~28k with each call's parties built, most of it their
+masking in Python (Python: ~58k). Live, the span worker's CPU per SIP message fell by ~40%.
 """
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ from sipwatch.otlp_encode import SpanEncoder
 pytestmark = pytest.mark.skipif(otlp_encode._otlpenc is None, reason="the C extension sipwatch._otlpenc is not built")
 
 RESOURCE = {"service.name": "sipwatch", "sipwatch.role": "proxy"}
-SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+SETTINGS = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                           HealthCheck.data_too_large])
 T0 = 1_764_500_000.123456
 
@@ -219,7 +219,7 @@ def test_no_reference_or_memory_is_kept():
     before = [sys.getrefcount(x) for x in watched]
     tracemalloc.start()
     start = tracemalloc.get_traced_memory()[0]
-    for _ in range(1000):
+    for _ in range(600):
         pbs, lines = [], []
         assert c.encode(frame, pbs, lines) == 2
         for t in frame[:4]:
@@ -229,7 +229,7 @@ def test_no_reference_or_memory_is_kept():
     grown = tracemalloc.get_traced_memory()[0] - start
     tracemalloc.stop()
     assert [sys.getrefcount(x) for x in watched] == before
-    assert grown < 64_000, grown  # (one object kept per span would be over 12000 objects)
+    assert grown < 64_000, grown  # (an object kept per span: 4800 objects, well over 64 kB)
 
 
 def test_the_encoder_and_its_c_part_are_collected():
