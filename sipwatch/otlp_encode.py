@@ -179,18 +179,25 @@ class SpanEncoder:
 
     # -- batches ---------------------------------------------------------------------------
     def request(self, spans_pb) -> bytes:
-        """One ``ExportTraceServiceRequest`` holding the encoded spans (one resource, one scope)."""
-        spans = b"".join(spans_pb)
-        scope_spans_len = len(self._scope_field) + len(spans)
+        """One ``ExportTraceServiceRequest`` holding the encoded spans (one resource, one scope);
+        one join, so a batch of a megabyte is copied once."""
+        spans_pb = list(spans_pb)
+        scope_spans_len = len(self._scope_field) + sum(map(len, spans_pb))
         scope_spans_head = b"\x12" + varint(scope_spans_len)
         rs_len = (len(self._resource_field) + len(scope_spans_head) + scope_spans_len
                   + len(self._schema_field))
-        return b"".join((b"\x0a", varint(rs_len), self._resource_field, scope_spans_head,
-                         self._scope_field, spans, self._schema_field))
+        return b"".join([b"\x0a", varint(rs_len), self._resource_field, scope_spans_head, self._scope_field,
+                         *spans_pb, self._schema_field])
 
     def json_line(self, spans_json) -> bytes:
-        """The same batch as one OTLP/JSON line."""
-        return self._json_head + b",".join(spans_json) + self._json_tail
+        """The same batch as one OTLP/JSON line (one join: the head and tail go onto the first
+        and last span, a copy of those only)."""
+        parts = list(spans_json)
+        if not parts:
+            return self._json_head + self._json_tail
+        parts[0] = self._json_head + parts[0]
+        parts[-1] = parts[-1] + self._json_tail
+        return b",".join(parts)
 
     # -- pieces ----------------------------------------------------------------------------
     def _key(self, key: str) -> tuple[bytes, bytes]:
