@@ -25,7 +25,7 @@ caches, a call's parties built there too (the masking stays :mod:`sipwatch.maski
 other shape handed back to the Python methods here (``*_py``), which stay the reference the C
 is tested against byte for byte. Callgrind, per span of answered calls: ~0.5k instructions once
 a call's parts are cached (Python: ~45k); ~28k with each call's parties built, most of it their
-masking in Python (Python: ~58k). Live, the span worker's CPU per SIP message fell by ~40%.
+masking in Python (Python: ~58k). Live, the span worker's CPU per SIP message fell by 40-50%.
 """
 from __future__ import annotations
 

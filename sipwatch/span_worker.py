@@ -30,9 +30,10 @@ default collector thresholds and 512-span deliveries cost the worker ~25 µs of 
 copies and cache misses); held frames, encoding from the tuples and the quiet collector brought
 it to ~15-20 µs (callgrind, the worker alone on a recorded stream: 94k -> 64k instructions per
 record). The encoder's Python was about 57k instructions a span (half of it the OTLP/JSON line):
-assembled in C (``sipwatch/_otlpenc.c``) the worker went from ~8.3 to ~4.9 µs of CPU per SIP
-message (1000 calls/s, paired runs); what is left is the masking of each call's parties,
-marshal.loads, the HTTP export and the file write, and a SCHED_IDLE process's cache misses.
+assembled in C (``sipwatch/_otlpenc.c``) the worker went from ~6.6-8.3 to ~3.4-4.9 µs of CPU
+per SIP message (1000 calls/s, paired runs); what is left is the masking of each call's parties
+(Python), marshal.loads, the HTTP export and the file write, and a SCHED_IDLE process's cache
+misses.
 
 Counters keep their meaning: ``sipwatch_spans_exported_total`` / ``_dropped_total`` are the
 worker's plus what the proxy dropped before the pipe; span failures and the spans file's state
