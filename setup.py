@@ -1,8 +1,9 @@
 """Build hook.
 
 Every build compiles ``sipwatch/_sipscan.c`` (the C scan of the common message head that
-``sipmsg.parse`` tries first, see that file for why it exists). It is optional: without a C
-compiler the install still succeeds and the parser takes its Python path.
+``sipmsg.parse`` tries first) and ``sipwatch/_otlpenc.c`` (the span worker's assembly of the common
+spans, over ``otlp_encode.SpanEncoder``'s caches); see those files for why they exist. Both are
+optional: without a C compiler the install still succeeds and the Python paths do the work.
 
 With ``SIPWATCH_MYPYC=1`` the per-datagram modules listed in pyproject.toml
 (``[tool.sipwatch.mypyc]``) are compiled to C extensions by mypyc as well; without it they stay pure
@@ -13,9 +14,10 @@ import tomllib
 
 from setuptools import Extension, setup
 
-SIPSCAN = Extension("sipwatch._sipscan", ["sipwatch/_sipscan.c"], optional=True)
+C_EXTENSIONS = [Extension("sipwatch._sipscan", ["sipwatch/_sipscan.c"], optional=True),
+                Extension("sipwatch._otlpenc", ["sipwatch/_otlpenc.c"], optional=True)]
 
-ext_modules = [SIPSCAN]
+ext_modules = list(C_EXTENSIONS)
 if os.environ.get("SIPWATCH_MYPYC") == "1":
     from mypyc.build import mypycify
 

@@ -18,9 +18,18 @@ wrap a batch of spans into one ``ExportTraceServiceRequest`` (protobuf) / one JS
 The SDK-based :class:`sipwatch.tracing.SpanBuilder` stays the reference: the tests decode these
 bytes with ``opentelemetry-proto`` and compare every field with what the SDK encodes for the
 builder's spans.
+
+The span worker's tuples (:meth:`SpanEncoder.encode`, ``tx_flat``, ``call_flat``) are assembled
+in C by ``sipwatch/_otlpenc.c`` when it is built (not with ``SIPWATCH_NO_C=1``): over the same
+caches, a call's parties built there too (the masking stays :mod:`sipwatch.masking`'s), every
+other shape handed back to the Python methods here (``*_py``), which stay the reference the C
+is tested against byte for byte. Callgrind, per span of answered calls: ~0.5k instructions once
+a call's parts are cached (Python: ~45k); ~28k with each call's parties built, most of it their
+masking in Python (Python: ~58k). Live, the span worker's CPU per SIP message fell by 40-50%.
 """
 from __future__ import annotations
 
+import os
 import struct
 from binascii import hexlify
 
@@ -50,6 +59,21 @@ _KIND = {KIND_INTERNAL: b"\x30\x01", KIND_SERVER: b"\x30\x02", KIND_CLIENT: b"\x
 _FLAG_VALUES = {False: FLAG_HAS_IS_REMOTE, True: FLAG_HAS_IS_REMOTE | FLAG_IS_REMOTE}
 _FLAGS_JSON = {k: b"%d" % v for k, v in _FLAG_VALUES.items()}
 _STATUS_UNSET = (b"\x7a\x00", b"{}")  # the SDK always writes a Status, empty when UNSET
+
+
+def _load_accelerator():
+    """The C assembly of the common spans (sipwatch/_otlpenc.c), or None: not built, or
+    ``SIPWATCH_NO_C=1`` (then every span takes the Python methods below, the reference)."""
+    if os.environ.get("SIPWATCH_NO_C") == "1":
+        return None
+    try:
+        from . import _otlpenc
+    except ImportError:
+        return None
+    return _otlpenc
+
+
+_otlpenc = _load_accelerator()
 
 
 def varint(n: int) -> bytes:
@@ -113,7 +137,7 @@ class SpanEncoder:
     where ``pb`` is the span as a ``ScopeSpans.spans`` field and ``json`` its OTLP/JSON object."""
 
     def __init__(self, resource_attributes, scope_version: str, mask_mode: str = "partial",
-                 call_id_mask=None, resource_schema_url: str = ""):
+                 call_id_mask=None, resource_schema_url: str = "", accelerate: bool = True):
         self.mask_mode = mask_mode
         self.call_id_mask = call_id_mask  # bytes Call-ID -> str (masking.CallIdMasker); None: as is
         self._keys: dict[str, tuple[bytes, bytes]] = {}
@@ -145,21 +169,35 @@ class SpanEncoder:
                                key_values_json(resource_attributes), orjson.dumps(SCOPE_NAME),
                                orjson.dumps(scope_version)))
         self._json_tail = b"]}]}]}\n"
+        # tx_flat, call_flat and encode in C over these same caches when the module is built
+        # (it takes the Python methods for any shape it does not handle itself)
+        self._call_id_key, self._from_key = self._key("sip.call_id"), self._key("sip.from")
+        self.accelerated = accelerate and _otlpenc is not None
+        if self.accelerated:
+            c = _otlpenc.Encoder(self)
+            self.tx_flat, self.call_flat, self.encode = c.tx, c.call, c.frame
 
     # -- batches ---------------------------------------------------------------------------
     def request(self, spans_pb) -> bytes:
-        """One ``ExportTraceServiceRequest`` holding the encoded spans (one resource, one scope)."""
-        spans = b"".join(spans_pb)
-        scope_spans_len = len(self._scope_field) + len(spans)
+        """One ``ExportTraceServiceRequest`` holding the encoded spans (one resource, one scope);
+        one join, so a batch of a megabyte is copied once."""
+        spans_pb = list(spans_pb)
+        scope_spans_len = len(self._scope_field) + sum(map(len, spans_pb))
         scope_spans_head = b"\x12" + varint(scope_spans_len)
         rs_len = (len(self._resource_field) + len(scope_spans_head) + scope_spans_len
                   + len(self._schema_field))
-        return b"".join((b"\x0a", varint(rs_len), self._resource_field, scope_spans_head,
-                         self._scope_field, spans, self._schema_field))
+        return b"".join([b"\x0a", varint(rs_len), self._resource_field, scope_spans_head, self._scope_field,
+                         *spans_pb, self._schema_field])
 
     def json_line(self, spans_json) -> bytes:
-        """The same batch as one OTLP/JSON line."""
-        return self._json_head + b",".join(spans_json) + self._json_tail
+        """The same batch as one OTLP/JSON line (one join: the head and tail go onto the first
+        and last span, a copy of those only)."""
+        parts = list(spans_json)
+        if not parts:
+            return self._json_head + self._json_tail
+        parts[0] = self._json_head + parts[0]
+        parts[-1] = parts[-1] + self._json_tail
+        return b",".join(parts)
 
     # -- pieces ----------------------------------------------------------------------------
     def _key(self, key: str) -> tuple[bytes, bytes]:
@@ -327,7 +365,42 @@ class SpanEncoder:
             return None
         return self.leg_setup_flat(call_tuple(call))
 
-    def tx_flat(self, t) -> tuple[bytes, bytes]:
+    _party_max = PARTY_MAX
+    _mask_uri = staticmethod(mask_uri)
+
+    def encode_py(self, tuples, pbs: list, lines: list) -> int:
+        """A frame's record tuples encoded onto ``pbs``/``lines`` (a joined B2BUA leg's call
+        span is followed by its leg-setup span); returns how many could not be encoded (each a
+        malformed tuple: skipped, not fatal). :meth:`encode` is this, in C when built."""
+        failed = 0
+        tx, call, leg_setup = self.tx_flat_py, self.call_flat_py, self.leg_setup_flat
+        for t in tuples:
+            try:
+                if t[0] == 0:
+                    pb, js = tx(t)
+                else:
+                    pb, js = call(t)
+                    legs = t[18]
+                    if legs is not None and legs[3]:
+                        pbs.append(pb)
+                        lines.append(js)
+                        pb, js = leg_setup(t)
+            except Exception:  # noqa: BLE001 - a malformed tuple: counted, not fatal
+                failed += 1
+                continue
+            pbs.append(pb)
+            lines.append(js)
+        return failed
+
+    encode = encode_py
+
+    @staticmethod
+    def round_json(x: float, ndigits: int) -> tuple[float, bytes]:
+        """``round(x, ndigits)`` and its JSON (the C assembly's way for figures it leaves to Python)."""
+        v = round(x, ndigits)
+        return v, orjson.dumps(v)
+
+    def tx_flat_py(self, t) -> tuple[bytes, bytes]:
         """:meth:`tx` from the record's :func:`tx_tuple` (what the span worker receives). The
         transaction span is the common one: assembled here in one list per encoding."""
         (_, trace_id, span_id, parent, method, cseq, direction, peer, status, t_sent, t_first, t_final,
@@ -380,7 +453,9 @@ class SpanEncoder:
                                    b",".join(js), st[1], b',"parentSpanId":"%b"' % hexlify(pab) if pab else b"",
                                    ev_js))
 
-    def call_flat(self, t) -> tuple[bytes, bytes]:
+    tx_flat = tx_flat_py
+
+    def call_flat_py(self, t) -> tuple[bytes, bytes]:
         """:meth:`call` from the record's :func:`call_tuple`. A call with neither RTP figures nor
         B2BUA legs (the proxy's common one) is assembled from pre-joined parts; the others go
         through :meth:`_call_attributes` (RTP keys may replace fixed ones in place)."""
@@ -418,6 +493,8 @@ class SpanEncoder:
         remote = bool(parent) and parent != gap_parent
         return self._span(trace_id, span_id, parent, remote, self._call_span_head, int(t_start * 1e9),
                           int(t_end * 1e9), attrs_pb, attrs_js, st)
+
+    call_flat = call_flat_py
 
     def _call_part(self, outcome_i: int, status: int, transport: str):
         """The call attributes one outcome, final status and transport fix, pre-joined: outcome,

@@ -2,7 +2,8 @@
 
 ``build()`` copies ``sipwatch/`` into a directory under ``build/mypyc/`` and compiles there the
 modules pyproject.toml lists under ``[tool.sipwatch.mypyc]``, with the same flags setup.py uses for
-the image, next to the C header scan ``sipwatch/_sipscan.c`` that every install builds. Put that directory first on ``PYTHONPATH`` to run the compiled build (the test harness
+the image, next to the C extensions every install builds (:data:`C_EXTENSIONS`: the header scan
+``sipwatch/_sipscan.c`` and the span assembly ``sipwatch/_otlpenc.c``). Put that directory first on ``PYTHONPATH`` to run the compiled build (the test harness
 passes ``SIPWATCH_TREE`` on to the sidecars it starts). A build is reused while the sources, the
 module list and the interpreter are unchanged.
 
@@ -50,7 +51,7 @@ def build(base: Path | None = None) -> Path:
                        capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"mypyc failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
-    build_sipscan(tree)
+    build_c(tree)
     missing = [m for m in cfg["modules"] if not _extension_of(tree / m)]
     if missing:
         raise RuntimeError(f"mypyc built no extension for {missing}:\n{r.stdout[-2000:]}")
@@ -58,26 +59,31 @@ def build(base: Path | None = None) -> Path:
     return tree
 
 
-_SIPSCAN_BUILD = """
+# the optional C extensions of setup.py: module name -> source
+C_EXTENSIONS = {"sipwatch._sipscan": "sipwatch/_sipscan.c", "sipwatch._otlpenc": "sipwatch/_otlpenc.c"}
+
+_C_BUILD = """
 import sys
 from setuptools import Extension, setup
-setup(name="sipwatch-sipscan", script_args=["-q", "build_ext", "--build-lib", sys.argv[1], "--build-temp", sys.argv[2]],
-      ext_modules=[Extension("sipwatch._sipscan", [sys.argv[3]])])
+names, sources = sys.argv[3::2], sys.argv[4::2]
+setup(name="sipwatch-c", script_args=["-q", "build_ext", "--build-lib", sys.argv[1], "--build-temp", sys.argv[2]],
+      ext_modules=[Extension(n, [s]) for n, s in zip(names, sources)])
 """
 
 
-def build_sipscan(dest: Path) -> Path:
-    """Compile ``sipwatch/_sipscan.c`` into ``dest/sipwatch/`` as setup.py does in an install
-    (``CFLAGS`` from the environment apply, e.g. a sanitizer build). Runs outside the checkout so
-    that setuptools does not read pyproject.toml. ``python -m tests.compiled --sipscan`` builds it
-    into the checkout itself, for a run of the pure-Python tests with the accelerator."""
+def build_c(dest: Path) -> list[Path]:
+    """Compile the C extensions (:data:`C_EXTENSIONS`) into ``dest/sipwatch/`` as setup.py does in
+    an install (``CFLAGS`` from the environment apply, e.g. a sanitizer build). Runs outside the
+    checkout so that setuptools does not read pyproject.toml. ``python -m tests.compiled --c``
+    builds them into the checkout itself, for a run of the pure-Python tests with them."""
+    args = [x for name, src in C_EXTENSIONS.items() for x in (name, str(ROOT / src))]
     with tempfile.TemporaryDirectory() as tmp:
-        r = subprocess.run([sys.executable, "-c", _SIPSCAN_BUILD, str(dest.resolve()), tmp,
-                            str(ROOT / "sipwatch" / "_sipscan.c")], cwd=tmp, capture_output=True, text=True)
-    ext = _extension_of(dest / "sipwatch" / "_sipscan.py")
-    if r.returncode != 0 or ext is None:
-        raise RuntimeError(f"building _sipscan failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
-    return ext
+        r = subprocess.run([sys.executable, "-c", _C_BUILD, str(dest.resolve()), tmp, *args], cwd=tmp,
+                           capture_output=True, text=True)
+    exts = [_extension_of(dest / (name.replace(".", "/") + ".py")) for name in C_EXTENSIONS]
+    if r.returncode != 0 or None in exts:
+        raise RuntimeError(f"building the C extensions failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
+    return exts  # type: ignore[return-value]
 
 
 def _extension_of(source: Path) -> Path | None:
@@ -93,4 +99,4 @@ def is_compiled(module) -> bool:
 
 
 if __name__ == "__main__":
-    print(build_sipscan(ROOT) if sys.argv[1:] == ["--sipscan"] else build())
+    print(*build_c(ROOT), sep="\n") if sys.argv[1:] in (["--c"], ["--sipscan"]) else print(build())

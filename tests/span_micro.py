@@ -53,12 +53,12 @@ def per_span(fn, recs) -> float:
     return best / len(recs) * 1e6
 
 
-def cold(recs, res, call_id_mask=None) -> float:
+def cold(recs, res, call_id_mask=None, accelerate=True) -> float:
     """µs per span with a fresh encoder per pass: every call's parties masked once, as in the
     proxy where each call is seen once (the best-of-3 figures below reuse the warm caches)."""
     best = float("inf")
     for _ in range(3):
-        enc = SpanEncoder(res.attributes, __version__, "partial", call_id_mask)
+        enc = SpanEncoder(res.attributes, __version__, "partial", call_id_mask, accelerate=accelerate)
         t0 = time.process_time()
         for i in range(0, len(recs), BATCH):
             out = [enc.call(o) if k == "call" else enc.tx(o) for k, o in recs[i:i + BATCH]]
@@ -108,20 +108,31 @@ def main(n: int = 2000) -> None:
     flat = {id(o): call_tuple(o) if k == "call" else tx_tuple(o) for k, o in recs}
 
     def direct_flat(batch):  # what the span worker does with the tuples it receives
-        out = [enc.call_flat(flat[id(o)]) if k == "call" else enc.tx_flat(flat[id(o)]) for k, o in batch]
-        enc.request([p for p, _ in out])
-        enc.json_line([j for _, j in out])
+        pbs, lines = [], []
+        enc.encode([flat[id(o)] for _, o in batch], pbs, lines)
+        enc.request(pbs)
+        enc.json_line(lines)
+
+    enc_py = SpanEncoder(res.attributes, __version__, accelerate=False)
+
+    def direct_flat_py(batch):  # the same without the C assembly (sipwatch/_otlpenc.c)
+        pbs, lines = [], []
+        enc_py.encode([flat[id(o)] for _, o in batch], pbs, lines)
+        enc_py.request(pbs)
+        enc_py.json_line(lines)
 
     print(f"{len(recs)} spans ({n} calls), batches of {BATCH}, CPU µs per span (best of 3):")
     for name, fn in (("SpanBuilder only (ReadableSpan)", build_only),
                      ("SDK path: build + SDK protobuf", sdk_pb),
                      ("SDK path: build + SDK protobuf + OTLP/JSON", sdk_both),
                      ("direct: protobuf + OTLP/JSON", direct_both),
-                     ("direct, from the worker's tuples", direct_flat)):
+                     ("direct, from the worker's tuples" + (" (C)" if enc.accelerated else ""), direct_flat),
+                     ("  same, Python only", direct_flat_py)):
         print(f"  {name:45s} {per_span(fn, recs):7.2f}")
     from sipwatch.masking import CallIdMasker
     print(f"  {'direct, cold caches (fresh encoder per pass)':45s} {cold(recs, res):7.2f}")
     print(f"  {'  same, Call-IDs masked (digits mode)':45s} {cold(recs, res, CallIdMasker('digits', b'k')):7.2f}")
+    print(f"  {'  same, Python only':45s} {cold(recs, res, CallIdMasker('digits', b'k'), False):7.2f}")
     print(f"  {'loop side: tuple + marshal per record':45s} {handoff(recs):7.2f}")
 
 

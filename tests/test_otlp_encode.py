@@ -114,13 +114,13 @@ def encoded(records, enc: SpanEncoder):
     return enc.request([p for p, _ in out]), enc.json_line([j for _, j in out])
 
 
-def pair(resource: Resource, mask="partial", cid=None):
+def pair(resource: Resource, mask="partial", cid=None, accelerate=True):
     return (SpanBuilder(resource, mask, cid),
-            SpanEncoder(resource.attributes, __version__, mask, cid, resource.schema_url))
+            SpanEncoder(resource.attributes, __version__, mask, cid, resource.schema_url, accelerate))
 
 
-def check_same(records, resource, mask="partial", cid=None):
-    builder, enc = pair(resource, mask, cid)
+def check_same(records, resource, mask="partial", cid=None, accelerate=True):
+    builder, enc = pair(resource, mask, cid, accelerate)
     spans, ref = reference(records, builder)
     pb, line = encoded(records, enc)
     got = ExportTraceServiceRequest.FromString(pb)
@@ -136,10 +136,12 @@ def check_same(records, resource, mask="partial", cid=None):
     return got
 
 
+@pytest.mark.parametrize("accelerate", [True, False], ids=["c-if-built", "python"])
 @pytest.mark.parametrize("mask", ["partial", "full", "none"])
-def test_proxy_records_match_the_sdk_encoder(mask):
+def test_proxy_records_match_the_sdk_encoder(mask, accelerate):
+    """The encoder with its C assembly (sipwatch/_otlpenc.c, when built) and without it."""
     res = make_resource("sw-test", "proxy", {})
-    got = check_same(proxy_records(), res, mask)
+    got = check_same(proxy_records(), res, mask, accelerate=accelerate)
     spans = got.resource_spans[0].scope_spans[0].spans
     # the shapes the records were built to show are really there (the test is not vacuous)
     assert {s.flags for s in spans} == {0x100, 0x300}
@@ -154,6 +156,7 @@ def test_call_id_masker_and_resource_from_env():
     res = make_resource("sipwatch", "proxy", env)
     for mode in ("digits", "hash", "none"):
         check_same(proxy_records(), res, "partial", CallIdMasker(mode, b"secret"))
+        check_same(proxy_records(), res, "partial", CallIdMasker(mode, b"secret"), accelerate=False)
 
 
 @pytest.mark.parametrize("pcap", PCAPS, ids=[p.stem for p in PCAPS])

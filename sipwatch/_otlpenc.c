@@ -1,0 +1,1141 @@
+/* The span worker's common spans, assembled in C: sipwatch.otlp_encode.SpanEncoder's
+ * tx_flat (a transaction's CLIENT span) and call_flat (a call's SERVER span without RTP
+ * figures or B2BUA legs), protobuf and OTLP/JSON, from the record tuples the proxy sends.
+ *
+ * In Python these cost ~57k instructions a span, most of it building part lists, packing
+ * integers, hex and joins. The parts that carry text from the network (Call-ID, From, To,
+ * Request-URI, method, host, status message) are still encoded by the Python encoder, once per
+ * call or per distinct value, into its caches (masking and JSON escaping stay there, with
+ * orjson); this module looks those cached parts up in the same dicts (calling the encoder's
+ * method on a miss, exactly as Python does) and writes the per-span parts itself: ids, times,
+ * events, figures, lengths.
+ *
+ * It answers only for the types the proxy sends (ints, floats, None, tuples, lists). For any
+ * other shape of a tuple or of one of its fields it runs the Python reference method instead,
+ * so a hostile or malformed tuple gets exactly the Python result or exception. Lengths are
+ * computed from the parts (any size), buffers grow as needed, every failure is an exception.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define TWO64 18446744073709551616.0
+#define FLAG_HAS_IS_REMOTE 0x100
+#define FLAG_IS_REMOTE 0x200
+
+/* -- a growable output buffer ------------------------------------------------------------ */
+typedef struct {
+    char *p;
+    Py_ssize_t len, cap;
+} Buf;
+
+static int buf_grow(Buf *b, Py_ssize_t more)
+{
+    if (more > PY_SSIZE_T_MAX / 2 - b->len) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    Py_ssize_t cap = b->cap ? b->cap : 1024;
+    while (cap < b->len + more)
+        cap *= 2;
+    char *p = PyMem_Realloc(b->p, (size_t)cap);
+    if (p == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    b->p = p;
+    b->cap = cap;
+    return 0;
+}
+
+static inline int put(Buf *b, const char *s, Py_ssize_t n)
+{
+    if (b->cap - b->len < n && buf_grow(b, n) < 0)
+        return -1;
+    memcpy(b->p + b->len, s, (size_t)n);
+    b->len += n;
+    return 0;
+}
+
+#define PUTS(b, lit) put((b), (lit), (Py_ssize_t)(sizeof(lit) - 1))
+
+/* a bytes object's content (the encoder's cached parts are bytes; anything else is a bug) */
+static inline int put_bytes(Buf *b, PyObject *o)
+{
+    if (!PyBytes_Check(o)) {
+        PyErr_SetString(PyExc_SystemError, "otlp encoder part is not bytes");
+        return -1;
+    }
+    return put(b, PyBytes_AS_STRING(o), PyBytes_GET_SIZE(o));
+}
+
+static int put_u64_dec(Buf *b, uint64_t v)
+{
+    /* two digits a step (times are 19 digits: a third of this module's own work, one at a time) */
+    static const char pairs[] =
+        "00010203040506070809101112131415161718192021222324252627282930313233343536373839"
+        "40414243444546474849505152535455565758596061626364656667686970717273747576777879"
+        "8081828384858687888990919293949596979899";
+    char tmp[24];
+    int i = 24;
+    while (v >= 100) {
+        unsigned k = (unsigned)(v % 100) * 2;
+        v /= 100;
+        tmp[--i] = pairs[k + 1];
+        tmp[--i] = pairs[k];
+    }
+    if (v >= 10) {
+        tmp[--i] = pairs[v * 2 + 1];
+        tmp[--i] = pairs[v * 2];
+    } else {
+        tmp[--i] = (char)('0' + v);
+    }
+    return put(b, tmp + i, 24 - i);
+}
+
+static int put_hex(Buf *b, const unsigned char *s, int n)
+{
+    static const char digits[] = "0123456789abcdef";
+    char tmp[64];
+    for (int i = 0; i < n; i++) {
+        tmp[2 * i] = digits[s[i] >> 4];
+        tmp[2 * i + 1] = digits[s[i] & 15];
+    }
+    return put(b, tmp, 2 * n);
+}
+
+static int put_fixed64(Buf *b, uint64_t v)
+{
+    unsigned char tmp[8];
+    for (int i = 0; i < 8; i++)
+        tmp[i] = (unsigned char)(v >> (8 * i));
+    return put(b, (const char *)tmp, 8);
+}
+
+static void be64(unsigned char *out, uint64_t v)
+{
+    for (int i = 7; i >= 0; i--) {
+        out[i] = (unsigned char)v;
+        v >>= 8;
+    }
+}
+
+static int varint_len(uint64_t n)
+{
+    int k = 1;
+    while (n > 0x7f) {
+        n >>= 7;
+        k++;
+    }
+    return k;
+}
+
+static void varint_write(char *out, uint64_t n)
+{
+    while (n > 0x7f) {
+        *out++ = (char)((n & 0x7f) | 0x80);
+        n >>= 7;
+    }
+    *out = (char)n;
+}
+
+/* -- values of the tuples ------------------------------------------------------------------ */
+
+/* int(x * 1e9) for the fixed64 fields: 1 and *out when x is a float whose nanoseconds fit in
+ * an unsigned 64-bit integer, 0 when it is not (Python then raises, or handles the type) */
+static int nanos(PyObject *o, uint64_t *out)
+{
+    if (!PyFloat_CheckExact(o))
+        return 0;
+    double x = PyFloat_AS_DOUBLE(o) * 1e9;
+    if (!(x > -1.0 && x < TWO64))
+        return 0;
+    *out = x <= 0.0 ? 0 : (uint64_t)x;
+    return 1;
+}
+
+/* an id that int.to_bytes(8, "big") takes: 1 and *out, or 0 (not an int, or out of range) */
+static int id64(PyObject *o, uint64_t *out)
+{
+    if (!PyLong_Check(o))
+        return 0;
+    unsigned long long v = PyLong_AsUnsignedLongLong(o);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return 0;
+    }
+    *out = (uint64_t)v;
+    return 1;
+}
+
+/* a parent span id: as id64, and None (no parent, as 0: both are false to ``if parent``) */
+static int parent64(PyObject *o, uint64_t *out)
+{
+    if (o == Py_None) {
+        *out = 0;
+        return 1;
+    }
+    return id64(o, out);
+}
+
+/* round(x, nd) and orjson.dumps of the result, for the figures the spans carry. Python's round
+ * converts through the correctly rounded decimal string of nd places (dtoa mode 3), as
+ * PyOS_double_to_string(x, 'f', nd) does; such a decimal with at most 15 significant digits is
+ * what repr (and orjson, which writes repr's digits in plain notation from 1e-5 up to 1e16)
+ * shows of the rounded double, trailing zeros dropped. Other values (huge, tiny, not finite)
+ * go through Python: 0 is returned with *slow set. */
+typedef struct {
+    double value;
+    char json[40];
+    Py_ssize_t json_len;
+    PyObject *slow; /* (float, bytes) from the encoder's Python helper, or NULL */
+} Figure;
+
+static int figure(PyObject *round_json, double x, int nd, Figure *f)
+{
+    f->slow = NULL;
+    double limit = nd == 3 ? 1e12 : 1e9;
+    if (isfinite(x) && fabs(x) < limit) {
+        char *s = PyOS_double_to_string(x, 'f', nd, 0, NULL);
+        if (s == NULL)
+            return -1;
+        double r = PyOS_string_to_double(s, NULL, NULL);
+        if (r == -1.0 && PyErr_Occurred()) {
+            PyMem_Free(s);
+            return -1;
+        }
+        size_t n = strlen(s);
+        if ((r == 0.0 || fabs(r) >= 1e-4) && n < sizeof(f->json)) {
+            while (n > 2 && s[n - 1] == '0' && s[n - 2] != '.')
+                n--;
+            memcpy(f->json, s, n);
+            f->json_len = (Py_ssize_t)n;
+            f->value = r;
+            PyMem_Free(s);
+            return 0;
+        }
+        PyMem_Free(s);
+    }
+    PyObject *args[2];
+    args[0] = PyFloat_FromDouble(x);
+    if (args[0] == NULL)
+        return -1;
+    args[1] = PyLong_FromLong(nd);
+    if (args[1] == NULL) {
+        Py_DECREF(args[0]);
+        return -1;
+    }
+    PyObject *got = PyObject_Vectorcall(round_json, args, 2, NULL);
+    Py_DECREF(args[0]);
+    Py_DECREF(args[1]);
+    if (got == NULL)
+        return -1;
+    if (!PyTuple_CheckExact(got) || PyTuple_GET_SIZE(got) != 2 || !PyFloat_Check(PyTuple_GET_ITEM(got, 0))
+        || !PyBytes_Check(PyTuple_GET_ITEM(got, 1))) {
+        Py_DECREF(got);
+        PyErr_SetString(PyExc_SystemError, "round_json must return (float, bytes)");
+        return -1;
+    }
+    f->value = PyFloat_AS_DOUBLE(PyTuple_GET_ITEM(got, 0));
+    f->slow = got;
+    return 0;
+}
+
+static int put_figure_json(Buf *b, const Figure *f)
+{
+    if (f->slow)
+        return put_bytes(b, PyTuple_GET_ITEM(f->slow, 1));
+    return put(b, f->json, f->json_len);
+}
+
+static int put_double(Buf *b, double v)
+{
+    unsigned char tmp[8];
+    if (PyFloat_Pack8(v, (char *)tmp, 1) < 0)
+        return -1;
+    return put(b, (const char *)tmp, 8);
+}
+
+/* -- the encoder ---------------------------------------------------------------------------- */
+enum {
+    R_PARTIES, R_PARTY, R_HOPS, R_HOP, R_FINALS, R_FINAL, R_EVENTS, R_EVENT_PARTS, R_CALL_PARTS,
+    R_CALL_PART, R_STR, R_MASKED, R_ATTR, R_RTT, R_SETUP_MS, R_ANSWER_MS, R_DURATION_S, R_INVITE,
+    R_CALL_HEAD, R_TX_PY, R_CALL_PY, R_ENCODE_PY, R_ROUND_JSON, R_MASK_URI, R_MASK_MODE, R_CALL_ID_MASK,
+    R_CALL_ID_KEY, R_FROM_KEY, R_PARTY_MAX, R_COUNT
+};
+
+static const char *const ref_names[R_COUNT] = {
+    "_parties", "_party", "_hops", "_hop", "_finals", "_final", "_events", "_event_parts", "_call_parts",
+    "_call_part", "_str", "_masked", "attr", "_rtt", "_setup_ms", "_answer_ms", "_duration_s", "_invite",
+    "_call_span_head", "tx_flat_py", "call_flat_py", "encode_py", "round_json", "_mask_uri", "mask_mode",
+    "call_id_mask", "_call_id_key", "_from_key", "_party_max",
+};
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *ref[R_COUNT];
+    PyObject *ruri_key; /* "sip.request.uri": the key _masked caches the Request-URI under */
+    PyObject *retrans_key; /* "sip.retransmissions" */
+    PyObject *to_key; /* "sip.to": the key _masked caches the To under */
+    Py_ssize_t party_max;
+    Buf pb, js;
+    int busy; /* the buffers are in use (a callback that came back here takes the Python path) */
+} Encoder;
+
+static int encoder_traverse(Encoder *self, visitproc visit, void *arg)
+{
+    for (int i = 0; i < R_COUNT; i++)
+        Py_VISIT(self->ref[i]);
+    return 0;
+}
+
+static int encoder_clear(Encoder *self)
+{
+    for (int i = 0; i < R_COUNT; i++)
+        Py_CLEAR(self->ref[i]);
+    Py_CLEAR(self->ruri_key);
+    Py_CLEAR(self->retrans_key);
+    Py_CLEAR(self->to_key);
+    return 0;
+}
+
+static void encoder_dealloc(Encoder *self)
+{
+    PyObject_GC_UnTrack(self);
+    encoder_clear(self);
+    PyMem_Free(self->pb.p);
+    PyMem_Free(self->js.p);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int encoder_init(Encoder *self, PyObject *args, PyObject *kwds)
+{
+    PyObject *enc;
+    if (!PyArg_ParseTuple(args, "O:Encoder", &enc))
+        return -1;
+    encoder_clear(self);
+    for (int i = 0; i < R_COUNT; i++) {
+        self->ref[i] = PyObject_GetAttrString(enc, ref_names[i]);
+        if (self->ref[i] == NULL)
+            return -1;
+    }
+    const int dicts[] = {R_PARTIES, R_HOPS, R_FINALS, R_EVENTS, R_CALL_PARTS, R_STR};
+    for (size_t i = 0; i < sizeof(dicts) / sizeof(dicts[0]); i++) {
+        if (!PyDict_CheckExact(self->ref[dicts[i]])) {
+            PyErr_Format(PyExc_TypeError, "%s must be a dict", ref_names[dicts[i]]);
+            return -1;
+        }
+    }
+    const int pairs[] = {R_RTT, R_SETUP_MS, R_ANSWER_MS, R_DURATION_S, R_INVITE, R_CALL_HEAD, R_CALL_ID_KEY,
+                         R_FROM_KEY};
+    for (size_t i = 0; i < sizeof(pairs) / sizeof(pairs[0]); i++) {
+        PyObject *o = self->ref[pairs[i]];
+        if (!PyTuple_CheckExact(o) || PyTuple_GET_SIZE(o) != 2 || !PyBytes_Check(PyTuple_GET_ITEM(o, 0))
+            || !PyBytes_Check(PyTuple_GET_ITEM(o, 1))) {
+            PyErr_Format(PyExc_TypeError, "%s must be a pair of bytes", ref_names[pairs[i]]);
+            return -1;
+        }
+    }
+    self->ruri_key = PyUnicode_InternFromString("sip.request.uri");
+    self->retrans_key = PyUnicode_InternFromString("sip.retransmissions");
+    self->to_key = PyUnicode_InternFromString("sip.to");
+    if (self->ruri_key == NULL || self->retrans_key == NULL || self->to_key == NULL)
+        return -1;
+    self->party_max = PyLong_AsSsize_t(self->ref[R_PARTY_MAX]);
+    if (self->party_max == -1 && PyErr_Occurred())
+        return -1;
+    return 0;
+}
+
+/* cache.get(key) or miss(*args): a new reference, checked to be a tuple of n items */
+static PyObject *cached(Encoder *self, int cache, int miss, PyObject *const *args, Py_ssize_t nargs,
+                        Py_ssize_t n)
+{
+    PyObject *key = PyTuple_New(nargs);
+    if (key == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < nargs; i++) {
+        Py_INCREF(args[i]);
+        PyTuple_SET_ITEM(key, i, args[i]);
+    }
+    PyObject *got = PyDict_GetItemWithError(self->ref[cache], key);
+    Py_DECREF(key);
+    if (got != NULL && PyObject_IsTrue(got) == 1) {
+        Py_INCREF(got);
+    } else {
+        if (PyErr_Occurred())
+            return NULL;
+        got = PyObject_Vectorcall(self->ref[miss], args, (size_t)nargs, NULL);
+        if (got == NULL)
+            return NULL;
+    }
+    if (!PyTuple_CheckExact(got) || PyTuple_GET_SIZE(got) != n) {
+        Py_DECREF(got);
+        PyErr_Format(PyExc_SystemError, "%s returned an unexpected shape", ref_names[miss]);
+        return NULL;
+    }
+    return got;
+}
+
+/* a (pb, json) pair: item i of tuple t, itself a tuple of two bytes */
+static int pair_of(PyObject *t, Py_ssize_t i, PyObject **pb, PyObject **js)
+{
+    PyObject *p = PyTuple_GET_ITEM(t, i);
+    if (!PyTuple_CheckExact(p) || PyTuple_GET_SIZE(p) < 2 || !PyBytes_Check(PyTuple_GET_ITEM(p, 0))
+        || !PyBytes_Check(PyTuple_GET_ITEM(p, 1))) {
+        PyErr_SetString(PyExc_SystemError, "otlp encoder part is not a pair of bytes");
+        return -1;
+    }
+    *pb = PyTuple_GET_ITEM(p, 0);
+    *js = PyTuple_GET_ITEM(p, 1);
+    return 0;
+}
+
+static PyObject *python_path(Encoder *self, int which, PyObject *t)
+{
+    return PyObject_Vectorcall(self->ref[which], &t, 1, NULL);
+}
+
+/* the span as a ScopeSpans.spans field: tag 2, varint length, then the body written in
+ * self->pb from offset 10 on (room left in front for the tag and the length) */
+static PyObject *finish(Encoder *self)
+{
+    Buf *pb = &self->pb, *js = &self->js;
+    uint64_t body = (uint64_t)(pb->len - 10);
+    int k = varint_len(body);
+    char *start = pb->p + 10 - 1 - k;
+    start[0] = 0x12;
+    varint_write(start + 1, body);
+    PyObject *p = PyBytes_FromStringAndSize(start, (Py_ssize_t)(1 + k) + pb->len - 10);
+    if (p == NULL)
+        return NULL;
+    PyObject *j = PyBytes_FromStringAndSize(js->p, js->len);
+    if (j == NULL) {
+        Py_DECREF(p);
+        return NULL;
+    }
+    PyObject *out = PyTuple_New(2);
+    if (out == NULL) {
+        Py_DECREF(p);
+        Py_DECREF(j);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(out, 0, p);
+    PyTuple_SET_ITEM(out, 1, j);
+    return out;
+}
+
+static int begin(Encoder *self)
+{
+    self->pb.len = 0;
+    self->js.len = 0;
+    if (put(&self->pb, "\0\0\0\0\0\0\0\0\0\0", 10) < 0)
+        return -1;
+    return 0;
+}
+
+static int put_flags(Buf *pb, int remote)
+{
+    uint32_t v = FLAG_HAS_IS_REMOTE | (remote ? FLAG_IS_REMOTE : 0);
+    char tmp[6] = {(char)0x85, 0x01, (char)(v & 0xff), (char)((v >> 8) & 0xff), 0, 0};
+    return put(pb, tmp, 6);
+}
+
+static int put_ids(Buf *pb, const char *trace16, uint64_t span, uint64_t parent)
+{
+    unsigned char tmp[8];
+    if (PUTS(pb, "\x0a\x10") < 0 || put(pb, trace16, 16) < 0 || PUTS(pb, "\x12\x08") < 0)
+        return -1;
+    be64(tmp, span);
+    if (put(pb, (const char *)tmp, 8) < 0)
+        return -1;
+    if (parent) {
+        be64(tmp, parent);
+        if (PUTS(pb, "\x22\x08") < 0 || put(pb, (const char *)tmp, 8) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+static int put_times(Buf *pb, uint64_t start, uint64_t end)
+{
+    return PUTS(pb, "\x39") < 0 || put_fixed64(pb, start) < 0 || PUTS(pb, "\x41") < 0
+        || put_fixed64(pb, end) < 0 ? -1 : 0;
+}
+
+/* JSON members of one attribute, after a comma unless it is the first */
+static int put_attr_js(Buf *js, PyObject *part, int *first)
+{
+    if (!*first && PUTS(js, ",") < 0)
+        return -1;
+    *first = 0;
+    return put_bytes(js, part);
+}
+
+/* a double attribute from its prefix pair and the figure: pb prefix + 8 bytes, JSON prefix +
+ * number + "}}" */
+static int put_double_attr(Buf *pb, Buf *js, PyObject *prefix, const Figure *f, int *first)
+{
+    if (put_bytes(pb, PyTuple_GET_ITEM(prefix, 0)) < 0 || put_double(pb, f->value) < 0)
+        return -1;
+    if (put_attr_js(js, PyTuple_GET_ITEM(prefix, 1), first) < 0 || put_figure_json(js, f) < 0)
+        return -1;
+    return PUTS(js, "}}");
+}
+
+/* -- a call's parties: SpanEncoder._party ----------------------------------------------------- */
+
+/* orjson.dumps of a str, from its UTF-8: quotes, backslash and control characters escaped
+ * (\b \t \n \f \r by name, the others as \u00xx), everything else as it is */
+static int put_json_string(Buf *b, const char *s, Py_ssize_t n)
+{
+    static const char digits[] = "0123456789abcdef";
+    Py_ssize_t extra = 2;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (c < 0x20)
+            extra += 5;
+        else if (c == '"' || c == '\\')
+            extra += 1;
+    }
+    if (n > PY_SSIZE_T_MAX - extra) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    if (b->cap - b->len < n + extra && buf_grow(b, n + extra) < 0)
+        return -1;
+    char *o = b->p + b->len;
+    *o++ = '"';
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (c >= 0x20 && c != '"' && c != '\\') {
+            *o++ = (char)c;
+            continue;
+        }
+        *o++ = '\\';
+        switch (c) {
+        case '"': *o++ = '"'; break;
+        case '\\': *o++ = '\\'; break;
+        case '\b': *o++ = 'b'; break;
+        case '\t': *o++ = 't'; break;
+        case '\n': *o++ = 'n'; break;
+        case '\f': *o++ = 'f'; break;
+        case '\r': *o++ = 'r'; break;
+        default:
+            *o++ = 'u';
+            *o++ = '0';
+            *o++ = '0';
+            *o++ = digits[c >> 4];
+            *o++ = digits[c & 15];
+        }
+    }
+    *o++ = '"';
+    b->len = o - b->p;
+    return 0;
+}
+
+static int put_varint(Buf *b, uint64_t n)
+{
+    char tmp[10];
+    int k = varint_len(n);
+    varint_write(tmp, n);
+    return put(b, tmp, k);
+}
+
+/* SpanEncoder._encode_attr(key, s) of a str: (Span.attributes field, JSON KeyValue) */
+static PyObject *str_attr(PyObject *key, PyObject *s)
+{
+    Py_ssize_t n;
+    const char *u = PyUnicode_AsUTF8AndSize(s, &n);
+    if (u == NULL)
+        return NULL; /* (a lone surrogate: UnicodeEncodeError, as str.encode raises) */
+    PyObject *kpb = PyTuple_GET_ITEM(key, 0), *kjs = PyTuple_GET_ITEM(key, 1);
+    uint64_t value_len = 1 + (uint64_t)varint_len((uint64_t)n) + (uint64_t)n; /* AnyValue body */
+    uint64_t kv_len = (uint64_t)PyBytes_GET_SIZE(kpb) + 1 + (uint64_t)varint_len(value_len) + value_len;
+    Buf pb = {0}, js = {0};
+    PyObject *out = NULL;
+    if (PUTS(&pb, "\x4a") < 0 || put_varint(&pb, kv_len) < 0 || put_bytes(&pb, kpb) < 0 || PUTS(&pb, "\x12") < 0
+        || put_varint(&pb, value_len) < 0 || PUTS(&pb, "\x0a") < 0 || put_varint(&pb, (uint64_t)n) < 0
+        || put(&pb, u, n) < 0)
+        goto done;
+    if (put_bytes(&js, kjs) < 0 || PUTS(&js, "\"stringValue\":") < 0 || put_json_string(&js, u, n) < 0
+        || PUTS(&js, "}}") < 0)
+        goto done;
+    out = Py_BuildValue("(y#y#)", pb.p, pb.len, js.p, js.len);
+done:
+    PyMem_Free(pb.p);
+    PyMem_Free(js.p);
+    return out;
+}
+
+/* trace_id.to_bytes(16, "big"): 0, or -1 when it is not an int of 128 bits (no error set) */
+static int trace_bytes(PyObject *v, unsigned char *out)
+{
+    if (!PyLong_Check(v))
+        return -1;
+#if PY_VERSION_HEX >= 0x030D0000
+    Py_ssize_t need = PyLong_AsNativeBytes(v, out, 16, Py_ASNATIVEBYTES_BIG_ENDIAN
+                                           | Py_ASNATIVEBYTES_UNSIGNED_BUFFER | Py_ASNATIVEBYTES_REJECT_NEGATIVE);
+    if (need < 0 || need > 16) {
+        PyErr_Clear();
+        return -1;
+    }
+#else
+    if (_PyLong_AsByteArray((PyLongObject *)v, out, 16, 0, 0) < 0) {
+        PyErr_Clear();
+        return -1;
+    }
+#endif
+    return 0;
+}
+
+/* the party of a call (masked Call-ID, From and To attributes, trace id as bytes and hex),
+ * built as SpanEncoder._party does and kept in its cache; Python builds what is not plain */
+static PyObject *party_miss(Encoder *self, PyObject *const *args)
+{
+    PyObject *trace_id = args[0], *call_id = args[1], *from_uri = args[2], *to_uri = args[3];
+    PyObject *mask = self->ref[R_CALL_ID_MASK], *parties = self->ref[R_PARTIES];
+    unsigned char tb[16];
+    if ((mask == Py_None && !PyBytes_CheckExact(call_id)) || trace_bytes(trace_id, tb) < 0)
+        return PyObject_Vectorcall(self->ref[R_PARTY], args, 4, NULL);
+    PyObject *key = PyTuple_Pack(4, trace_id, call_id, from_uri, to_uri);
+    if (key == NULL)
+        return NULL;
+    if (PyDict_GET_SIZE(parties) >= self->party_max)
+        PyDict_Clear(parties);
+    PyObject *shown = NULL, *masked_from = NULL, *to = NULL, *cid = NULL, *frm = NULL, *got = NULL;
+    if (mask == Py_None)
+        shown = PyUnicode_DecodeUTF8(PyBytes_AS_STRING(call_id), PyBytes_GET_SIZE(call_id), "replace");
+    else
+        shown = PyObject_Vectorcall(mask, &call_id, 1, NULL);
+    if (shown == NULL)
+        goto done;
+    PyObject *margs[2] = {from_uri, self->ref[R_MASK_MODE]};
+    masked_from = PyObject_Vectorcall(self->ref[R_MASK_URI], margs, 2, NULL);
+    if (masked_from == NULL)
+        goto done;
+    if (!PyUnicode_CheckExact(shown) || !PyUnicode_CheckExact(masked_from)) {
+        got = PyObject_Vectorcall(self->ref[R_PARTY], args, 4, NULL);
+        goto done;
+    }
+    PyObject *tkey = PyTuple_Pack(2, self->to_key, to_uri);
+    if (tkey == NULL)
+        goto done;
+    to = PyDict_GetItemWithError(self->ref[R_STR], tkey);
+    Py_DECREF(tkey);
+    if (to != NULL && PyObject_IsTrue(to) == 1) {
+        Py_INCREF(to);
+    } else {
+        if (PyErr_Occurred())
+            goto done;
+        PyObject *targs[2] = {self->to_key, to_uri};
+        to = PyObject_Vectorcall(self->ref[R_MASKED], targs, 2, NULL);
+        if (to == NULL)
+            goto done;
+    }
+    cid = str_attr(self->ref[R_CALL_ID_KEY], shown);
+    if (cid == NULL)
+        goto done;
+    frm = str_attr(self->ref[R_FROM_KEY], masked_from);
+    if (frm == NULL)
+        goto done;
+    char hex[32];
+    static const char digits[] = "0123456789abcdef";
+    for (int i = 0; i < 16; i++) {
+        hex[2 * i] = digits[tb[i] >> 4];
+        hex[2 * i + 1] = digits[tb[i] & 15];
+    }
+    got = Py_BuildValue("(OOOy#y#)", cid, frm, to, (const char *)tb, (Py_ssize_t)16, hex, (Py_ssize_t)32);
+    if (got != NULL && PyDict_SetItem(parties, key, got) < 0)
+        Py_CLEAR(got);
+    goto done;
+done:
+    Py_DECREF(key);
+    Py_XDECREF(shown);
+    Py_XDECREF(masked_from);
+    Py_XDECREF(to);
+    Py_XDECREF(cid);
+    Py_XDECREF(frm);
+    return got;
+}
+
+/* self._parties.get(key) or the party built now (a new reference, a tuple of 5) */
+static PyObject *party_of(Encoder *self, PyObject *const *args)
+{
+    PyObject *key = PyTuple_Pack(4, args[0], args[1], args[2], args[3]);
+    if (key == NULL)
+        return NULL;
+    PyObject *got = PyDict_GetItemWithError(self->ref[R_PARTIES], key);
+    Py_DECREF(key);
+    if (got != NULL && PyObject_IsTrue(got) == 1) {
+        Py_INCREF(got);
+    } else {
+        if (PyErr_Occurred())
+            return NULL;
+        got = party_miss(self, args);
+        if (got == NULL)
+            return NULL;
+    }
+    if (!PyTuple_CheckExact(got) || PyTuple_GET_SIZE(got) != 5) {
+        Py_DECREF(got);
+        PyErr_SetString(PyExc_SystemError, "_party returned an unexpected shape");
+        return NULL;
+    }
+    return got;
+}
+
+/* tx_flat: a transaction's CLIENT span */
+static PyObject *tx_fast(Encoder *self, PyObject *t)
+{
+    if (!PyTuple_CheckExact(t) || PyTuple_GET_SIZE(t) != 20 || self->busy)
+        return python_path(self, R_TX_PY, t);
+    PyObject *const *f = &PyTuple_GET_ITEM(t, 0);
+    PyObject *method = f[4], *cseq = f[5], *direction = f[6], *peer = f[7], *status = f[8];
+    PyObject *t_first = f[10], *retrans = f[12], *timed_out = f[13], *events = f[14];
+    uint64_t span, parent, call_span = 0, start, end;
+    int call_span_ok = 0;
+    /* the shapes handled here (anything else: the Python reference) */
+    if (!id64(f[2], &span) || !parent64(f[3], &parent) || !nanos(f[9], &start) || !nanos(f[11], &end))
+        return python_path(self, R_TX_PY, t);
+    if (t_first != Py_None && !PyFloat_CheckExact(t_first))
+        return python_path(self, R_TX_PY, t);
+    if (!PyLong_Check(f[15]))
+        return python_path(self, R_TX_PY, t);
+    call_span_ok = id64(f[15], &call_span); /* (an int out of range differs from any parent) */
+    Py_ssize_t n_events = 0;
+    PyObject *const *ev = NULL;
+    if (events != Py_None) {
+        if (PyList_CheckExact(events)) {
+            n_events = PyList_GET_SIZE(events);
+            ev = &PyList_GET_ITEM(events, 0);
+        } else if (PyTuple_CheckExact(events)) {
+            n_events = PyTuple_GET_SIZE(events);
+            ev = &PyTuple_GET_ITEM(events, 0);
+        } else {
+            return python_path(self, R_TX_PY, t);
+        }
+        for (Py_ssize_t i = 0; i < n_events; i++) {
+            PyObject *e = ev[i];
+            if (!((PyTuple_CheckExact(e) && PyTuple_GET_SIZE(e) == 2)
+                  || (PyList_CheckExact(e) && PyList_GET_SIZE(e) == 2)))
+                return python_path(self, R_TX_PY, t);
+            PyObject *s = PySequence_Fast_GET_ITEM(e, 0), *et = PySequence_Fast_GET_ITEM(e, 1);
+            if (!PyLong_Check(s))
+                return python_path(self, R_TX_PY, t);
+            int overflow;
+            long long sv = PyLong_AsLongLongAndOverflow(s, &overflow);
+            uint64_t ns;
+            if ((overflow < 0 || (overflow == 0 && sv < 200)) && !nanos(et, &ns))
+                return python_path(self, R_TX_PY, t);
+        }
+    }
+    int is_call = PyObject_IsTrue(f[16]);
+    int has_status = PyObject_IsTrue(status);
+    int has_retrans = PyObject_IsTrue(retrans);
+    if (is_call < 0 || has_status < 0 || has_retrans < 0)
+        return NULL;
+
+    /* the cached parts (strong references: a miss may empty another cache) */
+    PyObject *party = NULL, *hop = NULL, *fin = NULL, *retr = NULL, *result = NULL;
+    Figure rtt = {0};
+    PyObject *pargs[4] = {f[1], f[17], f[18], f[19]};
+    party = party_of(self, pargs);
+    if (party == NULL)
+        goto done;
+    PyObject *hargs[4] = {method, cseq, direction, peer};
+    hop = cached(self, R_HOPS, R_HOP, hargs, 4, 6);
+    if (hop == NULL)
+        goto done;
+    PyObject *fargs[2] = {status, timed_out};
+    fin = cached(self, R_FINALS, R_FINAL, fargs, 2, 3);
+    if (fin == NULL)
+        goto done;
+    if (t_first != Py_None
+        && figure(self->ref[R_ROUND_JSON], (PyFloat_AS_DOUBLE(t_first) - PyFloat_AS_DOUBLE(f[9])) * 1000.0, 3,
+                  &rtt) < 0)
+        goto done;
+    if (has_retrans) {
+        PyObject *aargs[2] = {self->retrans_key, retrans};
+        retr = PyObject_Vectorcall(self->ref[R_ATTR], aargs, 2, NULL);
+        if (retr == NULL)
+            goto done;
+        if (!PyTuple_CheckExact(retr) || PyTuple_GET_SIZE(retr) != 2) {
+            PyErr_SetString(PyExc_SystemError, "attr returned an unexpected shape");
+            goto done;
+        }
+    }
+    PyObject *cid_pb, *cid_js, *from_pb, *from_js, *to_pb, *to_js, *code_pb, *code_js, *err_pb, *err_js;
+    PyObject *st_pb, *st_js, *r_pb = NULL, *r_js = NULL;
+    PyObject *tb = PyTuple_GET_ITEM(party, 3), *th = PyTuple_GET_ITEM(party, 4);
+    if (pair_of(party, 0, &cid_pb, &cid_js) < 0 || pair_of(party, 1, &from_pb, &from_js) < 0
+        || pair_of(party, 2, &to_pb, &to_js) < 0 || pair_of(fin, 0, &code_pb, &code_js) < 0
+        || pair_of(fin, 1, &err_pb, &err_js) < 0 || pair_of(fin, 2, &st_pb, &st_js) < 0)
+        goto done;
+    if (retr) {
+        r_pb = PyTuple_GET_ITEM(retr, 0);
+        r_js = PyTuple_GET_ITEM(retr, 1);
+        if (!PyBytes_Check(r_pb) || !PyBytes_Check(r_js)) {
+            PyErr_SetString(PyExc_SystemError, "attr returned an unexpected shape");
+            goto done;
+        }
+    }
+    for (int i = 0; i < 6; i++) {
+        if (!PyBytes_Check(PyTuple_GET_ITEM(hop, i))) {
+            PyErr_SetString(PyExc_SystemError, "hop part is not bytes");
+            goto done;
+        }
+    }
+    if (!PyBytes_Check(tb) || PyBytes_GET_SIZE(tb) != 16 || !PyBytes_Check(th)) {
+        PyErr_SetString(PyExc_SystemError, "party trace id is not 16 bytes");
+        goto done;
+    }
+    int remote = parent != 0 && (!is_call || !call_span_ok || parent != call_span);
+
+    self->busy = 1;
+    Buf *pb = &self->pb, *js = &self->js;
+    unsigned char sb[8], pab[8];
+    be64(sb, span);
+    be64(pab, parent);
+    int first = 1;
+    if (begin(self) < 0 || put_ids(pb, PyBytes_AS_STRING(tb), span, parent) < 0
+        || put_bytes(pb, PyTuple_GET_ITEM(hop, 4)) < 0 || put_times(pb, start, end) < 0
+        || put_bytes(pb, PyTuple_GET_ITEM(hop, 0)) < 0 || put_bytes(pb, cid_pb) < 0
+        || put_bytes(pb, PyTuple_GET_ITEM(hop, 2)) < 0)
+        goto unbusy;
+    /* JSON up to the attributes */
+    if (PUTS(js, "{\"traceId\":\"") < 0 || put_bytes(js, th) < 0 || PUTS(js, "\",\"spanId\":\"") < 0
+        || put_hex(js, sb, 8) < 0 || PUTS(js, "\",\"flags\":") < 0
+        || put_u64_dec(js, FLAG_HAS_IS_REMOTE | (remote ? FLAG_IS_REMOTE : 0)) < 0
+        || put_bytes(js, PyTuple_GET_ITEM(hop, 5)) < 0 || put_u64_dec(js, start) < 0
+        || PUTS(js, "\",\"endTimeUnixNano\":\"") < 0 || put_u64_dec(js, end) < 0
+        || PUTS(js, "\",\"attributes\":[") < 0 || put_attr_js(js, PyTuple_GET_ITEM(hop, 1), &first) < 0
+        || put_attr_js(js, cid_js, &first) < 0 || put_attr_js(js, PyTuple_GET_ITEM(hop, 3), &first) < 0)
+        goto unbusy;
+    if (!is_call && (put_bytes(pb, from_pb) < 0 || put_bytes(pb, to_pb) < 0 || put_attr_js(js, from_js, &first) < 0
+                     || put_attr_js(js, to_js, &first) < 0))
+        goto unbusy;
+    if (has_status && (put_bytes(pb, code_pb) < 0 || put_attr_js(js, code_js, &first) < 0))
+        goto unbusy;
+    if (t_first != Py_None && put_double_attr(pb, js, self->ref[R_RTT], &rtt, &first) < 0)
+        goto unbusy;
+    if (retr && (put_bytes(pb, r_pb) < 0 || put_attr_js(js, r_js, &first) < 0))
+        goto unbusy;
+    if (PyBytes_GET_SIZE(err_pb) && (put_bytes(pb, err_pb) < 0 || put_attr_js(js, err_js, &first) < 0))
+        goto unbusy;
+    if (PUTS(js, "],\"status\":") < 0 || put_bytes(js, st_js) < 0)
+        goto unbusy;
+    if (parent && (PUTS(js, ",\"parentSpanId\":\"") < 0 || put_hex(js, pab, 8) < 0 || PUTS(js, "\"") < 0))
+        goto unbusy;
+    /* events: provisional responses (the JSON ends with them) */
+    int any = 0;
+    for (Py_ssize_t i = 0; i < n_events; i++) {
+        PyObject *e = ev[i];
+        PyObject *s = PySequence_Fast_GET_ITEM(e, 0), *et = PySequence_Fast_GET_ITEM(e, 1);
+        int overflow;
+        long long sv = PyLong_AsLongLongAndOverflow(s, &overflow);
+        if (!(overflow < 0 || (overflow == 0 && sv < 200)))
+            continue;
+        uint64_t ns;
+        nanos(et, &ns);
+        PyObject *parts = cached(self, R_EVENTS, R_EVENT_PARTS, &s, 1, 3);
+        if (parts == NULL)
+            goto unbusy;
+        PyObject *e0 = PyTuple_GET_ITEM(parts, 0), *e1 = PyTuple_GET_ITEM(parts, 1), *e2 = PyTuple_GET_ITEM(parts, 2);
+        int bad = put_bytes(pb, e0) < 0 || put_fixed64(pb, ns) < 0 || put_bytes(pb, e1) < 0
+            || (any ? PUTS(js, ",{\"timeUnixNano\":\"") : PUTS(js, ",\"events\":[{\"timeUnixNano\":\"")) < 0
+            || put_u64_dec(js, ns) < 0 || put_bytes(js, e2) < 0;
+        Py_DECREF(parts);
+        if (bad)
+            goto unbusy;
+        any = 1;
+    }
+    if ((any && PUTS(js, "]") < 0) || PUTS(js, "}") < 0)
+        goto unbusy;
+    if (put_bytes(pb, st_pb) < 0 || put_flags(pb, remote) < 0)
+        goto unbusy;
+    result = finish(self);
+unbusy:
+    self->busy = 0;
+done:
+    Py_XDECREF(party);
+    Py_XDECREF(hop);
+    Py_XDECREF(fin);
+    Py_XDECREF(retr);
+    Py_XDECREF(rtt.slow);
+    return result;
+}
+
+/* call_flat: a call's SERVER span, the proxy's common one (no RTP figures, no B2BUA legs) */
+static PyObject *call_fast(Encoder *self, PyObject *t)
+{
+    if (!PyTuple_CheckExact(t) || PyTuple_GET_SIZE(t) != 19 || self->busy)
+        return python_path(self, R_CALL_PY, t);
+    PyObject *const *f = &PyTuple_GET_ITEM(t, 0);
+    PyObject *trace_id = f[1], *ruri = f[7], *outcome = f[8], *status = f[9], *t_setup = f[11];
+    PyObject *t_answer = f[12], *retrans = f[14], *first_peer = f[16];
+    uint64_t span, parent, start, end;
+    if (f[15] != Py_None || f[18] != Py_None || !PyLong_Check(trace_id) || !id64(f[2], &span)
+        || !parent64(f[3], &parent) || !nanos(f[10], &start) || !nanos(f[13], &end)
+        || (t_setup != Py_None && !PyFloat_CheckExact(t_setup)) || (t_answer != Py_None && !PyFloat_CheckExact(t_answer)))
+        return python_path(self, R_CALL_PY, t);
+    PyObject *transport = NULL;
+    if (first_peer == Py_None || (PyTuple_CheckExact(first_peer) && PyTuple_GET_SIZE(first_peer) <= 2))
+        transport = NULL; /* "udp" */
+    else if (PyTuple_CheckExact(first_peer))
+        transport = PyTuple_GET_ITEM(first_peer, 2);
+    else
+        return python_path(self, R_CALL_PY, t);
+    double t_start = PyFloat_AS_DOUBLE(f[10]), t_end = PyFloat_AS_DOUBLE(f[13]);
+    int has_retrans = PyObject_IsTrue(retrans);
+    if (has_retrans < 0)
+        return NULL;
+
+    PyObject *party = NULL, *head = NULL, *ru = NULL, *retr = NULL, *udp = NULL, *result = NULL;
+    Figure setup = {0}, answer = {0}, duration = {0};
+    PyObject *pargs[4] = {trace_id, f[4], f[5], f[6]};
+    party = party_of(self, pargs);
+    if (party == NULL)
+        goto done;
+    if (transport == NULL) {
+        transport = udp = PyUnicode_InternFromString("udp");
+        if (udp == NULL)
+            goto done;
+    }
+    PyObject *hargs[3] = {outcome, status, transport};
+    head = cached(self, R_CALL_PARTS, R_CALL_PART, hargs, 3, 5);
+    if (head == NULL)
+        goto done;
+    PyObject *margs[2] = {self->ruri_key, ruri};
+    PyObject *rkey = PyTuple_Pack(2, self->ruri_key, ruri);
+    if (rkey == NULL)
+        goto done;
+    ru = PyDict_GetItemWithError(self->ref[R_STR], rkey);
+    Py_DECREF(rkey);
+    if (ru != NULL && PyObject_IsTrue(ru) == 1) {
+        Py_INCREF(ru);
+    } else {
+        if (PyErr_Occurred())
+            goto done;
+        ru = PyObject_Vectorcall(self->ref[R_MASKED], margs, 2, NULL);
+        if (ru == NULL)
+            goto done;
+    }
+    if (!PyTuple_CheckExact(ru) || PyTuple_GET_SIZE(ru) != 2) {
+        PyErr_SetString(PyExc_SystemError, "_masked returned an unexpected shape");
+        goto done;
+    }
+    if (t_setup != Py_None
+        && figure(self->ref[R_ROUND_JSON], (PyFloat_AS_DOUBLE(t_setup) - t_start) * 1000.0, 3, &setup) < 0)
+        goto done;
+    if (t_answer != Py_None
+        && (figure(self->ref[R_ROUND_JSON], (PyFloat_AS_DOUBLE(t_answer) - t_start) * 1000.0, 3, &answer) < 0
+            || figure(self->ref[R_ROUND_JSON], t_end - PyFloat_AS_DOUBLE(t_answer), 6, &duration) < 0))
+        goto done;
+    if (has_retrans) {
+        PyObject *aargs[2] = {self->retrans_key, retrans};
+        retr = PyObject_Vectorcall(self->ref[R_ATTR], aargs, 2, NULL);
+        if (retr == NULL)
+            goto done;
+        if (!PyTuple_CheckExact(retr) || PyTuple_GET_SIZE(retr) != 2) {
+            PyErr_SetString(PyExc_SystemError, "attr returned an unexpected shape");
+            goto done;
+        }
+    }
+    PyObject *cid_pb, *cid_js, *from_pb, *from_js, *to_pb, *to_js, *ru_pb, *ru_js, *st_pb, *st_js;
+    PyObject *r_pb = NULL, *r_js = NULL;
+    PyObject *tb = PyTuple_GET_ITEM(party, 3), *th = PyTuple_GET_ITEM(party, 4);
+    if (pair_of(party, 0, &cid_pb, &cid_js) < 0 || pair_of(party, 1, &from_pb, &from_js) < 0
+        || pair_of(party, 2, &to_pb, &to_js) < 0 || pair_of(head, 4, &st_pb, &st_js) < 0)
+        goto done;
+    ru_pb = PyTuple_GET_ITEM(ru, 0);
+    ru_js = PyTuple_GET_ITEM(ru, 1);
+    if (retr) {
+        r_pb = PyTuple_GET_ITEM(retr, 0);
+        r_js = PyTuple_GET_ITEM(retr, 1);
+    }
+    for (int i = 0; i < 4; i++) {
+        if (!PyBytes_Check(PyTuple_GET_ITEM(head, i))) {
+            PyErr_SetString(PyExc_SystemError, "call part is not bytes");
+            goto done;
+        }
+    }
+    if (!PyBytes_Check(tb) || PyBytes_GET_SIZE(tb) != 16 || !PyBytes_Check(th) || !PyBytes_Check(ru_pb)
+        || !PyBytes_Check(ru_js) || (retr && (!PyBytes_Check(r_pb) || !PyBytes_Check(r_js)))) {
+        PyErr_SetString(PyExc_SystemError, "call span part of an unexpected type");
+        goto done;
+    }
+    int remote = parent != 0;
+    PyObject *invite = self->ref[R_INVITE], *name_kind = self->ref[R_CALL_HEAD];
+
+    self->busy = 1;
+    Buf *pb = &self->pb, *js = &self->js;
+    unsigned char sb[8], pab[8];
+    be64(sb, span);
+    be64(pab, parent);
+    int first = 1;
+    if (begin(self) < 0 || put_ids(pb, PyBytes_AS_STRING(tb), span, parent) < 0
+        || put_bytes(pb, PyTuple_GET_ITEM(name_kind, 0)) < 0 || put_times(pb, start, end) < 0
+        || put_bytes(pb, PyTuple_GET_ITEM(invite, 0)) < 0 || put_bytes(pb, cid_pb) < 0
+        || put_bytes(pb, from_pb) < 0 || put_bytes(pb, to_pb) < 0 || put_bytes(pb, ru_pb) < 0
+        || put_bytes(pb, PyTuple_GET_ITEM(head, 0)) < 0)
+        goto unbusy;
+    if (PUTS(js, "{\"traceId\":\"") < 0 || put_bytes(js, th) < 0 || PUTS(js, "\",\"spanId\":\"") < 0
+        || put_hex(js, sb, 8) < 0 || PUTS(js, "\",\"flags\":") < 0
+        || put_u64_dec(js, FLAG_HAS_IS_REMOTE | (remote ? FLAG_IS_REMOTE : 0)) < 0
+        || put_bytes(js, PyTuple_GET_ITEM(name_kind, 1)) < 0 || put_u64_dec(js, start) < 0
+        || PUTS(js, "\",\"endTimeUnixNano\":\"") < 0 || put_u64_dec(js, end) < 0
+        || PUTS(js, "\",\"attributes\":[") < 0 || put_attr_js(js, PyTuple_GET_ITEM(invite, 1), &first) < 0
+        || put_attr_js(js, cid_js, &first) < 0 || put_attr_js(js, from_js, &first) < 0
+        || put_attr_js(js, to_js, &first) < 0 || put_attr_js(js, ru_js, &first) < 0
+        || put_attr_js(js, PyTuple_GET_ITEM(head, 1), &first) < 0)
+        goto unbusy;
+    if (t_setup != Py_None && put_double_attr(pb, js, self->ref[R_SETUP_MS], &setup, &first) < 0)
+        goto unbusy;
+    if (t_answer != Py_None && (put_double_attr(pb, js, self->ref[R_ANSWER_MS], &answer, &first) < 0
+                                || put_double_attr(pb, js, self->ref[R_DURATION_S], &duration, &first) < 0))
+        goto unbusy;
+    if (retr && (put_bytes(pb, r_pb) < 0 || put_attr_js(js, r_js, &first) < 0))
+        goto unbusy;
+    if (PyBytes_GET_SIZE(PyTuple_GET_ITEM(head, 2))
+        && (put_bytes(pb, PyTuple_GET_ITEM(head, 2)) < 0 || put_attr_js(js, PyTuple_GET_ITEM(head, 3), &first) < 0))
+        goto unbusy;
+    if (PUTS(js, "],\"status\":") < 0 || put_bytes(js, st_js) < 0)
+        goto unbusy;
+    if (parent && (PUTS(js, ",\"parentSpanId\":\"") < 0 || put_hex(js, pab, 8) < 0 || PUTS(js, "\"") < 0))
+        goto unbusy;
+    if (PUTS(js, "}") < 0 || put_bytes(pb, st_pb) < 0 || put_flags(pb, remote) < 0)
+        goto unbusy;
+    result = finish(self);
+unbusy:
+    self->busy = 0;
+done:
+    Py_XDECREF(party);
+    Py_XDECREF(head);
+    Py_XDECREF(ru);
+    Py_XDECREF(retr);
+    Py_XDECREF(udp);
+    Py_XDECREF(setup.slow);
+    Py_XDECREF(answer.slow);
+    Py_XDECREF(duration.slow);
+    return result;
+}
+
+static PyObject *encoder_tx(Encoder *self, PyObject *t)
+{
+    return tx_fast(self, t);
+}
+
+static PyObject *encoder_call(Encoder *self, PyObject *t)
+{
+    return call_fast(self, t);
+}
+
+/* one item of a frame onto pbs/lines; 1 when it failed with an Exception (counted), 0 when
+ * appended, -1 on an error that must propagate (not an Exception, e.g. KeyboardInterrupt) */
+static int frame_item(Encoder *self, PyObject *t, PyObject *pbs, PyObject *lines)
+{
+    PyObject *got = NULL;
+    long kind = -1;
+    if (PyTuple_CheckExact(t) && PyTuple_GET_SIZE(t) > 0 && PyLong_CheckExact(PyTuple_GET_ITEM(t, 0))) {
+        kind = PyLong_AsLong(PyTuple_GET_ITEM(t, 0));
+        if (kind == -1 && PyErr_Occurred())
+            PyErr_Clear(); /* a huge kind: the Python loop below */
+    }
+    if (kind == 0 && PyTuple_GET_SIZE(t) == 20) {
+        got = tx_fast(self, t);
+    } else if (kind == 1 && PyTuple_GET_SIZE(t) == 19 && PyTuple_GET_ITEM(t, 18) == Py_None) {
+        got = call_fast(self, t);
+    } else {
+        /* anything else (leg groups, odd shapes): the Python loop on this one item */
+        PyObject *one = PyTuple_Pack(1, t);
+        if (one == NULL)
+            return -1;
+        PyObject *args[3] = {one, pbs, lines};
+        PyObject *n = PyObject_Vectorcall(self->ref[R_ENCODE_PY], args, 3, NULL);
+        Py_DECREF(one);
+        if (n == NULL)
+            return -1;
+        long k = PyLong_AsLong(n);
+        Py_DECREF(n);
+        return k == -1 && PyErr_Occurred() ? -1 : (int)k;
+    }
+    if (got == NULL)
+        return PyErr_ExceptionMatches(PyExc_Exception) ? (PyErr_Clear(), 1) : -1;
+    if (!PyTuple_CheckExact(got) || PyTuple_GET_SIZE(got) != 2) {
+        Py_DECREF(got);
+        return 1;
+    }
+    int rc = PyList_Append(pbs, PyTuple_GET_ITEM(got, 0)) < 0 || PyList_Append(lines, PyTuple_GET_ITEM(got, 1)) < 0;
+    Py_DECREF(got);
+    return rc ? -1 : 0;
+}
+
+static PyObject *encoder_frame(Encoder *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "frame(tuples, pbs, lines) takes 3 arguments");
+        return NULL;
+    }
+    PyObject *tuples = args[0], *pbs = args[1], *lines = args[2];
+    if (!PyList_Check(tuples) || !PyList_Check(pbs) || !PyList_Check(lines)) {
+        PyErr_SetString(PyExc_TypeError, "frame(tuples, pbs, lines) takes three lists");
+        return NULL;
+    }
+    Py_ssize_t failed = 0;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(tuples); i++) {
+        PyObject *t = PyList_GET_ITEM(tuples, i);
+        Py_INCREF(t);
+        int k = frame_item(self, t, pbs, lines);
+        Py_DECREF(t);
+        if (k < 0)
+            return NULL;
+        failed += k;
+    }
+    return PyLong_FromSsize_t(failed);
+}
+
+static PyMethodDef encoder_methods[] = {
+    {"tx", (PyCFunction)encoder_tx, METH_O, "tx(t) -> SpanEncoder.tx_flat(t): (pb, json) of a transaction span"},
+    {"call", (PyCFunction)encoder_call, METH_O, "call(t) -> SpanEncoder.call_flat(t): (pb, json) of a call span"},
+    {"frame", (PyCFunction)(void (*)(void))encoder_frame, METH_FASTCALL,
+     "frame(tuples, pbs, lines) -> SpanEncoder.encode_py: the spans of a frame appended, failures counted"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject EncoderType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "sipwatch._otlpenc.Encoder",
+    .tp_basicsize = sizeof(Encoder),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "Encoder(span_encoder): the C assembly of span_encoder's common spans, over its caches",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)encoder_init,
+    .tp_dealloc = (destructor)encoder_dealloc,
+    .tp_traverse = (traverseproc)encoder_traverse,
+    .tp_clear = (inquiry)encoder_clear,
+    .tp_methods = encoder_methods,
+};
+
+static struct PyModuleDef otlpenc_module = {
+    PyModuleDef_HEAD_INIT, "_otlpenc",
+    "C assembly of the span worker's common OTLP spans (protobuf and OTLP/JSON).", -1, NULL,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__otlpenc(void)
+{
+    if (PyType_Ready(&EncoderType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&otlpenc_module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&EncoderType);
+    if (PyModule_AddObject(m, "Encoder", (PyObject *)&EncoderType) < 0) {
+        Py_DECREF(&EncoderType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

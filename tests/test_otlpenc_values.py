@@ -1,0 +1,266 @@
+"""The C span assembly (sipwatch/_otlpenc.c) gives what the Python encoder gives, byte for byte.
+
+``SpanEncoder`` runs ``tx_flat``/``call_flat``/``encode`` in C when the extension is built; the
+Python methods (``tx_flat_py``, ``call_flat_py``, ``encode_py``) stay the reference, checked
+against the SDK in test_otlp_encode.py. Here an encoder with C and one without get the same
+record tuples, generated from what the proxy sends and bent in every field: hostile header
+text (not UTF-8, control characters, quotes, huge), ids and times at and past their ranges,
+figures that round or format unusually, odd events and peers, and fields of the wrong type.
+Both must give the same bytes, or both raise the same exception. A frame of such tuples must
+give the same spans and the same count of failures, and no reference may be kept.
+"""
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from sipwatch import __version__, otlp_encode
+from sipwatch.masking import CallIdMasker
+from sipwatch.otlp_encode import SpanEncoder
+
+pytestmark = pytest.mark.skipif(otlp_encode._otlpenc is None, reason="the C extension sipwatch._otlpenc is not built")
+
+RESOURCE = {"service.name": "sipwatch", "sipwatch.role": "proxy"}
+SETTINGS = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                          HealthCheck.data_too_large])
+T0 = 1_764_500_000.123456
+
+PIECES = [b'"', b"\\", b"\x00", b"\x01", b"\x08", b"\t", b"\n", b"\x0b", b"\x0c", b"\r", b"\x1f", b"\x7f", b"\x80",
+          b"\xff", b"\xc3\xa9", b"\xe2\x80\xa8", b"\xed\xa0\x80", b"\xf0\x9f\x98\x80", b"<", b">", b";tag=", b"sip:",
+          b"tel:", b"+4930123456789", b"@", b"10.0.0.1", b":5060", b"/", b"a", b" "]
+TEXT = st.one_of(
+    st.lists(st.sampled_from(PIECES), max_size=16).map(b"".join),
+    st.binary(max_size=24),
+    st.tuples(st.sampled_from(PIECES), st.integers(1, 5000)).map(lambda t: t[0] * t[1]),  # floods
+)
+STR = st.one_of(st.text(max_size=12), TEXT.map(lambda b: b.decode("utf-8", "replace")),
+                st.sampled_from(["udp", "tcp", "10.0.0.1", "::1", "INVITE"]))
+def rarely(unusual, usual, p: int = 12):
+    """``usual``, or about once in ``p`` draws ``unusual`` (one_of would take each half the time)."""
+    return st.integers(0, p - 1).flatmap(lambda i: unusual if i == p // 2 else usual)
+
+
+ODD = st.sampled_from([None, True, False, -1, 0, 1.5, "x", b"x", (), [], (1,), [1, 2], {"a": 1}, 2**64, -(2**70)])
+ID64 = rarely(st.sampled_from([0, 1, 2**64 - 1, 2**64, -1, True]), st.integers(0, 2**64 - 1), 8)
+ID128 = rarely(st.sampled_from([0, 1, 2**128 - 1, 2**128, -1, True]), st.integers(0, 2**128 - 1), 8)
+TIME = rarely(st.one_of(st.floats(allow_nan=True, allow_infinity=True),
+                        st.sampled_from([0.0, -0.0, -1e-10, -0.9e-9, 1.8446744073709552e10, 1.9e10, 1e-9, 5e-324])),
+              st.floats(T0, T0 + 100))
+DELTA = st.one_of(st.floats(0, 10), st.floats(-1e-3, 1e-3), st.floats(allow_nan=False, allow_infinity=False),
+                  st.sampled_from([0.0005, 0.0015, 0.0000004999, 1e-7, 5e-5, 2.5e-4, 123456.7895, 1e12, 1e9, -2e-4]))
+STATUS = st.one_of(st.sampled_from([0, 100, 180, 183, 199, 200, 202, 486, 500, 503, 603, 699]), st.integers(-5, 2**65))
+PEER = st.one_of(
+    st.tuples(STR, st.integers(0, 65535)),
+    st.tuples(STR, st.integers(0, 65535), st.sampled_from(["udp", "tcp"])),
+    st.tuples(st.tuples(STR, st.integers(0, 65535)), st.tuples(STR, st.integers(0, 65535))),
+)
+GOOD_EVENT = st.tuples(st.one_of(st.sampled_from([100, 180, 183, 200, 486]), STATUS), TIME)
+EVENT = rarely(st.one_of(st.lists(st.one_of(STATUS, TIME), min_size=2, max_size=2),
+                         st.tuples(st.sampled_from([200, 300]), ODD), ODD), GOOD_EVENT)
+
+
+def maybe_odd(strategy, p_odd: int = 24):
+    """``strategy``, or about once in ``p_odd`` draws a value of another type."""
+    return rarely(ODD, strategy, p_odd)
+
+
+@st.composite
+def tx_tuples(draw):
+    t_sent = draw(maybe_odd(TIME))
+    start = t_sent if isinstance(t_sent, float) else T0
+    t_first = draw(maybe_odd(st.one_of(st.none(), DELTA.map(lambda d: start + d))))
+    events = draw(maybe_odd(st.one_of(st.none(), st.lists(EVENT, max_size=4), st.lists(EVENT, max_size=3).map(tuple))))
+    span = draw(maybe_odd(ID64))
+    return (0, draw(maybe_odd(ID128)), span, draw(maybe_odd(st.one_of(ID64, st.sampled_from([0, None])))),
+            draw(maybe_odd(st.one_of(st.sampled_from([b"INVITE", b"BYE", b"ACK", b"OPTIONS"]), TEXT))),
+            draw(maybe_odd(st.integers(0, 2**31))), draw(maybe_odd(st.sampled_from([0, 1]))), draw(maybe_odd(PEER)),
+            draw(maybe_odd(STATUS)), t_sent, t_first, draw(maybe_odd(DELTA.map(lambda d: start + d))),
+            draw(maybe_odd(st.integers(0, 5))), draw(maybe_odd(st.booleans())), events,
+            draw(st.one_of(st.just(span), maybe_odd(ID64))), draw(maybe_odd(st.booleans())),
+            draw(maybe_odd(TEXT)), draw(maybe_odd(TEXT)), draw(maybe_odd(TEXT)))
+
+
+@st.composite
+def call_tuples(draw):
+    t_start = draw(maybe_odd(TIME))
+    start = t_start if isinstance(t_start, float) else T0
+    rel = DELTA.map(lambda d: start + d)
+    t_answer = draw(maybe_odd(st.one_of(st.none(), rel)))
+    rtp = draw(rarely(st.sampled_from([{}, {"rtp.streams": 1, "rtp.mos_min": 4.3}]), st.none()))
+    return (1, draw(maybe_odd(ID128)), draw(maybe_odd(ID64)), draw(maybe_odd(st.one_of(ID64, st.sampled_from([0, None])))),
+            draw(maybe_odd(TEXT)), draw(maybe_odd(TEXT)), draw(maybe_odd(TEXT)), draw(maybe_odd(TEXT)),
+            draw(maybe_odd(st.integers(-1, 6))), draw(maybe_odd(STATUS)), t_start,
+            draw(maybe_odd(st.one_of(st.none(), rel))), t_answer, draw(maybe_odd(rel)), draw(maybe_odd(st.integers(0, 3))),
+            rtp, draw(maybe_odd(st.one_of(st.none(), PEER))), draw(maybe_odd(st.booleans())),
+            draw(rarely(st.just(1), st.none(), 16)))
+
+
+ENCODERS = st.sampled_from(["partial", "none", "full", "digits"])
+
+
+def encoders(mode: str) -> tuple[SpanEncoder, SpanEncoder]:
+    mask = CallIdMasker("digits", b"k") if mode == "digits" else None
+    mode = "partial" if mode == "digits" else mode
+    c = SpanEncoder(RESOURCE, __version__, mode, mask)
+    py = SpanEncoder(RESOURCE, __version__, mode, mask, accelerate=False)
+    assert c.accelerated and not py.accelerated
+    return c, py
+
+
+def outcome(f, t):
+    try:
+        return f(t)
+    except Exception as e:  # noqa: BLE001 - compared with the reference's
+        return type(e)
+
+
+@SETTINGS
+@given(tx_tuples(), ENCODERS)
+def test_tx_spans_are_the_python_bytes(t, mode):
+    c, py = encoders(mode)
+    want = outcome(py.tx_flat_py, t)
+    assert outcome(c.tx_flat, t) == want
+    assert outcome(c.tx_flat, t) == want  # again, from the caches the first call filled
+
+
+@SETTINGS
+@given(call_tuples(), ENCODERS)
+def test_call_spans_are_the_python_bytes(t, mode):
+    c, py = encoders(mode)
+    want = outcome(py.call_flat_py, t)
+    assert outcome(c.call_flat, t) == want
+    assert outcome(c.call_flat, t) == want
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(st.lists(st.one_of(tx_tuples(), call_tuples(), ODD, st.tuples(st.just(2), ODD)), max_size=8), ENCODERS)
+def test_frames_give_the_same_spans_and_failures(tuples, mode):
+    c, py = encoders(mode)
+    got, want = ([], []), ([], [])
+    assert c.encode(tuples, *got) == py.encode_py(tuples, *want)
+    assert got == want
+
+
+def test_figures_are_rounded_and_written_as_python_and_orjson_do():
+    """RTT, setup and answer times (3 places) and durations (6 places) at the edges of the
+    shortcut: ties, tiny and huge values, negative zero, what orjson writes in exponent form."""
+    c, py = encoders("partial")
+    deltas = [0.0, -0.0, 0.0005, 0.0015, 0.0025, 1e-4, 1e-5, 4.9999e-5, 5e-7, 1e-7, 0.1 + 0.2, 2.675, 1.0005,
+              999999999.9999995, 1e9, 1e12 - 0.0005, 1e12, 1e15, 1e16, 1e17, 1e300, -1e300, float("inf"), float("nan")]
+    deltas += [d / 1000 for d in deltas] + [-d for d in deltas]
+    base = (1, 7, 9, 0, b"c", b"<sip:a@b>;tag=1", b"<sip:b@c>", b"sip:b@c", 0, 200)
+    for d in deltas:
+        for t_start in (T0, 0.0, 1.0):
+            call = base + (t_start, t_start + d, t_start + d, t_start + 2 * d, 0, None, None, True, None)
+            assert outcome(c.call_flat, call) == outcome(py.call_flat_py, call), d
+            tx = (0, 7, 11, 9, b"INVITE", 1, 0, ("10.0.0.2", 5060), 200, t_start, t_start + d, t_start + 1.0, 0,
+                  False, [(180, t_start + d)], 9, True, b"c", b"<sip:a@b>;tag=1", b"<sip:b@c>")
+            assert outcome(c.tx_flat, tx) == outcome(py.tx_flat_py, tx), d
+
+
+def test_hostile_header_text_of_any_size():
+    """Call-IDs and URIs with every control byte, quotes, invalid UTF-8 and megabytes of it: the
+    lengths in the protobuf and the JSON escaping are the reference's."""
+    c, py = encoders("none")
+    every = bytes(range(256))
+    for text in (every, every * 64, b'"\\' * 70000, b"\xff" * 100000, b"x" * 16383, b"x" * 16384, b"x" * 2097152):
+        tx = (0, 5, 6, 0, text, 1, 0, (text.decode("latin-1"), 5060), 200, T0, T0 + 0.5, T0 + 1.0, 1, False,
+              [(183, T0 + 0.1)], 6, False, text, text, text)
+        call = (1, 5, 7, 0, text, text, text, text, 2, 486, T0, None, None, T0 + 1, 0, None, (text.decode("latin-1"), 1, "tcp"), True, None)
+        assert outcome(c.tx_flat, tx) == outcome(py.tx_flat_py, tx)
+        assert outcome(c.call_flat, call) == outcome(py.call_flat_py, call)
+
+
+def test_refused_shapes_raise_and_are_counted():
+    """What the proxy never sends raises TypeError/ValueError (or what Python raises for it) and
+    is counted by a frame, which goes on with the next tuple."""
+    c, _ = encoders("partial")
+    good = (0, 5, 6, 0, b"BYE", 2, 1, ("10.0.0.1", 5060), 200, T0, T0 + 0.1, T0 + 0.1, 0, False, [], 6, True,
+            b"c", b"f", b"t")
+    with pytest.raises((ValueError, struct.error)):
+        c.tx_flat(good[:9] + (-1.0,) + good[10:])  # a time before 1970: no unsigned nanoseconds
+    with pytest.raises(TypeError):
+        c.tx_flat(good[:5] + ([1],) + good[6:])  # unhashable: not a CSeq
+    with pytest.raises((TypeError, ValueError)):
+        c.tx_flat(good[:-1])
+    pbs, lines = [], []
+    assert c.encode([good, (0,), "x", None, good[:9] + (float("nan"),) + good[10:], good], pbs, lines) == 4
+    assert len(pbs) == len(lines) == 2 and pbs[0] == pbs[1]
+    with pytest.raises(TypeError):
+        c.encode((good,), pbs, lines)
+
+
+def test_no_reference_or_memory_is_kept():
+    """Refcounts of a frame's values are back where they were after many encodings (the C path,
+    its Python fallbacks and its errors), and memory does not grow with the number of spans."""
+    import gc
+    import sys
+    import tracemalloc
+    c, _ = encoders("partial")
+    cid, frm, to, ruri = b"call-" + b"7" * 40, b"<sip:+4930123@h>;tag=x" * 2, b"<sip:+4940987@h>" * 2, b"sip:+49@h" * 2
+    events = [(100, T0 + 0.001), (180, T0 + 0.01), (200, T0 + 0.02)]
+    peer = ("10.0.0.2", 5060)
+    frame = [(0, 12345678901234567890, 11, 22, b"INVITE", 1, 0, peer, 200, T0, T0 + 0.001, T0 + 0.02, 1, False,
+              events, 22, True, cid, frm, to),
+             (0, 12345678901234567890, 12, 22, b"BYE", 2, 1, peer, 503, T0 + 1, None, T0 + 1.1, 0, False, None, 22,
+              False, cid, frm, to),
+             (1, 12345678901234567890, 22, 0, cid, frm, to, ruri, 0, 200, T0, T0 + 0.01, T0 + 0.02, T0 + 1.5, 2,
+              None, peer, True, None),
+             (1, 12345678901234567890, 23, 5, cid, frm, to, ruri, 0, 200, T0, None, None, T0 + 1.5, 0,
+              {"rtp.streams": 2}, peer, True, None),
+             (0, -1, 11, 22, b"INVITE", 1, 0, peer, 200, -5.0, None, T0, 0, False, None, 22, True, cid, frm, to),
+             (0, 1, 11, 22, [b"unhashable"], 1, 0, peer, 200, T0, None, T0, 0, False, None, 22, True, cid, frm, to)]
+    for _ in range(3):
+        c.encode(frame, [], [])
+    gc.collect()
+    watched = [cid, frm, to, ruri, events, peer, *frame]
+    before = [sys.getrefcount(x) for x in watched]
+    tracemalloc.start()
+    start = tracemalloc.get_traced_memory()[0]
+    for _ in range(600):
+        pbs, lines = [], []
+        assert c.encode(frame, pbs, lines) == 2
+        for t in frame[:4]:
+            (c.tx_flat if t[0] == 0 else c.call_flat)(t)
+    del pbs, lines, t
+    gc.collect()
+    grown = tracemalloc.get_traced_memory()[0] - start
+    tracemalloc.stop()
+    assert [sys.getrefcount(x) for x in watched] == before
+    assert grown < 64_000, grown  # (an object kept per span: 4800 objects, well over 64 kB)
+
+
+def test_the_encoder_and_its_c_part_are_collected():
+    """The C part holds the encoder's methods and the encoder holds the C part: a cycle the
+    collector must be able to break (the tests make many encoders)."""
+    import gc
+    import weakref
+    c, _ = encoders("partial")
+    ref = weakref.ref(c)
+    del c
+    gc.collect()
+    assert ref() is None
+
+
+def test_the_proxy_records_take_the_c_path():
+    """The tuples the proxy sends (its Tracker's records, a call's parent None or 0) are
+    assembled in C, not handed back to the Python methods (which fail here if called)."""
+    from test_otlp_encode import proxy_records
+
+    from sipwatch import _otlpenc
+    from sipwatch.otlp_encode import call_tuple, tx_tuple
+
+    enc = SpanEncoder(RESOURCE, __version__, "partial", CallIdMasker("digits", b"k"), accelerate=False)
+
+    def refuse(*args):
+        raise AssertionError(f"Python path taken for {args[0]!r}")
+    enc.tx_flat_py = enc.call_flat_py = enc.encode_py = refuse
+    c = _otlpenc.Encoder(enc)
+    tuples = [call_tuple(o) if k == "call" else tx_tuple(o) for k, o in proxy_records()
+              if k == "tx" or o.is_call]
+    tuples += [t[:3] + (None,) + t[4:] for t in tuples if t[0] == 1]
+    pbs, lines = [], []
+    assert c.frame(tuples, pbs, lines) == 0 and len(pbs) == len(tuples)
+    assert len({t[0] for t in tuples}) == 2
