@@ -959,6 +959,283 @@ sipscan_serialize(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return out;
 }
 
+/* ---- BLAKE2b (RFC 7693) for the proxy's MACs ------------------------------------------------
+ * The core computes two or three short keyed BLAKE2b digests per forwarded request (loop hash,
+ * branch MAC, Record-Route MAC). Through hashlib each is a copy of a keyed object, a join of the
+ * parts, an update, a digest and a hexlify: five calls and four objects around one or two
+ * compressions. Here a prepared state (the chaining value after the key block) and the parts go
+ * in, the hex digest of the parts joined by a separator comes out, in one call. The digests are
+ * exactly hashlib.blake2b's (the tests compare them over many lengths and keys). */
+static const uint64_t b2_iv[8] = {
+    0x6a09e667f3bcc908ULL, 0xbb67ae8584caa73bULL, 0x3c6ef372fe94f82bULL, 0xa54ff53a5f1d36f1ULL,
+    0x510e527fade682d1ULL, 0x9b05688c2b3e6c1fULL, 0x1f83d9abfb41bd6bULL, 0x5be0cd19137e2179ULL,
+};
+
+static const uint8_t b2_sigma[12][16] = {
+    {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15},
+    {14, 10, 4, 8, 9, 15, 13, 6, 1, 12, 0, 2, 11, 7, 5, 3},
+    {11, 8, 12, 0, 5, 2, 15, 13, 10, 14, 3, 6, 7, 1, 9, 4},
+    {7, 9, 3, 1, 13, 12, 11, 14, 2, 6, 5, 10, 4, 0, 15, 8},
+    {9, 0, 5, 7, 2, 4, 10, 15, 14, 1, 11, 12, 6, 8, 3, 13},
+    {2, 12, 6, 10, 0, 11, 8, 3, 4, 13, 7, 5, 15, 14, 1, 9},
+    {12, 5, 1, 15, 14, 13, 4, 10, 0, 7, 6, 3, 9, 2, 8, 11},
+    {13, 11, 7, 14, 12, 1, 3, 9, 5, 0, 15, 4, 8, 6, 2, 10},
+    {6, 15, 14, 9, 11, 3, 0, 8, 12, 2, 13, 7, 1, 4, 10, 5},
+    {10, 2, 8, 4, 7, 6, 1, 5, 15, 11, 9, 14, 3, 12, 13, 0},
+    {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15},
+    {14, 10, 4, 8, 9, 15, 13, 6, 1, 12, 0, 2, 11, 7, 5, 3},
+};
+
+static inline uint64_t b2_rotr(uint64_t x, int n)
+{
+    return (x >> n) | (x << (64 - n));
+}
+
+static inline uint64_t b2_load(const unsigned char *p)
+{
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--)
+        v = (v << 8) | p[i];
+    return v;  /* (compilers make this one load on little-endian machines) */
+}
+
+#define B2_G(a, b, c, d, x, y)                 \
+    do {                                       \
+        v[a] = v[a] + v[b] + (x);              \
+        v[d] = b2_rotr(v[d] ^ v[a], 32);       \
+        v[c] = v[c] + v[d];                    \
+        v[b] = b2_rotr(v[b] ^ v[c], 24);       \
+        v[a] = v[a] + v[b] + (y);              \
+        v[d] = b2_rotr(v[d] ^ v[a], 16);       \
+        v[c] = v[c] + v[d];                    \
+        v[b] = b2_rotr(v[b] ^ v[c], 63);       \
+    } while (0)
+
+/* RFC 7693 §3.2: compress one 128-byte block into h; t is the byte count so far (< 2**64 here) */
+static void b2_compress(uint64_t h[8], const unsigned char block[128], uint64_t t, int last)
+{
+    uint64_t m[16], v[16];
+    for (int i = 0; i < 16; i++)
+        m[i] = b2_load(block + 8 * i);
+    for (int i = 0; i < 8; i++) {
+        v[i] = h[i];
+        v[i + 8] = b2_iv[i];
+    }
+    v[12] ^= t;
+    if (last)
+        v[14] = ~v[14];
+    /* the rounds written out, so every message word index is a constant */
+#define B2_ROUND(r)                                                    \
+    do {                                                               \
+        B2_G(0, 4, 8, 12, m[b2_sigma[r][0]], m[b2_sigma[r][1]]);      \
+        B2_G(1, 5, 9, 13, m[b2_sigma[r][2]], m[b2_sigma[r][3]]);      \
+        B2_G(2, 6, 10, 14, m[b2_sigma[r][4]], m[b2_sigma[r][5]]);     \
+        B2_G(3, 7, 11, 15, m[b2_sigma[r][6]], m[b2_sigma[r][7]]);     \
+        B2_G(0, 5, 10, 15, m[b2_sigma[r][8]], m[b2_sigma[r][9]]);     \
+        B2_G(1, 6, 11, 12, m[b2_sigma[r][10]], m[b2_sigma[r][11]]);   \
+        B2_G(2, 7, 8, 13, m[b2_sigma[r][12]], m[b2_sigma[r][13]]);    \
+        B2_G(3, 4, 9, 14, m[b2_sigma[r][14]], m[b2_sigma[r][15]]);    \
+    } while (0)
+    B2_ROUND(0); B2_ROUND(1); B2_ROUND(2); B2_ROUND(3); B2_ROUND(4); B2_ROUND(5);
+    B2_ROUND(6); B2_ROUND(7); B2_ROUND(8); B2_ROUND(9); B2_ROUND(10); B2_ROUND(11);
+#undef B2_ROUND
+    for (int i = 0; i < 8; i++)
+        h[i] ^= v[i] ^ v[i + 8];
+}
+
+/* A prepared state as bytes: h[8] (little-endian words), then the byte count t (8 bytes), then
+ * the digest size (1 byte). */
+#define B2_STATE_SIZE 73
+
+static void b2_store(unsigned char *p, uint64_t v)
+{
+    for (int i = 0; i < 8; i++)
+        p[i] = (unsigned char)(v >> (8 * i));
+}
+
+/* blake2b_state(key, digest_size) -> the state mac_hex continues from: BLAKE2b's parameter block
+ * for that digest size and key length, and the key block compressed when there is a key */
+static PyObject *
+sipscan_blake2b_state(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (arg_count(nargs, 2, "blake2b_state(key, digest_size) takes 2 arguments") < 0 ||
+            need_bytes(args[0], "key") < 0)
+        return NULL;
+    const Py_ssize_t klen = PyBytes_GET_SIZE(args[0]);
+    const long outlen = PyLong_AsLong(args[1]);
+    if (outlen == -1 && PyErr_Occurred())
+        return NULL;
+    if (klen > 64 || outlen < 1 || outlen > 64) {
+        PyErr_SetString(PyExc_ValueError, "key of at most 64 bytes, digest_size 1-64");
+        return NULL;
+    }
+    uint64_t h[8];
+    memcpy(h, b2_iv, sizeof h);
+    h[0] ^= 0x01010000ULL ^ ((uint64_t)klen << 8) ^ (uint64_t)outlen;
+    uint64_t t = 0;
+    if (klen) {
+        unsigned char block[128] = {0};
+        memcpy(block, PyBytes_AS_STRING(args[0]), (size_t)klen);
+        t = 128;
+        b2_compress(h, block, t, 0);
+    }
+    unsigned char out[B2_STATE_SIZE];
+    for (int i = 0; i < 8; i++)
+        b2_store(out + 8 * i, h[i]);
+    b2_store(out + 64, t);
+    out[72] = (unsigned char)outlen;
+    return PyBytes_FromStringAndSize((const char *)out, B2_STATE_SIZE);
+}
+
+/* mac_hex(state, sep, parts) -> hex of the BLAKE2b digest of sep.join(parts), continued from a
+ * state of blake2b_state; None when the parts are empty (then hashlib must do it: a keyed digest
+ * of nothing compresses the key block as the last one) */
+static PyObject *
+sipscan_mac_hex(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (arg_count(nargs, 3, "mac_hex(state, sep, parts) takes 3 arguments") < 0 ||
+            need_bytes(args[0], "state") < 0 || need_bytes(args[1], "sep") < 0)
+        return NULL;
+    PyObject *parts = args[2];
+    if (!PyTuple_Check(parts) && !PyList_Check(parts)) {
+        PyErr_SetString(PyExc_TypeError, "parts must be a tuple or a list");
+        return NULL;
+    }
+    if (PyBytes_GET_SIZE(args[0]) != B2_STATE_SIZE) {
+        PyErr_SetString(PyExc_ValueError, "not a blake2b_state");
+        return NULL;
+    }
+    const unsigned char *st = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+    uint64_t h[8];
+    for (int i = 0; i < 8; i++)
+        h[i] = b2_load(st + 8 * i);
+    uint64_t t = b2_load(st + 64);
+    const int outlen = st[72];
+    if (outlen < 1 || outlen > 64) {
+        PyErr_SetString(PyExc_ValueError, "not a blake2b_state");
+        return NULL;
+    }
+    const char *sep = PyBytes_AS_STRING(args[1]);
+    const Py_ssize_t sep_len = PyBytes_GET_SIZE(args[1]);
+    PyObject **items = PySequence_Fast_ITEMS(parts);
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(parts);
+    unsigned char block[128];
+    size_t fill = 0;  /* bytes in block; a full block is compressed only once more bytes follow */
+    for (Py_ssize_t k = 0; k < n; k++) {
+        if (need_bytes(items[k], "each part") < 0)
+            return NULL;
+        for (int piece = (k == 0); piece < 2; piece++) {
+            const char *p = piece ? PyBytes_AS_STRING(items[k]) : sep;
+            size_t len = (size_t)(piece ? PyBytes_GET_SIZE(items[k]) : sep_len);
+            while (len) {
+                if (fill == 128) {
+                    t += 128;
+                    b2_compress(h, block, t, 0);
+                    fill = 0;
+                }
+                size_t take = 128 - fill < len ? 128 - fill : len;
+                memcpy(block + fill, p, take);
+                fill += take;
+                p += take;
+                len -= take;
+            }
+        }
+    }
+    if (fill == 0)
+        Py_RETURN_NONE;
+    memset(block + fill, 0, 128 - fill);
+    t += fill;
+    b2_compress(h, block, t, 1);
+    unsigned char digest[64];
+    for (int i = 0; i < 8; i++)
+        b2_store(digest + 8 * i, h[i]);
+    static const char hexdigits[] = "0123456789abcdef";
+    PyObject *out = PyBytes_FromStringAndSize(NULL, 2 * (Py_ssize_t)outlen);
+    if (out == NULL)
+        return NULL;
+    char *d = PyBytes_AS_STRING(out);
+    for (int i = 0; i < outlen; i++) {
+        d[2 * i] = hexdigits[digest[i] >> 4];
+        d[2 * i + 1] = hexdigits[digest[i] & 15];
+    }
+    return out;
+}
+
+/* hex_join(head, value, digits, tail) -> head + b"%0{digits}x" % value + tail, for 0 <= value <
+ * 16**digits and digits 1-32; None for any other value (the caller formats it itself). The
+ * trace header's ids: bytes % formatting of an int goes through a str and costs more than the
+ * rest of the line. */
+static PyObject *
+sipscan_hex_join(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (arg_count(nargs, 4, "hex_join(head, value, digits, tail) takes 4 arguments") < 0 ||
+            need_bytes(args[0], "head") < 0 || need_bytes(args[3], "tail") < 0)
+        return NULL;
+    PyObject *value = args[1];
+    if (!PyLong_Check(value)) {
+        PyErr_SetString(PyExc_TypeError, "value must be an int");
+        return NULL;
+    }
+    const long digits = PyLong_AsLong(args[2]);
+    if (digits == -1 && PyErr_Occurred())
+        return NULL;
+    if (digits < 1 || digits > 32 || Py_SIZE(value) < 0)
+        Py_RETURN_NONE;
+    /* the value as two 64-bit halves; more digits than asked for: None */
+    uint64_t lo, hi = 0;
+    if (digits <= 16) {
+        lo = (uint64_t)PyLong_AsUnsignedLongLong(value);
+        if (lo == (uint64_t)-1 && PyErr_Occurred()) {
+            if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+                return NULL;
+            PyErr_Clear();
+            Py_RETURN_NONE;
+        }
+        if (digits < 16 && (lo >> (4 * digits)) != 0)
+            Py_RETURN_NONE;
+    }
+    else {
+        lo = (uint64_t)PyLong_AsUnsignedLongLongMask(value);
+        if (lo == (uint64_t)-1 && PyErr_Occurred())
+            return NULL;
+        PyObject *shift = PyLong_FromLong(64);
+        if (shift == NULL)
+            return NULL;
+        PyObject *high = PyNumber_Rshift(value, shift);
+        Py_DECREF(shift);
+        if (high == NULL)
+            return NULL;
+        hi = (uint64_t)PyLong_AsUnsignedLongLong(high);
+        Py_DECREF(high);
+        if (hi == (uint64_t)-1 && PyErr_Occurred()) {
+            if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+                return NULL;
+            PyErr_Clear();
+            Py_RETURN_NONE;
+        }
+        if (digits < 32 && (hi >> (4 * (digits - 16))) != 0)
+            Py_RETURN_NONE;
+    }
+    const Py_ssize_t hlen = PyBytes_GET_SIZE(args[0]), tlen = PyBytes_GET_SIZE(args[3]);
+    PyObject *out = PyBytes_FromStringAndSize(NULL, hlen + digits + tlen);
+    if (out == NULL)
+        return NULL;
+    char *d = PyBytes_AS_STRING(out);
+    memcpy(d, PyBytes_AS_STRING(args[0]), (size_t)hlen);
+    static const char hexdigits[] = "0123456789abcdef";
+    char *x = d + hlen;
+    for (long i = 0; i < digits; i++) {
+        const long shift = 4 * (digits - 1 - i);
+        const uint64_t word = shift >= 64 ? hi : lo;
+        x[i] = hexdigits[(word >> (shift & 63)) & 15];
+    }
+    memcpy(x + digits, PyBytes_AS_STRING(args[3]), (size_t)tlen);
+    return out;
+}
+
 static PyMethodDef sipscan_methods[] = {
     {"serialize", (PyCFunction)(void (*)(void))sipscan_serialize, METH_FASTCALL,
      "serialize(start, lines, body) -> SipMessage.to_bytes of those parts, or None when one is not bytes"},
@@ -985,6 +1262,14 @@ static PyMethodDef sipscan_methods[] = {
      "cseq(value) -> (number, METHOD) as SipMessage.cseq, or None where that raises"},
     {"via", (PyCFunction)sipscan_via, METH_O,
      "via(value) -> (transport, host, port, params) of a plain Via value, or None"},
+    {"blake2b_state", (PyCFunction)(void (*)(void))sipscan_blake2b_state, METH_FASTCALL,
+     "blake2b_state(key, digest_size) -> the prepared BLAKE2b state mac_hex continues from"},
+    {"hex_join", (PyCFunction)(void (*)(void))sipscan_hex_join, METH_FASTCALL,
+     "hex_join(head, value, digits, tail) -> head + b'%0{digits}x' % value + tail, or None when\n"
+     "value is negative or needs more digits (digits 1-32)"},
+    {"mac_hex", (PyCFunction)(void (*)(void))sipscan_mac_hex, METH_FASTCALL,
+     "mac_hex(state, sep, parts) -> hexlify(blake2b(sep.join(parts)).digest()) from a\n"
+     "blake2b_state (its key and digest size), or None when sep.join(parts) is empty"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -162,7 +162,7 @@ class Call:
         self.gap_start = 0.0
         self.gap_parent = 0  # the named leg's call span: parent of this leg's call and B2BUA spans
         self.corr_keys: list[bytes] | None = None  # correlation index keys that name this call
-        # (trace id, the trace header line up to the span id) for the core's stamping
+        # (trace id, the trace header line up to the span id and its dash) for the core's stamping
         self.trace_hex: tuple[int, bytes] | None = None
 
     def let_go(self) -> None:
@@ -800,12 +800,13 @@ class Tracker:
                                     self._call_long, self._call_linger))
 
 
-def _push(q: DeadlineQueue, obj, deadline: float) -> None:
-    """Schedule ``obj`` (a Transaction or Call) at ``deadline``; its earlier entry goes stale."""
-    e = (deadline, obj, next(_TOKENS))
-    obj.deadline = deadline
-    obj.qentry = e[2]
-    q.append(e)
+def _push(q: DeadlineQueue[Call], call: Call, deadline: float) -> None:
+    """Schedule ``call`` at ``deadline``; its earlier entry goes stale. (Typed as a Call, the
+    attribute stores are direct slot writes when compiled.)"""
+    token = next(_TOKENS)
+    call.deadline = deadline
+    call.qentry = token
+    q.append((deadline, call, token))
 
 
 def _pending(e, txs) -> bool:
