@@ -826,6 +826,117 @@ sipscan_cseq(PyObject *module, PyObject *value)
     return out;
 }
 
+/* request_fields(lines, names)
+ *   -> (via_i, via_value, more_vias, call_id, cseq_number, CSEQ_METHOD, from_value, to_value,
+ *       from_tag, to_tag, max_forwards_i, route_i) or None
+ * What the proxy reads of every request, in one pass over the names: the first Via line's index
+ * and value and whether another Via line follows, Call-ID, CSeq (as SipMessage.cseq), From and To
+ * (first of each, as SipMessage.get) with their tags (as header_tag), and the index of the
+ * first Max-Forwards and Route line (-1: none). None when one of Via, Call-ID (or it is empty),
+ * CSeq (or SipMessage.cseq raises for it), From, To is missing, or a name is not bytes: the
+ * caller then reads them one by one and raises as it always did. */
+static PyObject *
+sipscan_request_fields(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (arg_count(nargs, 2, "request_fields(lines, names) takes 2 arguments") < 0 ||
+            list_arg(args[0], "lines") < 0 || list_arg(args[1], "names") < 0)
+        return NULL;
+    PyObject *lines = args[0], *names = args[1];
+    const Py_ssize_t n = PyList_GET_SIZE(names);
+    if (PyList_GET_SIZE(lines) < n)
+        Py_RETURN_NONE;
+    Py_ssize_t via = -1, via2 = -1, cid = -1, cseq = -1, from = -1, to = -1, mf = -1, route = -1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PyList_GET_ITEM(names, i);
+        if (!PyBytes_CheckExact(item))
+            Py_RETURN_NONE;
+        const char *s = PyBytes_AS_STRING(item);
+        switch (PyBytes_GET_SIZE(item)) {
+        case 2:
+            if (to < 0 && memcmp(s, "to", 2) == 0)
+                to = i;
+            break;
+        case 3:
+            if (memcmp(s, "via", 3) == 0) {
+                if (via < 0)
+                    via = i;
+                else if (via2 < 0)
+                    via2 = i;
+            }
+            break;
+        case 4:
+            if (cseq < 0 && memcmp(s, "cseq", 4) == 0)
+                cseq = i;
+            else if (from < 0 && memcmp(s, "from", 4) == 0)
+                from = i;
+            break;
+        case 5:
+            if (route < 0 && memcmp(s, "route", 5) == 0)
+                route = i;
+            break;
+        case 7:
+            if (cid < 0 && memcmp(s, "call-id", 7) == 0)
+                cid = i;
+            break;
+        case 12:
+            if (mf < 0 && memcmp(s, "max-forwards", 12) == 0)
+                mf = i;
+            break;
+        }
+    }
+    if (via < 0 || cid < 0 || cseq < 0 || from < 0 || to < 0)
+        Py_RETURN_NONE;
+    PyObject *via_value = NULL, *call_id = NULL, *cseq_value = NULL, *cseq_parts = NULL;
+    PyObject *from_value = NULL, *to_value = NULL, *from_tag = NULL, *to_tag = NULL;
+    PyObject *result = NULL;
+    if ((call_id = line_value(PyList_GET_ITEM(lines, cid))) == NULL)
+        goto done;
+    if (PyBytes_GET_SIZE(call_id) == 0) {
+        result = Py_None;
+        Py_INCREF(result);
+        goto done;
+    }
+    if ((cseq_value = line_value(PyList_GET_ITEM(lines, cseq))) == NULL ||
+            (cseq_parts = sipscan_cseq(NULL, cseq_value)) == NULL)
+        goto done;
+    if (cseq_parts == Py_None) {
+        result = Py_None;
+        Py_INCREF(result);
+        goto done;
+    }
+    if ((via_value = line_value(PyList_GET_ITEM(lines, via))) == NULL ||
+            (from_value = line_value(PyList_GET_ITEM(lines, from))) == NULL ||
+            (to_value = line_value(PyList_GET_ITEM(lines, to))) == NULL ||
+            (from_tag = sipscan_header_tag(NULL, from_value)) == NULL ||
+            (to_tag = sipscan_header_tag(NULL, to_value)) == NULL)
+        goto done;
+    PyObject *via_index = PyLong_FromSsize_t(via), *mf_index = PyLong_FromSsize_t(mf);
+    PyObject *route_index = PyLong_FromSsize_t(route);
+    if (via_index != NULL && mf_index != NULL && route_index != NULL && (result = PyTuple_New(12)) != NULL) {
+        PyObject *items[12] = {via_index, via_value, via2 >= 0 ? Py_True : Py_False, call_id,
+                               PyTuple_GET_ITEM(cseq_parts, 0), PyTuple_GET_ITEM(cseq_parts, 1), from_value,
+                               to_value, from_tag, to_tag, mf_index, route_index};
+        for (int k = 0; k < 12; k++) {
+            Py_INCREF(items[k]);
+            PyTuple_SET_ITEM(result, k, items[k]);
+        }
+    }
+    Py_XDECREF(via_index);
+    Py_XDECREF(mf_index);
+    Py_XDECREF(route_index);
+done:
+    Py_XDECREF(via_value);
+    Py_XDECREF(call_id);
+    Py_XDECREF(cseq_value);
+    Py_XDECREF(cseq_parts);
+    Py_XDECREF(from_value);
+    Py_XDECREF(to_value);
+    Py_XDECREF(from_tag);
+    Py_XDECREF(to_tag);
+    return result;
+}
+
 /* via(value) -> (transport, host, port or None, params) or None: the parts sipmsg.parse_via
  * builds its Via from, for a value spelled "SIP/2.0/<transport> <sent-by>[;params]"; None for
  * any other spelling and wherever parse_via raises. */
@@ -1264,6 +1375,10 @@ static PyMethodDef sipscan_methods[] = {
      "via(value) -> (transport, host, port, params) of a plain Via value, or None"},
     {"blake2b_state", (PyCFunction)(void (*)(void))sipscan_blake2b_state, METH_FASTCALL,
      "blake2b_state(key, digest_size) -> the prepared BLAKE2b state mac_hex continues from"},
+    {"request_fields", (PyCFunction)(void (*)(void))sipscan_request_fields, METH_FASTCALL,
+     "request_fields(lines, names) -> (via_i, via_value, more_vias, call_id, cseq_number, CSEQ_METHOD,\n"
+     "from_value, to_value, from_tag, to_tag, max_forwards_i, route_i), or None when one of Via,\n"
+     "Call-ID, CSeq, From, To is missing or unreadable"},
     {"hex_join", (PyCFunction)(void (*)(void))sipscan_hex_join, METH_FASTCALL,
      "hex_join(head, value, digits, tail) -> head + b'%0{digits}x' % value + tail, or None when\n"
      "value is negative or needs more digits (digits 1-32)"},

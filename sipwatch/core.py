@@ -88,6 +88,9 @@ _TEXT_MEMO_MAX: Final = 4096
 _c_mac_hex: Final[Callable[[bytes, bytes, tuple[bytes, ...]], bytes | None] | None] = \
     _sipscan.mac_hex if _sipscan else None
 _LOOP_STATE: Final[bytes] = _sipscan.blake2b_state(b"", 6) if _sipscan else b""
+_c_request_fields: Final[Callable[[list[bytes], list[bytes]], tuple[
+    int, bytes, bool, bytes, int, bytes, bytes, bytes, bytes | None, bytes | None, int, int] | None] | None] = \
+    _sipscan.request_fields if _sipscan else None
 _c_hex_join: Final[Callable[[bytes, int, int, bytes], bytes | None] | None] = \
     _sipscan.hex_join if _sipscan else None
 
@@ -128,16 +131,18 @@ class Dropped(Exception):
         self.reply = reply
 
 
-_LITERALS: dict[bytes, str | None] = {}
-_LITERALS_MAX = 4096
+# host bytes -> its canonical IP text, or "" for a host that is not an IP literal
+_LITERALS: Final[dict[bytes, str]] = {}
+_LITERALS_MAX: Final = 4096
 
 
 def ip_literal(host: bytes) -> str | None:
     """The canonical text of an IPv4/IPv6 literal (brackets removed), or None for anything
     else: names are never resolved. Memoised (a node talks to few hosts; ``ipaddress`` costs
     about 3 µs a call), in a table that is cleared when full so no input can grow it."""
-    if host in _LITERALS:
-        return _LITERALS[host]
+    known = _LITERALS.get(host)
+    if known is not None:
+        return known or None
     h = host.strip(b"[]")
     ip = None
     if h and len(h) <= 45 and h.isascii():
@@ -147,7 +152,7 @@ def ip_literal(host: bytes) -> str | None:
             pass
     if len(_LITERALS) >= _LITERALS_MAX:
         _LITERALS.clear()
-    _LITERALS[host] = ip
+    _LITERALS[host] = ip or ""
     return ip
 
 
@@ -321,8 +326,11 @@ class ProxyCore:
                     reply: Addr, hop_ip: str) -> bytes:
         """Binds our branch to the transaction (the sender's branch, or its sent-by for
         pre-RFC 3261 senders), the address responses go back to, and the next hop."""
-        b = via.params.get(b"branch")
-        uniq = b if b and b.startswith(b"z9hG4bK") else b"%s:%d" % (via.host, via.port or 5060)
+        b: bytes | None = via.params.get(b"branch")
+        if b is not None and b.startswith(b"z9hG4bK"):
+            uniq = b
+        else:
+            uniq = b"%s:%d" % (via.host, via.port or 5060)
         return self._mac_of((b"b", uniq, call_id, cseq_s, from_tag, self._text(reply[0]),
                              self._text(reply[1]), self._text(hop_ip)))
 
@@ -355,29 +363,44 @@ class ProxyCore:
         if tcp_in:
             stats.requests_tcp[midx * 2 + direction] += 1
         lines, names = msg.lines, msg.names
-        get = msg.get
         is_ack = midx == _ACK
 
-        # (msg.index: one C call per header name asked for, present or not)
-        via_i = msg.index(b"via")
-        if via_i < 0:
-            raise Dropped(DROP_MISSING_HEADER)
-        via_value = msg.value_at(via_i)
+        # every header the proxy reads, in one C call when they are all there and readable;
+        # else one by one below, which raises what is missing as it always did
+        fields = _c_request_fields(lines, names) if _c_request_fields is not None else None
+        if fields is not None:
+            via_i, via_value, more_vias, call_id, cseq_n, cseq_m, from_val, to_val, from_tag_or_none, \
+                to_tag, mf_i, route_i = fields
+        else:
+            # (msg.index: one C call per header name asked for, present or not)
+            via_i = msg.index(b"via")
+            if via_i < 0:
+                raise Dropped(DROP_MISSING_HEADER)
+            via_value = msg.value_at(via_i)
+            more_vias = msg.index(b"via", via_i + 1) >= 0
         # (see _count_vias: commas are what is counted; a shorter value cannot hold that many)
         if len(via_value) >= MAX_VIAS and via_value.count(b",") >= MAX_VIAS:
             raise Dropped(DROP_TOO_MANY_HEADERS)
         via_vals = split_values(via_value, MAX_VIAS)
-        if msg.index(b"via", via_i + 1) >= 0:
+        if more_vias:
             self._count_vias(msg, via_i)
         top = parse_via(via_vals[0])
         top_params = top.params
-        call_id = msg.call_id()
-        cseq_n, cseq_m = msg.cseq()
-        if cseq_m != method.upper():
-            raise Dropped(DROP_MISSING_HEADER)
-        from_val = get(b"from")
-        to_val = get(b"to")
-        if from_val is None or to_val is None:
+        if fields is None:
+            call_id = msg.call_id()
+            cseq_n, cseq_m = msg.cseq()
+            if cseq_m != method.upper():
+                raise Dropped(DROP_MISSING_HEADER)
+            from_val_or_none = msg.get(b"from")
+            to_val_or_none = msg.get(b"to")
+            if from_val_or_none is None or to_val_or_none is None:
+                raise Dropped(DROP_MISSING_HEADER)
+            from_val, to_val = from_val_or_none, to_val_or_none
+            from_tag_or_none = header_tag(from_val)
+            to_tag = header_tag(to_val)
+            mf_i = msg.index(b"max-forwards")
+            route_i = msg.index(b"route")
+        elif cseq_m != method and cseq_m != method.upper():  # (cseq_m is upper case already)
             raise Dropped(DROP_MISSING_HEADER)
         src_ip, src_port = src
         if tcp_in:  # over TCP, responses take the connection: its address is the reply address
@@ -387,8 +410,7 @@ class ProxyCore:
                 self.tcp_alias = (src_ip, top.port)
         # where responses to this request go: the real source (RFC 3261 §18.2.2, RFC 3581)
         reply = (src_ip, src_port) if b"rport" in top_params else (src_ip, top.port or 5060)
-        from_tag = header_tag(from_val) or b""
-        to_tag = header_tag(to_val)
+        from_tag = from_tag_or_none or b""
         has_to_tag = to_tag is not None
         if to_tag is not None:
             if is_ack and to_tag.startswith(b"sw") and \
@@ -404,7 +426,6 @@ class ProxyCore:
             return self._local(msg, top, reply, data, 503, b"Service Unavailable",
                                b"Retry-After: %d" % RETRY_AFTER)
 
-        mf_i = msg.index(b"max-forwards")
         if mf_i >= 0:
             mf = msg.value_at(mf_i)
             hops = _MAX_FORWARDS_VALUES.get(mf, -1)
@@ -419,8 +440,12 @@ class ProxyCore:
 
         cseq_s = _SMALL_DECIMALS[cseq_n] if cseq_n < 4096 else b"%d" % cseq_n
         loop_part = _loop_hash(uri, from_tag, call_id, cseq_s)
-        if data.find(BRANCH_PREFIX + loop_part) >= 0 and data.find(self.adv_hostport) >= 0 and \
-                self._looped(msg, loop_part):  # (two C-level finds rule out almost every request)
+        loop_branch = BRANCH_PREFIX + loop_part + b"."  # how our branch for this request starts
+        # (a single Via value that is not ours cannot be a loop; else two C-level finds rule out
+        # almost every request; with one Via line, only its value can hold our Via)
+        if (more_vias or len(via_vals) > 1 or self._is_me(top.host, top.port)) and \
+                (data if more_vias else via_value).find(loop_branch) >= 0 and \
+                data.find(self.adv_hostport) >= 0 and self._looped(msg, loop_part):
             stats.loops += 1
             return [] if is_ack else self._local(msg, top, reply, data, 482, b"Loop Detected")
 
@@ -428,7 +453,7 @@ class ProxyCore:
         own_sig = None
         next_route = None
         route_tcp = False  # the last of our Route entries removed said transport=tcp
-        if msg.index(b"route") >= 0:
+        if route_i >= 0:
             next_route, own_sig, route_tcp = self._pop_own_routes(msg)
         if from_sig:
             target = next_route if next_route is not None else uri
@@ -477,7 +502,7 @@ class ProxyCore:
         if call is None:
             call = self._new_call(msg, call_id, incoming, now, initial_invite, from_val, to_val, src)
 
-        branch = BRANCH_PREFIX + loop_part + b"." + self._branch_mac(
+        branch = loop_branch + self._branch_mac(
             top, call_id, cseq_s, from_tag, reply, dest[0])
         if is_ack:
             tx = tracker.ack(midx, method, cseq_n, call, now, self._randbits(64) or 1, direction,
