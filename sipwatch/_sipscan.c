@@ -566,6 +566,47 @@ sipscan_index(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return PyLong_FromSsize_t(i);
 }
 
+/* first_of(names, wanted) -> int: the first index of names holding one of the tuple wanted
+ * (compared as index compares), or -1. One pass for "is any of these headers there". */
+static PyObject *
+sipscan_first_of(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (arg_count(nargs, 2, "first_of(names, wanted) takes 2 arguments") < 0 || list_arg(args[0], "names") < 0)
+        return NULL;
+    PyObject *names = args[0], *wanted = args[1];
+    if (!PyTuple_Check(wanted)) {
+        PyErr_SetString(PyExc_TypeError, "wanted must be a tuple");
+        return NULL;
+    }
+    const Py_ssize_t k = PyTuple_GET_SIZE(wanted);
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(names); i++) {
+        PyObject *item = PyList_GET_ITEM(names, i);
+        Py_INCREF(item);
+        for (Py_ssize_t j = 0; j < k; j++) {
+            PyObject *name = PyTuple_GET_ITEM(wanted, j);
+            int r;
+            if (item == name)
+                r = 1;
+            else if (PyBytes_CheckExact(item) && PyBytes_CheckExact(name))
+                r = PyBytes_GET_SIZE(item) == PyBytes_GET_SIZE(name) &&
+                    memcmp(PyBytes_AS_STRING(item), PyBytes_AS_STRING(name), (size_t)PyBytes_GET_SIZE(name)) == 0;
+            else if ((r = PyObject_RichCompareBool(item, name, Py_EQ)) < 0) {
+                Py_DECREF(item);
+                return NULL;
+            }
+            if (r) {
+                Py_DECREF(item);
+                return PyLong_FromSsize_t(i);
+            }
+        }
+        Py_DECREF(item);
+        if (i >= PyList_GET_SIZE(names))
+            break;
+    }
+    return PyLong_FromSsize_t(-1);
+}
+
 /* value(line) -> bytes: SipMessage.value_at of that line */
 static PyObject *
 sipscan_value(PyObject *module, PyObject *line)
@@ -1361,6 +1402,8 @@ static PyMethodDef sipscan_methods[] = {
      "accepts, else None"},
     {"index", (PyCFunction)(void (*)(void))sipscan_index, METH_FASTCALL,
      "index(names, name, start) -> names.index(name, start), or -1 when it is not there"},
+    {"first_of", (PyCFunction)(void (*)(void))sipscan_first_of, METH_FASTCALL,
+     "first_of(names, wanted) -> the first index of names holding one of the tuple wanted, or -1"},
     {"value", (PyCFunction)sipscan_value, METH_O,
      "value(line) -> SipMessage.value_at of that header line"},
     {"get", (PyCFunction)(void (*)(void))sipscan_get, METH_FASTCALL,

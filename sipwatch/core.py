@@ -35,8 +35,8 @@ from hashlib import blake2b
 from typing import Callable, Final
 
 from .sipmsg import (
-    KEEPALIVE_MAX, SipMessage, SipParseError, Via, _sipscan, header_tag, is_sip_keepalive, parse,
-    parse_via, split_values, uri_hostport,
+    KEEPALIVE_MAX, SipMessage, SipParseError, Via, _sipscan, first_of, header_tag, is_sip_keepalive,
+    parse, parse_via, split_values, uri_hostport,
 )
 from .correlation import DEFAULT as DEFAULT_CORRELATION, HEADER_NAMES as CORRELATION_HEADERS, parse_kinds
 from .state import Call, Tracker
@@ -215,7 +215,7 @@ class ProxyCore:
         self.more_trace_headers: list[tuple[bytes, bytes, bool]] = [
             (n.lower(), n, n.lower() == TRACE_ID_HEADER) for n in dict.fromkeys(stamped[1:])
             if n.lower() != lname]
-        self.trace_lookup = tuple(dict.fromkeys(
+        self.trace_lookup: tuple[bytes, ...] = tuple(dict.fromkeys(
             [n.lower() for n in stamped if n.lower() != TRACE_ID_HEADER] + [b"traceparent", b"x-traceparent"]))
         self.trace_lname = lname
         # -- TCP (sipwatch.framing feeds receive_stream; the edge reads out_tcp) ------------
@@ -232,7 +232,7 @@ class ProxyCore:
         self.corr_kinds: tuple[int, ...] = parse_kinds(config.correlation_headers)
         # what a new dialog may carry beyond traceparent: one set test rules all of it out
         self.new_dialog_names = frozenset([CORRELATION_HEADERS[k] for k in self.corr_kinds] + [TRACE_ID_HEADER])
-        self.new_dialog_list: list[bytes] = sorted(self.new_dialog_names)
+        self.new_dialog_list: tuple[bytes, ...] = tuple(sorted(self.new_dialog_names))
 
     # -- entry points ------------------------------------------------------------------
     def receive_datagram(self, data: bytes, addr: Addr, now: float) -> list[tuple[bytes, Addr]]:
@@ -492,13 +492,14 @@ class ProxyCore:
         initial_invite = midx == _INVITE and not has_to_tag
         call = tracker.lookup_call(call_id, initial_invite, cseq_n)
         incoming = None
-        for name in self.trace_lookup:
-            trace_i = msg.index(name)
-            if trace_i >= 0:
-                incoming = parse_traceparent(msg.value_at(trace_i))
-                if incoming is None:
-                    stats.traceparent_invalid += 1
-                break
+        if first_of(names, self.trace_lookup) >= 0:  # (one C call rules them all out)
+            for name in self.trace_lookup:
+                trace_i = msg.index(name)
+                if trace_i >= 0:
+                    incoming = parse_traceparent(msg.value_at(trace_i))
+                    if incoming is None:
+                        stats.traceparent_invalid += 1
+                    break
         if call is None:
             call = self._new_call(msg, call_id, incoming, now, initial_invite, from_val, to_val, src)
 
@@ -641,7 +642,7 @@ class ProxyCore:
         named: Call | None = None
         by = ""
         keys: list[bytes] | None = None
-        if self._has_any(msg, self.new_dialog_list):
+        if first_of(names, self.new_dialog_list) >= 0:
             if is_call and self.corr_kinds:
                 keys = []
                 named, by = self.tracker.correlate(self.corr_kinds, msg, names, call_id, src, keys)
@@ -674,15 +675,6 @@ class ProxyCore:
             for k in keys:
                 tracker.index_call(call, k)
         return call
-
-    @staticmethod
-    def _has_any(msg: SipMessage, wanted: list[bytes]) -> bool:
-        """Whether a header of one of these names is there: one C scan of the names per name,
-        cheaper than hashing every name of the message into a set test."""
-        for name in wanted:
-            if msg.index(name) >= 0:
-                return True
-        return False
 
     def _span_id(self) -> int:
         return self._randbits(64) or 1

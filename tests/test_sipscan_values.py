@@ -193,6 +193,22 @@ def test_index_and_get(names, name, start):
     assert msg.index(name, start) == want
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from(NAMES), st.binary(max_size=3)), max_size=12),
+       st.lists(st.one_of(st.sampled_from(NAMES), st.binary(max_size=3)), max_size=4))
+def test_first_of(names, wanted):
+    want = next((i for i, n in enumerate(names) if n in wanted), -1)
+    assert _sipscan.first_of(names, tuple(wanted)) == want
+    assert sipmsg.first_of(names, tuple(wanted)) == want
+
+
+def test_first_of_compares_other_objects_as_index_does():
+    assert _sipscan.first_of([1, "via", bytearray(b"to"), b"via"], (b"via", b"to")) == 2
+    assert _sipscan.first_of([b"a", b"b"], ()) == -1
+    with pytest.raises(TypeError):
+        _sipscan.first_of([b"a"], [b"a"])
+
+
 def test_index_compares_other_objects_as_list_index_does():
     names = [1, "via", bytearray(b"via"), b"via"]
     assert _sipscan.index(names, b"via", 0) == 2  # bytearray(b"via") == b"via"
@@ -542,6 +558,8 @@ def test_no_reference_or_memory_is_kept_by_the_mac_hex_and_field_calls():
         _sipscan.request_fields(lines, names)
         _sipscan.request_fields(lines[:3] + [b"From: x", b"To: y"], names[:5])
         _sipscan.request_fields(lines[:1] + [b"Call-ID: "] + lines[2:], names)
+        _sipscan.first_of(names, (b"route", b"x"))
+        _sipscan.first_of(names, (b"y", bytearray(b"to")))
     calls()
     gc.collect()
     watched = [key, *parts, *lines, *names, big]
