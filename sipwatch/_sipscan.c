@@ -869,11 +869,12 @@ sipscan_cseq(PyObject *module, PyObject *value)
 
 /* request_fields(lines, names)
  *   -> (via_i, via_value, more_vias, call_id, cseq_number, CSEQ_METHOD, from_value, to_value,
- *       from_tag, to_tag, max_forwards_i, route_i) or None
+ *       from_tag, to_tag, max_forwards_i, hops, route_i) or None
  * What the proxy reads of every request, in one pass over the names: the first Via line's index
  * and value and whether another Via line follows, Call-ID, CSeq (as SipMessage.cseq), From and To
- * (first of each, as SipMessage.get) with their tags (as header_tag), and the index of the
- * first Max-Forwards and Route line (-1: none). None when one of Via, Call-ID (or it is empty),
+ * (first of each, as SipMessage.get) with their tags (as header_tag), the index of the first
+ * Max-Forwards line (-1: none) and the number it holds as the proxy reads it (its value when
+ * that is 1-3 ASCII digits, else 256; -1 without the line), and the first Route line's index. None when one of Via, Call-ID (or it is empty),
  * CSeq (or SipMessage.cseq raises for it), From, To is missing, or a name is not bytes: the
  * caller then reads them one by one and raises as it always did. */
 static PyObject *
@@ -952,13 +953,36 @@ sipscan_request_fields(PyObject *module, PyObject *const *args, Py_ssize_t nargs
             (from_tag = sipscan_header_tag(NULL, from_value)) == NULL ||
             (to_tag = sipscan_header_tag(NULL, to_value)) == NULL)
         goto done;
+    long hops = -1;
+    if (mf >= 0) {
+        PyObject *line = PyList_GET_ITEM(lines, mf);
+        if (need_bytes(line, "header line") < 0)
+            goto done;
+        const unsigned char *ls = (const unsigned char *)PyBytes_AS_STRING(line);
+        const Py_ssize_t ln = PyBytes_GET_SIZE(line);
+        const unsigned char *colon = memchr(ls, ':', (size_t)ln);
+        if (colon == NULL || memchr(colon, '\n', (size_t)(ln - (colon - ls))) != NULL) {
+            hops = -1; /* (no colon, or folded: the caller reads it itself) */
+        }
+        else {
+            Py_ssize_t a = colon - ls + 1, b = ln;
+            strip_range(ls, &a, &b);
+            hops = 256;
+            if (b - a >= 1 && b - a <= 3 && all_digits(ls, a, b)) {
+                hops = 0;
+                for (Py_ssize_t q = a; q < b; q++)
+                    hops = hops * 10 + (ls[q] - '0');
+            }
+        }
+    }
     PyObject *via_index = PyLong_FromSsize_t(via), *mf_index = PyLong_FromSsize_t(mf);
-    PyObject *route_index = PyLong_FromSsize_t(route);
-    if (via_index != NULL && mf_index != NULL && route_index != NULL && (result = PyTuple_New(12)) != NULL) {
-        PyObject *items[12] = {via_index, via_value, via2 >= 0 ? Py_True : Py_False, call_id,
+    PyObject *route_index = PyLong_FromSsize_t(route), *hops_value = PyLong_FromLong(hops);
+    if (via_index != NULL && mf_index != NULL && route_index != NULL && hops_value != NULL &&
+            (result = PyTuple_New(13)) != NULL) {
+        PyObject *items[13] = {via_index, via_value, via2 >= 0 ? Py_True : Py_False, call_id,
                                PyTuple_GET_ITEM(cseq_parts, 0), PyTuple_GET_ITEM(cseq_parts, 1), from_value,
-                               to_value, from_tag, to_tag, mf_index, route_index};
-        for (int k = 0; k < 12; k++) {
+                               to_value, from_tag, to_tag, mf_index, hops_value, route_index};
+        for (int k = 0; k < 13; k++) {
             Py_INCREF(items[k]);
             PyTuple_SET_ITEM(result, k, items[k]);
         }
@@ -966,6 +990,7 @@ sipscan_request_fields(PyObject *module, PyObject *const *args, Py_ssize_t nargs
     Py_XDECREF(via_index);
     Py_XDECREF(mf_index);
     Py_XDECREF(route_index);
+    Py_XDECREF(hops_value);
 done:
     Py_XDECREF(via_value);
     Py_XDECREF(call_id);
@@ -1420,7 +1445,7 @@ static PyMethodDef sipscan_methods[] = {
      "blake2b_state(key, digest_size) -> the prepared BLAKE2b state mac_hex continues from"},
     {"request_fields", (PyCFunction)(void (*)(void))sipscan_request_fields, METH_FASTCALL,
      "request_fields(lines, names) -> (via_i, via_value, more_vias, call_id, cseq_number, CSEQ_METHOD,\n"
-     "from_value, to_value, from_tag, to_tag, max_forwards_i, route_i), or None when one of Via,\n"
+     "from_value, to_value, from_tag, to_tag, max_forwards_i, hops, route_i), or None when one of Via,\n"
      "Call-ID, CSeq, From, To is missing or unreadable"},
     {"hex_join", (PyCFunction)(void (*)(void))sipscan_hex_join, METH_FASTCALL,
      "hex_join(head, value, digits, tail) -> head + b'%0{digits}x' % value + tail, or None when\n"

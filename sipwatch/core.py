@@ -78,8 +78,6 @@ _ANSWER_400 = frozenset((DROP_BAD_CONTENT_LENGTH, DROP_OUT_OF_RANGE, DROP_TOO_MA
 # for every message are looked up instead (Max-Forwards 0-254, small CSeq numbers), and address
 # texts (IPs, ports: few distinct ones per node) are remembered in bounded memos
 _MAX_FORWARDS_LINES: Final = tuple(b"Max-Forwards: %d" % i for i in range(255))
-# a Max-Forwards value as peers write it (1-3 digits, no leading zero) -> its number
-_MAX_FORWARDS_VALUES: Final[dict[bytes, int]] = {b"%d" % i: i for i in range(1000)}
 _SMALL_DECIMALS: Final = tuple(b"%d" % i for i in range(4096))
 _TEXT_MEMO_MAX: Final = 4096
 # The MACs and the loop hash in one C call each (sipwatch/_sipscan.c: BLAKE2b from a prepared
@@ -89,7 +87,7 @@ _c_mac_hex: Final[Callable[[bytes, bytes, tuple[bytes, ...]], bytes | None] | No
     _sipscan.mac_hex if _sipscan else None
 _LOOP_STATE: Final[bytes] = _sipscan.blake2b_state(b"", 6) if _sipscan else b""
 _c_request_fields: Final[Callable[[list[bytes], list[bytes]], tuple[
-    int, bytes, bool, bytes, int, bytes, bytes, bytes, bytes | None, bytes | None, int, int] | None] | None] = \
+    int, bytes, bool, bytes, int, bytes, bytes, bytes, bytes | None, bytes | None, int, int, int] | None] | None] = \
     _sipscan.request_fields if _sipscan else None
 _c_hex_join: Final[Callable[[bytes, int, int, bytes], bytes | None] | None] = \
     _sipscan.hex_join if _sipscan else None
@@ -370,7 +368,7 @@ class ProxyCore:
         fields = _c_request_fields(lines, names) if _c_request_fields is not None else None
         if fields is not None:
             via_i, via_value, more_vias, call_id, cseq_n, cseq_m, from_val, to_val, from_tag_or_none, \
-                to_tag, mf_i, route_i = fields
+                to_tag, mf_i, hops, route_i = fields
         else:
             # (msg.index: one C call per header name asked for, present or not)
             via_i = msg.index(b"via")
@@ -399,6 +397,7 @@ class ProxyCore:
             from_tag_or_none = header_tag(from_val)
             to_tag = header_tag(to_val)
             mf_i = msg.index(b"max-forwards")
+            hops = -1
             route_i = msg.index(b"route")
         elif cseq_m != method and cseq_m != method.upper():  # (cseq_m is upper case already)
             raise Dropped(DROP_MISSING_HEADER)
@@ -427,9 +426,8 @@ class ProxyCore:
                                b"Retry-After: %d" % RETRY_AFTER)
 
         if mf_i >= 0:
-            mf = msg.value_at(mf_i)
-            hops = _MAX_FORWARDS_VALUES.get(mf, -1)
-            if hops < 0:  # (leading zeros, or not 1-3 digits)
+            if hops < 0:  # (not read yet)
+                mf = msg.value_at(mf_i)
                 hops = int(mf) if mf.isdigit() and len(mf) <= 3 else 256
             if hops > 255:
                 raise Dropped(DROP_OUT_OF_RANGE, self._reply(msg, top, reply, data, 400, b"Bad Max-Forwards"))
@@ -454,7 +452,7 @@ class ProxyCore:
         next_route = None
         route_tcp = False  # the last of our Route entries removed said transport=tcp
         if route_i >= 0:
-            next_route, own_sig, route_tcp = self._pop_own_routes(msg)
+            next_route, own_sig, route_tcp = self._pop_own_routes(msg, route_i)
         if from_sig:
             target = next_route if next_route is not None else uri
             try:
@@ -697,15 +695,15 @@ class ProxyCore:
     def _is_me(self, host: bytes, port: int | None) -> bool:
         return host == self.adv_host and (port or 5060) == self.adv_port
 
-    def _pop_own_routes(self, msg: SipMessage) -> tuple[bytes | None, bytes | None, bool]:
-        """Remove Route values naming us from the top; return the next Route value, if any,
-        the ``sw`` signature of the last of ours removed and whether that one said
-        ``transport=tcp``. Linear: every Route line is split once and rewritten at most once."""
+    def _pop_own_routes(self, msg: SipMessage, i: int) -> tuple[bytes | None, bytes | None, bool]:
+        """Remove Route values naming us from the top (the first Route line is line ``i``);
+        return the next Route value, if any, the ``sw`` signature of the last of ours removed
+        and whether that one said ``transport=tcp``. Linear: every Route line is split once and
+        rewritten at most once."""
         names, lines = msg.names, msg.lines
         sig = None
         tcp = False
         seen = 0
-        i = names.index(b"route")
         # the usual case: the first Route line is exactly one of our Record-Route values
         # (``<sip:ADV;lr;sw=MAC>``), as the UA copied it: removed without parsing it
         v = msg.value_at(i)
@@ -713,17 +711,17 @@ class ProxyCore:
         if v.startswith(head) and len(v) == len(head) + 13 and v.endswith(b">") and \
                 v[len(head):-1].isalnum():
             sig = v[len(head):-1]
-            del lines[i]
-            del names[i]
+            lines.pop(i)
+            names.pop(i)
             seen = 1
         elif v == self.route_plain:  # ``<sip:ADV;lr>``: ours, written by hand or by a peer
-            del lines[i]
-            del names[i]
+            lines.pop(i)
+            names.pop(i)
             seen = 1
-        while i < len(names):
-            if names[i] != b"route":
-                i += 1
-                continue
+        while True:
+            i = msg.index(b"route", i)  # the next Route line
+            if i < 0:
+                break
             values = split_values(msg.value_at(i), MAX_ROUTES)
             seen += len(values)
             if seen > MAX_ROUTES:
@@ -741,8 +739,8 @@ class ProxyCore:
                 tcp = transport is not None and transport.lower() == b"tcp"
                 k += 1
             if k == len(values):  # the whole line was ours
-                del lines[i]
-                del names[i]
+                lines.pop(i)
+                names.pop(i)
                 continue
             if k:
                 lines[i] = b"Route: " + b", ".join(values[k:])

@@ -476,12 +476,17 @@ def request_fields_py(lines: list[bytes], names: list[bytes]):
     except SipParseError:
         return None
     more = b"via" in names[via_i + 1:]
+    # Max-Forwards as ProxyCore reads it; -1 also for a folded line, which the proxy reads itself
+    mf, mf_i = value(b"max-forwards"), first(b"max-forwards")
+    hops = -1 if mf is None or lines[mf_i].find(b"\n") >= 0 else int(mf) if mf.isdigit() and len(mf) <= 3 else 256
     return (via_i, sipmsg._line_value_py(lines[via_i]), more, call_id, number, method, from_v, to_v,
-            sipmsg._header_tag_py(from_v), sipmsg._header_tag_py(to_v), first(b"max-forwards"), first(b"route"))
+            sipmsg._header_tag_py(from_v), sipmsg._header_tag_py(to_v), first(b"max-forwards"), hops, first(b"route"))
 
 
 REQUEST_NAMES = [b"via", b"call-id", b"cseq", b"from", b"to", b"max-forwards", b"route", b"record-route", b"contact",
                  b"x", b"vi", b"tO"]
+MAX_FORWARDS_VALUES = st.sampled_from([b"70", b"0", b" 7 ", b"070", b"255", b"256", b"999", b"1000", b"", b"x", b"-1",
+                                       b"\xd9\xa3", b"1\t", b"\x0b9"])
 CSEQ_VALUES = st.sampled_from([b"1 INVITE", b" 2  ack ", b"2147483648 BYE", b"1", b"x INVITE", b"", b"12345678901 A"])
 
 
@@ -495,7 +500,8 @@ def request_headers(draw):
               (b"from", draw(st.one_of(st.just(b"<sip:a@h>;tag=1"), VALUE))),
               (b"to", draw(st.one_of(st.just(b"<sip:b@h>"), VALUE)))]
     kept = [h for h in needed if draw(st.integers(0, 9))]
-    extra = draw(st.lists(st.tuples(st.sampled_from(REQUEST_NAMES), st.one_of(VALUE, CSEQ_VALUES)), max_size=8))
+    extra = draw(st.lists(st.tuples(st.sampled_from(REQUEST_NAMES), st.one_of(VALUE, CSEQ_VALUES, MAX_FORWARDS_VALUES)),
+                          max_size=8))
     return draw(st.permutations(kept + extra))
 
 
@@ -508,7 +514,7 @@ def test_request_fields(headers):
     assert got == request_fields_py(lines, names)
     if got is not None:
         assert [type(x) for x in got] == [int, bytes, bool, bytes, int, bytes, bytes, bytes,
-                                          type(got[8]), type(got[9]), int, int]
+                                          type(got[8]), type(got[9]), int, int, int]
 
 
 def test_request_fields_of_a_parsed_request():
@@ -517,13 +523,13 @@ def test_request_fields_of_a_parsed_request():
     m = parse(RFC_F1)
     assert _sipscan.request_fields(m.lines, m.names) == (
         m.index(b"via"), m.value_at(m.index(b"via")), False, b"3848276298220188511@atlanta.example.com", 1,
-        b"INVITE", m.get(b"from"), m.get(b"to"), b"9fxced76sl", None, m.index(b"max-forwards"), -1)
+        b"INVITE", m.get(b"from"), m.get(b"to"), b"9fxced76sl", None, m.index(b"max-forwards"), 70, -1)
     bye = parse(b"BYE sip:b@10.0.0.2 SIP/2.0\r\nVia: SIP/2.0/UDP a;branch=z9hG4bK1\r\nVia: SIP/2.0/UDP b\r\n"
                 b"Route: <sip:10.0.0.1;lr>\r\nFrom: <sip:a@a>;tag=x\r\nTo: <sip:b@b>;TAG=y\r\n"
                 b"Call-ID: c\r\nCSeq: 2 bye\r\nContent-Length: 0\r\n\r\n")
     assert _sipscan.request_fields(bye.lines, bye.names) == (
         0, b"SIP/2.0/UDP a;branch=z9hG4bK1", True, b"c", 2, b"BYE", b"<sip:a@a>;tag=x", b"<sip:b@b>;TAG=y",
-        b"x", b"y", -1, 2)
+        b"x", b"y", -1, -1, 2)
 
 
 def test_request_fields_leaves_odd_lists_to_python():
