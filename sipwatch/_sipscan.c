@@ -868,10 +868,10 @@ sipscan_cseq(PyObject *module, PyObject *value)
 }
 
 /* request_fields(lines, names)
- *   -> (via_i, via_value, more_vias, call_id, cseq_number, CSEQ_METHOD, from_value, to_value,
+ *   -> (via_i, via_value, next_via_i, call_id, cseq_number, CSEQ_METHOD, from_value, to_value,
  *       from_tag, to_tag, max_forwards_i, hops, route_i) or None
  * What the proxy reads of every request, in one pass over the names: the first Via line's index
- * and value and whether another Via line follows, Call-ID, CSeq (as SipMessage.cseq), From and To
+ * and value and the index of the next Via line (-1: none), Call-ID, CSeq (as SipMessage.cseq), From and To
  * (first of each, as SipMessage.get) with their tags (as header_tag), the index of the first
  * Max-Forwards line (-1: none) and the number it holds as the proxy reads it (its value when
  * that is 1-3 ASCII digits, else 256; -1 without the line), and the first Route line's index. None when one of Via, Call-ID (or it is empty),
@@ -977,9 +977,10 @@ sipscan_request_fields(PyObject *module, PyObject *const *args, Py_ssize_t nargs
     }
     PyObject *via_index = PyLong_FromSsize_t(via), *mf_index = PyLong_FromSsize_t(mf);
     PyObject *route_index = PyLong_FromSsize_t(route), *hops_value = PyLong_FromLong(hops);
+    PyObject *via2_index = PyLong_FromSsize_t(via2);
     if (via_index != NULL && mf_index != NULL && route_index != NULL && hops_value != NULL &&
-            (result = PyTuple_New(13)) != NULL) {
-        PyObject *items[13] = {via_index, via_value, via2 >= 0 ? Py_True : Py_False, call_id,
+            via2_index != NULL && (result = PyTuple_New(13)) != NULL) {
+        PyObject *items[13] = {via_index, via_value, via2_index, call_id,
                                PyTuple_GET_ITEM(cseq_parts, 0), PyTuple_GET_ITEM(cseq_parts, 1), from_value,
                                to_value, from_tag, to_tag, mf_index, hops_value, route_index};
         for (int k = 0; k < 13; k++) {
@@ -991,6 +992,7 @@ sipscan_request_fields(PyObject *module, PyObject *const *args, Py_ssize_t nargs
     Py_XDECREF(mf_index);
     Py_XDECREF(route_index);
     Py_XDECREF(hops_value);
+    Py_XDECREF(via2_index);
 done:
     Py_XDECREF(via_value);
     Py_XDECREF(call_id);
@@ -1444,7 +1446,7 @@ static PyMethodDef sipscan_methods[] = {
     {"blake2b_state", (PyCFunction)(void (*)(void))sipscan_blake2b_state, METH_FASTCALL,
      "blake2b_state(key, digest_size) -> the prepared BLAKE2b state mac_hex continues from"},
     {"request_fields", (PyCFunction)(void (*)(void))sipscan_request_fields, METH_FASTCALL,
-     "request_fields(lines, names) -> (via_i, via_value, more_vias, call_id, cseq_number, CSEQ_METHOD,\n"
+     "request_fields(lines, names) -> (via_i, via_value, next_via_i, call_id, cseq_number, CSEQ_METHOD,\n"
      "from_value, to_value, from_tag, to_tag, max_forwards_i, hops, route_i), or None when one of Via,\n"
      "Call-ID, CSeq, From, To is missing or unreadable"},
     {"hex_join", (PyCFunction)(void (*)(void))sipscan_hex_join, METH_FASTCALL,

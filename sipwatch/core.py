@@ -87,7 +87,7 @@ _c_mac_hex: Final[Callable[[bytes, bytes, tuple[bytes, ...]], bytes | None] | No
     _sipscan.mac_hex if _sipscan else None
 _LOOP_STATE: Final[bytes] = _sipscan.blake2b_state(b"", 6) if _sipscan else b""
 _c_request_fields: Final[Callable[[list[bytes], list[bytes]], tuple[
-    int, bytes, bool, bytes, int, bytes, bytes, bytes, bytes | None, bytes | None, int, int, int] | None] | None] = \
+    int, bytes, int, bytes, int, bytes, bytes, bytes, bytes | None, bytes | None, int, int, int] | None] | None] = \
     _sipscan.request_fields if _sipscan else None
 _c_hex_join: Final[Callable[[bytes, int, int, bytes], bytes | None] | None] = \
     _sipscan.hex_join if _sipscan else None
@@ -367,8 +367,9 @@ class ProxyCore:
         # else one by one below, which raises what is missing as it always did
         fields = _c_request_fields(lines, names) if _c_request_fields is not None else None
         if fields is not None:
-            via_i, via_value, more_vias, call_id, cseq_n, cseq_m, from_val, to_val, from_tag_or_none, \
+            via_i, via_value, next_via_i, call_id, cseq_n, cseq_m, from_val, to_val, from_tag_or_none, \
                 to_tag, mf_i, hops, route_i = fields
+            more_vias = next_via_i >= 0
         else:
             # (msg.index: one C call per header name asked for, present or not)
             via_i = msg.index(b"via")
@@ -895,11 +896,12 @@ class ProxyCore:
         if rest is not None:
             msg.lines[via_i] = b"Via: " + b", ".join(rest)
         else:
-            del msg.lines[via_i]
-            del names[via_i]
+            msg.lines.pop(via_i)
+            names.pop(via_i)
         if direction == _FROM_GATEWAY:
             self._saw_gateway(src[0], now)
-        self.tracker.response(key, status, now, to_tag)
+        if tx is not None:  # (the table is as it was when tx was looked up)
+            self.tracker.response_to(tx, status, now, to_tag)
         if not next_raw.startswith(b"SIP/2.0/UDP") and (
                 next_raw.startswith(b"SIP/2.0/TCP") or parse_via(next_raw).transport == b"TCP"):
             self.out_tcp = True  # the request came over TCP: so goes its response (§18.2.2)

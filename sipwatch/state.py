@@ -582,6 +582,10 @@ class Tracker:
         tx = self.transactions.get(key)
         if tx is None:
             return None
+        return self.response_to(tx, status, now, to_tag)
+
+    def response_to(self, tx: Transaction, status: int, now: float, to_tag: bytes | None = None) -> Transaction:
+        """:meth:`response` for a transaction the caller already looked up by its key."""
         stats = self.stats
         if tx.t_first is None:
             tx.t_first = now

@@ -475,7 +475,7 @@ def request_fields_py(lines: list[bytes], names: list[bytes]):
         number, method = sipmsg._cseq_py(cseq)
     except SipParseError:
         return None
-    more = b"via" in names[via_i + 1:]
+    more = names.index(b"via", via_i + 1) if b"via" in names[via_i + 1:] else -1
     # Max-Forwards as ProxyCore reads it; -1 also for a folded line, which the proxy reads itself
     mf, mf_i = value(b"max-forwards"), first(b"max-forwards")
     hops = -1 if mf is None or lines[mf_i].find(b"\n") >= 0 else int(mf) if mf.isdigit() and len(mf) <= 3 else 256
@@ -513,7 +513,7 @@ def test_request_fields(headers):
     got = _sipscan.request_fields(lines, names)
     assert got == request_fields_py(lines, names)
     if got is not None:
-        assert [type(x) for x in got] == [int, bytes, bool, bytes, int, bytes, bytes, bytes,
+        assert [type(x) for x in got] == [int, bytes, int, bytes, int, bytes, bytes, bytes,
                                           type(got[8]), type(got[9]), int, int, int]
 
 
@@ -522,13 +522,13 @@ def test_request_fields_of_a_parsed_request():
     from test_sipscan import RFC_F1
     m = parse(RFC_F1)
     assert _sipscan.request_fields(m.lines, m.names) == (
-        m.index(b"via"), m.value_at(m.index(b"via")), False, b"3848276298220188511@atlanta.example.com", 1,
+        m.index(b"via"), m.value_at(m.index(b"via")), -1, b"3848276298220188511@atlanta.example.com", 1,
         b"INVITE", m.get(b"from"), m.get(b"to"), b"9fxced76sl", None, m.index(b"max-forwards"), 70, -1)
     bye = parse(b"BYE sip:b@10.0.0.2 SIP/2.0\r\nVia: SIP/2.0/UDP a;branch=z9hG4bK1\r\nVia: SIP/2.0/UDP b\r\n"
                 b"Route: <sip:10.0.0.1;lr>\r\nFrom: <sip:a@a>;tag=x\r\nTo: <sip:b@b>;TAG=y\r\n"
                 b"Call-ID: c\r\nCSeq: 2 bye\r\nContent-Length: 0\r\n\r\n")
     assert _sipscan.request_fields(bye.lines, bye.names) == (
-        0, b"SIP/2.0/UDP a;branch=z9hG4bK1", True, b"c", 2, b"BYE", b"<sip:a@a>;tag=x", b"<sip:b@b>;TAG=y",
+        0, b"SIP/2.0/UDP a;branch=z9hG4bK1", 1, b"c", 2, b"BYE", b"<sip:a@a>;tag=x", b"<sip:b@b>;TAG=y",
         b"x", b"y", -1, -1, 2)
 
 
