@@ -14,6 +14,10 @@
  * and one dict lookup per line), and every failure but an out-of-memory one is a None. The
  * first pass tests eight bytes at a time where it can (one byte at a time, it was a third of
  * this function's instructions) and goes straight to the first byte that is not plain.
+ *
+ * Beside the scan, the few other per-message steps of the proxy that cost more as Python calls
+ * than as one C call: what a request's headers say (request_fields, first_of), its MACs
+ * (BLAKE2b, mac_hex) and the hex ids of its trace header (hex_join).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -566,6 +570,47 @@ sipscan_index(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return PyLong_FromSsize_t(i);
 }
 
+/* first_of(names, wanted) -> int: the first index of names holding one of the tuple wanted
+ * (compared as index compares), or -1. One pass for "is any of these headers there". */
+static PyObject *
+sipscan_first_of(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (arg_count(nargs, 2, "first_of(names, wanted) takes 2 arguments") < 0 || list_arg(args[0], "names") < 0)
+        return NULL;
+    PyObject *names = args[0], *wanted = args[1];
+    if (!PyTuple_Check(wanted)) {
+        PyErr_SetString(PyExc_TypeError, "wanted must be a tuple");
+        return NULL;
+    }
+    const Py_ssize_t k = PyTuple_GET_SIZE(wanted);
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(names); i++) {
+        PyObject *item = PyList_GET_ITEM(names, i);
+        Py_INCREF(item);
+        for (Py_ssize_t j = 0; j < k; j++) {
+            PyObject *name = PyTuple_GET_ITEM(wanted, j);
+            int r;
+            if (item == name)
+                r = 1;
+            else if (PyBytes_CheckExact(item) && PyBytes_CheckExact(name))
+                r = PyBytes_GET_SIZE(item) == PyBytes_GET_SIZE(name) &&
+                    memcmp(PyBytes_AS_STRING(item), PyBytes_AS_STRING(name), (size_t)PyBytes_GET_SIZE(name)) == 0;
+            else if ((r = PyObject_RichCompareBool(item, name, Py_EQ)) < 0) {
+                Py_DECREF(item);
+                return NULL;
+            }
+            if (r) {
+                Py_DECREF(item);
+                return PyLong_FromSsize_t(i);
+            }
+        }
+        Py_DECREF(item);
+        if (i >= PyList_GET_SIZE(names))
+            break;
+    }
+    return PyLong_FromSsize_t(-1);
+}
+
 /* value(line) -> bytes: SipMessage.value_at of that line */
 static PyObject *
 sipscan_value(PyObject *module, PyObject *line)
@@ -826,6 +871,144 @@ sipscan_cseq(PyObject *module, PyObject *value)
     return out;
 }
 
+/* request_fields(lines, names)
+ *   -> (via_i, via_value, next_via_i, call_id, cseq_number, CSEQ_METHOD, from_value, to_value,
+ *       from_tag, to_tag, max_forwards_i, hops, route_i) or None
+ * What the proxy reads of every request, in one pass over the names: the first Via line's index
+ * and value and the index of the next Via line (-1: none), Call-ID, CSeq (as SipMessage.cseq), From and To
+ * (first of each, as SipMessage.get) with their tags (as header_tag), the index of the first
+ * Max-Forwards line (-1: none) and the number it holds as the proxy reads it (its value when
+ * that is 1-3 ASCII digits, else 256; -1 without the line), and the first Route line's index. None when one of Via, Call-ID (or it is empty),
+ * CSeq (or SipMessage.cseq raises for it), From, To is missing, or a name is not bytes: the
+ * caller then reads them one by one and raises as it always did. */
+static PyObject *
+sipscan_request_fields(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (arg_count(nargs, 2, "request_fields(lines, names) takes 2 arguments") < 0 ||
+            list_arg(args[0], "lines") < 0 || list_arg(args[1], "names") < 0)
+        return NULL;
+    PyObject *lines = args[0], *names = args[1];
+    const Py_ssize_t n = PyList_GET_SIZE(names);
+    if (PyList_GET_SIZE(lines) < n)
+        Py_RETURN_NONE;
+    Py_ssize_t via = -1, via2 = -1, cid = -1, cseq = -1, from = -1, to = -1, mf = -1, route = -1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PyList_GET_ITEM(names, i);
+        if (!PyBytes_CheckExact(item))
+            Py_RETURN_NONE;
+        const char *s = PyBytes_AS_STRING(item);
+        switch (PyBytes_GET_SIZE(item)) {
+        case 2:
+            if (to < 0 && memcmp(s, "to", 2) == 0)
+                to = i;
+            break;
+        case 3:
+            if (memcmp(s, "via", 3) == 0) {
+                if (via < 0)
+                    via = i;
+                else if (via2 < 0)
+                    via2 = i;
+            }
+            break;
+        case 4:
+            if (cseq < 0 && memcmp(s, "cseq", 4) == 0)
+                cseq = i;
+            else if (from < 0 && memcmp(s, "from", 4) == 0)
+                from = i;
+            break;
+        case 5:
+            if (route < 0 && memcmp(s, "route", 5) == 0)
+                route = i;
+            break;
+        case 7:
+            if (cid < 0 && memcmp(s, "call-id", 7) == 0)
+                cid = i;
+            break;
+        case 12:
+            if (mf < 0 && memcmp(s, "max-forwards", 12) == 0)
+                mf = i;
+            break;
+        }
+    }
+    if (via < 0 || cid < 0 || cseq < 0 || from < 0 || to < 0)
+        Py_RETURN_NONE;
+    PyObject *via_value = NULL, *call_id = NULL, *cseq_value = NULL, *cseq_parts = NULL;
+    PyObject *from_value = NULL, *to_value = NULL, *from_tag = NULL, *to_tag = NULL;
+    PyObject *result = NULL;
+    if ((call_id = line_value(PyList_GET_ITEM(lines, cid))) == NULL)
+        goto done;
+    if (PyBytes_GET_SIZE(call_id) == 0) {
+        result = Py_None;
+        Py_INCREF(result);
+        goto done;
+    }
+    if ((cseq_value = line_value(PyList_GET_ITEM(lines, cseq))) == NULL ||
+            (cseq_parts = sipscan_cseq(NULL, cseq_value)) == NULL)
+        goto done;
+    if (cseq_parts == Py_None) {
+        result = Py_None;
+        Py_INCREF(result);
+        goto done;
+    }
+    if ((via_value = line_value(PyList_GET_ITEM(lines, via))) == NULL ||
+            (from_value = line_value(PyList_GET_ITEM(lines, from))) == NULL ||
+            (to_value = line_value(PyList_GET_ITEM(lines, to))) == NULL ||
+            (from_tag = sipscan_header_tag(NULL, from_value)) == NULL ||
+            (to_tag = sipscan_header_tag(NULL, to_value)) == NULL)
+        goto done;
+    long hops = -1;
+    if (mf >= 0) {
+        PyObject *line = PyList_GET_ITEM(lines, mf);
+        if (need_bytes(line, "header line") < 0)
+            goto done;
+        const unsigned char *ls = (const unsigned char *)PyBytes_AS_STRING(line);
+        const Py_ssize_t ln = PyBytes_GET_SIZE(line);
+        const unsigned char *colon = memchr(ls, ':', (size_t)ln);
+        if (colon == NULL || memchr(colon, '\n', (size_t)(ln - (colon - ls))) != NULL) {
+            hops = -1; /* (no colon, or folded: the caller reads it itself) */
+        }
+        else {
+            Py_ssize_t a = colon - ls + 1, b = ln;
+            strip_range(ls, &a, &b);
+            hops = 256;
+            if (b - a >= 1 && b - a <= 3 && all_digits(ls, a, b)) {
+                hops = 0;
+                for (Py_ssize_t q = a; q < b; q++)
+                    hops = hops * 10 + (ls[q] - '0');
+            }
+        }
+    }
+    PyObject *via_index = PyLong_FromSsize_t(via), *mf_index = PyLong_FromSsize_t(mf);
+    PyObject *route_index = PyLong_FromSsize_t(route), *hops_value = PyLong_FromLong(hops);
+    PyObject *via2_index = PyLong_FromSsize_t(via2);
+    if (via_index != NULL && mf_index != NULL && route_index != NULL && hops_value != NULL &&
+            via2_index != NULL && (result = PyTuple_New(13)) != NULL) {
+        PyObject *items[13] = {via_index, via_value, via2_index, call_id,
+                               PyTuple_GET_ITEM(cseq_parts, 0), PyTuple_GET_ITEM(cseq_parts, 1), from_value,
+                               to_value, from_tag, to_tag, mf_index, hops_value, route_index};
+        for (int k = 0; k < 13; k++) {
+            Py_INCREF(items[k]);
+            PyTuple_SET_ITEM(result, k, items[k]);
+        }
+    }
+    Py_XDECREF(via_index);
+    Py_XDECREF(mf_index);
+    Py_XDECREF(route_index);
+    Py_XDECREF(hops_value);
+    Py_XDECREF(via2_index);
+done:
+    Py_XDECREF(via_value);
+    Py_XDECREF(call_id);
+    Py_XDECREF(cseq_value);
+    Py_XDECREF(cseq_parts);
+    Py_XDECREF(from_value);
+    Py_XDECREF(to_value);
+    Py_XDECREF(from_tag);
+    Py_XDECREF(to_tag);
+    return result;
+}
+
 /* via(value) -> (transport, host, port or None, params) or None: the parts sipmsg.parse_via
  * builds its Via from, for a value spelled "SIP/2.0/<transport> <sent-by>[;params]"; None for
  * any other spelling and wherever parse_via raises. */
@@ -959,6 +1142,283 @@ sipscan_serialize(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return out;
 }
 
+/* ---- BLAKE2b (RFC 7693) for the proxy's MACs ------------------------------------------------
+ * The core computes two or three short keyed BLAKE2b digests per forwarded request (loop hash,
+ * branch MAC, Record-Route MAC). Through hashlib each is a copy of a keyed object, a join of the
+ * parts, an update, a digest and a hexlify: five calls and four objects around one or two
+ * compressions. Here a prepared state (the chaining value after the key block) and the parts go
+ * in, the hex digest of the parts joined by a separator comes out, in one call. The digests are
+ * exactly hashlib.blake2b's (the tests compare them over many lengths and keys). */
+static const uint64_t b2_iv[8] = {
+    0x6a09e667f3bcc908ULL, 0xbb67ae8584caa73bULL, 0x3c6ef372fe94f82bULL, 0xa54ff53a5f1d36f1ULL,
+    0x510e527fade682d1ULL, 0x9b05688c2b3e6c1fULL, 0x1f83d9abfb41bd6bULL, 0x5be0cd19137e2179ULL,
+};
+
+static const uint8_t b2_sigma[12][16] = {
+    {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15},
+    {14, 10, 4, 8, 9, 15, 13, 6, 1, 12, 0, 2, 11, 7, 5, 3},
+    {11, 8, 12, 0, 5, 2, 15, 13, 10, 14, 3, 6, 7, 1, 9, 4},
+    {7, 9, 3, 1, 13, 12, 11, 14, 2, 6, 5, 10, 4, 0, 15, 8},
+    {9, 0, 5, 7, 2, 4, 10, 15, 14, 1, 11, 12, 6, 8, 3, 13},
+    {2, 12, 6, 10, 0, 11, 8, 3, 4, 13, 7, 5, 15, 14, 1, 9},
+    {12, 5, 1, 15, 14, 13, 4, 10, 0, 7, 6, 3, 9, 2, 8, 11},
+    {13, 11, 7, 14, 12, 1, 3, 9, 5, 0, 15, 4, 8, 6, 2, 10},
+    {6, 15, 14, 9, 11, 3, 0, 8, 12, 2, 13, 7, 1, 4, 10, 5},
+    {10, 2, 8, 4, 7, 6, 1, 5, 15, 11, 9, 14, 3, 12, 13, 0},
+    {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15},
+    {14, 10, 4, 8, 9, 15, 13, 6, 1, 12, 0, 2, 11, 7, 5, 3},
+};
+
+static inline uint64_t b2_rotr(uint64_t x, int n)
+{
+    return (x >> n) | (x << (64 - n));
+}
+
+static inline uint64_t b2_load(const unsigned char *p)
+{
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--)
+        v = (v << 8) | p[i];
+    return v;  /* (compilers make this one load on little-endian machines) */
+}
+
+#define B2_G(a, b, c, d, x, y)                 \
+    do {                                       \
+        v[a] = v[a] + v[b] + (x);              \
+        v[d] = b2_rotr(v[d] ^ v[a], 32);       \
+        v[c] = v[c] + v[d];                    \
+        v[b] = b2_rotr(v[b] ^ v[c], 24);       \
+        v[a] = v[a] + v[b] + (y);              \
+        v[d] = b2_rotr(v[d] ^ v[a], 16);       \
+        v[c] = v[c] + v[d];                    \
+        v[b] = b2_rotr(v[b] ^ v[c], 63);       \
+    } while (0)
+
+/* RFC 7693 §3.2: compress one 128-byte block into h; t is the byte count so far (< 2**64 here) */
+static void b2_compress(uint64_t h[8], const unsigned char block[128], uint64_t t, int last)
+{
+    uint64_t m[16], v[16];
+    for (int i = 0; i < 16; i++)
+        m[i] = b2_load(block + 8 * i);
+    for (int i = 0; i < 8; i++) {
+        v[i] = h[i];
+        v[i + 8] = b2_iv[i];
+    }
+    v[12] ^= t;
+    if (last)
+        v[14] = ~v[14];
+    /* the rounds written out, so every message word index is a constant */
+#define B2_ROUND(r)                                                    \
+    do {                                                               \
+        B2_G(0, 4, 8, 12, m[b2_sigma[r][0]], m[b2_sigma[r][1]]);      \
+        B2_G(1, 5, 9, 13, m[b2_sigma[r][2]], m[b2_sigma[r][3]]);      \
+        B2_G(2, 6, 10, 14, m[b2_sigma[r][4]], m[b2_sigma[r][5]]);     \
+        B2_G(3, 7, 11, 15, m[b2_sigma[r][6]], m[b2_sigma[r][7]]);     \
+        B2_G(0, 5, 10, 15, m[b2_sigma[r][8]], m[b2_sigma[r][9]]);     \
+        B2_G(1, 6, 11, 12, m[b2_sigma[r][10]], m[b2_sigma[r][11]]);   \
+        B2_G(2, 7, 8, 13, m[b2_sigma[r][12]], m[b2_sigma[r][13]]);    \
+        B2_G(3, 4, 9, 14, m[b2_sigma[r][14]], m[b2_sigma[r][15]]);    \
+    } while (0)
+    B2_ROUND(0); B2_ROUND(1); B2_ROUND(2); B2_ROUND(3); B2_ROUND(4); B2_ROUND(5);
+    B2_ROUND(6); B2_ROUND(7); B2_ROUND(8); B2_ROUND(9); B2_ROUND(10); B2_ROUND(11);
+#undef B2_ROUND
+    for (int i = 0; i < 8; i++)
+        h[i] ^= v[i] ^ v[i + 8];
+}
+
+/* A prepared state as bytes: h[8] (little-endian words), then the byte count t (8 bytes), then
+ * the digest size (1 byte). */
+#define B2_STATE_SIZE 73
+
+static void b2_store(unsigned char *p, uint64_t v)
+{
+    for (int i = 0; i < 8; i++)
+        p[i] = (unsigned char)(v >> (8 * i));
+}
+
+/* blake2b_state(key, digest_size) -> the state mac_hex continues from: BLAKE2b's parameter block
+ * for that digest size and key length, and the key block compressed when there is a key */
+static PyObject *
+sipscan_blake2b_state(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (arg_count(nargs, 2, "blake2b_state(key, digest_size) takes 2 arguments") < 0 ||
+            need_bytes(args[0], "key") < 0)
+        return NULL;
+    const Py_ssize_t klen = PyBytes_GET_SIZE(args[0]);
+    const long outlen = PyLong_AsLong(args[1]);
+    if (outlen == -1 && PyErr_Occurred())
+        return NULL;
+    if (klen > 64 || outlen < 1 || outlen > 64) {
+        PyErr_SetString(PyExc_ValueError, "key of at most 64 bytes, digest_size 1-64");
+        return NULL;
+    }
+    uint64_t h[8];
+    memcpy(h, b2_iv, sizeof h);
+    h[0] ^= 0x01010000ULL ^ ((uint64_t)klen << 8) ^ (uint64_t)outlen;
+    uint64_t t = 0;
+    if (klen) {
+        unsigned char block[128] = {0};
+        memcpy(block, PyBytes_AS_STRING(args[0]), (size_t)klen);
+        t = 128;
+        b2_compress(h, block, t, 0);
+    }
+    unsigned char out[B2_STATE_SIZE];
+    for (int i = 0; i < 8; i++)
+        b2_store(out + 8 * i, h[i]);
+    b2_store(out + 64, t);
+    out[72] = (unsigned char)outlen;
+    return PyBytes_FromStringAndSize((const char *)out, B2_STATE_SIZE);
+}
+
+/* mac_hex(state, sep, parts) -> hex of the BLAKE2b digest of sep.join(parts), continued from a
+ * state of blake2b_state; None when the parts are empty (then hashlib must do it: a keyed digest
+ * of nothing compresses the key block as the last one) */
+static PyObject *
+sipscan_mac_hex(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (arg_count(nargs, 3, "mac_hex(state, sep, parts) takes 3 arguments") < 0 ||
+            need_bytes(args[0], "state") < 0 || need_bytes(args[1], "sep") < 0)
+        return NULL;
+    PyObject *parts = args[2];
+    if (!PyTuple_Check(parts) && !PyList_Check(parts)) {
+        PyErr_SetString(PyExc_TypeError, "parts must be a tuple or a list");
+        return NULL;
+    }
+    if (PyBytes_GET_SIZE(args[0]) != B2_STATE_SIZE) {
+        PyErr_SetString(PyExc_ValueError, "not a blake2b_state");
+        return NULL;
+    }
+    const unsigned char *st = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+    uint64_t h[8];
+    for (int i = 0; i < 8; i++)
+        h[i] = b2_load(st + 8 * i);
+    uint64_t t = b2_load(st + 64);
+    const int outlen = st[72];
+    if (outlen < 1 || outlen > 64) {
+        PyErr_SetString(PyExc_ValueError, "not a blake2b_state");
+        return NULL;
+    }
+    const char *sep = PyBytes_AS_STRING(args[1]);
+    const Py_ssize_t sep_len = PyBytes_GET_SIZE(args[1]);
+    PyObject **items = PySequence_Fast_ITEMS(parts);
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(parts);
+    unsigned char block[128];
+    size_t fill = 0;  /* bytes in block; a full block is compressed only once more bytes follow */
+    for (Py_ssize_t k = 0; k < n; k++) {
+        if (need_bytes(items[k], "each part") < 0)
+            return NULL;
+        for (int piece = (k == 0); piece < 2; piece++) {
+            const char *p = piece ? PyBytes_AS_STRING(items[k]) : sep;
+            size_t len = (size_t)(piece ? PyBytes_GET_SIZE(items[k]) : sep_len);
+            while (len) {
+                if (fill == 128) {
+                    t += 128;
+                    b2_compress(h, block, t, 0);
+                    fill = 0;
+                }
+                size_t take = 128 - fill < len ? 128 - fill : len;
+                memcpy(block + fill, p, take);
+                fill += take;
+                p += take;
+                len -= take;
+            }
+        }
+    }
+    if (fill == 0)
+        Py_RETURN_NONE;
+    memset(block + fill, 0, 128 - fill);
+    t += fill;
+    b2_compress(h, block, t, 1);
+    unsigned char digest[64];
+    for (int i = 0; i < 8; i++)
+        b2_store(digest + 8 * i, h[i]);
+    static const char hexdigits[] = "0123456789abcdef";
+    PyObject *out = PyBytes_FromStringAndSize(NULL, 2 * (Py_ssize_t)outlen);
+    if (out == NULL)
+        return NULL;
+    char *d = PyBytes_AS_STRING(out);
+    for (int i = 0; i < outlen; i++) {
+        d[2 * i] = hexdigits[digest[i] >> 4];
+        d[2 * i + 1] = hexdigits[digest[i] & 15];
+    }
+    return out;
+}
+
+/* hex_join(head, value, digits, tail) -> head + b"%0{digits}x" % value + tail, for 0 <= value <
+ * 16**digits and digits 1-32; None for any other value (the caller formats it itself). The
+ * trace header's ids: bytes % formatting of an int goes through a str and costs more than the
+ * rest of the line. */
+static PyObject *
+sipscan_hex_join(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (arg_count(nargs, 4, "hex_join(head, value, digits, tail) takes 4 arguments") < 0 ||
+            need_bytes(args[0], "head") < 0 || need_bytes(args[3], "tail") < 0)
+        return NULL;
+    PyObject *value = args[1];
+    if (!PyLong_Check(value)) {
+        PyErr_SetString(PyExc_TypeError, "value must be an int");
+        return NULL;
+    }
+    const long digits = PyLong_AsLong(args[2]);
+    if (digits == -1 && PyErr_Occurred())
+        return NULL;
+    if (digits < 1 || digits > 32 || Py_SIZE(value) < 0)
+        Py_RETURN_NONE;
+    /* the value as two 64-bit halves; more digits than asked for: None */
+    uint64_t lo, hi = 0;
+    if (digits <= 16) {
+        lo = (uint64_t)PyLong_AsUnsignedLongLong(value);
+        if (lo == (uint64_t)-1 && PyErr_Occurred()) {
+            if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+                return NULL;
+            PyErr_Clear();
+            Py_RETURN_NONE;
+        }
+        if (digits < 16 && (lo >> (4 * digits)) != 0)
+            Py_RETURN_NONE;
+    }
+    else {
+        lo = (uint64_t)PyLong_AsUnsignedLongLongMask(value);
+        if (lo == (uint64_t)-1 && PyErr_Occurred())
+            return NULL;
+        PyObject *shift = PyLong_FromLong(64);
+        if (shift == NULL)
+            return NULL;
+        PyObject *high = PyNumber_Rshift(value, shift);
+        Py_DECREF(shift);
+        if (high == NULL)
+            return NULL;
+        hi = (uint64_t)PyLong_AsUnsignedLongLong(high);
+        Py_DECREF(high);
+        if (hi == (uint64_t)-1 && PyErr_Occurred()) {
+            if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+                return NULL;
+            PyErr_Clear();
+            Py_RETURN_NONE;
+        }
+        if (digits < 32 && (hi >> (4 * (digits - 16))) != 0)
+            Py_RETURN_NONE;
+    }
+    const Py_ssize_t hlen = PyBytes_GET_SIZE(args[0]), tlen = PyBytes_GET_SIZE(args[3]);
+    PyObject *out = PyBytes_FromStringAndSize(NULL, hlen + digits + tlen);
+    if (out == NULL)
+        return NULL;
+    char *d = PyBytes_AS_STRING(out);
+    memcpy(d, PyBytes_AS_STRING(args[0]), (size_t)hlen);
+    static const char hexdigits[] = "0123456789abcdef";
+    char *x = d + hlen;
+    for (long i = 0; i < digits; i++) {
+        const long shift = 4 * (digits - 1 - i);
+        const uint64_t word = shift >= 64 ? hi : lo;
+        x[i] = hexdigits[(word >> (shift & 63)) & 15];
+    }
+    memcpy(x + digits, PyBytes_AS_STRING(args[3]), (size_t)tlen);
+    return out;
+}
+
 static PyMethodDef sipscan_methods[] = {
     {"serialize", (PyCFunction)(void (*)(void))sipscan_serialize, METH_FASTCALL,
      "serialize(start, lines, body) -> SipMessage.to_bytes of those parts, or None when one is not bytes"},
@@ -973,6 +1433,8 @@ static PyMethodDef sipscan_methods[] = {
      "accepts, else None"},
     {"index", (PyCFunction)(void (*)(void))sipscan_index, METH_FASTCALL,
      "index(names, name, start) -> names.index(name, start), or -1 when it is not there"},
+    {"first_of", (PyCFunction)(void (*)(void))sipscan_first_of, METH_FASTCALL,
+     "first_of(names, wanted) -> the first index of names holding one of the tuple wanted, or -1"},
     {"value", (PyCFunction)sipscan_value, METH_O,
      "value(line) -> SipMessage.value_at of that header line"},
     {"get", (PyCFunction)(void (*)(void))sipscan_get, METH_FASTCALL,
@@ -985,12 +1447,25 @@ static PyMethodDef sipscan_methods[] = {
      "cseq(value) -> (number, METHOD) as SipMessage.cseq, or None where that raises"},
     {"via", (PyCFunction)sipscan_via, METH_O,
      "via(value) -> (transport, host, port, params) of a plain Via value, or None"},
+    {"blake2b_state", (PyCFunction)(void (*)(void))sipscan_blake2b_state, METH_FASTCALL,
+     "blake2b_state(key, digest_size) -> the prepared BLAKE2b state mac_hex continues from"},
+    {"request_fields", (PyCFunction)(void (*)(void))sipscan_request_fields, METH_FASTCALL,
+     "request_fields(lines, names) -> (via_i, via_value, next_via_i, call_id, cseq_number, CSEQ_METHOD,\n"
+     "from_value, to_value, from_tag, to_tag, max_forwards_i, hops, route_i), or None when one of Via,\n"
+     "Call-ID, CSeq, From, To is missing or unreadable"},
+    {"hex_join", (PyCFunction)(void (*)(void))sipscan_hex_join, METH_FASTCALL,
+     "hex_join(head, value, digits, tail) -> head + b'%0{digits}x' % value + tail, or None when\n"
+     "value is negative or needs more digits (digits 1-32)"},
+    {"mac_hex", (PyCFunction)(void (*)(void))sipscan_mac_hex, METH_FASTCALL,
+     "mac_hex(state, sep, parts) -> hexlify(blake2b(sep.join(parts)).digest()) from a\n"
+     "blake2b_state (its key and digest size), or None when sep.join(parts) is empty"},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef sipscan_module = {
     PyModuleDef_HEAD_INIT, "_sipscan",
-    "C scan of the common SIP message head for sipwatch.sipmsg.parse.", -1, sipscan_methods,
+    "C scan of the common SIP message head for sipwatch.sipmsg.parse, and the proxy's MACs and ids.", -1,
+    sipscan_methods,
     NULL, NULL, NULL, NULL,
 };
 

@@ -32,43 +32,65 @@ import random
 from binascii import hexlify
 from dataclasses import dataclass
 from hashlib import blake2b
+from typing import Callable, Final
 
 from .sipmsg import (
-    KEEPALIVE_MAX, SipMessage, SipParseError, Via, header_tag, is_sip_keepalive, parse, parse_via,
-    split_values, uri_hostport,
+    KEEPALIVE_MAX, SipMessage, SipParseError, Via, _sipscan, first_of, header_tag, is_sip_keepalive,
+    parse, parse_via, split_values, uri_hostport,
 )
 from .correlation import DEFAULT as DEFAULT_CORRELATION, HEADER_NAMES as CORRELATION_HEADERS, parse_kinds
 from .state import Call, Tracker
 from .stats import (
     ACK, CANCEL, DROP_BAD_CONTENT_LENGTH, DROP_INTERNAL_ERROR, DROP_MISSING_HEADER,
     DROP_NEXT_HOP_DENIED, DROP_OUT_OF_RANGE, DROP_STRAY_RESPONSE, DROP_TOO_LARGE,
-    DROP_TOO_MANY_HEADERS, DROP_UNROUTABLE, FROM_GATEWAY, FROM_SIGNALING, INVITE, OPTIONS, Stats,
-    method_index,
+    DROP_TOO_MANY_HEADERS, DROP_UNROUTABLE, FROM_GATEWAY, FROM_SIGNALING, INVITE, METHOD_INDEX, OPTIONS,
+    OTHER, Stats,
 )
 from .tracecontext import TRACE_ID_HEADER, parse_trace_id, parse_traceparent, sampled_by_ratio
 
 Addr = tuple[str, int]
-BRANCH_PREFIX = b"z9hG4bKsw"
+# (Final: compiled, module constants are C statics, not a dict lookup at each use)
+BRANCH_PREFIX: Final = b"z9hG4bKsw"
 # requests that can create a dialog, so they get our Record-Route (RFC 3261 §16.6 step 4)
-DIALOG_CREATING = frozenset((b"INVITE", b"SUBSCRIBE", b"REFER", b"NOTIFY"))
-MAX_VIAS = 70  # more Vias than a default Max-Forwards allows hops: not a real path
-MAX_ROUTES = 70
-MAX_UDP_PAYLOAD = 65507  # IPv4: 65535 - 20 (IP) - 8 (UDP)
+DIALOG_CREATING: Final = frozenset((b"INVITE", b"SUBSCRIBE", b"REFER", b"NOTIFY"))
+MAX_VIAS: Final = 70  # more Vias than a default Max-Forwards allows hops: not a real path
+MAX_ROUTES: Final = 70
+MAX_UDP_PAYLOAD: Final = 65507  # IPv4: 65535 - 20 (IP) - 8 (UDP)
 # RFC 3261 §18.1.1: a request larger than this (path MTU unknown) goes over TCP when it can
-UDP_MTU_LIMIT = 1300
+UDP_MTU_LIMIT: Final = 1300
 UPSTREAM_UDP, UPSTREAM_TCP, UPSTREAM_UDP_OR_TCP = "udp", "tcp", "udp+tcp"
-RETRY_AFTER = 5  # seconds, in 503s sent while draining
-GATEWAY_SEEN_MAX = 4096  # gateway-side source addresses remembered for the next-hop policy
-GATEWAY_SEEN_TTL = 3600.0
+RETRY_AFTER: Final = 5  # seconds, in 503s sent while draining
+GATEWAY_SEEN_MAX: Final = 4096  # gateway-side source addresses remembered for the next-hop policy
+GATEWAY_SEEN_TTL: Final = 3600.0
+# the counters' method indexes and directions (sipwatch.stats), as C statics too
+_METHOD_INDEX: Final[dict[bytes, int]] = METHOD_INDEX
+_OTHER: Final[int] = OTHER
+_INVITE: Final[int] = INVITE
+_ACK: Final[int] = ACK
+_CANCEL: Final[int] = CANCEL
+_OPTIONS: Final[int] = OPTIONS
+_FROM_GATEWAY: Final[int] = FROM_GATEWAY
+_FROM_SIGNALING: Final[int] = FROM_SIGNALING
 # what a malformed request is answered with, when it can be answered at all (RFC 3261 §16.3,
 # §18.3: a request whose body is shorter than its Content-Length SHOULD get 400)
 _ANSWER_400 = frozenset((DROP_BAD_CONTENT_LENGTH, DROP_OUT_OF_RANGE, DROP_TOO_MANY_HEADERS))
 # bytes formatting costs about as much as a hash per call: the texts the request path writes
 # for every message are looked up instead (Max-Forwards 0-254, small CSeq numbers), and address
 # texts (IPs, ports: few distinct ones per node) are remembered in bounded memos
-_MAX_FORWARDS_LINES = tuple(b"Max-Forwards: %d" % i for i in range(255))
-_SMALL_DECIMALS = tuple(b"%d" % i for i in range(4096))
-_TEXT_MEMO_MAX = 4096
+_MAX_FORWARDS_LINES: Final = tuple(b"Max-Forwards: %d" % i for i in range(255))
+_SMALL_DECIMALS: Final = tuple(b"%d" % i for i in range(4096))
+_TEXT_MEMO_MAX: Final = 4096
+# The MACs and the loop hash in one C call each (sipwatch/_sipscan.c: BLAKE2b from a prepared
+# state, the parts joined by "|", hex out), the same digests as hashlib's; hashlib when the
+# extension was not built
+_c_mac_hex: Final[Callable[[bytes, bytes, tuple[bytes, ...]], bytes | None] | None] = \
+    _sipscan.mac_hex if _sipscan else None
+_LOOP_STATE: Final[bytes] = _sipscan.blake2b_state(b"", 6) if _sipscan else b""
+_c_request_fields: Final[Callable[[list[bytes], list[bytes]], tuple[
+    int, bytes, int, bytes, int, bytes, bytes, bytes, bytes | None, bytes | None, int, int, int] | None] | None] = \
+    _sipscan.request_fields if _sipscan else None
+_c_hex_join: Final[Callable[[bytes, int, int, bytes], bytes | None] | None] = \
+    _sipscan.hex_join if _sipscan else None
 
 
 @dataclass(frozen=True)
@@ -107,16 +129,18 @@ class Dropped(Exception):
         self.reply = reply
 
 
-_LITERALS: dict[bytes, str | None] = {}
-_LITERALS_MAX = 4096
+# host bytes -> its canonical IP text, or "" for a host that is not an IP literal
+_LITERALS: Final[dict[bytes, str]] = {}
+_LITERALS_MAX: Final = 4096
 
 
 def ip_literal(host: bytes) -> str | None:
     """The canonical text of an IPv4/IPv6 literal (brackets removed), or None for anything
     else: names are never resolved. Memoised (a node talks to few hosts; ``ipaddress`` costs
     about 3 µs a call), in a table that is cleared when full so no input can grow it."""
-    if host in _LITERALS:
-        return _LITERALS[host]
+    known = _LITERALS.get(host)
+    if known is not None:
+        return known or None
     h = host.strip(b"[]")
     ip = None
     if h and len(h) <= 45 and h.isascii():
@@ -126,7 +150,7 @@ def ip_literal(host: bytes) -> str | None:
             pass
     if len(_LITERALS) >= _LITERALS_MAX:
         _LITERALS.clear()
-    _LITERALS[host] = ip
+    _LITERALS[host] = ip or ""
     return ip
 
 
@@ -145,6 +169,11 @@ class ProxyCore:
         self.upstream = (up_ip or config.upstream[0], config.upstream[1])
         self.key = blake2b(config.secret or os.urandom(32), digest_size=32).digest()
         self._mac_base = blake2b(digest_size=6, key=self.key)
+        # the C MAC's prepared state, and the key it was made from: whoever sets ``key`` (a
+        # restarted proxy given the old one) gets MACs under that key from then on
+        self._mac_state = _sipscan.blake2b_state(self.key, 6) if _sipscan else b""
+        self._mac_state_key = self.key
+        self._party_macs: dict[str, bytes] = {}  # Record-Route MAC per gateway-side party
         self.draining = False  # set on SIGTERM: new dialogs get 503 + Retry-After
         self.overloaded = False  # set by the edge while its receive queues are too long
         self.last_internal_error: str | None = None
@@ -184,7 +213,7 @@ class ProxyCore:
         self.more_trace_headers: list[tuple[bytes, bytes, bool]] = [
             (n.lower(), n, n.lower() == TRACE_ID_HEADER) for n in dict.fromkeys(stamped[1:])
             if n.lower() != lname]
-        self.trace_lookup = tuple(dict.fromkeys(
+        self.trace_lookup: tuple[bytes, ...] = tuple(dict.fromkeys(
             [n.lower() for n in stamped if n.lower() != TRACE_ID_HEADER] + [b"traceparent", b"x-traceparent"]))
         self.trace_lname = lname
         # -- TCP (sipwatch.framing feeds receive_stream; the edge reads out_tcp) ------------
@@ -201,6 +230,7 @@ class ProxyCore:
         self.corr_kinds: tuple[int, ...] = parse_kinds(config.correlation_headers)
         # what a new dialog may carry beyond traceparent: one set test rules all of it out
         self.new_dialog_names = frozenset([CORRELATION_HEADERS[k] for k in self.corr_kinds] + [TRACE_ID_HEADER])
+        self.new_dialog_list: tuple[bytes, ...] = tuple(sorted(self.new_dialog_names))
 
     # -- entry points ------------------------------------------------------------------
     def receive_datagram(self, data: bytes, addr: Addr, now: float) -> list[tuple[bytes, Addr]]:
@@ -259,18 +289,48 @@ class ProxyCore:
 
     # -- MACs --------------------------------------------------------------------------
     def _mac(self, *parts: bytes) -> bytes:
+        return self._mac_of(parts)
+
+    def _mac_of(self, parts: tuple[bytes, ...]) -> bytes:
+        if _c_mac_hex is not None:
+            if self.key is not self._mac_state_key:
+                self._rekey()
+            mac = _c_mac_hex(self._mac_state, b"|", parts)
+            if mac is not None:
+                return mac
         h = self._mac_base.copy()  # a copy of the keyed state: cheaper than keying anew each time
         h.update(b"|".join(parts))
         return hexlify(h.digest())
+
+    def _rekey(self) -> None:
+        self._mac_state = _sipscan.blake2b_state(self.key, 6) if _sipscan else b""
+        self._mac_state_key = self.key
+        self._party_macs.clear()
+
+    def _party_mac(self, ip: str) -> bytes:
+        """The ``sw=`` MAC of our Record-Route for a gateway-side party: one per address,
+        remembered (bounded: cleared when full)."""
+        if self.key is not self._mac_state_key:
+            self._rekey()
+        memo = self._party_macs
+        mac = memo.get(ip)
+        if mac is None:
+            if len(memo) >= _TEXT_MEMO_MAX:
+                memo.clear()
+            mac = memo[ip] = self._mac_of((b"r", ip.encode()))
+        return mac
 
     def _branch_mac(self, via: Via, call_id: bytes, cseq_s: bytes, from_tag: bytes,
                     reply: Addr, hop_ip: str) -> bytes:
         """Binds our branch to the transaction (the sender's branch, or its sent-by for
         pre-RFC 3261 senders), the address responses go back to, and the next hop."""
-        b = via.params.get(b"branch")
-        uniq = b if b and b.startswith(b"z9hG4bK") else b"%s:%d" % (via.host, via.port or 5060)
-        return self._mac(b"b", uniq, call_id, cseq_s, from_tag, self._text(reply[0]),
-                         self._text(reply[1]), self._text(hop_ip))
+        b: bytes | None = via.params.get(b"branch")
+        if b is not None and b.startswith(b"z9hG4bK"):
+            uniq = b
+        else:
+            uniq = b"%s:%d" % (via.host, via.port or 5060)
+        return self._mac_of((b"b", uniq, call_id, cseq_s, from_tag, self._text(reply[0]),
+                             self._text(reply[1]), self._text(hop_ip)))
 
     def _text(self, value: str | int) -> bytes:
         """An address's IP (``str``) or port (``int``) as bytes, remembered (bounded: cleared
@@ -294,35 +354,53 @@ class ProxyCore:
         method = msg.method or b""  # (a request: never empty)
         uri = msg.uri or b""
         from_sig = src == self.upstream
-        direction = FROM_SIGNALING if from_sig else FROM_GATEWAY
-        midx = method_index(method)
+        direction = _FROM_SIGNALING if from_sig else _FROM_GATEWAY
+        midx = _METHOD_INDEX.get(method, _OTHER)
         stats.requests[midx * 2 + direction] += 1
         tcp_in = self.in_tcp
         if tcp_in:
             stats.requests_tcp[midx * 2 + direction] += 1
         lines, names = msg.lines, msg.names
-        get = msg.get
-        is_ack = midx == ACK
+        is_ack = midx == _ACK
 
-        # (msg.index: one C call per header name asked for, present or not)
-        via_i = msg.index(b"via")
-        if via_i < 0:
-            raise Dropped(DROP_MISSING_HEADER)
-        via_value = msg.value_at(via_i)
-        if via_value.count(b",") >= MAX_VIAS:  # (see _count_vias: commas are what is counted)
+        # every header the proxy reads, in one C call when they are all there and readable;
+        # else one by one below, which raises what is missing as it always did
+        fields = _c_request_fields(lines, names) if _c_request_fields is not None else None
+        if fields is not None:
+            via_i, via_value, next_via_i, call_id, cseq_n, cseq_m, from_val, to_val, from_tag_or_none, \
+                to_tag, mf_i, hops, route_i = fields
+            more_vias = next_via_i >= 0
+        else:
+            # (msg.index: one C call per header name asked for, present or not)
+            via_i = msg.index(b"via")
+            if via_i < 0:
+                raise Dropped(DROP_MISSING_HEADER)
+            via_value = msg.value_at(via_i)
+            more_vias = msg.index(b"via", via_i + 1) >= 0
+        # (see _count_vias: commas are what is counted; a shorter value cannot hold that many)
+        if len(via_value) >= MAX_VIAS and via_value.count(b",") >= MAX_VIAS:
             raise Dropped(DROP_TOO_MANY_HEADERS)
         via_vals = split_values(via_value, MAX_VIAS)
-        if msg.index(b"via", via_i + 1) >= 0:
+        if more_vias:
             self._count_vias(msg, via_i)
         top = parse_via(via_vals[0])
         top_params = top.params
-        call_id = msg.call_id()
-        cseq_n, cseq_m = msg.cseq()
-        if cseq_m != method.upper():
-            raise Dropped(DROP_MISSING_HEADER)
-        from_val = get(b"from")
-        to_val = get(b"to")
-        if from_val is None or to_val is None:
+        if fields is None:
+            call_id = msg.call_id()
+            cseq_n, cseq_m = msg.cseq()
+            if cseq_m != method.upper():
+                raise Dropped(DROP_MISSING_HEADER)
+            from_val_or_none = msg.get(b"from")
+            to_val_or_none = msg.get(b"to")
+            if from_val_or_none is None or to_val_or_none is None:
+                raise Dropped(DROP_MISSING_HEADER)
+            from_val, to_val = from_val_or_none, to_val_or_none
+            from_tag_or_none = header_tag(from_val)
+            to_tag = header_tag(to_val)
+            mf_i = msg.index(b"max-forwards")
+            hops = -1
+            route_i = msg.index(b"route")
+        elif cseq_m != method and cseq_m != method.upper():  # (cseq_m is upper case already)
             raise Dropped(DROP_MISSING_HEADER)
         src_ip, src_port = src
         if tcp_in:  # over TCP, responses take the connection: its address is the reply address
@@ -332,14 +410,13 @@ class ProxyCore:
                 self.tcp_alias = (src_ip, top.port)
         # where responses to this request go: the real source (RFC 3261 §18.2.2, RFC 3581)
         reply = (src_ip, src_port) if b"rport" in top_params else (src_ip, top.port or 5060)
-        from_tag = header_tag(from_val) or b""
-        to_tag = header_tag(to_val)
+        from_tag = from_tag_or_none or b""
         has_to_tag = to_tag is not None
         if to_tag is not None:
             if is_ack and to_tag.startswith(b"sw") and \
                     hmac.compare_digest(to_tag, self._local_tag(call_id, from_tag)):
                 return []  # the ACK of a non-2xx this proxy answered itself ends here (§17.2.1)
-        elif (self.draining or (self.overloaded and midx != OPTIONS)) and midx != ACK and midx != CANCEL:
+        elif (self.draining or (self.overloaded and midx != _OPTIONS)) and midx != _ACK and midx != _CANCEL:
             # shed new dialogs early, before any costly work: 503 makes the gateway retry
             # elsewhere (RFC 3261 §21.5.4) instead of retransmitting into a full queue
             if self.draining:
@@ -349,10 +426,10 @@ class ProxyCore:
             return self._local(msg, top, reply, data, 503, b"Service Unavailable",
                                b"Retry-After: %d" % RETRY_AFTER)
 
-        mf_i = msg.index(b"max-forwards")
         if mf_i >= 0:
-            mf = msg.value_at(mf_i)
-            hops = int(mf) if mf.isdigit() and len(mf) <= 3 else 256
+            if hops < 0:  # (not read yet)
+                mf = msg.value_at(mf_i)
+                hops = int(mf) if mf.isdigit() and len(mf) <= 3 else 256
             if hops > 255:
                 raise Dropped(DROP_OUT_OF_RANGE, self._reply(msg, top, reply, data, 400, b"Bad Max-Forwards"))
             if hops <= 0:
@@ -361,10 +438,13 @@ class ProxyCore:
             lines[mf_i] = _MAX_FORWARDS_LINES[hops - 1]
 
         cseq_s = _SMALL_DECIMALS[cseq_n] if cseq_n < 4096 else b"%d" % cseq_n
-        loop_part = hexlify(blake2b(b"|".join((uri, from_tag, call_id, cseq_s)),
-                                    digest_size=6).digest())
-        if data.find(self.adv_hostport) >= 0 and data.find(BRANCH_PREFIX + loop_part) >= 0 and \
-                self._looped(msg, loop_part):  # (two C-level finds rule out almost every request)
+        loop_part = _loop_hash(uri, from_tag, call_id, cseq_s)
+        loop_branch = BRANCH_PREFIX + loop_part + b"."  # how our branch for this request starts
+        # (a single Via value that is not ours cannot be a loop; else two C-level finds rule out
+        # almost every request; with one Via line, only its value can hold our Via)
+        if (more_vias or len(via_vals) > 1 or self._is_me(top.host, top.port)) and \
+                (data if more_vias else via_value).find(loop_branch) >= 0 and \
+                data.find(self.adv_hostport) >= 0 and self._looped(msg, loop_part):
             stats.loops += 1
             return [] if is_ack else self._local(msg, top, reply, data, 482, b"Loop Detected")
 
@@ -372,8 +452,8 @@ class ProxyCore:
         own_sig = None
         next_route = None
         route_tcp = False  # the last of our Route entries removed said transport=tcp
-        if msg.index(b"route") >= 0:
-            next_route, own_sig, route_tcp = self._pop_own_routes(msg)
+        if route_i >= 0:
+            next_route, own_sig, route_tcp = self._pop_own_routes(msg, route_i)
         if from_sig:
             target = next_route if next_route is not None else uri
             try:
@@ -408,20 +488,21 @@ class ProxyCore:
 
         # trace context: one trace per Call-ID, joined from an incoming traceparent
         tracker = self.tracker
-        initial_invite = midx == INVITE and not has_to_tag
+        initial_invite = midx == _INVITE and not has_to_tag
         call = tracker.lookup_call(call_id, initial_invite, cseq_n)
         incoming = None
-        for name in self.trace_lookup:
-            trace_i = msg.index(name)
-            if trace_i >= 0:
-                incoming = parse_traceparent(msg.value_at(trace_i))
-                if incoming is None:
-                    stats.traceparent_invalid += 1
-                break
+        if first_of(names, self.trace_lookup) >= 0:  # (one C call rules them all out)
+            for name in self.trace_lookup:
+                trace_i = msg.index(name)
+                if trace_i >= 0:
+                    incoming = parse_traceparent(msg.value_at(trace_i))
+                    if incoming is None:
+                        stats.traceparent_invalid += 1
+                    break
         if call is None:
             call = self._new_call(msg, call_id, incoming, now, initial_invite, from_val, to_val, src)
 
-        branch = BRANCH_PREFIX + loop_part + b"." + self._branch_mac(
+        branch = loop_branch + self._branch_mac(
             top, call_id, cseq_s, from_tag, reply, dest[0])
         if is_ack:
             tx = tracker.ack(midx, method, cseq_n, call, now, self._randbits(64) or 1, direction,
@@ -451,8 +532,8 @@ class ProxyCore:
             trace_id = tx.trace_id
             memo = call.trace_hex
             if memo is None or memo[0] != trace_id:
-                memo = call.trace_hex = (trace_id, self.trace_line_head + b"%032x" % trace_id)
-            trace_line = memo[1] + (b"-%016x-01" if tx.sampled else b"-%016x-00") % tx.span_id
+                memo = call.trace_hex = (trace_id, self._hex(self.trace_line_head, trace_id, 32, b"-"))
+            trace_line = self._hex(memo[1], tx.span_id, 16, b"-01" if tx.sampled else b"-00")
         trace_i = msg.index(self.trace_lname)
         if trace_i >= 0:
             lines[trace_i] = trace_line
@@ -471,7 +552,7 @@ class ProxyCore:
         rr_line = b""
         rr_mac = b""
         if self.config.record_route and method in DIALOG_CREATING and not has_to_tag:
-            rr_mac = self._mac(b"r", party.encode())
+            rr_mac = self._party_mac(party)
             if out_tcp or tcp_in:
                 rr_line = self._record_route(rr_mac, out_tcp, tcp_in)
             else:
@@ -481,7 +562,10 @@ class ProxyCore:
                 above_via.append(rr_line)
         if rr_i > via_i:
             lines.insert(rr_i, rr_line)
-        lines[via_i:via_i] = above_via
+        if len(above_via) == 1:
+            lines.insert(via_i, via_line)
+        else:
+            lines[via_i:via_i] = above_via
         if 0 <= rr_i < via_i:
             lines.insert(rr_i, rr_line)
         out = msg.to_bytes()
@@ -513,6 +597,15 @@ class ProxyCore:
                 n += msg.value_at(i).count(b",") + 1
                 if n > MAX_VIAS:
                     raise Dropped(DROP_TOO_MANY_HEADERS)
+
+    @staticmethod
+    def _hex(head: bytes, value: int, digits: int, tail: bytes) -> bytes:
+        """``head + b"%0{digits}x" % value + tail`` (one C call when the extension is built)."""
+        if _c_hex_join is not None:
+            out = _c_hex_join(head, value, digits, tail)
+            if out is not None:
+                return out
+        return head + b"%0*x" % (digits, value) + tail
 
     def _record_route(self, mac: bytes, out_tcp: bool, in_tcp: bool) -> bytes:
         """Our Record-Route line when TCP is on either side: one value for the transport of
@@ -548,7 +641,7 @@ class ProxyCore:
         named: Call | None = None
         by = ""
         keys: list[bytes] | None = None
-        if not self.new_dialog_names.isdisjoint(names):
+        if first_of(names, self.new_dialog_list) >= 0:
             if is_call and self.corr_kinds:
                 keys = []
                 named, by = self.tracker.correlate(self.corr_kinds, msg, names, call_id, src, keys)
@@ -603,15 +696,15 @@ class ProxyCore:
     def _is_me(self, host: bytes, port: int | None) -> bool:
         return host == self.adv_host and (port or 5060) == self.adv_port
 
-    def _pop_own_routes(self, msg: SipMessage) -> tuple[bytes | None, bytes | None, bool]:
-        """Remove Route values naming us from the top; return the next Route value, if any,
-        the ``sw`` signature of the last of ours removed and whether that one said
-        ``transport=tcp``. Linear: every Route line is split once and rewritten at most once."""
+    def _pop_own_routes(self, msg: SipMessage, i: int) -> tuple[bytes | None, bytes | None, bool]:
+        """Remove Route values naming us from the top (the first Route line is line ``i``);
+        return the next Route value, if any, the ``sw`` signature of the last of ours removed
+        and whether that one said ``transport=tcp``. Linear: every Route line is split once and
+        rewritten at most once."""
         names, lines = msg.names, msg.lines
         sig = None
         tcp = False
         seen = 0
-        i = names.index(b"route")
         # the usual case: the first Route line is exactly one of our Record-Route values
         # (``<sip:ADV;lr;sw=MAC>``), as the UA copied it: removed without parsing it
         v = msg.value_at(i)
@@ -619,17 +712,17 @@ class ProxyCore:
         if v.startswith(head) and len(v) == len(head) + 13 and v.endswith(b">") and \
                 v[len(head):-1].isalnum():
             sig = v[len(head):-1]
-            del lines[i]
-            del names[i]
+            lines.pop(i)
+            names.pop(i)
             seen = 1
         elif v == self.route_plain:  # ``<sip:ADV;lr>``: ours, written by hand or by a peer
-            del lines[i]
-            del names[i]
+            lines.pop(i)
+            names.pop(i)
             seen = 1
-        while i < len(names):
-            if names[i] != b"route":
-                i += 1
-                continue
+        while True:
+            i = msg.index(b"route", i)  # the next Route line
+            if i < 0:
+                break
             values = split_values(msg.value_at(i), MAX_ROUTES)
             seen += len(values)
             if seen > MAX_ROUTES:
@@ -647,8 +740,8 @@ class ProxyCore:
                 tcp = transport is not None and transport.lower() == b"tcp"
                 k += 1
             if k == len(values):  # the whole line was ours
-                del lines[i]
-                del names[i]
+                lines.pop(i)
+                names.pop(i)
                 continue
             if k:
                 lines[i] = b"Route: " + b", ".join(values[k:])
@@ -679,7 +772,7 @@ class ProxyCore:
         t = self.gateway_seen.get(ip)
         if t is not None and t > now - GATEWAY_SEEN_TTL:
             return True
-        if route_sig is not None and hmac.compare_digest(route_sig, self._mac(b"r", ip.encode())):
+        if route_sig is not None and hmac.compare_digest(route_sig, self._party_mac(ip)):
             return True
         nets = self.config.allow_next_hop
         if not nets:
@@ -757,7 +850,7 @@ class ProxyCore:
         status = msg.status
         if status > 699:
             raise Dropped(DROP_OUT_OF_RANGE)
-        direction = FROM_SIGNALING if src == self.upstream else FROM_GATEWAY
+        direction = _FROM_SIGNALING if src == self.upstream else _FROM_GATEWAY
         stats.responses[(min(status // 100, 6) - 1) * 2 + direction] += 1
         names = msg.names
         via_i = msg.index(b"via")
@@ -803,11 +896,12 @@ class ProxyCore:
         if rest is not None:
             msg.lines[via_i] = b"Via: " + b", ".join(rest)
         else:
-            del msg.lines[via_i]
-            del names[via_i]
-        if direction == FROM_GATEWAY:
+            msg.lines.pop(via_i)
+            names.pop(via_i)
+        if direction == _FROM_GATEWAY:
             self._saw_gateway(src[0], now)
-        self.tracker.response(key, status, now, to_tag)
+        if tx is not None:  # (the table is as it was when tx was looked up)
+            self.tracker.response_to(tx, status, now, to_tag)
         if not next_raw.startswith(b"SIP/2.0/UDP") and (
                 next_raw.startswith(b"SIP/2.0/TCP") or parse_via(next_raw).transport == b"TCP"):
             self.out_tcp = True  # the request came over TCP: so goes its response (§18.2.2)
@@ -826,6 +920,17 @@ class ProxyCore:
             if branch[len(BRANCH_PREFIX):].replace(b".", b"").isalnum():
                 return branch
         return None
+
+
+def _loop_hash(uri: bytes, from_tag: bytes, call_id: bytes, cseq_s: bytes) -> bytes:
+    """The loop-detection part of our branch (RFC 3261 §16.6 step 8): an unkeyed hash of what
+    identifies the request, so the same request coming back is recognised."""
+    parts = (uri, from_tag, call_id, cseq_s)
+    if _c_mac_hex is not None:
+        h = _c_mac_hex(_LOOP_STATE, b"|", parts)
+        if h is not None:
+            return h
+    return hexlify(blake2b(b"|".join(parts), digest_size=6).digest())
 
 
 def _reply_address(via: Via) -> Addr | None:

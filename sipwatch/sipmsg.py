@@ -29,7 +29,7 @@ from .stats import (
 
 __all__ = [
     "SipParseError", "SipMessage", "Via", "parse", "parse_via", "split_values",
-    "parse_params", "uri_hostport", "header_tag", "COMPACT_FORMS",
+    "parse_params", "uri_hostport", "header_tag", "COMPACT_FORMS", "first_of",
 ]
 
 
@@ -359,6 +359,20 @@ def _split_general(data: bytes, check_length: bool) -> tuple[bytes, list[bytes],
     if None in found:
         return start, raw, None, body
     return start, raw, found, body  # type: ignore[return-value]  # (no None in it)
+
+
+_c_first_of: Final[Callable[[list[bytes], tuple[bytes, ...]], int] | None] = _sipscan.first_of if _sipscan else None
+
+
+def first_of(names: list[bytes], wanted: tuple[bytes, ...]) -> int:
+    """The first index of ``names`` holding one of ``wanted``, or -1: one C call for "is any of
+    these headers there" (a set test hashes every name of the message)."""
+    if _c_first_of is not None:
+        return _c_first_of(names, wanted)
+    for i, n in enumerate(names):
+        if n in wanted:
+            return i
+    return -1
 
 
 def _name_index(names: list[bytes], name: bytes, start: int) -> int:

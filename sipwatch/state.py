@@ -44,13 +44,12 @@ transaction records, table and deque entries) leaves ``timer_b`` after the call 
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from itertools import count
 from typing import Final, Generic, TypeVar, cast
 
 # Timer entries are (deadline, obj, token) and obj.qentry holds the token of its current one: an
 # int, not the tuple, so no entry and object point at each other (no reference cycle: a call's
-# state is freed by reference counting, never waits for the cyclic garbage collector).
-_TOKENS = count(1)
+# state is freed by reference counting, never waits for the cyclic garbage collector). Tokens
+# count up per Tracker (an object is only ever in its own tracker's queues).
 
 from .correlation import HEADER_NAMES as CORRELATION_HEADERS, KINDS as CORRELATION_KINDS, MALFORMED, XCID, key_of
 from .stats import (
@@ -162,7 +161,7 @@ class Call:
         self.gap_start = 0.0
         self.gap_parent = 0  # the named leg's call span: parent of this leg's call and B2BUA spans
         self.corr_keys: list[bytes] | None = None  # correlation index keys that name this call
-        # (trace id, the trace header line up to the span id) for the core's stamping
+        # (trace id, the trace header line up to the span id and its dash) for the core's stamping
         self.trace_hex: tuple[int, bytes] | None = None
 
     def let_go(self) -> None:
@@ -321,6 +320,20 @@ class Tracker:
         # them first; at most one key per kind per call, at most max_calls keys, each removed when
         # its call leaves the table (X-CID needs no index: it names a Call-ID of ``calls``)
         self.corr_index: dict[bytes, Call] = {}
+        self._token = 0  # the last timer entry token handed out
+
+    def _next_token(self) -> int:
+        """A new timer entry token (a plain counter: ``next()`` of an itertools.count was a
+        module lookup and two generic calls per entry)."""
+        self._token += 1
+        return self._token
+
+    def _push(self, q: DeadlineQueue[Call], call: Call, deadline: float) -> None:
+        """Schedule ``call`` at ``deadline``; its earlier entry goes stale."""
+        token = self._next_token()
+        call.deadline = deadline
+        call.qentry = token
+        q.append((deadline, call, token))
 
     # -- calls -------------------------------------------------------------------------
     def find_call(self, call_id: bytes) -> Call | None:
@@ -371,12 +384,12 @@ class Tracker:
             deadline = now + self.max_call_duration
             call = Call(call_id, trace_id, span_id, parent_span_id, sampled, now, deadline,
                         is_call, from_uri, to_uri, ruri)
-            _push(self._call_long, call, deadline)
+            self._push(self._call_long, call, deadline)
         else:
             deadline = now + self.timer_b
             call = Call(call_id, trace_id, span_id, parent_span_id, sampled, now, deadline,
                         is_call, from_uri, to_uri, ruri)
-            _push(self._call_short, call, deadline)
+            self._push(self._call_short, call, deadline)
         if self.release:
             call.holders = 2 if is_call else 1
         calls[call_id] = call
@@ -499,7 +512,7 @@ class Tracker:
         if len(txs) >= self.max_transactions and key not in txs:
             self._evict_tx()
         txs[key] = tx
-        e = (deadline, tx, next(_TOKENS))
+        e = (deadline, tx, self._next_token())
         tx.qentry = e[2]
         self._tx_b.append(e)
         if len(call.transactions) < MAX_TX_PER_CALL:
@@ -510,7 +523,7 @@ class Tracker:
             call.invite_cseq = cseq
         if not call.is_call and not call.finished and call.deadline != deadline:
             # a non-dialog entry lives as long as its newest request's Timer F
-            _push(self._call_short, call, deadline)
+            self._push(self._call_short, call, deadline)
         calls, cid = self.calls, call.call_id
         if calls.get(cid) is call:
             calls.move_to_end(cid)  # activity: requests (responses follow their request)
@@ -569,6 +582,10 @@ class Tracker:
         tx = self.transactions.get(key)
         if tx is None:
             return None
+        return self.response_to(tx, status, now, to_tag)
+
+    def response_to(self, tx: Transaction, status: int, now: float, to_tag: bytes | None = None) -> Transaction:
+        """:meth:`response` for a transaction the caller already looked up by its key."""
         stats = self.stats
         if tx.t_first is None:
             tx.t_first = now
@@ -601,7 +618,7 @@ class Tracker:
                 tx.tags = [to_tag]
             d = now + self.timer_b
             tx.deadline = d
-            e = (d, tx, next(_TOKENS))
+            e = (d, tx, self._next_token())
             tx.qentry = e[2]
             self._tx_linger.append(e)
             self._emit("tx", tx)
@@ -616,7 +633,7 @@ class Tracker:
     def _timer_c(self, tx: Transaction, now: float) -> None:
         d = now + self.timer_c
         tx.deadline = d
-        e = (d, tx, next(_TOKENS))
+        e = (d, tx, self._next_token())
         tx.qentry = e[2]
         self._tx_c.append(e)
 
@@ -630,7 +647,7 @@ class Tracker:
                 call.status = status
                 call.t_final = now
                 if not call.finished and self.calls.get(call.call_id) is call:
-                    _push(self._call_short, call, now + self.timer_b)
+                    self._push(self._call_short, call, now + self.timer_b)
             elif call.outcome < 0:
                 call.t_final = now
                 call.status = status
@@ -640,7 +657,7 @@ class Tracker:
                     if not call.finished:
                         self.stats.active_calls += 1
                         if self.calls.get(call.call_id) is call:
-                            _push(self._call_long, call, now + self.max_call_duration)
+                            self._push(self._call_long, call, now + self.max_call_duration)
                 self.stats.calls[call.outcome] += 1
                 if call.outcome != ANSWERED:
                     self._finish_call(call, now,
@@ -660,7 +677,7 @@ class Tracker:
             self.stats.active_calls -= 1
         if self.calls.get(call.call_id) is call:
             # keep the entry until late ACKs/retransmissions have passed, then expire() drops it
-            _push(self._call_linger, call, now + self.timer_b)
+            self._push(self._call_linger, call, now + self.timer_b)
         self._emit("call", call)
 
     def _emit(self, kind: str, obj) -> None:
@@ -798,14 +815,6 @@ class Tracker:
         """Deadline entries held (live and stale), for tests and memory accounting."""
         return sum(len(q) for q in (self._tx_b, self._tx_c, self._tx_linger, self._call_short,
                                     self._call_long, self._call_linger))
-
-
-def _push(q: DeadlineQueue, obj, deadline: float) -> None:
-    """Schedule ``obj`` (a Transaction or Call) at ``deadline``; its earlier entry goes stale."""
-    e = (deadline, obj, next(_TOKENS))
-    obj.deadline = deadline
-    obj.qentry = e[2]
-    q.append(e)
 
 
 def _pending(e, txs) -> bool:

@@ -193,6 +193,22 @@ def test_index_and_get(names, name, start):
     assert msg.index(name, start) == want
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from(NAMES), st.binary(max_size=3)), max_size=12),
+       st.lists(st.one_of(st.sampled_from(NAMES), st.binary(max_size=3)), max_size=4))
+def test_first_of(names, wanted):
+    want = next((i for i, n in enumerate(names) if n in wanted), -1)
+    assert _sipscan.first_of(names, tuple(wanted)) == want
+    assert sipmsg.first_of(names, tuple(wanted)) == want
+
+
+def test_first_of_compares_other_objects_as_index_does():
+    assert _sipscan.first_of([1, "via", bytearray(b"to"), b"via"], (b"via", b"to")) == 2
+    assert _sipscan.first_of([b"a", b"b"], ()) == -1
+    with pytest.raises(TypeError):
+        _sipscan.first_of([b"a"], [b"a"])
+
+
 def test_index_compares_other_objects_as_list_index_does():
     names = [1, "via", bytearray(b"via"), b"via"]
     assert _sipscan.index(names, b"via", 0) == 2  # bytearray(b"via") == b"via"
@@ -355,3 +371,211 @@ def test_every_odd_byte_at_every_position_of_a_head_is_seen():
             assert _sipscan.split(data, table, 100) is None, (odd, at)
     for at in range(RFC_F1.index(b"CSeq: 1") + 5, RFC_F1.index(b"Contact:") - 2):
         assert _sipscan.split(RFC_F1[:at] + b"\t" + RFC_F1[at:], table, 100) is not None, at
+
+
+# -- the proxy's MACs (BLAKE2b), hex ids and request fields ----------------------------------------
+
+def blake2b_hex(key: bytes, digest_size: int, sep: bytes, parts) -> bytes | None:
+    """The reference: hashlib's keyed BLAKE2b of the joined parts, hex; None for no bytes at all."""
+    from binascii import hexlify
+    from hashlib import blake2b
+    data = sep.join(parts)
+    return hexlify(blake2b(data, key=key, digest_size=digest_size).digest()) if data else None
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=64), st.integers(1, 64), st.sampled_from([b"|", b"", b", "]),
+       st.lists(st.one_of(st.binary(max_size=300), st.sampled_from([b"", b"z9hG4bK-1", b"127.0.0.1"])), max_size=6))
+def test_mac_hex_is_hashlib_blake2b(key, digest_size, sep, parts):
+    state = _sipscan.blake2b_state(key, digest_size)
+    want = blake2b_hex(key, digest_size, sep, parts)
+    assert _sipscan.mac_hex(state, sep, parts) == want
+    assert _sipscan.mac_hex(state, sep, tuple(parts)) == want
+
+
+@pytest.mark.parametrize("size", [1, 63, 127, 128, 129, 255, 256, 257, 1000])
+@pytest.mark.parametrize("key", [b"", b"k", bytes(range(64))])
+def test_mac_hex_across_block_boundaries(size, key):
+    """A last block that is full, one byte over and one byte short: with a key (whose own block
+    comes first) and without."""
+    data = bytes(range(256)) * 4
+    for parts, sep in (([data[:size]], b""), ([data[:size - 1], b""], b"|"), ([b"a"] * ((size + 1) // 2), b"|")):
+        for ds in (6, 32, 64):
+            assert _sipscan.mac_hex(_sipscan.blake2b_state(key, ds), sep, parts) == blake2b_hex(key, ds, sep, parts)
+
+
+def test_mac_hex_refuses_what_it_cannot_use():
+    state = _sipscan.blake2b_state(b"key", 6)
+    for key, ds in ((b"k" * 65, 6), (b"", 0), (b"", 65), (b"", -1)):
+        with pytest.raises(ValueError):
+            _sipscan.blake2b_state(key, ds)
+    with pytest.raises(ValueError):
+        _sipscan.mac_hex(state[:-1], b"|", [b"x"])
+    with pytest.raises(ValueError):
+        _sipscan.mac_hex(state[:-1] + b"\x00", b"|", [b"x"])  # digest size 0
+    with pytest.raises(TypeError):
+        _sipscan.mac_hex(state, b"|", iter([b"x"]))
+    with pytest.raises(TypeError):
+        _sipscan.mac_hex(state, b"|", [b"x", "y"])
+    with pytest.raises(TypeError):
+        _sipscan.mac_hex(state, "|", [b"x"])
+    with pytest.raises(TypeError):
+        _sipscan.blake2b_state("key", 6)
+    assert _sipscan.mac_hex(state, b"|", []) is None and _sipscan.mac_hex(state, b"", [b"", b""]) is None
+
+
+def test_the_proxy_macs_are_hashlibs():
+    """A ProxyCore's branch MAC, Record-Route MAC and loop hash are the BLAKE2b digests its
+    hashlib path makes (a proxy without the extension, with the same secret, recognises them)."""
+    from sipwatch import core as core_module
+    from sipwatch.core import CoreConfig, ProxyCore
+    proxy = ProxyCore(CoreConfig(advertise=("127.0.0.1", 5070), upstream=("127.0.0.1", 5080), secret=b"s3cret"))
+    parts = (b"b", b"z9hG4bK-1", b"call-1@gw", b"1", b"tag1", b"10.0.0.1", b"5060", b"10.0.0.2")
+    assert proxy._mac_of(parts) == blake2b_hex(proxy.key, 6, b"|", parts)
+    assert proxy._party_mac("10.0.0.1") == blake2b_hex(proxy.key, 6, b"|", [b"r", b"10.0.0.1"])
+    assert core_module._loop_hash(b"sip:a@b", b"t", b"c", b"1") == blake2b_hex(b"", 6, b"|", [b"sip:a@b", b"t", b"c",
+                                                                                            b"1"])
+    proxy.key = bytes(32)  # a key set later (a restarted proxy given the old one) is the one used
+    assert proxy._party_mac("10.0.0.1") == blake2b_hex(bytes(32), 6, b"|", [b"r", b"10.0.0.1"])
+    assert proxy._mac_of(parts) == blake2b_hex(bytes(32), 6, b"|", parts)
+
+
+INT = st.one_of(st.integers(-3, 2 ** 130), st.integers(0, 2 ** 64 + 5), st.sampled_from(
+    [0, 1, 15, 16, 2 ** 64 - 1, 2 ** 64, 2 ** 128 - 1, 2 ** 128, 2 ** 200, -2 ** 70, True, False]))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=8), INT, st.integers(-1, 34), st.binary(max_size=4))
+def test_hex_join(head, value, digits, tail):
+    ok = 1 <= digits <= 32 and 0 <= value < 16 ** digits
+    want = head + b"%0*x" % (digits, value) + tail if ok else None
+    assert _sipscan.hex_join(head, value, digits, tail) == want
+
+
+def test_hex_join_refuses_other_types():
+    for args in ((b"", 1.0, 4, b""), ("", 1, 4, b""), (b"", 1, 4, None), (b"", 1, "4", b"")):
+        with pytest.raises(TypeError):
+            _sipscan.hex_join(*args)
+
+
+def request_fields_py(lines: list[bytes], names: list[bytes]):
+    """The reference for ``request_fields``: what the proxy reads one by one (the Python
+    accessors), None where one of them raises or a required header is missing."""
+    def first(name):
+        return names.index(name) if name in names else -1
+
+    def value(name):
+        i = first(name)
+        return None if i < 0 else sipmsg._line_value_py(lines[i])
+    via_i = first(b"via")
+    call_id, cseq, from_v, to_v = value(b"call-id"), value(b"cseq"), value(b"from"), value(b"to")
+    if via_i < 0 or not call_id or cseq is None or from_v is None or to_v is None:
+        return None
+    try:
+        number, method = sipmsg._cseq_py(cseq)
+    except SipParseError:
+        return None
+    more = names.index(b"via", via_i + 1) if b"via" in names[via_i + 1:] else -1
+    # Max-Forwards as ProxyCore reads it; -1 also for a folded line, which the proxy reads itself
+    mf, mf_i = value(b"max-forwards"), first(b"max-forwards")
+    hops = -1 if mf is None or lines[mf_i].find(b"\n") >= 0 else int(mf) if mf.isdigit() and len(mf) <= 3 else 256
+    return (via_i, sipmsg._line_value_py(lines[via_i]), more, call_id, number, method, from_v, to_v,
+            sipmsg._header_tag_py(from_v), sipmsg._header_tag_py(to_v), first(b"max-forwards"), hops, first(b"route"))
+
+
+REQUEST_NAMES = [b"via", b"call-id", b"cseq", b"from", b"to", b"max-forwards", b"route", b"record-route", b"contact",
+                 b"x", b"vi", b"tO"]
+MAX_FORWARDS_VALUES = st.sampled_from([b"70", b"0", b" 7 ", b"070", b"255", b"256", b"999", b"1000", b"", b"x", b"-1",
+                                       b"\xd9\xa3", b"1\t", b"\x0b9"])
+CSEQ_VALUES = st.sampled_from([b"1 INVITE", b" 2  ack ", b"2147483648 BYE", b"1", b"x INVITE", b"", b"12345678901 A"])
+
+
+@st.composite
+def request_headers(draw):
+    """The five headers every request needs (each left out now and then), with odd values at
+    times, among other and repeated headers, in any order."""
+    needed = [(b"via", draw(st.one_of(st.just(b"SIP/2.0/UDP h;branch=z9hG4bK1"), VALUE))),
+              (b"call-id", draw(st.one_of(st.just(b"c-1@h"), VALUE))),
+              (b"cseq", draw(st.one_of(st.just(b"1 INVITE"), CSEQ_VALUES))),
+              (b"from", draw(st.one_of(st.just(b"<sip:a@h>;tag=1"), VALUE))),
+              (b"to", draw(st.one_of(st.just(b"<sip:b@h>"), VALUE)))]
+    kept = [h for h in needed if draw(st.integers(0, 9))]
+    extra = draw(st.lists(st.tuples(st.sampled_from(REQUEST_NAMES), st.one_of(VALUE, CSEQ_VALUES, MAX_FORWARDS_VALUES)),
+                          max_size=8))
+    return draw(st.permutations(kept + extra))
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(request_headers())
+def test_request_fields(headers):
+    names = [n for n, _ in headers]
+    lines = [n.title() + b": " + v for n, v in headers]
+    got = _sipscan.request_fields(lines, names)
+    assert got == request_fields_py(lines, names)
+    if got is not None:
+        assert [type(x) for x in got] == [int, bytes, int, bytes, int, bytes, bytes, bytes,
+                                          type(got[8]), type(got[9]), int, int, int]
+
+
+def test_request_fields_of_a_parsed_request():
+    """RFC 3261 §24.2 F1 and an in-dialog request through a Route: every field as the accessors read it."""
+    from test_sipscan import RFC_F1
+    m = parse(RFC_F1)
+    assert _sipscan.request_fields(m.lines, m.names) == (
+        m.index(b"via"), m.value_at(m.index(b"via")), -1, b"3848276298220188511@atlanta.example.com", 1,
+        b"INVITE", m.get(b"from"), m.get(b"to"), b"9fxced76sl", None, m.index(b"max-forwards"), 70, -1)
+    bye = parse(b"BYE sip:b@10.0.0.2 SIP/2.0\r\nVia: SIP/2.0/UDP a;branch=z9hG4bK1\r\nVia: SIP/2.0/UDP b\r\n"
+                b"Route: <sip:10.0.0.1;lr>\r\nFrom: <sip:a@a>;tag=x\r\nTo: <sip:b@b>;TAG=y\r\n"
+                b"Call-ID: c\r\nCSeq: 2 bye\r\nContent-Length: 0\r\n\r\n")
+    assert _sipscan.request_fields(bye.lines, bye.names) == (
+        0, b"SIP/2.0/UDP a;branch=z9hG4bK1", 1, b"c", 2, b"BYE", b"<sip:a@a>;tag=x", b"<sip:b@b>;TAG=y",
+        b"x", b"y", -1, -1, 2)
+
+
+def test_request_fields_leaves_odd_lists_to_python():
+    lines = [b"Via: v", b"Call-ID: c", b"CSeq: 1 A", b"From: f", b"To: t"]
+    names = [b"via", b"call-id", b"cseq", b"from", b"to"]
+    assert _sipscan.request_fields(lines, names) is not None
+    assert _sipscan.request_fields(lines[:4], names) is None  # fewer lines than names
+    assert _sipscan.request_fields(lines, names[:4] + [bytearray(b"to")]) is None
+    assert _sipscan.request_fields(lines, [*names[:2], b"cseq", b"from", b"t"]) is None
+    with pytest.raises(ValueError):
+        _sipscan.request_fields([b"Via v", *lines[1:]], names)  # (a parsed line always has its colon)
+    with pytest.raises(TypeError):
+        _sipscan.request_fields(tuple(lines), names)
+
+
+def test_no_reference_or_memory_is_kept_by_the_mac_hex_and_field_calls():
+    import gc
+    import sys
+    import tracemalloc
+    key, parts = b"k" * 32, [b"part-one", b"part-two" * 40]
+    lines = [b"Via: SIP/2.0/UDP h;branch=z9hG4bK1", b"Call-ID: c-1", b"CSeq: 1 INVITE", b"From: <sip:a>;tag=f",
+             b"To: <sip:b>;tag=t", b"Max-Forwards: 70", b"Route: <sip:r>"]
+    names = [b"via", b"call-id", b"cseq", b"from", b"to", b"max-forwards", b"route"]
+    big = 2 ** 100 + 12345
+
+    def calls():
+        state = _sipscan.blake2b_state(key, 6)
+        _sipscan.mac_hex(state, b"|", parts)
+        _sipscan.mac_hex(state, b"|", [])
+        _sipscan.hex_join(key, big, 32, key)
+        _sipscan.hex_join(key, 2 ** 70, 16, key)
+        _sipscan.request_fields(lines, names)
+        _sipscan.request_fields(lines[:3] + [b"From: x", b"To: y"], names[:5])
+        _sipscan.request_fields(lines[:1] + [b"Call-ID: "] + lines[2:], names)
+        _sipscan.first_of(names, (b"route", b"x"))
+        _sipscan.first_of(names, (b"y", bytearray(b"to")))
+    calls()
+    gc.collect()
+    watched = [key, *parts, *lines, *names, big]
+    before = [sys.getrefcount(x) for x in watched]
+    tracemalloc.start()
+    start = tracemalloc.get_traced_memory()[0]
+    for _ in range(3000):
+        calls()
+    gc.collect()
+    grown = tracemalloc.get_traced_memory()[0] - start
+    tracemalloc.stop()
+    assert [sys.getrefcount(x) for x in watched] == before
+    assert grown < 16_000, grown
