@@ -14,7 +14,7 @@ REQUIRE_TOOLS = os.environ.get("SIPWATCH_REQUIRE_TOOLS") == "1"
 
 def pytest_sessionstart(session):
     """Under tests/test_compiled.py the core modules must really be the compiled ones, with the C
-    header scan in use; with SIPWATCH_NO_C=1 the parser must really run without it."""
+    header scan and the C span assembly in use; with SIPWATCH_NO_C=1 both must really be off."""
     if os.environ.get("SIPWATCH_EXPECT_COMPILED") == "1":
         from compiled import config, is_compiled
         import importlib
@@ -26,9 +26,13 @@ def pytest_sessionstart(session):
             from sipwatch import _sipscan, sipmsg
             assert sipmsg._c_split is _sipscan.split, "the compiled build runs without its C header scan"
             assert os.path.dirname(_sipscan.__file__) == os.path.dirname(sipmsg.__file__), _sipscan.__file__
+            from sipwatch import _otlpenc, otlp_encode
+            assert otlp_encode._otlpenc is _otlpenc, "the compiled build runs without its C span assembly"
     if os.environ.get("SIPWATCH_NO_C") == "1":
         from sipwatch import sipmsg
         assert sipmsg._c_split is None, "SIPWATCH_NO_C=1, yet the parser uses the C header scan"
+        from sipwatch import otlp_encode
+        assert otlp_encode._otlpenc is None, "SIPWATCH_NO_C=1, yet spans are assembled in C"
 
 
 @pytest.hookimpl(hookwrapper=True)
