@@ -166,7 +166,7 @@ _MEMO_MAX_KEY = 256
 _MEMOS: dict[str, dict[bytes, str]] = {"partial": {}, "full": {}}
 
 
-def mask_uri(value: bytes | str | None, mode: str = "partial") -> str:
+def mask_uri(value, mode: str = "partial") -> str:  # bytes, str or None (anything else: str() of it)
     """Mask numbers in every SIP/tel URI of a header value (display name, user part, parameters)."""
     if type(value) is bytes and len(value) <= _MEMO_MAX_KEY:
         memo = _MEMOS.get(mode)
@@ -361,7 +361,7 @@ class CallIdMasker:
         outer.update(inner.digest())
         return outer.hexdigest()[:size * 2]
 
-    def __call__(self, call_id: bytes | str | None) -> str | None:
+    def __call__(self, call_id) -> str | None:  # bytes (or bytearray), str or None
         if type(call_id) is bytes:
             if self.mode == "digits" and call_id.isascii() \
                     and call_id.translate(_DIGITS_AS_ZERO).find(b"000000") < 0:
