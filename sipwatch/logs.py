@@ -112,8 +112,8 @@ class BackgroundWriter:
         self._pending = 0
         self._cond = threading.Condition()
         self._closing = False
-        self._thread = threading.Thread(target=self._run, name="sipwatch-log-writer", daemon=True)
-        self._thread.start()
+        self._writer_thread = threading.Thread(target=self._run, name="sipwatch-log-writer", daemon=True)
+        self._writer_thread.start()
 
     def write(self, data: bytes, lines: int) -> None:
         with self._cond:
@@ -146,7 +146,7 @@ class BackgroundWriter:
         with self._cond:
             self._closing = True
             self._cond.notify()
-        self._thread.join(timeout)
+        self._writer_thread.join(timeout)
 
 
 class NonBlockingWriter:
@@ -167,7 +167,7 @@ class NonBlockingWriter:
                  max_pending: int = 8 << 20):
         self._fd = fd
         self._sock = sock
-        self._poll_fd = sock.fileno() if sock is not None else fd
+        self._poll_fd: int = sock.fileno() if sock is not None else (fd if fd is not None else -1)
         self.max_pending = max_pending
         self.dropped_lines = 0
         self._queue: deque[bytes] = deque()
@@ -252,7 +252,7 @@ class NonBlockingWriter:
         deadline = time.monotonic() + timeout
         while not self._drain():
             left = deadline - time.monotonic()
-            if left <= 0 or self._poll_fd is None:
+            if left <= 0 or self._poll_fd < 0:
                 break
             try:
                 select.select([], [self._poll_fd], [], left)
@@ -326,7 +326,7 @@ class JsonLog:
         self.writer = stdout_writer(self.stream) if background else None
 
     def emit(self, level: str, message: str, event: str, call_sid=None, trace_id=None,
-             when: float | None = None, **fields) -> None:
+             when=None, **fields) -> None:  # when: a timestamp (anything else stamps now)
         if LEVELS.index(level) < self.min_level:
             return
         self._emit_record(level, message, event, call_sid, trace_id, when, fields)

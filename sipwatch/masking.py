@@ -164,9 +164,13 @@ def _mask_display(display: str, mode: str) -> str:
 _MEMO_SIZE = 4096
 _MEMO_MAX_KEY = 256
 _MEMOS: dict[str, dict[bytes, str]] = {"partial": {}, "full": {}}
+# masked heads of values that end in a ``;tag=`` (everything before the last one), for which the
+# value masks to the masked head plus the tag as it is whenever the tag holds none of ``;?&,`` (see
+# _mask_remembered): a caller's From comes back with a new tag every call. Bounded as _MEMOS.
+_HEAD_MEMOS: dict[str, dict[bytes, str]] = {"partial": {}, "full": {}}
 
 
-def mask_uri(value: bytes | str | None, mode: str = "partial") -> str:
+def mask_uri(value, mode: str = "partial") -> str:  # bytes, str or None (anything else: str() of it)
     """Mask numbers in every SIP/tel URI of a header value (display name, user part, parameters)."""
     if type(value) is bytes and len(value) <= _MEMO_MAX_KEY:
         memo = _MEMOS.get(mode)
@@ -194,8 +198,16 @@ def _mask_remembered(value: bytes, mode: str, memo: dict[bytes, str]) -> str:
     ``tag`` as it is, so the value masks to its masked head plus the tag. Each ASCII byte decodes
     to itself (an invalid UTF-8 sequence never takes one in), so searches on the bytes find what
     searches on the decoded text would, and the parts decode as the whole does."""
+    heads = _HEAD_MEMOS[mode]
+    cut = value.rfind(b";tag=")
+    if cut > 0:
+        masked = heads.get(value[:cut])
+        if masked is not None and _NOT_IN_TAG.search(value, cut + 5) is None:
+            return masked + value[cut:].decode("utf-8", "replace")
     if len(memo) >= _MEMO_SIZE:
         memo.clear()
+    if len(heads) >= _MEMO_SIZE:
+        heads.clear()
     m = _PLAIN_NAME_ADDR.fullmatch(value)
     if m is not None and value.isascii():
         # the shape below, all ASCII: every part decodes to itself, so the value is its text
@@ -203,8 +215,11 @@ def _mask_remembered(value: bytes, mode: str, memo: dict[bytes, str]) -> str:
         text = value.decode("ascii")
         start, end = m.span(3)
         out = text[:start] + (_mask_digits(text[start:end]) if mode == "partial" else "***") + text[end:]
-        if m.start(5) < 0:
+        tag_at = m.start(5)
+        if tag_at < 0:
             memo[value] = out
+        else:  # the tag is the last ";tag=" (no ';' in it) and stays as it is
+            heads[value[:tag_at]] = out[:len(out) - (len(value) - tag_at)]
         return out
     if m is not None:
         # what the general path makes of this shape: the display name has no digit, the user
@@ -216,16 +231,13 @@ def _mask_remembered(value: bytes, mode: str, memo: dict[bytes, str]) -> str:
         if tag is None:
             memo[value] = out
             return out
-        return out + tag.decode("utf-8", "replace")  # not kept: the tag is new with every call
-    cut = value.rfind(b";tag=")
+        heads[value[:m.start(5)]] = out  # the tag is new with every call: the head is kept
+        return out + tag.decode("utf-8", "replace")
     if cut > 0 and _NOT_IN_TAG.search(value, cut + 5) is None:
         lt = value.find(b"<", 0, cut)
         gt = value.find(b">", lt + 1, cut) if lt >= 0 else -1
         if gt >= 0 and value.find(b":", 0, lt) < 0 and value.find(b",", gt + 1, cut) < 0:
-            head = value[:cut]
-            masked = memo.get(head)
-            if masked is None:
-                masked = memo[head] = _mask_text(head.decode("utf-8", "replace"), mode)
+            masked = heads[value[:cut]] = _mask_text(value[:cut].decode("utf-8", "replace"), mode)
             return masked + value[cut:].decode("utf-8", "replace")
     out = memo[value] = _mask_text(value.decode("utf-8", "replace"), mode)
     return out
@@ -361,7 +373,7 @@ class CallIdMasker:
         outer.update(inner.digest())
         return outer.hexdigest()[:size * 2]
 
-    def __call__(self, call_id: bytes | str | None) -> str | None:
+    def __call__(self, call_id) -> str | None:  # bytes (or bytearray), str or None
         if type(call_id) is bytes:
             if self.mode == "digits" and call_id.isascii() \
                     and call_id.translate(_DIGITS_AS_ZERO).find(b"000000") < 0:

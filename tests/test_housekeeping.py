@@ -169,3 +169,25 @@ def test_a_call_span_keeps_its_transport_after_the_summary_lets_the_transactions
                     if "network.transport" in attrs:
                         found.append(attrs["network.transport"]["stringValue"])
     assert found == ["tcp"]
+
+
+def test_the_span_pipeline_health_is_read_every_few_ticks(tmp_path):
+    """Its figures change at most every 100 ms (the worker's status frames); each read cost
+    ~45 µs of the loop's time live, so it is read every HEALTH_EVERY ticks, not every tick."""
+    from sipwatch.app import HEALTH_EVERY
+
+    class Pipeline:
+        reads = 0
+        file_failing = False
+
+        @property
+        def failures(self):
+            Pipeline.reads += 1
+            return 0
+
+    app, _ = _app(tmp_path, "--no-tracing")
+    app.spans = Pipeline()
+    for i in range(3 * HEALTH_EVERY):
+        app._ticks = i
+        app.tick()
+    assert HEALTH_EVERY > 1 and Pipeline.reads == 3

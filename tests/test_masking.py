@@ -398,3 +398,24 @@ def test_call_id_masker_survives_pickling_for_the_span_worker_process():
     copy = pickle.loads(pickle.dumps(m))
     assert copy.mode == "digits"
     assert copy(b"4930123456@gw") == m(b"4930123456@gw") != CallIdMasker("digits", b"j")(b"4930123456@gw")
+
+
+def test_a_callers_head_is_remembered_and_every_new_tag_masks_as_the_whole_value_does():
+    """A From comes back with a new tag every call: its head (what precedes the last ``;tag=``)
+    is remembered once, and each value, the tag as it comes, masks exactly as the unremembered
+    text does (a tag holding ``;?&,`` or odd bytes goes the long way)."""
+    from sipwatch import masking
+    heads = [b'"Caller" <sip:+4930123450000%02d@127.0.0.1:5062>' % i for i in range(3)]
+    heads += [b"sipp <sip:sipp@127.0.0.1:5061>", b'"M\xfcller" <sip:+4930123456@gw>',
+              b"<sip:+4930123456;isub=987654@gw;user=phone>", b"<tel:+1-212-555-0100>",
+              b"<sip:4930123456@gw>;cpc=4930123456", b'"+49 30 1234567" <sip:+49301234567@gw>',
+              b"sip:+4930123456@gw", b"junk"]
+    tags = [b"1SIPpTag001", b"", b"\xff1", b"a;cpc=4930123456", b"1234567,<sip:4930123456@b>",
+            b"x?h=4930123456", b"99&y=1", b"1234567"]
+    for mode in ("partial", "full"):
+        for head in heads:
+            for tag in tags:
+                value = head + b";tag=" + tag
+                want = masking._mask_text(value.decode("utf-8", "replace"), mode)
+                assert mask_uri(value, mode) == want, (mode, value)
+    assert b"sipp <sip:sipp@127.0.0.1:5061>" in masking._HEAD_MEMOS["partial"]

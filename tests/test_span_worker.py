@@ -70,3 +70,24 @@ def test_records_held_when_the_worker_dies_are_dropped_and_counted(tmp_path):
     p.shutdown(1)
     p.submit(recs)  # after the end: counted, never held
     assert p._dropped == 3 * n and not p._held
+
+
+def test_slices_are_framed_as_they_come_and_leave_together(tmp_path, monkeypatch):
+    """Each submitted slice becomes its marshal frame at once, so the write after HOLD only joins
+    bytes (one dump of a HOLD's worth of records had stalled the loop for milliseconds); the
+    frames, written back to back, come out as the spans the reference encodes."""
+    from sipwatch import span_worker
+    monkeypatch.setattr(span_worker, "HOLD", 1e9)  # held until the shutdown, however slow the machine
+    recs = proxy_records()
+    stats = Stats(ring_size=16)
+    with OtlpReceiver() as rx:
+        p = worker_pipeline(stats, f"127.0.0.1:{rx.grpc_port}", "grpc", tmp_path)
+        for i in range(0, len(recs), 5):
+            p.submit(recs[i:i + 5])
+        assert len(p._held) > 1 and all(type(frame) is bytes for frame in p._held)
+        assert p._held_records == len(spans_of(recs))
+        p.shutdown(10)
+        got = rx.snapshot()
+    _, ref = reference(spans_of(recs), SpanBuilder(p.resource))
+    assert sorted(got, key=key) == sorted(decode(ref), key=key)
+    assert stats.spans_exported == len(spans_of(recs)) and stats.spans_dropped == 0
