@@ -62,7 +62,10 @@ MAX_LEGS = 16  # legs joined into one group; more start traces of their own (cou
 MAX_FORK_TAGS = 16  # To-tags of 2xx answers remembered per INVITE (more are each counted a fork)
 _NEVER = float("inf")  # the deadline of an empty timer queue
 COMPACT_SLACK: Final = 1024  # stale deque entries tolerated beyond the table size before sweeping
-SWEEP_STEP: Final = 512  # entries of one timer queue looked at per expire() while a sweep is on (~0.1 ms)
+# entries of one timer queue looked at per expire() while a sweep is on. Live an entry costs ~0.8 µs
+# (its transaction or call is cold in the cache): 512 made a tick's step 1.3 ms (p99 of the timer
+# handling at 1000 calls/s), 64 makes it 0.45 ms at the same total; a pass still outruns the growth
+SWEEP_STEP: Final = 64
 
 # Call.ended_by values
 ENDED_BY = ("bye", "final", "timeout", "cancel", "max_duration", "evicted", "replaced", "eof",
