@@ -379,10 +379,9 @@ static PyObject *cached(Encoder *self, int cache, int miss, PyObject *const *arg
     return got;
 }
 
-/* a (pb, json) pair: item i of tuple t, itself a tuple of two bytes */
-static int pair_of(PyObject *t, Py_ssize_t i, PyObject **pb, PyObject **js)
+/* a (pb, json) pair: p is a tuple of two bytes */
+static int as_pair(PyObject *p, PyObject **pb, PyObject **js)
 {
-    PyObject *p = PyTuple_GET_ITEM(t, i);
     if (!PyTuple_CheckExact(p) || PyTuple_GET_SIZE(p) < 2 || !PyBytes_Check(PyTuple_GET_ITEM(p, 0))
         || !PyBytes_Check(PyTuple_GET_ITEM(p, 1))) {
         PyErr_SetString(PyExc_SystemError, "otlp encoder part is not a pair of bytes");
@@ -391,6 +390,23 @@ static int pair_of(PyObject *t, Py_ssize_t i, PyObject **pb, PyObject **js)
     *pb = PyTuple_GET_ITEM(p, 0);
     *js = PyTuple_GET_ITEM(p, 1);
     return 0;
+}
+
+/* item i of tuple t as a (pb, json) pair */
+static int pair_of(PyObject *t, Py_ssize_t i, PyObject **pb, PyObject **js)
+{
+    return as_pair(PyTuple_GET_ITEM(t, i), pb, js);
+}
+
+/* the retransmissions attribute of a span (the encoder's cached ``attr``): a new reference in
+ * *retr, its two parts borrowed in *pb and *js */
+static int retrans_attr(Encoder *self, PyObject *retrans, PyObject **retr, PyObject **pb, PyObject **js)
+{
+    PyObject *aargs[2] = {self->retrans_key, retrans};
+    *retr = PyObject_Vectorcall(self->ref[R_ATTR], aargs, 2, NULL);
+    if (*retr == NULL)
+        return -1;
+    return as_pair(*retr, pb, js);
 }
 
 static PyObject *python_path(Encoder *self, int which, PyObject *t)
@@ -756,31 +772,16 @@ static PyObject *tx_fast(Encoder *self, PyObject *t)
         && figure(self->ref[R_ROUND_JSON], (PyFloat_AS_DOUBLE(t_first) - PyFloat_AS_DOUBLE(f[9])) * 1000.0, 3,
                   &rtt) < 0)
         goto done;
-    if (has_retrans) {
-        PyObject *aargs[2] = {self->retrans_key, retrans};
-        retr = PyObject_Vectorcall(self->ref[R_ATTR], aargs, 2, NULL);
-        if (retr == NULL)
-            goto done;
-        if (!PyTuple_CheckExact(retr) || PyTuple_GET_SIZE(retr) != 2) {
-            PyErr_SetString(PyExc_SystemError, "attr returned an unexpected shape");
-            goto done;
-        }
-    }
+    PyObject *r_pb = NULL, *r_js = NULL;
+    if (has_retrans && retrans_attr(self, retrans, &retr, &r_pb, &r_js) < 0)
+        goto done;
     PyObject *cid_pb, *cid_js, *from_pb, *from_js, *to_pb, *to_js, *code_pb, *code_js, *err_pb, *err_js;
-    PyObject *st_pb, *st_js, *r_pb = NULL, *r_js = NULL;
+    PyObject *st_pb, *st_js;
     PyObject *tb = PyTuple_GET_ITEM(party, 3), *th = PyTuple_GET_ITEM(party, 4);
     if (pair_of(party, 0, &cid_pb, &cid_js) < 0 || pair_of(party, 1, &from_pb, &from_js) < 0
         || pair_of(party, 2, &to_pb, &to_js) < 0 || pair_of(fin, 0, &code_pb, &code_js) < 0
         || pair_of(fin, 1, &err_pb, &err_js) < 0 || pair_of(fin, 2, &st_pb, &st_js) < 0)
         goto done;
-    if (retr) {
-        r_pb = PyTuple_GET_ITEM(retr, 0);
-        r_js = PyTuple_GET_ITEM(retr, 1);
-        if (!PyBytes_Check(r_pb) || !PyBytes_Check(r_js)) {
-            PyErr_SetString(PyExc_SystemError, "attr returned an unexpected shape");
-            goto done;
-        }
-    }
     for (int i = 0; i < 6; i++) {
         if (!PyBytes_Check(PyTuple_GET_ITEM(hop, i))) {
             PyErr_SetString(PyExc_SystemError, "hop part is not bytes");
@@ -933,28 +934,16 @@ static PyObject *call_fast(Encoder *self, PyObject *t)
         && (figure(self->ref[R_ROUND_JSON], (PyFloat_AS_DOUBLE(t_answer) - t_start) * 1000.0, 3, &answer) < 0
             || figure(self->ref[R_ROUND_JSON], t_end - PyFloat_AS_DOUBLE(t_answer), 6, &duration) < 0))
         goto done;
-    if (has_retrans) {
-        PyObject *aargs[2] = {self->retrans_key, retrans};
-        retr = PyObject_Vectorcall(self->ref[R_ATTR], aargs, 2, NULL);
-        if (retr == NULL)
-            goto done;
-        if (!PyTuple_CheckExact(retr) || PyTuple_GET_SIZE(retr) != 2) {
-            PyErr_SetString(PyExc_SystemError, "attr returned an unexpected shape");
-            goto done;
-        }
-    }
-    PyObject *cid_pb, *cid_js, *from_pb, *from_js, *to_pb, *to_js, *ru_pb, *ru_js, *st_pb, *st_js;
     PyObject *r_pb = NULL, *r_js = NULL;
+    if (has_retrans && retrans_attr(self, retrans, &retr, &r_pb, &r_js) < 0)
+        goto done;
+    PyObject *cid_pb, *cid_js, *from_pb, *from_js, *to_pb, *to_js, *ru_pb, *ru_js, *st_pb, *st_js;
     PyObject *tb = PyTuple_GET_ITEM(party, 3), *th = PyTuple_GET_ITEM(party, 4);
     if (pair_of(party, 0, &cid_pb, &cid_js) < 0 || pair_of(party, 1, &from_pb, &from_js) < 0
         || pair_of(party, 2, &to_pb, &to_js) < 0 || pair_of(head, 4, &st_pb, &st_js) < 0)
         goto done;
     ru_pb = PyTuple_GET_ITEM(ru, 0);
     ru_js = PyTuple_GET_ITEM(ru, 1);
-    if (retr) {
-        r_pb = PyTuple_GET_ITEM(retr, 0);
-        r_js = PyTuple_GET_ITEM(retr, 1);
-    }
     for (int i = 0; i < 4; i++) {
         if (!PyBytes_Check(PyTuple_GET_ITEM(head, i))) {
             PyErr_SetString(PyExc_SystemError, "call part is not bytes");
@@ -962,7 +951,7 @@ static PyObject *call_fast(Encoder *self, PyObject *t)
         }
     }
     if (!PyBytes_Check(tb) || PyBytes_GET_SIZE(tb) != 16 || !PyBytes_Check(th) || !PyBytes_Check(ru_pb)
-        || !PyBytes_Check(ru_js) || (retr && (!PyBytes_Check(r_pb) || !PyBytes_Check(r_js)))) {
+        || !PyBytes_Check(ru_js)) {
         PyErr_SetString(PyExc_SystemError, "call span part of an unexpected type");
         goto done;
     }
