@@ -398,6 +398,25 @@ static int pair_of(PyObject *t, Py_ssize_t i, PyObject **pb, PyObject **js)
     return as_pair(PyTuple_GET_ITEM(t, i), pb, js);
 }
 
+/* the masked string attribute (key, value) from the encoder's string cache, or built by its
+ * ``masked`` method on a miss (which fills the cache): a new reference */
+static PyObject *masked_attr(Encoder *self, PyObject *key, PyObject *value)
+{
+    PyObject *k = PyTuple_Pack(2, key, value);
+    if (k == NULL)
+        return NULL;
+    PyObject *got = PyDict_GetItemWithError(self->ref[R_STR], k);
+    Py_DECREF(k);
+    if (got != NULL && PyObject_IsTrue(got) == 1) {
+        Py_INCREF(got);
+        return got;
+    }
+    if (PyErr_Occurred())
+        return NULL;
+    PyObject *args[2] = {key, value};
+    return PyObject_Vectorcall(self->ref[R_MASKED], args, 2, NULL);
+}
+
 /* the retransmissions attribute of a span (the encoder's cached ``attr``): a new reference in
  * *retr, its two parts borrowed in *pb and *js */
 static int retrans_attr(Encoder *self, PyObject *retrans, PyObject **retr, PyObject **pb, PyObject **js)
@@ -636,21 +655,9 @@ static PyObject *party_miss(Encoder *self, PyObject *const *args)
         got = PyObject_Vectorcall(self->ref[R_PARTY], args, 4, NULL);
         goto done;
     }
-    PyObject *tkey = PyTuple_Pack(2, self->to_key, to_uri);
-    if (tkey == NULL)
+    to = masked_attr(self, self->to_key, to_uri);
+    if (to == NULL)
         goto done;
-    to = PyDict_GetItemWithError(self->ref[R_STR], tkey);
-    Py_DECREF(tkey);
-    if (to != NULL && PyObject_IsTrue(to) == 1) {
-        Py_INCREF(to);
-    } else {
-        if (PyErr_Occurred())
-            goto done;
-        PyObject *targs[2] = {self->to_key, to_uri};
-        to = PyObject_Vectorcall(self->ref[R_MASKED], targs, 2, NULL);
-        if (to == NULL)
-            goto done;
-    }
     cid = str_attr(self->ref[R_CALL_ID_KEY], shown);
     if (cid == NULL)
         goto done;
@@ -908,21 +915,9 @@ static PyObject *call_fast(Encoder *self, PyObject *t)
     head = cached(self, R_CALL_PARTS, R_CALL_PART, hargs, 3, 5);
     if (head == NULL)
         goto done;
-    PyObject *margs[2] = {self->ruri_key, ruri};
-    PyObject *rkey = PyTuple_Pack(2, self->ruri_key, ruri);
-    if (rkey == NULL)
+    ru = masked_attr(self, self->ruri_key, ruri);
+    if (ru == NULL)
         goto done;
-    ru = PyDict_GetItemWithError(self->ref[R_STR], rkey);
-    Py_DECREF(rkey);
-    if (ru != NULL && PyObject_IsTrue(ru) == 1) {
-        Py_INCREF(ru);
-    } else {
-        if (PyErr_Occurred())
-            goto done;
-        ru = PyObject_Vectorcall(self->ref[R_MASKED], margs, 2, NULL);
-        if (ru == NULL)
-            goto done;
-    }
     if (!PyTuple_CheckExact(ru) || PyTuple_GET_SIZE(ru) != 2) {
         PyErr_SetString(PyExc_SystemError, "_masked returned an unexpected shape");
         goto done;
