@@ -201,6 +201,36 @@ def test_a_flood_of_sources_only_misses_the_pumps_address_cache():
     run(main())
 
 
+def test_a_flood_is_read_in_bounded_batches_so_the_loop_runs_between_them():
+    """2000 datagrams queued at once: a callback scheduled while the first one is handled runs
+    after at most one batch, not after the whole queue (the tick and the other socket get their
+    turn under a flood)."""
+    _need("pump")
+    seen_at = []
+
+    def noting(receive):
+        def wrapped(data, src, now):
+            if not seen_at:
+                seen_at.append(None)
+                asyncio.get_running_loop().call_soon(lambda: seen_at.append(core_calls[0]))
+            core_calls[0] += 1
+            return receive(data, src, now)
+        return wrapped
+    core_calls = [0]
+
+    async def main():
+        edge, listen = await open_edge("pump", "127.0.0.1", ("127.0.0.1", free_port()), receive=noting)
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                for _ in range(2000):
+                    s.sendto(b"\r\n\r\n", listen)
+            await until(lambda: edge.stats.keepalives == 2000, "the keep-alives")
+            assert 1 <= seen_at[1] <= transport._udppump.BATCH < 2000
+        finally:
+            edge.close()
+    run(main())
+
+
 def test_an_exception_out_of_the_core_or_the_wiretap_is_counted_and_the_pump_reads_on():
     """The core raising (it catches its own errors; this one is injected) and a wiretap raising
     both cost one datagram, counted as an internal error; the next datagram passes. The wiretap
