@@ -6,7 +6,9 @@
  * and per output a Python-level sendto whose address goes through uvloop's conversion cache.
  * Profiled live at 1000 calls/s with every feature on, that receive/dispatch work plus the
  * handle frame was ~13.6% of the proxy process's CPU and the send-side user work ~2% more, on a
- * total of ~36 us per message (a bare uvloop relay costs ~13 us, Kamailio ~15).
+ * total of ~36 us per message (a bare uvloop relay costs ~13 us, Kamailio ~15). Callgrind of the
+ * live proxy process (all features, SIPp calls): ~13k instructions per datagram around the core's
+ * ~33k with uvloop's transports, ~2.5k with this pump; ~10% fewer instructions per message in all.
  *
  * Here the loop wakes a Pump (loop.add_reader) when a socket is readable; the pump reads a
  * bounded batch with one recvmmsg (then returns, so the other socket and the timers get their
@@ -23,8 +25,11 @@
  * Nothing raises out of a read: a send error (and an ICMP error read from the connected socket)
  * goes to the edge's send_failed(exc), as uvloop's error_received did; an exception from the
  * core or from the Python dispatch, or a failed allocation, goes to the edge's on_error(exc)
- * (counted there), and if even that fails it is cleared. Every error is an exception only
- * inside this file.
+ * (counted there), and if even that fails it is cleared: the reader callbacks always return None.
+ *
+ * The connected socket is watched through an epoll set of its own (sipwatch.transport), not
+ * directly: libuv stops a poll watcher for good at POLLERR, which is how a pending ICMP error
+ * shows on a connected UDP socket.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
