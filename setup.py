@@ -2,7 +2,8 @@
 
 Every build compiles ``sipwatch/_sipscan.c`` (the C scan of the common message head that
 ``sipmsg.parse`` tries first) and ``sipwatch/_otlpenc.c`` (the span worker's assembly of the common
-spans, over ``otlp_encode.SpanEncoder``'s caches); see those files for why they exist. Both are
+spans, over ``otlp_encode.SpanEncoder``'s caches) and ``sipwatch/_udppump.c`` (the UDP edge's
+receive loop: recvmmsg, the core call, the sends); see those files for why they exist. All are
 optional: without a C compiler the install still succeeds and the Python paths do the work.
 
 With ``SIPWATCH_MYPYC=1`` the per-datagram modules listed in pyproject.toml
@@ -15,7 +16,8 @@ import tomllib
 from setuptools import Extension, setup
 
 C_EXTENSIONS = [Extension("sipwatch._sipscan", ["sipwatch/_sipscan.c"], optional=True),
-                Extension("sipwatch._otlpenc", ["sipwatch/_otlpenc.c"], optional=True)]
+                Extension("sipwatch._otlpenc", ["sipwatch/_otlpenc.c"], optional=True),
+                Extension("sipwatch._udppump", ["sipwatch/_udppump.c"], optional=True)]
 
 ext_modules = list(C_EXTENSIONS)
 if os.environ.get("SIPWATCH_MYPYC") == "1":

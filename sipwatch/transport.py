@@ -1,14 +1,22 @@
-"""The UDP edge: asyncio datagram protocols that feed the sans-IO core and send its output.
+"""The UDP edge: reads datagrams from the two sockets, feeds the sans-IO core and sends its output.
 
-Thin on purpose: one ``receive_datagram`` call and a ``sendto`` per output. Send failures
-(an ICMP port unreachable from a dead upstream arrives as ``error_received``) are counted, never
+Thin on purpose: one ``receive_datagram`` call and a send per output. Send failures (an ICMP port
+unreachable from a dead upstream arrives as an error on the connected socket) are counted, never
 raised. Next hops are IP literals: the core resolves no names.
+
+Two readers, one behaviour: the C pump (``sipwatch/_udppump.c``, when it is built and
+``SIPWATCH_NO_C`` is not ``1``) reads the sockets from ``loop.add_reader`` and sends the common
+output itself; without it, uvloop's datagram transports call :meth:`UdpEdge.handle`. Both hand
+everything else to :meth:`UdpEdge.dispatch`.
 """
 from __future__ import annotations
 
 import asyncio
+import os
+import select
 import socket
 import time
+from types import ModuleType
 
 from .core import ProxyCore
 from .overload import HIGH_WATER, OverloadGuard, queued_bytes
@@ -17,12 +25,30 @@ OVERLOAD_SAMPLE = 0.01  # seconds between receive-queue samples (about 2 µs eac
 OVERLOAD_WINDOW = 5  # samples in a row above the high-water mark before shedding (>= 50 ms)
 
 
+def _load_pump() -> ModuleType | None:
+    if os.environ.get("SIPWATCH_NO_C") == "1":
+        return None
+    try:
+        from . import _udppump as loaded
+    except ImportError:  # built without a C compiler: uvloop's transports do the reading
+        return None
+    return loaded
+
+
+_udppump = _load_pump()
+
 
 def epoch_clock():
-    """time.time()-based seconds that never step: monotonic plus the offset at start."""
+    """time.time()-based seconds that never step: monotonic plus the offset at start. The
+    offset rides along as an attribute so that the C pump computes the same sum itself."""
     offset = time.time() - time.monotonic()
     mono = time.monotonic
-    return lambda: mono() + offset
+
+    def clock() -> float:
+        return mono() + offset
+
+    clock.offset = offset  # type: ignore[attr-defined]
+    return clock
 
 
 class UdpEdge:
@@ -33,8 +59,8 @@ class UdpEdge:
     connected socket, and only a connected socket reports ICMP port-unreachable (a dead
     sip-signaling) back as an error, which is counted. Without SO_REUSEPORT one socket does both.
 
-    The core only ever returns IP literals (it resolves no names), so sending is one ``sendto``.
-    Nothing raises out of :meth:`handle`: whatever the core or the socket throws is counted.
+    The core only ever returns IP literals (it resolves no names), so sending is one send per
+    output. Nothing raises out of :meth:`dispatch`'s sends: whatever the socket throws is counted.
     """
 
     def __init__(self, core: ProxyCore, clock):
@@ -43,8 +69,15 @@ class UdpEdge:
         self.stats = core.stats
         self.clock = clock
         self.upstream = core.upstream
-        self.listen_tx: asyncio.DatagramTransport | None = None
-        self.upstream_tx: asyncio.DatagramTransport | None = None
+        # uvloop's transports, or with the C pump the sockets themselves (upstream_tx: None when
+        # one socket does both)
+        self.listen_tx: asyncio.DatagramTransport | socket.socket | None = None
+        self.upstream_tx: asyncio.DatagramTransport | socket.socket | None = None
+        self._send_upstream = None  # payload -> None, on the connected socket
+        self._send_to = None  # (payload, dest) -> None, on the listen socket
+        self._pump = None  # the C reader (sipwatch._udppump.Pump), when it runs
+        self._upstream_poll: select.epoll | None = None  # what the loop watches for the connected socket
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.last_error: str | None = None
         self._socks: list[socket.socket] = []
         self.guard: OverloadGuard | None = None
@@ -57,10 +90,16 @@ class UdpEdge:
         self.tcp = None
 
     def handle(self, data: bytes, addr) -> None:
+        """One datagram from uvloop's transports (the path without the C pump)."""
         # IPv4 source addresses already are (host, port); IPv6 ones carry flowinfo/scope too
         src = addr if type(addr) is tuple and len(addr) == 2 else (addr[0], addr[1])
         now = self.clock()
-        out = self._receive(data, src, now)
+        self.dispatch(data, src, now, self._receive(data, src, now))
+
+    def dispatch(self, data: bytes, src, now: float, out) -> None:
+        """Route the core's output for one datagram: over TCP when the core says so, past the
+        wiretap when one is set, else one datagram each. The C pump sends the common case
+        itself and calls this for the rest."""
         if self.core.out_tcp:
             self._to_tcp(data, src, now, out)
             return
@@ -70,18 +109,7 @@ class UdpEdge:
             for payload, dest in out:
                 tap(payload, None, dest, now)
         for payload, dest in out:
-            try:
-                if dest == self.upstream:
-                    utx = self.upstream_tx
-                    if utx is not None:
-                        utx.sendto(payload)
-                        continue
-                self.listen_tx.sendto(payload, dest)
-            except OSError as exc:
-                self.send_failed(exc)
-            except Exception as exc:  # e.g. an address family the socket cannot reach
-                self.stats.internal_errors["send"] += 1
-                self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+            self.send(payload, dest)
 
     def _to_tcp(self, data: bytes, src, now: float, out) -> None:
         """The core's output for this datagram leaves over TCP (a large request toward the
@@ -102,15 +130,16 @@ class UdpEdge:
                 self.stats.send_errors += 1
 
     def send(self, payload: bytes, dest) -> None:
-        """One datagram to ``dest`` (for the TCP edge's outputs that go over UDP). Never raises."""
+        """One datagram to ``dest``: on the connected socket when it is the upstream, else on
+        the listen socket. Never raises."""
         try:
-            if dest == self.upstream and self.upstream_tx is not None:
-                self.upstream_tx.sendto(payload)
+            if dest == self.upstream and self._send_upstream is not None:
+                self._send_upstream(payload)
             else:
-                self.listen_tx.sendto(payload, dest)
+                self._send_to(payload, dest)
         except OSError as exc:
             self.send_failed(exc)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # e.g. an address family the socket cannot reach
             self.stats.internal_errors["send"] += 1
             self.last_error = f"{type(exc).__name__}: {exc}"[:300]
 
@@ -118,9 +147,25 @@ class UdpEdge:
         self.stats.send_errors += 1
         self.last_error = f"{type(exc).__name__}: {exc}"[:300]
 
+    def _pump_failed(self, exc: BaseException) -> None:
+        """An exception out of the core or :meth:`dispatch` (or a failed allocation), caught by
+        the C pump: one datagram lost and counted, as the core counts its own failures."""
+        self.stats.internal_errors["datagram"] += 1
+        self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+
     def close(self) -> None:
         if self._watch is not None:
             self._watch.cancel()
+        if self._pump is not None:
+            self._loop.remove_reader(self._socks[0].fileno())
+            if self._upstream_poll is not None:
+                self._loop.remove_reader(self._upstream_poll.fileno())
+                self._upstream_poll.close()
+            self._pump.close()
+            self._pump = None
+            for s in self._socks:
+                s.close()
+            return
         for t in (self.listen_tx, self.upstream_tx):
             if t is not None:
                 t.close()
@@ -150,15 +195,17 @@ class UdpEdge:
             self.last_error = f"{type(exc).__name__}: {exc}"[:300]
         self._watch = asyncio.get_running_loop().call_later(OVERLOAD_SAMPLE, self._sample)
 
-    async def open(self, listen: tuple[str, int]) -> None:
-        loop = asyncio.get_running_loop()
+    async def open(self, listen: tuple[str, int], pump: bool = True) -> None:
+        """Bind the sockets and start reading: with the C pump when it is built (and ``pump``),
+        else with uvloop's datagram transports."""
+        loop = self._loop = asyncio.get_running_loop()
         host, port = listen
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         reuse = hasattr(socket, "SO_REUSEPORT")
         lsock = _udp_socket(family, reuse)
         lsock.bind((host, port))
         self._socks.append(lsock)
-        self.listen_tx, _ = await loop.create_datagram_endpoint(lambda: _Protocol(self), sock=lsock)
+        usock = None
         if reuse:
             usock = _udp_socket(family, True)
             try:
@@ -166,9 +213,33 @@ class UdpEdge:
                 usock.connect(self.upstream)
             except OSError:
                 usock.close()
+                usock = None
             else:
                 self._socks.append(usock)
+        if pump and _udppump is not None:
+            self._pump = _udppump.Pump(
+                listen_fd=lsock.fileno(), upstream_fd=-1 if usock is None else usock.fileno(),
+                upstream=self.upstream, receive=self._receive, core=self.core, edge=self,
+                dispatch=self.dispatch, send_failed=self.send_failed, on_error=self._pump_failed,
+                clock=self.clock)
+            self.listen_tx, self.upstream_tx = lsock, usock
+            self._send_to = lsock.sendto
+            loop.add_reader(lsock.fileno(), self._pump.read_listen)
+            if usock is not None:
+                self._send_upstream = usock.send
+                # The loop watches the connected socket through an epoll set of its own: an ICMP
+                # error pending on the socket polls as POLLERR, on which libuv stops the watcher
+                # for good (uvloop's add_reader); the set itself only ever polls readable, and the
+                # pump's read takes the error (counted) off the socket.
+                self._upstream_poll = select.epoll()
+                self._upstream_poll.register(usock.fileno(), select.EPOLLIN)
+                loop.add_reader(self._upstream_poll.fileno(), self._pump.read_upstream)
+        else:
+            self.listen_tx, _ = await loop.create_datagram_endpoint(lambda: _Protocol(self), sock=lsock)
+            self._send_to = self.listen_tx.sendto
+            if usock is not None:
                 self.upstream_tx, _ = await loop.create_datagram_endpoint(lambda: _Protocol(self), sock=usock)
+                self._send_upstream = self.upstream_tx.sendto
         self.watch_overload()
 
 

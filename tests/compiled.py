@@ -3,7 +3,8 @@
 ``build()`` copies ``sipwatch/`` into a directory under ``build/mypyc/`` and compiles there the
 modules pyproject.toml lists under ``[tool.sipwatch.mypyc]``, with the same flags setup.py uses for
 the image, next to the C extensions every install builds (:data:`C_EXTENSIONS`: the header scan
-``sipwatch/_sipscan.c`` and the span assembly ``sipwatch/_otlpenc.c``). Put that directory first on ``PYTHONPATH`` to run the compiled build (the test harness
+``sipwatch/_sipscan.c``, the span assembly ``sipwatch/_otlpenc.c`` and the UDP pump
+``sipwatch/_udppump.c``). Put that directory first on ``PYTHONPATH`` to run the compiled build (the test harness
 passes ``SIPWATCH_TREE`` on to the sidecars it starts). A build is reused while the sources, the
 module list and the interpreter are unchanged.
 
@@ -60,7 +61,8 @@ def build(base: Path | None = None) -> Path:
 
 
 # the optional C extensions of setup.py: module name -> source
-C_EXTENSIONS = {"sipwatch._sipscan": "sipwatch/_sipscan.c", "sipwatch._otlpenc": "sipwatch/_otlpenc.c"}
+C_EXTENSIONS = {"sipwatch._sipscan": "sipwatch/_sipscan.c", "sipwatch._otlpenc": "sipwatch/_otlpenc.c",
+                "sipwatch._udppump": "sipwatch/_udppump.c"}
 
 _C_BUILD = """
 import sys
