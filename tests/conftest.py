@@ -14,7 +14,7 @@ REQUIRE_TOOLS = os.environ.get("SIPWATCH_REQUIRE_TOOLS") == "1"
 
 def pytest_sessionstart(session):
     """Under tests/test_compiled.py the core modules must really be the compiled ones, with the C
-    header scan and the C span assembly in use; with SIPWATCH_NO_C=1 both must really be off."""
+    header scan, the C span assembly and the C UDP pump in use; with SIPWATCH_NO_C=1 all must really be off."""
     if os.environ.get("SIPWATCH_EXPECT_COMPILED") == "1":
         from compiled import config, is_compiled
         import importlib
@@ -28,11 +28,15 @@ def pytest_sessionstart(session):
             assert os.path.dirname(_sipscan.__file__) == os.path.dirname(sipmsg.__file__), _sipscan.__file__
             from sipwatch import _otlpenc, otlp_encode
             assert otlp_encode._otlpenc is _otlpenc, "the compiled build runs without its C span assembly"
+            from sipwatch import _udppump, transport
+            assert transport._udppump is _udppump, "the compiled build runs without its C UDP pump"
     if os.environ.get("SIPWATCH_NO_C") == "1":
         from sipwatch import sipmsg
         assert sipmsg._c_split is None, "SIPWATCH_NO_C=1, yet the parser uses the C header scan"
         from sipwatch import otlp_encode
         assert otlp_encode._otlpenc is None, "SIPWATCH_NO_C=1, yet spans are assembled in C"
+        from sipwatch import transport
+        assert transport._udppump is None, "SIPWATCH_NO_C=1, yet the UDP edge uses the C pump"
 
 
 @pytest.hookimpl(hookwrapper=True)
