@@ -243,7 +243,7 @@ class ProxyCore:
     def receive_datagram(self, data: bytes, addr: Addr, now: float) -> list[tuple[bytes, Addr]]:
         stats = self.stats
         try:
-            if self.fast_responses:
+            if self.fast_responses and len(data) > 12 and data[0] == 83:  # "S": maybe a status line
                 fast = self._fast_response(data, addr, now)
                 if fast is not None:
                     return fast

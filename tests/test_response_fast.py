@@ -121,6 +121,22 @@ def _forward(pair, n: int, tcp: bool, method: bytes = b"INVITE") -> bytes:
     return out[0][0]
 
 
+def _forward_to_gateway(pair, n: int, tcp: bool) -> bytes:
+    """A request from signaling to the gateway (seen before, so the policy lets it through)."""
+    _forward(pair, n, False, b"OPTIONS")
+    req = (b"MESSAGE sip:gw@127.0.0.3:5062 SIP/2.0\r\n"
+           b"Via: SIP/2.0/%s 127.0.0.1:5080;branch=z9hG4bK-s%d\r\n"
+           b"From: <sip:sig@127.0.0.1:5080>;tag=s%d\r\n"
+           b"To: <sip:gw@127.0.0.3:5062>\r\n"
+           b"Call-ID: s%d@127.0.0.1\r\n"
+           b"CSeq: 7 MESSAGE\r\n"
+           b"Max-Forwards: 70\r\n"
+           b"Content-Length: 2\r\n\r\nhi" % (b"TCP" if tcp else b"UDP", n, n, n))
+    out = feed(pair, req, UPSTREAM, 1000.0, tcp)
+    assert len(out) == 1 and out[0][1] == GATEWAY, out
+    return out[0][0]
+
+
 def _fast_taken(core: ProxyCore, data: bytes) -> bool:
     return core_module._c_response(data, sipmsg._NAME_CACHE, core.own_via_head, len(core_module.BRANCH_PREFIX),
                                    sipmsg.MAX_HEADER_LINES, sipmsg.MAX_CONTENT_LENGTH_DIGITS, core_module.MAX_VIAS,
@@ -160,6 +176,15 @@ def test_our_via_merged_with_the_next_one_and_trailing_garbage():
     out = feed(pair, data, UPSTREAM, 1001.0)
     assert out[0][0].split(b"\r\n")[1] == b"Via: " + theirs[5:] + b", SIP/2.0/UDP 10.9.9.9;branch=z9hG4bKx"
     assert out[0][0].endswith(b"\r\n\r\nv=0\r\n") and pair[0].stats.body_truncated == 1
+
+
+def test_answer_from_the_gateway_side():
+    pair = _pair()
+    fwd = _forward_to_gateway(pair, 5, False)
+    data = _join(_answer_lines(fwd, b"200 OK", 5))
+    assert _fast_taken(pair[0], data)
+    out = feed(pair, data, GATEWAY, 1000.3)
+    assert out[0][1] == UPSTREAM and pair[0].gateway_seen[GATEWAY[0]] == 1000.3
 
 
 def test_tcp_request_answered_over_tcp():
@@ -288,10 +313,10 @@ def mutations(draw, lines: list[bytes], body: bytes) -> bytes:
 @st.composite
 def scenarios(draw):
     return (draw(st.booleans()),  # request over TCP
-            draw(st.sampled_from([b"INVITE", b"OPTIONS"])),
+            draw(st.sampled_from([b"INVITE", b"OPTIONS", b"MESSAGE"])),  # (MESSAGE: from signaling)
             draw(st.lists(st.tuples(st.sampled_from([b"100 Trying", b"180 Ringing", b"200 OK", b"486 Busy Here"]),
                                     st.booleans(),  # with a body
-                                    st.sampled_from([UPSTREAM, UPSTREAM, GATEWAY, ("127.0.0.9", 5080)]),
+                                    st.sampled_from([0, 0, 1, 2]),  # from the next hop, the other side, a stranger
                                     st.booleans(),  # over TCP
                                     st.booleans()),  # the core restarted before it (same key)
                           min_size=1, max_size=3)))
@@ -303,9 +328,15 @@ def scenarios(draw):
 def test_fast_path_matches_the_full_path(case, data):
     tcp, method, answers = case
     pair = _pair()
-    fwd = _forward(pair, 9, tcp, method)
+    if method == b"MESSAGE":
+        fwd = _forward_to_gateway(pair, 9, tcp)
+        sources = (GATEWAY, UPSTREAM, ("127.0.0.9", 5062))
+    else:
+        fwd = _forward(pair, 9, tcp, method)
+        sources = (UPSTREAM, GATEWAY, ("127.0.0.9", 5080))
     now = 1000.0
-    for status, with_body, src, over_tcp, restarted in answers:
+    for status, with_body, who, over_tcp, restarted in answers:
+        src = sources[who]
         if restarted:
             pair = _pair()
         body = SDP if with_body else b""
