@@ -343,3 +343,58 @@ def test_fast_path_matches_the_full_path(case, data):
         msg = data.draw(mutations(_answer_lines(fwd, status, 9), body))
         now += 0.01
         feed(pair, msg, src, now, over_tcp)
+
+
+# -- the C function itself ----------------------------------------------------------------------
+def _response_args(core: ProxyCore, data) -> tuple:
+    return (data, sipmsg._NAME_CACHE, core.own_via_head, len(core_module.BRANCH_PREFIX), sipmsg.MAX_HEADER_LINES,
+            sipmsg.MAX_CONTENT_LENGTH_DIGITS, core_module.MAX_VIAS, sipmsg.MAX_MESSAGE)
+
+
+def test_response_refuses_bad_arguments():
+    from sipwatch import _sipscan
+    core = _pair()[0]
+    args = _response_args(core, b"SIP/2.0 200 OK\r\n\r\n")
+    with pytest.raises(TypeError):
+        _sipscan.response(*args[:7])
+    with pytest.raises(TypeError):
+        _sipscan.response(args[0], list(args[1]), *args[2:])
+    with pytest.raises(TypeError):
+        _sipscan.response(*args[:2], "head", *args[3:])
+    with pytest.raises(TypeError):
+        _sipscan.response(*args[:4], "1000", *args[5:])
+    assert _sipscan.response(bytearray(args[0]), *args[1:]) is None  # (only bytes qualify)
+    assert _sipscan.response(*args[:6], 1000, args[7]) is None  # (more Vias than it can hold)
+
+
+def test_no_reference_or_memory_is_kept_by_the_response_call():
+    import gc
+    import sys
+    import tracemalloc
+    from sipwatch import _sipscan
+    pair = _pair()
+    fwd = _forward(pair, 6, False)
+    lines = _answer_lines(fwd, b"200 OK", 6)
+    good = _join(lines, SDP)
+    merged = _join([lines[0], lines[1] + b", SIP/2.0/UDP a;branch=b, c"] + lines[3:], SDP + b"xx", length=False)
+    odd = [good.replace(b"CSeq: 1", b"CSeq: x"), good.replace(b"Call-ID:", b"X-Unknown-Name: 1\r\nCall-ID:"),
+           good.replace(b"Content-Length: ", b"Content-Length: 9"), b"INVITE sip:a SIP/2.0\r\n\r\n"]
+    args = [_response_args(pair[0], d) for d in [good, merged, *odd]]
+    assert _sipscan.response(*args[0]) is not None and _sipscan.response(*args[1]) is not None
+
+    def calls():
+        for a in args:
+            _sipscan.response(*a)
+    calls()
+    gc.collect()
+    watched = [good, merged, *odd, pair[0].own_via_head]
+    before = [sys.getrefcount(x) for x in watched]
+    tracemalloc.start()
+    start = tracemalloc.get_traced_memory()[0]
+    for _ in range(2000):
+        calls()
+    gc.collect()
+    grown = tracemalloc.get_traced_memory()[0] - start
+    tracemalloc.stop()
+    assert [sys.getrefcount(x) for x in watched] == before
+    assert grown < 16_000, grown
