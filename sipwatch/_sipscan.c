@@ -53,7 +53,15 @@ static inline uint64_t odd_bytes(uint64_t x)
 /* Validate the head and find where it ends. Returns the index of the first CRLF CRLF and the
  * number of lines in it (start line included), or -1 when the message is not the plain shape
  * or has more than max_lines lines. Colons are looked for by the caller, line by line. */
-static Py_ssize_t scan_head(const unsigned char *s, Py_ssize_t n, Py_ssize_t max_lines,
+/* (inlined into each caller, split_plain and sipscan_response: as one out-of-line function it
+ * cost every message ~170 more instructions) */
+#if defined(__GNUC__)
+#define HOT_INLINE inline __attribute__((always_inline))
+#else
+#define HOT_INLINE inline
+#endif
+
+static HOT_INLINE Py_ssize_t scan_head(const unsigned char *s, Py_ssize_t n, Py_ssize_t max_lines,
                             Py_ssize_t *n_lines)
 {
     Py_ssize_t p = 0, lines = 1;
@@ -123,7 +131,7 @@ static void name_cache_reset(PyObject *table)
 }
 #endif
 
-static PyObject *canonical_name(PyObject *table, const unsigned char *s, Py_ssize_t len)
+static HOT_INLINE PyObject *canonical_name(PyObject *table, const unsigned char *s, Py_ssize_t len)
 {
 #if PY_VERSION_HEX < 0x030C0000
     struct name_slot *slot = NULL;
@@ -1419,6 +1427,412 @@ sipscan_hex_join(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return out;
 }
 
+/* ---- responses on one pass over the datagram ------------------------------------------------
+ * What ProxyCore._response reads of the common response (the answer to a request this proxy
+ * forwarded), and the response with its top Via value removed, straight from the datagram:
+ * no line list, no SipMessage, no re-join. Only a message sipmsg.parse would cut in C (see
+ * split_plain: the same head scan and the same name table) and whose every part this function
+ * reads as the proxy reads it qualifies; for anything else it answers None and the caller
+ * takes its full path, which raises the errors and handles the unusual shapes. */
+
+/* One element of a comma-separated value s[pos:n], as sipscan_split_values cuts it: after a
+ * run of separators, a run of quoted strings, <...> and bytes other than , " <, ending at a
+ * comma or at the end. Returns 1 with the stripped element in [*a, *b) (maybe empty) and the
+ * position after its comma in *next, 0 when only separators are left, -1 where the split
+ * raises (an unclosed quote or <). */
+static int value_element(const unsigned char *s, Py_ssize_t n, Py_ssize_t pos, Py_ssize_t *a, Py_ssize_t *b,
+                         Py_ssize_t *next)
+{
+    Py_ssize_t p = pos;
+    while (p < n && (ascii_space(s[p]) || s[p] == ','))
+        p++;
+    const Py_ssize_t first = p;
+    while (p < n) {
+        const unsigned char c = s[p];
+        if (c == ',')
+            break;
+        if (c == '"') {
+            Py_ssize_t q = p + 1;
+            while (q < n && s[q] != '"') {
+                if (s[q] == '\\') {
+                    if (q + 1 >= n || s[q + 1] == '\n')
+                        break;
+                    q += 2;
+                }
+                else
+                    q++;
+            }
+            if (q >= n || s[q] != '"')
+                break;
+            p = q + 1;
+        }
+        else if (c == '<') {
+            const unsigned char *gt = memchr(s + p + 1, '>', (size_t)(n - p - 1));
+            if (gt == NULL)
+                break;
+            p = gt - s + 1;
+        }
+        else
+            p++;
+    }
+    if (p == first)
+        return p == n ? 0 : -1;
+    if (p < n && s[p] != ',')
+        return -1;
+    *a = first;
+    *b = p;
+    strip_range(s, a, b);
+    *next = p + 1;
+    return 1;
+}
+
+#define RESPONSE_MAX_VIAS 127
+
+/* a header line of the datagram: where it starts and ends, and where its value is (stripped) */
+struct line_at {
+    Py_ssize_t start, end, va, vb;
+};
+
+static int name_is(PyObject *name, const char *want, Py_ssize_t len)
+{
+    return PyBytes_GET_SIZE(name) == len && memcmp(PyBytes_AS_STRING(name), want, (size_t)len) == 0;
+}
+
+/* response(data, names, own_via_head, prefix_len, max_lines, max_cl_digits, max_vias, max_size)
+ *   -> (status, branch, next_via, call_id, cseq_number, CSEQ_METHOD, to_tag, out, truncated) or None
+ * See the block comment above; the qualifying message, beside sipscan_parse's plain shape:
+ * data at most max_size bytes; a status line "SIP/2.0 NNN <reason>" with NNN 100-699; one
+ * Call-ID (not empty), one CSeq (as sipscan_cseq reads it), one To, at most one Content-Length
+ * (as sipscan_parse checks it); the first Via header's value starting with this proxy's own
+ * Via exactly as ProxyCore._own_branch accepts it (own_via_head, its last prefix_len bytes the
+ * branch prefix; the TCP spelling too), then either more values in that header (split as
+ * split_values splits them, at most max_vias in all) or a next Via header whose value splits
+ * into at least one. ``next_via`` is the value below ours as _response reads it, ``to_tag``
+ * header_tag of the To value, ``out`` SipMessage.to_bytes after _response's edit (the rest of
+ * the Via values joined by ", " after "Via: ", or the Via line gone), with the body cut to
+ * Content-Length (``truncated``). */
+static PyObject *
+sipscan_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (arg_count(nargs, 8, "response(data, names, own_via_head, prefix_len, max_lines, max_cl_digits, "
+                            "max_vias, max_size) takes 8 arguments") < 0)
+        return NULL;
+    PyObject *data = args[0], *table = args[1], *head = args[2];
+    /* the status line first (every request is turned away here), as sipscan_parse reads it but
+     * for the repair of a missing reason phrase */
+    if (!PyBytes_CheckExact(data))
+        Py_RETURN_NONE;
+    const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(data);
+    const Py_ssize_t n = PyBytes_GET_SIZE(data);
+    if (n < 12 || memcmp(s, "SIP/2.0 ", 8) != 0 || !all_digits(s, 8, 11) || s[11] != ' ' ||
+            s[8] < '1' || s[8] > '6')
+        Py_RETURN_NONE;
+    const long status = (s[8] - '0') * 100 + (s[9] - '0') * 10 + (s[10] - '0');
+    if (!PyDict_Check(table)) {
+        PyErr_SetString(PyExc_TypeError, "names must be a dict");
+        return NULL;
+    }
+    if (need_bytes(head, "own_via_head") < 0)
+        return NULL;
+    Py_ssize_t ints[5]; /* prefix_len, max_lines, max_cl_digits, max_vias, max_size */
+    for (int i = 0; i < 5; i++)
+        if ((ints[i] = PyLong_AsSsize_t(args[3 + i])) == -1 && PyErr_Occurred())
+            return NULL;
+    const Py_ssize_t prefix_len = ints[0], max_lines = ints[1], max_digits = ints[2];
+    const Py_ssize_t max_vias = ints[3], max_size = ints[4];
+    if (max_lines < 1 || max_vias < 1 || max_vias > RESPONSE_MAX_VIAS)
+        Py_RETURN_NONE;
+    const unsigned char *h = (const unsigned char *)PyBytes_AS_STRING(head);
+    const Py_ssize_t hl = PyBytes_GET_SIZE(head);
+    if (n > max_size || hl < 11 || prefix_len < 0 || prefix_len > hl)
+        Py_RETURN_NONE;
+    Py_ssize_t n_lines = 0;
+    const Py_ssize_t head_end = scan_head(s, n, max_lines, &n_lines);
+    if (head_end < 0)
+        Py_RETURN_NONE;
+
+    /* the header lines: every name in the table (as split_plain requires), the ones read found */
+    struct line_at via = {-1, -1, 0, 0}, via2 = {-1, -1, 0, 0}, cid = {-1, -1, 0, 0};
+    struct line_at cseq = {-1, -1, 0, 0}, to = {-1, -1, 0, 0}, cl = {-1, -1, 0, 0};
+    int n_cid = 0, n_cseq = 0, n_to = 0, n_cl = 0;
+    const unsigned char *cr = memchr(s, '\r', (size_t)head_end);
+    Py_ssize_t pos = (cr ? cr - s : head_end) + 2;
+    for (Py_ssize_t k = 1; k < n_lines; k++) {
+        if (pos > head_end)
+            Py_RETURN_NONE; /* (cannot happen after scan_head) */
+        cr = memchr(s + pos, '\r', (size_t)(head_end - pos));
+        const Py_ssize_t end = cr ? cr - s : head_end;
+        const unsigned char *colon = memchr(s + pos, ':', (size_t)(end - pos));
+        if (colon == NULL || colon == s + pos)
+            Py_RETURN_NONE;
+        PyObject *name = canonical_name(table, s + pos, colon - (s + pos) + 1); /* borrowed */
+        if (name == NULL) {
+            if (PyErr_Occurred()) {
+                if (PyErr_ExceptionMatches(PyExc_MemoryError))
+                    return NULL;
+                PyErr_Clear();
+            }
+            Py_RETURN_NONE;
+        }
+        if (!PyBytes_CheckExact(name))
+            Py_RETURN_NONE;
+        struct line_at *slot = NULL;
+        switch (PyBytes_GET_SIZE(name)) {
+        case 2:
+            if (name_is(name, "to", 2)) {
+                slot = &to;
+                n_to++;
+            }
+            break;
+        case 3:
+            if (name_is(name, "via", 3)) {
+                if (via.start < 0)
+                    slot = &via;
+                else if (via2.start < 0)
+                    slot = &via2;
+            }
+            break;
+        case 4:
+            if (name_is(name, "cseq", 4)) {
+                slot = &cseq;
+                n_cseq++;
+            }
+            break;
+        case 7:
+            if (name_is(name, "call-id", 7)) {
+                slot = &cid;
+                n_cid++;
+            }
+            break;
+        case 14:
+            if (name_is(name, "content-length", 14)) {
+                slot = &cl;
+                n_cl++;
+            }
+            break;
+        }
+        if (slot != NULL) {
+            slot->start = pos;
+            slot->end = end;
+            slot->va = colon - s + 1;
+            slot->vb = end;
+            strip_range(s, &slot->va, &slot->vb);
+        }
+        pos = end + 2;
+    }
+    if (via.start < 0 || n_cid != 1 || n_cseq != 1 || n_to != 1 || n_cl > 1 || cid.va == cid.vb)
+        Py_RETURN_NONE;
+
+    /* Content-Length, as sipscan_parse checks it */
+    const Py_ssize_t body_at = head_end + 4, body_len = n - body_at;
+    Py_ssize_t body_keep = body_len;
+    if (n_cl) {
+        if (!all_digits(s, cl.va, cl.vb) || cl.vb - cl.va > max_digits || cl.vb - cl.va > 18)
+            Py_RETURN_NONE;
+        long long v = 0;
+        for (Py_ssize_t i = cl.va; i < cl.vb; i++)
+            v = v * 10 + (s[i] - '0');
+        if (v > (long long)body_len)
+            Py_RETURN_NONE;
+        body_keep = (Py_ssize_t)v;
+    }
+
+    /* our Via first, as _own_branch accepts it: own_via_head (or its TCP spelling), a branch
+     * of letters, digits and dots after the prefix, ";rport"; then a comma or the end */
+    const Py_ssize_t va = via.va, vb = via.vb;
+    Py_ssize_t e = va;
+    while (e < vb && s[e] != ',' && s[e] != '"' && s[e] != '<')
+        e++;
+    if (e < vb && s[e] != ',')
+        Py_RETURN_NONE;
+    Py_ssize_t own_a = va, own_b = e;
+    strip_range(s, &own_a, &own_b);
+    if (own_a != va || own_b - va - 6 <= hl || memcmp(s + own_b - 6, ";rport", 6) != 0)
+        Py_RETURN_NONE;
+    if (memcmp(s + va, h, (size_t)hl) != 0 &&
+            !(memcmp(s + va, "SIP/2.0/TCP", 11) == 0 && memcmp(s + va + 11, h + 11, (size_t)(hl - 11)) == 0))
+        Py_RETURN_NONE;
+    int alnum = 0;
+    for (Py_ssize_t i = va + hl; i < own_b - 6; i++) {
+        const unsigned char c = s[i];
+        if ((c >= '0' && c <= '9') || (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z'))
+            alnum = 1;
+        else if (c != '.')
+            Py_RETURN_NONE;
+    }
+    if (!alnum)
+        Py_RETURN_NONE;
+    const Py_ssize_t branch_a = va + hl - prefix_len, branch_b = own_b - 6;
+
+    /* the values after ours in the same header, as split_values(value, max_vias) cuts them */
+    Py_ssize_t rest_a[RESPONSE_MAX_VIAS], rest_b[RESPONSE_MAX_VIAS];
+    Py_ssize_t n_rest = 0, rest_len = 0;
+    if (e < vb) {
+        Py_ssize_t p = e + 1;
+        for (;;) {
+            Py_ssize_t a, b, next;
+            const int r = value_element(s, vb, p, &a, &b, &next);
+            if (r < 0)
+                Py_RETURN_NONE;
+            if (r == 0)
+                break;
+            if (a < b) {
+                if (n_rest + 1 >= max_vias) /* ours and this one: more than max_vias values */
+                    Py_RETURN_NONE;
+                rest_a[n_rest] = a;
+                rest_b[n_rest] = b;
+                rest_len += (b - a) + (n_rest ? 2 : 0);
+                n_rest++;
+            }
+            if (next >= vb)
+                break;
+            p = next;
+        }
+    }
+    /* the value below ours: the next one in this header, else the first of the next Via header */
+    Py_ssize_t next_a, next_b;
+    if (n_rest) {
+        next_a = rest_a[0];
+        next_b = rest_b[0];
+    }
+    else {
+        if (via2.start < 0)
+            Py_RETURN_NONE;
+        next_a = via2.va;
+        next_b = via2.vb;
+        if (memchr(s + via2.va, ',', (size_t)(via2.vb - via2.va)) != NULL) {
+            /* the whole value is split (an error anywhere in it raises), the first element kept */
+            Py_ssize_t p = via2.va, a, b, next;
+            int found = 0;
+            for (;;) {
+                const int r = value_element(s, via2.vb, p, &a, &b, &next);
+                if (r < 0)
+                    Py_RETURN_NONE;
+                if (r == 0)
+                    break;
+                if (a < b && !found) {
+                    next_a = a;
+                    next_b = b;
+                    found = 1;
+                }
+                if (next >= via2.vb)
+                    break;
+                p = next;
+            }
+            if (!found)
+                Py_RETURN_NONE;
+        }
+        if (next_a == next_b)
+            Py_RETURN_NONE;
+    }
+
+    /* CSeq, as sipscan_cseq reads it */
+    Py_ssize_t p = cseq.va;
+    const Py_ssize_t cn = cseq.vb;
+    while (p < cn && ascii_space(s[p]))
+        p++;
+    const Py_ssize_t da = p;
+    long long number = 0;
+    while (p < cn && s[p] >= '0' && s[p] <= '9') {
+        if (p - da >= 10)
+            Py_RETURN_NONE;
+        number = number * 10 + (s[p] - '0');
+        p++;
+    }
+    if (p == da || p >= cn || !ascii_space(s[p]) || number >= (1LL << 31))
+        Py_RETURN_NONE;
+    while (p < cn && ascii_space(s[p]))
+        p++;
+    const Py_ssize_t ma = p;
+    while (p < cn && ((s[p] >= 'A' && s[p] <= 'Z') || (s[p] >= 'a' && s[p] <= 'z')))
+        p++;
+    const Py_ssize_t mb = p;
+    while (p < cn && ascii_space(s[p]))
+        p++;
+    if (mb == ma || p != cn)
+        Py_RETURN_NONE;
+
+    /* the To tag, as sipscan_header_tag reads it */
+    Py_ssize_t tag_a = -1, tag_b = -1;
+    {
+        Py_ssize_t t = to.vb;
+        while (t > to.va && s[t - 1] != '>')
+            t--;
+        for (Py_ssize_t i = t; i + 5 <= to.vb; i++) {
+            if (s[i] == ';' && ascii_lower(s[i + 1]) == 't' && ascii_lower(s[i + 2]) == 'a' &&
+                ascii_lower(s[i + 3]) == 'g' && s[i + 4] == '=') {
+                Py_ssize_t a = i + 5, b = to.vb;
+                const unsigned char *semi = memchr(s + a, ';', (size_t)(b - a));
+                if (semi != NULL)
+                    b = semi - s;
+                strip_range(s, &a, &b);
+                if (a < b) {
+                    tag_a = a;
+                    tag_b = b;
+                }
+                break;
+            }
+        }
+    }
+
+    /* the output: the datagram with our Via value (or the whole Via line) cut out */
+    Py_ssize_t out_len;
+    if (n_rest)
+        out_len = via.start + 5 + rest_len + (body_at - via.end) + body_keep;
+    else
+        out_len = (via.start - 2) + (body_at - via.end) + body_keep;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, out_len);
+    if (out == NULL)
+        return NULL;
+    char *d = PyBytes_AS_STRING(out);
+    if (n_rest) {
+        memcpy(d, s, (size_t)via.start);
+        d += via.start;
+        memcpy(d, "Via: ", 5);
+        d += 5;
+        for (Py_ssize_t i = 0; i < n_rest; i++) {
+            if (i) {
+                memcpy(d, ", ", 2);
+                d += 2;
+            }
+            memcpy(d, s + rest_a[i], (size_t)(rest_b[i] - rest_a[i]));
+            d += rest_b[i] - rest_a[i];
+        }
+    }
+    else {
+        memcpy(d, s, (size_t)(via.start - 2));
+        d += via.start - 2;
+    }
+    memcpy(d, s + via.end, (size_t)(body_at - via.end + body_keep));
+
+    PyObject *status_obj = PyLong_FromLong(status);
+    PyObject *branch = bytes_of(s, branch_a, branch_b);
+    PyObject *next_via = bytes_of(s, next_a, next_b);
+    PyObject *call_id = bytes_of(s, cid.va, cid.vb);
+    PyObject *cseq_n = PyLong_FromLongLong(number);
+    PyObject *method = PyBytes_FromStringAndSize(NULL, mb - ma);
+    if (method != NULL) {
+        unsigned char *m = (unsigned char *)PyBytes_AS_STRING(method);
+        for (Py_ssize_t i = ma; i < mb; i++)
+            *m++ = ascii_upper(s[i]);
+    }
+    PyObject *to_tag = tag_a >= 0 ? bytes_of(s, tag_a, tag_b) : Py_NewRef(Py_None);
+    PyObject *result = NULL;
+    if (status_obj && branch && next_via && call_id && cseq_n && method && to_tag)
+        result = PyTuple_Pack(9, status_obj, branch, next_via, call_id, cseq_n, method, to_tag, out,
+                              body_keep < body_len ? Py_True : Py_False);
+    Py_XDECREF(status_obj);
+    Py_XDECREF(branch);
+    Py_XDECREF(next_via);
+    Py_XDECREF(call_id);
+    Py_XDECREF(cseq_n);
+    Py_XDECREF(method);
+    Py_XDECREF(to_tag);
+    Py_DECREF(out);
+    return result;
+}
+
 static PyMethodDef sipscan_methods[] = {
     {"serialize", (PyCFunction)(void (*)(void))sipscan_serialize, METH_FASTCALL,
      "serialize(start, lines, body) -> SipMessage.to_bytes of those parts, or None when one is not bytes"},
@@ -1459,6 +1873,10 @@ static PyMethodDef sipscan_methods[] = {
     {"mac_hex", (PyCFunction)(void (*)(void))sipscan_mac_hex, METH_FASTCALL,
      "mac_hex(state, sep, parts) -> hexlify(blake2b(sep.join(parts)).digest()) from a\n"
      "blake2b_state (its key and digest size), or None when sep.join(parts) is empty"},
+    {"response", (PyCFunction)(void (*)(void))sipscan_response, METH_FASTCALL,
+     "response(data, names, own_via_head, prefix_len, max_lines, max_cl_digits, max_vias, max_size)\n"
+     "-> (status, branch, next_via, call_id, cseq_number, CSEQ_METHOD, to_tag, out, truncated) of a\n"
+     "response to a request this proxy forwarded, in the common shape; else None"},
     {NULL, NULL, 0, NULL},
 };
 

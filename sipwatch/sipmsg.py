@@ -74,7 +74,7 @@ COMPACT_FORMS = {
 
 _SIP20: Final = b"SIP/2.0"
 CSEQ_LIMIT: Final = 1 << 31
-_MAX_MESSAGE: Final = 65535
+MAX_MESSAGE: Final = 65535
 
 
 def _load_accelerator() -> Optional[ModuleType]:
@@ -394,7 +394,7 @@ def parse(data: bytes, check_length: bool = True) -> SipMessage:
     ``truncated`` set). ``check_length=False`` is the passive observer's mode: it still wants to
     count a message the proxy would refuse, so only the structure is required.
     """
-    if check_length and len(data) > _MAX_MESSAGE:  # the observer gets TCP messages capped by its reader
+    if check_length and len(data) > MAX_MESSAGE:  # the observer gets TCP messages capped by its reader
         raise SipParseError("datagram larger than 65535 bytes", DROP_TOO_LARGE)
     if _c_split is not None and _c_parse is not None:  # the common message, parsed in one C call
         parsed = _c_parse(data, _NAME_CACHE, MAX_HEADER_LINES, MAX_CONTENT_LENGTH_DIGITS, check_length)

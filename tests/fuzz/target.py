@@ -31,7 +31,9 @@ Properties (an AssertionError names the one that broke; anything else raised is 
 - a response the core makes itself goes back to the IP of the datagram's source and is not
   larger than the request (no amplification toward a spoofable source);
 - a forwarded request carries at most ``core.MAX_VIAS`` + 1 Via values (more Vias than any
-  real path has are dropped, issue 8 item 2; the one added is the core's own).
+  real path has are dropped, issue 8 item 2; the one added is the core's own);
+- a second core with the same key, its response fast path (``ProxyCore._fast_response``) off,
+  fed the same inputs, gives the same outputs, counters and finished records.
 """
 from __future__ import annotations
 
@@ -97,8 +99,11 @@ def parse_outcome(payload: bytes, check_length: bool) -> tuple:
 
 class Run:
     def __init__(self):
-        self.core = ProxyCore(CoreConfig(advertise=ADVERTISE, upstream=UPSTREAM),
-                              randbits=random.Random(1).getrandbits)
+        config = CoreConfig(advertise=ADVERTISE, upstream=UPSTREAM, secret=b"fuzz" * 8)
+        self.core = ProxyCore(config, randbits=random.Random(1).getrandbits)
+        # the reference: the same core without the response fast path
+        self.full = ProxyCore(config, randbits=random.Random(1).getrandbits)
+        self.full.fast_responses = False
         self.observer = Observer()
         self.now = 1000.0
         self.requesters = {UPSTREAM[0]}  # IPs that sent a request in this run
@@ -123,6 +128,8 @@ class Run:
             self.requesters.add(src[0])
         outs = self.core.receive_datagram(payload, src, self.now)
         assert isinstance(outs, list), f"receive_datagram returned {type(outs)}"
+        assert outs == self.full.receive_datagram(payload, src, self.now), "response fast path changed the output"
+        assert counters(self.core) == counters(self.full), "response fast path changed the counters"
         self.observer.feed(payload, src, ADVERTISE, self.now)
         for item in outs:
             out, dest = item
@@ -160,7 +167,11 @@ class Run:
 
     def housekeeping(self, now: float) -> None:
         self.core.handle_timers(now)
-        self.records(self.core.drain_finished())
+        self.full.handle_timers(now)
+        records = self.core.drain_finished()
+        assert [record_summary(r) for r in records] == [record_summary(r) for r in self.full.drain_finished()], \
+            "response fast path changed the finished records"
+        self.records(records)
 
     def records(self, records) -> None:
         spans = []
@@ -181,6 +192,18 @@ class Run:
             self.housekeeping(self.now + dt)
         self.observer.finish()
         self.records(self.observer.drain_finished())
+
+
+def counters(core: ProxyCore) -> tuple:
+    stats = {k: v for k, v in vars(core.stats).items() if k != "ring"}
+    return stats, core.out_tcp, len(core.tracker.transactions), sorted(core.gateway_seen.items())
+
+
+def record_summary(record) -> tuple:
+    kind, obj = record
+    if kind == "tx":
+        return kind, obj.key, obj.status, obj.t_first, obj.t_final, obj.retrans, list(obj.events), obj.tags
+    return kind, obj.call_id, obj.status, obj.outcome, obj.t_setup, obj.t_answer, obj.t_end, obj.retrans
 
 
 def run_one(data: bytes) -> None:
