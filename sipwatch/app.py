@@ -25,6 +25,7 @@ from collections import deque
 
 from .config import ProxySettings
 from .gcpolicy import GcPolicy
+from .handoff import let_go_all
 from .hep_sender import sender_for_proxy, summary_record
 from .core import CoreConfig, ProxyCore
 from .logs import ErrorReporter, JsonLog
@@ -269,11 +270,7 @@ class ProxyApp:
                 self.metrics.observe_calls(calls, report)
             except Exception as exc:  # noqa: BLE001
                 report("metrics", exc)
-            for obj in calls:
-                try:
-                    obj.let_go()  # the summary and the span record were the last readers
-                except Exception as exc:  # noqa: BLE001
-                    report("tick", exc)
+            let_go_all(calls, report)  # the summary and the span record were the last readers
         if backlog and not self._slice_pending:
             try:
                 asyncio.get_running_loop().call_soon(self._next_slice)
