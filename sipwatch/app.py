@@ -25,7 +25,7 @@ from collections import deque
 
 from .config import ProxySettings
 from .gcpolicy import GcPolicy
-from .handoff import let_go_all
+from .handoff import let_go_all, summarize_all, take_slice
 from .hep_sender import sender_for_proxy, summary_record
 from .core import CoreConfig, ProxyCore
 from .logs import ErrorReporter, JsonLog
@@ -197,10 +197,10 @@ class ProxyApp:
             self._last_record = self.clock()
             self._backlog.extend(records)
         self._records_slice(everything)
-        try:
-            self.gc.tick()
-        except Exception as exc:  # noqa: BLE001
-            report("tick", exc)
+        try:  # in a callback of its own: the loop reads its sockets between it and the above
+            asyncio.get_running_loop().call_soon(self._gc_step)
+        except RuntimeError:  # no running loop (shutdown): here
+            self._gc_step()
         if self.hep is not None:
             try:
                 self.hep.flush()
@@ -232,29 +232,11 @@ class ProxyApp:
         backlog = self._backlog
         if not backlog:
             return
-        chunk: list = []
-        calls: list = []
-        popleft = backlog.popleft
-        call_summary = self.log.call_summary
-        hep = self.hep if self.hep is not None and self.settings.hep_log else None
-        while backlog and (everything or (len(calls) < CALLS_PER_SLICE and len(chunk) < RECORDS_PER_SLICE)):
-            rec = popleft()
-            chunk.append(rec)
-            try:
-                kind, obj = rec
-                is_call = kind == "call" and obj.is_call
-            except Exception as exc:  # noqa: BLE001
-                report("tick", exc)
-                continue
-            if not is_call:
-                continue
-            calls.append(obj)
-            try:
-                call_summary(obj)
-            except Exception as exc:  # noqa: BLE001
-                report("log", exc)
-                self._minimal_summary(obj, exc)
-            if hep is not None:
+        chunk, calls = take_slice(backlog, everything, CALLS_PER_SLICE, RECORDS_PER_SLICE, report)
+        summarize_all(calls, self.log.call_summary, self._summary_failed)
+        if self.hep is not None and self.settings.hep_log:
+            hep = self.hep
+            for obj in calls:
                 try:
                     hep.call_summary(obj.call_id, summary_record(
                         obj, self.settings.mask_numbers, self.call_id_mask), self.clock())
@@ -278,6 +260,15 @@ class ProxyApp:
             except RuntimeError:  # no running loop (shutdown): finish here
                 self._records_slice(everything=True)
 
+    def _gc_step(self) -> None:
+        """The collector's step (gcpolicy), after the tick. Its young collection costs ~6 µs per
+        call carried (live, 1000 calls/s, every feature on), about what the timers cost: at 4000
+        calls/s ~0.5 ms a tick, which no longer adds to the stop of the tick's own callback."""
+        try:
+            self.gc.tick()
+        except Exception as exc:  # noqa: BLE001 - a callback of the loop must not raise
+            self.errors.report("tick", exc)
+
     def _next_slice(self) -> None:
         """A later slice of the backlog. The lines of the slices are held until the last one
         of them writes them all in one write (an undeferred line in between takes them along,
@@ -294,6 +285,11 @@ class ProxyApp:
                 self.log.flush()
             except Exception as exc:  # noqa: BLE001
                 self.errors.report("log", exc)
+
+    def _summary_failed(self, call, exc: Exception) -> None:
+        """A call summary that could not be written: counted, and the minimal line instead."""
+        self.errors.report("log", exc)
+        self._minimal_summary(call, exc)
 
     def _minimal_summary(self, call, exc: Exception) -> None:
         """The call still gets its one summary line (counts from logs stay right), with what

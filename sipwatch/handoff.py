@@ -40,6 +40,38 @@ def native_call_tuple(call: Call) -> tuple:
             call.retrans, call.rtp, first, call.is_call, legs)
 
 
+def take_slice(backlog, everything: bool, max_calls: int, max_records: int, report) -> tuple[list, list]:
+    """(records, INVITE dialogs among them) taken from the front of ``backlog``: at most
+    ``max_records`` records and ``max_calls`` dialogs unless ``everything``. A record of the wrong
+    shape is taken and reported to ``report("tick", exc)``."""
+    chunk: list = []
+    calls: list = []
+    while backlog and (everything or (len(calls) < max_calls and len(chunk) < max_records)):
+        rec = backlog.popleft()
+        chunk.append(rec)
+        try:
+            kind, obj = rec
+            if isinstance(obj, Call):  # (the same test, read from the struct under mypyc)
+                is_call = kind == "call" and obj.is_call
+            else:
+                is_call = kind == "call" and obj.is_call
+        except Exception as exc:  # noqa: BLE001
+            report("tick", exc)
+            continue
+        if is_call:
+            calls.append(obj)
+    return chunk, calls
+
+
+def summarize_all(calls: list, summarize, failed) -> None:
+    """``summarize(call)`` of each call; a failure goes to ``failed(call, exc)`` and the rest go on."""
+    for obj in calls:
+        try:
+            summarize(obj)
+        except Exception as exc:  # noqa: BLE001
+            failed(obj, exc)
+
+
 def span_tuples(records, own_decision: bool, ratio: float, by_ratio) -> list:
     """The tuples of the sampled records, in order: a call's when it is an INVITE dialog (a
     non-dialog request's trace is its transaction spans), a transaction's always; sampled as the
@@ -122,4 +154,4 @@ def let_go_all(calls, on_error) -> None:
             on_error("tick", exc)
 
 
-__all__ = ["span_tuples", "call_figures", "let_go_all", "native_tx_tuple", "native_call_tuple"]
+__all__ = ["take_slice", "summarize_all", "span_tuples", "call_figures", "let_go_all", "native_tx_tuple", "native_call_tuple"]
