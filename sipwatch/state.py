@@ -332,6 +332,9 @@ class Tracker:
         # expire_left: the last call stopped at that bound with entries still due
         self.expire_budget = 0
         self.expire_left = False
+        # sweep_apart: expire() leaves the sweep of stale entries to sweep() (the proxy calls it
+        # in a callback of its own: a step looks at up to ~480 entries a tick at 1000 calls/s)
+        self.sweep_apart = False
 
     def _next_token(self) -> int:
         """A new timer entry token (a plain counter: ``next()`` of an itertools.count was a
@@ -746,7 +749,8 @@ class Tracker:
                 and now < self._call_short.first and now < self._call_long.first \
                 and now < self._call_linger.first:
             self.expire_left = False
-            self._sweep()
+            if not self.sweep_apart:
+                self._sweep()
             return
         txs, stats = self.transactions, self.stats
         budget = self.expire_budget if self.expire_budget > 0 else -1  # -1: unbounded
@@ -812,6 +816,11 @@ class Tracker:
                     self._finish_call(call, now, "max_duration")  # e.g. answered, never a BYE
                 else:
                     self._finish_call(call, now, "timeout")
+        if not self.sweep_apart:
+            self._sweep()
+
+    def sweep(self) -> None:
+        """One bounded step of the sweep of stale timer entries (see :meth:`_sweep`)."""
         self._sweep()
 
     def _sweep(self) -> None:

@@ -68,3 +68,39 @@ def test_a_tick_leaves_the_rest_of_the_timers_to_callbacks_of_their_own(tmp_path
     app.clock = lambda: T0 + 2 * tracker.timer_b + 2.0
     app.tick()  # no running loop (shutdown): every due entry at once
     assert tracker.stats.timeouts[INVITE] == 2 * n and not tracker.expire_left
+
+
+def _provisionals(tracker: Tracker, n: int, each: int = 5) -> None:
+    """``each`` 180s to each of the ``n`` INVITEs: every one restarts Timer C, and all Timer C
+    entries but the last of each INVITE go stale."""
+    for i in range(n):
+        for k in range(each):
+            tracker.response((b"z9hG4bK-step-%d" % i, b"INVITE"), 180, T0 + 0.01 * (k + 1))
+
+
+def test_the_sweep_runs_apart_from_expire_when_asked():
+    tracker = Tracker(Stats())
+    tracker.sweep_apart = True
+    _unanswered(tracker, 600)
+    _provisionals(tracker, 600)
+    queued = tracker.queued()
+    tracker.expire(T0 + 1.0)
+    assert tracker.compactions == 0 and tracker.queued() == queued
+    tracker.sweep()
+    assert tracker.compactions == 1 and tracker.queued() < queued
+
+
+def test_a_tick_sweeps_in_a_callback_of_its_own(tmp_path):
+    app, _ = _app(tmp_path, "--no-tracing")
+    tracker = app.core.tracker
+    _unanswered(tracker, 600)
+    _provisionals(tracker, 600)
+    app.clock = lambda: T0 + 1.0
+
+    async def run():
+        app.tick()
+        assert tracker.compactions == 0
+        await asyncio.sleep(0)
+        assert tracker.compactions == 1
+
+    asyncio.run(run())
