@@ -72,7 +72,7 @@ def summarize_all(calls: list, summarize, failed) -> None:
             failed(obj, exc)
 
 
-def span_tuples(records, own_decision: bool, ratio: float, by_ratio) -> list:
+def span_tuples(records, own_decision: bool, ratio, by_ratio) -> list:
     """The tuples of the sampled records, in order: a call's when it is an INVITE dialog (a
     non-dialog request's trace is its transaction spans), a transaction's always; sampled as the
     call decided (``own_decision`` False) or by ``by_ratio(trace_id, ratio)``. A record of the
