@@ -26,6 +26,7 @@ import threading
 import time
 from collections import deque
 from datetime import datetime, timezone
+from typing import Final
 
 import orjson
 
@@ -424,9 +425,19 @@ class JsonLog:
 
 _INFO = LEVELS.index("info")
 _UTC = timezone.utc
-# the second stamped last: (its integer timestamp, its text "YYYY-MM-DDTHH:MM:SS.")
-_last_second: tuple = (None, "")
 _STAMP_MAX = 253402300799  # 9999-12-31T23:59:59: later seconds are not RFC 3339 years
+_DIGITS3: Final = tuple("%03d" % i for i in range(1000))  # microseconds in two halves of 3 digits
+
+
+class _Second:
+    """The second stamped last: its start and its text ``YYYY-MM-DDTHH:MM:SS.``."""
+
+    def __init__(self) -> None:
+        self.start = -1.0
+        self.text = ""
+
+
+_LAST_SECOND: Final = _Second()
 
 
 def _stamp(clock, when) -> str:
@@ -437,26 +448,38 @@ def _stamp(clock, when) -> str:
     ``datetime.fromtimestamp`` takes the fraction of the second (exact for a timestamp >= 0),
     scales it to microseconds and rounds half to even, carrying a full million into the next
     second; Python's ``round`` of a float rounds the same way, so the text is the one datetime
-    gives."""
-    global _last_second
+    gives. A float (every clock's and record's time) is worked in machine doubles under mypyc."""
     try:
         t = clock() if when is None else when
         kind = type(t)
-        if (kind is float or kind is int) and 0 <= t < _STAMP_MAX:
-            second = math.floor(t)
-            micro = round((t - second) * 1e6)
-            if micro >= 1_000_000:
-                second += 1
-                micro -= 1_000_000
-            last = _last_second
-            if last[0] != second:
-                last = _last_second = (second, datetime.fromtimestamp(second, _UTC).isoformat(
-                    timespec="microseconds")[:20])
-            return "%s%06dZ" % (last[1], micro)
+        if kind is float:
+            if 0.0 <= t < _STAMP_MAX:
+                return _stamp_float(t)
+        elif kind is int and 0 <= t < _STAMP_MAX:
+            return _stamp_float(float(t))
         ts = datetime.fromtimestamp(t, _UTC)
     except (OverflowError, OSError, ValueError, TypeError):
         return datetime.now(_UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
     return ts.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _stamp_float(t: float) -> str:
+    """:func:`_stamp` of ``0 <= t < _STAMP_MAX``. The fraction of the second is exact, and so is
+    ``f - floor(f)`` of its microseconds: the half-to-even rounding below is ``round``'s."""
+    second = float(math.floor(t))
+    f = (t - second) * 1e6
+    micro = math.floor(f)
+    d = f - micro
+    if d > 0.5 or (d == 0.5 and micro % 2 == 1):
+        micro += 1
+    if micro >= 1_000_000:
+        second += 1.0
+        micro -= 1_000_000
+    last = _LAST_SECOND
+    if last.start != second:
+        last.text = datetime.fromtimestamp(second, _UTC).isoformat(timespec="microseconds")[:20]
+        last.start = second
+    return last.text + _DIGITS3[micro // 1000] + _DIGITS3[micro % 1000] + "Z"
 
 
 class ErrorReporter:

@@ -25,6 +25,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.samples import Exemplar
 
 from .correlation import KINDS as CORRELATION_KINDS
+from .handoff import call_figures
 from .stats import (
     COMPONENTS, CORRELATION_RESULTS, DIRECTIONS, DROP_REASONS, METHODS, OUTCOMES, RTT_BUCKETS_MS, Stats,
 )
@@ -211,23 +212,7 @@ class Metrics:
         :func:`observe_all`). A call whose figures cannot be read is reported to
         ``on_error("metrics", exc)`` and leaves out what it had not given yet, as
         ``observe_call`` would have."""
-        setup: list[float] = []
-        duration: list[float] = []
-        legs: list[float] = []
-        for call in calls:
-            try:
-                if not call.is_call:
-                    continue
-                if call.t_setup is not None:
-                    setup.append(call.t_setup - call.t_start)
-                if call.t_answer is not None and call.t_end is not None:
-                    duration.append(max(0.0, call.t_end - call.t_answer))
-                if getattr(call, "joined_by", None):
-                    legs.append(max(0.0, call.t_start - call.gap_start))
-            except Exception as exc:  # noqa: BLE001
-                if on_error is None:
-                    raise
-                on_error("metrics", exc)
+        setup, duration, legs = call_figures(calls, on_error)
         observe_all(self.call_setup, setup)
         observe_all(self.call_duration, duration)
         observe_all(self.leg_setup, legs)

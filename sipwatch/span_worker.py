@@ -53,7 +53,8 @@ import threading
 import time
 from collections import deque
 
-from .otlp_encode import call_tuple, tx_tuple
+from .handoff import span_tuples
+from .otlp_encode import call_tuple, tx_tuple  # noqa: F401 (the frame format, re-exported)
 
 _LEN = struct.Struct("<I")
 F_CONFIG, F_RECORDS, F_REOPEN, F_STOP = 0, 1, 2, 3
@@ -214,20 +215,7 @@ class WorkerPipeline:
 
         A slice is framed at once (a dump of ~40 records), not the HOLD's thousands at the write:
         one dump of 800 records had stopped the loop for ~4 ms live, the tick's longest stall."""
-        own, ratio, by_ratio = self._own_decision, self.sample_ratio, self._sampled_by_ratio
-        held: list = []
-        for rec in records:
-            kind, obj = rec
-            if kind == "call":
-                if not obj.is_call:
-                    continue  # a non-dialog request's trace is its transaction span(s)
-                if not (by_ratio(obj.trace_id, ratio) if own else obj.sampled):
-                    continue
-                held.append(call_tuple(obj))
-            else:
-                if not (by_ratio(obj.trace_id, ratio) if own else obj.sampled):
-                    continue
-                held.append(tx_tuple(obj))
+        held = span_tuples(records, self._own_decision, self.sample_ratio, self._sampled_by_ratio)
         if self._dead or self._closed:  # gone or shut down: nothing more is held for it
             self._dropped += len(held) + self._held_records
             self._held = []

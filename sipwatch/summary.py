@@ -6,8 +6,10 @@ build summaries without loading the log writer."""
 from __future__ import annotations
 
 from math import copysign, floor
+from typing import Final
 
 from .masking import mask_uri
+from .state import Call
 from .stats import METHODS, OUTCOMES
 
 
@@ -23,23 +25,47 @@ def round3(x):  # (unannotated: an int stays an int under mypyc too)
     ``round`` itself."""
     if type(x) is not float:
         return round(x, 3)  # an int stays an int
+    return _round3f(x)
+
+
+def _round3f(x: float) -> float:
+    """:func:`round3` of a float, in machine doubles under mypyc (no float object in between):
+    ``n``, the floor of ``x * 1000``, is an exact double below 1e9."""
     y = x * 1000.0
     if -1e9 < y < 1e9:
-        n = floor(y)
+        n = float(floor(y))
         d = y - n
         if d < 0.499999 or d > 0.500001:
             if d > 0.5:
-                n += 1
-            return n / 1000.0 if n else copysign(0.0, x)
+                n += 1.0
+            return n / 1000.0 if n != 0.0 else copysign(0.0, x)
     return round(x, 3)
 
 
 def _ms(a, b):
+    """Milliseconds from ``a`` to ``b`` as :func:`round3` rounds them; None if either is None."""
+    if type(a) is float and type(b) is float:
+        return _ms_f(a, b)
     return None if a is None or b is None else round3((b - a) * 1000.0)
 
 
+def _ms_f(a: float, b: float) -> float:
+    return _round3f((b - a) * 1000.0)
+
+
+def _seconds(a, b):
+    """Seconds from ``a`` to ``b`` as :func:`round3` rounds them; None if either is None."""
+    if type(a) is float and type(b) is float:
+        return _seconds_f(a, b)
+    return None if a is None or b is None else round3(b - a)
+
+
+def _seconds_f(a: float, b: float) -> float:
+    return _round3f(b - a)
+
+
 # method names as logged, for the methods counted by name (others are decoded each time)
-_METHOD_TEXT = {m: m.decode("ascii") for m in METHODS}
+_METHOD_TEXT: Final = {m: m.decode("ascii") for m in METHODS}
 
 
 def call_summary_fields(call, mask_mode: str = "partial", rtp: list[dict] | None = None,
@@ -61,48 +87,60 @@ def call_sid_of(call, call_id_mask=None) -> str:
 def add_summary_fields(out: dict, call, mask_mode: str = "partial", rtp: list[dict] | None = None,
                        call_id_mask=None) -> dict:
     """The summary's fields from ``outcome`` on, added to ``out`` (in their order) and returned:
-    the log line builds its record in place, with no second dict to copy them from."""
-    txs: list[dict] = []
-    append = txs.append
-    method_text = _METHOD_TEXT
-    for tx in call.transactions:
-        method = tx.method
-        name = method_text.get(method) if type(method) is bytes else None
-        sent = tx.t_sent
-        first = tx.t_first
-        peer = getattr(tx, "peer", None)
-        append({
-            "method": name if name is not None else method.decode("ascii", "replace"),
-            "cseq": tx.cseq,
-            "status": tx.status or None,
-            "rtt_ms": None if sent is None or first is None else round3((first - sent) * 1000.0),
-            "final_ms": _ms(sent, tx.t_final) if first is not None else None,
-            "retransmissions": tx.retrans,
-            "timed_out": tx.timed_out,
-            # network.transport of the hop: "tcp" is recorded in its peer, UDP else
-            "transport": peer[2] if isinstance(peer, tuple) and len(peer) > 2 else "udp",
-        })
-    start = call.t_start
-    answer = call.t_answer
-    end = call.t_end
-    outcome = call.outcome
-    out["outcome"] = OUTCOMES[outcome] if outcome >= 0 else None
-    out["final_status"] = call.status or None
-    out["setup_ms"] = _ms(start, call.t_setup)
-    out["answer_ms"] = None if start is None or answer is None else round3((answer - start) * 1000.0)
-    out["duration_s"] = None if answer is None or end is None else round3(end - answer)
-    out["retransmissions"] = call.retrans
-    out["from"] = mask_uri(call.from_uri, mask_mode)
-    out["to"] = mask_uri(call.to_uri, mask_mode)
-    out["request_uri"] = mask_uri(call.ruri, mask_mode)
-    out["ended_by"] = getattr(call, "ended_by", None)
-    out["transactions"] = txs
-    group = getattr(call, "group", None)
+    the log line builds its record in place, with no second dict to copy them from.
+
+    A :class:`~sipwatch.state.Call` (the proxy's, the capture's) is read field by field from its
+    struct under mypyc; any other object with the same attributes through ``getattr``."""
+    if isinstance(call, Call):
+        txs = [_tx_fields(tx.method, tx.cseq, tx.status, tx.t_sent, tx.t_first, tx.t_final, tx.retrans,
+                          tx.timed_out, tx.peer) for tx in call.transactions]
+        _call_fields(out, call.outcome, call.status, call.t_start, call.t_setup, call.t_answer, call.t_end,
+                     call.retrans, call.from_uri, call.to_uri, call.ruri, call.ended_by, txs, mask_mode)
+        group = call.group
+    else:
+        txs = [_tx_fields(tx.method, tx.cseq, tx.status, tx.t_sent, tx.t_first, tx.t_final, tx.retrans,
+                          tx.timed_out, getattr(tx, "peer", None)) for tx in call.transactions]
+        _call_fields(out, call.outcome, call.status, call.t_start, call.t_setup, call.t_answer, call.t_end,
+                     call.retrans, call.from_uri, call.to_uri, call.ruri, getattr(call, "ended_by", None), txs,
+                     mask_mode)
+        group = getattr(call, "group", None)
     if group is not None:
         out.update(leg_fields(call, group, call_id_mask))
     if rtp is not None:
         out["rtp"] = rtp
     return out
+
+
+def _tx_fields(method, cseq, status, sent, first, final, retrans, timed_out, peer) -> dict:
+    """One entry of a summary's ``transactions``."""
+    name = _METHOD_TEXT.get(method) if type(method) is bytes else None
+    return {
+        "method": name if name is not None else method.decode("ascii", "replace"),
+        "cseq": cseq,
+        "status": status or None,
+        "rtt_ms": _ms(sent, first),
+        "final_ms": _ms(sent, final) if first is not None else None,
+        "retransmissions": retrans,
+        "timed_out": timed_out,
+        # network.transport of the hop: "tcp" is recorded in its peer, UDP else
+        "transport": peer[2] if isinstance(peer, tuple) and len(peer) > 2 else "udp",
+    }
+
+
+def _call_fields(out: dict, outcome, status, start, setup, answer, end, retrans, from_uri, to_uri, ruri,
+                 ended_by, txs: list, mask_mode: str) -> None:
+    """The call's own fields, in their order, onto ``out``."""
+    out["outcome"] = OUTCOMES[outcome] if outcome >= 0 else None
+    out["final_status"] = status or None
+    out["setup_ms"] = _ms(start, setup)
+    out["answer_ms"] = _ms(start, answer)
+    out["duration_s"] = _seconds(answer, end)
+    out["retransmissions"] = retrans
+    out["from"] = mask_uri(from_uri, mask_mode)
+    out["to"] = mask_uri(to_uri, mask_mode)
+    out["request_uri"] = mask_uri(ruri, mask_mode)
+    out["ended_by"] = ended_by
+    out["transactions"] = txs
 
 
 def leg_fields(call, group, call_id_mask=None) -> dict:

@@ -23,7 +23,7 @@ CORE_TESTS = ["tests/test_core.py", "tests/test_hardening.py", "tests/test_state
               "tests/test_correlation.py", "tests/test_tcp_core.py", "tests/test_sipscan.py",
               "tests/test_response_fast.py",
               # the call summary's modules (summary, masking, logs): their values and odd inputs
-              "tests/test_housekeeping.py",
+              "tests/test_housekeeping.py", "tests/test_handoff.py", "tests/test_timer_steps.py",
               "tests/test_masking.py::test_call_id_hash_is_hmac_blake2b_of_the_raw_call_id",
               "tests/test_masking.py::test_timestamps_of_log_lines",
               "tests/test_masking.py::test_plain_from_and_to_shapes_masked_as_the_rules_say",

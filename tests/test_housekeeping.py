@@ -191,3 +191,28 @@ def test_the_span_pipeline_health_is_read_every_few_ticks(tmp_path):
         app._ticks = i
         app.tick()
     assert HEALTH_EVERY > 1 and Pipeline.reads == 3
+
+
+def test_the_collector_runs_in_a_callback_of_its_own(tmp_path):
+    """The tick's young collection is not part of the tick's own stop of the loop: it runs in
+    the next callback (at once when no loop runs, at shutdown)."""
+    import asyncio
+
+    app, _ = _app(tmp_path, "--no-tracing")
+    steps = []
+
+    class Policy:
+        def tick(self):
+            steps.append("gc")
+
+    app.gc = Policy()
+
+    async def run():
+        app.tick()
+        assert steps == []
+        await asyncio.sleep(0)
+        assert steps == ["gc"]
+
+    asyncio.run(run())
+    app.tick()
+    assert steps == ["gc", "gc"]
