@@ -151,6 +151,9 @@ class SpanEncoder:
         self._finals: dict = {}
         self._doubles: dict = {}
         self._call_parts: dict = {}
+        # the C encoder's masked heads of From/To values up to their last ";tag=" (bytes -> str):
+        # a caller's From comes with a new tag every call (see _otlpenc.c, masked_uri)
+        self._masked_heads: dict = {}
         self._rtt = self._double("sip.rtt_ms")
         self._setup_ms = self._double("sip.call.setup_ms")
         self._answer_ms = self._double("sip.call.answer_ms")
