@@ -263,14 +263,14 @@ enum {
     R_PARTIES, R_PARTY, R_HOPS, R_HOP, R_FINALS, R_FINAL, R_EVENTS, R_EVENT_PARTS, R_CALL_PARTS,
     R_CALL_PART, R_STR, R_MASKED, R_ATTR, R_RTT, R_SETUP_MS, R_ANSWER_MS, R_DURATION_S, R_INVITE,
     R_CALL_HEAD, R_TX_PY, R_CALL_PY, R_ENCODE_PY, R_ROUND_JSON, R_MASK_URI, R_MASK_MODE, R_CALL_ID_MASK,
-    R_CALL_ID_KEY, R_FROM_KEY, R_PARTY_MAX, R_MASKED_HEADS, R_COUNT
+    R_CALL_ID_KEY, R_FROM_KEY, R_PARTY_MAX, R_MASKED_HEADS, R_PARTY_BY_TRACE, R_COUNT
 };
 
 static const char *const ref_names[R_COUNT] = {
     "_parties", "_party", "_hops", "_hop", "_finals", "_final", "_events", "_event_parts", "_call_parts",
     "_call_part", "_str", "_masked", "attr", "_rtt", "_setup_ms", "_answer_ms", "_duration_s", "_invite",
     "_call_span_head", "tx_flat_py", "call_flat_py", "encode_py", "round_json", "_mask_uri", "mask_mode",
-    "call_id_mask", "_call_id_key", "_from_key", "_party_max", "_masked_heads",
+    "call_id_mask", "_call_id_key", "_from_key", "_party_max", "_masked_heads", "_party_by_trace",
 };
 
 typedef struct {
@@ -321,7 +321,8 @@ static int encoder_init(Encoder *self, PyObject *args, PyObject *kwds)
         if (self->ref[i] == NULL)
             return -1;
     }
-    const int dicts[] = {R_PARTIES, R_HOPS, R_FINALS, R_EVENTS, R_CALL_PARTS, R_STR, R_MASKED_HEADS};
+    const int dicts[] = {R_PARTIES, R_HOPS, R_FINALS, R_EVENTS, R_CALL_PARTS, R_STR, R_MASKED_HEADS,
+                         R_PARTY_BY_TRACE};
     for (size_t i = 0; i < sizeof(dicts) / sizeof(dicts[0]); i++) {
         if (!PyDict_CheckExact(self->ref[dicts[i]])) {
             PyErr_Format(PyExc_TypeError, "%s must be a dict", ref_names[dicts[i]]);
@@ -349,16 +350,24 @@ static int encoder_init(Encoder *self, PyObject *args, PyObject *kwds)
     return 0;
 }
 
-/* cache.get(key) or miss(*args): a new reference, checked to be a tuple of n items */
+/* cache.get(key) or miss(*args): a new reference, checked to be a tuple of n items; the key is
+ * the tuple of the arguments, or the one argument itself (as the Python methods key their caches:
+ * _event_parts by the status alone) */
 static PyObject *cached(Encoder *self, int cache, int miss, PyObject *const *args, Py_ssize_t nargs,
                         Py_ssize_t n)
 {
-    PyObject *key = PyTuple_New(nargs);
-    if (key == NULL)
-        return NULL;
-    for (Py_ssize_t i = 0; i < nargs; i++) {
-        Py_INCREF(args[i]);
-        PyTuple_SET_ITEM(key, i, args[i]);
+    PyObject *key;
+    if (nargs == 1) {
+        key = args[0];
+        Py_INCREF(key);
+    } else {
+        key = PyTuple_New(nargs);
+        if (key == NULL)
+            return NULL;
+        for (Py_ssize_t i = 0; i < nargs; i++) {
+            Py_INCREF(args[i]);
+            PyTuple_SET_ITEM(key, i, args[i]);
+        }
     }
     PyObject *got = PyDict_GetItemWithError(self->ref[cache], key);
     Py_DECREF(key);
@@ -734,15 +743,10 @@ done:
 static PyObject *party_miss(Encoder *self, PyObject *const *args)
 {
     PyObject *trace_id = args[0], *call_id = args[1], *from_uri = args[2], *to_uri = args[3];
-    PyObject *mask = self->ref[R_CALL_ID_MASK], *parties = self->ref[R_PARTIES];
+    PyObject *mask = self->ref[R_CALL_ID_MASK];
     unsigned char tb[16];
     if ((mask == Py_None && !PyBytes_CheckExact(call_id)) || trace_bytes(trace_id, tb) < 0)
         return PyObject_Vectorcall(self->ref[R_PARTY], args, 4, NULL);
-    PyObject *key = PyTuple_Pack(4, trace_id, call_id, from_uri, to_uri);
-    if (key == NULL)
-        return NULL;
-    if (PyDict_GET_SIZE(parties) >= self->party_max)
-        PyDict_Clear(parties);
     PyObject *shown = NULL, *masked_from = NULL, *to = NULL, *cid = NULL, *frm = NULL, *got = NULL;
     if (mask == Py_None)
         shown = PyUnicode_DecodeUTF8(PyBytes_AS_STRING(call_id), PyBytes_GET_SIZE(call_id), "replace");
@@ -773,11 +777,7 @@ static PyObject *party_miss(Encoder *self, PyObject *const *args)
         hex[2 * i + 1] = digits[tb[i] & 15];
     }
     got = Py_BuildValue("(OOOy#y#)", cid, frm, to, (const char *)tb, (Py_ssize_t)16, hex, (Py_ssize_t)32);
-    if (got != NULL && PyDict_SetItem(parties, key, got) < 0)
-        Py_CLEAR(got);
-    goto done;
 done:
-    Py_DECREF(key);
     Py_XDECREF(shown);
     Py_XDECREF(masked_from);
     Py_XDECREF(to);
@@ -786,8 +786,15 @@ done:
     return got;
 }
 
+/* the same bytes (the frames' values are copies: equal, rarely the same object) */
+static int same_bytes(PyObject *a, PyObject *b)
+{
+    return a == b || (PyBytes_GET_SIZE(a) == PyBytes_GET_SIZE(b)
+                      && memcmp(PyBytes_AS_STRING(a), PyBytes_AS_STRING(b), (size_t)PyBytes_GET_SIZE(a)) == 0);
+}
+
 /* self._parties.get(key) or the party built now (a new reference, a tuple of 5) */
-static PyObject *party_of(Encoder *self, PyObject *const *args)
+static PyObject *party_keyed(Encoder *self, PyObject *const *args)
 {
     PyObject *key = PyTuple_Pack(4, args[0], args[1], args[2], args[3]);
     if (key == NULL)
@@ -808,6 +815,42 @@ static PyObject *party_of(Encoder *self, PyObject *const *args)
         PyErr_SetString(PyExc_SystemError, "_party returned an unexpected shape");
         return NULL;
     }
+    return got;
+}
+
+/* the party of (trace id, Call-ID, From, To): a call's spans come with its trace id, so its party
+ * is remembered under the trace id (with the three values it was built from, compared on a hit)
+ * and found without a key tuple or hashes of the three values; other shapes: party_keyed */
+static PyObject *party_of(Encoder *self, PyObject *const *args)
+{
+    PyObject *by_trace = self->ref[R_PARTY_BY_TRACE];
+    int plain = PyLong_CheckExact(args[0]) && PyBytes_CheckExact(args[1]) && PyBytes_CheckExact(args[2])
+        && PyBytes_CheckExact(args[3]);
+    if (plain) {
+        PyObject *e = PyDict_GetItemWithError(by_trace, args[0]); /* borrowed */
+        if (e != NULL && same_bytes(PyTuple_GET_ITEM(e, 0), args[1]) && same_bytes(PyTuple_GET_ITEM(e, 1), args[2])
+            && same_bytes(PyTuple_GET_ITEM(e, 2), args[3])) {
+            PyObject *got = PyTuple_GET_ITEM(e, 3);
+            Py_INCREF(got);
+            return got;
+        }
+        if (e == NULL && PyErr_Occurred())
+            return NULL;
+    }
+    PyObject *got = party_keyed(self, args);
+    if (got == NULL || !plain)
+        return got;
+    PyObject *entry = PyTuple_Pack(4, args[1], args[2], args[3], got);
+    if (entry == NULL) {
+        Py_DECREF(got);
+        return NULL;
+    }
+    if (PyDict_GET_SIZE(by_trace) >= self->party_max)
+        PyDict_Clear(by_trace);
+    int rc = PyDict_SetItem(by_trace, args[0], entry);
+    Py_DECREF(entry);
+    if (rc < 0)
+        Py_CLEAR(got);
     return got;
 }
 

@@ -154,6 +154,8 @@ class SpanEncoder:
         # the C encoder's masked heads of From/To values up to their last ";tag=" (bytes -> str):
         # a caller's From comes with a new tag every call (see _otlpenc.c, masked_uri)
         self._masked_heads: dict = {}
+        # the C encoder's parties by trace id: trace_id -> (Call-ID, From, To, party)
+        self._party_by_trace: dict = {}
         self._rtt = self._double("sip.rtt_ms")
         self._setup_ms = self._double("sip.call.setup_ms")
         self._answer_ms = self._double("sip.call.answer_ms")

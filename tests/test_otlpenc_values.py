@@ -315,3 +315,36 @@ def test_any_head_with_changing_tags_masks_as_mask_uri(head, tags, mode):
         call = (1, 100 + i, 9, 0, b"c", value, value, b"sip:b@c", 0, 200, T0, T0 + 0.1, T0 + 0.2, T0 + 1.0, 0, None,
                 None, True, None)
         assert outcome(c.call_flat, call) == outcome(py.call_flat_py, call), value
+
+
+def test_a_party_found_by_trace_id_is_that_of_the_same_values():
+    """A call's party is looked up by its trace id: spans that share a trace id but not the
+    Call-ID, From or To (a peer reusing ids, equal copies, an odd type) get the party of their
+    own values: the reference's bytes, the From and To that mask_uri gives for them."""
+    import orjson
+
+    from sipwatch.masking import mask_uri
+    c, py = encoders("digits")
+    tx = (0, 7, 11, 9, b"INVITE", 1, 0, ("10.0.0.2", 5060), 200, T0, T0 + 0.01, T0 + 0.02, 0, False, [], 9, True)
+    parties = [(b"c1", b"<sip:+4930123456@h>;tag=1", b"<sip:+4940987654@h>"),
+               (b"c1", b"<sip:+4930123456@h>;tag=2", b"<sip:+4940987654@h>"),
+               (b"c2", b"<sip:+4930123456@h>;tag=2", b"<sip:+4940987654@h>"),
+               (b"c2", b"<sip:+4930123456@h>;tag=2", b"<sip:+4940987655@h>"),
+               (bytes(bytearray(b"c2")), bytes(bytearray(b"<sip:+4930123456@h>;tag=2")), b"<sip:+4940987655@h>"),
+               (b"c2", "<sip:+4930123456@h>;tag=2", b"<sip:+4940987655@h>"),
+               (b"c2", b"<sip:+4930123456@h>;tag=2", b"<sip:+4940987655@h>"),
+               (b"c1", b"<sip:+4930123456@h>;tag=1", b"<sip:+4940987654@h>")]
+    frame = []
+    for trace_id in (7, 8, 7):
+        for p in parties:
+            frame.append(tx[:1] + (trace_id,) + tx[2:] + p)
+            frame.append((1, trace_id, 9, 0, *p, b"sip:b@c", 0, 200, T0, T0 + 0.1, T0 + 0.2, T0 + 1.0, 0, None, None,
+                          True, None))
+    got, want = ([], []), ([], [])
+    assert c.encode(frame, *got) == py.encode_py(frame, *want) == 0
+    assert got == want
+    for t, line in zip(frame, got[1]):
+        if t[0] == 1:
+            attrs = {a["key"]: a["value"]["stringValue"] for a in orjson.loads(line)["attributes"]
+                     if a["key"] in ("sip.from", "sip.to")}
+            assert attrs == {"sip.from": mask_uri(t[5]), "sip.to": mask_uri(t[6])}
