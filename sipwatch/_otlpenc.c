@@ -280,6 +280,8 @@ typedef struct {
     PyObject *retrans_key; /* "sip.retransmissions" */
     PyObject *to_key; /* "sip.to": the key _masked caches the To under */
     Py_ssize_t party_max;
+    Py_ssize_t heads_hits, heads_stored; /* of the masked heads since they were last emptied */
+    Py_ssize_t heads_paused; /* values still to go without the masked heads (they were not hitting) */
     Buf pb, js;
     int busy; /* the buffers are in use (a callback that came back here takes the Python path) */
 } Encoder;
@@ -645,6 +647,11 @@ static int trace_bytes(PyObject *v, unsigned char *out)
  * mask_uri's own output for a whole value, and only when that output ends with the tag's text. */
 #define MASKED_HEADS_MAX 4096 /* remembered heads; emptied when full (a cache, not a leak) */
 #define MASKED_HEAD_MAX_LEN 1024 /* longer heads are not remembered */
+/* when the heads fill up with fewer hits than one in HEADS_MIN_HIT_RATIO stores (callers whose
+ * user part changes with every call, as well as the tag), the next HEADS_PAUSE values go straight
+ * to mask_uri: storing heads that never come back costs more than it saves */
+#define HEADS_MIN_HIT_RATIO 8
+#define HEADS_PAUSE (16 * MASKED_HEADS_MAX)
 
 /* the offset of the last ";tag=" of s when it is > 0 and what follows it holds none of ";?&,";
  * else -1 */
@@ -688,6 +695,10 @@ static PyObject *masked_uri(Encoder *self, PyObject *uri)
         return PyObject_Vectorcall(self->ref[R_MASK_URI], margs, 2, NULL);
     const char *s = PyBytes_AS_STRING(uri);
     Py_ssize_t n = PyBytes_GET_SIZE(uri);
+    if (self->heads_paused > 0) {
+        self->heads_paused--;
+        return PyObject_Vectorcall(self->ref[R_MASK_URI], margs, 2, NULL);
+    }
     Py_ssize_t cut = tag_cut(s, n);
     if (cut <= 0 || cut > MASKED_HEAD_MAX_LEN)
         return PyObject_Vectorcall(self->ref[R_MASK_URI], margs, 2, NULL);
@@ -701,6 +712,7 @@ static PyObject *masked_uri(Encoder *self, PyObject *uri)
         tail = PyUnicode_DecodeUTF8(s + cut, n - cut, "replace"); /* ';' is ASCII: the parts decode as the whole */
         if (tail != NULL)
             out = PyUnicode_Concat(masked_head, tail);
+        self->heads_hits++;
         goto done;
     }
     if (PyErr_Occurred())
@@ -725,8 +737,13 @@ static PyObject *masked_uri(Encoder *self, PyObject *uri)
             Py_CLEAR(out);
             goto done;
         }
-        if (PyDict_GET_SIZE(heads) >= MASKED_HEADS_MAX)
+        if (PyDict_GET_SIZE(heads) >= MASKED_HEADS_MAX) {
             PyDict_Clear(heads);
+            if (self->heads_hits * HEADS_MIN_HIT_RATIO < self->heads_stored)
+                self->heads_paused = HEADS_PAUSE;
+            self->heads_hits = self->heads_stored = 0;
+        }
+        self->heads_stored++;
         int rc = PyDict_SetItem(heads, head, mh);
         Py_DECREF(mh);
         if (rc < 0)

@@ -348,3 +348,27 @@ def test_a_party_found_by_trace_id_is_that_of_the_same_values():
             attrs = {a["key"]: a["value"]["stringValue"] for a in orjson.loads(line)["attributes"]
                      if a["key"] in ("sip.from", "sip.to")}
             assert attrs == {"sip.from": mask_uri(t[5]), "sip.to": mask_uri(t[6])}
+
+
+def test_masked_heads_pause_when_they_do_not_come_back():
+    """Callers whose number changes with every call (SIPp's ``[call_number]`` in the user part)
+    never repeat a head: once the remembered heads fill up without hits, values go straight to
+    mask_uri for a while, and every span still holds what mask_uri gives."""
+    import orjson
+
+    from sipwatch import masking
+    c, _ = encoders("partial")
+
+    def masked_from(value: bytes, trace_id: int) -> str:
+        call = (1, trace_id, 9, 0, b"c", value, b"<sip:b@c>", b"sip:b@c", 0, 200, T0, T0 + 0.1, T0 + 0.2, T0 + 1.0,
+                0, None, None, True, None)
+        attrs = orjson.loads(c.call_flat(call)[1])["attributes"]
+        return next(a["value"]["stringValue"] for a in attrs if a["key"] == "sip.from")
+    n = 4200
+    for i in range(n):
+        value = b'"Caller" <sip:+49301234%07d@127.0.0.1:5061>;tag=%dSIPpTag00%d' % (i, i, i)
+        assert masked_from(value, i + 1) == masking.mask_uri(value)
+    for i in range(50):  # a head that repeats, while the heads are paused: not remembered, masked alike
+        value = b'"sipp" <sip:5551234567@127.0.0.1:5061>;tag=%d' % i
+        assert masked_from(value, n + i + 1) == masking.mask_uri(value)
+    assert len(c._masked_heads) == 1  # (the head stored when the full heads were emptied)
