@@ -263,14 +263,14 @@ enum {
     R_PARTIES, R_PARTY, R_HOPS, R_HOP, R_FINALS, R_FINAL, R_EVENTS, R_EVENT_PARTS, R_CALL_PARTS,
     R_CALL_PART, R_STR, R_MASKED, R_ATTR, R_RTT, R_SETUP_MS, R_ANSWER_MS, R_DURATION_S, R_INVITE,
     R_CALL_HEAD, R_TX_PY, R_CALL_PY, R_ENCODE_PY, R_ROUND_JSON, R_MASK_URI, R_MASK_MODE, R_CALL_ID_MASK,
-    R_CALL_ID_KEY, R_FROM_KEY, R_PARTY_MAX, R_COUNT
+    R_CALL_ID_KEY, R_FROM_KEY, R_PARTY_MAX, R_MASKED_HEADS, R_PARTY_BY_TRACE, R_COUNT
 };
 
 static const char *const ref_names[R_COUNT] = {
     "_parties", "_party", "_hops", "_hop", "_finals", "_final", "_events", "_event_parts", "_call_parts",
     "_call_part", "_str", "_masked", "attr", "_rtt", "_setup_ms", "_answer_ms", "_duration_s", "_invite",
     "_call_span_head", "tx_flat_py", "call_flat_py", "encode_py", "round_json", "_mask_uri", "mask_mode",
-    "call_id_mask", "_call_id_key", "_from_key", "_party_max",
+    "call_id_mask", "_call_id_key", "_from_key", "_party_max", "_masked_heads", "_party_by_trace",
 };
 
 typedef struct {
@@ -280,6 +280,8 @@ typedef struct {
     PyObject *retrans_key; /* "sip.retransmissions" */
     PyObject *to_key; /* "sip.to": the key _masked caches the To under */
     Py_ssize_t party_max;
+    Py_ssize_t heads_hits, heads_stored; /* of the masked heads since they were last emptied */
+    Py_ssize_t heads_paused; /* values still to go without the masked heads (they were not hitting) */
     Buf pb, js;
     int busy; /* the buffers are in use (a callback that came back here takes the Python path) */
 } Encoder;
@@ -321,7 +323,8 @@ static int encoder_init(Encoder *self, PyObject *args, PyObject *kwds)
         if (self->ref[i] == NULL)
             return -1;
     }
-    const int dicts[] = {R_PARTIES, R_HOPS, R_FINALS, R_EVENTS, R_CALL_PARTS, R_STR};
+    const int dicts[] = {R_PARTIES, R_HOPS, R_FINALS, R_EVENTS, R_CALL_PARTS, R_STR, R_MASKED_HEADS,
+                         R_PARTY_BY_TRACE};
     for (size_t i = 0; i < sizeof(dicts) / sizeof(dicts[0]); i++) {
         if (!PyDict_CheckExact(self->ref[dicts[i]])) {
             PyErr_Format(PyExc_TypeError, "%s must be a dict", ref_names[dicts[i]]);
@@ -349,16 +352,24 @@ static int encoder_init(Encoder *self, PyObject *args, PyObject *kwds)
     return 0;
 }
 
-/* cache.get(key) or miss(*args): a new reference, checked to be a tuple of n items */
+/* cache.get(key) or miss(*args): a new reference, checked to be a tuple of n items; the key is
+ * the tuple of the arguments, or the one argument itself (as the Python methods key their caches:
+ * _event_parts by the status alone) */
 static PyObject *cached(Encoder *self, int cache, int miss, PyObject *const *args, Py_ssize_t nargs,
                         Py_ssize_t n)
 {
-    PyObject *key = PyTuple_New(nargs);
-    if (key == NULL)
-        return NULL;
-    for (Py_ssize_t i = 0; i < nargs; i++) {
-        Py_INCREF(args[i]);
-        PyTuple_SET_ITEM(key, i, args[i]);
+    PyObject *key;
+    if (nargs == 1) {
+        key = args[0];
+        Py_INCREF(key);
+    } else {
+        key = PyTuple_New(nargs);
+        if (key == NULL)
+            return NULL;
+        for (Py_ssize_t i = 0; i < nargs; i++) {
+            Py_INCREF(args[i]);
+            PyTuple_SET_ITEM(key, i, args[i]);
+        }
     }
     PyObject *got = PyDict_GetItemWithError(self->ref[cache], key);
     Py_DECREF(key);
@@ -626,20 +637,133 @@ static int trace_bytes(PyObject *v, unsigned char *out)
     return 0;
 }
 
+/* -- masked From/To values whose head repeats -------------------------------------------------
+ * A caller's From comes back with a new tag every call, so neither the party cache nor the
+ * masking module's memo of whole values ever hits on it, and each call paid a Python call of
+ * mask_uri. Here the masked head (everything before the last ";tag=") is remembered instead:
+ * for a value made of one name-addr (no ':' before its '<', a '>' after it, no ',' after that)
+ * and a tag holding none of ";?&,", mask_uri keeps the tag as it is and masks the head alone,
+ * so the value masks to the masked head plus the tag's text. A head is remembered only from
+ * mask_uri's own output for a whole value, and only when that output ends with the tag's text. */
+#define MASKED_HEADS_MAX 4096 /* remembered heads; emptied when full (a cache, not a leak) */
+#define MASKED_HEAD_MAX_LEN 1024 /* longer heads are not remembered */
+/* when the heads fill up with fewer hits than one in HEADS_MIN_HIT_RATIO stores (callers whose
+ * user part changes with every call, as well as the tag), the next HEADS_PAUSE values go straight
+ * to mask_uri: storing heads that never come back costs more than it saves */
+#define HEADS_MIN_HIT_RATIO 8
+#define HEADS_PAUSE (16 * MASKED_HEADS_MAX)
+
+/* the offset of the last ";tag=" of s when it is > 0 and what follows it holds none of ";?&,";
+ * else -1 */
+static Py_ssize_t tag_cut(const char *s, Py_ssize_t n)
+{
+    Py_ssize_t cut = -1;
+    for (Py_ssize_t i = n - 5; i > 0; i--) {
+        if (s[i] == ';' && memcmp(s + i, ";tag=", 5) == 0) {
+            cut = i;
+            break;
+        }
+    }
+    if (cut < 0)
+        return -1;
+    for (Py_ssize_t i = cut + 5; i < n; i++) {
+        char c = s[i];
+        if (c == ';' || c == '?' || c == '&' || c == ',')
+            return -1;
+    }
+    return cut;
+}
+
+/* s[0:cut] is one name-addr with header parameters: no ':' before the first '<', a '>' after
+ * it, no ',' after that '>' */
+static int one_name_addr(const char *s, Py_ssize_t cut)
+{
+    const char *lt = memchr(s, '<', (size_t)cut);
+    if (lt == NULL || memchr(s, ':', (size_t)(lt - s)) != NULL)
+        return 0;
+    const char *gt = memchr(lt + 1, '>', (size_t)(cut - (lt + 1 - s)));
+    if (gt == NULL)
+        return 0;
+    return memchr(gt + 1, ',', (size_t)(cut - (gt + 1 - s))) == NULL;
+}
+
+/* mask_uri(uri, mask_mode) (a new reference), through the remembered masked heads */
+static PyObject *masked_uri(Encoder *self, PyObject *uri)
+{
+    PyObject *margs[2] = {uri, self->ref[R_MASK_MODE]};
+    if (!PyBytes_CheckExact(uri))
+        return PyObject_Vectorcall(self->ref[R_MASK_URI], margs, 2, NULL);
+    const char *s = PyBytes_AS_STRING(uri);
+    Py_ssize_t n = PyBytes_GET_SIZE(uri);
+    if (self->heads_paused > 0) {
+        self->heads_paused--;
+        return PyObject_Vectorcall(self->ref[R_MASK_URI], margs, 2, NULL);
+    }
+    Py_ssize_t cut = tag_cut(s, n);
+    if (cut <= 0 || cut > MASKED_HEAD_MAX_LEN)
+        return PyObject_Vectorcall(self->ref[R_MASK_URI], margs, 2, NULL);
+    PyObject *heads = self->ref[R_MASKED_HEADS];
+    PyObject *head = PyBytes_FromStringAndSize(s, cut);
+    if (head == NULL)
+        return NULL;
+    PyObject *out = NULL, *tail = NULL;
+    PyObject *masked_head = PyDict_GetItemWithError(heads, head); /* borrowed */
+    if (masked_head != NULL && PyUnicode_CheckExact(masked_head)) {
+        tail = PyUnicode_DecodeUTF8(s + cut, n - cut, "replace"); /* ';' is ASCII: the parts decode as the whole */
+        if (tail != NULL)
+            out = PyUnicode_Concat(masked_head, tail);
+        self->heads_hits++;
+        goto done;
+    }
+    if (PyErr_Occurred())
+        goto done;
+    out = PyObject_Vectorcall(self->ref[R_MASK_URI], margs, 2, NULL);
+    if (out == NULL || !PyUnicode_CheckExact(out) || !one_name_addr(s, cut))
+        goto done;
+    tail = PyUnicode_DecodeUTF8(s + cut, n - cut, "replace");
+    if (tail == NULL) {
+        Py_CLEAR(out);
+        goto done;
+    }
+    Py_ssize_t tail_len = PyUnicode_GET_LENGTH(tail), out_len = PyUnicode_GET_LENGTH(out);
+    Py_ssize_t ends = PyUnicode_Tailmatch(out, tail, 0, out_len, 1);
+    if (ends < 0) {
+        Py_CLEAR(out);
+        goto done;
+    }
+    if (ends == 1) {
+        PyObject *mh = PyUnicode_Substring(out, 0, out_len - tail_len);
+        if (mh == NULL) {
+            Py_CLEAR(out);
+            goto done;
+        }
+        if (PyDict_GET_SIZE(heads) >= MASKED_HEADS_MAX) {
+            PyDict_Clear(heads);
+            if (self->heads_hits * HEADS_MIN_HIT_RATIO < self->heads_stored)
+                self->heads_paused = HEADS_PAUSE;
+            self->heads_hits = self->heads_stored = 0;
+        }
+        self->heads_stored++;
+        int rc = PyDict_SetItem(heads, head, mh);
+        Py_DECREF(mh);
+        if (rc < 0)
+            Py_CLEAR(out);
+    }
+done:
+    Py_DECREF(head);
+    Py_XDECREF(tail);
+    return out;
+}
+
 /* the party of a call (masked Call-ID, From and To attributes, trace id as bytes and hex),
  * built as SpanEncoder._party does and kept in its cache; Python builds what is not plain */
 static PyObject *party_miss(Encoder *self, PyObject *const *args)
 {
     PyObject *trace_id = args[0], *call_id = args[1], *from_uri = args[2], *to_uri = args[3];
-    PyObject *mask = self->ref[R_CALL_ID_MASK], *parties = self->ref[R_PARTIES];
+    PyObject *mask = self->ref[R_CALL_ID_MASK];
     unsigned char tb[16];
     if ((mask == Py_None && !PyBytes_CheckExact(call_id)) || trace_bytes(trace_id, tb) < 0)
         return PyObject_Vectorcall(self->ref[R_PARTY], args, 4, NULL);
-    PyObject *key = PyTuple_Pack(4, trace_id, call_id, from_uri, to_uri);
-    if (key == NULL)
-        return NULL;
-    if (PyDict_GET_SIZE(parties) >= self->party_max)
-        PyDict_Clear(parties);
     PyObject *shown = NULL, *masked_from = NULL, *to = NULL, *cid = NULL, *frm = NULL, *got = NULL;
     if (mask == Py_None)
         shown = PyUnicode_DecodeUTF8(PyBytes_AS_STRING(call_id), PyBytes_GET_SIZE(call_id), "replace");
@@ -647,8 +771,7 @@ static PyObject *party_miss(Encoder *self, PyObject *const *args)
         shown = PyObject_Vectorcall(mask, &call_id, 1, NULL);
     if (shown == NULL)
         goto done;
-    PyObject *margs[2] = {from_uri, self->ref[R_MASK_MODE]};
-    masked_from = PyObject_Vectorcall(self->ref[R_MASK_URI], margs, 2, NULL);
+    masked_from = masked_uri(self, from_uri);
     if (masked_from == NULL)
         goto done;
     if (!PyUnicode_CheckExact(shown) || !PyUnicode_CheckExact(masked_from)) {
@@ -671,11 +794,7 @@ static PyObject *party_miss(Encoder *self, PyObject *const *args)
         hex[2 * i + 1] = digits[tb[i] & 15];
     }
     got = Py_BuildValue("(OOOy#y#)", cid, frm, to, (const char *)tb, (Py_ssize_t)16, hex, (Py_ssize_t)32);
-    if (got != NULL && PyDict_SetItem(parties, key, got) < 0)
-        Py_CLEAR(got);
-    goto done;
 done:
-    Py_DECREF(key);
     Py_XDECREF(shown);
     Py_XDECREF(masked_from);
     Py_XDECREF(to);
@@ -684,8 +803,15 @@ done:
     return got;
 }
 
+/* the same bytes (the frames' values are copies: equal, rarely the same object) */
+static int same_bytes(PyObject *a, PyObject *b)
+{
+    return a == b || (PyBytes_GET_SIZE(a) == PyBytes_GET_SIZE(b)
+                      && memcmp(PyBytes_AS_STRING(a), PyBytes_AS_STRING(b), (size_t)PyBytes_GET_SIZE(a)) == 0);
+}
+
 /* self._parties.get(key) or the party built now (a new reference, a tuple of 5) */
-static PyObject *party_of(Encoder *self, PyObject *const *args)
+static PyObject *party_keyed(Encoder *self, PyObject *const *args)
 {
     PyObject *key = PyTuple_Pack(4, args[0], args[1], args[2], args[3]);
     if (key == NULL)
@@ -706,6 +832,42 @@ static PyObject *party_of(Encoder *self, PyObject *const *args)
         PyErr_SetString(PyExc_SystemError, "_party returned an unexpected shape");
         return NULL;
     }
+    return got;
+}
+
+/* the party of (trace id, Call-ID, From, To): a call's spans come with its trace id, so its party
+ * is remembered under the trace id (with the three values it was built from, compared on a hit)
+ * and found without a key tuple or hashes of the three values; other shapes: party_keyed */
+static PyObject *party_of(Encoder *self, PyObject *const *args)
+{
+    PyObject *by_trace = self->ref[R_PARTY_BY_TRACE];
+    int plain = PyLong_CheckExact(args[0]) && PyBytes_CheckExact(args[1]) && PyBytes_CheckExact(args[2])
+        && PyBytes_CheckExact(args[3]);
+    if (plain) {
+        PyObject *e = PyDict_GetItemWithError(by_trace, args[0]); /* borrowed */
+        if (e != NULL && same_bytes(PyTuple_GET_ITEM(e, 0), args[1]) && same_bytes(PyTuple_GET_ITEM(e, 1), args[2])
+            && same_bytes(PyTuple_GET_ITEM(e, 2), args[3])) {
+            PyObject *got = PyTuple_GET_ITEM(e, 3);
+            Py_INCREF(got);
+            return got;
+        }
+        if (e == NULL && PyErr_Occurred())
+            return NULL;
+    }
+    PyObject *got = party_keyed(self, args);
+    if (got == NULL || !plain)
+        return got;
+    PyObject *entry = PyTuple_Pack(4, args[1], args[2], args[3], got);
+    if (entry == NULL) {
+        Py_DECREF(got);
+        return NULL;
+    }
+    if (PyDict_GET_SIZE(by_trace) >= self->party_max)
+        PyDict_Clear(by_trace);
+    int rc = PyDict_SetItem(by_trace, args[0], entry);
+    Py_DECREF(entry);
+    if (rc < 0)
+        Py_CLEAR(got);
     return got;
 }
 

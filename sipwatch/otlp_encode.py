@@ -26,6 +26,10 @@ other shape handed back to the Python methods here (``*_py``), which stay the re
 is tested against byte for byte. Callgrind, per span of answered calls: ~0.5k instructions once
 a call's parts are cached (Python: ~45k); ~28k with each call's parties built, most of it their
 masking in Python (Python: ~58k). Live, the span worker's CPU per SIP message fell by 40-50%.
+The C part finds a call's party by its trace id (the three values it was built from compared),
+and remembers the masked head of a From/To that comes back with only a new tag (mask_uri's own
+output, used only where the tag provably takes no part in the masking; paused while heads do
+not come back): ~12.7k instructions per span of SIPp-like calls, from ~15.9k.
 """
 from __future__ import annotations
 
@@ -151,6 +155,11 @@ class SpanEncoder:
         self._finals: dict = {}
         self._doubles: dict = {}
         self._call_parts: dict = {}
+        # the C encoder's masked heads of From/To values up to their last ";tag=" (bytes -> str):
+        # a caller's From comes with a new tag every call (see _otlpenc.c, masked_uri)
+        self._masked_heads: dict = {}
+        # the C encoder's parties by trace id: trace_id -> (Call-ID, From, To, party)
+        self._party_by_trace: dict = {}
         self._rtt = self._double("sip.rtt_ms")
         self._setup_ms = self._double("sip.call.setup_ms")
         self._answer_ms = self._double("sip.call.answer_ms")

@@ -264,3 +264,111 @@ def test_the_proxy_records_take_the_c_path():
     pbs, lines = [], []
     assert c.frame(tuples, pbs, lines) == 0 and len(pbs) == len(tuples)
     assert len({t[0] for t in tuples}) == 2
+
+
+# From/To heads the C encoder remembers the masking of (SIPp's caller, numbers in the display
+# name, the user part and a header parameter, invalid UTF-8 right before the tag) and values it
+# must not remember (not one name-addr: the tag may then be part of what is masked)
+HEADS = [b'"sipp" <sip:sipp@127.0.0.1:5061>', b'"+49 30 1234567" <sip:+4930123456789@10.0.0.1>;x=1234567',
+         b"<sip:1234567@h;user=phone>", b"\xff\xe2\x82 <sip:+4930123456@h>", b"<sip:555123456@h>\xe2\x82",
+         b"<tel:+4930123456>;p=98765", b"sip:4930123456@h", b"a:b <sip:1234567@h>", b"<sip:1@h>, <sip:1234567@h>",
+         b"<sip:1234567@h", b"+4930123456", b"x;tag=1 <sip:1234567@h>", b"", b" "]
+TAGS = [b"1", b"123456789", b"abc-98765", b"", b"\xff\xfe", b"\xe2\x82", b"\xc3\xa9", b"a;b", b"x?y", b"a&b", b"a,b",
+        b"x;tag=55555", b"<sip:7654321@h>", b"=12345"]
+
+
+def test_masked_heads_give_what_mask_uri_gives():
+    """A From or To whose head repeats with a new tag every call masks through the C encoder's
+    remembered heads: each span holds exactly what ``mask_uri`` gives for the whole value (and
+    the Python reference's bytes), for hostile heads and tags, the head seen first or again."""
+    import orjson
+
+    from sipwatch.masking import mask_uri
+    for mode in ("partial", "full", "none"):
+        c, py = encoders(mode)
+        trace_id = 1
+        for rnd in range(2):
+            for head in HEADS:
+                for tag in TAGS if rnd == 0 else TAGS[::-1]:
+                    value = head + b";tag=" + tag
+                    trace_id += 1
+                    call = (1, trace_id, 9, 0, b"c", value, value, b"sip:b@c", 0, 200, T0, T0 + 0.1, T0 + 0.2,
+                            T0 + 1.0, 0, None, None, True, None)
+                    got = c.call_flat(call)
+                    assert got == py.call_flat_py(call), (mode, value)
+                    attrs = {a["key"]: a["value"]["stringValue"] for a in orjson.loads(got[1])["attributes"]
+                             if a["key"] in ("sip.from", "sip.to")}
+                    want = mask_uri(value, mode)
+                    assert attrs == {"sip.from": want, "sip.to": want}, (mode, value)
+        remembered = c._masked_heads
+        assert HEADS[0] in remembered and HEADS[1] in remembered  # the memo is in use
+        assert not {b"sip:4930123456@h", b"a:b <sip:1234567@h>", b"<sip:1@h>, <sip:1234567@h>",
+                    b"<sip:1234567@h"} & set(remembered)  # not one name-addr: never remembered
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(TEXT, st.lists(TEXT, min_size=1, max_size=6), ENCODERS)
+def test_any_head_with_changing_tags_masks_as_mask_uri(head, tags, mode):
+    c, py = encoders(mode)
+    for i, tag in enumerate(tags * 2):
+        value = head + b";tag=" + tag
+        call = (1, 100 + i, 9, 0, b"c", value, value, b"sip:b@c", 0, 200, T0, T0 + 0.1, T0 + 0.2, T0 + 1.0, 0, None,
+                None, True, None)
+        assert outcome(c.call_flat, call) == outcome(py.call_flat_py, call), value
+
+
+def test_a_party_found_by_trace_id_is_that_of_the_same_values():
+    """A call's party is looked up by its trace id: spans that share a trace id but not the
+    Call-ID, From or To (a peer reusing ids, equal copies, an odd type) get the party of their
+    own values: the reference's bytes, the From and To that mask_uri gives for them."""
+    import orjson
+
+    from sipwatch.masking import mask_uri
+    c, py = encoders("digits")
+    tx = (0, 7, 11, 9, b"INVITE", 1, 0, ("10.0.0.2", 5060), 200, T0, T0 + 0.01, T0 + 0.02, 0, False, [], 9, True)
+    parties = [(b"c1", b"<sip:+4930123456@h>;tag=1", b"<sip:+4940987654@h>"),
+               (b"c1", b"<sip:+4930123456@h>;tag=2", b"<sip:+4940987654@h>"),
+               (b"c2", b"<sip:+4930123456@h>;tag=2", b"<sip:+4940987654@h>"),
+               (b"c2", b"<sip:+4930123456@h>;tag=2", b"<sip:+4940987655@h>"),
+               (bytes(bytearray(b"c2")), bytes(bytearray(b"<sip:+4930123456@h>;tag=2")), b"<sip:+4940987655@h>"),
+               (b"c2", "<sip:+4930123456@h>;tag=2", b"<sip:+4940987655@h>"),
+               (b"c2", b"<sip:+4930123456@h>;tag=2", b"<sip:+4940987655@h>"),
+               (b"c1", b"<sip:+4930123456@h>;tag=1", b"<sip:+4940987654@h>")]
+    frame = []
+    for trace_id in (7, 8, 7):
+        for p in parties:
+            frame.append(tx[:1] + (trace_id,) + tx[2:] + p)
+            frame.append((1, trace_id, 9, 0, *p, b"sip:b@c", 0, 200, T0, T0 + 0.1, T0 + 0.2, T0 + 1.0, 0, None, None,
+                          True, None))
+    got, want = ([], []), ([], [])
+    assert c.encode(frame, *got) == py.encode_py(frame, *want) == 0
+    assert got == want
+    for t, line in zip(frame, got[1]):
+        if t[0] == 1:
+            attrs = {a["key"]: a["value"]["stringValue"] for a in orjson.loads(line)["attributes"]
+                     if a["key"] in ("sip.from", "sip.to")}
+            assert attrs == {"sip.from": mask_uri(t[5]), "sip.to": mask_uri(t[6])}
+
+
+def test_masked_heads_pause_when_they_do_not_come_back():
+    """Callers whose number changes with every call (SIPp's ``[call_number]`` in the user part)
+    never repeat a head: once the remembered heads fill up without hits, values go straight to
+    mask_uri for a while, and every span still holds what mask_uri gives."""
+    import orjson
+
+    from sipwatch import masking
+    c, _ = encoders("partial")
+
+    def masked_from(value: bytes, trace_id: int) -> str:
+        call = (1, trace_id, 9, 0, b"c", value, b"<sip:b@c>", b"sip:b@c", 0, 200, T0, T0 + 0.1, T0 + 0.2, T0 + 1.0,
+                0, None, None, True, None)
+        attrs = orjson.loads(c.call_flat(call)[1])["attributes"]
+        return next(a["value"]["stringValue"] for a in attrs if a["key"] == "sip.from")
+    n = 4200
+    for i in range(n):
+        value = b'"Caller" <sip:+49301234%07d@127.0.0.1:5061>;tag=%dSIPpTag00%d' % (i, i, i)
+        assert masked_from(value, i + 1) == masking.mask_uri(value)
+    for i in range(50):  # a head that repeats, while the heads are paused: not remembered, masked alike
+        value = b'"sipp" <sip:5551234567@127.0.0.1:5061>;tag=%d' % i
+        assert masked_from(value, n + i + 1) == masking.mask_uri(value)
+    assert len(c._masked_heads) == 1  # (the head stored when the full heads were emptied)

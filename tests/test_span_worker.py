@@ -91,3 +91,34 @@ def test_slices_are_framed_as_they_come_and_leave_together(tmp_path, monkeypatch
     _, ref = reference(spans_of(recs), SpanBuilder(p.resource))
     assert sorted(got, key=key) == sorted(decode(ref), key=key)
     assert stats.spans_exported == len(spans_of(recs)) and stats.spans_dropped == 0
+
+
+def test_a_frame_larger_than_the_read_buffer_is_read_whole(tmp_path):
+    """The worker reads into one buffer it keeps: a frame of several megabytes (bigger than the
+    buffer and the pipe, so it comes over many reads) is read whole, its records exported and the
+    tuple that is not a record counted; the frames after it, read into the buffer given back, too."""
+    import marshal
+    import select
+
+    from sipwatch.otlp_encode import call_tuple, tx_tuple
+    from sipwatch.span_worker import READ_SIZE
+    recs = proxy_records()
+    tuples = [call_tuple(o) if k == "call" else tx_tuple(o) for k, o in spans_of(recs)]
+    half = len(tuples) // 2
+    payload = marshal.dumps(tuples[:half] + [(0, b"x" * (3 * READ_SIZE))] + tuples[half:])
+    frame = memoryview(_LEN.pack(len(payload) + 1) + bytes((F_RECORDS,)) + payload)
+    stats = Stats(ring_size=16)
+    with OtlpReceiver() as rx:
+        p = worker_pipeline(stats, f"127.0.0.1:{rx.grpc_port}", "grpc", tmp_path)
+        while frame:
+            select.select([], [p._w], [], 5.0)
+            try:
+                frame = frame[os.write(p._w, frame[:65536]):]
+            except BlockingIOError:
+                pass
+        p.submit(recs)
+        p.shutdown(10)
+        got = rx.snapshot()
+    _, ref = reference(spans_of(recs), SpanBuilder(p.resource))
+    assert sorted(got, key=key) == sorted(decode(ref) * 2, key=key)
+    assert stats.spans_exported == 2 * len(tuples) and p.failures == 1 and stats.spans_dropped == 1
