@@ -42,7 +42,7 @@ from .sipmsg import (
 from .correlation import DEFAULT as DEFAULT_CORRELATION, HEADER_NAMES as CORRELATION_HEADERS, parse_kinds
 from .state import Call, Tracker
 from .stats import (
-    ACK, CANCEL, DROP_BAD_CONTENT_LENGTH, DROP_INTERNAL_ERROR, DROP_MISSING_HEADER,
+    ACK, CANCEL, DROP_BAD_CONTENT_LENGTH, DROP_BAD_VIA, DROP_INTERNAL_ERROR, DROP_MISSING_HEADER,
     DROP_NEXT_HOP_DENIED, DROP_OUT_OF_RANGE, DROP_STRAY_RESPONSE, DROP_TOO_LARGE,
     DROP_TOO_MANY_HEADERS, DROP_UNROUTABLE, FROM_GATEWAY, FROM_SIGNALING, INVITE, METHOD_INDEX, OPTIONS,
     OTHER, Stats,
@@ -256,13 +256,13 @@ class ProxyCore:
         except Dropped as d:
             stats.dropped[d.reason] += 1
             return [] if d.reply is None else [d.reply]
-        except SipParseError as exc:
+        except SipParseError as bad:  # (not `exc`: mypyc gives a name one type per function)
             if len(data) <= KEEPALIVE_MAX and is_sip_keepalive(data):
                 stats.keepalives += 1  # RFC 5626 CRLF/STUN keep-alives, phones' "hello", "jaK"
                 return []
             stats.parse_errors += 1
-            stats.dropped[exc.reason] += 1
-            if exc.reason in _ANSWER_400:
+            stats.dropped[bad.reason] += 1
+            if bad.reason in _ANSWER_400:
                 return self._bad_request(data, addr)
             return []
         except Exception as exc:  # a bug must cost one datagram, never the process
@@ -392,6 +392,8 @@ class ProxyCore:
         if len(via_value) >= MAX_VIAS and via_value.count(b",") >= MAX_VIAS:
             raise Dropped(DROP_TOO_MANY_HEADERS)
         via_vals = split_values(via_value, MAX_VIAS)
+        if not via_vals:  # ("Via: ,": separators only)
+            raise SipParseError("empty Via value", DROP_BAD_VIA)
         if more_vias:
             self._count_vias(msg, via_i)
         top = parse_via(via_vals[0])
@@ -868,6 +870,8 @@ class ProxyCore:
         if via_i < 0:
             raise Dropped(DROP_MISSING_HEADER)
         vals = split_values(msg.value_at(via_i), MAX_VIAS)
+        if not vals:
+            raise SipParseError("empty Via value", DROP_BAD_VIA)
         branch = self._own_branch(vals[0])
         if branch is None:
             top = parse_via(vals[0])
@@ -883,7 +887,10 @@ class ProxyCore:
             if i < 0:
                 stats.stray_responses += 1
                 raise Dropped(DROP_STRAY_RESPONSE)
-            next_raw = split_values(msg.value_at(i))[0]
+            next_vals = split_values(msg.value_at(i))
+            if not next_vals:
+                raise SipParseError("empty Via value", DROP_BAD_VIA)
+            next_raw = next_vals[0]
             rest = None
         call_id = msg.call_id()
         cseq_n, cseq_m = msg.cseq()

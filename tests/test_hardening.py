@@ -186,6 +186,25 @@ def test_received_with_ipv6_or_garbage_cannot_raise_or_redirect():
     assert core.stats.internal_errors["datagram"] == 0
 
 
+def test_via_of_separators_only_is_a_bad_via_never_an_exception():
+    """ "Via: ," splits into no values. It once made the core raise out of receive_datagram in
+    the mypyc build (an IndexError re-typed on its way to the catch-all) and count an internal
+    error in pure Python; it is a Via we cannot read, dropped and counted as one."""
+    core = make()
+    (fwd, _), = forwarded(core.receive_datagram(invite(), GATEWAY, T0))
+    ours = b"Via: " + parse(fwd).get_all(b"via")[0] + b"\r\n"
+    answer = response_to(fwd, 180)
+    cases = [invite(call_id=b"sep-1").replace(b"Via: SIP/2.0/UDP", b"Via: ,\r\nVia: SIP/2.0/UDP", 1),
+             invite(call_id=b"sep-2").replace(b"Via: SIP/2.0/UDP", b"Via: , ,,\r\nVia: SIP/2.0/UDP", 1),
+             answer.replace(ours, b"Via: ,\r\n"),             # no top value
+             answer.replace(ours, ours + b"Via: ,\r\n", 1)]  # no value below ours
+    assert all(c.count(b"Via: ,") == 1 for c in cases)
+    for i, data in enumerate(cases):
+        assert core.receive_datagram(data, GATEWAY if i < 2 else SIGNALING, T0 + 0.01) == []
+    assert dropped(core, "bad_via") == len(cases)
+    assert core.stats.internal_errors["datagram"] == 0
+
+
 def test_forged_response_with_our_via_prefix_is_not_relayed():
     core = make()
     (fwd, _), = forwarded(core.receive_datagram(invite(), GATEWAY, T0))

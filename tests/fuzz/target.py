@@ -15,6 +15,8 @@ transaction of the core are reachable without guessing its branch MAC).
     op >> 4 quarter seconds pass before the datagram
 
 Properties (an AssertionError names the one that broke; anything else raised is a finding too):
+- no datagram makes the core raise internally (what it catches as an internal error counts as a
+  finding: a malformed input has a drop reason of its own);
 - nothing raises out of ``receive_datagram``, ``handle_timers``, ``Observer.feed``/``finish``, the
   call-summary log record or the span export encoding of what the run finished;
 - ``sipmsg.parse`` raises nothing but ``SipParseError``, and gives the same message (or the same
@@ -130,6 +132,8 @@ class Run:
         assert isinstance(outs, list), f"receive_datagram returned {type(outs)}"
         assert outs == self.full.receive_datagram(payload, src, self.now), "response fast path changed the output"
         assert counters(self.core) == counters(self.full), "response fast path changed the counters"
+        assert self.core.stats.internal_errors["datagram"] == 0, \
+            f"the core raised and counted it: {self.core.last_internal_error}"
         self.observer.feed(payload, src, ADVERTISE, self.now)
         for item in outs:
             out, dest = item
