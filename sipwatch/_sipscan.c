@@ -652,6 +652,57 @@ sipscan_get(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return out;
 }
 
+/* One element of a comma-separated value s[pos:n], as split_values cuts it (sipscan_split_values
+ * and the response pass below): after a run of separators, a run of quoted strings, <...> and
+ * bytes other than , " <, ending at a comma or at the end. Returns 1 with the stripped element in [*a, *b) (maybe empty) and the
+ * position after its comma in *next, 0 when only separators are left, -1 where the split
+ * raises (an unclosed quote or <). */
+static int value_element(const unsigned char *s, Py_ssize_t n, Py_ssize_t pos, Py_ssize_t *a, Py_ssize_t *b,
+                         Py_ssize_t *next)
+{
+    Py_ssize_t p = pos;
+    while (p < n && (ascii_space(s[p]) || s[p] == ','))
+        p++;
+    const Py_ssize_t first = p;
+    while (p < n) {
+        const unsigned char c = s[p];
+        if (c == ',')
+            break;
+        if (c == '"') {
+            Py_ssize_t q = p + 1;
+            while (q < n && s[q] != '"') {
+                if (s[q] == '\\') {
+                    if (q + 1 >= n || s[q + 1] == '\n')
+                        break;
+                    q += 2;
+                }
+                else
+                    q++;
+            }
+            if (q >= n || s[q] != '"')
+                break;
+            p = q + 1;
+        }
+        else if (c == '<') {
+            const unsigned char *gt = memchr(s + p + 1, '>', (size_t)(n - p - 1));
+            if (gt == NULL)
+                break;
+            p = gt - s + 1;
+        }
+        else
+            p++;
+    }
+    if (p == first)
+        return p == n ? 0 : -1;
+    if (p < n && s[p] != ',')
+        return -1;
+    *a = first;
+    *b = p;
+    strip_range(s, a, b);
+    *next = p + 1;
+    return 1;
+}
+
 /* split_values(value, limit) -> list, or None where the Python split raises (an unclosed
  * quote or <, more than limit values when limit is not 0). The same cut as sipmsg's _ELEMENT
  * pattern: after a run of separators (ASCII whitespace, commas), an element is a run of quoted
@@ -681,47 +732,12 @@ sipscan_split_values(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     Py_ssize_t pos = 0;
     while (pos < n) {
-        Py_ssize_t p = pos;
-        while (p < n && (ascii_space(s[p]) || s[p] == ','))
-            p++;
-        const Py_ssize_t first = p;
-        while (p < n) {
-            const unsigned char c = s[p];
-            if (c == ',')
-                break;
-            if (c == '"') {
-                Py_ssize_t q = p + 1;
-                while (q < n && s[q] != '"') {
-                    if (s[q] == '\\') {
-                        if (q + 1 >= n || s[q + 1] == '\n')
-                            break;
-                        q += 2;
-                    }
-                    else
-                        q++;
-                }
-                if (q >= n || s[q] != '"')
-                    break; /* no closing quote: the element stops here */
-                p = q + 1;
-            }
-            else if (c == '<') {
-                const unsigned char *gt = memchr(s + p + 1, '>', (size_t)(n - p - 1));
-                if (gt == NULL)
-                    break;
-                p = gt - s + 1;
-            }
-            else
-                p++;
-        }
-        if (p == first) {
-            if (p == n)
-                break; /* only separators left */
+        Py_ssize_t a, b;
+        const int got = value_element(s, n, pos, &a, &b, &pos);
+        if (got == 0)
+            break; /* only separators left */
+        if (got < 0)
             goto raises;
-        }
-        if (p < n && s[p] != ',')
-            goto raises;
-        Py_ssize_t a = first, b = p;
-        strip_range(s, &a, &b);
         if (a < b) {
             PyObject *v = bytes_of(s, a, b);
             if (v == NULL)
@@ -733,7 +749,6 @@ sipscan_split_values(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             if (limit != 0 && PyList_GET_SIZE(out) > limit)
                 goto raises;
         }
-        pos = p + 1;
     }
     return out;
 raises:
@@ -1434,57 +1449,6 @@ sipscan_hex_join(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
  * split_plain: the same head scan and the same name table) and whose every part this function
  * reads as the proxy reads it qualifies; for anything else it answers None and the caller
  * takes its full path, which raises the errors and handles the unusual shapes. */
-
-/* One element of a comma-separated value s[pos:n], as sipscan_split_values cuts it: after a
- * run of separators, a run of quoted strings, <...> and bytes other than , " <, ending at a
- * comma or at the end. Returns 1 with the stripped element in [*a, *b) (maybe empty) and the
- * position after its comma in *next, 0 when only separators are left, -1 where the split
- * raises (an unclosed quote or <). */
-static int value_element(const unsigned char *s, Py_ssize_t n, Py_ssize_t pos, Py_ssize_t *a, Py_ssize_t *b,
-                         Py_ssize_t *next)
-{
-    Py_ssize_t p = pos;
-    while (p < n && (ascii_space(s[p]) || s[p] == ','))
-        p++;
-    const Py_ssize_t first = p;
-    while (p < n) {
-        const unsigned char c = s[p];
-        if (c == ',')
-            break;
-        if (c == '"') {
-            Py_ssize_t q = p + 1;
-            while (q < n && s[q] != '"') {
-                if (s[q] == '\\') {
-                    if (q + 1 >= n || s[q + 1] == '\n')
-                        break;
-                    q += 2;
-                }
-                else
-                    q++;
-            }
-            if (q >= n || s[q] != '"')
-                break;
-            p = q + 1;
-        }
-        else if (c == '<') {
-            const unsigned char *gt = memchr(s + p + 1, '>', (size_t)(n - p - 1));
-            if (gt == NULL)
-                break;
-            p = gt - s + 1;
-        }
-        else
-            p++;
-    }
-    if (p == first)
-        return p == n ? 0 : -1;
-    if (p < n && s[p] != ',')
-        return -1;
-    *a = first;
-    *b = p;
-    strip_range(s, a, b);
-    *next = p + 1;
-    return 1;
-}
 
 #define RESPONSE_MAX_VIAS 127
 
