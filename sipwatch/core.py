@@ -40,7 +40,7 @@ from .sipmsg import (
     _sipscan, first_of, header_tag, is_sip_keepalive, parse, parse_via, split_values, uri_hostport,
 )
 from .correlation import DEFAULT as DEFAULT_CORRELATION, HEADER_NAMES as CORRELATION_HEADERS, parse_kinds
-from .state import Call, Tracker
+from .state import Call, Tracker, Transaction
 from .stats import (
     ACK, CANCEL, DROP_BAD_CONTENT_LENGTH, DROP_BAD_VIA, DROP_INTERNAL_ERROR, DROP_MISSING_HEADER,
     DROP_NEXT_HOP_DENIED, DROP_OUT_OF_RANGE, DROP_STRAY_RESPONSE, DROP_TOO_LARGE,
@@ -894,12 +894,8 @@ class ProxyCore:
             rest = None
         call_id = msg.call_id()
         cseq_n, cseq_m = msg.cseq()
-        key = (branch, cseq_m)
-        tx = self.tracker.transactions.get(key)
-        if tx is not None and tx.via_below == next_raw and tx.peer[0] == src[0] \
-                and tx.cseq == cseq_n and tx.call.call_id == call_id:
-            # the answer to a request this proxy forwarded and still holds, from where it went,
-            # carrying the sender's Via exactly as written: what the MAC proves, already known
+        tx = self._held(branch, cseq_m, cseq_n, call_id, next_raw, src)
+        if tx is not None:
             reply = tx.reply
         else:  # stateless check (after a restart, or anything unusual)
             next_via = parse_via(next_raw)
@@ -916,6 +912,24 @@ class ProxyCore:
         else:
             msg.lines.pop(via_i)
             names.pop(via_i)
+        self._relayed(tx, status, to_tag, next_raw, direction, src, now)
+        return [(msg.to_bytes(), reply)]
+
+    def _held(self, branch: bytes, cseq_m: bytes, cseq_n: int, call_id: bytes, next_raw: bytes,
+              src: Addr) -> Transaction | None:
+        """The transaction a response answers when this proxy still holds it, the response came
+        from where the request went and carries the sender's Via exactly as written (what the
+        branch MAC proves, already known), else None: the caller then checks statelessly."""
+        tx = self.tracker.transactions.get((branch, cseq_m))
+        if tx is not None and tx.via_below == next_raw and tx.peer[0] == src[0] \
+                and tx.cseq == cseq_n and tx.call.call_id == call_id:
+            return tx
+        return None
+
+    def _relayed(self, tx: Transaction | None, status: int, to_tag: bytes | None, next_raw: bytes,
+                 direction: int, src: Addr, now: float) -> None:
+        """What relaying a response does besides the send, on both response paths: the gateway's
+        last-seen time, the held transaction's answer, and TCP for a request that came over TCP."""
         if direction == _FROM_GATEWAY:
             self._saw_gateway(src[0], now)
         if tx is not None:  # (the table is as it was when tx was looked up)
@@ -923,7 +937,6 @@ class ProxyCore:
         if not next_raw.startswith(b"SIP/2.0/UDP") and (
                 next_raw.startswith(b"SIP/2.0/TCP") or parse_via(next_raw).transport == b"TCP"):
             self.out_tcp = True  # the request came over TCP: so goes its response (§18.2.2)
-        return [(msg.to_bytes(), reply)]
 
     def _fast_response(self, data: bytes, src: Addr, now: float) -> list[tuple[bytes, Addr]] | None:
         """:meth:`_response` of the common response, read and edited in one C call on the datagram
@@ -940,21 +953,15 @@ class ProxyCore:
         if got is None:
             return None
         status, branch, next_raw, call_id, cseq_n, cseq_m, to_tag, out, truncated = got
-        tx = self.tracker.transactions.get((branch, cseq_m))
-        if tx is None or not (tx.via_below == next_raw and tx.peer[0] == src[0]
-                              and tx.cseq == cseq_n and tx.call.call_id == call_id):
+        tx = self._held(branch, cseq_m, cseq_n, call_id, next_raw, src)
+        if tx is None:
             return None
         stats = self.stats
         if truncated:
             stats.body_truncated += 1
         direction = _FROM_SIGNALING if src == self.upstream else _FROM_GATEWAY
         stats.responses[(min(status // 100, 6) - 1) * 2 + direction] += 1
-        if direction == _FROM_GATEWAY:
-            self._saw_gateway(src[0], now)
-        self.tracker.response_to(tx, status, now, to_tag)
-        if not next_raw.startswith(b"SIP/2.0/UDP") and (
-                next_raw.startswith(b"SIP/2.0/TCP") or parse_via(next_raw).transport == b"TCP"):
-            self.out_tcp = True
+        self._relayed(tx, status, to_tag, next_raw, direction, src, now)
         return [(out, tx.reply)]
 
     def _own_branch(self, via_value: bytes) -> bytes | None:
