@@ -12,7 +12,9 @@ and stops when the demo ends.
 from __future__ import annotations
 
 import argparse
+import http.client
 import os
+import random
 import shutil
 import signal
 import socket
@@ -29,18 +31,49 @@ from prometheus_client.parser import text_string_to_metric_families
 SCENARIOS = Path(__file__).resolve().parent / "scenarios"
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo, hi = (int(x) for x in f.read().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def _port_candidates():
+    """Ports below the kernel's ephemeral range, in order from a random start.
+
+    A port the kernel hands out for bind(0) is also one it may pick as the source of a later
+    connect(): a client polling a port nobody listens on yet can then connect to itself (TCP
+    simultaneous open) and read back its own request. Outside the ephemeral range that cannot
+    happen, and no other socket's bind(0) takes the port between our pick and the server's bind.
+    Walking in order means one process never hands out the same port twice in a row."""
+    lo, hi = _ephemeral_range()
+    first, last = (10000, lo - 1) if lo - 10000 >= 2000 else (hi + 1, 65535)
+    span = last - first + 1
+    start = random.randrange(span)
+    n = 0
+    while True:
+        yield first + (start + n) % span
+        n += 1
+
+
+_candidates = _port_candidates()
+
+
 def free_port() -> int:
-    """A port free for both UDP and TCP on 127.0.0.1 right now (SIP is UDP, metrics are TCP)."""
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            u.bind(("127.0.0.1", 0))
-            port = u.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-                try:
-                    t.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-            return port
+    """A port free for both UDP and TCP on 127.0.0.1 right now (SIP is UDP, metrics are TCP),
+    outside the ephemeral range (see _port_candidates)."""
+    for _ in range(2000):
+        port = next(_candidates)
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u, \
+                    socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
+                u.bind(("127.0.0.1", port))
+                t.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return port
     raise RuntimeError("no free port")
 
 
@@ -51,7 +84,7 @@ def _came_up(proc, metrics_port: int, timeout: float = 15.0) -> bool:
         try:
             _scrape(metrics_port)
             return True
-        except OSError:
+        except (OSError, http.client.HTTPException):
             if proc.poll() is not None or time.monotonic() > deadline:
                 return False
             time.sleep(0.1)

@@ -1,6 +1,7 @@
 """Test helpers: free loopback ports, a sidecar subprocess, SIPp peers, metric scraping."""
 from __future__ import annotations
 
+import http.client
 import os
 import shutil
 import signal
@@ -105,7 +106,7 @@ class Sidecar:
             try:
                 scrape(self.gw_metrics)
                 return self
-            except OSError:
+            except (OSError, http.client.HTTPException):  # not listening yet, or half up
                 time.sleep(0.05)
         raise RuntimeError("sidecar did not come up")
 

@@ -16,9 +16,9 @@ tests load: same expressions, test-sized ``for:``.
 """
 from __future__ import annotations
 
+import http.client
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -27,6 +27,8 @@ import urllib.request
 from pathlib import Path
 
 import yaml
+
+from sipwatch.demo import free_port  # noqa: F401  (a port outside the ephemeral range)
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -46,12 +48,6 @@ def alertmanager_binary() -> str | None:
     return shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
-
-
 def wait_until(predicate, timeout: float, interval: float = 0.25, what: str = "condition"):
     """Poll ``predicate`` until it returns something truthy; raise TimeoutError after ``timeout`` s."""
     deadline = time.monotonic() + timeout
@@ -61,7 +57,7 @@ def wait_until(predicate, timeout: float, interval: float = 0.25, what: str = "c
             value = predicate()
             if value:
                 return value
-        except (OSError, ValueError, urllib.error.URLError) as exc:  # server not up yet
+        except (OSError, ValueError, urllib.error.URLError, http.client.HTTPException) as exc:  # server not up yet
             last_exc = exc
         if time.monotonic() >= deadline:
             raise TimeoutError(f"{what} not reached within {timeout:.0f}s (last error: {last_exc})")

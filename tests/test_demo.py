@@ -22,3 +22,15 @@ def test_demo_counts_every_call_it_placed():
     # the callee waits 120 ms before answering: the RTT cannot be shorter (nor off by a unit)
     assert 120 - 5 <= float(inv.group(2)) < 2000  # (5 ms: SIPp times its pauses on a coarse ms clock)
     assert '"event":"call_summary"' in r.stdout
+
+
+def test_free_ports_are_outside_the_ephemeral_range_and_not_repeated():
+    """A port from bind(0) may become a later connect()'s source port: a harness polling a
+    metrics port nobody listens on yet then connected to itself and read its own request back
+    as the reply (a CI failure: BadStatusLine 'GET /metrics HTTP/1.1')."""
+    from sipwatch.demo import free_port
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        lo, hi = (int(x) for x in f.read().split())
+    ports = [free_port() for _ in range(50)]
+    assert len(set(ports)) == len(ports)
+    assert all(not lo <= p <= hi for p in ports), (lo, hi, ports)

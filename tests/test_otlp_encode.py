@@ -20,6 +20,7 @@ from opentelemetry.sdk.resources import Resource
 
 from capture.analyze import analyse
 from sipwatch import __version__
+from sipwatch.demo import free_port
 from sipwatch.masking import CallIdMasker
 from sipwatch.otlp_encode import CACHE_MAX, SpanEncoder, varint
 from sipwatch.state import Tracker
@@ -426,7 +427,7 @@ def test_backend_refusing_drops_and_backs_off(protocol):
     cap = _Capture(status=503)
     try:
         stats = Stats(ring_size=16)
-        port = cap.port if protocol == "http/protobuf" else free_port_tcp()
+        port = cap.port if protocol == "http/protobuf" else free_port()
         p = pipeline(stats, f"127.0.0.1:{port}", protocol, {}, batch=5)
         p.submit(recs)
         deadline = time.monotonic() + 20
@@ -439,13 +440,6 @@ def test_backend_refusing_drops_and_backs_off(protocol):
     assert stats.spans_exported == 0 and stats.spans_dropped == 2 * len(recs)
     if protocol == "http/protobuf":
         assert 1 <= len(cap.requests) < 2 * len(recs) / 5  # backed off: not one request per batch
-
-
-def free_port_tcp() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_queue_bound_and_bad_records_counted(tmp_path):
