@@ -21,6 +21,15 @@ cyclic garbage waits for the next tick. Objects frozen while alive and later lef
 (rare: library internals) are not collected until a deep collection; one runs when the resident
 size grew by ``DEEP_GROWTH`` since the last one, at most every ``DEEP_EVERY`` seconds, and its
 duration is reported so an operator sees it.
+
+Most ticks need no collection at all: carrying calls makes no cyclic garbage (live, 4000 calls/s
+with every feature on, 400 collections in a row found nothing), yet each pass walked ~2700
+young objects (timer entries, transactions, their lists) for 0.4-0.7 ms, ~4 % of the proxy's CPU,
+with a p99 of 3 ms that lands on the round trip of whatever datagram waits behind it. So once
+``QUIET`` collections in a row found nothing, a tick only freezes (O(1): the young list is moved
+to the permanent one) and one tick in ``SPARSE`` still collects, as a probe; the first pass that
+finds a cycle brings back a collection every tick. What a cycle left between two probes waits
+for the deep collection, bounded by its RSS trigger.
 """
 from __future__ import annotations
 
@@ -31,6 +40,8 @@ import time
 EVERY = 0.02  # seconds between collect-and-freeze: each housekeeping tick (app.TICK)
 DEEP_GROWTH = 64 << 20  # bytes of RSS growth that trigger a deep (unfreeze, full) collection
 DEEP_EVERY = 60.0
+QUIET = 50  # collections in a row that found nothing before ticks stop collecting (1 s)
+SPARSE = 25  # then one tick in SPARSE still collects (every 0.5 s), until a pass finds a cycle
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -61,6 +72,9 @@ class GcPolicy:
         self._baseline = 0
         self.collections = 0
         self.deep_collections = 0
+        self.quiet = 0  # collections in a row that found nothing
+        self.skipped = 0  # ticks that froze without collecting (sparse mode)
+        self._since = 0  # ticks since the last collection
         self._was_enabled = True
 
     def start(self) -> None:
@@ -96,9 +110,16 @@ class GcPolicy:
         # took the older generations along and nothing else collects in between. A full
         # collection's extras are left out: its empty generations and its freeing of the
         # interpreter's free lists, which the next allocations refilled (~10 % of the pass).
-        gc.collect(0)
+        if self.quiet >= QUIET and self._since < SPARSE - 1:
+            self._since += 1
+            self.skipped += 1
+            gc.freeze()  # nothing found for a while: keep the young out of later passes, no walk
+            return
+        self._since = 0
+        found = gc.collect(0)
         gc.freeze()
         self.collections += 1
+        self.quiet = 0 if found else self.quiet + 1
 
     def stop(self) -> None:
         gc.unfreeze()

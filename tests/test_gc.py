@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import gc
 
-from sipwatch.gcpolicy import EVERY, GcPolicy
+from sipwatch.gcpolicy import EVERY, QUIET, SPARSE, GcPolicy
 from sipwatch.state import Call, Transaction
 
 from test_core import GATEWAY, SIGNALING, T0, invite, response_to
@@ -136,5 +136,68 @@ def test_each_housekeeping_tick_collects():
             clock[0] += TICK
             policy.tick()
         assert policy.collections == 3
+    finally:
+        policy.stop()
+
+
+def _young_passes() -> int:
+    return gc.get_stats()[0]["collections"]
+
+
+def test_once_nothing_is_found_ticks_freeze_and_one_in_sparse_still_collects():
+    """Carrying calls makes no cyclic garbage: after QUIET empty passes in a row a tick only
+    freezes (no walk of the young objects: ~4 % of the proxy's CPU at 4000 calls/s), and one
+    tick in SPARSE still collects as a probe."""
+    clock = [100.0]
+    policy = GcPolicy(clock=lambda: clock[0])
+    try:
+        policy.start()
+        for _ in range(20 * QUIET):  # (a thread of another test could leave a cycle: bounded)
+            if policy.quiet >= QUIET:
+                break
+            clock[0] += EVERY
+            policy.tick()
+        assert policy.quiet >= QUIET
+        passes, frozen = _young_passes(), gc.get_freeze_count()
+        keep = [[i] for i in range(1000)]  # new objects: frozen, not walked
+        for _ in range(SPARSE - 1):
+            clock[0] += EVERY
+            policy.tick()
+        assert _young_passes() == passes and policy.skipped == SPARSE - 1
+        assert gc.get_freeze_count() >= frozen + 1000
+        clock[0] += EVERY
+        policy.tick()  # the probe
+        assert _young_passes() == passes + 1
+        assert keep[999] == [999]
+    finally:
+        policy.stop()
+
+
+def test_a_probe_that_finds_a_cycle_brings_back_a_collection_every_tick():
+    import weakref
+
+    class Node:
+        other = None
+
+    clock = [100.0]
+    policy = GcPolicy(clock=lambda: clock[0])
+    try:
+        policy.start()
+        policy.quiet = QUIET  # as after a quiet second
+        for _ in range(SPARSE - 1):
+            clock[0] += EVERY
+            policy.tick()
+        a, b = Node(), Node()
+        a.other, b.other = b, a
+        gone = weakref.ref(a)
+        del a, b
+        clock[0] += EVERY
+        policy.tick()  # the probe finds the cycle
+        assert gone() is None and policy.quiet == 0
+        passes = _young_passes()
+        for _ in range(3):
+            clock[0] += EVERY
+            policy.tick()
+        assert _young_passes() == passes + 3
     finally:
         policy.stop()
