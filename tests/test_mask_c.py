@@ -9,6 +9,8 @@ of a user part is checked on its own against the rule as the masking documents i
 """
 from __future__ import annotations
 
+import random
+
 import pytest
 from hypothesis import given, settings, strategies as st
 
@@ -36,26 +38,27 @@ PARTS = [
 ]
 
 
-def pieces(choices, max_size):
-    return st.lists(st.sampled_from(choices), max_size=max_size).map(b"".join)
-
-
 @st.composite
 def name_addr(draw):
-    """A From/To-like value in the plain shape, or next to it in one or two parts (or any bytes
-    at all, now and then)."""
+    """A From/To-like value in the plain shape, or with one piece that may break it put into one
+    or two of its parts (or any bytes at all, now and then)."""
     if draw(st.integers(0, 9)) == 0:
         return draw(st.binary(max_size=40))
-    edgy = draw(st.sets(st.integers(0, len(PARTS) - 1), max_size=2))
+    # the parts with most edges (user part, host and port, tag) more often
+    edgy = draw(st.one_of(st.just(set()), st.sets(st.sampled_from([*range(len(PARTS)), 3, 5, 7, 7, 7]),
+                                                  min_size=1, max_size=2)))
     out = []
     for i, (fit, edge, most) in enumerate(PARTS):
-        choices = fit + edge if i in edgy else fit
         if most == 1:
-            out.append(draw(st.sampled_from(choices)))
-        elif i == len(PARTS) - 1 and i not in edgy:  # no tag, or one ';tag=' and what a tag may hold
-            out.append(draw(st.sampled_from([b"", b";tag="])) + draw(pieces(fit[1:], most)))
+            out.append(draw(st.sampled_from(edge if i in edgy else fit)))
+            continue
+        if i == len(PARTS) - 1:  # no tag, or one ';tag=' and what a tag may hold
+            part = [draw(st.sampled_from([b";tag=", b""]))] + draw(st.lists(st.sampled_from(fit[1:]), max_size=most))
         else:
-            out.append(draw(pieces(choices, most)))
+            part = draw(st.lists(st.sampled_from(fit), max_size=most))
+        if i in edgy:
+            part.insert(len(part) - draw(st.integers(0, len(part))), draw(st.sampled_from(edge)))
+        out.extend(part)
     return b"".join(out)
 
 
@@ -118,15 +121,15 @@ def test_plain_values_masked_as_worked_out_by_hand():
         assert c_mask(value, False) == want, value
     assert c_mask(b"<sip:+4930123456@gw>;tag=1", True) == ("<sip:***@gw>;tag=1", 20)
     for other in (b"<tel:+4930123456@gw>", b"<sip:1@gw>;TAG=1", b"<sip:1@gw>;tag=1;x", b"<sip:1@gw>;tag=1,",
-                  b"1 <sip:1@gw>", b"a:b <sip:1@gw>", b"<sip:1;x@gw>", b"<sip:1@gw;lr>", b"<sip:1@g@w>",
-                  b"<sip:1@gw", b"<sip:1@gw>>", b"<sip:1@gw> ", b'"M\xc3\xbcller" <sip:1@gw>', b"<sip:1@gw>;tag=\xff",
-                  b"", b"<", b"<sip", b"<sips", b"<sip:", b"<sip:1"):
+                  b"1 <sip:1@gw>", b"a:b <sip:1@gw>", b"<sip:1;x@gw>", b"<sip:1@gw;lr>", b"<sip:1@gw?h=1>",
+                  b"<sip:1@g@w>", b"<sip:1@gw", b"<sip:1@gw>>", b"<sip:1@gw> ", b'"M\xc3\xbcller" <sip:1@gw>',
+                  b"<sip:1@gw>;tag=\xff", b"", b"<", b"<sip", b"<sips", b"<sip:", b"<sip:1"):
         assert c_mask(other, False) is None, other
         assert c_mask(other, True) is None, other
 
 
 @needs_c
-@settings(max_examples=800, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(name_addr())
 def test_the_c_helper_answers_as_the_python_branch(value):
     for full in (False, True):
@@ -137,6 +140,23 @@ def test_the_c_helper_answers_as_the_python_branch(value):
             m = masking._PLAIN_NAME_ADDR.fullmatch(value)
             start, end = m.span(3)
             assert got[0][start:end] == digits_as_documented(value[start:end].decode("ascii"))
+
+
+@needs_c
+def test_the_c_helper_answers_as_the_python_branch_on_many_mixed_values():
+    """The same comparison on many more values, every piece equally likely (hypothesis favours
+    the first ones): a fixed seed, so a failure shows again."""
+    rng = random.Random(7)
+    for _ in range(20_000):
+        value = b""
+        for fit, edge, most in PARTS:
+            count = 1 if most == 1 else rng.randint(0, most)
+            edgy = rng.random() < 0.15
+            value += b"".join(rng.choice(fit + edge if edgy else fit) for _ in range(count))
+        if rng.random() < 0.5 and value.count(b";tag=") == 1:  # a tag that comes with an odd byte
+            value += rng.choice(PARTS[-1][1])
+        for full in (False, True):
+            assert c_mask(value, full) == python_branch(value, full), (value, full)
 
 
 @needs_c
