@@ -207,8 +207,10 @@ def _mask_remembered(value: bytes, mode: str, memo: dict[bytes, str]) -> str:
     searches on the decoded text would, and the parts decode as the whole does."""
     heads = _HEAD_MEMOS[mode]
     cut = value.rfind(b";tag=")
+    head = b""
     if cut > 0:
-        masked = heads.get(value[:cut])
+        head = value[:cut]  # (kept: its hash is not computed twice when the head is remembered below)
+        masked = heads.get(head)
         if masked is not None and _NOT_IN_TAG.search(value, cut + 5) is None:
             return masked + value[cut:].decode("utf-8", "replace")
     if len(memo) >= _MEMO_SIZE:
@@ -234,8 +236,8 @@ def _mask_remembered(value: bytes, mode: str, memo: dict[bytes, str]) -> str:
         out, tag_at = plain
         if tag_at < 0:
             memo[value] = out
-        else:  # the tag is the last ";tag=" (no ';' in it) and stays as it is
-            heads[value[:tag_at]] = out[:len(out) - (len(value) - tag_at)]
+        else:  # the tag is the last ";tag=" (no ';' in it: tag_at is cut) and stays as it is
+            heads[head if tag_at == cut else value[:tag_at]] = out[:len(out) - (len(value) - tag_at)]
         return out
     if m is not None:
         # what the general path makes of this shape: the display name has no digit, the user
