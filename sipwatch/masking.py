@@ -201,10 +201,11 @@ def _mask_remembered(value: bytes, mode: str, memo: dict[bytes, str]) -> str:
     Otherwise a value that ends in ``;tag=`` (a From or a To with its dialog's tag) is remembered
     without its tag when the tag provably takes no part in the masking: it sits in the header
     parameters after the one name-addr (a display name without ':', then ``<...>``, no ',' after
-    the '>') and holds none of ``;?&,``. The general path then masks the parameters after the '>' one by one and keeps a
-    ``tag`` as it is, so the value masks to its masked head plus the tag. Each ASCII byte decodes
-    to itself (an invalid UTF-8 sequence never takes one in), so searches on the bytes find what
-    searches on the decoded text would, and the parts decode as the whole does."""
+    the '>') and holds none of ``;?&,``. The general path then masks the parameters after the
+    '>' one by one and keeps a ``tag`` as it is, so the value masks to its masked head plus the
+    tag. Each ASCII byte decodes to itself (an invalid UTF-8 sequence never takes one in), so
+    searches on the bytes find what searches on the decoded text would, and the parts decode as
+    the whole does."""
     heads = _HEAD_MEMOS[mode]
     cut = value.rfind(b";tag=")
     head = b""
