@@ -17,7 +17,8 @@
  *
  * Beside the scan, the few other per-message steps of the proxy that cost more as Python calls
  * than as one C call: what a request's headers say (request_fields, first_of), its MACs
- * (BLAKE2b, mac_hex) and the hex ids of its trace header (hex_join).
+ * (BLAKE2b, mac_hex) and the hex ids of its trace header (hex_join). And one step off the hot
+ * path that runs once per call and misses every memo: masking a caller's From (mask_name_addr).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -1797,6 +1798,117 @@ sipscan_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return result;
 }
 
+/* mask_name_addr(value, full) -> (text, tag_at) or None
+ * The plain From/To of masking._mask_remembered in one pass, without the regex, the decode and the
+ * slices: a caller's From is new with every call, so its masking misses every memo. None unless
+ * value is ASCII and fully matches
+ *     ([^:<0-9]*)<((?i:sips?):)([^;@>]*)@([^;?@>]*)>(;tag=[^;?&,]*)?
+ * (each part ends at the first byte it may not hold, so the match is one scan; 'tag' is case-
+ * sensitive and CR/LF are bytes like any other). Else the value as text with its user part (the
+ * third group) masked: "***" when full, else as masking._mask_digits does an ASCII text (fewer
+ * than 3 digits: as it is; 3-4: every digit '*'; more: every digit but the last four '*'), and
+ * tag_at, where ";tag=" starts, or -1 without it. */
+static PyObject *
+sipscan_mask_name_addr(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (arg_count(nargs, 2, "mask_name_addr(value, full) takes 2 arguments") < 0 ||
+            need_bytes(args[0], "value") < 0)
+        return NULL;
+    const int full = PyObject_IsTrue(args[1]);
+    if (full < 0)
+        return NULL;
+    const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+    const Py_ssize_t n = PyBytes_GET_SIZE(args[0]);
+    unsigned char seen = 0; /* every byte scanned, or-ed: its high bit says "not ASCII" */
+    Py_ssize_t p = 0;
+    /* the display name: up to the '<', no ':' or digit before it */
+    while (p < n && s[p] != '<' && s[p] != ':' && !(s[p] >= '0' && s[p] <= '9'))
+        seen |= s[p++];
+    if (p >= n || s[p] != '<')
+        Py_RETURN_NONE;
+    p++;
+    /* sip: or sips:, any case */
+    if (n - p < 4 || ascii_lower(s[p]) != 's' || ascii_lower(s[p + 1]) != 'i' || ascii_lower(s[p + 2]) != 'p')
+        Py_RETURN_NONE;
+    p += 3;
+    if (ascii_lower(s[p]) == 's')
+        p++;
+    if (p >= n || s[p] != ':')
+        Py_RETURN_NONE;
+    p++;
+    /* the user part, up to the '@' */
+    const Py_ssize_t user_at = p;
+    Py_ssize_t digits = 0;
+    while (p < n && s[p] != '@' && s[p] != ';' && s[p] != '>') {
+        digits += s[p] >= '0' && s[p] <= '9';
+        seen |= s[p++];
+    }
+    if (p >= n || s[p] != '@')
+        Py_RETURN_NONE;
+    const Py_ssize_t user_end = p++;
+    /* host and port, up to the '>' */
+    while (p < n && s[p] != '>' && s[p] != ';' && s[p] != '?' && s[p] != '@')
+        seen |= s[p++];
+    if (p >= n || s[p] != '>')
+        Py_RETURN_NONE;
+    p++;
+    /* nothing after the '>', or one ";tag=" that runs to the end */
+    Py_ssize_t tag_at = -1;
+    if (p < n) {
+        if (n - p < 5 || memcmp(s + p, ";tag=", 5) != 0)
+            Py_RETURN_NONE;
+        tag_at = p;
+        for (p += 5; p < n; p++) {
+            const unsigned char c = s[p];
+            if (c == ';' || c == '?' || c == '&' || c == ',')
+                Py_RETURN_NONE;
+            seen |= c;
+        }
+    }
+    if (seen & 0x80)
+        Py_RETURN_NONE;
+    const Py_ssize_t user_len = user_end - user_at;
+    const Py_ssize_t masked_len = full ? 3 : user_len;
+    PyObject *text = PyUnicode_New(n - user_len + masked_len, 127);
+    if (text == NULL)
+        return NULL;
+    Py_UCS1 *d = PyUnicode_1BYTE_DATA(text);
+    memcpy(d, s, (size_t)user_at);
+    d += user_at;
+    if (full) {
+        memcpy(d, "***", 3);
+        d += 3;
+    } else {
+        /* the digits to hide: all of 3 or 4, all but the last four of more, none of fewer */
+        Py_ssize_t hide = digits < 3 ? 0 : digits <= 4 ? digits : digits - 4;
+        for (Py_ssize_t i = user_at; i < user_end; i++) {
+            const unsigned char c = s[i];
+            if (hide > 0 && c >= '0' && c <= '9') {
+                *d++ = '*';
+                hide--;
+            } else {
+                *d++ = c;
+            }
+        }
+    }
+    memcpy(d, s + user_end, (size_t)(n - user_end));
+    PyObject *at = PyLong_FromSsize_t(tag_at);
+    if (at == NULL) {
+        Py_DECREF(text);
+        return NULL;
+    }
+    PyObject *out = PyTuple_New(2);
+    if (out == NULL) {
+        Py_DECREF(text);
+        Py_DECREF(at);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(out, 0, text);
+    PyTuple_SET_ITEM(out, 1, at);
+    return out;
+}
+
 static PyMethodDef sipscan_methods[] = {
     {"serialize", (PyCFunction)(void (*)(void))sipscan_serialize, METH_FASTCALL,
      "serialize(start, lines, body) -> SipMessage.to_bytes of those parts, or None when one is not bytes"},
@@ -1837,6 +1949,9 @@ static PyMethodDef sipscan_methods[] = {
     {"mac_hex", (PyCFunction)(void (*)(void))sipscan_mac_hex, METH_FASTCALL,
      "mac_hex(state, sep, parts) -> hexlify(blake2b(sep.join(parts)).digest()) from a\n"
      "blake2b_state (its key and digest size), or None when sep.join(parts) is empty"},
+    {"mask_name_addr", (PyCFunction)(void (*)(void))sipscan_mask_name_addr, METH_FASTCALL,
+     "mask_name_addr(value, full) -> (text, tag_at) of masking._mask_remembered's plain ASCII From/To\n"
+     "(user part masked, where ';tag=' starts or -1), or None for any other value"},
     {"response", (PyCFunction)(void (*)(void))sipscan_response, METH_FASTCALL,
      "response(data, names, own_via_head, prefix_len, max_lines, max_cl_digits, max_vias, max_size)\n"
      "-> (status, branch, next_via, call_id, cseq_number, CSEQ_METHOD, to_tag, out, truncated) of a\n"
@@ -1846,7 +1961,8 @@ static PyMethodDef sipscan_methods[] = {
 
 static struct PyModuleDef sipscan_module = {
     PyModuleDef_HEAD_INIT, "_sipscan",
-    "C scan of the common SIP message head for sipwatch.sipmsg.parse, and the proxy's MACs and ids.", -1,
+    "C scan of the common SIP message head for sipwatch.sipmsg.parse, the proxy's MACs and ids,\n"
+    "and the masking of a plain From/To.", -1,
     sipscan_methods,
     NULL, NULL, NULL, NULL,
 };

@@ -22,6 +22,9 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from typing import Callable, Final
+
+from .sipmsg import _sipscan
 
 MODES = ("none", "partial", "full")
 CALL_ID_MODES = ("none", "digits", "hash")
@@ -39,6 +42,10 @@ _NOT_IN_TAG = re.compile(rb"[;?&,]")
 # tag after it (no quantifier overlaps the next one: one pass, no backtracking)
 _PLAIN_NAME_ADDR = re.compile(rb"([^:<0-9]*)<((?i:sips?):)([^;@>]*)@([^;?@>]*)>(;tag=[^;?&,]*)?")
 _STARS = str.maketrans("0123456789", "**********")
+# that shape, all ASCII, masked in one C pass (sipwatch/_sipscan.c): a caller's From is new with
+# every call, and the regex, decode and slices were most of its masking. None without the C helper.
+_c_mask_name_addr: Final[Callable[[bytes, bool], tuple[str, int] | None] | None] = \
+    getattr(_sipscan, "mask_name_addr", None)
 # on a reversed text: up to and including its fourth digit, then the non-digits before the digit
 # that precedes it (the digits are ASCII 0-9 here, as in _NO_DIGITS; ``\d`` would take others)
 _LAST_FOUR = re.compile(r"(?:[^0-9]*[0-9]){4}[^0-9]*")
@@ -190,36 +197,48 @@ def mask_uri(value, mode: str = "partial") -> str:  # bytes, str or None (anythi
 def _mask_remembered(value: bytes, mode: str, memo: dict[bytes, str]) -> str:
     """``value`` masked, through ``memo`` (which does not hold it yet).
 
-    The plain From/To shape is masked from one regex match. Otherwise a value that ends in
-    ``;tag=`` (a From or a To with its dialog's tag) is remembered without its tag when the tag
-    provably takes no part in the masking: it sits in the header parameters after the one
-    name-addr (a display name without ':', then ``<...>``, no ',' after the '>') and holds none of
-    ``;?&,``. The general path then masks the parameters after the '>' one by one and keeps a
-    ``tag`` as it is, so the value masks to its masked head plus the tag. Each ASCII byte decodes
-    to itself (an invalid UTF-8 sequence never takes one in), so searches on the bytes find what
-    searches on the decoded text would, and the parts decode as the whole does."""
+    The plain From/To shape is masked in one pass (the C helper, else one regex match).
+    Otherwise a value that ends in ``;tag=`` (a From or a To with its dialog's tag) is remembered
+    without its tag when the tag provably takes no part in the masking: it sits in the header
+    parameters after the one name-addr (a display name without ':', then ``<...>``, no ',' after
+    the '>') and holds none of ``;?&,``. The general path then masks the parameters after the
+    '>' one by one and keeps a ``tag`` as it is, so the value masks to its masked head plus the
+    tag. Each ASCII byte decodes to itself (an invalid UTF-8 sequence never takes one in), so
+    searches on the bytes find what searches on the decoded text would, and the parts decode as
+    the whole does."""
     heads = _HEAD_MEMOS[mode]
     cut = value.rfind(b";tag=")
+    head = b""
     if cut > 0:
-        masked = heads.get(value[:cut])
+        head = value[:cut]  # (kept: its hash is not computed twice when the head is remembered below)
+        masked = heads.get(head)
         if masked is not None and _NOT_IN_TAG.search(value, cut + 5) is None:
             return masked + value[cut:].decode("utf-8", "replace")
     if len(memo) >= _MEMO_SIZE:
         memo.clear()
     if len(heads) >= _MEMO_SIZE:
         heads.clear()
-    m = _PLAIN_NAME_ADDR.fullmatch(value)
-    if m is not None and value.isascii():
-        # the shape below, all ASCII: every part decodes to itself, so the value is its text
-        # with the user part masked (one decode, two slices)
-        text = value.decode("ascii")
-        start, end = m.span(3)
-        out = text[:start] + (_mask_digits(text[start:end]) if mode == "partial" else "***") + text[end:]
-        tag_at = m.start(5)
+    # the shape below, all ASCII: every part decodes to itself, so the value is its text with the
+    # user part masked; and where the tag starts (-1: none)
+    plain: tuple[str, int] | None = None
+    m: re.Match[bytes] | None = None
+    if _c_mask_name_addr is not None:
+        plain = _c_mask_name_addr(value, mode != "partial")
+        if plain is None and not value.isascii():  # (an ASCII value it declined does not match)
+            m = _PLAIN_NAME_ADDR.fullmatch(value)
+    else:
+        m = _PLAIN_NAME_ADDR.fullmatch(value)
+        if m is not None and value.isascii():
+            text = value.decode("ascii")
+            start, end = m.span(3)
+            plain = (text[:start] + (_mask_digits(text[start:end]) if mode == "partial" else "***") + text[end:],
+                     m.start(5))
+    if plain is not None:
+        out, tag_at = plain
         if tag_at < 0:
             memo[value] = out
-        else:  # the tag is the last ";tag=" (no ';' in it) and stays as it is
-            heads[value[:tag_at]] = out[:len(out) - (len(value) - tag_at)]
+        else:  # the tag is the last ";tag=" (no ';' in it: tag_at is cut) and stays as it is
+            heads[head if tag_at == cut else value[:tag_at]] = out[:len(out) - (len(value) - tag_at)]
         return out
     if m is not None:
         # what the general path makes of this shape: the display name has no digit, the user
