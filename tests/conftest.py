@@ -37,6 +37,8 @@ def pytest_sessionstart(session):
         assert otlp_encode._otlpenc is None, "SIPWATCH_NO_C=1, yet spans are assembled in C"
         from sipwatch import transport
         assert transport._udppump is None, "SIPWATCH_NO_C=1, yet the UDP edge uses the C pump"
+        from sipwatch import masking
+        assert masking._c_mask_name_addr is None, "SIPWATCH_NO_C=1, yet masking uses the C helper"
 
 
 @pytest.hookimpl(hookwrapper=True)
