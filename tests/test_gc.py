@@ -26,6 +26,18 @@ def _calls(core, n: int, t: float) -> None:
         core.receive_datagram(response_to(bye, 200), SIGNALING, t + 1.01)
 
 
+class _Node:
+    other = None
+
+
+def _garbage_cycle():
+    """Two objects that only reference each other: a weak reference to one, dead once collected."""
+    import weakref
+    a, b = _Node(), _Node()
+    a.other, b.other = b, a
+    return weakref.ref(a)
+
+
 def _alive() -> int:
     return sum(1 for o in gc.get_objects() if type(o) in (Call, Transaction))
 
@@ -101,19 +113,11 @@ def test_a_tick_collects_the_young_generation_and_frees_new_cycles():
     tick's pass collects that generation alone (no full collection, which would also empty the
     interpreter's free lists for the next allocations to refill): a cycle made since the last
     tick is still freed."""
-    import weakref
-
-    class Node:
-        other = None
-
     clock = [100.0]
     policy = GcPolicy(clock=lambda: clock[0])
     try:
         policy.start()
-        a, b = Node(), Node()
-        a.other, b.other = b, a
-        gone = weakref.ref(a)
-        del a, b
+        gone = _garbage_cycle()
         young, full = gc.get_stats()[0]["collections"], gc.get_stats()[2]["collections"]
         clock[0] += EVERY
         policy.tick()
@@ -174,11 +178,6 @@ def test_once_nothing_is_found_ticks_freeze_and_one_in_sparse_still_collects():
 
 
 def test_a_probe_that_finds_a_cycle_brings_back_a_collection_every_tick():
-    import weakref
-
-    class Node:
-        other = None
-
     clock = [100.0]
     policy = GcPolicy(clock=lambda: clock[0])
     try:
@@ -187,10 +186,7 @@ def test_a_probe_that_finds_a_cycle_brings_back_a_collection_every_tick():
         for _ in range(SPARSE - 1):
             clock[0] += EVERY
             policy.tick()
-        a, b = Node(), Node()
-        a.other, b.other = b, a
-        gone = weakref.ref(a)
-        del a, b
+        gone = _garbage_cycle()
         clock[0] += EVERY
         policy.tick()  # the probe finds the cycle
         assert gone() is None and policy.quiet == 0
