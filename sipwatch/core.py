@@ -391,9 +391,7 @@ class ProxyCore:
         # (see _count_vias: commas are what is counted; a shorter value cannot hold that many)
         if len(via_value) >= MAX_VIAS and via_value.count(b",") >= MAX_VIAS:
             raise Dropped(DROP_TOO_MANY_HEADERS)
-        via_vals = split_values(via_value, MAX_VIAS)
-        if not via_vals:  # ("Via: ,": separators only)
-            raise SipParseError("empty Via value", DROP_BAD_VIA)
+        via_vals = _via_values(via_value, MAX_VIAS)
         if more_vias:
             self._count_vias(msg, via_i)
         top = parse_via(via_vals[0])
@@ -869,9 +867,7 @@ class ProxyCore:
         via_i = msg.index(b"via")
         if via_i < 0:
             raise Dropped(DROP_MISSING_HEADER)
-        vals = split_values(msg.value_at(via_i), MAX_VIAS)
-        if not vals:
-            raise SipParseError("empty Via value", DROP_BAD_VIA)
+        vals = _via_values(msg.value_at(via_i), MAX_VIAS)
         branch = self._own_branch(vals[0])
         if branch is None:
             top = parse_via(vals[0])
@@ -887,10 +883,7 @@ class ProxyCore:
             if i < 0:
                 stats.stray_responses += 1
                 raise Dropped(DROP_STRAY_RESPONSE)
-            next_vals = split_values(msg.value_at(i))
-            if not next_vals:
-                raise SipParseError("empty Via value", DROP_BAD_VIA)
-            next_raw = next_vals[0]
+            next_raw = _via_values(msg.value_at(i), 0)[0]
             rest = None
         call_id = msg.call_id()
         cseq_n, cseq_m = msg.cseq()
@@ -977,6 +970,15 @@ class ProxyCore:
             if branch[len(BRANCH_PREFIX):].replace(b".", b"").isalnum():
                 return branch
         return None
+
+
+def _via_values(value: bytes, limit: int) -> list[bytes]:
+    """A Via header's values (at most ``limit``, 0: all); a value of separators only (``Via: ,``)
+    is a bad Via, never an empty list to index."""
+    vals = split_values(value, limit)
+    if not vals:
+        raise SipParseError("empty Via value", DROP_BAD_VIA)
+    return vals
 
 
 def _loop_hash(uri: bytes, from_tag: bytes, call_id: bytes, cseq_s: bytes) -> bytes:
