@@ -39,11 +39,13 @@ from .transport import OVERLOAD_SAMPLE, UdpEdge, epoch_clock
 # Housekeeping runs often so each run is short: at 1000 calls/s a 200-ms tick wrote 200 call
 # summaries at once and stalled forwarding for 13-18 ms; every 20 ms it is about 1 ms of work.
 TICK = 0.02
-# finished calls handled before the loop polls its sockets: live (1000 calls/s, every feature on,
-# a loaded 2-core machine) a slice of 8 took ~330 µs of CPU, its calls' summaries, histograms and
-# span records with the transactions' records around them; 6 keep a slice near 0.25 ms
-CALLS_PER_SLICE = 6
-RECORDS_PER_SLICE = 64
+# finished calls handled in one callback before the loop polls its sockets again: live (1000
+# calls/s, every feature on, a 2-core machine) a slice of 6 took 115 µs of CPU at p50 and 600 at
+# p99 (its calls' summaries, histograms and span records with the transactions' records around
+# them), a slice of 2 took 50 µs but ~30% more CPU in all (each slice frames its span records,
+# updates the histograms and is a callback); 3 is the middle
+CALLS_PER_SLICE = 3
+RECORDS_PER_SLICE = 32
 DRAIN_CHECK_EVERY = 10  # ticks: the drain check walks the transaction table
 # ticks between reads of the span pipeline's health (its failures, the spans file's state): the
 # worker reports at most every 100 ms (span_worker.STATUS_EVERY), and each read cost ~45 µs live
@@ -184,10 +186,11 @@ class ProxyApp:
     def tick(self, everything: bool = False) -> None:
         """Housekeeping: timers, finished records → histograms, logs, spans. Never raises.
 
-        The records are handled in slices of at most CALLS_PER_SLICE calls: what is left goes on
-        in a callback of its own, so the loop reads its sockets in between (a whole tick's records
-        at 1000 calls/s held datagrams for 1.4 ms, a measured cause of the added round trip's
-        p99). ``everything``: all of them now (shutdown)."""
+        The records are handled in slices of at most CALLS_PER_SLICE calls, each in a callback
+        of its own after this one, so the loop reads its sockets in between (a whole tick's
+        records at 1000 calls/s held datagrams for 1.4 ms; the tick's own first slice still made
+        it the longest callback, p99 1-1.8 ms, and the one most of the slowest round trips
+        overlapped). ``everything``: all of them now (shutdown)."""
         report = self.errors.report
         core = self.core
         self.log.deferred = True  # this tick's lines go out in one write, below
@@ -200,14 +203,15 @@ class ProxyApp:
         if records:
             self._last_record = self.clock()
             self._backlog.extend(records)
-        self._records_slice(everything)
-        try:  # in callbacks of their own: the loop reads its sockets between them and the above
-            loop = asyncio.get_running_loop()
-            loop.call_soon(self._sweep_step)
-            loop.call_soon(self._gc_step)
-        except RuntimeError:  # no running loop (shutdown): here
-            self._sweep_step()
-            self._gc_step()
+        if everything:
+            self._records_slice(everything)
+            self._sweep_step(chain=False)
+            self._gc_step(chain=False)
+        else:  # sweep step, collector step, then the records: each in a callback of its own
+            try:
+                self._after_poll(self._sweep_step)
+            except RuntimeError:  # no running loop: here
+                self._sweep_step()
         if self.hep is not None:
             try:
                 self.hep.flush()
@@ -280,27 +284,43 @@ class ProxyApp:
             return
         if tracker.expire_left and not self._timers_pending:
             try:
-                asyncio.get_running_loop().call_soon(self._timers_step)
+                self._after_poll(self._timers_step)
                 self._timers_pending = True
             except RuntimeError:  # no running loop (shutdown): all of them here
                 self._handle_timers(everything=True)
+
+    @staticmethod
+    def _after_poll(fn) -> None:
+        """``fn`` in a callback of its own once the loop has polled its sockets again. A callback
+        scheduled from a timer's callback (the tick) runs in the same iteration, before the poll,
+        under uvloop and asyncio alike: it would only lengthen the tick's stop. One scheduled from
+        a plain callback runs after the poll. Raises RuntimeError without a running loop."""
+        loop = asyncio.get_running_loop()
+        loop.call_soon(loop.call_soon, fn)
 
     def _timers_step(self) -> None:
         self._timers_pending = False
         self._handle_timers()
 
-    def _sweep_step(self) -> None:
+    def _sweep_step(self, chain: bool = True) -> None:
         """A bounded step of the timers' sweep of stale entries (state.Tracker._sweep): ~0.3 ms
-        at 1000 calls/s while a pass is on, which no longer adds to the tick's stop."""
+        at 1000 calls/s while a pass is on, which no longer adds to the tick's stop. Then
+        (``chain``) the collector's step, in the next callback."""
         try:
             self.core.tracker.sweep()
         except Exception as exc:  # noqa: BLE001 - a callback of the loop must not raise
             self.errors.report("tick", exc)
+        if chain:
+            try:
+                asyncio.get_running_loop().call_soon(self._gc_step)
+            except RuntimeError:  # no running loop: here
+                self._gc_step()
 
-    def _gc_step(self) -> None:
+    def _gc_step(self, chain: bool = True) -> None:
         """The collector's step (gcpolicy), after the tick. Its young collection costs ~6 µs per
         call carried (live, 1000 calls/s, every feature on), about what the timers cost: at 4000
-        calls/s ~0.5 ms a tick, which no longer adds to the stop of the tick's own callback."""
+        calls/s ~0.5 ms a tick, which no longer adds to the stop of the tick's own callback.
+        Then (``chain``) the first slice of the records, in the next callback."""
         log = self.log
         deferred = log.deferred
         log.deferred = True  # a line of it (a deep collection's) goes out with the next write
@@ -309,11 +329,16 @@ class ProxyApp:
         except Exception as exc:  # noqa: BLE001 - a callback of the loop must not raise
             self.errors.report("tick", exc)
         log.deferred = deferred
+        if chain and self._backlog and not self._slice_pending:
+            try:
+                asyncio.get_running_loop().call_soon(self._next_slice)
+                self._slice_pending = True
+            except RuntimeError:  # no running loop: here (the slices go on as they do)
+                self._next_slice()
 
     def _next_slice(self) -> None:
-        """A later slice of the backlog. The lines of the slices are held until the last one
-        of them writes them all in one write (an undeferred line in between takes them along,
-        in order)."""
+        """A slice of the backlog. The lines of the slices are held until the last one of them
+        writes them all in one write (an undeferred line in between takes them along, in order)."""
         self._slice_pending = False
         self.log.deferred = True
         try:

@@ -442,8 +442,8 @@ def test_no_secret_is_warned_about_at_start(tmp_path):
 
 
 def test_tick_hands_finished_calls_over_in_slices_and_shutdown_takes_them_all(tmp_path):
-    """A tick writes at most CALLS_PER_SLICE call summaries before the loop reads its sockets
-    again; the rest follow in later callbacks of the loop. At shutdown everything goes at once."""
+    """The tick handles no finished call itself: they follow in later callbacks of the loop, at
+    most CALLS_PER_SLICE per callback, in order. At shutdown everything goes at once."""
     import asyncio
 
     from sipwatch.app import CALLS_PER_SLICE
@@ -452,19 +452,23 @@ def test_tick_hands_finished_calls_over_in_slices_and_shutdown_takes_them_all(tm
         return [r for r in (orjson.loads(x) for x in buf.getvalue().splitlines())
                 if r.get("event") == "call_summary"]
 
-    async def run(app, buf, n):
+    async def run(app, n):
         for i in range(n):
             app.core.tracker.finished.append(("call", _Call(b"slice-%d@gw" % i)))
         app.tick()
-        first = len(summaries(buf))
-        for _ in range(n):
-            await asyncio.sleep(0)
-        return first, len(summaries(buf))
+        left = [len(app._backlog)]
+        for _ in range(10 * n):
+            await asyncio.sleep(0)  # one iteration of the loop: one callback of ours at most
+            left.append(len(app._backlog))
+            if not left[-1]:
+                break
+        return left
 
     app, buf = _app(tmp_path, "--no-tracing")
     n = 3 * CALLS_PER_SLICE + 1
-    first, last = asyncio.run(run(app, buf, n))
-    assert first == CALLS_PER_SLICE and last == n
+    left = asyncio.run(run(app, n))
+    assert left[0] == n and left[-1] == 0
+    assert max(a - b for a, b in zip(left, left[1:])) == CALLS_PER_SLICE
     assert [r["call_sid"] for r in summaries(buf)] == ["slice-%d@gw" % i for i in range(n)]
 
     app, buf = _app(tmp_path, "--no-tracing")
@@ -472,3 +476,43 @@ def test_tick_hands_finished_calls_over_in_slices_and_shutdown_takes_them_all(tm
         app.core.tracker.finished.append(("call", _Call(b"stop-%d@gw" % i)))
     app.tick(everything=True)
     assert len(summaries(buf)) == n
+
+
+def test_the_ticks_follow_up_runs_after_the_loop_reads_its_sockets(tmp_path):
+    """A callback scheduled from a timer's callback runs before the loop polls its sockets
+    (uvloop and asyncio alike), so the sweep, the collector and the records' slices would
+    lengthen the tick's stop for a datagram that arrived meanwhile. Each must run after a read
+    that was ready when the tick ran."""
+    import asyncio
+    import socket
+
+    import uvloop
+
+    for new_loop in (uvloop.new_event_loop, asyncio.new_event_loop):
+        app, _ = _app(tmp_path, "--no-tracing")
+        events: list[str] = []
+        for name in ("_sweep_step", "_gc_step", "_next_slice"):
+            real = getattr(app, name)
+            setattr(app, name, lambda *a, _real=real, _name=name: (events.append(_name), _real(*a)))
+        for i in range(3):
+            app.core.tracker.finished.append(("call", _Call(b"poll-%d@gw" % i)))
+        a, b = socket.socketpair()
+        loop = new_loop()
+        try:
+            a.setblocking(False)
+            loop.add_reader(a.fileno(), lambda: (a.recv(16), events.append("read")))
+
+            def timer():
+                b.send(b"x")  # a datagram waits as the tick starts
+                app.tick()
+                events.append("tick")
+
+            loop.call_later(0.001, timer)
+            loop.run_until_complete(asyncio.sleep(0.05))
+        finally:
+            loop.close()
+            a.close()
+            b.close()
+        assert events[:2] == ["tick", "read"], (new_loop, events)
+        assert {"_sweep_step", "_gc_step", "_next_slice"} <= set(events[2:]), events
+        assert not app._backlog
