@@ -205,13 +205,10 @@ class ProxyApp:
             self._backlog.extend(records)
         if everything:
             self._records_slice(everything)
-            self._sweep_step(chain=False)
-            self._gc_step(chain=False)
-        else:  # sweep step, collector step, then the records: each in a callback of its own
-            try:
-                self._after_poll(self._sweep_step)
-            except RuntimeError:  # no running loop: here
-                self._sweep_step()
+        try:  # sweep step, collector step, then the records: each in a callback of its own
+            self._after_poll(self._sweep_step)
+        except RuntimeError:  # no running loop: here
+            self._sweep_step()
         if self.hep is not None:
             try:
                 self.hep.flush()
@@ -264,7 +261,12 @@ class ProxyApp:
             except Exception as exc:  # noqa: BLE001
                 report("metrics", exc)
             let_go_all(calls, report)  # the summary and the span record were the last readers
-        if backlog and not self._slice_pending:
+        self._slices_soon()
+
+    def _slices_soon(self) -> None:
+        """The backlog's next slice in the loop's next callback (finished here, all of it,
+        without a running loop)."""
+        if self._backlog and not self._slice_pending:
             try:
                 asyncio.get_running_loop().call_soon(self._next_slice)
                 self._slice_pending = True
@@ -298,29 +300,36 @@ class ProxyApp:
         loop = asyncio.get_running_loop()
         loop.call_soon(loop.call_soon, fn)
 
+    @staticmethod
+    def _soon(fn) -> None:
+        """``fn`` in the loop's next callback (after a poll, when called from a plain callback),
+        or here without a running loop."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            fn()
+            return
+        loop.call_soon(fn)
+
     def _timers_step(self) -> None:
         self._timers_pending = False
         self._handle_timers()
 
-    def _sweep_step(self, chain: bool = True) -> None:
+    def _sweep_step(self) -> None:
         """A bounded step of the timers' sweep of stale entries (state.Tracker._sweep): ~0.3 ms
-        at 1000 calls/s while a pass is on, which no longer adds to the tick's stop. Then
-        (``chain``) the collector's step, in the next callback."""
+        at 1000 calls/s while a pass is on, which no longer adds to the tick's stop. Then the
+        collector's step, in the next callback."""
         try:
             self.core.tracker.sweep()
         except Exception as exc:  # noqa: BLE001 - a callback of the loop must not raise
             self.errors.report("tick", exc)
-        if chain:
-            try:
-                asyncio.get_running_loop().call_soon(self._gc_step)
-            except RuntimeError:  # no running loop: here
-                self._gc_step()
+        self._soon(self._gc_step)
 
-    def _gc_step(self, chain: bool = True) -> None:
+    def _gc_step(self) -> None:
         """The collector's step (gcpolicy), after the tick. Its young collection costs ~6 µs per
         call carried (live, 1000 calls/s, every feature on), about what the timers cost: at 4000
         calls/s ~0.5 ms a tick, which no longer adds to the stop of the tick's own callback.
-        Then (``chain``) the first slice of the records, in the next callback."""
+        Then the first slice of the records, in the next callback."""
         log = self.log
         deferred = log.deferred
         log.deferred = True  # a line of it (a deep collection's) goes out with the next write
@@ -329,12 +338,7 @@ class ProxyApp:
         except Exception as exc:  # noqa: BLE001 - a callback of the loop must not raise
             self.errors.report("tick", exc)
         log.deferred = deferred
-        if chain and self._backlog and not self._slice_pending:
-            try:
-                asyncio.get_running_loop().call_soon(self._next_slice)
-                self._slice_pending = True
-            except RuntimeError:  # no running loop: here (the slices go on as they do)
-                self._next_slice()
+        self._slices_soon()
 
     def _next_slice(self) -> None:
         """A slice of the backlog. The lines of the slices are held until the last one of them

@@ -872,7 +872,7 @@ def floors(result: dict) -> list[dict]:
     runs = result.get("floor_runs") or {}
     for rate in FLOOR_RATES:
         r = _step(lad, "all", rate)
-        again = runs.get(rate) or runs.get(str(rate))
+        again = runs.get(rate)
         if again and len(again["ratios"]) > 1:
             v = again["ratio"]
             shown = (f"{v:.2f}x (median of {len(again['ratios'])} rounds: "
