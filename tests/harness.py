@@ -14,11 +14,37 @@ from pathlib import Path
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from sipwatch.demo import free_port  # noqa: F401  (re-exported: a port free for UDP and TCP)
+from sipwatch import demo
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = ROOT / "sipwatch" / "scenarios"
 HAVE_SIPP = shutil.which("sipp") is not None
+_tshark_ports: frozenset[int] | None = None
+
+
+def tshark_claimed_ports() -> frozenset[int]:
+    """UDP and TCP ports tshark decodes as some other protocol by number (27950 is Quake 3,
+    11211 memcache, ...). Port dissectors come before the SIP heuristic, so SIP on such a port
+    is invisible to tshark: a test whose random port was one of them found 0 calls on its wire."""
+    global _tshark_ports
+    if _tshark_ports is None:
+        out = ""
+        if shutil.which("tshark"):
+            out = subprocess.run(["tshark", "-G", "decodes"], capture_output=True, text=True,
+                                 timeout=120).stdout
+        _tshark_ports = frozenset(int(f[1]) for f in (ln.split("\t") for ln in out.splitlines())
+                                  if len(f) >= 2 and f[0] in ("udp.port", "tcp.port") and f[1].isdigit())
+    return _tshark_ports
+
+
+def free_port() -> int:
+    """A port free for UDP and TCP outside the ephemeral range (sipwatch.demo.free_port) that
+    tshark reads as SIP when SIP runs on it (tshark is these tests' ground truth)."""
+    claimed = tshark_claimed_ports()
+    while True:
+        port = demo.free_port()
+        if port not in claimed:
+            return port
 
 
 def sipwatch_path() -> str:

@@ -34,3 +34,22 @@ def test_free_ports_are_outside_the_ephemeral_range_and_not_repeated():
     ports = [free_port() for _ in range(50)]
     assert len(set(ports)) == len(ports)
     assert all(not lo <= p <= hi for p in ports), (lo, hi, ports)
+
+
+def test_free_ports_are_ones_tshark_reads_as_sip():
+    """A CI run drew a port tshark decodes as another protocol (Quake 3 on 27950 is one): SIP
+    through it was invisible to tshark, and the test found 0 calls on its wire. The harness
+    walks the whole range below the ephemeral ports and must skip every such port."""
+    import shutil
+
+    from harness import free_port, tshark_claimed_ports
+    if not shutil.which("tshark"):
+        pytest.skip("needs tshark")
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        lo, _ = (int(x) for x in f.read().split())
+    claimed = tshark_claimed_ports()
+    assert 27950 in claimed and 5060 in claimed
+    span = lo - 10000
+    seen = {free_port() for _ in range(span)}
+    assert len(seen) > span // 2  # the walk covered the range (ports in use are skipped)
+    assert not seen & claimed
