@@ -111,6 +111,7 @@ class ProxyApp:
         self._servers: list = []
         self.edge = UdpEdge(self.core, self.clock)
         self.edge.overload_window = max(1, round(settings.overload_after / OVERLOAD_SAMPLE))
+        self.edge.ticked_sampling = True  # the tick samples the quiet queue (transport.QUIET_SHARE)
         self.tcp: TcpEdge | None = None
         if getattr(settings, "tcp", False):
             self.tcp = TcpEdge(self.core, self.clock, self.edge.send,
@@ -193,6 +194,8 @@ class ProxyApp:
         overlapped). ``everything``: all of them now (shutdown)."""
         report = self.errors.report
         core = self.core
+        if not everything:
+            self.edge.sample_tick()
         self.log.deferred = True  # this tick's lines go out in one write, below
         self._handle_timers(everything)
         try:
