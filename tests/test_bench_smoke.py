@@ -267,12 +267,18 @@ def test_floors_judge_the_all_features_sidecar_against_kamailio():
                                                      "all": steps("all", 45.0, 48.0, 1000)}[k]["steps"]
                                          if s["rate"] == r), ["kamailio", "notrace", "all"], [1000, 4000])
     result = {"ladder": lad, "tracing_cost": bench.tracing_cost(lad),
-              "loaded_latency": {"kamailio": {"rate": 1000, "added_p50_us": 40.0, "added_p99_us": 200.0},
-                                 "all": {"rate": 1000, "added_p50_us": 85.0, "added_p99_us": 900.0}},
+              "loaded_latency": {"kamailio": {"rate": 1000, "added_p50_us": 40.0, "added_p99_us": 200.0,
+                                              "via_p50_us": 100.0},
+                                 "all": {"rate": 1000, "added_p50_us": 85.0, "added_p99_us": 900.0,
+                                         "via_p50_us": 120.0}},
               "overload": {"all": [{"factor": 1.5, "goodput_fraction": 0.95, "refused_503": 300},
                                    {"factor": 2.0, "goodput_fraction": 0.5, "refused_503": 900,
                                     "overload_rejected": 900.0}]}}
-    got = {f["floor"]: f["ok"] for f in bench.floors(result)}
+    fl = bench.floors(result)
+    got = {f["floor"]: f["ok"] for f in fl}
+    # the p50 line also says what a call through each one sees (the direct baseline swings)
+    assert "+85.0 vs +40.0 µs (+45.0); through p50 +20.0 vs Kamailio's" in \
+        next(f["shown"] for f in fl if f["floor"].startswith("added p50"))
     assert got == {
         "CPU/msg at 1000/s <= 2x Kamailio's": False,  # 45 / 15 = 3x
         "CPU/msg at 4000/s <= 2x Kamailio's": False,  # measured on a failing step: still 3x
