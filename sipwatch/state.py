@@ -756,7 +756,7 @@ class Tracker:
         budget = self.expire_budget if self.expire_budget > 0 else -1  # -1: unbounded
         self.expire_left = False
         for q in (self._tx_b, self._tx_c):
-            while q and q.head()[0] <= now:
+            while q.first <= now:  # (inf when empty; no tuple of the head is read: one of a wrong shape still leaves)
                 if budget == 0:
                     self.expire_left = True
                     return
@@ -783,7 +783,7 @@ class Tracker:
                 elif tx.midx == BYE:
                     self._finish_call(call, now, "bye")
         q = self._tx_linger
-        while q and q.head()[0] <= now:
+        while q.first <= now:
             if budget == 0:
                 self.expire_left = True
                 return
@@ -794,7 +794,7 @@ class Tracker:
                 del txs[tx.key]
         calls = self.calls
         for cq in (self._call_short, self._call_long, self._call_linger):
-            while cq and cq.head()[0] <= now:
+            while cq.first <= now:
                 if budget == 0:
                     self.expire_left = True
                     return

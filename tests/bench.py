@@ -644,6 +644,11 @@ def section_ladder(workdir: Path, keys: list[str], rates: list[int], duration: f
 
 
 FLOOR_RATES = (1000, 4000)  # the steps issue 10's CPU floors are judged at
+# A target's floor rounds agree when the highest is within this factor of the lowest. Undisturbed,
+# they were within 1.1-1.25x on the 2-core machine; one run had Kamailio at 16.7, 44.1 and 31.1
+# µs/msg at 1000 calls/s (13.6-14.7 in three runs right after), which made a median ratio of 1.18x
+# out of rounds that measured the machine, not the proxies.
+ROUNDS_AGREE = 1.5
 
 
 def section_floor_runs(workdir: Path, ladder_res: dict, duration: float, features: Features | None,
@@ -673,15 +678,28 @@ def section_floor_runs(workdir: Path, ladder_res: dict, duration: float, feature
                 rounds.append(got)
         ratios = [x["all"] / x["kamailio"] for x in rounds if x["kamailio"]]
         if ratios:
-            out[rate] = {"rounds": rounds, "ratios": ratios, "ratio": statistics.median(ratios)}
+            spread = {k: _spread([x[k] for x in rounds]) for k in ("kamailio", "all")}
+            out[rate] = {"rounds": rounds, "ratios": ratios, "ratio": statistics.median(ratios),
+                         "spread": spread, "agree": all(v <= ROUNDS_AGREE for v in spread.values())}
     if out:
         table(f"CPU per message at the floors' steps: the ladder's run and {extra} more rounds per target, "
               "alternating order",
-              ["rate", "kamailio µs/msg", "all features µs/msg", "ratio of each round", "median ratio"],
+              ["rate", "kamailio µs/msg", "all features µs/msg", "ratio of each round", "median ratio",
+               "rounds agree"],
               [[f"{rate}/s", " ".join(_f(x["kamailio"]) for x in v["rounds"]),
                 " ".join(_f(x["all"]) for x in v["rounds"]), " ".join(f"{x:.2f}" for x in v["ratios"]),
-                f"{v['ratio']:.2f}"] for rate, v in out.items()])
+                f"{v['ratio']:.2f}", "yes" if v["agree"] else "no: " + ", ".join(
+                    f"{k} {x:.2f}x" for k, x in v["spread"].items() if x > ROUNDS_AGREE)]
+               for rate, v in out.items()],
+              f"  a target's rounds agree when its highest is within {ROUNDS_AGREE}x its lowest; when they do not,\n"
+              "  something else took the machine during a round and the floor is not judged from them.")
     return out
+
+
+def _spread(xs: list[float]) -> float:
+    """Highest over lowest of a target's rounds (inf when one is 0)."""
+    lo = min(xs)
+    return max(xs) / lo if lo > 0 else float("inf")
 
 
 def harness_limited(r: dict) -> bool:
@@ -882,14 +900,19 @@ def floors(result: dict) -> list[dict]:
     for rate in FLOOR_RATES:
         r = _step(lad, "all", rate)
         again = runs.get(rate)
+        judged = True
         if again and len(again["ratios"]) > 1:
             v = again["ratio"]
             shown = (f"{v:.2f}x (median of {len(again['ratios'])} rounds: "
                      f"{' '.join(f'{x:.2f}' for x in again['ratios'])})")
+            if not again.get("agree", True):  # one target's rounds far apart: disturbed, no verdict
+                judged = False
+                shown += "; not judged: the rounds disagree (" + ", ".join(
+                    f"{k} {x:.2f}x" for k, x in again["spread"].items() if x > ROUNDS_AGREE) + ")"
         else:
             v = r and r["cpu_per_msg_vs_kamailio"]
             shown = "not measured" if v is None else f"{v:.2f}x{'' if r['passed'] else ' (step failed)'}"
-        add(f"CPU/msg at {rate}/s <= 2x Kamailio's", v, None if v is None else v <= 2.0, shown)
+        add(f"CPU/msg at {rate}/s <= 2x Kamailio's", v, None if v is None or not judged else v <= 2.0, shown)
     t = lad.get("all")
     best = t and t["max_passing_rate"]
     if t is None:

@@ -320,6 +320,21 @@ def test_floor_steps_are_run_again_alternating_and_judged_on_the_median_ratio():
     fl = {f["floor"]: f for f in bench.floors({"ladder": lad, "floor_runs": runs})}
     assert fl["CPU/msg at 1000/s <= 2x Kamailio's"]["ok"] is True  # the ladder's 2.5x alone: not met
     assert "median of 3 rounds: 2.50 1.80 1.90" in fl["CPU/msg at 1000/s <= 2x Kamailio's"]["shown"]
+    assert runs[1000]["agree"] and runs[4000]["agree"]
+    # rounds that disagree (another load took the machine during one) decide nothing
+    disturbed = iter([("all", 1000, 26.0), ("kamailio", 1000, 30.0), ("kamailio", 1000, 21.0), ("all", 1000, 25.0),
+                      ("all", 4000, 17.5), ("kamailio", 4000, 8.5), ("kamailio", 4000, 8.0), ("all", 4000, 16.5)])
+
+    def step2(key, rate):
+        k, r, v = next(disturbed)
+        return run(key, rate, v)
+    runs2 = bench.section_floor_runs(None, lad, 10, None, extra=2, run_step=step2)
+    assert not runs2[1000]["agree"] and runs2[1000]["spread"]["kamailio"] == pytest.approx(3.0)
+    assert runs2[1000]["ratio"] == pytest.approx(25.0 / 21.0)  # a median that would have passed
+    fl2 = {f["floor"]: f for f in bench.floors({"ladder": lad, "floor_runs": runs2})}
+    assert fl2["CPU/msg at 1000/s <= 2x Kamailio's"]["ok"] is None
+    assert "not judged: the rounds disagree (kamailio 3.00x)" in fl2["CPU/msg at 1000/s <= 2x Kamailio's"]["shown"]
+    assert fl2["CPU/msg at 4000/s <= 2x Kamailio's"]["ok"] is False  # 2.0, 2.06, 2.06: agreeing, not met
     # without the extra rounds the ladder's own step decides
     fl = {f["floor"]: f for f in bench.floors({"ladder": lad})}
     assert fl["CPU/msg at 1000/s <= 2x Kamailio's"]["ok"] is False
