@@ -756,7 +756,7 @@ class Tracker:
         budget = self.expire_budget if self.expire_budget > 0 else -1  # -1: unbounded
         self.expire_left = False
         for q in (self._tx_b, self._tx_c):
-            while q.first <= now:  # (inf when empty; no tuple of the head is read: one of a wrong shape still leaves)
+            while q.first <= now:  # (inf when empty; the head's tuple is not read: a bad one still leaves)
                 if budget == 0:
                     self.expire_left = True
                     return

@@ -688,12 +688,16 @@ def section_floor_runs(workdir: Path, ladder_res: dict, duration: float, feature
                "rounds agree"],
               [[f"{rate}/s", " ".join(_f(x["kamailio"]) for x in v["rounds"]),
                 " ".join(_f(x["all"]) for x in v["rounds"]), " ".join(f"{x:.2f}" for x in v["ratios"]),
-                f"{v['ratio']:.2f}", "yes" if v["agree"] else "no: " + ", ".join(
-                    f"{k} {x:.2f}x" for k, x in v["spread"].items() if x > ROUNDS_AGREE)]
+                f"{v['ratio']:.2f}", "yes" if v["agree"] else "no: " + _disagreeing(v)]
                for rate, v in out.items()],
               f"  a target's rounds agree when its highest is within {ROUNDS_AGREE}x its lowest; when they do not,\n"
               "  something else took the machine during a round and the floor is not judged from them.")
     return out
+
+
+def _disagreeing(runs: dict) -> str:
+    """The targets whose floor rounds are too far apart, with their spread: ``kamailio 2.64x``."""
+    return ", ".join(f"{k} {x:.2f}x" for k, x in runs["spread"].items() if x > ROUNDS_AGREE)
 
 
 def _spread(xs: list[float]) -> float:
@@ -907,8 +911,7 @@ def floors(result: dict) -> list[dict]:
                      f"{' '.join(f'{x:.2f}' for x in again['ratios'])})")
             if not again.get("agree", True):  # one target's rounds far apart: disturbed, no verdict
                 judged = False
-                shown += "; not judged: the rounds disagree (" + ", ".join(
-                    f"{k} {x:.2f}x" for k, x in again["spread"].items() if x > ROUNDS_AGREE) + ")"
+                shown += f"; not judged: the rounds disagree ({_disagreeing(again)})"
         else:
             v = r and r["cpu_per_msg_vs_kamailio"]
             shown = "not measured" if v is None else f"{v:.2f}x{'' if r['passed'] else ' (step failed)'}"

@@ -1,6 +1,7 @@
 """Test helpers: free loopback ports, a sidecar subprocess, SIPp peers, metric scraping."""
 from __future__ import annotations
 
+import functools
 import http.client
 import os
 import shutil
@@ -19,22 +20,18 @@ from sipwatch import demo
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = ROOT / "sipwatch" / "scenarios"
 HAVE_SIPP = shutil.which("sipp") is not None
-_tshark_ports: frozenset[int] | None = None
 
 
+@functools.cache
 def tshark_claimed_ports() -> frozenset[int]:
     """UDP and TCP ports tshark decodes as some other protocol by number (27950 is Quake 3,
     11211 memcache, ...). Port dissectors come before the SIP heuristic, so SIP on such a port
     is invisible to tshark: a test whose random port was one of them found 0 calls on its wire."""
-    global _tshark_ports
-    if _tshark_ports is None:
-        out = ""
-        if shutil.which("tshark"):
-            out = subprocess.run(["tshark", "-G", "decodes"], capture_output=True, text=True,
-                                 timeout=120).stdout
-        _tshark_ports = frozenset(int(f[1]) for f in (ln.split("\t") for ln in out.splitlines())
-                                  if len(f) >= 2 and f[0] in ("udp.port", "tcp.port") and f[1].isdigit())
-    return _tshark_ports
+    if not shutil.which("tshark"):
+        return frozenset()
+    out = subprocess.run(["tshark", "-G", "decodes"], capture_output=True, text=True, timeout=120).stdout
+    return frozenset(int(f[1]) for f in (ln.split("\t") for ln in out.splitlines())
+                     if len(f) >= 2 and f[0] in ("udp.port", "tcp.port") and f[1].isdigit())
 
 
 def free_port() -> int:
