@@ -105,7 +105,6 @@ class ProxyApp:
             max_call_duration=settings.max_call_duration,
             upstream_transport=getattr(settings, "upstream_transport", "udp")), self.stats)
         self.core.tracker.expire_budget = EXPIRE_STEP  # the timers in steps (see _handle_timers)
-        self.core.tracker.sweep_apart = True  # and their sweep in a callback of its own (_sweep_step)
         self.metrics = Metrics(self.stats, self.clock, on_error=self.errors.report)
         self._stop = asyncio.Event()
         self._servers: list = []
@@ -208,10 +207,10 @@ class ProxyApp:
             self._backlog.extend(records)
         if everything:
             self._records_slice(everything)
-        try:  # sweep step, collector step, then the records: each in a callback of its own
-            self._after_poll(self._sweep_step)
+        try:  # the collector's step, then the records: each in a callback of its own
+            self._after_poll(self._gc_step)
         except RuntimeError:  # no running loop: here
-            self._sweep_step()
+            self._gc_step()
         if self.hep is not None:
             try:
                 self.hep.flush()
@@ -317,16 +316,6 @@ class ProxyApp:
     def _timers_step(self) -> None:
         self._timers_pending = False
         self._handle_timers()
-
-    def _sweep_step(self) -> None:
-        """A bounded step of the timers' sweep of stale entries (state.Tracker._sweep): ~0.3 ms
-        at 1000 calls/s while a pass is on, which no longer adds to the tick's stop. Then the
-        collector's step, in the next callback."""
-        try:
-            self.core.tracker.sweep()
-        except Exception as exc:  # noqa: BLE001 - a callback of the loop must not raise
-            self.errors.report("tick", exc)
-        self._soon(self._gc_step)
 
     def _gc_step(self) -> None:
         """The collector's step (gcpolicy), after the tick. Its young collection costs ~6 µs per

@@ -22,12 +22,11 @@ so both compute figures with the same code. Nothing here reads a clock or touche
   says which.
 * State that ended leaves: a transaction lingers ``timer_b`` after its final response (late
   retransmissions still match, like Timer J/K/D), a call ``timer_b`` after it finished (late ACK,
-  BYE retransmissions), then both are dropped. Deadlines live in FIFO deques, one per kind of
-  timer; each kind has a constant delay, so each deque stays sorted by deadline and expiry costs
-  O(expired). A rescheduled entry leaves a stale copy behind (the object points at its newest
-  entry only), which is skipped; stale copies are compacted away when they outnumber the live entries, so every
-  deque stays within a constant factor of its table. (Capture timestamps that go backwards
-  make an entry expire at most that much late; the proxy's clock is monotonic.)
+  BYE retransmissions), then both are dropped. Each kind of timer has one constant delay and one
+  :class:`DeadlineQueue`, kept in deadline order by adding at the back; an object waits in one
+  queue at a time and leaves it in O(1) when it is rescheduled, moves on or leaves the table, so
+  expiry costs O(expired) and nothing stale is left behind. (Capture timestamps that go
+  backwards make an entry expire at most that much late; the proxy's clock is monotonic.)
 * B2BUA legs: a new dialog whose correlation header (sipwatch.correlation) names an open call
   it may join (:meth:`Tracker.may_join`) becomes a further leg of it (:meth:`Tracker.join_leg`):
   the legs share a :class:`LegGroup` of Call-IDs. Session-ID / icid keys live in
@@ -44,12 +43,7 @@ transaction records, table and deque entries) leaves ``timer_b`` after the call 
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from typing import Final, Generic, TypeVar, cast
-
-# Timer entries are (deadline, obj, token) and obj.qentry holds the token of its current one: an
-# int, not the tuple, so no entry and object point at each other (no reference cycle: a call's
-# state is freed by reference counting, never waits for the cyclic garbage collector). Tokens
-# count up per Tracker (an object is only ever in its own tracker's queues).
+from typing import Final, Generic, TypeVar
 
 from .correlation import HEADER_NAMES as CORRELATION_HEADERS, KINDS as CORRELATION_KINDS, MALFORMED, XCID, key_of
 from .stats import (
@@ -61,14 +55,9 @@ MAX_TX_PER_CALL = 64
 MAX_LEGS = 16  # legs joined into one group; more start traces of their own (counted refused)
 MAX_FORK_TAGS = 16  # To-tags of 2xx answers remembered per INVITE (more are each counted a fork)
 _NEVER = float("inf")  # the deadline of an empty timer queue
-COMPACT_SLACK: Final = 1024  # stale deque entries tolerated beyond the table size before sweeping
-# entries of one timer queue looked at per expire() while a sweep is on. Live an entry costs ~0.8 µs
-# (its transaction or call is cold in the cache): 512 made a tick's step 1.3 ms (p99 of the timer
-# handling at 1000 calls/s), 64 makes it 0.45 ms at the same total; a pass still outruns the growth
-SWEEP_STEP: Final = 64
-# due timer entries the proxy handles per expire() call (Tracker.expire_budget): ~0.8 µs each live,
-# so at 4000 calls/s (~9 entries a call, ~700 due every 20-ms tick) one call held the loop ~0.5 ms;
-# the rest follow in later calls (the proxy's next callback), in the same order
+# due timers the proxy handles per expire() call (Tracker.expire_budget): ~0.8 µs each live (their
+# objects are cold in the cache), so at 4000 calls/s (~700 due every 20-ms tick) one call held the
+# loop ~0.5 ms; the rest follow in later calls (the proxy's next callback), in the same order
 EXPIRE_STEP: Final = 128
 
 # Call.ended_by values
@@ -80,7 +69,7 @@ class Transaction:
     __slots__ = (
         "key", "midx", "method", "cseq", "call", "t_sent", "t_first", "t_final", "status",
         "events", "retrans", "span_id", "trace_id", "parent_span_id", "sampled", "deadline",
-        "direction", "peer", "initial_invite", "timed_out", "tags", "qentry", "reply", "via_below",
+        "direction", "peer", "initial_invite", "timed_out", "tags", "timer", "reply", "via_below",
     )
 
     def __init__(self, key, midx, method, cseq, call, now, span_id, trace_id, parent_span_id,
@@ -106,7 +95,7 @@ class Transaction:
         self.initial_invite = initial_invite
         self.timed_out = False
         self.tags = None  # To-tags of the 2xx answers to an INVITE (forks), once answered
-        self.qentry = 0  # the token of its current (deadline, self, token) timer entry
+        self.timer: DeadlineQueue[Transaction] | None = None  # the timer queue it waits in
         # set by the proxy: where responses go, and the Via value it wrote below its own (a
         # response that carries that very value back needs no MAC check: see ProxyCore._response)
         self.reply = None
@@ -122,7 +111,7 @@ class Call:
         "call_id", "trace_id", "span_id", "parent_span_id", "sampled", "t_start", "t_setup",
         "t_answer", "t_final", "t_end", "status", "outcome", "cancelled", "finished",
         "transactions", "retrans", "from_uri", "to_uri", "ruri", "deadline", "is_call", "rtp",
-        "ended_by", "invite_cseq", "qentry", "holders", "group", "leg", "joined_by", "gap_span_id",
+        "ended_by", "invite_cseq", "timer", "holders", "group", "leg", "joined_by", "gap_span_id",
         "gap_start", "gap_parent", "corr_keys", "trace_hex",
     )
 
@@ -152,7 +141,7 @@ class Call:
         self.rtp = None  # passive capture: the call's RTP figures for its span, once known
         self.ended_by: str | None = None  # one of ENDED_BY once finished
         self.invite_cseq = None  # CSeq number of the (latest) initial INVITE
-        self.qentry = 0  # the token of its current (deadline, self, token) timer entry
+        self.timer: DeadlineQueue[Call] | None = None  # the timer queue it waits in
         # Who still needs ``transactions`` (each transaction points back at its call, a cycle):
         # with ``Tracker.release`` on, the tracker's table and, for INVITE dialogs, the consumer
         # of the call record (the call summary). The last to let go empties the list, so a call
@@ -194,101 +183,67 @@ _T = TypeVar("_T")
 
 
 class DeadlineQueue(Generic[_T]):
-    """Timer entries ``(deadline, obj, token)`` of one timer kind, oldest first.
+    """The objects waiting on one kind of timer, the next to expire first.
 
-    Each kind has one constant delay, so appending keeps the queue in deadline order and the
-    head is always the next to expire. An entry goes stale when its object is rescheduled (a new
-    token) or leaves the table; stale entries are skipped when they reach the head, and swept
-    out in bounded steps in between (:meth:`sweep`): a pass moves entries from the front of
-    ``_rest`` to the back of ``_done``, dropping stale ones, so order is kept (everything in
-    ``_done`` is older than everything in ``_rest``) and no step costs more than its budget. A
-    rebuild of the whole queue at once had held the loop 1-14 ms at 1000 calls/s."""
+    Each kind has one constant delay, so adding at the back keeps the queue in deadline order.
+    An object is in a queue at most once and leaves it in O(1) (an OrderedDict keyed by the
+    object) when it is rescheduled, moves to another timer or leaves the tracker's table: nothing
+    stale stays behind to be skipped at expiry or swept. (Deques of ``(deadline, object, token)``
+    entries, which this replaced, left 6 of an answered call's 9 entries stale, and their sweep
+    looked at each about twice: ~2.5 % of the sidecar's CPU at 4000 calls/s, perf.)"""
 
-    __slots__ = ("_done", "_rest", "_left", "_added", "first")
+    __slots__ = ("_od", "first")
 
     def __init__(self) -> None:
-        self._done: deque[tuple[float, _T, int]] = deque()  # swept in the current pass
-        self._rest: deque[tuple[float, _T, int]] = deque()  # not swept yet, then newer entries
-        self._left = 0  # entries at the front of _rest the current pass has still to look at
-        self._added = 0  # entries appended since the last sweep step
-        # the head's deadline (inf when empty), kept with every change of the head: a tracker
-        # sees that nothing is due from one float compare per queue
+        self._od: OrderedDict[_T, float] = OrderedDict()  # object -> deadline, in deadline order
+        # never later than the head's deadline (inf when empty; exact after a look at the head
+        # found it not due): a tracker sees that nothing is due from one float compare per queue
         self.first = _NEVER
 
     def __len__(self) -> int:
-        return len(self._done) + len(self._rest)
+        return len(self._od)
 
     def __bool__(self) -> bool:
-        return bool(self._done) or bool(self._rest)
+        return bool(self._od)
 
-    def _new_head(self) -> None:
-        done, rest = self._done, self._rest
-        self.first = done[0][0] if done else rest[0][0] if rest else _NEVER
+    def add(self, obj: _T, deadline: float) -> None:
+        """``obj`` waits until ``deadline``, at the back (moved there if it was queued already)."""
+        od = self._od
+        od.pop(obj, None)
+        if deadline < self.first or not od:
+            self.first = deadline
+        od[obj] = deadline
 
-    def append(self, e: tuple[float, _T, int]) -> None:
-        if not self._rest and not self._done:
-            self.first = e[0]
-        self._rest.append(e)
-        self._added += 1
+    def discard(self, obj: _T) -> None:
+        """``obj`` no longer waits here (``first`` stays a lower bound)."""
+        self._od.pop(obj, None)
 
-    def head(self) -> tuple[float, _T, int]:
-        return self._done[0] if self._done else self._rest[0]
+    def pop_due(self, now: float) -> _T | None:
+        """The head, taken out, if its deadline is ``now`` or earlier; else None."""
+        od = self._od
+        if not od:
+            self.first = _NEVER
+            return None
+        obj, deadline = od.popitem(last=False)
+        if deadline <= now:
+            return obj
+        od[obj] = deadline  # not due: back to the front
+        od.move_to_end(obj, last=False)
+        self.first = deadline
+        return None
 
-    def popleft(self) -> tuple[float, _T, int]:
-        if self._done:
-            e = self._done.popleft()
-        else:
-            if self._left:
-                self._left -= 1
-            e = self._rest.popleft()
-        self._new_head()
-        return e
+    def peek(self) -> tuple[_T, float] | None:
+        """(the head, its deadline), or None when empty."""
+        for obj, deadline in self._od.items():
+            return obj, deadline
+        return None
 
-    def sweeping(self) -> bool:
-        return self._left > 0 or bool(self._done)
-
-    def idle_size(self) -> int:
-        """``len()`` when no sweep pass is on, else -1 (the tracker's one call per queue)."""
-        if self._left > 0 or self._done:
-            return -1
-        return len(self._rest)
-
-    def start_sweep(self) -> None:
-        if not self.sweeping():
-            self._left = len(self._rest)
-            self._added = 0
-
-    def sweep(self, table: dict, budget: int) -> None:
-        """Look at up to ``budget`` entries of the current pass, or twice what was appended
-        since the last step if that is more (so a pass always outruns the growth). An entry is
-        kept while it is its object's current one and the object is still in ``table`` (the
-        tracker's transactions by key, or its calls by Call-ID)."""
-        rest, done = self._rest, self._done
-        n = min(max(budget, 2 * self._added), self._left)
-        self._added = 0
-        for _ in range(n):
-            e = rest.popleft()
-            if _live(e, table):
-                done.append(e)
-        self._left -= n
-        if not self._left:  # pass over: what was appended meanwhile goes behind the swept part
-            done.extend(rest)
-            self._rest, self._done = done, rest
-            rest.clear()
-        self._new_head()
-
-def _live(e: tuple[float, object, int], table: dict) -> bool:
-    """A timer entry still in force: the newest of its object, which is still in ``table``."""
-    obj = e[1]
-    if isinstance(obj, Transaction):
-        return obj.qentry == e[2] and table.get(obj.key) is obj
-    call = cast(Call, obj)
-    return call.qentry == e[2] and table.get(call.call_id) is call
-
-
-# timer entries: (deadline, object, token); an entry whose token is not the object's qentry is stale
-TxEntry = tuple[float, Transaction, int]
-CallEntry = tuple[float, Call, int]
+    def pop_head(self) -> _T | None:
+        """The head, taken out whatever its deadline (to make room), or None when empty."""
+        od = self._od
+        if not od:
+            return None
+        return od.popitem(last=False)[0]
 
 
 class Tracker:
@@ -322,32 +277,34 @@ class Tracker:
         # the proxy: a call's transactions are let go once it left the table and its record was
         # consumed (Call.holders), so nothing here needs the cyclic garbage collector
         self.release = False
-        self.compactions = 0  # times the deadline deques were rebuilt (amortised O(1) each)
         # B2BUA correlation: Session-ID pair / icid keys -> the call whose initial INVITE carried
         # them first; at most one key per kind per call, at most max_calls keys, each removed when
         # its call leaves the table (X-CID needs no index: it names a Call-ID of ``calls``)
         self.corr_index: dict[bytes, Call] = {}
-        self._token = 0  # the last timer entry token handed out
         # due entries handled per expire() call, 0 for all of them (capture analysis, tests);
         # expire_left: the last call stopped at that bound with entries still due
         self.expire_budget = 0
         self.expire_left = False
-        # sweep_apart: expire() leaves the sweep of stale entries to sweep() (the proxy calls it
-        # in a callback of its own: a step looks at up to ~480 entries a tick at 1000 calls/s)
-        self.sweep_apart = False
 
-    def _next_token(self) -> int:
-        """A new timer entry token (a plain counter: ``next()`` of an itertools.count was a
-        module lookup and two generic calls per entry)."""
-        self._token += 1
-        return self._token
+    @staticmethod
+    def _schedule_tx(tx: Transaction, q: DeadlineQueue[Transaction], deadline: float) -> None:
+        """``tx`` waits in ``q`` until ``deadline``, and no longer where it waited before."""
+        old = tx.timer
+        if old is not None and old is not q:
+            old.discard(tx)
+        tx.deadline = deadline
+        tx.timer = q
+        q.add(tx, deadline)
 
-    def _push(self, q: DeadlineQueue[Call], call: Call, deadline: float) -> None:
-        """Schedule ``call`` at ``deadline``; its earlier entry goes stale."""
-        token = self._next_token()
+    @staticmethod
+    def _schedule_call(call: Call, q: DeadlineQueue[Call], deadline: float) -> None:
+        """``call`` waits in ``q`` until ``deadline``, and no longer where it waited before."""
+        old = call.timer
+        if old is not None and old is not q:
+            old.discard(call)
         call.deadline = deadline
-        call.qentry = token
-        q.append((deadline, call, token))
+        call.timer = q
+        q.add(call, deadline)
 
     # -- calls -------------------------------------------------------------------------
     def find_call(self, call_id: bytes) -> Call | None:
@@ -398,12 +355,12 @@ class Tracker:
             deadline = now + self.max_call_duration
             call = Call(call_id, trace_id, span_id, parent_span_id, sampled, now, deadline,
                         is_call, from_uri, to_uri, ruri)
-            self._push(self._call_long, call, deadline)
+            self._schedule_call(call, self._call_long, deadline)
         else:
             deadline = now + self.timer_b
             call = Call(call_id, trace_id, span_id, parent_span_id, sampled, now, deadline,
                         is_call, from_uri, to_uri, ruri)
-            self._push(self._call_short, call, deadline)
+            self._schedule_call(call, self._call_short, deadline)
         if self.release:
             call.holders = 2 if is_call else 1
         calls[call_id] = call
@@ -414,9 +371,11 @@ class Tracker:
         recently active live call."""
         calls, q = self.calls, self._call_linger
         while q:
-            e = q.popleft()
-            call = e[1]
-            if call.qentry == e[2] and calls.get(call.call_id) is call:
+            call = q.pop_head()
+            if call is None:
+                break
+            call.timer = None
+            if calls.get(call.call_id) is call:
                 del calls[call.call_id]
                 self._left(call)
                 return
@@ -523,12 +482,14 @@ class Tracker:
         tx = Transaction(key, midx, method, cseq, call, now, span_id, call.trace_id,
                          parent_span_id, call.sampled, deadline, direction, peer, initial_invite)
         txs = self.transactions
-        if len(txs) >= self.max_transactions and key not in txs:
+        old = txs.get(key)
+        if old is not None:  # (a request reusing a branch: the old one leaves with its timer)
+            self._unschedule_tx(old)
+        elif len(txs) >= self.max_transactions:
             self._evict_tx()
         txs[key] = tx
-        e = (deadline, tx, self._next_token())
-        tx.qentry = e[2]
-        self._tx_b.append(e)
+        tx.timer = self._tx_b
+        self._tx_b.add(tx, deadline)
         if len(call.transactions) < MAX_TX_PER_CALL:
             call.transactions.append(tx)
         if midx == CANCEL:
@@ -537,7 +498,7 @@ class Tracker:
             call.invite_cseq = cseq
         if not call.is_call and not call.finished and call.deadline != deadline:
             # a non-dialog entry lives as long as its newest request's Timer F
-            self._push(self._call_short, call, deadline)
+            self._schedule_call(call, self._call_short, deadline)
         calls, cid = self.calls, call.call_id
         if calls.get(cid) is call:
             calls.move_to_end(cid)  # activity: requests (responses follow their request)
@@ -566,26 +527,26 @@ class Tracker:
         """Make room: a completed transaction still lingering (oldest first), else the pending
         one least recently active (oldest request under Timer B, or oldest 1xx under Timer C)."""
         txs = self.transactions
-        q = self._tx_linger
-        while q:
-            e = q.popleft()
-            tx = e[1]
-            if tx.qentry == e[2] and txs.get(tx.key) is tx:
-                del txs[tx.key]
+        tx = self._tx_linger.pop_head()
+        if tx is None:
+            b, c = self._tx_b.peek(), self._tx_c.peek()
+            if b is not None and (c is None or b[1] - self.timer_b <= c[1] - self.timer_c):
+                tx = self._tx_b.pop_head()
+            else:
+                tx = self._tx_c.pop_head()
+            if tx is None:
                 return
-        qb, qc = self._tx_b, self._tx_c
-        while qb and not _pending(qb.head(), txs):
-            qb.popleft()
-        while qc and not _pending(qc.head(), txs):
-            qc.popleft()
-        if qb and (not qc or qb.head()[0] - self.timer_b <= qc.head()[0] - self.timer_c):
-            tx = qb.popleft()[1]
-        elif qc:
-            tx = qc.popleft()[1]
-        else:
-            return
-        del txs[tx.key]
-        self.stats.evicted_transactions += 1
+            self.stats.evicted_transactions += 1
+        tx.timer = None
+        if txs.get(tx.key) is tx:
+            del txs[tx.key]
+
+    @staticmethod
+    def _unschedule_tx(tx: Transaction) -> None:
+        q = tx.timer
+        if q is not None:
+            q.discard(tx)
+            tx.timer = None
 
     def response(self, key, status: int, now: float, to_tag: bytes | None = None) -> Transaction | None:
         """Record a response. Returns its transaction (None if unknown).
@@ -630,11 +591,7 @@ class Tracker:
             tx.status = status
             if status < 300 and to_tag is not None and tx.midx == INVITE:
                 tx.tags = [to_tag]
-            d = now + self.timer_b
-            tx.deadline = d
-            e = (d, tx, self._next_token())
-            tx.qentry = e[2]
-            self._tx_linger.append(e)
+            self._schedule_tx(tx, self._tx_linger, now + self.timer_b)
             self._emit("tx", tx)
             self._call_progress(call, tx, status, now)
         else:
@@ -645,11 +602,7 @@ class Tracker:
         return tx
 
     def _timer_c(self, tx: Transaction, now: float) -> None:
-        d = now + self.timer_c
-        tx.deadline = d
-        e = (d, tx, self._next_token())
-        tx.qentry = e[2]
-        self._tx_c.append(e)
+        self._schedule_tx(tx, self._tx_c, now + self.timer_c)
 
     def _call_progress(self, call: Call, tx: Transaction, status: int, now: float) -> None:
         if tx.initial_invite:
@@ -661,7 +614,7 @@ class Tracker:
                 call.status = status
                 call.t_final = now
                 if not call.finished and self.calls.get(call.call_id) is call:
-                    self._push(self._call_short, call, now + self.timer_b)
+                    self._schedule_call(call, self._call_short, now + self.timer_b)
             elif call.outcome < 0:
                 call.t_final = now
                 call.status = status
@@ -671,7 +624,7 @@ class Tracker:
                     if not call.finished:
                         self.stats.active_calls += 1
                         if self.calls.get(call.call_id) is call:
-                            self._push(self._call_long, call, now + self.max_call_duration)
+                            self._schedule_call(call, self._call_long, now + self.max_call_duration)
                 self.stats.calls[call.outcome] += 1
                 if call.outcome != ANSWERED:
                     self._finish_call(call, now,
@@ -691,7 +644,7 @@ class Tracker:
             self.stats.active_calls -= 1
         if self.calls.get(call.call_id) is call:
             # keep the entry until late ACKs/retransmissions have passed, then expire() drops it
-            self._push(self._call_linger, call, now + self.timer_b)
+            self._schedule_call(call, self._call_linger, now + self.timer_b)
         self._emit("call", call)
 
     def _emit(self, kind: str, obj) -> None:
@@ -703,7 +656,11 @@ class Tracker:
         self.finished.append((kind, obj))
 
     def _left(self, call: Call) -> None:
-        """``call`` is no longer in the table."""
+        """``call`` is no longer in the table: nor in a timer queue."""
+        q = call.timer
+        if q is not None:
+            q.discard(call)
+            call.timer = None
         keys = call.corr_keys
         if keys is not None:
             index = self.corr_index
@@ -743,31 +700,30 @@ class Tracker:
     def expire(self, now: float) -> None:
         """Time out unanswered transactions (Timer B/F/C) and drop state whose linger ended.
 
-        Called for every message: when no queue's head is due (the common case) only the
-        bounded sweep of stale entries runs."""
+        Cheap when nothing is due (the common case): one float compare per timer queue."""
         if now < self._tx_b.first and now < self._tx_c.first and now < self._tx_linger.first \
                 and now < self._call_short.first and now < self._call_long.first \
                 and now < self._call_linger.first:
             self.expire_left = False
-            if not self.sweep_apart:
-                self._sweep()
             return
         txs, stats = self.transactions, self.stats
         budget = self.expire_budget if self.expire_budget > 0 else -1  # -1: unbounded
         self.expire_left = False
         for q in (self._tx_b, self._tx_c):
-            while q.first <= now:  # (inf when empty; the head's tuple is not read: a bad one still leaves)
+            while q.first <= now:  # (inf when empty)
                 if budget == 0:
                     self.expire_left = True
                     return
+                tx = q.pop_due(now)  # (taken out first: an object of the wrong kind still leaves)
+                if tx is None:
+                    break
                 budget -= 1
-                e = q.popleft()
-                tx = e[1]
-                if tx.qentry != e[2] or txs.get(tx.key) is not tx:
-                    continue  # answered, rescheduled, evicted or replaced since
+                tx.timer = None
+                if txs.get(tx.key) is not tx:
+                    continue  # (what leaves the table leaves its queue: not expected)
                 del txs[tx.key]
                 if tx.t_final is not None:
-                    continue
+                    continue  # cut at the end of a capture
                 tx.timed_out = True
                 tx.t_final = now
                 stats.timeouts[tx.midx] += 1
@@ -787,10 +743,12 @@ class Tracker:
             if budget == 0:
                 self.expire_left = True
                 return
+            tx = q.pop_due(now)
+            if tx is None:
+                break
             budget -= 1
-            e = q.popleft()
-            tx = e[1]
-            if tx.qentry == e[2] and txs.get(tx.key) is tx:
+            tx.timer = None
+            if txs.get(tx.key) is tx:
                 del txs[tx.key]
         calls = self.calls
         for cq in (self._call_short, self._call_long, self._call_linger):
@@ -798,11 +756,13 @@ class Tracker:
                 if budget == 0:
                     self.expire_left = True
                     return
+                call = cq.pop_due(now)
+                if call is None:
+                    break
                 budget -= 1
-                ce = cq.popleft()
-                call = ce[1]
+                call.timer = None
                 cid = call.call_id
-                if call.qentry != ce[2] or calls.get(cid) is not call:
+                if calls.get(cid) is not call:
                     continue
                 del calls[cid]
                 self._left(call)
@@ -816,45 +776,11 @@ class Tracker:
                     self._finish_call(call, now, "max_duration")  # e.g. answered, never a BYE
                 else:
                     self._finish_call(call, now, "timeout")
-        if not self.sweep_apart:
-            self._sweep()
-
-    def sweep(self) -> None:
-        """One bounded step of the sweep of stale timer entries (see :meth:`_sweep`)."""
-        self._sweep()
-
-    def _sweep(self) -> None:
-        """Drop stale timer entries in bounded steps: a pass over a group of queues starts once
-        they hold more than twice the live entries (plus COMPACT_SLACK), and each call looks at
-        no more than SWEEP_STEP entries of each queue (amortised O(1) per entry pushed, and no
-        rebuild of a whole queue in one go)."""
-        self._sweep_group(self._tx_b, self._tx_c, self._tx_linger, self.transactions)
-        self._sweep_group(self._call_short, self._call_long, self._call_linger, self.calls)
-
-    def _sweep_group(self, q0: DeadlineQueue, q1: DeadlineQueue, q2: DeadlineQueue, table: dict) -> None:
-        """One group's step of :meth:`_sweep`; ``table`` holds what its live entries point at."""
-        s0, s1, s2 = q0.idle_size(), q1.idle_size(), q2.idle_size()
-        on = s0 < 0 or s1 < 0 or s2 < 0
-        if not on and s0 + s1 + s2 > 2 * len(table) + COMPACT_SLACK:
-            self.compactions += 1
-            q0.start_sweep()
-            q1.start_sweep()
-            q2.start_sweep()
-            on = True
-        if on:
-            for q in (q0, q1, q2):
-                if q.sweeping():
-                    q.sweep(table, SWEEP_STEP)
 
     def queued(self) -> int:
-        """Deadline entries held (live and stale), for tests and memory accounting."""
+        """Objects waiting on a timer (each at most once), for tests and memory accounting."""
         return sum(len(q) for q in (self._tx_b, self._tx_c, self._tx_linger, self._call_short,
                                     self._call_long, self._call_linger))
-
-
-def _pending(e, txs) -> bool:
-    tx = e[1]
-    return tx.qentry == e[2] and tx.t_final is None and txs.get(tx.key) is tx
 
 
 def memory_per_call(n: int = 5000) -> dict:

@@ -20,8 +20,7 @@ import pytest
 import pcapbuild as pb
 from capture.analyze import analyse, looks_like_sip, render
 from capture.pcapfile import Decoder, read_packets
-from sipwatch.state import DeadlineQueue, Tracker, _live
-from sipwatch.stats import Stats
+from sipwatch.state import DeadlineQueue
 
 ROOT = Path(__file__).resolve().parents[1]
 ETHERNET = 1
@@ -81,43 +80,45 @@ def test_the_text_view_needs_no_transaction_listing():
         assert render(lean) == render(full)
 
 
-def test_cached_head_deadline_follows_every_change_of_the_head():
+def test_timer_queue_pops_what_is_due_in_order_and_first_never_passes_the_head():
+    """Random adds, re-adds (to the back), discards and expiry looks, with one delay as each
+    timer kind has, against a plain list kept in the same order: the queue pops exactly what a sorted-by-insertion model says is due, and
+    its ``first`` is never later than the head's deadline (the tracker's "nothing due" check)."""
     rnd = random.Random(7)
-    txs: dict = {}
     q: DeadlineQueue = DeadlineQueue()
-    tracker = Tracker(Stats(ring_size=0))
+    model: list = []  # [obj, deadline] in queue order
+    objs = [object() for _ in range(200)]
     now = 0.0
-    for step in range(5000):
+    for step in range(20000):
         op = rnd.random()
-        if op < 0.5:
-            now += rnd.random()
-            key = ("k", step)
-            call = tracker.new_call(b"c%d" % step, 1, 2, None, True, now, True)
-            tx = tracker.request(key, 0, b"INVITE", 1, call, now, 3, 4, 0, ("10.0.0.1", 5060), True)
-            if rnd.random() < 0.7:
-                txs[key] = tx
-            q.append((now + rnd.choice((32.0, -1.0, 5.0)), tx, tx.qentry))
-        elif op < 0.7 and q:
-            q.popleft()
-        elif op < 0.85:
-            q.start_sweep()
-        elif q.sweeping():
-            q.sweep(txs, rnd.randint(1, 64))
-        want = q.head()[0] if q else math.inf
-        assert q.first == want, step
-    # the sweep keeps exactly the live entries, in order
-    before = []
+        if op < 0.45:
+            obj = rnd.choice(objs)
+            d = now + 32.0  # one kind of timer: one delay
+            q.add(obj, d)
+            model[:] = [e for e in model if e[0] is not obj] + [[obj, d]]
+        elif op < 0.6 and model:
+            obj = rnd.choice(model)[0]
+            q.discard(obj)
+            model[:] = [e for e in model if e[0] is not obj]
+        elif op < 0.65:
+            q.discard(rnd.choice(objs))  # (not queued: nothing happens)
+            model[:] = [e for e in model if any(o is e[0] for o, _ in q._od.items())]
+        else:
+            now += rnd.random() * 3
+            got = q.pop_due(now)
+            if model and model[0][1] <= now:
+                assert got is model.pop(0)[0], step
+            else:
+                assert got is None, step
+        assert len(q) == len(model)
+        if model:
+            assert q.first <= model[0][1], step
+            assert q.peek() == (model[0][0], model[0][1])
+        else:
+            assert q.peek() is None
     while q:
-        before.append(q.popleft())
-    for e in before:
-        q.append(e)
-    q.start_sweep()
-    while q.sweeping():
-        q.sweep(txs, 3)
-    kept = []
-    while q:
-        kept.append(q.popleft())
-    assert kept == [e for e in before if _live(e, txs)]
+        assert q.pop_head() is model.pop(0)[0]
+    assert q.pop_due(now + 1e9) is None and q.first == math.inf
 
 
 @pytest.mark.parametrize("payload", [

@@ -198,7 +198,7 @@ def test_the_span_pipeline_health_is_read_every_few_ticks(tmp_path):
 
 def test_the_collector_runs_in_a_callback_of_its_own(tmp_path):
     """The tick's young collection is not part of the tick's own stop of the loop: it runs in
-    a later callback, after the sweep's (at once when no loop runs, at shutdown)."""
+    a later callback, after the loop polled its sockets (at once when no loop runs, at shutdown)."""
     import asyncio
 
     app, _ = _app(tmp_path, "--no-tracing")

@@ -113,13 +113,13 @@ def test_tick_survives_records_that_make_logging_raise_and_counts_them(tmp_path)
 
 
 def test_tick_survives_a_timer_failure_and_a_failing_collector(tmp_path, monkeypatch):
-    """Timer entries that are not transactions (a bug's shape) make the timers raise, once per
-    tick: each failure is counted and the next tick runs. (Entries, not a patched method: the
+    """Objects on a transaction timer that are not transactions (a bug's shape) make the timers
+    raise, once per tick: each failure is counted and the next tick runs. (Entries, not a patched method: the
     compiled core's methods cannot be replaced, and this runs on that build too.)"""
     app, buf = _app(tmp_path, "--no-tracing")
     queue = app.core.tracker._tx_b
-    queue.append((0.0, "not a transaction", 1))
-    queue.append((0.0, "not a transaction", 2))
+    queue.add("not a transaction (1)", 0.0)
+    queue.add("not a transaction (2)", 0.0)
     app.tick()
     app.tick()
     assert app.stats.internal_errors["tick"] == 2
@@ -484,7 +484,7 @@ def test_tick_hands_finished_calls_over_in_slices_and_shutdown_takes_them_all(tm
 
 def test_the_ticks_follow_up_runs_after_the_loop_reads_its_sockets(tmp_path):
     """A callback scheduled from a timer's callback runs before the loop polls its sockets
-    (uvloop and asyncio alike), so the sweep, the collector and the records' slices would
+    (uvloop and asyncio alike), so the collector and the records' slices would
     lengthen the tick's stop for a datagram that arrived meanwhile. Each must run after a read
     that was ready when the tick ran."""
     import asyncio
@@ -495,7 +495,7 @@ def test_the_ticks_follow_up_runs_after_the_loop_reads_its_sockets(tmp_path):
     for new_loop in (uvloop.new_event_loop, asyncio.new_event_loop):
         app, _ = _app(tmp_path, "--no-tracing")
         events: list[str] = []
-        for name in ("_sweep_step", "_gc_step", "_next_slice"):
+        for name in ("_gc_step", "_next_slice"):
             real = getattr(app, name)
             setattr(app, name, lambda *a, _real=real, _name=name: (events.append(_name), _real(*a)))
         for i in range(3):
@@ -518,5 +518,5 @@ def test_the_ticks_follow_up_runs_after_the_loop_reads_its_sockets(tmp_path):
             a.close()
             b.close()
         assert events[:2] == ["tick", "read"], (new_loop, events)
-        assert {"_sweep_step", "_gc_step", "_next_slice"} <= set(events[2:]), events
+        assert {"_gc_step", "_next_slice"} <= set(events[2:]), events
         assert not app._backlog

@@ -19,7 +19,7 @@ import pytest
 import pcapbuild as pb
 from capture.analyze import analyse, render
 from sipwatch.observer import Observer
-from sipwatch.state import COMPACT_SLACK, ENDED_BY, SWEEP_STEP, Tracker, memory_per_call
+from sipwatch.state import ENDED_BY, Tracker, memory_per_call
 from sipwatch.stats import (
     ACK, ANSWERED, BYE, CANCELLED, INVITE, METHOD_INDEX, REJ4, TIMEOUT, Stats,
 )
@@ -184,10 +184,8 @@ def test_ended_calls_leave_after_linger_while_a_long_answered_call_stays():
     tr.expire(last_end + 32.0 + 0.01)
     assert list(tr.calls) == [b"long"] and tr.calls[b"long"] is long_call
     assert not tr.transactions
-    # stale timer entries go in bounded steps: a few more housekeeping calls clear them
-    for _ in range(tr.queued() // SWEEP_STEP + 3):
-        tr.expire(last_end + 32.0 + 0.01)
-    assert tr.queued() <= 2 * (len(tr.calls) + len(tr.transactions)) + 1024
+    # what left the table left its timer: only the long call still waits on one
+    assert tr.queued() == 1
     ended = drained(tr)
     assert len(ended) == n and {c.ended_by for c in ended} == {"bye"}
     assert not long_call.finished and tr.stats.active_calls == 1
@@ -293,7 +291,8 @@ def test_state_stays_bounded_under_random_traffic():
         else:
             tr.expire(now)
         assert len(tr.calls) <= 50 and len(tr.transactions) <= 80
-        assert tr.queued() <= 2 * (len(tr.calls) + len(tr.transactions)) + 2 * 1024
+        # each call and transaction of the tables waits on exactly one timer, nothing else does
+        assert tr.queued() == len(tr.calls) + len(tr.transactions)
         if len(open_keys) > 200:
             del open_keys[:100]
     tr.expire(now + 1e6)  # timeouts end calls, which then linger timer_b
@@ -310,22 +309,22 @@ def test_state_stays_bounded_under_random_traffic():
         sum(1 for c in calls if c.outcome >= 0 and not c.finished)
 
 
-def test_identical_timestamps_do_not_keep_the_deadline_queues_busy():
-    """A capture whose packets share one timestamp: deadlines of live and stale entries
-    coincide. Stale ones must still be told apart, and each rebuild of the queues must be paid
-    for by new entries in proportion to the live ones (a few rebuilds, not one per tick)."""
+def test_identical_timestamps_leave_one_timer_per_object():
+    """A capture whose packets share one timestamp: every deadline coincides. Each rescheduling
+    (Timer B -> C -> linger, the call's long timer -> linger) still leaves one timer per object,
+    and nothing that is not due expires."""
     tr = tracker(timer_b=32.0)
     d = Driver(tr)
     n = 10_000
-    pushes = 0
     for i in range(n):
         call, key = d.invite_call(b"same-ts-%d" % i, T0, answer_at=T0)
         d.bye(call, T0)
-        pushes += 9  # call + INVITE(B, C, linger) + answered + BYE(B, linger) + call linger
         if not i % 10:
             tr.expire(T0)
-    assert tr.compactions <= 20 and pushes // COMPACT_SLACK > 80
-    assert tr.queued() <= 2 * (len(tr.calls) + len(tr.transactions)) + 2 * COMPACT_SLACK
+    assert len(tr.calls) == n and len(tr.transactions) == 2 * n  # INVITE and BYE lingering
+    assert tr.queued() == len(tr.calls) + len(tr.transactions)
+    tr.expire(T0 + 32.0 + 0.02)  # (the responses came 0.01 s later)
+    assert not tr.calls and not tr.transactions and tr.queued() == 0
 
 
 def test_memory_per_active_call_is_what_the_docstring_says():
@@ -586,10 +585,10 @@ def test_register_then_call_fixture_gives_each_call_once():
     assert sum(text.count(f"\nCall {cid}\n") for cid in inv_ids) == len(inv_ids)
 
 
-def test_stale_timer_entries_are_swept_in_bounded_steps():
-    """20,000 answered calls that ended leave their 4-hour max-duration entries stale. No single
-    housekeeping call may sweep more than SWEEP_STEP entries of a queue (a rebuild of a whole
-    queue held the proxy's loop for up to 20 ms), and a few calls later they are gone."""
+def test_calls_that_ended_leave_no_timer_behind():
+    """20,000 answered calls that ended: their 4-hour max-duration timers leave with the BYE (a
+    stale entry per call, kept for hours, had to be swept: ~2.5 % of the proxy's CPU), and
+    once the linger is over nothing waits on a timer at all."""
     tr = tracker(timer_b=32.0)
     d = Driver(tr)
     n = 20_000
@@ -597,13 +596,7 @@ def test_stale_timer_entries_are_swept_in_bounded_steps():
         t = T0 + i * 0.001
         call, _ = d.invite_call(b"s-%d" % i, t, answer_at=t)
         d.bye(call, t)
-    now = T0 + n * 0.001 + 32.0 + 1.0  # every linger over; the max-duration entries are not due
-    tr.expire(now)
-    assert not tr.calls and not tr.transactions
-    steps = []
-    for _ in range(tr.queued() // SWEEP_STEP + 10):
-        before = tr.queued()
-        tr.expire(now)
-        steps.append(before - tr.queued())
-    assert max(steps) <= 6 * SWEEP_STEP
-    assert tr.queued() <= COMPACT_SLACK
+    assert len(tr._call_long) == 0 and len(tr._call_linger) == n
+    assert tr.queued() == len(tr.calls) + len(tr.transactions) == 3 * n
+    tr.expire(T0 + n * 0.001 + 32.0 + 1.0)
+    assert not tr.calls and not tr.transactions and tr.queued() == 0

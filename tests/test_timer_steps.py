@@ -71,38 +71,21 @@ def test_a_tick_leaves_the_rest_of_the_timers_to_callbacks_of_their_own(tmp_path
 
 
 def _provisionals(tracker: Tracker, n: int, each: int = 5) -> None:
-    """``each`` 180s to each of the ``n`` INVITEs: every one restarts Timer C, and all Timer C
-    entries but the last of each INVITE go stale."""
+    """``each`` 180s to each of the ``n`` INVITEs: every one restarts Timer C."""
     for i in range(n):
         for k in range(each):
             tracker.response((b"z9hG4bK-step-%d" % i, b"INVITE"), 180, T0 + 0.01 * (k + 1))
 
 
-def test_the_sweep_runs_apart_from_expire_when_asked():
-    tracker = Tracker(Stats())
-    tracker.sweep_apart = True
+def test_restarting_timer_c_keeps_one_timer_per_invite():
+    """Each 180 moves its INVITE to the back of Timer C's queue with the new deadline: one timer
+    per INVITE (not one per provisional), and they fire at the last 180 + timer_c."""
+    tracker = Tracker(Stats(), timer_c=180.0)
     _unanswered(tracker, 600)
     _provisionals(tracker, 600)
-    queued = tracker.queued()
-    tracker.expire(T0 + 1.0)
-    assert tracker.compactions == 0 and tracker.queued() == queued
-    tracker.sweep()
-    assert tracker.compactions == 1 and tracker.queued() < queued
-
-
-def test_a_tick_sweeps_in_a_callback_of_its_own(tmp_path):
-    """Not in the tick's own callback: in a later one, after the loop polled its sockets."""
-    app, _ = _app(tmp_path, "--no-tracing")
-    tracker = app.core.tracker
-    _unanswered(tracker, 600)
-    _provisionals(tracker, 600)
-    app.clock = lambda: T0 + 1.0
-
-    async def run():
-        app.tick()
-        assert tracker.compactions == 0
-        for _ in range(3):
-            await asyncio.sleep(0)
-        assert tracker.compactions == 1
-
-    asyncio.run(run())
+    assert len(tracker._tx_c) == 600 and len(tracker._tx_b) == 0
+    assert tracker.queued() == 1200  # and each call's own timer
+    tracker.expire(T0 + 0.05 + 180.0 - 0.001)  # the last 180 came at T0 + 0.05
+    assert tracker.stats.timeouts[INVITE] == 0
+    tracker.expire(T0 + 0.05 + 180.0)
+    assert tracker.stats.timeouts[INVITE] == 600 and tracker.queued() == 600  # the calls linger
