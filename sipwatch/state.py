@@ -208,12 +208,18 @@ class DeadlineQueue(Generic[_T]):
         return bool(self._od)
 
     def add(self, obj: _T, deadline: float) -> None:
-        """``obj`` waits until ``deadline``, at the back (moved there if it was queued already)."""
+        """``obj``, not queued here, waits until ``deadline``, at the back."""
         od = self._od
-        od.pop(obj, None)
-        if deadline < self.first or not od:
+        if not od or deadline < self.first:
             self.first = deadline
         od[obj] = deadline
+
+    def move_back(self, obj: _T, deadline: float) -> None:
+        """``obj``, queued here, waits until ``deadline`` instead, at the back (``first`` stays a
+        lower bound: the head's deadline can only have grown)."""
+        od = self._od
+        od[obj] = deadline
+        od.move_to_end(obj)
 
     def discard(self, obj: _T) -> None:
         """``obj`` no longer waits here (``first`` stays a lower bound)."""
@@ -290,20 +296,26 @@ class Tracker:
     @staticmethod
     def _schedule_tx(tx: Transaction, q: DeadlineQueue[Transaction], deadline: float) -> None:
         """``tx`` waits in ``q`` until ``deadline``, and no longer where it waited before."""
-        old = tx.timer
-        if old is not None and old is not q:
-            old.discard(tx)
         tx.deadline = deadline
+        old = tx.timer
+        if old is q:
+            q.move_back(tx, deadline)
+            return
+        if old is not None:
+            old.discard(tx)
         tx.timer = q
         q.add(tx, deadline)
 
     @staticmethod
     def _schedule_call(call: Call, q: DeadlineQueue[Call], deadline: float) -> None:
         """``call`` waits in ``q`` until ``deadline``, and no longer where it waited before."""
-        old = call.timer
-        if old is not None and old is not q:
-            old.discard(call)
         call.deadline = deadline
+        old = call.timer
+        if old is q:
+            q.move_back(call, deadline)
+            return
+        if old is not None:
+            old.discard(call)
         call.timer = q
         q.add(call, deadline)
 

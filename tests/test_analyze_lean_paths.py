@@ -94,7 +94,10 @@ def test_timer_queue_pops_what_is_due_in_order_and_first_never_passes_the_head()
         if op < 0.45:
             obj = rnd.choice(objs)
             d = now + 32.0  # one kind of timer: one delay
-            q.add(obj, d)
+            if any(e[0] is obj for e in model):
+                q.move_back(obj, d)
+            else:
+                q.add(obj, d)
             model[:] = [e for e in model if e[0] is not obj] + [[obj, d]]
         elif op < 0.6 and model:
             obj = rnd.choice(model)[0]
