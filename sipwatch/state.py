@@ -56,6 +56,13 @@ MAX_TX_PER_CALL = 64
 MAX_LEGS = 16  # legs joined into one group; more start traces of their own (counted refused)
 MAX_FORK_TAGS = 16  # To-tags of 2xx answers remembered per INVITE (more are each counted a fork)
 _NEVER = float("inf")  # the deadline of an empty timer queue
+# Transaction.timer / Call.timer: the timer queue it waits in (Tracker._txq / Tracker._callq)
+TX_B: Final = 0  # pending, Timer B/F
+TX_C: Final = 1  # pending INVITE after a 1xx, Timer C
+TX_LINGER: Final = 2  # completed, lingering
+CALL_SHORT: Final = 0  # non-dialog entries, auth challenges
+CALL_LONG: Final = 1  # INVITE dialogs, max_call_duration
+CALL_LINGER: Final = 2  # finished calls, lingering
 # due timers the proxy handles per expire() call (Tracker.expire_budget): ~0.8 µs each live (their
 # objects are cold in the cache), so at 4000 calls/s (~700 due every 20-ms tick) one call held the
 # loop ~0.5 ms; the rest follow in later calls (the proxy's next callback), in the same order
@@ -96,7 +103,9 @@ class Transaction:
         self.initial_invite = initial_invite
         self.timed_out = False
         self.tags = None  # To-tags of the 2xx answers to an INVITE (forks), once answered
-        self.timer: DeadlineQueue[Transaction] | None = None  # the timer queue it waits in
+        # which of its tracker's timer queues it waits in (TX_B/TX_C/TX_LINGER), -1: none (an index,
+        # not the queue: the queue holds the transaction, and a back-reference would be a cycle)
+        self.timer = -1
         # set by the proxy: where responses go, and the Via value it wrote below its own (a
         # response that carries that very value back needs no MAC check: see ProxyCore._response)
         self.reply = None
@@ -142,7 +151,7 @@ class Call:
         self.rtp = None  # passive capture: the call's RTP figures for its span, once known
         self.ended_by: str | None = None  # one of ENDED_BY once finished
         self.invite_cseq = None  # CSeq number of the (latest) initial INVITE
-        self.timer: DeadlineQueue[Call] | None = None  # the timer queue it waits in
+        self.timer = -1  # which of its tracker's timer queues it waits in (CALL_SHORT/...), -1: none
         # Who still needs ``transactions`` (each transaction points back at its call, a cycle):
         # with ``Tracker.release`` on, the tracker's table and, for INVITE dialogs, the consumer
         # of the call record (the call summary). The last to let go empties the list, so a call
@@ -272,13 +281,15 @@ class Tracker:
         self.transactions: dict[tuple, Transaction] = {}  # (branch, method); the observer keys per hop
         # insertion order = least recently active first (moved to the end on activity)
         self.calls: OrderedDict[bytes, Call] = OrderedDict()
-        # (deadline, obj) FIFOs, one per timer kind, each with a constant delay
+        # the objects waiting on each kind of timer, each kind with a constant delay
         self._tx_b: DeadlineQueue[Transaction] = DeadlineQueue()  # pending, Timer B/F: t_sent + timer_b
         self._tx_c: DeadlineQueue[Transaction] = DeadlineQueue()  # pending INVITE after a 1xx, Timer C: last 1xx + timer_c
         self._tx_linger: DeadlineQueue[Transaction] = DeadlineQueue()  # completed: t_final + timer_b
         self._call_short: DeadlineQueue[Call] = DeadlineQueue()  # non-call entries, auth challenges: + timer_b
         self._call_long: DeadlineQueue[Call] = DeadlineQueue()  # INVITE dialogs: start/answer + max_call_duration
         self._call_linger: DeadlineQueue[Call] = DeadlineQueue()  # finished calls: t_end + timer_b
+        self._txq = [self._tx_b, self._tx_c, self._tx_linger]  # by TX_B, TX_C, TX_LINGER
+        self._callq = [self._call_short, self._call_long, self._call_linger]  # by CALL_SHORT, ...
         self.finished: deque = deque()
         self.finished_max = finished_max
         # the proxy: a call's transactions are let go once it left the table and its record was
@@ -293,30 +304,32 @@ class Tracker:
         self.expire_budget = 0
         self.expire_left = False
 
-    @staticmethod
-    def _schedule_tx(tx: Transaction, q: DeadlineQueue[Transaction], deadline: float) -> None:
-        """``tx`` waits in ``q`` until ``deadline``, and no longer where it waited before."""
+    def _schedule_tx(self, tx: Transaction, which: int, deadline: float) -> None:
+        """``tx`` waits on timer ``which`` (TX_B, ...) until ``deadline``, and no longer where it
+        waited before."""
         tx.deadline = deadline
+        q = self._txq[which]
         old = tx.timer
-        if old is q:
+        if old == which:
             q.move_back(tx, deadline)
             return
-        if old is not None:
-            old.discard(tx)
-        tx.timer = q
+        if old >= 0:
+            self._txq[old].discard(tx)
+        tx.timer = which
         q.add(tx, deadline)
 
-    @staticmethod
-    def _schedule_call(call: Call, q: DeadlineQueue[Call], deadline: float) -> None:
-        """``call`` waits in ``q`` until ``deadline``, and no longer where it waited before."""
+    def _schedule_call(self, call: Call, which: int, deadline: float) -> None:
+        """``call`` waits on timer ``which`` (CALL_SHORT, ...) until ``deadline``, and no longer
+        where it waited before."""
         call.deadline = deadline
+        q = self._callq[which]
         old = call.timer
-        if old is q:
+        if old == which:
             q.move_back(call, deadline)
             return
-        if old is not None:
-            old.discard(call)
-        call.timer = q
+        if old >= 0:
+            self._callq[old].discard(call)
+        call.timer = which
         q.add(call, deadline)
 
     # -- calls -------------------------------------------------------------------------
@@ -368,12 +381,12 @@ class Tracker:
             deadline = now + self.max_call_duration
             call = Call(call_id, trace_id, span_id, parent_span_id, sampled, now, deadline,
                         is_call, from_uri, to_uri, ruri)
-            self._schedule_call(call, self._call_long, deadline)
+            self._schedule_call(call, CALL_LONG, deadline)
         else:
             deadline = now + self.timer_b
             call = Call(call_id, trace_id, span_id, parent_span_id, sampled, now, deadline,
                         is_call, from_uri, to_uri, ruri)
-            self._schedule_call(call, self._call_short, deadline)
+            self._schedule_call(call, CALL_SHORT, deadline)
         if self.release:
             call.holders = 2 if is_call else 1
         calls[call_id] = call
@@ -387,7 +400,7 @@ class Tracker:
             call = q.pop_head()
             if call is None:
                 break
-            call.timer = None
+            call.timer = -1
             if calls.get(call.call_id) is call:
                 del calls[call.call_id]
                 self._left(call)
@@ -501,7 +514,7 @@ class Tracker:
         elif len(txs) >= self.max_transactions:
             self._evict_tx()
         txs[key] = tx
-        tx.timer = self._tx_b
+        tx.timer = TX_B
         self._tx_b.add(tx, deadline)
         if len(call.transactions) < MAX_TX_PER_CALL:
             call.transactions.append(tx)
@@ -511,7 +524,7 @@ class Tracker:
             call.invite_cseq = cseq
         if not call.is_call and not call.finished and call.deadline != deadline:
             # a non-dialog entry lives as long as its newest request's Timer F
-            self._schedule_call(call, self._call_short, deadline)
+            self._schedule_call(call, CALL_SHORT, deadline)
         calls, cid = self.calls, call.call_id
         if calls.get(cid) is call:
             calls.move_to_end(cid)  # activity: requests (responses follow their request)
@@ -550,16 +563,14 @@ class Tracker:
             if tx is None:
                 return
             self.stats.evicted_transactions += 1
-        tx.timer = None
+        tx.timer = -1
         if txs.get(tx.key) is tx:
             del txs[tx.key]
 
-    @staticmethod
-    def _unschedule_tx(tx: Transaction) -> None:
-        q = tx.timer
-        if q is not None:
-            q.discard(tx)
-            tx.timer = None
+    def _unschedule_tx(self, tx: Transaction) -> None:
+        if tx.timer >= 0:
+            self._txq[tx.timer].discard(tx)
+            tx.timer = -1
 
     def response(self, key, status: int, now: float, to_tag: bytes | None = None) -> Transaction | None:
         """Record a response. Returns its transaction (None if unknown).
@@ -604,7 +615,7 @@ class Tracker:
             tx.status = status
             if status < 300 and to_tag is not None and tx.midx == INVITE:
                 tx.tags = [to_tag]
-            self._schedule_tx(tx, self._tx_linger, now + self.timer_b)
+            self._schedule_tx(tx, TX_LINGER, now + self.timer_b)
             self._emit("tx", tx)
             self._call_progress(call, tx, status, now)
         else:
@@ -615,7 +626,7 @@ class Tracker:
         return tx
 
     def _timer_c(self, tx: Transaction, now: float) -> None:
-        self._schedule_tx(tx, self._tx_c, now + self.timer_c)
+        self._schedule_tx(tx, TX_C, now + self.timer_c)
 
     def _call_progress(self, call: Call, tx: Transaction, status: int, now: float) -> None:
         if tx.initial_invite:
@@ -627,7 +638,7 @@ class Tracker:
                 call.status = status
                 call.t_final = now
                 if not call.finished and self.calls.get(call.call_id) is call:
-                    self._schedule_call(call, self._call_short, now + self.timer_b)
+                    self._schedule_call(call, CALL_SHORT, now + self.timer_b)
             elif call.outcome < 0:
                 call.t_final = now
                 call.status = status
@@ -637,7 +648,7 @@ class Tracker:
                     if not call.finished:
                         self.stats.active_calls += 1
                         if self.calls.get(call.call_id) is call:
-                            self._schedule_call(call, self._call_long, now + self.max_call_duration)
+                            self._schedule_call(call, CALL_LONG, now + self.max_call_duration)
                 self.stats.calls[call.outcome] += 1
                 if call.outcome != ANSWERED:
                     self._finish_call(call, now,
@@ -657,7 +668,7 @@ class Tracker:
             self.stats.active_calls -= 1
         if self.calls.get(call.call_id) is call:
             # keep the entry until late ACKs/retransmissions have passed, then expire() drops it
-            self._schedule_call(call, self._call_linger, now + self.timer_b)
+            self._schedule_call(call, CALL_LINGER, now + self.timer_b)
         self._emit("call", call)
 
     def _emit(self, kind: str, obj) -> None:
@@ -670,10 +681,9 @@ class Tracker:
 
     def _left(self, call: Call) -> None:
         """``call`` is no longer in the table: nor in a timer queue."""
-        q = call.timer
-        if q is not None:
-            q.discard(call)
-            call.timer = None
+        if call.timer >= 0:
+            self._callq[call.timer].discard(call)
+            call.timer = -1
         keys = call.corr_keys
         if keys is not None:
             index = self.corr_index
@@ -731,7 +741,7 @@ class Tracker:
                 if tx is None:
                     break
                 budget -= 1
-                tx.timer = None
+                tx.timer = -1
                 if txs.get(tx.key) is not tx:
                     continue  # (what leaves the table leaves its queue: not expected)
                 del txs[tx.key]
@@ -760,7 +770,7 @@ class Tracker:
             if tx is None:
                 break
             budget -= 1
-            tx.timer = None
+            tx.timer = -1
             if txs.get(tx.key) is tx:
                 del txs[tx.key]
         calls = self.calls
@@ -773,7 +783,7 @@ class Tracker:
                 if call is None:
                     break
                 budget -= 1
-                call.timer = None
+                call.timer = -1
                 cid = call.call_id
                 if calls.get(cid) is not call:
                     continue
