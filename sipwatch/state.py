@@ -262,6 +262,19 @@ class DeadlineQueue(Generic[_T]):
         return od.popitem(last=False)[0]
 
 
+def _move(queues: list[DeadlineQueue], obj: object, old: int, which: int, deadline: float) -> None:
+    """``obj`` leaves timer queue ``queues[old]`` for ``queues[which]`` (-1: none), due at
+    ``deadline``; staying in the same queue moves it to the back."""
+    if old == which:
+        if which >= 0:
+            queues[which].move_back(obj, deadline)
+        return
+    if old >= 0:
+        queues[old].discard(obj)
+    if which >= 0:
+        queues[which].add(obj, deadline)
+
+
 class Tracker:
     """In-flight transactions and calls, fed by request/response events with timestamps.
 
@@ -307,30 +320,16 @@ class Tracker:
     def _schedule_tx(self, tx: Transaction, which: int, deadline: float) -> None:
         """``tx`` waits on timer ``which`` (TX_B, ...) until ``deadline``, and no longer where it
         waited before."""
-        tx.deadline = deadline
-        q = self._txq[which]
-        old = tx.timer
-        if old == which:
-            q.move_back(tx, deadline)
-            return
-        if old >= 0:
-            self._txq[old].discard(tx)
+        _move(self._txq, tx, tx.timer, which, deadline)
         tx.timer = which
-        q.add(tx, deadline)
+        tx.deadline = deadline
 
     def _schedule_call(self, call: Call, which: int, deadline: float) -> None:
         """``call`` waits on timer ``which`` (CALL_SHORT, ...) until ``deadline``, and no longer
         where it waited before."""
-        call.deadline = deadline
-        q = self._callq[which]
-        old = call.timer
-        if old == which:
-            q.move_back(call, deadline)
-            return
-        if old >= 0:
-            self._callq[old].discard(call)
+        _move(self._callq, call, call.timer, which, deadline)
         call.timer = which
-        q.add(call, deadline)
+        call.deadline = deadline
 
     # -- calls -------------------------------------------------------------------------
     def find_call(self, call_id: bytes) -> Call | None:
@@ -508,12 +507,12 @@ class Tracker:
         tx = Transaction(key, midx, method, cseq, call, now, span_id, call.trace_id,
                          parent_span_id, call.sampled, deadline, direction, peer, initial_invite)
         txs = self.transactions
-        old = txs.get(key)
-        if old is not None:  # (a request reusing a branch: the old one leaves with its timer)
-            self._unschedule_tx(old)
-        elif len(txs) >= self.max_transactions:
+        if len(txs) >= self.max_transactions and key not in txs:
             self._evict_tx()
-        txs[key] = tx
+        old = txs.setdefault(key, tx)  # (one lookup when the key is new, as it nearly always is)
+        if old is not tx:  # a request reusing a branch: the old one leaves with its timer
+            self._unschedule_tx(old)
+            txs[key] = tx
         tx.timer = TX_B
         self._tx_b.add(tx, deadline)
         if len(call.transactions) < MAX_TX_PER_CALL:
@@ -568,9 +567,8 @@ class Tracker:
             del txs[tx.key]
 
     def _unschedule_tx(self, tx: Transaction) -> None:
-        if tx.timer >= 0:
-            self._txq[tx.timer].discard(tx)
-            tx.timer = -1
+        _move(self._txq, tx, tx.timer, -1, 0.0)
+        tx.timer = -1
 
     def response(self, key, status: int, now: float, to_tag: bytes | None = None) -> Transaction | None:
         """Record a response. Returns its transaction (None if unknown).
@@ -681,9 +679,8 @@ class Tracker:
 
     def _left(self, call: Call) -> None:
         """``call`` is no longer in the table: nor in a timer queue."""
-        if call.timer >= 0:
-            self._callq[call.timer].discard(call)
-            call.timer = -1
+        _move(self._callq, call, call.timer, -1, 0.0)
+        call.timer = -1
         keys = call.corr_keys
         if keys is not None:
             index = self.corr_index
