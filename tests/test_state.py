@@ -620,3 +620,24 @@ def test_nothing_tracked_refers_back_to_its_timer_queue():
     assert len(objs) == tr.queued() == 3 + 4
     for obj in objs:
         assert not any(isinstance(r, DeadlineQueue) for r in gc.get_referents(obj)), obj
+
+
+def test_a_request_reusing_a_branch_takes_the_old_transaction_out_of_its_timer():
+    """A new request with the key of one still held (a sender reusing its branch; any datagram
+    can claim any branch): the table holds the new one, and the old one no longer waits on a
+    timer, whichever it was on, so it can neither time out for the new one nor pile up."""
+    tr = tracker(timer_b=32.0)
+    d = Driver(tr)
+    for i, status in enumerate((None, 180, 200)):  # the old one under Timer B, Timer C, linger
+        first = d.call(b"first-%d" % i, T0)
+        key = d.req(first, b"INVITE", T0, branch=b"z9hG4bK-reused-%d" % i)
+        if status is not None:
+            tr.response(key, status, T0 + 0.1, b"tag")
+        old = tr.transactions[key]
+        second = d.call(b"second-%d" % i, T0 + 1.0)
+        d.req(second, b"INVITE", T0 + 1.0, branch=b"z9hG4bK-reused-%d" % i)
+        assert tr.transactions[key] is not old and tr.transactions[key].call is second
+        assert old.timer == -1
+        assert tr.queued() == len(tr.calls) + len(tr.transactions)
+    tr.expire(T0 + 1.0 + 32.0)  # the new ones time out, each once; the old ones are not seen
+    assert tr.stats.timeouts[INVITE] == 3
