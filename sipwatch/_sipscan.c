@@ -1909,7 +1909,65 @@ sipscan_mask_name_addr(PyObject *module, PyObject *const *args, Py_ssize_t nargs
     return out;
 }
 
+/* set_rport(value, port) -> core._set_rport(value, port): the first ";rport" parameter (name in any
+ * case) that has no value gets "=port"; without one, ";rport=port" is appended. One pass over
+ * the Via value instead of a lowered copy and a search loop; the port is 0-65535. */
+static PyObject *
+sipscan_set_rport(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (arg_count(nargs, 2, "set_rport(value, port) takes 2 arguments") < 0 || need_bytes(args[0], "value") < 0)
+        return NULL;
+    const long port = PyLong_AsLong(args[1]);
+    if (port == -1 && PyErr_Occurred())
+        return NULL;
+    if (port < 0 || port > 65535) {
+        PyErr_SetString(PyExc_ValueError, "port out of range");
+        return NULL;
+    }
+    const char *v = PyBytes_AS_STRING(args[0]);
+    const Py_ssize_t n = PyBytes_GET_SIZE(args[0]);
+    Py_ssize_t at = n;  /* where "=port" goes; n: appended, with ";rport" before it */
+    int append_name = 1;
+    for (Py_ssize_t i = 0; i + 6 <= n; i++) {
+        if (v[i] != ';' || (v[i + 1] | 0x20) != 'r' || (v[i + 2] | 0x20) != 'p' || (v[i + 3] | 0x20) != 'o' ||
+                (v[i + 4] | 0x20) != 'r' || (v[i + 5] | 0x20) != 't')
+            continue;
+        const char c = i + 6 < n ? v[i + 6] : ';';
+        if (c == ';' || c == ' ' || c == '\t' || c == ',') {
+            at = i + 6;
+            append_name = 0;
+            break;
+        }
+    }
+    char digits[8];  /* (by hand: snprintf costs more than the rest of this function) */
+    int dn = 0;
+    long rest = port;
+    do {
+        digits[7 - dn++] = (char)('0' + rest % 10);
+        rest /= 10;
+    } while (rest);
+    const Py_ssize_t add = (append_name ? 6 : 0) + 1 + dn;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, n + add);
+    if (out == NULL)
+        return NULL;
+    char *d = PyBytes_AS_STRING(out);
+    memcpy(d, v, (size_t)at);
+    char *w = d + at;
+    if (append_name) {
+        memcpy(w, ";rport", 6);
+        w += 6;
+    }
+    *w++ = '=';
+    memcpy(w, digits + 8 - dn, (size_t)dn);
+    w += dn;
+    memcpy(w, v + at, (size_t)(n - at));
+    return out;
+}
+
 static PyMethodDef sipscan_methods[] = {
+    {"set_rport", (PyCFunction)(void (*)(void))sipscan_set_rport, METH_FASTCALL,
+     "set_rport(value, port) -> the Via value with its first empty rport filled (or one added)"},
     {"serialize", (PyCFunction)(void (*)(void))sipscan_serialize, METH_FASTCALL,
      "serialize(start, lines, body) -> SipMessage.to_bytes of those parts, or None when one is not bytes"},
     {"split", (PyCFunction)(void (*)(void))sipscan_split, METH_FASTCALL,

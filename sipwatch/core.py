@@ -90,6 +90,7 @@ _LOOP_STATE: Final[bytes] = _sipscan.blake2b_state(b"", 6) if _sipscan else b""
 _c_request_fields: Final[Callable[[list[bytes], list[bytes]], tuple[
     int, bytes, int, bytes, int, bytes, bytes, bytes, bytes | None, bytes | None, int, int, int] | None] | None] = \
     _sipscan.request_fields if _sipscan else None
+_c_set_rport: Final[Callable[[bytes, int], bytes] | None] = _sipscan.set_rport if _sipscan else None
 _c_hex_join: Final[Callable[[bytes, int, int, bytes], bytes | None] | None] = \
     _sipscan.hex_join if _sipscan else None
 # the response fast path (see ProxyCore._fast_response)
@@ -1034,7 +1035,10 @@ def _stamp_source(via_value: bytes, via: Via, src_ip: str, src_port: int) -> byt
 
 
 def _set_rport(via_value: bytes, port: int) -> bytes:
-    """Fill an empty ``;rport`` parameter with the source port (RFC 3581 §4)."""
+    """Fill the first empty ``;rport`` parameter (any case) with the source port (RFC 3581 §4);
+    add one when there is none."""
+    if _c_set_rport is not None:
+        return _c_set_rport(via_value, port)
     low = via_value.lower()
     i = 0
     while True:

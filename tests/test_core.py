@@ -127,6 +127,40 @@ def test_response_pops_own_via_and_honours_received_rport(core):
     assert len(vias) == 1 and b"192.168.1.5" in vias[0]
 
 
+_RPORT_PIECES = [b";rport", b";RPORT", b";rPort", b";rportx", b";rport2=1", b";r=1", b";Rx",
+                 b";branch=z9hG4bK-p", b";lr", b"; rport", b";rport ", b";rport\t", b";x=rport"]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sampled_from(_RPORT_PIECES), max_size=6))
+def test_empty_rport_of_the_sender_is_filled_once_wherever_and_however_it_is_written(pieces):
+    """RFC 3581 §4: the first empty ``rport`` parameter (names are case-insensitive) gets the
+    source port; without one, ``;rport=`` is added. The model is a regular expression, not the
+    proxy's own search. A sender that asked for no rport gets none."""
+    import re
+    params = b"".join(pieces)
+    if not params.startswith(b";branch=") and b";branch=z9hG4bK" not in params:
+        params += b";branch=z9hG4bK-p"
+    via = b"SIP/2.0/UDP 198.51.100.9:5999" + params
+    core = ProxyCore(CoreConfig(advertise=("127.0.0.1", 5070), upstream=SIGNALING))
+    req = invite(extra=b"").replace(b"Via: SIP/2.0/UDP 10.0.0.1:5070;branch=z9hG4bK-gw-1", b"Via: " + via)
+    out = core.receive_datagram(req, ("198.51.100.9", 40000), T0)
+    assert len(out) == 1, core.stats.dropped
+    lines = out[0][0].split(b"\r\n")
+    vias = [ln for ln in lines if ln.startswith(b"Via: ")]
+    sender = vias[1][5:] if len(vias) > 1 else split_values(vias[0][5:])[1]
+    via = via.rstrip(b" \t")  # (a header value ends at its last non-blank)
+    asked = any(p.split(b"=")[0].strip().lower() == b"rport" for p in params.split(b";")[1:])
+    m = re.search(rb";rport(?=$|[;, \t])", via, re.IGNORECASE)
+    if not asked:
+        want = via
+    elif m is None:
+        want = via + b";rport=40000"
+    else:
+        want = via[:m.end()] + b"=40000" + via[m.end():]
+    assert sender == want
+
+
 def test_call_answered_then_bye_gives_outcome_setup_and_duration(core):
     inv, _ = forward_one(core, invite(), now=T0)
     for status, t in ((100, 0.002), (180, 0.100), (200, 0.250)):

@@ -323,6 +323,7 @@ def _calls(data: bytes, table: dict[bytes, bytes]) -> None:
     _sipscan.get(lines, names, b"to")
     _sipscan.index(names, b"cseq", 0)
     _sipscan.serialize(data, lines, data)
+    _sipscan.set_rport(data, 5060)
     try:
         _sipscan.value(data)
     except ValueError:
@@ -456,6 +457,40 @@ def test_hex_join_refuses_other_types():
     for args in ((b"", 1.0, 4, b""), ("", 1, 4, b""), (b"", 1, 4, None), (b"", 1, "4", b"")):
         with pytest.raises(TypeError):
             _sipscan.hex_join(*args)
+
+
+def set_rport_py(value: bytes, port: int) -> bytes:
+    """The reference for ``set_rport`` (the pure-Python ``core._set_rport``)."""
+    low = value.lower()
+    i = 0
+    while True:
+        i = low.find(b";rport", i)
+        if i < 0:
+            return value + b";rport=%d" % port
+        j = i + 6
+        if j == len(low) or low[j] in b"; \t,":
+            return value[:j] + b"=%d" % port + value[j:]
+        i = j
+
+
+RPORT_PIECES = PIECES + [b";rport", b";RPORT", b";rPoRt", b";rportx", b";rport=", b";rpor", b"rport;"]
+
+
+@settings(max_examples=800, deadline=None)
+@given(st.lists(st.sampled_from(RPORT_PIECES), max_size=12), st.sampled_from([0, 1, 9, 10, 5060, 65535]))
+def test_set_rport(pieces, port):
+    value = b"".join(pieces)
+    assert _sipscan.set_rport(value, port) == set_rport_py(value, port)
+
+
+def test_set_rport_refuses_what_it_cannot_use():
+    assert _sipscan.set_rport(b";rport" * 20000, 5060) == b";rport=5060" + b";rport" * 19999
+    for args in ((b"", -1), (b"", 65536), (b"", 2 ** 70)):
+        with pytest.raises((ValueError, OverflowError)):
+            _sipscan.set_rport(*args)
+    for args in (("", 1), (b"", 1.0), (b"", "1")):
+        with pytest.raises(TypeError):
+            _sipscan.set_rport(*args)
 
 
 def request_fields_py(lines: list[bytes], names: list[bytes]):
