@@ -23,7 +23,8 @@ Sections (default: all but throughput, tracing and flood):
                   (a 503 with Retry-After ends a call cleanly; it is not a completed call).
   loaded_latency  the ping-pong probe while 1000 calls/s run through each target: round trip
                   through the target minus the round trip to the same upstream directly, at the
-                  same moment (interleaved).
+                  same moment (interleaved); then one run per target captured with dumpcap on the
+                  loopback: how long the target itself held the probe's request and its response.
   profile         py-spy (``record --pid P -d 10 -f raw``) of the all-features sidecar at 1000
                   calls/s: top self-time functions and top inclusive sipwatch functions.
   throughput      (older) fixed-rate runs of the sidecar vs the relay and Kamailio.
@@ -775,6 +776,70 @@ def _loaded_latency_once(workdir: Path, key: str, rate: int, duration: float, n:
     return x
 
 
+def _residence_once(workdir: Path, key: str, rate: int, n: int, features: Features | None) -> dict | None:
+    """The probe through ``key`` alone while ``rate`` calls/s run through it, captured on the loopback
+    (see bench_net.probe_residence): how long the target itself held each probe datagram. A run of
+    its own: the capture's CPU would disturb the floors' runs."""
+    uas_port = free_port()
+    pcap = workdir / f"residence-{key}.pcapng"
+    try:
+        with bench_net.Splitter(workdir, uas_port) as split:
+            target = make_target(workdir, key, split.port, features, per_source=True)
+            with target:
+                load = bench_net.SippLoad(workdir, target, uas_port, rate, 6.0).start()
+                try:
+                    time.sleep(2.0)
+                    cap = bench_net.LoopbackCapture(pcap, [target.port, split.port]).start()
+                    try:
+                        bench_net.latency_probe([target], n, warmup=100, rounds=1, deadline=load.t0 + 5.5)
+                    finally:
+                        cap.stop()
+                finally:
+                    r = load.finish()
+        x = bench_net.probe_residence(pcap, target.port, split.port)
+    except RuntimeError as exc:
+        _progress(f"  {TARGETS[key]}: residence not measured ({exc})")
+        return None
+    finally:
+        pcap.unlink(missing_ok=True)
+    x.update(target=TARGETS[key], load_passed=bench_net.passed(r, MAX_FAILED))
+    return x
+
+
+def section_residence(workdir: Path, keys: list[str], rate: int, n: int, features: Features | None,
+                      into: dict) -> None:
+    """Where the added round trip goes: the time each target held the probe's OPTIONS and its 200,
+    from kernel timestamps (one captured run per target). ``into``: the loaded-latency results, whose
+    targets get a ``residence`` entry."""
+    if not bench_net.DUMPCAP:
+        print("\n== residence: skipped (dumpcap not installed)")
+        return
+    rows, got = [], {}
+    for key in keys:
+        if not BUDGET.allows(f"residence: {TARGETS[key]}"):
+            continue
+        x = _residence_once(workdir, key, rate, n, features)
+        if x is None or not x["matched"]:
+            continue
+        got[key] = x
+        if key in into:
+            into[key]["residence"] = x
+        rows.append([x["target"], f"{x['matched']}/{x['probes']}", _f(x["request_p50_us"]), _f(x["request_p90_us"]),
+                     _f(x["request_p99_us"]), _f(x["response_p50_us"]), _f(x["response_p90_us"]),
+                     _f(x["response_p99_us"]), "ok" if x["load_passed"] else "FAILED"])
+    kam = got.get("kamailio")
+    for row, x in zip(rows, got.values()):
+        row.insert(8, _f(x["request_p50_us"] + x["response_p50_us"]
+                         - (kam["request_p50_us"] + kam["response_p50_us"]), "+.1f") if kam else "-")
+    table(f"residence at {rate} calls/s: how long each target held the probe's datagrams (one captured run each)",
+          ["target", "matched", "request p50", "p90", "p99", "response p50", "p90", "p99", "p50s vs kamailio",
+           "load"], rows,
+          "  µs from a datagram leaving its sender to the target's copy of it leaving the target, both\n"
+          "  timestamped by the kernel on the loopback (dumpcap): the target's wake-up and its work, without the\n"
+          "  probe's wake-ups or the idle states that move the direct round trip; 'p50s vs kamailio' adds the\n"
+          "  request's and the response's p50 and compares that sum with Kamailio's.")
+
+
 def section_loaded_latency(workdir: Path, keys: list[str], rate: int, duration: float, n: int,
                            features: Features | None, repeats: int = 3) -> dict:
     """Ping-pong through each target while ``rate`` calls/s run through it, against the same upstream
@@ -1159,6 +1224,8 @@ def main(argv=None) -> int:
                 result["loaded_latency"] = section_loaded_latency(
                     workdir, keys, a.latency_rate, a.duration, 300 if a.quick else 5000, features,
                     repeats=1 if a.quick else 3)
+                section_residence(workdir, keys, a.latency_rate, 300 if a.quick else 2000, features,
+                                  result["loaded_latency"])
             if "profile" in a.only:
                 _progress("profile ...")
                 result["profile"] = section_profile(workdir, a.profile_rate, a.profile_seconds, features)

@@ -452,6 +452,77 @@ class PingPong:
         return rtts, lost
 
 
+DUMPCAP = shutil.which("dumpcap")
+
+
+class LoopbackCapture:
+    """``dumpcap`` on the loopback interface for UDP to or from ``ports``. Its timestamps are the
+    kernel's, taken as each datagram leaves its sender, so the gap between a datagram entering a
+    proxy and the proxy's copy leaving it is the time the proxy held it: its wake-up and its work,
+    without the probe's own wake-ups."""
+
+    def __init__(self, path: Path, ports: list[int]):
+        self.path = path
+        self.filter = "udp and (" + " or ".join(f"port {p}" for p in ports) + ")"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "LoopbackCapture":
+        self.proc = subprocess.Popen([DUMPCAP, "-q", "-i", "lo", "-s", "4096", "-f", self.filter, "-w", str(self.path)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 10
+        while not (self.path.exists() and self.path.stat().st_size) and time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"dumpcap: {self.proc.stderr.read().decode(errors='replace')[-300:]}")
+            time.sleep(0.05)
+        time.sleep(0.3)  # (the file header is written before the capture starts)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def probe_residence(path: Path, target_port: int, upstream_port: int) -> dict:
+    """How long a proxy held each of the latency probe's OPTIONS and each 200 answering it, from a
+    :class:`LoopbackCapture`: the request from its entering the proxy (sent to ``target_port``) to
+    its copy leaving for ``upstream_port``; the response from its leaving the upstream to its copy
+    leaving the proxy. Matched by the probe's Call-ID; a probe missing one of its four datagrams is
+    left out (counted)."""
+    sys.path.insert(0, str(HERE.parent))
+    from capture.pcapfile import read_packets
+    seen: dict[bytes, list[float | None]] = {}
+    for p in read_packets(str(path)):
+        i = p.payload.find(b"Call-ID: probe-")
+        if i < 0:
+            continue
+        call_id = p.payload[i + 9:p.payload.find(b"@", i)]
+        t = seen.setdefault(call_id, [None, None, None, None])
+        if p.payload.startswith(b"OPTIONS "):
+            if p.dst[1] == target_port:
+                t[0] = p.ts  # into the proxy
+            elif p.dst[1] == upstream_port:
+                t[1] = p.ts  # its copy, out
+        elif p.src[1] == upstream_port:
+            t[2] = p.ts  # the 200, into the proxy
+        elif p.src[1] == target_port:
+            t[3] = p.ts  # its copy, out to the probe
+    req, resp = [], []
+    for t in seen.values():
+        if None not in t:
+            req.append((t[1] - t[0]) * 1e6)
+            resp.append((t[3] - t[2]) * 1e6)
+    out = {"probes": len(seen), "matched": len(req)}
+    for name, xs in (("request", req), ("response", resp)):
+        out.update({f"{name}_p50_us": percentile(xs, 50), f"{name}_p90_us": percentile(xs, 90),
+                    f"{name}_p99_us": percentile(xs, 99)})
+    return out
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")

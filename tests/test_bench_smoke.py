@@ -238,6 +238,11 @@ def test_quick_bench_prints_issue_10_tables_and_json():
         assert [r["factor"] for r in result["overload"]["all"]] == [1.5, 2.0]
     assert set(result["loaded_latency"]) == {"relay", "all"}
     assert all(v["through"]["answered"] > 0 for v in result["loaded_latency"].values())
+    if bench_net.DUMPCAP:
+        assert "== residence at 20 calls/s" in text
+        for v in result["loaded_latency"].values():
+            res = v["residence"]
+            assert res["matched"] > 0 and 0 < res["request_p50_us"] < 1e5 and 0 < res["response_p50_us"] < 1e5
     assert "samples" in result["profile"] or "skipped" in result["profile"]
     assert {f["floor"] for f in result["floors"]} >= {"highest passing step >= 4000/s",
                                                       "tracing at 100% <= 1.25x --no-tracing CPU"}
@@ -343,3 +348,41 @@ def test_floor_steps_are_run_again_alternating_and_judged_on_the_median_ratio():
     runs = bench.section_floor_runs(None, lad, 10, None, extra=1,
                                     run_step=lambda k, r: dict(run(k, r, 30.0), passed=k != "all"))
     assert runs[1000]["ratios"] == pytest.approx([2.5]) and 4000 not in runs
+
+
+def test_residence_is_read_off_the_capture_per_probe(tmp_path):
+    """Four datagrams per probe, at known times: the request's and the response's time in the proxy
+    come out exactly; a probe sent straight to the upstream (the direct leg) and one missing its
+    answer are left out."""
+    import pcapbuild
+
+    proxy, up, probe = 5070, 5080, 40000
+    frames = []
+
+    def dgram(t, sport, dport, payload):
+        frames.append((t, pcapbuild.ipv4("127.0.0.1", "127.0.0.1", 17, pcapbuild.udp(sport, dport, payload))))
+
+    def opt(i):
+        return bench_net.options(probe, proxy, i, b"ab")
+
+    def ok(i):
+        return b"SIP/2.0 200 OK\r\nCall-ID: probe-%d-ab@127.0.0.1\r\nContent-Length: 0\r\n\r\n" % i
+
+    held = [(10e-6, 30e-6), (20e-6, 40e-6), (50e-6, 70e-6)]
+    for i, (rq, rs) in enumerate(held, 1):
+        t = 100.0 + i
+        dgram(t, probe, proxy, opt(i))
+        dgram(t + rq, proxy, up, opt(i))
+        dgram(t + rq + 0.001, up, proxy, ok(i))
+        dgram(t + rq + 0.001 + rs, proxy, probe, ok(i))
+    dgram(200.0, probe, up, opt(9))  # the direct leg: no proxy in between
+    dgram(200.001, up, probe, ok(9))
+    dgram(300.0, probe, proxy, opt(10))  # never answered
+    dgram(300.00002, proxy, up, opt(10))
+    path = tmp_path / "p.pcap"
+    path.write_bytes(pcapbuild.pcap(228, frames, nsec=True))  # (228: raw IPv4)
+    r = bench_net.probe_residence(path, proxy, up)
+    assert r["matched"] == 3 and r["probes"] == 5
+    assert math.isclose(r["request_p50_us"], 20.0, abs_tol=0.01)
+    assert math.isclose(r["request_p99_us"], 50.0, abs_tol=0.01)
+    assert math.isclose(r["response_p50_us"], 40.0, abs_tol=0.01)
