@@ -540,7 +540,9 @@ def load_step(workdir: Path, key: str, rate: int, duration: float, features: Fea
         target = make_target(workdir, key, uas_port, features)
         with target:
             otlp0 = features.collector.stats() if key == "all" else None
+            ticks0 = bench_net.machine_ticks()
             r = bench_net.SippLoad(workdir, target, uas_port, rate, duration).start().finish()
+            r["steal_pct"] = bench_net.steal_pct(ticks0, bench_net.machine_ticks())
             _sidecar_figures(target, r, features if key == "all" else None, otlp0)
     except RuntimeError as exc:
         _progress(f"  {TARGETS[key]} @ {rate}/s: not measured ({exc})")
@@ -548,7 +550,8 @@ def load_step(workdir: Path, key: str, rate: int, duration: float, features: Fea
     r["key"] = key
     r["passed"] = bench_net.passed(r, MAX_FAILED)
     _progress(f"  {r['target']} @ {rate}/s: completed {r['completed']}/{r['calls']} 503 {r['refused_503']} "
-              f"cpu {_f(r['cpu_pct'])}% {_f(r['cpu_us_per_msg'])} µs/msg {'pass' if r['passed'] else 'FAIL'}")
+              f"cpu {_f(r['cpu_pct'])}% {_f(r['cpu_us_per_msg'])} µs/msg steal {_f(r['steal_pct'], '.2f')}% "
+              f"{'pass' if r['passed'] else 'FAIL'}")
     return r
 
 

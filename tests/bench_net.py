@@ -452,6 +452,22 @@ class PingPong:
         return rtts, lost
 
 
+def machine_ticks() -> tuple[int, int]:
+    """(stolen, all) clock ticks of the whole machine so far (/proc/stat): the share of a step's
+    ticks the hypervisor gave to someone else, which a guest's own CPU figures do not show."""
+    try:
+        with open("/proc/stat") as fh:
+            f = [int(x) for x in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return (f[7] if len(f) > 7 else 0), sum(f[:8])
+
+
+def steal_pct(before: tuple[int, int], after: tuple[int, int]) -> float | None:
+    total = after[1] - before[1]
+    return None if total <= 0 else 100.0 * (after[0] - before[0]) / total
+
+
 DUMPCAP = shutil.which("dumpcap")
 
 

@@ -229,7 +229,8 @@ def test_quick_bench_prints_issue_10_tables_and_json():
     for key in ("relay", "all"):
         step = result["ladder"][key]["steps"][0]
         assert {"completed", "failed", "refused_503", "retransmissions", "cpu_us_per_msg", "proxy_drops",
-                "passed"} <= set(step)
+                "passed", "steal_pct"} <= set(step)
+        assert step["steal_pct"] is None or 0 <= step["steal_pct"] <= 100
     # the all-features sidecar really exported: the collector process decoded spans, the file has lines
     all_step = result["ladder"]["all"]["steps"][0]
     assert all_step["otlp_spans"] > 0 and all_step["spans_file_lines"] > 0 and all_step["spans_file_spans"] > 0
@@ -386,3 +387,10 @@ def test_residence_is_read_off_the_capture_per_probe(tmp_path):
     assert math.isclose(r["request_p50_us"], 20.0, abs_tol=0.01)
     assert math.isclose(r["request_p99_us"], 50.0, abs_tol=0.01)
     assert math.isclose(r["response_p50_us"], 40.0, abs_tol=0.01)
+
+
+def test_steal_share_is_of_the_whole_machines_ticks():
+    assert bench_net.steal_pct((5, 1000), (15, 2000)) == 1.0
+    assert bench_net.steal_pct((5, 1000), (5, 1000)) is None  # (no tick passed)
+    stolen, total = bench_net.machine_ticks()
+    assert 0 <= stolen <= total
