@@ -124,7 +124,7 @@ class ProxyApp:
             if self.tcp is not None:
                 self.tcp.wiretap = self.hep.tap
             self.metrics.gateway.register(self.hep)
-        self.gc = GcPolicy(on_deep=self._gc_deep)
+        self.gc = GcPolicy(on_deep=self._gc_deep, state_size=self._state_size)
         self._send_errors_logged = 0
         # drain state
         self.draining = False
@@ -364,6 +364,12 @@ class ProxyApp:
                           summary_error=type(exc).__name__)
         except Exception:  # noqa: BLE001
             pass
+
+    def _state_size(self) -> int:
+        """Calls and transactions in the tables: the live state whose growth explains the
+        resident size's (see gcpolicy)."""
+        tracker = self.core.tracker
+        return len(tracker.calls) + len(tracker.transactions)
 
     def _gc_deep(self, seconds: float, collected: int, rss_before: int, rss_after: int) -> None:
         self.log.info("deep garbage collection (resident size grew)", "gc_deep",
