@@ -372,6 +372,8 @@ class ProxyApp:
         return len(tracker.calls) + len(tracker.transactions)
 
     def _gc_deep(self, seconds: float, collected: int, rss_before: int, rss_after: int) -> None:
+        self.stats.gc_deep += 1
+        self.stats.gc_deep_seconds += seconds
         self.log.info("deep garbage collection (resident size grew)", "gc_deep",
                       duration_ms=round(seconds * 1000, 1), collected=collected,
                       rss_before_mb=round(rss_before / 2**20, 1), rss_after_mb=round(rss_after / 2**20, 1))

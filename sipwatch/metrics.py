@@ -120,6 +120,8 @@ class GatewayCollector(_Guarded):
         yield CounterMetricFamily("sip_unroutable_requests", "Requests with no usable next hop.", value=s.unroutable)
         yield CounterMetricFamily("sipwatch_records_dropped", "Finished call/transaction records lost because exporters lagged.", value=s.records_dropped)
         yield CounterMetricFamily("sipwatch_log_lines_dropped", "Log lines dropped because the reader of stdout fell behind (forwarding never waits for it).", value=getattr(s, "log_lines_dropped", 0))
+        yield CounterMetricFamily("sipwatch_gc_deep_collections", "Deep garbage collections (unexplained memory growth); each stops forwarding while it runs.", value=getattr(s, "gc_deep", 0))
+        yield CounterMetricFamily("sipwatch_gc_deep_seconds", "Seconds forwarding stood still in deep garbage collections.", value=getattr(s, "gc_deep_seconds", 0.0))
         yield GaugeMetricFamily("sip_active_calls", "Answered calls not yet ended by BYE.", value=s.active_calls)
         yield GaugeMetricFamily("sipwatch_overloaded", "1 while new dialogs are shed (receive queues above the high-water mark).", value=int(s.overloaded))
         dropped = CounterMetricFamily("sip_dropped", "Datagrams not forwarded, by reason (a fixed set).", labels=["reason"])

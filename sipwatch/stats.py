@@ -174,6 +174,8 @@ class Stats:
         self.active_calls = 0
         self.records_dropped = 0  # finished records the exporters did not drain in time
         self.log_lines_dropped = 0  # log lines the stdout writer dropped (its reader stalled)
+        self.gc_deep = 0  # deep (full) garbage collections, which stop the loop (gcpolicy)
+        self.gc_deep_seconds = 0.0  # how long they stopped it, in all
         self.spans_exported = 0  # written by the span exporter thread (single writer)
         self.spans_dropped = 0
         self.dropped = [0] * len(DROP_REASONS)  # [DROP_*]: datagrams not forwarded, by reason

@@ -37,7 +37,7 @@ NODE_PKG = DEPLOY / "schemas" / "node"
 DASH_DIR = DEPLOY / "grafana" / "dashboards"
 K8S = DEPLOY / "k8s"
 REQUIRED_ALERTS = {"SignalerRTTHigh", "CallFailureRatioHigh", "SidecarDown", "TransactionTimeoutsRising",
-                   "SidecarCPUHigh", "SpanExportDropping", "SIPParseErrors"}
+                   "SidecarCPUHigh", "SpanExportDropping", "SIPParseErrors", "SidecarStalledByGC"}
 PROMTOOL = shutil.which("promtool")
 AMTOOL = shutil.which("amtool")
 HADOLINT = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")

@@ -253,3 +253,21 @@ def test_the_proxy_tells_its_policy_how_much_state_it_holds():
     _calls(app.core, 3, T0)
     tr = app.core.tracker
     assert app.gc.state_size() == len(tr.calls) + len(tr.transactions) > 0
+
+
+def test_a_deep_collection_is_counted_and_its_stop_exported():
+    """What the SidecarStalledByGC alert reads: deep collections and how long they stopped the loop."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from sipwatch.app import ProxyApp
+    from sipwatch.config import settings_from
+    from sipwatch.metrics import GatewayCollector
+    app = ProxyApp(settings_from(["--listen", "127.0.0.1:5070", "--upstream", "127.0.0.1:5080", "--no-tracing"],
+                                 env={}))
+    app._gc_deep(1.25, 0, 600 << 20, 600 << 20)
+    app._gc_deep(0.5, 3, 600 << 20, 590 << 20)
+    reg = CollectorRegistry()
+    reg.register(GatewayCollector(app.stats))
+    text = generate_latest(reg).decode()
+    assert "sipwatch_gc_deep_collections_total 2.0" in text
+    assert "sipwatch_gc_deep_seconds_total 1.75" in text
