@@ -211,15 +211,15 @@ def test_quick_bench_prints_issue_10_tables_and_json():
     """``--quick`` end to end with the relay and the all-features sidecar: shape of the output only."""
     out = io.StringIO()
     with redirect_stdout(out):
-        rc = bench.main(["--quick", "--only", "ladder,overload,loaded_latency,profile", "--targets", "relay,all",
-                         "--rates", "20", "--duration", "1", "--latency-rate", "20", "--profile-rate", "20",
-                         "--profile-seconds", "1"])
+        rc = bench.main(["--quick", "--only", "ladder,overload,loaded_latency,sustained,profile", "--targets",
+                         "relay,all", "--rates", "20", "--duration", "1", "--latency-rate", "20", "--profile-rate", "20",
+                         "--profile-seconds", "1", "--sustained-rate", "20", "--sustained-seconds", "1"])
     text = out.getvalue()
     assert rc == 0
     lines = text.strip().splitlines()
     result = json.loads(lines[-1])
     for title in ("== rate ladder", "== overload", "== added round trip at 20 calls/s", "== issue 10:",
-                  "== issue 10 floors"):
+                  "== issue 10 floors", "== sustained: 20 calls/s for 1 s"):
         assert title in text, title
     head = next(ln for ln in lines if "max calls/s that passes" in ln)
     assert "20 calls/s CPU" in head and "at the first failing step" in head
@@ -245,6 +245,10 @@ def test_quick_bench_prints_issue_10_tables_and_json():
             res = v["residence"]
             assert res["matched"] > 0 and 0 < res["request_p50_us"] < 1e5 and 0 < res["response_p50_us"] < 1e5
     assert "samples" in result["profile"] or "skipped" in result["profile"]
+    su = result["sustained"]["all"]  # (the relay is not in the sustained run)
+    assert set(result["sustained"]) == {"all"} and su["completed"] == su["calls"] == 20
+    assert su["held"] is True and su["gc_deep"] == 0 and su["gc_deep_s"] == 0
+    assert any(f["floor"] == "20/s held for 1 s (no 503, < 0.1% failed)" and f["ok"] for f in result["floors"])
     assert {f["floor"] for f in result["floors"]} >= {"highest passing step >= 4000/s",
                                                       "tracing at 100% <= 1.25x --no-tracing CPU"}
 
