@@ -10,6 +10,8 @@ sampling exported over OTLP/HTTP to a collector in a process of its own *and* to
 Sections (default: all but throughput, tracing and flood):
 
   micro           µs per ``ProxyCore.receive_datagram`` for each message of a call, in process.
+  pipeline        the all-features proxy in process (ProxyApp, simulated time, no sockets): CPU
+                  per message of everything the loop does, past the 32-s linger of finished calls.
   latency         ping-pong OPTIONS (one request outstanding), idle: direct, through each target.
   ladder          rate ladder per target: SIPp caller → target → SIPp callee on loopback, 7
                   messages per call, fixed-rate steps; a step passes when < 0.1 % of its calls
@@ -69,9 +71,9 @@ import bench_micro  # noqa: E402
 import bench_net  # noqa: E402
 from harness import HAVE_SIPP, free_port, metric  # noqa: E402
 
-SECTIONS = ("micro", "latency", "ladder", "overload", "loaded_latency", "sustained", "profile", "throughput",
+SECTIONS = ("micro", "pipeline", "latency", "ladder", "overload", "loaded_latency", "sustained", "profile", "throughput",
             "tracing", "flood", "analyze", "hep", "tcp")
-DEFAULT_SECTIONS = ("micro", "latency", "ladder", "overload", "loaded_latency", "sustained", "profile", "analyze",
+DEFAULT_SECTIONS = ("micro", "pipeline", "latency", "ladder", "overload", "loaded_latency", "sustained", "profile", "analyze",
                     "hep", "tcp")
 DEFAULT_RATES = "300,1000,2000,3000,4000,5000,6500"
 # The four targets of issue 10, in display order: key → display name.
@@ -137,6 +139,36 @@ def _micro_compiled(tree: str, n: int, repeats: int) -> dict | None:
         _progress(f"  compiled micro-benchmark failed: {r.stderr[-500:]}")
         return None
     return orjson.loads(r.stdout.strip().splitlines()[-1])
+
+
+def section_pipeline(quick: bool) -> dict:
+    """bench_pipeline in a child process per build: the proxy's own CPU per message, with its
+    housekeeping, past the linger of finished calls (see tests/bench_pipeline.py)."""
+    rate, seconds, warm = (200.0, 6.0, 3.0) if quick else (1000.0, 45.0, 35.0)
+    trees = [("pure", str(ROOT))]
+    if os.environ.get("SIPWATCH_TREE"):
+        trees.append(("mypyc", os.pathsep.join((os.environ["SIPWATCH_TREE"], str(ROOT)))))
+    out: dict = {}
+    for build, path in trees:
+        code = ("import sys, json; sys.path.insert(0, %r); import bench_pipeline; "
+                "print(json.dumps(bench_pipeline.run(%r, %r, %r)))" % (str(Path(__file__).parent), rate, seconds, warm))
+        r = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": path}, timeout=900)
+        if r.returncode != 0:
+            _progress(f"  pipeline ({build}) failed: {r.stderr[-500:]}")
+            continue
+        out[build] = orjson.loads(r.stdout.strip().splitlines()[-1])
+    table(f"pipeline: the all-features proxy in process, {rate:g} calls/s for {seconds:g} simulated s, "
+          f"counted after {warm:g} s",
+          ["build", "messages counted", "CPU µs/msg", "calls finished", "calls in tables", "internal errors",
+           "max RSS MB"],
+          [[b, str(x["counted"]), _f(x["cpu_us_per_msg"], ".2f"), str(x["calls_finished"]),
+            str(x["calls_in_tables"]), str(x["internal_errors"]), _f(x["max_rss_mb"], ".0f")] for b, x in out.items()],
+          "  ProxyApp with every feature on fed SIPp's call flow in simulated time: no sockets, no wake-ups; the\n"
+          "  20-ms housekeeping ticks (timers, summaries, span hand-off, collector) included, message building\n"
+          "  not; " + ("counted once finished calls have lingered their 32 s and are being freed, as in a long run."
+                       if warm > 32 else "shorter than the 32-s linger of finished calls: none is freed (--quick)."))
+    return out
 
 
 def section_micro(quick: bool) -> dict:
@@ -1239,6 +1271,9 @@ def main(argv=None) -> int:
             features = Features(workdir, collector)
         if "micro" in a.only:
             result["micro"] = section_micro(a.quick)
+        if "pipeline" in a.only:
+            _progress("pipeline ...")
+            result["pipeline"] = section_pipeline(a.quick)
         if "analyze" in a.only:
             _progress("analyze vs tshark ...")
             result["analyze"] = bench_analyze.run(runs=1 if a.quick else 5)

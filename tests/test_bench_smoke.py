@@ -398,3 +398,14 @@ def test_steal_share_is_of_the_whole_machines_ticks():
     assert bench_net.steal_pct((5, 1000), (5, 1000)) is None  # (no tick passed)
     stolen, total = bench_net.machine_ticks()
     assert 0 <= stolen <= total
+
+
+def test_pipeline_carries_every_call_through_the_whole_proxy():
+    """Every message of every call is forwarded (run raises otherwise), every call ends answered in
+    the proxy's counts, and what lingers past the run is what the last 32 s left."""
+    import bench_pipeline
+    r = bench_pipeline.run(rate=50.0, seconds=2.0, warm=1.0)
+    assert r["messages"] == 7 * 100 and 0 < r["counted"] < r["messages"]
+    assert r["calls_finished"] == 100 and r["internal_errors"] == 0
+    assert r["calls_in_tables"] == 100  # (all within the linger)
+    assert r["cpu_us_per_msg"] > 0

@@ -1,0 +1,126 @@
+"""The whole proxy in process: a SIPp-like call stream through ``ProxyApp`` with every feature on,
+in simulated time, with no sockets and no event loop.
+
+What it adds to the micro-benchmark: everything the event loop does for a call besides the
+datagrams (the housekeeping ticks every 20 ms: timers, call summaries, span hand-off, histograms,
+the collector's steps) and the state a long run piles up. Finished calls linger ``timer_b`` (32 s)
+before they are freed, so a run of a few seconds never pays for freeing them and works on small
+tables: here the simulated clock runs past the linger, and only the part after ``warm`` seconds is
+counted. Without sockets, what is left is the process's own CPU; without real time, no wake-ups.
+
+The calls follow SIPp's flow in ``bench_micro`` (INVITE, 100, 180, 200, ACK, BYE, 200), spaced a
+few milliseconds apart as on the loopback, at ``rate`` calls a second. Building the messages is
+timed separately and left out. The span worker process is started as the proxy starts it; its
+CPU is not in the figure (a process of its own), its hand-off is.
+"""
+from __future__ import annotations
+
+import gc
+import heapq
+import os
+import resource
+import tempfile
+import time
+
+import bench_micro as bm
+
+# what follows each message of a call, and after how long (seconds), as SIPp on the loopback
+_NEXT = (0.0005, 0.0005, 0.001, 0.0005, 0.002, 0.0005, None)
+TICK = 0.02  # the proxy's housekeeping tick (app.TICK)
+
+
+def run(rate: float = 1000.0, seconds: float = 45.0, warm: float = 35.0) -> dict:
+    """CPU per message (process time, message building excluded) of the calls placed after
+    ``warm`` simulated seconds, and what the proxy counted."""
+    from sipwatch.app import ProxyApp
+    from sipwatch.config import settings_from
+    from sipwatch.logs import JsonLog
+
+    workdir = tempfile.mkdtemp(prefix="sipwatch-pipeline-")
+    settings = settings_from([
+        "--listen", "127.0.0.1:5070", "--upstream", "127.0.0.1:5080",
+        "--otlp-endpoint", "http://127.0.0.1:9/v1/traces", "--otlp-protocol", "http/protobuf",
+        "--sample-ratio", "1", "--spans-file", os.path.join(workdir, "spans.jsonl"),
+        "--gateway-metrics", "off", "--signaling-metrics", "off", "--no-tcp"], env={})
+    sink = open(os.devnull, "wb")
+    log = JsonLog(settings.service_name, mask_mode=settings.mask_numbers, level=settings.log_level, stream=sink)
+    app = ProxyApp(settings, log)
+    clock = [1_000_000.0]
+    app.clock = lambda: clock[0]
+    receive = app.core.receive_datagram
+    gw, up = bm.GATEWAY, bm.UPSTREAM
+    start = clock[0]
+    n_calls = int(rate * seconds)
+    heap = [(start + i / rate, 0, i) for i in range(n_calls)]  # (when, step of the call, call)
+    heapq.heapify(heap)
+    fwd_inv: dict[int, bytes] = {}
+    fwd_bye: dict[int, bytes] = {}
+    building = 0.0
+    msgs = counted = 0
+    next_tick = start + TICK
+    t_warm = start + warm
+    cpu0 = None
+    gc_was = gc.isenabled()
+    app.gc.start()  # (as the running proxy: the automatic collector off, its steps in the ticks)
+    try:
+        while heap:
+            t, step, i = heapq.heappop(heap)
+            while next_tick <= t:
+                clock[0] = next_tick
+                app.tick()
+                next_tick += TICK
+            clock[0] = t
+            if cpu0 is None and t >= t_warm:
+                cpu0, counted, building = time.process_time(), 0, 0.0
+            n = i + 1
+            b0 = time.process_time()
+            if step == 0:
+                msg, src = bm.invite(n), gw
+            elif step in (1, 2, 3):
+                msg = bm.response(fwd_inv[i], (b"100 Trying", b"180 Ringing", b"200 OK")[step - 1], n, step == 3)
+                src = up
+            elif step in (4, 5):
+                msg, src = bm.in_dialog((b"ACK", b"BYE")[step - 4], step - 3, n), gw
+            else:
+                msg, src = bm.response(fwd_bye.pop(i), b"200 OK", n), up
+            building += time.process_time() - b0
+            out = receive(msg, src, t)
+            if not out:
+                raise RuntimeError(f"message {step} of call {n} was not forwarded")
+            if step == 0:
+                fwd_inv[i] = out[0][0]
+            elif step == 3:
+                del fwd_inv[i]
+            elif step == 5:
+                fwd_bye[i] = out[0][0]
+            msgs += 1
+            counted += 1
+            if _NEXT[step] is not None:
+                heapq.heappush(heap, (t + _NEXT[step], step + 1, i))
+        for _ in range(10):  # the last summaries
+            clock[0] = next_tick
+            app.tick()
+            next_tick += TICK
+        cpu = time.process_time() - (cpu0 or 0.0) - building
+        stats = app.stats
+        out = {"rate": rate, "seconds": seconds, "warm": warm, "messages": msgs, "counted": counted,
+               "cpu_us_per_msg": cpu / counted * 1e6 if counted else None,
+               "calls_finished": sum(stats.calls), "internal_errors": sum(stats.internal_errors.values()),
+               "calls_in_tables": len(app.core.tracker.calls),
+               "transactions_in_tables": len(app.core.tracker.transactions),
+               "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    finally:
+        app.gc.stop()
+        if gc_was:
+            gc.enable()
+        if app.spans is not None:
+            app.spans.shutdown(1.0)
+        sink.close()
+    return out
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+    args = [float(x) for x in sys.argv[1:4]]
+    print(json.dumps(run(*args)))
