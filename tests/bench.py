@@ -795,6 +795,7 @@ def _loaded_latency_once(workdir: Path, key: str, rate: int, duration: float, n:
         with bench_net.Splitter(workdir, uas_port) as split:
             target = make_target(workdir, key, split.port, features, per_source=True)
             with target:
+                ticks0 = bench_net.machine_ticks()
                 load = bench_net.SippLoad(workdir, target, uas_port, rate, duration).start()
                 try:
                     time.sleep(min(2.0, duration / 5))
@@ -808,6 +809,7 @@ def _loaded_latency_once(workdir: Path, key: str, rate: int, duration: float, n:
         return None
     d, t = lat["direct"], lat[target.name]
     x = {"target": target.name, "rate": rate, "load": r, "load_passed": bench_net.passed(r, MAX_FAILED),
+         "steal_pct": bench_net.steal_pct(ticks0, bench_net.machine_ticks()),
          "direct": d, "through": t,
          "added_p50_us": t["p50_us"] - d["p50_us"], "added_p99_us": t["p99_us"] - d["p99_us"]}
     _progress(f"  {target.name}: +p50 {x['added_p50_us']:.1f} µs, +p99 {x['added_p99_us']:.1f} µs "
@@ -825,6 +827,7 @@ def _residence_once(workdir: Path, key: str, rate: int, n: int, features: Featur
         with bench_net.Splitter(workdir, uas_port) as split:
             target = make_target(workdir, key, split.port, features, per_source=True)
             with target:
+                ticks0 = bench_net.machine_ticks()
                 load = bench_net.SippLoad(workdir, target, uas_port, rate, 6.0).start()
                 try:
                     time.sleep(2.0)
@@ -841,7 +844,8 @@ def _residence_once(workdir: Path, key: str, rate: int, n: int, features: Featur
         return None
     finally:
         pcap.unlink(missing_ok=True)
-    x.update(target=TARGETS[key], load_passed=bench_net.passed(r, MAX_FAILED))
+    x.update(target=TARGETS[key], load_passed=bench_net.passed(r, MAX_FAILED),
+             steal_pct=bench_net.steal_pct(ticks0, bench_net.machine_ticks()))
     return x
 
 
@@ -865,14 +869,14 @@ def section_residence(workdir: Path, keys: list[str], rate: int, n: int, feature
             into[key]["residence"] = x
         rows.append([x["target"], f"{x['matched']}/{x['probes']}", _f(x["request_p50_us"]), _f(x["request_p90_us"]),
                      _f(x["request_p99_us"]), _f(x["response_p50_us"]), _f(x["response_p90_us"]),
-                     _f(x["response_p99_us"]), "ok" if x["load_passed"] else "FAILED"])
+                     _f(x["response_p99_us"]), "ok" if x["load_passed"] else "FAILED", _f(x["steal_pct"], ".1f")])
     kam = got.get("kamailio")
     for row, x in zip(rows, got.values()):
         row.insert(8, _f(x["request_p50_us"] + x["response_p50_us"]
                          - (kam["request_p50_us"] + kam["response_p50_us"]), "+.1f") if kam else "-")
     table(f"residence at {rate} calls/s: how long each target held the probe's datagrams (one captured run each)",
           ["target", "matched", "request p50", "p90", "p99", "response p50", "p90", "p99", "p50s vs kamailio",
-           "load"], rows,
+           "load", "steal %"], rows,
           "  µs from a datagram leaving its sender to the target's copy of it leaving the target, both\n"
           "  timestamped by the kernel on the loopback (dumpcap): the target's wake-up and its work, without the\n"
           "  probe's wake-ups or the idle states that move the direct round trip; 'p50s vs kamailio' adds the\n"
@@ -907,7 +911,8 @@ def section_loaded_latency(workdir: Path, keys: list[str], rate: int, duration: 
                         added_p50_runs_us=[round(x["added_p50_us"], 1) for x in xs],
                         added_p99_runs_us=[round(x["added_p99_us"], 1) for x in xs],
                         via_p50_us=statistics.median(x["through"]["p50_us"] for x in xs),
-                        direct_p50_runs_us=[round(x["direct"]["p50_us"], 1) for x in xs])
+                        direct_p50_runs_us=[round(x["direct"]["p50_us"], 1) for x in xs],
+                        steal_runs_pct=[x["steal_pct"] for x in xs])
     kam = out.get("kamailio")
     rows = []
     for key, x in out.items():
@@ -921,18 +926,20 @@ def section_loaded_latency(workdir: Path, keys: list[str], rate: int, duration: 
                      " ".join(f"{v:+.0f}" for v in x["added_p50_runs_us"]),
                      " ".join(f"{v:+.0f}" for v in x["added_p99_runs_us"]),
                      " ".join(f"{v:.0f}" for v in x["direct_p50_runs_us"]),
-                     _f(x["via_p50_vs_kamailio_us"], "+.1f", "")])
+                     _f(x["via_p50_vs_kamailio_us"], "+.1f", ""),
+                     " ".join(_f(v, ".1f") for v in x["steal_runs_pct"])])
     table(f"added round trip at {rate} calls/s: OPTIONS ping-pong through the loaded target vs to the same "
           f"upstream directly, interleaved; median of {repeats} runs per target",
           ["target", "load completed", "probes", "direct p50", "via p50", "direct p99", "via p99",
            "+p50 µs", "+p99 µs", "+p50 vs kamailio", "+p50 of each run", "+p99 of each run",
-           "direct p50 of each run", "via p50 vs kamailio"], rows,
+           "direct p50 of each run", "via p50 vs kamailio", "steal % of each run"], rows,
           "  the upstream is a splitter in front of the SIPp callee that answers the probe's OPTIONS itself;\n"
           "  the relay runs with one upstream socket per source here (the probe and SIPp share it);\n"
           "  +p50/+p99 are medians over the runs; the other columns are from the run with the median +p50;\n"
           "  the direct round trip itself swings with how busy the target keeps the CPUs (a halted vCPU wakes\n"
           "  slowly): \"via p50 vs kamailio\" (medians) compares what a call through each one sees, beside the\n"
-          "  floor's +p50 (through minus direct, per run).")
+          "  floor's +p50 (through minus direct, per run); steal: the machine's ticks the hypervisor gave to\n"
+          "  someone else during each run (/proc/stat), above ~1% the run's latencies measure the host too.")
     return out
 
 

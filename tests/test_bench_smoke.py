@@ -239,6 +239,7 @@ def test_quick_bench_prints_issue_10_tables_and_json():
         assert [r["factor"] for r in result["overload"]["all"]] == [1.5, 2.0]
     assert set(result["loaded_latency"]) == {"relay", "all"}
     assert all(v["through"]["answered"] > 0 for v in result["loaded_latency"].values())
+    assert all(len(v["steal_runs_pct"]) == v["runs"] for v in result["loaded_latency"].values())
     if bench_net.DUMPCAP:
         assert "== residence at 20 calls/s" in text
         for v in result["loaded_latency"].values():
@@ -299,7 +300,13 @@ def test_floors_judge_the_all_features_sidecar_against_kamailio():
         "goodput at 1.5x the highest passing rate >= 90%": True,
         "goodput at 2x the highest passing rate >= 90%": False,
         "503 + Retry-After beyond capacity (caller received)": True,
+        "highest passing step holds when sustained (4000/s, 75 s)": None,  # (no sustained run)
     }
+    result["sustained"] = {"all": {"rate": 4000, "duration_s": 75.0, "held": False, "completed": 293506,
+                                   "calls": 300000, "refused_503": 6494, "gc_deep": 1.0}}
+    row = bench.floors(result)[-1]
+    assert row["floor"] == "4000/s held for 75 s (no 503, < 0.1% failed)" and row["ok"] is False
+    assert row["shown"] == "293506/300000 completed, 6494 503s, deep GCs 1"
     assert result["tracing_cost"] == {"rate": 1000, "ratio": pytest.approx(1.2),
                                       "per_step": {1000: pytest.approx(1.2), 4000: pytest.approx(1.2)}}
     # a ladder that ended below 4000 with its top step passing cannot tell
