@@ -416,3 +416,8 @@ def test_pipeline_carries_every_call_through_the_whole_proxy():
     assert r["calls_finished"] == 100 and r["internal_errors"] == 0
     assert r["calls_in_tables"] == 100  # (all within the linger)
     assert r["cpu_us_per_msg"] > 0
+
+
+def test_cpu_share_of_a_run_that_overran_its_step_is_over_its_own_length():
+    assert bench_net.cpu_share(2.0, 10.0, 10.05) == pytest.approx(19.9, abs=0.01)
+    assert bench_net.cpu_share(35.8, 10.0, 32.0) == pytest.approx(111.9, abs=0.1)  # (was 358%)
