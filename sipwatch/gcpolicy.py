@@ -37,9 +37,11 @@ with every feature on, the finished calls lingering ``timer_b`` (32 s) took the 
 from 100 to 600 MB in the first half minute, and the deep collection that growth set off a
 minute after start stopped the loop for 1355 ms and found nothing; the overload guard shed 6494
 INVITEs with 503 meanwhile (in another run 4496 calls failed). So ``state_size()`` (the proxy's
-calls and transactions) is asked too, and growth up to ``STATE_BYTES`` per entry more than at the
-last deep collection is explained. Growth the state does not explain (a leak, or the state
-shrinking back while the memory stays) still triggers one, and with less state it is shorter.
+calls and transactions) is read every tick, and growth up to ``STATE_BYTES`` per entry that the
+state's peak since the last deep collection had over its size then is explained: the peak, not
+the present size, because the allocator keeps the memory of calls that have ended (a collection
+would find nothing there either, and after an evening's drop in traffic it would walk the whole
+remaining state for it). Growth the state never explained (a leak) still triggers one.
 """
 from __future__ import annotations
 
@@ -83,6 +85,7 @@ class GcPolicy:
         self.on_deep = on_deep  # callable(seconds, collected, rss_before, rss_after)
         self.state_size = state_size  # callable() -> entries of live state (calls, transactions)
         self._state_base = 0  # state_size() at the last deep collection (or the start)
+        self._state_peak = 0  # its highest since then
         self.deep_explained = 0  # ticks whose growth was over DEEP_GROWTH, explained by the state
         self._next = 0.0
         self._deep_at = 0.0
@@ -104,7 +107,7 @@ class GcPolicy:
         self._next = now + EVERY
         self._deep_at = now
         self._baseline = rss_bytes()
-        self._state_base = self._state()
+        self._state_base = self._state_peak = self._state()
 
     def _state(self) -> int:
         return self.state_size() if self.state_size is not None else 0
@@ -114,6 +117,9 @@ class GcPolicy:
         if now < self._next:
             return
         self._next = now + EVERY
+        size = self._state()
+        if size > self._state_peak:
+            self._state_peak = size
         rss = rss_bytes()
         if rss and rss - self._baseline > DEEP_GROWTH and now - self._deep_at >= DEEP_EVERY and \
                 not self._explained(rss):
@@ -125,7 +131,7 @@ class GcPolicy:
             self._deep_at = now
             after = rss_bytes()
             self._baseline = after
-            self._state_base = self._state()
+            self._state_base = self._state_peak = size
             if self.on_deep is not None:
                 self.on_deep(time.perf_counter() - t0, found, rss, after)
             return
@@ -145,9 +151,9 @@ class GcPolicy:
         self.quiet = 0 if found else self.quiet + 1
 
     def _explained(self, rss: int) -> bool:
-        """The growth since the last deep collection is no more than the live state's growth
-        accounts for (asked only once the growth is over DEEP_GROWTH)."""
-        grown = self._state() - self._state_base
+        """The growth since the last deep collection is no more than the live state's growth to
+        its peak accounts for (asked only once the growth is over DEEP_GROWTH)."""
+        grown = self._state_peak - self._state_base
         if grown > 0 and rss - self._baseline <= DEEP_GROWTH + grown * STATE_BYTES:
             self.deep_explained += 1
             return True

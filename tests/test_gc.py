@@ -235,14 +235,18 @@ def test_growth_the_call_state_explains_sets_off_no_deep_collection(monkeypatch)
     assert deep and deep[0] >= DEEP_EVERY and all(b - a >= DEEP_EVERY for a, b in zip(deep, deep[1:]))
 
 
-def test_memory_kept_after_the_state_shrank_back_is_collected_deep_once(monkeypatch):
-    """The state grew (explained), then the calls ended and the memory stayed: unexplained now,
-    and the deep collection runs over the little state that is left."""
+def test_memory_kept_after_the_state_shrank_back_sets_off_nothing_but_a_leak_beyond_it_does(monkeypatch):
+    """The state grew (explained), then traffic fell and the calls ended while the allocator kept
+    their memory: still explained by the state's peak (a deep collection would walk what is left
+    and find nothing). Memory growing past what the peak explains is a leak: collected deep."""
     per_mb = (1 << 20) // 3072 + 1
     steps = [(t, 100 + 8 * t, 8 * t * per_mb) for t in range(1, 61)]
     steps += [(t, 580, 100) for t in range(61, 200)]
+    deep, policy = _deep_runs(monkeypatch, steps)
+    assert deep == [] and policy.deep_explained > 0
+    steps += [(t, 580 + 2 * (t - 200), 100) for t in range(200, 400)]  # then a leak, 2 MB a second
     deep, _ = _deep_runs(monkeypatch, steps)
-    assert len(deep) == 1 and deep[0] >= 61
+    assert deep and deep[0] > 200 + 32  # (past the 64 MB beyond the peak's allowance)
 
 
 def test_the_proxy_tells_its_policy_how_much_state_it_holds():
