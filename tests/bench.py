@@ -576,9 +576,7 @@ def load_step(workdir: Path, key: str, rate: int, duration: float, features: Fea
         target = make_target(workdir, key, uas_port, features)
         with target:
             otlp0 = features.collector.stats() if key == "all" else None
-            ticks0 = bench_net.machine_ticks()
             r = bench_net.SippLoad(workdir, target, uas_port, rate, duration).start().finish()
-            r["steal_pct"] = bench_net.steal_pct(ticks0, bench_net.machine_ticks())
             _sidecar_figures(target, r, features if key == "all" else None, otlp0)
     except RuntimeError as exc:
         _progress(f"  {TARGETS[key]} @ {rate}/s: not measured ({exc})")
@@ -795,7 +793,6 @@ def _loaded_latency_once(workdir: Path, key: str, rate: int, duration: float, n:
         with bench_net.Splitter(workdir, uas_port) as split:
             target = make_target(workdir, key, split.port, features, per_source=True)
             with target:
-                ticks0 = bench_net.machine_ticks()
                 load = bench_net.SippLoad(workdir, target, uas_port, rate, duration).start()
                 try:
                     time.sleep(min(2.0, duration / 5))
@@ -809,7 +806,7 @@ def _loaded_latency_once(workdir: Path, key: str, rate: int, duration: float, n:
         return None
     d, t = lat["direct"], lat[target.name]
     x = {"target": target.name, "rate": rate, "load": r, "load_passed": bench_net.passed(r, MAX_FAILED),
-         "steal_pct": bench_net.steal_pct(ticks0, bench_net.machine_ticks()),
+         "steal_pct": r["steal_pct"],
          "direct": d, "through": t,
          "added_p50_us": t["p50_us"] - d["p50_us"], "added_p99_us": t["p99_us"] - d["p99_us"]}
     _progress(f"  {target.name}: +p50 {x['added_p50_us']:.1f} µs, +p99 {x['added_p99_us']:.1f} µs "
@@ -827,7 +824,6 @@ def _residence_once(workdir: Path, key: str, rate: int, n: int, features: Featur
         with bench_net.Splitter(workdir, uas_port) as split:
             target = make_target(workdir, key, split.port, features, per_source=True)
             with target:
-                ticks0 = bench_net.machine_ticks()
                 load = bench_net.SippLoad(workdir, target, uas_port, rate, 6.0).start()
                 try:
                     time.sleep(2.0)
@@ -845,7 +841,7 @@ def _residence_once(workdir: Path, key: str, rate: int, n: int, features: Featur
     finally:
         pcap.unlink(missing_ok=True)
     x.update(target=TARGETS[key], load_passed=bench_net.passed(r, MAX_FAILED),
-             steal_pct=bench_net.steal_pct(ticks0, bench_net.machine_ticks()))
+             steal_pct=r["steal_pct"])
     return x
 
 

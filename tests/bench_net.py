@@ -871,6 +871,7 @@ class SippLoad:
             self.rcvbuf0 = udp_rcvbuf_errors()
             self.drops0 = udp_port_drops([self.proxy_port]), udp_port_drops(self.ports)
             self.cpu0 = cpu_seconds(self.pids)
+            self.ticks0 = machine_ticks()
             self.t0 = time.monotonic()
             self.uac, self.uac_dir = _sipp(self.workdir, f"uac-{self.tag}", [
                 "-sf", str(uac_scen), "-i", "127.0.0.1", "-p", str(uac_port),
@@ -899,6 +900,7 @@ class SippLoad:
             rss = rss_peak_mb(self.pids)
             drops1 = udp_port_drops([self.proxy_port]), udp_port_drops(self.ports)
             rcvbuf1 = udp_rcvbuf_errors()
+            steal = steal_pct(self.ticks0, machine_ticks())
             _stop(self.uas, 2)
         finally:  # interrupted: leave no SIPp behind
             self.kill()
@@ -929,7 +931,7 @@ class SippLoad:
             "cpu_us_per_msg": 1e6 * cpu / msgs if pids and msgs else None,
             "rss_peak_mb": rss if pids else None,
             "proxy_drops": drops1[0] - self.drops0[0], "sipp_drops": drops1[1] - self.drops0[1],
-            "rcvbuf_errors": rcvbuf1 - self.rcvbuf0,
+            "rcvbuf_errors": rcvbuf1 - self.rcvbuf0, "steal_pct": steal,
         }
 
 
