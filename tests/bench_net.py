@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -450,6 +451,33 @@ class PingPong:
                     rtts.append((clock() - t0) / 1000.0)
                     break  # a late answer to an earlier request is skipped
         return rtts, lost
+
+
+class CpusHeldAwake:
+    """Hold every CPU out of its idle states while in use: a PM QoS request of 0 µs wake-up latency
+    (``/dev/cpu_dma_latency``, held for as long as the file is open; root only). On a VM whose idle
+    vCPUs halt, a wake-up of a halted vCPU costs tens of µs and lands on whichever process the
+    scheduler put on it, so the loaded ping-pong measures the guest's idle policy as much as the
+    proxies; held awake, what is left is the proxies' own work and wake-ups. ``held``: the request
+    is in force (False where it could not be made: not root, no such device)."""
+
+    def __init__(self):
+        self.fh = None
+        self.held = False
+
+    def __enter__(self) -> "CpusHeldAwake":
+        try:
+            self.fh = open("/dev/cpu_dma_latency", "wb", buffering=0)
+            self.fh.write(struct.pack("i", 0))
+            self.held = True
+        except OSError:
+            self.__exit__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fh is not None:
+            self.fh.close()  # (the request ends with the file)
+            self.fh = None
 
 
 def machine_ticks() -> tuple[int, int]:
