@@ -29,9 +29,10 @@ _NEXT = (0.0005, 0.0005, 0.001, 0.0005, 0.002, 0.0005, None)
 TICK = 0.02  # the proxy's housekeeping tick (app.TICK)
 
 
-def run(rate: float = 1000.0, seconds: float = 45.0, warm: float = 35.0) -> dict:
+def run(rate: float = 1000.0, seconds: float = 45.0, warm: float = 35.0, extra: tuple[str, ...] = ()) -> dict:
     """CPU per message (process time, message building excluded) of the calls placed after
-    ``warm`` simulated seconds, and what the proxy counted."""
+    ``warm`` simulated seconds, what the proxy counted, and the peak resident size of the proxy
+    process and of its span worker. ``extra``: more command-line settings (state caps, say)."""
     from sipwatch.app import ProxyApp
     from sipwatch.config import settings_from
     from sipwatch.logs import JsonLog
@@ -41,7 +42,7 @@ def run(rate: float = 1000.0, seconds: float = 45.0, warm: float = 35.0) -> dict
         "--listen", "127.0.0.1:5070", "--upstream", "127.0.0.1:5080",
         "--otlp-endpoint", "http://127.0.0.1:9/v1/traces", "--otlp-protocol", "http/protobuf",
         "--sample-ratio", "1", "--spans-file", os.path.join(workdir, "spans.jsonl"),
-        "--gateway-metrics", "off", "--signaling-metrics", "off", "--no-tcp"], env={})
+        "--gateway-metrics", "off", "--signaling-metrics", "off", "--no-tcp", *extra], env={})
     sink = open(os.devnull, "wb")
     log = JsonLog(settings.service_name, mask_mode=settings.mask_numbers, level=settings.log_level, stream=sink)
     app = ProxyApp(settings, log)
@@ -108,7 +109,8 @@ def run(rate: float = 1000.0, seconds: float = 45.0, warm: float = 35.0) -> dict
                "calls_finished": sum(stats.calls), "internal_errors": sum(stats.internal_errors.values()),
                "calls_in_tables": len(app.core.tracker.calls),
                "transactions_in_tables": len(app.core.tracker.transactions),
-               "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+               "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+               "worker_rss_mb": _peak_rss_mb(getattr(getattr(app.spans, "proc", None), "pid", None))}
     finally:
         app.gc.stop()
         if gc_was:
@@ -119,8 +121,22 @@ def run(rate: float = 1000.0, seconds: float = 45.0, warm: float = 35.0) -> dict
     return out
 
 
+def _peak_rss_mb(pid: int | None) -> float | None:
+    """VmHWM of a process, in MB (None: no such process)."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 if __name__ == "__main__":
     import json
     import sys
     args = [float(x) for x in sys.argv[1:4]]
-    print(json.dumps(run(*args)))
+    print(json.dumps(run(*args, extra=tuple(sys.argv[4:]))))

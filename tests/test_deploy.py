@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness import HAVE_SIPP, ROOT, Sidecar, Sipp, free_port, metric
+from harness import HAVE_SIPP, ROOT, Sidecar, Sipp, free_port, metric, sipwatch_path
 
 DEPLOY = ROOT / "deploy"
 PROM_DIR = DEPLOY / "prometheus"
@@ -857,6 +857,59 @@ def test_kubernetes_sidecar_wiring():
     assert sorted(kust["resources"]) == sorted(f.name for f in K8S.glob("*.yaml") if f.name != "kustomization.yaml")
 
 
+def _mebibytes(quantity: str) -> float:
+    """A Kubernetes memory quantity ("512Mi", "1Gi", "800M") in MiB."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(Ki|Mi|Gi|K|M|G)?", quantity)
+    assert m, quantity
+    scale = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024, "K": 1e3 / 2**20, "M": 1e6 / 2**20, "G": 1e9 / 2**20,
+             None: 1 / 2**20}[m.group(2)]
+    return float(m.group(1)) * scale
+
+
+def _footprint_at(calls: int) -> dict:
+    """The whole proxy in process (tests/bench_pipeline.py: every feature on, SIPp's call flow) with
+    state caps of ``calls`` calls and twice as many transactions, run until the caps are full:
+    the peak resident size of the proxy process and of its span worker, in MB."""
+    seconds = calls / 1000 + 3  # (calls linger 32 s: every one placed is still in the tables)
+    r = subprocess.run([sys.executable, "-P", "bench_pipeline.py", "1000", str(seconds), "0",
+                        "--max-calls", str(calls), "--max-transactions", str(2 * calls)],
+                       cwd=ROOT / "tests", capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=os.pathsep.join((sipwatch_path(), str(ROOT / "tests")))))
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["calls_in_tables"] == calls and out["internal_errors"] == 0
+    return out
+
+
+def test_kubernetes_memory_limit_holds_the_sidecar_at_its_state_caps():
+    """The container's memory limit must hold the sidecar with its call and transaction tables
+    full (the caps the ConfigMap sets, else the defaults): past the limit the kernel kills the
+    process and every call through the pod with it. Full tables are ordinary, not an attack: 100k
+    calls is 500 calls/s held 3 minutes each, or SIPp's short calls at ~3000/s lingering Timer B.
+
+    Measured here rather than assumed: the proxy's resident size with 2000 and 6000 calls in its
+    tables gives the bytes a call takes (with its transactions) and the rest; the line is drawn to
+    the caps, times 1.15 for what a long run's churn adds (at 100k calls a 4000 calls/s run peaked
+    at 606 MB where the line said 543), plus the span worker. The limit was 512 Mi once: the
+    sidecar carrying 4000 calls/s peaked at 634 MB."""
+    from sipwatch.config import settings_from
+    by_kind = {d["kind"]: d for d in k8s_docs().values()}
+    cm, ds = by_kind["ConfigMap"], by_kind["DaemonSet"]
+    side = next(c for c in ds["spec"]["template"]["spec"]["containers"] if c["name"] == "sipwatch")
+    env = dict(cm["data"])
+    env.update({e["name"]: e["value"].replace("$(POD_IP)", "10.0.0.7") for e in side["env"] if "value" in e})
+    s = settings_from([], env=env)
+    at_caps = min(s.max_calls, s.max_transactions // 2)  # (a call holds two: its INVITE and its BYE)
+    small, large = _footprint_at(2000), _footprint_at(6000)
+    per_call = (large["max_rss_mb"] - small["max_rss_mb"]) / 4000
+    assert 1.5 / 1024 < per_call < 20 / 1024, f"{per_call * 1024:.1f} KB a call: not a state-size slope"
+    rest = small["max_rss_mb"] - 2000 * per_call
+    need = (rest + at_caps * per_call) * 1.15 + large["worker_rss_mb"]
+    limit = _mebibytes(side["resources"]["limits"]["memory"])  # (VmHWM's MB above are MiB too)
+    assert need <= limit, (f"the sidecar at its caps ({at_caps} calls, {per_call * 1024:.1f} KB each) needs "
+                           f"~{need:.0f} MB; the container's limit is {limit:.0f} MiB")
+
+
 # --------------------------------------------------------------------------------------------
 # README and coverage of deploy/
 
@@ -897,7 +950,7 @@ COVERAGE = {
     "grafana/provisioning/dashboards/dashboards.yml": "test_dashboards_content",
     "loki/loki.yml": "test_promtail_keeps_labels_low_cardinality",
     "promtail/promtail.yml": "test_promtail_*, test_log_pipeline_*",
-    "k8s/*.yaml": "kubernetes-validate, CRD schema, test_kubernetes_sidecar_wiring",
+    "k8s/*.yaml": "kubernetes-validate, CRD schema, test_kubernetes_sidecar_wiring, test_kubernetes_memory_limit_*",
     "k8s/prometheusrule.py": "test_prometheus_rule_resource_is_generated_from_the_rule_files",
 }
 
