@@ -19,6 +19,7 @@ import gc
 import heapq
 import os
 import resource
+import shutil
 import tempfile
 import time
 
@@ -118,6 +119,7 @@ def run(rate: float = 1000.0, seconds: float = 45.0, warm: float = 35.0, extra: 
         if app.spans is not None:
             app.spans.shutdown(1.0)
         sink.close()
+        shutil.rmtree(workdir, ignore_errors=True)
     return out
 
 
