@@ -1126,7 +1126,13 @@ def floors(result: dict) -> list[dict]:
     add("503 + Retry-After beyond capacity (caller received)", v, None if v is None else v > 0,
         "not measured" if v is None else f"{v} 503s, sidecar counted "
         f"{_f(sum(x.get('overload_rejected') or 0 for x in ov), '.0f')}")
-    su = (result.get("sustained") or {}).get("all")
+    sus = result.get("sustained") or {}
+    su, sk = sus.get("all"), sus.get("kamailio")
+    if su and sk and su.get("cpu_us_per_msg") and sk.get("cpu_us_per_msg"):
+        # (the 10-s steps end before the tables reach their caps; this is the steady state's ratio)
+        v = su["cpu_us_per_msg"] / sk["cpu_us_per_msg"]
+        add(f"CPU/msg sustained at {su['rate']}/s <= 2x Kamailio's", v, v <= 2.0,
+            f"{v:.2f}x ({su['cpu_us_per_msg']:.1f} vs {sk['cpu_us_per_msg']:.1f} µs over {su['duration_s']:g} s)")
     add("highest passing step holds when sustained (4000/s, 75 s)" if su is None else
         f"{su['rate']}/s held for {su['duration_s']:g} s (no 503, < 0.1% failed)", su and su["held"],
         None if su is None else su["held"],

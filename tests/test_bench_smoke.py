@@ -360,6 +360,13 @@ def test_floors_judge_the_all_features_sidecar_against_kamailio():
     row = bench.floors(result)[-1]
     assert row["floor"] == "4000/s held for 75 s (no 503, < 0.1% failed)" and row["ok"] is False
     assert row["shown"] == "293506/300000 completed, 6494 503s, deep GCs 1"
+    # with Kamailio's run beside it, the steady state's CPU ratio is judged too (the 10-s steps'
+    # 1.69x was 2.28x once the tables were full)
+    result["sustained"]["all"]["cpu_us_per_msg"] = 23.4
+    result["sustained"]["kamailio"] = {"rate": 4000, "duration_s": 75.0, "cpu_us_per_msg": 10.3}
+    steady = next(f for f in bench.floors(result) if f["floor"].startswith("CPU/msg sustained"))
+    assert steady["floor"] == "CPU/msg sustained at 4000/s <= 2x Kamailio's" and steady["ok"] is False
+    assert steady["shown"] == "2.27x (23.4 vs 10.3 µs over 75 s)"
     assert result["tracing_cost"] == {"rate": 1000, "ratio": pytest.approx(1.2),
                                       "per_step": {1000: pytest.approx(1.2), 4000: pytest.approx(1.2)}}
     # a ladder that ended below 4000 with its top step passing cannot tell
