@@ -18,7 +18,6 @@ from __future__ import annotations
 import gc
 import heapq
 import os
-import resource
 import shutil
 import tempfile
 import time
@@ -110,7 +109,8 @@ def run(rate: float = 1000.0, seconds: float = 45.0, warm: float = 35.0, extra: 
                "calls_finished": sum(stats.calls), "internal_errors": sum(stats.internal_errors.values()),
                "calls_in_tables": len(app.core.tracker.calls),
                "transactions_in_tables": len(app.core.tracker.transactions),
-               "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+               # (VmHWM, not ru_maxrss: a child's ru_maxrss starts from its parent's size at the fork)
+               "max_rss_mb": _peak_rss_mb(os.getpid()),
                "worker_rss_mb": _peak_rss_mb(getattr(getattr(app.spans, "proc", None), "pid", None))}
     finally:
         app.gc.stop()

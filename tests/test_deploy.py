@@ -869,7 +869,9 @@ def _mebibytes(quantity: str) -> float:
 def _footprint_at(calls: int) -> dict:
     """The whole proxy in process (tests/bench_pipeline.py: every feature on, SIPp's call flow) with
     state caps of ``calls`` calls and twice as many transactions, run until the caps are full:
-    the peak resident size of the proxy process and of its span worker, in MB."""
+    the peak resident size of the proxy process and of its span worker, in MB (their own VmHWM: a
+    child's ``ru_maxrss`` starts from the size of the process that forked it, here pytest's, which
+    after the suite's other tests made both runs read the same)."""
     seconds = calls / 1000 + 3  # (calls linger 32 s: every one placed is still in the tables)
     r = subprocess.run([sys.executable, "-P", "bench_pipeline.py", "1000", str(seconds), "0",
                         "--max-calls", str(calls), "--max-transactions", str(2 * calls)],
