@@ -63,6 +63,40 @@ def test_cpus_held_awake_stop_halting_until_released():
     assert during <= 2, f"{during} halts while held"  # (one CPU may be on its way in as it starts)
 
 
+def test_wakeups_are_classified_by_where_the_wakee_was_put():
+    """bench_wakeups reads the scheduler's trace: a wake-up onto the waker's CPU, one onto the
+    other CPU while it idles (its current task the idle task), one onto it while something runs
+    there, and one by a process outside the roles; each timed from waking to switching in."""
+    import bench_wakeups
+    sw = "sched_switch: prev_comm=a prev_pid={p} prev_prio=120 prev_state=S ==> next_comm=b next_pid={n} next_prio=120"
+    wk = "sched_waking: comm=x pid={w} prio=120 target_cpu=00{c}"
+    up = "sched_wakeup: comm=x pid={w} prio=120 target_cpu=00{c}"
+    lines = [
+        (9, 1, 1.0, sw.format(p=200, n=0)),            # cpu 1 goes idle
+        (100, 0, 2.000010, wk.format(w=200, c=1)),      # the probe wakes the splitter...
+        (100, 0, 2.000011, up.format(w=200, c=0)),      # ...onto its own CPU
+        (100, 0, 2.000015, sw.format(p=100, n=200)),    # 5 µs later it runs
+        (200, 0, 3.000000, wk.format(w=300, c=0)),      # the splitter wakes the target...
+        (200, 0, 3.000001, up.format(w=300, c=1)),      # ...onto the idle CPU 1
+        (0, 1, 3.000030, sw.format(p=0, n=300)),        # 30 µs
+        (300, 1, 4.000000, sw.format(p=300, n=400)),    # CPU 1 runs something else (pid 400)
+        (200, 0, 4.000010, wk.format(w=100, c=0)),      # the splitter wakes the probe...
+        (200, 0, 4.000011, up.format(w=100, c=1)),      # ...onto busy CPU 1
+        (400, 1, 4.000090, sw.format(p=400, n=100)),    # 80 µs
+        (400, 1, 5.000000, wk.format(w=300, c=1)),      # pid 400 (no role) wakes the target
+        (400, 1, 5.000001, up.format(w=300, c=1)),
+        (400, 1, 5.000004, sw.format(p=400, n=300)),
+    ]
+    trace = "\n".join(f"  proc-{pid}  [00{cpu}] d..2. {ts:.6f}: {ev}" for pid, cpu, ts, ev in lines)
+    got = bench_wakeups.classify("# tracer: nop\n" + trace, {100: "probe", 200: "split", 300: "target"})
+    assert {k: [round(v, 1) for v in vs] for k, vs in got.items()} == {
+        ("split", "probe", "same"): [5.0],
+        ("target", "split", "other-idle"): [30.0],
+        ("probe", "split", "other-busy"): [80.0],
+        ("target", "other", "same"): [4.0],
+    }
+
+
 def test_responder_answers_requests_only():
     req = bench_net.options(5000, 5001, 1, b"x")
     resp = answer(req)
