@@ -894,6 +894,7 @@ def section_loaded_latency(workdir: Path, keys: list[str], rate: int, duration: 
     (:class:`bench_net.CpusHeldAwake`), in ``out[key]["held"]``: the same figures without the
     wake-ups of halted vCPUs, which on this kind of VM cost more than either proxy's own work."""
     out = _latency_runs(workdir, keys, rate, duration, n, features, repeats, "")
+    _latency_table(out, rate, repeats)
     held_keys = [k for k in ("kamailio", "all") if k in out]
     if held_keys and repeats > 1:
         with bench_net.CpusHeldAwake() as awake:
@@ -906,13 +907,12 @@ def section_loaded_latency(workdir: Path, keys: list[str], rate: int, duration: 
                                                   "added_p99_runs_us", "direct_p50_runs_us", "steal_runs_pct",
                                                   "runs", "load_passed")}
         if held:
-            kam = held.get("kamailio")
             table(f"added round trip at {rate} calls/s with every CPU held out of idle (PM QoS 0 µs); "
                   f"median of {repeats} runs per target",
                   ["target", "+p50 µs", "+p99 µs", "+p50 vs kamailio", "+p50 of each run", "+p99 of each run",
                    "direct p50 of each run", "load"],
                   [[x["target"], f"{x['added_p50_us']:+.1f}", f"{x['added_p99_us']:+.1f}",
-                    _f(x["added_p50_us"] - kam["added_p50_us"] if kam else None, "+.1f", ""),
+                    _f(x["added_p50_vs_kamailio_us"], "+.1f", ""),
                     " ".join(f"{v:+.0f}" for v in x["added_p50_runs_us"]),
                     " ".join(f"{v:+.0f}" for v in x["added_p99_runs_us"]),
                     " ".join(f"{v:.0f}" for v in x["direct_p50_runs_us"]),
@@ -926,7 +926,8 @@ def section_loaded_latency(workdir: Path, keys: list[str], rate: int, duration: 
 
 def _latency_runs(workdir: Path, keys: list[str], rate: int, duration: float, n: int,
                   features: Features | None, repeats: int, what: str) -> dict:
-    """section_loaded_latency's runs and their medians per target, and its first table."""
+    """section_loaded_latency's runs and their medians per target (``what``: the conditions, for the
+    budget's messages)."""
     runs: dict[str, list[dict]] = {}
     for k in range(repeats):
         for key in (keys if k % 2 == 0 else keys[::-1]):
@@ -950,10 +951,16 @@ def _latency_runs(workdir: Path, keys: list[str], rate: int, duration: float, n:
                         direct_p50_runs_us=[round(x["direct"]["p50_us"], 1) for x in xs],
                         steal_runs_pct=[x["steal_pct"] for x in xs])
     kam = out.get("kamailio")
-    rows = []
-    for key, x in out.items():
+    for x in out.values():
         x["added_p50_vs_kamailio_us"] = x["added_p50_us"] - kam["added_p50_us"] if kam else None
         x["via_p50_vs_kamailio_us"] = x["via_p50_us"] - kam["via_p50_us"] if kam else None
+    return out
+
+
+def _latency_table(out: dict, rate: int, repeats: int) -> None:
+    """The table of :func:`_latency_runs`' figures for the runs without the CPUs held awake."""
+    rows = []
+    for x in out.values():
         rows.append([x["target"], f"{x['load']['completed']}/{x['load']['calls']}",
                      f"{x['through']['answered']}/{x['through']['sent']}",
                      _f(x["direct"]["p50_us"]), _f(x["through"]["p50_us"]), _f(x["direct"]["p99_us"]),
@@ -964,8 +971,6 @@ def _latency_runs(workdir: Path, keys: list[str], rate: int, duration: float, n:
                      " ".join(f"{v:.0f}" for v in x["direct_p50_runs_us"]),
                      _f(x["via_p50_vs_kamailio_us"], "+.1f", ""),
                      " ".join(_f(v, ".1f") for v in x["steal_runs_pct"])])
-    if what:  # (a repeat of the runs in other conditions: its own table, by the caller)
-        return out
     table(f"added round trip at {rate} calls/s: OPTIONS ping-pong through the loaded target vs to the same "
           f"upstream directly, interleaved; median of {repeats} runs per target",
           ["target", "load completed", "probes", "direct p50", "via p50", "direct p99", "via p99",
@@ -978,7 +983,6 @@ def _latency_runs(workdir: Path, keys: list[str], rate: int, duration: float, n:
           "  slowly): \"via p50 vs kamailio\" (medians) compares what a call through each one sees, beside the\n"
           "  floor's +p50 (through minus direct, per run); steal: the machine's ticks the hypervisor gave to\n"
           "  someone else during each run (/proc/stat), above ~1% the run's latencies measure the host too.")
-    return out
 
 
 def section_sustained(workdir: Path, keys: list[str], rate: int, seconds: float, features: Features | None) -> dict:

@@ -23,6 +23,7 @@ import tempfile
 import time
 
 import bench_micro as bm
+from bench_net import rss_peak_mb
 
 # what follows each message of a call, and after how long (seconds), as SIPp on the loopback
 _NEXT = (0.0005, 0.0005, 0.001, 0.0005, 0.002, 0.0005, None)
@@ -110,8 +111,8 @@ def run(rate: float = 1000.0, seconds: float = 45.0, warm: float = 35.0, extra: 
                "calls_in_tables": len(app.core.tracker.calls),
                "transactions_in_tables": len(app.core.tracker.transactions),
                # (VmHWM, not ru_maxrss: a child's ru_maxrss starts from its parent's size at the fork)
-               "max_rss_mb": _peak_rss_mb(os.getpid()),
-               "worker_rss_mb": _peak_rss_mb(getattr(getattr(app.spans, "proc", None), "pid", None))}
+               "max_rss_mb": rss_peak_mb([os.getpid()]),
+               "worker_rss_mb": rss_peak_mb([app.spans.proc.pid] if hasattr(app.spans, "proc") else [])}
     finally:
         app.gc.stop()
         if gc_was:
@@ -121,20 +122,6 @@ def run(rate: float = 1000.0, seconds: float = 45.0, warm: float = 35.0, extra: 
         sink.close()
         shutil.rmtree(workdir, ignore_errors=True)
     return out
-
-
-def _peak_rss_mb(pid: int | None) -> float | None:
-    """VmHWM of a process, in MB (None: no such process)."""
-    if pid is None:
-        return None
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 if __name__ == "__main__":

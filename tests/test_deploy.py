@@ -808,6 +808,16 @@ def test_prometheus_rule_resource_is_generated_from_the_rule_files():
     assert load(K8S / "prometheusrule.yaml")["spec"]["groups"] == rec["groups"] + alerts["groups"]
 
 
+def _sidecar_settings(docs: dict[str, dict]):
+    """(the sipwatch container of the DaemonSet, its settings: the ConfigMap with the container's env)."""
+    from sipwatch.config import settings_from
+    by_kind = {d["kind"]: d for d in docs.values()}
+    side = next(c for c in by_kind["DaemonSet"]["spec"]["template"]["spec"]["containers"] if c["name"] == "sipwatch")
+    env = dict(by_kind["ConfigMap"]["data"])
+    env.update({e["name"]: e["value"].replace("$(POD_IP)", "10.0.0.7") for e in side["env"] if "value" in e})
+    return side, settings_from([], env=env)
+
+
 def test_kubernetes_sidecar_wiring():
     docs = k8s_docs()
     by_kind = {d["kind"]: d for d in docs.values()}
@@ -821,10 +831,7 @@ def test_kubernetes_sidecar_wiring():
     assert ports["sip"]["protocol"] == "UDP"
     assert side["envFrom"][0]["configMapRef"]["name"] == cm["metadata"]["name"]
     # the ConfigMap is a valid configuration whose ports match the container's
-    from sipwatch.config import settings_from
-    env = dict(cm["data"])
-    env.update({e["name"]: e["value"].replace("$(POD_IP)", "10.0.0.7") for e in side["env"] if "value" in e})
-    s = settings_from([], env=env)
+    s = _sidecar_settings(docs)[1]
     assert s.gateway_metrics[1] == 13012 and s.signaling_metrics[1] == 13022 and s.listen[1] == ports["sip"]["containerPort"]
     assert s.upstream[0] == "127.0.0.1"
     upstream_port = s.upstream[1]
@@ -894,13 +901,7 @@ def test_kubernetes_memory_limit_holds_the_sidecar_at_its_state_caps():
     the caps, times 1.15 for what a long run's churn adds (at 100k calls a 4000 calls/s run peaked
     at 606 MB where the line said 543), plus the span worker. The limit was 512 Mi once: the
     sidecar carrying 4000 calls/s peaked at 634 MB."""
-    from sipwatch.config import settings_from
-    by_kind = {d["kind"]: d for d in k8s_docs().values()}
-    cm, ds = by_kind["ConfigMap"], by_kind["DaemonSet"]
-    side = next(c for c in ds["spec"]["template"]["spec"]["containers"] if c["name"] == "sipwatch")
-    env = dict(cm["data"])
-    env.update({e["name"]: e["value"].replace("$(POD_IP)", "10.0.0.7") for e in side["env"] if "value" in e})
-    s = settings_from([], env=env)
+    side, s = _sidecar_settings(k8s_docs())
     at_caps = min(s.max_calls, s.max_transactions // 2)  # (a call holds two: its INVITE and its BYE)
     small, large = _footprint_at(2000), _footprint_at(6000)
     per_call = (large["max_rss_mb"] - small["max_rss_mb"]) / 4000
