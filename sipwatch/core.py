@@ -44,8 +44,8 @@ from .state import Call, Tracker, Transaction
 from .stats import (
     ACK, CANCEL, DROP_BAD_CONTENT_LENGTH, DROP_BAD_VIA, DROP_INTERNAL_ERROR, DROP_MISSING_HEADER,
     DROP_NEXT_HOP_DENIED, DROP_OUT_OF_RANGE, DROP_STRAY_RESPONSE, DROP_TOO_LARGE,
-    DROP_TOO_MANY_HEADERS, DROP_UNROUTABLE, FROM_GATEWAY, FROM_SIGNALING, INVITE, METHOD_INDEX, OPTIONS,
-    OTHER, Stats,
+    DROP_TOO_MANY_HEADERS, DROP_UNROUTABLE, FROM_GATEWAY, FROM_SIGNALING, INVITE, METHOD_INDEX, METHODS,
+    OPTIONS, OTHER, Stats,
 )
 from .tracecontext import TRACE_ID_HEADER, parse_trace_id, parse_traceparent, sampled_by_ratio
 
@@ -65,6 +65,7 @@ GATEWAY_SEEN_MAX: Final = 4096  # gateway-side source addresses remembered for t
 GATEWAY_SEEN_TTL: Final = 3600.0
 # the counters' method indexes and directions (sipwatch.stats), as C statics too
 _METHOD_INDEX: Final[dict[bytes, int]] = METHOD_INDEX
+_METHODS: Final[tuple[bytes, ...]] = METHODS
 _OTHER: Final[int] = OTHER
 _INVITE: Final[int] = INVITE
 _ACK: Final[int] = ACK
@@ -185,6 +186,7 @@ class ProxyCore:
         self.last_internal_error: str | None = None
         self.gateway_seen: dict[str, float] = {}  # source IP -> last seen, insertion-ordered
         self._text_memo: dict[str | int, bytes] = {}
+        self._addr_memo: dict[Addr, Addr] = {}
         self._allowed_cache: dict[str, bool] = {}
         host, port = config.advertise
         h = host.encode()
@@ -355,6 +357,18 @@ class ProxyCore:
             b = memo[value] = value.encode() if isinstance(value, str) else b"%d" % value
         return b
 
+    def _shared(self, addr: Addr) -> Addr:
+        """One tuple for each address seen (bounded like ``_text``): a held transaction keeps
+        where its responses go and where it went, and every call from the same gateway would
+        otherwise keep copies of the same two (~170 B a call lingering at the state caps)."""
+        memo = self._addr_memo
+        a = memo.get(addr)
+        if a is None:
+            if len(memo) >= _TEXT_MEMO_MAX:
+                memo.clear()
+            a = memo[addr] = addr
+        return a
+
     def _local_tag(self, call_id: bytes, from_tag: bytes) -> bytes:
         """The To-tag of a response this proxy makes itself: a MAC, so the ACK that answers
         it is recognised (and absorbed) without keeping state."""
@@ -368,6 +382,8 @@ class ProxyCore:
         from_sig = src == self.upstream
         direction = _FROM_SIGNALING if from_sig else _FROM_GATEWAY
         midx = _METHOD_INDEX.get(method, _OTHER)
+        if midx != _OTHER:
+            method = _METHODS[midx]  # (the constant, not the datagram's copy: held per transaction)
         stats.requests[midx * 2 + direction] += 1
         tcp_in = self.in_tcp
         if tcp_in:
@@ -516,11 +532,12 @@ class ProxyCore:
 
         branch = loop_branch + self._branch_mac(
             top, call_id, cseq_s, from_tag, reply, dest[0])
+        peer = self._shared(dest)
         if is_ack:
             tx = tracker.ack(midx, method, cseq_n, call, now, self._randbits(64) or 1, direction,
-                             dest)
+                             peer)
         else:
-            key = (branch, cseq_m)
+            key = (branch, cseq_m if midx == _OTHER else method)  # (equal: checked above)
             held = tracker.transactions.get(key)
             if held is not None:
                 tx = held
@@ -528,15 +545,16 @@ class ProxyCore:
             else:
                 parent = call.span_id if call.is_call else call.parent_span_id
                 tx = tracker.request(key, midx, method, cseq_n, call, now,
-                                     self._randbits(64) or 1, parent, direction, dest,
+                                     self._randbits(64) or 1, parent, direction, peer,
                                      initial_invite)
 
         # edits: the sender's Via gets the real source, then our Via, Record-Route, trace
         # header, Max-Forwards
         via_vals[0] = _stamp_source(via_vals[0], top, src_ip, src_port)
         lines[via_i] = b"Via: " + b", ".join(via_vals)
-        tx.reply = reply
-        tx.via_below = via_vals[0]
+        if not is_ack:  # where its responses go, and the Via they must carry back (an ACK has none)
+            tx.reply = self._shared(reply)
+            tx.via_below = via_vals[0]
         if self.trace_id_only:
             trace_line = self.trace_line_fmt % tx.trace_id
         else:

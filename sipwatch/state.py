@@ -36,10 +36,12 @@ so both compute figures with the same code. Nothing here reads a clock or touche
   evicted (counted, and a live call's record is still emitted with ``ended_by="evicted"``).
 
 Memory (tracemalloc, CPython 3.11, :func:`memory_per_call`, ``python -m sipwatch.state``): about
-3.6 KB per answered call held open (INVITE/100/200/ACK, Call-ID and URIs of 30-50 bytes; 4.0 KB
+3.4 KB per answered call held open (INVITE/100/200/ACK, Call-ID and URIs of 30-50 bytes; 3.9 KB
 with the mypyc build), of which a few dozen bytes are the INVITE's table and timer entries that
 leave with its linger; the rest (the Call, its transaction records, its table and timer entries)
 leaves ``timer_b`` after the call ends. (The deques of timer entries this replaced: 3.9 and 4.5 KB.)
+In the proxy a finished call keeps none of its transactions once its record is consumed (see
+``Call.holders``): the ones late retransmissions can match linger in the transaction table.
 """
 from __future__ import annotations
 
@@ -63,6 +65,9 @@ TX_LINGER: Final = 2  # completed, lingering
 CALL_SHORT: Final = 0  # non-dialog entries, auth challenges
 CALL_LONG: Final = 1  # INVITE dialogs, max_call_duration
 CALL_LINGER: Final = 2  # finished calls, lingering
+# Call.holders: who still needs a call's transactions (bits)
+TABLE: Final = 1
+RECORD: Final = 2
 # due timers the proxy handles per expire() call (Tracker.expire_budget): ~0.8 µs each live (their
 # objects are cold in the cache), so at 4000 calls/s (~700 due every 20-ms tick) one call held the
 # loop ~0.5 ms; the rest follow in later calls (the proxy's next callback), in the same order
@@ -91,7 +96,9 @@ class Transaction:
         self.t_first = None
         self.t_final = None
         self.status = 0
-        self.events: list[tuple[int, float]] = []  # (status, time) of every distinct response
+        # (status, time) of every distinct response: a tuple, grown by one per response (an ACK's
+        # stays the shared empty one; at the state caps a list's spare room cost ~120 B a call)
+        self.events: tuple[tuple[int, float], ...] = ()
         self.retrans = 0
         self.span_id = span_id
         self.trace_id = trace_id
@@ -152,10 +159,13 @@ class Call:
         self.ended_by: str | None = None  # one of ENDED_BY once finished
         self.invite_cseq = None  # CSeq number of the (latest) initial INVITE
         self.timer = -1  # which of its tracker's timer queues it waits in (CALL_SHORT/...), -1: none
-        # Who still needs ``transactions`` (each transaction points back at its call, a cycle):
-        # with ``Tracker.release`` on, the tracker's table and, for INVITE dialogs, the consumer
-        # of the call record (the call summary). The last to let go empties the list, so a call
-        # is freed by reference counting. 0: kept (capture analysis reads them at the end).
+        # Who still needs ``transactions`` (each transaction points back at its call, a cycle),
+        # one bit each, with ``Tracker.release`` on: TABLE, the tracker (until an INVITE dialog
+        # finishes, or the entry leaves its table), and for INVITE dialogs RECORD, the consumer of
+        # the call record (the call summary). The last to let go empties the list, so a call is
+        # freed by reference counting, and a finished call lingering in the table holds none of
+        # its transactions once its record is consumed. 0: kept (capture analysis reads them at
+        # the end).
         self.holders = 0
         # B2BUA legs (see LegGroup): the group this call is a leg of (None: a call on its own), its
         # 1-based place in it, the header that joined it, and for a joined leg the span of the
@@ -170,12 +180,15 @@ class Call:
         # (trace id, the trace header line up to the span id and its dash) for the core's stamping
         self.trace_hex: tuple[int, bytes] | None = None
 
-    def let_go(self) -> None:
-        """One holder is done with the call's transactions (see ``holders``)."""
-        h = self.holders - 1
-        self.holders = h
-        if h == 0:
-            self.transactions = []
+    def let_go(self, holder: int = RECORD) -> None:
+        """``holder`` (RECORD: the consumer of the call record) is done with the call's
+        transactions (see ``holders``); again, nothing happens."""
+        h = self.holders
+        if h & holder:
+            h &= ~holder
+            self.holders = h
+            if h == 0:
+                self.transactions = []
 
 
 class LegGroup:
@@ -387,7 +400,7 @@ class Tracker:
                         is_call, from_uri, to_uri, ruri)
             self._schedule_call(call, CALL_SHORT, deadline)
         if self.release:
-            call.holders = 2 if is_call else 1
+            call.holders = TABLE | RECORD if is_call else TABLE
         calls[call_id] = call
         return call
 
@@ -515,8 +528,8 @@ class Tracker:
             txs[key] = tx
         tx.timer = TX_B
         self._tx_b.add(tx, deadline)
-        if len(call.transactions) < MAX_TX_PER_CALL:
-            call.transactions.append(tx)
+        if len(call.transactions) < MAX_TX_PER_CALL and (call.holders or not self.release):
+            call.transactions.append(tx)  # (nobody left to read them: a cycle for nothing)
         if midx == CANCEL:
             call.cancelled = True
         elif initial_invite:
@@ -540,7 +553,7 @@ class Tracker:
         tx = Transaction(None, midx, method, cseq, call, now, span_id, call.trace_id,
                          parent, call.sampled, now, direction, peer, False)
         tx.t_final = now
-        if len(call.transactions) < MAX_TX_PER_CALL:
+        if len(call.transactions) < MAX_TX_PER_CALL and (call.holders or not self.release):
             call.transactions.append(tx)
         calls, cid = self.calls, call.call_id
         if calls.get(cid) is call:
@@ -606,7 +619,7 @@ class Tracker:
             if tx.midx == INVITE:
                 self._timer_c(tx, now)  # a repeated 180 still keeps the INVITE alive
             return tx
-        tx.events.append((status, now))
+        tx.events = tx.events + ((status, now),)
         call = tx.call
         if status >= 200:
             tx.t_final = now
@@ -668,6 +681,10 @@ class Tracker:
             # keep the entry until late ACKs/retransmissions have passed, then expire() drops it
             self._schedule_call(call, CALL_LINGER, now + self.timer_b)
         self._emit("call", call)
+        if self.release and call.is_call:
+            # the table needs a dialog's transactions only while it is open (may_join): the
+            # ones still lingering are in the transaction table; the rest go with the record
+            call.let_go(TABLE)
 
     def _emit(self, kind: str, obj) -> None:
         if len(self.finished) >= self.finished_max:
@@ -689,7 +706,7 @@ class Tracker:
                     del index[k]
             call.corr_keys = None
         if self.release:
-            call.let_go()
+            call.let_go(TABLE)
 
     def finish_open_calls(self, now: float, ended_by: str = "shutdown") -> None:
         """End every call still open (answered, no BYE seen): a capture ended, time stopped."""

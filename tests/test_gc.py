@@ -67,6 +67,83 @@ def test_ended_calls_are_freed_by_reference_counting():
         gc.enable()
 
 
+def _alive_of(kind) -> int:
+    return sum(1 for o in gc.get_objects() if type(o) is kind)
+
+
+def test_a_finished_call_lingering_holds_none_of_its_transactions_once_its_record_is_consumed():
+    """At the state caps most of the memory is finished calls lingering (late ACKs and BYE
+    retransmissions still match): each kept all its transactions, the ACK's too, until it left
+    the table. The ones that can still be matched are in the transaction table; the rest (the
+    ACK, and any the transaction table evicted) must be freed as soon as the record is read."""
+    gc.collect()
+    before, calls_before = _alive_of(Transaction), _alive_of(Call)
+    gc.disable()
+    try:
+        core = make()
+        _calls(core, 200, T0)
+        _consume(core)
+        tracker = core.tracker
+        assert len(tracker.calls) == 200 and all(c.finished for c in tracker.calls.values())
+        assert all(c.transactions == [] for c in tracker.calls.values())
+        # INVITE and BYE linger in the transaction table; the 200 ACKs are gone
+        assert len(tracker.transactions) == 400
+        assert _alive_of(Transaction) - before == 400
+        # a late ACK retransmission is still relayed and recorded, and adds no cycle
+        for i in range(200):
+            out = core.receive_datagram(invite(method=b"ACK", call_id=b"gc-%d" % i, branch=b"z9hG4bK-gc-%da" % i,
+                                               to_tag=b"uas-1", body=b""), GATEWAY, T0 + 2)
+            assert forwarded(out)
+        _consume(core)
+        core.handle_timers(T0 + 3 + core.config.timer_b)  # linger over
+        _consume(core)
+        assert not tracker.calls and not tracker.transactions
+        del core, tracker
+        assert _alive_of(Transaction) - before == 0 and _alive_of(Call) - calls_before == 0
+    finally:
+        gc.enable()
+
+
+def test_a_finished_call_lingering_in_the_proxy_takes_what_the_state_caps_are_sized_for():
+    """Bytes per answered call lingering after its BYE, with its INVITE and BYE lingering in the
+    transaction table, as at the state caps (tracemalloc). The tables full are most of the
+    sidecar's memory, which the deployment's limit is sized from: 3.9 KB a call (4.5 KB
+    compiled) before a lingering call let go of its ACK and its transactions shared the
+    gateway's address and the method constants instead of copies; 2.9 (3.7) after."""
+    import tracemalloc
+
+    from sipwatch import state
+    core = make()
+    _calls(core, 50, T0)  # the memos and tables' first growth
+    _consume(core)
+    n = 3000
+    gc.collect()
+    gc.disable()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for i in range(n):
+            cid, br = b"%08d-lingering@10.1.2.3" % i, b"z9hG4bK-lingering-%d" % i
+            (fwd, _), = forwarded(core.receive_datagram(invite(call_id=cid, branch=br), GATEWAY, T0))
+            core.receive_datagram(response_to(fwd, 180, b"Ringing"), SIGNALING, T0 + 0.01)
+            core.receive_datagram(response_to(fwd, 200), SIGNALING, T0 + 0.02)
+            core.receive_datagram(invite(method=b"ACK", call_id=cid, branch=br + b"a", to_tag=b"uas-1",
+                                         body=b""), GATEWAY, T0 + 0.03)
+            (bye, _), = forwarded(core.receive_datagram(
+                invite(method=b"BYE", cseq=2, call_id=cid, branch=br + b"b", to_tag=b"uas-1", body=b""),
+                GATEWAY, T0 + 1))
+            core.receive_datagram(response_to(bye, 200), SIGNALING, T0 + 1.01)
+        _consume(core)
+        per_call = (tracemalloc.get_traced_memory()[0] - base) / n
+    finally:
+        tracemalloc.stop()
+        gc.enable()
+    tracker = core.tracker
+    assert len(tracker.calls) == n + 50 and len(tracker.transactions) == 2 * (n + 50)
+    compiled = not state.__file__.endswith(".py")
+    assert per_call < (4000 if compiled else 3300), per_call
+
+
 def test_without_letting_go_the_cycle_would_stay():
     """The check above can fail: skip the consumer's let_go and the calls stay, held in cycles."""
     gc.collect()

@@ -12,7 +12,7 @@ from prometheus_client import generate_latest
 from sipwatch.handoff import call_figures, let_go_all, span_tuples
 from sipwatch.metrics import Metrics
 from sipwatch.otlp_encode import call_tuple, tx_tuple
-from sipwatch.state import Call, LegGroup, Transaction
+from sipwatch.state import RECORD, Call, LegGroup, Transaction
 from sipwatch.stats import Stats
 from sipwatch.summary import add_summary_fields
 from sipwatch.tracecontext import sampled_by_ratio
@@ -119,7 +119,7 @@ def test_summary_fields_of_a_call_are_those_of_the_generic_path():
 def test_let_go_of_every_call_even_after_one_fails():
     calls = [o for k, o in _records(3) if k == "call"]
     for c in calls:
-        c.holders = 1
+        c.holders = RECORD  # only the record's consumer left
 
     class Broken:
         def let_go(self):
