@@ -675,6 +675,7 @@ class Tracker:
         call.finished = True
         call.t_end = now
         call.ended_by = ended_by
+        call.trace_hex = None  # (the core's memo for stamping requests: few come after the end)
         if call.is_call and call.outcome == ANSWERED:
             self.stats.active_calls -= 1
         if self.calls.get(call.call_id) is call:

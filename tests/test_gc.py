@@ -89,11 +89,16 @@ def test_a_finished_call_lingering_holds_none_of_its_transactions_once_its_recor
         # INVITE and BYE linger in the transaction table; the 200 ACKs are gone
         assert len(tracker.transactions) == 400
         assert _alive_of(Transaction) - before == 400
-        # a late ACK retransmission is still relayed and recorded, and adds no cycle
+        # a late ACK retransmission is still relayed in the call's trace and recorded, and adds no
+        # cycle (the finished call also let go of its trace header memo)
         for i in range(200):
-            out = core.receive_datagram(invite(method=b"ACK", call_id=b"gc-%d" % i, branch=b"z9hG4bK-gc-%da" % i,
-                                               to_tag=b"uas-1", body=b""), GATEWAY, T0 + 2)
-            assert forwarded(out)
+            call = tracker.calls[b"gc-%d" % i]
+            assert call.trace_hex is None
+            (out, _), = forwarded(core.receive_datagram(
+                invite(method=b"ACK", call_id=b"gc-%d" % i, branch=b"z9hG4bK-gc-%da" % i, to_tag=b"uas-1",
+                       body=b""), GATEWAY, T0 + 2))
+            assert b"traceparent: 00-%032x-" % call.trace_id in out
+        del call
         _consume(core)
         core.handle_timers(T0 + 3 + core.config.timer_b)  # linger over
         _consume(core)
@@ -108,8 +113,9 @@ def test_a_finished_call_lingering_in_the_proxy_takes_what_the_state_caps_are_si
     """Bytes per answered call lingering after its BYE, with its INVITE and BYE lingering in the
     transaction table, as at the state caps (tracemalloc). The tables full are most of the
     sidecar's memory, which the deployment's limit is sized from: 3.9 KB a call (4.5 KB
-    compiled) before a lingering call let go of its ACK and its transactions shared the
-    gateway's address and the method constants instead of copies; 2.9 (3.7) after."""
+    compiled) before a lingering call let go of its ACK and its trace header memo and its
+    transactions shared the gateway's address and the method constants instead of copies; 2.8
+    (3.5) after."""
     import tracemalloc
 
     from sipwatch import state
