@@ -890,27 +890,43 @@ def _footprint_at(calls: int) -> dict:
     return out
 
 
-def test_kubernetes_memory_limit_holds_the_sidecar_at_its_state_caps():
-    """The container's memory limit must hold the sidecar with its call and transaction tables
-    full (the caps the ConfigMap sets, else the defaults): past the limit the kernel kills the
-    process and every call through the pod with it. Full tables are ordinary, not an attack: 100k
-    calls is 500 calls/s held 3 minutes each, or SIPp's short calls at ~3000/s lingering Timer B.
+def _compose_mebibytes(size) -> float:
+    """A Compose memory size ("1g", "768m", or bytes as a number) in MiB (Docker's units are binary)."""
+    if isinstance(size, int):
+        return size / 2**20
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([bkmg])?b?", str(size).lower())
+    assert m, size
+    return float(m.group(1)) * {"b": 1 / 2**20, None: 1 / 2**20, "k": 1 / 1024, "m": 1, "g": 1024}[m.group(2)]
+
+
+def test_memory_limits_hold_the_sidecar_at_its_state_caps():
+    """The memory limits the deployment sets (the DaemonSet's sipwatch container, the compose lab's
+    sidecar) must hold the sidecar with its call and transaction tables full (the caps their
+    settings give, else the defaults): past the limit the kernel kills the process and every call
+    through it. Full tables are ordinary, not an attack: 100k calls is 500 calls/s held 3 minutes
+    each, or SIPp's short calls at ~3000/s lingering Timer B.
 
     Measured here rather than assumed: the proxy's resident size with 2000 and 6000 calls in its
     tables gives the bytes a call takes (with its transactions) and the rest; the line is drawn to
     the caps, times 1.15 for what a long run's churn adds (at 100k calls a 4000 calls/s run peaked
-    at 606 MB where the line said 543), plus the span worker. The limit was 512 Mi once: the
-    sidecar carrying 4000 calls/s peaked at 634 MB."""
-    side, s = _sidecar_settings(k8s_docs())
-    at_caps = min(s.max_calls, s.max_transactions // 2)  # (a call holds two: its INVITE and its BYE)
+    at 606 MB where the line said 543), plus the span worker. The Kubernetes limit was 512 Mi once:
+    the sidecar carrying 4000 calls/s peaked at 634 MB. The compose lab had none."""
+    from sipwatch.config import settings_from
     small, large = _footprint_at(2000), _footprint_at(6000)
     per_call = (large["max_rss_mb"] - small["max_rss_mb"]) / 4000
     assert 1.5 / 1024 < per_call < 20 / 1024, f"{per_call * 1024:.1f} KB a call: not a state-size slope"
     rest = small["max_rss_mb"] - 2000 * per_call
-    need = (rest + at_caps * per_call) * 1.15 + large["worker_rss_mb"]
-    limit = _mebibytes(side["resources"]["limits"]["memory"])  # (VmHWM's MB above are MiB too)
-    assert need <= limit, (f"the sidecar at its caps ({at_caps} calls, {per_call * 1024:.1f} KB each) needs "
-                           f"~{need:.0f} MB; the container's limit is {limit:.0f} MiB")
+    side, k8s = _sidecar_settings(k8s_docs())
+    lab = compose_doc()["services"]["sidecar"]
+    env = {k: str(v) for k, v in lab["environment"].items()}
+    env["SIPWATCH_UPSTREAM"] = "127.0.0.1:5060"  # (the lab's host name resolves inside compose only)
+    assert "mem_limit" in lab, "the compose lab's sidecar has no memory limit"
+    for where, s, limit in (("the DaemonSet's sipwatch container", k8s, _mebibytes(side["resources"]["limits"]["memory"])),
+                            ("the compose lab's sidecar", settings_from([], env=env), _compose_mebibytes(lab["mem_limit"]))):
+        at_caps = min(s.max_calls, s.max_transactions // 2)  # (a call holds two: its INVITE and its BYE)
+        need = (rest + at_caps * per_call) * 1.15 + large["worker_rss_mb"]  # (VmHWM's MB are MiB too)
+        assert need <= limit, (f"{where}: the sidecar at its caps ({at_caps} calls, {per_call * 1024:.1f} KB each) "
+                               f"needs ~{need:.0f} MB; the limit is {limit:.0f} MiB")
 
 
 # --------------------------------------------------------------------------------------------
@@ -931,7 +947,7 @@ COVERAGE = {
     "Dockerfile": "test_hadolint_passes, test_sidecar_image_properties, test_healthcheck_command_*",
     "Dockerfile.dockerignore": "test_sidecar_image_properties",
     "README.md": "test_readme_explains_every_dashboard_and_alert",
-    "compose.yaml": "test_compose_*",
+    "compose.yaml": "test_compose_*, test_memory_limits_*",
     "compose/sipp/Dockerfile": "test_hadolint_passes",
     "compose/sipp/uac.xml": "test_lab_scenarios_*",
     "compose/sipp/uas.xml": "test_lab_scenarios_*",
@@ -953,7 +969,7 @@ COVERAGE = {
     "grafana/provisioning/dashboards/dashboards.yml": "test_dashboards_content",
     "loki/loki.yml": "test_promtail_keeps_labels_low_cardinality",
     "promtail/promtail.yml": "test_promtail_*, test_log_pipeline_*",
-    "k8s/*.yaml": "kubernetes-validate, CRD schema, test_kubernetes_sidecar_wiring, test_kubernetes_memory_limit_*",
+    "k8s/*.yaml": "kubernetes-validate, CRD schema, test_kubernetes_sidecar_wiring, test_memory_limits_*",
     "k8s/prometheusrule.py": "test_prometheus_rule_resource_is_generated_from_the_rule_files",
 }
 
