@@ -12,9 +12,10 @@ from test_core import GATEWAY, SIGNALING, T0, invite, response_to
 from test_hardening import forwarded, make
 
 
-def _calls(core, n: int, t: float) -> None:
+def _calls(core, n: int, t: float, cid_fmt: bytes = b"gc-%d", branch_fmt: bytes = b"z9hG4bK-gc-%d") -> None:
+    """``n`` answered calls through the core, each ended by a BYE (INVITE/180/200/ACK/BYE/200)."""
     for i in range(n):
-        cid, br = b"gc-%d" % i, b"z9hG4bK-gc-%d" % i
+        cid, br = cid_fmt % i, branch_fmt % i
         (fwd, _), = forwarded(core.receive_datagram(invite(call_id=cid, branch=br), GATEWAY, t))
         core.receive_datagram(response_to(fwd, 180, b"Ringing"), SIGNALING, t + 0.01)
         core.receive_datagram(response_to(fwd, 200), SIGNALING, t + 0.02)
@@ -128,17 +129,7 @@ def test_a_finished_call_lingering_in_the_proxy_takes_what_the_state_caps_are_si
     tracemalloc.start()
     try:
         base = tracemalloc.get_traced_memory()[0]
-        for i in range(n):
-            cid, br = b"%08d-lingering@10.1.2.3" % i, b"z9hG4bK-lingering-%d" % i
-            (fwd, _), = forwarded(core.receive_datagram(invite(call_id=cid, branch=br), GATEWAY, T0))
-            core.receive_datagram(response_to(fwd, 180, b"Ringing"), SIGNALING, T0 + 0.01)
-            core.receive_datagram(response_to(fwd, 200), SIGNALING, T0 + 0.02)
-            core.receive_datagram(invite(method=b"ACK", call_id=cid, branch=br + b"a", to_tag=b"uas-1",
-                                         body=b""), GATEWAY, T0 + 0.03)
-            (bye, _), = forwarded(core.receive_datagram(
-                invite(method=b"BYE", cseq=2, call_id=cid, branch=br + b"b", to_tag=b"uas-1", body=b""),
-                GATEWAY, T0 + 1))
-            core.receive_datagram(response_to(bye, 200), SIGNALING, T0 + 1.01)
+        _calls(core, n, T0, b"%08d-lingering@10.1.2.3", b"z9hG4bK-lingering-%d")
         _consume(core)
         per_call = (tracemalloc.get_traced_memory()[0] - base) / n
     finally:
