@@ -532,10 +532,9 @@ class ProxyCore:
 
         branch = loop_branch + self._branch_mac(
             top, call_id, cseq_s, from_tag, reply, dest[0])
-        peer = self._shared(dest)
         if is_ack:
             tx = tracker.ack(midx, method, cseq_n, call, now, self._randbits(64) or 1, direction,
-                             peer)
+                             self._shared(dest))
         else:
             key = (branch, cseq_m if midx == _OTHER else method)  # (equal: checked above)
             held = tracker.transactions.get(key)
@@ -545,7 +544,7 @@ class ProxyCore:
             else:
                 parent = call.span_id if call.is_call else call.parent_span_id
                 tx = tracker.request(key, midx, method, cseq_n, call, now,
-                                     self._randbits(64) or 1, parent, direction, peer,
+                                     self._randbits(64) or 1, parent, direction, self._shared(dest),
                                      initial_invite)
 
         # edits: the sender's Via gets the real source, then our Via, Record-Route, trace

@@ -528,8 +528,7 @@ class Tracker:
             txs[key] = tx
         tx.timer = TX_B
         self._tx_b.add(tx, deadline)
-        if len(call.transactions) < MAX_TX_PER_CALL and (call.holders or not self.release):
-            call.transactions.append(tx)  # (nobody left to read them: a cycle for nothing)
+        self._add_to_call(call, tx)
         if midx == CANCEL:
             call.cancelled = True
         elif initial_invite:
@@ -542,6 +541,12 @@ class Tracker:
             calls.move_to_end(cid)  # activity: requests (responses follow their request)
         return tx
 
+    def _add_to_call(self, call: Call, tx: Transaction) -> None:
+        """``tx`` joins its call's list (up to MAX_TX_PER_CALL), unless nobody holds that list any
+        more (``Call.holders``): there it would only be a cycle nobody reads."""
+        if len(call.transactions) < MAX_TX_PER_CALL and (call.holders or not self.release):
+            call.transactions.append(tx)
+
     def retransmission(self, tx: Transaction) -> None:
         tx.retrans += 1
         tx.call.retrans += 1
@@ -553,8 +558,7 @@ class Tracker:
         tx = Transaction(None, midx, method, cseq, call, now, span_id, call.trace_id,
                          parent, call.sampled, now, direction, peer, False)
         tx.t_final = now
-        if len(call.transactions) < MAX_TX_PER_CALL and (call.holders or not self.release):
-            call.transactions.append(tx)
+        self._add_to_call(call, tx)
         calls, cid = self.calls, call.call_id
         if calls.get(cid) is call:
             calls.move_to_end(cid)

@@ -47,12 +47,7 @@ def tree_pids(pid: int) -> list[int]:
 
 def cpu_seconds(pids) -> float:
     """utime + stime of the given processes (all their threads), in seconds."""
-    total = 0
-    for p in pids:
-        f = _stat_fields(p)
-        if f:
-            total += int(f[11]) + int(f[12])  # utime, stime (fields 14, 15)
-    return total / CLK_TCK
+    return sum(cpu_split(pids))
 
 
 def cpu_split(pids) -> tuple[float, float, float, float]:

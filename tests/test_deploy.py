@@ -267,11 +267,17 @@ def test_compose_references_existing_files_and_services():
     assert hosts - {"localhost"} <= set(services), hosts - set(services)
 
 
-def test_compose_sidecar_environment_is_a_valid_configuration():
+def _compose_sidecar_settings():
+    """The compose lab's sidecar service and its settings (its environment)."""
     from sipwatch.config import settings_from
-    env = {k: str(v) for k, v in compose_doc()["services"]["sidecar"]["environment"].items()}
+    lab = compose_doc()["services"]["sidecar"]
+    env = {k: str(v) for k, v in lab["environment"].items()}
     env["SIPWATCH_UPSTREAM"] = "127.0.0.1:5060"  # the lab's host name resolves inside compose only
-    s = settings_from([], env=env)
+    return lab, settings_from([], env=env)
+
+
+def test_compose_sidecar_environment_is_a_valid_configuration():
+    s = _compose_sidecar_settings()[1]
     assert s.listen == ("0.0.0.0", 5060) and s.gateway_metrics[1] == 13012 and s.signaling_metrics[1] == 13022
 
 
@@ -911,18 +917,15 @@ def test_memory_limits_hold_the_sidecar_at_its_state_caps():
     the caps, times 1.15 for what a long run's churn adds (at 100k calls a 4000 calls/s run peaked
     at 606 MB where the line said 543), plus the span worker. The Kubernetes limit was 512 Mi once:
     the sidecar carrying 4000 calls/s peaked at 634 MB. The compose lab had none."""
-    from sipwatch.config import settings_from
     small, large = _footprint_at(2000), _footprint_at(6000)
     per_call = (large["max_rss_mb"] - small["max_rss_mb"]) / 4000
     assert 1.5 / 1024 < per_call < 20 / 1024, f"{per_call * 1024:.1f} KB a call: not a state-size slope"
     rest = small["max_rss_mb"] - 2000 * per_call
     side, k8s = _sidecar_settings(k8s_docs())
-    lab = compose_doc()["services"]["sidecar"]
-    env = {k: str(v) for k, v in lab["environment"].items()}
-    env["SIPWATCH_UPSTREAM"] = "127.0.0.1:5060"  # (the lab's host name resolves inside compose only)
+    lab, lab_settings = _compose_sidecar_settings()
     assert "mem_limit" in lab, "the compose lab's sidecar has no memory limit"
     for where, s, limit in (("the DaemonSet's sipwatch container", k8s, _mebibytes(side["resources"]["limits"]["memory"])),
-                            ("the compose lab's sidecar", settings_from([], env=env), _compose_mebibytes(lab["mem_limit"]))):
+                            ("the compose lab's sidecar", lab_settings, _compose_mebibytes(lab["mem_limit"]))):
         at_caps = min(s.max_calls, s.max_transactions // 2)  # (a call holds two: its INVITE and its BYE)
         need = (rest + at_caps * per_call) * 1.15 + large["worker_rss_mb"]  # (VmHWM's MB are MiB too)
         assert need <= limit, (f"{where}: the sidecar at its caps ({at_caps} calls, {per_call * 1024:.1f} KB each) "
