@@ -382,3 +382,24 @@ def test_phone_keepalives_are_keepalives_not_parse_errors():
     assert core.stats.keepalives == 7 and core.stats.parse_errors == 0
     assert core.receive_datagram(b"hello there, this is not SIP", GATEWAY, T0) == []
     assert core.stats.parse_errors == 1 and dropped(core, "not_sip") == 1
+
+
+def test_forged_sources_keep_the_address_memo_bounded_and_responses_go_where_requests_came_from():
+    """Transactions share one tuple per address (ProxyCore._shared): 10,000 sources that each send
+    one INVITE (forged, from a flood) must not grow that memo past its bound, and every call's
+    response still goes back to where its own request came from, not to an address remembered for
+    another."""
+    from sipwatch.core import _TEXT_MEMO_MAX
+    core = make()
+    sources = [("198.18.%d.%d" % (i >> 8 & 255, i & 255), 1024 + i % 60000) for i in range(10_000)]
+    sent = []
+    for i, src in enumerate(sources):
+        (fwd, dest), = forwarded(core.receive_datagram(
+            invite(call_id=b"flood-%d" % i, branch=b"z9hG4bK-flood-%d" % i), src, T0 + i * 1e-4))
+        assert dest == SIGNALING
+        sent.append(fwd)
+        assert len(core._addr_memo) <= _TEXT_MEMO_MAX
+    for i in (0, 4095, 4096, 8191, 9999):  # either side of each memo clearing
+        (resp, dest), = core.receive_datagram(response_to(sent[i], 180, b"Ringing"), SIGNALING, T0 + 2)
+        # (the source's IP, the Via's port: the Via carries no rport)
+        assert resp.startswith(b"SIP/2.0 180") and dest == (sources[i][0], 5070)
