@@ -684,6 +684,7 @@ def section_ladder(workdir: Path, keys: list[str], rates: list[int], duration: f
 
 
 FLOOR_RATES = (1000, 4000)  # the steps issue 10's CPU floors are judged at
+TRACING_RATE = 1000  # ... and its tracing floor (all features against --no-tracing)
 # A target's floor rounds agree when the highest is within this factor of the lowest. Undisturbed,
 # they were within 1.1-1.25x on the 2-core machine; one run had Kamailio at 16.7, 44.1 and 31.1
 # µs/msg at 1000 calls/s (13.6-14.7 in three runs right after), which made a median ratio of 1.18x
@@ -696,62 +697,116 @@ ROUNDS_AGREE = 1.5
 STEAL_MAX = 5.0
 
 
+def _round_ratio(rounds: list[dict], steals: list[dict], over: str) -> tuple[list[float], list[float], list[float]]:
+    """Each round's all-features/``over`` CPU ratio, the host's steal in it (the higher of the two
+    runs) and the ratios of the rounds the host left alone (steal <= STEAL_MAX)."""
+    ratios, steal, clean = [], [], []
+    for x, st in zip(rounds, steals):
+        if x.get(over) and "all" in x:
+            v, s = x["all"] / x[over], max(st.get("all", 0.0), st.get(over, 0.0))
+            ratios.append(v)
+            steal.append(s)
+            if s <= STEAL_MAX:
+                clean.append(v)
+    return ratios, steal, clean
+
+
 def section_floor_runs(workdir: Path, ladder_res: dict, duration: float, features: Features | None,
-                       extra: int = 2, run_step=None) -> dict:
-    """The CPU floors' steps again for Kamailio and the all-features sidecar, ``extra`` more
-    rounds each, the two targets' order reversed every round. One step's CPU per message swings
-    by ±20% on a shared 2-core machine (Kamailio's own figure at one step has been both the
-    lowest and the highest of its ladder), enough to decide a floor set at a ratio: each round's
-    ratio pairs two runs minutes apart at most, and the floor is judged on the median ratio of
-    the ladder's run and these. ``run_step(key, rate)`` is load_step's stand-in in tests."""
+                       extra: int = 2, run_step=None, retries: int = 2) -> dict:
+    """The CPU floors' steps again for Kamailio and the all-features sidecar (and, at the tracing
+    floor's step, ``--no-tracing``), ``extra`` more rounds each, the targets' order reversed every
+    round. One step's CPU per message swings by ±20% on a shared 2-core machine (Kamailio's own
+    figure at one step has been both the lowest and the highest of its ladder), enough to decide a
+    floor set at a ratio: each round's ratio pairs runs minutes apart at most, and the floor is
+    judged on the median ratio of the ladder's run and these. A round in which the host took more
+    than STEAL_MAX% of the ticks judges nothing; while fewer than two rounds are clean, another is
+    run, at most ``retries`` more. ``run_step(key, rate)`` is load_step's stand-in in tests."""
     if run_step is None:
         def run_step(key, rate):
             return load_step(workdir, key, rate, duration, features)
     out: dict = {}
     for rate in FLOOR_RATES:
-        first = {k: _step(ladder_res, k, rate) for k in ("kamailio", "all")}
-        if any(r is None or not r["passed"] for r in first.values()):
+        keys = ["kamailio", "all"] + (["notrace"] if rate == TRACING_RATE else [])
+        first = {k: _step(ladder_res, k, rate) for k in keys}
+        if any(first[k] is None or not first[k]["passed"] for k in ("kamailio", "all")):
             continue
+        if "notrace" in first and (first["notrace"] is None or not first["notrace"]["passed"]):
+            keys.remove("notrace")
+            del first["notrace"]
         rounds = [{k: r["cpu_us_per_msg"] for k, r in first.items()}]
-        steals = [max(r.get("steal_pct") or 0.0 for r in first.values())]
-        for n in range(extra):
-            got, steal = {}, 0.0
-            for key in (("all", "kamailio") if n % 2 == 0 else ("kamailio", "all")):
+        steals = [{k: r.get("steal_pct") or 0.0 for k, r in first.items()}]
+
+        def short_of_clean() -> bool:  # fewer than two undisturbed rounds for a floor judged here
+            return any(len(_round_ratio(rounds, steals, over)[2]) < 2
+                       for over in ("kamailio", "notrace") if over in keys)
+        n = 0
+        while n < extra or (n < extra + retries and short_of_clean()):
+            order = ["notrace", "all", "kamailio"] if n % 2 == 0 else ["kamailio", "all", "notrace"]
+            got, steal = {}, {}
+            for key in (k for k in order if k in keys):
                 r = run_step(key, rate)
                 if r is not None and r["passed"]:
                     got[key] = r["cpu_us_per_msg"]
-                    steal = max(steal, r.get("steal_pct") or 0.0)
-            if len(got) == 2:
+                    steal[key] = r.get("steal_pct") or 0.0
+            n += 1
+            if "all" in got and len(got) > 1:
                 rounds.append(got)
                 steals.append(steal)
-        ratios = [x["all"] / x["kamailio"] for x in rounds if x["kamailio"]]
+        ratios, steal_k, clean = _round_ratio(rounds, steals, "kamailio")
         if ratios:
-            spread = {k: _spread([x[k] for x in rounds]) for k in ("kamailio", "all")}
-            # the rounds in which the host left the machine alone (both runs' steal <= STEAL_MAX)
-            clean = [x["all"] / x["kamailio"] for x, st in zip(rounds, steals) if x["kamailio"] and st <= STEAL_MAX]
+            spread = {k: _spread([x[k] for x in rounds if k in x]) for k in keys}
             out[rate] = {"rounds": rounds, "ratios": ratios, "ratio": statistics.median(ratios),
-                         "spread": spread, "agree": all(v <= ROUNDS_AGREE for v in spread.values()),
-                         "steal": steals, "clean_ratios": clean}
+                         "spread": spread, "agree": spread["kamailio"] <= ROUNDS_AGREE and spread["all"] <= ROUNDS_AGREE,
+                         "steal": steal_k, "clean_ratios": clean}
+            t_ratios, t_steal, t_clean = _round_ratio(rounds, steals, "notrace")
+            if t_ratios:
+                out[rate]["tracing"] = {
+                    "ratios": t_ratios, "ratio": statistics.median(t_ratios), "steal": t_steal,
+                    "clean_ratios": t_clean,
+                    "agree": spread["notrace"] <= ROUNDS_AGREE and spread["all"] <= ROUNDS_AGREE}
     if out:
-        table(f"CPU per message at the floors' steps: the ladder's run and {extra} more rounds per target, "
-              "alternating order",
+        table(f"CPU per message at the floors' steps: the ladder's run and {extra} more rounds per target "
+              f"(up to {retries} more while fewer than two rounds are undisturbed), alternating order",
               ["rate", "kamailio µs/msg", "all features µs/msg", "ratio of each round", "median ratio",
-               "rounds agree", "steal % of each round"],
-              [[f"{rate}/s", " ".join(_f(x["kamailio"]) for x in v["rounds"]),
+               "rounds agree", "steal % of each round", "--no-tracing µs/msg", "all / --no-tracing"],
+              [[f"{rate}/s", " ".join(_f(x.get("kamailio")) for x in v["rounds"]),
                 " ".join(_f(x["all"]) for x in v["rounds"]), " ".join(f"{x:.2f}" for x in v["ratios"]),
                 f"{v['ratio']:.2f}", "yes" if v["agree"] else "no: " + _disagreeing(v),
-                " ".join(_f(x) for x in v["steal"])]
+                " ".join(_f(x) for x in v["steal"]),
+                " ".join(_f(x.get("notrace")) for x in v["rounds"]) if "tracing" in v else "",
+                " ".join(f"{x:.2f}" for x in v["tracing"]["ratios"]) if "tracing" in v else ""]
                for rate, v in out.items()],
               f"  a target's rounds agree when its highest is within {ROUNDS_AGREE}x its lowest; when they do not,\n"
               "  something else took the machine during a round and the floor is not judged from them; a round in\n"
-              f"  which the host took more than {STEAL_MAX:g}% of the ticks (steal, the higher of its two runs) is\n"
-              "  left out of the verdict, which needs two rounds without.")
+              f"  which the host took more than {STEAL_MAX:g}% of the ticks (steal, the higher of the two runs a\n"
+              "  ratio pairs) is left out of the verdict, which needs two rounds without; the tracing floor is\n"
+              f"  judged on the same rounds' all-features / --no-tracing ratios at {TRACING_RATE}/s.")
     return out
 
 
-def _disagreeing(runs: dict) -> str:
+def _disagreeing(runs: dict, keys=("kamailio", "all")) -> str:
     """The targets whose floor rounds are too far apart, with their spread: ``kamailio 2.64x``."""
-    return ", ".join(f"{k} {x:.2f}x" for k, x in runs["spread"].items() if x > ROUNDS_AGREE)
+    return ", ".join(f"{k} {x:.2f}x" for k, x in runs["spread"].items() if k in keys and x > ROUNDS_AGREE)
+
+
+def _rounds_verdict(again: dict, disagreeing: str) -> tuple[float, bool, str]:
+    """(value, judged, shown) of a floor judged on repeated rounds (``again``: ratios, ratio,
+    clean_ratios, steal, agree): the median of the rounds the host left alone, none when the rounds
+    disagree or fewer than two are clean."""
+    v = again["ratio"]
+    shown = (f"{v:.2f}x (median of {len(again['ratios'])} rounds: "
+             f"{' '.join(f'{x:.2f}' for x in again['ratios'])})")
+    clean = again.get("clean_ratios", again["ratios"])
+    if not again.get("agree", True):  # one target's rounds far apart: disturbed, no verdict
+        return v, False, shown + f"; not judged: the rounds disagree ({disagreeing})"
+    if len(clean) < 2:  # the host took the machine in all rounds but one: no verdict
+        return v, False, shown + (f"; not judged: host steal above {STEAL_MAX:g}% in "
+                                  f"{len(again['ratios']) - len(clean)} of the rounds "
+                                  f"({' '.join(_f(x) for x in again['steal'])}%)")
+    if len(clean) < len(again["ratios"]):  # judged on the rounds the host left alone
+        v = statistics.median(clean)
+        shown += f"; judged on the {len(clean)} rounds without host steal: {v:.2f}x"
+    return v, True, shown
 
 
 def _spread(xs: list[float]) -> float:
@@ -1107,20 +1162,7 @@ def floors(result: dict) -> list[dict]:
         again = runs.get(rate)
         judged = True
         if again and len(again["ratios"]) > 1:
-            v = again["ratio"]
-            shown = (f"{v:.2f}x (median of {len(again['ratios'])} rounds: "
-                     f"{' '.join(f'{x:.2f}' for x in again['ratios'])})")
-            clean = again.get("clean_ratios", again["ratios"])
-            if not again.get("agree", True):  # one target's rounds far apart: disturbed, no verdict
-                judged = False
-                shown += f"; not judged: the rounds disagree ({_disagreeing(again)})"
-            elif len(clean) < 2:  # the host took the machine in all rounds but one: no verdict
-                judged = False
-                shown += (f"; not judged: host steal above {STEAL_MAX:g}% in {len(again['ratios']) - len(clean)} "
-                          f"of the rounds ({' '.join(_f(x) for x in again['steal'])}%)")
-            elif len(clean) < len(again["ratios"]):  # judged on the rounds the host left alone
-                v = statistics.median(clean)
-                shown += f"; judged on the {len(clean)} rounds without host steal: {v:.2f}x"
+            v, judged, shown = _rounds_verdict(again, _disagreeing(again))
         else:
             v = r and r["cpu_per_msg_vs_kamailio"]
             shown = "not measured" if v is None else f"{v:.2f}x{'' if r['passed'] else ' (step failed)'}"
@@ -1150,10 +1192,16 @@ def floors(result: dict) -> list[dict]:
     v = a and a["added_p99_us"]
     add(f"added p99 at {at} <= 1 ms", v, None if v is None else v <= 1000,
         "not measured" if v is None else f"{v:+.1f} µs")
-    tc = result.get("tracing_cost") or {}
-    v = tc.get("ratio")
-    add("tracing at 100% <= 1.25x --no-tracing CPU", v, None if v is None else v <= 1.25,
-        "not measured" if v is None else f"{v:.2f}x at {tc['rate']}/s")
+    again = (runs.get(TRACING_RATE) or {}).get("tracing")
+    if again and len(again["ratios"]) > 1:  # the floor rounds' all-features / --no-tracing ratios
+        v, judged, shown = _rounds_verdict(again, _disagreeing(runs[TRACING_RATE], ("notrace", "all")))
+        add("tracing at 100% <= 1.25x --no-tracing CPU", v, v <= 1.25 if judged else None,
+            shown.replace(" (median", f" at {TRACING_RATE}/s (median", 1))
+    else:  # the ladder's steps alone
+        tc = result.get("tracing_cost") or {}
+        v = tc.get("ratio")
+        add("tracing at 100% <= 1.25x --no-tracing CPU", v, None if v is None else v <= 1.25,
+            "not measured" if v is None else f"{v:.2f}x at {tc['rate']}/s")
     ov = (result.get("overload") or {}).get("all", [])
     for factor in (1.5, 2.0):
         r = next((x for x in ov if x["factor"] == factor), None)
