@@ -36,10 +36,10 @@ so both compute figures with the same code. Nothing here reads a clock or touche
   evicted (counted, and a live call's record is still emitted with ``ended_by="evicted"``).
 
 Memory (tracemalloc, CPython 3.11, :func:`memory_per_call`, ``python -m sipwatch.state``): about
-3.4 KB per answered call held open (INVITE/100/200/ACK, Call-ID and URIs of 30-50 bytes; 3.9 KB
-with the mypyc build), of which a few dozen bytes are the INVITE's table and timer entries that
-leave with its linger; the rest (the Call, its transaction records, its table and timer entries)
-leaves ``timer_b`` after the call ends. (The deques of timer entries this replaced: 3.9 and 4.5 KB.)
+3.3 KB per answered call held open (INVITE/100/200/ACK, Call-ID and URIs of 30-50 bytes; 3.7 KB
+with the mypyc build), all of it (the Call, its transaction records, their table entries) leaving
+``timer_b`` after the call ends. (With the timers in OrderedDicts 3.4 and 3.9 KB; with deques of
+timer entries before that, 3.9 and 4.5 KB.)
 In the proxy a finished call keeps none of its transactions once its record is consumed (see
 ``Call.holders``): the ones late retransmissions can match linger in the transaction table.
 """
@@ -78,10 +78,28 @@ ENDED_BY = ("bye", "final", "timeout", "cancel", "max_duration", "evicted", "rep
             "shutdown")
 
 
-class Transaction:
+class Timed:
+    """What waits on a timer: a :class:`Transaction` or a :class:`Call`. The links of the one
+    :class:`DeadlineQueue` it waits in live in the object itself, so joining, leaving or moving
+    to the back of a queue is a few pointer stores: no hash of the object, no entry or node
+    allocated, no table to grow. (An OrderedDict keyed by the object, which this replaced, was
+    ~4 % of the proxy's samples at 4000 calls/s: each insert hashed into a table of ~100k
+    entries, cold, and allocated its node; perf.) While queued, an object and its neighbours
+    refer to each other; leaving a queue drops both links, so what left every queue is freed by
+    reference counting."""
+
+    __slots__ = ("q_prev", "q_next", "deadline")
+
+    def __init__(self, deadline: float) -> None:
+        self.q_prev: Timed | None = None
+        self.q_next: Timed | None = None
+        self.deadline = deadline
+
+
+class Transaction(Timed):
     __slots__ = (
         "key", "midx", "method", "cseq", "call", "t_sent", "t_first", "t_final", "status",
-        "events", "retrans", "span_id", "trace_id", "parent_span_id", "sampled", "deadline",
+        "events", "retrans", "span_id", "trace_id", "parent_span_id", "sampled",
         "direction", "peer", "initial_invite", "timed_out", "tags", "timer", "reply", "via_below",
     )
 
@@ -104,6 +122,8 @@ class Transaction:
         self.trace_id = trace_id
         self.parent_span_id = parent_span_id
         self.sampled = sampled
+        self.q_prev = None  # (Timed: not waiting on a timer yet)
+        self.q_next = None
         self.deadline = deadline
         self.direction = direction
         self.peer = peer
@@ -123,11 +143,11 @@ class Transaction:
         return None if self.t_first is None else (self.t_first - self.t_sent) * 1000.0
 
 
-class Call:
+class Call(Timed):
     __slots__ = (
         "call_id", "trace_id", "span_id", "parent_span_id", "sampled", "t_start", "t_setup",
         "t_answer", "t_final", "t_end", "status", "outcome", "cancelled", "finished",
-        "transactions", "retrans", "from_uri", "to_uri", "ruri", "deadline", "is_call", "rtp",
+        "transactions", "retrans", "from_uri", "to_uri", "ruri", "is_call", "rtp",
         "ended_by", "invite_cseq", "timer", "holders", "group", "leg", "joined_by", "gap_span_id",
         "gap_start", "gap_parent", "corr_keys", "trace_hex",
     )
@@ -153,6 +173,8 @@ class Call:
         self.from_uri = from_uri
         self.to_uri = to_uri
         self.ruri = ruri
+        self.q_prev = None  # (Timed: not waiting on a timer yet)
+        self.q_next = None
         self.deadline = deadline
         self.is_call = is_call  # False: a non-dialog request's own small trace
         self.rtp = None  # passive capture: the call's RTP figures for its span, once known
@@ -202,80 +224,112 @@ class LegGroup:
         self.call_ids: list[bytes] = [first]
 
 
-_T = TypeVar("_T")
+_T = TypeVar("_T", bound=Timed)
 
 
 class DeadlineQueue(Generic[_T]):
-    """The objects waiting on one kind of timer, the next to expire first.
+    """The objects waiting on one kind of timer, the next to expire first: a doubly linked
+    list through the objects (:class:`Timed`), ``deadline`` each.
 
     Each kind has one constant delay, so adding at the back keeps the queue in deadline order.
-    An object is in a queue at most once and leaves it in O(1) (an OrderedDict keyed by the
-    object) when it is rescheduled, moves to another timer or leaves the tracker's table: nothing
-    stale stays behind to be skipped at expiry or swept. (Deques of ``(deadline, object, token)``
-    entries, which this replaced, left 6 of an answered call's 9 entries stale, and their sweep
-    looked at each about twice: ~2.5 % of the sidecar's CPU at 4000 calls/s, perf.)"""
+    An object is in one queue at most once and leaves it in O(1) when it is rescheduled, moves to
+    another timer or leaves the tracker's table: nothing stale stays behind to be skipped at
+    expiry or swept. (Deques of ``(deadline, object, token)`` entries, which came first, left 6
+    of an answered call's 9 entries stale, and their sweep looked at each about twice: ~2.5 % of
+    the sidecar's CPU at 4000 calls/s, perf.) ``discard`` and ``move_back`` take an object of
+    this queue (the tracker knows which by ``timer``) or, for ``discard``, one in no queue."""
 
-    __slots__ = ("_od", "first")
+    __slots__ = ("head", "tail", "n", "first")
 
     def __init__(self) -> None:
-        self._od: OrderedDict[_T, float] = OrderedDict()  # object -> deadline, in deadline order
+        self.head: Timed | None = None
+        self.tail: Timed | None = None
+        self.n = 0
         # never later than the head's deadline (inf when empty; exact after a look at the head
         # found it not due): a tracker sees that nothing is due from one float compare per queue
         self.first = _NEVER
 
     def __len__(self) -> int:
-        return len(self._od)
+        return self.n
 
     def __bool__(self) -> bool:
-        return bool(self._od)
+        return self.head is not None
 
     def add(self, obj: _T, deadline: float) -> None:
-        """``obj``, not queued here, waits until ``deadline``, at the back."""
-        od = self._od
-        if not od or deadline < self.first:
+        """``obj``, in no queue, waits until ``deadline``, at the back."""
+        o: Timed = obj
+        o.deadline = deadline
+        tail = self.tail
+        o.q_prev = tail
+        o.q_next = None
+        if tail is None:
+            self.head = o
             self.first = deadline
-        od[obj] = deadline
+        else:
+            tail.q_next = o
+            if deadline < self.first:
+                self.first = deadline
+        self.tail = o
+        self.n += 1
+
+    def _unlink(self, o: Timed) -> None:
+        prev, nxt = o.q_prev, o.q_next
+        if prev is None:
+            self.head = nxt
+        else:
+            prev.q_next = nxt
+        if nxt is None:
+            self.tail = prev
+        else:
+            nxt.q_prev = prev
+        o.q_prev = None
+        o.q_next = None
+        self.n -= 1
 
     def move_back(self, obj: _T, deadline: float) -> None:
         """``obj``, queued here, waits until ``deadline`` instead, at the back (``first`` stays a
         lower bound: the head's deadline can only have grown)."""
-        od = self._od
-        od[obj] = deadline
-        od.move_to_end(obj)
+        o: Timed = obj
+        if self.tail is not o:
+            self._unlink(o)
+            self.add(obj, deadline)
+        else:
+            o.deadline = deadline
 
     def discard(self, obj: _T) -> None:
-        """``obj`` no longer waits here (``first`` stays a lower bound)."""
-        self._od.pop(obj, None)
+        """``obj`` no longer waits here (queued here, or in no queue: then nothing happens;
+        ``first`` stays a lower bound)."""
+        o: Timed = obj
+        if o.q_prev is not None or self.head is o:
+            self._unlink(o)
 
     def pop_due(self, now: float) -> _T | None:
         """The head, taken out, if its deadline is ``now`` or earlier; else None."""
-        od = self._od
-        if not od:
+        o = self.head
+        if o is None:
             self.first = _NEVER
             return None
-        obj, deadline = od.popitem(last=False)
-        if deadline <= now:
-            return obj
-        od[obj] = deadline  # not due: back to the front
-        od.move_to_end(obj, last=False)
-        self.first = deadline
+        if o.deadline <= now:
+            self._unlink(o)
+            return o  # type: ignore[return-value]  # (only _T are added)
+        self.first = o.deadline
         return None
 
     def peek(self) -> tuple[_T, float] | None:
         """(the head, its deadline), or None when empty."""
-        for obj, deadline in self._od.items():
-            return obj, deadline
-        return None
+        o = self.head
+        return None if o is None else (o, o.deadline)  # type: ignore[return-value]
 
     def pop_head(self) -> _T | None:
         """The head, taken out whatever its deadline (to make room), or None when empty."""
-        od = self._od
-        if not od:
+        o = self.head
+        if o is None:
             return None
-        return od.popitem(last=False)[0]
+        self._unlink(o)
+        return o  # type: ignore[return-value]
 
 
-def _move(queues: list[DeadlineQueue], obj: object, old: int, which: int, deadline: float) -> None:
+def _move(queues: list[DeadlineQueue], obj: Timed, old: int, which: int, deadline: float) -> None:
     """``obj`` leaves timer queue ``queues[old]`` for ``queues[which]`` (-1: none), due at
     ``deadline``; staying in the same queue moves it to the back."""
     if old == which:
@@ -335,14 +389,12 @@ class Tracker:
         waited before."""
         _move(self._txq, tx, tx.timer, which, deadline)
         tx.timer = which
-        tx.deadline = deadline
 
     def _schedule_call(self, call: Call, which: int, deadline: float) -> None:
         """``call`` waits on timer ``which`` (CALL_SHORT, ...) until ``deadline``, and no longer
         where it waited before."""
         _move(self._callq, call, call.timer, which, deadline)
         call.timer = which
-        call.deadline = deadline
 
     # -- calls -------------------------------------------------------------------------
     def find_call(self, call_id: bytes) -> Call | None:

@@ -20,7 +20,7 @@ import pytest
 import pcapbuild as pb
 from capture.analyze import analyse, looks_like_sip, render
 from capture.pcapfile import Decoder, read_packets
-from sipwatch.state import DeadlineQueue
+from sipwatch.state import DeadlineQueue, Timed
 
 ROOT = Path(__file__).resolve().parents[1]
 ETHERNET = 1
@@ -87,7 +87,7 @@ def test_timer_queue_pops_what_is_due_in_order_and_first_never_passes_the_head()
     rnd = random.Random(7)
     q: DeadlineQueue = DeadlineQueue()
     model: list = []  # [obj, deadline] in queue order
-    objs = [object() for _ in range(200)]
+    objs = [Timed(0.0) for _ in range(200)]
     now = 0.0
     for step in range(20000):
         op = rnd.random()
@@ -104,8 +104,9 @@ def test_timer_queue_pops_what_is_due_in_order_and_first_never_passes_the_head()
             q.discard(obj)
             model[:] = [e for e in model if e[0] is not obj]
         elif op < 0.65:
-            q.discard(rnd.choice(objs))  # (not queued: nothing happens)
-            model[:] = [e for e in model if any(o is e[0] for o, _ in q._od.items())]
+            obj = rnd.choice(objs)  # (queued or not: when not, nothing happens)
+            q.discard(obj)
+            model[:] = [e for e in model if e[0] is not obj]
         else:
             now += rnd.random() * 3
             got = q.pop_due(now)
@@ -114,6 +115,17 @@ def test_timer_queue_pops_what_is_due_in_order_and_first_never_passes_the_head()
             else:
                 assert got is None, step
         assert len(q) == len(model)
+        if step % 97 == 0:  # the links, both ways, are the model's order
+            forward, o = [], q.head
+            while o is not None:
+                forward.append(o)
+                o = o.q_next
+            backward, o = [], q.tail
+            while o is not None:
+                backward.append(o)
+                o = o.q_prev
+            assert forward == [e[0] for e in model] == backward[::-1], step
+            assert all(o.q_prev is None and o.q_next is None for o in objs if o not in forward)
         if model:
             assert q.first <= model[0][1], step
             assert q.peek() == (model[0][0], model[0][1])

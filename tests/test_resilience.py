@@ -117,9 +117,10 @@ def test_tick_survives_a_timer_failure_and_a_failing_collector(tmp_path, monkeyp
     raise, once per tick: each failure is counted and the next tick runs. (Entries, not a patched method: the
     compiled core's methods cannot be replaced, and this runs on that build too.)"""
     app, buf = _app(tmp_path, "--no-tracing")
+    from sipwatch.state import Timed
     queue = app.core.tracker._tx_b
-    queue.add("not a transaction (1)", 0.0)
-    queue.add("not a transaction (2)", 0.0)
+    queue.add(Timed(0.0), 0.0)  # (waits on a timer, is no transaction)
+    queue.add(Timed(0.0), 0.0)
     app.tick()
     app.tick()
     assert app.stats.internal_errors["tick"] == 2
