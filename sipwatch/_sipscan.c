@@ -1370,6 +1370,131 @@ sipscan_mac_hex(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return out;
 }
 
+/* hmac_state(block) -> the state of an unkeyed BLAKE2b-512 that has absorbed ``block`` (128 bytes:
+ * HMAC's key block XOR ipad or opad, RFC 2104), for mask_call_id */
+static PyObject *
+sipscan_hmac_state(PyObject *module, PyObject *block)
+{
+    (void)module;
+    if (need_bytes(block, "block") < 0)
+        return NULL;
+    if (PyBytes_GET_SIZE(block) != 128) {
+        PyErr_SetString(PyExc_ValueError, "block of 128 bytes");
+        return NULL;
+    }
+    uint64_t h[8];
+    memcpy(h, b2_iv, sizeof h);
+    h[0] ^= 0x01010000ULL ^ 64;
+    b2_compress(h, (const unsigned char *)PyBytes_AS_STRING(block), 128, 0);
+    unsigned char out[B2_STATE_SIZE];
+    for (int i = 0; i < 8; i++)
+        b2_store(out + 8 * i, h[i]);
+    b2_store(out + 64, 128);
+    out[72] = 64;
+    return PyBytes_FromStringAndSize((const char *)out, B2_STATE_SIZE);
+}
+
+/* the 64-byte digest of the message p[0:len] (len >= 1) continued from a hmac_state */
+static void b2_digest_from(const unsigned char *st, const unsigned char *p, size_t len, unsigned char out[64])
+{
+    uint64_t h[8];
+    for (int i = 0; i < 8; i++)
+        h[i] = b2_load(st + 8 * i);
+    uint64_t t = b2_load(st + 64);
+    unsigned char block[128];
+    while (len > 128) {
+        memcpy(block, p, 128);
+        t += 128;
+        b2_compress(h, block, t, 0);
+        p += 128;
+        len -= 128;
+    }
+    memset(block, 0, 128);
+    memcpy(block, p, len);
+    t += len;
+    b2_compress(h, block, t, 1);
+    for (int i = 0; i < 8; i++)
+        b2_store(out + 8 * i, h[i]);
+}
+
+/* mask_call_id(raw, inner, outer, hash_only) -> masking.CallIdMasker._mask of a plain ASCII Call-ID:
+ * runs of 6+ digits masked but their last 4, then "~" and 16 hex of HMAC-BLAKE2b(raw) when
+ * something was masked (the text as is when nothing was); with hash_only, "h-" and 32 hex of it.
+ * inner/outer: hmac_state of the key block XOR ipad/opad. None for an empty or non-ASCII
+ * Call-ID (the Python path decides those). */
+static PyObject *
+sipscan_mask_call_id(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (arg_count(nargs, 4, "mask_call_id(raw, inner, outer, hash_only) takes 4 arguments") < 0 ||
+            need_bytes(args[0], "raw") < 0 || need_bytes(args[1], "inner") < 0 ||
+            need_bytes(args[2], "outer") < 0)
+        return NULL;
+    if (PyBytes_GET_SIZE(args[1]) != B2_STATE_SIZE || PyBytes_GET_SIZE(args[2]) != B2_STATE_SIZE ||
+            ((const unsigned char *)PyBytes_AS_STRING(args[1]))[72] != 64 ||
+            ((const unsigned char *)PyBytes_AS_STRING(args[2]))[72] != 64) {
+        PyErr_SetString(PyExc_ValueError, "not a hmac_state");
+        return NULL;
+    }
+    const int hash_only = PyObject_IsTrue(args[3]);
+    if (hash_only < 0)
+        return NULL;
+    const unsigned char *raw = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+    const Py_ssize_t n = PyBytes_GET_SIZE(args[0]);
+    if (n == 0)
+        Py_RETURN_NONE;
+    int masked = 0;
+    if (!hash_only) {
+        for (Py_ssize_t i = 0; i < n; i++)
+            if (raw[i] >= 0x80)
+                Py_RETURN_NONE;
+        Py_ssize_t run = 0;
+        for (Py_ssize_t i = 0; i <= n && !masked; i++) {
+            if (i < n && raw[i] >= '0' && raw[i] <= '9')
+                run++;
+            else {
+                masked = run >= 6;
+                run = 0;
+            }
+        }
+        if (!masked)
+            return PyUnicode_DecodeASCII((const char *)raw, n, NULL);
+    }
+    unsigned char inner[64], outer[64];
+    b2_digest_from((const unsigned char *)PyBytes_AS_STRING(args[1]), raw, (size_t)n, inner);
+    b2_digest_from((const unsigned char *)PyBytes_AS_STRING(args[2]), inner, 64, outer);
+    const int hex_bytes = hash_only ? 16 : 8;
+    const Py_ssize_t head = hash_only ? 2 : n + 1;
+    PyObject *out = PyUnicode_New(head + 2 * hex_bytes, 127);
+    if (out == NULL)
+        return NULL;
+    unsigned char *d = PyUnicode_1BYTE_DATA(out);
+    if (hash_only) {
+        d[0] = 'h';
+        d[1] = '-';
+    } else {
+        Py_ssize_t start = 0;
+        for (Py_ssize_t i = 0; i <= n; i++) {
+            if (i < n && raw[i] >= '0' && raw[i] <= '9')
+                continue;
+            /* raw[start:i] is a run of digits (maybe empty) followed by raw[i] */
+            const Py_ssize_t run = i - start;
+            for (Py_ssize_t j = start; j < i; j++)
+                d[j] = run >= 6 && j < i - 4 ? '*' : raw[j];
+            if (i < n)
+                d[i] = raw[i];
+            start = i + 1;
+        }
+        d[n] = '~';
+    }
+    static const char hexdigits[] = "0123456789abcdef";
+    for (int i = 0; i < hex_bytes; i++) {
+        d[head + 2 * i] = (unsigned char)hexdigits[outer[i] >> 4];
+        d[head + 2 * i + 1] = (unsigned char)hexdigits[outer[i] & 15];
+    }
+    return out;
+}
+
 /* hex_join(head, value, digits, tail) -> head + b"%0{digits}x" % value + tail, for 0 <= value <
  * 16**digits and digits 1-32; None for any other value (the caller formats it itself). The
  * trace header's ids: bytes % formatting of an int goes through a str and costs more than the
@@ -2007,6 +2132,11 @@ static PyMethodDef sipscan_methods[] = {
     {"mac_hex", (PyCFunction)(void (*)(void))sipscan_mac_hex, METH_FASTCALL,
      "mac_hex(state, sep, parts) -> hexlify(blake2b(sep.join(parts)).digest()) from a\n"
      "blake2b_state (its key and digest size), or None when sep.join(parts) is empty"},
+    {"hmac_state", (PyCFunction)sipscan_hmac_state, METH_O,
+     "hmac_state(block) -> the state of an unkeyed BLAKE2b-512 that absorbed a 128-byte block"},
+    {"mask_call_id", (PyCFunction)(void (*)(void))sipscan_mask_call_id, METH_FASTCALL,
+     "mask_call_id(raw, inner, outer, hash_only) -> masking.CallIdMasker._mask of an ASCII Call-ID\n"
+     "(HMAC-BLAKE2b from hmac_state states), or None for an empty or non-ASCII one"},
     {"mask_name_addr", (PyCFunction)(void (*)(void))sipscan_mask_name_addr, METH_FASTCALL,
      "mask_name_addr(value, full) -> (text, tag_at) of masking._mask_remembered's plain ASCII From/To\n"
      "(user part masked, where ';tag=' starts or -1), or None for any other value"},

@@ -392,6 +392,36 @@ def test_call_summary_line_fields_in_order():
     assert quiet.getvalue() == b""
 
 
+def test_call_id_masking_in_c_matches_the_stdlib_hmac_and_the_python_path():
+    """The C pass (``_sipscan.mask_call_id``) against ground truth: the stdlib's hmac over
+    BLAKE2b and the regex masking, for random Call-IDs of every length around BLAKE2b's 128-byte
+    blocks, digit runs of 5 to 12, non-ASCII bytes (left to the Python path) and empty ones."""
+    import hashlib
+    import hmac
+    import random
+
+    from sipwatch import masking
+    key = hashlib.blake2b(b"k", digest_size=32, person=b"sipwatch-callid").digest()
+    digits, hashed = CallIdMasker("digits", b"k"), CallIdMasker("hash", b"k")
+    rnd = random.Random(5)
+    alphabet = b"0123456789abcdef-@.x \xc3\xa9"
+    for i in range(3000):
+        if i % 2:
+            raw = bytes(rnd.choice(alphabet) for _ in range(rnd.choice((0, 1, 6, 63, 127, 128, 129, 255, 256, 300))))
+        else:
+            raw = b"%s-%d@10.0.0.%d" % (b"9" * rnd.randrange(5, 13), i, i % 250)
+        mac = hmac.new(key, raw, hashlib.blake2b).hexdigest()
+        text = raw.decode("utf-8", "replace")
+        shown = re.sub(r"\d{6,}", lambda m: ("*" * (len(m[0]) - 4) + m[0][-4:]) if m[0].isascii() else m[0], text)
+        if raw.isascii():
+            assert digits._mask(raw) == (shown + "~" + mac[:16] if shown != text else text), raw
+        assert digits._mask(raw) == digits._mask_py(raw), raw
+        assert hashed._mask(raw) == "h-" + mac[:32] == hashed._mask_py(raw), raw
+    if masking._c_mask_call_id is not None:  # (the C pass leaves empty and non-ASCII ones to Python)
+        assert masking._c_mask_call_id(b"", hashed._inner_state, hashed._outer_state, True) is None
+        assert masking._c_mask_call_id(b"\xc3\xa9123456", digits._inner_state, digits._outer_state, False) is None
+
+
 def test_call_id_masker_survives_pickling_for_the_span_worker_process():
     import pickle
     m = CallIdMasker("digits", b"k")
