@@ -35,7 +35,9 @@ Properties (an AssertionError names the one that broke; anything else raised is 
 - a forwarded request carries at most ``core.MAX_VIAS`` + 1 Via values (more Vias than any
   real path has are dropped, issue 8 item 2; the one added is the core's own);
 - a second core with the same key, its response fast path (``ProxyCore._fast_response``) off,
-  fed the same inputs, gives the same outputs, counters and finished records.
+  fed the same inputs, gives the same outputs, counters and finished records;
+- a finished call's Call-ID masks alike in C (``_sipscan.mask_call_id``) and in Python, in the
+  ``digits`` and ``hash`` modes.
 """
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ import orjson
 from sipwatch import core as core_module, sipmsg
 from sipwatch.core import CoreConfig, ProxyCore
 from sipwatch.logs import call_summary_fields
+from sipwatch.masking import CallIdMasker
 from sipwatch.observer import Observer
 from sipwatch.sipmsg import SipParseError, parse
 
@@ -64,6 +67,7 @@ except ImportError:  # run as a script: tests/fuzz is on sys.path
     import sipcheck
 
 SEP = b"\x00\xfe\xfd\x00"
+_CALL_ID_MASKERS = (CallIdMasker("digits", b"fuzz"), CallIdMasker("hash", b"fuzz"))
 MAX_VIAS = getattr(core_module, "MAX_VIAS", 70)
 MAX_RECORDS = 64
 ADVERTISE = ("127.0.0.1", 5060)
@@ -182,6 +186,10 @@ class Run:
         for kind, obj in records:
             if kind == "call" and getattr(obj, "is_call", False):
                 orjson.dumps(call_summary_fields(obj, "partial"))
+            if kind == "call" and type(obj.call_id) is bytes:
+                for masker in _CALL_ID_MASKERS:
+                    assert masker._mask(obj.call_id) == masker._mask_py(obj.call_id), \
+                        "Call-ID masking: the C pass and the Python path differ"
             if self.builder is not None:
                 spans.append(self.builder.build(kind, obj))
                 if kind == "tx":
