@@ -1295,6 +1295,16 @@ sipscan_blake2b_state(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return PyBytes_FromStringAndSize((const char *)out, B2_STATE_SIZE);
 }
 
+/* the n bytes at src as 2n lower-case hex digits at d */
+static void put_hex(char *d, const unsigned char *src, int n)
+{
+    static const char hexdigits[] = "0123456789abcdef";
+    for (int i = 0; i < n; i++) {
+        d[2 * i] = hexdigits[src[i] >> 4];
+        d[2 * i + 1] = hexdigits[src[i] & 15];
+    }
+}
+
 /* mac_hex(state, sep, parts) -> hex of the BLAKE2b digest of sep.join(parts), continued from a
  * state of blake2b_state; None when the parts are empty (then hashlib must do it: a keyed digest
  * of nothing compresses the key block as the last one) */
@@ -1358,15 +1368,10 @@ sipscan_mac_hex(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     unsigned char digest[64];
     for (int i = 0; i < 8; i++)
         b2_store(digest + 8 * i, h[i]);
-    static const char hexdigits[] = "0123456789abcdef";
     PyObject *out = PyBytes_FromStringAndSize(NULL, 2 * (Py_ssize_t)outlen);
     if (out == NULL)
         return NULL;
-    char *d = PyBytes_AS_STRING(out);
-    for (int i = 0; i < outlen; i++) {
-        d[2 * i] = hexdigits[digest[i] >> 4];
-        d[2 * i + 1] = hexdigits[digest[i] & 15];
-    }
+    put_hex(PyBytes_AS_STRING(out), digest, outlen);
     return out;
 }
 
@@ -1443,19 +1448,14 @@ sipscan_mask_call_id(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     const Py_ssize_t n = PyBytes_GET_SIZE(args[0]);
     if (n == 0)
         Py_RETURN_NONE;
-    int masked = 0;
     if (!hash_only) {
-        for (Py_ssize_t i = 0; i < n; i++)
+        int masked = 0;
+        Py_ssize_t run = 0;  /* digits in a row so far */
+        for (Py_ssize_t i = 0; i < n; i++) {
             if (raw[i] >= 0x80)
                 Py_RETURN_NONE;
-        Py_ssize_t run = 0;
-        for (Py_ssize_t i = 0; i <= n && !masked; i++) {
-            if (i < n && raw[i] >= '0' && raw[i] <= '9')
-                run++;
-            else {
-                masked = run >= 6;
-                run = 0;
-            }
+            run = raw[i] >= '0' && raw[i] <= '9' ? run + 1 : 0;
+            masked |= run >= 6;
         }
         if (!masked)
             return PyUnicode_DecodeASCII((const char *)raw, n, NULL);
@@ -1487,11 +1487,7 @@ sipscan_mask_call_id(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         d[n] = '~';
     }
-    static const char hexdigits[] = "0123456789abcdef";
-    for (int i = 0; i < hex_bytes; i++) {
-        d[head + 2 * i] = (unsigned char)hexdigits[outer[i] >> 4];
-        d[head + 2 * i + 1] = (unsigned char)hexdigits[outer[i] & 15];
-    }
+    put_hex((char *)d + head, outer, hex_bytes);
     return out;
 }
 
