@@ -684,7 +684,11 @@ def section_ladder(workdir: Path, keys: list[str], rates: list[int], duration: f
 
 
 FLOOR_RATES = (1000, 4000)  # the steps issue 10's CPU floors are judged at
-TRACING_RATE = 1000  # ... and its tracing floor (all features against --no-tracing)
+# ... and its tracing floor (all features against --no-tracing): at 1000/s alone, where a step's
+# CPU per message is mostly wake-ups, --no-tracing's own three rounds once spread 1.52x with no
+# steal at all (26.4/17.4/24.9 µs) and the floor went unjudged; at 4000/s the per-message work
+# dominates and paired rounds agree within ~1.1x
+TRACING_RATES = (1000, 4000)
 # A target's floor rounds agree when the highest is within this factor of the lowest. Undisturbed,
 # they were within 1.1-1.25x on the 2-core machine; one run had Kamailio at 16.7, 44.1 and 31.1
 # µs/msg at 1000 calls/s (13.6-14.7 in three runs right after), which made a median ratio of 1.18x
@@ -726,7 +730,7 @@ def section_floor_runs(workdir: Path, ladder_res: dict, duration: float, feature
             return load_step(workdir, key, rate, duration, features)
     out: dict = {}
     for rate in FLOOR_RATES:
-        keys = ["kamailio", "all"] + (["notrace"] if rate == TRACING_RATE else [])
+        keys = ["kamailio", "all"] + (["notrace"] if rate in TRACING_RATES else [])
         first = {k: _step(ladder_res, k, rate) for k in keys}
         if any(first[k] is None or not first[k]["passed"] for k in ("kamailio", "all")):
             continue
@@ -780,7 +784,8 @@ def section_floor_runs(workdir: Path, ladder_res: dict, duration: float, feature
               "  something else took the machine during a round and the floor is not judged from them; a round in\n"
               f"  which the host took more than {STEAL_MAX:g}% of the ticks (steal, the higher of the two runs a\n"
               "  ratio pairs) is left out of the verdict, which needs two rounds without; the tracing floor is\n"
-              f"  judged on the same rounds' all-features / --no-tracing ratios at {TRACING_RATE}/s.")
+              "  judged on the same rounds' all-features / --no-tracing ratios at "
+              f"{' and '.join(f'{r}/s' for r in TRACING_RATES)}, met when every step judged meets it.")
     return out
 
 
@@ -1192,11 +1197,20 @@ def floors(result: dict) -> list[dict]:
     v = a and a["added_p99_us"]
     add(f"added p99 at {at} <= 1 ms", v, None if v is None else v <= 1000,
         "not measured" if v is None else f"{v:+.1f} µs")
-    again = (runs.get(TRACING_RATE) or {}).get("tracing")
-    if again and len(again["ratios"]) > 1:  # the floor rounds' all-features / --no-tracing ratios
-        v, judged, shown = _rounds_verdict(again, _disagreeing(runs[TRACING_RATE], ("notrace", "all")))
+    # the floor rounds' all-features / --no-tracing ratios at each step that ran them: met when
+    # every step judged meets it (the value shown is the dearest), not judged when none could be
+    judged, shown_all = [], []
+    for rate in TRACING_RATES:
+        again = (runs.get(rate) or {}).get("tracing")
+        if again and len(again["ratios"]) > 1:
+            v, ok, shown = _rounds_verdict(again, _disagreeing(runs[rate], ("notrace", "all")))
+            shown_all.append((v, shown.replace(" (median", f" at {rate}/s (median", 1)))
+            if ok:
+                judged.append(v)
+    if shown_all:
+        v = max(judged) if judged else max(x for x, _ in shown_all)
         add("tracing at 100% <= 1.25x --no-tracing CPU", v, v <= 1.25 if judged else None,
-            shown.replace(" (median", f" at {TRACING_RATE}/s (median", 1))
+            "; ".join(s for _, s in shown_all))
     else:  # the ladder's steps alone
         tc = result.get("tracing_cost") or {}
         v = tc.get("ratio")
