@@ -45,22 +45,31 @@ def _halts() -> int | None:
     return n if seen else None
 
 
+def _latency_limit() -> int:
+    """The CPU wake-up latency the kernel currently allows, in µs (every PM QoS request taken
+    together): what reading ``/dev/cpu_dma_latency`` returns."""
+    import struct
+    with open("/dev/cpu_dma_latency", "rb", buffering=0) as f:
+        return struct.unpack("i", f.read(4))[0]
+
+
 def test_cpus_held_awake_stop_halting_until_released():
-    """While the latency bench holds its PM QoS request, no CPU enters a halting idle state, however
-    idle the machine (the test sleeps); the request ends with the context. Where the request
-    cannot be made (not root) the context says so and changes nothing."""
+    """While the latency bench holds its PM QoS request the kernel's limit on CPU wake-up latency
+    is 0 µs, and where the kernel shows its cpuidle states no CPU enters a halting one however idle
+    the machine (the test sleeps); the request ends with the context. Where the request cannot be
+    made (not root) the context says so and changes nothing."""
     import time
     with bench_net.CpusHeldAwake() as awake:
         if not awake.held:
             assert awake.fh is None
             pytest.skip("no PM QoS request here (/dev/cpu_dma_latency needs root)")
-        before = _halts()
-        if before is None:
-            pytest.skip("no cpuidle states shown by this kernel")
+        assert _latency_limit() == 0
+        before = _halts()  # (None: this kernel shows no cpuidle states, as on some VMs)
         time.sleep(0.5)
-        during = _halts() - before
+        during = None if before is None else _halts() - before
     assert awake.fh is None
-    assert during <= 2, f"{during} halts while held"  # (one CPU may be on its way in as it starts)
+    assert _latency_limit() > 0
+    assert during is None or during <= 2, f"{during} halts while held"  # (one CPU may be on its way in)
 
 
 def test_wakeups_are_classified_by_where_the_wakee_was_put():
