@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 
 .PHONY: demo test bench venv system-deps clean fuzz fuzz-smoke
 
-$(BIN)/.installed: pyproject.toml setup.py sipwatch/_sipscan.c sipwatch/_otlpenc.c sipwatch/_udppump.c
+$(BIN)/.installed: pyproject.toml setup.py sipwatch/_sipscan.c sipwatch/_otlpenc.c sipwatch/_udppump.c sipwatch/_hepenc.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'

@@ -18,9 +18,12 @@
  * epoch clock: CLOCK_MONOTONIC, which is time.monotonic() on Linux, plus its offset) and makes
  * one vectorcall of core.receive_datagram(data, src, now). The common output, a list of
  * (bytes, (ip literal, port)), it sends itself: send() on the connected upstream socket when the
- * destination is the upstream, else sendto() on the listen socket. Everything else goes to the
- * edge's Python dispatch method, unchanged: output over TCP (core.out_tcp), a wiretap (HEP),
- * destinations that are not literals of the socket's family, output of another shape.
+ * destination is the upstream, else sendto() on the listen socket; with a wiretap set (the HEP
+ * sender's tap) it first calls it for the datagram and each copy, as the edge's dispatch does
+ * (with HEP on every datagram had taken that Python dispatch and a Python-level sendto per
+ * output). Everything else goes to the edge's Python dispatch method, unchanged: output over TCP
+ * (core.out_tcp), destinations that are not literals of the socket's family, output of another
+ * shape.
  *
  * Nothing raises out of a read: a send error (and an ICMP error read from the connected socket)
  * goes to the edge's send_failed(exc), as uvloop's error_received did; an exception from the
@@ -222,7 +225,19 @@ static void send_one(Pump *p, const Send *s)
         socket_error(p, errno);
 }
 
-/* Send ``out`` here when all of it is common, else hand it to the Python dispatch. */
+/* ``tap(payload, src, dst, now)``; 0 with an exception set if it raised. */
+static int call_tap(PyObject *tap, PyObject *payload, PyObject *src, PyObject *dst, PyObject *now)
+{
+    PyObject *args[4] = {payload, src, dst, now};
+    PyObject *r = PyObject_Vectorcall(tap, args, 4, NULL);
+    if (r == NULL)
+        return 0;
+    Py_DECREF(r);
+    return 1;
+}
+
+/* Send ``out`` here when all of it is common (past the wiretap when one is set), else hand it to
+ * the Python dispatch. */
 static void route(Pump *p, PyObject *data, PyObject *src, PyObject *now, PyObject *out)
 {
     if (p->core == NULL)
@@ -235,12 +250,13 @@ static void route(Pump *p, PyObject *data, PyObject *src, PyObject *now, PyObjec
     if (tcp < 0)
         goto failed;
     int python = tcp;
+    PyObject *tap = NULL;  /* the wiretap (the HEP sender's tap), when one is set */
     if (!python) {
-        PyObject *tap = PyObject_GetAttr(p->edge, str_wiretap);
+        tap = PyObject_GetAttr(p->edge, str_wiretap);
         if (tap == NULL)
             goto failed;
-        python = tap != Py_None;
-        Py_DECREF(tap);
+        if (tap == Py_None)
+            Py_CLEAR(tap);
     }
     Send sends[MAX_OUT];
     Py_ssize_t n = 0;
@@ -258,6 +274,7 @@ static void route(Pump *p, PyObject *data, PyObject *src, PyObject *now, PyObjec
         }
     }
     if (python) {
+        Py_XDECREF(tap);
         PyObject *args[4] = {data, src, now, out};
         PyObject *r = PyObject_Vectorcall(p->dispatch, args, 4, NULL);
         if (r == NULL)
@@ -265,11 +282,22 @@ static void route(Pump *p, PyObject *data, PyObject *src, PyObject *now, PyObjec
         Py_DECREF(r);
         return;
     }
+    if (tap != NULL) {  /* as the edge's dispatch: what came in, then each copy going out */
+        if (!call_tap(tap, data, src, Py_None, now))
+            goto failed;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *item = PyList_GET_ITEM(out, i);
+            if (!call_tap(tap, PyTuple_GET_ITEM(item, 0), Py_None, PyTuple_GET_ITEM(item, 1), now))
+                goto failed;
+        }
+        Py_CLEAR(tap);
+    }
     /* the payloads stay alive: ``out`` holds them until the caller drops it */
     for (Py_ssize_t i = 0; i < n; i++)
         send_one(p, &sends[i]);
     return;
 failed:
+    Py_XDECREF(tap);
     hand_over(p->on_error);
 }
 

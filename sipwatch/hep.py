@@ -28,6 +28,11 @@ import socket
 import struct
 import zlib
 
+try:  # the packet assembly in C (setup.py builds it; without it the struct packs below do it)
+    from . import _hepenc
+except ImportError:  # pragma: no cover - a build without a C compiler
+    _hepenc = None
+
 HEP3 = b"HEP3"
 MAX_HEP = 65535  # uint16 total length
 MAX_PAYLOAD = 65535  # what an inflated payload may grow to
@@ -152,7 +157,8 @@ _LEN = struct.Struct(">H")
 class Hep3Encoder:
     """:func:`encode_hep3` for a sender whose capture id, auth key and node name are fixed: the
     address and port chunks are packed once per (source, destination, protocol) and kept (at most
-    ``cache_max`` pairs), so a packet costs one small ``struct.pack`` and a join."""
+    ``cache_max`` pairs), so a packet costs one call of the C assembly (``sipwatch._hepenc``, the
+    same bytes), or one small ``struct.pack`` and a join without it."""
 
     def __init__(self, capture_id: int = 0, auth_key: bytes = b"", node_name: bytes = b"",
                  cache_max: int = 4096):
@@ -178,6 +184,18 @@ class Hep3Encoder:
                payload_type: int = TYPE_SIP, correlation_id: bytes = b"") -> bytes:
         """The same bytes as ``encode_hep3`` with this encoder's capture id, key and node name."""
         head = self._addresses(src, dst, proto)
+        if _hepenc is not None:
+            packet = _hepenc.encode(head, payload, ts, payload_type, self.capture_id, correlation_id,
+                                    self.auth, self.node)
+            if packet is None:
+                raise HepError(f"cannot encode a HEP packet of a {len(payload)}-byte payload at {ts!r} "
+                               f"(type {payload_type}, capture id {self.capture_id})")
+            return packet
+        return self._encode_py(head, payload, ts, payload_type, correlation_id)
+
+    def _encode_py(self, head: bytes, payload: bytes, ts: float, payload_type: int,
+                   correlation_id: bytes) -> bytes:
+        """:meth:`encode` without the C extension (and its reference in tests)."""
         sec = int(ts)
         usec = int(round((ts - sec) * 1e6))
         if usec >= 1_000_000:

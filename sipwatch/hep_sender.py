@@ -27,7 +27,7 @@ from itertools import islice
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from .hep import PROTO_TCP, PROTO_UDP, TYPE_LOG, TYPE_SIP, Hep3Encoder, HepError, ip_bytes
+from .hep import PROTO_TCP, PROTO_UDP, TYPE_LOG, TYPE_SIP, Hep3Encoder, HepError, _hepenc, ip_bytes
 
 Addr = tuple[str, int]
 QUEUE_MAX = 65536  # messages waiting for the next flush (about 9 s of 1000 calls/s)
@@ -35,7 +35,8 @@ TCP_BUFFER_MAX = 4 << 20  # bytes waiting for a slow TCP collector before new pa
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0
 FLUSH_MAX = 20000  # messages encoded per flush at most (the rest waits for the next tick)
 DROP_REASONS = ("queue_full", "send_error", "collector_down", "too_large")
-HEADER_SCAN = 8192  # bytes searched for the Call-ID; a header section is rarely longer
+HEADER_SCAN = 8192  # bytes searched for the Call-ID; a header section is rarely longer (_hepenc.c too)
+_c_call_id = _hepenc.call_id if _hepenc is not None else None
 
 
 class EndpointError(ValueError):
@@ -71,7 +72,15 @@ def parse_endpoint(text: str, what: str = "--hep-endpoint") -> tuple[str, Addr]:
 
 def call_id_of(payload: bytes) -> bytes:
     """The Call-ID of a SIP message (the ``X-CID`` header's value when there is one: Homer's
-    convention for the A-leg's Call-ID), or b"" -- found with bytes.find, no parse."""
+    convention for the A-leg's Call-ID), or b"" -- found with bytes.find, no parse (in C when
+    ``sipwatch._hepenc`` is built: the same search, without slicing the head)."""
+    if _c_call_id is not None:
+        return _c_call_id(payload)
+    return _call_id_py(payload)
+
+
+def _call_id_py(payload: bytes) -> bytes:
+    """:func:`call_id_of` without the C extension (and its reference in tests)."""
     head_end = payload.find(b"\r\n\r\n", 0, HEADER_SCAN)
     head = payload[:head_end if head_end >= 0 else HEADER_SCAN]
     for name in (b"\nX-CID:", b"\nCall-ID:", b"\ni:"):

@@ -62,7 +62,7 @@ def build(base: Path | None = None) -> Path:
 
 # the optional C extensions of setup.py: module name -> source
 C_EXTENSIONS = {"sipwatch._sipscan": "sipwatch/_sipscan.c", "sipwatch._otlpenc": "sipwatch/_otlpenc.c",
-                "sipwatch._udppump": "sipwatch/_udppump.c"}
+                "sipwatch._udppump": "sipwatch/_udppump.c", "sipwatch._hepenc": "sipwatch/_hepenc.c"}
 
 _C_BUILD = """
 import sys

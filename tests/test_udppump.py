@@ -234,8 +234,8 @@ def test_a_flood_is_read_in_bounded_batches_so_the_loop_runs_between_them():
 def test_an_exception_out_of_the_core_or_the_wiretap_is_counted_and_the_pump_reads_on():
     """The core raising (it catches its own errors; this one is injected) and a wiretap raising
     both cost one datagram, counted as an internal error; the next datagram passes. The wiretap
-    path (HEP) is the Python dispatch: it sees what was received and what was sent, at the
-    edge's clock."""
+    (HEP) sees what was received and what was sent, both ways, at the edge's clock: the pump
+    calls it itself before its sends, as the edge's Python dispatch does."""
     _need("pump")
 
     def raising(receive):
@@ -272,6 +272,13 @@ def test_an_exception_out_of_the_core_or_the_wiretap_is_counted_and_the_pump_rea
             rx, tx = seen[1:]
             assert rx[:3] == (sent, gw.addr, None) and tx[:3] == (fwd, None, up.addr)
             assert before <= rx[3] == tx[3] <= after
+            reply = answer(fwd)
+            up.sock.sendto(reply, listen)
+            back = await gw.recv()
+            assert back == reply.replace(own_via(fwd), b"", 1)
+            rx, tx = seen[3:]
+            assert rx[:3] == (reply, up.addr, None) and tx[:3] == (back, None, gw.addr) and rx[3] == tx[3]
+            assert len(seen) == 5 and edge.stats.internal_errors["datagram"] == 2
         finally:
             edge.close()
             up.close()

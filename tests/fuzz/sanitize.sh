@@ -1,5 +1,5 @@
 #!/bin/sh
-# The C extensions (sipwatch/_sipscan.c, _otlpenc.c, _udppump.c) under AddressSanitizer and
+# The C extensions (sipwatch/_sipscan.c, _otlpenc.c, _udppump.c, _hepenc.c) under AddressSanitizer and
 # UndefinedBehaviorSanitizer: built into a throw-away copy of the package, which then goes first on
 # PYTHONPATH (and SIPWATCH_TREE, so the sidecars the tests start load it too). The extensions read
 # bytes straight off the network; a memory error a datagram can reach must abort the run.
@@ -10,7 +10,8 @@ set -u
 py=${1:-python3}; [ $# -gt 0 ] && shift
 if [ $# -eq 0 ]; then
   set -- tests/test_udppump.py tests/test_otlp_encode.py tests/test_otlpenc_values.py \
-    tests/test_hardening.py tests/test_response_fast.py tests/test_sipscan.py tests/test_sipscan_values.py tests/test_fuzz_live.py
+    tests/test_hardening.py tests/test_response_fast.py tests/test_sipscan.py tests/test_sipscan_values.py tests/test_fuzz_live.py \
+    tests/test_hep_c.py tests/test_hep.py
 fi
 libasan=$(gcc -print-file-name=libasan.so)
 [ -f "$libasan" ] || { echo "sanitize: no libasan (gcc with ASAN support is needed)"; exit 1; }
@@ -30,8 +31,8 @@ for tool in tshark capinfos dumpcap editcap mergecap text2pcap sipp sngrep kamai
   printf '#!/bin/sh\nunset LD_PRELOAD\nexec %s "$@"\n' "$p" >"$d/bin/$tool"; chmod +x "$d/bin/$tool"
 done
 # checked from outside the checkout, where "sipwatch" can only import from the sanitized copy
-check='import sys, sipwatch._sipscan as a, sipwatch._otlpenc as b, sipwatch._udppump as c
-bad = [m.__file__ for m in (a, b, c) if not m.__file__.startswith(sys.argv[1])]
+check='import sys, sipwatch._sipscan as a, sipwatch._otlpenc as b, sipwatch._udppump as c, sipwatch._hepenc as d
+bad = [m.__file__ for m in (a, b, c, d) if not m.__file__.startswith(sys.argv[1])]
 sys.exit(f"not the sanitized build: {bad}" if bad else 0)'
 # a small quarantine: the default 256 MB reads as growth to the RSS checks of tests/test_fuzz_live.py
 export PATH="$d/bin:$PATH" LD_PRELOAD="$libasan" PYTHONMALLOC=malloc PYTHONPATH="$d/tree" SIPWATCH_TREE="$d/tree" \
