@@ -8,6 +8,8 @@
 # usage: tests/fuzz/sanitize.sh PYTHON [PYTEST ARGS...]   (default: the C-facing tests)
 set -u
 py=${1:-python3}; [ $# -gt 0 ] && shift
+# (a relative path, as the README's .venv/bin/python, must still work after the cd below)
+case $py in */*) py="$(cd "$(dirname "$py")" && pwd)/$(basename "$py")" ;; esac
 if [ $# -eq 0 ]; then
   set -- tests/test_udppump.py tests/test_otlp_encode.py tests/test_otlpenc_values.py \
     tests/test_hardening.py tests/test_response_fast.py tests/test_sipscan.py tests/test_sipscan_values.py tests/test_fuzz_live.py \
