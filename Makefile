@@ -20,6 +20,8 @@ demo: system-deps venv
 	$(BIN)/python -m sipwatch.demo $(DEMO_ARGS)
 
 test: system-deps venv
+	@# the mypyc build (over a minute) starts in the background; tests that need it wait for it
+	@$(BIN)/python -m tests.compiled > /dev/null 2>&1 &
 	$(BIN)/python -m ruff check sipwatch capture tests deploy
 	@rc=0; sh tests/fuzz/smoke.sh $(BIN)/python $(FUZZ_RUNS) || rc=$$?; \
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS) || rc=$$?; exit $$rc

@@ -12,6 +12,7 @@ module list and the interpreter are unchanged.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.machinery
 import shutil
@@ -39,11 +40,25 @@ def _digest(cfg: dict) -> str:
 
 
 def build(base: Path | None = None) -> Path:
-    """The directory holding the compiled ``sipwatch`` package (built now if it is not there)."""
+    """The directory holding the compiled ``sipwatch`` package (built now if it is not there).
+
+    One build at a time: ``make test`` starts one in the background while the fuzz run and the
+    first tests go on (it takes over a minute), and a test that needs the build meanwhile waits
+    for it here instead of building the same tree beside it."""
     cfg = config()
-    tree = (base or ROOT / "build" / "mypyc") / _digest(cfg)
+    top = base or ROOT / "build" / "mypyc"
+    tree = top / _digest(cfg)
     if (tree / ".built").exists():
         return tree
+    top.mkdir(parents=True, exist_ok=True)
+    with open(top / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # (released when the file is closed)
+        if (tree / ".built").exists():
+            return tree
+        return _build(cfg, tree)
+
+
+def _build(cfg: dict, tree: Path) -> Path:
     if tree.exists():
         shutil.rmtree(tree)
     shutil.copytree(ROOT / "sipwatch", tree / "sipwatch",
