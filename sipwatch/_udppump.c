@@ -19,9 +19,10 @@
  * one vectorcall of core.receive_datagram(data, src, now). The common output, a list of
  * (bytes, (ip literal, port)), it sends itself: send() on the connected upstream socket when the
  * destination is the upstream, else sendto() on the listen socket; with a wiretap set (the HEP
- * sender's tap) it first calls it for the datagram and each copy, as the edge's dispatch does
+ * sender's tap) it then calls it for the datagram and each copy, as the edge's dispatch does
  * (with HEP on every datagram had taken that Python dispatch and a Python-level sendto per
- * output). Everything else goes to the edge's Python dispatch method, unchanged: output over TCP
+ * output). The sends come first: a tap that raises costs its copies (the edge's tap_failed
+ * counts them), never the message. Everything else goes to the edge's Python dispatch method, unchanged: output over TCP
  * (core.out_tcp), destinations that are not literals of the socket's family, output of another
  * shape.
  *
@@ -236,8 +237,22 @@ static int call_tap(PyObject *tap, PyObject *payload, PyObject *src, PyObject *d
     return 1;
 }
 
-/* Send ``out`` here when all of it is common (past the wiretap when one is set), else hand it to
- * the Python dispatch. */
+/* The wiretap raised: hand its exception to the edge's tap_failed (looked up only now, on this
+ * rare path; with the exception held aside, as no C API call may run with one set). */
+static void tap_failed(Pump *p)
+{
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *handler = p->edge != NULL ? PyObject_GetAttrString(p->edge, "tap_failed") : NULL;
+    if (handler == NULL)
+        PyErr_Clear();
+    PyErr_Restore(type, value, tb);
+    hand_over(handler);  /* with no handler it only clears */
+    Py_XDECREF(handler);
+}
+
+/* Send ``out`` here when all of it is common (then the wiretap's copies, when one is set), else
+ * hand it to the Python dispatch. */
 static void route(Pump *p, PyObject *data, PyObject *src, PyObject *now, PyObject *out)
 {
     if (p->core == NULL)
@@ -282,19 +297,19 @@ static void route(Pump *p, PyObject *data, PyObject *src, PyObject *now, PyObjec
         Py_DECREF(r);
         return;
     }
-    if (tap != NULL) {  /* as the edge's dispatch: what came in, then each copy going out */
-        if (!call_tap(tap, data, src, Py_None, now))
-            goto failed;
-        for (Py_ssize_t i = 0; i < n; i++) {
-            PyObject *item = PyList_GET_ITEM(out, i);
-            if (!call_tap(tap, PyTuple_GET_ITEM(item, 0), Py_None, PyTuple_GET_ITEM(item, 1), now))
-                goto failed;
-        }
-        Py_CLEAR(tap);
-    }
     /* the payloads stay alive: ``out`` holds them until the caller drops it */
     for (Py_ssize_t i = 0; i < n; i++)
         send_one(p, &sends[i]);
+    if (tap != NULL) {  /* as the edge's dispatch: what came in, then each copy that went out */
+        int ok = call_tap(tap, data, src, Py_None, now);
+        for (Py_ssize_t i = 0; i < n && ok; i++) {
+            PyObject *item = PyList_GET_ITEM(out, i);
+            ok = call_tap(tap, PyTuple_GET_ITEM(item, 0), Py_None, PyTuple_GET_ITEM(item, 1), now);
+        }
+        Py_DECREF(tap);
+        if (!ok)
+            tap_failed(p);
+    }
     return;
 failed:
     Py_XDECREF(tap);

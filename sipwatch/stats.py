@@ -51,7 +51,8 @@ CORRELATION_RESULTS = ("joined", "unmatched", "refused", "malformed")
 CORR_JOINED, CORR_UNMATCHED, CORR_REFUSED, CORR_MALFORMED = range(4)
 
 # Components that catch and count their own failures (``sipwatch_internal_errors_total``).
-COMPONENTS = ("datagram", "send", "tick", "log", "metrics", "spans")
+# "hep": the HEP mirror's tap raised; the message itself was forwarded before it was called.
+COMPONENTS = ("datagram", "send", "tick", "log", "metrics", "spans", "hep")
 
 
 def outcome_of(status: int, cancelled: bool) -> int:

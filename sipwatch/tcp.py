@@ -140,16 +140,20 @@ class TcpEdge:
                 self._alias(conn, alias)
             tcp = core.out_tcp
             core.out_tcp = False
-            tap = self.wiretap
-            if tap is not None:
-                tap(data, src, None, now, "tcp")
-                for payload, dest in out:
-                    tap(payload, None, dest, now, "tcp" if tcp else "udp")
             for payload, dest in out:
                 if tcp:
                     self.send(payload, dest, conn if dest == src else None)
                 else:
                     self.udp_send(payload, dest)
+            tap = self.wiretap
+            if tap is not None:
+                try:
+                    tap(data, src, None, now, "tcp")
+                    for payload, dest in out:
+                        tap(payload, None, dest, now, "tcp" if tcp else "udp")
+                except Exception as exc:  # noqa: BLE001 - a monitoring copy never costs the message
+                    self.stats.internal_errors["hep"] += 1
+                    self.last_error = f"{type(exc).__name__}: {exc}"[:300]
         except Exception as exc:  # noqa: BLE001 - a bug costs one message, never the loop
             core.out_tcp = False
             self.stats.internal_errors["datagram"] += 1

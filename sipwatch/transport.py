@@ -91,8 +91,9 @@ class UdpEdge:
         # set before open(): the owner calls sample_tick() every tick, and the edge's own
         # timer runs only while the queue is stirring (QUIET_SHARE)
         self.ticked_sampling = False
-        # wiretap(payload, src, dst, ts), if set, sees every datagram received and every one
-        # sent (None for this proxy's own address); it must only queue (the HEP sender)
+        # wiretap(payload, src, dst, ts[, transport]), if set, sees every datagram received and
+        # every one sent (None for this proxy's own address), after the sends; it must only
+        # queue (the HEP sender), and if it raises that costs the copies, not the message
         self.wiretap = None
         # the TCP edge (sipwatch.tcp), for outputs the core sends over TCP (core.out_tcp)
         self.tcp = None
@@ -102,32 +103,33 @@ class UdpEdge:
         # IPv4 source addresses already are (host, port); IPv6 ones carry flowinfo/scope too
         src = addr if type(addr) is tuple and len(addr) == 2 else (addr[0], addr[1])
         now = self.clock()
-        self.dispatch(data, src, now, self._receive(data, src, now))
+        try:
+            self.dispatch(data, src, now, self._receive(data, src, now))
+        except Exception as exc:  # noqa: BLE001 - counted here, as the C pump counts it
+            self._pump_failed(exc)
 
     def dispatch(self, data: bytes, src, now: float, out) -> None:
-        """Route the core's output for one datagram: over TCP when the core says so, past the
-        wiretap when one is set, else one datagram each. The C pump sends the common case
-        itself and calls this for the rest."""
+        """Route the core's output for one datagram: over TCP when the core says so, else one
+        datagram each; then the wiretap's copies, when one is set. The C pump sends the common
+        case itself and calls this for the rest."""
         if self.core.out_tcp:
             self._to_tcp(data, src, now, out)
             return
-        tap = self.wiretap
-        if tap is not None:
-            tap(data, src, None, now)
-            for payload, dest in out:
-                tap(payload, None, dest, now)
         for payload, dest in out:
             self.send(payload, dest)
+        tap = self.wiretap
+        if tap is not None:
+            try:
+                tap(data, src, None, now)
+                for payload, dest in out:
+                    tap(payload, None, dest, now)
+            except Exception as exc:  # noqa: BLE001 - a monitoring copy never costs the message
+                self.tap_failed(exc)
 
     def _to_tcp(self, data: bytes, src, now: float, out) -> None:
         """The core's output for this datagram leaves over TCP (a large request toward the
         upstream, a request toward a gateway that uses TCP)."""
         self.core.out_tcp = False
-        tap = self.wiretap
-        if tap is not None:
-            tap(data, src, None, now)
-            for payload, dest in out:
-                tap(payload, None, dest, now, "tcp")
         tcp = self.tcp
         if tcp is not None:
             tcp.now = now
@@ -136,6 +138,14 @@ class UdpEdge:
                 tcp.send(payload, dest)
             else:
                 self.stats.send_errors += 1
+        tap = self.wiretap
+        if tap is not None:
+            try:
+                tap(data, src, None, now)
+                for payload, dest in out:
+                    tap(payload, None, dest, now, "tcp")
+            except Exception as exc:  # noqa: BLE001 - as in dispatch
+                self.tap_failed(exc)
 
     def send(self, payload: bytes, dest) -> None:
         """One datagram to ``dest``: on the connected socket when it is the upstream, else on
@@ -153,6 +163,12 @@ class UdpEdge:
 
     def send_failed(self, exc: Exception) -> None:
         self.stats.send_errors += 1
+        self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+
+    def tap_failed(self, exc: BaseException) -> None:
+        """The wiretap raised (the C pump calls this too): its copies of one message are lost
+        and counted; the message itself was already sent."""
+        self.stats.internal_errors["hep"] += 1
         self.last_error = f"{type(exc).__name__}: {exc}"[:300]
 
     def _pump_failed(self, exc: BaseException) -> None:

@@ -130,3 +130,28 @@ def test_tcp_collector_restart_reconnects_after_backoff():
     conn.close()
     lst.close()
     s.close()
+
+
+def test_a_raising_tap_costs_no_message_over_tcp_either():
+    """The TCP edge forwards first and taps after: a tap that raises loses its copies (counted
+    under "hep"), never the request it was copying."""
+    from sipwatch.core import CoreConfig, ProxyCore
+    from sipwatch.tcp import TcpEdge, _Conn
+
+    upstream = ("127.0.0.1", 5060)
+    core = ProxyCore(CoreConfig(advertise=("127.0.0.1", 5070), upstream=upstream))
+    sent = []
+    edge = TcpEdge(core, Clock(), lambda payload, dest: sent.append((payload, dest)))
+    conn = _Conn(edge, None)
+    conn.peer = ("127.0.0.1", 40123)
+
+    def tap(*copy):
+        raise ValueError("tap")
+    edge.wiretap = tap
+    request = (b"OPTIONS sip:ping@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1:40123;branch=z9hG4bK1\r\n"
+               b"From: <sip:gw@example.com>;tag=f1\r\nTo: <sip:ping@example.com>\r\nCall-ID: c1@gw\r\n"
+               b"CSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n")
+    edge.handle(conn, request)
+    assert len(sent) == 1 and sent[0][1] == upstream and b"branch=z9hG4bK1" in sent[0][0]
+    assert core.stats.internal_errors["hep"] == 1 and core.stats.internal_errors["datagram"] == 0
+    assert edge.last_error == "ValueError: tap"

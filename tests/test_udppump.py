@@ -231,12 +231,13 @@ def test_a_flood_is_read_in_bounded_batches_so_the_loop_runs_between_them():
     run(main())
 
 
-def test_an_exception_out_of_the_core_or_the_wiretap_is_counted_and_the_pump_reads_on():
-    """The core raising (it catches its own errors; this one is injected) and a wiretap raising
-    both cost one datagram, counted as an internal error; the next datagram passes. The wiretap
-    (HEP) sees what was received and what was sent, both ways, at the edge's clock: the pump
-    calls it itself before its sends, as the edge's Python dispatch does."""
-    _need("pump")
+@pytest.mark.parametrize("reader", READERS)
+def test_an_exception_out_of_the_core_costs_one_datagram_and_a_raising_wiretap_none(reader):
+    """The core raising (it catches its own errors; this one is injected) costs one datagram,
+    counted as an internal error by the edge on both readers, and the reader reads on. A wiretap (HEP) raising costs only its copies: the message was sent
+    first, the failure is counted under "hep". The wiretap sees what was received and what was
+    sent, both ways, at the edge's clock, on both readers."""
+    _need(reader)
 
     def raising(receive):
         def wrapped(data, src, now):
@@ -247,10 +248,11 @@ def test_an_exception_out_of_the_core_or_the_wiretap_is_counted_and_the_pump_rea
 
     async def main():
         up, gw = Peer("127.0.0.1"), Peer("127.0.0.1")
-        edge, listen = await open_edge("pump", "127.0.0.1", up.addr, receive=raising)
+        edge, listen = await open_edge(reader, "127.0.0.1", up.addr, receive=raising)
+        errors = edge.stats.internal_errors
         try:
             gw.sock.sendto(b"BOOM", listen)
-            await until(lambda: edge.stats.internal_errors["datagram"] == 1, "the count")
+            await until(lambda: errors["datagram"] == 1, "the count")
             assert edge.last_error == "RuntimeError: boom"
             seen = []
 
@@ -261,14 +263,17 @@ def test_an_exception_out_of_the_core_or_the_wiretap_is_counted_and_the_pump_rea
                 seen.append((payload, src, dst, ts))
             edge.wiretap = tap
             gw.sock.sendto(options(gw.addr, b"t0"), listen)
-            await until(lambda: edge.stats.internal_errors["datagram"] == 2, "the second count")
-            assert edge.last_error == "ValueError: tap"
+            assert b"branch=z9hG4bKt0" in await up.recv()
+            await until(lambda: errors["hep"] == 1, "the tap's failure counted")
+            assert errors["datagram"] == 1
+            assert edge.last_error == "ValueError: tap" and seen == [None]
             before = edge.clock()
             sent = options(gw.addr, b"t1")
             gw.sock.sendto(sent, listen)
             fwd = await up.recv()
             after = edge.clock()
             assert b"branch=z9hG4bKt1" in fwd
+            await until(lambda: len(seen) == 3, "the copies")
             rx, tx = seen[1:]
             assert rx[:3] == (sent, gw.addr, None) and tx[:3] == (fwd, None, up.addr)
             assert before <= rx[3] == tx[3] <= after
@@ -276,9 +281,10 @@ def test_an_exception_out_of_the_core_or_the_wiretap_is_counted_and_the_pump_rea
             up.sock.sendto(reply, listen)
             back = await gw.recv()
             assert back == reply.replace(own_via(fwd), b"", 1)
+            await until(lambda: len(seen) == 5, "the answer's copies")
             rx, tx = seen[3:]
             assert rx[:3] == (reply, up.addr, None) and tx[:3] == (back, None, gw.addr) and rx[3] == tx[3]
-            assert len(seen) == 5 and edge.stats.internal_errors["datagram"] == 2
+            assert errors["datagram"] == 1 and errors["hep"] == 1
         finally:
             edge.close()
             up.close()
