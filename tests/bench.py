@@ -890,7 +890,8 @@ def _loaded_latency_once(workdir: Path, key: str, rate: int, duration: float, n:
     return x
 
 
-def _residence_once(workdir: Path, key: str, rate: int, n: int, features: Features | None) -> dict | None:
+def _residence_once(workdir: Path, key: str, rate: int, n: int, features: Features | None,
+                    seconds: float) -> dict | None:
     """The probe through ``key`` alone while ``rate`` calls/s run through it, captured on the loopback
     (see bench_net.probe_residence): how long the target itself held each probe datagram. A run of
     its own: the capture's CPU would disturb the floors' runs."""
@@ -900,12 +901,12 @@ def _residence_once(workdir: Path, key: str, rate: int, n: int, features: Featur
         with bench_net.Splitter(workdir, uas_port) as split:
             target = make_target(workdir, key, split.port, features, per_source=True)
             with target:
-                load = bench_net.SippLoad(workdir, target, uas_port, rate, 6.0).start()
+                load = bench_net.SippLoad(workdir, target, uas_port, rate, seconds).start()
                 try:
-                    time.sleep(2.0)
+                    time.sleep(seconds / 3)
                     cap = bench_net.LoopbackCapture(pcap, [target.port, split.port]).start()
                     try:
-                        bench_net.latency_probe([target], n, warmup=100, rounds=1, deadline=load.t0 + 5.5)
+                        bench_net.latency_probe([target], n, warmup=100, rounds=1, deadline=load.t0 + seconds - 0.5)
                     finally:
                         cap.stop()
                 finally:
@@ -922,7 +923,7 @@ def _residence_once(workdir: Path, key: str, rate: int, n: int, features: Featur
 
 
 def section_residence(workdir: Path, keys: list[str], rate: int, n: int, features: Features | None,
-                      into: dict) -> None:
+                      into: dict, seconds: float = 6.0) -> None:
     """Where the added round trip goes: the time each target held the probe's OPTIONS and its 200,
     from kernel timestamps (one captured run per target). ``into``: the loaded-latency results, whose
     targets get a ``residence`` entry."""
@@ -933,7 +934,7 @@ def section_residence(workdir: Path, keys: list[str], rate: int, n: int, feature
     for key in keys:
         if not BUDGET.allows(f"residence: {TARGETS[key]}"):
             continue
-        x = _residence_once(workdir, key, rate, n, features)
+        x = _residence_once(workdir, key, rate, n, features, seconds)
         if x is None or not x["matched"]:
             continue
         got[key] = x
@@ -1460,7 +1461,7 @@ def main(argv=None) -> int:
                     workdir, keys, a.latency_rate, a.duration, 300 if a.quick else 5000, features,
                     repeats=1 if a.quick else 3)
                 section_residence(workdir, keys, a.latency_rate, 300 if a.quick else 2000, features,
-                                  result["loaded_latency"])
+                                  result["loaded_latency"], seconds=3.0 if a.quick else 6.0)
             if "sustained" in a.only:
                 _progress("sustained ...")
                 result["sustained"] = section_sustained(workdir, keys, a.sustained_rate, a.sustained_seconds,

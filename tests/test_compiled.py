@@ -37,6 +37,9 @@ SIPP_TESTS = ["tests/test_proxy_sipp.py", "tests/test_b2bua_sipp.py"]
 SIPP_DESELECT = ["--deselect", "tests/test_proxy_sipp.py::test_lossy_caller_retransmissions_are_forwarded_and_counted"]
 
 
+pytestmark = pytest.mark.long
+
+
 @pytest.fixture(scope="module")
 def tree():
     if shutil.which("cc") is None and shutil.which("gcc") is None:

@@ -16,7 +16,7 @@ from harness import HAVE_SIPP, Sidecar, free_port, metric, run_call_pair
 
 RING_MS = 40_000
 
-pytestmark = [pytest.mark.sipp, pytest.mark.skipif(not HAVE_SIPP, reason="needs SIPp")]
+pytestmark = [pytest.mark.sipp, pytest.mark.long, pytest.mark.skipif(not HAVE_SIPP, reason="needs SIPp")]
 
 
 def test_call_ringing_40s_is_answered_in_the_sidecars_metrics_takes_45s(tmp_path):

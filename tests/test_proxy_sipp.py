@@ -132,6 +132,7 @@ def test_retransmitted_invite_is_counted_not_timed_twice(tmp_path):
     assert metric(sig, "signaler_rtt_milliseconds_bucket", method="INVITE", le="1000.0") == 0
 
 
+@pytest.mark.long
 def test_lossy_caller_retransmissions_are_forwarded_and_counted(tmp_path):
     """SIPp -lost 10 drops 10% of the caller's messages at random (SIPp aborts a few calls this
     way even without a proxy). The sidecar forwards every retransmission, counts each one it saw,
