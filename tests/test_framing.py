@@ -2,9 +2,11 @@
 limit holding against a hostile stream."""
 from __future__ import annotations
 
+import re
+
 from hypothesis import given, settings, strategies as st
 
-from sipwatch.framing import MAX_MESSAGE, StreamFramer
+from sipwatch.framing import MAX_MESSAGE, StreamFramer, _content_lengths
 from sipwatch.sipmsg import parse
 from sipwatch.stats import DROP_BAD_CONTENT_LENGTH, DROP_NOT_SIP, DROP_TOO_LARGE
 
@@ -71,3 +73,20 @@ def test_buffer_stays_bounded():
         out += f.feed(b"y" * 1000)
         assert len(f.buf) <= MAX_MESSAGE
     assert out == [head + b"y" * 60000] and f.error is None and not f.partial
+
+
+# the Content-Length lines as RFC 3261 §7.3.1 names them, found by the framer without a regex
+# search over the whole header section (sipwatch.framing._content_lengths): the same values, in
+# the same order, as this multi-line search, whatever the case, line ends and near misses
+_CLEN_SEARCH = re.compile(rb"(?im)^(?:content-length|l)[ \t]*:[ \t]*([^\n]*)")
+_PIECES = st.sampled_from([b"\n", b"\r\n", b"\r", b"l", b"L", b"content-length", b"Content-Length",
+                           b"CONTENT-length", b"content-lengt", b":", b" ", b"\t", b"7", b"12", b"x",
+                           b"\x80", b"lo", b"\nl", b"Via: a", b"\x00"])
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(_PIECES, max_size=40), st.integers(0, 400))
+def test_content_length_lines_are_what_a_multiline_search_finds(parts, cut):
+    buf = bytearray(b"".join(parts))
+    end = min(cut, len(buf))
+    assert _content_lengths(buf, end) == _CLEN_SEARCH.findall(buf, 0, end)
