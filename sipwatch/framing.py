@@ -145,9 +145,11 @@ class StreamFramer:
                 raise FramingError("not a SIP start line", DROP_NOT_SIP)
             self.started = True
             start = max(0, nl - 1)
-        # the first empty line, whatever line ends surround it, as sipmsg.parse cuts it
+        # the first empty line, whatever line ends surround it, as sipmsg.parse cuts it; a bare
+        # LF LF counts only before the first LF CR LF (searching past it would scan every message
+        # queued behind this one, for each of them: quadratic in a read full of small messages)
         e1 = buf.find(b"\n\r\n", start)
-        e2 = buf.find(b"\n\n", start)
+        e2 = buf.find(b"\n\n", start, e1 + 1) if e1 >= 0 else buf.find(b"\n\n", start)
         if e1 < 0 and e2 < 0:
             if len(buf) > self.max_header:
                 raise FramingError(f"no end of the header section in {len(buf)} bytes", DROP_TOO_LARGE)

@@ -38,14 +38,43 @@ def test_any_cut_gives_the_same_messages(sizes):
     assert out == [invite(), OK] * 3 and f.error is None and not f.partial
 
 
+class CountingBuffer(bytearray):
+    """The framer's buffer, counting the bytes its searches look at (up to the match, or to the
+    end of the range searched): work counted without a clock."""
+    scanned = 0
+
+    def find(self, sub, start=0, end=None):
+        at = super().find(sub, start, end)
+        stop = (len(self) if end is None else min(end, len(self))) if at < 0 else at + len(sub)
+        CountingBuffer.scanned += max(0, stop - max(start, 0))
+        return at
+
+
+def counted_framer() -> StreamFramer:
+    CountingBuffer.scanned = 0
+    f = StreamFramer()
+    f.buf = CountingBuffer()
+    return f
+
+
 def test_byte_at_a_time_costs_linear_work():
     """A slowloris sender: each byte is one short search from where the last one stopped."""
-    f = StreamFramer()
+    f = counted_framer()
     msg = invite(extra=b"X-Pad: " + b"p" * 8000)
     out = []
     for b in msg:
         out += f.feed(bytes([b]))
     assert out == [msg]
+    assert len(msg) // 2 <= CountingBuffer.scanned <= 16 * len(msg)  # (~8: a few bytes behind each new one, twice)
+
+
+def test_a_read_full_of_small_messages_costs_linear_work():
+    """300 messages in one read: each one's searches stop within it (a search for the end of the
+    header section that ran to the end of the buffer made this quadratic: ~150x the bytes)."""
+    f = counted_framer()
+    stream = OK * 300
+    assert f.feed(stream) == [OK] * 300 and f.error is None
+    assert len(stream) // 2 <= CountingBuffer.scanned <= 4 * len(stream)  # (~2)
 
 
 def test_faults_close_the_stream_after_the_good_messages():
