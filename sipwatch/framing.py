@@ -22,7 +22,9 @@ closes the connection. Between messages, ``CRLFCRLF`` is a keep-alive ping, answ
 from __future__ import annotations
 
 import re
+from typing import Callable, Final
 
+from .sipmsg import _sipscan
 from .stats import DROP_BAD_CONTENT_LENGTH, DROP_NOT_SIP, DROP_TOO_LARGE
 
 MAX_MESSAGE = 65535  # bytes: the same cap as a UDP datagram, so one core serves both
@@ -36,6 +38,18 @@ _START = re.compile(rb"(?:[A-Za-z]{1,32} [\x21-\x7e\x80-\xff]{1,4096} SIP/2\.0|S
 # (see _content_lengths): one multi-line regex search over the whole section was ~6% of the
 # sidecar's CPU with SIP over TCP (perf, 1000 calls/s)
 _CLEN = re.compile(rb"(?:content-length|l)[ \t]*:[ \t]*([^\n]*)", re.IGNORECASE)
+
+
+def _head_end(buf: bytearray, start: int) -> tuple[int, int]:
+    """Where the header section ends: the first LF at or after ``start`` that begins LF CR LF
+    (sep 3) or LF LF (sep 2), whatever line ends surround it, as sipmsg.parse cuts it; (-1, 0)
+    without one. A bare LF LF counts only before the first LF CR LF: searching past it would scan
+    every message queued behind this one, for each of them (quadratic in a read of many)."""
+    e1 = buf.find(b"\n\r\n", start)
+    e2 = buf.find(b"\n\n", start, e1 + 1) if e1 >= 0 else buf.find(b"\n\n", start)
+    if e1 < 0 and e2 < 0:
+        return -1, 0
+    return (e1, 3) if e2 < 0 or 0 <= e1 < e2 else (e2, 2)
 
 
 def _content_lengths(buf: bytearray, end: int) -> list[bytes]:
@@ -55,6 +69,14 @@ def _content_lengths(buf: bytearray, end: int) -> list[bytes]:
         at.append((-1, m.group(1)))
     at.sort()
     return [value for _, value in at]
+
+
+# the same two scans in C, one pass each (sipwatch/_sipscan.c), where it was built: the Python
+# ones above cost ~5 us a message compiled, most of it bytes.find of short needles
+_c_head_end: Final[Callable[[bytearray, int], tuple[int, int]] | None] = \
+    _sipscan.head_end if _sipscan is not None else None
+_c_content_lengths: Final[Callable[[bytearray, int], list[bytes]] | None] = \
+    _sipscan.content_lengths if _sipscan is not None else None
 
 
 class FramingError(ValueError):
@@ -145,22 +167,17 @@ class StreamFramer:
                 raise FramingError("not a SIP start line", DROP_NOT_SIP)
             self.started = True
             start = max(0, nl - 1)
-        # the first empty line, whatever line ends surround it, as sipmsg.parse cuts it; a bare
-        # LF LF counts only before the first LF CR LF (searching past it would scan every message
-        # queued behind this one, for each of them: quadratic in a read full of small messages)
-        e1 = buf.find(b"\n\r\n", start)
-        e2 = buf.find(b"\n\n", start, e1 + 1) if e1 >= 0 else buf.find(b"\n\n", start)
-        if e1 < 0 and e2 < 0:
+        end, sep = _c_head_end(buf, start) if _c_head_end is not None else _head_end(buf, start)
+        if end < 0:
             if len(buf) > self.max_header:
                 raise FramingError(f"no end of the header section in {len(buf)} bytes", DROP_TOO_LARGE)
             self.scan = len(buf)
             return
-        end, sep = (e1, 3) if e2 < 0 or 0 <= e1 < e2 else (e2, 2)
         self.scan = 0
         self.started = False
         if end + sep > self.max_header:  # (the same test, however the bytes were cut)
             raise FramingError(f"header section of {end + sep} bytes", DROP_TOO_LARGE)
-        found = _content_lengths(buf, end)
+        found = _c_content_lengths(buf, end) if _c_content_lengths is not None else _content_lengths(buf, end)
         if not found:
             raise FramingError("no Content-Length (required on streams)", DROP_BAD_CONTENT_LENGTH)
         if len(found) > 1:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from hypothesis import given, settings, strategies as st
 
-from sipwatch.framing import MAX_MESSAGE, StreamFramer, _content_lengths
+from sipwatch import framing
+from sipwatch.framing import MAX_MESSAGE, StreamFramer, _content_lengths, _head_end
+from sipwatch.sipmsg import _sipscan
 from sipwatch.sipmsg import parse
 from sipwatch.stats import DROP_BAD_CONTENT_LENGTH, DROP_NOT_SIP, DROP_TOO_LARGE
 
@@ -50,6 +53,14 @@ class CountingBuffer(bytearray):
         return at
 
 
+@pytest.fixture
+def python_scans(monkeypatch):
+    """The framer's Python scans, whose searches a CountingBuffer sees (the C ones are single
+    passes that stop at their match, held to the Python ones by the properties below)."""
+    monkeypatch.setattr(framing, "_c_head_end", None)
+    monkeypatch.setattr(framing, "_c_content_lengths", None)
+
+
 def counted_framer() -> StreamFramer:
     CountingBuffer.scanned = 0
     f = StreamFramer()
@@ -57,7 +68,8 @@ def counted_framer() -> StreamFramer:
     return f
 
 
-def test_byte_at_a_time_costs_linear_work():
+@pytest.mark.pure_python
+def test_byte_at_a_time_costs_linear_work(python_scans):
     """A slowloris sender: each byte is one short search from where the last one stopped."""
     f = counted_framer()
     msg = invite(extra=b"X-Pad: " + b"p" * 8000)
@@ -68,7 +80,8 @@ def test_byte_at_a_time_costs_linear_work():
     assert len(msg) // 2 <= CountingBuffer.scanned <= 16 * len(msg)  # (~8: a few bytes behind each new one, twice)
 
 
-def test_a_read_full_of_small_messages_costs_linear_work():
+@pytest.mark.pure_python
+def test_a_read_full_of_small_messages_costs_linear_work(python_scans):
     """300 messages in one read: each one's searches stop within it (a search for the end of the
     header section that ran to the end of the buffer made this quadratic: ~150x the bytes)."""
     f = counted_framer()
@@ -118,4 +131,21 @@ _PIECES = st.sampled_from([b"\n", b"\r\n", b"\r", b"l", b"L", b"content-length",
 def test_content_length_lines_are_what_a_multiline_search_finds(parts, cut):
     buf = bytearray(b"".join(parts))
     end = min(cut, len(buf))
-    assert _content_lengths(buf, end) == _CLEN_SEARCH.findall(buf, 0, end)
+    want = _CLEN_SEARCH.findall(buf, 0, end)
+    assert _content_lengths(buf, end) == want
+    if _sipscan is not None:
+        assert _sipscan.content_lengths(buf, end) == want
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.sampled_from([b"\n", b"\r", b"\r\n", b"\n\n", b"\n\r\n", b"x", b"ab", b" "]), max_size=30),
+       st.integers(0, 120))
+def test_the_end_of_a_header_section_is_found_alike_in_c_and_python(parts, start):
+    """The first LF LF or LF CR LF at or after ``start``, as two bounded bytes.find give it."""
+    buf = bytearray(b"".join(parts))
+    e1 = bytes(buf).find(b"\n\r\n", start)
+    e2 = bytes(buf).find(b"\n\n", start)
+    want = (-1, 0) if e1 < 0 and e2 < 0 else (e1, 3) if e2 < 0 or 0 <= e1 < e2 else (e2, 2)
+    assert _head_end(buf, start) == want
+    if _sipscan is not None:
+        assert _sipscan.head_end(buf, start) == want

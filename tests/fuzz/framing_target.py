@@ -11,13 +11,16 @@ that broke; anything else raised is a finding too):
 - every message starts with a SIP start line, and its length is its header section (up to the
   first empty line, as ``sipmsg.parse`` cuts it) plus the one Content-Length it declares, at most
   ``max_message`` bytes;
-- the buffer never holds more than ``max_message`` bytes plus one read.
+- the buffer never holds more than ``max_message`` bytes plus one read;
+- the framer's C scans (where built) answer as its Python ones on the stream, from a start and up
+  to an end the first byte picks.
 """
 from __future__ import annotations
 
 import re
 
-from sipwatch.framing import StreamFramer
+from sipwatch.framing import StreamFramer, _content_lengths, _head_end
+from sipwatch.sipmsg import _sipscan
 from sipwatch.stats import DROP_BAD_CONTENT_LENGTH, DROP_NOT_SIP, DROP_TOO_LARGE
 
 MAX_MESSAGE = 4096  # small caps, so the fuzzer reaches them
@@ -57,6 +60,10 @@ def run_one_framing(data: bytes) -> None:
     if not data:
         return
     seed, stream = data[0], data[1:]
+    if _sipscan is not None:
+        buf, k = bytearray(stream), seed * len(stream) // 255
+        assert _sipscan.head_end(buf, k) == _head_end(buf, k), "C and Python ends of a header differ"
+        assert _sipscan.content_lengths(buf, k) == _content_lengths(buf, k), "C and Python Content-Lengths differ"
     whole, fw, _ = feed_all(stream, [len(stream)])
     parts, fp, _ = feed_all(stream, _cuts(seed, len(stream)))
     assert whole == parts, "messages depend on how the stream was cut"
