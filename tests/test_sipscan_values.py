@@ -587,9 +587,14 @@ def test_no_reference_or_memory_is_kept_by_the_mac_hex_and_field_calls():
         _sipscan.request_fields(lines[:1] + [b"Call-ID: "] + lines[2:], names)
         _sipscan.first_of(names, (b"route", b"x"))
         _sipscan.first_of(names, (b"y", bytearray(b"to")))
+        _sipscan.head_end(stream, 0)
+        _sipscan.head_end(stream, len(stream))
+        _sipscan.content_lengths(stream, len(stream))
+        _sipscan.content_lengths(stream, 0)
+    stream = bytearray(b"OPTIONS sip:x SIP/2.0\r\nl: 0\r\nContent-Length: 0\r\n\r\n" * 3)
     calls()
     gc.collect()
-    watched = [key, *parts, *lines, *names, big]
+    watched = [key, *parts, *lines, *names, big, stream]
     before = [sys.getrefcount(x) for x in watched]
     tracemalloc.start()
     start = tracemalloc.get_traced_memory()[0]
