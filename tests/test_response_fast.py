@@ -23,6 +23,8 @@ from sipwatch import core as core_module, sipmsg
 from sipwatch.core import CoreConfig, ProxyCore
 from sipwatch.stats import FROM_SIGNALING, Stats
 
+from leakcheck import kept_by
+
 pytestmark = pytest.mark.skipif(core_module._c_response is None, reason="the C extension is not built (or SIPWATCH_NO_C=1)")
 
 SIDECAR = ("127.0.0.1", 5070)
@@ -368,9 +370,6 @@ def test_response_refuses_bad_arguments():
 
 
 def test_no_reference_or_memory_is_kept_by_the_response_call():
-    import gc
-    import sys
-    import tracemalloc
     from sipwatch import _sipscan
     pair = _pair()
     fwd = _forward(pair, 6, False)
@@ -385,16 +384,7 @@ def test_no_reference_or_memory_is_kept_by_the_response_call():
     def calls():
         for a in args:
             _sipscan.response(*a)
-    calls()
-    gc.collect()
     watched = [good, merged, *odd, pair[0].own_via_head]
-    before = [sys.getrefcount(x) for x in watched]
-    tracemalloc.start()
-    start = tracemalloc.get_traced_memory()[0]
-    for _ in range(2000):
-        calls()
-    gc.collect()
-    grown = tracemalloc.get_traced_memory()[0] - start
-    tracemalloc.stop()
-    assert [sys.getrefcount(x) for x in watched] == before
+    refs, grown = kept_by(calls, watched, 2000)
+    assert refs == [0] * len(watched)
     assert grown < 16_000, grown

@@ -16,6 +16,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from sipwatch import core, sipmsg
 from sipwatch.sipmsg import SipMessage, SipParseError, parse
 
+from leakcheck import kept_by
+
 try:
     from sipwatch import _sipscan
 except ImportError:
@@ -337,25 +339,15 @@ LEAK_INPUTS = [b"SIP/2.0/UDP h:5060;branch=z9hG4bK1;rport, SIP/2.0/UDP b", b'"a,
 def test_no_reference_or_memory_is_kept():
     """Refcounts of the inputs and of the table's names are back where they were after many
     calls, and memory does not grow with the number of calls."""
-    import gc
-    import sys
-    import tracemalloc
     table = {b"Via:": b"via", b"Content-Length:": b"content-length"}
-    for data in LEAK_INPUTS:
-        _calls(data, table)
-    gc.collect()
-    # (b"" and the one-byte bytes are shared by the whole interpreter: their counts move with it)
-    watched = [x for x in [*LEAK_INPUTS, *table.values()] if len(x) > 1]
-    before = [sys.getrefcount(x) for x in watched]
-    tracemalloc.start()
-    start = tracemalloc.get_traced_memory()[0]
-    for _ in range(2000):
+
+    def calls():
         for data in LEAK_INPUTS:
             _calls(data, table)
-    gc.collect()
-    grown = tracemalloc.get_traced_memory()[0] - start
-    tracemalloc.stop()
-    assert [sys.getrefcount(x) for x in watched] == before
+    # (b"" and the one-byte bytes are shared by the whole interpreter: their counts move with it)
+    watched = [x for x in [*LEAK_INPUTS, *table.values()] if len(x) > 1]
+    refs, grown = kept_by(calls, watched, 2000)
+    assert refs == [0] * len(watched)
     assert grown < 16_000, grown  # (one object kept per call would be over 16000 objects)
 
 
@@ -567,9 +559,6 @@ def test_request_fields_leaves_odd_lists_to_python():
 
 
 def test_no_reference_or_memory_is_kept_by_the_mac_hex_and_field_calls():
-    import gc
-    import sys
-    import tracemalloc
     key, parts = b"k" * 32, [b"part-one", b"part-two" * 40]
     lines = [b"Via: SIP/2.0/UDP h;branch=z9hG4bK1", b"Call-ID: c-1", b"CSeq: 1 INVITE", b"From: <sip:a>;tag=f",
              b"To: <sip:b>;tag=t", b"Max-Forwards: 70", b"Route: <sip:r>"]
@@ -592,16 +581,7 @@ def test_no_reference_or_memory_is_kept_by_the_mac_hex_and_field_calls():
         _sipscan.content_lengths(stream, len(stream))
         _sipscan.content_lengths(stream, 0)
     stream = bytearray(b"OPTIONS sip:x SIP/2.0\r\nl: 0\r\nContent-Length: 0\r\n\r\n" * 3)
-    calls()
-    gc.collect()
     watched = [key, *parts, *lines, *names, big, stream]
-    before = [sys.getrefcount(x) for x in watched]
-    tracemalloc.start()
-    start = tracemalloc.get_traced_memory()[0]
-    for _ in range(3000):
-        calls()
-    gc.collect()
-    grown = tracemalloc.get_traced_memory()[0] - start
-    tracemalloc.stop()
-    assert [sys.getrefcount(x) for x in watched] == before
+    refs, grown = kept_by(calls, watched, 3000)
+    assert refs == [0] * len(watched)
     assert grown < 16_000, grown
