@@ -22,9 +22,9 @@
  * sender's tap) it then calls it for the datagram and each copy, as the edge's dispatch does
  * (with HEP on every datagram had taken that Python dispatch and a Python-level sendto per
  * output). The sends come first: a tap that raises costs its copies (the edge's tap_failed
- * counts them), never the message. Everything else goes to the edge's Python dispatch method, unchanged: output over TCP
- * (core.out_tcp), destinations that are not literals of the socket's family, output of another
- * shape.
+ * counts them), never the message. Everything else goes to the edge's Python dispatch method,
+ * unchanged: output over TCP (core.out_tcp), destinations that are not literals of the socket's
+ * family, output of another shape.
  *
  * Nothing raises out of a read: a send error (and an ICMP error read from the connected socket)
  * goes to the edge's send_failed(exc), as uvloop's error_received did; an exception from the

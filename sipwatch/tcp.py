@@ -33,6 +33,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .core import ProxyCore
 from .framing import StreamFramer
+from .transport import tap_copies
 
 Addr = tuple[str, int]
 MAX_CONNECTIONS = 4096
@@ -145,15 +146,11 @@ class TcpEdge:
                     self.send(payload, dest, conn if dest == src else None)
                 else:
                     self.udp_send(payload, dest)
-            tap = self.wiretap
-            if tap is not None:
-                try:
-                    tap(data, src, None, now, "tcp")
-                    for payload, dest in out:
-                        tap(payload, None, dest, now, "tcp" if tcp else "udp")
-                except Exception as exc:  # noqa: BLE001 - a monitoring copy never costs the message
-                    self.stats.internal_errors["hep"] += 1
-                    self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+            if self.wiretap is not None:
+                failed = tap_copies(self.wiretap, data, src, now, out, "tcp", "tcp" if tcp else "udp")
+                if failed is not None:
+                    self.stats.internal_errors["hep"] += 1  # (as UdpEdge.tap_failed)
+                    self.last_error = f"{type(failed).__name__}: {failed}"[:300]
         except Exception as exc:  # noqa: BLE001 - a bug costs one message, never the loop
             core.out_tcp = False
             self.stats.internal_errors["datagram"] += 1

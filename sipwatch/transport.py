@@ -117,14 +117,10 @@ class UdpEdge:
             return
         for payload, dest in out:
             self.send(payload, dest)
-        tap = self.wiretap
-        if tap is not None:
-            try:
-                tap(data, src, None, now)
-                for payload, dest in out:
-                    tap(payload, None, dest, now)
-            except Exception as exc:  # noqa: BLE001 - a monitoring copy never costs the message
-                self.tap_failed(exc)
+        if self.wiretap is not None:
+            failed = tap_copies(self.wiretap, data, src, now, out, "udp", "udp")
+            if failed is not None:
+                self.tap_failed(failed)
 
     def _to_tcp(self, data: bytes, src, now: float, out) -> None:
         """The core's output for this datagram leaves over TCP (a large request toward the
@@ -138,14 +134,10 @@ class UdpEdge:
                 tcp.send(payload, dest)
             else:
                 self.stats.send_errors += 1
-        tap = self.wiretap
-        if tap is not None:
-            try:
-                tap(data, src, None, now)
-                for payload, dest in out:
-                    tap(payload, None, dest, now, "tcp")
-            except Exception as exc:  # noqa: BLE001 - as in dispatch
-                self.tap_failed(exc)
+        if self.wiretap is not None:
+            failed = tap_copies(self.wiretap, data, src, now, out, "udp", "tcp")
+            if failed is not None:
+                self.tap_failed(failed)
 
     def send(self, payload: bytes, dest) -> None:
         """One datagram to ``dest``: on the connected socket when it is the upstream, else on
@@ -293,6 +285,19 @@ def _udp_socket(family: int, reuse_port: bool) -> socket.socket:
             pass
     sock.setblocking(False)
     return sock
+
+
+def tap_copies(tap, data: bytes, src, now: float, out, came_on: str, left_on: str) -> Exception | None:
+    """Hand the wiretap (the HEP mirror) the message that came in over ``came_on`` and each copy
+    that left over ``left_on``; called after the sends, so a tap that raises costs only its
+    copies. Returns what it raised (the edge counts it), else None."""
+    try:
+        tap(data, src, None, now, came_on)
+        for payload, dest in out:
+            tap(payload, None, dest, now, left_on)
+    except Exception as exc:  # noqa: BLE001 - a monitoring copy never costs the message
+        return exc
+    return None
 
 
 class _Protocol(asyncio.DatagramProtocol):

@@ -9,8 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 from sipwatch import framing
 from sipwatch.framing import MAX_MESSAGE, StreamFramer, _content_lengths, _head_end
-from sipwatch.sipmsg import _sipscan
-from sipwatch.sipmsg import parse
+from sipwatch.sipmsg import _sipscan, parse
 from sipwatch.stats import DROP_BAD_CONTENT_LENGTH, DROP_NOT_SIP, DROP_TOO_LARGE
 
 from test_core import invite

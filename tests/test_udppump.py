@@ -256,7 +256,7 @@ def test_an_exception_out_of_the_core_costs_one_datagram_and_a_raising_wiretap_n
             assert edge.last_error == "RuntimeError: boom"
             seen = []
 
-            def tap(payload, src, dst, ts):
+            def tap(payload, src, dst, ts, transport="udp"):
                 if not seen:
                     seen.append(None)
                     raise ValueError("tap")
