@@ -24,7 +24,8 @@
  * output). The sends come first: a tap that raises costs its copies (the edge's tap_failed
  * counts them), never the message. Everything else goes to the edge's Python dispatch method,
  * unchanged: output over TCP (core.out_tcp), destinations that are not literals of the socket's
- * family, output of another shape.
+ * family, output of another shape. Last, core.settle() when given: the accounting the core held
+ * back until its output had left (see ProxyCore.settle).
  *
  * Nothing raises out of a read: a send error (and an ICMP error read from the connected socket)
  * goes to the edge's send_failed(exc), as uvloop's error_received did; an exception from the
@@ -63,6 +64,7 @@ typedef struct {
     PyObject *upstream_host;   /* str, or NULL when there is no connected socket */
     long upstream_port;
     PyObject *receive, *core, *edge, *dispatch, *send_failed, *on_error, *clock;
+    PyObject *settle;          /* core.settle, called after the sends; may be NULL */
     double offset;
     int use_offset;
     char *bufs;                /* BATCH * BUF_SIZE, allocated at the first read */
@@ -355,6 +357,13 @@ done:
     Py_XDECREF(src);
     Py_XDECREF(now);
     Py_XDECREF(out);
+    /* the core's bookkeeping it held back for this datagram, now that the output has left */
+    if (p->settle != NULL) {
+        PyObject *r = PyObject_CallNoArgs(p->settle);
+        if (r == NULL)
+            hand_over(p->on_error);
+        Py_XDECREF(r);
+    }
 }
 
 static PyObject *drain(Pump *p, int fd)
@@ -420,6 +429,7 @@ static int Pump_clear(Pump *p)
     Py_CLEAR(p->send_failed);
     Py_CLEAR(p->on_error);
     Py_CLEAR(p->clock);
+    Py_CLEAR(p->settle);
     for (int i = 0; i < SRC_CACHE; i++) {
         Py_CLEAR(p->cache[i].tuple);
         p->cache[i].family = 0;
@@ -446,6 +456,7 @@ static int Pump_traverse(Pump *p, visitproc visit, void *arg)
     Py_VISIT(p->send_failed);
     Py_VISIT(p->on_error);
     Py_VISIT(p->clock);
+    Py_VISIT(p->settle);
     for (int i = 0; i < SRC_CACHE; i++)
         Py_VISIT(p->cache[i].tuple);
     return 0;
@@ -462,11 +473,12 @@ static void Pump_dealloc(Pump *p)
 static int Pump_init(Pump *p, PyObject *args, PyObject *kwargs)
 {
     static char *kw[] = {"listen_fd", "upstream_fd", "upstream", "receive", "core", "edge", "dispatch",
-                         "send_failed", "on_error", "clock", NULL};
+                         "send_failed", "on_error", "clock", "settle", NULL};
     int listen_fd, upstream_fd;
-    PyObject *upstream, *receive, *core, *edge, *dispatch, *send_failed, *on_error, *clock;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "iiOOOOOOOO:Pump", kw, &listen_fd, &upstream_fd, &upstream,
-                                     &receive, &core, &edge, &dispatch, &send_failed, &on_error, &clock))
+    PyObject *upstream, *receive, *core, *edge, *dispatch, *send_failed, *on_error, *clock, *settle = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "iiOOOOOOOO|O:Pump", kw, &listen_fd, &upstream_fd, &upstream,
+                                     &receive, &core, &edge, &dispatch, &send_failed, &on_error, &clock,
+                                     &settle))
         return -1;
     struct sockaddr_storage ss;
     socklen_t len = sizeof ss;
@@ -517,6 +529,7 @@ static int Pump_init(Pump *p, PyObject *args, PyObject *kwargs)
     p->send_failed = Py_NewRef(send_failed);
     p->on_error = Py_NewRef(on_error);
     p->clock = Py_NewRef(clock);
+    p->settle = settle == Py_None ? NULL : Py_NewRef(settle);
     p->offset = offset;
     p->use_offset = use_offset;
     return 0;

@@ -96,6 +96,9 @@ _c_hex_join: Final[Callable[[bytes, int, int, bytes], bytes | None] | None] = \
     _sipscan.hex_join if _sipscan else None
 # the response fast path (see ProxyCore._fast_response)
 _ResponseParts = tuple[int, bytes, bytes, bytes, int, bytes, bytes | None, bytes, bool]
+# a relayed response's bookkeeping held back until ProxyCore.settle: (tx, status, to_tag,
+# direction, src, now)
+_Deferred = tuple[Transaction | None, int, bytes | None, int, Addr, float]
 _c_response: Final[Callable[[bytes, dict[bytes, bytes], bytes, int, int, int, int, int],
                             _ResponseParts | None] | None] = _sipscan.response if _sipscan else None
 
@@ -210,6 +213,9 @@ class ProxyCore:
             self.own_via_head = None
         # responses to what this proxy forwarded take _fast_response (tests switch it off to compare)
         self.fast_responses = _c_response is not None and self.own_via_head is not None
+        # an edge that calls settle() after its sends sets this: see settle()
+        self.defer_bookkeeping = False
+        self._deferred: _Deferred | None = None
         stamped = [n.strip().encode() for n in config.trace_header.split(",") if n.strip()] or [b"traceparent"]
         self.trace_name = stamped[0]
         lname = self.trace_name.lower()
@@ -245,6 +251,8 @@ class ProxyCore:
     # -- entry points ------------------------------------------------------------------
     def receive_datagram(self, data: bytes, addr: Addr, now: float) -> list[tuple[bytes, Addr]]:
         stats = self.stats
+        if self._deferred is not None:
+            self.settle()
         try:
             if self.fast_responses and len(data) > 12 and data[0] == 83:  # "S": maybe a status line
                 fast = self._fast_response(data, addr, now)
@@ -288,13 +296,36 @@ class ProxyCore:
         finally:
             self.in_tcp = False
 
+    def settle(self) -> None:
+        """The bookkeeping of the last message that ``defer_bookkeeping`` held back, done now.
+
+        With ``defer_bookkeeping`` set, a relayed response's accounting (its transaction's
+        answer, the RTT sample, the call's progress and finished records: about half of that
+        response's work) is left for this call, which the UDP and TCP edges make right after
+        sending the output: the response leaves first. Whatever reads the state calls it first
+        too (the next message, the timers, the records' drain), so nothing ever sees the state
+        without it. Never raises: a failure counts as the message's, as in receive_datagram."""
+        d = self._deferred
+        if d is None:
+            return
+        self._deferred = None
+        try:
+            self._account(d[0], d[1], d[2], d[3], d[4], d[5])
+        except Exception as exc:  # a bug must cost one record, never the process
+            self.stats.internal_errors["datagram"] += 1
+            self.last_internal_error = f"{type(exc).__name__}: {exc}"[:300]
+
     def handle_timers(self, now: float) -> None:
+        if self._deferred is not None:
+            self.settle()
         self.tracker.expire(now)
         if self.gateway_seen:
             self._forget_gateways(now)
 
     def drain_finished(self, limit: int = 10_000) -> list:
         """Finished ("call", Call) / ("tx", Transaction) records for logs and spans."""
+        if self._deferred is not None:
+            self.settle()
         q = self.tracker.finished
         out: list = []
         while q and len(out) < limit:
@@ -939,15 +970,25 @@ class ProxyCore:
 
     def _relayed(self, tx: Transaction | None, status: int, to_tag: bytes | None, next_raw: bytes,
                  direction: int, src: Addr, now: float) -> None:
-        """What relaying a response does besides the send, on both response paths: the gateway's
-        last-seen time, the held transaction's answer, and TCP for a request that came over TCP."""
+        """What relaying a response does besides the send, on both response paths: the
+        accounting (:meth:`_account`), now or, with ``defer_bookkeeping``, at :meth:`settle`
+        after the send; TCP for a request that came over TCP."""
+        if self.defer_bookkeeping:
+            self._deferred = (tx, status, to_tag, direction, src, now)
+        else:
+            self._account(tx, status, to_tag, direction, src, now)
+        if not next_raw.startswith(b"SIP/2.0/UDP") and (
+                next_raw.startswith(b"SIP/2.0/TCP") or parse_via(next_raw).transport == b"TCP"):
+            self.out_tcp = True  # the request came over TCP: so goes its response (§18.2.2)
+
+    def _account(self, tx: Transaction | None, status: int, to_tag: bytes | None, direction: int,
+                 src: Addr, now: float) -> None:
+        """A relayed response's bookkeeping: the gateway's last-seen time and the held
+        transaction's answer (RTT, call progress, finished records)."""
         if direction == _FROM_GATEWAY:
             self._saw_gateway(src[0], now)
         if tx is not None:  # (the table is as it was when tx was looked up)
             self.tracker.response_to(tx, status, now, to_tag)
-        if not next_raw.startswith(b"SIP/2.0/UDP") and (
-                next_raw.startswith(b"SIP/2.0/TCP") or parse_via(next_raw).transport == b"TCP"):
-            self.out_tcp = True  # the request came over TCP: so goes its response (§18.2.2)
 
     def _fast_response(self, data: bytes, src: Addr, now: float) -> list[tuple[bytes, Addr]] | None:
         """:meth:`_response` of the common response, read and edited in one C call on the datagram

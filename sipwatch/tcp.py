@@ -155,6 +155,7 @@ class TcpEdge:
             core.out_tcp = False
             self.stats.internal_errors["datagram"] += 1
             self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+        core.settle()  # what the core held back until the output had left (never raises)
 
     def _alias(self, conn: "_Conn", alias: Addr) -> None:
         """Requests toward ``alias`` (the sent-by a peer wrote, on its connection's IP) take

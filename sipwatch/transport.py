@@ -107,6 +107,7 @@ class UdpEdge:
             self.dispatch(data, src, now, self._receive(data, src, now))
         except Exception as exc:  # noqa: BLE001 - counted here, as the C pump counts it
             self._pump_failed(exc)
+        self.core.settle()  # (never raises)
 
     def dispatch(self, data: bytes, src, now: float, out) -> None:
         """Route the core's output for one datagram: over TCP when the core says so, else one
@@ -230,6 +231,8 @@ class UdpEdge:
         """Bind the sockets and start reading: with the C pump when it is built (and ``pump``),
         else with uvloop's datagram transports."""
         loop = self._loop = asyncio.get_running_loop()
+        # both readers call core.settle() after the sends: a response leaves before its accounting
+        self.core.defer_bookkeeping = True
         host, port = listen
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         reuse = hasattr(socket, "SO_REUSEPORT")
@@ -252,7 +255,7 @@ class UdpEdge:
                 listen_fd=lsock.fileno(), upstream_fd=-1 if usock is None else usock.fileno(),
                 upstream=self.upstream, receive=self._receive, core=self.core, edge=self,
                 dispatch=self.dispatch, send_failed=self.send_failed, on_error=self._pump_failed,
-                clock=self.clock)
+                clock=self.clock, settle=self.core.settle)
             self.listen_tx, self.upstream_tx = lsock, usock
             self._send_to = lsock.sendto
             loop.add_reader(lsock.fileno(), self._pump.read_listen)

@@ -127,7 +127,7 @@ def test_tick_survives_a_timer_failure_and_a_failing_collector(tmp_path, monkeyp
     app.tick()  # nothing wrong left
     assert app.stats.internal_errors["tick"] == 2
     # a collector that raises costs its own families, not the scrape
-    monkeypatch.setattr(app.stats, "calls", None)
+    monkeypatch.setattr(app.stats, "calls", [])  # (a list, as the compiled Stats requires)
     text = generate_latest(app.metrics.gateway).decode()
     assert "sipwatch_internal_errors_total" in text and 'component="metrics"' in text
     assert app.stats.internal_errors["metrics"] >= 1

@@ -62,20 +62,24 @@ def _answer_lines(forwarded: bytes, status: bytes, n: int) -> list[bytes]:
     return out
 
 
-def _pair() -> tuple[ProxyCore, ProxyCore]:
+def _pair() -> tuple[ProxyCore, ...]:
+    """The fast path, the full path, and the fast path with its accounting held back until
+    ``settle()`` (as the UDP and TCP edges run the core): :func:`feed` holds all three equal."""
     cores = []
-    for fast in (True, False):
+    for fast, defer in ((True, False), (False, False), (True, True)):
         c = ProxyCore(CoreConfig(advertise=SIDECAR, upstream=UPSTREAM, secret=SECRET), Stats(ring_size=1024),
                       randbits=random.Random(7).getrandbits)
         c.fast_responses = fast
+        c.defer_bookkeeping = defer
         cores.append(c)
     assert cores[0].fast_responses and not cores[1].fast_responses
-    return cores[0], cores[1]
+    return tuple(cores)
 
 
 def snapshot(obj, seen: dict | None = None):
-    """Everything reachable from ``obj`` as plain values (objects by their slots or __dict__, a
-    revisited object as its first visit's number): two equal snapshots mean equal state."""
+    """Everything reachable from ``obj`` as plain values (objects by their slots, __dict__ or, in
+    the compiled build, mypyc's list of a native class's attributes; a revisited object as its
+    first visit's number): two equal snapshots mean equal state."""
     seen = {} if seen is None else seen
     if obj is None or isinstance(obj, (bool, int, float, str, bytes)):
         return obj
@@ -94,8 +98,8 @@ def snapshot(obj, seen: dict | None = None):
         return ("callable", getattr(obj, "__qualname__", type(obj).__name__))
     fields = {}
     for cls in type(obj).__mro__:
-        for name in getattr(cls, "__slots__", ()):
-            if hasattr(obj, name):
+        for name in (*getattr(cls, "__slots__", ()), *getattr(cls, "__mypyc_attrs__", ())):
+            if name != "__dict__" and hasattr(obj, name):
                 fields[name] = getattr(obj, name)
     fields.update(getattr(obj, "__dict__", {}))
     return (type(obj).__name__, [(k, snapshot(v, seen)) for k, v in sorted(fields.items())])
@@ -110,10 +114,11 @@ def feed(pair, data: bytes, src, now: float, tcp: bool = False) -> list:
     for c in pair:
         c.out_tcp = False
         outs.append((c.receive_stream if tcp else c.receive_datagram)(data, src, now))
-    fast, full = pair
-    assert outs[0] == outs[1], f"outputs differ for {data[:400]!r}"
-    assert fast.out_tcp == full.out_tcp
-    assert state(fast) == state(full), f"state differs after {data[:400]!r}"
+    fast, full, deferring = pair
+    assert outs[0] == outs[1] == outs[2], f"outputs differ for {data[:400]!r}"
+    assert fast.out_tcp == full.out_tcp == deferring.out_tcp
+    deferring.settle()  # (as the edges do after the sends)
+    assert state(fast) == state(full) == state(deferring), f"state differs after {data[:400]!r}"
     return outs[0]
 
 
@@ -388,3 +393,40 @@ def test_no_reference_or_memory_is_kept_by_the_response_call():
     refs, grown = kept_by(calls, watched, 2000)
     assert refs == [0] * len(watched)
     assert grown < 16_000, grown
+
+
+# -- the accounting held back until settle() ------------------------------------------------------
+def test_held_back_accounting_is_done_before_anything_reads_the_state():
+    """With ``defer_bookkeeping`` (the edges' setting) a relayed response's accounting waits for
+    ``settle()``; whatever reads the state first does it: the records' drain, the timers, the
+    next message. Each leaves the state as the core that did it at once."""
+    for read in ("drain", "timers", "next message"):
+        fast, full, deferring = _pair()
+        fwd = _forward((fast, full, deferring), 3, False, b"OPTIONS")
+        data = _join(_answer_lines(fwd, b"200 OK", 3))
+        assert full.receive_datagram(data, UPSTREAM, 1000.5) == deferring.receive_datagram(data, UPSTREAM, 1000.5)
+        assert deferring._deferred is not None  # (held back: the state differs until it is done)
+        assert state(deferring) != state(full)
+        if read == "drain":
+            assert [k for k, _ in deferring.drain_finished()] == [k for k, _ in full.drain_finished()] != []
+        elif read == "timers":
+            deferring.handle_timers(1000.6)
+            full.handle_timers(1000.6)
+        else:
+            ping = b"\r\n\r\n"  # (a keep-alive: the next datagram, whatever it is)
+            assert deferring.receive_datagram(ping, GATEWAY, 1000.6) == full.receive_datagram(ping, GATEWAY, 1000.6)
+        assert deferring._deferred is None
+        assert state(deferring) == state(full), read
+
+
+@pytest.mark.pure_python
+def test_held_back_accounting_that_raises_costs_the_record_not_the_caller(monkeypatch):
+    fast, full, deferring = _pair()
+    fwd = _forward((fast, full, deferring), 4, False, b"OPTIONS")
+    data = _join(_answer_lines(fwd, b"200 OK", 4))
+    monkeypatch.setattr(deferring.tracker, "response_to", lambda *a: 1 / 0)
+    assert deferring.receive_datagram(data, UPSTREAM, 1000.5) == full.receive_datagram(data, UPSTREAM, 1000.5)
+    deferring.settle()
+    deferring.settle()  # (nothing left: a no-op)
+    assert deferring.stats.internal_errors["datagram"] == 1
+    assert deferring.last_internal_error.startswith("ZeroDivisionError")
