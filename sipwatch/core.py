@@ -278,8 +278,7 @@ class ProxyCore:
             return []
         except Exception as exc:  # a bug must cost one datagram, never the process
             stats.dropped[DROP_INTERNAL_ERROR] += 1
-            stats.internal_errors["datagram"] += 1
-            self.last_internal_error = f"{type(exc).__name__}: {exc}"[:300]
+            self._bug(exc)
             return []
 
     def receive_stream(self, data: bytes, addr: Addr, now: float) -> list[tuple[bytes, Addr]]:
@@ -312,20 +311,22 @@ class ProxyCore:
         try:
             self._account(d[0], d[1], d[2], d[3], d[4], d[5])
         except Exception as exc:  # a bug must cost one record, never the process
-            self.stats.internal_errors["datagram"] += 1
-            self.last_internal_error = f"{type(exc).__name__}: {exc}"[:300]
+            self._bug(exc)
+
+    def _bug(self, exc: Exception) -> None:
+        """Count an exception the core caught around a message's work, and keep its text."""
+        self.stats.internal_errors["datagram"] += 1
+        self.last_internal_error = f"{type(exc).__name__}: {exc}"[:300]
 
     def handle_timers(self, now: float) -> None:
-        if self._deferred is not None:
-            self.settle()
+        self.settle()
         self.tracker.expire(now)
         if self.gateway_seen:
             self._forget_gateways(now)
 
     def drain_finished(self, limit: int = 10_000) -> list:
         """Finished ("call", Call) / ("tx", Transaction) records for logs and spans."""
-        if self._deferred is not None:
-            self.settle()
+        self.settle()
         q = self.tracker.finished
         out: list = []
         while q and len(out) < limit:
