@@ -815,6 +815,29 @@ sipscan_parse_params(PyObject *module, PyObject *arg)
     return params_of((const unsigned char *)PyBytes_AS_STRING(arg), 0, PyBytes_GET_SIZE(arg));
 }
 
+/* Where header_tag finds the tag of the value s[va:vb]: 1 with [*a, *b) set (stripped, not
+ * empty), else 0. The first ";tag=" (any case) after the last '>' counts, up to the next ';'. */
+static int tag_span(const unsigned char *s, Py_ssize_t va, Py_ssize_t vb, Py_ssize_t *a, Py_ssize_t *b)
+{
+    Py_ssize_t t = vb;
+    while (t > va && s[t - 1] != '>')
+        t--;
+    /* t: the start of the tail (va when there is no '>') */
+    for (Py_ssize_t i = t; i + 5 <= vb; i++) {
+        if (s[i] == ';' && ascii_lower(s[i + 1]) == 't' && ascii_lower(s[i + 2]) == 'a' &&
+            ascii_lower(s[i + 3]) == 'g' && s[i + 4] == '=') {
+            *a = i + 5;
+            *b = vb;
+            const unsigned char *semi = memchr(s + *a, ';', (size_t)(vb - *a));
+            if (semi != NULL)
+                *b = semi - s;
+            strip_range(s, a, b);
+            return *a < *b;
+        }
+    }
+    return 0;
+}
+
 /* header_tag(value) -> bytes or None: sipmsg.header_tag */
 static PyObject *
 sipscan_header_tag(PyObject *module, PyObject *value)
@@ -825,25 +848,43 @@ sipscan_header_tag(PyObject *module, PyObject *value)
     if (need_bytes(value, "value") < 0)
         return NULL;
     const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(value);
-    const Py_ssize_t n = PyBytes_GET_SIZE(value);
-    Py_ssize_t t = n;
-    while (t > 0 && s[t - 1] != '>')
-        t--;
-    /* t: the start of the tail (0 when there is no '>') */
-    for (Py_ssize_t i = t; i + 5 <= n; i++) {
-        if (s[i] == ';' && ascii_lower(s[i + 1]) == 't' && ascii_lower(s[i + 2]) == 'a' &&
-            ascii_lower(s[i + 3]) == 'g' && s[i + 4] == '=') {
-            Py_ssize_t a = i + 5, b = n;
-            const unsigned char *semi = memchr(s + a, ';', (size_t)(b - a));
-            if (semi != NULL)
-                b = semi - s;
-            strip_range(s, &a, &b);
-            if (a == b)
-                Py_RETURN_NONE;
-            return bytes_of(s, a, b);
-        }
+    Py_ssize_t a, b;
+    if (!tag_span(s, 0, PyBytes_GET_SIZE(value), &a, &b))
+        Py_RETURN_NONE;
+    return bytes_of(s, a, b);
+}
+
+/* SipMessage.cseq of the value s[a:b]: 1 with the number and where the method is ([*ma, *mb),
+ * letters only), 0 where cseq raises (no number, more than 10 digits or 2**31 or more, no
+ * method, anything after it). */
+static int cseq_span(const unsigned char *s, Py_ssize_t a, Py_ssize_t b, long long *number,
+                     Py_ssize_t *ma, Py_ssize_t *mb)
+{
+    Py_ssize_t p = a;
+    while (p < b && ascii_space(s[p]))
+        p++;
+    const Py_ssize_t da = p;
+    long long v = 0;
+    while (p < b && s[p] >= '0' && s[p] <= '9') {
+        if (p - da >= 10)
+            return 0; /* more than 10 digits: out of range */
+        v = v * 10 + (s[p] - '0');
+        p++;
     }
-    Py_RETURN_NONE;
+    if (p == da || p >= b || !ascii_space(s[p]) || v >= (1LL << 31))
+        return 0;
+    while (p < b && ascii_space(s[p]))
+        p++;
+    *ma = p;
+    while (p < b && ((s[p] >= 'A' && s[p] <= 'Z') || (s[p] >= 'a' && s[p] <= 'z')))
+        p++;
+    *mb = p;
+    while (p < b && ascii_space(s[p]))
+        p++;
+    if (*mb == *ma || p != b)
+        return 0;
+    *number = v;
+    return 1;
 }
 
 /* cseq(value) -> (int, bytes) or None: SipMessage.cseq of that value, None where it raises */
@@ -854,29 +895,9 @@ sipscan_cseq(PyObject *module, PyObject *value)
     if (need_bytes(value, "value") < 0)
         return NULL;
     const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(value);
-    const Py_ssize_t n = PyBytes_GET_SIZE(value);
-    Py_ssize_t p = 0;
-    while (p < n && ascii_space(s[p]))
-        p++;
-    const Py_ssize_t da = p;
-    long long number = 0;
-    while (p < n && s[p] >= '0' && s[p] <= '9') {
-        if (p - da >= 10)
-            Py_RETURN_NONE; /* more than 10 digits: out of range */
-        number = number * 10 + (s[p] - '0');
-        p++;
-    }
-    if (p == da || p >= n || !ascii_space(s[p]) || number >= (1LL << 31))
-        Py_RETURN_NONE;
-    while (p < n && ascii_space(s[p]))
-        p++;
-    const Py_ssize_t ma = p;
-    while (p < n && ((s[p] >= 'A' && s[p] <= 'Z') || (s[p] >= 'a' && s[p] <= 'z')))
-        p++;
-    const Py_ssize_t mb = p;
-    while (p < n && ascii_space(s[p]))
-        p++;
-    if (mb == ma || p != n)
+    long long number;
+    Py_ssize_t ma, mb;
+    if (!cseq_span(s, 0, PyBytes_GET_SIZE(value), &number, &ma, &mb))
         Py_RETURN_NONE;
     PyObject *method = PyBytes_FromStringAndSize(NULL, mb - ma);
     if (method == NULL)
@@ -1584,6 +1605,70 @@ static int name_is(PyObject *name, const char *want, Py_ssize_t len)
     return PyBytes_GET_SIZE(name) == len && memcmp(PyBytes_AS_STRING(name), want, (size_t)len) == 0;
 }
 
+/* the headers the one-pass functions read, as header_at names them */
+enum { H_OTHER, H_VIA, H_FROM, H_TO, H_CALL_ID, H_CSEQ, H_CONTENT_LENGTH, H_NOT_PLAIN = -1, H_ERROR = -2 };
+
+/* The header line of the plain head s[0:head_end] (scan_head passed) that starts at *pos: where
+ * it is and where its value is (stripped) in *line, which of the headers above it is by its
+ * canonical name in the caller's table, and *pos moved to the next line. H_NOT_PLAIN when the
+ * line has no colon, an empty name or one not in the table (split_plain refuses it too),
+ * H_ERROR with an exception set when memory ran out. */
+static HOT_INLINE int header_at(PyObject *table, const unsigned char *s, Py_ssize_t head_end, Py_ssize_t *pos,
+                                struct line_at *line)
+{
+    const Py_ssize_t at = *pos;
+    if (at > head_end)
+        return H_NOT_PLAIN; /* (cannot happen after scan_head) */
+    const unsigned char *cr = memchr(s + at, '\r', (size_t)(head_end - at));
+    const Py_ssize_t end = cr ? cr - s : head_end;
+    const unsigned char *colon = memchr(s + at, ':', (size_t)(end - at));
+    if (colon == NULL || colon == s + at)
+        return H_NOT_PLAIN;
+    PyObject *name = canonical_name(table, s + at, colon - (s + at) + 1); /* borrowed */
+    if (name == NULL) {
+        if (PyErr_Occurred()) {
+            if (PyErr_ExceptionMatches(PyExc_MemoryError))
+                return H_ERROR;
+            PyErr_Clear();
+        }
+        return H_NOT_PLAIN;
+    }
+    if (!PyBytes_CheckExact(name))
+        return H_NOT_PLAIN;
+    line->start = at;
+    line->end = end;
+    line->va = colon - s + 1;
+    line->vb = end;
+    strip_range(s, &line->va, &line->vb);
+    *pos = end + 2;
+    switch (PyBytes_GET_SIZE(name)) {
+    case 2:
+        return name_is(name, "to", 2) ? H_TO : H_OTHER;
+    case 3:
+        return name_is(name, "via", 3) ? H_VIA : H_OTHER;
+    case 4:
+        return name_is(name, "cseq", 4) ? H_CSEQ : name_is(name, "from", 4) ? H_FROM : H_OTHER;
+    case 7:
+        return name_is(name, "call-id", 7) ? H_CALL_ID : H_OTHER;
+    case 14:
+        return name_is(name, "content-length", 14) ? H_CONTENT_LENGTH : H_OTHER;
+    }
+    return H_OTHER;
+}
+
+/* The Content-Length s[cl.va:cl.vb] as sipscan_parse checks it against body_len bytes of body:
+ * its value, or -1 where parse would not cut the message in C. */
+static long long content_length_of(const unsigned char *s, const struct line_at *cl, Py_ssize_t max_digits,
+                                   Py_ssize_t body_len)
+{
+    if (!all_digits(s, cl->va, cl->vb) || cl->vb - cl->va > max_digits || cl->vb - cl->va > 18)
+        return -1;
+    long long v = 0;
+    for (Py_ssize_t i = cl->va; i < cl->vb; i++)
+        v = v * 10 + (s[i] - '0');
+    return v > (long long)body_len ? -1 : v;
+}
+
 /* response(data, names, own_via_head, prefix_len, max_lines, max_cl_digits, max_vias, max_size)
  *   -> (status, branch, next_via, call_id, cseq_number, CSEQ_METHOD, to_tag, out, truncated) or None
  * See the block comment above; the qualifying message, beside sipscan_parse's plain shape:
@@ -1645,67 +1730,35 @@ sipscan_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     const unsigned char *cr = memchr(s, '\r', (size_t)head_end);
     Py_ssize_t pos = (cr ? cr - s : head_end) + 2;
     for (Py_ssize_t k = 1; k < n_lines; k++) {
-        if (pos > head_end)
-            Py_RETURN_NONE; /* (cannot happen after scan_head) */
-        cr = memchr(s + pos, '\r', (size_t)(head_end - pos));
-        const Py_ssize_t end = cr ? cr - s : head_end;
-        const unsigned char *colon = memchr(s + pos, ':', (size_t)(end - pos));
-        if (colon == NULL || colon == s + pos)
+        struct line_at line;
+        switch (header_at(table, s, head_end, &pos, &line)) {
+        case H_ERROR:
+            return NULL;
+        case H_NOT_PLAIN:
             Py_RETURN_NONE;
-        PyObject *name = canonical_name(table, s + pos, colon - (s + pos) + 1); /* borrowed */
-        if (name == NULL) {
-            if (PyErr_Occurred()) {
-                if (PyErr_ExceptionMatches(PyExc_MemoryError))
-                    return NULL;
-                PyErr_Clear();
-            }
-            Py_RETURN_NONE;
-        }
-        if (!PyBytes_CheckExact(name))
-            Py_RETURN_NONE;
-        struct line_at *slot = NULL;
-        switch (PyBytes_GET_SIZE(name)) {
-        case 2:
-            if (name_is(name, "to", 2)) {
-                slot = &to;
-                n_to++;
-            }
+        case H_TO:
+            to = line;
+            n_to++;
             break;
-        case 3:
-            if (name_is(name, "via", 3)) {
-                if (via.start < 0)
-                    slot = &via;
-                else if (via2.start < 0)
-                    slot = &via2;
-            }
+        case H_VIA:
+            if (via.start < 0)
+                via = line;
+            else if (via2.start < 0)
+                via2 = line;
             break;
-        case 4:
-            if (name_is(name, "cseq", 4)) {
-                slot = &cseq;
-                n_cseq++;
-            }
+        case H_CSEQ:
+            cseq = line;
+            n_cseq++;
             break;
-        case 7:
-            if (name_is(name, "call-id", 7)) {
-                slot = &cid;
-                n_cid++;
-            }
+        case H_CALL_ID:
+            cid = line;
+            n_cid++;
             break;
-        case 14:
-            if (name_is(name, "content-length", 14)) {
-                slot = &cl;
-                n_cl++;
-            }
+        case H_CONTENT_LENGTH:
+            cl = line;
+            n_cl++;
             break;
         }
-        if (slot != NULL) {
-            slot->start = pos;
-            slot->end = end;
-            slot->va = colon - s + 1;
-            slot->vb = end;
-            strip_range(s, &slot->va, &slot->vb);
-        }
-        pos = end + 2;
     }
     if (via.start < 0 || n_cid != 1 || n_cseq != 1 || n_to != 1 || n_cl > 1 || cid.va == cid.vb)
         Py_RETURN_NONE;
@@ -1714,12 +1767,8 @@ sipscan_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     const Py_ssize_t body_at = head_end + 4, body_len = n - body_at;
     Py_ssize_t body_keep = body_len;
     if (n_cl) {
-        if (!all_digits(s, cl.va, cl.vb) || cl.vb - cl.va > max_digits || cl.vb - cl.va > 18)
-            Py_RETURN_NONE;
-        long long v = 0;
-        for (Py_ssize_t i = cl.va; i < cl.vb; i++)
-            v = v * 10 + (s[i] - '0');
-        if (v > (long long)body_len)
+        const long long v = content_length_of(s, &cl, max_digits, body_len);
+        if (v < 0)
             Py_RETURN_NONE;
         body_keep = (Py_ssize_t)v;
     }
@@ -1813,54 +1862,14 @@ sipscan_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             Py_RETURN_NONE;
     }
 
-    /* CSeq, as sipscan_cseq reads it */
-    Py_ssize_t p = cseq.va;
-    const Py_ssize_t cn = cseq.vb;
-    while (p < cn && ascii_space(s[p]))
-        p++;
-    const Py_ssize_t da = p;
-    long long number = 0;
-    while (p < cn && s[p] >= '0' && s[p] <= '9') {
-        if (p - da >= 10)
-            Py_RETURN_NONE;
-        number = number * 10 + (s[p] - '0');
-        p++;
-    }
-    if (p == da || p >= cn || !ascii_space(s[p]) || number >= (1LL << 31))
+    /* CSeq, as sipscan_cseq reads it; the To tag, as sipscan_header_tag reads it */
+    long long number;
+    Py_ssize_t ma, mb;
+    if (!cseq_span(s, cseq.va, cseq.vb, &number, &ma, &mb))
         Py_RETURN_NONE;
-    while (p < cn && ascii_space(s[p]))
-        p++;
-    const Py_ssize_t ma = p;
-    while (p < cn && ((s[p] >= 'A' && s[p] <= 'Z') || (s[p] >= 'a' && s[p] <= 'z')))
-        p++;
-    const Py_ssize_t mb = p;
-    while (p < cn && ascii_space(s[p]))
-        p++;
-    if (mb == ma || p != cn)
-        Py_RETURN_NONE;
-
-    /* the To tag, as sipscan_header_tag reads it */
     Py_ssize_t tag_a = -1, tag_b = -1;
-    {
-        Py_ssize_t t = to.vb;
-        while (t > to.va && s[t - 1] != '>')
-            t--;
-        for (Py_ssize_t i = t; i + 5 <= to.vb; i++) {
-            if (s[i] == ';' && ascii_lower(s[i + 1]) == 't' && ascii_lower(s[i + 2]) == 'a' &&
-                ascii_lower(s[i + 3]) == 'g' && s[i + 4] == '=') {
-                Py_ssize_t a = i + 5, b = to.vb;
-                const unsigned char *semi = memchr(s + a, ';', (size_t)(b - a));
-                if (semi != NULL)
-                    b = semi - s;
-                strip_range(s, &a, &b);
-                if (a < b) {
-                    tag_a = a;
-                    tag_b = b;
-                }
-                break;
-            }
-        }
-    }
+    if (!tag_span(s, to.va, to.vb, &tag_a, &tag_b))
+        tag_a = -1;
 
     /* the output: the datagram with our Via value (or the whole Via line) cut out */
     Py_ssize_t out_len;
@@ -1916,6 +1925,230 @@ sipscan_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_XDECREF(method);
     Py_XDECREF(to_tag);
     Py_DECREF(out);
+    return result;
+}
+
+/* ---- refusals on one pass over the datagram -------------------------------------------------
+ * Past its capacity the proxy turns new INVITEs away with 503 + Retry-After (sipwatch.overload),
+ * and each refused call still costs the INVITE and the ACK of the 503. Through the full path
+ * that is two parses into line lists and most of ProxyCore._request; here it is one pass over
+ * each datagram, read as the full path reads it. As with response(), only the plain shape
+ * qualifies (sipscan_parse's, plus what is listed below); everything else is None and goes the
+ * full path, which raises the errors and answers the unusual shapes. */
+
+#define REFUSAL_KEPT 5 /* the lines a refusal copies: Via, From, To, Call-ID, CSeq, one of each */
+
+/* refusal(data, names, max_lines, max_cl_digits, max_size, mac_state, status_line, extra)
+ *   -> (is_ack, via_value, call_id, cseq_number, head, tail) or None
+ * A request "INVITE <uri> SIP/2.0" or "ACK <uri> SIP/2.0" of the plain shape, at most max_size
+ * bytes, with one each of Via (one value: no ',', '"' or '<' in it), From, To, Call-ID (not
+ * empty) and CSeq (as sipscan_cseq reads it, its method the request's, in capitals), at most one
+ * Content-Length, equal to the body's length. An INVITE must have no To tag: ``head`` and
+ * ``tail`` are then ProxyCore._reply's response around the stamped Via value, i.e. status_line,
+ * the copied lines in their order with "Via: " for the Via line and the To line given
+ * ";tag=sw" + mac_hex(mac_state, "|", (b"t", call_id, from_tag or b"")), extra when not empty,
+ * "Content-Length: 0" (joined by CRLF, CRLF CRLF at the end). An ACK must have the To tag such
+ * a refusal gave, "sw" and that MAC (compared in constant time): head and tail are then None.
+ * The tags are read as header_tag reads them; the caller checks that mac_state is its key's. */
+static PyObject *
+sipscan_refusal(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (arg_count(nargs, 8, "refusal(data, names, max_lines, max_cl_digits, max_size, mac_state, status_line, "
+                            "extra) takes 8 arguments") < 0)
+        return NULL;
+    PyObject *data = args[0], *table = args[1];
+    if (!PyBytes_CheckExact(data))
+        Py_RETURN_NONE;
+    if (!PyDict_Check(table)) {
+        PyErr_SetString(PyExc_TypeError, "names must be a dict");
+        return NULL;
+    }
+    if (need_bytes(args[5], "mac_state") < 0 || need_bytes(args[6], "status_line") < 0 ||
+            need_bytes(args[7], "extra") < 0)
+        return NULL;
+    Py_ssize_t ints[3]; /* max_lines, max_cl_digits, max_size */
+    for (int i = 0; i < 3; i++)
+        if ((ints[i] = PyLong_AsSsize_t(args[2 + i])) == -1 && PyErr_Occurred())
+            return NULL;
+    const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(data);
+    const Py_ssize_t n = PyBytes_GET_SIZE(data);
+    if (ints[0] < 1 || n > ints[2])
+        Py_RETURN_NONE;
+
+    /* the request line, as sipscan_parse reads it, for these two methods only */
+    int is_ack;
+    Py_ssize_t u_start;
+    if (n >= 7 && memcmp(s, "INVITE ", 7) == 0) {
+        is_ack = 0;
+        u_start = 7;
+    }
+    else if (n >= 4 && memcmp(s, "ACK ", 4) == 0) {
+        is_ack = 1;
+        u_start = 4;
+    }
+    else
+        Py_RETURN_NONE;
+    Py_ssize_t n_lines = 0;
+    const Py_ssize_t head_end = scan_head(s, n, ints[0], &n_lines);
+    if (head_end < 0)
+        Py_RETURN_NONE;
+    const unsigned char *cr = memchr(s, '\r', (size_t)head_end);
+    const Py_ssize_t start_end = cr ? cr - s : head_end;
+    const unsigned char *sp2 = memchr(s + u_start, ' ', (size_t)(start_end - u_start));
+    if (sp2 == NULL)
+        Py_RETURN_NONE;
+    const Py_ssize_t u_end = sp2 - s;
+    if (start_end - u_end - 1 != 7 || memcmp(s + u_end + 1, "SIP/2.0", 7) != 0 || u_end == u_start ||
+            memchr(s + u_start, '\t', (size_t)(u_end - u_start)) != NULL)
+        Py_RETURN_NONE;
+
+    /* the header lines */
+    struct line_at via = {-1, -1, 0, 0}, from = via, to = via, cid = via, cseq = via, cl = via;
+    int counts[H_CONTENT_LENGTH + 1] = {0};
+    struct line_at kept[REFUSAL_KEPT]; /* the copied lines in their order */
+    int kept_kind[REFUSAL_KEPT], n_kept = 0;
+    Py_ssize_t pos = start_end + 2;
+    for (Py_ssize_t k = 1; k < n_lines; k++) {
+        struct line_at line;
+        const int kind = header_at(table, s, head_end, &pos, &line);
+        if (kind == H_ERROR)
+            return NULL;
+        if (kind == H_NOT_PLAIN)
+            Py_RETURN_NONE;
+        if (kind == H_OTHER)
+            continue;
+        if (++counts[kind] > 1)
+            Py_RETURN_NONE;
+        switch (kind) {
+        case H_VIA: via = line; break;
+        case H_FROM: from = line; break;
+        case H_TO: to = line; break;
+        case H_CALL_ID: cid = line; break;
+        case H_CSEQ: cseq = line; break;
+        case H_CONTENT_LENGTH: cl = line; continue;
+        }
+        kept[n_kept] = line;
+        kept_kind[n_kept++] = kind;
+    }
+    if (n_kept != REFUSAL_KEPT || cid.va == cid.vb || via.va == via.vb)
+        Py_RETURN_NONE;
+    const Py_ssize_t body_len = n - (head_end + 4);
+    if (counts[H_CONTENT_LENGTH] && content_length_of(s, &cl, ints[1], body_len) != (long long)body_len)
+        Py_RETURN_NONE;
+    for (Py_ssize_t i = via.va; i < via.vb; i++)
+        if (s[i] == ',' || s[i] == '"' || s[i] == '<')
+            Py_RETURN_NONE;
+    long long number;
+    Py_ssize_t ma, mb;
+    if (!cseq_span(s, cseq.va, cseq.vb, &number, &ma, &mb) || mb - ma != u_start - 1 ||
+            memcmp(s + ma, s, (size_t)(mb - ma)) != 0)
+        Py_RETURN_NONE;
+    Py_ssize_t fa, fb, ta, tb;
+    const int has_from_tag = tag_span(s, from.va, from.vb, &fa, &fb);
+    const int has_to_tag = tag_span(s, to.va, to.vb, &ta, &tb);
+    if (is_ack ? !has_to_tag || tb - ta < 2 || s[ta] != 's' || s[ta + 1] != 'w' : has_to_tag)
+        Py_RETURN_NONE;
+
+    /* the To tag this proxy gives its own responses (ProxyCore._local_tag): "sw" and this MAC */
+    PyObject *via_value = NULL, *head = NULL, *tail = NULL, *mac = NULL, *result = NULL;
+    PyObject *parts = PyTuple_New(3), *sep = PyBytes_FromStringAndSize("|", 1);
+    if (parts == NULL || sep == NULL)
+        goto done;
+    PyTuple_SET_ITEM(parts, 0, PyBytes_FromStringAndSize("t", 1));
+    PyTuple_SET_ITEM(parts, 1, bytes_of(s, cid.va, cid.vb));
+    PyTuple_SET_ITEM(parts, 2, has_from_tag ? bytes_of(s, fa, fb) : PyBytes_FromStringAndSize(NULL, 0));
+    if (PyTuple_GET_ITEM(parts, 0) == NULL || PyTuple_GET_ITEM(parts, 1) == NULL ||
+            PyTuple_GET_ITEM(parts, 2) == NULL)
+        goto done;
+    PyObject *mac_args[3] = {args[5], sep, parts};
+    if ((mac = sipscan_mac_hex(NULL, mac_args, 3)) == NULL)
+        goto done;
+    if (!PyBytes_Check(mac)) { /* (an empty join: cannot happen, "t" is in it) */
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    const Py_ssize_t mac_len = PyBytes_GET_SIZE(mac);
+    if (is_ack) {
+        /* the tag must be ours (compared in constant time, as hmac.compare_digest does) */
+        if (tb - ta != 2 + mac_len) {
+            result = Py_NewRef(Py_None);
+            goto done;
+        }
+        const unsigned char *m = (const unsigned char *)PyBytes_AS_STRING(mac);
+        unsigned char diff = 0;
+        for (Py_ssize_t i = 0; i < mac_len; i++)
+            diff |= (unsigned char)(s[ta + 2 + i] ^ m[i]);
+        if (diff) {
+            result = Py_NewRef(Py_None);
+            goto done;
+        }
+        head = Py_NewRef(Py_None);
+        tail = Py_NewRef(Py_None);
+    }
+    else {
+        const Py_ssize_t status_len = PyBytes_GET_SIZE(args[6]), extra_len = PyBytes_GET_SIZE(args[7]);
+        static const char content_length[] = "\r\nContent-Length: 0\r\n\r\n";
+        const Py_ssize_t cl_len = (Py_ssize_t)sizeof(content_length) - 1;
+        /* the lines before the Via line end with CRLF in head; the ones after start with CRLF in tail */
+        int via_at = 0;
+        for (int i = 0; i < REFUSAL_KEPT; i++)
+            if (kept_kind[i] == H_VIA)
+                via_at = i;
+        Py_ssize_t head_len = status_len + 2 + 5, tail_len = (extra_len ? 2 + extra_len : 0) + cl_len;
+        for (int i = 0; i < REFUSAL_KEPT; i++) {
+            const Py_ssize_t len = 2 + kept[i].end - kept[i].start + (kept_kind[i] == H_TO ? 7 + mac_len : 0);
+            if (i < via_at)
+                head_len += len;
+            else if (i > via_at)
+                tail_len += len;
+        }
+        head = PyBytes_FromStringAndSize(NULL, head_len);
+        tail = PyBytes_FromStringAndSize(NULL, tail_len);
+        if (head == NULL || tail == NULL)
+            goto done;
+        char *h = PyBytes_AS_STRING(head), *t = PyBytes_AS_STRING(tail);
+        memcpy(h, PyBytes_AS_STRING(args[6]), (size_t)status_len);
+        h += status_len;
+        for (int i = 0; i < REFUSAL_KEPT; i++) {
+            if (i == via_at)
+                continue;
+            char *d = i < via_at ? h : t;
+            memcpy(d, "\r\n", 2);
+            d += 2;
+            memcpy(d, s + kept[i].start, (size_t)(kept[i].end - kept[i].start));
+            d += kept[i].end - kept[i].start;
+            if (kept_kind[i] == H_TO) {
+                memcpy(d, ";tag=sw", 7);
+                memcpy(d + 7, PyBytes_AS_STRING(mac), (size_t)mac_len);
+                d += 7 + mac_len;
+            }
+            if (i < via_at)
+                h = d;
+            else
+                t = d;
+        }
+        memcpy(h, "\r\nVia: ", 7);
+        if (extra_len) {
+            memcpy(t, "\r\n", 2);
+            t += 2;
+            memcpy(t, PyBytes_AS_STRING(args[7]), (size_t)extra_len);
+            t += extra_len;
+        }
+        memcpy(t, content_length, (size_t)cl_len);
+    }
+    PyObject *cseq_number = PyLong_FromLongLong(number);
+    if (cseq_number != NULL && (via_value = bytes_of(s, via.va, via.vb)) != NULL)
+        result = PyTuple_Pack(6, is_ack ? Py_True : Py_False, via_value, PyTuple_GET_ITEM(parts, 1), cseq_number,
+                              head, tail);
+    Py_XDECREF(cseq_number);
+done:
+    Py_XDECREF(parts);
+    Py_XDECREF(sep);
+    Py_XDECREF(mac);
+    Py_XDECREF(via_value);
+    Py_XDECREF(head);
+    Py_XDECREF(tail);
     return result;
 }
 
@@ -2239,6 +2472,10 @@ static PyMethodDef sipscan_methods[] = {
      "response(data, names, own_via_head, prefix_len, max_lines, max_cl_digits, max_vias, max_size)\n"
      "-> (status, branch, next_via, call_id, cseq_number, CSEQ_METHOD, to_tag, out, truncated) of a\n"
      "response to a request this proxy forwarded, in the common shape; else None"},
+    {"refusal", (PyCFunction)(void (*)(void))sipscan_refusal, METH_FASTCALL,
+     "refusal(data, names, max_lines, max_cl_digits, max_size, mac_state, status_line, extra)\n"
+     "-> (is_ack, via_value, call_id, cseq_number, head, tail) of a new INVITE (its refusal around the stamped Via value) or\n"
+     "of the ACK of such a refusal (its To tag the proxy's MAC), in the common shape; else None"},
     {"head_end", (PyCFunction)(void (*)(void))sipscan_head_end, METH_FASTCALL,
      "head_end(buf, start) -> (end, sep): the first LF LF (sep 2) or LF CR LF (sep 3) of a bytearray\n"
      "at or after start, or (-1, 0)"},

@@ -101,6 +101,12 @@ _ResponseParts = tuple[int, bytes, bytes, bytes, int, bytes, bytes | None, bytes
 _Deferred = tuple[Transaction | None, int, bytes | None, int, Addr, float]
 _c_response: Final[Callable[[bytes, dict[bytes, bytes], bytes, int, int, int, int, int],
                             _ResponseParts | None] | None] = _sipscan.response if _sipscan else None
+# the refusal fast path (see ProxyCore._fast_refusal)
+_RefusalParts = tuple[bool, bytes, bytes, int, bytes | None, bytes | None]
+_c_refusal: Final[Callable[[bytes, dict[bytes, bytes], int, int, int, bytes, bytes, bytes],
+                           _RefusalParts | None] | None] = _sipscan.refusal if _sipscan else None
+_REFUSAL_STATUS: Final = b"SIP/2.0 503 Service Unavailable"
+_RETRY_AFTER_LINE: Final = b"Retry-After: %d" % RETRY_AFTER
 
 
 @dataclass(frozen=True)
@@ -213,6 +219,9 @@ class ProxyCore:
             self.own_via_head = None
         # responses to what this proxy forwarded take _fast_response (tests switch it off to compare)
         self.fast_responses = _c_response is not None and self.own_via_head is not None
+        # new INVITEs refused while overloaded or draining, and the ACKs of those refusals, take
+        # _fast_refusal (tests switch it off to compare)
+        self.fast_refusals = _c_refusal is not None
         # an edge that calls settle() after its sends sets this: see settle()
         self.defer_bookkeeping = False
         self._deferred: _Deferred | None = None
@@ -256,6 +265,12 @@ class ProxyCore:
         try:
             if self.fast_responses and len(data) > 12 and data[0] == 83:  # "S": maybe a status line
                 fast = self._fast_response(data, addr, now)
+                if fast is not None:
+                    return fast
+            elif self.fast_refusals and not self.in_tcp and len(data) > 12 and (
+                    (data[0] == 73 and (self.overloaded or self.draining)) or  # "I": INVITE
+                    (data[0] == 65 and data.find(b";tag=sw") > 0)):  # "A": ACK, maybe of a refusal
+                fast = self._fast_refusal(data, addr)
                 if fast is not None:
                     return fast
             msg = parse(data)
@@ -476,15 +491,17 @@ class ProxyCore:
             if is_ack and to_tag.startswith(b"sw") and \
                     hmac.compare_digest(to_tag, self._local_tag(call_id, from_tag)):
                 return []  # the ACK of a non-2xx this proxy answered itself ends here (§17.2.1)
-        elif (self.draining or (self.overloaded and midx != _OPTIONS)) and midx != _ACK and midx != _CANCEL:
+        elif (self.draining or (self.overloaded and midx != _OPTIONS)) and midx != _ACK and midx != _CANCEL and \
+                (midx != _INVITE or self.tracker.lookup_call(call_id, True, cseq_n) is None):
             # shed new dialogs early, before any costly work: 503 makes the gateway retry
-            # elsewhere (RFC 3261 §21.5.4) instead of retransmitting into a full queue
+            # elsewhere (RFC 3261 §21.5.4) instead of retransmitting into a full queue. A
+            # retransmitted INVITE of a call admitted before is not new: it goes on (a 503 to it
+            # would fail a call the callee may already be answering)
             if self.draining:
                 stats.drain_rejected += 1
             else:
                 stats.overload_rejected += 1
-            return self._local(msg, top, reply, data, 503, b"Service Unavailable",
-                               b"Retry-After: %d" % RETRY_AFTER)
+            return self._local(msg, top, reply, data, 503, b"Service Unavailable", _RETRY_AFTER_LINE)
 
         if mf_i >= 0:
             if hops < 0:  # (not read yet)
@@ -1016,6 +1033,46 @@ class ProxyCore:
         stats.responses[(min(status // 100, 6) - 1) * 2 + direction] += 1
         self._relayed(tx, status, to_tag, next_raw, direction, src, now)
         return [(out, tx.reply)]
+
+    def _fast_refusal(self, data: bytes, src: Addr) -> list[tuple[bytes, Addr]] | None:
+        """:meth:`_request` of a new INVITE turned away (503 + Retry-After) while overloaded or
+        draining, and of the ACK that answers such a refusal, read in one C call on the datagram
+        (``_sipscan.refusal``): past capacity every refused call costs these two messages, and
+        the full path parses each into line lists first. None, having changed nothing, for
+        anything else (another shape, an ACK whose To tag is not our MAC): the caller then takes
+        the full path. What is done here is what the full path does for such a request, in the
+        same order, so the counters and the bytes sent are the same."""
+        refusal = _c_refusal
+        if refusal is None:
+            return None
+        if self.key is not self._mac_state_key:
+            self._rekey()
+        got = refusal(data, sipmsg._NAME_CACHE, MAX_HEADER_LINES, MAX_CONTENT_LENGTH_DIGITS, MAX_MESSAGE,
+                      self._mac_state, _REFUSAL_STATUS, _RETRY_AFTER_LINE)
+        if got is None:
+            return None
+        is_ack, via_value, call_id, cseq_n, head, tail = got
+        stats = self.stats
+        direction = _FROM_SIGNALING if src == self.upstream else _FROM_GATEWAY
+        if is_ack:  # (its To tag is the MAC _local_tag gives: checked in C)
+            stats.requests[_ACK * 2 + direction] += 1
+            parse_via(via_value)  # (a bad Via raises here as on the full path)
+            return []  # the ACK of a non-2xx this proxy answered itself ends here (§17.2.1)
+        if head is None or tail is None or not (self.draining or self.overloaded) or \
+                self.tracker.lookup_call(call_id, True, cseq_n) is not None:
+            return None  # (a retransmission of an admitted call's INVITE: the full path forwards it)
+        stats.requests[_INVITE * 2 + direction] += 1
+        top = parse_via(via_value)
+        src_ip, src_port = src
+        reply = (src_ip, src_port) if b"rport" in top.params else (src_ip, top.port or 5060)
+        if self.draining:
+            stats.drain_rejected += 1
+        else:
+            stats.overload_rejected += 1
+        resp = head + _stamp_source(via_value, top, reply[0], reply[1]) + tail
+        if len(resp) > len(data):  # (never larger than the request: see _reply)
+            return []
+        return [(resp, reply)]
 
     def _own_branch(self, via_value: bytes) -> bytes | None:
         """The branch of a Via value exactly as this proxy wrote it (``our sent-by;branch=…;rport``),

@@ -12,7 +12,7 @@ py=${1:-python3}; [ $# -gt 0 ] && shift
 case $py in */*) py="$(cd "$(dirname "$py")" && pwd)/$(basename "$py")" ;; esac
 if [ $# -eq 0 ]; then
   set -- tests/test_udppump.py tests/test_otlp_encode.py tests/test_otlpenc_values.py \
-    tests/test_hardening.py tests/test_response_fast.py tests/test_sipscan.py tests/test_sipscan_values.py tests/test_fuzz_live.py \
+    tests/test_hardening.py tests/test_response_fast.py tests/test_refusal_fast.py tests/test_sipscan.py tests/test_sipscan_values.py tests/test_fuzz_live.py \
     tests/test_hep_c.py tests/test_hep.py
 fi
 libasan=$(gcc -print-file-name=libasan.so)

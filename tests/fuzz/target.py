@@ -12,6 +12,7 @@ transaction of the core are reachable without guessing its branch MAC).
             5    the gateway-side peer answers the last request the core sent to it
             6    datagram from a gateway source after a long pause (timers fire first)
             7    datagram from the upstream, then a housekeeping tick
+    op & 8       the edge's overload flag flips first (while on, new INVITEs are refused 503)
     op >> 4 quarter seconds pass before the datagram
 
 Properties (an AssertionError names the one that broke; anything else raised is a finding too):
@@ -109,9 +110,11 @@ class Run:
         self.core = ProxyCore(config, randbits=random.Random(1).getrandbits)
         # as the UDP edge runs it: a response's accounting held back until settle() after the sends
         self.core.defer_bookkeeping = True
-        # the reference: the same core without the response fast path, accounting at once
+        # the reference: the same core without the response and refusal fast paths, accounting
+        # at once
         self.full = ProxyCore(config, randbits=random.Random(1).getrandbits)
         self.full.fast_responses = False
+        self.full.fast_refusals = False
         self.observer = Observer()
         self.now = 1000.0
         self.requesters = {UPSTREAM[0]}  # IPs that sent a request in this run
@@ -136,10 +139,10 @@ class Run:
             self.requesters.add(src[0])
         outs = self.core.receive_datagram(payload, src, self.now)
         assert isinstance(outs, list), f"receive_datagram returned {type(outs)}"
-        assert outs == self.full.receive_datagram(payload, src, self.now), "response fast path changed the output"
+        assert outs == self.full.receive_datagram(payload, src, self.now), "response or refusal fast path changed the output"
         self.core.settle()
         assert counters(self.core) == counters(self.full), \
-            "response fast path or held-back accounting changed the counters"
+            "response or refusal fast path, or held-back accounting, changed the counters"
         assert self.core.stats.internal_errors["datagram"] == 0, \
             f"the core raised and counted it: {self.core.last_internal_error}"
         self.observer.feed(payload, src, ADVERTISE, self.now)
@@ -231,6 +234,8 @@ def run_one(data: bytes) -> None:
             continue
         op, payload = rec[0], rec[1:]
         run.now += (op >> 4) * 0.25
+        if op & 8:  # the edge's overload guard flips: new INVITEs refused (503) from here, or no more
+            run.core.overloaded = run.full.overloaded = not run.core.overloaded
         kind = op & 7
         if kind <= 2:
             run.datagram(payload, GATEWAYS[kind])
