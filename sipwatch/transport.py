@@ -198,7 +198,8 @@ class UdpEdge:
         if guard is None:
             rcvbuf = min(s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) for s in self._socks)
             high = min(HIGH_WATER, rcvbuf * 3 // 8)
-            guard = OverloadGuard(high, high // 2, self.overload_window)
+            # at once halfway from the mark to a full buffer, whatever the window
+            guard = OverloadGuard(high, high // 2, self.overload_window, (high + rcvbuf) // 2)
         self.guard = guard
         self._sample()
 

@@ -33,6 +33,17 @@ def test_guard_sheds_on_a_standing_queue_not_a_burst():
     assert [g.update(q) for q in (5000, 5000, 5000, 800, 99)] == [False, True, True, True, False]
 
 
+def test_guard_sheds_at_once_when_the_buffer_is_about_to_overflow():
+    """Above ``urgent`` the window is not waited for: a queue growing at twice the capacity's
+    rate would overflow the buffer (and the kernel drop datagrams of admitted calls) first."""
+    g = OverloadGuard(high=1000, low=100, window=5, urgent=4000)
+    assert [g.update(q) for q in (2000, 3000, 4000, 4001, 3000, 200, 99)] == \
+        [False, False, False, True, True, True, False]
+    assert g.episodes == 1
+    with pytest.raises(ValueError):
+        OverloadGuard(high=1000, low=100, urgent=1000)
+
+
 def test_overloaded_core_sheds_new_dialogs_only():
     core = make()
     (fwd, _), = forwarded(core.receive_datagram(invite(), GATEWAY, T0))
@@ -58,6 +69,26 @@ def test_overloaded_core_sheds_new_dialogs_only():
     assert [a for _, a in forwarded(core.receive_datagram(bye, GATEWAY, T0 + 0.5))] == [SIGNALING]
     core.overloaded = False
     assert forwarded(core.receive_datagram(invite(call_id=b"new-2"), GATEWAY, T0 + 1))
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_retransmitted_invite_of_an_admitted_call_is_not_refused(fast):
+    """Under overload the 100 Trying can be late, and the caller retransmits its INVITE (Timer A).
+    That call was admitted: a 503 to the retransmission would fail it while the callee may be
+    answering. It goes on as any retransmission; a new INVITE reusing the Call-ID after the call
+    was answered or rejected is new, and refused (the tracker's reading of "the same call")."""
+    core = make()
+    core.fast_refusals = fast
+    first = invite(call_id=b"adm-1", branch=b"z9hG4bK-adm-1")
+    (fwd, _), = forwarded(core.receive_datagram(first, GATEWAY, T0))
+    core.overloaded = True
+    again = forwarded(core.receive_datagram(first, GATEWAY, T0 + 0.5))
+    assert [a for _, a in again] == [SIGNALING] and again[0][0] == fwd
+    assert core.stats.overload_rejected == 0
+    core.receive_datagram(response_to(fwd, 486), SIGNALING, T0 + 0.6)
+    retry = invite(call_id=b"adm-1", branch=b"z9hG4bK-adm-2", cseq=2)
+    out = core.receive_datagram(retry, GATEWAY, T0 + 0.7)
+    assert parse(out[0][0]).status == 503 and out[0][1] == GATEWAY and core.stats.overload_rejected == 1
 
 
 def test_forged_ack_with_a_sw_tag_is_not_swallowed():
