@@ -102,6 +102,25 @@ def test_refused_invite_and_its_ack_take_the_fast_path():
     assert stats.requests[ACK * 2 + FROM_GATEWAY] == 1
 
 
+@pytest.mark.pure_python
+def test_acks_are_looked_for_on_the_fast_path_only_after_a_refusal(monkeypatch):
+    """Scanning every ACK for an "sw" tag cost ~0.7 us in process: the fast path looks for the
+    ACK of a refusal only within 40 s of one (Timer H); later it takes the full path, which
+    absorbs it just the same."""
+    seen = []
+    real = core_module._c_refusal
+    monkeypatch.setattr(core_module, "_c_refusal", lambda *a: seen.append(a[0][:3]) or real(*a))
+    pair = _pair()
+    ack0 = _join(_lines(11, b"ACK", b"sw0123456789ab"))
+    feed(pair, ack0, GATEWAY, 999.0)  # (no refusal yet: not looked at)
+    assert seen == []
+    resp = feed(pair, _join(_lines(11), SDP), GATEWAY, 1000.0)[0][0]
+    ack = _join(_lines(11, b"ACK", _tag(resp)))
+    assert feed(pair, ack, GATEWAY, 1000.1) == [] and seen == [b"INV", b"ACK"]
+    assert feed(pair, ack, GATEWAY, 1041.0) == [] and len(seen) == 2
+    assert pair[0].stats.requests[ACK * 2 + FROM_GATEWAY] == 3
+
+
 def test_order_compact_names_and_a_source_without_rport():
     """The copied lines keep their order and spelling, the Via line is rewritten; no rport: the
     503 goes to the Via's port on the source IP, with received= (the Via names another host)."""
@@ -131,7 +150,7 @@ def test_an_ack_with_a_forged_or_foreign_tag_takes_the_full_path():
     other = _pair()  # another key: its MAC is not ours
     other[0].key = other[1].key = b"o" * 32
     ack = _join(_lines(3, b"ACK", tag))
-    assert other[0]._fast_refusal(ack, GATEWAY) is None and not _fast_taken(other[0], ack)  # (rekeyed first)
+    assert other[0]._fast_refusal(ack, GATEWAY, 1000.2) is None and not _fast_taken(other[0], ack)  # (rekeyed first)
     feed(other, ack, GATEWAY, 1000.2)
 
 
@@ -153,7 +172,7 @@ def test_an_ack_with_a_forged_or_foreign_tag_takes_the_full_path():
 def test_unusual_shapes_are_left_to_the_full_path(edit):
     pair = _pair()
     data = edit(_join(_lines(4), SDP))
-    assert pair[0]._fast_refusal(data, GATEWAY) is None  # (changes nothing: compared below)
+    assert pair[0]._fast_refusal(data, GATEWAY, 1000.0) is None  # (changes nothing: compared below)
     feed(pair, data, GATEWAY, 1000.0)
 
 
@@ -172,7 +191,7 @@ def test_no_refusal_unless_overloaded_or_draining():
     pair = _pair(overloaded=False)
     out = feed(pair, _join(_lines(5), SDP), GATEWAY, 1000.0)
     assert len(out) == 1 and out[0][1] == UPSTREAM  # forwarded
-    assert pair[0]._fast_refusal(_join(_lines(6), SDP), GATEWAY) is None
+    assert pair[0]._fast_refusal(_join(_lines(6), SDP), GATEWAY, 1000.0) is None
 
 
 # -- generated and mutated requests ---------------------------------------------------------------
