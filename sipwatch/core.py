@@ -489,7 +489,7 @@ class ProxyCore:
             if top.port and ip_literal(top.host) == src_ip:
                 self.tcp_alias = (src_ip, top.port)
         # where responses to this request go: the real source (RFC 3261 §18.2.2, RFC 3581)
-        reply = (src_ip, src_port) if b"rport" in top_params else (src_ip, top.port or 5060)
+        reply = _reply_to(top, src)
         from_tag = from_tag_or_none or b""
         has_to_tag = to_tag is not None
         if to_tag is not None:
@@ -502,11 +502,7 @@ class ProxyCore:
             # elsewhere (RFC 3261 §21.5.4) instead of retransmitting into a full queue. A
             # retransmitted INVITE of a call admitted before is not new: it goes on (a 503 to it
             # would fail a call the callee may already be answering)
-            if self.draining:
-                stats.drain_rejected += 1
-            else:
-                stats.overload_rejected += 1
-            self._refusal_acks_until = now + _REFUSAL_ACK_WINDOW
+            self._refused(now)
             return self._local(msg, top, reply, data, 503, b"Service Unavailable", _RETRY_AFTER_LINE)
 
         if mf_i >= 0:
@@ -1046,9 +1042,10 @@ class ProxyCore:
         (``_sipscan.refusal``): past capacity every refused call costs these two messages, and
         the full path parses each into line lists first. None, having changed nothing, for
         anything else (another shape, an ACK whose To tag is not our MAC): the caller then takes
-        the full path. The caller looks for ACKs here only for a while after a refusal (an ACK
-        costs the check otherwise: ~0.7 us in process with every ACK scanned for an "sw" tag). What is done here is what the full path does for such a request, in the
-        same order, so the counters and the bytes sent are the same."""
+        the full path. The caller looks for ACKs here only for a while after a refusal (scanning
+        every ACK for an "sw" tag cost ~0.7 us in process). What is done here is what the full
+        path does for such a request, in the same order, so the counters and the bytes sent are
+        the same."""
         refusal = _c_refusal
         if refusal is None:
             return None
@@ -1070,17 +1067,21 @@ class ProxyCore:
             return None  # (a retransmission of an admitted call's INVITE: the full path forwards it)
         stats.requests[_INVITE * 2 + direction] += 1
         top = parse_via(via_value)
-        src_ip, src_port = src
-        reply = (src_ip, src_port) if b"rport" in top.params else (src_ip, top.port or 5060)
-        if self.draining:
-            stats.drain_rejected += 1
-        else:
-            stats.overload_rejected += 1
-        self._refusal_acks_until = now + _REFUSAL_ACK_WINDOW
+        reply = _reply_to(top, src)
+        self._refused(now)
         resp = head + _stamp_source(via_value, top, reply[0], reply[1]) + tail
         if len(resp) > len(data):  # (never larger than the request: see _reply)
             return []
         return [(resp, reply)]
+
+    def _refused(self, now: float) -> None:
+        """Count a new dialog turned away with 503 (draining or overloaded, on either path), and
+        look for the ACKs of refusals on the fast path for a while."""
+        if self.draining:
+            self.stats.drain_rejected += 1
+        else:
+            self.stats.overload_rejected += 1
+        self._refusal_acks_until = now + _REFUSAL_ACK_WINDOW
 
     def _own_branch(self, via_value: bytes) -> bytes | None:
         """The branch of a Via value exactly as this proxy wrote it (``our sent-by;branch=…;rport``),
@@ -1131,6 +1132,12 @@ def _reply_address(via: Via) -> Addr | None:
             return None
         return ip, int(rport)
     return ip, via.port or 5060
+
+
+def _reply_to(top: Via, src: Addr) -> Addr:
+    """Where responses to a request over UDP go: its real source, at the port its Via names
+    unless it asked for rport (RFC 3261 §18.2.2, RFC 3581)."""
+    return (src[0], src[1]) if b"rport" in top.params else (src[0], top.port or 5060)
 
 
 def _stamp_source(via_value: bytes, via: Via, src_ip: str, src_port: int) -> bytes:
