@@ -533,6 +533,8 @@ class ProxyCore:
         route_tcp = False  # the last of our Route entries removed said transport=tcp
         if route_i >= 0:
             next_route, own_sig, route_tcp = self._pop_own_routes(msg, route_i)
+            if route_i < via_i:  # Route lines above the Via line went: it moved up
+                via_i = msg.index(b"via")
         if from_sig:
             target = next_route if next_route is not None else uri
             try:

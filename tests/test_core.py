@@ -283,6 +283,26 @@ def test_in_dialog_request_from_signaling_follows_route_then_ruri(core):
     assert core.stats.requests[METHOD_INDEX[b"BYE"] * 2 + FROM_SIGNALING] == 1
 
 
+@pytest.mark.parametrize("route", [b"<sip:10.0.0.2:5060;lr>", b"<sip:10.0.0.2:5060;lr>, <sip:10.0.0.2;lr>"])
+def test_our_route_above_the_via_line_is_removed_and_every_other_line_kept(core, route):
+    """Header order is free (RFC 3261 §7.3.1): a Route line of ours above the Via line is removed,
+    and the Via edits still land on the Via line (the line index taken before the removal once
+    overwrote the From line with the Via and sent the request without a From)."""
+    forward_one(core, invite())
+    lines = [b"BYE sip:+15551234567@10.0.0.3:5080 SIP/2.0", b"Route: " + route,
+             b"Via: SIP/2.0/UDP 10.0.0.1:5070;branch=z9hG4bK-gw-bye",
+             b"From: \"Alice\" <sip:+15557654321@10.0.0.1>;tag=from-1",
+             b"To: <sip:+15551234567@10.0.0.3>;tag=uas-1", b"Call-ID: call-1@gw", b"CSeq: 2 BYE",
+             b"Max-Forwards: 70", b"Content-Length: 0"]
+    data, dest = forward_one(core, b"\r\n".join(lines) + b"\r\n\r\n")
+    assert dest == SIGNALING
+    out = parse(data)
+    assert out.get(b"route") is None
+    assert out.lines[0].startswith(b"Via: SIP/2.0/UDP 10.0.0.2:5060;branch=z9hG4bKsw")
+    assert out.lines[1:8] == [lines[2], *lines[3:7], b"Max-Forwards: 69", b"Content-Length: 0"]
+    assert out.names[8:] == [b"traceparent"]
+
+
 def test_compact_headers_and_bare_lf(core):
     req = (b"OPTIONS sip:sig@10.0.0.3 SIP/2.0\n"
            b"v: SIP/2.0/UDP 10.0.0.1:5070;branch=z9hG4bK-c1\n"
