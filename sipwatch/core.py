@@ -492,18 +492,22 @@ class ProxyCore:
         reply = _reply_to(top, src)
         from_tag = from_tag_or_none or b""
         has_to_tag = to_tag is not None
+        refuse_new = False  # a new non-INVITE dialog while shedding: refused unless already forwarded
         if to_tag is not None:
             if is_ack and to_tag.startswith(b"sw") and \
                     hmac.compare_digest(to_tag, self._local_tag(call_id, from_tag)):
                 return []  # the ACK of a non-2xx this proxy answered itself ends here (§17.2.1)
-        elif (self.draining or (self.overloaded and midx != _OPTIONS)) and midx != _ACK and midx != _CANCEL and \
-                (midx != _INVITE or self.tracker.lookup_call(call_id, True, cseq_n) is None):
+        elif (self.draining or (self.overloaded and midx != _OPTIONS)) and midx != _ACK and midx != _CANCEL:
             # shed new dialogs early, before any costly work: 503 makes the gateway retry
             # elsewhere (RFC 3261 §21.5.4) instead of retransmitting into a full queue. A
             # retransmitted INVITE of a call admitted before is not new: it goes on (a 503 to it
-            # would fail a call the callee may already be answering)
-            self._refused(now)
-            return self._local(msg, top, reply, data, 503, b"Service Unavailable", _RETRY_AFTER_LINE)
+            # would fail a call the callee may already be answering). Another request is known
+            # for a retransmission only by its branch, once its next hop is known: see below
+            if midx != _INVITE:
+                refuse_new = True
+            elif self.tracker.lookup_call(call_id, True, cseq_n) is None:
+                self._refused(now)
+                return self._local(msg, top, reply, data, 503, b"Service Unavailable", _RETRY_AFTER_LINE)
 
         if mf_i >= 0:
             if hops < 0:  # (not read yet)
@@ -567,8 +571,18 @@ class ProxyCore:
             self._saw_gateway(src_ip, now)
             out_tcp = self.upstream_tcp
 
-        # trace context: one trace per Call-ID, joined from an incoming traceparent
         tracker = self.tracker
+        branch = b""
+        tx_method = cseq_m if midx == _OTHER else method  # (equal: checked above)
+        if refuse_new:
+            # a retransmission of a request forwarded before the shedding began is answered by
+            # the next hop: a 503 too would give its transaction two final answers
+            branch = loop_branch + self._branch_mac(top, call_id, cseq_s, from_tag, reply, dest[0])
+            if tracker.transactions.get((branch, tx_method)) is None:
+                self._refused(now)
+                return self._local(msg, top, reply, data, 503, b"Service Unavailable", _RETRY_AFTER_LINE)
+
+        # trace context: one trace per Call-ID, joined from an incoming traceparent
         initial_invite = midx == _INVITE and not has_to_tag
         call = tracker.lookup_call(call_id, initial_invite, cseq_n)
         incoming = None
@@ -583,13 +597,13 @@ class ProxyCore:
         if call is None:
             call = self._new_call(msg, call_id, incoming, now, initial_invite, from_val, to_val, src)
 
-        branch = loop_branch + self._branch_mac(
-            top, call_id, cseq_s, from_tag, reply, dest[0])
+        if not branch:
+            branch = loop_branch + self._branch_mac(top, call_id, cseq_s, from_tag, reply, dest[0])
         if is_ack:
             tx = tracker.ack(midx, method, cseq_n, call, now, self._randbits(64) or 1, direction,
                              self._shared(dest))
         else:
-            key = (branch, cseq_m if midx == _OTHER else method)  # (equal: checked above)
+            key = (branch, tx_method)
             held = tracker.transactions.get(key)
             if held is not None:
                 tx = held

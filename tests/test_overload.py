@@ -91,6 +91,26 @@ def test_a_retransmitted_invite_of_an_admitted_call_is_not_refused(fast):
     assert parse(out[0][0]).status == 503 and out[0][1] == GATEWAY and core.stats.overload_rejected == 1
 
 
+@pytest.mark.parametrize("draining", [False, True])
+def test_a_retransmitted_request_of_a_new_non_invite_dialog_is_not_refused(draining):
+    """A MESSAGE (or REGISTER, SUBSCRIBE) forwarded before the shedding began and retransmitted
+    (Timer E) is answered by the next hop: a 503 to the copy would give its transaction a second,
+    contrary final answer. It is known by its branch; a new one (another CSeq) is refused."""
+    core = make()
+    first = invite(call_id=b"msg-1", branch=b"z9hG4bK-msg-1", method=b"MESSAGE", body=b"hi")
+    (fwd, _), = forwarded(core.receive_datagram(first, GATEWAY, T0))
+    core.draining, core.overloaded = draining, not draining
+    again = forwarded(core.receive_datagram(first, GATEWAY, T0 + 0.5))
+    assert [a for _, a in again] == [SIGNALING] and again[0][0] == fwd
+    assert core.stats.request_retransmissions == 1
+    assert core.stats.overload_rejected == core.stats.drain_rejected == 0
+    new = invite(call_id=b"msg-1", branch=b"z9hG4bK-msg-2", method=b"MESSAGE", body=b"hi", cseq=2)
+    out = core.receive_datagram(new, GATEWAY, T0 + 0.6)
+    assert parse(out[0][0]).status == 503 and out[0][1] == GATEWAY
+    assert (core.stats.drain_rejected if draining else core.stats.overload_rejected) == 1
+    assert b"msg-1" in core.tracker.calls and len(core.tracker.calls[b"msg-1"].transactions) <= 1
+
+
 def test_forged_ack_with_a_sw_tag_is_not_swallowed():
     """Only the ACK of our own 503 is absorbed: a To-tag that merely looks like ours passes on."""
     core = make()
