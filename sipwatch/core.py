@@ -501,11 +501,12 @@ class ProxyCore:
             # shed new dialogs early, before any costly work: 503 makes the gateway retry
             # elsewhere (RFC 3261 §21.5.4) instead of retransmitting into a full queue. A
             # retransmitted INVITE of a call admitted before is not new: it goes on (a 503 to it
-            # would fail a call the callee may already be answering). Another request is known
-            # for a retransmission only by its branch, once its next hop is known: see below
-            if midx != _INVITE:
+            # would fail a call the callee may already be answering). Another request with the
+            # Call-ID of a request forwarded before may be its retransmission, known only by its
+            # branch once its next hop is known: see below (others are refused here, at once)
+            if midx != _INVITE and call_id in self.tracker.calls:
                 refuse_new = True
-            elif self.tracker.lookup_call(call_id, True, cseq_n) is None:
+            elif midx != _INVITE or self.tracker.lookup_call(call_id, True, cseq_n) is None:
                 self._refused(now)
                 return self._local(msg, top, reply, data, 503, b"Service Unavailable", _RETRY_AFTER_LINE)
 

@@ -107,8 +107,11 @@ def test_a_retransmitted_request_of_a_new_non_invite_dialog_is_not_refused(drain
     new = invite(call_id=b"msg-1", branch=b"z9hG4bK-msg-2", method=b"MESSAGE", body=b"hi", cseq=2)
     out = core.receive_datagram(new, GATEWAY, T0 + 0.6)
     assert parse(out[0][0]).status == 503 and out[0][1] == GATEWAY
-    assert (core.stats.drain_rejected if draining else core.stats.overload_rejected) == 1
-    assert b"msg-1" in core.tracker.calls and len(core.tracker.calls[b"msg-1"].transactions) <= 1
+    other = invite(call_id=b"msg-2", branch=b"z9hG4bK-msg-3", method=b"MESSAGE", body=b"hi")
+    out = core.receive_datagram(other, GATEWAY, T0 + 0.7)  # (a Call-ID never seen: refused at once)
+    assert parse(out[0][0]).status == 503 and b"msg-2" not in core.tracker.calls
+    assert (core.stats.drain_rejected if draining else core.stats.overload_rejected) == 2
+    assert len(core.tracker.calls[b"msg-1"].transactions) <= 1
 
 
 def test_forged_ack_with_a_sw_tag_is_not_swallowed():
