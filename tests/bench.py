@@ -851,13 +851,15 @@ def section_overload(workdir: Path, keys: list[str], ladder_res: dict, duration:
                          _f(r["offered_cps"], ".0f"), f"{r['completed']}/{r['calls']}", str(r["refused_503"]),
                          _f(r.get("overload_rejected"), ".0f", ""), str(r["failed"]), str(r["retransmissions"]),
                          _f(r["goodput_cps"], ".0f"), _f(100 * r["goodput_fraction"], ".1f"),
-                         _f(r["cpu_pct"]), str(r["proxy_drops"])])
+                         _f(r["cpu_pct"]), str(r["proxy_drops"]), _f(r.get("spans_dropped"), ".0f", "")])
     table(f"overload: offered 1.5x and 2x each target's highest passing rate, {duration:g}-s runs",
           ["target", "offered", "achieved/s", "completed", "503 recv", "503 counted", "failed", "retrans",
-           "goodput/s", "% of best", "CPU %", "proxy drops"], rows,
+           "goodput/s", "% of best", "CPU %", "proxy drops", "spans dropped"], rows,
           "  achieved/s = calls SIPp placed / the time it took to place them (SIPp's own ceiling here is\n"
           "  near 8000/s); goodput = completed calls / max(step length, that time); '503 counted' = the\n"
-          "  sidecar's sip_overload_rejected_total. A 503 without Retry-After counts as a failed call.")
+          "  sidecar's sip_overload_rejected_total. A 503 without Retry-After counts as a failed call.\n"
+          "  spans dropped = the sidecar's sipwatch_spans_dropped_total: spans of admitted calls its span\n"
+          "  pipeline could not take (refused calls make none).")
     return out
 
 

@@ -316,6 +316,7 @@ def test_quick_bench_prints_issue_10_tables_and_json():
     assert result["otlp_collector"]["spans"] > 0 and result["otlp_collector"]["bad_requests"] == 0
     if result["ladder"]["all"]["max_passing_rate"]:
         assert [r["factor"] for r in result["overload"]["all"]] == [1.5, 2.0]
+        assert all("spans_dropped" in r for r in result["overload"]["all"]) and "spans dropped" in text
     assert set(result["loaded_latency"]) == {"relay", "all"}
     assert all(v["through"]["answered"] > 0 for v in result["loaded_latency"].values())
     assert all(len(v["steal_runs_pct"]) == v["runs"] for v in result["loaded_latency"].values())
