@@ -384,8 +384,11 @@ def test_floors_judge_the_all_features_sidecar_against_kamailio():
                                          "via_p50_us": 120.0}},
               "overload": {"all": [{"factor": 1.5, "goodput_fraction": 0.95, "refused_503": 300},
                                    {"factor": 2.0, "goodput_fraction": 0.5, "refused_503": 900,
-                                    "overload_rejected": 900.0}]}}
+                                    "overload_rejected": 900.0, "sipp_drops": 1968}]}}
     fl = bench.floors(result)
+    assert next(f["shown"] for f in fl if f["floor"].startswith("goodput at 2x")) == \
+        "50.0% (900 503s); SIPp's sockets dropped 1968 datagrams"
+    assert next(f["shown"] for f in fl if f["floor"].startswith("goodput at 1.5x")) == "95.0% (300 503s)"
     got = {f["floor"]: f["ok"] for f in fl}
     # the p50 line also says what a call through each one sees (the direct baseline swings)
     assert "+85.0 vs +40.0 µs (+45.0); through p50 +20.0 vs Kamailio's" in \
