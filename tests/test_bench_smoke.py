@@ -622,7 +622,8 @@ def test_pipeline_carries_every_call_through_the_whole_proxy():
     assert r["messages"] == 7 * 100 and 0 < r["counted"] < r["messages"]
     assert r["calls_finished"] == 100 and r["internal_errors"] == 0
     assert r["calls_in_tables"] == 100  # (all within the linger)
-    assert r["cpu_us_per_msg"] > 0
+    # the loop's own work (measured in a second pass) is left out of the figure
+    assert 0 < r["cpu_us_per_msg"] < r["process_us_per_msg"] and r["loop_us_per_msg"] > 0
 
 
 def test_cpu_share_of_a_run_that_overran_its_step_is_over_its_own_length():
