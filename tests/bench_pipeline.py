@@ -12,8 +12,9 @@ The calls follow SIPp's flow in ``bench_micro`` (INVITE, 100, 180, 200, ACK, BYE
 few milliseconds apart as on the loopback, at ``rate`` calls a second. The loop's own work
 (building the messages, the event heap) is measured in a second pass with the proxy left out and
 taken off the figure. (It was the process's CPU less the building alone, timed with
-``process_time`` around each message: those reads cost ~1.2 µs each on this VM and the heap ~0.7
-µs a message, and both stayed in the figure.) The span worker process is started as the proxy starts it; its
+``process_time`` around each message: a system call of ~1.2 µs on this VM, part of which stayed in
+the figure with the heap's ~0.7 µs; in alternating runs the two ways agreed within the noise.)
+The span worker process is started as the proxy starts it; its
 CPU is not in the figure (a process of its own), its hand-off is.
 """
 from __future__ import annotations
