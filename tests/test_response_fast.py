@@ -203,6 +203,28 @@ def test_tcp_request_answered_over_tcp():
     assert len(out) == 1 and pair[0].out_tcp
 
 
+@settings(max_examples=150, deadline=None)
+@given(st.permutations(range(8)), st.booleans())
+def test_any_header_order_loses_only_our_via(order, with_body):
+    """Header order is free (RFC 3261 §7.3.1; only the Vias keep theirs): whatever the order, both
+    paths relay the response as written minus our Via line."""
+    pair = _pair()
+    fwd = _forward(pair, 7, False)
+    lines = _answer_lines(fwd, b"200 OK", 7)
+    vias = [ln for ln in lines[1:] if ln.startswith(b"Via:")]
+    others = [ln for ln in lines[1:] if not ln.startswith(b"Via:")]
+    body = SDP if with_body else b""
+    slots = others + [b"Content-Length: %d" % len(body), b"<vias>"]
+    assert len(slots) == 8  # (Record-Route, From, To, Call-ID, CSeq, Contact, Content-Length, the Vias)
+    head = []
+    for k in order:
+        head.extend(vias if slots[k] == b"<vias>" else [slots[k]])
+    data = b"\r\n".join([lines[0], *head]) + b"\r\n\r\n" + body
+    assert _fast_taken(pair[0], data)
+    out = feed(pair, data, UPSTREAM, 1000.1)
+    assert out == [(data.replace(vias[0] + b"\r\n", b"", 1), GATEWAY)]
+
+
 @pytest.mark.parametrize("edit", [
     lambda d: d.replace(b"Call-ID:", b"Call-ID: dup\r\nCall-ID:"),  # duplicate Call-ID: full path
     lambda d: d.replace(b"CSeq: 1", b"CSeq: 2"),  # not the held transaction: stateless check
