@@ -305,17 +305,18 @@ def test_our_route_above_the_via_line_is_removed_and_every_other_line_kept(core,
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.permutations(range(9)), st.booleans(), st.booleans(), st.booleans(),
-       st.sampled_from([b"INVITE", b"BYE", b"OPTIONS"]))
-def test_every_line_survives_whatever_the_header_order(order, with_route, with_rr, with_mf, method):
+       st.sampled_from([b"INVITE", b"BYE", b"OPTIONS"]), st.booleans())
+def test_every_line_survives_whatever_the_header_order(order, with_route, with_rr, with_mf, method, tcp):
     """Header order is free (RFC 3261 §7.3.1). In any order the forwarded request carries every
     line the proxy does not edit exactly as written and in its order, our Via right above the
     sender's (with Max-Forwards when it was missing and our Record-Route when there was none),
-    Max-Forwards one less, and no Route of ours."""
+    Max-Forwards one less, and no Route of ours; over UDP and over TCP (where the sender's Via
+    gets rport: its responses take the connection, RFC 3261 §18.2.2)."""
     core = ProxyCore(CoreConfig(advertise=SIDECAR, upstream=SIGNALING, timer_b=32.0))
     forward_one(core, invite())  # (the call of the BYE; the gateway seen)
     in_dialog = method == b"BYE"
     route, mf, rr = b"Route: <sip:10.0.0.2:5060;lr>", b"Max-Forwards: 70", b"Record-Route: <sip:10.9.9.9;lr>"
-    sender_via = b"Via: SIP/2.0/UDP 10.0.0.1:5070;branch=z9hG4bK-perm"
+    sender_via = b"Via: SIP/2.0/%s 10.0.0.1:5070;branch=z9hG4bK-perm" % (b"TCP" if tcp else b"UDP")
     headers = [sender_via, b"From: <sip:a@10.0.0.1>;tag=from-1",
                b"To: <sip:b@10.0.0.3>" + (b";tag=uas-1" if in_dialog else b""),
                b"Call-ID: call-1@gw" if in_dialog else b"Call-ID: perm-1", b"CSeq: 2 " + method,
@@ -323,13 +324,14 @@ def test_every_line_survives_whatever_the_header_order(order, with_route, with_r
                route if with_route else b"X-No-Route: 1", rr if with_rr else b"Subject: perm"]
     lines = [headers[i] for i in order]
     start = method + b" sip:b@10.0.0.3:5080 SIP/2.0"
-    out, dest = forward_one(core, b"\r\n".join([start, *lines, b"Content-Length: 0"]) + b"\r\n\r\n")
+    data = b"\r\n".join([start, *lines, b"Content-Length: 0"]) + b"\r\n\r\n"
+    (out, dest), = core.receive_stream(data, GATEWAY, T0) if tcp else core.receive_datagram(data, GATEWAY, T0)
     got = out.split(b"\r\n\r\n")[0].split(b"\r\n")
     assert dest == SIGNALING and got[0] == start
     kept = [ln for ln in lines if ln not in (route, mf, sender_via)] + [b"Content-Length: 0"]
     assert [ln for ln in got if ln in kept] == kept
     assert route not in got and (b"Max-Forwards: 69" in got) == with_mf
-    at = got.index(sender_via)
+    at = got.index(sender_via + (b";rport=5070" if tcp else b""))
     above = [b"Via: SIP/2.0/UDP 10.0.0.2:5060;branch=z9hG4bKsw"] + ([] if with_mf else [mf])
     if method == b"INVITE" and not with_rr:
         above.append(b"Record-Route: <sip:10.0.0.2:5060;lr;sw=")
