@@ -1079,16 +1079,19 @@ def section_sustained(workdir: Path, keys: list[str], rate: int, seconds: float,
             out[key] = r
     table(f"sustained: {rate} calls/s for {seconds:g} s",
           ["target", "completed", "failed", "503 recv", "CPU µs/msg", "user/sys: main", "user/sys: children",
-           "RSS peak MB", "deep GCs", "stopped s", "held", "steal %"],
+           "RSS peak MB", "deep GCs", "stopped s", "spans dropped", "held", "steal %"],
           [[r["target"], f"{r['completed']}/{r['calls']}", str(r["failed"]), str(r["refused_503"]),
             _f(r["cpu_us_per_msg"]), _split_cell(r, "main"), _split_cell(r, "children"),
             _f(r.get("rss_peak_mb"), ".0f"), _f(r.get("gc_deep"), ".0f"),
-            _f(r.get("gc_deep_s"), ".2f"), "yes" if r["held"] else "NO", _f(r.get("steal_pct"), ".2f")]
+            _f(r.get("gc_deep_s"), ".2f"), _f(r.get("spans_dropped"), ".0f", ""), "yes" if r["held"] else "NO",
+            _f(r.get("steal_pct"), ".2f")]
            for r in out.values()],
           "  held = fewer than 0.1% of the calls failed and no call got a 503; 'deep GCs' and 'stopped s' are\n"
           "  the sidecar's sipwatch_gc_deep_collections_total and sipwatch_gc_deep_seconds_total; user/sys: the\n"
           "  CPU µs/msg split by process (main: the proxy, or Kamailio's attendant; children: the span worker,\n"
-          "  Kamailio's workers) and into user and system time; steal: the\n"
+          "  Kamailio's workers) and into user and system time; spans dropped: the sidecar's\n"
+          "  sipwatch_spans_dropped_total (the span worker yields the CPU to everything else: on a saturated\n"
+          "  box spans are what is shed first); steal: the\n"
           f"  host's share of the ticks during the run (above {STEAL_MAX:g}% the CPU ratio is not judged).")
     return out
 

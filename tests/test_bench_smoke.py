@@ -328,7 +328,8 @@ def test_quick_bench_prints_issue_10_tables_and_json():
     assert "samples" in result["profile"] or "skipped" in result["profile"]
     su = result["sustained"]["all"]  # (the relay is not in the sustained run)
     assert set(result["sustained"]) == {"all"} and su["completed"] == su["calls"] == 20
-    assert su["held"] is True and su["gc_deep"] == 0 and su["gc_deep_s"] == 0
+    assert su["held"] is True and su["gc_deep"] == 0 and su["gc_deep_s"] == 0 and su["spans_dropped"] == 0
+    assert "spans dropped" in next(ln for ln in lines if ln.startswith("target") and "deep GCs" in ln)
     split = su["cpu_split_us_per_msg"]  # (proxy and span worker, user and system: the same reads)
     assert set(split) == {"main_user", "main_sys", "children_user", "children_sys"}
     assert min(split.values()) >= 0 and sum(split.values()) == pytest.approx(su["cpu_us_per_msg"])
