@@ -507,8 +507,7 @@ class ProxyCore:
             if midx != _INVITE and call_id in self.tracker.calls:
                 refuse_new = True
             elif midx != _INVITE or self.tracker.lookup_call(call_id, True, cseq_n) is None:
-                self._refused(now)
-                return self._local(msg, top, reply, data, 503, b"Service Unavailable", _RETRY_AFTER_LINE)
+                return self._refuse(msg, top, reply, data, now)
 
         if mf_i >= 0:
             if hops < 0:  # (not read yet)
@@ -573,15 +572,12 @@ class ProxyCore:
             out_tcp = self.upstream_tcp
 
         tracker = self.tracker
-        branch = b""
+        branch = loop_branch + self._branch_mac(top, call_id, cseq_s, from_tag, reply, dest[0])
         tx_method = cseq_m if midx == _OTHER else method  # (equal: checked above)
-        if refuse_new:
-            # a retransmission of a request forwarded before the shedding began is answered by
-            # the next hop: a 503 too would give its transaction two final answers
-            branch = loop_branch + self._branch_mac(top, call_id, cseq_s, from_tag, reply, dest[0])
-            if tracker.transactions.get((branch, tx_method)) is None:
-                self._refused(now)
-                return self._local(msg, top, reply, data, 503, b"Service Unavailable", _RETRY_AFTER_LINE)
+        if refuse_new and tracker.transactions.get((branch, tx_method)) is None:
+            # (a retransmission of a request forwarded before the shedding began is answered by
+            # the next hop: a 503 too would give its transaction two final answers)
+            return self._refuse(msg, top, reply, data, now)
 
         # trace context: one trace per Call-ID, joined from an incoming traceparent
         initial_invite = midx == _INVITE and not has_to_tag
@@ -598,8 +594,6 @@ class ProxyCore:
         if call is None:
             call = self._new_call(msg, call_id, incoming, now, initial_invite, from_val, to_val, src)
 
-        if not branch:
-            branch = loop_branch + self._branch_mac(top, call_id, cseq_s, from_tag, reply, dest[0])
         if is_ack:
             tx = tracker.ack(midx, method, cseq_n, call, now, self._randbits(64) or 1, direction,
                              self._shared(dest))
@@ -1090,6 +1084,11 @@ class ProxyCore:
         if len(resp) > len(data):  # (never larger than the request: see _reply)
             return []
         return [(resp, reply)]
+
+    def _refuse(self, msg: SipMessage, top: Via, reply: Addr, data: bytes, now: float) -> list[tuple[bytes, Addr]]:
+        """A new dialog turned away while draining or overloaded: 503 + Retry-After, counted."""
+        self._refused(now)
+        return self._local(msg, top, reply, data, 503, b"Service Unavailable", _RETRY_AFTER_LINE)
 
     def _refused(self, now: float) -> None:
         """Count a new dialog turned away with 503 (draining or overloaded, on either path), and
