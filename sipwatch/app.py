@@ -25,10 +25,10 @@ from collections import deque
 
 from .config import ProxySettings
 from .gcpolicy import GcPolicy
-from .handoff import let_go_all, summarize_all, take_slice
+from .handoff import let_go_all, summarize_all, summary_tuples, take_slice
 from .hep_sender import sender_for_proxy, summary_record
 from .core import CoreConfig, ProxyCore
-from .logs import ErrorReporter, JsonLog
+from .logs import ErrorReporter, JsonLog, interleaves
 from .masking import CallIdMasker
 from .metrics import Metrics, serve_metrics
 from .state import EXPIRE_STEP
@@ -73,8 +73,11 @@ def make_span_pipeline(settings: ProxySettings, stats: Stats, log: JsonLog, call
     except ImportError:
         return None
     kw = {}
-    if "call_id_mask" in inspect.signature(SpanPipeline.for_proxy).parameters:
+    params = inspect.signature(SpanPipeline.for_proxy).parameters
+    if "call_id_mask" in params:
         kw["call_id_mask"] = call_id_mask
+    if "log" in params:
+        kw["log"] = log
     return SpanPipeline.for_proxy(settings, stats, **kw)
 
 
@@ -92,6 +95,12 @@ class ProxyApp:
         self.log.on_error = self.errors.report
         ratio = settings.sample_ratio if settings.sample_ratio is not None else 1.0
         self.spans = make_span_pipeline(settings, self.stats, self.log, self.call_id_mask)
+        # the span worker process writes the call summaries (their fields, masking and JSON off
+        # the loop); the proxy's own lines then go out in writes a pipe keeps whole
+        self._worker_summaries = bool(getattr(self.spans, "summaries", False))
+        if self._worker_summaries:
+            self.log.atomic_lines = interleaves(self.log.stream)
+        self._worker_log_errors = 0  # the worker's summaries that failed, counted so far
         if self.spans is not None and settings.sample_ratio is None:
             ratio = getattr(self.spans, "sample_ratio", ratio)
         self.core = ProxyCore(CoreConfig(
@@ -216,6 +225,8 @@ class ProxyApp:
                 self.hep.flush()
             except Exception as exc:  # noqa: BLE001
                 report("send", exc)
+        if self._worker_summaries:
+            self._lost_summaries()
         self.log.deferred = False
         try:
             self.log.flush()  # the tick's lines in one write
@@ -243,7 +254,13 @@ class ProxyApp:
         if not backlog:
             return
         chunk, calls = take_slice(backlog, everything, CALLS_PER_SLICE, RECORDS_PER_SLICE, report)
-        summarize_all(calls, self.log.call_summary, self._summary_failed)
+        if self._worker_summaries:
+            try:
+                self.spans.submit_summaries(summary_tuples(calls, self._summary_failed))
+            except Exception as exc:  # noqa: BLE001
+                report("log", exc)
+        else:
+            summarize_all(calls, self.log.call_summary, self._summary_failed)
         if self.hep is not None and self.settings.hep_log:
             hep = self.hep
             for obj in calls:
@@ -349,21 +366,26 @@ class ProxyApp:
                 self.errors.report("log", exc)
 
     def _summary_failed(self, call, exc: Exception) -> None:
-        """A call summary that could not be written: counted, and the minimal line instead."""
-        self.errors.report("log", exc)
-        self._minimal_summary(call, exc)
+        """A call summary that could not be written: counted, and the minimal line instead
+        (the call still gets its one summary line, so counts from logs stay right)."""
+        self.log.minimal_summary(call, exc)
 
-    def _minimal_summary(self, call, exc: Exception) -> None:
-        """The call still gets its one summary line (counts from logs stay right), with what
-        could be read of it."""
+    def _lost_summaries(self) -> None:
+        """The summaries the span worker will not write (it died, or stayed too far behind),
+        written here; and the worker's failed summaries counted."""
+        sp = self.spans
         try:
-            trace = getattr(call, "trace_id", None)
-            self.log.emit("info", "call finished", "call_summary",
-                          call_sid=self.call_id_mask(call.call_id) if isinstance(call.call_id, bytes) else None,
-                          trace_id="%032x" % trace if isinstance(trace, int) and 0 <= trace < 1 << 128 else None,
-                          summary_error=type(exc).__name__)
-        except Exception:  # noqa: BLE001
-            pass
+            for t in sp.take_lost_summaries():
+                try:
+                    self.log.call_summary_of(t)
+                except Exception as exc:  # noqa: BLE001
+                    self.log.minimal_summary(t, exc)
+            failed = sp.log_errors
+            if failed != self._worker_log_errors:
+                self.stats.internal_errors["log"] += failed - self._worker_log_errors
+                self._worker_log_errors = failed
+        except Exception as exc:  # noqa: BLE001
+            self.errors.report("log", exc)
 
     def _state_size(self) -> int:
         """Calls and transactions in the tables: the live state whose growth explains the
@@ -562,6 +584,8 @@ class ProxyApp:
             except Exception as exc:  # noqa: BLE001
                 self.errors.report("spans", exc)
             self._span_health()
+            if self._worker_summaries:
+                self._lost_summaries()
         s = self.stats
         hep = {} if self.hep is None else {"hep_sent": self.hep.sent,
                                            "hep_dropped": sum(self.hep.dropped.values())}

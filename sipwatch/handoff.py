@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from .otlp_encode import call_tuple, tx_tuple
 from .state import Call, Transaction
+from .summary import summary_tuple
 
 
 def native_tx_tuple(tx: Transaction) -> tuple:
@@ -71,6 +72,18 @@ def summarize_all(calls: list, summarize, failed) -> None:
             summarize(obj)
         except Exception as exc:  # noqa: BLE001
             failed(obj, exc)
+
+
+def summary_tuples(calls: list, failed) -> list:
+    """:func:`~sipwatch.summary.summary_tuple` of each call, in order; a failure goes to
+    ``failed(call, exc)`` and the rest go on."""
+    out: list = []
+    for obj in calls:
+        try:
+            out.append(summary_tuple(obj))
+        except Exception as exc:  # noqa: BLE001
+            failed(obj, exc)
+    return out
 
 
 def span_tuples(records, own_decision: bool, ratio, by_ratio) -> list:
@@ -155,4 +168,4 @@ def let_go_all(calls, on_error) -> None:
             on_error("tick", exc)
 
 
-__all__ = ["take_slice", "summarize_all", "span_tuples", "call_figures", "let_go_all", "native_tx_tuple", "native_call_tuple"]
+__all__ = ["take_slice", "summarize_all", "summary_tuples", "span_tuples", "call_figures", "let_go_all", "native_tx_tuple", "native_call_tuple"]

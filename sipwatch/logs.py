@@ -32,7 +32,8 @@ import orjson
 
 from .masking import mask_uri
 from .stats import METHODS
-from .summary import add_summary_fields, call_sid_of, call_summary_fields, leg_fields  # noqa: F401 (re-exported)
+from .summary import (S_CALL_ID, S_END, S_TRACE_ID, add_summary_fields, call_sid_of,  # noqa: F401 (re-exported)
+                      call_summary_fields, leg_fields, summary_fields_of, summary_tuple)
 
 LEVELS = ("debug", "info", "warning", "error")
 _MAX_DEPTH = 32  # deeper structures are cut (a record is built by us, but from peer input)
@@ -270,6 +271,17 @@ class NonBlockingWriter:
             self._sock = None
 
 
+def interleaves(stream) -> bool:
+    """Whether writes of two processes to ``stream`` can interleave within a write: a pipe or a
+    socket (past PIPE_BUF bytes), not a regular file (Linux serialises writes through one open
+    file), a terminal or ``/dev/null``."""
+    try:
+        mode = os.fstat(stream.fileno()).st_mode
+    except (AttributeError, OSError, ValueError):
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+
+
 def stdout_writer(stream, max_pending: int = 8 << 20):
     """The writer for the proxy's log lines on ``stream`` (stdout), by what it is connected to.
 
@@ -321,6 +333,10 @@ class JsonLog:
         # proxy flushes at the end of every housekeeping tick and after the last slice of its
         # backlog); else each line is written at once, with the lines still held before it
         self.deferred = False
+        # atomic_lines: each write whole lines of at most PIPE_BUF bytes (a longer line alone),
+        # for a pipe or socket shared with another process (the span worker writes the call
+        # summaries): a pipe never interleaves writes that size
+        self.atomic_lines = False
         self._pending: list[bytes] = []
         # background: lines go to the stream without blocking the caller (the proxy: see
         # stdout_writer); None when the stream cannot stall (a file) or background is off
@@ -373,6 +389,10 @@ class JsonLog:
             return
         self._pending = []
         n = len(pending)
+        if self.atomic_lines and n > 1 and sum(map(len, pending)) + n > _PIPE_BUF:
+            for chunk, lines in _line_chunks(pending, _PIPE_BUF):
+                self._write(chunk, lines)
+            return
         pending.append(b"")
         self._write(b"\n".join(pending), n)
 
@@ -405,25 +425,81 @@ class JsonLog:
     def error(self, message: str, event: str, **fields) -> None:
         self.emit("error", message, event, **fields)
 
+    def minimal_summary(self, summary, exc: BaseException) -> None:
+        """The line of a call whose summary could not be built: its Call-ID and trace id as far as
+        they can be read from ``summary`` (a call, or its summary tuple), and the error's type
+        (counts of calls from the logs stay right). Never raises."""
+        try:
+            if isinstance(summary, tuple):
+                cid = summary[S_CALL_ID] if len(summary) > S_CALL_ID else None
+                trace = summary[S_TRACE_ID] if len(summary) > S_TRACE_ID else None
+            else:
+                cid = getattr(summary, "call_id", None)
+                trace = getattr(summary, "trace_id", None)
+            mask = self.call_id_mask
+            sid = None
+            if isinstance(cid, bytes):
+                sid = mask(cid) if mask is not None else cid.decode("utf-8", "replace")
+            self.emit("info", "call finished", "call_summary", call_sid=sid,
+                      trace_id="%032x" % trace if isinstance(trace, int) and 0 <= trace < 1 << 128 else None,
+                      summary_error=type(exc).__name__)
+        except Exception:  # noqa: BLE001
+            pass
+        if self.on_error is not None:
+            try:
+                self.on_error("log", exc)
+            except Exception:  # noqa: BLE001
+                pass
+
     def call_summary(self, call, rtp: list[dict] | None = None) -> None:
         """The one record per finished call: setup, outcome, duration, retransmissions, RTTs
-        (and, where media was seen, one entry per RTP stream).
+        (and, where media was seen, one entry per RTP stream)."""
+        if self.min_level > _INFO:
+            return
+        self.call_summary_of(summary_tuple(call), rtp)
+
+    def call_summary_of(self, t: tuple, rtp: list[dict] | None = None) -> None:
+        """:meth:`call_summary` of a call's :func:`~sipwatch.summary.summary_tuple` (how the
+        proxy's span worker writes the lines the proxy hands it).
 
         The record is built in its final order in one dict (what ``emit`` would make of
         :func:`call_summary_fields`: its own fields first, then the summary's); the timestamp,
         the call's end, is filled in last."""
-        mask = self.call_id_mask
-        rec = {"timestamp": "", "log_level": "info", "service_name": self.service_name,
-               "call_sid": call_sid_of(call, mask), "trace_id": "%032x" % call.trace_id,
-               "message": "call finished", "event": "call_summary"}
-        add_summary_fields(rec, call, self.mask_mode, rtp, mask)
         if self.min_level > _INFO:
             return
-        rec["timestamp"] = _stamp(self.clock, call.t_end)
+        mask = self.call_id_mask
+        cid = t[S_CALL_ID]
+        rec = {"timestamp": "", "log_level": "info", "service_name": self.service_name,
+               "call_sid": mask(cid) if mask is not None else cid.decode("utf-8", "replace"),
+               "trace_id": "%032x" % t[S_TRACE_ID], "message": "call finished", "event": "call_summary"}
+        summary_fields_of(rec, t, self.mask_mode, mask)
+        if rtp is not None:
+            rec["rtp"] = rtp
+        rec["timestamp"] = _stamp(self.clock, t[S_END])
         self._write_record(rec)
 
 
 _INFO = LEVELS.index("info")
+_PIPE_BUF = 4096  # POSIX: a pipe write of at most this many bytes is never interleaved with another
+
+
+def _line_chunks(lines: list, limit: int):
+    """(bytes, line count) of consecutive ``lines``, each newline-terminated, each chunk at most
+    ``limit`` bytes unless a single line is longer."""
+    chunk: list = []
+    size = 0
+    for line in lines:
+        k = len(line) + 1
+        if chunk and size + k > limit:
+            chunk.append(b"")
+            yield b"\n".join(chunk), len(chunk) - 1
+            chunk, size = [], 0
+        chunk.append(line)
+        size += k
+    if chunk:
+        n = len(chunk)
+        chunk.append(b"")
+        yield b"\n".join(chunk), n
 _UTC = timezone.utc
 _STAMP_MAX = 253402300799  # 9999-12-31T23:59:59: later seconds are not RFC 3339 years
 _DIGITS3: Final = tuple("%03d" % i for i in range(1000))  # microseconds in two halves of 3 digits

@@ -87,31 +87,59 @@ def call_sid_of(call, call_id_mask=None) -> str:
 def add_summary_fields(out: dict, call, mask_mode: str = "partial", rtp: list[dict] | None = None,
                        call_id_mask=None) -> dict:
     """The summary's fields from ``outcome`` on, added to ``out`` (in their order) and returned:
-    the log line builds its record in place, with no second dict to copy them from.
-
-    A :class:`~sipwatch.state.Call` (the proxy's, the capture's) is read field by field from its
-    struct under mypyc; any other object with the same attributes through ``getattr``."""
-    if isinstance(call, Call):
-        txs = [_tx_fields(tx.method, tx.cseq, tx.status, tx.t_sent, tx.t_first, tx.t_final, tx.retrans,
-                          tx.timed_out, tx.peer) for tx in call.transactions]
-        _call_fields(out, call.outcome, call.status, call.t_start, call.t_setup, call.t_answer, call.t_end,
-                     call.retrans, call.from_uri, call.to_uri, call.ruri, call.ended_by, txs, mask_mode)
-        group = call.group
-    else:
-        txs = [_tx_fields(tx.method, tx.cseq, tx.status, tx.t_sent, tx.t_first, tx.t_final, tx.retrans,
-                          tx.timed_out, getattr(tx, "peer", None)) for tx in call.transactions]
-        _call_fields(out, call.outcome, call.status, call.t_start, call.t_setup, call.t_answer, call.t_end,
-                     call.retrans, call.from_uri, call.to_uri, call.ruri, getattr(call, "ended_by", None), txs,
-                     mask_mode)
-        group = getattr(call, "group", None)
-    if group is not None:
-        out.update(leg_fields(call, group, call_id_mask))
+    the log line builds its record in place, with no second dict to copy them from. The same
+    fields as :func:`summary_fields_of` makes of :func:`summary_tuple`, which is how they are
+    made here: one path for the proxy's log, its span worker and the capture."""
+    summary_fields_of(out, summary_tuple(call), mask_mode, call_id_mask)
     if rtp is not None:
         out["rtp"] = rtp
     return out
 
 
-def _tx_fields(method, cseq, status, sent, first, final, retrans, timed_out, peer) -> dict:
+# A finished call's summary as plain values (what the proxy hands its span worker, which writes
+# the line there): the fields below in this order, ``txs`` a list of (method, cseq, status,
+# t_sent, t_first, t_final, retransmissions, timed_out, transport), ``legs`` None or (the
+# group's Call-IDs as known now, leg, joined_by, gap_start).
+S_CALL_ID, S_TRACE_ID, S_END = 0, 1, 2
+
+
+def summary_tuple(call) -> tuple:
+    """The summary of ``call`` as plain values (marshal can carry them; see above).
+
+    A :class:`~sipwatch.state.Call` (the proxy's, the capture's) is read field by field from
+    its struct under mypyc; any other object with the same attributes through ``getattr``."""
+    if isinstance(call, Call):
+        txs = [(tx.method, tx.cseq, tx.status, tx.t_sent, tx.t_first, tx.t_final, tx.retrans, tx.timed_out,
+                _transport(tx.peer)) for tx in call.transactions]
+        group = call.group
+        legs = None if group is None else (list(group.call_ids), call.leg, call.joined_by, call.gap_start)
+        return (call.call_id, call.trace_id, call.t_end, call.outcome, call.status, call.t_start, call.t_setup,
+                call.t_answer, call.retrans, call.from_uri, call.to_uri, call.ruri, call.ended_by, txs, legs)
+    txs = [(tx.method, tx.cseq, tx.status, tx.t_sent, tx.t_first, tx.t_final, tx.retrans, tx.timed_out,
+            _transport(getattr(tx, "peer", None))) for tx in call.transactions]
+    group = getattr(call, "group", None)
+    legs = None if group is None else (list(group.call_ids), call.leg, call.joined_by, call.gap_start)
+    return (call.call_id, call.trace_id, call.t_end, call.outcome, call.status, call.t_start, call.t_setup,
+            call.t_answer, call.retrans, call.from_uri, call.to_uri, call.ruri, getattr(call, "ended_by", None),
+            txs, legs)
+
+
+def _transport(peer) -> str:
+    """network.transport of a hop: "tcp" is recorded in its peer, UDP else."""
+    return peer[2] if isinstance(peer, tuple) and len(peer) > 2 else "udp"
+
+
+def summary_fields_of(out: dict, t: tuple, mask_mode: str = "partial", call_id_mask=None) -> dict:
+    """:func:`add_summary_fields` from a :func:`summary_tuple` (the span worker's way)."""
+    txs = [_tx_fields(x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7], x[8]) for x in t[13]]
+    _call_fields(out, t[3], t[4], t[5], t[6], t[7], t[2], t[8], t[9], t[10], t[11], t[12], txs, mask_mode)
+    legs = t[14]
+    if legs is not None:
+        out.update(_leg_fields(legs[0], legs[1], legs[2], legs[3], t[5], call_id_mask))
+    return out
+
+
+def _tx_fields(method, cseq, status, sent, first, final, retrans, timed_out, transport) -> dict:
     """One entry of a summary's ``transactions``."""
     name = _METHOD_TEXT.get(method) if type(method) is bytes else None
     return {
@@ -122,8 +150,7 @@ def _tx_fields(method, cseq, status, sent, first, final, retrans, timed_out, pee
         "final_ms": _ms(sent, final) if first is not None else None,
         "retransmissions": retrans,
         "timed_out": timed_out,
-        # network.transport of the hop: "tcp" is recorded in its peer, UDP else
-        "transport": peer[2] if isinstance(peer, tuple) and len(peer) > 2 else "udp",
+        "transport": transport,
     }
 
 
@@ -149,15 +176,19 @@ def leg_fields(call, group, call_id_mask=None) -> dict:
     first, as known when this summary was written), ``leg`` (this one's place, 1-based); a leg
     that joined also says by which header and how long the B2BUA took to place it
     (``b2bua_leg_setup_ms``: the named leg's INVITE to this leg's INVITE)."""
+    return _leg_fields(list(group.call_ids), call.leg, call.joined_by, call.gap_start, call.t_start, call_id_mask)
+
+
+def _leg_fields(ids: list, leg, joined_by, gap_start, t_start, call_id_mask) -> dict:
     def show(cid: bytes):
         return call_id_mask(cid) if call_id_mask is not None else cid.decode("utf-8", "replace")
 
-    ids = list(group.call_ids)
-    out = {"correlation_id": show(ids[0]), "legs": [show(c) for c in ids], "leg": call.leg}
-    if call.joined_by:
-        out["correlated_by"] = call.joined_by
-        out["b2bua_leg_setup_ms"] = _ms(call.gap_start, call.t_start)
+    out = {"correlation_id": show(ids[0]), "legs": [show(c) for c in ids], "leg": leg}
+    if joined_by:
+        out["correlated_by"] = joined_by
+        out["b2bua_leg_setup_ms"] = _ms(gap_start, t_start)
     return out
 
 
-__all__ = ["call_summary_fields", "add_summary_fields", "call_sid_of", "leg_fields"]
+__all__ = ["call_summary_fields", "add_summary_fields", "call_sid_of", "leg_fields", "summary_tuple",
+           "summary_fields_of"]

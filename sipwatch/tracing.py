@@ -530,12 +530,14 @@ class SpanPipeline:
         self._thread.start()
 
     @classmethod
-    def for_proxy(cls, settings, stats, env=None, call_id_mask=None):
+    def for_proxy(cls, settings, stats, env=None, call_id_mask=None, log=None):
         """The proxy's pipeline, or a no-export stand-in (sampler only) with no endpoint/file.
-        ``call_id_mask`` turns a Call-ID into what ``sip.call_id`` shows (as the logs do)."""
+        ``call_id_mask`` turns a Call-ID into what ``sip.call_id`` shows (as the logs do);
+        ``log`` (a :class:`~sipwatch.logs.JsonLog` on a real file or pipe): the worker process
+        writes its call summaries."""
         return cls.configured("proxy", stats, settings.otlp_endpoint, settings.otlp_protocol,
                               settings.spans_file, settings.service_name, settings.mask_numbers,
-                              settings.sample_ratio, env, call_id_mask=call_id_mask, worker=True)
+                              settings.sample_ratio, env, call_id_mask=call_id_mask, worker=True, log=log)
 
     @classmethod
     def for_capture(cls, role, stats, endpoint=None, protocol=None, spans_file=None,
@@ -550,7 +552,7 @@ class SpanPipeline:
 
     @classmethod
     def configured(cls, role, stats, endpoint, protocol, spans_file, service_name, mask_mode,
-                   sample_ratio=None, env=None, call_id_mask=None, worker=False, **kw):
+                   sample_ratio=None, env=None, call_id_mask=None, worker=False, log=None, **kw):
         """``worker``: encode and export in a child process (:mod:`sipwatch.span_worker`), the
         proxy's choice; else in a thread of this process (capture, analyze, tests)."""
         env = os.environ if env is None else env
@@ -564,7 +566,7 @@ class SpanPipeline:
         resource = make_resource(service_name, role, env)
         if worker:
             p = _worker_pipeline(stats, resource, mask_mode, call_id_mask, endpoint, protocol, spans_file, env,
-                                 ratio, parent_based)
+                                 ratio, parent_based, log)
             if p is not None:
                 return p
         encoder = SpanEncoder(resource.attributes, __version__, mask_mode, call_id_mask, resource.schema_url)
@@ -764,7 +766,7 @@ class SpanPipeline:
 
 
 def _worker_pipeline(stats, resource, mask_mode, call_id_mask, endpoint, protocol, spans_file, env, ratio,
-                     parent_based):
+                     parent_based, log=None):
     """The proxy's span worker process, or None (then the thread pipeline) when it cannot start."""
     import pickle
 
@@ -773,14 +775,32 @@ def _worker_pipeline(stats, resource, mask_mode, call_id_mask, endpoint, protoco
               "version": __version__, "mask_mode": mask_mode, "call_id_mask": call_id_mask,
               "endpoint": endpoint, "protocol": protocol, "spans_file": spans_file,
               "env": {k: v for k, v in env.items() if k.startswith("OTEL_EXPORTER_OTLP_")}}
+    log_fd = _summary_fd(log)
+    if log_fd is not None:
+        from .logs import LEVELS
+        config["log"] = {"service_name": log.service_name, "mask_mode": log.mask_mode,
+                         "level": LEVELS[log.min_level], "call_id_mask": log.call_id_mask}
     try:
         pickle.dumps(config)
-        p = WorkerPipeline(stats, config, ratio, parent_based)
+        p = WorkerPipeline(stats, config, ratio, parent_based, log_fd=log_fd)
     except Exception as exc:  # noqa: BLE001 - e.g. no fork allowed, an unpicklable masker
         sys.stderr.write(f"sipwatch: span worker process not started ({exc}); exporting from a thread\n")
         return None
     p.resource = resource
     return p
+
+
+def _summary_fd(log) -> int | None:
+    """The descriptor of ``log``'s stream when the span worker can write the call summaries
+    there too: a real file, pipe or socket, and summaries logged at all (level info or lower)."""
+    if log is None or getattr(log, "min_level", 99) > 1:
+        return None
+    try:
+        fd = log.stream.fileno()
+        os.fstat(fd)
+    except (AttributeError, OSError, ValueError):
+        return None
+    return fd
 
 
 class NoExport:

@@ -126,10 +126,14 @@ def test_a_regular_file_is_written_directly(tmp_path):
 
 @pytest.mark.sipp
 @pytest.mark.skipif(not HAVE_SIPP, reason="needs SIPp (Debian sip-tester)")
-def test_calls_pass_while_nobody_reads_the_sidecars_stdout(tmp_path):
+@pytest.mark.parametrize("spans", [False, True], ids=["proxy-writes", "worker-writes"])
+def test_calls_pass_while_nobody_reads_the_sidecars_stdout(tmp_path, spans):
+    """With spans on, the span worker writes the call summaries: it blocks on the full pipe
+    (the loop never does), and its lines come out once the pipe is read again."""
     n = 200  # ~200 KB of call summaries against a 64 KB pipe
     uas_port = free_port()
-    sc = Sidecar(tmp_path, uas_port, pipe_stdout=True)
+    extra = ("--spans-file", str(tmp_path / "spans.jsonl")) if spans else ()
+    sc = Sidecar(tmp_path, uas_port, *extra, pipe_stdout=True)
     with sc:
         uac_rc, uas_rc, uac, uas = run_call_pair(tmp_path, "uac_call", "uas_call", sc.port, uas_port, n,
                                                  rate=100)
@@ -140,3 +144,4 @@ def test_calls_pass_while_nobody_reads_the_sidecars_stdout(tmp_path):
         assert metric(gw, "sipwatch_log_lines_dropped_total") == 0  # 8 MB of room: all queued
     summaries = [orjson.loads(x) for x in sc.stdout_bytes.splitlines() if b'"call_summary"' in x]
     assert len(summaries) == n  # every line the pipe could not take at the time came out later
+    assert len({s["call_sid"] for s in summaries}) == n

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+from harness import HAVE_SIPP, Sidecar, free_port, metric, run_call_pair
 from otlp_receiver import OtlpReceiver, decode
 from test_otlp_encode import key, proxy_records, reference, worker_pipeline
 
@@ -122,3 +124,216 @@ def test_a_frame_larger_than_the_read_buffer_is_read_whole(tmp_path):
     _, ref = reference(spans_of(recs), SpanBuilder(p.resource))
     assert sorted(got, key=key) == sorted(decode(ref) * 2, key=key)
     assert stats.spans_exported == 2 * len(tuples) and p.failures == 1 and stats.spans_dropped == 1
+
+
+# -- call summaries written by the worker ------------------------------------------------------
+def summary_pipeline(stats, tmp_path, log, cid=None):
+    from sipwatch.span_worker import WorkerPipeline
+    from sipwatch.tracing import SpanPipeline
+    p = SpanPipeline.configured("proxy", stats, None, None, str(tmp_path / "spans.jsonl"), "sw-unit", "partial",
+                                None, {}, call_id_mask=cid, worker=True, log=log)
+    assert isinstance(p, WorkerPipeline) and p.summaries
+    return p
+
+
+def calls_of(recs):
+    return [o for k, o in recs if k == "call" and o.is_call]
+
+
+def reference_lines(calls, cid) -> list[bytes]:
+    """The lines the proxy's own log writes for ``calls`` (its in-process path)."""
+    import io
+
+    from sipwatch.logs import JsonLog
+    out = io.BytesIO()
+    log = JsonLog("sw-unit", stream=out, mask_mode="partial", call_id_mask=cid)
+    for c in calls:
+        log.call_summary(c)
+    return out.getvalue().splitlines()
+
+
+def read_all(fd) -> bytes:
+    chunks = []
+    while True:
+        b = os.read(fd, 1 << 16)
+        if not b:
+            return b"".join(chunks)
+        chunks.append(b)
+
+
+def test_the_worker_writes_the_call_summaries_the_proxy_would(tmp_path):
+    """Summaries handed over as tuples come out on the proxy's stdout (a pipe here, as under a
+    container runtime) as the very lines the proxy's own log writes, masks included, in order;
+    the worker reports the last one written, so the proxy holds none back."""
+    from sipwatch.handoff import summary_tuples
+    from sipwatch.logs import JsonLog
+    from sipwatch.masking import CallIdMasker
+    recs = proxy_records()
+    calls = calls_of(recs)
+    cid = CallIdMasker("digits", b"k")
+    r, w = os.pipe()
+    log = JsonLog("sw-unit", stream=open(w, "wb"), mask_mode="partial", call_id_mask=cid)
+    stats = Stats(ring_size=16)
+    p = summary_pipeline(stats, tmp_path, log, cid)
+    log.stream.close()  # the worker holds its own duplicate
+    for i in range(0, len(calls), 2):
+        p.submit_summaries(summary_tuples(calls[i:i + 2], None))
+    p.submit(recs)
+    p.shutdown(10)
+    got = read_all(r).splitlines()
+    assert got == reference_lines(calls, cid) and len(got) == len(calls) > 5
+    assert p.take_lost_summaries() == [] and not p._unwritten and p.log_errors == 0
+
+
+def test_summaries_the_worker_cannot_write_come_back_to_the_proxy(tmp_path):
+    """Held when the worker dies, submitted after it died or after the shutdown: every summary
+    comes back, once, in order, for the proxy to write itself."""
+    import io
+
+    from sipwatch.handoff import summary_tuples
+    from sipwatch.logs import JsonLog
+    calls = calls_of(proxy_records())
+    r, w = os.pipe()
+    log = JsonLog("sw-unit", stream=open(w, "wb"))
+    p = summary_pipeline(Stats(ring_size=16), tmp_path, log)
+    log.stream.close()
+    first = summary_tuples(calls[:3], None)
+    p.submit_summaries(first)  # held for the next frame
+    p.proc.kill()
+    p.proc.wait()
+    assert p.failures == 1  # (polls: the worker is seen gone)
+    later = summary_tuples(calls[3:], None)
+    p.submit_summaries(later)
+    back = p.take_lost_summaries()
+    assert back == first + later
+    p.shutdown(1)
+    p.submit_summaries(first)
+    assert p.take_lost_summaries() == first
+    assert read_all(r) == b""  # the worker wrote none of them
+    out = io.BytesIO()
+    JsonLog("sw-unit", stream=out).call_summary_of(back[0])
+    assert out.getvalue().splitlines() == reference_lines(calls[:1], None)
+
+
+def test_summaries_past_the_bound_come_back_and_the_rest_are_written_once(tmp_path):
+    """A stopped worker (its pipe full, more waiting than the bound allows): what cannot wait
+    comes back to the proxy; the rest the worker writes once it runs again. Every call has its
+    summary exactly once between the two."""
+    import signal
+    import threading
+
+    from sipwatch.handoff import summary_tuples
+    from sipwatch.logs import JsonLog
+    calls = calls_of(proxy_records())
+    r, w = os.pipe()
+    log = JsonLog("sw-unit", stream=open(w, "wb"))
+    p = summary_pipeline(Stats(ring_size=16), tmp_path, log)
+    log.stream.close()
+    p._pending_max = 1 << 16
+    got: list = []
+    reader = threading.Thread(target=lambda: got.append(read_all(r)), daemon=True)
+    reader.start()
+    os.kill(p.proc.pid, signal.SIGSTOP)
+    try:
+        sent = 0
+        while not p._lost and sent < 200_000:
+            p.submit_summaries(summary_tuples(calls, None))
+            p._poll()  # writes what is held (as the tick does after HOLD)
+            sent += len(calls)
+    finally:
+        os.kill(p.proc.pid, signal.SIGCONT)
+    back = p.take_lost_summaries()
+    assert back and len(back) % len(calls) == 0
+    p.shutdown(60)
+    reader.join(30)
+    written = got[0].splitlines()
+    assert p.take_lost_summaries() == [] and p.proc.returncode == 0
+    assert len(written) + len(back) == sent
+    assert written[:len(calls)] == reference_lines(calls, None)
+
+
+def test_shared_stdout_gets_whole_lines_of_at_most_pipe_buf_per_write():
+    """With another process writing to the same pipe, each write is whole lines, at most
+    PIPE_BUF bytes unless one line is longer (a pipe keeps such writes whole)."""
+    from sipwatch.logs import JsonLog
+
+    class Writes:
+        def __init__(self):
+            self.writes = []
+
+        def write(self, b):
+            self.writes.append(bytes(b))
+
+        def flush(self):
+            pass
+
+    out = Writes()
+    log = JsonLog("sw-unit", stream=out)
+    log.atomic_lines = True
+    log.deferred = True
+    sizes = [10, 3000, 900, 5000, 100, 4095, 4094, 1, 2000, 2000]
+    for n in sizes:
+        log.info("x", "e", pad="y" * n)
+    log.flush()
+    joined = b"".join(out.writes)
+    assert joined.count(b"\n") == len(sizes) and joined.endswith(b"\n")
+    for chunk in out.writes:
+        assert chunk.endswith(b"\n")
+        assert len(chunk) <= 4096 or chunk.count(b"\n") == 1
+    assert len(out.writes) < len(sizes)  # lines that fit together went together
+    log.atomic_lines = False
+    for n in sizes:
+        log.info("x", "e", pad="y" * n)
+    log.flush()
+    assert len(out.writes[-1]) > 4096 * 4  # unshared: the whole batch in one write
+
+
+@pytest.mark.skipif(not HAVE_SIPP, reason="needs SIPp (Debian sip-tester)")
+def test_every_call_keeps_its_summary_when_the_span_worker_is_killed(tmp_path):
+    """SIPp calls through a sidecar with spans on; the span worker (which writes the call
+    summaries) is killed in the middle. The proxy takes back what the worker had not written
+    and writes it and every later summary itself: each call has its line, once (a summary
+    written in the instant between the worker's write and its report may show twice)."""
+    import signal
+    import subprocess
+    import threading
+    import time
+
+    import orjson
+    n = 300
+    uas_port = free_port()
+    with Sidecar(tmp_path, uas_port, "--spans-file", str(tmp_path / "spans.jsonl")) as sc:
+        result: list = []
+        t = threading.Thread(target=lambda: result.append(
+            run_call_pair(tmp_path, "uac_call", "uas_call", sc.port, uas_port, n, rate=100)), daemon=True)
+        t.start()
+        worker = int(subprocess.check_output(["pgrep", "-P", str(sc.proc.pid)]).split()[0])
+        sc.wait_for(lambda s: metric(s, "sip_calls_processed_total") >= n // 3, timeout=60)
+        os.kill(worker, signal.SIGKILL)
+        t.join(120)
+        uac_rc, uas_rc, uac, uas = result[0]
+        assert (uac_rc, uas_rc) == (0, 0), uac.errors() + uas.errors()
+        gw = sc.wait_for(lambda s: metric(s, "sip_calls_processed_total") >= n, timeout=30)
+        assert metric(gw, "sip_calls_processed_total", outcome="answered") == n
+        time.sleep(0.5)  # the tick after the last call's linger
+    lines = [orjson.loads(x) for x in sc.stdout_path.read_bytes().splitlines() if b'"call_summary"' in x]
+    sids = [x["call_sid"] for x in lines]
+    assert len(set(sids)) == n and all(x["outcome"] == "answered" for x in lines)
+    # Twice only what the worker wrote in its last batch, before it could report it: the
+    # worker's last lines, each once more in the proxy's first lines after it (a block each).
+    first: dict = {}
+    twice = []
+    for i, sid in enumerate(sids):
+        if sid in first:
+            twice.append((first[sid], i))
+        else:
+            first[sid] = i
+    from sipwatch.app import CALLS_PER_SLICE
+    from sipwatch.span_worker import UNTOLD_MAX
+    assert len(twice) <= UNTOLD_MAX + CALLS_PER_SLICE
+    if twice:
+        a = [i for i, _ in twice]
+        b = [j for _, j in twice]
+        assert a == list(range(a[0], a[0] + len(a))) and a[-1] + 1 == b[0], "not one batch written twice"
+        assert b == list(range(b[0], b[0] + len(b)))
+    assert b"span worker gone" in sc.stdout_path.read_bytes()  # (stderr goes to the same file)
