@@ -29,6 +29,9 @@ CORE_TESTS = ["tests/test_core.py", "tests/test_hardening.py", "tests/test_state
               "tests/test_masking.py::test_plain_from_and_to_shapes_masked_as_the_rules_say",
               "tests/test_masking.py::test_a_callers_head_is_remembered_and_every_new_tag_masks_as_the_whole_value_does",
               "tests/test_mask_c.py",
+              # the call summaries as the span worker writes them (compiled logs/summary there too)
+              "tests/test_span_worker.py::test_the_worker_writes_the_call_summaries_the_proxy_would",
+              "tests/test_span_worker.py::test_shared_stdout_gets_whole_lines_of_at_most_pipe_buf_per_write",
               "tests/test_gc.py::test_a_finished_call_lingering_in_the_proxy_takes_what_the_state_caps_are_sized_for",
               "tests/test_resilience.py::test_tick_survives_records_that_make_logging_raise_and_counts_them",
               "tests/test_resilience.py::test_tick_survives_a_timer_failure_and_a_failing_collector"]
