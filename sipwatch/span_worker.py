@@ -616,6 +616,7 @@ def main() -> None:
     log = None  # the proxy's log, for the call summaries it hands over (config "log")
     summaries_done = 0  # the last summary sequence number written
     summaries_told = 0  # ... as the last status said
+    written = [0]  # the last one whose line was written out (not just held): what status reports
     counters = _Counters()
     last_status = None
     last_sent = 0.0
@@ -629,7 +630,7 @@ def main() -> None:
         st = {"exported": counters.spans_exported, "dropped": counters.spans_dropped,
               "failures": pipeline.failures, "file_failures": pipeline.file_failures,
               "file_failing": pipeline.file_failing, "file_error": pipeline.file_error,
-              "summaries": summaries_done, "log_errors": log_errors[0]}
+              "summaries": written[0], "log_errors": log_errors[0]}
         now = time.monotonic()
         if st != last_status and (force or now - last_sent >= STATUS_EVERY):
             payload = marshal.dumps(st)
@@ -731,6 +732,7 @@ def main() -> None:
                     summaries_done = payload[0]
                     if summaries_done - summaries_told >= UNTOLD_MAX:
                         log.flush()
+                        written[0] = summaries_done
                         status(force=True)
                         summaries_told = summaries_done
             elif kind == F_REOPEN:
@@ -743,6 +745,7 @@ def main() -> None:
         start = pos
         if summaries_done != summaries_told:  # at once: what the proxy would write again if this died
             log.flush()
+            written[0] = summaries_done
             status(force=True)
             summaries_told = summaries_done
         if start == end:
