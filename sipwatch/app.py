@@ -98,6 +98,7 @@ class ProxyApp:
         # the span worker process writes the call summaries (their fields, masking and JSON off
         # the loop); the proxy's own lines then go out in writes a pipe keeps whole
         self._worker_summaries = bool(getattr(self.spans, "summaries", False))
+        self._spans_flushed = True  # the span pipeline's shutdown finished within the stop's wait
         if self._worker_summaries:
             self.log.atomic_lines = interleaves(self.log.stream)
         self._worker_log_errors = 0  # the worker's summaries that failed, counted so far
@@ -585,6 +586,8 @@ class ProxyApp:
                 self.errors.report("spans", exc)
             self._span_health()
             if self._worker_summaries:
+                if not self._spans_flushed:  # its shutdown still runs: what it holds, written here
+                    self.spans.give_back_summaries()  # (twice rather than never)
                 self._lost_summaries()
         s = self.stats
         hep = {} if self.hep is None else {"hep_sent": self.hep.sent,
@@ -621,6 +624,7 @@ class ProxyApp:
             await asyncio.wait({done, hard}, timeout=flush + 3.0, return_when=asyncio.FIRST_COMPLETED)
         finally:
             hard.cancel()
+        self._spans_flushed = done.done()
         return done.result() if done.done() else None
 
 

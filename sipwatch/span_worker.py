@@ -294,6 +294,11 @@ class WorkerPipeline:
         while q and q[0][0] <= seq:
             q.popleft()
 
+    def give_back_summaries(self) -> None:
+        """Every summary not reported written, to ``_lost`` (the proxy's stop cannot wait for the
+        shutdown any longer: a line written twice is better than one never written)."""
+        self._summaries_lost(list(self._unwritten))
+
     def take_lost_summaries(self) -> list:
         """The summaries handed over that the worker will not write (see ``_lost``)."""
         lost = self._lost

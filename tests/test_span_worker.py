@@ -398,3 +398,31 @@ def test_a_starved_worker_is_lifted_at_shutdown_and_delivers_what_it_holds(tmp_p
         got = rx.snapshot()
     assert stats.spans_dropped == 0
     assert stats.spans_exported == rounds * len(spans) == len(got)
+
+
+def test_a_stop_that_cannot_wait_takes_back_every_summary_not_reported_written(tmp_path):
+    """The proxy's stop gives up waiting for a worker that does not finish (stopped here): every
+    summary the worker has not reported written comes back for the proxy to write, and the
+    shutdown finishing later gives none of them back a second time."""
+    import signal
+
+    from sipwatch.handoff import summary_tuples
+    from sipwatch.logs import JsonLog
+    calls = calls_of(proxy_records())
+    r, w = os.pipe()
+    log = JsonLog("sw-unit", stream=open(w, "wb"))
+    p = summary_pipeline(Stats(ring_size=16), tmp_path, log)
+    log.stream.close()
+    os.kill(p.proc.pid, signal.SIGSTOP)
+    try:
+        tuples = summary_tuples(calls, None)
+        p.submit_summaries(tuples[:3])
+        p._poll()
+        p.submit_summaries(tuples[3:])
+        p.give_back_summaries()
+        assert p.take_lost_summaries() == tuples
+    finally:
+        os.kill(p.proc.pid, signal.SIGCONT)
+    p.shutdown(2)
+    assert p.take_lost_summaries() == []
+    os.close(r)
