@@ -92,6 +92,8 @@ EXPORT_LINGER = 0.3
 # Summaries written but not yet reported, at most: the worker writes the lines it holds and
 # reports them at this many, and after each read of frames (one write per read, not per frame:
 # its system time at 4000 calls/s fell by a third). If it dies, the proxy writes those again.
+# (A frame is written whole before the count is checked, so the frame that crosses the mark
+# counts whole; the stop's last slice is one frame of everything left.)
 UNTOLD_MAX = 64
 READ_SIZE = 1 << 20  # room kept free in the worker's read buffer (the pipe holds 1 MB)
 
