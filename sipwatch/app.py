@@ -376,11 +376,7 @@ class ProxyApp:
         written here; and the worker's failed summaries counted."""
         sp = self.spans
         try:
-            for t in sp.take_lost_summaries():
-                try:
-                    self.log.call_summary_of(t)
-                except Exception as exc:  # noqa: BLE001
-                    self.log.minimal_summary(t, exc)
+            self.log.summaries_of(sp.take_lost_summaries())
             failed = sp.log_errors
             if failed != self._worker_log_errors:
                 self.stats.internal_errors["log"] += failed - self._worker_log_errors

@@ -479,6 +479,17 @@ class JsonLog:
         self._write_record(rec)
 
 
+    def summaries_of(self, tuples) -> None:
+        """:meth:`call_summary_of` of each tuple; one that cannot be written as it is still gets
+        its line (:meth:`minimal_summary`), and the rest go on."""
+        if isinstance(tuples, list):
+            for t in tuples:
+                try:
+                    self.call_summary_of(t)
+                except Exception as exc:  # noqa: BLE001 - counted, and a minimal line instead
+                    self.minimal_summary(t, exc)
+
+
 _INFO = LEVELS.index("info")
 _PIPE_BUF = 4096  # POSIX: a pipe write of at most this many bytes is never interleaved with another
 

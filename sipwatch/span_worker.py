@@ -580,18 +580,6 @@ def summary_log(cfg: dict, on_error):
     return log
 
 
-def summary_lines(log, tuples) -> None:
-    """A frame's call summaries as log lines, held (``log.deferred``) for the one write the
-    worker makes before it reports them; a summary that cannot be written as it is still gets
-    its line (its Call-ID and trace id, as far as they can be read)."""
-    if isinstance(tuples, list):
-        for t in tuples:
-            try:
-                log.call_summary_of(t)
-            except Exception as exc:  # noqa: BLE001 - counted, and a minimal line instead
-                log.minimal_summary(t, exc)
-
-
 def lift_to_normal(pid: int) -> bool:
     """SCHED_OTHER for process ``pid`` (0: this one), if the system lets this process do it."""
     try:
@@ -735,7 +723,7 @@ def main() -> None:
                     deliver(DELIVER_MAX)
             elif kind == F_SUMMARIES:
                 if log is not None and isinstance(payload, tuple) and len(payload) == 2:
-                    summary_lines(log, payload[1])
+                    log.summaries_of(payload[1])  # held (deferred) for the write before the report
                     summaries_done = payload[0]
                     if summaries_done - summaries_told >= UNTOLD_MAX:
                         log.flush()
