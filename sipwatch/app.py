@@ -247,9 +247,10 @@ class ProxyApp:
             report("tick", exc)
 
     def _records_slice(self, everything: bool = False) -> None:
-        """Finished records from the backlog: the call summary (and its HEP LOG copy), the
-        histograms (once for the slice's calls), then the hand-off to the span pipeline; at most
-        CALLS_PER_SLICE calls unless ``everything``, the rest in a later callback of the loop."""
+        """Finished records from the backlog: the call summary (written here, or handed to the
+        span worker as a tuple to write), its HEP LOG copy, the histograms (once for the slice's
+        calls), then the hand-off to the span pipeline; at most CALLS_PER_SLICE calls unless
+        ``everything``, the rest in a later callback of the loop."""
         report = self.errors.report
         backlog = self._backlog
         if not backlog:

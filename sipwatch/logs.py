@@ -103,7 +103,8 @@ class BackgroundWriter:
 
     ``write`` only queues (the event loop never waits on a pipe whose reader stalled: a blocking
     write there had stopped forwarding along with the logs); the thread writes, with the GIL
-    released while the kernel blocks. Past ``max_pending`` bytes waiting, batches are dropped
+    released while the kernel blocks, each batch in a write of its own (joined, two batches of
+    whole lines that each fit a pipe's atomic write would not). Past ``max_pending`` bytes waiting, batches are dropped
     and their lines counted in ``dropped_lines``. ``close`` writes what is left, within a bound."""
 
     def __init__(self, stream, max_pending: int = 8 << 20):
@@ -133,15 +134,18 @@ class BackgroundWriter:
                     self._cond.wait()
                 if not self._queue:
                     return
-                batch = b"".join(self._queue)
+                batch = list(self._queue)
                 self._queue.clear()
-            try:
-                self.stream.write(batch)
-                self.stream.flush()
-            except (OSError, ValueError):
-                pass  # stdout gone: the lines are lost, the proxy carries on
+            done = 0
+            for data in batch:  # write by write, as queued: a shared pipe's lines stay whole
+                try:
+                    self.stream.write(data)
+                    self.stream.flush()
+                except (OSError, ValueError):
+                    pass  # stdout gone: the lines are lost, the proxy carries on
+                done += len(data)
             with self._cond:
-                self._pending -= len(batch)
+                self._pending -= done
 
     def close(self, timeout: float = 2.0) -> None:
         """Stop taking lines, write the queued ones (a stalled reader gets ``timeout`` s)."""

@@ -276,9 +276,14 @@ class WorkerPipeline:
         if self._dead or self._closed:
             self._lost.extend(tuples)
             return
-        self._summary_seq += len(tuples)
-        entry = [self._summary_seq, tuples]
-        payload = marshal.dumps((self._summary_seq, tuples), MARSHAL_VERSION)
+        seq = self._summary_seq + len(tuples)
+        try:
+            payload = marshal.dumps((seq, tuples), MARSHAL_VERSION)
+        except (ValueError, TypeError):  # a value marshal does not take: the proxy writes these
+            self._lost.extend(tuples)
+            return
+        self._summary_seq = seq
+        entry = [seq, tuples]
         if not self._held:
             self._held_since = time.monotonic()
         self._held.append(_LEN.pack(len(payload) + 1) + _SUMMARIES_KIND + payload)
@@ -722,7 +727,13 @@ def main() -> None:
                 while len(pbs) >= DELIVER_MIN:
                     deliver(DELIVER_MAX)
             elif kind == F_SUMMARIES:
-                if log is not None and isinstance(payload, tuple) and len(payload) == 2:
+                if not (isinstance(payload, tuple) and len(payload) == 2 and isinstance(payload[0], int)
+                        and isinstance(payload[1], list)):
+                    # its lines are lost unless the proxy writes them, and the next frame's report
+                    # would say they were written: stop here, so that all from here come back
+                    eof = True
+                    break
+                if log is not None:
                     log.summaries_of(payload[1])  # held (deferred) for the write before the report
                     summaries_done = payload[0]
                     if summaries_done - summaries_told >= UNTOLD_MAX:
