@@ -608,3 +608,36 @@ def test_the_writer_thread_keeps_each_batch_in_a_write_of_its_own():
     out.gate.set()
     w.close(30)
     assert out.writes == batches
+
+
+def test_summaries_reach_a_non_blocking_stdout_whole(tmp_path):
+    """The worker writes to the proxy's own stdout, flags and all. Whoever started the proxy may
+    have made that pipe non-blocking: with the pipe full, every line still comes out, whole and
+    in order, once the reader drains it (none lost to EAGAIN, none cut short)."""
+    import threading
+    import time
+
+    from sipwatch.handoff import summary_tuples
+    from sipwatch.logs import JsonLog
+    recs = proxy_records()
+    calls = calls_of(recs)
+    r, w = os.pipe()
+    _fill(w)
+    os.set_blocking(w, False)  # the flag belongs to the pipe's end, shared with the worker's dup
+    log = JsonLog("sw-unit", stream=open(w, "wb"))
+    p = summary_pipeline(Stats(ring_size=16), tmp_path, log)
+    log.stream.close()
+    got: list = []
+
+    def drain_later():
+        time.sleep(0.5)  # the worker meets the full pipe first
+        got.append(read_all(r))
+    reader = threading.Thread(target=drain_later, daemon=True)
+    reader.start()
+    for i in range(0, len(calls), 2):
+        p.submit_summaries(summary_tuples(calls[i:i + 2], None))
+    p.shutdown(30)
+    reader.join(30)
+    lines = got[0].lstrip(b"x").splitlines()
+    assert lines == reference_lines(calls, None)
+    assert p.take_lost_summaries() == [] and p.log_errors == 0
