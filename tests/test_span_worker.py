@@ -614,6 +614,9 @@ def test_summaries_reach_a_non_blocking_stdout_whole(tmp_path):
     """The worker writes to the proxy's own stdout, flags and all. Whoever started the proxy may
     have made that pipe non-blocking: with the pipe full, every line still comes out, whole and
     in order, once the reader drains it (none lost to EAGAIN, none cut short)."""
+    import fcntl
+    import struct
+    import termios
     import threading
     import time
 
@@ -627,15 +630,17 @@ def test_summaries_reach_a_non_blocking_stdout_whole(tmp_path):
     log = JsonLog("sw-unit", stream=open(w, "wb"))
     p = summary_pipeline(Stats(ring_size=16), tmp_path, log)
     log.stream.close()
-    got: list = []
-
-    def drain_later():
-        time.sleep(0.5)  # the worker meets the full pipe first
-        got.append(read_all(r))
-    reader = threading.Thread(target=drain_later, daemon=True)
-    reader.start()
     for i in range(0, len(calls), 2):
         p.submit_summaries(summary_tuples(calls[i:i + 2], None))
+    with p._lock:
+        p._send_held()
+    end = time.monotonic() + 60  # the worker has read the frames: it writes next, into the full pipe
+    while struct.unpack("i", fcntl.ioctl(p._w, termios.FIONREAD, b"\0\0\0\0"))[0] and time.monotonic() < end:
+        time.sleep(0.01)
+    time.sleep(0.3)
+    got: list = []
+    reader = threading.Thread(target=lambda: got.append(read_all(r)), daemon=True)
+    reader.start()
     p.shutdown(30)
     reader.join(30)
     lines = got[0].lstrip(b"x").splitlines()
