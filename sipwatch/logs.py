@@ -104,8 +104,9 @@ class BackgroundWriter:
     ``write`` only queues (the event loop never waits on a pipe whose reader stalled: a blocking
     write there had stopped forwarding along with the logs); the thread writes, with the GIL
     released while the kernel blocks, each batch in a write of its own (joined, two batches of
-    whole lines that each fit a pipe's atomic write would not). Past ``max_pending`` bytes waiting, batches are dropped
-    and their lines counted in ``dropped_lines``. ``close`` writes what is left, within a bound."""
+    whole lines that each fit a pipe's atomic write would not). Past ``max_pending`` bytes
+    waiting, batches are dropped and their lines counted in ``dropped_lines``. ``close`` writes
+    what is left, within a bound."""
 
     def __init__(self, stream, max_pending: int = 8 << 20):
         self.stream = stream
@@ -481,7 +482,6 @@ class JsonLog:
             rec["rtp"] = rtp
         rec["timestamp"] = _stamp(self.clock, t[S_END])
         self._write_record(rec)
-
 
     def summaries_of(self, tuples) -> None:
         """:meth:`call_summary_of` of each tuple; one that cannot be written as it is still gets

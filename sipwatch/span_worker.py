@@ -304,7 +304,7 @@ class WorkerPipeline:
     def give_back_summaries(self) -> None:
         """Every summary not reported written, to ``_lost`` (the proxy's stop cannot wait for the
         shutdown any longer: a line written twice is better than one never written)."""
-        self._summaries_lost(list(self._unwritten))
+        self._summaries_lost(self._unwritten)
 
     def take_lost_summaries(self) -> list:
         """The summaries handed over that the worker will not write (see ``_lost``)."""
@@ -592,15 +592,10 @@ class WholeWrites:
                 done += os.write(self.fd, view[done:])
             except BlockingIOError:
                 select.select([], [self.fd], [], 1.0)
-            except InterruptedError:
-                pass
         return done
 
     def flush(self) -> None:
         pass
-
-    def close(self) -> None:
-        os.close(self.fd)
 
 
 def summary_log(cfg: dict, on_error):
@@ -646,9 +641,8 @@ def main() -> None:
     start = end = 0
     pipeline = None
     log = None  # the proxy's log, for the call summaries it hands over (config "log")
-    summaries_done = 0  # the last summary sequence number written
-    summaries_told = 0  # ... as the last status said
-    written = [0]  # the last one whose line was written out (not just held): what status reports
+    summaries_done = 0  # the last summary sequence number handed to the log (its line maybe held)
+    written = [0]  # the last one whose line was written out and reported: what status says
     counters = _Counters()
     last_status = None
     last_sent = 0.0
@@ -672,6 +666,12 @@ def main() -> None:
             except OSError:
                 pass
             last_status, last_sent = st, now
+
+    def report_written(seq: int) -> None:
+        """The held summary lines out, then the report that they are (never the other way)."""
+        log.flush()
+        written[0] = seq
+        status(force=True)
 
     log_errors = [0]  # summaries that could not be encoded as they are (the proxy counts them)
 
@@ -768,11 +768,8 @@ def main() -> None:
                 if log is not None:
                     log.summaries_of(payload[1])  # held (deferred) for the write before the report
                     summaries_done = payload[0]
-                    if summaries_done - summaries_told >= UNTOLD_MAX:
-                        log.flush()
-                        written[0] = summaries_done
-                        status(force=True)
-                        summaries_told = summaries_done
+                    if summaries_done - written[0] >= UNTOLD_MAX:
+                        report_written(summaries_done)
             elif kind == F_REOPEN:
                 if pbs:  # what came before the re-open goes to the old file
                     deliver(len(pbs))
@@ -781,11 +778,8 @@ def main() -> None:
                 deadline = time.monotonic() + marshal.loads(payload)
                 lift_to_normal(0)  # (the proxy did it already, unless this started after)
         start = pos
-        if summaries_done != summaries_told:  # at once: what the proxy would write again if this died
-            log.flush()
-            written[0] = summaries_done
-            status(force=True)
-            summaries_told = summaries_done
+        if summaries_done != written[0]:  # at once: what the proxy would write again if this died
+            report_written(summaries_done)
         if start == end:
             start = end = 0
             if len(buf) > 4 * READ_SIZE:  # a huge frame went through: give its room back
