@@ -137,6 +137,20 @@ def summary_pipeline(stats, tmp_path, log, cid=None):
     return p
 
 
+def piped_summaries(tmp_path, stats=None, cid=None, prepare=None):
+    """(a worker pipeline that writes the summaries to a pipe of their own, as the proxy's stdout
+    would be; the pipe's read end). ``prepare(w)`` runs on the write end first: the worker's
+    duplicate shares its flags."""
+    from sipwatch.logs import JsonLog
+    r, w = os.pipe()
+    if prepare is not None:
+        prepare(w)
+    log = JsonLog("sw-unit", stream=open(w, "wb"), mask_mode="partial", call_id_mask=cid)
+    p = summary_pipeline(stats if stats is not None else Stats(ring_size=16), tmp_path, log, cid)
+    log.stream.close()  # the worker holds its own duplicate
+    return p, r
+
+
 def awake(p) -> None:
     """The worker at the normal policy once it has put itself at idle priority (its first
     step), where this system allows it: these tests are about what it writes, not when it gets
@@ -187,16 +201,12 @@ def test_the_worker_writes_the_call_summaries_the_proxy_would(tmp_path):
     container runtime) as the very lines the proxy's own log writes, masks included, in order;
     the worker reports the last one written, so the proxy holds none back."""
     from sipwatch.handoff import summary_tuples
-    from sipwatch.logs import JsonLog
     from sipwatch.masking import CallIdMasker
     recs = proxy_records()
     calls = calls_of(recs)
     cid = CallIdMasker("digits", b"k")
-    r, w = os.pipe()
-    log = JsonLog("sw-unit", stream=open(w, "wb"), mask_mode="partial", call_id_mask=cid)
     stats = Stats(ring_size=16)
-    p = summary_pipeline(stats, tmp_path, log, cid)
-    log.stream.close()  # the worker holds its own duplicate
+    p, r = piped_summaries(tmp_path, stats, cid)
     for i in range(0, len(calls), 2):
         p.submit_summaries(summary_tuples(calls[i:i + 2], None))
     p.submit(recs)
@@ -214,10 +224,7 @@ def test_summaries_the_worker_cannot_write_come_back_to_the_proxy(tmp_path):
     from sipwatch.handoff import summary_tuples
     from sipwatch.logs import JsonLog
     calls = calls_of(proxy_records())
-    r, w = os.pipe()
-    log = JsonLog("sw-unit", stream=open(w, "wb"))
-    p = summary_pipeline(Stats(ring_size=16), tmp_path, log)
-    log.stream.close()
+    p, r = piped_summaries(tmp_path)
     first = summary_tuples(calls[:3], None)
     p.submit_summaries(first)  # held for the next frame
     p.proc.kill()
@@ -244,12 +251,8 @@ def test_summaries_past_the_bound_come_back_and_the_rest_are_written_once(tmp_pa
     import threading
 
     from sipwatch.handoff import summary_tuples
-    from sipwatch.logs import JsonLog
     calls = calls_of(proxy_records())
-    r, w = os.pipe()
-    log = JsonLog("sw-unit", stream=open(w, "wb"))
-    p = summary_pipeline(Stats(ring_size=16), tmp_path, log)
-    log.stream.close()
+    p, r = piped_summaries(tmp_path)
     p._pending_max = 1 << 16
     got: list = []
     reader = threading.Thread(target=lambda: got.append(read_all(r)), daemon=True)
@@ -428,12 +431,8 @@ def test_a_stop_that_cannot_wait_takes_back_every_summary_not_reported_written(t
     import signal
 
     from sipwatch.handoff import summary_tuples
-    from sipwatch.logs import JsonLog
     calls = calls_of(proxy_records())
-    r, w = os.pipe()
-    log = JsonLog("sw-unit", stream=open(w, "wb"))
-    p = summary_pipeline(Stats(ring_size=16), tmp_path, log)
-    log.stream.close()
+    p, r = piped_summaries(tmp_path)
     os.kill(p.proc.pid, signal.SIGSTOP)
     try:
         tuples = summary_tuples(calls, None)
@@ -474,16 +473,11 @@ def test_a_summary_is_reported_written_only_once_its_line_is_out(tmp_path):
     import time
 
     from sipwatch.handoff import summary_tuples
-    from sipwatch.logs import JsonLog
     from sipwatch.span_worker import DELIVER_MIN, STATUS_EVERY
     recs = proxy_records()
     calls = calls_of(recs)
-    r, w = os.pipe()
-    _fill(w)  # the worker's write of the summaries blocks
-    log = JsonLog("sw-unit", stream=open(w, "wb"))
     stats = Stats(ring_size=16)
-    p = summary_pipeline(stats, tmp_path, log)
-    log.stream.close()
+    p, r = piped_summaries(tmp_path, stats, prepare=_fill)  # the worker's write of the summaries blocks
     try:
         end = time.monotonic() + 60
         while not p._status and time.monotonic() < end:  # its first status, sent on the config
@@ -528,12 +522,8 @@ def test_a_summaries_frame_that_does_not_load_stops_the_worker_and_every_line_is
 
     from sipwatch import span_worker
     from sipwatch.handoff import summary_tuples
-    from sipwatch.logs import JsonLog
     calls = calls_of(proxy_records())
-    r, w = os.pipe()
-    log = JsonLog("sw-unit", stream=open(w, "wb"))
-    p = summary_pipeline(Stats(ring_size=16), tmp_path, log)
-    log.stream.close()
+    p, r = piped_summaries(tmp_path)
     first, bad, last = (summary_tuples(calls[i:i + 2], None) for i in (0, 2, 4))
     p.submit_summaries(first)
     with p._lock:
@@ -564,12 +554,8 @@ def test_a_summaries_frame_that_does_not_load_stops_the_worker_and_every_line_is
 def test_summaries_marshal_cannot_take_come_back_to_the_proxy(tmp_path):
     """A summary with a value marshal refuses is not lost between the two processes."""
     from sipwatch.handoff import summary_tuples
-    from sipwatch.logs import JsonLog
     calls = calls_of(proxy_records())
-    r, w = os.pipe()
-    log = JsonLog("sw-unit", stream=open(w, "wb"))
-    p = summary_pipeline(Stats(ring_size=16), tmp_path, log)
-    log.stream.close()
+    p, r = piped_summaries(tmp_path)
     odd = [tuple(summary_tuples(calls[:1], None)[0]) + (object(),)]
     good = summary_tuples(calls[1:3], None)
     p.submit_summaries(odd)
@@ -621,15 +607,12 @@ def test_summaries_reach_a_non_blocking_stdout_whole(tmp_path):
     import time
 
     from sipwatch.handoff import summary_tuples
-    from sipwatch.logs import JsonLog
     recs = proxy_records()
     calls = calls_of(recs)
-    r, w = os.pipe()
-    _fill(w)
-    os.set_blocking(w, False)  # the flag belongs to the pipe's end, shared with the worker's dup
-    log = JsonLog("sw-unit", stream=open(w, "wb"))
-    p = summary_pipeline(Stats(ring_size=16), tmp_path, log)
-    log.stream.close()
+    def full_and_non_blocking(w):
+        _fill(w)
+        os.set_blocking(w, False)  # the flag belongs to the pipe's end, shared with the worker's dup
+    p, r = piped_summaries(tmp_path, prepare=full_and_non_blocking)
     for i in range(0, len(calls), 2):
         p.submit_summaries(summary_tuples(calls[i:i + 2], None))
     with p._lock:
