@@ -25,6 +25,8 @@ from sipwatch import sipmsg
 from sipwatch.core import CoreConfig, ProxyCore
 from sipwatch.observer import Observer
 
+pytestmark = pytest.mark.pure_python  # counts the interpreter's events: compiled code has none
+
 ADVERTISE = ("127.0.0.1", 5060)
 UPSTREAM = ("127.0.0.2", 5090)
 GATEWAY = ("127.0.0.3", 5070)
