@@ -188,6 +188,15 @@ def test_kamailio_baseline_forwards_calls(tmp_path):
     assert (r["completed"], r["failed"]) == (20, 0) and r["cpu_s"] is not None
 
 
+def test_page_cache_warm_up_writes_then_deletes(tmp_path):
+    """Two passes of the asked size (within a quarter of the free memory), the scratch file gone
+    after; none at 0 MB."""
+    w = bench.warm_page_cache(tmp_path, 8)
+    assert w["mb"] == 8 and len(w["sys_s"]) == 2 and all(s >= 0 for s in w["sys_s"])
+    assert list(tmp_path.iterdir()) == []
+    assert bench.warm_page_cache(tmp_path, 0) == {"mb": 0, "sys_s": []}
+
+
 def test_cli_arguments():
     a = bench.parse_args(["--quick", "--rates", "100,200", "--only", "micro,latency"])
     assert (a.quick, a.rates, a.duration, a.only, a.tracing_rate) == (True, [100, 200], 3.0, ["micro", "latency"], 100)
@@ -196,6 +205,7 @@ def test_cli_arguments():
     assert d.only == list(bench.DEFAULT_SECTIONS) and d.targets == ["kamailio", "relay", "notrace", "all"]
     assert (d.latency_rate, d.profile_rate, d.profile_seconds, d.retries) == (1000, 1000, 10, 1)
     assert a.retries == 0 and bench.parse_args(["--quick", "--retries", "2"]).retries == 2
+    assert (a.warm_mb, d.warm_mb, bench.parse_args(["--warm-mb", "0"]).warm_mb) == (256, 2048, 0)
     assert bench.parse_args(["--targets", "all,relay"]).targets == ["relay", "all"]
     for bad in (["--only", "nonsense"], ["--targets", "nginx"], ["--rates", "x"], ["--rates", "0"],
                 ["--duration", "0"]):
