@@ -10,6 +10,13 @@
  * method on a miss, exactly as Python does) and writes the per-span parts itself: ids, times,
  * events, figures, lengths.
  *
+ * The span worker encodes into the encoder's outbox (add, take): the spans of the next delivery
+ * go straight into two buffers, laid out as the OTLP request and the spans-file line hold them,
+ * and a take copies each out once with the request's head and the line's head and tail. Before,
+ * each span became two bytes objects and a tuple, appended to two lists that the delivery then
+ * joined: in process (SIPp-shaped calls, 4 spans each), 7.45 -> 6.73 us a call for decoding,
+ * encoding and both joins.
+ *
  * It answers only for the types the proxy sends (ints, floats, None, tuples, lists). For any
  * other shape of a tuple or of one of its fields it runs the Python reference method instead,
  * so a hostile or malformed tuple gets exactly the Python result or exception. Lengths are
@@ -263,7 +270,8 @@ enum {
     R_PARTIES, R_PARTY, R_HOPS, R_HOP, R_FINALS, R_FINAL, R_EVENTS, R_EVENT_PARTS, R_CALL_PARTS,
     R_CALL_PART, R_STR, R_MASKED, R_ATTR, R_RTT, R_SETUP_MS, R_ANSWER_MS, R_DURATION_S, R_INVITE,
     R_CALL_HEAD, R_TX_PY, R_CALL_PY, R_ENCODE_PY, R_ROUND_JSON, R_MASK_URI, R_MASK_MODE, R_CALL_ID_MASK,
-    R_CALL_ID_KEY, R_FROM_KEY, R_PARTY_MAX, R_MASKED_HEADS, R_PARTY_BY_TRACE, R_COUNT
+    R_CALL_ID_KEY, R_FROM_KEY, R_PARTY_MAX, R_MASKED_HEADS, R_PARTY_BY_TRACE, R_RESOURCE_FIELD, R_SCOPE_FIELD,
+    R_SCHEMA_FIELD, R_JSON_HEAD, R_JSON_TAIL, R_COUNT
 };
 
 static const char *const ref_names[R_COUNT] = {
@@ -271,6 +279,7 @@ static const char *const ref_names[R_COUNT] = {
     "_call_part", "_str", "_masked", "attr", "_rtt", "_setup_ms", "_answer_ms", "_duration_s", "_invite",
     "_call_span_head", "tx_flat_py", "call_flat_py", "encode_py", "round_json", "_mask_uri", "mask_mode",
     "call_id_mask", "_call_id_key", "_from_key", "_party_max", "_masked_heads", "_party_by_trace",
+    "_resource_field", "_scope_field", "_schema_field", "_json_head", "_json_tail",
 };
 
 typedef struct {
@@ -284,6 +293,10 @@ typedef struct {
     Py_ssize_t heads_paused; /* values still to go without the masked heads (they were not hitting) */
     Buf pb, js;
     int busy; /* the buffers are in use (a callback that came back here takes the Python path) */
+    /* the outbox: the spans gathered for the next delivery, as the request and the JSON line
+     * will hold them (ScopeSpans.spans fields one after the other; JSON objects between commas) */
+    Buf opb, ojs;
+    Py_ssize_t n_out;
 } Encoder;
 
 static int encoder_traverse(Encoder *self, visitproc visit, void *arg)
@@ -309,6 +322,8 @@ static void encoder_dealloc(Encoder *self)
     encoder_clear(self);
     PyMem_Free(self->pb.p);
     PyMem_Free(self->js.p);
+    PyMem_Free(self->opb.p);
+    PyMem_Free(self->ojs.p);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -338,6 +353,13 @@ static int encoder_init(Encoder *self, PyObject *args, PyObject *kwds)
         if (!PyTuple_CheckExact(o) || PyTuple_GET_SIZE(o) != 2 || !PyBytes_Check(PyTuple_GET_ITEM(o, 0))
             || !PyBytes_Check(PyTuple_GET_ITEM(o, 1))) {
             PyErr_Format(PyExc_TypeError, "%s must be a pair of bytes", ref_names[pairs[i]]);
+            return -1;
+        }
+    }
+    const int fixed[] = {R_RESOURCE_FIELD, R_SCOPE_FIELD, R_SCHEMA_FIELD, R_JSON_HEAD, R_JSON_TAIL};
+    for (size_t i = 0; i < sizeof(fixed) / sizeof(fixed[0]); i++) {
+        if (!PyBytes_CheckExact(self->ref[fixed[i]])) {
+            PyErr_Format(PyExc_TypeError, "%s must be bytes", ref_names[fixed[i]]);
             return -1;
         }
     }
@@ -471,6 +493,27 @@ static PyObject *finish(Encoder *self)
     PyTuple_SET_ITEM(out, 0, p);
     PyTuple_SET_ITEM(out, 1, j);
     return out;
+}
+
+/* the span just written into the outbox instead of new bytes objects: Py_None (a new
+ * reference), or NULL with the outbox as it was */
+static PyObject *finish_into(Encoder *self)
+{
+    Buf *pb = &self->pb, *js = &self->js;
+    uint64_t body = (uint64_t)(pb->len - 10);
+    int k = varint_len(body);
+    char *start = pb->p + 10 - 1 - k;
+    start[0] = 0x12;
+    varint_write(start + 1, body);
+    Py_ssize_t at_pb = self->opb.len, at_js = self->ojs.len;
+    if (put(&self->opb, start, (Py_ssize_t)(1 + k) + pb->len - 10) < 0
+        || (self->n_out && PUTS(&self->ojs, ",") < 0) || put(&self->ojs, js->p, js->len) < 0) {
+        self->opb.len = at_pb;
+        self->ojs.len = at_js;
+        return NULL;
+    }
+    self->n_out++;
+    Py_RETURN_NONE;
 }
 
 static int begin(Encoder *self)
@@ -872,7 +915,7 @@ static PyObject *party_of(Encoder *self, PyObject *const *args)
 }
 
 /* tx_flat: a transaction's CLIENT span */
-static PyObject *tx_fast(Encoder *self, PyObject *t)
+static PyObject *tx_fast(Encoder *self, PyObject *t, int into)
 {
     if (!PyTuple_CheckExact(t) || PyTuple_GET_SIZE(t) != 20 || self->busy)
         return python_path(self, R_TX_PY, t);
@@ -1025,7 +1068,7 @@ static PyObject *tx_fast(Encoder *self, PyObject *t)
         goto unbusy;
     if (put_bytes(pb, st_pb) < 0 || put_flags(pb, remote) < 0)
         goto unbusy;
-    result = finish(self);
+    result = into ? finish_into(self) : finish(self);
 unbusy:
     self->busy = 0;
 done:
@@ -1038,7 +1081,7 @@ done:
 }
 
 /* call_flat: a call's SERVER span, the proxy's common one (no RTP figures, no B2BUA legs) */
-static PyObject *call_fast(Encoder *self, PyObject *t)
+static PyObject *call_fast(Encoder *self, PyObject *t, int into)
 {
     if (!PyTuple_CheckExact(t) || PyTuple_GET_SIZE(t) != 19 || self->busy)
         return python_path(self, R_CALL_PY, t);
@@ -1153,7 +1196,7 @@ static PyObject *call_fast(Encoder *self, PyObject *t)
         goto unbusy;
     if (PUTS(js, "}") < 0 || put_bytes(pb, st_pb) < 0 || put_flags(pb, remote) < 0)
         goto unbusy;
-    result = finish(self);
+    result = into ? finish_into(self) : finish(self);
 unbusy:
     self->busy = 0;
 done:
@@ -1170,12 +1213,12 @@ done:
 
 static PyObject *encoder_tx(Encoder *self, PyObject *t)
 {
-    return tx_fast(self, t);
+    return tx_fast(self, t, 0);
 }
 
 static PyObject *encoder_call(Encoder *self, PyObject *t)
 {
-    return call_fast(self, t);
+    return call_fast(self, t, 0);
 }
 
 /* one item of a frame onto pbs/lines; 1 when it failed with an Exception (counted), 0 when
@@ -1190,9 +1233,9 @@ static int frame_item(Encoder *self, PyObject *t, PyObject *pbs, PyObject *lines
             PyErr_Clear(); /* a huge kind: the Python loop below */
     }
     if (kind == 0 && PyTuple_GET_SIZE(t) == 20) {
-        got = tx_fast(self, t);
+        got = tx_fast(self, t, 0);
     } else if (kind == 1 && PyTuple_GET_SIZE(t) == 19 && PyTuple_GET_ITEM(t, 18) == Py_None) {
-        got = call_fast(self, t);
+        got = call_fast(self, t, 0);
     } else {
         /* anything else (leg groups, odd shapes): the Python loop on this one item */
         PyObject *one = PyTuple_Pack(1, t);
@@ -1242,11 +1285,187 @@ static PyObject *encoder_frame(Encoder *self, PyObject *const *args, Py_ssize_t 
     return PyLong_FromSsize_t(failed);
 }
 
+/* -- the outbox ---------------------------------------------------------------------------- */
+
+/* a (pb, json) pair of bytes from the Python path into the outbox: 0, 1 when it is not such a
+ * pair (counted as a failure, as SpanEncoder.add_py finds when joining), -1 on no memory */
+static int out_pair(Encoder *self, PyObject *pair)
+{
+    if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2 || !PyBytes_Check(PyTuple_GET_ITEM(pair, 0))
+        || !PyBytes_Check(PyTuple_GET_ITEM(pair, 1)))
+        return 1;
+    PyObject *p = PyTuple_GET_ITEM(pair, 0), *j = PyTuple_GET_ITEM(pair, 1);
+    Py_ssize_t at_pb = self->opb.len, at_js = self->ojs.len;
+    if (put_bytes(&self->opb, p) < 0 || (self->n_out && PUTS(&self->ojs, ",") < 0) || put_bytes(&self->ojs, j) < 0) {
+        self->opb.len = at_pb;
+        self->ojs.len = at_js;
+        return -1;
+    }
+    self->n_out++;
+    return 0;
+}
+
+/* frame_item into the outbox: 0 added, 1 failed (counted), -1 an error that must propagate */
+static int frame_item_out(Encoder *self, PyObject *t)
+{
+    PyObject *got = NULL;
+    long kind = -1;
+    if (PyTuple_CheckExact(t) && PyTuple_GET_SIZE(t) > 0 && PyLong_CheckExact(PyTuple_GET_ITEM(t, 0))) {
+        kind = PyLong_AsLong(PyTuple_GET_ITEM(t, 0));
+        if (kind == -1 && PyErr_Occurred())
+            PyErr_Clear();
+    }
+    if (kind == 0 && PyTuple_GET_SIZE(t) == 20) {
+        got = tx_fast(self, t, 1);
+    } else if (kind == 1 && PyTuple_GET_SIZE(t) == 19 && PyTuple_GET_ITEM(t, 18) == Py_None) {
+        got = call_fast(self, t, 1);
+    } else {
+        /* the Python loop on this one item, its spans (a call and its leg setup) then moved here */
+        PyObject *one = PyTuple_Pack(1, t), *pbs = PyList_New(0), *lines = PyList_New(0), *n = NULL;
+        int k = -1;
+        if (one != NULL && pbs != NULL && lines != NULL) {
+            PyObject *args[3] = {one, pbs, lines};
+            n = PyObject_Vectorcall(self->ref[R_ENCODE_PY], args, 3, NULL);
+        }
+        if (n != NULL) {
+            long failed = PyLong_AsLong(n);
+            k = failed == -1 && PyErr_Occurred() ? -1 : (int)failed;
+            for (Py_ssize_t i = 0; k >= 0 && i < PyList_GET_SIZE(pbs) && i < PyList_GET_SIZE(lines); i++) {
+                PyObject *pair = PyTuple_Pack(2, PyList_GET_ITEM(pbs, i), PyList_GET_ITEM(lines, i));
+                int r = pair == NULL ? -1 : out_pair(self, pair);
+                Py_XDECREF(pair);
+                k = r < 0 ? -1 : k + r;
+            }
+        }
+        Py_XDECREF(one);
+        Py_XDECREF(pbs);
+        Py_XDECREF(lines);
+        Py_XDECREF(n);
+        return k;
+    }
+    if (got == NULL)
+        return PyErr_ExceptionMatches(PyExc_Exception) ? (PyErr_Clear(), 1) : -1;
+    int rc = got == Py_None ? 0 : out_pair(self, got); /* the Python path answers with a pair */
+    Py_DECREF(got);
+    return rc;
+}
+
+/* add(tuples, start, limit): tuples[start:] into the outbox until it holds limit spans */
+static PyObject *encoder_add(Encoder *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyList_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "add(tuples: list, start, limit)");
+        return NULL;
+    }
+    PyObject *tuples = args[0];
+    Py_ssize_t i = PyLong_AsSsize_t(args[1]), limit = PyLong_AsSsize_t(args[2]);
+    if ((i == -1 || limit == -1) && PyErr_Occurred())
+        return NULL;
+    if (i < 0)
+        i = 0;
+    Py_ssize_t failed = 0;
+    for (; i < PyList_GET_SIZE(tuples) && self->n_out < limit; i++) {
+        PyObject *t = PyList_GET_ITEM(tuples, i);
+        Py_INCREF(t);
+        int k = frame_item_out(self, t);
+        Py_DECREF(t);
+        if (k < 0)
+            return NULL;
+        failed += k;
+    }
+    return Py_BuildValue("(nn)", i, failed);
+}
+
+static PyObject *encoder_held(Encoder *self, PyObject *unused)
+{
+    return PyLong_FromSsize_t(self->n_out);
+}
+
+/* a buffer that held a huge delivery gives its memory back */
+static void out_reset(Buf *b)
+{
+    b->len = 0;
+    if (b->cap > (16 << 20)) {
+        PyMem_Free(b->p);
+        b->p = NULL;
+        b->cap = 0;
+    }
+}
+
+/* take(want_request, want_line) -> (spans, request or None, line or None), the outbox emptied:
+ * SpanEncoder.request / json_line of the spans it held, each built with one copy */
+static PyObject *encoder_take(Encoder *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "take(want_request, want_line)");
+        return NULL;
+    }
+    int want_request = PyObject_IsTrue(args[0]), want_line = PyObject_IsTrue(args[1]);
+    if (want_request < 0 || want_line < 0)
+        return NULL;
+    Py_ssize_t n = self->n_out;
+    PyObject *request = NULL, *line = NULL, *out = NULL;
+    if (n && want_request) {
+        PyObject *res = self->ref[R_RESOURCE_FIELD], *scope = self->ref[R_SCOPE_FIELD], *schema = self->ref[R_SCHEMA_FIELD];
+        uint64_t scope_len = (uint64_t)PyBytes_GET_SIZE(scope) + (uint64_t)self->opb.len;
+        uint64_t rs_len = (uint64_t)PyBytes_GET_SIZE(res) + 1 + (uint64_t)varint_len(scope_len) + scope_len
+            + (uint64_t)PyBytes_GET_SIZE(schema);
+        uint64_t total = 1 + (uint64_t)varint_len(rs_len) + rs_len;
+        if (total > (uint64_t)PY_SSIZE_T_MAX) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        request = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
+        if (request == NULL)
+            goto done;
+        char *w = PyBytes_AS_STRING(request);
+        *w++ = 0x0a;
+        varint_write(w, rs_len);
+        w += varint_len(rs_len);
+        memcpy(w, PyBytes_AS_STRING(res), (size_t)PyBytes_GET_SIZE(res));
+        w += PyBytes_GET_SIZE(res);
+        *w++ = 0x12;
+        varint_write(w, scope_len);
+        w += varint_len(scope_len);
+        memcpy(w, PyBytes_AS_STRING(scope), (size_t)PyBytes_GET_SIZE(scope));
+        w += PyBytes_GET_SIZE(scope);
+        memcpy(w, self->opb.p, (size_t)self->opb.len);
+        w += self->opb.len;
+        memcpy(w, PyBytes_AS_STRING(schema), (size_t)PyBytes_GET_SIZE(schema));
+    }
+    if (n && want_line) {
+        PyObject *head = self->ref[R_JSON_HEAD], *tail = self->ref[R_JSON_TAIL];
+        Py_ssize_t hn = PyBytes_GET_SIZE(head), tn = PyBytes_GET_SIZE(tail);
+        line = PyBytes_FromStringAndSize(NULL, hn + self->ojs.len + tn);
+        if (line == NULL)
+            goto done;
+        char *w = PyBytes_AS_STRING(line);
+        memcpy(w, PyBytes_AS_STRING(head), (size_t)hn);
+        memcpy(w + hn, self->ojs.p, (size_t)self->ojs.len);
+        memcpy(w + hn + self->ojs.len, PyBytes_AS_STRING(tail), (size_t)tn);
+    }
+    out = Py_BuildValue("(nOO)", n, request ? request : Py_None, line ? line : Py_None);
+    if (out != NULL) {
+        self->n_out = 0;
+        out_reset(&self->opb);
+        out_reset(&self->ojs);
+    }
+done:
+    Py_XDECREF(request);
+    Py_XDECREF(line);
+    return out;
+}
+
 static PyMethodDef encoder_methods[] = {
     {"tx", (PyCFunction)encoder_tx, METH_O, "tx(t) -> SpanEncoder.tx_flat(t): (pb, json) of a transaction span"},
     {"call", (PyCFunction)encoder_call, METH_O, "call(t) -> SpanEncoder.call_flat(t): (pb, json) of a call span"},
     {"frame", (PyCFunction)(void (*)(void))encoder_frame, METH_FASTCALL,
      "frame(tuples, pbs, lines) -> SpanEncoder.encode_py: the spans of a frame appended, failures counted"},
+    {"add", (PyCFunction)(void (*)(void))encoder_add, METH_FASTCALL,
+     "add(tuples, start, limit) -> SpanEncoder.add_py: (next index, failures), spans into the outbox"},
+    {"take", (PyCFunction)(void (*)(void))encoder_take, METH_FASTCALL,
+     "take(want_request, want_line) -> SpanEncoder.take_py: (spans, request, line), the outbox emptied"},
+    {"held", (PyCFunction)encoder_held, METH_NOARGS, "held() -> spans in the outbox"},
     {NULL, NULL, 0, NULL},
 };
 

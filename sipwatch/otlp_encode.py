@@ -178,6 +178,8 @@ class SpanEncoder:
                                key_values_json(resource_attributes), orjson.dumps(SCOPE_NAME),
                                orjson.dumps(scope_version)))
         self._json_tail = b"]}]}]}\n"
+        self._out_pb: list = []  # the outbox of add_py / take_py
+        self._out_js: list = []
         # tx_flat, call_flat and encode in C over these same caches when the module is built
         # (it takes the Python methods for any shape it does not handle itself)
         self._call_id_key, self._from_key = self._key("sip.call_id"), self._key("sip.from")
@@ -185,6 +187,7 @@ class SpanEncoder:
         if self.accelerated:
             c = _otlpenc.Encoder(self)
             self.tx_flat, self.call_flat, self.encode = c.tx, c.call, c.frame
+            self.add, self.take, self.held = c.add, c.take, c.held
 
     # -- batches ---------------------------------------------------------------------------
     def request(self, spans_pb) -> bytes:
@@ -402,6 +405,37 @@ class SpanEncoder:
         return failed
 
     encode = encode_py
+
+    # -- the outbox: the spans of the next delivery ------------------------------------------
+    # The span worker encodes each frame into it and takes a delivery's request and line out at
+    # once. In C the spans go straight into two buffers, one copy each at the take, instead of
+    # two bytes objects a span joined into a list (~1.5 µs a call less, in process).
+    def add_py(self, tuples, start: int, limit: int) -> tuple[int, int]:
+        """``tuples[start:]`` encoded into the outbox, one at a time, until it holds ``limit``
+        spans: (index of the first tuple not taken, how many could not be encoded).
+        :meth:`add` is this, in C when built."""
+        pbs, lines = self._out_pb, self._out_js
+        failed = 0
+        i = max(0, start)
+        while i < len(tuples) and len(pbs) < limit:
+            failed += self.encode_py(tuples[i:i + 1], pbs, lines)
+            i += 1
+        return i, failed
+
+    def held_py(self) -> int:
+        """Spans in the outbox."""
+        return len(self._out_pb)
+
+    def take_py(self, want_request: bool, want_line: bool) -> tuple[int, bytes | None, bytes | None]:
+        """(spans, :meth:`request` of them or None, :meth:`json_line` of them or None), the outbox
+        emptied; both None when it held none."""
+        pbs, lines = self._out_pb, self._out_js
+        self._out_pb, self._out_js = [], []
+        if not pbs:
+            return 0, None, None
+        return len(pbs), self.request(pbs) if want_request else None, self.json_line(lines) if want_line else None
+
+    add, held, take = add_py, held_py, take_py
 
     @staticmethod
     def round_json(x: float, ndigits: int) -> tuple[float, bytes]:

@@ -14,7 +14,8 @@ interval). So the proxy hands the sampled records to a child process instead:
   tick); past the bound frames are dropped and counted. No encoding, no masking, no JSON here.
 * worker (``python -m sipwatch.span_worker``): reads frames, encodes the tuples as they are
   (:meth:`sipwatch.otlp_encode.SpanEncoder.tx_flat` / ``call_flat``: no record objects are
-  rebuilt) and delivers DELIVER_MIN..DELIVER_MAX spans at a time through the same
+  rebuilt) into the encoder's outbox (``add``/``take``: each delivery's request and line built
+  with one copy) and delivers DELIVER_MIN..DELIVER_MAX spans at a time through the same
   :class:`sipwatch.tracing.SpanPipeline` step as the thread pipeline (spans file, OTLP exporter,
   back-off); it reports its counters back as small frames on its stdout.
   It also writes the call summaries the loop hands over (``submit_summaries``: a tuple per call,
@@ -550,14 +551,23 @@ class _Counters:
     spans_dropped = 0
 
 
-def encode_frame(pipeline, tuples, pbs: list, lines: list) -> None:
-    """A frame's record tuples encoded straight into ``pbs``/``lines`` (no record objects:
-    :meth:`sipwatch.otlp_encode.SpanEncoder.encode`, in C when built); a tuple that cannot be
-    encoded is counted (failure, dropped), never fatal."""
-    failed = pipeline.encoder.encode(tuples, pbs, lines)
-    if failed:
-        pipeline._export_dropped += failed
-        pipeline.failures += failed
+def encode_frame(pipeline, tuples, deliver) -> None:
+    """A frame's record tuples encoded straight into the encoder's outbox (no record objects:
+    :meth:`sipwatch.otlp_encode.SpanEncoder.add`, in C when built), ``deliver()`` called each
+    time it holds DELIVER_MAX spans and once more at the end if it holds DELIVER_MIN; a tuple
+    that cannot be encoded is counted (failure, dropped), never fatal."""
+    enc = pipeline.encoder
+    i = 0
+    while True:
+        i, failed = enc.add(tuples, i, DELIVER_MAX)
+        if failed:
+            pipeline._export_dropped += failed
+            pipeline.failures += failed
+        if i >= len(tuples):
+            break
+        deliver()
+    if enc.held() >= DELIVER_MIN:
+        deliver()
 
 
 def quiet_collector() -> None:
@@ -678,24 +688,24 @@ def main() -> None:
     def log_error(component, exc) -> None:
         log_errors[0] += 1
 
-    pbs: list = []  # encoded spans waiting to fill a delivery (one OTLP request, one file line)
-    lines: list = []
-    held_since = 0.0
+    held_since = 0.0  # when the encoder's outbox (the next delivery) took its first span
 
-    def deliver(n: int) -> None:
-        nonlocal pbs, lines
-        p, js = pbs[:n], lines[:n]
-        del pbs[:n], lines[:n]
+    def held() -> int:
+        return pipeline.encoder.held() if pipeline is not None else 0
+
+    def deliver() -> None:
+        """What the outbox holds as one OTLP request and one spans-file line."""
+        enc = pipeline.encoder
         if time.monotonic() > deadline:
-            pipeline._export_dropped += len(p)
+            pipeline._export_dropped += enc.take(False, False)[0]
         else:
-            pipeline._deliver(p, js)
+            pipeline.deliver_batch(enc.held(), lambda want_request, want_line: enc.take(want_request, want_line)[1:])
         status()
 
     eof = False
     while not eof:
         wait = STATUS_EVERY
-        if pbs:
+        if held():
             wait = max(0.0, min(wait, held_since + EXPORT_LINGER - time.monotonic()))
         try:
             ready, _, _ = select.select([inp], [], [], wait)
@@ -753,11 +763,9 @@ def main() -> None:
                 if not pipeline._backend_or_file():
                     pipeline._export_dropped += len(tuples)  # backend in back-off, no file: shed now
                     continue
-                if not pbs:
+                if not held():
                     held_since = time.monotonic()
-                encode_frame(pipeline, tuples, pbs, lines)
-                while len(pbs) >= DELIVER_MIN:
-                    deliver(DELIVER_MAX)
+                encode_frame(pipeline, tuples, deliver)
             elif kind == F_SUMMARIES:
                 if not (isinstance(payload, tuple) and len(payload) == 2 and isinstance(payload[0], int)
                         and isinstance(payload[1], list)):
@@ -771,8 +779,8 @@ def main() -> None:
                     if summaries_done - written[0] >= UNTOLD_MAX:
                         report_written(summaries_done)
             elif kind == F_REOPEN:
-                if pbs:  # what came before the re-open goes to the old file
-                    deliver(len(pbs))
+                if held():  # what came before the re-open goes to the old file
+                    deliver()
                 pipeline._reopen_file()
             elif kind == F_STOP:
                 deadline = time.monotonic() + marshal.loads(payload)
@@ -784,11 +792,11 @@ def main() -> None:
             start = end = 0
             if len(buf) > 4 * READ_SIZE:  # a huge frame went through: give its room back
                 buf = bytearray(READ_SIZE)
-        if pbs and (eof or deadline != float("inf") or time.monotonic() - held_since >= EXPORT_LINGER):
-            deliver(len(pbs))
+        if held() and (eof or deadline != float("inf") or time.monotonic() - held_since >= EXPORT_LINGER):
+            deliver()
         status()
-    if pbs and pipeline is not None:
-        deliver(len(pbs))
+    if held():
+        deliver()
     if pipeline is not None:
         pipeline.close()
     status(force=True)

@@ -689,21 +689,31 @@ class SpanPipeline:
     def _deliver(self, pbs: list, lines: list) -> None:
         """Encoded spans (``ScopeSpans.spans`` fields, OTLP/JSON objects) to the spans file as one
         line and to the backend as one request; counted as exported or dropped."""
-        if not pbs:
+        if pbs:
+            enc = self.encoder
+            self.deliver_batch(len(pbs), lambda want_request, want_line: (
+                enc.request(pbs) if want_request else None, enc.json_line(lines) if want_line else None))
+
+    def deliver_batch(self, n: int, make) -> None:
+        """``n`` spans to the spans file as one line and to the backend as one request, as
+        :meth:`_deliver`; ``make(want_request, want_line)`` gives (request, line), each built only
+        when wanted (the backend may be in back-off, the file not configured)."""
+        if not n:
             return
         exporter = self.exporter
-        enc = self.encoder
         ok = True
         if self._reopen or (self._file is None and self.spans_file is not None):
             self._reopen_file()
+        want_request = exporter is not None and time.monotonic() >= self._retry_at
+        request, line = make(want_request, self.spans_file is not None)
         if self.spans_file is not None:
-            ok = self._write_file(enc.json_line(lines))
+            ok = self._write_file(line)
         if exporter is not None:
-            if time.monotonic() < self._retry_at:
+            if not want_request:
                 ok = False  # backend failed recently: shed load instead of queueing behind it
             else:
                 try:
-                    ok = exporter.export(enc.request(pbs))
+                    ok = exporter.export(request)
                 except Exception:  # noqa: BLE001
                     ok = False
                 if ok:
@@ -712,9 +722,9 @@ class SpanPipeline:
                     self._backoff = min(MAX_BACKOFF, max(0.5, self._backoff * 2))
                     self._retry_at = time.monotonic() + self._backoff
         if ok:
-            self.stats.spans_exported += len(pbs)
+            self.stats.spans_exported += n
         else:
-            self._export_dropped += len(pbs)
+            self._export_dropped += n
 
     def _reopen_file(self) -> None:
         self._reopen = False

@@ -143,6 +143,58 @@ def test_frames_give_the_same_spans_and_failures(tuples, mode):
     assert got == want
 
 
+def deliveries(enc, tuples, limit: int, take=None) -> tuple[list, int]:
+    """(every take of the outbox, failures) of ``tuples`` added ``limit`` spans at a time."""
+    take = take or enc.take
+    out, failed, i = [], 0, 0
+    while True:
+        i, f = enc.add(tuples, i, limit)
+        failed += f
+        out.append(take(True, True))
+        if i >= len(tuples):
+            return out, failed
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(st.lists(st.one_of(tx_tuples(), call_tuples(), ODD, st.tuples(st.just(2), ODD)), max_size=8), ENCODERS,
+       st.integers(1, 9))
+def test_the_outbox_gives_the_joined_request_and_line(tuples, mode, limit):
+    """A delivery taken from the outbox (C, and the Python reference) is the request and the
+    line ``request``/``json_line`` make of the same spans; each holds at most ``limit`` spans
+    (a B2BUA leg's call span and its leg-setup span may cross it by one), and the failures are
+    what ``encode`` counts."""
+    c, py = encoders(mode)
+    pbs, lines = [], []
+    want_failed = py.encode_py(tuples, pbs, lines)
+    for enc in (c, py):
+        got, failed = deliveries(enc, tuples, limit)
+        assert failed == want_failed
+        assert all(n <= limit + 1 for n, _, _ in got) and sum(n for n, _, _ in got) == len(pbs)
+        at = 0
+        for n, request, line in got:
+            if n == 0:
+                assert (request, line) == (None, None)
+                continue
+            assert request == py.request(pbs[at:at + n]) and line == py.json_line(lines[at:at + n])
+            at += n
+        assert enc.held() == 0
+
+
+def test_the_outbox_builds_only_what_is_wanted_and_empties():
+    from test_otlp_encode import proxy_records
+
+    from sipwatch.otlp_encode import call_tuple, tx_tuple
+    tuples = [call_tuple(o) if k == "call" else tx_tuple(o) for k, o in proxy_records() if k == "tx" or o.is_call]
+    for enc in encoders("digits"):
+        assert enc.add(tuples, 0, 10**6) == (len(tuples), 0) and enc.held() == len(tuples)
+        n, request, line = enc.take(False, True)
+        assert (n, request) == (len(tuples), None) and line.endswith(b"]}]}]}\n") and line.count(b'"traceId"') == n
+        assert enc.held() == 0 and enc.take(True, True) == (0, None, None)
+        enc.add(tuples, 1, 10**6)
+        n, request, line = enc.take(True, False)
+        assert n == len(tuples) - 1 and line is None and request.startswith(b"\x0a")
+
+
 def test_figures_are_rounded_and_written_as_python_and_orjson_do():
     """RTT, setup and answer times (3 places) and durations (6 places) at the edges of the
     shortcut: ties, tiny and huge values, negative zero, what orjson writes in exponent form."""
