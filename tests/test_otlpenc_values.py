@@ -212,6 +212,57 @@ def test_figures_are_rounded_and_written_as_python_and_orjson_do():
             assert outcome(c.tx_flat, tx) == outcome(py.tx_flat_py, tx), d
 
 
+def test_figures_of_every_magnitude_and_near_every_tie():
+    """The C encoder's figures without a decimal string (3 places: RTT, setup, answer; 6:
+    duration) against Python's round and orjson: values at every magnitude, decimal ties of the
+    last place and the floats next to them, either sign."""
+    import math
+    import random
+    rnd = random.Random(20261204)
+    c, py = encoders("partial")
+    deltas = [rnd.uniform(-1, 1) * 10 ** rnd.uniform(-8, 9.5) for _ in range(3000)]
+    for places in (1e3, 1e6):
+        for _ in range(800):
+            tie = (rnd.randrange(-10**9, 10**9) + 0.5) / places / (1000 if places == 1e3 else 1)
+            deltas += [tie, math.nextafter(tie, math.inf), math.nextafter(tie, -math.inf)]
+    base = (1, 7, 9, 0, b"c", b"<sip:a@b>;tag=1", b"<sip:b@c>", b"sip:b@c", 0, 200)
+    checked = 0
+    for d in deltas:
+        # from 0.0 a delta is exact (times before it cannot be sent: both raise); from 1e9 the
+        # negative ones are figures too
+        for t0 in (0.0, 1e9):
+            call = base + (t0, t0 + d, t0 + d, t0 + 2 * d, 0, None, None, True, None)
+            want = outcome(py.call_flat_py, call)
+            assert outcome(c.call_flat, call) == want, d
+            tx = (0, 7, 11, 9, b"INVITE", 1, 0, ("10.0.0.2", 5060), 200, t0, t0 + d, t0 + 1.0, 0,
+                  False, None, 9, True, b"c", b"<sip:a@b>;tag=1", b"<sip:b@c>")
+            assert outcome(c.tx_flat, tx) == outcome(py.tx_flat_py, tx), d
+            checked += isinstance(want, tuple)
+    assert checked > len(deltas)  # (most of them made spans, not errors)
+
+
+def test_each_figure_is_round_and_orjson():
+    """A figure straight from the C helper against ``round(x, nd)`` and orjson: decimal ties of
+    the last place whose binary value lies just above or below the tie (0.0025 rounds up,
+    0.0015 down), the floats next to them, and values at every magnitude and sign."""
+    import math
+    import random
+
+    import orjson
+
+    from sipwatch import _otlpenc
+    rnd = random.Random(4)
+    xs = [0.0005, 0.0015, 0.0025, 2.675, 1.0005, 0.1 + 0.2, 1e-4, 9.9995e-5, 5e-7, 0.0, -0.0, 999999.9995]
+    xs += [(k + 0.5) / 1000 for k in range(-3000, 3000)] + [(k + 0.5) / 1e6 for k in range(-3000, 3000)]
+    xs += [rnd.uniform(-1, 1) * 10 ** rnd.uniform(-8, 12) for _ in range(20000)]
+    xs += [math.nextafter(x, d) for x in list(xs) for d in (math.inf, -math.inf)]
+    for x in xs:
+        for nd in (3, 6):
+            r = round(x, nd)
+            got = _otlpenc.figure(x, nd, SpanEncoder.round_json)
+            assert got == (r, orjson.dumps(r)) and math.copysign(1, got[0]) == math.copysign(1, r), (x, nd)
+
+
 def test_hostile_header_text_of_any_size():
     """Call-IDs and URIs with every control byte, quotes, invalid UTF-8 and megabytes of it: the
     lengths in the protobuf and the JSON escaping are the reference's."""
