@@ -31,7 +31,7 @@ from typing import Final
 import orjson
 
 from .masking import mask_uri
-from .stats import METHODS
+from .stats import METHODS, OUTCOMES
 from .summary import (S_CALL_ID, S_END, S_TRACE_ID, add_summary_fields, call_sid_of,  # noqa: F401 (re-exported)
                       call_summary_fields, leg_fields, summary_fields_of, summary_tuple)
 
@@ -77,6 +77,28 @@ def _sanitize(obj, depth: int = 0):
 
 
 _orjson_dumps = orjson.dumps
+
+
+def _load_summary_line():
+    """The C writer of summary lines (``_otlpenc.summary_line``), or None: not built, or
+    ``SIPWATCH_NO_C=1`` (then every line is built as a dict and dumped, the reference)."""
+    if os.environ.get("SIPWATCH_NO_C") == "1":
+        return None
+    try:
+        from ._otlpenc import summary_line
+    except ImportError:
+        return None
+    return summary_line
+
+
+_c_summary_line = _load_summary_line()
+_OUTCOMES_JSON: Final = tuple(orjson.dumps(o) for o in OUTCOMES)
+
+
+def _round_json(x: float, ndigits: int) -> tuple[float, bytes]:
+    """``round(x, ndigits)`` and its JSON, for the figures the C writer leaves to Python."""
+    v = round(x, ndigits)
+    return v, orjson.dumps(v)
 
 
 def dumps(rec: dict) -> tuple[bytes, Exception | None]:
@@ -343,6 +365,8 @@ class JsonLog:
         # summaries): a pipe never interleaves writes that size
         self.atomic_lines = False
         self._pending: list[bytes] = []
+        # what comes between the timestamp and the Call-ID in a summary line (the C writer's)
+        self._summary_head = b',"log_level":"info","service_name":' + orjson.dumps(service_name) + b',"call_sid":'
         # background: lines go to the stream without blocking the caller (the proxy: see
         # stdout_writer); None when the stream cannot stall (a file) or background is off
         self.writer = stdout_writer(self.stream) if background else None
@@ -379,6 +403,11 @@ class JsonLog:
                     self.on_error("log", err)
                 except Exception:  # noqa: BLE001
                     pass
+        self._hold_line(line)
+
+    def _hold_line(self, line: bytes) -> None:
+        """A line held while ``deferred`` (written at 1000), else written at once after the
+        lines still held (their order is kept)."""
         pending = self._pending
         pending.append(line)
         if self.deferred:
@@ -474,8 +503,16 @@ class JsonLog:
             return
         mask = self.call_id_mask
         cid = t[S_CALL_ID]
-        rec = {"timestamp": "", "log_level": "info", "service_name": self.service_name,
-               "call_sid": mask(cid) if mask is not None else cid.decode("utf-8", "replace"),
+        call_sid = mask(cid) if mask is not None else cid.decode("utf-8", "replace")
+        write = _c_summary_line
+        if write is not None and rtp is None and len(t) == 15:
+            mode = self.mask_mode
+            line = write(t, _stamp(self.clock, t[S_END]), self._summary_head, call_sid, mask_uri(t[9], mode),
+                         mask_uri(t[10], mode), mask_uri(t[11], mode), _OUTCOMES_JSON, _round_json)
+            if line is not None:
+                self._hold_line(line)
+                return
+        rec = {"timestamp": "", "log_level": "info", "service_name": self.service_name, "call_sid": call_sid,
                "trace_id": "%032x" % t[S_TRACE_ID], "message": "call finished", "event": "call_summary"}
         summary_fields_of(rec, t, self.mask_mode, mask)
         if rtp is not None:

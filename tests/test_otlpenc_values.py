@@ -475,3 +475,82 @@ def test_masked_heads_pause_when_they_do_not_come_back():
         value = b'"sipp" <sip:5551234567@127.0.0.1:5061>;tag=%d' % i
         assert masked_from(value, n + i + 1) == masking.mask_uri(value)
     assert len(c._masked_heads) == 1  # (the head stored when the full heads were emptied)
+
+
+# -- call summary lines (the span worker writes them; sipwatch.logs.JsonLog.call_summary_of) ----
+@st.composite
+def summary_tuples(draw):
+    t_start = draw(maybe_odd(TIME))
+    start = t_start if isinstance(t_start, float) else T0
+    rel = DELTA.map(lambda d: start + d)
+    tx = st.tuples(maybe_odd(st.one_of(st.sampled_from([b"INVITE", b"ACK", b"BYE"]), TEXT)),
+                   maybe_odd(st.integers(0, 2**31)), maybe_odd(STATUS), maybe_odd(rel),
+                   maybe_odd(st.one_of(st.none(), rel)), maybe_odd(st.one_of(st.none(), rel)),
+                   maybe_odd(st.integers(0, 7)), maybe_odd(st.booleans()), maybe_odd(STR))
+    legs = st.tuples(st.lists(TEXT, min_size=1, max_size=3), st.integers(1, 3), st.sampled_from([None, "x-cid"]), rel)
+    return (draw(maybe_odd(TEXT)), draw(maybe_odd(ID128)), draw(maybe_odd(rel)), draw(maybe_odd(st.integers(-1, 12))),
+            draw(maybe_odd(STATUS)), t_start, draw(maybe_odd(st.one_of(st.none(), rel))),
+            draw(maybe_odd(st.one_of(st.none(), rel))), draw(maybe_odd(st.integers(0, 3))), draw(maybe_odd(TEXT)),
+            draw(maybe_odd(TEXT)), draw(maybe_odd(TEXT)), draw(maybe_odd(st.sampled_from([None, "bye", "shutdown"]))),
+            draw(maybe_odd(st.lists(maybe_odd(tx), max_size=4))), draw(rarely(legs, st.none())))
+
+
+def summary_lines(tuples, mode: str, c_writer) -> tuple[bytes, list]:
+    """What a JsonLog writes of ``tuples`` (and the errors it counts), with the C writer or not."""
+    import io
+
+    from sipwatch import logs
+    mask = CallIdMasker("digits", b"k") if mode == "digits" else None
+    out, errors = io.BytesIO(), []
+    saved, logs._c_summary_line = logs._c_summary_line, c_writer
+    try:
+        log = logs.JsonLog("sw \"x\"", stream=out, mask_mode="partial" if mode == "digits" else mode,
+                           clock=lambda: T0, call_id_mask=mask, on_error=lambda c, e: errors.append(c))
+        log.summaries_of(list(tuples))
+        log.flush()
+    finally:
+        logs._c_summary_line = saved
+    return out.getvalue(), errors
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(st.lists(summary_tuples(), min_size=1, max_size=4), ENCODERS)
+def test_summary_lines_are_the_reference_bytes(tuples, mode):
+    """The C summary writer gives the line the dict and orjson give, byte for byte, or leaves
+    the tuple to them: hostile header text, times and figures at their edges, odd types in any
+    field, B2BUA legs; the same errors are counted."""
+    import re
+
+    from sipwatch import logs
+    assert logs._c_summary_line is not None
+    got, want = summary_lines(tuples, mode, logs._c_summary_line), summary_lines(tuples, mode, None)
+    # (both take the timestamp from logs._stamp, which gives the time of now to a call's end it
+    # cannot show: that one differs between the two runs)
+    now = re.compile(rb'^\{"timestamp":"[^"]*"', re.M)
+    assert (now.sub(b"", got[0]), got[1]) == (now.sub(b"", want[0]), want[1])
+
+
+def test_the_proxy_summaries_take_the_c_writer():
+    """The summaries of real call flows are written by the C writer (the dict path, which would
+    raise here, is never taken), and they are the reference's lines."""
+    from test_otlp_encode import proxy_records
+
+    import orjson
+
+    from sipwatch import logs, summary
+    from sipwatch.handoff import summary_tuples as tuples_of
+    calls = [o for k, o in proxy_records() if k == "call" and o.is_call]
+    tuples = tuples_of(calls, None)
+    want = summary_lines(tuples, "digits", None)
+
+    def refuse(*args):
+        raise AssertionError("dict path taken")
+    saved, logs.summary_fields_of = logs.summary_fields_of, refuse
+    try:
+        got = summary_lines(tuples, "digits", logs._c_summary_line)
+    finally:
+        logs.summary_fields_of = saved
+    assert got == want and got[0].count(b"\n") == len(calls) >= 1 and got[1] == []
+    first = orjson.loads(got[0].split(b"\n")[0])
+    assert first["timestamp"] == logs._stamp(None, calls[0].t_end) and first["transactions"][0]["method"] == "INVITE"
+    assert summary.summary_fields_of is not refuse
