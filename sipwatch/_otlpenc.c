@@ -520,16 +520,26 @@ static PyObject *python_path(Encoder *self, int which, PyObject *t)
 }
 
 /* the span as a ScopeSpans.spans field: tag 2, varint length, then the body written in
- * self->pb from offset 10 on (room left in front for the tag and the length) */
-static PyObject *finish(Encoder *self)
+ * self->pb from offset 10 on (room left in front for the tag and the length); *n its size */
+static const char *span_field(Encoder *self, Py_ssize_t *n)
 {
-    Buf *pb = &self->pb, *js = &self->js;
+    Buf *pb = &self->pb;
     uint64_t body = (uint64_t)(pb->len - 10);
     int k = varint_len(body);
     char *start = pb->p + 10 - 1 - k;
     start[0] = 0x12;
     varint_write(start + 1, body);
-    PyObject *p = PyBytes_FromStringAndSize(start, (Py_ssize_t)(1 + k) + pb->len - 10);
+    *n = (Py_ssize_t)(1 + k) + pb->len - 10;
+    return start;
+}
+
+/* the span as new bytes: (ScopeSpans.spans field, JSON object) */
+static PyObject *finish(Encoder *self)
+{
+    Buf *js = &self->js;
+    Py_ssize_t n;
+    const char *field = span_field(self, &n);
+    PyObject *p = PyBytes_FromStringAndSize(field, n);
     if (p == NULL)
         return NULL;
     PyObject *j = PyBytes_FromStringAndSize(js->p, js->len);
@@ -552,14 +562,11 @@ static PyObject *finish(Encoder *self)
  * reference), or NULL with the outbox as it was */
 static PyObject *finish_into(Encoder *self)
 {
-    Buf *pb = &self->pb, *js = &self->js;
-    uint64_t body = (uint64_t)(pb->len - 10);
-    int k = varint_len(body);
-    char *start = pb->p + 10 - 1 - k;
-    start[0] = 0x12;
-    varint_write(start + 1, body);
+    Buf *js = &self->js;
+    Py_ssize_t n;
+    const char *field = span_field(self, &n);
     Py_ssize_t at_pb = self->opb.len, at_js = self->ojs.len;
-    if (put(&self->opb, start, (Py_ssize_t)(1 + k) + pb->len - 10) < 0
+    if (put(&self->opb, field, n) < 0
         || (self->n_out && PUTS(&self->ojs, ",") < 0) || put(&self->ojs, js->p, js->len) < 0) {
         self->opb.len = at_pb;
         self->ojs.len = at_js;
@@ -1276,18 +1283,31 @@ static PyObject *encoder_call(Encoder *self, PyObject *t)
 
 /* one item of a frame onto pbs/lines; 1 when it failed with an Exception (counted), 0 when
  * appended, -1 on an error that must propagate (not an Exception, e.g. KeyboardInterrupt) */
+/* 0: a transaction tuple tx_fast takes, 1: a call tuple call_fast takes (no B2BUA legs), -1:
+ * anything else, for the Python loop */
+static int fast_kind(PyObject *t)
+{
+    if (!PyTuple_CheckExact(t) || PyTuple_GET_SIZE(t) == 0 || !PyLong_CheckExact(PyTuple_GET_ITEM(t, 0)))
+        return -1;
+    long kind = PyLong_AsLong(PyTuple_GET_ITEM(t, 0));
+    if (kind == -1 && PyErr_Occurred()) {
+        PyErr_Clear(); /* a huge kind */
+        return -1;
+    }
+    if (kind == 0 && PyTuple_GET_SIZE(t) == 20)
+        return 0;
+    if (kind == 1 && PyTuple_GET_SIZE(t) == 19 && PyTuple_GET_ITEM(t, 18) == Py_None)
+        return 1;
+    return -1;
+}
+
 static int frame_item(Encoder *self, PyObject *t, PyObject *pbs, PyObject *lines)
 {
     PyObject *got = NULL;
-    long kind = -1;
-    if (PyTuple_CheckExact(t) && PyTuple_GET_SIZE(t) > 0 && PyLong_CheckExact(PyTuple_GET_ITEM(t, 0))) {
-        kind = PyLong_AsLong(PyTuple_GET_ITEM(t, 0));
-        if (kind == -1 && PyErr_Occurred())
-            PyErr_Clear(); /* a huge kind: the Python loop below */
-    }
-    if (kind == 0 && PyTuple_GET_SIZE(t) == 20) {
+    int kind = fast_kind(t);
+    if (kind == 0) {
         got = tx_fast(self, t, 0);
-    } else if (kind == 1 && PyTuple_GET_SIZE(t) == 19 && PyTuple_GET_ITEM(t, 18) == Py_None) {
+    } else if (kind == 1) {
         got = call_fast(self, t, 0);
     } else {
         /* anything else (leg groups, odd shapes): the Python loop on this one item */
@@ -1362,15 +1382,10 @@ static int out_pair(Encoder *self, PyObject *pair)
 static int frame_item_out(Encoder *self, PyObject *t)
 {
     PyObject *got = NULL;
-    long kind = -1;
-    if (PyTuple_CheckExact(t) && PyTuple_GET_SIZE(t) > 0 && PyLong_CheckExact(PyTuple_GET_ITEM(t, 0))) {
-        kind = PyLong_AsLong(PyTuple_GET_ITEM(t, 0));
-        if (kind == -1 && PyErr_Occurred())
-            PyErr_Clear();
-    }
-    if (kind == 0 && PyTuple_GET_SIZE(t) == 20) {
+    int kind = fast_kind(t);
+    if (kind == 0) {
         got = tx_fast(self, t, 1);
-    } else if (kind == 1 && PyTuple_GET_SIZE(t) == 19 && PyTuple_GET_ITEM(t, 18) == Py_None) {
+    } else if (kind == 1) {
         got = call_fast(self, t, 1);
     } else {
         /* the Python loop on this one item, its spans (a call and its leg setup) then moved here */

@@ -31,6 +31,7 @@ from typing import Final
 import orjson
 
 from .masking import mask_uri
+from .otlp_encode import _otlpenc
 from .stats import METHODS, OUTCOMES
 from .summary import (S_CALL_ID, S_END, S_TRACE_ID, add_summary_fields, call_sid_of,  # noqa: F401 (re-exported)
                       call_summary_fields, leg_fields, summary_fields_of, summary_tuple)
@@ -79,19 +80,9 @@ def _sanitize(obj, depth: int = 0):
 _orjson_dumps = orjson.dumps
 
 
-def _load_summary_line():
-    """The C writer of summary lines (``_otlpenc.summary_line``), or None: not built, or
-    ``SIPWATCH_NO_C=1`` (then every line is built as a dict and dumped, the reference)."""
-    if os.environ.get("SIPWATCH_NO_C") == "1":
-        return None
-    try:
-        from ._otlpenc import summary_line
-    except ImportError:
-        return None
-    return summary_line
-
-
-_c_summary_line = _load_summary_line()
+# the C writer of summary lines, or None: the C span assembly not built, or SIPWATCH_NO_C=1 (then
+# every line is built as a dict and dumped, the reference)
+_c_summary_line = _otlpenc.summary_line if _otlpenc is not None else None
 _OUTCOMES_JSON: Final = tuple(orjson.dumps(o) for o in OUTCOMES)
 
 
