@@ -38,7 +38,9 @@ Properties (an AssertionError names the one that broke; anything else raised is 
 - a second core with the same key, its response fast path (``ProxyCore._fast_response``) off,
   fed the same inputs, gives the same outputs, counters and finished records;
 - a finished call's Call-ID masks alike in C (``_sipscan.mask_call_id``) and in Python, in the
-  ``digits`` and ``hash`` modes.
+  ``digits`` and ``hash`` modes;
+- a finished call's summary line, as the span worker writes it from the summary tuple, is the
+  same bytes from the C writer (``_otlpenc.summary_line``) and from the dict path.
 """
 from __future__ import annotations
 
@@ -47,12 +49,15 @@ import random
 
 import orjson
 
-from sipwatch import core as core_module, sipmsg
+import io
+
+from sipwatch import core as core_module, logs, sipmsg
 from sipwatch.core import CoreConfig, ProxyCore
 from sipwatch.logs import call_summary_fields
 from sipwatch.masking import CallIdMasker
 from sipwatch.observer import Observer
 from sipwatch.sipmsg import SipParseError, parse
+from sipwatch.summary import summary_tuple
 
 try:  # the span encoding is checked when the tracing extras are importable
     from opentelemetry.sdk.resources import Resource
@@ -193,6 +198,10 @@ class Run:
         for kind, obj in records:
             if kind == "call" and getattr(obj, "is_call", False):
                 orjson.dumps(call_summary_fields(obj, "partial"))
+                if logs._c_summary_line is not None:
+                    t = summary_tuple(obj)
+                    assert summary_line(t, logs._c_summary_line) == summary_line(t, None), \
+                        "summary line: the C writer and the dict path differ"
             if kind == "call" and type(obj.call_id) is bytes:
                 for masker in _CALL_ID_MASKERS:
                     assert masker._mask(obj.call_id) == masker._mask_py(obj.call_id), \
@@ -211,6 +220,18 @@ class Run:
             self.housekeeping(self.now + dt)
         self.observer.finish()
         self.records(self.observer.drain_finished())
+
+
+def summary_line(t: tuple, writer) -> bytes:
+    """The summary line a JsonLog writes of tuple ``t``, with the C writer or the dict path."""
+    out = io.BytesIO()
+    saved, logs._c_summary_line = logs._c_summary_line, writer
+    try:
+        log = logs.JsonLog("fuzz", stream=out, clock=lambda: 1.7e9, call_id_mask=_CALL_ID_MASKERS[0])
+        log.call_summary_of(t)
+    finally:
+        logs._c_summary_line = saved
+    return out.getvalue()
 
 
 def counters(core: ProxyCore) -> tuple:
