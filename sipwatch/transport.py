@@ -43,11 +43,29 @@ def _load_pump() -> ModuleType | None:
 _udppump = _load_pump()
 
 
+EPOCH_SAMPLES = 16  # readings of the wall clock bracketed by the monotonic one, at most
+EPOCH_GOOD = 20e-6  # a bracket this narrow ends the sampling
+
+
 def epoch_clock():
     """time.time()-based seconds that never step: monotonic plus the offset at start. The
-    offset rides along as an attribute so that the C pump computes the same sum itself."""
-    offset = time.time() - time.monotonic()
+    offset rides along as an attribute so that the C pump computes the same sum itself.
+
+    The offset is read between two monotonic readings, and of several tries the narrowest
+    bracket is kept: a process preempted between its two clock reads (a loaded machine) would
+    otherwise carry the pause in its offset for its whole life, and every timestamp it exports
+    would be off by that much against the next hop's (seen: 0.7 ms, hop 2's INVITE span starting
+    before hop 1's)."""
     mono = time.monotonic
+    width, offset = float("inf"), 0.0
+    for _ in range(EPOCH_SAMPLES):
+        before = mono()
+        wall = time.time()
+        after = mono()
+        if after - before < width:
+            width, offset = after - before, wall - (before + after) / 2
+            if width <= EPOCH_GOOD:
+                break
 
     def clock() -> float:
         return mono() + offset

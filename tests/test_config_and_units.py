@@ -171,3 +171,25 @@ def test_overload_after_is_read_as_seconds_and_bounded():
     for bad in ("0", "-1", "soon", "nan"):
         with pytest.raises(ConfigError):
             settings_from(base + ["--overload-after", bad], env={})
+
+
+def test_the_epoch_clock_keeps_no_pause_taken_between_its_two_reads(monkeypatch):
+    """A process preempted right after reading the wall clock at start (a loaded machine) must
+    not carry that pause in every timestamp it exports: a hop's spans would then start before
+    those of the hop that sent it the message."""
+    import time as real_time
+
+    from sipwatch import transport
+    wall, calls = real_time.time, [0]
+
+    def preempted_after_first_read() -> float:
+        t = wall()
+        calls[0] += 1
+        if calls[0] == 1:
+            real_time.sleep(0.02)  # the scheduler took the CPU between the two reads
+        return t
+    monkeypatch.setattr(transport.time, "time", preempted_after_first_read)
+    clock = transport.epoch_clock()
+    monkeypatch.undo()
+    assert abs(clock() - real_time.time()) < 0.005
+    assert abs(clock.offset + real_time.monotonic() - clock()) < 1e-3  # (what the C pump adds)
