@@ -1301,38 +1301,8 @@ static int fast_kind(PyObject *t)
     return -1;
 }
 
-static int frame_item(Encoder *self, PyObject *t, PyObject *pbs, PyObject *lines)
-{
-    PyObject *got = NULL;
-    int kind = fast_kind(t);
-    if (kind == 0) {
-        got = tx_fast(self, t, 0);
-    } else if (kind == 1) {
-        got = call_fast(self, t, 0);
-    } else {
-        /* anything else (leg groups, odd shapes): the Python loop on this one item */
-        PyObject *one = PyTuple_Pack(1, t);
-        if (one == NULL)
-            return -1;
-        PyObject *args[3] = {one, pbs, lines};
-        PyObject *n = PyObject_Vectorcall(self->ref[R_ENCODE_PY], args, 3, NULL);
-        Py_DECREF(one);
-        if (n == NULL)
-            return -1;
-        long k = PyLong_AsLong(n);
-        Py_DECREF(n);
-        return k == -1 && PyErr_Occurred() ? -1 : (int)k;
-    }
-    if (got == NULL)
-        return PyErr_ExceptionMatches(PyExc_Exception) ? (PyErr_Clear(), 1) : -1;
-    if (!PyTuple_CheckExact(got) || PyTuple_GET_SIZE(got) != 2) {
-        Py_DECREF(got);
-        return 1;
-    }
-    int rc = PyList_Append(pbs, PyTuple_GET_ITEM(got, 0)) < 0 || PyList_Append(lines, PyTuple_GET_ITEM(got, 1)) < 0;
-    Py_DECREF(got);
-    return rc ? -1 : 0;
-}
+/* one item of a frame onto pbs/lines, or into the outbox when pbs is NULL (below) */
+static int frame_item(Encoder *self, PyObject *t, PyObject *pbs, PyObject *lines);
 
 static PyObject *encoder_frame(Encoder *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -1378,42 +1348,58 @@ static int out_pair(Encoder *self, PyObject *pair)
     return 0;
 }
 
-/* frame_item into the outbox: 0 added, 1 failed (counted), -1 an error that must propagate */
-static int frame_item_out(Encoder *self, PyObject *t)
+/* one item of a frame onto pbs/lines, or into the outbox when pbs is NULL; 1 when it failed
+ * with an Exception (counted), 0 when added, -1 on an error that must propagate (not an
+ * Exception, e.g. KeyboardInterrupt) */
+static int frame_item(Encoder *self, PyObject *t, PyObject *pbs, PyObject *lines)
 {
+    int into = pbs == NULL;
     PyObject *got = NULL;
     int kind = fast_kind(t);
     if (kind == 0) {
-        got = tx_fast(self, t, 1);
+        got = tx_fast(self, t, into);
     } else if (kind == 1) {
-        got = call_fast(self, t, 1);
+        got = call_fast(self, t, into);
     } else {
-        /* the Python loop on this one item, its spans (a call and its leg setup) then moved here */
-        PyObject *one = PyTuple_Pack(1, t), *pbs = PyList_New(0), *lines = PyList_New(0), *n = NULL;
+        /* anything else (leg groups, odd shapes): the Python loop on this one item; into the
+         * outbox, its spans (a call and its leg setup) are then moved there */
+        PyObject *one = PyTuple_Pack(1, t), *n = NULL;
+        PyObject *p = into ? PyList_New(0) : (Py_INCREF(pbs), pbs);
+        PyObject *j = into ? PyList_New(0) : (Py_INCREF(lines), lines);
         int k = -1;
-        if (one != NULL && pbs != NULL && lines != NULL) {
-            PyObject *args[3] = {one, pbs, lines};
+        if (one != NULL && p != NULL && j != NULL) {
+            PyObject *args[3] = {one, p, j};
             n = PyObject_Vectorcall(self->ref[R_ENCODE_PY], args, 3, NULL);
         }
         if (n != NULL) {
             long failed = PyLong_AsLong(n);
             k = failed == -1 && PyErr_Occurred() ? -1 : (int)failed;
-            for (Py_ssize_t i = 0; k >= 0 && i < PyList_GET_SIZE(pbs) && i < PyList_GET_SIZE(lines); i++) {
-                PyObject *pair = PyTuple_Pack(2, PyList_GET_ITEM(pbs, i), PyList_GET_ITEM(lines, i));
+            for (Py_ssize_t i = 0; into && k >= 0 && i < PyList_GET_SIZE(p) && i < PyList_GET_SIZE(j); i++) {
+                PyObject *pair = PyTuple_Pack(2, PyList_GET_ITEM(p, i), PyList_GET_ITEM(j, i));
                 int r = pair == NULL ? -1 : out_pair(self, pair);
                 Py_XDECREF(pair);
                 k = r < 0 ? -1 : k + r;
             }
         }
         Py_XDECREF(one);
-        Py_XDECREF(pbs);
-        Py_XDECREF(lines);
+        Py_XDECREF(p);
+        Py_XDECREF(j);
         Py_XDECREF(n);
         return k;
     }
     if (got == NULL)
         return PyErr_ExceptionMatches(PyExc_Exception) ? (PyErr_Clear(), 1) : -1;
-    int rc = got == Py_None ? 0 : out_pair(self, got); /* the Python path answers with a pair */
+    int rc;
+    if (got == Py_None) { /* (into the outbox already) */
+        rc = 0;
+    } else if (into) { /* the Python path answers with a pair */
+        rc = out_pair(self, got);
+    } else if (!PyTuple_CheckExact(got) || PyTuple_GET_SIZE(got) != 2) {
+        rc = 1;
+    } else {
+        rc = PyList_Append(pbs, PyTuple_GET_ITEM(got, 0)) < 0 || PyList_Append(lines, PyTuple_GET_ITEM(got, 1)) < 0
+            ? -1 : 0;
+    }
     Py_DECREF(got);
     return rc;
 }
@@ -1435,7 +1421,7 @@ static PyObject *encoder_add(Encoder *self, PyObject *const *args, Py_ssize_t na
     for (; i < PyList_GET_SIZE(tuples) && self->n_out < limit; i++) {
         PyObject *t = PyList_GET_ITEM(tuples, i);
         Py_INCREF(t);
-        int k = frame_item_out(self, t);
+        int k = frame_item(self, t, NULL, NULL);
         Py_DECREF(t);
         if (k < 0)
             return NULL;
