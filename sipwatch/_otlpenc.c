@@ -1304,6 +1304,23 @@ static int fast_kind(PyObject *t)
 /* one item of a frame onto pbs/lines, or into the outbox when pbs is NULL (below) */
 static int frame_item(Encoder *self, PyObject *t, PyObject *pbs, PyObject *lines);
 
+/* tuples[i:] through frame_item (into the outbox while it holds fewer than limit spans, when
+ * pbs is NULL), failures added to *failed: the index of the first item not taken, -1 on error */
+static Py_ssize_t frame_items(Encoder *self, PyObject *tuples, Py_ssize_t i, PyObject *pbs, PyObject *lines,
+                              Py_ssize_t limit, Py_ssize_t *failed)
+{
+    for (; i < PyList_GET_SIZE(tuples) && (pbs != NULL || self->n_out < limit); i++) {
+        PyObject *t = PyList_GET_ITEM(tuples, i);
+        Py_INCREF(t);
+        int k = frame_item(self, t, pbs, lines);
+        Py_DECREF(t);
+        if (k < 0)
+            return -1;
+        *failed += k;
+    }
+    return i;
+}
+
 static PyObject *encoder_frame(Encoder *self, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 3) {
@@ -1316,15 +1333,8 @@ static PyObject *encoder_frame(Encoder *self, PyObject *const *args, Py_ssize_t 
         return NULL;
     }
     Py_ssize_t failed = 0;
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(tuples); i++) {
-        PyObject *t = PyList_GET_ITEM(tuples, i);
-        Py_INCREF(t);
-        int k = frame_item(self, t, pbs, lines);
-        Py_DECREF(t);
-        if (k < 0)
-            return NULL;
-        failed += k;
-    }
+    if (frame_items(self, tuples, 0, pbs, lines, 0, &failed) < 0)
+        return NULL;
     return PyLong_FromSsize_t(failed);
 }
 
@@ -1418,15 +1428,9 @@ static PyObject *encoder_add(Encoder *self, PyObject *const *args, Py_ssize_t na
     if (i < 0)
         i = 0;
     Py_ssize_t failed = 0;
-    for (; i < PyList_GET_SIZE(tuples) && self->n_out < limit; i++) {
-        PyObject *t = PyList_GET_ITEM(tuples, i);
-        Py_INCREF(t);
-        int k = frame_item(self, t, NULL, NULL);
-        Py_DECREF(t);
-        if (k < 0)
-            return NULL;
-        failed += k;
-    }
+    i = frame_items(self, tuples, i, NULL, NULL, limit, &failed);
+    if (i < 0)
+        return NULL;
     return Py_BuildValue("(nn)", i, failed);
 }
 
