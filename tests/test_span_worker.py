@@ -4,6 +4,8 @@ are checked against the SDK's own encoder (as in test_otlp_encode) through a rea
 """
 from __future__ import annotations
 
+import itertools
+import marshal
 import os
 
 import pytest
@@ -74,25 +76,32 @@ def test_records_held_when_the_worker_dies_are_dropped_and_counted(tmp_path):
     assert p._dropped == 3 * n and not p._held
 
 
-def test_slices_are_framed_as_they_come_and_leave_together(tmp_path, monkeypatch):
-    """Each submitted slice becomes its marshal frame at once, so the write after HOLD only joins
-    bytes (one dump of a HOLD's worth of records had stalled the loop for milliseconds); the
-    frames, written back to back, come out as the spans the reference encodes."""
+def test_slices_are_gathered_framed_by_the_dump_size_and_leave_together(tmp_path, monkeypatch):
+    """The tuples of consecutive slices become one marshal frame each time DUMP_RECORDS of them
+    have gathered (a frame per small slice had cost the worker ~2 µs a call; one dump of a
+    HOLD's worth had stalled the loop for milliseconds), so the write after HOLD only joins
+    bytes; the frames, and the tuples still open at the shutdown, come out as the spans the
+    reference encodes."""
     from sipwatch import span_worker
     monkeypatch.setattr(span_worker, "HOLD", 1e9)  # held until the shutdown, however slow the machine
+    monkeypatch.setattr(span_worker, "DUMP_RECORDS", 5)
     recs = proxy_records()
+    n = len(spans_of(recs))
+    assert n % 5, "some tuples must still be open at the shutdown"
     stats = Stats(ring_size=16)
     with OtlpReceiver() as rx:
         p = worker_pipeline(stats, f"127.0.0.1:{rx.grpc_port}", "grpc", tmp_path)
-        for i in range(0, len(recs), 5):
-            p.submit(recs[i:i + 5])
+        for i in range(0, len(recs), 2):
+            p.submit(recs[i:i + 2])
         assert len(p._held) > 1 and all(type(frame) is bytes for frame in p._held)
-        assert p._held_records == len(spans_of(recs))
+        assert all(len(marshal.loads(frame[5:])) in (5, 6) for frame in p._held)  # (a slice may cross 5)
+        assert 0 < len(p._open) < 5
+        assert p._held_records == n
         p.shutdown(10)
         got = rx.snapshot()
     _, ref = reference(spans_of(recs), SpanBuilder(p.resource))
     assert sorted(got, key=key) == sorted(decode(ref), key=key)
-    assert stats.spans_exported == len(spans_of(recs)) and stats.spans_dropped == 0
+    assert stats.spans_exported == n and stats.spans_dropped == 0
 
 
 def test_a_frame_larger_than_the_read_buffer_is_read_whole(tmp_path):
@@ -214,6 +223,29 @@ def test_the_worker_writes_the_call_summaries_the_proxy_would(tmp_path):
     got = read_all(r).splitlines()
     assert got == reference_lines(calls, cid) and len(got) == len(calls) > 5
     assert p.take_lost_summaries() == [] and not p._unwritten and p.log_errors == 0
+
+
+def test_summaries_of_small_slices_are_framed_together_and_written_in_order(tmp_path, monkeypatch):
+    """Summaries gather over slices into frames of DUMP_SUMMARIES or a few more (not a frame
+    per slice); each frame carries the sequence number of its last summary, and the lines come
+    out in order, those still open at the shutdown included."""
+    from sipwatch import span_worker
+    from sipwatch.handoff import summary_tuples
+    monkeypatch.setattr(span_worker, "HOLD", 1e9)
+    monkeypatch.setattr(span_worker, "DUMP_SUMMARIES", 3)
+    calls = calls_of(proxy_records())
+    assert len(calls) % 3
+    p, r = piped_summaries(tmp_path)
+    p.submit_summaries(summary_tuples(calls[:2], None))
+    for c in calls[2:]:
+        p.submit_summaries(summary_tuples([c], None))
+    frames = [marshal.loads(f[5:]) for f in p._held]
+    assert [len(t) for _, t in frames] and all(len(t) == 3 for _, t in frames)
+    assert [seq for seq, _ in frames] == list(itertools.accumulate(len(t) for _, t in frames))
+    assert 0 < len(p._open_summaries) < 3
+    p.shutdown(10)
+    assert read_all(r).splitlines() == reference_lines(calls, None)
+    assert p.take_lost_summaries() == [] and not p._unwritten
 
 
 def test_summaries_the_worker_cannot_write_come_back_to_the_proxy(tmp_path):
@@ -535,6 +567,8 @@ def test_a_summaries_frame_that_does_not_load_stops_the_worker_and_every_line_is
             return b"\xff damaged" + marshal.dumps(value, version)[9:]
     monkeypatch.setattr(span_worker, "marshal", Garbling)
     p.submit_summaries(bad)
+    with p._lock:
+        p._frame_open()
     monkeypatch.undo()
     p.submit_summaries(last)
     with p._lock:
@@ -552,14 +586,18 @@ def test_a_summaries_frame_that_does_not_load_stops_the_worker_and_every_line_is
 
 
 def test_summaries_marshal_cannot_take_come_back_to_the_proxy(tmp_path):
-    """A summary with a value marshal refuses is not lost between the two processes."""
+    """A summary with a value marshal refuses is not lost between the two processes, and the
+    others framed with it still go to the worker."""
     from sipwatch.handoff import summary_tuples
     calls = calls_of(proxy_records())
     p, r = piped_summaries(tmp_path)
     odd = [tuple(summary_tuples(calls[:1], None)[0]) + (object(),)]
     good = summary_tuples(calls[1:3], None)
+    p.submit_summaries(good[:1])
     p.submit_summaries(odd)
-    p.submit_summaries(good)
+    p.submit_summaries(good[1:])
+    with p._lock:
+        p._frame_open()
     assert p.take_lost_summaries() == odd
     p.shutdown(10)
     assert read_all(r).splitlines() == reference_lines(calls[1:3], None)
