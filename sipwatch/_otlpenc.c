@@ -1304,12 +1304,13 @@ static int fast_kind(PyObject *t)
 /* one item of a frame onto pbs/lines, or into the outbox when pbs is NULL (below) */
 static int frame_item(Encoder *self, PyObject *t, PyObject *pbs, PyObject *lines);
 
-/* tuples[i:] through frame_item (into the outbox while it holds fewer than limit spans, when
- * pbs is NULL), failures added to *failed: the index of the first item not taken, -1 on error */
+/* tuples[i:] through frame_item (into the outbox while it holds fewer than limit spans and fewer
+ * than max_bytes of protobuf spans, when pbs is NULL), failures added to *failed: the index of
+ * the first item not taken, -1 on error */
 static Py_ssize_t frame_items(Encoder *self, PyObject *tuples, Py_ssize_t i, PyObject *pbs, PyObject *lines,
-                              Py_ssize_t limit, Py_ssize_t *failed)
+                              Py_ssize_t limit, Py_ssize_t max_bytes, Py_ssize_t *failed)
 {
-    for (; i < PyList_GET_SIZE(tuples) && (pbs != NULL || self->n_out < limit); i++) {
+    for (; i < PyList_GET_SIZE(tuples) && (pbs != NULL || (self->n_out < limit && self->opb.len < max_bytes)); i++) {
         PyObject *t = PyList_GET_ITEM(tuples, i);
         Py_INCREF(t);
         int k = frame_item(self, t, pbs, lines);
@@ -1333,7 +1334,7 @@ static PyObject *encoder_frame(Encoder *self, PyObject *const *args, Py_ssize_t 
         return NULL;
     }
     Py_ssize_t failed = 0;
-    if (frame_items(self, tuples, 0, pbs, lines, 0, &failed) < 0)
+    if (frame_items(self, tuples, 0, pbs, lines, 0, 0, &failed) < 0)
         return NULL;
     return PyLong_FromSsize_t(failed);
 }
@@ -1414,21 +1415,27 @@ static int frame_item(Encoder *self, PyObject *t, PyObject *pbs, PyObject *lines
     return rc;
 }
 
-/* add(tuples, start, limit): tuples[start:] into the outbox until it holds limit spans */
+/* add(tuples, start, limit[, max_bytes]): tuples[start:] into the outbox until it holds limit
+ * spans, or max_bytes of protobuf spans (no bound without it) */
 static PyObject *encoder_add(Encoder *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 3 || !PyList_Check(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "add(tuples: list, start, limit)");
+    if ((nargs != 3 && nargs != 4) || !PyList_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "add(tuples: list, start, limit, max_bytes=None)");
         return NULL;
     }
     PyObject *tuples = args[0];
-    Py_ssize_t i = PyLong_AsSsize_t(args[1]), limit = PyLong_AsSsize_t(args[2]);
+    Py_ssize_t i = PyLong_AsSsize_t(args[1]), limit = PyLong_AsSsize_t(args[2]), max_bytes = PY_SSIZE_T_MAX;
     if ((i == -1 || limit == -1) && PyErr_Occurred())
         return NULL;
+    if (nargs == 4 && args[3] != Py_None) {
+        max_bytes = PyLong_AsSsize_t(args[3]);
+        if (max_bytes == -1 && PyErr_Occurred())
+            return NULL;
+    }
     if (i < 0)
         i = 0;
     Py_ssize_t failed = 0;
-    i = frame_items(self, tuples, i, NULL, NULL, limit, &failed);
+    i = frame_items(self, tuples, i, NULL, NULL, limit, max_bytes, &failed);
     if (i < 0)
         return NULL;
     return Py_BuildValue("(nn)", i, failed);

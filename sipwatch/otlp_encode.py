@@ -46,6 +46,12 @@ ERROR_OUTCOMES = frozenset((REJ5, REJ6, TIMEOUT))
 SCOPE_NAME = "sipwatch"
 CACHE_MAX = 8192  # cached (key, value) encodings; cleared when full (a cache, not a leak)
 PARTY_MAX = 4096  # calls whose masked parties are remembered (a call's spans come together)
+# Protobuf bytes of spans in one export request, at most (about: the span that crosses it still
+# goes): an OTel Collector's (and Jaeger's) OTLP/gRPC receiver refuses messages over 4 MiB by
+# default, and one refused request loses all its spans and sets off the back-off. A typical span
+# is ~450 bytes, but every span of a call carries its From and To, which a sender can make tens
+# of KB long: a delivery of 2048 spans from a few such calls had gone past the limit.
+DELIVER_BYTES = 3 << 20
 KIND_INTERNAL, KIND_SERVER, KIND_CLIENT = 1, 2, 3  # OTLP Span.SpanKind
 LEG_SETUP_SPAN = "B2BUA leg setup"  # the B2BUA's own latency: named leg's INVITE -> this leg's INVITE
 STATUS_ERROR = 2
@@ -180,6 +186,7 @@ class SpanEncoder:
         self._json_tail = b"]}]}]}\n"
         self._out_pb: list = []  # the outbox of add_py / take_py
         self._out_js: list = []
+        self._out_bytes = 0  # protobuf bytes of the spans in _out_pb
         # tx_flat, call_flat and encode in C over these same caches when the module is built
         # (it takes the Python methods for any shape it does not handle itself)
         self._call_id_key, self._from_key = self._key("sip.call_id"), self._key("sip.from")
@@ -410,15 +417,19 @@ class SpanEncoder:
     # The span worker encodes each frame into it and takes a delivery's request and line out at
     # once. In C the spans go straight into two buffers, one copy each at the take, instead of
     # two bytes objects a span joined into a list (~1.5 µs a call less, in process).
-    def add_py(self, tuples, start: int, limit: int) -> tuple[int, int]:
+    def add_py(self, tuples, start: int, limit: int, max_bytes: int | None = None) -> tuple[int, int]:
         """``tuples[start:]`` encoded into the outbox, one at a time, until it holds ``limit``
-        spans: (index of the first tuple not taken, how many could not be encoded).
-        :meth:`add` is this, in C when built."""
+        spans or ``max_bytes`` of protobuf spans (a backend refuses requests past its size: an
+        OTel Collector's gRPC receiver 4 MiB by default): (index of the first tuple not taken,
+        how many could not be encoded). :meth:`add` is this, in C when built."""
         pbs, lines = self._out_pb, self._out_js
         failed = 0
         i = max(0, start)
-        while i < len(tuples) and len(pbs) < limit:
+        cap = max_bytes if max_bytes is not None else float("inf")
+        while i < len(tuples) and len(pbs) < limit and self._out_bytes < cap:
+            had = len(pbs)
             failed += self.encode_py(tuples[i:i + 1], pbs, lines)
+            self._out_bytes += sum(len(pb) for pb in pbs[had:])
             i += 1
         return i, failed
 
@@ -431,6 +442,7 @@ class SpanEncoder:
         emptied; both None when it held none."""
         pbs, lines = self._out_pb, self._out_js
         self._out_pb, self._out_js = [], []
+        self._out_bytes = 0
         if not pbs:
             return 0, None, None
         return len(pbs), self.request(pbs) if want_request else None, self.json_line(lines) if want_line else None

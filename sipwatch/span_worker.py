@@ -64,7 +64,7 @@ import time
 from collections import deque
 
 from .handoff import span_tuples
-from .otlp_encode import call_tuple, tx_tuple  # noqa: F401 (the frame format, re-exported)
+from .otlp_encode import DELIVER_BYTES, call_tuple, tx_tuple  # noqa: F401 (the frame format, re-exported)
 
 _LEN = struct.Struct("<I")
 F_CONFIG, F_RECORDS, F_REOPEN, F_STOP, F_SUMMARIES = 0, 1, 2, 3, 4
@@ -397,7 +397,10 @@ class WorkerPipeline:
                 return
             if off >= len(frame):
                 return
-        if off == 0 and self._pending_bytes + len(frame) > self._pending_max:
+        # past the bound frames of records and summaries are dropped (summaries come back); a
+        # control frame (stop, re-open) never is: a stop lost made the worker take the EOF that
+        # follows for the proxy's death and drop what it held
+        if off == 0 and (n or summaries) and self._pending_bytes + len(frame) > self._pending_max:
             self._dropped += n
             if summaries:
                 self._summaries_lost(summaries)
@@ -598,12 +601,12 @@ class _Counters:
 def encode_frame(pipeline, tuples, deliver) -> None:
     """A frame's record tuples encoded straight into the encoder's outbox (no record objects:
     :meth:`sipwatch.otlp_encode.SpanEncoder.add`, in C when built), ``deliver()`` called each
-    time it holds DELIVER_MAX spans and once more at the end if it holds DELIVER_MIN; a tuple
-    that cannot be encoded is counted (failure, dropped), never fatal."""
+    time it holds DELIVER_MAX spans (or DELIVER_BYTES of them) and once more at the end if it
+    holds DELIVER_MIN; a tuple that cannot be encoded is counted (failure, dropped), never fatal."""
     enc = pipeline.encoder
     i = 0
     while True:
-        i, failed = enc.add(tuples, i, DELIVER_MAX)
+        i, failed = enc.add(tuples, i, DELIVER_MAX, DELIVER_BYTES)
         if failed:
             pipeline._export_dropped += failed
             pipeline.failures += failed

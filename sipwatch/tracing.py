@@ -71,7 +71,7 @@ from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, Trace
 
 from . import __version__
 from .masking import mask_uri
-from .otlp_encode import LEG_SETUP_SPAN, SpanEncoder, hop_ends, leg_attributes, rtp_figures  # noqa: F401
+from .otlp_encode import DELIVER_BYTES, LEG_SETUP_SPAN, SpanEncoder, hop_ends, leg_attributes, rtp_figures  # noqa: F401
 from .otlp_options import DEFAULT_PORTS, add_otlp_arguments  # noqa: F401  (re-exported)
 from .otlp_encode import call_transport as _call_transport
 from .stats import DIRECTIONS, OUTCOMES, REJ5, REJ6, TIMEOUT
@@ -689,10 +689,19 @@ class SpanPipeline:
     def _deliver(self, pbs: list, lines: list) -> None:
         """Encoded spans (``ScopeSpans.spans`` fields, OTLP/JSON objects) to the spans file as one
         line and to the backend as one request; counted as exported or dropped."""
-        if pbs:
-            enc = self.encoder
-            self.deliver_batch(len(pbs), lambda want_request, want_line: (
-                enc.request(pbs) if want_request else None, enc.json_line(lines) if want_line else None))
+        enc = self.encoder
+        start, size = 0, 0
+        for i, pb in enumerate(pbs):  # requests of at most ~DELIVER_BYTES (see there)
+            if size >= DELIVER_BYTES:
+                self._deliver_some(enc, pbs[start:i], lines[start:i])
+                start, size = i, 0
+            size += len(pb)
+        if start < len(pbs):
+            self._deliver_some(enc, pbs[start:], lines[start:])
+
+    def _deliver_some(self, enc, pbs: list, lines: list) -> None:
+        self.deliver_batch(len(pbs), lambda want_request, want_line: (
+            enc.request(pbs) if want_request else None, enc.json_line(lines) if want_line else None))
 
     def deliver_batch(self, n: int, make) -> None:
         """``n`` spans to the spans file as one line and to the backend as one request, as

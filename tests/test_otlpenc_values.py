@@ -143,12 +143,13 @@ def test_frames_give_the_same_spans_and_failures(tuples, mode):
     assert got == want
 
 
-def deliveries(enc, tuples, limit: int, take=None) -> tuple[list, int]:
-    """(every take of the outbox, failures) of ``tuples`` added ``limit`` spans at a time."""
+def deliveries(enc, tuples, limit: int, take=None, max_bytes=None) -> tuple[list, int]:
+    """(every take of the outbox, failures) of ``tuples`` added ``limit`` spans (or ``max_bytes``
+    of protobuf spans) at a time."""
     take = take or enc.take
     out, failed, i = [], 0, 0
     while True:
-        i, f = enc.add(tuples, i, limit)
+        i, f = enc.add(tuples, i, limit) if max_bytes is None else enc.add(tuples, i, limit, max_bytes)
         failed += f
         out.append(take(True, True))
         if i >= len(tuples):
@@ -157,17 +158,19 @@ def deliveries(enc, tuples, limit: int, take=None) -> tuple[list, int]:
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(st.lists(st.one_of(tx_tuples(), call_tuples(), ODD, st.tuples(st.just(2), ODD)), max_size=8), ENCODERS,
-       st.integers(1, 9))
-def test_the_outbox_gives_the_joined_request_and_line(tuples, mode, limit):
+       st.integers(1, 9), st.one_of(st.none(), st.integers(1, 3000)))
+def test_the_outbox_gives_the_joined_request_and_line(tuples, mode, limit, max_bytes):
     """A delivery taken from the outbox (C, and the Python reference) is the request and the
     line ``request``/``json_line`` make of the same spans; each holds at most ``limit`` spans
-    (a B2BUA leg's call span and its leg-setup span may cross it by one), and the failures are
-    what ``encode`` counts."""
+    (a B2BUA leg's call span and its leg-setup span may cross it by one) and, given
+    ``max_bytes``, took no tuple once its protobuf spans reached that size; the failures are
+    what ``encode`` counts, and C and Python cut the deliveries alike."""
     c, py = encoders(mode)
     pbs, lines = [], []
     want_failed = py.encode_py(tuples, pbs, lines)
+    cuts = []
     for enc in (c, py):
-        got, failed = deliveries(enc, tuples, limit)
+        got, failed = deliveries(enc, tuples, limit, max_bytes=max_bytes)
         assert failed == want_failed
         assert all(n <= limit + 1 for n, _, _ in got) and sum(n for n, _, _ in got) == len(pbs)
         at = 0
@@ -176,8 +179,12 @@ def test_the_outbox_gives_the_joined_request_and_line(tuples, mode, limit):
                 assert (request, line) == (None, None)
                 continue
             assert request == py.request(pbs[at:at + n]) and line == py.json_line(lines[at:at + n])
+            if max_bytes is not None and n > 2:  # (the last tuple may have made two spans)
+                assert sum(len(pb) for pb in pbs[at:at + n - 2]) < max_bytes
             at += n
         assert enc.held() == 0
+        cuts.append([n for n, _, _ in got])
+    assert cuts[0] == cuts[1]
 
 
 def test_the_outbox_builds_only_what_is_wanted_and_empties():

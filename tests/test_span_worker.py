@@ -38,6 +38,35 @@ def test_frame_over_the_bound_goes_when_the_pipe_has_room(tmp_path):
     assert stats.spans_exported == len(spans_of(recs)) and stats.spans_dropped == 0
 
 
+def test_the_stop_goes_even_when_what_waits_for_the_pipe_is_over_the_bound(tmp_path):
+    """Frames of records past the bound are dropped (counted); the stop frame never is: a stop
+    lost made the worker take the EOF after it for the proxy's death and drop every span it
+    still held, delivered or not."""
+    import signal
+    recs = proxy_records()
+    n = len(spans_of(recs))
+    stats = Stats(ring_size=16)
+    with OtlpReceiver() as rx:
+        p = worker_pipeline(stats, f"127.0.0.1:{rx.grpc_port}", "grpc", tmp_path)
+        p._pending_max = 1 << 16
+        os.kill(p.proc.pid, signal.SIGSTOP)  # its pipe fills, then what waits passes the bound
+        try:
+            sent = 0
+            while not p._dropped and sent < 100_000:
+                p.submit(recs)
+                with p._lock:
+                    p._send_held()
+                sent += n
+        finally:
+            os.kill(p.proc.pid, signal.SIGCONT)
+        assert p._dropped and p._pending_bytes > 0
+        p._pending_max = p._pending_bytes  # what waits is at the bound: nothing more fits
+        p.shutdown(30)
+        assert p.proc.returncode == 0
+    assert stats.spans_exported == sent - p._dropped > 0
+    assert stats.spans_dropped == p._dropped and p._status.get("dropped") == 0
+
+
 def test_malformed_frames_are_counted_and_the_worker_goes_on(tmp_path):
     """Bytes that are not a marshal frame, and a frame of values that are not record tuples:
     failures and drops are counted, the records after them are still exported."""
@@ -667,3 +696,49 @@ def test_summaries_reach_a_non_blocking_stdout_whole(tmp_path):
     lines = got[0].lstrip(b"x").splitlines()
     assert lines == reference_lines(calls, None)
     assert p.take_lost_summaries() == [] and p.log_errors == 0
+
+
+def big_party_records(calls: int, size: int) -> list:
+    """Finished answered calls whose From is ``size`` bytes long (a display name a sender chose,
+    which the call's span carries)."""
+    from sipwatch.state import Tracker
+    from sipwatch.stats import ACK, BYE, INVITE
+    tr = Tracker(Stats(ring_size=16), finished_max=10 * calls)
+    t = 1_764_500_000.0
+    sig = ("10.0.0.2", 5060)
+    for i in range(calls):
+        frm = b'"' + b"A" * size + b'" <sip:alice@10.0.0.1>;tag=%d' % i
+        c = tr.new_call(b"big-%d@host" % i, (9 << 100) + i, 3 * i + 1, 0, True, t, True, frm,
+                        b"<sip:bob@10.0.0.2>", b"sip:bob@10.0.0.2")
+        key = (b"z9hG4bKbig%d" % i, b"INVITE")
+        tr.request(key, INVITE, b"INVITE", 1, c, t, 10**9 + i, c.span_id, 0, sig, True)
+        tr.response(key, 200, t + 0.05, b"%08x" % i)
+        tr.ack(ACK, b"ACK", 1, c, t + 0.06, 2 * 10**9 + i, 0, sig)
+        bk = (b"z9hG4bKbigb%d" % i, b"BYE")
+        tr.request(bk, BYE, b"BYE", 2, c, t + 2, 3 * 10**9 + i, c.span_id, 1, sig, False)
+        tr.response(bk, 200, t + 2.003)
+        t += 0.001
+    return list(tr.finished)
+
+
+@pytest.mark.parametrize("worker", [True, False], ids=["worker", "thread"])
+def test_calls_with_huge_headers_do_not_push_a_request_past_the_backends_limit(tmp_path, worker):
+    """A gRPC OTLP receiver refuses messages over 4 MiB by default (grpcio's, the OTel
+    Collector's): 200 calls whose From is 40 KB make ~8 MB of spans, and one request of them all
+    (the worker's delivery; the thread's batch of 512 records, ~5 MB) lost every span, theirs and
+    the others'. Requests stay near DELIVER_BYTES: every span arrives."""
+    recs = big_party_records(200, 40_000)
+    n = len(spans_of(recs))
+    stats = Stats(ring_size=16)
+    with OtlpReceiver() as rx:
+        endpoint = f"127.0.0.1:{rx.grpc_port}"
+        if worker:
+            p = worker_pipeline(stats, endpoint, "grpc", tmp_path)
+        else:
+            from sipwatch.tracing import SpanPipeline
+            p = SpanPipeline.configured("capture", stats, endpoint, "grpc", None, "sw-unit", "partial", None, {})
+        p.submit(recs)
+        p.shutdown(20)
+        got = rx.wait_for(n, 5)
+    assert len(got) == n == 800
+    assert stats.spans_exported == n and stats.spans_dropped == 0
