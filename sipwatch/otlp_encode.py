@@ -49,8 +49,8 @@ PARTY_MAX = 4096  # calls whose masked parties are remembered (a call's spans co
 # Protobuf bytes of spans in one export request, at most (about: the span that crosses it still
 # goes): an OTel Collector's (and Jaeger's) OTLP/gRPC receiver refuses messages over 4 MiB by
 # default, and one refused request loses all its spans and sets off the back-off. A typical span
-# is ~450 bytes, but every span of a call carries its From and To, which a sender can make tens
-# of KB long: a delivery of 2048 spans from a few such calls had gone past the limit.
+# is ~450 bytes, but a call's span carries its From and To, which a sender can make tens of KB
+# long: a delivery of 2048 spans with a hundred such calls among them had gone past the limit.
 DELIVER_BYTES = 3 << 20
 KIND_INTERNAL, KIND_SERVER, KIND_CLIENT = 1, 2, 3  # OTLP Span.SpanKind
 LEG_SETUP_SPAN = "B2BUA leg setup"  # the B2BUA's own latency: named leg's INVITE -> this leg's INVITE
