@@ -259,10 +259,11 @@ class WorkerPipeline:
 
     # loop side -----------------------------------------------------------------------------
     def submit(self, records) -> None:
-        """The sampled records of a slice as one frame, held for the next write (see HOLD).
+        """The sampled records of a slice as tuples, framed with those of the slices before once
+        DUMP_RECORDS have gathered, held for the next write (see HOLD).
 
-        A slice is framed at once (a dump of ~40 records), not the HOLD's thousands at the write:
-        one dump of 800 records had stopped the loop for ~4 ms live, the tick's longest stall."""
+        Framed as they gather, not the HOLD's thousands at the write: one dump of 800 records had
+        stopped the loop for ~4 ms live, the tick's longest stall."""
         held = span_tuples(records, self._own_decision, self.sample_ratio, self._sampled_by_ratio)
         if self._dead or self._closed:  # gone or shut down: nothing more is held for it
             self._dropped += len(held) + self._held_records
