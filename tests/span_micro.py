@@ -23,17 +23,26 @@ BATCH = 512
 
 
 def records(n: int) -> list:
+    return answered_calls(n, lambda i: (
+        b"%08d-a3f1c2d4e5b6@10.20.30.40" % i, b'"Alice" <sip:+4930123456%02d@10.0.0.1>;tag=%08d' % (i % 100, i),
+        b"<sip:+4940987654%02d@10.0.0.2>" % (i % 100), b"sip:+4940987654%02d@10.0.0.2" % (i % 100)))
+
+
+def answered_calls(n: int, party, provisional: bool = True) -> list:
+    """Finished records of ``n`` answered calls as the proxy's Tracker emits them: INVITE (100 and
+    180 when ``provisional``, 200), ACK, BYE (200); ``party(i)`` gives call i's (Call-ID, From, To,
+    Request-URI)."""
     tr = Tracker(Stats(ring_size=16), finished_max=10 * n)
     t = 1_764_500_000.0
     sig, gw = ("10.0.0.2", 5060), ("10.0.0.1", 5060)
     for i in range(n):
-        c = tr.new_call(b"%08d-a3f1c2d4e5b6@10.20.30.40" % i, (7 << 100) + i, 3 * i + 1, 0, True, t, True,
-                        b'"Alice" <sip:+4930123456%02d@10.0.0.1>;tag=%08d' % (i % 100, i),
-                        b"<sip:+4940987654%02d@10.0.0.2>" % (i % 100), b"sip:+4940987654%02d@10.0.0.2" % (i % 100))
+        call_id, frm, to, ruri = party(i)
+        c = tr.new_call(call_id, (7 << 100) + i, 3 * i + 1, 0, True, t, True, frm, to, ruri)
         key = (b"z9hG4bKsw%012d" % i, b"INVITE")
         tr.request(key, INVITE, b"INVITE", 1, c, t, 10**9 + i, c.span_id, 0, sig, True)
-        tr.response(key, 100, t + 0.001)
-        tr.response(key, 180, t + 0.01)
+        if provisional:
+            tr.response(key, 100, t + 0.001)
+            tr.response(key, 180, t + 0.01)
         tr.response(key, 200, t + 0.05, b"%08x" % i)
         tr.ack(ACK, b"ACK", 1, c, t + 0.06, 2 * 10**9 + i, 0, sig)
         bk = (b"z9hG4bKswb%012d" % i, b"BYE")

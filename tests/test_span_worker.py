@@ -701,24 +701,9 @@ def test_summaries_reach_a_non_blocking_stdout_whole(tmp_path):
 def big_party_records(calls: int, size: int) -> list:
     """Finished answered calls whose From is ``size`` bytes long (a display name a sender chose,
     which the call's span carries)."""
-    from sipwatch.state import Tracker
-    from sipwatch.stats import ACK, BYE, INVITE
-    tr = Tracker(Stats(ring_size=16), finished_max=10 * calls)
-    t = 1_764_500_000.0
-    sig = ("10.0.0.2", 5060)
-    for i in range(calls):
-        frm = b'"' + b"A" * size + b'" <sip:alice@10.0.0.1>;tag=%d' % i
-        c = tr.new_call(b"big-%d@host" % i, (9 << 100) + i, 3 * i + 1, 0, True, t, True, frm,
-                        b"<sip:bob@10.0.0.2>", b"sip:bob@10.0.0.2")
-        key = (b"z9hG4bKbig%d" % i, b"INVITE")
-        tr.request(key, INVITE, b"INVITE", 1, c, t, 10**9 + i, c.span_id, 0, sig, True)
-        tr.response(key, 200, t + 0.05, b"%08x" % i)
-        tr.ack(ACK, b"ACK", 1, c, t + 0.06, 2 * 10**9 + i, 0, sig)
-        bk = (b"z9hG4bKbigb%d" % i, b"BYE")
-        tr.request(bk, BYE, b"BYE", 2, c, t + 2, 3 * 10**9 + i, c.span_id, 1, sig, False)
-        tr.response(bk, 200, t + 2.003)
-        t += 0.001
-    return list(tr.finished)
+    from span_micro import answered_calls
+    return answered_calls(calls, lambda i: (b"big-%d@host" % i, b'"' + b"A" * size + b'" <sip:alice@10.0.0.1>;tag=%d' % i,
+                                            b"<sip:bob@10.0.0.2>", b"sip:bob@10.0.0.2"), provisional=False)
 
 
 @pytest.mark.parametrize("worker", [True, False], ids=["worker", "thread"])

@@ -32,27 +32,11 @@ import bench_net  # noqa: E402
 
 
 def calls(n: int) -> list:
-    """Finished records of ``n`` answered calls as the proxy's Tracker emits them."""
-    from sipwatch.state import Tracker
-    from sipwatch.stats import ACK, BYE, INVITE, Stats
-    tr = Tracker(Stats(ring_size=16), finished_max=10 * n)
-    t = 1_764_500_000.0
-    uas, uac = ("127.0.0.1", 5062), ("127.0.0.1", 5061)
-    for i in range(n):
-        c = tr.new_call(b"%d-4242@127.0.0.1" % (i + 1), (7 << 100) + i, 3 * i + 1, 0, True, t, True,
-                        b'"Caller" <sip:+49301234%02d@127.0.0.1:5061>;tag=%dSIPpTag00%d' % (i % 100, 4242, i),
-                        b"<sip:service@127.0.0.1:5060>", b"sip:service@127.0.0.1:5060")
-        key = (b"z9hG4bK-4242-%d-0" % i, b"INVITE")
-        tr.request(key, INVITE, b"INVITE", 1, c, t, 10**9 + i, c.span_id, 0, uas, True)
-        tr.response(key, 100, t + 0.0005)
-        tr.response(key, 180, t + 0.001)
-        tr.response(key, 200, t + 0.0012, b"%08x" % i)
-        tr.ack(ACK, b"ACK", 1, c, t + 0.0014, 2 * 10**9 + i, 0, uas)
-        bk = (b"z9hG4bK-4242-%d-6" % i, b"BYE")
-        tr.request(bk, BYE, b"BYE", 2, c, t + 0.0016, 3 * 10**9 + i, c.span_id, 1, uac, False)
-        tr.response(bk, 200, t + 0.002)
-        t += 0.00025
-    return list(tr.finished)
+    """Finished records of ``n`` answered calls with SIPp's Call-IDs, From (a number per call) and To."""
+    from span_micro import answered_calls
+    return answered_calls(n, lambda i: (
+        b"%d-4242@127.0.0.1" % (i + 1), b'"Caller" <sip:+49301234%02d@127.0.0.1:5061>;tag=4242SIPpTag00%d' % (i % 100, i),
+        b"<sip:service@127.0.0.1:5060>", b"sip:service@127.0.0.1:5060"))
 
 
 def stream(records: list, config: dict) -> bytes:
