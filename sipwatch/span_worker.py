@@ -8,10 +8,11 @@ interval). So the proxy hands the sampled records to a child process instead:
 
 * loop side (:class:`WorkerPipeline.submit`, each slice of a housekeeping tick): each record
   becomes a compact tuple of plain values (:func:`sipwatch.otlp_encode.tx_tuple` /
-  ``call_tuple``); the tuples of consecutive slices become one ``marshal`` frame once DUMP_RECORDS
-  of them have gathered, and the frames are held until HOLD seconds or FRAME_RECORDS records have
-  gathered, then written in one write to a non-blocking pipe. What the pipe cannot take waits in a bounded buffer (flushed at the next
-  tick); past the bound frames are dropped and counted. No encoding, no masking, no JSON here.
+  ``call_tuple``); the tuples of consecutive slices become one ``marshal`` frame once
+  DUMP_RECORDS of them have gathered, and the frames are held until HOLD seconds or FRAME_RECORDS
+  records have gathered, then written in one write to a non-blocking pipe. What the pipe cannot
+  take waits in a bounded buffer (flushed at the next tick); past the bound frames of records
+  are dropped and counted (a stop or re-open always waits). No encoding, no masking, no JSON here.
 * worker (``python -m sipwatch.span_worker``): reads frames, encodes the tuples as they are
   (:meth:`sipwatch.otlp_encode.SpanEncoder.tx_flat` / ``call_flat``: no record objects are
   rebuilt) into the encoder's outbox (``add``/``take``: each delivery's request and line built
@@ -288,36 +289,39 @@ class WorkerPipeline:
     def _frame_open(self) -> None:
         """The open tuples (summaries, records) as frames, held for the next write."""
         if self._open_summaries:
-            tuples = self._open_summaries
+            self._frame_summaries(self._open_summaries)
             self._open_summaries = []
-            try:
-                payload = marshal.dumps((self._summary_seq + len(tuples), tuples), MARSHAL_VERSION)
-            except (ValueError, TypeError):  # a value marshal does not take: the proxy writes those
-                fit = []
-                for t in tuples:
-                    try:
-                        marshal.dumps(t, MARSHAL_VERSION)
-                    except (ValueError, TypeError):
-                        self._lost.append(t)
-                    else:
-                        fit.append(t)
-                tuples = fit
-                payload = marshal.dumps((self._summary_seq + len(tuples), tuples), MARSHAL_VERSION) if tuples else b""
-            if tuples:
-                self._summary_seq += len(tuples)
-                entry = [self._summary_seq, tuples]
-                self._held.append(_LEN.pack(len(payload) + 1) + _SUMMARIES_KIND + payload)
-                self._held_summaries.append(entry)
-                self._unwritten.append(entry)
         if self._open:
             payload = marshal.dumps(self._open, MARSHAL_VERSION)
             self._open = []
             self._held.append(_LEN.pack(len(payload) + 1) + _RECORDS_KIND + payload)
 
+    def _frame_summaries(self, tuples: list) -> None:
+        """``tuples`` as one held frame of summaries, numbered; one with a value marshal does not
+        take goes back to the proxy (``_lost``), which writes it, and the others still go."""
+        try:
+            payload = marshal.dumps((self._summary_seq + len(tuples), tuples), MARSHAL_VERSION)
+        except (ValueError, TypeError):
+            fit: list = []
+            for t in tuples:
+                (fit if _marshals(t) else self._lost).append(t)
+            if len(fit) < len(tuples):
+                if fit:
+                    self._frame_summaries(fit)
+            else:  # (each alone but not together: never seen) the proxy writes them all
+                self._lost.extend(fit)
+            return
+        self._summary_seq += len(tuples)
+        entry = [self._summary_seq, tuples]
+        self._held.append(_LEN.pack(len(payload) + 1) + _SUMMARIES_KIND + payload)
+        self._held_summaries.append(entry)
+        self._unwritten.append(entry)
+
     def submit_summaries(self, tuples: list) -> None:
-        """The call summaries of a slice (:func:`~sipwatch.summary.summary_tuple`) as one frame
-        held with the span records (written with them, in order), for the worker to write as
-        log lines. What cannot reach it comes back through :meth:`take_lost_summaries`."""
+        """The call summaries of a slice (:func:`~sipwatch.summary.summary_tuple`), framed with
+        those of the slices before once DUMP_SUMMARIES have gathered and held with the span
+        records (written with them), for the worker to write as log lines. What cannot reach it
+        comes back through :meth:`take_lost_summaries`."""
         if not tuples:
             return
         if self._dead or self._closed:
@@ -591,6 +595,14 @@ class WorkerPipeline:
             self._summaries_lost(self._unwritten)
             self._unwritten.clear()
         self._publish()
+
+
+def _marshals(value) -> bool:
+    try:
+        marshal.dumps(value, MARSHAL_VERSION)
+    except (ValueError, TypeError):
+        return False
+    return True
 
 
 # -- the worker ----------------------------------------------------------------------------------
