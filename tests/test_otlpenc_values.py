@@ -561,3 +561,26 @@ def test_the_proxy_summaries_take_the_c_writer():
     first = orjson.loads(got[0].split(b"\n")[0])
     assert first["timestamp"] == logs._stamp(None, calls[0].t_end) and first["transactions"][0]["method"] == "INVITE"
     assert summary.summary_fields_of is not refuse
+
+
+def test_json_strings_escape_every_byte_at_every_offset():
+    """The C writer finds clean runs of a JSON string 8 bytes at a time: each byte that needs an
+    escape (controls, quote, backslash), and bytes around them that do not (0x7f, UTF-8), at every
+    offset of strings that end inside, at and past a word, are written as orjson writes them."""
+    from test_otlp_encode import proxy_records
+
+    from sipwatch import logs
+    from sipwatch.handoff import summary_tuples as tuples_of
+    call = next(o for k, o in proxy_records() if k == "call" and o.is_call)
+    base = tuples_of([call], None)[0]
+    specials = [bytes((b,)) for b in range(0x20)] + [b'"', b"\\", b"\x7f", b"\xc3\xa9", b" "]
+    tuples = []
+    for length in (1, 7, 8, 9, 15, 16, 17, 24, 25):
+        for at in range(length):
+            for sp in specials:
+                text = (b"ab" * length)[:at] + sp + b"x" * (length - at - 1)
+                tuples.append(base[:9] + (text, text + b"\\" + sp, sp * at) + base[12:])
+    got = summary_lines(tuples, "none", logs._c_summary_line)
+    want = summary_lines(tuples, "none", None)
+    assert got == want and got[0].count(b"\n") == len(tuples) and got[1] == []
+
