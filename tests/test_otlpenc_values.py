@@ -584,3 +584,89 @@ def test_json_strings_escape_every_byte_at_every_offset():
     want = summary_lines(tuples, "none", None)
     assert got == want and got[0].count(b"\n") == len(tuples) and got[1] == []
 
+
+# -- the hand-off's packed frames ------------------------------------------------------------------
+PACKABLE = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**63 - 1), st.integers(0, 2**128 - 1),
+              st.floats(allow_nan=False), st.sampled_from([-0.0, float("inf"), -float("inf")]), st.binary(max_size=40),
+              st.text(max_size=20), TEXT),
+    lambda inner: st.one_of(st.lists(inner, max_size=6), st.lists(inner, max_size=6).map(tuple)),
+    max_leaves=40)
+
+
+def same(a, b) -> bool:
+    """Equal and of the same types all the way down (True is not 1, -0.0 not 0.0)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float):
+        return struct.pack("<d", a) == struct.pack("<d", b)
+    return a == b
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(PACKABLE)
+def test_packed_frames_give_back_what_was_packed(value):
+    """Every value of the kinds the tuples hold comes back equal and type for type."""
+    from sipwatch import _otlpenc
+    packed = _otlpenc.pack_frame(value)
+    assert type(packed) is bytes and same(_otlpenc.unpack_frame(packed), value)
+    assert same(_otlpenc.unpack_frame(bytearray(packed)), value)
+
+
+def test_what_the_packing_does_not_take_is_left_to_marshal():
+    """Another type, a subclass, an int past the two ranges, a str with a lone surrogate, a nesting
+    too deep: pack_frame answers None, and the frame is written with marshal and reads back."""
+    import enum
+    import marshal
+
+    from sipwatch import _otlpenc, span_worker
+
+    class Kind(enum.IntEnum):
+        A = 1
+    deep: object = 1
+    for _ in range(20):
+        deep = (deep,)
+    for odd in (2**128, -(2**63) - 1, "\ud800", 1.5j, {1: 2}, bytearray(b"x"), Kind.A, deep, [1, (2, {3})]):
+        assert _otlpenc.pack_frame(odd) is None, odd
+    for odd in (2**128, "\ud800", deep):  # (marshal refuses the IntEnum too)
+        frame = span_worker.records_frame([odd])
+        assert frame[4] == span_worker.F_RECORDS and marshal.loads(frame[5:]) == [odd]
+        assert span_worker._read_frame(frame[4], frame[5:]) == (span_worker.F_RECORDS, [odd])
+    frame = span_worker.records_frame([(0, 2**127, None, 1.5)])
+    assert frame[4] == span_worker.F_PACKED_RECORDS
+    assert span_worker._read_frame(frame[4], frame[5:]) == (span_worker.F_RECORDS, [(0, 2**127, None, 1.5)])
+
+
+def test_damaged_packed_frames_raise_value_error_and_cost_what_they_hold():
+    """Cut anywhere, a byte changed anywhere, or a count far beyond the bytes left: ValueError
+    (or another value that was packed), never a crash; a count is checked before anything is
+    made, so a few bytes cannot make the worker allocate gigabytes."""
+    import random
+
+    from sipwatch import _otlpenc
+    rng = random.Random(7)
+    value = [(0, 2**100 + 5, -3, 1.25, b"INVITE", "udp", None, True, [(180, 1.5)], ("10.0.0.1", 5060))] * 3
+    packed = _otlpenc.pack_frame(value)
+    for cut in range(len(packed)):
+        with pytest.raises(ValueError):
+            _otlpenc.unpack_frame(packed[:cut])
+    with pytest.raises(ValueError):
+        _otlpenc.unpack_frame(packed + b"\x01")
+    for _ in range(3000):
+        damaged = bytearray(packed)
+        damaged[rng.randrange(len(damaged))] = rng.randrange(256)
+        try:
+            _otlpenc.unpack_frame(bytes(damaged))
+        except ValueError:
+            pass
+    for tag in (9, 10):  # a tuple, a list, of 2^32-1 items with none there
+        with pytest.raises(ValueError):
+            _otlpenc.unpack_frame(bytes((tag,)) + b"\xff\xff\xff\xff" + b"\x01" * 8)
+    nested = b"\x0a\x01\x00\x00\x00" * 10000 + b"\x01"  # lists 10000 deep
+    with pytest.raises(ValueError):
+        _otlpenc.unpack_frame(nested)
+    for junk in (b"", b"\x00", b"\x0b", bytes(range(256))):
+        with pytest.raises(ValueError):
+            _otlpenc.unpack_frame(junk)

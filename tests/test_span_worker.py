@@ -13,7 +13,7 @@ from harness import HAVE_SIPP, Sidecar, free_port, metric, run_call_pair
 from otlp_receiver import OtlpReceiver, decode
 from test_otlp_encode import key, proxy_records, reference, worker_pipeline
 
-from sipwatch.span_worker import _LEN, F_RECORDS
+from sipwatch.span_worker import _LEN, F_RECORDS, _read_frame
 from sipwatch.stats import Stats
 from sipwatch.tracing import SpanBuilder
 
@@ -123,7 +123,7 @@ def test_slices_are_gathered_framed_by_the_dump_size_and_leave_together(tmp_path
         for i in range(0, len(recs), 2):
             p.submit(recs[i:i + 2])
         assert len(p._held) > 1 and all(type(frame) is bytes for frame in p._held)
-        assert all(len(marshal.loads(frame[5:])) in (5, 6) for frame in p._held)  # (a slice may cross 5)
+        assert all(len(_read_frame(frame[4], frame[5:])[1]) in (5, 6) for frame in p._held)  # (a slice may cross 5)
         assert 0 < len(p._open) < 5
         assert p._held_records == n
         p.shutdown(10)
@@ -268,7 +268,7 @@ def test_summaries_of_small_slices_are_framed_together_and_written_in_order(tmp_
     p.submit_summaries(summary_tuples(calls[:2], None))
     for c in calls[2:]:
         p.submit_summaries(summary_tuples([c], None))
-    frames = [marshal.loads(f[5:]) for f in p._held]
+    frames = [_read_frame(f[4], f[5:])[1] for f in p._held]
     assert [len(t) for _, t in frames] and all(len(t) == 3 for _, t in frames)
     assert [seq for seq, _ in frames] == list(itertools.accumulate(len(t) for _, t in frames))
     assert 0 < len(p._open_summaries) < 3
@@ -590,11 +590,14 @@ def test_a_summaries_frame_that_does_not_load_stops_the_worker_and_every_line_is
     with p._lock:
         p._send_held()
 
-    class Garbling:  # the dump of the next frame arrives damaged
+    class Garbling:  # the dump of the next frame arrives damaged (marshal, or packed)
         @staticmethod
         def dumps(value, version=None):
             return b"\xff damaged" + marshal.dumps(value, version)[9:]
     monkeypatch.setattr(span_worker, "marshal", Garbling)
+    if span_worker._pack is not None:
+        pack = span_worker._pack
+        monkeypatch.setattr(span_worker, "_pack", lambda value: b"\xff damaged" + pack(value)[9:])
     p.submit_summaries(bad)
     with p._lock:
         p._frame_open()

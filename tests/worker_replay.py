@@ -41,7 +41,8 @@ def calls(n: int) -> list:
 
 def stream(records: list, config: dict) -> bytes:
     """The bytes the proxy writes to its worker for ``records``: the config frame, then frames of
-    span tuples and of summaries as WorkerPipeline gathers them over 8-call slices."""
+    span tuples and of summaries as WorkerPipeline gathers them over 8-call slices, each framed
+    as it frames them (packed, or marshal where the C module is not built)."""
     from collections import deque
 
     from sipwatch import span_worker as sw
@@ -59,10 +60,10 @@ def stream(records: list, config: dict) -> bytes:
         spans += span_tuples(chunk, False, 1.0, None)
         if len(summaries) >= sw.DUMP_SUMMARIES or not backlog:
             seq += len(summaries)
-            frame(sw.F_SUMMARIES, marshal.dumps((seq, summaries), sw.MARSHAL_VERSION))
+            out.extend(sw.summaries_frame(seq, summaries))
             summaries = []
         if len(spans) >= sw.DUMP_RECORDS or not backlog:
-            frame(sw.F_RECORDS, marshal.dumps(spans, sw.MARSHAL_VERSION))
+            out.extend(sw.records_frame(spans))
             spans = []
     frame(sw.F_STOP, marshal.dumps(30.0))
     return bytes(out)
