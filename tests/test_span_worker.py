@@ -70,7 +70,6 @@ def test_the_stop_goes_even_when_what_waits_for_the_pipe_is_over_the_bound(tmp_p
 def test_malformed_frames_are_counted_and_the_worker_goes_on(tmp_path):
     """Bytes that are not a marshal frame, and a frame of values that are not record tuples:
     failures and drops are counted, the records after them are still exported."""
-    import marshal
     recs = proxy_records()
     stats = Stats(ring_size=16)
     with OtlpReceiver() as rx:
@@ -106,7 +105,7 @@ def test_records_held_when_the_worker_dies_are_dropped_and_counted(tmp_path):
 
 
 def test_slices_are_gathered_framed_by_the_dump_size_and_leave_together(tmp_path, monkeypatch):
-    """The tuples of consecutive slices become one marshal frame each time DUMP_RECORDS of them
+    """The tuples of consecutive slices become one frame each time DUMP_RECORDS of them
     have gathered (a frame per small slice had cost the worker ~2 µs a call; one dump of a
     HOLD's worth had stalled the loop for milliseconds), so the write after HOLD only joins
     bytes; the frames, and the tuples still open at the shutdown, come out as the spans the
@@ -137,7 +136,6 @@ def test_a_frame_larger_than_the_read_buffer_is_read_whole(tmp_path):
     """The worker reads into one buffer it keeps: a frame of several megabytes (bigger than the
     buffer and the pipe, so it comes over many reads) is read whole, its records exported and the
     tuple that is not a record counted; the frames after it, read into the buffer given back, too."""
-    import marshal
     import select
 
     from sipwatch.otlp_encode import call_tuple, tx_tuple
@@ -578,7 +576,6 @@ def test_a_summaries_frame_that_does_not_load_stops_the_worker_and_every_line_is
     """A frame of summaries the worker cannot read carries lines only the proxy can still write;
     the next frame's report would count them written. The worker stops there instead, and the
     summaries from that frame on come back to the proxy: every call has its line, once."""
-    import marshal
     import time
 
     from sipwatch import span_worker
