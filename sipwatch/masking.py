@@ -241,9 +241,11 @@ def _mask_remembered(value: bytes, mode: str, memo: dict[bytes, str]) -> str:
                      m.start(5))
     if plain is not None:
         out, tag_at = plain
-        if tag_at < 0:
-            memo[value] = out
-        else:  # the tag is the last ";tag=" (no ';' in it: tag_at is cut) and stays as it is
+        # a value with its tag is remembered whole too: it comes back once more (the span worker
+        # masks a call's From for its spans and again for its summary line), and a caller whose
+        # number changes with every call never hits the heads
+        memo[value] = out
+        if tag_at >= 0:  # the tag is the last ";tag=" (no ';' in it: tag_at is cut) and stays as it is
             heads[head if tag_at == cut else value[:tag_at]] = out[:len(out) - (len(value) - tag_at)]
         return out
     if m is not None:
@@ -257,13 +259,15 @@ def _mask_remembered(value: bytes, mode: str, memo: dict[bytes, str]) -> str:
             memo[value] = out
             return out
         heads[value[:m.start(5)]] = out  # the tag is new with every call: the head is kept
-        return out + tag.decode("utf-8", "replace")
+        out = memo[value] = out + tag.decode("utf-8", "replace")
+        return out
     if cut > 0 and _NOT_IN_TAG.search(value, cut + 5) is None:
         lt = value.find(b"<", 0, cut)
         gt = value.find(b">", lt + 1, cut) if lt >= 0 else -1
         if gt >= 0 and value.find(b":", 0, lt) < 0 and value.find(b",", gt + 1, cut) < 0:
             masked = heads[value[:cut]] = _mask_text(value[:cut].decode("utf-8", "replace"), mode)
-            return masked + value[cut:].decode("utf-8", "replace")
+            out = memo[value] = masked + value[cut:].decode("utf-8", "replace")
+            return out
     out = memo[value] = _mask_text(value.decode("utf-8", "replace"), mode)
     return out
 

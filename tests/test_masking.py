@@ -449,3 +449,19 @@ def test_a_callers_head_is_remembered_and_every_new_tag_masks_as_the_whole_value
                 want = masking._mask_text(value.decode("utf-8", "replace"), mode)
                 assert mask_uri(value, mode) == want, (mode, value)
     assert b"sipp <sip:sipp@127.0.0.1:5061>" in masking._HEAD_MEMOS["partial"]
+
+
+def test_a_from_with_its_tag_masked_twice_is_masked_once():
+    """The span worker masks each call's From for its spans and again for its summary line; a
+    caller's number changes with every call, so the heads never hit: the whole value is
+    remembered at the first mask and the second is that text, for each of the three shapes."""
+    from sipwatch import masking
+    values = [b'"Caller" <sip:+493012345%d@127.0.0.1:5061>;tag=77SIPpTag00%d' % (i, i) for i in range(5)]
+    values += [b'"M\xfcller" <sip:+4930123456%d@gw>;tag=x%d' % (i, i) for i in range(3)]  # not ASCII
+    values += [b"<sip:4930123456%d@gw>;cpc=4930123456;tag=q%d" % (i, i) for i in range(3)]  # parameters
+    for mode in ("partial", "full"):
+        for value in values:
+            want = masking._mask_text(value.decode("utf-8", "replace"), mode)
+            assert mask_uri(value, mode) == want
+            assert masking._MEMOS[mode].get(value) == want, value
+            assert mask_uri(value, mode) == want

@@ -32,10 +32,11 @@ import bench_net  # noqa: E402
 
 
 def calls(n: int) -> list:
-    """Finished records of ``n`` answered calls with SIPp's Call-IDs, From (a number per call) and To."""
+    """Finished records of ``n`` answered calls with SIPp's Call-IDs, and From (its number and tag
+    the call's, as the bench's caller sends them) and To."""
     from span_micro import answered_calls
     return answered_calls(n, lambda i: (
-        b"%d-4242@127.0.0.1" % (i + 1), b'"Caller" <sip:+49301234%02d@127.0.0.1:5061>;tag=4242SIPpTag00%d' % (i % 100, i),
+        b"%d-4242@127.0.0.1" % (i + 1), b'"Caller" <sip:+493012345%d@127.0.0.1:5061>;tag=4242SIPpTag00%d' % (i + 1, i + 1),
         b"<sip:service@127.0.0.1:5060>", b"sip:service@127.0.0.1:5060"))
 
 
