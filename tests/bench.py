@@ -1330,7 +1330,7 @@ def free_page_reporting() -> dict | None:
     Where it is on, memory freed is taken back within seconds (measured on the 2-vCPU VM: 886 MB
     of a deleted 1-GB file within 10 s) and its next use costs a first touch again: 1 GB written
     into such pages cost 3.2 s of system time, into pages freed a moment before 0.23 s. The
-    sidecar's spans file (~1.7 KB a call) is written into new page-cache pages, so the later part
+    sidecar's spans file (~3.7 KB a call) is written into new page-cache pages, so the later part
     of a long run pays it (the worker's sustained-run profile: ``copy_folio_from_iter_atomic`` went
     from 3 % of its samples in seconds 5-25 to a third in seconds 50-70); Kamailio writes none."""
     base = Path("/sys/module/page_reporting/parameters")
