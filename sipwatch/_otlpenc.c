@@ -1762,7 +1762,8 @@ static PyObject *module_figure(PyObject *mod, PyObject *const *args, Py_ssize_t 
  * ~0.55 µs a tuple on the event loop (its generic dispatch per value, and ints past 2^31 -- the
  * ids -- written 15 bits at a time); this writes the few kinds the tuples hold, each as a tag
  * byte and its value, little-endian:
- *   None, True, False: the tag alone; int: 8 bytes (signed 64-bit) or 16 (0 <= v < 2^128);
+ *   None, True, False: the tag alone; int: 8 bytes (signed 64-bit) or 16 (0 <= v < 2^128,
+ *   big-endian as trace_bytes writes a trace id);
  *   float: 8 bytes (its bits); bytes and str (UTF-8): u32 length and the bytes;
  *   tuple and list: u32 count and the items, at most PACK_DEPTH deep.
  * Anything else (another type, a subclass, a str marshal writes with surrogates, a bigger int)
@@ -1773,41 +1774,33 @@ enum { P_NONE = 1, P_TRUE, P_FALSE, P_INT, P_U128, P_FLOAT, P_BYTES, P_STR, P_TU
 #define PACK_DEPTH 16
 #define FRAME_ROOM_MAX (1 << 20) /* pack_frame's buffer is kept up to this size */
 
-/* a tag and 8 bytes of u, little-endian, written in place (bytes assembled on the stack and
- * copied cost a stalled load each: a third of the packing) */
-static inline int put_tag_u64(Buf *b, int tag, uint64_t u)
+/* a tag and the low `width` (4 or 8) bytes of u, little-endian, written in place (bytes
+ * assembled on the stack and copied cost a stalled load each: a third of the packing) */
+static inline int put_tag_le(Buf *b, int tag, uint64_t u, int width)
 {
-    if (b->cap - b->len < 9 && buf_grow(b, 9) < 0)
+    if (b->cap - b->len < 1 + width && buf_grow(b, 1 + width) < 0)
         return -1;
     unsigned char *o = (unsigned char *)b->p + b->len;
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
-    u = __builtin_bswap64(u);
+    u = __builtin_bswap64(u); /* (the low bytes first in memory, as on a little-endian machine) */
 #endif
     o[0] = (unsigned char)tag;
-    memcpy(o + 1, &u, 8);
-    b->len += 9;
+    memcpy(o + 1, &u, (size_t)width);
+    b->len += 1 + width;
     return 0;
 }
 
-static inline int put_tag_u32(Buf *b, int tag, Py_ssize_t n)
+/* a tag, a u32 length and the n bytes of s; 1 when n does not fit in the length */
+static inline int put_tag_sized(Buf *b, int tag, const char *s, Py_ssize_t n)
 {
-    if (b->cap - b->len < 5 && buf_grow(b, 5) < 0)
-        return -1;
-    unsigned char *o = (unsigned char *)b->p + b->len;
-    uint32_t u = (uint32_t)n;
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
-    u = __builtin_bswap32(u);
-#endif
-    o[0] = (unsigned char)tag;
-    memcpy(o + 1, &u, 4);
-    b->len += 5;
-    return 0;
+    if (n > 0xFFFFFFFFLL)
+        return 1;
+    return put_tag_le(b, tag, (uint64_t)n, 4) < 0 || put(b, s, n) < 0 ? -1 : 0;
 }
 
 /* 0: packed; 1: a value this format does not take; -1: an error (memory) */
 static int pack_value(Buf *b, PyObject *o, int depth)
 {
-    unsigned char h[17];
     if (o == Py_None || o == Py_True || o == Py_False) {
         if (b->cap - b->len < 1 && buf_grow(b, 1) < 0)
             return -1;
@@ -1821,38 +1814,21 @@ static int pack_value(Buf *b, PyObject *o, int depth)
         if (!overflow) {
             if (v == -1 && PyErr_Occurred())
                 return -1;
-            return put_tag_u64(b, P_INT, (uint64_t)v);
+            return put_tag_le(b, P_INT, (uint64_t)v, 8);
         }
-        if (overflow < 0)
+        unsigned char h[17] = {P_U128};
+        if (overflow < 0 || trace_bytes(o, h + 1) < 0) /* (16 bytes big-endian, as a trace id) */
             return 1;
-        h[0] = P_U128;
-#if PY_VERSION_HEX >= 0x030D0000
-        Py_ssize_t need = PyLong_AsNativeBytes(o, h + 1, 16, Py_ASNATIVEBYTES_LITTLE_ENDIAN
-                                               | Py_ASNATIVEBYTES_UNSIGNED_BUFFER | Py_ASNATIVEBYTES_REJECT_NEGATIVE);
-        if (need < 0 || need > 16) {
-            PyErr_Clear();
-            return 1;
-        }
-#else
-        if (_PyLong_AsByteArray((PyLongObject *)o, h + 1, 16, 1, 0) < 0) {
-            PyErr_Clear();
-            return 1;
-        }
-#endif
         return put(b, (const char *)h, 17);
     }
     if (t == &PyFloat_Type) {
         double d = PyFloat_AS_DOUBLE(o);
         uint64_t u;
         memcpy(&u, &d, 8);
-        return put_tag_u64(b, P_FLOAT, u);
+        return put_tag_le(b, P_FLOAT, u, 8);
     }
-    if (t == &PyBytes_Type) {
-        Py_ssize_t n = PyBytes_GET_SIZE(o);
-        if (n > 0xFFFFFFFFLL)
-            return 1;
-        return put_tag_u32(b, P_BYTES, n) < 0 || put(b, PyBytes_AS_STRING(o), n) < 0 ? -1 : 0;
-    }
+    if (t == &PyBytes_Type)
+        return put_tag_sized(b, P_BYTES, PyBytes_AS_STRING(o), PyBytes_GET_SIZE(o));
     if (t == &PyUnicode_Type) {
         Py_ssize_t n;
         const char *u = PyUnicode_AsUTF8AndSize(o, &n);
@@ -1862,9 +1838,7 @@ static int pack_value(Buf *b, PyObject *o, int depth)
             PyErr_Clear();
             return 1;
         }
-        if (n > 0xFFFFFFFFLL)
-            return 1;
-        return put_tag_u32(b, P_STR, n) < 0 || put(b, u, n) < 0 ? -1 : 0;
+        return put_tag_sized(b, P_STR, u, n);
     }
     if (t == &PyTuple_Type || t == &PyList_Type) {
         if (depth >= PACK_DEPTH)
@@ -1873,7 +1847,7 @@ static int pack_value(Buf *b, PyObject *o, int depth)
         Py_ssize_t n = is_tuple ? PyTuple_GET_SIZE(o) : PyList_GET_SIZE(o);
         if (n > 0xFFFFFFFFLL)
             return 1;
-        if (put_tag_u32(b, is_tuple ? P_TUPLE : P_LIST, n) < 0)
+        if (put_tag_le(b, is_tuple ? P_TUPLE : P_LIST, (uint64_t)n, 4) < 0)
             return -1;
         /* (nothing here runs Python code: a list cannot change while it is written) */
         for (Py_ssize_t i = 0; i < n; i++) {
@@ -1944,9 +1918,9 @@ static PyObject *unpack_value(Reader *r, int depth)
             return bad_frame();
         r->pos += 16;
 #if PY_VERSION_HEX >= 0x030D0000
-        return PyLong_FromUnsignedNativeBytes(q, 16, Py_ASNATIVEBYTES_LITTLE_ENDIAN);
+        return PyLong_FromUnsignedNativeBytes(q, 16, Py_ASNATIVEBYTES_BIG_ENDIAN);
 #else
-        return _PyLong_FromByteArray(q, 16, 1, 0);
+        return _PyLong_FromByteArray(q, 16, 0, 0);
 #endif
     }
     case P_FLOAT: {

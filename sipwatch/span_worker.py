@@ -11,9 +11,9 @@ interval). So the proxy hands the sampled records to a child process instead:
   ``call_tuple``); the tuples of consecutive slices become one frame (packed by the C module,
   else ``marshal``) once DUMP_RECORDS of them have gathered, and the frames are held until
   HOLD seconds or FRAME_RECORDS records have gathered, then written in one write to a
-  non-blocking pipe. What the pipe cannot
-  take waits in a bounded buffer (flushed at the next tick); past the bound frames of records
-  are dropped and counted (a stop or re-open always waits). No encoding, no masking, no JSON here.
+  non-blocking pipe. What the pipe cannot take waits in a bounded buffer (flushed at the next
+  tick); past the bound frames of records are dropped and counted (a stop or re-open always
+  waits). No encoding, no masking, no JSON here.
 * worker (``python -m sipwatch.span_worker``): reads frames, encodes the tuples as they are
   (:meth:`sipwatch.otlp_encode.SpanEncoder.tx_flat` / ``call_flat``: no record objects are
   rebuilt) into the encoder's outbox (``add``/``take``: each delivery's request and line built
@@ -75,6 +75,7 @@ F_CONFIG, F_RECORDS, F_REOPEN, F_STOP, F_SUMMARIES, F_PACKED_RECORDS, F_PACKED_S
 # loop), else, or for a frame holding anything else, written with marshal. The worker reads both.
 _pack = _otlpenc.pack_frame if _otlpenc is not None else None
 _unpack = _otlpenc.unpack_frame if _otlpenc is not None else None
+_TUPLE_FRAMES = (F_RECORDS, F_SUMMARIES, F_PACKED_RECORDS, F_PACKED_SUMMARIES)  # read by _read_frame
 PENDING_MAX = 16 << 20  # bytes of frames waiting for the pipe; beyond, frames are dropped
 STATUS_EVERY = 0.1  # seconds between the worker's status frames while busy
 MAX_FRAME = 256 << 20
@@ -95,9 +96,9 @@ DUMP_RECORDS = 160
 DUMP_SUMMARIES = 40
 GC_THRESHOLD = 100_000  # container allocations (net) between the worker's young collections
 FRAME_RECORDS = 2048
-# marshal format of the frames the C packing does not take (or all, without it). Version 2 writes no back-references: versions 3 and 4 look
-# every object that has other references (here nearly all of them) up in a table, which made the
-# dump cost ~1.8x as much (in process, frames of 40 records: 2.1 vs 1.2 µs a record) for a ~25 %
+# marshal format of the frames the C packing does not take (or all, without it). Version 2 writes
+# no back-references: versions 3 and 4 look every object that has other references (here nearly
+# all of them) up in a table, which made the dump cost ~1.8x as much (in process, frames of 40 records: 2.1 vs 1.2 µs a record) for a ~25 %
 # smaller frame; the worker reads every version alike.
 MARSHAL_VERSION = 2
 DELIVER_MIN = 1024
@@ -831,8 +832,7 @@ def main() -> None:
             kind = buf[pos + 4]
             with memoryview(buf) as view:
                 payload = view[pos + 5:pos + 4 + n]
-                if kind == F_RECORDS or kind == F_SUMMARIES or kind == F_PACKED_RECORDS \
-                        or kind == F_PACKED_SUMMARIES:
+                if kind in _TUPLE_FRAMES:
                     kind, payload = _read_frame(kind, payload)
                 else:
                     payload = bytes(payload)

@@ -35,8 +35,8 @@ through grpcio with no serializer on ``TraceService/Export``. :class:`SpanBuilde
 
 The proxy (:meth:`SpanPipeline.for_proxy`) encodes and exports in a worker *process*
 (:mod:`sipwatch.span_worker`): its loop turns the sampled records into plain tuples, frames of
-them (packed, or ``marshal``) written every 0.2 s to a non-blocking pipe, and nothing else; the worker encodes the
-tuples themselves. An export thread in the proxy was measured first: at ~25 µs of thread CPU a
+them (packed, or ``marshal``) written every 0.2 s to a non-blocking pipe, and nothing else; the
+worker encodes the tuples themselves. An export thread in the proxy was measured first: at ~25 µs of thread CPU a
 span it cost the loop's added round trip p99 ~1.9 → ~9.5 ms at 1000 calls/s (every datagram
 callback waits to win the GIL back), and yielding the GIL every few spans cost ~11 µs a span in
 switches. Capture and analyze (no forwarding to delay) keep the thread: :class:`SpanPipeline`
