@@ -337,11 +337,10 @@ def _split_general(data: bytes, check_length: bool) -> tuple[bytes, list[bytes],
         n_ctl = len(head) - len(head.translate(None, _CONTROLS))
         if n_ctl != (2 * n_lf if crlf_only else n_lf + head.count(b"\r\n")):
             raise SipParseError("control byte in the header section", DROP_CONTROL_BYTES)
-        if not head.isascii():
-            try:
-                head.decode("utf-8")
-            except UnicodeDecodeError:
-                raise SipParseError("header section is not UTF-8", DROP_CONTROL_BYTES) from None
+        # Bytes past 0x7f are not checked for UTF-8: a Latin-1 display name or Subject from an
+        # older phone is a component the proxy neither reads nor rewrites, which RFC 3261 §16.3
+        # (step 1) says to leave unchanged, and Kamailio forwards it. What reads such text
+        # (masking, spans, logs) decodes it with replacement.
     if not crlf_only:
         raw = head.replace(b"\r\n", b"\n").split(b"\n")
     if len(raw) > 1 and _FOLD_START.search(head) is not None:
@@ -388,8 +387,8 @@ def _name_index(names: list[bytes], name: bytes, start: int) -> int:
 def parse(data: bytes, check_length: bool = True) -> SipMessage:
     """Parse one SIP datagram. Raises :class:`SipParseError` with a reason for anything else.
 
-    Strict by default, because the proxy forwards what this accepts: no control bytes or
-    invalid UTF-8 in the header section, every header line a token name and a colon, one
+    Strict by default, because the proxy forwards what this accepts: no control bytes in the
+    header section (bytes past 0x7f pass: see _split_general), every header line a token name and a colon, one
     Content-Length no larger than the body (a longer body is cut to it, RFC 3261 §18.3, and
     ``truncated`` set). ``check_length=False`` is the passive observer's mode: it still wants to
     count a message the proxy would refuse, so only the structure is required.

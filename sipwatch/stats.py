@@ -28,7 +28,7 @@ ANSWERED, REDIRECTED, REJ4, REJ5, REJ6, CANCELLED, TIMEOUT = range(7)
 DROP_REASONS = (
     "not_sip",             # no SIP start line (and not a CRLF keep-alive)
     "malformed_header",    # header line without a name and colon, bad name bytes, bad folding
-    "control_bytes",       # NUL or another control byte, or invalid UTF-8, in the header section
+    "control_bytes",       # NUL or another control byte in the header section (bytes past 0x7f pass)
     "bad_content_length",  # non-numeric, conflicting, or more than the bytes that arrived
     "missing_header",      # no Via, Call-ID, CSeq, From or To; CSeq method differs
     "bad_via",             # a Via value we cannot read

@@ -228,6 +228,49 @@ def test_call_id_hash_joins_logs_and_spans_and_is_stable_across_restarts(tmp_pat
     assert r.returncode == 0 and r.stdout.strip() == seen["a"]
 
 
+def test_a_latin1_display_name_reaches_the_callee_unchanged_and_is_logged_and_traced(tmp_path):
+    """An older phone's ISO-8859-1 display name (not UTF-8) through the real sidecar: the callee gets
+    the From line byte for byte, the caller the answer; the summary line and the span carry the
+    name with U+FFFD for the bytes that are not UTF-8, the number masked; nothing counted as an
+    internal error. (The sidecar used to drop such an INVITE, and the call failed.)"""
+    name = b"J\xfcrgen M\xfcller"
+    uas = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    uas.bind(("127.0.0.1", 0))
+    uas.settimeout(5.0)
+    spans = tmp_path / "spans.jsonl"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as uac, \
+            Sidecar(tmp_path, uas.getsockname()[1], "--spans-file", str(spans)) as sc:
+        uac.bind(("127.0.0.1", 0))
+        uac.settimeout(5.0)
+        p = uac.getsockname()[1]
+        from_line = b'From: "' + name + b'" <sip:+4930444555666@127.0.0.1:%d>;tag=a1' % p
+        invite = (b"INVITE sip:svc@127.0.0.1:%d SIP/2.0\r\n" % sc.port
+                  + b"Via: SIP/2.0/UDP 127.0.0.1:%d;branch=z9hG4bK-latin1-1\r\n" % p + from_line
+                  + b"\r\nTo: <sip:svc@127.0.0.1>\r\nCall-ID: latin1@test\r\nCSeq: 1 INVITE\r\n"
+                  + b"Subject: caf\xe9\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n")
+        uac.sendto(invite, ("127.0.0.1", sc.port))
+        req, src = uas.recvfrom(65535)
+        head = req.split(b"\r\n\r\n")[0].split(b"\r\n")
+        assert from_line in head and b"Subject: caf\xe9" in head
+        keep = [h for h in head[1:] if h.split(b":")[0].lower() in (b"via", b"from", b"to", b"call-id", b"cseq")]
+        uas.sendto(b"SIP/2.0 486 Busy Here\r\n" + b"\r\n".join(keep) + b"\r\nContent-Length: 0\r\n\r\n", src)
+        answer = uac.recvfrom(65535)[0]
+        assert answer.startswith(b"SIP/2.0 486 ") and from_line in answer.split(b"\r\n")
+        _wait_for(lambda: any(r.get("event") == "call_summary" for r in sc.logs()))
+        _wait_for(lambda: spans.exists() and b"SIP call" in spans.read_bytes())
+        gw = sc.gateway()
+        assert metric(gw, "sip_calls_processed_total", outcome="rejected_4xx") == 1
+        assert all(metric(gw, "sipwatch_internal_errors_total", component=c) == 0 for c in COMPONENTS)
+    uas.close()
+    summary = next(r for r in sc.logs() if r.get("event") == "call_summary")
+    assert summary["from"].startswith('"J\ufffdrgen M\ufffdller" <sip:') and "4930444555666" not in summary["from"]
+    froms = {a["value"]["stringValue"] for line in spans.read_bytes().splitlines()
+             for rs in orjson.loads(line)["resourceSpans"] for ss in rs["scopeSpans"]
+             for sp in ss["spans"] for a in sp["attributes"] if a["key"] == "sip.from"}
+    assert froms == {summary["from"]}
+    assert "Traceback" not in sc.stdout_path.read_text(errors="replace")
+
+
 @needs_sipp
 def test_a_call_with_cseq_past_64_bits_does_not_stop_the_sidecar(tmp_path):
     """The datagram that used to kill the process when its call summary was written."""
