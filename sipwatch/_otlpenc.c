@@ -1897,6 +1897,123 @@ static inline uint64_t le64(const unsigned char *p)
     return u;
 }
 
+/* The worker's read keeps the short values it made in a small direct-mapped memo and hands the
+ * same object out again for the same packed bytes: a call's trace id, its parent span id, its
+ * Call-ID, From and To, the peers, methods and directions come back in each of its records and
+ * in its summary, and making and freeing a new object for each was most of the read's cost
+ * (allocation and deallocation about a quarter of the live worker's samples). The encoder's
+ * caches also find a hash already computed on a value they met before. The values are immutable
+ * (bytes, ASCII str, int), so sharing one changes nothing a reader can see; floats (times) are
+ * left out, as are longer values and str that is not ASCII (compared here by its bytes). */
+#define MEMO_SLOTS 1024      /* a power of two */
+#define MEMO_MAX_LEN 192     /* bytes of a value kept at most */
+
+typedef struct {
+    uint64_t hash;
+    int tag;
+    Py_ssize_t n;
+    unsigned char key[16];  /* an int's packed bytes (str and bytes: their object's own) */
+    PyObject *obj;
+} MemoSlot;
+
+static MemoSlot memo[MEMO_SLOTS];
+
+static inline uint64_t memo_hash(int tag, const unsigned char *s, Py_ssize_t n)
+{
+    uint64_t h = 0x9E3779B97F4A7C15ULL ^ ((uint64_t)tag << 56) ^ (uint64_t)n;
+    Py_ssize_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t w;
+        memcpy(&w, s + i, 8);
+        h = (h ^ w) * 0xBF58476D1CE4E5B9ULL;
+        h ^= h >> 31;
+    }
+    if (i < n) {
+        /* the rest: the last 8 bytes again when there are 8 (a fixed-size load), else byte by
+         * byte (a variable-length copy through the stack stalled on its reload) */
+        uint64_t w = 0;
+        if (n >= 8) {
+            memcpy(&w, s + n - 8, 8);
+        } else {
+            for (Py_ssize_t k = n - 1; k >= i; k--)
+                w = (w << 8) | s[k];
+        }
+        h = (h ^ w) * 0x94D049BB133111EBULL;
+        h ^= h >> 29;
+    }
+    return h;
+}
+
+/* the memo's object for (tag, s[:n]) when it holds one (a new reference), else NULL */
+static inline PyObject *memo_get(MemoSlot *m, uint64_t h, int tag, const unsigned char *s, Py_ssize_t n)
+{
+    if (m->obj == NULL || m->hash != h || m->tag != tag || m->n != n)
+        return NULL;
+    const void *have = tag == P_BYTES ? (const void *)PyBytes_AS_STRING(m->obj)
+        : tag == P_STR ? (const void *)PyUnicode_1BYTE_DATA(m->obj) : (const void *)m->key;
+    if (memcmp(have, s, (size_t)n) != 0)
+        return NULL;
+    Py_INCREF(m->obj);
+    return m->obj;
+}
+
+static inline void memo_put(MemoSlot *m, uint64_t h, int tag, const unsigned char *s, Py_ssize_t n, PyObject *o)
+{
+    if (tag == P_STR && !PyUnicode_IS_ASCII(o))
+        return;
+    PyObject *old = m->obj;
+    m->hash = h;
+    m->tag = tag;
+    m->n = n;
+    if (tag == P_INT || tag == P_U128)
+        memcpy(m->key, s, (size_t)n);
+    Py_INCREF(o);
+    m->obj = o;
+    Py_XDECREF(old); /* (last: freeing it runs no Python code, but the slot is whole first) */
+}
+
+/* the value of a memo's kind (tag, s[:n]): from the memo, or made by make(s, n) and kept */
+static PyObject *memo_value(int tag, const unsigned char *s, Py_ssize_t n, PyObject *(*make)(const unsigned char *, Py_ssize_t))
+{
+    if (n > MEMO_MAX_LEN)
+        return make(s, n);
+    uint64_t h = memo_hash(tag, s, n);
+    MemoSlot *m = &memo[h & (MEMO_SLOTS - 1)];
+    PyObject *o = memo_get(m, h, tag, s, n);
+    if (o != NULL)
+        return o;
+    o = make(s, n);
+    if (o != NULL)
+        memo_put(m, h, tag, s, n, o);
+    return o;
+}
+
+static PyObject *make_int(const unsigned char *s, Py_ssize_t n)
+{
+    (void)n;
+    return PyLong_FromLongLong((long long)le64(s));
+}
+
+static PyObject *make_u128(const unsigned char *s, Py_ssize_t n)
+{
+    (void)n;
+#if PY_VERSION_HEX >= 0x030D0000
+    return PyLong_FromUnsignedNativeBytes(s, 16, Py_ASNATIVEBYTES_BIG_ENDIAN);
+#else
+    return _PyLong_FromByteArray(s, 16, 0, 0);
+#endif
+}
+
+static PyObject *make_bytes(const unsigned char *s, Py_ssize_t n)
+{
+    return PyBytes_FromStringAndSize((const char *)s, n);
+}
+
+static PyObject *make_str(const unsigned char *s, Py_ssize_t n)
+{
+    return PyUnicode_DecodeUTF8((const char *)s, n, "strict");
+}
+
 static PyObject *unpack_value(Reader *r, int depth)
 {
     if (r->pos >= r->len)
@@ -1908,21 +2025,20 @@ static PyObject *unpack_value(Reader *r, int depth)
     case P_NONE: Py_RETURN_NONE;
     case P_TRUE: Py_RETURN_TRUE;
     case P_FALSE: Py_RETURN_FALSE;
-    case P_INT:
+    case P_INT: {
         if (left < 8)
             return bad_frame();
         r->pos += 8;
-        return PyLong_FromLongLong((long long)le64(q));
-    case P_U128: {
+        long long v = (long long)le64(q);
+        if (v >= -5 && v <= 256) /* (the interpreter's own small ints) */
+            return PyLong_FromLongLong(v);
+        return memo_value(P_INT, q, 8, make_int);
+    }
+    case P_U128:
         if (left < 16)
             return bad_frame();
         r->pos += 16;
-#if PY_VERSION_HEX >= 0x030D0000
-        return PyLong_FromUnsignedNativeBytes(q, 16, Py_ASNATIVEBYTES_BIG_ENDIAN);
-#else
-        return _PyLong_FromByteArray(q, 16, 0, 0);
-#endif
-    }
+        return memo_value(P_U128, q, 16, make_u128);
     case P_FLOAT: {
         if (left < 8)
             return bad_frame();
@@ -1944,9 +2060,9 @@ static PyObject *unpack_value(Reader *r, int depth)
         if (tag == P_BYTES || tag == P_STR) {
             if (n > left)
                 return bad_frame();
-            const char *s = (const char *)r->p + r->pos;
+            const unsigned char *s = r->p + r->pos;
             r->pos += n;
-            return tag == P_BYTES ? PyBytes_FromStringAndSize(s, n) : PyUnicode_DecodeUTF8(s, n, "strict");
+            return memo_value(tag, s, n, tag == P_BYTES ? make_bytes : make_str);
         }
         if (n > left || depth >= PACK_DEPTH) /* (each item takes a byte at least) */
             return bad_frame();

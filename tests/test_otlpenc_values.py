@@ -615,6 +615,31 @@ def test_packed_frames_give_back_what_was_packed(value):
     assert same(_otlpenc.unpack_frame(bytearray(packed)), value)
 
 
+def test_values_read_again_are_shared_and_never_mistaken_for_one_another():
+    """The read's memo: a short bytes, ASCII str or int met again (a call's trace id, Call-ID and
+    From in each of its records) comes back as the object made the first time. Values of the same
+    bytes under another type, values that share a memo slot, and values at each limit of what is
+    kept (small ints, 192 bytes, str that is not ASCII, floats) all come back equal, type for type,
+    in any order, over many frames."""
+    import random
+
+    from sipwatch import _otlpenc
+    first = _otlpenc.unpack_frame(_otlpenc.pack_frame((b"4242-1@10.0.0.1", "INVITE", 2**100 + 7, 5060)))
+    again = _otlpenc.unpack_frame(_otlpenc.pack_frame([(b"4242-1@10.0.0.1", "INVITE", 2**100 + 7, 5060)]))[0]
+    assert all(x is y for x, y in zip(first, again))
+    rng = random.Random(11)
+    pool: list = [b"", "", b"abc", "abc", b"\x00" * 8, 0, 256, 257, -5, -6, 2**63 - 1, -(2**63), 2**64, 2**128 - 1,
+                  int.from_bytes(b"\x00" * 8, "little"), b"x" * 192, b"x" * 193, "x" * 192, "x" * 193, "Zo\u00eb",
+                  "Zo\u00eb" * 60, b"Zo\xc3\xab", 1.5, -0.0, True, False, None]
+    pool += [rng.randbytes(rng.randrange(1, 24)) for _ in range(3000)]
+    pool += ["".join(rng.choice("abc;=@<>") for _ in range(rng.randrange(1, 24))) for _ in range(3000)]
+    pool += [rng.randrange(-(2**63), 2**63) for _ in range(3000)] + [rng.randrange(2**64, 2**128) for _ in range(1000)]
+    for _ in range(40):
+        frame = [rng.choice(pool) for _ in range(2000)]
+        frame.append(tuple(rng.choice(pool) for _ in range(20)))
+        assert same(_otlpenc.unpack_frame(_otlpenc.pack_frame(frame)), frame)
+
+
 def test_what_the_packing_does_not_take_is_left_to_marshal():
     """Another type, a subclass, an int past the two ranges, a str with a lone surrogate, a nesting
     too deep: pack_frame answers None, and the frame is written with marshal and reads back."""
