@@ -98,8 +98,8 @@ GC_THRESHOLD = 100_000  # container allocations (net) between the worker's young
 FRAME_RECORDS = 2048
 # marshal format of the frames the C packing does not take (or all, without it). Version 2 writes
 # no back-references: versions 3 and 4 look every object that has other references (here nearly
-# all of them) up in a table, which made the dump cost ~1.8x as much (in process, frames of 40 records: 2.1 vs 1.2 µs a record) for a ~25 %
-# smaller frame; the worker reads every version alike.
+# all of them) up in a table, which made the dump cost ~1.8x as much (in process, frames of 40
+# records: 2.1 vs 1.2 µs a record) for a ~25 % smaller frame; the worker reads every version alike.
 MARSHAL_VERSION = 2
 DELIVER_MIN = 1024
 DELIVER_MAX = 2048

@@ -184,10 +184,23 @@ def _rejected_call(sidecar_port: int, uas: socket.socket, call_id: str, cseq: st
             req, src = uas.recvfrom(65535)
         except (TimeoutError, socket.timeout):
             return False
-        head = req.split(b"\r\n\r\n")[0].split(b"\r\n")
-        keep = [h for h in head[1:] if h.split(b":")[0].lower() in (b"via", b"from", b"to", b"call-id", b"cseq")]
-        uas.sendto(b"SIP/2.0 486 Busy Here\r\n" + b"\r\n".join(keep) + b"\r\nContent-Length: 0\r\n\r\n", src)
+        _busy(uas, req, src)
         return True
+
+
+def _busy(uas: socket.socket, req: bytes, src) -> None:
+    """What a callee answers to ``req`` (received from ``src``): 486, its Via, From, To, Call-ID
+    and CSeq lines copied."""
+    head = req.split(b"\r\n\r\n")[0].split(b"\r\n")
+    keep = [h for h in head[1:] if h.split(b":")[0].lower() in (b"via", b"from", b"to", b"call-id", b"cseq")]
+    uas.sendto(b"SIP/2.0 486 Busy Here\r\n" + b"\r\n".join(keep) + b"\r\nContent-Length: 0\r\n\r\n", src)
+
+
+def _span_attrs(spans: Path, key: str) -> set:
+    """Every string value of attribute ``key`` in an OTLP/JSON spans file."""
+    return {a["value"]["stringValue"] for line in spans.read_bytes().splitlines()
+            for rs in orjson.loads(line)["resourceSpans"] for ss in rs["scopeSpans"]
+            for sp in ss["spans"] for a in sp["attributes"] if a["key"] == key}
 
 
 def test_call_id_hash_joins_logs_and_spans_and_is_stable_across_restarts(tmp_path):
@@ -207,11 +220,7 @@ def test_call_id_hash_joins_logs_and_spans_and_is_stable_across_restarts(tmp_pat
                 _wait_for(lambda: any(r.get("event") == "call_summary" for r in sc.logs()))
                 _wait_for(lambda: spans.exists() and b"SIP call" in spans.read_bytes())
             summary = next(r for r in sc.logs() if r.get("event") == "call_summary")
-            span_ids = {a["value"]["stringValue"]
-                        for line in spans.read_bytes().splitlines()
-                        for rs in orjson.loads(line)["resourceSpans"] for ss in rs["scopeSpans"]
-                        for sp in ss["spans"] for a in sp["attributes"] if a["key"] == "sip.call_id"}
-            assert span_ids == {summary["call_sid"]}  # logs and spans join on it
+            assert _span_attrs(spans, "sip.call_id") == {summary["call_sid"]}  # logs and spans join on it
             raw = sc.stdout_path.read_bytes() + spans.read_bytes()
             assert call_id.encode() not in raw and b"4930444555666" not in raw  # nowhere in clear
             seen[run] = summary["call_sid"]
@@ -252,8 +261,7 @@ def test_a_latin1_display_name_reaches_the_callee_unchanged_and_is_logged_and_tr
         req, src = uas.recvfrom(65535)
         head = req.split(b"\r\n\r\n")[0].split(b"\r\n")
         assert from_line in head and b"Subject: caf\xe9" in head
-        keep = [h for h in head[1:] if h.split(b":")[0].lower() in (b"via", b"from", b"to", b"call-id", b"cseq")]
-        uas.sendto(b"SIP/2.0 486 Busy Here\r\n" + b"\r\n".join(keep) + b"\r\nContent-Length: 0\r\n\r\n", src)
+        _busy(uas, req, src)
         answer = uac.recvfrom(65535)[0]
         assert answer.startswith(b"SIP/2.0 486 ") and from_line in answer.split(b"\r\n")
         _wait_for(lambda: any(r.get("event") == "call_summary" for r in sc.logs()))
@@ -264,10 +272,7 @@ def test_a_latin1_display_name_reaches_the_callee_unchanged_and_is_logged_and_tr
     uas.close()
     summary = next(r for r in sc.logs() if r.get("event") == "call_summary")
     assert summary["from"].startswith('"J\ufffdrgen M\ufffdller" <sip:') and "4930444555666" not in summary["from"]
-    froms = {a["value"]["stringValue"] for line in spans.read_bytes().splitlines()
-             for rs in orjson.loads(line)["resourceSpans"] for ss in rs["scopeSpans"]
-             for sp in ss["spans"] for a in sp["attributes"] if a["key"] == "sip.from"}
-    assert froms == {summary["from"]}
+    assert _span_attrs(spans, "sip.from") == {summary["from"]}
     assert "Traceback" not in sc.stdout_path.read_text(errors="replace")
 
 
@@ -289,9 +294,7 @@ def test_a_call_with_cseq_past_64_bits_does_not_stop_the_sidecar(tmp_path):
         uac.sendto(invite, ("127.0.0.1", sc.port))
         try:  # if the sidecar forwards it, answer it 486 so that the call ends at once
             req, src = uas.recvfrom(65535)
-            head = req.split(b"\r\n\r\n")[0].split(b"\r\n")
-            keep = [h for h in head[1:] if h.split(b":")[0].lower() in (b"via", b"from", b"to", b"call-id", b"cseq")]
-            uas.sendto(b"SIP/2.0 486 Busy Here\r\n" + b"\r\n".join(keep) + b"\r\nContent-Length: 0\r\n\r\n", src)
+            _busy(uas, req, src)
         except (TimeoutError, socket.timeout):
             pass  # refused by the core (CSeq out of range): fine too
         time.sleep(1.0)  # several housekeeping ticks
