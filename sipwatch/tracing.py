@@ -74,6 +74,7 @@ from .masking import mask_uri
 from .otlp_encode import DELIVER_BYTES, LEG_SETUP_SPAN, SpanEncoder, hop_ends, leg_attributes, rtp_figures  # noqa: F401
 from .otlp_options import DEFAULT_PORTS, add_otlp_arguments  # noqa: F401  (re-exported)
 from .otlp_encode import call_transport as _call_transport
+from .pagecache import DropBehind
 from .stats import DIRECTIONS, OUTCOMES, REJ5, REJ6, TIMEOUT
 from .tracecontext import sampled_by_ratio
 
@@ -504,6 +505,7 @@ class SpanPipeline:
         # unbuffered: a failed write (full disk) fails now, and leaves no backlog in a buffer
         self.spans_file = spans_file
         self._file = open(spans_file, "ab", buffering=0) if spans_file else None
+        self._drop = DropBehind(self._file.fileno()) if self._file is not None else None
         self._reopen = False
         self._torn = False  # the last line was cut short by a failed write
         # written by the export thread only; the proxy's tick reads them (logs, internal errors)
@@ -743,6 +745,7 @@ class SpanPipeline:
             self._file_failed(exc)
             return
         old, self._file, self._torn = self._file, f, False
+        self._drop = DropBehind(f.fileno())
         if old is not None:
             try:
                 old.close()
@@ -772,6 +775,7 @@ class SpanPipeline:
             return False
         self._torn = False
         self.file_failing = False
+        self._drop.wrote(len(line))
         return True
 
     def _file_failed(self, exc: Exception) -> None:
