@@ -111,6 +111,34 @@ def dumps(rec: dict) -> tuple[bytes, Exception | None]:
         return b'{"event":"log_error"}', first
 
 
+class WholeWrites:
+    """A descriptor written whole. It may be non-blocking without this process having asked for
+    it: stdout's flags are shared with whoever started the proxy (and with its span worker), and
+    a write to a full non-blocking pipe takes part of a line, or none, the rest lost or glued to
+    the next line. This one writes the rest when there is room again; it waits, so only a thread
+    or process that may wait uses it (the span worker; the proxy's writer thread). A write of at
+    most PIPE_BUF bytes to a pipe is still all or nothing."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def write(self, data: bytes) -> int:
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            try:
+                done += os.write(self.fd, view[done:])
+            except BlockingIOError:
+                select.select([], [self.fd], [], 1.0)
+        return done
+
+    def flush(self) -> None:
+        pass
+
+
 class BackgroundWriter:
     """Writes batches of lines to a stream from a thread of its own.
 
@@ -119,10 +147,21 @@ class BackgroundWriter:
     released while the kernel blocks, each batch in a write of its own (joined, two batches of
     whole lines that each fit a pipe's atomic write would not). Past ``max_pending`` bytes
     waiting, batches are dropped and their lines counted in ``dropped_lines``. ``close`` writes
-    what is left, within a bound."""
+    what is left, within a bound. A stream with a descriptor is written through
+    :class:`WholeWrites` (what its buffer held goes first): this writer is what the proxy falls
+    back to when it cannot open its stdout pipe a second time, non-blocking flags and all."""
 
     def __init__(self, stream, max_pending: int = 8 << 20):
-        self.stream = stream
+        try:
+            fd = stream.fileno()
+        except (AttributeError, OSError, ValueError):
+            fd = None
+        if fd is not None:
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass  # (a full non-blocking pipe: the buffer's rest is the stream's to lose)
+        self.stream = stream if fd is None else WholeWrites(fd)
         self.max_pending = max_pending
         self.dropped_lines = 0
         self._queue: deque = deque()
@@ -637,4 +676,4 @@ class ErrorReporter:
             pass
 
 
-__all__ = ["JsonLog", "BackgroundWriter", "NonBlockingWriter", "stdout_writer", "ErrorReporter", "call_summary_fields", "dumps", "METHODS"]
+__all__ = ["JsonLog", "BackgroundWriter", "NonBlockingWriter", "WholeWrites", "stdout_writer", "ErrorReporter", "call_summary_fields", "dumps", "METHODS"]

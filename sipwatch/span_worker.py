@@ -677,39 +677,12 @@ def quiet_collector() -> None:
     gc.set_threshold(GC_THRESHOLD, 10, 10)
 
 
-class WholeWrites:
-    """The worker's stdout, written whole: the descriptor is the proxy's (shared flags), and
-    whoever started the proxy may have made it non-blocking; there a write can take part of a
-    line, or none, and the rest would be lost or glued to the next line. This one writes the
-    rest when there is room again (the worker may wait: what it cannot take in time comes
-    back to the proxy). A write of at most PIPE_BUF bytes to a pipe is still all or nothing."""
-
-    def __init__(self, fd: int):
-        self.fd = fd
-
-    def fileno(self) -> int:
-        return self.fd
-
-    def write(self, data: bytes) -> int:
-        view = memoryview(data)
-        done = 0
-        while done < len(view):
-            try:
-                done += os.write(self.fd, view[done:])
-            except BlockingIOError:
-                select.select([], [self.fd], [], 1.0)
-        return done
-
-    def flush(self) -> None:
-        pass
-
-
 def summary_log(cfg: dict, on_error):
     """The worker's writer of call summaries: the proxy's log settings, on the proxy's stdout
     (a duplicate of it, ``cfg["fd"]``). On a pipe or socket each write is whole lines of at most
     PIPE_BUF bytes, so the proxy's own lines never land inside one of them, nor they inside the
     proxy's."""
-    from .logs import JsonLog, interleaves
+    from .logs import JsonLog, WholeWrites, interleaves
     stream = WholeWrites(cfg["fd"])
     log = JsonLog(cfg["service_name"], stream=stream, mask_mode=cfg["mask_mode"], level=cfg["level"],
                   call_id_mask=cfg["call_id_mask"], on_error=on_error)

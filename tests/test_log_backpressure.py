@@ -61,6 +61,31 @@ def test_writer_queues_while_the_pipe_is_full_drops_past_its_bound_and_loses_not
     os.close(r)
 
 
+def test_writer_thread_on_a_non_blocking_pipe_loses_nothing():
+    """Whoever started the proxy may have made its stdout pipe non-blocking, and where that pipe
+    cannot be opened a second time (no /proc) the writer thread writes it as it is: a full pipe
+    then takes part of a write, or none. Every line still comes out, whole and in order, once the
+    reader drains it; none is lost to EAGAIN or counted dropped."""
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    stream = os.fdopen(w, "wb")  # buffered, as sys.stdout.buffer is
+    stream.write(b"first\n")  # held in the stream's buffer: it goes out before the thread's lines
+    writer = BackgroundWriter(stream, max_pending=8 << 20)
+    lines = _lines(400)  # 400 KB against a 64 KB pipe nobody reads yet
+    for i in range(0, len(lines), 4):
+        writer.write(b"".join(lines[i:i + 4]), 4)
+    time.sleep(0.5)  # the thread meets the full pipe
+    got = _read_available(r, len(lines) + 1, 60)
+    writer.close(5)
+    assert writer.dropped_lines == 0
+    assert got.splitlines() == [b"first"] + [x.rstrip(b"\n") for x in lines]
+    os.close(r)
+    try:
+        stream.close()
+    except OSError:
+        pass
+
+
 def _lines(n: int) -> list[bytes]:
     return [b"%06d" % i + b"x" * 993 + b"\n" for i in range(n)]
 
