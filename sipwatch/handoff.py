@@ -161,9 +161,9 @@ def let_go_all(calls, on_error) -> None:
     for obj in calls:
         try:
             if isinstance(obj, Call):
-                obj.let_go()
+                obj.let_go()  # (compiled: a direct call of Call's native method)
             else:
-                obj.let_go()
+                obj.let_go()  # (any other object with the method, through its attribute)
         except Exception as exc:  # noqa: BLE001
             on_error("tick", exc)
 
