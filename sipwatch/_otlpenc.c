@@ -717,7 +717,6 @@ static int put_varint(Buf *b, uint64_t n)
     return put(b, tmp, k);
 }
 
-/* SpanEncoder._encode_attr(key, s) of a str: (Span.attributes field, JSON KeyValue) */
 /* (bytes(a), bytes(b)), a new tuple */
 static PyObject *two_bytes(const char *a, Py_ssize_t na, const char *b, Py_ssize_t nb)
 {
@@ -760,6 +759,7 @@ static PyObject *tuple_steal5(PyObject *a, PyObject *b, PyObject *c, PyObject *d
     return t;
 }
 
+/* SpanEncoder._encode_attr(key, s) of a str: (Span.attributes field, JSON KeyValue) */
 static PyObject *str_attr(PyObject *key, PyObject *s)
 {
     Py_ssize_t n;
