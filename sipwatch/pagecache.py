@@ -4,7 +4,7 @@ Left alone, every page written stays cached until memory runs short: at 4000 cal
 file grows by ~15 MB/s, and a node's page cache fills with spans nobody reads from memory, pushing
 out what the node's own services cache. Each new page is also a fresh page to the kernel; on a VM
 that hands free pages back to its host (free page reporting, virtio-balloon), the first write to
-each costs a host fault: writing 3 GB took 4.8-6.6 s of system time that way here, and 1.0 s
+each can cost a host fault: writing 3 GB took 4.8-6.6 s of system time that way here, and 1.0 s
 when the pages written were let go a little behind the end, so that the next writes reuse them.
 
 :class:`DropBehind` lets them go: every ``every`` bytes written it asks the kernel
