@@ -533,29 +533,34 @@ static const char *span_field(Encoder *self, Py_ssize_t *n)
     return start;
 }
 
+/* (bytes(a), bytes(b)), a new tuple */
+static PyObject *two_bytes(const char *a, Py_ssize_t na, const char *b, Py_ssize_t nb)
+{
+    PyObject *x = PyBytes_FromStringAndSize(a, na);
+    if (x == NULL)
+        return NULL;
+    PyObject *y = PyBytes_FromStringAndSize(b, nb);
+    if (y == NULL) {
+        Py_DECREF(x);
+        return NULL;
+    }
+    PyObject *t = PyTuple_New(2);
+    if (t == NULL) {
+        Py_DECREF(x);
+        Py_DECREF(y);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(t, 0, x);
+    PyTuple_SET_ITEM(t, 1, y);
+    return t;
+}
+
 /* the span as new bytes: (ScopeSpans.spans field, JSON object) */
 static PyObject *finish(Encoder *self)
 {
-    Buf *js = &self->js;
     Py_ssize_t n;
     const char *field = span_field(self, &n);
-    PyObject *p = PyBytes_FromStringAndSize(field, n);
-    if (p == NULL)
-        return NULL;
-    PyObject *j = PyBytes_FromStringAndSize(js->p, js->len);
-    if (j == NULL) {
-        Py_DECREF(p);
-        return NULL;
-    }
-    PyObject *out = PyTuple_New(2);
-    if (out == NULL) {
-        Py_DECREF(p);
-        Py_DECREF(j);
-        return NULL;
-    }
-    PyTuple_SET_ITEM(out, 0, p);
-    PyTuple_SET_ITEM(out, 1, j);
-    return out;
+    return two_bytes(field, n, self->js.p, self->js.len);
 }
 
 /* the span just written into the outbox instead of new bytes objects: Py_None (a new
@@ -715,28 +720,6 @@ static int put_varint(Buf *b, uint64_t n)
     int k = varint_len(n);
     varint_write(tmp, n);
     return put(b, tmp, k);
-}
-
-/* (bytes(a), bytes(b)), a new tuple */
-static PyObject *two_bytes(const char *a, Py_ssize_t na, const char *b, Py_ssize_t nb)
-{
-    PyObject *x = PyBytes_FromStringAndSize(a, na);
-    if (x == NULL)
-        return NULL;
-    PyObject *y = PyBytes_FromStringAndSize(b, nb);
-    if (y == NULL) {
-        Py_DECREF(x);
-        return NULL;
-    }
-    PyObject *t = PyTuple_New(2);
-    if (t == NULL) {
-        Py_DECREF(x);
-        Py_DECREF(y);
-        return NULL;
-    }
-    PyTuple_SET_ITEM(t, 0, x);
-    PyTuple_SET_ITEM(t, 1, y);
-    return t;
 }
 
 /* (a, b, c, d, e): a, b, c borrowed (a reference added), d and e stolen (released on failure) */

@@ -390,8 +390,8 @@ def parse(data: bytes, check_length: bool = True) -> SipMessage:
     Strict by default, because the proxy forwards what this accepts: no control bytes in the
     header section (bytes past 0x7f pass: see _split_general), every header line a token name
     and a colon, one Content-Length no larger than the body (a longer body is cut to it, RFC 3261
-    §18.3, and ``truncated`` set). ``check_length=False`` is the passive observer's mode: it still wants to
-    count a message the proxy would refuse, so only the structure is required.
+    §18.3, and ``truncated`` set). ``check_length=False`` is the passive observer's mode: it
+    still wants to count a message the proxy would refuse, so only the structure is required.
     """
     if check_length and len(data) > MAX_MESSAGE:  # the observer gets TCP messages capped by its reader
         raise SipParseError("datagram larger than 65535 bytes", DROP_TOO_LARGE)
