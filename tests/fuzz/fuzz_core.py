@@ -7,6 +7,10 @@ The properties are in target.py; a crash or a broken property writes the input t
 ``-artifact_prefix`` and exits non-zero. Copy such an input into tests/fuzz/regressions/ so that
 pytest replays it from then on (tests/fuzz/test_fuzz_regressions.py).
 
+``SIPWATCH_TREE=$(python -m tests.compiled)`` fuzzes the compiled build (what the image runs:
+mypyc enforces annotations at run time). Its modules are not instrumented, so coverage guidance
+comes from the target and the checker alone: start it from a corpus a run of the plain build kept.
+
 ``FUZZ_KEEP_GOING=DIR`` (what ``make fuzz`` sets) records each distinct finding once, as
 DIR/<signature>.bin, and carries on (libFuzzer's -fork mode does not work with atheris); the
 inputs run and the findings by signature are kept in DIR/summary.txt.
@@ -25,6 +29,8 @@ import atheris
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+if os.environ.get("SIPWATCH_TREE"):  # the compiled build (tests/compiled.py) ahead of this checkout
+    sys.path.insert(0, os.environ["SIPWATCH_TREE"])
 
 with atheris.instrument_imports(include=["sipwatch", "sipcheck", "target"]):
     import target
