@@ -25,7 +25,7 @@ from collections import deque
 
 from .config import ProxySettings
 from .gcpolicy import GcPolicy
-from .handoff import let_go_all, summarize_all, summary_tuples, take_slice
+from .handoff import forget_events, let_go_all, summarize_all, summary_tuples, take_slice
 from .hep_sender import sender_for_proxy, summary_record
 from .core import CoreConfig, ProxyCore
 from .logs import ErrorReporter, JsonLog, interleaves
@@ -276,6 +276,10 @@ class ProxyApp:
                 self.spans.submit(chunk)
             except Exception as exc:  # noqa: BLE001
                 report("spans", exc)
+        try:
+            forget_events(chunk)  # the span record was their last reader
+        except Exception as exc:  # noqa: BLE001
+            report("tick", exc)
         if calls:
             try:
                 self.metrics.observe_calls(calls, report)

@@ -168,4 +168,20 @@ def let_go_all(calls, on_error) -> None:
             on_error("tick", exc)
 
 
-__all__ = ["take_slice", "summarize_all", "summary_tuples", "span_tuples", "call_figures", "let_go_all", "native_tx_tuple", "native_call_tuple"]
+def forget_events(records) -> None:
+    """A completed transaction drops its response events (its span's provisional responses) once
+    its record was handed on: nothing reads them again, since a response after the final one is
+    a retransmission or a fork whatever its status (``Tracker.response_to``). At the state caps
+    they were 10 of a lingering call's ~54 objects, freed cold ``timer_b`` later; here they go
+    while still in the cache. A timed-out transaction keeps them (a late final response records
+    it again). A record of the wrong shape is skipped (``take_slice`` reported it)."""
+    for rec in records:
+        try:
+            obj = rec[1]
+        except Exception:  # noqa: BLE001
+            continue
+        if isinstance(obj, Transaction) and obj.t_final is not None:
+            obj.events = ()
+
+
+__all__ = ["take_slice", "forget_events", "summarize_all", "summary_tuples", "span_tuples", "call_figures", "let_go_all", "native_tx_tuple", "native_call_tuple"]

@@ -662,6 +662,12 @@ def call_tuple(call) -> tuple:
             call.ruri, call.outcome, call.status, call.t_start, call.t_setup, call.t_answer, call.t_end,
             call.retrans, call.rtp, txs[0].peer if txs else None, call.is_call, legs)
 
+
+def record_tuple(obj, is_call: bool) -> tuple:
+    """A finished record's tuple: :func:`call_tuple` of a call (``is_call``), else :func:`tx_tuple`."""
+    return call_tuple(obj) if is_call else tx_tuple(obj)
+
+
 def _add(pb: list, js: list, part: tuple[bytes, bytes]) -> None:
     """One attribute's (protobuf field, JSON KeyValue) onto a span's two part lists."""
     pb.append(part[0])

@@ -41,7 +41,8 @@ with the mypyc build), all of it (the Call, its transaction records, their table
 ``timer_b`` after the call ends. (With the timers in OrderedDicts 3.4 and 3.9 KB; with deques of
 timer entries before that, 3.9 and 4.5 KB.)
 In the proxy a finished call keeps none of its transactions once its record is consumed (see
-``Call.holders``): the ones late retransmissions can match linger in the transaction table.
+``Call.holders``): the ones late retransmissions can match linger in the transaction table,
+without their response events once their spans have them (``handoff.forget_events``).
 """
 from __future__ import annotations
 
@@ -115,7 +116,8 @@ class Transaction(Timed):
         self.t_final = None
         self.status = 0
         # (status, time) of every distinct response: a tuple, grown by one per response (an ACK's
-        # stays the shared empty one; at the state caps a list's spare room cost ~120 B a call)
+        # stays the shared empty one; at the state caps a list's spare room cost ~120 B a call).
+        # Read until the final response (retransmission or new status) and by the span record
         self.events: tuple[tuple[int, float], ...] = ()
         self.retrans = 0
         self.span_id = span_id

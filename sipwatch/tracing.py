@@ -74,6 +74,7 @@ from .masking import mask_uri
 from .otlp_encode import DELIVER_BYTES, LEG_SETUP_SPAN, SpanEncoder, hop_ends, leg_attributes, rtp_figures  # noqa: F401
 from .otlp_options import DEFAULT_PORTS, add_otlp_arguments  # noqa: F401  (re-exported)
 from .otlp_encode import call_transport as _call_transport
+from .otlp_encode import record_tuple
 from .pagecache import DropBehind
 from .stats import DIRECTIONS, OUTCOMES, REJ5, REJ6, TIMEOUT
 from .tracecontext import sampled_by_ratio
@@ -579,19 +580,26 @@ class SpanPipeline:
 
     # event loop side ------------------------------------------------------------------
     def submit(self, records) -> None:
-        """Queue the sampled records; never blocks, drops (and counts) when the queue is full."""
+        """Queue the sampled records as their tuples (:func:`~sipwatch.otlp_encode.tx_tuple`,
+        ``call_tuple``), read now: the proxy lets a call's transactions go, and a completed
+        transaction's events, right after this. Never blocks; drops (and counts) when the queue
+        is full. A record that cannot be read is queued as None, counted by the thread."""
         q = self._q
         room = self._queue_max - len(q)
         dropped = 0
         own, ratio = self._own_decision, self.sample_ratio
         for rec in records:
             obj = rec[1]
-            if rec[0] == "call" and not obj.is_call:
+            is_call = rec[0] == "call"
+            if is_call and not obj.is_call:
                 continue  # a non-dialog request's trace is its transaction span(s)
             if not (sampled_by_ratio(obj.trace_id, ratio) if own else obj.sampled):
                 continue
             if room > 0:
-                q.append(rec)
+                try:
+                    q.append(record_tuple(obj, is_call))
+                except Exception:  # noqa: BLE001 - the thread counts it (its counters are its own)
+                    q.append(None)
                 room -= 1
             else:
                 dropped += 1
@@ -656,32 +664,18 @@ class SpanPipeline:
                 return
 
     def _export(self, batch) -> None:
-        """Encode ``("tx"|"call", record)`` items and deliver them (the export thread's step)."""
+        """Encode queued record tuples (None: a record that could not be read) and deliver them
+        (the export thread's step); a malformed one is counted, never fatal."""
         if not self._backend_or_file():
             self._export_dropped += len(batch)  # backend failed recently: shed, do not even encode
             return
-        enc = self.encoder
-        tx, call = enc.tx, enc.call
-        pbs, lines = [], []
-        for kind, obj in batch:
-            try:
-                pb, js = call(obj) if kind == "call" else tx(obj)
-            except Exception:  # noqa: BLE001 - a malformed record must not kill the thread
-                self._export_dropped += 1
-                self.failures += 1
-                continue
-            pbs.append(pb)
-            lines.append(js)
-            if kind == "call" and getattr(obj, "gap_span_id", 0):
-                try:
-                    got = enc.leg_setup(obj)
-                except Exception:  # noqa: BLE001
-                    self._export_dropped += 1
-                    self.failures += 1
-                    got = None
-                if got is not None:
-                    pbs.append(got[0])
-                    lines.append(got[1])
+        tuples = [t for t in batch if t is not None]
+        pbs: list = []
+        lines: list = []
+        failed = len(batch) - len(tuples) + self.encoder.encode(tuples, pbs, lines)
+        if failed:
+            self._export_dropped += failed
+            self.failures += failed
         self._deliver(pbs, lines)
 
     def _backend_or_file(self) -> bool:

@@ -174,6 +174,55 @@ def test_a_call_span_keeps_its_transport_after_the_summary_lets_the_transactions
     assert found == ["tcp"]
 
 
+def test_a_lingering_transaction_lets_its_response_events_go_once_its_span_is_handed_on(tmp_path):
+    """A finished call lingers ``timer_b`` with its INVITE and BYE in the transaction table (late
+    retransmissions still match). Their response events, read by their spans alone, were 10 of
+    such a call's ~54 objects, freed cold at the linger's end: the tick lets them go once it has
+    handed the spans on. The spans still carry them, and a late retransmission of the 200 is
+    still counted and relayed as one."""
+    from test_core import GATEWAY, SIDECAR, SIGNALING, invite, response_to
+    from test_gc import _calls
+    from test_hardening import forwarded
+
+    spans = tmp_path / "spans.jsonl"
+    app, _ = _app(tmp_path, "--spans-file", str(spans), "--upstream", "%s:%d" % SIGNALING,
+                  "--advertise", "%s:%d" % SIDECAR)
+    core = app.core
+    try:
+        now = app.clock()  # (the tick's timers run on it)
+        _calls(core, 2, now - 2)
+        # one more, its forwarded INVITE kept for the late retransmission of its 200 below
+        (fwd, _), = forwarded(core.receive_datagram(invite(call_id=b"late-200", branch=b"z9hG4bK-late"),
+                                                    GATEWAY, now - 2))
+        core.receive_datagram(response_to(fwd, 180, b"Ringing"), SIGNALING, now - 1.99)
+        core.receive_datagram(response_to(fwd, 200), SIGNALING, now - 1.98)
+        core.receive_datagram(invite(method=b"ACK", call_id=b"late-200", branch=b"z9hG4bK-latea",
+                                     to_tag=b"uas-1", body=b""), GATEWAY, now - 1.97)
+        (bye, _), = forwarded(core.receive_datagram(
+            invite(method=b"BYE", cseq=2, call_id=b"late-200", branch=b"z9hG4bK-lateb", to_tag=b"uas-1",
+                   body=b""), GATEWAY, now - 1))
+        core.receive_datagram(response_to(bye, 200), SIGNALING, now - 0.99)
+        app.tick()
+        txs = list(core.tracker.transactions.values())
+        assert sorted(tx.method for tx in txs) == [b"BYE"] * 3 + [b"INVITE"] * 3
+        assert all(tx.events == () and tx.t_final is not None for tx in txs)
+        # a late retransmission of the INVITE's 200 (as when the UAS did not see the ACK)
+        before = core.stats.response_retransmissions
+        (relayed, to), = core.receive_datagram(response_to(fwd, 200), SIGNALING, now)
+        assert to == GATEWAY and relayed.startswith(b"SIP/2.0 200 ")
+        assert core.stats.response_retransmissions == before + 1
+    finally:
+        app.spans.shutdown(10.0)
+    events = []
+    for line in spans.read_text().splitlines():
+        for rs in orjson.loads(line)["resourceSpans"]:
+            for ss in rs["scopeSpans"]:
+                for span in ss["spans"]:
+                    if span["name"].startswith("INVITE"):
+                        events.append([e["attributes"][0]["value"]["intValue"] for e in span.get("events", ())])
+    assert events == [["180"]] * 3
+
+
 def test_the_span_pipeline_health_is_read_every_few_ticks(tmp_path):
     """Its figures change at most every 100 ms (the worker's status frames); each read cost
     ~45 µs of the loop's time live, so it is read every HEALTH_EVERY ticks, not every tick."""

@@ -442,6 +442,40 @@ def test_backend_refusing_drops_and_backs_off(protocol):
         assert 1 <= len(cap.requests) < 2 * len(recs) / 5  # backed off: not one request per batch
 
 
+def test_thread_pipeline_exports_what_the_records_said_when_submitted():
+    """Right after ``submit`` the proxy's tick lets each call's transactions go and each completed
+    transaction's response events (handoff.let_go_all, forget_events); the export thread encodes
+    later. It must still export the provisional-response events and the call's transport (read
+    from its first transaction: TCP here): before it read the records late, that call's span
+    said UDP and every span lost its ``sip.response`` events."""
+    from sipwatch.handoff import forget_events, let_go_all
+    from sipwatch.state import RECORD
+    recs = [r for r in proxy_records() if r[0] == "tx" or r[1].is_call]
+    first = next(o for k, o in recs if k == "call" and o.is_call and o.transactions)
+    first.transactions[0].peer = ("10.0.0.2", 5060, "tcp")
+    stats = Stats(ring_size=16)
+    with OtlpReceiver() as rx:
+        p = pipeline(stats, f"127.0.0.1:{rx.grpc_port}", "grpc", {})
+        want = expected_spans(recs, p.resource)
+        assert sum(1 for s in want if s.events) >= 6
+        assert sum(1 for s in want if s.attributes.get("network.transport") == "tcp") == 2  # INVITE, call
+        wake = p._wake.set
+        p._wake.set = lambda: None  # the thread sleeps (0.5 s) while the tick goes on
+        p.submit(recs)
+        calls = [o for k, o in recs if k == "call" and o.is_call]
+        for c in calls:
+            c.holders = RECORD  # (the proxy's tracker sets it: Tracker.release)
+        let_go_all(calls, None)
+        forget_events(recs)
+        assert all(not c.transactions for c in calls)
+        assert all(o.events == () for k, o in recs if k == "tx" and o.t_final is not None)
+        p._wake.set = wake
+        p.shutdown(10)
+        got = rx.snapshot()
+    assert sorted(got, key=key) == sorted(want, key=key)
+    assert stats.spans_exported == len(want) and stats.spans_dropped == 0
+
+
 def test_queue_bound_and_bad_records_counted(tmp_path):
     recs = [r for r in proxy_records() if r[0] == "tx" or r[1].is_call]
     stats = Stats(ring_size=16)
