@@ -149,6 +149,14 @@ def test_a_ticks_backlog_is_written_in_one_write_in_order_after_the_tick(tmp_pat
     assert sids == ["w-%d@gw" % i for i in range(n)]
 
 
+def _spans_in(path):
+    """Every span (OTLP/JSON) of a spans file, in file order."""
+    for line in path.read_text().splitlines():
+        for rs in orjson.loads(line)["resourceSpans"]:
+            for ss in rs["scopeSpans"]:
+                yield from ss["spans"]
+
+
 def test_a_call_span_keeps_its_transport_after_the_summary_lets_the_transactions_go(tmp_path):
     """The span record is taken before the call summary lets the call's transactions go (the last
     holder empties the list): a TCP call that left the table before its slice ran, e.g. evicted
@@ -164,13 +172,10 @@ def test_a_call_span_keeps_its_transport_after_the_summary_lets_the_transactions
     finally:
         app.spans.shutdown(10.0)
     found = []
-    for line in spans.read_text().splitlines():
-        for rs in orjson.loads(line)["resourceSpans"]:
-            for ss in rs["scopeSpans"]:
-                for span in ss["spans"]:
-                    attrs = {a["key"]: a["value"] for a in span["attributes"]}
-                    if "network.transport" in attrs:
-                        found.append(attrs["network.transport"]["stringValue"])
+    for span in _spans_in(spans):
+        attrs = {a["key"]: a["value"] for a in span["attributes"]}
+        if "network.transport" in attrs:
+            found.append(attrs["network.transport"]["stringValue"])
     assert found == ["tcp"]
 
 
@@ -213,13 +218,8 @@ def test_a_lingering_transaction_lets_its_response_events_go_once_its_span_is_ha
         assert core.stats.response_retransmissions == before + 1
     finally:
         app.spans.shutdown(10.0)
-    events = []
-    for line in spans.read_text().splitlines():
-        for rs in orjson.loads(line)["resourceSpans"]:
-            for ss in rs["scopeSpans"]:
-                for span in ss["spans"]:
-                    if span["name"].startswith("INVITE"):
-                        events.append([e["attributes"][0]["value"]["intValue"] for e in span.get("events", ())])
+    events = [[e["attributes"][0]["value"]["intValue"] for e in span.get("events", ())]
+              for span in _spans_in(spans) if span["name"].startswith("INVITE")]
     assert events == [["180"]] * 3
 
 
