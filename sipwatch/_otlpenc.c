@@ -967,6 +967,17 @@ static int same_bytes(PyObject *a, PyObject *b)
                       && memcmp(PyBytes_AS_STRING(a), PyBytes_AS_STRING(b), (size_t)PyBytes_GET_SIZE(a)) == 0);
 }
 
+/* a party (a new reference) checked to be a tuple of 5; NULL (the reference dropped) when not */
+static PyObject *party_checked(PyObject *got)
+{
+    if (got != NULL && (!PyTuple_CheckExact(got) || PyTuple_GET_SIZE(got) != 5)) {
+        Py_DECREF(got);
+        PyErr_SetString(PyExc_SystemError, "_party returned an unexpected shape");
+        return NULL;
+    }
+    return got;
+}
+
 /* self._parties.get(key) or the party built now (a new reference, a tuple of 5) */
 static PyObject *party_keyed(Encoder *self, PyObject *const *args)
 {
@@ -980,16 +991,9 @@ static PyObject *party_keyed(Encoder *self, PyObject *const *args)
     } else {
         if (PyErr_Occurred())
             return NULL;
-        got = party_miss(self, args);
-        if (got == NULL)
-            return NULL;
+        return party_checked(party_miss(self, args));
     }
-    if (!PyTuple_CheckExact(got) || PyTuple_GET_SIZE(got) != 5) {
-        Py_DECREF(got);
-        PyErr_SetString(PyExc_SystemError, "_party returned an unexpected shape");
-        return NULL;
-    }
-    return got;
+    return party_checked(got);
 }
 
 /* the party of (trace id, Call-ID, From, To): a call's spans come with its trace id, so its party
@@ -1011,7 +1015,10 @@ static PyObject *party_of(Encoder *self, PyObject *const *args)
         if (e == NULL && PyErr_Occurred())
             return NULL;
     }
-    PyObject *got = party_keyed(self, args);
+    /* plain values on a miss by trace id: built now. The keyed cache is only filled by the
+     * Python path (values of other shapes), and the same values make the same party, so its
+     * lookup (a 4-tuple, the hashes of three strings) would only cost: ~0.9k instructions a call, callgrind */
+    PyObject *got = plain ? party_checked(party_miss(self, args)) : party_keyed(self, args);
     if (got == NULL || !plain)
         return got;
     PyObject *entry = PyTuple_Pack(4, args[1], args[2], args[3], got);
