@@ -548,11 +548,35 @@ def _count_spans(path: Path) -> int:
     return n
 
 
+SPANS_PER_CALL = 4  # the bench's call flow: the call, its INVITE, ACK and BYE
+SPANS_QUIET_S = 1.0
+SPANS_WAIT_S = 5.0
+
+
+def _spans_settled(collector, otlp0: dict, want: int) -> None:
+    """Wait (at most SPANS_WAIT_S) until the collector got ``want`` spans since ``otlp0`` or its
+    count stopped moving for SPANS_QUIET_S (spans the sidecar dropped never come), so that the
+    sidecar's counters, read next, speak of the same spans."""
+    deadline = time.monotonic() + SPANS_WAIT_S
+    last, since = None, time.monotonic()
+    while True:
+        got = collector.stats()["spans"] - otlp0["spans"]
+        now = time.monotonic()
+        if got >= want or now > deadline:
+            return
+        if got != last:
+            last, since = got, now
+        elif got > 0 and now - since >= SPANS_QUIET_S:
+            return
+        time.sleep(0.1)
+
+
 def _sidecar_figures(target, r: dict, features: Features | None, otlp0: dict | None) -> None:
-    """Add the sidecar's own counts to a run: 503s it sent, spans exported/dropped; for the
-    all-features target what the collector decoded and the spans file holds."""
+    """Add the sidecar's own counts to a run, while it runs: 503s it sent, spans exported/dropped."""
     if not isinstance(target, bench_net.SidecarTarget):
         return
+    if features is not None and otlp0 is not None:
+        _spans_settled(features.collector, otlp0, SPANS_PER_CALL * r.get("completed", 0))
     try:
         gw, sig = target.sidecar.gateway(), target.sidecar.signaling()
         r["overload_rejected"] = metric(gw, "sip_overload_rejected_total")
@@ -562,14 +586,19 @@ def _sidecar_figures(target, r: dict, features: Features | None, otlp0: dict | N
         r["gc_deep_s"] = metric(gw, "sipwatch_gc_deep_seconds_total")
     except OSError as exc:
         r["metrics_error"] = str(exc)
-    if features is not None and otlp0 is not None:
-        time.sleep(0.5)  # the last export batch
-        o1 = features.collector.stats()
-        r["otlp_spans"] = o1["spans"] - otlp0["spans"]
-        r["otlp_requests"] = o1["requests"] - otlp0["requests"]
-        r["spans_file_lines"] = _count_lines(target.spans_file)
-        r["spans_file_spans"] = _count_spans(target.spans_file)
-        target.spans_file.unlink(missing_ok=True)  # up to hundreds of MB per step
+
+
+def _spans_delivered(target, r: dict, features: Features, otlp0: dict) -> None:
+    """What the collector decoded and the spans file holds from a run, read once the sidecar has
+    stopped (its stop delivers what its span worker still held). Read while it ran, after a fixed
+    half second, a 1-s step on a loaded machine had shown none: the worker runs at idle priority
+    and had not yet had the CPU to deliver them."""
+    o1 = features.collector.stats()
+    r["otlp_spans"] = o1["spans"] - otlp0["spans"]
+    r["otlp_requests"] = o1["requests"] - otlp0["requests"]
+    r["spans_file_lines"] = _count_lines(target.spans_file)
+    r["spans_file_spans"] = _count_spans(target.spans_file)
+    target.spans_file.unlink(missing_ok=True)  # up to hundreds of MB per step
 
 
 def load_step(workdir: Path, key: str, rate: int, duration: float, features: Features | None) -> dict | None:
@@ -583,6 +612,8 @@ def load_step(workdir: Path, key: str, rate: int, duration: float, features: Fea
             otlp0 = features.collector.stats() if key == "all" else None
             r = bench_net.SippLoad(workdir, target, uas_port, rate, duration).start().finish()
             _sidecar_figures(target, r, features if key == "all" else None, otlp0)
+        if otlp0 is not None:
+            _spans_delivered(target, r, features, otlp0)
     except RuntimeError as exc:
         _progress(f"  {TARGETS[key]} @ {rate}/s: not measured ({exc})")
         return None
