@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import HAVE_SIPP, ROOT, Sidecar, free_port, metric, run_call_pair, run_rtp_call_pair, scrape
+from harness import (HAVE_SIPP, ROOT, Sidecar, free_port, metric, one_capture_clock, run_call_pair, run_rtp_call_pair,
+                     scrape)
 from otlp_receiver import OtlpReceiver
 from sipwatch.waterfall import by_trace, load_spans, render_slowest
 
@@ -235,7 +236,7 @@ def test_live_capture_call_spans_carry_rtp_quality_after_the_grace(tmp_path):
               f"127.0.0.1:{rtp_b}", str(COUNT), "--drop-every", str(DROP_EVERY)]
     cap = Capture(tmp_path, bpf, f"127.0.0.1:{uas}")
     cap.args += ["--rtp-grace", "0.5", "--spans-file", str(spans_file)]
-    with Dumpcap(pcap, bpf), cap:
+    with one_capture_clock(), Dumpcap(pcap, bpf), cap:
         uac_rc, uas_rc, caller, callee = run_rtp_call_pair(tmp_path, uas, uac, rtp_a, rtp_b, CALLS,
                                                            1500, sender)
         assert (uac_rc, uas_rc) == (0, 0), caller.errors() + callee.errors()

@@ -20,7 +20,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 import pcapbuild as pb
-from harness import HAVE_SIPP, ROOT, free_port, metric, run_rtp_call_pair, scrape
+from harness import HAVE_SIPP, ROOT, free_port, metric, one_capture_clock, run_rtp_call_pair, scrape
 from capture.live import LiveCapture, RtpMonitor
 from capture.record_fixtures import Dumpcap
 from capture.tshark_facts import facts
@@ -145,7 +145,7 @@ def test_live_rtp_metrics_and_call_summaries_match_tshark(tmp_path):
               "--delay-every", "7", "--delay-ms", "12"]
     cap = Capture(tmp_path, bpf, f"127.0.0.1:{uas}")
     cap.args += ["--rtp-grace", "1"]
-    with Dumpcap(pcap, bpf), cap:
+    with one_capture_clock(), Dumpcap(pcap, bpf), cap:
         uac_rc, uas_rc, caller, callee = run_rtp_call_pair(tmp_path, uas, uac, rtp_a, rtp_b, CALLS,
                                                            2500, sender)
         assert (uac_rc, uas_rc) == (0, 0), caller.errors() + callee.errors()
