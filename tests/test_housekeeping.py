@@ -16,6 +16,7 @@ from sipwatch.logs import JsonLog, _stamp
 from sipwatch.masking import CallIdMasker
 from sipwatch.metrics import CALL_SETUP_BUCKETS, observe_all
 from sipwatch.summary import round3
+from sipwatch.waterfall import load_spans
 
 from test_resilience import _Call, _app
 
@@ -149,14 +150,6 @@ def test_a_ticks_backlog_is_written_in_one_write_in_order_after_the_tick(tmp_pat
     assert sids == ["w-%d@gw" % i for i in range(n)]
 
 
-def _spans_in(path):
-    """Every span (OTLP/JSON) of a spans file, in file order."""
-    for line in path.read_text().splitlines():
-        for rs in orjson.loads(line)["resourceSpans"]:
-            for ss in rs["scopeSpans"]:
-                yield from ss["spans"]
-
-
 def test_a_call_span_keeps_its_transport_after_the_summary_lets_the_transactions_go(tmp_path):
     """The span record is taken before the call summary lets the call's transactions go (the last
     holder empties the list): a TCP call that left the table before its slice ran, e.g. evicted
@@ -171,11 +164,7 @@ def test_a_call_span_keeps_its_transport_after_the_summary_lets_the_transactions
         assert call.transactions == []  # the summary let them go
     finally:
         app.spans.shutdown(10.0)
-    found = []
-    for span in _spans_in(spans):
-        attrs = {a["key"]: a["value"] for a in span["attributes"]}
-        if "network.transport" in attrs:
-            found.append(attrs["network.transport"]["stringValue"])
+    found = [s.attributes["network.transport"] for s in load_spans(str(spans)) if "network.transport" in s.attributes]
     assert found == ["tcp"]
 
 
@@ -218,9 +207,9 @@ def test_a_lingering_transaction_lets_its_response_events_go_once_its_span_is_ha
         assert core.stats.response_retransmissions == before + 1
     finally:
         app.spans.shutdown(10.0)
-    events = [[e["attributes"][0]["value"]["intValue"] for e in span.get("events", ())]
-              for span in _spans_in(spans) if span["name"].startswith("INVITE")]
-    assert events == [["180"]] * 3
+    events = [[next(iter(attrs.values())) for _, _, attrs in s.events]  # each event's first attribute
+              for s in load_spans(str(spans)) if s.name.startswith("INVITE")]
+    assert events == [[180]] * 3
 
 
 def test_the_span_pipeline_health_is_read_every_few_ticks(tmp_path):
