@@ -52,6 +52,10 @@ _c_mask_name_addr: Final[Callable[[bytes, bool], tuple[str, int] | None] | None]
 _c_mask_call_id: Final[Callable[[bytes, bytes, bytes, bool], str | None] | None] = \
     getattr(_sipscan, "mask_call_id", None)
 _c_hmac_state: Final[Callable[[bytes], bytes] | None] = getattr(_sipscan, "hmac_state", None)
+# the usual Call-ID (nothing to mask) as text in one C scan: the check's two method calls in Python
+# (translate, find) were ~5% of the live span worker, which shows each Call-ID twice (its spans',
+# its summary's). None without the C helper.
+_c_plain_call_id: Final[Callable[[bytes], str | None] | None] = getattr(_sipscan, "plain_call_id", None)
 # on a reversed text: up to and including its fourth digit, then the non-digits before the digit
 # that precedes it (the digits are ASCII 0-9 here, as in _NO_DIGITS; ``\d`` would take others)
 _LAST_FOUR = re.compile(r"(?:[^0-9]*[0-9]){4}[^0-9]*")
@@ -408,10 +412,14 @@ class CallIdMasker:
 
     def __call__(self, call_id) -> str | None:  # bytes (or bytearray), str or None
         if type(call_id) is bytes:
-            if self.mode == "digits" and call_id.isascii() \
+            # the usual Call-ID: nothing to mask (an ASCII text has no other digits than 0-9),
+            # shown as it is, cheaper than remembering it (one C scan when built)
+            if self.mode == "digits" and _c_plain_call_id is not None:
+                shown = _c_plain_call_id(call_id)
+                if shown is not None:
+                    return shown
+            elif self.mode == "digits" and call_id.isascii() \
                     and call_id.translate(_DIGITS_AS_ZERO).find(b"000000") < 0:
-                # the usual Call-ID: nothing to mask (an ASCII text has no other digits than
-                # 0-9), shown as it is, cheaper than remembering it
                 return call_id.decode("ascii")
             # a Call-ID shows up more than once (a B2BUA leg's summary lists every leg's): remembered
             got = self._memo.get(call_id)

@@ -422,6 +422,34 @@ def test_call_id_masking_in_c_matches_the_stdlib_hmac_and_the_python_path():
         assert masking._c_mask_call_id(b"\xc3\xa9123456", digits._inner_state, digits._outer_state, False) is None
 
 
+def test_a_call_id_shows_as_the_regex_and_the_stdlib_hmac_say_whichever_pass_answers():
+    """``CallIdMasker.__call__`` (which asks ``_sipscan.plain_call_id`` first whether the Call-ID
+    is shown as it is) against ground truth, on random Call-IDs around the 6-digit edge: runs of
+    5, 6 and 7 digits at the start, middle and end, non-ASCII bytes, empty ones; and the C check
+    itself against its definition (ASCII with no run of six ASCII digits: the text, else None)."""
+    import hashlib
+    import hmac
+    import random
+
+    from sipwatch.sipmsg import _sipscan
+    key = hashlib.blake2b(b"k", digest_size=32, person=b"sipwatch-callid").digest()
+    rnd = random.Random(11)
+    pieces = [b"12345", b"123456", b"1234567", b"-", b"@", b"a", b"x.y", b"\xc3\xa9", b"\xff", b"\x00", b"9", b"\xd9\xa3" * 6]
+    for _ in range(4000):
+        raw = b"".join(rnd.choice(pieces) for _ in range(rnd.randrange(0, 6)))
+        text = raw.decode("utf-8", "replace")
+        shown = re.sub(r"[0-9]{6,}", lambda m: "*" * (len(m[0]) - 4) + m[0][-4:], text)
+        plain = raw.isascii() and re.search(rb"[0-9]{6}", raw) is None
+        mac = hmac.new(key, raw, hashlib.blake2b).hexdigest()
+        if raw.isascii():
+            assert CallIdMasker("digits", b"k")(raw) == (text if shown == text else shown + "~" + mac[:16]), raw
+        else:  # (the Python pass, ground-truthed above for ASCII; its non-ASCII digits are its own)
+            masker = CallIdMasker("digits", b"k")
+            assert masker(raw) == masker._mask_py(raw), raw
+        if _sipscan is not None:
+            assert _sipscan.plain_call_id(raw) == (text if plain else None), raw
+
+
 def test_call_id_masker_survives_pickling_for_the_span_worker_process():
     import pickle
     m = CallIdMasker("digits", b"k")

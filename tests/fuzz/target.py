@@ -37,8 +37,9 @@ Properties (an AssertionError names the one that broke; anything else raised is 
   real path has are dropped, issue 8 item 2; the one added is the core's own);
 - a second core with the same key, its response fast path (``ProxyCore._fast_response``) off,
   fed the same inputs, gives the same outputs, counters and finished records;
-- a finished call's Call-ID masks alike in C (``_sipscan.mask_call_id``) and in Python, in the
-  ``digits`` and ``hash`` modes;
+- a finished call's Call-ID masks alike in C (``_sipscan.mask_call_id``, and the check
+  ``_sipscan.plain_call_id`` that shows the usual one as it is) and in Python, in the ``digits``
+  and ``hash`` modes;
 - a finished call's summary line, as the span worker writes it from the summary tuple, is the
   same bytes from the C writer (``_otlpenc.summary_line``) and from the dict path.
 """
@@ -206,6 +207,8 @@ class Run:
                 for masker in _CALL_ID_MASKERS:
                     assert masker._mask(obj.call_id) == masker._mask_py(obj.call_id), \
                         "Call-ID masking: the C pass and the Python path differ"
+                    assert masker(obj.call_id) == masker._mask_py(obj.call_id), \
+                        "Call-ID masking: the C plain check (_sipscan.plain_call_id) and the Python path differ"
             if self.builder is not None:
                 spans.append(self.builder.build(kind, obj))
                 if kind == "tx":
