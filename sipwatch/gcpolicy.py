@@ -56,6 +56,10 @@ DEEP_EVERY = 60.0
 # (a lingering answered call and its transactions ~4 KB, in ~4 entries), so that growth of the
 # state never looks like a leak; a leak goes on once the state stops growing, and is seen then
 STATE_BYTES = 3 << 10
+# seconds between reads of the resident size once a deep collection may run (DEEP_EVERY after the
+# last): a read every tick was ~5% of an idle sidecar's CPU (a pread of /proc/self/statm and its
+# parsing, 50 a second), for a trigger that acts at most once a minute
+RSS_EVERY = 0.5
 QUIET = 50  # collections in a row that found nothing before ticks stop collecting (1 s)
 SPARSE = 25  # then one tick in SPARSE still collects (every 0.5 s), until a pass finds a cycle
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -86,8 +90,9 @@ class GcPolicy:
         self.state_size = state_size  # callable() -> entries of live state (calls, transactions)
         self._state_base = 0  # state_size() at the last deep collection (or the start)
         self._state_peak = 0  # its highest since then
-        self.deep_explained = 0  # ticks whose growth was over DEEP_GROWTH, explained by the state
+        self.deep_explained = 0  # reads of the size that found growth over DEEP_GROWTH the state explains
         self._next = 0.0
+        self._rss_next = 0.0  # when the resident size is read next (see RSS_EVERY)
         self._deep_at = 0.0
         self._baseline = 0
         self.collections = 0
@@ -120,9 +125,11 @@ class GcPolicy:
         size = self._state()
         if size > self._state_peak:
             self._state_peak = size
-        rss = rss_bytes()
-        if rss and rss - self._baseline > DEEP_GROWTH and now - self._deep_at >= DEEP_EVERY and \
-                not self._explained(rss):
+        rss = 0
+        if now - self._deep_at >= DEEP_EVERY and now >= self._rss_next:
+            self._rss_next = now + RSS_EVERY
+            rss = rss_bytes()
+        if rss and rss - self._baseline > DEEP_GROWTH and not self._explained(rss):
             t0 = time.perf_counter()
             gc.unfreeze()
             found = gc.collect()

@@ -353,3 +353,33 @@ def test_a_deep_collection_is_counted_and_its_stop_exported():
     text = generate_latest(reg).decode()
     assert "sipwatch_gc_deep_collections_total 2.0" in text
     assert "sipwatch_gc_deep_seconds_total 1.75" in text
+
+
+def test_the_resident_size_is_read_only_when_a_deep_collection_may_run_and_a_leak_is_still_caught(monkeypatch):
+    """At 50 ticks a second the policy read /proc/self/statm 50 times a second for a trigger that
+    acts once a minute at most: now it reads nothing until DEEP_EVERY has passed since the last
+    deep collection, then at most every RSS_EVERY; a leak past DEEP_GROWTH is still collected
+    within RSS_EVERY of the first tick that may run it."""
+    import sipwatch.gcpolicy as gp
+    from sipwatch.gcpolicy import DEEP_EVERY, DEEP_GROWTH, RSS_EVERY
+    clock, reads, deep = [100.0], [0], []
+
+    def rss():
+        reads[0] += 1
+        return (100 << 20) + (DEEP_GROWTH + (1 << 20) if clock[0] >= 100.0 + DEEP_EVERY else 0)
+    monkeypatch.setattr(gp, "rss_bytes", rss)
+    policy = GcPolicy(clock=lambda: clock[0], on_deep=lambda *a: deep.append(clock[0]), state_size=lambda: 0)
+    try:
+        policy.start()
+        assert reads[0] == 1  # the baseline
+        ticks = int((DEEP_EVERY + 10) / 0.02)
+        for i in range(1, ticks + 1):
+            clock[0] = 100.0 + i * 0.02
+            policy.tick()
+            if clock[0] < 100.0 + DEEP_EVERY - 1e-9:
+                assert reads[0] == 1, clock[0]
+    finally:
+        policy.stop()
+    assert len(deep) == 1 and deep[0] - (100.0 + DEEP_EVERY) <= RSS_EVERY + 0.02
+    # the baseline, the read that set it off and the deep collection's own; none in the 10 s after
+    assert reads[0] == 3
