@@ -130,9 +130,9 @@ class GatewayCollector(_Guarded):
             dropped.add_metric([reason], counts[i] if i < len(counts) else 0)
         yield dropped
         yield CounterMetricFamily("sip_forks", "2xx answers to an INVITE already answered with another To-tag (forking), forwarded.", value=getattr(s, "forks", 0))
-        yield CounterMetricFamily("sip_drain_rejected", "New dialogs answered 503 (Retry-After) while the sidecar was draining.", value=getattr(s, "drain_rejected", 0))
+        yield CounterMetricFamily("sip_drain_rejected", "Requests of new dialogs answered 503 (Retry-After) while the sidecar was draining (a retransmission answered again counts again).", value=getattr(s, "drain_rejected", 0))
         yield CounterMetricFamily("sip_body_truncated", "Datagrams whose bytes past Content-Length were discarded (RFC 3261 18.3).", value=getattr(s, "body_truncated", 0))
-        yield CounterMetricFamily("sip_overload_rejected", "New dialogs answered 503 (Retry-After) because the receive queues were too long.", value=s.overload_rejected)
+        yield CounterMetricFamily("sip_overload_rejected", "Requests of new dialogs answered 503 (Retry-After) because the receive queues were too long (a retransmission answered again counts again).", value=s.overload_rejected)
 
 
 class SignalingCollector(_Guarded):

@@ -184,7 +184,7 @@ class Stats:
         self.body_truncated = 0  # UDP bytes past Content-Length discarded (RFC 3261 18.3)
         self.forks = 0  # a 2xx with another To-tag for an INVITE already answered (forking)
         self.drain_rejected = 0  # new dialogs answered 503 while draining
-        self.overload_rejected = 0  # new dialogs answered 503 while the receive queues were long
+        self.overload_rejected = 0  # 503s sent to new dialogs while the receive queues were long (retransmissions too)
         self.overloaded = False  # mirrors ProxyCore.overloaded for the metrics
         self.correlation = [0] * (3 * len(CORRELATION_RESULTS))  # [kind * 4 + CORR_*]
         self.ring = RttRing(ring_size) if ring_size else NoRing()
