@@ -264,7 +264,7 @@ def test_a_refused_invite_retransmitted_is_answered_503_again_and_counted_again(
     """The refusal keeps no state (a flood of new INVITEs must not grow the tables), so an INVITE
     retransmitted because its 503 was late or lost is refused again, with the same 503, and the
     counter counts both: it counts 503s sent, which is what its help text and the README say (a
-    bench at 2x capacity saw 52 more counted than its caller received, all retransmissions)."""
+    bench at 2x capacity counted 52 more than its caller received)."""
     core = make()
     core.overloaded = True
     req = invite(call_id=b"again-1", branch=b"z9hG4bK-again-1")
