@@ -1443,6 +1443,21 @@ static void b2_digest_from(const unsigned char *st, const unsigned char *p, size
         b2_store(out + 8 * i, h[i]);
 }
 
+/* how CallIdMasker's digits mode sees a Call-ID: -1 not ASCII (the Python path decides), 1 it
+ * holds a run of 6+ digits (masked, the keyed hash appended), 0 nothing to mask (shown as it is) */
+static int call_id_digit_runs(const unsigned char *s, Py_ssize_t n)
+{
+    int masked = 0;
+    Py_ssize_t run = 0; /* digits in a row so far */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (s[i] >= 0x80)
+            return -1;
+        run = s[i] >= '0' && s[i] <= '9' ? run + 1 : 0;
+        masked |= run >= 6;
+    }
+    return masked;
+}
+
 /* mask_call_id(raw, inner, outer, hash_only) -> masking.CallIdMasker._mask of a plain ASCII Call-ID:
  * runs of 6+ digits masked but their last 4, then "~" and 16 hex of HMAC-BLAKE2b(raw) when
  * something was masked (the text as is when nothing was); with hash_only, "h-" and 32 hex of it.
@@ -1470,15 +1485,10 @@ sipscan_mask_call_id(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (n == 0)
         Py_RETURN_NONE;
     if (!hash_only) {
-        int masked = 0;
-        Py_ssize_t run = 0;  /* digits in a row so far */
-        for (Py_ssize_t i = 0; i < n; i++) {
-            if (raw[i] >= 0x80)
-                Py_RETURN_NONE;
-            run = raw[i] >= '0' && raw[i] <= '9' ? run + 1 : 0;
-            masked |= run >= 6;
-        }
-        if (!masked)
+        const int runs = call_id_digit_runs(raw, n);
+        if (runs < 0)
+            Py_RETURN_NONE;
+        if (runs == 0)
             return PyUnicode_DecodeASCII((const char *)raw, n, NULL);
     }
     unsigned char inner[64], outer[64];
@@ -1524,14 +1534,8 @@ sipscan_plain_call_id(PyObject *module, PyObject *raw)
         return NULL;
     const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(raw);
     const Py_ssize_t n = PyBytes_GET_SIZE(raw);
-    Py_ssize_t run = 0; /* digits in a row so far */
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (s[i] >= 0x80)
-            Py_RETURN_NONE;
-        run = s[i] >= '0' && s[i] <= '9' ? run + 1 : 0;
-        if (run >= 6)
-            Py_RETURN_NONE;
-    }
+    if (call_id_digit_runs(s, n) != 0)
+        Py_RETURN_NONE;
     return PyUnicode_DecodeASCII((const char *)s, n, NULL);
 }
 

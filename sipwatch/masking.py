@@ -52,10 +52,6 @@ _c_mask_name_addr: Final[Callable[[bytes, bool], tuple[str, int] | None] | None]
 _c_mask_call_id: Final[Callable[[bytes, bytes, bytes, bool], str | None] | None] = \
     getattr(_sipscan, "mask_call_id", None)
 _c_hmac_state: Final[Callable[[bytes], bytes] | None] = getattr(_sipscan, "hmac_state", None)
-# the usual Call-ID (nothing to mask) as text in one C scan: the check's two method calls in Python
-# (translate, find) were ~5% of the live span worker, which shows each Call-ID twice (its spans',
-# its summary's). None without the C helper.
-_c_plain_call_id: Final[Callable[[bytes], str | None] | None] = getattr(_sipscan, "plain_call_id", None)
 # on a reversed text: up to and including its fourth digit, then the non-digits before the digit
 # that precedes it (the digits are ASCII 0-9 here, as in _NO_DIGITS; ``\d`` would take others)
 _LAST_FOUR = re.compile(r"(?:[^0-9]*[0-9]){4}[^0-9]*")
@@ -212,6 +208,7 @@ def mask_uri(value, mode: str = "partial") -> str:  # bytes, str or None (anythi
 # and a call summary masks From, To and Request-URI on the proxy's loop under --no-tracing (and
 # whenever the span worker hands summaries back); cut here, 0.3 ms. Real values are well under.
 SHOWN_MAX = 1024
+_NUMBER_CHARS: Final = frozenset("0123456789 -.()+")  # a number's digits and separators (see _mask_cut)
 
 
 def _mask_cut(text: str, mode: str) -> str:
@@ -223,8 +220,6 @@ def _mask_cut(text: str, mode: str) -> str:
         cut -= 1
     return _mask_text(text[:cut], mode) + "...[+%d chars]" % (len(text) - cut)
 
-
-_NUMBER_CHARS: Final = frozenset("0123456789 -.()+")
 
 
 def _mask_remembered(value: bytes, mode: str, memo: dict[bytes, str]) -> str:
@@ -371,6 +366,17 @@ _LONG_DIGITS = re.compile(r"\d{6,}")
 _DIGITS_AS_ZERO = bytes.maketrans(b"0123456789", b"0000000000")
 
 
+def _plain_call_id_py(raw: bytes) -> str | None:
+    """The Call-ID as text when the digits mode shows it as it is (ASCII, no run of 6+ digits: an
+    ASCII text has no other digits than 0-9), else None."""
+    return raw.decode("ascii") if raw.isascii() and raw.translate(_DIGITS_AS_ZERO).find(b"000000") < 0 else None
+
+
+# that check in one C scan: its two method calls in Python (translate, find) were ~5% of the live
+# span worker, which shows each Call-ID twice (its spans', its summary's)
+_plain_call_id: Final[Callable[[bytes], str | None]] = getattr(_sipscan, "plain_call_id", None) or _plain_call_id_py
+
+
 def derive_key(secret: bytes | None, purpose: bytes) -> bytes:
     """A 32-byte key for one purpose from the operator's secret (random when there is none)."""
     if not secret:
@@ -435,15 +441,10 @@ class CallIdMasker:
 
     def __call__(self, call_id) -> str | None:  # bytes (or bytearray), str or None
         if type(call_id) is bytes:
-            # the usual Call-ID: nothing to mask (an ASCII text has no other digits than 0-9),
-            # shown as it is, cheaper than remembering it (one C scan when built)
-            if self.mode == "digits" and _c_plain_call_id is not None:
-                shown = _c_plain_call_id(call_id)
+            if self.mode == "digits":  # the usual Call-ID, shown as it is: cheaper than remembering it
+                shown = _plain_call_id(call_id)
                 if shown is not None:
                     return shown
-            elif self.mode == "digits" and call_id.isascii() \
-                    and call_id.translate(_DIGITS_AS_ZERO).find(b"000000") < 0:
-                return call_id.decode("ascii")
             # a Call-ID shows up more than once (a B2BUA leg's summary lists every leg's): remembered
             got = self._memo.get(call_id)
             if got is None:

@@ -461,6 +461,7 @@ def test_a_call_id_shows_as_the_regex_and_the_stdlib_hmac_say_whichever_pass_ans
     import hmac
     import random
 
+    from sipwatch import masking
     from sipwatch.sipmsg import _sipscan
     key = hashlib.blake2b(b"k", digest_size=32, person=b"sipwatch-callid").digest()
     rnd = random.Random(11)
@@ -478,6 +479,7 @@ def test_a_call_id_shows_as_the_regex_and_the_stdlib_hmac_say_whichever_pass_ans
             assert masker(raw) == masker._mask_py(raw), raw
         if _sipscan is not None:
             assert _sipscan.plain_call_id(raw) == (text if plain else None), raw
+        assert masking._plain_call_id_py(raw) == (text if plain else None), raw  # (without the C module)
 
 
 def test_call_id_masker_survives_pickling_for_the_span_worker_process():
