@@ -23,6 +23,7 @@ import signal
 import threading
 from collections import deque
 
+from . import heap
 from .config import ProxySettings
 from .gcpolicy import GcPolicy
 from .handoff import forget_events, let_go_all, summarize_all, summary_tuples, take_slice
@@ -183,6 +184,7 @@ class ProxyApp:
                       allow_next_hop=[str(n) for n in getattr(s, "allow_next_hop", ())],
                       mask_call_id=self.call_id_mask.mode,
                       secret="set" if getattr(s, "secret", b"") else "random",
+                      heap="huge pages" if heap.active() else "plain",
                       hep_endpoint=None if self.hep is None
                       else f"{self.hep.transport}:{self.hep.collector[0]}:{self.hep.collector[1]}")
         self.gc.start()
@@ -646,6 +648,8 @@ def _fmt(addr):
 
 
 def run_proxy(settings: ProxySettings) -> int:
+    if settings.huge_heap:  # (done already, first thing, under `python -m sipwatch`: heap.early_choice)
+        heap.use_huge_pages()
     # log lines never block the loop: a stalled reader of stdout costs lines (counted), not calls
     log = JsonLog(settings.service_name, mask_mode=settings.mask_numbers, level=settings.log_level,
                   background=True)

@@ -114,6 +114,8 @@ class ProxySettings:
     correlation_headers: str = DEFAULT_CORRELATION
     # seconds the receive queue must stay above its high-water mark before new dialogs get 503
     overload_after: float = 0.05
+    # pymalloc's arenas on transparent huge pages, in the proxy and its span worker (sipwatch.heap)
+    huge_heap: bool = True
 
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -163,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--secret", help="key for the MACs in Via branches and Record-Route and for Call-ID hashes; keep it across restarts so calls set up before one still pass (prefer SIPWATCH_SECRET or --secret-file: a flag is visible in the process list)")
     a("--secret-file", help="read the key from this file (surrounding whitespace stripped)")
     a("--drain-timeout", help="on SIGTERM, seconds to keep forwarding in-dialog requests until calls end (default 25); a second SIGTERM stops at once")
+    a("--no-huge-heap", action="store_true", default=None, help="keep CPython's own arenas for the Python heap (by default the proxy and its span worker carve them from transparent huge pages)")
     a("--timer-c", help="seconds an INVITE may ring after a provisional response before it counts as timed out (RFC 3261 Timer C, default 180)")
     add_hep_arguments(p)
     return p
@@ -292,7 +295,7 @@ def settings_from(argv: list[str] | None = None, env=None) -> ProxySettings:
         sample_ratio=ratio, spans_file=spans_file, allow_next_hop=allow, secret=secret,
         drain_timeout=drain, timer_c=timer_c, mask_call_id=cid_mode, correlation_headers=str(corr),
         upstream_transport=up_transport, tcp=tcp_on, tcp_max_connections=tcp_max,
-        tcp_idle_timeout=tcp_idle, overload_after=overload_after, **hep,
+        tcp_idle_timeout=tcp_idle, overload_after=overload_after, huge_heap=not flag("no-huge-heap"), **hep,
     )
 
 

@@ -65,6 +65,7 @@ import threading
 import time
 from collections import deque
 
+from . import heap
 from .handoff import span_tuples
 from .otlp_encode import DELIVER_BYTES, _otlpenc, call_tuple, tx_tuple  # noqa: F401 (the frame format, re-exported)
 
@@ -238,7 +239,9 @@ class WorkerPipeline:
         self._extra_failures = 0
         self._lock = threading.RLock()  # SIGHUP's re-open on the loop vs shutdown in the flush thread
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        code = f"import sys; sys.path.insert(0, {root!r}); from sipwatch.span_worker import main; main()"
+        # the worker's heap as the proxy's (sipwatch.heap), chosen before its modules are imported
+        first = "from sipwatch import heap; heap.use_huge_pages(); " if heap.active() else ""
+        code = f"import sys; sys.path.insert(0, {root!r}); {first}from sipwatch.span_worker import main; main()"
         self.summaries = False  # the worker writes the call summaries
         passed: tuple = ()
         if log_fd is not None and config.get("log") is not None:

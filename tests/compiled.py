@@ -4,7 +4,7 @@
 modules pyproject.toml lists under ``[tool.sipwatch.mypyc]``, with the same flags setup.py uses for
 the image, next to the C extensions every install builds (:data:`C_EXTENSIONS`: the header scan
 ``sipwatch/_sipscan.c``, the span assembly ``sipwatch/_otlpenc.c`` and the UDP pump
-``sipwatch/_udppump.c``). Put that directory first on ``PYTHONPATH`` to run the compiled build (the test harness
+``sipwatch/_udppump.c``, and the HEP and heap modules). Put that directory first on ``PYTHONPATH`` to run the compiled build (the test harness
 passes ``SIPWATCH_TREE`` on to the sidecars it starts). A build is reused while the sources, the
 module list and the interpreter are unchanged.
 
@@ -77,7 +77,8 @@ def _build(cfg: dict, tree: Path) -> Path:
 
 # the optional C extensions of setup.py: module name -> source
 C_EXTENSIONS = {"sipwatch._sipscan": "sipwatch/_sipscan.c", "sipwatch._otlpenc": "sipwatch/_otlpenc.c",
-                "sipwatch._udppump": "sipwatch/_udppump.c", "sipwatch._hepenc": "sipwatch/_hepenc.c"}
+                "sipwatch._udppump": "sipwatch/_udppump.c", "sipwatch._hepenc": "sipwatch/_hepenc.c",
+                "sipwatch._hugeheap": "sipwatch/_hugeheap.c"}
 
 _C_BUILD = """
 import sys
