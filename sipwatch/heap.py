@@ -14,10 +14,21 @@ returned. Without the C module, or where the region cannot be reserved, nothing 
 """
 from __future__ import annotations
 
-try:
-    from . import _hugeheap
-except ImportError:  # no C compiler at install time: CPython's arenas
-    _hugeheap = None  # type: ignore[assignment]
+import os
+
+
+def _c_module():
+    """The C module, or None: not built (no compiler at install time), or ``SIPWATCH_NO_C=1``."""
+    if os.environ.get("SIPWATCH_NO_C") == "1":
+        return None
+    try:
+        from . import _hugeheap as loaded
+    except ImportError:
+        return None
+    return loaded
+
+
+_hugeheap = _c_module()
 
 # address space reserved for the arenas: 4 GiB, far more than a proxy's heap (a few hundred MB at
 # 4000 calls/s); what does not fit comes from CPython's own arena allocator

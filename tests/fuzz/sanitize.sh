@@ -1,5 +1,5 @@
 #!/bin/sh
-# The C extensions (sipwatch/_sipscan.c, _otlpenc.c, _udppump.c, _hepenc.c) under AddressSanitizer and
+# The C extensions (sipwatch/_sipscan.c, _otlpenc.c, _udppump.c, _hepenc.c, _hugeheap.c) under AddressSanitizer and
 # UndefinedBehaviorSanitizer: built into a throw-away copy of the package, which then goes first on
 # PYTHONPATH (and SIPWATCH_TREE, so the sidecars the tests start load it too). The extensions read
 # bytes straight off the network; a memory error a datagram can reach must abort the run.
