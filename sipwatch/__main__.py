@@ -1,11 +1,5 @@
-import os
 import sys
 
-from .heap import early_choice
-
-# before anything else is imported: see sipwatch.heap
-early_choice(sys.argv[1:], os.environ)
-
-from .cli import main  # noqa: E402
+from .cli import main
 
 sys.exit(main())

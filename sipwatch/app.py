@@ -648,7 +648,7 @@ def _fmt(addr):
 
 
 def run_proxy(settings: ProxySettings) -> int:
-    if settings.huge_heap:  # (done already, first thing, under `python -m sipwatch`: heap.early_choice)
+    if settings.huge_heap:  # (done already, first thing, from the command line: heap.early_choice)
         heap.use_huge_pages()
     # log lines never block the loop: a stalled reader of stdout costs lines (counted), not calls
     log = JsonLog(settings.service_name, mask_mode=settings.mask_numbers, level=settings.log_level,

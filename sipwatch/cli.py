@@ -25,6 +25,12 @@ SUBCOMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # the proxy's heap, before anything else is imported (see sipwatch.heap): this is where both
+    # the `sipwatch` command and `python -m sipwatch` start
+    import os
+
+    from .heap import early_choice
+    early_choice(argv, os.environ)
     if not argv or argv[0] in ("-h", "--help"):
         sys.stdout.write(USAGE)
         return 0 if argv else 2

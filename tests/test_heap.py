@@ -178,3 +178,16 @@ def test_sipwatch_no_c_keeps_cpythons_arenas():
     r = subprocess.run([sys.executable, "-c", "from sipwatch import heap; print(heap.use_huge_pages(), heap.stats())"],
                        capture_output=True, text=True, env=env, timeout=60, cwd=ROOT)
     assert r.returncode == 0 and r.stdout.split() == ["False", "{}"], r.stdout + r.stderr
+
+
+def test_the_command_line_installs_it_before_reading_the_configuration():
+    """The `sipwatch` command (the image's entry point) and `python -m sipwatch` both start in
+    cli.main: the heap must be chosen there, before the proxy's modules are imported, so that their
+    objects are on it. A configuration error stops before the proxy runs, so an install that waited
+    for run_proxy leaves the modules read meanwhile outside the region."""
+    code = ("from sipwatch import cli, _hugeheap; rc = cli.main(['proxy', '--upstream', 'nonsense']); "
+            "import sipwatch.config as c; start, size = _hugeheap.region(); "
+            "print(rc, start <= id(c.settings_from) < start + size)")
+    env = {**os.environ, "PYTHONPATH": sipwatch_path(), "PYTHONMALLOC": "pymalloc"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60, cwd=ROOT)
+    assert r.stdout.split() == ["2", "True"], r.stdout + r.stderr
