@@ -335,6 +335,24 @@ static const char *const ref_names[R_COUNT] = {
     "_resource_field", "_scope_field", "_schema_field", "_json_head", "_json_tail",
 };
 
+/* The hop, final, event and call-part caches are dicts keyed by tuples of values, and a lookup
+ * built the key tuple, hashed it (a tuple's hash is not kept: each time, with a peer tuple inside
+ * it) and compared it item by item: ~600 instructions, several times a span (callgrind). The
+ * worker's read hands out the same object for the same packed value (its memo), so most spans
+ * come with the very objects the last one of their kind had: a small direct-mapped table keyed by
+ * the objects' addresses, holding references to them (an address is not reused while the slot
+ * holds its object), answers those without the dict. Only immutable values take part (bytes, str,
+ * int, float, None, bool, and tuples of those), so the same objects mean equal keys; anything
+ * else, and every miss here, goes to the dict as before, and what it answers is kept here. */
+#define ID_SLOTS 64 /* a power of two */
+#define ID_KEYS 4
+enum { ID_HOPS, ID_FINALS, ID_EVENTS, ID_CALL_PARTS, ID_CACHES };
+
+typedef struct {
+    PyObject *key[ID_KEYS];
+    PyObject *value;
+} IdSlot;
+
 typedef struct {
     PyObject_HEAD
     PyObject *ref[R_COUNT];
@@ -350,13 +368,30 @@ typedef struct {
      * will hold them (ScopeSpans.spans fields one after the other; JSON objects between commas) */
     Buf opb, ojs;
     Py_ssize_t n_out;
+    /* in front of the hop, final, event and call-part caches: the last values found, by the
+     * identity of their key's objects (see cached) */
+    IdSlot ids[ID_CACHES][ID_SLOTS];
 } Encoder;
 
 static int encoder_traverse(Encoder *self, visitproc visit, void *arg)
 {
     for (int i = 0; i < R_COUNT; i++)
         Py_VISIT(self->ref[i]);
+    for (int c = 0; c < ID_CACHES; c++) {
+        for (int i = 0; i < ID_SLOTS; i++) {
+            for (int k = 0; k < ID_KEYS; k++)
+                Py_VISIT(self->ids[c][i].key[k]);
+            Py_VISIT(self->ids[c][i].value);
+        }
+    }
     return 0;
+}
+
+static void id_slot_clear(IdSlot *slot)
+{
+    for (int k = 0; k < ID_KEYS; k++)
+        Py_CLEAR(slot->key[k]);
+    Py_CLEAR(slot->value);
 }
 
 static int encoder_clear(Encoder *self)
@@ -366,6 +401,10 @@ static int encoder_clear(Encoder *self)
     Py_CLEAR(self->ruri_key);
     Py_CLEAR(self->retrans_key);
     Py_CLEAR(self->to_key);
+    for (int c = 0; c < ID_CACHES; c++) {
+        for (int i = 0; i < ID_SLOTS; i++)
+            id_slot_clear(&self->ids[c][i]);
+    }
     return 0;
 }
 
@@ -427,11 +466,90 @@ static int encoder_init(Encoder *self, PyObject *args, PyObject *kwds)
     return 0;
 }
 
+/* a value whose object, while it lives, always compares equal to what it did: an exact bytes,
+ * str, int, float, bool or None, or (one level) an exact tuple of those */
+static int immutable_scalar(PyObject *o)
+{
+    return o == Py_None || PyBytes_CheckExact(o) || PyUnicode_CheckExact(o) || PyLong_CheckExact(o)
+        || PyFloat_CheckExact(o) || PyBool_Check(o);
+}
+
+static int immutable_key(PyObject *o)
+{
+    if (immutable_scalar(o))
+        return 1;
+    if (!PyTuple_CheckExact(o))
+        return 0;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(o); i++) {
+        if (!immutable_scalar(PyTuple_GET_ITEM(o, i)))
+            return 0;
+    }
+    return 1;
+}
+
+/* the slot of the identity table ids for the key objects args[:nargs], or NULL when one of them
+ * could change its value (then only the dict is asked) */
+static IdSlot *id_slot(IdSlot *ids, PyObject *const *args, Py_ssize_t nargs)
+{
+    uint64_t h = 0x9E3779B97F4A7C15ULL;
+    for (Py_ssize_t i = 0; i < nargs; i++) {
+        if (!immutable_key(args[i]))
+            return NULL;
+        h = (h ^ (uint64_t)(uintptr_t)args[i]) * 0xBF58476D1CE4E5B9ULL;
+        h ^= h >> 29;
+    }
+    return &ids[h & (ID_SLOTS - 1)];
+}
+
+/* the slot's value (a new reference) when it was kept for these very objects, else NULL */
+static PyObject *id_get(IdSlot *slot, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (slot->value == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < nargs; i++) {
+        if (slot->key[i] != args[i])
+            return NULL;
+    }
+    Py_INCREF(slot->value);
+    return slot->value;
+}
+
+static void id_put(IdSlot *slot, PyObject *const *args, Py_ssize_t nargs, PyObject *value)
+{
+    IdSlot old = *slot;
+    for (Py_ssize_t i = 0; i < ID_KEYS; i++) {
+        slot->key[i] = i < nargs ? args[i] : NULL;
+        Py_XINCREF(slot->key[i]);
+    }
+    Py_INCREF(value);
+    slot->value = value;
+    id_slot_clear(&old); /* (last: the slot is whole before anything is freed) */
+}
+
+static PyObject *cached_dict(Encoder *self, int cache, int miss, PyObject *const *args, Py_ssize_t nargs,
+                             Py_ssize_t n);
+
 /* cache.get(key) or miss(*args): a new reference, checked to be a tuple of n items; the key is
  * the tuple of the arguments, or the one argument itself (as the Python methods key their caches:
  * _event_parts by the status alone) */
 static PyObject *cached(Encoder *self, int cache, int miss, PyObject *const *args, Py_ssize_t nargs,
                         Py_ssize_t n)
+{
+    int which = cache == R_HOPS ? ID_HOPS : cache == R_FINALS ? ID_FINALS : cache == R_EVENTS ? ID_EVENTS
+        : cache == R_CALL_PARTS ? ID_CALL_PARTS : -1;
+    IdSlot *slot = which >= 0 && nargs <= ID_KEYS ? id_slot(self->ids[which], args, nargs) : NULL;
+    PyObject *got = slot != NULL ? id_get(slot, args, nargs) : NULL;
+    if (got != NULL)
+        return got;
+    got = cached_dict(self, cache, miss, args, nargs, n);
+    if (got != NULL && slot != NULL)
+        id_put(slot, args, nargs, got);
+    return got;
+}
+
+/* (cached, through the dict) */
+static PyObject *cached_dict(Encoder *self, int cache, int miss, PyObject *const *args, Py_ssize_t nargs,
+                             Py_ssize_t n)
 {
     PyObject *key;
     if (nargs == 1) {
@@ -1945,11 +2063,14 @@ static inline uint64_t le64(const unsigned char *p)
 #define MEMO_SLOTS 1024      /* a power of two */
 #define MEMO_MAX_LEN 192     /* bytes of a value kept at most */
 
+#define MEMO_TUPLE_MAX 48 /* packed bytes of a small tuple kept at most (below) */
+
 typedef struct {
     uint64_t hash;
     int tag;
     Py_ssize_t n;
-    unsigned char key[16];  /* an int's packed bytes (str and bytes: their object's own) */
+    /* an int's or a small tuple's packed bytes (str and bytes: their object's own) */
+    unsigned char key[MEMO_TUPLE_MAX];
     PyObject *obj;
 } MemoSlot;
 
@@ -2002,7 +2123,7 @@ static inline void memo_put(MemoSlot *m, uint64_t h, int tag, const unsigned cha
     m->hash = h;
     m->tag = tag;
     m->n = n;
-    if (tag == P_INT || tag == P_U128)
+    if (tag == P_INT || tag == P_U128 || tag == P_TUPLE)
         memcpy(m->key, s, (size_t)n);
     Py_INCREF(o);
     m->obj = o;
@@ -2049,6 +2170,69 @@ static PyObject *make_bytes(const unsigned char *s, Py_ssize_t n)
 static PyObject *make_str(const unsigned char *s, Py_ssize_t n)
 {
     return PyUnicode_DecodeUTF8((const char *)s, n, "strict");
+}
+
+static PyObject *unpack_value(Reader *r, int depth);
+
+/* A peer comes as a small tuple, (host, port), with every span: it is kept in the memo as well,
+ * by its packed bytes, when its n items (at most 4) are all short scalars other than floats (None,
+ * bools, ints, bytes, str: immutable, so one tuple object can stand for all of them). The end of
+ * such a tuple (its position after the last item), or 0 for any other (read as before). */
+static Py_ssize_t small_tuple_end(const Reader *r, Py_ssize_t n)
+{
+    if (n > 4)
+        return 0;
+    Py_ssize_t pos = r->pos, start = r->pos - 5;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (pos >= r->len)
+            return 0;
+        int tag = r->p[pos++];
+        Py_ssize_t size;
+        if (tag == P_NONE || tag == P_TRUE || tag == P_FALSE) {
+            size = 0;
+        } else if (tag == P_INT) {
+            size = 8;
+        } else if (tag == P_U128) {
+            size = 16;
+        } else if (tag == P_BYTES || tag == P_STR) {
+            if (r->len - pos < 4)
+                return 0;
+            const unsigned char *q = r->p + pos;
+            size = 4 + (Py_ssize_t)((uint32_t)q[0] | (uint32_t)q[1] << 8 | (uint32_t)q[2] << 16 | (uint32_t)q[3] << 24);
+        } else {
+            return 0;
+        }
+        if (size > r->len - pos || pos + size - start > MEMO_TUPLE_MAX)
+            return 0;
+        pos += size;
+    }
+    return pos;
+}
+
+/* the small tuple of n items packed in s[:k] (tag and count first; the reader at its first
+ * item): the memo's, or read now and kept */
+static PyObject *memo_tuple(Reader *r, int depth, Py_ssize_t n, const unsigned char *s, Py_ssize_t k)
+{
+    uint64_t h = memo_hash(P_TUPLE, s, k);
+    MemoSlot *m = &memo[h & (MEMO_SLOTS - 1)];
+    PyObject *o = memo_get(m, h, P_TUPLE, s, k);
+    if (o != NULL) {
+        r->pos = (s - r->p) + k;
+        return o;
+    }
+    o = PyTuple_New(n);
+    if (o == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = unpack_value(r, depth + 1);
+        if (item == NULL) {
+            Py_DECREF(o);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(o, i, item);
+    }
+    memo_put(m, h, P_TUPLE, s, k, o);
+    return o;
 }
 
 static PyObject *unpack_value(Reader *r, int depth)
@@ -2103,6 +2287,11 @@ static PyObject *unpack_value(Reader *r, int depth)
         }
         if (n > left || depth >= PACK_DEPTH) /* (each item takes a byte at least) */
             return bad_frame();
+        if (tag == P_TUPLE) {
+            Py_ssize_t end = small_tuple_end(r, n);
+            if (end > 0) /* from its packed bytes, tag and count included */
+                return memo_tuple(r, depth, n, r->p + r->pos - 5, end - (r->pos - 5));
+        }
         PyObject *seq = tag == P_TUPLE ? PyTuple_New(n) : PyList_New(n);
         if (seq == NULL)
             return NULL;

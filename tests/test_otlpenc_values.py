@@ -640,6 +640,62 @@ def test_values_read_again_are_shared_and_never_mistaken_for_one_another():
         assert same(_otlpenc.unpack_frame(_otlpenc.pack_frame(frame)), frame)
 
 
+def test_small_tuples_read_again_are_shared_and_never_mistaken_for_one_another():
+    """A peer, (host, port), comes with every span: a small tuple of short scalars read again is
+    the object made the first time. Tuples that differ only in a type (str or bytes host, int or
+    float port, True or 1), hold a float, a tuple or more than four items, or pack to more than
+    48 bytes are read as they were packed, equal and type for type, in any order; a tuple holding
+    bytes that are not UTF-8 under the str tag is still refused."""
+    import random
+
+    from sipwatch import _otlpenc
+    peer = ("10.0.0.2", 5060)
+    first = _otlpenc.unpack_frame(_otlpenc.pack_frame([peer]))[0]
+    again = _otlpenc.unpack_frame(_otlpenc.pack_frame([(0, peer), peer]))
+    assert first == peer and again[0][1] is first and again[1] is first
+    kin = [("10.0.0.2", 5060), (b"10.0.0.2", 5060), ("10.0.0.2", 5060.0), ("10.0.0.2", 5060, "udp"), ("10.0.0.2",),
+           (True, 1), (1, True), (1, 1), (None, 0), (False, 0), (), ("a" * 30,), ("a" * 40,), (1, 2, 3, 4), (1, 2, 3, 4, 5),
+           (("10.0.0.2", 5060), ("10.0.0.1", 5060)), (2**100, 1), (-5, 256), ("Zo\u00eb", 1), (b"Zo\xc3\xab", 1)]
+    rng = random.Random(5)
+    kin += [(rng.choice(["10.0.0.%d" % i for i in range(300)]), rng.randrange(65536)) for _ in range(3000)]
+    for _ in range(30):
+        frame = [rng.choice(kin) for _ in range(2000)]
+        assert same(_otlpenc.unpack_frame(_otlpenc.pack_frame(frame)), frame)
+    bad = bytearray(_otlpenc.pack_frame([("ab", 1)]))
+    bad[bad.index(b"ab")] = 0xFF  # the str's first byte: not UTF-8
+    with pytest.raises(ValueError):
+        _otlpenc.unpack_frame(bytes(bad))
+
+
+def test_spans_of_reused_and_fresh_key_objects_are_the_python_bytes():
+    """The C encoder answers its hop, final, event and call-part lookups from the last objects it
+    saw (by address) before the dicts. Spans whose peer, method and status are the very objects
+    of an earlier span, equal copies of them, or new values made right after the earlier ones
+    were freed (CPython hands the same addresses out again) must all give the Python encoder's
+    bytes: a table that did not keep its objects alive would mistake the new ones for the old."""
+    import gc
+
+    c, py = encoders("partial")
+    base = (0, 2**100 + 1, 7, 3, b"INVITE", 1, 0, ("10.0.0.2", 5060), 200, T0, T0 + 0.001, T0 + 0.05, 0, False,
+            ((100, T0 + 0.001), (180, T0 + 0.01), (200, T0 + 0.05)), 3, True, b"1-1@h", b"<sip:1@h>;tag=1", b"<sip:2@h>")
+    for i in range(400):
+        host = "10.0.%d.%d" % (i % 7, i % 5)  # a new str and tuple each time, the last ones just freed
+        peer = (host, 5060 + i % 3)
+        method = [b"INVITE", b"BYE", b"ACK", bytes(b"OPT" + b"IONS")][i % 4]
+        status = [200, 486, 0, 100000 + i % 2][i % 4]
+        t = base[:4] + (method, i % 3, i % 2, peer, status) + base[9:]
+        want = py.tx_flat_py(t)
+        assert c.tx_flat(t) == want
+        assert c.tx_flat(tuple(t)) == want  # the very objects again
+        del t, peer, host
+        gc.collect()
+    call = (1, 2**100 + 1, 3, 0, b"1-1@h", b"<sip:1@h>;tag=1", b"<sip:2@h>", b"sip:2@h", 0, 200, T0, T0 + 0.01,
+            T0 + 0.05, T0 + 2.0, 0, None, ("10.0.0.2", 5060), True, None)
+    for i in range(200):
+        t = call[:8] + (i % 6, [200, 486, 503, 0][i % 4]) + call[10:16] + (("10.0.%d.1" % (i % 9), 5060),) + call[17:]
+        assert c.call_flat(t) == py.call_flat_py(t)
+
+
 def test_what_the_packing_does_not_take_is_left_to_marshal():
     """Another type, a subclass, an int past the two ranges, a str with a lone surrogate, a nesting
     too deep: pack_frame answers None, and the frame is written with marshal and reads back."""
