@@ -359,6 +359,7 @@ typedef struct {
     PyObject *ruri_key; /* "sip.request.uri": the key _masked caches the Request-URI under */
     PyObject *retrans_key; /* "sip.retransmissions" */
     PyObject *to_key; /* "sip.to": the key _masked caches the To under */
+    PyObject *udp; /* "udp": a call's transport when its first peer names none */
     Py_ssize_t party_max;
     Py_ssize_t heads_hits, heads_stored; /* of the masked heads since they were last emptied */
     Py_ssize_t heads_paused; /* values still to go without the masked heads (they were not hitting) */
@@ -401,6 +402,7 @@ static int encoder_clear(Encoder *self)
     Py_CLEAR(self->ruri_key);
     Py_CLEAR(self->retrans_key);
     Py_CLEAR(self->to_key);
+    Py_CLEAR(self->udp);
     for (int c = 0; c < ID_CACHES; c++) {
         for (int i = 0; i < ID_SLOTS; i++)
             id_slot_clear(&self->ids[c][i]);
@@ -458,7 +460,8 @@ static int encoder_init(Encoder *self, PyObject *args, PyObject *kwds)
     self->ruri_key = PyUnicode_InternFromString("sip.request.uri");
     self->retrans_key = PyUnicode_InternFromString("sip.retransmissions");
     self->to_key = PyUnicode_InternFromString("sip.to");
-    if (self->ruri_key == NULL || self->retrans_key == NULL || self->to_key == NULL)
+    self->udp = PyUnicode_InternFromString("udp");
+    if (self->ruri_key == NULL || self->retrans_key == NULL || self->to_key == NULL || self->udp == NULL)
         return -1;
     self->party_max = PyLong_AsSsize_t(self->ref[R_PARTY_MAX]);
     if (self->party_max == -1 && PyErr_Occurred())
@@ -1344,17 +1347,14 @@ static PyObject *call_fast(Encoder *self, PyObject *t, int into)
     if (has_retrans < 0)
         return NULL;
 
-    PyObject *party = NULL, *head = NULL, *ru = NULL, *retr = NULL, *udp = NULL, *result = NULL;
+    PyObject *party = NULL, *head = NULL, *ru = NULL, *retr = NULL, *result = NULL;
     Figure setup = {0}, answer = {0}, duration = {0};
     PyObject *pargs[4] = {trace_id, f[4], f[5], f[6]};
     party = party_of(self, pargs);
     if (party == NULL)
         goto done;
-    if (transport == NULL) {
-        transport = udp = PyUnicode_InternFromString("udp");
-        if (udp == NULL)
-            goto done;
-    }
+    if (transport == NULL)
+        transport = self->udp; /* (one object: the call parts' lookup by identity finds it) */
     PyObject *hargs[3] = {outcome, status, transport};
     head = cached(self, R_CALL_PARTS, R_CALL_PART, hargs, 3, 5);
     if (head == NULL)
@@ -1443,7 +1443,6 @@ done:
     Py_XDECREF(head);
     Py_XDECREF(ru);
     Py_XDECREF(retr);
-    Py_XDECREF(udp);
     Py_XDECREF(setup.slow);
     Py_XDECREF(answer.slow);
     Py_XDECREF(duration.slow);
