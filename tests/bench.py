@@ -749,8 +749,15 @@ def _round_ratio(rounds: list[dict], steals: list[dict], over: str) -> tuple[lis
     return ratios, steal, clean
 
 
+# Rounds run at the floors' steps besides the ladder's: the median of five, not three. Three
+# rounds of the tracing ratio at 4000 calls/s in one run read 1.35, 1.19 and 1.26 (a spread wider
+# than the distance to the floor), and a span_cpu sitting's medians of the same build moved by 0.09
+# from one sitting to the next; two rounds more cost ~3 minutes.
+FLOOR_EXTRA_ROUNDS = 4
+
+
 def section_floor_runs(workdir: Path, ladder_res: dict, duration: float, features: Features | None,
-                       extra: int = 2, run_step=None, retries: int = 2) -> dict:
+                       extra: int = FLOOR_EXTRA_ROUNDS, run_step=None, retries: int = 2) -> dict:
     """The CPU floors' steps again for Kamailio and the all-features sidecar (and, at the tracing
     floor's step, ``--no-tracing``), ``extra`` more rounds each, the targets' order reversed every
     round. One step's CPU per message swings by ±20% on a shared 2-core machine (Kamailio's own
