@@ -2173,6 +2173,28 @@ static PyObject *make_str(const unsigned char *s, Py_ssize_t n)
 
 static PyObject *unpack_value(Reader *r, int depth);
 
+/* a packed count or size: 4 bytes, little-endian */
+static inline Py_ssize_t le32(const unsigned char *q)
+{
+    return (Py_ssize_t)((uint32_t)q[0] | (uint32_t)q[1] << 8 | (uint32_t)q[2] << 16 | (uint32_t)q[3] << 24);
+}
+
+/* the n items of a tuple or list seq (made empty) read into it: 0, or -1 (an error set) */
+static int unpack_items(Reader *r, int depth, PyObject *seq, Py_ssize_t n)
+{
+    int is_tuple = PyTuple_CheckExact(seq);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = unpack_value(r, depth + 1);
+        if (item == NULL)
+            return -1;
+        if (is_tuple)
+            PyTuple_SET_ITEM(seq, i, item);
+        else
+            PyList_SET_ITEM(seq, i, item);
+    }
+    return 0;
+}
+
 /* A peer comes as a small tuple, (host, port), with every span: it is kept in the memo as well,
  * by its packed bytes, when its n items (at most 4) are all short scalars other than floats (None,
  * bools, ints, bytes, str: immutable, so one tuple object can stand for all of them). The end of
@@ -2196,8 +2218,7 @@ static Py_ssize_t small_tuple_end(const Reader *r, Py_ssize_t n)
         } else if (tag == P_BYTES || tag == P_STR) {
             if (r->len - pos < 4)
                 return 0;
-            const unsigned char *q = r->p + pos;
-            size = 4 + (Py_ssize_t)((uint32_t)q[0] | (uint32_t)q[1] << 8 | (uint32_t)q[2] << 16 | (uint32_t)q[3] << 24);
+            size = 4 + le32(r->p + pos);
         } else {
             return 0;
         }
@@ -2220,15 +2241,9 @@ static PyObject *memo_tuple(Reader *r, int depth, Py_ssize_t n, const unsigned c
         return o;
     }
     o = PyTuple_New(n);
-    if (o == NULL)
+    if (o == NULL || unpack_items(r, depth, o, n) < 0) {
+        Py_XDECREF(o);
         return NULL;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *item = unpack_value(r, depth + 1);
-        if (item == NULL) {
-            Py_DECREF(o);
-            return NULL;
-        }
-        PyTuple_SET_ITEM(o, i, item);
     }
     memo_put(m, h, P_TUPLE, s, k, o);
     return o;
@@ -2274,7 +2289,7 @@ static PyObject *unpack_value(Reader *r, int depth)
     case P_LIST: {
         if (left < 4)
             return bad_frame();
-        Py_ssize_t n = (Py_ssize_t)((uint32_t)q[0] | (uint32_t)q[1] << 8 | (uint32_t)q[2] << 16 | (uint32_t)q[3] << 24);
+        Py_ssize_t n = le32(q);
         r->pos += 4;
         left -= 4;
         if (tag == P_BYTES || tag == P_STR) {
@@ -2292,18 +2307,9 @@ static PyObject *unpack_value(Reader *r, int depth)
                 return memo_tuple(r, depth, n, r->p + r->pos - 5, end - (r->pos - 5));
         }
         PyObject *seq = tag == P_TUPLE ? PyTuple_New(n) : PyList_New(n);
-        if (seq == NULL)
+        if (seq == NULL || unpack_items(r, depth, seq, n) < 0) {
+            Py_XDECREF(seq);
             return NULL;
-        for (Py_ssize_t i = 0; i < n; i++) {
-            PyObject *item = unpack_value(r, depth + 1);
-            if (item == NULL) {
-                Py_DECREF(seq);
-                return NULL;
-            }
-            if (tag == P_TUPLE)
-                PyTuple_SET_ITEM(seq, i, item);
-            else
-                PyList_SET_ITEM(seq, i, item);
         }
         return seq;
     }
