@@ -14,21 +14,9 @@ returned. Without the C module, or where the region cannot be reserved, nothing 
 """
 from __future__ import annotations
 
-import os
+from . import optional_c
 
-
-def _c_module():
-    """The C module, or None: not built (no compiler at install time), or ``SIPWATCH_NO_C=1``."""
-    if os.environ.get("SIPWATCH_NO_C") == "1":
-        return None
-    try:
-        from . import _hugeheap as loaded
-    except ImportError:
-        return None
-    return loaded
-
-
-_hugeheap = _c_module()
+_hugeheap = optional_c("_hugeheap")
 
 # address space reserved for the arenas: 4 GiB, far more than a proxy's heap (a few hundred MB at
 # 4000 calls/s); what does not fit comes from CPython's own arena allocator

@@ -33,12 +33,12 @@ not come back): ~12.7k instructions per span of SIPp-like calls, from ~15.9k.
 """
 from __future__ import annotations
 
-import os
 import struct
 from binascii import hexlify
 
 import orjson
 
+from . import optional_c
 from .masking import mask_uri
 from .stats import DIRECTIONS, OUTCOMES, REJ5, REJ6, TIMEOUT
 
@@ -71,19 +71,9 @@ _FLAGS_JSON = {k: b"%d" % v for k, v in _FLAG_VALUES.items()}
 _STATUS_UNSET = (b"\x7a\x00", b"{}")  # the SDK always writes a Status, empty when UNSET
 
 
-def _load_accelerator():
-    """The C assembly of the common spans (sipwatch/_otlpenc.c), or None: not built, or
-    ``SIPWATCH_NO_C=1`` (then every span takes the Python methods below, the reference)."""
-    if os.environ.get("SIPWATCH_NO_C") == "1":
-        return None
-    try:
-        from . import _otlpenc
-    except ImportError:
-        return None
-    return _otlpenc
-
-
-_otlpenc = _load_accelerator()
+# The C assembly of the common spans (sipwatch/_otlpenc.c), or None (then every span takes the
+# Python methods below, the reference).
+_otlpenc = optional_c("_otlpenc")
 
 
 def varint(n: int) -> bytes:

@@ -17,11 +17,10 @@ in the environment leaves the extension unused (the tests run the parser both wa
 """
 from __future__ import annotations
 
-import os
 import re
-from types import ModuleType
 from typing import Callable, Final, Optional
 
+from . import optional_c
 from .stats import (
     DROP_BAD_CONTENT_LENGTH, DROP_BAD_VIA, DROP_CONTROL_BYTES, DROP_MALFORMED_HEADER, DROP_MISSING_HEADER,
     DROP_NOT_SIP, DROP_OUT_OF_RANGE, DROP_TOO_LARGE, DROP_TOO_MANY_HEADERS,
@@ -77,20 +76,10 @@ CSEQ_LIMIT: Final = 1 << 31
 MAX_MESSAGE: Final = 65535
 
 
-def _load_accelerator() -> Optional[ModuleType]:
-    if os.environ.get("SIPWATCH_NO_C") == "1":
-        return None
-    try:
-        from . import _sipscan as loaded
-    except ImportError:  # built without a C compiler: the Python path does it all
-        return None
-    return loaded
-
-
 # The C versions of the header accessors below (one C call each instead of several bytes-method
 # calls); each answers exactly as the Python function it stands for, or None where that raises.
 # Final, so that compiled code reads them as C statics rather than module attributes.
-_sipscan = _load_accelerator()
+_sipscan = optional_c("_sipscan")  # (without it the Python path does it all)
 _c_index: Final[Callable[[list[bytes], bytes, int], int] | None] = _sipscan.index if _sipscan else None
 _c_value: Final[Callable[[bytes], bytes] | None] = _sipscan.value if _sipscan else None
 _c_get: Final[Callable[[list[bytes], list[bytes], bytes], bytes | None] | None] = _sipscan.get if _sipscan else None

@@ -12,12 +12,11 @@ everything else to :meth:`UdpEdge.dispatch`.
 from __future__ import annotations
 
 import asyncio
-import os
 import select
 import socket
 import time
-from types import ModuleType
 
+from . import optional_c
 from .core import ProxyCore
 from .overload import HIGH_WATER, OverloadGuard, queued_bytes
 
@@ -30,17 +29,7 @@ QUIET_SHARE = 4
 OVERLOAD_WINDOW = 5  # samples in a row above the high-water mark before shedding (>= 50 ms)
 
 
-def _load_pump() -> ModuleType | None:
-    if os.environ.get("SIPWATCH_NO_C") == "1":
-        return None
-    try:
-        from . import _udppump as loaded
-    except ImportError:  # built without a C compiler: uvloop's transports do the reading
-        return None
-    return loaded
-
-
-_udppump = _load_pump()
+_udppump = optional_c("_udppump")  # (without it uvloop's transports do the reading)
 
 
 EPOCH_SAMPLES = 16  # readings of the wall clock bracketed by the monotonic one, at most
