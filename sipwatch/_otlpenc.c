@@ -920,6 +920,9 @@ static int trace_bytes(PyObject *v, unsigned char *out)
  * mask_uri's own output for a whole value, and only when that output ends with the tag's text. */
 #define MASKED_HEADS_MAX 4096 /* remembered heads; emptied when full (a cache, not a leak) */
 #define MASKED_HEAD_MAX_LEN 1024 /* longer heads are not remembered */
+/* masking.SHOWN_MAX: mask_uri cuts a value of more characters than this, so the masked head plus
+ * the tag's text would be the wrong answer; a value of more bytes goes to mask_uri itself */
+#define MASKED_VALUE_MAX 1024
 /* when the heads fill up with fewer hits than one in HEADS_MIN_HIT_RATIO stores (callers whose
  * user part changes with every call, as well as the tag), the next HEADS_PAUSE values go straight
  * to mask_uri: storing heads that never come back costs more than it saves */
@@ -972,6 +975,8 @@ static PyObject *masked_uri(Encoder *self, PyObject *uri)
         self->heads_paused--;
         return PyObject_Vectorcall(self->ref[R_MASK_URI], margs, 2, NULL);
     }
+    if (n > MASKED_VALUE_MAX)
+        return PyObject_Vectorcall(self->ref[R_MASK_URI], margs, 2, NULL);
     Py_ssize_t cut = tag_cut(s, n);
     if (cut <= 0 || cut > MASKED_HEAD_MAX_LEN)
         return PyObject_Vectorcall(self->ref[R_MASK_URI], margs, 2, NULL);

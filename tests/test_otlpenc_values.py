@@ -14,7 +14,7 @@ from __future__ import annotations
 import struct
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from sipwatch import __version__, otlp_encode
 from sipwatch.masking import CallIdMasker
@@ -384,7 +384,8 @@ HEADS = [b'"sipp" <sip:sipp@127.0.0.1:5061>', b'"+49 30 1234567" <sip:+493012345
          b"<tel:+4930123456>;p=98765", b"sip:4930123456@h", b"a:b <sip:1234567@h>", b"<sip:1@h>, <sip:1234567@h>",
          b"<sip:1234567@h", b"+4930123456", b"x;tag=1 <sip:1234567@h>", b"", b" "]
 TAGS = [b"1", b"123456789", b"abc-98765", b"", b"\xff\xfe", b"\xe2\x82", b"\xc3\xa9", b"a;b", b"x?y", b"a&b", b"a,b",
-        b"x;tag=55555", b"<sip:7654321@h>", b"=12345"]
+        b"x;tag=55555", b"<sip:7654321@h>", b"=12345",
+        b"sip:" * 255, b"9" * 1010, b"1" * 990 + b"\xe2\x82\xac" * 10]  # (the whole value past masking.SHOWN_MAX)
 
 
 def test_masked_heads_give_what_mask_uri_gives():
@@ -418,6 +419,7 @@ def test_masked_heads_give_what_mask_uri_gives():
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(TEXT, st.lists(TEXT, min_size=1, max_size=6), ENCODERS)
+@example(b"<>", [b"", b"sip:" * 255], "partial")  # a remembered head, then a value mask_uri cuts
 def test_any_head_with_changing_tags_masks_as_mask_uri(head, tags, mode):
     c, py = encoders(mode)
     for i, tag in enumerate(tags * 2):
