@@ -84,6 +84,8 @@ _orjson_dumps = orjson.dumps
 # every line is built as a dict and dumped, the reference)
 _c_summary_line = _otlpenc.summary_line if _otlpenc is not None else None
 _OUTCOMES_JSON: Final = tuple(orjson.dumps(o) for o in OUTCOMES)
+# the C stamp of a float time (_stamp_float's text), or None
+_c_stamp = _otlpenc.stamp if _otlpenc is not None else None
 
 
 def _round_json(x: float, ndigits: int) -> tuple[float, bytes]:
@@ -612,7 +614,7 @@ def _stamp(clock, when) -> str:
         kind = type(t)
         if kind is float:
             if 0.0 <= t < _STAMP_MAX:
-                return _stamp_float(t)
+                return _stamp_float(t) if _c_stamp is None else _c_stamp(t)
         elif kind is int and 0 <= t < _STAMP_MAX:
             return _stamp_float(float(t))
         ts = datetime.fromtimestamp(t, _UTC)

@@ -10,6 +10,7 @@ import struct
 from datetime import datetime, timezone
 
 import orjson
+import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from sipwatch.logs import JsonLog, _stamp
@@ -44,16 +45,39 @@ def _datetime_stamp(t) -> str:
     return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-def test_log_timestamp_is_what_datetime_formats():
+def _stamp_values() -> list:
     rnd = random.Random(4)
     values = [rnd.uniform(0, 4e9) for _ in range(50_000)]
     values += [k + 0.9999995 for k in range(0, 200_000, 7)]  # the microsecond rounds into the next second
     values += [k + 0.0000005 for k in range(0, 200_000, 7)]
     values += [1_700_000_000 + k / 1e6 + 5e-7 for k in range(5000)]  # half a microsecond: ties to even
-    values += [0, 0.0, 1, 1_764_619_611, 253402300799.25]
+    values += [0, 0.0, 1, 1_764_619_611, 253402300799.25, 253402300798.9999996, 5e-324, 0.4999995e-6]
     rnd.shuffle(values)  # seconds out of order: the per-second text must follow
-    wrong = [t for t in values if _stamp(None, t) != _datetime_stamp(t)]
+    return values
+
+
+@pytest.mark.parametrize("c_stamp", [True, False], ids=["c", "python"])
+def test_log_timestamp_is_what_datetime_formats(c_stamp, monkeypatch):
+    """Both ways of stamping (the C module's, when it is built, and Python's) give datetime's text."""
+    from sipwatch import logs
+    if c_stamp and logs._c_stamp is None:
+        pytest.skip("the C extension sipwatch._otlpenc is not built")
+    if not c_stamp:
+        monkeypatch.setattr(logs, "_c_stamp", None)
+    wrong = [t for t in _stamp_values() if _stamp(None, t) != _datetime_stamp(t)]
     assert not wrong[:5]
+
+
+def test_the_c_stamp_takes_only_float_times_in_range():
+    """What the C stamp does not take (another type, NaN, negative, past year 9999) it refuses
+    (None), and _stamp gives it its own text."""
+    from sipwatch import logs
+    if logs._c_stamp is None:
+        pytest.skip("the C extension sipwatch._otlpenc is not built")
+    for bad in (1, True, None, "1.5", -0.0001, -5e-324, math.nan, math.inf, -math.inf, 253402300799.0, 1e300):
+        assert logs._c_stamp(bad) is None, bad
+    assert logs._c_stamp(-0.0) == logs._c_stamp(0.0) == "1970-01-01T00:00:00.000000Z"
+    assert _stamp(None, 7) == _stamp(None, 7.0) == "1970-01-01T00:00:07.000000Z"
 
 
 def test_log_timestamp_of_no_timestamp_is_now():
