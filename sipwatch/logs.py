@@ -84,8 +84,8 @@ _orjson_dumps = orjson.dumps
 # every line is built as a dict and dumped, the reference)
 _c_summary_line = _otlpenc.summary_line if _otlpenc is not None else None
 _OUTCOMES_JSON: Final = tuple(orjson.dumps(o) for o in OUTCOMES)
-# the C stamp of a float time (_stamp_float's text), or None
-_c_stamp = _otlpenc.stamp if _otlpenc is not None else None
+# the C stamp of a float time in range (_stamp_float's text; None for any other), or None
+_c_stamp: Final = _otlpenc.stamp if _otlpenc is not None else None
 
 
 def _round_json(x: float, ndigits: int) -> tuple[float, bytes]:
@@ -539,7 +539,11 @@ class JsonLog:
         write = _c_summary_line
         if write is not None and rtp is None and len(t) == 15:
             mode = self.mask_mode
-            line = write(t, _stamp(self.clock, t[S_END]), self._summary_head, call_sid, mask_uri(t[9], mode),
+            end = t[S_END]
+            stamp = _c_stamp(end) if _c_stamp is not None else None  # (a record's end: a float, nearly always)
+            if stamp is None:
+                stamp = _stamp(self.clock, end)
+            line = write(t, stamp, self._summary_head, call_sid, mask_uri(t[9], mode),
                          mask_uri(t[10], mode), mask_uri(t[11], mode), _OUTCOMES_JSON, _round_json)
             if line is not None:
                 self._hold_line(line)
