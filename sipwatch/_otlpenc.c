@@ -1981,7 +1981,9 @@ static PyObject *module_figure(PyObject *mod, PyObject *const *args, Py_ssize_t 
  * and pack_frame answers None: the proxy writes that frame with marshal, as before. unpack_frame
  * gives back values equal to the packed ones, type for type, and raises ValueError for bytes
  * that are not a whole packed value (every length is checked against what is left). */
-enum { P_NONE = 1, P_TRUE, P_FALSE, P_INT, P_U128, P_FLOAT, P_BYTES, P_STR, P_TUPLE, P_LIST };
+/* P_U64: an int in 2**63..2**64-1 (half of all span ids: random 64 bits), 8 bytes; as P_U128 it
+ * went through the interpreter's byte-array conversion both ways (~150 instructions a value) */
+enum { P_NONE = 1, P_TRUE, P_FALSE, P_INT, P_U128, P_FLOAT, P_BYTES, P_STR, P_TUPLE, P_LIST, P_U64 };
 #define PACK_DEPTH 16
 #define FRAME_ROOM_MAX (1 << 20) /* pack_frame's buffer is kept up to this size */
 
@@ -2026,6 +2028,14 @@ static int pack_value(Buf *b, PyObject *o, int depth)
             if (v == -1 && PyErr_Occurred())
                 return -1;
             return put_tag_le(b, P_INT, (uint64_t)v, 8);
+        }
+        if (overflow > 0) {
+            unsigned long long u = PyLong_AsUnsignedLongLong(o);
+            if (!(u == (unsigned long long)-1 && PyErr_Occurred()))
+                return put_tag_le(b, P_U64, (uint64_t)u, 8);
+            if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+                return -1;
+            PyErr_Clear(); /* (past 64 bits) */
         }
         unsigned char h[17] = {P_U128};
         if (overflow < 0 || trace_bytes(o, h + 1) < 0) /* (16 bytes big-endian, as a trace id) */
@@ -2183,7 +2193,7 @@ static inline void memo_put(MemoSlot *m, uint64_t h, int tag, const unsigned cha
     m->hash = h;
     m->tag = tag;
     m->n = n;
-    if (tag == P_INT || tag == P_U128 || tag == P_TUPLE)
+    if (tag == P_INT || tag == P_U64 || tag == P_U128 || tag == P_TUPLE)
         memcpy(m->key, s, (size_t)n);
     Py_INCREF(o);
     m->obj = o;
@@ -2210,6 +2220,12 @@ static PyObject *make_int(const unsigned char *s, Py_ssize_t n)
 {
     (void)n;
     return PyLong_FromLongLong((long long)le64(s));
+}
+
+static PyObject *make_u64(const unsigned char *s, Py_ssize_t n)
+{
+    (void)n;
+    return PyLong_FromUnsignedLongLong((unsigned long long)le64(s));
 }
 
 static PyObject *make_u128(const unsigned char *s, Py_ssize_t n)
@@ -2294,7 +2310,7 @@ static Py_ssize_t small_tuple_end(const Reader *r, Py_ssize_t n)
         Py_ssize_t size;
         if (tag == P_NONE || tag == P_TRUE || tag == P_FALSE) {
             size = 0;
-        } else if (tag == P_INT) {
+        } else if (tag == P_INT || tag == P_U64) {
             size = 8;
         } else if (tag == P_U128) {
             size = 16;
@@ -2352,6 +2368,11 @@ static PyObject *unpack_value(Reader *r, int depth)
             return PyLong_FromLongLong(v);
         return memo_value(P_INT, q, 8, make_int);
     }
+    case P_U64:
+        if (left < 8)
+            return bad_frame();
+        r->pos += 8;
+        return memo_value(P_U64, q, 8, make_u64);
     case P_U128:
         if (left < 16)
             return bad_frame();

@@ -590,6 +590,7 @@ def test_json_strings_escape_every_byte_at_every_offset():
 # -- the hand-off's packed frames ------------------------------------------------------------------
 PACKABLE = st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**63 - 1), st.integers(0, 2**128 - 1),
+              st.integers(2**63 - 2, 2**63 + 1), st.integers(2**64 - 2, 2**64 + 1), st.integers(2**63, 2**64 - 1),
               st.floats(allow_nan=False), st.sampled_from([-0.0, float("inf"), -float("inf")]), st.binary(max_size=40),
               st.text(max_size=20), TEXT),
     lambda inner: st.one_of(st.lists(inner, max_size=6), st.lists(inner, max_size=6).map(tuple)),
@@ -630,12 +631,14 @@ def test_values_read_again_are_shared_and_never_mistaken_for_one_another():
     again = _otlpenc.unpack_frame(_otlpenc.pack_frame([(b"4242-1@10.0.0.1", "INVITE", 2**100 + 7, 5060)]))[0]
     assert all(x is y for x, y in zip(first, again))
     rng = random.Random(11)
-    pool: list = [b"", "", b"abc", "abc", b"\x00" * 8, 0, 256, 257, -5, -6, 2**63 - 1, -(2**63), 2**64, 2**128 - 1,
+    pool: list = [b"", "", b"abc", "abc", b"\x00" * 8, 0, 256, 257, -5, -6, 2**63 - 1, -(2**63), 2**63, 2**64 - 1,
+                  2**64, 2**128 - 1,
                   int.from_bytes(b"\x00" * 8, "little"), b"x" * 192, b"x" * 193, "x" * 192, "x" * 193, "Zo\u00eb",
                   "Zo\u00eb" * 60, b"Zo\xc3\xab", 1.5, -0.0, True, False, None]
     pool += [rng.randbytes(rng.randrange(1, 24)) for _ in range(3000)]
     pool += ["".join(rng.choice("abc;=@<>") for _ in range(rng.randrange(1, 24))) for _ in range(3000)]
     pool += [rng.randrange(-(2**63), 2**63) for _ in range(3000)] + [rng.randrange(2**64, 2**128) for _ in range(1000)]
+    pool += [rng.randrange(2**63, 2**64) for _ in range(1000)]  # (span ids: half of them past 2**63)
     for _ in range(40):
         frame = [rng.choice(pool) for _ in range(2000)]
         frame.append(tuple(rng.choice(pool) for _ in range(20)))
@@ -730,7 +733,7 @@ def test_damaged_packed_frames_raise_value_error_and_cost_what_they_hold():
 
     from sipwatch import _otlpenc
     rng = random.Random(7)
-    value = [(0, 2**100 + 5, -3, 1.25, b"INVITE", "udp", None, True, [(180, 1.5)], ("10.0.0.1", 5060))] * 3
+    value = [(0, 2**100 + 5, -3, 2**64 - 1, 1.25, b"INVITE", "udp", None, True, [(180, 1.5)], ("10.0.0.1", 5060))] * 3
     packed = _otlpenc.pack_frame(value)
     for cut in range(len(packed)):
         with pytest.raises(ValueError):
@@ -750,6 +753,6 @@ def test_damaged_packed_frames_raise_value_error_and_cost_what_they_hold():
     nested = b"\x0a\x01\x00\x00\x00" * 10000 + b"\x01"  # lists 10000 deep
     with pytest.raises(ValueError):
         _otlpenc.unpack_frame(nested)
-    for junk in (b"", b"\x00", b"\x0b", bytes(range(256))):
+    for junk in (b"", b"\x00", b"\x0b", b"\x0b\x00", b"\x0c", bytes(range(256))):
         with pytest.raises(ValueError):
             _otlpenc.unpack_frame(junk)
