@@ -28,10 +28,11 @@ import socket
 import struct
 import zlib
 
-try:  # the packet assembly in C (setup.py builds it; without it the struct packs below do it)
-    from . import _hepenc
-except ImportError:  # pragma: no cover - a build without a C compiler
-    _hepenc = None
+from . import optional_c
+
+# the packet assembly in C (setup.py builds it); None without it or under SIPWATCH_NO_C=1, and
+# the struct packs below do it
+_hepenc = optional_c("_hepenc")
 
 HEP3 = b"HEP3"
 MAX_HEP = 65535  # uint16 total length
