@@ -358,9 +358,9 @@ class ProxyCore:
         return self._mac_of(parts)
 
     def _mac_of(self, parts: tuple[bytes, ...]) -> bytes:
+        if self.key is not self._mac_state_key:
+            self._rekey()
         if _c_mac_hex is not None:
-            if self.key is not self._mac_state_key:
-                self._rekey()
             mac = _c_mac_hex(self._mac_state, b"|", parts)
             if mac is not None:
                 return mac
@@ -369,6 +369,9 @@ class ProxyCore:
         return hexlify(h.digest())
 
     def _rekey(self) -> None:
+        """Both MAC paths' keyed states from ``key`` (set again since: a restarted proxy given
+        the old one); the hashlib path had kept its first key."""
+        self._mac_base = blake2b(digest_size=6, key=self.key)
         self._mac_state = _sipscan.blake2b_state(self.key, 6) if _sipscan else b""
         self._mac_state_key = self.key
         self._party_macs.clear()

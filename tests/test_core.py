@@ -481,3 +481,25 @@ def test_comma_separated_vias_and_folded_headers(core):
     left = parse(data).get_all(b"via")
     assert len(left) == 1 and left[0].startswith(b"SIP/2.0/UDP 10.0.0.1:5070;branch=z9hG4bK-gw-1")
     assert core.stats.ring.n == 1 and core.stats.ring.rtt[0] == pytest.approx(30.0)
+
+
+def test_a_key_set_later_is_the_one_both_mac_paths_use(monkeypatch):
+    """A proxy given its key after start (a restarted one handed the old key) makes its branch and
+    Record-Route MACs under that key: with the C MAC, and with hashlib's (a build without the
+    extension, or SIPWATCH_NO_C=1), which had kept the first key."""
+    from binascii import hexlify
+    from hashlib import blake2b
+
+    from sipwatch import core as core_module
+
+    def ref(key: bytes, data: bytes) -> bytes:
+        return hexlify(blake2b(data, key=key, digest_size=6).digest())
+    for c_path in ([True] if core_module._c_mac_hex is not None else []) + [False]:
+        if not c_path:
+            monkeypatch.setattr(core_module, "_c_mac_hex", None)  # (a compiled core keeps its own)
+        proxy = ProxyCore(CoreConfig(advertise=("127.0.0.1", 5070), upstream=("127.0.0.1", 5080), secret=b"s3cret"))
+        first = proxy.key
+        assert proxy._party_mac("10.0.0.1") == ref(first, b"r|10.0.0.1")
+        proxy.key = bytes(32)
+        assert proxy._party_mac("10.0.0.1") == ref(bytes(32), b"r|10.0.0.1")
+        assert proxy._mac_of((b"b", b"z9hG4bK-1", b"call-1@gw")) == ref(bytes(32), b"b|z9hG4bK-1|call-1@gw")
