@@ -2261,32 +2261,45 @@ static inline Py_ssize_t le32(const unsigned char *q)
     return (Py_ssize_t)u;
 }
 
-/* the n items of a tuple or list seq (made empty) read into it: 0, or -1 (an error set). The
- * scalars most items are (times, small ints, None) are read here; the rest by unpack_value: its
- * call, bounds checks and switch for each of ~140 values a call were a quarter of the read's
- * own instructions (callgrind) */
+/* The scalars most values are (times, small ints, None), read inline: 1 with the value in *out
+ * (NULL: out of memory) and the reader past it, or 0 (nothing read) for anything else, a
+ * truncated one included. unpack_value's call, bounds checks and switch for each of ~140 values
+ * a call were a quarter of the read's own instructions (callgrind). */
+static inline int fast_scalar(Reader *r, PyObject **out)
+{
+    Py_ssize_t pos = r->pos;
+    if (pos >= r->len)
+        return 0;
+    int tag = r->p[pos];
+    if (tag == P_NONE) {
+        r->pos = pos + 1;
+        *out = Py_NewRef(Py_None);
+        return 1;
+    }
+    if ((tag != P_FLOAT && tag != P_INT) || r->len - pos < 9)
+        return 0;
+    uint64_t u = le64(r->p + pos + 1);
+    if (tag == P_FLOAT) {
+        double d;
+        memcpy(&d, &u, 8);
+        *out = PyFloat_FromDouble(d);
+    } else if (u + 5 <= 261) { /* -5..256: the interpreter's own small ints */
+        *out = PyLong_FromLongLong((long long)u);
+    } else {
+        return 0;
+    }
+    r->pos = pos + 9;
+    return 1;
+}
+
+/* the n items of a tuple or list seq (made empty) read into it: 0, or -1 (an error set) */
 static int unpack_items(Reader *r, int depth, PyObject *seq, Py_ssize_t n)
 {
     PyObject **items = PyTuple_CheckExact(seq) ? &PyTuple_GET_ITEM(seq, 0) : ((PyListObject *)seq)->ob_item;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *item;
-        Py_ssize_t pos = r->pos;
-        int tag = pos < r->len ? r->p[pos] : 0;
-        if (tag == P_FLOAT && r->len - pos > 8) {
-            uint64_t u = le64(r->p + pos + 1);
-            double d;
-            memcpy(&d, &u, 8);
-            r->pos = pos + 9;
-            item = PyFloat_FromDouble(d);
-        } else if (tag == P_INT && r->len - pos > 8 && le64(r->p + pos + 1) + 5 <= 261) {
-            r->pos = pos + 9; /* (-5..256: the interpreter's own small ints) */
-            item = PyLong_FromLongLong((long long)le64(r->p + pos + 1));
-        } else if (tag == P_NONE) {
-            r->pos = pos + 1;
-            item = Py_NewRef(Py_None);
-        } else {
+        if (!fast_scalar(r, &item))
             item = unpack_value(r, depth + 1);
-        }
         if (item == NULL)
             return -1;
         items[i] = item;
@@ -2350,24 +2363,22 @@ static PyObject *memo_tuple(Reader *r, int depth, Py_ssize_t n, const unsigned c
 
 static PyObject *unpack_value(Reader *r, int depth)
 {
+    PyObject *scalar;
+    if (fast_scalar(r, &scalar))
+        return scalar;
     if (r->pos >= r->len)
         return bad_frame();
     int tag = r->p[r->pos++];
     Py_ssize_t left = r->len - r->pos;
     const unsigned char *q = r->p + r->pos;
     switch (tag) {
-    case P_NONE: Py_RETURN_NONE;
     case P_TRUE: Py_RETURN_TRUE;
     case P_FALSE: Py_RETURN_FALSE;
-    case P_INT: {
+    case P_INT: /* (one of -5..256 was read above) */
         if (left < 8)
             return bad_frame();
         r->pos += 8;
-        long long v = (long long)le64(q);
-        if (v >= -5 && v <= 256) /* (the interpreter's own small ints) */
-            return PyLong_FromLongLong(v);
         return memo_value(P_INT, q, 8, make_int);
-    }
     case P_U64:
         if (left < 8)
             return bad_frame();
@@ -2378,15 +2389,8 @@ static PyObject *unpack_value(Reader *r, int depth)
             return bad_frame();
         r->pos += 16;
         return memo_value(P_U128, q, 16, make_u128);
-    case P_FLOAT: {
-        if (left < 8)
-            return bad_frame();
-        r->pos += 8;
-        uint64_t u = le64(q);
-        double d;
-        memcpy(&d, &u, 8);
-        return PyFloat_FromDouble(d);
-    }
+    case P_FLOAT: /* (a whole one, and None, were read above: here it is cut short) */
+        return bad_frame();
     case P_BYTES:
     case P_STR:
     case P_TUPLE:
