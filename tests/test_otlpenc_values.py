@@ -725,6 +725,19 @@ def test_what_the_packing_does_not_take_is_left_to_marshal():
     assert span_worker._read_frame(frame[4], frame[5:]) == (span_worker.F_RECORDS, [(0, 2**127, None, 1.5)])
 
 
+def test_each_int_packs_in_the_narrowest_width_that_holds_it():
+    """A tag and 8 bytes up to 2**64 - 1 (signed below 2**63, unsigned from there: half of all
+    span ids), a tag and 16 bytes up to 2**128 - 1 (trace ids), nothing past that; at every
+    boundary (the pack decides the width before it converts: a call returning with an exception
+    left set would raise SystemError here)."""
+    from sipwatch import _otlpenc
+    widths = {0: 9, 2**63 - 1: 9, -(2**63): 9, 2**63: 9, 2**64 - 1: 9, 2**64: 17, 2**100 + 5: 17, 2**128 - 1: 17}
+    for n, size in widths.items():
+        packed = _otlpenc.pack_frame(n)
+        assert len(packed) == size and _otlpenc.unpack_frame(packed) == n, n
+    assert _otlpenc.pack_frame(2**128) is None and _otlpenc.pack_frame(2**200) is None
+
+
 def test_damaged_packed_frames_raise_value_error_and_cost_what_they_hold():
     """Cut anywhere, a byte changed anywhere, or a count far beyond the bytes left: ValueError
     (or another value that was packed), never a crash; a count is checked before anything is
