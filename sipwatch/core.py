@@ -32,7 +32,7 @@ import random
 from binascii import hexlify
 from dataclasses import dataclass
 from hashlib import blake2b
-from typing import Callable, Final
+from typing import Any, Callable, Final
 
 from . import sipmsg
 from .sipmsg import (
@@ -187,12 +187,14 @@ class ProxyCore:
         # compared with socket addresses, which are canonical text
         self.upstream = (up_ip or config.upstream[0], config.upstream[1])
         self.key = blake2b(config.secret or os.urandom(32), digest_size=32).digest()
-        self._mac_base = blake2b(digest_size=6, key=self.key)
-        # the C MAC's prepared state, and the key it was made from: whoever sets ``key`` (a
-        # restarted proxy given the old one) gets MACs under that key from then on
-        self._mac_state = _sipscan.blake2b_state(self.key, 6) if _sipscan else b""
-        self._mac_state_key = self.key
         self._party_macs: dict[str, bytes] = {}  # Record-Route MAC per gateway-side party
+        # the MACs' keyed states (hashlib's, the C MAC's) and the key they were made from, made
+        # by _rekey: whoever sets ``key`` (a restarted proxy given the old one) gets MACs under
+        # that key from then on
+        self._mac_base: Any = None
+        self._mac_state = b""
+        self._mac_state_key = b""
+        self._rekey()
         self.draining = False  # set on SIGTERM: new dialogs get 503 + Retry-After
         self.overloaded = False  # set by the edge while its receive queues are too long
         self.last_internal_error: str | None = None
@@ -369,8 +371,8 @@ class ProxyCore:
         return hexlify(h.digest())
 
     def _rekey(self) -> None:
-        """Both MAC paths' keyed states from ``key`` (set again since: a restarted proxy given
-        the old one); the hashlib path had kept its first key."""
+        """Both MAC paths' keyed states from ``key``: at start, and whenever ``key`` was set
+        since (a restarted proxy given the old one); the Record-Route MACs made before go."""
         self._mac_base = blake2b(digest_size=6, key=self.key)
         self._mac_state = _sipscan.blake2b_state(self.key, 6) if _sipscan else b""
         self._mac_state_key = self.key
