@@ -1188,8 +1188,8 @@ sipscan_serialize(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 }
 
 /* ---- BLAKE2b (RFC 7693) for the proxy's MACs ------------------------------------------------
- * The core computes two or three short keyed BLAKE2b digests per forwarded request (loop hash,
- * branch MAC, Record-Route MAC). Through hashlib each is a copy of a keyed object, a join of the
+ * The core computes one or two short keyed BLAKE2b digests per forwarded request (branch MAC,
+ * Record-Route MAC; the loop tag beside them is the interpreter's own hash). Through hashlib each is a copy of a keyed object, a join of the
  * parts, an update, a digest and a hexlify: five calls and four objects around one or two
  * compressions. Here a prepared state (the chaining value after the key block) and the parts go
  * in, the hex digest of the parts joined by a separator comes out, in one call. The digests are

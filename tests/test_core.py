@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from sipwatch.core import CoreConfig, ProxyCore
+from sipwatch.core import BRANCH_PREFIX, CoreConfig, ProxyCore
 from sipwatch.sipmsg import parse, parse_via, split_values
 from sipwatch.stats import (
     ANSWERED, CANCELLED, INVITE, METHOD_INDEX, OUTCOMES, REJ4, TIMEOUT, FROM_GATEWAY,
@@ -235,6 +235,28 @@ def test_loop_is_detected_482(core):
     out = core.receive_datagram(fwd, ("10.0.0.9", 5060), T0 + 0.01)
     assert out[0][0].startswith(b"SIP/2.0 482 ")
     assert core.stats.loops == 1
+
+
+def test_spiral_is_forwarded_and_each_loop_field_tells_a_loop_from_it(core):
+    """RFC 3261 §16.3 step 4: our own Via on a request is a loop only when the request is the
+    same one (Request-URI, From tag, Call-ID, CSeq); any of them changed is a spiral, forwarded
+    with a Via of ours whose loop tag differs from the first one's."""
+    fwd, _ = forward_one(core, invite())
+    first = parse_via(split_values(parse(fwd).get(b"via"))[0]).branch
+    uri = b"sip:+15551234567@10.0.0.3:5080"
+    changes = [(uri, b"sip:+15550000000@10.0.0.3:5080"), (b"tag=from-1", b"tag=from-2"),
+               (b"Call-ID: call-1@gw", b"Call-ID: call-2@gw"), (b"CSeq: 1 INVITE", b"CSeq: 2 INVITE")]
+    for i, (old, new) in enumerate(changes):
+        assert fwd.count(old) >= 1
+        again = fwd.replace(old, new)
+        out = core.receive_datagram(again, ("10.0.0.9", 5060), T0 + 0.01 * (i + 1))
+        assert len(out) == 1 and not out[0][0].startswith(b"SIP/2.0"), (old, out)
+        mine = parse_via(split_values(parse(out[0][0]).get(b"via"))[0]).branch
+        assert mine.startswith(BRANCH_PREFIX) and mine != first
+        assert mine[:len(BRANCH_PREFIX) + 13] != first[:len(BRANCH_PREFIX) + 13], old  # the loop tag
+    assert core.stats.loops == 0
+    out = core.receive_datagram(fwd, ("10.0.0.9", 5060), T0 + 0.1)  # the same request: a loop
+    assert out[0][0].startswith(b"SIP/2.0 482 ") and core.stats.loops == 1
 
 
 def test_incoming_traceparent_is_joined_and_invalid_one_replaced(core):
