@@ -442,6 +442,25 @@ def test_floors_judge_the_all_features_sidecar_against_kamailio():
     assert {f["floor"]: f["ok"] for f in bench.floors({"ladder": short})}["highest passing step >= 4000/s"] is None
 
 
+def test_no_503_is_a_failure_only_when_calls_were_beyond_capacity():
+    """The 503 floor asks for 503s to new INVITEs beyond capacity: overload steps in which every
+    call completed never passed it (a faster sidecar than the steps' rates), so none was due and the
+    floor is not judged; calls lost without a 503 fail it; 503s received meet it."""
+    def verdict(*steps):
+        fl = bench.floors({"overload": {"all": [dict(s, factor=f) for s, f in zip(steps, (1.5, 2.0))]}})
+        return next(f for f in fl if f["floor"].startswith("503 + Retry-After"))
+    carried = {"rate": 9750, "offered_cps": 9712.0, "calls": 97500, "completed": 97500, "refused_503": 0,
+               "cpu_pct": 50.8, "goodput_fraction": 1.494}
+    top = dict(carried, rate=13000, offered_cps=12921.0, calls=130000, completed=130000, cpu_pct=69.0)
+    v = verdict(carried, top)
+    assert v["ok"] is None and "not reached" in v["shown"] and "12921 calls/s offered, CPU 69.0%" in v["shown"]
+    lost = dict(top, completed=120000)
+    assert verdict(carried, lost)["ok"] is False
+    shed = dict(top, completed=110000, refused_503=20000, overload_rejected=20000.0)
+    v = verdict(carried, shed)
+    assert v["ok"] is True and v["shown"].startswith("20000 503s")
+
+
 def test_floor_steps_are_run_again_alternating_and_judged_on_the_median_ratio():
     def run(key, rate, per_msg):
         return {"rate": rate, "passed": True, "cpu_us_per_msg": per_msg, "cpu_pct": 10.0,
