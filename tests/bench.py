@@ -904,6 +904,150 @@ def section_overload(workdir: Path, keys: list[str], ladder_res: dict, duration:
     return out
 
 
+# The capped overload run: a CPU limit as a pod's sets (a CFS quota), so that one SIPp caller
+# can offer more than the sidecar carries on a 2-CPU machine where, unlimited, it carries what SIPp
+# can place (13,000 calls/s offered, 69% of a CPU, at 2x the ladder's top step)
+CAP_CPU = 0.25
+CAP_RATES = (500, 1000, 1500, 2000, 3000, 4000, 5000)
+
+
+class CpuCap:
+    """A cgroup with a CPU quota (``cpus`` of one CPU per 100 ms), cgroup v2 or the v1 ``cpu``
+    controller, whichever this machine mounts writable; ``add(pids)`` moves processes into it.
+    ``available`` is False (with ``why``) where neither can be made (no root, a read-only
+    mount): the capped run is then skipped. Removed at exit, once its processes are gone."""
+
+    def __init__(self, cpus: float):
+        self.cpus, self.path, self.why = cpus, None, None
+        name = f"sipwatch-bench-{os.getpid()}"
+        v2, v1 = Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/cpu")
+        try:
+            if (v2 / "cgroup.controllers").exists() and "cpu" in (v2 / "cgroup.controllers").read_text().split():
+                if "cpu" not in (v2 / "cgroup.subtree_control").read_text().split():
+                    (v2 / "cgroup.subtree_control").write_text("+cpu")
+                self.path = v2 / name
+                self.path.mkdir()
+                (self.path / "cpu.max").write_text(f"{int(cpus * 100_000)} 100000")
+            elif (v1 / "cpu.cfs_quota_us").exists():
+                self.path = v1 / name
+                self.path.mkdir()
+                (self.path / "cpu.cfs_period_us").write_text("100000")
+                (self.path / "cpu.cfs_quota_us").write_text(str(int(cpus * 100_000)))
+            else:
+                self.why = "no cgroup cpu controller"
+        except OSError as exc:
+            self.why = f"cgroup not writable ({exc.strerror})"
+            self._remove()
+
+    @property
+    def available(self) -> bool:
+        return self.why is None and self.path is not None
+
+    def add(self, pids) -> None:
+        for pid in pids:
+            (self.path / "cgroup.procs").write_text(str(pid))
+
+    def throttled_s(self) -> float | None:
+        """Seconds the quota held the group back so far (cpu.stat), None where unread."""
+        try:
+            for line in (self.path / "cpu.stat").read_text().splitlines():
+                k, v = line.split()
+                if k == "throttled_usec":
+                    return int(v) / 1e6
+                if k == "throttled_time":
+                    return int(v) / 1e9
+        except (OSError, ValueError, TypeError):
+            pass
+        return None
+
+    def _remove(self) -> None:
+        if self.path is not None:
+            for _ in range(50):
+                try:
+                    self.path.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.1)  # (its processes are still exiting)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._remove()
+
+
+def capped_step(workdir: Path, rate: int, duration: float, features: Features, cap: CpuCap) -> dict | None:
+    """One fixed-rate run through a fresh all-features sidecar held to ``cap`` (the proxy and its span
+    worker, moved into the group before the caller starts)."""
+    if not BUDGET.allows(f"capped sidecar @ {rate}/s"):
+        return None
+    uas_port = free_port()
+    try:
+        target = make_target(workdir, "all", uas_port, features)
+        with target:
+            cap.add(bench_net.tree_pids(target.pid))
+            t0 = cap.throttled_s()
+            r = bench_net.SippLoad(workdir, target, uas_port, rate, duration).start().finish()
+            t1 = cap.throttled_s()
+            _sidecar_figures(target, r, None, None)
+        target.spans_file.unlink(missing_ok=True)
+    except RuntimeError as exc:
+        _progress(f"  capped sidecar @ {rate}/s: not measured ({exc})")
+        return None
+    r["passed"] = bench_net.passed(r, MAX_FAILED)
+    r["throttled_s"] = None if t0 is None or t1 is None else t1 - t0
+    _progress(f"  capped sidecar @ {rate}/s: completed {r['completed']}/{r['calls']} 503 {r['refused_503']} "
+              f"counted {_f(r.get('overload_rejected'), '.0f')} cpu {_f(r['cpu_pct'])}% "
+              f"{'pass' if r['passed'] else 'FAIL'}")
+    return r
+
+
+def section_capped_overload(workdir: Path, duration: float, features: Features, cpus: float = CAP_CPU,
+                            rates=CAP_RATES) -> dict:
+    """The all-features sidecar held to ``cpus`` of a CPU: its highest passing step (a short ladder
+    over ``rates``, stopping at the first failing step), then 1.5x and 2x of that rate: past this
+    knee the shedding floor is judged (503 + Retry-After received and counted, goodput >= 90%)."""
+    out: dict = {"cpus": cpus, "steps": [], "overload": []}
+    with CpuCap(cpus) as cap:
+        if not cap.available:
+            out["skipped"] = cap.why
+            print(f"\n== overload under a CPU limit: skipped ({cap.why})")
+            return out
+        best = None
+        for rate in rates:
+            r = capped_step(workdir, rate, duration, features, cap)
+            if r is None:
+                break
+            out["steps"].append(r)
+            if not r["passed"]:
+                break
+            best = rate
+        out["max_passing_rate"] = best
+        if best is not None:
+            for factor in (1.5, 2.0):
+                r = capped_step(workdir, int(round(best * factor)), duration, features, cap)
+                if r is None:
+                    continue
+                r["factor"], r["base_rate"] = factor, best
+                r["goodput_fraction"] = r["goodput_cps"] / best
+                out["overload"].append(r)
+    rows = [[f"{r['rate']}/s" + (f" ({r['factor']:g}x {r['base_rate']})" if "factor" in r else ""),
+             _f(r["offered_cps"], ".0f"), f"{r['completed']}/{r['calls']}", str(r["refused_503"]),
+             _f(r.get("overload_rejected"), ".0f", ""), str(r["failed"]), str(r["retransmissions"]),
+             _f(r["goodput_cps"], ".0f"), _f(100 * r["goodput_fraction"], ".1f") if "goodput_fraction" in r else "",
+             _f(r["cpu_pct"]), _f(r.get("throttled_s"), ".1f", ""), "pass" if r["passed"] else "FAIL"]
+            for r in out["steps"] + out["overload"]]
+    table(f"overload under a CPU limit: the all-features sidecar held to {cpus:g} of a CPU (cgroup quota, as a "
+          f"pod's CPU limit), {duration:g}-s runs; its highest passing step, then 1.5x and 2x of it",
+          ["offered", "achieved/s", "completed", "503 recv", "503 counted", "failed", "retrans", "goodput/s",
+           "% of best", "CPU %", "throttled s", "step"], rows,
+          "  where one SIPp caller cannot offer more than the unlimited sidecar carries, a CPU limit is how its\n"
+          "  knee is reached on the same machine; throttled s = time the quota held the sidecar back (cpu.stat).")
+    return out
+
+
 def _loaded_latency_once(workdir: Path, key: str, rate: int, duration: float, n: int,
                          features: Features | None) -> dict | None:
     """One ping-pong measurement through ``key`` while ``rate`` calls/s run through it."""
@@ -1286,6 +1430,22 @@ def floors(result: dict) -> list[dict]:
                   "(the live shedding test: tests/test_overload.py)")
     add("503 + Retry-After beyond capacity (caller received)", v,
         None if v is None or (v == 0 and not beyond) else v > 0, shown)
+    capped = result.get("capped_overload") or {}
+    cov = capped.get("overload") or []
+    if cov:  # the knee reached under a CPU limit (see section_capped_overload)
+        base = capped.get("max_passing_rate")
+        for factor in (1.5, 2.0):
+            r = next((x for x in cov if x.get("factor") == factor), None)
+            if r is not None:
+                g = r["goodput_fraction"]
+                add(f"under a {capped['cpus']:g}-CPU limit: goodput at {factor:g}x its highest passing rate >= 90%", g,
+                    g >= 0.9, f"{100 * g:.1f}% of {base} calls/s ({r['refused_503']} 503s received, "
+                    f"{_f(r.get('overload_rejected'), '.0f')} counted)")
+        got = sum(x["refused_503"] for x in cov)
+        counted = sum(x.get("overload_rejected") or 0 for x in cov)
+        # (counted >= received: a refused INVITE whose 503 was lost is retransmitted and refused again)
+        add(f"under a {capped['cpus']:g}-CPU limit: 503 + Retry-After beyond capacity (received, counted)", got,
+            got > 0 and counted >= got, f"{got} 503s received, {counted:.0f} counted")
     sus = result.get("sustained") or {}
     su, sk = sus.get("all"), sus.get("kamailio")
     if su and sk and su.get("cpu_us_per_msg") and sk.get("cpu_us_per_msg"):
@@ -1635,6 +1795,9 @@ def main(argv=None) -> int:
                 if result.get("ladder"):
                     _progress("overload ...")
                     result["overload"] = section_overload(workdir, keys, result["ladder"], a.duration, features)
+                    if "all" in keys and not a.quick:
+                        _progress("overload under a CPU limit ...")
+                        result["capped_overload"] = section_capped_overload(workdir, a.duration, features)
                 else:
                     print("\n== overload: skipped (needs the ladder's highest passing rates: --only ladder,overload)")
             if "loaded_latency" in a.only:

@@ -461,6 +461,30 @@ def test_no_503_is_a_failure_only_when_calls_were_beyond_capacity():
     assert v["ok"] is True and v["shown"].startswith("20000 503s")
 
 
+def test_the_shedding_floor_is_judged_on_the_capped_run_past_its_knee():
+    """Where the unlimited sidecar was never beyond capacity, the run under a CPU limit is: its
+    goodput at 1.5x/2x its own highest passing rate, and the 503s the caller received (at least as
+    many counted by the sidecar: a lost 503's retransmitted INVITE is refused again)."""
+    carried = {"rate": 13000, "offered_cps": 12921.0, "calls": 130000, "completed": 130000, "refused_503": 0,
+               "cpu_pct": 69.0, "goodput_fraction": 1.99}
+    def capped(g15, g2, r503, counted):
+        return {"cpus": 0.25, "max_passing_rate": 2000, "overload": [
+            {"factor": 1.5, "goodput_fraction": g15, "refused_503": r503 // 3, "overload_rejected": counted // 3},
+            {"factor": 2.0, "goodput_fraction": g2, "refused_503": r503 - r503 // 3,
+             "overload_rejected": counted - counted // 3}]}
+    def got(c):
+        fl = bench.floors({"overload": {"all": [dict(carried, factor=1.5), dict(carried, factor=2.0)]},
+                           "capped_overload": c})
+        return {f["floor"]: f["ok"] for f in fl if "limit" in f["floor"]}
+    assert got(capped(0.97, 0.93, 9000, 9100)) == {
+        "under a 0.25-CPU limit: goodput at 1.5x its highest passing rate >= 90%": True,
+        "under a 0.25-CPU limit: goodput at 2x its highest passing rate >= 90%": True,
+        "under a 0.25-CPU limit: 503 + Retry-After beyond capacity (received, counted)": True}
+    assert list(got(capped(0.97, 0.6, 0, 0)).values()) == [True, False, False]
+    assert list(got(capped(0.97, 0.95, 900, 10)).values())[-1] is False  # 503s the sidecar never counted
+    assert got({"cpus": 0.25, "skipped": "no cgroup cpu controller", "steps": [], "overload": []}) == {}
+
+
 def test_floor_steps_are_run_again_alternating_and_judged_on_the_median_ratio():
     def run(key, rate, per_msg):
         return {"rate": rate, "passed": True, "cpu_us_per_msg": per_msg, "cpu_pct": 10.0,
