@@ -1189,10 +1189,10 @@ sipscan_serialize(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 
 /* ---- BLAKE2b (RFC 7693) for the proxy's MACs ------------------------------------------------
  * The core computes one or two short keyed BLAKE2b digests per forwarded request (branch MAC,
- * Record-Route MAC; the loop tag beside them is the interpreter's own hash). Through hashlib each is a copy of a keyed object, a join of the
- * parts, an update, a digest and a hexlify: five calls and four objects around one or two
- * compressions. Here a prepared state (the chaining value after the key block) and the parts go
- * in, the hex digest of the parts joined by a separator comes out, in one call. The digests are
+ * Record-Route MAC; the loop tag beside them is the interpreter's own hash). Through hashlib
+ * each is a copy of a keyed object, a join of the parts, an update, a digest and a hexlify: five
+ * calls and four objects around one or two compressions. Here a prepared state (the chaining
+ * value after the key block) and the parts go in, the hex digest of the parts joined by a separator comes out, in one call. The digests are
  * exactly hashlib.blake2b's (the tests compare them over many lengths and keys). */
 static const uint64_t b2_iv[8] = {
     0x6a09e667f3bcc908ULL, 0xbb67ae8584caa73bULL, 0x3c6ef372fe94f82bULL, 0xa54ff53a5f1d36f1ULL,

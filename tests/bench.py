@@ -601,26 +601,41 @@ def _spans_delivered(target, r: dict, features: Features, otlp0: dict) -> None:
     target.spans_file.unlink(missing_ok=True)  # up to hundreds of MB per step
 
 
-def load_step(workdir: Path, key: str, rate: int, duration: float, features: Features | None) -> dict | None:
-    """One fixed-rate SIPp run through a freshly started target; None when it would not start."""
-    if not BUDGET.allows(f"{TARGETS[key]} @ {rate}/s"):
+def load_step(workdir: Path, key: str, rate: int, duration: float, features: Features | None,
+              cap: "CpuCap | None" = None) -> dict | None:
+    """One fixed-rate SIPp run through a freshly started target; None when it would not start.
+    With ``cap`` the target (the proxy and its span worker) is moved into that CPU-limited group
+    before the caller starts, and its spans are not waited for (the limit holds the worker back)."""
+    name = TARGETS[key] if cap is None else f"capped {TARGETS[key]}"
+    if not BUDGET.allows(f"{name} @ {rate}/s"):
         return None
     uas_port = free_port()
+    t0 = t1 = None
     try:
         target = make_target(workdir, key, uas_port, features)
         with target:
-            otlp0 = features.collector.stats() if key == "all" else None
+            if cap is not None:
+                cap.add(bench_net.tree_pids(target.pid))
+                t0 = cap.throttled_s()
+            otlp0 = features.collector.stats() if key == "all" and cap is None else None
             r = bench_net.SippLoad(workdir, target, uas_port, rate, duration).start().finish()
-            _sidecar_figures(target, r, features if key == "all" else None, otlp0)
+            if cap is not None:
+                t1 = cap.throttled_s()
+            _sidecar_figures(target, r, features if otlp0 is not None else None, otlp0)
         if otlp0 is not None:
             _spans_delivered(target, r, features, otlp0)
+        elif cap is not None and getattr(target, "spans_file", None) is not None:
+            target.spans_file.unlink(missing_ok=True)
     except RuntimeError as exc:
-        _progress(f"  {TARGETS[key]} @ {rate}/s: not measured ({exc})")
+        _progress(f"  {name} @ {rate}/s: not measured ({exc})")
         return None
     r["key"] = key
     r["passed"] = bench_net.passed(r, MAX_FAILED)
-    _progress(f"  {r['target']} @ {rate}/s: completed {r['completed']}/{r['calls']} 503 {r['refused_503']} "
-              f"cpu {_f(r['cpu_pct'])}% {_f(r['cpu_us_per_msg'])} µs/msg steal {_f(r['steal_pct'], '.2f')}% "
+    if cap is not None:
+        r["throttled_s"] = None if t0 is None or t1 is None else t1 - t0
+    _progress(f"  {name} @ {rate}/s: completed {r['completed']}/{r['calls']} 503 {r['refused_503']} "
+              + (f"counted {_f(r.get('overload_rejected'), '.0f')} " if cap is not None else "")
+              + f"cpu {_f(r['cpu_pct'])}% {_f(r['cpu_us_per_msg'])} µs/msg steal {_f(r['steal_pct'], '.2f')}% "
               f"{'pass' if r['passed'] else 'FAIL'}")
     return r
 
@@ -981,32 +996,6 @@ class CpuCap:
         self._remove()
 
 
-def capped_step(workdir: Path, rate: int, duration: float, features: Features, cap: CpuCap) -> dict | None:
-    """One fixed-rate run through a fresh all-features sidecar held to ``cap`` (the proxy and its span
-    worker, moved into the group before the caller starts)."""
-    if not BUDGET.allows(f"capped sidecar @ {rate}/s"):
-        return None
-    uas_port = free_port()
-    try:
-        target = make_target(workdir, "all", uas_port, features)
-        with target:
-            cap.add(bench_net.tree_pids(target.pid))
-            t0 = cap.throttled_s()
-            r = bench_net.SippLoad(workdir, target, uas_port, rate, duration).start().finish()
-            t1 = cap.throttled_s()
-            _sidecar_figures(target, r, None, None)
-        target.spans_file.unlink(missing_ok=True)
-    except RuntimeError as exc:
-        _progress(f"  capped sidecar @ {rate}/s: not measured ({exc})")
-        return None
-    r["passed"] = bench_net.passed(r, MAX_FAILED)
-    r["throttled_s"] = None if t0 is None or t1 is None else t1 - t0
-    _progress(f"  capped sidecar @ {rate}/s: completed {r['completed']}/{r['calls']} 503 {r['refused_503']} "
-              f"counted {_f(r.get('overload_rejected'), '.0f')} cpu {_f(r['cpu_pct'])}% "
-              f"{'pass' if r['passed'] else 'FAIL'}")
-    return r
-
-
 def section_capped_overload(workdir: Path, duration: float, features: Features, cpus: float = CAP_CPU,
                             rates=CAP_RATES) -> dict:
     """The all-features sidecar held to ``cpus`` of a CPU: its highest passing step (a short ladder
@@ -1020,7 +1009,7 @@ def section_capped_overload(workdir: Path, duration: float, features: Features, 
             return out
         best = None
         for rate in rates:
-            r = capped_step(workdir, rate, duration, features, cap)
+            r = load_step(workdir, "all", rate, duration, features, cap)
             if r is None:
                 break
             out["steps"].append(r)
@@ -1030,7 +1019,7 @@ def section_capped_overload(workdir: Path, duration: float, features: Features, 
         out["max_passing_rate"] = best
         if best is not None:
             for factor in (1.5, 2.0):
-                r = capped_step(workdir, int(round(best * factor)), duration, features, cap)
+                r = load_step(workdir, "all", int(round(best * factor)), duration, features, cap)
                 if r is None:
                     continue
                 r["factor"], r["base_rate"] = factor, best
