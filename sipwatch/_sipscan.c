@@ -1192,8 +1192,9 @@ sipscan_serialize(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
  * Record-Route MAC; the loop tag beside them is the interpreter's own hash). Through hashlib
  * each is a copy of a keyed object, a join of the parts, an update, a digest and a hexlify: five
  * calls and four objects around one or two compressions. Here a prepared state (the chaining
- * value after the key block) and the parts go in, the hex digest of the parts joined by a separator comes out, in one call. The digests are
- * exactly hashlib.blake2b's (the tests compare them over many lengths and keys). */
+ * value after the key block) and the parts go in, the hex digest of the parts joined by a
+ * separator comes out, in one call. The digests are exactly hashlib.blake2b's (the tests compare
+ * them over many lengths and keys). */
 static const uint64_t b2_iv[8] = {
     0x6a09e667f3bcc908ULL, 0xbb67ae8584caa73bULL, 0x3c6ef372fe94f82bULL, 0xa54ff53a5f1d36f1ULL,
     0x510e527fade682d1ULL, 0x9b05688c2b3e6c1fULL, 0x1f83d9abfb41bd6bULL, 0x5be0cd19137e2179ULL,
