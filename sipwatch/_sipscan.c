@@ -22,6 +22,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <arpa/inet.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -1327,9 +1328,63 @@ static void put_hex(char *d, const unsigned char *src, int n)
     }
 }
 
+/* A keyed digest in progress, continued from a state of blake2b_state: mac_start, mac_absorb,
+ * mac_hex_end (the C callers here and sipscan_mac_hex share it). */
+typedef struct {
+    uint64_t h[8], t;
+    int outlen;
+    size_t fill;  /* bytes in block; a full block is compressed only once more bytes follow */
+    unsigned char block[128];
+} Mac;
+
+/* 0, or -1 when st is not a blake2b_state */
+static int mac_start(Mac *m, const unsigned char *st, Py_ssize_t st_len)
+{
+    if (st_len != B2_STATE_SIZE || st[72] < 1 || st[72] > 64)
+        return -1;
+    for (int i = 0; i < 8; i++)
+        m->h[i] = b2_load(st + 8 * i);
+    m->t = b2_load(st + 64);
+    m->outlen = st[72];
+    m->fill = 0;
+    return 0;
+}
+
+static void mac_absorb(Mac *m, const char *p, size_t len)
+{
+    while (len) {
+        if (m->fill == 128) {
+            m->t += 128;
+            b2_compress(m->h, m->block, m->t, 0);
+            m->fill = 0;
+        }
+        size_t take = 128 - m->fill < len ? 128 - m->fill : len;
+        memcpy(m->block + m->fill, p, take);
+        m->fill += take;
+        p += take;
+        len -= take;
+    }
+}
+
+/* the digest as 2 * outlen lower-case hex digits at out (room for 128); their number, or 0 when
+ * nothing was absorbed (then hashlib must do it: a keyed digest of nothing compresses the key
+ * block as the last one) */
+static int mac_hex_end(Mac *m, char *out)
+{
+    if (m->fill == 0)
+        return 0;
+    memset(m->block + m->fill, 0, 128 - m->fill);
+    m->t += m->fill;
+    b2_compress(m->h, m->block, m->t, 1);
+    unsigned char digest[64];
+    for (int i = 0; i < 8; i++)
+        b2_store(digest + 8 * i, m->h[i]);
+    put_hex(out, digest, m->outlen);
+    return 2 * m->outlen;
+}
+
 /* mac_hex(state, sep, parts) -> hex of the BLAKE2b digest of sep.join(parts), continued from a
- * state of blake2b_state; None when the parts are empty (then hashlib must do it: a keyed digest
- * of nothing compresses the key block as the last one) */
+ * state of blake2b_state; None when the parts are empty (see mac_hex_end) */
 static PyObject *
 sipscan_mac_hex(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -1342,59 +1397,25 @@ sipscan_mac_hex(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "parts must be a tuple or a list");
         return NULL;
     }
-    if (PyBytes_GET_SIZE(args[0]) != B2_STATE_SIZE) {
+    Mac m;
+    if (mac_start(&m, (const unsigned char *)PyBytes_AS_STRING(args[0]), PyBytes_GET_SIZE(args[0])) < 0) {
         PyErr_SetString(PyExc_ValueError, "not a blake2b_state");
         return NULL;
     }
-    const unsigned char *st = (const unsigned char *)PyBytes_AS_STRING(args[0]);
-    uint64_t h[8];
-    for (int i = 0; i < 8; i++)
-        h[i] = b2_load(st + 8 * i);
-    uint64_t t = b2_load(st + 64);
-    const int outlen = st[72];
-    if (outlen < 1 || outlen > 64) {
-        PyErr_SetString(PyExc_ValueError, "not a blake2b_state");
-        return NULL;
-    }
-    const char *sep = PyBytes_AS_STRING(args[1]);
-    const Py_ssize_t sep_len = PyBytes_GET_SIZE(args[1]);
     PyObject **items = PySequence_Fast_ITEMS(parts);
     const Py_ssize_t n = PySequence_Fast_GET_SIZE(parts);
-    unsigned char block[128];
-    size_t fill = 0;  /* bytes in block; a full block is compressed only once more bytes follow */
     for (Py_ssize_t k = 0; k < n; k++) {
         if (need_bytes(items[k], "each part") < 0)
             return NULL;
-        for (int piece = (k == 0); piece < 2; piece++) {
-            const char *p = piece ? PyBytes_AS_STRING(items[k]) : sep;
-            size_t len = (size_t)(piece ? PyBytes_GET_SIZE(items[k]) : sep_len);
-            while (len) {
-                if (fill == 128) {
-                    t += 128;
-                    b2_compress(h, block, t, 0);
-                    fill = 0;
-                }
-                size_t take = 128 - fill < len ? 128 - fill : len;
-                memcpy(block + fill, p, take);
-                fill += take;
-                p += take;
-                len -= take;
-            }
-        }
+        if (k)
+            mac_absorb(&m, PyBytes_AS_STRING(args[1]), (size_t)PyBytes_GET_SIZE(args[1]));
+        mac_absorb(&m, PyBytes_AS_STRING(items[k]), (size_t)PyBytes_GET_SIZE(items[k]));
     }
-    if (fill == 0)
+    char hex[128];
+    const int len = mac_hex_end(&m, hex);
+    if (len == 0)
         Py_RETURN_NONE;
-    memset(block + fill, 0, 128 - fill);
-    t += fill;
-    b2_compress(h, block, t, 1);
-    unsigned char digest[64];
-    for (int i = 0; i < 8; i++)
-        b2_store(digest + 8 * i, h[i]);
-    PyObject *out = PyBytes_FromStringAndSize(NULL, 2 * (Py_ssize_t)outlen);
-    if (out == NULL)
-        return NULL;
-    put_hex(PyBytes_AS_STRING(out), digest, outlen);
-    return out;
+    return PyBytes_FromStringAndSize(hex, len);
 }
 
 /* hmac_state(block) -> the state of an unkeyed BLAKE2b-512 that has absorbed ``block`` (128 bytes:
@@ -1962,9 +1983,187 @@ sipscan_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
  * that is two parses into line lists and most of ProxyCore._request; here it is one pass over
  * each datagram, read as the full path reads it. As with response(), only the plain shape
  * qualifies (sipscan_parse's, plus what is listed below); everything else is None and goes the
- * full path, which raises the errors and answers the unusual shapes. */
+ * full path, which raises the errors and answers the unusual shapes. Two callers: refusal()
+ * for ProxyCore._fast_refusal, and refuse_raw() for the UDP pump (sipwatch/_udppump.c), which
+ * refuses the plainest of these without a Python object per datagram. */
 
 #define REFUSAL_KEPT 5 /* the lines a refusal copies: Via, From, To, Call-ID, CSeq, one of each */
+
+struct refusal {
+    int is_ack, has_from_tag;
+    struct line_at via, cid;
+    struct line_at kept[REFUSAL_KEPT]; /* the copied lines in their order */
+    int kept_kind[REFUSAL_KEPT];
+    long long cseq;
+    Py_ssize_t fa, fb, ta, tb; /* the From tag (when has_from_tag) and the To tag (an ACK's) */
+};
+
+/* The request's shape (see sipscan_refusal) read into *r: 1; 0 for any other shape; -1 with an
+ * exception set (memory). */
+static int refusal_scan(PyObject *table, const unsigned char *s, Py_ssize_t n, Py_ssize_t max_lines,
+                        Py_ssize_t max_cl_digits, Py_ssize_t max_size, struct refusal *r)
+{
+    if (max_lines < 1 || n > max_size)
+        return 0;
+    /* the request line, as sipscan_parse reads it, for these two methods only */
+    Py_ssize_t u_start;
+    if (n >= 7 && memcmp(s, "INVITE ", 7) == 0) {
+        r->is_ack = 0;
+        u_start = 7;
+    }
+    else if (n >= 4 && memcmp(s, "ACK ", 4) == 0) {
+        r->is_ack = 1;
+        u_start = 4;
+    }
+    else
+        return 0;
+    Py_ssize_t n_lines = 0;
+    const Py_ssize_t head_end = scan_head(s, n, max_lines, &n_lines);
+    if (head_end < 0)
+        return 0;
+    const unsigned char *cr = memchr(s, '\r', (size_t)head_end);
+    const Py_ssize_t start_end = cr ? cr - s : head_end;
+    const unsigned char *sp2 = memchr(s + u_start, ' ', (size_t)(start_end - u_start));
+    if (sp2 == NULL)
+        return 0;
+    const Py_ssize_t u_end = sp2 - s;
+    if (start_end - u_end - 1 != 7 || memcmp(s + u_end + 1, "SIP/2.0", 7) != 0 || u_end == u_start ||
+            memchr(s + u_start, '\t', (size_t)(u_end - u_start)) != NULL)
+        return 0;
+
+    /* the header lines */
+    struct line_at via = {-1, -1, 0, 0}, from = via, to = via, cid = via, cseq = via, cl = via;
+    int counts[H_CONTENT_LENGTH + 1] = {0};
+    int n_kept = 0;
+    Py_ssize_t pos = start_end + 2;
+    for (Py_ssize_t k = 1; k < n_lines; k++) {
+        struct line_at line;
+        const int kind = header_at(table, s, head_end, &pos, &line);
+        if (kind == H_ERROR)
+            return -1;
+        if (kind == H_NOT_PLAIN)
+            return 0;
+        if (kind == H_OTHER)
+            continue;
+        if (++counts[kind] > 1)
+            return 0;
+        switch (kind) {
+        case H_VIA: via = line; break;
+        case H_FROM: from = line; break;
+        case H_TO: to = line; break;
+        case H_CALL_ID: cid = line; break;
+        case H_CSEQ: cseq = line; break;
+        case H_CONTENT_LENGTH: cl = line; continue;
+        }
+        r->kept[n_kept] = line;
+        r->kept_kind[n_kept++] = kind;
+    }
+    if (n_kept != REFUSAL_KEPT || cid.va == cid.vb || via.va == via.vb)
+        return 0;
+    const Py_ssize_t body_len = n - (head_end + 4);
+    if (counts[H_CONTENT_LENGTH] && content_length_of(s, &cl, max_cl_digits, body_len) != (long long)body_len)
+        return 0;
+    for (Py_ssize_t i = via.va; i < via.vb; i++)
+        if (s[i] == ',' || s[i] == '"' || s[i] == '<')
+            return 0;
+    Py_ssize_t ma, mb;
+    if (!cseq_span(s, cseq.va, cseq.vb, &r->cseq, &ma, &mb) || mb - ma != u_start - 1 ||
+            memcmp(s + ma, s, (size_t)(mb - ma)) != 0)
+        return 0;
+    r->has_from_tag = tag_span(s, from.va, from.vb, &r->fa, &r->fb);
+    const int has_to_tag = tag_span(s, to.va, to.vb, &r->ta, &r->tb);
+    if (r->is_ack ? !has_to_tag || r->tb - r->ta < 2 || s[r->ta] != 's' || s[r->ta + 1] != 'w' : has_to_tag)
+        return 0;
+    r->via = via;
+    r->cid = cid;
+    return 1;
+}
+
+/* The To tag this proxy gives its own responses (ProxyCore._local_tag) after its "sw": the MAC
+ * of (b"t", Call-ID, From tag or b"") joined by "|", as hex at out (room for 128); the number of
+ * digits, or -1 when st is not a blake2b_state. */
+static int refusal_mac(const unsigned char *s, const struct refusal *r, const unsigned char *st,
+                       Py_ssize_t st_len, char *out)
+{
+    Mac m;
+    if (mac_start(&m, st, st_len) < 0)
+        return -1;
+    mac_absorb(&m, "t|", 2);
+    mac_absorb(&m, (const char *)s + r->cid.va, (size_t)(r->cid.vb - r->cid.va));
+    mac_absorb(&m, "|", 1);
+    if (r->has_from_tag)
+        mac_absorb(&m, (const char *)s + r->fa, (size_t)(r->fb - r->fa));
+    return mac_hex_end(&m, out);
+}
+
+/* An ACK's To tag is "sw" and this MAC (compared in constant time, as hmac.compare_digest does) */
+static int refusal_ack_is_ours(const unsigned char *s, const struct refusal *r, const char *mac, int mac_len)
+{
+    if (r->tb - r->ta != 2 + mac_len)
+        return 0;
+    unsigned char diff = 0;
+    for (int i = 0; i < mac_len; i++)
+        diff |= (unsigned char)(s[r->ta + 2 + i] ^ (unsigned char)mac[i]);
+    return diff == 0;
+}
+
+/* The 503 around its Via value (ProxyCore._reply): ``head`` is the status line, the copied lines
+ * before the Via line (each after a CRLF) and CRLF "Via: "; ``tail`` the copied lines after it,
+ * the To line given ";tag=sw" + mac, extra when not empty, "Content-Length: 0" and the blank
+ * line. Their lengths in *head_len and *tail_len; written where head and tail are not NULL. */
+static void refusal_text(const unsigned char *s, const struct refusal *r, const char *mac, int mac_len,
+                         const char *status, Py_ssize_t status_len, const char *extra, Py_ssize_t extra_len,
+                         char *head, Py_ssize_t *head_len, char *tail, Py_ssize_t *tail_len)
+{
+    static const char content_length[] = "\r\nContent-Length: 0\r\n\r\n";
+    const Py_ssize_t cl_len = (Py_ssize_t)sizeof(content_length) - 1;
+    int via_at = 0;
+    for (int i = 0; i < REFUSAL_KEPT; i++)
+        if (r->kept_kind[i] == H_VIA)
+            via_at = i;
+    Py_ssize_t hl = status_len + 2 + 5, tl = (extra_len ? 2 + extra_len : 0) + cl_len;
+    for (int i = 0; i < REFUSAL_KEPT; i++) {
+        const Py_ssize_t len = 2 + r->kept[i].end - r->kept[i].start + (r->kept_kind[i] == H_TO ? 7 + mac_len : 0);
+        if (i < via_at)
+            hl += len;
+        else if (i > via_at)
+            tl += len;
+    }
+    *head_len = hl;
+    *tail_len = tl;
+    if (head == NULL || tail == NULL)
+        return;
+    char *h = head, *t = tail;
+    memcpy(h, status, (size_t)status_len);
+    h += status_len;
+    for (int i = 0; i < REFUSAL_KEPT; i++) {
+        if (i == via_at)
+            continue;
+        char *d = i < via_at ? h : t;
+        const struct line_at *k = &r->kept[i];
+        memcpy(d, "\r\n", 2);
+        d += 2;
+        memcpy(d, s + k->start, (size_t)(k->end - k->start));
+        d += k->end - k->start;
+        if (r->kept_kind[i] == H_TO) {
+            memcpy(d, ";tag=sw", 7);
+            memcpy(d + 7, mac, (size_t)mac_len);
+            d += 7 + mac_len;
+        }
+        if (i < via_at)
+            h = d;
+        else
+            t = d;
+    }
+    memcpy(h, "\r\nVia: ", 7);
+    if (extra_len) {
+        memcpy(t, "\r\n", 2);
+        t += 2;
+        memcpy(t, extra, (size_t)extra_len);
+        t += extra_len;
+    }
+    memcpy(t, content_length, (size_t)cl_len);
+}
 
 /* refusal(data, names, max_lines, max_cl_digits, max_size, mac_state, status_line, extra)
  *   -> (is_ack, via_value, call_id, cseq_number, head, tail) or None
@@ -1972,12 +2171,11 @@ sipscan_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
  * bytes, with one each of Via (one value: no ',', '"' or '<' in it), From, To, Call-ID (not
  * empty) and CSeq (as sipscan_cseq reads it, its method the request's, in capitals), at most one
  * Content-Length, equal to the body's length. An INVITE must have no To tag: ``head`` and
- * ``tail`` are then ProxyCore._reply's response around the stamped Via value, i.e. status_line,
- * the copied lines in their order with "Via: " for the Via line and the To line given
- * ";tag=sw" + mac_hex(mac_state, "|", (b"t", call_id, from_tag or b"")), extra when not empty,
- * "Content-Length: 0" (joined by CRLF, CRLF CRLF at the end). An ACK must have the To tag such
- * a refusal gave, "sw" and that MAC (compared in constant time): head and tail are then None.
- * The tags are read as header_tag reads them; the caller checks that mac_state is its key's. */
+ * ``tail`` are then ProxyCore._reply's response around the stamped Via value (refusal_text),
+ * its To tag "sw" + mac_hex(mac_state, "|", (b"t", call_id, from_tag or b"")). An ACK must have
+ * the To tag such a refusal gave, "sw" and that MAC (compared in constant time): head and tail
+ * are then None. The tags are read as header_tag reads them; the caller checks that mac_state
+ * is its key's. */
 static PyObject *
 sipscan_refusal(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -2000,184 +2198,215 @@ sipscan_refusal(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         if ((ints[i] = PyLong_AsSsize_t(args[2 + i])) == -1 && PyErr_Occurred())
             return NULL;
     const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(data);
-    const Py_ssize_t n = PyBytes_GET_SIZE(data);
-    if (ints[0] < 1 || n > ints[2])
-        Py_RETURN_NONE;
-
-    /* the request line, as sipscan_parse reads it, for these two methods only */
-    int is_ack;
-    Py_ssize_t u_start;
-    if (n >= 7 && memcmp(s, "INVITE ", 7) == 0) {
-        is_ack = 0;
-        u_start = 7;
-    }
-    else if (n >= 4 && memcmp(s, "ACK ", 4) == 0) {
-        is_ack = 1;
-        u_start = 4;
-    }
-    else
-        Py_RETURN_NONE;
-    Py_ssize_t n_lines = 0;
-    const Py_ssize_t head_end = scan_head(s, n, ints[0], &n_lines);
-    if (head_end < 0)
-        Py_RETURN_NONE;
-    const unsigned char *cr = memchr(s, '\r', (size_t)head_end);
-    const Py_ssize_t start_end = cr ? cr - s : head_end;
-    const unsigned char *sp2 = memchr(s + u_start, ' ', (size_t)(start_end - u_start));
-    if (sp2 == NULL)
-        Py_RETURN_NONE;
-    const Py_ssize_t u_end = sp2 - s;
-    if (start_end - u_end - 1 != 7 || memcmp(s + u_end + 1, "SIP/2.0", 7) != 0 || u_end == u_start ||
-            memchr(s + u_start, '\t', (size_t)(u_end - u_start)) != NULL)
-        Py_RETURN_NONE;
-
-    /* the header lines */
-    struct line_at via = {-1, -1, 0, 0}, from = via, to = via, cid = via, cseq = via, cl = via;
-    int counts[H_CONTENT_LENGTH + 1] = {0};
-    struct line_at kept[REFUSAL_KEPT]; /* the copied lines in their order */
-    int kept_kind[REFUSAL_KEPT], n_kept = 0;
-    Py_ssize_t pos = start_end + 2;
-    for (Py_ssize_t k = 1; k < n_lines; k++) {
-        struct line_at line;
-        const int kind = header_at(table, s, head_end, &pos, &line);
-        if (kind == H_ERROR)
+    struct refusal r;
+    const int got = refusal_scan(table, s, PyBytes_GET_SIZE(data), ints[0], ints[1], ints[2], &r);
+    if (got <= 0) {
+        if (got < 0)
             return NULL;
-        if (kind == H_NOT_PLAIN)
-            Py_RETURN_NONE;
-        if (kind == H_OTHER)
-            continue;
-        if (++counts[kind] > 1)
-            Py_RETURN_NONE;
-        switch (kind) {
-        case H_VIA: via = line; break;
-        case H_FROM: from = line; break;
-        case H_TO: to = line; break;
-        case H_CALL_ID: cid = line; break;
-        case H_CSEQ: cseq = line; break;
-        case H_CONTENT_LENGTH: cl = line; continue;
-        }
-        kept[n_kept] = line;
-        kept_kind[n_kept++] = kind;
+        Py_RETURN_NONE;
     }
-    if (n_kept != REFUSAL_KEPT || cid.va == cid.vb || via.va == via.vb)
-        Py_RETURN_NONE;
-    const Py_ssize_t body_len = n - (head_end + 4);
-    if (counts[H_CONTENT_LENGTH] && content_length_of(s, &cl, ints[1], body_len) != (long long)body_len)
-        Py_RETURN_NONE;
-    for (Py_ssize_t i = via.va; i < via.vb; i++)
-        if (s[i] == ',' || s[i] == '"' || s[i] == '<')
-            Py_RETURN_NONE;
-    long long number;
-    Py_ssize_t ma, mb;
-    if (!cseq_span(s, cseq.va, cseq.vb, &number, &ma, &mb) || mb - ma != u_start - 1 ||
-            memcmp(s + ma, s, (size_t)(mb - ma)) != 0)
-        Py_RETURN_NONE;
-    Py_ssize_t fa, fb, ta, tb;
-    const int has_from_tag = tag_span(s, from.va, from.vb, &fa, &fb);
-    const int has_to_tag = tag_span(s, to.va, to.vb, &ta, &tb);
-    if (is_ack ? !has_to_tag || tb - ta < 2 || s[ta] != 's' || s[ta + 1] != 'w' : has_to_tag)
-        Py_RETURN_NONE;
-
-    /* the To tag this proxy gives its own responses (ProxyCore._local_tag): "sw" and this MAC */
-    PyObject *via_value = NULL, *head = NULL, *tail = NULL, *mac = NULL, *result = NULL;
-    PyObject *parts = PyTuple_New(3), *sep = PyBytes_FromStringAndSize("|", 1);
-    if (parts == NULL || sep == NULL)
-        goto done;
-    PyTuple_SET_ITEM(parts, 0, PyBytes_FromStringAndSize("t", 1));
-    PyTuple_SET_ITEM(parts, 1, bytes_of(s, cid.va, cid.vb));
-    PyTuple_SET_ITEM(parts, 2, has_from_tag ? bytes_of(s, fa, fb) : PyBytes_FromStringAndSize(NULL, 0));
-    if (PyTuple_GET_ITEM(parts, 0) == NULL || PyTuple_GET_ITEM(parts, 1) == NULL ||
-            PyTuple_GET_ITEM(parts, 2) == NULL)
-        goto done;
-    PyObject *mac_args[3] = {args[5], sep, parts};
-    if ((mac = sipscan_mac_hex(NULL, mac_args, 3)) == NULL)
-        goto done;
-    if (!PyBytes_Check(mac)) { /* (an empty join: cannot happen, "t" is in it) */
-        result = Py_NewRef(Py_None);
-        goto done;
+    char mac[128];
+    const int mac_len = refusal_mac(s, &r, (const unsigned char *)PyBytes_AS_STRING(args[5]),
+                                    PyBytes_GET_SIZE(args[5]), mac);
+    if (mac_len < 0) {
+        PyErr_SetString(PyExc_ValueError, "not a blake2b_state");
+        return NULL;
     }
-    const Py_ssize_t mac_len = PyBytes_GET_SIZE(mac);
-    if (is_ack) {
-        /* the tag must be ours (compared in constant time, as hmac.compare_digest does) */
-        if (tb - ta != 2 + mac_len) {
-            result = Py_NewRef(Py_None);
-            goto done;
-        }
-        const unsigned char *m = (const unsigned char *)PyBytes_AS_STRING(mac);
-        unsigned char diff = 0;
-        for (Py_ssize_t i = 0; i < mac_len; i++)
-            diff |= (unsigned char)(s[ta + 2 + i] ^ m[i]);
-        if (diff) {
-            result = Py_NewRef(Py_None);
-            goto done;
-        }
+    PyObject *head = NULL, *tail = NULL, *via_value = NULL, *call_id = NULL, *cseq_number = NULL, *result = NULL;
+    if (r.is_ack) {
+        if (!refusal_ack_is_ours(s, &r, mac, mac_len))
+            Py_RETURN_NONE;
         head = Py_NewRef(Py_None);
         tail = Py_NewRef(Py_None);
     }
     else {
+        const char *status = PyBytes_AS_STRING(args[6]), *extra = PyBytes_AS_STRING(args[7]);
         const Py_ssize_t status_len = PyBytes_GET_SIZE(args[6]), extra_len = PyBytes_GET_SIZE(args[7]);
-        static const char content_length[] = "\r\nContent-Length: 0\r\n\r\n";
-        const Py_ssize_t cl_len = (Py_ssize_t)sizeof(content_length) - 1;
-        /* the lines before the Via line end with CRLF in head; the ones after start with CRLF in tail */
-        int via_at = 0;
-        for (int i = 0; i < REFUSAL_KEPT; i++)
-            if (kept_kind[i] == H_VIA)
-                via_at = i;
-        Py_ssize_t head_len = status_len + 2 + 5, tail_len = (extra_len ? 2 + extra_len : 0) + cl_len;
-        for (int i = 0; i < REFUSAL_KEPT; i++) {
-            const Py_ssize_t len = 2 + kept[i].end - kept[i].start + (kept_kind[i] == H_TO ? 7 + mac_len : 0);
-            if (i < via_at)
-                head_len += len;
-            else if (i > via_at)
-                tail_len += len;
-        }
+        Py_ssize_t head_len, tail_len;
+        refusal_text(s, &r, mac, mac_len, status, status_len, extra, extra_len, NULL, &head_len, NULL, &tail_len);
         head = PyBytes_FromStringAndSize(NULL, head_len);
         tail = PyBytes_FromStringAndSize(NULL, tail_len);
         if (head == NULL || tail == NULL)
             goto done;
-        char *h = PyBytes_AS_STRING(head), *t = PyBytes_AS_STRING(tail);
-        memcpy(h, PyBytes_AS_STRING(args[6]), (size_t)status_len);
-        h += status_len;
-        for (int i = 0; i < REFUSAL_KEPT; i++) {
-            if (i == via_at)
-                continue;
-            char *d = i < via_at ? h : t;
-            memcpy(d, "\r\n", 2);
-            d += 2;
-            memcpy(d, s + kept[i].start, (size_t)(kept[i].end - kept[i].start));
-            d += kept[i].end - kept[i].start;
-            if (kept_kind[i] == H_TO) {
-                memcpy(d, ";tag=sw", 7);
-                memcpy(d + 7, PyBytes_AS_STRING(mac), (size_t)mac_len);
-                d += 7 + mac_len;
-            }
-            if (i < via_at)
-                h = d;
-            else
-                t = d;
-        }
-        memcpy(h, "\r\nVia: ", 7);
-        if (extra_len) {
-            memcpy(t, "\r\n", 2);
-            t += 2;
-            memcpy(t, PyBytes_AS_STRING(args[7]), (size_t)extra_len);
-            t += extra_len;
-        }
-        memcpy(t, content_length, (size_t)cl_len);
+        refusal_text(s, &r, mac, mac_len, status, status_len, extra, extra_len, PyBytes_AS_STRING(head), &head_len,
+                     PyBytes_AS_STRING(tail), &tail_len);
     }
-    PyObject *cseq_number = PyLong_FromLongLong(number);
-    if (cseq_number != NULL && (via_value = bytes_of(s, via.va, via.vb)) != NULL)
-        result = PyTuple_Pack(6, is_ack ? Py_True : Py_False, via_value, PyTuple_GET_ITEM(parts, 1), cseq_number,
-                              head, tail);
-    Py_XDECREF(cseq_number);
+    via_value = bytes_of(s, r.via.va, r.via.vb);
+    call_id = bytes_of(s, r.cid.va, r.cid.vb);
+    cseq_number = PyLong_FromLongLong(r.cseq);
+    if (via_value != NULL && call_id != NULL && cseq_number != NULL)
+        result = PyTuple_Pack(6, r.is_ack ? Py_True : Py_False, via_value, call_id, cseq_number, head, tail);
 done:
-    Py_XDECREF(parts);
-    Py_XDECREF(sep);
-    Py_XDECREF(mac);
-    Py_XDECREF(via_value);
     Py_XDECREF(head);
     Py_XDECREF(tail);
+    Py_XDECREF(via_value);
+    Py_XDECREF(call_id);
+    Py_XDECREF(cseq_number);
     return result;
+}
+
+/* The plainest Via, where the pump refuses in C: "SIP/2.0/UDP " then an IPv4 dotted quad (no
+ * leading zeros: ipaddress's canonical text), an optional ":port" (1-65535, at most 5 digits),
+ * then ";name" or ";name=value" parameters with no space or control byte in them (names token
+ * characters, values not empty), no "received" and no "rport" with a value (both of which
+ * ProxyCore._stamp_source rewrites: the Python path does), at most one valueless "rport"
+ * (names in any case, as parse_via lowercases them). sipmsg.parse_via takes every such value.
+ * 1 with the parts in *v; 0 for anything else. */
+struct plain_via {
+    unsigned char ip[4];
+    long port;            /* 0: none written */
+    Py_ssize_t rport_end; /* where "=<port>" goes (the end of the rport name), -1 without rport */
+};
+
+static int token_char(unsigned char c)
+{
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+           (c != 0 && strchr("-.!%*_+`'~", c) != NULL);
+}
+
+static int name_is_ci(const unsigned char *s, Py_ssize_t len, const char *want)
+{
+    const Py_ssize_t n = (Py_ssize_t)strlen(want);
+    if (len != n)
+        return 0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (ascii_lower(s[i]) != (unsigned char)want[i])
+            return 0;
+    return 1;
+}
+
+static int plain_via(const unsigned char *s, Py_ssize_t a, Py_ssize_t b, struct plain_via *v)
+{
+    if (b - a < 12 + 7 || memcmp(s + a, "SIP/2.0/UDP ", 12) != 0)
+        return 0;
+    Py_ssize_t i = a + 12;
+    for (int k = 0; k < 4; k++) {
+        if (k) {
+            if (i >= b || s[i] != '.')
+                return 0;
+            i++;
+        }
+        const Py_ssize_t d0 = i;
+        int val = 0;
+        while (i < b && i - d0 < 3 && s[i] >= '0' && s[i] <= '9')
+            val = val * 10 + (s[i++] - '0');
+        if (i == d0 || val > 255 || (s[d0] == '0' && i - d0 > 1))
+            return 0;
+        v->ip[k] = (unsigned char)val;
+    }
+    v->port = 0;
+    if (i < b && s[i] == ':') {
+        const Py_ssize_t d0 = ++i;
+        long port = 0;
+        while (i < b && i - d0 < 5 && s[i] >= '0' && s[i] <= '9')
+            port = port * 10 + (s[i++] - '0');
+        if (i == d0 || port < 1 || port > 65535)
+            return 0;
+        v->port = port;
+    }
+    v->rport_end = -1;
+    while (i < b) {
+        if (s[i] != ';')
+            return 0;
+        const Py_ssize_t na = ++i;
+        while (i < b && token_char(s[i]))
+            i++;
+        const Py_ssize_t nb = i;
+        int valued = 0;
+        if (nb == na)
+            return 0;
+        if (i < b && s[i] == '=') {
+            const Py_ssize_t v0 = ++i;
+            while (i < b && s[i] > ' ' && s[i] < 127 && s[i] != ';')
+                i++;
+            if (i == v0)
+                return 0;
+            valued = 1;
+        }
+        if (i < b && s[i] != ';')
+            return 0;
+        if (name_is_ci(s + na, nb - na, "received"))
+            return 0;
+        if (name_is_ci(s + na, nb - na, "rport")) {
+            if (valued || v->rport_end >= 0)
+                return 0;
+            v->rport_end = nb;
+        }
+    }
+    return 1;
+}
+
+/* refuse_raw: what ProxyCore._fast_refusal does with a datagram of this shape, for a caller
+ * holding the bytes in its own buffer (the UDP pump), exported to it as the capsule
+ * "sipwatch._sipscan._refuse_raw" (its signature: REFUSE_RAW_ARGS, kept in step with the
+ * pump's). limits: max_lines, max_cl_digits, max_size; src: the source's IPv4 address (network
+ * order) and port. Only refusal_scan's shape with a plain_via, a valid mac_state, and for an
+ * INVITE a 503 no larger than the request; the Python path does the rest, the same way:
+ *   INVITE: 1, the 503 at out (ProxyCore._reply, its Via stamped as _stamp_source stamps it:
+ *     ";rport" filled with the source port, ";received=<source>" added when the Via's address
+ *     is another), result = {0, Call-ID start, Call-ID end, length, port it goes to on the
+ *     source's address (_reply_to: the source port with rport, else the Via's, else 5060)};
+ *   ACK with this proxy's tag: 1, result = {1, Call-ID start, Call-ID end, 0, 0};
+ *   anything else: 0; -1 with an exception set (memory). */
+#define REFUSE_RAW_ARGS PyObject *table, const unsigned char *s, Py_ssize_t n, const Py_ssize_t limits[3], \
+    const unsigned char *mac_state, Py_ssize_t state_len, const char *status, Py_ssize_t status_len, \
+    const char *extra, Py_ssize_t extra_len, const unsigned char src_ip[4], int src_port, char *out, \
+    Py_ssize_t cap, Py_ssize_t result[5]
+static int refuse_raw(REFUSE_RAW_ARGS)
+{
+    struct refusal r;
+    const int got = refusal_scan(table, s, n, limits[0], limits[1], limits[2], &r);
+    if (got <= 0)
+        return got;
+    struct plain_via v;
+    if (!plain_via(s, r.via.va, r.via.vb, &v))
+        return 0;
+    char mac[128];
+    const int mac_len = refusal_mac(s, &r, mac_state, state_len, mac);
+    if (mac_len <= 0)
+        return 0;
+    result[0] = r.is_ack;
+    result[1] = r.cid.va;
+    result[2] = r.cid.vb;
+    result[3] = result[4] = 0;
+    if (r.is_ack)
+        return refusal_ack_is_ours(s, &r, mac, mac_len);
+    Py_ssize_t head_len, tail_len;
+    refusal_text(s, &r, mac, mac_len, status, status_len, extra, extra_len, NULL, &head_len, NULL, &tail_len);
+    char port_text[8], ip_text[INET_ADDRSTRLEN];
+    const int port_len = v.rport_end >= 0 ? snprintf(port_text, sizeof port_text, "%d", src_port) : 0;
+    const int received = memcmp(v.ip, src_ip, 4) != 0;
+    if (received && inet_ntop(AF_INET, src_ip, ip_text, sizeof ip_text) == NULL)
+        return 0;
+    const Py_ssize_t ip_len = received ? (Py_ssize_t)strlen(ip_text) : 0;
+    const Py_ssize_t via_len = r.via.vb - r.via.va + (v.rport_end >= 0 ? 1 + port_len : 0) +
+                               (received ? 10 + ip_len : 0);
+    const Py_ssize_t total = head_len + via_len + tail_len;
+    if (total > n || total > cap)
+        return 0;
+    refusal_text(s, &r, mac, mac_len, status, status_len, extra, extra_len, out, &head_len,
+                 out + head_len + via_len, &tail_len);
+    char *d = out + head_len;
+    if (v.rport_end >= 0) {
+        memcpy(d, s + r.via.va, (size_t)(v.rport_end - r.via.va));
+        d += v.rport_end - r.via.va;
+        *d++ = '=';
+        memcpy(d, port_text, (size_t)port_len);
+        d += port_len;
+        memcpy(d, s + v.rport_end, (size_t)(r.via.vb - v.rport_end));
+        d += r.via.vb - v.rport_end;
+    }
+    else {
+        memcpy(d, s + r.via.va, (size_t)(r.via.vb - r.via.va));
+        d += r.via.vb - r.via.va;
+    }
+    if (received) {
+        memcpy(d, ";received=", 10);
+        memcpy(d + 10, ip_text, (size_t)ip_len);
+    }
+    result[3] = total;
+    result[4] = v.rport_end >= 0 ? src_port : v.port ? v.port : 5060;
+    return 1;
 }
 
 /* mask_name_addr(value, full) -> (text, tag_at) or None
@@ -2526,5 +2755,15 @@ static struct PyModuleDef sipscan_module = {
 
 PyMODINIT_FUNC PyInit__sipscan(void)
 {
-    return PyModule_Create(&sipscan_module);
+    PyObject *m = PyModule_Create(&sipscan_module);
+    if (m == NULL)
+        return NULL;
+    /* refuse_raw for the UDP pump (a C caller: see refuse_raw) */
+    PyObject *raw = PyCapsule_New((void *)refuse_raw, "sipwatch._sipscan._refuse_raw", NULL);
+    if (raw == NULL || PyModule_AddObject(m, "_refuse_raw", raw) < 0) {
+        Py_XDECREF(raw);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

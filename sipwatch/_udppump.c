@@ -27,6 +27,11 @@
  * family, output of another shape. Last, core.settle() when given: the accounting the core held
  * back until its output had left (see ProxyCore.settle).
  *
+ * Past capacity, the plainest new INVITEs are refused (503 + Retry-After) and the ACKs of those
+ * refusals absorbed here, on the receive buffer, without the core's call (see "refusals" below):
+ * there are more of them than calls at twice the capacity, and what each costs decides how many
+ * calls the rest of a limited CPU carries.
+ *
  * Nothing raises out of a read: a send error (and an ICMP error read from the connected socket)
  * goes to the edge's send_failed(exc), as uvloop's error_received did; an exception from the
  * core or from the Python dispatch, or a failed allocation, goes to the edge's on_error(exc)
@@ -51,6 +56,14 @@
 #define SRC_CACHE 256       /* source tuples kept (a power of two) */
 #define MAX_OUT 16          /* outputs per datagram handled here; more go to Python */
 
+/* sipwatch._sipscan's refuse_raw (the capsule "sipwatch._sipscan._refuse_raw"): its signature,
+ * REFUSE_RAW_ARGS there, kept in step with this one */
+typedef int (*refuse_raw_fn)(PyObject *table, const unsigned char *s, Py_ssize_t n, const Py_ssize_t limits[3],
+                             const unsigned char *mac_state, Py_ssize_t state_len, const char *status,
+                             Py_ssize_t status_len, const char *extra, Py_ssize_t extra_len,
+                             const unsigned char src_ip[4], int src_port, char *out, Py_ssize_t cap,
+                             Py_ssize_t result[5]);
+
 typedef struct {
     sa_family_t family;     /* 0: empty */
     uint16_t port;          /* network order */
@@ -69,9 +82,22 @@ typedef struct {
     int use_offset;
     char *bufs;                /* BATCH * BUF_SIZE, allocated at the first read */
     SrcEntry cache[SRC_CACHE];
+    /* refusals here (see refuse_here): NULL unless the core gave their parameters */
+    refuse_raw_fn refuse;
+    PyObject *names, *status, *extra;  /* the name table, the 503's status line and its extra line */
+    Py_ssize_t limits[3];              /* max header lines, Content-Length digits, message size */
+    double ack_window;                 /* seconds ACKs of refusals are looked for after one */
+    Py_ssize_t invite_at, ack_at;      /* their counters in stats.requests, plus the direction */
+    long from_signaling, from_gateway; /* the directions */
+    unsigned char upstream_ip[4];      /* the connected upstream's address, when IPv4 */
+    int upstream_ipv4;
+    char *reply;                       /* BUF_SIZE: the 503 being sent */
+    unsigned long long refused_here;   /* datagrams handled by refuse_here (for tests) */
 } Pump;
 
-static PyObject *str_out_tcp, *str_wiretap;
+static PyObject *str_out_tcp, *str_wiretap, *str_fast_refusals, *str_overloaded, *str_draining,
+    *str_acks_until, *str_key, *str_mac_state_key, *str_mac_state, *str_tracker, *str_calls, *str_stats,
+    *str_requests, *str_overload_rejected, *str_drain_rejected, *str_upstream;
 
 /* -- errors --------------------------------------------------------------------------------- */
 
@@ -320,21 +346,210 @@ failed:
 
 /* -- reading -------------------------------------------------------------------------------- */
 
+/* the edge's epoch clock, when it carries its offset (use_offset) */
+static double epoch_now(Pump *p)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    /* as time.monotonic() rounds: nanoseconds as a double, divided once */
+    double d = (double)((int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec);
+    return d / 1e9 + p->offset;
+}
+
 static PyObject *now_of(Pump *p)
 {
-    if (p->use_offset) {
-        struct timespec ts;
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        /* as time.monotonic() rounds: nanoseconds as a double, divided once */
-        double d = (double)((int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec);
-        return PyFloat_FromDouble(d / 1e9 + p->offset);
-    }
+    if (p->use_offset)
+        return PyFloat_FromDouble(epoch_now(p));
     return PyObject_CallNoArgs(p->clock);
+}
+
+/* -- refusals ------------------------------------------------------------------------------- *
+ * Past capacity every refused call costs its INVITE (answered 503 + Retry-After) and the ACK of
+ * that 503 (absorbed); at twice the capacity there are more of these than calls carried, so
+ * what each costs decides how many calls the rest of the CPU carries. ProxyCore._fast_refusal
+ * reads them in one C call, but each still took a bytes object, the source tuple, the clock
+ * object, the core's call, its Via object and the output list. Here the plainest of them (see
+ * _sipscan.c: refuse_raw's shape with a plain Via, over IPv4, no wiretap, the core's key
+ * current, a Call-ID the tracker does not hold, a 503 not bound for the upstream) are handled
+ * on the pump's buffer: the same checks the core makes, in the same order, the same counters
+ * and the same bytes sent; anything else, and any doubt, goes to the core's call, before
+ * anything changed. */
+
+/* 1/0: the attribute's truth, -1 with an exception set */
+static int truth_of(PyObject *o, PyObject *name)
+{
+    PyObject *v = PyObject_GetAttr(o, name);
+    if (v == NULL)
+        return -1;
+    const int t = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    return t;
+}
+
+/* o.name += 1 (a counter) */
+static int bump_attr(PyObject *o, PyObject *name)
+{
+    PyObject *v = PyObject_GetAttr(o, name);
+    if (v == NULL)
+        return -1;
+    PyObject *one = PyLong_FromLong(1);
+    PyObject *w = one != NULL ? PyNumber_Add(v, one) : NULL;
+    Py_DECREF(v);
+    Py_XDECREF(one);
+    if (w == NULL)
+        return -1;
+    const int r = PyObject_SetAttr(o, name, w);
+    Py_DECREF(w);
+    return r;
+}
+
+/* list[i] += 1 */
+static int bump_item(PyObject *list, Py_ssize_t i)
+{
+    PyObject *one = PyLong_FromLong(1);
+    PyObject *w = one != NULL ? PyNumber_Add(PyList_GET_ITEM(list, i), one) : NULL;
+    Py_XDECREF(one);
+    return w == NULL ? -1 : PyList_SetItem(list, i, w);
+}
+
+/* 1: handled here (the core's counters bumped, its 503 sent or its ACK absorbed); 0: the
+ * core's call decides, nothing changed; -1: an exception, nothing changed. */
+static int refuse_here(Pump *p, const char *buf, size_t len, const struct sockaddr_storage *from)
+{
+    const int invite = buf[0] == 'I';
+    PyObject *core = p->core, *tap = NULL, *key = NULL, *state = NULL, *src = NULL, *upstream = NULL,
+             *stats = NULL, *requests = NULL, *call_id = NULL, *tracker = NULL, *calls = NULL;
+    int rc = 0;
+    if (from->ss_family != AF_INET || !p->use_offset || len <= 12)
+        return 0;
+    int on = truth_of(core, str_fast_refusals);
+    if (on <= 0)
+        return on;
+    const double now = epoch_now(p);
+    int draining = 0;
+    if (invite) {  /* receive_datagram's test: overloaded or draining */
+        const int over = truth_of(core, str_overloaded);
+        if (over < 0 || (draining = truth_of(core, str_draining)) < 0)
+            return -1;
+        if (!over && !draining)
+            return 0;
+    } else {  /* an ACK: within the window after a refusal, with an "sw" tag somewhere */
+        PyObject *until = PyObject_GetAttr(core, str_acks_until);
+        if (until == NULL)
+            return -1;
+        const double u = PyFloat_AsDouble(until);
+        Py_DECREF(until);
+        if (u == -1.0 && PyErr_Occurred())
+            return -1;
+        const char *tag = memmem(buf, len, ";tag=sw", 7);
+        if (!(now < u) || tag == NULL || tag == buf)
+            return 0;
+    }
+    if ((tap = PyObject_GetAttr(p->edge, str_wiretap)) == NULL)
+        return -1;
+    if (tap != Py_None)
+        goto out;  /* (the tap sees every datagram: the core's call and route() do that) */
+    /* _fast_refusal rekeys first when the key changed: then the core's call */
+    if ((key = PyObject_GetAttr(core, str_key)) == NULL || (state = PyObject_GetAttr(core, str_mac_state_key)) == NULL)
+        goto failed;
+    const int current = key == state;
+    Py_CLEAR(state);
+    if (!current)
+        goto out;
+    if ((state = PyObject_GetAttr(core, str_mac_state)) == NULL)
+        goto failed;
+    if (!PyBytes_CheckExact(state))
+        goto out;
+    const struct sockaddr_in *sin = (const struct sockaddr_in *)from;
+    Py_ssize_t res[5];
+    rc = p->refuse(p->names, (const unsigned char *)buf, (Py_ssize_t)len, p->limits,
+                   (const unsigned char *)PyBytes_AS_STRING(state), PyBytes_GET_SIZE(state),
+                   PyBytes_AS_STRING(p->status), PyBytes_GET_SIZE(p->status), PyBytes_AS_STRING(p->extra),
+                   PyBytes_GET_SIZE(p->extra), (const unsigned char *)&sin->sin_addr, ntohs(sin->sin_port),
+                   p->reply, BUF_SIZE, res);
+    if (rc <= 0)
+        goto done;
+    rc = 0;
+    if (res[0] != !invite)
+        goto out;
+    /* the direction: from the upstream's address or not, as the core tells it */
+    if ((src = src_tuple(p, from)) == NULL || (upstream = PyObject_GetAttr(core, str_upstream)) == NULL)
+        goto failed;
+    const int from_upstream = PyObject_RichCompareBool(src, upstream, Py_EQ);
+    if (from_upstream < 0)
+        goto failed;
+    const Py_ssize_t at = (invite ? p->invite_at : p->ack_at) + (from_upstream ? p->from_signaling : p->from_gateway);
+    if ((stats = PyObject_GetAttr(core, str_stats)) == NULL || (requests = PyObject_GetAttr(stats, str_requests)) == NULL)
+        goto failed;
+    if (!PyList_CheckExact(requests) || at < 0 || at >= PyList_GET_SIZE(requests))
+        goto out;
+    struct sockaddr_in to = *sin;
+    if (invite) {
+        /* a retransmission of an admitted call's INVITE is forwarded: lookup_call finds nothing
+         * for a Call-ID its table does not hold, so only those are refused here */
+        if ((call_id = PyBytes_FromStringAndSize(buf + res[1], res[2] - res[1])) == NULL ||
+                (tracker = PyObject_GetAttr(core, str_tracker)) == NULL ||
+                (calls = PyObject_GetAttr(tracker, str_calls)) == NULL)
+            goto failed;
+        if (!PyDict_Check(calls))  /* (an OrderedDict: its items are the dict's) */
+            goto out;
+        const int known = PyDict_Contains(calls, call_id);
+        if (known < 0)
+            goto failed;
+        to.sin_port = htons((uint16_t)res[4]);
+        /* (a 503 for the upstream leaves by the connected socket: route() does that) */
+        if (known || (p->upstream_host != NULL && (!p->upstream_ipv4 || (to.sin_port == htons((uint16_t)p->upstream_port)
+                      && memcmp(&to.sin_addr, p->upstream_ip, 4) == 0))))
+            goto out;
+    }
+    /* from here on it is ours: the counters as _fast_refusal and _refused bump them, then the send */
+    rc = 1;
+    int ok = bump_item(requests, at) == 0;
+    if (ok && invite) {
+        ok = bump_attr(stats, draining ? str_drain_rejected : str_overload_rejected) == 0;
+        PyObject *until = ok ? PyFloat_FromDouble(now + p->ack_window) : NULL;
+        ok = until != NULL && PyObject_SetAttr(core, str_acks_until, until) == 0;
+        Py_XDECREF(until);
+    }
+    if (!ok)
+        hand_over(p->on_error);
+    if (invite) {
+        Send out = {.data = p->reply, .len = res[3], .upstream = 0, .tolen = sizeof to};
+        memcpy(&out.to, &to, sizeof to);
+        send_one(p, &out);
+    }
+    p->refused_here++;
+    goto out;
+failed:
+    rc = -1;
+    goto done;
+out:
+    if (rc < 0)
+        rc = 0;
+done:
+    Py_XDECREF(tap);
+    Py_XDECREF(key);
+    Py_XDECREF(state);
+    Py_XDECREF(src);
+    Py_XDECREF(upstream);
+    Py_XDECREF(stats);
+    Py_XDECREF(requests);
+    Py_XDECREF(call_id);
+    Py_XDECREF(tracker);
+    Py_XDECREF(calls);
+    return rc;
 }
 
 static void one(Pump *p, const char *buf, size_t len, const struct sockaddr_storage *from)
 {
     PyObject *data = NULL, *src = NULL, *now = NULL, *out = NULL;
+    if (p->refuse != NULL && len > 12 && (buf[0] == 'I' || buf[0] == 'A')) {
+        const int here = refuse_here(p, buf, len, from);
+        if (here > 0)
+            return;
+        if (here < 0)
+            PyErr_Clear();  /* (nothing changed: the core's call decides, and meets the same trouble) */
+    }
     data = PyBytes_FromStringAndSize(buf, (Py_ssize_t)len);
     if (data == NULL)
         goto failed;
@@ -430,6 +645,10 @@ static int Pump_clear(Pump *p)
     Py_CLEAR(p->on_error);
     Py_CLEAR(p->clock);
     Py_CLEAR(p->settle);
+    Py_CLEAR(p->names);
+    Py_CLEAR(p->status);
+    Py_CLEAR(p->extra);
+    p->refuse = NULL;
     for (int i = 0; i < SRC_CACHE; i++) {
         Py_CLEAR(p->cache[i].tuple);
         p->cache[i].family = 0;
@@ -443,6 +662,8 @@ static PyObject *Pump_close(Pump *p, PyObject *Py_UNUSED(ignored))
     p->listen_fd = p->upstream_fd = -1;
     PyMem_RawFree(p->bufs);
     p->bufs = NULL;
+    PyMem_RawFree(p->reply);
+    p->reply = NULL;
     Py_RETURN_NONE;
 }
 
@@ -457,6 +678,9 @@ static int Pump_traverse(Pump *p, visitproc visit, void *arg)
     Py_VISIT(p->on_error);
     Py_VISIT(p->clock);
     Py_VISIT(p->settle);
+    Py_VISIT(p->names);
+    Py_VISIT(p->status);
+    Py_VISIT(p->extra);
     for (int i = 0; i < SRC_CACHE; i++)
         Py_VISIT(p->cache[i].tuple);
     return 0;
@@ -467,19 +691,36 @@ static void Pump_dealloc(Pump *p)
     PyObject_GC_UnTrack(p);
     Pump_clear(p);
     PyMem_RawFree(p->bufs);
+    PyMem_RawFree(p->reply);
     Py_TYPE(p)->tp_free((PyObject *)p);
 }
 
 static int Pump_init(Pump *p, PyObject *args, PyObject *kwargs)
 {
     static char *kw[] = {"listen_fd", "upstream_fd", "upstream", "receive", "core", "edge", "dispatch",
-                         "send_failed", "on_error", "clock", "settle", NULL};
+                         "send_failed", "on_error", "clock", "settle", "refusals", NULL};
     int listen_fd, upstream_fd;
-    PyObject *upstream, *receive, *core, *edge, *dispatch, *send_failed, *on_error, *clock, *settle = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "iiOOOOOOOO|O:Pump", kw, &listen_fd, &upstream_fd, &upstream,
+    PyObject *upstream, *receive, *core, *edge, *dispatch, *send_failed, *on_error, *clock, *settle = Py_None,
+             *refusals = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "iiOOOOOOOO|OO:Pump", kw, &listen_fd, &upstream_fd, &upstream,
                                      &receive, &core, &edge, &dispatch, &send_failed, &on_error, &clock,
-                                     &settle))
+                                     &settle, &refusals))
         return -1;
+    /* refusals: ProxyCore.refusal_params(), or None (then every datagram goes to the core) */
+    PyObject *names = NULL, *status = NULL, *extra = NULL;
+    Py_ssize_t limits[3], at[2];
+    long dirs[2];
+    double ack_window = 0;
+    refuse_raw_fn refuse = NULL;
+    if (refusals != Py_None) {
+        if (!PyArg_ParseTuple(refusals, "O!nnnO!O!dnnll:refusals", &PyDict_Type, &names, &limits[0], &limits[1],
+                              &limits[2], &PyBytes_Type, &status, &PyBytes_Type, &extra, &ack_window, &at[0],
+                              &at[1], &dirs[0], &dirs[1]))
+            return -1;
+        refuse = (refuse_raw_fn)PyCapsule_Import("sipwatch._sipscan._refuse_raw", 0);
+        if (refuse == NULL)
+            PyErr_Clear();  /* (built without it: the core's call refuses them all) */
+    }
     struct sockaddr_storage ss;
     socklen_t len = sizeof ss;
     if (getsockname(listen_fd, (struct sockaddr *)&ss, &len) < 0) {
@@ -532,8 +773,39 @@ static int Pump_init(Pump *p, PyObject *args, PyObject *kwargs)
     p->settle = settle == Py_None ? NULL : Py_NewRef(settle);
     p->offset = offset;
     p->use_offset = use_offset;
+    p->refuse = refuse;
+    if (refuse != NULL) {
+        p->names = Py_NewRef(names);
+        p->status = Py_NewRef(status);
+        p->extra = Py_NewRef(extra);
+        memcpy(p->limits, limits, sizeof limits);
+        p->ack_window = ack_window;
+        p->invite_at = at[0];
+        p->ack_at = at[1];
+        p->from_signaling = dirs[0];
+        p->from_gateway = dirs[1];
+        const char *up = host != NULL ? PyUnicode_AsUTF8(host) : NULL;
+        if (host != NULL && up == NULL)
+            return -1;
+        p->upstream_ipv4 = up != NULL && inet_pton(AF_INET, up, p->upstream_ip) == 1;
+        if (p->reply == NULL && (p->reply = PyMem_RawMalloc(BUF_SIZE)) == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+    }
     return 0;
 }
+
+static PyObject *Pump_refused_here(Pump *p, void *Py_UNUSED(closure))
+{
+    return PyLong_FromUnsignedLongLong(p->refused_here);
+}
+
+static PyGetSetDef Pump_getset[] = {
+    {"refused_here", (getter)Pump_refused_here, NULL,
+     "Datagrams refused (INVITEs) or absorbed (their ACKs) by the pump itself, not the core's call.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
 
 static PyMethodDef Pump_methods[] = {
     {"read_listen", (PyCFunction)Pump_read_listen, METH_NOARGS,
@@ -557,6 +829,7 @@ static PyTypeObject PumpType = {
     .tp_traverse = (traverseproc)Pump_traverse,
     .tp_clear = (inquiry)Pump_clear,
     .tp_methods = Pump_methods,
+    .tp_getset = Pump_getset,
 };
 
 static struct PyModuleDef udppump_module = {
@@ -566,9 +839,17 @@ static struct PyModuleDef udppump_module = {
 
 PyMODINIT_FUNC PyInit__udppump(void)
 {
-    str_out_tcp = PyUnicode_InternFromString("out_tcp");
-    str_wiretap = PyUnicode_InternFromString("wiretap");
-    if (str_out_tcp == NULL || str_wiretap == NULL || PyType_Ready(&PumpType) < 0)
+    static const struct { PyObject **at; const char *name; } names[] = {
+        {&str_out_tcp, "out_tcp"}, {&str_wiretap, "wiretap"}, {&str_fast_refusals, "fast_refusals"},
+        {&str_overloaded, "overloaded"}, {&str_draining, "draining"}, {&str_acks_until, "_refusal_acks_until"},
+        {&str_key, "key"}, {&str_mac_state_key, "_mac_state_key"}, {&str_mac_state, "_mac_state"},
+        {&str_tracker, "tracker"}, {&str_calls, "calls"}, {&str_stats, "stats"}, {&str_requests, "requests"},
+        {&str_overload_rejected, "overload_rejected"}, {&str_drain_rejected, "drain_rejected"},
+        {&str_upstream, "upstream"}};
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+        if ((*names[i].at = PyUnicode_InternFromString(names[i].name)) == NULL)
+            return NULL;
+    if (PyType_Ready(&PumpType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&udppump_module);
     if (m == NULL)

@@ -1088,6 +1088,17 @@ class ProxyCore:
             return []
         return [(resp, reply)]
 
+    def refusal_params(self) -> tuple | None:
+        """What the UDP pump needs to refuse the plainest new INVITEs and absorb their ACKs on its
+        own buffer, as :meth:`_fast_refusal` does (see ``sipwatch/_udppump.c``): the scan's
+        limits, the 503's lines, the ACK window, where the counters are. None without the C
+        scan. The pump reads the state (overloaded, draining, key, counters) from this core at
+        each datagram, so switching ``fast_refusals`` off switches it off too."""
+        if _c_refusal is None:
+            return None
+        return (sipmsg._NAME_CACHE, MAX_HEADER_LINES, MAX_CONTENT_LENGTH_DIGITS, MAX_MESSAGE, _REFUSAL_STATUS,
+                _RETRY_AFTER_LINE, _REFUSAL_ACK_WINDOW, _INVITE * 2, _ACK * 2, _FROM_SIGNALING, _FROM_GATEWAY)
+
     def _refuse(self, msg: SipMessage, top: Via, reply: Addr, data: bytes, now: float) -> list[tuple[bytes, Addr]]:
         """A new dialog turned away while draining or overloaded: 503 + Retry-After, counted."""
         self._refused(now)

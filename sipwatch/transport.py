@@ -263,7 +263,7 @@ class UdpEdge:
                 listen_fd=lsock.fileno(), upstream_fd=-1 if usock is None else usock.fileno(),
                 upstream=self.upstream, receive=self._receive, core=self.core, edge=self,
                 dispatch=self.dispatch, send_failed=self.send_failed, on_error=self._pump_failed,
-                clock=self.clock, settle=self.core.settle)
+                clock=self.clock, settle=self.core.settle, refusals=self.core.refusal_params())
             self.listen_tx, self.upstream_tx = lsock, usock
             self._send_to = lsock.sendto
             loop.add_reader(lsock.fileno(), self._pump.read_listen)

@@ -1,0 +1,246 @@
+"""The UDP pump's own refusals (``refuse_here`` in sipwatch/_udppump.c over ``refuse_raw`` in
+sipwatch/_sipscan.c) against the core's call they stand in for.
+
+Past capacity each refused call costs a new INVITE answered 503 + Retry-After and the ACK of
+that 503; the pump handles the plainest of them on its receive buffer, without the Python
+objects the core's call needs. A twin core with the same key gets every datagram through its
+own ``receive_datagram``: what a peer receives from the pump must be what the twin returns for
+that peer, and after every datagram the two cores' state must be equal (counters, tables, the
+window in which ACKs of refusals are looked for aside: it holds the clock's reading). The pump
+is read by hand after each send (loopback delivers during the sender's call), so no event loop
+runs; ``refused_here`` tells which datagrams the pump handled itself.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import socket
+from types import SimpleNamespace
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from sipwatch import core as core_module, transport
+from sipwatch.core import CoreConfig, ProxyCore
+from sipwatch.stats import ACK, FROM_GATEWAY, INVITE, Stats
+from sipwatch.transport import epoch_clock
+
+from test_response_fast import SECRET, mutations, snapshot
+
+pytestmark = pytest.mark.skipif(transport._udppump is None or core_module._c_refusal is None,
+                                reason="the C extensions are not built (or SIPWATCH_NO_C=1)")
+
+SDP = b"v=0\r\no=gw 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n"
+
+
+def _socket() -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    s.setblocking(False)
+    return s
+
+
+def _received(sock: socket.socket) -> list[bytes]:
+    got = []
+    while True:
+        try:
+            got.append(sock.recv(70000))
+        except BlockingIOError:
+            return got
+
+
+class Rig:
+    """Core ``a`` behind a pump on a loopback socket, its twin ``b``, a gateway and an upstream peer."""
+
+    def __init__(self, overloaded: bool = True, draining: bool = False):
+        self.listen, self.gw, self.up = _socket(), _socket(), _socket()
+        self.addr, self.gw_addr, self.up_addr = (s.getsockname() for s in (self.listen, self.gw, self.up))
+        self.a, self.b = (ProxyCore(CoreConfig(advertise=self.addr, upstream=self.up_addr, secret=SECRET),
+                                    Stats(ring_size=1024), randbits=random.Random(7).getrandbits) for _ in range(2))
+        for c in (self.a, self.b):
+            c.overloaded, c.draining = overloaded, draining
+        self.errors: list = []
+        self.clock = epoch_clock()
+        self.pump = transport._udppump.Pump(
+            listen_fd=self.listen.fileno(), upstream_fd=-1, upstream=self.up_addr, receive=self._receive,
+            core=self.a, edge=SimpleNamespace(wiretap=None, tap_failed=self.errors.append), dispatch=self._dispatch,
+            send_failed=self.errors.append, on_error=self.errors.append, clock=self.clock, settle=self.a.settle,
+            refusals=self.a.refusal_params())
+
+    def _receive(self, data, src, now):
+        self.now = now  # (the twin gets the same reading: the tables hold it)
+        return self.a.receive_datagram(data, src, now)
+
+    def _dispatch(self, data, src, now, out) -> None:
+        for payload, dest in out:  # (what route() leaves to Python: here only sent on)
+            self.listen.sendto(payload, dest)
+
+    def feed(self, data: bytes) -> list:
+        """``data`` from the gateway through the pump and through the twin; the twin's output,
+        after checking that each peer received what the twin sends it and the states agree."""
+        if len(data) > 65507:
+            return []  # (no UDP datagram carries it: the mutations make some)
+        before, self.now = self.pump.refused_here, None
+        self.gw.sendto(data, self.addr)
+        self.pump.read_listen()
+        self.handled_here = self.pump.refused_here - before
+        assert (self.now is None) == (self.handled_here == 1)
+        out = self.b.receive_datagram(data, self.gw_addr, self.now if self.now is not None else self.clock())
+        self.b.settle()
+        for peer, addr in ((self.gw, self.gw_addr), (self.up, self.up_addr)):
+            want = [p for p, d in out if d == addr]
+            got = _received(peer)
+            if want and b"\r\nVia: SIP/2.0/UDP " + b"%s:%d" % (self.addr[0].encode(), self.addr[1]) in want[0]:
+                got = [_branchless(g) for g in got]  # (a forwarded request: its branch differs by design)
+                want = [_branchless(w) for w in want]
+            assert got == want, f"{addr} received {got!r}, the core sends {want!r} for {data[:300]!r}"
+        assert not self.errors, self.errors
+        assert self.state(self.a) == self.state(self.b), f"state differs after {data[:300]!r}"
+        return out
+
+    @staticmethod
+    def state(core: ProxyCore):
+        until, core._refusal_acks_until = core._refusal_acks_until, 0.0
+        try:
+            return snapshot((core.stats, core.tracker, core.gateway_seen, core.out_tcp, core.last_internal_error))
+        finally:
+            core._refusal_acks_until = until
+
+    def close(self) -> None:
+        self.pump.close()
+        for s in (self.listen, self.gw, self.up):
+            s.close()
+
+
+def _branchless(msg: bytes) -> bytes:
+    return re.sub(rb"branch=z9hG4bK[^;,\r]*", b"branch=", msg)
+
+
+@pytest.fixture
+def rig():
+    r = Rig()
+    yield r
+    r.close()
+
+
+def lines(rig: Rig, n: int, method: bytes = b"INVITE", to_tag: bytes | None = None,
+          via: bytes | None = None) -> list[bytes]:
+    host, port = rig.gw_addr
+    return [b"%s sip:+4930999888@127.0.0.1:5070 SIP/2.0" % method,
+            b"Via: " + (via or b"SIP/2.0/UDP %s:%d;branch=z9hG4bK-%d-1;rport" % (host.encode(), port, n)),
+            b"From: \"Caller\" <sip:+4930123456@127.0.0.1>;tag=%dA" % n,
+            b"To: <sip:+4930999888@127.0.0.1:5070>" + (b";tag=" + to_tag if to_tag else b""),
+            b"Call-ID: %d-x@127.0.0.1" % n,
+            b"CSeq: 1 %s" % method,
+            b"Contact: <sip:gw@127.0.0.1>",
+            b"Max-Forwards: 70"]
+
+
+def join(ls: list[bytes], body: bytes = b"") -> bytes:
+    return b"\r\n".join(ls + [b"Content-Length: %d" % len(body)]) + b"\r\n\r\n" + body
+
+
+def tag_of(response: bytes) -> bytes:
+    return re.search(rb"\r\n(?i:to|t)[ \t]*:[^\r]*;tag=(sw[0-9a-f]+)", response).group(1)
+
+
+def refuse_and_ack(rig: Rig, n: int, via: bytes | None = None) -> tuple[int, int]:
+    """A new INVITE and the ACK of its 503: how many of the two the pump handled itself."""
+    out = rig.feed(join(lines(rig, n, via=via), SDP))
+    assert len(out) == 1 and out[0][0].startswith(b"SIP/2.0 503 ")
+    first = rig.handled_here
+    rig.feed(join(lines(rig, n, b"ACK", tag_of(out[0][0]), via=via)))
+    return first, rig.handled_here
+
+
+def test_plain_refusals_and_their_acks_are_handled_by_the_pump(rig):
+    port = rig.gw_addr[1]
+    for n, via in enumerate([
+            None,  # rport, the Via naming the source: the port filled in, no received=
+            b"SIP/2.0/UDP 127.0.0.3:%d;branch=z9hG4bK-x;rport" % port,  # another address: received=
+            b"SIP/2.0/UDP 127.0.0.1:%d;branch=z9hG4bK-x" % port,  # no rport: to the Via's port
+            b"SIP/2.0/UDP 127.0.0.1;branch=z9hG4bK-x",  # no port either: to 5060 (nobody there)
+            b"SIP/2.0/UDP 127.0.0.1:%d;RPort;branch=z9hG4bK-x;x-a=1;lr" % port,  # rport in another case
+            b"SIP/2.0/UDP 127.0.0.1:0%d;branch=z9hG4bK-x;rport" % port if port < 10000 else None]):
+        assert refuse_and_ack(rig, n, via) == (1, 1), via
+    s = rig.a.stats
+    assert s.overload_rejected == 6 and s.requests[INVITE * 2 + FROM_GATEWAY] == 6
+    assert s.requests[ACK * 2 + FROM_GATEWAY] == 6 and rig.pump.refused_here == 12
+
+
+@pytest.mark.parametrize("via", [
+    b"SIP/2.0/UDP 127.0.0.1:%(port)d;branch=z9hG4bK-x;rport;received=10.9.8.7",  # forged received
+    b"SIP/2.0/UDP 127.0.0.1:%(port)d;branch=z9hG4bK-x;rport=1234",  # forged rport
+    b"SIP/2.0/UDP gw.example:%(port)d;branch=z9hG4bK-x;rport",  # a name
+    b"SIP/2.0/UDP [::1]:%(port)d;branch=z9hG4bK-x;rport",  # IPv6
+    b"SIP/2.0/UDP 127.0.0.01:%(port)d;branch=z9hG4bK-x;rport",  # not ipaddress's spelling
+    b"SIP/2.0/udp 127.0.0.1:%(port)d;branch=z9hG4bK-x;rport",  # transport in lower case
+    b"SIP/2.0/UDP  127.0.0.1:%(port)d;branch=z9hG4bK-x;rport",  # spaces
+    b"SIP/2.0/UDP 127.0.0.1:%(port)d ;branch=z9hG4bK-x;rport",
+    b"SIP/2.0/UDP 127.0.0.1:%(port)d;branch=z9hG4bK-x;rport;rport",  # rport twice
+    b"SIP/2.0/UDP 127.0.0.1:%(port)d;branch=;rport",  # an empty value
+    b"SIP/2.0/UDP 127.0.0.1:%(port)d;;rport",  # an empty parameter
+    b"SIP/2.0/UDP 127.0.0.1:99999;branch=z9hG4bK-x",  # no such port
+    b"SIP/2.0/UDP 127.0.0.1:%(port)d;branch=z9hG4bK-x\x01;rport",  # a control byte
+])
+def test_other_vias_are_left_to_the_core(rig, via):
+    via = via % {b"port": rig.gw_addr[1]}
+    rig.feed(join(lines(rig, 1, via=via), SDP))
+    assert rig.handled_here == 0 and rig.pump.refused_here == 0
+
+
+def test_what_the_core_decides_otherwise_is_left_to_it(rig):
+    # an admitted call's INVITE again (a retransmission): forwarded by the core, not refused
+    rig.a.overloaded = rig.b.overloaded = False
+    invite = join(lines(rig, 1), SDP)
+    assert rig.feed(invite)[0][1] == rig.up_addr
+    rig.a.overloaded = rig.b.overloaded = True
+    assert rig.feed(invite)[0][1] == rig.up_addr and rig.handled_here == 0
+    # an ACK before any refusal, and one with another tag after one: the core's full path
+    rig.feed(join(lines(rig, 2, b"ACK", b"sw0123456789abcdef")))
+    assert rig.handled_here == 0
+    assert refuse_and_ack(rig, 3) == (1, 1)
+    rig.feed(join(lines(rig, 3, b"ACK", b"sw0123456789abcdef")))
+    assert rig.handled_here == 0
+    # the fast path switched off: nothing here
+    rig.a.fast_refusals = rig.b.fast_refusals = False
+    assert refuse_and_ack(rig, 4) == (0, 0)
+    rig.a.fast_refusals = rig.b.fast_refusals = True
+    # a new key: the core rekeys on its call, then the pump goes on with the new one
+    rig.a.key = rig.b.key = b"n" * 32
+    assert refuse_and_ack(rig, 5) == (0, 1)
+    assert refuse_and_ack(rig, 6) == (1, 1)
+    # no longer overloaded: forwarded
+    rig.a.overloaded = rig.b.overloaded = False
+    assert rig.feed(join(lines(rig, 7), SDP))[0][1] == rig.up_addr and rig.handled_here == 0
+
+
+def test_draining_refusals_are_counted_as_such():
+    rig = Rig(overloaded=False, draining=True)
+    try:
+        assert refuse_and_ack(rig, 1) == (1, 1)
+        assert rig.a.stats.drain_rejected == 1 and rig.a.stats.overload_rejected == 0
+    finally:
+        rig.close()
+
+
+def test_a_503_larger_than_its_invite_is_left_to_the_core(rig):
+    """(No amplification: the core counts it and sends nothing; see ProxyCore._reply.)"""
+    small = (b"INVITE sip:a@b SIP/2.0\r\nv:SIP/2.0/UDP 127.0.0.3;branch=z9hG4bK1\r\nf:<sip:a@b>\r\n"
+             b"t:<sip:b@c>\r\ni:1\r\nCSeq:1 INVITE\r\n\r\n")
+    assert rig.feed(small) == [] and rig.handled_here == 0 and rig.a.stats.overload_rejected == 1
+
+
+@settings(max_examples=int(os.environ.get("REFUSAL_PUMP_EXAMPLES", "150")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                 HealthCheck.function_scoped_fixture])
+@given(st.booleans(), st.booleans(), st.data())
+def test_the_pump_matches_the_core_on_mutated_requests(rig, rport, true_tag, data):
+    n = data.draw(st.integers(0, 10**6))
+    via = b"SIP/2.0/UDP 127.0.0.1:%d;branch=z9hG4bK-%d%s" % (rig.gw_addr[1], n, b";rport" if rport else b"")
+    out = rig.feed(data.draw(mutations(lines(rig, n, via=via), SDP)))
+    tag = tag_of(out[0][0]) if out and b";tag=sw" in out[0][0] else b"sw0"
+    ack = lines(rig, n, b"ACK", tag if true_tag else data.draw(st.sampled_from([tag + b"0", tag.upper()])), via=via)
+    rig.feed(data.draw(mutations(ack, b"")))
+    rig.feed(join(ack))
