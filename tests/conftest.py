@@ -30,6 +30,11 @@ def pytest_sessionstart(session):
             assert otlp_encode._otlpenc is _otlpenc, "the compiled build runs without its C span assembly"
             from sipwatch import _udppump, transport
             assert transport._udppump is _udppump, "the compiled build runs without its C UDP pump"
+    sanitized = os.environ.get("SIPWATCH_EXPECT_EXTENSIONS_FROM")
+    if sanitized:  # (tests/fuzz/sanitize.sh: the tests that call them in process load its build too)
+        from sipwatch import _hepenc, _otlpenc, _sipscan, _udppump
+        for mod in (_sipscan, _otlpenc, _udppump, _hepenc):
+            assert mod.__file__.startswith(sanitized), f"{mod.__name__} imported from {mod.__file__}, not {sanitized}"
     if os.environ.get("SIPWATCH_NO_C") == "1":
         from sipwatch import sipmsg
         assert sipmsg._c_split is None, "SIPWATCH_NO_C=1, yet the parser uses the C header scan"

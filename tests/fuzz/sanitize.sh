@@ -43,7 +43,7 @@ export PATH="$d/bin:$PATH" LD_PRELOAD="$libasan" PYTHONMALLOC=malloc PYTHONPATH=
 (cd "$d" && "$py" -c "$check" "$d/tree/") || { rm -rf "$d"; exit 1; }
 # -P: the checkout (where an editable install builds its own extensions) does not go first on
 # sys.path, so the tests that call the extensions in process load the sanitized ones too
-(cd "$here" && "$py" -P -m pytest -q -p no:cacheprovider "$@")
+(cd "$here" && SIPWATCH_EXPECT_EXTENSIONS_FROM="$d/tree/" "$py" -P -m pytest -q -p no:cacheprovider "$@")
 rc=$?
 if [ -n "$(ls "$d/logs")" ]; then cat "$d/logs"/*; rc=1; fi
 rm -rf "$d"
