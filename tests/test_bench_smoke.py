@@ -483,6 +483,12 @@ def test_the_shedding_floor_is_judged_on_the_capped_run_past_its_knee():
     assert list(got(capped(0.97, 0.6, 0, 0)).values()) == [True, False, False]
     assert list(got(capped(0.97, 0.95, 900, 10)).values())[-1] is False  # 503s the sidecar never counted
     assert got({"cpus": 0.25, "skipped": "no cgroup cpu controller", "steps": [], "overload": []}) == {}
+    # several runs of a step: judged on their median, not on the best or the worst run
+    def rounds(*g2):
+        c = capped(0.97, g2[0], 9000, 9100)
+        c["overload"] += [dict(c["overload"][1], goodput_fraction=g) for g in g2[1:]]
+        return list(got(c).values())[1]
+    assert rounds(0.85, 0.92, 0.95) is True and rounds(0.95, 0.88, 0.86) is False
 
 
 def test_floor_steps_are_run_again_alternating_and_judged_on_the_median_ratio():
