@@ -441,8 +441,10 @@ static int refuse_here(Pump *p, const char *buf, size_t len, const struct sockad
         Py_DECREF(until);
         if (u == -1.0 && PyErr_Occurred())
             return -1;
+        if (!(now < u))
+            return 0;
         const char *tag = memmem(buf, len, ";tag=sw", 7);
-        if (!(now < u) || tag == NULL || tag == buf)
+        if (tag == NULL || tag == buf)
             return 0;
     }
     if ((tap = PyObject_GetAttr(p->edge, str_wiretap)) == NULL)
