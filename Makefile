@@ -5,8 +5,10 @@ BIN    := $(VENV)/bin
 
 .PHONY: demo test bench venv system-deps clean fuzz fuzz-smoke
 
+# An existing venv keeps its interpreter: "python3 -m venv" over one made by another python points
+# it at that python's library, and the venv's own binary then fails to import ssl.
 $(BIN)/.installed: pyproject.toml setup.py sipwatch/_sipscan.c sipwatch/_otlpenc.c sipwatch/_udppump.c sipwatch/_hepenc.c
-	$(PYTHON) -m venv $(VENV)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@

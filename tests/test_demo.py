@@ -53,3 +53,35 @@ def test_free_ports_are_ones_tshark_reads_as_sip():
     seen = {free_port() for _ in range(span)}
     assert len(seen) > span // 2  # the walk covered the range (ports in use are skipped)
     assert not seen & claimed
+
+
+def test_make_keeps_an_existing_venvs_interpreter(tmp_path):
+    """``make`` rebuilds the venv's install when a C file changed; it ran ``$(PYTHON) -m venv``
+    over the existing venv too, which re-pointed a venv made by another python at the first
+    ``python3`` on the PATH (its own binary then loaded that python's library and failed to
+    import ssl). A venv that exists is kept; only its install runs again."""
+    import shutil
+    if shutil.which("make") is None:
+        pytest.skip("needs make")
+    for name in ("Makefile", "pyproject.toml", "setup.py"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    (tmp_path / "sipwatch").mkdir()
+    for c in ("_sipscan.c", "_otlpenc.c", "_udppump.c", "_hepenc.c"):
+        (tmp_path / "sipwatch" / c).write_text("")
+    log = tmp_path / "calls"
+    fake = tmp_path / "fake-python"
+    fake.write_text(f"#!/bin/sh\necho \"$0 $*\" >> {log}\n")
+    fake.chmod(0o755)
+    bin_ = tmp_path / ".venv" / "bin"
+    bin_.mkdir(parents=True)
+    for tool in ("python", "pip"):
+        (bin_ / tool).write_text(f"#!/bin/sh\necho \"{tool} $*\" >> {log}\n")
+        (bin_ / tool).chmod(0o755)
+    r = subprocess.run(["make", "venv", f"PYTHON={fake}"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    calls = log.read_text().splitlines()
+    assert calls and all(c.startswith("pip ") for c in calls), calls  # the venv kept, its install run
+    shutil.rmtree(tmp_path / ".venv")
+    (tmp_path / "calls").unlink()
+    subprocess.run(["make", "venv", f"PYTHON={fake}"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert log.read_text().splitlines()[0] == f"{fake} -m venv .venv"  # no venv: made with PYTHON
