@@ -515,10 +515,10 @@ class Features:
 
 
 def make_target(workdir: Path, key: str, upstream_port: int, features: Features | None = None,
-                per_source: bool = False):
+                per_source: bool = False, invite_limit: int | None = None):
     name = TARGETS[key]
     if key == "kamailio":
-        return bench_net.Kamailio(workdir, upstream_port, name=name)
+        return bench_net.Kamailio(workdir, upstream_port, name=name, invite_limit=invite_limit)
     if key == "relay":
         return bench_net.Relay(workdir, upstream_port, per_source=per_source, name=name)
     if key == "notrace":
@@ -602,17 +602,20 @@ def _spans_delivered(target, r: dict, features: Features, otlp0: dict) -> None:
 
 
 def load_step(workdir: Path, key: str, rate: int, duration: float, features: Features | None,
-              cap: "CpuCap | None" = None) -> dict | None:
+              cap: "CpuCap | None" = None, invite_limit: int | None = None) -> dict | None:
     """One fixed-rate SIPp run through a freshly started target; None when it would not start.
     With ``cap`` the target (the proxy and its span worker) is moved into that CPU-limited group
-    before the caller starts, and its spans are not waited for (the limit holds the worker back)."""
+    before the caller starts, and its spans are not waited for (the limit holds the worker back).
+    ``invite_limit``: Kamailio refuses new INVITEs beyond that many a second (503)."""
     name = TARGETS[key] if cap is None else f"capped {TARGETS[key]}"
+    if invite_limit is not None:
+        name += f" (503 beyond {invite_limit}/s)"
     if not BUDGET.allows(f"{name} @ {rate}/s"):
         return None
     uas_port = free_port()
     t0 = t1 = None
     try:
-        target = make_target(workdir, key, uas_port, features)
+        target = make_target(workdir, key, uas_port, features, invite_limit=invite_limit)
         with target:
             if cap is not None:
                 cap.add(bench_net.tree_pids(target.pid))
@@ -930,6 +933,10 @@ CAP_RATES = (2000, 3000, 3500, 4000, 4500, 5000, 5500, 6000, 7000)
 # runs of each overload step under the limit, judged on their median: the goodput of one 10-s run
 # moved by about +-6% between runs of the same code (4173-4683 calls/s at 9000 offered, a 4500 knee)
 CAP_ROUNDS = 3
+# Kamailio for comparison: its knee at a quarter of a CPU would be beyond what one SIPp caller
+# offers at 2x, so it is held to less (its knee near 4000 calls/s at 0.12 on the 2-vCPU machine)
+KAM_CAP_CPU = 0.12
+KAM_CAP_RATES = (2000, 3000, 3500, 4000, 4500, 5000, 5500, 6000)
 
 
 class CpuCap:
@@ -999,50 +1006,80 @@ class CpuCap:
         self._remove()
 
 
-def section_capped_overload(workdir: Path, duration: float, features: Features, cpus: float = CAP_CPU,
-                            rates=CAP_RATES) -> dict:
-    """The all-features sidecar held to ``cpus`` of a CPU: its highest passing step (a short ladder
-    over ``rates``, stopping at the first failing step), then 1.5x and 2x of that rate, CAP_ROUNDS
-    times each (alternating): past this knee the shedding floor is judged (503 + Retry-After
-    received and counted, the median goodput >= 90%)."""
-    out: dict = {"cpus": cpus, "steps": [], "overload": []}
-    with CpuCap(cpus) as cap:
-        if not cap.available:
-            out["skipped"] = cap.why
-            print(f"\n== overload under a CPU limit: skipped ({cap.why})")
-            return out
-        best = None
-        for rate in rates:
-            r = load_step(workdir, "all", rate, duration, features, cap)
-            if r is None:
-                break
-            out["steps"].append(r)
-            if not r["passed"]:
-                break
-            best = rate
-        out["max_passing_rate"] = best
-        if best is not None:
-            for i in range(CAP_ROUNDS):
-                for factor in ((1.5, 2.0) if i % 2 == 0 else (2.0, 1.5)):
-                    r = load_step(workdir, "all", int(round(best * factor)), duration, features, cap)
-                    if r is None:
-                        continue
-                    r["factor"], r["base_rate"], r["round"] = factor, best, i + 1
-                    r["goodput_fraction"] = r["goodput_cps"] / best
-                    out["overload"].append(r)
-            out["overload"].sort(key=lambda r: (r["factor"], r["round"]))
+def _capped_runs(workdir: Path, key: str, duration: float, features: Features | None, cap: "CpuCap", rates,
+                 limit_at_knee: bool = False) -> tuple[list, int | None, list]:
+    """Under ``cap``: a short ladder over ``rates`` to the highest passing step (stopping at the
+    first failing one), then 1.5x and 2x of it, CAP_ROUNDS times each, alternating; with
+    ``limit_at_knee`` those run with new INVITEs refused beyond the knee's rate (Kamailio)."""
+    steps, over, best = [], [], None
+    for rate in rates:
+        r = load_step(workdir, key, rate, duration, features, cap)
+        if r is None:
+            break
+        steps.append(r)
+        if not r["passed"]:
+            break
+        best = rate
+    if best is not None:
+        for i in range(CAP_ROUNDS):
+            for factor in ((1.5, 2.0) if i % 2 == 0 else (2.0, 1.5)):
+                r = load_step(workdir, key, int(round(best * factor)), duration, features, cap,
+                              invite_limit=best if limit_at_knee else None)
+                if r is None:
+                    continue
+                r["factor"], r["base_rate"], r["round"] = factor, best, i + 1
+                r["goodput_fraction"] = r["goodput_cps"] / best
+                over.append(r)
+        over.sort(key=lambda r: (r["factor"], r["round"]))
+    return steps, best, over
+
+
+def _capped_table(title: str, out: dict, note: str) -> None:
     rows = [[f"{r['rate']}/s" + (f" ({r['factor']:g}x {r['base_rate']}, run {r['round']})" if "factor" in r else ""),
              _f(r["offered_cps"], ".0f"), f"{r['completed']}/{r['calls']}", str(r["refused_503"]),
              _f(r.get("overload_rejected"), ".0f", ""), str(r["failed"]), str(r["retransmissions"]),
              _f(r["goodput_cps"], ".0f"), _f(100 * r["goodput_fraction"], ".1f") if "goodput_fraction" in r else "",
              _f(r["cpu_pct"]), _f(r.get("throttled_s"), ".1f", ""), "pass" if r["passed"] else "FAIL"]
             for r in out["steps"] + out["overload"]]
-    table(f"overload under a CPU limit: the all-features sidecar held to {cpus:g} of a CPU (cgroup quota, as a "
-          f"pod's CPU limit), {duration:g}-s runs; its highest passing step, then 1.5x and 2x of it",
-          ["offered", "achieved/s", "completed", "503 recv", "503 counted", "failed", "retrans", "goodput/s",
-           "% of best", "CPU %", "throttled s", "step"], rows,
-          "  where one SIPp caller cannot offer more than the unlimited sidecar carries, a CPU limit is how its\n"
-          "  knee is reached on the same machine; throttled s = time the quota held the sidecar back (cpu.stat).")
+    table(title, ["offered", "achieved/s", "completed", "503 recv", "503 counted", "failed", "retrans", "goodput/s",
+                  "% of best", "CPU %", "throttled s", "step"], rows, note)
+
+
+def section_capped_overload(workdir: Path, duration: float, features: Features, cpus: float = CAP_CPU,
+                            rates=CAP_RATES) -> dict:
+    """The all-features sidecar held to ``cpus`` of a CPU: its highest passing step, then 1.5x and
+    2x of that rate, CAP_ROUNDS times each (``_capped_runs``): past this knee the shedding floor is
+    judged (503 + Retry-After received and counted, the median goodput >= 90%)."""
+    out: dict = {"cpus": cpus, "steps": [], "overload": []}
+    with CpuCap(cpus) as cap:
+        if not cap.available:
+            out["skipped"] = cap.why
+            print(f"\n== overload under a CPU limit: skipped ({cap.why})")
+            return out
+        out["steps"], out["max_passing_rate"], out["overload"] = _capped_runs(workdir, "all", duration, features,
+                                                                              cap, rates)
+    _capped_table(f"overload under a CPU limit: the all-features sidecar held to {cpus:g} of a CPU (cgroup quota, as "
+                  f"a pod's CPU limit), {duration:g}-s runs; its highest passing step, then 1.5x and 2x of it", out,
+                  "  where one SIPp caller cannot offer more than the unlimited sidecar carries, a CPU limit is how its\n"
+                  "  knee is reached on the same machine; throttled s = time the quota held the sidecar back (cpu.stat).")
+    return out
+
+
+def section_capped_kamailio(workdir: Path, duration: float, cpus: float = KAM_CAP_CPU, rates=KAM_CAP_RATES) -> dict:
+    """Kamailio past its knee under a CPU limit, for comparison with the sidecar's shedding: it
+    has no overload detection of its own, so past its highest passing step it refuses new INVITEs
+    beyond that step's rate with 503 + Retry-After (a fixed rate limit that knows its capacity)."""
+    out: dict = {"cpus": cpus, "steps": [], "overload": []}
+    with CpuCap(cpus) as cap:
+        if not cap.available:
+            out["skipped"] = cap.why
+            return out
+        out["steps"], out["max_passing_rate"], out["overload"] = _capped_runs(workdir, "kamailio", duration, None,
+                                                                              cap, rates, limit_at_knee=True)
+    _capped_table(f"Kamailio under a CPU limit for comparison: held to {cpus:g} of a CPU (its knee within one SIPp "
+                  f"caller's reach), {duration:g}-s runs; past its highest passing step new INVITEs beyond that rate "
+                  "get 503 + Retry-After (ratelimit TAILDROP, 1-s interval)", out,
+                  "  Kamailio sheds nothing by itself: the fixed limit at its knee is the best a static rule can do.")
     return out
 
 
@@ -1430,6 +1467,7 @@ def floors(result: dict) -> list[dict]:
         None if v is None or (v == 0 and not beyond) else v > 0, shown)
     capped = result.get("capped_overload") or {}
     cov = capped.get("overload") or []
+    kam = result.get("capped_overload_kamailio") or {}
     if cov:  # the knee reached under a CPU limit (see section_capped_overload)
         base = capped.get("max_passing_rate")
         for factor in (1.5, 2.0):
@@ -1438,10 +1476,15 @@ def floors(result: dict) -> list[dict]:
                 gs = [x["goodput_fraction"] for x in runs]
                 g = statistics.median(gs)
                 each = f"median of {len(gs)} runs: {' '.join(f'{100 * x:.1f}' for x in gs)}; " if len(gs) > 1 else ""
+                kruns = [x for x in kam.get("overload") or [] if x.get("factor") == factor]
+                vs = (f"; Kamailio at {kam['cpus']:g} CPU, 503 beyond its {kam['max_passing_rate']}/s: "
+                      f"{100 * statistics.median(x['goodput_fraction'] for x in kruns):.1f}%, "
+                      f"{sum(x.get('failed', 0) for x in kruns)} calls failed") if kruns else ""
                 add(f"under a {capped['cpus']:g}-CPU limit: goodput at {factor:g}x its highest passing rate >= 90%", g,
                     g >= 0.9, f"{100 * g:.1f}% of {base} calls/s ({each}"
                     f"{sum(x['refused_503'] for x in runs)} 503s received, "
-                    f"{_f(sum(x.get('overload_rejected') or 0 for x in runs), '.0f')} counted)")
+                    f"{_f(sum(x.get('overload_rejected') or 0 for x in runs), '.0f')} counted, "
+                    f"{sum(x.get('failed', 0) for x in runs)} calls failed{vs})")
         got = sum(x["refused_503"] for x in cov)
         counted = sum(x.get("overload_rejected") or 0 for x in cov)
         # (counted >= received: a refused INVITE whose 503 was lost is retransmitted and refused again)
@@ -1653,9 +1696,9 @@ def parse_args(argv=None):
     p.add_argument("--profile-seconds", type=int, help="py-spy -d (default 10, --quick 2)")
     p.add_argument("--retries", type=int,
                    help="ladder: runs of a failing step before a target stops (default 1 more; --quick 0)")
-    p.add_argument("--budget", type=float, default=1700,
-                   help="seconds: no new SIPp run starts after this much of the run (default 1700: the full "
-                        "run took ~1310 s before the capped overload section added ~2 min)")
+    p.add_argument("--budget", type=float, default=2000,
+                   help="seconds: no new SIPp run starts after this much of the run (default 2000: the full "
+                        "run took ~1480 s before Kamailio's capped comparison added ~4 min)")
     p.add_argument("--repeat", type=int, default=1,
                    help="throughput section: SIPp runs per rate and target, medians reported (default 1)")
     p.add_argument("--tracing-rate", type=int, help="tracing section's call rate (default: first rate)")
@@ -1800,6 +1843,8 @@ def main(argv=None) -> int:
                     if "all" in keys and not a.quick:
                         _progress("overload under a CPU limit ...")
                         result["capped_overload"] = section_capped_overload(workdir, a.duration, features)
+                        if "kamailio" in keys:
+                            result["capped_overload_kamailio"] = section_capped_kamailio(workdir, a.duration)
                 else:
                     print("\n== overload: skipped (needs the ladder's highest passing rates: --only ladder,overload)")
             if "loaded_latency" in a.only:

@@ -250,7 +250,7 @@ _KAMAILIO_ROUTE = """request_route {{
         sl_send_reply("483", "Too Many Hops");
         exit;
     }}
-    if (has_totag()) {{
+%s    if (has_totag()) {{
         loose_route();
     }} else if (method == "INVITE") {{
         record_route();
@@ -261,12 +261,13 @@ _KAMAILIO_ROUTE = """request_route {{
 """
 
 
-def kamailio_route(forward: str) -> str:
-    """The shared request route (still a ``str.format`` template: braces doubled)."""
-    return _KAMAILIO_ROUTE % forward
+def kamailio_route(forward: str, first: str = "") -> str:
+    """The shared request route (still a ``str.format`` template: braces doubled); ``first`` goes
+    after the Max-Forwards check."""
+    return _KAMAILIO_ROUTE % (first, forward)
 
 
-KAMAILIO_CFG = """#!KAMAILIO
+_KAMAILIO_HEAD = """#!KAMAILIO
 debug=-1
 log_stderror=yes
 children=1
@@ -274,7 +275,22 @@ auto_aliases=no
 maxbuffer=4194304
 listen=udp:127.0.0.1:{port}
 mpath="{mpath}"
-""" + KAMAILIO_MODULES + "\n" + kamailio_route('    forward("127.0.0.1", {upstream});')
+"""
+KAMAILIO_CFG = _KAMAILIO_HEAD + KAMAILIO_MODULES + "\n" + kamailio_route('    forward("127.0.0.1", {upstream});')
+# The same proxy refusing new INVITEs beyond {limit} a second with 503 + Retry-After, statelessly
+# (the bench's overload comparison under a CPU limit: Kamailio has no shedding of its own, so its
+# ratelimit module's TAILDROP pipe at a fixed rate stands in; sl absorbs the ACKs of its replies)
+KAMAILIO_LIMITED_CFG = _KAMAILIO_HEAD + KAMAILIO_MODULES + """loadmodule "textops.so"
+loadmodule "ratelimit.so"
+modparam("ratelimit", "timer_interval", 1)
+modparam("ratelimit", "pipe", "1:TAILDROP:{limit}")
+
+""" + kamailio_route('    forward("127.0.0.1", {upstream});', """    if (is_method("INVITE") && !has_totag() && !rl_check("1")) {{
+        append_to_reply("Retry-After: 5\\r\\n");
+        sl_send_reply("503", "Service Unavailable");
+        exit;
+    }}
+""")
 
 
 def kamailio_modules() -> str | None:
@@ -290,15 +306,16 @@ class Kamailio:
 
     name = "kamailio"
 
-    def __init__(self, workdir: Path, upstream_port: int, name: str | None = None):
+    def __init__(self, workdir: Path, upstream_port: int, name: str | None = None, invite_limit: int | None = None):
         if name:
             self.name = name
         self.port = free_port()
         self.dir = workdir / f"kamailio-{self.port}"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.cfg = self.dir / "kamailio.cfg"
-        self.cfg.write_text(KAMAILIO_CFG.format(port=self.port, upstream=upstream_port,
-                                                mpath=kamailio_modules()))
+        cfg = KAMAILIO_CFG if invite_limit is None else KAMAILIO_LIMITED_CFG
+        self.cfg.write_text(cfg.format(port=self.port, upstream=upstream_port, mpath=kamailio_modules(),
+                                       limit=invite_limit))
         self.args = [KAMAILIO, "-f", str(self.cfg), "-DD", "-E", "-x", "fm", "-m", "64", "-M", "8",
                      "-Y", str(self.dir), "-P", str(self.dir / "pid"), "-w", str(self.dir)]
         self.proc: subprocess.Popen | None = None

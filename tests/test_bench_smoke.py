@@ -489,6 +489,13 @@ def test_the_shedding_floor_is_judged_on_the_capped_run_past_its_knee():
         c["overload"] += [dict(c["overload"][1], goodput_fraction=g) for g in g2[1:]]
         return list(got(c).values())[1]
     assert rounds(0.85, 0.92, 0.95) is True and rounds(0.95, 0.88, 0.86) is False
+    # Kamailio's run under its own limit is shown beside it, never judged
+    kam = {"cpus": 0.12, "max_passing_rate": 4000, "overload": [
+        {"factor": 2.0, "goodput_fraction": g, "failed": 10} for g in (0.7, 0.8, 0.75)]}
+    fl = bench.floors({"overload": {"all": [dict(carried, factor=1.5), dict(carried, factor=2.0)]},
+                       "capped_overload": capped(0.97, 0.93, 9000, 9100), "capped_overload_kamailio": kam})
+    two = next(f for f in fl if "2x its highest" in f["floor"])
+    assert two["ok"] is True and "Kamailio at 0.12 CPU, 503 beyond its 4000/s: 75.0%, 30 calls failed" in two["shown"]
 
 
 def test_floor_steps_are_run_again_alternating_and_judged_on_the_median_ratio():
