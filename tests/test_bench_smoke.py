@@ -696,3 +696,23 @@ def test_pipeline_carries_every_call_through_the_whole_proxy():
 def test_cpu_share_of_a_run_that_overran_its_step_is_over_its_own_length():
     assert bench_net.cpu_share(2.0, 10.0, 10.05) == pytest.approx(19.9, abs=0.01)
     assert bench_net.cpu_share(35.8, 10.0, 32.0) == pytest.approx(111.9, abs=0.1)  # (was 358%)
+
+
+def test_the_capped_knee_is_a_step_that_passed_once_more_after_failing(monkeypatch):
+    """One pass of the capped ladder read the same code's knee at 5000 calls/s, the next at 3500
+    (its 4000 step shed 1.6%): a failing step runs once more, as the main ladder's do, and the
+    ladder stops only when that fails too."""
+    outcomes = {2000: [True], 3000: [False, True], 4000: [False, False]}
+    ran = []
+
+    def fake(workdir, key, rate, duration, features, cap=None, invite_limit=None):
+        ran.append((rate, invite_limit))
+        ok = outcomes[rate].pop(0) if rate in outcomes else True
+        return {"rate": rate, "passed": ok, "goodput_cps": rate * 0.9}
+    monkeypatch.setattr(bench, "load_step", fake)
+    steps, best, over = bench._capped_runs(None, "kamailio", 10, None, None, (2000, 3000, 4000, 5000),
+                                           limit_at_knee=True)
+    assert best == 3000 and [r["rate"] for r in steps] == [2000, 3000, 3000, 4000, 4000]
+    assert [r.get("retry", False) for r in steps] == [False, False, True, False, True]
+    assert len(over) == 2 * bench.CAP_ROUNDS and all(lim == 3000 for _, lim in ran[5:])
+    assert sorted({r["rate"] for r in over}) == [4500, 6000]

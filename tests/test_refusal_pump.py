@@ -26,12 +26,12 @@ from sipwatch.core import CoreConfig, ProxyCore
 from sipwatch.stats import ACK, FROM_GATEWAY, INVITE, Stats
 from sipwatch.transport import epoch_clock
 
+from test_refusal_fast import SDP, _join as join, _lines, _tag as tag_of
 from test_response_fast import SECRET, mutations, snapshot
 
 pytestmark = pytest.mark.skipif(transport._udppump is None or core_module._c_refusal is None,
                                 reason="the C extensions are not built (or SIPWATCH_NO_C=1)")
 
-SDP = b"v=0\r\no=gw 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n"
 
 
 def _socket() -> socket.socket:
@@ -126,23 +126,11 @@ def rig():
 
 def lines(rig: Rig, n: int, method: bytes = b"INVITE", to_tag: bytes | None = None,
           via: bytes | None = None) -> list[bytes]:
+    """test_refusal_fast's request, its Via naming the rig's gateway (or ``via``)."""
     host, port = rig.gw_addr
-    return [b"%s sip:+4930999888@127.0.0.1:5070 SIP/2.0" % method,
-            b"Via: " + (via or b"SIP/2.0/UDP %s:%d;branch=z9hG4bK-%d-1;rport" % (host.encode(), port, n)),
-            b"From: \"Caller\" <sip:+4930123456@127.0.0.1>;tag=%dA" % n,
-            b"To: <sip:+4930999888@127.0.0.1:5070>" + (b";tag=" + to_tag if to_tag else b""),
-            b"Call-ID: %d-x@127.0.0.1" % n,
-            b"CSeq: 1 %s" % method,
-            b"Contact: <sip:gw@127.0.0.1>",
-            b"Max-Forwards: 70"]
-
-
-def join(ls: list[bytes], body: bytes = b"") -> bytes:
-    return b"\r\n".join(ls + [b"Content-Length: %d" % len(body)]) + b"\r\n\r\n" + body
-
-
-def tag_of(response: bytes) -> bytes:
-    return re.search(rb"\r\n(?i:to|t)[ \t]*:[^\r]*;tag=(sw[0-9a-f]+)", response).group(1)
+    ls = _lines(n, method, to_tag)
+    ls[1] = b"Via: " + (via or b"SIP/2.0/UDP %s:%d;branch=z9hG4bK-%d-1;rport" % (host.encode(), port, n))
+    return ls
 
 
 def refuse_and_ack(rig: Rig, n: int, via: bytes | None = None) -> tuple[int, int]:
