@@ -2180,21 +2180,17 @@ static PyObject *
 sipscan_refusal(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
-    if (arg_count(nargs, 8, "refusal(data, names, max_lines, max_cl_digits, max_size, mac_state, status_line, "
-                            "extra) takes 8 arguments") < 0)
+    Py_ssize_t ints[3]; /* max_lines, max_cl_digits, max_size */
+    if (split_args(args, nargs, 8, "refusal(data, names, max_lines, max_cl_digits, max_size, mac_state, "
+                                   "status_line, extra) takes 8 arguments", &ints[0]) < 0)
         return NULL;
     PyObject *data = args[0], *table = args[1];
     if (!PyBytes_CheckExact(data))
         Py_RETURN_NONE;
-    if (!PyDict_Check(table)) {
-        PyErr_SetString(PyExc_TypeError, "names must be a dict");
-        return NULL;
-    }
     if (need_bytes(args[5], "mac_state") < 0 || need_bytes(args[6], "status_line") < 0 ||
             need_bytes(args[7], "extra") < 0)
         return NULL;
-    Py_ssize_t ints[3]; /* max_lines, max_cl_digits, max_size */
-    for (int i = 0; i < 3; i++)
+    for (int i = 1; i < 3; i++)
         if ((ints[i] = PyLong_AsSsize_t(args[2 + i])) == -1 && PyErr_Occurred())
             return NULL;
     const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(data);

@@ -420,12 +420,11 @@ static int refuse_here(Pump *p, const char *buf, size_t len, const struct sockad
     PyObject *core = p->core, *tap = NULL, *key = NULL, *state = NULL, *src = NULL, *upstream = NULL,
              *stats = NULL, *requests = NULL, *call_id = NULL, *tracker = NULL, *calls = NULL;
     int rc = 0;
-    if (from->ss_family != AF_INET || !p->use_offset || len <= 12)
+    if (from->ss_family != AF_INET || !p->use_offset)  /* (one() checked the length) */
         return 0;
     int on = truth_of(core, str_fast_refusals);
     if (on <= 0)
         return on;
-    const double now = epoch_now(p);
     int draining = 0;
     if (invite) {  /* receive_datagram's test: overloaded or draining */
         const int over = truth_of(core, str_overloaded);
@@ -433,7 +432,9 @@ static int refuse_here(Pump *p, const char *buf, size_t len, const struct sockad
             return -1;
         if (!over && !draining)
             return 0;
-    } else {  /* an ACK: within the window after a refusal, with an "sw" tag somewhere */
+    }
+    const double now = epoch_now(p);  /* (an INVITE needs it only when it is refused) */
+    if (!invite) {  /* an ACK: within the window after a refusal, with an "sw" tag somewhere */
         PyObject *until = PyObject_GetAttr(core, str_acks_until);
         if (until == NULL)
             return -1;
@@ -471,9 +472,7 @@ static int refuse_here(Pump *p, const char *buf, size_t len, const struct sockad
                    p->reply, BUF_SIZE, res);
     if (rc <= 0)
         goto done;
-    rc = 0;
-    if (res[0] != !invite)
-        goto out;
+    rc = 0;  /* (res[0], is_ack, follows from the first byte: "INVITE " or "ACK ") */
     /* the direction: from the upstream's address or not, as the core tells it */
     if ((src = src_tuple(p, from)) == NULL || (upstream = PyObject_GetAttr(core, str_upstream)) == NULL)
         goto failed;
