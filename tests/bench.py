@@ -926,17 +926,20 @@ def section_overload(workdir: Path, keys: list[str], ladder_res: dict, duration:
 # can offer more than the sidecar carries on a 2-CPU machine where, unlimited, it carries what SIPp
 # can place (13,000 calls/s offered, 69% of a CPU, at 2x the ladder's top step)
 CAP_CPU = 0.25
-# (finer near where the knee fell on the 2-vCPU machine, 4000-5000 calls/s: the shedding floors are
-# judged against the highest passing step, and a coarse grid under the knee flatters them; 1.5x and
-# 2x of 4000 read 126% and 114%, of 5000 in another run 88% and 76%)
-CAP_RATES = (2000, 3000, 3500, 4000, 4500, 5000, 5500, 6000, 7000)
+# A coarse climb, then the gap between its last passing and its first failing step split in
+# CAP_SPLITS (the shedding floors are judged against the highest passing step, and a coarse grid
+# under the knee flatters them: 1.5x and 2x of 4000 read 126% and 114%, of 5000 in another run 88%
+# and 76%). It starts low: on a slower host (an AMD EPYC vCPU) the knee at a quarter of a CPU fell
+# near 1500 calls/s, below where the fixed grid this replaced began.
+CAP_RATES = (500, 1000, 2000, 3000, 4000, 5000, 6000, 7000)
+CAP_SPLITS = 4
 # runs of each overload step under the limit, judged on their median: the goodput of one 10-s run
 # moved by about +-6% between runs of the same code (4173-4683 calls/s at 9000 offered, a 4500 knee)
 CAP_ROUNDS = 3
 # Kamailio for comparison: its knee at a quarter of a CPU would be beyond what one SIPp caller
 # offers at 2x, so it is held to less (its knee near 4000 calls/s at 0.12 on the 2-vCPU machine)
 KAM_CAP_CPU = 0.12
-KAM_CAP_RATES = (2000, 3000, 3500, 4000, 4500, 5000, 5500, 6000)
+KAM_CAP_RATES = (500, 1000, 2000, 3000, 4000, 5000, 6000)
 
 
 class CpuCap:
@@ -1009,25 +1012,38 @@ class CpuCap:
 def _capped_runs(workdir: Path, key: str, duration: float, features: Features | None, cap: "CpuCap", rates,
                  limit_at_knee: bool = False) -> tuple[list, int | None, list]:
     """Under ``cap``: a short ladder over ``rates`` to the highest passing step (a failing step is
-    run once more, as the main ladder does, and the ladder stops when that fails too), then 1.5x
-    and 2x of it, CAP_ROUNDS times each, alternating; with ``limit_at_knee`` those run with new
+    run once more, as the main ladder does, and the ladder stops when that fails too), the gap
+    to the first failing step climbed again in CAP_SPLITS (the same rule), then 1.5x and 2x of
+    the highest passing step, CAP_ROUNDS times each, alternating; with ``limit_at_knee`` those run with new
     INVITEs refused beyond the knee's rate (Kamailio). (The knee decides both floors: one pass of
     the same code read it at 5000 calls/s, the next at 3500, its 4000 step shedding 1.6%.)"""
-    steps, over, best = [], [], None
-    for rate in rates:
-        r = load_step(workdir, key, rate, duration, features, cap)
-        if r is None:
-            break
-        steps.append(r)
-        if not r["passed"]:
+    steps, over = [], []
+
+    def climb(ladder) -> tuple[int | None, int | None]:
+        """(highest passing, first failing) of ``ladder``: the first failing is None when every
+        step passed or one would not run."""
+        good = None
+        for rate in ladder:
             r = load_step(workdir, key, rate, duration, features, cap)
             if r is None:
-                break
-            r["retry"] = True
+                return good, None
             steps.append(r)
             if not r["passed"]:
-                break
-        best = rate
+                r = load_step(workdir, key, rate, duration, features, cap)
+                if r is None:
+                    return good, None
+                r["retry"] = True
+                steps.append(r)
+                if not r["passed"]:
+                    return good, rate
+            good = rate
+        return good, None
+
+    best, failed = climb(rates)
+    if best is not None and failed is not None:
+        fine = sorted({int(round((best + (failed - best) * k / CAP_SPLITS) / 50) * 50) for k in range(1, CAP_SPLITS)}
+                      - {best, failed})
+        best = climb(fine)[0] or best
     if best is not None:
         for i in range(CAP_ROUNDS):
             for factor in ((1.5, 2.0) if i % 2 == 0 else (2.0, 1.5)):

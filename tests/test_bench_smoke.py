@@ -712,7 +712,33 @@ def test_the_capped_knee_is_a_step_that_passed_once_more_after_failing(monkeypat
     monkeypatch.setattr(bench, "load_step", fake)
     steps, best, over = bench._capped_runs(None, "kamailio", 10, None, None, (2000, 3000, 4000, 5000),
                                            limit_at_knee=True)
-    assert best == 3000 and [r["rate"] for r in steps] == [2000, 3000, 3000, 4000, 4000]
-    assert [r.get("retry", False) for r in steps] == [False, False, True, False, True]
-    assert len(over) == 2 * bench.CAP_ROUNDS and all(lim == 3000 for _, lim in ran[5:])
-    assert sorted({r["rate"] for r in over}) == [4500, 6000]
+    # the coarse climb stops at 4000; 3250, 3500, 3750 then split the gap (all pass here)
+    assert [r["rate"] for r in steps] == [2000, 3000, 3000, 4000, 4000, 3250, 3500, 3750]
+    assert [r.get("retry", False) for r in steps] == [False, False, True, False, True, False, False, False]
+    assert best == 3750
+    assert len(over) == 2 * bench.CAP_ROUNDS and all(lim == 3750 for _, lim in ran[8:])
+    assert sorted({r["rate"] for r in over}) == [5625, 7500]
+
+
+def test_the_capped_knee_is_read_between_the_coarse_steps(monkeypatch):
+    """A coarse grid under the knee flatters the shedding floors (they are judged against the
+    highest passing step): the gap between the last passing and the first failing coarse step is
+    climbed again in CAP_SPLITS, with the same retry, up to its own first failing step."""
+    passes_below = 1700
+    ran = []
+
+    def fake(workdir, key, rate, duration, features, cap=None, invite_limit=None):
+        ran.append(rate)
+        return {"rate": rate, "passed": rate <= passes_below, "goodput_cps": min(rate, passes_below)}
+    monkeypatch.setattr(bench, "load_step", fake)
+    steps, best, over = bench._capped_runs(None, "all", 10, None, None, (500, 1000, 2000, 3000))
+    assert best == 1500  # 1250 and 1500 pass, 1750 fails twice: the climb stops there
+    assert ran[:8] == [500, 1000, 2000, 2000, 1250, 1500, 1750, 1750]
+    assert {r["rate"] for r in over} == {2250, 3000}
+    # a ladder whose every coarse step passes has no gap to split; one whose first step fails, no knee
+    ran.clear()
+    assert bench._capped_runs(None, "all", 10, None, None, (500, 1000))[1] == 1000 and 750 not in ran
+    passes_below = 100
+    assert bench._capped_runs(None, "all", 10, None, None, (500, 1000)) == ([
+        {"rate": 500, "passed": False, "goodput_cps": 100},
+        {"rate": 500, "passed": False, "goodput_cps": 100, "retry": True}], None, [])
