@@ -204,6 +204,46 @@ def test_what_the_core_decides_otherwise_is_left_to_it(rig):
     assert rig.feed(join(lines(rig, 7), SDP))[0][1] == rig.up_addr and rig.handled_here == 0
 
 
+def test_the_503s_of_one_read_leave_together_in_order(rig):
+    """The pump sends the 503s of one recvmmsg batch with one sendmmsg at its end: each caller
+    still gets exactly the core's 503, in the order of the INVITEs, across two batches."""
+    invites = [join(lines(rig, n), SDP) for n in range(40)]  # (a batch is 32)
+    for d in invites:
+        rig.gw.sendto(d, rig.addr)
+    rig.pump.read_listen()
+    assert rig.pump.refused_here == 32 and _received(rig.gw) != []
+    rig.pump.read_listen()
+    assert rig.pump.refused_here == 40 and not rig.errors
+    rig.gw.sendto(invites[0], rig.addr)  # (one more read: everything has been received)
+    rig.pump.read_listen()
+    want = [rig.b.receive_datagram(d, rig.gw_addr, rig.clock())[0][0] for d in invites[32:] + invites[:1]]
+    assert _received(rig.gw) == want
+    assert rig.a.stats.overload_rejected == 41
+
+
+def test_503s_queued_before_the_pump_is_closed_from_a_callback_still_leave(rig):
+    """A stop from the core's call ends the batch (the pump is closed under it): the 503s the
+    pump queued before that are sent by the close, the datagrams after it are not read."""
+    receive = rig._receive
+
+    def closing(data, src, now):
+        rig.pump.close()
+        return receive(data, src, now)
+    rig._receive = closing
+    rig.pump = transport._udppump.Pump(
+        listen_fd=rig.listen.fileno(), upstream_fd=-1, upstream=rig.up_addr, receive=closing, core=rig.a,
+        edge=SimpleNamespace(wiretap=None, tap_failed=rig.errors.append), dispatch=rig._dispatch,
+        send_failed=rig.errors.append, on_error=rig.errors.append, clock=rig.clock, settle=rig.a.settle,
+        refusals=rig.a.refusal_params())
+    first, options, last = join(lines(rig, 1), SDP), join(lines(rig, 2, b"OPTIONS")), join(lines(rig, 3), SDP)
+    for d in (first, options, last):
+        rig.gw.sendto(d, rig.addr)
+    rig.pump.read_listen()
+    got = _received(rig.gw)
+    assert len(got) == 1 and got[0] == rig.b.receive_datagram(first, rig.gw_addr, rig.clock())[0][0]
+    assert rig.a.stats.overload_rejected == 1 and not rig.errors
+
+
 def test_draining_refusals_are_counted_as_such():
     rig = Rig(overloaded=False, draining=True)
     try:
