@@ -244,6 +244,68 @@ def test_503s_queued_before_the_pump_is_closed_from_a_callback_still_leave(rig):
     assert rig.a.stats.overload_rejected == 1 and not rig.errors
 
 
+@settings(max_examples=int(os.environ.get("REFUSAL_PUMP_EXAMPLES", "150")) // 3, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                 HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_a_read_of_mixed_datagrams_matches_the_core(rig, data):
+    """Up to 40 datagrams queued before one read: plain INVITEs (the pump's), mutated ones, ACKs
+    of their 503s and OPTIONS (the core's). The pump's 503s leave at the end of the batch, the
+    core's output as it comes, so each peer must receive what the twin sends it (in any order:
+    they are different transactions) and the two cores' state must agree."""
+    seen = []
+    receive = rig._receive
+
+    def recording(d, src, now):
+        seen.append((d, now))
+        return receive(d, src, now)
+    rig.pump.close()
+    rig.pump = transport._udppump.Pump(
+        listen_fd=rig.listen.fileno(), upstream_fd=-1, upstream=rig.up_addr, receive=recording, core=rig.a,
+        edge=SimpleNamespace(wiretap=None, tap_failed=rig.errors.append), dispatch=rig._dispatch,
+        send_failed=rig.errors.append, on_error=rig.errors.append, clock=rig.clock, settle=rig.a.settle,
+        refusals=rig.a.refusal_params())
+    scratch = ProxyCore(CoreConfig(advertise=rig.addr, upstream=rig.up_addr, secret=SECRET), Stats(ring_size=64),
+                        randbits=random.Random(7).getrandbits)
+    scratch.overloaded = True
+    batch = []
+    for _ in range(data.draw(st.integers(2, 40))):
+        n = data.draw(st.integers(0, 10**6))
+        kind = data.draw(st.sampled_from(["invite", "mutated", "ack", "options"]))
+        invite = join(lines(rig, n), SDP)
+        if kind == "invite":
+            batch.append(invite)
+        elif kind == "mutated":
+            batch.append(data.draw(mutations(lines(rig, n), SDP))[:65507])
+        elif kind == "ack":
+            batch += [invite, join(lines(rig, n, b"ACK", tag_of(scratch.receive_datagram(invite, rig.gw_addr,
+                                                                                        rig.clock())[0][0])))]
+        else:
+            batch.append(join(lines(rig, n, b"OPTIONS")))
+    batch = batch[:40]
+    for d in batch:
+        rig.gw.sendto(d, rig.addr)
+    before = rig.pump.refused_here
+    rig.pump.read_listen()
+    rig.pump.read_listen()
+    assert not rig.errors, rig.errors
+    to_core = iter(seen)
+    pending = next(to_core, None)
+    want = {rig.gw_addr: [], rig.up_addr: []}
+    for d in batch:
+        if pending is not None and pending[0] == d:
+            now, pending = pending[1], next(to_core, None)
+        else:
+            now = rig.clock()  # (one the pump handled: only the ACK window holds its time)
+        for payload, dest in rig.b.receive_datagram(d, rig.gw_addr, now):
+            want[dest].append(payload)
+        rig.b.settle()
+    assert pending is None and len(seen) + rig.pump.refused_here - before == len(batch)
+    for peer, addr in ((rig.gw, rig.gw_addr), (rig.up, rig.up_addr)):
+        assert sorted(map(_branchless, _received(peer))) == sorted(map(_branchless, want[addr]))
+    assert rig.state(rig.a) == rig.state(rig.b)
+
+
 def test_draining_refusals_are_counted_as_such():
     rig = Rig(overloaded=False, draining=True)
     try:
