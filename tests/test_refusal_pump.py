@@ -62,8 +62,12 @@ class Rig:
             c.overloaded, c.draining = overloaded, draining
         self.errors: list = []
         self.clock = epoch_clock()
-        self.pump = transport._udppump.Pump(
-            listen_fd=self.listen.fileno(), upstream_fd=-1, upstream=self.up_addr, receive=self._receive,
+        self.pump = self.new_pump(self._receive)
+
+    def new_pump(self, receive):
+        """A pump over the listen socket that calls ``receive`` for what it leaves to the core."""
+        return transport._udppump.Pump(
+            listen_fd=self.listen.fileno(), upstream_fd=-1, upstream=self.up_addr, receive=receive,
             core=self.a, edge=SimpleNamespace(wiretap=None, tap_failed=self.errors.append), dispatch=self._dispatch,
             send_failed=self.errors.append, on_error=self.errors.append, clock=self.clock, settle=self.a.settle,
             refusals=self.a.refusal_params())
@@ -230,11 +234,8 @@ def test_503s_queued_before_the_pump_is_closed_from_a_callback_still_leave(rig):
         rig.pump.close()
         return receive(data, src, now)
     rig._receive = closing
-    rig.pump = transport._udppump.Pump(
-        listen_fd=rig.listen.fileno(), upstream_fd=-1, upstream=rig.up_addr, receive=closing, core=rig.a,
-        edge=SimpleNamespace(wiretap=None, tap_failed=rig.errors.append), dispatch=rig._dispatch,
-        send_failed=rig.errors.append, on_error=rig.errors.append, clock=rig.clock, settle=rig.a.settle,
-        refusals=rig.a.refusal_params())
+    rig.pump.close()
+    rig.pump = rig.new_pump(closing)
     first, options, last = join(lines(rig, 1), SDP), join(lines(rig, 2, b"OPTIONS")), join(lines(rig, 3), SDP)
     for d in (first, options, last):
         rig.gw.sendto(d, rig.addr)
@@ -260,11 +261,7 @@ def test_a_read_of_mixed_datagrams_matches_the_core(rig, data):
         seen.append((d, now))
         return receive(d, src, now)
     rig.pump.close()
-    rig.pump = transport._udppump.Pump(
-        listen_fd=rig.listen.fileno(), upstream_fd=-1, upstream=rig.up_addr, receive=recording, core=rig.a,
-        edge=SimpleNamespace(wiretap=None, tap_failed=rig.errors.append), dispatch=rig._dispatch,
-        send_failed=rig.errors.append, on_error=rig.errors.append, clock=rig.clock, settle=rig.a.settle,
-        refusals=rig.a.refusal_params())
+    rig.pump = rig.new_pump(recording)
     scratch = ProxyCore(CoreConfig(advertise=rig.addr, upstream=rig.up_addr, secret=SECRET), Stats(ring_size=64),
                         randbits=random.Random(7).getrandbits)
     scratch.overloaded = True
