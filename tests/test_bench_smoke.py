@@ -4,6 +4,8 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
+from pathlib import Path
 from contextlib import redirect_stdout
 
 import pytest
@@ -742,3 +744,21 @@ def test_the_capped_knee_is_read_between_the_coarse_steps(monkeypatch):
     assert bench._capped_runs(None, "all", 10, None, None, (500, 1000)) == ([
         {"rate": 500, "passed": False, "goodput_cps": 100},
         {"rate": 500, "passed": False, "goodput_cps": 100, "retry": True}], None, [])
+
+def test_paired_runs_alternate_the_builds_and_start_each_sidecar_from_its_own(monkeypatch):
+    """tests/bench_ab.py: A B, B A, A B...; and while an arm's step runs, SIPWATCH_TREE names that
+    arm's build (the harness reads it when it builds the sidecar's command: set after, a sidecar ran
+    the checkout's build, as a hand-made A/B of the capped floor once did for both arms)."""
+    import bench_ab
+    monkeypatch.setenv("SIPWATCH_TREE", "unset")
+    seen = []
+
+    def step(arm):
+        seen.append((arm, os.environ["SIPWATCH_TREE"]))
+        return {"goodput_cps": len(seen)}
+    runs = bench_ab.paired({"A": Path("/builds/a"), "B": Path("/builds/b")}, 3, step)
+    assert seen == [("A", "/builds/a"), ("B", "/builds/b"), ("B", "/builds/b"), ("A", "/builds/a"),
+                    ("A", "/builds/a"), ("B", "/builds/b")]
+    assert [r["goodput_cps"] for r in runs["A"]] == [1, 4, 5]
+    assert bench_ab._medians(runs, "goodput_cps") == {"A": 4, "B": 3}
+    assert bench_ab._line({"A": [{"x": 1.0}, None, {"x": 3.0}]}, "x", ".1f") == "A median 2.0 (1.0 3.0)"

@@ -1,0 +1,113 @@
+"""Paired runs of two builds of the sidecar: ``python -m tests.bench_ab REF_A REF_B [--capped 2250,4500]
+[--latency] [--rounds N]``.
+
+On the 2-vCPU machines the same code's figures drift by tens of percent within an hour (the
+capped goodput at 4500 calls/s offered: 1429-2640 calls/s in 35 runs), so a change is judged only
+against its base measured in the same sitting, alternately (A B, B A, ...), several rounds, on
+medians. Each ref (a commit, a branch, or ``.`` for the working tree) is checked out beside the
+checkout and built as ``make bench`` runs it (``tests/compiled.py``: the mypyc modules and the C
+extensions); every sidecar of an arm is started with that build first on its ``PYTHONPATH``
+(``SIPWATCH_TREE``, read when the harness builds the sidecar's command, so it is set before each
+step). The steps are ``tests.bench``'s own: ``load_step`` under the 0.25-CPU limit for
+``--capped``, ``_loaded_latency_once`` at 1000 calls/s for ``--latency``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import orjson  # noqa: E402
+
+import bench  # noqa: E402
+import bench_net  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build_ref(ref: str, workdir: Path) -> Path:
+    """The compiled tree of ``ref`` (``.``: this checkout as it is)."""
+    src = ROOT
+    if ref != ".":
+        src = workdir / f"src-{len(list(workdir.glob('src-*')))}"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-f", str(src), ref],
+                       check=True, capture_output=True)
+    out = subprocess.run([sys.executable, "-m", "tests.compiled"], cwd=src, check=True, capture_output=True,
+                         text=True)
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def paired(arms: dict[str, Path], rounds: int, step) -> dict[str, list]:
+    """``step(arm)`` for each arm, ``rounds`` times, the order reversed every other round, with
+    the arm's build first on the sidecars' path; {arm: [results]}."""
+    out: dict[str, list] = {name: [] for name in arms}
+    names = list(arms)
+    for i in range(rounds):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            os.environ["SIPWATCH_TREE"] = str(arms[name])
+            out[name].append(step(name))
+    return out
+
+
+def _medians(results: dict[str, list], field: str) -> dict[str, float | None]:
+    return {k: statistics.median(v) if v else None
+            for k, v in ((k, [r[field] for r in rs if r is not None]) for k, rs in results.items())}
+
+
+def _line(results: dict[str, list], field: str, fmt: str) -> str:
+    """``A median M (r1 r2 ...)  B median ...`` of one figure."""
+    parts = []
+    for arm, rs in results.items():
+        xs = [r[field] for r in rs if r is not None]
+        med = format(statistics.median(xs), fmt) if xs else "-"
+        parts.append(f"{arm} median {med} (" + " ".join(format(x, fmt) for x in xs) + ")")
+    return "  ".join(parts)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tests.bench_ab", description=__doc__.split("\n\n")[0])
+    p.add_argument("a", help="the base: a git ref, or . for the working tree")
+    p.add_argument("b", help="the change")
+    p.add_argument("--capped", default="", help="comma list of calls/s offered under the 0.25-CPU limit")
+    p.add_argument("--latency", action="store_true", help="the added p50 at 1000 calls/s")
+    p.add_argument("--rounds", type=int, default=4)
+    a = p.parse_args(argv)
+    bench.BUDGET = bench.Budget(float("inf"))
+    result: dict = {"a": a.a, "b": a.b, "rounds": a.rounds}
+    try:
+        _run(a, result)
+    finally:  # (the refs' checkouts went with the temporary directory)
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "prune"], capture_output=True)
+    print(orjson.dumps(result, default=str).decode())
+    return 0
+
+
+def _run(a, result: dict) -> None:
+    with tempfile.TemporaryDirectory(prefix="sipwatch-ab-") as tmp, bench_net.OtlpCollector(Path(tmp)) as coll:
+        workdir = Path(tmp)
+        arms = {"A": build_ref(a.a, workdir), "B": build_ref(a.b, workdir)}
+        features = bench.Features(workdir, coll)
+        for rate in [int(x) for x in a.capped.split(",") if x]:
+            with bench.CpuCap(bench.CAP_CPU) as cap:
+                if not cap.available:
+                    print(f"capped: skipped ({cap.why})")
+                    break
+                runs = paired(arms, a.rounds, lambda arm: bench.load_step(
+                    workdir, "all", rate, 10, features, cap))
+            result[f"capped_{rate}"] = {"goodput_median": _medians(runs, "goodput_cps"), "runs": runs}
+            print(f"capped @ {rate}/s, goodput calls/s: {_line(runs, 'goodput_cps', '.0f')}")
+        if a.latency:
+            runs = paired(arms, a.rounds, lambda arm: bench._loaded_latency_once(
+                workdir, "all", 1000, 10, 3000, features))
+            result["latency"] = {"added_p50_median": _medians(runs, "added_p50_us"), "runs": runs}
+            print(f"added p50 @ 1000/s, µs: {_line(runs, 'added_p50_us', '.1f')}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
