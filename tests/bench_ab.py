@@ -31,11 +31,11 @@ import bench_net  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def build_ref(ref: str, workdir: Path) -> Path:
-    """The compiled tree of ``ref`` (``.``: this checkout as it is)."""
+def build_ref(ref: str, workdir: Path, name: str) -> Path:
+    """The compiled tree of ``ref`` (``.``: this checkout as it is), checked out as ``name``."""
     src = ROOT
     if ref != ".":
-        src = workdir / f"src-{len(list(workdir.glob('src-*')))}"
+        src = workdir / f"src-{name}"
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-f", str(src), ref],
                        check=True, capture_output=True)
     out = subprocess.run([sys.executable, "-m", "tests.compiled"], cwd=src, check=True, capture_output=True,
@@ -55,19 +55,20 @@ def paired(arms: dict[str, Path], rounds: int, step) -> dict[str, list]:
     return out
 
 
+def _values(results: dict[str, list], field: str) -> dict[str, list]:
+    """{arm: [``field`` of each step that measured]} (a step that could not run gives None)."""
+    return {arm: [r[field] for r in rs if r is not None] for arm, rs in results.items()}
+
+
 def _medians(results: dict[str, list], field: str) -> dict[str, float | None]:
-    return {k: statistics.median(v) if v else None
-            for k, v in ((k, [r[field] for r in rs if r is not None]) for k, rs in results.items())}
+    return {arm: statistics.median(xs) if xs else None for arm, xs in _values(results, field).items()}
 
 
 def _line(results: dict[str, list], field: str, fmt: str) -> str:
     """``A median M (r1 r2 ...)  B median ...`` of one figure."""
-    parts = []
-    for arm, rs in results.items():
-        xs = [r[field] for r in rs if r is not None]
-        med = format(statistics.median(xs), fmt) if xs else "-"
-        parts.append(f"{arm} median {med} (" + " ".join(format(x, fmt) for x in xs) + ")")
-    return "  ".join(parts)
+    medians = _medians(results, field)
+    return "  ".join(f"{arm} median {'-' if medians[arm] is None else format(medians[arm], fmt)} ("
+                     + " ".join(format(x, fmt) for x in xs) + ")" for arm, xs in _values(results, field).items())
 
 
 def main(argv=None) -> int:
@@ -91,7 +92,7 @@ def main(argv=None) -> int:
 def _run(a, result: dict) -> None:
     with tempfile.TemporaryDirectory(prefix="sipwatch-ab-") as tmp, bench_net.OtlpCollector(Path(tmp)) as coll:
         workdir = Path(tmp)
-        arms = {"A": build_ref(a.a, workdir), "B": build_ref(a.b, workdir)}
+        arms = {name: build_ref(ref, workdir, name) for name, ref in (("A", a.a), ("B", a.b))}
         features = bench.Features(workdir, coll)
         for rate in [int(x) for x in a.capped.split(",") if x]:
             with bench.CpuCap(bench.CAP_CPU) as cap:

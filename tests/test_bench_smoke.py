@@ -5,8 +5,8 @@ import io
 import json
 import math
 import os
-from pathlib import Path
 from contextlib import redirect_stdout
+from pathlib import Path
 
 import pytest
 
@@ -744,6 +744,7 @@ def test_the_capped_knee_is_read_between_the_coarse_steps(monkeypatch):
     assert bench._capped_runs(None, "all", 10, None, None, (500, 1000)) == ([
         {"rate": 500, "passed": False, "goodput_cps": 100},
         {"rate": 500, "passed": False, "goodput_cps": 100, "retry": True}], None, [])
+
 
 def test_paired_runs_alternate_the_builds_and_start_each_sidecar_from_its_own(monkeypatch):
     """tests/bench_ab.py: A B, B A, A B...; and while an arm's step runs, SIPWATCH_TREE names that
