@@ -1,5 +1,5 @@
-"""Paired runs of two builds of the sidecar: ``python -m tests.bench_ab REF_A REF_B [--capped 2250,4500]
-[--latency] [--rounds N]``.
+"""Paired runs of two builds of the sidecar: ``python -m tests.bench_ab REF_A REF_B [--cpu 1000,4000]
+[--capped 2250,4500] [--latency] [--rounds N]``.
 
 On the 2-vCPU machines the same code's figures drift by tens of percent within an hour (the
 capped goodput at 4500 calls/s offered: 1429-2640 calls/s in 35 runs), so a change is judged only
@@ -8,8 +8,10 @@ medians. Each ref (a commit, a branch, or ``.`` for the working tree) is checked
 checkout and built as ``make bench`` runs it (``tests/compiled.py``: the mypyc modules and the C
 extensions); every sidecar of an arm is started with that build first on its ``PYTHONPATH``
 (``SIPWATCH_TREE``, read when the harness builds the sidecar's command, so it is set before each
-step). The steps are ``tests.bench``'s own: ``load_step`` under the 0.25-CPU limit for
-``--capped``, ``_loaded_latency_once`` at 1000 calls/s for ``--latency``.
+step). The steps are ``tests.bench``'s own: ``load_step`` without a limit for ``--cpu`` (CPU
+per message), under the 0.25-CPU limit for ``--capped``, ``_loaded_latency_once`` at 1000
+calls/s for ``--latency``. A change to the per-message path is best counted first, in
+instructions (``tests/bench_instr.py``): that figure does not drift.
 """
 from __future__ import annotations
 
@@ -75,6 +77,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tests.bench_ab", description=__doc__.split("\n\n")[0])
     p.add_argument("a", help="the base: a git ref, or . for the working tree")
     p.add_argument("b", help="the change")
+    p.add_argument("--cpu", default="", help="comma list of calls/s: CPU per message, no limit")
     p.add_argument("--capped", default="", help="comma list of calls/s offered under the 0.25-CPU limit")
     p.add_argument("--latency", action="store_true", help="the added p50 at 1000 calls/s")
     p.add_argument("--rounds", type=int, default=4)
@@ -94,6 +97,10 @@ def _run(a, result: dict) -> None:
         workdir = Path(tmp)
         arms = {name: build_ref(ref, workdir, name) for name, ref in (("A", a.a), ("B", a.b))}
         features = bench.Features(workdir, coll)
+        for rate in [int(x) for x in a.cpu.split(",") if x]:
+            runs = paired(arms, a.rounds, lambda arm: bench.load_step(workdir, "all", rate, 10, features))
+            result[f"cpu_{rate}"] = {"cpu_us_per_msg_median": _medians(runs, "cpu_us_per_msg"), "runs": runs}
+            print(f"cpu @ {rate}/s, µs a message: {_line(runs, 'cpu_us_per_msg', '.2f')}")
         for rate in [int(x) for x in a.capped.split(",") if x]:
             with bench.CpuCap(bench.CAP_CPU) as cap:
                 if not cap.available:

@@ -1,0 +1,153 @@
+"""Instructions per message in the compiled core, counted by valgrind's callgrind:
+``python -m tests.bench_instr [--calls N] [--options N] [--tree DIR]``.
+
+Why it exists: on the 2-vCPU machines one 10-s run's CPU per message moves by ±20% and a
+change of a few percent in the core drowns in that; the number of instructions the core runs for
+the same messages does not move (the hash seed is fixed), so a change to the per-message path
+can be judged on it in one run each, before the paired timed runs (``tests.bench_ab``) say
+whether it shows live. It counts work, not time: a cache miss costs nothing here, so a change
+that moves data around must still be timed.
+
+Counted: every ``ProxyCore.receive_datagram`` of N whole calls (INVITE, 100, 180, 200, ACK,
+BYE, 200: the bench's call flow, built as ``tests/bench_micro.py`` builds it) and, separately, of
+N OPTIONS and their 200s, after 500 of each not counted (the tables and caches warm). Printed:
+instructions per message, per response (its path: ``_fast_response``, else ``_response``) and per
+request (the rest: parsing and ``_request``), and the JSON line. Needs valgrind and the mypyc build (``tests/compiled.py``,
+built here when missing): the collection is switched on by the compiled function's name.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+ENTRY = "CPyDef_core___ProxyCore___receive_datagram"
+PARTS = {"request": "CPyDef_core___ProxyCore____request",
+         "fast_response": "CPyDef_core___ProxyCore____fast_response",
+         "response": "CPyDef_core___ProxyCore____response"}
+WARM = 500
+
+
+# -- inside valgrind --------------------------------------------------------------------------
+def drive(kind: str, n: int) -> None:
+    """WARM then ``n`` calls (or OPTIONS round trips) through one core, the collector off."""
+    import gc
+
+    import bench_micro as bm
+    from sipwatch import core as core_module
+    from sipwatch.core import CoreConfig, ProxyCore
+
+    if not core_module.__file__.endswith(".so"):
+        sys.exit(f"sipwatch.core is not the compiled build ({core_module.__file__})")
+    gc.disable()
+    core = ProxyCore(CoreConfig(advertise=bm.SIDECAR, upstream=bm.UPSTREAM))
+    rd = core.receive_datagram
+    now = 1_000_000.0
+
+    def calls(ids):
+        fwd = [rd(bm.invite(i), bm.GATEWAY, now)[0][0] for i in ids]
+        for status, sdp, dt in ((b"100 Trying", False, 0.001), (b"180 Ringing", False, 0.01), (b"200 OK", True, 0.02)):
+            for f, i in zip(fwd, ids):
+                rd(bm.response(f, status, i, sdp), bm.UPSTREAM, now + dt)
+        for i in ids:
+            rd(bm.in_dialog(b"ACK", 1, i), bm.GATEWAY, now + 0.03)
+        fwd = [rd(bm.in_dialog(b"BYE", 2, i), bm.GATEWAY, now + 1.0)[0][0] for i in ids]
+        for f, i in zip(fwd, ids):
+            rd(bm.response(f, b"200 OK", i), bm.UPSTREAM, now + 1.01)
+
+    def options(ids):
+        fwd = [rd(bm.options(i), bm.GATEWAY, now)[0][0] for i in ids]
+        for f, i in zip(fwd, ids):
+            rd(bm.response(f, b"200 OK", i), bm.UPSTREAM, now + 0.005)
+
+    run = calls if kind == "calls" else options
+    run(range(WARM))
+    run(range(WARM, WARM + n))
+
+
+# -- outside ----------------------------------------------------------------------------------
+def count(tree: Path, kind: str, n: int, workdir: Path) -> dict:
+    """Instructions under receive_datagram for WARM + ``n`` of ``kind``, per message and per
+    part (the warm-up is counted too and taken out by running it alone as well)."""
+    per = {}
+    for total in (WARM, WARM + n):
+        out = workdir / f"cg.{kind}.{total}"
+        subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+                        f"--toggle-collect=*{ENTRY}*", sys.executable, str(HERE / "bench_instr.py"),
+                        "--drive", kind, str(total - WARM)],
+                       cwd=tree, env={**os.environ, "PYTHONPATH": str(tree), "PYTHONHASHSEED": "0"},
+                       check=True, capture_output=True)
+        per[total] = _inclusive(out)
+    msgs = 7 if kind == "calls" else 2
+    requests = 3 if kind == "calls" else 1
+    responses = msgs - requests
+    base, full = per[WARM], per[WARM + n]
+    diff = {k: full.get(k, 0) - base.get(k, 0) for k in full}
+    # a response's part is its path's function; everything else (the parse of a request, the
+    # entry's own work) goes to the requests
+    resp = diff.get("fast_response", 0) + diff.get("response", 0)
+    return {"n": n, "per_message": diff["total"] / (n * msgs),
+            "per_request": (diff["total"] - resp) / (n * requests),
+            "per_response": resp / (n * responses)}
+
+
+def _inclusive(path: Path) -> dict:
+    """Inclusive instruction counts of the entry and the parts, from callgrind_annotate."""
+    text = subprocess.run(["callgrind_annotate", "--inclusive=yes", "--threshold=100", str(path)],
+                          check=True, capture_output=True, text=True).stdout
+    out = {}
+    for line in text.splitlines():
+        m = re.match(r"\s*([\d,]+)\s+\([^)]*\)\s+\S*:(\w+)\s", line)
+        if not m:
+            continue
+        value, fn = int(m.group(1).replace(",", "")), m.group(2)
+        if fn == ENTRY:
+            out["total"] = max(out.get("total", 0), value)
+        for part, name in PARTS.items():
+            if fn == name:
+                out[part] = max(out.get(part, 0), value)
+    if "total" not in out:
+        raise RuntimeError(f"no {ENTRY} in {path}: is this the compiled build?")
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tests.bench_instr", description=__doc__.split("\n\n")[0])
+    p.add_argument("--calls", type=int, default=1000, help="calls counted (7 messages each)")
+    p.add_argument("--options", type=int, default=1000, help="OPTIONS round trips counted")
+    p.add_argument("--tree", help="a compiled tree (default: tests/compiled.py builds this checkout's)")
+    p.add_argument("--drive", nargs=2, metavar=("KIND", "N"), help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.drive:
+        drive(a.drive[0], int(a.drive[1]))
+        return 0
+    if shutil.which("valgrind") is None or shutil.which("callgrind_annotate") is None:
+        print("bench_instr: valgrind is not installed")
+        return 2
+    if a.tree:
+        tree = Path(a.tree)
+    else:
+        sys.path.insert(0, str(ROOT))
+        from tests import compiled
+        tree = compiled.build()
+    result = {"tree": str(tree)}
+    with tempfile.TemporaryDirectory(prefix="sipwatch-instr-") as tmp:
+        for kind, n in (("calls", a.calls), ("options", a.options)):
+            if n > 0:
+                r = result[kind] = count(tree, kind, n, Path(tmp))
+                print(f"{kind}: {r['per_message']:.0f} instructions a message, {r['per_request']:.0f} a request, "
+                      f"{r['per_response']:.0f} a response ({n} counted)", flush=True)
+    import json
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
