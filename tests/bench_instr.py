@@ -12,8 +12,9 @@ Counted: every ``ProxyCore.receive_datagram`` of N whole calls (INVITE, 100, 180
 BYE, 200: the bench's call flow, built as ``tests/bench_micro.py`` builds it) and, separately, of
 N OPTIONS and their 200s, after 500 of each not counted (the tables and caches warm). Printed:
 instructions per message, per response (its path: ``_fast_response``, else ``_response``) and per
-request (the rest: parsing and ``_request``), and the JSON line. Needs valgrind and the mypyc build (``tests/compiled.py``,
-built here when missing): the collection is switched on by the compiled function's name.
+request (the rest: parsing and ``_request``), and the JSON line. Needs valgrind and the mypyc
+build (``tests/compiled.py``, built here when missing): the collection is switched on by the
+compiled function's name.
 """
 from __future__ import annotations
 
