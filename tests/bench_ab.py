@@ -99,8 +99,8 @@ def _run(a, result: dict) -> None:
         features = bench.Features(workdir, coll)
         for rate in [int(x) for x in a.cpu.split(",") if x]:
             runs = paired(arms, a.rounds, lambda arm: bench.load_step(workdir, "all", rate, 10, features))
-            result[f"cpu_{rate}"] = {"cpu_us_per_msg_median": _medians(runs, "cpu_us_per_msg"), "runs": runs}
-            print(f"cpu @ {rate}/s, µs a message: {_line(runs, 'cpu_us_per_msg', '.2f')}")
+            _report(result, f"cpu_{rate}", "cpu_us_per_msg_median", runs, "cpu_us_per_msg", ".2f",
+                    f"cpu @ {rate}/s, µs a message")
         for rate in [int(x) for x in a.capped.split(",") if x]:
             with bench.CpuCap(bench.CAP_CPU) as cap:
                 if not cap.available:
@@ -108,14 +108,19 @@ def _run(a, result: dict) -> None:
                     break
                 runs = paired(arms, a.rounds, lambda arm: bench.load_step(
                     workdir, "all", rate, 10, features, cap))
-            result[f"capped_{rate}"] = {"goodput_median": _medians(runs, "goodput_cps"), "runs": runs}
-            print(f"capped @ {rate}/s, goodput calls/s: {_line(runs, 'goodput_cps', '.0f')}")
+            _report(result, f"capped_{rate}", "goodput_median", runs, "goodput_cps", ".0f",
+                    f"capped @ {rate}/s, goodput calls/s")
         if a.latency:
             runs = paired(arms, a.rounds, lambda arm: bench._loaded_latency_once(
                 workdir, "all", 1000, 10, 3000, features))
-            result["latency"] = {"added_p50_median": _medians(runs, "added_p50_us"), "runs": runs}
-            print(f"added p50 @ 1000/s, µs: {_line(runs, 'added_p50_us', '.1f')}")
+            _report(result, "latency", "added_p50_median", runs, "added_p50_us", ".1f", "added p50 @ 1000/s, µs")
 
+
+def _report(result: dict, key: str, median_key: str, runs: dict[str, list], field: str, fmt: str,
+            label: str) -> None:
+    """One section's runs and the medians of ``field`` into ``result[key]``, and its printed line."""
+    result[key] = {median_key: _medians(runs, field), "runs": runs}
+    print(f"{label}: {_line(runs, field, fmt)}")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,7 +10,8 @@ that moves data around must still be timed.
 
 Counted: every ``ProxyCore.receive_datagram`` of N whole calls (INVITE, 100, 180, 200, ACK,
 BYE, 200: the bench's call flow, built as ``tests/bench_micro.py`` builds it) and, separately, of
-N OPTIONS and their 200s, after 500 of each not counted (the tables and caches warm). Printed:
+N OPTIONS and their 200s (``bench_micro``'s rounds, the automatic collector off), on a fresh
+core after a round of 500 not counted. Printed:
 instructions per message, per response (its path: ``_fast_response``, else ``_response``) and per
 request (the rest: parsing and ``_request``), and the JSON line. Needs valgrind and the mypyc
 build (``tests/compiled.py``, built here when missing): the collection is switched on by the
@@ -19,6 +20,7 @@ compiled function's name.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -38,45 +40,23 @@ WARM = 500
 
 # -- inside valgrind --------------------------------------------------------------------------
 def drive(kind: str, n: int) -> None:
-    """WARM then ``n`` calls (or OPTIONS round trips) through one core, the collector off."""
-    import gc
-
+    """``tests/bench_micro.py``'s round of WARM calls (or OPTIONS round trips), then, when ``n``, a
+    round of ``n`` more on a fresh core: the same messages the micro-benchmark times."""
     import bench_micro as bm
     from sipwatch import core as core_module
-    from sipwatch.core import CoreConfig, ProxyCore
 
     if not core_module.__file__.endswith(".so"):
         sys.exit(f"sipwatch.core is not the compiled build ({core_module.__file__})")
-    gc.disable()
-    core = ProxyCore(CoreConfig(advertise=bm.SIDECAR, upstream=bm.UPSTREAM))
-    rd = core.receive_datagram
-    now = 1_000_000.0
-
-    def calls(ids):
-        fwd = [rd(bm.invite(i), bm.GATEWAY, now)[0][0] for i in ids]
-        for status, sdp, dt in ((b"100 Trying", False, 0.001), (b"180 Ringing", False, 0.01), (b"200 OK", True, 0.02)):
-            for f, i in zip(fwd, ids):
-                rd(bm.response(f, status, i, sdp), bm.UPSTREAM, now + dt)
-        for i in ids:
-            rd(bm.in_dialog(b"ACK", 1, i), bm.GATEWAY, now + 0.03)
-        fwd = [rd(bm.in_dialog(b"BYE", 2, i), bm.GATEWAY, now + 1.0)[0][0] for i in ids]
-        for f, i in zip(fwd, ids):
-            rd(bm.response(f, b"200 OK", i), bm.UPSTREAM, now + 1.01)
-
-    def options(ids):
-        fwd = [rd(bm.options(i), bm.GATEWAY, now)[0][0] for i in ids]
-        for f, i in zip(fwd, ids):
-            rd(bm.response(f, b"200 OK", i), bm.UPSTREAM, now + 0.005)
-
-    run = calls if kind == "calls" else options
-    run(range(WARM))
-    run(range(WARM, WARM + n))
+    run = bm._one_round if kind == "calls" else bm._options_round
+    run(WARM, 0)
+    if n:
+        run(n, WARM)
 
 
 # -- outside ----------------------------------------------------------------------------------
 def count(tree: Path, kind: str, n: int, workdir: Path) -> dict:
-    """Instructions under receive_datagram for WARM + ``n`` of ``kind``, per message and per
-    part (the warm-up is counted too and taken out by running it alone as well)."""
+    """Instructions under receive_datagram in the round of ``n`` of ``kind``, per message and per
+    part (the warm-up round is counted too and taken out by running it alone as well)."""
     per = {}
     for total in (WARM, WARM + n):
         out = workdir / f"cg.{kind}.{total}"
@@ -145,7 +125,6 @@ def main(argv=None) -> int:
                 r = result[kind] = count(tree, kind, n, Path(tmp))
                 print(f"{kind}: {r['per_message']:.0f} instructions a message, {r['per_request']:.0f} a request, "
                       f"{r['per_response']:.0f} a response ({n} counted)", flush=True)
-    import json
     print(json.dumps(result))
     return 0
 
