@@ -57,6 +57,7 @@ def drive(kind: str, n: int) -> None:
 def count(tree: Path, kind: str, n: int, workdir: Path) -> dict:
     """Instructions under receive_datagram in the round of ``n`` of ``kind``, per message and per
     part (the warm-up round is counted too and taken out by running it alone as well)."""
+    tree = Path(tree).resolve()  # (valgrind runs in the tree, with it on PYTHONPATH)
     per = {}
     for total in (WARM, WARM + n):
         out = workdir / f"cg.{kind}.{total}"
