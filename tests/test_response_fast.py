@@ -14,6 +14,7 @@ from __future__ import annotations
 import array
 import os
 import random
+import sys
 from collections import deque
 
 import pytest
@@ -76,33 +77,72 @@ def _pair() -> tuple[ProxyCore, ...]:
     return tuple(cores)
 
 
-def snapshot(obj, seen: dict | None = None):
-    """Everything reachable from ``obj`` as plain values (objects by their slots, __dict__ or, in
-    the compiled build, mypyc's list of a native class's attributes; a revisited object as its
-    first visit's number): two equal snapshots mean equal state."""
-    seen = {} if seen is None else seen
-    if obj is None or isinstance(obj, (bool, int, float, str, bytes)):
-        return obj
-    if id(obj) in seen:
-        return ("ref", seen[id(obj)])
-    seen[id(obj)] = len(seen)
-    if isinstance(obj, (list, tuple, deque)):
-        return (type(obj).__name__, [snapshot(x, seen) for x in obj])
-    if isinstance(obj, dict):
-        return ("dict", [(snapshot(k, seen), snapshot(v, seen)) for k, v in obj.items()])
-    if isinstance(obj, (set, frozenset)):
-        return ("set", sorted(repr(x) for x in obj))
-    if isinstance(obj, array.array) or hasattr(obj, "tobytes"):
-        return ("buffer", bytes(obj.tobytes()))
-    if callable(obj) and not hasattr(obj, "__dict__") and not hasattr(type(obj), "__slots__"):
-        return ("callable", getattr(obj, "__qualname__", type(obj).__name__))
-    fields = {}
-    for cls in type(obj).__mro__:
-        for name in (*getattr(cls, "__slots__", ()), *getattr(cls, "__mypyc_attrs__", ())):
-            if name != "__dict__" and hasattr(obj, name):
-                fields[name] = getattr(obj, name)
-    fields.update(getattr(obj, "__dict__", {}))
-    return (type(obj).__name__, [(k, snapshot(v, seen)) for k, v in sorted(fields.items())])
+def snapshot(obj):
+    """Everything reachable from ``obj`` as plain values: two equal snapshots mean equal state.
+
+    Objects are read by their slots, __dict__ or, in the compiled build, mypyc's list of a native
+    class's attributes. Every container and object is numbered on first sight and written once,
+    into a table, as its type and its parts, an object met again as ("ref", number). The walk
+    keeps its own stack: the state holds chains as long as its tables (the timer queues are
+    linked lists through their entries), deeper than Python's recursion limit."""
+    seen: dict[int, int] = {}
+    table: list = []
+    kept: list = []  # (alive until the end: no id is reused during the walk)
+    todo: list = []
+
+    def part(x):
+        if x is None or isinstance(x, (bool, int, float, str, bytes)):
+            return x
+        if isinstance(x, (set, frozenset)):
+            return ("set", sorted(repr(v) for v in x))
+        if isinstance(x, array.array) or hasattr(x, "tobytes"):
+            return ("buffer", bytes(x.tobytes()))
+        if callable(x) and not hasattr(x, "__dict__") and not hasattr(type(x), "__slots__"):
+            return ("callable", getattr(x, "__qualname__", type(x).__name__))
+        k = seen.get(id(x))
+        if k is None:
+            k = seen[id(x)] = len(table)
+            table.append(None)
+            kept.append(x)
+            todo.append((k, x))
+        return ("ref", k)
+
+    root = part(obj)
+    while todo:
+        k, x = todo.pop()
+        if isinstance(x, (list, tuple, deque)):
+            table[k] = (type(x).__name__, [part(v) for v in x])
+        elif isinstance(x, dict):
+            table[k] = ("dict", [(part(a), part(b)) for a, b in x.items()])
+        else:
+            fields = {}
+            for cls in type(x).__mro__:
+                for name in (*getattr(cls, "__slots__", ()), *getattr(cls, "__mypyc_attrs__", ())):
+                    if name != "__dict__" and hasattr(x, name):
+                        fields[name] = getattr(x, name)
+            fields.update(getattr(x, "__dict__", {}))
+            table[k] = (type(x).__name__, [(name, part(v)) for name, v in sorted(fields.items())])
+    return root, table
+
+
+def test_snapshot_tells_states_apart_and_walks_chains_longer_than_the_recursion_limit():
+    class Node:
+        __slots__ = ("next", "value")
+
+    def chain(n: int, last: int = 0):
+        head = None
+        for i in range(n):
+            node = Node()
+            node.next, node.value = head, (last if i == 0 else i)
+            head = node
+        return head
+
+    n = 20 * sys.getrecursionlimit()
+    assert snapshot(chain(n)) == snapshot(chain(n))
+    assert snapshot(chain(n)) != snapshot(chain(n, last=-1))  # (the far end differs)
+    shared = [1]
+    assert snapshot([shared, shared]) != snapshot([[1], [1]])  # (aliasing is state too)
+    assert snapshot({"a": (1, b"x")}) != snapshot({"a": (1, b"y")})
 
 
 def state(core: ProxyCore):
