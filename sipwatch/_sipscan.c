@@ -2341,13 +2341,14 @@ static int plain_via(const unsigned char *s, Py_ssize_t a, Py_ssize_t b, struct 
  *   INVITE: 1, the 503 at out (ProxyCore._reply, its Via stamped as _stamp_source stamps it:
  *     ";rport" filled with the source port, ";received=<source>" added when the Via's address
  *     is another), result = {0, Call-ID start, Call-ID end, length, port it goes to on the
- *     source's address (_reply_to: the source port with rport, else the Via's, else 5060)};
- *   ACK with this proxy's tag: 1, result = {1, Call-ID start, Call-ID end, 0, 0};
+ *     source's address (_reply_to: the source port with rport, else the Via's, else 5060),
+ *     CSeq number};
+ *   ACK with this proxy's tag: 1, result = {1, Call-ID start, Call-ID end, 0, 0, CSeq number};
  *   anything else: 0; -1 with an exception set (memory). */
 #define REFUSE_RAW_ARGS PyObject *table, const unsigned char *s, Py_ssize_t n, const Py_ssize_t limits[3], \
     const unsigned char *mac_state, Py_ssize_t state_len, const char *status, Py_ssize_t status_len, \
     const char *extra, Py_ssize_t extra_len, const unsigned char src_ip[4], int src_port, char *out, \
-    Py_ssize_t cap, Py_ssize_t result[5]
+    Py_ssize_t cap, Py_ssize_t result[6]
 static int refuse_raw(REFUSE_RAW_ARGS)
 {
     struct refusal r;
@@ -2365,6 +2366,7 @@ static int refuse_raw(REFUSE_RAW_ARGS)
     result[1] = r.cid.va;
     result[2] = r.cid.vb;
     result[3] = result[4] = 0;
+    result[5] = (Py_ssize_t)r.cseq;
     if (r.is_ack)
         return refusal_ack_is_ours(s, &r, mac, mac_len);
     Py_ssize_t head_len, tail_len;

@@ -64,7 +64,7 @@ typedef int (*refuse_raw_fn)(PyObject *table, const unsigned char *s, Py_ssize_t
                              const unsigned char *mac_state, Py_ssize_t state_len, const char *status,
                              Py_ssize_t status_len, const char *extra, Py_ssize_t extra_len,
                              const unsigned char src_ip[4], int src_port, char *out, Py_ssize_t cap,
-                             Py_ssize_t result[5]);
+                             Py_ssize_t result[6]);
 
 typedef struct {
     sa_family_t family;     /* 0: empty */
@@ -88,7 +88,6 @@ typedef struct {
     refuse_raw_fn refuse;
     PyObject *names, *status, *extra;  /* the name table, the 503's status line and its extra line */
     Py_ssize_t limits[3];              /* max header lines, Content-Length digits, message size */
-    double ack_window;                 /* seconds ACKs of refusals are looked for after one */
     Py_ssize_t invite_at, ack_at;      /* their counters in stats.requests, plus the direction */
     long from_signaling, from_gateway; /* the directions */
     unsigned char upstream_ip[4];      /* the connected upstream's address, when IPv4 */
@@ -105,7 +104,7 @@ typedef struct {
 
 static PyObject *str_out_tcp, *str_wiretap, *str_fast_refusals, *str_overloaded, *str_draining,
     *str_acks_until, *str_key, *str_mac_state_key, *str_mac_state, *str_tracker, *str_calls, *str_stats,
-    *str_requests, *str_overload_rejected, *str_drain_rejected, *str_upstream;
+    *str_requests, *str_refused, *str_upstream;
 
 /* -- errors --------------------------------------------------------------------------------- */
 
@@ -428,23 +427,6 @@ static int truth_of(PyObject *o, PyObject *name)
     return t;
 }
 
-/* o.name += 1 (a counter) */
-static int bump_attr(PyObject *o, PyObject *name)
-{
-    PyObject *v = PyObject_GetAttr(o, name);
-    if (v == NULL)
-        return -1;
-    PyObject *one = PyLong_FromLong(1);
-    PyObject *w = one != NULL ? PyNumber_Add(v, one) : NULL;
-    Py_DECREF(v);
-    Py_XDECREF(one);
-    if (w == NULL)
-        return -1;
-    const int r = PyObject_SetAttr(o, name, w);
-    Py_DECREF(w);
-    return r;
-}
-
 /* list[i] += 1 */
 static int bump_item(PyObject *list, Py_ssize_t i)
 {
@@ -509,7 +491,7 @@ static int refuse_here(Pump *p, const char *buf, size_t len, const struct sockad
     if (p->n_replies == BATCH || REPLY_ARENA - p->reply_used < BUF_SIZE)
         send_replies(p);  /* (not within one batch: a 503 is a few hundred bytes) */
     char *reply = p->reply + p->reply_used;
-    Py_ssize_t res[5];
+    Py_ssize_t res[6];
     rc = p->refuse(p->names, (const unsigned char *)buf, (Py_ssize_t)len, p->limits,
                    (const unsigned char *)PyBytes_AS_STRING(state), PyBytes_GET_SIZE(state),
                    PyBytes_AS_STRING(p->status), PyBytes_GET_SIZE(p->status), PyBytes_AS_STRING(p->extra),
@@ -551,11 +533,14 @@ static int refuse_here(Pump *p, const char *buf, size_t len, const struct sockad
     /* from here on it is ours: the counters as _fast_refusal and _refused bump them, then the send */
     rc = 1;
     int ok = bump_item(requests, at) == 0;
-    if (ok && invite) {
-        ok = bump_attr(stats, draining ? str_drain_rejected : str_overload_rejected) == 0;
-        PyObject *until = ok ? PyFloat_FromDouble(now + p->ack_window) : NULL;
-        ok = until != NULL && PyObject_SetAttr(core, str_acks_until, until) == 0;
-        Py_XDECREF(until);
+    if (ok && invite) {  /* ProxyCore._refused: the counter, the ACK window, the INVITE remembered */
+        PyObject *when = PyFloat_FromDouble(now);
+        PyObject *cseq = when != NULL ? PyLong_FromSsize_t(res[5]) : NULL;
+        PyObject *done = cseq != NULL ? PyObject_CallMethodObjArgs(core, str_refused, when, call_id, cseq, NULL) : NULL;
+        ok = done != NULL;
+        Py_XDECREF(done);
+        Py_XDECREF(cseq);
+        Py_XDECREF(when);
     }
     if (!ok)
         hand_over(p->on_error);
@@ -761,11 +746,10 @@ static int Pump_init(Pump *p, PyObject *args, PyObject *kwargs)
     PyObject *names = NULL, *status = NULL, *extra = NULL;
     Py_ssize_t limits[3], at[2];
     long dirs[2];
-    double ack_window = 0;
     refuse_raw_fn refuse = NULL;
     if (refusals != Py_None) {
-        if (!PyArg_ParseTuple(refusals, "O!nnnO!O!dnnll:refusals", &PyDict_Type, &names, &limits[0], &limits[1],
-                              &limits[2], &PyBytes_Type, &status, &PyBytes_Type, &extra, &ack_window, &at[0],
+        if (!PyArg_ParseTuple(refusals, "O!nnnO!O!nnll:refusals", &PyDict_Type, &names, &limits[0], &limits[1],
+                              &limits[2], &PyBytes_Type, &status, &PyBytes_Type, &extra, &at[0],
                               &at[1], &dirs[0], &dirs[1]))
             return -1;
         refuse = (refuse_raw_fn)PyCapsule_Import("sipwatch._sipscan._refuse_raw", 0);
@@ -832,7 +816,6 @@ static int Pump_init(Pump *p, PyObject *args, PyObject *kwargs)
         p->status = Py_NewRef(status);
         p->extra = Py_NewRef(extra);
         memcpy(p->limits, limits, sizeof limits);
-        p->ack_window = ack_window;
         p->invite_at = at[0];
         p->ack_at = at[1];
         p->from_signaling = dirs[0];
@@ -897,7 +880,7 @@ PyMODINIT_FUNC PyInit__udppump(void)
         {&str_overloaded, "overloaded"}, {&str_draining, "draining"}, {&str_acks_until, "_refusal_acks_until"},
         {&str_key, "key"}, {&str_mac_state_key, "_mac_state_key"}, {&str_mac_state, "_mac_state"},
         {&str_tracker, "tracker"}, {&str_calls, "calls"}, {&str_stats, "stats"}, {&str_requests, "requests"},
-        {&str_overload_rejected, "overload_rejected"}, {&str_drain_rejected, "drain_rejected"},
+        {&str_refused, "_refused"},
         {&str_upstream, "upstream"}};
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
         if ((*names[i].at = PyUnicode_InternFromString(names[i].name)) == NULL)

@@ -82,6 +82,13 @@ _ANSWER_400 = frozenset((DROP_BAD_CONTENT_LENGTH, DROP_OUT_OF_RANGE, DROP_TOO_MA
 _MAX_FORWARDS_LINES: Final = tuple(b"Max-Forwards: %d" % i for i in range(255))
 _SMALL_DECIMALS: Final = tuple(b"%d" % i for i in range(4096))
 _TEXT_MEMO_MAX: Final = 4096
+# INVITEs answered 503 (overload, drain), remembered by Call-ID and CSeq so that a retransmission
+# of one gets the same 503 once the shedding has stopped: forwarded, it would make the callee ring
+# for a call its caller was told failed (a caller that got the 503 then meets a 180/200 for it).
+# Two generations, the newer replaced when full or older than the span (Timer B, 64*T1: a caller
+# stops retransmitting by then); at most 2x the entries, whatever a flood of INVITEs holds.
+_REFUSED_MAX: Final = 32768
+_REFUSED_SPAN: Final = 32.0
 # The MACs in one C call each (sipwatch/_sipscan.c: BLAKE2b from a prepared state, the parts
 # joined by "|", hex out), the same digests as hashlib's; hashlib when the extension was not built
 _c_mac_hex: Final[Callable[[bytes, bytes, tuple[bytes, ...]], bytes | None] | None] = \
@@ -226,6 +233,10 @@ class ProxyCore:
         # _fast_refusal (tests switch it off to compare)
         self.fast_refusals = _c_refusal is not None
         self._refusal_acks_until = 0.0  # ACKs are looked for on the fast path until then
+        self._refused_invites: dict[bytes, int] = {}  # Call-ID -> CSeq of INVITEs answered 503 (_refused)
+        self._refused_before: dict[bytes, int] = {}  # the generation before
+        self._refused_since = 0.0  # when _refused_invites began
+        self._refused_last = 0.0  # the last INVITE refused
         # an edge that calls settle() after its sends sets this: see settle()
         self.defer_bookkeeping = False
         self._deferred: _Deferred | None = None
@@ -509,8 +520,12 @@ class ProxyCore:
             # branch once its next hop is known: see below (others are refused here, at once)
             if midx != _INVITE and call_id in self.tracker.calls:
                 refuse_new = True
-            elif midx != _INVITE or self.tracker.lookup_call(call_id, True, cseq_n) is None:
+            elif midx != _INVITE:
                 return self._refuse(msg, top, reply, data, now)
+            elif self.tracker.lookup_call(call_id, True, cseq_n) is None:
+                return self._refuse(msg, top, reply, data, now, call_id, cseq_n)
+        elif midx == _INVITE and self._refused_last and self._was_refused(call_id, cseq_n, now):
+            return self._refuse(msg, top, reply, data, now, call_id, cseq_n)  # (its retransmission)
 
         if mf_i >= 0:
             if hops < 0:  # (not read yet)
@@ -1082,7 +1097,7 @@ class ProxyCore:
         stats.requests[_INVITE * 2 + direction] += 1
         top = parse_via(via_value)
         reply = _reply_to(top, src)
-        self._refused(now)
+        self._refused(now, call_id, cseq_n)
         resp = head + _stamp_source(via_value, top, reply[0], reply[1]) + tail
         if len(resp) > len(data):  # (never larger than the request: see _reply)
             return []
@@ -1091,27 +1106,50 @@ class ProxyCore:
     def refusal_params(self) -> tuple | None:
         """What the UDP pump needs to refuse the plainest new INVITEs and absorb their ACKs on its
         own buffer, as :meth:`_fast_refusal` does (see ``sipwatch/_udppump.c``): the scan's
-        limits, the 503's lines, the ACK window, where the counters are. None without the C
-        scan. The pump reads the state (overloaded, draining, key, counters) from this core at
-        each datagram, so switching ``fast_refusals`` off switches it off too."""
+        limits, the 503's lines, where the request counters are. None without the C scan. The
+        pump reads the state (overloaded, draining, key, counters) from this core at each
+        datagram, so switching ``fast_refusals`` off switches it off too, and calls
+        :meth:`_refused` for each INVITE it refuses."""
         if _c_refusal is None:
             return None
         return (sipmsg._NAME_CACHE, MAX_HEADER_LINES, MAX_CONTENT_LENGTH_DIGITS, MAX_MESSAGE, _REFUSAL_STATUS,
-                _RETRY_AFTER_LINE, _REFUSAL_ACK_WINDOW, _INVITE * 2, _ACK * 2, _FROM_SIGNALING, _FROM_GATEWAY)
+                _RETRY_AFTER_LINE, _INVITE * 2, _ACK * 2, _FROM_SIGNALING, _FROM_GATEWAY)
 
-    def _refuse(self, msg: SipMessage, top: Via, reply: Addr, data: bytes, now: float) -> list[tuple[bytes, Addr]]:
-        """A new dialog turned away while draining or overloaded: 503 + Retry-After, counted."""
-        self._refused(now)
+    def _refuse(self, msg: SipMessage, top: Via, reply: Addr, data: bytes, now: float,
+                call_id: bytes | None = None, cseq_n: int = 0) -> list[tuple[bytes, Addr]]:
+        """A new dialog turned away while draining or overloaded: 503 + Retry-After, counted
+        (an INVITE, given its Call-ID and CSeq, remembered)."""
+        self._refused(now, call_id, cseq_n)
         return self._local(msg, top, reply, data, 503, b"Service Unavailable", _RETRY_AFTER_LINE)
 
-    def _refused(self, now: float) -> None:
-        """Count a new dialog turned away with 503 (draining or overloaded, on either path), and
-        look for the ACKs of refusals on the fast path for a while."""
+    def _refused(self, now: float, call_id: bytes | None, cseq_n: int) -> None:
+        """Count a new dialog turned away with 503 (draining or overloaded, on either path: the
+        UDP pump calls this too), look for the ACKs of refusals on the fast path for a while, and
+        remember a refused INVITE (``call_id``; None for other methods) for :meth:`_was_refused`."""
         if self.draining:
             self.stats.drain_rejected += 1
         else:
             self.stats.overload_rejected += 1
         self._refusal_acks_until = now + _REFUSAL_ACK_WINDOW
+        if call_id is not None:
+            if len(self._refused_invites) >= _REFUSED_MAX or now - self._refused_since >= _REFUSED_SPAN:
+                self._refused_before = self._refused_invites
+                self._refused_invites = {}
+                self._refused_since = now
+            self._refused_invites[call_id] = cseq_n
+            self._refused_last = now
+
+    def _was_refused(self, call_id: bytes, cseq_n: int, now: float) -> bool:
+        """Whether this INVITE (Call-ID and CSeq) was answered 503 in the last _REFUSED_SPAN or
+        so: then it is a retransmission of a transaction that has its final answer (RFC 3261
+        §17.2.1), and gets the same 503 again, shedding or not. A retry of the call (a new
+        CSeq) is new."""
+        if now - self._refused_last > 2 * _REFUSED_SPAN:
+            self._refused_invites = {}
+            self._refused_before = {}
+            self._refused_last = 0.0
+            return False
+        return self._refused_invites.get(call_id, -1) == cseq_n or self._refused_before.get(call_id, -1) == cseq_n
 
     def _own_branch(self, via_value: bytes) -> bytes | None:
         """The branch of a Via value exactly as this proxy wrote it (``our sent-by;branch=…;rport``),

@@ -169,6 +169,7 @@ def test_live_sidecar_sheds_a_backlog_with_503(tmp_path):
         finally:
             sc.proc.send_signal(signal.SIGCONT)
         rejected, forwarded_n = 0, 0
+        refused_id = b""
         deadline = time.monotonic() + 20
         while rejected + forwarded_n < n and time.monotonic() < deadline:
             ready, _, _ = select.select([gw, upstream], [], [], 0.5)
@@ -176,6 +177,7 @@ def test_live_sidecar_sheds_a_backlog_with_503(tmp_path):
                 data = sock.recv(65535)
                 if sock is gw and data.startswith(b"SIP/2.0 503 ") and b"\r\nRetry-After: " in data:
                     rejected += 1
+                    refused_id = parse(data).get(b"call-id")
                 elif sock is upstream and data.startswith(b"INVITE "):
                     forwarded_n += 1
         # shedding stops once the queue is short: a new INVITE after the backlog (and a few
@@ -190,13 +192,30 @@ def test_live_sidecar_sheds_a_backlog_with_503(tmp_path):
             ready, _, _ = select.select([upstream], [], [], 0.5)
             if ready:
                 after = upstream.recv(65535)
+        # a copy of a refused INVITE (its caller's Timer A), now that the shedding has stopped:
+        # the same 503 again, not the callee (the pump refused the original)
+        i = int(refused_id.rsplit(b"-", 1)[1])
+        gw.sendto(invite(call_id=b"backlog-%d" % i, branch=b"z9hG4bK-bl-%d" % i).replace(
+            b"10.0.0.1:5070", b"127.0.0.1:%d" % gw_port), ("127.0.0.1", sc.port))
+        copy_answer, copy_forwarded = b"", False
+        deadline = time.monotonic() + 10
+        while not copy_answer and time.monotonic() < deadline:
+            ready, _, _ = select.select([gw, upstream], [], [], 0.5)
+            for sock in ready:
+                data = sock.recv(65535)
+                if sock is gw:
+                    copy_answer = data
+                elif b"backlog-%d\r\n" % i in data:
+                    copy_forwarded = True
         samples = sc.gateway()
     upstream.close()
     gw.close()
     assert rejected + forwarded_n == n
     assert rejected > 0
     assert after.startswith(b"INVITE ") and b"after-backlog" in after
-    assert metric(samples, "sip_overload_rejected_total") == rejected
+    assert copy_answer.startswith(b"SIP/2.0 503 ") and parse(copy_answer).get(b"call-id") == refused_id
+    assert not copy_forwarded
+    assert metric(samples, "sip_overload_rejected_total") == rejected + 1
 
 
 def test_a_quiet_queue_is_sampled_at_the_tick_and_a_stirring_one_by_the_edges_timer(monkeypatch):
@@ -273,3 +292,51 @@ def test_a_refused_invite_retransmitted_is_answered_503_again_and_counted_again(
     assert parse(first[0][0]).status == parse(second[0][0]).status == 503
     assert first[0][0] == second[0][0] and first[0][1] == second[0][1] == GATEWAY
     assert core.stats.overload_rejected == 2 and b"again-1" not in core.tracker.calls
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_an_invite_refused_and_retransmitted_after_the_shedding_stopped_is_refused_again(fast):
+    """Under a CPU limit the guard sheds and admits in turns a fraction of a second long, and an
+    INVITE can wait in the queue past Timer A: its copy then arrives after the original was
+    refused. Forwarded once the shedding had stopped, the copy made the callee ring for a call
+    whose caller already had its 503, and SIPp counted the call failed (8 and 22 in a run of
+    the capped bench). The transaction has its final answer (RFC 3261 §17.2.1): the copy gets
+    the same 503 again. A retry of the call (another CSeq) and other calls are admitted."""
+    core = make()
+    core.fast_refusals = fast
+    req = invite(call_id=b"ghost-1", branch=b"z9hG4bK-ghost-1")
+    core.overloaded = True
+    first = core.receive_datagram(req, GATEWAY, T0)
+    core.overloaded = False
+    again = core.receive_datagram(req, GATEWAY, T0 + 0.5)
+    assert [parse(o).status for o, _ in first + again] == [503, 503]
+    assert again == first and not forwarded(again)
+    assert core.stats.overload_rejected == 2 and b"ghost-1" not in core.tracker.calls
+    # its ACK is absorbed as the first one's would be
+    tag = parse(again[0][0]).get(b"to").split(b"tag=")[1]
+    ack = invite(method=b"ACK", call_id=b"ghost-1", branch=b"z9hG4bK-ghost-1", to_tag=tag, body=b"")
+    assert core.receive_datagram(ack, GATEWAY, T0 + 0.51) == []
+    retry = invite(call_id=b"ghost-1", branch=b"z9hG4bK-ghost-2", cseq=2)
+    assert [a for _, a in forwarded(core.receive_datagram(retry, GATEWAY, T0 + 5))] == [SIGNALING]
+    other = invite(call_id=b"ghost-2", branch=b"z9hG4bK-ghost-3")
+    assert [a for _, a in forwarded(core.receive_datagram(other, GATEWAY, T0 + 5.1))] == [SIGNALING]
+
+
+def test_refused_invites_are_remembered_within_bounds_and_for_a_while():
+    """The memory of refusals cannot grow with a flood (two generations of at most _REFUSED_MAX
+    Call-IDs each), and forgets after Timer B's span twice over without a refusal."""
+    from sipwatch import core as core_module
+    core = make()
+    cap = core_module._REFUSED_MAX
+    for i in range(cap * 3 + 7):
+        core._refused(T0 + i * 1e-6, b"flood-%d" % i, 1)
+    assert len(core._refused_invites) + len(core._refused_before) <= 2 * cap
+    last = cap * 3 + 6
+    assert core._was_refused(b"flood-%d" % last, 1, T0 + 1)
+    assert not core._was_refused(b"flood-%d" % last, 2, T0 + 1)  # (another CSeq: a new request)
+    assert not core._was_refused(b"flood-0", 1, T0 + 1)  # (two generations ago: gone)
+    later = T0 + 2 * core_module._REFUSED_SPAN + 2
+    assert not core._was_refused(b"flood-%d" % last, 1, later)
+    assert not core._refused_invites and not core._refused_before
+    req = invite(call_id=b"flood-%d" % last, branch=b"z9hG4bK-late")
+    assert [a for _, a in forwarded(core.receive_datagram(req, GATEWAY, later))] == [SIGNALING]
