@@ -280,9 +280,9 @@ def test_a_quiet_queue_is_sampled_at_the_tick_and_a_stirring_one_by_the_edges_ti
 
 
 def test_a_refused_invite_retransmitted_is_answered_503_again_and_counted_again():
-    """The refusal keeps no state (a flood of new INVITEs must not grow the tables), so an INVITE
-    retransmitted because its 503 was late or lost is refused again, with the same 503, and the
-    counter counts both: it counts 503s sent, which is what its help text and the README say (a
+    """The refusal adds nothing to the call tables (a flood of new INVITEs must not grow them), so
+    an INVITE retransmitted because its 503 was late or lost is refused again, with the same 503,
+    and the counter counts both: it counts 503s sent, which is what its help text and the README say (a
     bench at 2x capacity counted 52 more than its caller received)."""
     core = make()
     core.overloaded = True
@@ -299,9 +299,9 @@ def test_an_invite_refused_and_retransmitted_after_the_shedding_stopped_is_refus
     """Under a CPU limit the guard sheds and admits in turns a fraction of a second long, and an
     INVITE can wait in the queue past Timer A: its copy then arrives after the original was
     refused. Forwarded once the shedding had stopped, the copy made the callee ring for a call
-    whose caller already had its 503, and SIPp counted the call failed (8 and 22 in a run of
-    the capped bench). The transaction has its final answer (RFC 3261 §17.2.1): the copy gets
-    the same 503 again. A retry of the call (another CSeq) and other calls are admitted."""
+    whose caller already had its 503 (and ACKed it). The transaction has its final answer
+    (RFC 3261 §17.2.1): the copy gets the same 503 again. A retry of the call (another CSeq)
+    and other calls are admitted."""
     core = make()
     core.fast_refusals = fast
     req = invite(call_id=b"ghost-1", branch=b"z9hG4bK-ghost-1")
