@@ -524,7 +524,8 @@ class ProxyCore:
                 return self._refuse(msg, top, reply, data, now)
             elif self.tracker.lookup_call(call_id, True, cseq_n) is None:
                 return self._refuse(msg, top, reply, data, now, call_id, cseq_n)
-        elif midx == _INVITE and self._refused_last and self._was_refused(call_id, cseq_n, now):
+        elif midx == _INVITE and (self._refused_invites or self._refused_before) and \
+                self._was_refused(call_id, cseq_n, now):
             return self._refuse(msg, top, reply, data, now, call_id, cseq_n)  # (its retransmission)
 
         if mf_i >= 0:
@@ -1147,7 +1148,6 @@ class ProxyCore:
         if now - self._refused_last > 2 * _REFUSED_SPAN:
             self._refused_invites = {}
             self._refused_before = {}
-            self._refused_last = 0.0
             return False
         return self._refused_invites.get(call_id, -1) == cseq_n or self._refused_before.get(call_id, -1) == cseq_n
 
