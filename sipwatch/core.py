@@ -82,7 +82,7 @@ _ANSWER_400 = frozenset((DROP_BAD_CONTENT_LENGTH, DROP_OUT_OF_RANGE, DROP_TOO_MA
 _MAX_FORWARDS_LINES: Final = tuple(b"Max-Forwards: %d" % i for i in range(255))
 _SMALL_DECIMALS: Final = tuple(b"%d" % i for i in range(4096))
 _TEXT_MEMO_MAX: Final = 4096
-# INVITEs answered 503 (overload, drain), remembered by Call-ID and CSeq so that a retransmission
+# INVITEs answered 503 (overload, drain), remembered by Call-ID (its hash) and CSeq so that a retransmission
 # of one gets the same 503 once the shedding has stopped: forwarded, it would make the callee ring
 # for a call its caller was told failed (a caller that got the 503 then meets a 180/200 for it).
 # Two generations, the newer replaced when full or older than the span (Timer B, 64*T1: a caller
@@ -233,8 +233,10 @@ class ProxyCore:
         # _fast_refusal (tests switch it off to compare)
         self.fast_refusals = _c_refusal is not None
         self._refusal_acks_until = 0.0  # ACKs are looked for on the fast path until then
-        self._refused_invites: dict[bytes, int] = {}  # Call-ID -> CSeq of INVITEs answered 503 (_refused)
-        self._refused_before: dict[bytes, int] = {}  # the generation before
+        # hash(Call-ID) -> CSeq of INVITEs answered 503 (_refused): the hash, not the Call-ID, so
+        # that an entry's size does not follow the datagram's (Call-IDs of 60 KB would hold GBs)
+        self._refused_invites: dict[int, int] = {}
+        self._refused_before: dict[int, int] = {}  # the generation before
         self._refused_since = 0.0  # when _refused_invites began
         self._refused_last = 0.0  # the last INVITE refused
         # an edge that calls settle() after its sends sets this: see settle()
@@ -1137,7 +1139,7 @@ class ProxyCore:
                 self._refused_before = self._refused_invites
                 self._refused_invites = {}
                 self._refused_since = now
-            self._refused_invites[call_id] = cseq_n
+            self._refused_invites[hash(call_id)] = cseq_n
             self._refused_last = now
 
     def _was_refused(self, call_id: bytes, cseq_n: int, now: float) -> bool:
@@ -1149,7 +1151,8 @@ class ProxyCore:
             self._refused_invites = {}
             self._refused_before = {}
             return False
-        return self._refused_invites.get(call_id, -1) == cseq_n or self._refused_before.get(call_id, -1) == cseq_n
+        key = hash(call_id)
+        return self._refused_invites.get(key, -1) == cseq_n or self._refused_before.get(key, -1) == cseq_n
 
     def _own_branch(self, via_value: bytes) -> bytes | None:
         """The branch of a Via value exactly as this proxy wrote it (``our sent-by;branch=…;rport``),

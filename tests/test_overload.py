@@ -324,7 +324,7 @@ def test_an_invite_refused_and_retransmitted_after_the_shedding_stopped_is_refus
 
 def test_refused_invites_are_remembered_within_bounds_and_for_a_while():
     """The memory of refusals cannot grow with a flood (two generations of at most _REFUSED_MAX
-    Call-IDs each), and forgets after Timer B's span twice over without a refusal."""
+    Call-ID hashes each), and forgets after Timer B's span twice over without a refusal."""
     from sipwatch import core as core_module
     core = make()
     cap = core_module._REFUSED_MAX
@@ -340,3 +340,20 @@ def test_refused_invites_are_remembered_within_bounds_and_for_a_while():
     assert not core._refused_invites and not core._refused_before
     req = invite(call_id=b"flood-%d" % last, branch=b"z9hG4bK-late")
     assert [a for _, a in forwarded(core.receive_datagram(req, GATEWAY, later))] == [SIGNALING]
+
+
+def test_the_refusal_memory_does_not_grow_with_the_call_ids_it_holds():
+    """An entry's size must not follow the datagram's: a flood of refused INVITEs with 60-KB
+    Call-IDs would otherwise hold 2 x _REFUSED_MAX x 60 KB (about 4 GB)."""
+    import tracemalloc
+    core = make()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(2000):
+            core._refused(T0 + i * 1e-6, b"%d-" % i + b"x" * 60_000, 1)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < 2000 * 1000  # (Call-IDs kept would be 120 MB)
+    assert core._was_refused(b"1999-" + b"x" * 60_000, 1, T0 + 1)
