@@ -58,6 +58,13 @@ from .stats import (
 MAX_TX_PER_CALL = 64
 MAX_LEGS = 16  # legs joined into one group; more start traces of their own (counted refused)
 MAX_FORK_TAGS = 16  # To-tags of 2xx answers remembered per INVITE (more are each counted a fork)
+# The bytes of the values a call keeps (Call-ID, From, To, Request-URI, correlation keys) that the
+# call table may hold, per call of max_calls: a real call keeps ~200-400 of them, while a datagram
+# may carry 60 KB of Call-ID or From, so a count alone bounded the table at ~6 GB (100,000 calls
+# of 60 KB). Past this, the table makes room as at max_calls (oldest first, counted evicted).
+# The transaction table likewise, each transaction charged its call's bytes: a call that left the
+# call table stays alive as long as one of its transactions is held.
+CALL_BYTES_EACH = 1024
 _NEVER = float("inf")  # the deadline of an empty timer queue
 # Transaction.timer / Call.timer: the timer queue it waits in (Tracker._txq / Tracker._callq)
 TX_B: Final = 0  # pending, Timer B/F
@@ -102,6 +109,7 @@ class Transaction(Timed):
         "key", "midx", "method", "cseq", "call", "t_sent", "t_first", "t_final", "status",
         "events", "retrans", "span_id", "trace_id", "parent_span_id", "sampled",
         "direction", "peer", "initial_invite", "timed_out", "tags", "timer", "reply", "via_below",
+        "nbytes",
     )
 
     def __init__(self, key, midx, method, cseq, call, now, span_id, trace_id, parent_span_id,
@@ -131,7 +139,9 @@ class Transaction(Timed):
         self.peer = peer
         self.initial_invite = initial_invite
         self.timed_out = False
-        self.tags = None  # To-tags of the 2xx answers to an INVITE (forks), once answered
+        # hashes of the To-tags of the 2xx answers to an INVITE (forks), once answered: hashes, so
+        # that what a transaction holds does not follow the size of the tags a peer sends
+        self.tags: list[int] | None = None
         # which of its tracker's timer queues it waits in (TX_B/TX_C/TX_LINGER), -1: none (an index,
         # not the queue: the queue holds the transaction, and a back-reference would be a cycle)
         self.timer = -1
@@ -139,6 +149,7 @@ class Transaction(Timed):
         # response that carries that very value back needs no MAC check: see ProxyCore._response)
         self.reply = None
         self.via_below = None
+        self.nbytes = 0  # what it adds to Tracker.tx_bytes while in the table (its call's values)
 
     @property
     def rtt_ms(self) -> float | None:
@@ -151,7 +162,7 @@ class Call(Timed):
         "t_answer", "t_final", "t_end", "status", "outcome", "cancelled", "finished",
         "transactions", "retrans", "from_uri", "to_uri", "ruri", "is_call", "rtp",
         "ended_by", "invite_cseq", "timer", "holders", "group", "leg", "joined_by", "gap_span_id",
-        "gap_start", "gap_parent", "corr_keys", "trace_hex",
+        "gap_start", "gap_parent", "corr_keys", "trace_hex", "nbytes",
     )
 
     def __init__(self, call_id, trace_id, span_id, parent_span_id, sampled, now, deadline,
@@ -203,6 +214,7 @@ class Call(Timed):
         self.corr_keys: list[bytes] | None = None  # correlation index keys that name this call
         # (trace id, the trace header line up to the span id and its dash) for the core's stamping
         self.trace_hex: tuple[int, bytes] | None = None
+        self.nbytes = 0  # what it adds to Tracker.call_bytes while in the table
 
     def let_go(self, holder: int = RECORD) -> None:
         """``holder`` (RECORD: the consumer of the call record) is done with the call's
@@ -358,7 +370,11 @@ class Tracker:
         self.timer_b = timer_b
         self.timer_c = timer_c
         self.max_transactions = max_transactions
+        self.max_tx_bytes = max_transactions * CALL_BYTES_EACH
+        self.tx_bytes = 0  # the nbytes of the transactions in the table
         self.max_calls = max_calls
+        self.max_call_bytes = max_calls * CALL_BYTES_EACH
+        self.call_bytes = 0  # the nbytes of the calls in the table
         self.max_call_duration = max_call_duration
         self.transactions: dict[tuple, Transaction] = {}  # (branch, method); the observer keys per hop
         # insertion order = least recently active first (moved to the end on activity)
@@ -443,6 +459,9 @@ class Tracker:
             self._left(old)
         if len(calls) >= self.max_calls:
             self._evict_call(now)
+        nbytes = len(call_id) + len(from_uri) + len(to_uri) + len(ruri)
+        while calls and self.call_bytes + nbytes > self.max_call_bytes:
+            self._evict_call(now)
         if is_call:
             deadline = now + self.max_call_duration
             call = Call(call_id, trace_id, span_id, parent_span_id, sampled, now, deadline,
@@ -456,6 +475,8 @@ class Tracker:
         if self.release:
             call.holders = TABLE | RECORD if is_call else TABLE
         calls[call_id] = call
+        call.nbytes = nbytes
+        self.call_bytes += nbytes
         return call
 
     def _evict_call(self, now: float) -> None:
@@ -561,6 +582,9 @@ class Tracker:
         if key in index or len(index) >= self.max_calls:
             return
         index[key] = call
+        if self.calls.get(call.call_id) is call:
+            call.nbytes += len(key)
+            self.call_bytes += len(key)
         if call.corr_keys is None:
             call.corr_keys = [key]
         else:
@@ -576,10 +600,16 @@ class Tracker:
         txs = self.transactions
         if len(txs) >= self.max_transactions and key not in txs:
             self._evict_tx()
+        nbytes = call.nbytes
+        while txs and self.tx_bytes + nbytes > self.max_tx_bytes and self._evict_tx():
+            pass
         old = txs.setdefault(key, tx)  # (one lookup when the key is new, as it nearly always is)
         if old is not tx:  # a request reusing a branch: the old one leaves with its timer
             self._unschedule_tx(old)
+            self._tx_left(old)
             txs[key] = tx
+        tx.nbytes = nbytes
+        self.tx_bytes += nbytes
         tx.timer = TX_B
         self._tx_b.add(tx, deadline)
         self._add_to_call(call, tx)
@@ -619,9 +649,15 @@ class Tracker:
         self._emit("tx", tx)
         return tx
 
-    def _evict_tx(self) -> None:
+    def _tx_left(self, tx: Transaction) -> None:
+        """``tx`` is no longer in the table."""
+        self.tx_bytes -= tx.nbytes
+        tx.nbytes = 0
+
+    def _evict_tx(self) -> bool:
         """Make room: a completed transaction still lingering (oldest first), else the pending
-        one least recently active (oldest request under Timer B, or oldest 1xx under Timer C)."""
+        one least recently active (oldest request under Timer B, or oldest 1xx under Timer C).
+        False when no queue held one."""
         txs = self.transactions
         tx = self._tx_linger.pop_head()
         if tx is None:
@@ -631,11 +667,13 @@ class Tracker:
             else:
                 tx = self._tx_c.pop_head()
             if tx is None:
-                return
+                return False
             self.stats.evicted_transactions += 1
         tx.timer = -1
         if txs.get(tx.key) is tx:
             del txs[tx.key]
+            self._tx_left(tx)
+        return True
 
     def _unschedule_tx(self, tx: Transaction) -> None:
         _move(self._txq, tx, tx.timer, -1, 0.0)
@@ -661,10 +699,10 @@ class Tracker:
         elif tx.t_final is not None:
             tags = tx.tags
             if to_tag is not None and tags is not None and 200 <= status < 300 \
-                    and to_tag not in tags:
+                    and hash(to_tag) not in tags:
                 stats.forks += 1  # another branch answered too (RFC 3261 §16.7 step 5)
                 if len(tags) < MAX_FORK_TAGS:
-                    tags.append(to_tag)
+                    tags.append(hash(to_tag))
                 return tx
             tx.retrans += 1
             tx.call.retrans += 1
@@ -683,7 +721,7 @@ class Tracker:
             tx.t_final = now
             tx.status = status
             if status < 300 and to_tag is not None and tx.midx == INVITE:
-                tx.tags = [to_tag]
+                tx.tags = [hash(to_tag)]
             self._schedule_tx(tx, TX_LINGER, now + self.timer_b)
             self._emit("tx", tx)
             self._call_progress(call, tx, status, now)
@@ -755,6 +793,8 @@ class Tracker:
 
     def _left(self, call: Call) -> None:
         """``call`` is no longer in the table: nor in a timer queue."""
+        self.call_bytes -= call.nbytes
+        call.nbytes = 0
         _move(self._callq, call, call.timer, -1, 0.0)
         call.timer = -1
         keys = call.corr_keys
@@ -818,6 +858,7 @@ class Tracker:
                 if txs.get(tx.key) is not tx:
                     continue  # (what leaves the table leaves its queue: not expected)
                 del txs[tx.key]
+                self._tx_left(tx)
                 if tx.t_final is not None:
                     continue  # cut at the end of a capture
                 tx.timed_out = True
@@ -846,6 +887,7 @@ class Tracker:
             tx.timer = -1
             if txs.get(tx.key) is tx:
                 del txs[tx.key]
+                self._tx_left(tx)
         calls = self.calls
         for cq in (self._call_short, self._call_long, self._call_linger):
             while cq.first <= now:

@@ -428,3 +428,71 @@ def test_forged_sources_keep_the_address_memo_bounded_and_responses_go_where_req
         (resp, dest), = core.receive_datagram(response_to(sent[i], 180, b"Ringing"), SIGNALING, T0 + 2)
         # (the source's IP, the Via's port: the Via carries no rport)
         assert resp.startswith(b"SIP/2.0 180") and dest == (sources[i][0], 5070)
+
+
+def _big_invite(i: int) -> bytes:
+    """A 55-KB INVITE whose Call-ID (20 KB), From (15 KB), Request-URI (3 KB) and top Via
+    (5 KB) are what a proxy keeps of a call and its transaction."""
+    req = invite(call_id=b"%d-" % i + b"c" * 20_000, branch=b"z9hG4bK-big-%d-" % i + b"b" * 5000,
+                 extra=b"X-Pad: " + b"p" * 10_000)
+    return req.replace(b";tag=from-1", b";tag=" + b"f" * 15_000).replace(
+        b"sip:+15551234567@10.0.0.3:5080", b"sip:+1555" + b"7" * 3000 + b"@10.0.0.3:5080")
+
+
+def test_what_the_tables_hold_does_not_follow_the_size_of_the_datagrams():
+    """The call and transaction tables were bounded by count only: each call kept its Call-ID,
+    From, To and Request-URI whole, each transaction the Via below ours, so 100,000 calls of
+    55-KB INVITEs held ~3.6 GB (36 KB a call, measured). Now the bytes are bounded too (1 KB a
+    call of max_calls on average, oldest evicted first, counted) and a transaction keeps no Via
+    of over 1 KB; every INVITE is still forwarded. Ground truth: the memory Python allocated."""
+    import tracemalloc
+    core = make(max_calls=2000, max_transactions=4000)  # (budgets of 2 MB and 4 MB)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(800):
+            out = core.receive_datagram(_big_invite(i), GATEWAY, T0 + i * 0.001)
+            assert [a for _, a in forwarded(out)] == [SIGNALING]
+            for kind, rec in core.drain_finished():  # (the proxy's tick consumes the records)
+                if kind == "call":
+                    rec.let_go()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    tracker = core.tracker
+    assert held < 10 << 20, held  # (counted alone, 800 such calls held ~34 MB)
+    assert tracker.call_bytes == sum(c.nbytes for c in tracker.calls.values()) <= tracker.max_call_bytes
+    assert tracker.tx_bytes == sum(t.nbytes for t in tracker.transactions.values()) <= tracker.max_tx_bytes
+    assert core.stats.evicted_calls > 600 and all(t.via_below is None for t in tracker.transactions.values())
+    # an answer to a call still held is relayed (its transaction takes the MAC check, not the Via)
+    last = forwarded(core.receive_datagram(_big_invite(400), GATEWAY, T0 + 1))[0][0]
+    out = core.receive_datagram(response_to(last, 200), SIGNALING, T0 + 1.1)
+    assert [a for _, a in out] == [GATEWAY]
+
+
+def test_the_tables_count_their_bytes_exactly_as_entries_come_and_go():
+    """call_bytes and tx_bytes are running sums: each entry adds its nbytes on the way in and
+    takes them out on every way out (replaced, evicted, expired), whatever the order."""
+    import random as rnd
+    r = rnd.Random(7)
+    core = make(max_calls=20, max_transactions=30, timer_b=1.0)
+    tracker = core.tracker
+    sent = []
+    t = T0
+    for i in range(600):
+        t += r.choice((0.001, 0.01, 0.3))
+        kind = r.random()
+        if kind < 0.6 or not sent:
+            cid = b"%d-" % i + b"c" * r.choice((10, 500, 3000))
+            out = forwarded(core.receive_datagram(
+                invite(call_id=cid, branch=b"z9hG4bK-x-%d" % i), GATEWAY, t))
+            sent += [d for d, _ in out]
+        elif kind < 0.9:
+            core.receive_datagram(response_to(r.choice(sent), r.choice((180, 200, 486))), SIGNALING, t)
+        else:
+            tracker.expire(t)
+            core.drain_finished()
+        assert tracker.call_bytes == sum(c.nbytes for c in tracker.calls.values())
+        assert tracker.tx_bytes == sum(x.nbytes for x in tracker.transactions.values())
+    tracker.expire(t + 1e6)
+    assert not tracker.transactions and tracker.tx_bytes == 0
