@@ -219,6 +219,9 @@ class Run:
             otlp_json_line(spans, _RESOURCE)
 
     def finish(self) -> None:
+        for tracker in (self.core.tracker, self.full.tracker):  # the tables' byte sums stay exact
+            assert tracker.call_bytes == sum(c.nbytes for c in tracker.calls.values()), "call_bytes drifted"
+            assert tracker.tx_bytes == sum(t.nbytes for t in tracker.transactions.values()), "tx_bytes drifted"
         for dt in (40.0, 400.0, 5 * 3600.0):
             self.housekeeping(self.now + dt)
         self.observer.finish()
