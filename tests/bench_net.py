@@ -969,7 +969,9 @@ class SippLoad:
         placed_in = placement_seconds(self.uac_dir, created) if created else None
         offer_s = max(self.duration, placed_in or 0.0)
         pids, duration = self.pids, self.duration
+        failed = max(0, self.calls - completed - refused)
         return {
+            "failure_logs": keep_failure_logs(self.tag, (self.uac_dir, self.uas_dir)) if failed else None,
             "target": self.target.name, "rate": self.rate, "duration_s": duration, "calls": self.calls,
             "created": created, "completed": completed, "refused_503": refused,
             "failed": max(0, self.calls - completed - refused),
@@ -991,6 +993,27 @@ class SippLoad:
             "proxy_drops": drops1[0] - self.drops0[0], "sipp_drops": drops1[1] - self.drops0[1],
             "rcvbuf_errors": rcvbuf1 - self.rcvbuf0, "steal_pct": steal,
         }
+
+
+# where a load run that lost calls keeps SIPp's error logs (the run's own directory is temporary):
+# which messages failed is the first question about such a run
+FAILURE_LOGS = Path(__file__).resolve().parents[1] / "build" / "bench-failures"
+
+
+def keep_failure_logs(tag: str, dirs) -> str | None:
+    """Copy the ``*_errors.log`` of SIPp's ``dirs`` to FAILURE_LOGS/<tag>-<time>/; its path, or
+    None when there was nothing to keep or it could not be written."""
+    dest = FAILURE_LOGS / f"{tag}-{time.strftime('%Y%m%dT%H%M%S')}"
+    kept = False
+    try:
+        for d in dirs:
+            for log in Path(d).glob("*_errors.log"):
+                dest.mkdir(parents=True, exist_ok=True)
+                shutil.copy(log, dest / f"{Path(d).name}-{log.name}")
+                kept = True
+    except OSError:
+        return None
+    return str(dest) if kept else None
 
 
 def sipp_load(workdir: Path, target, uas_port: int, rate: int, duration: float,

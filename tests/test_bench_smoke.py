@@ -763,3 +763,19 @@ def test_paired_runs_alternate_the_builds_and_start_each_sidecar_from_its_own(mo
     assert [r["goodput_cps"] for r in runs["A"]] == [1, 4, 5]
     assert bench_ab._medians(runs, "goodput_cps") == {"A": 4, "B": 3}
     assert bench_ab._line({"A": [{"x": 1.0}, None, {"x": 3.0}]}, "x", ".1f") == "A median 2.0 (1.0 3.0)"
+
+
+def test_a_run_that_lost_calls_keeps_sipps_error_logs(tmp_path, monkeypatch):
+    """A load run's directory is temporary; what SIPp logged about the calls it lost is kept
+    (which messages failed is the first question about such a run), and nothing when it wrote none."""
+    monkeypatch.setattr(bench_net, "FAILURE_LOGS", tmp_path / "kept")
+    uac, uas = tmp_path / "sipp-uac-x", tmp_path / "sipp-uas-x"
+    uac.mkdir()
+    uas.mkdir()
+    (uac / "bench_uac_1_errors.log").write_text("Aborting call on unexpected message\n")
+    (uac / "bench_uac_1_.csv").write_text("not kept\n")
+    kept = bench_net.keep_failure_logs("tag", (uac, uas))
+    assert kept is not None and Path(kept).parent == tmp_path / "kept"
+    assert [p.name for p in Path(kept).iterdir()] == ["sipp-uac-x-bench_uac_1_errors.log"]
+    assert "unexpected message" in (Path(kept) / "sipp-uac-x-bench_uac_1_errors.log").read_text()
+    assert bench_net.keep_failure_logs("tag", (uas,)) is None
