@@ -88,10 +88,10 @@ _TEXT_MEMO_MAX: Final = 4096
 # Two generations, the newer replaced when full or older than the span (Timer B, 64*T1: a caller
 # stops retransmitting by then); at most 2x the entries, whatever a flood of INVITEs holds.
 _REFUSED_MAX: Final = 32768
+_REFUSED_SPAN: Final = 32.0
 # A transaction keeps the Via value below ours up to this size, so that what it holds does not
 # follow the datagram's (a Via of 60 KB kept by each of 200,000 transactions: 12 GB)
 _VIA_BELOW_MAX: Final = 1024
-_REFUSED_SPAN: Final = 32.0
 # The MACs in one C call each (sipwatch/_sipscan.c: BLAKE2b from a prepared state, the parts
 # joined by "|", hex out), the same digests as hashlib's; hashlib when the extension was not built
 _c_mac_hex: Final[Callable[[bytes, bytes, tuple[bytes, ...]], bytes | None] | None] = \

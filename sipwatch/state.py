@@ -698,12 +698,13 @@ class Tracker:
             stats.ring.add(tx.midx, (now - tx.t_sent) * 1000.0, tx.trace_id)
         elif tx.t_final is not None:
             tags = tx.tags
-            if to_tag is not None and tags is not None and 200 <= status < 300 \
-                    and hash(to_tag) not in tags:
-                stats.forks += 1  # another branch answered too (RFC 3261 §16.7 step 5)
-                if len(tags) < MAX_FORK_TAGS:
-                    tags.append(hash(to_tag))
-                return tx
+            if to_tag is not None and tags is not None and 200 <= status < 300:
+                tag_hash = hash(to_tag)
+                if tag_hash not in tags:
+                    stats.forks += 1  # another branch answered too (RFC 3261 §16.7 step 5)
+                    if len(tags) < MAX_FORK_TAGS:
+                        tags.append(tag_hash)
+                    return tx
             tx.retrans += 1
             tx.call.retrans += 1
             stats.response_retransmissions += 1
