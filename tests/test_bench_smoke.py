@@ -714,11 +714,13 @@ def test_the_capped_knee_is_a_step_that_passed_once_more_after_failing(monkeypat
     monkeypatch.setattr(bench, "load_step", fake)
     steps, best, over = bench._capped_runs(None, "kamailio", 10, None, None, (2000, 3000, 4000, 5000),
                                            limit_at_knee=True)
-    # the coarse climb stops at 4000; 3250, 3500, 3750 then split the gap (all pass here)
-    assert [r["rate"] for r in steps] == [2000, 3000, 3000, 4000, 4000, 3250, 3500, 3750]
-    assert [r.get("retry", False) for r in steps] == [False, False, True, False, True, False, False, False]
+    # the coarse climb stops at 4000; 3250, 3500, 3750 then split the gap (all pass here), and
+    # 3750 is confirmed by two more runs
+    assert [r["rate"] for r in steps] == [2000, 3000, 3000, 4000, 4000, 3250, 3500, 3750, 3750, 3750]
+    assert [r.get("retry", False) for r in steps] == [False, False, True, False, True] + [False] * 5
+    assert [r.get("confirm", False) for r in steps] == [False] * 8 + [True, True]
     assert best == 3750
-    assert len(over) == 2 * bench.CAP_ROUNDS and all(lim == 3750 for _, lim in ran[8:])
+    assert len(over) == 2 * bench.CAP_ROUNDS and all(lim == 3750 for _, lim in ran[10:])
     assert sorted({r["rate"] for r in over}) == [5625, 7500]
 
 
@@ -735,7 +737,7 @@ def test_the_capped_knee_is_read_between_the_coarse_steps(monkeypatch):
     monkeypatch.setattr(bench, "load_step", fake)
     steps, best, over = bench._capped_runs(None, "all", 10, None, None, (500, 1000, 2000, 3000))
     assert best == 1500  # 1250 and 1500 pass, 1750 fails twice: the climb stops there
-    assert ran[:8] == [500, 1000, 2000, 2000, 1250, 1500, 1750, 1750]
+    assert ran[:10] == [500, 1000, 2000, 2000, 1250, 1500, 1750, 1750, 1500, 1500]
     assert {r["rate"] for r in over} == {2250, 3000}
     # a ladder whose every coarse step passes has no gap to split; one whose first step fails, no knee
     ran.clear()
@@ -744,6 +746,33 @@ def test_the_capped_knee_is_read_between_the_coarse_steps(monkeypatch):
     assert bench._capped_runs(None, "all", 10, None, None, (500, 1000)) == ([
         {"rate": 500, "passed": False, "goodput_cps": 100},
         {"rate": 500, "passed": False, "goodput_cps": 100, "retry": True}], None, [])
+
+
+def test_the_capped_knee_is_a_step_that_passes_in_most_of_its_runs(monkeypatch):
+    """The overload steps are judged on the median of their runs against the knee, so the knee is
+    read the same way: a step that passed on its second try but fails most runs is not the knee,
+    the next passing step down is, once most of its runs pass too. Without the confirmation the
+    climb read 3000 here."""
+    outcomes = {3000: [False, True, False], 2000: [True, False, True]}
+    ran = []
+
+    def fake(workdir, key, rate, duration, features, cap=None, invite_limit=None):
+        ran.append(rate)
+        ok = outcomes[rate].pop(0) if outcomes.get(rate) else rate < 3000
+        return {"rate": rate, "passed": ok, "goodput_cps": min(rate, 2500)}
+    monkeypatch.setattr(bench, "load_step", fake)
+    steps, best, over = bench._capped_runs(None, "all", 10, None, None, (1000, 2000, 3000, 4000))
+    # climb: 1000, 2000, 3000 (failed, passed again), 4000 failed twice; 3250 fails twice; 3000
+    # then fails its third run (1 of 3); 2000: passed, then failed, passed: 2 of 3
+    assert ran[:12] == [1000, 2000, 3000, 3000, 4000, 4000, 3250, 3250, 3000, 2000, 2000, 3000]
+    assert best == 2000
+    assert [r["rate"] for r in steps if r.get("confirm")] == [3000, 2000, 2000]
+    assert {r["rate"] for r in over} == {3000, 4000} and all(r["base_rate"] == 2000 for r in over)
+    # a failed try and its passing retry, then a third run that passes: that step is the knee
+    outcomes.update({3000: [False, True, True]})
+    ran.clear()
+    steps, best, over = bench._capped_runs(None, "all", 10, None, None, (1000, 2000, 3000))
+    assert best == 3000 and ran[:5] == [1000, 2000, 3000, 3000, 3000] and ran[5] == 4500
 
 
 def test_paired_runs_alternate_the_builds_and_start_each_sidecar_from_its_own(monkeypatch):
