@@ -37,6 +37,13 @@ CALL_DURATION_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 1440
 # database or a routing service
 LEG_SETUP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 MAX_CONNECTIONS = 64  # per metrics endpoint; more are refused (oldest idle one closed first)
+# Expositions built per second per endpoint past a burst; other scrapes get the last one built.
+# Building one takes the loop ~1 ms (every series of the registry): one client scraping in a
+# loop (~1000 a second) held the loop from forwarding enough to take an OPTIONS round trip
+# through the proxy from a p50 of 150 µs to 870 µs. A scraper every few seconds never meets the
+# bound, and what it holds back is at most 1/FRESH_PER_SECOND s old.
+FRESH_PER_SECOND = 10.0
+FRESH_BURST = 20
 IDLE_TIMEOUT = 2.0  # seconds a connection may take to send its request
 WRITE_TIMEOUT = 5.0  # seconds a scraper may take to read the response
 
@@ -244,9 +251,30 @@ def observe_all(hist: Histogram, values: list) -> None:
         buckets[i].inc(n)
 
 
+class FreshBudget:
+    """A token bucket: ``take(now)`` is true at most ``per_second`` times a second, after a burst
+    of ``burst``."""
+
+    def __init__(self, per_second: float, burst: int):
+        self.per_second = per_second
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.last: float | None = None
+
+    def take(self, now: float) -> bool:
+        if self.last is not None and now > self.last:
+            self.tokens = min(self.burst, self.tokens + (now - self.last) * self.per_second)
+        self.last = now if self.last is None else max(self.last, now)
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
 async def serve_metrics(registry: CollectorRegistry, host: str, port: int, on_error=None,
                         max_connections: int = MAX_CONNECTIONS,
-                        idle_timeout: float = IDLE_TIMEOUT, ready=None) -> asyncio.AbstractServer:
+                        idle_timeout: float = IDLE_TIMEOUT, ready=None,
+                        fresh: FreshBudget | None = None) -> asyncio.AbstractServer:
     """A minimal HTTP/1.1 server for /metrics, /healthz (alive: the loop answers) and /readyz on
     the running loop. ``ready()`` false (the proxy is draining) makes /readyz answer 503, so a
     readiness probe takes the pod out of rotation while liveness stays green.
@@ -255,9 +283,16 @@ async def serve_metrics(registry: CollectorRegistry, host: str, port: int, on_er
     not sent its request yet is closed to make room (so idle or slow clients cannot lock out a
     scrape), or, when every one is being answered, the new one is closed at once. A connection
     that sends no complete request head within ``idle_timeout`` seconds is closed.
+
+    An exposition is built for a scrape while ``fresh`` (FRESH_PER_SECOND past FRESH_BURST)
+    allows; past it a scrape gets the last one built in its format, so that a client scraping in
+    a loop cannot take the loop from forwarding.
     """
     waiting: dict = {}  # transports that have not sent their request yet, oldest first
     busy: set = set()
+    budget = fresh if fresh is not None else FreshBudget(FRESH_PER_SECOND, FRESH_BURST)
+    built: dict[str, bytes] = {}  # content type -> the last exposition built in it
+    loop = asyncio.get_running_loop()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         transport = writer.transport
@@ -284,7 +319,11 @@ async def serve_metrics(registry: CollectorRegistry, host: str, port: int, on_er
             if path.split("?")[0] in ("/metrics", "/"):
                 try:
                     encoder, ctype = choose_encoder(accept)
-                    body, status = encoder(registry), "200 OK"
+                    fresh_ok = budget.take(loop.time())
+                    body = built.get(ctype)
+                    if body is None or fresh_ok:
+                        body = built[ctype] = encoder(registry)
+                    status = "200 OK"
                 except Exception as exc:  # noqa: BLE001
                     if on_error is not None:
                         on_error("metrics", exc)
