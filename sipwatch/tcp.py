@@ -19,7 +19,7 @@ Hygiene, for peers that are hostile or merely broken: at most ``max_connections`
 seconds is closed, a message must be complete within ``MESSAGE_TIMEOUT`` seconds of its first
 byte (a byte-at-a-time sender holds one slot at most that long, and costs the others nothing:
 the loop never waits on a connection), a peer that does not read what it is sent is cut off past
-``MAX_WRITE_BUFFER`` bytes, TCP keep-alive finds half-open peers, and framing errors close the
+``MAX_WRITE_BUFFER`` bytes (and those holding the most once all hold ``MAX_WRITE_BUFFERS``), TCP keep-alive finds half-open peers, and framing errors close the
 connection. Every closing is counted by reason (``sipwatch_tcp_connections_closed_total``), every
 message not forwarded in ``sip_dropped_total``; nothing raises out of a protocol callback.
 """
@@ -41,6 +41,11 @@ IDLE_TIMEOUT = 300.0  # seconds without a message (RFC 5626 keep-alives count)
 MESSAGE_TIMEOUT = 10.0  # seconds from a message's first byte to its last
 CONNECT_TIMEOUT = 5.0
 MAX_WRITE_BUFFER = 4 << 20  # bytes waiting for a peer that does not read
+# bytes waiting in all connections together: without it, MAX_CONNECTIONS peers that do not read
+# could have the proxy hold 16 GB. Past it the connections holding the most are cut off until
+# three quarters of it are left (as Kamailio bounds its write queues: 32 KB a connection and
+# 10 MB in all, by default)
+MAX_WRITE_BUFFERS = 32 << 20
 MAX_PENDING = 4 << 20  # bytes waiting for a connection being opened
 MAX_ALIASES = 4
 SWEEP_EVERY = 1.0
@@ -100,6 +105,11 @@ class TcpEdge:
         self._sweeper: asyncio.TimerHandle | None = None
         self._closing = False
         self.now = clock()  # when the message being handled arrived (stamps writes as activity)
+        # connections whose write buffer held bytes after their last write, with that size, and
+        # the sum of those sizes (high until refreshed: a buffer drains without telling us)
+        self.unsent: dict[_Conn, int] = {}
+        self.unsent_bytes = 0
+        self.max_unsent = MAX_WRITE_BUFFERS
 
     # -- setup ---------------------------------------------------------------------------
     async def open(self, listen: Addr) -> None:
@@ -224,7 +234,37 @@ class TcpEdge:
         conns[conn] = None
         self.tcp_stats.open[0 if conn.inbound else 1] += 1
 
+    def _unsent(self, conn: "_Conn", size: int) -> None:
+        """``conn``'s write buffer holds ``size`` bytes now; past ``max_unsent`` in all, the
+        connections holding the most are cut off ("write_buffer") until three quarters are left.
+        The sum is read afresh from every connection that held bytes only then, so its cost is
+        spread over a quarter of the bound written."""
+        unsent = self.unsent
+        self.unsent_bytes += size - unsent.get(conn, 0)
+        if size:
+            unsent[conn] = size
+        else:
+            unsent.pop(conn, None)
+        if self.unsent_bytes <= self.max_unsent:
+            return
+        total = 0
+        for c in list(unsent):
+            t = c.transport
+            now = t.get_write_buffer_size() if t is not None and not c.closed else 0
+            if now:
+                unsent[c] = now
+                total += now
+            else:
+                del unsent[c]
+        self.unsent_bytes = total
+        if total > self.max_unsent:
+            for c in sorted(unsent, key=unsent.__getitem__, reverse=True):
+                if self.unsent_bytes <= self.max_unsent * 3 // 4:
+                    break
+                c.shut("write_buffer")  # (_forget takes it out of unsent and the sum)
+
     def _forget(self, conn: "_Conn") -> None:
+        self.unsent_bytes -= self.unsent.pop(conn, 0)
         if self.conns.pop(conn, 0) is None:
             self.tcp_stats.open[0 if conn.inbound else 1] -= 1
         for a in (conn.peer, *conn.aliases):
@@ -362,8 +402,11 @@ class _Conn(asyncio.Protocol):
             t.write(payload)
             edge.tcp_stats.messages_out += 1
             self.last_active = edge.now
-            if t.get_write_buffer_size() > MAX_WRITE_BUFFER:
+            size = t.get_write_buffer_size()
+            if size > MAX_WRITE_BUFFER:
                 self.shut("write_buffer")
+            elif size or self in edge.unsent:
+                edge._unsent(self, size)
         except Exception as exc:  # noqa: BLE001
             edge.tcp_stats.send_dropped += 1
             self._failed(exc)

@@ -210,3 +210,71 @@ def test_own_via_shortcut_over_tcp_agrees_with_parse_via():
     for other in (ours.replace(b"TCP", b"TLS"), ours.replace(b"5060", b"5061"), ours + b";alias",
                   ours.replace(b"TCP 10.0.0.2", b"TCP 10.0.0.20")):
         assert core._own_branch(other) is None  # general path decides
+
+
+def test_peers_that_do_not_read_hold_at_most_the_edges_bound_in_all():
+    """Each connection's write buffer was bounded (4 MB) but not their sum: 4096 peers that do
+    not read could have the proxy hold 16 GB. Past the edge's bound in all, the connections
+    holding the most are cut off (counted as write_buffer) until three quarters are left, and a
+    peer that reads keeps its connection. Real connections on the loopback, whose clients never
+    read; the edge's bound made small."""
+    import asyncio
+    import socket
+    import time
+
+    from sipwatch.tcp import TcpEdge
+
+    async def run():
+        edge = TcpEdge(make("tcp"), time.monotonic, lambda payload, dest: None)
+        edge.max_unsent = 2 << 20
+        await edge.open(("127.0.0.1", 0))
+        clients = []
+        try:
+            for _ in range(12):
+                c = socket.socket()
+                c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                c.setblocking(False)
+                try:
+                    c.connect(edge.local)
+                except BlockingIOError:
+                    pass
+                clients.append(c)
+            reader = clients[0]  # this one reads everything it is sent
+            for _ in range(100):
+                await asyncio.sleep(0.01)
+                if len(edge.conns) == len(clients):
+                    break
+            conns = list(edge.conns)
+            assert len(conns) == len(clients)
+            for conn in conns:  # (so that the kernel's buffers do not take it all)
+                conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            by_port = {c.transport.get_extra_info("peername")[1]: c for c in conns}
+            reading = by_port[reader.getsockname()[1]]
+            chunk = b"x" * 65536
+            most = 0
+            for rnd in range(40):
+                for conn in conns:
+                    if not conn.closed:
+                        conn.write(chunk)
+                for _ in range(1000):  # the reader takes all it was sent before the next round
+                    try:
+                        while reader.recv(1 << 20):
+                            pass
+                    except BlockingIOError:
+                        pass
+                    if reading.closed or not reading.transport.get_write_buffer_size():
+                        break
+                    await asyncio.sleep(0.001)
+                held = sum(c.transport.get_write_buffer_size() for c in conns if not c.closed)
+                most = max(most, held)
+                assert held <= edge.max_unsent, (rnd, held)
+            return dict(edge.tcp_stats.closed), reading.closed, most, edge.max_unsent
+        finally:
+            edge.close()
+            for c in clients:
+                c.close()
+
+    closed, reading_closed, most, bound = asyncio.run(run())
+    # 12 x 40 x 64 KB written (30 MB): peers that did not read were cut off, the reader was not
+    assert closed["write_buffer"] >= 4 and not reading_closed
+    assert most > bound // 2  # (the buffers did fill: the bound was what held them)
