@@ -303,16 +303,15 @@ class _Listener:
             now = self.loop.time()
             for _ in range(64):  # (then the loop's other callbacks)
                 if not self.budget.take(now):
-                    self.loop.remove_reader(self.sock.fileno())
-                    self.paused = self.loop.call_later(ACCEPT_PAUSE, self._resume)
-                    self.pauses += 1
+                    self._pause()
                     return
                 try:
                     conn, _ = self.sock.accept()
                 except (BlockingIOError, InterruptedError):
                     self.budget.tokens = min(self.budget.burst, self.budget.tokens + 1.0)  # (not used)
                     return
-                except OSError as exc:  # out of descriptors: the next readiness tries again
+                except OSError as exc:  # out of descriptors: a pause, not a loop spinning on it
+                    self._pause()
                     if self.on_error is not None:
                         self.on_error("metrics", exc)
                     return
@@ -323,6 +322,11 @@ class _Listener:
         except Exception as exc:  # noqa: BLE001
             if self.on_error is not None:
                 self.on_error("metrics", exc)
+
+    def _pause(self) -> None:
+        self.loop.remove_reader(self.sock.fileno())
+        self.paused = self.loop.call_later(ACCEPT_PAUSE, self._resume)
+        self.pauses += 1
 
     def _resume(self) -> None:
         self.paused = None

@@ -522,6 +522,53 @@ def test_connections_past_the_accept_budget_wait_in_the_kernels_queue():
     assert late.startswith(b"HTTP/1.1 200") and late.endswith(b"ok\n")
 
 
+def test_an_accept_that_fails_pauses_the_endpoint_instead_of_spinning_on_it():
+    """Out of descriptors, accept() fails while the socket stays readable: the endpoint pauses
+    (and reports it) instead of being called again at once, then serves again."""
+    import errno as _errno
+
+    from prometheus_client import CollectorRegistry
+
+    from sipwatch.metrics import serve_metrics
+
+    errors = []
+
+    class Failing:  # the listening socket, its first accept out of descriptors
+        def __init__(self, sock):
+            self.sock, self.failed = sock, 0
+
+        def fileno(self):
+            return self.sock.fileno()
+
+        def accept(self):
+            if not self.failed:
+                self.failed += 1
+                raise OSError(_errno.EMFILE, "Too many open files")
+            return self.sock.accept()
+
+        def close(self):
+            self.sock.close()
+
+    async def run():
+        port = free_port()
+        server = await serve_metrics(CollectorRegistry(), "127.0.0.1", port,
+                                     on_error=lambda where, exc: errors.append((where, exc.errno)))
+        server.sock = Failing(server.sock)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = await asyncio.wait_for(reader.read(), 30)
+            writer.close()
+            return answer, server.pauses
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    answer, pauses = asyncio.run(run())
+    assert errors == [("metrics", _errno.EMFILE)] and pauses == 1
+    assert answer.startswith(b"HTTP/1.1 200")
+
+
 def test_the_fresh_budget_refills_at_its_rate_up_to_its_burst():
     from sipwatch.metrics import FreshBudget
     b = FreshBudget(4.0, 2)
