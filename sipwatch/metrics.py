@@ -260,7 +260,7 @@ def observe_all(hist: Histogram, values: list) -> None:
         buckets[i].inc(n)
 
 
-class FreshBudget:
+class TokenBucket:
     """A token bucket: ``take(now)`` is true at most ``per_second`` times a second, after a burst
     of ``burst``."""
 
@@ -282,11 +282,11 @@ class FreshBudget:
 
 class _Listener:
     """A listening socket on the running loop whose connections are accepted at most as a
-    :class:`FreshBudget` allows: past it, no accept for ACCEPT_PAUSE s (the kernel queues the
+    :class:`TokenBucket` allows: past it, no accept for ACCEPT_PAUSE s (the kernel queues the
     rest, and drops what its queue cannot hold). Each accepted connection goes to
     ``serve(reader, writer)`` in a task. ``close()`` and ``wait_closed()`` as asyncio's servers."""
 
-    def __init__(self, sock: socket.socket, serve, budget: FreshBudget, on_error=None):
+    def __init__(self, sock: socket.socket, serve, budget: TokenBucket, on_error=None):
         self.sock = sock
         self.serve = serve
         self.budget = budget
@@ -359,7 +359,7 @@ class _Listener:
 async def serve_metrics(registry: CollectorRegistry, host: str, port: int, on_error=None,
                         max_connections: int = MAX_CONNECTIONS,
                         idle_timeout: float = IDLE_TIMEOUT, ready=None,
-                        fresh: FreshBudget | None = None, accepts: FreshBudget | None = None) -> "_Listener":
+                        fresh: TokenBucket | None = None, accepts: TokenBucket | None = None) -> "_Listener":
     """A minimal HTTP/1.1 server for /metrics, /healthz (alive: the loop answers) and /readyz on
     the running loop. ``ready()`` false (the proxy is draining) makes /readyz answer 503, so a
     readiness probe takes the pod out of rotation while liveness stays green.
@@ -376,7 +376,7 @@ async def serve_metrics(registry: CollectorRegistry, host: str, port: int, on_er
     """
     waiting: dict = {}  # transports that have not sent their request yet, oldest first
     busy: set = set()
-    budget = fresh if fresh is not None else FreshBudget(FRESH_PER_SECOND, FRESH_BURST)
+    budget = fresh if fresh is not None else TokenBucket(FRESH_PER_SECOND, FRESH_BURST)
     built: dict[str, bytes] = {}  # content type -> the last exposition built in it
     loop = asyncio.get_running_loop()
 
@@ -449,5 +449,5 @@ async def serve_metrics(registry: CollectorRegistry, host: str, port: int, on_er
     except OSError:
         sock.close()
         raise
-    return _Listener(sock, handle, accepts if accepts is not None else FreshBudget(ACCEPT_PER_SECOND, ACCEPT_BURST),
+    return _Listener(sock, handle, accepts if accepts is not None else TokenBucket(ACCEPT_PER_SECOND, ACCEPT_BURST),
                      on_error)

@@ -235,10 +235,11 @@ class TcpEdge:
         self.tcp_stats.open[0 if conn.inbound else 1] += 1
 
     def _unsent(self, conn: "_Conn", size: int) -> None:
-        """``conn``'s write buffer holds ``size`` bytes now; past ``max_unsent`` in all, the
-        connections holding the most are cut off ("write_buffer") until three quarters are left.
-        The sum is read afresh from every connection that held bytes only then, so its cost is
-        spread over a quarter of the bound written."""
+        """``conn``'s write buffer holds ``size`` bytes now. Past ``max_unsent`` in all (as last
+        read), the sum is read afresh from every connection that held bytes, and if more than
+        three quarters of the bound are still there, the connections holding the most are cut off
+        ("write_buffer") until three quarters are left: a quarter of the bound must be written
+        before the next such look, so its cost is spread over that."""
         unsent = self.unsent
         self.unsent_bytes += size - unsent.get(conn, 0)
         if size:
@@ -257,7 +258,7 @@ class TcpEdge:
             else:
                 del unsent[c]
         self.unsent_bytes = total
-        if total > self.max_unsent:
+        if total > self.max_unsent * 3 // 4:  # (so the next look is a quarter of the bound away)
             for c in sorted(unsent, key=unsent.__getitem__, reverse=True):
                 if self.unsent_bytes <= self.max_unsent * 3 // 4:
                     break

@@ -431,7 +431,7 @@ def test_scrapes_in_a_loop_get_the_last_exposition_past_the_budget_not_a_new_one
     from prometheus_client import CollectorRegistry
     from prometheus_client.core import CounterMetricFamily
 
-    from sipwatch.metrics import FreshBudget, serve_metrics
+    from sipwatch.metrics import TokenBucket, serve_metrics
 
     class Counting:
         builds = 0
@@ -458,7 +458,7 @@ def test_scrapes_in_a_loop_get_the_last_exposition_past_the_budget_not_a_new_one
 
     async def run():
         port = free_port()
-        server = await serve_metrics(registry, "127.0.0.1", port, fresh=FreshBudget(0.0, 3))
+        server = await serve_metrics(registry, "127.0.0.1", port, fresh=TokenBucket(0.0, 3))
         try:
             seen = []
             for i in range(50):
@@ -486,7 +486,7 @@ def test_connections_past_the_accept_budget_wait_in_the_kernels_queue():
     accepting for a moment; a connection beyond it is answered once the budget allows again."""
     from prometheus_client import CollectorRegistry
 
-    from sipwatch.metrics import FreshBudget, serve_metrics
+    from sipwatch.metrics import TokenBucket, serve_metrics
 
     async def ask(port):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -495,7 +495,7 @@ def test_connections_past_the_accept_budget_wait_in_the_kernels_queue():
 
     async def run():
         port = free_port()
-        accepts = FreshBudget(0.0, 3)  # three, then never again unless the test gives one
+        accepts = TokenBucket(0.0, 3)  # three, then never again unless the test gives one
         server = await serve_metrics(CollectorRegistry(), "127.0.0.1", port, accepts=accepts)
         try:
             first = []
@@ -570,8 +570,8 @@ def test_an_accept_that_fails_pauses_the_endpoint_instead_of_spinning_on_it():
 
 
 def test_the_fresh_budget_refills_at_its_rate_up_to_its_burst():
-    from sipwatch.metrics import FreshBudget
-    b = FreshBudget(4.0, 2)
+    from sipwatch.metrics import TokenBucket
+    b = TokenBucket(4.0, 2)
     assert [b.take(100.0) for _ in range(3)] == [True, True, False]
     assert b.take(100.125) is False and b.take(100.25) is True  # one per 0.25 s
     assert [b.take(200.0) for _ in range(3)] == [True, True, False]  # an idle minute: the burst, no more
