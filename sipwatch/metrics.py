@@ -47,8 +47,8 @@ FRESH_PER_SECOND = 10.0
 FRESH_BURST = 20
 # Connections accepted per second per endpoint past a burst; past it the endpoint stops accepting
 # for ACCEPT_PAUSE s and the rest wait in the kernel's queue (ACCEPT_BACKLOG). Each connection
-# takes the loop ~95 µs: four clients connecting in a loop (8,700 a second) took 82% of a CPU
-# from a proxy that forwards on the same loop, and its overload guard would have refused calls.
+# takes the loop ~95 µs: four clients connecting in a loop (8,700 a second) took the proxy, which
+# forwards on the same loop, to 82% of a CPU (under a pod's CPU limit, the calls' own CPU).
 ACCEPT_PER_SECOND = 500.0
 ACCEPT_BURST = 200
 ACCEPT_PAUSE = 0.05

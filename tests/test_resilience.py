@@ -481,8 +481,8 @@ def test_scrapes_in_a_loop_get_the_last_exposition_past_the_budget_not_a_new_one
 
 
 def test_connections_past_the_accept_budget_wait_in_the_kernels_queue():
-    """Each metrics connection took the loop ~95 µs: four clients connecting in a loop took 82%
-    of a CPU from the proxy forwarding on that loop. Past the accept budget the endpoint stops
+    """Each metrics connection took the loop ~95 µs: four clients connecting in a loop took the
+    proxy forwarding on that loop to 82% of a CPU. Past the accept budget the endpoint stops
     accepting for a moment; a connection beyond it is answered once the budget allows again."""
     from prometheus_client import CollectorRegistry
 
