@@ -279,6 +279,10 @@ class TokenBucket:
             return True
         return False
 
+    def give_back(self) -> None:
+        """A token taken for nothing returns (up to the burst)."""
+        self.tokens = min(self.burst, self.tokens + 1.0)
+
 
 class _Listener:
     """A listening socket on the running loop whose connections are accepted at most as a
@@ -308,7 +312,7 @@ class _Listener:
                 try:
                     conn, _ = self.sock.accept()
                 except (BlockingIOError, InterruptedError):
-                    self.budget.tokens = min(self.budget.burst, self.budget.tokens + 1.0)  # (not used)
+                    self.budget.give_back()  # (nothing was waiting)
                     return
                 except OSError as exc:  # out of descriptors: a pause, not a loop spinning on it
                     self._pause()

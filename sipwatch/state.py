@@ -457,11 +457,9 @@ class Tracker:
                 # its record is emitted once, here; outcome counters are left as they are
                 self._finish_call(old, now, "replaced")
             self._left(old)
-        if len(calls) >= self.max_calls:
-            self._evict_call(now)
         nbytes = len(call_id) + len(from_uri) + len(to_uri) + len(ruri)
-        while calls and self.call_bytes + nbytes > self.max_call_bytes:
-            self._evict_call(now)
+        while calls and (len(calls) >= self.max_calls or self.call_bytes + nbytes > self.max_call_bytes):
+            self._evict_call(now)  # (each takes one call out of the table)
         if is_call:
             deadline = now + self.max_call_duration
             call = Call(call_id, trace_id, span_id, parent_span_id, sampled, now, deadline,
@@ -606,7 +604,7 @@ class Tracker:
         old = txs.setdefault(key, tx)  # (one lookup when the key is new, as it nearly always is)
         if old is not tx:  # a request reusing a branch: the old one leaves with its timer
             self._unschedule_tx(old)
-            self._tx_left(old)
+            self._drop_tx(old)
             txs[key] = tx
         tx.nbytes = nbytes
         self.tx_bytes += nbytes
@@ -649,16 +647,21 @@ class Tracker:
         self._emit("tx", tx)
         return tx
 
-    def _tx_left(self, tx: Transaction) -> None:
-        """``tx`` is no longer in the table."""
+    def _drop_tx(self, tx: Transaction) -> bool:
+        """``tx`` leaves the table with its bytes, if it is the one held under its key (False
+        when not: it left before)."""
+        txs = self.transactions
+        if txs.get(tx.key) is not tx:
+            return False
+        del txs[tx.key]
         self.tx_bytes -= tx.nbytes
         tx.nbytes = 0
+        return True
 
     def _evict_tx(self) -> bool:
         """Make room: a completed transaction still lingering (oldest first), else the pending
         one least recently active (oldest request under Timer B, or oldest 1xx under Timer C).
         False when no queue held one."""
-        txs = self.transactions
         tx = self._tx_linger.pop_head()
         if tx is None:
             b, c = self._tx_b.peek(), self._tx_c.peek()
@@ -670,9 +673,7 @@ class Tracker:
                 return False
             self.stats.evicted_transactions += 1
         tx.timer = -1
-        if txs.get(tx.key) is tx:
-            del txs[tx.key]
-            self._tx_left(tx)
+        self._drop_tx(tx)
         return True
 
     def _unschedule_tx(self, tx: Transaction) -> None:
@@ -843,7 +844,7 @@ class Tracker:
                 and now < self._call_linger.first:
             self.expire_left = False
             return
-        txs, stats = self.transactions, self.stats
+        stats = self.stats
         budget = self.expire_budget if self.expire_budget > 0 else -1  # -1: unbounded
         self.expire_left = False
         for q in (self._tx_b, self._tx_c):
@@ -856,10 +857,8 @@ class Tracker:
                     break
                 budget -= 1
                 tx.timer = -1
-                if txs.get(tx.key) is not tx:
+                if not self._drop_tx(tx):
                     continue  # (what leaves the table leaves its queue: not expected)
-                del txs[tx.key]
-                self._tx_left(tx)
                 if tx.t_final is not None:
                     continue  # cut at the end of a capture
                 tx.timed_out = True
@@ -886,9 +885,7 @@ class Tracker:
                 break
             budget -= 1
             tx.timer = -1
-            if txs.get(tx.key) is tx:
-                del txs[tx.key]
-                self._tx_left(tx)
+            self._drop_tx(tx)
         calls = self.calls
         for cq in (self._call_short, self._call_long, self._call_linger):
             while cq.first <= now:

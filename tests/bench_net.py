@@ -974,7 +974,7 @@ class SippLoad:
             "failure_logs": keep_failure_logs(self.tag, (self.uac_dir, self.uas_dir)) if failed else None,
             "target": self.target.name, "rate": self.rate, "duration_s": duration, "calls": self.calls,
             "created": created, "completed": completed, "refused_503": refused,
-            "failed": max(0, self.calls - completed - refused),
+            "failed": failed,
             "ok": _int(uac_stat, "SuccessfulCall(C)"), "sipp_failed": _int(uac_stat, "FailedCall(C)"),
             "retransmissions": retrans, "uac_rc": self.uac.returncode, "wall_s": wall,
             "placed_s": placed_in,
