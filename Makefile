@@ -41,13 +41,21 @@ fuzz-smoke: venv
 	sh tests/fuzz/smoke.sh $(BIN)/python $(FUZZ_RUNS)
 
 # longer coverage-guided run with a kept corpus (tests/fuzz/corpus, git-ignored); it keeps going
-# after a finding, saves one input per distinct finding in tests/fuzz/artifacts/ and lists them
+# after a finding, saves one input per distinct finding in tests/fuzz/artifacts/ and lists them.
+# FUZZ_TARGET: core (the proxy core, observer and parser), capture (the capture reader and the
+# analysis), hep (the HEP decoder and receiver) or framing (SIP over TCP)
 FUZZ_TIME ?= 600
+FUZZ_TARGET ?= core
+FUZZ_SEEDS_core := tests/fuzz/seeds tests/fuzz/regressions
+FUZZ_SEEDS_capture := tests/fuzz/capture_seeds tests/fuzz/capture_regressions
+FUZZ_SEEDS_hep := tests/fuzz/hep_seeds
+FUZZ_SEEDS_framing := tests/fuzz/framing_seeds
+FUZZ_CORPUS := tests/fuzz/corpus$(if $(filter-out core,$(FUZZ_TARGET)),-$(FUZZ_TARGET))
 fuzz: venv
-	mkdir -p tests/fuzz/corpus tests/fuzz/artifacts; rm -f tests/fuzz/artifacts/summary.txt
-	FUZZ_KEEP_GOING=tests/fuzz/artifacts $(BIN)/python tests/fuzz/fuzz_core.py \
+	mkdir -p $(FUZZ_CORPUS) tests/fuzz/artifacts; rm -f tests/fuzz/artifacts/summary.txt
+	FUZZ_KEEP_GOING=tests/fuzz/artifacts $(BIN)/python tests/fuzz/fuzz_$(FUZZ_TARGET).py \
 	  -max_total_time=$(FUZZ_TIME) -print_final_stats=1 -print_pcs=0 -reload=0 \
-	  -artifact_prefix=tests/fuzz/artifacts/ $(FUZZ_ARGS) tests/fuzz/corpus tests/fuzz/seeds; \
+	  -artifact_prefix=tests/fuzz/artifacts/ $(FUZZ_ARGS) $(FUZZ_CORPUS) $(FUZZ_SEEDS_$(FUZZ_TARGET)); \
 	rc=$$?; cat tests/fuzz/artifacts/summary.txt 2>/dev/null; exit $$rc
 
 # Kamailio is the baseline every figure is measured against

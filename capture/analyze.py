@@ -27,7 +27,8 @@ from sipwatch.rtp import RtpAnalyzer
 from sipwatch.stats import OUTCOMES, Stats
 from sipwatch.otlp_options import add_otlp_arguments
 
-from .pcapfile import KEEPALIVE_MAX, MAX_SIP_MESSAGE, is_sip_keepalive
+from .pcapfile import (KEEPALIVE_MAX, MAX_FRAG_BYTES, MAX_FRAG_PARTS, MAX_FRAG_SETS, MAX_SIP_MESSAGE,
+                       MAX_TCP_HELD, is_sip_keepalive)
 
 SIP_PORTS = (5060, 5061)
 ANALYZE_EXPORT_TIMEOUT = 300.0  # seconds to export a file's spans before dropping the rest
@@ -337,6 +338,12 @@ def capture_warnings(counters: dict, decoded: int, sip_messages: int) -> list[st
                    f"try --engine pyshark")
     if counters.get("undecodable"):
         out.append(f"warning: {counters['undecodable']} frames tshark matched could not be converted")
+    frags, flows = counters.get("fragments_dropped", 0), counters.get("tcp_flows_dropped", 0)
+    if frags or flows:
+        out.append(f"warning: reassembly given up for {frags} fragmented datagrams (more than "
+                   f"{MAX_FRAG_PARTS} fragments, or more than {MAX_FRAG_SETS} unfinished, or past {MAX_FRAG_BYTES >> 20} MB held) "
+                   f"and {flows} TCP connections (past {MAX_TCP_HELD >> 20} MB held); SIP in them "
+                   f"may be missing")
     over = counters.get("sip_oversized", 0)
     if over:
         out.append(f"warning: {over} SIP messages over TCP larger than --max-sip-message were skipped")

@@ -35,8 +35,9 @@ observation per stream: E-model MOS from its loss, codecs without G.113 figures 
 What the reader saw is exported too (:class:`DecoderMetrics`): ``sipwatch_capture_frames_total``,
 ``sipwatch_capture_encapsulated_frames_total{encapsulation}`` (VXLAN, GRE/ERSPAN, PPPoE, MPLS, ...),
 ``sipwatch_capture_undecoded_frames_total{type}`` (frames it cannot open, also logged once per new
-type as ``capture_undecoded``) and ``sipwatch_capture_sip_oversized_total`` (SIP/TCP messages over
-``--max-sip-message``). Keep-alives on the SIP ports (``hello``, ``jaK``, CRLF, STUN) count in
+type as ``capture_undecoded``), ``sipwatch_capture_sip_oversized_total`` (SIP/TCP messages over
+``--max-sip-message``) and ``sipwatch_capture_reassembly_dropped_total{what}`` (datagrams and TCP
+connections given up to keep the reassembly state bounded). Keep-alives on the SIP ports (``hello``, ``jaK``, CRLF, STUN) count in
 ``sip_keepalives_total``, not as parse errors.
 
 Spans: ``--otlp-endpoint``, ``--otlp-protocol``, ``--spans-file`` and the OTEL_* variables work
@@ -251,7 +252,9 @@ class DecoderMetrics:
     """What the capture reader saw, as Prometheus counters: frames read, frames opened through
     each encapsulation, frames it could not open (by link type, Ethernet type, IP protocol or
     tunnel: bounded, see :data:`capture.pcapfile.MAX_UNDECODED_TYPES`) and SIP/TCP messages over
-    ``--max-sip-message``, so a tap delivering something unreadable is visible, not silent."""
+    ``--max-sip-message``, so a tap delivering something unreadable is visible, not silent; and the
+    reassemblies given up to keep the reader's memory bounded (forged or lost fragments, TCP
+    connections holding the most: see :mod:`capture.pcapfile`)."""
 
     def __init__(self, counters: dict):
         self.c = counters
@@ -274,6 +277,12 @@ class DecoderMetrics:
         yield und
         yield CounterMetricFamily("sipwatch_capture_sip_oversized", "SIP messages over TCP larger "
                                   "than --max-sip-message, skipped.", value=c.get("sip_oversized", 0))
+        given_up = CounterMetricFamily("sipwatch_capture_reassembly_dropped",
+                                       "Fragmented datagrams and TCP connections the reader gave up "
+                                       "reassembling to stay within its memory bounds.", labels=["what"])
+        given_up.add_metric(["ip_fragments"], c.get("fragments_dropped", 0))
+        given_up.add_metric(["tcp_connections"], c.get("tcp_flows_dropped", 0))
+        yield given_up
 
 
 class LiveCapture:

@@ -64,6 +64,11 @@ MAX_UNDECODED_TYPES = 64
 MAX_TUNNEL_DEPTH = 8  # nested encapsulations; a forged packet nesting deeper is counted, not followed
 IPV6_EXT = (0, 43, 60, 135, 139, 140)  # hop-by-hop, routing, dest opts, mobility, HIP, shim6
 MAX_FRAG_SETS = 1024
+# fragments of one datagram: a 64-KB datagram cut for a 576-byte MTU has 118; more are a forgery
+# (each arrival looks for the whole, so the bound keeps that cost constant)
+MAX_FRAG_PARTS = 128
+MAX_FRAG_BYTES = 16 << 20  # bytes held in all unfinished datagrams (Linux holds 4 MB by default)
+MAX_TCP_HELD = 64 << 20  # bytes held for all TCP connections: out of order, or a message's rest
 MAX_SIP_MESSAGE = 1 << 20  # bytes: the largest SIP message framed over TCP (--max-sip-message)
 MAX_SIP_HEADERS = 1 << 16  # bytes of a message's start line and headers
 MAX_TCP_FLOWS = 10_000
@@ -81,21 +86,24 @@ _CLEN = re.compile(rb"(?im)^(?:content-length|l)[ \t]*:[ \t]*(\d+)")
 
 
 class _FragSet:
-    __slots__ = ("parts", "total", "first")
+    __slots__ = ("parts", "total", "first", "size")
 
     def __init__(self):
         self.parts: dict[int, bytes] = {}
         self.total = -1
+        self.size = 0  # bytes in parts
         self.first = None  # the first fragment's header info (needed to decode the payload)
 
 
 class _TcpFlow:
-    __slots__ = ("next_seq", "buf", "ooo", "sip", "skipped", "pending", "plen", "need", "scan", "skip")
+    __slots__ = ("next_seq", "buf", "ooo", "ooo_bytes", "sip", "skipped", "pending", "plen", "need",
+                 "scan", "skip")
 
     def __init__(self):
         self.next_seq = None
         self.buf = b""  # bytes not yet framed into a message
         self.ooo: dict[int, bytes] = {}
+        self.ooo_bytes = 0
         self.sip = None  # None: undecided; True once a SIP start line was seen
         self.skipped = 0
         # linear cost for large messages: segments wait in ``pending`` until ``need`` bytes are
@@ -127,7 +135,9 @@ class Decoder:
     def __init__(self, counters: dict, max_sip_message: int = MAX_SIP_MESSAGE):
         self.c = counters
         self.frags: dict[tuple, _FragSet] = {}
+        self.frag_bytes = 0  # held in frags
         self.flows: dict[tuple, _TcpFlow] = {}
+        self.tcp_added = 0  # bytes given to flows to hold since their sum was last looked at
         self.max_sip_message = max_sip_message
         self._ip4_text: dict[bytes, str] = {}  # packed IPv4 address → text, for the fast path
 
@@ -399,13 +409,26 @@ class Decoder:
         fs = self.frags.get(key)
         if fs is None:
             if len(self.frags) >= MAX_FRAG_SETS:
-                self.frags.pop(next(iter(self.frags)))
-                self._count("fragments_dropped")
+                self._drop_frags(next(iter(self.frags)))
             fs = self.frags[key] = _FragSet()
+        old = fs.parts.get(foff)
+        if old is not None:  # the same offset again: the later copy wins
+            fs.size -= len(old)
+            self.frag_bytes -= len(old)
+        elif len(fs.parts) >= MAX_FRAG_PARTS:
+            self._drop_frags(key)
+            return None
         fs.parts[foff] = part
+        fs.size += len(part)
+        self.frag_bytes += len(part)
+        while self.frag_bytes > MAX_FRAG_BYTES:  # the oldest unfinished datagrams go first
+            oldest = next(iter(self.frags))
+            self._drop_frags(oldest)
+            if oldest == key:
+                return None
         if not mf:
             fs.total = foff + len(part)
-        if fs.total < 0:
+        if fs.total < 0 or fs.size < fs.total:  # (cannot be whole yet)
             return None
         pos, out = 0, []
         for o in sorted(fs.parts):
@@ -418,8 +441,14 @@ class Decoder:
         if pos < fs.total:
             return None
         del self.frags[key]
+        self.frag_bytes -= fs.size
         self._count("ip_reassembled")
         return b"".join(out)[:fs.total]
+
+    def _drop_frags(self, key) -> None:
+        """An unfinished datagram given up (too many fragments, or the bounds on what is held)."""
+        self.frag_bytes -= self.frags.pop(key).size
+        self._count("fragments_dropped")
 
     # -- transport -----------------------------------------------------------------------
     def _transport(self, proto: int, fam: int, s: bytes, d: bytes, seg: bytes,
@@ -606,7 +635,7 @@ class Decoder:
             flow = self.flows[key] = _TcpFlow()
         if flags & 0x02:  # SYN: data starts at ISN + 1
             flow.next_seq = (seq + 1) & 0xFFFFFFFF
-            flow.buf, flow.ooo = b"", {}
+            flow.buf, flow.ooo, flow.ooo_bytes = b"", {}, 0
             flow.pending, flow.plen, flow.need, flow.scan, flow.skip = [], 0, 0, 0, 0
             return []
         if flags & 0x05 and not data:  # FIN/RST without data
@@ -626,22 +655,50 @@ class Decoder:
             rel = 0
         if rel > 0:  # a gap: keep it until the missing bytes arrive
             if len(flow.ooo) < 256:
+                old = flow.ooo.get(seq)
                 flow.ooo[seq] = bytes(data)
+                flow.ooo_bytes += len(data) - (len(old) if old is not None else 0)
+                self._held(len(data))
             return []
         self._take(flow, data)
+        self._held(len(data))
         flow.next_seq = (flow.next_seq + len(data)) & 0xFFFFFFFF
         while flow.ooo:
             nxt = flow.ooo.pop(flow.next_seq, None)
             if nxt is None:
                 break
+            flow.ooo_bytes -= len(nxt)
             self._take(flow, nxt)
             flow.next_seq = (flow.next_seq + len(nxt)) & 0xFFFFFFFF
+        if key not in self.flows:  # (cut off by _held)
+            return []
         if flow.plen < flow.need:  # the body is still arriving: nothing to frame yet
             return []
         if flow.pending:
             flow.buf = flow.buf + b"".join(flow.pending) if flow.buf else b"".join(flow.pending)
             flow.pending, flow.plen = [], 0
         return self._frame_sip(flow, src, dst, ts)
+
+    def _held(self, n: int) -> None:
+        """``n`` more bytes given to the flows to hold: past a quarter of MAX_TCP_HELD since the
+        last look, their sum is taken; above MAX_TCP_HELD, the connections holding the most are
+        given up until three quarters are left. (Amortised: at most one walk over the flows per
+        16 MB of TCP payload.)"""
+        self.tcp_added += n
+        if self.tcp_added <= MAX_TCP_HELD // 4:
+            return
+        self.tcp_added = 0
+        held = [(len(f.buf) + f.plen + f.ooo_bytes, k) for k, f in self.flows.items()]
+        total = sum(h for h, _ in held)
+        if total <= MAX_TCP_HELD:
+            return
+        held.sort(reverse=True)
+        for h, k in held:
+            if total <= MAX_TCP_HELD * 3 // 4:
+                break
+            del self.flows[k]
+            total -= h
+            self._count("tcp_flows_dropped")
 
     @staticmethod
     def _take(flow: _TcpFlow, data) -> None:
@@ -827,6 +884,10 @@ def _pcap_ethernet(mm, dec: Decoder, c: dict, rec, div: int) -> Iterator[Packet]
             c["udp"] += udp
 
 
+# pcapng block types read here, and their least total length (the fixed fields, no data)
+_BLOCK_MIN = {1: 20, 2: 32, 3: 16, 6: 32}
+
+
 def _pcapng(mm, dec: Decoder, c: dict) -> Iterator[Packet]:
     n = len(mm)
     off = 0
@@ -845,7 +906,9 @@ def _pcapng(mm, dec: Decoder, c: dict) -> Iterator[Packet]:
             c["truncated"] = c.get("truncated", 0) + 1
             return
         body = off + 8
-        if btype == 1:  # interface description
+        if blen < _BLOCK_MIN.get(btype, 12):  # too short for its own fixed fields: skipped
+            c["truncated"] = c.get("truncated", 0) + 1
+        elif btype == 1:  # interface description
             lt = struct.unpack_from(end + "H", mm, body)[0]
             per_s, tsoff = 10**6, 0
             for code, val in _options(mm, body + 8, off + blen - 4, end):
@@ -887,7 +950,7 @@ def _pcapng(mm, dec: Decoder, c: dict) -> Iterator[Packet]:
 def _options(mm, off: int, stop: int, end: str):
     while off + 4 <= stop:
         code, length = struct.unpack_from(end + "HH", mm, off)
-        if code == 0:
+        if code == 0 or off + 4 + length > stop:  # the end, or an option past its block's end
             return
         yield code, mm[off + 4:off + 4 + length]
         off += 4 + ((length + 3) & ~3)

@@ -171,6 +171,31 @@ def test_format_variants_give_identical_results(tmp_path, variant):
 
 
 @needs_tshark
+def test_pcapng_block_too_short_for_its_fields_is_skipped(tmp_path):
+    """A packet block whose length leaves no room for its own fixed fields (found by
+    tests/fuzz/fuzz_capture.py: read past the end of the file, the reader raised out of analyse)
+    is counted and skipped; every other packet of the file is read as tshark reads them."""
+    src = Path(__file__).resolve().parents[1] / "pcaps" / "callee_bye.pcap"
+    ng = tmp_path / "ok.pcapng"
+    subprocess.run(["editcap", "-F", "pcapng", str(src), str(ng)], check=True)
+    raw = ng.read_bytes()
+    blocks, off = [], 0
+    while off < len(raw):  # (editcap writes little-endian)
+        blen = int.from_bytes(raw[off + 4:off + 8], "little")
+        blocks.append(raw[off:off + blen])
+        off += blen
+    short = (6).to_bytes(4, "little") + (12).to_bytes(4, "little") + (12).to_bytes(4, "little")
+    first_packet = next(i for i, b in enumerate(blocks) if b[:4] == (6).to_bytes(4, "little"))
+    for where in (first_packet + 1, len(blocks)):  # between packets, and the file's last block
+        bad = tmp_path / f"short{where}.pcapng"
+        bad.write_bytes(b"".join(blocks[:where]) + short + b"".join(blocks[where:]))
+        rep = analyse(str(bad))
+        assert rep["packets"] == tshark_frames(ng)
+        assert rep["capture_counters"]["truncated"] == 1
+        assert_sip_counts_match_tshark(ng, rep)
+
+
+@needs_tshark
 def test_vlan_tunnels_and_loopback_links(tmp_path):
     """QinQ, IP-in-IP, IPv6-in-IPv4, raw IP and BSD loopback carry the same call."""
     cases = {

@@ -27,5 +27,12 @@ if [ $rc -eq 0 ]; then  # the SIP-over-TCP framer (tests/fuzz/framing_target.py)
   rc=$?
   if [ $rc -eq 0 ]; then echo "framing: $(grep '^stat::' "$d/log" | tr '\n' ' ')"; else tail -40 "$d/log"; fi
 fi
+if [ $rc -eq 0 ]; then  # the capture reader and the analysis (tests/fuzz/capture_target.py)
+  mkdir "$d/capture"
+  "$py" tests/fuzz/fuzz_capture.py -seed=1 -runs="$runs" -print_final_stats=1 \
+    -artifact_prefix=tests/fuzz/artifacts/ "$d/capture" tests/fuzz/capture_seeds >"$d/log" 2>&1
+  rc=$?
+  if [ $rc -eq 0 ]; then echo "capture: $(grep '^stat::' "$d/log" | tr '\n' ' ')"; else tail -40 "$d/log"; fi
+fi
 rm -rf "$d"
 exit $rc

@@ -1,0 +1,29 @@
+"""atheris (libFuzzer) entry point over the capture reader and the analysis (properties in
+capture_target.py).
+
+    python tests/fuzz/fuzz_capture.py -seed=1 -runs=500 CORPUS_DIR tests/fuzz/capture_seeds   # make test
+    make fuzz FUZZ_TARGET=capture                                                      # longer
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import atheris
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+with atheris.instrument_imports(include=["capture", "sipwatch.rtp", "sipwatch.observer", "capture_target"]):
+    import capture_target
+
+import keep_going  # noqa: E402
+
+
+def main() -> None:
+    atheris.Setup(sys.argv, keep_going.entry(capture_target.run_one_capture))
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    main()

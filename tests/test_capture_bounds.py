@@ -1,0 +1,137 @@
+"""What a forged stream of fragments or TCP segments can make the capture reader hold and do.
+
+The reader (capture/pcapfile.py) decodes files and, under ``sipwatch capture``, a live
+interface: anyone who can put packets on the watched network writes its input. Reassembly keeps
+state between packets, so these tests send what a sender that never completes anything sends,
+and check that the state stays bounded and the work per packet constant, while the datagrams and
+messages of honest senders in between still come out whole.
+
+Work is counted, not timed (Python lines and C calls, as in test_adversarial_cost.py), so the
+figures are the same on an idle and a loaded machine.
+"""
+from __future__ import annotations
+
+import pytest
+
+import pcapbuild as pb
+from capture import pcapfile
+from capture.pcapfile import MAX_FRAG_PARTS, Decoder
+from test_adversarial_cost import count_events
+
+pytestmark = pytest.mark.pure_python
+
+A, B = "10.0.0.1", "10.0.0.2"
+
+
+def _fragment_flood(n: int, ident: int = 9) -> list[bytes]:
+    """One datagram's worth of 8-byte fragments that never completes: the last one first (its
+    length known), then the pieces from the start on, one hole left before the last: each one
+    made the reader walk every piece held before it (in Python; the sort of the offsets, already
+    in order, is one C call)."""
+    frames = [pb.eth(pb.ipv4(A, B, 17, b"z" * 8, ident, (n + 1) * 8, False))]
+    frames += [pb.eth(pb.ipv4(A, B, 17, b"y" * 8, ident, k * 8, True)) for k in range(n)]
+    return frames
+
+
+def _held_fragments(dec: Decoder) -> int:
+    return sum(len(p) for fs in dec.frags.values() for p in fs.parts.values())
+
+
+def test_fragment_flood_costs_linear_work_and_is_given_up():
+    """Each fragment made the reader look for the whole datagram over every fragment held: a
+    forged datagram of n fragments cost n² (8000 in a random order, 464 KB of capture: 2.6 s). Now one
+    datagram holds at most MAX_FRAG_PARTS fragments; past that it is given up and counted."""
+    costs = {}
+    for n in (500, 1000, 2000):
+        frames = _fragment_flood(n)
+        dec = Decoder({})
+
+        def feed():
+            for f in frames:
+                dec.frame(1, f, 0.0)
+        costs[n] = count_events(feed)
+        assert all(len(fs.parts) <= MAX_FRAG_PARTS for fs in dec.frags.values())
+        assert dec.c["fragments_dropped"] >= n // (MAX_FRAG_PARTS + 1)
+        assert dec.frag_bytes == _held_fragments(dec)
+    assert costs[1000] <= 2.3 * costs[500] and costs[2000] <= 2.3 * costs[1000], costs
+
+
+def test_fragment_bytes_held_are_bounded_and_honest_datagrams_still_reassemble(monkeypatch):
+    """Thousands of unfinished datagrams of large fragments: what is held never passes
+    MAX_FRAG_BYTES (the oldest go first), the byte count the bound is kept by is exact at every
+    step, and a datagram sent whole in three fragments in the middle of it comes out whole."""
+    monkeypatch.setattr(pcapfile, "MAX_FRAG_BYTES", 1 << 20)
+    dec = Decoder({})
+    sip = pb.sip_invite("frag-ok@x", "z9hG4bKfrag", A, B, extra="X-Pad: " + "p" * 3500 + "\r\n")
+    honest = [pb.eth(f) for f in pb.ipv4_fragments(A, B, 17, pb.udp(5060, 5060, sip), ident=77)]
+    got = []
+    for i in range(3000):
+        # a datagram's first fragment only (1400 bytes), never the rest
+        got += dec.frame(1, pb.eth(pb.ipv4(B, A, 17, b"f" * 1400, 1000 + i, 0, True)), 0.0)
+        if 1500 <= i < 1500 + len(honest):
+            got += dec.frame(1, honest[i - 1500], 0.0)
+        assert dec.frag_bytes == _held_fragments(dec) <= 1 << 20
+    assert [p.payload for p in got] == [sip]
+    assert dec.c["fragments_dropped"] >= 3000 - (1 << 20) // 1400
+    # a fragment sent again replaces the first copy: counted once
+    for _ in range(3):
+        dec.frame(1, pb.eth(pb.ipv4(B, A, 17, b"g" * 900, 5, 0, True)), 0.0)
+    assert dec.frag_bytes == _held_fragments(dec)
+
+
+def _segment(sport: int, seq: int, payload: bytes, flags: int = 0x18) -> bytes:
+    return pb.eth(pb.ipv4(A, B, 6, pb.tcp(sport, 5060, seq, payload, flags)))
+
+
+def test_tcp_bytes_held_are_bounded_and_honest_connections_still_frame(monkeypatch):
+    """Connections that leave a gap before everything they send (held out of order) and ones that
+    announce a large body and send it slowly (held until it is complete): the sum held is looked
+    at every quarter of MAX_TCP_HELD given to the flows, and the connections holding the most are
+    dropped and counted. An honest connection sending a call in the middle keeps its messages."""
+    bound = 1 << 20
+    monkeypatch.setattr(pcapfile, "MAX_TCP_HELD", bound)
+    dec = Decoder({})
+    big_head = (b"MESSAGE sip:b@x SIP/2.0\r\nVia: SIP/2.0/TCP 10.0.0.1;branch=z9hG4bKbig\r\n"
+                b"Call-ID: big@x\r\nCSeq: 1 MESSAGE\r\nContent-Length: 900000\r\n\r\n")
+    seqs = {}
+    for port in range(20000, 20300):
+        dec.frame(1, _segment(port, 1000, b"", 0x02), 0.0)  # SYN
+        seqs[port] = 1001
+    invite = pb.sip_invite("tcp-ok@x", "z9hG4bKtcpok", A, B)
+    honest_port, honest_seq = 40000, 501
+    dec.frame(1, _segment(honest_port, 500, b"", 0x02), 0.0)
+    got = []
+    for rnd in range(40):
+        for port in range(20000, 20300):
+            if port % 2:  # out of order: a gap of one byte, then 8 KB at a new place each round
+                dec.frame(1, _segment(port, seqs[port] + 1 + rnd * 8192, b"o" * 8192), 0.0)
+            else:  # a body that never ends
+                data = big_head if rnd == 0 else b"b" * 8192
+                got += dec.frame(1, _segment(port, seqs[port], data), 0.0)
+                seqs[port] += len(data)
+            held = sum(len(f.buf) + f.plen + f.ooo_bytes for f in dec.flows.values())
+            assert held <= bound + bound // 4 + 8192
+            for f in dec.flows.values():
+                assert f.ooo_bytes == sum(len(v) for v in f.ooo.values())
+        if rnd in (10, 30):  # the honest call's INVITE, in two segments
+            got += dec.frame(1, _segment(honest_port, honest_seq, invite[:100]), 0.0)
+            got += dec.frame(1, _segment(honest_port, honest_seq + 100, invite[100:]), 0.0)
+            honest_seq += len(invite)
+    assert [p.payload for p in got] == [invite, invite]
+    assert dec.c["tcp_flows_dropped"] > 0
+
+
+def test_live_capture_exports_what_was_given_up():
+    """``sipwatch capture`` says so on its metrics port when it gives up a reassembly."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from capture.live import DecoderMetrics
+
+    dec = Decoder({"frames": 0})
+    for f in _fragment_flood(MAX_FRAG_PARTS + 10):
+        dec.frame(1, f, 0.0)
+    reg = CollectorRegistry()
+    reg.register(DecoderMetrics(dec.c))
+    text = generate_latest(reg).decode()
+    assert 'sipwatch_capture_reassembly_dropped_total{what="ip_fragments"} 1.0' in text
+    assert 'sipwatch_capture_reassembly_dropped_total{what="tcp_connections"} 0.0' in text
