@@ -90,6 +90,7 @@ TICK = 0.2  # seconds between housekeeping runs (expiry, call histograms)
 JITTER_BUCKETS_MS = (0.5, 1, 2, 3, 5, 10, 20, 30, 50, 100, 200)
 MOS_BUCKETS = (1, 2, 2.5, 3, 3.5, 4, 4.2, 4.4, 5)
 SWEEP = 1.0  # seconds between idle-stream sweeps
+MAX_CALL_ENDPOINTS = 64  # SDP media ends remembered per call (re-offers add theirs; the oldest go)
 
 
 class _Hist:
@@ -130,16 +131,28 @@ class RtpMonitor:
         self.jitter = {c: _Hist(JITTER_BUCKETS_MS) for c in CODEC_LABELS}
         self.mos = {c: _Hist(MOS_BUCKETS) for c in CODEC_LABELS}
         self.by_call: dict[str, list[dict]] = {}  # finished streams of calls not yet summarised
-        self.call_endpoints: dict[bytes, set] = {}  # SDP endpoints per call, dropped at its end
+        self.call_endpoints: dict[bytes, dict] = {}  # SDP endpoints per call (oldest first), dropped at its end
         self.pending: deque = deque()  # (deadline, call): ended calls waiting out the grace
         self.next_sweep = 0.0
 
     # -- input ----------------------------------------------------------------------------
     def add_sdp(self, call_id: bytes, body: bytes, src=None, dst=None, ts=None) -> None:
         eps = self.analyzer.add_sdp(call_id, body)
-        if call_id not in self.call_endpoints and len(self.call_endpoints) >= self.max_pending:
-            self._forget(next(iter(self.call_endpoints)))
-        self.call_endpoints.setdefault(call_id, set()).update(eps)
+        mine = self.call_endpoints.get(call_id)
+        if mine is None:
+            if len(self.call_endpoints) >= self.max_pending:
+                self._forget(next(iter(self.call_endpoints)))
+            mine = self.call_endpoints[call_id] = {}
+        for ep in eps:  # newest last: a call's re-offers move its media, the oldest ends go first
+            mine.pop(ep, None)
+            mine[ep] = None
+        endpoints = self.analyzer.endpoints
+        while len(mine) > MAX_CALL_ENDPOINTS:
+            ep = next(iter(mine))
+            del mine[ep]
+            tie = endpoints.get(ep)
+            if tie is not None and tie[0] == call_id:
+                del endpoints[ep]
 
     def call_ended(self, call, now: float) -> None:
         """A finished call record (any kind): its streams end ``grace`` seconds from now."""

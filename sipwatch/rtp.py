@@ -36,6 +36,9 @@ STATIC_PT = {
 }
 PT_CN = (13, 19)
 MAX_DROPOUT, MAX_MISORDER = 3000, 100  # RFC 3550 A.1
+# media sections read from one SDP body (audio, video, T.38, BFCP... a real offer has a few): a
+# forged body of thousands of m= lines would otherwise be that many endpoints held per message
+MAX_SDP_MEDIA = 16
 # E-model impairment per codec family: (Ie, Bpl), ITU-T G.113 Appendix I
 CODEC_IMPAIRMENT = {"pcmu": (0.0, 4.3), "pcma": (0.0, 4.3), "g711u": (0.0, 4.3),
                     "g711a": (0.0, 4.3), "g729": (10.0, 19.0)}
@@ -72,7 +75,8 @@ def codec_label(name: str) -> str:
 
 # -- SDP ----------------------------------------------------------------------------------
 def parse_sdp(body: bytes) -> list[tuple[str, int, dict[int, tuple[str, int]]]]:
-    """Media endpoints of an SDP body: [(ip, port, {pt: (encoding, clock)})] (port 0 skipped)."""
+    """Media endpoints of an SDP body: [(ip, port, {pt: (encoding, clock)})] (port 0 skipped;
+    the first MAX_SDP_MEDIA media sections; payload types 0..127, the 7 bits RTP has)."""
     out = []
     session_ip = None
     media = None  # [ip, port, pts, rtpmap]
@@ -91,10 +95,13 @@ def parse_sdp(body: bytes) -> list[tuple[str, int, dict[int, tuple[str, int]]]]:
         elif k == "m":
             if media is not None:
                 out.append(media)
+                media = None
+            if len(out) >= MAX_SDP_MEDIA:
+                break
             parts = v.split()
             try:
                 port = int(parts[1].split("/")[0])
-                pts = [int(p) for p in parts[3:] if p.isdigit()]
+                pts = [int(p) for p in parts[3:] if p.isdigit() and len(p) <= 3 and int(p) < 128]
             except (IndexError, ValueError):
                 media = None
                 continue
@@ -103,7 +110,8 @@ def parse_sdp(body: bytes) -> list[tuple[str, int, dict[int, tuple[str, int]]]]:
             try:
                 pt_s, enc = v[7:].split(None, 1)
                 name, _, rest = enc.partition("/")
-                media[3][int(pt_s)] = (name, int(rest.split("/")[0] or 0))
+                if pt_s.isdigit() and len(pt_s) <= 3 and int(pt_s) < 128:
+                    media[3][int(pt_s)] = (name, int(rest.split("/")[0] or 0))
             except ValueError:
                 continue
     if media is not None:
@@ -395,9 +403,12 @@ class RtpAnalyzer:
     def add_sdp(self, call_id: bytes, body: bytes, src=None, dst=None, ts=None) -> list:
         """Remember the media endpoints of an SDP body; returns them as [(ip, port)]."""
         added = []
+        endpoints = self.endpoints
         for ip, port, ptmap in parse_sdp(body):
-            self.endpoints.pop((ip, port), None)  # re-insert: newest last
-            self.endpoints[(ip, port)] = (call_id, ptmap)
+            endpoints.pop((ip, port), None)  # re-insert: newest last
+            endpoints[(ip, port)] = (call_id, ptmap)
+            if self.max_streams and len(endpoints) > self.MAX_MEDIA_ADDRS:  # live: the oldest go
+                del endpoints[next(iter(endpoints))]
             if len(self.dynamic_pts) < 32:
                 self.dynamic_pts.update(pt for pt in ptmap if 96 <= pt <= 127)
             added.append((ip, port))

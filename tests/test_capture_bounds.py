@@ -135,3 +135,38 @@ def test_live_capture_exports_what_was_given_up():
     text = generate_latest(reg).decode()
     assert 'sipwatch_capture_reassembly_dropped_total{what="ip_fragments"} 1.0' in text
     assert 'sipwatch_capture_reassembly_dropped_total{what="tcp_connections"} 0.0' in text
+
+
+def test_sdp_floods_leave_live_rtp_state_bounded():
+    """``sipwatch capture`` remembers the media ends of every SDP it sees, to tie RTP to calls.
+    Bodies of thousands of m= lines and rtpmap lines, a call re-offering new ports again and
+    again, and more calls than the monitor keeps: before, 500 such bodies held 743 MB (1.5 million
+    endpoints). What is held is now bounded, and an honest call offered after all of it still has
+    its RTP tied to it."""
+    from capture.live import MAX_CALL_ENDPOINTS, RtpMonitor
+    from sipwatch.rtp import MAX_SDP_MEDIA, RtpAnalyzer
+
+    mon = RtpMonitor(max_streams=50)  # (keeps the media ends of max(1000, 4 × 50) calls)
+    m_lines = b"".join(b"m=audio %d RTP/AVP 0 8 %d 9999999\r\n" % (2000 + i, 200 + i) for i in range(1500))
+    rtpmaps = b"".join(b"a=rtpmap:%d x/8000\r\n" % (128 + i) for i in range(500))
+    for c in range(1200):
+        body = b"v=0\r\nc=IN IP4 10.9.%d.%d\r\n" % (c >> 8, c & 255) + m_lines + rtpmaps
+        mon.add_sdp(b"flood-%d" % c, body)
+    for k in range(300):  # one call moving its media on every re-offer
+        mon.add_sdp(b"mover", b"v=0\r\nc=IN IP4 10.8.0.1\r\nm=audio %d RTP/AVP 0\r\n" % (10000 + k))
+    a = mon.analyzer
+    assert len(a.endpoints) <= RtpAnalyzer.MAX_MEDIA_ADDRS
+    assert len(mon.call_endpoints) <= mon.max_pending
+    assert all(len(eps) <= MAX_CALL_ENDPOINTS for eps in mon.call_endpoints.values())
+    assert all(len(eps) <= MAX_SDP_MEDIA for k, eps in mon.call_endpoints.items() if k != b"mover")
+    assert all(set(ptmap) <= set(range(128)) for _, ptmap in a.endpoints.values())
+    # the mover's newest offers are the ones kept
+    assert ("10.8.0.1", 10299) in mon.call_endpoints[b"mover"]
+    assert a.endpoints[("10.8.0.1", 10299)][0] == b"mover"
+    assert ("10.8.0.1", 10000) not in a.endpoints
+
+    mon.add_sdp(b"honest", b"v=0\r\nc=IN IP4 10.0.0.2\r\nm=audio 5000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n")
+    for i in range(3):
+        a.feed(pb.rtp(100 + i, 160 * i, 0x1234, pt=0), ("10.0.0.1", 4000), ("10.0.0.2", 5000), 1.0 + i / 50)
+    st = a.streams[(("10.0.0.1", 4000), ("10.0.0.2", 5000), 0x1234)]
+    assert st.call_id == "honest" and st.packets == 3
