@@ -91,6 +91,7 @@ JITTER_BUCKETS_MS = (0.5, 1, 2, 3, 5, 10, 20, 30, 50, 100, 200)
 MOS_BUCKETS = (1, 2, 2.5, 3, 3.5, 4, 4.2, 4.4, 5)
 SWEEP = 1.0  # seconds between idle-stream sweeps
 MAX_CALL_ENDPOINTS = 64  # SDP media ends remembered per call (re-offers add theirs; the oldest go)
+MAX_CALL_STREAMS = 64  # finished streams listed in a call's summary (every one is counted in metrics)
 
 
 class _Hist:
@@ -219,12 +220,19 @@ class RtpMonitor:
             return
         if st.call_id not in self.by_call and len(self.by_call) >= self.max_pending:
             self.by_call.pop(next(iter(self.by_call)))
-        self.by_call.setdefault(st.call_id, []).append({
+        entry = {
             "ssrc": s["ssrc"], "codec": name or None, "packets": st.packets, "lost": s["lost"],
             "lost_pct": s["lost_pct"], "jitter_mean_ms": s["mean_jitter_ms"],
             "jitter_max_ms": s["max_jitter_ms"], "mos": s["mos"],
             "ended": reason,
-        })
+        }
+        listed = self.by_call.setdefault(st.call_id, [])
+        if len(listed) < MAX_CALL_STREAMS:
+            listed.append(entry)
+        else:  # (forged SSRCs to a call's media port: the streams that carried the most stay)
+            i = min(range(len(listed)), key=lambda j: listed[j]["packets"])
+            if listed[i]["packets"] < st.packets:
+                listed[i] = entry
 
     # -- metrics --------------------------------------------------------------------------
     def collect(self):

@@ -170,3 +170,26 @@ def test_sdp_floods_leave_live_rtp_state_bounded():
         a.feed(pb.rtp(100 + i, 160 * i, 0x1234, pt=0), ("10.0.0.1", 4000), ("10.0.0.2", 5000), 1.0 + i / 50)
     st = a.streams[(("10.0.0.1", 4000), ("10.0.0.2", 5000), 0x1234)]
     assert st.call_id == "honest" and st.packets == 3
+
+
+def test_forged_ssrcs_to_a_calls_media_port_do_not_grow_its_summary_without_bound():
+    """Every RTP packet with a new SSRC sent to a call's media port is a stream of its own; each
+    finished one waited in the call's list until the call ended, so a long call under such a
+    flood grew by one entry per packet. Its summary now lists at most MAX_CALL_STREAMS, those
+    that carried the most packets, and the metrics still count every stream."""
+    from capture.live import MAX_CALL_STREAMS, RtpMonitor
+    from sipwatch.state import Call
+
+    mon = RtpMonitor(max_streams=50)
+    mon.add_sdp(b"call-x", b"v=0\r\nc=IN IP4 10.0.0.2\r\nm=audio 5000 RTP/AVP 0\r\n")
+    src, dst = ("10.0.0.1", 4000), ("10.0.0.2", 5000)
+    for i in range(60):  # the call's own stream, 60 packets
+        mon.analyzer.feed(pb.rtp(100 + i, 160 * i, 0xCAFE, pt=0), src, dst, 1.0 + i / 50)
+    for k in range(3000):  # then one packet each from 3000 forged SSRCs
+        mon.analyzer.feed(pb.rtp(7, 0, 0x10000 + k, pt=0), ("10.6.6.6", 4000), dst, 3.0 + k / 10000)
+    assert sum(len(x) for x in mon.by_call.values()) <= MAX_CALL_STREAMS
+    mon.call_ended(Call(b"call-x", 1, 1, None, True, 1.0, 1e9, True), 4.0)
+    (_, rtp), = mon.tick(10.0)
+    assert len(rtp) == MAX_CALL_STREAMS
+    assert [r["packets"] for r in rtp if r["ssrc"] == "0x0000CAFE"] == [60]
+    assert mon.streams["PCMU"] == 3001
