@@ -70,7 +70,7 @@ from sipwatch.hep_sender import (EndpointError, HepSender, add_hep_arguments, he
 from sipwatch.correlation import add_correlation_argument
 from sipwatch.metrics import Metrics, _fmt_le, serve_metrics
 from sipwatch.observer import Observer
-from sipwatch.logs import JsonLog
+from sipwatch.logs import ErrorReporter, JsonLog
 from sipwatch.masking import MODES as MASK_MODES
 from sipwatch.rtp import CODEC_LABELS, RtpAnalyzer, RtpStream, codec_label
 from sipwatch.stats import Stats
@@ -334,6 +334,8 @@ class LiveCapture:
         self.hep: HepSender | None = None  # HEP copies of what is captured (--hep-endpoint)
         self.hep_log = False
         self.rtcp = RtcpReports()  # RTCP reports received as HEP type 5, per call
+        # failures caught and survived: sipwatch_internal_errors_total{component}, logged
+        self.errors = ErrorReporter(self.log, self.observer.stats.internal_errors)
 
     def feed_and_send(self, payload: bytes, src, dst, ts: float, transport: str = "udp") -> bool:
         """Observer, plus a HEP copy (set as ``feed`` when there is a --hep-endpoint)."""
@@ -374,18 +376,27 @@ class LiveCapture:
             except asyncio.IncompleteReadError:
                 return
             self.counters["frames"] += 1
-            for p in frame(linktype, data, (sec * div + frac) / div):
-                self.packets += 1
-                pl = p.payload
-                # RTP/RTCP start with version 2 (0b10......); no SIP start line or keep-alive does
-                if pl and pl[0] >> 6 == 2 and p.transport == "udp" and rtp(pl, p.src, p.dst, p.ts):
-                    continue
-                if len(pl) <= KEEPALIVE_MAX and p.transport == "udp" and is_sip_keepalive(pl):
-                    stats.keepalives += 1  # "hello", "jaK", CRLF, STUN: not a parse error
-                    continue
-                feed(pl, p.src, p.dst, p.ts, p.transport)
+            try:
+                for p in frame(linktype, data, (sec * div + frac) / div):
+                    self.packets += 1
+                    pl = p.payload
+                    # RTP/RTCP start with version 2 (0b10......); no SIP start line or keep-alive does
+                    if pl and pl[0] >> 6 == 2 and p.transport == "udp" and rtp(pl, p.src, p.dst, p.ts):
+                        continue
+                    if len(pl) <= KEEPALIVE_MAX and p.transport == "udp" and is_sip_keepalive(pl):
+                        stats.keepalives += 1  # "hello", "jaK", CRLF, STUN: not a parse error
+                        continue
+                    feed(pl, p.src, p.dst, p.ts, p.transport)
+            except Exception as exc:  # noqa: BLE001 - a bug one frame reaches must not end the capture
+                self.errors.report("datagram", exc)
 
     def housekeeping(self, now: float | None = None) -> None:
+        try:
+            self._housekeeping(now)
+        except Exception as exc:  # noqa: BLE001 - counted and logged; the next tick tries again
+            self.errors.report("tick", exc)
+
+    def _housekeeping(self, now: float | None) -> None:
         # capture time is wall time here, so the clock can expire what the packets no longer do
         now = time.time() if now is None else now
         self.observer.tracker.expire(now)

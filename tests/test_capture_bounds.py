@@ -193,3 +193,50 @@ def test_forged_ssrcs_to_a_calls_media_port_do_not_grow_its_summary_without_boun
     assert len(rtp) == MAX_CALL_STREAMS
     assert [r["packets"] for r in rtp if r["ssrc"] == "0x0000CAFE"] == [60]
     assert mon.streams["PCMU"] == 3001
+
+
+def test_a_bug_one_frame_or_tick_reaches_does_not_end_the_live_capture():
+    """``sipwatch capture`` reads dumpcap's records in one loop: anything raised there ended the
+    capture (the reader task finished and the process exited 1). A frame that reaches a bug is
+    now counted in ``sipwatch_internal_errors_total{component="datagram"}`` and logged, and the
+    frames after it are read; a failing housekeeping tick counts as ``tick``."""
+    import asyncio
+    import io
+    import struct
+    from types import SimpleNamespace
+
+    from capture.live import LiveCapture
+    from sipwatch.logs import JsonLog
+
+    out = io.BytesIO()
+    lc = LiveCapture("lo", "", None, log=JsonLog(stream=out))
+    seen = []
+
+    def feed(payload, src, dst, ts, transport="udp"):
+        if b"boom" in payload:
+            raise RuntimeError("a bug reached by this frame")
+        seen.append(payload)
+        return True
+    lc.feed = feed
+    frames = [pb.eth(pb.ipv4(A, B, 17, pb.udp(5060, 5060, b"OPTIONS %d boom" % i if i == 1 else
+                                                 b"OPTIONS %d" % i))) for i in range(3)]
+    lc.header = struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1)
+
+    async def run():
+        reader = asyncio.StreamReader()
+        for f in frames:
+            reader.feed_data(struct.pack("<IIII", 1, 0, len(f), len(f)) + f)
+        reader.feed_eof()
+        lc.proc = SimpleNamespace(stdout=reader)
+        await lc.read()
+    asyncio.run(run())
+    assert seen == [b"OPTIONS 0", b"OPTIONS 2"]
+    errors = lc.observer.stats.internal_errors
+    assert errors["datagram"] == 1
+    assert b'"internal_error"' in out.getvalue()
+
+    def failing_tick(now):
+        raise RuntimeError("a bug in a tick")
+    lc.rtp.tick = failing_tick
+    lc.housekeeping(10.0)
+    assert errors["tick"] == 1
