@@ -626,13 +626,15 @@ class Decoder:
         data = seg[hl:]
         src, dst = (inet_ntop(fam, s), sp), (inet_ntop(fam, d), dp)
         key = (src, dst)
-        flow = self.flows.get(key)
+        flows = self.flows
+        flow = flows.pop(key, None)
         if flow is None:
             if not data and not flags & 0x02:
                 return []
-            if len(self.flows) >= MAX_TCP_FLOWS:
-                self.flows.pop(next(iter(self.flows)))
-            flow = self.flows[key] = _TcpFlow()
+            if len(flows) >= MAX_TCP_FLOWS:  # the least recently active goes (a SYN flood's)
+                flows.pop(next(iter(flows)))
+            flow = _TcpFlow()
+        flows[key] = flow  # (most recently active last)
         if flags & 0x02:  # SYN: data starts at ISN + 1
             flow.next_seq = (seq + 1) & 0xFFFFFFFF
             flow.buf, flow.ooo, flow.ooo_bytes = b"", {}, 0

@@ -240,3 +240,25 @@ def test_a_bug_one_frame_or_tick_reaches_does_not_end_the_live_capture():
     lc.rtp.tick = failing_tick
     lc.housekeeping(10.0)
     assert errors["tick"] == 1
+
+
+def test_a_syn_flood_does_not_push_out_an_active_sip_connection():
+    """The reader keeps 10,000 TCP connections and gave up the oldest *opened* one past that, so
+    a SYN flood on the watched network (each SYN a new connection) pushed out a long-lived SIP
+    connection between two segments of a message, which was then lost. The least recently active
+    one goes now."""
+    from capture.pcapfile import MAX_TCP_FLOWS
+
+    dec = Decoder({})
+    invite = pb.sip_invite("syn-flood@x", "z9hG4bKsyn", A, B)
+    assert dec.frame(1, _segment(5070, 100, b"", 0x02), 0.0) == []
+    got = dec.frame(1, _segment(5070, 101, invite[:200]), 0.0)
+    for k in range(MAX_TCP_FLOWS + 500):  # every SYN from another port of another address
+        dec.frame(1, pb.eth(pb.ipv4(f"10.{k >> 16 & 255}.{k >> 8 & 255}.{k & 255}", B, 6,
+                                    pb.tcp(1024 + k % 60000, 5060, k, b"", 0x02))), 0.0)
+        if k % 2000 == 0:  # the SIP connection stays active meanwhile (a keep-alive)
+            got += dec.frame(1, _segment(5070, 101 + 200, b"", 0x10), 0.0)
+            got += dec.frame(1, _segment(5070, 99, b"\r\n"), 0.0)  # (a retransmitted byte or two)
+    got += dec.frame(1, _segment(5070, 301, invite[200:]), 0.0)
+    assert [p.payload for p in got] == [invite]
+    assert len(dec.flows) <= MAX_TCP_FLOWS
