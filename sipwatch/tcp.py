@@ -19,7 +19,8 @@ Hygiene, for peers that are hostile or merely broken: at most ``max_connections`
 seconds is closed, a message must be complete within ``MESSAGE_TIMEOUT`` seconds of its first
 byte (a byte-at-a-time sender holds one slot at most that long, and costs the others nothing:
 the loop never waits on a connection), a peer that does not read what it is sent is cut off past
-``MAX_WRITE_BUFFER`` bytes (and those holding the most once all hold ``MAX_WRITE_BUFFERS``), TCP keep-alive finds half-open peers, and framing errors close the
+``MAX_WRITE_BUFFER`` bytes (and those holding the most once all hold ``MAX_WRITE_BUFFERS``, messages
+waiting for connections being opened included), TCP keep-alive finds half-open peers, and framing errors close the
 connection. Every closing is counted by reason (``sipwatch_tcp_connections_closed_total``), every
 message not forwarded in ``sip_dropped_total``; nothing raises out of a protocol callback.
 """
@@ -235,11 +236,12 @@ class TcpEdge:
         self.tcp_stats.open[0 if conn.inbound else 1] += 1
 
     def _unsent(self, conn: "_Conn", size: int) -> None:
-        """``conn``'s write buffer holds ``size`` bytes now. Past ``max_unsent`` in all (as last
-        read), the sum is read afresh from every connection that held bytes, and if more than
-        three quarters of the bound are still there, the connections holding the most are cut off
-        ("write_buffer") until three quarters are left: a quarter of the bound must be written
-        before the next such look, so its cost is spread over that."""
+        """``conn``'s write buffer (or, while it connects, its pending messages) holds ``size``
+        bytes now. Past ``max_unsent`` in all (as last read), the sum is read afresh from every
+        connection that held bytes, and if more than three quarters of the bound are still there,
+        the connections holding the most are cut off ("write_buffer") until three quarters are
+        left: a quarter of the bound must be written before the next such look, so its cost is
+        spread over that."""
         unsent = self.unsent
         self.unsent_bytes += size - unsent.get(conn, 0)
         if size:
@@ -251,7 +253,7 @@ class TcpEdge:
         total = 0
         for c in list(unsent):
             t = c.transport
-            now = t.get_write_buffer_size() if t is not None and not c.closed else 0
+            now = 0 if c.closed else t.get_write_buffer_size() if t is not None else c.pending_bytes
             if now:
                 unsent[c] = now
                 total += now
@@ -336,6 +338,7 @@ class _Conn(asyncio.Protocol):
                 transport.write(b"".join(self.pending))
                 edge.tcp_stats.messages_out += len(self.pending)
                 self.pending, self.pending_bytes = [], 0
+                edge._unsent(self, transport.get_write_buffer_size())
         except Exception as exc:  # noqa: BLE001
             self._failed(exc)
 
@@ -398,6 +401,7 @@ class _Conn(asyncio.Protocol):
                 return
             self.pending.append(payload)
             self.pending_bytes += len(payload)
+            edge._unsent(self, self.pending_bytes)  # (in the sum bounded by MAX_WRITE_BUFFERS)
             return
         try:
             t.write(payload)

@@ -278,3 +278,64 @@ def test_peers_that_do_not_read_hold_at_most_the_edges_bound_in_all():
     # 12 x 40 x 64 KB written (30 MB): peers that did not read were cut off, the reader was not
     assert closed["write_buffer"] >= 4 and not reading_closed
     assert most > bound // 2  # (the buffers did fill: the bound was what held them)
+
+
+def test_messages_waiting_for_connections_being_opened_count_in_the_same_bound():
+    """Messages written while a connection is still being opened wait in it (4 MB each), and
+    were not in the sum the edge bounds: next hops that never answer a SYN could have the proxy
+    hold 4 MB for each of 4096 connections. They count now, and the connections waiting with the
+    most are given up past the bound; a connection that does open hands its waiting messages to
+    its write buffer and stays counted right. (Black-holed next hops: opening never completes.)"""
+    import asyncio
+    import socket
+    import time
+
+    from sipwatch.tcp import TcpEdge
+
+    async def never(conn, dest):
+        await asyncio.Event().wait()
+
+    async def run():
+        edge = TcpEdge(make("tcp"), time.monotonic, lambda payload, dest: None)
+        edge.max_unsent = 1 << 20
+        real_open = edge._open_outbound
+        edge._open_outbound = never
+        chunk = b"y" * 100_000
+        most = 0
+        for rnd in range(5):
+            for port in range(40000, 40010):
+                edge.send(chunk, ("127.0.0.1", port))
+                held = sum(c.pending_bytes for c in edge.conns if not c.closed)
+                most = max(most, held)
+                assert held <= edge.max_unsent, (rnd, port, held)
+                assert edge.unsent_bytes == sum(edge.unsent.values())
+        cut = edge.tcp_stats.closed["write_buffer"]
+        # one next hop that answers: its waiting messages go out and leave the sum when written
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        listener.setblocking(False)
+        dest = listener.getsockname()
+        edge._open_outbound = real_open
+        edge.send(chunk, dest)
+        edge.send(chunk, dest)
+        conn = edge.by_addr[dest]
+        loop = asyncio.get_running_loop()
+        peer, _ = await asyncio.wait_for(loop.sock_accept(listener), 5)
+        got = b""
+        while len(got) < 2 * len(chunk):
+            got += await asyncio.wait_for(loop.sock_recv(peer, 1 << 20), 5)
+        for _ in range(100):
+            if not conn.transport.get_write_buffer_size():
+                break
+            await asyncio.sleep(0.01)
+        conn.write(b"z")  # (a write after the buffer drained: the sum is read again)
+        opened_counted = edge.unsent.get(conn, 0)
+        edge.close()
+        peer.close()
+        listener.close()
+        return cut, most, got, opened_counted
+
+    cut, most, got, opened_counted = asyncio.run(run())
+    assert cut >= 3 and most > (1 << 20) // 2
+    assert got == b"y" * 200_000 and opened_counted == 0
