@@ -338,6 +338,10 @@ def capture_warnings(counters: dict, decoded: int, sip_messages: int) -> list[st
                    f"try --engine pyshark")
     if counters.get("undecodable"):
         out.append(f"warning: {counters['undecodable']} frames tshark matched could not be converted")
+    cut = counters.get("truncated", 0)
+    if cut and decoded:
+        out.append(f"warning: {cut} frames or records cut short (a capture length, a damaged or "
+                   f"unfinished file): what they carried is not counted")
     frags, flows = counters.get("fragments_dropped", 0), counters.get("tcp_flows_dropped", 0)
     if frags or flows:
         out.append(f"warning: reassembly given up for {frags} fragmented datagrams (more than "

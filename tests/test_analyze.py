@@ -193,6 +193,7 @@ def test_pcapng_block_too_short_for_its_fields_is_skipped(tmp_path):
         assert rep["packets"] == tshark_frames(ng)
         assert rep["capture_counters"]["truncated"] == 1
         assert_sip_counts_match_tshark(ng, rep)
+        assert any(w.startswith("warning: 1 frames or records cut short") for w in rep["warnings"])
 
 
 @needs_tshark
