@@ -52,6 +52,7 @@ FRESH_BURST = 20
 ACCEPT_PER_SECOND = 500.0
 ACCEPT_BURST = 200
 ACCEPT_PAUSE = 0.05
+ACCEPT_BATCH = 16  # connections accepted per wake-up of the listener before the loop goes on
 ACCEPT_BACKLOG = 1024
 IDLE_TIMEOUT = 2.0  # seconds a connection may take to send its request
 WRITE_TIMEOUT = 5.0  # seconds a scraper may take to read the response
@@ -287,14 +288,19 @@ class TokenBucket:
 class _Listener:
     """A listening socket on the running loop whose connections are accepted at most as a
     :class:`TokenBucket` allows: past it, no accept for ACCEPT_PAUSE s (the kernel queues the
-    rest, and drops what its queue cannot hold). Each accepted connection goes to
-    ``serve(reader, writer)`` in a task. ``close()`` and ``wait_closed()`` as asyncio's servers."""
+    rest, and drops what its queue cannot hold). ``admit(starting)`` decides at once whether an
+    accepted connection is kept (``starting``: those accepted whose task has not reached
+    ``serve`` yet), so the connections held never pass the server's bound by more than the ones
+    it has just closed. Each one kept goes to ``serve(reader, writer)`` in a task. ``close()``
+    and ``wait_closed()`` as asyncio's servers."""
 
-    def __init__(self, sock: socket.socket, serve, budget: TokenBucket, on_error=None):
+    def __init__(self, sock: socket.socket, serve, budget: TokenBucket, on_error=None, admit=None):
         self.sock = sock
         self.serve = serve
         self.budget = budget
         self.on_error = on_error
+        self.admit = admit
+        self.starting = 0
         self.loop = asyncio.get_running_loop()
         self.tasks: set = set()
         self.closed = False
@@ -305,7 +311,7 @@ class _Listener:
     def _ready(self) -> None:
         try:
             now = self.loop.time()
-            for _ in range(64):  # (then the loop's other callbacks)
+            for _ in range(ACCEPT_BATCH):  # (then the loop's other callbacks)
                 if not self.budget.take(now):
                     self._pause()
                     return
@@ -319,7 +325,11 @@ class _Listener:
                     if self.on_error is not None:
                         self.on_error("metrics", exc)
                     return
+                if self.admit is not None and not self.admit(self.starting):
+                    conn.close()
+                    continue
                 conn.setblocking(False)
+                self.starting += 1
                 task = self.loop.create_task(self._one(conn))
                 self.tasks.add(task)
                 task.add_done_callback(self.tasks.discard)
@@ -343,6 +353,8 @@ class _Listener:
         except (OSError, asyncio.CancelledError):
             conn.close()
             return
+        finally:
+            self.starting -= 1
         await self.serve(reader, writer)
 
     def close(self) -> None:
@@ -384,15 +396,21 @@ async def serve_metrics(registry: CollectorRegistry, host: str, port: int, on_er
     built: dict[str, bytes] = {}  # content type -> the last exposition built in it
     loop = asyncio.get_running_loop()
 
+    def admit(starting: int) -> bool:
+        """Room for a connection just accepted: past ``max_connections`` (those being set up
+        included) the oldest that has not sent its request yet is closed to make it; False
+        (closed at once) when every one is being set up or answered."""
+        if starting + len(waiting) + len(busy) < max_connections:
+            return True
+        if not waiting:
+            return False
+        oldest = next(iter(waiting))
+        del waiting[oldest]
+        oldest.abort()
+        return True
+
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         transport = writer.transport
-        if len(waiting) + len(busy) >= max_connections:
-            if not waiting:
-                transport.abort()
-                return
-            oldest = next(iter(waiting))
-            del waiting[oldest]
-            oldest.abort()
         waiting[transport] = None
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), idle_timeout)
@@ -454,4 +472,4 @@ async def serve_metrics(registry: CollectorRegistry, host: str, port: int, on_er
         sock.close()
         raise
     return _Listener(sock, handle, accepts if accepts is not None else TokenBucket(ACCEPT_PER_SECOND, ACCEPT_BURST),
-                     on_error)
+                     on_error, admit)

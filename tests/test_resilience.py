@@ -420,8 +420,12 @@ def test_3000_idle_metrics_connections_neither_pile_up_nor_block_a_scrape(tmp_pa
         assert (uac_rc, uas_rc) == (0, 0), uac.errors()
         assert int(uac.stat()["FailedCall(C)"]) == 0
         assert eof == b""
-        # the sidecar never held more than its cap of metrics connections (64 per endpoint)
-        assert max(seen) <= base + 64 + 4, (base, seen)
+        # the sidecar never held more than its cap of metrics connections (64 per endpoint), plus
+        # those it closed to make room in the listener's last batch of accepts (the kernel has the
+        # socket once the loop has run their close: one turn later). The 3000 are accepted at
+        # ACCEPT_PER_SECOND, so accepting goes on for seconds after the clients are connected.
+        from sipwatch.metrics import ACCEPT_BATCH, MAX_CONNECTIONS
+        assert max(seen) <= base + MAX_CONNECTIONS + ACCEPT_BATCH + 4, (base, seen)
 
 
 def test_scrapes_in_a_loop_get_the_last_exposition_past_the_budget_not_a_new_one():
