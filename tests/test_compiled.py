@@ -40,7 +40,8 @@ CORE_TESTS = ["tests/test_core.py", "tests/test_hardening.py", "tests/test_state
               "tests/test_resilience.py::test_tick_survives_records_that_make_logging_raise_and_counts_them",
               "tests/test_resilience.py::test_tick_survives_a_timer_failure_and_a_failing_collector",
               # every fuzz seed and saved finding (a wrong annotation on a hostile path shows here first)
-              "tests/fuzz/test_fuzz_regressions.py", "tests/fuzz/test_fuzz_hep.py", "tests/fuzz/test_fuzz_framing.py"]
+              "tests/fuzz/test_fuzz_regressions.py", "tests/fuzz/test_fuzz_hep.py", "tests/fuzz/test_fuzz_framing.py",
+              "tests/fuzz/test_fuzz_capture.py", "tests/test_capture_bounds.py"]
 SIPP_TESTS = ["tests/test_proxy_sipp.py", "tests/test_b2bua_sipp.py"]
 # the lossy-caller run (40 s of SIPp retransmission timers) exercises no core path the others miss
 SIPP_DESELECT = ["--deselect", "tests/test_proxy_sipp.py::test_lossy_caller_retransmissions_are_forwarded_and_counted"]
