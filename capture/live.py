@@ -37,8 +37,10 @@ What the reader saw is exported too (:class:`DecoderMetrics`): ``sipwatch_captur
 ``sipwatch_capture_undecoded_frames_total{type}`` (frames it cannot open, also logged once per new
 type as ``capture_undecoded``), ``sipwatch_capture_sip_oversized_total`` (SIP/TCP messages over
 ``--max-sip-message``) and ``sipwatch_capture_reassembly_dropped_total{what}`` (datagrams and TCP
-connections given up to keep the reassembly state bounded). Keep-alives on the SIP ports (``hello``, ``jaK``, CRLF, STUN) count in
-``sip_keepalives_total``, not as parse errors.
+connections given up to keep the reassembly state bounded). Keep-alives on the SIP ports
+(``hello``, ``jaK``, CRLF, STUN) count in ``sip_keepalives_total``, not as parse errors. A bug
+that one frame or a housekeeping tick reaches is counted in ``sipwatch_internal_errors_total``
+(``datagram``, ``tick``) and logged; the capture goes on.
 
 Spans: ``--otlp-endpoint``, ``--otlp-protocol``, ``--spans-file`` and the OTEL_* variables work
 as for the proxy (resource role ``capture``). Transaction spans are exported as their
@@ -132,7 +134,8 @@ class RtpMonitor:
         self.jitter = {c: _Hist(JITTER_BUCKETS_MS) for c in CODEC_LABELS}
         self.mos = {c: _Hist(MOS_BUCKETS) for c in CODEC_LABELS}
         self.by_call: dict[str, list[dict]] = {}  # finished streams of calls not yet summarised
-        self.call_endpoints: dict[bytes, dict] = {}  # SDP endpoints per call (oldest first), dropped at its end
+        # SDP endpoints per call (oldest first, at most MAX_CALL_ENDPOINTS), dropped at its end
+        self.call_endpoints: dict[bytes, dict] = {}
         self.pending: deque = deque()  # (deadline, call): ended calls waiting out the grace
         self.next_sweep = 0.0
 
