@@ -132,16 +132,20 @@ def _analyse(path, engine, mask, progress, spans, max_sip_message, correlation=D
     feed, stats = obs.feed, obs.stats
     for ts, src, dst, transport, payload in _source(path, engine, counters, max_sip_message):
         n += 1
-        if dst[1] in SIP_PORTS or src[1] in SIP_PORTS or transport == "tcp" \
-                or looks_like_sip(payload):
-            if len(payload) <= KEEPALIVE_MAX and is_sip_keepalive(payload):
-                stats.keepalives += 1  # "hello", "jaK", CRLF, STUN: not a parse error
+        try:
+            if dst[1] in SIP_PORTS or src[1] in SIP_PORTS or transport == "tcp" \
+                    or looks_like_sip(payload):
+                if len(payload) <= KEEPALIVE_MAX and is_sip_keepalive(payload):
+                    stats.keepalives += 1  # "hello", "jaK", CRLF, STUN: not a parse error
+                else:
+                    feed(payload, src, dst, ts, transport)
             else:
-                feed(payload, src, dst, ts, transport)
-        else:
-            if sdp.held:
-                sdp.flush()
-            rtp.feed(payload, src, dst, ts)
+                if sdp.held:
+                    sdp.flush()
+                rtp.feed(payload, src, dst, ts)
+        except Exception as exc:  # noqa: BLE001 - a bug one packet reaches must not lose the report
+            counters["internal_errors"] = counters.get("internal_errors", 0) + 1
+            counters.setdefault("internal_error_first", f"{type(exc).__name__}: {exc}"[:200])
         if not n & 0x3FFF:
             drain()
             if not n & (GC_EVERY - 1):
@@ -338,6 +342,10 @@ def capture_warnings(counters: dict, decoded: int, sip_messages: int) -> list[st
                    f"try --engine pyshark")
     if counters.get("undecodable"):
         out.append(f"warning: {counters['undecodable']} frames tshark matched could not be converted")
+    bugs = counters.get("internal_errors", 0)
+    if bugs:
+        out.append(f"warning: {bugs} packets reached an internal error and were skipped (the first: "
+                   f"{counters.get('internal_error_first')}); the rest were analysed")
     cut = counters.get("truncated", 0)
     if cut and decoded:
         out.append(f"warning: {cut} frames or records cut short (a capture length, a damaged or "

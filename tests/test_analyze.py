@@ -171,6 +171,29 @@ def test_format_variants_give_identical_results(tmp_path, variant):
 
 
 @needs_tshark
+def test_a_packet_that_reaches_a_bug_is_skipped_and_the_report_survives(monkeypatch):
+    """One packet that makes the analysis raise (a bug, here the RTP analyzer's, forced) cost
+    the whole report: a traceback after reading the capture. It is now counted, named in a
+    warning, and every other packet is analysed: the SIP figures still match tshark's."""
+    from sipwatch.rtp import RtpAnalyzer
+
+    path = ROOT / "pcaps" / "basic_call_rtp.pcap"
+    real, calls = RtpAnalyzer.feed, [0]
+
+    def feed(self, payload, src, dst, ts):
+        calls[0] += 1
+        if calls[0] == 5:
+            raise RuntimeError("a bug reached by this packet")
+        return real(self, payload, src, dst, ts)
+    monkeypatch.setattr(RtpAnalyzer, "feed", feed)
+    rep = analyse(str(path))
+    assert rep["capture_counters"]["internal_errors"] == 1
+    assert any("1 packets reached an internal error" in w and "RuntimeError" in w for w in rep["warnings"])
+    assert_sip_counts_match_tshark(path, rep)
+    assert rep["packets"] == tshark_frames(path)
+
+
+@needs_tshark
 def test_pcapng_block_too_short_for_its_fields_is_skipped(tmp_path):
     """A packet block whose length leaves no room for its own fixed fields (found by
     tests/fuzz/fuzz_capture.py: read past the end of the file, the reader raised out of analyse)
