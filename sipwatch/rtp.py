@@ -36,9 +36,10 @@ STATIC_PT = {
 }
 PT_CN = (13, 19)
 MAX_DROPOUT, MAX_MISORDER = 3000, 100  # RFC 3550 A.1
-# media sections read from one SDP body (audio, video, T.38, BFCP... a real offer has a few): a
-# forged body of thousands of m= lines would otherwise be that many endpoints held per message
-MAX_SDP_MEDIA = 16
+# media sections read from one SDP body (a call offers a few; a conference bridge's bundled offer
+# a few dozen): a forged body of thousands of m= lines would otherwise be that many endpoints
+# held per message
+MAX_SDP_MEDIA = 64
 # E-model impairment per codec family: (Ie, Bpl), ITU-T G.113 Appendix I
 CODEC_IMPAIRMENT = {"pcmu": (0.0, 4.3), "pcma": (0.0, 4.3), "g711u": (0.0, 4.3),
                     "g711a": (0.0, 4.3), "g729": (10.0, 19.0)}
