@@ -20,7 +20,6 @@ Properties (an AssertionError names the one that broke; anything raised is a fin
 """
 from __future__ import annotations
 
-import atexit
 import ipaddress
 import os
 import struct
@@ -35,7 +34,6 @@ LINKTYPES = (1, 113, 276, 101, 228, 229, 0, 108, 9, 50, 51, 104, 12, 14)
 MAX_SIP = 4096  # a small --max-sip-message, so the fuzzer can reach past it
 _u16le = struct.Struct("<H").unpack_from
 _PATH = os.path.join(tempfile.gettempdir(), f"sipwatch-fuzz-capture-{os.getpid()}.pcap")
-atexit.register(lambda: os.path.exists(_PATH) and os.remove(_PATH))  # (libFuzzer's own exit skips it)
 
 
 def frames_of(body: bytes) -> list[bytes]:
@@ -131,6 +129,13 @@ def run_one_capture(data: bytes) -> None:
     raw, _ = capture_file(data)
     with open(_PATH, "wb") as f:
         f.write(raw)
+    try:
+        _run(raw)
+    finally:  # (per input: libFuzzer ends the process without atexit handlers)
+        os.remove(_PATH)
+
+
+def _run(raw: bytes) -> None:
     counters: dict = {}
     try:
         pkts = _plain(read_packets(_PATH, counters, MAX_SIP))
