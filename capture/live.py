@@ -150,13 +150,10 @@ class RtpMonitor:
         for ep in eps:  # newest last: a call's re-offers move its media, the oldest ends go first
             mine.pop(ep, None)
             mine[ep] = None
-        endpoints = self.analyzer.endpoints
         while len(mine) > MAX_CALL_ENDPOINTS:
             ep = next(iter(mine))
             del mine[ep]
-            tie = endpoints.get(ep)
-            if tie is not None and tie[0] == call_id:
-                del endpoints[ep]
+            self._untie(call_id, ep)
 
     def call_ended(self, call, now: float) -> None:
         """A finished call record (any kind): its streams end ``grace`` seconds from now."""
@@ -197,11 +194,16 @@ class RtpMonitor:
         return out
 
     def _forget(self, call_id: bytes) -> None:
-        endpoints = self.analyzer.endpoints
         for ep in self.call_endpoints.pop(call_id, ()):
-            tie = endpoints.get(ep)
-            if tie is not None and tie[0] == call_id:
-                del endpoints[ep]
+            self._untie(call_id, ep)
+
+    def _untie(self, call_id: bytes, ep) -> None:
+        """The media end ``ep`` no longer ties RTP to ``call_id`` (unless a later SDP gave it to
+        another call)."""
+        endpoints = self.analyzer.endpoints
+        tie = endpoints.get(ep)
+        if tie is not None and tie[0] == call_id:
+            del endpoints[ep]
 
     def _evicted(self, st: RtpStream) -> None:
         self._finish(st, "evicted")

@@ -294,7 +294,7 @@ class _Listener:
     it has just closed. Each one kept goes to ``serve(reader, writer)`` in a task. ``close()``
     and ``wait_closed()`` as asyncio's servers."""
 
-    def __init__(self, sock: socket.socket, serve, budget: TokenBucket, on_error=None, admit=None):
+    def __init__(self, sock: socket.socket, serve, admit, budget: TokenBucket, on_error=None):
         self.sock = sock
         self.serve = serve
         self.budget = budget
@@ -325,7 +325,7 @@ class _Listener:
                     if self.on_error is not None:
                         self.on_error("metrics", exc)
                     return
-                if self.admit is not None and not self.admit(self.starting):
+                if not self.admit(self.starting):
                     conn.close()
                     continue
                 conn.setblocking(False)
@@ -471,5 +471,5 @@ async def serve_metrics(registry: CollectorRegistry, host: str, port: int, on_er
     except OSError:
         sock.close()
         raise
-    return _Listener(sock, handle, accepts if accepts is not None else TokenBucket(ACCEPT_PER_SECOND, ACCEPT_BURST),
-                     on_error, admit)
+    return _Listener(sock, handle, admit,
+                     accepts if accepts is not None else TokenBucket(ACCEPT_PER_SECOND, ACCEPT_BURST), on_error)
