@@ -14,8 +14,12 @@ SIP and RTCP JSON (``unsupported_type``; logs, type 100, are counted there). RTC
 (:mod:`capture.hep_rtcp`).
 Over TCP, packets are framed by the HEPv3 length field; a stream that is not HEPv3, or whose
 packet would exceed 65535 bytes, is closed and counted. At most :data:`MAX_TCP_CONNECTIONS`
-connections are served at once (more are refused and counted), each with a read buffer of one
-packet, and a connection that sends nothing for :data:`TCP_IDLE` seconds is closed.
+connections are served at once, each with a read buffer of one packet, and a connection that
+sends nothing for :data:`TCP_IDLE` seconds is closed. When the table is full a new connection
+takes the place of the oldest one that has not delivered a packet yet (past ``--hep-auth-key``,
+when one is set), else of the one quiet longest: connections opened and left silent cannot lock
+a HEP sender out, and one that delivers keeps its place (closed to make room: counted as
+``tcp_connections``).
 """
 from __future__ import annotations
 
@@ -46,19 +50,22 @@ class HepReceiver:
         self.rejected = dict.fromkeys(REJECT_REASONS, 0)
         self.by_type: dict[int, int] = {}
         self.connections = 0
+        # open TCP connections, least recently active first -> has delivered an accepted packet
+        self.streams: dict[asyncio.StreamWriter, bool] = {}
         self.servers: list = []
         self.transports: list = []
 
     # -- one packet --------------------------------------------------------------------------
-    def packet(self, data: bytes) -> None:
-        """One HEP packet from the network. Never raises."""
+    def packet(self, data: bytes) -> bool:
+        """One HEP packet from the network: True when it was taken (SIP or RTCP JSON, its auth
+        key right). Never raises."""
         r = parse_hep(data)
         if type(r) is not HepPacket:
             self.rejected[r if r in self.rejected else "bad_chunk"] += 1
-            return
+            return False
         if self.auth_key and (r.auth_key is None or not hmac.compare_digest(r.auth_key, self.auth_key)):
             self.rejected["auth"] += 1
-            return
+            return False
         if r.payload_type != TYPE_SIP:
             if r.payload_type == TYPE_RTCP_JSON and self.on_rtcp is not None:
                 self.rtcp_received += 1
@@ -66,9 +73,10 @@ class HepReceiver:
                     self.on_rtcp(r.correlation_id, r.payload)
                 except Exception:  # noqa: BLE001  (a bug guard: the store counts bad JSON itself)
                     self.rejected["bad_payload"] += 1
-                return
+                    return False
+                return True
             self.rejected["unsupported_type"] += 1
-            return
+            return False
         self.received += 1
         try:
             if self.on_packet is not None:
@@ -76,6 +84,8 @@ class HepReceiver:
             self.feed(r.payload, r.src, r.dst, r.ts, r.transport)
         except Exception:  # noqa: BLE001  (the observer counts what it cannot read; this is a bug guard)
             self.rejected["bad_chunk"] += 1
+            return False
+        return True
 
     # -- sockets -----------------------------------------------------------------------------
     async def listen(self, transport: str, addr: tuple[str, int]) -> None:
@@ -95,12 +105,23 @@ class HepReceiver:
             self.servers.append(await asyncio.start_server(self._stream, addr[0], addr[1],
                                                            family=family, reuse_address=True))
 
+    def _make_room(self) -> None:
+        """Close the oldest connection that has delivered nothing, else the one quiet longest."""
+        streams = self.streams
+        victim = next((w for w, delivered in streams.items() if not delivered), None)
+        if victim is None:
+            victim = next(iter(streams))
+        del streams[victim]
+        self.connections = len(streams)
+        self.rejected["tcp_connections"] += 1
+        victim.transport.abort()
+
     async def _stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.connections >= MAX_TCP_CONNECTIONS:
-            self.rejected["tcp_connections"] += 1
-            writer.close()
-            return
-        self.connections += 1
+        streams = self.streams
+        if len(streams) >= MAX_TCP_CONNECTIONS:
+            self._make_room()
+        streams[writer] = False
+        self.connections = len(streams)
         try:
             while True:
                 head = await asyncio.wait_for(reader.readexactly(6), TCP_IDLE)
@@ -109,11 +130,14 @@ class HepReceiver:
                     self.rejected["tcp_framing"] += 1
                     return
                 rest = await asyncio.wait_for(reader.readexactly(n - 6), TCP_IDLE)
-                self.packet(head + rest)
+                if self.packet(head + rest) and writer in streams:
+                    del streams[writer]  # to the end: the most recently active
+                    streams[writer] = True
         except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError, OSError):
             return
         finally:
-            self.connections -= 1
+            streams.pop(writer, None)
+            self.connections = len(streams)
             try:
                 writer.close()
             except Exception:  # noqa: BLE001

@@ -1,0 +1,142 @@
+"""The HEP TCP listener of ``sipwatch capture --hep-listen tcp:...`` under connections that hold
+its table: silent connections must not lock a HEP sender out (the table was full at
+MAX_TCP_CONNECTIONS and every later connection, an honest sender's included, was refused for as
+long as the silent ones stayed, up to TCP_IDLE = 300 s each and renewable at will). Real sockets
+on loopback; each wait below is for a condition, bounded only against a hang."""
+from __future__ import annotations
+
+import asyncio
+
+from capture import hep_listen
+from capture.hep_listen import MAX_TCP_CONNECTIONS, HepReceiver
+from sipwatch.hep import encode_hep3
+
+HANG = 60.0  # seconds: a guard against a hang, never a measure
+
+
+def hep_sip(i: int, auth_key: bytes = b"") -> bytes:
+    sip = (f"OPTIONS sip:b@10.0.0.2 SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bK{i}\r\n"
+           f"Call-ID: hep-listen-{i}\r\nCSeq: 1 OPTIONS\r\nFrom: <sip:a@x>;tag=1\r\nTo: <sip:b@x>\r\n"
+           "Content-Length: 0\r\n\r\n").encode()
+    return encode_hep3(sip, ("10.0.0.1", 5060), ("10.0.0.2", 5060), 1700000000.0 + i, auth_key=auth_key)
+
+
+async def until(cond) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + HANG
+    while not cond():
+        assert loop.time() < end, "condition not reached"
+        await asyncio.sleep(0.005)
+
+
+async def serve(rx: HepReceiver) -> int:
+    await rx.listen("tcp", ("127.0.0.1", 0))
+    return rx.servers[0].sockets[0].getsockname()[1]
+
+
+async def closed_by_peer(reader: asyncio.StreamReader) -> bool:
+    try:
+        return await asyncio.wait_for(reader.read(1), HANG) == b""
+    except ConnectionError:
+        return True
+
+
+def test_silent_connections_cannot_lock_a_sender_out_and_a_delivering_one_keeps_its_place():
+    async def main():
+        fed = []
+        rx = HepReceiver(lambda payload, *a: fed.append(payload))
+        port = await serve(rx)
+        # an honest sender connects and delivers one packet
+        _, honest_a = await asyncio.open_connection("127.0.0.1", port)
+        honest_a.write(hep_sip(1))
+        await until(lambda: len(fed) == 1)
+        # twice the table in connections that send nothing
+        silent = []
+        for _ in range(2 * MAX_TCP_CONNECTIONS):
+            silent.append(await asyncio.open_connection("127.0.0.1", port))
+            assert rx.connections <= MAX_TCP_CONNECTIONS
+        await until(lambda: rx.rejected["tcp_connections"] == MAX_TCP_CONNECTIONS + 1)
+        assert rx.connections == MAX_TCP_CONNECTIONS
+        # the first sender was not the one closed: its next packet is read
+        honest_a.write(hep_sip(2))
+        await until(lambda: len(fed) == 2)
+        # a second sender arriving now gets in and is read (before: refused, reset)
+        _, honest_b = await asyncio.open_connection("127.0.0.1", port)
+        for i in range(3, 8):
+            honest_b.write(hep_sip(i))
+        await honest_b.drain()
+        await until(lambda: len(fed) == 7)
+        assert [p.split(b"Call-ID: ")[1].split(b"\r\n")[0] for p in fed] == \
+            [b"hep-listen-%d" % i for i in range(1, 8)]
+        assert rx.connections == MAX_TCP_CONNECTIONS
+        # the silent connections were the ones closed, oldest first
+        assert all([await closed_by_peer(r) for r, _ in silent[:MAX_TCP_CONNECTIONS + 2]])
+        for _, w in silent:
+            w.close()
+        honest_a.close()
+        honest_b.close()
+        await until(lambda: rx.connections == 0)
+        rx.close()
+
+    asyncio.run(main())
+
+
+def test_with_an_auth_key_a_wrong_key_does_not_earn_a_place(monkeypatch):
+    monkeypatch.setattr(hep_listen, "MAX_TCP_CONNECTIONS", 8)
+    key = b"right-key"
+
+    async def main():
+        fed = []
+        rx = HepReceiver(lambda payload, *a: fed.append(payload), auth_key=key)
+        port = await serve(rx)
+        _, honest = await asyncio.open_connection("127.0.0.1", port)
+        honest.write(hep_sip(1, key))
+        await until(lambda: len(fed) == 1)
+        # forgers send packets with a wrong key, each after the honest sender's last packet
+        forgers = []
+        for i in range(8):
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(hep_sip(100 + i, b"wrong-key"))
+            forgers.append((r, w))
+        await until(lambda: rx.rejected["auth"] == 8)
+        assert rx.rejected["tcp_connections"] == 1 and rx.connections == 8
+        honest.write(hep_sip(2, key))  # still open: a forger was closed to make room
+        await until(lambda: len(fed) == 2)
+        assert await closed_by_peer(forgers[0][0])
+        for _, w in forgers:
+            w.close()
+        honest.close()
+        await until(lambda: rx.connections == 0)
+        rx.close()
+
+    asyncio.run(main())
+
+
+def test_when_every_connection_delivers_the_one_quiet_longest_makes_room(monkeypatch):
+    monkeypatch.setattr(hep_listen, "MAX_TCP_CONNECTIONS", 8)
+
+    async def main():
+        fed = []
+        rx = HepReceiver(lambda payload, *a: fed.append(payload))
+        port = await serve(rx)
+        conns = []
+        for i in range(8):
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(hep_sip(i))
+            conns.append((r, w))
+            await until(lambda: len(fed) == i + 1)
+        conns[0][1].write(hep_sip(100))  # the first is active again: the second is now quietest
+        await until(lambda: len(fed) == 9)
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(hep_sip(200))
+        await until(lambda: len(fed) == 10)
+        assert await closed_by_peer(conns[1][0])
+        assert rx.connections == 8 and rx.rejected["tcp_connections"] == 1
+        conns[0][1].write(hep_sip(300))
+        await until(lambda: len(fed) == 11)
+        for _, cw in conns + [(r, w)]:
+            cw.close()
+        await until(lambda: rx.connections == 0)
+        rx.close()
+
+    asyncio.run(main())
