@@ -15,7 +15,9 @@ and whether over TCP (``core.out_tcp``). The edge maps a destination to a connec
   Messages wait (bounded) while a connection is being opened.
 
 Hygiene, for peers that are hostile or merely broken: at most ``max_connections`` connections
-(the least recently active one is closed to make room), a connection idle for ``idle_timeout``
+(to make room, the oldest accepted connection that has not sent a whole message yet is closed,
+else the least recently active one: silent connections opened in bulk cannot push out the ones
+carrying calls), a connection idle for ``idle_timeout``
 seconds is closed, a message must be complete within ``MESSAGE_TIMEOUT`` seconds of its first
 byte (a byte-at-a-time sender holds one slot at most that long, and costs the others nothing:
 the loop never waits on a connection), a peer that does not read what it is sent is cut off past
@@ -98,6 +100,7 @@ class TcpEdge:
         self.upstream = core.upstream
         self.by_addr: dict[Addr, _Conn] = {}  # peer addresses and aliases -> connection
         self.conns: dict[_Conn, None] = {}  # every connection, least recently active first
+        self.silent: dict[_Conn, None] = {}  # accepted, no whole message yet: oldest first
         self.failed_until: dict[Addr, float] = {}
         self.local: Addr | None = None  # the listen address (outbound connections bind to it)
         self.server: asyncio.AbstractServer | None = None
@@ -226,13 +229,18 @@ class TcpEdge:
 
     # -- the table -----------------------------------------------------------------------
     def _admit(self, conn: "_Conn") -> None:
-        """Count a new connection in, closing the least recently active one when full."""
+        """Count a new connection in. When full, close the oldest accepted one that has sent no
+        whole message, else the least recently active one."""
         conns = self.conns
+        silent = self.silent
         while len(conns) >= self.max_connections:
-            oldest = next(iter(conns))
-            oldest.shut("limit")
-            conns.pop(oldest, None)  # (shut removed it; this guards a second call)
+            victim = next(iter(silent)) if silent else next(iter(conns))
+            victim.shut("limit")
+            conns.pop(victim, None)  # (shut removed it; these guard a second call)
+            silent.pop(victim, None)
         conns[conn] = None
+        if conn.inbound:
+            silent[conn] = None
         self.tcp_stats.open[0 if conn.inbound else 1] += 1
 
     def _unsent(self, conn: "_Conn", size: int) -> None:
@@ -268,6 +276,7 @@ class TcpEdge:
 
     def _forget(self, conn: "_Conn") -> None:
         self.unsent_bytes -= self.unsent.pop(conn, 0)
+        self.silent.pop(conn, None)
         if self.conns.pop(conn, 0) is None:
             self.tcp_stats.open[0 if conn.inbound else 1] -= 1
         for a in (conn.peer, *conn.aliases):
@@ -305,6 +314,7 @@ class _Conn(asyncio.Protocol):
         self.framer = StreamFramer()
         self.aliases: list[Addr] = []
         self.last_active = edge.clock()
+        self.silent = self.inbound  # accepted, no whole message yet (first to make room)
         self.partial_since: float | None = None
         self.pending: list[bytes] = []  # written before the connection was up
         self.pending_bytes = 0
@@ -357,6 +367,9 @@ class _Conn(asyncio.Protocol):
                 if self.transport is not None:
                     self.transport.write(b"\r\n" * framer.pings)
                 framer.pings = 0
+            if messages and self.silent:
+                self.silent = False
+                edge.silent.pop(self, None)
             for m in messages:
                 edge.handle(self, m)
                 if self.closed:

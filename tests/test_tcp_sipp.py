@@ -342,3 +342,53 @@ def test_idle_connections_and_a_slow_sender_do_not_stall_calls(tmp_path):
                 s.close()
     assert metric(gwm, "sipwatch_tcp_connections_closed_total", reason="slow") == 1
     assert metric(gwm, "sip_calls_processed_total", outcome="answered") == 40
+
+
+def test_a_flood_of_silent_connections_does_not_close_the_ones_carrying_calls(tmp_path):
+    """Once calls flow, connections opened and left silent in bursts bigger than the whole table:
+    each one that needs room takes the place of another that has delivered no message yet, not of
+    the caller's connection or the one toward the upstream (which were closed before, least
+    recently active first, and the calls on them failed). TCP both sides, SIPp ``-t t1``: one
+    connection each. (A connection that has sent nothing yet is one of the flood to the table:
+    the flood starts once the caller's first message is in.)"""
+    uas_port = free_port()
+    table = 32
+    stop = threading.Event()
+    opened = [0]
+    with Sidecar(tmp_path, uas_port, *_upstream("tcp", uas_port), "--tcp-max-connections", str(table)) as sc:
+
+        def flood():
+            held: list[socket.socket] = []
+            while not stop.is_set() and not metric(sc.gateway(), "sipwatch_tcp_messages_received_total"):
+                stop.wait(0.05)
+            while not stop.is_set():
+                burst = []
+                for _ in range(table + 8):
+                    try:
+                        burst.append(socket.create_connection(("127.0.0.1", sc.port), timeout=5))
+                        opened[0] += 1
+                    except OSError:
+                        pass
+                for s in held:
+                    s.close()
+                held = burst
+                stop.wait(0.2)
+            for s in held:
+                s.close()
+
+        t = threading.Thread(target=flood, daemon=True)
+        t.start()
+        try:
+            uac_rc, uas_rc, caller, callee = run_call_pair(
+                tmp_path, "uac_call", "uas_call", sc.port, uas_port, 60, rate=10,
+                uac_extra=("-t", "t1"), uas_extra=("-t", "t1"), timeout=90)
+        finally:
+            stop.set()
+            t.join()
+        gwm = sc.wait_for(lambda s: metric(s, "sip_calls_processed_total", outcome="answered") >= 60)
+    assert opened[0] > 4 * table  # the flood ran for the calls' time
+    assert (uac_rc, uas_rc) == (0, 0), caller.errors() + callee.errors()
+    assert int(caller.stat()["SuccessfulCall(C)"]) == 60
+    assert int(caller.stat()["FailedCall(C)"]) == 0
+    assert metric(gwm, "sip_calls_processed_total", outcome="answered") == 60
+    assert metric(gwm, "sipwatch_tcp_connections_closed_total", reason="limit") > 0
