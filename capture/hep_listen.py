@@ -13,8 +13,10 @@ SIP and RTCP JSON (``unsupported_type``; logs, type 100, are counted there). RTC
 (type 5) go to ``on_rtcp(correlation id, payload)``, which ties them to their call
 (:mod:`capture.hep_rtcp`).
 Over TCP, packets are framed by the HEPv3 length field; a stream that is not HEPv3, or whose
-packet would exceed 65535 bytes, is closed and counted. At most :data:`MAX_TCP_CONNECTIONS`
-connections are served at once, each with a read buffer of one packet, and a connection that
+packet would exceed 65535 bytes, is closed and counted. Connections are accepted at most as fast
+as the metrics endpoints accept theirs (:class:`sipwatch.metrics.Listener`: 500 a second past a
+burst, the rest wait in the kernel's queue), so that a client connecting in a loop cannot take
+the loop from the packets. At most :data:`MAX_TCP_CONNECTIONS` connections are served at once, each with a read buffer of one packet, and a connection that
 sends nothing for :data:`TCP_IDLE` seconds is closed. When the table is full a new connection
 takes the place of the oldest one that has not delivered a packet yet (past ``--hep-auth-key``,
 when one is set), else of the one quiet longest: connections opened and left silent cannot lock
@@ -31,6 +33,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from sipwatch.hep import (MAX_HEP, REASONS, TYPE_RTCP_JSON, TYPE_SIP, HepPacket, hep3_frame_length,
                           parse_hep)
+from sipwatch.metrics import ACCEPT_BURST, ACCEPT_PER_SECOND, Listener, TokenBucket, listening_socket
 
 MAX_TCP_CONNECTIONS = 256
 TCP_IDLE = 300.0  # seconds; senders keep a HEP connection open and idle between calls
@@ -88,7 +91,9 @@ class HepReceiver:
         return True
 
     # -- sockets -----------------------------------------------------------------------------
-    async def listen(self, transport: str, addr: tuple[str, int]) -> None:
+    async def listen(self, transport: str, addr: tuple[str, int], accepts: TokenBucket | None = None) -> None:
+        """Receive HEP on ``addr`` over ``transport`` (``udp`` or ``tcp``; TCP connections
+        accepted as ``accepts`` allows, ACCEPT_PER_SECOND past ACCEPT_BURST by default)."""
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
         if transport == "udp":
@@ -102,8 +107,8 @@ class HepReceiver:
             tx, _ = await loop.create_datagram_endpoint(lambda: _HepDatagrams(self), sock=sock)
             self.transports.append(tx)
         else:
-            self.servers.append(await asyncio.start_server(self._stream, addr[0], addr[1],
-                                                           family=family, reuse_address=True))
+            self.servers.append(Listener(listening_socket(addr[0], addr[1]), self._stream, self._admit,
+                                         accepts or TokenBucket(ACCEPT_PER_SECOND, ACCEPT_BURST)))
 
     def _make_room(self) -> None:
         """Close the oldest connection that has delivered nothing, else the one quiet longest."""
@@ -116,10 +121,18 @@ class HepReceiver:
         self.rejected["tcp_connections"] += 1
         victim.transport.abort()
 
+    def _admit(self, starting: int) -> bool:
+        """Room for a connection just accepted (``starting``: those accepted and not yet in
+        :attr:`streams`), made by closing one when full; False when none can be closed."""
+        while len(self.streams) + starting >= MAX_TCP_CONNECTIONS:
+            if not self.streams:
+                self.rejected["tcp_connections"] += 1
+                return False
+            self._make_room()
+        return True
+
     async def _stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         streams = self.streams
-        if len(streams) >= MAX_TCP_CONNECTIONS:
-            self._make_room()
         streams[writer] = False
         self.connections = len(streams)
         try:

@@ -285,7 +285,7 @@ class TokenBucket:
         self.tokens = min(self.burst, self.tokens + 1.0)
 
 
-class _Listener:
+class Listener:
     """A listening socket on the running loop whose connections are accepted at most as a
     :class:`TokenBucket` allows: past it, no accept for ACCEPT_PAUSE s (the kernel queues the
     rest, and drops what its queue cannot hold). ``admit(starting)`` decides at once whether an
@@ -375,7 +375,7 @@ class _Listener:
 async def serve_metrics(registry: CollectorRegistry, host: str, port: int, on_error=None,
                         max_connections: int = MAX_CONNECTIONS,
                         idle_timeout: float = IDLE_TIMEOUT, ready=None,
-                        fresh: TokenBucket | None = None, accepts: TokenBucket | None = None) -> "_Listener":
+                        fresh: TokenBucket | None = None, accepts: TokenBucket | None = None) -> "Listener":
     """A minimal HTTP/1.1 server for /metrics, /healthz (alive: the loop answers) and /readyz on
     the running loop. ``ready()`` false (the proxy is draining) makes /readyz answer 503, so a
     readiness probe takes the pod out of rotation while liveness stays green.
@@ -461,6 +461,12 @@ async def serve_metrics(registry: CollectorRegistry, host: str, port: int, on_er
             except Exception:  # noqa: BLE001
                 pass
 
+    return Listener(listening_socket(host, port), handle, admit,
+                    accepts if accepts is not None else TokenBucket(ACCEPT_PER_SECOND, ACCEPT_BURST), on_error)
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A non-blocking TCP socket listening on (host, port) with ACCEPT_BACKLOG, for :class:`Listener`."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -471,5 +477,4 @@ async def serve_metrics(registry: CollectorRegistry, host: str, port: int, on_er
     except OSError:
         sock.close()
         raise
-    return _Listener(sock, handle, admit,
-                     accepts if accepts is not None else TokenBucket(ACCEPT_PER_SECOND, ACCEPT_BURST), on_error)
+    return sock

@@ -31,7 +31,7 @@ async def until(cond) -> None:
 
 async def serve(rx: HepReceiver) -> int:
     await rx.listen("tcp", ("127.0.0.1", 0))
-    return rx.servers[0].sockets[0].getsockname()[1]
+    return rx.servers[0].sock.getsockname()[1]
 
 
 async def closed_by_peer(reader: asyncio.StreamReader) -> bool:
@@ -137,6 +137,43 @@ def test_when_every_connection_delivers_the_one_quiet_longest_makes_room(monkeyp
         for _, cw in conns + [(r, w)]:
             cw.close()
         await until(lambda: rx.connections == 0)
+        rx.close()
+
+    asyncio.run(main())
+
+
+def test_connections_are_accepted_within_a_budget_and_packets_over_udp_still_flow():
+    """A client connecting in a loop cannot take the capture's loop: connections are accepted as
+    a token bucket allows (here three, then none), the rest wait in the kernel's queue, and HEP
+    over UDP on the same loop is read meanwhile (before: every connection accepted at once)."""
+    from sipwatch.metrics import TokenBucket
+
+    async def main():
+        fed = []
+        rx = HepReceiver(lambda payload, *a: fed.append(payload))
+        await rx.listen("tcp", ("127.0.0.1", 0), accepts=TokenBucket(0.0, 3))
+        port = rx.servers[0].sock.getsockname()[1]
+        await rx.listen("udp", ("127.0.0.1", 0))
+        udp_port = rx.transports[0].get_extra_info("sockname")[1]
+        writers = []
+        for i in range(6):
+            _, w = await asyncio.open_connection("127.0.0.1", port)  # (the kernel completes them)
+            w.write(hep_sip(i))
+            writers.append(w)
+        loop = asyncio.get_running_loop()
+        udp, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol, remote_addr=("127.0.0.1", udp_port))
+        await until(lambda: len(fed) == 3)
+        udp.sendto(hep_sip(100))
+        await until(lambda: len(fed) == 4)
+        await asyncio.sleep(0.15)  # (three of the listener's pauses: it looked again, found no token)
+        udp.sendto(hep_sip(101))
+        await until(lambda: len(fed) == 5)
+        assert rx.connections == 3
+        assert sorted(p.split(b"Call-ID: ")[1].split(b"\r\n")[0] for p in fed) == \
+            sorted([b"hep-listen-%d" % i for i in (0, 1, 2)] + [b"hep-listen-100", b"hep-listen-101"])
+        udp.close()
+        for w in writers:
+            w.close()
         rx.close()
 
     asyncio.run(main())
