@@ -22,7 +22,7 @@ from compiled import ROOT, build
 
 CORE_TESTS = ["tests/test_core.py", "tests/test_hardening.py", "tests/test_state.py", "tests/test_hotpath.py",
               "tests/test_correlation.py", "tests/test_tcp_core.py", "tests/test_sipscan.py",
-              "tests/test_response_fast.py", "tests/test_framing.py",
+              "tests/test_response_fast.py", "tests/test_framing.py", "tests/test_fold_cost.py",
               # the refusals: the core's fast path, and the pump's own reading the compiled core's state
               "tests/test_refusal_fast.py", "tests/test_refusal_pump.py",
               # the call summary's modules (summary, masking, logs): their values and odd inputs
