@@ -364,8 +364,11 @@ class _Conn(asyncio.Protocol):
             messages = framer.feed(data)
             if framer.pings:  # RFC 5626 §3.5.1: CRLFCRLF ping, CRLF pong
                 edge.stats.keepalives += framer.pings
-                if self.transport is not None:
-                    self.transport.write(b"\r\n" * framer.pings)
+                t = self.transport
+                # not while earlier bytes wait unread: a peer that sends pings and never reads
+                # held the proxy's memory without bound (pongs are not messages to cut it off for)
+                if t is not None and not t.get_write_buffer_size():
+                    t.write(b"\r\n" * framer.pings)
                 framer.pings = 0
             if messages and self.silent:
                 self.silent = False

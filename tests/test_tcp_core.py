@@ -339,3 +339,51 @@ def test_messages_waiting_for_connections_being_opened_count_in_the_same_bound()
     cut, most, got, opened_counted = asyncio.run(run())
     assert cut >= 3 and most > (1 << 20) // 2
     assert got == b"y" * 200_000 and opened_counted == 0
+
+
+def test_a_peer_that_pings_and_never_reads_holds_no_more_than_one_reads_pongs():
+    """RFC 5626 keep-alives: each CRLFCRLF gets a CRLF. Written straight to the transport, the
+    pongs of a peer that streams pings and never reads piled up in the proxy's write buffer
+    without bound (tens of MB in seconds; no bound on messages applied to them). Pongs are now
+    written only while nothing waits unsent. Real connection on the loopback; a client that sends
+    16 MB of pings and reads nothing."""
+    import asyncio
+    import socket
+    import threading
+    import time
+
+    from sipwatch.tcp import TcpEdge
+
+    pings = 4 << 20  # 16 MB of CRLFCRLF
+
+    async def run():
+        edge = TcpEdge(make("tcp"), time.monotonic, lambda payload, dest: None)
+        await edge.open(("127.0.0.1", 0))
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.connect(edge.local)
+
+        def send():
+            chunk = b"\r\n\r\n" * 16384
+            for _ in range(pings // 16384):
+                client.sendall(chunk)
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 120  # (a guard against a hang only)
+        most = 0
+        while edge.stats.keepalives < pings and loop.time() < end:
+            await asyncio.sleep(0.005)
+            for c in edge.conns:
+                if c.transport is not None:
+                    most = max(most, c.transport.get_write_buffer_size())
+        sender.join(10)
+        answered = edge.stats.keepalives
+        edge.close()
+        client.close()
+        return answered, most
+
+    answered, most = asyncio.run(run())
+    assert answered == pings  # every ping was read (and counted)
+    assert most <= 1 << 20, most  # before: ~8 MB of pongs held for a 16-MB ping stream
