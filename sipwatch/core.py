@@ -483,6 +483,11 @@ class ProxyCore:
         if more_vias:
             self._count_vias(msg, via_i)
         top = parse_via(via_vals[0])
+        if top.transport != b"UDP" and not tcp_in:
+            # over UDP a Via naming TCP (or TLS...) is a lie: its response would go over TCP
+            # (§18.2.2) to the source's IP at a port of the sender's choosing, which a forged
+            # source turns into connections to anyone, pushing live ones out of the table
+            raise Dropped(DROP_BAD_VIA)
         top_params = top.params
         if fields is None:
             call_id = msg.call_id()
@@ -1092,6 +1097,8 @@ class ProxyCore:
         if got is None:
             return None
         is_ack, via_value, call_id, cseq_n, head, tail = got
+        if via_value[:12] != b"SIP/2.0/UDP " and not self.in_tcp:
+            return None  # (the full path reads that Via: over UDP only UDP is accepted)
         stats = self.stats
         direction = _FROM_SIGNALING if src == self.upstream else _FROM_GATEWAY
         if is_ack:  # (its To tag is the MAC _local_tag gives: checked in C)

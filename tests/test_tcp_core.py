@@ -387,3 +387,23 @@ def test_a_peer_that_pings_and_never_reads_holds_no_more_than_one_reads_pongs():
     answered, most = asyncio.run(run())
     assert answered == pings  # every ping was read (and counted)
     assert most <= 1 << 20, most  # before: ~8 MB of pongs held for a 16-MB ping stream
+
+
+def test_a_udp_request_whose_via_names_tcp_is_dropped_not_answered_over_tcp():
+    """Over UDP a top Via naming TCP (or TLS) is a lie: the core used to forward it, and its
+    response went over TCP (§18.2.2) to the source IP at the Via's port, so a forged source had
+    the proxy open connections to anyone (and push live ones out of the table). Dropped as
+    bad_via, on the full path and while shedding (no 503 either); over TCP it is the right Via."""
+    from sipwatch.stats import DROP_BAD_VIA
+    for overloaded in (False, True):
+        core = make("tcp")
+        core.overloaded = overloaded
+        for transport in (b"TCP", b"TLS", b"tcp"):
+            data = invite(call_id=b"lie-%s@gw" % transport).replace(
+                b"SIP/2.0/UDP 10.0.0.1:5070", b"SIP/2.0/" + transport + b" 10.0.0.1:5070")
+            assert core.receive_datagram(data, GATEWAY, T0) == []
+            assert not core.out_tcp
+        assert core.stats.dropped[DROP_BAD_VIA] == 3
+        assert core.stats.overload_rejected == 0
+        out = core.receive_stream(tcp_invite(), GW_TCP, T0)  # the same Via over TCP: forwarded
+        assert out and (overloaded or out[0][1] == SIGNALING)
