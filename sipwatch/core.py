@@ -922,6 +922,7 @@ class ProxyCore:
             return None
         out = [b"SIP/2.0 %d %s" % (status, reason)]
         first_via = True
+        tag: bytes | None = None  # (computed once: a request may repeat To up to the line cap)
         for i, n in enumerate(msg.names):
             if n == b"via":
                 if first_via:
@@ -936,8 +937,10 @@ class ProxyCore:
             elif n == b"to":
                 line = msg.lines[i]
                 if header_tag(msg.value_at(i)) is None:
-                    line += b";tag=" + self._local_tag(msg.get(b"call-id") or b"",
-                                                       header_tag(msg.get(b"from")) or b"")
+                    if tag is None:
+                        tag = b";tag=" + self._local_tag(msg.get(b"call-id") or b"",
+                                                         header_tag(msg.get(b"from")) or b"")
+                    line += tag
                 out.append(line)
         if extra:
             out.append(extra)

@@ -154,6 +154,9 @@ SHAPES = {
     "quote_flood_route": (lambda n: message(b"Route: " + b'"a\\",' * n + OWN_ROUTE + b"\r\n"), 500),
     "via_params": (lambda n: message(b"", via=b"Via: SIP/2.0/UDP 127.0.0.3:5070;branch=z9hG4bK-c" + b";rport" * n
                                      + b"\r\n"), 500),
+    # answered here (483): the reply copies every To line, each tagged
+    "to_lines_local_reply": (lambda n: message(b"t: <sip:b@127.0.0.2>\r\n" * n).replace(
+        b"Max-Forwards: 70", b"Max-Forwards: 0"), 50),
 }
 
 
