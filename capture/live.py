@@ -94,6 +94,11 @@ MOS_BUCKETS = (1, 2, 2.5, 3, 3.5, 4, 4.2, 4.4, 5)
 SWEEP = 1.0  # seconds between idle-stream sweeps
 MAX_CALL_ENDPOINTS = 64  # SDP media ends remembered per call (re-offers add theirs; the oldest go)
 MAX_CALL_STREAMS = 64  # finished streams listed in a call's summary (every one is counted in metrics)
+# Finished records waiting for the next tick (it takes DRAIN_PER_TICK): past this, new ones are
+# dropped and counted (sipwatch_records_dropped_total), as in the proxy. Unbounded, a wire of
+# ACKs (one record each) faster than the ticks drain grew it by ~50,000 records a second.
+MAX_FINISHED = 100_000
+DRAIN_PER_TICK = 10_000
 
 
 class _Hist:
@@ -323,6 +328,7 @@ class LiveCapture:
         self.spans = spans  # a SpanPipeline, or None
         self.observer = Observer(timer_b=timer_b, stats=stats, signaling=signaling,
                                  on_sdp=self.rtp.add_sdp, timer_c=timer_c, correlation=correlation)
+        self.observer.tracker.finished_max = MAX_FINISHED
         if spans is not None:
             self.observer.sample_ratio = spans.sample_ratio
         self.metrics = Metrics(self.observer.stats, time.time)
@@ -406,7 +412,7 @@ class LiveCapture:
         now = time.time() if now is None else now
         self.observer.tracker.expire(now)
         txs = []
-        for rec in self.observer.drain_finished(10_000):
+        for rec in self.observer.drain_finished(DRAIN_PER_TICK):
             kind, obj = rec
             if kind == "call":
                 self.metrics.observe_call(obj)

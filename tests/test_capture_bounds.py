@@ -259,3 +259,32 @@ def test_a_syn_flood_does_not_push_out_an_active_sip_connection():
     got += dec.frame(1, _segment(5070, 301, invite[200:]), 0.0)
     assert [p.payload for p in got] == [invite]
     assert len(dec.flows) <= MAX_TCP_FLOWS
+
+
+def test_live_capture_holds_a_bounded_number_of_finished_records(monkeypatch):
+    """A wire of ACKs (each one a finished record) faster than the ticks drain them: the queue of
+    records waiting for the next tick grew without bound in ``sipwatch capture`` (its observer
+    took 2^30). Now past MAX_FINISHED new records are dropped and counted, and a tick drains its
+    share as before. (The bound made small here; every frame goes through the live feed.)"""
+    import io
+
+    from capture import live
+    from capture.live import LiveCapture
+    from prometheus_client import generate_latest
+
+    from sipwatch.logs import JsonLog
+
+    monkeypatch.setattr(live, "MAX_FINISHED", 500)
+    lc = LiveCapture("lo", "", None, log=JsonLog(stream=io.BytesIO()))
+    acks = 1500
+    for i in range(acks):
+        ack = (b"ACK sip:b@10.0.0.2 SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bKack%d\r\n"
+               b"From: <sip:a@x>;tag=1\r\nTo: <sip:b@x>;tag=2\r\nCall-ID: ack-%d\r\nCSeq: 1 ACK\r\n"
+               b"Content-Length: 0\r\n\r\n" % (i, i))
+        lc.feed(ack, ("10.0.0.1", 5060), ("10.0.0.2", 5060), 1000.0 + i / 1000)
+    tracker = lc.observer.tracker
+    assert len(tracker.finished) == 500
+    assert lc.observer.stats.records_dropped == acks - 500
+    assert "sipwatch_records_dropped_total 1000.0" in generate_latest(lc.metrics.gateway).decode()
+    lc.housekeeping(1002.0)
+    assert len(tracker.finished) == 0  # (a tick takes up to DRAIN_PER_TICK)
