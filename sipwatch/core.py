@@ -206,7 +206,12 @@ class ProxyCore:
         self.draining = False  # set on SIGTERM: new dialogs get 503 + Retry-After
         self.overloaded = False  # set by the edge while its receive queues are too long
         self.last_internal_error: str | None = None
-        self.gateway_seen: dict[str, float] = {}  # source IP -> last seen, insertion-ordered
+        # gateway-side sources requests from signaling may go to (next-hop policy), source IP ->
+        # last seen, least recently seen first: those seen (any request: a forged source too) and
+        # those proven (they sent the ACK of a 2xx relayed to them, which a forged source never
+        # sees). A flood of new sources pushes out only the first kind.
+        self.gateway_seen: dict[str, float] = {}
+        self.gateway_proven: dict[str, float] = {}
         self._text_memo: dict[str | int, bytes] = {}
         self._addr_memo: dict[Addr, Addr] = {}
         self._allowed_cache: dict[str, bool] = {}
@@ -357,7 +362,7 @@ class ProxyCore:
     def handle_timers(self, now: float) -> None:
         self.settle()
         self.tracker.expire(now)
-        if self.gateway_seen:
+        if self.gateway_seen or self.gateway_proven:
             self._forget_gateways(now)
 
     def drain_finished(self, limit: int = 10_000) -> list:
@@ -624,6 +629,8 @@ class ProxyCore:
             call = self._new_call(msg, call_id, incoming, now, initial_invite, from_val, to_val, src)
 
         if is_ack:
+            if not from_sig and to_tag is not None and src_ip not in self.gateway_proven:
+                self._proved_gateway(call, to_tag, src_ip, now)
             tx = tracker.ack(midx, method, cseq_n, call, now, self._randbits(64) or 1, direction,
                              self._shared(dest))
         else:
@@ -871,26 +878,47 @@ class ProxyCore:
 
     # -- next-hop policy ---------------------------------------------------------------
     def _saw_gateway(self, ip: str, now: float) -> None:
-        seen = self.gateway_seen
-        if ip in seen:
-            del seen[ip]  # re-insert: the dict stays ordered by last activity
-        elif len(seen) >= GATEWAY_SEEN_MAX:
-            del seen[next(iter(seen))]
+        seen = self.gateway_proven
+        if ip not in seen:
+            seen = self.gateway_seen
+            if ip not in seen and len(seen) >= GATEWAY_SEEN_MAX:
+                del seen[next(iter(seen))]
+        seen.pop(ip, None)  # (re-inserted: each dict stays ordered by last activity)
         seen[ip] = now
 
-    def _forget_gateways(self, now: float) -> None:
-        seen = self.gateway_seen
-        limit = now - GATEWAY_SEEN_TTL
-        while seen:
-            ip = next(iter(seen))
-            if seen[ip] > limit:
+    def _proved_gateway(self, call: Call, to_tag: bytes, ip: str, now: float) -> None:
+        """An ACK from the gateway side, from ``ip``: if it acknowledges a 2xx this proxy relayed
+        to ``ip`` (its To tag; the INVITE's reply address), ``ip`` received what was sent to it,
+        so it is no forged source: it moves to the proven sources."""
+        tag = hash(to_tag)
+        txs = call.transactions
+        for k in range(len(txs) - 1, max(len(txs) - 5, 0) - 1, -1):  # (its INVITE is recent)
+            tx = txs[k]
+            tags = tx.tags
+            reply = tx.reply
+            if tx.midx == _INVITE and tags is not None and tag in tags and reply is not None and reply[0] == ip:
+                self.gateway_seen.pop(ip, None)
+                proven = self.gateway_proven
+                if len(proven) >= GATEWAY_SEEN_MAX:
+                    del proven[next(iter(proven))]
+                proven[ip] = now
                 return
-            del seen[ip]
+
+    def _forget_gateways(self, now: float) -> None:
+        limit = now - GATEWAY_SEEN_TTL
+        for seen in (self.gateway_seen, self.gateway_proven):
+            while seen:
+                ip = next(iter(seen))
+                if seen[ip] > limit:
+                    break
+                del seen[ip]
 
     def _allowed(self, ip: str, route_sig: bytes | None, now: float) -> bool:
         """A request from signaling may go to a gateway-side source seen lately, to a network
         the operator allowed, or to the party our signed Record-Route names."""
-        t = self.gateway_seen.get(ip)
+        t = self.gateway_proven.get(ip)
+        if t is None:
+            t = self.gateway_seen.get(ip)
         if t is not None and t > now - GATEWAY_SEEN_TTL:
             return True
         if route_sig is not None and hmac.compare_digest(route_sig, self._party_mac(ip)):

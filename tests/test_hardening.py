@@ -518,3 +518,44 @@ def test_a_local_reply_tags_every_to_line_with_one_mac(monkeypatch):
     assert resp.startswith(b"SIP/2.0 483 ") and dest == GATEWAY
     tags = {line.rsplit(b";tag=", 1)[1] for line in resp.split(b"\r\n") if line.startswith(b"To: ")}
     assert len(tags) == 1 and resp.count(b"\r\nTo: ") == 301
+
+
+def _outbound_options(n: int) -> bytes:
+    """Signaling's out-of-dialog request toward the gateway (no Route: the next-hop policy)."""
+    return (b"OPTIONS sip:ping@10.0.0.1:5070 SIP/2.0\r\n"
+            b"Via: SIP/2.0/UDP 10.0.0.3:5080;branch=z9hG4bK-out-%d\r\n"
+            b"From: <sip:s@10.0.0.3>;tag=1\r\nTo: <sip:ping@10.0.0.1>\r\nCall-ID: out-%d\r\n"
+            b"CSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n" % (n, n))
+
+
+def test_forged_sources_cannot_push_a_proven_gateway_out_of_the_next_hop_policy():
+    """Requests from signaling may go to gateway-side sources seen lately. That table was one
+    bounded list: 4096 requests from new (forged) sources pushed the gateway out, and signaling's
+    outbound calls to it were refused (next_hop_denied) until it spoke again. A source that sends
+    the ACK of a 2xx relayed to it has received what was sent to it (a forged source never sees
+    that answer): it is now kept apart, and new sources push out only each other."""
+    core = make()
+    (fwd, _), = forwarded(core.receive_datagram(invite(), GATEWAY, T0))
+    (ok, dest), = core.receive_datagram(response_to(fwd, 200), SIGNALING, T0 + 0.1)
+    assert dest == GATEWAY
+    ack = invite(method=b"ACK", to_tag=b"uas-1", body=b"")
+    # the same ACK from another address (forged, or another gateway) proves nothing
+    assert forwarded(core.receive_datagram(ack, ("10.0.0.66", 5070), T0 + 0.2))
+    assert forwarded(core.receive_datagram(ack, GATEWAY, T0 + 0.2))
+    assert GATEWAY[0] in core.gateway_proven and "10.0.0.66" not in core.gateway_proven
+    for i in range(5000):  # new sources, each one request
+        src = ("10.%d.%d.%d" % (100 + i // 65536, i // 256 % 256, i % 256), 5070)
+        core.receive_datagram(_outbound_options(10_000 + i).replace(b"10.0.0.3:5080;", b"%s:5070;" % src[0].encode()),
+                              src, T0 + 1 + i / 1000)
+    assert len(core.gateway_seen) <= 4096 and "10.0.0.66" not in core.gateway_seen
+    out = core.receive_datagram(_outbound_options(1), SIGNALING, T0 + 10)
+    assert [a for _, a in forwarded(out)] == [GATEWAY]  # before: 403, next_hop_denied
+    assert dropped(core, "next_hop_denied") == 0
+
+
+def test_a_gateway_that_never_answered_a_call_is_still_allowed_while_seen():
+    core = make()
+    core.receive_datagram(invite(), GATEWAY, T0)
+    out = core.receive_datagram(_outbound_options(2), SIGNALING, T0 + 1)
+    assert [a for _, a in forwarded(out)] == [GATEWAY]
+    assert GATEWAY[0] in core.gateway_seen and not core.gateway_proven

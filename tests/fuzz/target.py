@@ -244,7 +244,7 @@ def counters(core: ProxyCore) -> tuple:
     s = core.stats  # (compiled, a native class: its attributes are listed, it has no __dict__)
     names = getattr(type(s), "__mypyc_attrs__", None) or vars(s)
     stats = {k: getattr(s, k) for k in names if k not in ("ring", "__dict__")}
-    return stats, core.out_tcp, len(core.tracker.transactions), sorted(core.gateway_seen.items())
+    return stats, core.out_tcp, len(core.tracker.transactions), sorted(core.gateway_seen.items()), sorted(core.gateway_proven.items())
 
 
 def record_summary(record) -> tuple:
