@@ -47,6 +47,11 @@ TICK = 0.02
 # updates the histograms and is a callback); 3 is the middle
 CALLS_PER_SLICE = 3
 RECORDS_PER_SLICE = 32
+# records taken from the core into the backlog while fewer than this wait there: past it they
+# wait in the core's own bounded queue (100,000; past it dropped and counted in
+# sipwatch_records_dropped_total), so records finished faster than the slices run them cannot
+# pile up here without bound
+MAX_BACKLOG = 100_000
 DRAIN_CHECK_EVERY = 10  # ticks: the drain check walks the transaction table
 # ticks between reads of the span pipeline's health (its failures, the spans file's state): the
 # worker reports at most every 100 ms (span_worker.STATUS_EVERY), and each read cost ~45 µs live
@@ -210,7 +215,7 @@ class ProxyApp:
         self.log.deferred = True  # this tick's lines go out in one write, below
         self._handle_timers(everything)
         try:
-            records = core.drain_finished()
+            records = core.drain_finished() if everything or len(self._backlog) < MAX_BACKLOG else []
         except Exception as exc:  # noqa: BLE001
             report("tick", exc)
             records = []

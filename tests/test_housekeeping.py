@@ -283,3 +283,42 @@ def test_the_collector_runs_in_a_callback_of_its_own(tmp_path):
     asyncio.run(run())
     app.tick()
     assert steps == ["gc", "gc"]
+
+
+def test_the_backlog_takes_no_more_records_while_it_holds_its_bound(tmp_path, monkeypatch):
+    """Records finished faster than the slices run them: the tick moved every one from the core
+    into the backlog, which had no bound. Past MAX_BACKLOG the tick leaves them in the core's own
+    queue (bounded, drops counted), and takes them once the slices have caught up."""
+    import asyncio
+
+    from sipwatch import app as app_module
+
+    monkeypatch.setattr(app_module, "MAX_BACKLOG", 10)
+    app, _ = _app(tmp_path, "--no-tracing")
+    app.log.stream = _CountingStream()
+    finished = app.core.tracker.finished
+
+    async def run():
+        for i in range(25):
+            finished.append(("call", _Call(b"b-%d@gw" % i)))
+        app.tick()
+        assert len(app._backlog) == 25 and not finished  # (under the bound: all taken)
+        for i in range(25, 50):
+            finished.append(("call", _Call(b"b-%d@gw" % i)))
+        app.tick()  # before any slice ran: the backlog is over its bound
+        assert len(app._backlog) == 25 and len(finished) == 25
+        for _ in range(1000):
+            await asyncio.sleep(0)
+            if not app._backlog and not app._slice_pending:
+                break
+        app.tick()
+        assert not finished
+        for _ in range(1000):
+            await asyncio.sleep(0)
+            if not app._backlog and not app._slice_pending:
+                break
+
+    asyncio.run(run())
+    sids = [r["call_sid"] for r in map(orjson.loads, app.log.stream.getvalue().splitlines())
+            if r["event"] == "call_summary"]
+    assert sids == ["b-%d@gw" % i for i in range(50)]
