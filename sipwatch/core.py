@@ -208,8 +208,9 @@ class ProxyCore:
         self.last_internal_error: str | None = None
         # gateway-side sources requests from signaling may go to (next-hop policy), source IP ->
         # last seen, least recently seen first: those seen (any request: a forged source too) and
-        # those proven (they sent the ACK of a 2xx relayed to them, which a forged source never
-        # sees). A flood of new sources pushes out only the first kind.
+        # those proven (they answered a request sent to them, or sent the ACK of a 2xx relayed
+        # to them: what a forged source never sees). A flood of new sources pushes out only the
+        # first kind.
         self.gateway_seen: dict[str, float] = {}
         self.gateway_proven: dict[str, float] = {}
         self._text_memo: dict[str | int, bytes] = {}
@@ -889,7 +890,7 @@ class ProxyCore:
     def _proved_gateway(self, call: Call, to_tag: bytes, ip: str, now: float) -> None:
         """An ACK from the gateway side, from ``ip``: if it acknowledges a 2xx this proxy relayed
         to ``ip`` (its To tag; the INVITE's reply address), ``ip`` received what was sent to it,
-        so it is no forged source: it moves to the proven sources."""
+        so it is no forged source."""
         tag = hash(to_tag)
         txs = call.transactions
         for k in range(len(txs) - 1, max(len(txs) - 5, 0) - 1, -1):  # (its INVITE is recent)
@@ -897,12 +898,20 @@ class ProxyCore:
             tags = tx.tags
             reply = tx.reply
             if tx.midx == _INVITE and tags is not None and tag in tags and reply is not None and reply[0] == ip:
-                self.gateway_seen.pop(ip, None)
-                proven = self.gateway_proven
-                if len(proven) >= GATEWAY_SEEN_MAX:
-                    del proven[next(iter(proven))]
-                proven[ip] = now
+                self._prove_gateway(ip, now)
                 return
+
+    def _prove_gateway(self, ip: str, now: float) -> None:
+        """``ip`` answered what this proxy sent it (a response relayed from it passed the branch
+        check; an ACK of a 2xx relayed to it): a proven gateway-side source."""
+        proven = self.gateway_proven
+        if ip in proven:
+            del proven[ip]  # (re-inserted: ordered by last activity)
+        else:
+            self.gateway_seen.pop(ip, None)
+            if len(proven) >= GATEWAY_SEEN_MAX:
+                del proven[next(iter(proven))]
+        proven[ip] = now
 
     def _forget_gateways(self, now: float) -> None:
         limit = now - GATEWAY_SEEN_TTL
@@ -1077,8 +1086,8 @@ class ProxyCore:
                  src: Addr, now: float) -> None:
         """A relayed response's bookkeeping: the gateway's last-seen time and the held
         transaction's answer (RTT, call progress, finished records)."""
-        if direction == _FROM_GATEWAY:
-            self._saw_gateway(src[0], now)
+        if direction == _FROM_GATEWAY:  # (relayed: it answers a request sent to that address)
+            self._prove_gateway(src[0], now)
         if tx is not None:  # (the table is as it was when tx was looked up)
             self.tracker.response_to(tx, status, now, to_tag)
 

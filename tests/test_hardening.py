@@ -553,6 +553,18 @@ def test_forged_sources_cannot_push_a_proven_gateway_out_of_the_next_hop_policy(
     assert dropped(core, "next_hop_denied") == 0
 
 
+def test_a_gateway_that_answers_signalings_requests_is_proven():
+    """A gateway that only takes calls from signaling (never sends an ACK of a 2xx) is proven by
+    its answers: a response is relayed only from the address its request went to (branch MAC)."""
+    core = make(allow_next_hop=(ipaddress.ip_network("10.0.0.1/32"),))
+    (fwd, dest), = forwarded(core.receive_datagram(_outbound_options(3), SIGNALING, T0))
+    assert dest == GATEWAY and not core.gateway_proven
+    assert core.receive_datagram(response_to(fwd, 200), ("10.0.0.66", 5070), T0 + 0.1) == []  # forged
+    assert "10.0.0.66" not in core.gateway_proven and not core.gateway_seen
+    (_, back), = core.receive_datagram(response_to(fwd, 200), GATEWAY, T0 + 0.1)
+    assert back == SIGNALING and GATEWAY[0] in core.gateway_proven
+
+
 def test_a_gateway_that_never_answered_a_call_is_still_allowed_while_seen():
     core = make()
     core.receive_datagram(invite(), GATEWAY, T0)

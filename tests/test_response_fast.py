@@ -231,7 +231,7 @@ def test_answer_from_the_gateway_side():
     data = _join(_answer_lines(fwd, b"200 OK", 5))
     assert _fast_taken(pair[0], data)
     out = feed(pair, data, GATEWAY, 1000.3)
-    assert out[0][1] == UPSTREAM and pair[0].gateway_seen[GATEWAY[0]] == 1000.3
+    assert out[0][1] == UPSTREAM and pair[0].gateway_proven[GATEWAY[0]] == 1000.3  # (it answered: proven)
 
 
 def test_tcp_request_answered_over_tcp():
