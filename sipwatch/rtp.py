@@ -112,7 +112,9 @@ def parse_sdp(body: bytes) -> list[tuple[str, int, dict[int, tuple[str, int]]]]:
                 pt_s, enc = v[7:].split(None, 1)
                 name, _, rest = enc.partition("/")
                 if pt_s.isdigit() and len(pt_s) <= 3 and int(pt_s) < 128:
-                    media[3][int(pt_s)] = (name, int(rest.split("/")[0] or 0))
+                    clock = int(rest.split("/")[0] or 0)
+                    # (no RTP clock runs under 1 kHz; the jitter's units are clock // 1000)
+                    media[3][int(pt_s)] = (name, clock if clock >= 1000 else 0)
             except ValueError:
                 continue
     if media is not None:

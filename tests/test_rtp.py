@@ -340,3 +340,21 @@ def test_any_datagram_is_classified_without_raising(datagrams):
     assert rtp.not_rtp + rtp.keepalives + rtp.rtcp_packets + media == len(datagrams)
     for out in rtp.summaries():
         assert out["lost"] >= 0 and out["lost_rfc3550"] >= 0
+
+
+def test_an_rtpmap_clock_under_1khz_never_raises_on_the_streams_packets():
+    """``a=rtpmap:96 foo/500``: the jitter divides by clock // 1000, which was 0, so every RTP
+    packet of that type after the first raised ZeroDivisionError out of the analyzer (counted
+    as internal errors by the live capture, and no figures). Such a clock is read as unknown."""
+    import struct
+
+    from capture.live import RtpMonitor
+
+    m = RtpMonitor()
+    m.add_sdp(b"call-1", b"v=0\r\no=- 1 1 IN IP4 10.0.0.5\r\ns=-\r\nc=IN IP4 10.0.0.5\r\nt=0 0\r\n"
+                         b"m=audio 4000 RTP/AVP 96\r\na=rtpmap:96 foo/500\r\n")
+    for i in range(5):
+        pkt = struct.pack("!BBHII", 0x80, 96, i, i * 160, 0x1234) + b"\0" * 160
+        m.analyzer.feed(pkt, ("10.0.0.6", 5000), ("10.0.0.5", 4000), 100.0 + i * 0.02)
+    (stream,) = m.analyzer.streams.values()
+    assert stream.packets == 5
