@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import socket
+import time
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -36,6 +37,11 @@ from sipwatch.hep import (MAX_HEP, REASONS, TYPE_RTCP_JSON, TYPE_SIP, HepPacket,
 from sipwatch.metrics import ACCEPT_BURST, ACCEPT_PER_SECOND, Listener, TokenBucket, listening_socket
 
 MAX_TCP_CONNECTIONS = 256
+# A HEP packet's time is its sender's word, and the observer's timers run on it: one packet
+# stamped in 2106 timed out every call in progress. Outside this window around this host's
+# clock (a sender's skew, a captagent's batching) the packet is taken at this host's time.
+MAX_AHEAD = 5.0
+MAX_BEHIND = 60.0
 TCP_IDLE = 300.0  # seconds; senders keep a HEP connection open and idle between calls
 REJECT_REASONS = REASONS + ("auth", "unsupported_type", "tcp_framing", "tcp_connections")
 
@@ -43,12 +49,14 @@ REJECT_REASONS = REASONS + ("auth", "unsupported_type", "tcp_framing", "tcp_conn
 class HepReceiver:
     """Decodes HEP and hands SIP to ``feed(payload, src, dst, ts, transport)``. A collector too."""
 
-    def __init__(self, feed, auth_key: bytes = b"", on_packet=None, on_rtcp=None):
+    def __init__(self, feed, auth_key: bytes = b"", on_packet=None, on_rtcp=None, clock=time.time):
         self.feed = feed
         self.on_rtcp = on_rtcp  # callable(correlation_id, json payload) for HEP type 5
         self.auth_key = auth_key
         self.on_packet = on_packet  # optional callable(HepPacket) for every accepted packet
+        self.clock = clock
         self.received = 0  # SIP packets accepted
+        self.retimed = 0  # SIP packets stamped outside [now - MAX_BEHIND, now + MAX_AHEAD]
         self.rtcp_received = 0  # RTCP JSON packets accepted
         self.rejected = dict.fromkeys(REJECT_REASONS, 0)
         self.by_type: dict[int, int] = {}
@@ -82,9 +90,14 @@ class HepReceiver:
             return False
         self.received += 1
         try:
+            ts = r.ts
+            now = self.clock()
+            if not now - MAX_BEHIND <= ts <= now + MAX_AHEAD:
+                ts = now
+                self.retimed += 1
             if self.on_packet is not None:
                 self.on_packet(r)
-            self.feed(r.payload, r.src, r.dst, r.ts, r.transport)
+            self.feed(r.payload, r.src, r.dst, ts, r.transport)
         except Exception:  # noqa: BLE001  (the observer counts what it cannot read; this is a bug guard)
             self.rejected["bad_chunk"] += 1
             return False
@@ -175,6 +188,9 @@ class HepReceiver:
         for r in REJECT_REASONS:
             f.add_metric([r], self.rejected[r])
         yield f
+        yield CounterMetricFamily("sipwatch_hep_retimed", "HEP SIP packets stamped more than "
+                                  f"{MAX_AHEAD:g} s ahead of this host's clock or {MAX_BEHIND:g} s "
+                                  "behind it: taken at this host's time.", value=self.retimed)
         yield GaugeMetricFamily("sipwatch_hep_connections", "HEP TCP connections open.",
                                 value=self.connections)
 

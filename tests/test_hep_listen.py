@@ -1,5 +1,5 @@
-"""The HEP TCP listener of ``sipwatch capture --hep-listen tcp:...`` under connections that hold
-its table: silent connections must not lock a HEP sender out (the table was full at
+"""``sipwatch capture --hep-listen`` against hostile senders. Its TCP listener under connections
+that hold its table: silent connections must not lock a HEP sender out (the table was full at
 MAX_TCP_CONNECTIONS and every later connection, an honest sender's included, was refused for as
 long as the silent ones stayed, up to TCP_IDLE = 300 s each and renewable at will). Real sockets
 on loopback; each wait below is for a condition, bounded only against a hang."""
@@ -177,3 +177,37 @@ def test_connections_are_accepted_within_a_budget_and_packets_over_udp_still_flo
         rx.close()
 
     asyncio.run(main())
+
+
+def test_a_packet_stamped_far_ahead_does_not_time_out_the_calls_in_progress():
+    """The observer's timers run on the packets' times, and a HEP packet's time is its sender's
+    word: one packet stamped in 2106 (even one that is not SIP) timed out every transaction in
+    progress, and their later answers were unmatched. Outside [now - MAX_BEHIND, now + MAX_AHEAD]
+    a packet is taken at this host's time (counted)."""
+    import io
+    import time
+
+    from capture.live import LiveCapture, RtpMonitor
+    from sipwatch.logs import JsonLog
+
+    buf = io.BytesIO()
+    lc = LiveCapture("x", "", None, rtp=RtpMonitor(grace=0.0), log=JsonLog("cap", stream=buf))
+    rx = HepReceiver(lc.feed, b"", on_rtcp=lc.rtcp.add)
+    a, b = ("10.0.0.1", 5060), ("10.0.0.2", 5060)
+
+    def msg(first, m, to_tag=b""):
+        return (first + b"\r\nVia: SIP/2.0/UDP 10.0.0.1;branch=z9hG4bKv" + m + b"\r\n"
+                b"From: <sip:alice@10.0.0.1>;tag=1\r\nTo: <sip:bob@10.0.0.2>" + to_tag +
+                b"\r\nCall-ID: victim\r\nCSeq: 1 " + m + b"\r\nContent-Length: 0\r\n\r\n")
+
+    now = time.time()
+    rx.packet(encode_hep3(msg(b"INVITE sip:bob@10.0.0.2 SIP/2.0", b"INVITE"), a, b, now))
+    rx.packet(encode_hep3(msg(b"SIP/2.0 180 Ringing", b"INVITE", b";tag=2"), b, a, now + 0.05))
+    rx.packet(encode_hep3(b"x", ("198.51.100.7", 1), ("198.51.100.8", 2), 4294967295.0))  # forged
+    rx.packet(encode_hep3(msg(b"SIP/2.0 200 OK", b"INVITE", b";tag=2"), b, a, now + 0.1))
+    rx.packet(encode_hep3(msg(b"ACK sip:bob@10.0.0.2 SIP/2.0", b"ACK", b";tag=2"), a, b, now + 0.2))
+    lc.housekeeping(now + 0.3)
+    call = lc.observer.tracker.calls[b"victim"]
+    assert call.status == 200 and not any(tx.timed_out for tx in call.transactions)
+    assert lc.observer.unmatched_responses == 0 and rx.retimed == 1
+    assert b'"timeout"' not in buf.getvalue()
