@@ -21,7 +21,7 @@ import time
 
 from sipwatch.correlation import DEFAULT as DEFAULT_CORRELATION, add_correlation_argument
 from sipwatch.summary import call_summary_fields
-from sipwatch.masking import MODES, mask_uri
+from sipwatch.masking import MODES, add_call_id_mask_arguments, mask_uri
 from sipwatch.observer import Observer
 from sipwatch.rtp import RtpAnalyzer
 from sipwatch.stats import OUTCOMES, Stats
@@ -449,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-sip-message", type=_size, default=MAX_SIP_MESSAGE, metavar="BYTES",
                     help="largest SIP message framed over TCP (default 1 MiB); larger ones are "
                          "skipped and counted (sip_oversized)")
+    add_call_id_mask_arguments(ap)
     add_correlation_argument(ap)
     add_otlp_arguments(ap)
     args = ap.parse_args(argv)
@@ -463,11 +464,18 @@ def main(argv: list[str] | None = None) -> int:
     stats = Stats(ring_size=0)  # the span pipeline's counters
     spans = None
     if exports_spans(args, os.environ):  # the exporters (OpenTelemetry SDK) only when needed
+        from sipwatch.config import ConfigError, call_id_masker
         from sipwatch.tracing import SpanPipeline
 
+        try:
+            call_id_mask = call_id_masker(args)
+        except ConfigError as exc:
+            sys.stderr.write(f"sipwatch analyze: error: {exc}\n")
+            return 2
         # every record is held until the end anyway: no queue limit, and time to export them all
         spans = SpanPipeline.for_capture("analyze", stats, args.otlp_endpoint, args.otlp_protocol,
-                                         args.spans_file, args.mask_numbers, queue_max=1 << 62)
+                                         args.spans_file, args.mask_numbers, queue_max=1 << 62,
+                                         call_id_mask=call_id_mask)
     # what the imports built lives as long as this process: kept out of every collection
     gc.freeze()
     try:

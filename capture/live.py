@@ -69,11 +69,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from sipwatch.hep_sender import (EndpointError, HepSender, add_hep_arguments, hep_options,
                                  parse_endpoint, summary_record)
+from sipwatch.config import ConfigError, call_id_masker
 from sipwatch.correlation import add_correlation_argument
 from sipwatch.metrics import Metrics, _fmt_le, serve_metrics
 from sipwatch.observer import Observer
 from sipwatch.logs import ErrorReporter, JsonLog
-from sipwatch.masking import MODES as MASK_MODES
+from sipwatch.masking import MODES as MASK_MODES, add_call_id_mask_arguments
 from sipwatch.rtp import CODEC_LABELS, RtpAnalyzer, RtpStream, codec_label
 from sipwatch.stats import Stats
 from sipwatch.tracing import SpanPipeline, add_otlp_arguments, rtp_figures
@@ -445,7 +446,8 @@ class LiveCapture:
             if call.is_call:
                 self.log.call_summary(call, streams)
                 if self.hep is not None and self.hep_log:
-                    self.hep.call_summary(call.call_id, summary_record(call, self.log.mask_mode),
+                    self.hep.call_summary(call.call_id, summary_record(call, self.log.mask_mode,
+                                                                       self.log.call_id_mask),
                                           time.time())
                 if streams or call.t_answer is not None:
                     call.rtp = rtp_figures((r["packets"], r["lost"], r["jitter_max_ms"], r["mos"])
@@ -467,12 +469,17 @@ class LiveCapture:
 async def _run(args) -> int:
     rtp = RtpMonitor(args.rtp_idle_timeout, args.rtp_grace, args.rtp_max_streams)
     stats = Stats()
+    try:
+        call_id_mask = call_id_masker(args)
+    except ConfigError as exc:
+        sys.stderr.write(f"sipwatch capture: error: {exc}\n")
+        return 2
     spans = SpanPipeline.for_capture("capture", stats, args.otlp_endpoint, args.otlp_protocol,
-                                     args.spans_file, args.mask_numbers)
+                                     args.spans_file, args.mask_numbers, call_id_mask=call_id_mask)
     lc = LiveCapture(args.interface, args.bpf, _addr(args.signaling) if args.signaling else None,
                      args.timer_b, rtp, spans=spans, stats=stats, timer_c=args.timer_c,
                      correlation=args.correlation_headers,
-                     log=JsonLog("sipwatch-capture", mask_mode=args.mask_numbers))
+                     log=JsonLog("sipwatch-capture", mask_mode=args.mask_numbers, call_id_mask=call_id_mask))
     lc.decoder.max_sip_message = args.max_sip_message
     try:
         hep = hep_options(lambda name, default=None: (getattr(args, name.replace("-", "_")) or default,
@@ -583,6 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-sip-message", type=_size, default=MAX_SIP_MESSAGE, metavar="BYTES",
                     help="largest SIP message framed over TCP (default 1 MiB); larger ones are skipped "
                          "and counted")
+    add_call_id_mask_arguments(ap)
     add_correlation_argument(ap)
     add_otlp_arguments(ap)
     add_hep_arguments(ap)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from .correlation import DEFAULT as DEFAULT_CORRELATION, parse_kinds
 from .hep_sender import EndpointError, add_hep_arguments, hep_options
-from .masking import CALL_ID_MODES, MODES as MASK_MODES, default_call_id_mode
+from .masking import CALL_ID_MODES, MODES as MASK_MODES, CallIdMasker, default_call_id_mode
 
 Addr = tuple[str, int]
 
@@ -359,3 +359,15 @@ def read_secret(inline, from_file) -> bytes:
             raise ConfigError(f"{w_value}: longer than {MAX_SECRET} bytes")
         return data
     return b""
+
+
+def call_id_masker(args, env=None) -> CallIdMasker:
+    """The masker :func:`~sipwatch.masking.add_call_id_mask_arguments`' flags (or SIPWATCH_MASK_CALL_ID,
+    SIPWATCH_SECRET, SIPWATCH_SECRET_FILE) ask for; ConfigError on a bad key."""
+    env = os.environ if env is None else env
+    mode, w = _pick(args, env, "mask-call-id")
+    if mode is None:
+        mode = default_call_id_mode(args.mask_numbers)
+    elif mode not in CALL_ID_MODES:
+        raise ConfigError(f"{w}: {mode!r} is not one of {', '.join(CALL_ID_MODES)}")
+    return CallIdMasker(mode, read_secret(_pick(args, env, "secret"), _pick(args, env, "secret-file")))

@@ -502,3 +502,17 @@ def _mask_digit_run(run: str) -> str:
 def default_call_id_mode(mask_numbers: str) -> str:
     """``--mask-call-id`` when not given: follow ``--mask-numbers`` (``none`` keeps them as is)."""
     return "none" if mask_numbers == "none" else "digits"
+
+
+def add_call_id_mask_arguments(ap) -> None:
+    """``--mask-call-id`` and the key of its hash, for ``capture`` and ``analyze`` (the proxy has
+    them among its own): their logs and spans show Call-IDs as the sidecar's do. The masker:
+    :func:`sipwatch.config.call_id_masker`."""
+    ap.add_argument("--mask-call-id", choices=CALL_ID_MODES, default=None,
+                    help="Call-IDs in logs and spans: digits (default; none with --mask-numbers none), "
+                         "hash or none, as the sidecar's --mask-call-id")
+    ap.add_argument("--secret", default=None,
+                    help="key of the Call-ID hash (prefer SIPWATCH_SECRET or --secret-file); the "
+                         "sidecar's own gives the same masked Call-IDs")
+    ap.add_argument("--secret-file", default=None, help="read that key from this file")
+
