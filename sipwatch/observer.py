@@ -95,7 +95,9 @@ class Observer:
         self.unmatched_responses = 0
         # distinct Call-IDs of INVITEs (tshark's count); a live capture that runs for weeks
         # stops adding at MAX_DISTINCT and says so in invite_call_ids_capped
-        self.invite_call_ids: set[bytes] = set()
+        # (their hashes: a Call-ID is the sender's to size, and these outlive the calls; one
+        # collision in a million would undercount by one)
+        self.invite_call_ids: set[int] = set()
         self.invite_call_ids_capped = False
         self.eof_txs: set = set()  # transactions cut short by the end of the capture
         self.eof_calls = 0
@@ -209,9 +211,10 @@ class Observer:
         initial = midx == _INVITE and (to_at < 0 or self._tag(self._value(msg, to_at)) is None)
         if midx == _INVITE:
             ids = self.invite_call_ids
+            h = hash(call_id)
             if len(ids) < MAX_DISTINCT:
-                ids.add(call_id)
-            elif call_id not in ids:
+                ids.add(h)
+            elif h not in ids:
                 self.invite_call_ids_capped = True
         call = tracker.lookup_call(call_id, initial, cseq_n)
         incoming = None
