@@ -10,7 +10,8 @@ at 8000 Hz (G.711, G.729: what telephony calls use) and the entry says so (``jit
 no MOS is made up for it.
 
 Bounded: at most ``max_calls`` calls (the oldest is forgotten first), ``MAX_SSRC`` sources per
-call, payloads over ``MAX_JSON`` bytes are refused; malformed JSON is counted, never raised.
+call, payloads over ``MAX_JSON`` bytes are refused, values clamped to the RTCP fields' widths;
+malformed JSON is counted, never raised.
 """
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ import orjson
 MAX_JSON = 16384
 MAX_SSRC = 16
 CLOCK_HZ = 8000
+# the RTCP fields' own widths (RFC 3550 §6.4.1): a JSON number past them is no report's; clamped,
+# so that a forged 2^64 cannot overflow a span's counters or show a loss no stream can have
+U32 = (1 << 32) - 1
+LOST_MAX = (1 << 23) - 1  # cumulative packets lost: 24 bits, signed
 
 
 class RtcpReports:
@@ -49,12 +54,13 @@ class RtcpReports:
                 per_call = calls[call_id] = {}
             if isinstance(sender, dict) and isinstance(sender_ssrc, int) and \
                     isinstance(sender.get("packets"), int) and sender_ssrc in per_call:
-                per_call[sender_ssrc]["packets"] = max(per_call[sender_ssrc]["packets"], sender["packets"])
+                per_call[sender_ssrc]["packets"] = max(per_call[sender_ssrc]["packets"],
+                                                       min(max(sender["packets"], 0), U32))
             for b in blocks[:MAX_SSRC]:
                 ssrc, lost = b.get("source_ssrc"), b.get("packets_lost", 0)
                 fraction, jitter = b.get("fraction_lost", 0), b.get("ia_jitter", 0)
                 if not all(isinstance(v, int) and not isinstance(v, bool)
-                           for v in (ssrc, lost, fraction, jitter)):
+                           for v in (ssrc, lost, fraction, jitter)) or not 0 <= ssrc <= U32:
                     continue
                 entry = per_call.get(ssrc)
                 if entry is None:
@@ -62,9 +68,9 @@ class RtcpReports:
                         continue
                     entry = per_call[ssrc] = {"lost": 0, "fraction": 0, "jitter": 0, "packets": 0,
                                               "reports": 0}
-                entry["lost"] = max(entry["lost"], lost)
+                entry["lost"] = max(entry["lost"], min(lost, LOST_MAX))
                 entry["fraction"] = max(entry["fraction"], min(max(fraction, 0), 255))
-                entry["jitter"] = max(entry["jitter"], max(jitter, 0))
+                entry["jitter"] = max(entry["jitter"], min(max(jitter, 0), U32))
                 entry["reports"] += 1
                 taken += 1
             self.reports += taken

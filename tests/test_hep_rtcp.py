@@ -61,3 +61,35 @@ def test_other_payload_types_are_counted_not_fed():
     rx.packet(hep(report(1, 2, 0, 0, 0)))
     rx.packet(encode_hep3(b"{}", ("10.0.0.1", 1), ("10.0.0.2", 2), 1.0, payload_type=100))
     assert rx.rejected["unsupported_type"] == 2 and rx.received == 0
+
+
+def test_values_past_the_rtcp_fields_widths_are_clamped_and_the_call_span_still_encodes():
+    """RTCP JSON numbers are the sender's: two blocks of packets_lost = 2^64 - 1 made the call's
+    summed loss overflow, and its span failed to encode (C and Python paths). Values are now
+    held to the RTCP fields' widths (loss: 24 bits signed; jitter, packets: 32 bits), and an
+    SSRC past 32 bits is no report's."""
+    from sipwatch.observer import Observer
+    from sipwatch.otlp_encode import SpanEncoder, record_tuple, rtp_figures
+
+    store = RtcpReports()
+    for s in range(2):
+        store.add(b"victim", orjson.dumps({"ssrc": 1, "report_blocks": [
+            {"source_ssrc": 1000 + s, "packets_lost": 2**64 - 1, "fraction_lost": 1, "ia_jitter": 2**40}]}))
+    assert not store.add(b"victim", orjson.dumps({"report_blocks": [
+        {"source_ssrc": 2**33, "packets_lost": 1, "fraction_lost": 1, "ia_jitter": 1}]}))
+    obs = Observer()
+    hdr = b"Via: SIP/2.0/UDP h;branch=z9hG4bK1\r\nFrom: <sip:a@h>;tag=1\r\nTo: <sip:b@h>"
+    obs.feed(b"INVITE sip:b@h SIP/2.0\r\n" + hdr + b"\r\nCall-ID: victim\r\nCSeq: 1 INVITE\r\n\r\n",
+             ("1.1.1.1", 5060), ("2.2.2.2", 5060), 1000.0)
+    obs.feed(b"SIP/2.0 486 Busy\r\n" + hdr + b";tag=9\r\nCall-ID: victim\r\nCSeq: 1 INVITE\r\n\r\n",
+             ("2.2.2.2", 5060), ("1.1.1.1", 5060), 1000.5)
+    call = [rec[1] for rec in obs.drain_finished() if rec[0] == "call"][0]
+    streams = store.take(b"victim")
+    assert sorted(e["lost"] for e in streams) == [2**23 - 1] * 2
+    assert all(e["jitter_max_ms"] == round(1000.0 * (2**32 - 1) / 8000, 3) for e in streams)
+    call.rtp = rtp_figures((e["packets"], e["lost"], e["jitter_max_ms"], e["mos"]) for e in streams)
+    for accelerate in (True, False):
+        enc = SpanEncoder({"service.name": "s"}, "1", "partial", None, accelerate=accelerate)
+        pbs, lines = [], []
+        assert not enc.encode([record_tuple(call, True)], pbs, lines)
+        assert pbs
