@@ -15,6 +15,8 @@ malformed JSON is counted, never raised.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import orjson
 
 MAX_JSON = 16384
@@ -28,7 +30,7 @@ LOST_MAX = (1 << 23) - 1  # cumulative packets lost: 24 bits, signed
 
 class RtcpReports:
     def __init__(self, max_calls: int = 16000):
-        self.by_call: dict[bytes, dict[int, dict]] = {}
+        self.by_call: OrderedDict[bytes, dict[int, dict]] = OrderedDict()  # (oldest first out)
         self.max_calls = max_calls
         self.reports = 0  # report blocks taken
         self.malformed = 0  # payloads that are not RTCP JSON we can read
@@ -50,7 +52,7 @@ class RtcpReports:
             per_call = calls.get(call_id)
             if per_call is None:
                 if len(calls) >= self.max_calls:
-                    calls.pop(next(iter(calls)))
+                    calls.popitem(last=False)
                 per_call = calls[call_id] = {}
             if isinstance(sender, dict) and isinstance(sender_ssrc, int) and \
                     isinstance(sender.get("packets"), int) and sender_ssrc in per_call:

@@ -63,7 +63,7 @@ import struct
 import sys
 import time
 from bisect import bisect_left
-from collections import deque
+from collections import OrderedDict, deque
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
@@ -139,27 +139,39 @@ class RtpMonitor:
         self.lost = dict.fromkeys(CODEC_LABELS, 0)
         self.jitter = {c: _Hist(JITTER_BUCKETS_MS) for c in CODEC_LABELS}
         self.mos = {c: _Hist(MOS_BUCKETS) for c in CODEC_LABELS}
-        self.by_call: dict[str, list[dict]] = {}  # finished streams of calls not yet summarised
-        # SDP endpoints per call (oldest first, at most MAX_CALL_ENDPOINTS), dropped at its end
-        self.call_endpoints: dict[bytes, dict] = {}
+        # finished streams of calls not yet summarised (OrderedDicts where the oldest entry is
+        # given up when full: see RtpAnalyzer)
+        self.by_call: OrderedDict[str, list[dict]] = OrderedDict()
+        # SDP endpoints per call (oldest first, at most MAX_CALL_ENDPOINTS), dropped at its end;
+        # at most RtpAnalyzer.MAX_MEDIA_ADDRS in all (the oldest calls' go first), as the
+        # analyzer's own table
+        self.call_endpoints: OrderedDict[bytes, dict] = OrderedDict()
+        self.n_call_endpoints = 0
         self.pending: deque = deque()  # (deadline, call): ended calls waiting out the grace
         self.next_sweep = 0.0
 
     # -- input ----------------------------------------------------------------------------
     def add_sdp(self, call_id: bytes, body: bytes, src=None, dst=None, ts=None) -> None:
         eps = self.analyzer.add_sdp(call_id, body)
-        mine = self.call_endpoints.get(call_id)
+        ends = self.call_endpoints
+        mine = ends.get(call_id)
         if mine is None:
-            if len(self.call_endpoints) >= self.max_pending:
-                self._forget(next(iter(self.call_endpoints)))
-            mine = self.call_endpoints[call_id] = {}
+            if len(ends) >= self.max_pending:
+                self._forget(next(iter(ends)))
+            mine = ends[call_id] = {}
         for ep in eps:  # newest last: a call's re-offers move its media, the oldest ends go first
-            mine.pop(ep, None)
+            if ep in mine:
+                del mine[ep]
+            else:
+                self.n_call_endpoints += 1
             mine[ep] = None
         while len(mine) > MAX_CALL_ENDPOINTS:
-            ep = next(iter(mine))
+            ep = next(iter(mine))  # (64 at most: no long walk)
             del mine[ep]
+            self.n_call_endpoints -= 1
             self._untie(call_id, ep)
+        while self.n_call_endpoints > RtpAnalyzer.MAX_MEDIA_ADDRS and len(ends) > 1:
+            self._forget(next(iter(ends)))
 
     def call_ended(self, call, now: float) -> None:
         """A finished call record (any kind): its streams end ``grace`` seconds from now."""
@@ -191,7 +203,7 @@ class RtpMonitor:
         """End of capture: every stream finished, every ended call's list handed out."""
         streams = self.analyzer.streams
         while streams:
-            self._finish(streams.pop(next(iter(streams))), "stop")
+            self._finish(streams.popitem(last=False)[1], "stop")
         due = [c for _, c in self.pending]
         self.pending.clear()
         out = [(c, self.by_call.pop(c.call_id.decode("utf-8", "replace"), [])) for c in due]
@@ -200,7 +212,9 @@ class RtpMonitor:
         return out
 
     def _forget(self, call_id: bytes) -> None:
-        for ep in self.call_endpoints.pop(call_id, ()):
+        mine = self.call_endpoints.pop(call_id, ())
+        self.n_call_endpoints -= len(mine)
+        for ep in mine:
             self._untie(call_id, ep)
 
     def _untie(self, call_id: bytes, ep) -> None:
@@ -230,7 +244,7 @@ class RtpMonitor:
         if st.call_id is None:
             return
         if st.call_id not in self.by_call and len(self.by_call) >= self.max_pending:
-            self.by_call.pop(next(iter(self.by_call)))
+            self.by_call.popitem(last=False)
         entry = {
             "ssrc": s["ssrc"], "codec": name or None, "packets": st.packets, "lost": s["lost"],
             "lost_pct": s["lost_pct"], "jitter_mean_ms": s["mean_jitter_ms"],

@@ -23,6 +23,7 @@ sequence numbers for duplicate detection.
 from __future__ import annotations
 
 import struct
+from collections import OrderedDict
 
 # static payload types (RFC 3551 §6): name, clock rate
 STATIC_PT = {
@@ -40,6 +41,8 @@ MAX_DROPOUT, MAX_MISORDER = 3000, 100  # RFC 3550 A.1
 # a few dozen): a forged body of thousands of m= lines would otherwise be that many endpoints
 # held per message
 MAX_SDP_MEDIA = 64
+MAX_ADDRESS = 45  # characters of an SDP connection address: the longest IPv6 literal
+MAX_SSRC_KEYS = 8  # streams remembered per SSRC for RTCP report blocks (one SSRC: a hop or two)
 # E-model impairment per codec family: (Ie, Bpl), ITU-T G.113 Appendix I
 CODEC_IMPAIRMENT = {"pcmu": (0.0, 4.3), "pcma": (0.0, 4.3), "g711u": (0.0, 4.3),
                     "g711a": (0.0, 4.3), "g729": (10.0, 19.0)}
@@ -89,6 +92,8 @@ def parse_sdp(body: bytes) -> list[tuple[str, int, dict[int, tuple[str, int]]]]:
         if k == "c":
             parts = v.split()
             ip = parts[2].split("/")[0] if len(parts) >= 3 else None
+            if ip is not None and len(ip) > MAX_ADDRESS:  # no IP literal (a name ties no RTP)
+                ip = None
             if media is None:
                 session_ip = ip
             else:
@@ -377,15 +382,18 @@ class RtpAnalyzer:
     MAX_MEDIA_ADDRS = 65536  # remembered addresses of confirmed streams (keep-alive ports)
 
     def __init__(self, max_streams: int = 0, on_evict=None):
-        self.streams: dict[tuple, RtpStream] = {}
+        # (the tables that give up their oldest entry when full are OrderedDicts: taking a
+        # plain dict's first key walks past every slot deleted before it, ~26 µs a time at
+        # 65,536 entries once full, per media end of a forged SDP)
+        self.streams: OrderedDict[tuple, RtpStream] = OrderedDict()
         self.max_streams = max_streams  # 0: unbounded (offline analysis)
         self.on_evict = on_evict  # callable(RtpStream) for a stream dropped to make room
         self.evicted = 0
-        self.endpoints: dict[tuple[str, int], tuple[bytes, dict]] = {}  # SDP (ip, port) → call
+        self.endpoints: OrderedDict[tuple[str, int], tuple[bytes, dict]] = OrderedDict()  # SDP (ip, port) → call
         self.dynamic_pts: set[int] = set()  # dynamic payload types some SDP declared
-        self.candidates: dict[tuple, list] = {}  # (src, dst, ssrc) → held packet headers
-        self.media_addrs: dict[tuple, None] = {}  # ends of confirmed streams, oldest first
-        self.media_pairs: dict[tuple, None] = {}  # (a, b) pairs that carried an SDP-tied stream
+        self.candidates: OrderedDict[tuple, list] = OrderedDict()  # (src, dst, ssrc) → held packet headers
+        self.media_addrs: OrderedDict[tuple, None] = OrderedDict()  # ends of confirmed streams, oldest first
+        self.media_pairs: OrderedDict[tuple, None] = OrderedDict()  # (a, b) pairs that carried an SDP-tied stream
         self.by_ssrc: dict[int, list] = {}  # SSRC → stream keys, for RTCP report blocks
         self.rtcp_packets = 0
         self.keepalives = 0
@@ -411,7 +419,7 @@ class RtpAnalyzer:
             endpoints.pop((ip, port), None)  # re-insert: newest last
             endpoints[(ip, port)] = (call_id, ptmap)
             if self.max_streams and len(endpoints) > self.MAX_MEDIA_ADDRS:  # live: the oldest go
-                del endpoints[next(iter(endpoints))]
+                endpoints.popitem(last=False)
             if len(self.dynamic_pts) < 32:
                 self.dynamic_pts.update(pt for pt in ptmap if 96 <= pt <= 127)
             added.append((ip, port))
@@ -478,7 +486,7 @@ class RtpAnalyzer:
         held = self.candidates.get(key)
         if held is None:
             if len(self.candidates) >= self.MAX_CANDIDATES:
-                self._not_rtp += len(self.candidates.pop(next(iter(self.candidates))))
+                self._not_rtp += len(self.candidates.popitem(last=False)[1])
             held = self.candidates[key] = []
         elif len(held) >= self.MAX_HELD:
             del held[0]
@@ -527,17 +535,19 @@ class RtpAnalyzer:
         for addr in (src, dst):
             if addr not in ma:
                 if len(ma) >= self.MAX_MEDIA_ADDRS:
-                    del ma[next(iter(ma))]
+                    ma.popitem(last=False)
                 ma[addr] = None
         mp = self.media_pairs
         pair = (src, dst) if src <= dst else (dst, src)
         if sdp and pair not in mp:
             if len(mp) >= self.MAX_MEDIA_ADDRS:
-                del mp[next(iter(mp))]
+                mp.popitem(last=False)
             mp[pair] = None
         keys = self.by_ssrc.setdefault(ssrc, [])
-        if len(keys) >= 8:  # streams the live monitor finished are gone from self.streams
-            keys[:] = [k for k in keys if k in self.streams]
+        if len(keys) >= MAX_SSRC_KEYS:  # streams the live monitor finished are gone from self.streams
+            # (and of those still there, the newest: a forger's thousands of streams with one
+            # SSRC made this walk, and each RTCP block naming it, cost n a time)
+            keys[:] = [k for k in keys if k in self.streams][1 - MAX_SSRC_KEYS:]
         keys.append(key)
         if len(self.by_ssrc) > 2 * max(len(self.streams), 1024):
             self.by_ssrc = {}
@@ -547,8 +557,7 @@ class RtpAnalyzer:
 
     def _evict(self) -> None:
         """Drop the oldest stream (first created) to make room for a new one."""
-        key = next(iter(self.streams))
-        st = self.streams.pop(key)
+        st = self.streams.popitem(last=False)[1]
         self.evicted += 1
         if self.on_evict is not None:
             self.on_evict(st)

@@ -321,3 +321,56 @@ def test_distinct_invite_call_ids_are_counted_without_keeping_them():
         tracemalloc.stop()
     assert len(obs.invite_call_ids) == 300
     assert held < 1 << 20, held  # before: 300 x 30 KB = 9 MB held
+
+
+def _ssrc_flood_events(n: int) -> int:
+    """Counted work (Python lines + C calls) of n SDP-tied streams that all carry one SSRC, then
+    one RTCP receiver report of 31 blocks naming that SSRC."""
+    import struct
+
+    from sipwatch.rtp import RtpAnalyzer
+    from test_adversarial_cost import count_events
+
+    a = RtpAnalyzer(max_streams=0)
+    for i in range(n):
+        a.add_sdp(b"c%d" % i, b"v=0\r\nc=IN IP4 10.0.0.5\r\nm=audio %d RTP/AVP 0\r\n" % (10000 + 2 * i))
+    rr = struct.pack("!BBHI", 0x80 | 31, 201, 1 + 31 * 6, 1) + \
+        b"".join(struct.pack("!IIIIII", 0xCAFE, 5, 100, 7, 0, 0) for _ in range(31))
+
+    def work():
+        for i in range(n):
+            a.feed(pb.rtp(1, 160, 0xCAFE, pt=0), ("10.0.0.6", 20000 + i), ("10.0.0.5", 10000 + 2 * i), 1.0 + i / 1e4)
+        a.feed(rr, ("10.0.0.6", 20001), ("10.0.0.5", 10001), 2.0)
+    events = count_events(work)
+    assert len(a.streams) == n
+    return events
+
+
+def test_streams_sharing_an_ssrc_cost_linear_work():
+    """A forger's thousands of streams with one SSRC: each new stream re-read the SSRC's whole
+    list of streams, and each RTCP report block naming it walked that list (2,000 streams took
+    2 s to build; one 752-byte report 34 ms). The list keeps the newest eight."""
+    e1, e2, e3 = (_ssrc_flood_events(n) for n in (250, 500, 1000))
+    assert e2 <= 2.3 * e1 and e3 <= 2.3 * e2, (e1, e2, e3)
+
+
+def test_long_connection_addresses_tie_nothing_and_call_ends_stay_bounded_in_all(monkeypatch):
+    """An SDP ``c=`` address longer than any IP literal (900 characters held per media end) is
+    not an end RTP can come from: ignored. And the media ends remembered per call were bounded
+    per call (64) but not in all (64 for each of 16,000 calls, long after the analyzer's own
+    table of 65,536 had let them go): now the oldest calls' are forgotten past that bound."""
+    from capture.live import RtpMonitor
+    from sipwatch.rtp import RtpAnalyzer, parse_sdp
+
+    assert parse_sdp(b"v=0\r\nc=IN IP4 " + b"1" * 900 + b"\r\nm=audio 4000 RTP/AVP 0\r\n") == []
+    monkeypatch.setattr(RtpAnalyzer, "MAX_MEDIA_ADDRS", 1000)
+    m = RtpMonitor()
+    for call in range(100):
+        body = b"v=0\r\nc=IN IP4 10.1.%d.1\r\n" % call + b"".join(
+            b"m=audio %d RTP/AVP 0\r\n" % (4000 + 2 * k) for k in range(40))
+        m.add_sdp(b"call-%d" % call, body)
+        held = sum(len(ends) for ends in m.call_endpoints.values())
+        assert held == m.n_call_endpoints <= 1000 + 40
+    assert b"call-99" in m.call_endpoints and b"call-0" not in m.call_endpoints
+    # the newest call's ends still tie its RTP
+    assert m.analyzer.endpoints[("10.1.99.1", 4000)][0] == b"call-99"
