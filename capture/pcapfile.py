@@ -14,6 +14,7 @@ import mmap
 import os
 import re
 import struct
+from collections import OrderedDict
 from _socket import AF_INET, AF_INET6, inet_ntop  # (the C module: socket.py builds its enums on import)
 from typing import Iterator, NamedTuple
 
@@ -136,7 +137,9 @@ class Decoder:
         self.c = counters
         self.frags: dict[tuple, _FragSet] = {}
         self.frag_bytes = 0  # held in frags
-        self.flows: dict[tuple, _TcpFlow] = {}
+        # least recently active first (an OrderedDict: a dict's first key is a walk past the
+        # slots of every flow moved or dropped before it)
+        self.flows: OrderedDict[tuple, _TcpFlow] = OrderedDict()
         self.tcp_added = 0  # bytes given to flows to hold since their sum was last looked at
         self.max_sip_message = max_sip_message
         self._ip4_text: dict[bytes, str] = {}  # packed IPv4 address → text, for the fast path
@@ -627,14 +630,15 @@ class Decoder:
         src, dst = (inet_ntop(fam, s), sp), (inet_ntop(fam, d), dp)
         key = (src, dst)
         flows = self.flows
-        flow = flows.pop(key, None)
+        flow = flows.get(key)
         if flow is None:
             if not data and not flags & 0x02:
                 return []
             if len(flows) >= MAX_TCP_FLOWS:  # the least recently active goes (a SYN flood's)
-                flows.pop(next(iter(flows)))
-            flow = _TcpFlow()
-        flows[key] = flow  # (most recently active last)
+                flows.popitem(last=False)
+            flow = flows[key] = _TcpFlow()
+        else:
+            flows.move_to_end(key)  # (most recently active last)
         if flags & 0x02:  # SYN: data starts at ISN + 1
             flow.next_seq = (seq + 1) & 0xFFFFFFFF
             flow.buf, flow.ooo, flow.ooo_bytes = b"", {}, 0

@@ -916,10 +916,12 @@ class ProxyCore:
     def _forget_gateways(self, now: float) -> None:
         limit = now - GATEWAY_SEEN_TTL
         for seen in (self.gateway_seen, self.gateway_proven):
-            while seen:
-                ip = next(iter(seen))
-                if seen[ip] > limit:
+            old: list[str] = []
+            for ip, t in seen.items():  # (one walk: each first key after a deletion is a walk)
+                if t > limit:
                     break
+                old.append(ip)
+            for ip in old:
                 del seen[ip]
 
     def _allowed(self, ip: str, route_sig: bytes | None, now: float) -> bool:
