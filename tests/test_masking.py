@@ -340,7 +340,8 @@ def test_hostile_values_do_not_raise_and_memory_stays_bounded():
     assert mask_uri(huge) == "<sip:******3456@gw>;tag=...[+100000 chars]"  # (shown up to SHOWN_MAX)
     assert mask_uri(b"<" * 50_000) == "<" * 1024 + "...[+%d chars]" % (50_000 - 1024)
     assert mask_uri(b"<sip:1@a>" + b";" * 50_000 + b"tag=1") == "<sip:1@a>" + ";" * 1015 + "...[+%d chars]" % (50_014 - 1024)
-    assert mask_uri(b";tag=" * 10_000) == (";tag=" * 205)[:1024] + "...[+%d chars]" % (50_000 - 1024)
+    # (cut just after the last delimiter before the mark: ';' or '=')
+    assert mask_uri(b";tag=" * 10_000) == (";tag=" * 205)[:1021] + "...[+%d chars]" % (50_000 - 1021)
     for i in range(10_000):  # every caller new: what is remembered stays bounded
         assert mask_uri(b"<sip:%d@gw>;tag=%d" % (4930100000 + i, i)) == \
             "<sip:******%04d@gw>;tag=%d" % ((4930100000 + i) % 10_000, i)
@@ -363,7 +364,8 @@ def test_call_id_hash_is_hmac_blake2b_of_the_raw_call_id():
         b"4930123456@gw": "******3456@gw",
         b"1234567-x-7654321@h": "***4567-x-***4321@h",
         b"123456": "**3456",
-        "12345\u0663@h".encode(): "*2345\u0663@h",  # a run of 6 digits, 5 of them ASCII
+        "12345\u0663@h".encode(): "**3453@h",  # a run of 6 digits, one Arabic-Indic: read as ASCII
+        ("\u0663" * 8).encode(): "****3333",  # other scripts' digits are digits too
         b"99999999999999999999999999999999999999": "*" * 34 + "9999",
         b"\xff4930123456": "\ufffd******3456",
         b"a\xff": "a\ufffd",  # nothing masked, but not as received: marked and hashed
@@ -372,8 +374,8 @@ def test_call_id_hash_is_hmac_blake2b_of_the_raw_call_id():
         assert digits(raw) == shown + "~" + mac(raw)[:16], raw
         assert digits(bytearray(raw)) == digits(raw)
         assert hashed(raw) == "h-" + mac(raw)[:32]
-    # left as they are: no run of 6 digits, or one of other scripts only
-    for raw in (b"1-12345@127.0.0.1", b"a84bd38f-5c10-fa9c@x", ("\u0663" * 8).encode(), b""):
+    # left as they are: no run of 6 digits
+    for raw in (b"1-12345@127.0.0.1", b"a84bd38f-5c10-fa9c@x", b""):
         assert digits(raw) == raw.decode()
     assert digits("4930123456@gw") == "******3456@gw~" + mac(b"4930123456@gw")[:16]
     assert digits(None) is None and hashed(None) is None
@@ -381,8 +383,9 @@ def test_call_id_hash_is_hmac_blake2b_of_the_raw_call_id():
         raw = b"%d-1@h" % (4930100000 + i)
         assert digits(raw) == "******%04d-1@h~%s" % ((4930100000 + i) % 10_000, mac(raw)[:16])
     assert len(digits._memo) <= 4096
-    long_id = b"4930123456" * 1000
-    assert digits(long_id) == digits(long_id) == "*" * 9996 + "3456~" + mac(long_id)[:16]
+    long_id = b"4930123456" * 102  # (1,020 bytes: still shown; past 1,024 the hash alone)
+    assert digits(long_id) == digits(long_id) == "*" * 1016 + "3456~" + mac(long_id)[:16]
+    assert digits(long_id + b"12345") == "h-" + mac(long_id + b"12345")[:32]
 
 
 def test_timestamps_of_log_lines():
@@ -525,3 +528,38 @@ def test_a_from_with_its_tag_masked_twice_is_masked_once():
             assert mask_uri(value, mode) == want
             assert masking._MEMOS[mode].get(value) == want, value
             assert mask_uri(value, mode) == want
+
+
+def test_numbers_in_other_scripts_and_with_unicode_separators_are_masked():
+    """The rules read ASCII: a display-name number grouped with no-break or thin spaces, written
+    in Arabic-Indic digits or with '_' between groups, and a user part in other digits, were shown
+    as is. Digits of any script, spaces and dashes are read as their ASCII forms first."""
+    nbsp, thin = "\u00a0", "\u2009"
+    cases = {
+        f'"06{nbsp}12{nbsp}34{nbsp}56{nbsp}78" <sip:a@h>': '"** ** ** 56 78" <sip:a@h>',
+        f'"+49{thin}30{thin}123{thin}4567" <sip:a@h>': '"+** ** *** 4567" <sip:a@h>',
+        '"\u0661\u0662\u0663\u0664\u0665\u0666\u0667" <sip:a@h>': '"***4567" <sip:a@h>',
+        '"+1_212_555_0100" <sip:a@h>': '"+*_***_***_0100" <sip:a@h>',
+        '<sip:\u0664\u0669\u0663\u0660\u0661\u0662\u0663\u0664\u0665\u0666@h>': '<sip:******3456@h>',
+        '"+49\u201130\u2011123456" <sip:a@h>': '"+**-**-**3456" <sip:a@h>',
+    }
+    for value, shown in cases.items():
+        out = mask_uri(value.encode())
+        assert out == shown, (value, out)  # (before: each shown as is, or all but one group)
+
+
+def test_a_cut_value_never_shows_the_head_of_a_number_that_reaches_the_cut():
+    """Past SHOWN_MAX characters a value is cut. The cut went back over digits and ASCII number
+    separators only, so a user part like ``+1/212/...`` reaching the mark showed its first digits
+    as if they were a shorter number's last four. It goes back to a delimiter now."""
+    for sep in ("/", "_", "\u00a0", "x"):
+        user = sep.join(["1234"] * 400)
+        out = mask_uri(("<sip:" + user + "@h>").encode())
+        assert "1234" not in out, (sep, out[:80])
+
+
+def test_a_call_id_past_the_shown_length_shows_its_hash_only():
+    digits = CallIdMasker("digits", b"k")
+    long_id = b"\xff12345678" * 3000  # 27 KB, not ASCII: the slow path before
+    assert digits(long_id) == CallIdMasker("hash", b"k")(long_id)
+    assert digits(b"4930123456@gw").startswith("******3456@gw~")
