@@ -34,6 +34,14 @@ async def serve(rx: HepReceiver) -> int:
     return rx.servers[0].sock.getsockname()[1]
 
 
+async def shut(rx: HepReceiver, writers) -> None:
+    """Close the clients, wait for the receiver to see every connection go, close it."""
+    for w in writers:
+        w.close()
+    await until(lambda: rx.connections == 0)
+    rx.close()
+
+
 async def closed_by_peer(reader: asyncio.StreamReader) -> bool:
     try:
         return await asyncio.wait_for(reader.read(1), HANG) == b""
@@ -71,12 +79,7 @@ def test_silent_connections_cannot_lock_a_sender_out_and_a_delivering_one_keeps_
         assert rx.connections == MAX_TCP_CONNECTIONS
         # the silent connections were the ones closed, oldest first
         assert all([await closed_by_peer(r) for r, _ in silent[:MAX_TCP_CONNECTIONS + 2]])
-        for _, w in silent:
-            w.close()
-        honest_a.close()
-        honest_b.close()
-        await until(lambda: rx.connections == 0)
-        rx.close()
+        await shut(rx, [w for _, w in silent] + [honest_a, honest_b])
 
     asyncio.run(main())
 
@@ -103,11 +106,7 @@ def test_with_an_auth_key_a_wrong_key_does_not_earn_a_place(monkeypatch):
         honest.write(hep_sip(2, key))  # still open: a forger was closed to make room
         await until(lambda: len(fed) == 2)
         assert await closed_by_peer(forgers[0][0])
-        for _, w in forgers:
-            w.close()
-        honest.close()
-        await until(lambda: rx.connections == 0)
-        rx.close()
+        await shut(rx, [w for _, w in forgers] + [honest])
 
     asyncio.run(main())
 
@@ -134,10 +133,7 @@ def test_when_every_connection_delivers_the_one_quiet_longest_makes_room(monkeyp
         assert rx.connections == 8 and rx.rejected["tcp_connections"] == 1
         conns[0][1].write(hep_sip(300))
         await until(lambda: len(fed) == 11)
-        for _, cw in conns + [(r, w)]:
-            cw.close()
-        await until(lambda: rx.connections == 0)
-        rx.close()
+        await shut(rx, [cw for _, cw in conns] + [w])
 
     asyncio.run(main())
 
