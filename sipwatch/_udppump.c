@@ -326,6 +326,8 @@ static void route(Pump *p, PyObject *data, PyObject *src, PyObject *now, PyObjec
 {
     if (p->core == NULL)
         return;  /* closed by the core's call */
+    PyObject *tap = NULL;  /* the wiretap (the HEP sender's tap), when one is set (before any
+                            * goto failed, which releases it) */
     PyObject *flag = PyObject_GetAttr(p->core, str_out_tcp);
     if (flag == NULL)
         goto failed;
@@ -334,7 +336,6 @@ static void route(Pump *p, PyObject *data, PyObject *src, PyObject *now, PyObjec
     if (tcp < 0)
         goto failed;
     int python = tcp;
-    PyObject *tap = NULL;  /* the wiretap (the HEP sender's tap), when one is set */
     if (!python) {
         tap = PyObject_GetAttr(p->edge, str_wiretap);
         if (tap == NULL)
@@ -358,7 +359,7 @@ static void route(Pump *p, PyObject *data, PyObject *src, PyObject *now, PyObjec
         }
     }
     if (python) {
-        Py_XDECREF(tap);
+        Py_CLEAR(tap);  /* (cleared: a failing dispatch below goes to failed, which releases it) */
         PyObject *args[4] = {data, src, now, out};
         PyObject *r = PyObject_Vectorcall(p->dispatch, args, 4, NULL);
         if (r == NULL)

@@ -318,3 +318,55 @@ def test_sipp_calls_through_a_sidecar_without_the_pump(tmp_path):
 if os.environ.get("SIPWATCH_NO_C") == "1":
     def test_no_c_means_no_pump():
         assert transport._udppump is None
+
+
+def test_the_pumps_error_paths_release_the_wiretap_once_and_nothing_else():
+    """The pump's route(): with a wiretap set and outputs it hands to the Python dispatch, a
+    dispatch that raised released the tap twice (one reference lost per datagram: freed, then
+    the process crashed, after three); and a core whose out_tcp could not be read released a
+    pointer never set (a crash on the first datagram). Driven directly, as the edge drives it."""
+    import sys
+    from types import SimpleNamespace
+
+    pump = transport._udppump
+    if pump is None:
+        pytest.skip("the C pump is not built (or SIPWATCH_NO_C=1)")
+
+    class Tap:
+        def __call__(self, *a):
+            pass
+
+    class Core:
+        out_tcp = False
+
+    class Unreadable:
+        @property
+        def out_tcp(self):
+            raise RuntimeError("out_tcp unreadable")
+
+    def dispatch(data, src, now, out):
+        raise RuntimeError("dispatch failed")
+
+    tap = Tap()
+    listen = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    listen.bind(("127.0.0.1", 0))
+    listen.setblocking(False)
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        for core in (Core(), Unreadable()):
+            errors = []
+            p = pump.Pump(listen_fd=listen.fileno(), upstream_fd=-1, upstream=None,
+                          # (not an IP literal: the pump hands it to the dispatch)
+                          receive=lambda d, s, n: [(b"x", ("gw.example.invalid", 5060))],
+                          core=core, edge=SimpleNamespace(wiretap=tap), dispatch=dispatch,
+                          send_failed=errors.append, on_error=errors.append, clock=lambda: 0.0)
+            before = sys.getrefcount(tap)
+            for i in range(5):
+                sender.sendto(b"hello %d" % i, listen.getsockname())
+                p.read_listen()
+            assert len(errors) == 5
+            assert sys.getrefcount(tap) == before
+            p.close()
+    finally:
+        listen.close()
+        sender.close()
