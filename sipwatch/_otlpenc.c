@@ -1298,7 +1298,7 @@ static PyObject *tx_fast(Encoder *self, PyObject *t, int into)
         long long sv = PyLong_AsLongLongAndOverflow(s, &overflow);
         if (!(overflow < 0 || (overflow == 0 && sv < 200)))
             continue;
-        uint64_t ns;
+        uint64_t ns = 0;  /* (nanos checked every event's time above; set all the same) */
         nanos(et, &ns);
         PyObject *parts = cached(self, R_EVENTS, R_EVENT_PARTS, &s, 1, 3);
         if (parts == NULL)
