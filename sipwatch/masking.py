@@ -99,6 +99,11 @@ def _fold(text: str) -> str:
     return text.translate(table if extra is None else extra)
 
 
+def _as_masked(kept: str) -> str:
+    """A part kept as it is (a tag), as the general path shows it: folded (see _fold)."""
+    return kept if kept.isascii() else _fold(kept)
+
+
 def _digit_count(s: str) -> int:
     return len(s) - len(s.translate(_NO_DIGITS))
 
@@ -283,7 +288,7 @@ def _mask_remembered(value: bytes, mode: str, memo: dict[bytes, str]) -> str:
         head = value[:cut]  # (kept: its hash is not computed twice when the head is remembered below)
         masked = heads.get(head)
         if masked is not None and _NOT_IN_TAG.search(value, cut + 5) is None:
-            return masked + value[cut:].decode("utf-8", "replace")
+            return masked + _as_masked(value[cut:].decode("utf-8", "replace"))
     if len(memo) >= _MEMO_SIZE:
         memo.clear()
     if len(heads) >= _MEMO_SIZE:
@@ -315,7 +320,7 @@ def _mask_remembered(value: bytes, mode: str, memo: dict[bytes, str]) -> str:
         gt = value.find(b">", lt + 1, cut) if lt >= 0 else -1
         if gt >= 0 and value.find(b":", 0, lt) < 0 and value.find(b",", gt + 1, cut) < 0:
             masked = heads[value[:cut]] = _mask_text(value[:cut].decode("utf-8", "replace"), mode)
-            out = memo[value] = masked + value[cut:].decode("utf-8", "replace")
+            out = memo[value] = masked + _as_masked(value[cut:].decode("utf-8", "replace"))
             return out
     out = memo[value] = _mask_text(value.decode("utf-8", "replace"), mode)
     return out

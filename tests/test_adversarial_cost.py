@@ -240,3 +240,26 @@ def test_cost_per_byte_is_bounded_and_linear(shape, target):
         assert c2 <= DOUBLING / 2 * (n2 / n1) * c1, f"{shape} ({target}): N {n1} -> {n2} costs {c1} -> {c2} events"
     # over the whole ladder: no worse than linear plus the slack of one doubling
     assert costs[-1] / costs[0] <= 1.15 * ns[-1] / ns[0], list(zip(ns, costs))
+
+
+def test_a_local_reply_tags_every_to_line_with_one_mac(monkeypatch):
+    """A request answered here (483: Max-Forwards 0) with its To repeated up to the line cap: the
+    reply's To tag was computed again for each To line (a Call-ID and From lookup over every
+    header line, and a MAC, each time: n^2 in the lines, ~5 ms for one 14-KB datagram; the line
+    lookups are C calls, which the event counts above do not see). Now once; every To line of the
+    reply carries the same tag. (Here: the compiled build's methods cannot be replaced.)"""
+    from test_core import GATEWAY, SIDECAR, SIGNALING, T0, invite
+
+    core = ProxyCore(CoreConfig(advertise=SIDECAR, upstream=SIGNALING, secret=b"k"))
+    calls = []
+    real = core._local_tag
+    monkeypatch.setattr(core, "_local_tag", lambda *a: calls.append(a) or real(*a))
+    tos = b"".join(b"To: <sip:b%d@10.0.0.3>\r\n" % i for i in range(300))
+    data = invite(max_forwards=b"0", body=b"x" * 20000).replace(b"Call-ID:", tos + b"Call-ID:", 1)
+    out = core.receive_datagram(data, GATEWAY, T0)
+    assert len(calls) == 1
+    (resp, dest), = out
+    assert resp.startswith(b"SIP/2.0 483 ") and dest == GATEWAY
+    tags = {line.rsplit(b";tag=", 1)[1] for line in resp.split(b"\r\n") if line.startswith(b"To: ")}
+    assert len(tags) == 1 and resp.count(b"\r\nTo: ") == 301
+
