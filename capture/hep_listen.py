@@ -60,11 +60,15 @@ class HepReceiver:
         self.rtcp_received = 0  # RTCP JSON packets accepted
         self.rejected = dict.fromkeys(REJECT_REASONS, 0)
         self.by_type: dict[int, int] = {}
-        self.connections = 0
         # open TCP connections, least recently active first -> has delivered an accepted packet
         self.streams: dict[asyncio.StreamWriter, bool] = {}
         self.servers: list = []
         self.transports: list = []
+
+    @property
+    def connections(self) -> int:
+        """HEP TCP connections open."""
+        return len(self.streams)
 
     # -- one packet --------------------------------------------------------------------------
     def packet(self, data: bytes) -> bool:
@@ -130,7 +134,6 @@ class HepReceiver:
         if victim is None:
             victim = next(iter(streams))
         del streams[victim]
-        self.connections = len(streams)
         self.rejected["tcp_connections"] += 1
         victim.transport.abort()
 
@@ -147,7 +150,6 @@ class HepReceiver:
     async def _stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         streams = self.streams
         streams[writer] = False
-        self.connections = len(streams)
         try:
             while True:
                 head = await asyncio.wait_for(reader.readexactly(6), TCP_IDLE)
@@ -163,7 +165,6 @@ class HepReceiver:
             return
         finally:
             streams.pop(writer, None)
-            self.connections = len(streams)
             try:
                 writer.close()
             except Exception:  # noqa: BLE001
