@@ -20,7 +20,7 @@ import sys
 import time
 
 from sipwatch.correlation import DEFAULT as DEFAULT_CORRELATION, add_correlation_argument
-from sipwatch.summary import call_summary_fields
+from sipwatch.summary import call_summary_fields, terminal_safe
 from sipwatch.masking import MODES, add_call_id_mask_arguments, mask_uri
 from sipwatch.observer import Observer
 from sipwatch.rtp import RtpAnalyzer
@@ -423,7 +423,8 @@ def render(rep: dict) -> str:
     out.append(f"  SIP parse errors {e['sip_parse_errors']}, bad Content-Length "
                f"{e['bad_content_length']}, unmatched responses {e['unmatched_responses']}, "
                f"RTCP packets {rep['rtcp_packets']}, RTP keep-alives {rep['rtp_keepalives']}")
-    return "\n".join(out) + "\n"
+    # Call-IDs, display names and codec names come from the capture: no terminal controls
+    return terminal_safe("\n".join(out) + "\n")
 
 
 def _stream_line(s: dict, prefix: str) -> str:

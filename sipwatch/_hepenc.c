@@ -163,9 +163,16 @@ static PyObject *hep_call_id(PyObject *self, PyObject *arg)
         return NULL;
     const unsigned char *h = b.buf;
     Py_ssize_t n = b.len < HEADER_SCAN ? b.len : HEADER_SCAN;
-    const unsigned char *end = memmem(h, (size_t)n, "\r\n\r\n", 4);  /* wholly inside the scan */
-    if (end != NULL)
-        n = end - h;
+    /* the header section ends at the first empty line, whatever its line ends (bare LF ones too,
+     * which the proxy forwards): past it is the body, whose lines name no Call-ID */
+    for (const unsigned char *nl = memchr(h, '\n', (size_t)n); nl != NULL;
+            nl = memchr(nl + 1, '\n', (size_t)(n - (nl + 1 - h)))) {
+        const Py_ssize_t k = nl - h;  /* (an empty line wholly inside the scan, as Python's find) */
+        if ((k + 1 < n && h[k + 1] == '\n') || (k + 2 < n && h[k + 1] == '\r' && h[k + 2] == '\n')) {
+            n = k;
+            break;
+        }
+    }
     static const char *exact[] = {"\nX-CID:", "\nCall-ID:", "\ni:"};
     static const char *folded[] = {"\nx-cid:", "\ncall-id:", "\ni:", "\ncall-id :", "\ni :"};
     Py_ssize_t at = -1;

@@ -81,8 +81,10 @@ def call_id_of(payload: bytes) -> bytes:
 
 def _call_id_py(payload: bytes) -> bytes:
     """:func:`call_id_of` without the C extension (and its reference in tests)."""
-    head_end = payload.find(b"\r\n\r\n", 0, HEADER_SCAN)
-    head = payload[:head_end if head_end >= 0 else HEADER_SCAN]
+    # the header section ends at the first empty line, whatever its line ends (the body's lines
+    # name no Call-ID)
+    ends = [i for i in (payload.find(b"\n\n", 0, HEADER_SCAN), payload.find(b"\n\r\n", 0, HEADER_SCAN)) if i >= 0]
+    head = payload[:min(ends) if ends else HEADER_SCAN]
     for name in (b"\nX-CID:", b"\nCall-ID:", b"\ni:"):
         i = head.find(name)
         if i >= 0:

@@ -334,20 +334,54 @@ def _mask_bracketed(inner: str, mode: str) -> str:
     return "<" + _mask_params(inner, mode)
 
 
+def _unquoted(text: str) -> str:
+    """``text`` with the inside of every quoted string (RFC 3261: backslash escapes) replaced by
+    ``x``, the same length: where the structure (``<``, ``>``, ``,``, a scheme) is searched, so
+    that a display name such as ``"Smith <Sales>"`` is not taken for the name-addr's brackets
+    (the URI after it was then shown unmasked, in every mode). An unclosed quote is left as text,
+    as the C pass (``_sipscan.mask_name_addr``) reads it. Linear: each quote is looked at once."""
+    out = []
+    pos = 0
+    n = len(text)
+    while True:
+        q = text.find('"', pos + 1 if out else 0)  # (after the closing quote of the one before)
+        if q < 0:
+            break
+        close = text.find('"', q + 1)
+        while close >= 0:
+            k = close
+            while text[k - 1] == "\\":  # (k - 1 >= q + 1 > 0 while inside the quotes... or at q)
+                k -= 1
+            if (close - k) % 2 == 0:  # an even run of backslashes before it: the closing quote
+                break
+            close = text.find('"', close + 1)
+        if close < 0:
+            break  # unclosed: left as it is
+        out.append(text[pos:q + 1])
+        out.append("x" * (close - q - 1))
+        pos = close
+    if not out:
+        return text
+    out.append(text[pos:n])
+    return "".join(out)
+
+
 def _mask_text(text: str, mode: str) -> str:
     """``mask_uri`` of a decoded value, ``mode`` being ``partial`` or ``full``."""
     if not text.isascii():
         text = _fold(text)
     n = len(text)
-    lt = text.find("<")
+    # the searches for structure run on ``shape``: the text with quoted strings blanked
+    shape = _unquoted(text) if '"' in text else text
+    lt = shape.find("<")
     if lt >= 0:
-        if text.find(":", 0, lt) < 0:  # no URI before the '<': the loop below starts with this name-addr
-            gt = text.find(">", lt + 1)
-            if gt >= 0 and text.find(",", gt + 1) < 0:  # ... and ends with it: its one pass, inline
+        if shape.find(":", 0, lt) < 0:  # no URI before the '<': the loop below starts with this name-addr
+            gt = shape.find(">", lt + 1)
+            if gt >= 0 and shape.find(",", gt + 1) < 0:  # ... and ends with it: its one pass, inline
                 return (_mask_display(text[:lt], mode) + _mask_bracketed(text[lt + 1:gt], mode) + ">"
                         + _mask_params(text[gt + 1:], mode))
-    elif text.find(",") < 0:
-        sm = _SCHEME.match(text)
+    elif shape.find(",") < 0:
+        sm = _SCHEME.match(shape)
         if sm:  # one addr-spec from the first character on: the loop's one pass, inline
             return sm.group(1) + _mask_one_uri(sm.group(1), text[sm.end():], mode)
     out = []
@@ -356,21 +390,21 @@ def _mask_text(text: str, mode: str) -> str:
     while pos < n:
         # each search runs again only once the pos passed its hit: linear in the text
         if lt != -1 and lt < pos:
-            lt = text.find("<", pos)
+            lt = shape.find("<", pos)
         if not m_done and (m is None or m.start() < pos):
-            m = _SCHEME.search(text, pos)
+            m = _SCHEME.search(shape, pos)
             m_done = m is None
         if lt >= 0 and (m is None or lt < m.start()):
             # name-addr: display name, then <URI>, then header parameters up to ',' or the end
             out.append(_mask_display(text[pos:lt], mode))
-            gt = text.find(">", lt + 1)
+            gt = shape.find(">", lt + 1)
             end = n if gt < 0 else gt
             out.append(_mask_bracketed(text[lt + 1:end], mode))
             if gt < 0:
                 break
             out.append(">")
             pos = gt + 1
-            comma = text.find(",", pos)
+            comma = shape.find(",", pos)
             stop = n if comma < 0 else comma
             out.append(_mask_params(text[pos:stop], mode))
             pos = stop
@@ -381,7 +415,7 @@ def _mask_text(text: str, mode: str) -> str:
             # addr-spec without brackets: the URI runs to ',' (or the end); its ';' parameters
             # are URI or header parameters alike, both masked
             out.append(_mask_display(text[pos:m.start()], mode))
-            comma = text.find(",", m.end())
+            comma = shape.find(",", m.end())
             stop = n if comma < 0 else comma
             out.append(m.group(1) + _mask_one_uri(m.group(1), text[m.end():stop], mode))
             pos = stop
@@ -475,7 +509,9 @@ class CallIdMasker:
 
     def __call__(self, call_id) -> str | None:  # bytes (or bytearray), str or None
         if type(call_id) is bytes:
-            if self.mode == "digits":  # the usual Call-ID, shown as it is: cheaper than remembering it
+            # the usual Call-ID, shown as it is: cheaper than remembering it (one past SHOWN_MAX
+            # shows its hash alone, see _mask, even without a number in it)
+            if self.mode == "digits" and len(call_id) <= SHOWN_MAX:
                 shown = _plain_call_id(call_id)
                 if shown is not None:
                     return shown

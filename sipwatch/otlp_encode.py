@@ -40,7 +40,17 @@ import orjson
 
 from . import optional_c
 from .masking import mask_uri
-from .stats import DIRECTIONS, OUTCOMES, REJ5, REJ6, TIMEOUT
+from .stats import DIRECTIONS, METHODS, OUTCOMES, REJ5, REJ6, TIMEOUT
+
+# a transaction span is named by its method when it is one the metrics count by name, else OTHER
+# (its sip.request.method says which): a trace store keeps an index of span names, and requests
+# with invented methods would each have added one
+_SPAN_NAMES: dict[bytes, str] = {m: m.decode("ascii") for m in METHODS}
+
+
+def span_name(method: bytes) -> str:
+    """The name of a transaction span for a request with this method."""
+    return _SPAN_NAMES.get(method, "OTHER")
 
 ERROR_OUTCOMES = frozenset((REJ5, REJ6, TIMEOUT))
 SCOPE_NAME = "sipwatch"
@@ -333,7 +343,7 @@ class SpanEncoder:
                     a("network.peer.address", host)]
             if client is not None:
                 rest += (a("client.address", client[0]), a("client.port", client[1]))
-            nk = self._name_kind(name, KIND_CLIENT)
+            nk = self._name_kind(span_name(method), KIND_CLIENT)
             got = (m[0], m[1], b"".join([x[0] for x in rest]), b",".join([x[1] for x in rest]), nk[0], nk[1])
             if len(self._hops) >= CACHE_MAX:
                 self._hops.clear()

@@ -42,6 +42,9 @@ MAX_DROPOUT, MAX_MISORDER = 3000, 100  # RFC 3550 A.1
 # held per message
 MAX_SDP_MEDIA = 64
 MAX_ADDRESS = 45  # characters of an SDP connection address: the longest IPv6 literal
+# characters of an rtpmap encoding name kept (the longest registered is ~20): a 60-KB name was
+# copied into every summary of the stream, 64 streams to a capture's call_summary line
+MAX_CODEC_NAME = 32
 MAX_SSRC_KEYS = 8  # streams remembered per SSRC for RTCP report blocks (one SSRC: a hop or two)
 # E-model impairment per codec family: (Ie, Bpl), ITU-T G.113 Appendix I
 CODEC_IMPAIRMENT = {"pcmu": (0.0, 4.3), "pcma": (0.0, 4.3), "g711u": (0.0, 4.3),
@@ -119,7 +122,7 @@ def parse_sdp(body: bytes) -> list[tuple[str, int, dict[int, tuple[str, int]]]]:
                 if pt_s.isdigit() and len(pt_s) <= 3 and int(pt_s) < 128:
                     clock = int(rest.split("/")[0] or 0)
                     # (no RTP clock runs under 1 kHz; the jitter's units are clock // 1000)
-                    media[3][int(pt_s)] = (name, clock if clock >= 1000 else 0)
+                    media[3][int(pt_s)] = (name[:MAX_CODEC_NAME], clock if clock >= 1000 else 0)
             except ValueError:
                 continue
     if media is not None:

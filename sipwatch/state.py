@@ -56,6 +56,9 @@ from .stats import (
 )
 
 MAX_TX_PER_CALL = 64
+# bytes of a request's method kept in its transaction's record (the summary, spans, analyze): a
+# method is any token, and 64 KB of one was carried into the call's summary and every span
+MAX_METHOD_KEPT: Final = 32
 MAX_LEGS = 16  # legs joined into one group; more start traces of their own (counted refused)
 MAX_FORK_TAGS = 16  # To-tags of 2xx answers remembered per INVITE (more are each counted a fork)
 # The bytes of the values a call keeps (Call-ID, From, To, Request-URI, correlation keys) that the
@@ -116,7 +119,7 @@ class Transaction(Timed):
                  sampled, deadline, direction, peer, initial_invite):
         self.key = key
         self.midx = midx
-        self.method = method
+        self.method = method if len(method) <= MAX_METHOD_KEPT else method[:MAX_METHOD_KEPT]
         self.cseq = cseq
         self.call = call
         self.t_sent = now

@@ -190,5 +190,19 @@ def _leg_fields(ids: list, leg, joined_by, gap_start, t_start, call_id_mask) -> 
     return out
 
 
-__all__ = ["call_summary_fields", "add_summary_fields", "call_sid_of", "leg_fields", "summary_tuple",
+# What a terminal would act on rather than show: C0 controls but LF (ESC starts cursor moves,
+# title and clipboard escapes; CR and BS overwrite what was printed), DEL, the C1 controls (U+009B
+# is an 8-bit CSI), line and paragraph separators and the bidi overrides/isolates (the order text
+# is shown in). A capture's Call-ID, display name or SDP codec name may hold any of them.
+_TERMINAL_UNSAFE: Final = {c: "\\x%02x" % c for c in (*range(0x20), 0x7F, *range(0x80, 0xA0)) if c != 0x0A}
+_TERMINAL_UNSAFE.update({c: "\\u%04x" % c for c in (0x061C, 0x200E, 0x200F, 0x2028, 0x2029,
+                                                      *range(0x202A, 0x202F), *range(0x2066, 0x206A))})
+
+
+def terminal_safe(text: str) -> str:
+    """``text`` for a terminal: every character in _TERMINAL_UNSAFE written as its escape."""
+    return text.translate(_TERMINAL_UNSAFE)
+
+
+__all__ = ["terminal_safe", "call_summary_fields", "add_summary_fields", "call_sid_of", "leg_fields", "summary_tuple",
            "summary_fields_of"]

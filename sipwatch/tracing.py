@@ -74,7 +74,7 @@ from .masking import mask_uri
 from .otlp_encode import DELIVER_BYTES, LEG_SETUP_SPAN, SpanEncoder, hop_ends, leg_attributes, rtp_figures  # noqa: F401
 from .otlp_options import DEFAULT_PORTS, add_otlp_arguments  # noqa: F401  (re-exported)
 from .otlp_encode import call_transport as _call_transport
-from .otlp_encode import record_tuple
+from .otlp_encode import record_tuple, span_name
 from .pagecache import DropBehind
 from .stats import DIRECTIONS, OUTCOMES, REJ5, REJ6, TIMEOUT
 from .tracecontext import sampled_by_ratio
@@ -383,7 +383,7 @@ class SpanBuilder:
                   for s, t in tx.events if s < 200]
         parent = tx.parent_span_id
         return ReadableSpan(
-            name=attrs["sip.request.method"],
+            name=span_name(tx.method),
             context=SpanContext(tx.trace_id, tx.span_id, False, _SAMPLED),
             parent=None if not parent else SpanContext(
                 tx.trace_id, parent, parent != call.span_id or not call.is_call, _SAMPLED),

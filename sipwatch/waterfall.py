@@ -220,10 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     if not trace:
         sys.stderr.write("sipwatch waterfall: no such trace\n" if args.trace else "sipwatch waterfall: no spans\n")
         return 1
-    print(render_waterfall(trace))
+    from .summary import terminal_safe  # (names and attributes came from the network)
+    print(terminal_safe(render_waterfall(trace)))
     if args.ladder:
         print()
-        print(render_ladder(trace))
+        print(terminal_safe(render_ladder(trace)))
     return 0
 
 

@@ -441,3 +441,33 @@ def test_hundred_thousand_packets(tmp_path):
     assert rep["txn"]["answered"] == reps * facts["txn"]["answered"]
     assert rep["txn"]["rtt_first_resp_ms_max"] == pytest.approx(
         facts["txn"]["rtt_first_resp_ms_max"], abs=0.05)
+
+
+def test_terminal_controls_from_a_capture_are_shown_escaped(tmp_path, capsys):
+    """A capture's Call-ID, display name and codec name reach the text report and the waterfall:
+    ESC sequences in them set the terminal's title, cleared the screen and faked report lines."""
+    from sipwatch.waterfall import main as waterfall_main
+
+    esc_id = "c1\x1b]0;title\x07\x1b[2J@x"
+    offer = pb.sdp("10.0.0.1", 40000, pts=(96,)) + b"a=rtpmap:96 PCMA\x1b[1A\x1b[2KFAKE/8000\r\n"
+    inv = pb.sip_invite("CALLID", "z9hG4bK1", body=offer).replace(
+        b"CALLID", esc_id.encode()).replace(b'"Alice"', b'"Al\x1b[31mRED\xe2\x80\xae"')
+    answer = pb.sdp("10.0.0.2", 50000)
+    frames = [(1000.0, inv, "10.0.0.1", "10.0.0.2"),
+              (1000.05, pb.sip_response(inv, 200, "OK", body=answer), "10.0.0.2", "10.0.0.1")]
+    frames += [(1000.1 + i * 0.02, pb.rtp(i, i * 160, 0x11223344, pt=96), "10.0.0.2", "10.0.0.1") for i in range(10)]
+    recs = [(t, pb.eth(pb.ipv4(s, d, 17, pb.udp(5060 if b"SIP" in p[:64] else 50000,
+                                                 5060 if b"SIP" in p[:64] else 40000, p))))
+            for t, p, s, d in frames]
+    cap = tmp_path / "esc.pcap"
+    cap.write_bytes(pb.pcap(1, recs))
+    spans = tmp_path / "spans.jsonl"
+    capsys.readouterr()
+    assert analyze_main([str(cap), "--spans-file", str(spans), "--mask-call-id", "none"]) == 0
+    report = capsys.readouterr().out
+    assert waterfall_main([str(spans)]) == 0
+    shown = capsys.readouterr().out
+    for text in (report, shown):
+        assert not any(c in text for c in "\x1b\x07\r\u202e"), text
+        assert "\\x1b]0;title\\x07" in text
+    assert "\\x1b[31mRED\\u202e" in report and "PCMA\\x1b[1A\\x1b[2KFAKE" in report

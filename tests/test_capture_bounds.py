@@ -363,6 +363,10 @@ def test_long_connection_addresses_tie_nothing_and_call_ends_stay_bounded_in_all
     from sipwatch.rtp import RtpAnalyzer, parse_sdp
 
     assert parse_sdp(b"v=0\r\nc=IN IP4 " + b"1" * 900 + b"\r\nm=audio 4000 RTP/AVP 0\r\n") == []
+    # an encoding name is kept to 32 characters (a 60-KB one went into every stream's summary)
+    long_name = b"v=0\r\nc=IN IP4 10.0.0.1\r\nm=audio 4000 RTP/AVP 96\r\na=rtpmap:96 %s/8000\r\n"
+    assert parse_sdp(long_name % (b"opus" * 15_000)) == [("10.0.0.1", 4000, {96: ("opus" * 8, 8000)})]
+    assert parse_sdp(long_name % b"telephone-event") == [("10.0.0.1", 4000, {96: ("telephone-event", 8000)})]
     monkeypatch.setattr(RtpAnalyzer, "MAX_MEDIA_ADDRS", 1000)
     m = RtpMonitor()
     for call in range(100):

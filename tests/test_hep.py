@@ -153,6 +153,12 @@ def test_call_id_search():
     assert call_id_of(SIP.replace(b"\r\n\r\n", b"\r\nX-CID: a-leg\r\n\r\n")) == b"a-leg"
     # a Call-ID in the body is not the message's
     assert call_id_of(SIP.replace(b"Call-ID: abc-123@host\r\n", b"") + b"\r\nCall-ID: body") == b""
+    # ... nor when the header section ends with bare LFs (forwarded as they are): an X-CID in the
+    # body filed the message under another call's id in the HEP server
+    for blank in (b"\n\n", b"\r\n\n", b"\n\r\n"):
+        bare = SIP.replace(b"\r\n\r\n", blank, 1) + b"\r\nX-CID: victim@host\r\n\r\nX-CID: v2\n"
+        assert bare.count(b"X-CID") == 2 and call_id_of(bare) == b"abc-123@host", blank
+        assert call_id_of(bare.replace(b"\r\n", b"\n")) == b"abc-123@host", blank
 
 
 def test_endpoint_flags():

@@ -10,10 +10,11 @@ import io
 import re
 
 import orjson
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from sipwatch.logs import ErrorReporter, JsonLog, call_summary_fields, dumps
-from sipwatch.masking import CallIdMasker, mask_uri
+from sipwatch.masking import SHOWN_MAX, CallIdMasker, mask_uri
 
 SEPARATORS = " -.()"
 # five digits in a row, visual separators between them allowed
@@ -322,9 +323,22 @@ def test_values_with_a_tag_that_takes_part_in_the_masking():
         for _ in range(2):
             assert mask_uri(value) == want, value
         assert mask_uri(value.decode("utf-8", "replace")) == want, value
-    # a URI that starts in the display name runs to the end: the tag is in its user part
-    assert mask_uri(b'"sip:x" <a>;tag=1@b', "full") == '"sip:***;tag=1@b'
-    assert mask_uri(b'"Sip:x" <a>;tag=1@b', "full") == '"Sip:***;tag=1@b'
+    # a "URI" inside a quoted display name is display-name text: the tag after the '>' is a tag
+    assert mask_uri(b'"sip:x" <a>;tag=1@b', "full") == '"sip:x" <a>;tag=1@b'
+    assert mask_uri(b'"Sip:x" <a>;tag=1@b', "full") == '"Sip:x" <a>;tag=1@b'
+
+
+@pytest.mark.parametrize("mode,shown", [("partial", "+******3456"), ("full", "***")])
+def test_a_quoted_display_name_holding_brackets_or_commas_does_not_hide_the_uri(mode, shown):
+    """'<', '>' or ',' inside a quoted display name are text, not the name-addr's structure: the
+    URI after it was shown unmasked in every mode (``"Smith <Sales>" <sip:+4930123456@gw>``)."""
+    for display in (b'"Smith <Sales>"', b'"a<b"', b'"<"', b'"VIP <3"', b'"x\\"<sip:y@z>"', b'"a>b"',
+                    b'"Smith, John"', b'"Smith, John <Sales>"'):
+        for tail in (b"", b";tag=x1"):
+            value = display + b" <sip:+4930123456@gw>" + tail
+            for v in (value, value.decode()):
+                got = mask_uri(v, mode)
+                assert "30123456" not in got and "<sip:" + shown + "@gw>" in got, (value, got)
 
 
 def test_a_remembered_value_is_remembered_per_mode():
@@ -563,3 +577,9 @@ def test_a_call_id_past_the_shown_length_shows_its_hash_only():
     long_id = b"\xff12345678" * 3000  # 27 KB, not ASCII: the slow path before
     assert digits(long_id) == CallIdMasker("hash", b"k")(long_id)
     assert digits(b"4930123456@gw").startswith("******3456@gw~")
+    # the usual shape (ASCII, no number in it), shown as it is up to the mark, was shown whole past it
+    for n in (SHOWN_MAX + 1, 60_000):
+        plain = (b"abc-" * n)[:n]
+        assert digits(plain) == CallIdMasker("hash", b"k")(plain) and len(digits(plain)) < 40
+    edge = (b"abc-" * 300)[:SHOWN_MAX]
+    assert digits(edge) == edge.decode()

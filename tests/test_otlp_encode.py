@@ -600,3 +600,45 @@ def test_worker_pipe_full_drops_are_counted(tmp_path):
     p.shutdown(30)
     assert stats.spans_exported + stats.spans_dropped == sent * n
     assert stats.spans_exported > 0
+
+
+def test_an_invented_method_is_cut_in_records_and_names_no_span():
+    """A method is any token: one of 32 KB in each of a dialog's requests made a call's summary
+    line megabytes long and its spans as large, and every invented method became a span name
+    (a trace store indexes those). Through the core: the record keeps 32 bytes of the method,
+    the span is named OTHER with the cut method in ``sip.request.method``, in both encoders."""
+    from test_core import GATEWAY, SIGNALING, T0, invite, response_to
+    from sipwatch.core import CoreConfig, ProxyCore
+    from sipwatch.logs import call_summary_fields, dumps
+    from sipwatch.state import MAX_METHOD_KEPT
+
+    core = ProxyCore(CoreConfig(advertise=("10.0.0.2", 5060), upstream=SIGNALING, timer_b=32.0))
+    inv = core.receive_datagram(invite(), GATEWAY, T0)[0][0]
+    core.receive_datagram(response_to(inv, 200), SIGNALING, T0 + 0.1)
+    in_dialog = {"to_tag": b"uas-1", "body": b""}
+    core.receive_datagram(invite(method=b"ACK", branch=b"z9hG4bK-ack", **in_dialog), GATEWAY, T0 + 0.2)
+    methods = [b"X" * 32_000 + b"Y" * i for i in range(10)]  # (letters only: a method has no digits here)
+    for i, m in enumerate(methods):
+        out = core.receive_datagram(invite(method=m, branch=b"z9hG4bK-m%d" % i, cseq=2 + i, **in_dialog),
+                                    GATEWAY, T0 + 0.3 + i / 100)
+        assert len(out) == 1 and out[0][0].startswith(m + b" sip:")  # forwarded whole
+        core.receive_datagram(response_to(out[0][0], 200), SIGNALING, T0 + 0.305 + i / 100)
+    bye = core.receive_datagram(invite(method=b"BYE", branch=b"z9hG4bK-bye", cseq=50, **in_dialog),
+                                GATEWAY, T0 + 1)[0][0]
+    core.receive_datagram(response_to(bye, 200), SIGNALING, T0 + 1.1)
+    records = core.drain_finished()
+    call = next(o for k, o in records if k == "call")
+    line, err = dumps(call_summary_fields(call))
+    assert err is None and len(line) < 8192, len(line)
+    invented = [o for k, o in records if k == "tx" and o.method.startswith(b"XX")]
+    assert len(invented) == 10 and {o.method for o in invented} == {b"X" * MAX_METHOD_KEPT}
+    res = make_resource("sw-test", "proxy", {})
+    got = check_same(records, res)  # (the SDK's builder and the direct encoder, with its C part)
+    check_same(records, res, accelerate=False)
+    spans = got.resource_spans[0].scope_spans[0].spans
+    assert {s.name for s in spans} == {"SIP call", "INVITE", "ACK", "BYE", "OTHER"}
+    other = [s for s in spans if s.name == "OTHER"]
+    assert len(other) == 10 and len(got.SerializeToString()) < 20_000
+    for s in other:
+        attrs = {a.key: a.value.string_value for a in s.attributes}
+        assert attrs["sip.request.method"] == "X" * MAX_METHOD_KEPT
