@@ -332,6 +332,9 @@ class ProxyCore:
         is on the connection's IP, so later requests toward it can reuse the connection."""
         self.in_tcp = True
         self.tcp_alias = None
+        ip = addr[0]
+        if ip != self.upstream[0]:
+            self._prove_gateway(ip, now)  # (a connection's peer completed a handshake: no forged source)
         try:
             return self.receive_datagram(data, addr, now)
         finally:
@@ -570,8 +573,9 @@ class ProxyCore:
         own_sig = None
         next_route = None
         route_tcp = False  # the last of our Route entries removed said transport=tcp
+        tcp_sig = None  # ... and carried this signature itself
         if route_i >= 0:
-            next_route, own_sig, route_tcp = self._pop_own_routes(msg, route_i)
+            next_route, own_sig, route_tcp, tcp_sig = self._pop_own_routes(msg, route_i)
             if route_i < via_i:  # Route lines above the Via line went: it moved up
                 via_i = msg.index(b"via")
         if from_sig:
@@ -600,6 +604,11 @@ class ProxyCore:
             # facing that side said (RFC 5658)
             uri_transport = params.get(b"transport")
             out_tcp = route_tcp if not uri_transport else uri_transport.lower() == b"tcp"
+            if out_tcp and not self._may_connect(ip, tcp_sig, now):
+                if is_ack:
+                    raise Dropped(DROP_NEXT_HOP_DENIED)
+                raise Dropped(DROP_NEXT_HOP_DENIED, self._reply(msg, top, reply, data, 403,
+                                                                b"Next Hop Not Allowed"))
         else:
             dest = self.upstream
             party = src_ip
@@ -825,14 +834,16 @@ class ProxyCore:
     def _is_me(self, host: bytes, port: int | None) -> bool:
         return host == self.adv_host and (port or 5060) == self.adv_port
 
-    def _pop_own_routes(self, msg: SipMessage, i: int) -> tuple[bytes | None, bytes | None, bool]:
+    def _pop_own_routes(self, msg: SipMessage, i: int) -> tuple[bytes | None, bytes | None, bool, bytes | None]:
         """Remove Route values naming us from the top (the first Route line is line ``i``);
-        return the next Route value, if any, the ``sw`` signature of the last of ours removed
-        and whether that one said ``transport=tcp``. Linear: every Route line is split once and
-        rewritten at most once."""
+        return the next Route value, if any, the ``sw`` signature of the last of ours removed,
+        whether that one said ``transport=tcp``, and its own signature if it said so (a value
+        without one, added below ours by a peer, does not borrow ours for that). Linear: every
+        Route line is split once and rewritten at most once."""
         names, lines = msg.names, msg.lines
         sig = None
         tcp = False
+        tcp_sig = None
         seen = 0
         # the usual case: the first Route line is exactly one of our Record-Route values
         # (``<sip:ADV;lr;sw=MAC>``), as the UA copied it: removed without parsing it
@@ -864,9 +875,11 @@ class ProxyCore:
                     break
                 if not self._is_me(host, port):
                     break
-                sig = params.get(b"sw") or sig
+                own = params.get(b"sw")
+                sig = own or sig
                 transport = params.get(b"transport")
                 tcp = transport is not None and transport.lower() == b"tcp"
+                tcp_sig = own if tcp else None
                 k += 1
             if k == len(values):  # the whole line was ours
                 lines.pop(i)
@@ -874,8 +887,8 @@ class ProxyCore:
                 continue
             if k:
                 lines[i] = b"Route: " + b", ".join(values[k:])
-            return values[k], sig, tcp
-        return None, sig, tcp
+            return values[k], sig, tcp, tcp_sig
+        return None, sig, tcp, tcp_sig
 
     # -- next-hop policy ---------------------------------------------------------------
     def _saw_gateway(self, ip: str, now: float) -> None:
@@ -934,6 +947,25 @@ class ProxyCore:
             return True
         if route_sig is not None and hmac.compare_digest(route_sig, self._party_mac(ip)):
             return True
+        return self._in_allowed_nets(ip)
+
+    def _may_connect(self, ip: str, tcp_route_sig: bytes | None, now: float) -> bool:
+        """Whether a request from signaling may go over TCP to ``ip`` (the edge opens a
+        connection to the port the message names when it has none): a source proven to receive
+        what is sent to it (it answered, ACKed a 2xx relayed to it, or sent over a TCP
+        connection: a handshake), a network the operator allowed, or the party of our signed
+        Record-Route entry that says TCP (the dialog came over a connection from it; also after
+        a restart). Not a source only seen, nor the party of an entry that says UDP: a forged
+        datagram's source makes either, and a forged INVITE's Contact had the proxy connect to
+        any IP and port and write the BYE there."""
+        t = self.gateway_proven.get(ip)
+        if t is not None and t > now - GATEWAY_SEEN_TTL:
+            return True
+        if tcp_route_sig is not None and hmac.compare_digest(tcp_route_sig, self._party_mac(ip)):
+            return True
+        return self._in_allowed_nets(ip)
+
+    def _in_allowed_nets(self, ip: str) -> bool:
         nets = self.config.allow_next_hop
         if not nets:
             return False

@@ -51,6 +51,7 @@ MAX_WRITE_BUFFER = 4 << 20  # bytes waiting for a peer that does not read
 MAX_WRITE_BUFFERS = 32 << 20
 MAX_PENDING = 4 << 20  # bytes waiting for a connection being opened
 MAX_ALIASES = 4
+LISTEN_BACKLOG = 1024  # connections the kernel holds for accept (a connection-per-call gateway's burst)
 SWEEP_EVERY = 1.0
 RECONNECT_BACKOFF = 0.5  # seconds a destination whose connection failed is not tried again
 CLOSE_REASONS = ("peer_closed", "idle", "slow", "limit", "framing", "write_buffer", "error",
@@ -125,11 +126,12 @@ class TcpEdge:
         if hasattr(socket, "SO_REUSEPORT"):  # outbound connections may bind the same port
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
-        sock.listen(1024)
+        sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
         self.local = sock.getsockname()[:2]
         _raise_fd_limit(self.max_connections + 256)
-        self.server = await loop.create_server(lambda: _Conn(self, None), sock=sock)
+        # (the backlog again: asyncio listens on the socket it is given, with 100 by default)
+        self.server = await loop.create_server(lambda: _Conn(self, None), sock=sock, backlog=LISTEN_BACKLOG)
         self._sweeper = loop.call_later(SWEEP_EVERY, self._sweep)
 
     def close(self) -> None:
@@ -335,6 +337,10 @@ class _Conn(asyncio.Protocol):
                     transport.abort()
                     return
                 name = transport.get_extra_info("peername")
+                if not name:  # reset before it was taken: a closed connection, not an error
+                    self.closed = True
+                    transport.abort()
+                    return
                 self.peer = (name[0], name[1])
                 edge._admit(self)
                 old = edge.by_addr.get(self.peer)

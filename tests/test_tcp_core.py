@@ -2,6 +2,8 @@
 RFC 5923 ask of a proxy that takes SIP over UDP and TCP, checked on the bytes it emits."""
 from __future__ import annotations
 
+import pytest
+
 from sipwatch.core import UDP_MTU_LIMIT, CoreConfig, ProxyCore
 from sipwatch.sipmsg import parse, parse_via, split_values, uri_hostport
 from sipwatch.stats import DROP_TOO_LARGE
@@ -297,6 +299,7 @@ def test_messages_waiting_for_connections_being_opened_count_in_the_same_bound()
 
     async def run():
         edge = TcpEdge(make("tcp"), time.monotonic, lambda payload, dest: None)
+        edge.core._prove_gateway("127.0.0.1", time.monotonic())  # (a next hop that may be connected to)
         edge.max_unsent = 1 << 20
         real_open = edge._open_outbound
         edge._open_outbound = never
@@ -407,3 +410,84 @@ def test_a_udp_request_whose_via_names_tcp_is_dropped_not_answered_over_tcp():
         assert core.stats.overload_rejected == 0
         out = core.receive_stream(tcp_invite(), GW_TCP, T0)  # the same Via over TCP: forwarded
         assert out and (overloaded or out[0][1] == SIGNALING)
+
+
+def test_connections_reset_before_accept_are_closed_quietly_and_the_backlog_holds():
+    """A connection reset before the loop took it has no peer address: reading it raised in
+    ``connection_made`` and each one counted as an internal error (23,389 in 8 s of a
+    connect-and-reset storm). And the listen backlog was asyncio's 100, not the edge's 1024:
+    a burst of connections met dropped SYNs and one-second retries."""
+    import asyncio
+    import socket
+    import struct
+    import time
+
+    from sipwatch.tcp import LISTEN_BACKLOG, TcpEdge
+
+    async def run():
+        edge = TcpEdge(make("tcp"), time.monotonic, lambda payload, dest: None)
+        await edge.open(("127.0.0.1", 0))
+        try:
+            listening = edge.server.sockets[0]
+            # Linux's TCP_INFO of a listening socket: tcpi_sacked (offset 28) is its backlog
+            backlog = struct.unpack_from("I", listening.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104), 28)[0]
+            for _ in range(50):  # (the loop does not run meanwhile: each is reset before it is taken)
+                c = socket.create_connection(edge.local)
+                c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                c.close()
+            good = socket.create_connection(edge.local)
+            good.sendall(b"\r\n\r\n")  # (a ping: it is answered once the connection was taken)
+            good.settimeout(5)
+            for _ in range(500):
+                await asyncio.sleep(0.01)
+                if edge.tcp_stats.opened[0]:
+                    break
+            await asyncio.sleep(0.05)
+            pong = await asyncio.get_running_loop().run_in_executor(None, good.recv, 16)
+            good.close()
+            return backlog, dict(edge.stats.internal_errors), edge.tcp_stats.opened[0], pong
+        finally:
+            edge.close()
+
+    import uvloop  # (the proxy's loop: its transports give no peer address for such a connection)
+
+    backlog, errors, opened, pong = uvloop.run(run())
+    assert backlog == LISTEN_BACKLOG == 1024
+    assert sum(errors.values()) == 0, errors
+    assert opened == 1 and pong == b"\r\n"
+
+
+@pytest.mark.parametrize("forged_entry", [False, True])
+def test_a_forged_source_cannot_have_the_proxy_connect_to_the_port_its_contact_names(forged_entry):
+    """A UDP INVITE from a forged source V with ``Contact: <sip:x@V:PORT;transport=tcp>``: when
+    signaling hung up, the proxy opened TCP to V:PORT and wrote the BYE there (V was "seen", the
+    Record-Route signed for it). A connection goes only to a party proven to receive what is sent
+    to it, the one a signed entry of ours that says TCP names, or an allowed network: the BYE is
+    refused (403, next_hop_denied). V proving itself (the ACK of the 2xx relayed to it) lifts it.
+    A Route value below ours that says TCP without a signature of its own does not borrow ours."""
+    from sipwatch.stats import DROP_NEXT_HOP_DENIED
+
+    core = make("udp")
+    victim = ("10.9.9.9", 5060)
+    contact = b"<sip:x@10.9.9.9:4444;transport=tcp>"
+    inv = invite(extra=b"Record-Route: <sip:10.0.0.2:5060;lr;transport=tcp>" if forged_entry else b"")
+    inv = inv.replace(b"Contact: <sip:alice@10.0.0.1:5070>", b"Contact: " + contact)
+    inv = inv.replace(b"Via: SIP/2.0/UDP 10.0.0.1:5070", b"Via: SIP/2.0/UDP 10.9.9.9:5060")
+    data, dest = one(core.receive_datagram(inv, victim, T0))
+    assert dest == SIGNALING and not core.out_tcp
+    ok, to = one(core.receive_datagram(response_to(data, 200), SIGNALING, T0 + 0.05))
+    assert to == victim
+
+    def bye(cseq):
+        return in_dialog(b"BYE", callee_routes(data), contact,
+                         b"SIP/2.0/UDP 10.0.0.3:5080;branch=z9hG4bK-bye%d" % cseq, swap=True, cseq=cseq)
+
+    out = core.receive_datagram(bye(2), SIGNALING, T0 + 1)
+    assert core.stats.dropped[DROP_NEXT_HOP_DENIED] == 1 and not core.out_tcp
+    assert [d for _, d in out] == [SIGNALING] and out[0][0].startswith(b"SIP/2.0 403 ")
+    # the 2xx's ACK from V itself: V receives what is sent to it
+    ack = in_dialog(b"ACK", caller_routes(ok), b"<sip:bob@10.0.0.3:5080>",
+                    b"SIP/2.0/UDP 10.9.9.9:5060;branch=z9hG4bK-ack")
+    one(core.receive_datagram(ack, victim, T0 + 0.1))
+    fwd, to = one(core.receive_datagram(bye(3), SIGNALING, T0 + 1.1))
+    assert to == ("10.9.9.9", 4444) and core.out_tcp
