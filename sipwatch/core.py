@@ -272,6 +272,9 @@ class ProxyCore:
         self.out_tcp = False  # the output just returned leaves over TCP; the edge resets it
         # the sender's Via sent-by on the connection a TCP request came on (RFC 5923 alias)
         self.tcp_alias: Addr | None = None
+        # the stream message just received went nowhere: dropped (counted in stats.dropped) or a
+        # keep-alive; the TCP edge holds each connection to a budget of those
+        self.stream_junk = False
         self.upstream_tcp = config.upstream_transport == UPSTREAM_TCP
         self.upstream_tcp_large = config.upstream_transport == UPSTREAM_UDP_OR_TCP
         self.via_prefix_tcp = b"Via: SIP/2.0/TCP " + self.adv_hostport + b";branch="
@@ -308,8 +311,10 @@ class ProxyCore:
             return self._response(msg, addr, now)
         except Dropped as d:
             stats.dropped[d.reason] += 1
+            self.stream_junk = True
             return [] if d.reply is None else [d.reply]
         except SipParseError as bad:  # (not `exc`: mypyc gives a name one type per function)
+            self.stream_junk = True
             if len(data) <= KEEPALIVE_MAX and is_sip_keepalive(data):
                 stats.keepalives += 1  # RFC 5626 CRLF/STUN keep-alives, phones' "hello", "jaK"
                 return []
@@ -332,6 +337,7 @@ class ProxyCore:
         is on the connection's IP, so later requests toward it can reuse the connection."""
         self.in_tcp = True
         self.tcp_alias = None
+        self.stream_junk = False
         ip = addr[0]
         if ip != self.upstream[0]:
             self._prove_gateway(ip, now)  # (a connection's peer completed a handshake: no forged source)

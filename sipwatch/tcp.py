@@ -15,9 +15,12 @@ and whether over TCP (``core.out_tcp``). The edge maps a destination to a connec
   Messages wait (bounded) while a connection is being opened.
 
 Hygiene, for peers that are hostile or merely broken: at most ``max_connections`` connections
-(to make room, the oldest accepted connection that has not sent a whole message yet is closed,
-else the least recently active one: silent connections opened in bulk cannot push out the ones
-carrying calls), a connection idle for ``idle_timeout``
+(to make room, the oldest accepted connection none of whose messages was forwarded yet is
+closed, else the one forwarded from least recently among those of the IP address that holds the
+most, never the upstream's: connections opened in bulk, or kept busy with messages that go
+nowhere, cannot push out the ones carrying calls), a connection whose messages go nowhere (stray
+responses, malformed or refused requests, keep-alives) more than ``JUNK_RATE`` a second beyond a burst of
+``JUNK_BURST`` is closed, a connection idle for ``idle_timeout``
 seconds is closed, a message must be complete within ``MESSAGE_TIMEOUT`` seconds of its first
 byte (a byte-at-a-time sender holds one slot at most that long, and costs the others nothing:
 the loop never waits on a connection), a peer that does not read what it is sent is cut off past
@@ -54,8 +57,14 @@ MAX_ALIASES = 4
 LISTEN_BACKLOG = 1024  # connections the kernel holds for accept (a connection-per-call gateway's burst)
 SWEEP_EVERY = 1.0
 RECONNECT_BACKOFF = 0.5  # seconds a destination whose connection failed is not tried again
+# messages that go nowhere a connection may send (a ping counts as one): a second's worth on
+# average, a burst on top. A gateway's keep-alives come every 30 s or so and stray responses
+# seldom; one connection streaming stray responses or pings had kept the loop busy (140,000 a
+# second: call setup 0.7 s at p50). The upstream's connections are not held to it.
+JUNK_RATE = 50.0
+JUNK_BURST = 500.0
 CLOSE_REASONS = ("peer_closed", "idle", "slow", "limit", "framing", "write_buffer", "error",
-                 "connect_failed", "shutdown")
+                 "connect_failed", "shutdown", "junk")
 DIRECTIONS = ("inbound", "outbound")
 
 
@@ -100,8 +109,11 @@ class TcpEdge:
         self.message_timeout = message_timeout
         self.upstream = core.upstream
         self.by_addr: dict[Addr, _Conn] = {}  # peer addresses and aliases -> connection
-        self.conns: dict[_Conn, None] = {}  # every connection, least recently active first
-        self.silent: dict[_Conn, None] = {}  # accepted, no whole message yet: oldest first
+        self.conns: dict[_Conn, None] = {}  # every connection
+        self.silent: dict[_Conn, None] = {}  # accepted, nothing forwarded yet: oldest first
+        # every connection by its peer's IP, each IP's least recently forwarded from first
+        self.by_ip: dict[str, dict[_Conn, None]] = {}
+        self._crowded: str | None = None  # the IP that last gave up a connection to make room
         self.failed_until: dict[Addr, float] = {}
         self.local: Addr | None = None  # the listen address (outbound connections bind to it)
         self.server: asyncio.AbstractServer | None = None
@@ -152,6 +164,20 @@ class TcpEdge:
             src = conn.peer
             self.tcp_stats.messages_in += 1
             out = core.receive_stream(data, src, now)
+            useful = False
+            for _, dest in out:
+                if dest != src:  # forwarded (a local answer goes back to src)
+                    useful = True
+                    break
+            if useful:
+                if conn.silent:
+                    conn.silent = False
+                    self.silent.pop(conn, None)
+                group = self.by_ip.get(src[0])
+                if group is not None and group.pop(conn, 0) is None:
+                    group[conn] = None  # most recently forwarded from last
+            elif core.stream_junk:
+                conn.junk(1, now)
             alias = core.tcp_alias
             if alias is not None and alias != src:
                 self._alias(conn, alias)
@@ -231,19 +257,46 @@ class TcpEdge:
 
     # -- the table -----------------------------------------------------------------------
     def _admit(self, conn: "_Conn") -> None:
-        """Count a new connection in. When full, close the oldest accepted one that has sent no
-        whole message, else the least recently active one."""
+        """Count a new connection in. When full, close the oldest accepted one none of whose
+        messages was forwarded, else the least recently forwarded from of the IP that holds the
+        most connections (never the upstream's)."""
         conns = self.conns
         silent = self.silent
         while len(conns) >= self.max_connections:
-            victim = next(iter(silent)) if silent else next(iter(conns))
+            victim = next(iter(silent)) if silent else self._crowded_out()
+            if victim is None:
+                break  # (only the upstream's is left: a table of one)
             victim.shut("limit")
             conns.pop(victim, None)  # (shut removed it; these guard a second call)
             silent.pop(victim, None)
         conns[conn] = None
         if conn.inbound:
             silent[conn] = None
+        group = self.by_ip.get(conn.peer[0])
+        if group is None:
+            group = self.by_ip[conn.peer[0]] = {}
+        group[conn] = None
         self.tcp_stats.open[0 if conn.inbound else 1] += 1
+
+    def _crowded_out(self) -> "_Conn | None":
+        """The connection to close to make room when every one has had a message forwarded: the
+        least recently forwarded from of the IP that holds the most (one with at least the mean
+        does: the last such IP is tried first, so the walk over the IPs is rare)."""
+        by_ip = self.by_ip
+        ip = self._crowded
+        group = by_ip.get(ip) if ip is not None else None
+        if group is None or len(group) * len(by_ip) < len(self.conns):
+            ip = max(by_ip, key=lambda k: len(by_ip[k]))
+            group = by_ip[ip]
+            self._crowded = ip
+        keep = self.by_addr.get(self.upstream)
+        for c in group:
+            if c is not keep:
+                return c
+        for c in self.conns:  # (that IP had only the upstream's connection)
+            if c is not keep:
+                return c
+        return None
 
     def _unsent(self, conn: "_Conn", size: int) -> None:
         """``conn``'s write buffer (or, while it connects, its pending messages) holds ``size``
@@ -281,6 +334,12 @@ class TcpEdge:
         self.silent.pop(conn, None)
         if self.conns.pop(conn, 0) is None:
             self.tcp_stats.open[0 if conn.inbound else 1] -= 1
+            ip = conn.peer[0]
+            group = self.by_ip.get(ip)
+            if group is not None:
+                group.pop(conn, None)
+                if not group:
+                    del self.by_ip[ip]
         for a in (conn.peer, *conn.aliases):
             if self.by_addr.get(a) is conn:
                 del self.by_addr[a]
@@ -316,7 +375,9 @@ class _Conn(asyncio.Protocol):
         self.framer = StreamFramer()
         self.aliases: list[Addr] = []
         self.last_active = edge.clock()
-        self.silent = self.inbound  # accepted, no whole message yet (first to make room)
+        self.silent = self.inbound  # accepted, nothing forwarded yet (first to make room)
+        self.junk_left = JUNK_BURST  # messages that go nowhere it may still send (JUNK_RATE refills)
+        self.junk_at = self.last_active
         self.partial_since: float | None = None
         self.pending: list[bytes] = []  # written before the connection was up
         self.pending_bytes = 0
@@ -363,9 +424,6 @@ class _Conn(asyncio.Protocol):
             edge = self.edge
             now = edge.clock()
             self.last_active = now
-            conns = edge.conns
-            if conns.pop(self, 0) is None:
-                conns[self] = None  # most recently active last
             framer = self.framer
             messages = framer.feed(data)
             if framer.pings:  # RFC 5626 §3.5.1: CRLFCRLF ping, CRLF pong
@@ -375,10 +433,10 @@ class _Conn(asyncio.Protocol):
                 # held the proxy's memory without bound (pongs are not messages to cut it off for)
                 if t is not None and not t.get_write_buffer_size():
                     t.write(b"\r\n" * framer.pings)
-                framer.pings = 0
-            if messages and self.silent:
-                self.silent = False
-                edge.silent.pop(self, None)
+                pings, framer.pings = framer.pings, 0
+                self.junk(pings, now)
+                if self.closed:
+                    return
             for m in messages:
                 edge.handle(self, m)
                 if self.closed:
@@ -396,6 +454,16 @@ class _Conn(asyncio.Protocol):
                 self.partial_since = None
         except Exception as exc:  # noqa: BLE001
             self._failed(exc)
+
+    def junk(self, n: int, now: float) -> None:
+        """``n`` messages (or pings) that went nowhere: past the budget, the connection is closed
+        ("junk"), unless it is the upstream's."""
+        left = self.junk_left + (now - self.junk_at) * JUNK_RATE
+        self.junk_at = now
+        left = (JUNK_BURST if left > JUNK_BURST else left) - n
+        self.junk_left = left
+        if left < 0 and self.peer[0] != self.edge.upstream[0]:
+            self.shut("junk")
 
     def eof_received(self) -> bool:
         return False  # half-closed by the peer: close our side too

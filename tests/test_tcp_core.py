@@ -348,14 +348,16 @@ def test_a_peer_that_pings_and_never_reads_holds_no_more_than_one_reads_pongs():
     """RFC 5626 keep-alives: each CRLFCRLF gets a CRLF. Written straight to the transport, the
     pongs of a peer that streams pings and never reads piled up in the proxy's write buffer
     without bound (tens of MB in seconds; no bound on messages applied to them). Pongs are now
-    written only while nothing waits unsent. Real connection on the loopback; a client that sends
-    16 MB of pings and reads nothing."""
+    written only while nothing waits unsent, and a stream of pings (one connection's 3.9 million
+    a second had kept the loop busy: call setup 0.7 s at p50) closes the connection past the
+    junk budget. Real connection on the loopback; a client that sends up to 16 MB of pings and
+    reads nothing."""
     import asyncio
     import socket
     import threading
     import time
 
-    from sipwatch.tcp import TcpEdge
+    from sipwatch.tcp import JUNK_BURST, TcpEdge
 
     pings = 4 << 20  # 16 MB of CRLFCRLF
 
@@ -368,28 +370,76 @@ def test_a_peer_that_pings_and_never_reads_holds_no_more_than_one_reads_pongs():
 
         def send():
             chunk = b"\r\n\r\n" * 16384
-            for _ in range(pings // 16384):
-                client.sendall(chunk)
+            try:
+                for _ in range(pings // 16384):
+                    client.sendall(chunk)
+            except OSError:
+                pass  # (closed by the proxy)
 
         sender = threading.Thread(target=send, daemon=True)
         sender.start()
         loop = asyncio.get_running_loop()
-        end = loop.time() + 120  # (a guard against a hang only)
+        end = loop.time() + 60  # (a guard against a hang only)
         most = 0
-        while edge.stats.keepalives < pings and loop.time() < end:
+        while not edge.tcp_stats.closed["junk"] and loop.time() < end:
             await asyncio.sleep(0.005)
             for c in edge.conns:
                 if c.transport is not None:
                     most = max(most, c.transport.get_write_buffer_size())
         sender.join(10)
         answered = edge.stats.keepalives
+        closed = dict(edge.tcp_stats.closed)
         edge.close()
         client.close()
-        return answered, most
+        return answered, most, closed
 
-    answered, most = asyncio.run(run())
-    assert answered == pings  # every ping was read (and counted)
+    answered, most, closed = asyncio.run(run())
+    assert closed["junk"] == 1 and JUNK_BURST < answered < pings, (answered, closed)
     assert most <= 1 << 20, most  # before: ~8 MB of pongs held for a 16-MB ping stream
+
+
+def test_junk_closes_a_connection_but_keepalives_and_forwarded_messages_do_not():
+    """Messages that go nowhere (stray responses here) close a connection past the budget; a
+    gateway's keep-alive pings do not, nor do the 503s of a drain (refused, not dropped)."""
+    import asyncio
+    import socket
+    import time
+
+    from sipwatch.tcp import JUNK_BURST, TcpEdge
+
+    stray = response_to(tcp_invite(branch=b"z9hG4bK-nobody"), 200)  # answers nothing we sent
+
+    async def run():
+        edge = TcpEdge(make("tcp"), time.monotonic, lambda payload, dest: None)
+        await edge.open(("127.0.0.1", 0))
+        loop = asyncio.get_running_loop()
+        socks = [socket.create_connection(edge.local) for _ in range(3)]
+        pinger, strayer, refused = socks
+        try:
+            for _ in range(100):
+                await asyncio.sleep(0.01)
+                if len(edge.conns) == 3:
+                    break
+            for _ in range(int(JUNK_BURST) // 4):  # pings at a burst, well within the budget
+                pinger.sendall(b"\r\n\r\n")
+            edge.core.draining = True  # new calls get 503 + Retry-After
+            refused.sendall(b"".join(tcp_invite(branch=b"z9hG4bK-r%d" % i, call_id=b"r%d@gw" % i)
+                                     for i in range(int(JUNK_BURST * 2))))
+            strayer.sendall(stray * int(JUNK_BURST * 2))
+            end = loop.time() + 30
+            while not edge.tcp_stats.closed["junk"] and loop.time() < end:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)
+            return dict(edge.tcp_stats.closed), len(edge.conns), dict(edge.stats.internal_errors), \
+                edge.core.stats.drain_rejected
+        finally:
+            edge.close()
+            for c in socks:
+                c.close()
+
+    closed, left, errors, refused = asyncio.run(run())
+    assert closed["junk"] == 1 and left == 2 and sum(errors.values()) == 0, (closed, left)
+    assert refused == JUNK_BURST * 2
 
 
 def test_a_udp_request_whose_via_names_tcp_is_dropped_not_answered_over_tcp():
@@ -491,3 +541,70 @@ def test_a_forged_source_cannot_have_the_proxy_connect_to_the_port_its_contact_n
     one(core.receive_datagram(ack, victim, T0 + 0.1))
     fwd, to = one(core.receive_datagram(bye(3), SIGNALING, T0 + 1.1))
     assert to == ("10.9.9.9", 4444) and core.out_tcp
+
+
+@pytest.mark.parametrize("first", ["stray", "forwarded"])
+def test_connections_sending_strays_and_pings_cannot_push_out_one_carrying_calls(first):
+    """The table made room by closing the least recently active connection once none was
+    silent, and one stray response (dropped) made a connection not silent, pings then kept it
+    "active": 4,100 such connections closed the gateway's and the upstream's (SIPp: Broken pipe,
+    14 of 80 calls). Now only a forwarded message takes a connection out of the first to go, and
+    past those (each of the flood's connections has a request forwarded) the IP holding the most
+    connections gives up its least recently forwarded from."""
+    import asyncio
+    import socket
+    import time
+
+    from sipwatch.tcp import TcpEdge
+
+    stray = response_to(tcp_invite(branch=b"z9hG4bK-nobody"), 200)
+    table = 8
+
+    async def run():
+        sent = []
+        edge = TcpEdge(make("udp"), time.monotonic, lambda payload, dest: sent.append(payload), max_connections=table)
+        await edge.open(("127.0.0.1", 0))
+
+        async def settle(cond):
+            for _ in range(300):
+                if cond():
+                    return
+                await asyncio.sleep(0.01)
+
+        # the gateway (127.0.0.1) places a call: its INVITE is forwarded upstream
+        gw = socket.create_connection(edge.local)
+        gw.sendall(tcp_invite())
+        await settle(lambda: sent)
+        others = []
+        try:
+            for rnd in range(4):  # bursts bigger than the table, from another address
+                burst = []
+                for k in range(table + 4):
+                    s = socket.create_connection(edge.local, source_address=("127.0.0.3", 0))
+                    s.sendall(stray if first == "stray" else tcp_invite(
+                        branch=b"z9hG4bK-f%d-%d" % (rnd, k), call_id=b"flood-%d-%d" % (rnd, k)))
+                    burst.append(s)
+                await settle(lambda: edge.tcp_stats.opened[0] >= 1 + (rnd + 1) * (table + 4))
+                for _ in range(5):  # pings keep them busy (within the junk budget)
+                    for s in burst:
+                        try:
+                            s.sendall(b"\r\n\r\n")
+                        except OSError:
+                            pass
+                    await asyncio.sleep(0.01)
+                others += burst
+            # the gateway's connection is still the one its next request comes on
+            gw.sendall(tcp_invite(branch=b"z9hG4bK-gw-2", call_id=b"call-2@gw"))
+            await settle(lambda: any(b"call-2@gw" in p for p in sent))
+            gw_conns = [c for c in edge.conns if c.peer[0] == "127.0.0.1"]
+            return sum(b"@gw" in p for p in sent), len(gw_conns), dict(edge.tcp_stats.closed), len(edge.conns)
+        finally:
+            edge.close()
+            gw.close()
+            for s in others:
+                s.close()
+            await asyncio.sleep(0)
+
+    forwarded, gw_conns, closed, held = asyncio.run(run())
+    assert forwarded == 2 and gw_conns == 1, (forwarded, gw_conns, closed)
+    assert closed["limit"] >= 3 * table and held <= table
