@@ -340,7 +340,7 @@ def _unquoted(text: str) -> str:
     that a display name such as ``"Smith <Sales>"`` is not taken for the name-addr's brackets
     (the URI after it was then shown unmasked, in every mode). An unclosed quote is left as text,
     as the C pass (``_sipscan.mask_name_addr``) reads it. Linear: each quote is looked at once."""
-    out = []
+    out: list[str] = []
     pos = 0
     n = len(text)
     while True:

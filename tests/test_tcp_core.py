@@ -608,3 +608,60 @@ def test_connections_sending_strays_and_pings_cannot_push_out_one_carrying_calls
     forwarded, gw_conns, closed, held = asyncio.run(run())
     assert forwarded == 2 and gw_conns == 1, (forwarded, gw_conns, closed)
     assert closed["limit"] >= 3 * table and held <= table
+
+
+def test_one_connections_burst_does_not_hold_the_others_up():
+    """A burst on one connection was handled whole in one callback (a 256-KB read is ~1,000
+    small messages, the loop given to no one else meanwhile; a flood of new INVITEs on one
+    connection put call setup at seconds for everyone). At most TURN_MAX a turn now: a message on
+    another connection is handled after at most a turn or two of the burst, and the burst's
+    messages are all handled, in order."""
+    import asyncio
+    import socket
+    import threading
+    import time
+
+    from sipwatch.tcp import TURN_MAX, TcpEdge
+
+    n = 3000
+    burst = b"".join(tcp_invite(branch=b"z9hG4bK-b%d" % i, call_id=b"b%d" % i, body=b"") for i in range(n))
+
+    async def run():
+        edge = TcpEdge(make("udp"), time.monotonic, lambda payload, dest: None)
+        await edge.open(("127.0.0.1", 0))
+        order: list[bytes] = []
+        handle = edge.handle
+
+        def seen(conn, data):
+            order.append(data[data.index(b"Call-ID: ") + 9:data.index(b"\r\n", data.index(b"Call-ID: "))])
+            handle(conn, data)
+
+        edge.handle = seen
+        flood = socket.create_connection(edge.local)
+        gw = socket.create_connection(edge.local)
+        sender = threading.Thread(target=flood.sendall, args=(burst,), daemon=True)
+        try:
+            for _ in range(100):
+                await asyncio.sleep(0.01)
+                if len(edge.conns) == 2:
+                    break
+            sender.start()
+            while not order:
+                await asyncio.sleep(0)
+            gw.sendall(tcp_invite(call_id=b"gw-call", body=b""))
+            at = len(order)
+            end = asyncio.get_running_loop().time() + 30
+            while len(order) < n + 1 and asyncio.get_running_loop().time() < end:
+                await asyncio.sleep(0.001)
+            sender.join(10)
+            return order, at
+        finally:
+            edge.close()
+            flood.close()
+            gw.close()
+
+    order, at = asyncio.run(run())
+    assert len(order) == n + 1 and sum(1 for c in order if c != b"gw-call") == n
+    waited = order.index(b"gw-call") - at  # burst messages handled between its send and it
+    assert waited <= 4 * TURN_MAX, waited
+    assert [c for c in order if c != b"gw-call"] == [b"b%d" % i for i in range(n)]
