@@ -62,7 +62,7 @@ RECONNECT_BACKOFF = 0.5  # seconds a destination whose connection failed is not 
 # messages that go nowhere a connection may send (a ping counts as one): a second's worth on
 # average, a burst on top. A gateway's keep-alives come every 30 s or so and stray responses
 # seldom; one connection streaming stray responses or pings had kept the loop busy (140,000 a
-# second: call setup 0.7 s at p50). The upstream's connections are not held to it.
+# second: call setup 0.7 s at p50). sip-signaling (its address, the connection toward it) is not held to it.
 JUNK_RATE = 50.0
 JUNK_BURST = 500.0
 # whole messages of one connection handled in one turn of the loop: the rest of a burst waits
@@ -495,13 +495,15 @@ class _Conn(asyncio.Protocol):
 
     def junk(self, n: int, now: float) -> None:
         """``n`` messages (or pings) that went nowhere: past the budget, the connection is closed
-        ("junk"), unless it is the upstream's."""
+        ("junk"), unless it is the upstream's (its address, or the connection toward it)."""
         left = self.junk_left + (now - self.junk_at) * JUNK_RATE
         self.junk_at = now
         left = (JUNK_BURST if left > JUNK_BURST else left) - n
         self.junk_left = left
-        if left < 0 and self.peer[0] != self.edge.upstream[0]:
-            self.shut("junk")
+        if left < 0:
+            edge = self.edge
+            if self.peer != edge.upstream and self is not edge.by_addr.get(edge.upstream):
+                self.shut("junk")
 
     def eof_received(self) -> bool:
         return False  # half-closed by the peer: close our side too

@@ -410,7 +410,11 @@ def test_junk_closes_a_connection_but_keepalives_and_forwarded_messages_do_not()
     stray = response_to(tcp_invite(branch=b"z9hG4bK-nobody"), 200)  # answers nothing we sent
 
     async def run():
-        edge = TcpEdge(make("tcp"), time.monotonic, lambda payload, dest: None)
+        # sip-signaling on this host: connections from its IP are held to the budget too (only
+        # its own address, or the connection toward it, are not)
+        core = ProxyCore(CoreConfig(advertise=SIDECAR, upstream=("127.0.0.1", 9), timer_b=32.0,
+                                    upstream_transport="tcp", secret=b"k"))
+        edge = TcpEdge(core, time.monotonic, lambda payload, dest: None)
         await edge.open(("127.0.0.1", 0))
         loop = asyncio.get_running_loop()
         socks = [socket.create_connection(edge.local) for _ in range(3)]
