@@ -610,7 +610,7 @@ class ProxyCore:
             # facing that side said (RFC 5658)
             uri_transport = params.get(b"transport")
             out_tcp = route_tcp if not uri_transport else uri_transport.lower() == b"tcp"
-            if out_tcp and not self._may_connect(ip, tcp_sig, now):
+            if out_tcp and not self._allowed(ip, tcp_sig, now, False):  # (TCP: see _allowed)
                 if is_ack:
                     raise Dropped(DROP_NEXT_HOP_DENIED)
                 raise Dropped(DROP_NEXT_HOP_DENIED, self._reply(msg, top, reply, data, 403,
@@ -943,31 +943,23 @@ class ProxyCore:
             for ip in old:
                 del seen[ip]
 
-    def _allowed(self, ip: str, route_sig: bytes | None, now: float) -> bool:
+    def _allowed(self, ip: str, route_sig: bytes | None, now: float, seen_too: bool = True) -> bool:
         """A request from signaling may go to a gateway-side source seen lately, to a network
-        the operator allowed, or to the party our signed Record-Route names."""
+        the operator allowed, or to the party our signed Record-Route names.
+
+        Over TCP (``seen_too`` False, ``route_sig`` only from an entry of ours that says TCP) the
+        edge opens a connection to the port the message names when it has none, so only a source
+        proven to receive what is sent to it counts (it answered, ACKed a 2xx relayed to it, or
+        sent over a TCP connection: a handshake), and a signed entry only when it says TCP (the
+        dialog came over a connection from that party; also after a restart). A source only
+        seen, or the party of an entry that says UDP, is what a forged datagram makes: a forged
+        INVITE's Contact had the proxy connect to any IP and port and write the BYE there."""
         t = self.gateway_proven.get(ip)
-        if t is None:
+        if t is None and seen_too:
             t = self.gateway_seen.get(ip)
         if t is not None and t > now - GATEWAY_SEEN_TTL:
             return True
         if route_sig is not None and hmac.compare_digest(route_sig, self._party_mac(ip)):
-            return True
-        return self._in_allowed_nets(ip)
-
-    def _may_connect(self, ip: str, tcp_route_sig: bytes | None, now: float) -> bool:
-        """Whether a request from signaling may go over TCP to ``ip`` (the edge opens a
-        connection to the port the message names when it has none): a source proven to receive
-        what is sent to it (it answered, ACKed a 2xx relayed to it, or sent over a TCP
-        connection: a handshake), a network the operator allowed, or the party of our signed
-        Record-Route entry that says TCP (the dialog came over a connection from it; also after
-        a restart). Not a source only seen, nor the party of an entry that says UDP: a forged
-        datagram's source makes either, and a forged INVITE's Contact had the proxy connect to
-        any IP and port and write the BYE there."""
-        t = self.gateway_proven.get(ip)
-        if t is not None and t > now - GATEWAY_SEEN_TTL:
-            return True
-        if tcp_route_sig is not None and hmac.compare_digest(tcp_route_sig, self._party_mac(ip)):
             return True
         return self._in_allowed_nets(ip)
 
