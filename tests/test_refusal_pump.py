@@ -261,7 +261,10 @@ def test_a_read_of_mixed_datagrams_matches_the_core(rig, data):
     """Up to 40 datagrams queued before one read: plain INVITEs (the pump's), mutated ones, ACKs
     of their 503s and OPTIONS (the core's). The pump's 503s leave at the end of the batch, the
     core's output as it comes, so each peer must receive what the twin sends it (in any order:
-    they are different transactions) and the two cores' state must agree."""
+    they are different transactions) and the two cores' state must agree. A mutated Via may name
+    another address (no rport, a host and no port: port 5060); what goes there neither peer sees."""
+    for peer in (rig.gw, rig.up):  # (an example that failed left its datagrams: not this one's)
+        _received(peer)
     seen = []
     receive = rig._receive
 
@@ -296,14 +299,14 @@ def test_a_read_of_mixed_datagrams_matches_the_core(rig, data):
     assert not rig.errors, rig.errors
     to_core = iter(seen)
     pending = next(to_core, None)
-    want = {rig.gw_addr: [], rig.up_addr: []}
+    want: dict = {rig.gw_addr: [], rig.up_addr: []}
     for d in batch:
         if pending is not None and pending[0] == d:
             now, pending = pending[1], next(to_core, None)
         else:
             now = rig.clock()  # (one the pump handled: only the ACK window holds its time)
         for payload, dest in rig.b.receive_datagram(d, rig.gw_addr, now):
-            want[dest].append(payload)
+            want.setdefault(dest, []).append(payload)
         rig.b.settle()
     assert pending is None and len(seen) + rig.pump.refused_here - before == len(batch)
     for peer, addr in ((rig.gw, rig.gw_addr), (rig.up, rig.up_addr)):
