@@ -339,8 +339,10 @@ class ProxyCore:
         self.tcp_alias = None
         self.stream_junk = False
         ip = addr[0]
-        if ip != self.upstream[0]:
-            self._prove_gateway(ip, now)  # (a connection's peer completed a handshake: no forged source)
+        if ip not in self.gateway_proven and ip != self.upstream[0]:
+            # a connection's peer completed a handshake: no forged source (once: its requests
+            # and relayed responses keep the entry fresh, as over UDP)
+            self._prove_gateway(ip, now)
         try:
             return self.receive_datagram(data, addr, now)
         finally:

@@ -341,16 +341,16 @@ def _unquoted(text: str) -> str:
     (the URI after it was then shown unmasked, in every mode). An unclosed quote is left as text,
     as the C pass (``_sipscan.mask_name_addr``) reads it. Linear: each quote is looked at once."""
     out: list[str] = []
-    pos = 0
-    n = len(text)
+    pos = 0  # text[pos:] is not copied yet
+    start = 0  # where the next opening quote is looked for
     while True:
-        q = text.find('"', pos + 1 if out else 0)  # (after the closing quote of the one before)
+        q = text.find('"', start)
         if q < 0:
             break
         close = text.find('"', q + 1)
         while close >= 0:
             k = close
-            while text[k - 1] == "\\":  # (k - 1 >= q + 1 > 0 while inside the quotes... or at q)
+            while text[k - 1] == "\\":  # (stops at the opening quote at the latest)
                 k -= 1
             if (close - k) % 2 == 0:  # an even run of backslashes before it: the closing quote
                 break
@@ -360,9 +360,10 @@ def _unquoted(text: str) -> str:
         out.append(text[pos:q + 1])
         out.append("x" * (close - q - 1))
         pos = close
+        start = close + 1
     if not out:
         return text
-    out.append(text[pos:n])
+    out.append(text[pos:])
     return "".join(out)
 
 
