@@ -987,6 +987,13 @@ static PyObject *masked_uri(Encoder *self, PyObject *uri)
         return NULL;
     PyObject *out = NULL, *tail = NULL;
     PyObject *masked_head = PyDict_GetItemWithError(heads, head); /* borrowed */
+    Py_ssize_t k = cut;
+    while (k < n && !((unsigned char)s[k] & 0x80))
+        k++;
+    if (masked_head != NULL && k < n) { /* a tag not in ASCII: mask_uri folds it (masking._fold) */
+        out = PyObject_Vectorcall(self->ref[R_MASK_URI], margs, 2, NULL);
+        goto done;
+    }
     if (masked_head != NULL && PyUnicode_CheckExact(masked_head)) {
         tail = PyUnicode_DecodeUTF8(s + cut, n - cut, "replace"); /* ';' is ASCII: the parts decode as the whole */
         if (tail != NULL)

@@ -357,6 +357,11 @@ def _unquoted(text: str) -> str:
             close = text.find('"', close + 1)
         if close < 0:
             break  # unclosed: left as it is
+        after = close + 1
+        while after < len(text) and text[after] in " \t":
+            after += 1
+        if not text.startswith("<", after):
+            break  # not a display name (one is followed by its '<'): left as the C pass reads it
         out.append(text[pos:q + 1])
         out.append("x" * (close - q - 1))
         pos = close
