@@ -131,8 +131,11 @@ class ProxyApp:
         if getattr(settings, "tcp", False):
             self.tcp = TcpEdge(self.core, self.clock, self.edge.send,
                                max_connections=settings.tcp_max_connections,
-                               idle_timeout=settings.tcp_idle_timeout)
+                               idle_timeout=settings.tcp_idle_timeout,
+                               overload_after=settings.overload_after)
             self.edge.tcp = self.tcp
+            edge = self.edge
+            self.tcp.udp_overloaded = lambda: edge.guard is not None and edge.guard.overloaded
             self.metrics.gateway.register(self.tcp.tcp_stats)
         self.hep = sender_for_proxy(settings)  # HEP copies of every message, or None
         if self.hep is not None:

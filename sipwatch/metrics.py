@@ -140,7 +140,7 @@ class GatewayCollector(_Guarded):
         yield CounterMetricFamily("sipwatch_gc_deep_collections", "Deep garbage collections (unexplained memory growth); each stops forwarding while it runs.", value=getattr(s, "gc_deep", 0))
         yield CounterMetricFamily("sipwatch_gc_deep_seconds", "Seconds forwarding stood still in deep garbage collections.", value=getattr(s, "gc_deep_seconds", 0.0))
         yield GaugeMetricFamily("sip_active_calls", "Answered calls not yet ended by BYE.", value=s.active_calls)
-        yield GaugeMetricFamily("sipwatch_overloaded", "1 while new dialogs are shed (receive queues above the high-water mark).", value=int(s.overloaded))
+        yield GaugeMetricFamily("sipwatch_overloaded", "1 while new dialogs are shed by every path (UDP receive queues above the high-water mark, or sip-signaling's TCP backlog standing).", value=int(s.overloaded))
         dropped = CounterMetricFamily("sip_dropped", "Datagrams not forwarded, by reason (a fixed set).", labels=["reason"])
         counts = getattr(s, "dropped", None) or [0] * len(DROP_REASONS)
         for i, reason in enumerate(DROP_REASONS):

@@ -21,7 +21,8 @@ most, never the upstream's: connections opened in bulk, or kept busy with messag
 nowhere, cannot push out the ones carrying calls), a connection whose messages go nowhere (stray
 responses, malformed or refused requests, keep-alives) more than ``JUNK_RATE`` a second beyond a burst of
 ``JUNK_BURST`` is closed, a burst of messages is handled ``TURN_MAX`` a turn of the loop (one
-connection cannot hold the others up for long), a connection idle for ``idle_timeout``
+connection cannot hold the others up for long), a backlog standing above ``BACKLOG_MARK`` sheds
+new dialogs with 503 (``TcpEdge._shed``), a connection idle for ``idle_timeout``
 seconds is closed, a message must be complete within ``MESSAGE_TIMEOUT`` seconds of its first
 byte (a byte-at-a-time sender holds one slot at most that long, and costs the others nothing:
 the loop never waits on a connection), a peer that does not read what it is sent is cut off past
@@ -34,7 +35,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import socket
+import struct
+import termios
 from collections import deque
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -69,6 +73,15 @@ JUNK_BURST = 500.0
 # (its reading paused) for the next, after the other connections' and sockets' callbacks. One
 # connection's 256-KB read is ~1,000 small messages, ~10 ms the loop gave no one else.
 TURN_MAX = 32
+# a connection is behind while the bytes the kernel holds for it unread stay above BACKLOG_MARK,
+# as each read (what it brought) and the end of each burst's turns (what is left) see them: past
+# ``overload_after`` seconds of that (the standing queue UDP's guard looks for) new dialogs get
+# 503 + Retry-After until it drains (TcpEdge._shed says whose). TCP flow control otherwise leaves
+# the backlog in the sender: at 8,000 calls/s offered over one connection (6,300 carried) call
+# setup took 2 s at p50 and no call was told to go elsewhere. The mark is ~300 small messages:
+# at 4,000 calls/s (80% of a CPU) the queue left after a burst was under 65 KB 99 times in 100
+BACKLOG_MARK = 128 << 10
+OVERLOAD_AFTER = 0.05
 CLOSE_REASONS = ("peer_closed", "idle", "slow", "limit", "framing", "write_buffer", "error",
                  "connect_failed", "shutdown", "junk")
 DIRECTIONS = ("inbound", "outbound")
@@ -84,6 +97,7 @@ class TcpStats:
         self.messages_in = 0
         self.messages_out = 0
         self.send_dropped = 0  # messages with no connection to go on (gone, or could not be opened)
+        self.overload_episodes = 0  # times a connection's backlog stood: its new dialogs shed
 
     def collect(self):
         g = GaugeMetricFamily("sipwatch_tcp_connections", "SIP over TCP connections open now.", labels=["direction"])
@@ -100,11 +114,13 @@ class TcpStats:
         yield CounterMetricFamily("sipwatch_tcp_messages_received", "Whole SIP messages framed off TCP connections.", value=self.messages_in)
         yield CounterMetricFamily("sipwatch_tcp_messages_sent", "SIP messages written to TCP connections.", value=self.messages_out)
         yield CounterMetricFamily("sipwatch_tcp_send_dropped", "SIP messages for a TCP destination with no usable connection (closed, or could not be opened).", value=self.send_dropped)
+        yield CounterMetricFamily("sipwatch_tcp_overload_episodes", "Times a connection's unread backlog stood longer than --overload-after; new dialogs on it were then answered 503 until it drained.", value=self.overload_episodes)
 
 
 class TcpEdge:
     def __init__(self, core: ProxyCore, clock, udp_send, max_connections: int = MAX_CONNECTIONS,
-                 idle_timeout: float = IDLE_TIMEOUT, message_timeout: float = MESSAGE_TIMEOUT):
+                 idle_timeout: float = IDLE_TIMEOUT, message_timeout: float = MESSAGE_TIMEOUT,
+                 overload_after: float = OVERLOAD_AFTER):
         self.core = core
         self.stats = core.stats
         self.tcp_stats = TcpStats()
@@ -113,6 +129,10 @@ class TcpEdge:
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
         self.message_timeout = message_timeout
+        self.overload_after = overload_after
+        self.overloaded = False  # sip-signaling's connection is behind: new dialogs shed everywhere
+        self.shedding_all = 0  # connections (sip-signaling's) whose backlog has that effect
+        self.udp_overloaded = lambda: False  # the UDP guard's verdict (the owner wires it)
         self.upstream = core.upstream
         self.by_addr: dict[Addr, _Conn] = {}  # peer addresses and aliases -> connection
         self.conns: dict[_Conn, None] = {}  # every connection
@@ -169,7 +189,17 @@ class TcpEdge:
             now = self.now = self.clock()
             src = conn.peer
             self.tcp_stats.messages_in += 1
-            out = core.receive_stream(data, src, now)
+            since = conn.behind_since
+            if since is not None and not conn.shedding and now - since >= self.overload_after:
+                self._shed(conn, True)
+            if conn.shedding and not core.overloaded:  # its own new dialogs only (see _shed)
+                core.overloaded = True
+                try:
+                    out = core.receive_stream(data, src, now)
+                finally:
+                    core.overloaded = False
+            else:
+                out = core.receive_stream(data, src, now)
             useful = False
             for _, dest in out:
                 if dest != src:  # forwarded (a local answer goes back to src)
@@ -204,6 +234,26 @@ class TcpEdge:
             self.stats.internal_errors["datagram"] += 1
             self.last_error = f"{type(exc).__name__}: {exc}"[:300]
         core.settle()  # what the core held back until the output had left (never raises)
+
+    def _shed(self, conn: "_Conn", on: bool) -> None:
+        """``conn``'s backlog stood past ``overload_after`` (``on``), or ran out. A gateway's
+        connection sheds its own new dialogs (``handle``): fair turns already keep the others'
+        short, and one sender must not get everyone's calls refused. sip-signaling's connection
+        carries the responses of every call: its backlog standing is the proxy's overload, and
+        new dialogs are shed on every connection and over UDP (``core.overloaded``)."""
+        conn.shedding = on
+        if on:
+            self.tcp_stats.overload_episodes += 1
+            if conn.peer == self.upstream or conn is self.by_addr.get(self.upstream):
+                conn.sheds_all = True
+                self.shedding_all += 1
+        elif conn.sheds_all:
+            conn.sheds_all = False
+            self.shedding_all -= 1
+        over = self.shedding_all > 0
+        if over != self.overloaded:
+            self.overloaded = over
+            self.core.overloaded = self.stats.overloaded = over or self.udp_overloaded()
 
     def _alias(self, conn: "_Conn", alias: Addr) -> None:
         """Requests toward ``alias`` (the sent-by a peer wrote, on its connection's IP) take
@@ -336,6 +386,8 @@ class TcpEdge:
                 c.shut("write_buffer")  # (_forget takes it out of unsent and the sum)
 
     def _forget(self, conn: "_Conn") -> None:
+        if conn.behind_since is not None or conn.shedding:
+            conn.caught_up()
         self.unsent_bytes -= self.unsent.pop(conn, 0)
         self.silent.pop(conn, None)
         if self.conns.pop(conn, 0) is None:
@@ -390,6 +442,10 @@ class _Conn(asyncio.Protocol):
         self.closed = False
         self.task: asyncio.Future | None = None
         self.waiting: deque[bytes] | None = None  # messages of a burst left for later turns
+        self.behind_since: float | None = None  # since when its backlog has not run out (OVERLOAD_AFTER)
+        self.shedding = False  # its new dialogs are being refused (counted once an episode)
+        self.sheds_all = False  # ... and everyone's (it is sip-signaling's: TcpEdge._shed)
+        self.fd = -1  # the socket's descriptor (for the bytes queued unread)
 
     # -- asyncio callbacks (none raises) --------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -398,6 +454,7 @@ class _Conn(asyncio.Protocol):
             sock = transport.get_extra_info("socket")
             if sock is not None:
                 _keepalive(sock)
+                self.fd = sock.fileno()
             edge = self.edge
             if self.inbound:
                 if edge._closing:
@@ -432,6 +489,11 @@ class _Conn(asyncio.Protocol):
             now = edge.clock()
             self.last_active = now
             framer = self.framer
+            if len(data) >= BACKLOG_MARK:  # the kernel held at least that much
+                if self.behind_since is None:
+                    self.behind_since = now
+            elif self.behind_since is not None:
+                self.caught_up()
             messages = framer.feed(data)
             if framer.pings:  # RFC 5626 §3.5.1: CRLFCRLF ping, CRLF pong
                 edge.stats.keepalives += framer.pings
@@ -487,11 +549,23 @@ class _Conn(asyncio.Protocol):
                 asyncio.get_running_loop().call_soon(self._next_turn)
                 return
             self.waiting = None
+            left = _unread(self.fd)
+            if left < BACKLOG_MARK:
+                if self.behind_since is not None:
+                    self.caught_up()
+            elif self.behind_since is None:
+                self.behind_since = edge.clock()
             t = self.transport
             if t is not None and not t.is_closing():
                 t.resume_reading()
         except Exception as exc:  # noqa: BLE001
             self._failed(exc)
+
+    def caught_up(self) -> None:
+        """Its backlog ran out (or it closed): no longer behind, no longer shedding."""
+        self.behind_since = None
+        if self.shedding:
+            self.edge._shed(self, False)
 
     def junk(self, n: int, now: float) -> None:
         """``n`` messages (or pings) that went nowhere: past the budget, the connection is closed
@@ -570,6 +644,16 @@ class _Conn(asyncio.Protocol):
             self.shut("error")
         except Exception:  # noqa: BLE001
             pass
+
+
+def _unread(fd: int) -> int:
+    """Bytes the kernel holds unread on socket ``fd`` (SIOCINQ); 0 when it cannot tell."""
+    if fd < 0:
+        return 0
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+    except OSError:
+        return 0
 
 
 async def _connect_from(loop, local: Addr | None, dest: Addr) -> socket.socket | None:

@@ -227,7 +227,9 @@ class UdpEdge:
                     self.guard = None  # no SO_MEMINFO here: never shed (and stop sampling)
                     return
                 queued += n
-            self.core.overloaded = self.stats.overloaded = guard.update(queued)
+            over = guard.update(queued)
+            tcp = self.tcp
+            self.core.overloaded = self.stats.overloaded = over or (tcp is not None and tcp.overloaded)
             stirring = queued > guard.high // QUIET_SHARE or guard.overloaded
         except Exception as exc:  # never let the watchdog take the loop down
             self.stats.internal_errors["tick"] += 1
