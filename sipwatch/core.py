@@ -296,7 +296,7 @@ class ProxyCore:
                 fast = self._fast_response(data, addr, now)
                 if fast is not None:
                     return fast
-            elif self.fast_refusals and not self.in_tcp and len(data) > 12 and (
+            elif self.fast_refusals and len(data) > 12 and (
                     (data[0] == 73 and (self.overloaded or self.draining)) or  # "I": INVITE
                     (data[0] == 65 and now < self._refusal_acks_until and  # "A": ACK, maybe of a refusal
                      data.find(b";tag=sw") > 0)):
@@ -1171,24 +1171,37 @@ class ProxyCore:
         if got is None:
             return None
         is_ack, via_value, call_id, cseq_n, head, tail = got
-        if via_value[:12] != b"SIP/2.0/UDP " and not self.in_tcp:
+        tcp_in = self.in_tcp
+        if via_value[:12] != b"SIP/2.0/UDP " and not tcp_in:
             return None  # (the full path reads that Via: over UDP only UDP is accepted)
         stats = self.stats
         direction = _FROM_SIGNALING if src == self.upstream else _FROM_GATEWAY
         if is_ack:  # (its To tag is the MAC _local_tag gives: checked in C)
             stats.requests[_ACK * 2 + direction] += 1
-            parse_via(via_value)  # (a bad Via raises here as on the full path)
+            top = parse_via(via_value)  # (a bad Via raises here as on the full path)
+            if tcp_in:
+                stats.requests_tcp[_ACK * 2 + direction] += 1
+                if top.port and ip_literal(top.host) == src[0]:
+                    self.tcp_alias = (src[0], top.port)
             return []  # the ACK of a non-2xx this proxy answered itself ends here (§17.2.1)
         if head is None or tail is None or not (self.draining or self.overloaded) or \
                 self.tracker.lookup_call(call_id, True, cseq_n) is not None:
             return None  # (a retransmission of an admitted call's INVITE: the full path forwards it)
         stats.requests[_INVITE * 2 + direction] += 1
         top = parse_via(via_value)
+        if tcp_in:  # (as the full path: the reply takes the connection, the Via gets its rport)
+            stats.requests_tcp[_INVITE * 2 + direction] += 1
+            if b"rport" not in top.params:
+                top.params[b"rport"] = None
+            if top.port and ip_literal(top.host) == src[0]:
+                self.tcp_alias = (src[0], top.port)
         reply = _reply_to(top, src)
         self._refused(now, call_id, cseq_n)
         resp = head + _stamp_source(via_value, top, reply[0], reply[1]) + tail
         if len(resp) > len(data):  # (never larger than the request: see _reply)
             return []
+        if tcp_in:
+            self.out_tcp = True  # back over the connection the request came on
         return [(resp, reply)]
 
     def refusal_params(self) -> tuple | None:

@@ -57,10 +57,18 @@ def _pair(overloaded: bool = True, draining: bool = False) -> tuple[ProxyCore, P
     return cores[0], cores[1]
 
 
-def feed(pair, data: bytes, src, now: float) -> list:
+def feed(pair, data: bytes, src, now: float, tcp: bool = False) -> list:
+    """``data`` through both cores (over a TCP connection from ``src`` with ``tcp``): the same
+    output, the same transport for it, the same alias learnt, the same state."""
     fast, full = pair
-    out = fast.receive_datagram(data, src, now)
-    assert out == full.receive_datagram(data, src, now), f"outputs differ for {data[:400]!r}"
+    fast.out_tcp = full.out_tcp = False  # (as the TCP edge leaves it after each message)
+    if tcp:
+        out = fast.receive_stream(data, src, now)
+        assert out == full.receive_stream(data, src, now), f"outputs differ for {data[:400]!r}"
+    else:
+        out = fast.receive_datagram(data, src, now)
+        assert out == full.receive_datagram(data, src, now), f"outputs differ for {data[:400]!r}"
+    assert fast.tcp_alias == full.tcp_alias, data[:400]
     assert state(fast) == state(full), f"state differs after {data[:400]!r}"
     return out
 
@@ -119,6 +127,32 @@ def test_acks_are_looked_for_on_the_fast_path_only_after_a_refusal(monkeypatch):
     assert feed(pair, ack, GATEWAY, 1000.1) == [] and seen == [b"INV", b"ACK"]
     assert feed(pair, ack, GATEWAY, 1041.0) == [] and len(seen) == 2
     assert pair[0].stats.requests[ACK * 2 + FROM_GATEWAY] == 3
+
+
+def test_over_tcp_the_refusal_takes_the_connection_and_the_fast_path(monkeypatch):
+    """Over TCP too (a connection's backlog standing sheds: see sipwatch/tcp.py): the 503 goes
+    back on the connection (its peer address, ``out_tcp``), its Via gets ``rport`` from the
+    connection, the sender's sent-by is learnt as an alias, and the ACK ends at the proxy. Only
+    UDP took the fast path before: past capacity over TCP each refused call was parsed whole."""
+    taken = []
+    real = core_module._c_refusal
+    monkeypatch.setattr(core_module, "_c_refusal", lambda *a: taken.append(a[0][:3]) or real(*a))
+    pair = _pair()
+    conn = ("127.0.0.3", 40001)
+    lines = _lines(12, rport=False)
+    lines[1] = lines[1].replace(b"/UDP ", b"/TCP ")
+    invite = _join(lines, SDP)
+    out = feed(pair, invite, conn, 1000.0, tcp=True)
+    assert len(out) == 1 and out[0][1] == conn and pair[0].out_tcp
+    resp = out[0][0]
+    assert resp.split(b"\r\n")[1] == b"Via: SIP/2.0/TCP 127.0.0.3:5062;branch=z9hG4bK-12-1;rport=40001"
+    assert pair[0].tcp_alias == ("127.0.0.3", 5062)
+    ack = _join([lines[0].replace(b"INVITE", b"ACK", 1), lines[1]] + _lines(12, b"ACK", _tag(resp))[2:])
+    assert feed(pair, ack, conn, 1000.1, tcp=True) == []
+    stats = pair[0].stats
+    assert stats.overload_rejected == 1 and stats.requests_tcp[INVITE * 2 + FROM_GATEWAY] == 1
+    assert stats.requests_tcp[ACK * 2 + FROM_GATEWAY] == 1
+    assert taken == [b"INV", b"ACK"]  # (the full core never calls it)
 
 
 def test_order_compact_names_and_a_source_without_rport():
@@ -201,18 +235,22 @@ def scenarios(draw):
             draw(st.booleans()),  # rport in the Via
             draw(st.sampled_from([GATEWAY, UPSTREAM, ("127.0.0.9", 5062), ("::1", 5062)])),  # the source
             draw(st.booleans()),  # the ACK carries the refusal's tag (else a mutated one)
-            draw(st.booleans()))  # a body
+            draw(st.booleans()),  # a body
+            draw(st.booleans()))  # over a TCP connection (its Via then says TCP, or UDP as written)
 
 
 @settings(max_examples=int(os.environ.get("REFUSAL_FAST_EXAMPLES", "200")), deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(scenarios(), st.data())
 def test_fast_path_matches_the_full_path(case, data):
-    (overloaded, draining), rport, src, true_tag, with_body = case
+    (overloaded, draining), rport, src, true_tag, with_body, tcp = case
     pair = _pair(overloaded, draining)
     body = SDP if with_body else b""
-    invite = data.draw(mutations(_lines(8, rport=rport), body))
-    out = feed(pair, invite, src, 1000.0)
+    lines = _lines(8, rport=rport)
+    if tcp and data.draw(st.booleans()):
+        lines[1] = lines[1].replace(b"/UDP ", b"/TCP ")
+    invite = data.draw(mutations(lines, body))
+    out = feed(pair, invite, src, 1000.0, tcp)
     clean = _pair(overloaded, draining)  # (the tag a clean INVITE gets, for the ACKs below)
     tag = _tag(clean[1].receive_datagram(_join(_lines(8, rport=rport), body), src, 1000.0)[0][0]) \
         if overloaded or draining else b"sw0"
@@ -220,8 +258,9 @@ def test_fast_path_matches_the_full_path(case, data):
         tag = _tag(out[0][0])
     ack_lines = _lines(8, b"ACK", tag if true_tag else data.draw(st.sampled_from([tag, tag.upper(), b"sw" + tag])),
                        rport=rport)
-    feed(pair, data.draw(mutations(ack_lines, b"")), src, 1000.1)
-    feed(pair, _join(ack_lines), src, 1000.2)
+    ack_lines[1] = lines[1].replace(b"-1", b"-2", 1) if tcp else ack_lines[1]
+    feed(pair, data.draw(mutations(ack_lines, b"")), src, 1000.1, tcp)
+    feed(pair, _join(ack_lines), src, 1000.2, tcp)
 
 
 # -- the C function itself ------------------------------------------------------------------------
