@@ -204,7 +204,10 @@ class ProxyCore:
         self._mac_state_key = b""
         self._rekey()
         self.draining = False  # set on SIGTERM: new dialogs get 503 + Retry-After
-        self.overloaded = False  # set by the edge while its receive queues are too long
+        # set by the edges while the proxy is behind (UDP receive queues, sip-signaling's TCP
+        # backlog); the TCP edge also sets it around one connection's messages while that
+        # connection's own backlog stands (sipwatch/tcp.py)
+        self.overloaded = False
         self.last_internal_error: str | None = None
         # gateway-side sources requests from signaling may go to (next-hop policy), source IP ->
         # last seen, least recently seen first: those seen (any request: a forged source too) and
@@ -1178,9 +1181,10 @@ class ProxyCore:
         direction = _FROM_SIGNALING if src == self.upstream else _FROM_GATEWAY
         if is_ack:  # (its To tag is the MAC _local_tag gives: checked in C)
             stats.requests[_ACK * 2 + direction] += 1
-            top = parse_via(via_value)  # (a bad Via raises here as on the full path)
             if tcp_in:
                 stats.requests_tcp[_ACK * 2 + direction] += 1
+            top = parse_via(via_value)  # (a bad Via raises here as on the full path)
+            if tcp_in:
                 if top.port and ip_literal(top.host) == src[0]:
                     self.tcp_alias = (src[0], top.port)
             return []  # the ACK of a non-2xx this proxy answered itself ends here (§17.2.1)
@@ -1188,9 +1192,10 @@ class ProxyCore:
                 self.tracker.lookup_call(call_id, True, cseq_n) is not None:
             return None  # (a retransmission of an admitted call's INVITE: the full path forwards it)
         stats.requests[_INVITE * 2 + direction] += 1
+        if tcp_in:
+            stats.requests_tcp[_INVITE * 2 + direction] += 1
         top = parse_via(via_value)
         if tcp_in:  # (as the full path: the reply takes the connection, the Via gets its rport)
-            stats.requests_tcp[_INVITE * 2 + direction] += 1
             if b"rport" not in top.params:
                 top.params[b"rport"] = None
             if top.port and ip_literal(top.host) == src[0]:
@@ -1232,7 +1237,10 @@ class ProxyCore:
         else:
             self.stats.overload_rejected += 1
         self._refusal_acks_until = now + _REFUSAL_ACK_WINDOW
-        if call_id is not None:
+        # (over TCP nothing is retransmitted, RFC 3261 §17.1.1.2: nothing to remember. A
+        # connection's own backlog sheds it alone, and a Call-ID remembered from it would have
+        # refused that Call-ID from anyone else)
+        if call_id is not None and not self.in_tcp:
             if len(self._refused_invites) >= _REFUSED_MAX or now - self._refused_since >= _REFUSED_SPAN:
                 self._refused_before = self._refused_invites
                 self._refused_invites = {}

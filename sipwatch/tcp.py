@@ -79,7 +79,9 @@ TURN_MAX = 32
 # 503 + Retry-After until it drains (TcpEdge._shed says whose). TCP flow control otherwise leaves
 # the backlog in the sender: at 8,000 calls/s offered over one connection (6,300 carried) call
 # setup took 2 s at p50 and no call was told to go elsewhere. The mark is ~300 small messages:
-# at 4,000 calls/s (80% of a CPU) the queue left after a burst was under 65 KB 99 times in 100
+# at 4,000 calls/s (70-80% of a CPU) the queue left after a burst was under 65 KB 99 times in 100.
+# It needs a receive buffer that can hold it (Linux autotunes up to tcp_rmem's maximum, 6 MB or
+# more by default): where it cannot, a backlog never stands and TCP is not shed
 BACKLOG_MARK = 128 << 10
 OVERLOAD_AFTER = 0.05
 CLOSE_REASONS = ("peer_closed", "idle", "slow", "limit", "framing", "write_buffer", "error",
@@ -237,10 +239,12 @@ class TcpEdge:
 
     def _shed(self, conn: "_Conn", on: bool) -> None:
         """``conn``'s backlog stood past ``overload_after`` (``on``), or ran out. A gateway's
-        connection sheds its own new dialogs (``handle``): fair turns already keep the others'
-        short, and one sender must not get everyone's calls refused. sip-signaling's connection
-        carries the responses of every call: its backlog standing is the proxy's overload, and
-        new dialogs are shed on every connection and over UDP (``core.overloaded``)."""
+        connection sheds its own new dialogs (``handle``): its backlog is its own sending, and
+        the turns keep the other connections' waits short. sip-signaling's connection carries
+        the responses of every call: its backlog standing is the proxy's overload, whatever
+        causes it (many connections of messages that are never shed, OPTIONS or in-dialog
+        requests, can cause it, as they can fill the UDP queue), and new dialogs are shed on
+        every connection and over UDP (``core.overloaded``)."""
         conn.shedding = on
         if on:
             self.tcp_stats.overload_episodes += 1
@@ -531,6 +535,10 @@ class _Conn(asyncio.Protocol):
                     self.partial_since = now
             else:
                 self.partial_since = None
+            if self.behind_since is not None and self.waiting is None and _unread(self.fd) < BACKLOG_MARK:
+                # a large read of few large messages, handled whole: no burst's end will look
+                # (an old mark would otherwise start shedding at the next large read)
+                self.caught_up()
         except Exception as exc:  # noqa: BLE001
             self._failed(exc)
 

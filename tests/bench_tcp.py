@@ -67,12 +67,48 @@ def _target(workdir: Path, key: str, uas_port: int):
                                    f"tcp:127.0.0.1:{uas_port}", name="sipwatch-tcp")
 
 
-def run(workdir: Path, key: str, rate: int, duration: float) -> dict:
+class TimedTcpSippLoad(TcpSippLoad):
+    """TcpSippLoad whose caller also times each call's setup (INVITE sent to its 200 received,
+    SIPp ``rtd`` with ``-trace_rtt``): past the knee over TCP the question is how long admitted
+    calls wait, since flow control slows the caller down instead of losing its messages."""
+
+    def start(self) -> "TimedTcpSippLoad":
+        (self.workdir / "bench_uac.xml").write_text(bench_net.BENCH_UAC.replace(
+            '<recv response="200" rrs="true"/>', '<recv response="200" rrs="true" rtd="true"/>', 1))
+        orig = bench_net._sipp
+        bench_net._sipp = lambda workdir, tag, args: orig(
+            workdir, tag, [*args, "-trace_rtt", "-rtt_freq", "1"] if tag.startswith("uac-") else args)
+        try:
+            return super().start()  # type: ignore[return-value]
+        finally:
+            bench_net._sipp = orig
+
+    def finish(self) -> dict:
+        out = super().finish()
+        times = []
+        for f in self.uac_dir.glob("*_rtt.csv"):  # Date_ms;response_time_ms;rtd_no
+            for line in f.read_text().splitlines()[1:]:
+                fields = line.split(";")
+                try:
+                    times.append(float(fields[1]))
+                except (IndexError, ValueError):
+                    pass
+        times.sort()
+        out["setup_ms"] = {"n": len(times), "p50": times[len(times) // 2] if times else None,
+                           "p99": times[min(len(times) - 1, int(len(times) * 0.99))] if times else None}
+        return out
+
+
+def run(workdir: Path, key: str, rate: int, duration: float, timed: bool = False) -> dict:
     uas_port = free_port()
     if key == "sipwatch-udp":  # the same sidecar and calls over UDP, for reference
         with bench_net.SidecarTarget(workdir, uas_port, "--no-tracing", name="sipwatch-udp") as target:
             return bench_net.SippLoad(workdir, target, uas_port, rate, duration).start().finish()
     with _target(workdir, key, uas_port) as target:
+        if timed:  # (a directory of its own: the caller's scenario differs)
+            sub = workdir / f"timed-{key}-{rate}"
+            sub.mkdir(exist_ok=True)
+            return TimedTcpSippLoad(sub, target, uas_port, rate, duration).start().finish()
         return TcpSippLoad(workdir, target, uas_port, rate, duration).start().finish()
 
 
@@ -84,9 +120,10 @@ def step_passed(step: dict) -> bool:
 
 
 def measure(workdir: Path, rate: int = 1000, duration: float = 10.0,
-            rates: tuple[int, ...] = (300, 1000, 2000, 3000, 4000), log=None) -> dict:
-    """The TCP row: per target, CPU µs per message and CPU % at ``rate``, and the highest of
-    ``rates`` that passes (the ladder stops at the first failing step)."""
+            rates: tuple[int, ...] = (300, 1000, 2000, 3000, 4000), log=None, overload: bool = True) -> dict:
+    """The TCP row: per target, CPU µs per message and CPU % at ``rate``, the highest of
+    ``rates`` that passes (the ladder stops at the first failing step) and, with ``overload``,
+    a step at twice that: goodput, 503s and call setup times (``twice_highest``)."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     keys = ["sipwatch"] + (["kamailio"] if bench_net.KAMAILIO and bench_net.kamailio_modules() else [])
     out: dict = {"rate": rate, "duration_s": duration, "rates": list(rates), "targets": {}}
@@ -109,6 +146,17 @@ def measure(workdir: Path, rate: int = 1000, duration: float = 10.0,
         out["targets"][key] = {"cpu_pct": fixed["cpu_pct"], "us_per_msg": fixed["cpu_us_per_msg"],
                                "completed": fixed["completed"], "calls": fixed["calls"],
                                "highest_passing_cps": best}
+        if best and overload:  # past the knee: twice the highest passing step
+            step = run(workdir, key, 2 * best, duration, timed=True)
+            setup = step["setup_ms"]
+            past = {"offered_cps": step.get("offered_cps"), "goodput_cps": step["goodput_cps"],
+                    "goodput_pct_of_highest": round(100.0 * step["goodput_cps"] / best, 1),
+                    "refused_503": step["refused_503"], "failed": step["failed"],
+                    "setup_p50_ms": setup["p50"], "setup_p99_ms": setup["p99"], "cpu_pct": step["cpu_pct"]}
+            out["targets"][key]["twice_highest"] = past
+            log(f"  {key:9s} TCP at 2x {best}/s: offered {past['offered_cps'] or 0:.0f}/s, goodput "
+                f"{past['goodput_pct_of_highest']}% of {best}, {past['refused_503']} 503s, {past['failed']} failed, "
+                f"setup p50 {setup['p50']} / p99 {setup['p99']} ms")
     t = out["targets"]
     if "kamailio" in t and t["kamailio"]["us_per_msg"] and t["sipwatch"]["us_per_msg"]:
         out["cpu_ratio_vs_kamailio"] = round(t["sipwatch"]["us_per_msg"] / t["kamailio"]["us_per_msg"], 2)

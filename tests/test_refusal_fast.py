@@ -155,6 +155,16 @@ def test_over_tcp_the_refusal_takes_the_connection_and_the_fast_path(monkeypatch
     assert taken == [b"INV", b"ACK"]  # (the full core never calls it)
 
 
+def test_over_tcp_a_via_the_scan_takes_but_the_parser_refuses_counts_alike():
+    """The TCP counter was bumped after the Via's parse on the fast path, before it on the full
+    path: a Via port out of range (the C scan takes it, parse_via raises) counted differently."""
+    pair = _pair()
+    lines = _lines(13)
+    lines[1] = b"Via: SIP/2.0/TCP 127.0.0.3:99999;branch=z9hG4bK-13-1"
+    feed(pair, _join(lines, SDP), ("127.0.0.3", 40002), 1000.0, tcp=True)
+    assert pair[0].stats.requests_tcp[INVITE * 2 + FROM_GATEWAY] == 1
+
+
 def test_order_compact_names_and_a_source_without_rport():
     """The copied lines keep their order and spelling, the Via line is rewritten; no rport: the
     503 goes to the Via's port on the source IP, with received= (the Via names another host)."""

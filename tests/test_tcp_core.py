@@ -781,3 +781,78 @@ def test_a_standing_backlog_on_signalings_connection_sheds_new_dialogs_everywher
     assert r["overloaded"] and r["udp_invite_refused"] is True, r
     assert r["refused"] >= r["n"] // 2, r
     assert not r["edge_over"] and not r["core_over"], r  # drained: shedding over
+
+
+def test_an_invite_refused_over_tcp_is_not_remembered_against_its_call_id():
+    """A refused INVITE is remembered (Call-ID and CSeq) so that its retransmissions get the same
+    503; over TCP nothing is retransmitted (RFC 3261 §17.1.1.2), and since a connection's own
+    backlog sheds it alone, a Call-ID remembered from it refused that Call-ID from anyone else
+    for ~32 s: a peer that knew another's next Call-ID could have its call refused."""
+    core = make("udp")
+    core.overloaded = True  # (as the TCP edge sets it around a shedding connection's messages)
+    out = core.receive_stream(tcp_invite(call_id=b"victim@gw"), GW_TCP, T0)
+    assert one(out)[0].startswith(b"SIP/2.0 503") and one(out)[1] == GW_TCP
+    core.overloaded = False
+    data, dest = one(core.receive_datagram(invite(call_id=b"victim@gw"), GATEWAY, T0 + 1))
+    assert dest == SIGNALING and data.startswith(b"INVITE ")
+    # over UDP the memory stays: a retransmission of a refused INVITE gets its 503 again
+    core.overloaded = True
+    assert one(core.receive_datagram(invite(call_id=b"udp@gw"), GATEWAY, T0 + 2))[0].startswith(b"SIP/2.0 503")
+    core.overloaded = False
+    assert one(core.receive_datagram(invite(call_id=b"udp@gw"), GATEWAY, T0 + 3))[0].startswith(b"SIP/2.0 503")
+
+
+def test_a_large_read_of_few_large_messages_does_not_leave_a_stale_backlog_mark():
+    """A read of 128 KB or more holding 32 messages or fewer (large bodies) is handled whole, so
+    no burst's end looked at the queue again: its mark stayed, and the next large read, even a
+    minute later, started shedding at once (on sip-signaling's connection, everyone's)."""
+    import asyncio
+    import socket
+
+    from sipwatch.tcp import BACKLOG_MARK, TcpEdge
+
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    upstream = ("127.0.0.1", lsock.getsockname()[1])
+    lsock.close()
+    core = ProxyCore(CoreConfig(advertise=SIDECAR, upstream=upstream, timer_b=32.0, secret=b"k"))
+    pad = b"X-Pad: " + b"x" * 6000 + b"\r\nContent-Length: 0"
+    burst = b"".join(response_to(tcp_invite(branch=b"z9hG4bK-L%d" % i, call_id=b"L%d" % i, body=b""), 200)
+                     .replace(b"Content-Length: 0", pad) for i in range(24))
+    assert len(burst) >= BACKLOG_MARK
+    clock = [T0]
+
+    async def run():
+        edge = TcpEdge(core, lambda: clock[0], lambda payload, dest: None)
+        await edge.open(("127.0.0.1", 0))
+        sig = socket.socket()
+        sig.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sig.bind(upstream)
+        sig.connect(edge.local)
+        sig.settimeout(10)
+        try:
+            for _ in range(200):
+                await asyncio.sleep(0.01)
+                if edge.conns:
+                    break
+            conn = next(iter(edge.conns))
+            conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            marks = []
+            for round_ in range(2):
+                conn.transport.pause_reading()  # the whole burst waits in the kernel: one read
+                sig.sendall(burst)
+                conn.transport.resume_reading()
+                for _ in range(300):
+                    await asyncio.sleep(0.01)
+                    if edge.tcp_stats.messages_in >= 24 * (round_ + 1):
+                        break
+                marks.append(conn.behind_since)
+                clock[0] += 60.0  # a minute later
+            return marks, edge.tcp_stats.overload_episodes, edge.overloaded
+        finally:
+            edge.close()
+            sig.close()
+            await asyncio.sleep(0)
+
+    marks, episodes, overloaded = asyncio.run(run())
+    assert marks == [None, None] and episodes == 0 and not overloaded, (marks, episodes, overloaded)
