@@ -129,20 +129,11 @@ def test_acks_are_looked_for_on_the_fast_path_only_after_a_refusal(monkeypatch):
     assert pair[0].stats.requests[ACK * 2 + FROM_GATEWAY] == 3
 
 
-def test_over_tcp_the_refusal_takes_the_connection_and_the_fast_path(monkeypatch):
-    """Over TCP too (a connection's backlog standing sheds: see sipwatch/tcp.py): the 503 goes
-    back on the connection (its peer address, ``out_tcp``), its Via gets ``rport`` from the
-    connection, the sender's sent-by is learnt as an alias, and the ACK ends at the proxy. Only
-    UDP took the fast path before: past capacity over TCP each refused call was parsed whole."""
-    taken = []
-    real = core_module._c_refusal
-    monkeypatch.setattr(core_module, "_c_refusal", lambda *a: taken.append(a[0][:3]) or real(*a))
-    pair = _pair()
+def _over_tcp(pair) -> None:
     conn = ("127.0.0.3", 40001)
     lines = _lines(12, rport=False)
     lines[1] = lines[1].replace(b"/UDP ", b"/TCP ")
-    invite = _join(lines, SDP)
-    out = feed(pair, invite, conn, 1000.0, tcp=True)
+    out = feed(pair, _join(lines, SDP), conn, 1000.0, tcp=True)
     assert len(out) == 1 and out[0][1] == conn and pair[0].out_tcp
     resp = out[0][0]
     assert resp.split(b"\r\n")[1] == b"Via: SIP/2.0/TCP 127.0.0.3:5062;branch=z9hG4bK-12-1;rport=40001"
@@ -152,6 +143,24 @@ def test_over_tcp_the_refusal_takes_the_connection_and_the_fast_path(monkeypatch
     stats = pair[0].stats
     assert stats.overload_rejected == 1 and stats.requests_tcp[INVITE * 2 + FROM_GATEWAY] == 1
     assert stats.requests_tcp[ACK * 2 + FROM_GATEWAY] == 1
+
+
+def test_over_tcp_the_refusal_takes_the_connection():
+    """Over TCP too (a connection's backlog standing sheds: see sipwatch/tcp.py): the 503 goes
+    back on the connection (its peer address, ``out_tcp``), its Via gets ``rport`` from the
+    connection, the sender's sent-by is learnt as an alias, and the ACK ends at the proxy, on
+    the fast path as on the full one."""
+    _over_tcp(_pair())
+
+
+@pytest.mark.pure_python
+def test_over_tcp_the_refusal_takes_the_fast_path(monkeypatch):
+    """Only UDP took the fast path before: past capacity over TCP each refused call was parsed
+    whole (the compiled core binds the C function: this looks in the pure build only)."""
+    taken = []
+    real = core_module._c_refusal
+    monkeypatch.setattr(core_module, "_c_refusal", lambda *a: taken.append(a[0][:3]) or real(*a))
+    _over_tcp(_pair())
     assert taken == [b"INV", b"ACK"]  # (the full core never calls it)
 
 
