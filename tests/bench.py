@@ -1926,7 +1926,7 @@ def main(argv=None) -> int:
                 _progress("SIP over TCP vs Kamailio over TCP ...")
                 import bench_tcp
                 result["tcp"] = bench_tcp.measure(workdir, rate=1000, duration=a.duration,
-                                                  rates=(300, 1000, 2000) if a.quick else (300, 1000, 2000, 3000, 4000),
+                                                  rates=(300, 1000, 2000) if a.quick else (300, 1000, 2000, 3000, 4000, 5000, 6500),
                                                   log=_progress)
                 t = result["tcp"]["targets"]
                 def _past(v: dict) -> str:
