@@ -508,7 +508,6 @@ class ProxyCore:
             # (§18.2.2) to the source's IP at a port of the sender's choosing, which a forged
             # source turns into connections to anyone, pushing live ones out of the table
             raise Dropped(DROP_BAD_VIA)
-        top_params = top.params
         if fields is None:
             call_id = msg.call_id()
             cseq_n, cseq_m = msg.cseq()
@@ -527,11 +526,8 @@ class ProxyCore:
         elif cseq_m != method and cseq_m != method.upper():  # (cseq_m is upper case already)
             raise Dropped(DROP_MISSING_HEADER)
         src_ip, src_port = src
-        if tcp_in:  # over TCP, responses take the connection: its address is the reply address
-            if b"rport" not in top_params:
-                top_params[b"rport"] = None  # (so the Via gets rport= from the connection)
-            if top.port and ip_literal(top.host) == src_ip:
-                self.tcp_alias = (src_ip, top.port)
+        if tcp_in:
+            self._via_over_tcp(top, src_ip)
         # where responses to this request go: the real source (RFC 3261 §18.2.2, RFC 3581)
         reply = _reply_to(top, src)
         from_tag = from_tag_or_none or b""
@@ -1154,6 +1150,15 @@ class ProxyCore:
         self._relayed(tx, status, to_tag, next_raw, direction, src, now)
         return [(out, tx.reply)]
 
+    def _via_over_tcp(self, top: Via, src_ip: str) -> None:
+        """A request's top Via over TCP: responses take the connection, so its address is the
+        reply address (``rport`` asked for, the Via then gets the connection's port), and the
+        sender's sent-by on the connection's IP is learnt as an alias (``tcp_alias``)."""
+        if b"rport" not in top.params:
+            top.params[b"rport"] = None
+        if top.port and ip_literal(top.host) == src_ip:
+            self.tcp_alias = (src_ip, top.port)
+
     def _fast_refusal(self, data: bytes, src: Addr, now: float) -> list[tuple[bytes, Addr]] | None:
         """:meth:`_request` of a new INVITE turned away (503 + Retry-After) while overloaded or
         draining, and of the ACK that answers such a refusal, read in one C call on the datagram
@@ -1185,8 +1190,7 @@ class ProxyCore:
                 stats.requests_tcp[_ACK * 2 + direction] += 1
             top = parse_via(via_value)  # (a bad Via raises here as on the full path)
             if tcp_in:
-                if top.port and ip_literal(top.host) == src[0]:
-                    self.tcp_alias = (src[0], top.port)
+                self._via_over_tcp(top, src[0])
             return []  # the ACK of a non-2xx this proxy answered itself ends here (§17.2.1)
         if head is None or tail is None or not (self.draining or self.overloaded) or \
                 self.tracker.lookup_call(call_id, True, cseq_n) is not None:
@@ -1195,11 +1199,8 @@ class ProxyCore:
         if tcp_in:
             stats.requests_tcp[_INVITE * 2 + direction] += 1
         top = parse_via(via_value)
-        if tcp_in:  # (as the full path: the reply takes the connection, the Via gets its rport)
-            if b"rport" not in top.params:
-                top.params[b"rport"] = None
-            if top.port and ip_literal(top.host) == src[0]:
-                self.tcp_alias = (src[0], top.port)
+        if tcp_in:
+            self._via_over_tcp(top, src[0])
         reply = _reply_to(top, src)
         self._refused(now, call_id, cseq_n)
         resp = head + _stamp_source(via_value, top, reply[0], reply[1]) + tail

@@ -535,10 +535,10 @@ class _Conn(asyncio.Protocol):
                     self.partial_since = now
             else:
                 self.partial_since = None
-            if self.behind_since is not None and self.waiting is None and _unread(self.fd) < BACKLOG_MARK:
+            if self.behind_since is not None and self.waiting is None:
                 # a large read of few large messages, handled whole: no burst's end will look
                 # (an old mark would otherwise start shedding at the next large read)
-                self.caught_up()
+                self._look_at_queue(now)
         except Exception as exc:  # noqa: BLE001
             self._failed(exc)
 
@@ -557,17 +557,21 @@ class _Conn(asyncio.Protocol):
                 asyncio.get_running_loop().call_soon(self._next_turn)
                 return
             self.waiting = None
-            left = _unread(self.fd)
-            if left < BACKLOG_MARK:
-                if self.behind_since is not None:
-                    self.caught_up()
-            elif self.behind_since is None:
-                self.behind_since = edge.clock()
+            self._look_at_queue(edge.clock())
             t = self.transport
             if t is not None and not t.is_closing():
                 t.resume_reading()
         except Exception as exc:  # noqa: BLE001
             self._failed(exc)
+
+    def _look_at_queue(self, now: float) -> None:
+        """What the kernel holds unread, once what was read is handled: behind from ``now``
+        above BACKLOG_MARK, caught up below it."""
+        if _unread(self.fd) < BACKLOG_MARK:
+            if self.behind_since is not None:
+                self.caught_up()
+        elif self.behind_since is None:
+            self.behind_since = now
 
     def caught_up(self) -> None:
         """Its backlog ran out (or it closed): no longer behind, no longer shedding."""
