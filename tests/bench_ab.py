@@ -1,5 +1,5 @@
 """Paired runs of two builds of the sidecar: ``python -m tests.bench_ab REF_A REF_B [--cpu 1000,4000]
-[--capped 2250,4500] [--latency] [--rounds N]``.
+[--capped 2250,4500] [--latency] [--sustained 4000] [--rounds N]``.
 
 On the 2-vCPU machines the same code's figures drift by tens of percent within an hour (the
 capped goodput at 4500 calls/s offered: 1429-2640 calls/s in 35 runs), so a change is judged only
@@ -10,7 +10,9 @@ extensions); every sidecar of an arm is started with that build first on its ``P
 (``SIPWATCH_TREE``, read when the harness builds the sidecar's command, so it is set before each
 step). The steps are ``tests.bench``'s own: ``load_step`` without a limit for ``--cpu`` (CPU
 per message), under the 0.25-CPU limit for ``--capped``, ``_loaded_latency_once`` at 1000
-calls/s for ``--latency``. A change to the per-message path is best counted first, in
+calls/s for ``--latency``, ``load_step`` for 75 s without a limit for ``--sustained`` (the bench's
+section of that name: past the linger of finished calls, with the CPU split into the proxy's and
+the span worker's user and system time). A change to the per-message path is best counted first, in
 instructions (``tests/bench_instr.py``): that figure does not drift.
 """
 from __future__ import annotations
@@ -59,7 +61,8 @@ def paired(arms: dict[str, Path], rounds: int, step) -> dict[str, list]:
 
 def _values(results: dict[str, list], field: str) -> dict[str, list]:
     """{arm: [``field`` of each step that measured]} (a step that could not run gives None)."""
-    return {arm: [r[field] for r in rs if r is not None] for arm, rs in results.items()}
+    return {arm: [r[field] for r in rs if r is not None and r.get(field) is not None]
+            for arm, rs in results.items()}
 
 
 def _medians(results: dict[str, list], field: str) -> dict[str, float | None]:
@@ -80,6 +83,8 @@ def main(argv=None) -> int:
     p.add_argument("--cpu", default="", help="comma list of calls/s: CPU per message, no limit")
     p.add_argument("--capped", default="", help="comma list of calls/s offered under the 0.25-CPU limit")
     p.add_argument("--latency", action="store_true", help="the added p50 at 1000 calls/s")
+    p.add_argument("--sustained", type=int, default=0, help="calls/s held for --sustained-seconds (bench: 4000)")
+    p.add_argument("--sustained-seconds", type=float, default=75.0)
     p.add_argument("--rounds", type=int, default=4)
     a = p.parse_args(argv)
     bench.BUDGET = bench.Budget(float("inf"))
@@ -114,6 +119,21 @@ def _run(a, result: dict) -> None:
             runs = paired(arms, a.rounds, lambda arm: bench._loaded_latency_once(
                 workdir, "all", 1000, 10, 3000, features))
             _report(result, "latency", "added_p50_median", runs, "added_p50_us", ".1f", "added p50 @ 1000/s, µs")
+        if a.sustained:
+            runs = paired(arms, a.rounds, lambda arm: _with_split(bench.load_step(
+                workdir, "all", a.sustained, a.sustained_seconds, features)))
+            label = f"sustained @ {a.sustained}/s for {a.sustained_seconds:g} s"
+            _report(result, "sustained", "cpu_us_per_msg_median", runs, "cpu_us_per_msg", ".2f",
+                    f"{label}, µs a message")
+            for part in ("main_user", "main_sys", "children_user", "children_sys"):
+                print(f"  {part}: {_line(runs, part, '.2f')}")
+
+
+def _with_split(r: dict | None) -> dict | None:
+    """The step's result with its user/sys split (µs a message) lifted to the top level."""
+    if r is not None:
+        r.update(r.get("cpu_split_us_per_msg") or {})
+    return r
 
 
 def _report(result: dict, key: str, median_key: str, runs: dict[str, list], field: str, fmt: str,
