@@ -72,6 +72,10 @@ JUNK_BURST = 500.0
 # whole messages of one connection handled in one turn of the loop: the rest of a burst waits
 # (its reading paused) for the next, after the other connections' and sockets' callbacks. One
 # connection's 256-KB read is ~1,000 small messages, ~10 ms the loop gave no one else.
+# sip-signaling's connection carries the other half of every dialog (the responses of every
+# call): its turn is as long as all the other waiting bursts' turns together (_Conn._turn), so
+# that gateways' connections kept busy with what is never shed (OPTIONS, in-dialog requests)
+# cannot starve it of the loop (its backlog standing would shed everyone's new calls)
 TURN_MAX = 32
 # a connection is behind while the bytes the kernel holds for it unread stay above BACKLOG_MARK,
 # as each read (what it brought) and the end of each burst's turns (what is left) see them: past
@@ -134,6 +138,7 @@ class TcpEdge:
         self.overload_after = overload_after
         self.overloaded = False  # sip-signaling's connection is behind: new dialogs shed everywhere
         self.shedding_all = 0  # connections (sip-signaling's) whose backlog has that effect
+        self.bursts = 0  # connections with messages of a burst waiting for their next turn
         self.udp_overloaded = lambda: False  # the UDP guard's verdict (the owner wires it)
         self.upstream = core.upstream
         self.by_addr: dict[Addr, _Conn] = {}  # peer addresses and aliases -> connection
@@ -390,6 +395,9 @@ class TcpEdge:
                 c.shut("write_buffer")  # (_forget takes it out of unsent and the sum)
 
     def _forget(self, conn: "_Conn") -> None:
+        if conn.waiting is not None:  # (closed with a burst left: it goes with the connection)
+            conn.waiting = None
+            self.bursts -= 1
         if conn.behind_since is not None or conn.shedding:
             conn.caught_up()
         self.unsent_bytes -= self.unsent.pop(conn, 0)
@@ -513,9 +521,10 @@ class _Conn(asyncio.Protocol):
             if self.waiting is not None:  # (reading is paused meanwhile: in case, keep the order)
                 self.waiting.extend(messages)
                 messages = []
-            elif len(messages) > TURN_MAX and framer.error is None:
-                self.waiting = deque(messages[TURN_MAX:])
-                messages = messages[:TURN_MAX]
+            elif len(messages) > TURN_MAX and framer.error is None and len(messages) > (turn := self._turn()):
+                self.waiting = deque(messages[turn:])
+                edge.bursts += 1
+                messages = messages[:turn]
                 t = self.transport
                 if t is not None:
                     t.pause_reading()
@@ -549,7 +558,8 @@ class _Conn(asyncio.Protocol):
             if self.closed or waiting is None:
                 return
             edge = self.edge
-            for _ in range(TURN_MAX if len(waiting) > TURN_MAX else len(waiting)):
+            turn = self._turn()
+            for _ in range(turn if len(waiting) > turn else len(waiting)):
                 edge.handle(self, waiting.popleft())
                 if self.closed:
                     return
@@ -557,12 +567,22 @@ class _Conn(asyncio.Protocol):
                 asyncio.get_running_loop().call_soon(self._next_turn)
                 return
             self.waiting = None
+            edge.bursts -= 1
             self._look_at_queue(edge.clock())
             t = self.transport
             if t is not None and not t.is_closing():
                 t.resume_reading()
         except Exception as exc:  # noqa: BLE001
             self._failed(exc)
+
+    def _turn(self) -> int:
+        """How many of its messages it handles this turn: TURN_MAX, or, for sip-signaling's
+        connection, as many as every other connection with a burst waiting may together."""
+        edge = self.edge
+        others = edge.bursts - (self.waiting is not None)
+        if others > 1 and (self.peer == edge.upstream or self is edge.by_addr.get(edge.upstream)):
+            return TURN_MAX * others
+        return TURN_MAX
 
     def _look_at_queue(self, now: float) -> None:
         """What the kernel holds unread, once what was read is handled: behind from ``now``
@@ -637,7 +657,6 @@ class _Conn(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
-        self.waiting = None
         edge = self.edge
         edge.tcp_stats.closed[reason] += 1
         if self.pending:

@@ -671,6 +671,92 @@ def test_one_connections_burst_does_not_hold_the_others_up():
     assert [c for c in order if c != b"gw-call"] == [b"b%d" % i for i in range(n)]
 
 
+def test_signalings_connection_is_not_starved_by_many_busy_gateway_connections():
+    """Fair turns gave sip-signaling's connection one turn in N+1 while N gateways' connections
+    were kept busy with what is never shed (OPTIONS, in-dialog requests): with 8 of them it was
+    handled ~1 message in 9 although it carries the other half of every dialog, so its backlog
+    stood and shed everyone's new calls, and the responses of admitted calls waited. Its turn is
+    now as long as the other waiting bursts' together: about half the loop, never all of it."""
+    import asyncio
+    import socket
+    import threading
+    import time
+
+    from sipwatch.tcp import TURN_MAX, TcpEdge
+
+    gateways, each, from_signaling = 8, 1500, 12000
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    upstream = lsock.getsockname()
+    lsock.close()
+    core = ProxyCore(CoreConfig(advertise=SIDECAR, upstream=upstream, timer_b=32.0,
+                                upstream_transport="tcp", secret=b"k"))
+
+    def burst(tag: bytes, n: int) -> bytes:
+        return b"".join(tcp_invite(branch=b"z9hG4bK-%s%d" % (tag, i), call_id=b"%s%d" % (tag, i), body=b"")
+                        for i in range(n))
+
+    async def run():
+        edge = TcpEdge(core, time.monotonic, lambda payload, dest: None)
+        await edge.open(("127.0.0.1", 0))
+        order: list[str] = []
+        edge.handle = lambda conn, data: order.append("s" if conn.peer == upstream else "g")
+        socks = []
+        sig = socket.socket()
+        sig.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sig.bind(upstream)
+        sig.connect(edge.local)
+        socks.append(sig)
+        socks += [socket.create_connection(edge.local) for _ in range(gateways)]
+        try:
+            for _ in range(200):
+                await asyncio.sleep(0.01)
+                if len(edge.conns) == gateways + 1:
+                    break
+            for c in edge.conns:  # every backlog in place before the first turn
+                c.transport.pause_reading()
+            senders = [threading.Thread(target=s.sendall, args=(burst(b"s" if s is sig else b"g", from_signaling
+                                                                      if s is sig else each),), daemon=True)
+                       for s in socks]
+            for t in senders:
+                t.start()
+            await asyncio.sleep(0.2)
+            for c in list(edge.conns):
+                c.transport.resume_reading()
+            total = gateways * each + from_signaling
+            end = asyncio.get_running_loop().time() + 60
+            while len(order) < total and asyncio.get_running_loop().time() < end:
+                await asyncio.sleep(0.005)
+            for t in senders:
+                t.join(10)
+            return order, edge.bursts
+        finally:
+            edge.close()
+            for s in socks:
+                s.close()
+            await asyncio.sleep(0)
+
+    order, bursts_left = asyncio.run(run())
+    assert order.count("g") == gateways * each and order.count("s") == from_signaling, len(order)
+    assert bursts_left == 0
+    # while the gateways still had messages to hand in: signaling's share of the loop
+    gw_done = 0
+    seen_g = 0
+    for i, who in enumerate(order):  # (the first gateway's backlog is spent near here at the latest)
+        seen_g += who == "g"
+        if seen_g >= gateways * each * 3 // 4:
+            gw_done = i
+            break
+    window = order[:gw_done]
+    share = window.count("s") / len(window)
+    assert share >= 0.35, share  # (one turn in nine, 0.11, before)
+    longest = run_ = 0
+    for who in window:
+        run_ = run_ + 1 if who == "s" else 0
+        longest = max(longest, run_)
+    assert longest <= 2 * gateways * TURN_MAX, longest  # never all of it
+
+
 def _flood_through_edge(from_upstream: bool):
     """A backlog of new INVITEs on one TCP connection, far more than the edge handles while it
     stands: the clock moves 1 ms a handled message, so the backlog stands past overload_after
