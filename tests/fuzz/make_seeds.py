@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from capture.pcapfile import read_packets  # noqa: E402
-from tests.fuzz.target import SEP, ADVERTISE  # noqa: E402
+from tests.fuzz.target import SEP, SEP_TCP, ADVERTISE  # noqa: E402
 
 ADV = b"%s:%d" % (ADVERTISE[0].encode(), ADVERTISE[1])
 OUT = Path(__file__).resolve().parent / "seeds"
@@ -56,6 +56,7 @@ def invite(extra: bytes = b"", body: bytes = b"v=0\r\n", cl: bytes | None = None
 
 def hand_written() -> dict[str, bytes]:
     route = b"<sip:" + ADV + b";lr>"
+    tcp_via = b"Via: SIP/2.0/TCP 127.0.0.3:5070;branch=z9hG4bK-seed-t;rport"
     victim_via = b"Via: SIP/2.0/UDP 127.0.0.3:5070;branch=z9hG4bK-v;received=127.0.0.9;rport=9999"
     seeds = {
         "route_flood_one_header": rec(0, invite(b"Route: " + b", ".join([route] * 300) + b"\r\n")),
@@ -119,6 +120,17 @@ def hand_written() -> dict[str, bytes]:
         "response_nul_in_value": SEP.join([
             rec(0, invite(method=b"OPTIONS", body=b"")),
             rec(4, b"SIP/2.0 200 OK\r\nServer: a\x00b\r\nContent-Length: 0\r\n\r\n")]),
+        # over TCP (records after SEP_TCP): a call whose answers come back on the connection, a
+        # new INVITE refused while shedding and its ACK, a Via naming another IP (no alias)
+        "tcp_invite_then_answer": b"".join([
+            SEP_TCP, rec(0, invite(via=tcp_via)), SEP_TCP, rec(4, b"SIP/2.0 180 Ringing\r\nContent-Length: 0\r\n\r\n"),
+            SEP_TCP, rec(4, b"SIP/2.0 200 OK\r\nContent-Length: 0\r\n\r\n")]),
+        "tcp_refused_invite_and_ack": b"".join([
+            SEP_TCP, rec(8, invite(via=tcp_via)), SEP_TCP,
+            rec(0, invite(method=b"ACK", body=b"", via=tcp_via).replace(b"To: <sip:+4930123456@127.0.0.3>",
+                                                                       b"To: <sip:+4930123456@127.0.0.3>;tag=x"))]),
+        "tcp_via_of_another_ip": SEP_TCP + rec(1, invite(
+            method=b"OPTIONS", body=b"", via=b"Via: SIP/2.0/TCP 127.0.0.3:5070;branch=z9hG4bK-seed-2;rport")),
     }
     return seeds
 

@@ -1,7 +1,8 @@
 """One fuzz input → a short run of the sans-IO core, the observer and the parser, with the
 properties of issue 8 checked on everything the core emits.
 
-Input format: records separated by ``SEP``; the first byte of a record picks what happens and
+Input format: records separated by ``SEP``, or by ``SEP_TCP`` for a record whose message arrives
+over TCP (``receive_stream``: from the same source, on its connection); the first byte of a record picks what happens and
 how far the clock moves, the rest is the datagram (or, for the "answer" ops, the status line and
 extra lines of a response built from the last forwarded request, so responses that match a real
 transaction of the core are reachable without guessing its branch MAC).
@@ -31,6 +32,8 @@ Properties (an AssertionError names the one that broke; anything else raised is 
   datagram's source or of a source that sent a request earlier in the run (no reflection to third
   parties; the port may be the one the sender's Via names, RFC 3261 §18.2.2); every source in a
   run has its own IP, so no destination passes by sharing one;
+- over TCP, the sender's Via sent-by is learnt as an alias (``tcp_alias``) only on the
+  connection's own IP (a peer cannot have another's requests sent down its connection);
 - a response the core makes itself goes back to the IP of the datagram's source and is not
   larger than the request (no amplification toward a spoofable source);
 - a forwarded request carries at most ``core.MAX_VIAS`` + 1 Via values (more Vias than any
@@ -47,6 +50,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 
 import orjson
 
@@ -55,7 +59,7 @@ import io
 from sipwatch import core as core_module, logs, sipmsg
 from sipwatch.core import CoreConfig, ProxyCore
 from sipwatch.logs import call_summary_fields
-from sipwatch.masking import CallIdMasker
+from sipwatch.masking import SHOWN_MAX, CallIdMasker
 from sipwatch.observer import Observer
 from sipwatch.sipmsg import SipParseError, parse
 from sipwatch.summary import summary_tuple
@@ -74,6 +78,8 @@ except ImportError:  # run as a script: tests/fuzz is on sys.path
     import sipcheck
 
 SEP = b"\x00\xfe\xfd\x00"
+SEP_TCP = b"\x00\xfe\xfc\x00"
+_SPLIT = re.compile(b"(\x00\xfe[\xfc\xfd]\x00)")
 _CALL_ID_MASKERS = (CallIdMasker("digits", b"fuzz"), CallIdMasker("hash", b"fuzz"))
 MAX_VIAS = getattr(core_module, "MAX_VIAS", 70)
 MAX_RECORDS = 64
@@ -131,7 +137,7 @@ class Run:
         self.encoder = SpanEncoder(dict(_RESOURCE.attributes), "0", "partial") \
             if SpanBuilder is not None else None
 
-    def datagram(self, payload: bytes, src) -> None:
+    def datagram(self, payload: bytes, src, tcp: bool = False) -> None:
         for check_length in (True, False):
             with_c = parse_outcome(payload, check_length)
             c_split, sipmsg._c_split = sipmsg._c_split, None
@@ -143,12 +149,19 @@ class Run:
                                         f"{with_c!r:.300} != {without_c!r:.300}"
         if sipcheck.is_request(payload):
             self.requesters.add(src[0])
-        outs = self.core.receive_datagram(payload, src, self.now)
+        receive, receive_full = (self.core.receive_stream, self.full.receive_stream) if tcp else \
+            (self.core.receive_datagram, self.full.receive_datagram)
+        outs = receive(payload, src, self.now)
         assert isinstance(outs, list), f"receive_datagram returned {type(outs)}"
-        assert outs == self.full.receive_datagram(payload, src, self.now), "response or refusal fast path changed the output"
+        assert outs == receive_full(payload, src, self.now), "response or refusal fast path changed the output"
         self.core.settle()
         assert counters(self.core) == counters(self.full), \
             "response or refusal fast path, or held-back accounting, changed the counters"
+        alias = self.core.tcp_alias
+        assert alias == self.full.tcp_alias, "response or refusal fast path changed the alias learnt"
+        if tcp:
+            assert alias is None or alias[0] == src[0], f"alias {alias} learnt on a connection from {src}"
+        self.core.out_tcp = self.full.out_tcp = False  # (as the edges do once they have read it)
         assert self.core.stats.internal_errors["datagram"] == 0, \
             f"the core raised and counted it: {self.core.last_internal_error}"
         self.observer.feed(payload, src, ADVERTISE, self.now)
@@ -205,6 +218,12 @@ class Run:
                         "summary line: the C writer and the dict path differ"
             if kind == "call" and type(obj.call_id) is bytes:
                 for masker in _CALL_ID_MASKERS:
+                    if masker.mode == "digits" and len(obj.call_id) > SHOWN_MAX:
+                        # (no real Call-ID is that long: its keyed hash alone, by design, not C)
+                        hashed = "h-" + masker.digest(obj.call_id, 16)
+                        assert masker._mask(obj.call_id) == hashed and masker(obj.call_id) == hashed, \
+                            "Call-ID masking: a Call-ID over SHOWN_MAX shows more than its keyed hash"
+                        continue
                     assert masker._mask(obj.call_id) == masker._mask_py(obj.call_id), \
                         "Call-ID masking: the C pass and the Python path differ"
                     assert masker(obj.call_id) == masker._mask_py(obj.call_id), \
@@ -254,32 +273,37 @@ def record_summary(record) -> tuple:
     return kind, obj.call_id, obj.status, obj.outcome, obj.t_setup, obj.t_answer, obj.t_end, obj.retrans
 
 
+def records(data: bytes) -> list[tuple[bool, bytes]]:
+    """(over TCP, record) of each non-empty record of ``data``, at most MAX_RECORDS."""
+    parts = _SPLIT.split(data)
+    out = [(False, parts[0])] + [(parts[i] == SEP_TCP, parts[i + 1]) for i in range(1, len(parts) - 1, 2)]
+    return [(tcp, rec) for tcp, rec in out if rec][:MAX_RECORDS]
+
+
 def run_one(data: bytes) -> None:
     run = Run()
-    for rec in data.split(SEP)[:MAX_RECORDS]:
-        if not rec:
-            continue
+    for tcp, rec in records(data):
         op, payload = rec[0], rec[1:]
         run.now += (op >> 4) * 0.25
         if op & 8:  # the edge's overload guard flips: new INVITEs refused (503) from here, or no more
             run.core.overloaded = run.full.overloaded = not run.core.overloaded
         kind = op & 7
         if kind <= 2:
-            run.datagram(payload, GATEWAYS[kind])
+            run.datagram(payload, GATEWAYS[kind], tcp)
         elif kind == 3:
-            run.datagram(payload, UPSTREAM)
+            run.datagram(payload, UPSTREAM, tcp)
         elif kind == 4:
             if run.last_to_upstream is not None:
-                run.datagram(answer(run.last_to_upstream, payload), UPSTREAM)
+                run.datagram(answer(run.last_to_upstream, payload), UPSTREAM, tcp)
         elif kind == 5:
             if run.last_to_gateway is not None:
                 req, peer = run.last_to_gateway
-                run.datagram(answer(req, payload), peer)
+                run.datagram(answer(req, payload), peer, tcp)
         elif kind == 6:
             run.now += 40.0
             run.housekeeping(run.now)
-            run.datagram(payload, GATEWAYS[0])
+            run.datagram(payload, GATEWAYS[0], tcp)
         else:
-            run.datagram(payload, UPSTREAM)
+            run.datagram(payload, UPSTREAM, tcp)
             run.housekeeping(run.now)
     run.finish()
