@@ -75,8 +75,11 @@ JUNK_BURST = 500.0
 # sip-signaling's connection carries the other half of every dialog (the responses of every
 # call): its turn is as long as all the other waiting bursts' turns together (_Conn._turn), so
 # that gateways' connections kept busy with what is never shed (OPTIONS, in-dialog requests)
-# cannot starve it of the loop (its backlog standing would shed everyone's new calls)
+# cannot starve it of the loop (its backlog standing would shed everyone's new calls), up to
+# UPSTREAM_TURN_MAX (~2.5 ms of the loop: with many busy connections its share shrinks again, but
+# no read of its own holds the others up for 10 ms)
 TURN_MAX = 32
+UPSTREAM_TURN_MAX = 8 * TURN_MAX
 # a connection is behind while the bytes the kernel holds for it unread stay above BACKLOG_MARK,
 # as each read (what it brought) and the end of each burst's turns (what is left) see them: past
 # ``overload_after`` seconds of that (the standing queue UDP's guard looks for) new dialogs get
@@ -577,11 +580,12 @@ class _Conn(asyncio.Protocol):
 
     def _turn(self) -> int:
         """How many of its messages it handles this turn: TURN_MAX, or, for sip-signaling's
-        connection, as many as every other connection with a burst waiting may together."""
+        connection, as many as every other connection with a burst waiting may together (at most
+        UPSTREAM_TURN_MAX)."""
         edge = self.edge
         others = edge.bursts - (self.waiting is not None)
         if others > 1 and (self.peer == edge.upstream or self is edge.by_addr.get(edge.upstream)):
-            return TURN_MAX * others
+            return TURN_MAX * others if others < 8 else UPSTREAM_TURN_MAX
         return TURN_MAX
 
     def _look_at_queue(self, now: float) -> None:

@@ -125,7 +125,7 @@ def _run(a, result: dict) -> None:
             label = f"sustained @ {a.sustained}/s for {a.sustained_seconds:g} s"
             _report(result, "sustained", "cpu_us_per_msg_median", runs, "cpu_us_per_msg", ".2f",
                     f"{label}, µs a message")
-            for part in ("main_user", "main_sys", "children_user", "children_sys"):
+            for part in ("main_user", "main_sys", "children_user", "children_sys", "steal_pct"):
                 print(f"  {part}: {_line(runs, part, '.2f')}")
 
 

@@ -676,13 +676,14 @@ def test_signalings_connection_is_not_starved_by_many_busy_gateway_connections()
     were kept busy with what is never shed (OPTIONS, in-dialog requests): with 8 of them it was
     handled ~1 message in 9 although it carries the other half of every dialog, so its backlog
     stood and shed everyone's new calls, and the responses of admitted calls waited. Its turn is
-    now as long as the other waiting bursts' together: about half the loop, never all of it."""
+    now as long as the other waiting bursts' together, at most 256 messages: 0.42 of the messages
+    handled here (0.11 before), never all of the loop."""
     import asyncio
     import socket
     import threading
     import time
 
-    from sipwatch.tcp import TURN_MAX, TcpEdge
+    from sipwatch.tcp import UPSTREAM_TURN_MAX, TcpEdge
 
     gateways, each, from_signaling = 8, 1500, 12000
     lsock = socket.socket()
@@ -754,7 +755,7 @@ def test_signalings_connection_is_not_starved_by_many_busy_gateway_connections()
     for who in window:
         run_ = run_ + 1 if who == "s" else 0
         longest = max(longest, run_)
-    assert longest <= 2 * gateways * TURN_MAX, longest  # never all of it
+    assert longest <= 2 * UPSTREAM_TURN_MAX, longest  # never all of it (256 here, one turn)
 
 
 def _flood_through_edge(from_upstream: bool):

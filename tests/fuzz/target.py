@@ -161,6 +161,10 @@ class Run:
         assert alias == self.full.tcp_alias, "response or refusal fast path changed the alias learnt"
         if tcp:
             assert alias is None or alias[0] == src[0], f"alias {alias} learnt on a connection from {src}"
+        # where the output leaves (a TCP request's 503 over UDP would reach no one) and whether the
+        # message counts against the connection's junk budget: alike on both paths
+        assert (self.core.out_tcp, self.core.stream_junk) == (self.full.out_tcp, self.full.stream_junk), \
+            "response or refusal fast path changed out_tcp or stream_junk"
         self.core.out_tcp = self.full.out_tcp = False  # (as the edges do once they have read it)
         assert self.core.stats.internal_errors["datagram"] == 0, \
             f"the core raised and counted it: {self.core.last_internal_error}"
