@@ -8,6 +8,8 @@ What counts as a number:
 
 * the user part of every ``sip:``/``sips:``/``tel:`` URI, user parameters and password included,
   also when it holds spaces or visual separators (``sip:+49 30 1234567@``, ``tel:+1-212-555-0100``);
+  of a URI of another scheme in a name-addr's brackets or alone (``<h323:+4930...@gw>``,
+  ``<fax:+49-30-...>``, ``<im:...@host>``): its user, userinfo or bare number;
 * the value of every URI or header parameter (``;cpc=``, ``;isub=``, ``;phone-context=``,
   ``;rn=``, ...) except the ones that carry hosts or protocol tokens (``tag``, ``branch``,
   ``maddr``, ``received``, ``transport``, ...);
@@ -32,6 +34,11 @@ CALL_ID_MODES = ("none", "digits", "hash")
 
 # start of a URI: scheme, case-insensitive
 _SCHEME = re.compile(r"(?i)\b(sips?:|tel:)")
+# any other scheme (RFC 3986), where a name-addr's brackets open or a value starts: h323:, im:,
+# fax:, callto: ... carry numbers as well
+_OTHER_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:")
+# a bare number where an opaque URI's host would be: digits and visual separators only
+_BARE_NUMBER = re.compile(r"\+?[0-9\-. ()/]+")
 # a number in a display name: optional +, digits, visual separators between digits (on a text
 # whose digits, spaces and dashes of any script were made ASCII first: see _fold)
 _DISPLAY_NUMBER = re.compile(r"\+?\d(?:[\-. ()/_\[\]]*\d)*")
@@ -331,7 +338,39 @@ def _mask_bracketed(inner: str, mode: str) -> str:
     sm = _SCHEME.match(inner)
     if sm:
         return "<" + sm.group(1) + _mask_one_uri(sm.group(1), inner[sm.end():], mode)
+    om = _OTHER_SCHEME.match(inner)
+    if om:
+        return "<" + om.group(0) + _mask_other_uri(inner[om.end():], mode)
     return "<" + _mask_params(inner, mode)
+
+
+def _mask_other_uri(uri: str, mode: str) -> str:
+    """A URI of another scheme without its scheme (``h323:``, ``im:``, ``pres:``, ``mailto:``,
+    ``fax:``, ``callto:``, ``http:``...): the user of its ``user@host`` (or the userinfo of its
+    ``//authority``) masked as a SIP URI's user part is, a bare number (``fax:+49-30-1234567``)
+    too; hosts, paths and words (``urn:service:sos``) kept, parameter values masked."""
+    if uri.startswith("//"):
+        end = len(uri)
+        for ch in "/?#":
+            i = uri.find(ch, 2)
+            if 0 <= i < end:
+                end = i
+        at = uri.rfind("@", 2, end)
+        if at < 0:
+            return _mask_params(uri, mode)
+        return "//" + _mask_user(uri[2:at], mode) + _mask_params(uri[at:], mode)
+    cut = len(uri)
+    for ch in ";?":
+        i = uri.find(ch)
+        if 0 <= i < cut:
+            cut = i
+    head, rest = uri[:cut], _mask_params(uri[cut:], mode)
+    at = head.rfind("@")
+    if at >= 0:
+        return _mask_user(head[:at], mode) + head[at:] + rest
+    if _digit_count(head) >= 5 and _BARE_NUMBER.fullmatch(head.strip()):
+        return _mask_user(head, mode) + rest
+    return head + rest
 
 
 def _unquoted(text: str) -> str:
@@ -390,6 +429,9 @@ def _mask_text(text: str, mode: str) -> str:
         sm = _SCHEME.match(shape)
         if sm:  # one addr-spec from the first character on: the loop's one pass, inline
             return sm.group(1) + _mask_one_uri(sm.group(1), text[sm.end():], mode)
+        om = _OTHER_SCHEME.match(shape)
+        if om and _SCHEME.search(shape) is None:  # one URI of another scheme (a Request-URI)
+            return om.group(0) + _mask_other_uri(text[om.end():], mode)
     out = []
     pos = 0
     lt, m, m_done = -2, None, False

@@ -341,6 +341,30 @@ def test_a_quoted_display_name_holding_brackets_or_commas_does_not_hide_the_uri(
                 assert "30123456" not in got and "<sip:" + shown + "@gw>" in got, (value, got)
 
 
+@given(num=number(), scheme=st.sampled_from(["h323", "im", "pres", "mailto", "fax", "callto", "modem", "H323"]),
+       at_host=st.booleans(), bracketed=st.booleans(), mode=st.sampled_from(["partial", "full"]))
+@settings(max_examples=300, deadline=None)
+def test_a_number_in_a_uri_of_another_scheme_is_masked(num, scheme, at_host, bracketed, mode):
+    """Only sip:, sips: and tel: URIs were masked: ``<h323:+4930123456@gw>``, ``<fax:+49 30 1234>``,
+    ``<im:4930123456@host>`` reached logs and spans as they came. The host stays as it was."""
+    uri = f"{scheme}:{num[0]}" + ("@gw.example.com" if at_host else "")
+    value = f'"Bob" <{uri}>;tag=a1' if bracketed else uri
+    got = mask_uri(value.encode(), mode)
+    assert FIVE_DIGITS.search(got) is None, (value, got)
+    assert got.startswith(f'"Bob" <{scheme}:' if bracketed else f"{scheme}:"), got
+    if at_host:
+        assert "@gw.example.com" in got, got
+
+
+def test_uris_of_other_schemes_keep_what_is_not_a_number():
+    """Words, hosts, paths and UUIDs in URIs of other schemes are not numbers: kept."""
+    for value in (b"<urn:service:sos>", b"<urn:uuid:f81d4fae-7dec-11d0-a765-00a0c91e6bf6>",
+                  b"<http://10.0.0.1:8080/x>", b"<im:alice@example.com>;tag=1", b"urn:service:sos"):
+        assert mask_uri(value) == value.decode(), value
+    assert mask_uri(b"<http://4930123456:pw@10.0.0.1/x?id=12345678>") == \
+        "<http://******3456:pw@10.0.0.1/x?id=****5678>"
+
+
 def test_a_remembered_value_is_remembered_per_mode():
     value = b"<sip:+4930123456@gw>;cpc=4930123456;tag=a"
     assert mask_uri(value, "partial") == "<sip:+******3456@gw>;cpc=******3456;tag=a"
