@@ -8,8 +8,10 @@ What counts as a number:
 
 * the user part of every ``sip:``/``sips:``/``tel:`` URI, user parameters and password included,
   also when it holds spaces or visual separators (``sip:+49 30 1234567@``, ``tel:+1-212-555-0100``);
-  of a URI of another scheme in a name-addr's brackets or alone (``<h323:+4930...@gw>``,
-  ``<fax:+49-30-...>``, ``<im:...@host>``): its user, userinfo or bare number;
+  of a URI of another scheme in a name-addr's brackets (``<h323:+4930...@gw>``,
+  ``<fax:+49-30-...>``, ``<im:...@host>``): its user, userinfo or bare number, and in its other
+  parts but hosts, numbers of 5 or more digits (a URI of another scheme without brackets is text,
+  masked as a display name is);
 * the value of every URI or header parameter (``;cpc=``, ``;isub=``, ``;phone-context=``,
   ``;rn=``, ...) except the ones that carry hosts or protocol tokens (``tag``, ``branch``,
   ``maddr``, ``received``, ``transport``, ...);
@@ -39,6 +41,8 @@ _SCHEME = re.compile(r"(?i)\b(sips?:|tel:)")
 _OTHER_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:")
 # a bare number where an opaque URI's host would be: digits and visual separators only
 _BARE_NUMBER = re.compile(r"\+?[0-9\-. ()/]+")
+# what a host[:port] may look like (with _looks_like_host: a letter, or an IPv4 address)
+_HOSTPORT = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+)(?::[0-9]{1,5})?")
 # a number in a display name: optional +, digits, visual separators between digits (on a text
 # whose digits, spaces and dashes of any script were made ASCII first: see _fold)
 _DISPLAY_NUMBER = re.compile(r"\+?\d(?:[\-. ()/_\[\]]*\d)*")
@@ -348,29 +352,55 @@ def _mask_other_uri(uri: str, mode: str) -> str:
     """A URI of another scheme without its scheme (``h323:``, ``im:``, ``pres:``, ``mailto:``,
     ``fax:``, ``callto:``, ``http:``...): the user of its ``user@host`` (or the userinfo of its
     ``//authority``) masked as a SIP URI's user part is, a bare number (``fax:+49-30-1234567``)
-    too; hosts, paths and words (``urn:service:sos``) kept, parameter values masked."""
+    too, and in every other part (a host that is not one, a path, an opaque part) any number of
+    five digits or more, as in a display name; hosts and IP addresses kept, parameter values
+    masked as everywhere."""
     if uri.startswith("//"):
         end = len(uri)
-        for ch in "/?#":
+        for ch in "/?#;":
             i = uri.find(ch, 2)
             if 0 <= i < end:
                 end = i
         at = uri.rfind("@", 2, end)
-        if at < 0:
-            return _mask_params(uri, mode)
-        return "//" + _mask_user(uri[2:at], mode) + _mask_params(uri[at:], mode)
+        auth = ("//" + _mask_user(uri[2:at], mode) + "@" + _mask_unless_host(uri[at + 1:end], mode) if at >= 0
+                else "//" + _mask_unless_host(uri[2:end], mode))
+        return auth + _mask_rest(uri[end:], mode)
     cut = len(uri)
     for ch in ";?":
         i = uri.find(ch)
         if 0 <= i < cut:
             cut = i
-    head, rest = uri[:cut], _mask_params(uri[cut:], mode)
+    head, rest = uri[:cut], _mask_rest(uri[cut:], mode)
     at = head.rfind("@")
     if at >= 0:
-        return _mask_user(head[:at], mode) + head[at:] + rest
-    if _digit_count(head) >= 5 and _BARE_NUMBER.fullmatch(head.strip()):
+        return _mask_user(head[:at], mode) + "@" + _mask_unless_host(head[at + 1:], mode) + rest
+    bare = head.strip()
+    if _digit_count(bare) >= 5 and _BARE_NUMBER.fullmatch(bare) and not _looks_like_host(bare):
         return _mask_user(head, mode) + rest
-    return head + rest
+    return _mask_unless_host(head, mode) + rest
+
+
+def _mask_unless_host(s: str, mode: str) -> str:
+    """``s`` as it is when it is a host (an IP literal or a name with a letter, a port after it),
+    else with its numbers of five digits or more masked."""
+    return s if not s or (_HOSTPORT.fullmatch(s) and _looks_like_host(s)) else _mask_display(s, mode)
+
+
+def _mask_rest(s: str, mode: str) -> str:
+    """What follows a URI's head (a path, ``;params``, ``?headers``): parameter values masked
+    as everywhere, and the numbers of five digits or more in the parts without a value."""
+    if not s or len(s.translate(_NO_DIGITS)) == len(s):  # no digit, nothing to mask
+        return s
+    out = []
+    for part in _PARAM_SEPARATORS.split(s):
+        name, eq, value = part.partition("=")
+        if eq:
+            if value and name.strip().lower() not in _KEEP_PARAMS:
+                part = name + eq + _mask_value(value, mode)
+        else:
+            part = _mask_display(part, mode)
+        out.append(part)
+    return "".join(out)
 
 
 def _unquoted(text: str) -> str:
@@ -429,9 +459,6 @@ def _mask_text(text: str, mode: str) -> str:
         sm = _SCHEME.match(shape)
         if sm:  # one addr-spec from the first character on: the loop's one pass, inline
             return sm.group(1) + _mask_one_uri(sm.group(1), text[sm.end():], mode)
-        om = _OTHER_SCHEME.match(shape)
-        if om and _SCHEME.search(shape) is None:  # one URI of another scheme (a Request-URI)
-            return om.group(0) + _mask_other_uri(text[om.end():], mode)
     out = []
     pos = 0
     lt, m, m_done = -2, None, False

@@ -356,13 +356,31 @@ def test_a_number_in_a_uri_of_another_scheme_is_masked(num, scheme, at_host, bra
         assert "@gw.example.com" in got, got
 
 
+@pytest.mark.parametrize("value", [
+    # a review's finds: a number the first version of that change left readable, in brackets ...
+    "<callto://+4930123456>", "<h323://+49/30/4930123456@gw>", "<fax:+49%204930123456>",
+    "<fax:+4930123456#12>", "<http://gw/call/4930123456>", "<fax:+4930123456 ext 12>",
+    "<im:alice@4930123456>", "<h323:+4930123456@gw.example.com:1720;maddr=10.0.0.1>",
+    # ... and without them, where the general path had masked it (exception text too: the error
+    # reporter masks it)
+    "callto://+4930123456", "fax:+4930123456 ext 12", "KeyError: '4930123456'", "im:alice@4930123456",
+    "http://gw/call/4930123456", "im:4930123456:pw", "fax:+49_30_4930123456"])
+@pytest.mark.parametrize("mode", ["partial", "full"])
+def test_numbers_in_uris_of_other_schemes_in_any_part_are_masked(value, mode):
+    got = mask_uri(value.encode(), mode)
+    assert "30123456" not in got and "4930123" not in got, got
+
+
 def test_uris_of_other_schemes_keep_what_is_not_a_number():
-    """Words, hosts, paths and UUIDs in URIs of other schemes are not numbers: kept."""
-    for value in (b"<urn:service:sos>", b"<urn:uuid:f81d4fae-7dec-11d0-a765-00a0c91e6bf6>",
-                  b"<http://10.0.0.1:8080/x>", b"<im:alice@example.com>;tag=1", b"urn:service:sos"):
+    """Words, hosts, ports and IP addresses in URIs of other schemes are not numbers: kept."""
+    for value in (b"<urn:service:sos>", b"<http://10.0.0.1:8080/x>", b"<im:alice@example.com>;tag=1",
+                  b"urn:service:sos", b"<h323:10.0.0.123>", b"<im:192.168.100.20>", b"<h323:[::1]:1720>",
+                  b"<im:alice@gw-1.example.com:5222>"):
         assert mask_uri(value) == value.decode(), value
     assert mask_uri(b"<http://4930123456:pw@10.0.0.1/x?id=12345678>") == \
         "<http://******3456:pw@10.0.0.1/x?id=****5678>"
+    assert mask_uri(b"<h323:+4930123456@gw.example.com:1720;maddr=10.0.0.1>", "full") == \
+        "<h323:***@gw.example.com:1720;maddr=10.0.0.1>"
 
 
 def test_a_remembered_value_is_remembered_per_mode():
