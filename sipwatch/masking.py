@@ -150,8 +150,10 @@ def _mask_value(s: str, mode: str) -> str:
     return _mask_digits(s)
 
 
-def _mask_params(s: str, mode: str) -> str:
-    """``;name=value;...`` (and ``?h=v&...`` URI headers): each value masked on its own."""
+def _mask_params(s: str, mode: str, bare: bool = False) -> str:
+    """``;name=value;...`` (and ``?h=v&...`` URI headers): each value masked on its own; with
+    ``bare``, the numbers of five digits or more in the parts without a value too (what follows
+    the head of a URI of another scheme: a path, ``;params``, ``?headers``)."""
     if not s or len(s.translate(_NO_DIGITS)) == len(s):  # no digit, nothing to mask
         return s
     out = []
@@ -159,8 +161,20 @@ def _mask_params(s: str, mode: str) -> str:
         name, eq, value = part.partition("=")
         if eq and value and name.strip().lower() not in _KEEP_PARAMS:
             part = name + eq + _mask_value(value, mode)
+        elif bare and not eq:
+            part = _mask_display(part, mode)
         out.append(part)
     return "".join(out)
+
+
+def _cut_at(s: str, chars: str, start: int = 0) -> int:
+    """Where the first of ``chars`` is in ``s`` from ``start`` on, else its length."""
+    cut = len(s)
+    for ch in chars:
+        i = s.find(ch, start)
+        if 0 <= i < cut:
+            cut = i
+    return cut
 
 
 def _mask_user(user: str, mode: str) -> str:
@@ -174,11 +188,7 @@ def _mask_user(user: str, mode: str) -> str:
 
 def _mask_hostport_params(rest: str, mode: str) -> str:
     """``host[:port][;params][?headers]``: host and port kept, parameter values masked."""
-    cut = len(rest)
-    for ch in ";?":
-        i = rest.find(ch)
-        if 0 <= i < cut:
-            cut = i
+    cut = _cut_at(rest, ";?")
     return rest[:cut] + _mask_params(rest[cut:], mode)
 
 
@@ -190,11 +200,7 @@ def _mask_one_uri(scheme: str, uri: str, mode: str) -> str:
     if at >= 0:
         return _mask_user(uri[:at], mode) + "@" + _mask_hostport_params(uri[at + 1:], mode)
     # no user part: a host, or a bare number some peers put where the host goes
-    head = uri
-    for ch in ";?":
-        i = head.find(ch)
-        if i >= 0:
-            head = head[:i]
+    head = uri[:_cut_at(uri, ";?")]
     host = head.strip()
     if host.startswith("+") or (_digit_count(host) >= 5 and not _looks_like_host(host)):
         return _mask_user(head, mode) + _mask_params(uri[len(head):], mode)
@@ -356,21 +362,13 @@ def _mask_other_uri(uri: str, mode: str) -> str:
     five digits or more, as in a display name; hosts and IP addresses kept, parameter values
     masked as everywhere."""
     if uri.startswith("//"):
-        end = len(uri)
-        for ch in "/?#;":
-            i = uri.find(ch, 2)
-            if 0 <= i < end:
-                end = i
+        end = _cut_at(uri, "/?#;", 2)
         at = uri.rfind("@", 2, end)
         auth = ("//" + _mask_user(uri[2:at], mode) + "@" + _mask_unless_host(uri[at + 1:end], mode) if at >= 0
                 else "//" + _mask_unless_host(uri[2:end], mode))
-        return auth + _mask_rest(uri[end:], mode)
-    cut = len(uri)
-    for ch in ";?":
-        i = uri.find(ch)
-        if 0 <= i < cut:
-            cut = i
-    head, rest = uri[:cut], _mask_rest(uri[cut:], mode)
+        return auth + _mask_params(uri[end:], mode, True)
+    cut = _cut_at(uri, ";?")
+    head, rest = uri[:cut], _mask_params(uri[cut:], mode, True)
     at = head.rfind("@")
     if at >= 0:
         return _mask_user(head[:at], mode) + "@" + _mask_unless_host(head[at + 1:], mode) + rest
@@ -384,23 +382,6 @@ def _mask_unless_host(s: str, mode: str) -> str:
     """``s`` as it is when it is a host (an IP literal or a name with a letter, a port after it),
     else with its numbers of five digits or more masked."""
     return s if not s or (_HOSTPORT.fullmatch(s) and _looks_like_host(s)) else _mask_display(s, mode)
-
-
-def _mask_rest(s: str, mode: str) -> str:
-    """What follows a URI's head (a path, ``;params``, ``?headers``): parameter values masked
-    as everywhere, and the numbers of five digits or more in the parts without a value."""
-    if not s or len(s.translate(_NO_DIGITS)) == len(s):  # no digit, nothing to mask
-        return s
-    out = []
-    for part in _PARAM_SEPARATORS.split(s):
-        name, eq, value = part.partition("=")
-        if eq:
-            if value and name.strip().lower() not in _KEEP_PARAMS:
-                part = name + eq + _mask_value(value, mode)
-        else:
-            part = _mask_display(part, mode)
-        out.append(part)
-    return "".join(out)
 
 
 def _unquoted(text: str) -> str:

@@ -256,7 +256,7 @@ class TcpEdge:
         conn.shedding = on
         if on:
             self.tcp_stats.overload_episodes += 1
-            if conn.peer == self.upstream or conn is self.by_addr.get(self.upstream):
+            if conn.is_upstream():
                 conn.sheds_all = True
                 self.shedding_all += 1
         elif conn.sheds_all:
@@ -584,9 +584,14 @@ class _Conn(asyncio.Protocol):
         UPSTREAM_TURN_MAX)."""
         edge = self.edge
         others = edge.bursts - (self.waiting is not None)
-        if others > 1 and (self.peer == edge.upstream or self is edge.by_addr.get(edge.upstream)):
-            return TURN_MAX * others if others < 8 else UPSTREAM_TURN_MAX
+        if others > 1 and self.is_upstream():
+            return min(TURN_MAX * others, UPSTREAM_TURN_MAX)
         return TURN_MAX
+
+    def is_upstream(self) -> bool:
+        """sip-signaling's connection: from its address, or the one the table holds toward it."""
+        edge = self.edge
+        return self.peer == edge.upstream or self is edge.by_addr.get(edge.upstream)
 
     def _look_at_queue(self, now: float) -> None:
         """What the kernel holds unread, once what was read is handled: behind from ``now``
@@ -611,8 +616,7 @@ class _Conn(asyncio.Protocol):
         left = (JUNK_BURST if left > JUNK_BURST else left) - n
         self.junk_left = left
         if left < 0:
-            edge = self.edge
-            if self.peer != edge.upstream and self is not edge.by_addr.get(edge.upstream):
+            if not self.is_upstream():
                 self.shut("junk")
 
     def eof_received(self) -> bool:
