@@ -1349,7 +1349,7 @@ def section_sustained(workdir: Path, keys: list[str], rate: int, seconds: float,
     only when every run held; the sidecar's carries each round's ratio to Kamailio's and its steal."""
     targets = [k for k in ("kamailio", "all") if k in keys]
     runs: dict[str, list[dict]] = {k: [] for k in targets}
-    ratios, steals = [], []
+    cpus, steals = [], []  # each round's {target: µs a message} and {target: steal %}, as the floor runs'
     for i in range(rounds):
         got = {}
         for key in (targets if i % 2 == 0 else targets[::-1]):
@@ -1357,11 +1357,11 @@ def section_sustained(workdir: Path, keys: list[str], rate: int, seconds: float,
             if r is not None:
                 r["held"] = r["passed"] and not r["refused_503"]
                 runs[key].append(r)
-                got[key] = r
-        k, a = got.get("kamailio"), got.get("all")
-        if k and a and k.get("cpu_us_per_msg") and a.get("cpu_us_per_msg"):
-            ratios.append(round(a["cpu_us_per_msg"] / k["cpu_us_per_msg"], 3))
-            steals.append(max(a.get("steal_pct") or 0.0, k.get("steal_pct") or 0.0))
+                if r.get("cpu_us_per_msg"):
+                    got[key] = r
+        cpus.append({k: r["cpu_us_per_msg"] for k, r in got.items()})
+        steals.append({k: r.get("steal_pct") or 0.0 for k, r in got.items()})
+    ratios, ratio_steals, _ = _round_ratio(cpus, steals, "kamailio")
     out = {}
     for key, rs in runs.items():
         if not rs:
@@ -1375,7 +1375,7 @@ def section_sustained(workdir: Path, keys: list[str], rate: int, seconds: float,
         out[key] = r
     if "all" in out and ratios:
         out["all"]["ratio_rounds"] = ratios
-        out["all"]["ratio_steal_pct"] = steals
+        out["all"]["ratio_steal_pct"] = ratio_steals
     table(f"sustained: {rate} calls/s for {seconds:g} s",
           ["target", "completed", "failed", "503 recv", "CPU µs/msg", "user/sys: main", "user/sys: children",
            "RSS peak MB", "deep GCs", "stopped s", "spans dropped", "held", "steal %"],
@@ -1583,27 +1583,22 @@ def floors(result: dict) -> list[dict]:
     sus = result.get("sustained") or {}
     su, sk = sus.get("all"), sus.get("kamailio")
     if su and sk and su.get("cpu_us_per_msg") and sk.get("cpu_us_per_msg"):
-        # (the 10-s steps end before the tables reach their caps; this is the steady state's ratio:
-        # the median of the rounds' paired ratios, the rounds the host disturbed left out)
-        # (of several rounds, two at least undisturbed: one clean round alone is the noise the
-        # rounds are there to take out)
-        ratios = su.get("ratio_rounds") or [su["cpu_us_per_msg"] / sk["cpu_us_per_msg"]]
-        steals = su.get("ratio_steal_pct") or [max(su.get("steal_pct") or 0.0, sk.get("steal_pct") or 0.0)]
-        clean = [x for x, st in zip(ratios, steals) if st <= STEAL_MAX]
-        judged = len(clean) >= min(2, len(ratios))
-        v = statistics.median(clean or ratios)
-        shown = (f"{v:.2f}x ({su['cpu_us_per_msg']:.1f} vs {sk['cpu_us_per_msg']:.1f} µs over {su['duration_s']:g} s"
-                 + (f"; rounds {' '.join(f'{x:.2f}' + ('' if st <= STEAL_MAX else '*') for x, st in zip(ratios, steals))}"
-                    f", median{' of the unmarked' if len(clean) < len(ratios) else ''}" if len(ratios) > 1 else "")
-                 + ")")
-        if len(ratios) == 1:
-            if not judged:
-                shown += f"; not judged: host steal {steals[0]:.1f}% during a run"
+        # (the 10-s steps end before the tables reach their caps; this is the steady state's ratio;
+        # of several rounds, judged as the floor runs' are: _rounds_verdict)
+        ratios = su.get("ratio_rounds") or []
+        if len(ratios) > 1:
+            steals = su["ratio_steal_pct"]
+            v, judged, shown = _rounds_verdict(
+                {"ratios": ratios, "ratio": statistics.median(ratios), "steal": steals,
+                 "clean_ratios": [x for x, st in zip(ratios, steals) if st <= STEAL_MAX]}, "")
+            shown += f"; the median pair {su['cpu_us_per_msg']:.1f} vs {sk['cpu_us_per_msg']:.1f} µs over {su['duration_s']:g} s"
         else:
-            if len(clean) < len(ratios):
-                shown += f"; * host steal above {STEAL_MAX:g}% (up to {max(steals):.1f}%), left out"
+            v = su["cpu_us_per_msg"] / sk["cpu_us_per_msg"]
+            shown = f"{v:.2f}x ({su['cpu_us_per_msg']:.1f} vs {sk['cpu_us_per_msg']:.1f} µs over {su['duration_s']:g} s)"
+            steal = max(su.get("steal_pct") or 0.0, sk.get("steal_pct") or 0.0)
+            judged = steal <= STEAL_MAX
             if not judged:
-                shown += "; not judged: fewer than 2 undisturbed rounds"
+                shown += f"; not judged: host steal {steal:.1f}% during a run"
         add(f"CPU/msg sustained at {su['rate']}/s <= 2x Kamailio's", v, v <= 2.0 if judged else None,
             shown)
     add("highest passing step holds when sustained (4000/s, 75 s)" if su is None else
