@@ -86,9 +86,11 @@ def _source(path: str, engine: str, counters: dict, max_sip_message: int = MAX_S
 
 def analyse(path: str, engine: str = "fast", mask: str = "partial", progress=None,
             spans=None, max_sip_message: int = MAX_SIP_MESSAGE, correlation: str = DEFAULT_CORRELATION,
-            transactions: bool = True) -> dict:
+            transactions: bool = True, call_id_mask=None) -> dict:
     """Analyse one capture; returns the JSON-ready report (see ``--json``). ``spans``: a
     :class:`sipwatch.tracing.SpanPipeline` that gets every finished record at the end.
+    ``call_id_mask``: a :class:`~sipwatch.masking.CallIdMasker` for the report's Call-IDs (the
+    command line's ``--mask-call-id``); None shows them as captured.
     ``transactions=False``: the report's ``transactions`` list is left empty (its totals are
     still counted), for the text view, which does not show it."""
     # What the analysis builds (calls, transactions) is kept to the end and reading makes no
@@ -99,14 +101,15 @@ def analyse(path: str, engine: str = "fast", mask: str = "partial", progress=Non
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return _analyse(path, engine, mask, progress, spans, max_sip_message, correlation, transactions)
+        return _analyse(path, engine, mask, progress, spans, max_sip_message, correlation, transactions,
+                        call_id_mask)
     finally:
         if enabled:
             gc.enable()
 
 
 def _analyse(path, engine, mask, progress, spans, max_sip_message, correlation=DEFAULT_CORRELATION,
-             transactions=True) -> dict:
+             transactions=True, call_id_mask=None) -> dict:
     rtp = RtpAnalyzer()
     sdp = SdpBacklog(rtp.add_sdp)
     # no metrics are scraped here: the RTTs come from the transactions, so no RTT ring (nor numpy)
@@ -158,14 +161,11 @@ def _analyse(path, engine, mask, progress, spans, max_sip_message, correlation=D
     obs.finish()
     drain()
     rep = _report(path, engine, mask, obs, rtp, counters, calls, txs, n,
-                  time.monotonic() - t_start, transactions)
+                  time.monotonic() - t_start, transactions, call_id_mask)
     if spans is not None:
         from sipwatch.otlp_encode import rtp_figures
-        by_call: dict = {}
-        for s in rep["rtp_streams"]:
-            by_call.setdefault(s["call_id"], []).append(s)
         for call in calls:
-            got = by_call.get(call.call_id.decode("utf-8", "replace"))
+            got = call.rtp  # the call's streams, which _report left there
             if got or call.t_answer is not None:
                 call.rtp = rtp_figures((s["pkts"], s["lost"], s["max_jitter_ms"], s["mos"])
                                        for s in got or ())
@@ -187,7 +187,7 @@ def _hp(addr) -> str:
 
 
 def _report(path, engine, mask, obs: Observer, rtp: RtpAnalyzer, counters, calls, txs, n,
-            elapsed, transactions=True) -> dict:
+            elapsed, transactions=True, call_id_mask=None) -> dict:
     stats = obs.stats
     listing, rtts, states = [], [], []
     # a capture has few addresses, methods and URIs and many transactions: each text is made once
@@ -220,7 +220,8 @@ def _report(path, engine, mask, obs: Observer, rtp: RtpAnalyzer, counters, calls
         cid = tx.call.call_id
         cid_text = decoded.get(cid)
         if cid_text is None:
-            cid_text = decoded[cid] = cid.decode("utf-8", "replace")
+            cid_text = decoded[cid] = cid.decode("utf-8", "replace") if call_id_mask is None \
+                else call_id_mask(cid)
         method = tx.method
         m_text = decoded.get(method)
         if m_text is None:
@@ -236,7 +237,7 @@ def _report(path, engine, mask, obs: Observer, rtp: RtpAnalyzer, counters, calls
     by_call: dict = {}
     for s in streams:
         by_call.setdefault(s["call_id"], []).append(s)
-    call_out = []
+    call_out, tied = [], set()
     masked: dict = {}  # URI → masked text (To and Request-URI repeat from call to call)
 
     def masked_uri(value) -> str:
@@ -247,7 +248,7 @@ def _report(path, engine, mask, obs: Observer, rtp: RtpAnalyzer, counters, calls
 
     for call in sorted(calls, key=attrgetter("t_start")):
         # the URIs unmasked, then masked through the memo above (the same text mask_uri gives)
-        rec = call_summary_fields(call, "none")
+        rec = call_summary_fields(call, "none", call_id_mask=call_id_mask)
         rec["from"], rec["to"], rec["request_uri"] = \
             masked_uri(call.from_uri), masked_uri(call.to_uri), masked_uri(call.ruri)
         for tx, row in zip(call.transactions, rec["transactions"]):
@@ -256,8 +257,19 @@ def _report(path, engine, mask, obs: Observer, rtp: RtpAnalyzer, counters, calls
         if call.outcome < 0 and call.ended_by == "eof":
             rec["outcome"] = "unanswered_at_eof"  # still waiting (ringing) when the capture ended
         rec.setdefault("ended_by", call.ended_by)
-        rec["rtp_streams"] = by_call.get(rec["call_sid"], [])
+        # the streams were tied to the Call-ID as captured; shown as the call's own is
+        key = call.call_id.decode("utf-8", "replace")
+        got = rec["rtp_streams"] = by_call.get(key, [])
+        tied.add(key)
+        for s in got:
+            s["call_id"] = rec["call_sid"]
+        call.rtp = got  # (for the spans, which mask on their own)
         call_out.append(rec)
+    if call_id_mask is not None:  # streams whose SDP was seen in a call that did not end here
+        for key, got in by_call.items():
+            if key is not None and key not in tied:
+                for s in got:
+                    s["call_id"] = call_id_mask(s["call_id"].encode("utf-8"))
     # the totals by outcome are counted from this list, so list, text view and totals agree
     by_outcome = dict.fromkeys(OUTCOMES + ("unanswered_at_eof",), 0)
     for rec in call_out:
@@ -462,17 +474,17 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(line + "\n")
 
     from .pcapfile import PcapError
+    from sipwatch.config import ConfigError, call_id_masker
+    try:  # the report shows Call-IDs as the spans (and the sidecar's logs) do
+        call_id_mask = call_id_masker(args)
+    except ConfigError as exc:
+        sys.stderr.write(f"sipwatch analyze: error: {exc}\n")
+        return 2
     stats = Stats(ring_size=0)  # the span pipeline's counters
     spans = None
     if exports_spans(args, os.environ):  # the exporters (OpenTelemetry SDK) only when needed
-        from sipwatch.config import ConfigError, call_id_masker
         from sipwatch.tracing import SpanPipeline
 
-        try:
-            call_id_mask = call_id_masker(args)
-        except ConfigError as exc:
-            sys.stderr.write(f"sipwatch analyze: error: {exc}\n")
-            return 2
         # every record is held until the end anyway: no queue limit, and time to export them all
         spans = SpanPipeline.for_capture("analyze", stats, args.otlp_endpoint, args.otlp_protocol,
                                          args.spans_file, args.mask_numbers, queue_max=1 << 62,
@@ -481,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     gc.freeze()
     try:
         rep = analyse(args.file, args.engine, args.mask_numbers, progress, spans,
-                      args.max_sip_message, args.correlation_headers, transactions=args.json)
+                      args.max_sip_message, args.correlation_headers, transactions=args.json,
+                      call_id_mask=None if call_id_mask.mode == "none" else call_id_mask)
     except (PcapError, OSError) as exc:
         sys.stderr.write(f"sipwatch analyze: {args.file}: {exc}\n")
         return 2

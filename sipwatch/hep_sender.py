@@ -25,8 +25,6 @@ import time
 from collections import deque
 from itertools import islice
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
 from .hep import PROTO_TCP, PROTO_UDP, TYPE_LOG, TYPE_SIP, Hep3Encoder, HepError, _hepenc, ip_bytes
 
 Addr = tuple[str, int]
@@ -318,6 +316,9 @@ class HepSender:
 
     # -- metrics ----------------------------------------------------------------------------
     def collect(self):
+        # imported here: the command-line tools read this module's flags without any metrics
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         yield CounterMetricFamily("sipwatch_hep_sent", "HEP packets handed to the kernel for the "
                                   "collector (--hep-endpoint).", value=self.sent)
         f = CounterMetricFamily("sipwatch_hep_dropped", "Messages not sent as HEP: queue full, "

@@ -32,7 +32,8 @@ def captures() -> list[Path]:
 def write(out: Path, files: list[Path]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     path = [p for p in (os.environ.get("SIPWATCH_TREE"), str(ROOT)) if p]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+    # a fixed key: masked Call-IDs carry its hash, and outputs compare across runs
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path), SIPWATCH_SECRET="analyze-outputs")
     for f in files:
         name = _name(f)
         for mode, extra in (("json", ["--json"]), ("text", [])):

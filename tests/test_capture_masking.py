@@ -101,3 +101,50 @@ def test_capture_logs_mask_call_ids_as_the_sidecar_does(tmp_path):
         stop_process(proc, signal.SIGTERM)
     assert [s["call_sid"] for s in summaries] == [masked("digits")]
     assert NUMBER not in json.dumps(summaries)
+
+
+def call_with_rtp() -> list[tuple[float, bytes, tuple, tuple]]:
+    """``one_call`` with an offer and answer, and 50 RTP packets each way while it is up."""
+    a, b = ("10.0.0.1", 5060), ("10.0.0.2", 5060)
+    inv = pb.sip_invite(CALL_ID, "z9hG4bK-1", body=pb.sdp("10.0.0.1", 40000))
+    ok = pb.sip_response(inv, 200, "OK", body=pb.sdp("10.0.0.2", 50000))
+    rest = one_call()[2:]
+    media = []
+    for i in range(50):
+        t = 0.3 + i * 0.02
+        media.append((t, pb.rtp(i, i * 160, 0x1111), ("10.0.0.1", 40000), ("10.0.0.2", 50000)))
+        media.append((t + 0.001, pb.rtp(i, i * 160, 0x2222), ("10.0.0.2", 50000), ("10.0.0.1", 40000)))
+    return [(0.0, inv, a, b), (0.1, ok, b, a), rest[0], *media, *rest[1:]]
+
+
+def analyze_report(tmp_path, *flags: str) -> tuple[dict, str]:
+    """``sipwatch analyze --json`` and its text view of :func:`call_with_rtp`."""
+    frames = [(1_700_000_000.0 + t, pb.eth(pb.ipv4(s[0], d[0], 17, pb.udp(s[1], d[1], m))))
+              for t, m, s, d in call_with_rtp()]
+    path = tmp_path / "call-rtp.pcap"
+    path.write_bytes(pb.pcap(1, frames))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env["SIPWATCH_SECRET"] = KEY
+    out = []
+    for extra in (["--json"], []):
+        p = subprocess.run([sys.executable, "-m", "sipwatch", "analyze", str(path), *extra, *flags],
+                           capture_output=True, text=True, cwd=ROOT, env=env)
+        assert p.returncode == 0, p.stderr
+        out.append(p.stdout)
+    return json.loads(out[0]), out[1]
+
+
+def test_analyze_report_shows_call_ids_as_the_sidecar_does(tmp_path):
+    """The report itself (every call, transaction and RTP stream, JSON and text), not only the
+    spans: it is what gets pasted into a ticket. It showed the capture's Call-IDs as they were."""
+    for flags, want in (((), masked("digits")), (("--mask-call-id", "hash"), masked("hash")),
+                        (("--mask-call-id", "none"), CALL_ID), (("--mask-numbers", "none"), CALL_ID)):
+        rep, text = analyze_report(tmp_path, *flags)
+        assert [c["call_sid"] for c in rep["calls"]] == [want], flags
+        assert {t["call_id"] for t in rep["transactions"]} == {want}, flags
+        streams = rep["calls"][0]["rtp_streams"]
+        assert len(streams) == 2 and {s["call_id"] for s in streams} == {want}, (flags, streams)
+        assert {s["call_id"] for s in rep["rtp_streams"]} == {want}, flags
+        assert f"Call {want}" in text, (flags, text[:400])
+        if want != CALL_ID:
+            assert NUMBER not in json.dumps(rep) and NUMBER not in text, flags
