@@ -386,7 +386,7 @@ def sender_for_proxy(settings) -> HepSender | None:
 
 def summary_record(call, mask_mode: str = "partial", call_id_mask=None) -> bytes:
     """A finished call's summary as the JSON of its ``call_summary`` log line (the HEP LOG)."""
-    from .logs import call_summary_fields, dumps
+    from .logs import call_summary_fields, dumps, json_line_safe
     fields = call_summary_fields(call, mask_mode, None, call_id_mask)
     fields["event"] = "call_summary"
-    return dumps(fields)[0]
+    return json_line_safe(dumps(fields)[0])  # Homer shows it as the log line is shown

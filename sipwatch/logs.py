@@ -33,7 +33,7 @@ import orjson
 from .masking import mask_uri
 from .otlp_encode import _otlpenc
 from .stats import METHODS, OUTCOMES
-from .summary import (S_CALL_ID, S_END, S_TRACE_ID, add_summary_fields, call_sid_of,  # noqa: F401 (re-exported)
+from .summary import (UNSAFE_PAST_C0, S_CALL_ID, S_END, S_TRACE_ID, add_summary_fields, call_sid_of,  # noqa: F401 (re-exported)
                       call_summary_fields, leg_fields, summary_fields_of, summary_tuple)
 
 LEVELS = ("debug", "info", "warning", "error")
@@ -78,6 +78,17 @@ def _sanitize(obj, depth: int = 0):
 
 
 _orjson_dumps = orjson.dumps
+# in a line's strings as JSON escapes: what a terminal or log viewer would act on or reorder
+# (an 8-bit CSI, bidi overrides) and a JSON encoder leaves as it is (see summary.UNSAFE_PAST_C0)
+_JSON_UNSAFE: Final = {c: "\\u%04x" % c for c in UNSAFE_PAST_C0}
+
+
+def json_line_safe(line: bytes) -> bytes:
+    """``line`` (UTF-8 JSON) with the characters above escaped; an ASCII line (nearly every
+    one) is returned as it is, after one scan in C."""
+    if line.isascii() and b"\x7f" not in line:
+        return line
+    return line.decode("utf-8", "surrogateescape").translate(_JSON_UNSAFE).encode("utf-8", "surrogateescape")
 
 
 # the C writer of summary lines, or None: the C span assembly not built, or SIPWATCH_NO_C=1 (then
@@ -441,7 +452,7 @@ class JsonLog:
         """A line held while ``deferred`` (written at 1000), else written at once after the
         lines still held (their order is kept)."""
         pending = self._pending
-        pending.append(line)
+        pending.append(json_line_safe(line))
         if self.deferred:
             if len(pending) >= 1000:
                 self.flush()

@@ -194,9 +194,11 @@ def _leg_fields(ids: list, leg, joined_by, gap_start, t_start, call_id_mask) -> 
 # title and clipboard escapes; CR and BS overwrite what was printed), DEL, the C1 controls (U+009B
 # is an 8-bit CSI), line and paragraph separators and the bidi overrides/isolates (the order text
 # is shown in). A capture's Call-ID, display name or SDP codec name may hold any of them.
-_TERMINAL_UNSAFE: Final = {c: "\\x%02x" % c for c in (*range(0x20), 0x7F, *range(0x80, 0xA0)) if c != 0x0A}
-_TERMINAL_UNSAFE.update({c: "\\u%04x" % c for c in (0x061C, 0x200E, 0x200F, 0x2028, 0x2029,
-                                                      *range(0x202A, 0x202F), *range(0x2066, 0x206A))})
+# Those past C0 are also what a JSON log line must escape itself (a JSON encoder escapes C0 only).
+UNSAFE_PAST_C0: Final = (0x7F, *range(0x80, 0xA0), 0x061C, 0x200E, 0x200F, 0x2028, 0x2029,
+                         *range(0x202A, 0x202F), *range(0x2066, 0x206A))
+_TERMINAL_UNSAFE: Final = {c: ("\\x%02x" if c < 0xA0 else "\\u%04x") % c
+                           for c in (*range(0x20), *UNSAFE_PAST_C0) if c != 0x0A}
 
 
 def terminal_safe(text: str) -> str:

@@ -29,6 +29,7 @@ CORE_TESTS = ["tests/test_core.py", "tests/test_hardening.py", "tests/test_state
               "tests/test_housekeeping.py", "tests/test_handoff.py", "tests/test_timer_steps.py",
               "tests/test_masking.py::test_call_id_hash_is_hmac_blake2b_of_the_raw_call_id",
               "tests/test_masking.py::test_timestamps_of_log_lines",
+              "tests/test_masking.py::test_log_lines_carry_no_character_a_terminal_would_act_on",
               "tests/test_masking.py::test_a_huge_value_is_masked_over_its_first_shown_max_characters_only",
               "tests/test_masking.py::test_plain_from_and_to_shapes_masked_as_the_rules_say",
               "tests/test_masking.py::test_a_callers_head_is_remembered_and_every_new_tag_masks_as_the_whole_value_does",

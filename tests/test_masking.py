@@ -13,6 +13,7 @@ import orjson
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from sipwatch.hep_sender import summary_record
 from sipwatch.logs import ErrorReporter, JsonLog, call_summary_fields, dumps
 from sipwatch.masking import SHOWN_MAX, CallIdMasker, mask_uri
 
@@ -625,3 +626,36 @@ def test_a_call_id_past_the_shown_length_shows_its_hash_only():
         assert digits(plain) == CallIdMasker("hash", b"k")(plain) and len(digits(plain)) < 40
     edge = (b"abc-" * 300)[:SHOWN_MAX]
     assert digits(edge) == edge.decode()
+
+
+# What a terminal or log viewer acts on or reorders, written out here rather than taken from the
+# code: DEL, the C1 controls (U+009B is an 8-bit CSI), the Arabic letter mark, LRM/RLM, the line
+# and paragraph separators, the bidi embeddings/overrides and isolates.
+_VIEWER_UNSAFE = {chr(c) for c in (0x7F, *range(0x80, 0xA0), 0x061C, 0x200E, 0x200F, 0x2028, 0x2029,
+                                   0x202A, 0x202B, 0x202C, 0x202D, 0x202E, 0x2066, 0x2067, 0x2068, 0x2069)}
+_hostile_text = st.text(alphabet=st.sampled_from(sorted(_VIEWER_UNSAFE) + list("ab1@ é\"\\\x1b\n")), max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_hostile_text, _hostile_text, _hostile_text, st.booleans())
+def test_log_lines_carry_no_character_a_terminal_would_act_on(cid, name, msg, masked):
+    """A Call-ID, a display name or an exception's text from the wire may hold C1 controls or
+    bidi overrides; JSON encoders escape only C0, so they reached log lines as they were (an 8-bit
+    CSI to a terminal, text shown in another order by a log viewer). Both writers of a line: the
+    summary's C writer and the generic record."""
+    buf = io.BytesIO()
+    log = JsonLog("svc", stream=buf, call_id_mask=CallIdMasker("digits", b"k") if masked else None)
+    call = _Call(call_id=cid.encode())
+    call.from_uri = f'"{name}" <sip:alice@gw>'.encode()
+    log.call_summary(call)
+    log.info(msg, "e", detail={"k": name})
+    lines = buf.getvalue().splitlines()
+    assert len(lines) == 2
+    for line in lines:
+        assert not set(line.decode("utf-8")) & _VIEWER_UNSAFE, line
+    summary, rec = orjson.loads(lines[0]), orjson.loads(lines[1])
+    if not masked:
+        assert summary["call_sid"] == cid
+    assert rec["message"] == msg and rec["detail"] == {"k": name}
+    hep_log = summary_record(call)  # the same summary, sent to Homer as a HEP LOG
+    assert not set(hep_log.decode("utf-8")) & _VIEWER_UNSAFE and orjson.loads(hep_log)["call_sid"] == cid
