@@ -344,14 +344,18 @@ def _mask_remembered(value: bytes, mode: str, memo: dict[bytes, str]) -> str:
 
 
 def _mask_bracketed(inner: str, mode: str) -> str:
-    """``<`` and what a name-addr's brackets hold: a URI, or parameters of something else."""
+    """``<`` and what a name-addr's brackets hold: a URI (after any blanks a lax peer put there),
+    or something else, whose numbers of five digits or more are masked (``<+4930123456>``)."""
+    lead = len(inner) - len(inner.lstrip(" \t"))
+    if lead:
+        return "<" + inner[:lead] + _mask_bracketed(inner[lead:], mode)[1:]
     sm = _SCHEME.match(inner)
     if sm:
         return "<" + sm.group(1) + _mask_one_uri(sm.group(1), inner[sm.end():], mode)
     om = _OTHER_SCHEME.match(inner)
     if om:
         return "<" + om.group(0) + _mask_other_uri(inner[om.end():], mode)
-    return "<" + _mask_params(inner, mode)
+    return "<" + _mask_params(inner, mode, True)
 
 
 def _mask_other_uri(uri: str, mode: str) -> str:
@@ -435,7 +439,7 @@ def _mask_text(text: str, mode: str) -> str:
             gt = shape.find(">", lt + 1)
             if gt >= 0 and shape.find(",", gt + 1) < 0:  # ... and ends with it: its one pass, inline
                 return (_mask_display(text[:lt], mode) + _mask_bracketed(text[lt + 1:gt], mode) + ">"
-                        + _mask_params(text[gt + 1:], mode))
+                        + _mask_params(text[gt + 1:], mode, True))
     elif shape.find(",") < 0:
         sm = _SCHEME.match(shape)
         if sm:  # one addr-spec from the first character on: the loop's one pass, inline
@@ -462,7 +466,9 @@ def _mask_text(text: str, mode: str) -> str:
             pos = gt + 1
             comma = shape.find(",", pos)
             stop = n if comma < 0 else comma
-            out.append(_mask_params(text[pos:stop], mode))
+            # (bare: a second name-addr without a comma before it, which a lax peer may send, is
+            # read as parameters; its numbers are masked all the same)
+            out.append(_mask_params(text[pos:stop], mode, True))
             pos = stop
             if comma >= 0:
                 out.append(",")

@@ -372,6 +372,19 @@ def test_numbers_in_uris_of_other_schemes_in_any_part_are_masked(value, mode):
     assert "30123456" not in got and "4930123" not in got, got
 
 
+@pytest.mark.parametrize("value", [
+    # lax shapes some peers send: a bare number in brackets, blanks after '<', a second name-addr
+    # with no comma before it (read as the first one's parameters); each kept its number
+    "<4930123456>", '"Bob" <+4930123456>;tag=1', "< sip:+4930123456@gw>", "<\tsip:+4930123456@gw>;tag=1",
+    "< tel:+4930123456 >", "<sip:alice@gw><sip:+4930123456@gw>", "<sip:a@b><sip:+4930123456@gw>;tag=9",
+    "<a:><fax:+4930123456>", '<sip:a@b> <sip:+4930123456@gw>, "C" <sip:c@d>'])
+@pytest.mark.parametrize("mode", ["partial", "full"])
+def test_numbers_in_lax_name_addrs_are_masked(value, mode):
+    got = mask_uri(value.encode(), mode)
+    assert "30123456" not in got and "4930123" not in got, got
+    assert mask_uri(value, mode) == got
+
+
 def test_uris_of_other_schemes_keep_what_is_not_a_number():
     """Words, hosts, ports and IP addresses in URIs of other schemes are not numbers: kept."""
     for value in (b"<urn:service:sos>", b"<http://10.0.0.1:8080/x>", b"<im:alice@example.com>;tag=1",
