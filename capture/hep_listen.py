@@ -26,7 +26,6 @@ a HEP sender out, and one that delivers keeps its place (closed to make room: co
 from __future__ import annotations
 
 import asyncio
-import hmac
 import socket
 import time
 
@@ -39,19 +38,26 @@ from sipwatch.metrics import ACCEPT_BURST, ACCEPT_PER_SECOND, Listener, TokenBuc
 MAX_TCP_CONNECTIONS = 256
 # A HEP packet's time is its sender's word, and the observer's timers run on it: one packet
 # stamped in 2106 timed out every call in progress. Outside this window around this host's
-# clock (a sender's skew, a captagent's batching) the packet is taken at this host's time.
-MAX_AHEAD = 5.0
-MAX_BEHIND = 60.0
+# clock (a sender's skew, a captagent's batching) the packet is taken at this host's time. The
+# window is narrow because the housekeeping tick expires transactions on this host's clock: a
+# packet L seconds behind loses L of its Timer B (at 60 s, answered calls 33 s behind were
+# counted as timeouts), and one packet L ahead moves every timer L forward.
+MAX_AHEAD = 0.5
+MAX_BEHIND = 2.0
 TCP_IDLE = 300.0  # seconds; senders keep a HEP connection open and idle between calls
-REJECT_REASONS = REASONS + ("auth", "unsupported_type", "tcp_framing", "tcp_connections")
+REJECT_REASONS = REASONS + ("unsupported_type", "tcp_framing", "tcp_connections")
 
 
 class HepReceiver:
     """Decodes HEP and hands SIP to ``feed(payload, src, dst, ts, transport)``. A collector too."""
 
-    def __init__(self, feed, auth_key: bytes = b"", on_packet=None, on_rtcp=None, clock=time.time):
+    def __init__(self, feed, auth_key: bytes = b"", on_packet=None, on_rtcp=None, clock=time.time,
+                 on_error=None):
         self.feed = feed
-        self.on_rtcp = on_rtcp  # callable(correlation_id, json payload) for HEP type 5
+        self.on_rtcp = on_rtcp  # callable(correlation_id, json payload) -> taken, for HEP type 5
+        # on_error(component, exc): a bug a packet reached (sipwatch_internal_errors_total), not
+        # a packet's fault
+        self.on_error = on_error
         self.auth_key = auth_key
         self.on_packet = on_packet  # optional callable(HepPacket) for every accepted packet
         self.clock = clock
@@ -74,21 +80,21 @@ class HepReceiver:
     def packet(self, data: bytes) -> bool:
         """One HEP packet from the network: True when it was taken (SIP or RTCP JSON, its auth
         key right). Never raises."""
-        r = parse_hep(data)
+        r = parse_hep(data, self.auth_key)  # (the key is checked before a payload is inflated)
         if type(r) is not HepPacket:
             self.rejected[r if r in self.rejected else "bad_chunk"] += 1
             return False
-        if self.auth_key and (r.auth_key is None or not hmac.compare_digest(r.auth_key, self.auth_key)):
-            self.rejected["auth"] += 1
-            return False
         if r.payload_type != TYPE_SIP:
             if r.payload_type == TYPE_RTCP_JSON and self.on_rtcp is not None:
-                self.rtcp_received += 1
                 try:
-                    self.on_rtcp(r.correlation_id, r.payload)
-                except Exception:  # noqa: BLE001  (a bug guard: the store counts bad JSON itself)
+                    taken = self.on_rtcp(r.correlation_id, r.payload)
+                except Exception as exc:  # noqa: BLE001  (a bug guard: the store counts bad JSON itself)
+                    self._bug(exc)
+                    return False
+                if not taken:  # no report block we can read
                     self.rejected["bad_payload"] += 1
                     return False
+                self.rtcp_received += 1
                 return True
             self.rejected["unsupported_type"] += 1
             return False
@@ -102,10 +108,17 @@ class HepReceiver:
             if self.on_packet is not None:
                 self.on_packet(r)
             self.feed(r.payload, r.src, r.dst, ts, r.transport)
-        except Exception:  # noqa: BLE001  (the observer counts what it cannot read; this is a bug guard)
-            self.rejected["bad_chunk"] += 1
+        except Exception as exc:  # noqa: BLE001  (the observer counts what it cannot read; this is a bug guard)
+            self._bug(exc)
             return False
         return True
+
+    def _bug(self, exc: Exception) -> None:
+        if self.on_error is not None:
+            try:
+                self.on_error("hep", exc)
+            except Exception:  # noqa: BLE001
+                pass
 
     # -- sockets -----------------------------------------------------------------------------
     async def listen(self, transport: str, addr: tuple[str, int], accepts: TokenBucket | None = None) -> None:

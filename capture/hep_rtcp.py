@@ -9,7 +9,7 @@ in RTP timestamp units. The JSON does not say the codec, so jitter is turned int
 at 8000 Hz (G.711, G.729: what telephony calls use) and the entry says so (``jitter_clock_hz``);
 no MOS is made up for it.
 
-Bounded: at most ``max_calls`` calls (the oldest is forgotten first), ``MAX_SSRC`` sources per
+Bounded: at most ``max_calls`` calls (the one reported least recently is forgotten first), ``MAX_SSRC`` sources per
 call, payloads over ``MAX_JSON`` bytes are refused, values clamped to the RTCP fields' widths;
 malformed JSON is counted, never raised.
 """
@@ -36,52 +36,63 @@ class RtcpReports:
         self.malformed = 0  # payloads that are not RTCP JSON we can read
 
     def add(self, call_id: bytes | None, payload: bytes) -> bool:
-        """One HEP type-5 payload; True if it carried at least one report block."""
+        """One HEP type-5 payload; True if it carried at least one report block.
+
+        The payload is read whole before anything is kept: one that carries no block we can read
+        neither makes an entry nor pushes out another call's. A call that gets reports is the
+        most recent one (the least recently reported is forgotten first)."""
         if not call_id or len(payload) > MAX_JSON:
             self.malformed += 1
             return False
         try:
             doc = orjson.loads(payload)
+            if not isinstance(doc, dict):
+                raise ValueError("not an object")
             blocks = doc.get("report_blocks") or []
             if not isinstance(blocks, list):
                 raise ValueError("report_blocks")
             sender = doc.get("sender_information") or {}
             sender_ssrc = doc.get("ssrc")
-            taken = 0
-            calls = self.by_call
-            per_call = calls.get(call_id)
-            if per_call is None:
-                if len(calls) >= self.max_calls:
-                    calls.popitem(last=False)
-                per_call = calls[call_id] = {}
-            if isinstance(sender, dict) and isinstance(sender_ssrc, int) and \
-                    isinstance(sender.get("packets"), int) and sender_ssrc in per_call:
-                per_call[sender_ssrc]["packets"] = max(per_call[sender_ssrc]["packets"],
-                                                       min(max(sender["packets"], 0), U32))
+            sender_packets = sender.get("packets") if isinstance(sender, dict) else None
+            found = []
             for b in blocks[:MAX_SSRC]:
+                if not isinstance(b, dict):
+                    continue
                 ssrc, lost = b.get("source_ssrc"), b.get("packets_lost", 0)
                 fraction, jitter = b.get("fraction_lost", 0), b.get("ia_jitter", 0)
-                if not all(isinstance(v, int) and not isinstance(v, bool)
-                           for v in (ssrc, lost, fraction, jitter)) or not 0 <= ssrc <= U32:
-                    continue
-                entry = per_call.get(ssrc)
-                if entry is None:
-                    if len(per_call) >= MAX_SSRC:
-                        continue
-                    entry = per_call[ssrc] = {"lost": 0, "fraction": 0, "jitter": 0, "packets": 0,
-                                              "reports": 0}
-                entry["lost"] = max(entry["lost"], min(lost, LOST_MAX))
-                entry["fraction"] = max(entry["fraction"], min(max(fraction, 0), 255))
-                entry["jitter"] = max(entry["jitter"], min(max(jitter, 0), U32))
-                entry["reports"] += 1
-                taken += 1
-            self.reports += taken
-            if not per_call:
-                calls.pop(call_id, None)
-            return taken > 0
+                if all(isinstance(v, int) and not isinstance(v, bool)
+                       for v in (ssrc, lost, fraction, jitter)) and 0 <= ssrc <= U32:
+                    found.append((ssrc, min(lost, LOST_MAX), min(max(fraction, 0), 255), min(max(jitter, 0), U32)))
         except (orjson.JSONDecodeError, ValueError, TypeError, AttributeError, OverflowError):
             self.malformed += 1
             return False
+        calls = self.by_call
+        per_call = calls.get(call_id)
+        if per_call is not None:
+            calls.move_to_end(call_id)
+            if isinstance(sender_ssrc, int) and isinstance(sender_packets, int) and sender_ssrc in per_call:
+                entry = per_call[sender_ssrc]
+                entry["packets"] = max(entry["packets"], min(max(sender_packets, 0), U32))
+        if not found:
+            return False
+        if per_call is None:
+            if len(calls) >= self.max_calls:
+                calls.popitem(last=False)
+            per_call = calls[call_id] = {}
+        taken = 0
+        for ssrc, lost, fraction, jitter in found:
+            entry = per_call.get(ssrc)
+            if entry is None:
+                if len(per_call) >= MAX_SSRC:
+                    continue
+                entry = per_call[ssrc] = {"lost": 0, "fraction": 0, "jitter": 0, "packets": 0, "reports": 0}
+            entry["lost"] = max(entry["lost"], lost)
+            entry["fraction"] = max(entry["fraction"], fraction)
+            entry["jitter"] = max(entry["jitter"], jitter)
+            entry["reports"] += 1
+            taken += 1
+        self.reports += taken
+        return taken > 0
 
     def take(self, call_id: bytes) -> list[dict]:
         """The call's reports as entries of a call summary's ``rtp`` list (then forgotten)."""

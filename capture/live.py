@@ -511,7 +511,7 @@ async def _run(args) -> int:
         lc.metrics.gateway.register(lc.hep)
     receiver = None
     if listens:
-        receiver = HepReceiver(lc.feed, hep["hep_auth_key"], on_rtcp=lc.rtcp.add)
+        receiver = HepReceiver(lc.feed, hep["hep_auth_key"], on_rtcp=lc.rtcp.add, on_error=lc.errors.report)
         lc.metrics.gateway.register(receiver)
         try:
             for proto, addr in listens:

@@ -24,6 +24,7 @@ fixed reasons in :data:`REASONS`, which the caller counts.
 """
 from __future__ import annotations
 
+import hmac
 import socket
 import struct
 import zlib
@@ -37,13 +38,23 @@ _hepenc = optional_c("_hepenc")
 HEP3 = b"HEP3"
 MAX_HEP = 65535  # uint16 total length
 MAX_PAYLOAD = 65535  # what an inflated payload may grow to
+# ... and at most this many times its compressed size (past INFLATE_FLOOR): SIP text deflates a
+# few times over, while 100 bytes of zlib can hold 64 KB of zeros, ~0.15 ms to inflate; bounded,
+# a forged packet costs about what reading its own bytes does
+INFLATE_RATIO, INFLATE_FLOOR = 64, 8192
+# real packets hold 10-20 chunks; 10,000 empty vendor chunks in one datagram cost ~200x a real
+# packet's parse per byte
+MAX_CHUNKS = 64
+# a correlation id is a Call-ID (what RTCP reports are kept by, per call) or a short tag; one of
+# 64 KB per call would have let a forged sender hold ~1 GB of reports
+MAX_CORRELATION_ID = 1024
 PROTO_UDP, PROTO_TCP = 17, 6
 AF_INET, AF_INET6 = 2, 10  # HEP's family values (Linux numbering), whatever this host uses
 TYPE_SIP, TYPE_RTCP_JSON, TYPE_LOG = 1, 5, 100
 
 # why a datagram is not a HEP packet we can use: a fixed set, so it can be a metric label
 REASONS = ("not_hep", "truncated", "bad_length", "bad_chunk", "missing_chunk", "bad_address",
-           "bad_payload")
+           "bad_payload", "auth")
 
 _CHUNK = struct.Struct(">HHH")
 _U8 = struct.Struct(">HHHB")
@@ -220,13 +231,17 @@ def decode_hep(data: bytes) -> HepPacket | None:
     return r if type(r) is HepPacket else None
 
 
-def parse_hep(data: bytes) -> HepPacket | str:
-    """A :class:`HepPacket`, or the reason (one of :data:`REASONS`) ``data`` is none. Never raises."""
+def parse_hep(data: bytes, auth_key: bytes = b"") -> HepPacket | str:
+    """A :class:`HepPacket`, or the reason (one of :data:`REASONS`) ``data`` is none. Never raises.
+
+    With ``auth_key``, a packet without that key (compared in constant time; HEP v1/v2 have none)
+    is ``auth``, found before its payload is inflated: work a forged packet makes is bounded by
+    its own bytes."""
     try:
         if data[:4] == HEP3:
-            return _parse_v3(data)
+            return _parse_v3(data, auth_key)
         if data[:1] in (b"\x01", b"\x02"):
-            return _parse_v2(data)
+            return "auth" if auth_key else _parse_v2(data)
         return "not_hep" if len(data) >= 4 else "truncated"
     except Exception:  # noqa: BLE001  (a bug must not escape into a datagram handler)
         return "bad_chunk"
@@ -240,7 +255,7 @@ def _ip_text(raw: bytes) -> str | None:
     return None
 
 
-def _parse_v3(data: bytes) -> HepPacket | str:
+def _parse_v3(data: bytes, auth_key: bytes = b"") -> HepPacket | str:
     n = len(data)
     if n < 6:
         return "truncated"
@@ -249,13 +264,15 @@ def _parse_v3(data: bytes) -> HepPacket | str:
     family = proto = sport = dport = sec = None
     usec, ptype, capture_id = 0, TYPE_SIP, 0
     src = dst = auth = corr = node = payload = None
-    unpack, off = _CHUNK.unpack_from, 6
+    compressed = False
+    unpack, off, chunks = _CHUNK.unpack_from, 6, 0
     while off < n:
         if n - off < 6:
             return "bad_chunk"
         vendor, ctype, clen = unpack(data, off)
         end = off + clen
-        if clen < 6 or end > n:
+        chunks += 1
+        if clen < 6 or end > n or chunks > MAX_CHUNKS:
             return "bad_chunk"
         if vendor == 0:
             size = clen - 6
@@ -305,16 +322,17 @@ def _parse_v3(data: bytes) -> HepPacket | str:
                 capture_id = int.from_bytes(data[off + 6:end], "big")
             elif ctype == 14:
                 auth = data[off + 6:end]
-            elif ctype == 15:
-                payload = data[off + 6:end]
-            elif ctype == 16:
-                payload = _inflate(data[off + 6:end])
-                if payload is None:
-                    return "bad_payload"
-            elif ctype == 17:
-                corr = data[off + 6:end]
-            elif ctype == 19:
-                node = data[off + 6:end]
+            elif ctype in (15, 16):
+                if payload is not None:  # one payload a packet (each would have been inflated)
+                    return "bad_chunk"
+                payload, compressed = data[off + 6:end], ctype == 16
+            elif ctype in (17, 19):
+                if size > MAX_CORRELATION_ID:
+                    return "bad_chunk"
+                if ctype == 17:
+                    corr = data[off + 6:end]
+                else:
+                    node = data[off + 6:end]
             elif ctype == 0:
                 return "bad_chunk"
         off = end
@@ -325,6 +343,12 @@ def _parse_v3(data: bytes) -> HepPacket | str:
         return "bad_address"
     if usec >= 1_000_000:
         return "bad_chunk"
+    if auth_key and (auth is None or not hmac.compare_digest(auth, auth_key)):
+        return "auth"
+    if compressed:
+        payload = _inflate(payload)
+        if payload is None:
+            return "bad_payload"
     return HepPacket(3, 4 if len(src) == 4 else 6, PROTO_UDP if proto is None else proto,
                      (_ip_text(src), sport), (_ip_text(dst), dport), sec, usec, ptype, capture_id,
                      auth, corr, node, payload)
@@ -361,10 +385,11 @@ def _parse_v2(data: bytes) -> HepPacket | str:
 
 
 def _inflate(raw: bytes) -> bytes | None:
-    """A zlib payload inflated to at most MAX_PAYLOAD bytes, or None (corrupt or larger)."""
+    """A zlib payload inflated to at most MAX_PAYLOAD bytes and INFLATE_RATIO times its own
+    size (past INFLATE_FLOOR), or None (corrupt or larger)."""
     try:
         d = zlib.decompressobj()
-        out = d.decompress(raw, MAX_PAYLOAD)
+        out = d.decompress(raw, min(MAX_PAYLOAD, max(INFLATE_FLOOR, INFLATE_RATIO * len(raw))))
         if d.unconsumed_tail or not d.eof:
             return None
         return out

@@ -203,3 +203,57 @@ def test_hep_flags_and_environment():
     assert (s.hep_endpoint, s.hep_capture_id, s.hep_auth_key, s.hep_node_name, s.hep_log) == \
         (("tcp", ("::1", 9061)), 4294967295, b"pw", b"edge-1", True)
     assert settings_from(["--upstream", "127.0.0.1:5080"], {}).hep_endpoint is None
+
+
+def _fixed_length(pkt: bytes) -> bytes:
+    return pkt[:4] + struct.pack(">H", len(pkt)) + pkt[6:]
+
+
+def test_a_packet_holds_one_payload_and_a_bounded_number_of_chunks():
+    """Each zlib chunk was inflated in the chunk loop, up to 64 KB, a later one replacing the
+    earlier: ~727 chunks of 100 bytes each inflated 64 KB of zeros, 0.1 s of CPU per datagram."""
+    z = zlib.compress(b"\0" * 65535, 9)
+    two = _fixed_length(kamailio_like() + chunk(16, z))
+    assert parse_hep(two) == "bad_chunk"
+    assert parse_hep(_fixed_length(kamailio_like() + chunk(15, SIP))) == "bad_chunk"
+    # 64 chunks in all are read; one more is refused (real agents write 10-20)
+    base = kamailio_like()
+    n_base = 11  # chunks kamailio_like writes
+    ok = kamailio_like(extra=[chunk(99, b"", vendor=1)] * (64 - n_base))
+    assert isinstance(parse_hep(ok), HepPacket)
+    assert parse_hep(kamailio_like(extra=[chunk(99, b"", vendor=1)] * (65 - n_base))) == "bad_chunk"
+    assert isinstance(parse_hep(base), HepPacket)
+
+
+def test_a_compressed_payload_inflates_to_a_bounded_multiple_of_its_size():
+    """100 bytes of zlib held 64 KB of zeros; SIP deflates a few times over, and inflates."""
+    sip_z = zlib.compress(SIP * 20, 9)  # repetitive SIP: a ratio far above a real message's
+    p = parse_hep(_fixed_length(kamailio_like(extra=())[:-len(chunk(15, SIP))] + chunk(16, sip_z)))
+    assert isinstance(p, HepPacket) and p.payload == SIP * 20
+    zeros = zlib.compress(b"\0" * 65535, 9)
+    assert len(zeros) * 64 < 65535
+    bomb = _fixed_length(kamailio_like(extra=())[:-len(chunk(15, SIP))] + chunk(16, zeros))
+    assert parse_hep(bomb) == "bad_payload"
+
+
+def test_with_an_auth_key_a_packet_without_it_is_refused_before_its_payload_is_inflated(monkeypatch):
+    from sipwatch import hep
+    calls = []
+    real = hep._inflate
+    monkeypatch.setattr(hep, "_inflate", lambda raw: calls.append(len(raw)) or real(raw))
+    body = kamailio_like(extra=())[:-len(chunk(15, SIP))]
+    packed = _fixed_length(body + chunk(16, zlib.compress(SIP)))
+    assert parse_hep(packed, b"s3cret") == "auth" and calls == []
+    keyed = _fixed_length(body + chunk(14, b"wrong") + chunk(16, zlib.compress(SIP)))
+    assert parse_hep(keyed, b"s3cret") == "auth" and calls == []
+    right = _fixed_length(body + chunk(14, b"s3cret") + chunk(16, zlib.compress(SIP)))
+    p = parse_hep(right, b"s3cret")
+    assert isinstance(p, HepPacket) and p.payload == SIP and len(calls) == 1
+    assert parse_hep(b"\x02\x10\x02\x11" + b"\0" * 40, b"s3cret") == "auth"  # v2 has no key
+
+
+def test_a_correlation_id_or_node_name_over_1024_bytes_is_refused():
+    """RTCP reports are kept per correlation id: 64-KB ids let a forged sender hold ~1 GB."""
+    assert parse_hep(kamailio_like(extra=(chunk(17, b"c" * 1024),))).correlation_id == b"c" * 1024
+    assert parse_hep(kamailio_like(extra=(chunk(17, b"c" * 1025),))) == "bad_chunk"
+    assert parse_hep(kamailio_like(extra=(chunk(19, b"n" * 1025),))) == "bad_chunk"

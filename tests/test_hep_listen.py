@@ -210,3 +210,46 @@ def test_a_packet_stamped_far_ahead_does_not_time_out_the_calls_in_progress():
     assert call.status == 200 and not any(tx.timed_out for tx in call.transactions)
     assert lc.observer.unmatched_responses == 0 and rx.retimed == 1
     assert b'"timeout"' not in buf.getvalue()
+
+
+def test_a_sender_lagging_past_timer_b_does_not_turn_answered_calls_into_timeouts():
+    """Packets stamped up to 60 s behind were taken as stamped while the housekeeping tick
+    expires transactions on this host's clock: an INVITE and its 200 arriving 0.1 s apart from
+    a sender 33 s behind were a timeout and an unmatched response."""
+    import io
+
+    from capture.live import LiveCapture, RtpMonitor
+    from sipwatch.logs import JsonLog
+
+    now = [1_800_000_000.0]
+    buf = io.BytesIO()
+    lc = LiveCapture("x", "", None, rtp=RtpMonitor(grace=0.0), log=JsonLog("cap", stream=buf))
+    rx = HepReceiver(lc.feed, b"", on_rtcp=lc.rtcp.add, clock=lambda: now[0])
+    a, b = ("10.0.0.1", 5060), ("10.0.0.2", 5060)
+
+    def msg(first, m, to_tag=b""):
+        return (first + b"\r\nVia: SIP/2.0/UDP 10.0.0.1;branch=z9hG4bKl" + m + b"\r\n"
+                b"From: <sip:alice@10.0.0.1>;tag=1\r\nTo: <sip:bob@10.0.0.2>" + to_tag +
+                b"\r\nCall-ID: lagging\r\nCSeq: 1 " + m + b"\r\nContent-Length: 0\r\n\r\n")
+
+    lag = 33.0
+    rx.packet(encode_hep3(msg(b"INVITE sip:bob@10.0.0.2 SIP/2.0", b"INVITE"), a, b, now[0] - lag))
+    now[0] += 0.05
+    lc.housekeeping(now[0])
+    now[0] += 0.05
+    rx.packet(encode_hep3(msg(b"SIP/2.0 200 OK", b"INVITE", b";tag=2"), b, a, now[0] - lag))
+    lc.housekeeping(now[0])
+    call = lc.observer.tracker.calls[b"lagging"]
+    assert call.status == 200 and not any(tx.timed_out for tx in call.transactions)
+    assert lc.observer.unmatched_responses == 0 and rx.retimed == 2
+
+
+def test_a_bug_a_packet_reaches_is_reported_as_one_not_as_a_malformed_packet():
+    errors = []
+
+    def feed(*args):
+        raise RuntimeError("observer bug")
+
+    rx = HepReceiver(feed, b"", on_error=lambda component, exc: errors.append((component, str(exc))))
+    assert rx.packet(encode_hep3(b"OPTIONS sip:x SIP/2.0\r\n\r\n", ("10.0.0.1", 1), ("10.0.0.2", 2), 1.7e9)) is False
+    assert errors == [("hep", "observer bug")] and rx.rejected["bad_chunk"] == 0

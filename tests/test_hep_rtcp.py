@@ -93,3 +93,40 @@ def test_values_past_the_rtcp_fields_widths_are_clamped_and_the_call_span_still_
         pbs, lines = [], []
         assert not enc.encode([record_tuple(call, True)], pbs, lines)
         assert pbs
+
+
+def test_a_report_without_readable_blocks_keeps_nothing_and_evicts_nobody():
+    """Validated before anything is kept: junk for a new id pushed out the oldest real call's
+    reports, and a non-object block left an empty entry behind."""
+    good = orjson.dumps({"report_blocks": [{"source_ssrc": 7, "packets_lost": 3, "fraction_lost": 5,
+                                            "ia_jitter": 80}]})
+    store = RtcpReports(max_calls=2)
+    assert store.add(b"real-1", good) and store.add(b"real-2", good)
+    for junk in (b"{}", b"[]", b'{"report_blocks":[1,"x",null]}', b'{"report_blocks":[{"source_ssrc":-1}]}',
+                 b"not json", b"3"):
+        assert store.add(b"junk", junk) is False
+    assert list(store.by_call) == [b"real-1", b"real-2"]
+    assert [e["ssrc"] for e in store.take(b"real-1")] == [7]
+
+
+def test_the_call_reported_least_recently_is_forgotten_first():
+    """A long call still getting reports was forgotten first (first in, first out)."""
+    rep = orjson.dumps({"report_blocks": [{"source_ssrc": 1}]})
+    store = RtcpReports(max_calls=2)
+    store.add(b"long-call", rep)
+    store.add(b"b", rep)
+    store.add(b"long-call", rep)  # reported again: now the most recent
+    store.add(b"c", rep)
+    assert set(store.by_call) == {b"long-call", b"c"}
+    assert store.take(b"long-call")[0]["reports"] == 2
+
+
+def test_receiver_counts_rtcp_it_could_not_use_as_refused():
+    store = RtcpReports()
+    rx = HepReceiver(lambda *a: None, b"", on_rtcp=store.add)
+    a, b = ("10.0.0.1", 40000), ("10.0.0.2", 40001)
+    assert rx.packet(encode_hep3(b"{}", a, b, 1.7e9, payload_type=TYPE_RTCP_JSON, correlation_id=b"c1")) is False
+    assert rx.rtcp_received == 0 and rx.rejected["bad_payload"] == 1
+    ok = orjson.dumps({"report_blocks": [{"source_ssrc": 1}]})
+    assert rx.packet(encode_hep3(ok, a, b, 1.7e9, payload_type=TYPE_RTCP_JSON, correlation_id=b"c1"))
+    assert rx.rtcp_received == 1
