@@ -160,6 +160,8 @@ def _analyse(path, engine, mask, progress, spans, max_sip_message, correlation=D
                          f"{n / (now - t_start):.0f} packets/s")
     obs.finish()
     drain()
+    if rtp.ssrc_churn:  # (said with what the reader could not see)
+        counters["rtp_ssrc_churn"] = rtp.ssrc_churn
     rep = _report(path, engine, mask, obs, rtp, counters, calls, txs, n,
                   time.monotonic() - t_start, transactions, call_id_mask)
     if spans is not None:
@@ -312,6 +314,7 @@ def _report(path, engine, mask, obs: Observer, rtp: RtpAnalyzer, counters, calls
         },
         "rtcp_packets": rtp.rtcp_packets,
         "rtp_keepalives": rtp.keepalives,
+        "rtp_ssrc_churn": rtp.ssrc_churn,
         "calls": call_out,
         "transactions": listing,
         "rtp_streams": streams,
@@ -368,6 +371,10 @@ def capture_warnings(counters: dict, decoded: int, sip_messages: int) -> list[st
                    f"{MAX_FRAG_PARTS} fragments, or more than {MAX_FRAG_SETS} unfinished, or past {MAX_FRAG_BYTES >> 20} MB held) "
                    f"and {flows} TCP connections (past {MAX_TCP_HELD >> 20} MB held); SIP in them "
                    f"may be missing")
+    churn = counters.get("rtp_ssrc_churn", 0)
+    if churn:
+        out.append(f"warning: {churn} RTP packets started new SSRCs past {RtpAnalyzer.CHURN_MAX} on one media "
+                   f"flow within {RtpAnalyzer.CHURN_WINDOW:g} s: counted, not analysed as streams")
     over = counters.get("sip_oversized", 0)
     if over:
         out.append(f"warning: {over} SIP messages over TCP larger than --max-sip-message were skipped")

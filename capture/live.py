@@ -142,6 +142,10 @@ class RtpMonitor:
         # finished streams of calls not yet summarised (OrderedDicts where the oldest entry is
         # given up when full: see RtpAnalyzer)
         self.by_call: OrderedDict[str, list[dict]] = OrderedDict()
+        # entries in all of by_call's lists: at most max_listed (the oldest calls' lists go
+        # first); max_pending lists of MAX_CALL_STREAMS each would be ~550 MB
+        self.listed = 0
+        self.max_listed = 16 * max_streams
         # SDP endpoints per call (oldest first, at most MAX_CALL_ENDPOINTS), dropped at its end;
         # at most RtpAnalyzer.MAX_MEDIA_ADDRS in all (the oldest calls' go first), as the
         # analyzer's own table
@@ -195,9 +199,14 @@ class RtpMonitor:
                 self._finish(st, "call_end" if st.call_id in ending else "idle")
         out = []
         for call in due:
-            out.append((call, self.by_call.pop(call.call_id.decode("utf-8", "replace"), [])))
+            out.append((call, self._take_listed(call.call_id.decode("utf-8", "replace"))))
             self._forget(call.call_id)
         return out
+
+    def _take_listed(self, call_sid: str) -> list[dict]:
+        got = self.by_call.pop(call_sid, None) or []
+        self.listed -= len(got)
+        return got
 
     def stop(self) -> list[tuple]:
         """End of capture: every stream finished, every ended call's list handed out."""
@@ -206,7 +215,7 @@ class RtpMonitor:
             self._finish(streams.popitem(last=False)[1], "stop")
         due = [c for _, c in self.pending]
         self.pending.clear()
-        out = [(c, self.by_call.pop(c.call_id.decode("utf-8", "replace"), [])) for c in due]
+        out = [(c, self._take_listed(c.call_id.decode("utf-8", "replace"))) for c in due]
         for c in due:
             self._forget(c.call_id)
         return out
@@ -243,17 +252,20 @@ class RtpMonitor:
             self.mos[codec].observe(s["mos"])
         if st.call_id is None:
             return
-        if st.call_id not in self.by_call and len(self.by_call) >= self.max_pending:
-            self.by_call.popitem(last=False)
+        by_call = self.by_call
+        if st.call_id not in by_call:
+            while by_call and (len(by_call) >= self.max_pending or self.listed >= self.max_listed):
+                self.listed -= len(by_call.popitem(last=False)[1])
         entry = {
             "ssrc": s["ssrc"], "codec": name or None, "packets": st.packets, "lost": s["lost"],
             "lost_pct": s["lost_pct"], "jitter_mean_ms": s["mean_jitter_ms"],
             "jitter_max_ms": s["max_jitter_ms"], "mos": s["mos"],
             "ended": reason,
         }
-        listed = self.by_call.setdefault(st.call_id, [])
+        listed = by_call.setdefault(st.call_id, [])
         if len(listed) < MAX_CALL_STREAMS:
             listed.append(entry)
+            self.listed += 1
         else:  # (forged SSRCs to a call's media port: the streams that carried the most stay)
             i = min(range(len(listed)), key=lambda j: listed[j]["packets"])
             if listed[i]["packets"] < st.packets:
@@ -287,6 +299,9 @@ class RtpMonitor:
         yield CounterMetricFamily("rtp_stream_evictions", "RTP streams finished early because the "
                                   "stream table was full (--rtp-max-streams).",
                                   value=self.analyzer.evicted)
+        yield CounterMetricFamily("rtp_ssrc_churn_packets", "RTP packets of new SSRCs past 16 on one "
+                                  "media flow within 10 s: counted, not made streams.",
+                                  value=self.analyzer.ssrc_churn)
 
 
 def _addr(s: str) -> Addr:

@@ -72,7 +72,8 @@ def mos_from_loss(loss_pct: float, codec: str) -> float | None:
         return 1.0
     if r >= 100:
         return 4.5
-    return round(1 + 0.035 * r + 7e-6 * r * (r - 60) * (100 - r), 2)
+    # (G.107's polynomial dips below 1 for 0 < R < ~6.5; MOS is a 1-5 scale)
+    return max(1.0, round(1 + 0.035 * r + 7e-6 * r * (r - 60) * (100 - r), 2))
 
 
 def codec_label(name: str) -> str:
@@ -334,7 +335,9 @@ class RtpStream:
             "src": _hp(self.src), "dst": _hp(self.dst), "ssrc": "0x%08X" % self.ssrc,
             "payload": self.payload_name(), "call_id": self.call_id,
             "detected_by": "heuristic" if self.heuristic else "sdp",
-            "pkts": self.packets, "expected": self.expected, "lost": self.lost,
+            # (Wireshark's expected goes negative when the last packet's number is from before
+            # the first one's; no stream is expected to send fewer packets than it did)
+            "pkts": self.packets, "expected": max(self.expected, self.packets), "lost": self.lost,
             "lost_rfc3550": self.lost_rfc3550,
             "lost_pct": round(loss_pct, 2), "duplicates": self.dups, "out_of_order": self.ooo,
             "max_delta_ms": round(self.max_delta, 3),
@@ -383,6 +386,12 @@ class RtpAnalyzer:
     MAX_HELD = 32  # packets held per candidate flow; the oldest beyond are not RTP
     MAX_CANDIDATES = 2048  # candidate flows held at once; the oldest beyond are dropped
     MAX_MEDIA_ADDRS = 65536  # remembered addresses of confirmed streams (keep-alive ports)
+    # new SSRCs one direction of a media pair may start within CHURN_WINDOW seconds: a call
+    # changes its SSRC a few times (re-INVITE, hold, transfer); a sender with a new one on every
+    # packet made a stream of each (200,000 streams, 491 MB for a 14-MB capture). Past the
+    # limit, packets of more new SSRCs are counted (``ssrc_churn``), not made streams.
+    CHURN_WINDOW = 10.0
+    CHURN_MAX = 16
 
     def __init__(self, max_streams: int = 0, on_evict=None):
         # (the tables that give up their oldest entry when full are OrderedDicts: taking a
@@ -398,6 +407,8 @@ class RtpAnalyzer:
         self.media_addrs: OrderedDict[tuple, None] = OrderedDict()  # ends of confirmed streams, oldest first
         self.media_pairs: OrderedDict[tuple, None] = OrderedDict()  # (a, b) pairs that carried an SDP-tied stream
         self.by_ssrc: dict[int, list] = {}  # SSRC → stream keys, for RTCP report blocks
+        self.new_ssrcs: dict[tuple, list] = {}  # (src, dst) → [window start, streams started in it]
+        self.ssrc_churn = 0  # RTP packets of new SSRCs past CHURN_MAX in a window, not analysed
         self.rtcp_packets = 0
         self.keepalives = 0
         self._not_rtp = 0
@@ -459,6 +470,10 @@ class RtpAnalyzer:
         st = self.streams.get(key)
         if st is None:
             tie = self.endpoints.get(dst) or self.endpoints.get(src)
+            if (tie is not None or ((src, dst) if src <= dst else (dst, src)) in self.media_pairs) \
+                    and self._churning((src, dst), ts):
+                self.ssrc_churn += 1
+                return True
             if tie is not None:
                 st = self._new_stream(key, tie[1], ts, sdp=True)
                 st.call_id = tie[0].decode("utf-8", "replace")
@@ -479,6 +494,20 @@ class RtpAnalyzer:
         st.last_ts = ts
         st.add((ts - self.t0) * 1000.0, seq, rtp_ts, pt, bool(b1 & 0x80), size > 0)
         return True
+
+    def _churning(self, flow: tuple, ts: float) -> bool:
+        """Whether one more new stream on ``flow`` is past CHURN_MAX in its window (and counted
+        as started if not)."""
+        w = self.new_ssrcs.get(flow)
+        if w is None or ts - w[0] > self.CHURN_WINDOW:  # (a time going back stays in the window)
+            if len(self.new_ssrcs) >= self.MAX_MEDIA_ADDRS:
+                self.new_ssrcs.clear()
+            self.new_ssrcs[flow] = [ts, 1]
+            return False
+        if w[1] >= self.CHURN_MAX:
+            return True
+        w[1] += 1
+        return False
 
     # -- heuristic streams --------------------------------------------------------------
     def _candidate(self, key, ts, seq, rtp_ts, pt, b1, size) -> bool:

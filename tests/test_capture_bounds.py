@@ -182,8 +182,9 @@ def test_forged_ssrcs_to_a_calls_media_port_do_not_grow_its_summary_without_boun
     src, dst = ("10.0.0.1", 4000), ("10.0.0.2", 5000)
     for i in range(60):  # the call's own stream, 60 packets
         mon.analyzer.feed(pb.rtp(100 + i, 160 * i, 0xCAFE, pt=0), src, dst, 1.0 + i / 50)
-    for k in range(3000):  # then one packet each from 3000 forged SSRCs
-        mon.analyzer.feed(pb.rtp(7, 0, 0x10000 + k, pt=0), ("10.6.6.6", 4000), dst, 3.0 + k / 10000)
+    for k in range(3000):  # then one packet each from 3000 forged SSRCs (each from its own port:
+        # new SSRCs on one flow past RtpAnalyzer.CHURN_MAX are not streams at all)
+        mon.analyzer.feed(pb.rtp(7, 0, 0x10000 + k, pt=0), ("10.6.6.6", 10000 + k), dst, 3.0 + k / 10000)
     assert sum(len(x) for x in mon.by_call.values()) <= MAX_CALL_STREAMS
     mon.call_ended(Call(b"call-x", 1, 1, None, True, 1.0, 1e9, True), 4.0)
     (_, rtp), = mon.tick(10.0)
@@ -378,3 +379,26 @@ def test_long_connection_addresses_tie_nothing_and_call_ends_stay_bounded_in_all
     assert b"call-99" in m.call_endpoints and b"call-0" not in m.call_endpoints
     # the newest call's ends still tie its RTP
     assert m.analyzer.endpoints[("10.1.99.1", 4000)][0] == b"call-99"
+
+
+def test_the_streams_waiting_for_their_calls_summaries_are_bounded_in_all():
+    """Each call's list was bounded (MAX_CALL_STREAMS) and so was the number of calls, but not
+    their product: SDP for 3000 calls, then streams to each, held ~190,000 entries (~100 MB at
+    the default sizes, ~550 MB at most). Now at most 16 per stream the table holds, the oldest
+    calls' lists given up first."""
+    from capture.live import RtpMonitor
+
+    mon = RtpMonitor(max_streams=50)  # at most 800 entries waiting
+    for c in range(300):
+        mon.add_sdp(b"call-%d" % c, b"v=0\r\nc=IN IP4 10.1.%d.%d\r\nm=audio 5000 RTP/AVP 0\r\n" % (c // 250, c % 250))
+    t = 1.0
+    for c in range(300):
+        dst = ("10.1.%d.%d" % (c // 250, c % 250), 5000)
+        for s in range(10):  # ten streams a call, each one 5 packets, from its own port
+            for i in range(5):
+                mon.analyzer.feed(pb.rtp(i, 160 * i, 0x1000 + s, pt=0), ("10.0.0.1", 20000 + s), dst, t)
+                t += 0.001
+        t += 20.0  # the last call's streams idle out at the next sweep
+        mon.tick(t)
+    assert mon.listed == sum(len(x) for x in mon.by_call.values()) <= 16 * 50
+    assert "call-299" in mon.by_call and "call-0" not in mon.by_call

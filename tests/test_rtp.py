@@ -358,3 +358,45 @@ def test_an_rtpmap_clock_under_1khz_never_raises_on_the_streams_packets():
         m.analyzer.feed(pkt, ("10.0.0.6", 5000), ("10.0.0.5", 4000), 100.0 + i * 0.02)
     (stream,) = m.analyzer.streams.values()
     assert stream.packets == 5
+
+
+def test_mos_stays_on_its_scale_at_any_loss():
+    """G.107's MOS polynomial dips below 1 for 0 < R < ~6.5: 60-100% loss on G.711 read 0.99."""
+    for codec in ("PCMU", "PCMA", "G729", "G722", "GSM", "iLBC"):
+        for tenth in range(0, 1001):
+            m = mos_from_loss(tenth / 10.0, codec)
+            assert m is None or 1.0 <= m <= 4.5, (codec, tenth / 10.0, m)
+
+
+def test_a_stream_whose_last_number_is_before_its_first_is_expected_no_fewer_packets_than_it_sent():
+    """Wireshark's expected (last − first + 1) went negative: ``"expected": -4989``."""
+    st = RtpStream(("a", 1), ("b", 2), 1, {})
+    for i, seq in enumerate((5000, 5001, 5002, 10, 11)):
+        st.add(i * 20.0, seq, seq * 160, 0, False)
+    s = st.summary()
+    assert s["expected"] >= s["pkts"] == 5 and s["lost"] >= 0
+
+
+def test_a_new_ssrc_on_every_packet_does_not_make_a_stream_of_each(tmp_path):
+    """A sender with a new SSRC on every packet to an SDP-announced port made 200,000 streams
+    (491 MB) of a 14-MB capture. A real call changes SSRC a few times: those stay streams."""
+    body = pb.sdp("10.0.0.1", 20000)
+    inv = pb.sip_invite("churn@x", "z9hG4bK1", body=body)
+    frames = [(1.0, pb.eth(pb.ipv4("10.0.0.1", "10.0.0.2", 17, pb.udp(5060, 5060, inv))))]
+    n = 5000
+    for i in range(n):  # 5000 packets in 2.5 s, each with its own SSRC
+        frames.append((1.0 + i * 5e-4, pb.eth(pb.ipv4("10.9.0.1", "10.0.0.1", 17,
+                                                      pb.udp(30000, 20000, pb.rtp(i, i * 160, 0x10000 + i))))))
+    # then a call's own few SSRC changes on another flow to the same port, later: all streams
+    for k in range(3):
+        for i in range(50):
+            frames.append((20.0 + k + i * 0.02, pb.eth(pb.ipv4("10.0.0.2", "10.0.0.1", 17,
+                                                                pb.udp(40000, 20000, pb.rtp(i, i * 160, 0xA0 + k))))))
+    path = tmp_path / "churn.pcap"
+    path.write_bytes(pb.pcap(1, frames))
+    rep = analyse(str(path))
+    churned = [s for s in rep["rtp_streams"] if s["src"] == "10.9.0.1:30000"]
+    kept = [s for s in rep["rtp_streams"] if s["src"] == "10.0.0.2:40000"]
+    assert len(churned) == RtpAnalyzer.CHURN_MAX and rep["rtp_ssrc_churn"] == n - RtpAnalyzer.CHURN_MAX
+    assert sorted(s["pkts"] for s in kept) == [50, 50, 50]
+    assert any("SSRC" in w for w in rep["warnings"])
