@@ -28,7 +28,7 @@ from sipwatch.stats import OUTCOMES, Stats
 from sipwatch.otlp_options import add_otlp_arguments
 
 from .pcapfile import (KEEPALIVE_MAX, MAX_FRAG_BYTES, MAX_FRAG_PARTS, MAX_FRAG_SETS, MAX_SIP_MESSAGE,
-                       MAX_TCP_HELD, is_sip_keepalive)
+                       MAX_TCP_FLOWS, MAX_TCP_HELD, is_sip_keepalive)
 
 SIP_PORTS = (5060, 5061)
 ANALYZE_EXPORT_TIMEOUT = 300.0  # seconds to export a file's spans before dropping the rest
@@ -369,8 +369,12 @@ def capture_warnings(counters: dict, decoded: int, sip_messages: int) -> list[st
     if frags or flows:
         out.append(f"warning: reassembly given up for {frags} fragmented datagrams (more than "
                    f"{MAX_FRAG_PARTS} fragments, or more than {MAX_FRAG_SETS} unfinished, or past {MAX_FRAG_BYTES >> 20} MB held) "
-                   f"and {flows} TCP connections (past {MAX_TCP_HELD >> 20} MB held); SIP in them "
-                   f"may be missing")
+                   f"and {flows} TCP connections (past {MAX_TCP_HELD >> 20} MB held, or {MAX_TCP_FLOWS} "
+                   f"connections open); SIP in them may be missing")
+    gaps = counters.get("tcp_gaps", 0)
+    if gaps:
+        out.append(f"warning: {gaps} holes in TCP streams were never filled (bytes the capture missed); "
+                   f"SIP messages across them are missing")
     churn = counters.get("rtp_ssrc_churn", 0)
     if churn:
         out.append(f"warning: {churn} RTP packets started new SSRCs past {RtpAnalyzer.CHURN_MAX} on one media "

@@ -344,6 +344,14 @@ class DecoderMetrics:
         given_up.add_metric(["ip_fragments"], c.get("fragments_dropped", 0))
         given_up.add_metric(["tcp_connections"], c.get("tcp_flows_dropped", 0))
         yield given_up
+        yield CounterMetricFamily("sipwatch_capture_tcp_gaps", "Holes in TCP streams never filled "
+                                  "(bytes the capture missed): given up, framing resumed at the next "
+                                  "SIP start line; messages across them are missing.",
+                                  value=c.get("tcp_gaps", 0))
+        yield CounterMetricFamily("sipwatch_capture_tcp_syn_ignored", "SYNs on connections that carried "
+                                  "data (out of window: forged or stale), or that would have pushed out "
+                                  "a connection carrying data from a full table.",
+                                  value=c.get("tcp_syn_ignored", 0))
 
 
 class LiveCapture:

@@ -10,6 +10,7 @@ hide the rest of it.
 """
 from __future__ import annotations
 
+import heapq
 import mmap
 import os
 import re
@@ -73,6 +74,15 @@ MAX_TCP_HELD = 64 << 20  # bytes held for all TCP connections: out of order, or 
 MAX_SIP_MESSAGE = 1 << 20  # bytes: the largest SIP message framed over TCP (--max-sip-message)
 MAX_SIP_HEADERS = 1 << 16  # bytes of a message's start line and headers
 MAX_TCP_FLOWS = 10_000
+# segments held past a hole in one connection's stream: past either bound, or once the hole has
+# been open for TCP_GAP_WAIT seconds of capture time, the missing bytes are taken as never to come
+# (dropped by the capture, not by the network: the peer got them, so nothing retransmits them) and
+# reassembly goes on from the lowest held segment (counted in ``tcp_gaps``)
+MAX_TCP_OOO = 256
+MAX_TCP_OOO_BYTES = 4 << 20
+TCP_GAP_WAIT = 3.0  # seconds: well past an RTO's first retransmission (1 s, RFC 6298)
+TCP_FAR = 1 << 24  # bytes ahead of a bare SYN's ISN: the first data is not this connection's
+MAX_RESYNC_TAIL = 512  # bytes of an unfinished last line kept while looking for a SIP start line
 NON_SIP_AFTER = 16_384  # bytes without a SIP start line before a connection is ignored
 
 _u16 = struct.Struct("!H").unpack_from
@@ -97,14 +107,17 @@ class _FragSet:
 
 
 class _TcpFlow:
-    __slots__ = ("next_seq", "buf", "ooo", "ooo_bytes", "sip", "skipped", "pending", "plen", "need",
-                 "scan", "skip")
+    __slots__ = ("next_seq", "pos", "buf", "ooo", "heap", "ooo_bytes", "gap_ts", "sip", "skipped",
+                 "pending", "plen", "need", "scan", "skip", "data", "closed")
 
     def __init__(self):
         self.next_seq = None
+        self.pos = 0  # next_seq unwrapped (never taken modulo 2**32): held segments are keyed by it
         self.buf = b""  # bytes not yet framed into a message
-        self.ooo: dict[int, bytes] = {}
+        self.ooo: dict[int, bytes] = {}  # held past a hole, by unwrapped sequence number
+        self.heap: list[int] = []  # ooo's keys, lowest first
         self.ooo_bytes = 0
+        self.gap_ts = 0.0  # capture time the current hole opened
         self.sip = None  # None: undecided; True once a SIP start line was seen
         self.skipped = 0
         # linear cost for large messages: segments wait in ``pending`` until ``need`` bytes are
@@ -114,6 +127,11 @@ class _TcpFlow:
         self.need = 0
         self.scan = 0  # where the search for the end of the headers goes on, from buf's start
         self.skip = 0  # bytes still to discard of a message over the size cap
+        self.data = False  # a segment with payload was seen (a SYN then is out of window: ignored)
+        self.closed = False  # a FIN or RST carried data: a SYN may open the 4-tuple again
+
+    def held(self) -> int:
+        return len(self.buf) + self.plen + self.ooo_bytes
 
 
 _new_packet = tuple.__new__  # Packet(...) without the Python-level __new__ of a NamedTuple
@@ -140,7 +158,11 @@ class Decoder:
         # least recently active first (an OrderedDict: a dict's first key is a walk past the
         # slots of every flow moved or dropped before it)
         self.flows: OrderedDict[tuple, _TcpFlow] = OrderedDict()
+        # the flows that only saw a SYN (no payload yet), oldest first: they go first when the
+        # table is full, so a SYN flood pushes out no connection that carries SIP
+        self.bare: OrderedDict[tuple, None] = OrderedDict()
         self.tcp_added = 0  # bytes given to flows to hold since their sum was last looked at
+        self.last_ts = None  # the time of the last TCP segment with payload
         self.max_sip_message = max_sip_message
         self._ip4_text: dict[bytes, str] = {}  # packed IPv4 address → text, for the fast path
 
@@ -634,56 +656,157 @@ class Decoder:
         if flow is None:
             if not data and not flags & 0x02:
                 return []
-            if len(flows) >= MAX_TCP_FLOWS:  # the least recently active goes (a SYN flood's)
-                flows.popitem(last=False)
+            if len(flows) >= MAX_TCP_FLOWS and not self._evict(bool(data)):
+                self._count("tcp_syn_ignored")  # a bare SYN does not push out a connection
+                return []
             flow = flows[key] = _TcpFlow()
+            if not data:
+                self.bare[key] = None
         else:
             flows.move_to_end(key)  # (most recently active last)
         if flags & 0x02:  # SYN: data starts at ISN + 1
-            flow.next_seq = (seq + 1) & 0xFFFFFFFF
-            flow.buf, flow.ooo, flow.ooo_bytes = b"", {}, 0
+            if flow.data and not flow.closed:
+                # on a connection that carried data, a SYN is out of window (RFC 5961 §4: the
+                # endpoint answers with an ACK and goes on): a forged one must not restart it
+                self._count("tcp_syn_ignored")
+                return []
+            flow.next_seq = flow.pos = (seq + 1) & 0xFFFFFFFF
+            flow.buf, flow.ooo, flow.heap, flow.ooo_bytes = b"", {}, [], 0
             flow.pending, flow.plen, flow.need, flow.scan, flow.skip = [], 0, 0, 0, 0
+            flow.data = flow.closed = False
+            if key not in self.bare:
+                self.bare[key] = None
             return []
         if flags & 0x05 and not data:  # FIN/RST without data
             self.flows.pop(key, None)
+            self.bare.pop(key, None)
             return []
         if not data or flow.sip is False:
             return []
+        if flags & 0x05:
+            flow.closed = True
+        self.last_ts = ts
         if flow.next_seq is None:
-            flow.next_seq = seq  # capture started mid-connection
+            flow.next_seq = flow.pos = seq  # capture started mid-connection
         rel = (seq - flow.next_seq) & 0xFFFFFFFF
-        if rel >= 0x80000000:  # starts before what we have: retransmission, maybe overlapping
-            back = 0x100000000 - rel
-            if back >= len(data):
-                self._count("tcp_retransmissions")
-                return []
-            data = data[back:]
-            rel = 0
-        if rel > 0:  # a gap: keep it until the missing bytes arrive
-            if len(flow.ooo) < 256:
-                old = flow.ooo.get(seq)
-                flow.ooo[seq] = bytes(data)
-                flow.ooo_bytes += len(data) - (len(old) if old is not None else 0)
-                self._held(len(data))
-            return []
+        if not flow.data:
+            flow.data = True
+            self.bare.pop(key, None)
+            if rel >= 0x80000000 or rel > TCP_FAR:  # the SYN seen was not this data's (forged)
+                flow.next_seq = flow.pos = seq
+                rel = 0
+        out = []
+        while rel:
+            if rel >= 0x80000000:  # starts before what we have: retransmission, maybe overlapping
+                back = 0x100000000 - rel
+                if back >= len(data):
+                    self._count("tcp_retransmissions")
+                    return out
+                data = data[back:]
+                break
+            # a hole: keep this segment until the missing bytes arrive
+            ooo = flow.ooo
+            if not ooo:
+                flow.gap_ts = ts
+            elif len(ooo) >= MAX_TCP_OOO or flow.ooo_bytes + len(data) > MAX_TCP_OOO_BYTES \
+                    or ts - flow.gap_ts > TCP_GAP_WAIT:
+                # not filled: the capture lost those bytes (the peer got them, nothing resends
+                # them); go on from the lowest held segment, then place this one again
+                self._gap(flow)
+                self._drain(flow)
+                out += self._ready(flow, src, dst, ts)
+                flow.gap_ts = ts
+                rel = (seq - flow.next_seq) & 0xFFFFFFFF
+                continue
+            at = flow.pos + rel
+            old = ooo.get(at)
+            if old is None:
+                heapq.heappush(flow.heap, at)
+                ooo[at] = bytes(data)
+                flow.ooo_bytes += len(data)
+            elif len(data) > len(old):  # (a retransmission carrying more)
+                ooo[at] = bytes(data)
+                flow.ooo_bytes += len(data) - len(old)
+            else:
+                return out
+            self._held(len(data))
+            return out
         self._take(flow, data)
         self._held(len(data))
         flow.next_seq = (flow.next_seq + len(data)) & 0xFFFFFFFF
-        while flow.ooo:
-            nxt = flow.ooo.pop(flow.next_seq, None)
-            if nxt is None:
-                break
-            flow.ooo_bytes -= len(nxt)
-            self._take(flow, nxt)
-            flow.next_seq = (flow.next_seq + len(nxt)) & 0xFFFFFFFF
+        flow.pos += len(data)
+        if flow.ooo:
+            self._drain(flow)
         if key not in self.flows:  # (cut off by _held)
-            return []
-        if flow.plen < flow.need:  # the body is still arriving: nothing to frame yet
+            return out
+        if out:
+            return out + self._ready(flow, src, dst, ts)
+        return self._ready(flow, src, dst, ts)
+
+    def flush(self, ts: float) -> list[Packet]:
+        """The capture ended: the holes still open in connections will not be filled; what is
+        held after them is framed (its messages stamped ``ts``, the last frame's time)."""
+        out = []
+        for key, flow in list(self.flows.items()):
+            while flow.ooo:
+                self._gap(flow)
+                self._drain(flow)
+                out += self._ready(flow, key[0], key[1], ts)
+        return out
+
+    def _ready(self, flow: _TcpFlow, src, dst, ts) -> list[Packet]:
+        """Frame what a connection holds, unless the body of its message is still arriving."""
+        if flow.plen < flow.need:
             return []
         if flow.pending:
             flow.buf = flow.buf + b"".join(flow.pending) if flow.buf else b"".join(flow.pending)
             flow.pending, flow.plen = [], 0
         return self._frame_sip(flow, src, dst, ts)
+
+    def _evict(self, data: bool) -> bool:
+        """Make room for one more connection in a full table: one that only saw a SYN goes first,
+        else (for a segment with payload) the least recently active, counted in
+        ``tcp_flows_dropped`` when it held bytes of a message. False: nothing was given up."""
+        flows = self.flows
+        if self.bare:
+            flows.pop(self.bare.popitem(last=False)[0], None)
+            return True
+        if not data:
+            return False
+        _, old = flows.popitem(last=False)
+        if old.held():
+            self._count("tcp_flows_dropped")
+        return True
+
+    def _gap(self, flow: _TcpFlow) -> None:
+        """Give up the hole before the lowest held segment: the bytes of an unfinished message
+        before it are dropped, and framing starts afresh at the next SIP start line."""
+        self._count("tcp_gaps")
+        lost = len(flow.buf) + flow.plen
+        if lost:
+            self._count("tcp_skipped_bytes", lost)
+        flow.buf, flow.pending, flow.plen, flow.need, flow.scan, flow.skip = b"", [], 0, 0, 0, 0
+        at = flow.heap[0]
+        flow.next_seq = (flow.next_seq + (at - flow.pos)) & 0xFFFFFFFF
+        flow.pos = at
+
+    def _drain(self, flow: _TcpFlow) -> None:
+        """Take the held segments the stream has reached, lowest first: the part of one that
+        starts before ``next_seq`` is cut off, one wholly behind it dropped."""
+        heap, ooo = flow.heap, flow.ooo
+        while heap and heap[0] <= flow.pos:
+            at = heapq.heappop(heap)
+            nxt = ooo.pop(at)
+            flow.ooo_bytes -= len(nxt)
+            back = flow.pos - at
+            if back >= len(nxt):
+                self._count("tcp_retransmissions")
+                continue
+            if back:
+                nxt = nxt[back:]
+            self._take(flow, nxt)
+            flow.next_seq = (flow.next_seq + len(nxt)) & 0xFFFFFFFF
+            flow.pos += len(nxt)
 
     def _held(self, n: int) -> None:
         """``n`` more bytes given to the flows to hold: past a quarter of MAX_TCP_HELD since the
@@ -742,12 +865,16 @@ class Decoder:
                 # joined mid-message, or lost our place: skip to the next line that starts one
                 m = _SIP_RESYNC.search(buf, pos)
                 if m is None:
-                    self._count("tcp_skipped_bytes", n - pos)
-                    flow.skipped += n - pos
+                    # an unfinished last line may be the head of a start line: kept (bounded)
+                    cut = buf.rfind(b"\n", pos, n)
+                    if cut < 0 or n - cut > MAX_RESYNC_TAIL:
+                        cut = n
+                    self._count("tcp_skipped_bytes", cut - pos)
+                    flow.skipped += cut - pos
                     if flow.sip is None and flow.skipped > NON_SIP_AFTER:
                         self._count("tcp_non_sip_flows")
                         flow.sip = False  # stop buffering a connection that never spoke SIP
-                    pos = n
+                    pos = cut
                     break
                 self._count("tcp_skipped_bytes", m.start(1) - pos)
                 pos = m.start(1)
@@ -810,6 +937,8 @@ def read_packets(path, counters: dict | None = None,
                 yield from _pcap(mm, dec, c)
             else:
                 raise PcapError("not a pcap or pcapng file (unknown magic number)")
+            if dec.last_ts is not None:
+                yield from dec.flush(dec.last_ts)
 
 
 def _pcap(mm, dec: Decoder, c: dict) -> Iterator[Packet]:
@@ -911,6 +1040,19 @@ def _pcapng(mm, dec: Decoder, c: dict) -> Iterator[Packet]:
         if blen < 12 or blen % 4 or off + blen > n:
             c["truncated"] = c.get("truncated", 0) + 1
             return
+        if struct.unpack_from(end + "I", mm, off + blen - 4)[0] != blen:
+            # the trailing copy of the length differs: the block is damaged and not read; reading
+            # goes on after the first trailing copy that fits its start, if one does (a leading
+            # length that lies does not swallow the blocks after it), else stops
+            c["truncated"] = c.get("truncated", 0) + 1
+            u32 = struct.Struct(end + "I").unpack_from
+            for p in range(off + 12, off + blen - 4, 4):
+                if u32(mm, p)[0] == p + 4 - off:
+                    off = p + 4
+                    break
+            else:
+                return
+            continue
         body = off + 8
         if blen < _BLOCK_MIN.get(btype, 12):  # too short for its own fixed fields: skipped
             c["truncated"] = c.get("truncated", 0) + 1
@@ -948,6 +1090,8 @@ def _pcapng(mm, dec: Decoder, c: dict) -> Iterator[Packet]:
                 cap = min(orig, blen - 16)
                 c["frames"] += 1
                 yield from frame(ifaces[0][0], mm[body + 4:body + 4 + cap], last_ts)
+            else:  # before any interface description: its link type is unknown
+                c["unknown_interface"] = c.get("unknown_interface", 0) + 1
         off += blen
     if off != n:
         c["truncated"] = c.get("truncated", 0) + 1
