@@ -45,7 +45,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .core import ProxyCore
 from .framing import StreamFramer
-from .transport import tap_copies
+from .transport import claim_address, tap_copies
 
 Addr = tuple[str, int]
 MAX_CONNECTIONS = 4096
@@ -172,6 +172,7 @@ class TcpEdge:
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if hasattr(socket, "SO_REUSEPORT"):  # outbound connections may bind the same port
+            claim_address(family, socket.SOCK_STREAM, (host, port))  # (but nobody else's)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
         sock.listen(LISTEN_BACKLOG)

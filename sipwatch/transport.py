@@ -246,6 +246,8 @@ class UdpEdge:
         host, port = listen
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         reuse = hasattr(socket, "SO_REUSEPORT")
+        if reuse:
+            claim_address(family, socket.SOCK_DGRAM, (host, port))
         lsock = _udp_socket(family, reuse)
         lsock.bind((host, port))
         self._socks.append(lsock)
@@ -285,6 +287,29 @@ class UdpEdge:
                 self.upstream_tx, _ = await loop.create_datagram_endpoint(lambda: _Protocol(self), sock=usock)
                 self._send_upstream = self.upstream_tx.sendto
         self.watch_overload()
+
+
+def claim_address(family: int, kind: int, addr: tuple[str, int]) -> None:
+    """Raise OSError (EADDRINUSE) if another socket holds ``addr``, SO_REUSEPORT or not.
+
+    This process's own sockets share their port through SO_REUSEPORT (the two UDP sockets, TCP
+    connections from the listen port), which would let a second sidecar started on the same
+    address (or any program of the same user) bind it as well and silently take a share of the
+    traffic: the kernel would hand it the answers to requests the first one forwarded (dropped
+    there as strays under another key). A socket without SO_REUSEPORT binds only where nobody
+    holds the address, so it is bound once, first, and closed."""
+    if not addr[1]:  # an ephemeral port is this process's own
+        return
+    probe = socket.socket(family, kind)
+    try:
+        if kind == socket.SOCK_STREAM:  # (the last run's connections may linger in TIME_WAIT)
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(addr)
+    except OSError as exc:
+        raise OSError(exc.errno, f"{'UDP' if kind == socket.SOCK_DGRAM else 'TCP'} {addr[0]}:{addr[1]} "
+                                 f"is in use by another socket (another sidecar?): {exc.strerror}") from None
+    finally:
+        probe.close()
 
 
 def _udp_socket(family: int, reuse_port: bool) -> socket.socket:
