@@ -108,13 +108,15 @@ class ProxyApp:
         if self._worker_summaries:
             self.log.atomic_lines = interleaves(self.log.stream)
         self._worker_log_errors = 0  # the worker's summaries that failed, counted so far
+        parent_based = True  # (--sample-ratio: a ratio for new traces, the caller's flag for joined ones)
         if self.spans is not None and settings.sample_ratio is None:
             ratio = getattr(self.spans, "sample_ratio", ratio)
+            parent_based = getattr(self.spans, "parent_based", True)
         self.core = ProxyCore(CoreConfig(
             advertise=settings.advertise, upstream=settings.upstream,
             record_route=settings.record_route, trace_header=settings.trace_header,
             correlation_headers=getattr(settings, "correlation_headers", "X-CID,Session-ID"),
-            sample_ratio=ratio, timer_b=settings.timer_b,
+            sample_ratio=ratio, parent_based=parent_based, timer_b=settings.timer_b,
             timer_c=getattr(settings, "timer_c", 180.0), secret=secret,
             allow_next_hop=tuple(getattr(settings, "allow_next_hop", ())),
             max_transactions=settings.max_transactions, max_calls=settings.max_calls,

@@ -132,6 +132,9 @@ class CoreConfig:
     # B2BUA leg correlation (sipwatch.correlation): X-CID, Session-ID, P-Charging-Vector
     correlation_headers: str = DEFAULT_CORRELATION
     sample_ratio: float = 1.0
+    # a caller's sampled flag decides (OTEL parentbased_*); False: the ratio decides for joined
+    # traces too (plain traceidratio), and the flag written into SIP says that decision
+    parent_based: bool = True
     timer_b: float = 32.0
     timer_c: float = 180.0  # INVITE after a provisional (RFC 3261 16.6 step 11), reset by each 1xx
     # key for the MACs in our Via branch and Record-Route (stateless checks that survive a
@@ -799,7 +802,8 @@ class ProxyCore:
         ratio = self.config.sample_ratio
         if incoming is not None:
             trace_id, parent, flags = incoming
-            sampled = bool(flags & 1) if flags >= 0 else ratio >= 1.0 or sampled_by_ratio(trace_id, ratio)
+            sampled = bool(flags & 1) if flags >= 0 and self.config.parent_based \
+                else ratio >= 1.0 or sampled_by_ratio(trace_id, ratio)
             if not parent:
                 parent = None
             self.stats.traceparent_joined += 1

@@ -212,6 +212,7 @@ class WorkerPipeline:
         self._sampled_by_ratio = sampled_by_ratio
         self.stats = stats
         self.sample_ratio = sample_ratio
+        self.parent_based = parent_based
         self._own_decision = not parent_based
         self.spans_file = config.get("spans_file")
         self.resource = None

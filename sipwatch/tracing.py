@@ -502,6 +502,7 @@ class SpanPipeline:
         self.resource = None  # the Resource the encoder carries (set by ``configured``)
         self.exporter = exporter  # HttpExporter / GrpcExporter: export(bytes) -> bool
         self.sample_ratio = sample_ratio
+        self.parent_based = parent_based
         self._own_decision = not parent_based  # decide from the trace id, ignore the caller's flag
         # unbuffered: a failed write (full disk) fails now, and leaves no backlog in a buffer
         self.spans_file = spans_file
@@ -565,7 +566,7 @@ class SpanPipeline:
         protocol = resolve_protocol(protocol, env)
         endpoint = resolve_endpoint(endpoint, protocol, env)
         if endpoint is None and not spans_file:
-            return NoExport(ratio)
+            return NoExport(ratio, parent_based)
         resource = make_resource(service_name, role, env)
         if worker:
             p = _worker_pipeline(stats, resource, mask_mode, call_id_mask, endpoint, protocol, spans_file, env,
@@ -823,8 +824,9 @@ def _summary_fd(log) -> int | None:
 class NoExport:
     """Tracing on but nowhere to send spans: only the sampler setting matters (it sets the flag)."""
 
-    def __init__(self, sample_ratio: float):
+    def __init__(self, sample_ratio: float, parent_based: bool = True):
         self.sample_ratio = sample_ratio
+        self.parent_based = parent_based
 
     def submit(self, records) -> None:
         pass

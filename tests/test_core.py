@@ -279,6 +279,31 @@ def test_unsampled_incoming_context_stays_unsampled(core):
     assert parse_traceparent(parse(fwd).get(b"traceparent"))[2] == 0
 
 
+def test_plain_traceidratio_decides_joined_traces_too_and_says_so_in_sip():
+    """OTEL_TRACES_SAMPLER=traceidratio ignores the caller's flag: the span worker exported by
+    the ratio alone, while the core wrote the caller's ``-01`` into the forwarded request, so
+    sip-signaling parented its spans to a span never exported. The flag written is now the
+    decision the spans follow (OpenTelemetry's own TraceIdRatioBased as the reference); a
+    parent-based sampler keeps the caller's."""
+    from opentelemetry.sdk.trace.sampling import Decision, TraceIdRatioBased
+    reference = TraceIdRatioBased(0.5)
+    plain = ProxyCore(CoreConfig(advertise=SIDECAR, upstream=SIGNALING, sample_ratio=0.5, parent_based=False))
+    based = ProxyCore(CoreConfig(advertise=SIDECAR, upstream=SIGNALING, sample_ratio=0.5))
+    seen = set()
+    for i in range(64):
+        trace = "%032x" % (0x4bf92f3577b34da6a3ce929d0e0e4736 * (i + 1) % (1 << 128))
+        for caller in (0, 1):
+            msg = invite(call_id=b"c%d-%d" % (i, caller), branch=b"z9hG4bK-%d-%d" % (i, caller),
+                         extra=f"traceparent: 00-{trace}-00f067aa0ba902b7-0{caller}".encode())
+            want = reference.should_sample(None, int(trace, 16), "INVITE").decision == Decision.RECORD_AND_SAMPLE
+            fwd, _ = forward_one(plain, msg)
+            assert parse_traceparent(parse(fwd).get(b"traceparent"))[2] == int(want), (trace, caller)
+            fwd, _ = forward_one(based, msg)
+            assert parse_traceparent(parse(fwd).get(b"traceparent"))[2] == caller
+            seen.add(want)
+    assert seen == {True, False}
+
+
 def test_custom_trace_header_name():
     core = ProxyCore(CoreConfig(advertise=SIDECAR, upstream=SIGNALING, trace_header="X-Trace"))
     data, _ = forward_one(core, invite())

@@ -319,3 +319,37 @@ def test_sampler_from_env(env, expected):
 ])
 def test_resolve_endpoint(flag, proto, env, expected):
     assert resolve_endpoint(flag, proto, env) == expected
+
+
+@pytest.mark.parametrize("sampler, want_flag, want_spans", [("traceidratio", "00", 0),
+                                                          ("parentbased_traceidratio", "01", 1)])
+def test_the_sampled_flag_a_sidecar_forwards_is_what_its_spans_follow(tmp_path, sampler, want_flag, want_spans):
+    """With OTEL_TRACES_SAMPLER=traceidratio at 0 (the deploy's sampler, at a ratio that samples
+    nothing) an OPTIONS carrying ``traceparent ...-01`` was forwarded with ``-01`` and recorded
+    nowhere: sip-signaling's spans hung under a parent never exported."""
+    upstream = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    upstream.bind(("127.0.0.1", 0))
+    upstream.settimeout(10)
+    gw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    gw.bind(("127.0.0.1", 0))
+    gw.settimeout(10)
+    spans = tmp_path / f"spans-{sampler}.jsonl"
+    env = {"OTEL_TRACES_SAMPLER": sampler, "OTEL_TRACES_SAMPLER_ARG": "0"}
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    with Sidecar(tmp_path, upstream.getsockname()[1], "--spans-file", str(spans), env=env) as sc:
+        gw.sendto(b"OPTIONS sip:svc@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:%d;branch=z9hG4bK-s1\r\n"
+                  b"From: <sip:gw@127.0.0.1>;tag=1\r\nTo: <sip:svc@127.0.0.1>\r\nCall-ID: sampled-1\r\n"
+                  b"CSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\ntraceparent: 00-%s-00f067aa0ba902b7-01\r\n"
+                  b"Content-Length: 0\r\n\r\n" % (gw.getsockname()[1], trace.encode()), ("127.0.0.1", sc.port))
+        req, src = upstream.recvfrom(65535)
+        tp = re.search(rb"\r\ntraceparent: 00-([0-9a-f]{32})-[0-9a-f]{16}-([0-9a-f]{2})\r\n", req, re.I)
+        assert tp is not None and tp.group(1).decode() == trace, req
+        assert tp.group(2).decode() == want_flag
+        head = req.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]
+        keep = [ln for ln in head if ln.split(b":", 1)[0].lower() in (b"via", b"from", b"to", b"call-id", b"cseq")]
+        upstream.sendto(b"SIP/2.0 200 OK\r\n" + b"\r\n".join(keep) + b"\r\nContent-Length: 0\r\n\r\n", src)
+        assert gw.recvfrom(65535)[0].startswith(b"SIP/2.0 200")
+    text = spans.read_text() if spans.exists() else ""
+    assert text.count(trace) == want_spans, text[:300]
+    upstream.close()
+    gw.close()
