@@ -155,7 +155,7 @@ def test_sidecar_image_properties():
     health = [rest for op, rest in stage if op == "HEALTHCHECK"]
     assert len(health) == 1 and "/metrics" in health[0]
     exposed = " ".join(rest for op, rest in stage if op == "EXPOSE").split()
-    assert {"5060/udp", "13012", "13022"} <= set(exposed)
+    assert {"5060/udp", "5060/tcp", "13012", "13022"} <= set(exposed)  # (SIP over TCP is on by default)
     env = image_env(instr)
     assert env["SIPWATCH_GATEWAY_METRICS"].endswith(":13012") and env["SIPWATCH_SIGNALING_METRICS"].endswith(":13022")
     assert "OTEL_SERVICE_NAME" in env
@@ -840,6 +840,18 @@ def test_kubernetes_sidecar_wiring():
     s = _sidecar_settings(docs)[1]
     assert s.gateway_metrics[1] == 13012 and s.signaling_metrics[1] == 13022 and s.listen[1] == ports["sip"]["containerPort"]
     assert s.upstream[0] == "127.0.0.1"
+    # every transport the sidecar listens on reaches it through the node's port: SIP over TCP
+    # (on unless SIPWATCH_NO_TCP) had no hostPort, so a gateway's TCP to <node>:5060 went nowhere
+    reach = {p["protocol"] for p in side["ports"] if p.get("hostPort") == s.listen[1]
+             and p["containerPort"] == s.listen[1]}
+    assert reach == ({"UDP", "TCP"} if s.tcp else {"UDP"}), reach
+    # the loop alone may take a whole core and the span worker shares the container: a limit of
+    # one core throttles the loop first; memory requested as limited (evicted last)
+    res = side["resources"]
+    assert _millicores(res["limits"]["cpu"]) > 1000
+    assert _mebibytes(res["requests"]["memory"]) == _mebibytes(res["limits"]["memory"])
+    # a caller's sampled trace stays sampled (its spans are not orphaned under an unexported parent)
+    assert cm["data"]["OTEL_TRACES_SAMPLER"].startswith("parentbased_")
     upstream_port = s.upstream[1]
     assert upstream_port in [p["containerPort"] for p in containers["sip-signaling"]["ports"]]
     for probe in ("livenessProbe", "startupProbe"):
@@ -903,6 +915,12 @@ def _compose_mebibytes(size) -> float:
     m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([bkmg])?b?", str(size).lower())
     assert m, size
     return float(m.group(1)) * {"b": 1 / 2**20, None: 1 / 2**20, "k": 1 / 1024, "m": 1, "g": 1024}[m.group(2)]
+
+
+def _millicores(q) -> int:
+    """A Kubernetes CPU quantity ("1500m", "1", 2) in millicores."""
+    q = str(q)
+    return int(q[:-1]) if q.endswith("m") else int(float(q) * 1000)
 
 
 def test_memory_limits_hold_the_sidecar_at_its_state_caps():
