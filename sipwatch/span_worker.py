@@ -111,6 +111,11 @@ EXPORT_LINGER = 0.3
 # (A frame is written whole before the count is checked, so the frame that crosses the mark
 # counts whole; the stop's last slice is one frame of everything left.)
 UNTOLD_MAX = 64
+# a worker that died is started again after RESTART_FIRST seconds, twice as long each time it dies
+# again within RESTART_MAX of its start (at most RESTART_MAX): spans come back on their own, and a
+# worker that dies at once cannot take the loop's time starting over and over
+RESTART_FIRST, RESTART_MAX = 1.0, 60.0
+_STATUS_COUNTERS = ("exported", "dropped", "failures", "log_errors", "file_failures")
 READ_SIZE = 1 << 20  # room kept free in the worker's read buffer (the pipe holds 1 MB)
 
 
@@ -239,11 +244,25 @@ class WorkerPipeline:
         self._closed = False  # shut down: the worker's exit is expected
         self._extra_failures = 0
         self._lock = threading.RLock()  # SIGHUP's re-open on the loop vs shutdown in the flush thread
+        # records of the frames written whole into the pipe (to this worker): those a dead worker
+        # had not reported taken (or still held) are counted dropped
+        self._written_records = 0
+        # counters of the workers that died, added to the running one's status
+        self._base = dict.fromkeys(_STATUS_COUNTERS, 0)
+        self.restarts = 0
+        self._restart_at = 0.0
+        self._restart_wait = RESTART_FIRST
+        self._spawned_at = 0.0
+        self.summaries = False  # the worker writes the call summaries
+        self._spawn(config, log_fd)
+
+    def _spawn(self, config: dict, log_fd: int | None) -> None:
+        """Start a worker and hand it ``config`` (kept for a restart)."""
+        self._config, self._log_fd = config, log_fd
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         # the worker's heap as the proxy's (sipwatch.heap), chosen before its modules are imported
         first = "from sipwatch import heap; heap.use_huge_pages(); " if heap.active() else ""
         code = f"import sys; sys.path.insert(0, {root!r}); {first}from sipwatch.span_worker import main; main()"
-        self.summaries = False  # the worker writes the call summaries
         passed: tuple = ()
         if log_fd is not None and config.get("log") is not None:
             passed = (os.dup(log_fd),)  # the same open file (offset, pipe) under a number of its own
@@ -266,6 +285,35 @@ class WorkerPipeline:
         os.write(self._w, _LEN.pack(len(cfg) + 1) + bytes((F_CONFIG,)) + cfg)  # blocking: the pipe is empty
         os.set_blocking(self._w, False)
         os.set_blocking(self._r, False)
+        self._spawned_at = time.monotonic()
+
+    def _restart(self) -> None:
+        """A new worker in place of the dead one (on the loop, at most every RESTART_MAX s)."""
+        old = self.proc
+        for f in (old.stdin, old.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+        if old.poll() is None:
+            old.kill()
+        try:
+            old.wait(0.5)
+        except subprocess.TimeoutExpired:
+            pass
+        self._inbuf.clear()
+        self._status = {}
+        self._written_records = 0
+        try:
+            self._spawn(self._config, self._log_fd)
+        except Exception as exc:  # noqa: BLE001 - cannot start one now: try again later
+            self._restart_at = time.monotonic() + self._restart_wait
+            self._restart_wait = min(2 * self._restart_wait, RESTART_MAX)
+            sys.stderr.write(f"sipwatch: span worker could not be started again: {exc}\n")
+            return
+        self._dead = False
+        self.restarts += 1
+        sys.stderr.write("sipwatch: span worker started again\n")
 
     # loop side -----------------------------------------------------------------------------
     def submit(self, records) -> None:
@@ -409,6 +457,7 @@ class WorkerPipeline:
                     self._summaries_lost(summaries)
                 return
             if off >= len(frame):
+                self._written_records += n
                 return
         # past the bound frames of records and summaries are dropped (summaries come back); a
         # control frame (stop, re-open) never is: a stop lost made the worker take the EOF that
@@ -438,12 +487,20 @@ class WorkerPipeline:
             if item[1] >= len(frame):
                 q.popleft()
                 self._pending_bytes -= len(frame)
+                self._written_records += item[2]
 
     def _worker_died(self) -> None:
-        if not self._dead:
+        first = not self._dead
+        if first:
             self._dead = True
             self._extra_failures += 1
-            sys.stderr.write("sipwatch: span worker gone; spans are dropped\n")
+            now = time.monotonic()
+            if now - self._spawned_at > RESTART_MAX:  # it had lived: start again soon
+                self._restart_wait = RESTART_FIRST
+            self._restart_at = now + self._restart_wait
+            self._restart_wait = min(2 * self._restart_wait, RESTART_MAX)
+            sys.stderr.write(f"sipwatch: span worker gone; spans are dropped until it is started again "
+                             f"(in {self._restart_at - now:.0f} s)\n")
         self._dropped += self._held_records
         self._held = []
         self._open = []
@@ -464,6 +521,15 @@ class WorkerPipeline:
             self._dropped += item[2]
         self._pending.clear()
         self._pending_bytes = 0
+        if first:
+            st = self._status if isinstance(self._status, dict) else {}
+            # written to it and not taken, or taken and still held, as it last said: never exported
+            taken, held = st.get("taken", 0), st.get("held", 0)
+            self._dropped += max(self._written_records - taken, 0) + held
+            self._written_records = 0
+            for k in _STATUS_COUNTERS:  # its counters stay in the totals
+                self._base[k] += st.get(k, 0)
+            self._status = {}
 
     def _poll(self) -> None:
         """Flush what waits for the pipe and read the worker's latest counters (never blocks)."""
@@ -473,6 +539,8 @@ class WorkerPipeline:
     def _poll_locked(self) -> None:
         if self._closed:
             return
+        if self._dead and time.monotonic() >= self._restart_at:
+            self._restart()
         if self._pending:
             self._flush()
         if self._holding() and (self._held_records >= FRAME_RECORDS or time.monotonic() - self._held_since >= HOLD):
@@ -517,22 +585,23 @@ class WorkerPipeline:
 
     def _publish(self) -> None:
         st = self._status
-        self.stats.spans_exported = st.get("exported", 0)
-        self.stats.spans_dropped = st.get("dropped", 0) + self._dropped
+        base = self._base
+        self.stats.spans_exported = base["exported"] + st.get("exported", 0)
+        self.stats.spans_dropped = base["dropped"] + st.get("dropped", 0) + self._dropped
 
     @property
     def failures(self) -> int:
         self._poll()
-        return self._status.get("failures", 0) + self._extra_failures
+        return self._base["failures"] + self._status.get("failures", 0) + self._extra_failures
 
     @property
     def log_errors(self) -> int:
         """Summaries the worker could not write as they were (each got a minimal line)."""
-        return self._status.get("log_errors", 0)
+        return self._base["log_errors"] + self._status.get("log_errors", 0)
 
     @property
     def file_failures(self) -> int:
-        return self._status.get("file_failures", 0)
+        return self._base["file_failures"] + self._status.get("file_failures", 0)
 
     @property
     def file_failing(self) -> bool:
@@ -739,7 +808,8 @@ def main() -> None:
         st = {"exported": counters.spans_exported, "dropped": counters.spans_dropped,
               "failures": pipeline.failures, "file_failures": pipeline.file_failures,
               "file_failing": pipeline.file_failing, "file_error": pipeline.file_error,
-              "summaries": written[0], "log_errors": log_errors[0]}
+              "summaries": written[0], "log_errors": log_errors[0],
+              "taken": taken[0], "held": held()}
         now = time.monotonic()
         if st != last_status and (force or now - last_sent >= STATUS_EVERY):
             payload = marshal.dumps(st)
@@ -757,6 +827,7 @@ def main() -> None:
         status(force=True)
 
     log_errors = [0]  # summaries that could not be encoded as they are (the proxy counts them)
+    taken = [0]  # record tuples read from the proxy (a dead worker's untaken ones are its drops)
 
     def log_error(component, exc) -> None:
         log_errors[0] += 1
@@ -815,6 +886,9 @@ def main() -> None:
                     payload = bytes(payload)
             pos += 4 + n
             if kind == F_CONFIG:
+                if pipeline is not None:  # only the first frame configures (it is unpickled)
+                    eof = True
+                    break
                 cfg = pickle.loads(payload)
                 enc = SpanEncoder(cfg["resource"], cfg["version"], cfg["mask_mode"], cfg["call_id_mask"],
                                   cfg["schema_url"])
@@ -830,6 +904,7 @@ def main() -> None:
                 if not isinstance(tuples, list):
                     pipeline.failures += 1  # not a frame of records: counted, the next one may be
                     continue
+                taken[0] += len(tuples)
                 if not pipeline._backend_or_file():
                     pipeline._export_dropped += len(tuples)  # backend in back-off, no file: shed now
                     continue
