@@ -375,6 +375,11 @@ def capture_warnings(counters: dict, decoded: int, sip_messages: int) -> list[st
     if gaps:
         out.append(f"warning: {gaps} holes in TCP streams were never filled (bytes the capture missed); "
                    f"SIP messages across them are missing")
+    moved = counters.get("tcp_resyncs", 0) + counters.get("tcp_stream_switches", 0)
+    if moved:
+        out.append(f"warning: {moved} times a TCP stream was found elsewhere than expected (a connection "
+                   f"opened again without its close captured, a forged SYN or segment, or more than a window "
+                   f"lost); messages around it may be missing")
     churn = counters.get("rtp_ssrc_churn", 0)
     if churn:
         out.append(f"warning: {churn} RTP packets started new SSRCs past {RtpAnalyzer.CHURN_MAX} on one media "

@@ -349,9 +349,13 @@ class DecoderMetrics:
                                   "SIP start line; messages across them are missing.",
                                   value=c.get("tcp_gaps", 0))
         yield CounterMetricFamily("sipwatch_capture_tcp_syn_ignored", "SYNs on connections that carried "
-                                  "data (out of window: forged or stale), or that would have pushed out "
-                                  "a connection carrying data from a full table.",
+                                  "data (the stream goes on unless data follows the SYN), or that would "
+                                  "have pushed out a connection carrying data from a full table.",
                                   value=c.get("tcp_syn_ignored", 0))
+        yield CounterMetricFamily("sipwatch_capture_tcp_resyncs", "TCP streams found elsewhere than "
+                                  "expected (reopened, forged SYN or segment, more than a window lost): "
+                                  "reassembly started again there.",
+                                  value=c.get("tcp_resyncs", 0) + c.get("tcp_stream_switches", 0))
 
 
 class LiveCapture:

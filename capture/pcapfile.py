@@ -81,7 +81,10 @@ MAX_TCP_FLOWS = 10_000
 MAX_TCP_OOO = 256
 MAX_TCP_OOO_BYTES = 4 << 20
 TCP_GAP_WAIT = 3.0  # seconds: well past an RTO's first retransmission (1 s, RFC 6298)
-TCP_FAR = 1 << 24  # bytes ahead of a bare SYN's ISN: the first data is not this connection's
+TCP_FAR = 1 << 24  # bytes ahead of where a stream is: out of any window this reader follows
+# segments in a row a flow refuses (behind it, or out of its window) before it starts again at the
+# next one: its place was taken by a forged segment or SYN, or the capture lost more than a window
+TCP_RESYNC = 32
 MAX_RESYNC_TAIL = 512  # bytes of an unfinished last line kept while looking for a SIP start line
 NON_SIP_AFTER = 16_384  # bytes without a SIP start line before a connection is ignored
 
@@ -107,14 +110,15 @@ class _FragSet:
 
 
 class _TcpFlow:
-    __slots__ = ("next_seq", "pos", "buf", "ooo", "heap", "ooo_bytes", "gap_ts", "sip", "skipped",
-                 "pending", "plen", "need", "scan", "skip", "data", "closed")
+    __slots__ = ("next_seq", "pos", "buf", "ooo", "ooo_ts", "heap", "ooo_bytes", "gap_ts", "sip", "skipped",
+                 "pending", "plen", "need", "scan", "skip", "data", "closed", "alt", "refused")
 
     def __init__(self):
         self.next_seq = None
         self.pos = 0  # next_seq unwrapped (never taken modulo 2**32): held segments are keyed by it
         self.buf = b""  # bytes not yet framed into a message
         self.ooo: dict[int, bytes] = {}  # held past a hole, by unwrapped sequence number
+        self.ooo_ts: dict[int, float] = {}  # the capture time of each held segment
         self.heap: list[int] = []  # ooo's keys, lowest first
         self.ooo_bytes = 0
         self.gap_ts = 0.0  # capture time the current hole opened
@@ -129,6 +133,10 @@ class _TcpFlow:
         self.skip = 0  # bytes still to discard of a message over the size cap
         self.data = False  # a segment with payload was seen (a SYN then is out of window: ignored)
         self.closed = False  # a FIN or RST carried data: a SYN may open the 4-tuple again
+        # where a SYN not taken (or the SYN a first segment did not follow) says the stream
+        # starts: data there makes it the stream (see Decoder._tcp)
+        self.alt: int | None = None
+        self.refused = 0  # segments in a row behind the stream or out of its window
 
     def held(self) -> int:
         return len(self.buf) + self.plen + self.ooo_bytes
@@ -666,21 +674,24 @@ class Decoder:
             flows.move_to_end(key)  # (most recently active last)
         if flags & 0x02:  # SYN: data starts at ISN + 1
             if flow.data and not flow.closed:
-                # on a connection that carried data, a SYN is out of window (RFC 5961 §4: the
-                # endpoint answers with an ACK and goes on): a forged one must not restart it
+                # on a connection that carried data: a forged SYN, or the 4-tuple opened again
+                # without its close captured. An endpoint ignores one out of window (RFC 5961 §4);
+                # an observer cannot tell, so the data decides: the stream goes on where it was
+                # unless data comes where this SYN says (flow.alt)
+                flow.alt = (seq + 1) & 0xFFFFFFFF
                 self._count("tcp_syn_ignored")
                 return []
-            flow.next_seq = flow.pos = (seq + 1) & 0xFFFFFFFF
-            flow.buf, flow.ooo, flow.heap, flow.ooo_bytes = b"", {}, [], 0
-            flow.pending, flow.plen, flow.need, flow.scan, flow.skip = [], 0, 0, 0, 0
+            self._restart_stream(flow, (seq + 1) & 0xFFFFFFFF)
             flow.data = flow.closed = False
+            flow.alt = None
             if key not in self.bare:
                 self.bare[key] = None
             return []
-        if flags & 0x05 and not data:  # FIN/RST without data
+        if flags & 0x05 and not data:  # FIN/RST without data: what is held past a hole is given up
+            out = self._give_up(flow, src, dst) if flow.ooo else []
             self.flows.pop(key, None)
             self.bare.pop(key, None)
-            return []
+            return out
         if not data or flow.sip is False:
             return []
         if flags & 0x05:
@@ -689,10 +700,20 @@ class Decoder:
         if flow.next_seq is None:
             flow.next_seq = flow.pos = seq  # capture started mid-connection
         rel = (seq - flow.next_seq) & 0xFFFFFFFF
+        if rel and seq == flow.alt:  # data where the other start said: that is the stream now
+            alt = flow.next_seq
+            self._count("tcp_stream_switches")
+            self._skip_held(flow)
+            self._restart_stream(flow, seq)
+            flow.alt = alt  # (the one left may win back the same way)
+            rel = 0
         if not flow.data:
             flow.data = True
             self.bare.pop(key, None)
-            if rel >= 0x80000000 or rel > TCP_FAR:  # the SYN seen was not this data's (forged)
+            if rel >= 0x80000000 or rel > TCP_FAR:
+                # not where its SYN said (a forged SYN, or this a forged segment): followed, and
+                # the SYN's word kept as the other start
+                flow.alt = flow.next_seq
                 flow.next_seq = flow.pos = seq
                 rel = 0
         out = []
@@ -701,9 +722,12 @@ class Decoder:
                 back = 0x100000000 - rel
                 if back >= len(data):
                     self._count("tcp_retransmissions")
-                    return out
+                    return self._refused(flow, seq, data, src, dst, ts, out)
                 data = data[back:]
                 break
+            if rel > TCP_FAR:  # out of any window: not this stream's (forged, or our place lost)
+                self._count("tcp_out_of_window")
+                return self._refused(flow, seq, data, src, dst, ts, out)
             # a hole: keep this segment until the missing bytes arrive
             ooo = flow.ooo
             if not ooo:
@@ -712,17 +736,17 @@ class Decoder:
                     or ts - flow.gap_ts > TCP_GAP_WAIT:
                 # not filled: the capture lost those bytes (the peer got them, nothing resends
                 # them); go on from the lowest held segment, then place this one again
-                self._gap(flow)
-                self._drain(flow)
-                out += self._ready(flow, src, dst, ts)
+                out += self._give_up(flow, src, dst, once=True)
                 flow.gap_ts = ts
                 rel = (seq - flow.next_seq) & 0xFFFFFFFF
                 continue
+            flow.refused = 0
             at = flow.pos + rel
             old = ooo.get(at)
             if old is None:
                 heapq.heappush(flow.heap, at)
                 ooo[at] = bytes(data)
+                flow.ooo_ts[at] = ts
                 flow.ooo_bytes += len(data)
             elif len(data) > len(old):  # (a retransmission carrying more)
                 ooo[at] = bytes(data)
@@ -731,6 +755,8 @@ class Decoder:
                 return out
             self._held(len(data))
             return out
+        flow.refused = 0
+        flow.gap_ts = ts  # (a hole after this is timed from the stream's last step)
         self._take(flow, data)
         self._held(len(data))
         flow.next_seq = (flow.next_seq + len(data)) & 0xFFFFFFFF
@@ -743,15 +769,70 @@ class Decoder:
             return out + self._ready(flow, src, dst, ts)
         return self._ready(flow, src, dst, ts)
 
+    def _refused(self, flow: _TcpFlow, seq: int, data, src, dst, ts, out: list) -> list[Packet]:
+        """A segment behind the stream or out of its window. TCP_RESYNC of them in a row, and
+        none taken between: the stream is not where we think (a forged segment or SYN took our
+        place, or the capture lost more than a window), so it starts again at this one."""
+        flow.refused += 1
+        if flow.refused < TCP_RESYNC:
+            return out
+        self._count("tcp_resyncs")
+        self._skip_held(flow)
+        self._restart_stream(flow, seq)
+        flow.alt = None
+        self._take(flow, data)
+        self._held(len(data))
+        flow.next_seq = (seq + len(data)) & 0xFFFFFFFF
+        flow.pos += len(data)
+        return out + self._ready(flow, src, dst, ts)
+
+    @staticmethod
+    def _restart_stream(flow: _TcpFlow, next_seq: int) -> None:
+        """Reassembly from ``next_seq`` on, with nothing held."""
+        flow.next_seq = flow.pos = next_seq
+        flow.buf, flow.ooo, flow.ooo_ts, flow.heap, flow.ooo_bytes = b"", {}, {}, [], 0
+        flow.pending, flow.plen, flow.need, flow.scan, flow.skip = [], 0, 0, 0, 0
+        flow.refused = 0
+
+    def _skip_held(self, flow: _TcpFlow) -> None:
+        """Count what a flow holds as skipped (its stream starts again elsewhere)."""
+        lost = flow.held()
+        if lost:
+            self._count("tcp_skipped_bytes", lost)
+
     def flush(self, ts: float) -> list[Packet]:
         """The capture ended: the holes still open in connections will not be filled; what is
-        held after them is framed (its messages stamped ``ts``, the last frame's time)."""
+        held after them is framed (each message stamped with its last segment's time)."""
         out = []
         for key, flow in list(self.flows.items()):
-            while flow.ooo:
-                self._gap(flow)
-                self._drain(flow)
-                out += self._ready(flow, key[0], key[1], ts)
+            if flow.ooo:
+                out += self._give_up(flow, key[0], key[1])
+        return out
+
+    def _give_up(self, flow: _TcpFlow, src, dst, once: bool = False) -> list[Packet]:
+        """Give up the hole before the lowest held segment (every hole, unless ``once``) and
+        frame what follows it, each segment's messages stamped with that segment's time."""
+        out: list[Packet] = []
+        while flow.ooo:
+            self._gap(flow)
+            heap, ooo, stamps = flow.heap, flow.ooo, flow.ooo_ts
+            while heap and heap[0] <= flow.pos:
+                at = heapq.heappop(heap)
+                nxt = ooo.pop(at)
+                seg_ts = stamps.pop(at)
+                flow.ooo_bytes -= len(nxt)
+                back = flow.pos - at
+                if back >= len(nxt):
+                    self._count("tcp_retransmissions")
+                    continue
+                if back:
+                    nxt = nxt[back:]
+                self._take(flow, nxt)
+                flow.next_seq = (flow.next_seq + len(nxt)) & 0xFFFFFFFF
+                flow.pos += len(nxt)
+                out += self._ready(flow, src, dst, seg_ts)
+            if once:
+                break
         return out
 
     def _ready(self, flow: _TcpFlow, src, dst, ts) -> list[Packet]:
@@ -797,6 +878,7 @@ class Decoder:
         while heap and heap[0] <= flow.pos:
             at = heapq.heappop(heap)
             nxt = ooo.pop(at)
+            del flow.ooo_ts[at]
             flow.ooo_bytes -= len(nxt)
             back = flow.pos - at
             if back >= len(nxt):

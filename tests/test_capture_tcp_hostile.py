@@ -287,3 +287,100 @@ def test_a_simple_packet_block_before_any_interface_is_counted(tmp_path):
     got, counters = _udp_call_ids(tmp_path, _SHB + spb + _IDB + _epb(_frame("epb")))
     assert got == ["epb"]
     assert counters["unknown_interface"] == 1
+
+
+def _stream(msgs, seq, t0, step, sport=40000):
+    frames = []
+    for i, m in enumerate(msgs):
+        frames.append(_seg(t0 + i * step, seq, m, sport=sport))
+        seq += len(m)
+    return frames, seq
+
+
+def _read_stamped(tmp_path, frames, name="s.pcap"):
+    path = tmp_path / name
+    path.write_bytes(pb.pcap(1, frames))
+    counters: dict = {}
+    got = [(p.payload, p.ts) for p in read_packets(str(path), counters) if p.transport == "tcp"]
+    return got, counters
+
+
+def test_a_forged_first_segment_does_not_take_the_stream(tmp_path):
+    """SYN, then one forged segment 2^30 past its ISN, then the real stream: the forged one was
+    taken for the start and every real byte for old data (0 of 100 seen)."""
+    msgs = _invites(100)
+    frames = [_seg(1.0, 999, flags=0x02), _seg(1.0005, 1000 + (1 << 30), b"x" * 100)]
+    more, _ = _stream(msgs, 1000, 1.001, 0.001)
+    got, counters = _read_stamped(tmp_path, frames + more)
+    assert [p for p, _ in got] == msgs
+
+
+def test_a_far_segment_held_does_not_make_a_later_reordering_a_lost_stream(tmp_path):
+    """A segment far past the stream arrived after real data; seconds later two neighbours
+    swapped places: the hole's clock ran from the old segment, the give-up jumped to it, and half
+    the stream was lost as retransmissions."""
+    msgs = _invites(100)
+    frames, seq = _stream(msgs[:50], 1000, 1.0, 0.001)
+    frames.insert(10, _seg(1.0095, 1000 + (1 << 30), b"x" * 100))
+    rest, _ = _stream(msgs[50:], seq, 6.0, 0.001)
+    rest[0], rest[1] = rest[1], rest[0]
+    got, counters = _read_stamped(tmp_path, [_seg(0.9, 999, flags=0x02)] + frames + rest)
+    assert [p for p, _ in got] == msgs
+    assert "tcp_retransmissions" not in counters
+
+
+@pytest.mark.parametrize("isn", [10, 50_000_000])  # the new ISN behind the old stream, or ahead
+def test_a_connection_opened_again_without_its_close_captured_is_followed(tmp_path, isn):
+    """A phone reconnects from the same address and port with a new ISN, the old connection's
+    end not in the capture: with every SYN on a connection that carried data ignored, the new
+    stream was old data (20 of 70) or held until the end and stamped then."""
+    old, new = _invites(20, "old"), _invites(50, "new")
+    frames, _ = _stream(old, 1_000_000, 1.0, 0.01)
+    frames.append(_seg(100.0, isn - 1, flags=0x02))
+    more, _ = _stream(new, isn, 100.01, 0.01)
+    got, counters = _read_stamped(tmp_path, [_seg(0.9, 999_999, flags=0x02)] + frames + more)
+    assert [p for p, _ in got] == old + new
+    assert all(abs(t - (100.01 + i * 0.01)) < 1e-6 for i, (_, t) in enumerate(got[20:]))
+
+
+def test_messages_after_a_hole_given_up_keep_their_own_time(tmp_path):
+    """One segment missed, messages 10 ms apart: those released when the hole was given up were
+    stamped with the segment that released them (up to 2.56 s late), or with the capture's last."""
+    msgs = _invites(400)
+    frames, seq = [_seg(0.99, 999, flags=0x02)], 1000
+    for i, m in enumerate(msgs):
+        if i != 1:
+            frames.append(_seg(1.0 + i * 0.01, seq, m))
+        seq += len(m)
+    got, counters = _read_stamped(tmp_path, frames)
+    assert [p for p, _ in got] == msgs[:1] + msgs[2:]
+    want = [1.0] + [1.0 + i * 0.01 for i in range(2, 400)]
+    assert max(abs(t - w) for (_, t), w in zip(got, want)) < 1e-6
+    assert counters["tcp_gaps"] == 1
+
+
+def test_a_close_gives_up_the_hole_and_frames_what_is_held(tmp_path):
+    """c0, (c1 missed), c2, c3, c4, then a FIN without data: only c0 was seen, nothing counted."""
+    msgs = _invites(5, "c")
+    frames, seq = [_seg(0.99, 999, flags=0x02)], 1000
+    for i, m in enumerate(msgs):
+        if i != 1:
+            frames.append(_seg(1.0 + i * 0.01, seq, m))
+        seq += len(m)
+    frames.append(_seg(1.2, seq, flags=0x11))
+    got, counters = _read_stamped(tmp_path, frames)
+    assert [p for p, _ in got] == [msgs[0], msgs[2], msgs[3], msgs[4]]
+    assert counters["tcp_gaps"] == 1
+
+
+def test_a_stream_that_lost_its_place_starts_again(tmp_path):
+    """Our place taken by something we could not see through (32 segments in a row behind the
+    stream or out of its window): reassembly starts again at the stream's own segments."""
+    msgs = _invites(80)
+    frames, _ = _stream(msgs[:10], 1000, 1.0, 0.001)
+    # the capture lost ~100 MB of this connection (more than any window it follows)
+    later, _ = _stream(msgs[10:], 1000 + (100 << 20), 2.0, 0.001)
+    got, counters = _read_stamped(tmp_path, [_seg(0.99, 999, flags=0x02)] + frames + later)
+    seen = [p for p, _ in got]
+    assert seen[:10] == msgs[:10] and seen[10:] == msgs[10 + 31:]
+    assert counters["tcp_resyncs"] == 1
