@@ -38,7 +38,7 @@ from sipwatch.metrics import ACCEPT_BURST, ACCEPT_PER_SECOND, Listener, TokenBuc
 MAX_TCP_CONNECTIONS = 256
 # A HEP packet's time is its sender's word, and the observer's timers run on it: one packet
 # stamped in 2106 timed out every call in progress. Outside this window around this host's
-# clock (a sender's skew, a captagent's batching) the packet is taken at this host's time. The
+# clock (a sender's skew, a captagent's batching) the packet's time is clamped into it. The
 # window is narrow because the housekeeping tick expires transactions on this host's clock: a
 # packet L seconds behind loses L of its Timer B (at 60 s, answered calls 33 s behind were
 # counted as timeouts), and one packet L ahead moves every timer L forward.
@@ -103,7 +103,9 @@ class HepReceiver:
             ts = r.ts
             now = self.clock()
             if not now - MAX_BEHIND <= ts <= now + MAX_AHEAD:
-                ts = now
+                # clamped into the window, not set to now: a sender slightly ahead whose INVITE
+                # was stamped inside it and its 200 outside had the answer before the call
+                ts = now - MAX_BEHIND if ts < now - MAX_BEHIND else now + MAX_AHEAD
                 self.retimed += 1
             if self.on_packet is not None:
                 self.on_packet(r)
@@ -204,7 +206,7 @@ class HepReceiver:
         yield f
         yield CounterMetricFamily("sipwatch_hep_retimed", "HEP SIP packets stamped more than "
                                   f"{MAX_AHEAD:g} s ahead of this host's clock or {MAX_BEHIND:g} s "
-                                  "behind it: taken at this host's time.", value=self.retimed)
+                                  "behind it: clamped into that window.", value=self.retimed)
         yield GaugeMetricFamily("sipwatch_hep_connections", "HEP TCP connections open.",
                                 value=self.connections)
 

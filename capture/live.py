@@ -254,8 +254,18 @@ class RtpMonitor:
             return
         by_call = self.by_call
         if st.call_id not in by_call:
-            while by_call and (len(by_call) >= self.max_pending or self.listed >= self.max_listed):
+            while by_call and len(by_call) >= self.max_pending:
                 self.listed -= len(by_call.popitem(last=False)[1])
+        # past max_listed in all, other calls' lists go, the oldest first (a call's own list
+        # grows on: a call already listed once grew every list to MAX_CALL_STREAMS, ~550 MB)
+        while self.listed >= self.max_listed and by_call:
+            oldest = next(iter(by_call))
+            if oldest == st.call_id:
+                if len(by_call) == 1:
+                    break
+                by_call.move_to_end(oldest)
+                continue
+            self.listed -= len(by_call.pop(oldest))
         entry = {
             "ssrc": s["ssrc"], "codec": name or None, "packets": st.packets, "lost": s["lost"],
             "lost_pct": s["lost_pct"], "jitter_mean_ms": s["mean_jitter_ms"],

@@ -290,6 +290,28 @@ class WorkerPipeline:
     def _restart(self) -> None:
         """A new worker in place of the dead one (on the loop, at most every RESTART_MAX s)."""
         old = self.proc
+        try:
+            self._spawn(self._config, self._log_fd)
+        except Exception as exc:  # noqa: BLE001 - cannot start one now: try again later
+            # (the dead one's pipes stay open until then: their numbers are not reused by
+            # anything this process opens meanwhile and then read or written as the worker's)
+            new = self.proc
+            if new is not old:  # started, then its configuration could not be written
+                new.kill()
+                for f in (new.stdin, new.stdout):
+                    try:
+                        f.close()
+                    except OSError:
+                        pass
+                try:
+                    new.wait(0.5)
+                except subprocess.TimeoutExpired:
+                    pass
+            self.proc, self._w, self._r = old, old.stdin.fileno(), old.stdout.fileno()
+            self._restart_at = time.monotonic() + self._restart_wait
+            self._restart_wait = min(2 * self._restart_wait, RESTART_MAX)
+            sys.stderr.write(f"sipwatch: span worker could not be started again: {exc}\n")
+            return
         for f in (old.stdin, old.stdout):
             try:
                 f.close()
@@ -304,13 +326,6 @@ class WorkerPipeline:
         self._inbuf.clear()
         self._status = {}
         self._written_records = 0
-        try:
-            self._spawn(self._config, self._log_fd)
-        except Exception as exc:  # noqa: BLE001 - cannot start one now: try again later
-            self._restart_at = time.monotonic() + self._restart_wait
-            self._restart_wait = min(2 * self._restart_wait, RESTART_MAX)
-            sys.stderr.write(f"sipwatch: span worker could not be started again: {exc}\n")
-            return
         self._dead = False
         self.restarts += 1
         sys.stderr.write("sipwatch: span worker started again\n")

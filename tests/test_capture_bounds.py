@@ -402,3 +402,27 @@ def test_the_streams_waiting_for_their_calls_summaries_are_bounded_in_all():
         mon.tick(t)
     assert mon.listed == sum(len(x) for x in mon.by_call.values()) <= 16 * 50
     assert "call-299" in mon.by_call and "call-0" not in mon.by_call
+
+
+def test_calls_already_listed_do_not_grow_past_the_bound_in_all():
+    """The bound on entries in all was checked for new calls only: calls listed once each grew
+    their lists to MAX_CALL_STREAMS (64,000 entries against a bound of 1,600)."""
+    from capture.live import RtpMonitor
+
+    class Finished:
+        media, packets, lost, clock, max_jitter = True, 10, 0, 8000, 0.0
+
+        def __init__(self, cid):
+            self.call_id = cid
+
+        def summary(self):
+            return {"ssrc": "0x1", "lost": 0, "lost_pct": 0.0, "mean_jitter_ms": 0, "max_jitter_ms": 0, "mos": 4.4}
+
+        def codec(self):
+            return "PCMA"
+
+    mon = RtpMonitor(max_streams=100)
+    for _ in range(64):
+        for c in range(1000):
+            mon._finish(Finished(f"call{c}"), "idle")
+    assert mon.listed == sum(len(x) for x in mon.by_call.values()) <= mon.max_listed

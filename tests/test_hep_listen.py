@@ -253,3 +253,28 @@ def test_a_bug_a_packet_reaches_is_reported_as_one_not_as_a_malformed_packet():
     rx = HepReceiver(feed, b"", on_error=lambda component, exc: errors.append((component, str(exc))))
     assert rx.packet(encode_hep3(b"OPTIONS sip:x SIP/2.0\r\n\r\n", ("10.0.0.1", 1), ("10.0.0.2", 2), 1.7e9)) is False
     assert errors == [("hep", "observer bug")] and rx.rejected["bad_chunk"] == 0
+
+
+def test_a_sender_just_past_the_window_keeps_its_messages_in_order():
+    """Stamps outside the window were set to now: a sender ~0.5 s ahead had its INVITE (+0.45 s,
+    kept) after its 200 (+0.55 s, set to now): a setup time of -0.25 s. They are clamped now."""
+    import io
+
+    from capture.live import LiveCapture, RtpMonitor
+    from sipwatch.logs import JsonLog
+
+    now = [1_800_000_000.0]
+    lc = LiveCapture("x", "", None, rtp=RtpMonitor(grace=0.0), log=JsonLog("cap", stream=io.BytesIO()))
+    rx = HepReceiver(lc.feed, b"", on_rtcp=lc.rtcp.add, clock=lambda: now[0])
+    a, b = ("10.0.0.1", 5060), ("10.0.0.2", 5060)
+
+    def msg(first, m, to_tag=b""):
+        return (first + b"\r\nVia: SIP/2.0/UDP 10.0.0.1;branch=z9hG4bKk" + m + b"\r\n"
+                b"From: <sip:alice@10.0.0.1>;tag=1\r\nTo: <sip:bob@10.0.0.2>" + to_tag +
+                b"\r\nCall-ID: skewed\r\nCSeq: 1 " + m + b"\r\nContent-Length: 0\r\n\r\n")
+
+    rx.packet(encode_hep3(msg(b"INVITE sip:bob@10.0.0.2 SIP/2.0", b"INVITE"), a, b, now[0] + 0.45))
+    now[0] += 0.05
+    rx.packet(encode_hep3(msg(b"SIP/2.0 200 OK", b"INVITE", b";tag=2"), b, a, now[0] + 0.55))
+    call = lc.observer.tracker.calls[b"skewed"]
+    assert call.status == 200 and call.t_answer >= call.t_start

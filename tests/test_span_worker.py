@@ -799,3 +799,40 @@ def test_only_the_first_frame_configures_the_worker(tmp_path):
         assert not planted.exists()
     finally:
         p.shutdown(1.0)
+
+
+def test_a_worker_that_cannot_be_started_again_leaves_no_pipe_to_be_reused(tmp_path, monkeypatch):
+    """The restart closed the dead worker's pipes before starting the new one: when that failed
+    (fork refused), their numbers went to whatever opened next, and the proxy read that file as
+    the worker's status (a blocking one stopped the loop) and failed at shutdown."""
+    import errno
+    import signal
+
+    import sipwatch.span_worker as sw
+    p = worker_pipeline(Stats(ring_size=16), None, "grpc", tmp_path)
+    os.kill(p.proc.pid, signal.SIGKILL)
+    p.proc.wait()
+    p._poll()
+    assert p._dead
+    real = sw.subprocess.Popen
+
+    def refused(*args, **kwargs):
+        raise OSError(errno.EAGAIN, "fork refused")
+    monkeypatch.setattr(sw.subprocess, "Popen", refused)
+    p._restart_at = 0.0
+    p._poll()
+    assert p._dead and p.restarts == 0
+    r, w = os.pipe()
+    try:
+        os.write(w, b"not the worker's")
+        assert r not in (p._r, p._w) and w not in (p._r, p._w)
+        p._poll()
+        assert os.read(r, 100) == b"not the worker's"
+    finally:
+        os.close(r)
+        os.close(w)
+    monkeypatch.setattr(sw.subprocess, "Popen", real)
+    p._restart_at = 0.0
+    p._poll()
+    assert not p._dead and p.restarts == 1 and p.proc.poll() is None
+    p.shutdown(1.0)
