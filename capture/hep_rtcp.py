@@ -94,6 +94,14 @@ class RtcpReports:
         self.reports += taken
         return taken > 0
 
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+        yield CounterMetricFamily("sipwatch_hep_rtcp_report_blocks", "RTCP report blocks taken from HEP "
+                                  "RTCP JSON (type 5) for their calls' summaries.", value=self.reports)
+        yield CounterMetricFamily("sipwatch_hep_rtcp_malformed", "HEP RTCP JSON payloads with no block "
+                                  "that could be read (not JSON, no correlation id, too large, no usable "
+                                  "report block).", value=self.malformed)
+
     def take(self, call_id: bytes) -> list[dict]:
         """The call's reports as entries of a call summary's ``rtp`` list (then forgotten)."""
         out = []

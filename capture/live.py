@@ -550,6 +550,7 @@ async def _run(args) -> int:
     if listens:
         receiver = HepReceiver(lc.feed, hep["hep_auth_key"], on_rtcp=lc.rtcp.add, on_error=lc.errors.report)
         lc.metrics.gateway.register(receiver)
+        lc.metrics.gateway.register(lc.rtcp)
         try:
             for proto, addr in listens:
                 await receiver.listen(proto, addr)

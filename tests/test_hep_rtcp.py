@@ -130,3 +130,16 @@ def test_receiver_counts_rtcp_it_could_not_use_as_refused():
     ok = orjson.dumps({"report_blocks": [{"source_ssrc": 1}]})
     assert rx.packet(encode_hep3(ok, a, b, 1.7e9, payload_type=TYPE_RTCP_JSON, correlation_id=b"c1"))
     assert rx.rtcp_received == 1
+
+
+def test_the_store_exports_what_it_took_and_refused():
+    """RtcpReports.reports and .malformed were counted and never exported."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    store = RtcpReports()
+    reg = CollectorRegistry()
+    reg.register(store)
+    store.add(b"c1", orjson.dumps({"report_blocks": [{"source_ssrc": 1}, {"source_ssrc": 2}]}))
+    store.add(b"c1", b"{not json")
+    text = generate_latest(reg).decode()
+    assert "sipwatch_hep_rtcp_report_blocks_total 2.0" in text
+    assert "sipwatch_hep_rtcp_malformed_total 1.0" in text

@@ -224,6 +224,16 @@ def overview() -> dict:
         prom(f"sum(rate(sip_upstream_send_errors_total{{{SEL}}}[$__rate_interval]))", "upstream send errors", "E"),
         prom(f"sum(rate(sip_traceparent_invalid_total{{{SEL}}}[$__rate_interval]))", "invalid traceparent", "F"),
     ], "reqps", "Traffic the sidecar could not handle normally. Any steady non-zero line deserves a look."), 8, 8))
+    p.append(L.place(timeseries("Refused by the sidecar/s", [
+        prom(f"sum(rate(sip_overload_rejected_total{{{SEL}}}[$__rate_interval]))", "503 overloaded (new calls)", "A"),
+        prom(f"sum(rate(sip_drain_rejected_total{{{SEL}}}[$__rate_interval]))", "503 draining (new calls)", "B"),
+        prom(f"sum by (reason) (rate(sip_dropped_total{{{SEL}}}[$__rate_interval]))", "dropped: {{reason}}", "C"),
+        prom(f"sum by (component) (rate(sipwatch_internal_errors_total{{{SEL}}}[$__rate_interval]))",
+             "internal error: {{component}}", "D"),
+        prom(f"max(sipwatch_overloaded{{{SEL}}})", "shedding (1 = on)", "E"),
+    ], "reqps", "What the sidecar refused itself: new calls answered 503 while overloaded (SidecarShedding) or "
+       "draining, datagrams not forwarded by reason, and internal errors survived. Refused calls are not in "
+       "sip_calls_processed_total, so ASR/NER and CallFailureRatioHigh do not show them."), 8, 8))
     p.append(L.place(timeseries("State pressure", [
         prom(f"sum by (table) (rate(sip_state_evictions_total{{{SEL}}}[$__rate_interval]))", "evicted {{table}}", "A"),
         prom(f"sum(rate(sipwatch_records_dropped_total{{{SEL}}}[$__rate_interval]))", "records dropped", "B"),
