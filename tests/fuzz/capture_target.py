@@ -112,12 +112,15 @@ def _frame_by_frame(raw: bytes) -> tuple[list, dict]:
         off += 16
         if off + incl > len(raw):
             c["truncated"] = c.get("truncated", 0) + 1
-            return out, c
+            break
         c["frames"] += 1
         out += dec.frame(LT_ETHERNET, raw[off:off + incl], (sec * div + frac) / div)
         off += incl
-    if off != len(raw):
-        c["truncated"] = c.get("truncated", 0) + 1
+    else:
+        if off != len(raw):
+            c["truncated"] = c.get("truncated", 0) + 1
+    if dec.last_ts is not None:  # the end of the capture: holes still open are given up
+        out += dec.flush(dec.last_ts)
     return out, c
 
 
