@@ -815,22 +815,7 @@ class Decoder:
         out: list[Packet] = []
         while flow.ooo:
             self._gap(flow)
-            heap, ooo, stamps = flow.heap, flow.ooo, flow.ooo_ts
-            while heap and heap[0] <= flow.pos:
-                at = heapq.heappop(heap)
-                nxt = ooo.pop(at)
-                seg_ts = stamps.pop(at)
-                flow.ooo_bytes -= len(nxt)
-                back = flow.pos - at
-                if back >= len(nxt):
-                    self._count("tcp_retransmissions")
-                    continue
-                if back:
-                    nxt = nxt[back:]
-                self._take(flow, nxt)
-                flow.next_seq = (flow.next_seq + len(nxt)) & 0xFFFFFFFF
-                flow.pos += len(nxt)
-                out += self._ready(flow, src, dst, seg_ts)
+            self._drain(flow, (src, dst, out))
             if once:
                 break
         return out
@@ -871,14 +856,16 @@ class Decoder:
         flow.next_seq = (flow.next_seq + (at - flow.pos)) & 0xFFFFFFFF
         flow.pos = at
 
-    def _drain(self, flow: _TcpFlow) -> None:
+    def _drain(self, flow: _TcpFlow, frame: tuple | None = None) -> None:
         """Take the held segments the stream has reached, lowest first: the part of one that
-        starts before ``next_seq`` is cut off, one wholly behind it dropped."""
-        heap, ooo = flow.heap, flow.ooo
+        starts before ``next_seq`` is cut off, one wholly behind it dropped. With ``frame``
+        (src, dst, out), each segment's messages are framed as it is taken, stamped with its own
+        capture time, into ``out`` (a hole given up: they were not waiting for a later one)."""
+        heap, ooo, stamps = flow.heap, flow.ooo, flow.ooo_ts
         while heap and heap[0] <= flow.pos:
             at = heapq.heappop(heap)
             nxt = ooo.pop(at)
-            del flow.ooo_ts[at]
+            seg_ts = stamps.pop(at)
             flow.ooo_bytes -= len(nxt)
             back = flow.pos - at
             if back >= len(nxt):
@@ -889,6 +876,8 @@ class Decoder:
             self._take(flow, nxt)
             flow.next_seq = (flow.next_seq + len(nxt)) & 0xFFFFFFFF
             flow.pos += len(nxt)
+            if frame is not None:
+                frame[2].extend(self._ready(flow, frame[0], frame[1], seg_ts))
 
     def _held(self, n: int) -> None:
         """``n`` more bytes given to the flows to hold: past a quarter of MAX_TCP_HELD since the
