@@ -371,22 +371,20 @@ def capture_warnings(counters: dict, decoded: int, sip_messages: int) -> list[st
                    f"{MAX_FRAG_PARTS} fragments, or more than {MAX_FRAG_SETS} unfinished, or past {MAX_FRAG_BYTES >> 20} MB held) "
                    f"and {flows} TCP connections (past {MAX_TCP_HELD >> 20} MB held, or {MAX_TCP_FLOWS} "
                    f"connections open); SIP in them may be missing")
-    gaps = counters.get("tcp_gaps", 0)
-    if gaps:
-        out.append(f"warning: {gaps} holes in TCP streams were never filled (bytes the capture missed); "
-                   f"SIP messages across them are missing")
+    # what was counted and not seen, one line each (the count first)
     moved = counters.get("tcp_resyncs", 0) + counters.get("tcp_stream_switches", 0)
-    if moved:
-        out.append(f"warning: {moved} times a TCP stream was found elsewhere than expected (a connection "
-                   f"opened again without its close captured, a forged SYN or segment, or more than a window "
-                   f"lost); messages around it may be missing")
-    churn = counters.get("rtp_ssrc_churn", 0)
-    if churn:
-        out.append(f"warning: {churn} RTP packets started new SSRCs past {RtpAnalyzer.CHURN_MAX} on one media "
-                   f"flow within {RtpAnalyzer.CHURN_WINDOW:g} s: counted, not analysed as streams")
-    over = counters.get("sip_oversized", 0)
-    if over:
-        out.append(f"warning: {over} SIP messages over TCP larger than --max-sip-message were skipped")
+    for n, what in (
+            (counters.get("tcp_gaps", 0), "holes in TCP streams were never filled (bytes the capture "
+                                          "missed); SIP messages across them are missing"),
+            (moved, "times a TCP stream was found elsewhere than expected (a connection opened again "
+                    "without its close captured, a forged SYN or segment, or more than a window lost); "
+                    "messages around it may be missing"),
+            (counters.get("rtp_ssrc_churn", 0), f"RTP packets started new SSRCs past {RtpAnalyzer.CHURN_MAX} "
+                                                f"on one media flow within {RtpAnalyzer.CHURN_WINDOW:g} s: "
+                                                f"counted, not analysed as streams"),
+            (counters.get("sip_oversized", 0), "SIP messages over TCP larger than --max-sip-message were skipped")):
+        if n:
+            out.append(f"warning: {n} {what}")
     if frames and not decoded and not undecoded:
         kinds = sorted(counters.get("non_ip_types", {}).items(), key=lambda kv: -kv[1])
         kinds += [(k, counters[k]) for k in ("truncated", "bad_ip", "other_ip_proto") if counters.get(k)]

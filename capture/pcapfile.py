@@ -759,8 +759,6 @@ class Decoder:
         flow.gap_ts = ts  # (a hole after this is timed from the stream's last step)
         self._take(flow, data)
         self._held(len(data))
-        flow.next_seq = (flow.next_seq + len(data)) & 0xFFFFFFFF
-        flow.pos += len(data)
         if flow.ooo:
             self._drain(flow)
         if key not in self.flows:  # (cut off by _held)
@@ -782,8 +780,6 @@ class Decoder:
         flow.alt = None
         self._take(flow, data)
         self._held(len(data))
-        flow.next_seq = (seq + len(data)) & 0xFFFFFFFF
-        flow.pos += len(data)
         return out + self._ready(flow, src, dst, ts)
 
     @staticmethod
@@ -874,8 +870,6 @@ class Decoder:
             if back:
                 nxt = nxt[back:]
             self._take(flow, nxt)
-            flow.next_seq = (flow.next_seq + len(nxt)) & 0xFFFFFFFF
-            flow.pos += len(nxt)
             if frame is not None:
                 frame[2].extend(self._ready(flow, frame[0], frame[1], seg_ts))
 
@@ -902,6 +896,9 @@ class Decoder:
 
     @staticmethod
     def _take(flow: _TcpFlow, data) -> None:
+        """``data``, next in the stream, to frame; the stream's place moves past it."""
+        flow.next_seq = (flow.next_seq + len(data)) & 0xFFFFFFFF
+        flow.pos += len(data)
         if flow.skip:  # the rest of a message over the size cap: dropped as it arrives
             k = min(flow.skip, len(data))
             flow.skip -= k

@@ -287,6 +287,11 @@ class WorkerPipeline:
         os.set_blocking(self._r, False)
         self._spawned_at = time.monotonic()
 
+    def _schedule_restart(self, now: float) -> None:
+        """The next start in ``_restart_wait`` seconds, and the wait after it twice as long."""
+        self._restart_at = now + self._restart_wait
+        self._restart_wait = min(2 * self._restart_wait, RESTART_MAX)
+
     def _restart(self) -> None:
         """A new worker in place of the dead one (on the loop, at most every RESTART_MAX s)."""
         old = self.proc
@@ -295,34 +300,13 @@ class WorkerPipeline:
         except Exception as exc:  # noqa: BLE001 - cannot start one now: try again later
             # (the dead one's pipes stay open until then: their numbers are not reused by
             # anything this process opens meanwhile and then read or written as the worker's)
-            new = self.proc
-            if new is not old:  # started, then its configuration could not be written
-                new.kill()
-                for f in (new.stdin, new.stdout):
-                    try:
-                        f.close()
-                    except OSError:
-                        pass
-                try:
-                    new.wait(0.5)
-                except subprocess.TimeoutExpired:
-                    pass
+            if self.proc is not old:  # started, then its configuration could not be written
+                _discard(self.proc)
             self.proc, self._w, self._r = old, old.stdin.fileno(), old.stdout.fileno()
-            self._restart_at = time.monotonic() + self._restart_wait
-            self._restart_wait = min(2 * self._restart_wait, RESTART_MAX)
+            self._schedule_restart(time.monotonic())
             sys.stderr.write(f"sipwatch: span worker could not be started again: {exc}\n")
             return
-        for f in (old.stdin, old.stdout):
-            try:
-                f.close()
-            except OSError:
-                pass
-        if old.poll() is None:
-            old.kill()
-        try:
-            old.wait(0.5)
-        except subprocess.TimeoutExpired:
-            pass
+        _discard(old)
         self._inbuf.clear()
         self._status = {}
         self._written_records = 0
@@ -512,8 +496,7 @@ class WorkerPipeline:
             now = time.monotonic()
             if now - self._spawned_at > RESTART_MAX:  # it had lived: start again soon
                 self._restart_wait = RESTART_FIRST
-            self._restart_at = now + self._restart_wait
-            self._restart_wait = min(2 * self._restart_wait, RESTART_MAX)
+            self._schedule_restart(now)
             sys.stderr.write(f"sipwatch: span worker gone; spans are dropped until it is started again "
                              f"(in {self._restart_at - now:.0f} s)\n")
         self._dropped += self._held_records
@@ -687,6 +670,21 @@ class WorkerPipeline:
             self._summaries_lost(self._unwritten)
             self._unwritten.clear()
         self._publish()
+
+
+def _discard(proc) -> None:
+    """A worker process given up: its pipes closed, itself killed and reaped (briefly)."""
+    for f in (proc.stdin, proc.stdout):
+        try:
+            f.close()
+        except OSError:
+            pass
+    if proc.poll() is None:
+        proc.kill()
+    try:
+        proc.wait(0.5)
+    except subprocess.TimeoutExpired:
+        pass
 
 
 def _frame(kind: int, packed_kind: int, value) -> bytes:

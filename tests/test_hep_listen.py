@@ -178,26 +178,40 @@ def test_connections_are_accepted_within_a_budget_and_packets_over_udp_still_flo
     asyncio.run(main())
 
 
+A_END, B_END = ("10.0.0.1", 5060), ("10.0.0.2", 5060)
+
+
+def _hep_capture(clock=None):
+    """A live capture fed by a HEP receiver (packets handed in, no socket), and its log."""
+    import io
+
+    from capture.live import LiveCapture, RtpMonitor
+    from sipwatch.logs import JsonLog
+    buf = io.BytesIO()
+    lc = LiveCapture("x", "", None, rtp=RtpMonitor(grace=0.0), log=JsonLog("cap", stream=buf))
+    rx = HepReceiver(lc.feed, b"", on_rtcp=lc.rtcp.add, **({} if clock is None else {"clock": clock}))
+    return lc, rx, buf
+
+
+def _dialog_message(call_id: bytes):
+    """msg(first line, method, to_tag=b""): a message of one INVITE dialog from A_END to B_END."""
+    def msg(first, m, to_tag=b""):
+        return (first + b"\r\nVia: SIP/2.0/UDP 10.0.0.1;branch=z9hG4bK" + call_id + m + b"\r\n"
+                b"From: <sip:alice@10.0.0.1>;tag=1\r\nTo: <sip:bob@10.0.0.2>" + to_tag +
+                b"\r\nCall-ID: " + call_id + b"\r\nCSeq: 1 " + m + b"\r\nContent-Length: 0\r\n\r\n")
+    return msg
+
+
 def test_a_packet_stamped_far_ahead_does_not_time_out_the_calls_in_progress():
     """The observer's timers run on the packets' times, and a HEP packet's time is its sender's
     word: one packet stamped in 2106 (even one that is not SIP) timed out every transaction in
     progress, and their later answers were unmatched. Outside [now - MAX_BEHIND, now + MAX_AHEAD]
-    a packet is taken at this host's time (counted)."""
-    import io
+    a packet's time is clamped into it (counted)."""
     import time
 
-    from capture.live import LiveCapture, RtpMonitor
-    from sipwatch.logs import JsonLog
-
-    buf = io.BytesIO()
-    lc = LiveCapture("x", "", None, rtp=RtpMonitor(grace=0.0), log=JsonLog("cap", stream=buf))
-    rx = HepReceiver(lc.feed, b"", on_rtcp=lc.rtcp.add)
-    a, b = ("10.0.0.1", 5060), ("10.0.0.2", 5060)
-
-    def msg(first, m, to_tag=b""):
-        return (first + b"\r\nVia: SIP/2.0/UDP 10.0.0.1;branch=z9hG4bKv" + m + b"\r\n"
-                b"From: <sip:alice@10.0.0.1>;tag=1\r\nTo: <sip:bob@10.0.0.2>" + to_tag +
-                b"\r\nCall-ID: victim\r\nCSeq: 1 " + m + b"\r\nContent-Length: 0\r\n\r\n")
+    lc, rx, buf = _hep_capture()
+    a, b = A_END, B_END
+    msg = _dialog_message(b"victim")
 
     now = time.time()
     rx.packet(encode_hep3(msg(b"INVITE sip:bob@10.0.0.2 SIP/2.0", b"INVITE"), a, b, now))
@@ -216,21 +230,10 @@ def test_a_sender_lagging_past_timer_b_does_not_turn_answered_calls_into_timeout
     """Packets stamped up to 60 s behind were taken as stamped while the housekeeping tick
     expires transactions on this host's clock: an INVITE and its 200 arriving 0.1 s apart from
     a sender 33 s behind were a timeout and an unmatched response."""
-    import io
-
-    from capture.live import LiveCapture, RtpMonitor
-    from sipwatch.logs import JsonLog
-
     now = [1_800_000_000.0]
-    buf = io.BytesIO()
-    lc = LiveCapture("x", "", None, rtp=RtpMonitor(grace=0.0), log=JsonLog("cap", stream=buf))
-    rx = HepReceiver(lc.feed, b"", on_rtcp=lc.rtcp.add, clock=lambda: now[0])
-    a, b = ("10.0.0.1", 5060), ("10.0.0.2", 5060)
-
-    def msg(first, m, to_tag=b""):
-        return (first + b"\r\nVia: SIP/2.0/UDP 10.0.0.1;branch=z9hG4bKl" + m + b"\r\n"
-                b"From: <sip:alice@10.0.0.1>;tag=1\r\nTo: <sip:bob@10.0.0.2>" + to_tag +
-                b"\r\nCall-ID: lagging\r\nCSeq: 1 " + m + b"\r\nContent-Length: 0\r\n\r\n")
+    lc, rx, _ = _hep_capture(lambda: now[0])
+    a, b = A_END, B_END
+    msg = _dialog_message(b"lagging")
 
     lag = 33.0
     rx.packet(encode_hep3(msg(b"INVITE sip:bob@10.0.0.2 SIP/2.0", b"INVITE"), a, b, now[0] - lag))
@@ -258,20 +261,10 @@ def test_a_bug_a_packet_reaches_is_reported_as_one_not_as_a_malformed_packet():
 def test_a_sender_just_past_the_window_keeps_its_messages_in_order():
     """Stamps outside the window were set to now: a sender ~0.5 s ahead had its INVITE (+0.45 s,
     kept) after its 200 (+0.55 s, set to now): a setup time of -0.25 s. They are clamped now."""
-    import io
-
-    from capture.live import LiveCapture, RtpMonitor
-    from sipwatch.logs import JsonLog
-
     now = [1_800_000_000.0]
-    lc = LiveCapture("x", "", None, rtp=RtpMonitor(grace=0.0), log=JsonLog("cap", stream=io.BytesIO()))
-    rx = HepReceiver(lc.feed, b"", on_rtcp=lc.rtcp.add, clock=lambda: now[0])
-    a, b = ("10.0.0.1", 5060), ("10.0.0.2", 5060)
-
-    def msg(first, m, to_tag=b""):
-        return (first + b"\r\nVia: SIP/2.0/UDP 10.0.0.1;branch=z9hG4bKk" + m + b"\r\n"
-                b"From: <sip:alice@10.0.0.1>;tag=1\r\nTo: <sip:bob@10.0.0.2>" + to_tag +
-                b"\r\nCall-ID: skewed\r\nCSeq: 1 " + m + b"\r\nContent-Length: 0\r\n\r\n")
+    lc, rx, _ = _hep_capture(lambda: now[0])
+    a, b = A_END, B_END
+    msg = _dialog_message(b"skewed")
 
     rx.packet(encode_hep3(msg(b"INVITE sip:bob@10.0.0.2 SIP/2.0", b"INVITE"), a, b, now[0] + 0.45))
     now[0] += 0.05
