@@ -46,7 +46,9 @@ import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
+from sipwatch.config import ConfigError, call_id_masker
 from sipwatch.framing import StreamFramer
+from sipwatch.masking import MODES, add_call_id_mask_arguments
 from sipwatch.sipmsg import SipMessage, SipParseError, header_tag, parse, split_values, uri_hostport
 
 from .pcapfile import read_packets
@@ -378,8 +380,9 @@ class Replayer:
             self.send_errors += 1
 
     # -- report -------------------------------------------------------------------------
-    def summary(self) -> dict:
-        """What was replayed, with the replayer's own timing errors measured.
+    def summary(self, call_id_mask=None) -> dict:
+        """What was replayed, with the replayer's own timing errors measured; Call-IDs shown
+        through ``call_id_mask`` (a :class:`~sipwatch.masking.CallIdMasker`; None: as captured).
 
         Per message, ``late_ms``: actual send time − scheduled time (the replayer's timers are
         not punctual on a loaded machine). Per transaction (first copy of a request, first
@@ -398,6 +401,7 @@ class Replayer:
         the two trips through the proxy.
         """
         recs = self.conv.recs
+        show = _show_call_id(call_id_mask)
         missing = [r for r in recs if r.arrived_at is None]
         unsent = [r for r in recs if r.sent_at is None]
         txs = []
@@ -419,7 +423,7 @@ class Replayer:
                 outer = (r.arrived_at - req.sent_at) * 1000.0
             if req.arrived_at is not None and r.sent_at is not None:
                 inner = (r.sent_at - req.arrived_at) * 1000.0
-            txs.append({"call_id": cid.decode(errors="replace"), "method": m.decode(), "cseq": n,
+            txs.append({"call_id": show(cid), "method": m.decode(), "cseq": n,
                         "from": SIDES[req.sender], "recorded_rtt_ms": round(rec_rtt, 3),
                         "replayed_rtt_ms": _ms(outer), "inner_ms": _ms(inner), "outer_ms": _ms(outer),
                         "late_ms": None if inner is None else round(inner - rec_rtt / self.speed, 3),
@@ -431,8 +435,8 @@ class Replayer:
             "sent": {SIDES[s]: sum(1 for r in recs if r.sender == s and r.sent_at is not None) for s in (GW, SIG)},
             "received": {SIDES[s]: sum(1 for r in recs if r.sender != s and r.arrived_at is not None) for s in (GW, SIG)},
             "unexpected": {SIDES[s]: self.unexpected[s] for s in (GW, SIG)},
-            "missing": [_describe(r) for r in missing],
-            "unsent": [_describe(r) for r in unsent],
+            "missing": [_describe(r, show) for r in missing],
+            "unsent": [_describe(r, show) for r in unsent],
             "send_errors": self.send_errors,
             "transport": "tcp" if self.tcp else "udp",
             "speed": self.speed,
@@ -447,10 +451,17 @@ def _ms(v: float | None) -> float | None:
     return None if v is None else round(v, 3)
 
 
-def _describe(r: Rec) -> str:
+def _show_call_id(call_id_mask):
+    """Call-ID bytes -> text for the report: masked as the sidecar's logs show them, or as is."""
+    if call_id_mask is None or call_id_mask.mode == "none":
+        return lambda cid: cid.decode(errors="replace")
+    return call_id_mask
+
+
+def _describe(r: Rec, show) -> str:
     cid, n, m, what = r.key
     what = what.decode() if isinstance(what, bytes) else str(what)
-    return f"{SIDES[r.sender]}->{SIDES[1 - r.sender]} {what} ({n} {m.decode()}) {cid.decode(errors='replace')}"
+    return f"{SIDES[r.sender]}->{SIDES[1 - r.sender]} {what} ({n} {m.decode()}) {show(cid)}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -467,15 +478,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--transport", choices=("auto", "udp", "tcp"), default="auto",
                     help="replay over UDP or TCP (default: what the gateway's requests were captured on)")
     ap.add_argument("--json", action="store_true", help="print the summary as JSON")
+    ap.add_argument("--mask-numbers", choices=MODES, default="partial",
+                    help="decides the Call-IDs' default masking (none: shown as captured)")
+    add_call_id_mask_arguments(ap)
     try:
         args = ap.parse_args(argv)
+        call_id_mask = call_id_masker(args)  # the report shows Call-IDs as the sidecar's logs do
         if args.speed <= 0:
             raise ValueError("--speed must be positive")
         conv = load(args.file, args.gateway)
         to = _parse_addr(args.to)
         bind = _parse_addr(args.bind)
         gwb = _parse_addr(args.gateway_bind) if args.gateway_bind else None
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, ConfigError) as exc:
         sys.stderr.write(f"sipwatch replay: error: {exc}\n")
         return 2
     transport = conv.transport if args.transport == "auto" else args.transport
@@ -490,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     finally:
         rp.close()
-    s = rp.summary()
+    s = rp.summary(call_id_mask)
     if args.json:
         sys.stdout.write(json.dumps(s, indent=1) + "\n")
     else:

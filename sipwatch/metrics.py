@@ -197,6 +197,7 @@ class SignalingCollector(_Guarded):
         yield CounterMetricFamily("sip_upstream_send_errors", "Datagrams the OS refused to send (e.g. ICMP port unreachable).", value=s.send_errors)
         yield CounterMetricFamily("sipwatch_spans_exported", "Spans accepted by the OTLP backend.", value=s.spans_exported)
         yield CounterMetricFamily("sipwatch_spans_dropped", "Spans dropped: export queue full or backend failing.", value=s.spans_dropped)
+        yield CounterMetricFamily("sipwatch_span_worker_restarts", "Span worker processes started again after one died (spans are dropped while none runs).", value=s.span_worker_restarts)
 
 
 class Metrics:

@@ -312,6 +312,7 @@ class WorkerPipeline:
         self._written_records = 0
         self._dead = False
         self.restarts += 1
+        self.stats.span_worker_restarts = self.restarts
         sys.stderr.write("sipwatch: span worker started again\n")
 
     # loop side -----------------------------------------------------------------------------

@@ -179,6 +179,7 @@ class Stats:
         self.gc_deep_seconds = 0.0  # how long they stopped it, in all
         self.spans_exported = 0  # written by the span exporter thread (single writer)
         self.spans_dropped = 0
+        self.span_worker_restarts = 0  # span worker processes started in place of a dead one
         self.dropped = [0] * len(DROP_REASONS)  # [DROP_*]: datagrams not forwarded, by reason
         self.internal_errors = dict.fromkeys(COMPONENTS, 0)
         self.body_truncated = 0  # UDP bytes past Content-Length discarded (RFC 3261 18.3)

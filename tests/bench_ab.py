@@ -1,5 +1,5 @@
 """Paired runs of two builds of the sidecar: ``python -m tests.bench_ab REF_A REF_B [--cpu 1000,4000]
-[--capped 2250,4500] [--latency] [--sustained 4000] [--rounds N]``.
+[--capped 2250,4500] [--tcp 1000,4000] [--latency] [--sustained 4000] [--rounds N]``.
 
 On the 2-vCPU machines the same code's figures drift by tens of percent within an hour (the
 capped goodput at 4500 calls/s offered: 1429-2640 calls/s in 35 runs), so a change is judged only
@@ -10,7 +10,8 @@ extensions); every sidecar of an arm is started with that build first on its ``P
 (``SIPWATCH_TREE``, read when the harness builds the sidecar's command, so it is set before each
 step). The steps are ``tests.bench``'s own: ``load_step`` without a limit for ``--cpu`` (CPU
 per message), under the 0.25-CPU limit for ``--capped``, ``_loaded_latency_once`` at 1000
-calls/s for ``--latency``, ``load_step`` for 75 s without a limit for ``--sustained`` (the bench's
+calls/s for ``--latency``, ``tests.bench_tcp``'s run (``--no-tracing``, SIPp over TCP both ends) for
+``--tcp``, ``load_step`` for 75 s without a limit for ``--sustained`` (the bench's
 section of that name: past the linger of finished calls, with the CPU split into the proxy's and
 the span worker's user and system time). A change to the per-message path is best counted first, in
 instructions (``tests/bench_instr.py``): that figure does not drift.
@@ -82,6 +83,7 @@ def main(argv=None) -> int:
     p.add_argument("b", help="the change")
     p.add_argument("--cpu", default="", help="comma list of calls/s: CPU per message, no limit")
     p.add_argument("--capped", default="", help="comma list of calls/s offered under the 0.25-CPU limit")
+    p.add_argument("--tcp", default="", help="comma list of calls/s: CPU per message over TCP (bench_tcp)")
     p.add_argument("--latency", action="store_true", help="the added p50 at 1000 calls/s")
     p.add_argument("--sustained", type=int, default=0, help="calls/s held for --sustained-seconds (bench: 4000)")
     p.add_argument("--sustained-seconds", type=float, default=75.0)
@@ -115,6 +117,12 @@ def _run(a, result: dict) -> None:
                     workdir, "all", rate, 10, features, cap))
             _report(result, f"capped_{rate}", "goodput_median", runs, "goodput_cps", ".0f",
                     f"capped @ {rate}/s, goodput calls/s")
+        for rate in [int(x) for x in a.tcp.split(",") if x]:
+            import bench_tcp
+            runs = paired(arms, a.rounds, lambda arm: bench_tcp.run(workdir, "sipwatch", rate, 10))
+            _report(result, f"tcp_{rate}", "cpu_us_per_msg_median", runs, "cpu_us_per_msg", ".2f",
+                    f"TCP @ {rate}/s, µs a message")
+            print(f"  completed: {_line(runs, 'completed', '.0f')}")
         if a.latency:
             runs = paired(arms, a.rounds, lambda arm: bench._loaded_latency_once(
                 workdir, "all", 1000, 10, 3000, features))

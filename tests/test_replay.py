@@ -46,11 +46,14 @@ TOL_MS = 0.01  # per transaction: rounding to 3 decimals (recorded, measured, ts
 MAX_REPLAY_S = 2.0  # faster than real time for the fixtures whose calls are held longer
 
 
-def replay(pcap: Path, sidecar: Sidecar, upstream: int, speed: float, *extra: str):
+def replay(pcap: Path, sidecar: Sidecar, upstream: int, speed: float, *extra: str, json_out: bool = True):
+    """``sipwatch replay`` of ``pcap`` through ``sidecar``: (rc, its JSON summary, stderr); Call-IDs
+    as captured (for tshark's) unless ``extra`` says otherwise (the last flag wins)."""
     p = subprocess.run([sys.executable, "-m", "sipwatch", "replay", str(pcap), "--to", f"127.0.0.1:{sidecar.port}",
-                        "--bind", f"127.0.0.1:{upstream}", "--speed", str(speed), "--json", *extra],
+                        "--bind", f"127.0.0.1:{upstream}", "--speed", str(speed), "--mask-call-id", "none",
+                        *(["--json"] if json_out else []), *extra],
                        capture_output=True, text=True, timeout=60, cwd=ROOT)
-    return p.returncode, (json.loads(p.stdout) if p.stdout.startswith("{") else {}), p.stderr
+    return p.returncode, (json.loads(p.stdout) if p.stdout.startswith("{") else p.stdout), p.stderr
 
 
 def hop_filter(gateway: str) -> str:
@@ -208,3 +211,25 @@ def test_replay_fails_when_the_sidecar_does_not_route_to_it(tmp_path):
     assert rc == 1
     assert len(summary["missing"]) == 10  # 5 OPTIONS never reached us, 5 200 OK never sent back
     assert summary["sent"] == {"gateway": 5, "signaling": 0}
+
+
+def test_replay_report_masks_call_ids(tmp_path):
+    """The report (JSON and text) shows Call-IDs as the sidecar's logs do: with ``--mask-call-id
+    hash`` none of the captured ones (tshark's) appears, each is its keyed hash."""
+    from sipwatch.masking import CallIdMasker
+
+    pcap = PCAPS / "options_keepalive.pcap"
+    facts = json.loads((PCAPS / "options_keepalive.facts.json").read_text())
+    raw = {t["call_id"] for t in facts["transactions_list"]}
+    assert raw
+    mask = CallIdMasker("hash", b"k" * 32)
+    with Sidecar(tmp_path, free_port()) as sc:  # upstream elsewhere: every message is reported missing
+        flags = ("--grace", "0.5", "--mask-call-id", "hash", "--secret", "k" * 32)
+        rc, summary, _ = replay(pcap, sc, free_port(), 5.0, *flags)
+        rc_text, text, _ = replay(pcap, sc, free_port(), 5.0, *flags, json_out=False)
+    assert rc == rc_text == 1
+    assert len(summary["missing"]) == 10
+    assert {m.rsplit(" ", 1)[1] for m in summary["missing"]} == {mask(c.encode()) for c in raw}
+    assert text.count("NEVER ARRIVED") == 10
+    for out in (json.dumps(summary), text):
+        assert not any(c in out for c in raw)

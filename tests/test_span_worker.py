@@ -765,6 +765,7 @@ def test_a_killed_span_worker_is_started_again_and_every_span_is_counted(tmp_pat
         assert str(worker).encode() not in later and later  # a new worker runs
     exported, dropped = metric(sig, "sipwatch_spans_exported_total"), metric(sig, "sipwatch_spans_dropped_total")
     assert exported + dropped == sum(counts), (exported, dropped)
+    assert metric(sig, "sipwatch_span_worker_restarts_total") == 1
     assert exported >= counts[0] + counts[2]
     text = spans.read_text()
     assert text.count('"name":"OPTIONS"') == exported, (text.count('"name":"OPTIONS"'), exported)
