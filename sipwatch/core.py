@@ -273,6 +273,16 @@ class ProxyCore:
         self.trace_lookup: tuple[bytes, ...] = tuple(dict.fromkeys(
             [n.lower() for n in stamped if n.lower() != TRACE_ID_HEADER] + [b"traceparent", b"x-traceparent"]))
         self.trace_lname = lname
+        # the trace headers read but not stamped: one that came in leaves once, with this hop's
+        # context (a caller's second copy or another trace there would be read downstream)
+        stamped_l = {n.lower() for n in stamped}
+        self.trace_read_only: tuple[tuple[bytes, bool], ...] = tuple(
+            (n, n == TRACE_ID_HEADER) for n in dict.fromkeys([*self.trace_lookup, TRACE_ID_HEADER])
+            if n not in stamped_l)
+        # every trace header, and tracestate: when none came in, the request needs no clean-up
+        self.trace_any: tuple[bytes, ...] = tuple(dict.fromkeys(
+            [*self.trace_lookup, TRACE_ID_HEADER, *stamped_l, b"tracestate"]))
+        self.trace_owned = frozenset(stamped_l | {n for n, _ in self.trace_read_only})
         # -- TCP (sipwatch.framing feeds receive_stream; the edge reads out_tcp) ------------
         self.in_tcp = False  # the message being handled arrived over TCP
         self.out_tcp = False  # the output just returned leaves over TCP; the edge resets it
@@ -637,11 +647,14 @@ class ProxyCore:
         initial_invite = midx == _INVITE and not has_to_tag
         call = tracker.lookup_call(call_id, initial_invite, cseq_n)
         incoming = None
-        if first_of(names, self.trace_lookup) >= 0:  # (one C call rules them all out)
+        trace_in = first_of(names, self.trace_any) >= 0  # (one C call rules them all out)
+        if trace_in:
             for name in self.trace_lookup:
                 trace_i = msg.index(name)
                 if trace_i >= 0:
-                    incoming = parse_traceparent(msg.value_at(trace_i))
+                    # (two of them: invalid, as W3C Trace Context's own test data reads it)
+                    if msg.index(name, trace_i + 1) < 0:
+                        incoming = parse_traceparent(msg.value_at(trace_i))
                     if incoming is None:
                         stats.traceparent_invalid += 1
                     break
@@ -690,6 +703,9 @@ class ProxyCore:
             names.append(self.trace_lname)
         if self.more_trace_headers:
             self._stamp_more(lines, names, tx.trace_id, tx.span_id, tx.sampled)
+        if trace_in:
+            via_i = self._trace_once(lines, names, tx.trace_id, tx.span_id, tx.sampled,
+                                     incoming is not None and incoming[0] == tx.trace_id, via_i)
         # new lines above the top Via, top to bottom: our Via, Max-Forwards if missing,
         # Record-Route if there is none yet (else it goes above the first Record-Route)
         via_line = (self.via_prefix_tcp if out_tcp else self.via_prefix) + branch + b";rport"
@@ -779,6 +795,38 @@ class ProxyCore:
             else:
                 lines.append(line)
                 names.append(lname)
+
+    def _trace_once(self, lines: list[bytes], names: list[bytes], trace_id: int, span_id: int,
+                    sampled: bool, keep_state: bool, via_i: int) -> int:
+        """Each trace header leaves once, with this hop's context: further copies of the stamped
+        ones go, and one read but not stamped (X-Traceparent, X-Trace-ID) is rewritten, so no
+        other trace rides along to be read downstream. ``tracestate`` goes with the trace it
+        belongs to (``keep_state``: this request continues the trace of the traceparent that
+        came in), else it is dropped (W3C Trace Context: not without a valid traceparent). Lines
+        are deleted from ``lines`` and ``names`` alike; the top Via's index after it is returned."""
+        owned = self.trace_owned
+        seen: set[bytes] = set()
+        j = 0
+        while j < len(names):
+            n = names[j]
+            if n in owned:
+                if n not in seen:
+                    seen.add(n)
+                    for lname, id_only in self.trace_read_only:
+                        if lname == n:
+                            head = lines[j][:lines[j].index(b":")]
+                            lines[j] = b"%s: %032x" % (head, trace_id) if id_only else \
+                                b"%s: 00-%032x-%016x-%s" % (head, trace_id, span_id, b"01" if sampled else b"00")
+                    j += 1
+                    continue
+            elif n != b"tracestate" or keep_state:
+                j += 1
+                continue
+            del lines[j]
+            del names[j]
+            if j < via_i:
+                via_i -= 1
+        return via_i
 
     def _new_call(self, msg, call_id, incoming, now, is_call, from_val, to_val,
                   src: tuple[str, int] = ("", 0)) -> Call:

@@ -131,8 +131,8 @@ class GatewayCollector(_Guarded):
         yield ev
         yield CounterMetricFamily("sip_loops_detected", "Requests answered 482 Loop Detected.", value=s.loops)
         yield CounterMetricFamily("sip_too_many_hops", "Requests answered 483 Too Many Hops.", value=s.too_many_hops)
-        yield CounterMetricFamily("sip_traceparent_invalid", "Incoming trace headers that were malformed and replaced.", value=s.traceparent_invalid)
-        yield CounterMetricFamily("sip_traceparent_joined", "Calls that joined an incoming trace context.", value=s.traceparent_joined)
+        yield CounterMetricFamily("sip_traceparent_invalid", "Requests whose trace header was malformed or repeated, and replaced (each copy of a retransmitted request counts).", value=s.traceparent_invalid)
+        yield CounterMetricFamily("sip_traceparent_joined", "New call entries (dialogs and non-dialog requests) that joined an incoming trace context.", value=s.traceparent_joined)
         yield CounterMetricFamily("sip_stray_responses", "Responses whose top Via was not this proxy's; dropped (RFC 3261 16.7).", value=s.stray_responses)
         yield CounterMetricFamily("sip_unroutable_requests", "Requests with no usable next hop.", value=s.unroutable)
         yield CounterMetricFamily("sipwatch_records_dropped", "Finished call/transaction records lost because exporters lagged.", value=s.records_dropped)

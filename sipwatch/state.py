@@ -60,6 +60,9 @@ MAX_TX_PER_CALL = 64
 # method is any token, and 64 KB of one was carried into the call's summary and every span
 MAX_METHOD_KEPT: Final = 32
 MAX_LEGS = 16  # legs joined into one group; more start traces of their own (counted refused)
+# a leg group keeps every leg's Call-ID after the leg has left the table: only this long (the
+# correlation keys' own bound) may a Call-ID be to join one or to start one
+MAX_LEG_CALL_ID = 256
 MAX_FORK_TAGS = 16  # To-tags of 2xx answers remembered per INVITE (more are each counted a fork)
 # The bytes of the values a call keeps (Call-ID, From, To, Request-URI, correlation keys) that the
 # call table may hold, per call of max_calls: a real call keeps ~200-400 of them, while a datagram
@@ -165,7 +168,7 @@ class Call(Timed):
         "t_answer", "t_final", "t_end", "status", "outcome", "cancelled", "finished",
         "transactions", "retrans", "from_uri", "to_uri", "ruri", "is_call", "rtp",
         "ended_by", "invite_cseq", "timer", "holders", "group", "leg", "joined_by", "gap_span_id",
-        "gap_start", "gap_parent", "corr_keys", "trace_hex", "nbytes",
+        "gap_start", "gap_parent", "corr_keys", "corr_shared", "trace_hex", "nbytes",
     )
 
     def __init__(self, call_id, trace_id, span_id, parent_span_id, sampled, now, deadline,
@@ -215,6 +218,8 @@ class Call(Timed):
         self.gap_start = 0.0
         self.gap_parent = 0  # the named leg's call span: parent of this leg's call and B2BUA spans
         self.corr_keys: list[bytes] | None = None  # correlation index keys that name this call
+        # of those, the ones another dialog outside its legs carried too: they join nothing
+        self.corr_shared: list[bytes] | None = None
         # (trace id, the trace header line up to the span id and its dash) for the core's stamping
         self.trace_hex: tuple[int, bytes] | None = None
         self.nbytes = 0  # what it adds to Tracker.call_bytes while in the table
@@ -511,6 +516,7 @@ class Tracker:
         counts = self.stats.correlation
         named: Call | None = None
         by = ""
+        long_id = len(call_id) > MAX_LEG_CALL_ID
         for kind in kinds:
             hname = CORRELATION_HEADERS[kind]
             if hname not in names:
@@ -521,12 +527,14 @@ class Tracker:
                 continue
             if kind != XCID:
                 keys.append(key)
-            if named is not None:
-                continue
             found = self.correlated_call(key, kind == XCID)
             if found is None or (kind == XCID and key == call_id):
                 counts[kind * 4 + CORR_UNMATCHED] += 1
-            elif not self.may_join(found, src):
+            elif found.corr_shared is not None and key in found.corr_shared:
+                counts[kind * 4 + CORR_REFUSED] += 1
+            elif named is not None:  # (an earlier header joined: this one agrees with it or not)
+                counts[kind * 4 + (CORR_JOINED if found is named else CORR_REFUSED)] += 1
+            elif long_id or len(found.call_id) > MAX_LEG_CALL_ID or not self.may_join(found, src):
                 counts[kind * 4 + CORR_REFUSED] += 1
             else:
                 counts[kind * 4 + CORR_JOINED] += 1
@@ -578,9 +586,22 @@ class Tracker:
 
     def index_call(self, call: Call, key: bytes) -> None:
         """Remember that ``call``'s initial INVITE carried ``key`` (the first call to carry a key
-        keeps it; a full index takes no more)."""
+        keeps it; a full index takes no more). Call it after :meth:`join_leg`: a new dialog that
+        carries a key held by a call it is not a leg of makes that key name nobody from then on
+        (``corr_shared``). Session-ID and icid values are the endpoints' own, seen by every
+        party to the call: one that passed the key on to a call of its own would otherwise have
+        the B2BUA's next leg of that call join the first one (its source is the B2BUA's)."""
         index = self.corr_index
-        if key in index or len(index) >= self.max_calls:
+        holder = index.get(key)
+        if holder is not None:
+            if holder is not call and (holder.group is None or holder.group is not call.group):
+                shared = holder.corr_shared
+                if shared is None:
+                    holder.corr_shared = [key]
+                elif key not in shared:
+                    shared.append(key)
+            return
+        if len(index) >= self.max_calls:
             return
         index[key] = call
         if self.calls.get(call.call_id) is call:

@@ -273,6 +273,94 @@ def test_incoming_traceparent_is_joined_and_invalid_one_replaced(core):
     assert core.stats.traceparent_invalid == 1
 
 
+VICTIM_TP = b"00-" + b"ab" * 16 + b"-" + b"cd" * 8 + b"-01"  # another party's trace
+CALLER_TP = b"00-" + b"11" * 16 + b"-" + b"22" * 8 + b"-01"
+
+
+def _trace_out(data: bytes) -> dict:
+    """{lowercase trace header: [values]} of a forwarded request, and its whole parse."""
+    msg = parse(data)
+    return {n: msg.get_all(n) for n in (b"traceparent", b"x-traceparent", b"x-trace-id", b"tracestate")}
+
+
+@pytest.mark.parametrize("extra, trace_header, joined", [
+    # W3C Trace Context's test data: two traceparent headers are invalid, whatever they hold
+    (b"traceparent: " + CALLER_TP + b"\r\ntraceparent: " + VICTIM_TP, "traceparent", None),
+    (b"traceparent: junk\r\nTRACEPARENT: " + VICTIM_TP, "traceparent", None),
+    # read but not stamped: left with this hop's context, not another trace's
+    (b"traceparent: junk\r\nX-Traceparent: " + VICTIM_TP, "traceparent", None),
+    (b"X-Traceparent: " + CALLER_TP, "traceparent", 0x11111111111111111111111111111111),
+    (b"X-Trace-ID: " + b"ab" * 16 + b"\r\nX-Trace-ID: " + b"cd" * 16, "traceparent", 0xabababababababababababababababab),
+    (b"X-Traceparent: " + CALLER_TP + b"\r\nX-Traceparent: " + VICTIM_TP, "traceparent,X-Traceparent", None),
+    (b"traceparent: " + CALLER_TP + b"\r\n" + b"\r\n".join([b"traceparent: " + VICTIM_TP] * 100), "traceparent", None),
+])
+def test_each_trace_header_leaves_once_with_this_hops_context(extra, trace_header, joined):
+    """A second traceparent (or X-Traceparent) went out as it came: sip-signaling reading the
+    last one joined another party's trace, and one read but not stamped (X-Traceparent,
+    X-Trace-ID) kept a trace the sidecar had not joined. Now every trace header that came in or
+    is stamped leaves once, with this hop's trace and span."""
+    core = ProxyCore(CoreConfig(advertise=SIDECAR, upstream=SIGNALING, trace_header=trace_header))
+    data, _ = forward_one(core, invite(extra=extra))
+    out = _trace_out(data)
+    call = core.tracker.calls[b"call-1@gw"]
+    assert len(out[b"traceparent"]) == 1
+    tid, span, _ = parse_traceparent(out[b"traceparent"][0])
+    assert tid == call.trace_id
+    for n in (b"x-traceparent", b"x-trace-id"):
+        assert len(out[n]) <= 1
+        if n.decode() in extra.decode().lower() or n.decode() in trace_header.lower():
+            assert len(out[n]) == 1
+    if out[b"x-traceparent"]:
+        assert out[b"x-traceparent"] == out[b"traceparent"]
+    if out[b"x-trace-id"]:
+        assert out[b"x-trace-id"] == [b"%032x" % tid]
+    if joined is None:
+        assert core.stats.traceparent_invalid >= 1 and core.stats.traceparent_joined == 0
+        assert tid not in (0xabababababababababababababababab, 0x11111111111111111111111111111111)
+    else:
+        assert tid == joined and core.stats.traceparent_joined == 1
+    assert b"cd" * 8 not in data and (joined is not None or b"ab" * 16 not in data)
+
+
+def test_trace_headers_above_the_top_via_go_without_moving_it():
+    """Copies deleted above the top Via: the sidecar's own Via still goes on top of it."""
+    core = ProxyCore(CoreConfig(advertise=SIDECAR, upstream=SIGNALING))
+    msg = invite(extra=b"traceparent: " + CALLER_TP)
+    first, rest = msg.split(b"\r\n", 1)
+    data, _ = forward_one(core, first + b"\r\ntraceparent: " + VICTIM_TP + b"\r\ntracestate: x=1\r\n" + rest)
+    fwd = parse(data)
+    vias = [i for i, n in enumerate(fwd.names) if n == b"via"]
+    # ours, our Record-Route, the gateway's: as without the lines above
+    assert fwd.names[vias[0]:vias[0] + 3] == [b"via", b"record-route", b"via"] and len(vias) == 2
+    assert parse_via(split_values(fwd.value_at(vias[0]))[0]).host == b"10.0.0.2"
+    assert b"10.0.0.1:5070" in fwd.lines[vias[1]]
+    assert len(fwd.get_all(b"traceparent")) == 1 and not fwd.get_all(b"tracestate")
+
+
+def test_tracestate_goes_with_the_trace_it_belongs_to():
+    """W3C Trace Context: a tracestate without a valid traceparent is discarded. It rode along
+    on every new trace the sidecar started (after an invalid traceparent, or none). Kept where
+    the request continues the traceparent's trace, the call's later requests too."""
+    core = ProxyCore(CoreConfig(advertise=SIDECAR, upstream=SIGNALING))
+    state = b"tracestate: vendor=1,other=2\r\ntracestate: third=3"
+    data, _ = forward_one(core, invite(extra=b"traceparent: " + CALLER_TP + b"\r\n" + state))
+    assert _trace_out(data)[b"tracestate"] == [b"vendor=1", b"other=2", b"third=3"]
+    bye = invite(method=b"BYE", cseq=2, to_tag=b"uas-1", branch=b"z9hG4bK-gw-bye", body=b"",
+                 extra=b"traceparent: " + CALLER_TP[:-2] + b"00\r\n" + state)
+    data, _ = forward_one(core, bye, now=T0 + 1)
+    assert _trace_out(data)[b"tracestate"] == [b"vendor=1", b"other=2", b"third=3"]
+    for i, extra in enumerate((b"traceparent: junk\r\n" + state, state,
+                               b"traceparent: " + CALLER_TP + b"\r\ntraceparent: " + CALLER_TP + b"\r\n" + state,
+                               b"X-Trace-ID: " + b"ab" * 16 + b"\r\n" + state)):
+        data, _ = forward_one(core, invite(call_id=b"c%d" % i, branch=b"z9hG4bK-s%d" % i, extra=extra))
+        assert _trace_out(data)[b"tracestate"] == [], extra
+    # an in-dialog request naming another trace than its call's: the state is that other trace's
+    bye = invite(method=b"BYE", cseq=2, to_tag=b"uas-1", branch=b"z9hG4bK-gw-bye2", body=b"", call_id=b"c0",
+                 extra=b"traceparent: " + VICTIM_TP + b"\r\n" + state)
+    data, _ = forward_one(core, bye, now=T0 + 1)
+    assert _trace_out(data)[b"tracestate"] == []
+
+
 def test_unsampled_incoming_context_stays_unsampled(core):
     trace = "4bf92f3577b34da6a3ce929d0e0e4736"
     fwd, _ = forward_one(core, invite(extra=f"X-Traceparent: 00-{trace}-00f067aa0ba902b7-00".encode()))

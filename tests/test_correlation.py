@@ -155,6 +155,48 @@ def test_session_id_pair_and_icid_join_and_a_group_is_bounded():
     assert counts(c, "session-id")["refused"] == MAX_LEGS + 3 - (MAX_LEGS - 2)  # a@gw and b@sig were in
 
 
+def test_a_session_id_carried_into_a_call_of_its_own_names_nobody():
+    """A callee learns the caller's Session-ID from the call. Its own INVITE carrying it was
+    refused, but the B2BUA passes Session-ID on, so the leg it placed for that call came from
+    the B2BUA with the key and joined the victim's call and trace (14 such calls filled its
+    group). Now a key another dialog outside the call's legs carried names nobody; the call's
+    later legs still join by X-CID."""
+    c = core()
+    sid = b"Session-ID: " + ALICE + b";remote=" + NULL
+    trace_v = stamped(c.receive_datagram(invite(call_id=b"victim@gw", extra=sid), GATEWAY, T0))[0]
+    assert stamped(c.receive_datagram(leg_b(b"vb@sig", sid, b"z9hG4bK-vb"), SIGNALING, T0 + 0.01))[0] == trace_v
+    evil = invite(call_id=b"evil@gw2", branch=b"z9hG4bK-e", extra=sid)
+    assert stamped(c.receive_datagram(evil, OTHER_GATEWAY, T0 + 0.02))[0] != trace_v
+    for k in range(MAX_LEGS):  # the B2BUA's legs of the attacker's calls
+        out = c.receive_datagram(leg_b(b"eb%d@sig" % k, sid, b"z9hG4bK-eb%d" % k), SIGNALING, T0 + 0.03)
+        assert stamped(out)[0] != trace_v
+        assert c.tracker.calls[b"eb%d@sig" % k].group is None
+    assert c.tracker.calls[b"victim@gw"].group.call_ids == [b"victim@gw", b"vb@sig"]
+    out = c.receive_datagram(leg_b(b"vc@sig", sid + b"\r\nX-CID: victim@gw", b"z9hG4bK-vc"), SIGNALING, T0 + 0.04)
+    assert stamped(out)[0] == trace_v and c.tracker.calls[b"vc@sig"].joined_by == "x-cid"
+    assert counts(c, "session-id") == {"joined": 1, "unmatched": 1, "refused": 2 + MAX_LEGS, "malformed": 0}
+
+
+def test_every_header_present_is_counted_and_long_call_ids_join_no_group():
+    """A header after the one that joined was not counted at all (its docstring said each is).
+    A leg group keeps every leg's Call-ID after the leg has left the table: a 50-KB Call-ID
+    joined 15 times held 30 times the call table's byte cap; Call-IDs over 256 bytes join none."""
+    c = core()
+    sid = b"Session-ID: " + ALICE
+    c.receive_datagram(invite(call_id=b"a@gw", extra=sid), GATEWAY, T0)
+    c.receive_datagram(leg_b(b"b@sig", b"X-CID: a@gw\r\n" + sid, b"z9hG4bK-b"), SIGNALING, T0 + 0.01)
+    assert counts(c, "x-cid")["joined"] == 1 and counts(c, "session-id")["joined"] == 1
+    long_b = b"L" * 257 + b"@sig"
+    c.receive_datagram(leg_b(long_b, b"X-CID: a@gw", b"z9hG4bK-l"), SIGNALING, T0 + 0.02)
+    assert c.tracker.calls[long_b].group is None and counts(c, "x-cid")["refused"] == 1
+    long_a = b"L" * 257 + b"@gw"
+    sid2 = b"Session-ID: " + BOB
+    c.receive_datagram(invite(call_id=long_a, branch=b"z9hG4bK-la", extra=sid2), GATEWAY, T0)
+    c.receive_datagram(leg_b(b"lb@sig", sid2, b"z9hG4bK-lb"), SIGNALING, T0 + 0.01)
+    assert c.tracker.calls[b"lb@sig"].group is None and counts(c, "session-id")["refused"] == 1
+    assert len(c.tracker.calls[b"a@gw"].group.call_ids) == 2
+
+
 def test_correlation_index_is_capped_and_leaves_with_its_calls():
     c = core(max_calls=50, timer_b=1.0)
     for k in range(200):  # a flood of distinct Session-IDs: never more keys than calls
