@@ -176,7 +176,11 @@ class HepReceiver:
                 if self.packet(head + rest) and writer in streams:
                     del streams[writer]  # to the end: the most recently active
                     streams[writer] = True
-        except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError, OSError):
+        except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError, OSError) as exc:
+            # its traceback holds wait_for's frame, which holds the read's task, which holds the
+            # exception: a cycle keeping the reader and its buffer (64 KB, and the frame read so
+            # far) until a full collection, rare in a large process
+            exc.__traceback__ = None
             return
         finally:
             streams.pop(writer, None)

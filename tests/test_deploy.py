@@ -494,6 +494,22 @@ def test_every_metric_used_by_rules_and_dashboards_exists_on_a_real_sidecar(lab)
             "sip_calls_processed_total", "sip_call_setup_seconds_bucket", "process_cpu_seconds_total"} <= known
 
 
+def test_metrics_on_both_ports_are_read_from_one_of_them(lab):
+    """The sidecar exports some series on both ports (its internal errors, the process's own):
+    an expression that sums one without naming the port's job counts it twice (the internal
+    errors panel did)."""
+    both = {n for n, _ in lab["gw"]} & {n for n, _ in lab["sig"]}
+    assert "sipwatch_internal_errors_total" in both and "process_cpu_seconds_total" in both
+    exprs = [(label, substitute_grafana_vars(e)) for label, e in grafana_exprs()]
+    exprs += list(recordings().items()) + [(a, r["expr"]) for a, r in alerts_by_name().items()]
+    unfiltered = []
+    for where, expr in exprs:
+        for m in re.finditer(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\s*(\{[^}]*\})?", re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)):
+            if m.group(1) in both and "job=" not in (m.group(2) or "").replace(" ", ""):
+                unfiltered.append((where, m.group(1)))
+    assert not unfiltered, unfiltered
+
+
 def test_capture_metrics_are_exported_by_sipwatch_capture_and_used():
     """CAPTURE_METRICS is no loophole: each name is on a real capture's gateway registry once it
     has finished a stream, and each is used by a dashboard."""

@@ -228,7 +228,8 @@ def overview() -> dict:
         prom(f"sum(rate(sip_overload_rejected_total{{{SEL}}}[$__rate_interval]))", "503 overloaded (new calls)", "A"),
         prom(f"sum(rate(sip_drain_rejected_total{{{SEL}}}[$__rate_interval]))", "503 draining (new calls)", "B"),
         prom(f"sum by (reason) (rate(sip_dropped_total{{{SEL}}}[$__rate_interval]))", "dropped: {{reason}}", "C"),
-        prom(f"sum by (component) (rate(sipwatch_internal_errors_total{{{SEL}}}[$__rate_interval]))",
+        # (exported on both ports, counted once: the gateway side's job)
+        prom(f"sum by (component) (rate(sipwatch_internal_errors_total{{job=\"sipwatch-gateway\", {SEL}}}[$__rate_interval]))",
              "internal error: {{component}}", "D"),
         prom(f"max(sipwatch_overloaded{{{SEL}}})", "shedding (1 = on)", "E"),
     ], "reqps", "What the sidecar refused itself: new calls answered 503 while overloaded (SidecarShedding) or "
