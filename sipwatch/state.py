@@ -434,7 +434,11 @@ class Tracker:
         (REGISTER/OPTIONS with the same Call-ID) nor an INVITE dialog that has ended; with
         ``cseq`` given, the same initial INVITE seen again (a retransmission, or the next hop
         of it in a capture) still finds its call, and a new initial INVITE with another CSeq
-        does not join a call that was already answered or rejected. A non-dialog request
+        does not join a call that was rejected (an auth retry is the next call) nor one that was
+        answered and has ended. An answered call still open is not replaced: any party that saw
+        its Call-ID could otherwise end its record ("replaced") and have its later requests
+        recorded in a trace of the sender's choosing; the INVITE is a transaction of that call,
+        as a re-INVITE would be. A non-dialog request
         (``cseq`` given) does not join an ended non-dialog entry holding no request with its
         CSeq number (a re-REGISTER with the same Call-ID gets its own entry).
         """
@@ -446,7 +450,7 @@ class Tracker:
                 return None
             if cseq is not None and call.invite_cseq == cseq:
                 return call
-            if call.finished or (cseq is not None and call.outcome >= 0):
+            if call.finished or (cseq is not None and call.outcome >= 0 and call.outcome != ANSWERED):
                 return None
             return call
         if cseq is not None and call.finished and not call.is_call:

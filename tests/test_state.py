@@ -419,6 +419,21 @@ def test_second_invite_dialog_after_the_first_ended_is_a_new_call():
     assert [c.call_id for c in drained(tr)] == [b"same", b"same"]  # each emitted once
 
 
+def test_an_answered_call_still_open_is_not_replaced_by_a_new_invite_with_its_call_id():
+    """Any party that saw a Call-ID could send an initial INVITE with it and another CSeq: the
+    answered call in progress was ended ("replaced") and its BYE recorded in the new entry, in
+    a trace the sender chose. The INVITE is now a transaction of the call; after the call ended,
+    the Call-ID may start a new one (above)."""
+    tr = tracker()
+    d = Driver(tr)
+    call, _ = d.invite_call(b"open", T0, answer_at=T0 + 1)
+    assert tr.lookup_call(b"open", True, 7) is call
+    d.req(call, b"INVITE", T0 + 5, cseq=7)
+    d.bye(call, T0 + 10)
+    assert tr.calls[b"open"] is call and call.ended_by == "bye" and call.outcome == ANSWERED
+    assert [c.call_id for c in drained(tr)] == [b"open"] and tr.stats.calls[ANSWERED] == 1
+
+
 def test_lookup_keeps_retransmissions_hops_and_auth_retries_in_the_call():
     tr = tracker()
     d = Driver(tr)
