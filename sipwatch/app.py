@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import signal
 import threading
 from collections import deque
@@ -53,6 +54,7 @@ RECORDS_PER_SLICE = 32
 # pile up here without bound
 MAX_BACKLOG = 100_000
 DRAIN_CHECK_EVERY = 10  # ticks: the drain check walks the transaction table
+ALIVE_EVERY = 50  # ticks (1 s): the --alive-file's modification time is set
 # ticks between reads of the span pipeline's health (its failures, the spans file's state): the
 # worker reports at most every 100 ms (span_worker.STATUS_EVERY), and each read cost ~45 µs live
 HEALTH_EVERY = 5
@@ -157,6 +159,7 @@ class ProxyApp:
         self._slice_pending = False
         self._timers_pending = False
         self._ticks = 0
+        self._alive_file = ""  # (set at start from --alive-file)
         self._tick_handle: asyncio.TimerHandle | None = None
         self._stop_reason = "signal"
         self._hard_stop = False
@@ -198,6 +201,15 @@ class ProxyApp:
                       hep_endpoint=None if self.hep is None
                       else f"{self.hep.transport}:{self.hep.collector[0]}:{self.hep.collector[1]}")
         self.gc.start()
+        self._alive_file = getattr(s, "alive_file", "") or ""
+        if self._alive_file:
+            try:
+                with open(self._alive_file, "a"):
+                    pass
+            except OSError as exc:  # (the probe then fails: the deployment is told at once)
+                self.log.warning(f"--alive-file {self._alive_file!r} cannot be written: {exc}; "
+                                 "not kept", "alive_file_failed")
+                self._alive_file = ""
         if not getattr(s, "secret", b""):
             self.log.warning(
                 "no --secret/SIPWATCH_SECRET: using a random key for this process; after a restart, "
@@ -542,6 +554,11 @@ class ProxyApp:
                 return
             self.tick()
             self._ticks += 1
+            if self._alive_file and self._ticks % ALIVE_EVERY == 0:
+                try:
+                    os.utime(self._alive_file)
+                except OSError as exc:
+                    self.errors.report("tick", exc)
             if self.draining and not self._stop.is_set() and self._ticks % DRAIN_CHECK_EVERY == 0:
                 try:
                     self._drain_check()

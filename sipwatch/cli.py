@@ -12,6 +12,7 @@ commands:
   capture   capture live from an interface and export like the proxy
   waterfall text waterfall/ladder of a call from a --spans-file
   mask-call-id  show Call-IDs as the sidecar logs them (to search its logs for a known Call-ID)
+  alive     exit 0 if the proxy's --alive-file was touched lately (a liveness probe)
 """
 
 # subcommand -> "module:function", imported on demand so the proxy never loads pyshark
@@ -46,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_proxy(settings)
     if cmd == "mask-call-id":
         return mask_call_id_main(rest)
+    if cmd == "alive":
+        return alive_main(rest)
     target = SUBCOMMANDS.get(cmd)
     if target is None:
         sys.stderr.write(f"sipwatch: unknown command {cmd!r}\n{USAGE}")
@@ -58,6 +61,30 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"sipwatch {cmd}: not available ({exc})\n")
         return 2
     return fn(rest)
+
+
+def alive_main(argv: list[str]) -> int:
+    """``sipwatch alive FILE [--max-age SECONDS]``: 0 when the proxy's event loop touched FILE
+    (``--alive-file``) within SECONDS (default 10), else 1. A liveness probe that reads a file
+    queues behind nothing: an HTTP probe waits in the metrics port's accept queue, which a
+    flood of connections keeps full for about two seconds at a time."""
+    import argparse
+    import os
+    import time
+
+    ap = argparse.ArgumentParser(prog="sipwatch alive", description=alive_main.__doc__.split("\n\n")[0])
+    ap.add_argument("file")
+    ap.add_argument("--max-age", type=float, default=10.0, help="seconds (default %(default)s)")
+    args = ap.parse_args(argv)
+    try:
+        age = time.time() - os.stat(args.file).st_mtime
+    except OSError as exc:
+        sys.stderr.write(f"sipwatch alive: {args.file}: {exc.strerror or exc}\n")
+        return 1
+    if age > args.max_age:
+        sys.stderr.write(f"sipwatch alive: {args.file} last touched {age:.1f} s ago\n")
+        return 1
+    return 0
 
 
 def mask_call_id_main(argv: list[str]) -> int:

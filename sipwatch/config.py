@@ -116,6 +116,9 @@ class ProxySettings:
     overload_after: float = 0.05
     # pymalloc's arenas on transparent huge pages, in the proxy and its span worker (sipwatch.heap)
     huge_heap: bool = True
+    # a file whose modification time the loop sets every second (a liveness probe that does not
+    # queue behind the metrics ports' connections: `sipwatch alive`); "" for none
+    alive_file: str = ""
 
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -166,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--secret-file", help="read the key from this file (surrounding whitespace stripped)")
     a("--drain-timeout", help="on SIGTERM, seconds to keep forwarding in-dialog requests until calls end (default 25); a second SIGTERM stops at once")
     a("--no-huge-heap", action="store_true", default=None, help="keep CPython's own arenas for the Python heap (by default the proxy and its span worker carve them from transparent huge pages)")
+    a("--alive-file", help="a file the event loop touches every second, for `sipwatch alive FILE` as a liveness probe that no connection flood on the metrics ports can hold up (default none)")
     a("--timer-c", help="seconds an INVITE may ring after a provisional response before it counts as timed out (RFC 3261 Timer C, default 180)")
     add_hep_arguments(p)
     return p
@@ -282,6 +286,7 @@ def settings_from(argv: list[str] | None = None, env=None) -> ProxySettings:
     tcp_max = _number(*get("tcp-max-connections", 4096), kind=int, minimum=1)
     tcp_idle = _number(*get("tcp-idle-timeout", 300.0), minimum=1)
     overload_after = _number(*get("overload-after", 0.05), minimum=0.01)
+    alive_file, _ = get("alive-file", "")
     try:
         hep = hep_options(get, flag)
     except EndpointError as exc:
@@ -295,7 +300,8 @@ def settings_from(argv: list[str] | None = None, env=None) -> ProxySettings:
         sample_ratio=ratio, spans_file=spans_file, allow_next_hop=allow, secret=secret,
         drain_timeout=drain, timer_c=timer_c, mask_call_id=cid_mode, correlation_headers=str(corr),
         upstream_transport=up_transport, tcp=tcp_on, tcp_max_connections=tcp_max,
-        tcp_idle_timeout=tcp_idle, overload_after=overload_after, huge_heap=not flag("no-huge-heap"), **hep,
+        tcp_idle_timeout=tcp_idle, overload_after=overload_after, huge_heap=not flag("no-huge-heap"),
+        alive_file=str(alive_file or ""), **hep,
     )
 
 

@@ -797,7 +797,7 @@ def test_kubernetes_core_objects_validate_strictly():
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(broken, kubernetes_validate.latest_version(), strict=True)
     broken = copy.deepcopy(ds)
-    broken["spec"]["template"]["spec"]["containers"][1]["livenessProbe"]["httpGet"]["paht"] = "/x"
+    broken["spec"]["template"]["spec"]["containers"][1]["startupProbe"]["httpGet"]["paht"] = "/x"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(broken, kubernetes_validate.latest_version(), strict=True)
 
@@ -870,8 +870,17 @@ def test_kubernetes_sidecar_wiring():
     assert cm["data"]["OTEL_TRACES_SAMPLER"].startswith("parentbased_")
     upstream_port = s.upstream[1]
     assert upstream_port in [p["containerPort"] for p in containers["sip-signaling"]["ports"]]
-    for probe in ("livenessProbe", "startupProbe"):
-        assert side[probe]["httpGet"]["port"] in ports and side[probe]["httpGet"]["path"] in ("/healthz", "/metrics")
+    assert side["startupProbe"]["httpGet"]["port"] in ports and side["startupProbe"]["httpGet"]["path"] == "/healthz"
+    # liveness reads the file the loop touches (a connection flood holds an HTTP probe ~2 s in the
+    # metrics port's accept queue): the file the sidecar is told to touch, on a writable volume
+    # (the root file system is read-only), and the command exists
+    live = side["livenessProbe"]["exec"]["command"]
+    assert live[:3] == ["sipwatch", "alive", s.alive_file] and s.alive_file
+    mounts = [m["mountPath"] for m in side.get("volumeMounts", [])]
+    assert any(s.alive_file.startswith(m.rstrip("/") + "/") for m in mounts), (s.alive_file, mounts)
+    probe = subprocess.run([sys.executable, "-m", "sipwatch", *live[1:2], str(ROOT / "no-such-file")],
+                           capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert probe.returncode == 1 and "no-such-file" in probe.stderr, probe.stderr
     assert side["readinessProbe"]["httpGet"]["port"] in ports
     assert side["readinessProbe"]["httpGet"]["path"] == "/readyz"  # 503 while draining, liveness stays
     assert side["resources"]["requests"] and side["resources"]["limits"]

@@ -612,6 +612,60 @@ def test_expositions_without_escaping_are_the_escaped_ones_byte_for_byte():
             assert plain == fast and len(plain) > 50
 
 
+def test_the_alive_file_follows_the_event_loop_and_no_metrics_flood(tmp_path):
+    """An HTTP liveness probe waits in the metrics port's accept queue, which a connection flood
+    keeps full (probes took up to 2.3 s; the kubelet's timeout is 2 s, three in a row restart
+    the pod). ``sipwatch alive`` reads the file the loop touches every second instead: fresh
+    while the loop runs, a flood of connections on the metrics port or not; stale once the
+    process stops, fresh again once it runs."""
+    import subprocess
+    import sys
+    import threading
+
+    alive = tmp_path / "alive"
+
+    def probe(max_age: float) -> int:
+        return subprocess.run([sys.executable, "-m", "sipwatch", "alive", str(alive), "--max-age", str(max_age)],
+                              capture_output=True, timeout=60).returncode
+
+    def until(cond, what: str) -> None:
+        end = time.monotonic() + 60
+        while not cond():
+            assert time.monotonic() < end, what
+            time.sleep(0.1)
+
+    with Sidecar(tmp_path, free_port(), "--no-tracing", "--alive-file", str(alive)) as sc:
+        until(lambda: alive.exists(), "the file is made at start")
+        first = alive.stat().st_mtime
+        until(lambda: alive.stat().st_mtime > first, "touched again")
+        stop = threading.Event()
+
+        def flood():
+            while not stop.is_set():
+                try:
+                    socket.create_connection(("127.0.0.1", sc.gw_metrics), timeout=1).close()
+                except OSError:
+                    pass
+        threads = [threading.Thread(target=flood, daemon=True) for _ in range(4)]
+        for t in threads:
+            t.start()
+        try:
+            until(lambda: alive.stat().st_mtime > first + 2, "touched under the flood")
+            assert probe(5.0) == 0
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(10)
+        sc.proc.send_signal(signal.SIGSTOP)
+        try:
+            stopped = alive.stat().st_mtime
+            until(lambda: time.time() - stopped > 2.5, "time passes")
+            assert probe(2.0) == 1
+        finally:
+            sc.proc.send_signal(signal.SIGCONT)
+        until(lambda: probe(2.0) == 0, "fresh again once the loop runs")
+
+
 def test_connections_past_the_accept_budget_wait_in_the_kernels_queue():
     """Each metrics connection took the loop ~95 µs: four clients connecting in a loop took the
     proxy forwarding on that loop to 82% of a CPU. Past the accept budget the endpoint stops
