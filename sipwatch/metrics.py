@@ -300,10 +300,14 @@ class Listener:
     it has just closed. Each one kept goes to ``serve(reader, writer)`` in a task. ``close()``
     and ``wait_closed()`` as asyncio's servers."""
 
-    def __init__(self, sock: socket.socket, serve, admit, budget: TokenBucket, on_error=None, protocol=None):
+    def __init__(self, sock: socket.socket, serve, admit, budget: TokenBucket, on_error=None, protocol=None,
+                 connections=None):
         self.sock = sock
         self.serve = serve
-        self.protocol = protocol  # a protocol factory instead of ``serve``: no streams, no task after set-up
+        # a protocol factory instead of ``serve`` (no streams, no task after set-up), and how many
+        # of its connections are open (``wait_closed`` waits for none)
+        self.protocol = protocol
+        self.connections = connections
         self.budget = budget
         self.on_error = on_error
         self.admit = admit
@@ -355,10 +359,10 @@ class Listener:
             self.loop.add_reader(self.sock.fileno(), self._ready)
 
     async def _one(self, conn: socket.socket) -> None:
+        if self.protocol is not None:
+            await self._one_protocol(conn)
+            return
         try:
-            if self.protocol is not None:
-                await self.loop.connect_accepted_socket(self.protocol, conn)
-                return
             reader, writer = await asyncio.open_connection(sock=conn)
         except (OSError, asyncio.CancelledError):
             conn.close()
@@ -366,6 +370,27 @@ class Listener:
         finally:
             self.starting -= 1
         await self.serve(reader, writer)
+
+    async def _one_protocol(self, conn: socket.socket) -> None:
+        """``conn`` to a protocol of ``self.protocol``: it leaves ``starting`` as the protocol is
+        made (which counts itself among the server's connections), so that ``admit`` never
+        counts a connection twice and closes an idle one it had room for."""
+        made: list = []
+
+        def factory():
+            self.starting -= 1
+            p = self.protocol()
+            made.append(p)
+            return p
+        try:
+            await self.loop.connect_accepted_socket(factory, conn)
+        except (OSError, asyncio.CancelledError):
+            conn.close()
+            for p in made:  # made, never connected: no longer counted
+                p.connection_lost(None)
+        finally:
+            if not made:
+                self.starting -= 1
 
     def close(self) -> None:
         if self.closed:
@@ -380,6 +405,9 @@ class Listener:
     async def wait_closed(self) -> None:
         if self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.connections is not None:  # (each is closed within its idle or write timeout)
+            while self.connections():
+                await asyncio.sleep(0.01)
 
 
 async def serve_metrics(registry: CollectorRegistry, host: str, port: int, on_error=None,
@@ -405,7 +433,7 @@ async def serve_metrics(registry: CollectorRegistry, host: str, port: int, on_er
                          fresh if fresh is not None else TokenBucket(FRESH_PER_SECOND, FRESH_BURST))
     return Listener(listening_socket(host, port), None, endpoint.admit,
                     accepts if accepts is not None else TokenBucket(ACCEPT_PER_SECOND, ACCEPT_BURST), on_error,
-                    protocol=endpoint.connection)
+                    protocol=endpoint.connection, connections=endpoint.open_connections)
 
 
 class _Endpoint:
@@ -431,7 +459,12 @@ class _Endpoint:
         self.built: dict[bool, tuple[bytes, str]] = {}
 
     def connection(self) -> "_Request":
-        return _Request(self)
+        request = _Request(self)
+        self.waiting[request] = None  # (counted from here: the listener stops counting it now)
+        return request
+
+    def open_connections(self) -> int:
+        return len(self.waiting) + len(self.busy)
 
     def admit(self, starting: int) -> bool:
         """Room for a connection just accepted: past ``max_connections`` (those being set up
@@ -522,7 +555,9 @@ class _Request(asyncio.Protocol):
     def connection_made(self, transport) -> None:
         self.transport = transport
         ep = self.endpoint
-        ep.waiting[self] = None
+        if self not in ep.waiting:  # (made room for a newer one before it was connected)
+            transport.abort()
+            return
         self.timer = ep.loop.call_later(ep.idle_timeout, self.close, True)
 
     def data_received(self, data: bytes) -> None:

@@ -666,6 +666,55 @@ def test_the_alive_file_follows_the_event_loop_and_no_metrics_flood(tmp_path):
         until(lambda: probe(2.0) == 0, "fresh again once the loop runs")
 
 
+def test_connections_up_to_the_bound_are_all_kept():
+    """A connection being set up was counted twice for a loop turn (among those starting and
+    among the endpoint's own): at the bound the endpoint closed idle connections it had room
+    for (8 clients a loop turn apart, a bound of 8: 6 kept). Each is counted once now; a ninth
+    makes room by closing the oldest idle one."""
+    from prometheus_client import CollectorRegistry
+
+    from sipwatch.metrics import serve_metrics
+
+    def closed(sock: socket.socket) -> bool:
+        try:
+            return sock.recv(1) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
+    async def run():
+        port = free_port()
+        server = await serve_metrics(CollectorRegistry(), "127.0.0.1", port, max_connections=8)
+        socks = []
+        try:
+            for _ in range(9):
+                s = socket.socket()
+                s.setblocking(False)
+                try:
+                    s.connect(("127.0.0.1", port))
+                except BlockingIOError:
+                    pass
+                socks.append(s)
+                await asyncio.sleep(0)  # a loop turn between clients
+                if len(socks) == 8:
+                    await asyncio.sleep(0.3)
+                    first = [closed(x) for x in socks]
+            end = time.monotonic() + 60
+            while not closed(socks[0]) and time.monotonic() < end:
+                await asyncio.sleep(0.01)
+            return first, [closed(x) for x in socks]
+        finally:
+            for x in socks:
+                x.close()
+            server.close()
+            await asyncio.wait_for(server.wait_closed(), 30)
+
+    first, after = asyncio.run(run())
+    assert first == [False] * 8
+    assert after == [True] + [False] * 8  # the oldest idle one made room for the ninth
+
+
 def test_connections_past_the_accept_budget_wait_in_the_kernels_queue():
     """Each metrics connection took the loop ~95 µs: four clients connecting in a loop took the
     proxy forwarding on that loop to 82% of a CPU. Past the accept budget the endpoint stops
