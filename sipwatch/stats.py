@@ -121,13 +121,19 @@ class RttRing:
         rtt = self.rtt[:n]
         meth = self.method[:n]
         idx = np.searchsorted(self.bounds, rtt, side="left")
-        np.add.at(self.counts, (meth, idx), 1)
+        # (method, bucket) as one key: a count per key in one pass, and the last sample of each
+        # (its exemplar) by a maximum per key; no sort (np.unique sorted the whole ring, and the
+        # fold of a full ring runs inside the datagram callback that filled it)
+        counts = self.counts
+        nb = counts.shape[1]
+        keys = meth * nb + idx
+        counts += np.bincount(keys, minlength=counts.size).reshape(counts.shape)
         self.sums += np.bincount(meth, weights=rtt, minlength=len(METHODS))
-        # exemplar: last sample of each (method, bucket) in this batch
-        keys = meth * 64 + idx
-        _, last = np.unique(keys[::-1], return_index=True)
-        for j in (n - 1 - last).tolist():
-            self.exemplars[(int(meth[j]), int(idx[j]))] = (self.trace[j], float(rtt[j]), now)
+        last = np.full(counts.size, -1, dtype=np.int64)
+        np.maximum.at(last, keys, np.arange(n, dtype=np.int64))
+        for k in np.flatnonzero(last >= 0).tolist():
+            j = int(last[k])
+            self.exemplars[(k // nb, k % nb)] = (self.trace[j], float(rtt[j]), now)
         self.n = 0
         self.folded_at = now
 

@@ -786,16 +786,39 @@ def test_the_capped_knee_is_a_step_that_passes_in_most_of_its_runs(monkeypatch):
     monkeypatch.setattr(bench, "load_step", fake)
     steps, best, over = bench._capped_runs(None, "all", 10, None, None, (1000, 2000, 3000, 4000))
     # climb: 1000, 2000, 3000 (failed, passed again), 4000 failed twice; 3250 fails twice; 3000
-    # then fails its third run (1 of 3); 2000: passed, then failed, passed: 2 of 3
-    assert ran[:12] == [1000, 2000, 3000, 3000, 4000, 4000, 3250, 3250, 3000, 2000, 2000, 3000]
-    assert best == 2000
-    assert [r["rate"] for r in steps if r.get("confirm")] == [3000, 2000, 2000]
-    assert {r["rate"] for r in over} == {3000, 4000} and all(r["base_rate"] == 2000 for r in over)
+    # then fails its third run (1 of 3); 2000: passed, then failed, passed: 2 of 3; the gap up
+    # to 3000 is then split (every step under 3000 passes here) and 2750 confirmed
+    assert ran[:11] == [1000, 2000, 3000, 3000, 4000, 4000, 3250, 3250, 3000, 2000, 2000]
+    assert ran[11:16] == [2250, 2500, 2750, 2750, 2750]
+    assert best == 2750
+    assert [r["rate"] for r in steps if r.get("confirm")] == [3000, 2000, 2000, 2750, 2750]
+    assert {r["rate"] for r in over} == {4125, 5500} and all(r["base_rate"] == 2750 for r in over)
     # a failed try and its passing retry, then a third run that passes: that step is the knee
     outcomes.update({3000: [False, True, True]})
     ran.clear()
     steps, best, over = bench._capped_runs(None, "all", 10, None, None, (1000, 2000, 3000))
     assert best == 3000 and ran[:5] == [1000, 2000, 3000, 3000, 3000] and ran[5] == 4500
+
+
+def test_a_knee_that_does_not_confirm_is_looked_for_below_it_not_a_coarse_step_down(monkeypatch):
+    """The 3925818 run: 2000 passed in the climb and shed 3% and 6% when confirmed, and the knee
+    fell to the coarse step below, 1000, with 1500 never tried: 1.5x and 2x of it read 150% and
+    195%, a verdict on a knee read at half its rate. The gap below a step that does not confirm
+    is split as the climb's own (here the true knee is 1750)."""
+    ran = []
+    outcomes = {2000: [True, False, False]}
+
+    def fake(workdir, key, rate, duration, features, cap=None, invite_limit=None):
+        ran.append(rate)
+        ok = outcomes[rate].pop(0) if outcomes.get(rate) else rate <= 1750
+        return {"rate": rate, "passed": ok, "goodput_cps": min(rate, 1800)}
+    monkeypatch.setattr(bench, "load_step", fake)
+    steps, best, over = bench._capped_runs(None, "all", 10, None, None, (500, 1000, 2000, 3000))
+    # climb, 3000 twice; 2250 twice; 2000 not confirmed; 1000 confirmed; 1250-1750 climbed; 1750
+    # confirmed; the gap from 1750 to 2000 is the fine grid's own: no more splits
+    assert ran[:16] == [500, 1000, 2000, 3000, 3000, 2250, 2250, 2000, 2000, 1000, 1000,
+                        1250, 1500, 1750, 1750, 1750]
+    assert best == 1750 and {r["rate"] for r in over} == {2625, 3500}
 
 
 def test_paired_runs_alternate_the_builds_and_start_each_sidecar_from_its_own(monkeypatch):

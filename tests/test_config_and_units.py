@@ -74,6 +74,12 @@ def test_ring_fold_matches_an_independent_histogram(samples, size):
                 for i, e in enumerate(edges)] + [sum(1 for v in values if v > edges[-1])]
         assert ring.counts[m].tolist() == want
         assert ring.sums[m] == pytest.approx(sum(values))
+    # each (method, bucket)'s exemplar is its newest sample, across folds
+    newest = {}
+    for i, (m, v) in enumerate(samples):
+        b = next((j for j, e in enumerate(edges) if v <= e), len(edges))
+        newest[(m, b)] = (i + 1, v)
+    assert {k: e[:2] for k, e in ring.exemplars.items()} == newest
 
 
 def test_ring_exemplar_is_the_newest_sample_of_its_bucket():
