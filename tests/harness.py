@@ -36,6 +36,23 @@ def tshark_claimed_ports() -> frozenset[int]:
                      if len(f) >= 2 and f[0] in ("udp.port", "tcp.port") and f[1].isdigit())
 
 
+@contextlib.contextmanager
+def collector_off_traced():
+    """The cyclic collector off and tracemalloc on for the block, as the proxy's collector policy
+    has it between its rare deep collections: what a reference cycle holds stays held, and the
+    block reads ``tracemalloc.get_traced_memory()`` to see it."""
+    import gc
+    import tracemalloc
+    gc.collect()
+    gc.disable()
+    tracemalloc.start()
+    try:
+        yield
+    finally:
+        tracemalloc.stop()
+        gc.enable()
+
+
 def free_port() -> int:
     """A port free for UDP and TCP outside the ephemeral range (sipwatch.demo.free_port) that
     tshark reads as SIP when SIP runs on it (tshark is these tests' ground truth)."""

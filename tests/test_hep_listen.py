@@ -9,6 +9,7 @@ import asyncio
 
 from capture import hep_listen
 from capture.hep_listen import MAX_TCP_CONNECTIONS, HepReceiver
+from harness import collector_off_traced
 from sipwatch.hep import encode_hep3
 
 HANG = 60.0  # seconds: a guard against a hang, never a measure
@@ -277,7 +278,6 @@ def test_senders_that_close_mid_frame_leave_nothing_behind_with_the_collector_of
     """A connection closed in the middle of a frame ended its reader with an exception whose
     traceback held the reader (and what it had read) in a reference cycle until a full
     collection: 300 senders left 16 MB; with the collector off they must leave under 1 MB."""
-    import gc
     import tracemalloc
 
     async def main():
@@ -302,13 +302,7 @@ def test_senders_that_close_mid_frame_leave_nothing_behind_with_the_collector_of
         rx.close()
         return held
 
-    gc.collect()
-    gc.disable()
-    tracemalloc.start()
-    try:
+    with collector_off_traced():
         held = asyncio.run(main())
-    finally:
-        tracemalloc.stop()
-        gc.enable()
     assert held < 1 << 20, held
 

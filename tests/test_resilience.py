@@ -21,7 +21,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from harness import HAVE_SIPP, Sidecar, free_port, metric, run_call_pair
+from harness import HAVE_SIPP, Sidecar, collector_off_traced, free_port, metric, run_call_pair
 from sipwatch.config import settings_from
 from sipwatch.stats import COMPONENTS, DROP_REASONS
 
@@ -490,7 +490,6 @@ def test_clients_that_close_early_leave_nothing_behind_with_the_collector_off():
     collector policy leaves cycles to rare deep collections, and four such clients grew the
     process by 65 MB a second (a 1-GiB pod in 15 s). With the collector off, as the policy has it
     between those collections, 300 such clients now leave under 1 MB behind (they left 4.3)."""
-    import gc
     import tracemalloc
 
     from prometheus_client import CollectorRegistry
@@ -523,14 +522,8 @@ def test_clients_that_close_early_leave_nothing_behind_with_the_collector_off():
             server.close()
             await server.wait_closed()
 
-    gc.collect()
-    gc.disable()
-    tracemalloc.start()
-    try:
+    with collector_off_traced():
         held = asyncio.run(run())
-    finally:
-        tracemalloc.stop()
-        gc.enable()
     assert held < 1 << 20, held
 
 
