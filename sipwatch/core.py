@@ -803,11 +803,13 @@ class ProxyCore:
         other trace rides along to be read downstream. ``tracestate`` goes with the trace it
         belongs to (``keep_state``: this request continues the trace of the traceparent that
         came in), else it is dropped (W3C Trace Context: not without a valid traceparent). Lines
-        are deleted from ``lines`` and ``names`` alike; the top Via's index after it is returned."""
+        are deleted from ``lines`` and ``names`` alike, in one pass (a deletion each was
+        quadratic in a datagram of thousands of copies); the top Via's index after it is
+        returned."""
         owned = self.trace_owned
         seen: set[bytes] = set()
-        j = 0
-        while j < len(names):
+        drop: list[int] = []
+        for j in range(len(names)):
             n = names[j]
             if n in owned:
                 if n not in seen:
@@ -817,15 +819,15 @@ class ProxyCore:
                             head = lines[j][:lines[j].index(b":")]
                             lines[j] = b"%s: %032x" % (head, trace_id) if id_only else \
                                 b"%s: 00-%032x-%016x-%s" % (head, trace_id, span_id, b"01" if sampled else b"00")
-                    j += 1
                     continue
             elif n != b"tracestate" or keep_state:
-                j += 1
                 continue
-            del lines[j]
-            del names[j]
-            if j < via_i:
-                via_i -= 1
+            drop.append(j)
+        if drop:
+            gone = set(drop)
+            lines[:] = [x for j, x in enumerate(lines) if j not in gone]
+            names[:] = [x for j, x in enumerate(names) if j not in gone]
+            via_i -= sum(1 for j in drop if j < via_i)
         return via_i
 
     def _new_call(self, msg, call_id, incoming, now, is_call, from_val, to_val,
