@@ -452,10 +452,8 @@ def _ms(v: float | None) -> float | None:
 
 
 def _show_call_id(call_id_mask):
-    """Call-ID bytes -> text for the report: masked as the sidecar's logs show them, or as is."""
-    if call_id_mask is None or call_id_mask.mode == "none":
-        return lambda cid: cid.decode(errors="replace")
-    return call_id_mask
+    """Call-ID bytes -> text for the report: through the masker (its ``none`` shows them as is)."""
+    return call_id_mask if call_id_mask is not None else (lambda cid: cid.decode(errors="replace"))
 
 
 def _describe(r: Rec, show) -> str:

@@ -184,6 +184,14 @@ def ip_literal(host: bytes) -> str | None:
     return ip
 
 
+def _trace_line(name: bytes, trace_id: int, span_id: int, sampled: bool, id_only: bool) -> bytes:
+    """A trace header line beyond the first stamped one (which keeps its hex per call): the
+    traceparent layout, version 00, or the bare trace id (X-Trace-ID)."""
+    if id_only:
+        return b"%s: %032x" % (name, trace_id)
+    return b"%s: 00-%032x-%016x-%s" % (name, trace_id, span_id, b"01" if sampled else b"00")
+
+
 class ProxyCore:
     def __init__(self, config: CoreConfig, stats: Stats | None = None,
                  randbits=random.getrandbits):
@@ -275,14 +283,14 @@ class ProxyCore:
         self.trace_lname = lname
         # the trace headers read but not stamped: one that came in leaves once, with this hop's
         # context (a caller's second copy or another trace there would be read downstream)
+        # (lowercase name -> trace id only)
         stamped_l = {n.lower() for n in stamped}
-        self.trace_read_only: tuple[tuple[bytes, bool], ...] = tuple(
-            (n, n == TRACE_ID_HEADER) for n in dict.fromkeys([*self.trace_lookup, TRACE_ID_HEADER])
-            if n not in stamped_l)
+        self.trace_read_only: dict[bytes, bool] = {
+            n: n == TRACE_ID_HEADER for n in [*self.trace_lookup, TRACE_ID_HEADER] if n not in stamped_l}
         # every trace header, and tracestate: when none came in, the request needs no clean-up
         self.trace_any: tuple[bytes, ...] = tuple(dict.fromkeys(
             [*self.trace_lookup, TRACE_ID_HEADER, *stamped_l, b"tracestate"]))
-        self.trace_owned = frozenset(stamped_l | {n for n, _ in self.trace_read_only})
+        self.trace_owned = frozenset(stamped_l | self.trace_read_only.keys())
         # -- TCP (sipwatch.framing feeds receive_stream; the edge reads out_tcp) ------------
         self.in_tcp = False  # the message being handled arrived over TCP
         self.out_tcp = False  # the output just returned leaves over TCP; the edge resets it
@@ -786,10 +794,7 @@ class ProxyCore:
                     sampled: bool) -> None:
         """The trace context in the further ``--trace-header`` names (e.g. X-Traceparent too)."""
         for lname, name, id_only in self.more_trace_headers:
-            if id_only:
-                line = b"%s: %032x" % (name, trace_id)
-            else:
-                line = b"%s: 00-%032x-%016x-%s" % (name, trace_id, span_id, b"01" if sampled else b"00")
+            line = _trace_line(name, trace_id, span_id, sampled, id_only)
             if lname in names:
                 lines[names.index(lname)] = line
             else:
@@ -807,6 +812,7 @@ class ProxyCore:
         quadratic in a datagram of thousands of copies); the top Via's index after it is
         returned."""
         owned = self.trace_owned
+        read_only = self.trace_read_only
         seen: set[bytes] = set()
         drop: list[int] = []
         for j in range(len(names)):
@@ -814,11 +820,10 @@ class ProxyCore:
             if n in owned:
                 if n not in seen:
                     seen.add(n)
-                    for lname, id_only in self.trace_read_only:
-                        if lname == n:
-                            head = lines[j][:lines[j].index(b":")]
-                            lines[j] = b"%s: %032x" % (head, trace_id) if id_only else \
-                                b"%s: 00-%032x-%016x-%s" % (head, trace_id, span_id, b"01" if sampled else b"00")
+                    id_only = read_only.get(n)
+                    if id_only is not None:  # (the name as it came, this hop's context)
+                        line = lines[j]
+                        lines[j] = _trace_line(line[:line.index(b":")], trace_id, span_id, sampled, id_only)
                     continue
             elif n != b"tracestate" or keep_state:
                 continue

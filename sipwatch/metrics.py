@@ -470,7 +470,7 @@ class _Endpoint:
         """Room for a connection just accepted: past ``max_connections`` (those being set up
         included) the oldest that has not sent its request yet is closed to make it; False
         (closed at once) when every one is being set up or answered."""
-        if starting + len(self.waiting) + len(self.busy) < self.max_connections:
+        if starting + self.open_connections() < self.max_connections:
             return True
         if not self.waiting:
             return False
