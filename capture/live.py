@@ -458,6 +458,7 @@ class LiveCapture:
             self._housekeeping(now)
         except Exception as exc:  # noqa: BLE001 - counted and logged; the next tick tries again
             self.errors.report("tick", exc)
+        self.errors.catch_up(self.observer.stats.internal_error_text)  # counted inside the core
 
     def _housekeeping(self, now: float | None) -> None:
         # capture time is wall time here, so the clock can expire what the packets no longer do

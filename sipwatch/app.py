@@ -252,6 +252,8 @@ class ProxyApp:
                 report("send", exc)
         if self._worker_summaries:
             self._lost_summaries()
+        if everything or self._ticks % HEALTH_EVERY == 0:
+            self.errors.catch_up(self.stats.internal_error_text)  # failures counted in callbacks
         self.log.deferred = False
         try:
             self.log.flush()  # the tick's lines in one write
@@ -409,6 +411,7 @@ class ProxyApp:
             failed = sp.log_errors
             if failed != self._worker_log_errors:
                 self.stats.internal_errors["log"] += failed - self._worker_log_errors
+                self.stats.internal_error_text["log"] = f"the span worker failed to write {failed} call summaries in all"
                 self._worker_log_errors = failed
         except Exception as exc:  # noqa: BLE001
             self.errors.report("log", exc)
@@ -434,6 +437,7 @@ class ProxyApp:
         failures = getattr(sp, "failures", 0)
         if failures != self._span_failures_seen:
             self.stats.internal_errors["spans"] += failures - self._span_failures_seen
+            self.stats.internal_error_text["spans"] = f"the span pipeline failed {failures} times in all"
             self._span_failures_seen = failures
         failing = getattr(sp, "file_failing", False)
         if failing and not self._spans_file_failing:

@@ -392,8 +392,7 @@ class ProxyCore:
 
     def _bug(self, exc: Exception) -> None:
         """Count an exception the core caught around a message's work, and keep its text."""
-        self.stats.internal_errors["datagram"] += 1
-        self.last_internal_error = f"{type(exc).__name__}: {exc}"[:300]
+        self.last_internal_error = self.stats.failed("datagram", exc)
 
     def handle_timers(self, now: float) -> None:
         self.settle()

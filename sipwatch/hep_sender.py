@@ -33,6 +33,9 @@ TCP_BUFFER_MAX = 4 << 20  # bytes waiting for a slow TCP collector before new pa
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0
 FLUSH_MAX = 20000  # messages encoded per flush at most (the rest waits for the next tick)
 DROP_REASONS = ("queue_full", "send_error", "collector_down", "too_large")
+# the largest UDP payload over IPv4 / IPv6 (65535 less the headers): a HEP packet may be up to
+# 65535 bytes, but a larger datagram is refused by send (EMSGSIZE), which no collector causes
+UDP_MAX = {socket.AF_INET: 65507, socket.AF_INET6: 65527}
 HEADER_SCAN = 8192  # bytes searched for the Call-ID; a header section is rarely longer (_hepenc.c too)
 _c_call_id = _hepenc.call_id if _hepenc is not None else None
 
@@ -62,7 +65,7 @@ def parse_endpoint(text: str, what: str = "--hep-endpoint") -> tuple[str, Addr]:
                             "(host names are not resolved)") from None
     port = 9060
     if port_s:
-        if not port_s.isdigit() or not 0 < int(port_s) < 65536:
+        if not (port_s.isascii() and port_s.isdigit()) or not 0 < int(port_s) < 65536:
             raise EndpointError(f"{what}: port {port_s!r} in {text!r} is not 1-65535")
         port = int(port_s)
     return proto.lower(), (host, port)
@@ -126,6 +129,7 @@ class HepSender:
         self.pending_offset = 0  # TCP: bytes of pending[0] already written
         self.retry_at = 0.0
         self.backoff = BACKOFF_MIN
+        self.opened_at = 0.0  # when the socket was opened: the back-off resets once it outlived one
         self.proto = PROTO_UDP
 
     # -- hot path ---------------------------------------------------------------------------
@@ -216,7 +220,17 @@ class HepSender:
             self._failed(exc, now)
             return False
         self.sock = s
+        self.opened_at = now
         return True
+
+    def _succeeded(self, n: int, now: float) -> None:
+        """``n`` packets handed to the kernel. The back-off starts again from its minimum only
+        once the socket has lived a back-off period: a dead UDP collector takes the first send
+        (its ICMP error answers the next), and a TCP collector may accept and close at once, so
+        a first success proves nothing."""
+        self.sent += n
+        if now - self.opened_at >= self.backoff:
+            self.backoff = BACKOFF_MIN
 
     def _failed(self, exc: Exception, now: float) -> None:
         self.last_error = f"{type(exc).__name__}: {exc}"[:300]
@@ -231,24 +245,32 @@ class HepSender:
         self.backoff = min(self.backoff * 2, BACKOFF_MAX)
 
     def _send_udp(self, packets: list, now: float) -> int:
-        send = self.sock.send
+        sock = self.sock
+        send = sock.send
+        largest = UDP_MAX.get(sock.family, 65507)
         sent = 0
         for i, p in enumerate(packets):
+            if len(p) > largest:  # a peer's huge message must not look like a dead collector
+                self.dropped["too_large"] += 1
+                continue
             try:
                 send(p)
                 sent += 1
             except BlockingIOError:
                 self.dropped["send_error"] += len(packets) - i  # socket buffer full
                 break
-            except OSError as exc:  # ECONNREFUSED: the collector's port is closed
+            except OSError as exc:
+                if exc.errno == errno.EMSGSIZE:  # this packet alone (a smaller path MTU)
+                    self.dropped["too_large"] += 1
+                    continue
+                # ECONNREFUSED: the collector's port is closed
                 self.dropped["send_error"] += 1
                 rest = len(packets) - i - 1
                 self.dropped["collector_down"] += rest
                 self._failed(exc, now)
                 break
         if sent:
-            self.sent += sent
-            self.backoff = BACKOFF_MIN
+            self._succeeded(sent, now)
         return sent
 
     def _send_tcp(self, packets: list, now: float) -> int:
@@ -262,8 +284,9 @@ class HepSender:
         s = self.sock
         if not self.connected:
             try:
-                _, writable, _ = select.select([], [s], [], 0)
-                if not writable:
+                poller = select.poll()  # (select.select refuses descriptors past 1023)
+                poller.register(s, select.POLLOUT)
+                if not poller.poll(0):
                     return 0  # still connecting
                 err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 if err:
@@ -295,8 +318,7 @@ class HepSender:
                 self.pending_offset = n
                 break
         if done:
-            self.sent += done
-            self.backoff = BACKOFF_MIN
+            self._succeeded(done, now)
         return done
 
     def close(self) -> None:
@@ -351,7 +373,7 @@ def hep_options(get, flag) -> dict:
     ep_s, w = get("hep-endpoint", None)
     endpoint = parse_endpoint(ep_s, w) if ep_s else None
     cid_s, w = get("hep-capture-id", "0")
-    if not str(cid_s).isdigit() or int(cid_s) >= 1 << 32:
+    if not (str(cid_s).isascii() and str(cid_s).isdigit()) or int(cid_s) >= 1 << 32:
         raise EndpointError(f"{w}: {cid_s!r} is not a capture id 0-4294967295")
     key, _ = get("hep-auth-key", "")
     node, _ = get("hep-node-name", "")
@@ -364,11 +386,24 @@ def hep_options(get, flag) -> dict:
 
 
 def local_address(listen: Addr, advertise: Addr | None) -> Addr:
-    """This process's address in HEP records: the listen address, or the advertised one when
-    listening on a wildcard."""
-    if listen[0] in ("0.0.0.0", "::", "") and advertise is not None:
-        return advertise[0], listen[1]
-    return listen
+    """This process's address in HEP records: the listen address, or, listening on a wildcard,
+    the advertised one. HEP carries IP addresses: an advertised host name (common in Via and
+    Record-Route) is replaced by the address a route lookup gives, as for a wildcard listen
+    without ``--advertise``; no name is resolved."""
+    if listen[0] not in ("0.0.0.0", "::", ""):
+        return listen
+    if advertise is not None:
+        try:
+            ip_bytes(advertise[0])
+            return advertise[0], listen[1]
+        except HepError:
+            pass
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))  # TEST-NET-1: no packet is sent, only a route lookup
+            return s.getsockname()[0], listen[1]
+    except OSError:
+        return "0.0.0.0", listen[1]
 
 
 __all__ = ["HepSender", "parse_endpoint", "call_id_of", "add_hep_arguments", "hep_options",

@@ -662,7 +662,9 @@ class ErrorReporter:
     every ``interval`` seconds (with the number of failures not logged in between).
 
     ``report`` never raises: it is called from ``except`` blocks of the tick, the metrics
-    collectors and the span pipeline's hand-off.
+    collectors and the span pipeline's hand-off. Failures counted where no log may be written
+    (a datagram callback: ``Stats.failed``) are logged by ``catch_up``, which the housekeeping
+    calls.
     """
 
     def __init__(self, log: JsonLog, counters: dict, interval: float = 10.0, clock=time.monotonic):
@@ -672,11 +674,13 @@ class ErrorReporter:
         self.clock = clock
         self._last: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
+        self._seen: dict[str, int] = {}  # each component's count that a line (or its suppression) covers
 
     def report(self, component: str, exc: BaseException, count: bool = True, **fields) -> None:
         try:
             if count:
                 self.counters[component] = self.counters.get(component, 0) + 1
+            self._seen[component] = self.counters.get(component, 0)
             now = self.clock()
             last = self._last.get(component)
             if last is not None and now - last < self.interval:
@@ -690,6 +694,31 @@ class ErrorReporter:
                            component=component, error_type=type(exc).__name__, error=text,
                            suppressed=suppressed, total=self.counters.get(component, 0), **fields)
         except Exception:  # noqa: BLE001 - the reporter of last resort must not fail
+            pass
+
+    def catch_up(self, texts: dict) -> None:
+        """Log the failures counted since the last line of their component without passing
+        through ``report`` (``texts``: each component's last failure, ``Stats.internal_error_text``),
+        under the same limit of one line per component every ``interval``. Never raises."""
+        try:
+            now = -1.0
+            for component, total in self.counters.items():
+                new = total - self._seen.get(component, 0)
+                if new <= 0:
+                    continue
+                if now < 0:
+                    now = self.clock()
+                last = self._last.get(component)
+                if last is not None and now - last < self.interval:
+                    continue  # a later tick writes it, with the failures counted meanwhile
+                self._last[component] = now
+                self._seen[component] = total
+                suppressed = self._suppressed.pop(component, 0)
+                text = mask_uri(str(texts.get(component) or "")[:300], "partial")
+                self.log.error(f"internal error in {component}, carrying on", "internal_error",
+                               component=component, error=text, new=new, suppressed=suppressed,
+                               total=total)
+        except Exception:  # noqa: BLE001 - as report
             pass
 
 

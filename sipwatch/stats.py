@@ -158,6 +158,14 @@ class Stats:
 
     ``ring_size=0``: no RTT ring (:class:`NoRing`), for a consumer that exports no metrics."""
 
+    def failed(self, component: str, exc: BaseException) -> str:
+        """A failure caught and survived in ``component``: counted, and its text kept for the
+        log line the housekeeping writes (``ErrorReporter.catch_up``). Returns the text."""
+        text = f"{type(exc).__name__}: {exc}"[:300]
+        self.internal_errors[component] = self.internal_errors.get(component, 0) + 1
+        self.internal_error_text[component] = text
+        return text
+
     def __init__(self, ring_size: int = 1 << 16):
         nm = len(METHODS)
         self.requests = [0] * (nm * 2)  # [method * 2 + direction]
@@ -188,6 +196,7 @@ class Stats:
         self.span_worker_restarts = 0  # span worker processes started in place of a dead one
         self.dropped = [0] * len(DROP_REASONS)  # [DROP_*]: datagrams not forwarded, by reason
         self.internal_errors = dict.fromkeys(COMPONENTS, 0)
+        self.internal_error_text: dict[str, str] = {}  # each component's last failure, for its log line
         self.body_truncated = 0  # UDP bytes past Content-Length discarded (RFC 3261 18.3)
         self.forks = 0  # a 2xx with another To-tag for an INVITE already answered (forking)
         self.drain_rejected = 0  # new dialogs answered 503 while draining

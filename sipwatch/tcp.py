@@ -238,12 +238,10 @@ class TcpEdge:
             if self.wiretap is not None:
                 failed = tap_copies(self.wiretap, data, src, now, out, "tcp", "tcp" if tcp else "udp")
                 if failed is not None:
-                    self.stats.internal_errors["hep"] += 1  # (as UdpEdge.tap_failed)
-                    self.last_error = f"{type(failed).__name__}: {failed}"[:300]
+                    self.last_error = self.stats.failed("hep", failed)  # (as UdpEdge.tap_failed)
         except Exception as exc:  # noqa: BLE001 - a bug costs one message, never the loop
             core.out_tcp = False
-            self.stats.internal_errors["datagram"] += 1
-            self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+            self.last_error = self.stats.failed("datagram", exc)
         core.settle()  # what the core held back until the output had left (never raises)
 
     def _shed(self, conn: "_Conn", on: bool) -> None:
@@ -320,8 +318,7 @@ class TcpEdge:
                 self.failed_until.clear()
             conn.shut("connect_failed")
         except Exception as exc:  # noqa: BLE001
-            self.stats.internal_errors["send"] += 1
-            self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+            self.last_error = self.stats.failed("send", exc)
             conn.shut("error")
 
     # -- the table -----------------------------------------------------------------------
@@ -432,8 +429,7 @@ class TcpEdge:
                 elif conn.last_active < idle_before:
                     conn.shut("idle")
         except Exception as exc:  # noqa: BLE001
-            self.stats.internal_errors["tick"] += 1
-            self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+            self.last_error = self.stats.failed("tick", exc)
         if not self._closing:
             self._sweeper = asyncio.get_running_loop().call_later(SWEEP_EVERY, self._sweep)
 
@@ -679,8 +675,7 @@ class _Conn(asyncio.Protocol):
 
     def _failed(self, exc: Exception) -> None:
         try:
-            self.edge.stats.internal_errors["datagram"] += 1
-            self.edge.last_error = f"{type(exc).__name__}: {exc}"[:300]
+            self.edge.last_error = self.edge.stats.failed("datagram", exc)
             self.shut("error")
         except Exception:  # noqa: BLE001
             pass

@@ -158,8 +158,7 @@ class UdpEdge:
         except OSError as exc:
             self.send_failed(exc)
         except Exception as exc:  # e.g. an address family the socket cannot reach
-            self.stats.internal_errors["send"] += 1
-            self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+            self.last_error = self.stats.failed("send", exc)
 
     def send_failed(self, exc: Exception) -> None:
         self.stats.send_errors += 1
@@ -168,14 +167,12 @@ class UdpEdge:
     def tap_failed(self, exc: BaseException) -> None:
         """The wiretap raised (the C pump calls this too): its copies of one message are lost
         and counted; the message itself was already sent."""
-        self.stats.internal_errors["hep"] += 1
-        self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+        self.last_error = self.stats.failed("hep", exc)
 
     def _pump_failed(self, exc: BaseException) -> None:
         """An exception out of the core or :meth:`dispatch` (or a failed allocation), caught by
         the C pump: one datagram lost and counted, as the core counts its own failures."""
-        self.stats.internal_errors["datagram"] += 1
-        self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+        self.last_error = self.stats.failed("datagram", exc)
 
     def close(self) -> None:
         if self._watch is not None:
@@ -232,8 +229,7 @@ class UdpEdge:
             self.core.overloaded = self.stats.overloaded = over or (tcp is not None and tcp.overloaded)
             stirring = queued > guard.high // QUIET_SHARE or guard.overloaded
         except Exception as exc:  # never let the watchdog take the loop down
-            self.stats.internal_errors["tick"] += 1
-            self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+            self.last_error = self.stats.failed("tick", exc)
         if stirring or not self.ticked_sampling:
             self._watch = asyncio.get_running_loop().call_later(OVERLOAD_SAMPLE, self._sample)
 

@@ -37,7 +37,9 @@ NODE_PKG = DEPLOY / "schemas" / "node"
 DASH_DIR = DEPLOY / "grafana" / "dashboards"
 K8S = DEPLOY / "k8s"
 REQUIRED_ALERTS = {"SignalerRTTHigh", "CallFailureRatioHigh", "SidecarDown", "TransactionTimeoutsRising",
-                   "SidecarCPUHigh", "SpanExportDropping", "SIPParseErrors", "SidecarStalledByGC"}
+                   "SidecarCPUHigh", "SpanExportDropping", "SIPParseErrors", "SidecarStalledByGC",
+                   "SidecarInternalErrors", "SidecarStateTableFull", "CallRecordsDropped", "LogLinesDropping",
+                   "HEPExportDropping", "SpanWorkerRestarting"}
 PROMTOOL = shutil.which("promtool")
 AMTOOL = shutil.which("amtool")
 HADOLINT = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
@@ -417,6 +419,8 @@ EXTERNAL_METRICS = {"up", "node_cpu_seconds_total"}  # Prometheus itself, node-e
 # exported by `sipwatch capture` (RTP), not by the proxy: checked against a real LiveCapture below
 CAPTURE_METRICS = {"rtp_packets_total", "rtp_packets_lost_total", "rtp_jitter_milliseconds_bucket",
                    "rtp_mos_bucket"}
+# exported by the proxy only with --hep-endpoint: checked against a real HepSender below
+HEP_METRICS = {"sipwatch_hep_dropped_total"}
 
 
 def promql_metric_names(expr: str) -> set[str]:
@@ -479,7 +483,8 @@ def test_every_dashboard_promql_expression_passes_promtool(tmp_path):
 @needs_sipp
 def test_every_metric_used_by_rules_and_dashboards_exists_on_a_real_sidecar(lab):
     assert not CAPTURE_METRICS & exported_names(lab), "the proxy exports it: drop it from CAPTURE_METRICS"
-    known = exported_names(lab) | set(recordings()) | EXTERNAL_METRICS | CAPTURE_METRICS
+    assert not HEP_METRICS & exported_names(lab), "the lab's sidecar exports it: drop it from HEP_METRICS"
+    known = exported_names(lab) | set(recordings()) | EXTERNAL_METRICS | CAPTURE_METRICS | HEP_METRICS
     used = {}
     for label, expr in grafana_exprs():
         for n in promql_metric_names(substitute_grafana_vars(expr)):
@@ -528,6 +533,25 @@ def test_capture_metrics_are_exported_by_sipwatch_capture_and_used():
     assert CAPTURE_METRICS <= names, CAPTURE_METRICS - names
     used = {n for _, e in grafana_exprs() for n in promql_metric_names(substitute_grafana_vars(e))}
     assert CAPTURE_METRICS <= used, CAPTURE_METRICS - used
+
+
+def test_hep_metrics_are_exported_by_a_proxy_sending_hep_and_used():
+    """HEP_METRICS is no loophole either: each name is on the registry of a proxy's HEP sender
+    (the gateway port's, app.py) once a message could not be sent, and an alert reads it."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+    from sipwatch.hep_sender import HepSender
+    reg = CollectorRegistry()
+    hep = HepSender(("udp", ("127.0.0.1", free_port())), queue_max=1)
+    reg.register(hep)
+    for _ in range(3):  # the queue holds one: the others are dropped, counted
+        hep.tap(b"OPTIONS sip:a@127.0.0.1 SIP/2.0\r\nCall-ID: x\r\n\r\n", ("127.0.0.1", 5060), ("127.0.0.1", 5080), 1.0)
+    hep.close()
+    names = {s.name for fam in text_string_to_metric_families(generate_latest(reg).decode())
+             for s in fam.samples if s.value}
+    assert HEP_METRICS <= names, HEP_METRICS - names
+    used = {n for r in alerts_by_name().values() for n in promql_metric_names(r["expr"])}
+    assert HEP_METRICS <= used, HEP_METRICS - used
 
 
 # --------------------------------------------------------------------------------------------

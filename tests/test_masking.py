@@ -255,6 +255,33 @@ def test_error_reporter_counts_every_failure_and_logs_one_line_per_interval():
     assert "4930123456" not in lines[0]["error"]  # peer input quoted in an error is masked too
 
 
+def test_error_reporter_catches_up_on_failures_counted_elsewhere_once_per_interval():
+    """``Stats.failed`` counts where no line may be written; ``catch_up`` writes them, under the
+    same one-line-per-interval limit as ``report``, and never a failure ``report`` covered."""
+    from sipwatch.stats import Stats
+    buf = io.BytesIO()
+    now = [100.0]
+    stats = Stats(ring_size=0)
+    rep = ErrorReporter(JsonLog("svc", stream=buf), stats.internal_errors, interval=10.0, clock=lambda: now[0])
+    lines = lambda: [orjson.loads(x) for x in buf.getvalue().splitlines()]  # noqa: E731
+    rep.report("tick", ValueError("logged by report"))
+    rep.catch_up(stats.internal_error_text)
+    assert len(lines()) == 1  # report's failure is not written twice
+    for i in range(4):
+        stats.failed("datagram", KeyError(f"sip:+4930123456{i}@gw"))
+    rep.catch_up(stats.internal_error_text)
+    rep.catch_up(stats.internal_error_text)
+    stats.failed("datagram", KeyError("later"))
+    rep.catch_up(stats.internal_error_text)  # within the interval: waits
+    assert [(r["component"], r.get("new")) for r in lines()] == [("tick", None), ("datagram", 4)]
+    assert "KeyError" in lines()[1]["error"] and "4930123456" not in lines()[1]["error"]
+    now[0] += 10.0
+    rep.catch_up(stats.internal_error_text)
+    last = lines()[-1]
+    assert (last["component"], last["new"], last["total"]) == ("datagram", 1, 5) and "later" in last["error"]
+    assert stats.internal_errors["datagram"] == 5 and stats.internal_errors["tick"] == 1
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.text(alphabet="0123456789+-. ()/;=abc\u0663", max_size=30))
 def test_partial_masking_of_a_number_keeps_exactly_its_last_four_digits(number):

@@ -949,3 +949,29 @@ def test_the_ticks_follow_up_runs_after_the_loop_reads_its_sockets(tmp_path):
         assert events[:2] == ["tick", "read"], (new_loop, events)
         assert {"_gc_step", "_next_slice"} <= set(events[2:]), events
         assert not app._backlog
+
+
+def test_a_failure_counted_inside_a_datagram_callback_gets_its_log_line(tmp_path, monkeypatch):
+    """The core and the edges count their own failures (``Stats.failed``): no log line may be
+    written from a datagram callback. The housekeeping writes it, masked, with the count; before,
+    such a failure (a message not forwarded) was counted and never logged."""
+    from sipwatch.app import HEALTH_EVERY
+    app, buf = _app(tmp_path, "--no-tracing")
+
+    def boom(*a, **k):
+        raise RuntimeError("bug on sip:+4930123456@gw")
+    monkeypatch.setattr(app.core.tracker, "request", boom)
+    invite = (b"INVITE sip:b@sig SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5062;branch=z9hG4bK-1\r\n"
+              b"From: <sip:a@gw>;tag=1\r\nTo: <sip:b@sig>\r\nCall-ID: c1@gw\r\nCSeq: 1 INVITE\r\n"
+              b"Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n")
+    for _ in range(3):
+        app.core.receive_datagram(invite, ("127.0.0.1", 5062), 1.0)
+    assert app.stats.internal_errors["datagram"] == 3
+    for i in range(2 * HEALTH_EVERY):
+        app._ticks = i
+        app.tick()
+    lines = [orjson.loads(x) for x in buf.getvalue().splitlines()]
+    errs = [r for r in lines if r.get("event") == "internal_error"]
+    assert len(errs) == 1, errs
+    assert errs[0]["component"] == "datagram" and errs[0]["new"] == 3 and errs[0]["total"] == 3
+    assert "RuntimeError: bug on" in errs[0]["error"] and "4930123456" not in errs[0]["error"]
