@@ -30,7 +30,7 @@ from .gcpolicy import GcPolicy
 from .handoff import forget_events, let_go_all, summarize_all, summary_tuples, take_slice
 from .hep_sender import sender_for_proxy, summary_record
 from .core import CoreConfig, ProxyCore
-from .logs import ErrorReporter, JsonLog, interleaves
+from .logs import ErrorReporter, JsonLog, interleaves, masked_error_text
 from .masking import CallIdMasker
 from .metrics import Metrics, serve_metrics
 from .state import EXPIRE_STEP
@@ -259,7 +259,7 @@ class ProxyApp:
             self.log.flush()  # the tick's lines in one write
         except Exception as exc:  # noqa: BLE001
             report("log", exc)
-        self.stats.log_lines_dropped = self.log.dropped_lines
+        self.stats.log_lines_dropped = self.log.dropped_lines + getattr(self.spans, "log_dropped", 0)
         try:
             if self._ticks % HEALTH_EVERY == 0:
                 self._span_health()
@@ -267,7 +267,7 @@ class ProxyApp:
             if errors != self._send_errors_logged:
                 self.log.warning("datagrams could not be sent", "send_errors",
                                  total=errors, new=errors - self._send_errors_logged,
-                                 last_error=self.edge.last_error)
+                                 last_error=masked_error_text(self.edge.last_error or "", self.log.mask_mode))
                 self._send_errors_logged = errors
         except Exception as exc:  # noqa: BLE001
             report("tick", exc)

@@ -37,6 +37,10 @@ from .summary import (UNSAFE_PAST_C0, S_CALL_ID, S_END, S_TRACE_ID, add_summary_
                       call_summary_fields, leg_fields, summary_fields_of, summary_tuple)
 
 LEVELS = ("debug", "info", "warning", "error")
+# the most bytes of lines in one write: a writer's bound on what waits (max_pending) is applied
+# per write, so one write of a whole tick's (or the shutdown's) lines could be dropped whole, the
+# summaries of ordinary calls with those of a peer whose calls made huge lines
+WRITE_MAX = 64 << 10
 _MAX_DEPTH = 32  # deeper structures are cut (a record is built by us, but from peer input)
 _MAX_ITEMS = 10_000
 
@@ -124,6 +128,26 @@ def dumps(rec: dict) -> tuple[bytes, Exception | None]:
         return b'{"event":"log_error"}', first
 
 
+def wait_fds(readable: list, writable: list, timeout: float) -> tuple[list, list]:
+    """``select.select`` for descriptors of any number (select refuses those past 1023, which a
+    proxy holding thousands of TCP connections opens): (ready to read, ready to write)."""
+    poller = select.poll()
+    for fd in readable:
+        poller.register(fd, select.POLLIN)
+    for fd in writable:
+        if fd in readable:
+            poller.modify(fd, select.POLLIN | select.POLLOUT)
+        else:
+            poller.register(fd, select.POLLOUT)
+    try:
+        events = poller.poll(max(0, math.ceil(timeout * 1000)))
+    except InterruptedError:
+        return [], []
+    r = [fd for fd, ev in events if fd in readable and ev & (select.POLLIN | select.POLLHUP | select.POLLERR)]
+    w = [fd for fd, ev in events if fd in writable and ev & (select.POLLOUT | select.POLLHUP | select.POLLERR)]
+    return r, w
+
+
 class WholeWrites:
     """A descriptor written whole. It may be non-blocking without this process having asked for
     it: stdout's flags are shared with whoever started the proxy (and with its span worker), and
@@ -145,7 +169,7 @@ class WholeWrites:
             try:
                 done += os.write(self.fd, view[done:])
             except BlockingIOError:
-                select.select([], [self.fd], [], 1.0)
+                wait_fds([], [self.fd], 1.0)
         return done
 
     def flush(self) -> None:
@@ -246,6 +270,9 @@ class NonBlockingWriter:
         self._pending = 0
         self._loop: asyncio.AbstractEventLoop | None = None  # armed: add_writer registered
         self._broken = False
+        self.progress_at = time.monotonic()  # when the pipe last took bytes (or lines began to wait)
+        self.handed_total = 0  # bytes accepted (not dropped), ever
+        self.taken_total = 0  # bytes the pipe took, ever: the lines up to here are out
 
     def _send(self, data) -> int:
         """Bytes taken now; 0 when the pipe is full. A broken pipe swallows everything."""
@@ -262,11 +289,14 @@ class NonBlockingWriter:
             return len(data)
 
     def write(self, data: bytes, lines: int) -> None:
-        if self._pending + len(data) > self.max_pending:
-            self.dropped_lines += lines
+        if self._pending + len(data) > self.max_pending or self._broken:
+            self.dropped_lines += lines  # (broken: stdout is gone, the lines with it)
             return
+        self.handed_total += len(data)
         if not self._queue:
             n = self._send(data)
+            self.taken_total += n
+            self.progress_at = time.monotonic()  # (taken, or the wait begins)
             if n >= len(data):
                 return
             data = data[n:]
@@ -287,6 +317,23 @@ class NonBlockingWriter:
         except (OSError, ValueError, RuntimeError, NotImplementedError):
             pass
 
+    @property
+    def pending_bytes(self) -> int:
+        return self._pending
+
+    @property
+    def waiting(self) -> bool:
+        """Bytes queued for the pipe: a writer without an event loop (the span worker) polls
+        :meth:`fileno` for room and calls :meth:`pump`."""
+        return bool(self._queue)
+
+    def fileno(self) -> int:
+        return self._poll_fd
+
+    def pump(self) -> bool:
+        """Write what the pipe takes now, without waiting; True when nothing is left."""
+        return self._drain()
+
     def _disarm(self) -> None:
         loop, self._loop = self._loop, None
         if loop is not None:
@@ -304,6 +351,8 @@ class NonBlockingWriter:
                 n = self._send(data)
                 if n <= 0:
                     return False
+                self.progress_at = time.monotonic()
+                self.taken_total += n
                 self._pending -= n
                 if n < len(data):
                     queue[0] = data[n:]
@@ -327,9 +376,13 @@ class NonBlockingWriter:
             if left <= 0 or self._poll_fd < 0:
                 break
             try:
-                select.select([], [self._poll_fd], [], left)
+                wait_fds([], [self._poll_fd], left)
             except (OSError, ValueError):
                 break
+        if self._queue:  # what the reader never took: its lines lost, counted
+            self.dropped_lines += sum(d.count(b"\n") for d in self._queue)
+            self._queue.clear()
+            self._pending = 0
         if self._fd is not None:
             try:
                 os.close(self._fd)
@@ -355,12 +408,13 @@ def interleaves(stream) -> bool:
 def stdout_writer(stream, max_pending: int = 8 << 20):
     """The writer for the proxy's log lines on ``stream`` (stdout), by what it is connected to.
 
-    * a pipe (a container runtime, a log shipper): a second, private file description of the
-      same pipe, opened non-blocking (``/proc/self/fd``), for :class:`NonBlockingWriter`;
+    * a pipe (a container runtime, a log shipper) or a terminal: a second, private file
+      description of the same pipe or terminal, opened non-blocking (``/proc/self/fd``), for
+      :class:`NonBlockingWriter` (a terminal nobody reads, a session suspended or scrolled back
+      with Ctrl-S, stalls a writer as a full pipe does: a blocking write there stopped forwarding);
     * a socket (e.g. systemd's journal stream): a duplicate sent to with ``MSG_DONTWAIT``;
-    * a regular file, a terminal, ``/dev/null``: None, written directly (they do not stall on a
-      reader);
-    * a pipe that cannot be reopened: :class:`BackgroundWriter` (a thread)."""
+    * a regular file: None, written directly (it does not stall on a reader);
+    * a pipe or terminal that cannot be reopened: :class:`BackgroundWriter` (a thread)."""
     try:
         fd = stream.fileno()
         mode = os.fstat(fd).st_mode
@@ -371,7 +425,7 @@ def stdout_writer(stream, max_pending: int = 8 << 20):
             return NonBlockingWriter(sock=socket.socket(fileno=os.dup(fd)), max_pending=max_pending)
         except OSError:
             return BackgroundWriter(stream, max_pending)
-    if not stat.S_ISFIFO(mode):
+    if not (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):
         return None
     try:
         own = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -468,6 +522,10 @@ class JsonLog:
         n = len(pending)
         if self.atomic_lines and n > 1 and sum(map(len, pending)) + n > _PIPE_BUF:
             for chunk, lines in _line_chunks(pending, _PIPE_BUF):
+                self._write(chunk, lines)
+            return
+        if n > 1 and sum(map(len, pending)) + n > WRITE_MAX:  # (one line alone may be longer)
+            for chunk, lines in _line_chunks(pending, WRITE_MAX):
                 self._write(chunk, lines)
             return
         pending.append(b"")
@@ -657,6 +715,13 @@ def _stamp_float(t: float) -> str:
     return last.text + _DIGITS3[micro // 1000] + _DIGITS3[micro % 1000] + "Z"
 
 
+def masked_error_text(text: str, mode: str) -> str:
+    """The text of an exception for a log line: it can quote peer input, so numbers are masked
+    as the log's mode says, before it is cut to 300 characters (a number cut first would show
+    its middle digits as if they were its last four)."""
+    return mask_uri(text, mode)[:300]
+
+
 class ErrorReporter:
     """Counts internal failures per component and logs them, at most one line per component
     every ``interval`` seconds (with the number of failures not logged in between).
@@ -688,8 +753,7 @@ class ErrorReporter:
                 return
             self._last[component] = now
             suppressed = self._suppressed.pop(component, 0)
-            # the text of an exception can quote peer input: mask numbers, bound the length
-            text = mask_uri(str(exc)[:300], "partial")
+            text = masked_error_text(str(exc), self.log.mask_mode)
             self.log.error(f"internal error in {component}, carrying on", "internal_error",
                            component=component, error_type=type(exc).__name__, error=text,
                            suppressed=suppressed, total=self.counters.get(component, 0), **fields)
@@ -714,7 +778,7 @@ class ErrorReporter:
                 self._last[component] = now
                 self._seen[component] = total
                 suppressed = self._suppressed.pop(component, 0)
-                text = mask_uri(str(texts.get(component) or "")[:300], "partial")
+                text = masked_error_text(str(texts.get(component) or ""), self.log.mask_mode)
                 self.log.error(f"internal error in {component}, carrying on", "internal_error",
                                component=component, error=text, new=new, suppressed=suppressed,
                                total=total)
@@ -722,4 +786,5 @@ class ErrorReporter:
             pass
 
 
-__all__ = ["JsonLog", "BackgroundWriter", "NonBlockingWriter", "WholeWrites", "stdout_writer", "ErrorReporter", "call_summary_fields", "dumps", "METHODS"]
+__all__ = ["JsonLog", "BackgroundWriter", "NonBlockingWriter", "WholeWrites", "stdout_writer", "ErrorReporter",
+           "masked_error_text", "call_summary_fields", "dumps", "METHODS"]

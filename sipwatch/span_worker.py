@@ -54,6 +54,7 @@ worker's plus what the proxy dropped before the pipe; span failures and the span
 from __future__ import annotations
 
 import marshal
+import math
 import os
 import pickle
 import select
@@ -67,6 +68,7 @@ from collections import deque
 
 from . import heap
 from .handoff import span_tuples
+from .logs import wait_fds
 from .otlp_encode import DELIVER_BYTES, _otlpenc, call_tuple, tx_tuple  # noqa: F401 (the frame format, re-exported)
 
 _LEN = struct.Struct("<I")
@@ -78,6 +80,9 @@ _pack = _otlpenc.pack_frame if _otlpenc is not None else None
 _unpack = _otlpenc.unpack_frame if _otlpenc is not None else None
 _TUPLE_FRAMES = (F_RECORDS, F_SUMMARIES, F_PACKED_RECORDS, F_PACKED_SUMMARIES)  # read by _read_frame
 PENDING_MAX = 16 << 20  # bytes of frames waiting for the pipe; beyond, frames are dropped
+# the worker's summary lines waiting for stdout: past WRITER_SOFT bytes it reads no frames while
+# the reader takes lines; a reader that took none for WRITER_STALL seconds no longer holds it
+WRITER_SOFT, WRITER_STALL = 1 << 20, 1.0
 STATUS_EVERY = 0.1  # seconds between the worker's status frames while busy
 MAX_FRAME = 256 << 20
 WORKER_NICE = 10
@@ -115,7 +120,7 @@ UNTOLD_MAX = 64
 # again within RESTART_MAX of its start (at most RESTART_MAX): spans come back on their own, and a
 # worker that dies at once cannot take the loop's time starting over and over
 RESTART_FIRST, RESTART_MAX = 1.0, 60.0
-_STATUS_COUNTERS = ("exported", "dropped", "failures", "log_errors", "file_failures")
+_STATUS_COUNTERS = ("exported", "dropped", "failures", "log_errors", "file_failures", "log_dropped")
 READ_SIZE = 1 << 20  # room kept free in the worker's read buffer (the pipe holds 1 MB)
 
 
@@ -205,6 +210,20 @@ class Rebuilder:
 
 
 # -- the proxy's side ----------------------------------------------------------------------------
+def _stderr_notice(text: str) -> None:
+    """``text`` on stderr if it takes it now (a non-blocking write), else nothing."""
+    try:
+        fd = sys.stderr.fileno()
+        blocking = os.get_blocking(fd)
+        os.set_blocking(fd, False)
+        try:
+            os.write(fd, f"sipwatch: {text}\n".encode())
+        finally:
+            os.set_blocking(fd, blocking)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
 class WorkerPipeline:
     """Same surface as :class:`sipwatch.tracing.SpanPipeline` (submit, reopen, shutdown,
     failures, file_failing, file_error, file_failures, sample_ratio, resource)."""
@@ -254,6 +273,10 @@ class WorkerPipeline:
         self._restart_wait = RESTART_FIRST
         self._spawned_at = 0.0
         self.summaries = False  # the worker writes the call summaries
+        # notice(text): a line about the worker's life (the proxy's log: tracing._worker_pipeline);
+        # by default stderr, written only if it takes the line at once (it may be the stdout pipe
+        # whose reader stalled, and the loop must not wait on it)
+        self.notice = _stderr_notice
         self._spawn(config, log_fd)
 
     def _spawn(self, config: dict, log_fd: int | None) -> None:
@@ -304,7 +327,7 @@ class WorkerPipeline:
                 _discard(self.proc)
             self.proc, self._w, self._r = old, old.stdin.fileno(), old.stdout.fileno()
             self._schedule_restart(time.monotonic())
-            sys.stderr.write(f"sipwatch: span worker could not be started again: {exc}\n")
+            self.notice(f"span worker could not be started again: {exc}")
             return
         _discard(old)
         self._inbuf.clear()
@@ -313,7 +336,7 @@ class WorkerPipeline:
         self._dead = False
         self.restarts += 1
         self.stats.span_worker_restarts = self.restarts
-        sys.stderr.write("sipwatch: span worker started again\n")
+        self.notice("span worker started again")
 
     # loop side -----------------------------------------------------------------------------
     def submit(self, records) -> None:
@@ -498,8 +521,8 @@ class WorkerPipeline:
             if now - self._spawned_at > RESTART_MAX:  # it had lived: start again soon
                 self._restart_wait = RESTART_FIRST
             self._schedule_restart(now)
-            sys.stderr.write(f"sipwatch: span worker gone; spans are dropped until it is started again "
-                             f"(in {self._restart_at - now:.0f} s)\n")
+            self.notice(f"span worker gone; spans are dropped until it is started again "
+                        f"(in {self._restart_at - now:.0f} s)")
         self._dropped += self._held_records
         self._held = []
         self._open = []
@@ -594,6 +617,11 @@ class WorkerPipeline:
         return self._base["failures"] + self._status.get("failures", 0) + self._extra_failures
 
     @property
+    def log_dropped(self) -> int:
+        """Summary lines the workers dropped because stdout's reader fell behind."""
+        return self._base["log_dropped"] + self._status.get("log_dropped", 0)
+
+    @property
     def log_errors(self) -> int:
         """Summaries the worker could not write as they were (each got a minimal line)."""
         return self._base["log_errors"] + self._status.get("log_errors", 0)
@@ -631,7 +659,7 @@ class WorkerPipeline:
                     lift_to_normal(self.proc.pid)
                 self._flush()
                 if self._pending:  # (its status read meanwhile: a worker blocked on it reads nothing)
-                    r, _, _ = select.select([self._r], [self._w], [], max(0.0, min(0.2, deadline - time.monotonic())))
+                    r, _ = wait_fds([self._r], [self._w], max(0.0, min(0.2, deadline - time.monotonic())))
                     if r:
                         data = self._read_status()
                         if data:
@@ -648,7 +676,7 @@ class WorkerPipeline:
         while time.monotonic() < end:
             if lifting:
                 lift_to_normal(self.proc.pid)
-            r, _, _ = select.select([self._r], [], [], max(0.0, min(0.2, end - time.monotonic())))
+            r, _ = wait_fds([self._r], [], max(0.0, min(0.2, end - time.monotonic())))
             if r:
                 data = self._read_status()
                 if data is None:
@@ -768,11 +796,16 @@ def summary_log(cfg: dict, on_error):
     """The worker's writer of call summaries: the proxy's log settings, on the proxy's stdout
     (a duplicate of it, ``cfg["fd"]``). On a pipe or socket each write is whole lines of at most
     PIPE_BUF bytes, so the proxy's own lines never land inside one of them, nor they inside the
-    proxy's."""
+    proxy's. The writer is the proxy's kind (:func:`sipwatch.logs.stdout_writer`): never waits
+    on a reader that stopped. A worker stuck in a write to a full pipe read no frames and
+    delivered no span, without a drop counted; what waits now is bounded, and past the bound
+    lines are dropped and counted (``log_dropped``, the proxy's ``sipwatch_log_lines_dropped_total``).
+    A summary handed to the writer is reported written: one still waiting in it when the worker
+    dies is lost."""
     from .logs import JsonLog, WholeWrites, interleaves
     stream = WholeWrites(cfg["fd"])
     log = JsonLog(cfg["service_name"], stream=stream, mask_mode=cfg["mask_mode"], level=cfg["level"],
-                  call_id_mask=cfg["call_id_mask"], on_error=on_error)
+                  call_id_mask=cfg["call_id_mask"], on_error=on_error, background=True)
     log.atomic_lines = interleaves(stream)
     log.deferred = True  # a write per read of frames (and per UNTOLD_MAX lines), not per frame
     return log
@@ -823,6 +856,7 @@ def main() -> None:
               "failures": pipeline.failures, "file_failures": pipeline.file_failures,
               "file_failing": pipeline.file_failing, "file_error": pipeline.file_error,
               "summaries": written[0], "log_errors": log_errors[0],
+              "log_dropped": log.dropped_lines if log is not None else 0,
               "taken": taken[0], "held": held()}
         now = time.monotonic()
         if st != last_status and (force or now - last_sent >= STATUS_EVERY):
@@ -835,10 +869,38 @@ def main() -> None:
             last_status, last_sent = st, now
 
     def report_written(seq: int) -> None:
-        """The held summary lines out, then the report that they are (never the other way)."""
+        """The held summary lines out, then the report that they are (never the other way).
+        Lines the writer holds for the pipe are reported once the pipe took them (``marks``), or
+        once the pipe's reader took nothing for ``stall`` seconds: then they are as good as
+        dropped, and the proxy must not keep every later summary for a reader that is gone."""
         log.flush()
+        handed[0] = seq
+        w = log.writer
+        if w is not None and getattr(w, "waiting", False):
+            marks.append((w.handed_total, seq))
+            settle()
+            return
+        marks.clear()
         written[0] = seq
         status(force=True)
+
+    def settle() -> None:
+        """Report the summaries whose lines the pipe has taken since (see ``report_written``)."""
+        if not marks:
+            return
+        w = log.writer
+        out = w.taken_total
+        gone = w.waiting and time.monotonic() - w.progress_at >= stall
+        seq = None
+        while marks and (gone or not w.waiting or marks[0][0] <= out):
+            seq = marks.popleft()[1]
+        if seq is not None:
+            written[0] = seq
+            status(force=True)
+
+    handed = [0]  # the last summary whose line went to the writer (out, waiting, or dropped and counted)
+    marks: deque = deque()  # (the writer's handed_total once that line was in it, its sequence number)
+    stall = WRITER_STALL
 
     log_errors = [0]  # summaries that could not be encoded as they are (the proxy counts them)
     taken = [0]  # record tuples read from the proxy (a dead worker's untaken ones are its drops)
@@ -865,10 +927,31 @@ def main() -> None:
         wait = STATUS_EVERY
         if held():
             wait = max(0.0, min(wait, held_since + EXPORT_LINGER - time.monotonic()))
+        writer = log.writer if log is not None else None
+        wfd = -1
+        hold_input = False
+        poller = select.poll()  # (select.select refuses descriptors past 1023)
+        if writer is not None and getattr(writer, "waiting", False):
+            wfd = writer.fileno()  # lines wait for the pipe's room: wake for it too
+            poller.register(wfd, select.POLLOUT)
+            # a reader of stdout that keeps taking lines slows this down (frames wait; no line is
+            # dropped); one that took nothing for WRITER_STALL seconds holds up no span: frames
+            # are read again and the lines past the writer's bound are dropped, counted
+            hold_input = writer.pending_bytes > WRITER_SOFT and time.monotonic() - writer.progress_at < stall
+        if hold_input:
+            wait = min(wait, stall)
+        else:
+            poller.register(inp, select.POLLIN)
         try:
-            ready, _, _ = select.select([inp], [], [], wait)
+            events = poller.poll(math.ceil(wait * 1000))
         except InterruptedError:
-            ready = []
+            events = []
+        ready = room = False
+        for fd, _ in events:
+            ready = ready or fd == inp
+            room = room or fd == wfd
+        if room:
+            writer.pump()
         if ready:
             if len(buf) - end < READ_SIZE:
                 if start:  # the unread bytes to the front
@@ -910,6 +993,7 @@ def main() -> None:
                 pipeline = SpanPipeline(counters, enc, exporter, cfg["spans_file"], threaded=False)
                 if cfg.get("log") is not None:
                     log = summary_log(cfg["log"], log_error)
+                    stall = float(cfg["log"].get("stall", WRITER_STALL))
                 quiet_collector()
             elif pipeline is None:
                 continue
@@ -935,7 +1019,7 @@ def main() -> None:
                 if log is not None:
                     log.summaries_of(payload[1])  # held (deferred) for the write before the report
                     summaries_done = payload[0]
-                    if summaries_done - written[0] >= UNTOLD_MAX:
+                    if summaries_done - handed[0] >= UNTOLD_MAX:
                         report_written(summaries_done)
             elif kind == F_REOPEN:
                 if held():  # what came before the re-open goes to the old file
@@ -945,8 +1029,10 @@ def main() -> None:
                 deadline = time.monotonic() + marshal.loads(payload)
                 lift_to_normal(0)  # (the proxy did it already, unless this started after)
         start = pos
-        if summaries_done != written[0]:  # at once: what the proxy would write again if this died
+        if summaries_done != handed[0]:  # at once: what the proxy would write again if this died
             report_written(summaries_done)
+        elif marks:
+            settle()
         if start == end:
             start = end = 0
             if len(buf) > 4 * READ_SIZE:  # a huge frame went through: give its room back
@@ -958,6 +1044,11 @@ def main() -> None:
         deliver()
     if pipeline is not None:
         pipeline.close()
+    if log is not None:  # what waits for the pipe, within the stop's deadline
+        log.close(max(0.0, min(2.0, deadline - time.monotonic())) if deadline != float("inf") else 2.0)
+        w = log.writer
+        if not (w is not None and getattr(w, "waiting", False)):
+            written[0] = handed[0]
     status(force=True)
 
 

@@ -805,6 +805,8 @@ def _worker_pipeline(stats, resource, mask_mode, call_id_mask, endpoint, protoco
         sys.stderr.write(f"sipwatch: span worker process not started ({exc}); exporting from a thread\n")
         return None
     p.resource = resource
+    if log is not None:  # its notices as log lines: never a blocking write to stderr on the loop
+        p.notice = lambda text: log.warning(text, "span_worker")
     return p
 
 

@@ -144,6 +144,55 @@ def test_loop_writer_on_a_socket_stdout_as_systemd_gives_it():
     b.close()
 
 
+def test_loop_writer_on_a_terminal_nobody_reads():
+    """A terminal stalls a writer as a full pipe does (nobody reading the session, Ctrl-S): it
+    was written directly, blocking, and forwarding stopped with the proxy in write(2). It gets
+    the pipe's writer now, on a private non-blocking description of the same terminal."""
+    import pty
+    master, slave = pty.openpty()
+    stream = os.fdopen(slave, "wb", buffering=0)
+    writer = stdout_writer(stream, max_pending=256 << 10)
+    assert isinstance(writer, NonBlockingWriter)
+    assert os.get_blocking(slave), "the terminal's own file description changed flags"
+    lines = _lines(2000)
+    dropped, got = _deliver_after_stall(writer, master, lines)
+    assert 0 < dropped < len(lines)
+    # a terminal may translate line ends: every line that came out is whole, in order
+    assert got.replace(b"\r\n", b"\n") == b"".join(lines[:len(lines) - dropped])
+    writer.close(1)
+    stream.close()
+    os.close(master)
+
+
+def test_a_flush_is_written_in_bounded_writes_so_a_bound_drops_only_what_is_past_it():
+    """The deferred lines of a tick (or of the shutdown) went out as one write, and a writer's
+    bound drops a write whole: a peer whose calls made 15-KB lines took the summaries of every
+    other call in the batch with its own. Writes are now of at most WRITE_MAX bytes."""
+    from sipwatch.logs import WRITE_MAX, JsonLog
+
+    class Writer:
+        dropped_lines = 0
+
+        def __init__(self):
+            self.writes = []
+
+        def write(self, data, lines):
+            self.writes.append((data, lines))
+
+    log = JsonLog("t", stream=open(os.devnull, "wb"))
+    log.writer = w = Writer()
+    log.deferred = True
+    for i in range(900):
+        log.info("x", "e", i=i, pad="y" * (15000 if i % 3 else 10))
+    log.deferred = False
+    log.flush()
+    assert len(w.writes) > 1
+    assert all(len(d) <= WRITE_MAX or lines == 1 for d, lines in w.writes)
+    out = b"".join(d for d, _ in w.writes).splitlines()
+    assert [orjson.loads(x)["i"] for x in out] == list(range(900))
+    assert sum(lines for _, lines in w.writes) == 900
+
+
 def test_a_regular_file_is_written_directly(tmp_path):
     with open(tmp_path / "out.log", "wb") as fh:
         assert stdout_writer(fh) is None

@@ -255,6 +255,23 @@ def test_error_reporter_counts_every_failure_and_logs_one_line_per_interval():
     assert "4930123456" not in lines[0]["error"]  # peer input quoted in an error is masked too
 
 
+def test_error_texts_are_masked_as_the_log_says_before_they_are_cut():
+    """An exception's text can quote peer input: masked in the log's mode (it was always
+    "partial", so --mask-numbers full showed four digits), and masked before the 300-character
+    cut (a number the cut reached showed its middle digits as if they were its last four)."""
+    from sipwatch.logs import masked_error_text
+    exc = ValueError("invalid literal: b'sip:+4930123456789@gw.example'")
+    buf = io.BytesIO()
+    rep = ErrorReporter(JsonLog("svc", stream=buf, mask_mode="full"), {"tick": 0}, interval=10.0)
+    rep.report("tick", exc)
+    line = orjson.loads(buf.getvalue())
+    assert not any(d in line["error"] for d in ("6789", "4930")), line["error"]
+    cut = "x" * 280 + " sip:+4930123456789@gw"
+    shown = masked_error_text(cut, "partial")
+    assert len(shown) <= 300 and "1234" not in shown and "3012" not in shown, shown
+    assert masked_error_text("sip:+4930123456789@gw", "partial").endswith("6789@gw")
+
+
 def test_error_reporter_catches_up_on_failures_counted_elsewhere_once_per_interval():
     """``Stats.failed`` counts where no line may be written; ``catch_up`` writes them, under the
     same one-line-per-interval limit as ``report``, and never a failure ``report`` covered."""

@@ -837,3 +837,49 @@ def test_a_worker_that_cannot_be_started_again_leaves_no_pipe_to_be_reused(tmp_p
     p._poll()
     assert not p._dead and p.restarts == 1 and p.proc.poll() is None
     p.shutdown(1.0)
+
+
+def test_a_stdout_nobody_reads_holds_up_no_span_and_its_lines_are_counted(tmp_path):
+    """The worker wrote the summaries with writes that waited for room: with stdout's reader
+    stalled (a hung log shipper) it read no more frames and no span of any call was exported,
+    with no drop counted anywhere. Now the lines wait in a bounded writer; once the reader has
+    taken nothing for WRITER_STALL seconds, frames are read again, spans go out, and the lines
+    past the bound (and those still waiting at the end) are counted dropped."""
+    import time
+
+    from sipwatch.handoff import summary_tuples
+    from sipwatch.span_worker import WRITER_STALL
+    recs = proxy_records()
+    calls = calls_of(recs)
+    per = len(spans_of(recs))
+    stats = Stats(ring_size=16)
+    p, r = piped_summaries(tmp_path, stats, prepare=_fill)  # the pipe full, nobody reading
+    try:
+        tuples = summary_tuples(calls, None)
+        submitted = sent = 0
+        end = time.monotonic() + 120
+        started = time.monotonic()
+        # well past the stall, and past the writer's 8-MB bound of lines
+        while time.monotonic() < end and (time.monotonic() - started < 3 * WRITER_STALL or p.log_dropped == 0):
+            if submitted - stats.spans_exported < 50 * per:  # (what the worker has yet to take: bounded)
+                for _ in range(20):
+                    p.submit(recs)
+                    p.submit_summaries(tuples)
+                    submitted += per
+                    sent += len(tuples)
+            p._poll()
+            time.sleep(0.01)
+        while time.monotonic() < end and stats.spans_exported < submitted:
+            p._poll()
+            time.sleep(0.01)
+        assert stats.spans_exported >= submitted > 0, (stats.spans_exported, submitted)
+        assert p.log_dropped > 0 and stats.spans_dropped == 0
+        p.shutdown(5)
+        assert p.proc.returncode == 0
+        # every summary: in the pipe (none fit), dropped and counted, or given back to the proxy
+        back = len(p.take_lost_summaries())
+        assert p.log_dropped + back == sent, (p.log_dropped, back, sent)
+    finally:
+        p.proc.kill()
+        p.proc.wait()
+        os.close(r)
