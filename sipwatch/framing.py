@@ -32,6 +32,8 @@ MAX_HEADER = 16384  # bytes of start line and header fields
 MAX_START_LINE = 4200  # bytes before the first line end (a request URI of up to 4096)
 
 # a whole start line (matched up to its first LF): request line, or status line with any reason
+_LINE_ENDS = re.compile(rb"[\r\n]+")  # a run of keep-alive bytes between messages
+_PING = b"\r\n\r\n"
 _START = re.compile(rb"(?:[A-Za-z]{1,32} [\x21-\x7e\x80-\xff]{1,4096} SIP/2\.0|SIP/2\.0 [0-9]{3}(?: [^\r\n]*)?)\r?\n")
 # a Content-Length line (compact form ``l``), matched where a line starts; the value is checked
 # apart. (One multi-line regex search over the whole header section was ~6% of the sidecar's CPU
@@ -87,8 +89,8 @@ class FramingError(ValueError):
 class StreamFramer:
     """Bytes of one connection in, whole SIP messages out."""
 
-    __slots__ = ("buf", "scan", "started", "need", "pings", "keepalives", "max_message", "max_header",
-                 "error")
+    __slots__ = ("buf", "scan", "started", "need", "pings", "keepalives", "idle_bytes", "max_message",
+                 "max_header", "error")
 
     def __init__(self, max_message: int = MAX_MESSAGE, max_header: int = MAX_HEADER):
         self.buf = bytearray()
@@ -97,6 +99,9 @@ class StreamFramer:
         self.need = 0  # total length of the message being received, once its header is read
         self.pings = 0  # CRLFCRLF keep-alives seen and not yet answered (the edge answers, resets)
         self.keepalives = 0  # every keep-alive seen
+        # bytes of line ends between messages not yet charged (pings, pongs, stray CR or LF: the
+        # edge charges them to the connection's junk budget, four bytes a ping, and resets)
+        self.idle_bytes = 0
         self.max_message = max_message
         self.max_header = min(max_header, max_message)
         self.error: FramingError | None = None  # set once the stream cannot be framed any more
@@ -132,20 +137,36 @@ class StreamFramer:
                 continue
             c = buf[0]
             if c == 13 or c == 10:  # between messages: keep-alives
-                if buf.startswith(b"\r\n\r\n"):
-                    del buf[:4]
-                    self.pings += 1
-                    self.keepalives += 1
-                elif len(buf) < 4 and b"\r\n\r\n".startswith(bytes(buf)):
+                self._line_ends(buf)
+                if buf and buf[0] in (13, 10):
                     break  # maybe the start of a ping: wait for the rest
-                else:
-                    n = 2 if buf.startswith(b"\r\n") else 1  # a pong, or a stray line end
-                    del buf[:n]
-                    self.keepalives += n == 2
                 continue
             self._frame_header(buf)
             if not self.need:
                 break  # the header section is not complete yet
+
+    def _line_ends(self, buf: bytearray) -> None:
+        """Take the run of CR and LF at the buffer's start in one pass (a byte a step made a
+        stream of line ends cost the loop ~0.27 µs a byte): its CRLFCRLF pings (leftmost first),
+        the CRLF pongs left between them, stray bytes. A run that reaches the end of what came
+        keeps its last bytes when they may start a ping the next read completes."""
+        m = _LINE_ENDS.match(buf)
+        run = m.end() if m is not None else 0
+        keep = 0
+        if run == len(buf) and not buf.endswith(_PING):
+            for k in (3, 2, 1):
+                if buf.endswith(_PING[:k]):
+                    keep = k
+                    break
+        take = run - keep
+        if take <= 0:
+            return
+        seg = bytes(buf[:take])
+        del buf[:take]
+        pings = seg.count(_PING)
+        self.pings += pings
+        self.keepalives += pings + seg.count(b"\r\n") - 2 * pings
+        self.idle_bytes += take
 
     def _frame_header(self, buf: bytearray) -> None:
         """Read the header section once it is complete and set ``need`` to the message's size."""

@@ -507,15 +507,19 @@ class _Conn(asyncio.Protocol):
             elif self.behind_since is not None:
                 self.caught_up()
             messages = framer.feed(data)
-            if framer.pings:  # RFC 5626 §3.5.1: CRLFCRLF ping, CRLF pong
-                edge.stats.keepalives += framer.pings
-                t = self.transport
-                # not while earlier bytes wait unread: a peer that sends pings and never reads
-                # held the proxy's memory without bound (pongs are not messages to cut it off for)
-                if t is not None and not t.get_write_buffer_size():
-                    t.write(b"\r\n" * framer.pings)
-                pings, framer.pings = framer.pings, 0
-                self.junk(pings, now)
+            if framer.idle_bytes:  # line ends between messages: pings, pongs, stray CR or LF
+                if framer.pings:  # RFC 5626 §3.5.1: CRLFCRLF ping, CRLF pong
+                    edge.stats.keepalives += framer.pings
+                    t = self.transport
+                    # not while earlier bytes wait unread: a peer that sends pings and never reads
+                    # held the proxy's memory without bound (pongs are not messages to cut it off for)
+                    if t is not None and not t.get_write_buffer_size():
+                        t.write(b"\r\n" * framer.pings)
+                    framer.pings = 0
+                # every four bytes count as a ping against the junk budget: a stream of bare LF
+                # (no ping in it) kept the loop busy and the connection open for good
+                charge, framer.idle_bytes = (framer.idle_bytes + 3) // 4, 0
+                self.junk(charge, now)
                 if self.closed:
                     return
             if self.waiting is not None:  # (reading is paused meanwhile: in case, keep the order)

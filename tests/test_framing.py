@@ -27,6 +27,58 @@ def test_messages_keepalives_and_pong():
     assert parse(out[0]).body == parse(invite()).body
 
 
+def _keepalives_a_byte_a_step(run: bytes) -> tuple[int, int]:
+    """(pings, pongs) of a run of CR/LF read as RFC 5626 says, a step at a time: CRLFCRLF is a
+    ping, a CRLF not starting one a pong, anything else a stray byte."""
+    pings = pongs = i = 0
+    while i < len(run):
+        if run.startswith(b"\r\n\r\n", i):
+            pings, i = pings + 1, i + 4
+        elif run.startswith(b"\r\n", i):
+            pongs, i = pongs + 1, i + 2
+        else:
+            i += 1
+    return pings, pongs
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(min_size=0, max_size=12).map(lambda b: bytes(b"\r\n"[x % 2] for x in b)),
+                min_size=1, max_size=6))
+def test_line_ends_between_messages_are_read_as_a_step_at_a_time_would(runs):
+    """Runs of line ends are taken in one pass now (a byte a step cost ~0.27 µs a byte of the
+    loop); the pings, pongs and messages are the same as the step-at-a-time reading's."""
+    f = StreamFramer()
+    stream = b"".join(r + OK for r in runs)
+    assert f.feed(stream) == [OK] * len(runs) and f.error is None
+    want = [_keepalives_a_byte_a_step(r) for r in runs]
+    assert f.pings == sum(p for p, _ in want)
+    assert f.keepalives == sum(p + q for p, q in want)
+    assert f.idle_bytes == sum(map(len, runs))
+
+
+@pytest.mark.pure_python
+def test_a_long_run_of_line_ends_is_one_step():
+    f = StreamFramer()
+    steps = []
+    orig = f._line_ends
+    f_cls = type(f)
+    try:
+        f_cls._line_ends = lambda self, buf: (steps.append(len(buf)), orig.__func__(self, buf))[1]
+        assert f.feed(b"\n" * 100_000 + OK + b"\r" * 100_000) == [OK]
+    finally:
+        f_cls._line_ends = orig.__func__
+    # the last CR waits: it may start a ping the next read completes
+    assert len(steps) <= 3 and f.idle_bytes == 199_999 and f.keepalives == 0 and bytes(f.buf) == b"\r", steps
+
+
+def test_a_ping_cut_across_reads_is_still_a_ping():
+    for first, second in ((b"\r\n\r", b"\n"), (b"\n\r\n", b"\r\n"), (b"\r", b"\n\r\n"), (b"\r\n\r\n", b"")):
+        f = StreamFramer()
+        f.feed(first)
+        f.feed(second)
+        assert f.pings == 1, (first, second)
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.integers(1, 97), min_size=1, max_size=80))
 def test_any_cut_gives_the_same_messages(sizes):

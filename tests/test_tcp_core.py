@@ -398,6 +398,49 @@ def test_a_peer_that_pings_and_never_reads_holds_no_more_than_one_reads_pongs():
     assert most <= 1 << 20, most  # before: ~8 MB of pongs held for a 16-MB ping stream
 
 
+@pytest.mark.parametrize("unit", [b"\n", b"\r", b"\r\n\n"], ids=["LF", "CR", "pong-LF"])
+def test_a_stream_of_line_ends_without_pings_is_junk_too(unit):
+    """Bare line ends between messages are no ping: they were framed a byte a step and charged
+    to nothing, so one connection streaming LF held the loop (94% of a CPU, every UDP call
+    lost) and stayed open for good. Now a run is taken in one pass and every four bytes count
+    as a ping against the junk budget. Real connection on the loopback."""
+    import asyncio
+    import socket
+    import threading
+    import time
+
+    from sipwatch.tcp import TcpEdge
+
+    async def run():
+        edge = TcpEdge(make("tcp"), time.monotonic, lambda payload, dest: None)
+        await edge.open(("127.0.0.1", 0))
+        client = socket.socket()
+        client.connect(edge.local)
+
+        def send():
+            chunk = unit * (65536 // len(unit))
+            try:
+                for _ in range(256):  # up to 16 MB
+                    client.sendall(chunk)
+            except OSError:
+                pass  # (closed by the proxy)
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 60  # (a guard against a hang only)
+        while not edge.tcp_stats.closed["junk"] and loop.time() < end:
+            await asyncio.sleep(0.005)
+        sender.join(10)
+        closed = dict(edge.tcp_stats.closed)
+        edge.close()
+        client.close()
+        return closed
+
+    closed = asyncio.run(run())
+    assert closed["junk"] == 1, closed
+
+
 def test_junk_closes_a_connection_but_keepalives_and_forwarded_messages_do_not():
     """Messages that go nowhere (stray responses here) close a connection past the budget; a
     gateway's keep-alive pings do not, nor do the 503s of a drain (refused, not dropped)."""
