@@ -480,6 +480,23 @@ class ProxyCore:
             a = memo[addr] = addr
         return a
 
+    def _signaling_connection(self, msg: SipMessage) -> bool:
+        """A request over a TCP connection from the upstream's IP but another port: whether it is
+        sip-signaling's own (a connection it opened, e.g. after the one toward it closed), by its
+        top Via's sent-by, which names where responses go should the connection fail (RFC 3261
+        §18.2.2): the upstream's address. Taken for a gateway's, its requests went back to
+        sip-signaling and never reached the gateway. (A TCP peer's IP cannot be forged; a party
+        on sip-signaling's own IP is trusted as it is.)"""
+        try:
+            i = msg.index(b"via")
+            if i < 0:
+                return False
+            top = parse_via(_via_values(msg.value_at(i), 1)[0])
+        except SipParseError:
+            return False  # (the request's own checks refuse it below)
+        up_ip, up_port = self.upstream
+        return (top.port or 5060) == up_port and ip_literal(top.host) == up_ip
+
     def _local_tag(self, call_id: bytes, from_tag: bytes) -> bytes:
         """The To-tag of a response this proxy makes itself: a MAC, so the ACK that answers
         it is recognised (and absorbed) without keeping state."""
@@ -490,7 +507,8 @@ class ProxyCore:
         stats = self.stats
         method = msg.method or b""  # (a request: never empty)
         uri = msg.uri or b""
-        from_sig = src == self.upstream
+        from_sig = src == self.upstream or (self.in_tcp and src[0] == self.upstream[0]
+                                            and self._signaling_connection(msg))
         direction = _FROM_SIGNALING if from_sig else _FROM_GATEWAY
         midx = _METHOD_INDEX.get(method, _OTHER)
         if midx != _OTHER:

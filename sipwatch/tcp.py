@@ -427,7 +427,13 @@ class TcpEdge:
                 if conn.partial_since is not None and conn.partial_since < slow_before:
                     conn.shut("slow")
                 elif conn.last_active < idle_before:
-                    conn.shut("idle")
+                    if conn.is_upstream():
+                        # kept, as the README promises: closed, sip-signaling's next request came
+                        # on a connection of its own; a CRLFCRLF ping (RFC 5626) keeps it open at
+                        # the far end and through NAT too
+                        conn.write_ping(now)
+                    else:
+                        conn.shut("idle")
         except Exception as exc:  # noqa: BLE001
             self.last_error = self.stats.failed("tick", exc)
         if not self._closing:
@@ -634,6 +640,13 @@ class _Conn(asyncio.Protocol):
             self._failed(exc2)
 
     # -- writing and closing ---------------------------------------------------------------
+    def write_ping(self, now: float) -> None:
+        """A keep-alive ping on an idle connection we keep (not counted as a message)."""
+        t = self.transport
+        if t is not None and not t.is_closing() and not t.get_write_buffer_size():
+            t.write(b"\r\n\r\n")
+        self.last_active = now
+
     def write(self, payload: bytes) -> None:
         edge = self.edge
         t = self.transport

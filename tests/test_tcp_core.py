@@ -137,6 +137,77 @@ def test_tcp_to_udp_in_dialog_request_from_signaling_goes_back_over_tcp():
         assert parse(fwd).get(b"route") is None
 
 
+def test_signalings_request_on_a_connection_it_opened_goes_to_the_gateway():
+    """sip-signaling may send an in-dialog request on a connection it opened itself (ours to it
+    had closed): from its IP but an ephemeral port. Taken for a gateway's, the BYE went back to
+    sip-signaling and the gateway never got it. Its top Via's sent-by names the upstream's
+    address (where responses go should the connection fail, §18.2.2): that says it is
+    sip-signaling's. A request from that IP whose Via names another port stays a gateway's."""
+    core = make("tcp")
+    data, dest = one(core.receive_datagram(invite(), GATEWAY, T0))
+    assert dest == SIGNALING
+    core.out_tcp = False
+    one(core.receive_stream(response_to(data, 200), SIGNALING, T0 + 0.05))
+    own = (SIGNALING[0], 41234)  # a connection sip-signaling opened
+    bye = in_dialog(b"BYE", callee_routes(data), b"<sip:alice@10.0.0.1:5070>",
+                    b"SIP/2.0/TCP 10.0.0.3:5080;branch=z9hG4bK-uas-bye2", swap=True)
+    fwd, to = one(core.receive_stream(bye, own, T0 + 1))
+    assert to == GATEWAY and parse(fwd).get(b"route") is None
+    # its 200 from the gateway goes back on that connection
+    ok, to = one(core.receive_datagram(response_to(fwd, 200), GATEWAY, T0 + 1.05))
+    assert to == own
+    # the same IP, another sent-by port: a party of the gateway side, as before
+    other = invite(call_id=b"call-2@gw").replace(b"SIP/2.0/UDP 10.0.0.1:5070", b"SIP/2.0/TCP 10.0.0.3:5999")
+    fwd, to = one(core.receive_stream(other, (SIGNALING[0], 41235), T0 + 2))
+    assert to == SIGNALING
+
+
+def test_the_connection_toward_signaling_is_kept_through_idle_time_with_pings():
+    """The README promises one persistent connection toward sip-signaling, but the idle sweep
+    closed it like any other after --tcp-idle-timeout: sip-signaling's next request then came on
+    a connection of its own. It is kept now, and a CRLFCRLF ping (RFC 5626) goes on it when idle.
+    A gateway's idle connection is still closed. Real connections on the loopback; a clock the
+    test moves."""
+    import asyncio
+    import socket
+
+    from sipwatch.tcp import SWEEP_EVERY, TcpEdge
+
+    sig = socket.socket()
+    sig.bind(("127.0.0.1", 0))
+    sig.listen(4)
+    upstream = sig.getsockname()
+    core = ProxyCore(CoreConfig(advertise=SIDECAR, upstream=upstream, timer_b=32.0,
+                                upstream_transport="tcp", secret=b"k"))
+    now = [1000.0]
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        edge = TcpEdge(core, lambda: now[0], lambda payload, dest: None, idle_timeout=30.0)
+        await edge.open(("127.0.0.1", 0))
+        gw = socket.create_connection(edge.local)
+        gw.sendall(tcp_invite())
+        sig.settimeout(10)
+        far, _ = await loop.run_in_executor(None, sig.accept)
+        far.settimeout(10)
+        got = await loop.run_in_executor(None, far.recv, 65536)
+        assert got.startswith(b"INVITE ")
+        now[0] += 31  # both idle past the timeout
+        await asyncio.sleep(SWEEP_EVERY + 0.5)
+        ping = await loop.run_in_executor(None, far.recv, 64)
+        kept = [c for c in edge.conns if c.transport is not None]
+        closed = dict(edge.tcp_stats.closed)
+        edge.close()
+        gw.close()
+        far.close()
+        return ping, kept, closed, upstream
+
+    ping, kept, closed, up = asyncio.run(run())
+    sig.close()
+    assert ping == b"\r\n\r\n"
+    assert closed["idle"] == 1 and [c.peer for c in kept] == [up], (closed, kept)
+
+
 def test_signed_route_still_required_over_tcp():
     core = make("udp")
     data, _ = one(core.receive_stream(tcp_invite(), GW_TCP, T0))
