@@ -175,6 +175,11 @@ class ProxyApp:
         await self.edge.open(self.settings.listen)
         if self.tcp is not None:
             await self.tcp.open(self.settings.listen)
+            wanted = self.settings.tcp_max_connections
+            if self.tcp.max_connections < wanted:
+                self.log.warning("too few file descriptors for --tcp-max-connections: the cap is lowered "
+                                 "to fit (raise the container's nofile limit)", "tcp_max_connections_lowered",
+                                 wanted=wanted, cap=self.tcp.max_connections)
         for reg, addr in ((self.metrics.gateway, self.settings.gateway_metrics),
                           (self.metrics.signaling, self.settings.signaling_metrics)):
             if addr is not None:

@@ -546,6 +546,10 @@ class ProxyCore:
             # (§18.2.2) to the source's IP at a port of the sender's choosing, which a forged
             # source turns into connections to anyone, pushing live ones out of the table
             raise Dropped(DROP_BAD_VIA)
+        if tcp_in and top.transport != b"TCP":
+            # the Via must name the transport the request came on (§18.1.1): one naming UDP had
+            # its response sent as a datagram to the TCP connection's port, never on the connection
+            raise Dropped(DROP_BAD_VIA)
         if fields is None:
             call_id = msg.call_id()
             cseq_n, cseq_m = msg.cseq()

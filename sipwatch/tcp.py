@@ -60,8 +60,13 @@ MAX_WRITE_BUFFER = 4 << 20  # bytes waiting for a peer that does not read
 MAX_WRITE_BUFFERS = 32 << 20
 MAX_PENDING = 4 << 20  # bytes waiting for a connection being opened
 MAX_ALIASES = 4
+MAX_SENT_BY = 16384  # connections' sent-by addresses remembered for §18.2.2 (see TcpEdge.sent_by)
 LISTEN_BACKLOG = 1024  # connections the kernel holds for accept (a connection-per-call gateway's burst)
 SWEEP_EVERY = 1.0
+# descriptors kept for everything but SIP connections (sockets of UDP, the metrics endpoints and
+# their connections, HEP, the span worker's pipes, stdout): the connection cap is lowered to fit
+# the descriptor limit less this
+FD_RESERVE = 256
 RECONNECT_BACKOFF = 0.5  # seconds a destination whose connection failed is not tried again
 # messages that go nowhere a connection may send (a ping counts as one): a second's worth on
 # average, a burst on top. A gateway's keep-alives come every 30 s or so and stray responses
@@ -151,6 +156,9 @@ class TcpEdge:
         self.by_ip: dict[str, dict[_Conn, None]] = {}
         self._crowded: str | None = None  # the IP that last gave up a connection to make room
         self.failed_until: dict[Addr, float] = {}
+        # a connection's peer -> the sent-by its requests named on its IP (their listening port):
+        # where a response goes once that connection is gone (RFC 3261 §18.2.2), kept after it
+        self.sent_by: dict[Addr, Addr] = {}
         self.local: Addr | None = None  # the listen address (outbound connections bind to it)
         self.server: asyncio.AbstractServer | None = None
         self.wiretap = None  # as UdpEdge.wiretap
@@ -178,7 +186,11 @@ class TcpEdge:
         sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
         self.local = sock.getsockname()[:2]
-        _raise_fd_limit(self.max_connections + 256)
+        limit = _raise_fd_limit(self.max_connections + FD_RESERVE)
+        if limit is not None and self.max_connections > limit - FD_RESERVE:
+            # descriptors would run out before the table is full, and a flood of idle connections
+            # then locks every caller out: the eviction that makes room never runs
+            self.max_connections = max(1, limit - FD_RESERVE)
         # (the backlog again: asyncio listens on the socket it is given, with 100 by default)
         self.server = await loop.create_server(lambda: _Conn(self, None), sock=sock, backlog=LISTEN_BACKLOG)
         self._sweeper = loop.call_later(SWEEP_EVERY, self._sweep)
@@ -270,6 +282,10 @@ class TcpEdge:
         """Requests toward ``alias`` (the sent-by a peer wrote, on its connection's IP) take
         ``conn``, the newest connection that claimed it; never the upstream's address, nor an
         address that is another connection's own peer."""
+        if conn.peer is not None and alias != self.upstream and self.sent_by.get(conn.peer) != alias:
+            if len(self.sent_by) >= MAX_SENT_BY:
+                self.sent_by.clear()  # (rebuilt by the next requests: a flood cannot grow it)
+            self.sent_by[conn.peer] = alias
         old = self.by_addr.get(alias)
         if old is conn or alias == self.upstream or (old is not None and old.peer == alias):
             return
@@ -284,6 +300,12 @@ class TcpEdge:
         """Write ``payload`` to the connection for ``dest`` (``via`` first: the connection the
         request came on), opening one when there is none. Never raises."""
         conn = via if via is not None and via.transport is not None else self.by_addr.get(dest)
+        if conn is None and dest in self.sent_by:
+            # the connection a request came on is gone (closed by either side): its response
+            # goes to the sent-by its Via named, on the same IP (§18.2.2), not to the port the
+            # connection had, where nothing listens
+            dest = self.sent_by[dest]
+            conn = self.by_addr.get(dest)
         if conn is None:
             if self._closing:
                 self.tcp_stats.send_dropped += 1
@@ -347,15 +369,28 @@ class TcpEdge:
     def _crowded_out(self) -> "_Conn | None":
         """The connection to close to make room when every one has had a message forwarded: the
         least recently forwarded from of the IP that holds the most (one with at least the mean
-        does: the last such IP is tried first, so the walk over the IPs is rare)."""
+        does: the last such IP is tried first, so the walk over the IPs is rare). Among IPs that
+        hold as many, the one whose candidate was opened last: the first of them in the table was
+        the one connected longest, so a flood spread over many addresses, a connection each,
+        pushed out the gateway that had carried calls all along (recency of use is no better
+        guide: each flood connection's one message is newer than an idle gateway's last)."""
         by_ip = self.by_ip
+        keep = self.by_addr.get(self.upstream)
         ip = self._crowded
         group = by_ip.get(ip) if ip is not None else None
         if group is None or len(group) * len(by_ip) < len(self.conns):
-            ip = max(by_ip, key=lambda k: len(by_ip[k]))
+            ip, most, youngest = None, 0, 0.0
+            for k, g in by_ip.items():
+                n = len(g)
+                if n < most or n == 1 and keep in g:
+                    continue
+                at = next(iter(g)).opened_at
+                if n > most or at > youngest:
+                    ip, most, youngest = k, n, at
+            if ip is None:
+                return None
             group = by_ip[ip]
             self._crowded = ip
-        keep = self.by_addr.get(self.upstream)
         for c in group:
             if c is not keep:
                 return c
@@ -452,6 +487,7 @@ class _Conn(asyncio.Protocol):
         self.aliases: list[Addr] = []
         self.last_active = edge.clock()
         self.silent = self.inbound  # accepted, nothing forwarded yet (first to make room)
+        self.opened_at = self.last_active  # when it was accepted or opened
         self.junk_left = JUNK_BURST  # messages that go nowhere it may still send (JUNK_RATE refills)
         self.junk_at = self.last_active
         self.partial_since: float | None = None
@@ -627,7 +663,10 @@ class _Conn(asyncio.Protocol):
                 self.shut("junk")
 
     def eof_received(self) -> bool:
-        return False  # half-closed by the peer: close our side too
+        # Closed, or half-closed, by the peer: close our side too (as Kamailio does). Responses
+        # on their way then go to the sent-by its requests named (TcpEdge.sent_by, §18.2.2): a
+        # peer that closed at once (most do; few half-close) is reached where it listens.
+        return False
 
     def connection_lost(self, exc) -> None:
         try:
@@ -748,16 +787,19 @@ def _keepalive(sock: socket.socket) -> None:
         pass
 
 
-def _raise_fd_limit(want: int) -> None:
-    """Room for ``want`` descriptors when the hard limit allows (one per connection)."""
+def _raise_fd_limit(want: int) -> int | None:
+    """Room for ``want`` descriptors when the hard limit allows (one per connection); returns
+    the descriptor limit now in force (None: unlimited or unknown)."""
     try:
         import resource
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft != resource.RLIM_INFINITY and soft < want:
             new = want if hard == resource.RLIM_INFINITY else min(want, hard)
             resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        return None if soft == resource.RLIM_INFINITY else soft
     except (ImportError, ValueError, OSError):
-        pass
+        return None
 
 
 __all__ = ["TcpEdge", "TcpStats", "CLOSE_REASONS"]

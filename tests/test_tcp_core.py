@@ -1057,3 +1057,156 @@ def test_a_large_read_of_few_large_messages_does_not_leave_a_stale_backlog_mark(
 
     marks, episodes, overloaded = asyncio.run(run())
     assert marks == [None, None] and episodes == 0 and not overloaded, (marks, episodes, overloaded)
+
+
+def test_the_connection_cap_is_lowered_to_fit_the_descriptor_limit():
+    """With a descriptor limit below --tcp-max-connections (+ the reserve), descriptors ran out
+    before the table was full: accept failed, the eviction that makes room never ran, and a
+    flood of idle connections locked every caller out (live: 0 of 3 calls answered at Linux's
+    default hard limit of 4096). The cap is now lowered to fit. In a child process whose limit
+    is set to 300."""
+    import resource
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from sipwatch.tcp import FD_RESERVE
+    code = (
+        "import asyncio, time\n"
+        "from sipwatch.core import CoreConfig, ProxyCore\n"
+        "from sipwatch.tcp import TcpEdge\n"
+        "async def main():\n"
+        "    core = ProxyCore(CoreConfig(advertise=('127.0.0.1', 5060), upstream=('127.0.0.1', 9),\n"
+        "                                upstream_transport='tcp', secret=b'k'))\n"
+        "    edge = TcpEdge(core, time.monotonic, lambda p, d: None, max_connections=4096)\n"
+        "    await edge.open(('127.0.0.1', 0))\n"
+        "    print(edge.max_connections)\n"
+        "    edge.close()\n"
+        "asyncio.run(main())\n")
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (300, 300))
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       preexec_fn=limit, cwd=root, env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout.strip()) == 300 - FD_RESERVE
+
+
+def test_a_response_whose_connection_is_gone_goes_to_the_via_sent_by():
+    """RFC 3261 §18.2.2: when the connection a request came on is no longer open, the response
+    goes to the received IP at the sent-by port. The proxy opened a connection to the old
+    connection's own (ephemeral) port instead, where nothing listens, and the response was lost.
+    Real connections on the loopback: the client names its listening port in its Via, sends an
+    OPTIONS and closes; sip-signaling answers after that."""
+    import asyncio
+    import socket
+
+    from sipwatch.tcp import TcpEdge
+
+    sig = socket.socket()
+    sig.bind(("127.0.0.1", 0))
+    sig.listen(4)
+    upstream = sig.getsockname()
+    core = ProxyCore(CoreConfig(advertise=SIDECAR, upstream=upstream, timer_b=32.0,
+                                upstream_transport="tcp", secret=b"k"))
+    home = socket.socket()  # where the client listens: its Via's sent-by
+    home.bind(("127.0.0.1", 0))
+    home.listen(4)
+    port = home.getsockname()[1]
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        edge = TcpEdge(core, loop.time, lambda payload, dest: None)
+        await edge.open(("127.0.0.1", 0))
+        client = socket.create_connection(edge.local)
+        opts = (b"OPTIONS sip:b@10.0.0.3 SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1:%d;branch=z9hG4bK-gone\r\n"
+                b"Max-Forwards: 70\r\nFrom: <sip:a@x>;tag=1\r\nTo: <sip:b@y>\r\nCall-ID: gone-1\r\n"
+                b"CSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n" % port)
+        client.sendall(opts)
+        sig.settimeout(10)
+        far, _ = await loop.run_in_executor(None, sig.accept)
+        far.settimeout(10)
+        fwd = await loop.run_in_executor(None, far.recv, 65536)
+        client.close()
+        for _ in range(200):  # the proxy sees the close
+            await asyncio.sleep(0.01)
+            if not any(c.inbound for c in edge.conns):
+                break
+        far.sendall(response_to(fwd, 200))
+        home.settimeout(10)
+        back, _ = await loop.run_in_executor(None, home.accept)
+        back.settimeout(10)
+        got = await loop.run_in_executor(None, back.recv, 65536)
+        back.close()
+        far.close()
+        edge.close()
+        return got
+
+    got = asyncio.run(run())
+    sig.close()
+    home.close()
+    assert got.startswith(b"SIP/2.0 200 ") and b"gone-1" in got
+
+
+def test_a_tcp_request_whose_via_names_udp_is_dropped():
+    """§18.1.1: the Via names the transport the request is sent on. Over TCP a Via naming UDP
+    had its response sent as a UDP datagram to the connection's (ephemeral) port, never on the
+    connection; the UDP case of the same lie was already refused."""
+    from test_hardening import dropped
+    core = make("tcp")
+    out = core.receive_stream(invite(), GW_TCP, T0)  # (invite(): Via SIP/2.0/UDP)
+    assert out == [] and dropped(core, "bad_via") == 1
+    ok = core.receive_stream(tcp_invite(call_id=b"ok@gw"), GW_TCP, T0)
+    assert [d for _, d in ok] == [SIGNALING]
+
+
+def test_a_flood_spread_over_many_addresses_does_not_push_out_the_gateway():
+    """Once every connection had a request forwarded, room was made on the IP holding the most
+    connections, the first such IP in the table on a tie: with a connection each from many
+    addresses (one IPv6 host has a /64 of them) that was the gateway, connected longest. On a
+    tie the IP whose connection opened last now gives way. Real connections on the loopback,
+    from 40 addresses of 127/8."""
+    import asyncio
+    import socket
+    import time
+
+    from sipwatch.tcp import TcpEdge
+
+    table = 8
+
+    async def run():
+        sent = []
+        edge = TcpEdge(make("udp"), time.monotonic, lambda payload, dest: sent.append(payload), max_connections=table)
+        await edge.open(("127.0.0.1", 0))
+
+        async def settle(cond):
+            for _ in range(300):
+                if cond():
+                    return
+                await asyncio.sleep(0.01)
+
+        gw = socket.create_connection(edge.local, source_address=("127.0.0.2", 0))
+        gw.sendall(tcp_invite())
+        await settle(lambda: sent)
+        flood = []
+        try:
+            for k in range(40):
+                s = socket.create_connection(edge.local, source_address=("127.0.1.%d" % (k + 1), 0))
+                s.sendall(tcp_invite(branch=b"z9hG4bK-s%d" % k, call_id=b"spread-%d" % k))
+                flood.append(s)
+                await settle(lambda: sum(b"spread-%d" % k in p for p in sent))
+            gw.sendall(tcp_invite(branch=b"z9hG4bK-gw-2", call_id=b"call-2@gw"))
+            await settle(lambda: any(b"call-2@gw" in p for p in sent))
+            gw_conns = [c for c in edge.conns if c.peer[0] == "127.0.0.2"]
+            return any(b"call-2@gw" in p for p in sent), len(gw_conns), dict(edge.tcp_stats.closed)
+        finally:
+            edge.close()
+            gw.close()
+            for s in flood:
+                s.close()
+            await asyncio.sleep(0)
+
+    again, gw_conns, closed = asyncio.run(run())
+    assert again and gw_conns == 1, (gw_conns, closed)
+    assert closed["limit"] >= 40 - table
