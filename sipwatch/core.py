@@ -1260,7 +1260,11 @@ class ProxyCore:
             return None
         is_ack, via_value, call_id, cseq_n, head, tail = got
         tcp_in = self.in_tcp
-        if via_value[:12] != b"SIP/2.0/UDP " and not tcp_in:
+        if tcp_in:
+            if via_value[:12].upper() != b"SIP/2.0/TCP " or src[0] == self.upstream[0] and src != self.upstream:
+                return None  # (the full path reads those: another transport is refused; the Via
+                # of a connection from sip-signaling's IP says whose it is)
+        elif via_value[:12] != b"SIP/2.0/UDP ":
             return None  # (the full path reads that Via: over UDP only UDP is accepted)
         stats = self.stats
         direction = _FROM_SIGNALING if src == self.upstream else _FROM_GATEWAY
