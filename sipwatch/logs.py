@@ -272,6 +272,7 @@ class NonBlockingWriter:
         self._broken = False
         self.progress_at = time.monotonic()  # when the pipe last took bytes (or lines began to wait)
         self.handed_total = 0  # bytes accepted (not dropped), ever
+        self._partial = False  # the queue's first bytes are the rest of a write cut short
         self.taken_total = 0  # bytes the pipe took, ever: the lines up to here are out
 
     def _send(self, data) -> int:
@@ -299,6 +300,7 @@ class NonBlockingWriter:
             self.progress_at = time.monotonic()  # (taken, or the wait begins)
             if n >= len(data):
                 return
+            self._partial = n > 0
             data = data[n:]
         self._queue.append(data)
         self._pending += len(data)
@@ -334,6 +336,22 @@ class NonBlockingWriter:
         """Write what the pipe takes now, without waiting; True when nothing is left."""
         return self._drain()
 
+    def discard(self) -> None:
+        """Give up on the lines waiting (their reader took nothing for long): counted dropped
+        and as out of the queue (``taken_total``), but for a line partly written already, which
+        must end before another starts."""
+        queue = self._queue
+        keep = queue.popleft() if queue and self._partial else None
+        for d in queue:
+            self.dropped_lines += d.count(b"\n")
+            self.taken_total += len(d)
+            self._pending -= len(d)
+        queue.clear()
+        if keep is not None:
+            queue.append(keep)
+        elif self._loop is not None:
+            self._disarm()
+
     def _disarm(self) -> None:
         loop, self._loop = self._loop, None
         if loop is not None:
@@ -356,8 +374,10 @@ class NonBlockingWriter:
                 self._pending -= n
                 if n < len(data):
                     queue[0] = data[n:]
+                    self._partial = True
                     return False
                 queue.popleft()
+                self._partial = False
             self._disarm()
             return True
         except Exception:  # noqa: BLE001 - a callback of the loop must not raise
@@ -408,13 +428,15 @@ def interleaves(stream) -> bool:
 def stdout_writer(stream, max_pending: int = 8 << 20):
     """The writer for the proxy's log lines on ``stream`` (stdout), by what it is connected to.
 
-    * a pipe (a container runtime, a log shipper) or a terminal: a second, private file
-      description of the same pipe or terminal, opened non-blocking (``/proc/self/fd``), for
-      :class:`NonBlockingWriter` (a terminal nobody reads, a session suspended or scrolled back
-      with Ctrl-S, stalls a writer as a full pipe does: a blocking write there stopped forwarding);
+    * a pipe (a container runtime, a log shipper): a second, private file description of the
+      same pipe, opened non-blocking (``/proc/self/fd``), for :class:`NonBlockingWriter`;
     * a socket (e.g. systemd's journal stream): a duplicate sent to with ``MSG_DONTWAIT``;
-    * a regular file: None, written directly (it does not stall on a reader);
-    * a pipe or terminal that cannot be reopened: :class:`BackgroundWriter` (a thread)."""
+    * a terminal: :class:`BackgroundWriter` (a thread). A terminal nobody reads (a session
+      suspended, or held with Ctrl-S) stalls a writer as a full pipe does, and a blocking write
+      there stopped forwarding; a non-blocking one is cut short at any size, and the span
+      worker's line then lands inside the proxy's. A blocking write from a thread is whole;
+    * a regular file or ``/dev/null``: None, written directly (they do not stall on a reader);
+    * a pipe that cannot be reopened: :class:`BackgroundWriter` (a thread)."""
     try:
         fd = stream.fileno()
         mode = os.fstat(fd).st_mode
@@ -425,7 +447,13 @@ def stdout_writer(stream, max_pending: int = 8 << 20):
             return NonBlockingWriter(sock=socket.socket(fileno=os.dup(fd)), max_pending=max_pending)
         except OSError:
             return BackgroundWriter(stream, max_pending)
-    if not (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):
+    if stat.S_ISCHR(mode):
+        try:
+            tty = os.isatty(fd)
+        except OSError:
+            tty = False
+        return BackgroundWriter(stream, max_pending) if tty else None
+    if not stat.S_ISFIFO(mode):
         return None
     try:
         own = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)

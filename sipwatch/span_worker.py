@@ -800,8 +800,9 @@ def summary_log(cfg: dict, on_error):
     on a reader that stopped. A worker stuck in a write to a full pipe read no frames and
     delivered no span, without a drop counted; what waits now is bounded, and past the bound
     lines are dropped and counted (``log_dropped``, the proxy's ``sipwatch_log_lines_dropped_total``).
-    A summary handed to the writer is reported written: one still waiting in it when the worker
-    dies is lost."""
+    A summary is reported written once its line is out, or dropped and counted; one still waiting
+    when the worker dies comes back to the proxy, as before (only a line partly written when the
+    writer had to give up is lost uncounted, should the worker die then)."""
     from .logs import JsonLog, WholeWrites, interleaves
     stream = WholeWrites(cfg["fd"])
     log = JsonLog(cfg["service_name"], stream=stream, mask_mode=cfg["mask_mode"], level=cfg["level"],
@@ -871,8 +872,9 @@ def main() -> None:
     def report_written(seq: int) -> None:
         """The held summary lines out, then the report that they are (never the other way).
         Lines the writer holds for the pipe are reported once the pipe took them (``marks``), or
-        once the pipe's reader took nothing for ``stall`` seconds: then they are as good as
-        dropped, and the proxy must not keep every later summary for a reader that is gone."""
+        once the writer had to drop lines past its bound: then the waiting ones are dropped and
+        counted too (``discard``), and reported, so the proxy does not keep every later summary
+        for a reader that is gone. A reader that pauses within the bound loses nothing."""
         log.flush()
         handed[0] = seq
         w = log.writer
@@ -889,8 +891,11 @@ def main() -> None:
         if not marks:
             return
         w = log.writer
+        gone = w.waiting and w.dropped_lines > dropped_seen[0]
+        if gone:  # the lines waiting are dropped, counted, not reported written while still there
+            w.discard()
+        dropped_seen[0] = w.dropped_lines
         out = w.taken_total
-        gone = w.waiting and time.monotonic() - w.progress_at >= stall
         seq = None
         while marks and (gone or not w.waiting or marks[0][0] <= out):
             seq = marks.popleft()[1]
@@ -900,6 +905,7 @@ def main() -> None:
 
     handed = [0]  # the last summary whose line went to the writer (out, waiting, or dropped and counted)
     marks: deque = deque()  # (the writer's handed_total once that line was in it, its sequence number)
+    dropped_seen = [0]  # the writer's dropped lines when marks were last settled
     stall = WRITER_STALL
 
     log_errors = [0]  # summaries that could not be encoded as they are (the proxy counts them)

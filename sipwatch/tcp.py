@@ -156,8 +156,9 @@ class TcpEdge:
         self.by_ip: dict[str, dict[_Conn, None]] = {}
         self._crowded: str | None = None  # the IP that last gave up a connection to make room
         self.failed_until: dict[Addr, float] = {}
-        # a connection's peer -> the sent-by its requests named on its IP (their listening port):
-        # where a response goes once that connection is gone (RFC 3261 §18.2.2), kept after it
+        # an accepted connection's peer -> the sent-by its requests named on its IP (their listening
+        # port): where a response goes once that connection is gone (RFC 3261 §18.2.2), kept after
+        # it; responses only (a request toward that address is another matter)
         self.sent_by: dict[Addr, Addr] = {}
         self.local: Addr | None = None  # the listen address (outbound connections bind to it)
         self.server: asyncio.AbstractServer | None = None
@@ -282,7 +283,8 @@ class TcpEdge:
         """Requests toward ``alias`` (the sent-by a peer wrote, on its connection's IP) take
         ``conn``, the newest connection that claimed it; never the upstream's address, nor an
         address that is another connection's own peer."""
-        if conn.peer is not None and alias != self.upstream and self.sent_by.get(conn.peer) != alias:
+        if conn.inbound and conn.peer != self.upstream and alias != self.upstream \
+                and self.sent_by.get(conn.peer) != alias:
             if len(self.sent_by) >= MAX_SENT_BY:
                 self.sent_by.clear()  # (rebuilt by the next requests: a flood cannot grow it)
             self.sent_by[conn.peer] = alias
@@ -300,7 +302,7 @@ class TcpEdge:
         """Write ``payload`` to the connection for ``dest`` (``via`` first: the connection the
         request came on), opening one when there is none. Never raises."""
         conn = via if via is not None and via.transport is not None else self.by_addr.get(dest)
-        if conn is None and dest in self.sent_by:
+        if conn is None and dest in self.sent_by and payload[:8] == b"SIP/2.0 ":
             # the connection a request came on is gone (closed by either side): its response
             # goes to the sent-by its Via named, on the same IP (§18.2.2), not to the port the
             # connection had, where nothing listens
@@ -378,7 +380,7 @@ class TcpEdge:
         keep = self.by_addr.get(self.upstream)
         ip = self._crowded
         group = by_ip.get(ip) if ip is not None else None
-        if group is None or len(group) * len(by_ip) < len(self.conns):
+        if group is None or len(group) * len(by_ip) <= len(self.conns):  # (at the mean: a tie, walk)
             ip, most, youngest = None, 0, 0.0
             for k, g in by_ip.items():
                 n = len(g)

@@ -144,15 +144,16 @@ def test_loop_writer_on_a_socket_stdout_as_systemd_gives_it():
     b.close()
 
 
-def test_loop_writer_on_a_terminal_nobody_reads():
+def test_writer_thread_on_a_terminal_nobody_reads():
     """A terminal stalls a writer as a full pipe does (nobody reading the session, Ctrl-S): it
     was written directly, blocking, and forwarding stopped with the proxy in write(2). It gets
-    the pipe's writer now, on a private non-blocking description of the same terminal."""
+    the writer thread now (a non-blocking write to a terminal is cut short at any size, and the
+    span worker's line then landed inside the proxy's: a thread's blocking write is whole)."""
     import pty
     master, slave = pty.openpty()
     stream = os.fdopen(slave, "wb", buffering=0)
     writer = stdout_writer(stream, max_pending=256 << 10)
-    assert isinstance(writer, NonBlockingWriter)
+    assert isinstance(writer, BackgroundWriter)
     assert os.get_blocking(slave), "the terminal's own file description changed flags"
     lines = _lines(2000)
     dropped, got = _deliver_after_stall(writer, master, lines)

@@ -883,3 +883,40 @@ def test_a_stdout_nobody_reads_holds_up_no_span_and_its_lines_are_counted(tmp_pa
         p.proc.kill()
         p.proc.wait()
         os.close(r)
+
+
+def test_summaries_waiting_for_a_stalled_stdout_are_not_reported_written(tmp_path):
+    """Lines waiting for stdout were reported written once its reader had taken nothing for a
+    second: a worker killed then lost them, uncounted (the proxy, told they were out, did not
+    write them). Within the writer's bound they stay unreported now, and a dead worker's come
+    back to the proxy; past the bound they are dropped and counted first."""
+    import signal
+    import time
+
+    from sipwatch.handoff import summary_tuples
+    stats = Stats(ring_size=16)
+    p, r = piped_summaries(tmp_path, stats, prepare=_fill)  # full, nobody reading
+    try:
+        end = time.monotonic() + 60
+        while not p._status and time.monotonic() < end:
+            p._poll()
+            time.sleep(0.01)
+        tuples = summary_tuples(calls_of(proxy_records()), None)
+        p.submit_summaries(tuples)
+        with p._lock:
+            p._send_held()
+        from sipwatch.span_worker import WRITER_STALL
+        until = time.monotonic() + 3 * WRITER_STALL
+        while time.monotonic() < until:  # well past the stall
+            p._poll()
+            time.sleep(0.02)
+        assert p._status.get("summaries", 0) == 0
+        os.kill(p.proc.pid, signal.SIGKILL)
+        p.proc.wait()
+        p._poll()
+        assert p.take_lost_summaries() == tuples and p.log_dropped == 0
+    finally:
+        p.proc.kill()
+        p.proc.wait()
+        os.close(r)
+
