@@ -61,6 +61,68 @@ def in_dialog(method, routes, ruri, via, call_id=b"call-1@gw", cseq=2, from_tag=
     return b"\r\n".join(head) + b"\r\n\r\n"
 
 
+async def _recording_edge(table: int):
+    """(a TCP edge of ``table`` connections on the loopback, in front of a UDP upstream, and the
+    list of what it forwards)."""
+    import time
+
+    from sipwatch.tcp import TcpEdge
+    sent: list[bytes] = []
+    edge = TcpEdge(make("udp"), time.monotonic, lambda payload, dest: sent.append(payload), max_connections=table)
+    await edge.open(("127.0.0.1", 0))
+    return edge, sent
+
+
+async def _settle(cond) -> None:
+    """Until ``cond()`` (at most 3 s: a guard against a hang only)."""
+    import asyncio
+    for _ in range(300):
+        if cond():
+            return
+        await asyncio.sleep(0.01)
+
+
+async def _stream_until_junk(edge, chunk: bytes, times: int, watch=None, rcvbuf: int = 0) -> None:
+    """A client on the loopback that sends ``chunk`` ``times`` times to ``edge`` (from a thread),
+    until the edge closes it for junk (``watch()`` every 5 ms meanwhile; 60 s at most: a guard
+    against a hang only)."""
+    import asyncio
+    import socket
+    import threading
+    client = socket.socket()
+    if rcvbuf:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    client.connect(edge.local)
+
+    def send():
+        try:
+            for _ in range(times):
+                client.sendall(chunk)
+        except OSError:
+            pass  # (closed by the proxy)
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 60
+    while not edge.tcp_stats.closed["junk"] and loop.time() < end:
+        await asyncio.sleep(0.005)
+        if watch is not None:
+            watch()
+    sender.join(10)
+    client.close()
+
+
+def _listening_upstream():
+    """(a socket listening on the loopback as sip-signaling over TCP, a core in front of it)."""
+    import socket
+    sig = socket.socket()
+    sig.bind(("127.0.0.1", 0))
+    sig.listen(4)
+    return sig, ProxyCore(CoreConfig(advertise=SIDECAR, upstream=sig.getsockname(), timer_b=32.0,
+                                     upstream_transport="tcp", secret=b"k"))
+
+
 def test_udp_path_unchanged_and_says_udp():
     core = make()
     data, dest = one(core.receive_datagram(invite(), GATEWAY, T0))
@@ -173,12 +235,8 @@ def test_the_connection_toward_signaling_is_kept_through_idle_time_with_pings():
 
     from sipwatch.tcp import SWEEP_EVERY, TcpEdge
 
-    sig = socket.socket()
-    sig.bind(("127.0.0.1", 0))
-    sig.listen(4)
+    sig, core = _listening_upstream()
     upstream = sig.getsockname()
-    core = ProxyCore(CoreConfig(advertise=SIDECAR, upstream=upstream, timer_b=32.0,
-                                upstream_transport="tcp", secret=b"k"))
     now = [1000.0]
 
     async def run():
@@ -424,8 +482,6 @@ def test_a_peer_that_pings_and_never_reads_holds_no_more_than_one_reads_pongs():
     junk budget. Real connection on the loopback; a client that sends up to 16 MB of pings and
     reads nothing."""
     import asyncio
-    import socket
-    import threading
     import time
 
     from sipwatch.tcp import JUNK_BURST, TcpEdge
@@ -435,34 +491,17 @@ def test_a_peer_that_pings_and_never_reads_holds_no_more_than_one_reads_pongs():
     async def run():
         edge = TcpEdge(make("tcp"), time.monotonic, lambda payload, dest: None)
         await edge.open(("127.0.0.1", 0))
-        client = socket.socket()
-        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        client.connect(edge.local)
+        most = [0]
 
-        def send():
-            chunk = b"\r\n\r\n" * 16384
-            try:
-                for _ in range(pings // 16384):
-                    client.sendall(chunk)
-            except OSError:
-                pass  # (closed by the proxy)
-
-        sender = threading.Thread(target=send, daemon=True)
-        sender.start()
-        loop = asyncio.get_running_loop()
-        end = loop.time() + 60  # (a guard against a hang only)
-        most = 0
-        while not edge.tcp_stats.closed["junk"] and loop.time() < end:
-            await asyncio.sleep(0.005)
+        def watch():
             for c in edge.conns:
                 if c.transport is not None:
-                    most = max(most, c.transport.get_write_buffer_size())
-        sender.join(10)
+                    most[0] = max(most[0], c.transport.get_write_buffer_size())
+        await _stream_until_junk(edge, b"\r\n\r\n" * 16384, pings // 16384, watch, rcvbuf=4096)
         answered = edge.stats.keepalives
         closed = dict(edge.tcp_stats.closed)
         edge.close()
-        client.close()
-        return answered, most, closed
+        return answered, most[0], closed
 
     answered, most, closed = asyncio.run(run())
     assert closed["junk"] == 1 and JUNK_BURST < answered < pings, (answered, closed)
@@ -476,8 +515,6 @@ def test_a_stream_of_line_ends_without_pings_is_junk_too(unit):
     lost) and stayed open for good. Now a run is taken in one pass and every four bytes count
     as a ping against the junk budget. Real connection on the loopback."""
     import asyncio
-    import socket
-    import threading
     import time
 
     from sipwatch.tcp import TcpEdge
@@ -485,27 +522,9 @@ def test_a_stream_of_line_ends_without_pings_is_junk_too(unit):
     async def run():
         edge = TcpEdge(make("tcp"), time.monotonic, lambda payload, dest: None)
         await edge.open(("127.0.0.1", 0))
-        client = socket.socket()
-        client.connect(edge.local)
-
-        def send():
-            chunk = unit * (65536 // len(unit))
-            try:
-                for _ in range(256):  # up to 16 MB
-                    client.sendall(chunk)
-            except OSError:
-                pass  # (closed by the proxy)
-
-        sender = threading.Thread(target=send, daemon=True)
-        sender.start()
-        loop = asyncio.get_running_loop()
-        end = loop.time() + 60  # (a guard against a hang only)
-        while not edge.tcp_stats.closed["junk"] and loop.time() < end:
-            await asyncio.sleep(0.005)
-        sender.join(10)
+        await _stream_until_junk(edge, unit * (65536 // len(unit)), 256)  # up to 16 MB
         closed = dict(edge.tcp_stats.closed)
         edge.close()
-        client.close()
         return closed
 
     closed = asyncio.run(run())
@@ -671,28 +690,18 @@ def test_connections_sending_strays_and_pings_cannot_push_out_one_carrying_calls
     connections gives up its least recently forwarded from."""
     import asyncio
     import socket
-    import time
 
-    from sipwatch.tcp import TcpEdge
 
     stray = response_to(tcp_invite(branch=b"z9hG4bK-nobody"), 200)
     table = 8
 
     async def run():
-        sent = []
-        edge = TcpEdge(make("udp"), time.monotonic, lambda payload, dest: sent.append(payload), max_connections=table)
-        await edge.open(("127.0.0.1", 0))
-
-        async def settle(cond):
-            for _ in range(300):
-                if cond():
-                    return
-                await asyncio.sleep(0.01)
+        edge, sent = await _recording_edge(table)
 
         # the gateway (127.0.0.1) places a call: its INVITE is forwarded upstream
         gw = socket.create_connection(edge.local)
         gw.sendall(tcp_invite())
-        await settle(lambda: sent)
+        await _settle(lambda: sent)
         others = []
         try:
             for rnd in range(4):  # bursts bigger than the table, from another address
@@ -702,7 +711,7 @@ def test_connections_sending_strays_and_pings_cannot_push_out_one_carrying_calls
                     s.sendall(stray if first == "stray" else tcp_invite(
                         branch=b"z9hG4bK-f%d-%d" % (rnd, k), call_id=b"flood-%d-%d" % (rnd, k)))
                     burst.append(s)
-                await settle(lambda: edge.tcp_stats.opened[0] >= 1 + (rnd + 1) * (table + 4))
+                await _settle(lambda: edge.tcp_stats.opened[0] >= 1 + (rnd + 1) * (table + 4))
                 for _ in range(5):  # pings keep them busy (within the junk budget)
                     for s in burst:
                         try:
@@ -713,7 +722,7 @@ def test_connections_sending_strays_and_pings_cannot_push_out_one_carrying_calls
                 others += burst
             # the gateway's connection is still the one its next request comes on
             gw.sendall(tcp_invite(branch=b"z9hG4bK-gw-2", call_id=b"call-2@gw"))
-            await settle(lambda: any(b"call-2@gw" in p for p in sent))
+            await _settle(lambda: any(b"call-2@gw" in p for p in sent))
             gw_conns = [c for c in edge.conns if c.peer[0] == "127.0.0.1"]
             return sum(b"@gw" in p for p in sent), len(gw_conns), dict(edge.tcp_stats.closed), len(edge.conns)
         finally:
@@ -1104,12 +1113,7 @@ def test_a_response_whose_connection_is_gone_goes_to_the_via_sent_by():
 
     from sipwatch.tcp import TcpEdge
 
-    sig = socket.socket()
-    sig.bind(("127.0.0.1", 0))
-    sig.listen(4)
-    upstream = sig.getsockname()
-    core = ProxyCore(CoreConfig(advertise=SIDECAR, upstream=upstream, timer_b=32.0,
-                                upstream_transport="tcp", secret=b"k"))
+    sig, core = _listening_upstream()
     home = socket.socket()  # where the client listens: its Via's sent-by
     home.bind(("127.0.0.1", 0))
     home.listen(4)
@@ -1171,41 +1175,31 @@ def test_a_flood_spread_over_many_addresses_does_not_push_out_the_gateway(gw_con
     gave up its last one). Real connections on the loopback, from 40 addresses of 127/8."""
     import asyncio
     import socket
-    import time
 
-    from sipwatch.tcp import TcpEdge
 
     table = 8
 
     async def run():
-        sent = []
-        edge = TcpEdge(make("udp"), time.monotonic, lambda payload, dest: sent.append(payload), max_connections=table)
-        await edge.open(("127.0.0.1", 0))
-
-        async def settle(cond):
-            for _ in range(300):
-                if cond():
-                    return
-                await asyncio.sleep(0.01)
+        edge, sent = await _recording_edge(table)
 
         extra = []
         for i in range(gw_conns - 1):  # connections of earlier calls
             s = socket.create_connection(edge.local, source_address=("127.0.0.2", 0))
             s.sendall(tcp_invite(branch=b"z9hG4bK-e%d" % i, call_id=b"earlier-%d" % i))
             extra.append(s)
-            await settle(lambda: sum(b"earlier-%d" % i in p for p in sent))
+            await _settle(lambda: sum(b"earlier-%d" % i in p for p in sent))
         gw = socket.create_connection(edge.local, source_address=("127.0.0.2", 0))
         gw.sendall(tcp_invite())
-        await settle(lambda: any(b"call-1@gw" in p for p in sent))
+        await _settle(lambda: any(b"call-1@gw" in p for p in sent))
         flood = []
         try:
             for k in range(40):
                 s = socket.create_connection(edge.local, source_address=("127.0.1.%d" % (k + 1), 0))
                 s.sendall(tcp_invite(branch=b"z9hG4bK-s%d" % k, call_id=b"spread-%d" % k))
                 flood.append(s)
-                await settle(lambda: sum(b"spread-%d" % k in p for p in sent))
+                await _settle(lambda: sum(b"spread-%d" % k in p for p in sent))
             gw.sendall(tcp_invite(branch=b"z9hG4bK-gw-2", call_id=b"call-2@gw"))
-            await settle(lambda: any(b"call-2@gw" in p for p in sent))
+            await _settle(lambda: any(b"call-2@gw" in p for p in sent))
             left = [c for c in edge.conns if c.peer[0] == "127.0.0.2"]
             return any(b"call-2@gw" in p for p in sent), len(left), dict(edge.tcp_stats.closed)
         finally:
@@ -1231,15 +1225,11 @@ def test_requests_toward_sip_signaling_are_never_sent_to_a_sent_by_it_named():
 
     from sipwatch.tcp import TcpEdge
 
-    sig = socket.socket()
-    sig.bind(("127.0.0.1", 0))
-    sig.listen(4)
+    sig, core = _listening_upstream()
     alt = socket.socket()  # another service on that host
     alt.bind(("127.0.0.1", 0))
     alt.listen(4)
     upstream, other = sig.getsockname(), alt.getsockname()
-    core = ProxyCore(CoreConfig(advertise=SIDECAR, upstream=upstream, timer_b=32.0,
-                                upstream_transport="tcp", secret=b"k"))
 
     async def run():
         loop = asyncio.get_running_loop()
