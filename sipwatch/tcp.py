@@ -569,7 +569,8 @@ class _Conn(asyncio.Protocol):
             if self.waiting is not None:  # (reading is paused meanwhile: in case, keep the order)
                 self.waiting.extend(messages)
                 messages = []
-            elif len(messages) > TURN_MAX and framer.error is None and len(messages) > (turn := self._turn()):
+            elif len(messages) > TURN_MAX and len(messages) > (turn := self._turn()):
+                # (a read ending in a framing fault too: its messages first, the close after)
                 self.waiting = deque(messages[turn:])
                 edge.bursts += 1
                 messages = messages[:turn]
@@ -582,10 +583,8 @@ class _Conn(asyncio.Protocol):
                 if self.closed:
                     return
             if framer.error is not None:  # the rest of the stream cannot be framed
-                stats = edge.stats
-                stats.parse_errors += 1
-                stats.dropped[framer.error.reason] += 1
-                self.shut("framing")
+                if self.waiting is None:  # (else once the burst's last turn is done)
+                    self._framing_failed()
                 return
             if framer.partial:
                 if self.partial_since is None or messages:
@@ -616,12 +615,22 @@ class _Conn(asyncio.Protocol):
                 return
             self.waiting = None
             edge.bursts -= 1
+            if self.framer.error is not None:
+                self._framing_failed()
+                return
             self._look_at_queue(edge.clock())
             t = self.transport
             if t is not None and not t.is_closing():
                 t.resume_reading()
         except Exception as exc:  # noqa: BLE001
             self._failed(exc)
+
+    def _framing_failed(self) -> None:
+        """The stream cannot be framed any further: counted, and the connection closed."""
+        stats = self.edge.stats
+        stats.parse_errors += 1
+        stats.dropped[self.framer.error.reason] += 1
+        self.shut("framing")
 
     def _turn(self) -> int:
         """How many of its messages it handles this turn: TURN_MAX, or, for sip-signaling's

@@ -1263,3 +1263,44 @@ def test_requests_toward_sip_signaling_are_never_sent_to_a_sent_by_it_named():
     finally:
         sig.close()
         alt.close()
+
+
+def test_a_burst_ending_in_a_framing_fault_takes_turns_too():
+    """A read ending in bytes that cannot be framed was handled whole in one callback (the turn
+    limit applied only to reads without a fault): ~1,000 messages and junk at the end held the
+    loop, and a reconnect did it again. Its messages take turns now, and the connection is closed
+    once the last turn is done. Real connection on the loopback, the read made in one piece."""
+    import asyncio
+    import socket
+
+    from sipwatch.tcp import TURN_MAX
+
+    n = 150
+    burst = b"".join(tcp_invite(branch=b"z9hG4bK-f%d" % i, call_id=b"f%d" % i, body=b"") for i in range(n))
+
+    async def run():
+        edge, sent = await _recording_edge(8)
+        client = socket.create_connection(edge.local)
+        await _settle(lambda: edge.conns)
+        conn = next(iter(edge.conns))
+        conn.transport.pause_reading()
+        client.sendall(burst + b"\x00not sip at all\r\n\r\n")
+        await asyncio.sleep(0.2)  # all of it in the kernel: one read
+        most = [0]
+        receive = conn.data_received
+
+        def measured(data):
+            before = len(sent)
+            receive(data)
+            most[0] = max(most[0], len(sent) - before)
+        conn.data_received = measured
+        conn.transport.resume_reading()
+        await _settle(lambda: edge.tcp_stats.closed["framing"])
+        closed = dict(edge.tcp_stats.closed)
+        edge.close()
+        client.close()
+        return len(sent), most[0], closed
+
+    handled, most, closed = asyncio.run(run())
+    assert handled == n and closed["framing"] == 1, (handled, closed)
+    assert most <= TURN_MAX, most
