@@ -153,11 +153,16 @@ class StreamFramer:
         m = _LINE_ENDS.match(buf)
         run = m.end() if m is not None else 0
         keep = 0
-        if run == len(buf) and not buf.endswith(_PING):
-            for k in (3, 2, 1):
-                if buf.endswith(_PING[:k]):
-                    keep = k
-                    break
+        if run == len(buf):  # what the pings leave at the end may start one: it waits
+            seg = bytes(buf)
+            if seg.endswith(b"\r"):  # (a CR alone waits for its LF)
+                keep, seg = 1, seg[:-1]
+            if seg.endswith(b"\n"):
+                # the CRLF pairs at the end, read from the first of them: pings two by two,
+                # and one pair left over when they are odd (it may be a ping's first half)
+                tail = len(seg) - 1 - max(seg.rfind(b"\r\r"), seg.rfind(b"\n\n"))
+                if tail // 2 % 2:
+                    keep += 2
         take = run - keep
         if take <= 0:
             return

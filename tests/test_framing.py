@@ -71,6 +71,23 @@ def test_a_long_run_of_line_ends_is_one_step():
     assert len(steps) <= 3 and f.idle_bytes == 199_999 and f.keepalives == 0 and bytes(f.buf) == b"\r", steps
 
 
+def test_keepalives_do_not_depend_on_where_a_run_of_line_ends_is_cut():
+    """Every run of CR and LF up to 8 bytes before a message, cut at every place: the pings and
+    keep-alives are the whole stream's (the fuzzer found two pings cut after the first and a
+    half read as a ping and two pongs)."""
+    import itertools
+    msg = b"OPTIONS sip:x SIP/2.0\r\nContent-Length: 0\r\n\r\n"
+    for n in range(1, 9):
+        for run in itertools.product(b"\r\n", repeat=n):
+            stream = bytes(run) + msg
+            whole = StreamFramer()
+            assert whole.feed(stream) == [msg]
+            for cut in range(1, n + 1):
+                f = StreamFramer()
+                out = f.feed(stream[:cut]) + f.feed(stream[cut:])
+                assert out == [msg] and (f.pings, f.keepalives) == (whole.pings, whole.keepalives), (stream, cut)
+
+
 def test_a_ping_cut_across_reads_is_still_a_ping():
     for first, second in ((b"\r\n\r", b"\n"), (b"\n\r\n", b"\r\n"), (b"\r", b"\n\r\n"), (b"\r\n\r\n", b"")):
         f = StreamFramer()
