@@ -152,21 +152,22 @@ class StreamFramer:
         keeps its last bytes when they may start a ping the next read completes."""
         m = _LINE_ENDS.match(buf)
         run = m.end() if m is not None else 0
+        seg = bytes(buf[:run])
         keep = 0
         if run == len(buf):  # what the pings leave at the end may start one: it waits
-            seg = bytes(buf)
             if seg.endswith(b"\r"):  # (a CR alone waits for its LF)
-                keep, seg = 1, seg[:-1]
-            if seg.endswith(b"\n"):
+                keep = 1
+            pairs = seg[:run - keep]
+            if pairs.endswith(b"\n"):
                 # the CRLF pairs at the end, read from the first of them: pings two by two,
                 # and one pair left over when they are odd (it may be a ping's first half)
-                tail = len(seg) - 1 - max(seg.rfind(b"\r\r"), seg.rfind(b"\n\n"))
+                tail = len(pairs) - 1 - max(pairs.rfind(b"\r\r"), pairs.rfind(b"\n\n"))
                 if tail // 2 % 2:
                     keep += 2
         take = run - keep
         if take <= 0:
             return
-        seg = bytes(buf[:take])
+        seg = seg[:take]
         del buf[:take]
         pings = seg.count(_PING)
         self.pings += pings

@@ -774,19 +774,27 @@ class ErrorReporter:
             if count:
                 self.counters[component] = self.counters.get(component, 0) + 1
             self._seen[component] = self.counters.get(component, 0)
-            now = self.clock()
-            last = self._last.get(component)
-            if last is not None and now - last < self.interval:
+            if not self._due(component, self.clock()):
                 self._suppressed[component] = self._suppressed.get(component, 0) + 1
                 return
-            self._last[component] = now
-            suppressed = self._suppressed.pop(component, 0)
-            text = masked_error_text(str(exc), self.log.mask_mode)
-            self.log.error(f"internal error in {component}, carrying on", "internal_error",
-                           component=component, error_type=type(exc).__name__, error=text,
-                           suppressed=suppressed, total=self.counters.get(component, 0), **fields)
+            self._line(component, str(exc), error_type=type(exc).__name__, **fields)
         except Exception:  # noqa: BLE001 - the reporter of last resort must not fail
             pass
+
+    def _due(self, component: str, now: float) -> bool:
+        """Whether ``component`` may have a line now (one every ``interval``); taken if so."""
+        last = self._last.get(component)
+        if last is not None and now - last < self.interval:
+            return False
+        self._last[component] = now
+        return True
+
+    def _line(self, component: str, text: str, **fields) -> None:
+        """The ``internal_error`` line: the text masked, the failures suppressed since the last."""
+        self.log.error(f"internal error in {component}, carrying on", "internal_error",
+                       component=component, error=masked_error_text(text, self.log.mask_mode),
+                       suppressed=self._suppressed.pop(component, 0),
+                       total=self.counters.get(component, 0), **fields)
 
     def catch_up(self, texts: dict) -> None:
         """Log the failures counted since the last line of their component without passing
@@ -800,16 +808,10 @@ class ErrorReporter:
                     continue
                 if now < 0:
                     now = self.clock()
-                last = self._last.get(component)
-                if last is not None and now - last < self.interval:
+                if not self._due(component, now):
                     continue  # a later tick writes it, with the failures counted meanwhile
-                self._last[component] = now
                 self._seen[component] = total
-                suppressed = self._suppressed.pop(component, 0)
-                text = masked_error_text(str(texts.get(component) or ""), self.log.mask_mode)
-                self.log.error(f"internal error in {component}, carrying on", "internal_error",
-                               component=component, error=text, new=new, suppressed=suppressed,
-                               total=total)
+                self._line(component, str(texts.get(component) or ""), new=new)
         except Exception:  # noqa: BLE001 - as report
             pass
 
