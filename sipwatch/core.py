@@ -1153,6 +1153,11 @@ class ProxyCore:
         tx = self._held(branch, cseq_m, cseq_n, call_id, next_raw, src)
         if tx is not None:
             reply = tx.reply
+            if tx.direction == direction:  # (see _fast_response: counted on the other side)
+                klass = (min(status // 100, 6) - 1) * 2
+                stats.responses[klass + direction] -= 1
+                direction = _FROM_GATEWAY if direction == _FROM_SIGNALING else _FROM_SIGNALING
+                stats.responses[klass + direction] += 1
         else:  # stateless check (after a restart, or anything unusual)
             next_via = parse_via(next_raw)
             reply = _reply_address(next_via)
@@ -1225,7 +1230,9 @@ class ProxyCore:
         stats = self.stats
         if truncated:
             stats.body_truncated += 1
-        direction = _FROM_SIGNALING if src == self.upstream else _FROM_GATEWAY
+        # the side the request went to answers it: over TCP sip-signaling may answer on a
+        # connection of its own (its IP, another port) when ours is gone (§18.2.2)
+        direction = _FROM_SIGNALING if tx.direction == _FROM_GATEWAY else _FROM_GATEWAY
         stats.responses[(min(status // 100, 6) - 1) * 2 + direction] += 1
         self._relayed(tx, status, to_tag, next_raw, direction, src, now)
         return [(out, tx.reply)]
