@@ -224,6 +224,35 @@ def test_signalings_request_on_a_connection_it_opened_goes_to_the_gateway():
     assert to == SIGNALING
 
 
+@pytest.mark.parametrize("path", ["fast", "full"])
+def test_a_response_on_a_connection_signaling_opened_is_counted_as_signalings(path, monkeypatch):
+    """When our connection to sip-signaling is gone, it answers on one it opens itself
+    (§18.2.2): its IP, another port. That response answers a request sent to sip-signaling, so
+    it is sip-signaling's, not a gateway's: counted on that side, and its IP not proven as a
+    gateway's (it was both, the side read from the source port alone)."""
+    from sipwatch import core as core_module
+    from sipwatch.stats import FROM_GATEWAY, FROM_SIGNALING
+    if path == "full":
+        monkeypatch.setattr(core_module, "_c_response", None)
+    core = make("tcp")
+    data, dest = one(core.receive_datagram(invite(), GATEWAY, T0))
+    assert dest == SIGNALING
+    ok, to = one(core.receive_stream(response_to(data, 200), (SIGNALING[0], 41234), T0 + 0.05))
+    assert to == GATEWAY
+    two_xx = (2 - 1) * 2
+    assert core.stats.responses[two_xx + FROM_SIGNALING] == 1
+    assert core.stats.responses[two_xx + FROM_GATEWAY] == 0
+    assert SIGNALING[0] not in core.gateway_proven
+    # the gateway's answer to sip-signaling's request is still the gateway's
+    bye = in_dialog(b"BYE", callee_routes(data), b"<sip:alice@10.0.0.1:5070>",
+                    b"SIP/2.0/TCP 10.0.0.3:5080;branch=z9hG4bK-uas-bye3", swap=True)
+    fwd, to = one(core.receive_stream(bye, SIGNALING, T0 + 1))
+    assert to == GATEWAY
+    one(core.receive_datagram(response_to(fwd, 200), GATEWAY, T0 + 1.05))
+    assert core.stats.responses[two_xx + FROM_GATEWAY] == 1
+    assert GATEWAY[0] in core.gateway_proven
+
+
 def test_the_connection_toward_signaling_is_kept_through_idle_time_with_pings():
     """The README promises one persistent connection toward sip-signaling, but the idle sweep
     closed it like any other after --tcp-idle-timeout: sip-signaling's next request then came on
@@ -1304,3 +1333,47 @@ def test_a_burst_ending_in_a_framing_fault_takes_turns_too():
     handled, most, closed = asyncio.run(run())
     assert handled == n and closed["framing"] == 1, (handled, closed)
     assert most <= TURN_MAX, most
+
+
+def test_address_groups():
+    from sipwatch.tcp import address_group
+    assert address_group("192.0.2.7") == "192.0.2.7"
+    assert address_group("2001:db8:1:2:aaaa::1") == address_group("2001:db8:1:2:ffff:1:2:3") == "2001:db8:1:2::/64"
+    assert address_group("2001:db8:1:3::1") != address_group("2001:db8:1:2::1")
+    assert address_group("::ffff:192.0.2.7") == "192.0.2.7"  # a dual-stack socket's IPv4 peer
+    assert address_group("fe80::1%eth0") == "fe80::/64"
+    assert address_group("not:an:address") == "not:an:address"
+
+
+@pytest.mark.parametrize("family", ["ipv6", "ipv4"])
+def test_a_flood_from_one_ipv6_host_gives_way_before_a_gateway_with_a_connection_a_call(family):
+    """One IPv6 host has a /64 of addresses. Counted by address, a flood of a connection from
+    each (every one with a request forwarded, so none silent) made the gateway, holding a
+    connection per call, the address holding the most: its calls' connections were closed
+    first, all but one. Counted by /64, the flood is one group and gives way. (From many IPv4
+    addresses the flood is many hosts, and the gateway keeps one at least, as before.) The
+    table's rules driven directly: the loopback has one IPv6 address."""
+    import itertools
+
+    from sipwatch.tcp import TcpEdge, _Conn, address_group
+    ticks = itertools.count()
+    edge = TcpEdge(make("udp"), lambda: T0 + next(ticks), lambda payload, dest: None, max_connections=8)
+
+    def accepted(ip, port):
+        conn = _Conn(edge, None)
+        conn.peer, conn.group = (ip, port), address_group(ip)
+        edge._admit(conn)
+        conn.silent = False  # a request of it was forwarded
+        edge.silent.pop(conn, None)
+        return conn
+
+    gw_ip = "2001:db8:1::10" if family == "ipv6" else "192.0.2.10"
+    gateway = [accepted(gw_ip, 40000 + i) for i in range(3)]
+    for k in range(40):
+        accepted("2001:db8:2::%x" % (k + 1) if family == "ipv6" else "198.51.100.%d" % (k + 1), 5060)
+    kept = sum(not c.closed for c in gateway)
+    assert len(edge.conns) == 8
+    if family == "ipv6":
+        assert kept == 3
+    else:
+        assert kept >= 1
