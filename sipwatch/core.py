@@ -1153,11 +1153,6 @@ class ProxyCore:
         tx = self._held(branch, cseq_m, cseq_n, call_id, next_raw, src)
         if tx is not None:
             reply = tx.reply
-            if tx.direction == direction:  # (see _fast_response: counted on the other side)
-                klass = (min(status // 100, 6) - 1) * 2
-                stats.responses[klass + direction] -= 1
-                direction = _FROM_GATEWAY if direction == _FROM_SIGNALING else _FROM_SIGNALING
-                stats.responses[klass + direction] += 1
         else:  # stateless check (after a restart, or anything unusual)
             next_via = parse_via(next_raw)
             reply = _reply_address(next_via)
@@ -1167,6 +1162,19 @@ class ProxyCore:
             if reply is None or dot < 0 or not hmac.compare_digest(branch[dot + 1:], mac):
                 stats.stray_responses += 1  # not a request we forwarded, or not from where it went
                 raise Dropped(DROP_STRAY_RESPONSE)
+            # ours, proven: when the table still holds its request, the response is accounted
+            # to it (the next hop may write the sender's Via anew, parameters reordered or
+            # spaced, equal by §20.42 but not byte for byte: every such response went
+            # unaccounted, its RTT never taken, its transaction timed out)
+            tx = self.tracker.transactions.get((branch, cseq_m))
+            if tx is not None and not (tx.peer[0] == src[0] and tx.cseq == cseq_n and tx.call.call_id == call_id):
+                tx = None
+        if tx is not None and tx.direction == direction:
+            # the side its request went to answers it (see _fast_response): counted on that side
+            klass = (min(status // 100, 6) - 1) * 2
+            stats.responses[klass + direction] -= 1
+            direction = _FROM_GATEWAY if direction == _FROM_SIGNALING else _FROM_SIGNALING
+            stats.responses[klass + direction] += 1
         to_tag = header_tag(msg.get(b"to"))
         if rest is not None:
             msg.lines[via_i] = b"Via: " + b", ".join(rest)

@@ -155,6 +155,12 @@ class GatewayCollector(_Guarded):
         yield CounterMetricFamily("sip_drain_rejected", "Requests of new dialogs answered 503 (Retry-After) while the sidecar was draining (a retransmission answered again counts again).", value=getattr(s, "drain_rejected", 0))
         yield CounterMetricFamily("sip_body_truncated", "Datagrams whose bytes past Content-Length were discarded (RFC 3261 18.3).", value=getattr(s, "body_truncated", 0))
         yield CounterMetricFamily("sip_overload_rejected", "Requests of new dialogs answered 503 (Retry-After) because the receive queues were too long (a retransmission answered again counts again).", value=s.overload_rejected)
+        gto = CounterMetricFamily("sip_gateway_timeouts", "Requests sip-signaling sent toward the gateway side with no final response within Timer B/F (its own silence is sip_transaction_timeouts, on the signaling port).", labels=["method"])
+        counts = getattr(s, "gateway_timeouts", None) or [0] * len(_METHOD_NAMES)
+        for mi, m in enumerate(_METHOD_NAMES):
+            if counts[mi] or mi == 0:
+                gto.add_metric([m], counts[mi])
+        yield gto
 
 
 class SignalingCollector(_Guarded):
@@ -187,7 +193,7 @@ class SignalingCollector(_Guarded):
                     buckets.append((le, cum))
             h.add_metric([m], buckets, float(ring.sums[mi]))
         yield h
-        to = CounterMetricFamily("sip_transaction_timeouts", "Transactions with no final response within Timer B/F.", labels=["method"])
+        to = CounterMetricFamily("sip_transaction_timeouts", "Requests sent to sip-signaling with no final response within Timer B/F.", labels=["method"])
         for mi, m in enumerate(_METHOD_NAMES):
             if s.timeouts[mi] or mi == 0:
                 to.add_metric([m], s.timeouts[mi])

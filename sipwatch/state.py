@@ -51,8 +51,8 @@ from typing import Final, Generic, TypeVar
 
 from .correlation import HEADER_NAMES as CORRELATION_HEADERS, KINDS as CORRELATION_KINDS, MALFORMED, XCID, key_of
 from .stats import (
-    ANSWERED, BYE, CANCEL, CANCELLED, CORR_JOINED, CORR_MALFORMED, CORR_REFUSED, CORR_UNMATCHED, INVITE, TIMEOUT,
-    Stats, outcome_of,
+    ANSWERED, BYE, CANCEL, CANCELLED, CORR_JOINED, CORR_MALFORMED, CORR_REFUSED, CORR_UNMATCHED, FROM_GATEWAY, INVITE,
+    TIMEOUT, Stats, outcome_of,
 )
 
 MAX_TX_PER_CALL = 64
@@ -642,6 +642,15 @@ class Tracker:
         if midx == CANCEL:
             call.cancelled = True
         elif initial_invite:
+            if call.outcome < 0 and call.status and cseq != call.invite_cseq and call.is_call \
+                    and not call.finished:
+                # the retry of a challenged INVITE (401/407, then credentials): the call is
+                # decided by this one again, not by the challenge's Timer B (a retry that rang
+                # past it was counted as rejected with the challenge's status, its 200 ignored)
+                call.status = 0
+                call.t_final = None
+                if self.calls.get(call.call_id) is call:
+                    self._schedule_call(call, CALL_LONG, now + self.max_call_duration)
             call.invite_cseq = cseq
         if not call.is_call and not call.finished and call.deadline != deadline:
             # a non-dialog entry lives as long as its newest request's Timer F
@@ -724,7 +733,8 @@ class Tracker:
         stats = self.stats
         if tx.t_first is None:
             tx.t_first = now
-            stats.ring.add(tx.midx, (now - tx.t_sent) * 1000.0, tx.trace_id)
+            if tx.direction == FROM_GATEWAY:  # (sent to sip-signaling: its answer, its RTT)
+                stats.ring.add(tx.midx, (now - tx.t_sent) * 1000.0, tx.trace_id)
         elif tx.t_final is not None:
             tags = tx.tags
             if to_tag is not None and tags is not None and 200 <= status < 300:
@@ -891,7 +901,10 @@ class Tracker:
                     continue  # cut at the end of a capture
                 tx.timed_out = True
                 tx.t_final = now
-                stats.timeouts[tx.midx] += 1
+                if tx.direction == FROM_GATEWAY:  # sip-signaling's silence; else the gateway side's
+                    stats.timeouts[tx.midx] += 1
+                else:
+                    stats.gateway_timeouts[tx.midx] += 1
                 self._emit("tx", tx)
                 call = tx.call
                 if tx.initial_invite and call.outcome < 0:
@@ -903,6 +916,7 @@ class Tracker:
                     self._finish_call(call, now, "timeout")
                 elif tx.midx == BYE:
                     self._finish_call(call, now, "bye")
+                    call.t_end = tx.t_sent  # the call ended when its BYE was sent, not Timer F later
         q = self._tx_linger
         while q.first <= now:
             if budget == 0:

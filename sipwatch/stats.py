@@ -184,7 +184,8 @@ class Stats:
         self.stray_responses = 0  # responses whose top Via is not ours
         self.unroutable = 0  # requests we could not find a next hop for
         self.send_errors = 0
-        self.timeouts = [0] * nm
+        self.timeouts = [0] * nm  # requests sent to sip-signaling with no final response (Timer B/F)
+        self.gateway_timeouts = [0] * nm  # ... sent by it toward the gateway side
         self.calls = [0] * len(OUTCOMES)
         self.active_calls = 0
         self.records_dropped = 0  # finished records the exporters did not drain in time

@@ -638,3 +638,21 @@ def test_a_key_set_later_is_the_one_both_mac_paths_use(monkeypatch):
         proxy.key = bytes(32)
         assert proxy._party_mac("10.0.0.1") == ref(bytes(32), b"r|10.0.0.1")
         assert proxy._mac_of((b"b", b"z9hG4bK-1", b"call-1@gw")) == ref(bytes(32), b"b|z9hG4bK-1|call-1@gw")
+
+
+def test_a_response_whose_next_via_was_written_anew_is_still_accounted(core):
+    """The next hop may write the Via below ours anew: parameters spaced, reordered, equal by
+    RFC 3261 §20.42 but not byte for byte. The response was relayed (its branch MAC holds) but
+    not accounted to its transaction: no RTT, the INVITE timed out, the answered call counted
+    as a timeout."""
+    fwd, _ = forward_one(core, invite(branch=b"z9hG4bK-gw-r;x=1"))
+    ok = response_to(fwd, 200).replace(b"SIP/2.0/UDP 10.0.0.1:5070;branch=z9hG4bK-gw-r;x=1",
+                                      b"SIP/2.0/UDP 10.0.0.1:5070 ; x=1 ; branch=z9hG4bK-gw-r")
+    assert b" ; x=1 ; branch=z9hG4bK-gw-r" in ok
+    out, dest = forward_one(core, ok, SIGNALING, T0 + 0.03)
+    assert dest == GATEWAY and out.startswith(b"SIP/2.0 200 ")
+    ring = core.stats.ring
+    assert ring.n == 1 and ring.rtt[0] == pytest.approx(30.0)
+    assert core.stats.calls[ANSWERED] == 1
+    core.tracker.expire(T0 + 60)
+    assert core.stats.timeouts[INVITE] == 0 and core.stats.calls[TIMEOUT] == 0

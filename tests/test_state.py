@@ -656,3 +656,71 @@ def test_a_request_reusing_a_branch_takes_the_old_transaction_out_of_its_timer()
         assert tr.queued() == len(tr.calls) + len(tr.transactions)
     tr.expire(T0 + 1.0 + 32.0)  # the new ones time out, each once; the old ones are not seen
     assert tr.stats.timeouts[INVITE] == 3
+
+
+# -- measurement truth: what a figure is about ------------------------------------------------
+def test_an_auth_retry_that_rings_past_timer_b_is_decided_by_its_own_answer():
+    """407, then the INVITE again with credentials (CSeq 2) that rings 35 s and is answered: the
+    challenge's Timer B counted the call rejected_4xx (407) while it rang, and its 200 was then
+    ignored (a real call, answered, never counted so)."""
+    tr = tracker(timer_b=32.0, timer_c=180.0)
+    d = Driver(tr)
+    call = d.call(b"auth-ring", T0)
+    k1 = d.req(call, b"INVITE", T0)
+    tr.response(k1, 407, T0 + 0.001)
+    k2 = d.req(call, b"INVITE", T0 + 0.05, cseq=2)
+    tr.response(k2, 180, T0 + 0.051)
+    for t in range(1, 36):
+        tr.expire(T0 + t)
+    assert sum(tr.stats.calls) == 0 and not call.finished
+    tr.response(k2, 200, T0 + 35.05, b"callee")
+    assert tr.stats.calls[ANSWERED] == 1 and sum(tr.stats.calls) == 1
+    assert call.t_answer == T0 + 35.05 and tr.stats.active_calls == 1
+    d.bye(call, T0 + 37.05)
+    assert call.ended_by == "bye" and call.t_end == pytest.approx(T0 + 37.06)
+
+
+def test_an_unanswered_challenge_is_still_rejected_at_timer_b():
+    tr = tracker(timer_b=32.0)
+    d = Driver(tr)
+    call = d.call(b"auth-none", T0)
+    tr.response(d.req(call, b"INVITE", T0), 407, T0 + 0.001)
+    tr.expire(T0 + 33)
+    assert tr.stats.calls[REJ4] == 1 and call.status == 407 and call.ended_by == "final"
+
+
+def test_signaling_figures_count_only_requests_sent_to_signaling():
+    """signaler_rtt_milliseconds and sip_transaction_timeouts are sip-signaling's: a request it
+    sent toward the gateway (a BYE, a dispatcher's OPTIONS ping to a dead gateway) is answered,
+    or not, by the gateway side. Both were counted as sip-signaling's (a caller's 300-ms answer
+    to a BYE was a 300-ms signaling RTT; pings to a dead gateway fired the signaling alert).
+    Those timeouts are the gateway side's counter."""
+    from sipwatch.stats import FROM_SIGNALING
+    tr = tracker(timer_b=32.0)
+    call = tr.new_call(b"out", 1, 2, None, True, T0, True)
+    up = (b"br-up", b"INVITE")
+    tr.request(up, INVITE, b"INVITE", 1, call, T0, 3, call.span_id, 0, PEER, True)  # to signaling
+    tr.response(up, 100, T0 + 0.004)
+    down = (b"br-down", b"BYE")
+    tr.request(down, BYE, b"BYE", 2, call, T0 + 1, 4, call.span_id, FROM_SIGNALING, ("10.0.0.1", 5070), False)
+    tr.response(down, 200, T0 + 1.3)
+    ring = tr.stats.ring
+    assert ring.n == 1 and ring.method[0] == INVITE and ring.rtt[0] == pytest.approx(4.0)
+    ping = tr.new_call(b"ping", 1, 2, None, True, T0, False)
+    tr.request((b"br-ping", b"OPTIONS"), OPTIONS, b"OPTIONS", 1, ping, T0, 5, ping.span_id, FROM_SIGNALING,
+               ("10.0.0.1", 5070), False)
+    lost = tr.new_call(b"lost", 1, 2, None, True, T0, False)
+    tr.request((b"br-lost", b"OPTIONS"), OPTIONS, b"OPTIONS", 1, lost, T0, 6, lost.span_id, 0, PEER, False)
+    tr.expire(T0 + 40)
+    assert tr.stats.timeouts[OPTIONS] == 1 and tr.stats.gateway_timeouts[OPTIONS] == 1
+
+
+def test_a_call_whose_bye_is_never_answered_ends_when_the_bye_was_sent():
+    """Its duration ran to Timer F, 32 s after the BYE (``duration_s`` and
+    ``sip_call_duration_seconds`` 33 s for a 1-s call)."""
+    tr = tracker(timer_b=32.0)
+    d = Driver(tr)
+    call, _ = d.invite_call(b"c", T0, answer_at=T0 + 1)
+    d.req(call, b"BYE", T0 + 2, cseq=2)
+    tr.expire(T0 + 40.0)
+    assert call.ended_by == "bye" and call.t_end == T0 + 2 and call.t_end - call.t_answer == 1.0
