@@ -67,14 +67,27 @@ def alive_main(argv: list[str]) -> int:
     """``sipwatch alive FILE [--max-age SECONDS]``: 0 when the proxy's event loop touched FILE
     (``--alive-file``) within SECONDS (default 10), else 1. A liveness probe that reads a file
     queues behind nothing: an HTTP probe waits in the metrics port's accept queue, which a
-    flood of connections keeps full for about two seconds at a time."""
+    flood of connections keeps full for about two seconds at a time. A time more than SECONDS
+    ahead is stale too: the wall clock stepped back since the last touch, and a live loop
+    would have touched it again within a second (read as fresh, a loop stuck since then
+    passed for the size of the step)."""
     import argparse
+    import math
     import os
     import time
 
+    def seconds(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
+        return value
+
     ap = argparse.ArgumentParser(prog="sipwatch alive", description=alive_main.__doc__.split("\n\n")[0])
     ap.add_argument("file")
-    ap.add_argument("--max-age", type=float, default=10.0, help="seconds (default %(default)s)")
+    ap.add_argument("--max-age", type=seconds, default=10.0, help="seconds (default %(default)s)")
     args = ap.parse_args(argv)
     try:
         age = time.time() - os.stat(args.file).st_mtime
@@ -83,6 +96,9 @@ def alive_main(argv: list[str]) -> int:
         return 1
     if age > args.max_age:
         sys.stderr.write(f"sipwatch alive: {args.file} last touched {age:.1f} s ago\n")
+        return 1
+    if age < -args.max_age:
+        sys.stderr.write(f"sipwatch alive: {args.file} last touched {-age:.1f} s ahead of the clock\n")
         return 1
     return 0
 
@@ -101,6 +117,8 @@ def mask_call_id_main(argv: list[str]) -> int:
     ap.add_argument("--secret-file", help="the key file the sidecar reads (default: SIPWATCH_SECRET)")
     ap.add_argument("call_ids", nargs="+", metavar="CALL-ID")
     args = ap.parse_args(argv)
+    if args.mode not in CALL_ID_MODES:  # (argparse checks the choices of a given flag, not a default)
+        ap.error(f"SIPWATCH_MASK_CALL_ID: {args.mode!r} is not one of {', '.join(CALL_ID_MODES)}")
     try:
         secret = read_secret((os.environ.get("SIPWATCH_SECRET"), "SIPWATCH_SECRET"),
                              (args.secret_file or os.environ.get("SIPWATCH_SECRET_FILE"), "--secret-file"))
