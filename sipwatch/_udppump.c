@@ -515,7 +515,8 @@ static int refuse_here(Pump *p, const char *buf, size_t len, const struct sockad
     struct sockaddr_in to = *sin;
     if (invite) {
         /* a retransmission of an admitted call's INVITE is forwarded: lookup_call finds nothing
-         * for a Call-ID its table does not hold, so only those are refused here */
+         * for a Call-ID its table does not hold, so only those are refused here; sip-signaling's
+         * own INVITEs are never refused (ProxyCore._request) */
         if ((call_id = PyBytes_FromStringAndSize(buf + res[1], res[2] - res[1])) == NULL ||
                 (tracker = PyObject_GetAttr(core, str_tracker)) == NULL ||
                 (calls = PyObject_GetAttr(tracker, str_calls)) == NULL)
@@ -527,7 +528,7 @@ static int refuse_here(Pump *p, const char *buf, size_t len, const struct sockad
             goto failed;
         to.sin_port = htons((uint16_t)res[4]);
         /* (a 503 for the upstream leaves by the connected socket: route() does that) */
-        if (known || (p->upstream_host != NULL && (!p->upstream_ipv4 || (to.sin_port == htons((uint16_t)p->upstream_port)
+        if (known || from_upstream || (p->upstream_host != NULL && (!p->upstream_ipv4 || (to.sin_port == htons((uint16_t)p->upstream_port)
                       && memcmp(&to.sin_addr, p->upstream_ip, 4) == 0))))
             goto out;
     }

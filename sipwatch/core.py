@@ -579,9 +579,12 @@ class ProxyCore:
             if is_ack and to_tag.startswith(b"sw") and \
                     hmac.compare_digest(to_tag, self._local_tag(call_id, from_tag)):
                 return []  # the ACK of a non-2xx this proxy answered itself ends here (§17.2.1)
-        elif (self.draining or (self.overloaded and midx != _OPTIONS)) and midx != _ACK and midx != _CANCEL:
+        elif (self.draining or (self.overloaded and midx != _OPTIONS)) and midx != _ACK and midx != _CANCEL \
+                and not from_sig:
             # shed new dialogs early, before any costly work: 503 makes the gateway retry
-            # elsewhere (RFC 3261 §21.5.4) instead of retransmitting into a full queue. A
+            # elsewhere (RFC 3261 §21.5.4) instead of retransmitting into a full queue. Those of
+            # the gateway side only: sip-signaling's own (a B2BUA's second leg of a call admitted
+            # before, its outbound calls) carry calls it has taken on; refused, they failed. A
             # retransmitted INVITE of a call admitted before is not new: it goes on (a 503 to it
             # would fail a call the callee may already be answering). Another request with the
             # Call-ID of a request forwarded before may be its retransmission, known only by its
@@ -1291,9 +1294,10 @@ class ProxyCore:
             if tcp_in:
                 self._via_over_tcp(top, src[0])
             return []  # the ACK of a non-2xx this proxy answered itself ends here (§17.2.1)
-        if head is None or tail is None or not (self.draining or self.overloaded) or \
+        if head is None or tail is None or not (self.draining or self.overloaded) or src == self.upstream or \
                 self.tracker.lookup_call(call_id, True, cseq_n) is not None:
-            return None  # (a retransmission of an admitted call's INVITE: the full path forwards it)
+            return None  # (a retransmission of an admitted call's INVITE, or sip-signaling's own
+            # INVITE: the full path forwards it)
         stats.requests[_INVITE * 2 + direction] += 1
         if tcp_in:
             stats.requests_tcp[_INVITE * 2 + direction] += 1

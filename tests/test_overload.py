@@ -357,3 +357,27 @@ def test_the_refusal_memory_does_not_grow_with_the_call_ids_it_holds():
         tracemalloc.stop()
     assert held < 2000 * 1000  # (Call-IDs kept would be 120 MB)
     assert core._was_refused(b"1999-" + b"x" * 60_000, 1, T0 + 1)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("state", ["overloaded", "draining"])
+def test_sip_signalings_own_new_dialogs_are_never_refused(state, fast):
+    """Shedding and draining turn away the gateway side's new dialogs (the load entering). A new
+    INVITE from sip-signaling is its own (a B2BUA's second leg of a call admitted before, its
+    outbound calls): refused, the admitted call failed (a drain then ran to its timeout, the
+    first leg never answered)."""
+    core = make()
+    core.fast_refusals = fast
+    (fwd, _), = forwarded(core.receive_datagram(invite(), GATEWAY, T0))  # leg A, admitted
+    setattr(core, state, True)
+    leg_b = (b"INVITE sip:+15557654321@10.0.0.1:5070 SIP/2.0\r\n"
+             b"Via: SIP/2.0/UDP 10.0.0.3:5080;branch=z9hG4bK-legb-1\r\nMax-Forwards: 70\r\n"
+             b"From: <sip:+15551234567@10.0.0.3>;tag=b2b-1\r\nTo: <sip:+15557654321@10.0.0.1>\r\n"
+             b"Call-ID: leg-b@sig\r\nCSeq: 1 INVITE\r\nContact: <sip:b2b@10.0.0.3:5080>\r\n"
+             b"Content-Length: 0\r\n\r\n")
+    out = core.receive_datagram(leg_b, SIGNALING, T0 + 0.1)
+    assert [d for _, d in out] == [GATEWAY] and out[0][0].startswith(b"INVITE ")
+    assert core.stats.overload_rejected == 0 and core.stats.drain_rejected == 0
+    # the gateway side's new INVITE is still refused
+    out = core.receive_datagram(invite(call_id=b"new-9", branch=b"z9hG4bK-new-9"), GATEWAY, T0 + 0.2)
+    assert out[0][0].startswith(b"SIP/2.0 503 ") and out[0][1] == GATEWAY

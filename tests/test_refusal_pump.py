@@ -371,3 +371,19 @@ def test_the_pump_matches_the_core_on_mutated_requests(rig, rport, true_tag, dat
     ack = lines(rig, n, b"ACK", tag if true_tag else data.draw(st.sampled_from([tag + b"0", tag.upper()])), via=via)
     rig.feed(data.draw(mutations(ack, b"")))
     rig.feed(join(ack))
+
+
+def test_an_invite_from_sip_signaling_is_left_to_the_core(rig):
+    """The pump refused the plainest new INVITEs from anyone; sip-signaling's own (a B2BUA's
+    second leg) is never refused (ProxyCore._request): it goes to the core. Its Via names a
+    port other than its source, so the 503 would not have gone to the upstream address."""
+    host, _ = rig.up_addr
+    ls = _lines(42, b"INVITE", None)
+    ls[1] = b"Via: SIP/2.0/UDP %s:5999;branch=z9hG4bK-legb-42" % host.encode()
+    got = []
+    rig.pump.close()
+    rig.pump = rig.new_pump(lambda d, s, n: got.append(s) or rig.a.receive_datagram(d, s, n))
+    rig.up.sendto(join(ls, SDP), rig.addr)
+    rig.pump.read_listen()
+    assert rig.pump.refused_here == 0 and got == [rig.up_addr]
+    assert rig.a.stats.overload_rejected == 0
