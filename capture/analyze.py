@@ -133,8 +133,11 @@ def _analyse(path, engine, mask, progress, spans, max_sip_message, correlation=D
                 txs.append(obj)
 
     feed, stats = obs.feed, obs.stats
+    t_end = None  # the capture's last packet time (open calls end there)
     for ts, src, dst, transport, payload in _source(path, engine, counters, max_sip_message):
         n += 1
+        if t_end is None or ts > t_end:
+            t_end = ts
         try:
             if dst[1] in SIP_PORTS or src[1] in SIP_PORTS or transport == "tcp" \
                     or looks_like_sip(payload):
@@ -158,7 +161,7 @@ def _analyse(path, engine, mask, progress, spans, max_sip_message, correlation=D
                 last_report = now
                 progress(f"analyze: {n} packets, {obs.sip_messages} SIP messages, "
                          f"{n / (now - t_start):.0f} packets/s")
-    obs.finish()
+    obs.finish(t_end)
     drain()
     if rtp.ssrc_churn:  # (said with what the reader could not see)
         counters["rtp_ssrc_churn"] = rtp.ssrc_churn
@@ -169,7 +172,7 @@ def _analyse(path, engine, mask, progress, spans, max_sip_message, correlation=D
         for call in calls:
             got = call.rtp  # the call's streams, which _report left there
             if got or call.t_answer is not None:
-                call.rtp = rtp_figures((s["pkts"], s["lost"], s["max_jitter_ms"], s["mos"])
+                call.rtp = rtp_figures((s["pkts"], s["lost_rfc3550"], s["max_jitter_ms"], s["mos"])
                                        for s in got or ())
         spans.submit(records)
     else:

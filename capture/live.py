@@ -24,9 +24,11 @@ streams to calls. A stream is finished, and only then counted, when its call has
 the table is full (``--rtp-max-streams``: the oldest stream is finished early and counted in
 ``rtp_stream_evictions_total``), or when the capture stops. The gateway-side registry then
 carries, labelled only by ``codec`` (one of :data:`sipwatch.rtp.CODEC_LABELS`):
-``rtp_streams_total``, ``rtp_packets_total``, ``rtp_packets_lost_total`` (lost as Wireshark's
-``rtp,streams`` counts it: expected from the first to the last sequence number minus received,
-never below 0), ``rtp_jitter_milliseconds`` (one observation per stream: its **maximum** RFC 3550
+``rtp_streams_total``, ``rtp_packets_total``, ``rtp_packets_lost_total`` (RFC 3550 A.3's
+cumulative loss: a sender that restarts its sequence numbers loses nothing by it, and a duplicate
+does not hide a loss; Wireshark's Lost column, expected from the first to the last sequence
+number minus received, read 29,850 of 30,000 for a restart, and ``analyze``'s report shows both),
+``rtp_jitter_milliseconds`` (one observation per stream: its **maximum** RFC 3550
 interarrival jitter, streams without a known clock rate left out) and ``rtp_mos`` (one
 observation per stream: E-model MOS from its loss, codecs without G.113 figures left out); plus
 ``rtp_streams_active`` and ``rtp_stream_evictions_total``. Each finished call is logged as one
@@ -245,7 +247,7 @@ class RtpMonitor:
         codec = codec_label(name)
         self.streams[codec] += 1
         self.packets[codec] += st.packets
-        self.lost[codec] += max(st.lost, 0)
+        self.lost[codec] += st.lost_rfc3550
         if st.clock:
             self.jitter[codec].observe(st.max_jitter)
         if s["mos"] is not None:
@@ -267,8 +269,9 @@ class RtpMonitor:
                 continue
             self.listed -= len(by_call.pop(oldest))
         entry = {
-            "ssrc": s["ssrc"], "codec": name or None, "packets": st.packets, "lost": s["lost"],
-            "lost_pct": s["lost_pct"], "jitter_mean_ms": s["mean_jitter_ms"],
+            "ssrc": s["ssrc"], "codec": name or None, "packets": st.packets, "lost": s["lost_rfc3550"],
+            "lost_pct": round(min(st.lost_rfc3550 * 100.0 / max(st.expected_rfc3550, 1), 100.0), 2),
+            "jitter_mean_ms": s["mean_jitter_ms"],
             "jitter_max_ms": s["max_jitter_ms"], "mos": s["mos"],
             "ended": reason,
         }
@@ -286,8 +289,8 @@ class RtpMonitor:
         seen = [c for c in CODEC_LABELS if self.streams[c]]
         fams = (("rtp_streams", "Finished RTP streams (one direction of one SSRC).", self.streams),
                 ("rtp_packets", "RTP packets received in finished streams.", self.packets),
-                ("rtp_packets_lost", "RTP packets lost in finished streams: expected (first to last "
-                                     "sequence number) minus received, as Wireshark counts it.", self.lost))
+                ("rtp_packets_lost", "RTP packets lost in finished streams (RFC 3550 A.3: a restart of "
+                                     "the sequence numbers is not loss, a duplicate does not hide one).", self.lost))
         for name, doc, d in fams:
             f = CounterMetricFamily(name, doc, labels=["codec"])
             for c in seen:

@@ -351,9 +351,11 @@ class Observer:
         return self._randbits(64) or 1
 
     # -- output --------------------------------------------------------------------------
-    def finish(self) -> None:
+    def finish(self, end: float | None = None) -> None:
         """End of capture: time out what was due, report what still waits as cut off (not as a
-        timeout: the capture, not the peer, stopped), close open calls (``ended_by="eof"``)."""
+        timeout: the capture, not the peer, stopped), close open calls (``ended_by="eof"``) at
+        ``end``, the capture's last packet of any kind when given (an answered call's media runs
+        on past its last SIP message: ended there, its duration read 0 s for 8 s of RTP)."""
         if self.last_ts is None:
             return
         last, tracker = self.last_ts, self.tracker
@@ -366,7 +368,7 @@ class Observer:
         # the auth challenges a retry would have answered within Timer B are decided as the
         # proxy would decide them; then what is left (answered, no BYE seen) ends here
         tracker.expire(last + self.timer_b)
-        tracker.finish_open_calls(last, "eof")
+        tracker.finish_open_calls(end if end is not None and end > last else last, "eof")
 
     def tx_state(self, tx) -> str:
         """answered | timeout | unanswered_at_eof | pending (before finish)."""

@@ -471,3 +471,20 @@ def test_terminal_controls_from_a_capture_are_shown_escaped(tmp_path, capsys):
         assert not any(c in text for c in "\x1b\x07\r\u202e"), text
         assert "\\x1b]0;title\\x07" in text
     assert "\\x1b[31mRED\\u202e" in report and "PCMA\\x1b[1A\\x1b[2KFAKE" in report
+
+
+@needs_tshark
+def test_a_call_open_at_the_end_of_the_capture_lasts_until_its_last_packet():
+    """An answered call with no BYE in the capture ends at the capture's end (``eof``): its RTP
+    runs 8.3 s past the 200 OK, and it ended at its last SIP message (duration 0.000 s)."""
+    src = SHARED / "sipnab__sip-rtp-g711.pcap"
+    if not src.is_file():
+        pytest.skip("shared captures not present")
+    times = subprocess.run(["tshark", "-n", "-r", str(src), "-T", "fields", "-e", "frame.time_epoch"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    ok = subprocess.run(["tshark", "-n", "-r", str(src), "-Y",
+                         'sip.Status-Code == 200 && sip.CSeq.method == "INVITE" && sip.Call-ID == "1-1968@10.0.2.20"',
+                         "-T", "fields", "-e", "frame.time_epoch"], capture_output=True, text=True, check=True).stdout.split()
+    (call,) = [c for c in analyse(str(src))["calls"] if c["call_sid"] == "1-1968@10.0.2.20"]
+    assert call["ended_by"] == "eof" and call["outcome"] == "answered"
+    assert call["duration_s"] == pytest.approx(max(map(float, times)) - float(ok[0]), abs=0.001)

@@ -195,3 +195,22 @@ def test_live_rtp_metrics_and_call_summaries_match_tshark(tmp_path):
         assert r["jitter_mean_ms"] == pytest.approx(w["mean_jitter_ms"], rel=0.05, abs=0.01), ssrc
     stopped = [e for e in cap.events() if e.get("event") == "stopped"]
     assert stopped and stopped[0]["rtp_streams"] == len(streams)
+
+
+def test_a_sender_restarting_its_sequence_numbers_loses_nothing_in_the_metrics():
+    """One stream, 50 packets, then the sender restarts its sequence numbers (a media server
+    re-anchoring with the same SSRC): nothing lost (RFC 3550 A.1/A.3). Counted as Wireshark's
+    Lost column counts (last − first + 1 − received), the metric, the call summary and the span
+    read ~29,850 lost."""
+    lc = LiveCapture("lo", "", None, rtp=RtpMonitor(idle_timeout=10.0, grace=2.0, max_streams=8),
+                     log=JsonLog(stream=io.BytesIO()))
+    mon, reg = lc.rtp, lc.metrics.gateway
+    mon.add_sdp(b"call-r", SDP % (b"10.0.0.2", 5000))
+    for i in range(100):
+        seq = 100 + i if i < 50 else 30000 + i
+        mon.analyzer.feed(pb.rtp(seq, i * 160, 7, 0), A, B, 100.0 + i * 0.02)
+    mon.call_ended(Call(b"call-r", 1, 1, None, True, 99.0, 1e9, True), 103.0)
+    (_, rtp), = mon.tick(105.0)
+    (entry,) = rtp
+    assert entry["packets"] == 100 and entry["lost"] == 0 and entry["lost_pct"] == 0.0
+    assert metric(_samples(reg), "rtp_packets_lost_total", codec="PCMU") == 0
