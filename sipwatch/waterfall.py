@@ -42,40 +42,148 @@ class SpanRow:
         return self.attributes.get("sip.response.status_code")
 
 
-def _value(v: dict):
+_U64 = 1 << 64  # OTLP times are fixed64 nanoseconds; intValue is an int64
+_KIND_MAX = 5
+_NUM_DIGITS = 20  # len(str(2**64 - 1)): a longer number string is out of range whatever it says
+
+
+class _Malformed(Exception):
+    """A span (or a line) of the spans file that does not have the shape the renderer relies on."""
+
+
+def _int(x, lo: int, hi: int) -> int:
+    """``x`` (a JSON int, or the decimal string OTLP/JSON writes 64-bit numbers as) in [lo, hi)."""
+    if isinstance(x, bool):
+        raise _Malformed
+    if isinstance(x, str):
+        digits = x[1:] if x[:1] == "-" else x
+        if not (0 < len(digits) <= _NUM_DIGITS and digits.isascii() and digits.isdigit()):
+            raise _Malformed
+        x = int(x)
+    elif not isinstance(x, int):
+        raise _Malformed
+    if not lo <= x < hi:
+        raise _Malformed
+    return x
+
+
+def _str(x, default: str | None = None) -> str:
+    if x is None and default is not None:
+        return default
+    if not isinstance(x, str):
+        raise _Malformed
+    return x
+
+
+def _value(v):
+    if not isinstance(v, dict):
+        raise _Malformed
     for k, x in v.items():
         if k == "intValue":
-            return int(x)
+            return _int(x, -(1 << 63), _U64)
         if k == "arrayValue":
-            return [_value(y) for y in x.get("values", ())]
+            if not isinstance(x, dict):
+                raise _Malformed
+            values = x.get("values", ())
+            if not isinstance(values, list | tuple):
+                raise _Malformed
+            return [_value(y) for y in values]
         return x
     return None
 
 
 def _attrs(kvs) -> dict:
-    return {kv["key"]: _value(kv.get("value", {})) for kv in kvs or ()}
+    if kvs is None:
+        return {}
+    if not isinstance(kvs, list):
+        raise _Malformed
+    out = {}
+    for kv in kvs:
+        if not isinstance(kv, dict):
+            raise _Malformed
+        out[_str(kv.get("key"))] = _value(kv.get("value", {}))
+    setup = out.get("sip.call.setup_ms")
+    if "sip.call.setup_ms" in out and (isinstance(setup, bool) or not isinstance(setup, int | float)):
+        raise _Malformed  # printed with a float format
+    return out
 
 
-def load_spans(path: str) -> list[SpanRow]:
-    """Every span in an OTLP-JSON lines file (one ExportTraceServiceRequest per line)."""
-    out = []
+def _dict(x, default: dict | None = None) -> dict:
+    if x is None and default is not None:
+        return default
+    if not isinstance(x, dict):
+        raise _Malformed
+    return x
+
+
+def _list(x) -> list:
+    if x is None:
+        return []
+    if not isinstance(x, list):
+        raise _Malformed
+    return x
+
+
+def _span(s, service: str) -> SpanRow:
+    """One span of the file as a SpanRow; _Malformed when a field has the wrong type or range."""
+    s = _dict(s)
+    start = _int(s.get("startTimeUnixNano"), 0, _U64)
+    end = _int(s.get("endTimeUnixNano"), 0, _U64)
+    if end < start:
+        raise _Malformed
+    events = []
+    for e in _list(s.get("events")):
+        e = _dict(e)
+        events.append((_str(e.get("name"), ""), _int(e.get("timeUnixNano"), 0, _U64), _attrs(e.get("attributes"))))
+    return SpanRow(
+        _str(s.get("traceId")), _str(s.get("spanId")), _str(s.get("parentSpanId"), ""), _str(s.get("name")),
+        _int(s.get("kind", 0), 0, _KIND_MAX + 1), start, end,
+        _attrs(s.get("attributes")), events,
+        _dict(s.get("status"), {}).get("code", 0) == 2, service)
+
+
+def load_spans_counted(path: str) -> tuple[list[SpanRow], int]:
+    """Every well-formed span in an OTLP-JSON lines file (one ExportTraceServiceRequest per line),
+    and how many spans (or unreadable lines, resources or scopes) were skipped as malformed. The
+    file is written by the sidecar, but anyone who can write a line into it can write anything:
+    whatever reaches the renderer has the types and ranges it relies on."""
+    out: list[SpanRow] = []
+    skipped = 0
     with open(path, "rb") as f:
         for line in f:
             if not line.strip():
                 continue
-            doc = orjson.loads(line)
-            for rs in doc.get("resourceSpans", ()):
-                service = _attrs(rs.get("resource", {}).get("attributes")).get("service.name", "?")
-                for ss in rs.get("scopeSpans", ()):
-                    for s in ss.get("spans", ()):
-                        out.append(SpanRow(
-                            s["traceId"], s["spanId"], s.get("parentSpanId", ""), s["name"],
-                            int(s.get("kind", 0)), int(s["startTimeUnixNano"]),
-                            int(s["endTimeUnixNano"]), _attrs(s.get("attributes")),
-                            [(e.get("name", ""), int(e["timeUnixNano"]), _attrs(e.get("attributes")))
-                             for e in s.get("events", ())],
-                            s.get("status", {}).get("code", 0) == 2, service))
-    return out
+            try:
+                doc = orjson.loads(line)
+                resource_spans = _list(_dict(doc).get("resourceSpans"))
+            except (orjson.JSONDecodeError, _Malformed):
+                skipped += 1
+                continue
+            for rs in resource_spans:
+                try:
+                    rs = _dict(rs)
+                    service = _str(_attrs(_dict(rs.get("resource"), {}).get("attributes")).get("service.name"), "?")
+                    scope_spans = _list(rs.get("scopeSpans"))
+                except _Malformed:
+                    skipped += 1
+                    continue
+                for ss in scope_spans:
+                    try:
+                        spans = _list(_dict(ss).get("spans"))
+                    except _Malformed:
+                        skipped += 1
+                        continue
+                    for s in spans:
+                        try:
+                            out.append(_span(s, service))
+                        except _Malformed:
+                            skipped += 1
+    return out, skipped
+
+
+def load_spans(path: str) -> list[SpanRow]:
+    """Every well-formed span in an OTLP-JSON lines file (malformed ones skipped)."""
+    return load_spans_counted(path)[0]
 
 
 def by_trace(spans) -> dict[str, list[SpanRow]]:
@@ -86,13 +194,34 @@ def by_trace(spans) -> dict[str, list[SpanRow]]:
 
 
 def _roots(spans: list[SpanRow]) -> list[SpanRow]:
-    """Link children to parents; spans whose parent is not in the list are roots."""
+    """Link children to parents; spans whose parent is not in the list are roots. Parent ids come
+    from the file, so they can form a cycle (a span its own ancestor): of each cycle the earliest
+    span is made a root too, so that every span is shown once and the tree is finite."""
     ids = {s.span_id: s for s in spans}
+    order = sorted(spans, key=lambda s: (s.start_ns, s.end_ns))
+    rank = {id(s): i for i, s in enumerate(order)}
+    parent_of = {id(s): ids.get(s.parent_span_id) for s in order}
+    # follow each span's parent chain until a root, a span already settled or a cycle: linear,
+    # every span is put on a path once
+    done: set[int] = set()
+    cut: set[int] = set()  # spans shown as roots though they name a parent in the trace
+    for s in order:
+        path: list[SpanRow] = []
+        on_path: set[int] = set()
+        x: SpanRow | None = s
+        while x is not None and id(x) not in done and id(x) not in on_path:
+            path.append(x)
+            on_path.add(id(x))
+            x = parent_of[id(x)]
+        if x is not None and id(x) in on_path:  # the path ran into itself: x .. path[-1] is a cycle
+            cycle = path[path.index(x):]
+            cut.add(id(min(cycle, key=lambda c: rank[id(c)])))
+        done.update(on_path)
     for s in spans:
         s.children = []
     roots = []
-    for s in sorted(spans, key=lambda s: (s.start_ns, s.end_ns)):
-        parent = ids.get(s.parent_span_id)
+    for s in order:
+        parent = None if id(s) in cut else parent_of[id(s)]
         (parent.children if parent is not None else roots).append(s)
     return roots
 
@@ -101,11 +230,11 @@ def slowest_trace(spans) -> list[SpanRow] | None:
     """The trace that waited longest on the next hop: the largest sum of transaction (CLIENT)
     span durations. How long a call was held says nothing about where it was slow; time spent
     waiting for answers does. Traces without transaction spans count by their root span."""
-    best, best_d = None, -1
+    best, best_d = None, None
     for trace in by_trace(spans).values():
         waited = [s.end_ns - s.start_ns for s in trace if s.kind == CLIENT]
         d = sum(waited) if waited else max(r.end_ns - r.start_ns for r in _roots(trace))
-        if d > best_d:
+        if best_d is None or d > best_d:
             best, best_d = trace, d
     return best
 
@@ -123,6 +252,7 @@ def render_waterfall(trace: list[SpanRow], width: int = WIDTH) -> str:
     call = next((s for s in roots if s.kind == 2), roots[0])
     a = call.attributes
     legs = sum(1 for s in trace if s.kind == 2 and "sip.leg" in s.attributes)
+    several_services = len({s.service for s in trace}) > 1  # once per trace, not per row
     head = [f"trace {call.trace_id}  call-id {a.get('sip.call_id', '?')}  "
             + (f"legs {legs}  " if legs > 1 else "")
             + f"{a.get('sip.call.outcome', call.name)}"
@@ -136,7 +266,7 @@ def render_waterfall(trace: list[SpanRow], width: int = WIDTH) -> str:
     def col(ns: int) -> int:
         return min(width - 1, max(0, (ns - t0) * width // total))
 
-    def walk(s: SpanRow, depth: int) -> None:
+    def row(s: SpanRow, depth: int) -> None:
         bar = [" "] * width
         lo, hi = col(s.start_ns), col(s.end_ns)
         for i in range(lo, hi + 1):
@@ -148,23 +278,27 @@ def render_waterfall(trace: list[SpanRow], width: int = WIDTH) -> str:
             marks.append(f"{code}@{_ms(t - s.start_ns)}")
         if s.error:
             bar[hi] = "X"
-        label = "  " * depth + s.name
+        # the label is cut to label_w: deeper indents than that would only be cut off again
+        label = "  " * min(depth, label_w) + s.name
         if s.kind == 2 and legs > 1 and "sip.leg" in s.attributes:
             label += f" leg {s.attributes['sip.leg']}"
         if s.status_code and s.kind != 2:
             label += f" {s.status_code}"
-        if len({x.service for x in trace}) > 1:
+        if several_services:
             label += f" [{s.service}]"
         line = (f"{label[:label_w]:{label_w}} {_ms(s.start_ns - t0):>9} {_ms(s.end_ns - s.start_ns):>9}  "
                 f"|{''.join(bar)}|")
         if marks:
             line += "  " + " ".join(marks)
         rows.append(line)
-        for c in s.children:
-            walk(c, depth + 1)
 
-    for r in roots:
-        walk(r, 0)
+    # depth first, parents before children, children in start order; a stack rather than
+    # recursion, since a parent chain can be as long as the file
+    stack = [(r, 0) for r in reversed(roots)]
+    while stack:
+        s, depth = stack.pop()
+        row(s, depth)
+        stack.extend((c, depth + 1) for c in reversed(s.children))
     legend = "  (= span, | provisional response (status@ms after the span start), X error)"
     return "\n".join(head + rows + [legend])
 
@@ -212,10 +346,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ladder", action="store_true", help="also print the message ladder")
     args = p.parse_args(argv)
     try:
-        spans = load_spans(args.spans_file)
-    except (OSError, ValueError, KeyError) as exc:
+        spans, skipped = load_spans_counted(args.spans_file)
+    except (OSError, ValueError) as exc:
         sys.stderr.write(f"sipwatch waterfall: cannot read {args.spans_file}: {exc}\n")
         return 2
+    if skipped:
+        sys.stderr.write(f"sipwatch waterfall: skipped {skipped} malformed span{'s' if skipped != 1 else ''} "
+                         f"or record{'s' if skipped != 1 else ''}\n")
     trace = by_trace(spans).get(args.trace) if args.trace else slowest_trace(spans)
     if not trace:
         sys.stderr.write("sipwatch waterfall: no such trace\n" if args.trace else "sipwatch waterfall: no spans\n")
