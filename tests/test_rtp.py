@@ -400,3 +400,25 @@ def test_a_new_ssrc_on_every_packet_does_not_make_a_stream_of_each(tmp_path):
     assert len(churned) == RtpAnalyzer.CHURN_MAX and rep["rtp_ssrc_churn"] == n - RtpAnalyzer.CHURN_MAX
     assert sorted(s["pkts"] for s in kept) == [50, 50, 50]
     assert any("SSRC" in w for w in rep["warnings"])
+
+
+def test_a_clock_that_is_not_whole_khz_gives_no_jitter_for_perfect_timing():
+    """L16 at 44.1 kHz, a packet every 20 ms (882 units): the jitter divided by clock // 1000
+    (44 units a ms) and read 0.045 ms of jitter on perfect timing."""
+    s = RtpStream(("a", 1), ("b", 2), 1, {96: ("L16", 44100)})
+    for i in range(200):
+        s.add(i * 20.0, i, i * 882, 96, False)
+    assert s.max_jitter == pytest.approx(0.0, abs=1e-9)
+
+
+def test_event_packets_between_audio_packets_add_no_jitter():
+    """RFC 4733 events keep their start timestamp for the whole event; an audio packet after
+    them is paired with the audio packet before them (RFC 3550 §6.4.1), not with an event's
+    arrival (Wireshark's way: 12.5 ms on perfect timing)."""
+    s = RtpStream(("a", 1), ("b", 2), 1, {101: ("telephone-event", 8000)})
+    for i in range(100):
+        if 40 <= i < 50:  # a digit: 10 event packets, timestamp held at the event's start
+            s.add(i * 20.0, i, 40 * 160, 101, i == 40)
+        else:
+            s.add(i * 20.0, i, i * 160, 0, False)
+    assert s.max_jitter == pytest.approx(0.0, abs=1e-9)
