@@ -27,8 +27,17 @@ answering on whichever the sidecar used (so the sidecar's ``--upstream`` may be 
 Rewrites (the rest of each message is sent as recorded): a request's Via becomes one Via naming
 the socket that sends it (with its transport); a response carries the Via and Record-Route lines of the
 request as it really arrived (so it routes back through the sidecar); in-dialog requests get
-the route set learned from Record-Route in this replay instead of the recorded Route lines; a
-signaling-side request addressed to the recorded gateway is addressed to the gateway socket.
+the route set learned from Record-Route in this replay instead of the recorded Route lines;
+every signaling-side request is addressed to the gateway socket (its Request-URI's host:port
+rewritten, ``maddr`` dropped, ``transport`` set to the replay's), and the Route it carries keeps
+only the sidecar's own entries: whatever the capture names, the sidecar can only be made to send
+to the replayer's own sockets. IPv6 literals are written in brackets (RFC 3261 §25, RFC 5118).
+
+Hostile captures: only what comes from the sidecar (``--to``; over TCP, connections from its IP)
+is read, anything else is counted as ``ignored``; a gap between consecutive recorded messages
+longer than ``--max-gap`` recorded seconds (default 60: longer than SIP's longest transaction
+timers, Timer B/F = 64×T1 = 32 s) is replayed as ``--max-gap`` long, so no timestamp in the
+capture can make the replay wait longer than that per message (divided by ``--speed``).
 
 Limits: SIP only (RTP is not replayed); only the hop between
 the gateway and its peer is played (other hops in the capture are ignored); a sidecar that
@@ -38,7 +47,9 @@ if any recorded message never arrived at its receiving end, 2 on usage errors.
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
+import math
 import selectors
 import socket
 import sys
@@ -58,6 +69,7 @@ GW, SIG = 0, 1
 SIDES = ("gateway", "signaling")
 DIALOG_CREATING = {b"INVITE", b"SUBSCRIBE", b"REFER", b"NOTIFY"}
 SPIN = 0.002  # seconds before a due send during which the loop polls instead of sleeping
+MAX_GAP = 60.0  # default --max-gap: recorded seconds between consecutive messages, at most
 
 
 @dataclass
@@ -74,6 +86,7 @@ class Rec:
     due_at: float | None = None  # when it was scheduled to leave (monotonic clock)
     sent_at: float | None = None  # read just before its sendto
     arrived_at: float | None = None  # read just after the recvfrom that got it
+    t: float = 0.0  # replay timeline: ts with gaps longer than the max gap compressed to it
 
     @property
     def late(self) -> float | None:
@@ -101,6 +114,32 @@ def _parse_addr(s: str, default_port: int | None = None) -> Addr:
             raise ValueError(f"need HOST:PORT, got {s!r}")
         return s.strip("[]"), default_port
     return host.strip("[]"), int(port)
+
+
+def _bracket(host: str | bytes):
+    """An IPv6 literal in brackets, as a URI or Via sent-by writes it (RFC 3261 §25, RFC 5118)."""
+    if isinstance(host, bytes):
+        return b"[%s]" % host if b":" in host and not host.startswith(b"[") else host
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def _numeric(addr: Addr, kind=socket.SOCK_DGRAM) -> Addr:
+    """``addr`` with its host as the numeric address recvfrom/getpeername report."""
+    try:
+        return socket.getaddrinfo(addr[0], addr[1], type=kind)[0][4][:2]
+    except (OSError, UnicodeError):
+        return addr
+
+
+def compress_gaps(recs: list[Rec], max_gap: float) -> None:
+    """Set each message's replay time ``t``: capture time with every gap to the previous message
+    clamped to [0, max_gap] (a timestamp years out, or going back, cannot stall the replay)."""
+    t = 0.0
+    for k, r in enumerate(recs):
+        if k:
+            gap = r.ts - recs[k - 1].ts
+            t += min(gap, max_gap) if gap > 0 else 0.0  # (NaN: 0)
+        r.t = t
 
 
 def load(path: str, gateway: str | None = None) -> Conversation:
@@ -145,14 +184,25 @@ def load(path: str, gateway: str | None = None) -> Conversation:
         rec.anchor = last_received.get((sender, key[0]))
         last_received[(1 - sender, key[0])] = rec.i
         conv.recs.append(rec)
+    if not conv.recs:
+        raise ValueError("no SIP messages to or from the gateway %s in the capture" % _fmt(gw))
+    compress_gaps(conv.recs, MAX_GAP)
     return conv
+
+
+def _fmt(addr: Addr) -> str:
+    return "%s:%d" % (_bracket(addr[0]), addr[1])
 
 
 class Replayer:
     def __init__(self, conv: Conversation, to: Addr, bind: Addr, speed: float = 1.0,
-                 gateway_bind: Addr | None = None, grace: float = 3.0, transport: str = "udp"):
+                 gateway_bind: Addr | None = None, grace: float = 3.0, transport: str = "udp",
+                 max_gap: float = MAX_GAP):
         self.conv = conv
+        to = _numeric(to)
         self.to = to
+        self.max_gap = max_gap
+        compress_gaps(conv.recs, max_gap)
         self.speed = speed
         self.grace = grace
         self.tcp = transport == "tcp"
@@ -192,6 +242,9 @@ class Replayer:
         self.requests_seen: list[dict] = [{}, {}]  # (call_id, cseq, method) -> real request
         self.routes: list[dict] = [{}, {}]  # call_id -> route set for in-dialog requests
         self.unexpected = [0, 0]
+        self.ignored = [0, 0]  # datagrams and connections not from the sidecar
+        self.arrivals: deque[int] = deque()  # recorded messages arrived, for run() to schedule after
+        self.n_arrived = 0
         self.send_errors = 0
 
     def close(self) -> None:
@@ -212,12 +265,12 @@ class Replayer:
             params = b";".join(p for p in params.split(b";")
                                if not p.lower().startswith((b"received", b"rport")))
             proto = b"TCP" if self.conn[side] is not None else b"UDP"
-            new_via = b"Via: SIP/2.0/%s %s:%d%s;rport" % (proto, host.encode(), port, params)
+            new_via = b"Via: SIP/2.0/%s %s:%d%s;rport" % (proto, _bracket(host.encode()), port, params)
             keep = [(ln, n) for ln, n in zip(lines, names) if n not in (b"via", b"route")]
             lines[:] = [new_via] + [ln for ln, _ in keep]
             names[:] = [b"via"] + [n for _, n in keep]
             in_dialog = header_tag(msg.get(b"to")) is not None
-            route = self.routes[side].get(cid)
+            route = self._sidecar_routes(self.routes[side].get(cid))
             if in_dialog and route:
                 lines.insert(1, b"Route: " + b", ".join(route))
                 names.insert(1, b"route")
@@ -236,27 +289,62 @@ class Replayer:
         return msg.to_bytes()
 
     def _readdress(self, uri: bytes) -> bytes:
-        """A signaling-side request to the recorded gateway goes to the gateway socket."""
+        """Any signaling-side Request-URI, addressed to the gateway socket: the user part and
+        parameters are kept (the bytes as recorded, nothing decoded), the host:port becomes the
+        socket's, ``maddr`` goes and ``transport`` says the replay's, so the sidecar, which routes
+        such a request by its Request-URI, can only send it to the replayer."""
+        scheme, colon, rest = uri.partition(b":")
+        if not colon or scheme.lower() not in (b"sip", b"sips"):
+            rest = b""  # not a SIP URI (tel:, garbage): nothing of it is kept
+        rest = rest.split(b"?", 1)[0]  # URI headers: dropped
+        at = rest.rfind(b"@")
+        user = rest[:at + 1] if at >= 0 else b""
+        hostpart = rest[at + 1:]
+        semi = hostpart.find(b";")
+        params = [p for p in (hostpart[semi + 1:].split(b";") if semi >= 0 else [])
+                  if p and p.partition(b"=")[0].strip().lower() not in (b"maddr", b"transport")]
+        if self.tcp:
+            params.append(b"transport=tcp")
+        h, p = self.addr[GW]
+        return b"sip:%s%s:%d%s" % (user, _bracket(h.encode()), p, b"".join(b";" + x for x in params))
+
+    def _names_sidecar(self, value: bytes) -> bool:
+        """A Route value whose host:port is the sidecar's (``--to``), with no ``maddr``."""
         try:
-            host, port, _ = uri_hostport(uri)
-        except SipParseError:
-            return uri
-        gw_host, gw_port = self.conv.gateway
-        if host.strip(b"[]").decode() == gw_host and (port or 5060) == gw_port:
-            old = b"%s:%d" % (host, port) if port else host
-            h, p = self.addr[GW]
-            return uri.replace(old, b"%s:%d" % (h.encode(), p), 1)
-        return uri
+            host, port, params = uri_hostport(value)
+            host_s = host.strip(b"[]").decode("ascii")
+        except (SipParseError, UnicodeDecodeError):
+            return False
+        if b"maddr" in params or (port or 5060) != self.to[1]:
+            return False
+        return host_s == self.to[0] or _numeric((host_s, self.to[1]))[0] == self.to[0]
+
+    def _sidecar_routes(self, route: list[bytes] | None) -> list[bytes]:
+        """The entries of a learned route set that name the sidecar (``--to``); the rest go, so
+        the sidecar routes by the Request-URI (the gateway socket) once it has removed its own."""
+        if not route:
+            return []
+        return [v for line in route for v in split_values(line) if self._names_sidecar(v)]
 
     # -- receiving ----------------------------------------------------------------------
-    def on_datagram(self, side: int, data: bytes, src: Addr, now: float) -> None:
+    def on_datagram(self, side: int, data: bytes, src: Addr, now: float, stream: bool = False) -> bool:
+        """Take a message read on ``side``; True if it was one the recording said comes next.
+        Only the sidecar is listened to: a datagram from any other address (``src``; a message
+        read off a connection was checked when it was accepted) is counted as ignored."""
+        if not stream and tuple(src[:2]) != tuple(self.to[:2]):
+            self.ignored[side] += 1
+            return False
         try:
             msg = parse(data, check_length=False)
             key = _key(msg)
         except (SipParseError, ValueError, IndexError):
             self.unexpected[side] += 1
-            return
-        self.reply_to[side] = src
+            return False
+        q = self.expect[side].get(key)
+        if not q:
+            self.unexpected[side] += 1
+            return False
+        # (only expected messages teach anything: requests_seen holds at most one per recording)
         cid, cseq_n, cseq_m, _ = key
         if msg.method is not None:
             self.requests_seen[side][(cid, cseq_n, cseq_m)] = msg
@@ -268,48 +356,56 @@ class Replayer:
             rr = msg.get_all(b"record-route")
             if rr:
                 self.routes[GW][cid] = list(reversed(rr))
-        q = self.expect[side].get(key)
-        if not q:
-            self.unexpected[side] += 1
-            return
-        self.conv.recs[q.popleft()].arrived_at = now
+        i = q.popleft()
+        self.conv.recs[i].arrived_at = now
+        self.arrivals.append(i)
+        self.n_arrived += 1
+        return True
 
     # -- main loop ----------------------------------------------------------------------
     def run(self) -> None:
         recs = self.conv.recs
-        t0 = recs[0].ts
-        pending = [r for r in recs]
+        if not recs:
+            return
+        t0 = recs[0].t
+        # a message is scheduled once its due time is known: at the start when it runs on the
+        # capture's clock, else when its anchor arrives (on_datagram notes arrivals in
+        # self.arrivals); each loop pass then looks at the due ones only, not every message
+        speed = self.speed
+        waiters: dict[int, list[Rec]] = defaultdict(list)
+        ready: list[tuple[float, int]] = []
+        start = time.monotonic()
+        for r in recs:
+            if r.anchor is None:
+                ready.append((start + (r.t - t0) / speed, r.i))
+            else:
+                waiters[r.anchor].append(r)
+        heapq.heapify(ready)
+        unsent = len(recs)
         sel = selectors.DefaultSelector()
         for side, s in enumerate(self.socks):
             sel.register(s, selectors.EVENT_READ, side)
         if self.listener is not None:
             sel.register(self.listener, selectors.EVENT_READ, "accept")
-        start = time.monotonic()
-        deadline = start + (recs[-1].ts - t0) / self.speed + self.grace
+        deadline = start + (recs[-1].t - t0) / speed + self.grace
         while True:
+            while self.arrivals:
+                a = recs[self.arrivals.popleft()]
+                for r in waiters.pop(a.i, ()):
+                    heapq.heappush(ready, (a.arrived_at + max(r.t - a.t, 0.0) / speed, r.i))
             now = time.monotonic()
-            next_due = None
-            still = []
-            for r in pending:
-                if r.anchor is None:
-                    due = start + (r.ts - t0) / self.speed
-                else:
-                    a = recs[r.anchor]
-                    if a.arrived_at is None:
-                        still.append(r)
-                        continue
-                    due = a.arrived_at + (r.ts - a.ts) / self.speed
-                if due <= now:
-                    self._send(r, due)
-                else:
-                    still.append(r)
-                    next_due = due if next_due is None else min(next_due, due)
-            pending = still
-            waiting = any(r.arrived_at is None for r in recs)
-            if not pending and not waiting:
+            due_now = []
+            while ready and ready[0][0] <= now:
+                due_now.append(heapq.heappop(ready))
+            for due, i in sorted(due_now, key=lambda d: d[1]):  # (in recorded order, as due)
+                self._send(recs[i], due)
+            unsent -= len(due_now)
+            next_due = ready[0][0] if ready else None
+            if not unsent and self.n_arrived == len(recs):
                 break
             if now > deadline:
                 break
+            now = time.monotonic()
             timeout = (deadline - now) if next_due is None else next_due - now - SPIN
             # sleep until shortly before the next send, then poll: select() oversleeps by up to
             # a millisecond or two, which would show up in every replayed RTT
@@ -337,6 +433,10 @@ class Replayer:
                 conn, peer = sock.accept()
             except OSError:
                 return
+            if peer[0] != self.to[0]:  # only the sidecar connects to the signaling side
+                self.ignored[SIG] += 1
+                conn.close()
+                return
             conn.setblocking(False)
             self.streams[conn] = (SIG, StreamFramer(), peer[:2])
             sel.register(conn, selectors.EVENT_READ, SIG)
@@ -357,8 +457,8 @@ class Replayer:
             return
         now = time.monotonic()
         for m in framer.feed(data):
-            self.conn[side] = sock  # answers go back on the connection (RFC 3261 18.2.2)
-            self.on_datagram(side, m, peer, now)
+            if self.on_datagram(side, m, peer, now, stream=True):
+                self.conn[side] = sock  # answers go back on the connection (RFC 3261 18.2.2)
         if framer.error is not None:
             self.unexpected[side] += 1
 
@@ -418,6 +518,7 @@ class Replayer:
                 continue
             answered.add(req.i)
             rec_rtt = (r.ts - req.ts) * 1000.0
+            sched_rtt = max(r.t - req.t, 0.0) * 1000.0  # (as replayed: gaps over --max-gap compressed)
             outer = inner = None
             if req.sent_at is not None and r.arrived_at is not None:
                 outer = (r.arrived_at - req.sent_at) * 1000.0
@@ -426,7 +527,7 @@ class Replayer:
             txs.append({"call_id": show(cid), "method": m.decode(), "cseq": n,
                         "from": SIDES[req.sender], "recorded_rtt_ms": round(rec_rtt, 3),
                         "replayed_rtt_ms": _ms(outer), "inner_ms": _ms(inner), "outer_ms": _ms(outer),
-                        "late_ms": None if inner is None else round(inner - rec_rtt / self.speed, 3),
+                        "late_ms": None if inner is None else round(inner - sched_rtt / self.speed, 3),
                         "transit_ms": None if inner is None or outer is None else round(outer - inner, 3),
                         "response_send_late_ms": _ms(None if r.late is None else r.late * 1000.0)})
         lates = sorted(r.late * 1000.0 for r in recs if r.sent_at is not None)
@@ -435,11 +536,13 @@ class Replayer:
             "sent": {SIDES[s]: sum(1 for r in recs if r.sender == s and r.sent_at is not None) for s in (GW, SIG)},
             "received": {SIDES[s]: sum(1 for r in recs if r.sender != s and r.arrived_at is not None) for s in (GW, SIG)},
             "unexpected": {SIDES[s]: self.unexpected[s] for s in (GW, SIG)},
+            "ignored": {SIDES[s]: self.ignored[s] for s in (GW, SIG)},
             "missing": [_describe(r, show) for r in missing],
             "unsent": [_describe(r, show) for r in unsent],
             "send_errors": self.send_errors,
             "transport": "tcp" if self.tcp else "udp",
             "speed": self.speed,
+            "max_gap_s": self.max_gap,
             "send_lateness_ms": {"max": _ms(lates[-1] if lates else None),
                                  "median": _ms(lates[len(lates) // 2] if lates else None),
                                  "per_message": [_ms(None if r.late is None else r.late * 1000.0) for r in recs]},
@@ -473,6 +576,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="recorded gateway IP[:PORT] (default: sender of the first SIP request)")
     ap.add_argument("--speed", type=float, default=1.0, help="time scale: 2 plays twice as fast")
     ap.add_argument("--grace", type=float, default=3.0, help="seconds to wait for stragglers")
+    ap.add_argument("--max-gap", type=float, default=MAX_GAP,
+                    help="recorded seconds between consecutive messages, at most: longer gaps are "
+                         "replayed as this long (default %(default)s)")
     ap.add_argument("--transport", choices=("auto", "udp", "tcp"), default="auto",
                     help="replay over UDP or TCP (default: what the gateway's requests were captured on)")
     ap.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -482,8 +588,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = ap.parse_args(argv)
         call_id_mask = call_id_masker(args)  # the report shows Call-IDs as the sidecar's logs do
-        if args.speed <= 0:
-            raise ValueError("--speed must be positive")
+        if not (math.isfinite(args.speed) and args.speed > 0):
+            raise ValueError(f"--speed must be a positive finite number, got {args.speed}")
+        if not (math.isfinite(args.grace) and args.grace >= 0):
+            raise ValueError(f"--grace must be a finite number of seconds >= 0, got {args.grace}")
+        if not (math.isfinite(args.max_gap) and args.max_gap >= 0):
+            raise ValueError(f"--max-gap must be a finite number of seconds >= 0, got {args.max_gap}")
         conv = load(args.file, args.gateway)
         to = _parse_addr(args.to)
         bind = _parse_addr(args.bind)
@@ -493,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     transport = conv.transport if args.transport == "auto" else args.transport
     try:
-        rp = Replayer(conv, to, bind, args.speed, gwb, args.grace, transport)
+        rp = Replayer(conv, to, bind, args.speed, gwb, args.grace, transport, args.max_gap)
     except OSError as exc:
         sys.stderr.write(f"sipwatch replay: error: cannot open the {transport} sockets: {exc}\n")
         return 2
@@ -507,9 +617,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         sys.stdout.write(json.dumps(s, indent=1) + "\n")
     else:
-        gw = "%s:%d" % conv.gateway
+        gw = _fmt(conv.gateway)
         sys.stdout.write(f"replayed {s['messages']} SIP messages of {args.file} (gateway {gw}, {transport}) at x{args.speed}\n"
-                         f"  sent: {s['sent']}  received: {s['received']}  unexpected: {s['unexpected']}\n")
+                         f"  sent: {s['sent']}  received: {s['received']}  unexpected: {s['unexpected']}"
+                         f"  ignored (not from the sidecar): {s['ignored']}\n")
         for t in s["transactions"]:
             sys.stdout.write(f"  {t['method']:8} {t['cseq']:>3} from {t['from']:9} recorded {t['recorded_rtt_ms']:9.3f} ms"
                              f"  replayed {t['replayed_rtt_ms'] if t['replayed_rtt_ms'] is not None else '-':>9} ms"
