@@ -26,6 +26,14 @@ SUBCOMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "proxy":
+        # SIGHUP's default action ends the process; until the proxy's own handler (re-open the
+        # spans file) is installed, about 0.3 s into the start, a SIGHUP (log rotation) is ignored
+        import signal
+        try:
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        except (AttributeError, OSError, ValueError):  # (no SIGHUP, or not the main thread)
+            pass
     # the proxy's heap, before anything else is imported (see sipwatch.heap): this is where both
     # the `sipwatch` command and `python -m sipwatch` start
     import os

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import math
 import os
 import socket
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ def parse_hostport(text: str, what: str, default_port: int | None = None) -> Add
         if default_port is None:
             raise ConfigError(f"{what}: {text!r} has no port (expected HOST:PORT)")
         return host, default_port
-    if not port_s.isdigit() or not 0 < int(port_s) < 65536:
+    if not (port_s.isascii() and port_s.isdigit()) or not 0 < int(port_s) < 65536:
         raise ConfigError(f"{what}: port {port_s!r} in {text!r} is not 1-65535")
     return host, int(port_s)
 
@@ -51,9 +52,12 @@ def resolve_ip(host: str, what: str) -> str:
         return host
     except ValueError:
         pass
+    if len(host) > 253 or any(not 0 < len(label) < 64 for label in host.rstrip(".").split(".")):
+        raise ConfigError(f"{what}: {host[:80]!r} is not a host name (labels of 1-63 characters, "
+                          "at most 253 in all)")
     try:
         return socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)[0][4][0]
-    except (OSError, IndexError) as exc:
+    except (OSError, IndexError, UnicodeError) as exc:
         raise ConfigError(f"{what}: cannot resolve host {host!r} ({exc})") from None
 
 
@@ -185,14 +189,88 @@ def _pick(args, env, name: str):
     return None, "--" + name
 
 
-def _number(value, what, kind=float, minimum=0):
+def _number(value, what, kind=float, minimum=0, maximum=None):
+    """``value`` as a ``kind`` in ``minimum..maximum``: ASCII digits only (``int``/``float``
+    also take other scripts' digits), finite."""
+    word = "number" if kind is float else "whole number"
+    text = value if isinstance(value, str) else repr(value)
+    if not isinstance(value, (int, float)) and not (isinstance(text, str) and text.isascii()):
+        raise ConfigError(f"{what}: {value!r} is not a {word}")
     try:
         n = kind(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{what}: {value!r} is not a {'number' if kind is float else 'whole number'}") from None
-    if n < minimum or (kind is float and n != n):
-        raise ConfigError(f"{what}: {value!r} must be at least {minimum}")
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"{what}: {value!r} is not a {word}") from None
+    if kind is float and not math.isfinite(n):
+        raise ConfigError(f"{what}: {value!r} is not a finite number")
+    if n < minimum or (maximum is not None and n > maximum):
+        limits = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
+        raise ConfigError(f"{what}: {value!r} must be {limits}")
     return n
+
+
+DAY = 86400
+# sane ranges of the numeric flags (a value outside is a typo or a unit mix-up, and inf/1e300
+# overflowed later: timers, the overload window, the state tables' budgets)
+TIMER_B_RANGE = (0.1, DAY)
+MAX_CALL_DURATION_RANGE = (1, 7 * DAY)  # a call without BYE: a week is beyond any real call
+TCP_IDLE_RANGE = (1, DAY)
+OVERLOAD_AFTER_RANGE = (0.01, 3600)
+DRAIN_RANGE = (0, DAY)
+TIMER_C_RANGE = (1, DAY)
+TABLE_RANGE = (1, 10_000_000)  # --max-transactions, --max-calls
+TCP_MAX_RANGE = (1, 1_000_000)
+# values that may hold any bytes: a key (used as bytes) and file names (the OS takes them as
+# they came); everything else must be text (os.environ/argv keep undecodable bytes as surrogates)
+_BYTES_OK = {"secret", "secret-file", "spans-file", "alive-file"}
+# OTEL_* variables the proxy (and the SDK it uses) reads as text
+_OTEL_TEXT = ("OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES")
+_OTEL_TEXT_PREFIXES = ("OTEL_EXPORTER_OTLP_", "OTEL_TRACES_")
+
+
+def _check_text(value, where: str) -> None:
+    """ConfigError if ``value`` holds bytes that are not UTF-8 (decoded as lone surrogates)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConfigError(f"{where}: {value!r} is not valid UTF-8 text") from None
+
+
+def check_otel_env(env) -> None:
+    for name, value in env.items():
+        if name in _OTEL_TEXT or name.startswith(_OTEL_TEXT_PREFIXES):
+            _check_text(value, name)
+
+
+def check_otlp_endpoint(value: str, where: str) -> None:
+    """An OTLP endpoint as :func:`sipwatch.tracing.resolve_endpoint` reads it: ``[http[s]://]HOST[:PORT][/PATH]``."""
+    from urllib.parse import urlsplit
+    ep = value.strip()
+    if "://" not in ep:
+        ep = "http://" + ep
+    try:
+        u = urlsplit(ep)
+        host, _port = u.hostname, u.port
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {value!r} is not a URL ({exc})") from None
+    if u.scheme.lower() not in ("http", "https"):
+        raise ConfigError(f"{where}: {value!r}: scheme {u.scheme!r} is not http or https")
+    if not host:
+        raise ConfigError(f"{where}: {value!r} has no host")
+    if any(c in ep for c in " \t\r\n") or not ep.isprintable():
+        raise ConfigError(f"{where}: {value!r} holds spaces or control characters")
+    if _port == 0:
+        raise ConfigError(f"{where}: port 0 in {value!r} is not 1-65535")
+
+
+def check_appendable(path: str, where: str) -> None:
+    """The spans file must open for appending now (later write failures are logged at run time)."""
+    try:
+        with open(path, "ab"):
+            pass
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise ConfigError(f"{where}: cannot open {path!r} for appending ({reason})") from None
 
 
 def settings_from(argv: list[str] | None = None, env=None) -> ProxySettings:
@@ -201,10 +279,15 @@ def settings_from(argv: list[str] | None = None, env=None) -> ProxySettings:
 
     def get(name, default=None):
         v, where = _pick(args, env, name)
-        return (default, where) if v is None else (v, where)
+        if v is None:
+            return default, where
+        if name not in _BYTES_OK:
+            _check_text(v, where)
+        return v, where
 
     listen_s, w = get("listen", "0.0.0.0:5060")
     listen = parse_hostport(listen_s, w)
+    resolve_ip(listen[0], w)  # (a name that does not resolve would stop the start later)
     up_s, w = get("upstream")
     if not up_s:
         raise ConfigError("--upstream (or SIPWATCH_UPSTREAM) is required: the sip-signaling HOST:PORT")
@@ -218,7 +301,9 @@ def settings_from(argv: list[str] | None = None, env=None) -> ProxySettings:
         v, w = get(name, default)
         if str(v).lower() in ("off", "none", "0", ""):
             return None
-        return parse_hostport(v, w)
+        addr = parse_hostport(v, w)
+        resolve_ip(addr[0], w)
+        return addr
 
     gw = endpoint("gateway-metrics", "0.0.0.0:13012")
     sig = endpoint("signaling-metrics", "0.0.0.0:13022")
@@ -250,42 +335,50 @@ def settings_from(argv: list[str] | None = None, env=None) -> ProxySettings:
     level, w = get("log-level", "info")
     if level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"{w}: {level!r} is not one of debug, info, warning, error")
-    timer_b = _number(*get("timer-b", 32.0), minimum=0.1)
-    max_tx = _number(*get("max-transactions", 200_000), kind=int, minimum=1)
-    max_calls = _number(*get("max-calls", 100_000), kind=int, minimum=1)
-    max_dur = _number(*get("max-call-duration", 14400.0), minimum=1)
-    service, _ = get("service-name", env.get("OTEL_SERVICE_NAME") or "sipwatch")
+    timer_b = _number(*get("timer-b", 32.0), float, *TIMER_B_RANGE)
+    max_tx = _number(*get("max-transactions", 200_000), int, *TABLE_RANGE)
+    max_calls = _number(*get("max-calls", 100_000), int, *TABLE_RANGE)
+    max_dur = _number(*get("max-call-duration", 14400.0), float, *MAX_CALL_DURATION_RANGE)
+    service, w = get("service-name", env.get("OTEL_SERVICE_NAME") or "sipwatch")
+    _check_text(service, w if _pick(args, env, "service-name")[0] is not None else "OTEL_SERVICE_NAME")
     ratio_s, w = get("sample-ratio")
     ratio = None
     if ratio_s is not None:
-        ratio = _number(ratio_s, w)
-        if ratio > 1:
-            raise ConfigError(f"{w}: {ratio_s!r} must be between 0 and 1")
+        ratio = _number(ratio_s, w, maximum=1)
     proto, w = get("otlp-protocol")
     if proto is not None and proto not in ("grpc", "http/protobuf"):
         raise ConfigError(f"{w}: {proto!r} is not grpc or http/protobuf")
-    ep, _ = get("otlp-endpoint")
-    spans_file, _ = get("spans-file")
+    ep, w = get("otlp-endpoint")
+    tracing = not flag("no-tracing")
+    if ep:
+        check_otlp_endpoint(str(ep), w)
+    elif tracing:
+        for name in ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"):
+            if env.get(name):
+                _check_text(env[name], name)
+                check_otlp_endpoint(env[name], name)
+                break
+    if tracing:
+        check_otel_env(env)
+    spans_file, w = get("spans-file")
+    if spans_file and tracing:
+        check_appendable(spans_file, w)
     cid_mode, w = get("mask-call-id", default_call_id_mode(mask))
     if cid_mode not in CALL_ID_MODES:
         raise ConfigError(f"{w}: {cid_mode!r} is not one of {', '.join(CALL_ID_MODES)}")
     allow = parse_networks(*get("allow-next-hop", ""))
     secret = read_secret(get("secret"), get("secret-file"))
-    drain = _number(*get("drain-timeout", 25.0), minimum=0)
-    if drain > 86400:
-        raise ConfigError(f"--drain-timeout: {drain!r} is more than a day")
-    timer_c = _number(*get("timer-c", 180.0), minimum=1)
-    if timer_c > 86400:
-        raise ConfigError(f"--timer-c: {timer_c!r} is more than a day")
+    drain = _number(*get("drain-timeout", 25.0), float, *DRAIN_RANGE)
+    timer_c = _number(*get("timer-c", 180.0), float, *TIMER_C_RANGE)
     tcp_on = not flag("no-tcp")
     if flag("upstream-tcp"):
         if up_transport == "udp":
             up_transport = "udp+tcp"
     if up_transport != "udp" and not tcp_on:
         raise ConfigError(f"--no-tcp: the upstream is reached over TCP ({up_transport})")
-    tcp_max = _number(*get("tcp-max-connections", 4096), kind=int, minimum=1)
-    tcp_idle = _number(*get("tcp-idle-timeout", 300.0), minimum=1)
-    overload_after = _number(*get("overload-after", 0.05), minimum=0.01)
+    tcp_max = _number(*get("tcp-max-connections", 4096), int, *TCP_MAX_RANGE)
+    tcp_idle = _number(*get("tcp-idle-timeout", 300.0), float, *TCP_IDLE_RANGE)
+    overload_after = _number(*get("overload-after", 0.05), float, *OVERLOAD_AFTER_RANGE)
     alive_file, _ = get("alive-file", "")
     try:
         hep = hep_options(get, flag)
@@ -296,7 +389,7 @@ def settings_from(argv: list[str] | None = None, env=None) -> ProxySettings:
         signaling_metrics=sig, trace_header=header, record_route=not flag("no-record-route"),
         mask_numbers=mask, timer_b=timer_b, max_transactions=max_tx, max_calls=max_calls,
         max_call_duration=max_dur, service_name=service, log_level=level,
-        tracing=not flag("no-tracing"), otlp_endpoint=ep, otlp_protocol=proto,
+        tracing=tracing, otlp_endpoint=ep, otlp_protocol=proto,
         sample_ratio=ratio, spans_file=spans_file, allow_next_hop=allow, secret=secret,
         drain_timeout=drain, timer_c=timer_c, mask_call_id=cid_mode, correlation_headers=str(corr),
         upstream_transport=up_transport, tcp=tcp_on, tcp_max_connections=tcp_max,

@@ -12,6 +12,7 @@ everything else to :meth:`UdpEdge.dispatch`.
 from __future__ import annotations
 
 import asyncio
+import errno
 import select
 import socket
 import time
@@ -302,8 +303,16 @@ def claim_address(family: int, kind: int, addr: tuple[str, int]) -> None:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind(addr)
     except OSError as exc:
-        raise OSError(exc.errno, f"{'UDP' if kind == socket.SOCK_DGRAM else 'TCP'} {addr[0]}:{addr[1]} "
-                                 f"is in use by another socket (another sidecar?): {exc.strerror}") from None
+        where = f"{'UDP' if kind == socket.SOCK_DGRAM else 'TCP'} {addr[0]}:{addr[1]}"
+        if exc.errno == errno.EADDRINUSE:
+            why = f"is in use by another socket (another sidecar?): {exc.strerror}"
+        elif exc.errno == errno.EADDRNOTAVAIL:
+            why = f"is not an address of this host: {exc.strerror}"
+        elif isinstance(exc, socket.gaierror):
+            why = f"cannot be bound: name not resolved: {exc.strerror}"
+        else:
+            why = f"cannot be bound: {exc.strerror or exc}"
+        raise OSError(exc.errno, f"{where} {why}") from None
     finally:
         probe.close()
 
