@@ -118,10 +118,14 @@ def mask_call_id_main(argv: list[str]) -> int:
     import os
 
     from .config import ConfigError, read_secret
-    from .masking import CALL_ID_MODES, CallIdMasker
+    from .masking import CALL_ID_MODES, CallIdMasker, default_call_id_mode
     ap = argparse.ArgumentParser(prog="sipwatch mask-call-id",
                                  description="Print Call-IDs as logs and spans show them (--mask-call-id).")
-    ap.add_argument("--mode", choices=CALL_ID_MODES, default=os.environ.get("SIPWATCH_MASK_CALL_ID", "digits"))
+    # the sidecar's own default: its SIPWATCH_MASK_CALL_ID, else what SIPWATCH_MASK_NUMBERS implies
+    # (none keeps Call-IDs as they are: shown masked here, they matched nothing in its logs)
+    default = os.environ.get("SIPWATCH_MASK_CALL_ID") or \
+        default_call_id_mode(os.environ.get("SIPWATCH_MASK_NUMBERS", "partial"))
+    ap.add_argument("--mode", choices=CALL_ID_MODES, default=default)
     ap.add_argument("--secret-file", help="the key file the sidecar reads (default: SIPWATCH_SECRET)")
     ap.add_argument("call_ids", nargs="+", metavar="CALL-ID")
     args = ap.parse_args(argv)

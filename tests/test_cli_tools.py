@@ -56,3 +56,12 @@ def test_mask_call_id_refuses_an_unknown_mode_from_the_environment():
     assert r.returncode == 2 and "Traceback" not in r.stderr and "SIPWATCH_MASK_CALL_ID" in r.stderr
     ok = run("mask-call-id", "abc", env={"SIPWATCH_SECRET": "k", "SIPWATCH_MASK_CALL_ID": "none"})
     assert ok.returncode == 0 and ok.stdout == "abc\n"
+
+
+def test_mask_call_id_follows_the_sidecars_mask_numbers_none():
+    """A sidecar run with SIPWATCH_MASK_NUMBERS=none logs Call-IDs as they are (its default
+    --mask-call-id follows it); mask-call-id in the same environment showed them masked."""
+    r = run("mask-call-id", "call-4915551234567@gw", env={"SIPWATCH_SECRET": "k", "SIPWATCH_MASK_NUMBERS": "none"})
+    assert r.returncode == 0 and r.stdout == "call-4915551234567@gw\n"
+    masked = run("mask-call-id", "call-4915551234567@gw", env={"SIPWATCH_SECRET": "k"})
+    assert masked.returncode == 0 and "4915551234567" not in masked.stdout
