@@ -497,6 +497,15 @@ class ProxyCore:
         up_ip, up_port = self.upstream
         return (top.port or 5060) == up_port and ip_literal(top.host) == up_ip
 
+    def _dialog_trace_id(self, call_id: bytes) -> int:
+        """The trace id of a dialog not joined to an incoming trace: a keyed hash of its Call-ID
+        (RFC 3261 §8.1.1.4: unique to the call), so that a sidecar restarted with the same
+        ``--secret`` puts the later requests of calls set up before it (a BYE) in the same trace
+        (a random id split every such call into two traces). Without the key nobody can tell
+        the Call-ID from it; it is as evenly spread as a random id, so sampling by ratio holds."""
+        h = blake2b(call_id, digest_size=16, key=self.key, person=b"sipwatch-trace")
+        return int.from_bytes(h.digest(), "big") or 1
+
     def _local_tag(self, call_id: bytes, from_tag: bytes) -> bytes:
         """The To-tag of a response this proxy makes itself: a MAC, so the ACK that answers
         it is recognised (and absorbed) without keeping state."""
@@ -691,7 +700,8 @@ class ProxyCore:
                         stats.traceparent_invalid += 1
                     break
         if call is None:
-            call = self._new_call(msg, call_id, incoming, now, initial_invite, from_val, to_val, src)
+            call = self._new_call(msg, call_id, incoming, now, initial_invite, from_val, to_val, src,
+                                  initial_invite or has_to_tag)
 
         if is_ack:
             if not from_sig and to_tag is not None and src_ip not in self.gateway_proven:
@@ -860,10 +870,12 @@ class ProxyCore:
         return via_i
 
     def _new_call(self, msg, call_id, incoming, now, is_call, from_val, to_val,
-                  src: tuple[str, int] = ("", 0)) -> Call:
+                  src: tuple[str, int] = ("", 0), dialog: bool = False) -> Call:
         """A new call entry and its trace: joined from an incoming trace header, else from the call
         a correlation header names (a B2BUA's further leg: same trace, its call span a child of the
-        named leg's), else a new trace."""
+        named leg's), else a new trace: for a dialog (an initial INVITE, or an in-dialog request
+        of a dialog this process does not hold) the one its Call-ID gives under the key
+        (:meth:`_dialog_trace_id`), else a random one."""
         names: list[bytes] = msg.names
         named: Call | None = None
         by = ""
@@ -889,7 +901,7 @@ class ProxyCore:
         elif named is not None:
             trace_id, parent, sampled = named.trace_id, named.span_id, named.sampled
         else:
-            trace_id = self._randbits(128) or 1
+            trace_id = self._dialog_trace_id(call_id) if dialog else self._randbits(128) or 1
             parent = None
             sampled = ratio >= 1.0 or sampled_by_ratio(trace_id, ratio)  # (the ratio test inlined)
         tracker = self.tracker

@@ -656,3 +656,34 @@ def test_a_response_whose_next_via_was_written_anew_is_still_accounted(core):
     assert core.stats.calls[ANSWERED] == 1
     core.tracker.expire(T0 + 60)
     assert core.stats.timeouts[INVITE] == 0 and core.stats.calls[TIMEOUT] == 0
+
+
+def test_a_restarted_sidecar_keeps_a_dialogs_later_requests_in_its_trace():
+    """A sidecar restarted with the same secret carries on the calls set up before it, but gave
+    their later requests (the callee's BYE) a new random trace: one call, two traces (a
+    trace-checking callee answered 500). A dialog's trace id is now its Call-ID under the key;
+    requests outside a dialog keep random ones (a pinging gateway reusing one Call-ID must not
+    make one endless trace), and another key gives another id."""
+    from test_tcp_core import callee_routes, in_dialog
+
+    def trace_of(data):
+        return parse_traceparent(parse(data).get(b"traceparent"))[0]
+
+    def sidecar(secret):
+        return ProxyCore(CoreConfig(advertise=SIDECAR, upstream=SIGNALING, timer_b=32.0, secret=secret))
+
+    before = sidecar(b"same-key")
+    fwd, _ = forward_one(before, invite())
+    forward_one(before, response_to(fwd, 200), SIGNALING, T0 + 0.05)
+    after = sidecar(b"same-key")  # the restart: nothing of the call is known
+    bye = in_dialog(b"BYE", callee_routes(fwd), b"<sip:alice@10.0.0.1:5070>",
+                    b"SIP/2.0/UDP 10.0.0.3:5080;branch=z9hG4bK-uas-bye9", call_id=b"call-1@gw", swap=True)
+    out, dest = forward_one(after, bye, SIGNALING, T0 + 60)
+    assert dest == GATEWAY and trace_of(out) == trace_of(fwd)
+    other = sidecar(b"other-key")
+    fwd2, _ = forward_one(other, invite())
+    assert trace_of(fwd2) != trace_of(fwd)
+    opt = invite(method=b"OPTIONS", call_id=b"ping-1", body=b"")
+    a, _ = forward_one(before, opt, GATEWAY, T0 + 1)
+    b, _ = forward_one(after, opt, GATEWAY, T0 + 1)
+    assert trace_of(a) != trace_of(b)
