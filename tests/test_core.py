@@ -687,3 +687,12 @@ def test_a_restarted_sidecar_keeps_a_dialogs_later_requests_in_its_trace():
     a, _ = forward_one(before, opt, GATEWAY, T0 + 1)
     b, _ = forward_one(after, opt, GATEWAY, T0 + 1)
     assert trace_of(a) != trace_of(b)
+
+
+def test_a_dialogs_trace_id_is_the_same_with_and_without_the_c_scan(monkeypatch):
+    from sipwatch import core as core_module
+    c = ProxyCore(CoreConfig(advertise=SIDECAR, upstream=SIGNALING, secret=b"k"))
+    ids = [c._dialog_trace_id(b"call-%d@gw" % i) for i in range(50)]
+    monkeypatch.setattr(core_module, "_c_mac_hex", None)
+    assert [c._dialog_trace_id(b"call-%d@gw" % i) for i in range(50)] == ids
+    assert len(set(ids)) == 50 and all(0 < i < 1 << 128 for i in ids)
