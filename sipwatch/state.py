@@ -777,8 +777,6 @@ class Tracker:
 
     def _call_progress(self, call: Call, tx: Transaction, status: int, now: float) -> None:
         if tx.initial_invite:
-            if call.t_setup is None:
-                call.t_setup = now
             if status in (401, 407) and call.outcome < 0:
                 # auth challenge: the caller usually retries with credentials in the same
                 # Call-ID; the call is decided by the retry, or rejected if none comes
@@ -787,6 +785,8 @@ class Tracker:
                 if not call.finished and self.calls.get(call.call_id) is call:
                     self._schedule_call(call, CALL_SHORT, now + self.timer_b)
             elif call.outcome < 0:
+                if call.t_setup is None:  # (a challenge is no setup: the retry's answer is)
+                    call.t_setup = now
                 call.t_final = now
                 call.status = status
                 call.outcome = outcome_of(status, call.cancelled)
@@ -802,7 +802,10 @@ class Tracker:
                                       "cancel" if call.outcome == CANCELLED else "final")
         elif not call.is_call:
             self._finish_call(call, now, "final")
-        elif tx.midx == BYE:
+        elif tx.midx == BYE and (status < 300 or status == 481 or status == 408):
+            # RFC 3261 §15.1.1: a 2xx, 481 or 408 ends the dialog; another answer (a 401/407
+            # challenge, a 500) leaves it up and the BYE is sent again (it ended the call, which
+            # then ran on outside its record)
             self._finish_call(call, now, "bye")
 
     def _finish_call(self, call: Call, now: float, ended_by: str) -> None:
@@ -948,6 +951,8 @@ class Tracker:
                     continue
                 if call.is_call and call.outcome < 0 and call.status:
                     call.outcome = outcome_of(call.status, call.cancelled)  # unanswered challenge
+                    if call.t_setup is None:  # (its challenge was the final answer after all)
+                        call.t_setup = call.t_final
                     stats.calls[call.outcome] += 1
                     self._finish_call(call, now, "final")
                 elif call.is_call:

@@ -724,3 +724,37 @@ def test_a_call_whose_bye_is_never_answered_ends_when_the_bye_was_sent():
     d.req(call, b"BYE", T0 + 2, cseq=2)
     tr.expire(T0 + 40.0)
     assert call.ended_by == "bye" and call.t_end == T0 + 2 and call.t_end - call.t_answer == 1.0
+
+
+def test_setup_after_a_challenge_is_the_retrys_ringing_not_the_challenge():
+    """407 at 1 ms, the retry with credentials at 150 ms, its 180 at 256 ms: setup (RFC 6076 SRD:
+    first INVITE to the first provisional or final answer) read 1 ms, the challenge. Unanswered,
+    the challenge is the final answer and its time the setup."""
+    tr = tracker(timer_b=32.0)
+    d = Driver(tr)
+    call = d.call(b"auth-setup", T0)
+    k1 = d.req(call, b"INVITE", T0)
+    tr.response(k1, 100, T0 + 0.0005)
+    tr.response(k1, 407, T0 + 0.001)
+    k2 = d.req(call, b"INVITE", T0 + 0.150, cseq=2)
+    tr.response(k2, 180, T0 + 0.256)
+    tr.response(k2, 200, T0 + 1.0, b"t")
+    assert call.t_setup == T0 + 0.256
+    lone = d.call(b"auth-lone", T0)
+    tr.response(d.req(lone, b"INVITE", T0), 407, T0 + 0.002)
+    tr.expire(T0 + 40)
+    assert lone.outcome == REJ4 and lone.t_setup == T0 + 0.002
+
+
+@pytest.mark.parametrize("status, ends", [(200, True), (481, True), (408, True), (407, False), (500, False)])
+def test_only_a_2xx_481_or_408_to_a_bye_ends_the_call(status, ends):
+    """RFC 3261 §15.1.1. A BYE challenged (407) or failed (500) is sent again: the call ran on
+    after its record said it had ended, the real BYE outside it."""
+    tr = tracker(timer_b=32.0)
+    d = Driver(tr)
+    call, _ = d.invite_call(b"c", T0, answer_at=T0 + 1)
+    tr.response(d.req(call, b"BYE", T0 + 2, cseq=2), status, T0 + 2.01)
+    assert call.finished is ends
+    if not ends:
+        d.bye(call, T0 + 3)
+        assert call.finished and call.t_end == T0 + 3.01 and tr.stats.active_calls == 0
