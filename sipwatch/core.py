@@ -71,6 +71,7 @@ _INVITE: Final[int] = INVITE
 _ACK: Final[int] = ACK
 _CANCEL: Final[int] = CANCEL
 _OPTIONS: Final[int] = OPTIONS
+_NOTIFY: Final[int] = METHOD_INDEX[b"NOTIFY"]
 _FROM_GATEWAY: Final[int] = FROM_GATEWAY
 _FROM_SIGNALING: Final[int] = FROM_SIGNALING
 # what a malformed request is answered with, when it can be answered at all (RFC 3261 §16.3,
@@ -501,6 +502,12 @@ class ProxyCore:
         up_ip, up_port = self.upstream
         return (top.port or 5060) == up_port and ip_literal(top.host) == up_ip
 
+    def _invite_over_tcp(self, branch: bytes) -> bool:
+        """Whether the INVITE this proxy forwarded with ``branch`` (a CANCEL's and a non-2xx ACK's
+        own, §9.1, §17.1.1.3) went over TCP for its size (``upstream_tcp_large``)."""
+        tx = self.tracker.transactions.get((branch, b"INVITE"))
+        return tx is not None and len(tx.peer) > 2 and tx.peer[2] == "tcp"
+
     def _dialog_trace_id(self, call_id: bytes) -> int:
         """The trace id of a dialog not joined to an incoming trace: a keyed hash of its Call-ID
         (RFC 3261 §8.1.1.4: unique to the call), so that a sidecar restarted with the same
@@ -768,7 +775,9 @@ class ProxyCore:
         rr_i = -1
         rr_line = b""
         rr_mac = b""
-        if self.config.record_route and method in DIALOG_CREATING and not has_to_tag:
+        # (a NOTIFY in any case: the one that comes before the SUBSCRIBE's 2xx creates the
+        # subscriber's dialog, and its route set, with a To tag already; RFC 6665 §4.3)
+        if self.config.record_route and (method in DIALOG_CREATING and not has_to_tag or midx == _NOTIFY):
             rr_mac = self._party_mac(party)
             if out_tcp or tcp_in:
                 rr_line = self._record_route(rr_mac, out_tcp, tcp_in)
@@ -786,8 +795,12 @@ class ProxyCore:
         if 0 <= rr_i < via_i:
             lines.insert(rr_i, rr_line)
         out = msg.to_bytes()
-        if not out_tcp and self.upstream_tcp_large and not from_sig and len(out) > UDP_MTU_LIMIT:
-            # RFC 3261 §18.1.1: too large for UDP without fragments; the upstream takes TCP too
+        if not out_tcp and self.upstream_tcp_large and not from_sig and (
+                len(out) > UDP_MTU_LIMIT or (midx == _CANCEL or is_ack) and self._invite_over_tcp(branch)):
+            # RFC 3261 §18.1.1: too large for UDP without fragments; the upstream takes TCP too.
+            # A CANCEL, and the ACK of a non-2xx, go as their INVITE went (§9.1, §17.1.1.3: the
+            # same branch, transport and destination; over UDP Kamailio's tm matched no
+            # transaction and answered 481, and the callee rang on)
             out_tcp = True
             lines[lines.index(via_line)] = self.via_prefix_tcp + branch + b";rport"
             if rr_line:

@@ -1378,3 +1378,48 @@ def test_a_flood_from_one_ipv6_host_gives_way_before_a_gateway_with_a_connection
         assert kept == 3
     else:
         assert kept >= 1
+
+
+def test_the_cancel_and_non_2xx_ack_of_an_invite_sent_over_tcp_for_its_size_go_over_tcp():
+    """RFC 3261 §9.1, §17.1.1.3: a CANCEL, and the ACK of a non-2xx, go where their INVITE went,
+    by the same transport, with its branch. An INVITE switched to TCP for its size (--upstream-tcp)
+    had its small CANCEL and ACK sent over UDP: Kamailio's tm matched no transaction (481) and the
+    callee rang on after the caller hung up."""
+    core = make("udp+tcp")
+    big = invite(extra=b"Identity: " + b"x" * 3000)
+    data, dest = one(core.receive_datagram(big, GATEWAY, T0))
+    assert core.out_tcp and vias(data)[0].transport == b"TCP"
+    core.out_tcp = False
+    branch = vias(data)[0].branch
+    cancel = invite(method=b"CANCEL", body=b"")
+    fwd, dest = one(core.receive_datagram(cancel, GATEWAY, T0 + 1))
+    assert fwd.startswith(b"CANCEL ") and dest == SIGNALING and core.out_tcp
+    assert vias(fwd)[0].transport == b"TCP" and vias(fwd)[0].branch == branch
+    core.out_tcp = False
+    one(core.receive_stream(response_to(data, 487, b"Request Terminated"), SIGNALING, T0 + 1.1))
+    core.out_tcp = False
+    ack = invite(method=b"ACK", body=b"", to_tag=b"uas-1")
+    fwd, dest = one(core.receive_datagram(ack, GATEWAY, T0 + 1.2))
+    assert fwd.startswith(b"ACK ") and dest == SIGNALING and core.out_tcp
+    assert vias(fwd)[0].transport == b"TCP" and vias(fwd)[0].branch == branch
+    # a small INVITE's CANCEL stays on UDP, as its INVITE did
+    core.out_tcp = False
+    small, _ = one(core.receive_datagram(invite(call_id=b"small@gw", branch=b"z9hG4bK-s"), GATEWAY, T0 + 2))
+    assert not core.out_tcp
+    fwd, _ = one(core.receive_datagram(invite(method=b"CANCEL", body=b"", call_id=b"small@gw",
+                                              branch=b"z9hG4bK-s"), GATEWAY, T0 + 3))
+    assert not core.out_tcp and vias(fwd)[0].transport == b"UDP"
+
+
+def test_a_notify_is_record_routed():
+    """RFC 6665 §4.3: a NOTIFY sent before the SUBSCRIBE's 2xx creates the subscriber's dialog,
+    and its route set, though it has a To tag: it went without our Record-Route, and the
+    subscriber's refreshes went around the sidecar."""
+    core = make("udp")
+    sub = invite(method=b"SUBSCRIBE", body=b"", extra=b"Event: dialog")
+    data, _ = one(core.receive_datagram(sub, GATEWAY, T0))
+    assert record_routes(data)
+    notify = in_dialog(b"NOTIFY", [], b"<sip:alice@10.0.0.1:5070>",
+                       b"SIP/2.0/UDP 10.0.0.3:5080;branch=z9hG4bK-n1", swap=True, cseq=1)
+    fwd, dest = one(core.receive_datagram(notify, SIGNALING, T0 + 0.01))
+    assert dest == GATEWAY and record_routes(fwd)
