@@ -1018,6 +1018,10 @@ sipscan_request_fields(PyObject *module, PyObject *const *args, Py_ssize_t nargs
             Py_ssize_t a = colon - ls + 1, b = ln;
             strip_range(ls, &a, &b);
             hops = 256;
+            if (b - a >= 1 && all_digits(ls, a, b)) {
+                while (b - a > 1 && ls[a] == '0')
+                    a++; /* "0070" is 70: 1*DIGIT (RFC 3261 §25.1) */
+            }
             if (b - a >= 1 && b - a <= 3 && all_digits(ls, a, b)) {
                 hops = 0;
                 for (Py_ssize_t q = a; q < b; q++)

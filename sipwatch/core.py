@@ -629,7 +629,8 @@ class ProxyCore:
         if mf_i >= 0:
             if hops < 0:  # (not read yet)
                 mf = msg.value_at(mf_i)
-                hops = int(mf) if mf.isdigit() and len(mf) <= 3 else 256
+                digits = mf.lstrip(b"0") or mf[-1:]  # ("0070" is 70: 1*DIGIT, RFC 3261 §25.1)
+                hops = int(digits) if digits.isdigit() and len(digits) <= 3 else 256
             if hops > 255:
                 raise Dropped(DROP_OUT_OF_RANGE, self._reply(msg, top, reply, data, 400, b"Bad Max-Forwards"))
             if hops <= 0:

@@ -696,3 +696,18 @@ def test_a_dialogs_trace_id_is_the_same_with_and_without_the_c_scan(monkeypatch)
     monkeypatch.setattr(core_module, "_c_mac_hex", None)
     assert [c._dialog_trace_id(b"call-%d@gw" % i) for i in range(50)] == ids
     assert len(set(ids)) == 50 and all(0 < i < 1 << 128 for i in ids)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_max_forwards_with_leading_zeros_is_its_number(core, fast, monkeypatch):
+    """Max-Forwards is 1*DIGIT (RFC 3261 §25.1): "0070" is 70, and was answered 400 Bad
+    Max-Forwards; "0000" is 0 (483), a long run of zeros costs one pass."""
+    from sipwatch import core as core_module
+    if not fast:
+        monkeypatch.setattr(core_module, "_c_request_fields", None)
+    data, dest = forward_one(core, invite(max_forwards=b"0070"))
+    assert dest == SIGNALING and parse(data).get(b"max-forwards") == b"69"
+    out = core.receive_datagram(invite(max_forwards=b"0000", call_id=b"mf0@gw"), GATEWAY, T0)
+    assert parse(out[0][0]).status == 483
+    out = core.receive_datagram(invite(max_forwards=b"0" * 20000 + b"1", call_id=b"mf1@gw"), GATEWAY, T0)
+    assert parse(out[0][0]).method == b"INVITE" and parse(out[0][0]).get(b"max-forwards") == b"0"
