@@ -411,12 +411,14 @@ def test_calls_already_listed_do_not_grow_past_the_bound_in_all():
 
     class Finished:
         media, packets, lost, clock, max_jitter = True, 10, 0, 8000, 0.0
+        lost_rfc3550, expected_rfc3550 = 0, 10
 
         def __init__(self, cid):
             self.call_id = cid
 
         def summary(self):
-            return {"ssrc": "0x1", "lost": 0, "lost_pct": 0.0, "mean_jitter_ms": 0, "max_jitter_ms": 0, "mos": 4.4}
+            return {"ssrc": "0x1", "lost": 0, "lost_rfc3550": 0, "lost_pct": 0.0, "mean_jitter_ms": 0,
+                    "max_jitter_ms": 0, "mos": 4.4}
 
         def codec(self):
             return "PCMA"
