@@ -209,16 +209,18 @@ def _number(value, what, kind=float, minimum=0, maximum=None):
 
 
 DAY = 86400
-# sane ranges of the numeric flags (a value outside is a typo or a unit mix-up, and inf/1e300
-# overflowed later: timers, the overload window, the state tables' budgets)
+YEAR = 365 * DAY
+# the ranges of the numeric flags: wide (a value that started the proxy before still does, "never"
+# spelled as a huge number included), but finite and bounded (inf/1e300 overflowed later, and a
+# 23-digit count did not fit the tables' 64-bit arithmetic)
 TIMER_B_RANGE = (0.1, DAY)
-MAX_CALL_DURATION_RANGE = (1, 7 * DAY)  # a call without BYE: a week is beyond any real call
-TCP_IDLE_RANGE = (1, DAY)
-OVERLOAD_AFTER_RANGE = (0.01, 3600)
+MAX_CALL_DURATION_RANGE = (1, YEAR)
+TCP_IDLE_RANGE = (1, 100 * YEAR)
+OVERLOAD_AFTER_RANGE = (0.01, DAY)
 DRAIN_RANGE = (0, DAY)
 TIMER_C_RANGE = (1, DAY)
-TABLE_RANGE = (1, 10_000_000)  # --max-transactions, --max-calls
-TCP_MAX_RANGE = (1, 1_000_000)
+TABLE_RANGE = (1, 1 << 40)  # --max-transactions, --max-calls (memory bounds them long before)
+TCP_MAX_RANGE = (1, 1 << 40)  # (the descriptor limit lowers it, with a warning)
 # values that may hold any bytes: a key (used as bytes) and file names (the OS takes them as
 # they came); everything else must be text (os.environ/argv keep undecodable bytes as surrogates)
 _BYTES_OK = {"secret", "secret-file", "spans-file", "alive-file"}

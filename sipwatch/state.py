@@ -802,10 +802,10 @@ class Tracker:
                                       "cancel" if call.outcome == CANCELLED else "final")
         elif not call.is_call:
             self._finish_call(call, now, "final")
-        elif tx.midx == BYE and (status < 300 or status == 481 or status == 408):
-            # RFC 3261 §15.1.1: a 2xx, 481 or 408 ends the dialog; another answer (a 401/407
-            # challenge, a 500) leaves it up and the BYE is sent again (it ended the call, which
-            # then ran on outside its record)
+        elif tx.midx == BYE and status != 401 and status != 407:
+            # RFC 3261 §15.1.1: the session ends with the BYE, whatever its answer, but for a
+            # challenge (401/407), which the UA answers with the BYE again, credentials added
+            # (it ended the call, and the call ran on outside its record)
             self._finish_call(call, now, "bye")
 
     def _finish_call(self, call: Call, now: float, ended_by: str) -> None:
@@ -917,7 +917,7 @@ class Tracker:
                     self._finish_call(call, now, "timeout")
                 elif not call.is_call:
                     self._finish_call(call, now, "timeout")
-                elif tx.midx == BYE:
+                elif tx.midx == BYE and not call.finished:
                     self._finish_call(call, now, "bye")
                     call.t_end = tx.t_sent  # the call ended when its BYE was sent, not Timer F later
         q = self._tx_linger

@@ -16,10 +16,9 @@ and whether over TCP (``core.out_tcp``). The edge maps a destination to a connec
 
 Hygiene, for peers that are hostile or merely broken: at most ``max_connections`` connections
 (to make room, the oldest accepted connection none of whose messages was forwarded yet is
-closed, else the one forwarded from least recently among those of the address group that holds
-the most, never the upstream's: connections opened in bulk, or kept busy with messages that go
-nowhere, cannot push out the ones carrying calls; a group is an IPv4 address or an IPv6 /64, what
-one host holds), a connection whose messages go nowhere (stray
+closed, else the one forwarded from least recently among those of the IP address that holds the
+most, never the upstream's: connections opened in bulk, or kept busy with messages that go
+nowhere, cannot push out the ones carrying calls), a connection whose messages go nowhere (stray
 responses, malformed or refused requests, keep-alives) more than ``JUNK_RATE`` a second beyond a burst of
 ``JUNK_BURST`` is closed, a burst of messages is handled ``TURN_MAX`` a turn of the loop (one
 connection cannot hold the others up for long), a backlog standing above ``BACKLOG_MARK`` sheds
@@ -37,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
-import ipaddress
 import socket
 import struct
 import termios
@@ -154,10 +152,9 @@ class TcpEdge:
         self.by_addr: dict[Addr, _Conn] = {}  # peer addresses and aliases -> connection
         self.conns: dict[_Conn, None] = {}  # every connection
         self.silent: dict[_Conn, None] = {}  # accepted, nothing forwarded yet: oldest first
-        # every connection by its peer's address group (address_group), each group's least
-        # recently forwarded from first
-        self.by_group: dict[str, dict[_Conn, None]] = {}
-        self._crowded: str | None = None  # the group that last gave up a connection to make room
+        # every connection by its peer's IP, each IP's least recently forwarded from first
+        self.by_ip: dict[str, dict[_Conn, None]] = {}
+        self._crowded: str | None = None  # the IP that last gave up a connection to make room
         self.failed_until: dict[Addr, float] = {}
         # an accepted connection's peer -> the sent-by its requests named on its IP (their listening
         # port): where a response goes once that connection is gone (RFC 3261 §18.2.2), kept after
@@ -236,7 +233,7 @@ class TcpEdge:
                 if conn.silent:
                     conn.silent = False
                     self.silent.pop(conn, None)
-                group = self.by_group.get(conn.group)
+                group = self.by_ip.get(src[0])
                 if group is not None and group.pop(conn, 0) is None:
                     group[conn] = None  # most recently forwarded from last
             elif core.stream_junk:
@@ -351,8 +348,8 @@ class TcpEdge:
     # -- the table -----------------------------------------------------------------------
     def _admit(self, conn: "_Conn") -> None:
         """Count a new connection in. When full, close the oldest accepted one none of whose
-        messages was forwarded, else the least recently forwarded from of the address group that
-        holds the most connections (never the upstream's)."""
+        messages was forwarded, else the least recently forwarded from of the IP that holds the
+        most connections (never the upstream's)."""
         conns = self.conns
         silent = self.silent
         while len(conns) >= self.max_connections:
@@ -365,43 +362,41 @@ class TcpEdge:
         conns[conn] = None
         if conn.inbound:
             silent[conn] = None
-        group = self.by_group.get(conn.group)
+        group = self.by_ip.get(conn.peer[0])
         if group is None:
-            group = self.by_group[conn.group] = {}
+            group = self.by_ip[conn.peer[0]] = {}
         group[conn] = None
         self.tcp_stats.open[0 if conn.inbound else 1] += 1
 
     def _crowded_out(self) -> "_Conn | None":
         """The connection to close to make room when every one has had a message forwarded: the
-        least recently forwarded from of the address group that holds the most (one with at least
-        the mean does: the last such group is tried first, so the walk over the groups is rare).
-        Among groups that hold as many, the one whose candidate was opened last: the first of them
-        in the table was the one connected longest, so a flood spread over many addresses, a
-        connection each, pushed out the gateway that had carried calls all along (recency of use
-        is no better guide: each flood connection's one message is newer than an idle gateway's
-        last). An IPv6 host has a /64 of addresses: counted by address, a flood from one held a
-        connection an address and the gateway, with a connection a call, held the most."""
-        groups = self.by_group
+        least recently forwarded from of the IP that holds the most (one with at least the mean
+        does: the last such IP is tried first, so the walk over the IPs is rare). Among IPs that
+        hold as many, the one whose candidate was opened last: the first of them in the table was
+        the one connected longest, so a flood spread over many addresses, a connection each,
+        pushed out the gateway that had carried calls all along (recency of use is no better
+        guide: each flood connection's one message is newer than an idle gateway's last)."""
+        by_ip = self.by_ip
         keep = self.by_addr.get(self.upstream)
-        key = self._crowded
-        group = groups.get(key) if key is not None else None
-        if group is None or len(group) * len(groups) <= len(self.conns):  # (at the mean: a tie, walk)
-            key, most, youngest = None, 0, 0.0
-            for k, g in groups.items():
+        ip = self._crowded
+        group = by_ip.get(ip) if ip is not None else None
+        if group is None or len(group) * len(by_ip) <= len(self.conns):  # (at the mean: a tie, walk)
+            ip, most, youngest = None, 0, 0.0
+            for k, g in by_ip.items():
                 n = len(g)
                 if n < most or n == 1 and keep in g:
                     continue
                 at = next(iter(g)).opened_at
                 if n > most or at > youngest:
-                    key, most, youngest = k, n, at
-            if key is None:
+                    ip, most, youngest = k, n, at
+            if ip is None:
                 return None
-            group = groups[key]
-            self._crowded = key
+            group = by_ip[ip]
+            self._crowded = ip
         for c in group:
             if c is not keep:
                 return c
-        for c in self.conns:  # (that group had only the upstream's connection)
+        for c in self.conns:  # (that IP had only the upstream's connection)
             if c is not keep:
                 return c
         return None
@@ -447,12 +442,12 @@ class TcpEdge:
         self.silent.pop(conn, None)
         if self.conns.pop(conn, 0) is None:
             self.tcp_stats.open[0 if conn.inbound else 1] -= 1
-            key = conn.group
-            group = self.by_group.get(key)
+            ip = conn.peer[0]
+            group = self.by_ip.get(ip)
             if group is not None:
                 group.pop(conn, None)
                 if not group:
-                    del self.by_group[key]
+                    del self.by_ip[ip]
         for a in (conn.peer, *conn.aliases):
             if self.by_addr.get(a) is conn:
                 del self.by_addr[a]
@@ -489,7 +484,6 @@ class _Conn(asyncio.Protocol):
         self.edge = edge
         self.inbound = peer is None
         self.peer: Addr = peer or ("", 0)
-        self.group = address_group(self.peer[0])  # (TcpEdge.by_group; set again once accepted)
         self.transport: asyncio.Transport | None = None
         self.framer = StreamFramer()
         self.aliases: list[Addr] = []
@@ -529,7 +523,6 @@ class _Conn(asyncio.Protocol):
                     transport.abort()
                     return
                 self.peer = (name[0], name[1])
-                self.group = address_group(name[0])
                 edge._admit(self)
                 old = edge.by_addr.get(self.peer)
                 if old is None or old.closed or old.transport is None:
@@ -753,23 +746,6 @@ class _Conn(asyncio.Protocol):
             self.shut("error")
         except Exception:  # noqa: BLE001
             pass
-
-
-def address_group(ip: str) -> str:
-    """The group an address's connections are counted in when room is made (TcpEdge._crowded_out):
-    an IPv4 address itself, an IPv6 address its /64 (one host, one LAN: RFC 4291's interface
-    identifier is the host's to pick), an IPv4-mapped IPv6 address (a dual-stack socket's IPv4
-    peer) the IPv4 address. Anything else is its own group."""
-    if ":" not in ip:
-        return ip
-    try:
-        a = ipaddress.IPv6Address(ip.partition("%")[0])
-    except ValueError:
-        return ip
-    v4 = a.ipv4_mapped
-    if v4 is not None:
-        return str(v4)
-    return str(ipaddress.IPv6Address(a.packed[:8] + bytes(8))) + "/64"
 
 
 def _unread(fd: int) -> int:

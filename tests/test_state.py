@@ -746,10 +746,13 @@ def test_setup_after_a_challenge_is_the_retrys_ringing_not_the_challenge():
     assert lone.outcome == REJ4 and lone.t_setup == T0 + 0.002
 
 
-@pytest.mark.parametrize("status, ends", [(200, True), (481, True), (408, True), (407, False), (500, False)])
-def test_only_a_2xx_481_or_408_to_a_bye_ends_the_call(status, ends):
-    """RFC 3261 §15.1.1. A BYE challenged (407) or failed (500) is sent again: the call ran on
-    after its record said it had ended, the real BYE outside it."""
+@pytest.mark.parametrize("status, ends", [(200, True), (481, True), (408, True), (500, True), (403, True),
+                                          (407, False), (401, False)])
+def test_a_challenged_bye_does_not_end_the_call(status, ends):
+    """RFC 3261 §15.1.1: the session ends with the BYE, whatever its answer, but a challenged BYE
+    (401/407) is sent again with credentials: that one ended the call, and the call ran on
+    after its record said it had ended, the real BYE outside it. (A 500 kept it open until
+    --max-call-duration, 4 h, in a first version of this rule.)"""
     tr = tracker(timer_b=32.0)
     d = Driver(tr)
     call, _ = d.invite_call(b"c", T0, answer_at=T0 + 1)
@@ -758,3 +761,16 @@ def test_only_a_2xx_481_or_408_to_a_bye_ends_the_call(status, ends):
     if not ends:
         d.bye(call, T0 + 3)
         assert call.finished and call.t_end == T0 + 3.01 and tr.stats.active_calls == 0
+
+
+def test_a_bye_timing_out_after_the_call_ended_leaves_its_end_alone():
+    """Crossed BYEs: one answered 200 ends the call at 10.01 s; the other, never answered, times
+    out later and moved the record's end back to its own sending, after the record was out."""
+    tr = tracker(timer_b=32.0)
+    d = Driver(tr)
+    call, _ = d.invite_call(b"x", T0, answer_at=T0 + 1)
+    d.req(call, b"BYE", T0 + 5, cseq=2)  # never answered
+    d.bye(call, T0 + 10)
+    assert call.finished and call.t_end == T0 + 10.01
+    tr.expire(T0 + 60)
+    assert call.t_end == T0 + 10.01
