@@ -67,10 +67,11 @@ def _int(x, lo: int, hi: int) -> int:
     return x
 
 
-def _str(x, default: str | None = None) -> str:
+def _typed(x, kind: type, default=None):
+    """``x`` if it is a ``kind`` (``default`` for a missing one, when given), else _Malformed."""
     if x is None and default is not None:
         return default
-    if not isinstance(x, str):
+    if not isinstance(x, kind):
         raise _Malformed
     return x
 
@@ -101,19 +102,11 @@ def _attrs(kvs) -> dict:
     for kv in kvs:
         if not isinstance(kv, dict):
             raise _Malformed
-        out[_str(kv.get("key"))] = _value(kv.get("value", {}))
+        out[_typed(kv.get("key"), str)] = _value(kv.get("value", {}))
     setup = out.get("sip.call.setup_ms")
     if "sip.call.setup_ms" in out and (isinstance(setup, bool) or not isinstance(setup, int | float)):
         raise _Malformed  # printed with a float format
     return out
-
-
-def _dict(x, default: dict | None = None) -> dict:
-    if x is None and default is not None:
-        return default
-    if not isinstance(x, dict):
-        raise _Malformed
-    return x
 
 
 def _list(x) -> list:
@@ -126,20 +119,22 @@ def _list(x) -> list:
 
 def _span(s, service: str) -> SpanRow:
     """One span of the file as a SpanRow; _Malformed when a field has the wrong type or range."""
-    s = _dict(s)
+    s = _typed(s, dict)
     start = _int(s.get("startTimeUnixNano"), 0, _U64)
     end = _int(s.get("endTimeUnixNano"), 0, _U64)
     if end < start:
         raise _Malformed
     events = []
     for e in _list(s.get("events")):
-        e = _dict(e)
-        events.append((_str(e.get("name"), ""), _int(e.get("timeUnixNano"), 0, _U64), _attrs(e.get("attributes"))))
+        e = _typed(e, dict)
+        events.append((_typed(e.get("name"), str, ""), _int(e.get("timeUnixNano"), 0, _U64),
+                       _attrs(e.get("attributes"))))
     return SpanRow(
-        _str(s.get("traceId")), _str(s.get("spanId")), _str(s.get("parentSpanId"), ""), _str(s.get("name")),
+        _typed(s.get("traceId"), str), _typed(s.get("spanId"), str), _typed(s.get("parentSpanId"), str, ""),
+        _typed(s.get("name"), str),
         _int(s.get("kind", 0), 0, _KIND_MAX + 1), start, end,
         _attrs(s.get("attributes")), events,
-        _dict(s.get("status"), {}).get("code", 0) == 2, service)
+        _typed(s.get("status"), dict, {}).get("code", 0) == 2, service)
 
 
 def load_spans_counted(path: str) -> tuple[list[SpanRow], int]:
@@ -155,21 +150,21 @@ def load_spans_counted(path: str) -> tuple[list[SpanRow], int]:
                 continue
             try:
                 doc = orjson.loads(line)
-                resource_spans = _list(_dict(doc).get("resourceSpans"))
+                resource_spans = _list(_typed(doc, dict).get("resourceSpans"))
             except (orjson.JSONDecodeError, _Malformed):
                 skipped += 1
                 continue
             for rs in resource_spans:
                 try:
-                    rs = _dict(rs)
-                    service = _str(_attrs(_dict(rs.get("resource"), {}).get("attributes")).get("service.name"), "?")
+                    rs = _typed(rs, dict)
+                    service = _typed(_attrs(_typed(rs.get("resource"), dict, {}).get("attributes")).get("service.name"), str, "?")
                     scope_spans = _list(rs.get("scopeSpans"))
                 except _Malformed:
                     skipped += 1
                     continue
                 for ss in scope_spans:
                     try:
-                        spans = _list(_dict(ss).get("spans"))
+                        spans = _list(_typed(ss, dict).get("spans"))
                     except _Malformed:
                         skipped += 1
                         continue
