@@ -1206,9 +1206,7 @@ class ProxyCore:
             # to it (the next hop may write the sender's Via anew, parameters reordered or
             # spaced, equal by §20.42 but not byte for byte: every such response went
             # unaccounted, its RTT never taken, its transaction timed out)
-            tx = self.tracker.transactions.get((branch, cseq_m))
-            if tx is not None and not (tx.peer[0] == src[0] and tx.cseq == cseq_n and tx.call.call_id == call_id):
-                tx = None
+            tx = self._answered(branch, cseq_m, cseq_n, call_id, src)
         if tx is not None and tx.direction == direction:
             # the side its request went to answers it (see _fast_response): counted on that side
             klass = (min(status // 100, 6) - 1) * 2
@@ -1229,9 +1227,15 @@ class ProxyCore:
         """The transaction a response answers when this proxy still holds it, the response came
         from where the request went and carries the sender's Via exactly as written (what the
         branch MAC proves, already known), else None: the caller then checks statelessly."""
+        tx = self._answered(branch, cseq_m, cseq_n, call_id, src)
+        return tx if tx is not None and tx.via_below == next_raw else None
+
+    def _answered(self, branch: bytes, cseq_m: bytes, cseq_n: int, call_id: bytes,
+                  src: Addr) -> Transaction | None:
+        """The held transaction of this branch and CSeq when the response came from where its
+        request went and names its Call-ID and CSeq number, else None."""
         tx = self.tracker.transactions.get((branch, cseq_m))
-        if tx is not None and tx.via_below == next_raw and tx.peer[0] == src[0] \
-                and tx.cseq == cseq_n and tx.call.call_id == call_id:
+        if tx is not None and tx.peer[0] == src[0] and tx.cseq == cseq_n and tx.call.call_id == call_id:
             return tx
         return None
 
