@@ -37,9 +37,9 @@ NODE_PKG = DEPLOY / "schemas" / "node"
 DASH_DIR = DEPLOY / "grafana" / "dashboards"
 K8S = DEPLOY / "k8s"
 REQUIRED_ALERTS = {"SignalerRTTHigh", "CallFailureRatioHigh", "SidecarDown", "TransactionTimeoutsRising",
-                   "SidecarCPUHigh", "SpanExportDropping", "SIPParseErrors", "SidecarStalledByGC",
-                   "SidecarInternalErrors", "SidecarStateTableFull", "CallRecordsDropped", "LogLinesDropping",
-                   "HEPExportDropping", "SpanWorkerRestarting"}
+                   "GatewayTimeoutsRising", "SidecarCPUHigh", "SpanExportDropping", "SIPParseErrors",
+                   "SidecarStalledByGC", "SidecarInternalErrors", "SidecarStateTableFull", "CallRecordsDropped",
+                   "LogLinesDropping", "HEPExportDropping", "SpanWorkerRestarting"}
 PROMTOOL = shutil.which("promtool")
 AMTOOL = shutil.which("amtool")
 HADOLINT = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")

@@ -241,6 +241,12 @@ def overview() -> dict:
         prom(f"sum(rate(sip_keepalives_total{{{SEL}}}[$__rate_interval]))", "keep-alives", "C"),
     ], "reqps", "Evictions mean the in-flight tables are full (raise --max-transactions / --max-calls); "
        "dropped records mean exporters lag behind."), 8, 8))
+    p.append(L.place(timeseries("Gateway-side timeouts (per 5m)", [prom(
+        f"sum by (method) (increase(sip_gateway_timeouts_total{{{SEL}}}[5m]))", "{{method}}")], "none",
+        "Requests sip-signaling sent toward the gateway side (BYE, OPTIONS pings to a gateway or phone) with no "
+        "final response within Timer B/F: the gateway side's silence, not sip-signaling's (its own timeouts are on "
+        "the signaling dashboard). GatewayTimeoutsRising fires above 3 per 5 minutes for one method.",
+        steps=thresholds((None, "transparent"), (3, "red"))), 8, 8))
     p.append(L.row("Process and node"))
     p.append(L.place(timeseries("Sidecar CPU (share of one core)", [prom(
         f"instance:sipwatch_process_cpu:ratio_rate2m{{{SEL}}}", "{{instance}}")], "percentunit",
