@@ -46,6 +46,7 @@
 #include <Python.h>
 #include <arpa/inet.h>
 #include <errno.h>
+#include <math.h>
 #include <netinet/in.h>
 #include <stdint.h>
 #include <string.h>
@@ -82,6 +83,7 @@ typedef struct {
     PyObject *settle;          /* core.settle, called after the sends; may be NULL */
     double offset;
     int use_offset;
+    int stamped;               /* the kernel stamps each datagram's arrival (SO_TIMESTAMPNS) */
     char *bufs;                /* BATCH * BUF_SIZE, allocated at the first read */
     SrcEntry cache[SRC_CACHE];
     /* refusals here (see refuse_here): NULL unless the core gave their parameters */
@@ -322,7 +324,7 @@ static void tap_failed(Pump *p)
 
 /* Send ``out`` here when all of it is common (then the wiretap's copies, when one is set), else
  * hand it to the Python dispatch. */
-static void route(Pump *p, PyObject *data, PyObject *src, PyObject *now, PyObject *out)
+static void route(Pump *p, PyObject *data, PyObject *src, PyObject *now, double sent, PyObject *out)
 {
     if (p->core == NULL)
         return;  /* closed by the core's call */
@@ -372,10 +374,15 @@ static void route(Pump *p, PyObject *data, PyObject *src, PyObject *now, PyObjec
         send_one(p, &sends[i]);
     if (tap != NULL) {  /* as the edge's dispatch: what came in, then each copy that went out */
         int ok = call_tap(tap, data, src, Py_None, now);
+        /* the copies left now, not when a response arrived (see one()) */
+        PyObject *left = !(ok && n > 0) ? NULL : isnan(sent) ? Py_NewRef(now) : PyFloat_FromDouble(sent);
+        if (ok && n > 0 && left == NULL)
+            ok = 0;
         for (Py_ssize_t i = 0; i < n && ok; i++) {
             PyObject *item = PyList_GET_ITEM(out, i);
-            ok = call_tap(tap, PyTuple_GET_ITEM(item, 0), Py_None, PyTuple_GET_ITEM(item, 1), now);
+            ok = call_tap(tap, PyTuple_GET_ITEM(item, 0), Py_None, PyTuple_GET_ITEM(item, 1), left);
         }
+        Py_XDECREF(left);
         Py_DECREF(tap);
         if (!ok)
             tap_failed(p);
@@ -396,13 +403,6 @@ static double epoch_now(Pump *p)
     /* as time.monotonic() rounds: nanoseconds as a double, divided once */
     double d = (double)((int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec);
     return d / 1e9 + p->offset;
-}
-
-static PyObject *now_of(Pump *p)
-{
-    if (p->use_offset)
-        return PyFloat_FromDouble(epoch_now(p));
-    return PyObject_CallNoArgs(p->clock);
 }
 
 /* -- refusals ------------------------------------------------------------------------------- *
@@ -574,9 +574,30 @@ done:
     return rc;
 }
 
-static void one(Pump *p, const char *buf, size_t len, const struct sockaddr_storage *from)
+/* The time the core is given for a datagram: when it is read, except that a response stamped by
+ * the kernel is given its arrival (``arrived``, the epoch clock; NAN when not stamped). A
+ * request's time is when it is forwarded (a moment later), a response's when it reached this
+ * host: the round trip between them is the next hop's and the wire's alone, without the time a
+ * response queued here behind other work (a busy or stalled sidecar would have charged its own
+ * delay to sip-signaling). An arrival that is not in the last ARRIVAL_SPAN seconds (the wall
+ * clock it was converted from was stepped) is not believed. *sent is set to the read time. */
+#define ARRIVAL_SPAN 10.0
+static PyObject *time_of(Pump *p, const char *buf, size_t len, double arrived, double *sent)
+{
+    *sent = NAN;
+    if (!p->use_offset)
+        return PyObject_CallNoArgs(p->clock);
+    const double now = epoch_now(p);
+    *sent = now;
+    if (arrived <= now && arrived >= now - ARRIVAL_SPAN && len > 8 && memcmp(buf, "SIP/2.0 ", 8) == 0)
+        return PyFloat_FromDouble(arrived);  /* (false for NAN) */
+    return PyFloat_FromDouble(now);
+}
+
+static void one(Pump *p, const char *buf, size_t len, const struct sockaddr_storage *from, double arrived)
 {
     PyObject *data = NULL, *src = NULL, *now = NULL, *out = NULL;
+    double sent = NAN;
     if (p->refuse != NULL && len > 12 && (buf[0] == 'I' || buf[0] == 'A')) {
         const int here = refuse_here(p, buf, len, from);
         if (here > 0)
@@ -590,14 +611,14 @@ static void one(Pump *p, const char *buf, size_t len, const struct sockaddr_stor
     src = src_tuple(p, from);
     if (src == NULL)
         goto failed;
-    now = now_of(p);
+    now = time_of(p, buf, len, arrived, &sent);
     if (now == NULL)
         goto failed;
     PyObject *args[3] = {data, src, now};
     out = PyObject_Vectorcall(p->receive, args, 3, NULL);
     if (out == NULL)
         goto failed;
-    route(p, data, src, now, out);
+    route(p, data, src, now, sent, out);
     goto done;
 failed:
     hand_over(p->on_error);
@@ -615,6 +636,40 @@ done:
     }
 }
 
+/* epoch clock minus wall clock, read between two epoch readings; of a few tries the narrowest
+ * bracket (a preemption between the reads would shift every arrival of the batch by its length) */
+static double wall_offset(Pump *p)
+{
+    double best = NAN, width = INFINITY;
+    for (int i = 0; i < 3 && width > 20e-6; i++) {
+        struct timespec wall;
+        const double before = epoch_now(p);
+        clock_gettime(CLOCK_REALTIME, &wall);
+        const double after = epoch_now(p);
+        if (after - before < width) {
+            width = after - before;
+            best = (before + after) / 2 - ((double)wall.tv_sec + (double)wall.tv_nsec / 1e9);
+        }
+    }
+    return best;
+}
+
+/* A datagram's arrival on the epoch clock, from its SCM_TIMESTAMPNS stamp; NAN when it has none. */
+static double arrival(struct msghdr *h, double wall_to_epoch)
+{
+    if (isnan(wall_to_epoch) || (h->msg_flags & MSG_CTRUNC))
+        return NAN;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(h); c != NULL; c = CMSG_NXTHDR(h, c)) {
+        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_TIMESTAMPNS &&
+            c->cmsg_len >= CMSG_LEN(sizeof(struct timespec))) {
+            struct timespec ts;
+            memcpy(&ts, CMSG_DATA(c), sizeof ts);
+            return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9 + wall_to_epoch;
+        }
+    }
+    return NAN;
+}
+
 static PyObject *drain(Pump *p, int fd)
 {
     if (fd < 0)
@@ -630,6 +685,10 @@ static PyObject *drain(Pump *p, int fd)
     struct mmsghdr msgs[BATCH];
     struct iovec iov[BATCH];
     struct sockaddr_storage from[BATCH];
+    union {
+        char buf[CMSG_SPACE(sizeof(struct timespec))];
+        struct cmsghdr align;
+    } ctl[BATCH];
     memset(msgs, 0, sizeof msgs);
     for (int i = 0; i < BATCH; i++) {
         iov[i].iov_base = p->bufs + (size_t)i * BUF_SIZE;
@@ -638,6 +697,10 @@ static PyObject *drain(Pump *p, int fd)
         msgs[i].msg_hdr.msg_iovlen = 1;
         msgs[i].msg_hdr.msg_name = &from[i];
         msgs[i].msg_hdr.msg_namelen = sizeof from[i];
+        if (p->stamped) {
+            msgs[i].msg_hdr.msg_control = ctl[i].buf;
+            msgs[i].msg_hdr.msg_controllen = sizeof ctl[i].buf;
+        }
     }
     int n;
     do {
@@ -648,10 +711,12 @@ static PyObject *drain(Pump *p, int fd)
             socket_error(p, errno);  /* e.g. ECONNREFUSED: an ICMP error on the connected socket */
         Py_RETURN_NONE;
     }
+    /* the kernel's arrival stamps are wall-clock time: the batch's one offset to the epoch clock */
+    double wall_to_epoch = p->stamped && p->use_offset && n > 0 ? wall_offset(p) : NAN;
     /* the core may close the pump (a stop from a callback): hold it until the batch is done */
     Py_INCREF(p);
     for (int i = 0; i < n && p->receive != NULL; i++)
-        one(p, iov[i].iov_base, msgs[i].msg_len, &from[i]);
+        one(p, iov[i].iov_base, msgs[i].msg_len, &from[i], arrival(&msgs[i].msg_hdr, wall_to_epoch));
     send_replies(p);
     Py_DECREF(p);
     Py_RETURN_NONE;
@@ -812,6 +877,10 @@ static int Pump_init(Pump *p, PyObject *args, PyObject *kwargs)
     p->settle = settle == Py_None ? NULL : Py_NewRef(settle);
     p->offset = offset;
     p->use_offset = use_offset;
+    /* arrival stamps for the responses' times (see time_of); without them, the read time */
+    int on = 1;
+    p->stamped = use_offset && setsockopt(listen_fd, SOL_SOCKET, SO_TIMESTAMPNS, &on, sizeof on) == 0 &&
+                 (upstream_fd < 0 || setsockopt(upstream_fd, SOL_SOCKET, SO_TIMESTAMPNS, &on, sizeof on) == 0);
     p->refuse = refuse;
     if (refuse != NULL) {
         p->names = Py_NewRef(names);

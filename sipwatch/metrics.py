@@ -176,7 +176,7 @@ class SignalingCollector(_Guarded):
         ring = s.ring
         ring.fold(self.clock())
         bounds = [_fmt_le(b) for b in RTT_BUCKETS_MS] + ["+Inf"]
-        h = HistogramMetricFamily("signaler_rtt_milliseconds", "Request forwarded upstream (first copy) to first response back, including 100 Trying.", labels=["method"])
+        h = HistogramMetricFamily("signaler_rtt_milliseconds", "Request forwarded upstream (first copy) to first response's arrival, including 100 Trying.", labels=["method"])
         for mi, m in enumerate(_METHOD_NAMES):
             counts = ring.counts[mi]
             total = int(counts.sum())

@@ -4,7 +4,7 @@ Shared by the inline proxy (:mod:`sipwatch.core`) and passive capture (:mod:`sip
 so both compute figures with the same code. Nothing here reads a clock or touches a socket.
 
 * A transaction is keyed by whatever identifies one hop's request (the proxy uses its own
-  outgoing branch and the CSeq method). RTT = first copy forwarded → first response back.
+  outgoing branch and the CSeq method). RTT = first copy forwarded → first response's arrival.
 * Timers as RFC 3261 states them for a proxy's client transactions (§16.6 step 11, §16.8,
   §17.1): every request runs Timer B/F (``timer_b``, 64*T1) from its first copy. An INVITE that
   got a provisional response (any 1xx) leaves Timer B and runs Timer C (``timer_c``, > 3 min),
@@ -25,8 +25,9 @@ so both compute figures with the same code. Nothing here reads a clock or touche
   BYE retransmissions), then both are dropped. Each kind of timer has one constant delay and one
   :class:`DeadlineQueue`, kept in deadline order by adding at the back; an object waits in one
   queue at a time and leaves it in O(1) when it is rescheduled, moves on or leaves the table, so
-  expiry costs O(expired) and nothing stale is left behind. (Capture timestamps that go
-  backwards make an entry expire at most that much late; the proxy's clock is monotonic.)
+  expiry costs O(expired) and nothing stale is left behind. (Timestamps that go backwards make
+  an entry expire at most that much late: a capture's, and the proxy's for a response, which
+  carries its arrival and may have waited in the socket behind later-read work.)
 * B2BUA legs: a new dialog whose correlation header (sipwatch.correlation) names an open call
   it may join (:meth:`Tracker.may_join`) becomes a further leg of it (:meth:`Tracker.join_leg`):
   the legs share a :class:`LegGroup` of Call-IDs. Session-ID / icid keys live in

@@ -141,6 +141,39 @@ def test_a_request_and_its_answer_cross_the_edge(reader, host):
     run(main())
 
 
+def test_a_response_is_timed_at_its_arrival_not_when_a_stalled_proxy_reads_it():
+    """The pump gives a response its kernel arrival stamp: an upstream that answered at once is
+    not charged the 1 s the proxy's loop was stalled before it read the answer (a busy sidecar's
+    own delay had shown as sip-signaling's RTT). Bounds from the peers' own clocks: the request
+    left after ``t0`` and reached the upstream before ``t1``; the answer left between ``t2a``
+    and ``t2b``. Without the stamp the RTT read at least the stall."""
+    _need("pump")
+    import time
+
+    async def main():
+        up, gw = Peer("127.0.0.1"), Peer("127.0.0.1")
+        edge, listen = await open_edge("pump", "127.0.0.1", up.addr)
+        try:
+            t0 = time.monotonic()
+            gw.sock.sendto(options(gw.addr, b"stall1"), listen)
+            fwd = await up.recv()
+            t1 = time.monotonic()
+            await asyncio.sleep(0.05)  # the upstream's own time to answer, which the RTT must show
+            t2a = time.monotonic()
+            up.sock.sendto(answer(fwd), listen)
+            t2b = time.monotonic()
+            time.sleep(1.0)  # the proxy's loop stalled: the answer waits in its socket
+            await gw.recv()
+            assert edge.stats.ring.n == 1
+            rtt = float(edge.stats.ring.rtt[0]) / 1000.0
+            assert t2a - t1 - 0.001 <= rtt <= t2b - t0 + 0.001, (rtt, t2a - t1, t2b - t0)
+        finally:
+            edge.close()
+            up.close()
+            gw.close()
+    run(main())
+
+
 @pytest.mark.parametrize("reader", READERS)
 def test_a_dead_upstreams_icmp_error_is_counted_and_the_edge_keeps_reading(reader):
     """Nothing listens upstream: the kernel's ICMP port unreachable comes back as an error on
@@ -243,7 +276,8 @@ def test_an_exception_out_of_the_core_costs_one_datagram_and_a_raising_wiretap_n
     """The core raising (it catches its own errors; this one is injected) costs one datagram,
     counted as an internal error by the edge on both readers, and the reader reads on. A wiretap (HEP) raising costs only its copies: the message was sent
     first, the failure is counted under "hep". The wiretap sees what was received and what was
-    sent, both ways, at the edge's clock, on both readers."""
+    sent, both ways, at the edge's clock, on both readers (a response stamped with its arrival
+    by the pump, the same time otherwise)."""
     _need(reader)
 
     def raising(receive):
@@ -285,12 +319,17 @@ def test_an_exception_out_of_the_core_costs_one_datagram_and_a_raising_wiretap_n
             assert rx[:3] == (sent, gw.addr, None) and tx[:3] == (fwd, None, up.addr)
             assert before <= rx[3] == tx[3] <= after
             reply = answer(fwd)
+            before = edge.clock()
             up.sock.sendto(reply, listen)
             back = await gw.recv()
+            after = edge.clock()
             assert back == reply.replace(own_via(fwd), b"", 1)
             await until(lambda: len(seen) == 5, "the answer's copies")
             rx, tx = seen[3:]
-            assert rx[:3] == (reply, up.addr, None) and tx[:3] == (back, None, gw.addr) and rx[3] == tx[3]
+            assert rx[:3] == (reply, up.addr, None) and tx[:3] == (back, None, gw.addr)
+            # a response as it arrived (the pump: the kernel's stamp, converted from the wall
+            # clock, hence the 1-ms allowance), its copy as it left
+            assert before - 0.001 <= rx[3] <= tx[3] <= after
             assert errors["datagram"] == 1 and errors["hep"] == 1
         finally:
             edge.close()
@@ -313,6 +352,56 @@ def test_sipp_calls_through_a_sidecar_without_the_pump(tmp_path):
         gw = sc.wait_for(lambda s: metric(s, "sip_calls_processed_total", outcome="answered") >= 5)
         assert metric(gw, "sip_calls_processed_total", outcome="answered") == 5
         assert int(uac.stat()["SuccessfulCall(C)"]) == 5
+
+
+def _stopped(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def test_a_sidecar_stopped_for_a_second_does_not_charge_it_to_sip_signaling(tmp_path):
+    """The live proxy, stopped (SIGSTOP) after forwarding a request and before the answer came:
+    ``signaler_rtt_milliseconds`` reads the upstream's time to answer, not the second the
+    answer then waited in the stopped sidecar's socket. Bounds from the peers' clocks, as in
+    the test above."""
+    _need("pump")
+    import signal
+    import time
+
+    up = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    up.bind(("127.0.0.1", free_port()))
+    up.settimeout(WAIT)
+    gw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    gw.bind(("127.0.0.1", 0))
+    gw.settimeout(WAIT)
+    try:
+        with Sidecar(tmp_path, up.getsockname()[1], "--no-tracing") as sc:
+            t0 = time.monotonic()
+            gw.sendto(options(gw.getsockname(), b"stopped1"), ("127.0.0.1", sc.port))
+            fwd = up.recv(70000)
+            t1 = time.monotonic()
+            sc.proc.send_signal(signal.SIGSTOP)
+            try:
+                for _ in range(int(WAIT / 0.001)):
+                    if _stopped(sc.proc.pid):
+                        break
+                    time.sleep(0.001)
+                assert _stopped(sc.proc.pid)
+                t2a = time.monotonic()
+                up.sendto(answer(fwd), ("127.0.0.1", sc.port))
+                t2b = time.monotonic()
+                time.sleep(1.0)
+            finally:
+                sc.proc.send_signal(signal.SIGCONT)
+            gw.recv(70000)
+            sig = sc.wait_for(lambda s: metric(s, "signaler_rtt_milliseconds_count", method="OPTIONS") >= 1,
+                              side="signaling")
+            assert metric(sig, "signaler_rtt_milliseconds_count", method="OPTIONS") == 1
+            rtt_ms = metric(sig, "signaler_rtt_milliseconds_sum", method="OPTIONS")
+            assert (t2a - t1) * 1000 - 1 <= rtt_ms <= (t2b - t0) * 1000 + 1, (rtt_ms, t2a - t1, t2b - t0)
+    finally:
+        up.close()
+        gw.close()
 
 
 if os.environ.get("SIPWATCH_NO_C") == "1":
