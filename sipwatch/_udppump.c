@@ -15,8 +15,9 @@
  * turn under a flood), and per datagram builds the payload bytes, takes the source (host, port)
  * tuple from a small fixed-size cache keyed by the raw sockaddr (a flood of distinct sources
  * only misses it: memory stays bounded), reads the clock with clock_gettime (the edge's
- * epoch clock: CLOCK_MONOTONIC, which is time.monotonic() on Linux, plus its offset) and makes
- * one vectorcall of core.receive_datagram(data, src, now). The common output, a list of
+ * epoch clock: CLOCK_MONOTONIC, which is time.monotonic() on Linux, plus its offset; a response
+ * is given its kernel arrival stamp instead, see time_of) and makes one vectorcall of
+ * core.receive_datagram(data, src, now). The common output, a list of
  * (bytes, (ip literal, port)), it sends itself: send() on the connected upstream socket when the
  * destination is the upstream, else sendto() on the listen socket; with a wiretap set (the HEP
  * sender's tap) it then calls it for the datagram and each copy, as the edge's dispatch does
@@ -84,6 +85,7 @@ typedef struct {
     double offset;
     int use_offset;
     int stamped;               /* the kernel stamps each datagram's arrival (SO_TIMESTAMPNS) */
+    double last_wall_offset;   /* see batch_offset; NAN before the first */
     char *bufs;                /* BATCH * BUF_SIZE, allocated at the first read */
     SrcEntry cache[SRC_CACHE];
     /* refusals here (see refuse_here): NULL unless the core gave their parameters */
@@ -362,8 +364,13 @@ static void route(Pump *p, PyObject *data, PyObject *src, PyObject *now, double 
     }
     if (python) {
         Py_CLEAR(tap);  /* (cleared: a failing dispatch below goes to failed, which releases it) */
-        PyObject *args[4] = {data, src, now, out};
+        /* at the read time, as without stamps: its taps and its TCP bookkeeping run now */
+        PyObject *when = isnan(sent) ? Py_NewRef(now) : PyFloat_FromDouble(sent);
+        if (when == NULL)
+            goto failed;
+        PyObject *args[4] = {data, src, when, out};
         PyObject *r = PyObject_Vectorcall(p->dispatch, args, 4, NULL);
+        Py_DECREF(when);
         if (r == NULL)
             goto failed;
         Py_DECREF(r);
@@ -374,7 +381,7 @@ static void route(Pump *p, PyObject *data, PyObject *src, PyObject *now, double 
         send_one(p, &sends[i]);
     if (tap != NULL) {  /* as the edge's dispatch: what came in, then each copy that went out */
         int ok = call_tap(tap, data, src, Py_None, now);
-        /* the copies left now, not when a response arrived (see one()) */
+        /* the copies left now, not when a response arrived (see time_of) */
         PyObject *left = !(ok && n > 0) ? NULL : isnan(sent) ? Py_NewRef(now) : PyFloat_FromDouble(sent);
         if (ok && n > 0 && left == NULL)
             ok = 0;
@@ -575,27 +582,29 @@ done:
 }
 
 /* The time the core is given for a datagram: when it is read, except that a response stamped by
- * the kernel is given its arrival (``arrived``, the epoch clock; NAN when not stamped). A
- * request's time is when it is forwarded (a moment later), a response's when it reached this
- * host: the round trip between them is the next hop's and the wire's alone, without the time a
- * response queued here behind other work (a busy or stalled sidecar would have charged its own
- * delay to sip-signaling). An arrival that is not in the last ARRIVAL_SPAN seconds (the wall
- * clock it was converted from was stepped) is not believed. *sent is set to the read time. */
+ * the kernel is given its arrival (``arrived``, on the epoch clock; NAN for a request or when
+ * not stamped). A request's time is when it is forwarded (a moment later), a response's when it
+ * reached this host: the round trip between them is the next hop's and the wire's alone, without
+ * the time a response queued here behind other work (a busy or stalled sidecar would have
+ * charged its own delay to sip-signaling). An arrival is never later than the read, nor earlier
+ * than ARRIVAL_SPAN seconds before it (after a longer stall, the 1xx and the final that waited
+ * keep their order). *sent is set to the read time when the time given is the arrival. */
 #define ARRIVAL_SPAN 10.0
-static PyObject *time_of(Pump *p, const char *buf, size_t len, double arrived, double *sent)
+static PyObject *time_of(Pump *p, double arrived, double *sent)
 {
     *sent = NAN;
     if (!p->use_offset)
         return PyObject_CallNoArgs(p->clock);
     const double now = epoch_now(p);
+    if (!(arrived <= now))  /* (NAN too) */
+        return PyFloat_FromDouble(now);
     *sent = now;
-    if (arrived <= now && arrived >= now - ARRIVAL_SPAN && len > 8 && memcmp(buf, "SIP/2.0 ", 8) == 0)
-        return PyFloat_FromDouble(arrived);  /* (false for NAN) */
-    return PyFloat_FromDouble(now);
+    return PyFloat_FromDouble(arrived >= now - ARRIVAL_SPAN ? arrived : now - ARRIVAL_SPAN);
 }
 
 static void one(Pump *p, const char *buf, size_t len, const struct sockaddr_storage *from, double arrived)
 {
+    /* (``arrived``: see time_of) */
     PyObject *data = NULL, *src = NULL, *now = NULL, *out = NULL;
     double sent = NAN;
     if (p->refuse != NULL && len > 12 && (buf[0] == 'I' || buf[0] == 'A')) {
@@ -611,7 +620,7 @@ static void one(Pump *p, const char *buf, size_t len, const struct sockaddr_stor
     src = src_tuple(p, from);
     if (src == NULL)
         goto failed;
-    now = time_of(p, buf, len, arrived, &sent);
+    now = time_of(p, arrived, &sent);
     if (now == NULL)
         goto failed;
     PyObject *args[3] = {data, src, now};
@@ -652,6 +661,19 @@ static double wall_offset(Pump *p)
         }
     }
     return best;
+}
+
+/* The offset for this batch's stamps (wall clock, the kernel's) to the epoch clock, read once a
+ * batch that holds a response; NAN when it moved since the last reading by more than WALL_STEP:
+ * the wall clock was stepped (NTP slews both clocks alike, only a step parts them), and a stamp
+ * taken before the step would be off by it. */
+#define WALL_STEP 1e-3
+static double batch_offset(Pump *p)
+{
+    const double w = wall_offset(p);
+    const double last = p->last_wall_offset;
+    p->last_wall_offset = w;
+    return isnan(last) || fabs(w - last) <= WALL_STEP ? w : NAN;
 }
 
 /* A datagram's arrival on the epoch clock, from its SCM_TIMESTAMPNS stamp; NAN when it has none. */
@@ -712,11 +734,21 @@ static PyObject *drain(Pump *p, int fd)
         Py_RETURN_NONE;
     }
     /* the kernel's arrival stamps are wall-clock time: the batch's one offset to the epoch clock */
-    double wall_to_epoch = p->stamped && p->use_offset && n > 0 ? wall_offset(p) : NAN;
+    double wall_to_epoch = NAN;  /* read at the batch's first response */
+    int offset_read = 0;
     /* the core may close the pump (a stop from a callback): hold it until the batch is done */
     Py_INCREF(p);
-    for (int i = 0; i < n && p->receive != NULL; i++)
-        one(p, iov[i].iov_base, msgs[i].msg_len, &from[i], arrival(&msgs[i].msg_hdr, wall_to_epoch));
+    for (int i = 0; i < n && p->receive != NULL; i++) {
+        double arrived = NAN;
+        if (p->stamped && p->use_offset && msgs[i].msg_len > 8 && memcmp(iov[i].iov_base, "SIP/2.0 ", 8) == 0) {
+            if (!offset_read) {
+                wall_to_epoch = batch_offset(p);
+                offset_read = 1;
+            }
+            arrived = arrival(&msgs[i].msg_hdr, wall_to_epoch);
+        }
+        one(p, iov[i].iov_base, msgs[i].msg_len, &from[i], arrived);
+    }
     send_replies(p);
     Py_DECREF(p);
     Py_RETURN_NONE;
@@ -879,6 +911,7 @@ static int Pump_init(Pump *p, PyObject *args, PyObject *kwargs)
     p->use_offset = use_offset;
     /* arrival stamps for the responses' times (see time_of); without them, the read time */
     int on = 1;
+    p->last_wall_offset = NAN;
     p->stamped = use_offset && setsockopt(listen_fd, SOL_SOCKET, SO_TIMESTAMPNS, &on, sizeof on) == 0 &&
                  (upstream_fd < 0 || setsockopt(upstream_fd, SOL_SOCKET, SO_TIMESTAMPNS, &on, sizeof on) == 0);
     p->refuse = refuse;
@@ -908,7 +941,14 @@ static PyObject *Pump_refused_here(Pump *p, void *Py_UNUSED(closure))
     return PyLong_FromUnsignedLongLong(p->refused_here);
 }
 
+static PyObject *Pump_stamped(Pump *p, void *Py_UNUSED(closure))
+{
+    return PyBool_FromLong(p->stamped);
+}
+
 static PyGetSetDef Pump_getset[] = {
+    {"stamped", (getter)Pump_stamped, NULL,
+     "True when responses are timed at their arrival (the kernel's SO_TIMESTAMPNS stamps).", NULL},
     {"refused_here", (getter)Pump_refused_here, NULL,
      "Datagrams refused (INVITEs) or absorbed (their ACKs) by the pump itself, not the core's call.", NULL},
     {NULL, NULL, NULL, NULL, NULL},

@@ -12,7 +12,7 @@ so both compute figures with the same code. Nothing here reads a clock or touche
   §13.3.1.1). Timer C runs from the first 1xx rather than from the forwarding (§16.6 starts it
   there, and only 101-199 restart it), so an INVITE answered by 100 alone times out one RTT
   later than the RFC's proxy would; in exchange every Timer C deadline is "now + timer_c" and
-  its deque stays sorted. A non-INVITE keeps Timer F whatever 1xx it gets. A transaction with no final
+  its queue stays sorted (but for times that go backwards, below). A non-INVITE keeps Timer F whatever 1xx it gets. A transaction with no final
   response when its timer fires is a timeout.
 * A call is an INVITE dialog, keyed by Call-ID (:meth:`Tracker.lookup_call` says which entry a
   request belongs to: a REGISTER/OPTIONS entry, or an INVITE dialog that ended, does not swallow
@@ -732,6 +732,8 @@ class Tracker:
     def response_to(self, tx: Transaction, status: int, now: float, to_tag: bytes | None = None) -> Transaction:
         """:meth:`response` for a transaction the caller already looked up by its key."""
         stats = self.stats
+        if now < tx.t_sent:  # never before its request: a capture's merged clocks, a wall-clock step
+            now = tx.t_sent  # under the proxy's arrival stamps (no negative RTT, setup, duration)
         if tx.t_first is None:
             tx.t_first = now
             if tx.direction == FROM_GATEWAY:  # (sent to sip-signaling: its answer, its RTT)

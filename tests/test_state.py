@@ -93,6 +93,22 @@ def test_ringing_40s_then_answered_is_answered_not_a_timeout():
     assert tr.stats.response_retransmissions == 0
 
 
+def test_a_response_stamped_before_its_request_is_taken_at_the_request():
+    """A response is never earlier than the request it answers: stamped so (a capture merged
+    from two clocks, a wall-clock step under the proxy's arrival stamps) it is taken at the
+    request's time, not as a negative RTT, setup or answer time."""
+    tr = tracker()
+    d = Driver(tr)
+    call = d.call(b"early", T0)
+    key = d.req(call, b"INVITE", T0 + 1.0)
+    tr.response(key, 180, T0 + 0.5)
+    tx = tr.response(key, 200, T0 + 2.0, b"callee")
+    assert tx.t_first == T0 + 1.0 and tx.events[0] == (180, T0 + 1.0)
+    assert call.t_setup == T0 + 1.0 and call.t_answer == T0 + 2.0
+    tr.stats.ring.fold()
+    assert tr.stats.ring.sums[INVITE] == 0.0 and tr.stats.ring.counts[INVITE].sum() == 1
+
+
 def test_provisional_then_silence_times_out_at_timer_c_restarted_by_each_provisional():
     tr = tracker(timer_b=32.0, timer_c=180.0)
     d = Driver(tr)

@@ -141,6 +141,38 @@ def test_a_request_and_its_answer_cross_the_edge(reader, host):
     run(main())
 
 
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # (Linux; the module may not name it)
+
+
+def _arrival_stamps_on() -> None:
+    """Wait until the kernel stamps datagrams as they arrive. The first socket to ask turns that
+    on through deferred work; until it has run, a datagram is stamped when it is read. Called
+    once the sidecar's sockets have asked (they keep it on after this probe closes)."""
+    import struct
+    import time
+
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        except OSError:
+            pytest.skip("no SO_TIMESTAMPNS here")
+        probe.bind(("127.0.0.1", 0))
+        for _ in range(int(WAIT / 0.02)):
+            probe.sendto(b"x", probe.getsockname())
+            time.sleep(0.02)
+            _, anc, _, _ = probe.recvmsg(16, socket.CMSG_SPACE(16))
+            read = time.time()
+            for level, kind, data in anc:
+                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= 16:
+                    sec, nsec = struct.unpack("qq", data[:16])
+                    if read - (sec + nsec / 1e9) >= 0.015:  # stamped when it came, not when read
+                        return
+        raise AssertionError("the kernel never stamped a datagram on arrival")
+    finally:
+        probe.close()
+
+
 def test_a_response_is_timed_at_its_arrival_not_when_a_stalled_proxy_reads_it():
     """The pump gives a response its kernel arrival stamp: an upstream that answered at once is
     not charged the 1 s the proxy's loop was stalled before it read the answer (a busy sidecar's
@@ -154,6 +186,9 @@ def test_a_response_is_timed_at_its_arrival_not_when_a_stalled_proxy_reads_it():
         up, gw = Peer("127.0.0.1"), Peer("127.0.0.1")
         edge, listen = await open_edge("pump", "127.0.0.1", up.addr)
         try:
+            if not edge._pump.stamped:
+                pytest.skip("the sockets take no SO_TIMESTAMPNS here")
+            _arrival_stamps_on()
             t0 = time.monotonic()
             gw.sock.sendto(options(gw.addr, b"stall1"), listen)
             fwd = await up.recv()
@@ -376,6 +411,7 @@ def test_a_sidecar_stopped_for_a_second_does_not_charge_it_to_sip_signaling(tmp_
     gw.settimeout(WAIT)
     try:
         with Sidecar(tmp_path, up.getsockname()[1], "--no-tracing") as sc:
+            _arrival_stamps_on()
             t0 = time.monotonic()
             gw.sendto(options(gw.getsockname(), b"stopped1"), ("127.0.0.1", sc.port))
             fwd = up.recv(70000)
