@@ -34,6 +34,9 @@ SIP_PORTS = (5060, 5061)
 ANALYZE_EXPORT_TIMEOUT = 300.0  # seconds to export a file's spans before dropping the rest
 GC_EVERY = 1 << 16  # packets between collections of the young generation while reading
 SDP_BACKLOG_BYTES = 16 << 20  # SDP bodies held unparsed until a UDP payload may be RTP
+# a packet stamped this much earlier than one before it is counted (a merge of clocks that
+# disagree, a clock stepped back while capturing): a multi-interface capture interleaves within µs
+BACKWARDS_TOLERANCE = 0.001
 
 
 class SdpBacklog:
@@ -134,10 +137,15 @@ def _analyse(path, engine, mask, progress, spans, max_sip_message, correlation=D
 
     feed, stats = obs.feed, obs.stats
     t_end = None  # the capture's last packet time (open calls end there)
+    back, back_max = 0, 0.0  # packets stamped before one already read, and by how much at most
     for ts, src, dst, transport, payload in _source(path, engine, counters, max_sip_message):
         n += 1
         if t_end is None or ts > t_end:
             t_end = ts
+        elif ts < t_end - BACKWARDS_TOLERANCE:
+            back += 1
+            if t_end - ts > back_max:
+                back_max = t_end - ts
         try:
             if dst[1] in SIP_PORTS or src[1] in SIP_PORTS or transport == "tcp" \
                     or looks_like_sip(payload):
@@ -163,6 +171,7 @@ def _analyse(path, engine, mask, progress, spans, max_sip_message, correlation=D
                          f"{n / (now - t_start):.0f} packets/s")
     obs.finish(t_end)
     drain()
+    counters["time_backwards"], counters["time_backwards_max_s"] = back, back_max
     if rtp.ssrc_churn:  # (said with what the reader could not see)
         counters["rtp_ssrc_churn"] = rtp.ssrc_churn
     rep = _report(path, engine, mask, obs, rtp, counters, calls, txs, n,
@@ -314,6 +323,8 @@ def _report(path, engine, mask, obs: Observer, rtp: RtpAnalyzer, counters, calls
             "keepalives": stats.keepalives + counters.get("tcp_keepalives", 0),
             "evicted_transactions": stats.evicted_transactions,
             "not_rtp_udp": rtp.not_rtp,
+            "time_backwards": counters.get("time_backwards", 0),
+            "time_backwards_max_s": round(counters.get("time_backwards_max_s", 0.0), 6),
         },
         "rtcp_packets": rtp.rtcp_packets,
         "rtp_keepalives": rtp.keepalives,
@@ -385,7 +396,12 @@ def capture_warnings(counters: dict, decoded: int, sip_messages: int) -> list[st
             (counters.get("rtp_ssrc_churn", 0), f"RTP packets started new SSRCs past {RtpAnalyzer.CHURN_MAX} "
                                                 f"on one media flow within {RtpAnalyzer.CHURN_WINDOW:g} s: "
                                                 f"counted, not analysed as streams"),
-            (counters.get("sip_oversized", 0), "SIP messages over TCP larger than --max-sip-message were skipped")):
+            (counters.get("sip_oversized", 0), "SIP messages over TCP larger than --max-sip-message were skipped"),
+            (counters.get("time_backwards", 0),
+             f"packets were stamped more than {BACKWARDS_TOLERANCE * 1000:g} ms earlier than a packet before them "
+             f"(up to {counters.get('time_backwards_max_s', 0.0):.3f} s back: a capture merged from clocks that "
+             f"disagree, or a clock stepped back while capturing); times across them are not to be trusted "
+             f"(a response stamped before its request is taken at its request: RTT 0)")):
         if n:
             out.append(f"warning: {n} {what}")
     if frames and not decoded and not undecoded:

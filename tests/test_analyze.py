@@ -518,3 +518,39 @@ def test_jitter_with_dtmf_follows_rfc3550_not_wireshark():
         peak = max(peak, j)
     (s,) = [x for x in analyse(str(src))["rtp_streams"] if x["ssrc"] == "0x5711BF84"]
     assert s["max_jitter_ms"] == pytest.approx(peak, abs=0.002) and peak < 0.1
+
+
+@needs_tshark
+def test_packets_stamped_back_in_time_are_counted_as_tshark_sees_them(tmp_path):
+    """A capture merged from two clocks: a second host's call appended with stamps 5 s behind,
+    and a 100 Trying stamped 0.2 s before the INVITE it answers. The report counts the steps
+    back as tshark's frame deltas show them, warns, and gives no negative RTT."""
+    frames = []
+    for ts, s, d, payload in _call_frames(t0=1000.0, call_id="ahead@x"):
+        frames.append((ts, pb.eth(pb.ipv4(s, d, 17, pb.udp(5060, 5060, payload)))))
+    for ts, s, d, payload in _call_frames("10.0.1.1", "10.0.1.2", t0=995.0, call_id="behind@x"):
+        frames.append((ts, pb.eth(pb.ipv4(s, d, 17, pb.udp(5060, 5060, payload)))))
+    inv = pb.sip_invite("early@x", "z9hG4bK9", "10.0.2.1", "10.0.2.2")
+    frames.append((1001.0, pb.eth(pb.ipv4("10.0.2.1", "10.0.2.2", 17, pb.udp(5060, 5060, inv)))))
+    trying = pb.sip_response(inv, 100, "Trying", "")
+    frames.append((1000.8, pb.eth(pb.ipv4("10.0.2.2", "10.0.2.1", 17, pb.udp(5060, 5060, trying)))))
+    path = tmp_path / "merged.pcap"
+    path.write_bytes(pb.pcap(1, frames))
+    deltas = [float(x) for x in subprocess.run(
+        ["tshark", "-n", "-r", str(path), "-T", "fields", "-e", "frame.time_delta"],
+        capture_output=True, text=True, check=True).stdout.split()]
+    epochs = [float(x) for x in subprocess.run(
+        ["tshark", "-n", "-r", str(path), "-T", "fields", "-e", "frame.time_epoch"],
+        capture_output=True, text=True, check=True).stdout.split()]
+    # tshark's deltas are to the previous frame; ours to the latest stamp read so far
+    latest, back, most = epochs[0], 0, 0.0
+    for t in epochs[1:]:
+        if t < latest - 0.001:
+            back, most = back + 1, max(most, latest - t)
+        latest = max(latest, t)
+    assert sum(d < -0.001 for d in deltas) == 2 and back == 4  # (the behind call: all three of its frames)
+    rep = analyse(str(path))
+    assert rep["errors"]["time_backwards"] == back
+    assert rep["errors"]["time_backwards_max_s"] == pytest.approx(most, abs=1e-6)
+    assert any("stamped more than 1 ms earlier" in w and f"{most:.3f} s back" in w for w in rep["warnings"])
+    assert rep["txn"]["rtt_first_resp_ms_min"] == 0.0 and rep["txn"]["answered"] == 3
