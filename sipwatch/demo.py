@@ -333,7 +333,7 @@ def report(gw: str, sig: str, work: Path, spans_file: Path, calls: int, caller_r
     print(f"\ncalls placed by SIPp: {calls} (SIPp exit code {caller_rc}); "
           f"counted by sipwatch: {int(sum(outcomes.values()))} "
           f"({', '.join(f'{k} {int(v)}' for k, v in outcomes.items() if v)})")
-    print("\nsignaling RTT (request forwarded -> first response back), from signaler_rtt_milliseconds:")
+    print("\nsignaling RTT (request forwarded -> first response's arrival), from signaler_rtt_milliseconds:")
     print(f"  {'method':8} {'count':>7} {'mean ms':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}")
     for method, d in sorted(rtt_by_method(sig).items()):
         qs = [quantile(q, d["buckets"]) for q in (0.5, 0.95, 0.99)]
