@@ -84,7 +84,7 @@ typedef struct {
     PyObject *settle;          /* core.settle, called after the sends; may be NULL */
     double offset;
     int use_offset;
-    int stamped;               /* the kernel stamps each datagram's arrival (SO_TIMESTAMPNS) */
+    int stamped;               /* the kernel stamps each datagram's arrival (SO_TIMESTAMPNS); only with use_offset */
     double last_wall_offset;   /* see batch_offset; NAN before the first */
     char *bufs;                /* BATCH * BUF_SIZE, allocated at the first read */
     SrcEntry cache[SRC_CACHE];
@@ -324,6 +324,13 @@ static void tap_failed(Pump *p)
     Py_XDECREF(handler);
 }
 
+/* The read time as an object (a new reference): ``now`` itself unless it is a response's arrival
+ * (``sent``, the read time, is then a number; see time_of). */
+static PyObject *read_time(PyObject *now, double sent)
+{
+    return isnan(sent) ? Py_NewRef(now) : PyFloat_FromDouble(sent);
+}
+
 /* Send ``out`` here when all of it is common (then the wiretap's copies, when one is set), else
  * hand it to the Python dispatch. */
 static void route(Pump *p, PyObject *data, PyObject *src, PyObject *now, double sent, PyObject *out)
@@ -365,7 +372,7 @@ static void route(Pump *p, PyObject *data, PyObject *src, PyObject *now, double 
     if (python) {
         Py_CLEAR(tap);  /* (cleared: a failing dispatch below goes to failed, which releases it) */
         /* at the read time, as without stamps: its taps and its TCP bookkeeping run now */
-        PyObject *when = isnan(sent) ? Py_NewRef(now) : PyFloat_FromDouble(sent);
+        PyObject *when = read_time(now, sent);
         if (when == NULL)
             goto failed;
         PyObject *args[4] = {data, src, when, out};
@@ -382,7 +389,7 @@ static void route(Pump *p, PyObject *data, PyObject *src, PyObject *now, double 
     if (tap != NULL) {  /* as the edge's dispatch: what came in, then each copy that went out */
         int ok = call_tap(tap, data, src, Py_None, now);
         /* the copies left now, not when a response arrived (see time_of) */
-        PyObject *left = !(ok && n > 0) ? NULL : isnan(sent) ? Py_NewRef(now) : PyFloat_FromDouble(sent);
+        PyObject *left = ok && n > 0 ? read_time(now, sent) : NULL;
         if (ok && n > 0 && left == NULL)
             ok = 0;
         for (Py_ssize_t i = 0; i < n && ok; i++) {
@@ -646,7 +653,8 @@ done:
 }
 
 /* epoch clock minus wall clock, read between two epoch readings; of a few tries the narrowest
- * bracket (a preemption between the reads would shift every arrival of the batch by its length) */
+ * bracket (a preemption between the reads would shift every arrival of the batch by its length;
+ * sipwatch.transport.epoch_clock reads its offset the same way) */
 static double wall_offset(Pump *p)
 {
     double best = NAN, width = INFINITY;
@@ -740,7 +748,7 @@ static PyObject *drain(Pump *p, int fd)
     Py_INCREF(p);
     for (int i = 0; i < n && p->receive != NULL; i++) {
         double arrived = NAN;
-        if (p->stamped && p->use_offset && msgs[i].msg_len > 8 && memcmp(iov[i].iov_base, "SIP/2.0 ", 8) == 0) {
+        if (p->stamped && msgs[i].msg_len > 8 && memcmp(iov[i].iov_base, "SIP/2.0 ", 8) == 0) {
             if (!offset_read) {
                 wall_to_epoch = batch_offset(p);
                 offset_read = 1;

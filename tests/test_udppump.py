@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
+import struct
+import time
 import tracemalloc
 
 import pytest
@@ -148,8 +151,6 @@ def _arrival_stamps_on() -> None:
     """Wait until the kernel stamps datagrams as they arrive. The first socket to ask turns that
     on through deferred work; until it has run, a datagram is stamped when it is read. Called
     once the sidecar's sockets have asked (they keep it on after this probe closes)."""
-    import struct
-    import time
 
     probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
@@ -180,7 +181,6 @@ def test_a_response_is_timed_at_its_arrival_not_when_a_stalled_proxy_reads_it():
     left after ``t0`` and reached the upstream before ``t1``; the answer left between ``t2a``
     and ``t2b``. Without the stamp the RTT read at least the stall."""
     _need("pump")
-    import time
 
     async def main():
         up, gw = Peer("127.0.0.1"), Peer("127.0.0.1")
@@ -400,9 +400,6 @@ def test_a_sidecar_stopped_for_a_second_does_not_charge_it_to_sip_signaling(tmp_
     answer then waited in the stopped sidecar's socket. Bounds from the peers' clocks, as in
     the test above."""
     _need("pump")
-    import signal
-    import time
-
     up = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     up.bind(("127.0.0.1", free_port()))
     up.settimeout(WAIT)
