@@ -16,8 +16,8 @@ and whether over TCP (``core.out_tcp``). The edge maps a destination to a connec
 
 Hygiene, for peers that are hostile or merely broken: at most ``max_connections`` connections
 (to make room, the oldest accepted connection none of whose messages was forwarded yet is
-closed, else the one forwarded from least recently among those of the IP address that holds the
-most, never the upstream's: connections opened in bulk, or kept busy with messages that go
+closed, else the one forwarded from least recently among those of the party that holds the
+most (an IPv4 address, an IPv6 /64: :func:`party_of`), never the upstream's: connections opened in bulk, or kept busy with messages that go
 nowhere, cannot push out the ones carrying calls), a connection whose messages go nowhere (stray
 responses, malformed or refused requests, keep-alives) more than ``JUNK_RATE`` a second beyond a burst of
 ``JUNK_BURST`` is closed, a burst of messages is handled ``TURN_MAX`` a turn of the loop (one
@@ -152,9 +152,9 @@ class TcpEdge:
         self.by_addr: dict[Addr, _Conn] = {}  # peer addresses and aliases -> connection
         self.conns: dict[_Conn, None] = {}  # every connection
         self.silent: dict[_Conn, None] = {}  # accepted, nothing forwarded yet: oldest first
-        # every connection by its peer's IP, each IP's least recently forwarded from first
-        self.by_ip: dict[str, dict[_Conn, None]] = {}
-        self._crowded: str | None = None  # the IP that last gave up a connection to make room
+        # every connection by its peer's party (party_of), each party's least recently forwarded from first
+        self.by_party: dict[str, dict[_Conn, None]] = {}
+        self._crowded: str | None = None  # the party that last gave up a connection to make room
         self.failed_until: dict[Addr, float] = {}
         # an accepted connection's peer -> the sent-by its requests named on its IP (their listening
         # port): where a response goes once that connection is gone (RFC 3261 §18.2.2), kept after
@@ -233,7 +233,7 @@ class TcpEdge:
                 if conn.silent:
                     conn.silent = False
                     self.silent.pop(conn, None)
-                group = self.by_ip.get(src[0])
+                group = self.by_party.get(conn.party)
                 if group is not None and group.pop(conn, 0) is None:
                     group[conn] = None  # most recently forwarded from last
             elif core.stream_junk:
@@ -348,7 +348,7 @@ class TcpEdge:
     # -- the table -----------------------------------------------------------------------
     def _admit(self, conn: "_Conn") -> None:
         """Count a new connection in. When full, close the oldest accepted one none of whose
-        messages was forwarded, else the least recently forwarded from of the IP that holds the
+        messages was forwarded, else the least recently forwarded from of the party that holds the
         most connections (never the upstream's)."""
         conns = self.conns
         silent = self.silent
@@ -362,41 +362,44 @@ class TcpEdge:
         conns[conn] = None
         if conn.inbound:
             silent[conn] = None
-        group = self.by_ip.get(conn.peer[0])
+        conn.party = party = party_of(conn.peer[0])
+        group = self.by_party.get(party)
         if group is None:
-            group = self.by_ip[conn.peer[0]] = {}
+            group = self.by_party[party] = {}
         group[conn] = None
         self.tcp_stats.open[0 if conn.inbound else 1] += 1
 
     def _crowded_out(self) -> "_Conn | None":
         """The connection to close to make room when every one has had a message forwarded: the
-        least recently forwarded from of the IP that holds the most (one with at least the mean
-        does: the last such IP is tried first, so the walk over the IPs is rare). Among IPs that
-        hold as many, the one whose candidate was opened last: the first of them in the table was
-        the one connected longest, so a flood spread over many addresses, a connection each,
-        pushed out the gateway that had carried calls all along (recency of use is no better
-        guide: each flood connection's one message is newer than an idle gateway's last)."""
-        by_ip = self.by_ip
+        least recently forwarded from of the party that holds the most (one with at least the
+        mean does: the last such party is tried first, so the walk over the parties is rare).
+        Among parties that hold as many, the one whose candidate was opened last: the first of
+        them in the table was the one connected longest, so a flood spread over many addresses,
+        a connection each, pushed out the gateway that had carried calls all along (recency of
+        use is no better guide: each flood connection's one message is newer than an idle
+        gateway's last). A party is an IPv6 /64, not an address: one host holds 2^64 of them,
+        and a connection from each had made the gateway's IP the one holding the most."""
+        by_party = self.by_party
         keep = self.by_addr.get(self.upstream)
-        ip = self._crowded
-        group = by_ip.get(ip) if ip is not None else None
-        if group is None or len(group) * len(by_ip) <= len(self.conns):  # (at the mean: a tie, walk)
-            ip, most, youngest = None, 0, 0.0
-            for k, g in by_ip.items():
+        party = self._crowded
+        group = by_party.get(party) if party is not None else None
+        if group is None or len(group) * len(by_party) <= len(self.conns):  # (at the mean: a tie, walk)
+            party, most, youngest = None, 0, 0.0
+            for k, g in by_party.items():
                 n = len(g)
                 if n < most or n == 1 and keep in g:
                     continue
                 at = next(iter(g)).opened_at
                 if n > most or at > youngest:
-                    ip, most, youngest = k, n, at
-            if ip is None:
+                    party, most, youngest = k, n, at
+            if party is None:
                 return None
-            group = by_ip[ip]
-            self._crowded = ip
+            group = by_party[party]
+            self._crowded = party
         for c in group:
             if c is not keep:
                 return c
-        for c in self.conns:  # (that IP had only the upstream's connection)
+        for c in self.conns:  # (that party had only the upstream's connection)
             if c is not keep:
                 return c
         return None
@@ -442,12 +445,11 @@ class TcpEdge:
         self.silent.pop(conn, None)
         if self.conns.pop(conn, 0) is None:
             self.tcp_stats.open[0 if conn.inbound else 1] -= 1
-            ip = conn.peer[0]
-            group = self.by_ip.get(ip)
+            group = self.by_party.get(conn.party)
             if group is not None:
                 group.pop(conn, None)
                 if not group:
-                    del self.by_ip[ip]
+                    del self.by_party[conn.party]
         for a in (conn.peer, *conn.aliases):
             if self.by_addr.get(a) is conn:
                 del self.by_addr[a]
@@ -502,6 +504,7 @@ class _Conn(asyncio.Protocol):
         self.shedding = False  # its new dialogs are being refused (counted once an episode)
         self.sheds_all = False  # ... and everyone's (it is sip-signaling's: TcpEdge._shed)
         self.fd = -1  # the socket's descriptor (for the bytes queued unread)
+        self.party = ""  # party_of(its peer's IP), set when it is counted in (TcpEdge._admit)
 
     # -- asyncio callbacks (none raises) --------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -746,6 +749,25 @@ class _Conn(asyncio.Protocol):
             self.shut("error")
         except Exception:  # noqa: BLE001
             pass
+
+
+def party_of(ip: str) -> str:
+    """Who holds the connections from ``ip``, as far as making room goes: an IPv4 address, or an
+    IPv6 address's /64 (the prefix a subscriber or a site is given, RFC 6177: one host may use
+    every address in it). An IPv4 address mapped into IPv6 (a dual-stack listener) is that IPv4
+    address."""
+    if ":" not in ip:
+        return ip
+    try:
+        packed = socket.inet_pton(socket.AF_INET6, ip.partition("%")[0])
+    except (OSError, ValueError):
+        return ip
+    if packed[:12] == _V4_MAPPED:
+        return socket.inet_ntop(socket.AF_INET, packed[12:])
+    return socket.inet_ntop(socket.AF_INET6, packed[:8] + bytes(8)) + "/64"
+
+
+_V4_MAPPED = bytes(10) + b"\xff\xff"
 
 
 def _unread(fd: int) -> int:

@@ -1244,6 +1244,91 @@ def test_a_flood_spread_over_many_addresses_does_not_push_out_the_gateway(gw_con
     assert closed["limit"] >= 40 - table
 
 
+def _ipv6_spread_flood(gw_conns: int, table: int = 8) -> dict:
+    """(run inside a network namespace where 2001:db8:7::/64 is local: see the test below) The
+    gateway on ::1 with ``gw_conns`` connections that carried calls, then 40 connections from 40
+    addresses of one /64, each forwarding one INVITE; then the gateway's next call."""
+    import asyncio
+    import socket
+
+    from sipwatch.tcp import TcpEdge
+
+    async def run():
+        sent: list[bytes] = []
+        edge = TcpEdge(make("udp"), asyncio.get_running_loop().time,
+                       lambda payload, dest: sent.append(payload), max_connections=table)
+        await edge.open(("::1", 0))
+        gws, flood = [], []
+        try:
+            for i in range(gw_conns):
+                s = socket.create_connection(edge.local[:2])
+                s.sendall(tcp_invite(branch=b"z9hG4bK-g%d" % i, call_id=b"gw-%d" % i))
+                gws.append(s)
+                await _settle(lambda: any(b"gw-%d" % i in p for p in sent))
+            for k in range(40):
+                s = socket.socket(socket.AF_INET6)
+                s.setsockopt(socket.IPPROTO_IPV6, 78, 1)  # IPV6_FREEBIND: any address of the /64
+                s.bind(("2001:db8:7::%x" % (k + 1), 0))
+                s.connect(edge.local[:2])
+                s.sendall(tcp_invite(branch=b"z9hG4bK-s%d" % k, call_id=b"spread-%d" % k))
+                flood.append(s)
+                await _settle(lambda: any(b"spread-%d" % k in p for p in sent))
+            gws[-1].sendall(tcp_invite(branch=b"z9hG4bK-gw-2", call_id=b"call-2@gw"))
+            await _settle(lambda: any(b"call-2@gw" in p for p in sent))
+            return {"again": any(b"call-2@gw" in p for p in sent),
+                    "gateway_left": sum(c.peer[0] == "::1" for c in edge.conns),
+                    "flood_forwarded": sum(any(b"spread-%d" % k in p for p in sent) for k in range(40)),
+                    "closed": dict(edge.tcp_stats.closed)}
+        finally:
+            edge.close()
+            for s in gws + flood:
+                s.close()
+            await asyncio.sleep(0)
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("gw_conns", [2, 3])
+def test_a_flood_from_one_ipv6_prefix_does_not_push_out_the_gateway(gw_conns):
+    """An IPv6 host holds a /64: 2^64 addresses, a connection from each. Counted by address,
+    every flood connection was alone and the gateway's IP held the most, so each new flood
+    connection closed one of the gateway's that carried calls, down to its last. A /64 is now
+    one party, the one holding the most. Real connections in a network namespace of the test's
+    own (root, ``unshare``; skipped where neither is available), where the /64 is local."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"):
+        pytest.skip("needs root, unshare and ip for a network namespace")
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = ("import json, sys; sys.path[:0] = [%r, %r]; import test_tcp_core as t; "
+            "print(json.dumps(t._ipv6_spread_flood(%d)))" % (here, os.path.dirname(here), gw_conns))
+    setup = "ip link set lo up && ip -6 route add local 2001:db8:7::/64 dev lo"
+    probe = subprocess.run(["unshare", "--net", "sh", "-c", setup], capture_output=True, timeout=30)
+    if probe.returncode != 0:
+        pytest.skip("no network namespace here: " + probe.stderr.decode(errors="replace")[:200])
+    run = subprocess.run(["unshare", "--net", "sh", "-c", setup + ' && exec "$0" -c "$1"', sys.executable, code],
+                         capture_output=True, timeout=120)
+    assert run.returncode == 0, run.stderr.decode(errors="replace")[-2000:]
+    got = json.loads(run.stdout.decode().strip().splitlines()[-1])
+    assert got["flood_forwarded"] == 40  # (each flood connection had a request forwarded)
+    assert got["again"] and got["gateway_left"] == gw_conns, got
+    assert got["closed"]["limit"] >= 40 - 8 + gw_conns, got
+
+
+def test_party_of_groups_an_ipv6_prefix_and_unmaps_ipv4():
+    from sipwatch.tcp import party_of
+    assert party_of("192.0.2.7") == "192.0.2.7"
+    assert party_of("2001:db8:7::1") == party_of("2001:db8:7:0:ffff:1:2:3") == "2001:db8:7::/64"
+    assert party_of("2001:db8:7:1::1") != party_of("2001:db8:7::1")
+    assert party_of("::ffff:192.0.2.7") == "192.0.2.7"
+    assert party_of("fe80::1%lo") == "fe80::/64"
+    assert party_of("not an address:") == "not an address:"
+
+
 def test_requests_toward_sip_signaling_are_never_sent_to_a_sent_by_it_named():
     """The §18.2.2 fallback is for responses of accepted connections: it was learnt on any
     connection, the sidecar's own toward sip-signaling included, so one request of sip-signaling
