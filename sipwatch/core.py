@@ -1106,8 +1106,11 @@ class ProxyCore:
 
     def _reply(self, msg: SipMessage, top: Via, reply: Addr, data: bytes, status: int,
                reason: bytes, extra: bytes | None = None) -> tuple[bytes, Addr] | None:
-        """A response generated here, sent to the request's real source. Never larger than the
-        request: a spoofed source gains nothing by asking for one (no amplification)."""
+        """A response generated here, sent to the request's real source. Over UDP never larger
+        than the request: a spoofed source gains nothing by asking for one (no amplification).
+        Over TCP (the handshake proved the source) and toward sip-signaling's own address (no
+        third party) a larger one is sent: dropped, it left a terse request's sender waiting for
+        its timer (32 s over TCP, where nothing retransmits) instead of a 483 or a 503."""
         if msg.method == b"ACK":
             return None
         out = [b"SIP/2.0 %d %s" % (status, reason)]
@@ -1136,7 +1139,7 @@ class ProxyCore:
             out.append(extra)
         out.append(b"Content-Length: 0")
         resp = b"\r\n".join(out) + b"\r\n\r\n"
-        if len(resp) > len(data):
+        if len(resp) > len(data) and not self.in_tcp and reply != self.upstream:
             return None
         if self.in_tcp:
             self.out_tcp = True  # back over the connection the request came on
@@ -1348,7 +1351,7 @@ class ProxyCore:
         reply = _reply_to(top, src)
         self._refused(now, call_id, cseq_n)
         resp = head + _stamp_source(via_value, top, reply[0], reply[1]) + tail
-        if len(resp) > len(data):  # (never larger than the request: see _reply)
+        if len(resp) > len(data) and not tcp_in:  # (over UDP never larger than the request: see _reply)
             return []
         if tcp_in:
             self.out_tcp = True  # back over the connection the request came on

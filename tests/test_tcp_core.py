@@ -1465,3 +1465,34 @@ def test_a_notify_is_record_routed():
                        b"SIP/2.0/UDP 10.0.0.3:5080;branch=z9hG4bK-n1", swap=True, cseq=1)
     fwd, dest = one(core.receive_datagram(notify, SIGNALING, T0 + 0.01))
     assert dest == GATEWAY and record_routes(fwd)
+
+
+def _terse(method: bytes, transport: bytes, extra: bytes = b"", rport: bytes = b"") -> bytes:
+    """A request of the mandatory headers only, in compact form: its local answer (Via, From,
+    To with a tag, Call-ID, CSeq, Content-Length) is larger than itself."""
+    return (method + b" sip:b@10.0.0.3 SIP/2.0\r\nv:SIP/2.0/" + transport + b" 10.0.0.1:5070;branch=z9hG4bK1"
+            + rport + b"\r\nf:<sip:a@x>;tag=1\r\nt:<sip:b@y>\r\ni:t1\r\nCSeq:1 " + method + b"\r\n" + extra + b"\r\n")
+
+
+def test_a_local_answer_larger_than_its_request_goes_over_tcp_and_to_sip_signaling():
+    """Over UDP a local answer is never larger than its request (a forged source gains nothing).
+    That rule dropped the answer over TCP too, where the handshake proved the source, and toward
+    sip-signaling: a terse request with no hops left waited 32 s for its timer (over TCP nothing
+    retransmits) instead of its 483, a terse INVITE under overload for its 503."""
+    core = make("udp")
+    no_hops = _terse(b"OPTIONS", b"TCP", b"Max-Forwards: 0\r\n")
+    data, dest = one(core.receive_stream(no_hops, GW_TCP, T0))
+    assert data.startswith(b"SIP/2.0 483 ") and dest == GW_TCP and len(data) > len(no_hops)
+    from_sig = _terse(b"OPTIONS", b"UDP", b"Max-Forwards: 0\r\n", b";rport")
+    data, dest = one(core.receive_datagram(from_sig, SIGNALING, T0))
+    assert data.startswith(b"SIP/2.0 483 ") and dest == SIGNALING and len(data) > len(from_sig)
+    core.overloaded = True
+    terse_invite = _terse(b"INVITE", b"TCP")
+    data, dest = one(core.receive_stream(terse_invite, GW_TCP, T0 + 1))
+    assert data.startswith(b"SIP/2.0 503 ") and dest == GW_TCP and len(data) > len(terse_invite)
+    core.overloaded = False
+    # over UDP from anyone else, still nothing larger than the request
+    assert core.receive_datagram(_terse(b"OPTIONS", b"UDP", b"Max-Forwards: 0\r\n"), GATEWAY, T0 + 2) == []
+    core.overloaded = True
+    assert core.receive_datagram(_terse(b"INVITE", b"UDP"), GATEWAY, T0 + 3) == []
+    assert core.stats.internal_errors["datagram"] == 0
