@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--upstream", help="sip-signaling [udp:|tcp:]HOST[:PORT] requests are forwarded to (required; udp when no transport is given)")
     a("--upstream-tcp", action="store_true", default=None, help="sip-signaling also listens on TCP at the --upstream address: requests over 1300 bytes go over TCP (RFC 3261 18.1.1) instead of as fragmented UDP")
     a("--no-tcp", action="store_true", default=None, help="listen on UDP only (by default the listen address takes UDP and TCP)")
-    a("--tcp-max-connections", help="cap on SIP over TCP connections, both ways (default 4096; to make room the oldest accepted one none of whose messages was forwarded is closed, else the least recently forwarded from of the IP holding the most)")
+    a("--tcp-max-connections", help="cap on SIP over TCP connections, both ways (default 4096; to make room the oldest accepted one none of whose messages was forwarded is closed, else the least recently forwarded from of the party holding the most: an IPv4 address, an IPv6 /64)")
     a("--tcp-idle-timeout", help="seconds a TCP connection may go without a message before it is closed (default 300)")
     a("--overload-after", help="seconds the receive queue must stay above its high-water mark before new "
                                "dialogs are answered 503 (default 0.05; the queue is sampled every 0.01 s)")

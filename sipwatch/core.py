@@ -29,6 +29,7 @@ import hmac
 import ipaddress
 import os
 import random
+import socket
 from binascii import hexlify
 from dataclasses import dataclass
 from hashlib import blake2b
@@ -63,6 +64,9 @@ UPSTREAM_UDP, UPSTREAM_TCP, UPSTREAM_UDP_OR_TCP = "udp", "tcp", "udp+tcp"
 RETRY_AFTER: Final = 5  # seconds, in 503s sent while draining
 GATEWAY_SEEN_MAX: Final = 4096  # gateway-side source addresses remembered for the next-hop policy
 GATEWAY_SEEN_TTL: Final = 3600.0
+# proven gateway-side addresses kept of one IPv6 /64 (party_of): one host holds the whole prefix, and a
+# TCP handshake from each of 4096 of its addresses pushed every real gateway out of the table
+GATEWAY_PARTY_MAX: Final = 64
 # the counters' method indexes and directions (sipwatch.stats), as C statics too
 _METHOD_INDEX: Final[dict[bytes, int]] = METHOD_INDEX
 _METHODS: Final[tuple[bytes, ...]] = METHODS
@@ -230,6 +234,7 @@ class ProxyCore:
         # first kind.
         self.gateway_seen: dict[str, float] = {}
         self.gateway_proven: dict[str, float] = {}
+        self.proven_parties: dict[str, dict[str, None]] = {}  # IPv6 only: a /64's proven addresses
         self._text_memo: dict[str | int, bytes] = {}
         self._addr_memo: dict[Addr, Addr] = {}
         self._allowed_cache: dict[str, bool] = {}
@@ -1050,8 +1055,39 @@ class ProxyCore:
         else:
             self.gateway_seen.pop(ip, None)
             if len(proven) >= GATEWAY_SEEN_MAX:
-                del proven[next(iter(proven))]
+                self._unprove(next(iter(proven)))
+            if ":" in ip:
+                self._prove_in_party(ip)
         proven[ip] = now
+
+    def _prove_in_party(self, ip: str) -> None:
+        """A new proven IPv6 address joins its /64: past GATEWAY_PARTY_MAX of them, the one of
+        that prefix active least recently goes (not the table's oldest: any other party's)."""
+        party = party_of(ip)
+        members = self.proven_parties.get(party)
+        if members is None:
+            members = self.proven_parties[party] = {}
+        elif len(members) >= GATEWAY_PARTY_MAX:
+            proven = self.gateway_proven
+            oldest = ""
+            at = 0.0
+            for m in members:
+                t = proven.get(m, 0.0)
+                if not oldest or t < at:
+                    oldest, at = m, t
+            self._unprove(oldest)
+            members = self.proven_parties.setdefault(party, {})
+        members[ip] = None
+
+    def _unprove(self, ip: str) -> None:
+        self.gateway_proven.pop(ip, None)
+        if ":" in ip:
+            party = party_of(ip)
+            members = self.proven_parties.get(party)
+            if members is not None:
+                members.pop(ip, None)
+                if not members:
+                    del self.proven_parties[party]
 
     def _forget_gateways(self, now: float) -> None:
         limit = now - GATEWAY_SEEN_TTL
@@ -1062,7 +1098,10 @@ class ProxyCore:
                     break
                 old.append(ip)
             for ip in old:
-                del seen[ip]
+                if seen is self.gateway_proven:
+                    self._unprove(ip)
+                else:
+                    del seen[ip]
 
     def _allowed(self, ip: str, route_sig: bytes | None, now: float, seen_too: bool = True) -> bool:
         """A request from signaling may go to a gateway-side source seen lately, to a network
@@ -1430,6 +1469,25 @@ def _via_values(value: bytes, limit: int) -> list[bytes]:
     if not vals:
         raise SipParseError("empty Via value", DROP_BAD_VIA)
     return vals
+
+
+def party_of(ip: str) -> str:
+    """Who holds ``ip``, where the proxy shares something out among senders (the TCP table's
+    room, the proven gateway-side addresses): an IPv4 address, or an IPv6 address's /64 (the
+    prefix a subscriber or a site is given, RFC 6177: one host may use every address in it). An
+    IPv4 address mapped into IPv6 (a dual-stack listener) is that IPv4 address."""
+    if ":" not in ip:
+        return ip
+    try:
+        packed = socket.inet_pton(socket.AF_INET6, ip.partition("%")[0])
+    except (OSError, ValueError):
+        return ip
+    if packed[:12] == _V4_MAPPED:
+        return socket.inet_ntop(socket.AF_INET, packed[12:])
+    return socket.inet_ntop(socket.AF_INET6, packed[:8] + bytes(8)) + "/64"
+
+
+_V4_MAPPED: Final = bytes(10) + b"\xff\xff"
 
 
 def _loop_hash(uri: bytes, from_tag: bytes, call_id: bytes, cseq_s: bytes) -> int:

@@ -17,7 +17,7 @@ and whether over TCP (``core.out_tcp``). The edge maps a destination to a connec
 Hygiene, for peers that are hostile or merely broken: at most ``max_connections`` connections
 (to make room, the oldest accepted connection none of whose messages was forwarded yet is
 closed, else the one forwarded from least recently among those of the party that holds the
-most (an IPv4 address, an IPv6 /64: :func:`party_of`), never the upstream's: connections opened in bulk, or kept busy with messages that go
+most (an IPv4 address, an IPv6 /64: :func:`~sipwatch.core.party_of`), never the upstream's: connections opened in bulk, or kept busy with messages that go
 nowhere, cannot push out the ones carrying calls), a connection whose messages go nowhere (stray
 responses, malformed or refused requests, keep-alives) more than ``JUNK_RATE`` a second beyond a burst of
 ``JUNK_BURST`` is closed, a burst of messages is handled ``TURN_MAX`` a turn of the loop (one
@@ -43,7 +43,7 @@ from collections import deque
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from .core import ProxyCore
+from .core import ProxyCore, party_of
 from .framing import StreamFramer
 from .transport import claim_address, tap_copies
 
@@ -749,25 +749,6 @@ class _Conn(asyncio.Protocol):
             self.shut("error")
         except Exception:  # noqa: BLE001
             pass
-
-
-def party_of(ip: str) -> str:
-    """Who holds the connections from ``ip``, as far as making room goes: an IPv4 address, or an
-    IPv6 address's /64 (the prefix a subscriber or a site is given, RFC 6177: one host may use
-    every address in it). An IPv4 address mapped into IPv6 (a dual-stack listener) is that IPv4
-    address."""
-    if ":" not in ip:
-        return ip
-    try:
-        packed = socket.inet_pton(socket.AF_INET6, ip.partition("%")[0])
-    except (OSError, ValueError):
-        return ip
-    if packed[:12] == _V4_MAPPED:
-        return socket.inet_ntop(socket.AF_INET, packed[12:])
-    return socket.inet_ntop(socket.AF_INET6, packed[:8] + bytes(8)) + "/64"
-
-
-_V4_MAPPED = bytes(10) + b"\xff\xff"
 
 
 def _unread(fd: int) -> int:

@@ -1320,7 +1320,7 @@ def test_a_flood_from_one_ipv6_prefix_does_not_push_out_the_gateway(gw_conns):
 
 
 def test_party_of_groups_an_ipv6_prefix_and_unmaps_ipv4():
-    from sipwatch.tcp import party_of
+    from sipwatch.core import party_of
     assert party_of("192.0.2.7") == "192.0.2.7"
     assert party_of("2001:db8:7::1") == party_of("2001:db8:7:0:ffff:1:2:3") == "2001:db8:7::/64"
     assert party_of("2001:db8:7:1::1") != party_of("2001:db8:7::1")
@@ -1496,3 +1496,35 @@ def test_a_local_answer_larger_than_its_request_goes_over_tcp_and_to_sip_signali
     core.overloaded = True
     assert core.receive_datagram(_terse(b"INVITE", b"UDP"), GATEWAY, T0 + 3) == []
     assert core.stats.internal_errors["datagram"] == 0
+
+
+def test_a_tcp_flood_from_one_ipv6_prefix_cannot_push_a_proven_gateway_out_of_the_next_hop_policy():
+    """A connection's peer is proven by its handshake, and the proven table was one list of 4096
+    addresses, least recently active first out: an IPv6 host opening a connection from each of
+    4096 addresses of its /64 pushed out every real gateway, and sip-signaling's next outbound
+    request to one was refused (403, next_hop_denied) until that gateway spoke again. One /64
+    now keeps at most GATEWAY_PARTY_MAX proven addresses, pushing out only its own."""
+    from sipwatch.core import GATEWAY_PARTY_MAX, GATEWAY_SEEN_MAX
+    from test_hardening import dropped
+    core = make("udp")
+    gw6 = ("2001:db8:1::5", 5070)
+    opts = (b"OPTIONS sip:ping@10.0.0.3 SIP/2.0\r\nVia: SIP/2.0/TCP [%s]:5070;branch=z9hG4bK-f%d\r\n"
+            b"From: <sip:a@x>;tag=1\r\nTo: <sip:ping@y>\r\nCall-ID: f-%d\r\nCSeq: 1 OPTIONS\r\n"
+            b"Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n")
+    core.receive_stream(opts % (gw6[0].encode(), 0, 0), gw6, T0)  # the gateway's connection
+    assert gw6[0] in core.gateway_proven
+    for i in range(GATEWAY_SEEN_MAX + 100):
+        ip = "2001:db8:7::%x:%x" % (i // 65536 + 1, i % 65536)
+        core.receive_stream(opts % (ip.encode(), i + 1, i + 1), (ip, 40000), T0 + 1 + i / 10_000)
+    outbound = (b"OPTIONS sip:ping@[2001:db8:1::5]:5070 SIP/2.0\r\n"
+                b"Via: SIP/2.0/UDP 10.0.0.3:5080;branch=z9hG4bK-out-1\r\n"
+                b"From: <sip:s@10.0.0.3>;tag=1\r\nTo: <sip:ping@gw>\r\nCall-ID: out-1\r\n"
+                b"CSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n")
+    out = core.receive_datagram(outbound, SIGNALING, T0 + 2)
+    assert [d for _, d in out] == [gw6]  # before: 403, next_hop_denied
+    assert dropped(core, "next_hop_denied") == 0
+    assert gw6[0] in core.gateway_proven
+    assert len([ip for ip in core.gateway_proven if ip.startswith("2001:db8:7:")]) == GATEWAY_PARTY_MAX
+    # an hour on, every proven entry (and its /64's count) has gone
+    core.handle_timers(T0 + 2 + 3601)
+    assert not core.gateway_proven and not core.proven_parties
