@@ -17,8 +17,9 @@ and whether over TCP (``core.out_tcp``). The edge maps a destination to a connec
 Hygiene, for peers that are hostile or merely broken: at most ``max_connections`` connections
 (to make room, the oldest accepted connection none of whose messages was forwarded yet is
 closed, else the one forwarded from least recently among those of the party that holds the
-most (an IPv4 address, an IPv6 /64: :func:`~sipwatch.core.party_of`), never the upstream's: connections opened in bulk, or kept busy with messages that go
-nowhere, cannot push out the ones carrying calls), a connection whose messages go nowhere (stray
+most, an IPv4 address or an IPv6 /64 (:func:`~sipwatch.core.party_of`), never the upstream's:
+connections opened in bulk, or kept busy with messages that go nowhere, cannot push out the
+ones carrying calls), a connection whose messages go nowhere (stray
 responses, malformed or refused requests, keep-alives) more than ``JUNK_RATE`` a second beyond a burst of
 ``JUNK_BURST`` is closed, a burst of messages is handled ``TURN_MAX`` a turn of the loop (one
 connection cannot hold the others up for long), a backlog standing above ``BACKLOG_MARK`` sheds
