@@ -235,6 +235,8 @@ class ProxyCore:
         self.gateway_seen: dict[str, float] = {}
         self.gateway_proven: dict[str, float] = {}
         self.proven_parties: dict[str, dict[str, None]] = {}  # IPv6 only: a /64's proven addresses
+        # proven by a TCP handshake alone, oldest first: the first to go when the table is full
+        self.handshake_only: dict[str, None] = {}
         self._text_memo: dict[str | int, bytes] = {}
         self._addr_memo: dict[Addr, Addr] = {}
         self._allowed_cache: dict[str, bool] = {}
@@ -371,12 +373,15 @@ class ProxyCore:
         self.tcp_alias = None
         self.stream_junk = False
         ip = addr[0]
-        if ip not in self.gateway_proven and ip != self.upstream[0]:
-            # a connection's peer completed a handshake: no forged source (once: its requests
-            # and relayed responses keep the entry fresh, as over UDP)
-            self._prove_gateway(ip, now)
         try:
+            if ip not in self.gateway_proven and ip != self.upstream[0]:
+                # a connection's peer completed a handshake: no forged source (once: its requests
+                # and relayed responses keep the entry fresh, as over UDP)
+                self._prove_gateway(ip, now, True)
             return self.receive_datagram(data, addr, now)
+        except Exception as exc:  # a bug must cost one message, never the process
+            self._bug(exc)
+            return []
         finally:
             self.in_tcp = False
 
@@ -1046,18 +1051,26 @@ class ProxyCore:
                 self._prove_gateway(ip, now)
                 return
 
-    def _prove_gateway(self, ip: str, now: float) -> None:
+    def _prove_gateway(self, ip: str, now: float, handshake: bool = False) -> None:
         """``ip`` answered what this proxy sent it (a response relayed from it passed the branch
-        check; an ACK of a 2xx relayed to it): a proven gateway-side source."""
+        check; an ACK of a 2xx relayed to it), or (``handshake``) completed a TCP handshake: a
+        proven gateway-side source. A full table lets go of an address proven by a handshake
+        alone first: an attacker can open connections from thousands of addresses (a /64 holds
+        2^64), but cannot make each answer what the proxy sent it without carrying calls."""
         proven = self.gateway_proven
         if ip in proven:
             del proven[ip]  # (re-inserted: ordered by last activity)
+            if self.handshake_only:
+                self.handshake_only.pop(ip, None)
         else:
             self.gateway_seen.pop(ip, None)
             if len(proven) >= GATEWAY_SEEN_MAX:
-                self._unprove(next(iter(proven)))
+                weak = self.handshake_only
+                self._unprove(next(iter(weak)) if weak else next(iter(proven)))
             if ":" in ip:
                 self._prove_in_party(ip)
+            if handshake:
+                self.handshake_only[ip] = None
         proven[ip] = now
 
     def _prove_in_party(self, ip: str) -> None:
@@ -1081,6 +1094,7 @@ class ProxyCore:
 
     def _unprove(self, ip: str) -> None:
         self.gateway_proven.pop(ip, None)
+        self.handshake_only.pop(ip, None)
         if ":" in ip:
             party = party_of(ip)
             members = self.proven_parties.get(party)
@@ -1147,9 +1161,9 @@ class ProxyCore:
                reason: bytes, extra: bytes | None = None) -> tuple[bytes, Addr] | None:
         """A response generated here, sent to the request's real source. Over UDP never larger
         than the request: a spoofed source gains nothing by asking for one (no amplification).
-        Over TCP (the handshake proved the source) and toward sip-signaling's own address (no
-        third party) a larger one is sent: dropped, it left a terse request's sender waiting for
-        its timer (32 s over TCP, where nothing retransmits) instead of a 483 or a 503."""
+        Over TCP, where the handshake proved the source, a larger one is sent: dropped, it left
+        a terse request's sender waiting 32 s for its timer (nothing retransmits over TCP)
+        instead of its 483 or 503."""
         if msg.method == b"ACK":
             return None
         out = [b"SIP/2.0 %d %s" % (status, reason)]
@@ -1178,7 +1192,7 @@ class ProxyCore:
             out.append(extra)
         out.append(b"Content-Length: 0")
         resp = b"\r\n".join(out) + b"\r\n\r\n"
-        if len(resp) > len(data) and not self.in_tcp and reply != self.upstream:
+        if len(resp) > len(data) and not self.in_tcp:
             return None
         if self.in_tcp:
             self.out_tcp = True  # back over the connection the request came on
@@ -1471,6 +1485,9 @@ def _via_values(value: bytes, limit: int) -> list[bytes]:
     return vals
 
 
+_V4_MAPPED: Final[bytes] = bytes(10) + b"\xff\xff"
+
+
 def party_of(ip: str) -> str:
     """Who holds ``ip``, where the proxy shares something out among senders (the TCP table's
     room, the proven gateway-side addresses): an IPv4 address, or an IPv6 address's /64 (the
@@ -1485,9 +1502,6 @@ def party_of(ip: str) -> str:
     if packed[:12] == _V4_MAPPED:
         return socket.inet_ntop(socket.AF_INET, packed[12:])
     return socket.inet_ntop(socket.AF_INET6, packed[:8] + bytes(8)) + "/64"
-
-
-_V4_MAPPED: Final = bytes(10) + b"\xff\xff"
 
 
 def _loop_hash(uri: bytes, from_tag: bytes, call_id: bytes, cseq_s: bytes) -> int:

@@ -115,7 +115,8 @@ class Rig:
     def state(core: ProxyCore):
         until, core._refusal_acks_until = core._refusal_acks_until, 0.0
         try:
-            return snapshot((core.stats, core.tracker, core.gateway_seen, core.gateway_proven, core.out_tcp, core.last_internal_error))
+            return snapshot((core.stats, core.tracker, core.gateway_seen, core.gateway_proven, core.handshake_only,
+                             core.proven_parties, core.out_tcp, core.last_internal_error))
         finally:
             core._refusal_acks_until = until
 

@@ -146,7 +146,8 @@ def test_snapshot_tells_states_apart_and_walks_chains_longer_than_the_recursion_
 
 
 def state(core: ProxyCore):
-    return snapshot((core.stats, core.tracker, core.gateway_seen, core.gateway_proven, core.out_tcp, core.last_internal_error))
+    return snapshot((core.stats, core.tracker, core.gateway_seen, core.gateway_proven, core.handshake_only,
+                     core.proven_parties, core.out_tcp, core.last_internal_error))
 
 
 def feed(pair, data: bytes, src, now: float, tcp: bool = False) -> list:

@@ -715,8 +715,8 @@ def test_connections_sending_strays_and_pings_cannot_push_out_one_carrying_calls
     silent, and one stray response (dropped) made a connection not silent, pings then kept it
     "active": 4,100 such connections closed the gateway's and the upstream's (SIPp: Broken pipe,
     14 of 80 calls). Now only a forwarded message takes a connection out of the first to go, and
-    past those (each of the flood's connections has a request forwarded) the IP holding the most
-    connections gives up its least recently forwarded from."""
+    past those (each of the flood's connections has a request forwarded) the party (an IPv4
+    address, an IPv6 /64) holding the most connections gives up its least recently forwarded from."""
     import asyncio
     import socket
 
@@ -1474,19 +1474,27 @@ def _terse(method: bytes, transport: bytes, extra: bytes = b"", rport: bytes = b
             + rport + b"\r\nf:<sip:a@x>;tag=1\r\nt:<sip:b@y>\r\ni:t1\r\nCSeq:1 " + method + b"\r\n" + extra + b"\r\n")
 
 
-def test_a_local_answer_larger_than_its_request_goes_over_tcp_and_to_sip_signaling():
+@pytest.mark.parametrize("path", ["fast", "full"])
+def test_a_local_answer_larger_than_its_request_goes_over_tcp_only(path, monkeypatch):
     """Over UDP a local answer is never larger than its request (a forged source gains nothing).
-    That rule dropped the answer over TCP too, where the handshake proved the source, and toward
-    sip-signaling: a terse request with no hops left waited 32 s for its timer (over TCP nothing
-    retransmits) instead of its 483, a terse INVITE under overload for its 503."""
+    That rule dropped the answer over TCP too, where the handshake proved the source: a terse
+    request with no hops left waited 32 s for its timer (over TCP nothing retransmits) instead
+    of its 483, a terse INVITE under overload for its 503. Over UDP it stays, for a source
+    forged as sip-signaling's IP on another port, its Via naming sip-signaling's port, too."""
+    if path == "full":
+        monkeypatch.setattr(ProxyCore, "_fast_refusal", lambda self, data, src, now: None)
     core = make("udp")
     no_hops = _terse(b"OPTIONS", b"TCP", b"Max-Forwards: 0\r\n")
     data, dest = one(core.receive_stream(no_hops, GW_TCP, T0))
     assert data.startswith(b"SIP/2.0 483 ") and dest == GW_TCP and len(data) > len(no_hops)
-    from_sig = _terse(b"OPTIONS", b"UDP", b"Max-Forwards: 0\r\n", b";rport")
-    data, dest = one(core.receive_datagram(from_sig, SIGNALING, T0))
-    assert data.startswith(b"SIP/2.0 483 ") and dest == SIGNALING and len(data) > len(from_sig)
+    forged = (SIGNALING[0], 33333)
+    as_sig = _terse(b"OPTIONS", b"UDP", b"Max-Forwards: 0\r\n").replace(b"10.0.0.1:5070", b"%s:%d" % (
+        SIGNALING[0].encode(), SIGNALING[1]))
+    assert core.receive_datagram(as_sig, forged, T0) == []
     core.overloaded = True
+    invite_as_sig = _terse(b"INVITE", b"UDP").replace(b"10.0.0.1:5070", b"%s:%d" % (
+        SIGNALING[0].encode(), SIGNALING[1]))
+    assert core.receive_datagram(invite_as_sig, forged, T0) == []
     terse_invite = _terse(b"INVITE", b"TCP")
     data, dest = one(core.receive_stream(terse_invite, GW_TCP, T0 + 1))
     assert data.startswith(b"SIP/2.0 503 ") and dest == GW_TCP and len(data) > len(terse_invite)
@@ -1528,3 +1536,25 @@ def test_a_tcp_flood_from_one_ipv6_prefix_cannot_push_a_proven_gateway_out_of_th
     # an hour on, every proven entry (and its /64's count) has gone
     core.handle_timers(T0 + 2 + 3601)
     assert not core.gateway_proven and not core.proven_parties
+
+
+def test_a_tcp_flood_from_many_ipv4_addresses_cannot_push_out_a_gateway_that_answered():
+    """The proven table let go of its least recently active address when full, whatever proved
+    it: connections from 4096 addresses (no /64 needed: many hosts, or several /64s) pushed out
+    the gateway that carried calls. An address proven by a handshake alone now goes first; one
+    that answered what the proxy sent it (a relayed response, an ACK of a 2xx) stays."""
+    from sipwatch.core import GATEWAY_SEEN_MAX
+    from test_hardening import _outbound_options, dropped
+    core = make("udp")
+    # the gateway answers an INVITE's 2xx with its ACK: proven by what it received
+    data, _ = one(core.receive_datagram(invite(), GATEWAY, T0))
+    one(core.receive_datagram(response_to(data, 200), SIGNALING, T0 + 0.1))
+    core.receive_datagram(invite(method=b"ACK", to_tag=b"uas-1", body=b""), GATEWAY, T0 + 0.2)
+    assert GATEWAY[0] in core.gateway_proven and GATEWAY[0] not in core.handshake_only
+    for i in range(GATEWAY_SEEN_MAX + 500):
+        ip = "10.%d.%d.%d" % (200 + i // 65536, i // 256 % 256, i % 256)
+        core.receive_stream(_terse(b"OPTIONS", b"TCP"), (ip, 40000), T0 + 1 + i / 10_000)
+    assert len(core.gateway_proven) <= GATEWAY_SEEN_MAX
+    out = core.receive_datagram(_outbound_options(2), SIGNALING, T0 + 2)
+    assert [d for _, d in out] == [GATEWAY]  # before: 403, next_hop_denied
+    assert dropped(core, "next_hop_denied") == 0

@@ -34,9 +34,8 @@ Properties (an AssertionError names the one that broke; anything else raised is 
   run has its own IP, so no destination passes by sharing one;
 - over TCP, the sender's Via sent-by is learnt as an alias (``tcp_alias``) only on the
   connection's own IP (a peer cannot have another's requests sent down its connection);
-- a response the core makes itself goes back to the IP of the datagram's source and, over UDP
-  to anyone but sip-signaling, is not larger than the request (no amplification toward a
-  spoofable source);
+- a response the core makes itself goes back to the IP of the datagram's source and, over UDP,
+  is not larger than the request (no amplification toward a spoofable source);
 - a forwarded request carries at most ``core.MAX_VIAS`` + 1 Via values (more Vias than any
   real path has are dropped, issue 8 item 2; the one added is the core's own);
 - a second core with the same key, its response fast path (``ProxyCore._fast_response``) off,
@@ -193,7 +192,7 @@ class Run:
         if sipcheck.is_response(out) and not sipcheck.is_response(payload):
             # made here (400/403/482/483/416/503/513...): back to the sender, no amplification
             assert dest[0] == src[0], f"local response to {dest}, request came from {src}"
-            if not tcp and dest != UPSTREAM:  # (over TCP the handshake proved the source)
+            if not tcp:  # (over TCP the handshake proved the source)
                 assert len(out) <= len(payload), f"local response of {len(out)} bytes to a {len(payload)}-byte request"
             return
         assert sipcheck.is_response(out) == sipcheck.is_response(payload), "request/response kind changed"
@@ -269,7 +268,8 @@ def counters(core: ProxyCore) -> tuple:
     s = core.stats  # (compiled, a native class: its attributes are listed, it has no __dict__)
     names = getattr(type(s), "__mypyc_attrs__", None) or vars(s)
     stats = {k: getattr(s, k) for k in names if k not in ("ring", "__dict__")}
-    return stats, core.out_tcp, len(core.tracker.transactions), sorted(core.gateway_seen.items()), sorted(core.gateway_proven.items())
+    return stats, core.out_tcp, len(core.tracker.transactions), sorted(core.gateway_seen.items()), sorted(core.gateway_proven.items()), \
+        list(core.handshake_only), sorted((k, list(v)) for k, v in core.proven_parties.items())
 
 
 def record_summary(record) -> tuple:
