@@ -29,7 +29,6 @@ import hmac
 import ipaddress
 import os
 import random
-import socket
 from binascii import hexlify
 from dataclasses import dataclass
 from hashlib import blake2b
@@ -1080,16 +1079,9 @@ class ProxyCore:
         members = self.proven_parties.get(party)
         if members is None:
             members = self.proven_parties[party] = {}
-        elif len(members) >= GATEWAY_PARTY_MAX:
+        elif len(members) >= GATEWAY_PARTY_MAX:  # (the dict stays: one of 64 goes)
             proven = self.gateway_proven
-            oldest = ""
-            at = 0.0
-            for m in members:
-                t = proven.get(m, 0.0)
-                if not oldest or t < at:
-                    oldest, at = m, t
-            self._unprove(oldest)
-            members = self.proven_parties.setdefault(party, {})
+            self._unprove(min(members, key=lambda m: proven.get(m, 0.0)))
         members[ip] = None
 
     def _unprove(self, ip: str) -> None:
@@ -1111,8 +1103,9 @@ class ProxyCore:
                 if t > limit:
                     break
                 old.append(ip)
+            proven = seen is self.gateway_proven  # (its entries leave their /64's count too)
             for ip in old:
-                if seen is self.gateway_proven:
+                if proven:
                     self._unprove(ip)
                 else:
                     del seen[ip]
@@ -1485,9 +1478,6 @@ def _via_values(value: bytes, limit: int) -> list[bytes]:
     return vals
 
 
-_V4_MAPPED: Final[bytes] = bytes(10) + b"\xff\xff"
-
-
 def party_of(ip: str) -> str:
     """Who holds ``ip``, where the proxy shares something out among senders (the TCP table's
     room, the proven gateway-side addresses): an IPv4 address, or an IPv6 address's /64 (the
@@ -1496,12 +1486,13 @@ def party_of(ip: str) -> str:
     if ":" not in ip:
         return ip
     try:
-        packed = socket.inet_pton(socket.AF_INET6, ip.partition("%")[0])
-    except (OSError, ValueError):
+        addr = ipaddress.IPv6Address(ip)
+    except ValueError:
         return ip
-    if packed[:12] == _V4_MAPPED:
-        return socket.inet_ntop(socket.AF_INET, packed[12:])
-    return socket.inet_ntop(socket.AF_INET6, packed[:8] + bytes(8)) + "/64"
+    mapped = addr.ipv4_mapped
+    if mapped is not None:
+        return str(mapped)
+    return str(ipaddress.IPv6Network((int(addr) >> 64 << 64, 64)))
 
 
 def _loop_hash(uri: bytes, from_tag: bytes, call_id: bytes, cseq_s: bytes) -> int:
